@@ -1,0 +1,34 @@
+"""aotcache: an ahead-of-time compiler and persistent, shareable compilation cache for PyTorch.
+
+The store (``aotcache.store``) and ``aotcache.config`` import no torch; the compiler entry points below
+are imported lazily on first use so that ``import aotcache`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first attribute access)
+_LAZY = {
+    "aot_function": "aotcache.aot.api",
+    "aot_module": "aotcache.aot.api",
+    "aot_module_simplified": "aotcache.aot.api",
+    "aot_export_module": "aotcache.aot.api",
+    "aot_export_joint_simple": "aotcache.aot.api",
+    "default_partition": "aotcache.aot.partition",
+    "min_cut_rematerialization_partition": "aotcache.aot.partition",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aotcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

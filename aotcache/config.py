@@ -1,0 +1,304 @@
+"""Options registry: every knob has a name, type, default, ``AOTCACHE_*`` env var and help text.
+
+Values are read at use (``config.get("max_bytes")``), never at import, so an env var set after import
+and a ``config.patch(...)`` scope both take effect. Parsing is strict: a bad value raises
+:class:`ConfigError` naming the variable and the expected form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "Option",
+    "options",
+    "get",
+    "patch",
+    "describe",
+    "parse_bool",
+    "parse_bytes",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value (env var or override) that does not parse, or an unknown option name."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsers: each takes the raw string and returns the typed value or raises ValueError with the form.
+# ----------------------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` -> True, ``0/false/no/off/""`` -> False (case-insensitive); else an error."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("a boolean: one of 1, true, yes, on, 0, false, no, off")
+
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as ``1048576``, ``500MB``, ``2GiB`` or ``1.5G``; 0 means unbounded."""
+    match = _BYTES_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError("a byte count: an integer, optionally with a unit (e.g. 1048576, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("an integer (e.g. 3600)") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("a number of seconds (e.g. 0.25)") from None
+    if value < 0:
+        raise ValueError("a non-negative number of seconds (e.g. 0.25)")
+    return value
+
+
+def _parse_optional_str(text: str) -> str | None:
+    text = text.strip()
+    return text or None
+
+
+def _parse_path(text: str) -> Path:
+    text = text.strip()
+    if not text:
+        raise ValueError("a directory path (e.g. ~/.cache/aotcache)")
+    return Path(text).expanduser()
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return lowered
+
+    return parse
+
+
+def _parse_tiers(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    bad = [name for name in names if name not in ("memory", "disk", "redis")]
+    if bad or not names:
+        raise ValueError("a comma-separated list of tiers from memory, disk, redis (e.g. memory,disk)")
+    return names
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "aotcache"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration option. ``default`` may be a zero-argument callable, evaluated at use."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    form: str  # human description of the accepted form, for --help and docs
+
+    @property
+    def env_var(self) -> str:
+        return "AOTCACHE_" + self.name.upper()
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+_OPTIONS: dict[str, Option] = {}
+
+
+def _register(name: str, parse: Callable[[str], Any], default: Any, help: str, form: str) -> None:
+    _OPTIONS[name] = Option(name, parse, default, help, form)
+
+
+_register("cache_dir", _parse_path, _default_cache_dir,
+          "Root directory of the local cache (disk tier, locks, stats).", "a directory path")
+_register("max_bytes", parse_bytes, 10 * 1024**3,
+          "Size bound of the disk tier; least recently used entries are evicted past it. 0 = unbounded.",
+          "a byte count such as 10GiB")
+_register("redis_url", _parse_optional_str, None,
+          "URL of the shared Redis tier (e.g. redis://host:6379/0); unset = no Redis tier.", "a redis:// URL")
+_register("redis_timeout", _parse_float, 0.25,
+          "Connect and command timeout for Redis, in seconds.", "seconds, e.g. 0.25")
+_register("redis_ttl", _parse_int, 0,
+          "Expiry of entries written to Redis, in seconds; 0 = never expire.", "an integer number of seconds")
+_register("secret", _parse_optional_str, None,
+          "Secret for HMAC-SHA256 entry signatures. When set, unsigned or wrongly signed entries are rejected "
+          "before any byte is deserialized.", "any string")
+_register("strict", parse_bool, False,
+          "Turn cache faults (corrupt entry, Redis down, lock timeout) into errors instead of misses. For CI.",
+          "a boolean")
+_register("log_level", _choice("debug", "info", "warning", "error"), "warning",
+          "Log level of the aotcache logger.", "debug, info, warning or error")
+_register("tiers", _parse_tiers, ("memory", "disk", "redis"),
+          "Tiers to use, fastest first; redis is skipped when no redis_url is set.", "e.g. memory,disk,redis")
+_register("compress_min_bytes", parse_bytes, 1024 * 1024,
+          "Values at least this large are zstd-compressed in disk and Redis entries. 0 = never compress.",
+          "a byte count")
+_register("lock_timeout", _parse_float, 600.0,
+          "How long a process waits for another process compiling the same key before compiling itself.",
+          "seconds, e.g. 600")
+_register("enabled", parse_bool, True,
+          "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
+
+
+def options() -> dict[str, Option]:
+    """All registered options by name (a copy)."""
+    return dict(_OPTIONS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Overrides: a process-wide stack (visible from every thread, like torch's own config.patch).
+# ----------------------------------------------------------------------------------------------------
+
+_override_lock = threading.Lock()
+_override_stack: list[dict[str, Any]] = []
+
+
+def _option(name: str) -> Option:
+    try:
+        return _OPTIONS[name]
+    except KeyError:
+        known = ", ".join(sorted(_OPTIONS))
+        raise ConfigError(f"unknown aotcache option {name!r}; known options: {known}") from None
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    """Overrides may be given as strings (parsed like env vars) or already-typed values."""
+    if isinstance(value, str) and option.parse is not _parse_optional_str:
+        try:
+            return option.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not {exc}") from None
+    if option.parse is _parse_path and value is not None:
+        return Path(value).expanduser()
+    return value
+
+
+def get(name: str) -> Any:
+    """Current value of option ``name``: innermost ``patch``, else its env var, else the default.
+
+    :raises ConfigError: unknown name, or the env var holds a value that does not parse.
+    """
+    option = _option(name)
+    with _override_lock:
+        for layer in reversed(_override_stack):
+            if name in layer:
+                return layer[name]
+    raw = os.environ.get(option.env_var)
+    if raw is None:
+        return option.default_value()
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{option.env_var}={raw!r} is not valid: expected {exc}") from None
+
+
+class patch(contextlib.ContextDecorator):
+    """Scoped override: ``with config.patch(max_bytes=10_000, strict=True): ...`` (also a decorator)."""
+
+    def __init__(self, mapping: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        merged = dict(mapping or {}, **kwargs)
+        self._layer = {name: _coerce(_option(name), value) for name, value in merged.items()}
+
+    def __enter__(self) -> patch:
+        with _override_lock:
+            _override_stack.append(self._layer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _override_lock:
+            # Remove this exact layer (not just the top) so that overlapping scopes from threads unwind safely.
+            for index in range(len(_override_stack) - 1, -1, -1):
+                if _override_stack[index] is self._layer:
+                    del _override_stack[index]
+                    break
+
+
+def describe() -> list[dict[str, Any]]:
+    """Every option with its value in effect and where it came from (for ``aotcache info``)."""
+    rows = []
+    for name, option in sorted(_OPTIONS.items()):
+        with _override_lock:
+            overridden = any(name in layer for layer in _override_stack)
+        if overridden:
+            source = "override"
+        elif option.env_var in os.environ:
+            source = "env"
+        else:
+            source = "default"
+        value = get(name)
+        if name == "secret" and value:
+            value = "<set>"
+        rows.append({"name": name, "value": value, "source": source, "env_var": option.env_var,
+                     "form": option.form, "help": option.help})
+    return rows
+
+
+@functools.cache
+def _env_names() -> frozenset[str]:
+    return frozenset(option.env_var for option in _OPTIONS.values())
+
+
+def validate_environment() -> None:
+    """Parse every ``AOTCACHE_*`` variable now; unknown ones are reported too.
+
+    :raises ConfigError: listing each bad or unknown variable.
+    """
+    problems = []
+    for option in _OPTIONS.values():
+        try:
+            get(option.name)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for var in os.environ:
+        if var.startswith("AOTCACHE_") and var not in _env_names():
+            problems.append(f"{var} is not an aotcache option (known: {', '.join(sorted(_env_names()))})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def iter_env_vars() -> Iterator[str]:
+    yield from sorted(_env_names())

@@ -1,0 +1,109 @@
+"""Shared fixtures: an isolated cache dir per test, and a real redis-server on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own cache dir and a clean AOTCACHE_* environment."""
+    for var in list(os.environ):
+        if var.startswith("AOTCACHE_"):
+            monkeypatch.delenv(var)
+    cache_dir = tmp_path / "aotcache"
+    monkeypatch.setenv("AOTCACHE_CACHE_DIR", str(cache_dir))
+    return cache_dir
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1; ``stop()`` kills it, ``start()`` brings it back."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `bash scripts/setup.sh` (installs it from Debian)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(b"FLUSHALL\r\n")
+            conn.recv(16)
+
+
+@pytest.fixture(scope="session")
+def redis_server_session(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_server_session):
+    """A running, empty redis-server shared by the session (restarted if a test killed it)."""
+    if redis_server_session.proc is None or redis_server_session.proc.poll() is not None:
+        redis_server_session.start()
+    redis_server_session.flush()
+    yield redis_server_session
+    if redis_server_session.proc is None or redis_server_session.proc.poll() is not None:
+        redis_server_session.start()
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: float = 600, check: bool = True
+               ) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process (same interpreter, repo on sys.path, current env + ``env``)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}")
+    return proc
