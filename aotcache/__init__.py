@@ -20,12 +20,20 @@ _LAZY = {
     "aot_export_joint_simple": "aotcache.aot.api",
     "default_partition": "aotcache.aot.partition",
     "min_cut_rematerialization_partition": "aotcache.aot.partition",
+    "AOTAutogradCache": "aotcache.autograd_cache.cache",
+    "aotcache_backend": "aotcache.backend",
 }
+# subpackages reachable as attributes (``aotcache.eager.precompile(...)``) without an explicit import
+_SUBMODULES = ("config", "store", "aot", "compilers", "autograd_cache", "eager")
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"aotcache.{name}")
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'aotcache' has no attribute {name!r}")

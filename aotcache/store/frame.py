@@ -7,10 +7,10 @@ Byte layout (little-endian), documented in docs/store.md:
     4       2     schema version (FRAME_VERSION)
     6       2     flags: 1 = payload is zstd-compressed, 2 = payload is a pickled value, 4 = signed
     8       4     key length K (bytes of the encoded key, see interface.encode_key)
-    12      4     checksum: crc32 of the whole frame with this field zeroed (signature included)
+    12      4     reserved, zero (checked)
     16      8     payload length P, as stored
     24      8     raw length: payload length before compression
-    32      8     reserved, zero
+    32      8     checksum: xxh3-64 of the whole frame with this field zeroed (signature included)
     40      32    HMAC-SHA256 signature, only when flag 4 is set: over the 40 header bytes (checksum
                   field zeroed), the key and the stored payload
     40|72   K     encoded key
@@ -18,9 +18,10 @@ Byte layout (little-endian), documented in docs/store.md:
 
 NOTE [verify before deserializing]
 With a secret configured, ``decode`` checks the signature before it decompresses or unpickles anything,
-and refuses unsigned frames: a tampered or foreign entry never reaches pickle. The crc32 catches
-truncation and bit flips cheaply (~4 GB/s here; sha256 runs at ~1.4 GB/s); the HMAC is the integrity
-guarantee against a writer who is not trusted.
+and refuses unsigned frames: a tampered or foreign entry never reaches pickle. The checksum catches
+truncation and bit flips cheaply: xxh3-64 runs at ~45 GB/s here, where zlib's crc32 manages ~3.5 GB/s
+and sha256 ~1.4 GB/s, so checking a 10 MB entry costs ~0.2 ms instead of ~3 ms. The checksum is not a
+defence against a deliberate writer: the HMAC is the integrity guarantee against a writer who is not trusted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import hashlib
 import hmac
 import pickle
 import struct
-import zlib
 from dataclasses import dataclass
+
+import xxhash
 
 __all__ = [
     "FRAME_VERSION",
@@ -41,6 +43,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "decode",
+    "decode_split",
     "read_header",
 ]
 
@@ -142,10 +145,10 @@ def encode_parts(key: bytes, value: object, *, secret: str | bytes | None = None
         mac.update(payload)
         parts.append(mac.digest())
     parts += [key, payload]
-    checksum = 0
+    hasher = xxhash.xxh3_64()
     for part in parts:
-        checksum = zlib.crc32(part, checksum)
-    parts[0] = _HEADER.pack(MAGIC, FRAME_VERSION, flags, len(key), checksum, len(payload), raw_length, 0)
+        hasher.update(part)
+    parts[0] = _HEADER.pack(MAGIC, FRAME_VERSION, flags, len(key), 0, len(payload), raw_length, hasher.intdigest())
     return parts
 
 
@@ -161,46 +164,53 @@ def read_header(blob: bytes | memoryview) -> Header:
     """
     if len(blob) < HEADER_SIZE:
         raise FrameError("truncated", f"{len(blob)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, flags, key_length, checksum, payload_length, raw_length, _ = _HEADER.unpack_from(blob)
+    magic, version, flags, key_length, reserved, payload_length, raw_length, checksum = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise FrameError("foreign", "not an aotcache entry (bad magic)")
     if version != FRAME_VERSION:
         raise FrameError("version", f"entry schema version {version}, this aotcache reads {FRAME_VERSION}")
-    if flags & ~_KNOWN_FLAGS:
-        raise FrameError("foreign", f"unknown flags {flags:#x}")
+    if flags & ~_KNOWN_FLAGS or reserved:
+        raise FrameError("foreign", f"unknown flags {flags:#x} or reserved field {reserved:#x}")
     return Header(version, flags, key_length, checksum, payload_length, raw_length)
 
 
-def decode(blob: bytes | memoryview, *, secret: str | bytes | None = None,
-           expected_key: bytes | None = None) -> Frame:
-    """Check and unpack a frame. With a ``secret``, unsigned or wrongly signed frames are rejected first.
+def _zero_checksum(header: bytes | memoryview) -> bytes:
+    """The fixed header with its checksum field (offset 32) zeroed."""
+    return bytes(header[:32]) + bytes(8)
 
-    :raises FrameError: truncated, foreign, other version, bad checksum, unsigned/bad signature,
-        key mismatch, undecompressable or unpicklable payload. Callers treat all of these as a miss.
+
+def decode_split(head: bytes | memoryview, payload: bytes | memoryview, *, secret: str | bytes | None = None,
+                 expected_key: bytes | None = None) -> Frame:
+    """Check and unpack a frame given as ``head`` (header, signature if any, key) and ``payload``.
+
+    Readers that read the payload into its own buffer (the disk tier) use this to avoid copying it again;
+    a ``bytes`` payload is returned as the value without a copy.
+
+    :raises FrameError: as :func:`decode`.
     """
-    view = memoryview(blob)
-    header = read_header(view)
-    if len(view) != header.frame_length:
-        raise FrameError("truncated", f"frame is {len(view)} bytes, header says {header.frame_length}")
-    key_secret = _secret_bytes(secret)
-    zeroed_header = _HEADER.pack(MAGIC, header.version, header.flags, header.key_length, 0,
-                                 header.payload_length, header.raw_length, 0)
+    header = read_header(head)
     key_start = header.body_offset
-    payload_start = key_start + header.key_length
+    if len(head) != key_start + header.key_length or len(payload) != header.payload_length:
+        raise FrameError("truncated", f"frame is {len(head) + len(payload)} bytes, header says "
+                                      f"{header.frame_length}")
+    zeroed_header = _zero_checksum(head)
+    key_secret = _secret_bytes(secret)
     if key_secret is not None:
         if not header.signed:
             raise FrameError("unsigned", "a secret is configured and this entry carries no signature")
         mac = hmac.new(key_secret, zeroed_header, hashlib.sha256)
-        mac.update(view[key_start:])
-        if not hmac.compare_digest(mac.digest(), view[HEADER_SIZE:key_start]):
+        mac.update(head[key_start:])
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest(), head[HEADER_SIZE:key_start]):
             raise FrameError("signature", "HMAC signature does not match (tampered, or signed with another secret)")
-    checksum = zlib.crc32(view[HEADER_SIZE:], zlib.crc32(zeroed_header))
-    if checksum != header.checksum:
-        raise FrameError("checksum", "crc32 mismatch (corrupted entry)")
-    key = bytes(view[key_start:payload_start])
+    hasher = xxhash.xxh3_64(zeroed_header)
+    hasher.update(head[HEADER_SIZE:])
+    hasher.update(payload)
+    if hasher.intdigest() != header.checksum:
+        raise FrameError("checksum", "checksum mismatch (corrupted entry)")
+    key = bytes(head[key_start:])
     if expected_key is not None and key != expected_key:
         raise FrameError("key mismatch", "entry belongs to another key")
-    payload: bytes | memoryview = view[payload_start:]
     if header.flags & FLAG_ZSTD:
         try:
             payload = _zstd().ZstdDecompressor().decompress(payload, max_output_size=header.raw_length)
@@ -214,5 +224,20 @@ def decode(blob: bytes | memoryview, *, secret: str | bytes | None = None,
         except Exception as exc:  # an unpicklable payload (class gone, corrupt) is a miss
             raise FrameError("unpickle", f"{type(exc).__name__}: {exc}") from exc
     else:
-        value = bytes(payload)
+        value = payload if isinstance(payload, bytes) else bytes(payload)
     return Frame(key, value, header)
+
+
+def decode(blob: bytes | memoryview, *, secret: str | bytes | None = None,
+           expected_key: bytes | None = None) -> Frame:
+    """Check and unpack a frame. With a ``secret``, unsigned or wrongly signed frames are rejected first.
+
+    :raises FrameError: truncated, foreign, other version, bad checksum, unsigned/bad signature,
+        key mismatch, undecompressable or unpicklable payload. Callers treat all of these as a miss.
+    """
+    view = memoryview(blob)
+    header = read_header(view)
+    if len(view) != header.frame_length:
+        raise FrameError("truncated", f"frame is {len(view)} bytes, header says {header.frame_length}")
+    payload_start = header.body_offset + header.key_length
+    return decode_split(view[:payload_start], view[payload_start:], secret=secret, expected_key=expected_key)

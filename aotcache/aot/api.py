@@ -1,0 +1,433 @@
+"""Public AOT Autograd API: ``aot_function``, ``aot_module``, ``aot_module_simplified`` (and the exports).
+
+Pipeline per input signature: :func:`~aotcache.aot.capture.capture` (functionalized joint or inference graph)
+-> ``partition_fn`` (training) -> compilers -> :class:`~aotcache.aot.runtime.CompiledRuntime`.
+:func:`compile_function` is that whole step in one call, the seam where the compiled-graph cache looks up
+and stores entries.
+
+NOTE [Compiled-graph cache]
+``aot_function`` / ``aot_module`` / ``aot_module_simplified`` take ``cache=True`` (default: the configured
+tiers, see :func:`aotcache.autograd_cache.cache.default_cache`), ``False`` (off) or an
+:class:`~aotcache.autograd_cache.cache.AOTAutogradCache`. With a cache, a new signature still captures (the
+key is computed from the captured graph), but partition and compile are replaced by a load when an entry
+exists; see :mod:`aotcache.autograd_cache.pipeline` and docs/cache.md.
+
+NOTE [Signature]
+An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
+per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
+strides and storage offset (only the rank with ``dynamic=True``, where symbolic-shape guards decide
+reuse); per non-tensor argument its type and value (constants are baked into the graph); which tensor
+arguments share memory; plus grad mode and autocast state. The pytree structure of (args, kwargs) is part
+of it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.capture import capture
+from aotcache.aot.runtime import CompiledRuntime
+
+__all__ = [
+    "AOTOptions",
+    "AOTFunction",
+    "AOTModule",
+    "compile_function",
+    "compile_captured",
+    "aot_function",
+    "aot_module",
+    "aot_module_simplified",
+    "aot_export_module",
+    "aot_export_joint_simple",
+    "ExportSignature",
+]
+
+
+def _graph_module_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """Fallback compiler when ``aotcache.compilers.nop`` is not available: the GraphModule runs as Python."""
+    return gm
+
+
+def _default_compiler() -> Callable:
+    try:
+        from aotcache.compilers.nop import nop_compiler
+    except ImportError:
+        return _graph_module_compiler
+    return nop_compiler
+
+
+def _resolve_compiler(compiler: Callable | str | None, options: Mapping | None = None) -> Callable:
+    if compiler is None:
+        return _default_compiler()
+    if isinstance(compiler, str):
+        from aotcache.compilers import get_compiler
+
+        named = get_compiler(compiler)
+        if not options:
+            return named
+        configured = functools.partial(named, options=dict(options))
+        configured.decompositions = getattr(named, "decompositions", None)  # type: ignore[attr-defined]
+        return configured
+    if not callable(compiler):
+        raise TypeError(f"aotcache: a compiler must be callable as compiler(gm, example_inputs) or a name "
+                        f"such as 'nop' or 'inductor'; got {type(compiler).__name__}")
+    return compiler
+
+
+def _resolve_partition(partition_fn: Callable | None) -> Callable:
+    if partition_fn is not None:
+        return partition_fn
+    from aotcache.aot.partition import default_partition
+
+    return default_partition
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTOptions:
+    """The compile options of one ``aot_function``; ``None`` compilers/partition mean the defaults."""
+
+    fw_compiler: Callable | str | None = None
+    bw_compiler: Callable | str | None = None
+    partition_fn: Callable | None = None
+    decompositions: Mapping | None = None
+    inference_compiler: Callable | str | None = None
+    dynamic: bool = False
+    # options of the compilers given by name (e.g. torch._inductor.config overrides for "inductor")
+    compiler_options: Mapping | None = None
+
+    def forward_compiler(self) -> Callable:
+        return _resolve_compiler(self.fw_compiler, self.compiler_options)
+
+    def backward_compiler(self) -> Callable:
+        return _resolve_compiler(self.bw_compiler if self.bw_compiler is not None else self.fw_compiler,
+                                 self.compiler_options)
+
+    def inference_compiler_fn(self) -> Callable:
+        chosen = self.inference_compiler if self.inference_compiler is not None else self.fw_compiler
+        return _resolve_compiler(chosen, self.compiler_options)
+
+    def decomposition_table(self) -> Mapping | None:
+        """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""
+        if self.decompositions is not None:
+            return self.decompositions
+        provider = getattr(self.forward_compiler(), "decompositions", None)
+        return provider() if callable(provider) else None
+
+
+def _graph_output_values(gm: torch.fx.GraphModule) -> list:
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    values = output.args[0]
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return [value.meta.get("val") if isinstance(value, torch.fx.Node) else value for value in values]
+
+
+def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOptions, *,
+                     input_is_leaf: Sequence[bool] | None = None) -> CompiledRuntime:
+    """Capture, partition and compile ``flat_fn`` for the signature of ``flat_args``.
+
+    This is the single step a compiled-graph cache wraps: its result depends only on ``flat_fn``, the
+    signature of ``flat_args`` (see NOTE [Signature]) and ``options``.
+
+    :raises CaptureError: the function cannot be captured (the message names the construct).
+    """
+    captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(), dynamic=options.dynamic,
+                       input_is_leaf=input_is_leaf)
+    return compile_captured(captured, options)
+
+
+def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
+    """Partition (training) and compile an already captured graph (:class:`~aotcache.aot.capture.CapturedGraph`)."""
+    metadata = captured.metadata
+    if metadata.is_inference:
+        forward = options.inference_compiler_fn()(captured.graph, captured.primals)
+        return CompiledRuntime(metadata, forward)
+    partition = _resolve_partition(options.partition_fn)
+    fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
+    metadata.num_saved = len(saved)
+    forward = options.forward_compiler()(fw_gm, captured.primals)
+    backward = options.backward_compiler()(bw_gm, [*saved, *captured.tangents])
+    return CompiledRuntime(metadata, forward, backward)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aot_function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _autocast_state() -> tuple:
+    state = []
+    for device_type in ("cpu", "cuda"):
+        try:
+            state.append((torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)))
+        except (RuntimeError, TypeError, AttributeError):  # device type unknown to this build
+            state.append(None)
+    return tuple(state)
+
+
+def _argument_signature(arg: Any, dynamic: bool) -> tuple:
+    if isinstance(arg, torch.Tensor):
+        geometry = (arg.dim(),) if dynamic else (tuple(arg.shape), arg.stride(), arg.storage_offset())
+        return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
+                arg.requires_grad and arg.is_leaf, geometry)
+    if isinstance(arg, torch.SymInt):
+        return ("symint",)
+    try:
+        hash(arg)
+    except TypeError:
+        raise TypeError(f"aotcache: argument of type {type(arg).__name__} is neither a tensor nor a hashable "
+                        f"constant; pass tensors, Python scalars, or containers (tuple/list/dict) of them") from None
+    return ("constant", type(arg), arg)
+
+
+def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
+    """For each tensor argument, the index of the first tensor argument sharing its storage."""
+    first: dict[int, int] = {}
+    sharing = []
+    for index, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
+            from aotcache.aot.capture import unsupported_layout_error  # (sparse/mkldnn have no storage to compare)
+
+            raise unsupported_layout_error(f"flat argument {index}", arg.layout)
+        if isinstance(arg, torch.Tensor) and not arg.is_meta:
+            pointer = arg.untyped_storage().data_ptr()
+            sharing.append(first.setdefault(pointer, index) if pointer else index)
+    return tuple(sharing)
+
+
+def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:
+    """The reuse key of NOTE [Signature] (in-memory only; never persisted)."""
+    return (in_spec, torch.is_grad_enabled(), _autocast_state(), _memory_sharing(flat_args),
+            tuple(_argument_signature(arg, dynamic) for arg in flat_args))
+
+
+class AOTFunction:
+    """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
+
+    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True) -> None:
+        self.fn = fn
+        self.options = options
+        self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
+        self._entries: dict[tuple, list[CompiledRuntime]] = {}
+        self._lock = threading.Lock()
+        self._guard_env: Any = None
+        self._key_memo: dict[str, Any] = {}  # per-function memo of the cache key's option identities
+        self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
+        self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+        key = signature_of(flat_args, in_spec, self.options.dynamic)
+        runtime = self._lookup(key, flat_args)
+        if runtime is None:
+            with self._lock:
+                runtime = self._lookup(key, flat_args)
+                if runtime is None:
+                    runtime = self._compile(flat_args, in_spec)
+                    self._entries.setdefault(key, []).append(runtime)
+        return runtime(*flat_args)
+
+    def _lookup(self, key: tuple, flat_args: list) -> CompiledRuntime | None:
+        for runtime in self._entries.get(key, ()):
+            if runtime.metadata.guards is None or self._guards_hold(runtime, flat_args):
+                return runtime
+        return None
+
+    def _guards_hold(self, runtime: CompiledRuntime, flat_args: list) -> bool:
+        # NOTE [Guards are never eval'ed when they may come from a store]: the restricted evaluator of
+        # aotcache.autograd_cache.guards handles the guard expressions the ShapeEnv prints; only guards this
+        # process produced itself fall back to torch's evaluator (which evals) if that grammar does not cover them.
+        from aotcache.autograd_cache.guards import GuardExpressionError, evaluate_guards
+
+        graph_args = [flat_args[pos] for pos in runtime.metadata.graph_input_positions]
+        try:
+            return evaluate_guards(runtime.metadata.guards, graph_args)
+        except GuardExpressionError:
+            if getattr(runtime, "from_cache", False):
+                return False
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        if self._guard_env is None:
+            self._guard_env = ShapeEnv()
+        return bool(self._guard_env.evaluate_guards_expression(runtime.metadata.guards, graph_args))
+
+    def _compile(self, flat_args: list, in_spec: Any) -> CompiledRuntime:
+        def flat_fn(*flat: Any) -> Any:
+            call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
+            return self.fn(*call_args, **call_kwargs)
+
+        self.num_compiles += 1
+        from aotcache.autograd_cache.cache import resolve_cache
+
+        cache = resolve_cache(self.cache)
+        if cache is None:
+            return compile_function(flat_fn, flat_args, self.options)
+        from aotcache.autograd_cache.fingerprint_cache import compile_with_fingerprint, fingerprint_of
+        from aotcache.autograd_cache.pipeline import compile_function_cached
+
+        def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
+            return compile_function_cached(target_cache, flat_fn, flat_args, self.options, name=self.name,
+                                           memo=self._key_memo, on_key=on_key)
+
+        # NOTE [Warm start]: a trusted call fingerprint finds the entry without capturing (fingerprint_cache)
+        fingerprint = fingerprint_of(self, flat_args, in_spec)
+        return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
+
+
+def _function_name(fn: Any) -> str:
+    """A readable name for listings (``aotcache ls``); never part of a key."""
+    fn = getattr(fn, "__wrapped__", fn)
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
+def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,
+                 partition_fn: Callable | None = None, decompositions: Mapping | None = None,
+                 inference_compiler: Callable | str | None = None, dynamic: bool = False,
+                 cache: Any = True) -> AOTFunction:
+    """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
+
+    ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
+    compiler names (default: the nop compiler; backward and inference default to the forward compiler);
+    ``partition_fn`` splits the joint graph (default: ``aotcache.aot.partition.default_partition``);
+    ``decompositions`` is an op -> function table (default: the compiler's). ``dynamic=True`` traces with
+    symbolic sizes and reuses the graph across sizes that satisfy its guards. ``cache``: True (the configured
+    compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
+    """
+    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
+    compiled = AOTFunction(fn, options, cache=cache)
+    try:
+        compiled.__wrapped__ = fn  # type: ignore[attr-defined]
+        compiled.__doc__ = getattr(fn, "__doc__", None)
+    except AttributeError:
+        pass
+    return compiled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _functional_module_call(module: nn.Module) -> Callable:
+    """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
+
+    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
+                                          strict=False)
+
+    return call
+
+
+class AOTModule(nn.Module):
+    """An ``nn.Module`` whose forward runs ``module`` through :func:`aot_function`.
+
+    Parameters and buffers are graph inputs (read from ``orig_module`` on every call), so compiled graphs do
+    not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
+    """
+
+    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
+        super().__init__()
+        self.orig_module = module
+        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
+        self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
+        self.compiled.name = type(module).__qualname__
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        params = dict(self.orig_module.named_parameters())
+        buffers = dict(self.orig_module.named_buffers())
+        return self.compiled(params, buffers, *args, **kwargs)
+
+
+def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
+               bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
+               decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
+               dynamic: bool = False, cache: Any = True) -> AOTModule:
+    """Compile ``module`` with AOT Autograd; same options (and ``cache``) as :func:`aot_function`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
+                        f"use aot_function for plain functions")
+    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
+    return AOTModule(module, options, cache=cache)
+
+
+@contextlib.contextmanager
+def _outside_dynamo_tracing_context() -> Iterator[None]:
+    """Run the capture and compilers of a Dynamo graph without Dynamo's ambient ``TracingContext``.
+
+    NOTE [Dynamo's tracing context and our compilers]
+    Dynamo calls its backend inside a ``TracingContext`` holding Dynamo's fake mode, and
+    ``torch._guards.detect_fake_mode`` prefers that mode over anything else. Our compilers run their own
+    fake-tensor passes (e.g. the ``aoti`` compiler's static build hands Inductor real example tensors), which
+    then meet Dynamo's fake mode and fail with "Please convert all Tensors to FakeTensors". The capture does
+    not need the context: Dynamo's fake example inputs carry their mode (and its ShapeEnv) themselves.
+    """
+    from torch._guards import tracing
+
+    with tracing(None):
+        yield
+
+
+def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
+                          bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
+                          decompositions: Mapping | None = None,
+                          inference_compiler: Callable | str | None = None,
+                          dynamic: bool = False, cache: Any = True,
+                          compiler_options: Mapping | None = None) -> Callable:
+    """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
+    ``example_inputs`` and return ``run(*flat_args)``.
+
+    Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
+    signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
+    [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
+    ``compiler_options`` are passed to compilers given by name (``options=``).
+    """
+    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic,
+                         compiler_options=compiler_options)
+    param_names = [name for name, _ in gm.named_parameters()]
+    buffer_names = [name for name, _ in gm.named_buffers()]
+    num_lifted = len(param_names) + len(buffer_names)
+
+    def lifted() -> list:
+        return [*(p for _, p in gm.named_parameters()), *(b for _, b in gm.named_buffers())]
+
+    def flat_fn(*flat: Any) -> Any:
+        if not num_lifted:
+            return gm(*flat)
+        params = dict(zip(param_names, flat[:len(param_names)]))
+        buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
+        return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
+
+    example = [*lifted(), *example_inputs]
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    resolved = resolve_cache(cache)
+    with _outside_dynamo_tracing_context():
+        if resolved is None:
+            runtime = compile_function(flat_fn, example, options)
+        else:
+            from aotcache.autograd_cache.pipeline import compile_graph_module_cached
+
+            runtime = compile_graph_module_cached(resolved, gm, example_inputs, flat_fn, example, options,
+                                                  lifted_attributes=[*param_names, *buffer_names])
+
+    def run(*args: Any) -> Any:
+        return runtime(*lifted(), *args)
+
+    run.runtime = runtime  # type: ignore[attr-defined]
+    return run
+
+
+# the export functions live in their own module; re-exported here as part of the public API
+from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module  # noqa: E402

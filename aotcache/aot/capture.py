@@ -1,0 +1,672 @@
+"""Capture: trace a function into a functionalized ATen graph (joint forward+backward, or forward only).
+
+Two passes over the user function, both on fake tensors (no real compute or memory):
+
+1. *Analysis* (:func:`analyze`): run the function eagerly on fresh fake "probe" inputs and observe which inputs
+   it mutates (version counter) or restrides (metadata mutation, unsupported), which outputs are inputs or views
+   of inputs / of other outputs, which are Python constants, and which require grad.
+2. *Trace* (:func:`trace`): run it again under ``make_fx`` with a :class:`FunctionalTensorMode`, so every
+   in-place or view-mutating op is replaced by its functional form. For training, the backward is traced in the
+   same pass with ``torch.autograd.grad`` (the joint graph of the contract); for inference, the forward only.
+
+The result is a :class:`CapturedGraph`: the graph, its fake example inputs and the JSON-serializable
+:class:`~aotcache.aot.metadata.RuntimeMetadata` the runtime needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.metadata import (
+    InputInfo,
+    OutputInfo,
+    RuntimeMetadata,
+    UnsupportedOutputError,
+    check_json_constant,
+    encode_output_structure,
+)
+
+__all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
+           "is_graph_input", "mutating_nodes"]
+
+
+class CaptureError(RuntimeError):
+    """The function uses a construct that cannot be captured as a graph; the message names it and the fix."""
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    """A traced graph plus what is needed to partition, compile and run it."""
+
+    graph: fx.GraphModule  # joint graph (training) or forward graph (inference), see aot_contract
+    metadata: RuntimeMetadata
+    primals: list  # fake (possibly symbolic) example graph inputs
+    tangents: list  # fake example tangents (training only)
+    fake_mode: Any
+
+    @property
+    def num_fwd_outputs(self) -> int:
+        return self.metadata.num_fwd_outputs
+
+    @property
+    def joint_inputs(self) -> list:
+        return [*self.primals, *self.tangents]
+
+
+def is_graph_input(value: Any) -> bool:
+    """Tensors and SymInts are graph inputs; every other flat argument is a constant baked into the trace."""
+    return isinstance(value, (torch.Tensor, torch.SymInt))
+
+
+def mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes of ``gm`` calling an op whose schema mutates an argument (empty for a functionalized graph)."""
+    found = []
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            found.append(node)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, list]:
+    """Fake counterparts of ``flat_args`` (non-tensors unchanged) and the FakeTensorMode that owns them.
+
+    Inputs that are already fake (Dynamo's example inputs) keep their mode and symbols. Otherwise a new mode is
+    made; with ``dynamic`` every dimension gets its own symbol (no duck sizing), guarded after tracing.
+    """
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for position, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
+            raise unsupported_layout_error(f"flat argument {position}", arg.layout)
+    existing = detect_fake_mode(list(flat_args))
+    if existing is not None:
+        fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
+        return existing, fakes
+    if not dynamic:
+        mode = FakeTensorMode(allow_non_fake_inputs=False)
+        return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
+                      for a in flat_args]
+
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    # data-dependent ops raise (and are explained) instead of allocating unbacked symbols
+    shape_env = ShapeEnv(allow_scalar_outputs=False, allow_dynamic_output_shape_ops=False)
+    mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=False)
+    fakes = []
+    for position, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor):
+            context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * arg.dim())
+            arg = mode.from_tensor(arg, static_shapes=False, source=ConstantSource(f"aot_input_{position}"),
+                                   symbolic_context=context)
+        fakes.append(arg)
+    return mode, fakes
+
+
+def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
+    """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
+    have no support for them, and a graph traced without it would silently drop their gradients."""
+    return CaptureError(f"aotcache: {what} is a tensor with layout {layout}; only strided (dense) tensors are "
+                        f"supported in a compiled function. Convert it with .to_dense() outside the compiled "
+                        f"function, or move the sparse computation out of it.")
+
+
+_DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "
+                       "the compiled function, or make it shape-static (e.g. torch.where instead of boolean "
+                       "indexing).")
+
+
+class _ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
+    """Names the torch function behind two failures that the dispatcher cannot attribute (analysis pass).
+
+    * an op whose result has a non-strided layout (``to_sparse``, ``to_mkldnn``): functionalization drops
+      autograd through it, so gradients would silently vanish (NOTE [Output requires_grad] in runtime);
+    * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
+      indices): fake tensors have no data, and torch only says "data is not allocated yet".
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        try:
+            result = func(*args, **(kwargs or {}))
+        except RuntimeError as exc:
+            if "data is not allocated yet" not in str(exc):
+                raise
+            raise CaptureError(f"aotcache: {_function_name(func)} reads tensor data inside its kernel (a "
+                               f"data-dependent op, e.g. split indices or sizes given as a tensor), which cannot "
+                               f"be captured; pass them as Python ints instead. {_DATA_DEPENDENT_FIX}") from exc
+        for value in pytree.tree_leaves(result):
+            if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+                raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
+        return result
+
+
+def _function_name(func: Any) -> str:
+    try:
+        return torch.overrides.resolve_name(func) or repr(func)
+    except (AttributeError, TypeError):
+        return repr(func)
+
+
+@contextlib.contextmanager
+def explain_data_dependent_ops() -> Iterator[None]:
+    """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    fix = _DATA_DEPENDENT_FIX
+    try:
+        yield
+    except DynamicOutputShapeException as exc:
+        raise CaptureError(f"aotcache: operator {exc.func} has an output shape that depends on tensor data "
+                           f"(e.g. nonzero, masked_select, boolean indexing), which cannot be captured. {fix}") from exc
+    except DataDependentOutputException as exc:
+        raise CaptureError(f"aotcache: operator {exc.func} returns a value that depends on tensor data (e.g. "
+                           f".item(), .tolist(), Python control flow on a tensor), which cannot be captured. "
+                           f"{fix}") from exc
+    except GuardOnDataDependentSymNode as exc:
+        raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
+                           f"({exc}). {fix}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 1: analysis
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Analysis:
+    """What pass 1 learned; ``outputs`` are completed (view sizes) by the trace."""
+
+    positions: list  # flat positions of graph inputs
+    inputs: list  # InputInfo per graph input
+    outputs: list  # OutputInfo per flat user output
+    out_spec: Any
+    out_structure: dict  # NOTE [Output structure] (metadata)
+    # fake examples of the forward outputs that get tangents (for making tangent inputs)
+    graph_output_examples: list
+    needs_autograd: bool
+    # effect types (torch EffectType) of side-effectful ops the function calls: see NOTE [Effect tokens]
+    effects: list = dataclasses.field(default_factory=list)
+
+
+def _layout(tensor: torch.Tensor) -> tuple:
+    """Sizes, strides and storage offset of ``tensor`` (ints, or SymInts with symbolic shapes)."""
+    return (*tensor.shape, "strides", *tensor.stride(), "offset", tensor.storage_offset())
+
+
+def _same_layout(before: tuple, after: tuple) -> bool:
+    """Whether two :func:`_layout` results are provably equal for every size the ShapeEnv allows.
+
+    NOTE [Semantic layout comparison]
+    With symbolic shapes, a guard raised while the function runs can relate two sizes (``x + y`` guards
+    ``s0 == s2``; ``x @ w`` guards ``s1 == s2``) or pin one (``s0 == 2``). The ShapeEnv then records a
+    replacement, and every SymInt mentioning the replaced symbol prints (and evaluates) in terms of the
+    other one, although the tensor's layout never changed. So layouts are compared as expressions under
+    the ShapeEnv's replacements and facts (``statically_known_true(a == b)``, which adds no guard), never as
+    strings: a relating guard is not a mutation, while ``t_()`` (sizes swapped), ``unsqueeze_()`` (rank),
+    ``as_strided_()`` / ``resize_()`` (new sizes, strides or offset) still differ.
+    """
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after):
+        if isinstance(old, str) or isinstance(new, str):  # the section markers of _layout
+            if old != new:
+                return False
+        elif not statically_known_true(old == new):
+            return False
+    return True
+
+
+def _metadata_mutation_error(index: int, position: int) -> CaptureError:
+    return CaptureError(
+        f"aotcache: graph input {index} (flat argument {position}) has its metadata mutated in place "
+        f"(size/stride/offset changed, e.g. by t_(), transpose_(), resize_(), as_strided_()). This is not "
+        f"supported; use the out-of-place op (x = x.t()) instead.")
+
+
+class _RejectInputResize(torch.overrides.TorchFunctionMode):
+    """Raises the metadata-mutation :class:`CaptureError` when ``resize_``/``resize_as_`` targets a graph input.
+
+    NOTE [Resize with symbolic shapes]: functionalization cannot resize a tensor to symbolic sizes (torch
+    fails with an internal assert, or "tried to directly modify sizes"), so with ``dynamic`` a resize of an
+    input is refused before it runs, with the same message as any other metadata mutation; a resize of an
+    intermediate that torch refuses becomes a :class:`CaptureError` too (one with static sizes still works).
+    """
+
+    _RESIZE_METHODS = (torch.Tensor.resize_, torch.Tensor.resize_as_)
+
+    def __init__(self, probes: Sequence[Any], positions: Sequence[int]) -> None:
+        super().__init__()
+        self.probes = list(probes)
+        self.positions = list(positions)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func in self._RESIZE_METHODS and args:
+            for index, probe in enumerate(self.probes):
+                if args[0] is probe:
+                    raise _metadata_mutation_error(index, self.positions[index])
+            try:
+                return func(*args, **(kwargs or {}))
+            except RuntimeError as exc:
+                raise CaptureError(
+                    "aotcache: resize_() of a tensor with symbolic sizes is not supported with dynamic=True "
+                    "(functionalization cannot resize to symbolic sizes). Use an out-of-place op (torch.empty, "
+                    "narrow, torch.cat), or compile with dynamic=False.") from exc
+        return func(*args, **(kwargs or {}))
+
+
+def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
+    """A fresh fake with the input's size/stride/dtype and autograd status (non-leaf if the real one is)."""
+    probe = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=fake.device)
+    if fake.requires_grad:
+        probe.requires_grad_(True)
+        if not is_leaf:
+            probe = probe.clone()
+    return probe
+
+
+def _is_differentiable(value: Any) -> bool:
+    return (isinstance(value, torch.Tensor) and value.requires_grad
+            and (value.is_floating_point() or value.is_complex()))
+
+
+def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
+            static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True) -> Analysis:
+    """Pass 1: run ``flat_fn`` eagerly on fake probes; classify mutations and outputs.
+
+    :raises CaptureError: metadata mutation of an input, mutation of a leaf that requires grad during
+        training, mutation of an input that shares memory with another input, or a data-dependent op.
+    """
+    positions = [pos for pos, arg in enumerate(fake_args) if is_graph_input(arg)]
+    probe_args = list(fake_args)
+    with fake_mode:
+        for pos in positions:
+            if isinstance(fake_args[pos], torch.Tensor):
+                probe_args[pos] = _make_probe(fake_args[pos], input_is_leaf[pos])
+    # NOTE [Mutation detection]
+    # The probes run under functionalization: version counters miss mutations of non-self arguments on fake
+    # tensors (e.g. batch_norm's running stats), while the functional wrappers record every data and metadata
+    # mutation, whichever argument slot it came through.
+    with fake_mode, _functionalization(discover_effects=True) as functional_mode:
+        graph_positions = set(positions)
+        call_args = [_to_functional(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
+        probes = [call_args[pos] for pos in positions]
+        layouts = [_layout(p) if isinstance(p, torch.Tensor) else None for p in probes]
+        resize_check = (_RejectInputResize(probes, positions) if fake_mode.shape_env is not None
+                        else contextlib.nullcontext())
+        with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
+            result = flat_fn(*call_args)
+        effects = list(getattr(functional_mode, "_tokens", {}))
+        flat_outs, out_spec = pytree.tree_flatten(result)
+        try:
+            out_structure = encode_output_structure(out_spec)
+        except UnsupportedOutputError as exc:
+            raise CaptureError(str(exc)) from None
+        for probe in probes:
+            if isinstance(probe, torch.Tensor):
+                torch._sync(probe)
+
+        grad_mode = torch.is_grad_enabled()
+        inputs = []
+        for index, (probe, layout) in enumerate(zip(probes, layouts)):
+            if not isinstance(probe, torch.Tensor):
+                inputs.append(InputInfo(is_tensor=False))
+                continue
+            if (not _same_layout(layout, _layout(probe))
+                    or torch._functionalize_has_metadata_mutation(probe.elem)):
+                raise _metadata_mutation_error(index, positions[index])
+            mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
+            info = InputInfo(requires_grad=fake_args[positions[index]].requires_grad, mutates_data=mutated,
+                             mutation_requires_grad=mutated and probe.requires_grad)
+            inputs.append(info)
+
+    _check_mutated_inputs_do_not_alias(fake_args, positions, inputs)
+
+    probe_storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None
+                      for p in probes]
+    outputs = [_classify_output(k, out, flat_outs, probes, probe_storages, static_views)
+               if regenerate_aliases or not isinstance(out, torch.Tensor)
+               else OutputInfo(kind="graph", requires_grad=out.requires_grad)
+               for k, out in enumerate(flat_outs)]
+    graph_user_outputs = [(k, out) for k, out in enumerate(flat_outs) if outputs[k].kind in ("graph",
+                                                                                             "alias_of_output")]
+    for graph_index, (k, _) in enumerate(graph_user_outputs):
+        outputs[k].index = graph_index
+
+    fw_examples = [probes[i] for i, info in enumerate(inputs) if info.mutates_data]
+    fw_examples += [out for _, out in graph_user_outputs]
+    needs_autograd = force_autograd or (grad_mode and any(_is_differentiable(t) for t in fw_examples)
+                                        and any(info.requires_grad for info in inputs))
+    if needs_autograd and grad_mode:
+        for index, info in enumerate(inputs):
+            if info.mutates_data and info.requires_grad and input_is_leaf[positions[index]]:
+                raise CaptureError(
+                    f"aotcache: graph input {index} (flat argument {positions[index]}) is a leaf tensor that "
+                    f"requires grad and is mutated in place; this is not supported in a training graph (eager "
+                    f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
+                    f"function, or call the compiled function under torch.no_grad().")
+    _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
+    return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
+                    out_structure=out_structure, graph_output_examples=fw_examples,
+                    needs_autograd=needs_autograd, effects=effects)
+
+
+def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
+    """Refuse outputs that require grad in eager but would come back without it (NOTE [Output requires_grad]).
+
+    Outputs returned as (views of) the real inputs keep the inputs' status; computed outputs require grad at
+    runtime only from a training graph, which is traced only when some graph input requires grad.
+    """
+    if needs_autograd or not grad_mode:
+        return
+    for k, info in enumerate(outputs):
+        if info.requires_grad and info.kind in ("graph", "alias_of_output"):
+            raise CaptureError(
+                f"aotcache: flat output {k} requires grad, but no graph input requires grad (e.g. a tensor created "
+                f"inside the function with requires_grad=True): the compiled "
+                f"function would return it without grad. Create that tensor outside and pass it as an argument.")
+
+
+def _check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list, inputs: list) -> None:
+    storages: dict[StorageWeakRef, int] = {}
+    for index, pos in enumerate(positions):
+        arg = fake_args[pos]
+        if not isinstance(arg, torch.Tensor):
+            continue
+        ref = StorageWeakRef(arg.untyped_storage())
+        other = storages.setdefault(ref, index)
+        if other != index and (inputs[index].mutates_data or inputs[other].mutates_data):
+            raise CaptureError(
+                f"aotcache: graph inputs {other} and {index} share memory (views of one tensor, or the same "
+                f"tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
+                f"tensors (e.g. .clone() one of them).")
+
+
+def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_storages: list,
+                     static_views: bool) -> OutputInfo:
+    if isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return OutputInfo(kind="graph")
+    if not isinstance(out, torch.Tensor):
+        return OutputInfo(kind="constant", value=check_json_constant(out, f"flat output {k}"))
+    requires_grad = out.requires_grad
+    for index, probe in enumerate(probes):
+        if out is probe:
+            return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)
+    storage = StorageWeakRef(out.untyped_storage())
+    for index, probe in enumerate(probes):
+        if probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype:
+            return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad)
+    if static_views and out._base is not None:
+        for j, other in enumerate(flat_outs):
+            if (j != k and isinstance(other, torch.Tensor) and other._base is None and other.dtype == out.dtype
+                    and StorageWeakRef(other.untyped_storage()) == storage
+                    and not any(other is probe for probe in probes)):
+                return OutputInfo(kind="alias_of_output", base_output=j, requires_grad=requires_grad,
+                                  size=list(out.shape), stride=list(out.stride()),
+                                  storage_offset=out.storage_offset(), base_size=list(other.shape),
+                                  base_stride=list(other.stride()))
+    return OutputInfo(kind="graph", requires_grad=requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 2: functionalized trace
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _to_functional(value: Any) -> Any:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return FunctionalTensor.to_functional(value) if isinstance(value, torch.Tensor) else value
+
+
+def _from_functional(value: Any) -> Any:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(value, FunctionalTensor):
+        torch._sync(value)
+        return torch._from_functional_tensor(value.elem)
+    return value
+
+
+@contextlib.contextmanager
+def _functionalization(discover_effects: bool = False) -> Iterator[Any]:
+    """Python functionalization below autograd and above make_fx's proxy mode (see NOTE [Functional trace]);
+    yields the FunctionalTensorMode. ``discover_effects`` lets it create effect tokens (analysis only)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    # NOTE [Functional trace]
+    # The C++ Functionalize key must stay excluded: FunctionalTensorMode (a Python dispatch mode) does the
+    # functionalization, and make_fx's proxy mode, lower on the mode stack, records the functional ops it emits.
+    exclude = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+    mode = FunctionalTensorMode(_allow_token_discovery=True) if discover_effects else FunctionalTensorMode()
+    with exclude, mode:
+        yield mode
+
+
+# NOTE [Effect tokens]
+# Functionalization routes ops registered as side-effectful (recent torch registers aten._linalg_check_errors,
+# which raises eager's error for singular / non-positive-definite input in linalg.inv, cholesky, solve, ...)
+# through the ``with_effects`` higher-order op, which takes and returns a *token*, so that the op is neither
+# reordered nor removed as dead code, and fails when no token exists. The analysis pass lets the mode create
+# tokens and records which effect types the function uses; the trace seeds one token per effect type as a
+# graph value (``aten.empty([0])``) and returns the last token of each as an extra forward output (after the
+# SymInt extras; the runtime ignores it). Being an output keeps the effectful op alive in the forward graph
+# through any partitioner, so the compiled forward raises eager's error. Effectful ops reached only by the
+# backward are not kept (partitioners keep what the gradients need); no gradient formula of the linalg ops
+# calls the check, whose forward already ran on the same input. Compilers must support ``with_effects``
+# (nop as an fx graph, Inductor lowers it); the nop artifact's JSON graph form cannot store it, so such
+# graphs are not stored in the compiled-graph cache.
+
+
+def _seed_effect_tokens(mode: Any, effects: Sequence[Any]) -> None:
+    for effect in effects:
+        if effect not in mode._tokens:
+            mode._tokens[effect] = torch.empty(0)  # traced into the graph: see NOTE [Effect tokens]
+
+
+def _all_effect_types() -> list:
+    """Every effect type torch knows (a backward may reach effectful ops that the forward analysis did not)."""
+    try:
+        from torch._library.effects import EffectType
+    except ImportError:
+        try:
+            from torch._higher_order_ops.effects import _EffectType as EffectType
+        except ImportError:  # a torch without effect tokens
+            return []
+    return list(EffectType)
+
+
+def _final_effect_tokens(mode: Any, effects: Sequence[Any]) -> list:
+    return [mode._tokens[effect] for effect in effects]
+
+
+class _ForwardBody:
+    """Calls the user function on functional primals and returns the forward outputs of NOTE [Forward output
+    layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
+
+    def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool):
+        self.flat_fn = flat_fn
+        self.constants = list(fake_args)
+        self.analysis = analysis
+        self.clone_mutated = clone_mutated
+        self.num_extra_outputs = 0
+
+    def __call__(self, functional_primals: list) -> list:
+        analysis = self.analysis
+        call_args = list(self.constants)
+        for index, (pos, primal) in enumerate(zip(analysis.positions, functional_primals)):
+            # autograd refuses in-place ops on leaves that require grad; a mutated input that requires grad is
+            # not a leaf in eager (capture rejects leaves), so give the function a non-leaf copy to mutate
+            if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
+                primal = primal.clone()
+            call_args[pos] = primal
+        flat_outs, _ = pytree.tree_flatten(self.flat_fn(*call_args))
+        mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
+                           if info.mutates_data]
+        graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)
+                      if info.kind in ("graph", "alias_of_output")]
+        extras: list = []
+
+        def entry(value: Any) -> Any:
+            if isinstance(value, torch.SymInt):
+                extras.append(value)
+                return {"extra": len(extras) - 1}
+            return int(value)
+
+        for out, info in zip(flat_outs, analysis.outputs):
+            if info.kind == "alias_of_input":
+                info.size = [entry(s) for s in out.shape]
+                info.stride = [entry(s) for s in out.stride()]
+                info.storage_offset = entry(out.storage_offset())
+        self.num_extra_outputs = len(extras)
+        return [*mutation_values, *graph_outs, *extras]
+
+
+def _check_traced_outputs_require_grad(fw_outs: list, tangent_indices: Sequence[int]) -> None:
+    """A forward output that required grad in the analysis must in the joint trace too: otherwise it would get
+    no gradient edge and its tangent would be silently ignored (NOTE [Output requires_grad] in runtime)."""
+    for index in tangent_indices:
+        value = fw_outs[index]
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            raise CaptureError(
+                f"aotcache: forward output {index} requires grad when the function runs eagerly, but not in the "
+                f"functionalized trace (an op on its path drops autograd under functionalization), so its "
+                f"gradients would be silently lost; this is not supported. Move that op out of the compiled "
+                f"function.")
+
+
+def _finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Flat calling convention (no pytree codegen), flat tuple output, dead code removed."""
+    gm.graph._codegen = fx.graph.CodeGen()
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    flat, _ = pytree.tree_flatten(output.args[0])
+    output.args = (tuple(flat),)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list]:
+    """Indices of the forward outputs that get a tangent, and contiguous fake tangents for them."""
+    indices, tangents = [], []
+    with fake_mode:
+        for index, example in enumerate(analysis.graph_output_examples):
+            if _is_differentiable(example):
+                indices.append(index)
+                tangents.append(torch.empty(example.shape, dtype=example.dtype, device=example.device))
+    return indices, tangents
+
+
+def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
+          decompositions: Mapping | None = None, joint: bool) -> CapturedGraph:
+    """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    primals = [fake_args[pos] for pos in analysis.positions]
+    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint)
+    tangent_indices, tangents = _make_tangents(analysis, fake_mode) if joint else ([], [])
+    grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
+                   and (p.is_floating_point() or p.is_complex()) for p in primals]
+
+    def inference_graph(primals: list) -> tuple:
+        with _functionalization() as mode:
+            _seed_effect_tokens(mode, analysis.effects)
+            outs = body([_to_functional(p) for p in primals])
+            outs += _final_effect_tokens(mode, analysis.effects)
+        return tuple(_from_functional(out) for out in outs)
+
+    def joint_graph(primals: list, tangents: list) -> tuple:
+        with torch.enable_grad(), _functionalization() as mode:
+            _seed_effect_tokens(mode, analysis.effects)
+            functional_primals = [_to_functional(p) for p in primals]
+            functional_tangents = [_to_functional(t) for t in tangents]
+            fw_outs = body(functional_primals)
+            fw_outs += _final_effect_tokens(mode, analysis.effects)
+            _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            pairs = [(fw_outs[i], t) for i, t in zip(tangent_indices, functional_tangents)]
+            _seed_effect_tokens(mode, _all_effect_types())  # for the backward; unused ones are dead code
+            wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
+            grads: list = [None] * len(primals)
+            if pairs and wrt:
+                computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
+                                               allow_unused=True)
+                for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
+                    grads[i] = grad
+        return tuple(_from_functional(v) for v in (*fw_outs, *grads))
+
+    tracing_mode = "symbolic" if fake_mode.shape_env is not None else "fake"
+    tracer = make_fx(joint_graph if joint else inference_graph, decomposition_table=decompositions,
+                     tracing_mode=tracing_mode)
+    with explain_data_dependent_ops():
+        gm = tracer(primals, tangents) if joint else tracer(primals)
+    gm = _finish_graph(gm)
+
+    metadata = RuntimeMetadata(
+        is_inference=not joint,
+        graph_input_positions=list(analysis.positions),
+        inputs=analysis.inputs,
+        outputs=analysis.outputs,
+        out_spec=analysis.out_structure,
+        num_graph_user_outputs=sum(info.kind in ("graph", "alias_of_output") for info in analysis.outputs),
+        num_extra_outputs=body.num_extra_outputs + len(analysis.effects),
+        tangent_indices=tangent_indices,
+        grad_inputs=grad_inputs,
+    )
+    return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)
+
+
+def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None = None,
+            dynamic: bool = False, trace_joint: bool | None = None,
+            input_is_leaf: Sequence[bool] | None = None, regenerate_aliases: bool = True) -> CapturedGraph:
+    """Trace ``flat_fn(*flat_args)`` into a functionalized joint (training) or forward (inference) graph.
+
+    ``trace_joint=None`` decides from grad mode and requires_grad (training iff grad mode is on, some graph
+    input requires grad and some forward output is differentiable); True/False forces it. With ``dynamic``,
+    sizes are symbolic and ``metadata.guards`` holds the expression that later inputs must satisfy.
+    ``regenerate_aliases=False`` (export) makes every tensor output a graph output, views included.
+
+    :raises CaptureError: an unsupported construct (see the message).
+    """
+    if input_is_leaf is None:
+        input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
+    fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)
+    static_views = fake_mode.shape_env is None
+    from torch._dispatch.python import enable_python_dispatcher
+
+    dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
+    with dispatcher:
+        analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
+                           static_views=static_views, force_autograd=bool(trace_joint),
+                           regenerate_aliases=regenerate_aliases)
+        joint = analysis.needs_autograd if trace_joint is None else trace_joint
+        captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                         joint=joint)
+    if dynamic and fake_mode.shape_env is not None and not any(
+            isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
+        captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
+                                                                                 ignore_static=False)
+    return captured
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)

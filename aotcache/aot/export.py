@@ -1,0 +1,179 @@
+"""Graph export: ``aot_export_module`` (graph + signature) and ``aot_export_joint_simple`` (one bare graph).
+
+Exports return the functionalized ATen graph itself, with no runtime wrapper around it: whoever runs the graph
+applies input mutations and interprets outputs using the returned :class:`ExportSignature`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.capture import CaptureError, capture
+from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure
+
+__all__ = ["ExportSignature", "aot_export_module", "aot_export_joint_simple"]
+
+
+@dataclasses.dataclass
+class ExportSignature:
+    """Names the exported graph's inputs and outputs (placeholder / output node names).
+
+    Graph inputs are parameters, then buffers, then user inputs. Graph outputs are the new values of mutated
+    buffers and user inputs (``buffers_to_mutate`` / ``user_inputs_to_mutate``), then the user outputs, then
+    (``trace_joint``) the gradients of the loss output (``gradients_to_parameters`` /
+    ``gradients_to_user_inputs``; parameters with no gradient are left out).
+    ``in_spec`` is ``treespec_dumps`` of ``(args, kwargs)``; ``out_spec`` is the JSON text of the user output
+    structure in aotcache's form (NOTE [Output structure] in :mod:`aotcache.aot.metadata`; rebuild outputs with
+    ``OutputStructure(json.loads(out_spec)).unflatten(flat_outputs)``), which also covers ``torch.return_types``.
+    """
+
+    parameters: list[str]
+    buffers: list[str]
+    user_inputs: list[str]
+    user_outputs: list[str]
+    inputs_to_parameters: dict[str, str]
+    inputs_to_buffers: dict[str, str]
+    buffers_to_mutate: dict[str, str]
+    user_inputs_to_mutate: dict[str, str]
+    loss_output: str | None = None
+    gradients_to_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    gradients_to_user_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    in_spec: str = ""
+    out_spec: str = ""
+
+
+def _output_nodes(gm: fx.GraphModule) -> list:
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    return list(output.args[0])
+
+
+def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
+                      output_loss_index: int | None = None, decompositions: Mapping | None = None,
+                      kwargs: dict | None = None) -> tuple[fx.GraphModule, ExportSignature]:
+    """Export ``module(*args, **kwargs)`` as one functionalized ATen graph and its :class:`ExportSignature`.
+
+    With ``trace_joint=True`` the graph also computes the gradients of the scalar output
+    ``output_loss_index`` (flat index into the module's outputs) with respect to every parameter and user
+    input that requires grad.
+
+    :raises ValueError: ``trace_joint`` without a valid scalar ``output_loss_index``.
+    :raises CaptureError: an unsupported construct in the module.
+    """
+    if trace_joint and output_loss_index is None:
+        raise ValueError("aot_export_module(trace_joint=True) needs output_loss_index: the flat index of the "
+                         "scalar loss among the module's outputs")
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    flat_user, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    num_params, num_lifted = len(params), len(params) + len(buffers)
+    flat_args = [*params.values(), *buffers.values(), *flat_user]
+    user_needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in flat_user]
+    num_user_outputs: list[int] = []
+    user_out_spec: list = []
+
+    def flat_fn(*flat: Any) -> Any:
+        swapped = dict(zip([*params, *buffers], flat[:num_lifted]))
+        call_args, call_kwargs = pytree.tree_unflatten(list(flat[num_lifted:]), in_spec)
+        if not trace_joint:
+            return torch.func.functional_call(module, swapped, call_args, call_kwargs, strict=False)
+        with torch.enable_grad():
+            outs, spec = pytree.tree_flatten(torch.func.functional_call(module, swapped, call_args, call_kwargs,
+                                                                        strict=False))
+            loss = outs[output_loss_index]
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError(f"aot_export_module: output {output_loss_index} must be a scalar tensor that "
+                                 f"requires grad to be differentiated (got {type(loss).__name__})")
+            wrt = [p for p in flat[:num_params] if p.requires_grad]
+            wrt += [a for a, needed in zip(flat[num_lifted:], user_needs_grad) if needed]
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        num_user_outputs[:] = [len(outs)]
+        user_out_spec[:] = [spec]
+        return (*outs, *grads)
+
+    captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=False,
+                       regenerate_aliases=False)
+    gm, meta = captured.graph, captured.metadata
+    placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    outputs = _output_nodes(gm)
+    names = list(params) + list(buffers)
+    signature = ExportSignature(
+        parameters=list(params), buffers=list(buffers), user_inputs=placeholders[num_lifted:],
+        user_outputs=[], inputs_to_parameters=dict(zip(placeholders[:num_params], params)),
+        inputs_to_buffers=dict(zip(placeholders[num_params:num_lifted], buffers)), buffers_to_mutate={},
+        user_inputs_to_mutate={}, in_spec=pytree.treespec_dumps(in_spec),
+        out_spec=json.dumps(_user_output_structure(user_out_spec[0]) if trace_joint else meta.out_spec))
+    for out_index, input_index in enumerate(meta.mutated_inputs):
+        name = outputs[out_index].name
+        if input_index < num_lifted:
+            signature.buffers_to_mutate[name] = names[input_index]
+        else:
+            signature.user_inputs_to_mutate[name] = placeholders[input_index]
+
+    first_user = meta.num_mutation_outputs
+    user_count = num_user_outputs[0] if trace_joint else len(meta.outputs)
+    wrt_names = [n for n, p in params.items() if p.requires_grad]
+    wrt_names += [placeholders[num_lifted + i] for i, needed in enumerate(user_needs_grad) if needed]
+    for k, info in enumerate(meta.outputs):
+        if info.kind != "graph":
+            if k < user_count:
+                raise CaptureError(f"aot_export_module: output {k} is a {info.kind} ({info.value!r}); exported "
+                                   "graphs can only return tensors and SymInts")
+            continue  # a None gradient: that input does not influence the loss
+        node = outputs[first_user + info.index]
+        if k < user_count:
+            signature.user_outputs.append(node.name)
+            if trace_joint and k == output_loss_index:
+                signature.loss_output = node.name
+        else:
+            target = wrt_names[k - user_count]
+            if target in params:
+                signature.gradients_to_parameters[node.name] = target
+            else:
+                signature.gradients_to_user_inputs[node.name] = target
+    return gm, signature
+
+
+def _user_output_structure(spec: Any) -> dict:
+    try:
+        return encode_output_structure(spec)
+    except UnsupportedOutputError as exc:
+        raise CaptureError(str(exc)) from None
+
+
+def aot_export_joint_simple(fn: Callable, args: Sequence[Any], trace_joint: bool,
+                            decompositions: Mapping | None = None) -> fx.GraphModule:
+    """One bare functionalized graph of ``fn(*args)``: the joint graph of the contract (``trace_joint``) or
+    the forward graph.
+
+    A bare graph cannot express input mutations or outputs that alias inputs or each other, so those are
+    rejected.
+
+    :raises CaptureError: ``fn`` mutates an input, returns an alias or a non-tensor constant, or uses an
+        unsupported construct.
+    """
+    flat_args, in_spec = pytree.tree_flatten(tuple(args))
+
+    def flat_fn(*flat: Any) -> Any:
+        return fn(*pytree.tree_unflatten(list(flat), in_spec))
+
+    captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=trace_joint)
+    meta = captured.metadata
+    if meta.mutated_inputs:
+        raise CaptureError(f"aot_export_joint_simple: the function mutates graph inputs {meta.mutated_inputs} in "
+                           "place, which a bare graph cannot express; return the new value instead, or use "
+                           "aot_function / aot_export_module")
+    for k, info in enumerate(meta.outputs):
+        if info.kind in ("input", "alias_of_input", "alias_of_output"):
+            raise CaptureError(f"aot_export_joint_simple: output {k} is an alias ({info.kind}) of an input or of "
+                               "another output, which a bare graph cannot express; return a copy (.clone())")
+        if info.kind == "constant":
+            raise CaptureError(f"aot_export_joint_simple: output {k} is a constant {info.value!r}; a bare graph "
+                               "returns tensors and SymInts only")
+    return captured.graph

@@ -1,0 +1,342 @@
+"""Partitioners: split a joint forward+backward graph into a forward graph and a backward graph.
+
+Both follow the joint-graph contract (see ``aot_contract``): placeholders ``primals_*`` then ``tangents_*``;
+output ``(*fw_outs, *grads)``. They return ``(fw_gm, bw_gm)`` where ``fw_gm(*primals) -> (*fw_outs, *saved)``
+and ``bw_gm(*saved, *tangents) -> grads``. ``saved`` lists the saved tensors first, then the saved SymInts,
+each in joint-graph order, so the same joint graph always gives the same layout. The number of each is
+recorded in ``fw_gm.meta["num_saved_tensors"]`` / ``["num_saved_symints"]``.
+
+- :func:`default_partition` saves every forward value that the backward reads.
+- :func:`min_cut_rematerialization_partition` chooses what to save by a minimum cut over saved bytes,
+  recomputing cheap ops (pointwise, views, ...) in the backward; it never recomputes expensive or random ops.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "PartitionError",
+    "default_partition",
+    "min_cut_rematerialization_partition",
+    "is_recomputable",
+    "saved_value_bytes",
+]
+
+
+class PartitionError(ValueError):
+    """A joint graph that does not follow the contract (placeholder names, tangent-dependent forward outputs)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Joint graph structure
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Joint:
+    """The parts of a joint graph that both partitioners need, computed once."""
+
+    def __init__(self, joint_gm: fx.GraphModule, num_fwd_outputs: int) -> None:
+        self.gm = joint_gm
+        self.nodes = list(joint_gm.graph.nodes)
+        self.order = {node: index for index, node in enumerate(self.nodes)}
+        self.primals: list[fx.Node] = []
+        self.tangents: list[fx.Node] = []
+        for node in self.nodes:
+            if node.op != "placeholder":
+                continue
+            if node.name.startswith("primals"):
+                self.primals.append(node)
+            elif node.name.startswith("tangents"):
+                self.tangents.append(node)
+            else:
+                raise PartitionError(f"joint graph placeholder {node.name!r} is neither primals_* nor tangents_*; "
+                                     "trace the joint graph with inputs named (primals, tangents)")
+        (self.output,) = [node for node in self.nodes if node.op == "output"]
+        flat = self.output.args[0]
+        flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+        if not 0 <= num_fwd_outputs <= len(flat):
+            raise PartitionError(f"num_fwd_outputs={num_fwd_outputs} but the joint graph has {len(flat)} outputs")
+        self.fw_outs = flat[:num_fwd_outputs]
+        self.grads = flat[num_fwd_outputs:]
+        # Tangent-dependent nodes can only run in the backward.
+        self.tangent_dependent: set[fx.Node] = set(self.tangents)
+        for node in self.nodes:
+            if node.op != "output" and any(arg in self.tangent_dependent for arg in node.all_input_nodes):
+                self.tangent_dependent.add(node)
+        for index, value in enumerate(self.fw_outs):
+            if isinstance(value, fx.Node) and value in self.tangent_dependent:
+                raise PartitionError(f"forward output {index} ({value.name}) depends on a tangent; "
+                                     "check num_fwd_outputs")
+
+    def sorted(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
+        """Nodes in joint-graph order (never set order)."""
+        return sorted(nodes, key=self.order.__getitem__)
+
+    def ancestors(self, roots: Iterable[Any], stop: set[fx.Node] | frozenset = frozenset()) -> set[fx.Node]:
+        """``roots`` and everything they read, not walking past ``stop`` nodes (which are included)."""
+        seen: set[fx.Node] = set()
+        stack = [root for root in roots if isinstance(root, fx.Node)]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node not in stop:
+                stack.extend(node.all_input_nodes)
+        return seen
+
+
+def _val(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def _is_symint(node: fx.Node) -> bool:
+    return isinstance(_val(node), (torch.SymInt, int)) and not isinstance(_val(node), bool)
+
+
+def _order_saved(joint: _Joint, saved: Iterable[fx.Node]) -> list[fx.Node]:
+    """Saved tensors first, then SymInts (and other scalars), each in graph order."""
+    ordered = joint.sorted(set(saved))
+    return [n for n in ordered if not _is_symint(n)] + [n for n in ordered if _is_symint(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the two graphs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    copied = graph.node_copy(node, lambda arg: env[arg])
+    env[node] = copied
+    return copied
+
+
+def _new_module(joint: _Joint, graph: fx.Graph) -> fx.GraphModule:
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm = fx.GraphModule(joint.gm, graph)  # copies the get_attr constants that the graph still uses
+    gm.meta.update({key: value for key, value in joint.gm.meta.items() if key != "val"})
+    return gm
+
+
+def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward GraphModules for a chosen list of saved values."""
+    saved_set = set(saved)
+    # Forward: everything the forward outputs and the saved values need.
+    fw_graph = fx.Graph()
+    fw_env: dict[fx.Node, fx.Node] = {}
+    for primal in joint.primals:
+        _copy_into(fw_graph, primal, fw_env)
+    needed_fw = joint.ancestors([*joint.fw_outs, *saved])
+    for node in joint.nodes:
+        if node in needed_fw and node.op != "placeholder":
+            if node in joint.tangent_dependent:
+                raise PartitionError(f"saved value {node.name} depends on a tangent")
+            _copy_into(fw_graph, node, fw_env)
+        elif node in needed_fw and node not in fw_env:
+            raise PartitionError(f"forward needs placeholder {node.name}, which is not a primal")
+    fw_graph.output(tuple(fw_env[v] if isinstance(v, fx.Node) else v for v in [*joint.fw_outs, *saved]))
+    fw_gm = _new_module(joint, fw_graph)
+    fw_gm.meta["num_saved_tensors"] = sum(1 for node in saved if not _is_symint(node))
+    fw_gm.meta["num_saved_symints"] = sum(1 for node in saved if _is_symint(node))
+
+    # Backward: saved values and tangents as inputs, then what the gradients need beyond them.
+    bw_graph = fx.Graph()
+    bw_env: dict[fx.Node, fx.Node] = {}
+    for node in [*saved, *joint.tangents]:
+        placeholder = bw_graph.placeholder(node.name)
+        placeholder.meta = dict(node.meta)
+        bw_env[node] = placeholder
+    needed_bw = joint.ancestors(joint.grads, stop=saved_set | set(joint.tangents))
+    for node in joint.nodes:
+        if node not in needed_bw or node in bw_env:
+            continue
+        if node.op == "placeholder":
+            raise PartitionError(f"backward needs {node.name} but it was not saved")
+        _copy_into(bw_graph, node, bw_env)
+    bw_graph.output(tuple(bw_env[g] if isinstance(g, fx.Node) else g for g in joint.grads))
+    return fw_gm, _new_module(joint, bw_graph)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# default_partition
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _forward_region(joint: _Joint) -> set[fx.Node]:
+    """What the forward computes anyway: the primals and the ancestors of the forward outputs, plus the
+    ``getitem``s of multi-output forward nodes (a tuple cannot be saved, its items can)."""
+    region = joint.ancestors(joint.fw_outs) | set(joint.primals)
+    for node in joint.nodes:
+        if node.target is operator.getitem and node.args[0] in region and node not in joint.tangent_dependent:
+            region.add(node)
+    return region
+
+
+def default_partition(joint_gm: fx.GraphModule, joint_inputs: Sequence[Any] = (), *,
+                      num_fwd_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split the joint graph; the forward saves every forward value (tensor or SymInt) that the backward reads.
+
+    Values the forward does not compute but the backward needs (and that do not depend on tangents) are
+    computed in the backward from saved values.
+
+    :raises PartitionError: the joint graph does not follow the contract.
+    """
+    del joint_inputs  # the fake values on the nodes carry all we need
+    joint = _Joint(joint_gm, num_fwd_outputs)
+    region = _forward_region(joint)
+    backward_nodes = joint.ancestors(joint.grads, stop=region) - region
+    saved = {arg for user in backward_nodes for arg in user.all_input_nodes if arg in region}
+    saved |= {grad for grad in joint.grads if isinstance(grad, fx.Node) and grad in region}
+    return _build(joint, _order_saved(joint, saved))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# min_cut_rematerialization_partition
+# ----------------------------------------------------------------------------------------------------------
+
+# Ops that are cheap enough to compute twice (besides pointwise ops and views, found from op tags).
+_CHEAP_OPS = {
+    "aten::clone", "aten::_to_copy", "aten::to", "aten::expand", "aten::expand_copy", "aten::view",
+    "aten::_unsafe_view", "aten::reshape", "aten::permute", "aten::t", "aten::transpose", "aten::squeeze",
+    "aten::unsqueeze", "aten::slice", "aten::select", "aten::split", "aten::split_with_sizes", "aten::unbind",
+    "aten::cat", "aten::stack", "aten::full", "aten::full_like", "aten::zeros", "aten::zeros_like",
+    "aten::ones", "aten::ones_like", "aten::empty", "aten::empty_like", "aten::arange", "aten::scalar_tensor",
+    "aten::lift_fresh_copy", "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::var", "aten::std",
+    "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset", "aten::alias",
+    "aten::detach", "aten::slice_scatter", "aten::select_scatter", "aten::as_strided", "aten::repeat",
+    "aten::where", "aten::masked_fill", "aten::constant_pad_nd", "aten::squeeze_copy", "aten::view_copy",
+    "aten::permute_copy", "aten::unsqueeze_copy", "aten::transpose_copy", "aten::t_copy", "aten::copy",
+    "prims::convert_element_type", "prims::broadcast_in_dim", "prims::squeeze", "prims::view_of",
+    "prims::collapse_view", "prims::iota", "prims::full", "prims::sum", "prims::var", "prims::amax",
+}
+# Never computed twice even if a rule above would allow it: the cost is the point of saving them.
+_EXPENSIVE_OPS = {
+    "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::linear",
+    "aten::convolution", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d",
+    "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward", "aten::einsum", "aten::addmv",
+    "aten::mv", "aten::dot", "aten::vdot", "aten::_int_mm", "aten::_scaled_mm", "aten::cumsum", "aten::sort",
+    "aten::topk", "aten::native_layer_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
+    "aten::_native_batch_norm_legit_functional", "aten::native_group_norm", "aten::embedding_dense_backward",
+}
+# Random ops: computing them again gives other values, so they are always saved.
+_RANDOM_OPS = {
+    "aten::rand", "aten::rand_like", "aten::randn", "aten::randn_like", "aten::randint", "aten::randint_like",
+    "aten::randperm", "aten::bernoulli", "aten::dropout", "aten::native_dropout", "aten::feature_dropout",
+    "aten::alpha_dropout", "aten::multinomial", "aten::normal", "aten::uniform", "aten::exponential",
+    "aten::poisson", "aten::rrelu_with_noise", "aten::_fused_dropout", "aten::_standard_gamma",
+    "prims::inductor_random", "prims::inductor_randint", "prims::inductor_seeds", "prims::inductor_lookup_seed",
+}
+
+
+def _op_name(target: Any) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def _is_random(target: Any) -> bool:
+    name = _op_name(target)
+    if name in _RANDOM_OPS:
+        return True
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def is_recomputable(node: fx.Node) -> bool:
+    """Whether the min-cut partitioner may compute ``node`` again in the backward instead of saving it."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return _is_symint(node)  # SymInt arithmetic (operator.mul, sym_max, ...)
+    name = _op_name(node.target)
+    if name in _EXPENSIVE_OPS or _is_random(node.target):
+        return False
+    if name in _CHEAP_OPS or node.target.is_view:
+        return True
+    return torch.Tag.pointwise in node.target.tags
+
+
+def _hint(value: Any) -> int:
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else 4096  # unbacked size: assume a large-ish value
+    return int(value)
+
+
+def saved_value_bytes(node: fx.Node) -> float:
+    """Bytes it costs to keep ``node``'s value until the backward (tensors by their example size, SymInts 1,
+    values that cannot be saved on their own -- tuples -- infinite)."""
+    value = _val(node)
+    if isinstance(value, torch.Tensor):
+        numel = 1
+        for size in value.shape:
+            numel *= _hint(size)
+        return float(numel * value.element_size())
+    if _is_symint(node) or isinstance(value, (torch.SymFloat, torch.SymBool, float, bool)):
+        return 1.0
+    return math.inf
+
+
+def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: Sequence[Any] = (), *,
+                                        num_fwd_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split the joint graph saving the fewest bytes: cheap ops feeding the backward are recomputed there.
+
+    NOTE [min-cut formulation]
+    Every tangent-independent node ``n`` the backward may need becomes two vertices ``n_in -> n_out`` whose
+    edge capacity is the bytes of saving ``n``; each use is an infinite edge ``producer_out -> user_in``. The
+    source feeds (infinitely) the primals and every node that must not be computed in the backward (expensive
+    and random ops, and ops not known to be cheap). Every value a tangent-dependent node or a gradient reads
+    feeds the sink. A minimum source/sink cut crosses ``n_in -> n_out`` edges only: those nodes are saved;
+    nodes whose ``n_in`` is on the sink side are (re)computed in the backward from saved values. The forward
+    still computes whatever its outputs and the saved values need. The flow graph is built in graph order,
+    so the same joint graph always gives the same cut.
+
+    :raises PartitionError: the joint graph does not follow the contract.
+    """
+    import networkx as nx
+
+    del joint_inputs
+    joint = _Joint(joint_gm, num_fwd_outputs)
+    backward_roots = {arg for node in joint.tangent_dependent for arg in node.all_input_nodes
+                      if arg not in joint.tangent_dependent}
+    backward_roots |= {grad for grad in joint.grads if isinstance(grad, fx.Node)
+                       and grad not in joint.tangent_dependent}
+    relevant = joint.ancestors(backward_roots)  # tangent-independent values the backward may need
+
+    flow = nx.DiGraph()
+    flow.add_node("source")
+    flow.add_node("sink")
+    # An edge without a "capacity" attribute has infinite capacity in networkx.
+    for node in joint.sorted(relevant):
+        node_in, node_out = f"{node.name}__in", f"{node.name}__out"
+        cost = saved_value_bytes(node)
+        if math.isinf(cost):
+            flow.add_edge(node_in, node_out)
+        else:
+            # NOTE [tie-break]: an intermediate costs one byte more than a primal of equal size, so between
+            # saving an input and saving a view/copy of it the input wins.
+            flow.add_edge(node_in, node_out, capacity=cost + (0.0 if node.op == "placeholder" else 1.0))
+        if node.op == "placeholder" or not is_recomputable(node):
+            flow.add_edge("source", node_in)
+        if node in backward_roots:
+            flow.add_edge(node_out, "sink")
+        for arg in node.all_input_nodes:
+            flow.add_edge(f"{arg.name}__out", node_in)
+    _, (source_side, _sink_side) = nx.minimum_cut(flow, "source", "sink")
+    saved = [node for node in relevant
+             if f"{node.name}__in" in source_side and f"{node.name}__out" not in source_side]
+    return _build(joint, _order_saved(joint, saved))

@@ -1,0 +1,190 @@
+"""Runtime: run a compiled forward (and backward) with eager semantics for mutations, views and autograd.
+
+:class:`CompiledRuntime` is everything needed to run one captured signature: the compiled forward, the
+compiled backward (training only) and the :class:`~aotcache.aot.metadata.RuntimeMetadata`. It depends on no
+tracing state, so the compiled-graph cache can rebuild it from artifacts plus ``RuntimeMetadata.from_json``.
+
+Per call:
+  1. training: :class:`_CompiledAutogradFunction` runs the compiled forward, saves what the partition chose,
+     and later runs the compiled backward; inference: the compiled forward runs under ``no_grad``;
+  2. mutation epilogue: the updated values of mutated inputs are copied into the real inputs;
+  3. outputs that are inputs, or views of inputs / of other outputs, are regenerated as real views
+     (``as_strided``) of the real tensors, so aliasing matches eager; constants are filled in;
+  4. the flat outputs are put back into the user's structure (NOTE [Output structure] in metadata).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from aotcache.aot.metadata import OutputInfo, OutputStructure, RuntimeMetadata
+
+__all__ = ["CompiledRuntime", "DoubleBackwardError"]
+
+
+class DoubleBackwardError(RuntimeError):
+    """Raised when differentiating through the compiled backward (create_graph=True / double backward)."""
+
+
+class CompiledRuntime:
+    """Runs one compiled signature: ``runtime(*flat_args)`` returns the user's output structure."""
+
+    def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
+        if not metadata.is_inference and backward is None:
+            raise ValueError("a training CompiledRuntime needs a compiled backward")
+        self.metadata = metadata
+        self.forward = forward
+        self.backward = backward
+        self.out_structure = OutputStructure(metadata.out_spec)  # ValueError: unresolvable type (a cache miss)
+        self._positions = list(metadata.graph_input_positions)
+        self._tangent_indices = list(metadata.tangent_indices)
+        self._mutated = metadata.mutated_inputs
+        self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
+
+    def __call__(self, *flat_args: Any) -> Any:
+        meta = self.metadata
+        graph_args = [flat_args[pos] for pos in self._positions]
+        if meta.is_inference:
+            with torch.no_grad():
+                fw_outs = list(self.forward(*graph_args))
+        else:
+            fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
+        self._apply_mutations(graph_args, fw_outs)
+        flat_outs = self._build_outputs(graph_args, fw_outs)
+        if torch.is_grad_enabled():
+            self._check_requires_grad(flat_outs)
+        return self.out_structure.unflatten(flat_outs)
+
+    # -- steps -------------------------------------------------------------------------------------------
+
+    def _check_requires_grad(self, flat_outs: list) -> None:
+        # NOTE [Output requires_grad]: capture recorded which outputs require grad when the function ran on
+        # fake inputs (as eager would); an output that lost it here would silently drop gradients, so it is an
+        # error (capture rejects the known causes up front, this catches anything it missed)
+        for k in self._outputs_requiring_grad:
+            out = flat_outs[k]
+            if isinstance(out, torch.Tensor) and not out.requires_grad:
+                raise RuntimeError(
+                    f"aotcache: flat output {k} requires grad in eager but the compiled function returned it "
+                    f"without grad (gradients would be silently dropped); please report this with the function. "
+                    f"Call the function eagerly meanwhile.")
+
+    def _apply_mutations(self, graph_args: list, fw_outs: list) -> None:
+        # NOTE [Mutation epilogue]
+        # The compiled forward is functional: it returns the new value of each mutated input, and the
+        # runtime writes it into the real input here. When the new value requires grad, the copy_ is
+        # recorded by autograd (the input is a non-leaf, as in eager); otherwise it runs under no_grad, so
+        # e.g. BatchNorm running stats are updated without joining the autograd graph.
+        for out_index, input_index in enumerate(self._mutated):
+            real, new = graph_args[input_index], fw_outs[out_index]
+            if new is real:
+                continue
+            if torch.is_grad_enabled() and isinstance(new, torch.Tensor) and new.requires_grad:
+                real.copy_(new)
+            else:
+                with torch.no_grad():
+                    real.copy_(new)
+
+    def _build_outputs(self, graph_args: list, fw_outs: list) -> list:
+        meta = self.metadata
+        first_user = meta.num_mutation_outputs
+        extras = fw_outs[meta.first_extra_output:meta.num_fwd_outputs]
+        flat: list = [None] * len(meta.outputs)
+        for k, info in enumerate(meta.outputs):
+            if info.kind == "graph":
+                flat[k] = fw_outs[first_user + info.index]
+            elif info.kind == "input":
+                flat[k] = graph_args[info.input_index]
+            elif info.kind == "alias_of_input":
+                flat[k] = _regenerate_view(graph_args[info.input_index], info, extras)
+            elif info.kind == "constant":
+                flat[k] = info.value
+        for k, info in enumerate(meta.outputs):
+            if info.kind == "alias_of_output":
+                flat[k] = _regenerate_output_view(flat[info.base_output], fw_outs[first_user + info.index], info)
+        return flat
+
+
+def _resolve(entry: Any, extras: Sequence[Any]) -> int:
+    return int(extras[entry["extra"]]) if isinstance(entry, dict) else entry
+
+
+def _regenerate_view(base: torch.Tensor, info: OutputInfo, extras: Sequence[Any]) -> torch.Tensor:
+    """A real view of the real input, with the geometry the traced output had (absolute storage offset)."""
+    size = [_resolve(e, extras) for e in info.size]
+    stride = [_resolve(e, extras) for e in info.stride]
+    return base.as_strided(size, stride, _resolve(info.storage_offset, extras))
+
+
+def _regenerate_output_view(base: torch.Tensor, computed: torch.Tensor, info: OutputInfo) -> torch.Tensor:
+    """A view of another output when the compiled base kept its traced layout; else the computed value."""
+    if list(base.shape) == info.base_size and list(base.stride()) == info.base_stride:
+        return base.as_strided(info.size, info.stride, base.storage_offset() + _resolve(info.storage_offset, ()))
+    return computed
+
+
+def _protect_from_epilogue(saved: list, mutated_inputs: list) -> list:
+    """Clone saved tensors that share memory with a mutated input: the backward needs the value from before
+    the mutation epilogue overwrites the input."""
+    pointers = {t.untyped_storage().data_ptr() for t in mutated_inputs if isinstance(t, torch.Tensor)}
+    if not pointers:
+        return saved
+    return [value.clone() if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in pointers
+            else value for value in saved]
+
+
+class _CompiledAutogradFunction(torch.autograd.Function):
+    """Compiled forward in ``forward``, compiled backward in ``backward``; saved values per the partition."""
+
+    @staticmethod
+    def forward(ctx: Any, runtime: CompiledRuntime, *graph_args: Any) -> tuple:  # type: ignore[override]
+        meta = runtime.metadata
+        # NOTE [Forward under grad mode]
+        # The joint graph was traced with grad mode on, and some kernels only produce what their backward
+        # needs when it is (e.g. the mkldnn RNN workspace). Run the compiled forward the same way, on detached
+        # inputs so that nothing is recorded by autograd.
+        detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
+        with torch.enable_grad():
+            outs = list(runtime.forward(*detached))
+        num_fwd = meta.num_fwd_outputs
+        if len(outs) != num_fwd + meta.num_saved:
+            raise RuntimeError(f"aotcache: compiled forward returned {len(outs)} values, expected "
+                               f"{num_fwd} outputs + {meta.num_saved} saved values")
+        fw_outs, saved = outs[:num_fwd], outs[num_fwd:]
+        saved = _protect_from_epilogue(saved, [graph_args[i] for i in runtime._mutated])
+        ctx.runtime = runtime
+        ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
+        ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
+        ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
+        differentiable = set(runtime._tangent_indices)
+        non_differentiable = [out for index, out in enumerate(fw_outs)
+                              if isinstance(out, torch.Tensor) and index not in differentiable]
+        if non_differentiable:
+            ctx.mark_non_differentiable(*non_differentiable)
+        return tuple(fw_outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise DoubleBackwardError(
+                "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
+                "or torch.autograd.grad of a gradient) is not supported. Call the original function eagerly "
+                "for higher-order gradients.")
+        runtime: CompiledRuntime = ctx.runtime
+        tensors = iter(ctx.saved_tensors)
+        scalars = iter(ctx.saved_scalars)
+        saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+        # NOTE [Contiguous tangents]
+        # The backward was traced with contiguous tangents and compiled code may assume those strides, so
+        # incoming gradients (possibly expanded or transposed) are made contiguous. Gradients autograd did not
+        # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape.
+        tangents = []
+        for index in runtime._tangent_indices:
+            grad = grad_outputs[index]
+            tangents.append(grad.contiguous() if grad is not None else grad)
+        grads = list(runtime.backward(*saved, *tangents))
+        grad_inputs = runtime.metadata.grad_inputs
+        return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])

@@ -1,0 +1,134 @@
+"""The two-level lookup of warm starts: call fingerprint -> full cache key -> entry, skipping capture.
+
+:func:`compile_with_fingerprint` is the hook ``AOTFunction`` calls instead of
+:func:`aotcache.autograd_cache.pipeline.compile_function_cached` when a cache is in use:
+
+1. compute the call's :class:`~aotcache.autograd_cache.fingerprint.Fingerprint` (no tracing);
+2. trusted: read the *alias record* ``aot/fp/<fingerprint>`` (a few hundred bytes of JSON naming the full
+   key's parts) and load the entry of that key (:meth:`AOTAutogradCache.try_load`); a hit runs with neither a
+   trace nor an Inductor import;
+3. otherwise (untrusted, no alias yet, or the aliased entry is gone / its guards fail): the full pipeline
+   (capture -> key -> load or compile + save); its key is recorded under the fingerprint for the next process.
+
+NOTE [Alias records are derived data]
+An alias maps a fingerprint to the key the full path computed for that very call. The fingerprint covers
+everything that decides the captured graph (see the fingerprint module), so the mapping is a function:
+it is never wrong, only possibly stale (its entry evicted), and a stale alias is just a miss. Records go
+through the same store tiers as entries (checksums, optional HMAC signatures); a record that does not
+parse is deleted and counted as a fault. Alias store keys never match ``aot/<64 hex>/<slot>``, so listings
+and ``explain`` ignore them.
+
+Counters (``AOTAutogradCache.counters`` and the stats journal section ``autograd``): ``fingerprint_hit``
+(warm start served through an alias), ``fingerprint_miss`` (trusted, but no usable alias),
+``fingerprint_fallback`` plus, in section ``autograd:fingerprint_fallback``, one counter per reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aotcache.autograd_cache.fingerprint import Fingerprint, fingerprint_call, fingerprint_module_call
+from aotcache.autograd_cache.key import CacheKey, KeyPart
+from aotcache.logs import handle_fault, log_once, logger
+from aotcache.store.interface import LookupStatus
+
+if TYPE_CHECKING:
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+
+__all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "FALLBACK_SECTION", "alias_store_key", "read_alias", "record_alias",
+           "fingerprint_of", "compile_with_fingerprint"]
+
+ALIAS_PREFIX = "aot/fp/"
+ALIAS_SCHEMA = 1
+FALLBACK_SECTION = "autograd:fingerprint_fallback"
+
+
+def alias_store_key(fingerprint: Fingerprint) -> str:
+    """The store key of the alias record of a trusted fingerprint."""
+    if not fingerprint.trusted:
+        raise ValueError(f"an untrusted fingerprint ({fingerprint.reason}) has no alias record")
+    return ALIAS_PREFIX + str(fingerprint.digest)
+
+
+def _count_fallback(cache: AOTAutogradCache, reason: str) -> None:
+    cache.count(fingerprint_fallback=1)
+    journal = getattr(cache, "journal", None)
+    if journal is not None:
+        journal.add(FALLBACK_SECTION, {reason: 1})
+    log_once(logging.DEBUG, f"fingerprint:fallback:{reason}",
+             "aotcache: the call fingerprint cannot be trusted (%s); capturing to compute the key", reason)
+
+
+def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | None:
+    """The full key recorded for ``fingerprint``, or None (no record, a store fault, or a bad record).
+
+    :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
+    """
+    store_key = alias_store_key(fingerprint)
+    lookup = cache.tiers.lookup(store_key)
+    if lookup.status is LookupStatus.ERROR:
+        cache.count(store_error=1)
+        return None
+    if not lookup.hit:
+        return None
+    try:
+        record = json.loads(bytes(lookup.value).decode("utf-8"))
+        if record.get("schema") != ALIAS_SCHEMA or record.get("fingerprint") != fingerprint.digest:
+            raise ValueError("alias record of another schema or fingerprint")
+        key = CacheKey(tuple(KeyPart(str(name), str(digest)) for name, digest in record["parts"].items()))
+        if key.digest != record["key"]:
+            raise ValueError("alias record parts do not produce its key digest")
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        cache.count(load_error=1)
+        cache.delete(store_key)
+        handle_fault("autograd:alias", f"unusable fingerprint alias record {store_key}; deleted it", exc)
+        return None
+    return key
+
+
+def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKey) -> bool:
+    """Record ``fingerprint -> key`` (never overwrites); True if stored now."""
+    record = {"schema": ALIAS_SCHEMA, "fingerprint": fingerprint.digest, "key": key.digest,
+              "parts": key.parts_digests()}
+    blob = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return bool(cache.tiers.insert(alias_store_key(fingerprint), blob))
+
+
+def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any) -> Fingerprint:
+    """The fingerprint of a call of an ``AOTFunction``: module form when it wraps an ``aot_module``."""
+    module = getattr(function, "fingerprint_module", None)
+    if module is not None:
+        return fingerprint_module_call(module, flat_args, in_spec, function.options)
+    return fingerprint_call(function.fn, flat_args, in_spec, function.options)
+
+
+def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, flat_args: Sequence[Any],
+                             full_path: Callable[..., Any]) -> Any:
+    """The runtime for a call: through the alias of ``fingerprint`` when it loads, else the full pipeline.
+
+    ``full_path(cache, on_key=callback)`` runs the full cached pipeline (e.g.
+    :func:`~aotcache.autograd_cache.pipeline.compile_function_cached`), calling ``callback(key)`` with the key
+    it computes; that key is recorded under the fingerprint once the runtime is built.
+    """
+    if not cache.enabled:
+        return full_path(cache, on_key=None)
+    if not fingerprint.trusted:
+        _count_fallback(cache, str(fingerprint.reason))
+        return full_path(cache, on_key=None)
+    key = read_alias(cache, fingerprint)
+    if key is not None:
+        result = cache.try_load(key, flat_args)
+        if result.hit:
+            cache.count(fingerprint_hit=1)
+            logger.debug("aotcache: warm start through fingerprint %s -> key %s", fingerprint.digest[:16],
+                         key.digest[:16])
+            return cache.record_hit(result)
+    cache.count(fingerprint_miss=1)
+    computed: list[CacheKey] = []
+    runtime = full_path(cache, on_key=computed.append)
+    if computed:
+        record_alias(cache, fingerprint, computed[-1])
+    return runtime

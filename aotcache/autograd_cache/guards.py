@@ -1,0 +1,559 @@
+"""Dynamic-shape guards of cache entries, and the position-normalized description of symbolic inputs.
+
+With dynamic shapes one key can hold several entries, each compiled under different assumptions about input
+sizes ("s0 > 4", "s0 % 2 == 0"). An entry records those assumptions as a guard expression over input
+positions, e.g. ``L['t0'].size()[0] == L['t1'] and 5 <= L['t0'].size()[0]``; on load
+:func:`evaluate_guards` checks them against the real inputs. A failing guard is a ``guard_miss``.
+
+NOTE [Guards are evaluated, never eval'ed]
+Entries can come from a shared (Redis) tier, so a guard string is untrusted text. It is parsed with
+:mod:`ast` and checked against a small whitelist grammar (comparisons, and/or/not, integer arithmetic,
+``min``/``max``/``abs``, ``math.floor``-style helpers, ``L['tN']`` input references with ``.size()[k]``,
+``.stride()[k]``, ``.storage_offset()``) *before* anything is computed; the tree is then walked by a small
+interpreter. ``__import__('os').system('x')`` is rejected as an unknown name without running anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+
+__all__ = [
+    "GuardExpressionError",
+    "symbolic_inputs",
+    "find_shape_env",
+    "describe_inputs",
+    "produce_guards_expression",
+    "validate_guards_expression",
+    "evaluate_guards",
+]
+
+
+class GuardExpressionError(ValueError):
+    """A guard expression that cannot be produced, parsed, or evaluated (treat the entry as unusable)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Symbolic inputs and their position-normalized description (used by the key)
+# ----------------------------------------------------------------------------------------------------
+
+
+def symbolic_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    """The graph's inputs as the compile sees them: a placeholder's fake value when it is symbolic, else the input.
+
+    Dynamo hands a backend real tensors but records symbolic fake tensors in ``meta["example_value"]``;
+    make_fx records them in ``meta["val"]``. The symbolic form is what the key and the guards must describe;
+    for static inputs the example input itself is described.
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if example_inputs is not None and len(placeholders) != len(example_inputs):
+        raise ValueError(f"the graph has {len(placeholders)} placeholders but {len(example_inputs)} example inputs "
+                         "were given; pass one example input per placeholder")
+    values = []
+    for position, node in enumerate(placeholders):
+        meta_value = node.meta.get("example_value", node.meta.get("val"))
+        if example_inputs is None or _is_symbolic(meta_value):
+            values.append(meta_value)
+        else:
+            values.append(example_inputs[position])
+    return values
+
+
+def _is_symbolic(value: Any) -> bool:
+    """A Sym* value, or a tensor with a symbolic size, stride or storage offset."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    if isinstance(value, torch.Tensor):
+        items = (*value.shape, *_strides_or_empty(value), _storage_offset_or_zero(value))
+        return any(isinstance(item, torch.SymInt) for item in items)
+    return False
+
+
+def _symnode_expr(value: Any) -> Any:
+    """The sympy expression behind a SymInt/SymFloat/SymBool, or the plain number it already is."""
+    node = getattr(value, "node", None)
+    expr = getattr(node, "expr", None)
+    if expr is None:
+        raise BypassAOTAutogradCache(f"opaque symbolic value: {type(value).__name__}")
+    return expr
+
+
+def find_shape_env(values: Sequence[Any]) -> Any | None:
+    """The ShapeEnv shared by the symbolic values among ``values`` (None when every shape is static)."""
+    for value in values:
+        candidates = [value] if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) else []
+        if isinstance(value, torch.Tensor):
+            candidates = [*value.shape, *_strides_or_empty(value), _storage_offset_or_zero(value)]
+        for candidate in candidates:
+            if isinstance(candidate, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                shape_env = getattr(candidate.node, "shape_env", None)
+                if shape_env is not None:
+                    return shape_env
+    return None
+
+
+def _strides_or_empty(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return tuple(tensor.stride()) if tensor.layout == torch.strided else ()
+
+
+def _storage_offset_or_zero(tensor: torch.Tensor) -> Any:
+    return tensor.storage_offset() if tensor.layout == torch.strided else 0
+
+
+def input_location(position: int, kind: str = "", dim: int | None = None) -> str:
+    """The stable name of an input location, in the guard-expression form: ``L['t0'].size()[1]``."""
+    base = f"L['t{position}']"
+    if kind == "":
+        return base
+    if kind == "storage_offset":
+        return f"{base}.storage_offset()"
+    return f"{base}.{kind}()[{dim}]"
+
+
+def _locations(position: int, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, torch.Tensor):
+        located = [(input_location(position, "size", dim), size) for dim, size in enumerate(value.shape)]
+        located += [(input_location(position, "stride", dim), stride)
+                    for dim, stride in enumerate(_strides_or_empty(value))]
+        if value.layout == torch.strided:
+            located.append((input_location(position, "storage_offset"), value.storage_offset()))
+        return located
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return [(input_location(position), value)]
+    return []
+
+
+class _SymbolNamer:
+    """Names each free symbol by the first input location where it appears bare (``L['t0'].size()[0]``)."""
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self.names: dict[Any, str] = {}
+        for position, value in enumerate(values):
+            for location, item in _locations(position, value):
+                if isinstance(item, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                    expr = _symnode_expr(item)
+                    if getattr(expr, "is_Symbol", False) and expr not in self.names:
+                        self.names[expr] = location
+        self._extra = 0
+
+    def render(self, item: Any) -> int | float | bool | str:
+        """A plain number as itself; a symbolic one as its expression over location names."""
+        if not isinstance(item, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return item
+        expr = _symnode_expr(item)
+        if not expr.free_symbols:  # a symbolic type holding a constant
+            convert = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(item)]
+            return convert(expr)
+        if getattr(expr, "is_Symbol", False) and expr in self.names:
+            return self.names[expr]
+        import sympy
+
+        for symbol in sorted(expr.free_symbols, key=str):
+            if symbol not in self.names:  # only inside compound expressions: name by order of appearance
+                self.names[symbol] = f"free{self._extra}"
+                self._extra += 1
+        mapping = {symbol: sympy.Symbol(self.names[symbol]) for symbol in expr.free_symbols}
+        return str(expr.xreplace(mapping))
+
+
+def _memory_format(shape: Sequence[Any], strides: Sequence[Any]) -> str:
+    """Which dense memory format the strides spell, computed from concrete numbers only (no guards added)."""
+    if not all(isinstance(item, int) for item in (*shape, *strides)):
+        return "symbolic"
+
+    def dense_strides(order: Sequence[int]) -> list[int]:
+        expected, running = [0] * len(shape), 1
+        for dim in reversed(order):
+            expected[dim] = running
+            running *= max(shape[dim], 1)
+        return expected
+
+    def matches(order: Sequence[int]) -> bool:
+        expected = dense_strides(order)
+        return all(shape[dim] == 1 or strides[dim] == expected[dim] for dim in range(len(shape)))
+
+    rank = len(shape)
+    if matches(range(rank)):
+        return "contiguous"
+    if rank == 4 and matches((0, 2, 3, 1)):
+        return "channels_last"
+    if rank == 5 and matches((0, 2, 3, 4, 1)):
+        return "channels_last_3d"
+    return "strided"
+
+
+def _describe_tensor(tensor: torch.Tensor, namer: _SymbolNamer) -> dict[str, Any]:
+    shape = [namer.render(size) for size in tensor.shape]
+    description: dict[str, Any] = {
+        "kind": "tensor",
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": shape,
+        "device": str(tensor.device),
+        "layout": str(tensor.layout).removeprefix("torch."),
+        "requires_grad": bool(tensor.requires_grad),
+    }
+    if tensor.layout == torch.strided:
+        stride = [namer.render(item) for item in tensor.stride()]
+        description["stride"] = stride
+        description["storage_offset"] = namer.render(tensor.storage_offset())
+        description["memory_format"] = _memory_format(shape, stride)
+    if tensor.is_conj():
+        description["conj"] = True
+    if tensor.is_neg():
+        description["neg"] = True
+    return description
+
+
+def describe_inputs(values: Sequence[Any]) -> list[dict[str, Any]]:
+    """JSON-ready metadata of each input; a symbol appears by its position-normalized name, never its value.
+
+    :raises BypassAOTAutogradCache: an input the key cannot describe (``"opaque input: Generator"``).
+    """
+    namer = _SymbolNamer(values)
+    described = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            described.append(_describe_tensor(value, namer))
+        elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            kind = {torch.SymInt: "symint", torch.SymFloat: "symfloat", torch.SymBool: "symbool"}[type(value)]
+            described.append({"kind": kind, "expr": namer.render(value)})
+        elif isinstance(value, bool):
+            described.append({"kind": "bool", "value": value})
+        elif isinstance(value, int):
+            described.append({"kind": "int", "value": value})
+        elif isinstance(value, float):
+            described.append({"kind": "float", "value": repr(value)})
+        elif value is None:
+            described.append({"kind": "none"})
+        elif isinstance(value, (str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            described.append({"kind": type(value).__name__, "value": str(value)})
+        else:
+            raise BypassAOTAutogradCache(f"opaque input: {type(value).__name__}")
+    return described
+
+
+# ----------------------------------------------------------------------------------------------------
+# Producing guard expressions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _symbols_of(values: Sequence[Any]) -> set[Any]:
+    symbols: set[Any] = set()
+    for position, value in enumerate(values):
+        for _, item in _locations(position, value):
+            if isinstance(item, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                symbols |= set(_symnode_expr(item).free_symbols)
+    return symbols
+
+
+def produce_guards_expression(inputs: Sequence[Any], shape_env: Any | None = None) -> str | None:
+    """The guards the compile assumed over the symbolic ``inputs``, as an expression over input positions.
+
+    Only guards whose symbols all occur in the inputs are kept (others belong to other graphs sharing the
+    ShapeEnv). None when there is nothing symbolic or nothing to check.
+
+    :raises GuardExpressionError: torch could not express the guards, or produced text outside the grammar
+        that :func:`evaluate_guards` accepts (the entry must then not be cached).
+    """
+    shape_env = shape_env if shape_env is not None else find_shape_env(inputs)
+    if shape_env is None:
+        return None
+    symbols = _symbols_of(inputs)
+    guards = [guard for guard in shape_env.guards if set(guard.expr.free_symbols) <= symbols]
+    placeholders = [value if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool, int))
+                    else None for value in inputs]
+    try:
+        expression = shape_env.produce_guards_expression(placeholders, guards=guards)
+    except Exception as exc:  # torch's guard printer raises assorted errors; the caller bypasses the cache
+        raise GuardExpressionError(f"cannot express the shape guards of this graph: {type(exc).__name__}: {exc}"
+                                   ) from exc
+    if expression is None:
+        return None
+    validate_guards_expression(expression)
+    return expression
+
+
+# ----------------------------------------------------------------------------------------------------
+# The restricted evaluator
+# ----------------------------------------------------------------------------------------------------
+
+_MAX_EXPRESSION_CHARS = 1_000_000
+_MAX_EXPONENT = 256
+_MAX_INT_BITS = 4096
+_INPUT_NAME = re.compile(r"^t(\d+)$")
+
+_COMPARISONS = {
+    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
+    ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
+    ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+}
+
+
+def _floordiv(a: Any, b: Any) -> Any:
+    if b == 0:
+        raise GuardExpressionError("division by zero in a guard expression")
+    return a // b
+
+
+def _mod(a: Any, b: Any) -> Any:
+    if b == 0:
+        raise GuardExpressionError("modulo by zero in a guard expression")
+    return a % b
+
+
+def _truediv(a: Any, b: Any) -> Any:
+    if b == 0:
+        raise GuardExpressionError("division by zero in a guard expression")
+    return a / b
+
+
+def _power(a: Any, b: Any) -> Any:
+    if isinstance(b, (int, float)) and abs(b) > _MAX_EXPONENT:
+        raise GuardExpressionError(f"exponent {b} is too large for a guard expression")
+    return a**b
+
+
+_BINARY = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: _floordiv, ast.Mod: _mod, ast.Div: _truediv, ast.Pow: _power,
+}
+
+# Functions a guard may call: torch's Python printer emits the lower-case ones; the capitalized ones are
+# sympy's spelling, accepted for hand-written or older expressions.
+_FUNCTIONS: dict[str, Any] = {
+    "max": max, "min": min, "abs": abs, "round": round, "int": int, "float": float,
+    "Max": max, "Min": min, "Abs": abs, "Mod": _mod, "FloorDiv": _floordiv, "PythonMod": _mod,
+    "Eq": lambda a, b: a == b, "Ne": lambda a, b: a != b,
+}
+_MATH_MEMBERS: dict[str, Any] = {
+    "floor": math.floor, "ceil": math.ceil, "trunc": math.trunc, "sqrt": math.sqrt, "log2": math.log2,
+    "inf": math.inf, "nan": math.nan,
+}
+_TORCH_MEMBERS: dict[str, Any] = {"sym_float": float, "sym_int": int, "_sym_sqrt": math.sqrt,
+                                  "sym_max": max, "sym_min": min}
+_INPUT_METHODS = frozenset({"size", "stride", "storage_offset", "dim"})
+
+
+def _reject(node: ast.AST, why: str) -> GuardExpressionError:
+    return GuardExpressionError(f"guard expression rejected: {why} ({ast.dump(node)[:120]})")
+
+
+def _check_input_reference(node: ast.Subscript) -> None:
+    if not (isinstance(node.value, ast.Name) and node.value.id == "L"):
+        raise _reject(node, "only L['tN'] may be subscripted by a string")
+    key = node.slice
+    if not (isinstance(key, ast.Constant) and isinstance(key.value, str) and _INPUT_NAME.match(key.value)):
+        raise _reject(node, "an input reference must be L['t<position>']")
+
+
+def _validate_node(node: ast.AST, input_keys: set[ast.AST]) -> None:
+    """Whitelist check of one AST node (children are visited by the caller).
+
+    ``input_keys`` are the string constants that sit in ``L['tN']`` subscripts, the only strings allowed.
+    """
+    if isinstance(node, (ast.Expression, ast.Load, ast.And, ast.Or, ast.Not, ast.USub, ast.UAdd)):
+        return
+    if isinstance(node, ast.BoolOp) or isinstance(node, ast.UnaryOp):
+        return
+    if isinstance(node, ast.BinOp):
+        if type(node.op) not in _BINARY:
+            raise _reject(node, f"operator {type(node.op).__name__} is not allowed")
+        if isinstance(node.op, ast.Pow):
+            exponent = node.right
+            if not (isinstance(exponent, ast.Constant) and type(exponent.value) is int
+                    and 0 <= exponent.value <= _MAX_EXPONENT):
+                raise _reject(node, f"an exponent must be an integer constant from 0 to {_MAX_EXPONENT}")
+        return
+    if isinstance(node, ast.Compare):
+        if not all(type(op) in _COMPARISONS for op in node.ops):
+            raise _reject(node, "only ==, !=, <, <=, >, >= comparisons are allowed")
+        return
+    if type(node) in _COMPARISONS or type(node) in _BINARY:
+        return
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or isinstance(node.value, (int, float)):
+            if isinstance(node.value, int) and node.value.bit_length() > _MAX_INT_BITS:
+                raise _reject(node, "integer constant too large")
+            return
+        if isinstance(node.value, str) and node in input_keys:
+            return
+        raise _reject(node, f"constant of type {type(node.value).__name__} is not allowed")
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            _check_input_reference(node)
+        elif not (isinstance(key, ast.Constant) and type(key.value) is int):
+            raise _reject(node, "only integer indexing of sizes/strides is allowed")
+        return
+    if isinstance(node, ast.Name):
+        if node.id not in ("L", "math", "torch") and node.id not in _FUNCTIONS:
+            raise _reject(node, f"unknown name {node.id!r}")
+        return
+    if isinstance(node, ast.Attribute):
+        base = node.value
+        if isinstance(base, ast.Name) and base.id == "math" and node.attr in _MATH_MEMBERS:
+            return
+        if isinstance(base, ast.Name) and base.id == "torch" and node.attr in _TORCH_MEMBERS:
+            return
+        if isinstance(base, ast.Subscript) and node.attr in _INPUT_METHODS:
+            _check_input_reference(base)
+            return
+        raise _reject(node, f"attribute {node.attr!r} is not allowed")
+    if isinstance(node, ast.Call):
+        if node.keywords:
+            raise _reject(node, "keyword arguments are not allowed")
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _FUNCTIONS:
+            return
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("math", "torch"):
+            return  # member checked by the Attribute rule
+        if isinstance(func, ast.Attribute) and func.attr in _INPUT_METHODS:
+            if node.args:
+                raise _reject(node, f".{func.attr}() takes no arguments in a guard")
+            return
+        raise _reject(node, "call of a function that is not whitelisted")
+    raise _reject(node, f"syntax {type(node).__name__} is not allowed")
+
+
+def _parse(expression: str) -> ast.Expression:
+    if not isinstance(expression, str):
+        raise GuardExpressionError(f"a guard expression must be a string, got {type(expression).__name__}")
+    if len(expression) > _MAX_EXPRESSION_CHARS:
+        raise GuardExpressionError(f"guard expression too long ({len(expression)} characters)")
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise GuardExpressionError(f"guard expression is not valid syntax: {exc.msg}") from None
+    input_keys = {node.slice for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                  and isinstance(node.value, ast.Name) and node.value.id == "L"}
+    for node in ast.walk(tree):
+        _validate_node(node, input_keys)
+    return tree
+
+
+def validate_guards_expression(expression: str) -> None:
+    """Check that ``expression`` is inside the guard grammar, without evaluating anything.
+
+    :raises GuardExpressionError: naming the first construct that is not allowed.
+    """
+    _parse(expression)
+
+
+class _InputView:
+    """What a guard may see of one real input: its sizes, strides and storage offset, nothing else."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def call(self, method: str) -> Any:
+        value = self._value
+        if not isinstance(value, torch.Tensor):
+            raise GuardExpressionError(f"guard calls .{method}() on a non-tensor input ({type(value).__name__})")
+        if method == "size":
+            return tuple(int(size) for size in value.shape)
+        if method == "stride":
+            return tuple(int(stride) for stride in value.stride())
+        if method == "storage_offset":
+            return int(value.storage_offset())
+        return value.dim()
+
+
+class _Evaluator:
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        self.inputs = inputs
+
+    def input(self, node: ast.Subscript) -> Any:
+        position = int(_INPUT_NAME.match(node.slice.value).group(1))
+        if position >= len(self.inputs):
+            raise GuardExpressionError(f"guard refers to input {position} but only {len(self.inputs)} were given")
+        value = self.inputs[position]
+        if isinstance(value, torch.Tensor):
+            return _InputView(value)
+        if isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return value
+        raise GuardExpressionError(f"guard refers to input {position} of type {type(value).__name__}")
+
+    def eval(self, node: ast.AST) -> Any:  # noqa: C901 - one branch per whitelisted construct
+        if isinstance(node, ast.Expression):
+            return self.eval(node.body)
+        if isinstance(node, ast.BoolOp):
+            if isinstance(node.op, ast.And):
+                return all(self.eval(value) for value in node.values)
+            return any(self.eval(value) for value in node.values)
+        if isinstance(node, ast.UnaryOp):
+            operand = self.eval(node.operand)
+            if isinstance(node.op, ast.Not):
+                return not operand
+            return -operand if isinstance(node.op, ast.USub) else +operand
+        if isinstance(node, ast.BinOp):
+            return _BINARY[type(node.op)](self.eval(node.left), self.eval(node.right))
+        if isinstance(node, ast.Compare):
+            left = self.eval(node.left)
+            for op, comparator in zip(node.ops, node.comparators):
+                right = self.eval(comparator)
+                if not _COMPARISONS[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Subscript):
+            if isinstance(node.slice.value, str):
+                return self.input(node)
+            container = self.eval(node.value)
+            if not isinstance(container, tuple):
+                raise GuardExpressionError("guard indexes something that is not a size or stride tuple")
+            index = node.slice.value
+            if not -len(container) <= index < len(container):
+                raise GuardExpressionError(f"guard indexes dimension {index} of a rank-{len(container)} input")
+            return container[index]
+        if isinstance(node, ast.Attribute):
+            module = node.value.id if isinstance(node.value, ast.Name) else None
+            if module == "math":
+                return _MATH_MEMBERS[node.attr]
+            if module == "torch":
+                return _TORCH_MEMBERS[node.attr]
+            raise GuardExpressionError(f"attribute .{node.attr} used without a call")
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in _INPUT_METHODS and isinstance(func.value,
+                                                                                                ast.Subscript):
+                target = self.eval(func.value)
+                if not isinstance(target, _InputView):
+                    raise GuardExpressionError(f"guard calls .{func.attr}() on a non-tensor input")
+                return target.call(func.attr)
+            function = _FUNCTIONS[func.id] if isinstance(func, ast.Name) else self.eval(func)
+            return function(*(self.eval(arg) for arg in node.args))
+        if isinstance(node, ast.Name):
+            raise GuardExpressionError(f"name {node.id!r} used as a value")
+        raise GuardExpressionError(f"unexpected syntax {type(node).__name__}")
+
+
+def evaluate_guards(expression: str | None, real_inputs: Sequence[Any]) -> bool:
+    """True when the real inputs satisfy the recorded guards (None or empty means no guards).
+
+    The expression is validated against the whitelist grammar first; nothing in it is executed as Python.
+
+    :raises GuardExpressionError: the expression is outside the grammar or does not fit the inputs.
+    """
+    if expression is None or not expression.strip():
+        return True
+    tree = _parse(expression)
+    try:
+        return bool(_Evaluator(real_inputs).eval(tree))
+    except (TypeError, OverflowError, ValueError, IndexError, ZeroDivisionError) as exc:
+        if isinstance(exc, GuardExpressionError):
+            raise
+        raise GuardExpressionError(f"guard expression does not fit these inputs: {type(exc).__name__}: {exc}"
+                                   ) from None

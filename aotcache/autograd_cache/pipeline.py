@@ -1,0 +1,227 @@
+"""The cached compile pipelines: ``aot_function`` (key from the captured graph) and the Dynamo-graph form.
+
+``compile_function_cached``: capture -> key -> load, or (single-flight) partition + compile + save.
+``compile_graph_module_cached``: key from Dynamo's graph -> load, or capture + partition + compile + save;
+on a hit nothing is captured.
+
+NOTE [decompositions and the warm path]
+With a compiler given by name (``"inductor"``, ``"aoti"``), its decomposition table is Inductor's, and
+building it imports ``torch._inductor`` (over a second). The key therefore uses the graph captured *without*
+decompositions plus the decomposition identity ``compiler:<name>`` (the table is fixed by the torch version,
+which is in the key); only a miss captures again with the table and compiles. Two functions whose
+undecomposed graphs are equal decompose equally, op by op. A user-given table (``decompositions=`` or a
+custom compiler's ``decompositions()``) is used for the key capture directly and identified by a digest of
+its operators and functions' code (computed once per ``aot_function``).
+
+NOTE [what the aot_function key holds beyond the graph]
+The runtime metadata of the capture (output structure, constant outputs, aliasing, mutations, which outputs
+get gradients) is not all visible in the graph; it enters the key as the config part ``runtime_metadata``.
+Compilers and partitioners that are not aotcache's named ones enter by code-and-state digest
+(``callable_digest``: the closure of a compiler wrapper, the object it wraps, ``functools.partial``
+arguments): a changed body or wrapped compiler is a miss, never a false hit. What cannot be written down
+makes the key step raise ``BypassAOTAutogradCache("unhashable compiler: ...")``: compiled, not cached.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from aotcache.aot.api import AOTOptions, compile_captured, compile_function
+from aotcache.aot.capture import capture
+from aotcache.aot.runtime import CompiledRuntime
+from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
+from aotcache.autograd_cache.key import CacheKey, callable_digest, compute_key
+from aotcache.autograd_cache.safety import BypassAOTAutogradCache, qualified_name
+
+__all__ = ["compile_function_cached", "compile_graph_module_cached", "compiler_identity", "partitioner_identity",
+           "decomposition_identity"]
+
+_COMPILER_MODULE_PREFIX = "aotcache.compilers."
+_MAX_SUMMARY_OPS = 40
+
+
+def _named_compiler(compiler: Any) -> str | None:
+    """The name of one of aotcache's named compilers given as a name or as its function, else None."""
+    from aotcache.compilers.base import COMPILER_NAMES
+
+    if compiler is None:
+        return "nop"
+    if isinstance(compiler, str):
+        if compiler not in COMPILER_NAMES:
+            raise ValueError(f"unknown compiler {compiler!r}; choose one of {', '.join(COMPILER_NAMES)}")
+        return compiler
+    for name in COMPILER_NAMES:
+        module = sys.modules.get(_COMPILER_MODULE_PREFIX + name)  # the function exists only if it was imported
+        if module is not None and getattr(module, f"{name}_compiler", None) is compiler:
+            return name
+    return None
+
+
+def compiler_identity(compiler: Any) -> str | dict[str, str]:
+    """What a compiler contributes to the key: its name, or its qualified name and code-and-state digest.
+
+    :raises BypassAOTAutogradCache: ``"unhashable compiler: ..."`` (its code or state cannot be written down).
+    """
+    name = _named_compiler(compiler)
+    if name is not None:
+        return name
+    return {"callable": qualified_name(compiler), "code": callable_digest(compiler, "compiler")}
+
+
+def partitioner_identity(partition_fn: Callable | None) -> str:
+    """``default_partition`` / ``min_cut_rematerialization_partition`` by name, anything else by code digest.
+
+    :raises BypassAOTAutogradCache: ``"unhashable partitioner: ..."``.
+    """
+    if partition_fn is None:
+        return "default_partition"
+    from aotcache.aot import partition
+
+    for name in ("default_partition", "min_cut_rematerialization_partition"):
+        if getattr(partition, name) is partition_fn:
+            return name
+    return f"custom:{getattr(partition_fn, '__qualname__', type(partition_fn).__qualname__)}:" \
+           f"{callable_digest(partition_fn, 'partitioner')}"
+
+
+def _table_identity(table: Mapping) -> str | BypassAOTAutogradCache:
+    """``table:<digest>`` over operator names and their functions (one walk), or the bypass that says why not."""
+    items = sorted(((str(op), fn) for op, fn in table.items()), key=lambda item: item[0])
+    try:
+        return "table:" + callable_digest(dict(items), "decompositions")
+    except BypassAOTAutogradCache as bypass:
+        return bypass
+
+
+def decomposition_identity(options: AOTOptions,
+                           memo: dict[str, Any]) -> tuple[str | BypassAOTAutogradCache, Mapping | None, bool]:
+    """``(identity, table for the key capture, whether a miss must capture again with the full table)``.
+
+    See NOTE [decompositions and the warm path]. A table whose functions cannot be written down has a
+    :class:`BypassAOTAutogradCache` as its identity (never raised here: the caller may not be in its key
+    step yet); ``compute_key`` raises it, so the call compiles uncached and the reason is counted.
+    """
+    if options.decompositions is not None:
+        if "decompositions" not in memo:
+            memo["decompositions"] = _table_identity(options.decompositions)
+        return memo["decompositions"], options.decompositions, False
+    name = _named_compiler(options.fw_compiler)
+    if name is not None:
+        return f"compiler:{name}", None, name != "nop"
+    provider = getattr(options.fw_compiler, "decompositions", None)
+    if not callable(provider):
+        return "none", None, False
+    table = provider()
+    if not table:
+        return "none", None, False
+    if "decompositions" not in memo:
+        memo["decompositions"] = _table_identity(table)
+    return memo["decompositions"], table, False
+
+
+def _compiler_parts(options: AOTOptions) -> tuple[str, dict[str, Any]]:
+    forward = compiler_identity(options.fw_compiler)
+    backward = compiler_identity(options.bw_compiler) if options.bw_compiler is not None else forward
+    inference = compiler_identity(options.inference_compiler) if options.inference_compiler is not None else forward
+    name = forward if isinstance(forward, str) else "custom"
+    return name, {"forward": forward, "backward": backward, "inference": inference,
+                  "options": dict(options.compiler_options or {})}
+
+
+def _summary(key: CacheKey, *, name: str, source: str, kind: str, num_inputs: int, dynamic: bool) -> dict[str, Any]:
+    detail = key.part("graph").detail or {}
+    ops = sorted(dict(detail.get("ops", {})).items(), key=lambda item: (-item[1], item[0]))[:_MAX_SUMMARY_OPS]
+    return {"name": name, "source": source, "kind": kind, "nodes": detail.get("nodes"), "ops": dict(ops),
+            "inputs": num_inputs, "dynamic": dynamic}
+
+
+def _entry_guards(captured: Any) -> str | None:
+    """Guards over the graph inputs after compiling (compilers may add some), in the ShapeEnv's printing."""
+    shape_env = getattr(captured.fake_mode, "shape_env", None)
+    if shape_env is None or captured.metadata.guards is None:
+        return None
+    return shape_env.produce_guards_expression(captured.primals, ignore_static=False)
+
+
+def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_args: Sequence[Any],
+                            options: AOTOptions, *, input_is_leaf: Sequence[bool] | None = None,
+                            name: str = "function", memo: dict[str, Any] | None = None,
+                            on_key: Callable[[CacheKey], None] | None = None) -> CompiledRuntime:
+    """:func:`~aotcache.aot.api.compile_function` through ``cache`` (see the module NOTEs).
+
+    ``on_key(key)`` receives the full key once computed (see :meth:`AOTAutogradCache.load_or_compile`).
+
+    :raises CaptureError: the function cannot be captured.
+    """
+    memo = {} if memo is None else memo
+    if not cache.enabled:
+        return compile_function(flat_fn, flat_args, options, input_is_leaf=input_is_leaf)
+    decomposition_id, key_table, recapture = decomposition_identity(options, memo)
+    key_capture = capture(flat_fn, flat_args, decompositions=key_table, dynamic=options.dynamic,
+                          input_is_leaf=input_is_leaf)
+    state: dict[str, Any] = {}
+
+    def make_key() -> CacheKey:
+        compiler_name, compiler_options = _compiler_parts(options)
+        metadata = key_capture.metadata.to_json()
+        metadata["guards"] = None
+        key = compute_key(key_capture.graph, key_capture.joint_inputs, compiler_name=compiler_name,
+                          partitioner_name=partitioner_identity(options.partition_fn),
+                          decomposition_id=decomposition_id, compiler_options=compiler_options,
+                          config_parts={"pipeline": "aot_function", "dynamic": bool(options.dynamic),
+                                        "runtime_metadata": metadata})
+        state["key"] = key
+        return key
+
+    def compile_fn() -> CompileResult:
+        captured = key_capture
+        if recapture:
+            captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
+                               dynamic=options.dynamic, input_is_leaf=input_is_leaf)
+        runtime = compile_captured(captured, options)
+        guards = _entry_guards(captured)
+        runtime.metadata.guards = guards if guards is not None else runtime.metadata.guards
+        kind = "inference" if runtime.metadata.is_inference else "training"
+        summary = (_summary(state["key"], name=name, source="aot_function", kind=kind,
+                            num_inputs=len(captured.primals), dynamic=bool(options.dynamic))
+                   if "key" in state else {})
+        return CompileResult(runtime, guards=runtime.metadata.guards, summary=summary)
+
+    return cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key)
+
+
+def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, example_inputs: Sequence[Any],
+                                flat_fn: Callable, flat_example: Sequence[Any], options: AOTOptions, *,
+                                lifted_attributes: Sequence[str]) -> CompiledRuntime:
+    """The ``aot_module_simplified`` step through ``cache``: the key is ``gm`` (Dynamo's graph) and its
+    example inputs; ``flat_example`` (lifted parameters and buffers, then the inputs) is what a miss compiles.
+    """
+    state: dict[str, Any] = {}
+
+    def make_key() -> CacheKey:
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise BypassAOTAutogradCache(f"not a GraphModule: {type(gm).__name__}")
+        decomposition_id, _, _ = decomposition_identity(options, state)
+        compiler_name, compiler_options = _compiler_parts(options)
+        key = compute_key(gm, list(example_inputs), compiler_name=compiler_name,
+                          partitioner_name=partitioner_identity(options.partition_fn),
+                          decomposition_id=decomposition_id, compiler_options=compiler_options,
+                          config_parts={"pipeline": "aot_module_simplified", "dynamic": bool(options.dynamic),
+                                        "lifted": len(lifted_attributes)},
+                          lifted_attributes=list(lifted_attributes))
+        state["key"] = key
+        return key
+
+    def compile_fn() -> CompileResult:
+        runtime = compile_function(flat_fn, flat_example, options)
+        runtime.metadata.guards = None  # Dynamo guards this graph; the entry carries none
+        kind = "inference" if runtime.metadata.is_inference else "training"
+        summary = (_summary(state["key"], name=type(gm).__qualname__, source="torch.compile", kind=kind,
+                            num_inputs=len(flat_example), dynamic=bool(options.dynamic)) if "key" in state else {})
+        return CompileResult(runtime, guards=None, summary=summary)
+
+    return cache.load_or_compile(make_key, compile_fn, None)

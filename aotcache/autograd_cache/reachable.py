@@ -1,0 +1,780 @@
+"""Canonical serialization of everything reachable from a value: the one code walker behind every digest.
+
+:class:`Reachable` walks user functions, classes, ``nn.Module`` trees and plain objects without running
+them and writes each down deterministically (NOTE [Reachable code]); anything it cannot write down raises
+:class:`Untrusted` with a short categorical reason. Both consumers build on it, so they see the same things:
+the call fingerprint (:mod:`aotcache.autograd_cache.fingerprint`, docs/warmstart.md) and the code digests of
+the cache key (:func:`value_digest`, :func:`custom_op_digest`; custom compilers, partitioners, decomposition
+tables, ``@cacheable`` functions, custom ops: docs/cache_key.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import dataclasses
+import dis
+import enum
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from aotcache.autograd_cache import safety
+from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+
+__all__ = ["Reachable", "Untrusted", "check_plain_tensor", "state_positions", "sha256_text", "canonical_json",
+           "value_digest", "custom_op_digest", "tensor_content_digest", "is_core_library"]
+
+_MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
+_MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
+_MAX_CONSTANT_BYTES = 64 * 1024 * 1024  # tensor constants hashed by content, in total
+_LIBRARY_ROOTS = frozenset({"torch", "functorch", "numpy", "sympy", "triton", "aotcache", "typing_extensions"})
+_IMPORT_NAME = dis.opmap["IMPORT_NAME"]
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Class-dict entries that describe the class rather than behave (never read by tracing).
+_CLASS_METADATA = frozenset({
+    "__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__", "__annotate__",
+    "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__type_params__",
+    "__dataclass_fields__", "__dataclass_params__", "__match_args__", "__abstractmethods__", "__slots__",
+    "__slotnames__", "_abc_impl", "__protocol_attrs__", "__non_callable_proto_members__", "__init__", "__new__",
+    "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "__reduce__", "__reduce_ex__",
+    "__getstate__", "__setstate__", "__copy__", "__deepcopy__", "__init_subclass__", "__class_getitem__",
+    "__subclasshook__", "__getnewargs__", "__getnewargs_ex__", "__rich_repr__", "__post_init__",
+})
+# Class-dict entries that run when the class is called (constructed): included for classes that reachable
+# code can call, i.e. classes referenced as values rather than only as the type of an existing instance.
+_CONSTRUCTORS = frozenset({"__init__", "__new__", "__post_init__"})
+# Module-dict entries that hold hooks: forward hooks are hashed, backward hooks make the result untrusted,
+# state-dict hooks do not run during a forward.
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_BACKWARD_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")
+_IGNORED_MODULE_ENTRIES = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                                     "_load_state_dict_post_hooks", "_is_full_backward_hook"})
+# Object attributes that hold a per-process hash()/id() of the object itself (they differ in every process and
+# are never read by a forward): transformers' GenerationConfig records one to notice later edits.
+_VOLATILE_ATTRIBUTES = frozenset({"_original_object_hash"})
+# C functions named, not read, by the fingerprint (no clocks or OS calls: their results could steer tracing)
+_SAFE_BUILTIN_ROOTS = frozenset({"builtins", "math", "operator", "_operator", "itertools", "functools",
+                                 "_functools", "torch", "collections", "_collections", "numpy", "cmath",
+                                 "_abc", "abc", "typing", "_thread", "warnings", "_warnings",
+                                 "inspect", "copy", "re", "_sre", "string", "dataclasses", "contextlib"})
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+_LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
+# values whose contents a closure cell of a torch function must show (they may carry user code or data)
+_TRANSPARENT_TYPES = (types.FunctionType, types.MethodType, functools.partial, type, nn.Module, torch.Tensor,
+                      tuple, list, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None),
+                      enum.Enum, torch.dtype, torch.device)
+_UNSET = object()  # the value of a context variable that was never set
+
+
+class Untrusted(Exception):
+    """Raised when the cheap form cannot describe something; ``reason`` is short and categorical."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.where = ""  # the function, class or object being described (for the log, not for counting)
+
+
+def sha256_text(text: str) -> str:
+    """sha256 hex digest of a text (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON text (sorted keys, no whitespace, no NaN) used for every digest."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def value_digest(value: Any) -> str:
+    """Digest of ``value`` and everything reachable from it: code, closures, globals, object state.
+
+    This is how the cache key identifies a custom compiler, partitioner, decomposition table, compiler
+    option or ``@cacheable`` function: the same walk as the call fingerprint, with every tensor it reaches
+    counted by content. :raises Untrusted: something reachable cannot be written down deterministically.
+    """
+    reachable = Reachable()
+    root = reachable.add_root(value)
+    return sha256_text(canonical_json({"root": root, "graph": reachable.digest()}))
+
+
+def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str | None:
+    """Digest of everything registered for a non-torch operator, or None for torch's own operators.
+
+    ``torch.library.custom_op`` ops hash every registration (kernels, fake, autograd, vmap, autocast);
+    C++ operators from an installed package (``torchvision::nms``) hash the package version.
+    :raises Untrusted: a registration cannot be written down, or the op has hidden Python kernels.
+    """
+    if safety.is_torch_internal_namespace(str(op).split(".")[0]):
+        return None
+    return value_digest(op)
+
+
+def tensor_content_digest(tensor: torch.Tensor) -> str:
+    """sha256 over dtype, shape and the bytes of a contiguous CPU copy.
+
+    :raises BypassAOTAutogradCache: a fake or meta tensor, or a dtype whose bytes cannot be read.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(tensor, FakeTensor) or tensor.device.type == "meta":
+        raise BypassAOTAutogradCache("fake tensor constant")
+    data = tensor.detach()
+    if data.is_sparse or data.layout != torch.strided or data.is_quantized:
+        raise BypassAOTAutogradCache(f"unhashable tensor constant: {data.layout}")
+    data = data.resolve_conj().resolve_neg().to("cpu").contiguous()
+    try:
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    except (RuntimeError, TypeError) as exc:
+        raise BypassAOTAutogradCache(f"unhashable tensor constant: {data.dtype}") from exc
+    header = canonical_json([str(data.dtype), list(data.shape)])
+    return hashlib.sha256(header.encode() + b"\0" + raw).hexdigest()
+
+
+def _is_library(module_name: str | None) -> bool:
+    """Code named, not traversed: torch, the standard library, and installed third-party distributions."""
+    return is_core_library(module_name) or _installed_distribution((module_name or "").split(".")[0]) is not None
+
+
+def is_core_library(module_name: str | None) -> bool:
+    """torch (and its companions), aotcache and the standard library: pinned by the versions in the key."""
+    root = (module_name or "").split(".")[0]
+    # code without a module name (exec'd into a bare namespace) is user code: it is read, never just named
+    return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names or root == "builtins"
+
+
+def _library_version(module_name: str | None) -> str:
+    """``@<version>`` for code of an installed third-party distribution, "" for torch / stdlib / user code."""
+    version = _installed_distribution((module_name or "").split(".")[0])
+    return f"@{version}" if version else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_distribution(root: str) -> str | None:
+    """The version of the installed (non-editable) distribution that provides top-level module ``root``.
+
+    NOTE [Installed packages are pinned by version] Code of a package installed into site-packages (e.g.
+    transformers) is treated like torch's: named with its version, not traversed (traversing transformers'
+    registries reaches hundreds of functions and costs ~0.1 s). Memoized per process: where a top-level
+    module lives does not change under a running program. Editable installs and scripts are user code.
+    """
+    module = sys.modules.get(root)
+    path = getattr(module, "__file__", None) or ""
+    if not path or not any(part in ("site-packages", "dist-packages") for part in path.split(os.sep)):
+        return None
+    try:
+        return importlib.metadata.version(root)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reachable-code serializer
+# ----------------------------------------------------------------------------------------------------
+
+
+class Reachable:
+    """Canonical serialization of the objects reachable from some roots.
+
+    NOTE [Reachable code]
+    Functions, classes, modules and plain objects are *nodes*: each gets an index on first sight (breadth
+    first, in a deterministic order) and a token that names the nodes it references by index, so sharing
+    and cycles are written down exactly and two different objects with the same name cannot be swapped
+    unseen. A user function's token holds its bytecode digest (names, constants, nested code), defaults,
+    closure cells and the globals its code names (module attributes resolved through the names the code
+    uses; imports inside the function through ``sys.modules``). A class's token holds its bases and the
+    members that tracing can reach: dunder protocol methods and every member whose name appears in some
+    reachable user code (``co_names`` or an identifier-like string constant, for ``getattr(self, "x")``);
+    torch's own classes contribute only members that were monkeypatched with non-torch code. Library code
+    (torch, stdlib) is named, not traversed: its behaviour is fixed by the versions in the system part.
+    ``id()`` is used only to recognise an object within one computation; it never enters a digest.
+    A plain object (an instance of a Python class outside torch / stdlib) is its class plus its whole
+    ``__dict__`` / slots; a bound method is its function plus its ``__self__``; a class referenced as a
+    value (so that code may call it) also contributes ``__init__`` / ``__new__`` / ``__post_init__``, and so
+    do its bases. Nothing is ever replaced by a type name: what cannot be written down raises Untrusted,
+    as do the size limits (nodes, nesting depth, tensor bytes).
+    """
+
+    def __init__(self, state_tensors: Mapping[int, int] | None = None) -> None:
+        self._code_digests: dict[types.CodeType, str] = {}
+        self._index: dict[int, int] = {}
+        self._objects: list[Any] = []  # keeps every node alive (ids stay unique) and in discovery order
+        self._tokens: dict[int, str] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._classes: dict[int, set[str]] = {}  # class node -> member names included so far
+        self._constructible: set[int] = set()  # class nodes that reachable code may call (see the NOTE)
+        self._names: set[str] = {"forward"}  # attribute names reachable code may read (nn.Module calls forward)
+        self._state_tensors = state_tensors or {}  # id(tensor) -> position among the module's parameters/buffers
+        self._constant_bytes = 0
+        self._active_containers: list[int] = []
+        self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
+
+    # -- driving ------------------------------------------------------------------------------------------
+
+    def add_root(self, value: Any) -> str:
+        token = self.ref(value)
+        self._drain()
+        return token
+
+    def digest(self) -> str:
+        """Digest over every node's token in index order (class tokens are completed here)."""
+        self._drain()
+        for index in self._classes:
+            self._tokens[index] = self._class_token(index)
+        return sha256_text("\n".join(self._tokens[i] for i in range(len(self._objects))))
+
+    def _drain(self) -> None:
+        while True:
+            while self._queue:
+                index = self._queue.popleft()
+                try:
+                    self._tokens[index] = self._node_token(self._objects[index])
+                except Untrusted as exc:
+                    exc.where = exc.where or _describe(self._objects[index])
+                    raise
+            if not self._include_new_class_members():
+                return
+
+    def _node(self, value: Any) -> str:
+        index = self._index.get(id(value))
+        if index is None:
+            if len(self._objects) >= _MAX_NODES:
+                raise Untrusted("too much reachable code")
+            index = len(self._objects)
+            self._index[id(value)] = index
+            self._objects.append(value)
+            if isinstance(value, type):
+                self._classes[index] = set()
+                self._tokens[index] = ""
+            else:
+                self._queue.append(index)
+        return f"#{index}"
+
+    # -- values -------------------------------------------------------------------------------------------
+
+    def ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
+        """A token for any value reachable from the call; nodes by index. :raises Untrusted: opaque values."""
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
+            return f"{type(value).__name__}:{value!r}"
+        if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            return str(value)
+        if isinstance(value, torch.Size):
+            return f"Size{tuple(value)!r}"
+        if isinstance(value, torch.Tensor):
+            return self._tensor_token(value)
+        if isinstance(value, enum.Enum):
+            return f"enum:{self.type_ref(type(value))}.{value.name}"
+        if isinstance(value, (tuple, list, dict, set, frozenset, slice)):
+            return self._container_token(value)
+        if isinstance(value, type):
+            token = self.type_ref(value)
+            if token.startswith("#"):
+                self._constructible.add(int(token[1:]))  # a class as a value: code may construct it
+            return token
+        if isinstance(value, (types.FunctionType, nn.Module)):
+            if isinstance(value, types.FunctionType) and _is_library(_defining_module(value)):
+                return self._library_function_token(value)
+            return self._node(value)
+        if isinstance(value, types.MethodType):
+            return f"method({self.ref(value.__self__)};{self.ref(value.__func__)})"
+        if isinstance(value, functools.partial):
+            return f"partial({self.ref(value.func)};{self.ref(value.args)};{self.ref(value.keywords)})"
+        if isinstance(value, (staticmethod, classmethod)):
+            return f"{type(value).__name__}({self.ref(value.__func__)})"
+        if isinstance(value, property):
+            return f"property({self.ref(value.fget)};{self.ref(value.fset)};{self.ref(value.fdel)})"
+        if isinstance(value, functools.cached_property):
+            return f"cached_property({self.ref(value.func)})"
+        if isinstance(value, _LRU_CACHE_WRAPPER):
+            return f"lru_cache({self.ref(value.__wrapped__)})"
+        if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+                              types.MethodWrapperType, types.ClassMethodDescriptorType)):
+            return self._builtin_token(value)
+        if isinstance(value, types.ModuleType):
+            if _is_library(value.__name__):
+                return "module:" + value.__name__
+            raise Untrusted(f"module object as a value: {value.__name__}")
+        if isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return self._op_token(value)
+        if isinstance(value, torch._ops.HigherOrderOperator):
+            return f"hop:{value.name()}"
+        if isinstance(value, torch.Tag):
+            return f"tag:{value.name}"
+        if isinstance(value, (logging.Logger, logging.Handler, logging.Formatter, logging.Filter)):
+            return "logging"  # logging never changes a traced graph
+        if isinstance(value, re.Pattern):
+            return f"pattern:{value.pattern!r}/{value.flags}"
+        if isinstance(value, types.MappingProxyType):
+            return "proxy" + self._container_token(dict(value))
+        if isinstance(value, dataclasses.Field):
+            settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
+            return f"field{self.ref(settings)}"
+        if isinstance(value, contextvars.ContextVar):
+            return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
+        if isinstance(value, _LOCK_TYPES):
+            return "lock"  # synchronization only: nothing a trace reads
+        if value is _UNSET:
+            return "unset"
+        if value is dataclasses.MISSING:
+            return "dataclasses.MISSING"
+        if _is_inert_stdlib_value(value):
+            return f"{type(value).__module__}:{value!r}"
+        if _is_plain_object(value):
+            return self._node(value)
+        raise Untrusted(f"opaque object: {_type_name(type(value))}")
+
+    def type_ref(self, cls: type) -> str:
+        """A token for a class seen as the type of a value (its constructor is not reachable through it)."""
+        if _is_library(cls.__module__) and not issubclass(cls, nn.Module):
+            return f"class:{_type_name(cls)}{_library_version(cls.__module__)}"
+        return self._node(cls)
+
+    def _op_token(self, op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str:
+        """torch's operators by name; others with every registration (custom_op) or their distribution's version."""
+        namespace = str(op).split(".")[0]
+        if safety.is_torch_internal_namespace(namespace):
+            return f"op:{op}"
+        try:
+            safety.check_operator_safe(op)  # Python kernels hidden in the dispatcher cannot be read
+        except BypassAOTAutogradCache as exc:
+            raise Untrusted(exc.reason) from None
+        schema = str(getattr(op, "_schema", ""))
+        registrations = safety.custom_op_implementations(op)
+        if registrations is None:  # a C++ operator of an installed distribution (checked above)
+            return f"op:{op}:{schema}@{self._distribution_version(namespace)}"
+        body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
+        return f"op:{op}:{schema}{{{body}}}"
+
+    def _container_token(self, value: Any) -> str:
+        if isinstance(value, slice):
+            return f"slice({self.ref(value.start)},{self.ref(value.stop)},{self.ref(value.step)})"
+        marker = id(value)
+        if marker in self._active_containers:
+            raise Untrusted("self-referencing container")
+        if len(self._active_containers) >= _MAX_NESTING:
+            raise Untrusted("nesting too deep")
+        self._active_containers.append(marker)
+        try:
+            kind = _type_name(type(value))
+            if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
+                    isinstance(value, tuple) and hasattr(type(value), "_fields")):
+                # a user subclass of a container may change how it is read: its class is part of the token
+                kind = self.type_ref(type(value))
+            if isinstance(value, Mapping):
+                # insertion order is kept: iteration order can change what the code does
+                items = [f"{self.ref(k)}={self.ref(v)}" for k, v in value.items()]
+                return f"{kind}{{{','.join(items)}}}"
+            if isinstance(value, (set, frozenset)):
+                # order members by an index-free key first, so that node indices are assigned deterministically
+                ordered = sorted(value, key=_order_key)
+                keys = [_order_key(v) for v in ordered]
+                if len(set(keys)) != len(keys):
+                    raise Untrusted("unordered set of indistinguishable objects")
+                return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
+            return f"{kind}({','.join(self.ref(v) for v in value)})"
+        finally:
+            self._active_containers.pop()
+
+    def _tensor_token(self, value: torch.Tensor) -> str:
+        position = self._state_tensors.get(id(value))
+        if position is not None:  # a parameter or buffer of the compiled module: a runtime input
+            return f"state#{position}"
+        check_plain_tensor(value, "tensor constant")
+        size = value.numel() * value.element_size()
+        self._constant_bytes += size
+        if self._constant_bytes > _MAX_CONSTANT_BYTES:
+            raise Untrusted("large tensor constants")
+        try:
+            digest = tensor_content_digest(value)
+        except BypassAOTAutogradCache as exc:
+            raise Untrusted(exc.reason) from None
+        return f"tensor:{digest}:{value.requires_grad}"
+
+    def _library_function_token(self, fn: types.FunctionType) -> str:
+        # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__
+        cells = [self._library_cell_token(_cell_contents(cell)) for cell in (fn.__closure__ or ())]
+        wrapped = fn.__dict__.get("__wrapped__")
+        inner = self.ref(wrapped) if wrapped is not None else ""
+        module = _defining_module(fn)
+        return f"lib:{module}{_library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
+
+    def _library_cell_token(self, value: Any) -> str:
+        # torch-owned helper objects in torch's closures (a dynamo DisableContext) are fixed by the version
+        if isinstance(value, types.MethodType) and _is_library(type(value.__self__).__module__) and not (
+                isinstance(value.__self__, _TRANSPARENT_TYPES) or _is_user_code(value.__func__)):
+            return f"libmethod:{_type_name(type(value.__self__))}.{value.__func__.__qualname__}"
+        if _is_library(type(value).__module__) and not isinstance(value, _TRANSPARENT_TYPES):
+            return "libopaque:" + _type_name(type(value))
+        return self.ref(value)
+
+    def _builtin_token(self, fn: Any) -> str:
+        owner = getattr(fn, "__self__", None)
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "?")
+        if owner is not None and not isinstance(owner, (type, types.ModuleType)):
+            return f"bound-builtin({self.ref(owner)}).{name}"  # e.g. a dict's .get: its contents matter
+        module = getattr(fn, "__module__", None) or getattr(owner, "__name__", None) or ""
+        objclass = getattr(fn, "__objclass__", None)
+        if isinstance(objclass, type):
+            module = objclass.__module__
+        root = module.split(".")[0]
+        if root in _SAFE_BUILTIN_ROOTS:
+            return f"builtin:{module}.{name}"
+        version = self._distribution_version(root)
+        if version is None:
+            raise Untrusted(f"C-extension callable: {module}.{name}")
+        return f"builtin:{module}.{name}@{version}"  # compiled code of an installed package: its version
+
+    def _distribution_version(self, root: str) -> str | None:
+        if root not in self._versions:
+            try:
+                self._versions[root] = importlib.metadata.version(root) if root else None
+            except (importlib.metadata.PackageNotFoundError, ValueError):
+                self._versions[root] = None
+        return self._versions[root]
+
+    # -- nodes --------------------------------------------------------------------------------------------
+
+    def _node_token(self, value: Any) -> str:
+        if isinstance(value, types.FunctionType):
+            return self._function_token(value)
+        if isinstance(value, nn.Module):
+            return self._module_token(value)
+        return self._object_token(value)
+
+    def _function_token(self, fn: types.FunctionType) -> str:
+        code = fn.__code__
+        names = sorted(set(_all_names(code)))
+        self._add_names(names)
+        self._add_names(_string_constants(code))
+        referenced = []
+        for name in names:
+            if name in fn.__globals__:
+                referenced.append(f"{name}={self._global_token(fn.__globals__[name], names)}")
+        for module_name in _imported_modules(fn):
+            module = sys.modules.get(module_name)
+            token = _unloaded_module_token(module_name) if module is None else self._global_token(module, names)
+            referenced.append(f"import {module_name}={token}")
+        cells = [self.ref(_cell_contents(cell)) for cell in (fn.__closure__ or ())]
+        attributes = {k: v for k, v in fn.__dict__.items() if not k.startswith("__aotcache")}
+        return (f"fn {self._code_digest(code)} defaults={self.ref(fn.__defaults__ or ())} "
+                f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "
+                f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}")
+
+    def _global_token(self, value: Any, names: Sequence[str]) -> str:
+        if isinstance(value, types.ModuleType):
+            return self._module_attributes_token(value, names, set())
+        return self.ref(value)
+
+    def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int]) -> str:
+        """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
+        if id(module) in seen:
+            return f"module:{module.__name__}"
+        seen.add(id(module))
+        library = _is_library(module.__name__)
+        entries = []
+        namespace = vars(module)
+        for name in names:
+            if name not in namespace:
+                continue
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
+            elif not library or _is_user_code(value) or _is_custom_op(value):
+                # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
+                # are custom operators reached through ``torch.ops.<namespace>.<name>``
+                entries.append(f"{name}={self.ref(value)}")
+        return f"module:{module.__name__}{{{','.join(entries)}}}"
+
+    def _module_token(self, module: nn.Module) -> str:
+        cls = type(module)
+        if _type_name(cls).startswith("torch._dynamo"):
+            raise Untrusted("torch.compile-d submodule")
+        if cls.__call__ is not nn.Module.__call__:
+            raise Untrusted(f"module overrides __call__: {_type_name(cls)}")
+        entries = []
+        for name, value in module.__dict__.items():
+            if name in _IGNORED_MODULE_ENTRIES:
+                continue
+            if name in _BACKWARD_HOOK_DICTS:
+                if value:
+                    raise Untrusted("module backward hooks")
+                continue
+            if name in _FORWARD_HOOK_DICTS:
+                entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
+            elif name in ("_parameters", "_buffers", "_modules"):
+                entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in value.items())}]")
+            else:
+                entries.append(f"{name}={self.ref(value)}")
+        entries.sort()
+        return f"module {self.type_ref(cls)} " + " ".join(entries)
+
+    def _object_token(self, value: Any) -> str:
+        state = value.__dict__ if hasattr(value, "__dict__") else {}
+        slots = [(name, getattr(value, name)) for name in _slot_names(type(value)) if hasattr(value, name)]
+        items = sorted(f"{k}={self.ref(v)}" for k, v in (*state.items(), *slots) if k not in _VOLATILE_ATTRIBUTES)
+        return f"object {self.type_ref(type(value))} " + " ".join(items)
+
+    def _code_digest(self, code: types.CodeType) -> str:
+        """Digest of a code object: bytecode, names, constants (nested code recursively); no file or line."""
+        cached = self._code_digests.get(code)
+        if cached is None:
+            consts = [self._code_digest(c) if isinstance(c, types.CodeType) else _constant_token(c)
+                      for c in code.co_consts]
+            cached = sha256_text(canonical_json([
+                code.co_name, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
+                code.co_code.hex(), list(code.co_names), list(code.co_varnames), list(code.co_freevars),
+                list(code.co_cellvars), consts]))
+            self._code_digests[code] = cached
+        return cached
+
+    # -- classes ------------------------------------------------------------------------------------------
+
+    def _add_names(self, names: Iterable[str]) -> None:
+        self._names.update(names)
+
+    def _member_included(self, index: int, cls: type, name: str, value: Any) -> bool:
+        if name in _CONSTRUCTORS and index in self._constructible and not _is_library(cls.__module__):
+            return True
+        if name in _CLASS_METADATA:
+            return False
+        if _is_library(cls.__module__):
+            return _is_user_code(value)  # torch's own members: only when monkeypatched with user code
+        if name.startswith("__") and name.endswith("__"):
+            return True
+        return name in self._names
+
+    def _include_new_class_members(self) -> bool:
+        """Add class members newly reachable by name; True when something new must be processed."""
+        added = False
+        for index, included in list(self._classes.items()):
+            cls = self._objects[index]
+            if not included:  # first visit: the class's bases and metaclass
+                included.add("")
+                for base in cls.__bases__:
+                    if base is not object:
+                        self.type_ref(base)
+                if type(cls) is not type:
+                    self.type_ref(type(cls))
+                added = True
+            if index in self._constructible:  # super().__init__() reaches the bases' constructors
+                for base in cls.__mro__[1:]:
+                    base_index = self._index.get(id(base))
+                    if base_index in self._classes and base_index not in self._constructible:
+                        self._constructible.add(base_index)
+                        added = True
+            for name, value in list(vars(cls).items()):
+                if name not in included and self._member_included(index, cls, name, value):
+                    included.add(name)
+                    try:
+                        self.ref(value)
+                    except Untrusted as exc:
+                        exc.where = exc.where or f"{_type_name(cls)}.{name}"
+                        raise
+                    added = True
+        return added or bool(self._queue)
+
+    def _class_token(self, index: int) -> str:
+        cls = self._objects[index]
+        bases = ",".join(self.type_ref(base) for base in cls.__bases__)
+        members = sorted(name for name in self._classes[index] if name)
+        body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)
+        return (f"class {_type_name(cls)}{_library_version(cls.__module__)} bases=({bases}) "
+                f"meta={self.type_ref(type(cls))} members={{{body}}}")
+
+
+def _order_key(value: Any) -> tuple[str, str]:
+    """A sort key for set members that does not depend on addresses or hash seeds."""
+    if isinstance(value, (types.FunctionType, type)):
+        return ("code", f"{value.__module__}.{value.__qualname__}")
+    if isinstance(value, tuple):
+        return ("tuple", repr([_order_key(item) for item in value]))
+    return (_type_name(type(value)), repr(value) if " at 0x" not in repr(value) else "")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (types.FunctionType, type)):
+        return f"{value.__module__}.{value.__qualname__}"
+    return f"a {_type_name(type(value))} object"
+
+
+def _constant_token(value: Any) -> str:
+    """A code object's constant: literals, tuples and frozensets of them (frozensets in sorted order)."""
+    if isinstance(value, frozenset):
+        return "set{" + ",".join(sorted(_constant_token(v) for v in value)) + "}"
+    if isinstance(value, tuple):
+        return "tuple(" + ",".join(_constant_token(v) for v in value) + ")"
+    if value is None or value is Ellipsis or isinstance(value, (int, float, complex, str, bytes)):
+        return f"{type(value).__name__}:{value!r}"
+    raise Untrusted(f"code constant: {_type_name(type(value))}")
+
+
+def _is_custom_op(value: Any) -> bool:
+    """An operator outside torch's own namespaces (its registrations decide what it does)."""
+    return isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and not (
+        safety.is_torch_internal_namespace(str(value).split(".")[0]))
+
+
+def _cell_contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (variable not assigned yet)
+        return None
+
+
+def _all_names(code: types.CodeType) -> Iterable[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _all_names(const)
+
+
+def _string_constants(code: types.CodeType) -> Iterable[str]:
+    for const in code.co_consts:
+        if isinstance(const, str) and _IDENTIFIER.match(const):
+            yield const
+        elif isinstance(const, tuple):
+            yield from (item for item in const if isinstance(item, str) and _IDENTIFIER.match(item))
+        elif isinstance(const, types.CodeType):
+            yield from _string_constants(const)
+
+
+def _has_import(code: types.CodeType) -> bool:
+    raw = code.co_code
+    if any(raw[i] == _IMPORT_NAME for i in range(0, len(raw), 2)):
+        return True
+    return any(isinstance(c, types.CodeType) and _has_import(c) for c in code.co_consts)
+
+
+def _imported_modules(fn: types.FunctionType) -> list[str]:
+    """Absolute names of the modules a function imports in its body (``import x`` / ``from .y import z``)."""
+    if not _has_import(fn.__code__):
+        return []
+    found = []
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        level = 0
+        for instruction in dis.get_instructions(code):
+            if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, int):
+                level = instruction.argval
+            elif instruction.opname == "IMPORT_NAME":
+                name = "." * level + instruction.argval
+                try:
+                    found.append(importlib.util.resolve_name(name, fn.__globals__.get("__package__")))
+                except (ImportError, ValueError):
+                    raise Untrusted(f"import inside function: {name}") from None
+    return sorted(set(found))
+
+
+def _unloaded_module_token(name: str) -> str:
+    """A module a function would import when it runs, not imported yet: its source file and distribution.
+
+    NOTE [Unloaded imports] The import can only happen during the call (capture, on a cold start), so the
+    fingerprint pins the module's source bytes and its distribution's version; the code that module imports
+    in turn is pinned by that version only (documented in docs/warmstart.md).
+    """
+    top, parent = name.split(".")[0], name.rpartition(".")[0]
+    try:
+        if top not in sys.modules and importlib.util.find_spec(top) is None:
+            return f"absent:{name}"  # the import would fail, as it fails now
+        if parent and parent not in sys.modules:
+            raise Untrusted(f"import inside function: {name}")  # find_spec would import the parent
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        raise Untrusted(f"import inside function: {name}") from None
+    if spec is None:
+        return f"absent:{name}"
+    if not spec.origin or not os.path.isfile(spec.origin):
+        raise Untrusted(f"import inside function: {name}")
+    with open(spec.origin, "rb") as source:
+        digest = hashlib.sha256(source.read()).hexdigest()
+    try:
+        version = importlib.metadata.version(name.split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return f"unloaded:{name}:{digest}:{version}"
+
+
+def _defining_module(fn: types.FunctionType) -> str:
+    """The module whose code defined ``fn`` (``functools.wraps`` copies ``__module__``, not the globals)."""
+    return fn.__globals__.get("__name__") or fn.__module__ or ""
+
+
+def _is_user_code(value: Any) -> bool:
+    """A Python function (or wrapper of one) defined outside torch and the standard library."""
+    for attribute in ("__func__", "fget", "func"):
+        value = getattr(value, attribute, value) if not isinstance(value, types.FunctionType) else value
+    return isinstance(value, types.FunctionType) and not _is_library(_defining_module(value))
+
+
+def _slot_names(cls: type) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        names.extend([slots] if isinstance(slots, str) else slots)
+    return [name for name in names if name not in ("__dict__", "__weakref__")]
+
+
+def _is_inert_stdlib_value(value: Any) -> bool:
+    """Type annotations and dataclasses sentinels: never read by tracing; their repr is address-free."""
+    module = type(value).__module__
+    annotation = module == "typing" or isinstance(value, (types.GenericAlias, types.UnionType))
+    if not (annotation or module == "dataclasses" or isinstance(value, typing.TypeVar)):
+        return False
+    return " at 0x" not in repr(value)
+
+
+def _is_plain_object(value: Any) -> bool:
+    """An instance of a Python class outside torch / stdlib whose state is its ``__dict__`` / slots."""
+    cls = type(value)
+    if cls is object:
+        return True  # a bare sentinel: no state, its identity is its node index
+    if is_core_library(cls.__module__) or not (hasattr(value, "__dict__") or _slot_names(cls)):
+        return False
+    # a C-extension base class keeps state where __dict__ cannot show it
+    return all(base is object or not _is_c_type(base) for base in cls.__mro__)
+
+
+def _is_c_type(cls: type) -> bool:
+    return (cls.__flags__ & (1 << 9)) == 0  # Py_TPFLAGS_HEAPTYPE: classes defined in Python are heap types
+
+
+def check_plain_tensor(value: torch.Tensor, what: str) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    allowed = (torch.Tensor, nn.Parameter, getattr(nn, "Buffer", torch.Tensor))
+    if isinstance(value, FakeTensor) or value.device.type == "meta":
+        raise Untrusted(f"fake or meta {what}")
+    if type(value) not in allowed:
+        raise Untrusted(f"{what} subclass: {type(value).__name__}")
+
+
+
+def state_positions(module: nn.Module | None) -> dict[int, int]:
+    """id(parameter or buffer) -> its position among the module's (deduplicated) parameters then buffers."""
+    if module is None:
+        return {}
+    positions: dict[int, int] = {}
+    for _, tensor in (*module.named_parameters(), *module.named_buffers()):
+        positions.setdefault(id(tensor), len(positions))
+    return positions

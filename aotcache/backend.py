@@ -1,0 +1,89 @@
+"""``torch.compile(model, backend="aotcache")``: Dynamo's graphs through aotcache's AOT Autograd and cache.
+
+Registered as the ``aotcache`` entry point of ``torch_dynamo_backends`` (pyproject.toml), so it works by name
+once the package is installed. Options come as keyword arguments (``functools.partial``), or through
+``torch.compile(..., options={...})`` with the same names::
+
+    torch.compile(model, backend="aotcache", options={"compiler": "nop", "partition": "min_cut"})
+
+NOTE [default compiler]
+``compiler=None`` means ``"inductor"`` when a C++ compiler is on PATH (Inductor needs one to build CPU
+kernels, and to load them again), else ``"nop"`` (the graphs run as Python): a default that always works.
+Pass ``compiler="aoti"`` for artifacts that load without Inductor or a compiler on the target machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from aotcache.logs import logger
+
+__all__ = ["aotcache_backend", "default_compiler_name", "PARTITIONERS"]
+
+PARTITIONERS = ("default", "min_cut")
+_OPTION_NAMES = ("compiler", "dynamic", "cache", "partition", "compiler_options")
+
+
+@functools.lru_cache(maxsize=1)
+def _cxx_available() -> bool:
+    # NOTE: memo of one PATH probe per process (documented module state, see the module NOTE).
+    return any(shutil.which(name) for name in (os.environ.get("CXX") or "g++", "c++", "clang++"))
+
+
+def default_compiler_name() -> str:
+    """The backend's default compiler here: ``"inductor"`` with a C++ compiler on PATH, else ``"nop"``."""
+    if _cxx_available():
+        return "inductor"
+    logger.info("aotcache backend: no C++ compiler on PATH; compiling with the nop compiler")
+    return "nop"
+
+
+def _partition_fn(partition: str | Callable) -> Callable:
+    if callable(partition):
+        return partition
+    from aotcache.aot.partition import default_partition, min_cut_rematerialization_partition
+
+    table = {"default": default_partition, "min_cut": min_cut_rematerialization_partition}
+    if partition not in table:
+        raise ValueError(f"aotcache backend: unknown partition {partition!r}; use one of {', '.join(PARTITIONERS)} "
+                         "or a partition function")
+    return table[partition]
+
+
+def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compiler: str | Callable | None = None,
+                     dynamic: bool | None = None, cache: Any = True, partition: str | Callable = "default",
+                     compiler_options: Mapping[str, Any] | None = None,
+                     options: Mapping[str, Any] | None = None) -> Callable:
+    """Compile Dynamo's ``gm`` for ``example_inputs`` with aotcache; returns the function Dynamo calls.
+
+    ``compiler``: "inductor", "aoti", "nop" or a compiler callable (default: NOTE [default compiler]);
+    ``partition``: "default" or "min_cut"; ``cache``: True / False / an ``AOTAutogradCache``;
+    ``compiler_options``: passed to a named compiler (e.g. Inductor config overrides); ``options``: the same
+    settings as a dict (``torch.compile(..., options=...)``).
+
+    :raises ValueError: an unknown option, compiler or partition name.
+    """
+    settings: dict[str, Any] = {"compiler": compiler, "dynamic": dynamic, "cache": cache, "partition": partition,
+                                "compiler_options": compiler_options}
+    if options:
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"aotcache backend: unknown options {unknown}; known: {', '.join(_OPTION_NAMES)}")
+        settings.update(options)
+    chosen = settings["compiler"] if settings["compiler"] is not None else default_compiler_name()
+    if isinstance(chosen, str):
+        from aotcache.compilers.base import COMPILER_NAMES
+
+        if chosen not in COMPILER_NAMES:
+            raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
+    from aotcache.aot.api import aot_module_simplified
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
+                                 dynamic=bool(settings["dynamic"]), cache=settings["cache"],
+                                 compiler_options=settings["compiler_options"])

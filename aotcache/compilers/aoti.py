@@ -1,0 +1,196 @@
+"""The ``aoti`` compiler: one AOTInductor shared library per graph, run through torch's AOTI runner.
+
+Loading needs neither ``torch._inductor`` nor a C++ compiler (see :mod:`aotcache.compilers.aoti_lib`).
+
+NOTE [what the library cannot take, Python does]
+An AOTInductor library takes only tensors and returns only tensors. Around it, this module:
+- specializes int / SymInt graph inputs to their example values (the library is then built for the example
+  shapes: "static"); calling with other ints or other tensor shapes raises instead of computing wrong results;
+- returns ``None`` and int outputs from a template recorded at compile time.
+A graph with only tensor inputs whose placeholders carry symbolic fake values is compiled with dynamic
+shapes ("dynamic"), and only dtype, device and rank are checked per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from aotcache.compilers import aoti_lib
+from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
+from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
+from aotcache.compilers.input_layout import conform_inputs, expected_layouts
+
+__all__ = ["AOTICompiledGraph", "aoti_compiler", "decompositions", "load"]
+
+COMPILER_NAME = "aoti"
+_LIBRARY_BLOB = "library.so"
+
+
+def decompositions() -> dict:
+    """The inductor compiler's table (Inductor's plus matmul-level LSTM layers); imports Inductor."""
+    return inductor_decompositions()
+
+
+def _tensor_spec(value: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": str(value.dtype).removeprefix("torch."), "device": str(value.device),
+            "shape": [aoti_lib.int_hint(size) for size in value.shape],
+            "stride": [aoti_lib.int_hint(stride) for stride in value.stride()]}
+
+
+class AOTICompiledGraph:
+    """An AOTInductor library plus the Python-side input checks and output template around it."""
+
+    compiler_name = COMPILER_NAME
+
+    def __init__(self, runner: Any, so_bytes: bytes, meta: dict[str, Any]) -> None:
+        self._runner = runner
+        self._so_bytes = so_bytes
+        self._meta = meta
+        self._tensor_indices = [int(i) for i in meta["tensor_inputs"]]
+        self._int_inputs = {int(i): int(v) for i, v in meta["int_inputs"].items()}
+        self._specs = meta["input_specs"]
+        self._static = bool(meta["static"])
+        self._template = meta["outputs"]
+        # per tensor input; NOTE [compiled code assumes input strides]. Static builds: the example strides.
+        self._layouts = meta.get("input_layouts") or [
+            {"stride": spec["stride"]} if self._static else None for spec in self._specs]
+
+    def _check(self, args: Sequence[Any]) -> None:
+        if len(args) != len(self._tensor_indices) + len(self._int_inputs):
+            raise TypeError(f"aoti compiled graph takes {len(self._tensor_indices) + len(self._int_inputs)} "
+                            f"inputs, got {len(args)}")
+        for index, expected in self._int_inputs.items():
+            if int(args[index]) != expected:
+                raise ValueError(f"aoti compiled graph was specialized to input {index} == {expected}, got "
+                                 f"{args[index]}; compile again for this value (or use the inductor compiler)")
+        for index, spec in zip(self._tensor_indices, self._specs):
+            value = args[index]
+            if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") != spec["dtype"] \
+                    or value.device.type != torch.device(spec["device"]).type or value.dim() != len(spec["shape"]):
+                raise ValueError(f"aoti compiled graph input {index} must be a {spec['dtype']} tensor of rank "
+                                 f"{len(spec['shape'])} on {spec['device']}, got {value!r:.80}")
+            if self._static and list(value.shape) != spec["shape"]:
+                raise ValueError(f"aoti compiled graph was built for input {index} of shape {spec['shape']}, got "
+                                 f"{list(value.shape)}; compile again for these shapes")
+
+    def __call__(self, *args: Any) -> Sequence[Any]:
+        self._check(args)
+        # the library reads its inputs with the strides it was built for and checks none: arguments with other
+        # strides are copied into those first (NOTE [compiled code assumes input strides])
+        tensors = conform_inputs([args[index] for index in self._tensor_indices], self._layouts)
+        results = iter(self._runner.run(tensors))
+        return tuple(next(results) if entry == "tensor" else entry["const"] for entry in self._template)
+
+    def run(self, args: Sequence[Any]) -> Sequence[Any]:
+        """Call with the inputs as one sequence (the sequence is not modified)."""
+        return self(*args)
+
+    def artifact(self) -> bytes:
+        """The library bytes plus the build identity and calling metadata (JSON)."""
+        return pack_artifact(Artifact(COMPILER_NAME, dict(self._meta), {_LIBRARY_BLOB: self._so_bytes}))
+
+
+def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[dict[str, int], list[int], list]:
+    """Replace int placeholders by their example values and non-tensor outputs by a template (in place).
+
+    Returns (int inputs by position, tensor input positions, output template).
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise ValueError(f"aoti_compiler: the graph has {len(placeholders)} inputs but {len(example_inputs)} "
+                         "example inputs were given")
+    int_inputs: dict[str, int] = {}
+    tensor_inputs: list[int] = []
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor):
+            tensor_inputs.append(index)
+            continue
+        if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
+            raise ValueError(f"aoti_compiler: graph input {node.name!r} is a {type(value).__name__}; only tensors "
+                             "and ints are supported")
+        concrete = aoti_lib.int_hint(value)
+        int_inputs[str(index)] = concrete
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda arg, n=node, c=concrete: c if arg is n else arg)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda arg, n=node, c=concrete: c if arg is n else arg)
+        gm.graph.erase_node(node)
+    (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
+    outputs = output_node.args[0]
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    template: list = []
+    tensor_outputs = []
+    for value in outputs:
+        known = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+        if isinstance(value, torch.fx.Node) and (known is None or isinstance(known, torch.Tensor)):
+            template.append("tensor")
+            tensor_outputs.append(value)
+        elif known is None or isinstance(known, (bool, int, float, torch.SymInt)):
+            template.append({"const": aoti_lib.int_hint(known) if isinstance(known, torch.SymInt) else known})
+        else:
+            raise ValueError(f"aoti_compiler: graph output {value!r} is a {type(known).__name__}; only tensors, "
+                             "None and ints are supported")
+    output_node.args = (tuple(tensor_outputs),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return int_inputs, tensor_inputs, template
+
+
+def _is_symbolic(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape,
+                                                                                         *value.stride()))
+
+
+def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                  options: dict[str, Any] | None = None) -> AOTICompiledGraph:
+    """Compile ``gm`` into an AOTInductor library (``options``: ``torch._inductor.config`` overrides).
+
+    See NOTE [what the library cannot take, Python does] for int inputs and non-tensor outputs.
+    """
+    check_supported_ops(gm, COMPILER_NAME)
+    graph_module = aoti_lib.copy_graph_module(gm)
+    placeholder_values = [node.meta.get("val") for node in graph_module.graph.nodes if node.op == "placeholder"]
+    has_ints = any(not isinstance(value, torch.Tensor) for value in example_inputs)
+    int_inputs, tensor_inputs, template = _specialize(graph_module, example_inputs)
+    tensors = [example_inputs[index] for index in tensor_inputs]
+    dynamic = not has_ints and any(_is_symbolic(value) for value in placeholder_values)
+    if not dynamic:
+        # NOTE [static build]: drop the (possibly symbolic) fake values so Inductor re-traces the graph on
+        # concrete example tensors and bakes their shapes in.
+        for node in graph_module.graph.nodes:
+            node.meta.pop("val", None)
+        tensors = aoti_lib.materialize_example_inputs(tensors)
+    # the strides the library reads: the example strides (static), or derived from the placeholders' symbolic
+    # sizes (dynamic)
+    layouts = expected_layouts([placeholder_values[index] for index in tensor_inputs] if dynamic else tensors)
+    so_bytes = aoti_lib.compile_library(graph_module, tensors, options=options)
+    devices = {value.device.type for value in tensors}
+    device = "cuda" if "cuda" in devices else "cpu"
+    meta = {"identity": aoti_lib.build_identity(device), "device": device, "static": not dynamic,
+            "int_inputs": int_inputs, "tensor_inputs": tensor_inputs, "outputs": template,
+            "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}
+    runner = aoti_lib.load_library(so_bytes, device=device)
+    return AOTICompiledGraph(runner, so_bytes, meta)
+
+
+aoti_compiler.decompositions = decompositions  # type: ignore[attr-defined]
+
+
+def load(artifact: Artifact) -> AOTICompiledGraph:
+    """Rebuild from an unpacked artifact: no Inductor import, no C++ compiler.
+
+    :raises ArtifactError: malformed artifact, or a library built for another torch / ISA / GPU arch.
+    """
+    meta = artifact.meta
+    try:
+        so_bytes = artifact.blobs[_LIBRARY_BLOB]
+        identity, device = dict(meta["identity"]), str(meta["device"])
+        for key in ("tensor_inputs", "int_inputs", "outputs", "input_specs", "static"):
+            meta[key]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"aoti artifact is incomplete: {exc}") from exc
+    runner = aoti_lib.load_library(so_bytes, device=device, identity=identity)
+    return AOTICompiledGraph(runner, so_bytes, meta)

@@ -1,0 +1,276 @@
+"""The ``inductor`` compiler: Inductor's Python-wrapper code generation on our already-traced graphs.
+
+We call ``torch._inductor.compile_fx.compile_fx_inner`` directly: our graphs are already functionalized and
+decomposed, so no second AOT pass runs (``compile_fx`` would run PyTorch's AOT Autograd again). Inductor's
+own FX graph cache is switched off for the compile; we are the cache.
+
+NOTE [inductor artifacts carry kernel binaries]
+The artifact holds the generated Python wrapper source, the graph's constants (``torch.save``), and the
+compiled C++ kernel libraries (``*.so``) that the wrapper's ``async_compile.cpp_pybinding(...)`` calls load.
+Inductor finds a kernel library at a path derived from a hash of its source and compile command under its
+cache dir (``TORCHINDUCTOR_CACHE_DIR``); ``load`` writes the carried libraries to the same relative paths
+before importing the wrapper, so on a host with the same torch install the wrapper finds them and compiles
+nothing. On a host whose command differs (another ISA, include path or compiler flags) the paths differ and
+Inductor recompiles the kernels from the source in the wrapper -- slower, still correct. GPU (Triton)
+kernels are not carried: they are recompiled through Triton's own cache on load.
+
+Loading imports ``torch._inductor`` (about 1.3 s here) and needs a working C++ compiler on PATH even when
+nothing is compiled: Inductor runs it to build the command line that names the kernel libraries. The
+``aoti`` compiler needs neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from aotcache.compilers import aoti_lib
+from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
+from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
+from aotcache.compilers.input_layout import conform_inputs, expected_layouts
+
+__all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load"]
+
+COMPILER_NAME = "inductor"
+_WRAPPER_BLOB = "wrapper.py"
+_CONSTANTS_BLOB = "constants"
+_KERNEL_PREFIX = "kernel:"
+_ALIGNMENT = 16  # bytes; Inductor assumes inputs it was told to check are aligned like this
+
+
+def decompositions() -> dict:
+    """The table graphs for this compiler must be traced with: Inductor's plus matmul-level LSTM layers.
+
+    See :mod:`aotcache.compilers.inductor_decomp`.
+    """
+    return inductor_decompositions()
+
+
+class InductorCompiledGraph:
+    """Runs an Inductor wrapper module's ``call``; ``compiled(*args)`` leaves the caller's arguments alone."""
+
+    compiler_name = COMPILER_NAME
+
+    def __init__(self, call: Callable[[list], Sequence[Any]], *, source: str, constants: dict[str, torch.Tensor],
+                 kernels: dict[str, bytes], inputs_to_check: Sequence[int], identity: dict[str, Any],
+                 input_layouts: Sequence[dict[str, list[int]] | None]) -> None:
+        self._call = call
+        self.source = source
+        self._constants = constants
+        self._kernels = kernels
+        self._inputs_to_check = list(inputs_to_check)
+        self._identity = identity
+        self._input_layouts = list(input_layouts)
+
+    def __call__(self, *args: Any) -> Sequence[Any]:
+        # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
+        # early), so it always gets a fresh list here (conform_inputs returns one).
+        boxed = conform_inputs(args, self._input_layouts)  # NOTE [compiled code assumes input strides]
+        for index in self._inputs_to_check:
+            value = boxed[index]
+            if isinstance(value, torch.Tensor) and value.data_ptr() % _ALIGNMENT:
+                boxed[index] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                                   device=value.device).copy_(value)
+        return self._call(boxed)
+
+    def run(self, args: Sequence[Any]) -> Sequence[Any]:
+        """Call with the inputs as one sequence (the sequence is not modified)."""
+        return self(*args)
+
+    def artifact(self) -> bytes:
+        """Wrapper source, constants and kernel libraries (see NOTE [inductor artifacts carry kernel binaries])."""
+        blobs = {_WRAPPER_BLOB: self.source.encode("utf-8")}
+        if self._constants:
+            buffer = io.BytesIO()
+            torch.save(self._constants, buffer)
+            blobs[_CONSTANTS_BLOB] = buffer.getvalue()
+        for relative_path, data in sorted(self._kernels.items()):
+            blobs[_KERNEL_PREFIX + relative_path] = data
+        meta = {"identity": self._identity, "inputs_to_check": self._inputs_to_check,
+                "constants": sorted(self._constants), "kernels": sorted(self._kernels),
+                "input_layouts": self._input_layouts}
+        return pack_artifact(Artifact(COMPILER_NAME, meta, blobs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _inductor_cache_dir() -> Path:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # torch < 2.5 layout
+        from torch._inductor.runtime.runtime_utils import cache_dir  # type: ignore[no-redef]
+    return Path(cache_dir()).resolve()
+
+
+def _kernel_libraries(call: Callable[..., Any]) -> dict[str, bytes]:
+    """The kernel ``.so`` files the wrapper module of ``call`` loaded, keyed by path relative to the cache dir."""
+    function = getattr(call, "__func__", call)
+    module_globals = getattr(function, "__globals__", {})
+    root = _inductor_cache_dir()
+    found: dict[str, bytes] = {}
+    for value in list(module_globals.values()):
+        owner = getattr(value, "__self__", None)
+        file = getattr(owner, "__file__", None)
+        if not isinstance(file, str) or not file.endswith(".so"):
+            continue
+        path = Path(file).resolve()
+        with contextlib.suppress(ValueError):
+            found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+def _fake_inputs_and_mode(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list, Any]:
+    """Fake example inputs for Inductor and their fake mode; graphs without fake values get them by propagation."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    values = [node.meta.get("val") for node in placeholders]
+    with contextlib.suppress(AssertionError):
+        fake_mode = detect_fake_mode([*example_inputs, *values])
+        if fake_mode is not None and all(value is not None for value in values):
+            return values, fake_mode
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    concrete = aoti_lib.materialize_example_inputs(example_inputs)
+    fakes = [fake_mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+             for value in concrete]
+    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
+    return fakes, fake_mode
+
+
+def _ensure_tuple_output(gm: torch.fx.GraphModule) -> None:
+    (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
+    if not isinstance(output_node.args[0], (tuple, list)):
+        output_node.args = ((output_node.args[0],),)
+        gm.recompile()
+
+
+def _keep_traced_output_strides(gm: torch.fx.GraphModule) -> None:
+    """Make Inductor give every output the strides of its traced ``meta["val"]``.
+
+    NOTE [outputs keep their traced strides]
+    Inductor lays out an output as it likes (e.g. a convolution result channels-last) unless the output is
+    "user-visible": ``compile_fx`` (PyTorch's entry, which we bypass) marks the module's own outputs so, via
+    ``output_node.meta["user_visible_output_idxs"]`` (honouring ``config.keep_output_stride``), and leaves
+    saved activations free, because PyTorch's AOT Autograd later compiles the backward for the strides the
+    compiled forward really produced. We compile the backward ahead of time for the traced strides, so every
+    output of our graphs (user outputs, saved values, gradients) is marked user-visible: Inductor then requires
+    the exact traced strides (a layout copy where it would have picked another one, and no padding).
+    """
+    (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
+    outputs = output_node.args[0]
+    output_node.meta["user_visible_output_idxs"] = [
+        index for index, value in enumerate(outputs) if isinstance(value, torch.fx.Node)]
+
+
+def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                      options: dict[str, Any] | None = None) -> InductorCompiledGraph:
+    """Compile ``gm`` with Inductor (Python wrapper); ``options`` are ``torch._inductor.config`` overrides.
+
+    ``gm`` must have been traced with :func:`decompositions` (Inductor lowers only what its table leaves;
+    other ops fail with "both a fallback and a decomp"). ``example_inputs`` may be real or fake tensors and
+    ints/SymInts; a graph returning a single value is compiled as returning a 1-tuple.
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.virtualized import V
+
+    check_supported_ops(gm, COMPILER_NAME)
+    graph_module = aoti_lib.copy_graph_module(gm)  # Inductor's passes mutate the graph
+    _ensure_tuple_output(graph_module)
+    _keep_traced_output_strides(graph_module)
+    fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
+    patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, **(options or {})}
+    with inductor_config.patch(patches), V.set_fake_mode(fake_mode), tracing(TracingContext(fake_mode)):
+        compiled = compile_fx_inner(graph_module, fake_inputs)
+    source = getattr(compiled, "source_code", None)
+    call = getattr(compiled, "current_callable", None)
+    if not isinstance(source, str) or call is None:
+        raise RuntimeError(f"Inductor returned {type(compiled).__name__} without wrapper source; cannot store it")
+    constants = {name: value for name, value in (getattr(compiled, "constants", None) or {}).items()
+                 if isinstance(value, torch.Tensor)}
+    identity = aoti_lib.host_identity("cpu")
+    identity["vec_isa"] = aoti_lib.inductor_vec_isa()
+    return InductorCompiledGraph(call, source=source, constants=constants, kernels=_kernel_libraries(call),
+                                 inputs_to_check=list(getattr(compiled, "inputs_to_check", ()) or ()),
+                                 identity=identity, input_layouts=expected_layouts(fake_inputs))
+
+
+inductor_compiler.decompositions = decompositions  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _seed_kernel(root: Path, relative_path: str, data: bytes) -> None:
+    parts = Path(relative_path).parts
+    if Path(relative_path).is_absolute() or ".." in parts or not relative_path.endswith(".so"):
+        raise ArtifactError(f"inductor artifact names an unsafe kernel path {relative_path!r}")
+    target = root / relative_path
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+
+
+def _layouts_from_meta(meta: dict[str, Any]) -> list[dict[str, list[int]] | None]:
+    layouts = meta.get("input_layouts", [])
+    if not isinstance(layouts, list) or not all(layout is None or isinstance(layout, dict) for layout in layouts):
+        raise ArtifactError("inductor artifact has malformed input_layouts")
+    return layouts
+
+
+def load(artifact: Artifact) -> InductorCompiledGraph:
+    """Rebuild from an unpacked artifact (imports Inductor). :raises ArtifactError: malformed or other torch."""
+    meta, blobs = artifact.meta, artifact.blobs
+    identity = dict(meta.get("identity") or {})
+    here = aoti_lib.host_identity("cpu")
+    for part in ("torch", "torch_git"):
+        if identity.get(part) != here.get(part):
+            raise ArtifactError(f"inductor artifact was built with {part} {identity.get(part)!r}, this process "
+                                f"has {here.get(part)!r}; recompile with this torch")
+    try:
+        source = blobs[_WRAPPER_BLOB].decode("utf-8")
+        kernel_names = [str(name) for name in meta.get("kernels", [])]
+        kernels = {name: blobs[_KERNEL_PREFIX + name] for name in kernel_names}
+        constants: dict[str, torch.Tensor] = {}
+        if meta.get("constants"):
+            constants = torch.load(io.BytesIO(blobs[_CONSTANTS_BLOB]), weights_only=True)
+    except (KeyError, UnicodeDecodeError, RuntimeError, EOFError) as exc:
+        raise ArtifactError(f"inductor artifact is incomplete: {exc}") from exc
+    from torch._inductor.codecache import PyCodeCache
+
+    root = _inductor_cache_dir()
+    for name, data in kernels.items():
+        _seed_kernel(root, name, data)
+    from torch._inductor import config as inductor_config
+
+    # NOTE [skipping the ISA probe]: picking the vector ISA normally compiles and runs a probe program (~5 s).
+    # When this host reports the CPU capability the kernels were built on, the probe cannot tell us more.
+    same_cpu = identity.get("cpu_capability") == here.get("cpu_capability") and \
+        identity.get("machine") == here.get("machine")
+    patches = {"cpp.vec_isa_ok": True} if same_cpu else {}
+    with inductor_config.patch(patches):
+        key, path = PyCodeCache.write(source)
+        module = PyCodeCache.load_by_key_path(key, path, attrs=dict(constants))
+    sys.modules.setdefault(module.__name__, module)
+    return InductorCompiledGraph(module.call, source=source, constants=constants, kernels=kernels,
+                                 inputs_to_check=[int(i) for i in meta.get("inputs_to_check", [])],
+                                 identity=identity, input_layouts=_layouts_from_meta(meta))

@@ -1,0 +1,106 @@
+"""The strides compiled code assumes for its tensor inputs, and restriding of arguments that arrive otherwise.
+
+NOTE [compiled code assumes input strides]
+Inductor and AOTInductor generate index arithmetic from the strides of the example inputs: the Python wrapper
+asserts them (``assert_size_stride``), an AOTInductor library does not check and would read wrong elements.
+Values produced by another compiled graph can differ from the traced strides (the bug this guards against:
+an Inductor forward returned a saved activation channels-last while the backward was compiled for the traced
+contiguous strides). The compilers prevent that at the source (every output of an Inductor graph keeps its
+traced strides, see NOTE [outputs keep their traced strides] in ``inductor.py``); this module is the safety net
+at every compiled graph's entry: a tensor argument whose strides differ from the compiled expectation is
+copied into a tensor with the expected strides (``torch.empty_strided(...).copy_(arg)``) before the call.
+
+Cost per call and tensor input: one ``stride()`` tuple and one tuple comparison when the strides match (the
+normal case, ~0.2 us); a copy of the tensor only on a mismatch. Strides of dimensions of size 0 or 1 are never
+a mismatch (they address no other element; Inductor's own assert ignores them too).
+
+Expectations are JSON (stored in artifacts): ``{"stride": [...]}`` for static strides, ``{"order": [...]}``
+for a dense input with symbolic sizes (expected strides follow from the call's sizes and that dimension
+order, outermost first), ``None`` for inputs that are not tensors or not dense with symbolic sizes (unchecked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["expected_layout", "expected_layouts", "conform_inputs", "dense_strides"]
+
+
+def _hint(value: Any) -> int:
+    """An int for a size or stride; symbolic values by their hint (never adds a guard)."""
+    if isinstance(value, torch.SymInt):
+        from aotcache.compilers.aoti_lib import int_hint
+
+        return int_hint(value)
+    return int(value)
+
+
+def dense_strides(sizes: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """Strides of a dense tensor of ``sizes`` whose dimensions, outermost first, are ``order``."""
+    strides = [0] * len(sizes)
+    running = 1
+    for dim in reversed(order):
+        strides[dim] = running
+        running *= max(int(sizes[dim]), 1)
+    return tuple(strides)
+
+
+def expected_layout(value: Any) -> dict[str, list[int]] | None:
+    """The JSON expectation for one example input (see the module NOTE)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    sizes, strides = tuple(value.shape), tuple(value.stride())
+    if not any(isinstance(item, torch.SymInt) for item in (*sizes, *strides)):
+        return {"stride": [int(stride) for stride in strides]}
+    size_hints = [_hint(size) for size in sizes]
+    stride_hints = [_hint(stride) for stride in strides]
+    # outermost first: larger strides first; among equal strides (size-1 dims) keep the dimension order
+    order = sorted(range(len(sizes)), key=lambda dim: (-stride_hints[dim], dim))
+    if not _strides_match(size_hints, stride_hints, dense_strides(size_hints, order)):
+        return None  # not dense (expanded, sliced): its strides cannot be derived from its sizes
+    return {"order": order}
+
+
+def expected_layouts(example_inputs: Sequence[Any]) -> list[dict[str, list[int]] | None]:
+    """:func:`expected_layout` of each example input."""
+    return [expected_layout(value) for value in example_inputs]
+
+
+def _strides_match(sizes: Sequence[int], actual: Sequence[int], expected: Sequence[int]) -> bool:
+    return len(actual) == len(expected) and all(
+        have == want or size <= 1 for size, have, want in zip(sizes, actual, expected))
+
+
+def _expected_strides(layout: dict[str, list[int]], value: torch.Tensor) -> tuple[int, ...] | None:
+    if "stride" in layout:
+        return tuple(layout["stride"])
+    order = layout["order"]
+    if len(order) != value.dim():
+        return None
+    return dense_strides(value.shape, order)
+
+
+def conform_inputs(args: Sequence[Any], layouts: Sequence[dict[str, list[int]] | None]) -> list[Any]:
+    """``args`` as a new list, with tensors whose strides differ from ``layouts`` copied into the expected ones.
+
+    A tensor of another rank is passed unchanged (the compiled graph's own checks name the mismatch).
+    """
+    conformed = list(args)
+    for index, layout in enumerate(layouts):
+        if layout is None or index >= len(conformed):
+            continue
+        value = conformed[index]
+        if not isinstance(value, torch.Tensor):
+            continue
+        expected = _expected_strides(layout, value)
+        if expected is None:
+            continue
+        actual = value.stride()
+        if actual == expected or len(actual) != len(expected) or _strides_match(value.shape, actual, expected):
+            continue
+        conformed[index] = torch.empty_strided(value.shape, expected, dtype=value.dtype,
+                                               device=value.device).copy_(value)
+    return conformed

@@ -1,0 +1,504 @@
+"""RedisCache: the shared remote tier (insert-once with SET NX, framed and optionally signed values).
+
+A dead or slow Redis must never stall the user's job: every command has a short timeout (config
+``redis_timeout``), and after a connection failure or timeout the cache stops talking to Redis for a
+back-off window (see NOTE [back-off]) so that a dead server costs one timeout per window, not one per call.
+Also provides :class:`RedisLock`, a token-checked lock for single-flight compiles across machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis as redis_py
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from aotcache import config
+from aotcache.logs import handle_fault
+from aotcache.store import frame
+from aotcache.store.interface import (
+    AsyncCache,
+    CacheError,
+    EntryInfo,
+    Lookup,
+    LookupStatus,
+    display_key,
+    encode_key,
+)
+
+__all__ = ["RedisCache", "RedisLock", "DEFAULT_PREFIX", "BACKOFF_INITIAL_S", "BACKOFF_MAX_S"]
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "aotcache"
+BACKOFF_INITIAL_S = 5.0
+BACKOFF_MAX_S = 60.0
+
+# Errors that mean "the server is not reachable or not answering in time": these start a back-off.
+_UNAVAILABLE_ERRORS = (redis_py.exceptions.ConnectionError, redis_py.exceptions.TimeoutError, OSError)
+
+# Sentinel results of RedisCache._run: the command was not sent (back-off) / failed (fault handled).
+_SKIPPED = object()
+_FAILED = object()
+
+# KEYS[1] = lock key, ARGV[1] = token. Delete only if we still own it.
+_RELEASE_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] = lock key, ARGV[1] = token, ARGV[2] = new expiry in ms. Extend only if we still own it.
+_REFRESH_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] = entry key, ARGV[1] = sha1 hex of the bad value we read. Delete only that value.
+_DELETE_IF_UNCHANGED_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value and redis.sha1hex(value) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_GLOB_SPECIALS = "\\*?[]"
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + char if char in _GLOB_SPECIALS else char for char in text)
+
+
+def _redacted(url: str) -> str:
+    """``host:port/db`` of a Redis URL, without user name or password, for logs and fault keys."""
+    parts = urlsplit(url)
+    host = parts.hostname or parts.path or "?"
+    port = f":{parts.port}" if parts.port else ""
+    path = parts.path if parts.hostname else ""
+    return f"{parts.scheme}://{host}{port}{path}"
+
+
+class _Backoff:
+    """A circuit breaker: closed while Redis answers; after a failure, open for a window that doubles.
+
+    NOTE [back-off]
+    After a connection error or timeout, no command is sent for ``initial_s`` seconds; each further failure
+    doubles the window up to ``max_s``; one success closes the breaker and resets the window. When a window
+    ends, a single caller probes (the others keep skipping until the probe's outcome is known), so N threads
+    hitting a dead server still pay one timeout per window.
+    """
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max(max_s, initial_s)
+        self._lock = threading.Lock()
+        self._window_s = 0.0  # 0 = closed (healthy)
+        self._open_until = 0.0  # time.monotonic() deadline
+        self._probing = False
+        self.skipped = 0  # calls refused by try_enter
+
+    def try_enter(self) -> bool:
+        """True if a command may be sent now (marks this caller as the probe when recovering)."""
+        with self._lock:
+            if self._window_s == 0.0:
+                return True
+            if self._probing or time.monotonic() < self._open_until:
+                self.skipped += 1
+                return False
+            self._probing = True
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._window_s = 0.0
+            self._open_until = 0.0
+            self._probing = False
+
+    def record_failure(self) -> float:
+        """Open (or re-open) the breaker; returns the new window in seconds."""
+        with self._lock:
+            self._window_s = self.initial_s if self._window_s == 0.0 else min(self._window_s * 2, self.max_s)
+            self._open_until = time.monotonic() + self._window_s
+            self._probing = False
+            return self._window_s
+
+    def state(self) -> dict[str, float | bool]:
+        with self._lock:
+            remaining = max(0.0, self._open_until - time.monotonic()) if self._window_s else 0.0
+            return {"available": self._window_s == 0.0, "backoff_window_s": self._window_s,
+                    "backoff_remaining_s": remaining}
+
+
+class RedisCache(AsyncCache[Any, Any]):
+    """The Redis tier: values framed like disk entries under ``<prefix>:v<frame version>:<key digest>``.
+
+    ``url`` defaults to config ``redis_url``; ``timeout`` (connect and command, seconds) to
+    ``redis_timeout``; ``ttl`` (seconds, 0 = never expire) to ``redis_ttl``; ``secret`` to ``secret``;
+    ``compress_min_bytes`` to ``compress_min_bytes``. Faults (refused, timeout, server killed, corrupt or
+    tampered entry) are counted in ``stats.errors``, go through :func:`aotcache.logs.handle_fault` and
+    become a miss / ``insert() == False``. ``stats.misses`` counts every get that returned no value, faults
+    and back-off skips included; ``skipped`` counts commands not sent because of the back-off.
+
+    :raises CacheError: no URL configured, a malformed URL, or a non-positive timeout.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str | None = None, *, prefix: str = DEFAULT_PREFIX, timeout: float | None = None,
+                 ttl: int | None = None, secret: str | bytes | None = None,
+                 compress_min_bytes: int | None = None, backoff_initial_s: float = BACKOFF_INITIAL_S,
+                 backoff_max_s: float = BACKOFF_MAX_S) -> None:
+        super().__init__()
+        url = url if url is not None else config.get("redis_url")
+        if not url:
+            raise CacheError("RedisCache needs a URL: pass url=... or set AOTCACHE_REDIS_URL "
+                             "(e.g. redis://localhost:6379/0)")
+        timeout = config.get("redis_timeout") if timeout is None else float(timeout)
+        if timeout <= 0:
+            raise CacheError(f"Redis timeout must be a positive number of seconds, got {timeout!r}; "
+                             "set AOTCACHE_REDIS_TIMEOUT (e.g. 0.25)")
+        ttl = config.get("redis_ttl") if ttl is None else int(ttl)
+        if ttl < 0:
+            raise CacheError(f"Redis TTL must be >= 0 seconds (0 = never expire), got {ttl!r}")
+        if not prefix or any(char.isspace() for char in prefix):
+            raise CacheError(f"Redis key prefix must be a non-empty string without spaces, got {prefix!r}")
+        self.url = url
+        self.where = _redacted(url)
+        self.prefix = prefix
+        self.timeout = timeout
+        self.ttl = ttl
+        self._secret = secret if secret is not None else config.get("secret")
+        self.compress_min_bytes = (config.get("compress_min_bytes") if compress_min_bytes is None
+                                   else int(compress_min_bytes))
+        self._breaker = _Backoff(backoff_initial_s, backoff_max_s)
+        self._entry_prefix = f"{prefix}:v{frame.FRAME_VERSION}:"
+        try:
+            # NOTE [no hidden retries]
+            # redis-py >= 6 retries failed commands 3 times with exponential back-off by default; a hung server
+            # would then cost several timeouts per call. Retries are off: the back-off above is the policy.
+            # (A pooled socket left stale by a Redis restart is still fine: the pool notices the EOF when it
+            # hands the connection out, and reconnects.)
+            self._pool = redis_py.ConnectionPool.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                health_check_interval=0)
+        except ValueError as exc:
+            raise CacheError(f"invalid Redis URL {self.where!r}: {exc}; expected e.g. redis://host:6379/0") from exc
+        self._client = redis_py.Redis(connection_pool=self._pool)
+        self._release_script = self._client.register_script(_RELEASE_LOCK_LUA)
+        self._refresh_script = self._client.register_script(_REFRESH_LOCK_LUA)
+        self._delete_if_unchanged = self._client.register_script(_DELETE_IF_UNCHANGED_LUA)
+
+    # ------------------------------------------------------------------------------------------------
+    # Plumbing
+    # ------------------------------------------------------------------------------------------------
+
+    def entry_name(self, key: Any) -> str:
+        """The Redis key that holds ``key``'s entry."""
+        return self._entry_name(encode_key(key))
+
+    @property
+    def skipped(self) -> int:
+        """Commands not sent because Redis was in a back-off window (gets among them count as misses)."""
+        return self._breaker.skipped
+
+    def _entry_name(self, encoded: bytes) -> str:
+        # sha256 of the encoded key is interface.key_digest(key); computed here to pickle the key only once.
+        return self._entry_prefix + hashlib.sha256(encoded).hexdigest()
+
+    def _run(self, operation: str, command: Callable[[redis_py.Redis], T]) -> T | object:
+        """Run one Redis command under the fault policy: its result, or ``_SKIPPED`` / ``_FAILED``."""
+        if not self._breaker.try_enter():
+            return _SKIPPED
+        try:
+            result = command(self._client)
+        except _UNAVAILABLE_ERRORS as exc:
+            window = self._breaker.record_failure()
+            self.stats.add(errors=1)
+            handle_fault(f"redis:unavailable:{self.where}",
+                         f"Redis at {self.where} is unavailable ({operation}); not retried for {window:g} s", exc)
+            return _FAILED
+        except redis_py.exceptions.RedisError as exc:
+            # The server answered (e.g. OOM, READONLY replica): a fault, but no reason to stop talking to it.
+            self._breaker.record_success()
+            self.stats.add(errors=1)
+            handle_fault(f"redis:error:{self.where}:{operation}", f"Redis at {self.where} refused {operation}", exc)
+            return _FAILED
+        self._breaker.record_success()
+        return result
+
+    def _maintenance(self, operation: str, command: Callable[[redis_py.Redis], T]) -> T:
+        """Run a maintenance command (listing, clearing): faults are raised, not degraded."""
+        try:
+            return command(self._client)
+        except redis_py.exceptions.RedisError as exc:
+            raise CacheError(f"cannot {operation} Redis at {self.where}: {exc} (is the server running? "
+                             "check AOTCACHE_REDIS_URL)") from exc
+
+    # ------------------------------------------------------------------------------------------------
+    # Cache contract
+    # ------------------------------------------------------------------------------------------------
+
+    def get(self, key: Any) -> Any | None:
+        """The value for ``key``, or None on a miss or a fault.
+
+        :raises CacheError: the key is not picklable.
+        """
+        return self.lookup(key).value
+
+    def lookup(self, key: Any) -> Lookup[Any]:
+        """Hit, miss, or error (Redis unavailable, corrupt or tampered entry; the latter is deleted).
+
+        :raises CacheError: the key is not picklable.
+        :raises aotcache.logs.CacheFault: a fault in strict mode.
+        """
+        encoded = encode_key(key)
+        name = self._entry_name(encoded)
+        started = time.perf_counter()
+        try:
+            blob = self._run("get", lambda client: client.get(name))
+            if blob is _SKIPPED or blob is _FAILED:
+                self.stats.add(misses=1)
+                reason = "backing off" if blob is _SKIPPED else "command failed"
+                return Lookup(LookupStatus.ERROR, tier=self.name, error=f"Redis unavailable ({reason})")
+            if blob is None:
+                self.stats.add(misses=1)
+                return Lookup(LookupStatus.MISS, tier=self.name)
+            assert isinstance(blob, bytes)
+            try:
+                value = frame.decode(blob, secret=self._secret, expected_key=encoded).value
+            except frame.FrameError as exc:
+                self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(blob))
+                self._run("delete", lambda client: self._delete_if_unchanged(
+                    keys=[name], args=[hashlib.sha1(blob).hexdigest()], client=client))
+                handle_fault(f"redis:corrupt:{exc.reason}",
+                             f"rejected a Redis entry ({exc.reason}) at {self.where} key {name}; deleted it", exc)
+                return Lookup(LookupStatus.ERROR, tier=self.name, error=f"rejected entry: {exc}")
+            self.stats.add(hits=1, bytes_read=len(blob))
+            return Lookup(LookupStatus.HIT, value, tier=self.name)
+        finally:
+            self.stats.add(get_seconds=time.perf_counter() - started)
+
+    def insert(self, key: Any, value: Any) -> bool:
+        """Store ``value`` unless the key exists (``SET NX``, with ``EX`` when a TTL is set).
+
+        True if stored; False if the key existed or Redis failed (a counted fault).
+
+        :raises CacheError: the key or value is not picklable, or the value is None.
+        """
+        encoded = encode_key(key)
+        if value is None:
+            raise CacheError("cannot cache None: get() returns None for a miss; wrap the value instead")
+        try:
+            blob = frame.encode(encoded, value, secret=self._secret, compress_min_bytes=self.compress_min_bytes)
+        except TypeError as exc:
+            raise CacheError(f"cannot store the value for key {display_key(encoded)!r} in Redis: {exc}") from exc
+        name = self._entry_name(encoded)
+        started = time.perf_counter()
+        try:
+            stored = self._run("insert", lambda client: client.set(name, blob, nx=True, ex=self.ttl or None))
+            if stored is _SKIPPED or stored is _FAILED:
+                return False
+            if not stored:
+                self.stats.add(insert_conflicts=1)
+                return False
+            self.stats.add(inserts=1, bytes_written=len(blob))
+            return True
+        finally:
+            self.stats.add(insert_seconds=time.perf_counter() - started)
+
+    def delete(self, key: Any) -> bool:
+        """Remove ``key``'s entry; True if one was removed.
+
+        :raises CacheError: Redis is unavailable.
+        """
+        name = self.entry_name(key)
+        return bool(self._maintenance("delete", lambda client: client.delete(name)))
+
+    def _scan_names(self) -> Iterator[bytes]:
+        pattern = _escape_glob(self._entry_prefix) + "*"
+        yield from self._maintenance("list", lambda client: list(client.scan_iter(match=pattern, count=500)))
+
+    def clear(self) -> int:
+        """Remove every entry under this prefix (locks excluded); the number removed.
+
+        :raises CacheError: Redis is unavailable.
+        """
+        names = list(self._scan_names())
+        removed = 0
+        for start in range(0, len(names), 500):
+            batch = names[start:start + 500]
+            removed += self._maintenance("clear", lambda client: client.unlink(*batch))
+        return removed
+
+    def entries(self) -> Iterator[EntryInfo]:
+        """Every entry under this prefix. ``created`` is 0.0 (Redis keeps no creation time).
+
+        NOTE [listing touches entries]: the key is read from each entry's header with GETRANGE, which
+        refreshes Redis's own LRU clock for that entry; the idle time is read before that.
+
+        :raises CacheError: Redis is unavailable.
+        """
+        names = list(self._scan_names())
+        head_bytes = frame.HEADER_SIZE + frame.SIGNATURE_SIZE + 1024
+        now = time.time()
+        for start in range(0, len(names), 200):
+            batch = names[start:start + 200]
+
+            def fetch(client: redis_py.Redis, batch: list[bytes] = batch) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for name in batch:
+                    pipe.object("idletime", name)
+                    pipe.strlen(name)
+                    pipe.getrange(name, 0, head_bytes - 1)
+                return pipe.execute(raise_on_error=False)
+
+            replies = self._maintenance("list", fetch)
+            for index, name in enumerate(batch):
+                idle, size, head = replies[3 * index:3 * index + 3]
+                if not size or isinstance(size, Exception) or isinstance(head, Exception):
+                    continue  # expired or deleted while listing
+                idle_s = idle if isinstance(idle, int) else 0
+                yield EntryInfo(digest=name.decode().rsplit(":", 1)[-1], key=self._key_from_head(head),
+                                size=int(size), created=0.0, last_access=now - idle_s, tier=self.name)
+
+    @staticmethod
+    def _key_from_head(head: bytes) -> str:
+        try:
+            header = frame.read_header(head)
+        except frame.FrameError as exc:
+            return f"<unreadable entry: {exc.reason}>"
+        key_end = header.body_offset + header.key_length
+        if key_end > len(head):
+            return f"<key of {header.key_length} bytes>"
+        return display_key(head[header.body_offset:key_end])
+
+    def total_bytes(self) -> int:
+        """Bytes held by this prefix's entries (values as stored, framing included).
+
+        :raises CacheError: Redis is unavailable.
+        """
+        total = 0
+        names = list(self._scan_names())
+        for start in range(0, len(names), 500):
+            batch = names[start:start + 500]
+
+            def sizes(client: redis_py.Redis, batch: list[bytes] = batch) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for name in batch:
+                    pipe.strlen(name)
+                return pipe.execute()
+
+            total += sum(self._maintenance("size", sizes))
+        return total
+
+    # ------------------------------------------------------------------------------------------------
+    # Health, locks, lifetime
+    # ------------------------------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """True if Redis answers now (ignores and does not change the back-off)."""
+        try:
+            return bool(self._client.ping())
+        except redis_py.exceptions.RedisError:
+            return False
+
+    def describe(self) -> dict[str, Any]:
+        """Settings and health, for ``aotcache info`` (the URL without credentials)."""
+        return {"url": self.where, "prefix": self.prefix, "timeout_s": self.timeout, "ttl_s": self.ttl,
+                "signed": bool(self._secret), "compress_min_bytes": self.compress_min_bytes,
+                "skipped": self.skipped, **self._breaker.state()}
+
+    def lock(self, name: str, expire_s: float = 60.0, *, timeout: float = 0.0, poll_s: float = 0.05) -> RedisLock:
+        """A lock named ``name`` in this prefix: ``with cache.lock(name, 30, timeout=5) as held: ...``.
+
+        ``held`` is False when the lock could not be taken within ``timeout`` seconds or Redis failed.
+        A holder that dies releases it when ``expire_s`` runs out.
+        """
+        return RedisLock(self, name, expire_s, timeout=timeout, poll_s=poll_s)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._pool.disconnect()
+
+
+class RedisLock:
+    """A mutex in Redis for single-flight work across processes and machines (``SET NX PX`` + token).
+
+    The lock key holds a random token; release and refresh are compare-and-delete / compare-and-expire Lua
+    scripts, so a holder whose lock expired never releases someone else's. Faults make ``acquire`` return
+    False (counted in the cache's ``stats.errors``). Used as a context manager, it yields whether it is held.
+    """
+
+    def __init__(self, cache: RedisCache, name: str, expire_s: float, *, timeout: float = 0.0,
+                 poll_s: float = 0.05) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"lock name must be a non-empty string, got {name!r}")
+        if not expire_s > 0:
+            raise ValueError(f"lock expire_s must be positive seconds (a dead holder releases after it), "
+                             f"got {expire_s!r}")
+        self.cache = cache
+        self.name = name
+        self.redis_key = f"{cache.prefix}:lock:{name}"
+        self.expire_s = float(expire_s)
+        self.timeout = float(timeout)
+        self.poll_s = poll_s
+        self._token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """True between a successful acquire and release (the lock may still have expired in Redis)."""
+        return self._token is not None
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds (default: the one given at creation)."""
+        if self._token is not None:
+            raise RuntimeError(f"lock {self.name!r} is already held by this RedisLock object")
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        token = secrets.token_hex(16)
+        expire_ms = max(1, int(self.expire_s * 1000))
+        while True:
+            taken = self.cache._run("lock", lambda client: client.set(self.redis_key, token, nx=True, px=expire_ms))
+            if taken is _SKIPPED or taken is _FAILED:
+                return False
+            if taken:
+                self._token = token
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
+
+    def refresh(self, expire_s: float | None = None) -> bool:
+        """Push the expiry ``expire_s`` (default: the original) into the future; False if no longer ours."""
+        if self._token is None:
+            return False
+        expire_ms = max(1, int((expire_s or self.expire_s) * 1000))
+        token = self._token
+        result = self.cache._run("lock refresh", lambda client: self.cache._refresh_script(
+            keys=[self.redis_key], args=[token, expire_ms], client=client))
+        return result not in (_SKIPPED, _FAILED) and bool(result)
+
+    def release(self) -> bool:
+        """Release the lock; True if it was still ours (False if it had expired or Redis failed)."""
+        if self._token is None:
+            return False
+        token, self._token = self._token, None
+        result = self.cache._run("lock release", lambda client: self.cache._release_script(
+            keys=[self.redis_key], args=[token], client=client))
+        return result not in (_SKIPPED, _FAILED) and bool(result)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,236 @@
+"""Public API: aot_function reuse/retrace, aot_module, aot_module_simplified (torch.compile), exports."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import aotcache
+from aotcache.aot import (
+    AOTOptions,
+    CaptureError,
+    aot_export_joint_simple,
+    aot_export_module,
+    aot_function,
+    aot_module,
+    aot_module_simplified,
+    compile_function,
+    mutating_nodes,
+)
+
+
+def graph_compiler(gm, example_inputs):
+    return gm
+
+
+def mlp(x, w1, b1, w2):
+    return (torch.tanh(x @ w1 + b1) @ w2).relu().sum()
+
+
+def mlp_args():
+    torch.manual_seed(0)
+    return [torch.randn(6, 4), torch.randn(4, 8, requires_grad=True), torch.randn(8, requires_grad=True),
+            torch.randn(8, 3, requires_grad=True)]
+
+
+def test_aot_function_matches_eager_with_default_compiler_and_partition():
+    args = mlp_args()
+    ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    compiled = aotcache.aot_function(mlp)  # nop compiler, default partition
+    out = compiled(*args)
+    ref = mlp(*ref_args)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(args[1:], ref_args[1:]):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_signature_reuse_and_retrace():
+    compiled = aot_function(lambda x: x * 2, graph_compiler)
+    compiled(torch.randn(3))
+    compiled(torch.randn(3))
+    assert compiled.num_compiles == 1
+    compiled(torch.randn(3, dtype=torch.float64))
+    assert compiled.num_compiles == 2
+    compiled(torch.randn(3, requires_grad=True))
+    assert compiled.num_compiles == 3
+    compiled(torch.randn(4))  # static shapes: a new size retraces
+    assert compiled.num_compiles == 4
+    compiled(torch.randn(4, 2).t()[0])  # same size, different stride
+    assert compiled.num_compiles == 5
+    with torch.no_grad():
+        compiled(torch.randn(3, requires_grad=True))
+    assert compiled.num_compiles == 6
+
+
+def test_constant_arguments_are_part_of_the_signature():
+    compiled = aot_function(lambda x, k: x * k, graph_compiler)
+    torch.testing.assert_close(compiled(torch.ones(2), 2), torch.full((2,), 2.0))
+    torch.testing.assert_close(compiled(torch.ones(2), 3), torch.full((2,), 3.0))
+    assert compiled.num_compiles == 2
+
+
+def test_kwargs_and_nested_inputs():
+    def fn(inputs, *, scale):
+        return inputs["a"] * scale + inputs["b"][0]
+
+    compiled = aot_function(fn, graph_compiler)
+    a, b = torch.randn(3), torch.randn(3)
+    torch.testing.assert_close(compiled({"a": a, "b": [b]}, scale=torch.tensor(2.0)), a * 2 + b)
+
+
+def test_dynamic_reuses_one_graph_across_sizes():
+    compiled = aot_function(lambda x: (x * 2).sin().sum(0), graph_compiler, dynamic=True)
+    for rows in (3, 5, 9):
+        x = torch.randn(rows, 4, requires_grad=True)
+        compiled(x).sum().backward()
+        torch.testing.assert_close(x.grad, 2 * (2 * x.detach()).cos())
+    assert compiled.num_compiles == 1
+    compiled(torch.randn(1, 4))  # size 1 is specialized by the symbolic tracer: the guards fail, retrace
+    assert compiled.num_compiles == 2
+
+
+def test_dynamic_retraces_on_new_dtype():
+    compiled = aot_function(lambda x: x + 1, graph_compiler, dynamic=True)
+    compiled(torch.randn(3))
+    compiled(torch.randn(5))
+    compiled(torch.randn(5, dtype=torch.float64))
+    assert compiled.num_compiles == 2
+
+
+def test_aot_module_sees_parameter_updates_and_populates_grads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    compiled = aot_module(model, graph_compiler)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(3):
+        inp = torch.randn(5, 4)
+        out, ref = compiled(inp), reference(inp)
+        torch.testing.assert_close(out, ref, msg=f"step {step}")
+        out.square().mean().backward()
+        ref.square().mean().backward()
+        for p, p_ref in zip(model.parameters(), reference.parameters()):
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad, p_ref.grad)
+        optimizer.step()
+        optimizer_ref.step()
+        optimizer.zero_grad()
+        optimizer_ref.zero_grad()
+    assert compiled.compiled.num_compiles == 1
+
+
+def test_aot_module_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        aot_module(lambda x: x)
+
+
+def test_bad_compiler_is_rejected_with_a_clear_error():
+    with pytest.raises(TypeError, match="compiler must be callable"):
+        aot_function(lambda x: x * 2, fw_compiler=42)(torch.randn(2))
+
+
+def test_compile_function_is_the_single_compile_step():
+    runtime = compile_function(lambda x: x.cos(), [torch.randn(3, requires_grad=True)],
+                               AOTOptions(fw_compiler=graph_compiler))
+    x = torch.randn(3, requires_grad=True)
+    runtime(x).sum().backward()
+    torch.testing.assert_close(x.grad, -x.detach().sin())
+    assert runtime.metadata.num_saved >= 1
+
+
+def test_aot_module_simplified_as_a_torch_compile_backend():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU())
+    reference = copy.deepcopy(model)
+    graphs: list = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, compiler)
+
+    compiled = torch.compile(model, backend=backend)
+    inp = torch.randn(8, 4)
+    out, ref = compiled(inp), reference(inp)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    assert graphs and all(mutating_nodes(gm) == [] for gm in graphs)
+
+
+def test_aot_module_simplified_with_parameters_on_the_graph_module():
+    model = torch.nn.Linear(3, 2)
+    example = [torch.randn(4, 3)]
+    run = aot_module_simplified(model, example, graph_compiler)
+    out = run(example[0])
+    (out,) = out if isinstance(out, (tuple, list)) else (out,)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(example[0]))
+    assert model.weight.grad is not None
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.bn = torch.nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        y = self.bn(self.lin(x))
+        return y.sum(), y
+
+
+def test_aot_export_module_joint_signature():
+    gm, sig = aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=True, output_loss_index=0)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert sig.parameters == ["lin.weight", "lin.bias", "bn.weight", "bn.bias"]
+    assert sig.buffers == ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    assert list(sig.inputs_to_parameters.values()) == sig.parameters
+    assert list(sig.inputs_to_buffers.values()) == sig.buffers
+    assert placeholders == [*sig.inputs_to_parameters, *sig.inputs_to_buffers, *sig.user_inputs]
+    assert sorted(sig.buffers_to_mutate.values()) == sorted(sig.buffers)
+    assert sig.loss_output == sig.user_outputs[0]
+    assert sorted(sig.gradients_to_parameters.values()) == sorted(sig.parameters)
+    output_names = [n.name for n in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
+    assert set(sig.gradients_to_parameters) <= set(output_names)
+    assert mutating_nodes(gm) == []
+
+
+def test_aot_export_module_forward_only():
+    gm, sig = aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=False)
+    assert sig.loss_output is None and sig.gradients_to_parameters == {}
+    assert len(sig.user_outputs) == 2
+    with pytest.raises(ValueError, match="output_loss_index"):
+        aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=True)
+
+
+def test_aot_export_joint_simple_graphs_run_correctly():
+    x, y = torch.randn(3, requires_grad=True), torch.randn(3)
+    joint = aot_export_joint_simple(lambda a, b: (a * b).sin(), (x, y), trace_joint=True)
+    names = [n.name for n in joint.graph.nodes if n.op == "placeholder"]
+    assert names == ["primals_1", "primals_2", "tangents_1"]
+    out, grad_x, grad_y = joint(x.detach(), y, torch.ones(3))
+    torch.testing.assert_close(out, (x.detach() * y).sin())
+    torch.testing.assert_close(grad_x, (x.detach() * y).cos() * y)
+    assert grad_y is None
+    forward = aot_export_joint_simple(lambda a: a.exp(), (x,), trace_joint=False)
+    (result,) = forward(x.detach())
+    torch.testing.assert_close(result, x.detach().exp())
+
+
+@pytest.mark.parametrize(("fn", "match"), [
+    (lambda a: a.add_(1), "mutates graph inputs"),
+    (lambda a: a.view(-1), "alias"),
+])
+def test_aot_export_joint_simple_rejects_what_a_bare_graph_cannot_express(fn, match):
+    with pytest.raises(CaptureError, match=match):
+        aot_export_joint_simple(fn, (torch.randn(2, 2),), trace_joint=False)

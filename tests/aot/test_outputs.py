@@ -1,0 +1,294 @@
+"""Output structure and autograd status of captured functions, and the errors for what cannot be captured.
+
+Regression tests for the OpInfo sweep's bugs: structseq (``torch.return_types``) and namedtuple outputs,
+``torch.Size`` outputs, gradients dropped through sparse tensors, non-strided inputs, ops that read tensor data in
+C++, and effectful ops (``aten._linalg_check_errors`` behind the linalg ops).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from aotcache.aot import CaptureError, CompiledRuntime, RuntimeMetadata, aot_export_module, aot_function, capture
+from aotcache.aot.metadata import OutputStructure
+from aotcache.compilers import get_compiler
+from tests.conftest import run_python
+
+nop = get_compiler("nop")
+
+
+class Pair(NamedTuple):
+    """A module-level namedtuple: resolvable by name when a compiled function is loaded."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+def compile_fn(fn, **options):
+    return aot_function(fn, nop, cache=False, **options)
+
+
+def only_runtime(compiled) -> CompiledRuntime:
+    (runtime,) = [r for entries in compiled._entries.values() for r in entries]
+    return runtime
+
+
+# ----------------------------------------------------------------------------------------------------------
+# structseq / namedtuple outputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fn", "type_name"), [
+    (lambda x: torch.sort(x), "sort"),
+    (lambda x: torch.topk(x, 2), "topk"),
+    (lambda x: torch.max(x, dim=0), "max"),
+    (lambda x: torch.kthvalue(x, 2), "kthvalue"),
+])
+def test_structseq_outputs_keep_their_type_and_fields(fn, type_name):
+    x = torch.randn(5)
+    out = compile_fn(fn)(x)
+    expected = fn(x)
+    assert type(out) is getattr(torch.return_types, type_name) is type(expected)
+    torch.testing.assert_close(out.values, expected.values)
+    torch.testing.assert_close(out.indices, expected.indices)
+
+
+def test_structseq_output_in_training_gives_eager_gradients():
+    x = torch.randn(6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out = compile_fn(lambda t: torch.topk(t * 2, 3))(x)
+    expected = torch.topk(x_ref * 2, 3)
+    assert isinstance(out, torch.return_types.topk) and out.values.requires_grad
+    out.values.sum().backward()
+    expected.values.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_linalg_structseq_output_nested_in_a_dict():
+    a = torch.randn(3, 3)
+    a = a @ a.T + torch.eye(3)
+    out = compile_fn(lambda m: {"eigh": torch.linalg.eigh(m), "n": 3})(a)
+    assert type(out["eigh"]) is torch.return_types.linalg_eigh and out["n"] == 3
+    torch.testing.assert_close(out["eigh"].eigenvalues, torch.linalg.eigh(a).eigenvalues)
+
+
+def test_structseq_survives_the_json_metadata_round_trip():
+    compiled = compile_fn(lambda t: torch.sort(t, descending=True))
+    compiled(torch.randn(4))
+    runtime = only_runtime(compiled)
+    data = json.loads(json.dumps(runtime.metadata.to_json()))
+    assert data["out_spec"]["type"] == "return_types"
+    rebuilt = CompiledRuntime(RuntimeMetadata.from_json(data), runtime.forward)
+    x = torch.tensor([1.0, 3.0, 2.0])
+    out = rebuilt(x)
+    assert type(out) is torch.return_types.sort
+    assert out.values.tolist() == [3.0, 2.0, 1.0] and out.indices.tolist() == [1, 2, 0]
+
+
+def test_structseq_output_loads_from_the_disk_cache_in_a_fresh_process():
+    code = """
+import json, torch
+from aotcache.aot import aot_function
+from aotcache.autograd_cache.cache import default_cache
+def fn(x):
+    return torch.sort(x * 2)
+out = aot_function(fn, "nop")(torch.tensor([3.0, 1.0, 2.0]))
+print(json.dumps({"type": type(out).__name__, "values": out.values.tolist(), **default_cache().stats()}))
+"""
+    first = json.loads(run_python(code).stdout.strip().splitlines()[-1])
+    second = json.loads(run_python(code).stdout.strip().splitlines()[-1])
+    assert first["saved"] == 1 and second["hit"] == 1
+    assert second["type"] == "sort" and second["values"] == [2.0, 4.0, 6.0]
+
+
+def test_module_level_namedtuple_output_keeps_its_type():
+    x = torch.randn(3, requires_grad=True)
+    out = compile_fn(lambda t: Pair(t * 2, t.sum()))(x)
+    assert type(out) is Pair
+    out.first.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def test_local_namedtuple_output_is_a_capture_error_naming_the_type():
+    LocalPoint = collections.namedtuple("LocalPoint", ["x", "y"])
+    with pytest.raises(CaptureError, match=r"LocalPoint.*(tuple or a dict)"):
+        compile_fn(lambda t: LocalPoint(t, t + 1))(torch.randn(2))
+
+
+def test_dict_output_with_a_non_json_key_is_a_capture_error():
+    with pytest.raises(CaptureError, match="key of type tuple"):
+        compile_fn(lambda t: {(1, 2): t * 2})(torch.randn(2))
+
+
+def test_loading_never_imports_the_module_a_namedtuple_names(tmp_path, monkeypatch):
+    canary = tmp_path / "imported.txt"
+    (tmp_path / "aotcache_canary_module.py").write_text(
+        f"import collections, pathlib\npathlib.Path({str(canary)!r}).write_text('imported')\n"
+        "Point = collections.namedtuple('Point', ['x'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    structure = {"type": "namedtuple", "module": "aotcache_canary_module", "qualname": "Point", "fields": ["x"],
+                 "children": [{"type": "leaf"}]}
+    with pytest.raises(ValueError, match="never imported"):
+        OutputStructure(structure)
+    assert "aotcache_canary_module" not in sys.modules and not canary.exists()
+
+
+@pytest.mark.parametrize("structure", [
+    {"type": "namedtuple", "module": "os", "qualname": "system", "fields": [], "children": []},  # not a namedtuple
+    {"type": "namedtuple", "module": __name__, "qualname": "Pair", "fields": ["a", "b"], "children": []},  # fields
+    {"type": "return_types", "name": "__class__", "children": []},
+    {"type": "registered", "name": "os.system", "context": None, "children": []},
+    {"type": "pickle", "children": []},
+])
+def test_loading_refuses_types_it_cannot_resolve_safely(structure):
+    with pytest.raises(ValueError):
+        OutputStructure(structure)
+
+
+def test_aot_export_module_out_spec_rebuilds_a_structseq():
+    class Sorter(torch.nn.Module):
+        def forward(self, x):
+            return torch.sort(x)
+
+    _, signature = aot_export_module(Sorter(), [torch.randn(4)], trace_joint=False)
+    rebuilt = OutputStructure(json.loads(signature.out_spec)).unflatten([torch.zeros(4), torch.zeros(4)])
+    assert type(rebuilt) is torch.return_types.sort
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.Size outputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_torch_size_outputs_are_torch_size():
+    out = compile_fn(lambda x: (x * 2, torch.broadcast_shapes((2, 1), (1, 3)), x.shape))(torch.randn(2))
+    assert type(out[1]) is torch.Size and out[1] == torch.Size([2, 3])
+    assert type(out[2]) is torch.Size and out[2] == torch.Size([2])
+
+
+def test_symbolic_torch_size_output_follows_the_input():
+    compiled = compile_fn(lambda x: (x + 1, x.shape), dynamic=True)
+    compiled(torch.randn(4, 3))
+    _, shape = compiled(torch.randn(6, 5))
+    assert type(shape) is torch.Size and shape == torch.Size([6, 5])
+    assert compiled.num_compiles == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# requires_grad is never silently dropped
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sparse_round_trip_is_a_capture_error_naming_the_op():
+    x = torch.randn(5, 5, requires_grad=True)
+    assert x.to_sparse().to_dense().requires_grad  # eager keeps the gradient: dropping it would be wrong
+    with pytest.raises(CaptureError, match=r"torch\.Tensor\.to_sparse.*sparse_coo"):
+        compile_fn(lambda t: t.to_sparse().to_dense())(x)
+
+
+def test_output_requiring_grad_without_an_input_requiring_grad_is_a_capture_error():
+    def fn(x):
+        return torch.ones(3, requires_grad=True) * x
+
+    assert fn(torch.randn(3)).requires_grad  # eager
+    with pytest.raises(CaptureError, match="flat output 0 requires grad"):
+        compile_fn(fn)(torch.randn(3))
+
+
+def test_runtime_refuses_an_output_that_lost_requires_grad():
+    # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
+    captured = capture(lambda x: x * 2, [torch.randn(3)])
+    captured.metadata.outputs[0].requires_grad = True
+    runtime = CompiledRuntime(captured.metadata, nop(captured.graph, captured.primals))
+    with pytest.raises(RuntimeError, match="without grad"):
+        runtime(torch.randn(3))
+    with torch.no_grad():  # no gradients expected there: nothing to check
+        assert runtime(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_trace_that_loses_requires_grad_is_a_capture_error():
+    from aotcache.aot.capture import _check_traced_outputs_require_grad
+
+    _check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0])
+    with pytest.raises(CaptureError, match="forward output 1 requires grad"):
+        _check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clear errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sparse_csr_input_is_a_capture_error_naming_argument_and_layout():
+    csr = torch.eye(3).to_sparse_csr()
+    with pytest.raises(CaptureError, match=r"flat argument 1 .*torch\.sparse_csr"):
+        compile_fn(lambda x, s: x + s.to_dense())(torch.randn(3, 3), csr)
+    with pytest.raises(CaptureError, match=r"flat argument 0 .*torch\.sparse_csr"):
+        capture(lambda s: s * 2, [csr])
+
+
+def test_tensor_split_with_tensor_indices_is_a_data_dependent_capture_error():
+    with pytest.raises(CaptureError, match=r"torch\.tensor_split.*data-dependent"):
+        compile_fn(lambda x, i: torch.tensor_split(x, i))(torch.randn(6), torch.tensor([1, 3]))
+    pieces = compile_fn(lambda x: torch.tensor_split(x, [1, 3]))(torch.arange(6.0))  # ints are fine
+    assert [p.tolist() for p in pieces] == [[0.0], [1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_resize_of_a_symbolic_intermediate_is_a_capture_error_with_dynamic():
+    def fn(x):
+        y = x.clone()
+        y.resize_(2)
+        return y + 1
+
+    assert compile_fn(fn)(torch.ones(4)).tolist() == [2.0, 2.0]  # static shapes: supported
+    with pytest.raises(CaptureError, match=r"resize_\(\).*dynamic=True"):
+        compile_fn(fn, dynamic=True)(torch.ones(4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Effectful ops (NOTE [Effect tokens])
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_linalg_inv_matches_eager_values_and_gradients():
+    a = torch.randn(3, 3) + 3 * torch.eye(3)
+    x, x_ref = a.clone().requires_grad_(), a.clone().requires_grad_()
+    out = compile_fn(torch.linalg.inv)(x)
+    expected = torch.linalg.inv(x_ref)
+    torch.testing.assert_close(out, expected)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_linalg_errors_of_eager_are_kept(requires_grad):
+    compiled = compile_fn(torch.linalg.inv)
+    compiled(torch.eye(3, requires_grad=requires_grad))
+    with pytest.raises(torch.linalg.LinAlgError, match="singular"):
+        compiled(torch.zeros(3, 3, requires_grad=requires_grad))
+    cholesky = compile_fn(torch.linalg.cholesky)
+    cholesky(torch.eye(2, requires_grad=requires_grad))
+    with pytest.raises(torch.linalg.LinAlgError, match="positive-definite"):
+        cholesky((-torch.eye(2)).requires_grad_(requires_grad))
+    assert compiled.num_compiles == 1 and cholesky.num_compiles == 1
+
+
+def test_effect_token_is_an_extra_forward_output():
+    captured = capture(torch.linalg.inv, [torch.eye(3)])
+    targets = [node.target for node in captured.graph.graph.nodes if node.op == "call_function"]
+    assert torch.ops.higher_order.with_effects in targets
+    assert captured.metadata.num_extra_outputs == 1
+
+
+def test_linalg_check_survives_the_inductor_compiler():
+    compiled = aot_function(lambda m: torch.linalg.inv(m) * 2, "inductor", cache=False)
+    torch.testing.assert_close(compiled(2 * torch.eye(2)), torch.eye(2))
+    with pytest.raises(torch.linalg.LinAlgError):
+        compiled(torch.zeros(2, 2))

@@ -1,0 +1,257 @@
+"""Runtime: mutation epilogue, view regeneration, non-tensor outputs, autograd behaviour; all against eager."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from aotcache.aot import (
+    CompiledRuntime,
+    DoubleBackwardError,
+    RuntimeMetadata,
+    aot_function,
+    aot_module,
+)
+
+
+def graph_compiler(gm, example_inputs):
+    return gm
+
+
+def compile_fn(fn, **kwargs):
+    return aot_function(fn, graph_compiler, **kwargs)
+
+
+def clone_args(args):
+    return [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_user_input_mutation_is_applied_to_the_real_input():
+    def fn(x, y):
+        x.add_(1)
+        y.mul_(y)
+        return x * 2
+
+    args = [torch.randn(3), torch.randn(3)]
+    ref_args = clone_args(args)
+    out = compile_fn(fn)(*args)
+    ref = fn(*ref_args)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(args, ref_args)
+
+
+def test_mutation_of_a_non_leaf_that_requires_grad_matches_eager_grads():
+    def fn(x):
+        x.mul_(2)
+        return (x * x).sum()
+
+    leaf = torch.randn(3, requires_grad=True)
+    leaf_ref = leaf.detach().clone().requires_grad_()
+    x, x_ref = leaf * 1, leaf_ref * 1
+    compile_fn(fn)(x).backward()
+    fn(x_ref).backward()
+    torch.testing.assert_close(x, x_ref)
+    torch.testing.assert_close(leaf.grad, leaf_ref.grad)
+
+
+def test_batchnorm_running_stats_are_updated_in_training_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    reference = copy.deepcopy(model)
+    compiled = aot_module(model, graph_compiler)
+    for _ in range(2):
+        inp = torch.randn(8, 4)
+        out, ref = compiled(inp), reference(inp)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref)
+    bn, bn_ref = model[1], reference[1]
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 2
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
+    assert compiled.compiled.num_compiles == 1
+
+
+def test_view_outputs_are_real_views_of_the_real_input():
+    def fn(x):
+        return x.view(-1), x[0], x.t()[1:], x * 2
+
+    x = torch.randn(3, 4, requires_grad=True)
+    flat, row, sliced, doubled = compile_fn(fn)(x)
+    for view in (flat, row, sliced):
+        assert view._base is x
+        assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    ref = fn(x.detach())
+    for got, want in zip((flat, row, sliced, doubled), ref):
+        torch.testing.assert_close(got.detach(), want)
+    (flat.sum() + row.sum() * 2 + sliced.sum() * 3).backward()
+    expected = torch.ones(3, 4)
+    expected[0] += 2
+    expected[:, 1:] += 3  # x.t()[1:] is columns 1.. of x
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_view_of_a_mutated_input_sees_the_mutation():
+    def fn(x):
+        x.add_(10)
+        return x.view(-1)
+
+    x = torch.zeros(2, 2)
+    out = compile_fn(fn)(x)
+    assert out._base is x
+    x[0, 0] = -1.0  # a write through the input is visible in the returned view, as in eager
+    assert out[0].item() == -1.0 and out[1].item() == 10.0
+
+
+def test_returning_an_input_returns_the_same_object():
+    x = torch.randn(3, requires_grad=True)
+    out, doubled = compile_fn(lambda t: (t, t * 2))(x)
+    assert out is x
+    torch.testing.assert_close(doubled, x.detach() * 2)
+
+
+def test_outputs_aliasing_other_outputs_are_views():
+    def fn(x):
+        y = x * 2
+        return y, y.view(-1), y[1]
+
+    x = torch.randn(2, 3, requires_grad=True)
+    y, flat, row = compile_fn(fn)(x)
+    assert flat._base is y and row._base is y
+    (flat.sum() + row.sum()).backward()
+    expected = torch.full((2, 3), 2.0)
+    expected[1] += 2
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_non_tensor_outputs_and_nested_structures():
+    def fn(x, scale):
+        return {"out": x * scale, "meta": (x.shape[0], None, "tag", [1.5, True])}
+
+    x = torch.randn(3, 2)
+    result = compile_fn(fn)(x, 2.0)
+    assert result["meta"] == (3, None, "tag", [1.5, True])
+    torch.testing.assert_close(result["out"], x * 2.0)
+
+
+def test_mixed_requires_grad_inputs():
+    def fn(a, b, c):
+        return (a * b + c.sin()).sum()
+
+    args = [torch.randn(3, requires_grad=True), torch.randn(3), torch.randn(3, requires_grad=True)]
+    ref_args = clone_args(args)
+    compile_fn(fn)(*args).backward()
+    fn(*ref_args).backward()
+    assert args[1].grad is None
+    torch.testing.assert_close(args[0].grad, ref_args[0].grad)
+    torch.testing.assert_close(args[2].grad, ref_args[2].grad)
+
+
+def test_retain_graph_allows_a_second_backward():
+    x = torch.randn(4, requires_grad=True)
+    loss = compile_fn(lambda t: t.sin().sum())(x)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+
+
+def test_second_backward_without_retain_graph_raises():
+    x = torch.randn(4, requires_grad=True)
+    loss = compile_fn(lambda t: t.sin().sum())(x)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        loss.backward()
+
+
+def test_no_grad_call_uses_the_inference_graph():
+    graphs: list = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = aot_function(lambda t: t.exp(), compiler)
+    x = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        out = compiled(x)
+    assert not out.requires_grad
+    assert len(graphs) == 1  # one inference graph, no backward
+    assert not any(n.name.startswith("tangents") for n in graphs[0].graph.nodes)
+    assert compiled(x).requires_grad  # grad mode on: a new (training) signature
+    assert compiled.num_compiles == 2
+
+
+def test_outputs_unused_in_the_loss_get_zero_tangents():
+    def fn(x):
+        return x.sin(), x.cos(), x * 3
+
+    x = torch.randn(5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    outs = compile_fn(fn)(x)
+    ref = fn(x_ref)
+    outs[1].sum().backward()
+    ref[1].sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_non_contiguous_incoming_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compile_fn(lambda t: (t * 2).t())(x)
+    out.backward(torch.ones(1, 1).expand(4, 3))
+    torch.testing.assert_close(x.grad, torch.full((3, 4), 2.0))
+
+
+def test_double_backward_raises_a_clear_error():
+    x = torch.randn(3, requires_grad=True)
+    y = compile_fn(lambda t: t.pow(3).sum())(x)
+    # the compiled backward is not differentiable: asking for a differentiable gradient fails right away
+    with pytest.raises(DoubleBackwardError, match="double backward"):
+        torch.autograd.grad(y, x, create_graph=True)
+
+
+def test_random_ops_have_the_right_distribution():
+    compiled = compile_fn(lambda t: t + torch.rand_like(t))
+    first, second = compiled(torch.zeros(1000)), compiled(torch.zeros(1000))
+    assert 0 <= float(first.min()) and float(first.max()) < 1
+    assert 0.4 < float(first.mean()) < 0.6
+    assert not torch.equal(first, second)  # fresh randomness per call
+
+
+def test_runtime_rebuilt_from_json_metadata_runs_the_same():
+    def fn(x, buf):
+        buf.add_(1)
+        return x.view(-1), (x * buf).sum()
+
+    compiled = compile_fn(fn)
+    x = torch.randn(2, 3, requires_grad=True)
+    compiled(x, torch.zeros(3))
+    (runtime,) = [r for entries in compiled._entries.values() for r in entries]
+    metadata = RuntimeMetadata.from_json(json.loads(json.dumps(runtime.metadata.to_json())))
+    rebuilt = CompiledRuntime(metadata, runtime.forward, runtime.backward)
+    buf = torch.zeros(3)
+    x2 = x.detach().clone().requires_grad_()
+    view, loss = rebuilt(x2, buf)
+    loss.backward()
+    assert view._base is x2
+    torch.testing.assert_close(buf, torch.ones(3))
+    torch.testing.assert_close(x2.grad, torch.ones(2, 3))
+
+
+def test_saved_input_that_the_epilogue_mutates_keeps_its_old_value_for_backward():
+    # min-cut may save the primal ``buf`` and recompute ``buf + 1`` in the backward: the saved value must be
+    # the one from before the mutation epilogue overwrites ``buf``
+    from aotcache.aot.partition import min_cut_rematerialization_partition
+
+    def fn(w, buf):
+        buf.add_(1)
+        return (w * buf).sum()
+
+    w, buf = torch.randn(3, requires_grad=True), torch.randn(3)
+    original = buf.clone()
+    compile_fn(fn, partition_fn=min_cut_rematerialization_partition)(w, buf).backward()
+    torch.testing.assert_close(w.grad, original + 1)
+    torch.testing.assert_close(buf, original + 1)

@@ -1,0 +1,108 @@
+"""``torch.compile(backend="aotcache")``: trains like eager, and a second process starts without compiling."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from aotcache.autograd_cache.cache import AOTAutogradCache
+from aotcache.backend import aotcache_backend, default_compiler_name
+from aotcache.store.factory import open_tiers
+from tests.conftest import run_python
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def train(model, step_fn, steps=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    data = [torch.randn(6, 4) for _ in range(steps)]
+    losses = []
+    for x in data:
+        loss = step_fn(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_backend_is_registered_by_name():
+    from torch._dynamo.backends.registry import list_backends
+
+    assert "aotcache" in list_backends(exclude_tags=())
+
+
+def test_trains_like_eager_and_second_compile_hits():
+    torch._dynamo.reset()
+    eager_model, compiled_model = make_model(), make_model()
+    eager_losses = train(eager_model, eager_model)
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+    backend = functools.partial(aotcache_backend, compiler="nop", cache=cache)
+    compiled_losses = train(compiled_model, torch.compile(compiled_model, backend=backend))
+    torch.testing.assert_close(compiled_losses, eager_losses)
+    for eager_param, compiled_param in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(compiled_param, eager_param)
+    assert cache.stats()["compile"] == 1 and cache.stats()["miss"] == 1
+    [listing] = cache.list_entries()
+    assert listing.manifest["summary"]["source"] == "torch.compile"
+
+    torch._dynamo.reset()  # Dynamo traces again; the cache hands back the compiled graphs
+    again = make_model()
+    train(again, torch.compile(again, backend=backend), steps=1)
+    assert cache.stats()["hit"] == 1 and cache.stats()["compile"] == 1
+
+
+def test_options_are_validated():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown options"):
+        aotcache_backend(gm, [torch.randn(1, 2)], options={"compilr": "nop"})
+    with pytest.raises(ValueError, match="unknown compiler"):
+        aotcache_backend(gm, [torch.randn(1, 2)], compiler="fast")
+    with pytest.raises(ValueError, match="unknown partition"):
+        aotcache_backend(gm, [torch.randn(1, 2)], compiler="nop", partition="best")
+
+
+def test_default_compiler_follows_cxx_availability(monkeypatch):
+    from aotcache import backend
+
+    backend._cxx_available.cache_clear()
+    assert default_compiler_name() == "inductor"  # g++ is installed here
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    backend._cxx_available.cache_clear()
+    try:
+        assert default_compiler_name() == "nop"
+    finally:
+        backend._cxx_available.cache_clear()
+
+
+TRAIN_IN_FRESH_PROCESS = """
+import json, torch
+from aotcache.autograd_cache.cache import default_cache
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+compiled = torch.compile(model, backend="aotcache", options={"compiler": "nop", "partition": "min_cut"})
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+torch.manual_seed(1)
+losses = []
+for _ in range(3):
+    loss = compiled(torch.randn(6, 4)).pow(2).mean()
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    losses.append(loss.item())
+print(json.dumps({"losses": losses, "weight": model[0].weight.sum().item(), **default_cache().stats()}))
+"""
+
+
+def test_second_process_hits_with_zero_compiles():
+    cold = json.loads(run_python(TRAIN_IN_FRESH_PROCESS).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(TRAIN_IN_FRESH_PROCESS).stdout.strip().splitlines()[-1])
+    assert cold["compile"] == 1 and cold["saved"] == 1
+    assert warm["compile"] == 0 and warm["hit"] == 1 and warm["miss"] == 0
+    assert warm["losses"] == cold["losses"] and warm["weight"] == cold["weight"]

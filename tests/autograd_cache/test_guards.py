@@ -1,0 +1,147 @@
+"""Dynamic-shape guards: produced from a ShapeEnv, evaluated on real sizes, never executed as Python."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from aotcache.autograd_cache.guards import (
+    GuardExpressionError,
+    describe_inputs,
+    evaluate_guards,
+    find_shape_env,
+    produce_guards_expression,
+    symbolic_inputs,
+    validate_guards_expression,
+)
+
+
+def size_dependent(x, y):
+    if x.shape[0] > 4:
+        return (x * 2).sum(0) + y[: x.shape[0] // 2].sum()
+    return x + 1
+
+
+def symbolic_trace(fn, *example_inputs):
+    gm = make_fx(fn, tracing_mode="symbolic")(*example_inputs)
+    return gm, symbolic_inputs(gm, list(example_inputs))
+
+
+def test_guards_from_make_fx_symbolic_trace():
+    gm, inputs = symbolic_trace(size_dependent, torch.randn(8, 3), torch.randn(10))
+    expression = produce_guards_expression(inputs)
+    assert expression is not None and "L['t0'].size()[0]" in expression
+    validate_guards_expression(expression)
+
+    assert evaluate_guards(expression, [torch.randn(8, 3), torch.randn(10)])
+    assert evaluate_guards(expression, [torch.randn(6, 7), torch.randn(3)])  # another shape, same branch
+    assert not evaluate_guards(expression, [torch.randn(4, 3), torch.randn(10)])  # the other branch of `if`
+    assert not evaluate_guards(expression, [torch.randn(12, 3), torch.randn(5)])  # y too short for the slice
+
+
+def test_guards_from_dynamo_dynamic_shape_env():
+    captured = []
+
+    def capture(gm, example_inputs):
+        # Where each placeholder comes from: ("x", None) for a tensor, ("x", 0) for its size 0 (Dynamo passes
+        # symbolic sizes as inputs too). Read now: Dynamo clears this meta after the backend returns.
+        origins = []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                source = node.meta["grapharg"].source
+                origins.append((source.local_name, None) if hasattr(source, "local_name")
+                               else (source.base.local_name, source.idx))
+        captured.append((gm, list(example_inputs), origins))
+        return gm.forward
+
+    def fn(x, y):
+        if x.shape[0] % 2 == 0:
+            return x.sum(0) + y[: max(x.shape[0] // 2, 2)].sum()
+        return x.sum(0)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend=capture, dynamic=True)(torch.randn(8, 3), torch.randn(10))
+    finally:
+        torch._dynamo.reset()
+    gm, example_inputs, origins = captured[0]
+    inputs = symbolic_inputs(gm, example_inputs)
+    assert find_shape_env(inputs) is not None
+    expression = produce_guards_expression(inputs)
+    assert expression is not None
+
+    def real_inputs(rows, length):
+        # Dynamo's graph takes the SymInt sizes as inputs too: rebuild them from real tensors in graph order.
+        tensors = {"x": torch.randn(rows, 3), "y": torch.randn(length)}
+        return [tensors[name] if dim is None else tensors[name].shape[dim] for name, dim in origins]
+
+    assert evaluate_guards(expression, real_inputs(8, 10))
+    assert evaluate_guards(expression, real_inputs(12, 7))
+    assert not evaluate_guards(expression, real_inputs(7, 10))  # odd: the other branch
+    assert not evaluate_guards(expression, real_inputs(12, 3))  # slice would be longer than y
+
+
+def test_static_inputs_have_no_guards():
+    assert produce_guards_expression([torch.randn(3), 4]) is None
+    assert evaluate_guards(None, [torch.randn(3)])
+    assert evaluate_guards("", [])
+
+
+def test_symbols_described_by_position_not_value():
+    gm, inputs = symbolic_trace(lambda x, y: x + y, torch.randn(8, 3), torch.randn(8, 3))
+    described = describe_inputs(inputs)
+    assert described[0]["shape"] == ["L['t0'].size()[0]", "L['t0'].size()[1]"]
+    # duck sizing made both inputs share symbols: the second input names the first one's locations
+    assert described[1]["shape"] == ["L['t0'].size()[0]", "L['t0'].size()[1]"]
+    assert described[0]["stride"] == ["L['t0'].size()[1]", 1]
+    text = repr(described)
+    assert "8" not in text and "s0" not in text
+
+
+def test_handwritten_expressions_in_both_spellings():
+    x, y = torch.randn(6, 4), torch.randn(3)
+    assert evaluate_guards("Eq(Mod(L['t0'].size()[0], 2), 0) and Ne(L['t1'].size()[0], 1)", [x, y])
+    assert evaluate_guards("2 <= L['t0'].size()[0] <= 8 and max(L['t0'].size()[1], 3) == 4", [x, y])
+    assert evaluate_guards("math.floor(L['t0'].size()[0] / 4) == 1 and abs(-L['t2']) == 5", [x, y, 5])
+    assert not evaluate_guards("L['t0'].stride()[0] != L['t0'].size()[1] or L['t0'].storage_offset() > 0",
+                               [x, y])
+    assert evaluate_guards("not (L['t1'].size()[0] % 2 == 0)", [x, y])
+
+
+@pytest.mark.parametrize("malicious", [
+    "__import__('os').system('touch {marker}')",
+    "L['t0'].__class__.__mro__[1].__subclasses__()",
+    "(lambda: __import__('os').system('touch {marker}'))()",
+    "[c for c in ().__class__.__bases__[0].__subclasses__()]",
+    "L['t0'].size.__self__",
+    "open('{marker}', 'w')",
+    "L['__builtins__']",
+    "getattr(L['t0'], 'size')()[0] == 1",
+    "math.__dict__",
+    "torch.ops.aten",
+    "L['t0'].size(0) == 3",
+    "2 ** (10 ** 10) > 1",
+    "'a' * 10 == 'aaa'",
+])
+def test_malicious_expressions_are_rejected_without_running(malicious, tmp_path):
+    marker = tmp_path / "pwned"
+    expression = malicious.format(marker=marker)
+    with pytest.raises(GuardExpressionError):
+        validate_guards_expression(expression)
+    with pytest.raises(GuardExpressionError):
+        evaluate_guards(expression, [torch.randn(3, 3)])
+    assert not marker.exists()
+
+
+def test_expressions_that_do_not_fit_the_inputs_are_errors():
+    with pytest.raises(GuardExpressionError, match="refers to input 3 but only 1"):
+        evaluate_guards("L['t3'].size()[0] == 2", [torch.randn(2)])
+    with pytest.raises(GuardExpressionError, match="rank-1 input"):
+        evaluate_guards("L['t0'].size()[4] == 2", [torch.randn(2)])
+    with pytest.raises(GuardExpressionError, match="non-tensor input"):
+        evaluate_guards("L['t0'].size()[0] == 2", [3])
+    with pytest.raises(GuardExpressionError, match="not valid syntax"):
+        evaluate_guards("L['t0'] ==", [3])
+    with pytest.raises(GuardExpressionError, match="division by zero"):
+        evaluate_guards("L['t0'] // 0 == 1", [3])

@@ -1,0 +1,79 @@
+"""The inductor compiler: a real Inductor compile (slow), the boxed-call convention, and a fresh-process load
+that reuses the carried kernel libraries instead of compiling them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aotcache.compilers import get_compiler, unpack_artifact
+from aotcache.compilers.inductor import decompositions, inductor_compiler
+from tests.compilers.graphs import REFERENCE_SOURCE, example_args, traced, with_constant
+from tests.conftest import run_python
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compiled_and_args():
+    args = example_args()
+    gm = traced(with_constant, args, decompositions=decompositions())
+    return inductor_compiler(gm, args, options={"max_autotune": False}), args
+
+
+def test_matches_eager_and_leaves_arguments_alone(compiled_and_args):
+    compiled, args = compiled_and_args
+    boxed = list(args)
+    got = compiled.run(boxed)
+    assert len(boxed) == 2 and boxed[0] is args[0]
+    for g, w in zip(got, with_constant(*args)):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(compiled(*args), with_constant(*args)):
+        torch.testing.assert_close(g, w)
+
+
+def test_arguments_with_other_strides_are_restrided(compiled_and_args):
+    """The wrapper asserts the example strides; an argument laid out otherwise is copied, not rejected."""
+    compiled, args = compiled_and_args
+    transposed = args[0].t().contiguous().t()  # same values and shape, strides (1, 4)
+    assert transposed.stride() != args[0].stride()
+    for g, w in zip(compiled(transposed, args[1]), with_constant(*args)):
+        torch.testing.assert_close(g, w)
+    assert unpack_artifact(compiled.artifact()).meta["input_layouts"] == [{"stride": [8, 1]}, {"stride": [8, 1]}]
+
+
+def test_artifact_carries_wrapper_and_kernels(compiled_and_args):
+    compiled, _ = compiled_and_args
+    artifact = unpack_artifact(compiled.artifact())
+    assert "def call(" in artifact.blobs["wrapper.py"].decode()
+    assert artifact.meta["kernels"] and all(name.endswith(".so") for name in artifact.meta["kernels"])
+    assert artifact.meta["constants"]  # the bias tensor
+    assert get_compiler("inductor") is inductor_compiler
+
+
+def test_decompositions_are_inductors():
+    table = decompositions()
+    assert torch.ops.aten.addmm.default not in table or callable(table[torch.ops.aten.addmm.default])
+    assert len(table) > 100
+
+
+def test_fresh_process_load_compiles_no_kernel(compiled_and_args, tmp_path):
+    compiled, args = compiled_and_args
+    artifact_path = tmp_path / "inductor.bin"
+    artifact_path.write_bytes(compiled.artifact())
+    torch.save(args, tmp_path / "args.pt")
+    inductor_dir = tmp_path / "inductor_cache"
+    proc = run_python(REFERENCE_SOURCE + f'''
+import pathlib
+from aotcache.compilers import load_artifact, unpack_artifact
+blob = open({str(artifact_path)!r}, "rb").read()
+args = torch.load({str(tmp_path / "args.pt")!r})
+got = load_artifact(blob)(*args)
+for g, w in zip(got, with_constant(*args)):
+    torch.testing.assert_close(g, w)
+libraries = sorted(p.relative_to({str(inductor_dir)!r}).as_posix()
+                   for p in pathlib.Path({str(inductor_dir)!r}).rglob("*.so"))
+assert libraries == sorted(unpack_artifact(blob).meta["kernels"]), libraries
+print("no kernel compiled")
+''', env={"TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)})
+    assert "no kernel compiled" in proc.stdout

@@ -1,0 +1,54 @@
+"""Input-stride expectations of compiled graphs and the restriding safety net (no compile needed)."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from aotcache.compilers.input_layout import conform_inputs, dense_strides, expected_layout, expected_layouts
+
+
+def test_static_expectation_is_the_example_strides() -> None:
+    example = torch.randn(3, 4).t()
+    assert expected_layout(example) == {"stride": [1, 4]}
+    assert expected_layouts([example, 2, None]) == [{"stride": [1, 4]}, None, None]
+
+
+def test_matching_arguments_are_passed_through_and_others_copied_to_the_expected_strides() -> None:
+    contiguous = torch.randn(4, 3)
+    transposed = torch.randn(3, 4).t()  # same shape, strides (1, 4)
+    layouts = expected_layouts([contiguous, 7])
+    kept = conform_inputs([contiguous, 7], layouts)
+    assert kept[0] is contiguous and kept[1] == 7
+    args = [transposed, 7]
+    conformed = conform_inputs(args, layouts)
+    assert conformed[0].stride() == (3, 1) and torch.equal(conformed[0], transposed)
+    assert args[0] is transposed  # the caller's list is left alone
+
+
+def test_strides_of_size_one_dimensions_are_not_a_mismatch() -> None:
+    example = torch.randn(1, 5)
+    odd = torch.empty_strided((1, 5), (1, 1)).copy_(example)
+    assert conform_inputs([odd], expected_layouts([example]))[0] is odd
+
+
+def test_symbolic_dense_inputs_expect_strides_from_their_sizes() -> None:
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    channels_last = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    fake = fake_mode.from_tensor(channels_last)  # symbolic sizes, channels-last strides
+    assert any(isinstance(size, torch.SymInt) for size in fake.shape)
+    layout = expected_layout(fake)
+    assert layout == {"order": [0, 2, 3, 1]}
+    other_sizes = torch.randn(3, 3, 6, 2)  # contiguous: must become channels-last for these sizes
+    (conformed,) = conform_inputs([other_sizes], [layout])
+    assert conformed.stride() == dense_strides((3, 3, 6, 2), [0, 2, 3, 1]) == (36, 1, 6, 3)
+    assert torch.equal(conformed, other_sizes)
+
+
+def test_symbolic_inputs_that_are_not_dense_are_unchecked() -> None:
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    sliced = fake_mode.from_tensor(torch.randn(6, 4)[:, ::2])
+    assert expected_layout(sliced) is None
+    value = torch.randn(3, 2)
+    assert conform_inputs([value], [None])[0] is value
