@@ -473,7 +473,8 @@ class Reachable:
             module = sys.modules.get(module_name)
             token = _unloaded_module_token(module_name) if module is None else self._global_token(module, names)
             referenced.append(f"import {module_name}={token}")
-        cells = [self.ref(_cell_contents(cell)) for cell in (fn.__closure__ or ())]
+        # a module in a closure cell is read like a module global: through the attribute names the code uses
+        cells = [self._global_token(_cell_contents(cell), names) for cell in (fn.__closure__ or ())]
         attributes = {k: v for k, v in fn.__dict__.items() if not k.startswith("__aotcache")}
         return (f"fn {self._code_digest(code)} defaults={self.ref(fn.__defaults__ or ())} "
                 f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "

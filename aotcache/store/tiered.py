@@ -34,9 +34,9 @@ __all__ = ["TieredCache", "ReadOnly", "WRITE_POLICIES"]
 
 T = TypeVar("T")
 
-#: ``"all"``: write through to every writable tier; ``insert`` returns True if at least one tier stored the
-#: value now. ``"require_all"``: also write to every writable tier, but ``insert`` returns True only if at
-#: least one tier stored it now *and* no tier failed (every tier holds the value afterwards).
+#: ``"all"``: write through the writable tiers (slowest first, see NOTE [insert-once across tiers]);
+#: ``insert`` returns True if at least one tier stored the value now and none already held the key.
+#: ``"require_all"``: the same writes, but True only if in addition no tier failed (every tier holds it).
 WRITE_POLICIES = ("all", "require_all")
 
 # Counters measured by the TieredCache around each tier call, vs. those taken from the tier's own stats.
@@ -294,12 +294,21 @@ class TieredCache(AsyncCache[Any, Any]):
                 self._counters.add_backfill(label)
 
     def insert(self, key: Any, value: Any) -> bool:
-        """Write ``value`` to every writable tier; a failing tier never stops the others.
+        """Write ``value`` through the writable tiers, slowest first; a failing tier never stops the others.
+
+        NOTE [insert-once across tiers]
+        The slowest tier (disk, Redis) is the authority on whether a key exists, so writes go slowest first,
+        and a tier that already holds the key (insert returned False without a fault) ends the write: the
+        faster tiers are left for ``get`` to backfill with the value already stored, so that a process whose
+        memory tier is empty cannot put a second value for the key in front of the first. The result is
+        False whenever some tier already held the key, like a single cache's ``insert``. Tiers slower than
+        the one holding the key (a Redis entry that expired, say) do receive this value: for a cache of
+        deterministic compilations the two are equivalent.
 
         Returns per ``write_policy`` (see ``WRITE_POLICIES``): with ``"all"`` True if at least one tier
-        stored it now; with ``"require_all"`` True only if, in addition, no tier failed. A tier's failure is
-        recognized when it raises, or when its ``stats.errors`` grew during the call (a tier that handled the
-        fault itself and returned False).
+        stored it now and none held it; with ``"require_all"`` True only if, in addition, no tier failed. A
+        tier held the key when its insert returned False and its ``stats.insert_conflicts`` grew; any other
+        False (a fault the tier handled itself, a Redis tier backing off) or a raise is a failure.
 
         :raises CacheError: the key or value is not serializable.
         """
@@ -307,23 +316,26 @@ class TieredCache(AsyncCache[Any, Any]):
         started = time.perf_counter()
         stored_any = False
         failed_any = False
-        for label, tier in zip(self.labels, self.tiers):
+        existed = False
+        for label, tier in reversed(list(zip(self.labels, self.tiers))):
             if isinstance(tier, ReadOnly):
                 continue
             measured = self._measured[label]
-            errors_before = tier.stats.errors
+            conflicts_before = tier.stats.insert_conflicts
             tier_started = time.perf_counter()
             stored = self._call_tier(label, tier, "insert", lambda tier=tier: tier.insert(key, value))
             measured.add(insert_seconds=time.perf_counter() - tier_started)
             if stored is True:
                 measured.add(inserts=1)
                 stored_any = True
-            elif stored is _FAILED or tier.stats.errors > errors_before:
-                failed_any = True
-            else:
+            elif stored is not _FAILED and tier.stats.insert_conflicts > conflicts_before:
                 measured.add(insert_conflicts=1)
-        result = stored_any and not (failed_any and self.write_policy == "require_all")
-        self.stats.add(inserts=1 if stored_any else 0, insert_conflicts=0 if stored_any or failed_any else 1,
+                existed = True
+                break
+            else:  # raised, counted a fault, or skipped (a Redis tier backing off): not stored there
+                failed_any = True
+        result = stored_any and not existed and not (failed_any and self.write_policy == "require_all")
+        self.stats.add(inserts=1 if stored_any else 0, insert_conflicts=1 if existed else 0,
                        errors=1 if failed_any else 0, insert_seconds=time.perf_counter() - started)
         return result
 

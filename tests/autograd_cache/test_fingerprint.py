@@ -228,6 +228,49 @@ def test_code_fingerprint_of_functions():
     assert trusted(code_fingerprint(functools.partial(first))) == trusted(code_fingerprint(functools.partial(first)))
 
 
+def test_custom_op_called_through_torch_ops_is_part_of_the_fingerprint():
+    @torch.library.custom_op("aotk_fp::shift", mutates_args=())
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    @shift.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    def fn(x):
+        return torch.ops.aotk_fp.shift(x) * 2
+
+    base = trusted(function_fingerprint(fn, X))
+    assert trusted(function_fingerprint(fn, X)) == base
+
+    @shift.register_kernel("cpu")
+    def _(x):
+        return x + 2  # an edited kernel: the captured graph is the same, its behaviour is not
+
+    assert trusted(function_fingerprint(fn, X)) != base
+
+
+class Doubler:
+    def __init__(self):
+        self.factor = 2
+
+    def apply(self, x):
+        return x * self.factor
+
+
+def test_constructor_of_a_class_the_code_calls_is_part_of_the_fingerprint(monkeypatch):
+    def fn(x):
+        return Doubler().apply(x)
+
+    base = trusted(function_fingerprint(fn, X))
+
+    def tripling_init(self):
+        self.factor = 3
+
+    monkeypatch.setattr(Doubler, "__init__", tripling_init)
+    assert trusted(function_fingerprint(fn, X)) != base
+
+
 # ----------------------------------------------------------------------------------------------------
 # Untrusted: the cheap form cannot see it, the caller captures instead
 # ----------------------------------------------------------------------------------------------------
