@@ -150,7 +150,7 @@ class CacheKey:
 # ----------------------------------------------------------------------------------------------------
 
 
-def unhashable(what: str, exc: reachable.Untrusted) -> BypassAOTAutogradCache:
+def _unhashable(what: str, exc: reachable.Untrusted) -> BypassAOTAutogradCache:
     """The bypass for a ``what`` (e.g. "compiler") whose code or state the walker could not write down."""
     where = f" (in {exc.where})" if exc.where else ""
     return BypassAOTAutogradCache(f"unhashable {what}: {exc.reason}{where}")
@@ -165,7 +165,7 @@ def callable_digest(fn: Any, what: str = "callable") -> str:
     try:
         return reachable.value_digest(fn)
     except reachable.Untrusted as exc:
-        raise unhashable(what, exc) from None
+        raise _unhashable(what, exc) from None
 
 
 def _type_name(cls: type) -> str:
@@ -252,7 +252,7 @@ class _GraphCanonicalizer:
             try:
                 digest = custom_op_digest(target)
             except reachable.Untrusted as exc:
-                raise unhashable(f"custom op {name}", exc) from None
+                raise _unhashable(f"custom op {name}", exc) from None
             if digest is not None:
                 self.result.custom_code[f"op:{name}"] = digest
             return name
@@ -448,7 +448,10 @@ def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return str(value)
     if isinstance(value, Mapping) and type(value) in (dict, collections.OrderedDict):
-        return {str(k): _json_value(v, f"{where}.{k}") for k, v in value.items()}
+        result = {str(k): _json_value(v, f"{where}.{k}") for k, v in value.items()}
+        if len(result) != len(value):  # {1: a, "1": b}: two entries would collapse into one
+            raise BypassAOTAutogradCache(f"unhashable option: {where}: keys that print alike")
+        return result
     if type(value) in (list, tuple):
         return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if type(value) in (set, frozenset):

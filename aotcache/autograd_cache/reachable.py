@@ -120,7 +120,7 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
     C++ operators from an installed package (``torchvision::nms``) hash the package version.
     :raises Untrusted: a registration cannot be written down, or the op has hidden Python kernels.
     """
-    if safety.is_torch_internal_namespace(str(op).split(".")[0]):
+    if safety.is_torch_internal_namespace(str(op).split(".")[0]) and safety.custom_op_implementations(op) is None:
         return None
     return value_digest(op)
 
@@ -351,16 +351,17 @@ class Reachable:
     def _op_token(self, op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str:
         """torch's operators by name; others with every registration (custom_op) or their distribution's version."""
         namespace = str(op).split(".")[0]
-        if safety.is_torch_internal_namespace(namespace):
-            return f"op:{op}"
-        try:
-            safety.check_operator_safe(op)  # Python kernels hidden in the dispatcher cannot be read
-        except BypassAOTAutogradCache as exc:
-            raise Untrusted(exc.reason) from None
-        schema = str(getattr(op, "_schema", ""))
         registrations = safety.custom_op_implementations(op)
-        if registrations is None:  # a C++ operator of an installed distribution (checked above)
-            return f"op:{op}:{schema}@{self._distribution_version(namespace)}"
+        if registrations is None:
+            if safety.is_torch_internal_namespace(namespace):
+                return f"op:{op}"
+            try:
+                safety.check_operator_safe(op)  # Python kernels hidden in the dispatcher cannot be read
+            except BypassAOTAutogradCache as exc:
+                raise Untrusted(exc.reason) from None
+            # a C++ operator of an installed distribution (checked above): its version
+            return f"op:{op}:{getattr(op, '_schema', '')}@{self._distribution_version(namespace)}"
+        schema = str(getattr(op, "_schema", ""))
         body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
         return f"op:{op}:{schema}{{{body}}}"
 
@@ -629,9 +630,10 @@ def _constant_token(value: Any) -> str:
 
 
 def _is_custom_op(value: Any) -> bool:
-    """An operator outside torch's own namespaces (its registrations decide what it does)."""
+    """An operator outside torch's own namespaces, or a custom_op (its registrations decide what it does)."""
     return isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and not (
-        safety.is_torch_internal_namespace(str(value).split(".")[0]))
+        safety.is_torch_internal_namespace(str(value).split(".")[0])
+        and safety.custom_op_implementations(value) is None)
 
 
 def _cell_contents(cell: types.CellType) -> Any:

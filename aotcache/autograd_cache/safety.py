@@ -50,11 +50,15 @@ class BypassAOTAutogradCache(Exception):
         self.reason = reason
 
 
-# Operator namespaces whose kernels ship with torch itself (covered by the torch version in the key).
+# Operator namespaces whose kernels ship with torch itself (covered by the torch version in the key): those
+# registered by `import torch` and by torch._inductor (Inductor's decomposition table reaches, e.g., sparse::).
+# A torch.library.custom_op defined in one of them is still hashed by its registrations.
 _TORCH_INTERNAL_NAMESPACES = frozenset({
     "aten", "prims", "rngprims", "quantized", "_quantized", "quantized_decomposed", "profiler", "inductor",
     "debugprims", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "c10d", "_dtensor",
-    "mkldnn", "mkl", "onednn", "_nested_tensor", "fsdp", "streams", "_test",
+    "mkldnn", "mkl", "onednn", "_nested_tensor", "fsdp", "streams", "_test", "_native", "sparse", "export",
+    "inductor_prims", "mkldnn_prepacked", "quantization", "static_runtime", "symm_mem", "debug_mode_ops",
+    "onnx", "onnx_symbolic", "flex_lib", "_inductor_test",
 })
 
 # Private torch functions that Dynamo puts into graphs and whose arguments fully describe their effect.

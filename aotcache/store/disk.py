@@ -251,9 +251,7 @@ class OnDiskCache(AsyncCache[K, V]):
             return _MISS
         blob, seen_last_access = found
         try:
-            head_length = frame.read_header(blob).body_offset + len(encoded)  # split as bytes: no view copies
-            value = frame.decode_split(blob[:head_length], blob[head_length:], secret=self._secret,
-                                       expected_key=encoded).value
+            value = frame.decode(blob, secret=self._secret, expected_key=encoded).value
         except frame.FrameError as exc:
             try:
                 removed = self._pack.discard(raw_digest, blob)

@@ -30,7 +30,7 @@ import hashlib
 import hmac
 import pickle
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -70,8 +70,9 @@ class FrameError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    """The fixed header's fields (a NamedTuple: built on every read, so it must be cheap)."""
+
     version: int
     flags: int
     key_length: int
@@ -92,8 +93,9 @@ class Header:
         return self.body_offset + self.key_length + self.payload_length
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
+    """A decoded frame: the encoded key, the value, and the header it carried."""
+
     key: bytes
     value: object  # bytes, or the unpickled object when the frame holds a pickled value
     header: Header
@@ -188,15 +190,20 @@ def decode_split(head: bytes | memoryview, payload: bytes | memoryview, *, secre
 
     :raises FrameError: as :func:`decode`.
     """
-    header = read_header(head)
-    key_start = header.body_offset
+    return _decode_parts(read_header(head), head, payload, secret, expected_key)
+
+
+def _decode_parts(header: Header, head: bytes | memoryview, payload: bytes | memoryview,
+                  secret: str | bytes | None, expected_key: bytes | None) -> Frame:
+    flags = header.flags
+    key_start = HEADER_SIZE + SIGNATURE_SIZE if flags & FLAG_SIGNED else HEADER_SIZE
     if len(head) != key_start + header.key_length or len(payload) != header.payload_length:
         raise FrameError("truncated", f"frame is {len(head) + len(payload)} bytes, header says "
                                       f"{header.frame_length}")
     zeroed_header = _zero_checksum(head)
     key_secret = _secret_bytes(secret)
     if key_secret is not None:
-        if not header.signed:
+        if not flags & FLAG_SIGNED:
             raise FrameError("unsigned", "a secret is configured and this entry carries no signature")
         mac = hmac.new(key_secret, zeroed_header, hashlib.sha256)
         mac.update(head[key_start:])
@@ -211,14 +218,14 @@ def decode_split(head: bytes | memoryview, payload: bytes | memoryview, *, secre
     key = bytes(head[key_start:])
     if expected_key is not None and key != expected_key:
         raise FrameError("key mismatch", "entry belongs to another key")
-    if header.flags & FLAG_ZSTD:
+    if flags & FLAG_ZSTD:
         try:
             payload = _zstd().ZstdDecompressor().decompress(payload, max_output_size=header.raw_length)
         except Exception as exc:  # zstandard.ZstdError and friends
             raise FrameError("decompress", str(exc)) from exc
     if len(payload) != header.raw_length:
         raise FrameError("truncated", "payload length differs from the recorded raw length")
-    if header.flags & FLAG_PICKLED:
+    if flags & FLAG_PICKLED:
         try:
             value: object = pickle.loads(payload)
         except Exception as exc:  # an unpicklable payload (class gone, corrupt) is a miss
@@ -240,4 +247,4 @@ def decode(blob: bytes | memoryview, *, secret: str | bytes | None = None,
     if len(view) != header.frame_length:
         raise FrameError("truncated", f"frame is {len(view)} bytes, header says {header.frame_length}")
     payload_start = header.body_offset + header.key_length
-    return decode_split(view[:payload_start], view[payload_start:], secret=secret, expected_key=expected_key)
+    return _decode_parts(header, view[:payload_start], view[payload_start:], secret, expected_key)

@@ -6,6 +6,8 @@ the disk tier (no memory tier), so a hit is a real load from bytes. The nop comp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -288,3 +290,91 @@ def test_export_import_and_clear(cache, tmp_path, monkeypatch):
     assert run(body, args, cache)[2].get("hit") == 1
     with pytest.raises(KeyError, match="no compiled-graph entry"):
         cache.export_entry("0" * 64)
+
+
+def test_public_hooks_count_record_hit_and_on_key():
+    from aotcache.aot.api import AOTOptions
+    from aotcache.autograd_cache.cache import CompileResult, LoadResult
+    from aotcache.autograd_cache.pipeline import compile_function_cached
+    from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"))  # with the default stats journal
+    cache.count(custom_event=2)
+    assert cache.counters["custom_event"] == 2 and cache.journal.pending()["autograd"]["custom_event"] == 2
+
+    args = inputs()
+    keys = []
+    options = AOTOptions(fw_compiler="nop")
+    compile_function_cached(cache, body, args, options, on_key=keys.append)
+    runtime = compile_function_cached(cache, body, args, options, on_key=keys.append)
+    [listing] = cache.list_entries()
+    assert [key.digest for key in keys] == [listing.digest, listing.digest]
+    assert cache.stats()["hit"] == 1
+    torch.testing.assert_close(runtime(*args), body(*args))
+
+    result = cache.try_load(keys[0], args)
+    assert result.hit and cache.stats()["hit"] == 1, "try_load counts nothing but faults"
+    assert cache.record_hit(result) is result.runtime
+    assert cache.stats()["hit"] == 2
+    assert cache.stats()["time_saved_s"] == pytest.approx(2 * result.entry.compile_seconds)
+    with pytest.raises(ValueError, match="record_hit needs a hit"):
+        cache.record_hit(LoadResult("miss"))
+
+    def bypassing_key():
+        raise BypassAOTAutogradCache("test reason")
+
+    seen = []
+    marker = object()
+    assert cache.load_or_compile(bypassing_key, lambda: CompileResult(marker), on_key=seen.append) is marker
+    assert seen == [] and cache.stats()["bypass_reasons"] == {"test reason": 1}
+
+
+EFFECTFUL_INVERSE = """
+import json, torch
+from aotcache.aot import aot_function
+from aotcache.autograd_cache.cache import default_cache
+
+def fn(x):
+    return torch.linalg.inv(x) * 2
+
+torch.manual_seed(0)
+x = (torch.randn(3, 3) + 3 * torch.eye(3)).requires_grad_()
+out = aot_function(fn, "nop")(x)
+out.sum().backward()
+reference = x.detach().clone().requires_grad_()
+fn(reference).sum().backward()
+torch.testing.assert_close(out, fn(reference))
+torch.testing.assert_close(x.grad, reference.grad)
+print(json.dumps({"out": out.tolist(), "grad": x.grad.tolist(), **default_cache().stats()}))
+"""
+
+
+def test_effectful_op_graph_is_stored_and_hits_in_a_fresh_process():
+    """``torch.linalg.inv`` traces to a ``with_effects`` node (effect token); the nop artifact stores it."""
+    from tests.conftest import run_python
+
+    cold = json.loads(run_python(EFFECTFUL_INVERSE).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(EFFECTFUL_INVERSE).stdout.strip().splitlines()[-1])
+    assert cold["bypass"] == 0 and cold["saved"] == 1 and cold["compile"] == 1
+    assert warm["hit"] == 1 and warm["compile"] == 0 and warm["load_error"] == 0
+    assert warm["out"] == cold["out"] and warm["grad"] == cold["grad"]
+
+
+def test_graph_form_names_only_allowlisted_higher_order_ops():
+    from aotcache.compilers.base import ArtifactError
+    from aotcache.compilers.graph_serde import GraphSerializationError, deserialize_graph, resolve_target, target_name
+
+    with_effects = torch.ops.higher_order.with_effects
+    assert target_name(with_effects) == "higher_order::with_effects"
+    assert resolve_target("higher_order::with_effects") is with_effects
+    with pytest.raises(GraphSerializationError, match="cannot store"):
+        target_name(torch.ops.higher_order.cond)
+    with pytest.raises(ArtifactError, match="not one of the storable"):
+        resolve_target("higher_order::cond")
+    # an operator passed as a value resolves from torch.ops only, never to a higher-order operator
+    nodes = [{"name": "x", "op": "placeholder", "target": "x"},
+             {"name": "y", "op": "call_function", "target": "aten::neg.default",
+              "args": {"tuple": [{"node": "x"}, {"op": "higher_order::with_effects"}]}, "kwargs": {"dict": []}},
+             {"name": "output", "op": "output", "args": {"tuple": [{"node": "y"}]}}]
+    with pytest.raises(ArtifactError, match="unknown operator"):
+        deserialize_graph({"format": 1, "nodes": nodes}, {})

@@ -265,6 +265,16 @@ def test_unhashable_decompositions_bypass_instead_of_crashing(tmp_path):
     assert isinstance(first, str) and first.startswith("table:")
 
 
+def test_inductor_decomposition_table_forwarded_by_a_wrapper_is_identified():
+    """GraphRecorder forwards Inductor's table: every function in it (torch's code) must be identifiable."""
+    from aotcache.compilers import get_compiler
+
+    recorder_compiler = GraphRecorder(get_compiler("inductor")).compiler_for("forward")
+    identity, table, recapture = decomposition_identity(AOTOptions(fw_compiler=recorder_compiler), {})
+    assert isinstance(identity, str) and identity.startswith("table:"), identity
+    assert len(table) > 100 and not recapture
+
+
 def test_size_limits_bypass_rather_than_truncate(monkeypatch):
     nested: list = []
     for _ in range(150):
