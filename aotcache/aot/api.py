@@ -119,7 +119,10 @@ class AOTOptions:
         """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""
         if self.decompositions is not None:
             return self.decompositions
-        provider = getattr(self.forward_compiler(), "decompositions", None)
+        compiler = self.forward_compiler()
+        while isinstance(compiler, functools.partial) and not hasattr(compiler, "decompositions"):
+            compiler = compiler.func  # partial(inductor_compiler, options=...) traces with Inductor's table
+        provider = getattr(compiler, "decompositions", None)
         return provider() if callable(provider) else None
 
 

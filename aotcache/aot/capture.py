@@ -98,7 +98,8 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, l
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
         return existing, fakes
     if not dynamic:
-        mode = FakeTensorMode(allow_non_fake_inputs=False)
+        # real tensors read from closures / globals become graph constants (NOTE [closed-over tensors])
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
         return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
                       for a in flat_args]
 
@@ -107,7 +108,7 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, l
 
     # data-dependent ops raise (and are explained) instead of allocating unbacked symbols
     shape_env = ShapeEnv(allow_scalar_outputs=False, allow_dynamic_output_shape_ops=False)
-    mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=False)
+    mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=True)
     fakes = []
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
@@ -659,11 +660,29 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         joint = analysis.needs_autograd if trace_joint is None else trace_joint
         captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
                          joint=joint)
+    if torch.is_grad_enabled():
+        _refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not any(
             isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+def _refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
+    """NOTE [closed-over tensors] A tensor the function reads from a closure or a global (not an argument)
+    becomes a constant of the graph, read by reference at run time. One that requires grad would get no
+    gradient from the compiled backward while eager gives it one: refuse it rather than drop the gradient.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr(gm, node.target, None)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise CaptureError(
+                f"aotcache: the function reads a tensor of shape {tuple(value.shape)} that requires grad from a "
+                f"closure or global instead of taking it as an argument; its gradient would be lost. Pass it "
+                f"as an argument, or wrap the code in an nn.Module and use aot_module (parameters are inputs).")
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

@@ -112,10 +112,7 @@ def decomposition_identity(options: AOTOptions,
     name = _named_compiler(options.fw_compiler)
     if name is not None:
         return f"compiler:{name}", None, name != "nop"
-    provider = getattr(options.fw_compiler, "decompositions", None)
-    if not callable(provider):
-        return "none", None, False
-    table = provider()
+    table = options.decomposition_table()  # a custom compiler's table (partials unwrapped), if it has one
     if not table:
         return "none", None, False
     if "decompositions" not in memo:

@@ -189,3 +189,24 @@ def test_mutating_one_of_two_aliased_inputs_raises():
 def test_unsupported_output_type_raises():
     with pytest.raises(TypeError, match="only tensors, SymInts"):
         capture(lambda x: (x, object()), [torch.randn(2)])
+
+
+def test_closed_over_tensors_are_constants_and_grad_requiring_ones_are_refused():
+    """NOTE [closed-over tensors]: a plain closure tensor is a graph constant; one requiring grad is refused."""
+    import aotcache
+    from aotcache.aot.capture import CaptureError
+
+    weight = torch.randn(3, 3)
+    bias = torch.randn(3, requires_grad=True)
+    x = torch.randn(2, 3, requires_grad=True)
+    compiled = aotcache.aot_function(lambda t: (t @ weight).sin(), cache=False)
+    out = compiled(x)
+    out.sum().backward()
+    expected_x = x.detach().clone().requires_grad_()
+    (expected_x @ weight).sin().sum().backward()
+    torch.testing.assert_close(out, (x @ weight).sin())
+    torch.testing.assert_close(x.grad, expected_x.grad)
+    with pytest.raises(CaptureError, match="requires grad from a closure"):
+        aotcache.aot_function(lambda t: (t @ weight + bias).sin(), cache=False)(x)
+    with torch.no_grad():  # eager computes no gradient either: allowed
+        torch.testing.assert_close(aotcache.aot_function(lambda t: t + bias, cache=False)(x), x + bias)
