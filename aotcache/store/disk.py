@@ -214,7 +214,10 @@ class OnDiskCache(AsyncCache[K, V]):
         digest = raw_digest.hex()
         path = f"{self._root}/{digest[:2]}/{digest}"
         if not os.access(path, os.F_OK):  # no file (cheaper than a failed open): maybe a row (NOTE [one form
-            return self._read_row(start, encoded, raw_digest)  # per key]); a file published meanwhile: a miss
+            row = self._read_row(start, encoded, raw_digest)  # per key]); a file published meanwhile: a miss
+            if row is _MISS:
+                self.stats.add(misses=1, get_seconds=time.perf_counter() - start)
+            return row
         try:
             fd = os.open(path, os.O_RDONLY | entryfiles.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):  # evicted or deleted since the check
@@ -247,8 +250,7 @@ class OnDiskCache(AsyncCache[K, V]):
         except PackFault as exc:
             return self._pack_read_fault(start, exc)
         if found is None:
-            self.stats.add(misses=1, get_seconds=time.perf_counter() - start)
-            return _MISS
+            return _MISS  # counted by the caller
         blob, seen_last_access = found
         try:
             value = frame.decode(blob, secret=self._secret, expected_key=encoded).value
