@@ -140,6 +140,9 @@ def _artifact_of(compiled: Any, role: str) -> bytes:
     return bytes(blob)
 
 
+_SAME_GUARDS_STORED = "<an entry with the same guards is stored>"  # sentinel of _insert_in_free_slot
+
+
 class AOTAutogradCache:
     """The compiled-graph cache over ``tiers``: try_load / save / make_entry, single-flight, counters.
 
@@ -345,21 +348,30 @@ class AOTAutogradCache:
         tier took it). Never raises for store faults (strict mode: CacheFault)."""
         if entry.digest != key.digest:
             raise ValueError(f"entry of key {entry.digest[:16]} cannot be saved under key {key.digest[:16]}")
-        blob = pack_entry(entry)
-        for slot in range(self.max_slots):
-            store_key = entry_store_key(key.digest, slot)
-            existing = self.tiers.lookup(store_key)
-            if existing.hit:
-                if self._same_guards(existing.value, entry.guards):
-                    return False
-                continue
-            if self._insert(store_key, blob):
-                self.count(saved=1)
-                return True
+        store_key = self._insert_in_free_slot(key.digest, pack_entry(entry), entry.guards)
+        if store_key is _SAME_GUARDS_STORED:
+            return False
+        if store_key is not None:
+            self.count(saved=1)
+            return True
         self.count(not_saved=1)
         log_once(logging.INFO, f"autograd:slots-full:{key.digest}",
                  "aotcache: key %s already has %d entries; not saving another", key.digest[:16], self.max_slots)
         return False
+
+    def _insert_in_free_slot(self, digest: str, blob: bytes, guards: str | None) -> str | None:
+        """Insert ``blob`` in the first free slot of ``digest``: its store key; ``_SAME_GUARDS_STORED`` when a
+        slot already holds an entry with the same guards; None when every slot is taken or no tier took it."""
+        for slot in range(self.max_slots):
+            store_key = entry_store_key(digest, slot)
+            existing = self.tiers.lookup(store_key)
+            if existing.hit:
+                if self._same_guards(existing.value, guards):
+                    return _SAME_GUARDS_STORED
+                continue
+            if self._insert(store_key, blob):
+                return store_key
+        return None
 
     @staticmethod
     def _same_guards(value: Any, guards: str | None) -> bool:
@@ -564,16 +576,8 @@ class AOTAutogradCache:
         if entry.guards is not None:
             validate_guards_expression(entry.guards)
         RuntimeMetadata.from_json(entry.metadata)
-        for slot in range(self.max_slots):
-            store_key = entry_store_key(key.digest, slot)
-            existing = self.tiers.lookup(store_key)
-            if existing.hit:
-                if self._same_guards(existing.value, entry.guards):
-                    return None
-                continue
-            if self._insert(store_key, bytes(blob)):
-                return store_key
-        return None
+        store_key = self._insert_in_free_slot(key.digest, bytes(blob), entry.guards)
+        return None if store_key is _SAME_GUARDS_STORED else store_key
 
     def clear(self) -> int:
         """Remove every entry of this namespace from every writable tier; the number removed."""

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from aotcache.autograd_cache import key as cache_key
-from aotcache.autograd_cache.reachable import Reachable, Untrusted, check_plain_tensor, sha256_text, state_positions
+from aotcache.autograd_cache.reachable import Reachable, Untrusted, check_plain_tensor, sha256_text
 
 __all__ = [
     "FINGERPRINT_SCHEMA_VERSION",
@@ -251,3 +251,13 @@ def code_fingerprint(value: Any) -> Fingerprint:
     except Untrusted as exc:
         return Fingerprint.untrusted(exc.reason, exc.where)
     return Fingerprint(digest, {"code": digest})
+
+
+def state_positions(module: nn.Module | None) -> dict[int, int]:
+    """id(parameter or buffer) -> its position among the module's (deduplicated) parameters then buffers."""
+    if module is None:
+        return {}
+    positions: dict[int, int] = {}
+    for _, tensor in (*module.named_parameters(), *module.named_buffers()):
+        positions.setdefault(id(tensor), len(positions))
+    return positions

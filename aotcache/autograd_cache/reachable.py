@@ -36,7 +36,7 @@ from torch import nn
 from aotcache.autograd_cache import safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 
-__all__ = ["Reachable", "Untrusted", "check_plain_tensor", "state_positions", "sha256_text", "canonical_json",
+__all__ = ["Reachable", "Untrusted", "check_plain_tensor", "sha256_text", "canonical_json",
            "value_digest", "custom_op_digest", "tensor_content_digest", "is_core_library"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
@@ -770,14 +770,3 @@ def check_plain_tensor(value: torch.Tensor, what: str) -> None:
         raise Untrusted(f"fake or meta {what}")
     if type(value) not in allowed:
         raise Untrusted(f"{what} subclass: {type(value).__name__}")
-
-
-
-def state_positions(module: nn.Module | None) -> dict[int, int]:
-    """id(parameter or buffer) -> its position among the module's (deduplicated) parameters then buffers."""
-    if module is None:
-        return {}
-    positions: dict[int, int] = {}
-    for _, tensor in (*module.named_parameters(), *module.named_buffers()):
-        positions.setdefault(id(tensor), len(positions))
-    return positions
