@@ -149,8 +149,12 @@ def _check_versions(recorded: Any) -> None:
                                         f"{here[name]!r}")
 
 
-def unpack_entry(blob: bytes | memoryview, *, check_versions: bool = True) -> CacheEntry:
+def unpack_entry(blob: bytes | memoryview, *, check_versions: bool = True, verify_blobs: bool = True) -> CacheEntry:
     """Parse and check an entry container: layout, blob lengths and sha256, versions.
+
+    ``verify_blobs=False`` skips the per-blob sha256 for bytes the store already verified (its frame
+    checksum, and signature when a secret is set): the warm-load path. Entries from outside the store
+    (``import``) keep it.
 
     :raises EntryError: with ``reason`` one of foreign, truncated, malformed, format, version, checksum.
     """
@@ -177,7 +181,7 @@ def unpack_entry(blob: bytes | memoryview, *, check_versions: bool = True) -> Ca
         if offset + length > len(view):
             raise EntryError("truncated", f"artifact {role!r} is cut short")
         data = bytes(view[offset:offset + length])
-        if hashlib.sha256(data).hexdigest() != digest:
+        if verify_blobs and hashlib.sha256(data).hexdigest() != digest:
             raise EntryError("checksum", f"artifact {role!r} does not match its sha256")
         artifacts[role] = data
         offset += length

@@ -21,6 +21,7 @@ opaque object) is a bypass.
 
 from __future__ import annotations
 
+import operator
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -321,7 +322,7 @@ def check_node_safe(node: torch.fx.Node) -> None:
 
 def _check_attribute(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     try:
-        value = _fetch_attr(gm, node.target)
+        value = operator.attrgetter(node.target)(gm)
     except AttributeError:
         raise BypassAOTAutogradCache(f"missing attribute: {node.target}") from None
     if isinstance(value, torch.fx.GraphModule):
@@ -340,13 +341,6 @@ def _check_submodule(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     module_name = type(module).__module__
     if not module_name.startswith("torch.nn."):
         raise BypassAOTAutogradCache(f"unsafe module: {type(module).__module__}.{type(module).__qualname__}")
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    value: Any = gm
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
 
 
 def check_inputs_cacheable(example_inputs: Iterable[Any]) -> None:

@@ -301,24 +301,24 @@ def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None) ->
     """The content-addressed path of a library: ``<cache_dir>/aoti_libs/<sha256>.so``, written if absent.
 
     NOTE [content-addressed libraries]
-    dlopen needs a file. The name is the bytes' sha256, so a file that exists and hashes right is reused
-    (the OS also keeps one mapping per path), and a new one is written to a temp file and renamed into
-    place, so readers never see a partial library and a concurrent writer only replaces it with equal bytes.
+    dlopen needs a file. The name is the bytes' sha256, so a file that exists and holds exactly these bytes
+    is reused (compared byte for byte: cheaper than hashing it again on the warm path; the OS also keeps one
+    mapping per path), and a new one is written to a temp file and renamed into place, so readers never see
+    a partial library and a concurrent writer only replaces it with equal bytes. No fsync: the file is
+    derived data, and one damaged by a crash fails the comparison and is written again.
     """
     digest = hashlib.sha256(so_bytes).hexdigest()
     directory = Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))
     directory = directory / "aoti_libs"
     path = directory / f"{digest}.so"
     with contextlib.suppress(OSError):
-        if path.stat().st_size == len(so_bytes) and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+        if path.stat().st_size == len(so_bytes) and path.read_bytes() == so_bytes:
             return path
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(so_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o755)
         os.replace(tmp_name, path)
     except BaseException:

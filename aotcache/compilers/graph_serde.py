@@ -237,13 +237,6 @@ def _decode(value: Any, nodes: dict[str, torch.fx.Node]) -> Any:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fetch_attr(gm: torch.nn.Module, qualified_name: str) -> Any:
-    value: Any = gm
-    for part in qualified_name.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def serialize_graph(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str, bytes]]:
     """``gm`` as (JSON-able description, blobs). :raises GraphSerializationError: unsupported content."""
     nodes: list[dict[str, Any]] = []
@@ -255,7 +248,7 @@ def serialize_graph(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str,
             if node.args:  # a default value
                 entry["args"] = _encode(tuple(node.args))
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = operator.attrgetter(node.target)(gm)
             if not isinstance(value, torch.Tensor):
                 raise GraphSerializationError(f"graph attribute {node.target!r} is a {type(value).__name__}; "
                                               "only tensor constants can be stored in the JSON graph form")
