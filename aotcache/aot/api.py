@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import capture
+from aotcache.aot.hot_path import HotSignature, HotSignatures, ModuleState, autocast_state, simple_structure
+from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.runtime import CompiledRuntime
 
 __all__ = [
@@ -157,24 +159,16 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
+    mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
     forward = options.forward_compiler()(fw_gm, captured.primals)
-    backward = options.backward_compiler()(bw_gm, [*saved, *captured.tangents])
+    examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
+    backward = options.backward_compiler()(bw_gm, examples)
     return CompiledRuntime(metadata, forward, backward)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # aot_function
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _autocast_state() -> tuple:
-    state = []
-    for device_type in ("cpu", "cuda"):
-        try:
-            state.append((torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)))
-        except (RuntimeError, TypeError, AttributeError):  # device type unknown to this build
-            state.append(None)
-    return tuple(state)
 
 
 def _argument_signature(arg: Any, dynamic: bool) -> tuple:
@@ -209,7 +203,7 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
 
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:
     """The reuse key of NOTE [Signature] (in-memory only; never persisted)."""
-    return (in_spec, torch.is_grad_enabled(), _autocast_state(), _memory_sharing(flat_args),
+    return (in_spec, torch.is_grad_enabled(), autocast_state(), _memory_sharing(flat_args),
             tuple(_argument_signature(arg, dynamic) for arg in flat_args))
 
 
@@ -221,6 +215,7 @@ class AOTFunction:
         self.options = options
         self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
+        self._hot = HotSignatures()  # NOTE [Hot path]
         self._lock = threading.Lock()
         self._guard_env: Any = None
         self._key_memo: dict[str, Any] = {}  # per-function memo of the cache key's option identities
@@ -228,7 +223,25 @@ class AOTFunction:
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call_structured(simple_structure(args, kwargs), args, args, kwargs)
+
+    def call_structured(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict) -> Any:
+        """Call with ``(args, kwargs)``; ``structure`` (hashable, or None) names calls whose flat arguments are
+        exactly ``flat_if_simple``, which then may take the hot path (NOTE [Hot path] in ``hot_path.py``)."""
+        if structure is not None:
+            hot = self._hot.find(structure, flat_if_simple)
+            if hot is not None and (hot.runtime.metadata.guards is None or
+                                    self._guards_hold(hot.runtime, flat_if_simple)):
+                return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+        runtime = self._runtime_for(flat_args, in_spec)
+        if (structure is not None and len(flat_args) == len(flat_if_simple)
+                and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
+            self._hot.remember(structure, flat_args, self.options.dynamic, runtime)
+        return runtime(*flat_args)
+
+    def _runtime_for(self, flat_args: list, in_spec: Any) -> CompiledRuntime:
+        """The runtime of this signature: reused, or traced and compiled now (once, under the lock)."""
         key = signature_of(flat_args, in_spec, self.options.dynamic)
         runtime = self._lookup(key, flat_args)
         if runtime is None:
@@ -237,7 +250,7 @@ class AOTFunction:
                 if runtime is None:
                     runtime = self._compile(flat_args, in_spec)
                     self._entries.setdefault(key, []).append(runtime)
-        return runtime(*flat_args)
+        return runtime
 
     def _lookup(self, key: tuple, flat_args: list) -> CompiledRuntime | None:
         for runtime in self._entries.get(key, ()):
@@ -344,11 +357,15 @@ class AOTModule(nn.Module):
         self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
+        self._state = ModuleState(module)  # NOTE [Hot path]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        params = dict(self.orig_module.named_parameters())
-        buffers = dict(self.orig_module.named_buffers())
-        return self.compiled(params, buffers, *args, **kwargs)
+        params, buffers, names = self._state.current()
+        count = simple_structure(args, kwargs)
+        if count is None:
+            return self.compiled(params, buffers, *args, **kwargs)
+        flat = [*params.values(), *buffers.values(), *args]
+        return self.compiled.call_structured((names, count), flat, (params, buffers, *args), kwargs)
 
 
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
@@ -402,8 +419,11 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)
 
+    state = ModuleState(gm)  # NOTE [Hot path]
+
     def lifted() -> list:
-        return [*(p for _, p in gm.named_parameters()), *(b for _, b in gm.named_buffers())]
+        params, buffers, _ = state.current()
+        return [*params.values(), *buffers.values()]
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:

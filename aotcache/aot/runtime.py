@@ -43,6 +43,7 @@ class CompiledRuntime:
         self._tangent_indices = list(metadata.tangent_indices)
         self._mutated = metadata.mutated_inputs
         self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
+        self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
 
     def __call__(self, *flat_args: Any) -> Any:
         meta = self.metadata
@@ -78,11 +79,19 @@ class CompiledRuntime:
         # runtime writes it into the real input here. When the new value requires grad, the copy_ is
         # recorded by autograd (the input is a non-leaf, as in eager); otherwise it runs under no_grad, so
         # e.g. BatchNorm running stats are updated without joining the autograd graph.
-        for out_index, input_index in enumerate(self._mutated):
-            real, new = graph_args[input_index], fw_outs[out_index]
-            if new is real:
-                continue
-            if torch.is_grad_enabled() and isinstance(new, torch.Tensor) and new.requires_grad:
+        pairs = [(graph_args[input_index], fw_outs[out_index]) for out_index, input_index in enumerate(self._mutated)]
+        pairs = [(real, new) for real, new in pairs if new is not real]
+        if not pairs:
+            return
+        grad_enabled = torch.is_grad_enabled()
+        recorded = [grad_enabled and isinstance(new, torch.Tensor) and new.requires_grad for _, new in pairs]
+        if not any(recorded):  # the usual case (e.g. running stats): one no_grad block, not one per copy
+            with torch.no_grad():
+                for real, new in pairs:
+                    real.copy_(new)
+            return
+        for (real, new), record in zip(pairs, recorded):  # in order: mutated inputs may share memory
+            if record:
                 real.copy_(new)
             else:
                 with torch.no_grad():
@@ -146,9 +155,14 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         # The joint graph was traced with grad mode on, and some kernels only produce what their backward
         # needs when it is (e.g. the mkldnn RNN workspace). Run the compiled forward the same way, on detached
         # inputs so that nothing is recorded by autograd.
-        detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
-        with torch.enable_grad():
-            outs = list(runtime.forward(*detached))
+        # Compiled code that declares ``grad_mode_independent`` (Inductor, AOTInductor: every op is explicit in
+        # the graph) runs as it is, in the no-grad mode of autograd.Function.forward: no detach per input.
+        if runtime._forward_grad_mode_independent:
+            outs = list(runtime.forward(*graph_args))
+        else:
+            detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
+            with torch.enable_grad():
+                outs = list(runtime.forward(*detached))
         num_fwd = meta.num_fwd_outputs
         if len(outs) != num_fwd + meta.num_saved:
             raise RuntimeError(f"aotcache: compiled forward returned {len(outs)} values, expected "

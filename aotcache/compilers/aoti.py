@@ -45,6 +45,7 @@ class AOTICompiledGraph:
     """An AOTInductor library plus the Python-side input checks and output template around it."""
 
     compiler_name = COMPILER_NAME
+    grad_mode_independent = True  # NOTE [Forward under grad mode] in aotcache.aot.runtime
 
     def __init__(self, runner: Any, so_bytes: bytes, meta: dict[str, Any]) -> None:
         self._runner = runner

@@ -2,7 +2,10 @@
 
 A compiler is ``compiler(gm, example_inputs) -> CompiledGraph``. A CompiledGraph is called with the flat
 graph inputs and returns the flat outputs; ``artifact()`` gives bytes that ``load_artifact`` turns back
-into an equivalent CompiledGraph in another process, with no compiler toolchain needed.
+into an equivalent CompiledGraph in another process, with no compiler toolchain needed. Optional attributes
+the AOT runtime reads: ``grad_mode_independent`` (True: its results do not depend on grad mode, NOTE
+[Forward under grad mode] in ``aotcache.aot.runtime``) and ``output_strides`` (NOTE [saved activations take
+the compiler's layout] in ``aotcache.aot.layouts``).
 
 Artifact container layout (little-endian):
 

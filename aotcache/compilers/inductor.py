@@ -58,6 +58,7 @@ class InductorCompiledGraph:
     """Runs an Inductor wrapper module's ``call``; ``compiled(*args)`` leaves the caller's arguments alone."""
 
     compiler_name = COMPILER_NAME
+    grad_mode_independent = True  # NOTE [Forward under grad mode] in aotcache.aot.runtime
 
     def __init__(self, call: Callable[[list], Sequence[Any]], *, source: str, constants: dict[str, torch.Tensor],
                  kernels: dict[str, bytes], inputs_to_check: Sequence[int], identity: dict[str, Any],
@@ -69,6 +70,8 @@ class InductorCompiledGraph:
         self._inputs_to_check = list(inputs_to_check)
         self._identity = identity
         self._input_layouts = list(input_layouts)
+        # strides of each output as compiled (None: unknown); set by a compile, not kept in the artifact
+        self.output_strides: list[tuple[int, ...] | None] | None = None
 
     def __call__(self, *args: Any) -> Sequence[Any]:
         # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
@@ -158,21 +161,36 @@ def _ensure_tuple_output(gm: torch.fx.GraphModule) -> None:
 
 
 def _keep_traced_output_strides(gm: torch.fx.GraphModule) -> None:
-    """Make Inductor give every output the strides of its traced ``meta["val"]``.
+    """Make Inductor give every output the strides of its traced ``meta["val"]``, except layout-free ones.
 
     NOTE [outputs keep their traced strides]
     Inductor lays out an output as it likes (e.g. a convolution result channels-last) unless the output is
     "user-visible": ``compile_fx`` (PyTorch's entry, which we bypass) marks the module's own outputs so, via
-    ``output_node.meta["user_visible_output_idxs"]`` (honouring ``config.keep_output_stride``), and leaves
-    saved activations free, because PyTorch's AOT Autograd later compiles the backward for the strides the
-    compiled forward really produced. We compile the backward ahead of time for the traced strides, so every
-    output of our graphs (user outputs, saved values, gradients) is marked user-visible: Inductor then requires
-    the exact traced strides (a layout copy where it would have picked another one, and no padding).
+    ``output_node.meta["user_visible_output_idxs"]``. We mark every output so, except those the AOT pipeline
+    lists in ``gm.meta[LAYOUT_FREE_OUTPUTS]`` (saved activations whose backward is compiled afterwards for the
+    strides we report, NOTE [saved activations take the compiler's layout] in ``aotcache.aot.layouts``).
+    A graph compiled on its own (no such list) returns exactly its traced strides.
     """
+    from aotcache.aot.layouts import LAYOUT_FREE_OUTPUTS
+
     (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
     outputs = output_node.args[0]
+    free = set(gm.meta.get(LAYOUT_FREE_OUTPUTS) or ())
     output_node.meta["user_visible_output_idxs"] = [
-        index for index, value in enumerate(outputs) if isinstance(value, torch.fx.Node)]
+        index for index, value in enumerate(outputs) if isinstance(value, torch.fx.Node) and index not in free]
+
+
+def _int_strides(reported: Any) -> list[tuple[int, ...] | None] | None:
+    """Inductor's reported output strides as int tuples (``None`` entries where it reported none)."""
+    if not isinstance(reported, list):
+        return None
+    strides: list[tuple[int, ...] | None] = []
+    for item in reported:
+        try:
+            strides.append(None if item is None else tuple(int(stride) for stride in item))
+        except (TypeError, ValueError):  # symbolic: unknown for other sizes
+            strides.append(None)
+    return strides
 
 
 def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
@@ -194,7 +212,8 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _keep_traced_output_strides(graph_module)
     fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
     patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, **(options or {})}
-    with inductor_config.patch(patches), V.set_fake_mode(fake_mode), tracing(TracingContext(fake_mode)):
+    with inductor_config.patch(patches), V.set_fake_mode(fake_mode), tracing(TracingContext(fake_mode)), \
+            TracingContext.report_output_strides() as reported_strides:
         compiled = compile_fx_inner(graph_module, fake_inputs)
     source = getattr(compiled, "source_code", None)
     call = getattr(compiled, "current_callable", None)
@@ -204,9 +223,11 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                  if isinstance(value, torch.Tensor)}
     identity = aoti_lib.host_identity("cpu")
     identity["vec_isa"] = aoti_lib.inductor_vec_isa()
-    return InductorCompiledGraph(call, source=source, constants=constants, kernels=_kernel_libraries(call),
-                                 inputs_to_check=list(getattr(compiled, "inputs_to_check", ()) or ()),
-                                 identity=identity, input_layouts=expected_layouts(fake_inputs))
+    result = InductorCompiledGraph(call, source=source, constants=constants, kernels=_kernel_libraries(call),
+                                   inputs_to_check=list(getattr(compiled, "inputs_to_check", ()) or ()),
+                                   identity=identity, input_layouts=expected_layouts(fake_inputs))
+    result.output_strides = _int_strides(reported_strides)
+    return result
 
 
 inductor_compiler.decompositions = decompositions  # type: ignore[attr-defined]

@@ -71,6 +71,10 @@ class KeepingCompiler:
         return compiled
 
 
+def _significant_strides(value):
+    return [stride for size, stride in zip(value.shape, value.stride()) if size > 1]
+
+
 def _random_like(example):
     if not isinstance(example, torch.Tensor):
         return example
@@ -85,10 +89,12 @@ def _random_like(example):
 def test_zoo_inductor_training(name: str) -> None:
     """Real Inductor compiles of a forward and a backward graph (seconds each), checked against eager.
 
-    cnn_bn: Inductor prefers channels-last for the convolutions; the compiled forward must still return every
-    output (saved activations included) with its traced strides, which the backward was compiled for.
+    cnn_bn: Inductor prefers channels-last for the convolutions. The module's own outputs keep their traced
+    strides; saved activations may come out channels-last, and the backward must be compiled for exactly the
+    strides the compiled forward reports (NOTE [saved activations take the compiler's layout]).
     lstm: the oneDNN LSTM layer ops are decomposed into matmuls and pointwise ops by the compiler's table.
     """
+    from aotcache.aot.layouts import LAYOUT_FREE_OUTPUTS
     from aotcache.compilers import get_compiler
 
     entry = ZOO[name]
@@ -99,15 +105,28 @@ def test_zoo_inductor_training(name: str) -> None:
     report = verify(fn, inputs, compiler=keeping, partition_fn=aotcache.min_cut_rematerialization_partition,
                     train=True, atol=1e-4, rtol=1e-4)
     assert report.recorder.count("forward") == 1 and report.recorder.count("backward") == 1
-    forward_gm, examples, compiled_forward = keeping.compiled[0]
+    (forward_gm, examples, compiled_forward), (backward_gm, bw_examples, _) = keeping.compiled
     (output_node,) = [node for node in forward_gm.graph.nodes if node.op == "output"]
+    free = set(forward_gm.meta[LAYOUT_FREE_OUTPUTS])
+    first_saved = min(free)
     outputs = compiled_forward(*[_random_like(example) for example in examples])
+    assert len(compiled_forward.output_strides) == len(outputs)
+    relaid = 0
     for index, (value, node) in enumerate(zip(outputs, output_node.args[0])):
-        if isinstance(value, torch.Tensor) and value.numel() > 1:
-            traced = node.meta["val"]
-            assert [stride for size, stride in zip(value.shape, value.stride()) if size > 1] == \
-                [stride for size, stride in zip(traced.shape, traced.stride()) if size > 1], \
-                f"forward output {index} ({node.name}) of {name}: strides {value.stride()} != traced {traced.stride()}"
+        if not isinstance(value, torch.Tensor) or value.numel() <= 1:
+            continue
+        traced = node.meta["val"]
+        if index not in free:
+            assert _significant_strides(value) == _significant_strides(traced), \
+                f"user output {index} ({node.name}) of {name}: strides {value.stride()} != traced {traced.stride()}"
+            continue
+        assert value.stride() == tuple(compiled_forward.output_strides[index])
+        backward_example = bw_examples[index - first_saved]
+        assert _significant_strides(backward_example) == _significant_strides(value), \
+            f"saved {node.name} of {name}: backward compiled for {backward_example.stride()}, gets {value.stride()}"
+        relaid += _significant_strides(value) != _significant_strides(traced)
+    if name == "cnn_bn":
+        assert relaid > 0, "Inductor kept every saved activation contiguous: the layout freedom went unused"
     graph_ops = {str(node.target) for record in report.recorder.records for node in record.graph_module.graph.nodes}
     assert not any("mkldnn_rnn" in op for op in graph_ops)
 

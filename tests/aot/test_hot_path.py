@@ -1,0 +1,200 @@
+"""The per-call hot path (NOTE [Hot path]): it must select exactly the runtime the full signature selects.
+
+Each test changes one thing between calls that the signature covers and checks the result against eager
+(and, where a retrace is due, the compile count), so a hot path that matched too eagerly fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from aotcache.aot import aot_function, aot_module
+from aotcache.aot.hot_path import HotSignature, ModuleState
+
+
+def graph_compiler(gm, example_inputs):
+    return gm
+
+
+def counted(fn):
+    compiled = aot_function(fn, graph_compiler, cache=False)
+    return compiled
+
+
+def test_repeated_calls_take_the_hot_path_without_retracing():
+    compiled = counted(lambda x, y: x * y + 1)
+    x, y = torch.randn(3), torch.randn(3)
+    for _ in range(5):
+        torch.testing.assert_close(compiled(x, y), x * y + 1)
+    assert compiled.num_compiles == 1
+    assert compiled._hot.find(2, (x, y)) is not None
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape", "stride", "offset", "requires_grad", "grad_mode",
+                                    "leafness", "aliasing", "autocast"])
+def test_each_signature_field_change_leaves_the_hot_path(change):
+    def fn(x, y):
+        return x.sin() * y.cos()
+
+    compiled = counted(fn)
+    base = torch.randn(8, 8)
+    x, y = base[:4].clone(), base[4:].clone()
+    compiled(x, y)
+    compiled(x, y)
+    assert compiled.num_compiles == 1
+    grad_mode = torch.enable_grad()
+    if change == "dtype":
+        x = x.double()
+        y = y.double()
+    elif change == "shape":
+        x, y = torch.randn(5, 8), torch.randn(5, 8)
+    elif change == "stride":
+        x = torch.randn(8, 4).t()
+    elif change == "offset":
+        x = torch.randn(40)[8:].view(4, 8)
+    elif change == "requires_grad":
+        x = x.clone().requires_grad_()
+    elif change == "grad_mode":
+        x = x.clone().requires_grad_()
+        compiled(x, y)  # a grad-mode signature first, so that no_grad is the change
+        grad_mode = torch.no_grad()
+    elif change == "leafness":
+        leaf = x.clone().requires_grad_()
+        compiled(leaf, y)
+        x = leaf * 1  # same metadata, not a leaf
+    elif change == "aliasing":
+        y = x  # the same storage twice
+    before = compiled.num_compiles
+    if change == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = compiled(x, y)
+            want = fn(x, y)
+    else:
+        with grad_mode:
+            got = compiled(x, y)
+            want = fn(x, y)
+    assert compiled.num_compiles == before + 1, f"{change}: the changed call reused a runtime"
+    torch.testing.assert_close(got, want)
+
+
+def test_alternating_signatures_stay_correct():
+    compiled = counted(lambda x: x.cumsum(0))
+    small, large = torch.randn(3), torch.randn(6)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(small), small.cumsum(0))
+        torch.testing.assert_close(compiled(large), large.cumsum(0))
+    assert compiled.num_compiles == 2
+
+
+def test_dynamic_hot_path_still_checks_guards():
+    compiled = aot_function(lambda x: x.reshape(2, -1).sum(1), graph_compiler, dynamic=True, cache=False)
+    even = torch.randn(6)
+    torch.testing.assert_close(compiled(even), even.reshape(2, -1).sum(1))
+    other = torch.randn(10)
+    torch.testing.assert_close(compiled(other), other.reshape(2, -1).sum(1))
+    assert compiled.num_compiles == 1
+
+
+def test_non_tensor_and_keyword_calls_take_the_full_path():
+    compiled = counted(lambda x, k=2: x * k)
+    x = torch.randn(3)
+    torch.testing.assert_close(compiled(x, 3), x * 3)
+    torch.testing.assert_close(compiled(x, 4), x * 4)
+    torch.testing.assert_close(compiled(x, k=5), x * 5)
+    assert compiled.num_compiles == 3
+
+
+def test_hot_signature_rejects_each_field():
+    x = torch.randn(2, 3)
+    hot = HotSignature([x], dynamic=False, runtime=None)
+    assert hot.matches([torch.randn(2, 3)])
+    for other in (torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2), torch.randn(3, 2).t(),
+                  torch.randn(7)[1:].view(2, 3), torch.randn(2, 3, requires_grad=True)):
+        assert not hot.matches([other])
+    assert not hot.matches([x, x])
+    assert not HotSignature.eligible([x, 3])
+
+
+# -- aot_module: module state ----------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)).relu()
+
+
+def _replace_parameter(model):
+    model.fc.weight = nn.Parameter(torch.randn(3, 4))
+
+
+def _replace_in_dict(model):
+    model.fc._parameters["bias"] = nn.Parameter(torch.randn(3))
+
+
+def _replace_buffer(model):
+    model.bn.running_mean = torch.randn(3)
+
+
+def _swap_submodule(model):
+    model.fc = nn.Linear(4, 3)
+
+
+def _add_parameter(model):
+    model.fc.weight = nn.Parameter(torch.randn(3, 4))
+    model.bn.register_parameter("unused", nn.Parameter(torch.randn(1)))
+
+
+def _to_double(model):
+    model.double()
+
+
+def _freeze(model):
+    model.fc.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("mutate", [_replace_parameter, _replace_in_dict, _replace_buffer, _swap_submodule,
+                                    _add_parameter, _to_double, _freeze])
+def test_aot_module_sees_module_changes(mutate):
+    torch.manual_seed(0)
+    model = Net()
+    compiled = aot_module(model, graph_compiler, cache=False)
+    x = torch.randn(5, 4)
+    compiled(x).sum().backward()
+    compiled(x)
+    mutate(model)
+    reference = copy.deepcopy(model)
+    if next(model.parameters()).dtype == torch.float64:
+        x = x.double()
+    got = compiled(x)
+    want = reference(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+
+
+def test_module_state_is_cached_while_unchanged():
+    model = Net()
+    state = ModuleState(model)
+    first = state.current()
+    assert state.current() is first
+    model.fc.bias = nn.Parameter(torch.zeros(3))
+    second = state.current()
+    assert second is not first and second[0]["fc.bias"] is model.fc.bias
+    assert second[2] is first[2]  # same names: same names object
+
+
+def test_module_state_never_caches_custom_traversal():
+    class Custom(Net):
+        def named_parameters(self, *args, **kwargs):
+            return super().named_parameters(*args, **kwargs)
+
+    state = ModuleState(Custom())
+    assert state.current() is not state.current()
