@@ -237,7 +237,7 @@ def _peek_disk(disk: Any, key: str) -> bytes | None:
     if found is None:
         return None
     try:
-        value = frame.decode(found[0], secret=secret, expected_key=encoded).value
+        value = frame.decode_value(found[0], secret=secret, expected_key=encoded)
     except frame.FrameError:
         return None
     return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None

@@ -26,8 +26,9 @@ A file's mtime is its creation time; its atime is its last read (set by ``get``)
 NOTE [one form per key]
 A key is stored as a row or as a file, never both: see smallpack.py. ``small_max_bytes`` only decides
 where *this* process writes; lookups, inserts and removals always consult both forms, so processes
-configured with different thresholds share a directory safely. ``get`` tries the file first (a missing
-file costs ~3 us), then the row.
+configured with different thresholds share a directory safely. ``get`` probes for the file first (~1 us
+when there is none), then looks up the row (~7 us, and ~6 us for a row that is not there: measured, the
+other order costs a 100 KB read more than it saves a 1 KB one).
 
 NOTE [atomic publish, insert never overwrites]
 A large value is written to a temp file in the entry's own directory, then published with
@@ -92,7 +93,7 @@ from aotcache.store.interface import (
     display_key,
     encode_key,
 )
-from aotcache.store.smallpack import PackFault, SmallPack
+from aotcache.store.smallpack import RECENCY_RESOLUTION_NS, PackFault, SmallPack
 
 __all__ = ["OnDiskCache", "LAYOUT_VERSION", "SMALL_MAX_BYTES", "PruneReport", "version_dir_name"]
 
@@ -240,7 +241,7 @@ class OnDiskCache(AsyncCache[K, V]):
             return _Failure(f"corrupt entry ({exc.reason})")
         finally:
             os.close(fd)
-        self.stats.add(hits=1, bytes_read=st.st_size, get_seconds=time.perf_counter() - start)
+        self.stats.add_hit(st.st_size, time.perf_counter() - start)
         return value
 
     def _read_row(self, start: float, encoded: bytes, raw_digest: bytes) -> object:
@@ -253,7 +254,7 @@ class OnDiskCache(AsyncCache[K, V]):
             return _MISS  # counted by the caller
         blob, seen_last_access = found
         try:
-            value = frame.decode(blob, secret=self._secret, expected_key=encoded).value
+            value = frame.decode_value(blob, secret=self._secret, expected_key=encoded)
         except frame.FrameError as exc:
             try:
                 removed = self._pack.discard(raw_digest, blob)
@@ -265,11 +266,12 @@ class OnDiskCache(AsyncCache[K, V]):
             handle_fault(f"disk-corrupt:{self._root}", f"corrupt disk cache entry {raw_digest.hex()} in "
                                                        f"{self._pack.path} ({exc.reason}); removed", exc)
             return _Failure(f"corrupt entry ({exc.reason})")
-        try:
-            self._pack.touch(raw_digest, seen_last_access)
-        except PackFault as exc:  # the value read is sound; the database just failed afterwards
-            self._report_fault(f"pack-{exc.category}", exc.message, exc.cause)
-        self.stats.add(hits=1, bytes_read=len(blob), get_seconds=time.perf_counter() - start)
+        if time.time_ns() - seen_last_access >= RECENCY_RESOLUTION_NS:  # (the common case skips the call)
+            try:
+                self._pack.touch(raw_digest, seen_last_access)
+            except PackFault as exc:  # the value read is sound; the database just failed afterwards
+                self._report_fault(f"pack-{exc.category}", exc.message, exc.cause)
+        self.stats.add_hit(len(blob), time.perf_counter() - start)
         return value
 
     def _pack_read_fault(self, start: float, exc: PackFault) -> _Failure:

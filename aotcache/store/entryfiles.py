@@ -70,7 +70,7 @@ def read_value(fd: int, size: int, encoded_key: bytes, secret: str | bytes | Non
     :raises OSError: reading failed.
     """
     if size < _SPLIT_READ_MIN_BYTES:
-        return frame.decode(_read_exactly(fd, size), secret=secret, expected_key=encoded_key).value
+        return frame.decode_value(_read_exactly(fd, size), secret=secret, expected_key=encoded_key)
     fixed = _read_exactly(fd, frame.HEADER_SIZE)
     header = frame.read_header(fixed)
     rest_of_head = _read_exactly(fd, header.body_offset + header.key_length - frame.HEADER_SIZE)

@@ -115,6 +115,13 @@ class TierStats:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
+    def add_hit(self, bytes_read: int, seconds: float) -> None:
+        """``add(hits=1, bytes_read=..., get_seconds=...)`` without the keyword dict (the hot path)."""
+        with self._lock:
+            self.hits += 1
+            self.bytes_read += bytes_read
+            self.get_seconds += seconds
+
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 

@@ -276,7 +276,7 @@ class RedisCache(AsyncCache[Any, Any]):
                 return Lookup(LookupStatus.MISS, tier=self.name)
             assert isinstance(blob, bytes)
             try:
-                value = frame.decode(blob, secret=self._secret, expected_key=encoded).value
+                value = frame.decode_value(blob, secret=self._secret, expected_key=encoded)
             except frame.FrameError as exc:
                 self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(blob))
                 self._run("delete", lambda client: self._delete_if_unchanged(

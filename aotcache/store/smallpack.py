@@ -68,6 +68,7 @@ _HEAD_BYTES = 4096 + 72  # what a listing reads of each frame: header, signature
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _CORRUPT_MESSAGES = ("file is not a database", "database disk image is malformed")
 
+_SELECT_ENTRY = "SELECT frame, last_access_ns FROM entries WHERE digest = ?"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (digest BLOB PRIMARY KEY, size INTEGER NOT NULL, "
     "created_ns INTEGER NOT NULL, last_access_ns INTEGER NOT NULL, frame BLOB NOT NULL)",
@@ -95,10 +96,11 @@ class _ForeignSchema(sqlite3.DatabaseError):
 class _Connection:
     """One thread's connection, with what is needed to tell whether it may still be used."""
 
-    __slots__ = ("db", "pid", "thread", "inode")
+    __slots__ = ("db", "reader", "pid", "thread", "inode")
 
     def __init__(self, db: sqlite3.Connection, inode: int) -> None:
         self.db = db
+        self.reader = db.cursor()  # reused by get: a cursor per execute costs ~1 us
         self.pid = os.getpid()
         self.thread = threading.current_thread()
         self.inode = inode
@@ -131,10 +133,10 @@ class SmallPack:
     def get(self, digest: bytes) -> tuple[bytes, int] | None:
         """(frame, last_access_ns) of ``digest``'s row, or None. Does not count as use (see :meth:`touch`)."""
         try:  # (not self._guard: this is the hot path, and a generator-based guard costs ~1.5 us)
-            db = self._connection(create=False)
-            if db is None:
+            reader = self._reader()
+            if reader is None:
                 return None
-            row = db.execute("SELECT frame, last_access_ns FROM entries WHERE digest = ?", (digest,)).fetchone()
+            row = reader.execute(_SELECT_ENTRY, (digest,)).fetchone()
         except sqlite3.Error as exc:
             raise self._fault(exc, "reading an entry") from exc
         except (OSError, filelock.Timeout) as exc:
@@ -338,6 +340,15 @@ class SmallPack:
             else:
                 self._inherited.append(connection)
         self._local = threading.local()
+
+    def _reader(self) -> sqlite3.Cursor | None:
+        """This thread's reusable read cursor (the checks of :meth:`_connection` for reads); None: no database."""
+        held: _Connection | None = getattr(self._local, "connection", None)
+        if held is not None and held.pid == self._pid == os.getpid():
+            return held.reader
+        if self._connection(create=False) is None:
+            return None
+        return self._local.connection.reader
 
     def _connection(self, *, create: bool, for_write: bool = False) -> sqlite3.Connection | None:
         """This thread's connection; None when ``create`` is false and there is no database yet.

@@ -49,6 +49,7 @@ def _inject(monkeypatch, error: sqlite3.Error, when) -> None:
         return None if db is None else _FailingConnection(db, error, when)
 
     monkeypatch.setattr(SmallPack, "_connection", failing_connection)
+    monkeypatch.setattr(SmallPack, "_reader", lambda self: self._connection(create=False))  # reads too
 
 
 def _disk_io_error() -> sqlite3.OperationalError:
@@ -197,6 +198,18 @@ def test_disk_io_errors_are_counted_faults(tmp_path, monkeypatch, operation, cap
     monkeypatch.undo()
     assert cache.get("present") == b"v"  # the row was not removed: an I/O error is not corruption
     assert cache.insert("new", b"v") is True or cache.get("new") == b"v"
+
+
+def test_a_database_fault_does_not_hide_file_entries(tmp_path, monkeypatch):
+    """A failing database never hides a key stored as a file."""
+    cache = make_cache(tmp_path, small_max_bytes=SMALL_MAX_BYTES)
+    large = b"x" * (SMALL_MAX_BYTES * 2)
+    assert cache.insert("small", b"v") and cache.insert("large", large)
+    _inject(monkeypatch, _disk_io_error(), when=lambda sql: sql.startswith("SELECT"))
+    assert cache.get("large") == large
+    assert cache.lookup("small").status is LookupStatus.ERROR
+    assert cache.lookup("absent").status is LookupStatus.ERROR  # not a plain miss: the rows were not seen
+    assert cache.stats.errors == 2 and cache.stats.hits == 1
 
 
 def test_maintenance_methods_raise_os_errors_for_database_faults(tmp_path, monkeypatch):

@@ -68,9 +68,12 @@ cache = OnDiskCache("hammer", os.path.join(directory, "cache"), max_bytes=0, sec
 rng = random.Random(worker)
 barrier(directory, worker, workers)
 wins, seen, bad = [], {}, []
-for _ in range(rounds):
-    k = rng.randrange(keys)
-    if rng.random() < 0.5:
+for round_ in range(rounds):
+    # First, even workers insert from the lowest keys up and odd ones from the highest down, so both forms
+    # surely win some keys; then everyone races on random keys (the middle ones are still free).
+    opening = round_ < keys // 3
+    k = (round_ if worker % 2 == 0 else keys - 1 - round_) if opening else rng.randrange(keys)
+    if opening or rng.random() < 0.5:
         if cache.insert(f"k{k}", f"{k}:{worker}:".encode() * repeat(k)):
             wins.append(k)
     else:

@@ -159,3 +159,32 @@ def test_unpicklable_payload(monkeypatch):
 def test_unpicklable_value_is_a_type_error():
     with pytest.raises(TypeError, match="not picklable"):
         frame.encode_parts(KEY, lambda: 0)
+
+
+def _outcome(decoder, blob, **kwargs):
+    try:
+        return ("value", decoder(blob, **kwargs))
+    except FrameError as exc:
+        return ("error", exc.reason)
+
+
+@pytest.mark.parametrize("value", [b"payload bytes", {"pickled": [1, 2]}, b"abc" * 2000])
+@pytest.mark.parametrize("secret", [None, "s"])
+def test_decode_value_fast_path_agrees_with_decode_on_every_damage(value, secret):
+    """decode_value takes a one-pass path for plain frames: it must accept and reject exactly as decode."""
+    blob = frame.encode(KEY, value, secret=secret, compress_min_bytes=1024)
+
+    def slow(data, **kwargs):
+        return frame.decode(data, **kwargs).value
+
+    damaged = [blob, blob + b"\x00", *(blob[:length] for length in range(0, len(blob), 7))]
+    for index in range(0, len(blob), 3):
+        for bit in (0, 7):
+            flipped = bytearray(blob)
+            flipped[index] ^= 1 << bit
+            damaged.append(bytes(flipped))
+    for data in damaged:
+        for expected_key in (KEY, b"s:other", None):
+            kwargs = {"secret": secret, "expected_key": expected_key}
+            assert _outcome(frame.decode_value, data, **kwargs) == _outcome(slow, data, **kwargs)
+    assert frame.decode_value(blob, secret=secret, expected_key=KEY) == value
