@@ -8,7 +8,7 @@ Python reference) and ``torch`` (torch._inductor.cache.OnDiskCache, when this to
 
 Reported per case: p50 / p99 / mean latency per call and aggregate throughput (two processes: total calls
 over the slower process's phase time, phases started together on a barrier). Each case runs ``--repeat``
-times (2 for a full run), the backends interleaved, and the repetition with the lowest median latency is kept:
+times (5 for a full run), the backends interleaved, and the repetition with the lowest median latency is kept:
 the machine is shared, and the least disturbed run is the best estimate of each backend's own cost. Ratios ``disk/diskcache``
 are median-latency ratios (lower is better; goal: <= 1 for >= 100 KB, <= 2 for 1 KB); the JSON also has
 mean-latency ratios, which on a shared machine carry other processes' interference.
@@ -48,7 +48,7 @@ RESULTS_PATH = REPO_ROOT / "bench" / "results" / "store.json"
 ALL_BACKENDS = ("memory", "disk", "redis", "diskcache", "torch")
 SIZES = {"1KB": 1024, "100KB": 100 * 1024, "10MB": 10 * 1024 * 1024}
 # Calls per process per phase: (full run, --quick).
-COUNTS = {"1KB": (1200, 300), "100KB": (250, 80), "10MB": (10, 4)}
+COUNTS = {"1KB": (1200, 300), "100KB": (250, 80), "10MB": (24, 4)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of 1KB,100KB,10MB")
     parser.add_argument("--procs", default="1,2", help="process counts to run, e.g. 1 or 1,2")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per case, best kept (default 2; 1 quick)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per case, best kept (default 5; 1 quick)")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="where to write the JSON results")
     args = parser.parse_args(argv)
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="aotcache-bench-store-"))
     redis = PrivateRedis(workdir) if "redis" in backends else None
-    repeat = args.repeat or (1 if args.quick else 2)
+    repeat = args.repeat or (1 if args.quick else 5)
     best: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     try:
         for size in sizes:

@@ -53,6 +53,11 @@ from urllib.parse import quote
 
 import filelock
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers wait as SQLite does
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["SmallPack", "PackFault", "DATABASE_NAME", "SCHEMA_VERSION", "RECENCY_RESOLUTION_NS"]
 
 DATABASE_NAME = "small.sqlite3"
@@ -106,6 +111,79 @@ class _Connection:
         self.inode = inode
 
 
+class WriterTurns:
+    """Cross-process turns for the database's writers: an ``flock`` polled finely, taken before SQLite's lock.
+
+    NOTE [writers take turns]
+    SQLite's busy handler waits for the write lock by sleeping 1, 2, 5, 10 ... ms, so two processes inserting
+    at once typically cost each other a millisecond per collision (a write holds the lock ~50 us). Writers of
+    this aotcache first take an exclusive ``flock`` on ``.locks/write.lock``, polled every ~20-200 us, then
+    begin their SQLite transaction, which is then almost never contended. The flock only orders writers; SQLite's
+    lock still decides correctness, so a process of another version (which takes no turn), a lock file that
+    cannot be opened (read-only directory), or a turn not granted within the timeout only means waiting as
+    SQLite does. The kernel releases a dead holder's flock. Threads of one process take turns on a mutex first
+    (an flock is shared by every thread using the same descriptor).
+    """
+
+    _SLEEPS = (0.00002, 0.00005, 0.0001, 0.0002)  # then 0.0002 s until the timeout
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._unavailable = fcntl is None
+
+    @contextmanager
+    def turn(self, timeout: float) -> Iterator[None]:
+        if self._pid != os.getpid():
+            self._after_fork()
+        with self._mutex:
+            fd = self._lock_fd()
+            locked = fd is not None and _flock_within(fd, timeout, self._SLEEPS)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _after_fork(self) -> None:
+        """A forked child never unlocks the parent's descriptor (that would release the parent's turn)."""
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()  # possibly held by a parent's thread that does not exist here
+        if self._fd is not None:
+            with suppress(OSError):
+                os.close(self._fd)  # closing (unlike LOCK_UN) leaves the parent's lock alone
+            self._fd = None
+
+    def _lock_fd(self) -> int | None:
+        if self._fd is None and not self._unavailable:
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError:
+                self._unavailable = True  # e.g. a read-only cache directory: SQLite's own waiting only
+        return self._fd
+
+
+def _flock_within(fd: int, timeout: float, sleeps: tuple[float, ...]) -> bool:
+    """Take an exclusive flock on ``fd``, polling; False if not granted within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False  # flock unsupported here (some network file systems)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(sleeps[min(attempt, len(sleeps) - 1)])
+        attempt += 1
+
+
 class SmallPack:
     """The rows of one disk cache version directory (see the module docstring). Thread- and fork-safe.
 
@@ -120,6 +198,7 @@ class SmallPack:
         self.busy_timeout = busy_timeout
         self.refresh_recency = True  # off once the database refuses writes (a cache shared read-only)
         self._pack_lock_path = str(root / ".locks" / "pack.lock")
+        self._writers = WriterTurns(str(root / ".locks" / "write.lock"))  # NOTE [writers take turns]
         self._local = threading.local()
         self._pid = os.getpid()
         self._mutex = threading.Lock()  # guards _open; replaced in a forked child (_after_fork)
@@ -172,7 +251,7 @@ class SmallPack:
 
         :raises PackFault: a database fault, or the key's file cannot be checked.
         """
-        with self._guard("inserting an entry"):
+        with self._guard("inserting an entry"), self._writers.turn(self.busy_timeout):
             db = self._connection(create=True, for_write=True)
             now = time.time_ns()
             db.execute("BEGIN IMMEDIATE")
@@ -195,18 +274,19 @@ class SmallPack:
 
         :raises PackFault: a database fault (``publish`` did not run). Whatever ``publish`` raises.
         """
-        with self._guard("locking the database to publish a file"):
-            db = self._connection(create=True, for_write=True)
-            db.execute("BEGIN IMMEDIATE")
+        with self._writers.turn(self.busy_timeout):
+            with self._guard("locking the database to publish a file"):
+                db = self._connection(create=True, for_write=True)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    has_row = db.execute("SELECT 1 FROM entries WHERE digest = ?", (digest,)).fetchone() is not None
+                except BaseException:
+                    _rollback(db)
+                    raise
             try:
-                has_row = db.execute("SELECT 1 FROM entries WHERE digest = ?", (digest,)).fetchone() is not None
-            except BaseException:
-                _rollback(db)
-                raise
-        try:
-            return False if has_row else publish()
-        finally:
-            _rollback(db)  # nothing was written: releases the write lock
+                return False if has_row else publish()
+            finally:
+                _rollback(db)  # nothing was written: releases the write lock
 
     def discard(self, digest: bytes, blob: bytes) -> bool:
         """Delete ``digest``'s row if it still holds exactly ``blob`` (a corrupt frame just read)."""

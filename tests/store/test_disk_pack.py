@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import sqlite3
 import threading
 
@@ -328,3 +329,44 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_keeps_working(tm
     with database(cache) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 3
+
+
+def test_writer_turns_after_fork_time_out_instead_of_deadlocking_and_keep_the_parents_turn(tmp_path):
+    """A child forked while the parent holds its turn waits (bounded) on its own descriptor, and never
+    releases the parent's flock (NOTE [writers take turns])."""
+    import fcntl
+
+    from aotcache.store.smallpack import WriterTurns
+
+    path = str(tmp_path / "write.lock")
+    turns = WriterTurns(path)
+    with turns.turn(5.0):
+        pid = os.fork()
+        if pid == 0:  # the child: must not deadlock on the inherited mutex, must not get the parent's lock
+            code = 1
+            try:
+                started = time.monotonic()
+                with turns.turn(0.2):
+                    pass
+                code = 0 if time.monotonic() - started >= 0.2 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        other = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # still the parent's
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    with turns.turn(0.2):  # released, and granted again
+        pass
+
+
+def test_writes_work_when_the_turn_lock_cannot_be_opened(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path, small_max_bytes=SMALL_MAX_BYTES)
+    cache._pack._writers.path = str(tmp_path / "missing-dir" / "file-not-dir" / "write.lock")
+    (tmp_path / "missing-dir").mkdir()
+    (tmp_path / "missing-dir" / "file-not-dir").write_text("")  # makedirs/open fail: no turn, SQLite waits
+    assert cache.insert("small", b"v") and cache.insert("large", b"x" * (SMALL_MAX_BYTES * 2))
+    assert cache.get("small") == b"v" and cache._pack._writers._unavailable
