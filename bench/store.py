@@ -297,14 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         "UPDATE for a row); diskcache's default policy (least-recently-stored) records none",
     ]
     if "torch" in backends:
-        cls, why_not = torch_on_disk_cache_class()
-        if cls is None:
-            notes.append(why_not or "torch OnDiskCache unavailable")
+        # probed in a subprocess: every case runs in processes forked from this one, and a parent holding
+        # torch (~1 GB of mappings) changes their memory behaviour for every backend alike
+        probe = subprocess.run([sys.executable, "-c", "import torch\nfrom torch._inductor.cache import OnDiskCache"
+                                "\nprint(torch.__version__)"], capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            notes.append("torch._inductor.cache.OnDiskCache is not available: "
+                         + (probe.stderr.strip().splitlines() or ["import failed"])[-1])
             backends.remove("torch")
         else:
-            import torch
-
-            notes.append(f"torch backend: torch._inductor.cache.OnDiskCache from torch {torch.__version__} "
+            notes.append(f"torch backend: torch._inductor.cache.OnDiskCache from torch {probe.stdout.strip()} "
                          "(pickles values, one file lock per 4 hex digits of the key hash)")
 
     started = time.perf_counter()
