@@ -10,10 +10,13 @@ Every figure is measured in its own fresh Python process (``--child``), so nothi
 * ``aot_inductor_cold``: the same with ``fw_compiler="inductor"`` (the cold-compile comparison).
 * ``backend_cold`` / ``backend_warm``: ``torch.compile(model, backend=aotcache_backend)`` with the aoti
   compiler (``--backend-compiler``): Dynamo still traces, aotcache's cache replaces compiling.
+* ``dynamo_floor``: ``torch.compile(model, backend="eager")``: Dynamo's import and trace with a backend that
+  does nothing. No ``torch.compile`` backend can start faster; ``backend_warm`` minus this is what aotcache adds.
 
 The *overhead* of a mode is its first step minus eager's first step. Goals (ratios within one run):
 ``aot_warm`` overhead <= 1/10 of ``tc_warm``'s; ``backend_warm`` <= 1/2 of ``tc_warm``'s;
-``aot_inductor_cold`` first step <= 1.2x ``tc_cold``'s.
+``aot_inductor_cold`` first step <= 1.2x ``tc_cold``'s. Reported beside them: ``dynamo_floor_vs_tc_warm`` (the
+lowest ``backend_warm_vs_tc_warm`` any backend can reach) and ``backend_over_floor_s`` (aotcache's own part).
 
 NOTE [threads]
 Every side runs with the same ``OMP_NUM_THREADS`` (default 1). On a loaded 2-core machine, OpenMP regions of
@@ -45,8 +48,9 @@ MODELS = ["mlp", "cnn_bn", "transformer_encoder", "gpt2_tiny"]
 QUICK_MODELS = ["mlp", "transformer_encoder"]
 # (mode, cache directory it uses: "tc" for the Inductor cache of torch.compile, "aot"/"aot_inductor"/"backend")
 MODES = [("eager", None), ("tc_cold", "tc"), ("tc_warm", "tc"), ("aot_cold", "aot"), ("aot_warm", "aot"),
-         ("aot_inductor_cold", "aot_inductor"), ("backend_cold", "backend"), ("backend_warm", "backend")]
-QUICK_MODES = ["eager", "tc_cold", "tc_warm", "aot_cold", "aot_warm", "backend_cold", "backend_warm"]
+         ("aot_inductor_cold", "aot_inductor"), ("backend_cold", "backend"), ("backend_warm", "backend"),
+         ("dynamo_floor", None)]
+QUICK_MODES = ["eager", "tc_cold", "tc_warm", "aot_cold", "aot_warm", "backend_cold", "backend_warm", "dynamo_floor"]
 GOALS = {"aot_warm_vs_tc_warm": 0.1, "backend_warm_vs_tc_warm": 0.5, "aot_inductor_cold_vs_tc_cold": 1.2}
 
 
@@ -62,6 +66,8 @@ def _wrap(mode: str, model: Any) -> Any:
 
     if mode.startswith("tc_"):
         return torch.compile(model)
+    if mode == "dynamo_floor":
+        return torch.compile(model, backend="eager")
     if mode.startswith("backend_"):
         import functools
 
@@ -206,9 +212,12 @@ def _ratios(row: dict[str, Any]) -> dict[str, float | None]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b <= 0 else a / b
 
+    backend, floor = overhead("backend_warm"), overhead("dynamo_floor")
     return {"aot_warm_vs_tc_warm": ratio(overhead("aot_warm"), overhead("tc_warm")),
-            "backend_warm_vs_tc_warm": ratio(overhead("backend_warm"), overhead("tc_warm")),
-            "aot_inductor_cold_vs_tc_cold": ratio(first("aot_inductor_cold"), first("tc_cold"))}
+            "backend_warm_vs_tc_warm": ratio(backend, overhead("tc_warm")),
+            "aot_inductor_cold_vs_tc_cold": ratio(first("aot_inductor_cold"), first("tc_cold")),
+            "dynamo_floor_vs_tc_warm": ratio(floor, overhead("tc_warm")),
+            "backend_over_floor_s": None if backend is None or floor is None else backend - floor}
 
 
 def _fmt(value: Any) -> str:
@@ -220,13 +229,15 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(rows: dict[str, dict[str, Any]], modes: list[str]) -> None:
-    header = ["model", *[f"{m} (s)" for m in modes], *[f"{k} (goal {v})" for k, v in GOALS.items()]]
+    extras = ("dynamo_floor_vs_tc_warm", "backend_over_floor_s")
+    header = ["model", *[f"{m} (s)" for m in modes], *[f"{k} (goal {v})" for k, v in GOALS.items()], *extras]
     lines = [header]
     for model, row in rows.items():
         ratios = row.get("ratios", {})
         lines.append([model, *[_fmt(row.get(m)) for m in modes],
                       *["-" if ratios.get(k) is None else f"{ratios[k]:.3f} {'ok' if ratios[k] <= GOALS[k] else 'MISS'}"
-                        for k in GOALS]])
+                        for k in GOALS],
+                      *["-" if ratios.get(k) is None else f"{ratios[k]:.3f}" for k in extras]])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))

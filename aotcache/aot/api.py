@@ -422,6 +422,8 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     state = ModuleState(gm)  # NOTE [Hot path]
 
     def lifted() -> list:
+        if not num_lifted:
+            return []
         params, buffers, _ = state.current()
         return [*params.values(), *buffers.values()]
 

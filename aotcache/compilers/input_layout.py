@@ -5,8 +5,8 @@ Inductor and AOTInductor generate index arithmetic from the strides of the examp
 asserts them (``assert_size_stride``), an AOTInductor library does not check and would read wrong elements.
 Values produced by another compiled graph can differ from the traced strides (the bug this guards against:
 an Inductor forward returned a saved activation channels-last while the backward was compiled for the traced
-contiguous strides). The compilers prevent that at the source (every output of an Inductor graph keeps its
-traced strides, see NOTE [outputs keep their traced strides] in ``inductor.py``); this module is the safety net
+contiguous strides). The pipeline prevents that at the source (a backward is compiled for the strides its
+forward reports, NOTE [saved activations take the compiler's layout] in ``aotcache.aot.layouts``); this module is the safety net
 at every compiled graph's entry: a tensor argument whose strides differ from the compiled expectation is
 copied into a tensor with the expected strides (``torch.empty_strided(...).copy_(arg)``) before the call.
 
