@@ -225,24 +225,27 @@ class AOTFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call_structured(simple_structure(args, kwargs), args, args, kwargs)
 
-    def call_structured(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict) -> Any:
+    def call_structured(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict,
+                        extra: Any = None) -> Any:
         """Call with ``(args, kwargs)``; ``structure`` (hashable, or None) names calls whose flat arguments are
-        exactly ``flat_if_simple``, which then may take the hot path (NOTE [Hot path] in ``hot_path.py``)."""
+        exactly ``flat_if_simple``, which then may take the hot path (NOTE [Hot path] in ``hot_path.py``);
+        ``extra`` (hashable) is part of the signature too (``aot_module``: the module's settings); a
+        ``structure`` must determine it."""
         if structure is not None:
             hot = self._hot.find(structure, flat_if_simple)
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
-        runtime = self._runtime_for(flat_args, in_spec)
+        runtime = self._runtime_for(flat_args, in_spec, extra)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
             self._hot.remember(structure, flat_args, self.options.dynamic, runtime)
         return runtime(*flat_args)
 
-    def _runtime_for(self, flat_args: list, in_spec: Any) -> CompiledRuntime:
+    def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None) -> CompiledRuntime:
         """The runtime of this signature: reused, or traced and compiled now (once, under the lock)."""
-        key = signature_of(flat_args, in_spec, self.options.dynamic)
+        key = (extra, signature_of(flat_args, in_spec, self.options.dynamic))
         runtime = self._lookup(key, flat_args)
         if runtime is None:
             with self._lock:
@@ -360,12 +363,13 @@ class AOTModule(nn.Module):
         self._state = ModuleState(module)  # NOTE [Hot path]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        params, buffers, names = self._state.current()
+        # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
+        # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
+        params, buffers, names, settings = self._state.current()
         count = simple_structure(args, kwargs)
-        if count is None:
-            return self.compiled(params, buffers, *args, **kwargs)
-        flat = [*params.values(), *buffers.values(), *args]
-        return self.compiled.call_structured((names, count), flat, (params, buffers, *args), kwargs)
+        structure = None if count is None else (names, count, settings)
+        flat = () if count is None else [*params.values(), *buffers.values(), *args]
+        return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
 
 
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
@@ -424,7 +428,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     def lifted() -> list:
         if not num_lifted:
             return []
-        params, buffers, _ = state.current()
+        params, buffers, _, _ = state.current()
         return [*params.values(), *buffers.values()]
 
     def flat_fn(*flat: Any) -> Any:

@@ -15,6 +15,7 @@ the module tree changed. ``named_parameters()`` walks every submodule (~30 us); 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,24 +122,66 @@ def _overrides(module: nn.Module, names: Sequence[str]) -> bool:
     return any(getattr(cls, name, None) is not getattr(nn.Module, name) for name in names)
 
 
-class ModuleState:
-    """``dict(module.named_parameters())`` and ``dict(module.named_buffers())``, cached while the tree is unchanged.
+# Module attributes that never change what a forward computes (state_dict plumbing), and the three dicts the
+# parameter/buffer snapshot already checks entry by entry.
+_SETTINGS_IGNORED = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                               "_load_state_dict_post_hooks"})
+_PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_PLAIN, _COUNTED, _IDENTITY, _UNTRACKED = 0, 1, 2, 3
 
-    The snapshot records, per submodule reached, its type and the exact contents (by identity) of its
-    ``_parameters``, ``_buffers`` and ``_modules`` dicts: everything ``named_parameters``/``named_buffers``
-    read. Any change there (a parameter replaced, ``.to()`` swapping tensors, a submodule added) rebuilds it.
-    Modules overriding the traversal methods are never cached.
+
+def _kind(value: Any) -> int:
+    if type(value) in _PLAIN_TYPES or (type(value) is tuple and len(value) <= 16
+                                        and all(type(item) in _PLAIN_TYPES for item in value)):
+        return _PLAIN
+    if isinstance(value, dict):  # hook registries (OrderedDict): a hook added or removed changes the length
+        return _COUNTED
+    if isinstance(value, (list, set, tuple)):
+        # containers a module may rebuild on every call (nn.LSTM's _flat_weights, rebuilt whenever
+        # functional_call swaps a parameter): tracked by identity they would force a retrace per call
+        return _UNTRACKED
+    return _IDENTITY
+
+
+def _settings(module: nn.Module) -> tuple:
+    """(name, kind, value) of each attribute of ``module`` that can change what its forward does.
+
+    Plain values (``training``, ``p``, ``eps``, dtypes, tuples of them) by value, dicts (the hook registries) by
+    length, lists and sets not at all (modules rebuild some per call), anything else by identity (``id``, kept
+    alive by the snapshot). An object mutated in place is not seen (documented limit; the persistent cache's
+    fingerprint reads deeper).
+    """
+    settings = []
+    for name, value in module.__dict__.items():
+        kind = _UNTRACKED if name in _SETTINGS_IGNORED else _kind(value)
+        if kind != _UNTRACKED:
+            settings.append((name, kind, value if kind == _PLAIN else len(value) if kind == _COUNTED else id(value)))
+    return tuple(settings)
+
+
+class ModuleState:
+    """The module's parameters and buffers by name and an id of its settings, cached while the tree is unchanged.
+
+    The snapshot records, per submodule reached, its type, the exact contents (by identity) of its
+    ``_parameters``, ``_buffers`` and ``_modules`` dicts (everything ``named_parameters``/``named_buffers``
+    read) and its settings (:func:`_settings`: ``training``, hyperparameters, hook counts, other attributes by
+    identity). Any change rebuilds it. Settings are interned to small ints (``settings_id``), part of the call
+    signature: ``model.eval()`` or ``dropout.p = 0.2`` after a call selects another compiled runtime instead of
+    reusing one traced with the old settings. Modules overriding the traversal methods are never cached.
     """
 
     _TRAVERSAL = ("named_parameters", "named_buffers", "named_modules", "_named_members", "parameters", "buffers")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._snapshot: list[tuple[nn.Module, type, tuple, tuple, tuple]] | None = None
-        self._values: tuple[dict, dict, tuple] | None = None
+        self._snapshot: list[tuple] | None = None
+        self._values: tuple[dict, dict, tuple, int] | None = None
+        self._settings_ids: dict[tuple, int] = {}
+        self._kept_alive: list[Any] = []  # objects whose id() is in an interned settings tuple
 
-    def current(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple]:
-        """``(params, buffers, names)``; ``names`` is the same object as long as the names are unchanged."""
+    def current(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple, int]:
+        """``(params, buffers, names, settings_id)``; ``names`` is the same object while the names are unchanged."""
         if self._values is not None and self._unchanged():
             return self._values
         params = dict(self.module.named_parameters())
@@ -146,34 +189,59 @@ class ModuleState:
         names = (tuple(params), tuple(buffers))
         if self._values is not None and self._values[2] == names:
             names = self._values[2]
-        self._values = (params, buffers, names)
-        self._snapshot = self._take_snapshot()
+        modules = list(self.module.named_modules(remove_duplicate=True))
+        settings = tuple((path, type(submodule), _settings(submodule)) for path, submodule in modules)
+        settings_id = self._settings_ids.get(settings)
+        if settings_id is None:
+            settings_id = self._settings_ids[settings] = len(self._settings_ids)
+            self._kept_alive.extend(value for _, submodule in modules for name, value in submodule.__dict__.items()
+                                    if name not in _SETTINGS_IGNORED and _kind(value) == _IDENTITY)
+        self._values = (params, buffers, names, settings_id)
+        self._snapshot = self._take_snapshot([submodule for _, submodule in modules], settings)
         return self._values
 
-    def _take_snapshot(self) -> list[tuple[nn.Module, type, tuple, tuple, tuple]] | None:
+    def _take_snapshot(self, modules: list[nn.Module], settings: tuple) -> list[tuple] | None:
         snapshot = []
-        for submodule in self.module.modules():
+        for submodule in modules:
             if _overrides(submodule, self._TRAVERSAL):
                 return None
-            snapshot.append((submodule, type(submodule), tuple(submodule._parameters.items()),
-                             tuple(submodule._buffers.items()), tuple(submodule._modules.items())))
+            tracked = [name for name, value in submodule.__dict__.items()
+                       if name not in _SETTINGS_IGNORED and _kind(value) != _UNTRACKED]
+            getter = operator.itemgetter(*tracked, "_parameters", "_buffers", "_modules")
+            snapshot.append((submodule, type(submodule), getter, _observed(submodule, getter)))
         return snapshot
 
     def _unchanged(self) -> bool:
+        """Whether every submodule still has exactly the recorded attributes, entries and hook counts.
+
+        By identity, in bulk (``map(operator.is_, ...)`` runs in C): an attribute set again, even to an equal
+        value, counts as a change (the rebuild then finds the same settings id). ~1 us per submodule.
+        """
         snapshot = self._snapshot
         if snapshot is None:
             return False
-        for submodule, cls, params, buffers, children in snapshot:
+        for submodule, cls, getter, recorded in snapshot:
             if type(submodule) is not cls:
                 return False
-            for current, recorded in ((submodule._parameters, params), (submodule._buffers, buffers),
-                                      (submodule._modules, children)):
-                if len(current) != len(recorded):
-                    return False
-                for name, value in recorded:
-                    if current.get(name, _MISSING) is not value:
-                        return False
+            try:
+                current = _observed(submodule, getter)
+            except KeyError:  # a tracked attribute was deleted
+                return False
+            if len(current) != len(recorded) or not all(map(operator.is_, current, recorded)):
+                return False
         return True
+
+
+def _observed(module: nn.Module, getter: Any) -> tuple:
+    """What :meth:`ModuleState._unchanged` compares by identity: the tracked attributes, the names and values of
+    the parameter / buffer / submodule entries, and the counts of attributes and hooks (small ints are
+    cached objects, so equal counts are identical)."""
+    attributes = module.__dict__
+    params, buffers, children = module._parameters, module._buffers, module._modules
+    return (*getter(attributes), *params, *params.values(), *buffers, *buffers.values(), *children,
+            *children.values(), len(attributes), len(params), len(buffers), len(children),
+            len(module._forward_hooks), len(module._forward_pre_hooks), len(module._backward_hooks),
+            len(module._backward_pre_hooks))
 
 
 _MISSING = object()

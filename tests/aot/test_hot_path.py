@@ -198,3 +198,52 @@ def test_module_state_never_caches_custom_traversal():
 
     state = ModuleState(Custom())
     assert state.current() is not state.current()
+
+
+# -- aot_module: module settings (NOTE [module settings]) -------------------------------------------------
+
+
+class Regularized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale
+
+
+def test_eval_after_training_traces_again_and_train_reuses():
+    torch.manual_seed(0)
+    model = Regularized()
+    compiled = aot_module(model, graph_compiler, cache=False)
+    x = torch.randn(8, 4)
+    compiled(x).sum().backward()
+    model.eval()
+    reference = copy.deepcopy(model)
+    torch.testing.assert_close(compiled(x), reference(x))  # grad mode on, eval mode: running statistics
+    assert compiled.compiled.num_compiles == 2
+    model.train()
+    compiled(x)
+    assert compiled.compiled.num_compiles == 2  # the training runtime again, not a third trace
+
+
+@pytest.mark.parametrize("change", ["attribute", "hook", "submodule_flag"])
+def test_changed_settings_are_seen(change):
+    torch.manual_seed(0)
+    model = Regularized()
+    compiled = aot_module(model, graph_compiler, cache=False)
+    x = torch.randn(8, 4)
+    compiled(x)
+    compiled(x)
+    if change == "attribute":
+        model.scale = 3.0
+    elif change == "hook":
+        model.fc.register_forward_hook(lambda module, inputs, output: output + 1)
+    else:
+        model.bn.track_running_stats = False
+    reference = copy.deepcopy(model)
+    before = compiled.compiled.num_compiles
+    torch.testing.assert_close(compiled(x), reference(x))
+    assert compiled.compiled.num_compiles == before + 1
