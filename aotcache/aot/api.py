@@ -35,7 +35,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import capture
-from aotcache.aot.hot_path import HotSignature, HotSignatures, ModuleState, autocast_state, simple_structure
+from aotcache.aot.hot_path import (
+    HotSignature,
+    HotSignatures,
+    ModuleState,
+    autocast_state,
+    simple_structure,
+    storage_sharing,
+)
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.runtime import CompiledRuntime
 
@@ -187,18 +194,20 @@ def _argument_signature(arg: Any, dynamic: bool) -> tuple:
 
 
 def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
-    """For each tensor argument, the index of the first tensor argument sharing its storage."""
-    first: dict[int, int] = {}
-    sharing = []
-    for index, arg in enumerate(flat_args):
-        if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
-            from aotcache.aot.capture import unsupported_layout_error  # (sparse/mkldnn have no storage to compare)
+    """Which tensor arguments share storage (:func:`~aotcache.aot.hot_path.storage_sharing` of the tensors).
 
-            raise unsupported_layout_error(f"flat argument {index}", arg.layout)
-        if isinstance(arg, torch.Tensor) and not arg.is_meta:
-            pointer = arg.untyped_storage().data_ptr()
-            sharing.append(first.setdefault(pointer, index) if pointer else index)
-    return tuple(sharing)
+    :raises CaptureError: a sparse or mkldnn argument (no storage to compare).
+    """
+    tensors = []
+    for index, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor):
+            if arg.layout != torch.strided:
+                from aotcache.aot.capture import unsupported_layout_error
+
+                raise unsupported_layout_error(f"flat argument {index}", arg.layout)
+            if not arg.is_meta:
+                tensors.append(arg)
+    return storage_sharing(tensors)
 
 
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:

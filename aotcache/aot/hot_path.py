@@ -194,20 +194,19 @@ class ModuleState:
         settings_id = self._settings_ids.get(settings)
         if settings_id is None:
             settings_id = self._settings_ids[settings] = len(self._settings_ids)
-            self._kept_alive.extend(value for _, submodule in modules for name, value in submodule.__dict__.items()
-                                    if name not in _SETTINGS_IGNORED and _kind(value) == _IDENTITY)
+            self._kept_alive.extend(submodule.__dict__[name] for (_, submodule), (_, _, entries) in
+                                    zip(modules, settings) for name, kind, _ in entries if kind == _IDENTITY)
         self._values = (params, buffers, names, settings_id)
-        self._snapshot = self._take_snapshot([submodule for _, submodule in modules])
+        self._snapshot = self._take_snapshot([submodule for _, submodule in modules], settings)
         return self._values
 
-    def _take_snapshot(self, modules: list[nn.Module]) -> list[tuple] | None:
+    def _take_snapshot(self, modules: list[nn.Module], settings: tuple) -> list[tuple] | None:
         snapshot = []
-        for submodule in modules:
+        for submodule, (_, _, entries) in zip(modules, settings):
             if _overrides(submodule, self._TRAVERSAL):
                 return None
-            tracked = [name for name, value in submodule.__dict__.items()
-                       if name not in _SETTINGS_IGNORED and _kind(value) != _UNTRACKED]
-            getter = operator.itemgetter(*tracked, "_parameters", "_buffers", "_modules")
+            # the attributes the settings track (a new or deleted one changes the attribute count)
+            getter = operator.itemgetter(*(name for name, _, _ in entries), "_parameters", "_buffers", "_modules")
             snapshot.append((submodule, type(submodule), getter, _observed(submodule, getter)))
         return snapshot
 

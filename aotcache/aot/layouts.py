@@ -40,9 +40,8 @@ def _is_static_tensor(value: Any) -> bool:
 def mark_layout_free_outputs(fw_gm: fx.GraphModule, primals: Sequence[Any], saved: Sequence[Any],
                              num_fwd_outputs: int) -> None:
     """Let the forward compiler choose the layout of the saved tensors (static graphs only; see the NOTE)."""
-    if not all(_is_static_tensor(value) or not isinstance(value, torch.Tensor) for value in primals):
-        return
-    if any(isinstance(value, torch.SymInt) for value in primals):
+    if any(isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and not _is_static_tensor(value))
+           for value in primals):
         return
     free = [num_fwd_outputs + index for index, value in enumerate(saved) if _is_static_tensor(value)]
     if free:

@@ -612,11 +612,12 @@ def _diff_values(path: str, a: Any, b: Any, out: list[str]) -> None:
 def _explain_part(name: str, detail_a: Any, detail_b: Any) -> list[str]:
     label = _PART_LABELS.get(name, name)
     out: list[str] = []
-    if name == "inputs" and isinstance(detail_a, list) and isinstance(detail_b, list):
+    if name in ("inputs", "constants") and isinstance(detail_a, list) and isinstance(detail_b, list):
+        noun, item = ("inputs", "arg") if name == "inputs" else ("constants", "constant")
         if len(detail_a) != len(detail_b):
-            out.append(f"{len(detail_a)} inputs vs {len(detail_b)}")
+            out.append(f"{len(detail_a)} {noun} vs {len(detail_b)}")
         for index, (a, b) in enumerate(zip(detail_a, detail_b)):
-            _diff_values(f"arg {index}", a, b, out)
+            _diff_values(f"{item} {index}", a, b, out)
     elif name == "graph" and isinstance(detail_a, Mapping) and isinstance(detail_b, Mapping):
         if detail_a.get("nodes") != detail_b.get("nodes"):
             out.append(f"{detail_a.get('nodes')} nodes vs {detail_b.get('nodes')}")
@@ -631,11 +632,6 @@ def _explain_part(name: str, detail_a: Any, detail_b: Any) -> list[str]:
                 out.append(f"{len(differing)} node(s) differ, first at node {differing[0]}")
         if not out:
             out.append("same operators, different structure or arguments")
-    elif name == "constants" and isinstance(detail_a, list) and isinstance(detail_b, list):
-        if len(detail_a) != len(detail_b):
-            out.append(f"{len(detail_a)} constants vs {len(detail_b)}")
-        for index, (a, b) in enumerate(zip(detail_a, detail_b)):
-            _diff_values(f"constant {index}", a, b, out)
     elif name == "custom_code" and isinstance(detail_a, Mapping) and isinstance(detail_b, Mapping):
         for code_name in sorted(set(detail_a) | set(detail_b)):
             if code_name not in detail_a or code_name not in detail_b:

@@ -63,16 +63,9 @@ def test_redis_cache_matches_an_insert_once_dict(redis_server, ops):
     model: dict[bytes, object] = {}
     try:
         for op in ops:
-            if op[0] == "insert":
-                _, key, value = op
-                expected = _model_key(key) not in model
-                assert cache.insert(key, value) is expected
-                model.setdefault(_model_key(key), value)
-            elif op[0] == "get":
-                assert cache.get(op[1]) == model.get(_model_key(op[1]))
-            elif op[0] == "delete":
-                assert cache.delete(op[1]) is (model.pop(_model_key(op[1]), None) is not None)
-            elif op[0] == "corrupt":
+            if _apply_to_cache_and_model(cache, op, model):
+                continue
+            if op[0] == "corrupt":
                 name = cache.entry_name(op[1])
                 if raw.exists(name):
                     raw.setrange(name, 20, b"\xde\xad")  # inside the checksum field
@@ -84,6 +77,23 @@ def test_redis_cache_matches_an_insert_once_dict(redis_server, ops):
         cache.clear()
         cache.close()
         raw.close()
+
+
+def _apply_to_cache_and_model(cache, op, model) -> bool:
+    """Run an insert, get or delete ``op`` on ``cache`` and the insert-once dict ``model``, asserting they
+    agree; False for other ops (the caller's own)."""
+    if op[0] == "insert":
+        _, key, value = op
+        expected = _model_key(key) not in model
+        assert cache.insert(key, value) is expected
+        model.setdefault(_model_key(key), value)
+    elif op[0] == "get":
+        assert cache.get(op[1]) == model.get(_model_key(op[1]))
+    elif op[0] == "delete":
+        assert cache.delete(op[1]) is (model.pop(_model_key(op[1]), None) is not None)
+    else:
+        return False
+    return True
 
 
 def _original_keys(ops, model):
@@ -107,16 +117,9 @@ def test_tiered_cache_matches_an_insert_once_dict(redis_server, ops):
     model: dict[bytes, object] = {}
     try:
         for op in ops:
-            if op[0] == "insert":
-                _, key, value = op
-                expected = _model_key(key) not in model
-                assert tiered.insert(key, value) is expected
-                model.setdefault(_model_key(key), value)
-            elif op[0] == "get":
-                assert tiered.get(op[1]) == model.get(_model_key(op[1]))
-            elif op[0] == "delete":
-                assert tiered.delete(op[1]) is (model.pop(_model_key(op[1]), None) is not None)
-            elif op[0] == "corrupt":
+            if _apply_to_cache_and_model(tiered, op, model):
+                continue
+            if op[0] == "corrupt":
                 # A corrupt remote copy never changes what the stack answers: faster tiers or a miss.
                 name = remote.entry_name(op[1])
                 if raw.exists(name):
