@@ -44,7 +44,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
-from aotcache.aot.runtime import CompiledRuntime
+from aotcache.aot.runtime import CompiledRuntime, unboxed
 
 __all__ = [
     "AOTOptions",
@@ -160,16 +160,16 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     """Partition (training) and compile an already captured graph (:class:`~aotcache.aot.capture.CapturedGraph`)."""
     metadata = captured.metadata
     if metadata.is_inference:
-        forward = options.inference_compiler_fn()(captured.graph, captured.primals)
+        forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
         return CompiledRuntime(metadata, forward)
     partition = _resolve_partition(options.partition_fn)
     fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
     mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
-    forward = options.forward_compiler()(fw_gm, captured.primals)
+    forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
     examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
-    backward = options.backward_compiler()(bw_gm, examples)
+    backward = unboxed(options.backward_compiler()(bw_gm, examples))
     return CompiledRuntime(metadata, forward, backward)
 
 
@@ -311,6 +311,23 @@ class AOTFunction:
         return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
 
 
+def _check_compat_arguments(api: str, num_params_buffers: int, keep_inference_input_mutations: bool) -> None:
+    """Validate the arguments kept for PyTorch compatibility.
+
+    NOTE [PyTorch-compatible arguments]
+    ``num_params_buffers`` tells PyTorch how many leading inputs are parameters or buffers (it uses that for
+    CUDA graphs); aotcache reads parameters and buffers from the module itself, so the number changes nothing.
+    ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
+    aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
+    gives the caller the same result, so the flag changes nothing either.
+    """
+    if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
+        raise TypeError(f"aotcache.{api}: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
+    if not isinstance(keep_inference_input_mutations, bool):
+        raise TypeError(f"aotcache.{api}: keep_inference_input_mutations must be a bool, got "
+                        f"{keep_inference_input_mutations!r}")
+
+
 def _function_name(fn: Any) -> str:
     """A readable name for listings (``aotcache ls``); never part of a key."""
     fn = getattr(fn, "__wrapped__", fn)
@@ -319,7 +336,8 @@ def _function_name(fn: Any) -> str:
 
 def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,
                  partition_fn: Callable | None = None, decompositions: Mapping | None = None,
-                 inference_compiler: Callable | str | None = None, dynamic: bool = False,
+                 num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
+                 inference_compiler: Callable | str | None = None, *, dynamic: bool = False,
                  cache: Any = True) -> AOTFunction:
     """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
 
@@ -329,7 +347,12 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     ``decompositions`` is an op -> function table (default: the compiler's). ``dynamic=True`` traces with
     symbolic sizes and reuses the graph across sizes that satisfy its guards. ``cache``: True (the configured
     compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
+
+    The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
+    ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
+    [PyTorch-compatible arguments]).
     """
+    _check_compat_arguments("aot_function", num_params_buffers, keep_inference_input_mutations)
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     compiled = AOTFunction(fn, options, cache=cache)
@@ -383,12 +406,14 @@ class AOTModule(nn.Module):
 
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
-               decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
+               decompositions: Mapping | None = None, num_params_buffers: int = 0,
+               keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
                dynamic: bool = False, cache: Any = True) -> AOTModule:
     """Compile ``module`` with AOT Autograd; same options (and ``cache``) as :func:`aot_function`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
                         f"use aot_function for plain functions")
+    _check_compat_arguments("aot_module", num_params_buffers, keep_inference_input_mutations)
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     return AOTModule(module, options, cache=cache)
@@ -413,8 +438,8 @@ def _outside_dynamo_tracing_context() -> Iterator[None]:
 
 def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
                           bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
-                          decompositions: Mapping | None = None,
-                          inference_compiler: Callable | str | None = None,
+                          decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
+                          inference_compiler: Callable | str | None = None, *,
                           dynamic: bool = False, cache: Any = True,
                           compiler_options: Mapping | None = None) -> Callable:
     """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
@@ -423,8 +448,10 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
     signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
     [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
-    ``compiler_options`` are passed to compilers given by name (``options=``).
+    ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
+    PyTorch's (NOTE [PyTorch-compatible arguments]).
     """
+    _check_compat_arguments("aot_module_simplified", 0, keep_inference_input_mutations)
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic,
                          compiler_options=compiler_options)

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.capture import CaptureError, capture
 from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure
 
-__all__ = ["ExportSignature", "aot_export_module", "aot_export_joint_simple"]
+__all__ = ["BackwardSignature", "ExportSignature", "aot_export_module", "aot_export_joint_simple"]
 
 
 @dataclasses.dataclass
@@ -47,6 +47,27 @@ class ExportSignature:
     gradients_to_user_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
     in_spec: str = ""
     out_spec: str = ""
+    # PyTorch's GraphSignature has these too; aotcache exports never mutate parameters and use no effect tokens
+    parameters_to_mutate: dict[str, str] = dataclasses.field(default_factory=dict)
+    input_tokens: list[str] = dataclasses.field(default_factory=list)
+    output_tokens: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def backward_signature(self) -> BackwardSignature | None:
+        """The gradient outputs grouped as PyTorch's ``GraphSignature.backward_signature`` (None: no joint)."""
+        if self.loss_output is None:
+            return None
+        return BackwardSignature(dict(self.gradients_to_parameters), dict(self.gradients_to_user_inputs),
+                                 self.loss_output)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardSignature:
+    """Which outputs of a joint export are gradients of which parameter / user input, and the loss output."""
+
+    gradients_to_parameters: dict[str, str]
+    gradients_to_user_inputs: dict[str, str]
+    loss_output: str
 
 
 def _output_nodes(gm: fx.GraphModule) -> list:
@@ -148,16 +169,19 @@ def _user_output_structure(spec: Any) -> dict:
 
 
 def aot_export_joint_simple(fn: Callable, args: Sequence[Any], trace_joint: bool,
-                            decompositions: Mapping | None = None) -> fx.GraphModule:
+                            decompositions: Mapping | None = None, *, num_params_buffers: int = 0) -> fx.GraphModule:
     """One bare functionalized graph of ``fn(*args)``: the joint graph of the contract (``trace_joint``) or
     the forward graph.
 
     A bare graph cannot express input mutations or outputs that alias inputs or each other, so those are
-    rejected.
+    rejected. ``num_params_buffers`` is accepted for PyTorch compatibility and changes nothing (NOTE
+    [PyTorch-compatible arguments] in :mod:`aotcache.aot.api`).
 
     :raises CaptureError: ``fn`` mutates an input, returns an alias or a non-tensor constant, or uses an
         unsupported construct.
     """
+    if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
+        raise TypeError(f"aot_export_joint_simple: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
     flat_args, in_spec = pytree.tree_flatten(tuple(args))
 
     def flat_fn(*flat: Any) -> Any:

@@ -5,7 +5,8 @@ graph inputs and returns the flat outputs; ``artifact()`` gives bytes that ``loa
 into an equivalent CompiledGraph in another process, with no compiler toolchain needed. Optional attributes
 the AOT runtime reads: ``grad_mode_independent`` (True: its results do not depend on grad mode, NOTE
 [Forward under grad mode] in ``aotcache.aot.runtime``) and ``output_strides`` (NOTE [saved activations take
-the compiler's layout] in ``aotcache.aot.layouts``).
+the compiler's layout] in ``aotcache.aot.layouts``). Compilers written for PyTorch's AOT Autograd may
+instead return a *boxed* callable (``_boxed_call = True``, called with one list); ``aotcache.aot.runtime.unboxed`` adapts it.
 
 Artifact container layout (little-endian):
 
@@ -137,3 +138,4 @@ def load_artifact(blob: bytes | memoryview) -> CompiledGraph:
     except KeyError:
         raise ArtifactError(f"artifact names unknown compiler {artifact.compiler!r}") from None
     return getattr(importlib.import_module(module), loader)(artifact)
+
