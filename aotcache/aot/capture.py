@@ -33,6 +33,7 @@ from aotcache.aot.metadata import (
     check_json_constant,
     encode_output_structure,
 )
+from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
            "is_graph_input", "mutating_nodes"]
@@ -315,6 +316,10 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
+        try:
+            result = lift_object_outputs(result)  # NOTE [Object outputs]
+        except ObjectOutputError as exc:
+            raise CaptureError(str(exc)) from None
         flat_outs, out_spec = pytree.tree_flatten(result)
         try:
             out_structure = encode_output_structure(out_spec)
@@ -518,7 +523,7 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        flat_outs, _ = pytree.tree_flatten(self.flat_fn(*call_args))
+        flat_outs = object_output_leaves(self.flat_fn(*call_args))
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
                            if info.mutates_data]
         graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)

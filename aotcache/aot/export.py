@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import CaptureError, capture
-from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure
+from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure, object_output_types
 
 __all__ = ["BackwardSignature", "ExportSignature", "aot_export_module", "aot_export_joint_simple"]
 
@@ -121,6 +121,7 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
     captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=False,
                        regenerate_aliases=False)
     gm, meta = captured.graph, captured.metadata
+    _reject_object_outputs("aot_export_module", meta.out_spec)
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     outputs = _output_nodes(gm)
     names = list(params) + list(buffers)
@@ -161,6 +162,16 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
     return gm, signature
 
 
+def _reject_object_outputs(api: str, out_spec: dict) -> None:
+    """An exported graph's signature must describe its outputs on its own: no in-process object templates."""
+    held = object_output_types(out_spec)
+    if held:
+        raise CaptureError(f"{api}: the outputs hold {', '.join(held)}, an object pytree does not know, which an "
+                           f"exported signature cannot describe; register its type with "
+                           f"torch.utils._pytree.register_pytree_node (with serialized_type_name), or return its "
+                           f"tensors in a tuple or dict")
+
+
 def _user_output_structure(spec: Any) -> dict:
     try:
         return encode_output_structure(spec)
@@ -189,6 +200,7 @@ def aot_export_joint_simple(fn: Callable, args: Sequence[Any], trace_joint: bool
 
     captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=trace_joint)
     meta = captured.metadata
+    _reject_object_outputs("aot_export_joint_simple", meta.out_spec)
     if meta.mutated_inputs:
         raise CaptureError(f"aot_export_joint_simple: the function mutates graph inputs {meta.mutated_inputs} in "
                            "place, which a bare graph cannot express; return the new value instead, or use "

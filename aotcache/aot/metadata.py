@@ -37,8 +37,10 @@ from typing import Any, Union
 import torch
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.object_outputs import ObjectOutput, rebuild_object, template_type_name
+
 __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "SizeEntry", "OutputStructure",
-           "UnsupportedOutputError", "encode_output_structure"]
+           "UnsupportedOutputError", "encode_output_structure", "object_output_types"]
 
 # 2: out_spec is aotcache's output-structure JSON (NOTE [Output structure]), no longer treespec_dumps
 METADATA_VERSION = 2
@@ -147,6 +149,20 @@ class RuntimeMetadata:
         return cls(**fields)
 
 
+def object_output_types(out_spec: dict) -> list[str]:
+    """The type names of the object outputs (NOTE [Object outputs]) in an output structure; [] if none."""
+    found: list[str] = []
+    stack = [out_spec]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("type") == "object":
+            found.append(template_type_name(str(node.get("token"))) or "object")
+        stack.extend(node.get("children", []))
+    return sorted(set(found))
+
+
 def check_json_constant(value: Any, where: str) -> Any:
     """Return ``value`` if it can be stored as a JSON constant, else raise a clear TypeError."""
     if isinstance(value, _JSON_SCALARS):
@@ -251,6 +267,8 @@ def encode_output_structure(spec: Any, where: str = "output") -> dict:
                 f"class, are looked up by name): define it at module level, or {_SUGGESTION}")
         return {"type": "namedtuple", "module": module, "qualname": qualname, "fields": list(context._fields),
                 "children": children}
+    if node_type is ObjectOutput:  # NOTE [Object outputs]: an in-process template, refused by the cache
+        return {"type": "object", "token": context, "children": children}
     if _is_structseq_class(node_type):
         if _resolve_return_type(node_type.__name__) is not node_type:
             raise UnsupportedOutputError(f"aotcache: {where} is a {node_type.__module__}.{node_type.__qualname__} "
@@ -326,6 +344,12 @@ class OutputStructure:
             return lambda leaves: mapping(zip(keys, items(leaves)))
         if kind == "registered":
             return self._registered(node, items)
+        if kind == "object":
+            token = str(node.get("token"))
+            if template_type_name(token) is None:
+                raise ValueError(f"aotcache: output structure names object template {token!r}, which this process "
+                                 f"does not hold (object outputs are not stored across processes)")
+            return lambda leaves: rebuild_object(token, items(leaves))
         raise ValueError(f"aotcache: output structure has unknown node type {kind!r}")
 
     @staticmethod

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from aotcache import config
-from aotcache.aot.metadata import RuntimeMetadata
+from aotcache.aot.metadata import RuntimeMetadata, object_output_types
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.entry import CacheEntry, EntryError, pack_entry, read_manifest, unpack_entry
 from aotcache.autograd_cache.guards import GuardExpressionError, evaluate_guards, validate_guards_expression
@@ -333,6 +333,9 @@ class AOTAutogradCache:
                 validate_guards_expression(result.guards)
             except GuardExpressionError as exc:
                 raise BypassAOTAutogradCache("guards not expressible") from exc
+        held = object_output_types(runtime.metadata.out_spec)
+        if held:  # NOTE [Object outputs]: their templates never leave the process
+            raise BypassAOTAutogradCache(f"object output: {', '.join(held)}")
         roles = {"inference": runtime.forward} if runtime.metadata.is_inference else {
             "forward": runtime.forward, "backward": runtime.backward}
         artifacts = {role: _artifact_of(compiled, role) for role, compiled in roles.items()}

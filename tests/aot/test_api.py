@@ -203,11 +203,15 @@ def test_aot_export_module_joint_signature():
     output_names = [n.name for n in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
     assert set(sig.gradients_to_parameters) <= set(output_names)
     assert mutating_nodes(gm) == []
+    # PyTorch's GraphSignature shape: code written against aot_autograd's export reads these
+    assert sig.backward_signature.loss_output == sig.loss_output
+    assert sig.backward_signature.gradients_to_parameters == sig.gradients_to_parameters
+    assert sig.parameters_to_mutate == {} and sig.input_tokens == [] and sig.output_tokens == []
 
 
 def test_aot_export_module_forward_only():
     gm, sig = aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=False)
-    assert sig.loss_output is None and sig.gradients_to_parameters == {}
+    assert sig.loss_output is None and sig.gradients_to_parameters == {} and sig.backward_signature is None
     assert len(sig.user_outputs) == 2
     with pytest.raises(ValueError, match="output_loss_index"):
         aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=True)
@@ -234,3 +238,63 @@ def test_aot_export_joint_simple_graphs_run_correctly():
 def test_aot_export_joint_simple_rejects_what_a_bare_graph_cannot_express(fn, match):
     with pytest.raises(CaptureError, match=match):
         aot_export_joint_simple(fn, (torch.randn(2, 2),), trace_joint=False)
+
+
+# -- code written for PyTorch's AOT Autograd (NOTE [boxed compilers], NOTE [PyTorch-compatible arguments]) ---
+
+
+def test_pytorch_boxed_compilers_run_forward_backward_and_inference():
+    from functorch.compile import make_boxed_compiler, make_boxed_func
+    from functorch.compile import nop as pytorch_nop
+
+    calls = []
+
+    def boxed_recording(gm, example_inputs):
+        calls.append(len(example_inputs))
+        return make_boxed_func(gm)
+
+    for compiler in (pytorch_nop, make_boxed_compiler(graph_compiler), boxed_recording):
+        args = mlp_args()
+        ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        compiled = aot_function(mlp, compiler, cache=False)
+        out = compiled(*args)
+        out.backward()
+        expected = mlp(*ref_args)
+        expected.backward()
+        torch.testing.assert_close(out, expected)
+        for got, ref in zip(args[1:], ref_args[1:]):
+            torch.testing.assert_close(got.grad, ref.grad)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*args), expected)
+    assert len(calls) == 3, "forward, backward and inference graphs all went through the boxed compiler"
+
+
+def test_pytorch_argument_order_and_compatibility_flags():
+    args = mlp_args()
+    compiled = aot_function(mlp, graph_compiler, graph_compiler, None, None, 3, True, graph_compiler)
+    torch.testing.assert_close(compiled(*args), mlp(*args))
+    module = aot_module(SmallNet(), graph_compiler, num_params_buffers=7, keep_inference_input_mutations=True,
+                        cache=False)
+    module(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="num_params_buffers must be an int >= 0"):
+        aot_function(mlp, graph_compiler, num_params_buffers=-1)
+    with pytest.raises(TypeError, match="keep_inference_input_mutations must be a bool"):
+        aot_module(SmallNet(), graph_compiler, keep_inference_input_mutations="yes")
+    with pytest.raises(TypeError, match="num_params_buffers must be an int >= 0"):
+        aot_export_joint_simple(lambda x: x.sin(), (torch.randn(2),), trace_joint=False, num_params_buffers=1.5)
+
+
+def test_custom_backend_calling_aot_module_simplified_like_pytorch():
+    from functorch.compile import nop as pytorch_nop
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, pytorch_nop, pytorch_nop, None, None, True, cache=False)
+
+    torch._dynamo.reset()
+    model = SmallNet()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3)
+    got = torch.compile(model, backend=backend)(x)
+    expected = reference(x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)

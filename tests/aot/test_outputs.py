@@ -15,7 +15,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from aotcache.aot import CaptureError, CompiledRuntime, RuntimeMetadata, aot_export_module, aot_function, capture
+from aotcache.aot import (CaptureError, CompiledRuntime, RuntimeMetadata, aot_export_module, aot_function,
+                          aot_module, capture)
 from aotcache.aot.metadata import OutputStructure
 from aotcache.compilers import get_compiler
 from tests.conftest import run_python
@@ -292,3 +293,93 @@ def test_linalg_check_survives_the_inductor_compiler():
     torch.testing.assert_close(compiled(2 * torch.eye(2)), torch.eye(2))
     with pytest.raises(torch.linalg.LinAlgError):
         compiled(torch.zeros(2, 2))
+
+
+# -- object outputs (NOTE [Object outputs]) -----------------------------------------------------------------
+
+
+class Holder:
+    """A plain user class holding tensors, a view of an input, one tensor twice, and non-tensor state."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        hidden = x.sin() * 2
+        self.items = [hidden, x.cos()]
+        self.again = hidden  # the same tensor twice: one tensor after the rebuild as well
+        self.row = x[0]  # a view of the input
+        self.meta = {"rows": x.shape[0], "name": "holder"}
+
+
+def test_object_output_is_rebuilt_per_call_with_its_tensors_and_state():
+    compiled = compile_fn(lambda x: (Holder(x), x.sum()))
+    x = torch.randn(3, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    got, total = compiled(x)
+    expected, expected_total = Holder(x_ref), x_ref.sum()
+    assert type(got) is Holder and got.meta == expected.meta
+    torch.testing.assert_close(got.items, expected.items)
+    torch.testing.assert_close(total, expected_total)
+    assert got.again is got.items[0], "one tensor held twice stays one tensor"
+    assert got.row._base is x and got.row.data_ptr() == x.data_ptr(), "a view of the input stays a view"
+    (got.items[0].sum() + got.items[1].sum() + got.row.sum()).backward()
+    (expected.items[0].sum() + expected.items[1].sum() + expected.row.sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    second, _ = compiled(x)
+    assert second is not got and second.items[0] is not got.items[0], "every call returns a fresh object"
+    assert compiled.num_compiles == 1
+
+
+class HoldsModule:
+    def __init__(self, module: torch.nn.Module, value: torch.Tensor) -> None:
+        self.module = module
+        self.value = value
+
+
+class HoldsLambda:
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+        self.callback = lambda: value
+
+
+def test_object_outputs_that_cannot_be_templated_are_capture_errors_naming_the_fix():
+    linear = torch.nn.Linear(2, 2)
+    with pytest.raises(CaptureError, match="references an nn.Module"):
+        compile_fn(lambda x: HoldsModule(linear, x * 2))(torch.randn(2))
+    with pytest.raises(CaptureError, match="HoldsLambda.*register_pytree_node"):
+        compile_fn(lambda x: HoldsLambda(x * 2))(torch.randn(2))
+
+
+def test_transformers_decoder_key_value_cache_output_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    reference = transformers.GPT2LMHeadModel(config)
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 100, (2, 8))
+    got = aot_module(model, nop, cache=False)(input_ids=ids, labels=ids)  # use_cache defaults to True
+    expected = reference(input_ids=ids, labels=ids)
+    assert type(got.past_key_values) is type(expected.past_key_values)
+    for layer, layer_ref in zip(got.past_key_values.layers, expected.past_key_values.layers, strict=True):
+        torch.testing.assert_close(layer.keys, layer_ref.keys)
+        torch.testing.assert_close(layer.values, layer_ref.values)
+    torch.testing.assert_close(got.logits, expected.logits)
+    got.loss.backward()
+    expected.loss.backward()
+    for (name, param), param_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, param_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_exports_refuse_object_outputs_naming_the_type():
+    class Wrap(torch.nn.Module):
+        def forward(self, x):
+            return Holder(x)
+
+    with pytest.raises(CaptureError, match="aot_export_module: the outputs hold .*Holder"):
+        aot_export_module(Wrap(), (torch.randn(2, 3),), trace_joint=False)
+    from aotcache.aot import aot_export_joint_simple
+
+    with pytest.raises(CaptureError, match="aot_export_joint_simple: the outputs hold .*Holder"):
+        aot_export_joint_simple(lambda x: Holder(x), (torch.randn(2, 3),), trace_joint=False)

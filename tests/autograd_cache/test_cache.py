@@ -378,3 +378,23 @@ def test_graph_form_names_only_allowlisted_higher_order_ops():
              {"name": "output", "op": "output", "args": {"tuple": [{"node": "y"}]}}]
     with pytest.raises(ArtifactError, match="unknown operator"):
         deserialize_graph({"format": 1, "nodes": nodes}, {})
+
+
+class KeyValueHolder:
+    """An output object: its template stays in the process, so the entry is not stored."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
+
+
+def test_object_output_bypasses_with_its_type_and_runs_correctly(cache):
+    def holder(x, w):
+        return KeyValueHolder(x @ w, (x @ w).sin())
+
+    compiled = aot_function(holder, "nop", cache=cache)
+    x, w = inputs()
+    got = compiled(x, w)
+    assert cache.stats()["bypass_reasons"] == {f"object output: {__name__}.KeyValueHolder": 1}
+    assert cache.stats()["saved"] == 0
+    torch.testing.assert_close(got.value, (x @ w).sin())
+    assert compiled(x, w).key is not got.key and compiled.num_compiles == 1  # in-process reuse still works
