@@ -119,7 +119,10 @@ def lift_object_outputs(result: Any) -> Any:
             _templates[token] = (blob, f"{type(value).__module__}.{type(value).__qualname__}")
         return ObjectOutput(token, leaves)
 
-    return pytree.tree_map(lift, result)
+    leaves, spec = pytree.tree_flatten(result)
+    if not any(_is_object_leaf(value) for value in leaves):
+        return result  # the usual case: untouched (rebuilding would turn a torch.Size into a tuple)
+    return pytree.tree_unflatten([lift(value) for value in leaves], spec)
 
 
 def object_output_leaves(result: Any) -> list:
