@@ -236,11 +236,40 @@ def _same_layout(before: tuple, after: tuple) -> bool:
     return True
 
 
-def _metadata_mutation_error(index: int, position: int) -> CaptureError:
+def _metadata_mutation_error(index: int, position: int, why: str = "") -> CaptureError:
     return CaptureError(
         f"aotcache: graph input {index} (flat argument {position}) has its metadata mutated in place "
-        f"(size/stride/offset changed, e.g. by t_(), transpose_(), resize_(), as_strided_()). This is not "
+        f"(size/stride/offset changed, e.g. by t_(), transpose_(), resize_(), as_strided_()){why}. This is not "
         f"supported; use the out-of-place op (x = x.t()) instead.")
+
+
+def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple, mutates_data: bool,
+                                  requires_grad: bool) -> list:
+    """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place.
+
+    NOTE [Metadata mutations]
+    ``x.t_()`` or ``x.unsqueeze_(0)`` on an input change only its size/stride/offset: the graph needs no output
+    for it. The runtime gives the real input its final geometry with ``as_strided_`` and runs the graph on an
+    alias with the traced geometry (outputs that are the input, or views of it, come from the real input).
+    Replayed only when the geometry is static (ints), the input does not require grad and its data is not also
+    mutated; ``set_`` (a storage swap) and ``resize_`` (may reallocate) stay errors.
+
+    :raises CaptureError: the mutation is not one of those.
+    """
+    after = _layout(probe)
+    if _same_layout(before, after):
+        raise _metadata_mutation_error(index, position, " without a net change of layout (e.g. set_())")
+    changed_storage = getattr(torch, "_functionalize_was_storage_changed", None)
+    if changed_storage is not None and changed_storage(probe.elem):
+        raise _metadata_mutation_error(index, position, " and its storage replaced (set_())")
+    if requires_grad:
+        raise _metadata_mutation_error(index, position, " while it requires grad")
+    if mutates_data:
+        raise _metadata_mutation_error(index, position, " together with its data")
+    if not all(type(value) is int for value in after if not isinstance(value, str)):
+        raise _metadata_mutation_error(index, position, " to symbolic sizes (dynamic=True)")
+    size, stride = list(probe.shape), list(probe.stride())
+    return [[int(v) for v in size], [int(v) for v in stride], int(probe.storage_offset())]
 
 
 class _RejectInputResize(torch.overrides.TorchFunctionMode):
@@ -254,10 +283,11 @@ class _RejectInputResize(torch.overrides.TorchFunctionMode):
 
     _RESIZE_METHODS = (torch.Tensor.resize_, torch.Tensor.resize_as_)
 
-    def __init__(self, probes: Sequence[Any], positions: Sequence[int]) -> None:
+    def __init__(self, probes: Sequence[Any], positions: Sequence[int], symbolic: bool) -> None:
         super().__init__()
         self.probes = list(probes)
         self.positions = list(positions)
+        self.symbolic = symbolic
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         if func in self._RESIZE_METHODS and args:
@@ -267,6 +297,8 @@ class _RejectInputResize(torch.overrides.TorchFunctionMode):
             try:
                 return func(*args, **(kwargs or {}))
             except RuntimeError as exc:
+                if not self.symbolic:
+                    raise
                 raise CaptureError(
                     "aotcache: resize_() of a tensor with symbolic sizes is not supported with dynamic=True "
                     "(functionalization cannot resize to symbolic sizes). Use an out-of-place op (torch.empty, "
@@ -311,8 +343,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         call_args = [_to_functional(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
         probes = [call_args[pos] for pos in positions]
         layouts = [_layout(p) if isinstance(p, torch.Tensor) else None for p in probes]
-        resize_check = (_RejectInputResize(probes, positions) if fake_mode.shape_env is not None
-                        else contextlib.nullcontext())
+        # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
+        resize_check = _RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
@@ -335,12 +367,15 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             if not isinstance(probe, torch.Tensor):
                 inputs.append(InputInfo(is_tensor=False))
                 continue
+            mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
+            requires_grad = fake_args[positions[index]].requires_grad
+            new_layout = None
             if (not _same_layout(layout, _layout(probe))
                     or torch._functionalize_has_metadata_mutation(probe.elem)):
-                raise _metadata_mutation_error(index, positions[index])
-            mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
-            info = InputInfo(requires_grad=fake_args[positions[index]].requires_grad, mutates_data=mutated,
-                             mutation_requires_grad=mutated and probe.requires_grad)
+                new_layout = _replayable_metadata_mutation(index, positions[index], probe, layout, mutated,
+                                                           requires_grad)
+            info = InputInfo(requires_grad=requires_grad, mutates_data=mutated,
+                             mutation_requires_grad=mutated and probe.requires_grad, metadata_mutation=new_layout)
             inputs.append(info)
 
     _check_mutated_inputs_do_not_alias(fake_args, positions, inputs)

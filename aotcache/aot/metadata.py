@@ -43,7 +43,8 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
            "UnsupportedOutputError", "encode_output_structure", "object_output_types"]
 
 # 2: out_spec is aotcache's output-structure JSON (NOTE [Output structure]), no longer treespec_dumps
-METADATA_VERSION = 2
+# 3: InputInfo.metadata_mutation
+METADATA_VERSION = 3
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
 # SymInt output of the forward graph" (symbolic shapes).
@@ -62,6 +63,9 @@ class InputInfo:
     # whether the updated value (after the function ran) requires grad; decides whether the epilogue's copy_
     # is recorded by autograd
     mutation_requires_grad: bool = False
+    # [size, stride, storage_offset] the input has after the function ran, when the function changed them in
+    # place (t_(), unsqueeze_(), ...); the runtime replays it with as_strided_ (NOTE [Metadata mutations])
+    metadata_mutation: list | None = None
 
 
 @dataclasses.dataclass

@@ -73,19 +73,25 @@ class CompiledRuntime:
         self._positions = list(metadata.graph_input_positions)
         self._tangent_indices = list(metadata.tangent_indices)
         self._mutated = metadata.mutated_inputs
+        self._metadata_mutations = [(index, info.metadata_mutation) for index, info in enumerate(metadata.inputs)
+                                    if info.metadata_mutation]
         self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
         self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
 
     def __call__(self, *flat_args: Any) -> Any:
         meta = self.metadata
         graph_args = [flat_args[pos] for pos in self._positions]
+        real_args = graph_args
+        if self._metadata_mutations:
+            real_args = list(graph_args)
+            self._replay_metadata_mutations(graph_args)
         if meta.is_inference:
             with torch.no_grad():
                 fw_outs = list(self.forward(*graph_args))
         else:
             fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
         self._apply_mutations(graph_args, fw_outs)
-        flat_outs = self._build_outputs(graph_args, fw_outs)
+        flat_outs = self._build_outputs(real_args, fw_outs)
         if torch.is_grad_enabled():
             self._check_requires_grad(flat_outs)
         return self.out_structure.unflatten(flat_outs)
@@ -103,6 +109,19 @@ class CompiledRuntime:
                     f"aotcache: flat output {k} requires grad in eager but the compiled function returned it "
                     f"without grad (gradients would be silently dropped); please report this with the function. "
                     f"Call the function eagerly meanwhile.")
+
+    def _replay_metadata_mutations(self, graph_args: list) -> None:
+        """Give each input its final geometry now; the graph gets an alias with the geometry it was traced for.
+
+        NOTE [Metadata mutations] (see capture): replayed *before* the graph runs, so the version bump of
+        ``as_strided_`` happens before anything is saved for backward (our saved alias stays valid, while a
+        tensor saved earlier by the caller's own graph is caught by autograd's version check, as in eager), and
+        the saved alias keeps its own geometry however the input's changes.
+        """
+        for index, (size, stride, offset) in self._metadata_mutations:
+            real = graph_args[index]
+            graph_args[index] = real.as_strided(real.size(), real.stride(), real.storage_offset())
+            real.as_strided_(size, stride, offset)
 
     def _apply_mutations(self, graph_args: list, fw_outs: list) -> None:
         # NOTE [Mutation epilogue]

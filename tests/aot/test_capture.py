@@ -135,10 +135,63 @@ def test_data_dependent_ops_raise_a_clear_error(fn, op_name, dynamic):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("fn", [lambda x: x.t_(), lambda x: x.resize_(12), lambda x: x.transpose_(0, 1)])
-def test_metadata_mutation_of_an_input_raises_a_clear_error(fn, dynamic):
+def test_resize_of_an_input_raises_a_clear_error(dynamic):
     with pytest.raises(CaptureError, match="metadata mutated"):
-        capture(fn, [torch.randn(3, 4)], dynamic=dynamic)
+        capture(lambda x: x.resize_(12), [torch.randn(3, 4)], dynamic=dynamic)
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.t_(), lambda x: x.transpose_(0, 1)])
+def test_metadata_mutation_to_symbolic_sizes_raises_a_clear_error(fn):
+    with pytest.raises(CaptureError, match="metadata mutated .*symbolic sizes"):
+        capture(fn, [torch.randn(3, 4)], dynamic=True)
+
+
+def _transpose_then_scale(x, y):
+    x.t_()
+    return x * y
+
+
+def _unsqueeze_and_return_input(x, y):
+    x.unsqueeze_(0)
+    return x, y.sin()
+
+
+def _as_strided_and_view(x, y):
+    x.as_strided_((2, 3), (3, 1), 3)
+    return x[1], (x * 2) @ y.t()
+
+
+@pytest.mark.parametrize("fn", [_transpose_then_scale, _unsqueeze_and_return_input, _as_strided_and_view])
+@pytest.mark.parametrize("grad", [False, True])
+def test_static_metadata_mutation_of_an_input_is_replayed(fn, grad):
+    """NOTE [Metadata mutations]: the input ends with eager's geometry; outputs and gradients match eager."""
+    import aotcache
+
+    x = torch.randn(3, 3)
+    y = torch.randn(3, 3, requires_grad=grad)
+    x_ref, y_ref = x.clone(), y.detach().clone().requires_grad_(grad)
+    compiled = aotcache.aot_function(fn, lambda gm, example_inputs: gm, cache=False)
+    got, expected = compiled(x, y), fn(x_ref, y_ref)
+    assert (x.shape, x.stride(), x.storage_offset()) == (x_ref.shape, x_ref.stride(), x_ref.storage_offset())
+    torch.testing.assert_close(got, expected)
+    if fn is _unsqueeze_and_return_input:
+        assert got[0] is x, "returning the mutated input returns the input itself"
+    if fn is _as_strided_and_view:
+        assert got[0]._base is x or got[0].data_ptr() == x[1].data_ptr()
+    if grad:
+        sum(out.sum() for out in (got if isinstance(got, tuple) else (got,)) if out.requires_grad).backward()
+        sum(out.sum() for out in (expected if isinstance(expected, tuple) else (expected,))
+            if out.requires_grad).backward()
+        torch.testing.assert_close(y.grad, y_ref.grad)
+
+
+@pytest.mark.parametrize("fn, inputs, match", [
+    (lambda x: x.t_(), lambda: [torch.randn(3, 4).requires_grad_().clone()], "while it requires grad"),
+    (lambda x: x.t_().add_(1), lambda: [torch.randn(3, 4)], "together with its data"),
+])
+def test_metadata_mutations_that_cannot_be_replayed_raise_a_clear_error(fn, inputs, match):
+    with pytest.raises(CaptureError, match=match):
+        capture(fn, inputs())
 
 
 METADATA_MUTATIONS = [
@@ -212,3 +265,16 @@ def test_closed_over_tensors_are_constants_and_grad_requiring_ones_are_refused()
         aotcache.aot_function(lambda t: (t @ weight + bias).sin(), cache=False)(x)
     with torch.no_grad():  # eager computes no gradient either: allowed
         torch.testing.assert_close(aotcache.aot_function(lambda t: t + bias, cache=False)(x), x + bias)
+
+
+def test_metadata_mutation_still_trips_autograd_for_a_tensor_saved_before_the_call():
+    """As in eager: the caller's graph saved the input before it was transposed in place; backward refuses."""
+    import aotcache
+
+    compiled = aotcache.aot_function(_transpose_then_scale, lambda gm, example_inputs: gm, cache=False)
+    for call in (compiled, _transpose_then_scale):
+        x, w = torch.randn(3, 3), torch.randn(3, 3, requires_grad=True)
+        saved_x = x * w  # saves x for the gradient of w
+        call(x, torch.randn(3, 3))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved_x.sum().backward()

@@ -398,3 +398,26 @@ def test_object_output_bypasses_with_its_type_and_runs_correctly(cache):
     assert cache.stats()["saved"] == 0
     torch.testing.assert_close(got.value, (x @ w).sin())
     assert compiled(x, w).key is not got.key and compiled.num_compiles == 1  # in-process reuse still works
+
+
+def _transpose_in_place(x, y):
+    x.t_()
+    return x * y
+
+
+def _transpose_out_of_place(x, y):
+    return x.t() * y
+
+
+def test_metadata_mutation_is_part_of_the_key(cache):
+    """The two functions trace to the same graph; only one transposes its input in place (NOTE [Metadata
+    mutations]): sharing an entry would transpose the caller's tensor, or fail to."""
+    x, y = torch.randn(3, 3), torch.randn(3, 3)
+    mutated = x.clone()
+    aot_function(_transpose_in_place, "nop", cache=cache)(mutated, y)
+    assert mutated.stride() == (1, 3)
+    kept = x.clone()
+    got = aot_function(_transpose_out_of_place, "nop", cache=cache)(kept, y)
+    assert kept.stride() == (3, 1), "the out-of-place function must not replay the other one's mutation"
+    torch.testing.assert_close(got, x.t() * y)
+    assert cache.stats()["saved"] == 2
