@@ -436,6 +436,40 @@ def _outside_dynamo_tracing_context() -> Iterator[None]:
         yield
 
 
+def _is_symbolic(value: Any) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(v, torch.SymInt) for v in (*value.shape, *value.stride()))
+
+
+def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> list:
+    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes.
+
+    NOTE [Dynamo's symbolic example inputs]
+    Dynamo hands a backend *real* example tensors; when it compiles a graph with dynamic dimensions (``dynamic=True``
+    or automatic dynamic after a size changed) the symbolic sizes live only in its fake mode (the ambient
+    ``TracingContext``) and in the placeholders' ``example_value``, plus size symbols passed as SymInt inputs.
+    Tracing the real tensors would specialize the graph to their sizes while Dynamo's guards admit every size:
+    a later call with another size would run a graph traced for the first (a wrong result or a shape error).
+    So when anything is symbolic, the real tensors are swapped for Dynamo's own fakes (``from_tensor`` of its
+    mode returns the fake it made for that tensor, symbols included). Static graphs keep the real inputs.
+    """
+    placeholders = [node for node in getattr(getattr(gm, "graph", None), "nodes", []) if node.op == "placeholder"]
+    symbolic = any(_is_symbolic(value) for value in example_inputs) or any(
+        _is_symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders)
+    if not symbolic:
+        return list(example_inputs)
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(list(example_inputs))
+    if fake_mode is None:
+        return list(example_inputs)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return [fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+            else value for value in example_inputs]
+
+
 def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
                           bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                           decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
@@ -474,6 +508,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
         return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
 
+    example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
     from aotcache.autograd_cache.cache import resolve_cache
 

@@ -59,6 +59,39 @@ def test_trains_like_eager_and_second_compile_hits():
     assert cache.stats()["hit"] == 1 and cache.stats()["compile"] == 1
 
 
+class RowSums(torch.nn.Module):
+    """A graph whose backward holds the batch size as a constant when traced statically (expand to [rows, 8])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.linear(x).relu().sum(dim=1)
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic_dynamic", "dynamic_true"])
+def test_sizes_dynamo_compiles_symbolically_are_not_specialized(dynamic):
+    """NOTE [Dynamo's symbolic example inputs]: Dynamo hands real example tensors even for a graph with dynamic
+    sizes; tracing those would specialize the graph to the first size its guards let through."""
+    torch._dynamo.reset()
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+    compiled_model, eager_model = RowSums(), RowSums()
+    compiled = torch.compile(compiled_model, backend=functools.partial(aotcache_backend, compiler="nop", cache=cache),
+                             dynamic=dynamic)
+    for rows in (6, 9, 13, 17):
+        x = torch.randn(rows, 4)
+        got, expected = compiled(x), eager_model(x)
+        torch.testing.assert_close(got, expected)
+        got.pow(2).sum().backward()
+        expected.pow(2).sum().backward()
+        for compiled_param, eager_param in zip(compiled_model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(compiled_param.grad, eager_param.grad)
+    # one symbolic graph serves every later size (automatic dynamic: one static graph first)
+    assert cache.stats()["compile"] == (1 if dynamic else 2)
+
+
 def test_options_are_validated():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown options"):
