@@ -54,6 +54,7 @@ import torch.fx
 from aotcache.autograd_cache import guards, reachable, safety
 from aotcache.autograd_cache.reachable import canonical_json, custom_op_digest, tensor_content_digest
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+from aotcache.compilers import aoti_lib
 
 __all__ = [
     "KEY_SCHEMA_VERSION",
@@ -411,6 +412,8 @@ def system_parts(devices: Iterable[str] = ()) -> dict[str, Any]:
         "python": f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}",
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # VNNI, AVX512-BF16, AMX: Inductor builds for them when present (NOTE [vector ISA = level + extensions])
+        "cpu_extensions": aoti_lib.cpu_extensions(),
     }
     device_types = {device.split(":")[0] for device in devices}
     if "cuda" in device_types and torch.cuda.is_available():

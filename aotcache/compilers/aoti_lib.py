@@ -47,6 +47,7 @@ __all__ = [
     "int_hint",
     "copy_graph_module",
     "inductor_vec_isa",
+    "cpu_extensions",
 ]
 
 AOTIRunner = Any  # torch._C._aoti.AOTIModelContainerRunnerCpu / ...Cuda: ``run(list[Tensor]) -> list[Tensor]``
@@ -60,8 +61,25 @@ _SELF_CONTAINED_OPTIONS = {
 # Embeds GPU kernel binaries (cubins) in the .so instead of writing them next to it (torch >= 2.8).
 _GPU_EMBED_OPTION = "aot_inductor.embed_kernel_binary"
 
+# NOTE [vector ISA = level + extensions]
+# Inductor names the ISA it builds for by a level and the extensions its compiler flags enable:
+# "avx2", "avx512", "avx512 avx512_vnni", "avx512 avx512_vnni amx_tile"; on top of those, AVX512 builds add
+# -mavx512bf16 (and AMX ones -mamx-fp16) when the build host has them. A library runs here when its level is
+# at or below this host's CPU capability and this host has every extension it was built with; the host's
+# extensions come from torch.cpu's CPUID probes (no Inductor import, no compiler). Unknown levels or
+# extensions are refused: a wrong guess is an illegal instruction, not a slow kernel.
 # x86 vector ISA levels, weakest first: a library built for one level runs on any host at that level or above.
-_ISA_RANK = {"default": 0, "": 0, "avx2": 1, "avx512": 2, "amx": 2, "avx512_bf16": 2}
+_ISA_RANK = {"default": 0, "": 0, "avx2": 1, "avx512": 2}
+# extension -> torch.cpu probe saying whether this host has it
+_ISA_EXTENSION_PROBES = {
+    "avx512_vnni": "_is_vnni_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "amx_tile": "_is_amx_tile_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
+# compiler flag -> the extension it makes a library require
+_ISA_EXTENSION_FLAGS = {"-mavx512vnni": "avx512_vnni", "-mavx512bf16": "avx512_bf16", "-mamx-tile": "amx_tile",
+                        "-mamx-fp16": "amx_fp16"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,6 +99,7 @@ def host_identity(device: str | torch.device = "cpu") -> dict[str, Any]:
         "system": platform.system(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_extensions": cpu_extensions(),
         "device": _device_type(device),
     }
     if identity["device"] == "cuda":
@@ -99,11 +118,30 @@ def build_identity(device: str | torch.device = "cpu") -> dict[str, Any]:
     return identity
 
 
+def cpu_extensions() -> list[str]:
+    """The vector ISA extensions this host's CPU has, of those Inductor builds for (CPUID; no Inductor)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    found = []
+    for extension, probe_name in _ISA_EXTENSION_PROBES.items():
+        probe = getattr(torch.cpu, probe_name, None)
+        if probe is not None and probe():
+            found.append(extension)
+    return found
+
+
 def inductor_vec_isa() -> str:
-    """The vector ISA Inductor generates CPU code for here, e.g. ``avx2`` (imports Inductor)."""
+    """The vector ISA Inductor generates CPU code for here: its level, then every extension its flags enable
+    (``avx2``, ``avx512 avx512_bf16 avx512_vnni``; NOTE [vector ISA = level + extensions]). Imports Inductor."""
     from torch._inductor import cpu_vec_isa
 
-    return str(cpu_vec_isa.pick_vec_isa()).lower()
+    isa = cpu_vec_isa.pick_vec_isa()
+    tokens = str(isa).lower().split()
+    if not tokens:
+        return "default"
+    flags = str(isa.build_arch_flags()).split() if isa else []
+    extensions = set(tokens[1:]) | {_ISA_EXTENSION_FLAGS[flag] for flag in flags if flag in _ISA_EXTENSION_FLAGS}
+    return " ".join([tokens[0], *sorted(extensions)])
 
 
 def _compiler_version() -> str:
@@ -131,11 +169,16 @@ def check_identity(identity: dict[str, Any], device: str | torch.device = "cpu")
                 problems.append(f"{part}: built for {identity.get(part)!r}, this host has {here.get(part)!r}")
     if here.get("machine", "").lower() in ("x86_64", "amd64"):
         host_rank = _ISA_RANK.get(str(here["cpu_capability"]).lower())
+        host_extensions = set(here["cpu_extensions"])
         for part in ("cpu_capability", "vec_isa"):
             built = str(identity.get(part, "default")).lower()
-            built_rank = _ISA_RANK.get(built)
+            level, *extensions = built.split() or ["default"]
+            built_rank = _ISA_RANK.get(level)
             if built_rank is None or host_rank is None or built_rank > host_rank:
                 problems.append(f"{part}: built for {built!r}, this host supports {here['cpu_capability']!r}")
+            missing = [name for name in extensions if name not in host_extensions]
+            if missing:
+                problems.append(f"{part}: built for {built!r}, this host lacks {' '.join(missing)}")
     elif str(identity.get("cpu_capability")) != str(here["cpu_capability"]):
         problems.append(f"cpu_capability: built for {identity.get('cpu_capability')!r}, "
                         f"this host has {here['cpu_capability']!r}")

@@ -285,6 +285,8 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
 
     # NOTE [skipping the ISA probe]: picking the vector ISA normally compiles and runs a probe program (~5 s).
     # When this host reports the CPU capability the kernels were built on, the probe cannot tell us more.
+    # Inductor still compiles its small extension probes (avx512_bf16, avx512_vnni) once per cache dir on
+    # hosts that have them, so a first load there needs a C++ compiler.
     same_cpu = identity.get("cpu_capability") == here.get("cpu_capability") and \
         identity.get("machine") == here.get("machine")
     patches = {"cpp.vec_isa_ok": True} if same_cpu else {}

@@ -284,8 +284,17 @@ def test_torch_version_is_in_key(monkeypatch):
 def test_cpu_capability_is_in_key(monkeypatch):
     x, y = inputs()
     base = key_of(body, x, y)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     _assert_differs(base, key_of(body, x, y), "system", "cpu_capability")
+
+
+def test_cpu_isa_extensions_are_in_key(monkeypatch):
+    x, y = inputs()
+    base = key_of(body, x, y)
+    vnni = torch.cpu._is_vnni_supported()
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: not vnni)
+    _assert_differs(base, key_of(body, x, y), "system", "cpu_extensions")
 
 
 def test_system_parts_hold_no_paths(tmp_path, monkeypatch):

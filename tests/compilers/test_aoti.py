@@ -121,6 +121,36 @@ def test_library_for_another_host_is_refused(built, part, value):
         load_artifact(pack_artifact(artifact))
 
 
+@pytest.mark.parametrize("built, host_extensions, refused", [
+    ("avx512 avx512_vnni", ["avx512_vnni"], None),
+    ("avx512 avx512_vnni", [], "lacks avx512_vnni"),
+    ("avx512 avx512_bf16 avx512_vnni", ["avx512_vnni"], "lacks avx512_bf16"),
+    ("avx512 avx512_vnni amx_tile", ["avx512_vnni", "amx_tile"], None),
+    ("avx512 some_future_ext", ["avx512_vnni"], "lacks some_future_ext"),
+    ("avx2", [], None),
+    ("avx512", [], None),
+])
+def test_vector_isa_is_a_level_plus_extensions(monkeypatch, built, host_extensions, refused):
+    """NOTE [vector ISA = level + extensions]: Inductor's ISA strings carry extensions a host must have."""
+    monkeypatch.setattr(aoti_lib.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(aoti_lib, "cpu_extensions", lambda: list(host_extensions))
+    identity = {**aoti_lib.host_identity(), "vec_isa": built}
+    if refused is None:
+        aoti_lib.check_identity(identity)
+    else:
+        with pytest.raises(ArtifactError, match=refused):
+            aoti_lib.check_identity(identity)
+
+
+def test_avx512_library_is_refused_on_an_avx2_host(monkeypatch):
+    monkeypatch.setattr(aoti_lib.platform, "machine", lambda: "x86_64")
+    identity = {**aoti_lib.host_identity(), "cpu_capability": "AVX512", "vec_isa": "avx512"}
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ArtifactError, match="this host supports 'AVX2'"):
+        aoti_lib.check_identity(identity)
+
+
 def test_identity_of_this_host_is_accepted():
     identity = aoti_lib.host_identity()
     aoti_lib.check_identity(identity)
