@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import threading
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -178,6 +180,21 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# NOTE [Constant arguments]
+# A non-tensor argument is baked into the graph, and the reuse key holds it, so it must be compared by value:
+# an object compared by identity (a config object, an nn.Module, transformers' DynamicCache) can change
+# between calls without the key seeing it, and a stale graph would run. Such arguments are refused, except
+# types that cannot change: immutable singletons, enum members and code (functions, classes, operators).
+_IMMUTABLE_IDENTITY_TYPES = (type(None), type(...), type(NotImplemented), enum.Enum, torch.dtype, torch.layout,
+                             torch.memory_format, torch.qscheme, torch.Generator, type, types.FunctionType,
+                             types.BuiltinFunctionType, functools.partial, torch._ops.OpOverload,
+                             torch._ops.OpOverloadPacket)
+
+
+class _RefusedConstant(TypeError):
+    """A non-tensor argument that cannot be part of the reuse key; see NOTE [Constant arguments]."""
+
+
 def _argument_signature(arg: Any, dynamic: bool) -> tuple:
     if isinstance(arg, torch.Tensor):
         geometry = (arg.dim(),) if dynamic else (tuple(arg.shape), arg.stride(), arg.storage_offset())
@@ -188,9 +205,24 @@ def _argument_signature(arg: Any, dynamic: bool) -> tuple:
     try:
         hash(arg)
     except TypeError:
-        raise TypeError(f"aotcache: argument of type {type(arg).__name__} is neither a tensor nor a hashable "
-                        f"constant; pass tensors, Python scalars, or containers (tuple/list/dict) of them") from None
+        raise _RefusedConstant("is neither a tensor nor a hashable constant") from None
+    if type(arg).__eq__ is object.__eq__ and not isinstance(arg, _IMMUTABLE_IDENTITY_TYPES):
+        raise _RefusedConstant("is compared by identity, so changes to it between calls would not be seen")
     return ("constant", type(arg), arg)
+
+
+def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> TypeError:
+    arg = flat_args[index]
+    where = f"flat argument {index}"
+    with contextlib.suppress(Exception):  # a path such as args[1] or kwargs['past_key_values']
+        (args, kwargs) = pytree.tree_unflatten(list(flat_args), in_spec)
+        path = [key for key, _ in pytree.tree_flatten_with_path((args, kwargs))[0]][index]
+        where = "argument " + ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+    return TypeError(
+        f"aotcache: {where} is a {type(arg).__module__}.{type(arg).__qualname__} object, which {why}. A compiled "
+        f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
+        f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
+        f"compare by value, or register it with torch.utils._pytree.register_pytree_node.")
 
 
 def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
@@ -212,8 +244,13 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
 
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:
     """The reuse key of NOTE [Signature] (in-memory only; never persisted)."""
-    return (in_spec, torch.is_grad_enabled(), autocast_state(), _memory_sharing(flat_args),
-            tuple(_argument_signature(arg, dynamic) for arg in flat_args))
+    arguments = []
+    for index, arg in enumerate(flat_args):
+        try:
+            arguments.append(_argument_signature(arg, dynamic))
+        except _RefusedConstant as exc:
+            raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
+    return (in_spec, torch.is_grad_enabled(), autocast_state(), _memory_sharing(flat_args), tuple(arguments))
 
 
 class AOTFunction:

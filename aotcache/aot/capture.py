@@ -605,15 +605,47 @@ def _finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list]:
-    """Indices of the forward outputs that get a tangent, and contiguous fake tangents for them."""
-    indices, tangents = [], []
+def _dense_non_overlapping(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether static ``shape``/``stride`` cover their storage exactly once (a permutation of contiguous)."""
+    expected = 1
+    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def tangent_layout(example: torch.Tensor) -> dict:
+    """The layout the tangent of forward output ``example`` is traced with (NOTE [Tangent strides] in runtime):
+    ``{"stride": [...]}`` for a static, dense, non-overlapping output, else ``{"memory_format": name}``."""
+    from torch._prims_common import suggest_memory_format
+
+    static = not any(isinstance(v, torch.SymInt) for v in (*example.shape, *example.stride()))
+    if static and example.layout == torch.strided and _dense_non_overlapping(example.shape, example.stride()):
+        return {"stride": [int(v) for v in example.stride()]}
+    memory_format = suggest_memory_format(example) if example.layout == torch.strided else torch.contiguous_format
+    return {"memory_format": str(memory_format).removeprefix("torch.")}
+
+
+def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list, list[dict]]:
+    """Indices of the forward outputs that get a tangent, fake tangents for them, and their layouts."""
+    indices, tangents, layouts = [], [], []
     with fake_mode:
         for index, example in enumerate(analysis.graph_output_examples):
             if _is_differentiable(example):
+                layout = tangent_layout(example)
+                if "stride" in layout:
+                    tangent = torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
+                                                  device=example.device)
+                else:
+                    tangent = torch.empty(example.shape, dtype=example.dtype, device=example.device,
+                                          memory_format=getattr(torch, layout["memory_format"]))
                 indices.append(index)
-                tangents.append(torch.empty(example.shape, dtype=example.dtype, device=example.device))
-    return indices, tangents
+                tangents.append(tangent)
+                layouts.append(layout)
+    return indices, tangents, layouts
 
 
 def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
@@ -623,7 +655,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
     primals = [fake_args[pos] for pos in analysis.positions]
     body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint)
-    tangent_indices, tangents = _make_tangents(analysis, fake_mode) if joint else ([], [])
+    tangent_indices, tangents, tangent_layouts = _make_tangents(analysis, fake_mode) if joint else ([], [], [])
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
 
@@ -669,6 +701,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
         num_graph_user_outputs=sum(info.kind in ("graph", "alias_of_output") for info in analysis.outputs),
         num_extra_outputs=body.num_extra_outputs + len(analysis.effects),
         tangent_indices=tangent_indices,
+        tangent_layouts=tangent_layouts,
         grad_inputs=grad_inputs,
     )
     return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)
@@ -693,7 +726,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     from torch._dispatch.python import enable_python_dispatcher
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with dispatcher:
+    with dispatcher, _compiling():
         analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
                            static_views=static_views, force_autograd=bool(trace_joint),
                            regenerate_aliases=regenerate_aliases)
@@ -707,6 +740,24 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    """NOTE [is_compiling during capture]: ``torch.compiler.is_compiling()`` is True while the function is
+    captured, as under Dynamo and torch.export's non-strict trace. Libraries take their trace-friendly paths
+    then: transformers' attention masks, for one, read mask values (a data-dependent branch that cannot be
+    captured) unless they see tracing, and capture sees FunctionalTensors, not the FakeTensors they test for."""
+    compiler = torch.compiler
+    if not hasattr(compiler, "_is_compiling_flag"):
+        yield
+        return
+    previous = compiler._is_compiling_flag
+    compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        compiler._is_compiling_flag = previous
 
 
 def _refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

@@ -44,7 +44,7 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
 
 # 2: out_spec is aotcache's output-structure JSON (NOTE [Output structure]), no longer treespec_dumps
 # 3: InputInfo.metadata_mutation
-METADATA_VERSION = 3
+METADATA_VERSION = 4
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
 # SymInt output of the forward graph" (symbolic shapes).
@@ -108,6 +108,9 @@ class RuntimeMetadata:
     num_extra_outputs: int
     # indices into the forward outputs (first num_fwd_outputs) that are differentiable: one tangent each
     tangent_indices: list = dataclasses.field(default_factory=list)
+    # per tangent: {"stride": [...]} or {"memory_format": "contiguous_format" | "channels_last" | ...}, the layout
+    # the backward was traced for; incoming gradients are coerced to it (NOTE [Tangent strides] in runtime)
+    tangent_layouts: list = dataclasses.field(default_factory=list)
     # per graph input: whether the backward produces a gradient for it
     grad_inputs: list = dataclasses.field(default_factory=list)
     num_saved: int = 0

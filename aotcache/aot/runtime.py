@@ -60,6 +60,16 @@ def unboxed(compiled: Callable) -> Callable:
 
 
 
+def _tangent_coercion(layout: dict) -> tuple[tuple[int, ...] | None, torch.memory_format]:
+    """(exact strides or None, memory format) from a ``RuntimeMetadata.tangent_layouts`` entry."""
+    if "stride" in layout:
+        return tuple(int(v) for v in layout["stride"]), torch.contiguous_format
+    memory_format = getattr(torch, str(layout.get("memory_format")), None)
+    if not isinstance(memory_format, torch.memory_format):
+        raise ValueError(f"runtime metadata names an unknown tangent memory format {layout!r}")
+    return None, memory_format
+
+
 class CompiledRuntime:
     """Runs one compiled signature: ``runtime(*flat_args)`` returns the user's output structure."""
 
@@ -72,6 +82,9 @@ class CompiledRuntime:
         self.out_structure = OutputStructure(metadata.out_spec)  # ValueError: unresolvable type (a cache miss)
         self._positions = list(metadata.graph_input_positions)
         self._tangent_indices = list(metadata.tangent_indices)
+        self._tangent_layouts = [_tangent_coercion(layout) for layout in metadata.tangent_layouts]
+        if len(self._tangent_layouts) != len(self._tangent_indices):
+            raise ValueError("runtime metadata has a tangent layout count that differs from its tangents")
         self._mutated = metadata.mutated_inputs
         self._metadata_mutations = [(index, info.metadata_mutation) for index, info in enumerate(metadata.inputs)
                                     if info.metadata_mutation]
@@ -241,14 +254,23 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         tensors = iter(ctx.saved_tensors)
         scalars = iter(ctx.saved_scalars)
         saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
-        # NOTE [Contiguous tangents]
-        # The backward was traced with contiguous tangents and compiled code may assume those strides, so
-        # incoming gradients (possibly expanded or transposed) are made contiguous. Gradients autograd did not
+        # NOTE [Tangent strides]
+        # The backward is traced ahead of time, before any real gradient exists, so the strides of its tangents
+        # are a guess, and compiled code (and ATen kernels whose fake and real output strides differ, such as
+        # native_layer_norm_backward on CPU) may depend on them. The guess is the forward output's own strides
+        # when it is static, dense and non-overlapping (what autograd usually delivers, and what PyTorch's AOT
+        # Autograd assumes), else its memory format (contiguous, channels_last). Incoming gradients, possibly
+        # expanded or transposed, are copied into that layout when they differ. Gradients autograd did not
         # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape.
         tangents = []
-        for index in runtime._tangent_indices:
+        for index, (stride, memory_format) in zip(runtime._tangent_indices, runtime._tangent_layouts):
             grad = grad_outputs[index]
-            tangents.append(grad.contiguous() if grad is not None else grad)
+            if grad is not None:
+                if stride is None:
+                    grad = grad.contiguous(memory_format=memory_format)
+                elif grad.stride() != stride:
+                    grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+            tangents.append(grad)
         grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
         return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])

@@ -73,6 +73,47 @@ def test_constant_arguments_are_part_of_the_signature():
     assert compiled.num_compiles == 2
 
 
+class MutableOptions:
+    def __init__(self):
+        self.scale = 2.0
+
+
+def test_objects_compared_by_identity_are_refused_naming_the_argument():
+    """NOTE [Constant arguments]: mutating such an object between calls used to reuse a stale graph."""
+    compiled = aot_function(lambda x, opts: x * opts.scale, graph_compiler, cache=False)
+    with pytest.raises(TypeError, match=r"argument args\[1\] is a .*MutableOptions object.*compared by identity"):
+        compiled(torch.ones(2), MutableOptions())
+    with pytest.raises(TypeError, match=r"argument kwargs\['opts'\] is a .*MutableOptions"):
+        compiled(torch.ones(2), opts=MutableOptions())
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="torch.nn.modules.linear.Linear object"):
+        aot_function(lambda x, m: m(x), graph_compiler, cache=False)(torch.ones(2), module)
+
+
+def test_constants_compared_by_value_and_code_arguments_are_accepted():
+    import dataclasses
+    import enum
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        scale: float
+
+    class Mode(enum.Enum):
+        DOUBLE = 2
+        TRIPLE = 3
+
+    compiled = aot_function(lambda x, opts, mode, act, dtype: act(x * opts.scale * mode.value).to(dtype),
+                            graph_compiler, cache=False)
+    x = torch.ones(2)
+    torch.testing.assert_close(compiled(x, Options(2.0), Mode.DOUBLE, torch.relu, torch.float64),
+                               torch.full((2,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(compiled(x, Options(3.0), Mode.TRIPLE, torch.neg, None or torch.float32),
+                               torch.full((2,), -9.0))
+    torch.testing.assert_close(compiled(x, Options(2.0), Mode.DOUBLE, torch.relu, torch.float64),
+                               torch.full((2,), 4.0, dtype=torch.float64))
+    assert compiled.num_compiles == 2
+
+
 def test_kwargs_and_nested_inputs():
     def fn(inputs, *, scale):
         return inputs["a"] * scale + inputs["b"][0]

@@ -205,6 +205,51 @@ def test_non_contiguous_incoming_gradient():
     torch.testing.assert_close(x.grad, torch.full((3, 4), 2.0))
 
 
+def test_tangents_are_traced_with_the_output_strides():
+    """NOTE [Tangent strides]: a transposed output's tangent is traced with its strides, not contiguous."""
+    seen = {}
+
+    def backward_compiler(gm, example_inputs):
+        seen["tangent"] = example_inputs[-1]
+        return gm
+
+    x = torch.randn(3, 4, requires_grad=True)
+    out = aot_function(lambda t: (t * 2).t(), graph_compiler, backward_compiler, cache=False)(x)
+    assert out.stride() == (1, 4)
+    out.backward(torch.arange(12.0).reshape(4, 3))  # contiguous: copied into the traced layout
+    assert seen["tangent"].stride() == out.stride()
+    torch.testing.assert_close(x.grad, 2 * torch.arange(12.0).reshape(4, 3).t())
+
+
+class ChannelLastNorm(torch.nn.Module):
+    """A norm over channels, then LayerNorm over a transposed view (Wav2Vec2 / ConvNeXt blocks)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.ln = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("norm", [lambda: torch.nn.GroupNorm(2, 8), lambda: torch.nn.InstanceNorm1d(8, affine=True)],
+                         ids=["group_norm", "instance_norm"])
+def test_grads_through_layer_norm_of_a_transposed_view_match_eager(norm):
+    """Regression: with contiguous traced tangents, fake native_layer_norm_backward strides differ from the CPU
+    kernel's, the traced backward omitted GroupNorm's contiguous() and gave wrong weight gradients."""
+    torch.manual_seed(0)
+    eager = ChannelLastNorm(norm())
+    with torch.no_grad():
+        eager.ln.weight.normal_()
+    mine = copy.deepcopy(eager)
+    x = torch.randn(2, 8, 8)
+    eager(x).sum().backward()
+    aot_module(mine, graph_compiler, cache=False)(x).sum().backward()
+    for (name, ref), (_, got) in zip(eager.named_parameters(), mine.named_parameters()):
+        torch.testing.assert_close(got.grad, ref.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def test_double_backward_raises_a_clear_error():
     x = torch.randn(3, requires_grad=True)
     y = compile_fn(lambda t: t.pow(3).sum())(x)
