@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import logging
 import threading
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ from aotcache.aot.hot_path import (
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.runtime import CompiledRuntime, unboxed
+from aotcache.logs import log_once
 
 __all__ = [
     "AOTOptions",
@@ -559,11 +561,37 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
             runtime = compile_graph_module_cached(resolved, gm, example_inputs, flat_fn, example, options,
                                                   lifted_attributes=[*param_names, *buffer_names])
 
+    # NOTE [Call contract of aot_module_simplified]
+    # The graph was captured for the example inputs' requires_grad (of every input, lifted parameters
+    # included) and for their aliasing (a duplicated input is one value in the graph). Dynamo guards on both,
+    # but a direct caller may break either: a call that does is compiled again for its own contract (from
+    # its real tensors, so statically), instead of dropping a gradient or reading one input for two.
+    compiled_for = {_call_contract([*example[:num_lifted], *example_inputs], num_lifted): runtime}
+    lock = threading.Lock()
+
     def run(*args: Any) -> Any:
-        return runtime(*lifted(), *args)
+        flat = [*lifted(), *args]
+        contract = _call_contract(flat, num_lifted)
+        chosen = compiled_for.get(contract)
+        if chosen is None:
+            with lock:
+                chosen = compiled_for.get(contract)
+                if chosen is None:
+                    log_once(logging.INFO, f"aot-simplified-contract:{id(compiled_for)}",
+                             "aot_module_simplified: a call broke the compiled graph's requires_grad or "
+                             "aliasing assumptions; compiling it again for this call's inputs")
+                    chosen = compiled_for[contract] = compile_function(flat_fn, flat, options)
+        return chosen(*flat)
 
     run.runtime = runtime  # type: ignore[attr-defined]
     return run
+
+
+def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
+    """requires_grad of every tensor, and which user inputs share memory (NOTE [Call contract of ...])."""
+    requires_grad = tuple(value.requires_grad for value in flat if isinstance(value, torch.Tensor))
+    user_tensors = [value for value in flat[num_lifted:] if isinstance(value, torch.Tensor)]
+    return requires_grad, storage_sharing(user_tensors) if len(user_tensors) > 1 else ()
 
 
 # the export functions live in their own module; re-exported here as part of the public API

@@ -440,6 +440,18 @@ def _check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list
                 f"tensors (e.g. .clone() one of them).")
 
 
+def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:
+    """Whether ``out``'s grad_fn is a custom autograd.Function (Python, or C++ ``CppFunction``)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    try:
+        with FunctionalTensorMode():  # reading grad_fn may rebase a view's history: that runs view ops
+            grad_fn = out.grad_fn
+    except RuntimeError:
+        return False
+    return isinstance(grad_fn, torch.autograd.function.BackwardCFunction) or type(grad_fn).__name__ == "CppFunction"
+
+
 def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_storages: list,
                      static_views: bool) -> OutputInfo:
     if isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -447,6 +459,11 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
     if not isinstance(out, torch.Tensor):
         return OutputInfo(kind="constant", value=check_json_constant(out, f"flat output {k}"))
     requires_grad = out.requires_grad
+    if requires_grad and _made_by_custom_autograd_function(out):
+        # NOTE [Custom Function views]: an input (or a view of it) returned by a custom autograd.Function
+        # carries that Function's backward, which regenerating the view from the real input would skip;
+        # it is a plain graph output, and its gradient goes through the compiled backward (as in PyTorch).
+        return OutputInfo(kind="graph", requires_grad=requires_grad)
     for index, probe in enumerate(probes):
         if out is probe:
             return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)

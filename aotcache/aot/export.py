@@ -75,18 +75,39 @@ def _output_nodes(gm: fx.GraphModule) -> list:
     return list(output.args[0])
 
 
+def _reject_metadata_mutations(api: str, meta: Any) -> None:
+    """An export cannot express an input whose sizes or strides the function changes in place (``t_()``)."""
+    changed = [index for index, info in enumerate(meta.inputs) if info.metadata_mutation]
+    if changed:
+        raise CaptureError(f"{api}: the function changes the sizes or strides of graph inputs {changed} in place "
+                           "(t_, transpose_, unsqueeze_, as_strided_, ...), which an exported graph cannot express; "
+                           "use the out-of-place op and return the result")
+
+
 def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
                       output_loss_index: int | None = None, decompositions: Mapping | None = None,
-                      kwargs: dict | None = None) -> tuple[fx.GraphModule, ExportSignature]:
+                      kwargs: dict | None = None, *, pre_dispatch: bool = False,
+                      dynamic_shapes: bool | None = None) -> tuple[fx.GraphModule, ExportSignature]:
     """Export ``module(*args, **kwargs)`` as one functionalized ATen graph and its :class:`ExportSignature`.
 
     With ``trace_joint=True`` the graph also computes the gradients of the scalar output
     ``output_loss_index`` (flat index into the module's outputs) with respect to every parameter and user
     input that requires grad.
 
+    ``pre_dispatch`` and ``dynamic_shapes`` are PyTorch's keywords: only their defaults (a post-dispatch,
+    functionalized ATen graph with static shapes) are supported.
+
     :raises ValueError: ``trace_joint`` without a valid scalar ``output_loss_index``.
+    :raises NotImplementedError: ``pre_dispatch=True`` or ``dynamic_shapes=True``.
     :raises CaptureError: an unsupported construct in the module.
     """
+    if pre_dispatch:
+        raise NotImplementedError("aot_export_module(pre_dispatch=True) is not supported by aotcache: it exports "
+                                  "post-dispatch functionalized ATen graphs only; use torch.export.export for a "
+                                  "pre-dispatch graph")
+    if dynamic_shapes:
+        raise NotImplementedError("aot_export_module(dynamic_shapes=True) is not supported by aotcache: exports "
+                                  "are specialized to the example shapes")
     if trace_joint and output_loss_index is None:
         raise ValueError("aot_export_module(trace_joint=True) needs output_loss_index: the flat index of the "
                          "scalar loss among the module's outputs")
@@ -122,6 +143,7 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
                        regenerate_aliases=False)
     gm, meta = captured.graph, captured.metadata
     _reject_object_outputs("aot_export_module", meta.out_spec)
+    _reject_metadata_mutations("aot_export_module", meta)
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     outputs = _output_nodes(gm)
     names = list(params) + list(buffers)
@@ -201,6 +223,7 @@ def aot_export_joint_simple(fn: Callable, args: Sequence[Any], trace_joint: bool
     captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=trace_joint)
     meta = captured.metadata
     _reject_object_outputs("aot_export_joint_simple", meta.out_spec)
+    _reject_metadata_mutations("aot_export_joint_simple", meta)
     if meta.mutated_inputs:
         raise CaptureError(f"aot_export_joint_simple: the function mutates graph inputs {meta.mutated_inputs} in "
                            "place, which a bare graph cannot express; return the new value instead, or use "

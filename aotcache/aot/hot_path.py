@@ -43,7 +43,11 @@ def storage_sharing(tensors: Sequence[torch.Tensor]) -> tuple:
     first: dict[int, int] = {}
     sharing = []
     for index, tensor in enumerate(tensors):
-        pointer = tensor.untyped_storage().data_ptr()
+        storage = tensor.untyped_storage()
+        try:
+            pointer = storage.data_ptr()
+        except RuntimeError:  # a wrapper subclass (no data of its own): compare storage objects instead
+            pointer = -storage._cdata
         sharing.append(first.setdefault(pointer, index) if pointer else index)
     return tuple(sharing)
 

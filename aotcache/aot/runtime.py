@@ -171,7 +171,9 @@ class CompiledRuntime:
             elif info.kind == "input":
                 flat[k] = graph_args[info.input_index]
             elif info.kind == "alias_of_input":
-                flat[k] = _regenerate_view(graph_args[info.input_index], info, extras)
+                view = _regenerate_view(graph_args[info.input_index], info, extras)
+                # an alias that does not require grad (``x.detach()``) must not carry the input's history
+                flat[k] = view.detach() if view.requires_grad and not info.requires_grad else view
             elif info.kind == "constant":
                 flat[k] = info.value
         for k, info in enumerate(meta.outputs):

@@ -339,3 +339,42 @@ def test_custom_backend_calling_aot_module_simplified_like_pytorch():
     expected = reference(x)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+
+
+class _AddTwice(torch.nn.Module):
+    def forward(self, x, y):
+        return (x * 2 + y,)
+
+
+def test_aot_module_simplified_compiles_again_when_a_call_breaks_its_assumptions():
+    """NOTE [Call contract of aot_module_simplified]: duplicated inputs and requires_grad are checked per call."""
+    x = torch.randn(3, 3)
+    run = aot_module_simplified(_AddTwice(), (x, x), graph_compiler, cache=False)
+    a, b = torch.randn(3, 3), torch.randn(3, 3)
+    torch.testing.assert_close(run(a, b)[0], a * 2 + b)  # compiled for (x, x): one value in the graph
+    torch.testing.assert_close(run(a, a)[0], a * 3)
+    run = aot_module_simplified(_AddTwice(), (torch.randn(3, 3, requires_grad=True), torch.randn(3, 3)),
+                                graph_compiler, cache=False)
+    y = torch.randn(3, 3, requires_grad=True)
+    run(torch.randn(3, 3, requires_grad=True), y)[0].sum().backward()
+    torch.testing.assert_close(y.grad, torch.ones(3, 3))  # y did not require grad when compiled
+
+
+def test_exports_refuse_in_place_metadata_changes_and_pre_dispatch():
+    def transpose_in_place(x):
+        x.t_()
+        return x * 2
+
+    with pytest.raises(CaptureError, match="changes the sizes or strides of graph inputs"):
+        aot_export_joint_simple(transpose_in_place, [torch.randn(2, 3)], trace_joint=False)
+
+    class TransposeInPlace(torch.nn.Module):
+        def forward(self, x):
+            return transpose_in_place(x)
+
+    with pytest.raises(CaptureError, match="changes the sizes or strides of graph inputs"):
+        aot_export_module(TransposeInPlace(), [torch.randn(2, 3)], trace_joint=False)
+    with pytest.raises(NotImplementedError, match="pre_dispatch=True"):
+        aot_export_module(TransposeInPlace(), [torch.randn(2, 3)], trace_joint=False, pre_dispatch=True)
+    gm, _ = aot_export_module(torch.nn.Linear(3, 2), [torch.randn(2, 3)], trace_joint=False, pre_dispatch=False)
+    assert any(node.op == "call_function" for node in gm.graph.nodes)

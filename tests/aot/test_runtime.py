@@ -300,3 +300,50 @@ def test_saved_input_that_the_epilogue_mutates_keeps_its_old_value_for_backward(
     compile_fn(fn, partition_fn=min_cut_rematerialization_partition)(w, buf).backward()
     torch.testing.assert_close(w.grad, original + 1)
     torch.testing.assert_close(buf, original + 1)
+
+
+def test_detached_alias_of_an_input_does_not_require_grad():
+    a = torch.randn(3, 3, requires_grad=True)
+    b = torch.randn(3, 3, requires_grad=True)
+    out = compile_fn(lambda x, y: (x.detach(), y * 2), cache=False)(a, b)
+    assert not out[0].requires_grad and out[0].untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    (out[0].sum() + out[1].sum()).backward()
+    assert a.grad is None
+    torch.testing.assert_close(b.grad, torch.full((3, 3), 2.0))
+
+
+class _Half(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+def test_input_returned_by_a_custom_function_keeps_its_backward():
+    """NOTE [Custom Function views]: regenerating it from the real input skipped the Function's backward."""
+    x_ref = torch.ones(2, 2, requires_grad=True)
+    x = torch.ones(2, 2, requires_grad=True)
+    _Half.apply(x_ref).sum().backward()
+    compile_fn(lambda t: _Half.apply(t), cache=False)(x).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_tensor_subclass_inputs_run_forward_and_backward():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def fn(t):
+        return (t * 3).sin()
+
+    a, b = torch.randn(4), torch.randn(4)
+    x_ref = TwoTensor(a.clone(), b.clone()).requires_grad_(True)
+    x = TwoTensor(a.clone(), b.clone()).requires_grad_(True)
+    want, got = fn(x_ref), compile_fn(fn, cache=False)(x)
+    torch.testing.assert_close(got.a, want.a)
+    torch.testing.assert_close(got.b, want.b)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(x.grad.a, x_ref.grad.a)
+    torch.testing.assert_close(x.grad.b, x_ref.grad.b)
