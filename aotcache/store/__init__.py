@@ -18,6 +18,8 @@ _LAZY = {
     "TierStats": "aotcache.store.interface",
     "EntryInfo": "aotcache.store.interface",
     "key_digest": "aotcache.store.interface",
+    "Key": "aotcache.store.interface",
+    "Value": "aotcache.store.interface",
     "InMemoryCache": "aotcache.store.memory",
     "OnDiskCache": "aotcache.store.disk",
     "RedisCache": "aotcache.store.redis",
@@ -38,3 +40,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -132,8 +132,11 @@ class OnDiskCache(AsyncCache[K, V]):
     """
 
     name = "disk"
+    #: NOTE [user version]: an application's own version of what it stores (PyTorch's OnDiskCache.version).
+    #: Entries written under another version are misses and removed when read, as PyTorch's are.
+    version: int = 0
 
-    def __init__(self, name: str, base_dir: str | os.PathLike[str] | None = None, *,
+    def __init__(self, name: str = "on_disk_cache", base_dir: str | os.PathLike[str] | None = None, *,
                  max_bytes: int | None = None, secret: str | bytes | None = None,
                  compress_min_bytes: int | None = None, durable: bool = False,
                  small_max_bytes: int = SMALL_MAX_BYTES) -> None:
@@ -163,15 +166,60 @@ class OnDiskCache(AsyncCache[K, V]):
         self._secret = config.get("secret") if secret is None else (secret or None)
         self.durable = durable
         self.small_max_bytes = _non_negative("small_max_bytes", small_max_bytes)
+        self._open_at(self.directory)
+
+    def _open_at(self, directory: Path) -> None:
+        """Point this handle at the cache in ``directory`` (its layout, locks, small-entry pack, usage)."""
+        self.directory = directory
         self.root = self.directory / version_dir_name()
         self._root = str(self.root)
         self._lock_dir = self.root / ".locks"
         self._prefix_locks = {digit: ForkSafeFileLock(str(self._lock_dir / f"{digit}.lock"))
                               for digit in "0123456789abcdef"}
-        self._pack = SmallPack(self.root, durable=durable, busy_timeout=LOCK_TIMEOUT_SECONDS)
+        self._pack = SmallPack(self.root, durable=self.durable, busy_timeout=LOCK_TIMEOUT_SECONDS)
         self._usage = DiskUsage(self.root, self.max_bytes, self._report_fault, self._pack)
         self._use_hardlinks = True
         self._refresh_recency = True  # off once utime is refused (a cache dir shared read-only)
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory of this cache (PyTorch's ``OnDiskCache.base_dir``); assigning it moves the handle."""
+        return self.directory
+
+    @base_dir.setter
+    def base_dir(self, directory: str | os.PathLike[str]) -> None:
+        self._open_at(Path(directory))
+
+    def _fpath_from_key(self, key: K) -> Path:
+        """The path of ``key``'s entry file (PyTorch's helper; small entries live in the pack instead).
+
+        :raises CacheError: the key is not picklable.
+        """
+        digest = hashlib.sha256(encode_key(key)).hexdigest()
+        return self.root / digest[:2] / digest
+
+    def _flock_from_fpath(self, fpath: str | os.PathLike[str]) -> filelock.FileLock:
+        """The lock that guards the entry file ``fpath`` (shared by its digest's first hex digit)."""
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self._lock_dir / f"{Path(fpath).name[0]}.lock"))
+
+    @property
+    def version_prefix(self) -> bytes:
+        """What an entry's stored key starts with under :attr:`version` (empty for version 0)."""
+        return b"v%d|" % self.version if self.version else b""
+
+    def _frame_key(self, encoded: bytes) -> bytes:
+        """The key bytes an entry of ``encoded`` carries in its frame: the encoded key under the version."""
+        return self.version_prefix + encoded if self.version else encoded
+
+    @staticmethod
+    def _of_other_version(stored_key: bytes | None, encoded: bytes) -> bool:
+        """Whether a frame's ``stored_key`` is ``encoded`` written under another version (NOTE [user version])."""
+        if stored_key is None:
+            return False
+        if stored_key.startswith(b"v") and b"|" in stored_key[:24]:  # encoded keys start with s:, b: or p:
+            stored_key = stored_key.split(b"|", 1)[1]
+        return stored_key == encoded
 
     def __repr__(self) -> str:
         return f"OnDiskCache({self.cache_name!r}, {str(self.directory)!r}, max_bytes={self.max_bytes})"
@@ -228,13 +276,17 @@ class OnDiskCache(AsyncCache[K, V]):
             return self._read_fault(start, f"cannot open disk cache entry {path}", exc)
         try:
             st = os.fstat(fd)
-            value = entryfiles.read_value(fd, st.st_size, encoded, self._secret)
+            value = entryfiles.read_value(fd, st.st_size, self._frame_key(encoded), self._secret)
             if self._refresh_recency:
                 self._touch(fd, st)
         except OSError as exc:
             return self._read_fault(start, f"cannot read disk cache entry {path}", exc)
         except frame.FrameError as exc:
+            stale = exc.reason == "key mismatch" and self._of_other_version(self._file_key(path), encoded)
             self._discard_corrupt(digest, path, st)
+            if stale:
+                self.stats.add(misses=1, get_seconds=time.perf_counter() - start)
+                return _MISS
             self.stats.add(errors=1, corrupt=1, bytes_read=st.st_size, get_seconds=time.perf_counter() - start)
             handle_fault(f"disk-corrupt:{self._root}",
                          f"corrupt disk cache entry {path} ({exc.reason}); removed", exc)
@@ -254,7 +306,7 @@ class OnDiskCache(AsyncCache[K, V]):
             return _MISS  # counted by the caller
         blob, seen_last_access = found
         try:
-            value = frame.decode_value(blob, secret=self._secret, expected_key=encoded)
+            value = frame.decode_value(blob, secret=self._secret, expected_key=self._frame_key(encoded))
         except frame.FrameError as exc:
             try:
                 removed = self._pack.discard(raw_digest, blob)
@@ -262,6 +314,8 @@ class OnDiskCache(AsyncCache[K, V]):
                 removed = False  # left in place: every reader treats it as a miss anyway
             if removed:
                 self._usage.record(-len(blob))
+            if exc.reason == "key mismatch" and self._of_other_version(self._row_key(raw_digest, blob), encoded):
+                return _MISS  # counted by the caller
             self.stats.add(errors=1, corrupt=1, bytes_read=len(blob), get_seconds=time.perf_counter() - start)
             handle_fault(f"disk-corrupt:{self._root}", f"corrupt disk cache entry {raw_digest.hex()} in "
                                                        f"{self._pack.path} ({exc.reason}); removed", exc)
@@ -341,7 +395,7 @@ class OnDiskCache(AsyncCache[K, V]):
             self.stats.add(insert_conflicts=1, insert_seconds=time.perf_counter() - start)
             return False
         try:
-            parts = frame.encode_parts(encoded, value, secret=self._secret,
+            parts = frame.encode_parts(self._frame_key(encoded), value, secret=self._secret,
                                        compress_min_bytes=self.compress_min_bytes)
         except TypeError as exc:
             raise CacheError(str(exc)) from exc
@@ -494,6 +548,14 @@ class OnDiskCache(AsyncCache[K, V]):
                                     created=created_ns / 1e9, last_access=last_access / 1e9, tier=self.name)
         except PackFault as exc:
             self._report_fault(f"pack-{exc.category}", exc.message, exc.cause)
+
+    @staticmethod
+    def _file_key(path: str) -> bytes | None:
+        """The stored key of the entry file at ``path``, or None when it cannot be read."""
+        try:
+            return entryfiles.read_key_without_access(path)[1]
+        except (OSError, frame.FrameError):
+            return None
 
     def _row_key(self, raw_digest: bytes, head: bytes) -> bytes | None:
         """The encoded key of a row, from the head of its frame (the whole frame for very long keys)."""

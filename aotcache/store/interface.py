@@ -28,11 +28,18 @@ __all__ = [
     "Cache",
     "AsyncCache",
     "encode_key",
+    "decode_key",
     "key_digest",
+    "Key",
+    "Value",
 ]
 
 K = TypeVar("K")
 V = TypeVar("V")
+# The key and value types PyTorch's torch/_inductor/cache.py names, for code written against it (its tests
+# parametrize over their constraints). aotcache's caches take any picklable key and value.
+Key = TypeVar("Key", str, int, tuple[Any, ...])
+Value = TypeVar("Value", str, int, tuple[Any, ...], bytes, dict[Any, Any], list[Any])
 
 # Fixed pickle protocol so that a key's bytes (and so its file name / Redis key) never depend on the
 # running Python's default protocol.
@@ -56,6 +63,16 @@ def encode_key(key: Any) -> bytes:
         return b"p:" + pickle.dumps(key, protocol=KEY_PICKLE_PROTOCOL)
     except Exception as exc:  # pickling can raise nearly anything (TypeError, PicklingError, AttributeError)
         raise CacheError(f"cache key {key!r} is not picklable: {exc}") from exc
+
+
+def decode_key(encoded: bytes) -> Any:
+    """The key :func:`encode_key` encoded (unpickles pickled keys: only for keys this process encoded)."""
+    tag, body = encoded[:2], encoded[2:]
+    if tag == b"s:":
+        return body.decode("utf-8")
+    if tag == b"b:":
+        return body
+    return pickle.loads(body)
 
 
 def key_digest(key: Any) -> str:

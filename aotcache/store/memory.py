@@ -31,6 +31,7 @@ from aotcache.store.interface import (
     LookupStatus,
     TierStats,
     V,
+    decode_key,
     display_key,
     encode_key,
 )
@@ -91,6 +92,13 @@ class InMemoryCache(AsyncCache[K, V]):
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU order: oldest first
         self._bytes = 0  # sum of measured sizes (bounded caches measure every entry)
         self._lock = threading.Lock()
+
+    @property
+    def _cache(self) -> dict:
+        """A snapshot ``{key: value}`` of the entries (the attribute PyTorch's InMemoryCache exposes)."""
+        with self._lock:
+            items = [(encoded, entry.value) for encoded, entry in self._entries.items()]
+        return {decode_key(encoded): value for encoded, value in items}
 
     # ------------------------------------------------------------------------------------------------
     # Cache contract

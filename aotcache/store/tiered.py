@@ -293,6 +293,14 @@ class TieredCache(AsyncCache[Any, Any]):
                 measured.add(inserts=1)
                 self._counters.add_backfill(label)
 
+    def _holds(self, label: str, tier: Cache, key: Any, value: Any) -> bool:
+        """Whether ``tier`` holds ``value`` for ``key`` (False when it cannot tell)."""
+        found = self._call_tier(label, tier, "get", lambda: tier.get(key))
+        try:
+            return bool(found is not _FAILED and found == value)
+        except Exception:  # values whose == is not a bool (arrays): cannot tell
+            return False
+
     def insert(self, key: Any, value: Any) -> bool:
         """Write ``value`` through the writable tiers, slowest first; a failing tier never stops the others.
 
@@ -301,7 +309,9 @@ class TieredCache(AsyncCache[Any, Any]):
         and a tier that already holds the key (insert returned False without a fault) ends the write: the
         faster tiers are left for ``get`` to backfill with the value already stored, so that a process whose
         memory tier is empty cannot put a second value for the key in front of the first. The result is
-        False whenever some tier already held the key, like a single cache's ``insert``. Tiers slower than
+        False whenever some tier already held the key, like a single cache's ``insert``, except a faster
+        tier found holding the same value after a slower one stored it now: a concurrent ``get`` backfilled
+        the value just stored (exactly one insert per key returns True). Tiers slower than
         the one holding the key (a Redis entry that expired, say) do receive this value: for a cache of
         deterministic compilations the two are equivalent.
 
@@ -330,7 +340,9 @@ class TieredCache(AsyncCache[Any, Any]):
                 stored_any = True
             elif stored is not _FAILED and tier.stats.insert_conflicts > conflicts_before:
                 measured.add(insert_conflicts=1)
-                existed = True
+                # A faster tier holding this very value after a slower one stored it now: a concurrent get
+                # backfilled it in between, and this insert still is the one that stored it.
+                existed = not (stored_any and self._holds(label, tier, key, value))
                 break
             else:  # raised, counted a fault, or skipped (a Redis tier backing off): not stored there
                 failed_any = True

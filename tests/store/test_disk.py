@@ -741,3 +741,53 @@ def test_closing_a_reader_touches_nothing(tmp_path, form, monkeypatch):
     with config.patch(strict=True):
         reader.close()  # no usage flush, no lock files: nothing to fail on a read-only cache
     assert reader.stats.errors == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch's torch/_inductor/cache.py names: version, base_dir, _fpath_from_key, _flock_from_fpath
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_entries_of_another_user_version_are_misses_and_removed(tmp_path, form, monkeypatch):
+    """NOTE [user version]: as PyTorch's OnDiskCache.version; a stale entry is a quiet miss, not corruption."""
+    cache = make_cache(tmp_path, form)
+    assert cache.insert("k", b"v0") and cache.get("k") == b"v0"
+    monkeypatch.setattr(OnDiskCache, "version", 1)
+    assert cache.version_prefix == b"v1|"
+    assert cache.get("k") is None
+    assert cache.stats.corrupt == 0 and cache.stats.errors == 0
+    assert cache.insert("k", b"v1") and cache.get("k") == b"v1"
+    monkeypatch.setattr(OnDiskCache, "version", 0)
+    assert cache.get("k") is None  # the version-1 entry was removed on read
+    assert cache.insert("k", b"v0 again") and cache.get("k") == b"v0 again"
+    assert cache.stats.corrupt == 0
+
+
+def test_only_a_version_tag_makes_a_key_mismatch_a_stale_entry(tmp_path, form):
+    cache = make_cache(tmp_path, form)
+    assert cache.insert("a", b"value")
+    assert not cache._of_other_version(encode_key("b"), encode_key("a"))
+    assert cache._of_other_version(b"v3|" + encode_key("a"), encode_key("a"))
+
+
+def test_base_dir_is_the_cache_directory_and_assigning_it_moves_the_handle(tmp_path):
+    cache = OnDiskCache(base_dir=tmp_path / "first", max_bytes=0, secret="")
+    assert cache.cache_name == "on_disk_cache" and cache.base_dir == tmp_path / "first"
+    assert cache.insert("k", b"first")
+    cache.base_dir = cache.base_dir / "nested"
+    assert cache.base_dir == tmp_path / "first" / "nested" and cache.root.parent == cache.base_dir
+    assert cache.get("k") is None and cache.insert("k", b"second") and cache.get("k") == b"second"
+    assert OnDiskCache(base_dir=tmp_path / "first", max_bytes=0, secret="").get("k") == b"first"
+
+
+def test_pytorch_path_and_lock_helpers(tmp_path):
+    cache = make_cache(tmp_path, "file")
+    assert cache.insert(("a", 1), b"x" * 100)
+    path = cache._fpath_from_key(("a", 1))
+    assert path == entry_path(cache, ("a", 1)) and path.exists()
+    with pytest.raises(CacheError, match="not picklable"):
+        cache._fpath_from_key(lambda: None)
+    lock = cache._flock_from_fpath(path)
+    with lock:
+        assert lock.is_locked
+    assert not lock.is_locked

@@ -226,3 +226,20 @@ def test_store_imports_no_torch():
     proc = run_python("import sys, aotcache.store.memory, aotcache.store.disk, aotcache.store.eviction\n"
                       "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     assert proc.stdout.strip() == "[]"
+
+
+def test_pytorch_compatible_names():
+    """PyTorch's torch/_inductor/cache.py names: Key / Value type variables, ``InMemoryCache._cache``."""
+    import pickle
+
+    from aotcache import store
+
+    assert {"InMemoryCache", "OnDiskCache", "TieredCache", "Key", "Value"} <= set(dir(store))
+    assert store.Key.__constraints__ and bytes in store.Value.__constraints__
+    cache = store.InMemoryCache()
+    cache.insert("s", 1)
+    cache.insert(("t", 2), b"v")
+    cache.insert(b"raw", [1])
+    snapshot = cache._cache
+    assert snapshot == {"s": 1, ("t", 2): b"v", b"raw": [1]}
+    assert pickle.loads(pickle.dumps(snapshot)) == snapshot

@@ -153,10 +153,10 @@ def test_insert_of_a_key_a_slower_tier_holds_is_a_conflict_and_keeps_the_first_v
 
 
 def test_key_held_only_by_a_faster_tier_reaches_the_slower_one_but_reports_existing(memory, disk):
-    memory.insert("k", b"v")
+    memory.insert("k", b"old")
     tiered = TieredCache([memory, disk])
-    assert tiered.insert("k", b"v") is False  # memory held it (after disk stored it)
-    assert disk.get("k") == b"v"
+    assert tiered.insert("k", b"v") is False  # memory held another value (after disk stored this one)
+    assert disk.get("k") == b"v" and tiered.get("k") == b"old"
 
 
 def test_failing_tier_is_logged_once_and_others_keep_working(memory, disk, caplog):
@@ -477,3 +477,33 @@ def test_open_tiers_feeds_a_journal(tmp_path):
     tiered = open_tiers("memory", journal=journal)
     tiered.insert("k", b"v")
     assert journal.read()["tier:memory"]["inserts"] == 1
+
+
+class _DiskThenConcurrentGet(OnDiskCache):
+    """A disk tier whose insert lets another thread's get run right after it stored the value."""
+
+    hook = None
+
+    def insert(self, key, value):
+        stored = super().insert(key, value)
+        if stored and self.hook is not None:
+            import threading
+
+            thread = threading.Thread(target=self.hook, args=(key,))
+            thread.start()
+            thread.join()
+        return stored
+
+
+def test_insert_that_stored_returns_true_despite_a_concurrent_backfill(tmp_path):
+    """NOTE [insert-once across tiers]: a get backfilling memory between the disk and memory writes used to
+    make the storing insert return False, so no insert of the key returned True."""
+    disk = _DiskThenConcurrentGet("race", tmp_path)
+    cache = TieredCache([InMemoryCache(), disk])
+    seen = []
+    disk.hook = lambda key: seen.append(cache.get(key))
+    assert cache.insert("k", "v1") is True
+    assert seen == ["v1"]
+    disk.hook = None
+    assert cache.insert("k", "v2") is False
+    assert cache.get("k") == "v1"
