@@ -244,8 +244,9 @@ def _metadata_mutation_error(index: int, position: int, why: str = "") -> Captur
 
 
 def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple, mutates_data: bool,
-                                  requires_grad: bool) -> list:
-    """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place.
+                                  requires_grad: bool) -> list | None:
+    """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place, or
+    None when the changes cancel out.
 
     NOTE [Metadata mutations]
     ``x.t_()`` or ``x.unsqueeze_(0)`` on an input change only its size/stride/offset: the graph needs no output
@@ -257,11 +258,13 @@ def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor
     :raises CaptureError: the mutation is not one of those.
     """
     after = _layout(probe)
-    if _same_layout(before, after):
-        raise _metadata_mutation_error(index, position, " without a net change of layout (e.g. set_())")
     changed_storage = getattr(torch, "_functionalize_was_storage_changed", None)
     if changed_storage is not None and changed_storage(probe.elem):
         raise _metadata_mutation_error(index, position, " and its storage replaced (set_())")
+    if _same_layout(before, after):
+        if changed_storage is not None:
+            return None  # a net no-op (t_() of a 1-D tensor, t_() twice): nothing to replay
+        raise _metadata_mutation_error(index, position, " without a net change of layout (e.g. set_())")
     if requires_grad:
         raise _metadata_mutation_error(index, position, " while it requires grad")
     if mutates_data:

@@ -194,6 +194,18 @@ def test_metadata_mutations_that_cannot_be_replayed_raise_a_clear_error(fn, inpu
         capture(fn, inputs())
 
 
+@pytest.mark.parametrize("fn, shape", [(lambda x: x.t_() * 2, (4,)), (lambda x: x.t_().t_() * 2, (3, 4))],
+                         ids=["t_of_1d", "t_twice"])
+def test_metadata_mutations_that_cancel_out_need_no_replay(fn, shape):
+    x = torch.randn(*shape)
+    captured = capture(fn, [x])
+    assert captured.metadata.inputs[0].metadata_mutation is None
+    compiled = aot_function(fn, lambda gm, _: gm, cache=False)
+    y = x.clone()
+    torch.testing.assert_close(compiled(y), fn(x.clone()))
+    assert y.shape == x.shape and y.stride() == x.stride()
+
+
 METADATA_MUTATIONS = [
     pytest.param(lambda x, y: x.t_(), id="t_"),
     pytest.param(lambda x, y: x.unsqueeze_(0), id="unsqueeze_"),
