@@ -246,13 +246,14 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
 
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:
     """The reuse key of NOTE [Signature] (in-memory only; never persisted)."""
+    sharing = _memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
     arguments = []
     for index, arg in enumerate(flat_args):
         try:
             arguments.append(_argument_signature(arg, dynamic))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
-    return (in_spec, torch.is_grad_enabled(), autocast_state(), _memory_sharing(flat_args), tuple(arguments))
+    return (in_spec, torch.is_grad_enabled(), autocast_state(), sharing, tuple(arguments))
 
 
 class AOTFunction:

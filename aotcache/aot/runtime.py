@@ -210,6 +210,30 @@ def _protect_from_epilogue(saved: list, mutated_inputs: list) -> list:
             else value for value in saved]
 
 
+def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[Any]) -> None:
+    """NOTE [Views of intermediates]
+    A user output that the compiled forward returns as a view of an intermediate would come out of the
+    autograd.Function as "a view created inside a custom Function", which autograd forbids modifying in place,
+    while eager allows it. Nothing but that output (and its sibling outputs) sees the intermediate, so it is
+    handed out as a plain tensor over the same memory (``set_``: siblings still see each other's writes);
+    when a saved tensor shares the memory it is cloned instead, since an in-place write would otherwise change
+    what the backward reads without autograd's version check noticing.
+    """
+    saved_pointers: set[int] | None = None
+    for index in range(start, stop):
+        out = fw_outs[index]
+        if not isinstance(out, torch.Tensor) or not out._is_view() or out.layout != torch.strided:
+            continue
+        if saved_pointers is None:
+            saved_pointers = {t.untyped_storage().data_ptr() for t in saved if isinstance(t, torch.Tensor)}
+        storage = out.untyped_storage()
+        if storage.data_ptr() in saved_pointers:
+            fw_outs[index] = out.clone()
+        else:
+            fw_outs[index] = torch.empty(0, dtype=out.dtype, device=out.device).set_(
+                storage, out.storage_offset(), out.size(), out.stride())
+
+
 class _CompiledAutogradFunction(torch.autograd.Function):
     """Compiled forward in ``forward``, compiled backward in ``backward``; saved values per the partition."""
 
@@ -238,6 +262,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
         ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
         ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
+        _unview_user_outputs(fw_outs, meta.num_mutation_outputs, meta.first_extra_output, saved)
         differentiable = set(runtime._tangent_indices)
         non_differentiable = [out for index, out in enumerate(fw_outs)
                               if isinstance(out, torch.Tensor) and index not in differentiable]

@@ -347,3 +347,29 @@ def test_tensor_subclass_inputs_run_forward_and_backward():
     got.sum().backward()
     torch.testing.assert_close(x.grad.a, x_ref.grad.a)
     torch.testing.assert_close(x.grad.b, x_ref.grad.b)
+
+
+def test_outputs_that_are_views_of_intermediates_can_be_modified_in_place():
+    """NOTE [Views of intermediates]: autograd refused in-place ops on them ("a view created inside a custom
+    Function"); eager allows them, and sibling views of one intermediate see each other's writes."""
+    def two_views(a):
+        out = a * 3
+        return out.view(-1), out.view(-1)
+
+    x_ref, x = torch.ones(3, 3, requires_grad=True), torch.ones(3, 3, requires_grad=True)
+    ref, got = two_views(x_ref), compile_fn(two_views, cache=False)(x)
+    ref[0].mul_(2)
+    got[0].mul_(2)
+    torch.testing.assert_close(got[1], ref[1])
+    ref[0].sum().backward()
+    got[0].sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_in_place_write_to_a_view_output_never_changes_what_backward_reads():
+    """The output shares memory with a value saved for backward (tanh saves its result): it is a copy."""
+    x = torch.randn(3, 3, requires_grad=True)
+    out = compile_fn(lambda a: a.tanh().view(-1), cache=False)(x)
+    out.mul_(2)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (1 - x.detach().tanh() ** 2))
