@@ -428,19 +428,39 @@ def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_
                 f"function would return it without grad. Create that tensor outside and pass it as an argument.")
 
 
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last] byte of its storage a static tensor can touch; None when symbolic or empty."""
+    values = (*tensor.shape, *tensor.stride(), tensor.storage_offset())
+    if any(not isinstance(value, int) for value in values) or tensor.numel() == 0:
+        return None
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    last = first + sum((n - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride())) * size + size - 1
+    return first, last
+
+
 def _check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list, inputs: list) -> None:
-    storages: dict[StorageWeakRef, int] = {}
+    """Refuse a mutated input that may overlap another input. Each input is traced as its own tensor, which
+    is exact for inputs over disjoint memory, such as two row slices of one buffer: static inputs whose byte
+    spans are disjoint are accepted (the signature holds their geometry, so a call with overlapping views of
+    the same storage is traced again and refused then)."""
+    by_storage: dict[StorageWeakRef, list[int]] = {}
     for index, pos in enumerate(positions):
         arg = fake_args[pos]
         if not isinstance(arg, torch.Tensor):
             continue
         ref = StorageWeakRef(arg.untyped_storage())
-        other = storages.setdefault(ref, index)
-        if other != index and (inputs[index].mutates_data or inputs[other].mutates_data):
+        for other in by_storage.setdefault(ref, []):
+            if not (inputs[index].mutates_data or inputs[other].mutates_data):
+                continue
+            mine, theirs = _byte_span(arg), _byte_span(fake_args[positions[other]])
+            if mine is not None and theirs is not None and (mine[1] < theirs[0] or theirs[1] < mine[0]):
+                continue
             raise CaptureError(
                 f"aotcache: graph inputs {other} and {index} share memory (views of one tensor, or the same "
                 f"tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
                 f"tensors (e.g. .clone() one of them).")
+        by_storage[ref].append(index)
 
 
 def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:

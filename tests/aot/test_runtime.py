@@ -373,3 +373,17 @@ def test_in_place_write_to_a_view_output_never_changes_what_backward_reads():
     out.mul_(2)
     out.sum().backward()
     torch.testing.assert_close(x.grad, 2 * (1 - x.detach().tanh() ** 2))
+
+
+def test_mutated_inputs_over_disjoint_memory_of_one_tensor_are_supported():
+    def scale_both(a, b):
+        a.mul_(3)
+        b.mul_(2)
+        return a.sum() + b.sum()
+
+    x_ref, x = torch.ones(4, 4), torch.ones(4, 4)
+    compiled = compile_fn(scale_both, cache=False)
+    torch.testing.assert_close(compiled(x[0:2], x[2:4]), scale_both(x_ref[0:2], x_ref[2:4]))
+    torch.testing.assert_close(x, x_ref)
+    with pytest.raises(Exception, match="share memory"):  # overlapping rows: traced again and refused
+        compiled(x[0:2], x[1:3])
