@@ -243,8 +243,8 @@ def _metadata_mutation_error(index: int, position: int, why: str = "") -> Captur
         f"supported; use the out-of-place op (x = x.t()) instead.")
 
 
-def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple, mutates_data: bool,
-                                  requires_grad: bool) -> list | None:
+def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple,
+                                  requiring_grad: bool) -> list | None:
     """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place, or
     None when the changes cancel out.
 
@@ -252,8 +252,10 @@ def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor
     ``x.t_()`` or ``x.unsqueeze_(0)`` on an input change only its size/stride/offset: the graph needs no output
     for it. The runtime gives the real input its final geometry with ``as_strided_`` and runs the graph on an
     alias with the traced geometry (outputs that are the input, or views of it, come from the real input).
-    Replayed only when the geometry is static (ints), the input does not require grad and its data is not also
-    mutated; ``set_`` (a storage swap) and ``resize_`` (may reallocate) stay errors.
+    A data mutation of the same input is written into it after the graph, in its final geometry (the one the
+    graph returns its new value in). Replayed only when the geometry is static (ints) and, under grad mode,
+    the input does not require grad (the joint graph's gradient would have the final geometry, not the
+    input's); ``set_`` (a storage swap) and ``resize_`` (may reallocate) stay errors.
 
     :raises CaptureError: the mutation is not one of those.
     """
@@ -265,10 +267,8 @@ def _replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor
         if changed_storage is not None:
             return None  # a net no-op (t_() of a 1-D tensor, t_() twice): nothing to replay
         raise _metadata_mutation_error(index, position, " without a net change of layout (e.g. set_())")
-    if requires_grad:
+    if requiring_grad:
         raise _metadata_mutation_error(index, position, " while it requires grad")
-    if mutates_data:
-        raise _metadata_mutation_error(index, position, " together with its data")
     if not all(type(value) is int for value in after if not isinstance(value, str)):
         raise _metadata_mutation_error(index, position, " to symbolic sizes (dynamic=True)")
     size, stride = list(probe.shape), list(probe.stride())
@@ -375,8 +375,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             new_layout = None
             if (not _same_layout(layout, _layout(probe))
                     or torch._functionalize_has_metadata_mutation(probe.elem)):
-                new_layout = _replayable_metadata_mutation(index, positions[index], probe, layout, mutated,
-                                                           requires_grad)
+                new_layout = _replayable_metadata_mutation(
+                    index, positions[index], probe, layout,
+                    requiring_grad=grad_mode and requires_grad)
             info = InputInfo(requires_grad=requires_grad, mutates_data=mutated,
                              mutation_requires_grad=mutated and probe.requires_grad, metadata_mutation=new_layout)
             inputs.append(info)

@@ -103,7 +103,7 @@ class CompiledRuntime:
                 fw_outs = list(self.forward(*graph_args))
         else:
             fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
-        self._apply_mutations(graph_args, fw_outs)
+        self._apply_mutations(real_args, fw_outs)  # new values have the final geometry
         flat_outs = self._build_outputs(real_args, fw_outs)
         if torch.is_grad_enabled():
             self._check_requires_grad(flat_outs)
