@@ -402,6 +402,11 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     if needs_autograd and grad_mode:
         for index, info in enumerate(inputs):
             if info.mutates_data and info.requires_grad and input_is_leaf[positions[index]]:
+                if not _has_autograd_history(probes[index]):
+                    # mutated where autograd does not see it (through .detach(), .data or under no_grad): eager
+                    # allows that, and the epilogue's copy must not be recorded either
+                    info.mutation_requires_grad = False
+                    continue
                 raise CaptureError(
                     f"aotcache: graph input {index} (flat argument {positions[index]}) is a leaf tensor that "
                     f"requires grad and is mutated in place; this is not supported in a training graph (eager "
@@ -464,15 +469,26 @@ def _check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list
         by_storage[ref].append(index)
 
 
-def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:
-    """Whether ``out``'s grad_fn is a custom autograd.Function (Python, or C++ ``CppFunction``)."""
+def _grad_fn(tensor: torch.Tensor) -> Any:
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     try:
         with FunctionalTensorMode():  # reading grad_fn may rebase a view's history: that runs view ops
-            grad_fn = out.grad_fn
+            return tensor.grad_fn
     except RuntimeError:
-        return False
+        return None
+
+
+def _has_autograd_history(tensor: torch.Tensor) -> bool:
+    """Whether autograd recorded an op producing ``tensor`` (a leaf mutated in place where autograd saw it);
+    a mutation through ``.detach()`` leaves functionalization's ``Error`` node, which records nothing."""
+    grad_fn = _grad_fn(tensor)
+    return grad_fn is not None and type(grad_fn).__name__ != "Error"
+
+
+def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:
+    """Whether ``out``'s grad_fn is a custom autograd.Function (Python, or C++ ``CppFunction``)."""
+    grad_fn = _grad_fn(out)
     return isinstance(grad_fn, torch.autograd.function.BackwardCFunction) or type(grad_fn).__name__ == "CppFunction"
 
 

@@ -86,6 +86,8 @@ class CompiledRuntime:
         if len(self._tangent_layouts) != len(self._tangent_indices):
             raise ValueError("runtime metadata has a tangent layout count that differs from its tangents")
         self._mutated = metadata.mutated_inputs
+        # whether autograd saw the mutation (False: done through .detach() / .data / no_grad, or running stats)
+        self._mutation_recordable = [metadata.inputs[index].mutation_requires_grad for index in self._mutated]
         self._metadata_mutations = [(index, info.metadata_mutation) for index, info in enumerate(metadata.inputs)
                                     if info.metadata_mutation]
         self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
@@ -142,12 +144,15 @@ class CompiledRuntime:
         # runtime writes it into the real input here. When the new value requires grad, the copy_ is
         # recorded by autograd (the input is a non-leaf, as in eager); otherwise it runs under no_grad, so
         # e.g. BatchNorm running stats are updated without joining the autograd graph.
-        pairs = [(graph_args[input_index], fw_outs[out_index]) for out_index, input_index in enumerate(self._mutated)]
-        pairs = [(real, new) for real, new in pairs if new is not real]
+        pairs = [(graph_args[input_index], fw_outs[out_index], may_record)
+                 for out_index, (input_index, may_record) in enumerate(zip(self._mutated, self._mutation_recordable))]
+        pairs = [(real, new, may_record) for real, new, may_record in pairs if new is not real]
         if not pairs:
             return
         grad_enabled = torch.is_grad_enabled()
-        recorded = [grad_enabled and isinstance(new, torch.Tensor) and new.requires_grad for _, new in pairs]
+        recorded = [grad_enabled and may_record and isinstance(new, torch.Tensor) and new.requires_grad
+                    for _, new, may_record in pairs]
+        pairs = [(real, new) for real, new, _ in pairs]
         if not any(recorded):  # the usual case (e.g. running stats): one no_grad block, not one per copy
             with torch.no_grad():
                 for real, new in pairs:

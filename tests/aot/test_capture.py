@@ -261,14 +261,28 @@ def test_guards_that_replace_a_size_symbol_are_not_metadata_mutations(fn, monkey
     assert not any(info.mutates_data for info in captured.metadata.inputs)
 
 
-def test_mutating_a_leaf_that_requires_grad_raises():
-    def fn(x):
-        with torch.no_grad():
-            x.add_(1)
-        return x * 2
-
+def test_mutating_a_leaf_that_requires_grad_where_autograd_sees_it_raises():
     with pytest.raises(CaptureError, match="leaf tensor that requires grad"):
-        capture(fn, [torch.randn(3, requires_grad=True)])
+        capture(lambda x: x.mul_(2) * 2, [torch.randn(3, requires_grad=True)])
+
+
+def _add_one_under_no_grad(x):
+    with torch.no_grad():
+        x.add_(1)
+    return x * 2
+
+
+@pytest.mark.parametrize("fn", [_add_one_under_no_grad, lambda x: (x.detach().mul_(2), x + 3)[1]],
+                         ids=["under_no_grad", "through_detach"])
+def test_mutating_a_leaf_that_requires_grad_where_autograd_does_not_see_it_matches_eager(fn):
+    """Eager allows it (optimizers do it): the value changes, the gradient ignores the mutation."""
+    x_ref, x = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    ref, got = fn(x_ref), aot_function(fn, lambda gm, _: gm, cache=False)(x)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(x, x_ref)
+    ref.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 def test_mutating_one_of_two_aliased_inputs_raises():
