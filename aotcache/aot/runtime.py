@@ -227,12 +227,12 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
     saved_pointers: set[int] | None = None
     for index in range(start, stop):
         out = fw_outs[index]
-        if not isinstance(out, torch.Tensor) or not out._is_view() or out.layout != torch.strided:
-            continue
+        if type(out) is not torch.Tensor or not out._is_view() or out.layout != torch.strided:
+            continue  # (subclass views keep autograd's view rules)
         if saved_pointers is None:
             saved_pointers = {t.untyped_storage().data_ptr() for t in saved if isinstance(t, torch.Tensor)}
         storage = out.untyped_storage()
-        if storage.data_ptr() in saved_pointers:
+        if storage.data_ptr() in saved_pointers or out.is_conj() or out.is_neg():  # set_ would drop the bits
             fw_outs[index] = out.clone()
         else:
             fw_outs[index] = torch.empty(0, dtype=out.dtype, device=out.device).set_(

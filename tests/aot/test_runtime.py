@@ -387,3 +387,15 @@ def test_mutated_inputs_over_disjoint_memory_of_one_tensor_are_supported():
     torch.testing.assert_close(x, x_ref)
     with pytest.raises(Exception, match="share memory"):  # overlapping rows: traced again and refused
         compiled(x[0:2], x[1:3])
+
+
+def test_view_outputs_with_a_conjugate_bit_keep_their_values():
+    """Regression: handing out a conjugate view (ifft) as a plain tensor over its memory dropped the bit."""
+    x = torch.randn(5, 7, 10, requires_grad=True)
+
+    def fn(t):
+        return torch.fft.ifft(t, dim=1)
+
+    got = compile_fn(fn, cache=False)(x)
+    torch.testing.assert_close(got, fn(x))
+    got.mul_(2)  # and it can still be modified in place
