@@ -408,7 +408,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     info.mutation_requires_grad = False
                     continue
                 raise CaptureError(
-                    f"aotcache: graph input {index} (flat argument {positions[index]}) is a leaf tensor that "
+                    f"aotcache: Found a graph input that requires gradients, and received a mutation: graph "
+                    f"input {index} (flat argument {positions[index]}) is a leaf tensor that "
                     f"requires grad and is mutated in place; this is not supported in a training graph (eager "
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
                     f"function, or call the compiled function under torch.no_grad().")
@@ -462,9 +463,13 @@ def _check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list
             mine, theirs = _byte_span(arg), _byte_span(fake_args[positions[other]])
             if mine is not None and theirs is not None and (mine[1] < theirs[0] or theirs[1] < mine[0]):
                 continue
+            # (the leading phrases are PyTorch's own, so that code matching its errors matches ours)
+            same = fake_args[positions[other]] is arg
+            phrase = ("Encountered duplicated inputs that are mutated in the graph" if same
+                      else "Encountered aliased inputs that are mutated")
             raise CaptureError(
-                f"aotcache: graph inputs {other} and {index} share memory (views of one tensor, or the same "
-                f"tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
+                f"aotcache: {phrase}: graph inputs {other} and {index} share memory (views of one tensor, or the "
+                f"same tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
                 f"tensors (e.g. .clone() one of them).")
         by_storage[ref].append(index)
 

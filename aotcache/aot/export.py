@@ -75,11 +75,27 @@ def _output_nodes(gm: fx.GraphModule) -> list:
     return list(output.args[0])
 
 
+def _name_inputs_like_pytorch(gm: fx.GraphModule) -> None:
+    """Name the placeholders ``arg0_1, arg1_1, ...`` as PyTorch's aot_export_module does (the signature's
+    names are these), unless another node already has such a name."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    wanted = [f"arg{index}_1" for index in range(len(placeholders))]
+    taken = {node.name for node in gm.graph.nodes if node.op != "placeholder"}
+    if taken.intersection(wanted):
+        return
+    for node, name in zip(placeholders, wanted):
+        node.name = node.target = f"_aotcache_tmp_{name}"  # two passes: old and new names may overlap
+    for node, name in zip(placeholders, wanted):
+        node.name = node.target = name
+    gm.recompile()
+
+
 def _reject_metadata_mutations(api: str, meta: Any) -> None:
     """An export cannot express an input whose sizes or strides the function changes in place (``t_()``)."""
     changed = [index for index, info in enumerate(meta.inputs) if info.metadata_mutation]
     if changed:
-        raise CaptureError(f"{api}: the function changes the sizes or strides of graph inputs {changed} in place "
+        raise CaptureError(f"{api}: Found an input that received a metadata mutation: the function changes the "
+                           f"sizes or strides of graph inputs {changed} in place "
                            "(t_, transpose_, unsqueeze_, as_strided_, ...), which an exported graph cannot express; "
                            "use the out-of-place op and return the result")
 
@@ -132,6 +148,12 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
                 raise ValueError(f"aot_export_module: output {output_loss_index} must be a scalar tensor that "
                                  f"requires grad to be differentiated (got {type(loss).__name__})")
+            others = [k for k, out in enumerate(outs)
+                      if k != output_loss_index and isinstance(out, torch.Tensor) and out.requires_grad]
+            if others:  # their gradients would need tangents, which a joint graph of the loss does not take
+                raise CaptureError(f"aot_export_module: Found an output of the forward that requires gradients, "
+                                   f"that was not the scalar loss: outputs {others}; detach them (.detach()) or "
+                                   f"return them from a function exported with trace_joint=False")
             wrt = [p for p in flat[:num_params] if p.requires_grad]
             wrt += [a for a, needed in zip(flat[num_lifted:], user_needs_grad) if needed]
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
@@ -144,6 +166,7 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
     gm, meta = captured.graph, captured.metadata
     _reject_object_outputs("aot_export_module", meta.out_spec)
     _reject_metadata_mutations("aot_export_module", meta)
+    _name_inputs_like_pytorch(gm)
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     outputs = _output_nodes(gm)
     names = list(params) + list(buffers)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.runtime import storage_pointer
+
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing"]
 
 _MAX_HOT_PER_STRUCTURE = 8
@@ -43,11 +45,7 @@ def storage_sharing(tensors: Sequence[torch.Tensor]) -> tuple:
     first: dict[int, int] = {}
     sharing = []
     for index, tensor in enumerate(tensors):
-        storage = tensor.untyped_storage()
-        try:
-            pointer = storage.data_ptr()
-        except RuntimeError:  # a wrapper subclass (no data of its own): compare storage objects instead
-            pointer = -storage._cdata
+        pointer = storage_pointer(tensor)
         sharing.append(first.setdefault(pointer, index) if pointer else index)
     return tuple(sharing)
 

@@ -60,6 +60,16 @@ def unboxed(compiled: Callable) -> Callable:
 
 
 
+def storage_pointer(tensor: torch.Tensor) -> int:
+    """Identifies the memory of ``tensor``'s storage: its data pointer (0 when empty), or for a wrapper subclass
+    without data of its own (TwoTensor, ...) a negative stand-in from its storage object."""
+    storage = tensor.untyped_storage()
+    try:
+        return storage.data_ptr()
+    except RuntimeError:
+        return -storage._cdata
+
+
 def _tangent_coercion(layout: dict) -> tuple[tuple[int, ...] | None, torch.memory_format]:
     """(exact strides or None, memory format) from a ``RuntimeMetadata.tangent_layouts`` entry."""
     if "stride" in layout:
@@ -208,31 +218,37 @@ def _regenerate_output_view(base: torch.Tensor, computed: torch.Tensor, info: Ou
 def _protect_from_epilogue(saved: list, mutated_inputs: list) -> list:
     """Clone saved tensors that share memory with a mutated input: the backward needs the value from before
     the mutation epilogue overwrites the input."""
-    pointers = {t.untyped_storage().data_ptr() for t in mutated_inputs if isinstance(t, torch.Tensor)}
+    pointers = {storage_pointer(t) for t in mutated_inputs if isinstance(t, torch.Tensor)}
     if not pointers:
         return saved
-    return [value.clone() if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in pointers
+    return [value.clone() if isinstance(value, torch.Tensor) and storage_pointer(value) in pointers
             else value for value in saved]
 
 
-def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[Any]) -> None:
+def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[Any], inputs: Sequence[Any]) -> None:
     """NOTE [Views of intermediates]
     A user output that the compiled forward returns as a view of an intermediate would come out of the
     autograd.Function as "a view created inside a custom Function", which autograd forbids modifying in place,
     while eager allows it. Nothing but that output (and its sibling outputs) sees the intermediate, so it is
     handed out as a plain tensor over the same memory (``set_``: siblings still see each other's writes);
     when a saved tensor shares the memory it is cloned instead, since an in-place write would otherwise change
-    what the backward reads without autograd's version check noticing.
+    what the backward reads without autograd's version check noticing. A view of an input's memory (returned
+    by a custom Function) stays a view: the input's version counter must see writes to it.
     """
     saved_pointers: set[int] | None = None
+    input_pointers: set[int] = set()
     for index in range(start, stop):
         out = fw_outs[index]
         if type(out) is not torch.Tensor or not out._is_view() or out.layout != torch.strided:
             continue  # (subclass views keep autograd's view rules)
         if saved_pointers is None:
-            saved_pointers = {t.untyped_storage().data_ptr() for t in saved if isinstance(t, torch.Tensor)}
+            saved_pointers = {storage_pointer(t) for t in saved if isinstance(t, torch.Tensor)}
+            input_pointers = {storage_pointer(t) for t in inputs if isinstance(t, torch.Tensor)}
         storage = out.untyped_storage()
-        if storage.data_ptr() in saved_pointers or out.is_conj() or out.is_neg():  # set_ would drop the bits
+        pointer = storage.data_ptr()
+        if pointer in input_pointers:
+            continue
+        if pointer in saved_pointers or out.is_conj() or out.is_neg():  # (set_ would drop those bits)
             fw_outs[index] = out.clone()
         else:
             fw_outs[index] = torch.empty(0, dtype=out.dtype, device=out.device).set_(
@@ -267,7 +283,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
         ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
         ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
-        _unview_user_outputs(fw_outs, meta.num_mutation_outputs, meta.first_extra_output, saved)
+        _unview_user_outputs(fw_outs, meta.num_mutation_outputs, meta.first_extra_output, saved, graph_args)
         differentiable = set(runtime._tangent_indices)
         non_differentiable = [out for index, out in enumerate(fw_outs)
                               if isinstance(out, torch.Tensor) and index not in differentiable]

@@ -227,7 +227,21 @@ class SmallNet(torch.nn.Module):
 
     def forward(self, x):
         y = self.bn(self.lin(x))
-        return y.sum(), y
+        return y.sum(), y.detach()
+
+
+def test_aot_export_module_joint_refuses_other_outputs_that_require_grad():
+    class TwoOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y.sum(), y
+
+    with pytest.raises(CaptureError, match="Found an output of the forward that requires gradients.*outputs \\[1\\]"):
+        aot_export_module(TwoOutputs(), (torch.randn(4, 3),), trace_joint=True, output_loss_index=0)
 
 
 def test_aot_export_module_joint_signature():
