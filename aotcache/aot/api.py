@@ -47,7 +47,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
-from aotcache.aot.runtime import CompiledRuntime, unboxed
+from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.logs import log_once
 
 __all__ = [
@@ -161,7 +161,16 @@ def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOp
 
 
 def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
-    """Partition (training) and compile an already captured graph (:class:`~aotcache.aot.capture.CapturedGraph`)."""
+    """Partition (training) and compile an already captured graph (:class:`~aotcache.aot.capture.CapturedGraph`).
+
+    Compilers run without autocast: the graph holds autocast's casts already, and a compiler that traces it
+    again (AOTInductor's export) would apply them twice (NOTE [Compiled graphs run without autocast]).
+    """
+    with DisableAutocast():
+        return _compile_captured(captured, options)
+
+
+def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
         forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))

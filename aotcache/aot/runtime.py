@@ -15,6 +15,7 @@ Per call:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +59,15 @@ def unboxed(compiled: Callable) -> Callable:
         return _BoxedCall(compiled)
     return compiled
 
+
+
+# NOTE [Compiled graphs run without autocast]
+# A graph traced under autocast already holds autocast's casts as explicit ATen ops, and regions where the
+# function turned autocast off hold none. Running its ATen ops under the caller's autocast again would cast
+# them a second time (an fp32 region comes back bf16, or a backward meets mixed dtypes), so compiled forwards
+# and backwards run with the autocast dispatch keys excluded. Which autocast state a graph was traced under is
+# part of its signature and cache key.
+DisableAutocast = getattr(torch._C, "_DisableAutocast", contextlib.nullcontext)
 
 
 def storage_pointer(tensor: torch.Tensor) -> int:
@@ -111,10 +121,11 @@ class CompiledRuntime:
             real_args = list(graph_args)
             self._replay_metadata_mutations(graph_args)
         if meta.is_inference:
-            with torch.no_grad():
+            with torch.no_grad(), DisableAutocast():
                 fw_outs = list(self.forward(*graph_args))
         else:
-            fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
+            with DisableAutocast():
+                fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
         self._apply_mutations(real_args, fw_outs)  # new values have the final geometry
         flat_outs = self._build_outputs(real_args, fw_outs)
         if torch.is_grad_enabled():
@@ -319,6 +330,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                 elif grad.stride() != stride:
                     grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
             tangents.append(grad)
-        grads = list(runtime.backward(*saved, *tangents))
+        with DisableAutocast():
+            grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
         return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])

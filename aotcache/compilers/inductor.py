@@ -194,7 +194,7 @@ def _int_strides(reported: Any) -> list[tuple[int, ...] | None] | None:
 
 
 def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
-                      options: dict[str, Any] | None = None) -> InductorCompiledGraph:
+                      options: dict[str, Any] | None = None) -> InductorCompiledGraph | Any:
     """Compile ``gm`` with Inductor (Python wrapper); ``options`` are ``torch._inductor.config`` overrides.
 
     ``gm`` must have been traced with :func:`decompositions` (Inductor lowers only what its table leaves;
@@ -218,7 +218,11 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     source = getattr(compiled, "source_code", None)
     call = getattr(compiled, "current_callable", None)
     if not isinstance(source, str) or call is None:
-        raise RuntimeError(f"Inductor returned {type(compiled).__name__} without wrapper source; cannot store it")
+        # Inductor generates no code for a graph without compute (only views, or returning its inputs) and
+        # hands back the graph itself: that graph, run as it is, is exactly the nop compiler's artifact.
+        from aotcache.compilers.nop import nop_compiler
+
+        return nop_compiler(gm, example_inputs)  # type: ignore[return-value]
     constants = {name: value for name, value in (getattr(compiled, "constants", None) or {}).items()
                  if isinstance(value, torch.Tensor)}
     identity = aoti_lib.host_identity("cpu")

@@ -399,3 +399,25 @@ def test_view_outputs_with_a_conjugate_bit_keep_their_values():
     got = compile_fn(fn, cache=False)(x)
     torch.testing.assert_close(got, fn(x))
     got.mul_(2)  # and it can still be modified in place
+
+
+def _fp32_region_under_autocast(x, w):
+    with torch.autocast("cpu", enabled=False):
+        y = torch.mm(x.float(), w.float())  # kept in fp32 on purpose
+    return y, torch.mm(y, w)  # the second matmul under autocast: bf16
+
+
+def test_compiled_graphs_do_not_apply_the_callers_autocast_twice():
+    """NOTE [Compiled graphs run without autocast]: the fp32 region came back bf16 (casts applied again)."""
+    x, w_ref = torch.randn(4, 4), torch.randn(4, 4, requires_grad=True)
+    w = w_ref.detach().clone().requires_grad_(True)
+    compiled = compile_fn(_fp32_region_under_autocast, cache=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _fp32_region_under_autocast(x, w_ref)
+        got = compiled(x, w)
+        (ref[0].sum() + ref[1].float().sum()).backward()
+        (got[0].sum() + got[1].float().sum()).backward()
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    torch.testing.assert_close(w.grad, w_ref.grad)

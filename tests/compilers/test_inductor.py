@@ -79,3 +79,21 @@ assert libraries == sorted(unpack_artifact(blob).meta["kernels"]), libraries
 print("no kernel compiled")
 ''', env={"TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)})
     assert "no kernel compiled" in proc.stdout
+
+
+def test_graph_without_compute_falls_back_to_the_nop_artifact():
+    """Inductor hands back the graph itself when there is nothing to generate (a view of the input)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import aotcache
+    from aotcache.compilers import load_artifact
+
+    compiled = aotcache.aot_function(lambda t: t.view(-1), fw_compiler="inductor", cache=False)
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, x.view(-1))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 4))
+    graph = inductor_compiler(make_fx(lambda t: t)(torch.randn(3, 4)), [torch.randn(3, 4)])
+    assert unpack_artifact(graph.artifact()).compiler == "nop"
+    torch.testing.assert_close(load_artifact(graph.artifact())(torch.ones(3, 4))[0], torch.ones(3, 4))
