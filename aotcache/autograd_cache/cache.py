@@ -95,6 +95,7 @@ class CompileResult:
     guards: str | None = None  # guard expression over graph inputs (aotcache grammar), None = no guards
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0  # measured by the cache when 0
+    uncacheable: str | None = None  # a bypass reason found while compiling: the runtime is used, not saved
 
 
 @dataclasses.dataclass
@@ -458,6 +459,9 @@ class AOTAutogradCache:
         elapsed = time.perf_counter() - started
         compiled.compile_seconds = compiled.compile_seconds or elapsed
         self.count(compile=1, compile_s=elapsed)
+        if compiled.uncacheable is not None:
+            self.count_bypass(compiled.uncacheable)
+            return compiled.runtime
         try:
             entry = self.make_entry(key, compiled)
         except BypassAOTAutogradCache as bypass:

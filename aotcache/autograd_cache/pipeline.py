@@ -36,6 +36,7 @@ from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
 from aotcache.autograd_cache.key import CacheKey, callable_digest, compute_key
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, qualified_name
+from aotcache.logs import logger
 
 __all__ = ["compile_function_cached", "compile_graph_module_cached", "compiler_identity", "partitioner_identity",
            "decomposition_identity"]
@@ -214,11 +215,40 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         return key
 
     def compile_fn() -> CompileResult:
+        shape_env = _shape_env_of(example_inputs)
+        guards_before = len(shape_env.guards) if shape_env is not None else 0
         runtime = compile_function(flat_fn, flat_example, options)
         runtime.metadata.guards = None  # Dynamo guards this graph; the entry carries none
         kind = "inference" if runtime.metadata.is_inference else "training"
         summary = (_summary(state["key"], name=type(gm).__qualname__, source="torch.compile", kind=kind,
                             num_inputs=len(flat_example), dynamic=bool(options.dynamic)) if "key" in state else {})
-        return CompileResult(runtime, guards=None, summary=summary)
+        return CompileResult(runtime, guards=None, summary=summary,
+                             uncacheable=_new_shape_guards(shape_env, guards_before))
 
     return cache.load_or_compile(make_key, compile_fn, None)
+
+
+def _shape_env_of(example_inputs: Sequence[Any]) -> Any:
+    """The ShapeEnv of Dynamo's symbolic example inputs, or None (static graph)."""
+    from torch._guards import detect_fake_mode
+
+    try:
+        mode = detect_fake_mode(list(example_inputs))
+    except AssertionError:
+        return None
+    return getattr(mode, "shape_env", None)
+
+
+def _new_shape_guards(shape_env: Any, guards_before: int) -> str | None:
+    """NOTE [Guards added while compiling a Dynamo graph]
+    Capturing or compiling a graph Dynamo traced with symbolic sizes can add guards to Dynamo's ShapeEnv,
+    specializations among them (``Eq(s53, 12)``: Inductor lowering a transposed convolution). Dynamo installs
+    them for this frame, but an entry stored under the key of the symbolic graph would be loaded for the next
+    frame Dynamo compiles with the same graph and no such guard, and run code specialized to other sizes. Such
+    a compile is used for this frame and not stored (bypass "compile added shape guards").
+    """
+    if shape_env is None or len(shape_env.guards) <= guards_before:
+        return None
+    logger.debug("aotcache: compiling a Dynamo graph added shape guards, first %s", shape_env.guards[guards_before].expr)
+    return "compile added shape guards"
+

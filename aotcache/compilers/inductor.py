@@ -186,9 +186,14 @@ def _int_strides(reported: Any) -> list[tuple[int, ...] | None] | None:
         return None
     strides: list[tuple[int, ...] | None] = []
     for item in reported:
+        # a symbolic stride is unknown for other sizes; int() of it would specialize the ShapeEnv to this
+        # size, and the backward compiled next would then assert this size's shapes on every later call
+        if item is None or any(isinstance(stride, torch.SymInt) for stride in item):
+            strides.append(None)
+            continue
         try:
-            strides.append(None if item is None else tuple(int(stride) for stride in item))
-        except (TypeError, ValueError):  # symbolic: unknown for other sizes
+            strides.append(tuple(int(stride) for stride in item))
+        except (TypeError, ValueError):  # other symbolic forms (sympy expressions)
             strides.append(None)
     return strides
 

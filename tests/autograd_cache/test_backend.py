@@ -92,6 +92,37 @@ def test_sizes_dynamo_compiles_symbolically_are_not_specialized(dynamic):
     assert cache.stats()["compile"] == (1 if dynamic else 2)
 
 
+def _specializing_compiler(gm, example_inputs):
+    """Like Inductor lowering some ops: reads a symbolic size as an int, which adds Eq(s, n) to the ShapeEnv."""
+    from aotcache.compilers.nop import nop_compiler
+
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            [int(size) for size in value.shape]
+    return nop_compiler(gm, example_inputs)  # a storable artifact
+
+
+def test_graph_specialized_while_compiling_is_not_stored_for_the_symbolic_key():
+    """NOTE [Guards added while compiling a Dynamo graph]: the specialized entry was stored under the symbolic
+    graph's key and loaded for Dynamo's next compile of that graph, at other sizes (a false hit)."""
+    from aotcache.aot import aot_module_simplified
+
+    torch._dynamo.reset()
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, _specializing_compiler, cache=cache)
+
+    compiled_model, eager_model = RowSums(), RowSums()
+    compiled = torch.compile(compiled_model, backend=backend, dynamic=True)
+    for rows in (6, 9, 13):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(compiled(x), eager_model(x))
+    stats = cache.stats()
+    assert stats["hit"] == 0 and stats["saved"] == 0
+    assert stats["bypass_reasons"].get("compile added shape guards", 0) == stats["compile"] >= 3
+
+
 def test_options_are_validated():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown options"):
