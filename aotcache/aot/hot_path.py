@@ -162,6 +162,35 @@ def _settings(module: nn.Module) -> tuple:
     return tuple(settings)
 
 
+def _config_like(value: Any) -> bool:
+    """A plain data object a module reads settings from (transformers' ``config``): not a module, tensor,
+    class or callable, with its own ``__dict__``."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type))
+            and not callable(value))
+
+
+def _watched_objects(modules: Sequence[tuple[str, nn.Module]], settings: tuple) -> list[Any]:
+    """NOTE [Config objects are settings]
+    Submodules often read their behaviour from a shared config object (``self.config.use_cache``), held by
+    identity in the settings, so ``model.config.use_cache = False`` between calls changed nothing they saw and
+    the graph traced with the old value ran. The distinct config-like objects the tree holds are watched one
+    level deep: their plain attributes join the settings by value, all their attributes the change check by
+    identity (~1-2 us per call for a transformers config). Nested objects mutated in place stay unseen."""
+    found: dict[int, Any] = {}
+    for (_, submodule), (_, _, entries) in zip(modules, settings):
+        for name, kind, _ in entries:
+            if kind == _IDENTITY:
+                value = submodule.__dict__[name]
+                if _config_like(value):
+                    found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _object_settings(obj: Any) -> tuple:
+    """The plain attributes of a watched object, by value."""
+    return tuple((name, value) for name, value in obj.__dict__.items() if _kind(value) == _PLAIN)
+
+
 class ModuleState:
     """The module's parameters and buffers by name and an id of its settings, cached while the tree is unchanged.
 
@@ -181,6 +210,7 @@ class ModuleState:
         self._values: tuple[dict, dict, tuple, int] | None = None
         self._settings_ids: dict[tuple, int] = {}
         self._kept_alive: list[Any] = []  # objects whose id() is in an interned settings tuple
+        self._watched: list[tuple[Any, tuple]] = []  # config-like objects and their attribute values
 
     def current(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple, int]:
         """``(params, buffers, names, settings_id)``; ``names`` is the same object while the names are unchanged."""
@@ -193,13 +223,16 @@ class ModuleState:
             names = self._values[2]
         modules = list(self.module.named_modules(remove_duplicate=True))
         settings = tuple((path, type(submodule), _settings(submodule)) for path, submodule in modules)
-        settings_id = self._settings_ids.get(settings)
+        watched = _watched_objects(modules, settings)
+        key = (settings, tuple((id(obj), _object_settings(obj)) for obj in watched))
+        settings_id = self._settings_ids.get(key)
         if settings_id is None:
-            settings_id = self._settings_ids[settings] = len(self._settings_ids)
+            settings_id = self._settings_ids[key] = len(self._settings_ids)
             self._kept_alive.extend(submodule.__dict__[name] for (_, submodule), (_, _, entries) in
                                     zip(modules, settings) for name, kind, _ in entries if kind == _IDENTITY)
         self._values = (params, buffers, names, settings_id)
         self._snapshot = self._take_snapshot([submodule for _, submodule in modules], settings)
+        self._watched = [(obj, tuple(obj.__dict__.values())) for obj in watched]
         return self._values
 
     def _take_snapshot(self, modules: list[nn.Module], settings: tuple) -> list[tuple] | None:
@@ -221,6 +254,10 @@ class ModuleState:
         snapshot = self._snapshot
         if snapshot is None:
             return False
+        for obj, recorded in self._watched:  # configs: an attribute set in place (use_cache = False)
+            values = obj.__dict__.values()
+            if len(values) != len(recorded) or not all(map(operator.is_, values, recorded)):
+                return False
         for submodule, cls, getter, recorded in snapshot:
             if type(submodule) is not cls:
                 return False

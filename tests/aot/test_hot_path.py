@@ -247,3 +247,40 @@ def test_changed_settings_are_seen(change):
     before = compiled.compiled.num_compiles
     torch.testing.assert_close(compiled(x), reference(x))
     assert compiled.compiled.num_compiles == before + 1
+
+
+class _Config:
+    def __init__(self):
+        self.use_bias = True
+        self.scale = 2.0
+
+
+class ConfiguredBlock(nn.Module):
+    """Submodules sharing one config object, as transformers models do."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.fc(x) * self.config.scale
+        return out + 1 if self.config.use_bias else out
+
+
+def test_config_attributes_set_in_place_are_settings():
+    """NOTE [Config objects are settings]: ``model.config.use_cache = False`` used to reuse the old graph."""
+    torch.manual_seed(0)
+    config = _Config()
+    model = nn.Sequential(ConfiguredBlock(config), ConfiguredBlock(config))
+    compiled = aot_module(model, graph_compiler, cache=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    config.use_bias = False
+    torch.testing.assert_close(compiled(x), model(x))
+    config.scale = 0.5
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 3
+    config.use_bias, config.scale = True, 2.0
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 3  # the first runtime again
