@@ -1,0 +1,157 @@
+"""Input mutations during capture: which metadata mutations can be replayed, resizes that cannot, and inputs
+that share memory with a mutated one. Used by the analysis pass of :mod:`aotcache.aot.capture`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from aotcache.aot.errors import CaptureError
+
+__all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize",
+           "check_mutated_inputs_do_not_alias"]
+
+
+def layout_of(tensor: torch.Tensor) -> tuple:
+    """Sizes, strides and storage offset of ``tensor`` (ints, or SymInts with symbolic shapes)."""
+    return (*tensor.shape, "strides", *tensor.stride(), "offset", tensor.storage_offset())
+
+
+def same_layout(before: tuple, after: tuple) -> bool:
+    """Whether two :func:`layout_of` results are provably equal for every size the ShapeEnv allows.
+
+    NOTE [Semantic layout comparison]
+    With symbolic shapes, a guard raised while the function runs can relate two sizes (``x + y`` guards
+    ``s0 == s2``; ``x @ w`` guards ``s1 == s2``) or pin one (``s0 == 2``). The ShapeEnv then records a
+    replacement, and every SymInt mentioning the replaced symbol prints (and evaluates) in terms of the
+    other one, although the tensor's layout never changed. So layouts are compared as expressions under
+    the ShapeEnv's replacements and facts (``statically_known_true(a == b)``, which adds no guard), never as
+    strings: a relating guard is not a mutation, while ``t_()`` (sizes swapped), ``unsqueeze_()`` (rank),
+    ``as_strided_()`` / ``resize_()`` (new sizes, strides or offset) still differ.
+    """
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if len(before) != len(after):
+        return False
+    for old, new in zip(before, after):
+        if isinstance(old, str) or isinstance(new, str):  # the section markers of layout_of
+            if old != new:
+                return False
+        elif not statically_known_true(old == new):
+            return False
+    return True
+
+
+def _metadata_mutation_error(index: int, position: int, why: str = "") -> CaptureError:
+    return CaptureError(
+        f"aotcache: graph input {index} (flat argument {position}) has its metadata mutated in place "
+        f"(size/stride/offset changed, e.g. by t_(), transpose_(), resize_(), as_strided_()){why}. This is not "
+        f"supported; use the out-of-place op (x = x.t()) instead.")
+
+
+def replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple,
+                                  requiring_grad: bool) -> list | None:
+    """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place, or
+    None when the changes cancel out.
+
+    NOTE [Metadata mutations]
+    ``x.t_()`` or ``x.unsqueeze_(0)`` on an input change only its size/stride/offset: the graph needs no output
+    for it. The runtime gives the real input its final geometry with ``as_strided_`` and runs the graph on an
+    alias with the traced geometry (outputs that are the input, or views of it, come from the real input).
+    A data mutation of the same input is written into it after the graph, in its final geometry (the one the
+    graph returns its new value in). Replayed only when the geometry is static (ints) and, under grad mode,
+    the input does not require grad (the joint graph's gradient would have the final geometry, not the
+    input's); ``set_`` (a storage swap) and ``resize_`` (may reallocate) stay errors.
+
+    :raises CaptureError: the mutation is not one of those.
+    """
+    after = layout_of(probe)
+    changed_storage = getattr(torch, "_functionalize_was_storage_changed", None)
+    if changed_storage is not None and changed_storage(probe.elem):
+        raise _metadata_mutation_error(index, position, " and its storage replaced (set_())")
+    if same_layout(before, after):
+        if changed_storage is not None:
+            return None  # a net no-op (t_() of a 1-D tensor, t_() twice): nothing to replay
+        raise _metadata_mutation_error(index, position, " without a net change of layout (e.g. set_())")
+    if requiring_grad:
+        raise _metadata_mutation_error(index, position, " while it requires grad")
+    if not all(type(value) is int for value in after if not isinstance(value, str)):
+        raise _metadata_mutation_error(index, position, " to symbolic sizes (dynamic=True)")
+    size, stride = list(probe.shape), list(probe.stride())
+    return [[int(v) for v in size], [int(v) for v in stride], int(probe.storage_offset())]
+
+
+class RejectInputResize(torch.overrides.TorchFunctionMode):
+    """Raises the metadata-mutation :class:`CaptureError` when ``resize_``/``resize_as_`` targets a graph input.
+
+    NOTE [Resize with symbolic shapes]: functionalization cannot resize a tensor to symbolic sizes (torch
+    fails with an internal assert, or "tried to directly modify sizes"), so with ``dynamic`` a resize of an
+    input is refused before it runs, with the same message as any other metadata mutation; a resize of an
+    intermediate that torch refuses becomes a :class:`CaptureError` too (one with static sizes still works).
+    """
+
+    _RESIZE_METHODS = (torch.Tensor.resize_, torch.Tensor.resize_as_)
+
+    def __init__(self, probes: Sequence[Any], positions: Sequence[int], symbolic: bool) -> None:
+        super().__init__()
+        self.probes = list(probes)
+        self.positions = list(positions)
+        self.symbolic = symbolic
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func in self._RESIZE_METHODS and args:
+            for index, probe in enumerate(self.probes):
+                if args[0] is probe:
+                    raise _metadata_mutation_error(index, self.positions[index])
+            try:
+                return func(*args, **(kwargs or {}))
+            except RuntimeError as exc:
+                if not self.symbolic:
+                    raise
+                raise CaptureError(
+                    "aotcache: resize_() of a tensor with symbolic sizes is not supported with dynamic=True "
+                    "(functionalization cannot resize to symbolic sizes). Use an out-of-place op (torch.empty, "
+                    "narrow, torch.cat), or compile with dynamic=False.") from exc
+        return func(*args, **(kwargs or {}))
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last] byte of its storage a static tensor can touch; None when symbolic or empty."""
+    values = (*tensor.shape, *tensor.stride(), tensor.storage_offset())
+    if any(not isinstance(value, int) for value in values) or tensor.numel() == 0:
+        return None
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    last = first + sum((n - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride())) * size + size - 1
+    return first, last
+
+
+def check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list, inputs: list) -> None:
+    """Refuse a mutated input that may overlap another input. Each input is traced as its own tensor, which
+    is exact for inputs over disjoint memory, such as two row slices of one buffer: static inputs whose byte
+    spans are disjoint are accepted (the signature holds their geometry, so a call with overlapping views of
+    the same storage is traced again and refused then)."""
+    by_storage: dict[StorageWeakRef, list[int]] = {}
+    for index, pos in enumerate(positions):
+        arg = fake_args[pos]
+        if not isinstance(arg, torch.Tensor):
+            continue
+        ref = StorageWeakRef(arg.untyped_storage())
+        for other in by_storage.setdefault(ref, []):
+            if not (inputs[index].mutates_data or inputs[other].mutates_data):
+                continue
+            mine, theirs = _byte_span(arg), _byte_span(fake_args[positions[other]])
+            if mine is not None and theirs is not None and (mine[1] < theirs[0] or theirs[1] < mine[0]):
+                continue
+            # (the leading phrases are PyTorch's own, so that code matching its errors matches ours)
+            same = fake_args[positions[other]] is arg
+            phrase = ("Encountered duplicated inputs that are mutated in the graph" if same
+                      else "Encountered aliased inputs that are mutated")
+            raise CaptureError(
+                f"aotcache: {phrase}: graph inputs {other} and {index} share memory (views of one tensor, or the "
+                f"same tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
+                f"tensors (e.g. .clone() one of them).")
+        by_storage[ref].append(index)
