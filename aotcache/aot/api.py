@@ -598,10 +598,17 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
 
 
 def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
-    """requires_grad of every tensor, and which user inputs share memory (NOTE [Call contract of ...])."""
+    """requires_grad of every tensor, and which user inputs share a storage (NOTE [Call contract of ...]).
+
+    Storages are compared as objects (``_cdata``), which works alike for Dynamo's fake example inputs (whose
+    data pointers are all 0) and for the real tensors of a call."""
     requires_grad = tuple(value.requires_grad for value in flat if isinstance(value, torch.Tensor))
     user_tensors = [value for value in flat[num_lifted:] if isinstance(value, torch.Tensor)]
-    return requires_grad, storage_sharing(user_tensors) if len(user_tensors) > 1 else ()
+    if len(user_tensors) < 2:
+        return requires_grad, ()
+    first: dict[int, int] = {}
+    return requires_grad, tuple(first.setdefault(tensor.untyped_storage()._cdata, index)
+                                for index, tensor in enumerate(user_tensors))
 
 
 # the export functions live in their own module; re-exported here as part of the public API
