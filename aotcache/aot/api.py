@@ -44,6 +44,7 @@ from aotcache.aot.hot_path import (
     ModuleState,
     autocast_state,
     simple_structure,
+    storage_object,
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
@@ -604,11 +605,7 @@ def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
     data pointers are all 0) and for the real tensors of a call."""
     requires_grad = tuple(value.requires_grad for value in flat if isinstance(value, torch.Tensor))
     user_tensors = [value for value in flat[num_lifted:] if isinstance(value, torch.Tensor)]
-    if len(user_tensors) < 2:
-        return requires_grad, ()
-    first: dict[int, int] = {}
-    return requires_grad, tuple(first.setdefault(tensor.untyped_storage()._cdata, index)
-                                for index, tensor in enumerate(user_tensors))
+    return requires_grad, storage_sharing(user_tensors, storage_object) if len(user_tensors) > 1 else ()
 
 
 # the export functions live in their own module; re-exported here as part of the public API

@@ -24,7 +24,7 @@ from torch import nn
 
 from aotcache.aot.runtime import storage_pointer
 
-__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing"]
+__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 
@@ -40,14 +40,20 @@ def autocast_state() -> tuple:
     return tuple(state)
 
 
-def storage_sharing(tensors: Sequence[torch.Tensor]) -> tuple:
-    """For each (strided, non-meta) tensor, the index of the first one sharing its storage (0-pointers never share)."""
+def storage_sharing(tensors: Sequence[torch.Tensor], identity: Any = storage_pointer) -> tuple:
+    """For each (strided, non-meta) tensor, the index of the first one sharing its storage by ``identity``
+    (default: its data pointer; 0-pointers never share)."""
     first: dict[int, int] = {}
     sharing = []
     for index, tensor in enumerate(tensors):
-        pointer = storage_pointer(tensor)
+        pointer = identity(tensor)
         sharing.append(first.setdefault(pointer, index) if pointer else index)
     return tuple(sharing)
+
+
+def storage_object(tensor: torch.Tensor) -> int:
+    """The identity of ``tensor``'s storage object: alike for fake tensors (whose data pointers are all 0)."""
+    return tensor.untyped_storage()._cdata
 
 
 def simple_structure(args: tuple, kwargs: dict) -> int | None:

@@ -165,15 +165,15 @@ class CompiledRuntime:
         # runtime writes it into the real input here. When the new value requires grad, the copy_ is
         # recorded by autograd (the input is a non-leaf, as in eager); otherwise it runs under no_grad, so
         # e.g. BatchNorm running stats are updated without joining the autograd graph.
-        pairs = [(graph_args[input_index], fw_outs[out_index], may_record)
-                 for out_index, (input_index, may_record) in enumerate(zip(self._mutated, self._mutation_recordable))]
-        pairs = [(real, new, may_record) for real, new, may_record in pairs if new is not real]
+        pairs, recorded = [], []
+        grad_enabled = torch.is_grad_enabled()
+        for new, input_index, may_record in zip(fw_outs, self._mutated, self._mutation_recordable):
+            real = graph_args[input_index]
+            if new is not real:
+                pairs.append((real, new))
+                recorded.append(grad_enabled and may_record and isinstance(new, torch.Tensor) and new.requires_grad)
         if not pairs:
             return
-        grad_enabled = torch.is_grad_enabled()
-        recorded = [grad_enabled and may_record and isinstance(new, torch.Tensor) and new.requires_grad
-                    for _, new, may_record in pairs]
-        pairs = [(real, new) for real, new, _ in pairs]
         if not any(recorded):  # the usual case (e.g. running stats): one no_grad block, not one per copy
             with torch.no_grad():
                 for real, new in pairs:
