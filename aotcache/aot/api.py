@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import functools
 import logging
+import struct
 import threading
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.capture import capture
 from aotcache.aot.hot_path import (
     HotSignature,
@@ -203,6 +205,17 @@ _IMMUTABLE_IDENTITY_TYPES = (type(None), type(...), type(NotImplemented), enum.E
                              torch._ops.OpOverloadPacket)
 
 
+# NOTE [Floats by bits]
+# ``0.0 == -0.0`` and ``nan != nan``: compared by value, a graph traced with ``0.0`` baked in would be reused for
+# ``-0.0`` (``1 / x`` gives +inf where eager gives -inf), and a NaN argument would never match its own signature
+# (a re-trace on every call). Float and complex constants are compared by their IEEE-754 bits instead.
+def float_bits(value: float | complex) -> bytes:
+    """The IEEE-754 bits of a float or complex (sign of zero and NaN payloads included)."""
+    if isinstance(value, complex):
+        return struct.pack("<dd", value.real, value.imag)
+    return struct.pack("<d", value)
+
+
 class _RefusedConstant(TypeError):
     """A non-tensor argument that cannot be part of the reuse key; see NOTE [Constant arguments]."""
 
@@ -220,6 +233,8 @@ def _argument_signature(arg: Any, dynamic: bool) -> tuple:
         raise _RefusedConstant("is neither a tensor nor a hashable constant") from None
     if type(arg).__eq__ is object.__eq__ and not isinstance(arg, _IMMUTABLE_IDENTITY_TYPES):
         raise _RefusedConstant("is compared by identity, so changes to it between calls would not be seen")
+    if isinstance(arg, (float, complex)):
+        return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     return ("constant", type(arg), arg)
 
 
@@ -263,7 +278,7 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple
             arguments.append(_argument_signature(arg, dynamic))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
-    return (in_spec, torch.is_grad_enabled(), autocast_state(), sharing, tuple(arguments))
+    return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
 
 
 class AOTFunction:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.runtime import storage_pointer
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object"]
@@ -69,11 +70,12 @@ def simple_structure(args: tuple, kwargs: dict) -> int | None:
 class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
-    __slots__ = ("grad_enabled", "autocast", "fields", "sharing", "dynamic", "runtime")
+    __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
         self.autocast = autocast_state()
+        self.numerics = numerics_signature()  # NOTE [Numerics flags]
         self.dynamic = dynamic
         self.fields = [self._fields(arg) for arg in flat_args]
         self.sharing = storage_sharing(flat_args)
@@ -104,7 +106,8 @@ class HotSignature:
                     return False
             elif arg.shape != shape or arg.stride() != stride or arg.storage_offset() != offset:
                 return False
-        return autocast_state() == self.autocast and storage_sharing(flat_args) == self.sharing
+        return (autocast_state() == self.autocast and numerics_signature() == self.numerics
+                and storage_sharing(flat_args) == self.sharing)
 
 
 class HotSignatures:

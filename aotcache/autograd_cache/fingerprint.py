@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.ambient import numerics_flags
 from aotcache.autograd_cache import key as cache_key
 from aotcache.autograd_cache.reachable import Reachable, Untrusted, check_plain_tensor, sha256_text
 
@@ -116,25 +117,6 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> dict[
     return {"spec": spec, "args": described}
 
 
-def _backend_flags() -> dict[str, Any]:
-    backends = torch.backends
-    flags: dict[str, Any] = {
-        "default_dtype": str(torch.get_default_dtype()),
-        "mkldnn": bool(backends.mkldnn.enabled),
-        "cudnn": [bool(backends.cudnn.enabled), bool(backends.cudnn.deterministic),
-                  bool(backends.cudnn.benchmark), bool(backends.cudnn.allow_tf32)],
-        "cuda_matmul_tf32": bool(backends.cuda.matmul.allow_tf32),
-        "sdp": [bool(backends.cuda.flash_sdp_enabled()), bool(backends.cuda.mem_efficient_sdp_enabled()),
-                bool(backends.cuda.math_sdp_enabled())],
-    }
-    for name in ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
-        flags[name] = repr(getattr(backends.cuda.matmul, name, None))
-    mha = getattr(backends, "mha", None)
-    if mha is not None and hasattr(mha, "get_fastpath_enabled"):
-        flags["mha_fastpath"] = bool(mha.get_fastpath_enabled())
-    return flags
-
-
 def _check_no_active_modes() -> None:
     function_stack = getattr(torch._C, "_len_torch_function_stack", None)
     dispatch_stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -202,7 +184,7 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
         "inference_mode": torch.is_inference_mode_enabled(),
         "autocast": cache_key.current_autocast_state(),
         "numerics": cache_key._numerics_state(),
-        "backends": _backend_flags(),
+        "backends": numerics_flags(),
         "compile_config": inductor_part,
     }
     tensor_devices = {str(arg.device) for arg in flat_args if isinstance(arg, torch.Tensor)}

@@ -9,7 +9,8 @@ constants  tensor constants (``get_attr`` tensors that are not parameters or buf
 custom_code digests of torch.library custom ops and ``@cacheable`` user functions in the graph
 grad_mode  grad mode and inference mode
 autocast   autocast state per device type
-numerics   float32 matmul precision, deterministic-algorithms flags
+numerics   default dtype, float32 matmul precision, deterministic algorithms, torch.backends flags
+           (cudnn, mkldnn, TF32 / reduced-precision matmul, SDPA backends, opt-einsum, fp32 precision)
 compiler   compiler name and options (custom compilers and callables by :func:`callable_digest`)
 partitioner, decompositions, config, extra   as given by the caller
 system     aotcache version and source digest, torch / Python versions, CPU ISA, GPU arch, triton version
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from aotcache.aot.ambient import numerics_flags
 from aotcache.autograd_cache import guards, reachable, safety
 from aotcache.autograd_cache.reachable import canonical_json, custom_op_digest, tensor_content_digest
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
@@ -358,11 +360,8 @@ def current_autocast_state(device_types: Iterable[str] = ()) -> dict[str, Any]:
 
 
 def _numerics_state() -> dict[str, Any]:
-    return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "deterministic": bool(torch.are_deterministic_algorithms_enabled()),
-        "deterministic_warn_only": bool(torch.is_deterministic_algorithms_warn_only_enabled()),
-    }
+    """Every global flag that changes what a graph computes (NOTE [Numerics flags] in aotcache/aot/ambient.py)."""
+    return numerics_flags()
 
 
 # Subtrees of the package whose code decides what a compiled entry contains.

@@ -130,11 +130,16 @@ def test_fingerprint_changes_with_grad_mode_autocast_options_and_default_dtype()
         assert trusted(module_fingerprint(block, X)) != base
     finally:
         torch.set_default_dtype(previous)
+    # torch rewrites the fp32_precision flags ("none" -> "ieee") when the precision is set: restore them exactly
+    pairs = [("generic", "all"), ("mkldnn", "all"), ("cuda", "all"), ("mkldnn", "matmul"), ("cuda", "matmul")]
+    saved = [torch._C._get_fp32_precision_getter(*pair) for pair in pairs]
     torch.set_float32_matmul_precision("medium")
     try:
         assert trusted(module_fingerprint(block, X)) != base
     finally:
         torch.set_float32_matmul_precision("highest")
+        for pair, value in zip(pairs, saved):
+            torch._C._set_fp32_precision_setter(*pair, value)
     assert trusted(module_fingerprint(block, X)) == base
 
 
