@@ -39,6 +39,15 @@ def decompositions() -> dict:
     return inductor_decompositions()
 
 
+def _same_device(device: torch.device, recorded: str) -> bool:
+    """``device`` is the recorded one; an index is compared when both have one (NOTE [a library runs on its
+    own device])."""
+    wanted = torch.device(recorded)
+    if device.type != wanted.type:
+        return False
+    return wanted.index is None or device.index is None or device.index == wanted.index
+
+
 def _tensor_spec(value: torch.Tensor) -> dict[str, Any]:
     return {"dtype": str(value.dtype).removeprefix("torch."), "device": str(value.device),
             "shape": [aoti_lib.int_hint(size) for size in value.shape],
@@ -77,7 +86,7 @@ class AOTICompiledGraph:
         for index, spec in zip(self._tensor_indices, self._specs):
             value = args[index]
             if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") != spec["dtype"] \
-                    or value.device.type != torch.device(spec["device"]).type or value.dim() != len(spec["shape"]):
+                    or not _same_device(value.device, spec["device"]) or value.dim() != len(spec["shape"]):
                 raise ValueError(f"aoti compiled graph input {index} must be a {spec['dtype']} tensor of rank "
                                  f"{len(spec['shape'])} on {spec['device']}, got {value!r:.80}")
             if self._static and list(value.shape) != spec["shape"]:
@@ -148,6 +157,21 @@ def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return int_inputs, tensor_inputs, template
 
 
+def _runner_device(tensors: Sequence[torch.Tensor]) -> str:
+    """The device the library runs on: the first CUDA input's, with its index, else ``"cpu"``.
+
+    NOTE [a library runs on its own device]: the CUDA runner launches on the device it was created for; a
+    runner for ``cuda`` (the current device) fed tensors on ``cuda:1`` would touch the wrong device. So the
+    index is recorded and the runner is created for it at load (entries of other devices have other keys:
+    input devices are key parts), and calls with tensors on another device are refused.
+    """
+    for value in tensors:
+        if value.device.type == "cuda":
+            index = value.device.index if value.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index}"
+    return "cpu"
+
+
 def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape,
                                                                                          *value.stride()))
@@ -176,8 +200,7 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     # sizes (dynamic)
     layouts = expected_layouts([placeholder_values[index] for index in tensor_inputs] if dynamic else tensors)
     build = aoti_lib.build_library(graph_module, tensors, options=options)
-    devices = {value.device.type for value in tensors}
-    device = "cuda" if "cuda" in devices else "cpu"
+    device = _runner_device(tensors)
     meta = {"identity": aoti_lib.build_identity(device), "device": device, "static": not dynamic,
             "int_inputs": int_inputs, "tensor_inputs": tensor_inputs, "outputs": template,
             "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}

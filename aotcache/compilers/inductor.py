@@ -62,8 +62,10 @@ class InductorCompiledGraph:
 
     def __init__(self, call: Callable[[list], Sequence[Any]], *, source: str, constants: dict[str, torch.Tensor],
                  kernels: dict[str, bytes], inputs_to_check: Sequence[int], identity: dict[str, Any],
-                 input_layouts: Sequence[dict[str, list[int]] | None]) -> None:
+                 input_layouts: Sequence[dict[str, list[int]] | None],
+                 triton: triton_kernels.TritonKernels | None = None) -> None:
         self._call = call
+        self._triton = triton or triton_kernels.TritonKernels()  # GPU kernels carried in the artifact
         self.source = source
         self._constants = constants
         self._kernels = kernels
