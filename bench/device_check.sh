@@ -11,8 +11,8 @@
 # The machine has no zstandard and no redis-py and cannot reach a registry: they travel as wheels.
 #   here, once:   bash bench/device_check.sh --prepare          (downloads them into .whl/, which git ignores)
 #   device tool:  run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=560)
-# Knobs: DEVICE_CHECK_MODELS (comma list; the zoo models plus llama_tiny), DEVICE_CHECK_TEST_S (default 200),
-# DEVICE_CHECK_BENCH_S (default 270).
+# Knobs: DEVICE_CHECK_MODELS (comma list; the zoo models plus llama_tiny), DEVICE_CHECK_MODES (bench rows, in
+# order), DEVICE_CHECK_TEST_S (default 220), DEVICE_CHECK_BENCH_S (default 260).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +28,10 @@ OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 MODELS=${DEVICE_CHECK_MODELS:-llama_tiny}
-TEST_S=${DEVICE_CHECK_TEST_S:-200}
-BENCH_S=${DEVICE_CHECK_BENCH_S:-270}
+TEST_S=${DEVICE_CHECK_TEST_S:-220}
+BENCH_S=${DEVICE_CHECK_BENCH_S:-260}
+# most telling rows first: the JSON is rewritten after every row, so a run cut short keeps what it measured
+MODES=${DEVICE_CHECK_MODES:-tc_cold,tc_warm,aot_inductor_cold,aot_inductor_warm,aot_cold,aot_warm,dynamo_floor,backend_cold,backend_warm}
 
 # 0. what the machine lacks, from the carried wheels; the environment, for the record
 if ! python3 -c "import zstandard, redis" 2>/dev/null; then
@@ -45,11 +47,17 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-    python3 -c "import sys, torch, triton, transformers, aotcache
-print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
-      'triton', triton.__version__, 'transformers', transformers.__version__)
-print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0),
-      'count', torch.cuda.device_count())
+    python3 -c "import sys, importlib.metadata as md, torch, aotcache
+versions = {}
+for name in ('triton', 'transformers', 'zstandard', 'redis'):
+    try:
+        versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+        versions[name] = None
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, versions)
+if torch.cuda.is_available():
+    print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0),
+          'count', torch.cuda.device_count())
 print('aotcache', aotcache.__file__)" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
@@ -61,7 +69,7 @@ echo "cuda tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/cuda_tests.log"
 
 # 2. the warm-start benchmark on the GPU: fresh processes, aotcache's warm side with empty Inductor and Triton
 #    caches (NOTE [GPU runs] in bench/warmstart.py)
-timeout "$BENCH_S" python3 bench/warmstart.py --device cuda --models "$MODELS" --timeout 150 \
+timeout "$BENCH_S" python3 bench/warmstart.py --device cuda --models "$MODELS" --modes "$MODES" --timeout 150 \
     --output "$OUT/warmstart_cuda.json" 2>&1 | tee "$OUT/warmstart.log"
 echo "warmstart exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/warmstart.log"
 ls -la "$OUT"

@@ -380,37 +380,44 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (CUDA_RESULTS_PATH if cuda else RESULTS_PATH)
     rows: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
+    import torch
+
+    def write_report(fingerprint_costs: dict[str, Any] | None) -> dict[str, Any]:
+        """Write what is measured so far (``partial`` until the end: a run cut short still leaves its rows)."""
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                              "python": platform.python_version()},
+                  "goals": goals, "quick": bool(args.quick), "omp_num_threads": args.threads,
+                  "fingerprint_vs_capture": fingerprint_costs,
+                  "backend_compiler": args.backend_compiler, "modes": modes, "models": rows,
+                  "total_s": time.perf_counter() - started}
+        if fingerprint_costs is None:
+            report["partial"] = True
+        if cuda:
+            report.update(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=_triton_version())
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
     with tempfile.TemporaryDirectory(prefix="aotcache-warmstart-") as temp:
         source = snapshot_sources(Path(temp) / "source")
         for model in models:
             dirs = {"aot_root": Path(temp) / model / "aotcache", "inductor": Path(temp) / model / "inductor",
                     "pycache": Path(temp) / "pycache", "source": source}
             row: dict[str, Any] = {}
+            rows[model] = row
             for mode in modes:
                 row[mode] = _run_fresh(mode, model, dirs, args.timeout, args.threads, args.backend_compiler,
                                        args.device)
                 print(f"{model:>20} {mode:>18}: {_fmt(row[mode])} s"
                       + (f"  ({row[mode]['error']})" if "error" in row[mode] else ""), flush=True)
-            row["ratios"] = _ratios(row)
-            rows[model] = row
+                row["ratios"] = _ratios(row)
+                write_report(None)
             shutil.rmtree(Path(temp) / model, ignore_errors=True)
     print()
     print_table(rows, modes, goals)
     print("\nCall fingerprint vs capture (training call, in one process, min over 3):")
-    fingerprint_costs = measure_fingerprint_costs(models)
-    import torch
-
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "python": platform.python_version()},
-              "goals": goals, "quick": bool(args.quick), "omp_num_threads": args.threads,
-              "fingerprint_vs_capture": fingerprint_costs,
-              "backend_compiler": args.backend_compiler, "modes": modes, "models": rows,
-              "total_s": time.perf_counter() - started}
-    if cuda:
-        report.update(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=_triton_version())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    report = write_report(measure_fingerprint_costs(models))
     print(f"\nwrote {output} in {report['total_s']:.0f} s")
     return 0
 
