@@ -55,16 +55,26 @@ def _bundler() -> Any | None:
     return TritonBundler
 
 
+def _inductor_bundles_itself() -> bool:
+    """``compile_fx_inner`` begins its own bundle under ``bundled_autograd_cache`` (torch's precompile flow);
+    a second ``begin_compile`` would fail its assertion, so we collect nothing then."""
+    try:
+        from torch._functorch import config as functorch_config
+    except ImportError:
+        return False
+    return bool(getattr(functorch_config, "bundled_autograd_cache", False))
+
+
 @contextlib.contextmanager
 def collecting(enabled: bool = True) -> Iterator[TritonKernels]:
     """Record the Triton kernels compiled inside the block into the yielded :class:`TritonKernels`.
 
     A no-op (empty result) when ``enabled`` is false, torch has no ``TritonBundler``, or a bundle is already
-    being collected (an enclosing compile owns it).
+    being collected or will be by Inductor itself (``bundled_autograd_cache``).
     """
     result = TritonKernels()
     bundler = _bundler() if enabled else None
-    if bundler is None or getattr(bundler, "_entries", None) is not None:
+    if bundler is None or getattr(bundler, "_entries", None) is not None or _inductor_bundles_itself():
         yield result
         return
     from torch._inductor import config as inductor_config

@@ -79,3 +79,34 @@ def test_inductor_artifact_restores_its_triton_kernels_at_load(tmp_path, monkeyp
     artifact.blobs[f"triton:{HASH}/triton_poi_fused_add_0.cubin"] = b"corrupt"
     with pytest.raises(ArtifactError, match="sha256"):
         load_artifact(pack_artifact(artifact))
+
+
+@pytest.mark.slow
+def test_collecting_around_a_real_inductor_compile(monkeypatch):
+    """The bundler's begin/collect around ``compile_fx_inner`` (forced on for a CPU graph: no Triton kernels)
+    neither fails the compile nor leaves a bundle open; under torch's own bundling it stays out of the way."""
+    from torch._inductor.triton_bundler import TritonBundler
+
+    from aotcache.compilers import inductor
+    from tests.compilers.graphs import example_args, traced, with_constant
+
+    real = triton_kernels.collecting
+    seen = []
+
+    def forced(enabled=True):
+        seen.append(enabled)
+        return real(enabled=True)
+
+    monkeypatch.setattr(triton_kernels, "collecting", forced)
+    args = example_args()
+    compiled = inductor.inductor_compiler(traced(with_constant, args, decompositions=inductor.decompositions()),
+                                          args)
+    assert seen == [False] and TritonBundler._entries is None
+    assert "triton" not in unpack_artifact(compiled.artifact()).meta
+    for got, want in zip(compiled(*args), with_constant(*args)):
+        torch.testing.assert_close(got, want)
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(bundled_autograd_cache=True), real(enabled=True) as found:
+        assert TritonBundler._entries is None  # Inductor's own bundle would begin here
+    assert not found
