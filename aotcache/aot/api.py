@@ -85,14 +85,10 @@ def _resolve_compiler(compiler: Callable | str | None, options: Mapping | None =
     if compiler is None:
         return _default_compiler()
     if isinstance(compiler, str):
-        from aotcache.compilers import get_compiler
+        # a failing named compiler falls back to the next one (NOTE [compiler fallback] in compilers/fallback.py)
+        from aotcache.compilers.fallback import FallbackCompiler
 
-        named = get_compiler(compiler)
-        if not options:
-            return named
-        configured = functools.partial(named, options=dict(options))
-        configured.decompositions = getattr(named, "decompositions", None)  # type: ignore[attr-defined]
-        return configured
+        return FallbackCompiler(compiler, options)
     if not callable(compiler):
         raise TypeError(f"aotcache: a compiler must be callable as compiler(gm, example_inputs) or a name "
                         f"such as 'nop' or 'inductor'; got {type(compiler).__name__}")

@@ -47,6 +47,7 @@ from aotcache.autograd_cache.guards import GuardExpressionError, evaluate_guards
 from aotcache.autograd_cache.key import CacheKey, explain_difference
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.singleflight import SingleFlight
+from aotcache.compilers.fallback import fell_back
 from aotcache.logs import CacheFault, handle_fault, log_once, logger
 from aotcache.store.interface import CacheError, LookupStatus
 from aotcache.store.journal import StatsJournal
@@ -326,7 +327,7 @@ class AOTAutogradCache:
         """The entry recording ``result`` under ``key``.
 
         :raises BypassAOTAutogradCache: the compiled graphs cannot be stored (no ``artifact()``, or it
-            failed), or the guard expression is outside the grammar.
+            failed; a compiler fell back to another), or the guard expression is outside the grammar.
         """
         runtime = result.runtime
         if result.guards is not None:
@@ -339,6 +340,10 @@ class AOTAutogradCache:
             raise BypassAOTAutogradCache(f"object output: {', '.join(held)}")
         roles = {"inference": runtime.forward} if runtime.metadata.is_inference else {
             "forward": runtime.forward, "backward": runtime.backward}
+        for compiled in roles.values():  # NOTE [compiler fallback] in aotcache/compilers/fallback.py
+            fallback = fell_back(compiled)
+            if fallback:
+                raise BypassAOTAutogradCache(f"compiler fallback: {fallback}")
         artifacts = {role: _artifact_of(compiled, role) for role, compiled in roles.items()}
         compilers = {role: str(getattr(compiled, "compiler_name", type(compiled).__name__))
                      for role, compiled in roles.items()}

@@ -2,7 +2,9 @@
 
 Registered (by :mod:`aotcache.cli`) with :func:`aotcache.cli.stats.register_stats_section` for the journal sections the cache writes
 (see NOTE [counters] in aotcache/autograd_cache/cache.py): ``autograd`` (counters), ``autograd:bypass``
-(one counter per bypass reason) and ``autograd:fingerprint_fallback`` (one per fallback reason).
+(one counter per bypass reason), ``autograd:fingerprint_fallback`` (one per fallback reason) and
+``autograd:compiler_fallback`` (one per compiler fallback, NOTE [compiler fallback] in
+aotcache/compilers/fallback.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aotcache.cli.stats import StatsSection
 
 __all__ = ["GRAPH_STATS_SECTION", "collect_graph_stats", "render_graph_stats"]
 
-_JOURNAL_PREFIX = "autograd"  # claims "autograd", "autograd:bypass", "autograd:fingerprint_fallback"
+_JOURNAL_PREFIX = "autograd"  # claims "autograd", "autograd:bypass", "autograd:*_fallback"
 
 # (label, counter, formatter) of the counter table, in display order; counters not listed are shown after.
 _ROWS: tuple[tuple[str, str, str], ...] = (
@@ -36,6 +38,7 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("fingerprint hits (no capture)", "fingerprint_hit", "count"),
     ("fingerprint misses", "fingerprint_miss", "count"),
     ("fingerprint fallbacks", "fingerprint_fallback", "count"),
+    ("compiler fallbacks (compiled by the next compiler)", "compiler_fallback", "count"),
     ("waits for another compile", "lock_wait", "count"),
     ("lock timeouts", "lock_timeout", "count"),
 )
@@ -57,8 +60,9 @@ def collect_graph_stats(sections: Mapping[str, Mapping[str, float]]) -> dict[str
         "compile_s": counters.get("compile_s", 0.0),
         "bypass_reasons": _sorted_reasons(sections.get(":bypass") or {}),
         "fingerprint_fallback_reasons": _sorted_reasons(sections.get(":fingerprint_fallback") or {}),
+        "compiler_fallback_reasons": _sorted_reasons(sections.get(":compiler_fallback") or {}),
         "other_sections": {f"{_JOURNAL_PREFIX}{name}": dict(counts) for name, counts in sorted(sections.items())
-                           if name not in ("", ":bypass", ":fingerprint_fallback")},
+                           if name not in ("", ":bypass", ":fingerprint_fallback", ":compiler_fallback")},
     }
 
 
@@ -85,7 +89,8 @@ def render_graph_stats(data: Mapping[str, Any]) -> None:
     output.print_table("Compiled-graph cache (all processes)", ("counter", "value"), rows,
                        numeric=("value",))
     for title, reasons in (("Not cached: bypass reasons", data["bypass_reasons"]),
-                           ("Fingerprint fallbacks: reasons", data["fingerprint_fallback_reasons"])):
+                           ("Fingerprint fallbacks: reasons", data["fingerprint_fallback_reasons"]),
+                           ("Compiler fallbacks: reasons", data["compiler_fallback_reasons"])):
         if reasons:
             output.print_table(title, ("reason", "count"), list(reasons.items()), numeric=("count",))
     for name, counts in data["other_sections"].items():

@@ -1,6 +1,8 @@
 """The ``aoti`` compiler: one AOTInductor shared library per graph, run through torch's AOTI runner.
 
-Loading needs neither ``torch._inductor`` nor a C++ compiler (see :mod:`aotcache.compilers.aoti_lib`).
+Loading needs neither ``torch._inductor`` nor a C++ compiler (see :mod:`aotcache.compilers.aoti_lib`). The
+artifact carries the files the library reads beside it (GPU kernel binaries AOTInductor did not embed), each
+checked against its recorded sha256 at load (NOTE [files beside the library] in ``aoti_lib``).
 
 NOTE [what the library cannot take, Python does]
 An AOTInductor library takes only tensors and returns only tensors. Around it, this module:
@@ -13,6 +15,7 @@ shapes ("dynamic"), and only dtype, device and rank are checked per call.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,11 +31,21 @@ __all__ = ["AOTICompiledGraph", "aoti_compiler", "decompositions", "load"]
 
 COMPILER_NAME = "aoti"
 _LIBRARY_BLOB = "library.so"
+_FILE_PREFIX = "file:"  # blobs of the files the library reads beside it (NOTE [files beside the library])
 
 
 def decompositions() -> dict:
     """The inductor compiler's table (Inductor's plus matmul-level LSTM layers); imports Inductor."""
     return inductor_decompositions()
+
+
+def _same_device(device: torch.device, recorded: str) -> bool:
+    """``device`` is the recorded one; an index is compared when both have one (NOTE [a library runs on its
+    own device])."""
+    wanted = torch.device(recorded)
+    if device.type != wanted.type:
+        return False
+    return wanted.index is None or device.index is None or device.index == wanted.index
 
 
 def _tensor_spec(value: torch.Tensor) -> dict[str, Any]:
@@ -47,9 +60,11 @@ class AOTICompiledGraph:
     compiler_name = COMPILER_NAME
     grad_mode_independent = True  # NOTE [Forward under grad mode] in aotcache.aot.runtime
 
-    def __init__(self, runner: Any, so_bytes: bytes, meta: dict[str, Any]) -> None:
+    def __init__(self, runner: Any, so_bytes: bytes, meta: dict[str, Any],
+                 files: dict[str, bytes] | None = None) -> None:
         self._runner = runner
         self._so_bytes = so_bytes
+        self._files = dict(files or {})
         self._meta = meta
         self._tensor_indices = [int(i) for i in meta["tensor_inputs"]]
         self._int_inputs = {int(i): int(v) for i, v in meta["int_inputs"].items()}
@@ -71,7 +86,7 @@ class AOTICompiledGraph:
         for index, spec in zip(self._tensor_indices, self._specs):
             value = args[index]
             if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") != spec["dtype"] \
-                    or value.device.type != torch.device(spec["device"]).type or value.dim() != len(spec["shape"]):
+                    or not _same_device(value.device, spec["device"]) or value.dim() != len(spec["shape"]):
                 raise ValueError(f"aoti compiled graph input {index} must be a {spec['dtype']} tensor of rank "
                                  f"{len(spec['shape'])} on {spec['device']}, got {value!r:.80}")
             if self._static and list(value.shape) != spec["shape"]:
@@ -91,8 +106,10 @@ class AOTICompiledGraph:
         return self(*args)
 
     def artifact(self) -> bytes:
-        """The library bytes plus the build identity and calling metadata (JSON)."""
-        return pack_artifact(Artifact(COMPILER_NAME, dict(self._meta), {_LIBRARY_BLOB: self._so_bytes}))
+        """The library bytes and the files beside it, plus the build identity and calling metadata (JSON)."""
+        blobs = {_LIBRARY_BLOB: self._so_bytes}
+        blobs.update({_FILE_PREFIX + name: data for name, data in sorted(self._files.items())})
+        return pack_artifact(Artifact(COMPILER_NAME, dict(self._meta), blobs))
 
 
 def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[dict[str, int], list[int], list]:
@@ -140,6 +157,21 @@ def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return int_inputs, tensor_inputs, template
 
 
+def _runner_device(tensors: Sequence[torch.Tensor]) -> str:
+    """The device the library runs on: the first CUDA input's, with its index, else ``"cpu"``.
+
+    NOTE [a library runs on its own device]: the CUDA runner launches on the device it was created for; a
+    runner for ``cuda`` (the current device) fed tensors on ``cuda:1`` would touch the wrong device. So the
+    index is recorded and the runner is created for it at load (entries of other devices have other keys:
+    input devices are key parts), and calls with tensors on another device are refused.
+    """
+    for value in tensors:
+        if value.device.type == "cuda":
+            index = value.device.index if value.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index}"
+    return "cpu"
+
+
 def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape,
                                                                                          *value.stride()))
@@ -167,14 +199,17 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     # the strides the library reads: the example strides (static), or derived from the placeholders' symbolic
     # sizes (dynamic)
     layouts = expected_layouts([placeholder_values[index] for index in tensor_inputs] if dynamic else tensors)
-    so_bytes = aoti_lib.compile_library(graph_module, tensors, options=options)
-    devices = {value.device.type for value in tensors}
-    device = "cuda" if "cuda" in devices else "cpu"
+    build = aoti_lib.build_library(graph_module, tensors, options=options)
+    device = _runner_device(tensors)
     meta = {"identity": aoti_lib.build_identity(device), "device": device, "static": not dynamic,
             "int_inputs": int_inputs, "tensor_inputs": tensor_inputs, "outputs": template,
             "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}
-    runner = aoti_lib.load_library(so_bytes, device=device)
-    return AOTICompiledGraph(runner, so_bytes, meta)
+    if build.files:
+        meta["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(build.files.items())}
+        meta["library_name"] = build.library_name
+    runner = aoti_lib.load_library(build.library, device=device, files=build.files,
+                                   library_name=build.library_name)
+    return AOTICompiledGraph(runner, build.library, meta, build.files)
 
 
 aoti_compiler.decompositions = decompositions  # type: ignore[attr-defined]
@@ -191,7 +226,12 @@ def load(artifact: Artifact) -> AOTICompiledGraph:
         identity, device = dict(meta["identity"]), str(meta["device"])
         for key in ("tensor_inputs", "int_inputs", "outputs", "input_specs", "static"):
             meta[key]  # noqa: B018 - presence check
+        library_name = str(meta.get("library_name", aoti_lib.LIBRARY_NAME))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"aoti artifact is incomplete: {exc}") from exc
-    runner = aoti_lib.load_library(so_bytes, device=device, identity=identity)
-    return AOTICompiledGraph(runner, so_bytes, meta)
+    files = {name[len(_FILE_PREFIX):]: data for name, data in artifact.blobs.items() if name.startswith(_FILE_PREFIX)}
+    if files or "files" in meta:  # NOTE [files beside the library]: every recorded file, each as recorded
+        aoti_lib.verify_side_files(files, meta.get("files"))
+    runner = aoti_lib.load_library(so_bytes, device=device, identity=identity, files=files,
+                                   library_name=library_name)
+    return AOTICompiledGraph(runner, so_bytes, meta, files)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,14 @@ from aotcache.compilers.base import ArtifactError
 
 __all__ = [
     "AOTIRunner",
+    "LibraryBuild",
+    "LIBRARY_NAME",
+    "KERNEL_BINARY_SUFFIXES",
+    "build_library",
+    "side_files",
+    "check_side_file_name",
+    "verify_side_files",
+    "bundle_digest",
     "compile_library",
     "load_library",
     "library_path",
@@ -60,6 +70,22 @@ _SELF_CONTAINED_OPTIONS = {
 }
 # Embeds GPU kernel binaries (cubins) in the .so instead of writing them next to it (torch >= 2.8).
 _GPU_EMBED_OPTION = "aot_inductor.embed_kernel_binary"
+# The library's file name in the build dir and beside its side files (AOTInductor's proxy-executor metadata
+# is found as "<library stem>.json").
+LIBRARY_NAME = "graph.so"
+# Kernel binaries AOTInductor writes beside a library that does not embed them: CUDA cubins / fatbins, ROCm
+# code objects, XPU SPIR-V.
+KERNEL_BINARY_SUFFIXES = (".cubin", ".fatbin", ".hsaco", ".spv", ".bin")
+
+# NOTE [files beside the library]
+# For GPU graphs AOTInductor writes each Triton kernel's binary (``<hash>.cubin``) next to the library. A
+# library built with ``aot_inductor.embed_kernel_binary`` (set where this torch has it) holds them itself and
+# does not name the files; otherwise it loads each by file name from the directory its runner is given
+# (``cubin_dir``; the absolute build path of the temp dir is gone by then). So an artifact carries every such
+# file the library may read: kernel binaries (all of them unless embedding was on and the library does not
+# name the file) and ``<library stem>.json`` (extern-kernel metadata its runner reads when present). Each is
+# recorded with its sha256 and checked at load; the library and its files are written to one directory named
+# by the digest of all their bytes, and the CUDA runner gets that directory as ``cubin_dir``.
 
 # NOTE [vector ISA = level + extensions]
 # Inductor names the ISA it builds for by a level and the extensions its compiler flags enable:
@@ -287,14 +313,28 @@ def _check_graph_io(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> 
                              "library returns only tensors (return None/ints from Python around it)")
 
 
-def compile_library(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
-                    options: dict[str, Any] | None = None) -> bytes:
-    """Compile ``gm`` (ATen graph, tensor inputs and outputs) into one AOTInductor ``.so``; return its bytes.
+@dataclass(frozen=True)
+class LibraryBuild:
+    """What AOTInductor built for one graph: the library and the files it reads beside it at run time.
 
-    ``options`` are ``torch._inductor.config`` overrides. Constants are embedded in the library.
+    ``files`` maps a file name (no directory) to its bytes; see NOTE [files beside the library].
+    """
+
+    library: bytes
+    files: dict[str, bytes] = field(default_factory=dict)
+    library_name: str = LIBRARY_NAME
+
+
+def build_library(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                  options: dict[str, Any] | None = None) -> LibraryBuild:
+    """Compile ``gm`` (ATen graph, tensor inputs and outputs) with AOTInductor: the library plus the files it
+    loads beside it (GPU kernel binaries AOTInductor did not embed; NOTE [files beside the library]).
+
+    ``options`` are ``torch._inductor.config`` overrides. Constants are embedded in the library; GPU kernel
+    binaries too where this torch can (``aot_inductor.embed_kernel_binary``).
 
     :raises ValueError: a non-tensor graph input or output.
-    :raises RuntimeError: Inductor did not produce a single shared library.
+    :raises RuntimeError: Inductor did not produce a shared library.
     """
     import torch._inductor
     from torch._inductor import config as inductor_config
@@ -303,11 +343,13 @@ def compile_library(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     device_types = {value.device.type for value in example_inputs if isinstance(value, torch.Tensor)}
     build_options = dict(options or {})
     build_options.update(_SELF_CONTAINED_OPTIONS)
-    if device_types - {"cpu"} and _has_inductor_option(inductor_config, _GPU_EMBED_OPTION):
-        build_options[_GPU_EMBED_OPTION] = True
+    embedded = bool(device_types - {"cpu"}) and _has_inductor_option(inductor_config, _GPU_EMBED_OPTION)
+    if embedded:
+        build_options.setdefault(_GPU_EMBED_OPTION, True)
+        embedded = bool(build_options[_GPU_EMBED_OPTION])
     graph_module = copy_graph_module(gm)
     with tempfile.TemporaryDirectory(prefix="aotcache-aoti-") as workdir:
-        build_options["aot_inductor.output_path"] = os.path.join(workdir, "graph.so")
+        build_options["aot_inductor.output_path"] = os.path.join(workdir, LIBRARY_NAME)
         with _fake_mode_accepting_constants(graph_module):
             placeholders_have_values = any("val" in node.meta for node in graph_module.graph.nodes
                                            if node.op == "placeholder")
@@ -318,12 +360,41 @@ def compile_library(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
             raise RuntimeError(f"torch._inductor.aot_compile returned {type(result).__name__}, expected the path "
                                "of one shared library (is aot_inductor.package forced on?)")
         so_path = Path(result)
-        side_files = [path.name for path in so_path.parent.iterdir()
-                      if path.suffix in (".cubin", ".hsaco", ".spv", ".bin") and path.is_file()]
-        if side_files:
-            raise RuntimeError(f"AOTInductor wrote kernel binaries next to the library ({side_files[:3]}); "
-                               f"this torch cannot embed them ({_GPU_EMBED_OPTION}), so the .so is not portable")
-        return so_path.read_bytes()
+        library = so_path.read_bytes()
+        return LibraryBuild(library, side_files(so_path, library, embedded=embedded), so_path.name)
+
+
+def side_files(so_path: Path, library: bytes, *, embedded: bool) -> dict[str, bytes]:
+    """The files beside ``so_path`` that the library reads at run time (NOTE [files beside the library]).
+
+    ``embedded``: the build asked AOTInductor to embed kernel binaries; those it did embed are left out.
+    """
+    found: dict[str, bytes] = {}
+    for path in sorted(so_path.parent.iterdir()):
+        if not path.is_file() or path == so_path:
+            continue
+        if path.suffix in KERNEL_BINARY_SUFFIXES:
+            if embedded and path.name.encode() not in library:
+                continue  # embedded: the library does not name the file, it holds its bytes
+        elif path.name != so_path.stem + ".json":
+            continue
+        found[path.name] = path.read_bytes()
+    return found
+
+
+def compile_library(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
+                    options: dict[str, Any] | None = None) -> bytes:
+    """Compile ``gm`` into one self-contained AOTInductor ``.so`` and return its bytes (the per-op kernel
+    cache's form, which stores single files); :func:`build_library` also returns the files beside it.
+
+    :raises ValueError: a non-tensor graph input or output.
+    :raises RuntimeError: Inductor did not produce a single self-contained library.
+    """
+    build = build_library(gm, example_inputs, options=options)
+    if build.files:
+        raise RuntimeError(f"AOTInductor wrote files the library reads beside it ({sorted(build.files)[:3]}); "
+                           "this caller stores single libraries only (use build_library)")
+    return build.library
 
 
 def _has_inductor_option(inductor_config: Any, dotted: str) -> bool:
@@ -340,54 +411,118 @@ def _has_inductor_option(inductor_config: Any, dotted: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The content-addressed path of a library: ``<cache_dir>/aoti_libs/<sha256>.so``, written if absent.
+def _write_verified(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Make ``path`` hold exactly ``data``: kept when it does, else written to a temp file and renamed in place
+    (NOTE [content-addressed libraries])."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _libraries_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))) / "aoti_libs"
+
+
+def check_side_file_name(name: str) -> None:
+    """:raises ArtifactError: ``name`` is not a plain file name of a kind a library reads beside it."""
+    if not name or name != Path(name).name or name in (".", "..") or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise ArtifactError(f"AOTInductor side file name {name!r} is not a plain file name")
+    if Path(name).suffix not in KERNEL_BINARY_SUFFIXES and Path(name).suffix != ".json":
+        raise ArtifactError(f"AOTInductor side file {name!r} is not a kernel binary or library metadata")
+
+
+def bundle_digest(so_bytes: bytes, files: dict[str, str], library_name: str = LIBRARY_NAME) -> str:
+    """The content address of a library and its side files (``files``: name -> sha256 of the bytes)."""
+    record = json.dumps({"library": hashlib.sha256(so_bytes).hexdigest(), "name": library_name, "files": files},
+                        sort_keys=True).encode()
+    return hashlib.sha256(record).hexdigest()
+
+
+def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None, *,
+                 files: dict[str, bytes] | None = None, library_name: str = LIBRARY_NAME) -> Path:
+    """The content-addressed path of a library, written if absent: ``<cache_dir>/aoti_libs/<sha256>.so``, or
+    with side ``files`` ``<cache_dir>/aoti_libs/<bundle digest>/<library_name>`` with the files beside it.
 
     NOTE [content-addressed libraries]
     dlopen needs a file. The name is the bytes' sha256, so a file that exists and holds exactly these bytes
     is reused (compared byte for byte: cheaper than hashing it again on the warm path; the OS also keeps one
     mapping per path), and a new one is written to a temp file and renamed into place, so readers never see
     a partial library and a concurrent writer only replaces it with equal bytes. No fsync: the file is
-    derived data, and one damaged by a crash fails the comparison and is written again.
+    derived data, and one damaged by a crash fails the comparison and is written again. A library with side
+    files gets a directory named by the digest of all their contents, so each file keeps the name the
+    library looks for (NOTE [files beside the library]); every file is checked and rewritten the same way.
+
+    :raises ArtifactError: a side file name that is not a plain kernel-binary or metadata file name.
     """
-    digest = hashlib.sha256(so_bytes).hexdigest()
-    directory = Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))
-    directory = directory / "aoti_libs"
-    path = directory / f"{digest}.so"
-    with contextlib.suppress(OSError):
-        if path.stat().st_size == len(so_bytes) and path.read_bytes() == so_bytes:
-            return path
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(so_bytes)
-        os.chmod(tmp_name, 0o755)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    directory = _libraries_dir(cache_dir)
+    if not files:
+        path = directory / f"{hashlib.sha256(so_bytes).hexdigest()}.so"
+        _write_verified(path, so_bytes, 0o755)
+        return path
+    if library_name != Path(library_name).name or not library_name.endswith(".so") or library_name.startswith("."):
+        raise ArtifactError(f"AOTInductor library name {library_name!r} is not a plain .so file name")
+    for name in files:
+        check_side_file_name(name)
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+    bundle = directory / bundle_digest(so_bytes, digests, library_name)
+    for name, data in sorted(files.items()):
+        _write_verified(bundle / name, data)
+    path = bundle / library_name
+    _write_verified(path, so_bytes, 0o755)
     return path
+
+
+def verify_side_files(files: dict[str, bytes], digests: Any) -> None:
+    """Check side files against the sha256 recorded at build time (``digests``: name -> hex digest).
+
+    :raises ArtifactError: a file missing, extra, or not matching its digest (a corrupt or partial artifact).
+    """
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise ArtifactError("AOTInductor artifact has malformed side-file digests")
+    missing = sorted(set(digests) - set(files))
+    extra = sorted(set(files) - set(digests))
+    if missing or extra:
+        raise ArtifactError(f"AOTInductor artifact side files do not match its record (missing {missing}, "
+                            f"unrecorded {extra})")
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != digests[name]:
+            raise ArtifactError(f"AOTInductor side file {name!r} does not match its sha256 (corrupt artifact)")
 
 
 def load_library(so_bytes: bytes, *, device: str | torch.device = "cpu",
                  cache_dir: str | os.PathLike | None = None,
-                 identity: dict[str, Any] | None = None) -> AOTIRunner:
+                 identity: dict[str, Any] | None = None, files: dict[str, bytes] | None = None,
+                 library_name: str = LIBRARY_NAME) -> AOTIRunner:
     """Load library bytes with torch's AOTI runner (no Inductor import, no compiler); ``runner.run(list)``.
 
     ``identity``: the :func:`build_identity` stored with the bytes; when given it is checked first.
+    ``files``: side files restored beside the library (NOTE [files beside the library]); a CUDA runner is
+    told to look for kernel binaries in that directory.
 
     :raises ArtifactError: ``identity`` does not match this host, or the runner cannot load the library.
     """
     if identity is not None:
         check_identity(identity, device)
-    path = library_path(so_bytes, cache_dir)
+    path = library_path(so_bytes, cache_dir, files=files, library_name=library_name)
     target = torch.device(device)
     try:
         if target.type == "cpu":
             return torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
         if target.type == "cuda":
+            if files:
+                return torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, str(target), str(path.parent))
             return torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, str(target))
     except (RuntimeError, AttributeError) as exc:
         raise ArtifactError(f"cannot load AOTInductor library {path.name}: {exc}") from exc
@@ -396,5 +531,4 @@ def load_library(so_bytes: bytes, *, device: str | torch.device = "cpu",
 
 def remove_library_dir(cache_dir: str | os.PathLike | None = None) -> None:
     """Delete every materialized library file (they are re-written from artifacts on the next load)."""
-    directory = (Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))) / "aoti_libs"
-    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(_libraries_dir(cache_dir), ignore_errors=True)

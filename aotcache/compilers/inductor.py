@@ -12,7 +12,7 @@ cache dir (``TORCHINDUCTOR_CACHE_DIR``); ``load`` writes the carried libraries t
 before importing the wrapper, so on a host with the same torch install the wrapper finds them and compiles
 nothing. On a host whose command differs (another ISA, include path or compiler flags) the paths differ and
 Inductor recompiles the kernels from the source in the wrapper -- slower, still correct. GPU (Triton)
-kernels are not carried: they are recompiled through Triton's own cache on load.
+kernels are carried too: NOTE [inductor artifacts carry Triton kernels] in ``triton_kernels.py``.
 
 Loading imports ``torch._inductor`` (about 1.3 s here) and needs a working C++ compiler on PATH even when
 nothing is compiled: Inductor runs it to build the command line that names the kernel libraries. The
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from aotcache.compilers import aoti_lib
+from aotcache.compilers import aoti_lib, triton_kernels
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
 from aotcache.compilers.input_layout import conform_inputs, expected_layouts
@@ -62,8 +62,10 @@ class InductorCompiledGraph:
 
     def __init__(self, call: Callable[[list], Sequence[Any]], *, source: str, constants: dict[str, torch.Tensor],
                  kernels: dict[str, bytes], inputs_to_check: Sequence[int], identity: dict[str, Any],
-                 input_layouts: Sequence[dict[str, list[int]] | None]) -> None:
+                 input_layouts: Sequence[dict[str, list[int]] | None],
+                 triton: triton_kernels.TritonKernels | None = None) -> None:
         self._call = call
+        self._triton = triton or triton_kernels.TritonKernels()  # GPU kernels carried in the artifact
         self.source = source
         self._constants = constants
         self._kernels = kernels
@@ -100,6 +102,9 @@ class InductorCompiledGraph:
         meta = {"identity": self._identity, "inputs_to_check": self._inputs_to_check,
                 "constants": sorted(self._constants), "kernels": sorted(self._kernels),
                 "input_layouts": self._input_layouts}
+        if self._triton:
+            meta["triton"], triton_blobs = triton_kernels.to_artifact(self._triton)
+            blobs.update(triton_blobs)
         return pack_artifact(Artifact(COMPILER_NAME, meta, blobs))
 
 
@@ -217,8 +222,10 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _keep_traced_output_strides(graph_module)
     fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
     patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, **(options or {})}
+    on_gpu = any(isinstance(value, torch.Tensor) and value.device.type in ("cuda", "xpu") for value in fake_inputs)
     with inductor_config.patch(patches), V.set_fake_mode(fake_mode), tracing(TracingContext(fake_mode)), \
-            TracingContext.report_output_strides() as reported_strides:
+            TracingContext.report_output_strides() as reported_strides, \
+            triton_kernels.collecting(enabled=on_gpu) as triton:
         compiled = compile_fx_inner(graph_module, fake_inputs)
     source = getattr(compiled, "source_code", None)
     call = getattr(compiled, "current_callable", None)
@@ -234,7 +241,7 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     identity["vec_isa"] = aoti_lib.inductor_vec_isa()
     result = InductorCompiledGraph(call, source=source, constants=constants, kernels=_kernel_libraries(call),
                                    inputs_to_check=list(getattr(compiled, "inputs_to_check", ()) or ()),
-                                   identity=identity, input_layouts=expected_layouts(fake_inputs))
+                                   identity=identity, input_layouts=expected_layouts(fake_inputs), triton=triton)
     result.output_strides = _int_strides(reported_strides)
     return result
 
@@ -285,6 +292,7 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
             constants = torch.load(io.BytesIO(blobs[_CONSTANTS_BLOB]), weights_only=True)
     except (KeyError, UnicodeDecodeError, RuntimeError, EOFError) as exc:
         raise ArtifactError(f"inductor artifact is incomplete: {exc}") from exc
+    triton = triton_kernels.from_artifact(meta.get("triton"), blobs)  # checked before anything is written
     from torch._inductor.codecache import PyCodeCache
 
     root = _inductor_cache_dir()
@@ -298,11 +306,13 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
     # hosts that have them, so a first load there needs a C++ compiler.
     same_cpu = identity.get("cpu_capability") == here.get("cpu_capability") and \
         identity.get("machine") == here.get("machine")
-    patches = {"cpp.vec_isa_ok": True} if same_cpu else {}
+    patches: dict[str, Any] = {"cpp.vec_isa_ok": True} if same_cpu else {}
+    if triton_kernels.restore(triton):
+        patches["compile_threads"] = 1  # cache hits in this process: no compile worker pool to start
     with inductor_config.patch(patches):
         key, path = PyCodeCache.write(source)
         module = PyCodeCache.load_by_key_path(key, path, attrs=dict(constants))
     sys.modules.setdefault(module.__name__, module)
     return InductorCompiledGraph(module.call, source=source, constants=constants, kernels=kernels,
                                  inputs_to_check=[int(i) for i in meta.get("inputs_to_check", [])],
-                                 identity=identity, input_layouts=_layouts_from_meta(meta))
+                                 identity=identity, input_layouts=_layouts_from_meta(meta), triton=triton)
