@@ -178,8 +178,17 @@ _register("compress_min_bytes", parse_bytes, 1024 * 1024,
           "Values at least this large are zstd-compressed in disk and Redis entries. 0 = never compress.",
           "a byte count")
 _register("lock_timeout", _parse_float, 600.0,
-          "How long a process waits for another process compiling the same key before compiling itself.",
+          "How long a process waits for one live holder compiling the same key before compiling itself.",
           "seconds, e.g. 600")
+_register("lock_lease", _parse_float, 5.0,
+          "Lease of the cross-machine (Redis) compile lock, in seconds: a holder renews it while it compiles, "
+          "so a holder that dies is replaced within this time.", "seconds, e.g. 5")
+_register("redis_chunk_bytes", parse_bytes, 4 * 1024 * 1024,
+          "Redis entries larger than this are stored in chunks of this size under a manifest written last.",
+          "a byte count such as 4MiB")
+_register("job_id", _parse_optional_str, None,
+          "Id of the job this process belongs to, for per-job counters in `aotcache stats`; unset = "
+          "TORCHELASTIC_RUN_ID (set by torchrun), else none.", "any string")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

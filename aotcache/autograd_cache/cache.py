@@ -63,6 +63,7 @@ __all__ = [
     "default_cache",
     "resolve_cache",
     "entry_store_key",
+    "entry_group",
     "read_journal_counters",
     "explain_last_miss",
 ]
@@ -77,7 +78,13 @@ _LAST_MISS_FILE = "last_miss.json"
 
 def entry_store_key(digest: str, slot: int) -> str:
     """The store key of slot ``slot`` of key ``digest`` (a plain string: readable in listings)."""
-    return f"{_STORE_KEY_PREFIX}{digest}/{slot}"
+    return f"{entry_group(digest)}/{slot}"
+
+
+def entry_group(digest: str) -> str:
+    """The store-key group of every slot of ``digest``: a Redis Cluster keeps the group and its compile lock on
+    one node (NOTE [hash tags] in :mod:`aotcache.store.redis`)."""
+    return f"{_STORE_KEY_PREFIX}{digest}"
 
 
 def _parse_store_key(text: str) -> tuple[str, int] | None:
@@ -428,11 +435,20 @@ class AOTAutogradCache:
         result = self.try_load(key, flat_args)
         if result.hit:
             return self.record_hit(result)
-        with self.flight.hold(key.digest, config.get("lock_timeout")) as ticket:
+        def saved_meanwhile() -> LoadResult | None:
+            found = self.try_load(key, flat_args)
+            return found if found.hit else None
+
+        # NOTE [waiters probe, they do not queue] in singleflight.py: a waiter loads the entry as soon as the
+        # holder saves it, without taking the lock; only compiling is serialized.
+        with self.flight.hold(key.digest, config.get("lock_timeout"), ready=saved_meanwhile,
+                              group=entry_group(key.digest)) as ticket:
             if ticket.waited:
-                self.count(lock_wait=1)
+                self.count(lock_wait=1, lock_wait_s=ticket.waited_s)
             if ticket.timed_out:
                 self.count(lock_timeout=1)
+            if ticket.found is not None:
+                return self.record_hit(ticket.found)
             result = self.try_load(key, flat_args)  # another process may have saved it while we waited
             if result.hit:
                 return self.record_hit(result)
