@@ -284,6 +284,13 @@ class SingleFlight:
         blocker: tuple[int, Any] | None = None
         deadline = time.monotonic() + timeout
         while True:
+            if ticket.waited and ready is not None:  # probe before trying the lock again: a saved entry wins
+                found = ready()
+                if found is not None:
+                    ticket.found = found
+                    ticket.held = False
+                    locks.close()
+                    return
             while index < len(levels):
                 level = levels[index]
                 outcome = level.attempt()
@@ -303,13 +310,6 @@ class SingleFlight:
                 blocker = seen
                 ticket.holders += 1
                 deadline = time.monotonic() + timeout
-            if ready is not None:
-                found = ready()
-                if found is not None:
-                    ticket.found = found
-                    ticket.held = False
-                    locks.close()
-                    return
             if time.monotonic() >= deadline:
                 self._timed_out(ticket, name, level.kind, timeout)
                 return
