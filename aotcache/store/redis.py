@@ -198,6 +198,7 @@ class RedisCache(AsyncCache[Any, Any]):
     """
 
     name = "redis"
+    remote = True  # a TieredCache with a FetchGate fetches from it once per machine (NOTE [per-machine fan-out])
 
     def __init__(self, url: str | None = None, *, prefix: str = DEFAULT_PREFIX, timeout: float | None = None,
                  ttl: int | None = None, secret: str | bytes | None = None,
@@ -332,6 +333,12 @@ class RedisCache(AsyncCache[Any, Any]):
     # ------------------------------------------------------------------------------------------------
     # Cache contract
     # ------------------------------------------------------------------------------------------------
+
+    def contains(self, key: Any) -> bool | None:
+        """Whether ``key`` has an entry (one ``EXISTS``; no value is read); None when Redis failed."""
+        name = self.entry_name(key)
+        found = self._run("exists", lambda client: client.exists(name))
+        return None if found is _SKIPPED or found is _FAILED else bool(found)
 
     def get(self, key: Any) -> Any | None:
         """The value for ``key``, or None on a miss or a fault.
