@@ -92,6 +92,16 @@ def _parse_optional_str(text: str) -> str | None:
     return text or None
 
 
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+
+
+def _parse_job_id(text: str) -> str | None:
+    text = text.strip()
+    if text and not JOB_ID_PATTERN.match(text):
+        raise ValueError("1-128 letters, digits or . _ : @ + -, starting with a letter or digit (e.g. train-42)")
+    return text or None
+
+
 def _parse_path(text: str) -> Path:
     text = text.strip()
     if not text:
@@ -186,9 +196,9 @@ _register("lock_lease", _parse_float, 5.0,
 _register("redis_chunk_bytes", parse_bytes, 4 * 1024 * 1024,
           "Redis entries larger than this are stored in chunks of this size under a manifest written last.",
           "a byte count such as 4MiB")
-_register("job_id", _parse_optional_str, None,
+_register("job_id", _parse_job_id, None,
           "Id of the job this process belongs to, for per-job counters in `aotcache stats`; unset = "
-          "TORCHELASTIC_RUN_ID (set by torchrun), else none.", "any string")
+          "TORCHELASTIC_RUN_ID (set by torchrun), else none.", "a name such as train-42")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

@@ -244,8 +244,11 @@ if hasattr(os, "register_at_fork"):
 def current_job_id() -> str | None:
     """The job this process belongs to: config ``job_id`` (AOTCACHE_JOB_ID), else ``TORCHELASTIC_RUN_ID``
     (which torchrun sets to one value for every rank of a job), else None (no per-job counters)."""
-    job = config.get("job_id") or os.environ.get("TORCHELASTIC_RUN_ID") or None
-    return job.strip()[:128] or None if job else None
+    job = config.get("job_id")
+    if job is None:  # torchrun's id is outside our control: keep the characters a job id may hold
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        job = "".join(char for char in run_id if char.isalnum() or char in "._:@+-")[:128] or None
+    return job
 
 
 def default_journal_path() -> Path:
