@@ -610,8 +610,9 @@ class RedisCache(AsyncCache[Any, Any]):
     def ping(self) -> bool:
         """True if Redis answers now (ignores and does not change the back-off)."""
         try:
-            return bool(self._client.ping())
-        except redis_py.exceptions.RedisError:
+            client = self._client if self._client is not None else self._connect_cluster()
+            return bool(client.ping())
+        except (redis_py.exceptions.RedisError, redis_py.exceptions.RedisClusterException):
             return False
 
     def describe(self) -> dict[str, Any]:

@@ -215,7 +215,8 @@ json.dump({"out": out.item(), "grad": w.grad.sum().item(), "end": time.time(), *
 
 
 @pytest.mark.redis
-def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once(tmp_path, redis_server):
+@pytest.mark.parametrize("store", ["redis_server", "redis_cluster"])
+def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once(tmp_path, store, request):
     """kill -9 of the compiling rank: one survivor compiles after the lease runs out (5 s), the others load.
 
     The survivors' lock timeout (12 s) is shorter than their whole wait (the dead holder's 6+ s, its lease,
@@ -223,8 +224,10 @@ def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once
     the holder]), so nobody gives up and compiles a second time.
     """
 
+    redis_url = request.getfixturevalue(store).url  # one server, or a 3-node Redis Cluster
+
     def start(name: str, compile_s: float) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AOTCACHE_REDIS_URL": redis_server.url,
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AOTCACHE_REDIS_URL": redis_url,
                "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "12", "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json")}
         return subprocess.Popen([sys.executable, "-c", RANK],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
