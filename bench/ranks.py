@@ -351,17 +351,24 @@ def main() -> None:
                                                                    None, workdir, args.threads)
                             print(store, compiler, ranks, "torch_compile", run["jobs"]["torch_compile"], flush=True)
                         results["runs"].append(run)
+                        _save(results)
                 redis.flush()
                 dead_dir = Path(tmp) / f"{store}-dead"
                 dead_dir.mkdir()
                 results["runs"].append({"store": store, "dead_holder": run_dead_holder(
                     redis.url, dead_dir, args.threads, args.dead_holder_sleep)})
                 print(store, "dead_holder", results["runs"][-1]["dead_holder"], flush=True)
+                _save(results)
             finally:
                 redis.stop()
+    _save(results)
+    print_table(results)
+
+
+def _save(results: dict[str, Any]) -> None:
+    """Write what is measured so far (a long run that fails late keeps its earlier jobs)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
 
 
 def print_table(results: dict[str, Any]) -> None:
