@@ -375,6 +375,7 @@ class RedisCache(AsyncCache[Any, Any]):
                     self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(stored))
                     self._run("delete", lambda client: self._delete_if_unchanged(
                         keys=[name], args=[hashlib.sha1(stored).hexdigest()], client=client))
+                    self._discard(self._manifest_chunks(name, stored))
                     handle_fault(f"redis:corrupt:{blob}",
                                  f"rejected a chunked Redis entry ({blob}) at {self.where} key {name}; deleted it")
                     return Lookup(LookupStatus.ERROR, tier=self.name, error=f"rejected entry: {blob}")
@@ -385,6 +386,7 @@ class RedisCache(AsyncCache[Any, Any]):
                 self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(blob))
                 self._run("delete", lambda client: self._delete_if_unchanged(
                     keys=[name], args=[hashlib.sha1(stored).hexdigest()], client=client))
+                self._discard(self._manifest_chunks(name, stored))
                 handle_fault(f"redis:corrupt:{exc.reason}",
                              f"rejected a Redis entry ({exc.reason}) at {self.where} key {name}; deleted it", exc)
                 return Lookup(LookupStatus.ERROR, tier=self.name, error=f"rejected entry: {exc}")
@@ -491,11 +493,11 @@ class RedisCache(AsyncCache[Any, Any]):
         return True
 
     def _discard(self, names: list[str]) -> None:
-        self._run("discard chunks", lambda client: client.delete(*names))
+        if names:
+            self._run("discard chunks", lambda client: client.delete(*names))
 
-    def _chunks_of(self, client: Any, name: str | bytes) -> list[str]:
-        """The chunk keys of the entry at ``name`` (none for a plain entry or a missing one)."""
-        value = client.get(name)
+    def _manifest_chunks(self, name: str | bytes, value: bytes | None) -> list[str]:
+        """The chunk keys named by ``value`` if it is a manifest (none for a plain entry or a malformed one)."""
         if not value or not value.startswith(_MANIFEST_MAGIC):
             return []
         try:
@@ -504,6 +506,10 @@ class RedisCache(AsyncCache[Any, Any]):
             return self._chunk_names(name, info["upload"], len(info["sizes"]))
         except (ValueError, KeyError, TypeError):
             return []
+
+    def _chunks_of(self, client: Any, name: str | bytes) -> list[str]:
+        """The chunk keys of the entry at ``name`` (none for a plain entry or a missing one)."""
+        return self._manifest_chunks(name, client.get(name))
 
     def delete(self, key: Any) -> bool:
         """Remove ``key``'s entry (with its chunks); True if one was removed.

@@ -82,7 +82,7 @@ def test_a_missing_chunk_is_a_counted_miss_and_the_manifest_is_deleted(redis_ser
     raw.delete(_chunk_keys(raw, cache)[3])  # what an LRU eviction of one chunk does
     assert cache.get("k") is None
     assert cache.stats.corrupt == 1 and cache.stats.errors == 1
-    assert raw.exists(cache.entry_name("k")) == 0
+    assert raw.exists(cache.entry_name("k")) == 0 and _chunk_keys(raw, cache) == []  # nothing left behind
     assert cache.insert("k", b"again" * 100_000) is True and cache.get("k") == b"again" * 100_000
 
 
