@@ -15,7 +15,9 @@ Per job: compiles (summed over ranks), the spread between the first and last ran
 Then ``dead_holder``: plain processes (not torchrun: torchrun would tear the job down) on their own cache
 dirs; the first one's compiler hangs, three survivors start, the holder is killed with SIGKILL, and the
 delay until a survivor starts compiling is reported with the survivors' compile count.
-``--cluster`` repeats everything with a 3-node Redis Cluster (``redis+cluster://``).
+``--cluster`` repeats everything with a 3-node Redis Cluster (``redis+cluster://``). ``--large`` measures a
+100 MB entry on a server started with ``--proto-max-bulk-len 32mb``: insert time, N concurrent reader
+processes' aggregate throughput, a small-GET client's latency meanwhile (idle vs busy), Redis memory.
 
 Goals: compiles per job = distinct graphs of one process (2 here: forward and backward); the cold job's
 spread <= one load (the single warm step); warm job's slowest step <= single warm + 0.5 s; a dead holder
@@ -254,6 +256,73 @@ def run_job(name: str, ranks: int, mode: str, compiler: str, redis_url: str, wor
     }
 
 
+LARGE_READER = """
+import sys, time
+from aotcache.store.redis import RedisCache
+cache = RedisCache(sys.argv[1], prefix="large", timeout=30)
+start_at, rounds = float(sys.argv[2]), int(sys.argv[3])
+while time.time() < start_at:
+    time.sleep(0.005)
+started, size = time.time(), 0
+for _ in range(rounds):
+    size += len(cache.get("aot/large/0"))
+print(size, time.time() - started, flush=True)
+"""
+
+
+def run_large(workdir: Path, readers: int, size_mb: int = 100) -> dict[str, Any]:
+    """A chunked ``size_mb`` entry on a server capped at 32 MB per request, read by ``readers`` processes."""
+    import statistics
+
+    from aotcache.store.redis import RedisCache
+
+    server = _Server(workdir / "large", "--proto-max-bulk-len", "32mb")
+    url = f"redis://127.0.0.1:{server.port}/0"
+    try:
+        value = os.urandom(size_mb * 1024 * 1024)
+        cache = RedisCache(url, prefix="large", timeout=30)
+        started = time.perf_counter()
+        stored = cache.insert("aot/large/0", value)
+        insert_s = time.perf_counter() - started
+        probe = RedisCache(url, prefix="probe")
+        probe.insert("small", b"s")
+
+        def latencies(seconds: float) -> list[float]:
+            found, end = [], time.monotonic() + seconds
+            while time.monotonic() < end:
+                began = time.perf_counter()
+                probe.get("small")
+                found.append(time.perf_counter() - began)
+                time.sleep(0.002)
+            return found
+
+        idle = latencies(2.0)
+        start_at = time.time() + 3
+        procs = [subprocess.Popen([sys.executable, "-c", LARGE_READER, url, str(start_at), "3"],
+                                  env=_env(None, 1), stdout=subprocess.PIPE, text=True) for _ in range(readers)]
+        time.sleep(max(0.0, start_at - time.time()))
+        busy: list[float] = []
+        while any(proc.poll() is None for proc in procs):
+            busy.extend(latencies(0.5))
+        outs = [proc.communicate()[0].split() for proc in procs]
+        total = sum(int(out[0]) for out in outs)
+        wall = max(float(out[1]) for out in outs)
+
+        def pct(values: list[float], q: float) -> float:
+            return round(1000 * sorted(values)[min(len(values) - 1, int(q * len(values)))], 2)
+
+        return {"size_mb": size_mb, "stored": stored, "insert_s": round(insert_s, 2), "readers": readers,
+                "read_mb_per_s": round(total / wall / 2**20, 1), "reads": 3 * readers,
+                "probe_idle_ms_p50": pct(idle, 0.5), "probe_idle_ms_p99": pct(idle, 0.99),
+                "probe_busy_ms_p50": pct(busy, 0.5), "probe_busy_ms_p99": pct(busy, 0.99),
+                "probe_busy_ms_max": round(1000 * max(busy), 2), "probe_busy_samples": len(busy),
+                "probe_errors": probe.stats.errors, "probe_mean_ms": round(1000 * statistics.mean(busy), 2),
+                "redis_used_memory": int(next(line.split(":")[1] for line in server.command(
+                    "info", "memory").splitlines() if line.startswith("used_memory:")))}
+    finally:
+        server.stop()
+
+
 def run_dead_holder(redis_url: str, workdir: Path, threads: int, compile_sleep: float) -> dict[str, Any]:
     """Kill -9 the compiling process; how soon a survivor compiles, and how many compile."""
     env = _env(redis_url, threads)
@@ -313,6 +382,8 @@ def main() -> None:
     parser.add_argument("--dead-holder-sleep", type=float, default=2.0,
                         help="seconds the survivors' compiler sleeps per graph in the dead-holder run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--large", default="", help="reader counts for the 100 MB entry run, e.g. 1,4,8")
+    parser.add_argument("--skip-jobs", action="store_true", help="only the --large run")
     parser.add_argument("--rank-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--holder-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="aotcache", help=argparse.SUPPRESS)
@@ -328,8 +399,14 @@ def main() -> None:
         raise SystemExit("redis-server is not installed: run `bash scripts/setup.sh`")
     results: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                "cpus": os.cpu_count(), "threads": args.threads, "runs": []}
-    stores = [("redis", 1)] + ([("cluster3", 3)] if args.cluster else [])
+    stores = [] if args.skip_jobs else [("redis", 1)] + ([("cluster3", 3)] if args.cluster else [])
+    if args.skip_jobs and RESULTS.exists():  # keep the jobs of an earlier run
+        results["runs"] = [run for run in json.loads(RESULTS.read_text()).get("runs", []) if "large" not in run]
     with tempfile.TemporaryDirectory(prefix="aotcache-ranks-") as tmp:
+        for readers in [int(n) for n in args.large.split(",") if n]:
+            results["runs"].append({"store": "redis-capped-32mb", "large": run_large(Path(tmp) / f"l{readers}", readers)})
+            print("large", results["runs"][-1]["large"], flush=True)
+            _save(results)
         for store, nodes in stores:
             redis = Redis(Path(tmp) / store, nodes)
             try:
@@ -375,6 +452,13 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'store':9} {'compiler':8} {'ranks':>5} {'job':13} {'compiles':>8} {'spread s':>8} "
           f"{'slowest s':>9} {'fetched':>10} {'wait s':>7}")
     for run in results["runs"]:
+        if "large" in run:
+            large = run["large"]
+            print(f"{run['store']:9} {large['size_mb']} MB entry, {large['readers']} readers: "
+                  f"{large['read_mb_per_s']} MB/s in all; small GET p50/p99 {large['probe_idle_ms_p50']}/"
+                  f"{large['probe_idle_ms_p99']} ms idle, {large['probe_busy_ms_p50']}/{large['probe_busy_ms_p99']} "
+                  f"ms busy (max {large['probe_busy_ms_max']}); Redis {large['redis_used_memory'] / 2**20:.0f} MiB")
+            continue
         if "dead_holder" in run:
             dead = run["dead_holder"]
             print(f"{run['store']:9} dead holder: replaced after {dead.get('replaced_after_s')} s, survivors compiled "
