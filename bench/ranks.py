@@ -270,17 +270,18 @@ print(size, time.time() - started, flush=True)
 """
 
 
-def run_large(workdir: Path, readers: int, size_mb: int = 100) -> dict[str, Any]:
-    """A chunked ``size_mb`` entry on a server capped at 32 MB per request, read by ``readers`` processes."""
+def run_large(workdir: Path, readers: int, size_mb: int = 100, whole: bool = False) -> dict[str, Any]:
+    """A chunked ``size_mb`` entry on a server capped at 32 MB per request, read by ``readers`` processes;
+    ``whole``: the same entry as one value on an uncapped server (the layout before chunking), for comparison."""
     import statistics
 
     from aotcache.store.redis import RedisCache
 
-    server = _Server(workdir / "large", "--proto-max-bulk-len", "32mb")
+    server = _Server(workdir / "large", *(() if whole else ("--proto-max-bulk-len", "32mb")))
     url = f"redis://127.0.0.1:{server.port}/0"
     try:
         value = os.urandom(size_mb * 1024 * 1024)
-        cache = RedisCache(url, prefix="large", timeout=30)
+        cache = RedisCache(url, prefix="large", timeout=30, chunk_bytes=2 * len(value) if whole else None)
         started = time.perf_counter()
         stored = cache.insert("aot/large/0", value)
         insert_s = time.perf_counter() - started
@@ -311,7 +312,7 @@ def run_large(workdir: Path, readers: int, size_mb: int = 100) -> dict[str, Any]
         def pct(values: list[float], q: float) -> float:
             return round(1000 * sorted(values)[min(len(values) - 1, int(q * len(values)))], 2)
 
-        return {"size_mb": size_mb, "stored": stored, "insert_s": round(insert_s, 2), "readers": readers,
+        return {"size_mb": size_mb, "layout": "whole" if whole else "chunked", "stored": stored, "insert_s": round(insert_s, 2), "readers": readers,
                 "read_mb_per_s": round(total / wall / 2**20, 1), "reads": 3 * readers,
                 "probe_idle_ms_p50": pct(idle, 0.5), "probe_idle_ms_p99": pct(idle, 0.99),
                 "probe_busy_ms_p50": pct(busy, 0.5), "probe_busy_ms_p99": pct(busy, 0.99),
@@ -404,9 +405,12 @@ def main() -> None:
         results["runs"] = [run for run in json.loads(RESULTS.read_text()).get("runs", []) if "large" not in run]
     with tempfile.TemporaryDirectory(prefix="aotcache-ranks-") as tmp:
         for readers in [int(n) for n in args.large.split(",") if n]:
-            results["runs"].append({"store": "redis-capped-32mb", "large": run_large(Path(tmp) / f"l{readers}", readers)})
-            print("large", results["runs"][-1]["large"], flush=True)
-            _save(results)
+            for whole in (False, True):
+                store = "redis-whole" if whole else "redis-capped-32mb"
+                results["runs"].append({"store": store, "large": run_large(Path(tmp) / f"l{readers}{whole}", readers,
+                                                                           whole=whole)})
+                print("large", store, results["runs"][-1]["large"], flush=True)
+                _save(results)
         for store, nodes in stores:
             redis = Redis(Path(tmp) / store, nodes)
             try:
@@ -454,7 +458,7 @@ def print_table(results: dict[str, Any]) -> None:
     for run in results["runs"]:
         if "large" in run:
             large = run["large"]
-            print(f"{run['store']:9} {large['size_mb']} MB entry, {large['readers']} readers: "
+            print(f"{run['store']:17} {large['size_mb']} MB entry, {large['readers']} readers: "
                   f"{large['read_mb_per_s']} MB/s in all; small GET p50/p99 {large['probe_idle_ms_p50']}/"
                   f"{large['probe_idle_ms_p99']} ms idle, {large['probe_busy_ms_p50']}/{large['probe_busy_ms_p99']} "
                   f"ms busy (max {large['probe_busy_ms_max']}); Redis {large['redis_used_memory'] / 2**20:.0f} MiB")
