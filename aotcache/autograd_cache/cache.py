@@ -263,11 +263,13 @@ class AOTAutogradCache:
     # Loading
     # ------------------------------------------------------------------------------------------------
 
-    def try_load(self, key: CacheKey, flat_args: Sequence[Any] | None = None) -> LoadResult:
+    def try_load(self, key: CacheKey, flat_args: Sequence[Any] | None = None, *,
+                 count_store_errors: bool = True) -> LoadResult:
         """Find an entry of ``key`` whose guards hold for ``flat_args`` and rebuild its runtime.
 
         ``flat_args`` are the runtime's flat arguments (graph inputs are picked by the entry's metadata);
-        None skips guard checks (only valid for entries without guards). Counts nothing but faults.
+        None skips guard checks (only valid for entries without guards). Counts nothing but faults
+        (``count_store_errors=False``: not even tier faults, for a waiter that probes every 50 ms).
 
         :raises aotcache.logs.CacheFault: a fault, in strict mode only.
         """
@@ -276,7 +278,8 @@ class AOTAutogradCache:
             store_key = entry_store_key(key.digest, slot)
             lookup = self.tiers.lookup(store_key)
             if lookup.status is LookupStatus.ERROR:
-                self.count(store_error=1)
+                if count_store_errors:
+                    self.count(store_error=1)
                 continue  # this slot is unreadable now; later slots may still be fine
             if not lookup.hit:
                 break
@@ -459,7 +462,7 @@ class AOTAutogradCache:
         if result.hit:
             return self.record_hit(result)
         def saved_meanwhile() -> LoadResult | None:
-            found = self.try_load(key, flat_args)
+            found = self.try_load(key, flat_args, count_store_errors=False)  # the first try_load counted them
             return found if found.hit else None
 
         # NOTE [waiters probe, they do not queue] in singleflight.py: a waiter loads the entry as soon as the
