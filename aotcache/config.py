@@ -169,7 +169,8 @@ _register("max_bytes", parse_bytes, 10 * 1024**3,
           "Size bound of the disk tier; least recently used entries are evicted past it. 0 = unbounded.",
           "a byte count such as 10GiB")
 _register("redis_url", _parse_optional_str, None,
-          "URL of the shared Redis tier (e.g. redis://host:6379/0); unset = no Redis tier.", "a redis:// URL")
+          "URL of the shared Redis tier (e.g. redis://host:6379/0, or redis+cluster://host:6379 for a Redis "
+          "Cluster); unset = no Redis tier.", "a redis:// or redis+cluster:// URL")
 _register("redis_timeout", _parse_float, 0.25,
           "Connect and command timeout for Redis, in seconds.", "seconds, e.g. 0.25")
 _register("redis_ttl", _parse_int, 0,

@@ -236,6 +236,13 @@ class RedisCache(AsyncCache[Any, Any]):
         self._chunk_prefix = f"{prefix}:chunk:v{frame.FRAME_VERSION}:"
         self.cluster = urlsplit(url).scheme in CLUSTER_SCHEMES
         if self.cluster:
+            try:
+                port = urlsplit(url).port
+            except ValueError:
+                port = None
+            if not urlsplit(url).hostname or port is None:
+                raise CacheError(f"invalid Redis Cluster URL {self.where!r}: give one node as host:port; "
+                                 "set AOTCACHE_REDIS_URL=redis+cluster://host:6379")
             self._pool = None
             self._cluster_client: Any = None
             self._cluster_guard = threading.Lock()

@@ -184,3 +184,11 @@ def test_a_cluster_that_is_down_at_start_is_a_miss_not_a_crash():
     cache = RedisCache(f"redis+cluster://127.0.0.1:{free_port()}", prefix="aotcache:aot")
     assert cache.get("k") is None and cache.insert("k", b"v") is False
     assert cache.stats.errors >= 1
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster://host-without-port"])
+def test_a_cluster_url_without_a_node_is_a_clear_error(url):
+    from aotcache.store.interface import CacheError
+
+    with pytest.raises(CacheError, match="AOTCACHE_REDIS_URL=redis\\+cluster://host:6379"):
+        RedisCache(url, prefix="p")
