@@ -312,7 +312,8 @@ def run_large(workdir: Path, readers: int, size_mb: int = 100, whole: bool = Fal
         def pct(values: list[float], q: float) -> float:
             return round(1000 * sorted(values)[min(len(values) - 1, int(q * len(values)))], 2)
 
-        return {"size_mb": size_mb, "layout": "whole" if whole else "chunked", "stored": stored, "insert_s": round(insert_s, 2), "readers": readers,
+        return {"size_mb": size_mb, "layout": "whole" if whole else "chunked", "stored": stored,
+                "insert_s": round(insert_s, 2), "readers": readers,
                 "read_mb_per_s": round(total / wall / 2**20, 1), "reads": 3 * readers,
                 "probe_idle_ms_p50": pct(idle, 0.5), "probe_idle_ms_p99": pct(idle, 0.99),
                 "probe_busy_ms_p50": pct(busy, 0.5), "probe_busy_ms_p99": pct(busy, 0.99),

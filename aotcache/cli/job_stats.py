@@ -7,7 +7,6 @@ aotcache/autograd_cache/cache.py); the job id is AOTCACHE_JOB_ID, else torchrun'
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import click
 

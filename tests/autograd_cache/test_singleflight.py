@@ -220,15 +220,16 @@ def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once
     """kill -9 of the compiling rank: one survivor compiles after the lease runs out (5 s), the others load.
 
     The survivors' lock timeout (12 s) is shorter than their whole wait (the dead holder's 6+ s, its lease,
-    then the new holder's 8 s compile of forward and backward): it bounds the wait for one live holder (NOTE [the timeout follows
-    the holder]), so nobody gives up and compiles a second time.
+    then the new holder's 8 s compile of forward and backward): it bounds the wait for one live holder
+    (NOTE [the timeout follows the holder]), so nobody gives up and compiles a second time.
     """
 
     redis_url = request.getfixturevalue(store).url  # one server, or a 3-node Redis Cluster
 
     def start(name: str, compile_s: float) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AOTCACHE_REDIS_URL": redis_url,
-               "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "12", "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json")}
+               "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "12",
+               "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json")}
         return subprocess.Popen([sys.executable, "-c", RANK],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
