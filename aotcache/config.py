@@ -92,6 +92,16 @@ def _parse_optional_str(text: str) -> str | None:
     return text or None
 
 
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+
+
+def _parse_job_id(text: str) -> str | None:
+    text = text.strip()
+    if text and not JOB_ID_PATTERN.match(text):
+        raise ValueError("1-128 letters, digits or . _ : @ + -, starting with a letter or digit (e.g. train-42)")
+    return text or None
+
+
 def _parse_path(text: str) -> Path:
     text = text.strip()
     if not text:
@@ -159,7 +169,8 @@ _register("max_bytes", parse_bytes, 10 * 1024**3,
           "Size bound of the disk tier; least recently used entries are evicted past it. 0 = unbounded.",
           "a byte count such as 10GiB")
 _register("redis_url", _parse_optional_str, None,
-          "URL of the shared Redis tier (e.g. redis://host:6379/0); unset = no Redis tier.", "a redis:// URL")
+          "URL of the shared Redis tier (e.g. redis://host:6379/0, or redis+cluster://host:6379 for a Redis "
+          "Cluster); unset = no Redis tier.", "a redis:// or redis+cluster:// URL")
 _register("redis_timeout", _parse_float, 0.25,
           "Connect and command timeout for Redis, in seconds.", "seconds, e.g. 0.25")
 _register("redis_ttl", _parse_int, 0,
@@ -178,8 +189,17 @@ _register("compress_min_bytes", parse_bytes, 1024 * 1024,
           "Values at least this large are zstd-compressed in disk and Redis entries. 0 = never compress.",
           "a byte count")
 _register("lock_timeout", _parse_float, 600.0,
-          "How long a process waits for another process compiling the same key before compiling itself.",
+          "How long a process waits for one live holder compiling the same key before compiling itself.",
           "seconds, e.g. 600")
+_register("lock_lease", _parse_float, 5.0,
+          "Lease of the cross-machine (Redis) compile lock, in seconds: a holder renews it while it compiles, "
+          "so a holder that dies is replaced within this time.", "seconds, e.g. 5")
+_register("redis_chunk_bytes", parse_bytes, 4 * 1024 * 1024,
+          "Redis entries larger than this are stored in chunks of this size under a manifest written last.",
+          "a byte count such as 4MiB")
+_register("job_id", _parse_job_id, None,
+          "Id of the job this process belongs to, for per-job counters in `aotcache stats`; unset = "
+          "TORCHELASTIC_RUN_ID (set by torchrun), else none.", "a name such as train-42")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

@@ -35,12 +35,13 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server process on 127.0.0.1; ``stop()`` kills it, ``start()`` brings it back."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `bash scripts/setup.sh` (installs it from Debian)")
         self.binary = binary
         self.workdir = workdir
+        self.extra_args = tuple(extra_args)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -51,7 +52,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--dir", str(self.workdir), "--protected-mode", "yes", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -94,6 +95,58 @@ def redis_server(redis_server_session):
     yield redis_server_session
     if redis_server_session.proc is None or redis_server_session.proc.poll() is not None:
         redis_server_session.start()
+
+
+class RedisClusterServers:
+    """A real 3-node Redis Cluster (masters only) on free loopback ports; ``kill(i)`` kills node ``i``."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        if shutil.which("redis-cli") is None:
+            pytest.fail("redis-cli is not installed: run `bash scripts/setup.sh` (installs it from Debian)")
+        self.servers = []
+        for index in range(nodes):
+            node_dir = workdir / f"node{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            self.servers.append(RedisServer(node_dir, (
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-port", str(free_port()),  # the bus port: port + 10000 may be taken or out of range
+                "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no")))
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = subprocess.run(["redis-cli", "-p", str(self.servers[0].port), "cluster", "info"],
+                                  capture_output=True, text=True, timeout=10).stdout
+            if "cluster_state:ok" in info:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def kill(self, index: int) -> None:
+        self.servers[index].stop()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path_factory):
+    """A fresh 3-node Redis Cluster per test (tests kill nodes)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: float = 600, check: bool = True

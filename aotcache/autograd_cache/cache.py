@@ -22,7 +22,13 @@ Each cache counts, per process, in ``counters`` and in the stats journal section
 ``"autograd:bypass"`` per reason), so that ``aotcache stats`` shows totals over all processes:
 ``hit``, ``miss``, ``guard_miss``, ``bypass``, ``load_error``, ``store_error``, ``saved``, ``not_saved``,
 ``compile`` (compiles done through the cache), ``compile_s``, ``time_saved_s`` (recorded compile seconds of
-the entries hit), ``lock_wait`` and ``lock_timeout``.
+the entries hit), ``lock_wait``, ``lock_wait_s`` (seconds waited for another process's compile) and
+``lock_timeout``; ``remote_hit`` and ``bytes_fetched`` count hits served by a remote tier (Redis).
+
+NOTE [job counters]
+When the process belongs to a job (:func:`aotcache.store.journal.current_job_id`: AOTCACHE_JOB_ID, else
+torchrun's TORCHELASTIC_RUN_ID), the counters of ``_JOB_FIELDS`` are also added to the journal section
+``job:<job id>``, so ``aotcache stats`` shows what each job compiled, fetched, waited and saved.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ __all__ = [
     "default_cache",
     "resolve_cache",
     "entry_store_key",
+    "entry_group",
     "read_journal_counters",
     "explain_last_miss",
 ]
@@ -73,12 +80,19 @@ MAX_SLOTS = 8
 JOURNAL_SECTION = "autograd"
 BYPASS_SECTION = "autograd:bypass"
 _STORE_KEY_PREFIX = "aot/"
+_JOB_FIELDS = ("compile", "compile_s", "hit", "remote_hit", "bytes_fetched", "lock_wait_s", "time_saved_s")
 _LAST_MISS_FILE = "last_miss.json"
 
 
 def entry_store_key(digest: str, slot: int) -> str:
     """The store key of slot ``slot`` of key ``digest`` (a plain string: readable in listings)."""
-    return f"{_STORE_KEY_PREFIX}{digest}/{slot}"
+    return f"{entry_group(digest)}/{slot}"
+
+
+def entry_group(digest: str) -> str:
+    """The store-key group of every slot of ``digest``: a Redis Cluster keeps the group and its compile lock on
+    one node (NOTE [hash tags] in :mod:`aotcache.store.redis`)."""
+    return f"{_STORE_KEY_PREFIX}{digest}"
 
 
 def _parse_store_key(text: str) -> tuple[str, int] | None:
@@ -109,6 +123,7 @@ class LoadResult:
     slot: int | None = None
     tier: str | None = None
     detail: str = ""
+    size: int = 0  # bytes of the stored entry
 
     @property
     def hit(self) -> bool:
@@ -182,6 +197,9 @@ class AOTAutogradCache:
         self.bypass_reasons: Counter[str] = Counter()
         self.last_miss: CacheKey | None = None
         self._lock = threading.Lock()
+        from aotcache.store.journal import current_job_id
+
+        self.job_id = current_job_id()
 
     def __repr__(self) -> str:
         return f"AOTAutogradCache(namespace={self.namespace!r}, tiers={list(self.tiers.labels)})"
@@ -190,6 +208,12 @@ class AOTAutogradCache:
     def enabled(self) -> bool:
         """False when there is no tier to read or write (e.g. AOTCACHE_ENABLED=0)."""
         return bool(self.tiers.tiers)
+
+    def _is_remote(self, label: str) -> bool:
+        for tier_label, tier in zip(self.tiers.labels, self.tiers.tiers):
+            if tier_label == label:
+                return bool(getattr(tier, "remote", False))
+        return False
 
     def _redis_tier(self) -> Any | None:
         for tier in self.tiers.tiers:
@@ -211,6 +235,11 @@ class AOTAutogradCache:
             self.counters.update(deltas)
         if self.journal is not None:
             self.journal.add(JOURNAL_SECTION, deltas)
+            job = {name: value for name, value in deltas.items() if name in _JOB_FIELDS}
+            if self.job_id is not None and job:  # NOTE [job counters]
+                from aotcache.store.journal import JOB_SECTION_PREFIX
+
+                self.journal.add(JOB_SECTION_PREFIX + self.job_id, job)
 
     def count_bypass(self, reason: str) -> None:
         """Count a graph that was not cached (``reason`` from :class:`BypassAOTAutogradCache`)."""
@@ -227,18 +256,21 @@ class AOTAutogradCache:
         with self._lock:
             return {**{name: self.counters.get(name, 0) for name in (
                 "hit", "miss", "guard_miss", "bypass", "load_error", "store_error", "saved", "not_saved",
-                "compile", "compile_s", "time_saved_s", "lock_wait", "lock_timeout")},
+                "compile", "compile_s", "time_saved_s", "lock_wait", "lock_wait_s", "lock_timeout", "remote_hit",
+                "bytes_fetched")},
                 "bypass_reasons": dict(self.bypass_reasons)}
 
     # ------------------------------------------------------------------------------------------------
     # Loading
     # ------------------------------------------------------------------------------------------------
 
-    def try_load(self, key: CacheKey, flat_args: Sequence[Any] | None = None) -> LoadResult:
+    def try_load(self, key: CacheKey, flat_args: Sequence[Any] | None = None, *,
+                 count_store_errors: bool = True) -> LoadResult:
         """Find an entry of ``key`` whose guards hold for ``flat_args`` and rebuild its runtime.
 
         ``flat_args`` are the runtime's flat arguments (graph inputs are picked by the entry's metadata);
-        None skips guard checks (only valid for entries without guards). Counts nothing but faults.
+        None skips guard checks (only valid for entries without guards). Counts nothing but faults
+        (``count_store_errors=False``: not even tier faults, for a waiter that probes every 50 ms).
 
         :raises aotcache.logs.CacheFault: a fault, in strict mode only.
         """
@@ -247,7 +279,8 @@ class AOTAutogradCache:
             store_key = entry_store_key(key.digest, slot)
             lookup = self.tiers.lookup(store_key)
             if lookup.status is LookupStatus.ERROR:
-                self.count(store_error=1)
+                if count_store_errors:
+                    self.count(store_error=1)
                 continue  # this slot is unreadable now; later slots may still be fine
             if not lookup.hit:
                 break
@@ -264,7 +297,7 @@ class AOTAutogradCache:
                 # NOTE [faults are misses]: whatever made this entry unusable, it is deleted and recompiled.
                 self._bad_entry(store_key, exc)
                 continue
-            return LoadResult("hit", runtime, entry, slot, lookup.tier)
+            return LoadResult("hit", runtime, entry, slot, lookup.tier, size=len(lookup.value))
         return LoadResult("guard_miss" if found_any else "miss")
 
     def _decode(self, value: Any, key: CacheKey) -> CacheEntry:
@@ -433,11 +466,20 @@ class AOTAutogradCache:
         result = self.try_load(key, flat_args)
         if result.hit:
             return self.record_hit(result)
-        with self.flight.hold(key.digest, config.get("lock_timeout")) as ticket:
+        def saved_meanwhile() -> LoadResult | None:
+            found = self.try_load(key, flat_args, count_store_errors=False)  # the first try_load counted them
+            return found if found.hit else None
+
+        # NOTE [waiters probe, they do not queue] in singleflight.py: a waiter loads the entry as soon as the
+        # holder saves it, without taking the lock; only compiling is serialized.
+        with self.flight.hold(key.digest, config.get("lock_timeout"), ready=saved_meanwhile,
+                              group=entry_group(key.digest)) as ticket:
             if ticket.waited:
-                self.count(lock_wait=1)
+                self.count(lock_wait=1, lock_wait_s=ticket.waited_s)
             if ticket.timed_out:
                 self.count(lock_timeout=1)
+            if ticket.found is not None:
+                return self.record_hit(ticket.found)
             result = self.try_load(key, flat_args)  # another process may have saved it while we waited
             if result.hit:
                 return self.record_hit(result)
@@ -454,7 +496,9 @@ class AOTAutogradCache:
         """
         if not result.hit or result.entry is None or result.runtime is None:
             raise ValueError(f"record_hit needs a hit from try_load, got status {result.status!r}")
-        self.count(hit=1, time_saved_s=result.entry.compile_seconds)
+        remote = result.tier is not None and self._is_remote(result.tier)
+        self.count(hit=1, time_saved_s=result.entry.compile_seconds, remote_hit=int(remote),
+                   bytes_fetched=result.size if remote else 0)
         logger.debug("aotcache: hit %s slot %s from %s", result.entry.digest[:16], result.slot, result.tier)
         return result.runtime
 

@@ -16,6 +16,7 @@ from aotcache.cli.bundles import export_cmd, import_cmd
 from aotcache.cli.eager import eager
 from aotcache.cli.graph_stats import GRAPH_STATS_SECTION
 from aotcache.cli.graphs import explain, graphs, show
+from aotcache.cli.job_stats import JOB_STATS_SECTION
 from aotcache.cli.info import info
 from aotcache.cli.maintenance import clear, ls, prune
 from aotcache.cli.stats import register_stats_section, stats
@@ -25,6 +26,7 @@ __all__ = ["cli", "main"]
 for _command in (info, stats, ls, prune, clear, graphs, show, explain, export_cmd, import_cmd, eager):
     cli.add_command(_command)
 register_stats_section(GRAPH_STATS_SECTION)
+register_stats_section(JOB_STATS_SECTION)
 
 
 def main(args: list[str] | None = None) -> None:

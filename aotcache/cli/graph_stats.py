@@ -39,7 +39,10 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("fingerprint misses", "fingerprint_miss", "count"),
     ("fingerprint fallbacks", "fingerprint_fallback", "count"),
     ("compiler fallbacks (compiled by the next compiler)", "compiler_fallback", "count"),
+    ("hits from a remote tier (Redis)", "remote_hit", "count"),
+    ("bytes fetched from a remote tier", "bytes_fetched", "bytes"),
     ("waits for another compile", "lock_wait", "count"),
+    ("time waited for another compile", "lock_wait_s", "seconds"),
     ("lock timeouts", "lock_timeout", "count"),
 )
 
@@ -71,6 +74,8 @@ def _format(kind: str, value: Any) -> str:
         return "-" if value is None else f"{value:.0%}"
     if kind == "seconds":
         return f"{float(value or 0.0):.3f} s"
+    if kind == "bytes":
+        return output.format_bytes(value or 0)
     return str(int(value or 0))
 
 

@@ -69,29 +69,41 @@ def open_disk_tiers(namespaces: Sequence[str] | None = None, *, max_bytes: int |
 
 
 def redis_namespaces(url: str) -> list[str]:
-    """Namespaces holding entries in the Redis at ``url`` (keys ``aotcache:<namespace>:v<F>:<digest>``).
+    """Namespaces holding entries in the Redis at ``url`` (keys ``aotcache:<namespace>:v<F>:{<tag>}:<digest>``).
 
     :raises CacheError: Redis is unreachable.
     """
+    from urllib.parse import urlsplit
+
     import redis as redis_py
 
     from aotcache.store import frame
     from aotcache.store.interface import CacheError
+    from aotcache.store.redis import CLUSTER_SCHEMES
 
     suffix = f":v{frame.FRAME_VERSION}:"
     timeout = config.get("redis_timeout")
-    client = redis_py.Redis.from_url(url, socket_timeout=max(timeout, 1.0), socket_connect_timeout=timeout)
     found: set[str] = set()
+    client = None
     try:
+        if urlsplit(url).scheme in CLUSTER_SCHEMES:  # redis+cluster://host:port: scan every node
+            from redis.cluster import RedisCluster
+
+            scheme, _, rest = url.partition("+cluster")
+            client = RedisCluster.from_url(scheme + rest, socket_timeout=max(timeout, 1.0),
+                                           socket_connect_timeout=timeout)
+        else:
+            client = redis_py.Redis.from_url(url, socket_timeout=max(timeout, 1.0), socket_connect_timeout=timeout)
         for name in client.scan_iter(match=f"aotcache:*{suffix}*", count=1000):
             parts = name.decode("utf-8", errors="replace").split(":")
-            if len(parts) == 4 and _NAMESPACE_RE.match(parts[1]):
+            if len(parts) == 5 and parts[3].startswith("{") and _NAMESPACE_RE.match(parts[1]):
                 found.add(parts[1])
-    except redis_py.exceptions.RedisError as exc:
+    except (redis_py.exceptions.RedisError, redis_py.exceptions.RedisClusterException) as exc:
         raise CacheError(f"cannot list Redis at {_redacted(url)}: {exc} (is the server running? "
                          "check AOTCACHE_REDIS_URL or --redis-url)") from exc
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return sorted(found)
 
 

@@ -98,7 +98,15 @@ def open_tiers(tiers: str | Sequence[str] | None = None, *, namespace: str = "de
                 built.append(tier)
     else:
         logger.debug("aotcache: the cache is disabled (AOTCACHE_ENABLED=0); no tiers are opened")
-    cache = TieredCache(built, write_policy=write_policy)
+    gate = None
+    if any(tier.name == "disk" for tier in built) and any(getattr(tier, "remote", False) for tier in built):
+        from pathlib import Path
+
+        from aotcache.store.fanout import FetchGate
+
+        # NOTE [per-machine fan-out]: processes sharing this cache dir download a remote entry once
+        gate = FetchGate(Path(config.get("cache_dir")) / "locks" / namespace / "fetch")
+    cache = TieredCache(built, write_policy=write_policy, fetch_gate=gate)
     if journal is not None:
         cache.attach_journal(journal)
     return cache

@@ -30,9 +30,11 @@ from aotcache import config
 from aotcache.logs import CacheFault, handle_fault, log_once, logger
 from aotcache.store.interface import CacheError
 
-__all__ = ["StatsJournal", "JOURNAL_FILE_NAME", "default_journal_path", "default_journal"]
+__all__ = ["StatsJournal", "JOURNAL_FILE_NAME", "JOB_SECTION_PREFIX", "default_journal_path", "default_journal",
+           "current_job_id"]
 
 JOURNAL_FILE_NAME = "stats.json"
+JOB_SECTION_PREFIX = "job:"  # per-job counters: section "job:<job id>" (see current_job_id)
 _FORMAT = "aotcache-stats"
 _VERSION = 1
 
@@ -237,6 +239,16 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_job_id() -> str | None:
+    """The job this process belongs to: config ``job_id`` (AOTCACHE_JOB_ID), else ``TORCHELASTIC_RUN_ID``
+    (which torchrun sets to one value for every rank of a job), else None (no per-job counters)."""
+    job = config.get("job_id")
+    if job is None:  # torchrun's id is outside our control: keep the characters a job id may hold
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        job = "".join(char for char in run_id if char.isalnum() or char in "._:@+-")[:128] or None
+    return job
 
 
 def default_journal_path() -> Path:

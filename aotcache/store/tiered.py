@@ -5,6 +5,8 @@ the faster tiers it passed (backfill). An insert is written through to every wri
 (Redis down, disk full, permission denied, a bug in a tier) is a fault: counted, logged once through
 :func:`aotcache.logs.handle_fault`, and a miss for that tier; the other tiers keep working.
 ``ReadOnly(cache)`` makes a tier readable but never written (e.g. a shared Redis filled only by CI).
+With a :class:`~aotcache.store.fanout.FetchGate`, the processes of one machine fetch a remote entry once
+(NOTE [per-machine fan-out] in :mod:`aotcache.store.fanout`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from aotcache.store.interface import (
     LookupStatus,
     TierStats,
     encode_key,
+    key_digest,
 )
 
 if TYPE_CHECKING:
+    from aotcache.store.fanout import FetchGate
     from aotcache.store.journal import StatsJournal
 
 __all__ = ["TieredCache", "ReadOnly", "WRITE_POLICIES"]
@@ -62,6 +66,7 @@ class ReadOnly(Cache[Any, Any]):
         self.inner = cache
         self.name = cache.name
         self.stats = cache.stats
+        self.remote = getattr(cache, "remote", False)
         self._rejected = Counter[str]()
         self._lock = threading.Lock()
 
@@ -77,6 +82,11 @@ class ReadOnly(Cache[Any, Any]):
     def lookup(self, key: Any) -> Lookup[Any]:
         """The wrapped tier's lookup."""
         return self.inner.lookup(key)
+
+    def contains(self, key: Any) -> bool | None:
+        """The wrapped tier's ``contains`` (None when it has none)."""
+        contains = getattr(self.inner, "contains", None)
+        return contains(key) if callable(contains) else None
 
     def insert(self, key: Any, value: Any) -> bool:
         """Store nothing; False (counted in ``rejected_inserts``).
@@ -189,7 +199,7 @@ class TieredCache(AsyncCache[Any, Any]):
     name = "tiered"
 
     def __init__(self, tiers: Sequence[Cache[Any, Any]], *, write_policy: str = "all",
-                 backfill: bool = True) -> None:
+                 backfill: bool = True, fetch_gate: FetchGate | None = None) -> None:
         super().__init__()
         if write_policy not in WRITE_POLICIES:
             raise CacheError(f"unknown write_policy {write_policy!r}; use one of {', '.join(WRITE_POLICIES)}")
@@ -200,6 +210,7 @@ class TieredCache(AsyncCache[Any, Any]):
         self.labels: tuple[str, ...] = _unique_labels(self.tiers)
         self.write_policy = write_policy
         self.backfill = backfill
+        self.fetch_gate = fetch_gate
         self._counters = _TierCounters(self.labels, self.tiers)
         self._measured = self._counters.measured
 
@@ -256,6 +267,12 @@ class TieredCache(AsyncCache[Any, Any]):
         started = time.perf_counter()
         faults: list[str] = []
         for index, (label, tier) in enumerate(zip(self.labels, self.tiers)):
+            if index and self.fetch_gate is not None and getattr(tier, "remote", False):
+                gated = self._gated_lookup(index, key, faults)
+                if gated is not None:
+                    self.stats.add(hits=1, get_seconds=time.perf_counter() - started)
+                    return gated
+                continue
             measured = self._measured[label]
             tier_started = time.perf_counter()
             result = self._call_tier(label, tier, "get", lambda tier=tier: tier.lookup(key))
@@ -278,6 +295,47 @@ class TieredCache(AsyncCache[Any, Any]):
         if faults:
             return Lookup(LookupStatus.ERROR, error="; ".join(faults))
         return Lookup(LookupStatus.MISS)
+
+    def _ask(self, index: int, key: Any, faults: list[str], *, count_miss: bool = True) -> Lookup[Any] | None:
+        """Look ``key`` up in tier ``index`` (counted); the hit after backfilling faster tiers, else None."""
+        label, tier = self.labels[index], self.tiers[index]
+        measured = self._measured[label]
+        tier_started = time.perf_counter()
+        result = self._call_tier(label, tier, "get", lambda: tier.lookup(key))
+        measured.add(get_seconds=time.perf_counter() - tier_started)
+        if result is _FAILED:
+            measured.add(misses=1)
+            faults.append(f"{label}: raised")
+            return None
+        assert isinstance(result, Lookup)
+        if result.hit:
+            measured.add(hits=1)
+            if self.backfill:
+                self._backfill(index, key, result.value)
+            return Lookup(LookupStatus.HIT, result.value, tier=label)
+        if count_miss:
+            measured.add(misses=1)
+        if result.status is LookupStatus.ERROR:
+            faults.append(f"{label}: {result.error}")
+        return None
+
+    def _gated_lookup(self, index: int, key: Any, faults: list[str]) -> Lookup[Any] | None:
+        """NOTE [per-machine fan-out]: ask remote tier ``index`` under the machine's fetch lock of ``key``."""
+        label, tier = self.labels[index], self.tiers[index]
+        contains = getattr(tier, "contains", None)
+        present = self._call_tier(label, tier, "get", lambda: contains(key)) if callable(contains) else None
+        if present is False:
+            self._measured[label].add(misses=1)
+            return None
+        assert self.fetch_gate is not None
+        with self.fetch_gate.hold(key_digest(key)):
+            for earlier in range(index):  # another process of this machine may have fetched it meanwhile
+                if getattr(self.tiers[earlier], "remote", False):
+                    continue
+                found = self._ask(earlier, key, [], count_miss=False)  # its miss was counted already
+                if found is not None:
+                    return found
+            return self._ask(index, key, faults)
 
     def _backfill(self, hit_index: int, key: Any, value: Any) -> None:
         """Copy a value found in tier ``hit_index`` into the writable tiers before it."""

@@ -212,3 +212,25 @@ def test_live_lock_holder_times_out_then_compiles_anyway(cache):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_a_waiter_probing_with_redis_down_counts_its_store_errors_once(cache):
+    """A waiter probes every 50 ms; with Redis down each probe's tier fault is not counted again."""
+    from tests.conftest import free_port
+
+    with config.patch(redis_url=f"redis://127.0.0.1:{free_port()}/0"):
+        down = AOTAutogradCache(open_tiers("disk,redis", namespace="aot"), journal=False)
+    digest = _key_digest_of_body(down)
+    down.counters.clear()
+    unhindered = call(down)["store_error"]  # a compile with nobody holding the lock
+    down.clear()
+    down.counters.clear()
+    holder = _start_holder(down.lock_dir, digest)
+    try:
+        with config.patch(lock_timeout=1.0):  # about 20 probes, each missing in Redis (down)
+            stats = call(down)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert stats["lock_timeout"] == 1 and stats["compile"] == 1
+    assert stats["store_error"] == unhindered > 0  # the ~20 probes while waiting added none

@@ -138,3 +138,129 @@ def test_redis_lock_across_machines_and_dead_holder_expires(redis_server):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# A waiter on another "machine" (its own lock dir, one shared Redis): waits for the entry (a marker file here),
+# then "loads" it for 1 s outside every lock, and records when.
+PROBING_WAITER = """
+import json, sys, time
+from pathlib import Path
+from aotcache.store.redis import RedisCache
+from aotcache.autograd_cache.singleflight import SingleFlight
+lock_dir, url, marker, out = sys.argv[1:5]
+flight = SingleFlight(lock_dir, RedisCache(url, prefix="aotcache:aot"))
+print("waiting", flush=True)
+with flight.hold("digest", 120, ready=lambda: "entry" if Path(marker).exists() else None) as ticket:
+    pass
+start = time.time()
+time.sleep(1.0)
+json.dump({"found": ticket.found, "held": ticket.held, "waited": ticket.waited, "start": start,
+           "end": time.time()}, open(out, "w"))
+"""
+
+
+@pytest.mark.redis
+def test_waiters_load_at_once_not_one_at_a_time(tmp_path, redis_server):
+    from aotcache.store.redis import RedisCache
+
+    holder = SingleFlight(tmp_path / "holder-locks", RedisCache(redis_server.url, prefix="aotcache:aot"))
+    marker = tmp_path / "saved"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    # two waiters share one machine's lock dir (file lock level), two have their own (Redis level only)
+    lock_dirs = [tmp_path / "m1", tmp_path / "m1", tmp_path / "m2", tmp_path / "m3"]
+    with holder.hold("digest", 5) as ticket:
+        assert ticket.held
+        procs = [subprocess.Popen([sys.executable, "-c", PROBING_WAITER, str(lock_dir), redis_server.url,
+                                   str(marker), str(tmp_path / f"{i}.json")], env=env, stdout=subprocess.PIPE,
+                                  text=True) for i, lock_dir in enumerate(lock_dirs)]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(1.0)  # every waiter is polling now
+        marker.write_text("saved")  # the holder saves, then releases its locks
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(4)]
+    assert all(r["found"] == "entry" and not r["held"] and r["waited"] for r in results), results
+    # every load ran while every other one was running: none waited for another's load to finish
+    assert max(r["start"] for r in results) < min(r["end"] for r in results), results
+
+
+# A rank of a job on its own machine (own cache dir, one shared Redis): traces a function and compiles it with a
+# slow compiler that writes when it starts. The first rank's compiler never finishes (it is killed).
+RANK = """
+import json, os, sys, time
+import torch
+from aotcache.aot import aot_function
+from aotcache.autograd_cache.cache import default_cache
+from aotcache.compilers.nop import nop_compiler
+
+out_path = os.environ["RANK_OUT"]
+
+def slow_compiler(gm, example_inputs):
+    with open(os.environ["RANK_OUT"] + ".compiling", "a") as f:  # env, not globals: one compiler identity
+        f.write(f"{time.time()}\\n")
+    time.sleep(float(os.environ["RANK_COMPILE_S"]))
+    return nop_compiler(gm, example_inputs)
+
+def body(x, w):
+    return (x @ w).tanh().sum()
+
+x, w = torch.ones(4, 3), torch.full((3, 2), 0.25, requires_grad=True)
+print("ready", flush=True)
+out = aot_function(body, slow_compiler)(x, w)
+out.backward()
+json.dump({"out": out.item(), "grad": w.grad.sum().item(), "end": time.time(), **default_cache().stats()},
+          open(out_path, "w"))
+"""
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("store", ["redis_server", "redis_cluster"])
+def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once(tmp_path, store, request):
+    """kill -9 of the compiling rank: one survivor compiles after the lease runs out (5 s), the others load.
+
+    The survivors' lock timeout (12 s) is shorter than their whole wait (the dead holder's 6+ s, its lease,
+    then the new holder's 8 s compile of forward and backward): it bounds the wait for one live holder
+    (NOTE [the timeout follows the holder]), so nobody gives up and compiles a second time.
+    """
+
+    redis_url = request.getfixturevalue(store).url  # one server, or a 3-node Redis Cluster
+
+    def start(name: str, compile_s: float) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AOTCACHE_REDIS_URL": redis_url,
+               "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "12",
+               "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json")}
+        return subprocess.Popen([sys.executable, "-c", RANK],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    holder = start("holder", 600)
+    survivors = []
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "holder.json.compiling").exists():
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.1)
+        survivors = [start(f"s{i}", 4) for i in range(3)]
+        for proc in survivors:
+            assert proc.stdout.readline().strip() == "ready"
+        time.sleep(6)  # longer than the lease: the live holder's heartbeat keeps it
+        assert not any((tmp_path / f"s{i}.json.compiling").exists() for i in range(3)), "took a live lease"
+        holder.kill()
+        killed_at = time.time()
+        holder.wait(timeout=30)
+        for proc in survivors:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+    finally:
+        for proc in [holder, *survivors]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    results = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(3)]
+    assert sum(r["compile"] for r in results) == 1, results
+    assert sum(r["hit"] for r in results) == 2 and sum(r["lock_timeout"] for r in results) == 0, results
+    assert len({(r["out"], r["grad"]) for r in results}) == 1
+    started = min(float(line) for i in range(3) if (tmp_path / f"s{i}.json.compiling").exists()
+                  for line in (tmp_path / f"s{i}.json.compiling").read_text().split())
+    print(f"dead holder replaced {started - killed_at:.2f} s after the kill")

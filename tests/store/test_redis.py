@@ -90,7 +90,8 @@ def test_lookup_tells_hit_from_miss(cache):
 
 def test_key_names_carry_prefix_and_frame_version(cache, raw, redis_server, prefix):
     cache.insert("k", b"v")
-    expected = f"{prefix}:v{frame.FRAME_VERSION}:{key_digest('k')}"
+    # NOTE [hash tags]: the tag of a key without "/" is derived from the key itself
+    expected = f"{prefix}:v{frame.FRAME_VERSION}:{{{cache.hash_tag('k')}}}:{key_digest('k')}"
     assert cache.entry_name("k") == expected
     assert raw.exists(expected) == 1
     other = RedisCache(redis_server.url, prefix=prefix + "-other")
