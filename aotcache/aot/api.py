@@ -429,31 +429,6 @@ def _functional_module_call(module: nn.Module) -> Callable:
     return call
 
 
-class AOTModule(nn.Module):
-    """An ``nn.Module`` whose forward runs ``module`` through :func:`aot_function`.
-
-    Parameters and buffers are graph inputs (read from ``orig_module`` on every call), so compiled graphs do
-    not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
-    """
-
-    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
-        super().__init__()
-        self.orig_module = module
-        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
-        self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
-        self.compiled.name = type(module).__qualname__
-        self._state = ModuleState(module)  # NOTE [Hot path]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
-        # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
-        params, buffers, names, settings = self._state.current()
-        count = simple_structure(args, kwargs)
-        structure = None if count is None else (names, count, settings)
-        flat = () if count is None else [*params.values(), *buffers.values(), *args]
-        return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
-
-
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
@@ -608,5 +583,6 @@ def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
     return requires_grad, storage_sharing(user_tensors, storage_object) if len(user_tensors) > 1 else ()
 
 
-# the export functions live in their own module; re-exported here as part of the public API
+# the export functions and the module wrapper live in their own modules; re-exported here as public API
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module  # noqa: E402
+from aotcache.aot.module import AOTModule  # noqa: E402
