@@ -37,6 +37,7 @@ from typing import Any
 from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
+from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.logs import log_once
 
@@ -65,14 +66,20 @@ class AOTModule(nn.Module):
         self.orig_module = module
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
+        register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
         params, buffers, names, settings = self._state.current()
         count = simple_structure(args, kwargs)
-        structure = None if count is None else (names, count, settings)
-        flat = () if count is None else [*params.values(), *buffers.values(), *args]
+        if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
+            register_transformers_caches()
+            passed = find_cache_arguments(args, kwargs)
+            result = self.compiled.call_structured(None, (), (params, buffers, *args), kwargs, extra=settings)
+            return write_back_caches(passed, result) if passed else result
+        structure = (names, count, settings)
+        flat = [*params.values(), *buffers.values(), *args]
         return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
 
     # -- attributes ---------------------------------------------------------------------------------------
