@@ -180,6 +180,9 @@ _register("compress_min_bytes", parse_bytes, 1024 * 1024,
 _register("lock_timeout", _parse_float, 600.0,
           "How long a process waits for another process compiling the same key before compiling itself.",
           "seconds, e.g. 600")
+_register("progress", parse_bool, True,
+          "Show live progress (graph, stage, elapsed) of compiles longer than a second on stderr, when it is a "
+          "terminal.", "a boolean")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

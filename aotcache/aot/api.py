@@ -48,8 +48,10 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
-from aotcache.logs import log_once
+from aotcache.logs import event, log_once
+from aotcache.progress import compile_progress, stage
 
 __all__ = [
     "AOTOptions",
@@ -156,8 +158,9 @@ def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOp
 
     :raises CaptureError: the function cannot be captured (the message names the construct).
     """
-    captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(), dynamic=options.dynamic,
-                       input_is_leaf=input_is_leaf)
+    with stage("capture"):
+        captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
+                           dynamic=options.dynamic, input_is_leaf=input_is_leaf)
     return compile_captured(captured, options)
 
 
@@ -174,16 +177,20 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
 def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
-        forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
+        with stage("compile forward"):
+            forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
         return CompiledRuntime(metadata, forward)
     partition = _resolve_partition(options.partition_fn)
-    fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    with stage("partition"):
+        fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
     mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
-    forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
+    with stage("compile forward"):
+        forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
     examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
-    backward = unboxed(options.backward_compiler()(bw_gm, examples))
+    with stage("compile backward"):
+        backward = unboxed(options.backward_compiler()(bw_gm, examples))
     return CompiledRuntime(metadata, forward, backward)
 
 
@@ -310,7 +317,11 @@ class AOTFunction:
             with self._lock:
                 runtime = self._lookup(key, flat_args)
                 if runtime is None:
-                    runtime = self._compile(flat_args, in_spec)
+                    if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
+                        event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
+                              describe_new_signature(list(self._entries), key))
+                    with compile_progress(self.name):  # NOTE [Compile progress]
+                        runtime = self._compile(flat_args, in_spec)
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 
@@ -538,7 +549,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     from aotcache.autograd_cache.cache import resolve_cache
 
     resolved = resolve_cache(cache)
-    with _outside_dynamo_tracing_context():
+    with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"):
         if resolved is None:
             runtime = compile_function(flat_fn, example, options)
         else:
