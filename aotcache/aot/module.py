@@ -62,7 +62,8 @@ class AOTModule(nn.Module):
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
         self._state = ModuleState(module)  # NOTE [Hot path]
-        self._routing = threading.local()  # NOTE [Methods run the compiled forward]
+        self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
+        self._routing_count = 0
         self.orig_module = module
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
@@ -138,42 +139,53 @@ class AOTModule(nn.Module):
 
     @contextlib.contextmanager
     def _forward_routed(self) -> Iterator[None]:
-        """Install the router of NOTE [Methods run the compiled forward] for the duration (re-entrant)."""
+        """Install the router of NOTE [Methods run the compiled forward] while any method call runs (counted
+        across threads and nested calls; the last one to finish removes it)."""
         orig = self.orig_module
-        depth = getattr(self._routing, "depth", 0)
-        if depth:
-            self._routing.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._routing.depth -= 1
-            return
-        hooked = bool(orig._forward_hooks or orig._forward_pre_hooks)
-        if hooked or "forward" in orig.__dict__:
-            why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
-            log_once(logging.WARNING, f"aot-module-route:{id(self)}",
-                     "aotcache: methods of the wrapped %s run its forward eagerly, because it has %s; register "
-                     "the hooks on the aot_module wrapper instead", type(orig).__qualname__, why)
+        with self._routing_lock:
+            installed = orig.__dict__.get("forward")
+            if self._routing_count == 0:
+                hooked = bool(orig._forward_hooks or orig._forward_pre_hooks)
+                if hooked or installed is not None:
+                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
+                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
+                             "aotcache: methods of the wrapped %s run its forward eagerly, because it has %s; "
+                             "register the hooks on the aot_module wrapper instead", type(orig).__qualname__, why)
+                    routed = False
+                else:
+                    orig.__dict__["forward"] = self._make_router()
+                    routed = True
+            else:
+                routed = True
+            if routed:
+                self._routing_count += 1
+        try:
             yield
-            return
+        finally:
+            if routed:
+                with self._routing_lock:
+                    self._routing_count -= 1
+                    if self._routing_count == 0 and getattr(orig.__dict__.get("forward"), "_aotcache_router", False):
+                        del orig.__dict__["forward"]
+
+    def _make_router(self) -> Callable:
+        orig = self.orig_module
         original = type(orig).forward.__get__(orig)
 
         @functools.wraps(original)
         def router(*args: Any, **kwargs: Any) -> Any:
-            del orig.__dict__["forward"]  # the compiled call sees the module as a direct call does
+            # the compiled call sees the module as a direct call does; a call from another thread meanwhile
+            # finds no router and runs eagerly (correct, just not compiled)
+            orig.__dict__.pop("forward", None)
             try:
                 return self.forward(*args, **kwargs)
             finally:
-                orig.__dict__["forward"] = router
+                with self._routing_lock:
+                    if self._routing_count:
+                        orig.__dict__["forward"] = router
 
-        self._routing.depth = 1
-        orig.__dict__["forward"] = router
-        try:
-            yield
-        finally:
-            self._routing.depth = 0
-            if orig.__dict__.get("forward") is router:
-                del orig.__dict__["forward"]
+        router._aotcache_router = True  # type: ignore[attr-defined]
+        return router
 
 
 def _add_prefix(module: AOTModule, state_dict: dict, prefix: str, *args: Any) -> None:

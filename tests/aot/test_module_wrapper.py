@@ -152,3 +152,26 @@ def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
     assert torch.equal(got, expected)
     assert counting.runs == 3  # one compiled forward per new token
     assert wrapped.compiled.num_compiles == 3  # static shapes: one per length
+
+
+def test_methods_called_from_several_threads_give_eager_results_and_leave_the_module_clean():
+    import threading
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    wrapped = aot_module(model, cache=False)
+    x = torch.randn(3, 4)
+    expected = model.twice(x)
+    failures = []
+
+    def worker():
+        for _ in range(20):
+            if not torch.allclose(wrapped.twice(x), expected):
+                failures.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0
