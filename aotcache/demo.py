@@ -81,8 +81,12 @@ def _wrap(phase: str, model: Any, compiler: str) -> Any:
 def run_phase(phase: str, steps: int, compiler: str) -> dict[str, Any]:
     """Train ``steps`` SGD steps (time of wrapping + the first step, and of the remaining steps), then (eager
     and aotcache) decode ``_NEW_TOKENS`` tokens greedily with a KV cache."""
+    import warnings
+
     import torch
 
+    # torch's own deprecation notice, printed by AOTInductor's export of each graph: noise on the demo's terminal
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     model, input_ids, prompt = build_model()
     parameters = list(model.parameters())
     losses = []
