@@ -86,7 +86,8 @@ def run_phase(phase: str, steps: int, compiler: str) -> dict[str, Any]:
     import torch
 
     # torch's own deprecation notice, printed by AOTInductor's export of each graph: noise on the demo's terminal
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     model, input_ids, prompt = build_model()
     parameters = list(model.parameters())
     losses = []

@@ -82,7 +82,8 @@ def test_the_layer_structure_is_part_of_the_spec_and_survives_json():
     register_transformers_caches()
     full = transformers.DynamicCache()
     full.update(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
-    sliding = transformers.DynamicCache(config=tiny_llama(sliding_window=2, layer_types=["sliding_attention"] * 2).config)
+    sliding_model = tiny_llama(sliding_window=2, layer_types=["sliding_attention"] * 2)
+    sliding = transformers.DynamicCache(config=sliding_model.config)
     leaves, spec = pytree.tree_flatten(full)
     assert len(leaves) == 2
     rebuilt = pytree.tree_unflatten(leaves, spec)
