@@ -68,6 +68,18 @@ class AOTModule(nn.Module):
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
+        self.__dict__["forward"] = self._signed_forward(module)
+
+    def _signed_forward(self, module: nn.Module) -> Callable:
+        """The wrapper's forward with the wrapped module's signature (``inspect.signature(wrapped.forward)``, as
+        transformers' Trainer reads it to choose dataset columns); it calls the class's ``forward``."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return type(self).forward(self, *args, **kwargs)
+
+        with contextlib.suppress(AttributeError, TypeError):
+            functools.update_wrapper(forward, module.forward)
+        return forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,

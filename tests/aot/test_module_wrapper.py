@@ -48,6 +48,7 @@ def test_attributes_and_methods_of_the_wrapped_module_are_reachable():
     wrapped = aot_module(model, cache=False)
     assert wrapped.scale == 2.0 and wrapped.fc is model.fc
     assert inspect.signature(wrapped.twice) == inspect.signature(model.twice)
+    assert inspect.signature(wrapped.forward) == inspect.signature(model.forward)  # what Trainer reads
     wrapped.scale = 3.0  # an attribute the wrapped module has is set there
     assert model.scale == 3.0 and "scale" not in wrapped.__dict__
     with pytest.raises(AttributeError, match="no_such_thing"):
