@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.api import AOTFunction, AOTOptions
+from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.module import AOTModule
 from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
@@ -168,6 +169,7 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
         self.fn = fn
+        register_transformers_caches()  # NOTE [Cache objects as pytree nodes]: caches as arguments / outputs
         self.compiled = AOTFunction(fn, options, cache=cache)
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(fn, backend, options))
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
