@@ -180,7 +180,7 @@ def _equals_default(config_module: Any, name: str) -> bool:
         value = {key: item for key, item in value.items() if not str(key).startswith("AOTI_")}
     try:
         return bool(value == config_module._config[name].default)
-    except Exception:  # an exotic value whose comparison raises: conservatively a change
+    except (TypeError, ValueError, RuntimeError):  # a value whose comparison raises: conservatively a change
         return False
 
 
