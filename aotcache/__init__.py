@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first attribute access)
 _LAZY = {
+    "compile": "aotcache.compile_api",
     "aot_function": "aotcache.aot.api",
     "aot_module": "aotcache.aot.api",
     "aot_module_simplified": "aotcache.aot.api",

@@ -200,6 +200,9 @@ _register("redis_chunk_bytes", parse_bytes, 4 * 1024 * 1024,
 _register("job_id", _parse_job_id, None,
           "Id of the job this process belongs to, for per-job counters in `aotcache stats`; unset = "
           "TORCHELASTIC_RUN_ID (set by torchrun), else none.", "a name such as train-42")
+_register("progress", parse_bool, True,
+          "Show live progress (graph, stage, elapsed) of compiles longer than a second on stderr, when it is a "
+          "terminal.", "a boolean")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

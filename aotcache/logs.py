@@ -7,7 +7,7 @@ import threading
 
 from aotcache import config
 
-__all__ = ["logger", "log_once", "CacheFault", "handle_fault"]
+__all__ = ["logger", "log_once", "event", "warn_not_cached", "fix_for", "CacheFault", "handle_fault"]
 
 logger = logging.getLogger("aotcache")
 
@@ -20,9 +20,53 @@ class CacheFault(RuntimeError):
 
 
 def _apply_level() -> None:
+    """Apply ``AOTCACHE_LOG_LEVEL``; below WARNING, give the logger a stderr handler if logging is not set up
+    (Python's last-resort handler prints warnings only, so ``AOTCACHE_LOG_LEVEL=info`` would show nothing)."""
     level = getattr(logging, config.get("log_level").upper())
     if logger.level != level:
         logger.setLevel(level)
+    if level < logging.WARNING and not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+def event(level: int, message: str, *args: object) -> None:
+    """Log a compiled-graph event (compile, hit, bypass, fallback, re-trace) at ``level``, at the configured
+    log level (NOTE [Events at INFO] in docs/logging.md: ``AOTCACHE_LOG_LEVEL=info`` shows every one)."""
+    _apply_level()
+    logger.log(level, message, *args)
+
+
+# A bypass or untrusted-fingerprint reason (its prefix) -> what the user can do about it.
+_FIXES = (
+    ("object output", "register the output's type with torch.utils._pytree.register_pytree_node(..., "
+                      "serialized_type_name=...) or return its tensors in a tuple or dict"),
+    ("unhashable compiler", "use a named compiler ('nop', 'inductor', 'aoti') or a module-level function"),
+    ("unhashable partitioner", "use partition_fn='default' / 'min_cut' or a module-level function"),
+    ("compile added shape guards", "compile with dynamic=False, or mark the dimension static"),
+    ("opaque", "keep objects the model reads plain (config objects, ints, strings) or pass them as arguments"),
+    ("symbolic input", "call it with real tensors (the warm path then skips the trace)"),
+    ("active mode", "call the compiled model outside the torch function / dispatch mode"),
+    ("tensor subclass", "pass plain tensors"),
+    ("module backward hooks", "register backward hooks on tensors (Tensor.register_hook) instead of the module"),
+    ("module overrides __call__", "override forward instead of __call__"),
+    ("import inside function", "move the import to the top of its module"),
+    ("C-extension callable", "call torch operators, or wrap the extension as a torch custom op"),
+)
+
+
+def fix_for(reason: str) -> str:
+    """The advice for a bypass / fallback ``reason``: the matching entry of ``_FIXES``, else the docs page."""
+    for prefix, fix in _FIXES:
+        if reason.startswith(prefix) or prefix in reason:
+            return fix
+    return "see docs/cache.md (bypass reasons) and docs/warmstart.md (what the fingerprint sees)"
+
+
+def warn_not_cached(key: str, what: str, reason: str) -> None:
+    """Warn once per ``key``: ``what`` happens (a graph is not cached, a warm start must trace) and why/fix."""
+    log_once(logging.WARNING, key, "aotcache: %s (%s). Fix: %s.", what, reason, fix_for(reason))
 
 
 def log_once(level: int, key: str, message: str, *args: object) -> bool:

@@ -50,8 +50,10 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
-from aotcache.logs import log_once
+from aotcache.logs import event, log_once
+from aotcache.progress import compile_progress, stage
 
 __all__ = [
     "AOTOptions",
@@ -154,8 +156,9 @@ def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOp
 
     :raises CaptureError: the function cannot be captured (the message names the construct).
     """
-    captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(), dynamic=options.dynamic,
-                       input_is_leaf=input_is_leaf)
+    with stage("capture"):
+        captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
+                           dynamic=options.dynamic, input_is_leaf=input_is_leaf)
     return compile_captured(captured, options)
 
 
@@ -172,16 +175,20 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
 def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
-        forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
+        with stage("compile forward"):
+            forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
         return CompiledRuntime(metadata, forward)
     partition = _resolve_partition(options.partition_fn)
-    fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    with stage("partition"):
+        fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
     mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
-    forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
+    with stage("compile forward"):
+        forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
     examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
-    backward = unboxed(options.backward_compiler()(bw_gm, examples))
+    with stage("compile backward"):
+        backward = unboxed(options.backward_compiler()(bw_gm, examples))
     return CompiledRuntime(metadata, forward, backward)
 
 
@@ -321,7 +328,11 @@ class AOTFunction:
             with self._lock:
                 runtime = self._lookup(key, flat_args)
                 if runtime is None:
-                    runtime = self._compile(flat_args, in_spec)
+                    if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
+                        event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
+                              describe_new_signature(list(self._entries), key))
+                    with compile_progress(self.name):  # NOTE [Compile progress]
+                        runtime = self._compile(flat_args, in_spec)
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 
@@ -440,31 +451,6 @@ def _functional_module_call(module: nn.Module) -> Callable:
     return call
 
 
-class AOTModule(nn.Module):
-    """An ``nn.Module`` whose forward runs ``module`` through :func:`aot_function`.
-
-    Parameters and buffers are graph inputs (read from ``orig_module`` on every call), so compiled graphs do
-    not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
-    """
-
-    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
-        super().__init__()
-        self.orig_module = module
-        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
-        self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
-        self.compiled.name = type(module).__qualname__
-        self._state = ModuleState(module)  # NOTE [Hot path]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
-        # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
-        params, buffers, names, settings = self._state.current()
-        count = simple_structure(args, kwargs)
-        structure = None if count is None else (names, count, settings)
-        flat = () if count is None else [*params.values(), *buffers.values(), *args]
-        return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
-
-
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
@@ -574,7 +560,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     from aotcache.autograd_cache.cache import resolve_cache
 
     resolved = resolve_cache(cache)
-    with _outside_dynamo_tracing_context():
+    with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"):
         if resolved is None:
             runtime = compile_function(flat_fn, example, options)
         else:
@@ -619,5 +605,6 @@ def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
     return requires_grad, storage_sharing(user_tensors, storage_object) if len(user_tensors) > 1 else ()
 
 
-# the export functions live in their own module; re-exported here as part of the public API
+# the export functions and the module wrapper live in their own modules; re-exported here as public API
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module  # noqa: E402
+from aotcache.aot.module import AOTModule  # noqa: E402

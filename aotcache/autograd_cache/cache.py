@@ -54,7 +54,8 @@ from aotcache.autograd_cache.key import CacheKey, explain_difference
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.singleflight import SingleFlight
 from aotcache.compilers.fallback import fell_back
-from aotcache.logs import CacheFault, handle_fault, log_once, logger
+from aotcache.logs import CacheFault, event, handle_fault, log_once, logger, warn_not_cached
+from aotcache.progress import stage
 from aotcache.store.interface import CacheError, LookupStatus
 from aotcache.store.journal import StatsJournal
 from aotcache.store.tiered import ReadOnly, TieredCache
@@ -249,7 +250,9 @@ class AOTAutogradCache:
         self.count(bypass=1)
         if self.journal is not None:
             self.journal.add(BYPASS_SECTION, {reason: 1})
-        logger.debug("aotcache: not cached (%s)", reason)
+        event(logging.INFO, "aotcache: compiled graph not cached (%s)", reason)
+        warn_not_cached(f"bypass:{reason}", "a compiled graph will not be cached, so every new process "
+                        "compiles it again", reason)
 
     def stats(self) -> dict[str, Any]:
         """This process's counters and bypass reasons (see NOTE [counters])."""
@@ -499,7 +502,8 @@ class AOTAutogradCache:
         remote = result.tier is not None and self._is_remote(result.tier)
         self.count(hit=1, time_saved_s=result.entry.compile_seconds, remote_hit=int(remote),
                    bytes_fetched=result.size if remote else 0)
-        logger.debug("aotcache: hit %s slot %s from %s", result.entry.digest[:16], result.slot, result.tier)
+        event(logging.INFO, "aotcache: cache hit %s slot %s from %s (saves %.2f s of compiling)",
+              result.entry.digest[:16], result.slot, result.tier, result.entry.compile_seconds or 0.0)
         return result.runtime
 
     def _compile_and_save(self, key: CacheKey, compile_fn: Callable[[], CompileResult]) -> CompiledRuntime:
@@ -516,7 +520,10 @@ class AOTAutogradCache:
         except BypassAOTAutogradCache as bypass:
             self.count_bypass(bypass.reason)
             return compiled.runtime
-        self.save(key, entry)
+        with stage("store"):
+            stored = self.save(key, entry)
+        event(logging.INFO, "aotcache: cache miss %s: compiled in %.2f s, %s", key.digest[:16], elapsed,
+              "stored" if stored else "not stored")
         return compiled.runtime
 
     # ------------------------------------------------------------------------------------------------

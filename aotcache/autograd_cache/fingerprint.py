@@ -140,12 +140,30 @@ def _inductor_config_part(reachable: Reachable) -> dict[str, Any]:
     config_module = sys.modules.get("torch._inductor.config")
     if config_module is not None:
         try:
-            names = [name for name in config_module._config if not config_module._is_default(name)]
+            names = [name for name in config_module._config if not config_module._is_default(name)
+                     and not _equals_default(config_module, name)]
             if names:
                 part["inductor"] = {name: reachable.ref(getattr(config_module, name)) for name in sorted(names)}
         except (AttributeError, TypeError) as exc:
             raise Untrusted(f"unreadable inductor config: {type(exc).__name__}") from None
     return part
+
+
+def _equals_default(config_module: Any, name: str) -> bool:
+    """NOTE [Inductor config left set to its default]
+    ``_is_default`` is False for an option that was ever set, even back to its default value (what
+    ``config.patch`` does on exit), and AOTInductor fills ``aot_inductor.metadata`` in place with facts about
+    this machine (``AOTI_*`` keys: platform, CPU ISA, which the ``system`` part already covers). Either made a
+    process that had compiled once fingerprint differently from a fresh one, so a warm start after an aoti
+    compile in the same process (the demo's decoding steps) never found its alias. Only a value that differs
+    from the default counts; an option whose comparison fails counts as changed."""
+    value = getattr(config_module, name)
+    if name == "aot_inductor.metadata" and isinstance(value, dict):
+        value = {key: item for key, item in value.items() if not str(key).startswith("AOTI_")}
+    try:
+        return bool(value == config_module._config[name].default)
+    except (TypeError, ValueError, RuntimeError):  # a value whose comparison raises: conservatively a change
+        return False
 
 
 def _options_part(options: Any, reachable: Reachable) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from aotcache.autograd_cache.fingerprint import Fingerprint, fingerprint_call, fingerprint_module_call
 from aotcache.autograd_cache.key import CacheKey, KeyPart
-from aotcache.logs import handle_fault, log_once, logger
+from aotcache.logs import event, handle_fault, logger, warn_not_cached
 from aotcache.store.interface import LookupStatus
 
 if TYPE_CHECKING:
@@ -58,8 +58,10 @@ def _count_fallback(cache: AOTAutogradCache, reason: str) -> None:
     journal = getattr(cache, "journal", None)
     if journal is not None:
         journal.add(FALLBACK_SECTION, {reason: 1})
-    log_once(logging.DEBUG, f"fingerprint:fallback:{reason}",
-             "aotcache: the call fingerprint cannot be trusted (%s); capturing to compute the key", reason)
+    event(logging.INFO, "aotcache: the call fingerprint cannot be trusted (%s); capturing to compute the key",
+          reason)
+    warn_not_cached(f"fingerprint:fallback:{reason}", "a warm start of this call must trace it again to find its "
+                    "cache entry, because its fingerprint cannot be trusted", reason)
 
 
 def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | None:

@@ -37,6 +37,7 @@ from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
 from aotcache.autograd_cache.key import CacheKey, callable_digest, compute_key
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, qualified_name
 from aotcache.logs import logger
+from aotcache.progress import stage
 
 __all__ = ["compile_function_cached", "compile_graph_module_cached", "compiler_identity", "partitioner_identity",
            "decomposition_identity"]
@@ -159,8 +160,9 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
     if not cache.enabled:
         return compile_function(flat_fn, flat_args, options, input_is_leaf=input_is_leaf)
     decomposition_id, key_table, recapture = decomposition_identity(options, memo)
-    key_capture = capture(flat_fn, flat_args, decompositions=key_table, dynamic=options.dynamic,
-                          input_is_leaf=input_is_leaf)
+    with stage("capture"):
+        key_capture = capture(flat_fn, flat_args, decompositions=key_table, dynamic=options.dynamic,
+                              input_is_leaf=input_is_leaf)
     state: dict[str, Any] = {}
 
     def make_key() -> CacheKey:
@@ -178,8 +180,9 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
     def compile_fn() -> CompileResult:
         captured = key_capture
         if recapture:
-            captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
-                               dynamic=options.dynamic, input_is_leaf=input_is_leaf)
+            with stage("capture"):
+                captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
+                                   dynamic=options.dynamic, input_is_leaf=input_is_leaf)
         runtime = compile_captured(captured, options)
         guards = _entry_guards(captured)
         runtime.metadata.guards = guards if guards is not None else runtime.metadata.guards

@@ -1,0 +1,234 @@
+"""transformers' KV-cache objects (``DynamicCache``, ``EncoderDecoderCache``, ...) as pytree nodes.
+
+NOTE [Cache objects as pytree nodes]
+A decoder takes its key/value cache as an argument and returns it updated. Unregistered, such an object is
+refused as an argument (NOTE [Constant arguments] in ``api.py``) and, as an output, kept as an in-process
+template that the compiled-graph cache bypasses (NOTE [Object outputs]). Registered as a pytree node, its
+tensors become ordinary graph inputs and outputs and everything else goes into the node's *context*, which
+is part of the signature (compared by value) and of the stored output structure:
+
+* the object is walked through its ``__dict__``: tensors (and SymInts) are children; nested cache and layer
+  objects (classes of ``transformers.cache_utils``), lists, tuples and dicts (str/int keys) are recorded with
+  their structure; ``None``, bools, ints, floats, strings, dtypes, devices and classes by value;
+* so the layer structure is in the spec: the number of layers, each layer's class, whether it is
+  initialized, its sliding window, ... A call with another structure is another signature;
+* anything else (an offloading stream, an unknown object) is refused with an error naming the attribute,
+  rather than dropped: an unseen attribute could change what the model computes.
+
+Unflattening builds fresh objects (``cls.__new__`` and the recorded ``__dict__``), never running
+constructors, and resolves classes only from modules that are already imported. The JSON form of the
+context (for the stored output structure and the call fingerprint) names classes as ``module:qualname``.
+
+NOTE [Cache arguments are updated in place]
+Eagerly, ``model(ids, cache=c)`` updates ``c`` in place and returns it. A compiled call returns the
+updated cache as a new object built from the graph's outputs. :func:`write_back_caches` restores eager's
+behaviour: each cache object passed in takes the state of the returned cache of the same type (in order),
+and the output holds the object that was passed in, so ``out.cache is c`` and a loop that keeps reusing
+``c`` sees every update. transformers' models return the cache they were given; a model returning a
+different cache object of the same type would see its argument updated too (documented limit).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["register_transformers_caches", "is_cache_object", "find_cache_arguments", "write_back_caches"]
+
+_CACHE_MODULE = "transformers.cache_utils"
+_registered: set[type] = set()
+_lock = threading.Lock()
+
+
+class CacheObjectError(TypeError):
+    """A cache object holding something that cannot be part of a signature; the message names it."""
+
+
+def _object_class(cls: type) -> bool:
+    """Classes whose instances are recorded structurally: those of transformers' cache module."""
+    return getattr(cls, "__module__", "") == _CACHE_MODULE
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _resolve_class(name: str) -> type:
+    """The class ``module:qualname`` from an already imported module (never imports)."""
+    module_name, _, qualname = name.partition(":")
+    owner: Any = sys.modules.get(module_name)
+    if owner is None or module_name != _CACHE_MODULE:
+        raise ValueError(f"aotcache: cache class {name} is not from an imported {_CACHE_MODULE}")
+    for part in qualname.split("."):
+        owner = vars(owner).get(part)
+        if owner is None:
+            raise ValueError(f"aotcache: no cache class {name}")
+    if not isinstance(owner, type):
+        raise ValueError(f"aotcache: {name} is not a class")
+    return owner
+
+
+_VALUE_TYPES = (type(None), bool, int, float, str)
+
+
+def _encode(value: Any, leaves: list, where: str) -> tuple:
+    """The hashable context node of ``value``; tensors and SymInts are appended to ``leaves``."""
+    if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        leaves.append(value)
+        return ("leaf",)
+    if type(value) in _VALUE_TYPES:
+        return ("value", value)
+    if isinstance(value, torch.dtype):
+        return ("dtype", str(value).removeprefix("torch."))
+    if isinstance(value, torch.device):
+        return ("device", str(value))
+    if isinstance(value, type) and _object_class(value):
+        return ("class", value)
+    if type(value) in (list, tuple):
+        return (type(value).__name__, tuple(_encode(item, leaves, f"{where}[{i}]") for i, item in enumerate(value)))
+    if type(value) is dict and all(type(key) in (str, int, bool) for key in value):
+        return ("dict", tuple((key, _encode(item, leaves, f"{where}[{key!r}]")) for key, item in value.items()))
+    if _object_class(type(value)) and hasattr(value, "__dict__"):
+        return ("object", type(value), tuple((name, _encode(item, leaves, f"{where}.{name}"))
+                                              for name, item in vars(value).items()))
+    raise CacheObjectError(f"aotcache: {where} is a {type(value).__module__}.{type(value).__qualname__}, which a "
+                           f"compiled call cannot take as part of a cache object (only tensors, plain values, "
+                           f"dtypes, devices and transformers cache/layer objects); turn the option that adds "
+                           f"it off (e.g. offloading=False) or call the model eagerly")
+
+
+def _decode(node: tuple, leaves: Any) -> Any:
+    kind = node[0]
+    if kind == "leaf":
+        return next(leaves)
+    if kind == "value":
+        return node[1]
+    if kind == "dtype":
+        return getattr(torch, node[1])
+    if kind == "device":
+        return torch.device(node[1])
+    if kind == "class":
+        return node[1]
+    if kind in ("list", "tuple"):
+        items = [_decode(item, leaves) for item in node[1]]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {key: _decode(item, leaves) for key, item in node[1]}
+    if kind == "object":
+        obj = node[1].__new__(node[1])
+        obj.__dict__.update({name: _decode(item, leaves) for name, item in node[2]})
+        return obj
+    raise ValueError(f"aotcache: malformed cache context node {node!r}")
+
+
+def _flatten(obj: Any) -> tuple[list, tuple]:
+    leaves: list = []
+    context = _encode(obj, leaves, type(obj).__name__)
+    return leaves, context
+
+
+def _flatten_with_keys(obj: Any) -> tuple[list, tuple]:
+    leaves, context = _flatten(obj)
+    return [(pytree.SequenceKey(i), leaf) for i, leaf in enumerate(leaves)], context
+
+
+def _unflatten(values: Any, context: tuple) -> Any:
+    iterator = iter(values)
+    obj = _decode(context, iterator)
+    if next(iterator, iterator) is not iterator:
+        raise ValueError("aotcache: more values than the cache object's structure holds")
+    return obj
+
+
+def _to_dumpable(node: Any) -> Any:
+    """The JSON form of a context node: tuples as lists, classes as ``module:qualname``."""
+    if isinstance(node, type):
+        return {"class": _class_name(node)}
+    if isinstance(node, tuple):
+        return [_to_dumpable(item) for item in node]
+    return node
+
+
+def _from_dumpable(node: Any) -> Any:
+    if isinstance(node, dict):
+        return _resolve_class(node["class"])
+    if isinstance(node, list):
+        return tuple(_from_dumpable(item) for item in node)
+    return node
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+def register_transformers_caches() -> list[type]:
+    """Register transformers' ``Cache`` classes as pytree nodes (NOTE [Cache objects as pytree nodes]), if
+    transformers' cache module is imported already (this never imports transformers). Classes that some
+    other code registered first are left as they are. Returns the classes registered now."""
+    module = sys.modules.get(_CACHE_MODULE)
+    base = getattr(module, "Cache", None) if module is not None else None
+    if not isinstance(base, type):
+        return []
+    done = []
+    with _lock:
+        for cls in [base, *_subclasses(base)]:
+            if cls in _registered or cls in pytree.SUPPORTED_NODES or not _object_class(cls):
+                continue
+            pytree.register_pytree_node(cls, _flatten, _unflatten, serialized_type_name=_class_name(cls),
+                                        to_dumpable_context=_to_dumpable, from_dumpable_context=_from_dumpable,
+                                        flatten_with_keys_fn=_flatten_with_keys)
+            _registered.add(cls)
+            done.append(cls)
+    return done
+
+
+def is_cache_object(value: Any) -> bool:
+    """Whether ``value`` is an instance of a cache class registered here."""
+    return type(value) in _registered
+
+
+def find_cache_arguments(args: tuple, kwargs: Mapping) -> list:
+    """The cache objects passed directly as positional or keyword arguments (not nested), in order."""
+    if not _registered:
+        return []
+    return [value for value in (*args, *kwargs.values()) if type(value) in _registered]
+
+
+def write_back_caches(passed: list, result: Any) -> Any:
+    """NOTE [Cache arguments are updated in place]: each cache object in ``passed`` takes the state of the
+    first not yet used cache of its type among ``result``'s top-level values, and replaces it there."""
+    if isinstance(result, Mapping):
+        slots = list(result.items())
+    elif isinstance(result, (tuple, list)):
+        slots = list(enumerate(result))
+    else:
+        slots = [(None, result)]
+    replaced: dict[Any, Any] = {}
+    used: set[int] = set()
+    for cache in passed:
+        for key, value in slots:
+            if type(value) is type(cache) and id(value) not in used and value is not cache:
+                used.add(id(value))
+                cache.__dict__.clear()
+                cache.__dict__.update(vars(value))
+                replaced[key] = cache
+                break
+    if not replaced:
+        return result
+    if isinstance(result, Mapping):
+        for key, cache in replaced.items():
+            result[key] = cache  # ModelOutput.__setitem__ updates the attribute too
+        return result
+    if isinstance(result, (tuple, list)):
+        items = [replaced.get(index, value) for index, value in enumerate(result)]
+        return type(result)(items) if type(result) in (tuple, list) else result
+    return replaced[None]

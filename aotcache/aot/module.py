@@ -1,0 +1,207 @@
+"""``AOTModule``: the drop-in ``nn.Module`` wrapper that :func:`~aotcache.aot.api.aot_module` returns.
+
+The wrapper's forward runs the wrapped module through an :class:`~aotcache.aot.api.AOTFunction`; everything
+else behaves as the wrapped module does, so ``aot_module(model)`` can replace ``model`` in a real job:
+
+* attributes and methods the wrapper lacks are the wrapped module's (``config``, ``generate``, ``device``,
+  custom methods); assigning an attribute the wrapped module has sets it there;
+* ``state_dict`` / ``load_state_dict`` / ``named_parameters`` / ``parameters`` / ``named_buffers`` /
+  ``named_modules`` use the wrapped module's names (no ``orig_module.`` prefix), also when the wrapper is a
+  submodule of a larger model, so checkpoints move both ways between the eager and the wrapped model;
+* ``train()``, ``eval()``, ``to()``, ``zero_grad()`` reach the wrapped module (it is the wrapper's child), and
+  the compiled call sees the change (its settings and tensors are read at every call).
+
+NOTE [Methods run the compiled forward]
+A method of the wrapped module, such as transformers' ``generate``, calls ``self(...)`` or ``self.forward``
+with ``self`` the *wrapped* module, and inspects ``self.forward``'s signature, ``type(self)`` and
+``self.__class__.__name__``. Binding the method to the wrapper instead would break those, so it stays bound
+to the wrapped module, and for the duration of the call the wrapped module's instance attribute ``forward``
+is a router: the router removes itself, runs the wrapper's compiled forward (whose capture calls the
+module's own forward) and puts itself back. The compiled call therefore sees the module exactly as a direct
+call does (same settings, same fingerprint, same compiled graph). The router carries the original forward as
+``__wrapped__``, so ``inspect.signature(self.forward)`` is unchanged. Forward hooks registered on the wrapped
+module itself would run twice (once around the router, once inside the captured graph), so with such hooks,
+or when the module already has an instance ``forward``, the method runs eagerly (logged once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
+from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.hot_path import ModuleState, simple_structure
+from aotcache.logs import log_once
+
+__all__ = ["AOTModule"]
+
+_ORIG = "orig_module"
+_PREFIX = _ORIG + "."
+
+
+class AOTModule(nn.Module):
+    """An ``nn.Module`` whose forward runs ``module`` through an :class:`~aotcache.aot.api.AOTFunction`, and
+    which otherwise stands in for ``module`` (see the module docstring).
+
+    Parameters and buffers are graph inputs (read from ``orig_module`` on every call), so compiled graphs do
+    not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
+    """
+
+    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
+        super().__init__()
+        # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
+        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
+        self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
+        self.compiled.name = type(module).__qualname__
+        self._state = ModuleState(module)  # NOTE [Hot path]
+        self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
+        self._routing_count = 0
+        self.orig_module = module
+        self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
+        self.training = module.training
+        register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
+        self.__dict__["forward"] = self._signed_forward(module)
+
+    def _signed_forward(self, module: nn.Module) -> Callable:
+        """The wrapper's forward with the wrapped module's signature (``inspect.signature(wrapped.forward)``, as
+        transformers' Trainer reads it to choose dataset columns); it calls the class's ``forward``."""
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return type(self).forward(self, *args, **kwargs)
+
+        with contextlib.suppress(AttributeError, TypeError):
+            functools.update_wrapper(forward, module.forward)
+        return forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
+        # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
+        params, buffers, names, settings = self._state.current()
+        count = simple_structure(args, kwargs)
+        if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
+            register_transformers_caches()
+            passed = find_cache_arguments(args, kwargs)
+            result = self.compiled.call_structured(None, (), (params, buffers, *args), kwargs, extra=settings)
+            return write_back_caches(passed, result) if passed else result
+        structure = (names, count, settings)
+        flat = [*params.values(), *buffers.values(), *args]
+        return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
+
+    # -- attributes ---------------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            orig = None if modules is None else modules.get(_ORIG)
+            if orig is None:  # during construction or unpickling
+                raise
+        value = getattr(orig, name)  # AttributeError names the wrapped module's type
+        if isinstance(value, types.MethodType) and value.__self__ is orig:
+            return self._routed(value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        modules = self.__dict__.get("_modules")
+        orig = None if modules is None else modules.get(_ORIG)
+        if (orig is not None and name not in self.__dict__ and not hasattr(type(self), name)
+                and not isinstance(value, nn.Module) and hasattr(orig, name)):
+            setattr(orig, name, value)  # e.g. wrapped.generation_config = ...: the wrapped module's attribute
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
+
+    # -- names: those of the wrapped module -------------------------------------------------------------------
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterator:
+        """The wrapped module's tree under the wrapper's prefix (so parameter and buffer names carry no
+        ``orig_module.``); the wrapper itself is not listed."""
+        return self.orig_module.named_modules(memo, prefix, remove_duplicate)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The wrapped module's ``state_dict`` (same keys, also when the wrapper is a submodule)."""
+        return self.orig_module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """The wrapped module's ``load_state_dict``: takes the keys of an eager model's ``state_dict``."""
+        return self.orig_module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- methods of the wrapped module -----------------------------------------------------------------------
+
+    def _routed(self, method: types.MethodType) -> Callable:
+        """``method`` (bound to the wrapped module), calling the compiled forward while it runs."""
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._forward_routed():
+                return method(*args, **kwargs)
+
+        return call
+
+    @contextlib.contextmanager
+    def _forward_routed(self) -> Iterator[None]:
+        """Install the router of NOTE [Methods run the compiled forward] while any method call runs (counted
+        across threads and nested calls; the last one to finish removes it)."""
+        orig = self.orig_module
+        with self._routing_lock:
+            installed = orig.__dict__.get("forward")
+            if self._routing_count == 0:
+                hooked = bool(orig._forward_hooks or orig._forward_pre_hooks)
+                if hooked or installed is not None:
+                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
+                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
+                             "aotcache: methods of the wrapped %s run its forward eagerly, because it has %s; "
+                             "register the hooks on the aot_module wrapper instead", type(orig).__qualname__, why)
+                    routed = False
+                else:
+                    orig.__dict__["forward"] = self._make_router()
+                    routed = True
+            else:
+                routed = True
+            if routed:
+                self._routing_count += 1
+        try:
+            yield
+        finally:
+            if routed:
+                with self._routing_lock:
+                    self._routing_count -= 1
+                    if self._routing_count == 0 and getattr(orig.__dict__.get("forward"), "_aotcache_router", False):
+                        del orig.__dict__["forward"]
+
+    def _make_router(self) -> Callable:
+        orig = self.orig_module
+        original = type(orig).forward.__get__(orig)
+
+        @functools.wraps(original)
+        def router(*args: Any, **kwargs: Any) -> Any:
+            # the compiled call sees the module as a direct call does; a call from another thread meanwhile
+            # finds no router and runs eagerly (correct, just not compiled)
+            orig.__dict__.pop("forward", None)
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                with self._routing_lock:
+                    if self._routing_count:
+                        orig.__dict__["forward"] = router
+
+        router._aotcache_router = True  # type: ignore[attr-defined]
+        return router
+
+
+def _add_prefix(module: AOTModule, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook for a wrapper inside a larger model: the parent's loader walks ``_modules`` and
+    expects ``<prefix>orig_module.<name>``; a checkpoint has ``<prefix><name>`` (what ``state_dict`` gives)."""
+    for key in [key for key in state_dict if key.startswith(prefix) and not key.startswith(prefix + _PREFIX)]:
+        state_dict[prefix + _PREFIX + key[len(prefix):]] = state_dict.pop(key)

@@ -1,0 +1,97 @@
+"""What changed when an ``aot_function`` traces again: the new signature against the closest one it has.
+
+Used for the INFO log of every re-trace (NOTE [Events at INFO] in docs/logging.md). Signatures are the
+in-memory reuse keys of NOTE [Signature] in ``api.py``: ``(extra, (in_spec, grad mode, autocast, memory
+sharing, per-argument tuples))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["describe_new_signature"]
+
+_MAX_LISTED = 3
+
+
+def _tensor_change(old: tuple, new: tuple) -> list[str]:
+    names = ("kind", "dtype", "device", "layout", "requires_grad", "leaf", "geometry")
+    changes = []
+    for name, before, after in zip(names, old, new):
+        if before == after:
+            continue
+        if name == "geometry":
+            if len(before) == 3 and len(after) == 3 and before[0] != after[0]:
+                changes.append(f"shape {tuple(before[0])} -> {tuple(after[0])}")
+            elif len(before) == 3 and len(after) == 3:
+                changes.append("strides or storage offset")
+            else:
+                changes.append(f"rank {before[0]} -> {after[0]}")
+        else:
+            changes.append(f"{name} {before} -> {after}")
+    return changes
+
+
+def _argument_changes(old: Sequence[tuple], new: Sequence[tuple]) -> list[tuple[int, list[str]]]:
+    found = []
+    for index, (before, after) in enumerate(zip(old, new)):
+        if before == after:
+            continue
+        if before[0] == after[0] == "tensor":
+            found.append((index, _tensor_change(before, after)))
+        elif before[0] == after[0] == "constant":
+            found.append((index, [f"value {before[2]!r} -> {after[2]!r}"]))
+        else:
+            found.append((index, [f"{before[0]} -> {after[0]}"]))
+    return found
+
+
+def _differences(old: tuple, new: tuple) -> list[str]:
+    (old_extra, (old_spec, old_grad, old_autocast, old_sharing, old_args)) = old
+    (new_extra, (new_spec, new_grad, new_autocast, new_sharing, new_args)) = new
+    found = []
+    if old_extra != new_extra:
+        found.append("module settings changed (train()/eval(), an attribute, a hook or a config value)")
+    if old_spec != new_spec or len(old_args) != len(new_args):
+        found.append("argument structure changed (other arguments, keyword names or containers)")
+        return found
+    if old_grad != new_grad:
+        found.append(f"grad mode {old_grad} -> {new_grad}")
+    if old_autocast != new_autocast:
+        found.append("autocast state changed")
+    if old_sharing != new_sharing:
+        found.append("which arguments share memory changed")
+    changes = _argument_changes(old_args, new_args)
+    for index, what in changes[:_MAX_LISTED]:
+        found.append(f"flat argument {index}: {'; '.join(what)}")
+    if len(changes) > _MAX_LISTED:
+        found.append(f"{len(changes) - _MAX_LISTED} more arguments")
+    return found
+
+
+def _only_sizes(found: list[str]) -> bool:
+    """Whether every difference is a tensor argument's shape (nothing else)."""
+    for item in found:
+        head, _, what = item.partition(": ")
+        if not head.startswith("flat argument") or not all(part.startswith("shape ") for part in what.split("; ")):
+            return False
+    return True
+
+
+def describe_new_signature(seen: Sequence[tuple], new: tuple) -> str:
+    """Why ``new`` is a new signature: its differences from the closest of ``seen`` (fewest differences),
+    with a hint when only sizes changed."""
+    best: list[str] | None = None
+    for old in seen:
+        try:
+            found = _differences(old, new)
+        except (TypeError, ValueError):  # a key of another shape (defensive: keys are built in one place)
+            continue
+        if best is None or len(found) < len(best):
+            best = found
+    if not best:
+        return "a new signature"
+    text = "; ".join(best)
+    if _only_sizes(best):
+        text += " (only sizes changed: dynamic=True traces once for all sizes)"
+    return text

@@ -1,0 +1,231 @@
+"""``aotcache.compile``: one entry point shaped like ``torch.compile``, choosing the fastest way that works.
+
+A call is captured whole by AOT Autograd (:func:`~aotcache.aot.api.aot_module` / ``aot_function``: no
+Dynamo, fingerprint warm starts that skip tracing) when it captures; when the capture fails (a graph break:
+``.item()`` in a condition, data-dependent shapes, ...) the model goes to ``torch.compile(backend="aotcache")``
+instead, whose graphs between the breaks are compiled and cached by aotcache too. The choice is recorded in
+the store under the call's fingerprint (NOTE [Route records] in :mod:`aotcache.compile_route`), so a later
+process takes the right way first, without a capture attempt.
+
+This module sits above both ``aot/`` and ``autograd_cache/`` (it combines them); neither imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.api import AOTFunction, AOTOptions
+from aotcache.aot.cache_objects import register_transformers_caches
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.module import AOTModule
+from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
+from aotcache.logs import log_once, logger
+
+__all__ = ["compile", "CompiledModule", "CompiledFunction"]
+
+
+def _check_options(compiler: Any, dynamic: Any, partition_fn: Any, fullgraph: Any, options: Any) -> None:
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise TypeError(f"aotcache.compile: dynamic must be True, False or None (automatic), got {dynamic!r}")
+    if not isinstance(fullgraph, bool):
+        raise TypeError(f"aotcache.compile: fullgraph must be a bool, got {fullgraph!r}")
+    if isinstance(compiler, str):
+        from aotcache.compilers.base import COMPILER_NAMES
+
+        if compiler not in COMPILER_NAMES:
+            raise ValueError(f"aotcache.compile: unknown compiler {compiler!r}; use one of "
+                             f"{', '.join(COMPILER_NAMES)} or a callable compiler(gm, example_inputs)")
+    elif compiler is not None and not callable(compiler):
+        raise TypeError(f"aotcache.compile: compiler must be a name or a callable, got {type(compiler).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"aotcache.compile: options must be a dict of the named compiler's settings, "
+                        f"got {type(options).__name__}")
+
+
+class _Router:
+    """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
+
+    def __init__(self, aot: AOTFunction, cache: Any, fullgraph: bool, make_dynamo: Callable[[], Callable]) -> None:
+        self.aot = aot
+        self.cache = cache
+        self.fullgraph = fullgraph
+        self.make_dynamo = make_dynamo
+        self.route: str | None = None  # None until the first call decides
+        self.reason = ""
+        self._dynamo: Callable | None = None
+        self._lock = threading.Lock()
+
+    def dynamo(self) -> Callable:
+        if self._dynamo is None:
+            with self._lock:
+                if self._dynamo is None:
+                    self._dynamo = self.make_dynamo()
+        return self._dynamo
+
+    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any],
+             flat_call: Callable[[], tuple[list, Any]]) -> Any:
+        """Run the call the chosen way; the first call (and a later capture failure) chooses."""
+        route = self.route
+        if route == DYNAMO:
+            return dynamo_call()
+        digest = None
+        if route is None:
+            digest = self._fingerprint_digest(flat_call)
+            if self._recorded_dynamo(digest):
+                return dynamo_call()
+        try:
+            result = aot_call()
+        except CaptureError as exc:
+            if self.fullgraph:
+                raise
+            self._choose_dynamo(exc, digest if route is None else self._fingerprint_digest(flat_call))
+            return dynamo_call()
+        if route is None:
+            self.route, self.reason = AOT, "the whole call captured"
+            logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
+        return result
+
+    def _resolved_cache(self) -> Any:
+        from aotcache.autograd_cache.cache import resolve_cache
+
+        cache = resolve_cache(self.cache)
+        return cache if cache is not None and cache.enabled else None
+
+    def _fingerprint_digest(self, flat_call: Callable[[], tuple[list, Any]]) -> str | None:
+        """The call fingerprint's digest, or None (no cache, or an untrusted fingerprint: no record then)."""
+        if self._resolved_cache() is None:
+            return None
+        from aotcache.autograd_cache.fingerprint_cache import fingerprint_of
+
+        flat_args, in_spec = flat_call()
+        fingerprint = fingerprint_of(self.aot, flat_args, in_spec)
+        return fingerprint.digest if fingerprint.trusted else None
+
+    def _recorded_dynamo(self, digest: str | None) -> bool:
+        if digest is None:
+            return False
+        cache = self._resolved_cache()
+        recorded = read_route(cache, digest)
+        if recorded is None or recorded[0] != DYNAMO:
+            return False
+        with self._lock:
+            self.route, self.reason = DYNAMO, recorded[1]
+        cache.count(route_recorded_dynamo=1)
+        logger.info("aotcache.compile: %s: torch.compile(backend='aotcache') as recorded (%s); no capture tried",
+                    self.aot.name, recorded[1])
+        return True
+
+    def _choose_dynamo(self, exc: CaptureError, digest: str | None) -> None:
+        reason = str(exc).removeprefix("aotcache: ").split("\n")[0]
+        with self._lock:
+            self.route, self.reason = DYNAMO, reason
+        recorded = False
+        if digest is not None:
+            recorded = record_route(self._resolved_cache(), digest, DYNAMO, reason)
+        log_once(logging.WARNING, f"compile-route:{id(self)}",
+                 "aotcache.compile: %s cannot be captured whole (%s); compiling it with "
+                 "torch.compile(backend='aotcache') instead, with graph breaks%s. To get the faster AOT way, "
+                 "remove the graph break; fullgraph=True makes it an error.", self.aot.name, reason,
+                 "; recorded, so later runs go there directly" if recorded else "")
+
+
+class CompiledModule(AOTModule):
+    """What :func:`compile` returns for an ``nn.Module``: the drop-in :class:`~aotcache.aot.module.AOTModule`
+    whose forward takes the route its :class:`_Router` chose (``route``: ``"aot"`` / ``"dynamo"`` / None)."""
+
+    # own attributes as class defaults, so AOTModule.__setattr__ keeps them on the wrapper
+    router: _Router | None = None
+
+    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any, fullgraph: bool,
+                 backend: Callable) -> None:
+        super().__init__(module, options, cache=cache)
+        self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
+
+    @property
+    def route(self) -> str | None:
+        """``"aot"`` (whole call captured), ``"dynamo"`` (graph breaks) or None (not called yet)."""
+        return self.router.route
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        router = self.router
+        return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
+                           lambda: router.dynamo()(*args, **kwargs),
+                           lambda: self._flat(args, kwargs))
+
+    def _flat(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
+        params, buffers, _, _ = self._state.current()
+        return pytree.tree_flatten(((params, buffers, *args), kwargs))
+
+
+class CompiledFunction:
+    """What :func:`compile` returns for a function: calls it the route its router chose (``route``)."""
+
+    def __init__(self, fn: Callable, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
+        self.fn = fn
+        register_transformers_caches()  # NOTE [Cache objects as pytree nodes]: caches as arguments / outputs
+        self.compiled = AOTFunction(fn, options, cache=cache)
+        self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(fn, backend, options))
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    @property
+    def route(self) -> str | None:
+        return self.router.route
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        router = self.router
+        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
+                           lambda: pytree.tree_flatten((args, kwargs)))
+
+
+def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
+    """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here)."""
+    import torch
+
+    return torch.compile(target, backend=backend, dynamic=options.dynamic)
+
+
+def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,
+            partition_fn: str | Callable = "default", cache: Any = True, fullgraph: bool = False,
+            options: Mapping[str, Any] | None = None, disable: bool = False) -> Any:
+    """Compile ``model`` (an ``nn.Module`` or a function) with aotcache, as ``torch.compile`` would.
+
+    The whole call is captured by AOT Autograd when it can be (the fastest warm start: no Dynamo, no trace);
+    otherwise ``torch.compile(model, backend="aotcache")`` with graph breaks. The choice is recorded in the
+    store (NOTE [Route records]) and visible as ``.route``. A module comes back as a drop-in wrapper
+    (attributes, methods such as ``generate``, ``state_dict`` names: the module's own).
+
+    ``compiler``: ``"nop"``, ``"inductor"``, ``"aoti"`` or a ``compiler(gm, example_inputs)`` callable (default:
+    Inductor when a C++ compiler is on PATH, else nop); ``dynamic``: True, False or None (automatic);
+    ``partition_fn``: ``"default"``, ``"min_cut"`` or a partition function; ``cache``: True (the configured
+    tiers), False, or an ``AOTAutogradCache``; ``fullgraph=True``: a capture failure is an error instead of
+    a fallback; ``options``: settings of the named compiler (e.g. Inductor config); ``disable=True`` returns
+    ``model`` unchanged. With ``model`` omitted, returns a decorator.
+
+    :raises TypeError, ValueError: a bad option (the message names it and the accepted values).
+    """
+    _check_options(compiler, dynamic, partition_fn, fullgraph, options)
+    if model is None:
+        return functools.partial(compile, compiler=compiler, dynamic=dynamic, partition_fn=partition_fn,
+                                 cache=cache, fullgraph=fullgraph, options=options, disable=disable)
+    if disable:
+        return model
+    from aotcache.backend import _partition_fn, aotcache_backend, default_compiler_name
+
+    chosen = compiler if compiler is not None else default_compiler_name()
+    partition = _partition_fn(partition_fn)
+    aot_options = AOTOptions(fw_compiler=chosen, partition_fn=partition, dynamic=dynamic,  # type: ignore[arg-type]
+                             compiler_options=dict(options) if options else None)
+    backend = functools.partial(aotcache_backend, compiler=chosen, dynamic=dynamic, cache=cache,
+                                partition=partition, compiler_options=dict(options) if options else None)
+    if isinstance(model, nn.Module):
+        return CompiledModule(model, aot_options, cache, fullgraph, backend)
+    if callable(model):
+        return CompiledFunction(model, aot_options, cache, fullgraph, backend)
+    raise TypeError(f"aotcache.compile expects an nn.Module or a function, got {type(model).__name__}")

@@ -1,0 +1,102 @@
+"""transformers' KV-cache objects as arguments and outputs of compiled calls (NOTE [Cache objects as pytree
+nodes]): greedy decoding with a cache equals eager and is cached, caches passed in are updated in place, T5
+training with its default config (an EncoderDecoderCache output) is cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from aotcache.aot import aot_module
+from aotcache.aot.cache_objects import register_transformers_caches
+from aotcache.autograd_cache.cache import AOTAutogradCache
+from aotcache.store.memory import InMemoryCache
+from aotcache.store.tiered import TieredCache
+from tests.aot.tiny_transformers import tiny_llama, tiny_t5
+
+transformers = pytest.importorskip("transformers")
+
+
+def memory_cache() -> AOTAutogradCache:
+    return AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+
+
+def prompt():
+    return torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_greedy_kv_cache_generate_equals_eager_and_is_cached():
+    model = tiny_llama()
+    expected = model.generate(prompt(), max_new_tokens=4, do_sample=False)  # use_cache=True (the default)
+    cache = memory_cache()
+    got = aot_module(model, cache=cache).generate(prompt(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    assert cache.counters["saved"] == 4 and cache.counters["bypass"] == 0  # prefill + 3 steps, all stored
+    again = aot_module(model, cache=cache)  # a new wrapper (as in a new process): loads, no compile
+    assert torch.equal(again.generate(prompt(), max_new_tokens=4, do_sample=False), expected)
+    assert cache.counters["hit"] == 4 and cache.counters["compile"] == 4
+
+
+def test_a_cache_passed_back_in_is_updated_in_place_as_eagerly():
+    model = tiny_llama()
+    wrapped = aot_module(model, cache=False)
+    ids = prompt()
+
+    def decode(call):
+        kv = transformers.DynamicCache(config=model.config)
+        out = call(input_ids=ids, cache=kv, use_cache=True)
+        assert out.cache is kv  # the object passed in comes back, updated
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):  # the loop keeps passing the same object
+            out = call(input_ids=tokens[-1], cache=kv, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, dim=1), kv.get_seq_length(), out.logits
+
+    got, got_length, got_logits = decode(wrapped)
+    expected, expected_length, expected_logits = decode(model)
+    assert torch.equal(got, expected) and got_length == expected_length == 8
+    torch.testing.assert_close(got_logits, expected_logits)
+
+
+def test_t5_training_with_its_default_config_is_cached():
+    model = tiny_t5().train()
+    reference = tiny_t5().train()
+    assert model.config.use_cache  # its forward returns an EncoderDecoderCache
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    cache = memory_cache()
+    out = aot_module(model, cache=cache)(input_ids=ids, labels=ids)
+    ref = reference(input_ids=ids, labels=ids)
+    assert isinstance(out.cache, transformers.EncoderDecoderCache)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(model.shared.weight.grad, reference.shared.weight.grad)
+    torch.testing.assert_close(out.cache.self_attention_cache.layers[1].keys,
+                               ref.cache.self_attention_cache.layers[1].keys)
+    assert cache.counters["saved"] == 1 and cache.counters["bypass"] == 0
+
+
+def test_the_layer_structure_is_part_of_the_spec_and_survives_json():
+    tiny_llama()  # imports transformers' cache module
+    register_transformers_caches()
+    full = transformers.DynamicCache()
+    full.update(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+    sliding_model = tiny_llama(sliding_window=2, layer_types=["sliding_attention"] * 2)
+    sliding = transformers.DynamicCache(config=sliding_model.config)
+    leaves, spec = pytree.tree_flatten(full)
+    assert len(leaves) == 2
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert type(rebuilt) is transformers.DynamicCache and rebuilt is not full
+    assert rebuilt.get_seq_length() == 3 and torch.equal(rebuilt.layers[0].values, leaves[1])
+    assert pytree.tree_flatten(sliding)[1] != spec  # layer classes / sliding window differ: another signature
+    assert pytree.treespec_loads(pytree.treespec_dumps(spec)) == spec
+
+
+def test_an_attribute_that_cannot_be_in_a_signature_is_refused_naming_it():
+    tiny_llama()
+    register_transformers_caches()
+    kv = transformers.DynamicCache()
+    kv.something = object()
+    with pytest.raises(TypeError, match=r"DynamicCache.something is a builtins.object"):
+        pytree.tree_flatten(kv)

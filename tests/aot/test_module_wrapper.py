@@ -1,0 +1,178 @@
+"""aot_module as a drop-in: attributes and methods of the wrapped module, its parameter / state_dict names,
+train / eval / to, and methods such as transformers' generate running the compiled forward."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from aotcache.aot import aot_module
+from tests.aot.tiny_transformers import tiny_llama
+
+
+class Counting:
+    """A compiler that returns the graph itself and counts how often compiled graphs run."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        def run(*args):
+            self.runs += 1
+            return gm(*args)
+
+        return run
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale
+
+    def twice(self, x):
+        """A custom method calling self(...)."""
+        return self(x) + self.forward(x)
+
+
+def test_attributes_and_methods_of_the_wrapped_module_are_reachable():
+    model = Net()
+    wrapped = aot_module(model, cache=False)
+    assert wrapped.scale == 2.0 and wrapped.fc is model.fc
+    assert inspect.signature(wrapped.twice) == inspect.signature(model.twice)
+    assert inspect.signature(wrapped.forward) == inspect.signature(model.forward)  # what Trainer reads
+    wrapped.scale = 3.0  # an attribute the wrapped module has is set there
+    assert model.scale == 3.0 and "scale" not in wrapped.__dict__
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        wrapped.no_such_thing
+    assert "twice" in dir(wrapped)
+
+
+def test_names_match_the_original_and_checkpoints_move_both_ways():
+    torch.manual_seed(0)
+    model = Net()
+    wrapped = aot_module(model, cache=False)
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in wrapped.named_buffers()] == [n for n, _ in model.named_buffers()]
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in model.parameters()]
+
+    torch.manual_seed(1)
+    other = Net()
+    wrapped.load_state_dict(other.state_dict())  # eager checkpoint -> wrapper
+    torch.testing.assert_close(model.fc.weight, other.fc.weight)
+    fresh = Net()
+    fresh.load_state_dict(aot_module(other, cache=False).state_dict())  # wrapper checkpoint -> eager
+    torch.testing.assert_close(fresh.fc.weight, other.fc.weight)
+    with pytest.raises(RuntimeError, match="fc.nope"):
+        wrapped.load_state_dict({**other.state_dict(), "fc.nope": torch.zeros(1)})
+
+
+def test_a_wrapper_inside_a_larger_model_keeps_the_original_names():
+    def outer(block):
+        parent = nn.Sequential(nn.Linear(4, 4))
+        parent.add_module("block", block)
+        return parent
+
+    torch.manual_seed(0)
+    eager = outer(Net())
+    wrapped = outer(aot_module(Net(), cache=False))
+    assert list(wrapped.state_dict()) == list(eager.state_dict())
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    wrapped.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(wrapped.block.fc.weight, eager.block.fc.weight)
+    eager.load_state_dict(wrapped.state_dict())
+
+
+def test_train_eval_to_and_optimizer_are_seen_by_the_compiled_call():
+    torch.manual_seed(0)
+    model = Net()
+    reference = Net()
+    reference.load_state_dict(model.state_dict())
+    wrapped = aot_module(model, cache=False)
+    x = torch.randn(8, 4)
+
+    torch.testing.assert_close(wrapped(x), reference(x))  # training: batch statistics, running stats updated
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+    assert wrapped.eval() is wrapped and not model.training and not model.bn.training
+    torch.testing.assert_close(wrapped(x), reference.eval()(x))  # eval: running statistics
+    wrapped.train()
+    assert model.bn.training
+
+    wrapped.to(torch.float64)
+    assert model.fc.weight.dtype == torch.float64
+    assert wrapped(x.double()).dtype == torch.float64
+
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    before = model.fc.weight.detach().clone()
+    wrapped(x.double()).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.fc.weight)
+
+
+def test_custom_methods_run_the_compiled_forward():
+    counting = Counting()
+    torch.manual_seed(0)
+    model = Net().eval()
+    wrapped = aot_module(model, counting, cache=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(wrapped.twice(x), model.twice(x))
+    assert counting.runs == 2  # self(x) and self.forward(x), both compiled
+    assert "forward" not in model.__dict__  # the router is gone after the call
+    model.twice(x)
+    assert counting.runs == 2  # the eager model itself is untouched
+
+
+def test_methods_of_a_module_with_its_own_hooks_run_eagerly_with_a_warning(caplog):
+    counting = Counting()
+    model = Net().eval()
+    model.register_forward_hook(lambda module, args, out: out + 1)
+    wrapped = aot_module(model, counting, cache=False)
+    x = torch.randn(3, 4)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        torch.testing.assert_close(wrapped.twice(x), model.twice(x))
+    assert counting.runs == 0 and "register the hooks on the aot_module wrapper" in caplog.text
+
+
+def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    counting = Counting()
+    wrapped = aot_module(model, counting, cache=False)
+    assert wrapped.config is model.config and wrapped.device == model.device
+    got = wrapped.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(got, expected)
+    assert counting.runs == 3  # one compiled forward per new token
+    assert wrapped.compiled.num_compiles == 3  # static shapes: one per length
+
+
+def test_methods_called_from_several_threads_give_eager_results_and_leave_the_module_clean():
+    import threading
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    wrapped = aot_module(model, cache=False)
+    x = torch.randn(3, 4)
+    expected = model.twice(x)
+    failures = []
+
+    def worker():
+        for _ in range(20):
+            if not torch.allclose(wrapped.twice(x), expected):
+                failures.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0

@@ -1,0 +1,26 @@
+"""Tiny random-weight transformers models for wrapper / cache-object tests (built locally, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer LlamaForCausalLM (hidden 32, vocab 64), eager attention, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides)
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_t5(seed: int = 0):
+    """A T5ForConditionalGeneration with a small default config (its cache on: ``use_cache=True``)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(config)

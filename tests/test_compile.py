@@ -1,0 +1,133 @@
+"""aotcache.compile: the AOT way when the whole call captures, the Dynamo way otherwise, the choice recorded
+so that a fresh process takes it directly (real processes, the disk tier of the test's cache dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache.aot import CaptureError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from torch import nn
+    import aotcache
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)) * 2
+
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            if y.sum().item() > 0:  # data-dependent Python control flow: a graph break
+                return y * 2
+            return y - 1
+
+    torch.manual_seed(0)
+    model = {"plain": Plain, "breaks": Breaks}[sys.argv[1]]()
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    eager = model(x)
+    counters = compiled.compiled.cache.counters if hasattr(compiled.compiled.cache, "counters") else {}
+    from aotcache.autograd_cache.cache import resolve_cache
+    stats = dict(resolve_cache(True).counters)
+    print(json.dumps({"route": compiled.route, "same": bool(torch.allclose(out, eager)),
+                      "captures": compiled.compiled.num_compiles, "dynamo": "torch._dynamo" in sys.modules,
+                      "fingerprint_hit": stats.get("fingerprint_hit", 0),
+                      "recorded": stats.get("route_recorded_dynamo", 0)}))
+""")
+
+
+def run_fresh(tmp_path, which: str) -> dict:
+    script = tmp_path / "compile_job.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    proc = subprocess.run([sys.executable, str(script), which], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_model_without_graph_breaks_goes_the_aot_way_and_starts_warm_without_dynamo(tmp_path):
+    cold = run_fresh(tmp_path, "plain")
+    assert cold == {**cold, "route": "aot", "same": True, "fingerprint_hit": 0}  # capturing may import Dynamo
+    warm = run_fresh(tmp_path, "plain")
+    assert warm == {**warm, "route": "aot", "same": True, "dynamo": False, "fingerprint_hit": 1}
+
+
+def test_a_model_with_a_graph_break_goes_the_dynamo_way_and_the_choice_is_recorded(tmp_path):
+    cold = run_fresh(tmp_path, "breaks")
+    assert cold == {**cold, "route": "dynamo", "same": True, "captures": 1, "recorded": 0}
+    warm = run_fresh(tmp_path, "breaks")
+    # no capture attempt: the recorded route leads to torch.compile directly
+    assert warm == {**warm, "route": "dynamo", "same": True, "captures": 0, "recorded": 1}
+
+
+class Breaks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.sum().item() > 0 else y - 1
+
+
+def test_fullgraph_makes_a_graph_break_an_error():
+    compiled = aotcache.compile(Breaks(), compiler="nop", fullgraph=True, cache=False)
+    with pytest.raises(CaptureError, match="depends on tensor data"):
+        compiled(torch.randn(2, 4))
+
+
+def test_functions_decorator_form_and_disable():
+    @aotcache.compile(compiler="nop", cache=False)
+    def f(x, y):
+        return (x * y).sin()
+
+    x, y = torch.randn(3), torch.randn(3)
+    torch.testing.assert_close(f(x, y), (x * y).sin())
+    assert f.route == "aot" and f.__name__ == "f"
+    model = nn.Linear(2, 2)
+    assert aotcache.compile(model, disable=True) is model
+
+
+def test_the_compiled_module_is_a_drop_in():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    assert compiled.get_submodule("0") is model[0] and compiled.training == model.training
+    torch.testing.assert_close(compiled(torch.ones(1, 4)), model(torch.ones(1, 4)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dynamic": "true"}, "dynamic must be True, False or None"),
+    ({"compiler": "nope"}, "unknown compiler 'nope'"),
+    ({"compiler": 3}, "compiler must be a name or a callable"),
+    ({"partition_fn": "fast"}, "unknown partition 'fast'"),
+    ({"fullgraph": 1}, "fullgraph must be a bool"),
+])
+def test_bad_options_are_refused_naming_the_option(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        aotcache.compile(nn.Linear(2, 2), **kwargs)
