@@ -48,6 +48,7 @@ _TIER_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("evictions", "evictions", lambda value: str(int(value))),
     ("errors (faults)", "errors", lambda value: str(int(value))),
     ("  of which corrupt", "corrupt", lambda value: str(int(value))),
+    ("other secret (kept)", "unverified", lambda value: str(int(value))),
     ("bytes read", "bytes_read", output.format_bytes),
     ("bytes written", "bytes_written", output.format_bytes),
     ("time in get", "get_seconds", lambda value: f"{value:.3f} s"),

@@ -243,7 +243,8 @@ class OnDiskCache(AsyncCache[K, V]):
         return None if result is _MISS or type(result) is _Failure else result  # type: ignore[return-value]
 
     def lookup(self, key: K) -> Lookup[V]:
-        """Read ``key``: HIT with the value, MISS, or ERROR (unreadable or corrupt entry, counted, removed).
+        """Read ``key``: HIT with the value, MISS, or ERROR (unreadable or corrupt entry, counted, removed; an
+        entry of another secret, counted as ``unverified`` and kept).
 
         :raises CacheError: the key is not picklable.
         :raises aotcache.logs.CacheFault: a fault, in strict mode only.
@@ -282,6 +283,8 @@ class OnDiskCache(AsyncCache[K, V]):
         except OSError as exc:
             return self._read_fault(start, f"cannot read disk cache entry {path}", exc)
         except frame.FrameError as exc:
+            if not exc.corrupt:
+                return self._unverified(start, st.st_size, exc)
             stale = exc.reason == "key mismatch" and self._of_other_version(self._file_key(path), encoded)
             self._discard_corrupt(digest, path, st)
             if stale:
@@ -308,6 +311,8 @@ class OnDiskCache(AsyncCache[K, V]):
         try:
             value = frame.decode_value(blob, secret=self._secret, expected_key=self._frame_key(encoded))
         except frame.FrameError as exc:
+            if not exc.corrupt:
+                return self._unverified(start, len(blob), exc)
             try:
                 removed = self._pack.discard(raw_digest, blob)
             except PackFault:
@@ -349,6 +354,12 @@ class OnDiskCache(AsyncCache[K, V]):
         self.stats.add(errors=1, get_seconds=time.perf_counter() - start)
         handle_fault(f"disk-read:{errno.errorcode.get(exc.errno or 0, exc.errno)}:{self._root}", message, exc)
         return _Failure(f"{type(exc).__name__}: {exc}")
+
+    def _unverified(self, start: float, size: int, exc: frame.FrameError) -> _Failure:
+        """An entry of another secret (or unsigned): a miss here, kept for its writers (counted, warned once)."""
+        self.stats.add(unverified=1, bytes_read=size, get_seconds=time.perf_counter() - start)
+        frame.report_secret_mismatch(str(self._root), exc)
+        return _Failure(f"unverified entry ({exc.reason})")
 
     def _discard_corrupt(self, digest: str, path: str, seen: os.stat_result) -> None:
         """Remove the corrupt file just read, unless another process has already replaced it."""

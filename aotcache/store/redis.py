@@ -257,7 +257,7 @@ class RedisCache(AsyncCache[Any, Any]):
         return self.lookup(key).value
 
     def lookup(self, key: Any) -> Lookup[Any]:
-        """Hit, miss, or error (Redis unavailable, corrupt or tampered entry; the latter is deleted).
+        """Hit, miss, or error (Redis unavailable; a corrupt entry, deleted; an entry of another secret, kept).
 
         :raises CacheError: the key is not picklable.
         :raises aotcache.logs.CacheFault: a fault in strict mode.
@@ -278,6 +278,10 @@ class RedisCache(AsyncCache[Any, Any]):
             try:
                 value = frame.decode_value(blob, secret=self._secret, expected_key=encoded)
             except frame.FrameError as exc:
+                if not exc.corrupt:  # whole, but not verifiable with our secret: keep it for its writers
+                    self.stats.add(misses=1, unverified=1, bytes_read=len(blob))
+                    frame.report_secret_mismatch(self.where, exc)
+                    return Lookup(LookupStatus.ERROR, tier=self.name, error=f"unverified entry: {exc}")
                 self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(blob))
                 self._run("delete", lambda client: self._delete_if_unchanged(
                     keys=[name], args=[hashlib.sha1(blob).hexdigest()], client=client))
