@@ -336,6 +336,32 @@ def test_bad_env_var_is_one_line_exit_2(populated, monkeypatch):
     assert invoke("--cache-dir", str(populated), "ls").exit_code == 0
 
 
+@pytest.mark.parametrize("url", ["notaurl", "http://host:6379/0", "redis://:6379/0", "redis://host:port/0",
+                                 "redis://host:6379/zero"])
+def test_malformed_redis_url_is_one_line_naming_the_variable_and_the_form(populated, url):
+    """Issue 13 item 11: `AOTCACHE_REDIS_URL=notaurl aotcache stats` / `ls --tier all` printed a traceback."""
+    command = command_path()
+    for args in (["stats"], ["ls", "--tier", "all"]):
+        proc = subprocess.run([*command, *args], env=dict(os.environ, AOTCACHE_REDIS_URL=url),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"aotcache: error: AOTCACHE_REDIS_URL={url!r} is not valid")
+        assert "redis://host:port/db" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_malformed_redis_url_in_the_library_names_the_variable(monkeypatch):
+    from aotcache.config import ConfigError
+    from aotcache.store.factory import open_tiers
+    from aotcache.store.interface import CacheError
+    from aotcache.store.redis import RedisCache
+
+    monkeypatch.setenv("AOTCACHE_REDIS_URL", "notaurl")
+    with pytest.raises(ConfigError, match=r"AOTCACHE_REDIS_URL='notaurl' .*redis://host:port/db"):
+        open_tiers(namespace="aot")
+    with pytest.raises(CacheError, match=r"invalid Redis URL .*redis://host:port/db"):
+        RedisCache("redis://host:port/0")
+
+
 def test_unknown_env_var_is_a_warning(populated, monkeypatch):
     monkeypatch.setenv("AOTCACHE_MAX_BYTE", "1GB")
     data = invoke("ls", "--json")

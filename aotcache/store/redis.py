@@ -84,7 +84,10 @@ def _redacted(url: str) -> str:
     """``host:port/db`` of a Redis URL, without user name or password, for logs and fault keys."""
     parts = urlsplit(url)
     host = parts.hostname or parts.path or "?"
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as "?" (this runs while reporting a malformed URL too)
+        port = ":?"
     path = parts.path if parts.hostname else ""
     return f"{parts.scheme}://{host}{port}{path}"
 
@@ -160,7 +163,13 @@ class RedisCache(AsyncCache[Any, Any]):
                  compress_min_bytes: int | None = None, backoff_initial_s: float = BACKOFF_INITIAL_S,
                  backoff_max_s: float = BACKOFF_MAX_S) -> None:
         super().__init__()
-        url = url if url is not None else config.get("redis_url")
+        if url is None:
+            url = config.get("redis_url")  # checked there: a bad AOTCACHE_REDIS_URL raises ConfigError naming it
+        else:
+            try:
+                url = config.parse_redis_url(url)
+            except ValueError as exc:
+                raise CacheError(f"invalid Redis URL {_redacted(url)!r}: expected {exc}") from None
         if not url:
             raise CacheError("RedisCache needs a URL: pass url=... or set AOTCACHE_REDIS_URL "
                              "(e.g. redis://localhost:6379/0)")
