@@ -240,6 +240,31 @@ def test_prune_uses_one_lru_order_across_namespaces_and_forms(isolated_cache_dir
     assert files._usage.approximate_total() == files.total_bytes()
 
 
+def test_prune_counts_and_removes_libraries_of_replaced_aoti_entries(isolated_cache_dir):
+    """Issue 13 item 11: libraries materialized for AOTInductor entries that were since replaced stayed in
+    aoti_libs/ forever, outside max_bytes. They count in the bound, in one LRU order with the entries."""
+    from aotcache.compilers.aoti_lib import library_path
+
+    cache = OnDiskCache("aot", max_bytes=0)
+    replaced = library_path(b"\x7fELF library of a replaced entry" * 1000)
+    assert cache.insert("entry", os.urandom(5000))
+    age_entries(cache, 30)
+    os.utime(replaced, (time.time() - 120, time.time() - 120))  # last loaded two minutes ago
+    assert cache.get("entry") is not None
+    current = library_path(b"\x7fELF library of the current entry" * 1000)
+    os.utime(current, (time.time() - 120, time.time() - 120))
+    assert library_path(b"\x7fELF library of the current entry" * 1000) == current  # a reuse refreshes it
+    assert replaced.parent.name == "aoti_libs" and replaced.exists()
+
+    occupancy = {row["namespace"]: row for row in invoke_json("stats")["occupancy"]}
+    assert occupancy["aoti_libs"]["bytes"] == replaced.stat().st_size + current.stat().st_size
+    bound = cache.total_bytes() + current.stat().st_size
+    data = invoke_json("prune", "--max-bytes", str(bound))
+    assert [entry["key"] for entry in data["removed"]] == [f"aoti_libs/{replaced.name}"]
+    assert not replaced.exists() and current.exists() and cache.get("entry") is not None
+    assert data["bytes_after"] == bound and data["entries_before"] == 3
+
+
 def test_prune_accepts_units_and_rejects_bad_sizes(populated):
     kept = invoke("prune", "--max-bytes", "1MB")
     assert kept.exit_code == 0 and "Removed 0 of 5 entries" in kept.stdout

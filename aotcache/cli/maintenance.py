@@ -127,8 +127,9 @@ def _parse_size(text: str) -> int:
 def prune(max_bytes_text: str | None, namespaces: tuple[str, ...], dry_run: bool) -> None:
     """Remove least recently used disk entries until the disk tier is at most --max-bytes.
 
-    The bound covers all the selected namespaces together (files and small-entry rows alike); the most
-    recently used entries are kept.
+    The bound covers all the selected namespaces together (files and small-entry rows alike) and, without
+    --namespace, the AOTInductor libraries materialized in aoti_libs/ (re-written from their entries when
+    needed); the most recently used are kept.
     """
     max_bytes = config.get("max_bytes") if max_bytes_text is None else _parse_size(max_bytes_text)
     if max_bytes <= 0:
@@ -138,7 +139,7 @@ def prune(max_bytes_text: str | None, namespaces: tuple[str, ...], dry_run: bool
     # bound) when it flushes its usage counter; OnDiskCache.prune applies the bound asked for, exactly.
     handles = _open("disk", namespaces, max_bytes=0)
     try:
-        result = stores.prune_disk(handles, max_bytes, dry_run=dry_run)
+        result = stores.prune_disk(handles, max_bytes, dry_run=dry_run, libraries=not namespaces)
     except OSError as exc:
         raise CliError(f"cannot prune the disk tier: {exc}") from None
     finally:

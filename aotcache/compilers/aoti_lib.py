@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
 import platform
 import shutil
@@ -31,8 +30,8 @@ from typing import Any
 
 import torch
 
-from aotcache import config
 from aotcache.compilers.base import ArtifactError
+from aotcache.store import derived_files
 
 __all__ = [
     "AOTIRunner",
@@ -344,31 +343,11 @@ def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None) ->
     """The content-addressed path of a library: ``<cache_dir>/aoti_libs/<sha256>.so``, written if absent.
 
     NOTE [content-addressed libraries]
-    dlopen needs a file. The name is the bytes' sha256, so a file that exists and holds exactly these bytes
-    is reused (compared byte for byte: cheaper than hashing it again on the warm path; the OS also keeps one
-    mapping per path), and a new one is written to a temp file and renamed into place, so readers never see
-    a partial library and a concurrent writer only replaces it with equal bytes. No fsync: the file is
-    derived data, and one damaged by a crash fails the comparison and is written again.
+    dlopen needs a file. The name is the bytes' sha256 (:func:`aotcache.store.derived_files.materialize`):
+    an existing file with these bytes is reused, a new one appears atomically. The files are derived data,
+    counted in the disk bound and pruned by ``aotcache prune`` (NOTE [derived files in the bound]).
     """
-    digest = hashlib.sha256(so_bytes).hexdigest()
-    directory = Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))
-    directory = directory / "aoti_libs"
-    path = directory / f"{digest}.so"
-    with contextlib.suppress(OSError):
-        if path.stat().st_size == len(so_bytes) and path.read_bytes() == so_bytes:
-            return path
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(so_bytes)
-        os.chmod(tmp_name, 0o755)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return path
+    return derived_files.materialize(so_bytes, derived_files.library_dir(cache_dir), ".so")
 
 
 def load_library(so_bytes: bytes, *, device: str | torch.device = "cpu",
@@ -396,5 +375,4 @@ def load_library(so_bytes: bytes, *, device: str | torch.device = "cpu",
 
 def remove_library_dir(cache_dir: str | os.PathLike | None = None) -> None:
     """Delete every materialized library file (they are re-written from artifacts on the next load)."""
-    directory = (Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))) / "aoti_libs"
-    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(derived_files.library_dir(cache_dir), ignore_errors=True)
