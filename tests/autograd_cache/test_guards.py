@@ -156,7 +156,7 @@ def test_an_expression_is_parsed_once_then_runs_as_compiled_code(monkeypatch):
     parses = []
     real_parse = ast.parse
     monkeypatch.setattr(guards.ast, "parse", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
-    expression = " and ".join(f"L['t{n}'].size()[0] == L['t{n}'].stride()[0] and L['t{n}'].storage_offset() == 0"
+    expression = " and ".join(f"L['t{n}'].stride()[0] == L['t{n}'].size()[1] and L['t{n}'].storage_offset() == 0"
                               for n in range(50)) + " and L['t0'].size()[1] == 1"
     good = [torch.randn(3, 1) for _ in range(50)]
     bad = [torch.randn(3, 2)] + good[1:]
