@@ -86,11 +86,12 @@ def mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, list]:
+def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tuple[Any, list]:
     """Fake counterparts of ``flat_args`` (non-tensors unchanged) and the FakeTensorMode that owns them.
 
     Inputs that are already fake (Dynamo's example inputs) keep their mode and symbols. Otherwise a new mode is
-    made; with ``dynamic`` every dimension gets its own symbol (no duck sizing), guarded after tracing.
+    made; with ``dynamic`` every dimension gets its own symbol (no duck sizing), guarded after tracing; with a
+    spec (a tuple per argument, NOTE [Dynamic dimensions] in dynamic_dims.py) only the dimensions it names.
     """
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -117,7 +118,9 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, l
     fakes = []
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
-            context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * arg.dim())
+            dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
+            context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if dim in dims else DimDynamic.STATIC
+                                                              for dim in range(arg.dim())])
             arg = mode.from_tensor(arg, static_shapes=False, source=ConstantSource(f"aot_input_{position}"),
                                    symbolic_context=context)
         fakes.append(arg)
@@ -632,7 +635,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
 
 def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None = None,
-            dynamic: bool = False, trace_joint: bool | None = None,
+            dynamic: bool | tuple = False, trace_joint: bool | None = None,
             input_is_leaf: Sequence[bool] | None = None, regenerate_aliases: bool = True) -> CapturedGraph:
     """Trace ``flat_fn(*flat_args)`` into a functionalized joint (training) or forward (inference) graph.
 

@@ -97,12 +97,16 @@ def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKe
     return bool(cache.tiers.insert(alias_store_key(fingerprint), blob))
 
 
-def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any) -> Fingerprint:
-    """The fingerprint of a call of an ``AOTFunction``: module form when it wraps an ``aot_module``."""
+def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any, options: Any = None) -> Fingerprint:
+    """The fingerprint of a call of an ``AOTFunction``: module form when it wraps an ``aot_module``.
+
+    ``options``: the call's options when they differ from the function's (``dynamic`` resolved to a spec).
+    """
+    options = function.options if options is None else options
     module = getattr(function, "fingerprint_module", None)
     if module is not None:
-        return fingerprint_module_call(module, flat_args, in_spec, function.options)
-    return fingerprint_call(function.fn, flat_args, in_spec, function.options)
+        return fingerprint_module_call(module, flat_args, in_spec, options)
+    return fingerprint_call(function.fn, flat_args, in_spec, options)
 
 
 def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, flat_args: Sequence[Any],
