@@ -309,6 +309,14 @@ class AOTFunction:
     def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None) -> CompiledRuntime:
         """The runtime of this signature: reused, or traced and compiled now (once, under the lock)."""
         options = self._resolve_dynamic(flat_args, in_spec, extra)
+        try:
+            return self._runtime_with(flat_args, in_spec, extra, options)
+        except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
+            if not self._dims.abandon(options.dynamic, exc, self.name):
+                raise
+        return self._runtime_with(flat_args, in_spec, extra, self._resolve_dynamic(flat_args, in_spec, extra))
+
+    def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, options: AOTOptions) -> CompiledRuntime:
         key = (extra, signature_of(flat_args, in_spec, options.dynamic))
         runtime = self._lookup(key, flat_args)
         if runtime is None:

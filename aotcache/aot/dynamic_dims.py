@@ -22,13 +22,14 @@ of tensors with marked dimensions, are checked by the graph's guards (produced w
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from aotcache.logs import logger
+from aotcache.logs import log_once, logger
 
 __all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
 
@@ -63,7 +64,20 @@ class DynamicDims:
         self._first: dict[Any, tuple] = {}  # automatic: per rank signature, the sizes of its first call
         self._marked: dict[Any, frozenset[tuple[int, int]]] = {}  # automatic: (position, dim) marked dynamic
         self._options: dict[tuple, Any] = {}
+        self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
         self._lock = threading.Lock()
+
+    def abandon(self, spec: DimSpec | bool, exc: BaseException, name: str) -> bool:
+        """After a failed compile under ``spec``: True if it was an automatic dynamic one, now given up (the
+        caller compiles statically instead); False if the error is the caller's to raise."""
+        if self.dynamic is not None or not isinstance(spec, tuple):
+            return False
+        self._abandoned = True
+        log_once(logging.WARNING, f"dynamic:abandoned:{name}",
+                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per shape "
+                 "instead. Pass dynamic=False to skip the attempt.", name, type(exc).__name__,
+                 str(exc).splitlines()[0] if str(exc) else "")
+        return True
 
     def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
              ) -> DimSpec | bool:
@@ -76,6 +90,8 @@ class DynamicDims:
             return False
         if self.dynamic is True:
             return _all_dims(flat_args, num_state)
+        if self._abandoned:
+            return False
         shapes = tuple(tuple(arg.shape) if isinstance(arg, torch.Tensor) else None for arg in flat_args)
         with self._lock:
             first = self._first.setdefault(rank_key, shapes)
