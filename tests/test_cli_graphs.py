@@ -38,7 +38,7 @@ def body(x, w):
 
 x, w = torch.ones(4, 3), torch.ones(3, 5, requires_grad=True)
 aot_function(body, "nop")(x, w).backward()
-print(json.dumps(default_cache().stats()))
+print(json.dumps({**default_cache().stats(), "fingerprint_hit": default_cache().counters.get("fingerprint_hit", 0)}))
 """
 
 
@@ -206,13 +206,22 @@ def test_export_clear_import_round_trip_gives_a_warm_hit_in_a_fresh_process(isol
         names = archive.getnames()
         index = json.loads(archive.extractfile(INDEX_NAME).read())
     assert names[0] == INDEX_NAME and [record["digest"] for record in index["entries"]] == [original["digest"]]
+    # Issue 13 item 7: the fingerprint record travels with its entry, so the first run after import does not trace
+    [alias] = index["aliases"]
+    from aotcache.autograd_cache.fingerprint_cache import ALIAS_PREFIX
+    from aotcache.cli.graph_entries import ALIAS_KEY_PREFIX
+
+    assert ALIAS_KEY_PREFIX == ALIAS_PREFIX  # the torch-free listing's copy of the prefix
+    assert f"aliases/{alias['fingerprint']}.json" in names
     assert invoke("clear", "-n", "aot", "--yes").exit_code == 0
     assert invoke_json("graphs")["total_entries"] == 0
     data = json.loads(run_cli("import", str(bundle), "--json").stdout)
     assert (data["imported"], data["skipped"], data["rejected"], data["other_versions"]) == (1, 0, 0, 0)
+    assert data["aliases"] == 1 and data["aliases_rejected"] == []
     assert [e["ref"] for e in invoke_json("graphs")["entries"]] == [original["ref"]]
     warm = json.loads(run_python(WARM_STEP).stdout.strip().splitlines()[-1])
     assert warm["hit"] == 1 and warm["compile"] == 0 and warm["miss"] == 0
+    assert warm["fingerprint_hit"] == 1, "the first run after the import traced (no fingerprint record)"
     again = invoke("import", str(bundle))
     assert again.exit_code == 0 and "Imported 0, skipped 1 (already present), rejected 0" in again.stdout
 

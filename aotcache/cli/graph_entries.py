@@ -76,6 +76,12 @@ class EntrySelectionError(ValueError):
         self.bad_input = bad_input
 
 
+#: Store keys of fingerprint alias records (``fingerprint_cache.ALIAS_PREFIX`` + digest; repeated here, where
+#: nothing may import torch).
+ALIAS_KEY_PREFIX = "aot/fp/"
+_ALIAS_KEY_RE = re.compile(r"^aot/fp/([0-9a-f]{64})$")
+
+
 def store_key(digest: str, slot: int) -> str:
     """The store key of one entry (``cache.entry_store_key``'s form)."""
     return f"aot/{digest}/{slot}"
@@ -192,11 +198,44 @@ def read_entry_bytes(handle_cache: Any, tier: str, digest: str, slot: int) -> by
 
     Disk entries are read without moving their LRU recency (see NOTE [reading does not count as use]).
     """
-    key = store_key(digest, slot)
+    return read_value_bytes(handle_cache, tier, store_key(digest, slot))
+
+
+def read_value_bytes(handle_cache: Any, tier: str, key: str) -> bytes | None:
+    """The bytes stored in one tier under store key ``key`` (disk: without moving its recency), or None."""
     if tier != "disk":
         value = handle_cache.get(key)
         return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
     return _peek_disk(handle_cache, key)
+
+
+def read_alias_records(namespace: str, tier: str, digests: Iterable[str]) -> dict[str, bytes]:
+    """The fingerprint alias records of ``namespace`` (``aot/fp/<fingerprint>``, see
+    :mod:`aotcache.autograd_cache.fingerprint_cache`) that name one of the key ``digests``: fingerprint ->
+    record bytes. Records that do not parse are left out (a job's lookup deletes them).
+
+    :raises CacheError: as :func:`list_graph_entries`.
+    """
+    wanted = set(digests)
+    found: dict[str, bytes] = {}
+    handles = _open_tiers(namespace, tier)
+    try:
+        for handle in handles:
+            for info in handle.cache.entries():
+                match = _ALIAS_KEY_RE.match(info.key)
+                if match is None or match.group(1) in found:
+                    continue
+                blob = read_value_bytes(handle.cache, handle.tier, info.key)
+                try:  # the JSON fields only (torch-free); import checks the key parts
+                    record = json.loads(blob.decode("utf-8")) if blob is not None else None
+                except (UnicodeDecodeError, ValueError):
+                    continue
+                if (isinstance(record, dict) and record.get("fingerprint") == match.group(1)
+                        and record.get("key") in wanted):
+                    found[match.group(1)] = blob  # type: ignore[assignment]
+    finally:
+        _close(handles)
+    return found
 
 
 def _peek_disk(disk: Any, key: str) -> bytes | None:
