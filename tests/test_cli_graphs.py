@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -354,3 +355,52 @@ for args in (["graphs"], ["show", "{first[:8]}"], ["stats"], ["export", "{tmp_pa
 print("torch-free")
 """
     assert run_python(code).stdout.strip().endswith("torch-free")
+
+
+# ----------------------------------------------------------------------------------------------------
+# prune and fingerprint records
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_the_fingerprint_records_of_the_entries_it_keeps(isolated_cache_dir):
+    """Issue 13 item 7: a warm start reads a model's fingerprint record just before its entry, so the record
+    was the older of the two and `prune` could remove it while keeping the entry (the next run traced again)."""
+    from aotcache.cli.graph_entries import ALIAS_KEY_PREFIX, parse_store_key
+    from aotcache.store.disk import OnDiskCache
+    from tests.store.test_disk import age_entries
+
+    def model(depth):
+        def body(x, w):
+            y = x @ w
+            for _ in range(depth):
+                y = y.sin()
+            return y.sum()
+        return body
+
+    def run(depth):
+        cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+        aot_function(model(depth), "nop", cache=cache)(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+        return cache.counters
+
+    for depth in (1, 2, 3):
+        assert run(depth)["saved"] == 1
+    disk = OnDiskCache("aot", max_bytes=0)
+    age_entries(disk, 60)
+    assert run(2)["fingerprint_hit"] == 1  # warm starts: a record read, then its entry; model 2, then model 1
+    time.sleep(0.01)
+    assert run(1)["fingerprint_hit"] == 1
+    listed = sorted(disk.entries(), key=lambda info: info.last_access)
+    assert [info.key.startswith(ALIAS_KEY_PREFIX) for info in listed[-4:]] == [True, False, True, False]
+    oldest_record = listed[-4]  # model 2's: the least recently used of the four just read
+    bound = sum(info.size for info in listed[-4:]) - oldest_record.size
+    data = invoke_json("prune", "--max-bytes", str(bound))
+    assert data["bytes_after"] <= bound
+
+    def record_target(info):
+        return json.loads(disk.get(info.key))["key"]
+
+    kept = list(disk.entries())
+    kept_keys = {parse_store_key(info.key)[0] for info in kept if not info.key.startswith(ALIAS_KEY_PREFIX)}
+    kept_targets = {record_target(info) for info in kept if info.key.startswith(ALIAS_KEY_PREFIX)}
+    assert kept_keys and kept_keys == kept_targets, "an entry kept without its fingerprint record, or a record alone"
+    assert run(1)["fingerprint_hit"] == 1  # model 1 still starts warm after the prune

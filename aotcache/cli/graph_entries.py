@@ -23,6 +23,7 @@ aotcache/store/disk.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -439,3 +440,55 @@ def installed_torch_version() -> str | None:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprint records during prune (NOTE [ordered with another entry] in aotcache/store/eviction.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _alias_targets(disk: Any, infos: Iterable[Any]) -> dict[str, str]:
+    """Storage digest of each readable fingerprint record among ``infos`` -> the key digest it names."""
+    targets = {}
+    for info in infos:
+        if _ALIAS_KEY_RE.match(info.key) is None:
+            continue
+        blob = _peek_disk(disk, info.key)
+        try:
+            record = json.loads(blob.decode("utf-8")) if blob is not None else None
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            targets[info.digest] = record["key"]
+    return targets
+
+
+def alias_recency(disk: Any, infos: Sequence[Any]) -> dict[str, int]:
+    """Order times (ns, by storage digest) that put each fingerprint record of the disk tier ``disk`` just
+    after the most recently used entry of the key it names, so that ``prune`` never removes the record of an
+    entry it keeps (``infos``: the tier's listing)."""
+    newest: dict[str, float] = {}
+    for info in infos:
+        parsed = parse_store_key(info.key)
+        if parsed is not None:
+            newest[parsed[0]] = max(newest.get(parsed[0], 0.0), float(info.last_access))
+    by_digest = {info.digest: info for info in infos}
+    order = {}
+    for digest, key_digest in _alias_targets(disk, infos).items():
+        if key_digest in newest:
+            own = int(by_digest[digest].last_access * 1e9)
+            order[digest] = max(own, int(newest[key_digest] * 1e9) + 1000)
+    return order
+
+
+def remove_orphan_aliases(disk: Any) -> int:
+    """Remove the fingerprint records of the disk tier ``disk`` whose key has no entry left; the number removed
+    (a record without its entry only costs a lookup, but prune must not leave them behind)."""
+    infos = list(disk.entries())
+    present = {parsed[0] for info in infos if (parsed := parse_store_key(info.key)) is not None}
+    removed = 0
+    for digest, key_digest in _alias_targets(disk, infos).items():
+        if key_digest not in present:
+            with contextlib.suppress(OSError):
+                removed += bool(disk.delete_digest(digest))
+    return removed

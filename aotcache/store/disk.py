@@ -59,7 +59,7 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -597,11 +597,13 @@ class OnDiskCache(AsyncCache[K, V]):
             self._report_fault(f"pack-{exc.category}", exc.message, exc.cause)
             return 0, 0
 
-    def prune(self, max_bytes: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(self, max_bytes: int, *, dry_run: bool = False, recency: Mapping[str, int] | None = None
+              ) -> PruneReport:
         """Remove least recently used entries (files and rows) until they total at most ``max_bytes``.
 
         Unlike the automatic eviction (down to 90 % of the configured bound), the bound given is the bound
         reached; an entry read while pruning is kept. With ``dry_run``, only reports what would go.
+        ``recency``: order times (ns) for some entries by digest (NOTE [ordered with another entry]).
 
         :raises CacheError: ``max_bytes`` is not a non-negative integer.
         :raises OSError: the cache directory, a lock or the database cannot be used.
@@ -609,7 +611,7 @@ class OnDiskCache(AsyncCache[K, V]):
         _non_negative("prune max_bytes", max_bytes)
         self.close()  # count this handle's own writes before the scan
         try:
-            return self._usage.prune(max_bytes, dry_run=dry_run, describe=self._describe)
+            return self._usage.prune(max_bytes, dry_run=dry_run, describe=self._describe, recency=recency)
         except PackFault as exc:
             raise _as_os_error(exc) from exc
 
