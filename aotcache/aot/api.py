@@ -49,6 +49,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.partition import resolve_partition
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.logs import log_once
 
@@ -430,6 +431,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     """
     _check_compat_arguments("aot_function", num_params_buffers, keep_inference_input_mutations)
     check_dynamic(dynamic, "aot_function")
+    partition_fn = resolve_partition(partition_fn, "aot_function")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     compiled = AOTFunction(fn, options, cache=cache)
@@ -493,6 +495,7 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                         f"use aot_function for plain functions")
     _check_compat_arguments("aot_module", num_params_buffers, keep_inference_input_mutations)
     check_dynamic(dynamic, "aot_module")
+    partition_fn = resolve_partition(partition_fn, "aot_module")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     return AOTModule(module, options, cache=cache)
@@ -565,6 +568,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     PyTorch's (NOTE [PyTorch-compatible arguments]).
     """
     _check_compat_arguments("aot_module_simplified", 0, keep_inference_input_mutations)
+    partition_fn = resolve_partition(partition_fn, "aot_module_simplified")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic,
                          compiler_options=compiler_options)

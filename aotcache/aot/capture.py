@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -653,7 +655,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     from torch._dispatch.python import enable_python_dispatcher
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with dispatcher, _compiling():
+    with dispatcher, _compiling(), _quiet_fake_tensor_failures():
         analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
                            static_views=static_views, force_autograd=bool(trace_joint),
                            regenerate_aliases=regenerate_aliases)
@@ -667,6 +669,37 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+class _DropFakeMetaFailures(logging.Filter):
+    """Drops the fake-tensor mode's own log of an op that failed (the same error is raised to the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+
+_FAKE_TENSOR_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+_DROP_FAKE_META_FAILURES = _DropFakeMetaFailures()
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_failures() -> Iterator[None]:
+    """NOTE [fake-tensor failure logs]: when an op fails on fake tensors during capture (a wrong input shape,
+    say), torch's fake-tensor mode logs the whole traceback at ERROR (~20 lines) before raising it; the error
+    itself still reaches the caller, so those lines only bury it. They are filtered out while capturing."""
+    global _quiet_depth
+    with _quiet_lock:
+        _quiet_depth += 1
+        _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added again
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
+                _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
 
 
 @contextlib.contextmanager
