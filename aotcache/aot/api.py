@@ -448,12 +448,26 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _resync_rnn_weights(module: nn.Module) -> None:
+    """NOTE [RNN weight caches]: ``nn.RNNBase`` caches its weights in ``_flat_weights`` (and weakrefs to them),
+    and re-reads them when it sees swapped parameters, as during a capture's ``functional_call``; the
+    parameters are put back afterwards without going through the cache, which then holds the capture's
+    functional tensors. Re-reading the real parameters (what the module itself does on its next eager call)
+    keeps the module as the caller left it, and its call fingerprint trusted (a traced tensor is opaque)."""
+    for submodule in module.modules():
+        if isinstance(submodule, nn.RNNBase):
+            submodule._init_flat_weights()
+
+
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
-                                          strict=False)
+        try:
+            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
+                                              strict=False)
+        finally:
+            _resync_rnn_weights(module)
 
     return call
 
