@@ -404,3 +404,48 @@ def test_prune_keeps_the_fingerprint_records_of_the_entries_it_keeps(isolated_ca
     kept_targets = {record_target(info) for info in kept if info.key.startswith(ALIAS_KEY_PREFIX)}
     assert kept_keys and kept_keys == kept_targets, "an entry kept without its fingerprint record, or a record alone"
     assert run(1)["fingerprint_hit"] == 1  # model 1 still starts warm after the prune
+
+
+# ----------------------------------------------------------------------------------------------------
+# explain: the same function's entries only, and a suggestion (issue 13 item 8)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_explain_after_a_new_model_does_not_diff_against_another_model(isolated_cache_dir):
+    def first_model(x, w):
+        return (x @ w).sin().sum()
+
+    def second_model(x, w):
+        return (x @ w).relu().mean()
+
+    aot_function(first_model, "nop")(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+    aot_function(second_model, "nop")(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+    data = invoke_json("explain")
+    assert data["name"].endswith("second_model") and data["nearest"] is None and data["differences"] == []
+    assert "no earlier entry for" in data["note"] and "second_model" in data["note"]
+    text = invoke("explain").stdout
+    assert "first_model" not in text and len(text.splitlines()) <= 3
+
+    aot_function(second_model, "nop")(torch.ones(6, 3), torch.ones(3, 5, requires_grad=True))  # another size
+    data = invoke_json("explain")
+    assert data["nearest_name"].endswith("second_model") and "inputs" in data["differing_parts"]
+    assert "only input sizes differ" in data["suggestion"] and "dynamic=True" in data["suggestion"]
+    assert "Suggestion: only input sizes differ" in invoke("explain").stdout
+
+
+def test_suggestions_from_the_differing_parts():
+    from aotcache.cli.graph_entries import suggest_fix
+
+    def key(**parts):
+        return {"parts": {name: {"digest": str(hash(repr(detail))), "detail": detail}
+                          for name, detail in parts.items()}}
+
+    tensor = {"kind": "tensor", "dtype": "float32", "shape": [4, 3], "stride": [3, 1], "storage_offset": 0}
+    longer = {**tensor, "shape": [6, 3]}
+    half = {**tensor, "dtype": "float16"}
+    base = dict(graph={"nodes": 3}, config={"v": 1}, system={"torch": "2.13"})
+    assert "dynamic=True" in suggest_fix(key(inputs=[tensor], **base), key(inputs=[longer], **{**base, "graph": {"nodes": 4}}))
+    assert suggest_fix(key(inputs=[tensor], **base), key(inputs=[half], **base)) is None  # a dtype: no fix
+    settings = suggest_fix(key(inputs=[tensor], **base), key(inputs=[tensor], **{**base, "system": {"torch": "2.14"}}))
+    assert "only settings or versions differ (system)" in settings
+    assert suggest_fix(key(inputs=[tensor], **base), key(inputs=[tensor], **base)) is None

@@ -413,16 +413,18 @@ def differing_parts(key_a: Any, key_b: Any) -> list[str]:
     return sorted(name for name in set(digests_a) | set(digests_b) if digests_a.get(name) != digests_b.get(name))
 
 
-def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry]) -> GraphEntry | None:
+def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry], name: str | None = None
+                  ) -> GraphEntry | None:
     """The stored entry of another key sharing the most part digests with ``key_record`` (first by digest on
-    ties), the way ``AOTAutogradCache.explain_miss`` picks it; None when there is none."""
+    ties), the way ``AOTAutogradCache.explain_miss`` picks it; None when there is none. With ``name``, only
+    entries of that function or model are candidates (another model's entry explains nothing)."""
     wanted = _part_digests(key_record)
     own_digest = key_record.get("digest")
     best: GraphEntry | None = None
     best_same = -1
     for entry in entries:
-        if entry.digest == own_digest:
-            continue  # saved since the miss: compare with the others
+        if entry.digest == own_digest or (name is not None and entry.name != name):
+            continue  # saved since the miss, or another model: compare with the others
         digests = _part_digests(entry.manifest.get("key"))
         if not digests:
             continue
@@ -430,6 +432,48 @@ def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry]) -> 
         if same > best_same:
             best, best_same = entry, same
     return best
+
+
+# Input fields that only say how large an input is (and so how it is laid out): when nothing else differs,
+# dynamic shapes would have reused the entry.
+_SHAPE_FIELDS = frozenset({"shape", "stride", "storage_offset", "memory_format"})
+# Key parts that describe settings and versions, not the traced program or its inputs.
+_SETTING_PARTS = frozenset({"config", "system", "compiler", "partitioner", "decompositions", "numerics",
+                            "autocast", "grad_mode", "extra"})
+
+
+def _part_details(key_record: Any) -> dict[str, Any]:
+    parts = key_record.get("parts") if isinstance(key_record, dict) else None
+    return {str(name): body.get("detail") for name, body in (parts or {}).items() if isinstance(body, dict)}
+
+
+def _without_shapes(inputs: Any) -> Any:
+    if not isinstance(inputs, list):
+        return inputs
+    return [{field: value for field, value in item.items() if field not in _SHAPE_FIELDS}
+            if isinstance(item, dict) else item for item in inputs]
+
+
+def suggest_fix(key_a: Any, key_b: Any) -> str | None:
+    """A suggestion for a miss of ``key_b`` next to ``key_a`` (same function), when the differing parts show
+    one: only input sizes differ -> dynamic shapes; only settings or versions differ -> say so. None else."""
+    parts = set(differing_parts(key_a, key_b))
+    if not parts:
+        return None
+    details_a, details_b = _part_details(key_a), _part_details(key_b)
+    if "inputs" in parts and parts <= {"inputs", "graph"}:
+        inputs_a, inputs_b = details_a.get("inputs"), details_b.get("inputs")
+        if (isinstance(inputs_a, list) and isinstance(inputs_b, list)
+                and _without_shapes(inputs_a) == _without_shapes(inputs_b)):
+            return ("only input sizes differ: compile with dynamic=True (one graph for every size that "
+                    "satisfies its guards), or keep the default dynamic=None, which makes a dimension that "
+                    "changes size dynamic at the next compile")
+    if parts <= _SETTING_PARTS:
+        labels = ", ".join(sorted(parts))
+        return (f"only settings or versions differ ({labels}): the program and its inputs are the same, but it "
+                "was compiled under another configuration or another torch / aotcache; nothing to change in "
+                "the model. Keep those settings equal across runs to share entries")
+    return None
 
 
 def installed_torch_version() -> str | None:
