@@ -121,6 +121,9 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
             dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
+            if isinstance(dynamic, tuple) and not dims:  # a static argument of a spec (a module's weights):
+                fakes.append(mode.from_tensor(arg, static_shapes=True))  # no symbols to create (~25 ms each)
+                continue
             context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if dim in dims else DimDynamic.STATIC
                                                               for dim in range(arg.dim())])
             arg = mode.from_tensor(arg, static_shapes=False, source=ConstantSource(f"aot_input_{position}"),
