@@ -51,7 +51,7 @@ from aotcache.aot.hot_path import (
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import resolve_partition
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
-from aotcache.logs import log_once
+from aotcache.logs import CacheFault, log_once
 
 __all__ = [
     "AOTOptions",
@@ -312,6 +312,8 @@ class AOTFunction:
         options = self._resolve_dynamic(flat_args, in_spec, extra)
         try:
             return self._runtime_with(flat_args, in_spec, extra, options)
+        except CacheFault:
+            raise  # strict mode's cache fault is not a failure of dynamic shapes
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
             if not self._dims.abandon(options.dynamic, exc, self.name):
                 raise
