@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
+from aotcache.aot.partition import PARTITIONER_NAMES as PARTITIONERS
 from aotcache.logs import logger
 
 __all__ = ["aotcache_backend", "default_compiler_name", "PARTITIONERS"]
-
-PARTITIONERS = ("default", "min_cut")
 _OPTION_NAMES = ("compiler", "dynamic", "cache", "partition", "compiler_options")
 
 
@@ -45,15 +44,9 @@ def default_compiler_name() -> str:
 
 
 def _partition_fn(partition: str | Callable) -> Callable:
-    if callable(partition):
-        return partition
-    from aotcache.aot.partition import default_partition, min_cut_rematerialization_partition
+    from aotcache.aot.partition import resolve_partition
 
-    table = {"default": default_partition, "min_cut": min_cut_rematerialization_partition}
-    if partition not in table:
-        raise ValueError(f"aotcache backend: unknown partition {partition!r}; use one of {', '.join(PARTITIONERS)} "
-                         "or a partition function")
-    return table[partition]
+    return resolve_partition(partition, "backend") if partition is not None else resolve_partition("default")
 
 
 def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compiler: str | Callable | None = None,

@@ -26,6 +26,7 @@ __all__ = [
     "describe",
     "parse_bool",
     "parse_bytes",
+    "parse_redis_url",
 ]
 
 
@@ -102,6 +103,43 @@ def _parse_job_id(text: str) -> str | None:
     return text or None
 
 
+#: Redis URL schemes accepted, each with whether it names a host (``unix://`` names a socket path instead).
+#: NOTE [Redis URL schemes]: one row per scheme; a scheme's connection is made in aotcache/store/redis.py
+#: (the ``+cluster`` forms select a Redis Cluster: NOTE [cluster URLs] there).
+REDIS_URL_SCHEMES: dict[str, bool] = {"redis": True, "rediss": True, "unix": False, "redis+cluster": True,
+                                       "rediss+cluster": True}
+_REDIS_URL_FORM = ("a Redis URL of the form redis://host:port/db (e.g. redis://localhost:6379/0), or "
+                   "redis+cluster://host:port for a Redis Cluster")
+
+
+def parse_redis_url(text: str) -> str | None:
+    """A Redis URL, checked for its form without connecting (``redis://host:port/db``); empty -> None."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(_REDIS_URL_FORM) from None
+    scheme = parts.scheme.lower()
+    if scheme not in REDIS_URL_SCHEMES:
+        schemes = ", ".join(f"{name}://" for name in REDIS_URL_SCHEMES)
+        raise ValueError(f"{_REDIS_URL_FORM}; the scheme must be one of {schemes}")
+    if REDIS_URL_SCHEMES[scheme]:
+        if not parts.hostname:
+            raise ValueError(f"{_REDIS_URL_FORM}; the host is missing")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{_REDIS_URL_FORM}; the database after the port must be a number, got {db!r}")
+        del port
+    elif not parts.path:
+        raise ValueError("a Unix socket URL of the form unix:///path/to/redis.sock")
+    return text
+
+
 def _parse_path(text: str) -> Path:
     text = text.strip()
     if not text:
@@ -168,9 +206,9 @@ _register("cache_dir", _parse_path, _default_cache_dir,
 _register("max_bytes", parse_bytes, 10 * 1024**3,
           "Size bound of the disk tier; least recently used entries are evicted past it. 0 = unbounded.",
           "a byte count such as 10GiB")
-_register("redis_url", _parse_optional_str, None,
+_register("redis_url", parse_redis_url, None,
           "URL of the shared Redis tier (e.g. redis://host:6379/0, or redis+cluster://host:6379 for a Redis "
-          "Cluster); unset = no Redis tier.", "a redis:// or redis+cluster:// URL")
+          "Cluster); unset = no Redis tier.", "redis://host:port/db or redis+cluster://host:port")
 _register("redis_timeout", _parse_float, 0.25,
           "Connect and command timeout for Redis, in seconds.", "seconds, e.g. 0.25")
 _register("redis_ttl", _parse_int, 0,

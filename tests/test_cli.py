@@ -240,6 +240,31 @@ def test_prune_uses_one_lru_order_across_namespaces_and_forms(isolated_cache_dir
     assert files._usage.approximate_total() == files.total_bytes()
 
 
+def test_prune_counts_and_removes_libraries_of_replaced_aoti_entries(isolated_cache_dir):
+    """Issue 13 item 11: libraries materialized for AOTInductor entries that were since replaced stayed in
+    aoti_libs/ forever, outside max_bytes. They count in the bound, in one LRU order with the entries."""
+    from aotcache.compilers.aoti_lib import library_path
+
+    cache = OnDiskCache("aot", max_bytes=0)
+    replaced = library_path(b"\x7fELF library of a replaced entry" * 1000)
+    assert cache.insert("entry", os.urandom(5000))
+    age_entries(cache, 30)
+    os.utime(replaced, (time.time() - 120, time.time() - 120))  # last loaded two minutes ago
+    assert cache.get("entry") is not None
+    current = library_path(b"\x7fELF library of the current entry" * 1000)
+    os.utime(current, (time.time() - 120, time.time() - 120))
+    assert library_path(b"\x7fELF library of the current entry" * 1000) == current  # a reuse refreshes it
+    assert replaced.parent.name == "aoti_libs" and replaced.exists()
+
+    occupancy = {row["namespace"]: row for row in invoke_json("stats")["occupancy"]}
+    assert occupancy["aoti_libs"]["bytes"] == replaced.stat().st_size + current.stat().st_size
+    bound = cache.total_bytes() + current.stat().st_size
+    data = invoke_json("prune", "--max-bytes", str(bound))
+    assert [entry["key"] for entry in data["removed"]] == [f"aoti_libs/{replaced.name}"]
+    assert not replaced.exists() and current.exists() and cache.get("entry") is not None
+    assert data["bytes_after"] == bound and data["entries_before"] == 3
+
+
 def test_prune_accepts_units_and_rejects_bad_sizes(populated):
     kept = invoke("prune", "--max-bytes", "1MB")
     assert kept.exit_code == 0 and "Removed 0 of 5 entries" in kept.stdout
@@ -334,6 +359,32 @@ def test_bad_env_var_is_one_line_exit_2(populated, monkeypatch):
     monkeypatch.setenv("AOTCACHE_CACHE_DIR", "   ")
     assert invoke("ls").exit_code == 2
     assert invoke("--cache-dir", str(populated), "ls").exit_code == 0
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://host:6379/0", "redis://:6379/0", "redis://host:port/0",
+                                 "redis://host:6379/zero"])
+def test_malformed_redis_url_is_one_line_naming_the_variable_and_the_form(populated, url):
+    """Issue 13 item 11: `AOTCACHE_REDIS_URL=notaurl aotcache stats` / `ls --tier all` printed a traceback."""
+    command = command_path()
+    for args in (["stats"], ["ls", "--tier", "all"]):
+        proc = subprocess.run([*command, *args], env=dict(os.environ, AOTCACHE_REDIS_URL=url),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"aotcache: error: AOTCACHE_REDIS_URL={url!r} is not valid")
+        assert "redis://host:port/db" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_malformed_redis_url_in_the_library_names_the_variable(monkeypatch):
+    from aotcache.config import ConfigError
+    from aotcache.store.factory import open_tiers
+    from aotcache.store.interface import CacheError
+    from aotcache.store.redis import RedisCache
+
+    monkeypatch.setenv("AOTCACHE_REDIS_URL", "notaurl")
+    with pytest.raises(ConfigError, match=r"AOTCACHE_REDIS_URL='notaurl' .*redis://host:port/db"):
+        open_tiers(namespace="aot")
+    with pytest.raises(CacheError, match=r"invalid Redis URL .*redis://host:port/db"):
+        RedisCache("redis://host:port/0")
 
 
 def test_unknown_env_var_is_a_warning(populated, monkeypatch):

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def body(x, w):
 
 x, w = torch.ones(4, 3), torch.ones(3, 5, requires_grad=True)
 aot_function(body, "nop")(x, w).backward()
-print(json.dumps(default_cache().stats()))
+print(json.dumps({**default_cache().stats(), "fingerprint_hit": default_cache().counters.get("fingerprint_hit", 0)}))
 """
 
 
@@ -206,13 +207,22 @@ def test_export_clear_import_round_trip_gives_a_warm_hit_in_a_fresh_process(isol
         names = archive.getnames()
         index = json.loads(archive.extractfile(INDEX_NAME).read())
     assert names[0] == INDEX_NAME and [record["digest"] for record in index["entries"]] == [original["digest"]]
+    # Issue 13 item 7: the fingerprint record travels with its entry, so the first run after import does not trace
+    [alias] = index["aliases"]
+    from aotcache.autograd_cache.fingerprint_cache import ALIAS_PREFIX
+    from aotcache.cli.graph_entries import ALIAS_KEY_PREFIX
+
+    assert ALIAS_KEY_PREFIX == ALIAS_PREFIX  # the torch-free listing's copy of the prefix
+    assert f"aliases/{alias['fingerprint']}.json" in names
     assert invoke("clear", "-n", "aot", "--yes").exit_code == 0
     assert invoke_json("graphs")["total_entries"] == 0
     data = json.loads(run_cli("import", str(bundle), "--json").stdout)
     assert (data["imported"], data["skipped"], data["rejected"], data["other_versions"]) == (1, 0, 0, 0)
+    assert data["aliases"] == 1 and data["aliases_rejected"] == []
     assert [e["ref"] for e in invoke_json("graphs")["entries"]] == [original["ref"]]
     warm = json.loads(run_python(WARM_STEP).stdout.strip().splitlines()[-1])
     assert warm["hit"] == 1 and warm["compile"] == 0 and warm["miss"] == 0
+    assert warm["fingerprint_hit"] == 1, "the first run after the import traced (no fingerprint record)"
     again = invoke("import", str(bundle))
     assert again.exit_code == 0 and "Imported 0, skipped 1 (already present), rejected 0" in again.stdout
 
@@ -345,3 +355,97 @@ for args in (["graphs"], ["show", "{first[:8]}"], ["stats"], ["export", "{tmp_pa
 print("torch-free")
 """
     assert run_python(code).stdout.strip().endswith("torch-free")
+
+
+# ----------------------------------------------------------------------------------------------------
+# prune and fingerprint records
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_the_fingerprint_records_of_the_entries_it_keeps(isolated_cache_dir):
+    """Issue 13 item 7: a warm start reads a model's fingerprint record just before its entry, so the record
+    was the older of the two and `prune` could remove it while keeping the entry (the next run traced again)."""
+    from aotcache.cli.graph_entries import ALIAS_KEY_PREFIX, parse_store_key
+    from aotcache.store.disk import OnDiskCache
+    from tests.store.test_disk import age_entries
+
+    def model(depth):
+        def body(x, w):
+            y = x @ w
+            for _ in range(depth):
+                y = y.sin()
+            return y.sum()
+        return body
+
+    def run(depth):
+        cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+        aot_function(model(depth), "nop", cache=cache)(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+        return cache.counters
+
+    for depth in (1, 2, 3):
+        assert run(depth)["saved"] == 1
+    disk = OnDiskCache("aot", max_bytes=0)
+    age_entries(disk, 60)
+    assert run(2)["fingerprint_hit"] == 1  # warm starts: a record read, then its entry; model 2, then model 1
+    time.sleep(0.01)
+    assert run(1)["fingerprint_hit"] == 1
+    listed = sorted(disk.entries(), key=lambda info: info.last_access)
+    assert [info.key.startswith(ALIAS_KEY_PREFIX) for info in listed[-4:]] == [True, False, True, False]
+    oldest_record = listed[-4]  # model 2's: the least recently used of the four just read
+    bound = sum(info.size for info in listed[-4:]) - oldest_record.size
+    data = invoke_json("prune", "--max-bytes", str(bound))
+    assert data["bytes_after"] <= bound
+
+    def record_target(info):
+        return json.loads(disk.get(info.key))["key"]
+
+    kept = list(disk.entries())
+    kept_keys = {parse_store_key(info.key)[0] for info in kept if not info.key.startswith(ALIAS_KEY_PREFIX)}
+    kept_targets = {record_target(info) for info in kept if info.key.startswith(ALIAS_KEY_PREFIX)}
+    assert kept_keys and kept_keys == kept_targets, "an entry kept without its fingerprint record, or a record alone"
+    assert run(1)["fingerprint_hit"] == 1  # model 1 still starts warm after the prune
+
+
+# ----------------------------------------------------------------------------------------------------
+# explain: the same function's entries only, and a suggestion (issue 13 item 8)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_explain_after_a_new_model_does_not_diff_against_another_model(isolated_cache_dir):
+    def first_model(x, w):
+        return (x @ w).sin().sum()
+
+    def second_model(x, w):
+        return (x @ w).relu().mean()
+
+    aot_function(first_model, "nop")(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+    aot_function(second_model, "nop")(torch.ones(4, 3), torch.ones(3, 5, requires_grad=True))
+    data = invoke_json("explain")
+    assert data["name"].endswith("second_model") and data["nearest"] is None and data["differences"] == []
+    assert "no earlier entry for" in data["note"] and "second_model" in data["note"]
+    text = invoke("explain").stdout
+    assert "first_model" not in text and len(text.splitlines()) <= 3
+
+    aot_function(second_model, "nop")(torch.ones(6, 3), torch.ones(3, 5, requires_grad=True))  # another size
+    data = invoke_json("explain")
+    assert data["nearest_name"].endswith("second_model") and "inputs" in data["differing_parts"]
+    assert "only input sizes differ" in data["suggestion"] and "dynamic=True" in data["suggestion"]
+    assert "Suggestion: only input sizes differ" in invoke("explain").stdout
+
+
+def test_suggestions_from_the_differing_parts():
+    from aotcache.cli.graph_entries import suggest_fix
+
+    def key(**parts):
+        return {"parts": {name: {"digest": str(hash(repr(detail))), "detail": detail}
+                          for name, detail in parts.items()}}
+
+    tensor = {"kind": "tensor", "dtype": "float32", "shape": [4, 3], "stride": [3, 1], "storage_offset": 0}
+    longer = {**tensor, "shape": [6, 3]}
+    half = {**tensor, "dtype": "float16"}
+    base = dict(graph={"nodes": 3}, config={"v": 1}, system={"torch": "2.13"})
+    assert "dynamic=True" in suggest_fix(key(inputs=[tensor], **base), key(inputs=[longer], **{**base, "graph": {"nodes": 4}}))
+    assert suggest_fix(key(inputs=[tensor], **base), key(inputs=[half], **base)) is None  # a dtype: no fix
+    settings = suggest_fix(key(inputs=[tensor], **base), key(inputs=[tensor], **{**base, "system": {"torch": "2.14"}}))
+    assert "only settings or versions differ (system)" in settings
+    assert suggest_fix(key(inputs=[tensor], **base), key(inputs=[tensor], **base)) is None

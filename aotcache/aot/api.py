@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.capture import capture
+from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -50,9 +51,10 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.partition import resolve_partition
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
-from aotcache.logs import event, log_once
+from aotcache.logs import CacheFault, event, log_once
 from aotcache.progress import compile_progress, stage
 
 __all__ = [
@@ -114,7 +116,7 @@ class AOTOptions:
     partition_fn: Callable | None = None
     decompositions: Mapping | None = None
     inference_compiler: Callable | str | None = None
-    dynamic: bool = False
+    dynamic: bool | None | tuple = False  # a DimSpec once resolved per call (NOTE [Dynamic dimensions])
     # options of the compilers given by name (e.g. torch._inductor.config overrides for "inductor")
     compiler_options: Mapping | None = None
 
@@ -223,9 +225,10 @@ class _RefusedConstant(TypeError):
     """A non-tensor argument that cannot be part of the reuse key; see NOTE [Constant arguments]."""
 
 
-def _argument_signature(arg: Any, dynamic: bool) -> tuple:
+def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
     if isinstance(arg, torch.Tensor):
-        geometry = (arg.dim(),) if dynamic else (tuple(arg.shape), arg.stride(), arg.storage_offset())
+        geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
+                    else (tuple(arg.shape), arg.stride(), arg.storage_offset()))  # NOTE [Dynamic dimensions]
         return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                 arg.requires_grad and arg.is_leaf, geometry)
     if isinstance(arg, torch.SymInt):
@@ -272,13 +275,13 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     return storage_sharing(tensors)
 
 
-def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple:
-    """The reuse key of NOTE [Signature] (in-memory only; never persisted)."""
+def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec) -> tuple:
+    """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec."""
     sharing = _memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
     arguments = []
     for index, arg in enumerate(flat_args):
         try:
-            arguments.append(_argument_signature(arg, dynamic))
+            arguments.append(_argument_signature(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
     return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
@@ -297,6 +300,8 @@ class AOTFunction:
         self._guard_env: Any = None
         self._key_memo: dict[str, Any] = {}  # per-function memo of the cache key's option identities
         self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
+        self._dims = DynamicDims(options.dynamic)  # NOTE [Dynamic dimensions]
+        self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -317,12 +322,23 @@ class AOTFunction:
         runtime = self._runtime_for(flat_args, in_spec, extra)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
-            self._hot.remember(structure, flat_args, self.options.dynamic, runtime)
+            self._hot.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
         return runtime(*flat_args)
 
     def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None) -> CompiledRuntime:
         """The runtime of this signature: reused, or traced and compiled now (once, under the lock)."""
-        key = (extra, signature_of(flat_args, in_spec, self.options.dynamic))
+        options = self._resolve_dynamic(flat_args, in_spec, extra)
+        try:
+            return self._runtime_with(flat_args, in_spec, extra, options)
+        except CacheFault:
+            raise  # strict mode's cache fault is not a failure of dynamic shapes
+        except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
+            if not self._dims.abandon(options.dynamic, exc, self.name):
+                raise
+        return self._runtime_with(flat_args, in_spec, extra, self._resolve_dynamic(flat_args, in_spec, extra))
+
+    def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, options: AOTOptions) -> CompiledRuntime:
+        key = (extra, signature_of(flat_args, in_spec, options.dynamic))
         runtime = self._lookup(key, flat_args)
         if runtime is None:
             with self._lock:
@@ -332,9 +348,18 @@ class AOTFunction:
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
                               describe_new_signature(list(self._entries), key))
                     with compile_progress(self.name):  # NOTE [Compile progress]
-                        runtime = self._compile(flat_args, in_spec)
+                        runtime = self._compile(flat_args, in_spec, options)
+                    runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
+
+    def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any) -> AOTOptions:
+        """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
+        if self.options.dynamic is False:
+            return self.options
+        rank_key = (extra, signature_of(flat_args, in_spec, True)) if self.options.dynamic is None else None
+        spec = self._dims.spec(flat_args, rank_key, self.num_state, self.name)
+        return self._dims.options_for(self.options, spec)
 
     def _lookup(self, key: tuple, flat_args: list) -> CompiledRuntime | None:
         for runtime in self._entries.get(key, ()):
@@ -360,7 +385,9 @@ class AOTFunction:
             self._guard_env = ShapeEnv()
         return bool(self._guard_env.evaluate_guards_expression(runtime.metadata.guards, graph_args))
 
-    def _compile(self, flat_args: list, in_spec: Any) -> CompiledRuntime:
+    def _compile(self, flat_args: list, in_spec: Any, options: AOTOptions | None = None) -> CompiledRuntime:
+        options = self.options if options is None else options
+
         def flat_fn(*flat: Any) -> Any:
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             return self.fn(*call_args, **call_kwargs)
@@ -370,16 +397,16 @@ class AOTFunction:
 
         cache = resolve_cache(self.cache)
         if cache is None:
-            return compile_function(flat_fn, flat_args, self.options)
+            return compile_function(flat_fn, flat_args, options)
         from aotcache.autograd_cache.fingerprint_cache import compile_with_fingerprint, fingerprint_of
         from aotcache.autograd_cache.pipeline import compile_function_cached
 
         def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
-            return compile_function_cached(target_cache, flat_fn, flat_args, self.options, name=self.name,
+            return compile_function_cached(target_cache, flat_fn, flat_args, options, name=self.name,
                                            memo=self._key_memo, on_key=on_key)
 
         # NOTE [Warm start]: a trusted call fingerprint finds the entry without capturing (fingerprint_cache)
-        fingerprint = fingerprint_of(self, flat_args, in_spec)
+        fingerprint = fingerprint_of(self, flat_args, in_spec, options)
         return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
 
 
@@ -409,7 +436,7 @@ def _function_name(fn: Any) -> str:
 def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,
                  partition_fn: Callable | None = None, decompositions: Mapping | None = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
-                 inference_compiler: Callable | str | None = None, *, dynamic: bool = False,
+                 inference_compiler: Callable | str | None = None, *, dynamic: bool | None = None,
                  cache: Any = True) -> AOTFunction:
     """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
 
@@ -417,7 +444,9 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     compiler names (default: the nop compiler; backward and inference default to the forward compiler);
     ``partition_fn`` splits the joint graph (default: ``aotcache.aot.partition.default_partition``);
     ``decompositions`` is an op -> function table (default: the compiler's). ``dynamic=True`` traces with
-    symbolic sizes and reuses the graph across sizes that satisfy its guards. ``cache``: True (the configured
+    symbolic sizes and reuses the graph across sizes that satisfy its guards; ``None`` (default) is
+    automatic: static first, a dimension that changes size becomes dynamic at the next compile; ``False``
+    compiles once per shape (NOTE [Dynamic dimensions]). ``cache``: True (the configured
     compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
@@ -425,6 +454,8 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     [PyTorch-compatible arguments]).
     """
     _check_compat_arguments("aot_function", num_params_buffers, keep_inference_input_mutations)
+    check_dynamic(dynamic, "aot_function")
+    partition_fn = resolve_partition(partition_fn, "aot_function")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     compiled = AOTFunction(fn, options, cache=cache)
@@ -441,12 +472,26 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _resync_rnn_weights(module: nn.Module) -> None:
+    """NOTE [RNN weight caches]: ``nn.RNNBase`` caches its weights in ``_flat_weights`` (and weakrefs to them),
+    and re-reads them when it sees swapped parameters, as during a capture's ``functional_call``; the
+    parameters are put back afterwards without going through the cache, which then holds the capture's
+    functional tensors. Re-reading the real parameters (what the module itself does on its next eager call)
+    keeps the module as the caller left it, and its call fingerprint trusted (a traced tensor is opaque)."""
+    for submodule in module.modules():
+        if isinstance(submodule, nn.RNNBase):
+            submodule._init_flat_weights()
+
+
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
-                                          strict=False)
+        try:
+            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
+                                              strict=False)
+        finally:
+            _resync_rnn_weights(module)
 
     return call
 
@@ -455,12 +500,14 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
                keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
-               dynamic: bool = False, cache: Any = True) -> AOTModule:
+               dynamic: bool | None = None, cache: Any = True) -> AOTModule:
     """Compile ``module`` with AOT Autograd; same options (and ``cache``) as :func:`aot_function`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
                         f"use aot_function for plain functions")
     _check_compat_arguments("aot_module", num_params_buffers, keep_inference_input_mutations)
+    check_dynamic(dynamic, "aot_module")
+    partition_fn = resolve_partition(partition_fn, "aot_module")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
     return AOTModule(module, options, cache=cache)
@@ -533,6 +580,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     PyTorch's (NOTE [PyTorch-compatible arguments]).
     """
     _check_compat_arguments("aot_module_simplified", 0, keep_inference_input_mutations)
+    partition_fn = resolve_partition(partition_fn, "aot_module_simplified")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic,
                          compiler_options=compiler_options)

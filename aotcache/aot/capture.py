@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -86,11 +88,12 @@ def mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, list]:
+def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tuple[Any, list]:
     """Fake counterparts of ``flat_args`` (non-tensors unchanged) and the FakeTensorMode that owns them.
 
     Inputs that are already fake (Dynamo's example inputs) keep their mode and symbols. Otherwise a new mode is
-    made; with ``dynamic`` every dimension gets its own symbol (no duck sizing), guarded after tracing.
+    made; with ``dynamic`` every dimension gets its own symbol (no duck sizing), guarded after tracing; with a
+    spec (a tuple per argument, NOTE [Dynamic dimensions] in dynamic_dims.py) only the dimensions it names.
     """
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -117,7 +120,12 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool) -> tuple[Any, l
     fakes = []
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
-            context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * arg.dim())
+            dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
+            if isinstance(dynamic, tuple) and not dims:  # a static argument of a spec (a module's weights):
+                fakes.append(mode.from_tensor(arg, static_shapes=True))  # no symbols to create (~25 ms each)
+                continue
+            context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if dim in dims else DimDynamic.STATIC
+                                                              for dim in range(arg.dim())])
             arg = mode.from_tensor(arg, static_shapes=False, source=ConstantSource(f"aot_input_{position}"),
                                    symbolic_context=context)
         fakes.append(arg)
@@ -632,7 +640,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
 
 def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None = None,
-            dynamic: bool = False, trace_joint: bool | None = None,
+            dynamic: bool | tuple = False, trace_joint: bool | None = None,
             input_is_leaf: Sequence[bool] | None = None, regenerate_aliases: bool = True) -> CapturedGraph:
     """Trace ``flat_fn(*flat_args)`` into a functionalized joint (training) or forward (inference) graph.
 
@@ -650,7 +658,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     from torch._dispatch.python import enable_python_dispatcher
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with dispatcher, _compiling():
+    with dispatcher, _compiling(), _quiet_fake_tensor_failures():
         analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
                            static_views=static_views, force_autograd=bool(trace_joint),
                            regenerate_aliases=regenerate_aliases)
@@ -664,6 +672,37 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+class _DropFakeMetaFailures(logging.Filter):
+    """Drops the fake-tensor mode's own log of an op that failed (the same error is raised to the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+
+_FAKE_TENSOR_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+_DROP_FAKE_META_FAILURES = _DropFakeMetaFailures()
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_failures() -> Iterator[None]:
+    """NOTE [fake-tensor failure logs]: when an op fails on fake tensors during capture (a wrong input shape,
+    say), torch's fake-tensor mode logs the whole traceback at ERROR (~20 lines) before raising it; the error
+    itself still reaches the caller, so those lines only bury it. They are filtered out while capturing."""
+    global _quiet_depth
+    with _quiet_lock:
+        _quiet_depth += 1
+        _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added again
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
+                _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
 
 
 @contextlib.contextmanager

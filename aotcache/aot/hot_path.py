@@ -72,17 +72,23 @@ class HotSignature:
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime")
 
-    def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool, runtime: Any) -> None:
+    def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
         self.autocast = autocast_state()
         self.numerics = numerics_signature()  # NOTE [Numerics flags]
         self.dynamic = dynamic
-        self.fields = [self._fields(arg) for arg in flat_args]
+        self.fields = [self._fields(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic)
+                       for index, arg in enumerate(flat_args)]
         self.sharing = storage_sharing(flat_args)
         self.runtime = runtime
 
-    def _fields(self, arg: torch.Tensor) -> tuple:
-        geometry = (arg.dim(), None, None) if self.dynamic else (arg.shape, arg.stride(), arg.storage_offset())
+    @staticmethod
+    def _fields(arg: torch.Tensor, dynamic: bool | tuple[int, ...]) -> tuple:
+        # dynamic: True (rank only), a tuple of dynamic dims (sizes masked there; guards check the rest,
+        # NOTE [Dynamic dimensions]), or falsy (exact geometry)
+        geometry = ((arg.dim(), None, dynamic) if dynamic is True else
+                    (tuple(None if dim in dynamic else size for dim, size in enumerate(arg.shape)), None, dynamic)
+                    if dynamic else (arg.shape, arg.stride(), arg.storage_offset()))
         return (arg.dtype, arg.device, arg.requires_grad, arg.requires_grad and arg.is_leaf, *geometry)
 
     @staticmethod
@@ -95,16 +101,19 @@ class HotSignature:
         """Whether ``flat_args`` have this signature (the caller checked they are plain tensors)."""
         if torch.is_grad_enabled() is not self.grad_enabled or len(flat_args) != len(self.fields):
             return False
-        dynamic = self.dynamic
         for arg, (dtype, device, requires_grad, leaf, shape, stride, offset) in zip(flat_args, self.fields):
             if arg.dtype is not dtype or arg.requires_grad is not requires_grad or arg.device != device:
                 return False
             if requires_grad and arg.is_leaf is not leaf:
                 return False
-            if dynamic:
+            if stride is not None:
+                if arg.shape != shape or arg.stride() != stride or arg.storage_offset() != offset:
+                    return False
+            elif offset is True:
                 if arg.dim() != shape:
                     return False
-            elif arg.shape != shape or arg.stride() != stride or arg.storage_offset() != offset:
+            elif len(arg.shape) != len(shape) or any(
+                    expected is not None and size != expected for size, expected in zip(arg.shape, shape)):
                 return False
         return (autocast_state() == self.autocast and numerics_signature() == self.numerics
                 and storage_sharing(flat_args) == self.sharing)

@@ -86,6 +86,7 @@ class AOTModule(nn.Module):
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
         params, buffers, names, settings = self._state.current()
         count = simple_structure(args, kwargs)
+        self.compiled.num_state = len(params) + len(buffers)  # static under dynamic shapes
         if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
             register_transformers_caches()
             passed = find_cache_arguments(args, kwargs)

@@ -27,6 +27,8 @@ __all__ = [
     "min_cut_rematerialization_partition",
     "is_recomputable",
     "saved_value_bytes",
+    "PARTITIONER_NAMES",
+    "resolve_partition",
 ]
 
 
@@ -340,3 +342,26 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
     saved = [node for node in relevant
              if f"{node.name}__in" in source_side and f"{node.name}__out" not in source_side]
     return _build(joint, _order_saved(joint, saved))
+
+
+#: Partitioners by the names ``aot_function`` / ``aot_module`` / the backend accept for ``partition_fn``.
+PARTITIONER_NAMES = ("default", "min_cut")
+
+
+def resolve_partition(partition_fn: Any, api: str = "aot_function") -> Any:
+    """A partition function from ``partition_fn``: None (the default), a callable, or a name in PARTITIONER_NAMES.
+
+    :raises ValueError: an unknown name (the message lists the valid ones).
+    :raises TypeError: neither None, a callable nor a string.
+    """
+    if partition_fn is None or callable(partition_fn):
+        return partition_fn
+    if isinstance(partition_fn, str):
+        table = {"default": default_partition, "min_cut": min_cut_rematerialization_partition}
+        if partition_fn not in table:
+            raise ValueError(f"aotcache.{api}: unknown partition_fn {partition_fn!r}; use one of "
+                             f"{', '.join(repr(name) for name in PARTITIONER_NAMES)} or a partition function "
+                             "partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs)")
+        return table[partition_fn]
+    raise TypeError(f"aotcache.{api}: partition_fn must be a partition function or one of "
+                    f"{', '.join(repr(name) for name in PARTITIONER_NAMES)}, got {type(partition_fn).__name__}")

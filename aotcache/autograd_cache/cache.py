@@ -449,10 +449,12 @@ class AOTAutogradCache:
 
     def load_or_compile(self, make_key: Callable[[], CacheKey], compile_fn: Callable[[], CompileResult],
                         flat_args: Sequence[Any] | None = None, *,
-                        on_key: Callable[[CacheKey], None] | None = None) -> CompiledRuntime:
+                        on_key: Callable[[CacheKey], None] | None = None,
+                        name: str | None = None) -> CompiledRuntime:
         """The runtime for ``make_key()``: loaded from the cache, else compiled (once across processes) and saved.
 
         ``make_key`` may raise :class:`BypassAOTAutogradCache`: the graph is compiled and runs uncached.
+        ``name`` (the function or model, as listings show it) goes into the last-miss record for ``explain``.
         ``on_key(key)`` is called with the computed key before the lookup (e.g. to record it under a call
         fingerprint); never for a bypass or a disabled cache. ``compile_fn`` and ``on_key`` errors propagate
         (they are the caller's errors, not cache faults).
@@ -487,7 +489,7 @@ class AOTAutogradCache:
             if result.hit:
                 return self.record_hit(result)
             self.count(**{result.status: 1})
-            self._remember_miss(key, result.status)
+            self._remember_miss(key, result.status, name)
             return self._compile_and_save(key, compile_fn)
 
     def record_hit(self, result: LoadResult) -> CompiledRuntime:
@@ -530,7 +532,7 @@ class AOTAutogradCache:
     # Explaining misses
     # ------------------------------------------------------------------------------------------------
 
-    def _remember_miss(self, key: CacheKey, status: str) -> None:
+    def _remember_miss(self, key: CacheKey, status: str, name: str | None = None) -> None:
         if status != "miss":
             return
         self.last_miss = key
@@ -538,8 +540,8 @@ class AOTAutogradCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temp.write_text(json.dumps({"namespace": self.namespace, "key": key.to_json(), "time": time.time()}),
-                            encoding="utf-8")
+            temp.write_text(json.dumps({"namespace": self.namespace, "key": key.to_json(), "time": time.time(),
+                                        "name": name}), encoding="utf-8")
             os.replace(temp, path)
         except OSError as exc:  # diagnostics only: a read-only cache dir just loses the record
             logger.debug("aotcache: could not record the last miss in %s: %s", path, exc)

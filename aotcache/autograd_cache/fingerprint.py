@@ -87,7 +87,7 @@ class Fingerprint:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> dict[str, Any]:
+def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) -> dict[str, Any]:
     from torch.utils import _pytree as pytree
 
     described = []
@@ -99,7 +99,10 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> dict[
                 raise Untrusted(f"tensor input layout: {arg.layout}")
             pointer = arg.untyped_storage().data_ptr()
             sharing = first_by_storage.setdefault(pointer, position) if pointer else position
-            geometry = [arg.dim()] if dynamic else [list(arg.shape), list(arg.stride()), arg.storage_offset()]
+            dims = dynamic[position] if isinstance(dynamic, tuple) else dynamic  # NOTE [Dynamic dimensions]
+            geometry = ([arg.dim()] if dims is True else
+                        [[None if dim in dims else size for dim, size in enumerate(arg.shape)]] if dims else
+                        [list(arg.shape), list(arg.stride()), arg.storage_offset()])
             described.append(["tensor", str(arg.dtype), str(arg.device), arg.requires_grad,
                               arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry])
         elif isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -174,6 +177,8 @@ def _options_part(options: Any, reachable: Reachable) -> dict[str, Any]:
         if field.name in _OPTIONS_NOT_IN_RESULT:
             continue
         value = getattr(options, field.name)
+        if field.name == "dynamic" and value is None:
+            value = False  # automatic, not yet resolved: its first compile is static (NOTE [Dynamic dimensions])
         if field.name == "decompositions" and isinstance(value, Mapping):
             value = {str(op): fn for op, fn in value.items()}  # ops by name; user functions by code
         part[field.name] = reachable.ref(value)
@@ -194,7 +199,8 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
         options_part = _options_part(options, reachable)
         inductor_part = _inductor_config_part(reachable)
         code = {"roots": root_tokens, "graph": reachable.digest()}
-        inputs = _inputs_part(flat_args, in_spec, bool(getattr(options, "dynamic", False)))
+        dynamic = getattr(options, "dynamic", False)
+        inputs = _inputs_part(flat_args, in_spec, dynamic if isinstance(dynamic, tuple) else bool(dynamic))
     except Untrusted as exc:
         return Fingerprint.untrusted(exc.reason, exc.where)
     ambient = {

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from aotcache.autograd_cache.cache import AOTAutogradCache
 
 __all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "FALLBACK_SECTION", "alias_store_key", "read_alias", "record_alias",
+           "parse_alias_record", "alias_fingerprint",
            "fingerprint_of", "compile_with_fingerprint"]
 
 ALIAS_PREFIX = "aot/fp/"
@@ -77,18 +78,38 @@ def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | 
     if not lookup.hit:
         return None
     try:
-        record = json.loads(bytes(lookup.value).decode("utf-8"))
-        if record.get("schema") != ALIAS_SCHEMA or record.get("fingerprint") != fingerprint.digest:
-            raise ValueError("alias record of another schema or fingerprint")
-        key = CacheKey(tuple(KeyPart(str(name), str(digest)) for name, digest in record["parts"].items()))
-        if key.digest != record["key"]:
-            raise ValueError("alias record parts do not produce its key digest")
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        key = parse_alias_record(lookup.value, str(fingerprint.digest))
+    except ValueError as exc:
         cache.count(load_error=1)
         cache.delete(store_key)
         handle_fault("autograd:alias", f"unusable fingerprint alias record {store_key}; deleted it", exc)
         return None
     return key
+
+
+def parse_alias_record(value: Any, fingerprint_digest: str) -> CacheKey:
+    """The full key an alias record (bytes of JSON) names, checked: schema, fingerprint, parts -> key digest.
+
+    :raises ValueError: the record does not parse or does not check (naming what is wrong).
+    """
+    try:
+        record = json.loads(bytes(value).decode("utf-8"))
+        if record.get("schema") != ALIAS_SCHEMA or record.get("fingerprint") != fingerprint_digest:
+            raise ValueError("alias record of another schema or fingerprint")
+        key = CacheKey(tuple(KeyPart(str(name), str(digest)) for name, digest in record["parts"].items()))
+        if key.digest != record["key"]:
+            raise ValueError("alias record parts do not produce its key digest")
+    except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed alias record: {type(exc).__name__}: {exc}") from None
+    return key
+
+
+def alias_fingerprint(store_key: str) -> str | None:
+    """The fingerprint digest named by an alias store key (``aot/fp/<digest>``), None for any other key."""
+    if not store_key.startswith(ALIAS_PREFIX):
+        return None
+    digest = store_key[len(ALIAS_PREFIX):]
+    return digest if digest and all(char in "0123456789abcdef" for char in digest) else None
 
 
 def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKey) -> bool:
@@ -99,12 +120,16 @@ def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKe
     return bool(cache.tiers.insert(alias_store_key(fingerprint), blob))
 
 
-def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any) -> Fingerprint:
-    """The fingerprint of a call of an ``AOTFunction``: module form when it wraps an ``aot_module``."""
+def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any, options: Any = None) -> Fingerprint:
+    """The fingerprint of a call of an ``AOTFunction``: module form when it wraps an ``aot_module``.
+
+    ``options``: the call's options when they differ from the function's (``dynamic`` resolved to a spec).
+    """
+    options = function.options if options is None else options
     module = getattr(function, "fingerprint_module", None)
     if module is not None:
-        return fingerprint_module_call(module, flat_args, in_spec, function.options)
-    return fingerprint_call(function.fn, flat_args, in_spec, function.options)
+        return fingerprint_module_call(module, flat_args, in_spec, options)
+    return fingerprint_call(function.fn, flat_args, in_spec, options)
 
 
 def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, flat_args: Sequence[Any],

@@ -9,8 +9,17 @@ NOTE [Guards are evaluated, never eval'ed]
 Entries can come from a shared (Redis) tier, so a guard string is untrusted text. It is parsed with
 :mod:`ast` and checked against a small whitelist grammar (comparisons, and/or/not, integer arithmetic,
 ``min``/``max``/``abs``, ``math.floor``-style helpers, ``L['tN']`` input references with ``.size()[k]``,
-``.stride()[k]``, ``.storage_offset()``) *before* anything is computed; the tree is then walked by a small
-interpreter. ``__import__('os').system('x')`` is rejected as an unknown name without running anything.
+``.stride()[k]``, ``.storage_offset()``) *before* anything is computed. The text itself is never given to
+``eval``: only a code object compiled from the validated tree (NOTE [Guards are compiled once]).
+``__import__('os').system('x')`` is rejected as an unknown name without running anything.
+
+NOTE [Guards are compiled once]
+With dynamic shapes the guards run on every call, and a model's expression holds hundreds of clauses, so
+parsing it per call cost 0.2-0.6 s. :func:`compile_guards` parses and validates an expression once per
+process, rewrites each input read (``L['t3'].size()``) into a parameter of a ``lambda``, compiles that
+tree to a code object whose globals hold only the whitelisted functions (no builtins), and memoizes it by
+expression. A call reads each needed size/stride tuple once, checks ranks and the input count, and runs the
+code object: a few microseconds for a BERT-sized expression instead of a tree walk.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +43,8 @@ __all__ = [
     "produce_guards_expression",
     "validate_guards_expression",
     "evaluate_guards",
+    "compile_guards",
+    "CompiledGuards",
 ]
 
 
@@ -446,114 +458,177 @@ def validate_guards_expression(expression: str) -> None:
     _parse(expression)
 
 
-class _InputView:
-    """What a guard may see of one real input: its sizes, strides and storage offset, nothing else."""
+# ----------------------------------------------------------------------------------------------------
+# Compiling a validated expression (NOTE [Guards are compiled once])
+# ----------------------------------------------------------------------------------------------------
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: Any) -> None:
-        self._value = value
-
-    def call(self, method: str) -> Any:
-        value = self._value
-        if not isinstance(value, torch.Tensor):
-            raise GuardExpressionError(f"guard calls .{method}() on a non-tensor input ({type(value).__name__})")
-        if method == "size":
-            return tuple(int(size) for size in value.shape)
-        if method == "stride":
-            return tuple(int(stride) for stride in value.stride())
-        if method == "storage_offset":
-            return int(value.storage_offset())
-        return value.dim()
+# What a guard may read of input N, as the name of the compiled function's parameter holding it.
+_READS = {"size": "s", "stride": "st", "storage_offset": "o", "dim": "d", "value": "v"}
 
 
-class _Evaluator:
-    def __init__(self, inputs: Sequence[Any]) -> None:
-        self.inputs = inputs
+def _size(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        raise GuardExpressionError(f"guard calls .size() on a non-tensor input ({type(value).__name__})")
+    return value.shape
 
-    def input(self, node: ast.Subscript) -> Any:
-        position = int(_INPUT_NAME.match(node.slice.value).group(1))
-        if position >= len(self.inputs):
-            raise GuardExpressionError(f"guard refers to input {position} but only {len(self.inputs)} were given")
-        value = self.inputs[position]
-        if isinstance(value, torch.Tensor):
-            return _InputView(value)
-        if isinstance(value, (bool, int, float)):
-            return value
-        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return value
-        raise GuardExpressionError(f"guard refers to input {position} of type {type(value).__name__}")
 
-    def eval(self, node: ast.AST) -> Any:  # noqa: C901 - one branch per whitelisted construct
-        if isinstance(node, ast.Expression):
-            return self.eval(node.body)
-        if isinstance(node, ast.BoolOp):
-            if isinstance(node.op, ast.And):
-                return all(self.eval(value) for value in node.values)
-            return any(self.eval(value) for value in node.values)
-        if isinstance(node, ast.UnaryOp):
-            operand = self.eval(node.operand)
-            if isinstance(node.op, ast.Not):
-                return not operand
-            return -operand if isinstance(node.op, ast.USub) else +operand
-        if isinstance(node, ast.BinOp):
-            return _BINARY[type(node.op)](self.eval(node.left), self.eval(node.right))
-        if isinstance(node, ast.Compare):
-            left = self.eval(node.left)
-            for op, comparator in zip(node.ops, node.comparators):
-                right = self.eval(comparator)
-                if not _COMPARISONS[type(op)](left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Subscript):
-            if isinstance(node.slice.value, str):
-                return self.input(node)
-            container = self.eval(node.value)
-            if not isinstance(container, tuple):
-                raise GuardExpressionError("guard indexes something that is not a size or stride tuple")
-            index = node.slice.value
-            if not -len(container) <= index < len(container):
-                raise GuardExpressionError(f"guard indexes dimension {index} of a rank-{len(container)} input")
-            return container[index]
-        if isinstance(node, ast.Attribute):
-            module = node.value.id if isinstance(node.value, ast.Name) else None
-            if module == "math":
-                return _MATH_MEMBERS[node.attr]
-            if module == "torch":
-                return _TORCH_MEMBERS[node.attr]
-            raise GuardExpressionError(f"attribute .{node.attr} used without a call")
-        if isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Attribute) and func.attr in _INPUT_METHODS and isinstance(func.value,
-                                                                                                ast.Subscript):
-                target = self.eval(func.value)
-                if not isinstance(target, _InputView):
-                    raise GuardExpressionError(f"guard calls .{func.attr}() on a non-tensor input")
-                return target.call(func.attr)
-            function = _FUNCTIONS[func.id] if isinstance(func, ast.Name) else self.eval(func)
-            return function(*(self.eval(arg) for arg in node.args))
-        if isinstance(node, ast.Name):
-            raise GuardExpressionError(f"name {node.id!r} used as a value")
-        raise GuardExpressionError(f"unexpected syntax {type(node).__name__}")
+def _stride(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        raise GuardExpressionError(f"guard calls .stride() on a non-tensor input ({type(value).__name__})")
+    return value.stride()
+
+
+def _storage_offset(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        raise GuardExpressionError(f"guard calls .storage_offset() on a non-tensor input ({type(value).__name__})")
+    return value.storage_offset()
+
+
+def _dim(value: Any) -> int:
+    if not isinstance(value, torch.Tensor):
+        raise GuardExpressionError(f"guard calls .dim() on a non-tensor input ({type(value).__name__})")
+    return value.dim()
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value
+    raise GuardExpressionError(f"guard uses an input of type {type(value).__name__} as a number")
+
+
+_EXTRACT = {"size": _size, "stride": _stride, "storage_offset": _storage_offset, "dim": _dim, "value": _number}
+
+
+class _Namespace:
+    """``math`` / ``torch`` as a compiled guard sees them: only the whitelisted members, nothing else."""
+
+    def __init__(self, members: dict[str, Any]) -> None:
+        self.__dict__.update(members)
+
+
+def _guard_globals() -> dict[str, Any]:
+    return {"__builtins__": {}, **_FUNCTIONS, "math": _Namespace(_MATH_MEMBERS),
+            "torch": _Namespace(_TORCH_MEMBERS)}
+
+
+class _Lower(ast.NodeTransformer):
+    """Rewrites a validated tree: each ``L['tN'].size()`` (``.stride()``, ``.storage_offset()``, ``.dim()``) and
+    each bare ``L['tN']`` becomes a parameter name; records which reads of which inputs the guard needs and
+    the largest index it takes of each size/stride tuple (checked before the expression runs)."""
+
+    def __init__(self) -> None:
+        self.reads: dict[tuple[int, str], str] = {}
+        self.rank_needed: dict[tuple[int, str], int] = {}
+
+    def _read(self, position: int, kind: str) -> ast.Name:
+        name = self.reads.setdefault((position, kind), f"{_READS[kind]}{position}")
+        return ast.Name(id=name, ctx=ast.Load())
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in _INPUT_METHODS and isinstance(func.value, ast.Subscript):
+            return self._read(_input_position(func.value), func.attr)
+        return self.generic_visit(node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            return self._read(_input_position(node), "value")
+        lowered = self.generic_visit(node)
+        assert isinstance(lowered, ast.Subscript)
+        if isinstance(lowered.value, ast.Name) and isinstance(lowered.slice, ast.Constant):
+            for (position, kind), name in self.reads.items():
+                if name == lowered.value.id and kind in ("size", "stride"):
+                    index = lowered.slice.value
+                    need = index + 1 if index >= 0 else -index
+                    key = (position, kind)
+                    self.rank_needed[key] = max(self.rank_needed.get(key, 0), need)
+                    return lowered
+        raise GuardExpressionError("guard indexes something that is not a size or stride tuple")
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id == "L":
+            raise GuardExpressionError("name 'L' used as a value")
+        return node
+
+
+def _input_position(node: ast.Subscript) -> int:
+    return int(_INPUT_NAME.match(node.slice.value).group(1))  # type: ignore[union-attr]
+
+
+class CompiledGuards:
+    """A guard expression compiled once: ``guards(inputs) -> bool`` (NOTE [Guards are compiled once]).
+
+    :raises GuardExpressionError: when called, inputs the expression does not fit (too few, a rank too small,
+        a size of a non-tensor), or arithmetic that fails (division by zero).
+    """
+
+    __slots__ = ("expression", "_function", "_reads", "_min_inputs", "_rank_checks")
+
+    def __init__(self, expression: str) -> None:
+        tree = _parse(expression)  # NOTE [Guards are evaluated, never eval'ed]: the whitelist check first
+        lower = _Lower()
+        body = lower.visit(tree.body)
+        reads = list(lower.reads.items())
+        arguments = ast.arguments(posonlyargs=[], args=[ast.arg(arg=name) for _, name in reads], vararg=None,
+                                  kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
+        lambda_tree = ast.fix_missing_locations(ast.Expression(body=ast.Lambda(args=arguments, body=body)))
+        code = compile(lambda_tree, "<aotcache guards>", "eval")
+        self.expression = expression
+        self._function = eval(code, _guard_globals())  # a code object built from the validated tree only
+        self._reads = [(position, _EXTRACT[kind]) for (position, kind), _ in reads]
+        self._min_inputs = 1 + max((position for (position, _), _ in reads), default=-1)
+        self._rank_checks = [(index, need) for index, ((position, kind), _) in enumerate(reads)
+                             if (need := lower.rank_needed.get((position, kind), 0))]
+
+    def __call__(self, inputs: Sequence[Any]) -> bool:
+        if len(inputs) < self._min_inputs:
+            raise GuardExpressionError(f"guard refers to input {self._min_inputs - 1} but only {len(inputs)} "
+                                       "were given")
+        values = [extract(inputs[position]) for position, extract in self._reads]
+        for index, need in self._rank_checks:
+            if len(values[index]) < need:
+                raise GuardExpressionError(f"guard indexes dimension {need - 1} of a rank-{len(values[index])} "
+                                           "input")
+        try:
+            return bool(self._function(*values))
+        except GuardExpressionError:
+            raise
+        except ZeroDivisionError:
+            raise GuardExpressionError("division by zero in a guard expression") from None
+        except (TypeError, OverflowError, ValueError, IndexError) as exc:
+            raise GuardExpressionError(f"guard expression does not fit these inputs: {type(exc).__name__}: {exc}"
+                                       ) from None
+
+
+_COMPILED_LIMIT = 512
+_compiled: dict[str, CompiledGuards] = {}
+_compiled_lock = threading.Lock()
+
+
+def compile_guards(expression: str) -> CompiledGuards:
+    """The compiled form of ``expression``, built once per process and expression (a bounded memo).
+
+    :raises GuardExpressionError: the expression is outside the grammar.
+    """
+    found = _compiled.get(expression) if isinstance(expression, str) else None
+    if found is not None:
+        return found
+    compiled = CompiledGuards(expression)
+    with _compiled_lock:
+        if len(_compiled) >= _COMPILED_LIMIT:
+            _compiled.pop(next(iter(_compiled)))  # oldest first: entries are only ever added
+        _compiled[expression] = compiled
+    return compiled
 
 
 def evaluate_guards(expression: str | None, real_inputs: Sequence[Any]) -> bool:
     """True when the real inputs satisfy the recorded guards (None or empty means no guards).
 
-    The expression is validated against the whitelist grammar first; nothing in it is executed as Python.
+    The expression is validated against the whitelist grammar and compiled once (:func:`compile_guards`);
+    nothing in its text is executed as Python.
 
     :raises GuardExpressionError: the expression is outside the grammar or does not fit the inputs.
     """
     if expression is None or not expression.strip():
         return True
-    tree = _parse(expression)
-    try:
-        return bool(_Evaluator(real_inputs).eval(tree))
-    except (TypeError, OverflowError, ValueError, IndexError, ZeroDivisionError) as exc:
-        if isinstance(exc, GuardExpressionError):
-            raise
-        raise GuardExpressionError(f"guard expression does not fit these inputs: {type(exc).__name__}: {exc}"
-                                   ) from None
+    return compile_guards(expression)(real_inputs)

@@ -192,7 +192,7 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                    if "key" in state else {})
         return CompileResult(runtime, guards=runtime.metadata.guards, summary=summary)
 
-    return cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key)
+    return cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key, name=name)
 
 
 def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, example_inputs: Sequence[Any],
@@ -228,7 +228,7 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         return CompileResult(runtime, guards=None, summary=summary,
                              uncacheable=_new_shape_guards(shape_env, guards_before))
 
-    return cache.load_or_compile(make_key, compile_fn, None)
+    return cache.load_or_compile(make_key, compile_fn, None, name=type(gm).__qualname__)
 
 
 def _shape_env_of(example_inputs: Sequence[Any]) -> Any:

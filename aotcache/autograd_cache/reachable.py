@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import types
+import weakref
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -328,6 +329,11 @@ class Reachable:
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
+        if isinstance(value, weakref.ReferenceType):
+            # NOTE [weak references]: a weak reference reads as what it refers to now (nn.RNNBase keeps
+            # weakrefs to its own parameters, i.e. runtime inputs), or as dead: both are all a trace can see
+            referent = value()
+            return "weakref:dead" if referent is None else f"weakref({self.ref(referent)})"
         if isinstance(value, contextvars.ContextVar):
             return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
         if isinstance(value, _LOCK_TYPES):

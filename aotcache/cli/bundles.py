@@ -6,6 +6,9 @@ A bundle is an uncompressed tar file (entries carry their own compression where 
                                   slot, size and sha256, plus (with AOTCACHE_SECRET) an HMAC signature of
                                   the index
     entries/<digest>-<slot>.aote  one entry container per file (aotcache/autograd_cache/entry.py)
+    aliases/<fingerprint>.json    the fingerprint alias records naming the exported entries' keys (the warm
+                                  start's first lookup, aotcache/autograd_cache/fingerprint_cache.py), listed
+                                  under "aliases" in the index with their size and sha256
 
 Import never extracts files: members are read into memory and checked -- present, the recorded size and
 sha256, a valid container whose blobs match their own sha256, a key record that produces its digest,
@@ -45,6 +48,7 @@ from aotcache.cli.graph_entries import (
     GraphEntry,
     ManifestError,
     parse_manifest,
+    read_alias_records,
     read_graph_entry,
     select_entries,
 )
@@ -85,6 +89,7 @@ class ImportReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     other_versions: list[dict[str, Any]] = field(default_factory=list)  # imported, built by another torch/Python
+    present: set[str] = field(default_factory=set)  # key digests imported or already there (for the aliases)
 
 
 def _canonical(value: Any) -> bytes:
@@ -104,8 +109,10 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes, mtime: float) 
     archive.addfile(info, io.BytesIO(data))
 
 
-def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, bytes]]) -> dict[str, Any]:
-    """Write ``members`` (entry, container bytes) as a bundle at ``path`` (atomically); returns the index.
+def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, bytes]],
+                 aliases: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Write ``members`` (entry, container bytes) and the alias records ``aliases`` (fingerprint -> record
+    bytes) as a bundle at ``path`` (atomically); returns the index.
 
     :raises OSError: the file cannot be written.
     """
@@ -121,6 +128,10 @@ def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, byt
     index: dict[str, Any] = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "namespace": namespace,
                              "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                              "aotcache": aotcache.__version__, "entries": records}
+    alias_records = [{"file": f"aliases/{fingerprint}.json", "fingerprint": fingerprint, "bytes": len(blob),
+                      "sha256": hashlib.sha256(blob).hexdigest()} for fingerprint, blob in sorted((aliases or {}).items())]
+    if alias_records:
+        index["aliases"] = alias_records
     secret = config.get("secret")
     if secret:
         index["signature"] = _signature(index, secret)
@@ -132,6 +143,8 @@ def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, byt
             _add_member(tar, INDEX_NAME, json.dumps(index, indent=1, sort_keys=True).encode("utf-8"), now)
             for record, (_, blob) in zip(records, members):
                 _add_member(tar, record["file"], blob, now)
+            for record in alias_records:
+                _add_member(tar, record["file"], (aliases or {})[record["fingerprint"]], now)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -139,18 +152,22 @@ def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, byt
     return index
 
 
-def _check_record(record: Any) -> str | None:
+_ENTRY_FIELDS = (("file", str), ("digest", str), ("slot", int), ("bytes", int), ("sha256", str))
+_ALIAS_FIELDS = (("file", str), ("fingerprint", str), ("bytes", int), ("sha256", str))
+
+
+def _check_record(record: Any, fields: tuple[tuple[str, type], ...] = _ENTRY_FIELDS) -> str | None:
     if not isinstance(record, dict):
         return "index record is not an object"
-    for name, kind in (("file", str), ("digest", str), ("slot", int), ("bytes", int), ("sha256", str)):
+    for name, kind in fields:
         if not isinstance(record.get(name), kind):
             return f"index record has no valid {name!r}"
     return None
 
 
-def read_bundle(path: Path) -> tuple[dict[str, Any], list[BundleMember]]:
-    """The index and every member of the bundle at ``path``, each checked against its index record (present,
-    size, sha256) -- deeper checks are the importer's.
+def read_bundle(path: Path) -> tuple[dict[str, Any], list[BundleMember], list[BundleMember]]:
+    """The index, every entry member and every alias member of the bundle at ``path``, each checked against
+    its index record (present, size, sha256) -- deeper checks are the importer's.
 
     :raises BundleError: unreadable file, not a tar, no or malformed index, signature refused.
     """
@@ -170,35 +187,42 @@ def read_bundle(path: Path) -> tuple[dict[str, Any], list[BundleMember]]:
         except (tarfile.TarError, OSError, EOFError) as exc:
             truncated = str(exc) or type(exc).__name__
         index = _read_index(archive, infos, path, truncated)
-        members = []
-        for record in index["entries"]:
-            problem = _check_record(record)
-            member = BundleMember(record if isinstance(record, dict) else {"record": record})
-            members.append(member)
-            if problem:
-                member.problem = problem
-                continue
-            info = infos.get(record["file"])
-            if info is None:
-                member.problem = (f"member {record['file']} is missing (truncated bundle?)" if truncated is None
-                                  else f"member {record['file']} is missing: the bundle is truncated ({truncated})")
-                continue
-            if info.size != record["bytes"]:
-                member.problem = f"member {record['file']} is {info.size} bytes, the index says {record['bytes']}"
-                continue
-            try:
-                handle = archive.extractfile(info)
-                data = handle.read() if handle is not None else b""
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                member.problem = f"member {record['file']} cannot be read (truncated bundle?): {exc}"
-                continue
-            if len(data) != record["bytes"]:
-                member.problem = f"member {record['file']} is cut short ({len(data)} of {record['bytes']} bytes)"
-            elif hashlib.sha256(data).hexdigest() != record["sha256"]:
-                member.problem = f"member {record['file']} does not match its sha256 (corrupt or tampered)"
-            else:
-                member.blob = data
-    return index, members
+        members = [_read_member(archive, infos, record, truncated) for record in index["entries"]]
+        aliases = index.get("aliases")
+        alias_members = ([_read_member(archive, infos, record, truncated, _ALIAS_FIELDS) for record in aliases]
+                         if isinstance(aliases, list) else [])
+    return index, members, alias_members
+
+
+def _read_member(archive: tarfile.TarFile, infos: dict[str, tarfile.TarInfo], record: Any,
+                 truncated: str | None, fields: tuple[tuple[str, type], ...] = _ENTRY_FIELDS) -> BundleMember:
+    """One member named by an index record, checked against it (present, size, sha256)."""
+    problem = _check_record(record, fields)
+    member = BundleMember(record if isinstance(record, dict) else {"record": record})
+    if problem:
+        member.problem = problem
+        return member
+    info = infos.get(record["file"])
+    if info is None:
+        member.problem = (f"member {record['file']} is missing (truncated bundle?)" if truncated is None
+                          else f"member {record['file']} is missing: the bundle is truncated ({truncated})")
+        return member
+    if info.size != record["bytes"]:
+        member.problem = f"member {record['file']} is {info.size} bytes, the index says {record['bytes']}"
+        return member
+    try:
+        handle = archive.extractfile(info)
+        data = handle.read() if handle is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        member.problem = f"member {record['file']} cannot be read (truncated bundle?): {exc}"
+        return member
+    if len(data) != record["bytes"]:
+        member.problem = f"member {record['file']} is cut short ({len(data)} of {record['bytes']} bytes)"
+    elif hashlib.sha256(data).hexdigest() != record["sha256"]:
+        member.problem = f"member {record['file']} does not match its sha256 (corrupt or tampered)"
+    else:
+        member.blob = data
+    return member
 
 
 def _read_index(archive: tarfile.TarFile, infos: dict[str, tarfile.TarInfo], path: Path,
@@ -276,17 +300,21 @@ def export_cmd(path: Path, prefixes: tuple[str, ...], force: bool, tier: str, na
     except CacheError as exc:
         raise CliError(str(exc)) from None
     try:
-        index = write_bundle(path, namespace, members)
+        aliases = read_alias_records(namespace, tier, {entry.digest for entry, _ in members})
+    except CacheError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        index = write_bundle(path, namespace, members, aliases)
     except OSError as exc:
         raise CliError(f"cannot write bundle {path}: {exc}") from None
-    data = {"path": str(path), "entries": len(members), "bytes": path.stat().st_size,
+    data = {"path": str(path), "entries": len(members), "aliases": len(aliases), "bytes": path.stat().st_size,
             "signed": "signature" in index, "exported": [record["digest"] + f"/{record['slot']}"
                                                        for record in index["entries"]]}
 
     def render(_: Any) -> None:
         signed = "signed with AOTCACHE_SECRET" if data["signed"] else "unsigned"
-        click.echo(f"Exported {len(members)} compiled-graph entries to {path} "
-                   f"({output.format_bytes(data['bytes'])}, {signed}).")
+        click.echo(f"Exported {len(members)} compiled-graph entries and {len(aliases)} fingerprint records to "
+                   f"{path} ({output.format_bytes(data['bytes'])}, {signed}).")
 
     output.emit(data, render, as_json=state().as_json)
 
@@ -370,6 +398,30 @@ def _store(cache: Any, entry: Any, blob: bytes, same_versions: bool) -> str | No
     return None
 
 
+def import_aliases(cache: Any, alias_members: list[BundleMember], present: set[str]) -> tuple[int, list[dict]]:
+    """Store the bundle's fingerprint alias records whose key has an entry in the cache now (``present``
+    digests), never over an existing record; the number stored and the rejected ones with their reason."""
+    from aotcache.autograd_cache.fingerprint_cache import ALIAS_PREFIX, alias_fingerprint, parse_alias_record
+
+    stored, rejected = 0, []
+    for member in alias_members:
+        fingerprint = str(member.record.get("fingerprint", "?"))
+        if member.problem is not None or member.blob is None:
+            rejected.append({"fingerprint": fingerprint, "reason": member.problem or "no data"})
+            continue
+        try:
+            if alias_fingerprint(ALIAS_PREFIX + fingerprint) != fingerprint:
+                raise ValueError("the fingerprint is not a hex digest")
+            key = parse_alias_record(member.blob, fingerprint)
+        except ValueError as exc:
+            rejected.append({"fingerprint": fingerprint, "reason": str(exc)})
+            continue
+        if key.digest not in present:
+            continue  # its entry was rejected: an alias to nothing would only cost a lookup
+        stored += bool(cache.tiers.insert(ALIAS_PREFIX + fingerprint, member.blob))
+    return stored, rejected
+
+
 def import_members(cache: Any, members: list[BundleMember]) -> ImportReport:
     """Check and store every member; never overwrites (see the module docstring)."""
     report = ImportReport()
@@ -385,6 +437,7 @@ def import_members(cache: Any, members: list[BundleMember]) -> ImportReport:
             continue
         if entry.guards in _existing_guards(cache, entry.digest):
             report.skipped.append({**row, "reason": "already in the cache"})
+            report.present.add(entry.digest)
             continue
         try:
             stored = _store(cache, entry, member.blob, same_versions)
@@ -396,6 +449,7 @@ def import_members(cache: Any, members: list[BundleMember]) -> ImportReport:
                                                      "accepted the write (see warnings)"})
             continue
         report.imported.append({**row, "store_key": stored})
+        report.present.add(entry.digest)
         if not same_versions:
             versions = entry.versions
             report.other_versions.append({**row, "torch": versions.get("torch"), "python": versions.get("python")})
@@ -413,25 +467,32 @@ def import_cmd(path: Path, namespace: str) -> None:
     are never overwritten (skipped), entries of another torch are imported and reported.
     """
     try:
-        index, members = read_bundle(path)
+        index, members, alias_members = read_bundle(path)
     except BundleError as exc:
         raise CliError(str(exc)) from None
     cache = _import_cache(namespace)
     try:
         report = import_members(cache, members)
+        aliases_stored, aliases_rejected = import_aliases(cache, alias_members, report.present)
     finally:
         cache.tiers.close()
     data = {"path": str(path), "bundle_namespace": index.get("namespace"), "namespace": namespace,
             "imported": len(report.imported), "skipped": len(report.skipped), "rejected": len(report.rejected),
-            "other_versions": len(report.other_versions), "entries": {
+            "other_versions": len(report.other_versions), "aliases": aliases_stored,
+            "aliases_rejected": aliases_rejected, "entries": {
                 "imported": report.imported, "skipped": report.skipped, "rejected": report.rejected,
                 "other_versions": report.other_versions}}
 
     def render(_: Any) -> None:
         click.echo(f"Imported {data['imported']}, skipped {data['skipped']} (already present), rejected "
                    f"{data['rejected']} of {len(members)} entries from {path}.")
+        if alias_members:
+            click.echo(f"Fingerprint records: {aliases_stored} imported (the first run starts warm without "
+                       f"tracing), {len(aliases_rejected)} rejected.")
         for row in report.rejected:
             click.echo(f"  rejected {row['entry']}: {row['reason']}")
+        for row in aliases_rejected:
+            click.echo(f"  rejected fingerprint record {row['fingerprint'][:12]}: {row['reason']}")
         for row in report.other_versions:
             click.echo(f"  note: {row['entry']} ({row['name']}) was built with torch {row['torch']} / "
                        f"{row['python']}; it is used only where that torch runs")

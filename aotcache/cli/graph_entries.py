@@ -23,6 +23,7 @@ aotcache/store/disk.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,12 @@ class EntrySelectionError(ValueError):
     def __init__(self, message: str, *, bad_input: bool) -> None:
         super().__init__(message)
         self.bad_input = bad_input
+
+
+#: Store keys of fingerprint alias records (``fingerprint_cache.ALIAS_PREFIX`` + digest; repeated here, where
+#: nothing may import torch).
+ALIAS_KEY_PREFIX = "aot/fp/"
+_ALIAS_KEY_RE = re.compile(r"^aot/fp/([0-9a-f]{64})$")
 
 
 def store_key(digest: str, slot: int) -> str:
@@ -192,11 +199,44 @@ def read_entry_bytes(handle_cache: Any, tier: str, digest: str, slot: int) -> by
 
     Disk entries are read without moving their LRU recency (see NOTE [reading does not count as use]).
     """
-    key = store_key(digest, slot)
+    return read_value_bytes(handle_cache, tier, store_key(digest, slot))
+
+
+def read_value_bytes(handle_cache: Any, tier: str, key: str) -> bytes | None:
+    """The bytes stored in one tier under store key ``key`` (disk: without moving its recency), or None."""
     if tier != "disk":
         value = handle_cache.get(key)
         return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
     return _peek_disk(handle_cache, key)
+
+
+def read_alias_records(namespace: str, tier: str, digests: Iterable[str]) -> dict[str, bytes]:
+    """The fingerprint alias records of ``namespace`` (``aot/fp/<fingerprint>``, see
+    :mod:`aotcache.autograd_cache.fingerprint_cache`) that name one of the key ``digests``: fingerprint ->
+    record bytes. Records that do not parse are left out (a job's lookup deletes them).
+
+    :raises CacheError: as :func:`list_graph_entries`.
+    """
+    wanted = set(digests)
+    found: dict[str, bytes] = {}
+    handles = _open_tiers(namespace, tier)
+    try:
+        for handle in handles:
+            for info in handle.cache.entries():
+                match = _ALIAS_KEY_RE.match(info.key)
+                if match is None or match.group(1) in found:
+                    continue
+                blob = read_value_bytes(handle.cache, handle.tier, info.key)
+                try:  # the JSON fields only (torch-free); import checks the key parts
+                    record = json.loads(blob.decode("utf-8")) if blob is not None else None
+                except (UnicodeDecodeError, ValueError):
+                    continue
+                if (isinstance(record, dict) and record.get("fingerprint") == match.group(1)
+                        and record.get("key") in wanted):
+                    found[match.group(1)] = blob  # type: ignore[assignment]
+    finally:
+        _close(handles)
+    return found
 
 
 def _peek_disk(disk: Any, key: str) -> bytes | None:
@@ -373,16 +413,18 @@ def differing_parts(key_a: Any, key_b: Any) -> list[str]:
     return sorted(name for name in set(digests_a) | set(digests_b) if digests_a.get(name) != digests_b.get(name))
 
 
-def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry]) -> GraphEntry | None:
+def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry], name: str | None = None
+                  ) -> GraphEntry | None:
     """The stored entry of another key sharing the most part digests with ``key_record`` (first by digest on
-    ties), the way ``AOTAutogradCache.explain_miss`` picks it; None when there is none."""
+    ties), the way ``AOTAutogradCache.explain_miss`` picks it; None when there is none. With ``name``, only
+    entries of that function or model are candidates (another model's entry explains nothing)."""
     wanted = _part_digests(key_record)
     own_digest = key_record.get("digest")
     best: GraphEntry | None = None
     best_same = -1
     for entry in entries:
-        if entry.digest == own_digest:
-            continue  # saved since the miss: compare with the others
+        if entry.digest == own_digest or (name is not None and entry.name != name):
+            continue  # saved since the miss, or another model: compare with the others
         digests = _part_digests(entry.manifest.get("key"))
         if not digests:
             continue
@@ -390,6 +432,48 @@ def nearest_entry(key_record: dict[str, Any], entries: Sequence[GraphEntry]) -> 
         if same > best_same:
             best, best_same = entry, same
     return best
+
+
+# Input fields that only say how large an input is (and so how it is laid out): when nothing else differs,
+# dynamic shapes would have reused the entry.
+_SHAPE_FIELDS = frozenset({"shape", "stride", "storage_offset", "memory_format"})
+# Key parts that describe settings and versions, not the traced program or its inputs.
+_SETTING_PARTS = frozenset({"config", "system", "compiler", "partitioner", "decompositions", "numerics",
+                            "autocast", "grad_mode", "extra"})
+
+
+def _part_details(key_record: Any) -> dict[str, Any]:
+    parts = key_record.get("parts") if isinstance(key_record, dict) else None
+    return {str(name): body.get("detail") for name, body in (parts or {}).items() if isinstance(body, dict)}
+
+
+def _without_shapes(inputs: Any) -> Any:
+    if not isinstance(inputs, list):
+        return inputs
+    return [{field: value for field, value in item.items() if field not in _SHAPE_FIELDS}
+            if isinstance(item, dict) else item for item in inputs]
+
+
+def suggest_fix(key_a: Any, key_b: Any) -> str | None:
+    """A suggestion for a miss of ``key_b`` next to ``key_a`` (same function), when the differing parts show
+    one: only input sizes differ -> dynamic shapes; only settings or versions differ -> say so. None else."""
+    parts = set(differing_parts(key_a, key_b))
+    if not parts:
+        return None
+    details_a, details_b = _part_details(key_a), _part_details(key_b)
+    if "inputs" in parts and parts <= {"inputs", "graph"}:
+        inputs_a, inputs_b = details_a.get("inputs"), details_b.get("inputs")
+        if (isinstance(inputs_a, list) and isinstance(inputs_b, list)
+                and _without_shapes(inputs_a) == _without_shapes(inputs_b)):
+            return ("only input sizes differ: compile with dynamic=True (one graph for every size that "
+                    "satisfies its guards), or keep the default dynamic=None, which makes a dimension that "
+                    "changes size dynamic at the next compile")
+    if parts <= _SETTING_PARTS:
+        labels = ", ".join(sorted(parts))
+        return (f"only settings or versions differ ({labels}): the program and its inputs are the same, but it "
+                "was compiled under another configuration or another torch / aotcache; nothing to change in "
+                "the model. Keep those settings equal across runs to share entries")
+    return None
 
 
 def installed_torch_version() -> str | None:
@@ -400,3 +484,55 @@ def installed_torch_version() -> str | None:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprint records during prune (NOTE [ordered with another entry] in aotcache/store/eviction.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _alias_targets(disk: Any, infos: Iterable[Any]) -> dict[str, str]:
+    """Storage digest of each readable fingerprint record among ``infos`` -> the key digest it names."""
+    targets = {}
+    for info in infos:
+        if _ALIAS_KEY_RE.match(info.key) is None:
+            continue
+        blob = _peek_disk(disk, info.key)
+        try:
+            record = json.loads(blob.decode("utf-8")) if blob is not None else None
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            targets[info.digest] = record["key"]
+    return targets
+
+
+def alias_recency(disk: Any, infos: Sequence[Any]) -> dict[str, int]:
+    """Order times (ns, by storage digest) that put each fingerprint record of the disk tier ``disk`` just
+    after the most recently used entry of the key it names, so that ``prune`` never removes the record of an
+    entry it keeps (``infos``: the tier's listing)."""
+    newest: dict[str, float] = {}
+    for info in infos:
+        parsed = parse_store_key(info.key)
+        if parsed is not None:
+            newest[parsed[0]] = max(newest.get(parsed[0], 0.0), float(info.last_access))
+    by_digest = {info.digest: info for info in infos}
+    order = {}
+    for digest, key_digest in _alias_targets(disk, infos).items():
+        if key_digest in newest:
+            own = int(by_digest[digest].last_access * 1e9)
+            order[digest] = max(own, int(newest[key_digest] * 1e9) + 1000)
+    return order
+
+
+def remove_orphan_aliases(disk: Any) -> int:
+    """Remove the fingerprint records of the disk tier ``disk`` whose key has no entry left; the number removed
+    (a record without its entry only costs a lookup, but prune must not leave them behind)."""
+    infos = list(disk.entries())
+    present = {parsed[0] for info in infos if (parsed := parse_store_key(info.key)) is not None}
+    removed = 0
+    for digest, key_digest in _alias_targets(disk, infos).items():
+        if key_digest not in present:
+            with contextlib.suppress(OSError):
+                removed += bool(disk.delete_digest(digest))
+    return removed

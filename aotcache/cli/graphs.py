@@ -24,6 +24,7 @@ from aotcache.cli.graph_entries import (
     installed_torch_version,
     list_graph_entries,
     nearest_entry,
+    suggest_fix,
     read_last_miss,
     select_entries,
 )
@@ -244,19 +245,22 @@ def _explain_last_miss(tier: str) -> dict[str, Any]:
         raise CliError(str(exc)) from None
     missed = record["key"]
     namespace = record.get("namespace") if isinstance(record.get("namespace"), str) else DEFAULT_NAMESPACE
+    name = record.get("name") if isinstance(record.get("name"), str) else None  # None: an older record
     entries = load_entries(namespace, tier)  # the namespace of the cache that missed
-    nearest = nearest_entry(missed, entries)
-    data: dict[str, Any] = {"mode": "last_miss", "missed": missed.get("digest"),
+    nearest = nearest_entry(missed, entries, name=name)
+    data: dict[str, Any] = {"mode": "last_miss", "missed": missed.get("digest"), "name": name,
                             "missed_at": output.format_timestamp(record.get("time")),
                             "namespace": record.get("namespace"), "saved_since": any(
-                                entry.digest == missed.get("digest") for entry in entries)}
+                                entry.digest == missed.get("digest") for entry in entries), "suggestion": None}
     if nearest is None:
-        data.update(nearest=None, differing_parts=[], differences=[],
-                    note="the cache holds no other entry to compare with")
+        note = (f"there is no earlier entry for {name}: this was its first compile in this cache"
+                if name is not None else "the cache holds no other entry to compare with")
+        data.update(nearest=None, differing_parts=[], differences=[], note=note)
         return data
     data.update(nearest=nearest.ref, nearest_name=nearest.name,
                 differing_parts=differing_parts(_key_of(nearest), missed),
-                differences=_explain_lines(_key_of(nearest), missed))
+                differences=_explain_lines(_key_of(nearest), missed),
+                suggestion=suggest_fix(_key_of(nearest), missed))
     return data
 
 
@@ -264,7 +268,8 @@ def _explain_pair(entry_a: GraphEntry, entry_b: GraphEntry) -> dict[str, Any]:
     key_a, key_b = _key_of(entry_a), _key_of(entry_b)
     differences = _explain_lines(key_a, key_b)
     data: dict[str, Any] = {"mode": "pair", "first": entry_a.ref, "second": entry_b.ref,
-                            "differing_parts": differing_parts(key_a, key_b), "differences": differences}
+                            "differing_parts": differing_parts(key_a, key_b), "differences": differences,
+                            "suggestion": suggest_fix(key_a, key_b) if entry_a.name == entry_b.name else None}
     if entry_a.digest == entry_b.digest:
         guards_a, guards_b = entry_a.manifest.get("guards"), entry_b.manifest.get("guards")
         data["differences"] = ([] if guards_a == guards_b else
@@ -299,10 +304,13 @@ def explain(keys: tuple[str, ...], tier: str, namespace: str) -> None:
     entries = load_entries(namespace, tier)
     if len(keys) == 1:
         entry = _one_entry(entries, keys[0])
-        nearest = nearest_entry(_key_of(entry), entries)
+        name = entry.name if entry.name != "-" else None
+        nearest = nearest_entry(_key_of(entry), entries, name=name)
         if nearest is None:
             data = {"mode": "nearest", "first": entry.ref, "second": None, "differing_parts": [],
-                    "differences": [], "note": "the cache holds no other entry to compare with"}
+                    "differences": [], "suggestion": None,
+                    "note": (f"there is no other entry for {name}" if name is not None
+                             else "the cache holds no other entry to compare with")}
         else:
             data = {**_explain_pair(nearest, entry), "mode": "nearest"}
     else:
@@ -313,7 +321,8 @@ def explain(keys: tuple[str, ...], tier: str, namespace: str) -> None:
 def _render_explanation(data: dict[str, Any]) -> None:
     if data["mode"] == "last_miss":
         when = data.get("missed_at") or "?"
-        click.echo(f"Last miss: key {str(data['missed'])[:16]} at {when} (namespace {data.get('namespace')})"
+        of = f" of {data['name']}" if data.get("name") else ""
+        click.echo(f"Last miss{of}: key {str(data['missed'])[:16]} at {when} (namespace {data.get('namespace')})"
                    + (", compiled and saved since" if data.get("saved_since") else ""))
         if data.get("nearest") is None:
             click.echo(f"Nothing to compare: {data['note']}.")
@@ -331,6 +340,8 @@ def _render_explanation(data: dict[str, Any]) -> None:
         click.echo(f"Differing key parts: {', '.join(data['differing_parts'])}")
     for line in data["differences"]:
         click.echo(f"  - {line}")
+    if data.get("suggestion"):
+        click.echo(f"Suggestion: {data['suggestion']}.")
 
 
 

@@ -127,8 +127,9 @@ def _parse_size(text: str) -> int:
 def prune(max_bytes_text: str | None, namespaces: tuple[str, ...], dry_run: bool) -> None:
     """Remove least recently used disk entries until the disk tier is at most --max-bytes.
 
-    The bound covers all the selected namespaces together (files and small-entry rows alike); the most
-    recently used entries are kept.
+    The bound covers all the selected namespaces together (files and small-entry rows alike) and, without
+    --namespace, the AOTInductor libraries materialized in aoti_libs/ (re-written from their entries when
+    needed); the most recently used are kept.
     """
     max_bytes = config.get("max_bytes") if max_bytes_text is None else _parse_size(max_bytes_text)
     if max_bytes <= 0:
@@ -136,9 +137,17 @@ def prune(max_bytes_text: str | None, namespaces: tuple[str, ...], dry_run: bool
                        "use `aotcache clear` to empty the cache")
     # max_bytes=0 on the handles: a handle must not also evict on its own (down to 90 % of the configured
     # bound) when it flushes its usage counter; OnDiskCache.prune applies the bound asked for, exactly.
+    from aotcache.cli.graph_entries import alias_recency, remove_orphan_aliases
+
     handles = _open("disk", namespaces, max_bytes=0)
+    orphans = 0
     try:
-        result = stores.prune_disk(handles, max_bytes, dry_run=dry_run)
+        # fingerprint records go with the entries they name, never before them (and never left behind)
+        recency = {handle.namespace: alias_recency(handle.cache, list(handle.cache.entries())) for handle in handles}
+        result = stores.prune_disk(handles, max_bytes, dry_run=dry_run, libraries=not namespaces,
+                                   recency=recency)
+        if not dry_run and result.removed:
+            orphans = sum(remove_orphan_aliases(handle.cache) for handle in handles)
     except OSError as exc:
         raise CliError(f"cannot prune the disk tier: {exc}") from None
     finally:
@@ -146,6 +155,7 @@ def prune(max_bytes_text: str | None, namespaces: tuple[str, ...], dry_run: bool
     data = {"max_bytes": result.max_bytes, "dry_run": dry_run, "entries_before": result.entries_before,
             "bytes_before": result.bytes_before, "removed_entries": len(result.removed),
             "removed_bytes": result.removed_bytes, "bytes_after": result.bytes_after,
+            "orphan_fingerprint_records_removed": orphans,
             "removed": [{"digest": info.digest, "key": info.key, "size": info.size} for info in result.removed]}
 
     def render(_: Any) -> None:

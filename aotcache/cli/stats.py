@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from aotcache import config
 from aotcache.cli import output
 from aotcache.cli.app import CliError, json_option, state
 
@@ -48,6 +49,7 @@ _TIER_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("evictions", "evictions", lambda value: str(int(value))),
     ("errors (faults)", "errors", lambda value: str(int(value))),
     ("  of which corrupt", "corrupt", lambda value: str(int(value))),
+    ("other secret (kept)", "unverified", lambda value: str(int(value))),
     ("bytes read", "bytes_read", output.format_bytes),
     ("bytes written", "bytes_written", output.format_bytes),
     ("time in get", "get_seconds", lambda value: f"{value:.3f} s"),
@@ -116,6 +118,12 @@ def _occupancy() -> list[dict[str, Any]]:
     for handle in stores.open_disk_tiers():
         rows.append({"tier": "disk", "namespace": handle.namespace, "entries": len(handle.cache),
                      "bytes": handle.cache.total_bytes(), "max_bytes": handle.cache.max_bytes})
+    from aotcache.store import derived_files
+
+    libraries = derived_files.entries()
+    if libraries:  # counted in the disk bound by `aotcache prune` (NOTE [derived files in the bound])
+        rows.append({"tier": "disk", "namespace": derived_files.LIBRARY_DIR, "entries": len(libraries),
+                     "bytes": sum(info.size for info in libraries), "max_bytes": config.get("max_bytes")})
     try:
         redis_handles = stores.open_redis_tiers()
         for handle in redis_handles:

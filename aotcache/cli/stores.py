@@ -140,7 +140,8 @@ def close_all(handles: Sequence[TierHandle]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def prune_disk(handles: Sequence[TierHandle], max_bytes: int, *, dry_run: bool = False) -> PruneReport:
+def prune_disk(handles: Sequence[TierHandle], max_bytes: int, *, dry_run: bool = False,
+               libraries: bool = False, recency: dict[str, dict[str, int]] | None = None) -> PruneReport:
     """Remove least recently used entries, across ``handles``, until their total is at most ``max_bytes``.
 
     The most recently used entries are kept, as many as fit in the bound (no hysteresis: the bound asked
@@ -153,32 +154,60 @@ def prune_disk(handles: Sequence[TierHandle], max_bytes: int, *, dry_run: bool =
     order decides how many bytes each namespace keeps; pruning each namespace down to that budget removes
     exactly the globally least recently used entries (within a namespace the two orders agree).
 
+    With ``libraries``, the AOTInductor libraries materialized under ``<cache_dir>/aoti_libs`` count in the
+    bound and take part in the same LRU order (NOTE [derived files in the bound] in
+    :mod:`aotcache.store.derived_files`); they are listed in the report under namespace ``aoti_libs``.
+
+    ``recency`` (namespace -> digest -> ns) orders some entries as if used then (NOTE [ordered with another
+    entry] in :mod:`aotcache.store.eviction`).
+
     :raises OSError: a cache directory, lock or database cannot be used.
     """
-    if len(handles) == 1:
-        return handles[0].cache.prune(max_bytes, dry_run=dry_run)  # type: ignore[attr-defined]
-    listed = [(info, handle) for handle, info in iter_entries(handles)]
+    from aotcache.store import derived_files
+
+    recency = recency or {}
+    library_infos = derived_files.entries() if libraries else []
+    if len(handles) == 1 and not library_infos:
+        return handles[0].cache.prune(max_bytes, dry_run=dry_run,  # type: ignore[attr-defined]
+                                      recency=recency.get(handles[0].namespace))
+    listed: list[tuple[EntryInfo, TierHandle | None]] = [(info, handle) for handle, info in iter_entries(handles)]
+    listed += [(info, None) for info in library_infos]
     total = sum(info.size for info, _ in listed)
     result = PruneReport(max_bytes=max_bytes, dry_run=dry_run, entries_before=len(listed), bytes_before=total,
                          bytes_after=total)
     if total <= max_bytes:
         return result
-    listed.sort(key=lambda pair: (pair[0].last_access, pair[0].digest))  # oldest first
+    def order(pair: tuple[EntryInfo, TierHandle | None]) -> tuple[float, str]:
+        info, handle = pair
+        override = recency.get(handle.namespace, {}).get(info.digest) if handle is not None else None
+        return (info.last_access if override is None else override / 1e9, info.digest)
+
+    listed.sort(key=order)  # oldest first
     budgets = {handle.namespace: 0 for handle in handles}
     for info, handle in listed:
-        budgets[handle.namespace] += info.size
+        if handle is not None:
+            budgets[handle.namespace] += info.size
     remaining = total
     for info, handle in listed:
         if remaining <= max_bytes:
             break
-        budgets[handle.namespace] -= info.size
         remaining -= info.size
+        if handle is not None:
+            budgets[handle.namespace] -= info.size
+        elif dry_run:
+            result.removed.append(info)
+            result.bytes_after -= info.size
+        elif derived_files.remove(info):  # a library used since the listing is kept
+            result.removed.append(info)
+            result.bytes_after -= info.size
     bytes_before_by_namespace = {handle.namespace: 0 for handle in handles}
     for info, handle in listed:
-        bytes_before_by_namespace[handle.namespace] += info.size
+        if handle is not None:
+            bytes_before_by_namespace[handle.namespace] += info.size
     for handle in handles:
         if budgets[handle.namespace] < bytes_before_by_namespace[handle.namespace]:
-            report = handle.cache.prune(budgets[handle.namespace], dry_run=dry_run)  # type: ignore[attr-defined]
+            report = handle.cache.prune(budgets[handle.namespace], dry_run=dry_run,  # type: ignore[attr-defined]
+                                        recency=recency.get(handle.namespace))
             result.removed += report.removed
             result.bytes_after -= report.bytes_before - report.bytes_after
     result.removed.sort(key=lambda info: (info.last_access, info.digest))

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from aotcache import config
 from aotcache.compilers.base import ArtifactError
+from aotcache.store import derived_files
 
 __all__ = [
     "AOTIRunner",
@@ -430,10 +430,6 @@ def _write_verified(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _libraries_dir(cache_dir: str | os.PathLike | None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else Path(config.get("cache_dir"))) / "aoti_libs"
-
-
 def check_side_file_name(name: str) -> None:
     """:raises ArtifactError: ``name`` is not a plain file name of a kind a library reads beside it."""
     if not name or name != Path(name).name or name in (".", "..") or "/" in name or "\\" in name \
@@ -456,21 +452,18 @@ def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None, *,
     with side ``files`` ``<cache_dir>/aoti_libs/<bundle digest>/<library_name>`` with the files beside it.
 
     NOTE [content-addressed libraries]
-    dlopen needs a file. The name is the bytes' sha256, so a file that exists and holds exactly these bytes
-    is reused (compared byte for byte: cheaper than hashing it again on the warm path; the OS also keeps one
-    mapping per path), and a new one is written to a temp file and renamed into place, so readers never see
-    a partial library and a concurrent writer only replaces it with equal bytes. No fsync: the file is
-    derived data, and one damaged by a crash fails the comparison and is written again. A library with side
-    files gets a directory named by the digest of all their contents, so each file keeps the name the
-    library looks for (NOTE [files beside the library]); every file is checked and rewritten the same way.
+    dlopen needs a file. The name is the bytes' sha256 (:func:`aotcache.store.derived_files.materialize`):
+    an existing file with these bytes is reused, a new one appears atomically. The files are derived data,
+    counted in the disk bound and pruned by ``aotcache prune`` (NOTE [derived files in the bound]). A library
+    with side files gets a directory named by the digest of all their contents, so each file keeps the name the
+    library looks for (NOTE [files beside the library]); every file is checked and rewritten the same way, and
+    the directory is one derived entry for the bound and ``prune``.
 
     :raises ArtifactError: a side file name that is not a plain kernel-binary or metadata file name.
     """
-    directory = _libraries_dir(cache_dir)
+    directory = derived_files.library_dir(cache_dir)
     if not files:
-        path = directory / f"{hashlib.sha256(so_bytes).hexdigest()}.so"
-        _write_verified(path, so_bytes, 0o755)
-        return path
+        return derived_files.materialize(so_bytes, directory, ".so")
     if library_name != Path(library_name).name or not library_name.endswith(".so") or library_name.startswith("."):
         raise ArtifactError(f"AOTInductor library name {library_name!r} is not a plain .so file name")
     for name in files:
@@ -481,6 +474,7 @@ def library_path(so_bytes: bytes, cache_dir: str | os.PathLike | None = None, *,
         _write_verified(bundle / name, data)
     path = bundle / library_name
     _write_verified(path, so_bytes, 0o755)
+    derived_files.touch(path)
     return path
 
 
@@ -531,4 +525,4 @@ def load_library(so_bytes: bytes, *, device: str | torch.device = "cpu",
 
 def remove_library_dir(cache_dir: str | os.PathLike | None = None) -> None:
     """Delete every materialized library file (they are re-written from artifacts on the next load)."""
-    shutil.rmtree(_libraries_dir(cache_dir), ignore_errors=True)
+    shutil.rmtree(derived_files.library_dir(cache_dir), ignore_errors=True)

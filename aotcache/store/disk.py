@@ -59,7 +59,7 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,8 @@ class OnDiskCache(AsyncCache[K, V]):
         return None if result is _MISS or type(result) is _Failure else result  # type: ignore[return-value]
 
     def lookup(self, key: K) -> Lookup[V]:
-        """Read ``key``: HIT with the value, MISS, or ERROR (unreadable or corrupt entry, counted, removed).
+        """Read ``key``: HIT with the value, MISS, or ERROR (unreadable or corrupt entry, counted, removed; an
+        entry of another secret, counted as ``unverified`` and kept).
 
         :raises CacheError: the key is not picklable.
         :raises aotcache.logs.CacheFault: a fault, in strict mode only.
@@ -282,6 +283,8 @@ class OnDiskCache(AsyncCache[K, V]):
         except OSError as exc:
             return self._read_fault(start, f"cannot read disk cache entry {path}", exc)
         except frame.FrameError as exc:
+            if not exc.corrupt:
+                return self._unverified(start, st.st_size, exc)
             stale = exc.reason == "key mismatch" and self._of_other_version(self._file_key(path), encoded)
             self._discard_corrupt(digest, path, st)
             if stale:
@@ -308,6 +311,8 @@ class OnDiskCache(AsyncCache[K, V]):
         try:
             value = frame.decode_value(blob, secret=self._secret, expected_key=self._frame_key(encoded))
         except frame.FrameError as exc:
+            if not exc.corrupt:
+                return self._unverified(start, len(blob), exc)
             try:
                 removed = self._pack.discard(raw_digest, blob)
             except PackFault:
@@ -349,6 +354,12 @@ class OnDiskCache(AsyncCache[K, V]):
         self.stats.add(errors=1, get_seconds=time.perf_counter() - start)
         handle_fault(f"disk-read:{errno.errorcode.get(exc.errno or 0, exc.errno)}:{self._root}", message, exc)
         return _Failure(f"{type(exc).__name__}: {exc}")
+
+    def _unverified(self, start: float, size: int, exc: frame.FrameError) -> _Failure:
+        """An entry of another secret (or unsigned): a miss here, kept for its writers (counted, warned once)."""
+        self.stats.add(unverified=1, bytes_read=size, get_seconds=time.perf_counter() - start)
+        frame.report_secret_mismatch(str(self._root), exc)
+        return _Failure(f"unverified entry ({exc.reason})")
 
     def _discard_corrupt(self, digest: str, path: str, seen: os.stat_result) -> None:
         """Remove the corrupt file just read, unless another process has already replaced it."""
@@ -586,11 +597,13 @@ class OnDiskCache(AsyncCache[K, V]):
             self._report_fault(f"pack-{exc.category}", exc.message, exc.cause)
             return 0, 0
 
-    def prune(self, max_bytes: int, *, dry_run: bool = False) -> PruneReport:
+    def prune(self, max_bytes: int, *, dry_run: bool = False, recency: Mapping[str, int] | None = None
+              ) -> PruneReport:
         """Remove least recently used entries (files and rows) until they total at most ``max_bytes``.
 
         Unlike the automatic eviction (down to 90 % of the configured bound), the bound given is the bound
         reached; an entry read while pruning is kept. With ``dry_run``, only reports what would go.
+        ``recency``: order times (ns) for some entries by digest (NOTE [ordered with another entry]).
 
         :raises CacheError: ``max_bytes`` is not a non-negative integer.
         :raises OSError: the cache directory, a lock or the database cannot be used.
@@ -598,7 +611,7 @@ class OnDiskCache(AsyncCache[K, V]):
         _non_negative("prune max_bytes", max_bytes)
         self.close()  # count this handle's own writes before the scan
         try:
-            return self._usage.prune(max_bytes, dry_run=dry_run, describe=self._describe)
+            return self._usage.prune(max_bytes, dry_run=dry_run, describe=self._describe, recency=recency)
         except PackFault as exc:
             raise _as_os_error(exc) from exc
 

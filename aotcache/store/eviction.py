@@ -33,7 +33,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,11 +334,14 @@ class DiskUsage:
         report.total_after = total
         self._update_counter(lambda counter_now: total + (counter_now - counter_at_start), scanned=True)
 
-    def prune(self, max_bytes: int, *, dry_run: bool = False, describe: Describer) -> PruneReport:
+    def prune(self, max_bytes: int, *, dry_run: bool = False, describe: Describer,
+              recency: Mapping[str, int] | None = None) -> PruneReport:
         """Remove least recently used entries (files and rows) until they total at most ``max_bytes``.
 
         No hysteresis: the bound asked for is the bound reached. Waits for a maintenance pass of another
         process. ``describe`` turns an entry about to be removed into its EntryInfo (read before removal).
+        ``recency`` (digest -> ns) orders the named entries as if last used then (NOTE [ordered with another
+        entry]); whether an entry was read since the scan is still decided by its own recency.
 
         :raises OSError: a lock or the directory cannot be used. :raises PackFault: a database fault.
         """
@@ -355,7 +358,7 @@ class DiskUsage:
                 described.update((entry.digest, describe(entry)) for entry in batch)
 
             total, removed = self._evict_down_to(entries, total, max_bytes, dry_run=dry_run,
-                                                 before_removal=describe_batch)
+                                                 before_removal=describe_batch, recency=recency)
             report.bytes_after = total
             report.removed = [described[entry.digest] for entry in removed]
             if removed and not dry_run:
@@ -365,14 +368,20 @@ class DiskUsage:
         return report
 
     def _evict_down_to(self, entries: list[ScannedEntry], total: int, target: int, *, dry_run: bool = False,
-                       before_removal: Callable[[list[ScannedEntry]], None] | None = None
-                       ) -> tuple[int, list[ScannedEntry]]:
+                       before_removal: Callable[[list[ScannedEntry]], None] | None = None,
+                       recency: Mapping[str, int] | None = None) -> tuple[int, list[ScannedEntry]]:
         """Remove entries, least recently used first, until ``total`` is at most ``target``.
 
         Returns the new total and the entries this call removed. An entry read since the scan is kept, and
         the next one in LRU order is taken instead; one already removed by another process counts as gone.
+
+        NOTE [ordered with another entry]
+        A caller that knows an entry is only useful with another (a fingerprint record and the compiled
+        entry it names) passes, in ``recency``, an order time just after the other's: it then goes after it,
+        never before it.
         """
-        entries.sort(key=lambda entry: (entry.last_access_ns, entry.digest))
+        order = recency or {}
+        entries.sort(key=lambda entry: (order.get(entry.digest, entry.last_access_ns), entry.digest))
         removed: list[ScannedEntry] = []
         position = 0
         while total > target and position < len(entries):

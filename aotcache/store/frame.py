@@ -22,6 +22,14 @@ and refuses unsigned frames: a tampered or foreign entry never reaches pickle. T
 truncation and bit flips cheaply: xxh3-64 runs at ~45 GB/s here, where zlib's crc32 manages ~3.5 GB/s
 and sha256 ~1.4 GB/s, so checking a 10 MB entry costs ~0.2 ms instead of ~3 ms. The checksum is not a
 defence against a deliberate writer: the HMAC is the integrity guarantee against a writer who is not trusted.
+
+NOTE [a bad signature is not corruption]
+The checksum is checked first, the signature second. A frame whose checksum holds but whose signature does
+not (or that carries none while this reader has a secret) was written whole by a writer with another
+``AOTCACHE_SECRET`` (or none): it is unusable *for this reader* only, and readers with that writer's secret rely
+on it. Such a frame raises ``FrameError`` with a reason in ``SECRET_MISMATCH`` (``err.corrupt`` is False):
+tiers count it as a miss (``unverified``) and leave it in place. Only a frame that fails the checksum or is
+otherwise malformed (``err.corrupt``) may be deleted.
 """
 
 from __future__ import annotations
@@ -34,11 +42,15 @@ from typing import NamedTuple
 
 import xxhash
 
+from aotcache.logs import handle_fault
+
 __all__ = [
     "FRAME_VERSION",
     "MAGIC",
     "HEADER_SIZE",
     "FrameError",
+    "SECRET_MISMATCH",
+    "report_secret_mismatch",
     "Frame",
     "encode",
     "encode_parts",
@@ -63,12 +75,30 @@ _KNOWN_FLAGS = FLAG_ZSTD | FLAG_PICKLED | FLAG_SIGNED
 VALUE_PICKLE_PROTOCOL = 5
 
 
+#: FrameError reasons of a whole frame that this reader's secret cannot verify (NOTE [a bad signature is not
+#: corruption]): a miss for this reader, never a reason to delete the entry.
+SECRET_MISMATCH = frozenset({"signature", "unsigned"})
+
+
 class FrameError(Exception):
     """A frame that cannot be trusted or read. ``reason`` is a short category used in stats and logs."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+    @property
+    def corrupt(self) -> bool:
+        """True unless the frame is whole but signed with another secret, or unsigned (SECRET_MISMATCH)."""
+        return self.reason not in SECRET_MISMATCH
+
+
+def report_secret_mismatch(where: str, exc: FrameError) -> None:
+    """Warn once per store location (raise in strict mode) that an entry there is not verifiable with our secret."""
+    handle_fault(f"secret-mismatch:{where}",
+                 f"an entry in {where} is {'unsigned' if exc.reason == 'unsigned' else 'signed with another secret'}"
+                 "; this process cannot use it and leaves it for the processes that wrote it. Give every machine "
+                 "sharing this cache the same AOTCACHE_SECRET", exc)
 
 
 class Header(NamedTuple):
@@ -202,20 +232,23 @@ def _decode_parts(header: Header, head: bytes | memoryview, payload: bytes | mem
         raise FrameError("truncated", f"frame is {len(head) + len(payload)} bytes, header says "
                                       f"{header.frame_length}")
     zeroed_header = _zero_checksum(head)
-    key_secret = _secret_bytes(secret)
-    if key_secret is not None:
-        if not flags & FLAG_SIGNED:
-            raise FrameError("unsigned", "a secret is configured and this entry carries no signature")
-        mac = hmac.new(key_secret, zeroed_header, hashlib.sha256)
-        mac.update(head[key_start:])
-        mac.update(payload)
-        if not hmac.compare_digest(mac.digest(), head[HEADER_SIZE:key_start]):
-            raise FrameError("signature", "HMAC signature does not match (tampered, or signed with another secret)")
+    # Checksum first (NOTE [a bad signature is not corruption]): it tells a damaged frame from a foreign one.
     hasher = xxhash.xxh3_64(zeroed_header)
     hasher.update(head[HEADER_SIZE:])
     hasher.update(payload)
     if hasher.intdigest() != header.checksum:
         raise FrameError("checksum", "checksum mismatch (corrupted entry)")
+    key_secret = _secret_bytes(secret)
+    if key_secret is not None:
+        if not flags & FLAG_SIGNED:
+            raise FrameError("unsigned", "AOTCACHE_SECRET is set and this entry carries no signature "
+                                         "(written by a process without a secret)")
+        mac = hmac.new(key_secret, zeroed_header, hashlib.sha256)
+        mac.update(head[key_start:])
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest(), head[HEADER_SIZE:key_start]):
+            raise FrameError("signature", "HMAC signature does not match (another secret, "
+                                          "or forged)")
     key = bytes(head[key_start:])
     if expected_key is not None and key != expected_key:
         raise FrameError("key mismatch", "entry belongs to another key")

@@ -122,7 +122,10 @@ class TierStats:
     bytes_written: int = 0
     evictions: int = 0
     errors: int = 0  # faults: I/O errors, tier down, corrupt or tampered entries
-    corrupt: int = 0  # of which: entries that failed framing / checksum / signature checks (removed)
+    corrupt: int = 0  # of which: entries that failed framing / checksum checks (removed)
+    # Entries that are whole but signed with another AOTCACHE_SECRET, or unsigned while one is set: a miss for
+    # this reader, left in place (frame.py NOTE [a bad signature is not corruption]); not faults.
+    unverified: int = 0
     get_seconds: float = 0.0
     insert_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)

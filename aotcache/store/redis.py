@@ -128,7 +128,10 @@ def _redacted(url: str) -> str:
     """``host:port/db`` of a Redis URL, without user name or password, for logs and fault keys."""
     parts = urlsplit(url)
     host = parts.hostname or parts.path or "?"
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as "?" (this runs while reporting a malformed URL too)
+        port = ":?"
     path = parts.path if parts.hostname else ""
     return f"{parts.scheme}://{host}{port}{path}"
 
@@ -205,7 +208,13 @@ class RedisCache(AsyncCache[Any, Any]):
                  compress_min_bytes: int | None = None, backoff_initial_s: float = BACKOFF_INITIAL_S,
                  backoff_max_s: float = BACKOFF_MAX_S, chunk_bytes: int | None = None) -> None:
         super().__init__()
-        url = url if url is not None else config.get("redis_url")
+        if url is None:
+            url = config.get("redis_url")  # checked there: a bad AOTCACHE_REDIS_URL raises ConfigError naming it
+        else:
+            try:
+                url = config.parse_redis_url(url)
+            except ValueError as exc:
+                raise CacheError(f"invalid Redis URL {_redacted(url)!r}: expected {exc}") from None
         if not url:
             raise CacheError("RedisCache needs a URL: pass url=... or set AOTCACHE_REDIS_URL "
                              "(e.g. redis://localhost:6379/0)")
@@ -355,7 +364,7 @@ class RedisCache(AsyncCache[Any, Any]):
         return self.lookup(key).value
 
     def lookup(self, key: Any) -> Lookup[Any]:
-        """Hit, miss, or error (Redis unavailable, corrupt or tampered entry; the latter is deleted).
+        """Hit, miss, or error (Redis unavailable; a corrupt entry, deleted; an entry of another secret, kept).
 
         :raises CacheError: the key is not picklable.
         :raises aotcache.logs.CacheFault: a fault in strict mode.
@@ -390,6 +399,10 @@ class RedisCache(AsyncCache[Any, Any]):
             try:
                 value = frame.decode_value(blob, secret=self._secret, expected_key=encoded)
             except frame.FrameError as exc:
+                if not exc.corrupt:  # whole, but not verifiable with our secret: keep it for its writers
+                    self.stats.add(misses=1, unverified=1, bytes_read=len(blob))
+                    frame.report_secret_mismatch(self.where, exc)
+                    return Lookup(LookupStatus.ERROR, tier=self.name, error=f"unverified entry: {exc}")
                 self.stats.add(misses=1, errors=1, corrupt=1, bytes_read=len(blob))
                 self._run("delete", lambda client: self._delete_if_unchanged(
                     keys=[name], args=[hashlib.sha1(stored).hexdigest()], client=client))

@@ -45,7 +45,7 @@ WRITE_POLICIES = ("all", "require_all")
 
 # Counters measured by the TieredCache around each tier call, vs. those taken from the tier's own stats.
 _MEASURED_FIELDS = ("hits", "misses", "inserts", "insert_conflicts", "get_seconds", "insert_seconds")
-_TIER_OWN_FIELDS = ("bytes_read", "bytes_written", "evictions", "errors", "corrupt")
+_TIER_OWN_FIELDS = ("bytes_read", "bytes_written", "evictions", "errors", "corrupt", "unverified")
 
 _FAILED = object()  # sentinel result of a tier call that raised (the fault was handled)
 _UNSUPPORTED = object()  # sentinel result of a delete / clear the tier does not implement
@@ -419,7 +419,7 @@ class TieredCache(AsyncCache[Any, Any]):
         ``hits``, ``misses``, ``inserts`` (backfills included), ``insert_conflicts``, ``get_seconds`` and
         ``insert_seconds`` are measured by this TieredCache around its calls to the tier (comparable across
         tier kinds); ``backfills`` counts values copied in from a slower tier; ``bytes_read``,
-        ``bytes_written``, ``evictions``, ``errors`` and ``corrupt`` come from the tier's own ``stats``
+        ``bytes_written``, ``evictions``, ``errors``, ``corrupt`` and ``unverified`` come from the tier's own ``stats``
         (to which this cache adds the faults a tier raised).
         """
         return self._counters.rows()

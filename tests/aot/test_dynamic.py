@@ -122,3 +122,102 @@ def test_real_metadata_mutation_still_raises_with_dynamic(mutate):
     compiled = aot_function(mutate, graph_compiler, dynamic=True, cache=False)
     with pytest.raises(CaptureError, match="metadata mutated"):
         compiled(torch.randn(4, 4), torch.randn(4, 4))  # square: a transpose keeps the sizes, not the strides
+
+
+# --------------------------------------------------------------------------------------------------------
+# dynamic=None (the default): automatic, as in torch.compile (NOTE [Dynamic dimensions])
+# --------------------------------------------------------------------------------------------------------
+
+
+class TinyEncoder(torch.nn.Module):
+    """Token embedding + attention-ish mixing over a sequence whose length varies between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        scores = (h @ h.transpose(-1, -2)).softmax(-1)
+        return self.proj(scores @ h).sum(-1)
+
+
+@pytest.mark.parametrize("api", ["aot_function", "aot_module"])
+def test_automatic_dynamic_recompiles_once_then_reuses_across_lengths(api, caplog):
+    """Issue 13 item 2: an inference loop over sequence lengths traced again for every new length."""
+    import logging
+
+    from aotcache.aot import aot_module
+
+    torch.manual_seed(0)
+    model = TinyEncoder()
+    if api == "aot_module":
+        compiled = aot_module(model, graph_compiler, cache=False)
+        counter = compiled.compiled
+    else:
+        compiled = counter = aot_function(lambda ids: model(ids), graph_compiler, cache=False)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="aotcache"):
+        for length in (5, 7, 9, 12, 5, 30):
+            ids = torch.randint(0, 50, (2, length))
+            torch.testing.assert_close(compiled(ids), model(ids))
+    assert counter.num_compiles == 2  # static at length 5, then once with the length dimension dynamic
+    assert "changed size since the first call" in caplog.text
+    batch = torch.randint(0, 50, (3, 7))  # another batch size: that dimension becomes dynamic too
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch), model(batch))
+        other = torch.randint(0, 50, (4, 9))
+        torch.testing.assert_close(compiled(other), model(other))
+    assert counter.num_compiles == 3
+
+
+def test_automatic_dynamic_gives_up_when_the_dynamic_capture_fails(caplog):
+    """A function that captures with static shapes only keeps working under the default dynamic=None."""
+    import logging
+
+    def static_only(x):
+        if isinstance(x.shape[0], torch.SymInt):
+            raise RuntimeError("this function needs concrete sizes")
+        return x.sin() * x.shape[0]
+
+    compiled = aot_function(static_only, graph_compiler, cache=False)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for rows in (4, 5, 6, 5):
+            x = torch.randn(rows)
+            torch.testing.assert_close(compiled(x), static_only(x))
+    assert compiled.num_compiles == 4  # static at 4 rows, the failed dynamic attempt, static at 5 and at 6
+    assert caplog.text.count("compiling with dynamic dimensions failed") == 1
+    with pytest.raises(RuntimeError, match="needs concrete sizes"):
+        aot_function(static_only, graph_compiler, dynamic=True, cache=False)(torch.randn(3))
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, "auto"])
+def test_dynamic_must_be_a_bool_or_none(value):
+    from aotcache.aot import aot_module
+
+    with pytest.raises(TypeError, match=r"dynamic must be True, False or None"):
+        aot_function(add_after_sin, dynamic=value)
+    with pytest.raises(TypeError, match=r"aot_module: dynamic must be"):
+        aot_module(torch.nn.Linear(2, 2), dynamic=value)
+
+
+def test_dynamic_module_keeps_parameters_static():
+    """With dynamic=True only the caller's arguments get symbols: weights keep their sizes (as torch.compile),
+    so the guards mention each parameter's sizes only as constants."""
+    import re
+
+    from aotcache.aot import aot_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    for rows in (4, 9, 2):
+        x = torch.randn(rows, 6)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 1
+    [[runtime]] = compiled.compiled._entries.values()
+    guards = runtime.metadata.guards
+    # parameters are t0..t3: each size they have is compared with a constant, never with another size
+    for position in range(4):
+        for clause in re.findall(rf"L\['t{position}'\]\.size\(\)\[\d\] == ([^ ]+)", guards):
+            assert clause.isdigit(), guards
+    assert re.search(r"L\['t4'\]\.size\(\)\[0\]", guards) is None or "L['t4'].size()[0] ==" not in guards

@@ -455,3 +455,73 @@ def test_alias_of_an_evicted_entry_is_a_miss_then_recompiles():
     other = fresh_cache()
     assert torch.allclose(train_step(aotcache.aot_module(make_block(), cache=other), X), train_step(make_block(), X))
     assert other.counters["fingerprint_miss"] == 1 and other.counters["miss"] == 1 and other.counters["saved"] == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 13 item 6: an LSTM never got the fast warm path (its fingerprint was untrusted)
+# --------------------------------------------------------------------------------------------------------
+
+LSTM_STEP = """
+import json, sys, torch
+from aotcache.aot import aot_module
+from aotcache.autograd_cache.cache import default_cache
+
+class Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out).logsumexp(-1).mean()
+
+torch.manual_seed(0)
+model = Tagger()
+loss = aot_module(model, "nop")(torch.randn(2, 5, 8))
+loss.backward()
+counters = default_cache().counters
+print(json.dumps({"loss": loss.item(), "grad": model.lstm.weight_hh_l0.grad.sum().item(),
+                  **{name: counters.get(name, 0) for name in ("fingerprint_hit", "fingerprint_fallback", "compile")}}))
+"""
+
+
+def test_lstm_starts_warm_through_its_fingerprint(tmp_path):
+    """nn.RNNBase holds weakrefs to its parameters (opaque, so the fingerprint was never trusted), and a
+    capture left traced tensors in its weight cache."""
+    cold = json.loads(run_python(LSTM_STEP).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(LSTM_STEP).stdout.strip().splitlines()[-1])
+    assert cold["compile"] == 1 and cold["fingerprint_fallback"] == 0
+    assert warm["fingerprint_hit"] == 1 and warm["compile"] == 0 and warm["fingerprint_fallback"] == 0
+    assert warm["loss"] == cold["loss"] and warm["grad"] == cold["grad"]
+
+
+def test_a_capture_leaves_the_lstm_weight_cache_as_it_found_it():
+    from aotcache.aot import aot_module
+
+    lstm = nn.LSTM(4, 3)
+    compiled = aot_module(lstm, "nop", cache=False)
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(compiled(x)[0], lstm(x)[0])
+    assert all(weight is getattr(lstm, name) for weight, name in zip(lstm._flat_weights, lstm._flat_weights_names))
+    params, buffers = dict(lstm.named_parameters()), dict(lstm.named_buffers())
+    flat, spec = pytree.tree_flatten(((params, buffers, x), {}))
+    assert fingerprint_module_call(lstm, flat, spec, AOTOptions()).trusted
+
+
+def test_weak_references_read_as_their_referent():
+    target = nn.Linear(2, 2)
+    other = nn.Linear(2, 3)
+    import weakref
+
+    def make(ref):
+        def fn(x):
+            return ref()(x)
+        return fn
+
+    x = torch.randn(1, 2)
+    flat, spec = pytree.tree_flatten(((x,), {}))
+    first = fingerprint_call(make(weakref.ref(target)), flat, spec, AOTOptions())
+    again = fingerprint_call(make(weakref.ref(target)), flat, spec, AOTOptions())
+    changed = fingerprint_call(make(weakref.ref(other)), flat, spec, AOTOptions())
+    assert first.trusted and first.digest == again.digest and changed.digest != first.digest

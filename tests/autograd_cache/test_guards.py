@@ -145,3 +145,22 @@ def test_expressions_that_do_not_fit_the_inputs_are_errors():
         evaluate_guards("L['t0'] ==", [3])
     with pytest.raises(GuardExpressionError, match="division by zero"):
         evaluate_guards("L['t0'] // 0 == 1", [3])
+
+
+def test_an_expression_is_parsed_once_then_runs_as_compiled_code(monkeypatch):
+    """Issue 13 item 1: every dynamic call ran ast.parse on the guard expression (0.2-0.6 s per call)."""
+    import ast
+
+    from aotcache.autograd_cache import guards
+
+    parses = []
+    real_parse = ast.parse
+    monkeypatch.setattr(guards.ast, "parse", lambda *a, **k: parses.append(1) or real_parse(*a, **k))
+    expression = " and ".join(f"L['t{n}'].stride()[0] == L['t{n}'].size()[1] and L['t{n}'].storage_offset() == 0"
+                              for n in range(50)) + " and L['t0'].size()[1] == 1"
+    good = [torch.randn(3, 1) for _ in range(50)]
+    bad = [torch.randn(3, 2)] + good[1:]
+    for _ in range(20):
+        assert evaluate_guards(expression, good) and not evaluate_guards(expression, bad)
+    assert len(parses) == 1
+    assert guards.compile_guards(expression) is guards.compile_guards(expression)

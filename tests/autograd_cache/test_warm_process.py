@@ -75,6 +75,45 @@ def test_second_machine_hits_through_shared_redis(tmp_path, redis_server):
     assert warm["redis"]["hits"] >= 1, "the entry must come from the Redis tier (machine B's disk was empty)"
 
 
+@pytest.mark.redis
+def test_a_machine_with_another_secret_keeps_the_shared_entries(tmp_path, redis_server):
+    """Issue 13 item 10: a reader whose AOTCACHE_SECRET differs used to delete every validly signed entry of the
+    shared Redis and store its own. Its reads are misses (counted as ``unverified``, warned once); the entries
+    stay for the machines that share the writer's secret; it caches its own entries in free slots."""
+    script = tmp_path / "step.py"
+    script.write_text(TRAIN_STEP)
+    run = (f"import runpy, sys; sys.argv = ['step', {str(tmp_path / 'out.pt')!r}]; runpy.run_path({str(script)!r})"
+           "\nimport json\nfrom aotcache.autograd_cache.cache import default_cache\n"
+           "print(json.dumps({**default_cache().stats(), 'redis': default_cache().tiers.stats_by_tier()['redis'], "
+           "'fingerprint_hit': default_cache().counters.get('fingerprint_hit', 0)}))")
+
+    def machine(name, secret):
+        return {"AOTCACHE_CACHE_DIR": str(tmp_path / name), "AOTCACHE_REDIS_URL": redis_server.url,
+                "AOTCACHE_SECRET": secret}
+
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    assert counters(run_python(run, env=machine("a", "alpha")))["saved"] == 1
+    shared = {name: client.get(name) for name in client.keys("*")}
+    assert len(shared) == 2  # the entry and its fingerprint alias record
+
+    misconfigured = run_python(run, env=machine("b", "beta"))
+    stats = counters(misconfigured)
+    assert stats["compile"] == 1 and stats["load_error"] == 0 and stats["redis"]["corrupt"] == 0
+    assert stats["redis"]["unverified"] >= 2  # the alias record and the entry, both kept
+    warnings = [line for line in misconfigured.stderr.splitlines() if "AOTCACHE_SECRET" in line]
+    assert len(warnings) == 1, misconfigured.stderr  # warned once, naming the setting to fix
+    assert {name: client.get(name) for name in shared} == shared, "the other secret's entries were changed"
+
+    again = counters(run_python(run, env=machine("b2", "beta")))  # B's own entry, in the next free slot
+    assert again["compile"] == 0 and again["hit"] == 1
+
+    peer = counters(run_python(run, env=machine("c", "alpha")))  # a machine with the writer's secret
+    assert peer["compile"] == 0 and peer["hit"] == 1 and peer["redis"]["hits"] >= 1
+    assert peer["fingerprint_hit"] == 1 and peer["redis"]["unverified"] == 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # AOTInductor: one real compile on "machine A"; "machine B" loads it with no C++ compiler and no Inductor.
 # --------------------------------------------------------------------------------------------------------

@@ -188,3 +188,16 @@ def test_decode_value_fast_path_agrees_with_decode_on_every_damage(value, secret
             kwargs = {"secret": secret, "expected_key": expected_key}
             assert _outcome(frame.decode_value, data, **kwargs) == _outcome(slow, data, **kwargs)
     assert frame.decode_value(blob, secret=secret, expected_key=KEY) == value
+
+
+def test_checksum_is_checked_before_the_signature():
+    """NOTE [a bad signature is not corruption]: a damaged signed frame is corrupt (deletable) for any reader;
+    a whole frame of another secret is not."""
+    blob = bytearray(frame.encode(KEY, b"payload" * 10, secret="theirs"))
+    with pytest.raises(FrameError) as info:
+        frame.decode(bytes(blob), secret="mine")
+    assert info.value.reason == "signature" and not info.value.corrupt
+    blob[-1] ^= 1
+    with pytest.raises(FrameError) as info:
+        frame.decode(bytes(blob), secret="mine")
+    assert info.value.reason == "checksum" and info.value.corrupt

@@ -183,6 +183,24 @@ def test_signed_entries_roundtrip_and_a_wrong_secret_is_rejected(redis_server, p
     impostor = RedisCache(redis_server.url, prefix=prefix, secret="wrong")
     result = impostor.lookup("k")
     assert result.status is LookupStatus.ERROR and "signature" in result.error
+    # A miss for the impostor only: the entry is kept for the processes holding the right secret.
+    assert impostor.stats.unverified == 1 and impostor.stats.corrupt == 0 and impostor.stats.errors == 0
+    assert signer.get("k") == {"v": 1}
+    assert impostor.insert("k", {"v": 2}) is False and signer.get("k") == {"v": 1}
+
+
+def test_damaged_signed_entry_is_corrupt_not_foreign(redis_server, raw, prefix):
+    """A bit flip in a signed entry fails the checksum (checked first): deleted, whatever the reader's secret."""
+    signer = RedisCache(redis_server.url, prefix=prefix, secret="right")
+    assert signer.insert("k", b"payload" * 100)
+    name = signer.entry_name("k")
+    blob = bytearray(raw.get(name))
+    blob[-5] ^= 1
+    raw.set(name, bytes(blob))
+    impostor = RedisCache(redis_server.url, prefix=prefix, secret="wrong")
+    result = impostor.lookup("k")
+    assert result.status is LookupStatus.ERROR and "checksum" in result.error
+    assert impostor.stats.corrupt == 1 and impostor.stats.unverified == 0 and raw.exists(name) == 0
 
 
 def test_unsigned_entry_is_rejected_before_unpickling(redis_server, raw, prefix, tmp_path):
@@ -196,7 +214,7 @@ def test_unsigned_entry_is_rejected_before_unpickling(redis_server, raw, prefix,
     result = secured.lookup(key)
     assert result.status is LookupStatus.ERROR and "unsigned" in result.error
     assert not marker.exists()
-    assert secured.stats.corrupt == 1
+    assert secured.stats.unverified == 1 and secured.stats.corrupt == 0 and raw.exists(secured.entry_name(key))
 
     # Control: without a secret the same bytes would run the payload, so the check above is meaningful.
     raw.set(trusting.entry_name(key), blob)

@@ -308,7 +308,7 @@ def test_stats_by_tier_has_every_counter(memory, disk):
     rows = tiered.stats_by_tier()
     assert list(rows) == ["memory", "disk"]
     expected = {"hits", "misses", "inserts", "insert_conflicts", "bytes_read", "bytes_written", "evictions",
-                "errors", "corrupt", "get_seconds", "insert_seconds", "backfills"}
+                "errors", "corrupt", "unverified", "get_seconds", "insert_seconds", "backfills"}
     assert set(rows["disk"]) == expected
     assert rows["memory"]["hits"] == 1 and rows["memory"]["misses"] == 1 and rows["disk"]["misses"] == 1
     assert rows["disk"]["get_seconds"] > 0 and rows["disk"]["insert_seconds"] > 0

@@ -1,0 +1,125 @@
+"""Which input dimensions a capture traces as symbols: ``dynamic`` (True, False, None) resolved per call.
+
+NOTE [Dynamic dimensions]
+``dynamic`` of ``aot_function`` / ``aot_module`` is True, False or None (the default), and is resolved per
+call into a *dimension spec*: per flat argument, the tuple of its dimensions traced as symbols (``()`` for a
+static argument or a non-tensor). The spec takes the place of the flag in the options a compile sees
+(``AOTOptions.dynamic``), in the in-memory signature (masked sizes) and in the call fingerprint:
+
+- False: no spec; every size is part of the signature (one graph per shape).
+- True: every dimension of every tensor argument, except an ``aot_module``'s parameters and buffers, which
+  stay static as in ``torch.compile`` (weights do not change size between calls; symbolic weights made
+  captures many times slower and guard expressions ten times longer).
+- None, automatic as in ``torch.compile``: static first. A later call with the same structure, dtypes and
+  ranks whose sizes differ from the first call's marks the differing dimensions dynamic (for good, logged at
+  INFO); the next compile traces them as symbols, and calls that differ only in marked dimensions reuse that
+  graph while its guards hold. The graphs compiled before stay in use for their own shapes.
+
+A masked signature leaves out the marked sizes only: every other size, and the strides and storage offsets
+of tensors with marked dimensions, are checked by the graph's guards (produced with ``ignore_static=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from aotcache.logs import log_once, logger
+
+__all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
+
+#: Per flat argument, the dimensions traced as symbols.
+DimSpec = tuple[tuple[int, ...], ...]
+
+
+def check_dynamic(dynamic: Any, api: str) -> None:
+    """:raises TypeError: ``dynamic`` is not True, False or None (a string such as ``"true"`` included)."""
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise TypeError(f"aotcache.{api}: dynamic must be True, False or None (automatic: static first, a "
+                        f"dimension that changes size becomes dynamic), got {dynamic!r} of type "
+                        f"{type(dynamic).__name__}")
+
+
+def masked_shape(tensor: torch.Tensor, dims: Sequence[int]) -> tuple:
+    """The tensor's sizes with the dynamic ``dims`` replaced by None (the part a masked signature keeps)."""
+    return tuple(None if dim in dims else size for dim, size in enumerate(tensor.shape))
+
+
+def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
+    spec = tuple(tuple(range(arg.dim())) if position >= num_state and isinstance(arg, torch.Tensor) else ()
+                 for position, arg in enumerate(flat_args))
+    return spec if any(spec) else False
+
+
+class DynamicDims:
+    """The dynamic-dimension policy of one compiled function (NOTE [Dynamic dimensions]); thread-safe."""
+
+    def __init__(self, dynamic: bool | None) -> None:
+        self.dynamic = dynamic
+        self._first: dict[Any, tuple] = {}  # automatic: per rank signature, the sizes of its first call
+        self._marked: dict[Any, frozenset[tuple[int, int]]] = {}  # automatic: (position, dim) marked dynamic
+        self._options: dict[tuple, Any] = {}
+        self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
+        self._lock = threading.Lock()
+
+    def abandon(self, spec: DimSpec | bool, exc: BaseException, name: str) -> bool:
+        """After a failed compile under ``spec``: True if it was an automatic dynamic one, now given up (the
+        caller compiles statically instead); False if the error is the caller's to raise."""
+        if self.dynamic is not None or not isinstance(spec, tuple):
+            return False
+        self._abandoned = True
+        log_once(logging.WARNING, f"dynamic:abandoned:{name}",
+                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per shape "
+                 "instead. Pass dynamic=False to skip the attempt.", name, type(exc).__name__,
+                 str(exc).splitlines()[0] if str(exc) else "")
+        return True
+
+    def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
+             ) -> DimSpec | bool:
+        """The spec of this call: False (static), or the dims to trace as symbols.
+
+        ``rank_key`` identifies the call up to sizes (its signature with ranks only); ``num_state`` leading
+        arguments (a module's parameters and buffers) stay static.
+        """
+        if self.dynamic is False:
+            return False
+        if self.dynamic is True:
+            return _all_dims(flat_args, num_state)
+        if self._abandoned:
+            return False
+        shapes = tuple(tuple(arg.shape) if isinstance(arg, torch.Tensor) else None for arg in flat_args)
+        with self._lock:
+            first = self._first.setdefault(rank_key, shapes)
+            marked = self._marked.get(rank_key, frozenset())
+            changed = {(position, dim) for position, (now, then) in enumerate(zip(shapes, first))
+                       if position >= num_state and now is not None and then is not None
+                       for dim, (size, first_size) in enumerate(zip(now, then)) if size != first_size}
+            new = changed - marked
+            if new:
+                marked = marked | new
+                self._marked[rank_key] = marked
+        if new:
+            logger.info("aotcache: %s: input dimension(s) %s changed size since the first call; compiling them "
+                        "as dynamic (automatic dynamic shapes, dynamic=None)", name,
+                        ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
+        if not marked:
+            return False
+        return tuple(tuple(sorted(dim for position, dim in marked if position == index))
+                     for index in range(len(flat_args)))
+
+    def options_for(self, options: Any, spec: DimSpec | bool) -> Any:
+        """``options`` with ``dynamic`` set to ``spec`` (memoized: the same object for the same spec)."""
+        if spec is options.dynamic:
+            return options
+        found = self._options.get(spec)  # type: ignore[arg-type]
+        if found is None:
+            found = dataclasses.replace(options, dynamic=spec)
+            with self._lock:
+                self._options[spec] = found  # type: ignore[index]
+        return found
+

@@ -1,0 +1,102 @@
+"""Dynamic shapes: per-call overhead and first-capture cost of dynamic=True next to static (issue 13 item 1).
+
+    python bench/dynamic.py                  # bert and gpt2 (transformers, tiny random configs), nop compiler
+    python bench/dynamic.py --models bert --calls 50
+
+Per call: the median time of a warm call (sequence length 16, inference) of the same model wrapped three
+ways -- dynamic=False, dynamic=True, dynamic=None (automatic, after lengths 16 and 20 were seen) -- and of
+eager, interleaved so that background load hits all alike. First capture: the first call (capture + nop
+compile, cache off) of a fresh wrapper, static before and after the dynamic one (their mean is the
+reference). One intra-op thread. Results go to bench/results/dynamic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_model(name: str) -> torch.nn.Module:
+    if name == "bert":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, vocab_size=1000))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128))
+
+
+def per_call(name: str, calls: int) -> dict[str, float]:
+    from aotcache.aot import aot_module
+
+    torch.manual_seed(0)
+    model = make_model(name).eval()
+    variants = {label: aot_module(model, "nop", dynamic=dynamic, cache=False)
+                for label, dynamic in (("static", False), ("dynamic", True), ("auto", None))}
+    short, longer = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 20))
+    times: dict[str, list[float]] = {label: [] for label in (*variants, "eager")}
+    with torch.no_grad():
+        for wrapped in variants.values():
+            for ids in (short, longer, short, longer):
+                wrapped(ids)
+        for _ in range(calls):
+            for label, target in (*variants.items(), ("eager", model)):
+                started = time.perf_counter()
+                target(short)
+                times[label].append(time.perf_counter() - started)
+    medians = {label: statistics.median(values) * 1000 for label, values in times.items()}
+    return {**{f"{label}_ms": round(value, 3) for label, value in medians.items()},
+            "dynamic_over_static": round(medians["dynamic"] / medians["static"], 2),
+            "auto_over_static": round(medians["auto"] / medians["static"], 2)}
+
+
+def first_capture(name: str) -> dict[str, float]:
+    from aotcache.aot import aot_module
+
+    ids = torch.randint(0, 1000, (2, 16))
+
+    def first_call(dynamic: bool, train: bool) -> float:
+        torch.manual_seed(0)
+        wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
+        started = time.perf_counter()
+        if train:
+            wrapped(ids)[0].float().sum().backward()
+        else:
+            with torch.no_grad():
+                wrapped(ids)
+        return time.perf_counter() - started
+
+    first_call(False, False)  # imports and one-time setup out of the way
+    result = {}
+    for train in (False, True):
+        kind = "train" if train else "infer"
+        before, dynamic, after = first_call(False, train), first_call(True, train), first_call(False, train)
+        static = (before + after) / 2
+        result.update({f"{kind}_static_s": round(static, 2), f"{kind}_dynamic_s": round(dynamic, 2),
+                       f"{kind}_ratio": round(dynamic / static, 2)})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bert,gpt2")
+    parser.add_argument("--calls", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    for name in args.models.split(","):
+        results[name] = {"per_call": per_call(name, args.calls), "first_capture": first_capture(name)}
+        print(name, json.dumps(results[name]))
+    out = Path(__file__).parent / "results" / "dynamic.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
