@@ -396,6 +396,14 @@ class Reachable:
 
     def type_ref(self, cls: type) -> str:
         """A token for a class seen as the type of a value (its constructor is not reachable through it)."""
+        try:
+            return self._type_ref(cls)
+        except Untrusted as exc:
+            if not self._lenient:
+                raise
+            return self._lenient_token(exc, cls)
+
+    def _type_ref(self, cls: type) -> str:
         if _is_library(cls.__module__) and not issubclass(cls, nn.Module):
             reason = process_state.module_reason(cls.__module__)
             if reason:
@@ -641,10 +649,19 @@ class Reachable:
                 if guards is not None and not managed:
                     guards.contents(value)
                 entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in value.items())}]")
+            elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward
+                entries.append(f"{name}={self._without_guards(value)}")
             else:
                 entries.append(f"{name}={self.ref(value)}")
         entries.sort()
         return f"module {self.type_ref(cls)} " + " ".join(entries)
+
+    def _without_guards(self, value: Any) -> str:
+        guards, self._guards = self._guards, None
+        try:
+            return self.ref(value)
+        finally:
+            self._guards = guards
 
     def _object_token(self, value: Any) -> str:
         state = value.__dict__ if hasattr(value, "__dict__") else {}
@@ -727,7 +744,8 @@ class Reachable:
         body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)
         if self._guards is not None:
             namespace = vars(cls)
-            self._guards.length(namespace)  # an attribute added here may shadow one of a base class
+            if not _is_library(cls.__module__):
+                self._guards.length(namespace)  # an attribute added here may shadow one of a base class
             for name in self._names.intersection(namespace).union(members):
                 self._guards.slot(namespace, name, namespace[name])
         return (f"class {_type_name(cls)}{_library_version(cls.__module__)} bases=({bases}) "
