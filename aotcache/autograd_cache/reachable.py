@@ -425,6 +425,11 @@ class Reachable:
             # a C++ operator of an installed distribution (checked above): its version
             return f"op:{op}:{getattr(op, '_schema', '')}@{self._distribution_version(namespace)}"
         schema = str(getattr(op, "_schema", ""))
+        opdef = safety.custom_op_def(op) if self._guards is not None else None
+        if opdef is not None:  # a registration added or replaced later: its attributes by identity
+            self._guards.length(vars(opdef))
+            for field, value in vars(opdef).items():
+                self._guards.slot(vars(opdef), field, value)
         body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
         return f"op:{op}:{schema}{{{body}}}"
 

@@ -359,6 +359,24 @@ def test_custom_op_is_fingerprinted_by_its_registrations():
     assert after.trusted and after.digest != before.digest
 
 
+def test_custom_op_autograd_registered_between_calls_retraces():
+    @torch.library.custom_op("aotcache_stale::triple", mutates_args=())
+    def triple(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    triple.register_fake(lambda x: torch.empty_like(x))
+    triple.register_autograd(lambda ctx, grad: grad * 3)
+    compiled = compiled_function(lambda x: triple(x).sum())
+    x = torch.randn(3, requires_grad=True)
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 3.0))
+    triple.register_autograd(lambda ctx, grad: grad * 7)  # another backward formula for the same op
+    x.grad = None
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 7.0))
+    assert compiled.num_compiles == 2
+
+
 @pytest.mark.parametrize("source, reason", [
     ("import time\ndef f(x):\n    return x * time.time()", "process state: time.time"),
     ("from time import perf_counter\ndef f(x):\n    return x * perf_counter()", "process state: time"),
