@@ -18,6 +18,8 @@ lengths                 dicts of objects and classes (an added attribute may sha
 members                 the members of each mutable container reached (lists, dicts, sets, hook registries,
                         the global module hook registries) by identity
 environment             each variable pinned by NOTE [Process state], by value
+tensor constants        the version counter of each tensor the graph bakes in (not the parameters and
+                        buffers of an ``aot_module``, which are inputs): Inductor copies constants
 ======================= =================================================================================
 
 :meth:`ProgramGuards.holds` checks them all with C-level iteration (``map(operator.is_, ...)`` over flat
@@ -29,9 +31,11 @@ fingerprint: a hit under it loads instead of tracing). The digest of a lenient w
 
 What stays unseen in-process: the insides of opaque objects (C-extension objects, anything the fingerprint
 calls opaque; they are guarded by identity only), library code (torch, the standard library, installed
-packages: fixed while the process runs, unless monkeypatched in a module or class the walk reached), tensor
-constants changed in place, and values that process state returns (the clock, random numbers, files),
-which make the fingerprint untrusted but cannot be re-checked per call.
+packages: fixed while the process runs, unless monkeypatched in a module or class the walk reached), and
+values that process state returns (the clock, random numbers, files), which make the fingerprint untrusted
+but cannot be re-checked per call. A tensor constant changed in place is walked again and, its content
+digest changed, traced again (even where the compiled code reads the tensor object itself, as the nop
+compiler's does).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _values = operator.methodcaller("values")
 _chain = itertools.chain.from_iterable
 _is = operator.is_
 _env_get = os.environ.get
+_version_of = operator.attrgetter("_version")
 
 
 class GuardRecorder:
@@ -67,6 +72,7 @@ class GuardRecorder:
         self._lengths: dict[int, Any] = {}
         self._contents: dict[int, Any] = {}
         self._env: dict[str, str | None] = {}
+        self._tensors: dict[int, tuple[Any, int]] = {}
 
     def slot(self, holder: Mapping, key: Any, value: Any) -> None:
         self._slots.setdefault((id(holder), key), (holder, key, value))
@@ -92,6 +98,13 @@ class GuardRecorder:
     def env(self, name: str, value: str | None) -> None:
         self._env.setdefault(name, value)
 
+    def tensor(self, tensor: Any) -> None:
+        """A tensor constant: its version counter (bumped by every in-place change)."""
+        try:
+            self._tensors.setdefault(id(tensor), (tensor, tensor._version))
+        except RuntimeError:  # an inference tensor has no version counter (and cannot change outside one)
+            pass
+
     def build(self) -> ProgramGuards:
         slots = list(self._slots.values())
         attributes = list(self._attributes.values())
@@ -106,7 +119,8 @@ class GuardRecorder:
             sized=sized, lengths=[len(s) for s in sized],
             iterables=iterables, members=list(_chain(iterables)),
             mappings=mappings, mapping_values=list(_chain(map(_values, mappings))),
-            env_names=list(self._env), env_values=list(self._env.values()))
+            env_names=list(self._env), env_values=list(self._env.values()),
+            tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()])
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,6 +142,8 @@ class ProgramGuards:
     mapping_values: list
     env_names: list
     env_values: list
+    tensors: list
+    versions: list
 
     def holds(self) -> bool:
         """Whether every recorded read gives the recorded object again (identity; env values by equality)."""
@@ -143,13 +159,15 @@ class ProgramGuards:
                 return False
             if self.mapping_values and not all(map(_is, _chain(map(_values, self.mappings)), self.mapping_values)):
                 return False
+            if self.tensors and list(map(_version_of, self.tensors)) != self.versions:
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
 
     def __len__(self) -> int:
         return (len(self.values) + len(self.attribute_values) + len(self.lengths) + len(self.members)
-                + len(self.mapping_values) + len(self.env_values))
+                + len(self.mapping_values) + len(self.env_values) + len(self.versions))
 
 
 @dataclasses.dataclass(eq=False)

@@ -470,6 +470,8 @@ class Reachable:
         if position is not None:  # a parameter or buffer of the compiled module: a runtime input
             return f"state#{position}"
         check_plain_tensor(value, "tensor constant")
+        if self._guards is not None:
+            self._guards.tensor(value)  # changed in place: compiled code may hold a copy (Inductor does)
         size = value.numel() * value.element_size()
         self._constant_bytes += size
         if self._constant_bytes > _MAX_CONSTANT_BYTES:
@@ -651,7 +653,9 @@ class Reachable:
                     guards.contents(value)  # hooks by identity (ModuleState counts them)
                 entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
             elif name in _MODULE_CONTAINERS:
-                if guards is not None and not managed:
+                # a managed module's children by identity too: ModuleState's settings may not tell a child
+                # swapped for another of the same type and settings (whose lists or hooks differ)
+                if guards is not None and (not managed or name == "_modules"):
                     guards.contents(value)
                 entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in value.items())}]")
             elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward

@@ -268,6 +268,23 @@ def test_autograd_function_backward_reassigned_retraces(monkeypatch):
     torch.testing.assert_close(x.grad, torch.full((3,), 5.0))
 
 
+MASK = torch.ones(4)
+
+
+def masked(x):
+    return x * MASK
+
+
+def test_tensor_constant_changed_in_place_retraces():
+    compiled = compiled_function(masked)
+    torch.testing.assert_close(compiled(X), X * MASK)
+    with torch.no_grad():
+        MASK[0] = 5.0
+    torch.testing.assert_close(compiled(X), X * MASK)
+    compiled(X)
+    assert compiled.num_compiles == 2 and compiled.num_program_walks == 2
+
+
 def test_untrusted_program_still_guards_what_can_be_walked(monkeypatch):
     model = ReadsGlobal()
     model.event = threading.Event()  # opaque: the fingerprint gives up, the guards keep going
@@ -488,6 +505,16 @@ def test_environment_variable_changed_between_processes_misses_then_hits_again(t
 # ----------------------------------------------------------------------------------------------------
 # Inductor
 # ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_inductor_tensor_constant_changed_in_place_retraces():
+    mask = torch.ones(4)
+    compiled = aotcache.aot_function(lambda x: x * mask, "inductor", cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), X * mask)
+        mask[1] = -2.0  # Inductor's graph holds its own copy of the constant
+        torch.testing.assert_close(compiled(X), X * mask)
 
 
 @pytest.mark.slow
