@@ -189,8 +189,9 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
                  options: Any, devices: Iterable[str]) -> Fingerprint:
     try:
         _check_no_active_modes()
-        reachable = Reachable(state_positions(module))
+        reachable = Reachable(state_positions(module), process_state=True)
         root_tokens = [reachable.add_root(root) for root in roots]
+        reachable.process_state = False  # compilers may read the clock: the full key treats them alike
         options_part = _options_part(options, reachable)
         inductor_part = _inductor_config_part(reachable)
         code = {"roots": root_tokens, "graph": reachable.digest()}
@@ -245,7 +246,7 @@ def fingerprint_call(fn: Callable[..., Any], flat_args: Sequence[Any], in_spec: 
 def code_fingerprint(value: Any) -> Fingerprint:
     """The ``code`` part alone for a function, class or module (diagnostics: did my code change?)."""
     try:
-        reachable = Reachable(state_positions(value if isinstance(value, nn.Module) else None))
+        reachable = Reachable(state_positions(value if isinstance(value, nn.Module) else None), process_state=True)
         roots = reachable.add_root(value)
         digest = sha256_text(cache_key.canonical_json({"roots": [roots], "graph": reachable.digest()}))
     except Untrusted as exc:

@@ -190,7 +190,8 @@ def watch_program(root: Any, module: nn.Module | None = None) -> WatchedProgram:
     and record the guards of NOTE [Program guards]."""
     recorder = GuardRecorder()
     managed = frozenset(id(m) for m in module.modules()) if module is not None else frozenset()
-    reachable = Reachable(state_positions(module), lenient=True, guards=recorder, managed=managed)
+    reachable = Reachable(state_positions(module), lenient=True, guards=recorder, managed=managed,
+                          process_state=True)
     tokens = [reachable.add_root(root)]
     hooks = sys.modules["torch.nn.modules.module"]
     for name in _GLOBAL_MODULE_HOOKS:  # global module hooks run inside every module call: by identity

@@ -229,12 +229,15 @@ class Reachable:
     """
 
     def __init__(self, state_tensors: Mapping[int, int] | None = None, *, lenient: bool = False,
-                 guards: Any = None, managed: frozenset[int] = frozenset()) -> None:
+                 guards: Any = None, managed: frozenset[int] = frozenset(), process_state: bool = False) -> None:
         # NOTE [Lenient walks] ``lenient`` (the in-process guards, aotcache.autograd_cache.program_guards): what
         # cannot be written down is named by its id() (valid in this process only) and the first reason is
         # kept in ``untrusted``, and the walk goes on, so that everything around it still gets guards.
         # ``guards`` receives what each token read (slot, attribute, container, env); ``managed`` holds the
         # ids of modules whose own attributes the caller checks itself (aot_module's ModuleState).
+        # ``process_state``: apply NOTE [Process state] (the program of a call: fingerprint and guards; not
+        # the key's digests of compilers and other options, which may time or log themselves freely)
+        self.process_state = process_state
         self._lenient = lenient
         self._guards = guards
         self._managed = managed
@@ -405,7 +408,7 @@ class Reachable:
 
     def _type_ref(self, cls: type) -> str:
         if _is_library(cls.__module__) and not issubclass(cls, nn.Module):
-            reason = process_state.module_reason(cls.__module__)
+            reason = process_state.module_reason(cls.__module__) if self.process_state else None
             if reason:
                 raise Untrusted(reason)
             return f"class:{_type_name(cls)}{_library_version(cls.__module__)}"
@@ -488,7 +491,7 @@ class Reachable:
         wrapped = fn.__dict__.get("__wrapped__")
         inner = self.ref(wrapped) if wrapped is not None else ""
         module = _defining_module(fn)
-        reason = process_state.module_reason(module)
+        reason = process_state.module_reason(module) if self.process_state else None
         if reason:
             raise Untrusted(reason)
         return f"lib:{module}{_library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
@@ -512,7 +515,7 @@ class Reachable:
         if isinstance(objclass, type):
             module = objclass.__module__
         root = module.split(".")[0]
-        reason = process_state.module_reason(module)
+        reason = process_state.module_reason(module) if self.process_state else None
         if reason:
             raise Untrusted(f"{reason}.{name}")
         if root in _SAFE_BUILTIN_ROOTS:
@@ -571,7 +574,8 @@ class Reachable:
         attributes = {k: v for k, v in fn.__dict__.items() if not k.startswith("__aotcache")}
         return (f"fn {self._code_digest(code)} defaults={self.ref(fn.__defaults__ or ())} "
                 f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "
-                f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}{self._process_state_token(fn, name_set)}")
+                f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}"
+                f"{self._process_state_token(fn, name_set) if self.process_state else ''}")
 
     def _process_state_token(self, fn: types.FunctionType, names: set[str]) -> str:
         """The environment variables ``fn`` reads by constant name, with their values (NOTE [Process state]);
@@ -610,7 +614,7 @@ class Reachable:
             if name not in namespace:
                 continue
             value = namespace[name]
-            reason = process_state.module_attribute_reason(module.__name__, name)
+            reason = process_state.module_attribute_reason(module.__name__, name) if self.process_state else None
             if reason:
                 self._note(reason)
                 continue

@@ -413,6 +413,25 @@ def test_process_state_the_walker_cannot_pin_makes_the_fingerprint_untrusted(sou
     assert not fingerprint.trusted and fingerprint.reason.startswith(reason), fingerprint.reason
 
 
+def test_a_compiler_that_reads_the_clock_leaves_the_fingerprint_trusted():
+    import time
+
+    from aotcache.aot.api import AOTOptions
+    from aotcache.autograd_cache.fingerprint import fingerprint_call
+    from aotcache.compilers.nop import nop_compiler
+    from torch.utils import _pytree as pytree
+
+    def timed_compiler(gm, example_inputs):
+        started = time.perf_counter()
+        compiled = nop_compiler(gm, example_inputs)
+        timed_compiler.seconds = time.perf_counter() - started
+        return compiled
+
+    flat, spec = pytree.tree_flatten(((X,), {}))
+    fingerprint = fingerprint_call(scaled_by_global, flat, spec, AOTOptions(fw_compiler=timed_compiler))
+    assert fingerprint.trusted, fingerprint.reason  # the options shape the artifact, not the captured graph
+
+
 @pytest.mark.parametrize("read", ['os.environ.get("AOTCACHE_PIN")', 'os.environ.get("AOTCACHE_PIN", "x")',
                                   'os.getenv("AOTCACHE_PIN")', '"AOTCACHE_PIN" in os.environ',
                                   'os.environ["AOTCACHE_PIN"] if "AOTCACHE_PIN" in os.environ else None'])
