@@ -521,6 +521,32 @@ def test_environment_variable_changed_between_processes_misses_then_hits_again(t
     assert third["fingerprint_hit"] == 1 and third["compile"] == 0
 
 
+CUSTOM_OP_SCRIPT = """
+import json, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+@torch.library.custom_op("aotcache_stale_proc::scale", mutates_args=())
+def scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+scale.register_fake(lambda x: torch.empty_like(x))
+scale.register_autograd(lambda ctx, grad: grad * 2)
+
+x = torch.ones(3, requires_grad=True)
+aotcache.aot_function(lambda t: scale(t).sum(), "nop")(x).backward()
+print(json.dumps({"grad": x.grad.tolist(), **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_custom_op_warm_start_goes_through_the_fingerprint(tmp_path):
+    cold = _run(tmp_path, CUSTOM_OP_SCRIPT)
+    warm = _run(tmp_path, CUSTOM_OP_SCRIPT)
+    assert cold["grad"] == warm["grad"] == [2.0] * 3
+    assert cold.get("fingerprint_fallback", 0) == 0 and cold["fingerprint_miss"] == 1
+    assert warm["fingerprint_hit"] == 1 and warm["compile"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inductor
 # ----------------------------------------------------------------------------------------------------
