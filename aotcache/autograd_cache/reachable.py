@@ -10,6 +10,7 @@ tables, ``@cacheable`` functions, custom ops: docs/cache_key.md).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextvars
 import dataclasses
@@ -94,6 +95,8 @@ def _custom_op_def_type() -> type | None:
 
 
 _CUSTOM_OP_DEF = _custom_op_def_type()
+# Standard-library attribute bags whose whole state is their ``__dict__`` (configs are often held in them)
+_NAMESPACE_TYPES = (types.SimpleNamespace, argparse.Namespace)
 
 
 class Untrusted(Exception):
@@ -912,8 +915,8 @@ def _is_inert_stdlib_value(value: Any) -> bool:
 def _is_plain_object(value: Any) -> bool:
     """An instance of a Python class outside torch / stdlib whose state is its ``__dict__`` / slots."""
     cls = type(value)
-    if cls is object:
-        return True  # a bare sentinel: no state, its identity is its node index
+    if cls is object or cls in _NAMESPACE_TYPES:
+        return True  # a bare sentinel (its identity is its node index), or attribute bags (config holders)
     if is_core_library(cls.__module__) or not (hasattr(value, "__dict__") or _slot_names(cls)):
         return False
     # a C-extension base class keeps state where __dict__ cannot show it

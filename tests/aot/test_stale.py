@@ -230,6 +230,22 @@ def test_nested_config_object_mutated_in_place_retraces():
     assert compiled.compiled.num_compiles == 3
 
 
+def test_simple_namespace_config_mutated_in_place_retraces_and_is_fingerprinted():
+    import types
+
+    config = types.SimpleNamespace(scale=2.0)
+
+    def scaled(x):
+        return x * config.scale
+
+    assert code_fingerprint(scaled).trusted  # an attribute bag: by its __dict__, not opaque
+    compiled = compiled_function(scaled)
+    torch.testing.assert_close(compiled(X), X * 2)
+    config.scale = 4.0
+    torch.testing.assert_close(compiled(X), X * 4)
+    assert compiled.num_compiles == 2
+
+
 def reads_mode(x):
     return x * 2 if os.environ.get("AOTCACHE_TEST_MODE") == "a" else x * -3
 
