@@ -548,11 +548,15 @@ class Reachable:
     def _function_token(self, fn: types.FunctionType) -> str:
         code = fn.__code__
         name_set = set(_all_names(code))
+        strings = set(_string_constants(code))
+        fn_globals = fn.__globals__
+        if "globals" in name_set and "globals" not in fn_globals:
+            # ``globals()["NAME"]``: constant names the code may read through its module's dict
+            name_set |= {name for name in strings if name in fn_globals}
         names = sorted(name_set)
         self._add_names(names)
-        self._add_names(_string_constants(code))
+        self._add_names(strings)
         guards = self._guards
-        fn_globals = fn.__globals__
         referenced = []
         for name in names:
             if name in fn_globals:

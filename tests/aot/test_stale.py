@@ -154,6 +154,17 @@ def test_aot_function_global_reassigned_retraces_and_unrelated_one_does_not(monk
     assert compiled.num_compiles == 2
 
 
+def scaled_through_globals(x):
+    return x * globals()["SCALE"]
+
+
+def test_global_read_through_globals_with_a_constant_name_retraces(monkeypatch):
+    compiled = compiled_function(scaled_through_globals)
+    torch.testing.assert_close(compiled(X), X * 2)
+    monkeypatch.setitem(globals(), "SCALE", 8.0)
+    torch.testing.assert_close(compiled(X), X * 8)
+
+
 def test_forward_hook_swapped_for_another_with_the_same_count_retraces():
     model = nn.Linear(4, 4)
     compiled = compiled_module(model)
