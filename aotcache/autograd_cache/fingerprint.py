@@ -8,7 +8,8 @@ goes fingerprint -> entry -> load -> run.
 
 ========== ==================================================================================================
 code       every user function, class, module tree and object reachable from the call, serialized
-           canonically (see NOTE [Reachable code]); torch's own code by qualified name (the torch version)
+           canonically (see NOTE [Reachable code]); torch's own code by qualified name (the torch version);
+           environment variables the code reads by constant name, with their values (NOTE [Process state])
 inputs     per flat argument: tensor dtype, device, layout, requires_grad, leafness, sizes / strides /
            storage offset (only the rank when dynamic), memory sharing; constants by type and value; the
            pytree structure of (args, kwargs)
@@ -23,7 +24,8 @@ NOTE [Correctness over hit rate]
 A false hit (same fingerprint, different graph) would run a stale compiled graph: the worst bug a cache can
 have. Whenever the fingerprint cannot see something that could change the graph (an opaque object, a
 C-extension callable not from torch, an active torch function / dispatch mode, a tensor subclass, a
-torch.compile-d submodule, backward hooks, a module overriding ``__call__``, an import that has not run yet)
+torch.compile-d submodule, backward hooks, a module overriding ``__call__``, an import that has not run yet,
+a read of process state that cannot be pinned: the command line, files, the clock, random numbers)
 it returns an *untrusted* result with a short categorical reason, and the caller takes the full capture path
 (counted as ``fingerprint_fallback:<reason>``). docs/warmstart.md lists what it can and cannot see.
 """
