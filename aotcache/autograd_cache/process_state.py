@@ -38,12 +38,13 @@ PROCESS_STATE_MODULES = frozenset({
 })
 # Attributes of otherwise-harmless modules that read process state.
 _UNPINNABLE_ATTRIBUTES: dict[str, frozenset[str]] = {
+    # names only: the walker matches them against every attribute name the code uses, so generic names
+    # (``read``, ``open``, ``times``) would refuse code that merely has such an attribute elsewhere
     "os": frozenset({"listdir", "scandir", "stat", "lstat", "getpid", "getppid", "urandom", "cpu_count",
-                     "process_cpu_count", "sched_getaffinity", "getcwd", "getcwdb", "walk", "fwalk", "times",
-                     "getloadavg", "read", "open", "fdopen", "popen", "system", "access", "readlink", "uname",
-                     "getlogin", "getuid", "geteuid", "getgid", "environb", "getenvb", "get_terminal_size",
-                     "statvfs", "getrandom"}),
-    "sys": frozenset({"argv", "orig_argv", "stdin", "flags", "getrefcount"}),
+                     "process_cpu_count", "sched_getaffinity", "getcwd", "getcwdb", "walk", "fwalk",
+                     "getloadavg", "fdopen", "popen", "readlink", "uname", "getlogin", "getuid", "geteuid",
+                     "getgid", "environb", "getenvb", "get_terminal_size", "statvfs", "getrandom"}),
+    "sys": frozenset({"argv", "orig_argv", "stdin"}),
     "builtins": frozenset({"open", "input"}),
 }
 for _path_module in ("posixpath", "ntpath", "genericpath"):
