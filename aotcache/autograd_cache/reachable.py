@@ -619,6 +619,10 @@ class Reachable:
         namespace = vars(module)
         for name in names:
             if name not in namespace:
+                # a submodule imported lazily on first access (``np.random``): refused by its name
+                reason = process_state.module_reason(f"{module.__name__}.{name}") if self.process_state else None
+                if reason:
+                    self._note(reason)
                 continue
             value = namespace[name]
             reason = process_state.module_attribute_reason(module.__name__, name) if self.process_state else None
