@@ -295,7 +295,12 @@ class AOTFunction:
         self.options = options
         self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
-        self._hot = HotSignatures()  # NOTE [Hot path]
+        # NOTE [Program guards] (aotcache/autograd_cache/program_guards.py): per ``extra``, the program last
+        # watched and the hot signatures (NOTE [Hot path]) of its digest; the digest is part of every entry's key
+        self._programs: dict[Any, tuple[Any, HotSignatures]] = {}
+        self._hot_by_digest: dict[str, HotSignatures] = {}
+        self._hot = HotSignatures()  # those of the program watched last (tests, diagnostics)
+        self.num_program_walks = 0  # walks of the program (first call, failed guards; tests, diagnostics)
         self._lock = threading.Lock()
         self._guard_env: Any = None
         self._key_memo: dict[str, Any] = {}  # per-function memo of the cache key's option identities
@@ -313,32 +318,60 @@ class AOTFunction:
         exactly ``flat_if_simple``, which then may take the hot path (NOTE [Hot path] in ``hot_path.py``);
         ``extra`` (hashable) is part of the signature too (``aot_module``: the module's settings); a
         ``structure`` must determine it."""
+        watched = self._programs.get(extra)
+        if watched is None or not watched[0].guards.holds():
+            watched = self._watch(extra)
+        program, hot_signatures = watched
         if structure is not None:
-            hot = self._hot.find(structure, flat_if_simple)
+            hot = hot_signatures.find(structure, flat_if_simple)
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
-        runtime = self._runtime_for(flat_args, in_spec, extra)
+        runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
-            self._hot.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
+            hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
         return runtime(*flat_args)
 
-    def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None) -> CompiledRuntime:
-        """The runtime of this signature: reused, or traced and compiled now (once, under the lock)."""
+    def _watch(self, extra: Any) -> tuple[Any, HotSignatures]:
+        """Walk the program again (first call, or a program guard failed) and select its hot signatures."""
+        from aotcache.autograd_cache.program_guards import watch_program
+
+        with self._lock:
+            module = getattr(self, "fingerprint_module", None)
+            program = watch_program(self.fn if module is None else module, module)
+            self.num_program_walks += 1
+            if program.untrusted is not None:
+                log_once(logging.DEBUG, f"program-guards:{id(self)}:{program.untrusted}",
+                         "aotcache: %s: in-process guards cannot see inside part of the program (%s); it is "
+                         "guarded by identity there", self.name, program.untrusted)
+            if len(self._hot_by_digest) >= 64:
+                self._hot_by_digest.clear()
+            hot_signatures = self._hot_by_digest.setdefault(program.digest, HotSignatures())
+            if len(self._programs) >= 64:
+                self._programs.clear()
+            watched = self._programs[extra] = (program, hot_signatures)
+            self._hot = hot_signatures
+        return watched
+
+    def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None, program: str = "") -> CompiledRuntime:
+        """The runtime of this signature and program digest: reused, or traced and compiled now (once, under the
+        lock)."""
         options = self._resolve_dynamic(flat_args, in_spec, extra)
         try:
-            return self._runtime_with(flat_args, in_spec, extra, options)
+            return self._runtime_with(flat_args, in_spec, extra, program, options)
         except CacheFault:
             raise  # strict mode's cache fault is not a failure of dynamic shapes
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
             if not self._dims.abandon(options.dynamic, exc, self.name):
                 raise
-        return self._runtime_with(flat_args, in_spec, extra, self._resolve_dynamic(flat_args, in_spec, extra))
+        return self._runtime_with(flat_args, in_spec, extra, program,
+                                  self._resolve_dynamic(flat_args, in_spec, extra))
 
-    def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, options: AOTOptions) -> CompiledRuntime:
-        key = (extra, signature_of(flat_args, in_spec, options.dynamic))
+    def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,
+                      options: AOTOptions) -> CompiledRuntime:
+        key = (extra, program, signature_of(flat_args, in_spec, options.dynamic))
         runtime = self._lookup(key, flat_args)
         if runtime is None:
             with self._lock:

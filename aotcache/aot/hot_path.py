@@ -169,8 +169,8 @@ def _settings(module: nn.Module) -> tuple:
 
     Plain values (``training``, ``p``, ``eps``, dtypes, tuples of them) by value, dicts (the hook registries) by
     length, lists and sets not at all (modules rebuild some per call), anything else by identity (``id``, kept
-    alive by the snapshot). An object mutated in place is not seen (documented limit; the persistent cache's
-    fingerprint reads deeper).
+    alive by the snapshot). Objects, lists and hook registries changed in place are seen by the program guards
+    (NOTE [Program guards] in aotcache/autograd_cache/program_guards.py), not here.
     """
     settings = []
     for name, value in module.__dict__.items():
@@ -193,7 +193,8 @@ def _watched_objects(modules: Sequence[tuple[str, nn.Module]], settings: tuple) 
     identity in the settings, so ``model.config.use_cache = False`` between calls changed nothing they saw and
     the graph traced with the old value ran. The distinct config-like objects the tree holds are watched one
     level deep: their plain attributes join the settings by value, all their attributes the change check by
-    identity (~1-2 us per call for a transformers config). Nested objects mutated in place stay unseen."""
+    identity (~1-2 us per call for a transformers config). Nested objects, lists and dicts mutated in place are
+    the program guards' part (NOTE [Program guards] in aotcache/autograd_cache/program_guards.py)."""
     found: dict[int, Any] = {}
     for (_, submodule), (_, _, entries) in zip(modules, settings):
         for name, kind, _ in entries:

@@ -1,12 +1,13 @@
 """What changed when an ``aot_function`` traces again: the new signature against the closest one it has.
 
 Used for the INFO log of every re-trace (NOTE [Events at INFO] in docs/logging.md). Signatures are the
-in-memory reuse keys of NOTE [Signature] in ``api.py``: ``(extra, (in_spec, grad mode, autocast, memory
-sharing, per-argument tuples))``.
+in-memory reuse keys of NOTE [Signature] in ``api.py``: ``(extra, program digest, (in_spec, grad mode,
+autocast, numerics flags, memory sharing, per-argument tuples))``.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 __all__ = ["describe_new_signature"]
@@ -32,6 +33,15 @@ def _tensor_change(old: tuple, new: tuple) -> list[str]:
     return changes
 
 
+def _constant(record: tuple) -> object:
+    """A constant argument's value (floats and complex numbers are kept as their bits: NOTE [Floats by bits])."""
+    kind, value = record[1], record[2]
+    if kind in (float, complex) and isinstance(value, bytes):
+        parts = struct.unpack("<dd" if kind is complex else "<d", value)
+        return complex(*parts) if kind is complex else parts[0]
+    return value
+
+
 def _argument_changes(old: Sequence[tuple], new: Sequence[tuple]) -> list[tuple[int, list[str]]]:
     found = []
     for index, (before, after) in enumerate(zip(old, new)):
@@ -40,18 +50,22 @@ def _argument_changes(old: Sequence[tuple], new: Sequence[tuple]) -> list[tuple[
         if before[0] == after[0] == "tensor":
             found.append((index, _tensor_change(before, after)))
         elif before[0] == after[0] == "constant":
-            found.append((index, [f"value {before[2]!r} -> {after[2]!r}"]))
+            found.append((index, [f"value {_constant(before)!r} -> {_constant(after)!r}"]))
         else:
             found.append((index, [f"{before[0]} -> {after[0]}"]))
     return found
 
 
 def _differences(old: tuple, new: tuple) -> list[str]:
-    (old_extra, (old_spec, old_grad, old_autocast, old_sharing, old_args)) = old
-    (new_extra, (new_spec, new_grad, new_autocast, new_sharing, new_args)) = new
+    (old_extra, old_program, (old_spec, old_grad, old_autocast, old_numerics, old_sharing, old_args)) = old
+    (new_extra, new_program, (new_spec, new_grad, new_autocast, new_numerics, new_sharing, new_args)) = new
     found = []
     if old_extra != new_extra:
         found.append("module settings changed (train()/eval(), an attribute, a hook or a config value)")
+    if old_program != new_program:
+        found.append("the program changed (a global, class attribute, closure, hook or config the code reads)")
+    if old_numerics != new_numerics:
+        found.append("numerics flags changed (default dtype, torch.backends flags, matmul precision)")
     if old_spec != new_spec or len(old_args) != len(new_args):
         found.append("argument structure changed (other arguments, keyword names or containers)")
         return found

@@ -8,7 +8,8 @@ goes fingerprint -> entry -> load -> run.
 
 ========== ==================================================================================================
 code       every user function, class, module tree and object reachable from the call, serialized
-           canonically (see NOTE [Reachable code]); torch's own code by qualified name (the torch version)
+           canonically (see NOTE [Reachable code]); torch's own code by qualified name (the torch version);
+           environment variables the code reads by constant name, with their values (NOTE [Process state])
 inputs     per flat argument: tensor dtype, device, layout, requires_grad, leafness, sizes / strides /
            storage offset (only the rank when dynamic), memory sharing; constants by type and value; the
            pytree structure of (args, kwargs)
@@ -23,7 +24,8 @@ NOTE [Correctness over hit rate]
 A false hit (same fingerprint, different graph) would run a stale compiled graph: the worst bug a cache can
 have. Whenever the fingerprint cannot see something that could change the graph (an opaque object, a
 C-extension callable not from torch, an active torch function / dispatch mode, a tensor subclass, a
-torch.compile-d submodule, backward hooks, a module overriding ``__call__``, an import that has not run yet)
+torch.compile-d submodule, backward hooks, a module overriding ``__call__``, an import that has not run yet,
+a read of process state that cannot be pinned: the command line, files, the clock, random numbers)
 it returns an *untrusted* result with a short categorical reason, and the caller takes the full capture path
 (counted as ``fingerprint_fallback:<reason>``). docs/warmstart.md lists what it can and cannot see.
 """
@@ -194,8 +196,9 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
                  options: Any, devices: Iterable[str]) -> Fingerprint:
     try:
         _check_no_active_modes()
-        reachable = Reachable(state_positions(module))
+        reachable = Reachable(state_positions(module), process_state=True)
         root_tokens = [reachable.add_root(root) for root in roots]
+        reachable.process_state = False  # compilers may read the clock: the full key treats them alike
         options_part = _options_part(options, reachable)
         inductor_part = _inductor_config_part(reachable)
         code = {"roots": root_tokens, "graph": reachable.digest()}
@@ -251,7 +254,7 @@ def fingerprint_call(fn: Callable[..., Any], flat_args: Sequence[Any], in_spec: 
 def code_fingerprint(value: Any) -> Fingerprint:
     """The ``code`` part alone for a function, class or module (diagnostics: did my code change?)."""
     try:
-        reachable = Reachable(state_positions(value if isinstance(value, nn.Module) else None))
+        reachable = Reachable(state_positions(value if isinstance(value, nn.Module) else None), process_state=True)
         roots = reachable.add_root(value)
         digest = sha256_text(cache_key.canonical_json({"roots": [roots], "graph": reachable.digest()}))
     except Untrusted as exc:

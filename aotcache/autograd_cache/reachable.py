@@ -10,6 +10,7 @@ tables, ``@cacheable`` functions, custom ops: docs/cache_key.md).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextvars
 import dataclasses
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aotcache.autograd_cache import safety
+from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 
 __all__ = ["Reachable", "Untrusted", "check_plain_tensor", "sha256_text", "canonical_json",
@@ -81,6 +82,22 @@ _TRANSPARENT_TYPES = (types.FunctionType, types.MethodType, functools.partial, t
                       tuple, list, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None),
                       enum.Enum, torch.dtype, torch.device)
 _UNSET = object()  # the value of a context variable that was never set
+# Methods of a torch.autograd.Function that autograd itself calls by name (user code names only ``apply``)
+_AUTOGRAD_FUNCTION_METHODS = frozenset({"forward", "backward", "setup_context", "jvp", "vjp", "vmap"})
+_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _custom_op_def_type() -> type | None:
+    try:
+        from torch._library.custom_ops import CustomOpDef
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return CustomOpDef
+
+
+_CUSTOM_OP_DEF = _custom_op_def_type()
+# Standard-library attribute bags whose whole state is their ``__dict__`` (configs are often held in them)
+_NAMESPACE_TYPES = (types.SimpleNamespace, argparse.Namespace)
 
 
 class Untrusted(Exception):
@@ -215,7 +232,22 @@ class Reachable:
     as do the size limits (nodes, nesting depth, tensor bytes).
     """
 
-    def __init__(self, state_tensors: Mapping[int, int] | None = None) -> None:
+    def __init__(self, state_tensors: Mapping[int, int] | None = None, *, lenient: bool = False,
+                 guards: Any = None, managed: frozenset[int] = frozenset(), process_state: bool = False) -> None:
+        # NOTE [Lenient walks] ``lenient`` (the in-process guards, aotcache.autograd_cache.program_guards): what
+        # cannot be written down is named by its id() (valid in this process only) and the first reason is
+        # kept in ``untrusted``, and the walk goes on, so that everything around it still gets guards.
+        # ``guards`` receives what each token read (slot, attribute, container, env); ``managed`` holds the
+        # ids of modules whose own attributes the caller checks itself (aot_module's ModuleState).
+        # ``process_state``: apply NOTE [Process state] (the program of a call: fingerprint and guards; not
+        # the key's digests of compilers and other options, which may time or log themselves freely)
+        self.process_state = process_state
+        self._lenient = lenient
+        self._guards = guards
+        self._managed = managed
+        self.untrusted: Untrusted | None = None
+        self._opaque: list[Any] = []  # kept alive: their id() is in a token
+        self.env: dict[str, str | None] = {}  # environment variables pinned by the code (NOTE [Process state])
         self._code_digests: dict[types.CodeType, str] = {}
         self._index: dict[int, int] = {}
         self._objects: list[Any] = []  # keeps every node alive (ids stay unique) and in discovery order
@@ -251,7 +283,7 @@ class Reachable:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
                     exc.where = exc.where or _describe(self._objects[index])
-                    raise
+                    self._tokens[index] = self._lenient_token(exc, self._objects[index])
             if not self._include_new_class_members():
                 return
 
@@ -272,8 +304,32 @@ class Reachable:
 
     # -- values -------------------------------------------------------------------------------------------
 
-    def ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
+    def _note(self, reason: str) -> None:
+        """Something the walk cannot vouch for: raise (strict) or remember the first reason (lenient)."""
+        if not self._lenient:
+            raise Untrusted(reason)
+        if self.untrusted is None:
+            self.untrusted = Untrusted(reason)
+
+    def _lenient_token(self, exc: Untrusted, value: Any) -> str:
+        if not self._lenient:
+            raise exc
+        if self.untrusted is None:
+            self.untrusted = exc
+        self._opaque.append(value)
+        return f"opaque@{id(value)}"
+
+    def ref(self, value: Any) -> str:
         """A token for any value reachable from the call; nodes by index. :raises Untrusted: opaque values."""
+        try:
+            return self._ref(value)
+        except Untrusted as exc:
+            if not self._lenient:
+                raise
+            exc.where = exc.where or _describe(value)
+            return self._lenient_token(exc, value)
+
+    def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
             return f"{type(value).__name__}:{value!r}"
         if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
@@ -344,13 +400,26 @@ class Reachable:
             return "dataclasses.MISSING"
         if _is_inert_stdlib_value(value):
             return f"{type(value).__module__}:{value!r}"
+        if _CUSTOM_OP_DEF is not None and isinstance(value, _CUSTOM_OP_DEF):
+            return self._op_token(value._opoverload)  # a torch.library.custom_op: by its registrations
         if _is_plain_object(value):
             return self._node(value)
         raise Untrusted(f"opaque object: {_type_name(type(value))}")
 
     def type_ref(self, cls: type) -> str:
         """A token for a class seen as the type of a value (its constructor is not reachable through it)."""
+        try:
+            return self._type_ref(cls)
+        except Untrusted as exc:
+            if not self._lenient:
+                raise
+            return self._lenient_token(exc, cls)
+
+    def _type_ref(self, cls: type) -> str:
         if _is_library(cls.__module__) and not issubclass(cls, nn.Module):
+            reason = process_state.module_reason(cls.__module__) if self.process_state else None
+            if reason:
+                raise Untrusted(reason)
             return f"class:{_type_name(cls)}{_library_version(cls.__module__)}"
         return self._node(cls)
 
@@ -368,6 +437,11 @@ class Reachable:
             # a C++ operator of an installed distribution (checked above): its version
             return f"op:{op}:{getattr(op, '_schema', '')}@{self._distribution_version(namespace)}"
         schema = str(getattr(op, "_schema", ""))
+        opdef = safety.custom_op_def(op) if self._guards is not None else None
+        if opdef is not None:  # a registration added or replaced later: its attributes by identity
+            self._guards.length(vars(opdef))
+            for field, value in vars(opdef).items():
+                self._guards.slot(vars(opdef), field, value)
         body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
         return f"op:{op}:{schema}{{{body}}}"
 
@@ -380,6 +454,8 @@ class Reachable:
         if len(self._active_containers) >= _MAX_NESTING:
             raise Untrusted("nesting too deep")
         self._active_containers.append(marker)
+        if self._guards is not None and not isinstance(value, (tuple, frozenset)):
+            self._guards.contents(value)  # mutable: its members by identity (the holder checks the container)
         try:
             kind = _type_name(type(value))
             if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
@@ -406,6 +482,8 @@ class Reachable:
         if position is not None:  # a parameter or buffer of the compiled module: a runtime input
             return f"state#{position}"
         check_plain_tensor(value, "tensor constant")
+        if self._guards is not None:
+            self._guards.tensor(value)  # changed in place: compiled code may hold a copy (Inductor does)
         size = value.numel() * value.element_size()
         self._constant_bytes += size
         if self._constant_bytes > _MAX_CONSTANT_BYTES:
@@ -422,6 +500,9 @@ class Reachable:
         wrapped = fn.__dict__.get("__wrapped__")
         inner = self.ref(wrapped) if wrapped is not None else ""
         module = _defining_module(fn)
+        reason = process_state.module_reason(module) if self.process_state else None
+        if reason:
+            raise Untrusted(reason)
         return f"lib:{module}{_library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
 
     def _library_cell_token(self, value: Any) -> str:
@@ -443,6 +524,9 @@ class Reachable:
         if isinstance(objclass, type):
             module = objclass.__module__
         root = module.split(".")[0]
+        reason = process_state.module_reason(module) if self.process_state else None
+        if reason:
+            raise Untrusted(f"{reason}.{name}")
         if root in _SAFE_BUILTIN_ROOTS:
             return f"builtin:{module}.{name}"
         version = self._distribution_version(root)
@@ -469,23 +553,62 @@ class Reachable:
 
     def _function_token(self, fn: types.FunctionType) -> str:
         code = fn.__code__
-        names = sorted(set(_all_names(code)))
+        name_set = set(_all_names(code))
+        strings = set(_string_constants(code))
+        fn_globals = fn.__globals__
+        if "globals" in name_set and "globals" not in fn_globals:
+            # ``globals()["NAME"]``: constant names the code may read through its module's dict
+            name_set |= {name for name in strings if name in fn_globals}
+        names = sorted(name_set)
         self._add_names(names)
-        self._add_names(_string_constants(code))
+        self._add_names(strings)
+        guards = self._guards
         referenced = []
         for name in names:
-            if name in fn.__globals__:
-                referenced.append(f"{name}={self._global_token(fn.__globals__[name], names)}")
+            if name in fn_globals:
+                value = fn_globals[name]
+                if guards is not None:
+                    guards.slot(fn_globals, name, value)
+                referenced.append(f"{name}={self._global_token(value, names)}")
         for module_name in _imported_modules(fn):
             module = sys.modules.get(module_name)
             token = _unloaded_module_token(module_name) if module is None else self._global_token(module, names)
             referenced.append(f"import {module_name}={token}")
         # a module in a closure cell is read like a module global: through the attribute names the code uses
-        cells = [self._global_token(_cell_contents(cell), names) for cell in (fn.__closure__ or ())]
+        cells = []
+        for cell in fn.__closure__ or ():
+            value = _cell_contents(cell)
+            if guards is not None:
+                guards.cell(cell)
+            cells.append(self._global_token(value, names))
+        if guards is not None:
+            guards.attributes(fn, ("__code__", "__defaults__", "__kwdefaults__"))
+            guards.length(fn.__dict__)
         attributes = {k: v for k, v in fn.__dict__.items() if not k.startswith("__aotcache")}
         return (f"fn {self._code_digest(code)} defaults={self.ref(fn.__defaults__ or ())} "
                 f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "
-                f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}")
+                f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}"
+                f"{self._process_state_token(fn, name_set) if self.process_state else ''}")
+
+    def _process_state_token(self, fn: types.FunctionType, names: set[str]) -> str:
+        """The environment variables ``fn`` reads by constant name, with their values (NOTE [Process state]);
+        other process state it reads is noted as untrusted."""
+        reason = process_state.builtin_reads_reason(fn.__code__, names, fn.__globals__)
+        if reason:
+            self._note(reason)
+        if names.isdisjoint(process_state.ENV_ACCESSORS):
+            return ""
+        pinned, reason = process_state.env_reads(fn.__code__)
+        if reason:
+            self._note(reason)
+        values = []
+        for variable in pinned:
+            value = os.environ.get(variable)
+            self.env[variable] = value
+            if self._guards is not None:
+                self._guards.env(variable, value)
+            values.append(f"{variable}={'absent' if value is None else repr(value)}")
+        return f" env[{';'.join(values)}]"
 
     def _global_token(self, value: Any, names: Sequence[str]) -> str:
         if isinstance(value, types.ModuleType):
@@ -502,8 +625,18 @@ class Reachable:
         namespace = vars(module)
         for name in names:
             if name not in namespace:
+                # a submodule imported lazily on first access (``np.random``): refused by its name
+                reason = process_state.module_reason(f"{module.__name__}.{name}") if self.process_state else None
+                if reason:
+                    self._note(reason)
                 continue
             value = namespace[name]
+            reason = process_state.module_attribute_reason(module.__name__, name) if self.process_state else None
+            if reason:
+                self._note(reason)
+                continue
+            if self._guards is not None:
+                self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
                 entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
             elif not library or _is_user_code(value) or _is_custom_op(value):
@@ -517,27 +650,59 @@ class Reachable:
         if _type_name(cls).startswith("torch._dynamo"):
             raise Untrusted("torch.compile-d submodule")
         if cls.__call__ is not nn.Module.__call__:
-            raise Untrusted(f"module overrides __call__: {_type_name(cls)}")
+            self._note(f"module overrides __call__: {_type_name(cls)}")
         entries = []
+        guards = self._guards
+        managed = id(module) in self._managed  # its attributes and entries: ModuleState checks them per call
+        if guards is not None and not managed:
+            guards.attributes(module, ("__class__",))
+            guards.length(module.__dict__)
         for name, value in module.__dict__.items():
             if name in _IGNORED_MODULE_ENTRIES:
                 continue
+            if guards is not None and not managed and not isinstance(value, (list, set)):
+                guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents
             if name in _BACKWARD_HOOK_DICTS:
                 if value:
-                    raise Untrusted("module backward hooks")
+                    self._note("module backward hooks")
+                    if guards is not None:
+                        guards.contents(value)
+                    entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
                 continue
             if name in _FORWARD_HOOK_DICTS:
+                if guards is not None and (value or not managed):
+                    guards.contents(value)  # hooks by identity (ModuleState counts them)
                 entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
-            elif name in ("_parameters", "_buffers", "_modules"):
+            elif name in _MODULE_CONTAINERS:
+                # a managed module's children by identity too: ModuleState's settings may not tell a child
+                # swapped for another of the same type and settings (whose lists or hooks differ)
+                if guards is not None and (not managed or name == "_modules"):
+                    guards.contents(value)
                 entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in value.items())}]")
+            elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward
+                entries.append(f"{name}={self._without_guards(value)}")
             else:
                 entries.append(f"{name}={self.ref(value)}")
         entries.sort()
         return f"module {self.type_ref(cls)} " + " ".join(entries)
 
+    def _without_guards(self, value: Any) -> str:
+        guards, self._guards = self._guards, None
+        try:
+            return self.ref(value)
+        finally:
+            self._guards = guards
+
     def _object_token(self, value: Any) -> str:
         state = value.__dict__ if hasattr(value, "__dict__") else {}
         slots = [(name, getattr(value, name)) for name in _slot_names(type(value)) if hasattr(value, name)]
+        if self._guards is not None:
+            self._guards.attributes(value, ("__class__", *(name for name, _ in slots)))
+            if hasattr(value, "__dict__"):
+                self._guards.length(state)
+                for name, item in state.items():
+                    if name not in _VOLATILE_ATTRIBUTES:
+                        self._guards.slot(state, name, item)
         items = sorted(f"{k}={self.ref(v)}" for k, v in (*state.items(), *slots) if k not in _VOLATILE_ATTRIBUTES)
         return f"object {self.type_ref(type(value))} " + " ".join(items)
 
@@ -566,6 +731,8 @@ class Reachable:
             return False
         if _is_library(cls.__module__):
             return _is_user_code(value)  # torch's own members: only when monkeypatched with user code
+        if name in _AUTOGRAD_FUNCTION_METHODS and issubclass(cls, torch.autograd.Function):
+            return True  # autograd calls them by name: backward runs though no user code names it
         if name.startswith("__") and name.endswith("__"):
             return True
         return name in self._names
@@ -605,6 +772,12 @@ class Reachable:
         bases = ",".join(self.type_ref(base) for base in cls.__bases__)
         members = sorted(name for name in self._classes[index] if name)
         body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)
+        if self._guards is not None:
+            namespace = vars(cls)
+            if not _is_library(cls.__module__):
+                self._guards.length(namespace)  # an attribute added here may shadow one of a base class
+            for name in self._names.intersection(namespace).union(members):
+                self._guards.slot(namespace, name, namespace[name])
         return (f"class {_type_name(cls)}{_library_version(cls.__module__)} bases=({bases}) "
                 f"meta={self.type_ref(type(cls))} members={{{body}}}")
 
@@ -756,8 +929,8 @@ def _is_inert_stdlib_value(value: Any) -> bool:
 def _is_plain_object(value: Any) -> bool:
     """An instance of a Python class outside torch / stdlib whose state is its ``__dict__`` / slots."""
     cls = type(value)
-    if cls is object:
-        return True  # a bare sentinel: no state, its identity is its node index
+    if cls is object or cls in _NAMESPACE_TYPES:
+        return True  # a bare sentinel (its identity is its node index), or attribute bags (config holders)
     if is_core_library(cls.__module__) or not (hasattr(value, "__dict__") or _slot_names(cls)):
         return False
     # a C-extension base class keeps state where __dict__ cannot show it

@@ -38,6 +38,7 @@ __all__ = [
     "cacheable",
     "is_marked_cacheable",
     "qualified_name",
+    "custom_op_def",
     "custom_op_implementations",
     "is_torch_internal_namespace",
 ]
@@ -150,16 +151,21 @@ def _op_namespace_and_qualname(op: torch._ops.OpOverload | torch._ops.OpOverload
     return qualname.split("::", 1)[0], qualname
 
 
+def custom_op_def(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> Any:
+    """The ``torch.library.custom_op`` definition object (``CustomOpDef``) behind ``op``, or None."""
+    from torch._library import custom_ops
+
+    _, qualname = _op_namespace_and_qualname(op)
+    return getattr(custom_ops, "OPDEFS", {}).get(qualname)
+
+
 def custom_op_implementations(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> dict[str, Any] | None:
     """Everything registered for a ``torch.library.custom_op`` operator (by field name), or None if not one.
 
     The values are the user's functions and settings (kernels per device, fake impl, autograd backward and
     setup_context, vmap, autocast, torch_dispatch rules); the key hashes them.
     """
-    from torch._library import custom_ops
-
-    _, qualname = _op_namespace_and_qualname(op)
-    opdef = getattr(custom_ops, "OPDEFS", {}).get(qualname)
+    opdef = custom_op_def(op)
     if opdef is None:
         return None
     # NOTE [CustomOpDef fields] read generically so that new registration kinds in later torch versions are

@@ -1,0 +1,204 @@
+"""In-process reuse guards: a cheap check, on every call, that the program a compiled graph came from is unchanged.
+
+NOTE [Program guards]
+A graph compiled earlier in the process is reused by signature (NOTE [Signature] in aot/api.py), and the
+signature sees the arguments, not the program: a module global read by ``forward`` reassigned, a class
+attribute (``M.SCALE = 3.0``), a closure cell, a forward hook swapped for another, a list attribute or a
+nested config object changed in place, or an environment variable the code reads by name all left the old
+graph running. :func:`watch_program` walks the program with the fingerprint's walker (NOTE [Reachable
+code]) in its lenient form (NOTE [Lenient walks]) and records, for everything each token read:
+
+======================= =================================================================================
+slots                   a dict entry by identity: each global a function names, each attribute of a user
+                        module it reaches, each class member reachable code can read, each attribute of a
+                        plain object (config objects, at every depth the walk reaches)
+attributes              ``cell_contents`` of each closure cell; a function's ``__code__`` / ``__defaults__``
+                        / ``__kwdefaults__``; an object's ``__class__`` and ``__slots__``
+lengths                 dicts of objects and classes (an added attribute may shadow another), containers
+members                 the members of each mutable container reached (lists, dicts, sets, hook registries,
+                        the global module hook registries) by identity
+environment             each variable pinned by NOTE [Process state], by value
+tensor constants        the version counter of each tensor the graph bakes in (not the parameters and
+                        buffers of an ``aot_module``, which are inputs): Inductor copies constants
+======================= =================================================================================
+
+:meth:`ProgramGuards.holds` checks them all with C-level iteration (``map(operator.is_, ...)`` over flat
+lists, no Python loop per entry). A failed check is not yet a change: the program is walked again and its
+digest compared (a value re-assigned to an equal one, a list rebuilt with the same members, keeps the
+graph); a different digest selects or compiles another graph (and, with a cache, computes a new call
+fingerprint: a hit under it loads instead of tracing). The digest of a lenient walk names opaque values by
+``id()``: it is an in-process identity only, never stored.
+
+What stays unseen in-process: the insides of opaque objects (C-extension objects, anything the fingerprint
+calls opaque; they are guarded by identity only), library code (torch, the standard library, installed
+packages: fixed while the process runs, unless monkeypatched in a module or class the walk reached), and
+values that process state returns (the clock, random numbers, files), which make the fingerprint untrusted
+but cannot be re-checked per call. A tensor constant changed in place is walked again and, its content
+digest changed, traced again (even where the compiled code reads the tensor object itself, as the nop
+compiler's does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
+from aotcache.autograd_cache.reachable import Reachable, canonical_json, sha256_text
+
+__all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
+
+_values = operator.methodcaller("values")
+_chain = itertools.chain.from_iterable
+_is = operator.is_
+_env_get = os.environ.get
+_version_of = operator.attrgetter("_version")
+
+
+class GuardRecorder:
+    """Collects what a walk read (the ``guards`` of :class:`~aotcache.autograd_cache.reachable.Reachable`),
+    deduplicated by holder identity and key."""
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}
+        self._attributes: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+        self._lengths: dict[int, Any] = {}
+        self._contents: dict[int, Any] = {}
+        self._env: dict[str, str | None] = {}
+        self._tensors: dict[int, tuple[Any, int]] = {}
+
+    def slot(self, holder: Mapping, key: Any, value: Any) -> None:
+        self._slots.setdefault((id(holder), key), (holder, key, value))
+
+    def cell(self, cell: Any) -> None:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # empty: the code fails (NameError) if it reads it, in the trace as later
+            return
+        self._attributes.setdefault((id(cell), "cell_contents"), (cell, "cell_contents", value))
+
+    def attributes(self, obj: Any, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._attributes.setdefault((id(obj), name), (obj, name, getattr(obj, name)))
+
+    def length(self, sized: Any) -> None:
+        self._lengths.setdefault(id(sized), sized)
+
+    def contents(self, container: Any) -> None:
+        self._contents.setdefault(id(container), container)
+        self._lengths.setdefault(id(container), container)
+
+    def env(self, name: str, value: str | None) -> None:
+        self._env.setdefault(name, value)
+
+    def tensor(self, tensor: Any) -> None:
+        """A tensor constant: its version counter (bumped by every in-place change)."""
+        try:
+            self._tensors.setdefault(id(tensor), (tensor, tensor._version))
+        except RuntimeError:  # an inference tensor has no version counter (and cannot change outside one)
+            pass
+
+    def build(self) -> ProgramGuards:
+        slots = list(self._slots.values())
+        attributes = list(self._attributes.values())
+        sized = list(self._lengths.values())
+        filled = [c for c in self._contents.values() if len(c)]  # an empty one: its length says it all
+        mappings = [c for c in filled if isinstance(c, Mapping)]
+        iterables = [c for c in filled if not isinstance(c, Mapping)] + mappings  # dict keys
+        return ProgramGuards(
+            holders=[h for h, _, _ in slots], keys=[k for _, k, _ in slots], values=[v for _, _, v in slots],
+            objects=[o for o, _, _ in attributes], names=[n for _, n, _ in attributes],
+            attribute_values=[v for _, _, v in attributes],
+            sized=sized, lengths=[len(s) for s in sized],
+            iterables=iterables, members=list(_chain(iterables)),
+            mappings=mappings, mapping_values=list(_chain(map(_values, mappings))),
+            env_names=list(self._env), env_values=list(self._env.values()),
+            tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()])
+
+
+@dataclasses.dataclass(eq=False)
+class ProgramGuards:
+    """Flat lists of recorded reads and the values they gave (NOTE [Program guards]); holding them keeps every
+    recorded object alive, so identities stay meaningful."""
+
+    holders: list
+    keys: list
+    values: list
+    objects: list
+    names: list
+    attribute_values: list
+    sized: list
+    lengths: list
+    iterables: list
+    members: list
+    mappings: list
+    mapping_values: list
+    env_names: list
+    env_values: list
+    tensors: list
+    versions: list
+
+    def holds(self) -> bool:
+        """Whether every recorded read gives the recorded object again (identity; env values by equality)."""
+        try:
+            if self.values and not all(map(_is, map(operator.getitem, self.holders, self.keys), self.values)):
+                return False
+            if self.attribute_values and not all(map(_is, map(getattr, self.objects, self.names),
+                                                     self.attribute_values)):
+                return False
+            if list(map(len, self.sized)) != self.lengths:
+                return False
+            if self.members and not all(map(_is, _chain(self.iterables), self.members)):
+                return False
+            if self.mapping_values and not all(map(_is, _chain(map(_values, self.mappings)), self.mapping_values)):
+                return False
+            if self.tensors and list(map(_version_of, self.tensors)) != self.versions:
+                return False
+            return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
+        except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
+            return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
+
+    def __len__(self) -> int:
+        return (len(self.values) + len(self.attribute_values) + len(self.lengths) + len(self.members)
+                + len(self.mapping_values) + len(self.env_values) + len(self.versions))
+
+
+@dataclasses.dataclass(eq=False)
+class WatchedProgram:
+    """What one walk saw: ``digest`` (in-process identity of the program), its ``guards``, the first reason
+    the walk could not vouch for something (``untrusted``, or None), and the pinned environment."""
+
+    digest: str
+    guards: ProgramGuards
+    untrusted: str | None
+    env: dict[str, str | None]
+
+    def holds(self) -> bool:
+        return self.guards.holds()
+
+
+def watch_program(root: Any, module: nn.Module | None = None) -> WatchedProgram:
+    """Walk ``root`` (an ``aot_function``'s function, or the module of an ``aot_module``: pass it as ``module``
+    too, then its parameters and buffers are inputs and its tree's own attributes are left to ModuleState)
+    and record the guards of NOTE [Program guards]."""
+    recorder = GuardRecorder()
+    managed = frozenset(id(m) for m in module.modules()) if module is not None else frozenset()
+    reachable = Reachable(state_positions(module), lenient=True, guards=recorder, managed=managed,
+                          process_state=True)
+    tokens = [reachable.add_root(root)]
+    hooks = sys.modules["torch.nn.modules.module"]
+    for name in _GLOBAL_MODULE_HOOKS:  # global module hooks run inside every module call: by identity
+        registry = getattr(hooks, name, None)
+        if isinstance(registry, Mapping):
+            recorder.contents(registry)
+            tokens.append(reachable.add_root(tuple(registry.values())))
+    digest = sha256_text(canonical_json({"roots": tokens, "graph": reachable.digest()}))
+    untrusted = reachable.untrusted.reason if reachable.untrusted is not None else None
+    return WatchedProgram(digest, recorder.build(), untrusted, dict(reachable.env))

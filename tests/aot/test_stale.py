@@ -1,0 +1,606 @@
+"""Zero stale results: a compiled function never returns what an older version of the program computed.
+
+Each case is shaped as it was found (issue 11): the program changes between two calls in one process (the
+program guards, NOTE [Program guards]) or between two processes (the call fingerprint, NOTE [Process state]
+and NOTE [Reachable code]), and the result is compared with eager. Both directions: a change that alters
+the result re-traces (or misses), one that does not (an equal value re-assigned, an unrelated global) keeps
+the compiled graph. The nop compiler throughout, plus one Inductor case (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache.autograd_cache.fingerprint import code_fingerprint
+from tests.conftest import run_python
+
+X = torch.randn(3, 4)
+
+SCALE = 2.0  # a module-level global read by forward / by an aot_function
+UNRELATED = 1.0  # a global nothing compiled reads
+
+
+def _equal_copy(value: float) -> float:
+    """An equal float that is another object (re-assigning it must not re-trace)."""
+    copy = float(repr(value))
+    assert copy == value and copy is not value
+    return copy
+
+
+def compiled_function(fn, **options):
+    return aotcache.aot_function(fn, "nop", cache=False, **options)
+
+
+def compiled_module(module):
+    return aotcache.aot_module(module, "nop", cache=False)
+
+
+class ReadsGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * SCALE
+
+
+# ----------------------------------------------------------------------------------------------------
+# In one process: the program guards
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_module_global_reassigned_retraces_and_equal_value_does_not(monkeypatch):
+    model = ReadsGlobal()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+    monkeypatch.setitem(globals(), "SCALE", _equal_copy(3.0))  # a guard fails, the walk finds the same program
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2 and compiled.compiled.num_program_walks == 3
+    monkeypatch.setitem(globals(), "UNRELATED", 5.0)  # not read by the program: not even a walk
+    compiled(X)
+    assert compiled.compiled.num_compiles == 2 and compiled.compiled.num_program_walks == 3
+    monkeypatch.setitem(globals(), "SCALE", 2.0)  # back to the first program: its graph again, no trace
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+class ReadsClassAttribute(nn.Module):
+    FACTOR = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * self.FACTOR
+
+
+def test_class_attribute_reassigned_retraces(monkeypatch):
+    model = ReadsClassAttribute()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    monkeypatch.setattr(ReadsClassAttribute, "FACTOR", 3.0)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+def test_class_attribute_added_to_a_subclass_shadows_the_base_and_retraces():
+    class Base(nn.Module):
+        FACTOR = 2.0
+
+        def forward(self, x):
+            return x * self.FACTOR
+
+    class Child(Base):
+        pass
+
+    model = Child()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), X * 2)
+    Child.FACTOR = 5.0
+    torch.testing.assert_close(compiled(X), X * 5)
+
+
+def test_aot_function_closure_cell_reassigned_retraces():
+    def make(factor):
+        def scaled(x):
+            return x * factor
+
+        return scaled
+
+    fn = make(2.0)
+    compiled = compiled_function(fn)
+    torch.testing.assert_close(compiled(X), X * 2)
+    fn.__closure__[0].cell_contents = 7.0
+    torch.testing.assert_close(compiled(X), X * 7)
+    assert compiled.num_compiles == 2
+
+
+def test_aot_function_nonlocal_rebound_by_the_enclosing_function_retraces():
+    factor = 2.0
+
+    def scaled(x):
+        return x * factor
+
+    compiled = compiled_function(scaled)
+    torch.testing.assert_close(compiled(X), X * 2)
+    factor = 4.0  # noqa: F841 - read through the closure cell
+    torch.testing.assert_close(compiled(X), X * 4)
+
+
+def scaled_by_global(x):
+    return x * SCALE
+
+
+def test_aot_function_global_reassigned_retraces_and_unrelated_one_does_not(monkeypatch):
+    compiled = compiled_function(scaled_by_global)
+    torch.testing.assert_close(compiled(X), X * 2)
+    monkeypatch.setitem(globals(), "UNRELATED", 9.0)
+    torch.testing.assert_close(compiled(X), X * 2)
+    assert compiled.num_compiles == 1 and compiled.num_program_walks == 1
+    monkeypatch.setitem(globals(), "SCALE", -1.0)
+    torch.testing.assert_close(compiled(X), -X)
+    assert compiled.num_compiles == 2
+
+
+def scaled_through_globals(x):
+    return x * globals()["SCALE"]
+
+
+def test_global_read_through_globals_with_a_constant_name_retraces(monkeypatch):
+    compiled = compiled_function(scaled_through_globals)
+    torch.testing.assert_close(compiled(X), X * 2)
+    monkeypatch.setitem(globals(), "SCALE", 8.0)
+    torch.testing.assert_close(compiled(X), X * 8)
+
+
+def test_forward_hook_swapped_for_another_with_the_same_count_retraces():
+    model = nn.Linear(4, 4)
+    compiled = compiled_module(model)
+    handle = model.register_forward_hook(lambda module, args, out: out * 2)
+    torch.testing.assert_close(compiled(X), model(X))
+    handle.remove()
+    model.register_forward_hook(lambda module, args, out: out * 3)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+def test_forward_hook_of_a_module_called_by_an_aot_function_is_guarded():
+    inner = nn.Linear(4, 4).requires_grad_(False)  # its weights are constants of the function
+    compiled = compiled_function(lambda x: inner(x))
+    handle = inner.register_forward_hook(lambda module, args, out: out + 1)
+    torch.testing.assert_close(compiled(X), inner(X))
+    handle.remove()
+    inner.register_forward_hook(lambda module, args, out: out - 1)
+    torch.testing.assert_close(compiled(X), inner(X))
+
+
+class ReadsList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.weights = [1.0, 2.0]
+
+    def forward(self, x):
+        return self.linear(x) * sum(self.weights)
+
+
+def test_list_attribute_mutated_in_place_retraces():
+    model = ReadsList()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.weights.append(4.0)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.weights[0] = 10.0
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 3
+
+
+class Settings:
+    """A plain config object (transformers-like), holding a nested one."""
+
+    def __init__(self):
+        self.attention = Settings.Inner()
+
+    class Inner:
+        def __init__(self):
+            self.scale = 1.0
+            self.flags = {"negate": False}
+
+
+class ReadsNestedConfig(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.linear(x) * self.config.attention.scale
+        return -out if self.config.attention.flags["negate"] else out
+
+
+def test_nested_config_object_mutated_in_place_retraces():
+    model = ReadsNestedConfig(Settings())
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.config.attention.scale = 0.5
+    torch.testing.assert_close(compiled(X), model(X))
+    model.config.attention.flags["negate"] = True  # a dict two objects deep
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 3
+
+
+def test_simple_namespace_config_mutated_in_place_retraces_and_is_fingerprinted():
+    import types
+
+    config = types.SimpleNamespace(scale=2.0)
+
+    def scaled(x):
+        return x * config.scale
+
+    assert code_fingerprint(scaled).trusted  # an attribute bag: by its __dict__, not opaque
+    compiled = compiled_function(scaled)
+    torch.testing.assert_close(compiled(X), X * 2)
+    config.scale = 4.0
+    torch.testing.assert_close(compiled(X), X * 4)
+    assert compiled.num_compiles == 2
+
+
+def reads_mode(x):
+    return x * 2 if os.environ.get("AOTCACHE_TEST_MODE") == "a" else x * -3
+
+
+def test_environment_variable_read_by_name_is_guarded_in_process(monkeypatch):
+    monkeypatch.setenv("AOTCACHE_TEST_MODE", "a")
+    compiled = compiled_function(reads_mode)
+    torch.testing.assert_close(compiled(X), X * 2)
+    monkeypatch.setenv("AOTCACHE_TEST_MODE", "b")
+    torch.testing.assert_close(compiled(X), X * -3)
+    monkeypatch.delenv("AOTCACHE_TEST_MODE")  # absent is a value too
+    torch.testing.assert_close(compiled(X), X * -3)
+    monkeypatch.setenv("AOTCACHE_TEST_MODE", "a")
+    torch.testing.assert_close(compiled(X), X * 2)
+    assert compiled.num_compiles == 3  # a, b, absent (absent traces the graph of b again: another program)
+
+
+class Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_autograd_function_backward_reassigned_retraces(monkeypatch):
+    compiled = compiled_function(lambda x: Doubled.apply(x).sum())
+    x = torch.randn(3, requires_grad=True)
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    monkeypatch.setattr(Doubled, "backward", staticmethod(lambda ctx, grad: grad * 5))
+    x.grad = None
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 5.0))
+
+
+MASK = torch.ones(4)
+
+
+def masked(x):
+    return x * MASK
+
+
+def test_tensor_constant_changed_in_place_retraces():
+    compiled = compiled_function(masked)
+    torch.testing.assert_close(compiled(X), X * MASK)
+    with torch.no_grad():
+        MASK[0] = 5.0
+    torch.testing.assert_close(compiled(X), X * MASK)
+    compiled(X)
+    assert compiled.num_compiles == 2 and compiled.num_program_walks == 2
+
+
+def test_untrusted_program_still_guards_what_can_be_walked(monkeypatch):
+    model = ReadsGlobal()
+    model.event = threading.Event()  # opaque: the fingerprint gives up, the guards keep going
+    assert not code_fingerprint(model).trusted
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    monkeypatch.setitem(globals(), "SCALE", 6.0)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+def test_steady_calls_check_guards_without_walking_again():
+    from tests.aot.zoo import get_entry
+
+    for name in ("cnn_bn", "lstm"):
+        model, inputs = get_entry(name).build()
+        compiled = compiled_module(model)
+        for _ in range(5):
+            out = compiled(*inputs)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert compiled.compiled.num_program_walks == 1, name
+        assert compiled.compiled.num_compiles == 1, name
+
+
+def test_program_change_hits_the_persistent_cache_under_the_new_fingerprint(monkeypatch):
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store.factory import open_tiers
+
+    cache = AOTAutogradCache(open_tiers("memory,disk", namespace="aot"), journal=False)
+    first = aotcache.aot_function(scaled_by_global, "nop", cache=cache)
+    torch.testing.assert_close(first(X), X * 2)
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    torch.testing.assert_close(first(X), X * 3)  # guards fail: a new fingerprint, a miss, compiled and saved
+    assert cache.counters["fingerprint_miss"] == 2
+    second = aotcache.aot_function(scaled_by_global, "nop", cache=cache)
+    torch.testing.assert_close(second(X), X * 3)
+    assert cache.counters["fingerprint_hit"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the fingerprint sees: code autograd runs, custom ops, process state
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_sees_every_method_autograd_calls():
+    def make(backward_factor, jvp_factor):
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(x):
+                return x * 2
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                pass
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad * backward_factor
+
+            @staticmethod
+            def jvp(ctx, tangent):
+                return tangent * jvp_factor
+
+        Fn.__qualname__ = Fn.__name__ = "Fn"
+        return lambda x: Fn.apply(x)
+
+    base = code_fingerprint(make(2, 2)).digest
+    assert base is not None and base == code_fingerprint(make(2, 2)).digest
+    assert code_fingerprint(make(3, 2)).digest != base  # backward
+    assert code_fingerprint(make(2, 3)).digest != base  # jvp
+
+
+def test_custom_op_is_fingerprinted_by_its_registrations():
+    @torch.library.custom_op("aotcache_stale::scale", mutates_args=())
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @scale.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    def uses(x):
+        return scale(x)
+
+    before = code_fingerprint(uses)
+    assert before.trusted, before.reason
+    scale.register_autograd(lambda ctx, grad: grad * 2)
+    after = code_fingerprint(uses)
+    assert after.trusted and after.digest != before.digest
+
+
+def test_custom_op_autograd_registered_between_calls_retraces():
+    @torch.library.custom_op("aotcache_stale::triple", mutates_args=())
+    def triple(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+    triple.register_fake(lambda x: torch.empty_like(x))
+    triple.register_autograd(lambda ctx, grad: grad * 3)
+    compiled = compiled_function(lambda x: triple(x).sum())
+    x = torch.randn(3, requires_grad=True)
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 3.0))
+    triple.register_autograd(lambda ctx, grad: grad * 7)  # another backward formula for the same op
+    x.grad = None
+    compiled(x).backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 7.0))
+    assert compiled.num_compiles == 2
+
+
+@pytest.mark.parametrize("source, reason", [
+    ("import time\ndef f(x):\n    return x * time.time()", "process state: time.time"),
+    ("from time import perf_counter\ndef f(x):\n    return x * perf_counter()", "process state: time"),
+    ("import random\ndef f(x):\n    return x * random.random()", "process state: random.random"),
+    ("import sys\ndef f(x):\n    return x * len(sys.argv)", "process state: sys.argv"),
+    ("def f(x):\n    return x * len(open('weights.txt').read())", "process state: open"),
+    ("import os\ndef f(x):\n    return x * os.path.getsize('w')", "process state: os.path.getsize"),
+    ("import os\nNAME = 'MODE'\ndef f(x):\n    return x if os.environ.get(NAME) else -x",
+     "process state: os.environ read with a non-constant name"),
+    ("import os\ndef f(x):\n    return x * len(os.environ)", "process state: os.environ"),
+    ("import numpy as np\ndef f(x):\n    return x * np.random.rand()", "process state: numpy.random"),
+])
+def test_process_state_the_walker_cannot_pin_makes_the_fingerprint_untrusted(source, reason):
+    namespace: dict = {"__name__": "user_code"}
+    exec(compile(source, "<user code>", "exec"), namespace)
+    fingerprint = code_fingerprint(namespace["f"])
+    assert not fingerprint.trusted and fingerprint.reason.startswith(reason), fingerprint.reason
+
+
+def test_a_compiler_that_reads_the_clock_leaves_the_fingerprint_trusted():
+    import time
+
+    from aotcache.aot.api import AOTOptions
+    from aotcache.autograd_cache.fingerprint import fingerprint_call
+    from aotcache.compilers.nop import nop_compiler
+    from torch.utils import _pytree as pytree
+
+    def timed_compiler(gm, example_inputs):
+        started = time.perf_counter()
+        compiled = nop_compiler(gm, example_inputs)
+        timed_compiler.seconds = time.perf_counter() - started
+        return compiled
+
+    flat, spec = pytree.tree_flatten(((X,), {}))
+    fingerprint = fingerprint_call(scaled_by_global, flat, spec, AOTOptions(fw_compiler=timed_compiler))
+    assert fingerprint.trusted, fingerprint.reason  # the options shape the artifact, not the captured graph
+
+
+@pytest.mark.parametrize("read", ['os.environ.get("AOTCACHE_PIN")', 'os.environ.get("AOTCACHE_PIN", "x")',
+                                  'os.getenv("AOTCACHE_PIN")', '"AOTCACHE_PIN" in os.environ',
+                                  'os.environ["AOTCACHE_PIN"] if "AOTCACHE_PIN" in os.environ else None'])
+def test_environment_variable_with_a_constant_name_is_pinned(read, monkeypatch):
+    namespace: dict = {"__name__": "user_code"}
+    exec(f"import os\ndef f(x):\n    return x if ({read}) else -x", namespace)
+    monkeypatch.setenv("AOTCACHE_PIN", "a")
+    first = code_fingerprint(namespace["f"])
+    monkeypatch.setenv("AOTCACHE_PIN", "b")
+    second = code_fingerprint(namespace["f"])
+    monkeypatch.delenv("AOTCACHE_PIN")
+    absent = code_fingerprint(namespace["f"])
+    assert first.trusted and second.trusted and absent.trusted
+    assert len({first.digest, second.digest, absent.digest}) == 3
+    monkeypatch.setenv("AOTCACHE_PIN", "a")
+    assert code_fingerprint(namespace["f"]).digest == first.digest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Between two processes: the call fingerprint
+# ----------------------------------------------------------------------------------------------------
+
+FUNCTION_MODULE = """
+import torch
+
+class Scaled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * {factor}
+"""
+
+TRAIN = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+from stale_user_code import Scaled
+
+x = torch.ones(3, requires_grad=True)
+aotcache.aot_function(lambda t: Scaled.apply(t).sum(), "nop")(x).backward()
+print(json.dumps({"grad": x.grad.tolist(), **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def _run(tmp_path, script: str, env: dict | None = None) -> dict:
+    path = tmp_path / "train.py"
+    path.write_text(script)
+    code = f"import runpy, sys; sys.argv = ['train', {str(tmp_path)!r}]; runpy.run_path({str(path)!r})"
+    proc = run_python(code, env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_autograd_function_backward_edited_in_its_file_misses_in_the_next_process(tmp_path):
+    (tmp_path / "stale_user_code.py").write_text(FUNCTION_MODULE.format(factor=2))
+    cold = _run(tmp_path, TRAIN)
+    warm = _run(tmp_path, TRAIN)
+    assert cold["grad"] == warm["grad"] == [2.0] * 3 and warm["fingerprint_hit"] == 1
+    (tmp_path / "stale_user_code.py").write_text(FUNCTION_MODULE.format(factor=5))
+    edited = _run(tmp_path, TRAIN)
+    assert edited["grad"] == [5.0] * 3
+    assert edited.get("fingerprint_hit", 0) == 0 and edited["compile"] == 1
+
+
+ENV_SCRIPT = """
+import json, os, sys, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+def body(x):
+    return x * 2 if os.environ.get("AOTCACHE_TEST_MODE") == "a" else x * -3
+
+out = aotcache.aot_function(body, "nop")(torch.ones(2))
+print(json.dumps({"out": out.tolist(), **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_environment_variable_changed_between_processes_misses_then_hits_again(tmp_path):
+    first = _run(tmp_path, ENV_SCRIPT, {"AOTCACHE_TEST_MODE": "a"})
+    second = _run(tmp_path, ENV_SCRIPT, {"AOTCACHE_TEST_MODE": "b"})
+    third = _run(tmp_path, ENV_SCRIPT, {"AOTCACHE_TEST_MODE": "a"})
+    assert first["out"] == [2.0, 2.0] and second["out"] == [-3.0, -3.0] and third["out"] == [2.0, 2.0]
+    assert second.get("fingerprint_hit", 0) == 0 and second["compile"] == 1
+    assert third["fingerprint_hit"] == 1 and third["compile"] == 0
+
+
+CUSTOM_OP_SCRIPT = """
+import json, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+@torch.library.custom_op("aotcache_stale_proc::scale", mutates_args=())
+def scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+scale.register_fake(lambda x: torch.empty_like(x))
+scale.register_autograd(lambda ctx, grad: grad * 2)
+
+x = torch.ones(3, requires_grad=True)
+aotcache.aot_function(lambda t: scale(t).sum(), "nop")(x).backward()
+print(json.dumps({"grad": x.grad.tolist(), **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_custom_op_warm_start_goes_through_the_fingerprint(tmp_path):
+    cold = _run(tmp_path, CUSTOM_OP_SCRIPT)
+    warm = _run(tmp_path, CUSTOM_OP_SCRIPT)
+    assert cold["grad"] == warm["grad"] == [2.0] * 3
+    assert cold.get("fingerprint_fallback", 0) == 0 and cold["fingerprint_miss"] == 1
+    assert warm["fingerprint_hit"] == 1 and warm["compile"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inductor
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_inductor_tensor_constant_changed_in_place_retraces():
+    mask = torch.ones(4)
+    compiled = aotcache.aot_function(lambda x: x * mask, "inductor", cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), X * mask)
+        mask[1] = -2.0  # Inductor's graph holds its own copy of the constant
+        torch.testing.assert_close(compiled(X), X * mask)
+
+
+@pytest.mark.slow
+def test_inductor_global_and_class_attribute_changes_retrace(monkeypatch):
+    model = ReadsClassAttribute()
+    compiled = aotcache.aot_module(model, "inductor", cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), model(X))
+        monkeypatch.setattr(ReadsClassAttribute, "FACTOR", -1.5)
+        torch.testing.assert_close(compiled(X), model(X))
+        monkeypatch.setattr(ReadsClassAttribute, "FACTOR", _equal_copy(-1.5))
+        torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+if sys.platform == "win32":  # pragma: no cover
+    pytestmark = pytest.mark.skip("fresh-process tests use POSIX paths")
