@@ -38,6 +38,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import capture
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.fallback import (
+    check_on_capture_error,
+    compile_or_fall_back,
+    eager_for_unkeyable_call,
+    has_uninitialized_parameters,
+)
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -269,10 +276,12 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool) -> tuple
 class AOTFunction:
     """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
 
-    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True) -> None:
+    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True,
+                 on_capture_error: str = "fallback") -> None:
         self.fn = fn
         self.options = options
         self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
+        self.on_capture_error = check_on_capture_error(on_capture_error, "aot_function")  # NOTE [Capture fallback]
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
         self._hot = HotSignatures()  # NOTE [Hot path]
         self._lock = threading.Lock()
@@ -296,7 +305,10 @@ class AOTFunction:
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
-        runtime = self._runtime_for(flat_args, in_spec, extra)
+        try:
+            runtime = self._runtime_for(flat_args, in_spec, extra)
+        except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
+            return eager_for_unkeyable_call(self, exc, flat_args, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
             self._hot.remember(structure, flat_args, self.options.dynamic, runtime)
@@ -310,7 +322,7 @@ class AOTFunction:
             with self._lock:
                 runtime = self._lookup(key, flat_args)
                 if runtime is None:
-                    runtime = self._compile(flat_args, in_spec)
+                    runtime = compile_or_fall_back(self, flat_args, in_spec)  # NOTE [Capture fallback]
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 
@@ -388,7 +400,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
                  partition_fn: Callable | None = None, decompositions: Mapping | None = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
                  inference_compiler: Callable | str | None = None, *, dynamic: bool = False,
-                 cache: Any = True) -> AOTFunction:
+                 cache: Any = True, on_capture_error: str = "fallback") -> AOTFunction:
     """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
 
     ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
@@ -397,6 +409,9 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     ``decompositions`` is an op -> function table (default: the compiler's). ``dynamic=True`` traces with
     symbolic sizes and reuses the graph across sizes that satisfy its guards. ``cache``: True (the configured
     compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
+    ``on_capture_error``: ``"fallback"`` (default) runs a call signature that cannot be captured through
+    torch.compile's graph breaks, or eagerly; ``"raise"`` raises its ``CaptureError`` (as does
+    ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
     ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
@@ -405,7 +420,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     _check_compat_arguments("aot_function", num_params_buffers, keep_inference_input_mutations)
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    compiled = AOTFunction(fn, options, cache=cache)
+    compiled = AOTFunction(fn, options, cache=cache, on_capture_error=on_capture_error)
     try:
         compiled.__wrapped__ = fn  # type: ignore[attr-defined]
         compiled.__doc__ = getattr(fn, "__doc__", None)
@@ -436,15 +451,24 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
+    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True,
+                 on_capture_error: str = "fallback") -> None:
         super().__init__()
         self.orig_module = module
-        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
+        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache,
+                                    on_capture_error=on_capture_error)
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
+        # NOTE [Lazy modules]: uninitialized parameters (nn.LazyLinear, ...) have no shape to trace; the first
+        # calls run eagerly (which materializes them), then the module is captured as any other
+        self._lazy = has_uninitialized_parameters(module)
         self._state = ModuleState(module)  # NOTE [Hot path]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._lazy:
+            if has_uninitialized_parameters(self.orig_module):
+                return self.orig_module(*args, **kwargs)
+            self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
         params, buffers, names, settings = self._state.current()
@@ -458,15 +482,17 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
                keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
-               dynamic: bool = False, cache: Any = True) -> AOTModule:
-    """Compile ``module`` with AOT Autograd; same options (and ``cache``) as :func:`aot_function`."""
+               dynamic: bool = False, cache: Any = True, on_capture_error: str = "fallback") -> AOTModule:
+    """Compile ``module`` with AOT Autograd; same options (``cache``, ``on_capture_error``) as
+    :func:`aot_function`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
                         f"use aot_function for plain functions")
     _check_compat_arguments("aot_module", num_params_buffers, keep_inference_input_mutations)
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    return AOTModule(module, options, cache=cache)
+    check_on_capture_error(on_capture_error, "aot_module")
+    return AOTModule(module, options, cache=cache, on_capture_error=on_capture_error)
 
 
 @contextlib.contextmanager
