@@ -22,7 +22,6 @@ the stats journal section ``fallback`` shown by ``aotcache stats``) and logged o
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 import types
 from collections import Counter
@@ -34,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.errors import CaptureError
-from aotcache.logs import log_once, logger
+from aotcache.logs import logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call",
@@ -111,10 +110,10 @@ class PartialRuntime:
 
     metadata = _NO_GUARDS
 
-    def __init__(self, dynamo_fn: Callable, eager: EagerRuntime, name: str) -> None:
+    def __init__(self, dynamo_fn: Callable, eager: EagerRuntime, owner: Any) -> None:
         self.dynamo_fn = dynamo_fn
         self.eager = eager
-        self.name = name
+        self.owner = owner
         self.broken = False
 
     @property
@@ -135,10 +134,19 @@ class PartialRuntime:
             # the failure are not rolled back; this happens at most once per signature.
             self.broken = True
             _count(f"eager:{self.eager.reason}")
-            log_once(logging.WARNING, f"fallback-dynamo:{id(self)}",
-                     "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
-                     self.name, type(exc).__name__, _first_line(exc))
+            _warn_once(self.owner, f"dynamo:{self.eager.reason}",
+                       "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
+                       self.owner.name, type(exc).__name__, _first_line(exc))
             return self.eager(*flat_args)
+
+
+def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
+    """Log ``message`` once per ``owner`` (an AOTFunction) and ``topic``; the memo lives on the owner, so a new
+    function warns again (process-wide keys by ``id()`` could be reused by a later object)."""
+    warned = owner.__dict__.setdefault("_fallback_warned", set())
+    if topic not in warned:
+        warned.add(topic)
+        logger.warning(message, *args)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -163,9 +171,9 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
                                      cache=owner.cache, compiler_options=options.compiler_options)
     except CaptureError as exc:
         _count("region")
-        log_once(logging.WARNING, f"fallback-region:{id(owner)}:{exc.reason}",
-                 "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
-                 owner.name, _first_line(exc))
+        _warn_once(owner, f"region:{exc.reason}",
+                   "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
+                   owner.name, _first_line(exc))
         return gm.forward
 
 
@@ -204,16 +212,16 @@ def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRunti
     if dynamo_fn is None:
         dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
     _count(f"partial:{exc.reason}")
-    return PartialRuntime(dynamo_fn, eager, owner.name)
+    return PartialRuntime(dynamo_fn, eager, owner)
 
 
 def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
     how = ("runs through torch.compile: the regions around the graph breaks are compiled by aotcache, the rest "
            "runs eagerly" if runtime.kind == "partial" else "runs eagerly")
-    log_once(logging.WARNING, f"fallback:{id(owner)}:{exc.reason}",
-             "aotcache: %s cannot be captured whole (%s): %s. This call signature %s (remembered; no retrace). "
-             "Pass on_capture_error='raise' or set AOTCACHE_STRICT=1 to raise instead.",
-             owner.name, exc.reason, _first_line(exc), how)
+    _warn_once(owner, f"{runtime.kind}:{exc.reason}",
+               "aotcache: %s cannot be captured whole (%s): %s. This call signature %s (remembered; no retrace). "
+               "Pass on_capture_error='raise' or set AOTCACHE_STRICT=1 to raise instead.",
+               owner.name, exc.reason, _first_line(exc), how)
 
 
 def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any) -> Any:
