@@ -215,6 +215,27 @@ def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRunti
     return PartialRuntime(dynamo_fn, eager, owner)
 
 
+def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
+    """A runtime over synthetic bases (NOTE [Synthetic bases]), or None where they do not apply or fail."""
+    from aotcache.aot.api import AOTFunction
+    from aotcache.aot.synthetic_base import SyntheticBaseRuntime, plan_synthetic_bases, synthetic_base_function
+
+    plan = plan_synthetic_bases(flat_args, owner.options.dynamic)
+    if plan is None:
+        return None
+    inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, cache=owner.cache,
+                        on_capture_error="raise")
+    inner.name = owner.name
+    inner_args = plan.inner_arguments(flat_args)
+    try:
+        compiled = inner._runtime_for(inner_args, pytree.tree_flatten((tuple(inner_args), {}))[1])
+    except CaptureError as exc:
+        logger.debug("aotcache: %s: synthetic bases do not help (%s)", owner.name, _first_line(exc))
+        return None
+    owner.num_compiles += inner.num_compiles
+    return SyntheticBaseRuntime(plan, inner, compiled.metadata)
+
+
 def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
     how = ("runs through torch.compile: the regions around the graph breaks are compiled by aotcache, the rest "
            "runs eagerly" if runtime.kind == "partial" else "runs eagerly")
@@ -233,6 +254,10 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any) -> Any:
     try:
         return owner._compile(flat_args, in_spec)
     except CaptureError as exc:
+        if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
+            runtime = _synthetic_base_runtime(owner, flat_args, in_spec)
+            if runtime is not None:
+                return runtime
         if _raises(owner.on_capture_error):
             raise
         runtime = _fallback_runtime(owner, in_spec, exc)

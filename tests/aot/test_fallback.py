@@ -193,3 +193,62 @@ def test_stats_shows_fallbacks_by_reason():
     assert data["fallback"]["by_reason"] == {"partial:data_dependent": 1}
     human = CliRunner().invoke(cli, ["stats"], catch_exceptions=False)
     assert "Capture fallbacks" in human.stdout and "data_dependent" in human.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NOTE [Synthetic bases]: mutated inputs that share memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_then_read(a, b):
+    a.add_(1)
+    return a * b
+
+
+def mutate_both(a, b):
+    a.mul_(2)
+    b.add_(1)
+    return a.sum() * b.sum(), b.t() if b.dim() == 2 else b
+
+
+@pytest.mark.parametrize("fn, views", [
+    pytest.param(add_then_read, lambda t: (t, t), id="same-tensor-twice"),
+    pytest.param(mutate_both, lambda t: (t[0:3], t[2:5]), id="overlapping-slices"),
+    pytest.param(mutate_both, lambda t: (t.view(2, 3), t.view(3, 2)), id="overlapping-views-2d"),
+])
+def test_aliased_mutated_inputs_are_compiled_over_a_synthetic_base(fn, views):
+    from aotcache.aot.synthetic_base import SyntheticBaseRuntime
+
+    recorder = Recorder()
+    compiled = aotcache.aot_function(fn, fw_compiler=recorder, cache=False)
+    before = fallback_counts()
+    for _ in range(2):  # the second call reuses the signature's runtime
+        mine, theirs = torch.arange(6.0), torch.arange(6.0)
+        out = compiled(*views(mine))
+        expected = fn(*views(theirs))
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(mine, theirs)  # the caller's memory holds eager's values
+    runtimes = [r for entries in compiled._entries.values() for r in entries]
+    assert len(runtimes) == 1 and isinstance(runtimes[0], SyntheticBaseRuntime)
+    assert recorder.graphs and fallback_counts() == before  # compiled whole: no fallback counted
+
+
+def test_aliased_mutated_views_requiring_grad_fall_back_with_eager_values_and_grads():
+    def run(call):
+        w = torch.arange(6.0, requires_grad=True)
+        t = w * 1  # a non-leaf: its views may be mutated in place under autograd
+        out = call(t[0:3], t[2:5])[0]
+        out.backward()
+        return out.detach(), t.detach(), w.grad
+
+    compiled = aotcache.aot_function(mutate_both, cache=False)
+    for got, expected in zip(run(compiled), run(mutate_both)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_aliased_mutation_with_raise_mode_is_still_compiled():
+    """Synthetic bases are support, not a fallback: ``on_capture_error="raise"`` does not refuse them."""
+    x = torch.ones(4)
+    out = aotcache.aot_function(add_then_read, on_capture_error="raise", cache=False)(x, x)
+    torch.testing.assert_close(out, torch.full((4,), 4.0))
+    torch.testing.assert_close(x, torch.full((4,), 2.0))
