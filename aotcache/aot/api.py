@@ -410,8 +410,8 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     symbolic sizes and reuses the graph across sizes that satisfy its guards. ``cache``: True (the configured
     compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
     ``on_capture_error``: ``"fallback"`` (default) runs a call signature that cannot be captured through
-    torch.compile's graph breaks, or eagerly; ``"raise"`` raises its ``CaptureError`` (as does
-    ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
+    torch.compile's graph breaks, or eagerly; ``"eager"`` runs it eagerly; ``"raise"`` raises its
+    ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
     ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE

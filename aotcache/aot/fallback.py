@@ -11,7 +11,8 @@ gets a fallback runtime, remembered under that signature like a compiled one (la
    breaks the graph at the data-dependent op (``.item()`` / ``bool(tensor)`` in a condition, ``nonzero``,
    ``masked_select``, boolean indexing), which then runs eagerly between two compiled regions. A region
    that aotcache cannot capture either runs eagerly (its Dynamo graph as Python).
-2. *Eager* (:class:`EagerRuntime`): where Dynamo is unavailable or fails, the function runs as written.
+2. *Eager* (:class:`EagerRuntime`): with ``on_capture_error="eager"``, or where Dynamo is unavailable or
+   fails, the function runs as written.
 
 An error that eager raises too (wrong shapes, the user's own exceptions) is not a ``CaptureError``: capture
 raises it as it is. Under partial compilation Dynamo may report it wrapped; the call then runs eagerly, which
@@ -39,7 +40,7 @@ __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fal
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call",
            "has_uninitialized_parameters"]
 
-ON_CAPTURE_ERROR = ("fallback", "raise")
+ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
 
 _counts: Counter[str] = Counter()  # this process's fallback decisions per reason (see fallback_counts)
@@ -53,8 +54,8 @@ def check_on_capture_error(value: Any, api: str) -> str:
     """
     if not isinstance(value, str) or value not in ON_CAPTURE_ERROR:
         raise ValueError(f"aotcache.{api}: on_capture_error must be 'fallback' (run what cannot be captured "
-                         f"through torch.compile's graph breaks, or eagerly) or 'raise' (raise the CaptureError); "
-                         f"got {value!r}")
+                         f"through torch.compile's graph breaks, or eagerly), 'eager' (run it eagerly) or 'raise' "
+                         f"(raise the CaptureError); got {value!r}")
     return value
 
 
@@ -91,13 +92,18 @@ class EagerRuntime:
     metadata = _NO_GUARDS
     kind = "eager"
 
-    def __init__(self, fn: Callable, in_spec: Any, reason: str) -> None:
+    def __init__(self, fn: Callable, in_spec: Any, reason: str, skip: int = 0) -> None:
         self.fn = fn
         self.in_spec = in_spec
         self.reason = reason
+        self.skip = skip  # leading arguments ``fn`` does not take (an aot_module's parameters and buffers)
+
+    def arguments(self, flat_args: Sequence[Any]) -> tuple[tuple, dict]:
+        args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
+        return tuple(args[self.skip:]), kwargs
 
     def __call__(self, *flat_args: Any) -> Any:
-        args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
+        args, kwargs = self.arguments(flat_args)
         return self.fn(*args, **kwargs)
 
 
@@ -123,7 +129,7 @@ class PartialRuntime:
     def __call__(self, *flat_args: Any) -> Any:
         if self.broken:
             return self.eager(*flat_args)
-        args, kwargs = pytree.tree_unflatten(list(flat_args), self.eager.in_spec)
+        args, kwargs = self.eager.arguments(flat_args)
         from torch._dynamo.exc import TorchDynamoException
 
         try:
@@ -177,14 +183,22 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
         return gm.forward
 
 
+def _target(owner: Any) -> tuple[Callable, int]:
+    """What a fallback runs, and how many leading arguments it drops: an ``aot_module``'s module itself (its
+    function is ``functional_call(module, params, buffers, ...)`` of the module's own current parameters, see
+    ``AOTModule``; Dynamo handles module attributes better than dicts of tensors), else the function."""
+    module = getattr(owner, "fingerprint_module", None)  # set by AOTModule on its AOTFunction
+    return (module, 2) if module is not None else (owner.fn, 0)
+
+
 def _dynamo_entry(owner: Any) -> Callable:
-    """``torch.compile`` of ``owner.fn(*args, **kwargs)`` with the region backend, made once per AOTFunction.
+    """``torch.compile`` of the fallback target (:func:`_target`) with the region backend, once per AOTFunction.
 
     NOTE [A code object per fallback]: Dynamo keeps its compiled frames (and its recompile limit) per code
     object, so each AOTFunction gets its own copy of the entry's code: functions that share source (a closure
     made in a loop) do not evict each other's frames.
     """
-    fn = owner.fn
+    fn, _ = _target(owner)
 
     def aotcache_partial(args: tuple, kwargs: dict) -> Any:
         return fn(*args, **kwargs)
@@ -204,8 +218,9 @@ def _dynamo_usable() -> bool:
 
 
 def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:
-    eager = EagerRuntime(owner.fn, in_spec, exc.reason)
-    if not _dynamo_usable():
+    target, skip = _target(owner)
+    eager = EagerRuntime(target, in_spec, exc.reason, skip=skip)
+    if owner.on_capture_error == "eager" or not _dynamo_usable():
         _count(f"eager:{exc.reason}")
         return eager
     dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
@@ -273,7 +288,8 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_
     """
     if _raises(owner.on_capture_error):
         raise exc
-    runtime = EagerRuntime(owner.fn, in_spec, exc.reason)
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, exc.reason, skip=skip)
     _count(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
     return runtime(*flat_args)

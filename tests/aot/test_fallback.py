@@ -86,7 +86,7 @@ def test_raise_mode_and_strict_mode_raise_the_capture_error():
 @pytest.mark.parametrize("api", ["aot_function", "aot_module"])
 def test_on_capture_error_is_validated(api):
     target = branch_on_item if api == "aot_function" else nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"on_capture_error must be 'fallback' .* or 'raise'.*'ignore'"):
+    with pytest.raises(ValueError, match=r"on_capture_error must be .fallback. .* or .raise. .*.ignore."):
         getattr(aotcache, api)(target, on_capture_error="ignore")
 
 
@@ -252,3 +252,13 @@ def test_aliased_mutation_with_raise_mode_is_still_compiled():
     out = aotcache.aot_function(add_then_read, on_capture_error="raise", cache=False)(x, x)
     torch.testing.assert_close(out, torch.full((4,), 4.0))
     torch.testing.assert_close(x, torch.full((4,), 2.0))
+
+
+def test_eager_mode_runs_the_whole_call_eagerly():
+    recorder = Recorder()
+    compiled = aotcache.aot_function(boolean_index, fw_compiler=recorder, on_capture_error="eager", cache=False)
+    x, w = torch.randn(4, 5), torch.randn(5, 3)
+    before = fallback_counts()
+    torch.testing.assert_close(compiled(x, w), boolean_index(x, w))
+    assert _delta(before, fallback_counts()) == {"eager:data_dependent": 1}
+    assert isinstance(compiled._entries[next(iter(compiled._entries))][0], EagerRuntime) and not recorder.graphs
