@@ -248,7 +248,8 @@ def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
         logger.debug("aotcache: %s: synthetic bases do not help (%s)", owner.name, _first_line(exc))
         return None
     owner.num_compiles += inner.num_compiles
-    return SyntheticBaseRuntime(plan, inner, compiled.metadata)
+    del compiled  # kept by ``inner`` under its own signature; the outer signature needs no guards (static)
+    return SyntheticBaseRuntime(plan, inner, _NO_GUARDS)
 
 
 def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:

@@ -216,11 +216,12 @@ def mutate_both(a, b):
     pytest.param(mutate_both, lambda t: (t[0:3], t[2:5]), id="overlapping-slices"),
     pytest.param(mutate_both, lambda t: (t.view(2, 3), t.view(3, 2)), id="overlapping-views-2d"),
 ])
-def test_aliased_mutated_inputs_are_compiled_over_a_synthetic_base(fn, views):
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_aliased_mutated_inputs_are_compiled_over_a_synthetic_base(fn, views, cache):
     from aotcache.aot.synthetic_base import SyntheticBaseRuntime
 
     recorder = Recorder()
-    compiled = aotcache.aot_function(fn, fw_compiler=recorder, cache=False)
+    compiled = aotcache.aot_function(fn, fw_compiler=recorder, cache=cache)
     before = fallback_counts()
     for _ in range(2):  # the second call reuses the signature's runtime
         mine, theirs = torch.arange(6.0), torch.arange(6.0)
@@ -262,3 +263,28 @@ def test_eager_mode_runs_the_whole_call_eagerly():
     torch.testing.assert_close(compiled(x, w), boolean_index(x, w))
     assert _delta(before, fallback_counts()) == {"eager:data_dependent": 1}
     assert isinstance(compiled._entries[next(iter(compiled._entries))][0], EagerRuntime) and not recorder.graphs
+
+
+def test_module_called_with_one_tensor_twice_mutating_it():
+    class AddInto(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, out, x):
+            out.add_(x.sin())
+            return (out * self.scale).sum()
+
+    model = AddInto()
+    compiled = aotcache.aot_module(model, cache=False)
+    mine, theirs = torch.ones(3), torch.ones(3)
+    got, expected = compiled(mine, mine), model(theirs, theirs)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(mine, theirs)
+    got.backward()
+    grad = model.scale.grad.clone()
+    model.scale.grad = None
+    expected.backward()
+    torch.testing.assert_close(grad, model.scale.grad)
+    runtimes = [r for entries in compiled.compiled._entries.values() for r in entries]
+    assert [type(r).__name__ for r in runtimes] == ["SyntheticBaseRuntime"]
