@@ -181,6 +181,12 @@ def main() -> None:
     out["meta"]["seconds"] = round(time.perf_counter() - started, 1)
     path = Path(options.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if options.only is not None and path.exists():  # keep the other sweep's results from an earlier run
+        previous = json.loads(path.read_text())
+        kept = "modules" if options.only == "ops" else "ops"
+        if kept in previous:
+            out[kept] = previous[kept]
+            out["meta"][f"{kept}_meta"] = previous.get("meta", {})
     path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"{'sweep':<10}{'passed':>8}{'total':>7}{'compiled':>10}{'partial':>9}{'eager':>7}")
     for kind in ("ops", "modules"):
