@@ -35,7 +35,7 @@ def render_fallback_stats(data: Mapping[str, Any]) -> None:
     for name, count in data["by_reason"].items():
         how, _, reason = name.partition(":")
         rows.append((how, reason or "-", count))
-    output.print_table("Capture fallbacks (signatures not captured whole; all processes)",
+    output.print_table("Capture fallbacks (all processes)",
                        ("ran as", "reason", "count"), rows, numeric=("count",))
     click.echo("  partial: torch.compile graph breaks, regions compiled by aotcache; eager: ran as written")
 
