@@ -67,8 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: less noise on a shared box)")
     parser.add_argument("--out", default=str(RESULTS))
     options = parser.parse_args()
+    torch.set_num_threads(options.threads)
     logging.getLogger("aotcache").setLevel(logging.ERROR)
 
     import aotcache
