@@ -288,3 +288,33 @@ def test_module_called_with_one_tensor_twice_mutating_it():
     torch.testing.assert_close(grad, model.scale.grad)
     runtimes = [r for entries in compiled.compiled._entries.values() for r in entries]
     assert [type(r).__name__ for r in runtimes] == ["SyntheticBaseRuntime"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules named in issue 12 (ModuleInfo), training mode, two steps, against eager
+# ----------------------------------------------------------------------------------------------------------
+
+MODULE_CASES = {
+    # float(num_batches_tracked) in Python: data-dependent, so partially compiled (graph break there)
+    "BatchNorm1d(momentum=None)": (lambda: nn.BatchNorm1d(5, momentum=None), lambda: [torch.randn(8, 5)], False),
+    "LPPool1d(1.5)": (lambda: nn.LPPool1d(1.5, 2), lambda: [torch.randn(1, 3, 7)], True),
+    "KLDivLoss(batchmean)": (lambda: nn.KLDivLoss(reduction="batchmean"),
+                             lambda: [torch.randn(4, 5).log_softmax(-1), torch.randn(4, 5).softmax(-1)], True),
+    "FractionalMaxPool2d(_random_samples)": (
+        lambda: nn.FractionalMaxPool2d(2, output_ratio=0.5, _random_samples=torch.rand(1, 3, 2)),
+        lambda: [torch.randn(1, 3, 5, 7)], True),
+    "FractionalMaxPool2d(random)": (lambda: nn.FractionalMaxPool2d(2, output_size=(3, 3)),
+                                    lambda: [torch.randn(2, 3, 7, 7)], True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_CASES))
+def test_issue_modules_train_like_eager(name):
+    from tests.aot.verify import verify
+
+    make, inputs, whole = MODULE_CASES[name]
+    torch.manual_seed(0)
+    values = [value.requires_grad_() for value in inputs()]
+    report = verify(make(), values, compiler="nop", train=True, steps=2, rng_seed=5, check_compiled=whole)
+    kinds = {type(r).__name__ for entries in report.compiled.compiled._entries.values() for r in entries}
+    assert kinds == ({"CompiledRuntime"} if whole else {"PartialRuntime"})
