@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import logging
 import sys
@@ -126,6 +127,9 @@ def sweep_modules(cases: dict[str, Any], names: list[str], api: Any, verbose: bo
                 module = info.module_cls(*sample.constructor_input.args, **sample.constructor_input.kwargs)
                 module = module.to(torch.float32).train()
                 args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
+                with contextlib.suppress(TypeError, ValueError):  # keyword tensors become positional inputs
+                    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+                    args, kwargs = bound.args, bound.kwargs
                 if kwargs:
                     module = _WithKwargs(module, dict(kwargs))
                 report = verify(module, list(args), compiler="nop", train=True, steps=2, atol=1e-4, rtol=1e-4,
