@@ -423,3 +423,21 @@ def test_compiled_graphs_do_not_apply_the_callers_autocast_twice():
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def test_tangent_of_an_output_whose_meta_strides_have_another_rank():
+    """Regression (ModuleInfo sweep): multilabel_margin_loss(reduction="none") of a 1-D input is 0-dim, but its
+    meta kernel reports strides (1,); the tangent layout must not be rebuilt from those strides."""
+    x = torch.randn(10, requires_grad=True)
+    target = torch.randint(0, 10, (10,))
+
+    def loss(inp, tgt):
+        return torch.nn.functional.multilabel_margin_loss(inp, tgt, reduction="none")
+
+    out = compile_fn(loss, cache=False)(x, target)
+    out.backward()
+    expected_x = x.detach().clone().requires_grad_()
+    expected = loss(expected_x, target)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, expected_x.grad)
