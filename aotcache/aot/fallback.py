@@ -14,6 +14,10 @@ gets a fallback runtime, remembered under that signature like a compiled one (la
 2. *Eager* (:class:`EagerRuntime`): with ``on_capture_error="eager"``, or where Dynamo is unavailable or
    fails, the function runs as written.
 
+A signature refused because mutated inputs share memory (reason ``aliased_mutation``) is first compiled
+over synthetic bases (NOTE [Synthetic bases] in ``synthetic_base.py``): that is support, not a fallback, so
+it happens in every mode and is not counted.
+
 An error that eager raises too (wrong shapes, the user's own exceptions) is not a ``CaptureError``: capture
 raises it as it is. Under partial compilation Dynamo may report it wrapped; the call then runs eagerly, which
 raises the user's error itself. Each fallback decision is counted per reason (:func:`fallback_counts`, and
