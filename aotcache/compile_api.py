@@ -145,7 +145,8 @@ class CompiledModule(AOTModule):
 
     def __init__(self, module: nn.Module, options: AOTOptions, cache: Any, fullgraph: bool,
                  backend: Callable) -> None:
-        super().__init__(module, options, cache=cache)
+        # the router handles a failed capture itself (and records the route): NOTE [Route records]
+        super().__init__(module, options, cache=cache, on_capture_error="raise")
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
 
     @property
@@ -170,7 +171,7 @@ class CompiledFunction:
     def __init__(self, fn: Callable, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
         self.fn = fn
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]: caches as arguments / outputs
-        self.compiled = AOTFunction(fn, options, cache=cache)
+        self.compiled = AOTFunction(fn, options, cache=cache, on_capture_error="raise")  # the router falls back
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(fn, backend, options))
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 

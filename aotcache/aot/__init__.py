@@ -15,6 +15,7 @@ from aotcache.aot.api import (
     compile_function,
 )
 from aotcache.aot.capture import CaptureError, CapturedGraph, capture, mutating_nodes
+from aotcache.aot.fallback import fallback_counts
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module
 from aotcache.aot.metadata import InputInfo, OutputInfo, RuntimeMetadata
 from aotcache.aot.runtime import CompiledRuntime, DoubleBackwardError
@@ -38,5 +39,6 @@ __all__ = [
     "aot_module_simplified",
     "capture",
     "compile_function",
+    "fallback_counts",
     "mutating_nodes",
 ]

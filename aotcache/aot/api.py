@@ -41,6 +41,13 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.fallback import (
+    check_on_capture_error,
+    compile_or_fall_back,
+    eager_for_unkeyable_call,
+    has_uninitialized_parameters,
+)
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -290,10 +297,12 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
 class AOTFunction:
     """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
 
-    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True) -> None:
+    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True,
+                 on_capture_error: str = "fallback") -> None:
         self.fn = fn
         self.options = options
         self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
+        self.on_capture_error = check_on_capture_error(on_capture_error, "aot_function")  # NOTE [Capture fallback]
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
         # NOTE [Program guards] (aotcache/autograd_cache/program_guards.py): per ``extra``, the program last
         # watched and the hot signatures (NOTE [Hot path]) of its digest; the digest is part of every entry's key
@@ -328,7 +337,10 @@ class AOTFunction:
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
-        runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
+        try:
+            runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
+        except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
+            return eager_for_unkeyable_call(self, exc, flat_args, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
@@ -381,7 +393,7 @@ class AOTFunction:
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
                               describe_new_signature(list(self._entries), key))
                     with compile_progress(self.name):  # NOTE [Compile progress]
-                        runtime = self._compile(flat_args, in_spec, options)
+                        runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
@@ -470,7 +482,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
                  partition_fn: Callable | None = None, decompositions: Mapping | None = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
                  inference_compiler: Callable | str | None = None, *, dynamic: bool | None = None,
-                 cache: Any = True) -> AOTFunction:
+                 cache: Any = True, on_capture_error: str = "fallback") -> AOTFunction:
     """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
 
     ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
@@ -481,6 +493,9 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     automatic: static first, a dimension that changes size becomes dynamic at the next compile; ``False``
     compiles once per shape (NOTE [Dynamic dimensions]). ``cache``: True (the configured
     compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
+    ``on_capture_error``: ``"fallback"`` (default) runs a call signature that cannot be captured through
+    torch.compile's graph breaks, or eagerly; ``"eager"`` runs it eagerly; ``"raise"`` raises its
+    ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
     ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
@@ -491,7 +506,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     partition_fn = resolve_partition(partition_fn, "aot_function")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    compiled = AOTFunction(fn, options, cache=cache)
+    compiled = AOTFunction(fn, options, cache=cache, on_capture_error=on_capture_error)
     try:
         compiled.__wrapped__ = fn  # type: ignore[attr-defined]
         compiled.__doc__ = getattr(fn, "__doc__", None)
@@ -533,8 +548,9 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
                keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
-               dynamic: bool | None = None, cache: Any = True) -> AOTModule:
-    """Compile ``module`` with AOT Autograd; same options (and ``cache``) as :func:`aot_function`."""
+               dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback") -> AOTModule:
+    """Compile ``module`` with AOT Autograd; same options (``cache``, ``on_capture_error``) as
+    :func:`aot_function`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
                         f"use aot_function for plain functions")
@@ -543,7 +559,8 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
     partition_fn = resolve_partition(partition_fn, "aot_module")
     options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
                          decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    return AOTModule(module, options, cache=cache)
+    check_on_capture_error(on_capture_error, "aot_module")
+    return AOTModule(module, options, cache=cache, on_capture_error=on_capture_error)
 
 
 @contextlib.contextmanager

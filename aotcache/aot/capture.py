@@ -137,7 +137,7 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     have no support for them, and a graph traced without it would silently drop their gradients."""
     return CaptureError(f"aotcache: {what} is a tensor with layout {layout}; only strided (dense) tensors are "
                         f"supported in a compiled function. Convert it with .to_dense() outside the compiled "
-                        f"function, or move the sparse computation out of it.")
+                        f"function, or move the sparse computation out of it.", reason="unsupported_layout")
 
 
 _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "
@@ -162,7 +162,8 @@ class _ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
                 raise
             raise CaptureError(f"aotcache: {_function_name(func)} reads tensor data inside its kernel (a "
                                f"data-dependent op, e.g. split indices or sizes given as a tensor), which cannot "
-                               f"be captured; pass them as Python ints instead. {_DATA_DEPENDENT_FIX}") from exc
+                               f"be captured; pass them as Python ints instead. {_DATA_DEPENDENT_FIX}",
+                               reason="data_dependent") from exc
         for value in pytree.tree_leaves(result):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
@@ -187,14 +188,15 @@ def explain_data_dependent_ops() -> Iterator[None]:
         yield
     except DynamicOutputShapeException as exc:
         raise CaptureError(f"aotcache: operator {exc.func} has an output shape that depends on tensor data "
-                           f"(e.g. nonzero, masked_select, boolean indexing), which cannot be captured. {fix}") from exc
+                           f"(e.g. nonzero, masked_select, boolean indexing), which cannot be captured. {fix}",
+                           reason="data_dependent") from exc
     except DataDependentOutputException as exc:
         raise CaptureError(f"aotcache: operator {exc.func} returns a value that depends on tensor data (e.g. "
                            f".item(), .tolist(), Python control flow on a tensor), which cannot be captured. "
-                           f"{fix}") from exc
+                           f"{fix}", reason="data_dependent") from exc
     except GuardOnDataDependentSymNode as exc:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
-                           f"({exc}). {fix}") from exc
+                           f"({exc}). {fix}", reason="data_dependent") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------

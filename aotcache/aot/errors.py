@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError"]
+__all__ = ["CaptureError", "CAPTURE_ERROR_REASONS"]
+
+# The categories of CaptureError.reason: the eager fallback counts and warns per reason (aot/fallback.py).
+CAPTURE_ERROR_REASONS = ("data_dependent", "unsupported_layout", "aliased_mutation", "metadata_mutation",
+                         "uninitialized_parameter", "unsupported_construct")
 
 
 class CaptureError(RuntimeError):
-    """The function uses a construct that cannot be captured as a graph; the message names it and the fix."""
+    """The function uses a construct that cannot be captured as a graph; the message names it and the fix.
+
+    ``reason`` is a short category (one of :data:`CAPTURE_ERROR_REASONS`) for counters and warnings.
+    """
+
+    def __init__(self, message: str = "", *, reason: str = "unsupported_construct") -> None:
+        super().__init__(message)
+        self.reason = reason

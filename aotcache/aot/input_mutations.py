@@ -49,7 +49,7 @@ def _metadata_mutation_error(index: int, position: int, why: str = "") -> Captur
     return CaptureError(
         f"aotcache: graph input {index} (flat argument {position}) has its metadata mutated in place "
         f"(size/stride/offset changed, e.g. by t_(), transpose_(), resize_(), as_strided_()){why}. This is not "
-        f"supported; use the out-of-place op (x = x.t()) instead.")
+        f"supported; use the out-of-place op (x = x.t()) instead.", reason="metadata_mutation")
 
 
 def replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple,
@@ -153,5 +153,5 @@ def check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list,
             raise CaptureError(
                 f"aotcache: {phrase}: graph inputs {other} and {index} share memory (views of one tensor, or the "
                 f"same tensor twice) and one of them is mutated in place; this is not supported. Pass separate "
-                f"tensors (e.g. .clone() one of them).")
+                f"tensors (e.g. .clone() one of them).", reason="aliased_mutation")
         by_storage[ref].append(index)

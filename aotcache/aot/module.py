@@ -38,6 +38,7 @@ from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.logs import log_once
 
@@ -55,13 +56,18 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True) -> None:
+    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True,
+                 on_capture_error: str = "fallback") -> None:
         super().__init__()
         # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
-        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache)
+        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache,
+                                    on_capture_error=on_capture_error)
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
         self._state = ModuleState(module)  # NOTE [Hot path]
+        # NOTE [Lazy modules]: uninitialized parameters (nn.LazyLinear, ...) have no shape to trace; the first
+        # calls run eagerly (which materializes them), then the module is captured as any other
+        self._lazy = has_uninitialized_parameters(module)
         self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
         self._routing_count = 0
         self.orig_module = module
@@ -82,6 +88,10 @@ class AOTModule(nn.Module):
         return forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._lazy:
+            if has_uninitialized_parameters(self.orig_module):
+                return self.orig_module(*args, **kwargs)
+            self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
         params, buffers, names, settings = self._state.current()

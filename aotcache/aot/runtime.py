@@ -325,7 +325,9 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         for index, (stride, memory_format) in zip(runtime._tangent_indices, runtime._tangent_layouts):
             grad = grad_outputs[index]
             if grad is not None:
-                if stride is None:
+                if stride is None or len(stride) != grad.dim():
+                    # (a rank mismatch: meta kernels may report a stride per dimension the real output lacks,
+                    # e.g. multilabel_margin_loss(reduction="none") of a 1-D input: strides (1,) for a 0-dim)
                     grad = grad.contiguous(memory_format=memory_format)
                 elif grad.stride() != stride:
                     grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from aotcache.cli.app import cli
 from aotcache.cli.bundles import export_cmd, import_cmd
 from aotcache.cli.eager import eager
+from aotcache.cli.fallback_stats import FALLBACK_STATS_SECTION
 from aotcache.cli.graph_stats import GRAPH_STATS_SECTION
 from aotcache.cli.graphs import explain, graphs, show
 from aotcache.cli.job_stats import JOB_STATS_SECTION
@@ -27,6 +28,7 @@ for _command in (info, stats, ls, prune, clear, graphs, show, explain, export_cm
     cli.add_command(_command)
 register_stats_section(GRAPH_STATS_SECTION)
 register_stats_section(JOB_STATS_SECTION)
+register_stats_section(FALLBACK_STATS_SECTION)
 
 
 def main(args: list[str] | None = None) -> None:

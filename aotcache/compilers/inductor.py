@@ -221,7 +221,11 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     _ensure_tuple_output(graph_module)
     _keep_traced_output_strides(graph_module)
     fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
-    patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, **(options or {})}
+    # NOTE [Random ops run ATen's kernels]: Inductor lowers rand/randn only after its own replace_random pass
+    # (part of compile_fx's joint-graph passes, which we bypass), else it fails ("should have been handled in
+    # replace_random.py"). fallback_random makes random ops call ATen's kernels on the global generator: eager's
+    # values and generator state under the same seed. options={"fallback_random": False} is not supported.
+    patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, "fallback_random": True, **(options or {})}
     on_gpu = any(isinstance(value, torch.Tensor) and value.device.type in ("cuda", "xpu") for value in fake_inputs)
     with inductor_config.patch(patches), V.set_fake_mode(fake_mode), tracing(TracingContext(fake_mode)), \
             TracingContext.report_output_strides() as reported_strides, \

@@ -119,7 +119,7 @@ def test_view_of_an_input_with_a_relating_guard_stays_a_view():
     pytest.param(lambda x, y: (x + y, y.t_()), id="relating_guard_then_t_"),
 ])
 def test_real_metadata_mutation_still_raises_with_dynamic(mutate):
-    compiled = aot_function(mutate, graph_compiler, dynamic=True, cache=False)
+    compiled = aot_function(mutate, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")
     with pytest.raises(CaptureError, match="metadata mutated"):
         compiled(torch.randn(4, 4), torch.randn(4, 4))  # square: a transpose keeps the sizes, not the strides
 

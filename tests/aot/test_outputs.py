@@ -32,7 +32,9 @@ class Pair(NamedTuple):
 
 
 def compile_fn(fn, **options):
-    return aot_function(fn, nop, cache=False, **options)
+    """``aot_function`` raising its CaptureError (these tests check the capture's messages; the default
+    fallback is tested in test_fallback.py)."""
+    return aot_function(fn, nop, cache=False, on_capture_error="raise", **options)
 
 
 def only_runtime(compiled) -> CompiledRuntime:

@@ -1,0 +1,308 @@
+"""Never fail where eager runs: what ``aot_function`` / ``aot_module`` do with a call they cannot capture whole.
+
+NOTE [Capture fallback]
+A :class:`~aotcache.aot.errors.CaptureError` names a construct that a fake-tensor trace cannot express (a
+data-dependent op, a sparse tensor, ...), not a bug of the user's program: eager runs it. So, unless the
+caller asked for the error (``on_capture_error="raise"`` or ``AOTCACHE_STRICT=1``), the signature that failed
+gets a fallback runtime, remembered under that signature like a compiled one (later calls do not trace again):
+
+1. *Partial compilation* (:class:`PartialRuntime`): the function runs through ``torch.compile`` with a backend
+   that compiles each region with aotcache's own pipeline and options (``aot_module_simplified``). Dynamo
+   breaks the graph at the data-dependent op (``.item()`` / ``bool(tensor)`` in a condition, ``nonzero``,
+   ``masked_select``, boolean indexing), which then runs eagerly between two compiled regions. A region
+   that aotcache cannot capture either runs eagerly (its Dynamo graph as Python).
+2. *Eager* (:class:`EagerRuntime`): with ``on_capture_error="eager"``, or where Dynamo is unavailable or
+   fails, the function runs as written.
+
+A signature refused because mutated inputs share memory (reason ``aliased_mutation``) is first compiled
+over synthetic bases (NOTE [Synthetic bases] in ``synthetic_base.py``): that is support, not a fallback, so
+it happens in every mode and is not counted.
+
+An error that eager raises too (wrong shapes, the user's own exceptions) is not a ``CaptureError``: capture
+raises it as it is. Under partial compilation Dynamo may report it wrapped; the call then runs eagerly, which
+raises the user's error itself. Each fallback decision is counted per reason (:func:`fallback_counts`, and
+the stats journal section ``fallback`` shown by ``aotcache stats``) and logged once per function and reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from aotcache import config
+from aotcache.aot.errors import CaptureError
+from aotcache.logs import logger
+
+__all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
+           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call",
+           "has_uninitialized_parameters"]
+
+ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
+JOURNAL_SECTION = "fallback"
+
+_counts: Counter[str] = Counter()  # this process's fallback decisions per reason (see fallback_counts)
+_counts_lock = threading.Lock()
+
+
+def check_on_capture_error(value: Any, api: str) -> str:
+    """Validate the ``on_capture_error`` argument of ``api``.
+
+    :raises ValueError: not one of :data:`ON_CAPTURE_ERROR`.
+    """
+    if not isinstance(value, str) or value not in ON_CAPTURE_ERROR:
+        raise ValueError(f"aotcache.{api}: on_capture_error must be 'fallback' (run what cannot be captured "
+                         f"through torch.compile's graph breaks, or eagerly), 'eager' (run it eagerly) or 'raise' "
+                         f"(raise the CaptureError); got {value!r}")
+    return value
+
+
+def fallback_counts() -> dict[str, int]:
+    """This process's fallback decisions by reason (``partial:<reason>``, ``eager:<reason>``, ``region``)."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def _count(kind: str) -> None:
+    with _counts_lock:
+        _counts[kind] += 1
+    try:
+        from aotcache.store.journal import default_journal
+
+        default_journal().add(JOURNAL_SECTION, {kind: 1})
+    except (OSError, ValueError) as exc:  # the journal is a report: its faults never fail the user's call
+        logger.debug("aotcache: fallback counter not journaled (%s)", exc)
+
+
+class _NoGuards:
+    """Runtime metadata of a fallback: no symbolic-shape guards (the signature alone selects it)."""
+
+    __slots__ = ()
+    guards = None
+
+
+_NO_GUARDS = _NoGuards()
+
+
+class EagerRuntime:
+    """Runs the function as written, for one call signature (NOTE [Capture fallback])."""
+
+    metadata = _NO_GUARDS
+    kind = "eager"
+
+    def __init__(self, fn: Callable, in_spec: Any, reason: str, skip: int = 0) -> None:
+        self.fn = fn
+        self.in_spec = in_spec
+        self.reason = reason
+        self.skip = skip  # leading arguments ``fn`` does not take (an aot_module's parameters and buffers)
+
+    def arguments(self, flat_args: Sequence[Any]) -> tuple[tuple, dict]:
+        args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
+        return tuple(args[self.skip:]), kwargs
+
+    def __call__(self, *flat_args: Any) -> Any:
+        args, kwargs = self.arguments(flat_args)
+        return self.fn(*args, **kwargs)
+
+
+class PartialRuntime:
+    """Runs the function through ``torch.compile`` with aotcache compiling each region (NOTE [Capture fallback]).
+
+    The Dynamo-compiled callable is shared by all signatures of one ``AOTFunction`` (Dynamo guards select
+    among its compiled frames). If Dynamo fails, this signature switches to eager for good.
+    """
+
+    metadata = _NO_GUARDS
+
+    def __init__(self, dynamo_fn: Callable, eager: EagerRuntime, owner: Any) -> None:
+        self.dynamo_fn = dynamo_fn
+        self.eager = eager
+        self.owner = owner
+        self.broken = False
+
+    @property
+    def kind(self) -> str:
+        return "eager" if self.broken else "partial"
+
+    def __call__(self, *flat_args: Any) -> Any:
+        if self.broken:
+            return self.eager(*flat_args)
+        args, kwargs = self.eager.arguments(flat_args)
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self.dynamo_fn(args, kwargs)
+        except TorchDynamoException as exc:
+            # NOTE: Dynamo failed (or wrapped an error of the user's code): run eagerly, which either works
+            # (Dynamo's limitation) or raises the user's own error. Inputs mutated by regions that ran before
+            # the failure are not rolled back; this happens at most once per signature.
+            self.broken = True
+            _count(f"eager:{self.eager.reason}")
+            _warn_once(self.owner, f"dynamo:{self.eager.reason}",
+                       "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
+                       self.owner.name, type(exc).__name__, _first_line(exc))
+            return self.eager(*flat_args)
+
+
+def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
+    """Log ``message`` once per ``owner`` (an AOTFunction) and ``topic``; the memo lives on the owner, so a new
+    function warns again (process-wide keys by ``id()`` could be reused by a later object)."""
+    warned = owner.__dict__.setdefault("_fallback_warned", set())
+    if topic not in warned:
+        warned.add(topic)
+        logger.warning(message, *args)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _raises(on_capture_error: str) -> bool:
+    return on_capture_error == "raise" or bool(config.get("strict"))
+
+
+def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, owner: Any) -> Callable:
+    """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options and cache."""
+    from aotcache.aot.api import aot_module_simplified
+
+    options = owner.options
+    try:
+        return aot_module_simplified(gm, example_inputs, fw_compiler=options.fw_compiler,
+                                     bw_compiler=options.bw_compiler, partition_fn=options.partition_fn,
+                                     decompositions=options.decompositions,
+                                     inference_compiler=options.inference_compiler, dynamic=options.dynamic,
+                                     cache=owner.cache, compiler_options=options.compiler_options)
+    except CaptureError as exc:
+        _count("region")
+        _warn_once(owner, f"region:{exc.reason}",
+                   "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
+                   owner.name, _first_line(exc))
+        return gm.forward
+
+
+def _target(owner: Any) -> tuple[Callable, int]:
+    """What a fallback runs, and how many leading arguments it drops: an ``aot_module``'s module itself (its
+    function is ``functional_call(module, params, buffers, ...)`` of the module's own current parameters, see
+    ``AOTModule``; Dynamo handles module attributes better than dicts of tensors), else the function."""
+    module = getattr(owner, "fingerprint_module", None)  # set by AOTModule on its AOTFunction
+    return (module, 2) if module is not None else (owner.fn, 0)
+
+
+def _dynamo_entry(owner: Any) -> Callable:
+    """``torch.compile`` of the fallback target (:func:`_target`) with the region backend, once per AOTFunction.
+
+    NOTE [A code object per fallback]: Dynamo keeps its compiled frames (and its recompile limit) per code
+    object, so each AOTFunction gets its own copy of the entry's code: functions that share source (a closure
+    made in a loop) do not evict each other's frames.
+    """
+    fn, _ = _target(owner)
+
+    def aotcache_partial(args: tuple, kwargs: dict) -> Any:
+        return fn(*args, **kwargs)
+
+    entry = types.FunctionType(aotcache_partial.__code__.replace(), aotcache_partial.__globals__,
+                               "aotcache_partial", None, aotcache_partial.__closure__)
+    backend = functools.partial(_region_backend, owner=owner)
+    return torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic))
+
+
+def _dynamo_usable() -> bool:
+    try:
+        import torch._dynamo
+    except ImportError:
+        return False
+    return bool(torch._dynamo.is_dynamo_supported()) and not torch.compiler.is_compiling()
+
+
+def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:
+    target, skip = _target(owner)
+    eager = EagerRuntime(target, in_spec, exc.reason, skip=skip)
+    if owner.on_capture_error == "eager" or not _dynamo_usable():
+        _count(f"eager:{exc.reason}")
+        return eager
+    dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
+    if dynamo_fn is None:
+        dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
+    _count(f"partial:{exc.reason}")
+    return PartialRuntime(dynamo_fn, eager, owner)
+
+
+def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
+    """A runtime over synthetic bases (NOTE [Synthetic bases]), or None where they do not apply or fail."""
+    from aotcache.aot.api import AOTFunction
+    from aotcache.aot.synthetic_base import SyntheticBaseRuntime, plan_synthetic_bases, synthetic_base_function
+
+    plan = plan_synthetic_bases(flat_args, owner.options.dynamic)
+    if plan is None:
+        return None
+    inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, cache=owner.cache,
+                        on_capture_error="raise")
+    inner.name = owner.name
+    inner_args = plan.inner_arguments(flat_args)
+    try:
+        compiled = inner._runtime_for(inner_args, pytree.tree_flatten((tuple(inner_args), {}))[1])
+    except CaptureError as exc:
+        logger.debug("aotcache: %s: synthetic bases do not help (%s)", owner.name, _first_line(exc))
+        return None
+    owner.num_compiles += inner.num_compiles
+    del compiled  # kept by ``inner`` under its own signature; the outer signature needs no guards (static)
+    return SyntheticBaseRuntime(plan, inner, _NO_GUARDS)
+
+
+def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
+    how = ("runs through torch.compile: the regions around the graph breaks are compiled by aotcache, the rest "
+           "runs eagerly" if runtime.kind == "partial" else "runs eagerly")
+    _warn_once(owner, f"{runtime.kind}:{exc.reason}",
+               "aotcache: %s cannot be captured whole (%s): %s. This call signature %s (remembered; no retrace). "
+               "Pass on_capture_error='raise' or set AOTCACHE_STRICT=1 to raise instead.",
+               owner.name, exc.reason, _first_line(exc), how)
+
+
+def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any = None) -> Any:
+    """``owner._compile(flat_args, in_spec, options)``, or a fallback runtime when capture fails (NOTE [Capture
+    fallback]); ``options``: the call's options with ``dynamic`` resolved (default: the owner's).
+
+    Called with ``owner``'s lock held. :raises CaptureError: in strict mode or with
+    ``on_capture_error="raise"``.
+    """
+    try:
+        return owner._compile(flat_args, in_spec, owner.options if options is None else options)
+    except CaptureError as exc:
+        if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
+            runtime = _synthetic_base_runtime(owner, flat_args, in_spec)
+            if runtime is not None:
+                return runtime
+        if _raises(owner.on_capture_error):
+            raise
+        runtime = _fallback_runtime(owner, in_spec, exc)
+        _warn(owner, exc, runtime)
+        return runtime
+
+
+def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_spec: Any) -> Any:
+    """Run a call whose signature cannot even be built (a sparse argument) eagerly; nothing is remembered,
+    so each such call is counted.
+
+    :raises CaptureError: in strict mode or with ``on_capture_error="raise"``.
+    """
+    if _raises(owner.on_capture_error):
+        raise exc
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, exc.reason, skip=skip)
+    _count(f"eager:{exc.reason}")
+    _warn(owner, exc, runtime)
+    return runtime(*flat_args)
+
+
+def has_uninitialized_parameters(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a lazy parameter or buffer not materialized yet (NOTE [Lazy modules] in api.py)."""
+    from torch.nn.parameter import is_lazy
+
+    return any(is_lazy(value) for value in (*module.parameters(), *module.buffers()))

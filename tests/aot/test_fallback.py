@@ -1,0 +1,320 @@
+"""The capture fallback (NOTE [Capture fallback] in aotcache/aot/fallback.py): calls that cannot be captured
+whole run through torch.compile's graph breaks (regions compiled by aotcache) or eagerly, never fail where
+eager runs; strict mode and ``on_capture_error="raise"`` still raise; the user's own errors propagate."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import aotcache
+from aotcache import config
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.fallback import EagerRuntime, PartialRuntime, fallback_counts
+
+
+class Recorder:
+    """A nop compiler that counts the graphs it is given."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        self.graphs.append(gm)
+        return gm
+
+
+def branch_on_item(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = (x @ w).relu()
+    if y.sum() > 0:  # bool(tensor): a graph break
+        y = y * 2
+    return (y - 1).tanh()
+
+
+def boolean_index(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y = (x @ w).sin()
+    picked = y[y > 0]  # nonzero inside: data-dependent shape
+    return picked.exp().sum() + y.mean()
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {key: after.get(key, 0) - before.get(key, 0) for key in after if after.get(key, 0) != before.get(key, 0)}
+
+
+@pytest.mark.parametrize("fn", [branch_on_item, boolean_index])
+def test_data_dependent_function_runs_partially_compiled_with_eager_values_and_grads(fn, caplog):
+    recorder = Recorder()
+    compiled = aotcache.aot_function(fn, fw_compiler=recorder, cache=False)
+    x = torch.randn(6, 5)
+    w = torch.randn(5, 4, requires_grad=True)
+    before = fallback_counts()
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        out = compiled(x, w)
+        out.sum().backward()
+        again = compiled(x, w)  # same signature: remembered, no second trace or warning
+    grad = w.grad.clone()
+    w.grad = None
+    expected = fn(x, w)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+    torch.testing.assert_close(grad, w.grad)
+    assert compiled.num_compiles == 1
+    assert _delta(before, fallback_counts()) == {"partial:data_dependent": 1}
+    assert isinstance(compiled._entries[next(iter(compiled._entries))][0], PartialRuntime)
+    # the regions around the break were compiled by the function's own compilers (forward and backward)
+    assert len(recorder.graphs) >= 2
+    warnings = [r for r in caplog.records if "cannot be captured whole" in r.getMessage()]
+    assert len(warnings) == 1 and "data_dependent" in warnings[0].getMessage()
+
+
+def test_raise_mode_and_strict_mode_raise_the_capture_error():
+    x, w = torch.randn(3, 5), torch.randn(5, 4)
+    with pytest.raises(CaptureError, match="depends on tensor data"):
+        aotcache.aot_function(branch_on_item, on_capture_error="raise", cache=False)(x, w)
+    with config.patch(strict=True), pytest.raises(CaptureError, match="depends on tensor data"):
+        aotcache.aot_function(branch_on_item, cache=False)(x, w)
+    with pytest.raises(CaptureError):
+        aotcache.aot_module(nn.Flatten(), on_capture_error="raise", cache=False)(torch.randn(3).to_sparse())
+
+
+@pytest.mark.parametrize("api", ["aot_function", "aot_module"])
+def test_on_capture_error_is_validated(api):
+    target = branch_on_item if api == "aot_function" else nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"on_capture_error must be .fallback. .* or .raise. .*.ignore."):
+        getattr(aotcache, api)(target, on_capture_error="ignore")
+
+
+def test_errors_eager_raises_too_propagate_as_the_users_error():
+    def wrong_shapes(x, w):
+        return x @ w
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied|same reduction dim") as info:
+        aotcache.aot_function(wrong_shapes, cache=False)(torch.randn(3, 5), torch.randn(4, 4))
+    assert not isinstance(info.value, CaptureError)
+
+    def user_error_after_break(x):
+        if x.sum() > -1e9:  # graph break first, then the user's own exception
+            raise ValueError("the user's own error")
+        return x
+
+    before = fallback_counts()
+    with pytest.raises(ValueError, match="the user's own error"):
+        aotcache.aot_function(user_error_after_break, cache=False)(torch.randn(3))
+    assert set(_delta(before, fallback_counts())) <= {"partial:data_dependent", "eager:data_dependent"}
+
+
+def test_dynamo_failure_falls_back_to_eager():
+    calls = []
+
+    def failing_compiler(gm, example_inputs):
+        calls.append(gm)
+        raise RuntimeError("this compiler fails on every graph")
+
+    compiled = aotcache.aot_function(boolean_index, fw_compiler=failing_compiler, cache=False)
+    x, w = torch.randn(4, 5), torch.randn(5, 3)
+    before = fallback_counts()
+    torch.testing.assert_close(compiled(x, w), boolean_index(x, w))
+    torch.testing.assert_close(compiled(x, w), boolean_index(x, w))
+    runtime = compiled._entries[next(iter(compiled._entries))][0]
+    assert runtime.kind == "eager" and calls  # the region compile was tried once, then eager for good
+    assert _delta(before, fallback_counts()) == {"partial:data_dependent": 1, "eager:data_dependent": 1}
+
+
+def test_sparse_argument_runs_eagerly_and_is_counted():
+    def spmm(a, b):
+        return torch.sparse.mm(a, b) * 2
+
+    a = torch.randn(4, 3).relu().to_sparse()
+    b = torch.randn(3, 2)
+    compiled = aotcache.aot_function(spmm, cache=False)
+    before = fallback_counts()
+    torch.testing.assert_close(compiled(a, b), spmm(a, b))
+    assert _delta(before, fallback_counts()) == {"eager:unsupported_layout": 1}
+
+
+def test_module_with_data_dependent_forward_trains_like_eager():
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 5)
+            self.norm = nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            y = self.norm(self.lin(x))
+            keep = y[y.abs() > 0.5]
+            return y.relu().sum() + keep.sum()
+
+    torch.manual_seed(0)
+    eager = Gate()
+    model = Gate()
+    model.load_state_dict(eager.state_dict())
+    compiled = aotcache.aot_module(model, cache=False)
+    for _ in range(2):
+        x = torch.randn(8, 5)
+        compiled(x).backward()
+        eager(x).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(model.norm.running_mean, eager.norm.running_mean)
+    assert int(model.norm.num_batches_tracked) == 2
+
+
+def test_lazy_module_is_materialized_by_one_eager_call_then_captured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.LazyLinear(2))
+    compiled = aotcache.aot_module(model, cache=False)
+    x = torch.randn(3, 6)
+    first = compiled(x)
+    assert compiled.compiled.num_compiles == 0  # ran eagerly: materialized the parameters
+    second = compiled(x)
+    assert compiled.compiled.num_compiles == 1
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(second, model(x))
+    second.sum().backward()
+    assert model[0].weight.grad is not None and model[0].weight.shape == (4, 6)
+    assert not isinstance(compiled.compiled._entries[next(iter(compiled.compiled._entries))][0], EagerRuntime)
+
+
+def test_stats_shows_fallbacks_by_reason():
+    from aotcache.cli import cli
+    from aotcache.store.journal import default_journal
+
+    aotcache.aot_function(boolean_index, cache=False)(torch.randn(2, 5), torch.randn(5, 3))
+    assert default_journal().flush()
+    result = CliRunner().invoke(cli, ["stats", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["fallback"]["by_reason"] == {"partial:data_dependent": 1}
+    human = CliRunner().invoke(cli, ["stats"], catch_exceptions=False)
+    assert "Capture fallbacks" in human.stdout and "data_dependent" in human.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NOTE [Synthetic bases]: mutated inputs that share memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_then_read(a, b):
+    a.add_(1)
+    return a * b
+
+
+def mutate_both(a, b):
+    a.mul_(2)
+    b.add_(1)
+    return a.sum() * b.sum(), b.t() if b.dim() == 2 else b
+
+
+@pytest.mark.parametrize("fn, views", [
+    pytest.param(add_then_read, lambda t: (t, t), id="same-tensor-twice"),
+    pytest.param(mutate_both, lambda t: (t[0:3], t[2:5]), id="overlapping-slices"),
+    pytest.param(mutate_both, lambda t: (t.view(2, 3), t.view(3, 2)), id="overlapping-views-2d"),
+])
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_aliased_mutated_inputs_are_compiled_over_a_synthetic_base(fn, views, cache):
+    from aotcache.aot.synthetic_base import SyntheticBaseRuntime
+
+    recorder = Recorder()
+    compiled = aotcache.aot_function(fn, fw_compiler=recorder, cache=cache)
+    before = fallback_counts()
+    for _ in range(2):  # the second call reuses the signature's runtime
+        mine, theirs = torch.arange(6.0), torch.arange(6.0)
+        out = compiled(*views(mine))
+        expected = fn(*views(theirs))
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(mine, theirs)  # the caller's memory holds eager's values
+    runtimes = [r for entries in compiled._entries.values() for r in entries]
+    assert len(runtimes) == 1 and isinstance(runtimes[0], SyntheticBaseRuntime)
+    assert recorder.graphs and fallback_counts() == before  # compiled whole: no fallback counted
+
+
+def test_aliased_mutated_views_requiring_grad_fall_back_with_eager_values_and_grads():
+    def run(call):
+        w = torch.arange(6.0, requires_grad=True)
+        t = w * 1  # a non-leaf: its views may be mutated in place under autograd
+        out = call(t[0:3], t[2:5])[0]
+        out.backward()
+        return out.detach(), t.detach(), w.grad
+
+    compiled = aotcache.aot_function(mutate_both, cache=False)
+    for got, expected in zip(run(compiled), run(mutate_both)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_aliased_mutation_with_raise_mode_is_still_compiled():
+    """Synthetic bases are support, not a fallback: ``on_capture_error="raise"`` does not refuse them."""
+    x = torch.ones(4)
+    out = aotcache.aot_function(add_then_read, on_capture_error="raise", cache=False)(x, x)
+    torch.testing.assert_close(out, torch.full((4,), 4.0))
+    torch.testing.assert_close(x, torch.full((4,), 2.0))
+
+
+def test_eager_mode_runs_the_whole_call_eagerly():
+    recorder = Recorder()
+    compiled = aotcache.aot_function(boolean_index, fw_compiler=recorder, on_capture_error="eager", cache=False)
+    x, w = torch.randn(4, 5), torch.randn(5, 3)
+    before = fallback_counts()
+    torch.testing.assert_close(compiled(x, w), boolean_index(x, w))
+    assert _delta(before, fallback_counts()) == {"eager:data_dependent": 1}
+    assert isinstance(compiled._entries[next(iter(compiled._entries))][0], EagerRuntime) and not recorder.graphs
+
+
+def test_module_called_with_one_tensor_twice_mutating_it():
+    class AddInto(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, out, x):
+            out.add_(x.sin())
+            return (out * self.scale).sum()
+
+    model = AddInto()
+    compiled = aotcache.aot_module(model, cache=False)
+    mine, theirs = torch.ones(3), torch.ones(3)
+    got, expected = compiled(mine, mine), model(theirs, theirs)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(mine, theirs)
+    got.backward()
+    grad = model.scale.grad.clone()
+    model.scale.grad = None
+    expected.backward()
+    torch.testing.assert_close(grad, model.scale.grad)
+    runtimes = [r for entries in compiled.compiled._entries.values() for r in entries]
+    assert [type(r).__name__ for r in runtimes] == ["SyntheticBaseRuntime"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules named in issue 12 (ModuleInfo), training mode, two steps, against eager
+# ----------------------------------------------------------------------------------------------------------
+
+MODULE_CASES = {
+    # float(num_batches_tracked) in Python: data-dependent, so partially compiled (graph break there)
+    "BatchNorm1d(momentum=None)": (lambda: nn.BatchNorm1d(5, momentum=None), lambda: [torch.randn(8, 5)], False),
+    "LPPool1d(1.5)": (lambda: nn.LPPool1d(1.5, 2), lambda: [torch.randn(1, 3, 7)], True),
+    "KLDivLoss(batchmean)": (lambda: nn.KLDivLoss(reduction="batchmean"),
+                             lambda: [torch.randn(4, 5).log_softmax(-1), torch.randn(4, 5).softmax(-1)], True),
+    "FractionalMaxPool2d(_random_samples)": (
+        lambda: nn.FractionalMaxPool2d(2, output_ratio=0.5, _random_samples=torch.rand(1, 3, 2)),
+        lambda: [torch.randn(1, 3, 5, 7)], True),
+    "FractionalMaxPool2d(random)": (lambda: nn.FractionalMaxPool2d(2, output_size=(3, 3)),
+                                    lambda: [torch.randn(2, 3, 7, 7)], True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_CASES))
+def test_issue_modules_train_like_eager(name):
+    from tests.aot.verify import verify
+
+    make, inputs, whole = MODULE_CASES[name]
+    torch.manual_seed(0)
+    values = [value.requires_grad_() for value in inputs()]
+    report = verify(make(), values, compiler="nop", train=True, steps=2, rng_seed=5, check_compiled=whole)
+    kinds = {type(r).__name__ for entries in report.compiled.compiled._entries.values() for r in entries}
+    assert kinds == ({"CompiledRuntime"} if whole else {"PartialRuntime"})
