@@ -217,10 +217,11 @@ def compile(model: Any = None, *, compiler: str | Callable | None = None, dynami
                                  cache=cache, fullgraph=fullgraph, options=options, disable=disable)
     if disable:
         return model
-    from aotcache.backend import _partition_fn, aotcache_backend, default_compiler_name
+    from aotcache.aot.partition import resolve_partition
+    from aotcache.backend import aotcache_backend, default_compiler_name
 
     chosen = compiler if compiler is not None else default_compiler_name()
-    partition = _partition_fn(partition_fn)
+    partition = resolve_partition("default" if partition_fn is None else partition_fn, "compile")
     aot_options = AOTOptions(fw_compiler=chosen, partition_fn=partition, dynamic=dynamic,  # type: ignore[arg-type]
                              compiler_options=dict(options) if options else None)
     backend = functools.partial(aotcache_backend, compiler=chosen, dynamic=dynamic, cache=cache,

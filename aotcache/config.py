@@ -24,6 +24,7 @@ __all__ = [
     "get",
     "patch",
     "describe",
+    "source",
     "parse_bool",
     "parse_bytes",
     "parse_redis_url",
@@ -318,22 +319,24 @@ class patch(contextlib.ContextDecorator):
                     break
 
 
+def source(name: str) -> str:
+    """Where option ``name``'s value comes from: ``"override"`` (a ``patch``), ``"env"`` or ``"default"``."""
+    option = _option(name)
+    with _override_lock:
+        if any(name in layer for layer in _override_stack):
+            return "override"
+    return "env" if option.env_var in os.environ else "default"
+
+
 def describe() -> list[dict[str, Any]]:
     """Every option with its value in effect and where it came from (for ``aotcache info``)."""
     rows = []
     for name, option in sorted(_OPTIONS.items()):
-        with _override_lock:
-            overridden = any(name in layer for layer in _override_stack)
-        if overridden:
-            source = "override"
-        elif option.env_var in os.environ:
-            source = "env"
-        else:
-            source = "default"
+        origin = source(name)
         value = get(name)
         if name == "secret" and value:
             value = "<set>"
-        rows.append({"name": name, "value": value, "source": source, "env_var": option.env_var,
+        rows.append({"name": name, "value": value, "source": origin, "env_var": option.env_var,
                      "form": option.form, "help": option.help})
     return rows
 

@@ -20,8 +20,12 @@ class CacheFault(RuntimeError):
 
 
 def _apply_level() -> None:
-    """Apply ``AOTCACHE_LOG_LEVEL``; below WARNING, give the logger a stderr handler if logging is not set up
-    (Python's last-resort handler prints warnings only, so ``AOTCACHE_LOG_LEVEL=info`` would show nothing)."""
+    """Apply ``AOTCACHE_LOG_LEVEL`` when it is set (left unset, the application's logging configuration decides,
+    e.g. ``logging.getLogger("aotcache").setLevel(logging.INFO)``); below WARNING, give the logger a stderr
+    handler if logging is not set up (Python's last-resort handler prints warnings only, so
+    ``AOTCACHE_LOG_LEVEL=info`` would show nothing)."""
+    if config.source("log_level") == "default":
+        return
     level = getattr(logging, config.get("log_level").upper())
     if logger.level != level:
         logger.setLevel(level)

@@ -125,7 +125,7 @@ def test_the_compiled_module_is_a_drop_in():
     ({"dynamic": "true"}, "dynamic must be True, False or None"),
     ({"compiler": "nope"}, "unknown compiler 'nope'"),
     ({"compiler": 3}, "compiler must be a name or a callable"),
-    ({"partition_fn": "fast"}, "unknown partition 'fast'"),
+    ({"partition_fn": "fast"}, "aotcache.compile: unknown partition_fn 'fast'"),
     ({"fullgraph": 1}, "fullgraph must be a bool"),
 ])
 def test_bad_options_are_refused_naming_the_option(kwargs, match):

@@ -113,14 +113,18 @@ def messages(caplog, level=None):
 def test_compiles_hits_and_retraces_are_logged_at_info_with_their_reason(info_logs):
     cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    wrapped = aot_module(model, cache=cache)
+    wrapped = aot_module(model, cache=cache, dynamic=False)
     wrapped(torch.randn(3, 4))
     wrapped(torch.randn(5, 4))
-    aot_module(model, cache=cache)(torch.randn(3, 4))
+    aot_module(model, cache=cache, dynamic=False)(torch.randn(3, 4))
+    automatic = aot_module(model, cache=cache)  # dynamic=None: the changed size is compiled as dynamic
+    automatic(torch.randn(3, 4))
+    automatic(torch.randn(6, 4))
     text = "\n".join(messages(info_logs, logging.INFO))
-    assert text.count("Sequential ready in") == 3 and text.count("compiled in") == 2
+    assert text.count("Sequential ready in") == 5 and text.count("compiled in") == 3
     assert "cache miss" in text and "stored" in text
     assert "re-tracing Sequential: flat argument 2: shape (3, 4) -> (5, 4) (only sizes changed: dynamic=True" in text
+    assert "re-tracing Sequential: flat argument 2: dimensions made dynamic: shape (3, 4) -> (None, 4)" in text
     assert "cache hit" in text
 
 

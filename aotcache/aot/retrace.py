@@ -22,7 +22,9 @@ def _tensor_change(old: tuple, new: tuple) -> list[str]:
         if before == after:
             continue
         if name == "geometry":
-            if len(before) == 3 and len(after) == 3 and before[0] != after[0]:
+            if len(after) == 1 and isinstance(after[0], tuple):  # NOTE [Dynamic dimensions]: sizes masked
+                changes.append(f"dimensions made dynamic: shape {tuple(before[0])} -> {after[0]}")
+            elif len(before) == 3 and len(after) == 3 and before[0] != after[0]:
                 changes.append(f"shape {tuple(before[0])} -> {tuple(after[0])}")
             elif len(before) == 3 and len(after) == 3:
                 changes.append("strides or storage offset")

@@ -30,10 +30,10 @@ def test_greedy_kv_cache_generate_equals_eager_and_is_cached():
     model = tiny_llama()
     expected = model.generate(prompt(), max_new_tokens=4, do_sample=False)  # use_cache=True (the default)
     cache = memory_cache()
-    got = aot_module(model, cache=cache).generate(prompt(), max_new_tokens=4, do_sample=False)
+    got = aot_module(model, cache=cache, dynamic=False).generate(prompt(), max_new_tokens=4, do_sample=False)
     assert torch.equal(got, expected)
     assert cache.counters["saved"] == 4 and cache.counters["bypass"] == 0  # prefill + 3 steps, all stored
-    again = aot_module(model, cache=cache)  # a new wrapper (as in a new process): loads, no compile
+    again = aot_module(model, cache=cache, dynamic=False)  # a new wrapper (as in a new process): loads
     assert torch.equal(again.generate(prompt(), max_new_tokens=4, do_sample=False), expected)
     assert cache.counters["hit"] == 4 and cache.counters["compile"] == 4
 
@@ -100,3 +100,11 @@ def test_an_attribute_that_cannot_be_in_a_signature_is_refused_naming_it():
     kv.something = object()
     with pytest.raises(TypeError, match=r"DynamicCache.something is a builtins.object"):
         pytree.tree_flatten(kv)
+
+
+def test_kv_cache_decoding_with_automatic_dynamic_shapes_compiles_the_length_once():
+    model = tiny_llama()
+    expected = model.generate(prompt(), max_new_tokens=5, do_sample=False)
+    wrapped = aot_module(model, cache=memory_cache())  # dynamic=None: the cache length becomes dynamic
+    assert torch.equal(wrapped.generate(prompt(), max_new_tokens=5, do_sample=False), expected)
+    assert wrapped.compiled.num_compiles <= 3  # prefill, first step, then one graph for every later length

@@ -190,5 +190,5 @@ def test_a_cluster_that_is_down_at_start_is_a_miss_not_a_crash():
 def test_a_cluster_url_without_a_node_is_a_clear_error(url):
     from aotcache.store.interface import CacheError
 
-    with pytest.raises(CacheError, match="AOTCACHE_REDIS_URL=redis\\+cluster://host:6379"):
+    with pytest.raises(CacheError, match="redis\\+cluster://host:"):  # the form, or the node the URL lacks
         RedisCache(url, prefix="p")
