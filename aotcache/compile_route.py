@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aotcache.logs import handle_fault
-from aotcache.store.interface import LookupStatus
+from aotcache.autograd_cache.fingerprint_cache import read_record
 
 __all__ = ["ROUTE_PREFIX", "ROUTE_SCHEMA", "DYNAMO", "AOT", "route_store_key", "read_route", "record_route"]
 
@@ -33,30 +32,26 @@ def route_store_key(digest: str) -> str:
     return ROUTE_PREFIX + digest
 
 
-def read_route(cache: Any, digest: str) -> tuple[str, str] | None:
-    """``(route, reason)`` recorded for the fingerprint ``digest``, or None (none, a store fault, a bad record).
-
-    :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
-    """
-    store_key = route_store_key(digest)
-    lookup = cache.tiers.lookup(store_key)
-    if lookup.status is LookupStatus.ERROR:
-        cache.count(store_error=1)
-        return None
-    if not lookup.hit:
-        return None
+def _parse_route(value: Any, digest: str) -> tuple[str, str]:
+    """``(route, reason)`` of a route record (bytes of JSON). :raises ValueError: it does not parse or check."""
     try:
-        record = json.loads(bytes(lookup.value).decode("utf-8"))
+        record = json.loads(bytes(value).decode("utf-8"))
         if record.get("schema") != ROUTE_SCHEMA or record.get("fingerprint") != digest:
             raise ValueError("route record of another schema or fingerprint")
         if record["route"] not in (AOT, DYNAMO):
             raise ValueError(f"unknown route {record['route']!r}")
         return str(record["route"]), str(record.get("reason", ""))
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        cache.count(load_error=1)
-        cache.delete(store_key)
-        handle_fault("compile:route", f"unusable route record {store_key}; deleted it", exc)
-        return None
+    except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed route record: {exc}") from exc
+
+
+def read_route(cache: Any, digest: str) -> tuple[str, str] | None:
+    """``(route, reason)`` recorded for the fingerprint ``digest``, or None (none, a store fault, a bad record).
+
+    :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
+    """
+    return read_record(cache, route_store_key(digest), lambda value: _parse_route(value, digest), "compile:route",
+                       "route record")
 
 
 def record_route(cache: Any, digest: str, route: str, reason: str) -> bool:

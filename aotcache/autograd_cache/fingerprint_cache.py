@@ -65,12 +65,13 @@ def _count_fallback(cache: AOTAutogradCache, reason: str) -> None:
                     "cache entry, because its fingerprint cannot be trusted", reason)
 
 
-def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | None:
-    """The full key recorded for ``fingerprint``, or None (no record, a store fault, or a bad record).
+def read_record(cache: AOTAutogradCache, store_key: str, parse: Callable[[Any], Any], fault_key: str,
+                what: str) -> Any:
+    """A small derived record (alias, route) parsed by ``parse``, or None: no record, a store fault (counted), or
+    a record ``parse`` refuses with ValueError (counted as ``load_error`` and deleted: it is derived data).
 
     :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
     """
-    store_key = alias_store_key(fingerprint)
     lookup = cache.tiers.lookup(store_key)
     if lookup.status is LookupStatus.ERROR:
         cache.count(store_error=1)
@@ -78,13 +79,22 @@ def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | 
     if not lookup.hit:
         return None
     try:
-        key = parse_alias_record(lookup.value, str(fingerprint.digest))
+        return parse(lookup.value)
     except ValueError as exc:
         cache.count(load_error=1)
         cache.delete(store_key)
-        handle_fault("autograd:alias", f"unusable fingerprint alias record {store_key}; deleted it", exc)
+        handle_fault(fault_key, f"unusable {what} {store_key}; deleted it", exc)
         return None
-    return key
+
+
+def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | None:
+    """The full key recorded for ``fingerprint``, or None (no record, a store fault, or a bad record).
+
+    :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
+    """
+    digest = str(fingerprint.digest)
+    return read_record(cache, alias_store_key(fingerprint), lambda value: parse_alias_record(value, digest),
+                       "autograd:alias", "fingerprint alias record")
 
 
 def parse_alias_record(value: Any, fingerprint_digest: str) -> CacheKey:
