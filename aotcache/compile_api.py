@@ -142,11 +142,17 @@ class CompiledModule(AOTModule):
 
     # own attributes as class defaults, so AOTModule.__setattr__ keeps them on the wrapper
     router: _Router | None = None
+    _backend: Callable | None = None
 
     def __init__(self, module: nn.Module, options: AOTOptions, cache: Any, fullgraph: bool,
                  backend: Callable) -> None:
         super().__init__(module, options, cache=cache)
+        self._backend = backend
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
+
+    def _rewrap(self, module: nn.Module) -> CompiledModule:
+        return CompiledModule(module, self.compiled.options, self.router.cache, self.router.fullgraph,
+                              self._backend)
 
     @property
     def route(self) -> str | None:

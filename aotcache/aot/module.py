@@ -27,6 +27,7 @@ or when the module already has an instance ``forward``, the method runs eagerly 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import threading
@@ -118,6 +119,19 @@ class AOTModule(nn.Module):
             setattr(orig, name, value)  # e.g. wrapped.generation_config = ...: the wrapped module's attribute
             return
         super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo: dict) -> AOTModule:
+        """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
+        reference model), with the same options and cache. Nothing compiled is copied: the copy's first call
+        finds the graphs in the cache (or compiles them), since its parameters are graph inputs."""
+        clone = self._rewrap(copy.deepcopy(self.orig_module, memo))
+        clone.training = self.training
+        memo[id(self)] = clone
+        return clone
+
+    def _rewrap(self, module: nn.Module) -> AOTModule:
+        """A new wrapper of ``module`` with this wrapper's options and cache (subclasses add their own)."""
+        return AOTModule(module, self.compiled.options, cache=self.compiled.cache)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))

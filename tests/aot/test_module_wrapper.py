@@ -176,3 +176,35 @@ def test_methods_called_from_several_threads_give_eager_results_and_leave_the_mo
     for thread in threads:
         thread.join()
     assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0
+
+
+@pytest.mark.parametrize("api", ["aot_module", "compile"])
+def test_deepcopy_gives_an_independent_wrapper_that_runs_compiled(api):
+    # found by the sweep: copy.deepcopy(wrapper) (an EMA / reference model) failed: "cannot pickle '_thread.lock'"
+    import copy
+
+    import aotcache
+
+    torch.manual_seed(0)
+    counting = Counting()
+    model = Net()
+    wrapped = (aot_module(model, fw_compiler=counting, cache=False) if api == "aot_module"
+               else aotcache.compile(model, compiler=counting, cache=False))
+    x = torch.randn(5, 4)
+    wrapped.eval()
+    expected = wrapped(x)
+    clone = copy.deepcopy(wrapped)
+    assert type(clone) is type(wrapped) and not clone.training
+    assert clone.orig_module is not model and clone.fc.weight is not model.fc.weight
+    runs = counting.runs
+    torch.testing.assert_close(clone(x), expected)
+    assert counting.runs > runs  # the copy runs a compiled graph, not the eager forward
+    with torch.no_grad():
+        clone.fc.weight.add_(1.0)
+    torch.testing.assert_close(wrapped(x), expected)  # the original is untouched
+    torch.testing.assert_close(clone(x), clone.orig_module(x))
+    outer = copy.deepcopy(nn.Sequential(wrapped, nn.ReLU()))  # a wrapper inside a larger model
+    assert type(outer[0]) is type(wrapped) and list(outer.state_dict()) == ["0.fc.weight", "0.fc.bias",
+                                                                            "0.bn.weight", "0.bn.bias",
+                                                                            "0.bn.running_mean", "0.bn.running_var",
+                                                                            "0.bn.num_batches_tracked"]
