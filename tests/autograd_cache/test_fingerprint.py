@@ -455,3 +455,15 @@ def test_alias_of_an_evicted_entry_is_a_miss_then_recompiles():
     other = fresh_cache()
     assert torch.allclose(train_step(aotcache.aot_module(make_block(), cache=other), X), train_step(make_block(), X))
     assert other.counters["fingerprint_miss"] == 1 and other.counters["miss"] == 1 and other.counters["saved"] == 1
+
+
+def test_a_hook_handle_kept_as_an_attribute_is_trusted_and_the_hook_still_counts():
+    # found by the sweep: transformers' gradient_checkpointing_enable() keeps the RemovableHandle of a forward
+    # hook as model._require_grads_hook, which made every warm start of such a model trace again
+    block = make_block()
+    plain = trusted(module_fingerprint(block, X))
+    block.linear._hook_handle = block.linear.register_forward_hook(lambda module, args, out: out * 2)
+    hooked = trusted(module_fingerprint(block, X))
+    assert hooked != plain  # the hook itself is part of the fingerprint
+    block.linear._hook_handle.remove()
+    assert trusted(module_fingerprint(block, X)) != hooked
