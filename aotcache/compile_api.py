@@ -150,9 +150,8 @@ class CompiledModule(AOTModule):
         self._backend = backend
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
 
-    def _rewrap(self, module: nn.Module) -> CompiledModule:
-        return CompiledModule(module, self.compiled.options, self.router.cache, self.router.fullgraph,
-                              self._backend)
+    def _wrapper_arguments(self) -> tuple:
+        return (self.compiled.options, self.router.cache, self.router.fullgraph, self._backend)
 
     @property
     def route(self) -> str | None:

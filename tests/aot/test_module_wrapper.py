@@ -208,3 +208,31 @@ def test_deepcopy_gives_an_independent_wrapper_that_runs_compiled(api):
                                                                             "0.bn.weight", "0.bn.bias",
                                                                             "0.bn.running_mean", "0.bn.running_var",
                                                                             "0.bn.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("api", ["aot_module", "compile"])
+def test_torch_save_of_a_whole_wrapper_loads_a_working_wrapper(api):
+    # found by the sweep: torch.save(wrapper) failed: "Can't pickle local object '_functional_module_call...'"
+    import io
+
+    import aotcache
+
+    torch.manual_seed(0)
+    model = Net()
+    wrapped = (aot_module(model, fw_compiler="nop", cache=False) if api == "aot_module"
+               else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.randn(5, 4)
+    wrapped.eval()
+    expected = wrapped(x)
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(wrapped) and not loaded.training
+    torch.testing.assert_close(loaded(x), expected)
+    assert loaded.compiled.num_compiles == 1  # it runs compiled
+    assert list(loaded.state_dict()) == list(model.state_dict())
+
+    with_instance = aot_module(Net(), cache=aotcache.AOTAutogradCache())
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(with_instance, io.BytesIO())
