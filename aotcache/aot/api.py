@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.capture import capture
+from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -241,14 +242,14 @@ def _argument_signature(arg: Any, dynamic: bool) -> tuple:
     return ("constant", type(arg), arg)
 
 
-def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> TypeError:
+def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> RefusedArgumentError:
     arg = flat_args[index]
     where = f"flat argument {index}"
     with contextlib.suppress(Exception):  # a path such as args[1] or kwargs['past_key_values']
         (args, kwargs) = pytree.tree_unflatten(list(flat_args), in_spec)
         path = [key for key, _ in pytree.tree_flatten_with_path((args, kwargs))[0]][index]
         where = "argument " + ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
-    return TypeError(
+    return RefusedArgumentError(
         f"aotcache: {where} is a {type(arg).__module__}.{type(arg).__qualname__} object, which {why}. A compiled "
         f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
         f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
