@@ -27,6 +27,7 @@ import sys
 import threading
 import types
 import typing
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -333,6 +334,9 @@ class Reachable:
             return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
         if isinstance(value, _LOCK_TYPES):
             return "lock"  # synchronization only: nothing a trace reads
+        if isinstance(value, weakref.ReferenceType):  # nn.LSTM keeps _flat_weight_refs: read as its referent
+            referent = value()
+            return "weakref(dead)" if referent is None else f"weakref({self.ref(referent)})"
         if isinstance(value, RemovableHandle):
             # the hook it removes is hashed where it is registered (the module's hook dicts); transformers
             # keeps one as an attribute (gradient checkpointing's _require_grads_hook)
