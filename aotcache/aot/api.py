@@ -446,10 +446,29 @@ def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
-                                          strict=False)
+        with _rnn_weight_lists_kept(module):
+            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
+                                              strict=False)
 
     return call
+
+
+@contextlib.contextmanager
+def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
+    """NOTE [RNN weight lists after a capture] ``nn.RNNBase`` (LSTM, GRU, RNN) keeps its weights in a second
+    place, the ``_flat_weights`` list (and weak references to them), which its forward rebuilds from the
+    attributes when they changed. Swapping traced tensors in for the capture therefore left the list holding
+    the capture's FunctionalTensors after the real parameters came back: dead trace tensors kept alive by the
+    user's model, and an untrusted fingerprint for every later call ("tensor constant subclass"). The capture
+    leaves the lists as it found them."""
+    saved = [(rnn, rnn.__dict__.get("_flat_weights"), rnn.__dict__.get("_flat_weight_refs"))
+             for rnn in module.modules() if isinstance(rnn, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for rnn, weights, refs in saved:
+            rnn.__dict__["_flat_weights"] = weights
+            rnn.__dict__["_flat_weight_refs"] = refs
 
 
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,

@@ -236,3 +236,28 @@ def test_torch_save_of_a_whole_wrapper_loads_a_working_wrapper(api):
     with_instance = aot_module(Net(), cache=aotcache.AOTAutogradCache())
     with pytest.raises(TypeError, match="state_dict"):
         torch.save(with_instance, io.BytesIO())
+
+
+def test_an_lstm_keeps_its_own_weights_after_the_capture_and_its_fingerprint_stays_trusted():
+    # found by the sweep: after the first call nn.LSTM's _flat_weights held the capture's FunctionalTensors
+    # (NOTE [RNN weight lists after a capture]), so every later fingerprint of the model was untrusted
+    from torch.utils import _pytree as pytree
+
+    from aotcache.autograd_cache.fingerprint import fingerprint_module_call
+
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    wrapped = aot_module(model, cache=False)
+    x = torch.randn(2, 3, 4)
+    wrapped(x)[0].sum().backward()
+    assert [type(w) for w in model._flat_weights] == [nn.Parameter] * 8
+    assert all(w is p for w, p in zip(model._flat_weights, model.parameters()))
+    assert all(ref() is p for ref, p in zip(model._flat_weight_refs, model.parameters()))
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    flat, spec = pytree.tree_flatten(((params, buffers, x), {}))
+    result = fingerprint_module_call(model, flat, spec, wrapped.compiled.options)
+    assert result.trusted, result.reason
+    expected = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    expected.load_state_dict(model.state_dict())
+    torch.testing.assert_close(wrapped(x)[0], expected(x)[0])
+    torch.testing.assert_close(model(x)[0], expected(x)[0])
