@@ -261,3 +261,25 @@ def test_an_lstm_keeps_its_own_weights_after_the_capture_and_its_fingerprint_sta
     expected.load_state_dict(model.state_dict())
     torch.testing.assert_close(wrapped(x)[0], expected(x)[0])
     torch.testing.assert_close(model(x)[0], expected(x)[0])
+
+
+def test_activation_checkpointing_is_refused_with_a_message_that_names_it():
+    # found by the sweep: transformers' gradient_checkpointing_enable() made the capture fail with "reads a
+    # tensor of shape (32,) ... from a closure or global", which named nothing the user wrote
+    import aotcache
+    from aotcache.aot import CaptureError
+
+    model = tiny_llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = aotcache.compile(model, compiler="nop", cache=False, fullgraph=True)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with pytest.raises(CaptureError, match=r"reads a parameter of shape .*activation checkpointing"):
+        compiled(ids, labels=ids)
+
+    linear = nn.Linear(4, 4)
+    closure = aotcache.aot_function(lambda x: linear(x), cache=False)
+    with pytest.raises(CaptureError, match="compile the module instead"):
+        closure(torch.randn(2, 4, requires_grad=True))
+    linear.requires_grad_(False)  # a frozen parameter is a plain constant
+    x = torch.randn(2, 4, requires_grad=True)
+    torch.testing.assert_close(closure(x), linear(x))
