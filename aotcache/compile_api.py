@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.api import AOTFunction, AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule
 from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
 from aotcache.logs import log_once, logger
@@ -82,7 +82,7 @@ class _Router:
                 return dynamo_call()
         try:
             result = aot_call()
-        except CaptureError as exc:
+        except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
             self._choose_dynamo(exc, digest if route is None else self._fingerprint_digest(flat_call))
@@ -122,7 +122,12 @@ class _Router:
                     self.aot.name, recorded[1])
         return True
 
-    def _choose_dynamo(self, exc: CaptureError, digest: str | None) -> None:
+    # NOTE [Arguments Dynamo guards]
+    # An argument the AOT way cannot compare by value (an nn.Module, an optimizer: a train-step function
+    # ``step(model, opt, x)``) is refused there, since a changed object would reuse a stale graph. Dynamo
+    # guards such objects (identity and the attributes the code reads) and graph-breaks around the backward
+    # and the optimizer step, so aotcache.compile takes such a call there, as it does a capture failure.
+    def _choose_dynamo(self, exc: CaptureError | RefusedArgumentError, digest: str | None) -> None:
         reason = str(exc).removeprefix("aotcache: ").split("\n")[0]
         with self._lock:
             self.route, self.reason = DYNAMO, reason
@@ -142,12 +147,17 @@ class CompiledModule(AOTModule):
 
     # own attributes as class defaults, so AOTModule.__setattr__ keeps them on the wrapper
     router: _Router | None = None
+    _backend: Callable | None = None
 
     def __init__(self, module: nn.Module, options: AOTOptions, cache: Any, fullgraph: bool,
                  backend: Callable) -> None:
         # the router handles a failed capture itself (and records the route): NOTE [Route records]
         super().__init__(module, options, cache=cache, on_capture_error="raise")
+        self._backend = backend
         self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
+
+    def _wrapper_arguments(self) -> tuple:
+        return (self.compiled.options, self.router.cache, self.router.fullgraph, self._backend)
 
     @property
     def route(self) -> str | None:

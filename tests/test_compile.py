@@ -101,6 +101,38 @@ def test_fullgraph_makes_a_graph_break_an_error():
         compiled(torch.randn(2, 4))
 
 
+def test_a_train_step_taking_the_model_and_optimizer_goes_the_dynamo_way():
+    # found by the sweep: aotcache.compile(step)(model, opt, x) raised the AOT way's TypeError (a module argument
+    # is compared by identity); torch.compile runs it, so the router takes it there (NOTE [Arguments Dynamo guards])
+    import copy
+
+    from aotcache.aot.errors import RefusedArgumentError
+
+    def step(model, optimizer, x):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    compiled = aotcache.compile(step, compiler="nop", cache=False)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(model, optimizer, x), step(reference, reference_optimizer, x))
+    assert compiled.route == "dynamo"
+    torch.testing.assert_close(model.weight, reference.weight)
+
+    strict = aotcache.compile(step, compiler="nop", cache=False, fullgraph=True)
+    with pytest.raises(RefusedArgumentError, match=r"args\[0\] is a torch.nn.modules.linear.Linear"):
+        strict(model, optimizer, x)
+    assert issubclass(RefusedArgumentError, TypeError)  # aot_function's refusal stays a TypeError
+
+
 def test_functions_decorator_form_and_disable():
     @aotcache.compile(compiler="nop", cache=False)
     def f(x, y):

@@ -41,7 +41,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
     check_on_capture_error,
     compile_or_fall_back,
@@ -251,14 +251,14 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
     return ("constant", type(arg), arg)
 
 
-def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> TypeError:
+def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> RefusedArgumentError:
     arg = flat_args[index]
     where = f"flat argument {index}"
     with contextlib.suppress(Exception):  # a path such as args[1] or kwargs['past_key_values']
         (args, kwargs) = pytree.tree_unflatten(list(flat_args), in_spec)
         path = [key for key, _ in pytree.tree_flatten_with_path((args, kwargs))[0]][index]
         where = "argument " + ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
-    return TypeError(
+    return RefusedArgumentError(
         f"aotcache: {where} is a {type(arg).__module__}.{type(arg).__qualname__} object, which {why}. A compiled "
         f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
         f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
@@ -520,28 +520,33 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _resync_rnn_weights(module: nn.Module) -> None:
-    """NOTE [RNN weight caches]: ``nn.RNNBase`` caches its weights in ``_flat_weights`` (and weakrefs to them),
-    and re-reads them when it sees swapped parameters, as during a capture's ``functional_call``; the
-    parameters are put back afterwards without going through the cache, which then holds the capture's
-    functional tensors. Re-reading the real parameters (what the module itself does on its next eager call)
-    keeps the module as the caller left it, and its call fingerprint trusted (a traced tensor is opaque)."""
-    for submodule in module.modules():
-        if isinstance(submodule, nn.RNNBase):
-            submodule._init_flat_weights()
-
-
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
                                               strict=False)
-        finally:
-            _resync_rnn_weights(module)
 
     return call
+
+
+@contextlib.contextmanager
+def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
+    """NOTE [RNN weight lists after a capture] ``nn.RNNBase`` (LSTM, GRU, RNN) keeps its weights in a second
+    place, the ``_flat_weights`` list (and weak references to them), which its forward rebuilds from the
+    attributes when they changed. Swapping traced tensors in for the capture therefore left the list holding
+    the capture's FunctionalTensors after the real parameters came back: dead trace tensors kept alive by the
+    user's model, and an untrusted fingerprint for every later call ("tensor constant subclass"). The capture
+    leaves the lists as it found them."""
+    saved = [(rnn, rnn.__dict__.get("_flat_weights"), rnn.__dict__.get("_flat_weight_refs"))
+             for rnn in module.modules() if isinstance(rnn, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for rnn, weights, refs in saved:
+            rnn.__dict__["_flat_weights"] = weights
+            rnn.__dict__["_flat_weight_refs"] = refs
 
 
 def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,

@@ -734,6 +734,15 @@ def _refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
         if node.op != "get_attr":
             continue
         value = getattr(gm, node.target, None)
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            raise CaptureError(
+                f"aotcache: the function reads a parameter of shape {tuple(value.shape)} that is not one of its "
+                f"inputs; its gradient would be lost. Either a function reads a module's parameters from a "
+                f"closure or global (compile the module instead: aot_module / aotcache.compile(module) make its "
+                f"parameters inputs), or activation checkpointing recomputes the forward while the backward is "
+                f"traced, after the module call (torch.utils.checkpoint, transformers' "
+                f"gradient_checkpointing_enable()): such a model cannot be captured whole, and aotcache.compile "
+                f"runs it through torch.compile(backend='aotcache').")
         if isinstance(value, torch.Tensor) and value.requires_grad:
             raise CaptureError(
                 f"aotcache: the function reads a tensor of shape {tuple(value.shape)} that requires grad from a "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError", "CAPTURE_ERROR_REASONS"]
+__all__ = ["CaptureError", "CAPTURE_ERROR_REASONS", "RefusedArgumentError"]
 
 # The categories of CaptureError.reason: the eager fallback counts and warns per reason (aot/fallback.py).
 CAPTURE_ERROR_REASONS = ("data_dependent", "unsupported_layout", "aliased_mutation", "metadata_mutation",
@@ -18,3 +18,8 @@ class CaptureError(RuntimeError):
     def __init__(self, message: str = "", *, reason: str = "unsupported_construct") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RefusedArgumentError(TypeError):
+    """An argument a compiled function cannot compare by value (NOTE [Constant arguments]): an ``nn.Module``, an
+    optimizer, a plain mutable object. ``aotcache.compile`` takes such a call to ``torch.compile`` instead."""

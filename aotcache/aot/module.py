@@ -27,6 +27,7 @@ or when the module already has an instance ``forward``, the method runs eagerly 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import threading
@@ -130,6 +131,28 @@ class AOTModule(nn.Module):
             return
         super().__setattr__(name, value)
 
+    def __deepcopy__(self, memo: dict) -> AOTModule:
+        """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
+        reference model), with the same options and cache. Nothing compiled is copied: the copy's first call
+        finds the graphs in the cache (or compiles them), since its parameters are graph inputs."""
+        clone = type(self)(copy.deepcopy(self.orig_module, memo), *self._wrapper_arguments())
+        clone.training = self.training
+        memo[id(self)] = clone
+        return clone
+
+    def __reduce__(self) -> tuple:
+        """Pickled (``torch.save(wrapper)``) as the wrapped module and the options; loading wraps it again."""
+        arguments = self._wrapper_arguments()
+        if not isinstance(self.compiled.cache, bool):  # an AOTAutogradCache: locks, open tiers
+            raise TypeError(f"cannot pickle this {type(self).__name__}: it was built with cache=<an "
+                            f"AOTAutogradCache instance>; save model.state_dict() (or the wrapped module, "
+                            f".orig_module) and wrap it again after loading")
+        return (_unpickle_wrapper, (type(self), self.orig_module, arguments, self.training))
+
+    def _wrapper_arguments(self) -> tuple:
+        """The constructor's arguments after the module (subclasses with more arguments extend it)."""
+        return (self.compiled.options, self.compiled.cache)
+
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
 
@@ -209,6 +232,13 @@ class AOTModule(nn.Module):
 
         router._aotcache_router = True  # type: ignore[attr-defined]
         return router
+
+
+def _unpickle_wrapper(cls: type, module: nn.Module, arguments: tuple, training: bool) -> AOTModule:
+    """Rebuild a pickled wrapper (see ``AOTModule.__reduce__``)."""
+    wrapper = cls(module, *arguments)
+    wrapper.training = training
+    return wrapper
 
 
 def _add_prefix(module: AOTModule, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -29,11 +29,13 @@ import threading
 import types
 import weakref
 import typing
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
@@ -394,6 +396,10 @@ class Reachable:
             return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
         if isinstance(value, _LOCK_TYPES):
             return "lock"  # synchronization only: nothing a trace reads
+        if isinstance(value, RemovableHandle):
+            # the hook it removes is hashed where it is registered (the module's hook dicts); transformers
+            # keeps one as an attribute (gradient checkpointing's _require_grads_hook)
+            return "hook-handle"
         if value is _UNSET:
             return "unset"
         if value is dataclasses.MISSING:

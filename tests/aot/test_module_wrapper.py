@@ -176,3 +176,110 @@ def test_methods_called_from_several_threads_give_eager_results_and_leave_the_mo
     for thread in threads:
         thread.join()
     assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0
+
+
+@pytest.mark.parametrize("api", ["aot_module", "compile"])
+def test_deepcopy_gives_an_independent_wrapper_that_runs_compiled(api):
+    # found by the sweep: copy.deepcopy(wrapper) (an EMA / reference model) failed: "cannot pickle '_thread.lock'"
+    import copy
+
+    import aotcache
+
+    torch.manual_seed(0)
+    counting = Counting()
+    model = Net()
+    wrapped = (aot_module(model, fw_compiler=counting, cache=False) if api == "aot_module"
+               else aotcache.compile(model, compiler=counting, cache=False))
+    x = torch.randn(5, 4)
+    wrapped.eval()
+    expected = wrapped(x)
+    clone = copy.deepcopy(wrapped)
+    assert type(clone) is type(wrapped) and not clone.training
+    assert clone.orig_module is not model and clone.fc.weight is not model.fc.weight
+    runs = counting.runs
+    torch.testing.assert_close(clone(x), expected)
+    assert counting.runs > runs  # the copy runs a compiled graph, not the eager forward
+    with torch.no_grad():
+        clone.fc.weight.add_(1.0)
+    torch.testing.assert_close(wrapped(x), expected)  # the original is untouched
+    torch.testing.assert_close(clone(x), clone.orig_module(x))
+    outer = copy.deepcopy(nn.Sequential(wrapped, nn.ReLU()))  # a wrapper inside a larger model
+    assert type(outer[0]) is type(wrapped) and list(outer.state_dict()) == ["0.fc.weight", "0.fc.bias",
+                                                                            "0.bn.weight", "0.bn.bias",
+                                                                            "0.bn.running_mean", "0.bn.running_var",
+                                                                            "0.bn.num_batches_tracked"]
+
+
+@pytest.mark.parametrize("api", ["aot_module", "compile"])
+def test_torch_save_of_a_whole_wrapper_loads_a_working_wrapper(api):
+    # found by the sweep: torch.save(wrapper) failed: "Can't pickle local object '_functional_module_call...'"
+    import io
+
+    import aotcache
+
+    torch.manual_seed(0)
+    model = Net()
+    wrapped = (aot_module(model, fw_compiler="nop", cache=False) if api == "aot_module"
+               else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.randn(5, 4)
+    wrapped.eval()
+    expected = wrapped(x)
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(wrapped) and not loaded.training
+    torch.testing.assert_close(loaded(x), expected)
+    assert loaded.compiled.num_compiles == 1  # it runs compiled
+    assert list(loaded.state_dict()) == list(model.state_dict())
+
+    with_instance = aot_module(Net(), cache=aotcache.AOTAutogradCache())
+    with pytest.raises(TypeError, match="state_dict"):
+        torch.save(with_instance, io.BytesIO())
+
+
+def test_an_lstm_keeps_its_own_weights_after_the_capture_and_its_fingerprint_stays_trusted():
+    # found by the sweep: after the first call nn.LSTM's _flat_weights held the capture's FunctionalTensors
+    # (NOTE [RNN weight lists after a capture]), so every later fingerprint of the model was untrusted
+    from torch.utils import _pytree as pytree
+
+    from aotcache.autograd_cache.fingerprint import fingerprint_module_call
+
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    wrapped = aot_module(model, cache=False)
+    x = torch.randn(2, 3, 4)
+    wrapped(x)[0].sum().backward()
+    assert [type(w) for w in model._flat_weights] == [nn.Parameter] * 8
+    assert all(w is p for w, p in zip(model._flat_weights, model.parameters()))
+    assert all(ref() is p for ref, p in zip(model._flat_weight_refs, model.parameters()))
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    flat, spec = pytree.tree_flatten(((params, buffers, x), {}))
+    result = fingerprint_module_call(model, flat, spec, wrapped.compiled.options)
+    assert result.trusted, result.reason
+    expected = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    expected.load_state_dict(model.state_dict())
+    torch.testing.assert_close(wrapped(x)[0], expected(x)[0])
+    torch.testing.assert_close(model(x)[0], expected(x)[0])
+
+
+def test_activation_checkpointing_is_refused_with_a_message_that_names_it():
+    # found by the sweep: transformers' gradient_checkpointing_enable() made the capture fail with "reads a
+    # tensor of shape (32,) ... from a closure or global", which named nothing the user wrote
+    import aotcache
+    from aotcache.aot import CaptureError
+
+    model = tiny_llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = aotcache.compile(model, compiler="nop", cache=False, fullgraph=True)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with pytest.raises(CaptureError, match=r"reads a parameter of shape .*activation checkpointing"):
+        compiled(ids, labels=ids)
+
+    linear = nn.Linear(4, 4)
+    closure = aotcache.aot_function(lambda x: linear(x), cache=False)
+    with pytest.raises(CaptureError, match="compile the module instead"):
+        closure(torch.randn(2, 4, requires_grad=True))
+    linear.requires_grad_(False)  # a frozen parameter is a plain constant
+    x = torch.randn(2, 4, requires_grad=True)
+    torch.testing.assert_close(closure(x), linear(x))

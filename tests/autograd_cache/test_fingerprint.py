@@ -525,3 +525,40 @@ def test_weak_references_read_as_their_referent():
     again = fingerprint_call(make(weakref.ref(target)), flat, spec, AOTOptions())
     changed = fingerprint_call(make(weakref.ref(other)), flat, spec, AOTOptions())
     assert first.trusted and first.digest == again.digest and changed.digest != first.digest
+
+
+def test_a_hook_handle_kept_as_an_attribute_is_trusted_and_the_hook_still_counts():
+    # found by the sweep: transformers' gradient_checkpointing_enable() keeps the RemovableHandle of a forward
+    # hook as model._require_grads_hook, which made every warm start of such a model trace again
+    block = make_block()
+    plain = trusted(module_fingerprint(block, X))
+    block.linear._hook_handle = block.linear.register_forward_hook(lambda module, args, out: out * 2)
+    hooked = trusted(module_fingerprint(block, X))
+    assert hooked != plain  # the hook itself is part of the fingerprint
+    block.linear._hook_handle.remove()
+    assert trusted(module_fingerprint(block, X)) != hooked
+
+
+def test_a_weak_reference_is_written_down_as_its_referent():
+    # found by the sweep: nn.LSTM keeps weakrefs to its weights (_flat_weight_refs), so every LSTM model's
+    # fingerprint was untrusted ("opaque object: weakref.ReferenceType") and warm starts traced again
+    import weakref
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 8, batch_first=True)
+    x = torch.randn(2, 3, 4)
+    trusted(module_fingerprint(lstm, x))
+
+    class Keeps(Block):
+        def forward(self, x):
+            target = self.ref()
+            return super().forward(x) if target is None else target(x)
+
+    block = Keeps()
+    first, second = nn.Linear(4, 4), nn.Tanh()
+    block.ref = weakref.ref(first)
+    to_first = trusted(module_fingerprint(block, X))
+    block.ref = weakref.ref(second)
+    assert trusted(module_fingerprint(block, X)) != to_first
+    block.ref = weakref.ref(first)
+    assert trusted(module_fingerprint(block, X)) == to_first
