@@ -27,7 +27,6 @@ import re
 import sys
 import threading
 import types
-import weakref
 import typing
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
