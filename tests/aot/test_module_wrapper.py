@@ -277,9 +277,12 @@ def test_activation_checkpointing_is_refused_with_a_message_that_names_it():
         compiled(ids, labels=ids)
 
     linear = nn.Linear(4, 4)
-    closure = aotcache.aot_function(lambda x: linear(x), cache=False)
+    closure = aotcache.aot_function(lambda x: linear(x), cache=False, on_capture_error="raise")
     with pytest.raises(CaptureError, match="compile the module instead"):
         closure(torch.randn(2, 4, requires_grad=True))
+    falling_back = aotcache.aot_function(lambda x: linear(x), cache=False)  # the default: never fail
+    x = torch.randn(2, 4, requires_grad=True)
+    torch.testing.assert_close(falling_back(x), linear(x))
     linear.requires_grad_(False)  # a frozen parameter is a plain constant
     x = torch.randn(2, 4, requires_grad=True)
     torch.testing.assert_close(closure(x), linear(x))
