@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "ranks.json"
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import RedisClusterServers, RedisServer  # noqa: E402  (one way to start servers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,41 +54,17 @@ RESULTS = REPO / "bench" / "results" / "ranks.json"
 # ----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _cli(port: int, *args: str) -> str:
+    """``redis-cli -p port args...``'s output."""
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30).stdout
 
 
-class _Server:
-    """A redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        self.port = _free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def command(self, *args: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True,
-                              timeout=30).stdout
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+def _server(workdir: Path, *extra: str) -> RedisServer:
+    """A started redis-server on a free loopback port, no persistence (the tests' fixture class)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(workdir, extra)
+    server.start()
+    return server
 
 
 class Redis:
@@ -95,19 +73,11 @@ class Redis:
     def __init__(self, workdir: Path, nodes: int = 1) -> None:
         self.nodes = nodes
         if nodes == 1:
-            self.servers = [_Server(workdir)]
+            self.servers = [_server(workdir)]
             return
-        self.servers = [_Server(workdir / f"node{i}", "--cluster-enabled", "yes", "--cluster-config-file",
-                                str(workdir / f"node{i}" / "nodes.conf"), "--cluster-port", str(_free_port()),
-                                "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no")
-                        for i in range(nodes)]
-        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while "cluster_state:ok" not in self.servers[0].command("cluster", "info"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
-            time.sleep(0.2)
+        cluster = RedisClusterServers(workdir, nodes)
+        cluster.start()
+        self.servers = cluster.servers
 
     @property
     def url(self) -> str:
@@ -116,12 +86,12 @@ class Redis:
 
     def flush(self) -> None:
         for server in self.servers:
-            server.command("flushall")
+            _cli(server.port, "flushall")
 
     def used_memory(self) -> int:
         total = 0
         for server in self.servers:
-            for line in server.command("info", "memory").splitlines():
+            for line in _cli(server.port, "info", "memory").splitlines():
                 if line.startswith("used_memory:"):
                     total += int(line.split(":")[1])
         return total
@@ -277,7 +247,7 @@ def run_large(workdir: Path, readers: int, size_mb: int = 100, whole: bool = Fal
 
     from aotcache.store.redis import RedisCache
 
-    server = _Server(workdir / "large", *(() if whole else ("--proto-max-bulk-len", "32mb")))
+    server = _server(workdir / "large", *(() if whole else ("--proto-max-bulk-len", "32mb")))
     url = f"redis://127.0.0.1:{server.port}/0"
     try:
         value = os.urandom(size_mb * 1024 * 1024)
@@ -319,8 +289,8 @@ def run_large(workdir: Path, readers: int, size_mb: int = 100, whole: bool = Fal
                 "probe_busy_ms_p50": pct(busy, 0.5), "probe_busy_ms_p99": pct(busy, 0.99),
                 "probe_busy_ms_max": round(1000 * max(busy), 2), "probe_busy_samples": len(busy),
                 "probe_errors": probe.stats.errors, "probe_mean_ms": round(1000 * statistics.mean(busy), 2),
-                "redis_used_memory": int(next(line.split(":")[1] for line in server.command(
-                    "info", "memory").splitlines() if line.startswith("used_memory:")))}
+                "redis_used_memory": int(next(line.split(":")[1] for line in _cli(
+                    server.port, "info", "memory").splitlines() if line.startswith("used_memory:")))}
     finally:
         server.stop()
 
