@@ -696,18 +696,11 @@ class RedisLock:
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds (default: the one given at creation)."""
-        if self._token is not None:
-            raise RuntimeError(f"lock {self.name!r} is already held by this RedisLock object")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        token = secrets.token_hex(16)
-        expire_ms = max(1, int(self.expire_s * 1000))
         while True:
-            taken = self.cache._run("lock", lambda client: client.set(self.redis_key, token, nx=True, px=expire_ms))
-            if taken is _SKIPPED or taken is _FAILED:
-                return False
-            if taken:
-                self._token = token
-                return True
+            taken = self.try_acquire()
+            if taken is not False:  # taken now, or Redis failed (no point waiting)
+                return bool(taken)
             if time.monotonic() >= deadline:
                 return False
             time.sleep(self.poll_s)
