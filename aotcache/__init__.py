@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first attribute access)
 _LAZY = {
     "compile": "aotcache.compile_api",
-    "aot_function": "aotcache.aot.api",
-    "aot_module": "aotcache.aot.api",
-    "aot_module_simplified": "aotcache.aot.api",
-    "aot_export_module": "aotcache.aot.api",
-    "aot_export_joint_simple": "aotcache.aot.api",
+    "aot_function": "aotcache.api",
+    "aot_module": "aotcache.api",
+    "aot_module_simplified": "aotcache.api",
+    "aot_export_module": "aotcache.api",
+    "aot_export_joint_simple": "aotcache.api",
     "default_partition": "aotcache.aot.partition",
     "min_cut_rematerialization_partition": "aotcache.aot.partition",
     "AOTAutogradCache": "aotcache.autograd_cache.cache",

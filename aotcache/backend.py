@@ -75,7 +75,7 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
         if chosen not in COMPILER_NAMES:
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
-    from aotcache.aot.api import aot_module_simplified
+    from aotcache.api import aot_module_simplified
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
                                  dynamic=bool(settings["dynamic"]), cache=settings["cache"],

@@ -7,7 +7,9 @@ instead, whose graphs between the breaks are compiled and cached by aotcache too
 the store under the call's fingerprint (NOTE [Route records] in :mod:`aotcache.compile_route`), so a later
 process takes the right way first, without a capture attempt.
 
-This module sits above both ``aot/`` and ``autograd_cache/`` (it combines them); neither imports it.
+This module sits above ``aotcache.api`` (and so above ``aot/`` and ``autograd_cache/``); none imports it. The
+route is chosen inside the first call's compile (:class:`_RoutedServices`), with the fingerprint that compile
+computes anyway: a warm start of a model without graph breaks costs what ``aot_module``'s does.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from aotcache.aot.api import AOTFunction, AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule
+from aotcache.api import CachedCompileServices
 from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
 from aotcache.logs import log_once, logger
 
@@ -49,18 +51,50 @@ def _check_options(compiler: Any, dynamic: Any, partition_fn: Any, fullgraph: An
                         f"got {type(options).__name__}")
 
 
+class _RecordedRoute(Exception):
+    """Raised inside the first call's compile when a route record sends the model to Dynamo (no capture)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _RoutedServices(CachedCompileServices):
+    """The cached compile services of one :class:`_Router`: before its AOT function captures a call, the route
+    record of the call's fingerprint is read (NOTE [Route records]), and the fingerprint is kept for a record
+    written if the capture fails. The call's fingerprint is computed once, by the compile itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router: _Router | None = None
+
+    def before_capture(self, function: AOTFunction, cache: Any, fingerprint: Any) -> None:
+        router = self.router
+        if router is None or function is not router.aot:  # e.g. the inner function of synthetic bases
+            return
+        digest = fingerprint.digest if fingerprint.trusted and cache.enabled else None
+        router.capturing.digest = digest
+        if router.route is None and digest is not None:
+            recorded = read_route(cache, digest)
+            if recorded is not None and recorded[0] == DYNAMO:
+                cache.count(route_recorded_dynamo=1)
+                raise _RecordedRoute(recorded[1])
+
+
 class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
 
-    def __init__(self, aot: AOTFunction, cache: Any, fullgraph: bool, make_dynamo: Callable[[], Callable]) -> None:
+    def __init__(self, aot: AOTFunction, services: _RoutedServices, fullgraph: bool,
+                 make_dynamo: Callable[[], Callable]) -> None:
         self.aot = aot
-        self.cache = cache
         self.fullgraph = fullgraph
         self.make_dynamo = make_dynamo
         self.route: str | None = None  # None until the first call decides
         self.reason = ""
+        self.capturing = threading.local()  # .digest: the fingerprint of the call this thread last captured
         self._dynamo: Callable | None = None
         self._lock = threading.Lock()
+        services.router = self
 
     def dynamo(self) -> Callable:
         if self._dynamo is None:
@@ -69,58 +103,30 @@ class _Router:
                     self._dynamo = self.make_dynamo()
         return self._dynamo
 
-    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any],
-             flat_call: Callable[[], tuple[list, Any]]) -> Any:
+    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any]) -> Any:
         """Run the call the chosen way; the first call (and a later capture failure) chooses."""
         route = self.route
         if route == DYNAMO:
             return dynamo_call()
-        digest = None
-        if route is None:
-            digest = self._fingerprint_digest(flat_call)
-            if self._recorded_dynamo(digest):
-                return dynamo_call()
+        self.capturing.digest = None
         try:
             result = aot_call()
+        except _RecordedRoute as recorded:
+            self.aot.num_compiles -= 1  # the compile step stopped before tracing anything
+            with self._lock:
+                self.route, self.reason = DYNAMO, recorded.reason
+            logger.info("aotcache.compile: %s: torch.compile(backend='aotcache') as recorded (%s); no capture "
+                        "tried", self.aot.name, recorded.reason)
+            return dynamo_call()
         except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
-            self._choose_dynamo(exc, digest if route is None else self._fingerprint_digest(flat_call))
+            self._choose_dynamo(exc, self.capturing.digest)
             return dynamo_call()
         if route is None:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
         return result
-
-    def _resolved_cache(self) -> Any:
-        from aotcache.autograd_cache.cache import resolve_cache
-
-        cache = resolve_cache(self.cache)
-        return cache if cache is not None and cache.enabled else None
-
-    def _fingerprint_digest(self, flat_call: Callable[[], tuple[list, Any]]) -> str | None:
-        """The call fingerprint's digest, or None (no cache, or an untrusted fingerprint: no record then)."""
-        if self._resolved_cache() is None:
-            return None
-        from aotcache.autograd_cache.fingerprint_cache import fingerprint_of
-
-        flat_args, in_spec = flat_call()
-        fingerprint = fingerprint_of(self.aot, flat_args, in_spec)
-        return fingerprint.digest if fingerprint.trusted else None
-
-    def _recorded_dynamo(self, digest: str | None) -> bool:
-        if digest is None:
-            return False
-        cache = self._resolved_cache()
-        recorded = read_route(cache, digest)
-        if recorded is None or recorded[0] != DYNAMO:
-            return False
-        with self._lock:
-            self.route, self.reason = DYNAMO, recorded[1]
-        cache.count(route_recorded_dynamo=1)
-        logger.info("aotcache.compile: %s: torch.compile(backend='aotcache') as recorded (%s); no capture tried",
-                    self.aot.name, recorded[1])
-        return True
 
     # NOTE [Arguments Dynamo guards]
     # An argument the AOT way cannot compare by value (an nn.Module, an optimizer: a train-step function
@@ -133,7 +139,10 @@ class _Router:
             self.route, self.reason = DYNAMO, reason
         recorded = False
         if digest is not None:
-            recorded = record_route(self._resolved_cache(), digest, DYNAMO, reason)
+            from aotcache.autograd_cache.cache import resolve_cache
+
+            cache = resolve_cache(self.aot.cache)
+            recorded = cache is not None and record_route(cache, digest, DYNAMO, reason)
         log_once(logging.WARNING, f"compile-route:{id(self)}",
                  "aotcache.compile: %s cannot be captured whole (%s); compiling it with "
                  "torch.compile(backend='aotcache') instead, with graph breaks%s. To get the faster AOT way, "
@@ -152,12 +161,14 @@ class CompiledModule(AOTModule):
     def __init__(self, module: nn.Module, options: AOTOptions, cache: Any, fullgraph: bool,
                  backend: Callable) -> None:
         # the router handles a failed capture itself (and records the route): NOTE [Route records]
-        super().__init__(module, options, cache=cache, on_capture_error="raise")
+        services = _RoutedServices()
+        super().__init__(module, options, services=services, cache=cache, on_capture_error="raise")
         self._backend = backend
-        self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(module, backend, options))
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options))
 
-    def _wrapper_arguments(self) -> tuple:
-        return (self.compiled.options, self.router.cache, self.router.fullgraph, self._backend)
+    def _wrapper_arguments(self) -> dict[str, Any]:
+        return {"options": self.compiled.options, "cache": self.compiled.cache, "fullgraph": self.router.fullgraph,
+                "backend": self._backend}
 
     @property
     def route(self) -> str | None:
@@ -167,12 +178,7 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs),
-                           lambda: self._flat(args, kwargs))
-
-    def _flat(self, args: tuple, kwargs: dict) -> tuple[list, Any]:
-        params, buffers, _, _ = self._state.current()
-        return pytree.tree_flatten(((params, buffers, *args), kwargs))
+                           lambda: router.dynamo()(*args, **kwargs))
 
 
 class CompiledFunction:
@@ -181,8 +187,10 @@ class CompiledFunction:
     def __init__(self, fn: Callable, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
         self.fn = fn
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]: caches as arguments / outputs
-        self.compiled = AOTFunction(fn, options, cache=cache, on_capture_error="raise")  # the router falls back
-        self.router = _Router(self.compiled, cache, fullgraph, lambda: _torch_compile(fn, backend, options))
+        services = _RoutedServices()
+        self.compiled = AOTFunction(fn, options, services=services, cache=cache,
+                                    on_capture_error="raise")  # the router falls back
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options))
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -191,8 +199,7 @@ class CompiledFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
-        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
-                           lambda: pytree.tree_flatten((args, kwargs)))
+        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs))
 
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:

@@ -33,7 +33,7 @@ def make_model(name: str) -> torch.nn.Module:
 
 
 def per_call(name: str, calls: int) -> dict[str, float]:
-    from aotcache.aot import aot_module
+    from aotcache import aot_module
 
     torch.manual_seed(0)
     model = make_model(name).eval()
@@ -57,7 +57,7 @@ def per_call(name: str, calls: int) -> dict[str, float]:
 
 
 def first_capture(name: str) -> dict[str, float]:
-    from aotcache.aot import aot_module
+    from aotcache import aot_module
 
     ids = torch.randint(0, 1000, (2, 16))
 

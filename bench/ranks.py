@@ -141,7 +141,7 @@ def rank_child(args: argparse.Namespace) -> None:
     if args.mode == "torch_compile":
         compiled = torch.compile(model)
     else:
-        from aotcache.aot import aot_module
+        from aotcache import aot_module
 
         compiled = aot_module(model, fw_compiler=args.compiler)
     if distributed:
@@ -164,7 +164,7 @@ def rank_child(args: argparse.Namespace) -> None:
 
 def holder_child(args: argparse.Namespace) -> None:
     """A dead-holder participant: one training step with the slow compiler, counters to ``--out``."""
-    from aotcache.aot import aot_module
+    from aotcache import aot_module
     from aotcache.autograd_cache.cache import default_cache
 
     model, x = _model_and_input()

@@ -163,3 +163,43 @@ def test_the_compiled_module_is_a_drop_in():
 def test_bad_options_are_refused_naming_the_option(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         aotcache.compile(nn.Linear(2, 2), **kwargs)
+
+
+def test_the_first_call_computes_the_call_fingerprint_once(monkeypatch):
+    """The route is chosen inside the compile, with the fingerprint it computes anyway (NOTE [Route records]):
+    a cold and a warm first call each walk the program for one fingerprint, as aot_module's do."""
+    from aotcache.autograd_cache import fingerprint_cache
+
+    counted = []
+    real = fingerprint_cache.fingerprint_module_call
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fingerprint_cache, "fingerprint_module_call", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    cold = aotcache.compile(model, compiler="nop")
+    assert torch.allclose(cold(x), model(x)) and cold.route == "aot" and len(counted) == 1
+    warm = aotcache.compile(model, compiler="nop")
+    assert torch.allclose(warm(x), model(x)) and warm.route == "aot" and len(counted) == 2
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    assert resolve_cache(True).counters["fingerprint_hit"] == 1
+
+
+def test_a_route_record_is_read_only_when_the_fingerprint_finds_no_entry(monkeypatch):
+    """The warm path of a model without graph breaks reads no route record (the alias leads to the entry)."""
+    from aotcache import compile_api
+
+    reads = []
+    real = compile_api.read_route
+    monkeypatch.setattr(compile_api, "read_route", lambda *args: reads.append(1) or real(*args))
+    model = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    aotcache.compile(model, compiler="nop")(x)
+    assert reads == [1]  # cold: no entry yet, so the record is looked for before the capture
+    aotcache.compile(model, compiler="nop")(x)
+    assert reads == [1]  # warm: the fingerprint's alias found the entry

@@ -1,16 +1,12 @@
-"""Public AOT Autograd API: ``aot_function``, ``aot_module``, ``aot_module_simplified`` (and the exports).
+"""The AOT Autograd core: :class:`AOTFunction` (trace and compile per signature, then reuse), the Dynamo-graph
+form, and the compile step.
 
 Pipeline per input signature: :func:`~aotcache.aot.capture.capture` (functionalized joint or inference graph)
 -> ``partition_fn`` (training) -> compilers -> :class:`~aotcache.aot.runtime.CompiledRuntime`.
 :func:`compile_function` is that whole step in one call, the seam where the compiled-graph cache looks up
-and stores entries.
-
-NOTE [Compiled-graph cache]
-``aot_function`` / ``aot_module`` / ``aot_module_simplified`` take ``cache=True`` (default: the configured
-tiers, see :func:`aotcache.autograd_cache.cache.default_cache`), ``False`` (off) or an
-:class:`~aotcache.autograd_cache.cache.AOTAutogradCache`. With a cache, a new signature still captures (the
-key is computed from the captured graph), but partition and compile are replaced by a load when an entry
-exists; see :mod:`aotcache.autograd_cache.pipeline` and docs/cache.md.
+and stores entries. The public entry points (``aot_function``, ``aot_module``, ``aot_module_simplified``)
+live in :mod:`aotcache.api`, above both this package and the cache: they hand an :class:`AOTFunction` the
+services that watch the program and use the cache (NOTE [Compile services] in ``aot/services.py``).
 
 NOTE [Signature]
 An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
@@ -61,6 +57,7 @@ from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import resolve_partition
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
+from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.logs import CacheFault, event, log_once
 from aotcache.progress import compile_progress, stage
 
@@ -68,11 +65,10 @@ __all__ = [
     "AOTOptions",
     "AOTFunction",
     "AOTModule",
+    "checked_options",
     "compile_function",
     "compile_captured",
-    "aot_function",
-    "aot_module",
-    "aot_module_simplified",
+    "compile_dynamo_graph",
     "aot_export_module",
     "aot_export_joint_simple",
     "ExportSignature",
@@ -297,22 +293,22 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
 class AOTFunction:
     """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
 
-    def __init__(self, fn: Callable, options: AOTOptions, cache: Any = True,
+    def __init__(self, fn: Callable, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         self.fn = fn
         self.options = options
-        self.cache = cache  # True / False / an AOTAutogradCache; resolved at the first compile (config at use)
+        self.services = services  # NOTE [Compile services]: program watching, guard checks, cached compiles
+        self.cache = cache  # the user's cache= argument, passed to the services as is
         self.on_capture_error = check_on_capture_error(on_capture_error, "aot_function")  # NOTE [Capture fallback]
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
-        # NOTE [Program guards] (aotcache/autograd_cache/program_guards.py): per ``extra``, the program last
-        # watched and the hot signatures (NOTE [Hot path]) of its digest; the digest is part of every entry's key
-        self._programs: dict[Any, tuple[Any, HotSignatures]] = {}
+        # NOTE [Program guards] (the services' watch_program): per ``extra``, the program last watched and the
+        # hot signatures (NOTE [Hot path]) of its digest; the digest is part of every entry's key
+        self._programs: dict[Any, tuple[WatchedProgram, HotSignatures]] = {}
         self._hot_by_digest: dict[str, HotSignatures] = {}
         self._hot = HotSignatures()  # those of the program watched last (tests, diagnostics)
         self.num_program_walks = 0  # walks of the program (first call, failed guards; tests, diagnostics)
         self._lock = threading.Lock()
-        self._guard_env: Any = None
-        self._key_memo: dict[str, Any] = {}  # per-function memo of the cache key's option identities
+        self.key_memo: dict[str, Any] = {}  # per-function memo the cache keeps (its key's option identities)
         self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
         self._dims = DynamicDims(options.dynamic)  # NOTE [Dynamic dimensions]
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
@@ -328,7 +324,7 @@ class AOTFunction:
         ``extra`` (hashable) is part of the signature too (``aot_module``: the module's settings); a
         ``structure`` must determine it."""
         watched = self._programs.get(extra)
-        if watched is None or not watched[0].guards.holds():
+        if watched is None or not watched[0].holds():
             watched = self._watch(extra)
         program, hot_signatures = watched
         if structure is not None:
@@ -346,13 +342,11 @@ class AOTFunction:
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
         return runtime(*flat_args)
 
-    def _watch(self, extra: Any) -> tuple[Any, HotSignatures]:
+    def _watch(self, extra: Any) -> tuple[WatchedProgram, HotSignatures]:
         """Walk the program again (first call, or a program guard failed) and select its hot signatures."""
-        from aotcache.autograd_cache.program_guards import watch_program
-
         with self._lock:
             module = getattr(self, "fingerprint_module", None)
-            program = watch_program(self.fn if module is None else module, module)
+            program = self.services.watch_program(self.fn if module is None else module, module)
             self.num_program_walks += 1
             if program.untrusted is not None:
                 log_once(logging.DEBUG, f"program-guards:{id(self)}:{program.untrusted}",
@@ -413,22 +407,8 @@ class AOTFunction:
         return None
 
     def _guards_hold(self, runtime: CompiledRuntime, flat_args: list) -> bool:
-        # NOTE [Guards are never eval'ed when they may come from a store]: the restricted evaluator of
-        # aotcache.autograd_cache.guards handles the guard expressions the ShapeEnv prints; only guards this
-        # process produced itself fall back to torch's evaluator (which evals) if that grammar does not cover them.
-        from aotcache.autograd_cache.guards import GuardExpressionError, evaluate_guards
-
         graph_args = [flat_args[pos] for pos in runtime.metadata.graph_input_positions]
-        try:
-            return evaluate_guards(runtime.metadata.guards, graph_args)
-        except GuardExpressionError:
-            if getattr(runtime, "from_cache", False):
-                return False
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        if self._guard_env is None:
-            self._guard_env = ShapeEnv()
-        return bool(self._guard_env.evaluate_guards_expression(runtime.metadata.guards, graph_args))
+        return self.services.guards_hold(runtime, graph_args)
 
     def _compile(self, flat_args: list, in_spec: Any, options: AOTOptions | None = None) -> CompiledRuntime:
         options = self.options if options is None else options
@@ -438,25 +418,16 @@ class AOTFunction:
             return self.fn(*call_args, **call_kwargs)
 
         self.num_compiles += 1
-        from aotcache.autograd_cache.cache import resolve_cache
-
-        cache = resolve_cache(self.cache)
-        if cache is None:
-            return compile_function(flat_fn, flat_args, options)
-        from aotcache.autograd_cache.fingerprint_cache import compile_with_fingerprint, fingerprint_of
-        from aotcache.autograd_cache.pipeline import compile_function_cached
-
-        def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
-            return compile_function_cached(target_cache, flat_fn, flat_args, options, name=self.name,
-                                           memo=self._key_memo, on_key=on_key)
-
-        # NOTE [Warm start]: a trusted call fingerprint finds the entry without capturing (fingerprint_cache)
-        fingerprint = fingerprint_of(self, flat_args, in_spec, options)
-        return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
+        return self.services.compile_call(self, flat_fn, flat_args, in_spec, options)
 
 
-def _check_compat_arguments(api: str, num_params_buffers: int, keep_inference_input_mutations: bool) -> None:
-    """Validate the arguments kept for PyTorch compatibility.
+def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
+                    bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
+                    decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
+                    dynamic: bool | None = None, num_params_buffers: int = 0,
+                    keep_inference_input_mutations: bool = False,
+                    compiler_options: Mapping | None = None) -> AOTOptions:
+    """The :class:`AOTOptions` of one entry point's arguments, checked (``api`` names the entry point in errors).
 
     NOTE [PyTorch-compatible arguments]
     ``num_params_buffers`` tells PyTorch how many leading inputs are parameters or buffers (it uses that for
@@ -464,55 +435,24 @@ def _check_compat_arguments(api: str, num_params_buffers: int, keep_inference_in
     ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
     aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
     gives the caller the same result, so the flag changes nothing either.
+
+    :raises TypeError, ValueError: a bad argument (the message names it and what is accepted).
     """
     if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
         raise TypeError(f"aotcache.{api}: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
     if not isinstance(keep_inference_input_mutations, bool):
         raise TypeError(f"aotcache.{api}: keep_inference_input_mutations must be a bool, got "
                         f"{keep_inference_input_mutations!r}")
+    check_dynamic(dynamic, api)
+    return AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                      partition_fn=resolve_partition(partition_fn, api), decompositions=decompositions,
+                      inference_compiler=inference_compiler, dynamic=dynamic, compiler_options=compiler_options)
 
 
 def _function_name(fn: Any) -> str:
     """A readable name for listings (``aotcache ls``); never part of a key."""
     fn = getattr(fn, "__wrapped__", fn)
     return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
-
-
-def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,
-                 partition_fn: Callable | None = None, decompositions: Mapping | None = None,
-                 num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
-                 inference_compiler: Callable | str | None = None, *, dynamic: bool | None = None,
-                 cache: Any = True, on_capture_error: str = "fallback") -> AOTFunction:
-    """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
-
-    ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
-    compiler names (default: the nop compiler; backward and inference default to the forward compiler);
-    ``partition_fn`` splits the joint graph (default: ``aotcache.aot.partition.default_partition``);
-    ``decompositions`` is an op -> function table (default: the compiler's). ``dynamic=True`` traces with
-    symbolic sizes and reuses the graph across sizes that satisfy its guards; ``None`` (default) is
-    automatic: static first, a dimension that changes size becomes dynamic at the next compile; ``False``
-    compiles once per shape (NOTE [Dynamic dimensions]). ``cache``: True (the configured
-    compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
-    ``on_capture_error``: ``"fallback"`` (default) runs a call signature that cannot be captured through
-    torch.compile's graph breaks, or eagerly; ``"eager"`` runs it eagerly; ``"raise"`` raises its
-    ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
-
-    The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
-    ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
-    [PyTorch-compatible arguments]).
-    """
-    _check_compat_arguments("aot_function", num_params_buffers, keep_inference_input_mutations)
-    check_dynamic(dynamic, "aot_function")
-    partition_fn = resolve_partition(partition_fn, "aot_function")
-    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
-                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    compiled = AOTFunction(fn, options, cache=cache, on_capture_error=on_capture_error)
-    try:
-        compiled.__wrapped__ = fn  # type: ignore[attr-defined]
-        compiled.__doc__ = getattr(fn, "__doc__", None)
-    except AttributeError:
-        pass
-    return compiled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,25 +487,6 @@ def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
         for rnn, weights, refs in saved:
             rnn.__dict__["_flat_weights"] = weights
             rnn.__dict__["_flat_weight_refs"] = refs
-
-
-def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
-               bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
-               decompositions: Mapping | None = None, num_params_buffers: int = 0,
-               keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
-               dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback") -> AOTModule:
-    """Compile ``module`` with AOT Autograd; same options (``cache``, ``on_capture_error``) as
-    :func:`aot_function`."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
-                        f"use aot_function for plain functions")
-    _check_compat_arguments("aot_module", num_params_buffers, keep_inference_input_mutations)
-    check_dynamic(dynamic, "aot_module")
-    partition_fn = resolve_partition(partition_fn, "aot_module")
-    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
-                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic)
-    check_on_capture_error(on_capture_error, "aot_module")
-    return AOTModule(module, options, cache=cache, on_capture_error=on_capture_error)
 
 
 @contextlib.contextmanager
@@ -619,26 +540,15 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
             else value for value in example_inputs]
 
 
-def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
-                          bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
-                          decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
-                          inference_compiler: Callable | str | None = None, *,
-                          dynamic: bool = False, cache: Any = True,
-                          compiler_options: Mapping | None = None) -> Callable:
-    """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
-    ``example_inputs`` and return ``run(*flat_args)``.
+def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
+                         services: CompileServices, cache: Any = True) -> Callable:
+    """Compile Dynamo's graph ``gm`` now for its (possibly fake, symbolic) ``example_inputs`` and return
+    ``run(*flat_args)`` (the body of ``aotcache.aot_module_simplified``, the ``torch.compile`` backend form).
 
     Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
-    signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
-    [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
-    ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
-    PyTorch's (NOTE [PyTorch-compatible arguments]).
+    signatures is Dynamo's job (its guards), so exactly one graph is compiled; ``services.compile_graph`` may
+    load it from ``cache`` instead (NOTE [Compile services]).
     """
-    _check_compat_arguments("aot_module_simplified", 0, keep_inference_input_mutations)
-    partition_fn = resolve_partition(partition_fn, "aot_module_simplified")
-    options = AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
-                         decompositions=decompositions, inference_compiler=inference_compiler, dynamic=dynamic,
-                         compiler_options=compiler_options)
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)
@@ -660,17 +570,9 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
 
     example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
-    from aotcache.autograd_cache.cache import resolve_cache
-
-    resolved = resolve_cache(cache)
     with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"):
-        if resolved is None:
-            runtime = compile_function(flat_fn, example, options)
-        else:
-            from aotcache.autograd_cache.pipeline import compile_graph_module_cached
-
-            runtime = compile_graph_module_cached(resolved, gm, example_inputs, flat_fn, example, options,
-                                                  lifted_attributes=[*param_names, *buffer_names])
+        runtime = services.compile_graph(cache, gm, example_inputs, flat_fn, example, options,
+                                         [*param_names, *buffer_names])
 
     # NOTE [Call contract of aot_module_simplified]
     # The graph was captured for the example inputs' requires_grad (of every input, lifted parameters

@@ -169,16 +169,11 @@ def _raises(on_capture_error: str) -> bool:
 
 
 def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, owner: Any) -> Callable:
-    """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options and cache."""
-    from aotcache.aot.api import aot_module_simplified
+    """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options, services and cache."""
+    from aotcache.aot.api import compile_dynamo_graph
 
-    options = owner.options
     try:
-        return aot_module_simplified(gm, example_inputs, fw_compiler=options.fw_compiler,
-                                     bw_compiler=options.bw_compiler, partition_fn=options.partition_fn,
-                                     decompositions=options.decompositions,
-                                     inference_compiler=options.inference_compiler, dynamic=options.dynamic,
-                                     cache=owner.cache, compiler_options=options.compiler_options)
+        return compile_dynamo_graph(gm, example_inputs, owner.options, services=owner.services, cache=owner.cache)
     except CaptureError as exc:
         _count("region")
         _warn_once(owner, f"region:{exc.reason}",
@@ -242,8 +237,8 @@ def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
     plan = plan_synthetic_bases(flat_args, owner.options.dynamic)
     if plan is None:
         return None
-    inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, cache=owner.cache,
-                        on_capture_error="raise")
+    inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, services=owner.services,
+                        cache=owner.cache, on_capture_error="raise")
     inner.name = owner.name
     inner_args = plan.inner_arguments(flat_args)
     try:

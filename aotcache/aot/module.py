@@ -41,6 +41,7 @@ from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
+from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]
@@ -57,11 +58,11 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    def __init__(self, module: nn.Module, options: AOTOptions, cache: Any = True,
+    def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         super().__init__()
         # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
-        self.compiled = AOTFunction(_functional_module_call(module), options, cache=cache,
+        self.compiled = AOTFunction(_functional_module_call(module), options, services=services, cache=cache,
                                     on_capture_error=on_capture_error)
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
@@ -135,7 +136,7 @@ class AOTModule(nn.Module):
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
         reference model), with the same options and cache. Nothing compiled is copied: the copy's first call
         finds the graphs in the cache (or compiles them), since its parameters are graph inputs."""
-        clone = type(self)(copy.deepcopy(self.orig_module, memo), *self._wrapper_arguments())
+        clone = type(self)(copy.deepcopy(self.orig_module, memo), **self._wrapper_arguments())
         clone.training = self.training
         memo[id(self)] = clone
         return clone
@@ -149,9 +150,11 @@ class AOTModule(nn.Module):
                             f".orig_module) and wrap it again after loading")
         return (_unpickle_wrapper, (type(self), self.orig_module, arguments, self.training))
 
-    def _wrapper_arguments(self) -> tuple:
-        """The constructor's arguments after the module (subclasses with more arguments extend it)."""
-        return (self.compiled.options, self.compiled.cache)
+    def _wrapper_arguments(self) -> dict[str, Any]:
+        """The constructor's arguments after the module, by name (subclasses with more arguments extend it)."""
+        compiled = self.compiled
+        return {"options": compiled.options, "services": compiled.services, "cache": compiled.cache,
+                "on_capture_error": compiled.on_capture_error}
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
@@ -234,9 +237,9 @@ class AOTModule(nn.Module):
         return router
 
 
-def _unpickle_wrapper(cls: type, module: nn.Module, arguments: tuple, training: bool) -> AOTModule:
+def _unpickle_wrapper(cls: type, module: nn.Module, arguments: dict, training: bool) -> AOTModule:
     """Rebuild a pickled wrapper (see ``AOTModule.__reduce__``)."""
-    wrapper = cls(module, *arguments)
+    wrapper = cls(module, **arguments)
     wrapper.training = training
     return wrapper
 

@@ -1,0 +1,49 @@
+"""What an ``AOTFunction`` asks of the layers above it: program watching, guard checks, cached compiles.
+
+NOTE [Compile services]
+``aot/`` captures, partitions, compiles and runs graphs; it knows nothing of the compiled-graph cache, the
+call fingerprint or the program walker, which live in ``autograd_cache/`` (a layer above, that itself
+builds on ``aot/``). The public entry points that combine both (``aotcache.api``: ``aot_function``,
+``aot_module``, ``aot_module_simplified``; ``aotcache.compile``) hand every ``AOTFunction`` a
+:class:`CompileServices` object that does those parts, so no module under ``aot/`` imports the cache.
+``aotcache.compile`` passes a subclass that also checks its route records before a capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+__all__ = ["CompileServices", "WatchedProgram"]
+
+
+class WatchedProgram(Protocol):
+    """The program a function's graphs came from, as watched for in-process reuse (NOTE [Program guards])."""
+
+    digest: str  # part of every in-process signature: a changed program selects other graphs
+    untrusted: str | None  # why part of the program is guarded by identity only (None: seen whole)
+
+    def holds(self) -> bool:
+        """Whether nothing watched changed since the walk (cheap; checked on every call)."""
+
+
+class CompileServices(Protocol):
+    """The services an :class:`~aotcache.aot.api.AOTFunction` and the Dynamo-graph form call (NOTE [Compile
+    services]); ``cache`` is the user's ``cache=`` argument, opaque to ``aot/``."""
+
+    def watch_program(self, target: Callable, module: Any) -> WatchedProgram:
+        """Walk ``target`` (or ``module``, for an ``aot_module``) and return what guards its in-process reuse."""
+
+    def guards_hold(self, runtime: Any, graph_args: Sequence[Any]) -> bool:
+        """Whether the symbolic-shape guards of ``runtime`` (a dynamic graph) admit ``graph_args``."""
+
+    def compile_call(self, function: Any, flat_fn: Callable, flat_args: list, in_spec: Any, options: Any) -> Any:
+        """The runtime of one new call signature of ``function`` (an ``AOTFunction``): loaded from its cache,
+        or captured, partitioned and compiled (and stored).
+
+        :raises CaptureError: the call cannot be captured.
+        """
+
+    def compile_graph(self, cache: Any, gm: Any, example_inputs: Sequence[Any], flat_fn: Callable,
+                      flat_example: Sequence[Any], options: Any, lifted_attributes: Sequence[str]) -> Any:
+        """The runtime of a Dynamo graph ``gm`` (``aot_module_simplified``), loaded or compiled and stored."""

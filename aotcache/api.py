@@ -1,0 +1,185 @@
+"""The public AOT Autograd entry points, with the compiled-graph cache: ``aot_function``, ``aot_module``,
+``aot_module_simplified`` (and the two exports, which need no cache).
+
+This module sits above ``aot/`` (capture, partition, compile, run) and ``autograd_cache/`` (keys, entries,
+fingerprints, program guards) and joins them through :class:`CachedCompileServices` (NOTE [Compile
+services] in ``aot/services.py``); neither package imports it.
+
+NOTE [Compiled-graph cache]
+``aot_function`` / ``aot_module`` / ``aot_module_simplified`` take ``cache=True`` (default: the configured
+tiers, see :func:`aotcache.autograd_cache.cache.default_cache`), ``False`` (off) or an
+:class:`~aotcache.autograd_cache.cache.AOTAutogradCache`. With a cache, a new signature first computes its
+call fingerprint (no tracing; a trusted one finds the entry through its alias record, NOTE [Warm start]);
+otherwise it captures, the key is computed from the captured graph, and partition and compile are replaced
+by a load when an entry exists (:mod:`aotcache.autograd_cache.pipeline`, docs/cache.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from aotcache.aot.api import AOTFunction, AOTOptions, checked_options, compile_dynamo_graph, compile_function
+from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module
+from aotcache.aot.fallback import check_on_capture_error
+from aotcache.aot.module import AOTModule
+from aotcache.aot.runtime import CompiledRuntime
+
+__all__ = ["CachedCompileServices", "SERVICES", "aot_function", "aot_module", "aot_module_simplified",
+           "aot_export_module", "aot_export_joint_simple", "ExportSignature"]
+
+
+class CachedCompileServices:
+    """The :class:`~aotcache.aot.services.CompileServices` of the public entry points: program guards from the
+    fingerprint's walker, the restricted guard evaluator, and compiles through the fingerprint and the cache.
+
+    Stateless apart from a lazily made ShapeEnv, so one instance (:data:`SERVICES`) serves every function.
+    """
+
+    def __init__(self) -> None:
+        self._guard_env: Any = None
+
+    def __reduce__(self) -> Any:  # in a pickled wrapper: a fresh instance (the ShapeEnv is made again on use)
+        return (type(self), ())
+
+    def watch_program(self, target: Callable, module: Any) -> Any:
+        from aotcache.autograd_cache.program_guards import watch_program
+
+        return watch_program(target, module)
+
+    def guards_hold(self, runtime: CompiledRuntime, graph_args: Sequence[Any]) -> bool:
+        # NOTE [Guards are never eval'ed when they may come from a store]: the restricted evaluator of
+        # aotcache.autograd_cache.guards handles the guard expressions the ShapeEnv prints; only guards this
+        # process produced itself fall back to torch's evaluator (which evals) if that grammar does not cover them.
+        from aotcache.autograd_cache.guards import GuardExpressionError, evaluate_guards
+
+        try:
+            return evaluate_guards(runtime.metadata.guards, graph_args)
+        except GuardExpressionError:
+            if getattr(runtime, "from_cache", False):
+                return False
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        if self._guard_env is None:
+            self._guard_env = ShapeEnv()
+        return bool(self._guard_env.evaluate_guards_expression(runtime.metadata.guards, list(graph_args)))
+
+    def compile_call(self, function: AOTFunction, flat_fn: Callable, flat_args: list, in_spec: Any,
+                     options: AOTOptions) -> CompiledRuntime:
+        from aotcache.autograd_cache.cache import resolve_cache
+
+        cache = resolve_cache(function.cache)
+        if cache is None:
+            return compile_function(flat_fn, flat_args, options)
+        from aotcache.autograd_cache.fingerprint_cache import compile_with_fingerprint, fingerprint_of
+        from aotcache.autograd_cache.pipeline import compile_function_cached
+
+        # NOTE [Warm start]: a trusted call fingerprint finds the entry without capturing (fingerprint_cache)
+        fingerprint = fingerprint_of(function, flat_args, in_spec, options)
+
+        def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
+            self.before_capture(function, target_cache, fingerprint)
+            return compile_function_cached(target_cache, flat_fn, flat_args, options, name=function.name,
+                                           memo=function.key_memo, on_key=on_key)
+
+        return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
+
+    def before_capture(self, function: AOTFunction, cache: Any, fingerprint: Any) -> None:
+        """Called when a call of ``function`` must be captured (no entry found through ``fingerprint``)."""
+
+    def compile_graph(self, cache: Any, gm: nn.Module, example_inputs: Sequence[Any], flat_fn: Callable,
+                      flat_example: Sequence[Any], options: AOTOptions,
+                      lifted_attributes: Sequence[str]) -> CompiledRuntime:
+        from aotcache.autograd_cache.cache import resolve_cache
+
+        resolved = resolve_cache(cache)
+        if resolved is None:
+            return compile_function(flat_fn, flat_example, options)
+        from aotcache.autograd_cache.pipeline import compile_graph_module_cached
+
+        return compile_graph_module_cached(resolved, gm, example_inputs, flat_fn, flat_example, options,
+                                           lifted_attributes=lifted_attributes)
+
+
+SERVICES = CachedCompileServices()
+
+
+def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,
+                 partition_fn: Callable | str | None = None, decompositions: Mapping | None = None,
+                 num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
+                 inference_compiler: Callable | str | None = None, *, dynamic: bool | None = None,
+                 cache: Any = True, on_capture_error: str = "fallback") -> AOTFunction:
+    """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
+
+    ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
+    compiler names (default: the nop compiler; backward and inference default to the forward compiler);
+    ``partition_fn`` splits the joint graph (default: ``aotcache.aot.partition.default_partition``; also
+    ``"default"`` / ``"min_cut"``); ``decompositions`` is an op -> function table (default: the compiler's).
+    ``dynamic=True`` traces with symbolic sizes and reuses the graph across sizes that satisfy its guards;
+    ``None`` (default) is automatic: static first, a dimension that changes size becomes dynamic at the next
+    compile; ``False`` compiles once per shape (NOTE [Dynamic dimensions]). ``cache``: True (the configured
+    compiled-graph cache), False (off) or an ``AOTAutogradCache`` (see NOTE [Compiled-graph cache]).
+    ``on_capture_error``: ``"fallback"`` (default) runs a call signature that cannot be captured through
+    torch.compile's graph breaks, or eagerly; ``"eager"`` runs it eagerly; ``"raise"`` raises its
+    ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
+
+    The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
+    ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
+    [PyTorch-compatible arguments]).
+    """
+    options = checked_options("aot_function", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                              partition_fn=partition_fn, decompositions=decompositions,
+                              inference_compiler=inference_compiler, dynamic=dynamic,
+                              num_params_buffers=num_params_buffers,
+                              keep_inference_input_mutations=keep_inference_input_mutations)
+    compiled = AOTFunction(fn, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
+    try:
+        compiled.__wrapped__ = fn  # type: ignore[attr-defined]
+        compiled.__doc__ = getattr(fn, "__doc__", None)
+    except AttributeError:
+        pass
+    return compiled
+
+
+def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
+               bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
+               decompositions: Mapping | None = None, num_params_buffers: int = 0,
+               keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
+               dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback") -> AOTModule:
+    """Compile ``module`` with AOT Autograd into a drop-in wrapper (:class:`~aotcache.aot.module.AOTModule`);
+    same options (``cache``, ``on_capture_error``) as :func:`aot_function`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
+                        f"use aot_function for plain functions")
+    options = checked_options("aot_module", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                              partition_fn=partition_fn, decompositions=decompositions,
+                              inference_compiler=inference_compiler, dynamic=dynamic,
+                              num_params_buffers=num_params_buffers,
+                              keep_inference_input_mutations=keep_inference_input_mutations)
+    check_on_capture_error(on_capture_error, "aot_module")
+    return AOTModule(module, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
+
+
+def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
+                          bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
+                          decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
+                          inference_compiler: Callable | str | None = None, *,
+                          dynamic: bool = False, cache: Any = True,
+                          compiler_options: Mapping | None = None) -> Callable:
+    """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
+    ``example_inputs`` and return ``run(*flat_args)``.
+
+    Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
+    signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
+    [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
+    ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
+    PyTorch's (NOTE [PyTorch-compatible arguments]).
+    """
+    options = checked_options("aot_module_simplified", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                              partition_fn=partition_fn, decompositions=decompositions,
+                              inference_compiler=inference_compiler, dynamic=dynamic,
+                              keep_inference_input_mutations=keep_inference_input_mutations,
+                              compiler_options=compiler_options)
+    return compile_dynamo_graph(gm, example_inputs, options, services=SERVICES, cache=cache)
