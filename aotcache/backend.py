@@ -51,16 +51,17 @@ def _partition_fn(partition: str | Callable) -> Callable:
 
 def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compiler: str | Callable | None = None,
                      dynamic: bool | None = None, cache: Any = True, partition: str | Callable = "default",
-                     compiler_options: Mapping[str, Any] | None = None,
+                     compiler_options: Mapping[str, Any] | None = None, mode: str | None = None,
                      options: Mapping[str, Any] | None = None) -> Callable:
     """Compile Dynamo's ``gm`` for ``example_inputs`` with aotcache; returns the function Dynamo calls.
 
     ``compiler``: "inductor", "aoti", "nop" or a compiler callable (default: NOTE [default compiler]);
     ``partition``: "default" or "min_cut"; ``cache``: True / False / an ``AOTAutogradCache``;
-    ``compiler_options``: passed to a named compiler (e.g. Inductor config overrides); ``options``: the same
-    settings as a dict (``torch.compile(..., options=...)``).
+    ``compiler_options``: passed to a named compiler (e.g. Inductor config overrides); ``mode``: torch.compile's
+    ``mode=``, as Inductor settings under the compiler options (NOTE [torch.compile modes]); ``options``: the
+    same settings as a dict (``torch.compile(..., options=...)``).
 
-    :raises ValueError: an unknown option, compiler or partition name.
+    :raises ValueError: an unknown option, compiler, mode or partition name.
     """
     settings: dict[str, Any] = {"compiler": compiler, "dynamic": dynamic, "cache": cache, "partition": partition,
                                 "compiler_options": compiler_options}
@@ -76,7 +77,9 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         if chosen not in COMPILER_NAMES:
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
     from aotcache.api import aot_module_simplified
+    from aotcache.compilers.base import options_with_mode
 
+    compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
     return aot_module_simplified(gm, example_inputs, fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
                                  dynamic=bool(settings["dynamic"]), cache=settings["cache"],
-                                 compiler_options=settings["compiler_options"])
+                                 compiler_options=compiler_options)

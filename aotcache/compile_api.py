@@ -28,6 +28,7 @@ from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule
 from aotcache.api import CachedCompileServices
 from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
+from aotcache.compilers.base import options_with_mode
 from aotcache.logs import log_once, logger
 
 __all__ = ["compile", "CompiledModule", "CompiledFunction"]
@@ -211,7 +212,8 @@ def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> 
 
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,
             partition_fn: str | Callable = "default", cache: Any = True, fullgraph: bool = False,
-            options: Mapping[str, Any] | None = None, disable: bool = False) -> Any:
+            mode: str | None = None, options: Mapping[str, Any] | None = None, disable: bool = False,
+            backend: Any = None) -> Any:
     """Compile ``model`` (an ``nn.Module`` or a function) with aotcache, as ``torch.compile`` would.
 
     The whole call is captured by AOT Autograd when it can be (the fastest warm start: no Dynamo, no trace);
@@ -223,26 +225,32 @@ def compile(model: Any = None, *, compiler: str | Callable | None = None, dynami
     Inductor when a C++ compiler is on PATH, else nop); ``dynamic``: True, False or None (automatic);
     ``partition_fn``: ``"default"``, ``"min_cut"`` or a partition function; ``cache``: True (the configured
     tiers), False, or an ``AOTAutogradCache``; ``fullgraph=True``: a capture failure is an error instead of
-    a fallback; ``options``: settings of the named compiler (e.g. Inductor config); ``disable=True`` returns
-    ``model`` unchanged. With ``model`` omitted, returns a decorator.
+    a fallback; ``mode``: torch.compile's mode names (``"max-autotune"``, ...), as Inductor settings (NOTE
+    [torch.compile modes]); ``options``: settings of the named compiler (e.g. Inductor config, over the mode's);
+    ``disable=True`` returns ``model`` unchanged. With ``model`` omitted, returns a decorator. ``backend`` is
+    torch.compile's and refused with a message: the compiler is chosen with ``compiler=``.
 
     :raises TypeError, ValueError: a bad option (the message names it and the accepted values).
     """
+    if backend is not None:
+        raise TypeError(f"aotcache.compile has no backend= (got {backend!r}): choose the compiler with "
+                        f"compiler='inductor', 'aoti' or 'nop', or use torch.compile(model, backend='aotcache')")
     _check_options(compiler, dynamic, partition_fn, fullgraph, options)
     if model is None:
         return functools.partial(compile, compiler=compiler, dynamic=dynamic, partition_fn=partition_fn,
-                                 cache=cache, fullgraph=fullgraph, options=options, disable=disable)
+                                 cache=cache, fullgraph=fullgraph, mode=mode, options=options, disable=disable)
     if disable:
         return model
     from aotcache.aot.partition import resolve_partition
     from aotcache.backend import aotcache_backend, default_compiler_name
 
     chosen = compiler if compiler is not None else default_compiler_name()
+    compiler_options = options_with_mode(chosen, mode, options, "aotcache.compile")
     partition = resolve_partition("default" if partition_fn is None else partition_fn, "compile")
     aot_options = AOTOptions(fw_compiler=chosen, partition_fn=partition, dynamic=dynamic,  # type: ignore[arg-type]
-                             compiler_options=dict(options) if options else None)
+                             compiler_options=compiler_options)
     backend = functools.partial(aotcache_backend, compiler=chosen, dynamic=dynamic, cache=cache,
-                                partition=partition, compiler_options=dict(options) if options else None)
+                                partition=partition, compiler_options=compiler_options)
     if isinstance(model, nn.Module):
         return CompiledModule(model, aot_options, cache, fullgraph, backend)
     if callable(model):

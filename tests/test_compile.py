@@ -159,6 +159,8 @@ def test_the_compiled_module_is_a_drop_in():
     ({"compiler": 3}, "compiler must be a name or a callable"),
     ({"partition_fn": "fast"}, "aotcache.compile: unknown partition_fn 'fast'"),
     ({"fullgraph": 1}, "fullgraph must be a bool"),
+    ({"mode": "fastest"}, "aotcache.compile: unknown mode 'fastest'; use one of default, reduce-overhead"),
+    ({"backend": "inductor"}, "aotcache.compile has no backend=.*compiler='inductor'"),
 ])
 def test_bad_options_are_refused_naming_the_option(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -203,3 +205,25 @@ def test_a_route_record_is_read_only_when_the_fingerprint_finds_no_entry(monkeyp
     assert reads == [1]  # cold: no entry yet, so the record is looked for before the capture
     aotcache.compile(model, compiler="nop")(x)
     assert reads == [1]  # warm: the fingerprint's alias found the entry
+
+
+@pytest.mark.parametrize("mode", ["max-autotune", "reduce-overhead", "default"])
+def test_torch_compile_modes_are_accepted_by_compile_and_the_backend(mode):
+    """Code ported from torch.compile keeps its mode= (NOTE [torch.compile modes]); nop takes no options."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+    from aotcache.compilers.base import options_with_mode
+
+    model = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    compiled = aotcache.compile(model, compiler="nop", mode=mode, cache=False)
+    torch.testing.assert_close(compiled(x), model(x))
+    torch._dynamo.reset()
+    dynamo = torch.compile(model, backend=functools.partial(aotcache_backend, compiler="nop", cache=False), mode=mode)
+    torch.testing.assert_close(dynamo(x), model(x))
+    # for Inductor they are its settings, under the user's own options
+    expected = {"max_autotune": True, "coordinate_descent_tuning": True} if mode == "max-autotune" else None
+    assert options_with_mode("inductor", mode, None, "test") == expected
+    assert options_with_mode("inductor", mode, {"max_autotune": False}, "test") == {
+        **(expected or {}), "max_autotune": False}

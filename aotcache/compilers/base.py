@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ __all__ = [
     "load_artifact",
     "get_compiler",
     "COMPILER_NAMES",
+    "COMPILE_MODES",
+    "options_with_mode",
 ]
 
 ARTIFACT_MAGIC = b"AOTA"
@@ -116,6 +119,45 @@ _COMPILERS: dict[str, tuple[str, str, str]] = {
     "aoti": ("aotcache.compilers.aoti", "aoti_compiler", "load"),
 }
 COMPILER_NAMES = tuple(_COMPILERS)
+
+# NOTE [torch.compile modes]
+# ``mode=`` of torch.compile names a set of Inductor settings. aotcache.compile and the backend accept the same
+# names so code ported from torch.compile runs unchanged; for the Inductor-based compilers (inductor, aoti)
+# they become config overrides (the options the user passes win), part of the key like any other option.
+# aotcache does not capture CUDA graphs, so the cudagraphs part of "reduce-overhead" and "max-autotune" is
+# left out (logged once): the graphs run without them, with the same results. Written out here rather than
+# read from ``torch._inductor.list_mode_options``, whose import costs over a second on every warm start.
+_MODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "reduce-overhead": {},
+    "max-autotune-no-cudagraphs": {"max_autotune": True, "coordinate_descent_tuning": True},
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+_MODES_WITH_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")
+COMPILE_MODES = tuple(_MODE_OPTIONS)
+
+
+def options_with_mode(compiler: Any, mode: str | None, options: Any, api: str) -> dict[str, Any] | None:
+    """The options a named ``compiler`` gets for torch.compile's ``mode`` plus the user's ``options`` (which
+    win); None when there are none (NOTE [torch.compile modes]).
+
+    :raises ValueError: an unknown mode (the message lists the accepted ones).
+    """
+    if mode is None:
+        return dict(options) if options else None
+    if mode not in _MODE_OPTIONS:
+        raise ValueError(f"{api}: unknown mode {mode!r}; use one of {', '.join(COMPILE_MODES)} or None")
+    from aotcache.logs import log_once
+
+    if mode in _MODES_WITH_CUDA_GRAPHS:
+        log_once(logging.INFO, f"mode:cudagraphs:{mode}", "%s: mode=%r: aotcache does not capture CUDA graphs; "
+                 "its Inductor settings apply, the graphs run without CUDA graphs (same results)", api, mode)
+    if compiler not in ("inductor", "aoti"):
+        log_once(logging.INFO, f"mode:compiler:{compiler!r}", "%s: mode=%r sets Inductor options; the %s "
+                 "compiler takes none, so it changes nothing", api, mode, compiler)
+        return dict(options) if options else None
+    merged = {**_MODE_OPTIONS[mode], **(options or {})}
+    return merged or None
 
 
 def get_compiler(name: str) -> Compiler:
