@@ -238,8 +238,7 @@ def _run_fresh(side: str, model: str, root: Path, timeout: float, threads: int, 
     # NOTE [bytecode, not a prefix]: installed packages come with bytecode; a PYTHONPYCACHEPREFIX would hide
     # torch's, and the first process of a run would compile the bytecode of every torch module it imports
     # lazily (seconds for Dynamo and Inductor), charged to whichever side runs first. So no prefix: torch's
-    # own __pycache__ is used and aotcache's is written beside its sources once (main() precompiles it).
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # own __pycache__ is read, and aotcache's, which main() writes beside its sources before the runs.
     env.pop("PYTHONPYCACHEPREFIX", None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
