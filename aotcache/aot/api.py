@@ -141,7 +141,7 @@ class AOTOptions:
     def warm_up_compilers(self, example_inputs: Sequence[Any]) -> None:
         """Before a compile: let the compilers that have a ``warm_up`` start their background work (Inductor's
         worker pool for GPU graphs, NOTE [warming the compile workers] in compilers/inductor.py)."""
-        for compiler in (self.forward_compiler(), self.backward_compiler()):
+        for compiler in (self.forward_compiler(), self.backward_compiler(), self.inference_compiler_fn()):
             hook = getattr(compiler, "warm_up", None)  # aotcache's compilers only: a user's may mean else
             if callable(hook) and str(getattr(compiler, "__module__", "")).startswith("aotcache.compilers."):
                 hook(example_inputs)
