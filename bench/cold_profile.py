@@ -6,7 +6,9 @@ Every run is a fresh Python process with an empty aotcache store (``AOTCACHE_CAC
 
 * ``ours``: ``aotcache.aot_module(model, fw_compiler="inductor")``; stage times from aotcache's compile stages
   (NOTE [Stage times] in ``aotcache/progress.py``);
-* ``tc``: ``torch.compile(model)``.
+* ``tc``: ``torch.compile(model)``;
+* ``ours_nowarm`` (only with ``--sides``): ``ours`` with ``TORCH_WARM_POOL=0``: Inductor's compile worker pool is
+  not started early, as before NOTE [warming the compile workers]; the same as ``ours`` on the CPU.
 
 Both sides' Inductor work is split with PyTorch's own compile timers (``torch._dynamo.utils
 .compilation_time_metrics``, recorded by ``dynamo_timed``), which time the same Inductor functions on both sides:
@@ -45,6 +47,9 @@ RESULTS_PATH = REPO_ROOT / "bench" / "results" / "cold_profile.json"
 CUDA_RESULTS_PATH = REPO_ROOT / "bench" / "results" / "cold_profile_cuda.json"
 MODELS = ["transformer_encoder", "llama_tiny"]
 SIDES = ["ours", "tc"]
+# ours_nowarm: ours with TORCH_WARM_POOL=0, so Inductor's worker pool is not started early (NOTE [warming the
+# compile workers] in aotcache/compilers/inductor.py): the behaviour before that fix, to compare on a GPU
+ALL_SIDES = [*SIDES, "ours_nowarm"]
 
 # (row key, label in the table): "fw."/"bw." rows split the forward/backward compile the same way on both sides
 ROWS = [
@@ -53,9 +58,9 @@ ROWS = [
     ("decomposed_capture", "capture (decompositions)"), ("joint_passes", "joint graph passes"),
     ("partition", "partition"),
     ("forward", "forward compile"), ("fw.lowering", "  lowering"), ("fw.codegen", "  codegen"),
-    ("fw.load", "  load + kernel compile"), ("fw.pool_wait", "    worker pool wait"),
+    ("fw.load", "  load + kernel compile"), ("fw.pool_wait", "    wait for kernel compiles"),
     ("backward", "backward compile"), ("bw.lowering", "  lowering"), ("bw.codegen", "  codegen"),
-    ("bw.load", "  load + kernel compile"), ("bw.pool_wait", "    worker pool wait"),
+    ("bw.load", "  load + kernel compile"), ("bw.pool_wait", "    wait for kernel compiles"),
     ("vec_isa_probe", "vector-ISA probe (in codegen)"), ("store", "store"), ("other", "other"),
 ]
 _INDUCTOR_ROWS = {"lowering": "GraphLowering.run", "codegen": "GraphLowering.codegen",
@@ -164,7 +169,7 @@ def run_child(side: str, model_name: str) -> dict[str, Any]:
         result["counts"]["worker_pool_started"] = AsyncCompile.process_pool.cache_info().currsize > 0
     except (ImportError, AttributeError):
         pass
-    if side == "ours":
+    if side.startswith("ours"):
         from aotcache.autograd_cache.cache import default_cache
 
         counters_ours = default_cache().stats()
@@ -187,7 +192,7 @@ def _rows(side: str, result: dict[str, Any], metrics: dict[str, list[float]]) ->
         for row, name in _INDUCTOR_ROWS.items():
             rows[prefix + row] = _split(metrics, name, index)
     rows["vec_isa_probe"] = result["vec_isa_probe_s"] or None
-    if side == "ours":
+    if side.startswith("ours"):
         stages: dict[str, float] = {}
         for compile_stages in result["stages"]:
             for name, seconds in compile_stages.items():
@@ -235,6 +240,8 @@ def _run_fresh(side: str, model: str, root: Path, timeout: float, threads: int, 
     env["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir / "inductor")
     env["TRITON_CACHE_DIR"] = str(run_dir / "triton")
     env["COLD_PROFILE_DEVICE"] = device
+    if side == "ours_nowarm":
+        env["TORCH_WARM_POOL"] = "0"
     # NOTE [bytecode, not a prefix]: installed packages come with bytecode; a PYTHONPYCACHEPREFIX would hide
     # torch's, and the first process of a run would compile the bytecode of every torch module it imports
     # lazily (seconds for Dynamo and Inductor), charged to whichever side runs first. So no prefix: torch's
@@ -260,31 +267,35 @@ def _fmt(value: float | None) -> str:
 
 
 def print_table(models: dict[str, dict[str, Any]]) -> None:
-    """Per model: stage -> seconds, ours and torch.compile side by side, and the counts."""
+    """Per model: stage -> seconds, one column per side (ours, torch.compile, ...), and the counts."""
+    titles = {"ours": "ours", "tc": "torch.compile", "ours_nowarm": "ours, no warm-up"}
     for model, sides in models.items():
-        ours, tc = sides.get("ours", {}), sides.get("tc", {})
+        names = [side for side in ALL_SIDES if side in sides]
         print(f"\n{model}: cold first training step, seconds (aot_module inductor vs torch.compile)")
-        if "error" in ours or "error" in tc:
-            print(f"  ours: {ours.get('error', 'ok')}   tc: {tc.get('error', 'ok')}")
-        print(f"  {'stage':<30}{'ours':>9}{'torch.compile':>15}")
+        for side in names:
+            if "error" in sides[side]:
+                print(f"  {side}: {sides[side]['error']}")
+        print(f"  {'stage':<30}" + "".join(f"{titles[side]:>18}" for side in names))
         for key, label in ROWS:
-            a, b = ours.get("rows", {}).get(key), tc.get("rows", {}).get(key)
-            if a is None and b is None:
+            values = [sides[side].get("rows", {}).get(key) for side in names]
+            if all(value is None for value in values):
                 continue
-            print(f"  {label:<30}{_fmt(a):>9}{_fmt(b):>15}")
-        first_ours, first_tc = ours.get("first_s"), tc.get("first_s")
-        if first_ours and first_tc:
-            print(f"  {'ratio ours / torch.compile':<30}{first_ours / first_tc:>9.2f}")
+            print(f"  {label:<30}" + "".join(f"{_fmt(value):>18}" for value in values))
+        first_tc = sides.get("tc", {}).get("first_s")
+        if first_tc:
+            print(f"  {'first step / torch.compile':<30}" + "".join(
+                f"{(sides[side].get('first_s') or float('nan')) / first_tc:>18.2f}" for side in names))
         for name in ("inductor_compiles", "cpp_builds", "triton_serial_compiles", "triton_async_misses",
                      "worker_pool_started"):
-            print(f"  {'count: ' + name:<30}{str(ours.get('counts', {}).get(name, '-')):>9}"
-                  f"{str(tc.get('counts', {}).get(name, '-')):>15}")
+            print(f"  {'count: ' + name:<30}" + "".join(
+                f"{str(sides[side].get('counts', {}).get(name, '-')):>18}" for side in names))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, default {','.join(MODELS)}")
-    parser.add_argument("--sides", default=",".join(SIDES), help="ours,tc (default both)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated subset of {','.join(ALL_SIDES)} (default ours,tc)")
     parser.add_argument("--reps", type=int, default=1, help="fresh runs per side (interleaved); median kept")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per fresh process")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (0: leave unset)")
@@ -299,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_child(args.child, args.model)))
         return 0
     models, sides = args.models.split(","), args.sides.split(",")
-    unknown = [s for s in sides if s not in SIDES]
+    unknown = [s for s in sides if s not in ALL_SIDES]
     if unknown:
-        parser.error(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
+        parser.error(f"unknown side(s) {unknown}; choose from {', '.join(ALL_SIDES)}")
     output = args.output or (CUDA_RESULTS_PATH if args.device == "cuda" else RESULTS_PATH)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO_ROOT).stdout.strip()

@@ -16,7 +16,8 @@
 # Knobs: DEVICE_CHECK_MODELS (comma list; the zoo models plus llama_tiny), DEVICE_CHECK_MODES (bench rows, in
 # order), DEVICE_CHECK_TEST_S (default 220), DEVICE_CHECK_BENCH_S (default 260), DEVICE_CHECK_COLD_S (default 0:
 # step 3 skipped; e.g. DEVICE_CHECK_TEST_S=0 DEVICE_CHECK_BENCH_S=0 DEVICE_CHECK_COLD_S=400 runs only step 3),
-# DEVICE_CHECK_COLD_MODELS. Results of step 3: $OUT/cold_profile.log, cold_profile_cuda.json.
+# DEVICE_CHECK_COLD_MODELS, DEVICE_CHECK_COLD_SIDES (default tc,ours,ours_nowarm: the last is ours without the
+# early worker-pool start, i.e. before that fix). Results of step 3: $OUT/cold_profile.log, cold_profile_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,7 @@ TEST_S=${DEVICE_CHECK_TEST_S:-220}
 BENCH_S=${DEVICE_CHECK_BENCH_S:-260}
 COLD_S=${DEVICE_CHECK_COLD_S:-0}
 COLD_MODELS=${DEVICE_CHECK_COLD_MODELS:-llama_tiny}
+COLD_SIDES=${DEVICE_CHECK_COLD_SIDES:-tc,ours,ours_nowarm}
 # most telling rows first: the JSON is rewritten after every row, so a run cut short keeps what it measured
 MODES=${DEVICE_CHECK_MODES:-tc_cold,tc_warm,aot_inductor_cold,aot_inductor_warm,aot_cold,aot_warm,dynamo_floor,backend_cold,backend_warm}
 
@@ -85,8 +87,8 @@ fi
 
 # 3. the cold-compile profile (stage -> seconds, ours vs torch.compile; docs/compilers.md "Where the cold time goes")
 if (( COLD_S > 0 )); then
-    timeout "$COLD_S" python3 bench/cold_profile.py --device cuda --models "$COLD_MODELS" --timeout 200 \
-        --output "$OUT/cold_profile_cuda.json" 2>&1 | tee "$OUT/cold_profile.log"
+    timeout "$COLD_S" python3 bench/cold_profile.py --device cuda --models "$COLD_MODELS" --sides "$COLD_SIDES" \
+        --timeout 200 --output "$OUT/cold_profile_cuda.json" 2>&1 | tee "$OUT/cold_profile.log"
     echo "cold_profile exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/cold_profile.log"
 fi
 ls -la "$OUT"
