@@ -5,6 +5,8 @@
 # leaves its output under $OUT even when a later one runs out of time:
 #   1. the `cuda` tests (tests/compilers/test_cuda.py)                                   ~3 min
 #   2. bench/warmstart.py --device cuda on DEVICE_CHECK_MODELS (default llama_tiny)      ~4.5 min
+#   3. (optional, DEVICE_CHECK_COLD_S > 0) bench/cold_profile.py --device cuda on DEVICE_CHECK_COLD_MODELS
+#      (default llama_tiny): where the cold compile time goes, ours vs torch.compile      ~2 min per model
 # Results (at most 8 files, as the device tool returns): $OUT/env.txt, cuda_tests.log, warmstart.log,
 # warmstart_cuda.json. Copy warmstart_cuda.json to bench/results/ afterwards.
 #
@@ -12,7 +14,10 @@
 #   here, once:   bash bench/device_check.sh --prepare          (downloads them into .whl/, which git ignores)
 #   device tool:  run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=560)
 # Knobs: DEVICE_CHECK_MODELS (comma list; the zoo models plus llama_tiny), DEVICE_CHECK_MODES (bench rows, in
-# order), DEVICE_CHECK_TEST_S (default 220), DEVICE_CHECK_BENCH_S (default 260).
+# order), DEVICE_CHECK_TEST_S (default 220), DEVICE_CHECK_BENCH_S (default 260), DEVICE_CHECK_COLD_S (default 0:
+# step 3 skipped; e.g. DEVICE_CHECK_TEST_S=0 DEVICE_CHECK_BENCH_S=0 DEVICE_CHECK_COLD_S=400 runs only step 3),
+# DEVICE_CHECK_COLD_MODELS, DEVICE_CHECK_COLD_SIDES (default tc,ours,ours_nowarm: the last is ours without the
+# early worker-pool start, i.e. before that fix). Results of step 3: $OUT/cold_profile.log, cold_profile_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +35,9 @@ export PYTHONUNBUFFERED=1
 MODELS=${DEVICE_CHECK_MODELS:-llama_tiny}
 TEST_S=${DEVICE_CHECK_TEST_S:-220}
 BENCH_S=${DEVICE_CHECK_BENCH_S:-260}
+COLD_S=${DEVICE_CHECK_COLD_S:-0}
+COLD_MODELS=${DEVICE_CHECK_COLD_MODELS:-llama_tiny}
+COLD_SIDES=${DEVICE_CHECK_COLD_SIDES:-tc,ours,ours_nowarm}
 # most telling rows first: the JSON is rewritten after every row, so a run cut short keeps what it measured
 MODES=${DEVICE_CHECK_MODES:-tc_cold,tc_warm,aot_inductor_cold,aot_inductor_warm,aot_cold,aot_warm,dynamo_floor,backend_cold,backend_warm}
 
@@ -63,13 +71,24 @@ print('aotcache', aotcache.__file__)" 2>&1
 cat "$OUT/env.txt"
 
 # 1. the cuda tests (each compiles for real: Inductor, AOTInductor, Triton)
-timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10 \
-    tests/compilers/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
-echo "cuda tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/cuda_tests.log"
+if (( TEST_S > 0 )); then
+    timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10 \
+        tests/compilers/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+    echo "cuda tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/cuda_tests.log"
+fi
 
 # 2. the warm-start benchmark on the GPU: fresh processes, aotcache's warm side with empty Inductor and Triton
 #    caches (NOTE [GPU runs] in bench/warmstart.py)
-timeout "$BENCH_S" python3 bench/warmstart.py --device cuda --models "$MODELS" --modes "$MODES" --timeout 150 \
-    --output "$OUT/warmstart_cuda.json" 2>&1 | tee "$OUT/warmstart.log"
-echo "warmstart exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/warmstart.log"
+if (( BENCH_S > 0 )); then
+    timeout "$BENCH_S" python3 bench/warmstart.py --device cuda --models "$MODELS" --modes "$MODES" --timeout 150 \
+        --output "$OUT/warmstart_cuda.json" 2>&1 | tee "$OUT/warmstart.log"
+    echo "warmstart exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/warmstart.log"
+fi
+
+# 3. the cold-compile profile (stage -> seconds, ours vs torch.compile; docs/compilers.md "Where the cold time goes")
+if (( COLD_S > 0 )); then
+    timeout "$COLD_S" python3 bench/cold_profile.py --device cuda --models "$COLD_MODELS" --sides "$COLD_SIDES" \
+        --timeout 200 --output "$OUT/cold_profile_cuda.json" 2>&1 | tee "$OUT/cold_profile.log"
+    echo "cold_profile exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/cold_profile.log"
+fi
 ls -la "$OUT"

@@ -224,6 +224,9 @@ def snapshot_sources(target: Path) -> Path:
     for name in ("tests/__init__.py", "tests/aot/__init__.py", "tests/aot/zoo.py"):
         if (REPO_ROOT / name).exists():  # tests/ may be a namespace package
             shutil.copy2(REPO_ROOT / name, target / name)
+    import compileall
+
+    compileall.compile_dir(str(target), quiet=1)  # NOTE [bytecode]
     return target
 
 
@@ -247,10 +250,13 @@ def _run_fresh(mode: str, model: str, dirs: dict[str, Path], timeout: float, thr
     env["WARMSTART_BACKEND_COMPILER"] = backend_compiler
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    # NOTE [bytecode]: a user's installed package has .pyc files; with PYTHONDONTWRITEBYTECODE every process
-    # would compile aotcache's sources again (~0.2 s). Bytecode goes to a private prefix, never the checkout.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(dirs["pycache"])
+    # NOTE [bytecode]: a user's installed package has .pyc files; without them every process would compile
+    # aotcache's sources again (~0.2 s). The snapshot is byte-compiled once before the runs (snapshot_sources),
+    # beside its sources, never in the checkout; processes read it even under PYTHONDONTWRITEBYTECODE. No
+    # PYTHONPYCACHEPREFIX: it hides torch's own __pycache__, and the first process of a run then compiled the
+    # bytecode of every torch module it imports lazily (Dynamo, Inductor: seconds), charged to tc_cold, the
+    # first compiling row (an earlier version did that).
+    env.pop("PYTHONPYCACHEPREFIX", None)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", model]
     started = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         source = snapshot_sources(Path(temp) / "source")
         for model in models:
             dirs = {"aot_root": Path(temp) / model / "aotcache", "inductor": Path(temp) / model / "inductor",
-                    "pycache": Path(temp) / "pycache", "source": source}
+                    "source": source}
             row: dict[str, Any] = {}
             rows[model] = row
             for mode in modes:

@@ -145,3 +145,45 @@ def test_an_untrusted_fingerprint_warns_once_that_warm_starts_trace(info_logs):
     aot_module(model, cache=cache)(torch.randn(2, 4))
     warnings = [m for m in messages(info_logs, logging.WARNING) if "must trace it again" in m]
     assert len(warnings) == 1 and "module backward hooks" in warnings[0] and "Tensor.register_hook" in warnings[0]
+
+
+def test_stage_times_are_collected_per_compile_and_logged(info_logs):
+    """NOTE [Stage times]: a cold miss reports capture, key, lookup, partition, compile and store times that
+    add up to no more than the compile's total; a hit reports no compile stages."""
+    from aotcache.progress import collecting_stages
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(3, 4, requires_grad=True)
+    with collecting_stages() as cold:
+        aot_module(model, cache=cache)(x).sum().backward()
+    with collecting_stages() as warm:
+        aot_module(model, cache=cache)(x).sum().backward()
+    assert len(cold) == 1 and len(warm) == 1
+    stages = cold[0]
+    for name in ("capture", "key", "lookup", "partition", "compile forward", "compile backward", "store"):
+        assert stages[name] >= 0.0, name
+    assert sum(seconds for name, seconds in stages.items() if name != "total") <= stages["total"]
+    assert "compile forward" not in warm[0] and "store" not in warm[0]
+    text = "\n".join(messages(info_logs, logging.INFO))
+    assert "compile forward" in text and "partition" in text  # the breakdown in the compile's INFO event
+
+
+def test_a_miss_warms_the_compilers_up_and_a_hit_does_not(monkeypatch):
+    """NOTE [warming the compile workers]: the pipeline lets a named compiler start its background work once a
+    miss is known, with the call's arguments; a hit compiles nothing and warms nothing."""
+    from aotcache.compilers import nop
+
+    calls = []
+    monkeypatch.setattr(nop.nop_compiler, "warm_up", lambda example_inputs: calls.append(list(example_inputs)),
+                        raising=False)
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    model = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    aot_module(model, "nop", cache=cache)(x)
+    assert calls and any(value is x for value in calls[0])
+    calls.clear()
+    aot_module(model, "nop", cache=cache)(x)
+    assert calls == []
+    aot_module(model, "nop", cache=False)(x)  # uncached: compile_function warms too
+    assert calls

@@ -134,6 +134,14 @@ class AOTOptions:
         chosen = self.inference_compiler if self.inference_compiler is not None else self.fw_compiler
         return _resolve_compiler(chosen, self.compiler_options)
 
+    def warm_up_compilers(self, example_inputs: Sequence[Any]) -> None:
+        """Before a compile: let the compilers that have a ``warm_up`` start their background work (Inductor's
+        worker pool for GPU graphs, NOTE [warming the compile workers] in compilers/inductor.py)."""
+        for compiler in (self.forward_compiler(), self.backward_compiler(), self.inference_compiler_fn()):
+            hook = getattr(compiler, "warm_up", None)  # aotcache's compilers only: a user's may mean else
+            if callable(hook) and str(getattr(compiler, "__module__", "")).startswith("aotcache.compilers."):
+                hook(example_inputs)
+
     def decomposition_table(self) -> Mapping | None:
         """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""
         if self.decompositions is not None:
@@ -161,6 +169,7 @@ def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOp
 
     :raises CaptureError: the function cannot be captured (the message names the construct).
     """
+    options.warm_up_compilers(flat_args)
     with stage("capture"):
         captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
                            dynamic=options.dynamic, input_is_leaf=input_is_leaf)

@@ -462,13 +462,15 @@ class AOTAutogradCache:
         if not self.enabled:
             return compile_fn().runtime
         try:
-            key = make_key()
+            with stage("key"):
+                key = make_key()
         except BypassAOTAutogradCache as bypass:
             self.count_bypass(bypass.reason)
             return compile_fn().runtime
         if on_key is not None:
             on_key(key)
-        result = self.try_load(key, flat_args)
+        with stage("lookup"):
+            result = self.try_load(key, flat_args)
         if result.hit:
             return self.record_hit(result)
         def saved_meanwhile() -> LoadResult | None:
@@ -517,12 +519,12 @@ class AOTAutogradCache:
         if compiled.uncacheable is not None:
             self.count_bypass(compiled.uncacheable)
             return compiled.runtime
-        try:
-            entry = self.make_entry(key, compiled)
-        except BypassAOTAutogradCache as bypass:
-            self.count_bypass(bypass.reason)
-            return compiled.runtime
-        with stage("store"):
+        with stage("store"):  # serializing the artifacts and writing every tier
+            try:
+                entry = self.make_entry(key, compiled)
+            except BypassAOTAutogradCache as bypass:
+                self.count_bypass(bypass.reason)
+                return compiled.runtime
             stored = self.save(key, entry)
         event(logging.INFO, "aotcache: cache miss %s: compiled in %.2f s, %s", key.digest[:16], elapsed,
               "stored" if stored else "not stored")

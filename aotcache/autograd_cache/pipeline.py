@@ -179,8 +179,9 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
 
     def compile_fn() -> CompileResult:
         captured = key_capture
+        options.warm_up_compilers(flat_args)  # a miss: compiling starts now (NOTE [warming the compile workers])
         if recapture:
-            with stage("capture"):
+            with stage("decomposed capture"):
                 captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
                                    dynamic=options.dynamic, input_is_leaf=input_is_leaf)
         runtime = compile_captured(captured, options)

@@ -215,6 +215,16 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 aoti_compiler.decompositions = decompositions  # type: ignore[attr-defined]
 
 
+def warm_up(example_inputs: Sequence[Any]) -> bool:
+    """Start Inductor's compile worker pool for a GPU graph (NOTE [warming the compile workers] in inductor.py)."""
+    from aotcache.compilers.inductor import warm_up as inductor_warm_up
+
+    return inductor_warm_up(example_inputs)
+
+
+aoti_compiler.warm_up = warm_up  # type: ignore[attr-defined]
+
+
 def load(artifact: Artifact) -> AOTICompiledGraph:
     """Rebuild from an unpacked artifact: no Inductor import, no C++ compiler.
 

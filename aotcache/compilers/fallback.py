@@ -88,6 +88,13 @@ class FallbackCompiler:
         provider = getattr(get_compiler(self.name), "decompositions", None)
         return provider() if callable(provider) else None
 
+    def warm_up(self, example_inputs: Sequence[Any]) -> None:
+        """Let the asked-for compiler start background work its compile will need (NOTE [warming the compile
+        workers] in inductor.py); a compiler without a ``warm_up`` needs none."""
+        hook = getattr(get_compiler(self.name), "warm_up", None)
+        if callable(hook):
+            hook(example_inputs)
+
     def __call__(self, gm: Any, example_inputs: Sequence[Any]) -> CompiledGraph:
         """Compile with the first compiler of the chain that succeeds.
 

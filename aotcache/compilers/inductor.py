@@ -17,12 +17,26 @@ kernels are carried too: NOTE [inductor artifacts carry Triton kernels] in ``tri
 Loading imports ``torch._inductor`` (about 1.3 s here) and needs a working C++ compiler on PATH even when
 nothing is compiled: Inductor runs it to build the command line that names the kernel libraries. The
 ``aoti`` compiler needs neither.
+
+NOTE [warming the compile workers]
+Inductor compiles a GPU graph's Triton kernels in a pool of worker processes, but only once that pool is up:
+``async_compile.triton`` asks whether the pool is ready, does not wait, and compiles the kernel in the calling
+process when it is not, one kernel after another. Starting the pool takes seconds (a sidecar process imports
+torch, then starts its workers). torch.compile starts it before its graph reaches Inductor (``compile_fx``
+wakes it for GPU inputs, the ``inductor`` backend warms it at its first call); we call ``compile_fx_inner``,
+which does neither, so the first graph's kernels were compiled serially in the main process. :func:`warm_up`
+starts the pool the way torch.compile does; the AOT pipeline calls it on a cache miss as soon as it knows it
+will compile (before the capture with decompositions), so the pool starts while we capture, partition and
+lower, and this compiler calls it too. Only for graphs with CUDA/XPU inputs (CPU kernels compile in a thread
+pool that needs no warming) and never on a cache hit (loading starts no pool). A failure to start the pool is
+logged once and ignored: Inductor then compiles in this process, as it would have.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -36,8 +50,10 @@ from aotcache.compilers import aoti_lib, triton_kernels
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
 from aotcache.compilers.input_layout import conform_inputs, expected_layouts
+from aotcache.logs import log_once
 
-__all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load"]
+__all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
+           "unlowered_random_node"]
 
 COMPILER_NAME = "inductor"
 _WRAPPER_BLOB = "wrapper.py"
@@ -52,6 +68,32 @@ def decompositions() -> dict:
     See :mod:`aotcache.compilers.inductor_decomp`.
     """
     return inductor_decompositions()
+
+
+def runs_on_gpu(example_inputs: Sequence[Any]) -> bool:
+    """Whether any example input is a CUDA or XPU tensor (Inductor then generates Triton kernels)."""
+    return any(isinstance(value, torch.Tensor) and value.device.type in ("cuda", "xpu") for value in example_inputs)
+
+
+def warm_up(example_inputs: Sequence[Any]) -> bool:
+    """Start Inductor's compile worker pool now if a graph with these inputs will compile Triton kernels;
+    True if it was asked to start (see NOTE [warming the compile workers]). Repeated calls cost nothing."""
+    if not runs_on_gpu(example_inputs):
+        return False
+    try:
+        from torch._inductor import async_compile
+
+        warm = getattr(async_compile, "maybe_warm_pool", None)  # honours TORCH_WARM_POOL=0, needs Triton
+        if warm is not None:
+            warm()
+        else:  # older torch: the same two steps by hand
+            async_compile.AsyncCompile.warm_pool()
+            async_compile.AsyncCompile.wakeup()
+    except Exception as exc:  # noqa: BLE001 - warming is an optimization; Inductor compiles in-process without it
+        log_once(logging.INFO, "inductor:warm-pool", "aotcache: could not start Inductor's compile workers early "
+                 "(%s: %s); Triton kernels may compile in this process", type(exc).__name__, exc)
+        return False
+    return True
 
 
 class InductorCompiledGraph:
@@ -203,6 +245,21 @@ def _int_strides(reported: Any) -> list[tuple[int, ...] | None] | None:
     return strides
 
 
+# ops whose Inductor lowering raises unless config.fallback_random ("should have been handled in
+# replace_random.py"): compile_fx's replace_random pass, which we bypass, rewrites them first
+_UNLOWERED_RANDOM_OPS = ("aten.rand.default", "aten.randn.default", "aten.native_dropout.default")
+
+
+def unlowered_random_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """A used node that Inductor cannot lower here without ``fallback_random`` (NOTE [Random ops run ATen's
+    kernels]), or None. Random ops with an explicit generator lower without it."""
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.users and str(node.target) in _UNLOWERED_RANDOM_OPS
+                and node.kwargs.get("generator") is None):
+            return node
+    return None
+
+
 def _compile_fx(graph_module: torch.fx.GraphModule, fake_inputs: list, fake_mode: Any, patches: dict[str, Any],
                 on_gpu: bool) -> tuple[Any, Any, Any]:
     """Inductor's ``compile_fx_inner`` under ``patches``: (compiled graph, reported output strides, Triton kernels)."""
@@ -237,8 +294,14 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     # ATen's kernels on the global generator: eager's values and generator state under the same seed. It is not
     # the default: Inductor's own dropout is faster (TransformerEncoderLayer's training step: ~5%). Pass
     # options={"fallback_random": True} for eager's random values in every graph.
+    # Graphs known to fail that way (rand/randn nodes: Inductor's table turns randn_like, rand_like and
+    # bernoulli into them) get fallback_random at once instead of after a failed lowering (compiling twice);
+    # the retry below stays for any other graph whose lowering fails so.
     patches = {"fx_graph_cache": False, "fx_graph_remote_cache": False, **(options or {})}
-    on_gpu = any(isinstance(value, torch.Tensor) and value.device.type in ("cuda", "xpu") for value in fake_inputs)
+    if "fallback_random" not in patches and unlowered_random_node(graph_module) is not None:
+        patches["fallback_random"] = True
+    on_gpu = runs_on_gpu(fake_inputs)
+    warm_up(fake_inputs)  # NOTE [warming the compile workers]; at once if the AOT pipeline did it already
     try:
         compiled, reported_strides, triton = _compile_fx(graph_module, fake_inputs, fake_mode, patches, on_gpu)
     except Exception as exc:  # noqa: BLE001 - only the unlowered-random failure is retried, anything else re-raised
@@ -269,6 +332,7 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
 
 
 inductor_compiler.decompositions = decompositions  # type: ignore[attr-defined]
+inductor_compiler.warm_up = warm_up  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------------------------

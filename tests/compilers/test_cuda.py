@@ -90,6 +90,40 @@ def test_inductor_on_cuda_warm_start_compiles_no_kernel(tmp_path):
     assert seen["triton_dirs"] == carried
 
 
+def test_a_cold_cuda_compile_starts_inductors_worker_pool_before_inductor_runs(tmp_path):
+    """NOTE [warming the compile workers]: in a fresh process, the pool that compiles Triton kernels exists
+    when Inductor's first compile starts (it used to be started by the first kernel, so the first graph's
+    kernels compiled one by one in this process); the compiled training step still matches eager."""
+    proc = run_python(GRAPH_SOURCE + '''
+import json
+import torch._inductor.compile_fx as compile_fx
+from torch._inductor.async_compile import AsyncCompile
+from torch._dynamo.utils import compilation_time_metrics
+import aotcache
+
+pools_at_compile = []
+original = compile_fx.compile_fx_inner
+def observed(*args, **kwargs):
+    pools_at_compile.append(AsyncCompile.process_pool.cache_info().currsize)
+    return original(*args, **kwargs)
+compile_fx.compile_fx_inner = observed
+x = torch.randn(64, 128, device="cuda", requires_grad=True)
+w = torch.randn(128, 128, device="cuda", requires_grad=True)
+compiled = aotcache.aot_function(block, "inductor")
+compiled(x, w).sum().backward()
+grads = [x.grad.clone(), w.grad.clone()]
+x.grad = w.grad = None
+block(x, w).sum().backward()
+torch.testing.assert_close(grads, [x.grad, w.grad], rtol=1e-4, atol=1e-4)
+print(json.dumps({"pools_at_compile": pools_at_compile,
+                  "serial_triton_compiles": len(compilation_time_metrics.get("async_compile.precompile", []))}))
+''', env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+          "AOTCACHE_CACHE_DIR": str(tmp_path / "aotcache")})
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("cold cuda compile:", seen)
+    assert seen["pools_at_compile"] and seen["pools_at_compile"][0] == 1
+
+
 @pytest.mark.parametrize("compiler", ["nop", "inductor", "aoti"])
 def test_training_on_cuda_matches_eager_and_is_cached(compiler):
     torch.manual_seed(0)

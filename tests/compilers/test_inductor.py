@@ -97,3 +97,42 @@ def test_graph_without_compute_falls_back_to_the_nop_artifact():
     graph = inductor_compiler(make_fx(lambda t: t)(torch.randn(3, 4)), [torch.randn(3, 4)])
     assert unpack_artifact(graph.artifact()).compiler == "nop"
     torch.testing.assert_close(load_artifact(graph.artifact())(torch.ones(3, 4))[0], torch.ones(3, 4))
+
+
+def test_graphs_with_unlowerable_random_ops_are_compiled_once_with_fallback_random():
+    """NOTE [Random ops run ATen's kernels]: a graph holding rand/randn (Inductor's table makes them of
+    randn_like and bernoulli) is compiled with fallback_random at once: one Inductor compile, not a failed
+    lowering and a second compile; dropout on the CPU (bernoulli.p, which Inductor lowers) keeps Inductor's."""
+    import torch.nn.functional as F
+    from torch._dynamo.utils import compilation_time_metrics
+
+    from aotcache.compilers.inductor import unlowered_random_node
+
+    x = torch.randn(4, 8)
+    noisy = traced(lambda t: t * torch.randn_like(t), [x], decompositions=decompositions())
+    assert str(unlowered_random_node(noisy).target) == "aten.randn.default"
+    dropout = traced(lambda t: F.dropout(t, 0.5, training=True), [x], decompositions=decompositions())
+    assert unlowered_random_node(dropout) is None
+    before = len(compilation_time_metrics.get("compile_fx_inner", []))
+    compiled = inductor_compiler(noisy, [x])
+    assert len(compilation_time_metrics.get("compile_fx_inner", [])) - before == 1
+    torch.manual_seed(5)
+    expected = x * torch.randn_like(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled(x)[0], expected)  # ATen's kernels: eager's values
+
+
+def test_warm_up_starts_no_worker_pool_for_cpu_graphs():
+    """NOTE [warming the compile workers]: only graphs with GPU inputs warm Inductor's worker pool (CPU kernels
+    compile in threads); fake CUDA inputs are recognized without a GPU."""
+    from torch._inductor.async_compile import AsyncCompile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aotcache.compilers.inductor import runs_on_gpu, warm_up
+
+    pools_before = AsyncCompile.process_pool.cache_info().currsize
+    assert warm_up([torch.randn(2), 3]) is False
+    assert AsyncCompile.process_pool.cache_info().currsize == pools_before
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_gpu = torch.empty(2, device="cuda")
+    assert runs_on_gpu([torch.randn(2), on_gpu]) and not runs_on_gpu([torch.randn(2)])
