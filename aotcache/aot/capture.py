@@ -384,6 +384,15 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
     for index, probe in enumerate(probes):
         if out is probe:
             return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)
+    if requires_grad and _grad_fn(out) is None:
+        # NOTE [Leaf outputs made inside]: a leaf that requires grad made by the function (x.detach()
+        # .requires_grad_(), torch.ones(3, requires_grad=True)) is its own autograd root in eager: no gradient
+        # reaches the inputs through it, and it requires grad even under no_grad. A graph output or a view
+        # regenerated from the input has neither property (the view sent gradients into x).
+        raise CaptureError(
+            f"aotcache: flat output {k} is a leaf tensor that requires grad created inside the function (e.g. "
+            f"x.detach().requires_grad_() or torch.ones(n, requires_grad=True)); a compiled graph cannot return "
+            f"a new autograd leaf. Create it outside and pass it as an argument.")
     storage = StorageWeakRef(out.untyped_storage())
     for index, probe in enumerate(probes):
         if probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype:
