@@ -31,9 +31,11 @@ from aotcache.aot.errors import CaptureError
 from aotcache.aot.input_mutations import (
     RejectInputResize,
     check_mutated_inputs_do_not_alias,
+    check_storage_kept,
     layout_of,
     replayable_metadata_mutation,
     same_layout,
+    storage_of,
 )
 from aotcache.aot.metadata import (
     InputInfo,
@@ -257,6 +259,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         call_args = [_to_functional(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
         probes = [call_args[pos] for pos in positions]
         layouts = [layout_of(p) if isinstance(p, torch.Tensor) else None for p in probes]
+        storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
@@ -281,6 +284,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             if not isinstance(probe, torch.Tensor):
                 inputs.append(InputInfo(is_tensor=False))
                 continue
+            check_storage_kept(index, positions[index], probe, storages[index])
             mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
             requires_grad = fake_args[positions[index]].requires_grad
             new_layout = None
