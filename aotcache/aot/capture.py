@@ -199,6 +199,18 @@ def explain_data_dependent_ops() -> Iterator[None]:
     except GuardOnDataDependentSymNode as exc:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
                            f"({exc}). {fix}", reason="data_dependent") from exc
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
+            raise
+        raise CaptureError(f"aotcache: the function reads a tensor's memory directly (.numpy(), numpy.asarray, "
+                           f".data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). {fix}",
+                           reason="data_dependent") from exc
+
+
+# torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
+# CaptureErrors (the fallback runs the call), not crashes
+_DATA_ACCESS_ERRORS = ("Cannot access data pointer of Tensor", ".numpy() is not supported for tensor subclasses",
+                       "Attempted to access the data pointer on an invalid python storage")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,6 +73,29 @@ def test_data_dependent_function_runs_partially_compiled_with_eager_values_and_g
     assert len(warnings) == 1 and "data_dependent" in warnings[0].getMessage()
 
 
+def _reads_data_ptr(x):
+    return x + (1 if x.data_ptr() else 0)
+
+
+def _reads_numpy(x):
+    return x + torch.from_numpy(x.numpy() * 2)
+
+
+def _reads_storage_pointer(x):
+    return x * (2 if x.untyped_storage().data_ptr() else 3)
+
+
+@pytest.mark.parametrize("fn", [_reads_data_ptr, _reads_numpy, _reads_storage_pointer])
+def test_a_function_reading_tensor_memory_falls_back_instead_of_crashing(fn):
+    # found by exploration: a RuntimeError from the fake tensor ("Cannot access data pointer of Tensor",
+    # ".numpy() is not supported for tensor subclasses") failed the call where eager runs
+    with pytest.raises(CaptureError, match="reads a tensor's memory directly") as info:
+        aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise")(torch.ones(3))
+    assert info.value.reason == "data_dependent"
+    x = torch.arange(3.0)
+    torch.testing.assert_close(aotcache.aot_function(fn, Recorder(), cache=False)(x), fn(x))
+
+
 def test_raise_mode_and_strict_mode_raise_the_capture_error():
     x, w = torch.randn(3, 5), torch.randn(5, 4)
     with pytest.raises(CaptureError, match="depends on tensor data"):
