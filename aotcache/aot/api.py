@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
-from aotcache.aot.capture import capture
+from aotcache.aot.capture import capture, refuse_module_backward_hooks
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
@@ -524,6 +524,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        refuse_module_backward_hooks(module)
         with _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
                                               strict=False)

@@ -134,6 +134,32 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     return mode, fakes
 
 
+def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
+    """Refuse a training capture of a module tree with module backward hooks (NOTE [Module backward hooks]).
+
+    NOTE [Module backward hooks]
+    ``register_full_backward_hook`` / ``register_full_backward_pre_hook`` hooks (on a submodule, or global) are
+    Python run at every eager backward. A capture runs them once, on traced tensors: what they compute on the
+    gradients is in the graph, but their side effects (a log, a counter, a list of gradient norms) happen only
+    then, and a value they keep is a trace tensor. Such a module goes to the fallback (torch.compile runs the
+    hooks at every backward). Under no_grad no backward runs, so nothing is refused there.
+    """
+    if not torch.is_grad_enabled():
+        return
+    from torch.nn.modules import module as module_mod
+
+    hooked = [name or type(module).__name__ for name, sub in module.named_modules()
+              if sub._backward_hooks or sub._backward_pre_hooks]
+    if module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks:
+        hooked.append("(global module hooks)")
+    if hooked:
+        raise CaptureError(
+            f"aotcache: module backward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} run "
+            f"Python at every backward, which a compiled backward would run only while capturing (a hook's "
+            f"log or counter would miss every later backward). To capture the module whole, remove the hooks "
+            f"(read gradients from the parameters' .grad after backward instead).")
+
+
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
     have no support for them, and a graph traced without it would silently drop their gradients."""
