@@ -268,7 +268,8 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     """Which tensor arguments share storage (:func:`~aotcache.aot.hot_path.storage_sharing` of the tensors).
 
-    :raises CaptureError: a sparse or mkldnn argument (no storage to compare).
+    :raises CaptureError: a sparse or mkldnn argument (no storage to compare), or a tensor of a torch.func
+        transform (vmap, grad, jvp) the compiled function is called under.
     """
     tensors = []
     for index, arg in enumerate(flat_args):
@@ -277,6 +278,10 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
                 from aotcache.aot.capture import unsupported_layout_error
 
                 raise unsupported_layout_error(f"flat argument {index}", arg.layout)
+            if torch._C._functorch.is_functorch_wrapped_tensor(arg):
+                from aotcache.aot.capture import functorch_transform_error
+
+                raise functorch_transform_error(f"flat argument {index}")
             if not arg.is_meta:
                 tensors.append(arg)
     return storage_sharing(tensors)

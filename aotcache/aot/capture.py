@@ -168,6 +168,15 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
                         f"function, or move the sparse computation out of it.", reason="unsupported_layout")
 
 
+def functorch_transform_error(what: str) -> CaptureError:
+    """The error for a tensor wrapped by a torch.func transform: a compiled function called under ``vmap``,
+    ``grad``, ``jacrev`` or ``jvp`` (the transforms wrap its arguments; a compiled graph runs on plain tensors, and
+    the transform cannot see through its autograd.Function). The call runs eagerly, as the fallback does."""
+    return CaptureError(f"aotcache: {what} is a tensor of a torch.func transform (the compiled function is called "
+                        f"under vmap, grad, jacrev or jvp), which a compiled graph cannot take. Apply the transform "
+                        f"inside the compiled function instead.", reason="unsupported_construct")
+
+
 _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "
                        "the compiled function, or make it shape-static (e.g. torch.where instead of boolean "
                        "indexing).")

@@ -341,3 +341,20 @@ def test_issue_modules_train_like_eager(name):
     report = verify(make(), values, compiler="nop", train=True, steps=2, rng_seed=5, check_compiled=whole)
     kinds = {type(r).__name__ for entries in report.compiled.compiled._entries.values() for r in entries}
     assert kinds == ({"CompiledRuntime"} if whole else {"PartialRuntime"})
+
+
+def test_a_compiled_function_under_torch_func_transforms_runs_eagerly_with_eager_values():
+    # found by exploration: vmap / grad / jvp over a compiled function failed with "Cannot access storage of
+    # BatchedTensorImpl" (TensorWrapper) where eager runs
+    def fn(x):
+        return (x.sin() * x).sum(-1)
+
+    compiled = aotcache.aot_function(fn, Recorder(), cache=False)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(torch.vmap(compiled)(x), torch.vmap(fn)(x))
+    torch.testing.assert_close(torch.func.grad(compiled)(x[0]), torch.func.grad(fn)(x[0]))
+    torch.testing.assert_close(torch.func.jvp(compiled, (x[0],), (torch.ones(3),)),
+                               torch.func.jvp(fn, (x[0],), (torch.ones(3),)))
+    torch.testing.assert_close(compiled(x), fn(x))  # plain calls still compiled
+    with pytest.raises(CaptureError, match="flat argument 0 is a tensor of a torch.func transform"):
+        torch.vmap(aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise"))(x)
