@@ -446,7 +446,9 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
             f"a new autograd leaf. Create it outside and pass it as an argument.")
     storage = StorageWeakRef(out.untyped_storage())
     for index, probe in enumerate(probes):
-        if probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype:
+        if (probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype
+                and out.is_conj() == probe.is_conj() and out.is_neg() == probe.is_neg()):
+            # (a conj / neg view, x.conj(), is not an as_strided of x: a graph output, as other dtype views)
             return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad)
     if static_views and out._base is not None:
         for j, other in enumerate(flat_outs):

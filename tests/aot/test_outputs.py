@@ -409,3 +409,21 @@ def test_exports_refuse_object_outputs_naming_the_type():
 
     with pytest.raises(CaptureError, match="aot_export_joint_simple: the outputs hold .*Holder"):
         aot_export_joint_simple(lambda x: Holder(x), (torch.randn(2, 3),), trace_joint=False)
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.conj(), lambda x: x._neg_view(), lambda x: x[1:].conj()],
+                         ids=["conj", "neg_view", "conj_of_a_slice"])
+@pytest.mark.parametrize("input_conj", [False, True])
+def test_a_conjugate_view_of_an_input_keeps_its_values(fn, input_conj):
+    # found by exploration: x.conj() was regenerated as an as_strided view of x without the conj bit: the
+    # compiled function returned x itself, unconjugated
+    x = torch.randn(3, dtype=torch.cfloat)
+    x = x.conj() if input_conj else x
+    got, expected = compile_fn(fn)(x), fn(x)
+    assert torch.equal(got.resolve_conj().resolve_neg(), expected.resolve_conj().resolve_neg())
+    leaf = torch.randn(3, dtype=torch.cfloat, requires_grad=True)
+    weights = torch.arange(3.0) + 1
+    (compile_fn(fn)(leaf).abs() * weights[:len(fn(leaf))]).sum().backward()
+    grad, leaf.grad = leaf.grad, None
+    (fn(leaf).abs() * weights[:len(fn(leaf))]).sum().backward()
+    torch.testing.assert_close(grad, leaf.grad)
