@@ -274,10 +274,11 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     tensors = []
     for index, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
-            if arg.layout != torch.strided:
+            if arg.layout != torch.strided or arg.is_nested or arg.is_quantized:
                 from aotcache.aot.capture import unsupported_layout_error
 
-                raise unsupported_layout_error(f"flat argument {index}", arg.layout)
+                kind = "nested" if arg.is_nested else "quantized" if arg.is_quantized else arg.layout
+                raise unsupported_layout_error(f"flat argument {index}", kind)
             if torch._C._functorch.is_functorch_wrapped_tensor(arg):
                 from aotcache.aot.capture import functorch_transform_error
 

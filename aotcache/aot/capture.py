@@ -164,8 +164,9 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
     have no support for them, and a graph traced without it would silently drop their gradients."""
     return CaptureError(f"aotcache: {what} is a tensor with layout {layout}; only strided (dense) tensors are "
-                        f"supported in a compiled function. Convert it with .to_dense() outside the compiled "
-                        f"function, or move the sparse computation out of it.", reason="unsupported_layout")
+                        f"supported in a compiled function. Convert it to a dense tensor outside the compiled "
+                        f"function (.to_dense(), .dequantize(), .to_padded_tensor(0)), or move the computation on "
+                        f"it out of the function.", reason="unsupported_layout")
 
 
 def functorch_transform_error(what: str) -> CaptureError:
