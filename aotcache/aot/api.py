@@ -626,6 +626,38 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
             else value for value in example_inputs]
 
 
+def _specialize_unspecialized_floats(gm: nn.Module) -> None:
+    """Have Dynamo specialize the Python floats it passed as 0-d tensor inputs (NOTE [Dynamo's float inputs]).
+
+    NOTE [Dynamo's float inputs]
+    With ``dynamic=True`` Dynamo does not specialize float attributes (a BatchNorm's ``eps`` and ``momentum``): each
+    is a 0-d float64 tensor input that the graph reads with ``.item()``, and Dynamo does not guard its value. Our
+    capture cannot keep such a value symbolic (ATen's ``float`` arguments would bake it in, and nothing would
+    re-check it: a changed ``eps`` would reuse the graph), and without Dynamo's symbol ``.item()`` is data-dependent.
+    So, as torch's own pipeline does for a float it cannot turn into tensor ops, the floats are marked for
+    specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    names = []
+    for node in getattr(getattr(gm, "graph", None), "nodes", []):
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        memo = value.item_memo if isinstance(value, FakeTensor) else None
+        name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+        if isinstance(memo, torch.SymFloat) and name is not None:
+            names.append(name)
+    if not names:
+        return
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    if all(TensorifyState.should_specialize(name) for name in names):
+        return  # already asked once: the capture below refuses the .item() clearly rather than loop
+    for name in names:
+        TensorifyState.specialize(name)
+    raise TensorifyScalarRestartAnalysis
+
+
 def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
                           bw_compiler: Callable | str | None = None, partition_fn: Callable | None = None,
                           decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
@@ -665,6 +697,7 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
         return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
 
+    _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
     from aotcache.autograd_cache.cache import resolve_cache
