@@ -193,6 +193,13 @@ class _ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
+            # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
+            # eager backward, which a compiled backward would run only while capturing
+            raise CaptureError("aotcache: the function registers a tensor hook (Tensor.register_hook), which is "
+                               "Python run at every backward; a compiled backward would run it only while "
+                               "capturing (a hook's log or counter would miss every later backward). Register "
+                               "it on the compiled function's output instead.")
         try:
             result = func(*args, **(kwargs or {}))
         except RuntimeError as exc:

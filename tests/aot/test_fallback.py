@@ -378,3 +378,27 @@ def test_nested_and_quantized_arguments_run_eagerly(make, kind):
     torch.testing.assert_close(got, expected)
     with pytest.raises(CaptureError, match=f"flat argument 0 is a tensor with layout {kind}"):
         aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise")(arg)
+
+
+def test_a_tensor_hook_registered_inside_the_function_runs_at_every_backward():
+    # found by exploration: the hook ran once per capture on trace tensors (its log held "FunctionalTensor"s) and
+    # never at runtime; a function registering a hook now takes the fallback
+    def make(log):
+        def fn(x):
+            y = x * 2
+            y.register_hook(lambda grad: log.append(grad.detach().clone()))
+            return (y * y).sum()
+        return fn
+
+    eager_log, log = [], []
+    x = torch.randn(3, requires_grad=True)
+    compiled = aotcache.aot_function(make(log), Recorder(), cache=False)
+    for _ in range(2):
+        make(eager_log)(x).backward()
+        compiled(x).backward()
+    assert len(log) == len(eager_log) == 2
+    for got, expected in zip(log, eager_log):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(CaptureError, match="registers a tensor hook"):
+        aotcache.aot_function(make([]), Recorder(), cache=False, on_capture_error="raise")(x)
