@@ -443,7 +443,8 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
     for index, probe in enumerate(probes):
         if out is probe:
             return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)
-    if requires_grad and _grad_fn(out) is None:
+    if requires_grad and _grad_fn(out) is None and not out._is_view():
+        # (a view of an input that requires grad, made under no_grad, is a leaf requiring grad in eager too)
         # NOTE [Leaf outputs made inside]: a leaf that requires grad made by the function (x.detach()
         # .requires_grad_(), torch.ones(3, requires_grad=True)) is its own autograd root in eager: no gradient
         # reaches the inputs through it, and it requires grad even under no_grad. A graph output or a view
