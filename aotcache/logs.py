@@ -53,7 +53,8 @@ _FIXES = (
     ("symbolic input", "call it with real tensors (the warm path then skips the trace)"),
     ("active mode", "call the compiled model outside the torch function / dispatch mode"),
     ("tensor subclass", "pass plain tensors"),
-    ("module backward hooks", "register backward hooks on tensors (Tensor.register_hook) instead of the module"),
+    ("module backward hooks", "remove the module's backward hooks (read gradients from .grad after backward); a "
+                              "training call of such a module runs through torch.compile, which runs the hooks"),
     ("module overrides __call__", "override forward instead of __call__"),
     ("import inside function", "move the import to the top of its module"),
     ("C-extension callable", "call torch operators, or wrap the extension as a torch custom op"),

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
-from aotcache.aot.capture import capture
+from aotcache.aot.capture import capture, refuse_module_backward_hooks
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
@@ -273,15 +273,21 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     """Which tensor arguments share storage (:func:`~aotcache.aot.hot_path.storage_sharing` of the tensors).
 
-    :raises CaptureError: a sparse or mkldnn argument (no storage to compare).
+    :raises CaptureError: a sparse or mkldnn argument (no storage to compare), or a tensor of a torch.func
+        transform (vmap, grad, jvp) the compiled function is called under.
     """
     tensors = []
     for index, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
-            if arg.layout != torch.strided:
+            if arg.layout != torch.strided or arg.is_nested or arg.is_quantized:
                 from aotcache.aot.capture import unsupported_layout_error
 
-                raise unsupported_layout_error(f"flat argument {index}", arg.layout)
+                kind = "nested" if arg.is_nested else "quantized" if arg.is_quantized else arg.layout
+                raise unsupported_layout_error(f"flat argument {index}", kind)
+            if torch._C._functorch.is_functorch_wrapped_tensor(arg):
+                from aotcache.aot.capture import functorch_transform_error
+
+                raise functorch_transform_error(f"flat argument {index}")
             if not arg.is_meta:
                 tensors.append(arg)
     return storage_sharing(tensors)
@@ -473,6 +479,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        refuse_module_backward_hooks(module)
         with _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
                                               strict=False)
@@ -549,6 +556,38 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
             else value for value in example_inputs]
 
 
+def _specialize_unspecialized_floats(gm: nn.Module) -> None:
+    """Have Dynamo specialize the Python floats it passed as 0-d tensor inputs (NOTE [Dynamo's float inputs]).
+
+    NOTE [Dynamo's float inputs]
+    With ``dynamic=True`` Dynamo does not specialize float attributes (a BatchNorm's ``eps`` and ``momentum``): each
+    is a 0-d float64 tensor input that the graph reads with ``.item()``, and Dynamo does not guard its value. Our
+    capture cannot keep such a value symbolic (ATen's ``float`` arguments would bake it in, and nothing would
+    re-check it: a changed ``eps`` would reuse the graph), and without Dynamo's symbol ``.item()`` is data-dependent.
+    So, as torch's own pipeline does for a float it cannot turn into tensor ops, the floats are marked for
+    specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    names = []
+    for node in getattr(getattr(gm, "graph", None), "nodes", []):
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        memo = value.item_memo if isinstance(value, FakeTensor) else None
+        name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+        if isinstance(memo, torch.SymFloat) and name is not None:
+            names.append(name)
+    if not names:
+        return
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    if all(TensorifyState.should_specialize(name) for name in names):
+        return  # already asked once: the capture below refuses the .item() clearly rather than loop
+    for name in names:
+        TensorifyState.specialize(name)
+    raise TensorifyScalarRestartAnalysis
+
+
 def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
                          services: CompileServices, cache: Any = True) -> Callable:
     """Compile Dynamo's graph ``gm`` now for its (possibly fake, symbolic) ``example_inputs`` and return
@@ -577,6 +616,7 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
         return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
 
+    _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
     with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"):

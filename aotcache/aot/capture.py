@@ -31,9 +31,11 @@ from aotcache.aot.errors import CaptureError
 from aotcache.aot.input_mutations import (
     RejectInputResize,
     check_mutated_inputs_do_not_alias,
+    check_storage_kept,
     layout_of,
     replayable_metadata_mutation,
     same_layout,
+    storage_of,
 )
 from aotcache.aot.metadata import (
     InputInfo,
@@ -132,12 +134,48 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     return mode, fakes
 
 
+def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
+    """Refuse a training capture of a module tree with module backward hooks (NOTE [Module backward hooks]).
+
+    NOTE [Module backward hooks]
+    ``register_full_backward_hook`` / ``register_full_backward_pre_hook`` hooks (on a submodule, or global) are
+    Python run at every eager backward. A capture runs them once, on traced tensors: what they compute on the
+    gradients is in the graph, but their side effects (a log, a counter, a list of gradient norms) happen only
+    then, and a value they keep is a trace tensor. Such a module goes to the fallback (torch.compile runs the
+    hooks at every backward). Under no_grad no backward runs, so nothing is refused there.
+    """
+    if not torch.is_grad_enabled():
+        return
+    from torch.nn.modules import module as module_mod
+
+    hooked = [name or type(module).__name__ for name, sub in module.named_modules()
+              if sub._backward_hooks or sub._backward_pre_hooks]
+    if module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks:
+        hooked.append("(global module hooks)")
+    if hooked:
+        raise CaptureError(
+            f"aotcache: module backward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} run "
+            f"Python at every backward, which a compiled backward would run only while capturing (a hook's "
+            f"log or counter would miss every later backward). To capture the module whole, remove the hooks "
+            f"(read gradients from the parameters' .grad after backward instead).")
+
+
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
     have no support for them, and a graph traced without it would silently drop their gradients."""
     return CaptureError(f"aotcache: {what} is a tensor with layout {layout}; only strided (dense) tensors are "
-                        f"supported in a compiled function. Convert it with .to_dense() outside the compiled "
-                        f"function, or move the sparse computation out of it.", reason="unsupported_layout")
+                        f"supported in a compiled function. Convert it to a dense tensor outside the compiled "
+                        f"function (.to_dense(), .dequantize(), .to_padded_tensor(0)), or move the computation on "
+                        f"it out of the function.", reason="unsupported_layout")
+
+
+def functorch_transform_error(what: str) -> CaptureError:
+    """The error for a tensor wrapped by a torch.func transform: a compiled function called under ``vmap``,
+    ``grad``, ``jacrev`` or ``jvp`` (the transforms wrap its arguments; a compiled graph runs on plain tensors, and
+    the transform cannot see through its autograd.Function). The call runs eagerly, as the fallback does."""
+    return CaptureError(f"aotcache: {what} is a tensor of a torch.func transform (the compiled function is called "
+                        f"under vmap, grad, jacrev or jvp), which a compiled graph cannot take. Apply the transform "
+                        f"inside the compiled function instead.", reason="unsupported_construct")
 
 
 _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "
@@ -155,6 +193,13 @@ class _ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
+            # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
+            # eager backward, which a compiled backward would run only while capturing
+            raise CaptureError("aotcache: the function registers a tensor hook (Tensor.register_hook), which is "
+                               "Python run at every backward; a compiled backward would run it only while "
+                               "capturing (a hook's log or counter would miss every later backward). Register "
+                               "it on the compiled function's output instead.")
         try:
             result = func(*args, **(kwargs or {}))
         except RuntimeError as exc:
@@ -197,6 +242,18 @@ def explain_data_dependent_ops() -> Iterator[None]:
     except GuardOnDataDependentSymNode as exc:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
                            f"({exc}). {fix}", reason="data_dependent") from exc
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
+            raise
+        raise CaptureError(f"aotcache: the function reads a tensor's memory directly (.numpy(), numpy.asarray, "
+                           f".data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). {fix}",
+                           reason="data_dependent") from exc
+
+
+# torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
+# CaptureErrors (the fallback runs the call), not crashes
+_DATA_ACCESS_ERRORS = ("Cannot access data pointer of Tensor", ".numpy() is not supported for tensor subclasses",
+                       "Attempted to access the data pointer on an invalid python storage")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,6 +314,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         call_args = [_to_functional(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
         probes = [call_args[pos] for pos in positions]
         layouts = [layout_of(p) if isinstance(p, torch.Tensor) else None for p in probes]
+        storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
@@ -281,6 +339,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             if not isinstance(probe, torch.Tensor):
                 inputs.append(InputInfo(is_tensor=False))
                 continue
+            check_storage_kept(index, positions[index], probe, storages[index])
             mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
             requires_grad = fake_args[positions[index]].requires_grad
             new_layout = None
@@ -384,9 +443,21 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
     for index, probe in enumerate(probes):
         if out is probe:
             return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)
+    if requires_grad and _grad_fn(out) is None and not out._is_view():
+        # (a view of an input that requires grad, made under no_grad, is a leaf requiring grad in eager too)
+        # NOTE [Leaf outputs made inside]: a leaf that requires grad made by the function (x.detach()
+        # .requires_grad_(), torch.ones(3, requires_grad=True)) is its own autograd root in eager: no gradient
+        # reaches the inputs through it, and it requires grad even under no_grad. A graph output or a view
+        # regenerated from the input has neither property (the view sent gradients into x).
+        raise CaptureError(
+            f"aotcache: flat output {k} is a leaf tensor that requires grad created inside the function (e.g. "
+            f"x.detach().requires_grad_() or torch.ones(n, requires_grad=True)); a compiled graph cannot return "
+            f"a new autograd leaf. Create it outside and pass it as an argument.")
     storage = StorageWeakRef(out.untyped_storage())
     for index, probe in enumerate(probes):
-        if probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype:
+        if (probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype
+                and out.is_conj() == probe.is_conj() and out.is_neg() == probe.is_neg()):
+            # (a conj / neg view, x.conj(), is not an as_strided of x: a graph output, as other dtype views)
             return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad)
     if static_views and out._base is not None:
         for j, other in enumerate(flat_outs):

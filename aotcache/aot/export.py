@@ -146,8 +146,11 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
                                                                         strict=False))
             loss = outs[output_loss_index]
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
-                raise ValueError(f"aot_export_module: output {output_loss_index} must be a scalar tensor that "
-                                 f"requires grad to be differentiated (got {type(loss).__name__})")
+                got = (f"a tensor of shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}"
+                       if isinstance(loss, torch.Tensor) else type(loss).__name__)
+                raise ValueError(f"aot_export_module: output {output_loss_index} (output_loss_index) must be a "
+                                 f"scalar tensor that requires grad to be differentiated (got {got}); return the "
+                                 f"loss, e.g. out.sum(), at that index")
             others = [k for k, out in enumerate(outs)
                       if k != output_loss_index and isinstance(out, torch.Tensor) and out.requires_grad]
             if others:  # their gradients would need tangents, which a joint graph of the loss does not take

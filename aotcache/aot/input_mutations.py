@@ -52,6 +52,26 @@ def _metadata_mutation_error(index: int, position: int, why: str = "") -> Captur
         f"supported; use the out-of-place op (x = x.t()) instead.", reason="metadata_mutation")
 
 
+def storage_of(probe: Any) -> StorageWeakRef | None:
+    """The storage a probe (a functional input) holds before the function runs, for :func:`check_storage_kept`."""
+    return StorageWeakRef(probe.untyped_storage()) if isinstance(probe, torch.Tensor) else None
+
+
+def check_storage_kept(index: int, position: int, probe: torch.Tensor, before: StorageWeakRef | None) -> None:
+    """Refuse an input whose storage the function replaced: ``x.set_(y)`` or ``x.data = y``.
+
+    Functionalization records ``set_`` only as a storage change (neither a data nor a metadata mutation), and
+    ``.data =`` not at all (the wrapper gets another storage); unrefused, the real input kept its old value.
+    """
+    changed_storage = getattr(torch, "_functionalize_was_storage_changed", None)
+    if ((changed_storage is not None and changed_storage(probe.elem))
+            or (before is not None and StorageWeakRef(probe.untyped_storage()) != before)):
+        raise CaptureError(
+            f"aotcache: graph input {index} (flat argument {position}) has its storage replaced in place "
+            f"(x.set_(y) or x.data = y), which a graph cannot write back into the caller's tensor. Return the new "
+            f"tensor instead, or call set_() outside the compiled function.", reason="metadata_mutation")
+
+
 def replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor, before: tuple,
                                   requiring_grad: bool) -> list | None:
     """``[size, stride, storage_offset]`` of an input whose view metadata the function changed in place, or

@@ -20,7 +20,8 @@ backward gets ``None``). So the table decomposes both ops into matmuls and point
 - backward: the gates are recomputed from the saved input, weights, initial state and outputs (one
   batched matmul; ``h_{t-1}`` of every step is known from the outputs), the cell states with a pointwise
   recurrence, then backpropagation through time per step; weight gradients are two matmuls over all steps.
-Only what the oneDNN path produces is handled (mode LSTM, one layer, no projections, no packed batch sizes);
+Only what the oneDNN path produces is handled (mode LSTM, no projections, no packed batch sizes; each call is
+one layer and direction of a stack, whatever its ``num_layers`` says);
 anything else stays undecomposed (``NotImplemented``) and the compilers refuse the graph with a clear error.
 """
 
@@ -58,7 +59,7 @@ def _concrete_length(size: Any) -> int:
 
 
 def _is_plain_lstm(mode: int, num_layers: int, batch_sizes: Any, hidden_size: int, w_hh: torch.Tensor) -> bool:
-    return mode == _LSTM_MODE and num_layers == 1 and not batch_sizes and w_hh.shape[-1] == hidden_size
+    return mode == _LSTM_MODE and not batch_sizes and w_hh.shape[-1] == hidden_size
 
 
 def _lstm_bias(b_ih: torch.Tensor, b_hh: torch.Tensor, has_biases: bool) -> torch.Tensor | None:

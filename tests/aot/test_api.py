@@ -245,6 +245,12 @@ def test_aot_export_module_joint_refuses_other_outputs_that_require_grad():
         aot_export_module(TwoOutputs(), (torch.randn(4, 3),), trace_joint=True, output_loss_index=0)
 
 
+def test_aot_export_module_joint_names_the_shape_of_a_loss_that_is_not_a_scalar():
+    # found by exploration: the message said "(got FunctionalTensor)" for a (4, 2) output
+    with pytest.raises(ValueError, match=r"output 0 \(output_loss_index\) must be a scalar.*shape \(4, 2\)"):
+        aot_export_module(torch.nn.Linear(3, 2), (torch.randn(4, 3),), trace_joint=True, output_loss_index=0)
+
+
 def test_aot_export_module_joint_signature():
     gm, sig = aot_export_module(SmallNet(), (torch.randn(4, 3),), trace_joint=True, output_loss_index=0)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -193,6 +193,31 @@ def test_metadata_mutations_that_cannot_be_replayed_raise_a_clear_error(fn, inpu
         capture(fn, inputs())
 
 
+def _set_storage(x, y):
+    return x.set_(y)
+
+
+def _assign_data(x, y):
+    x.data = y
+    return x * 1
+
+
+@pytest.mark.parametrize("fn", [_set_storage, _assign_data], ids=["set_", "data_assignment"])
+def test_an_input_whose_storage_is_replaced_is_refused_and_falls_back_to_eager_values(fn):
+    # found by exploration: set_() / .data = y on an input left the caller's tensor unchanged (a wrong value)
+    def inputs():
+        return torch.arange(3.0).requires_grad_(fn is _assign_data), torch.full((3,), 7.0)
+
+    with pytest.raises(CaptureError, match=r"graph input 0 \(flat argument 0\) has its storage replaced"):
+        capture(fn, list(inputs()))
+    x_ref, y_ref = inputs()
+    x, y = inputs()
+    expected = fn(x_ref, y_ref)
+    got = aot_function(fn, lambda gm, _: gm, cache=False)(x, y)  # the default fallback
+    torch.testing.assert_close(x, x_ref)
+    torch.testing.assert_close(got, expected)
+
+
 def _transpose_then_scale_row(a):
     a.t_()
     a[0].mul_(2)

@@ -73,6 +73,29 @@ def test_data_dependent_function_runs_partially_compiled_with_eager_values_and_g
     assert len(warnings) == 1 and "data_dependent" in warnings[0].getMessage()
 
 
+def _reads_data_ptr(x):
+    return x + (1 if x.data_ptr() else 0)
+
+
+def _reads_numpy(x):
+    return x + torch.from_numpy(x.numpy() * 2)
+
+
+def _reads_storage_pointer(x):
+    return x * (2 if x.untyped_storage().data_ptr() else 3)
+
+
+@pytest.mark.parametrize("fn", [_reads_data_ptr, _reads_numpy, _reads_storage_pointer])
+def test_a_function_reading_tensor_memory_falls_back_instead_of_crashing(fn):
+    # found by exploration: a RuntimeError from the fake tensor ("Cannot access data pointer of Tensor",
+    # ".numpy() is not supported for tensor subclasses") failed the call where eager runs
+    with pytest.raises(CaptureError, match="reads a tensor's memory directly") as info:
+        aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise")(torch.ones(3))
+    assert info.value.reason == "data_dependent"
+    x = torch.arange(3.0)
+    torch.testing.assert_close(aotcache.aot_function(fn, Recorder(), cache=False)(x), fn(x))
+
+
 def test_raise_mode_and_strict_mode_raise_the_capture_error():
     x, w = torch.randn(3, 5), torch.randn(5, 4)
     with pytest.raises(CaptureError, match="depends on tensor data"):
@@ -318,3 +341,64 @@ def test_issue_modules_train_like_eager(name):
     report = verify(make(), values, compiler="nop", train=True, steps=2, rng_seed=5, check_compiled=whole)
     kinds = {type(r).__name__ for entries in report.compiled.compiled._entries.values() for r in entries}
     assert kinds == ({"CompiledRuntime"} if whole else {"PartialRuntime"})
+
+
+def test_a_compiled_function_under_torch_func_transforms_runs_eagerly_with_eager_values():
+    # found by exploration: vmap / grad / jvp over a compiled function failed with "Cannot access storage of
+    # BatchedTensorImpl" (TensorWrapper) where eager runs
+    def fn(x):
+        return (x.sin() * x).sum(-1)
+
+    compiled = aotcache.aot_function(fn, Recorder(), cache=False)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(torch.vmap(compiled)(x), torch.vmap(fn)(x))
+    torch.testing.assert_close(torch.func.grad(compiled)(x[0]), torch.func.grad(fn)(x[0]))
+    torch.testing.assert_close(torch.func.jvp(compiled, (x[0],), (torch.ones(3),)),
+                               torch.func.jvp(fn, (x[0],), (torch.ones(3),)))
+    torch.testing.assert_close(compiled(x), fn(x))  # plain calls still compiled
+    with pytest.raises(CaptureError, match="flat argument 0 is a tensor of a torch.func transform"):
+        torch.vmap(aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise"))(x)
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]), "nested"),
+    (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8), "quantized"),
+])
+def test_nested_and_quantized_arguments_run_eagerly(make, kind):
+    # found by exploration: "NestedTensorImpl doesn't support sizes" / "quantized nyi in meta tensors" failed the
+    # call where eager runs (their layout is torch.strided, so the sparse check let them through)
+    def fn(x):
+        return x.dequantize() * 2 if x.is_quantized else x * 2
+
+    arg = make()
+    got = aotcache.aot_function(fn, Recorder(), cache=False)(arg)
+    expected = fn(arg)
+    if kind == "nested":
+        got, expected = got.to_padded_tensor(0.0), expected.to_padded_tensor(0.0)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(CaptureError, match=f"flat argument 0 is a tensor with layout {kind}"):
+        aotcache.aot_function(fn, Recorder(), cache=False, on_capture_error="raise")(arg)
+
+
+def test_a_tensor_hook_registered_inside_the_function_runs_at_every_backward():
+    # found by exploration: the hook ran once per capture on trace tensors (its log held "FunctionalTensor"s) and
+    # never at runtime; a function registering a hook now takes the fallback
+    def make(log):
+        def fn(x):
+            y = x * 2
+            y.register_hook(lambda grad: log.append(grad.detach().clone()))
+            return (y * y).sum()
+        return fn
+
+    eager_log, log = [], []
+    x = torch.randn(3, requires_grad=True)
+    compiled = aotcache.aot_function(make(log), Recorder(), cache=False)
+    for _ in range(2):
+        make(eager_log)(x).backward()
+        compiled(x).backward()
+    assert len(log) == len(eager_log) == 2
+    for got, expected in zip(log, eager_log):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(CaptureError, match="registers a tensor hook"):
+        aotcache.aot_function(make([]), Recorder(), cache=False, on_capture_error="raise")(x)

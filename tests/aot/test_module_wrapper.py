@@ -286,3 +286,28 @@ def test_activation_checkpointing_is_refused_with_a_message_that_names_it():
     linear.requires_grad_(False)  # a frozen parameter is a plain constant
     x = torch.randn(2, 4, requires_grad=True)
     torch.testing.assert_close(closure(x), linear(x))
+
+
+def _model_with_backward_hooks(log: list) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].register_full_backward_hook(lambda module, grad_in, grad_out: log.append(float(grad_out[0].sum())))
+    model[2].register_full_backward_pre_hook(lambda module, grad_out: (grad_out[0] * 3,))
+    return model
+
+
+def test_module_backward_hooks_run_at_every_backward_as_in_eager():
+    # found by exploration: a capture ran a logging hook once on trace tensors (its log held a FunctionalTensor,
+    # and later backwards logged nothing); a module with backward hooks now takes the fallback
+    eager_log, log = [], []
+    eager, model = _model_with_backward_hooks(eager_log), _model_with_backward_hooks(log)
+    wrapped = aot_module(model, Counting(), cache=False)
+    x = torch.randn(5, 3)
+    for _ in range(2):
+        eager(x).sum().backward()
+        wrapped(x).sum().backward()
+    assert len(log) == len(eager_log) == 2 and log == pytest.approx(eager_log)
+    for p_eager, p in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad)
+    with torch.no_grad():  # no backward, nothing refused: captured
+        torch.testing.assert_close(aot_module(model, Counting(), cache=False, on_capture_error="raise")(x), eager(x))

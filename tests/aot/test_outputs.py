@@ -204,6 +204,30 @@ def test_output_requiring_grad_without_an_input_requiring_grad_is_a_capture_erro
         compile_fn(fn)(torch.randn(3))
 
 
+@pytest.mark.parametrize("grad", ["input_requires_grad", "no_input_requires_grad", "no_grad"])
+def test_a_new_leaf_returned_by_the_function_keeps_eager_autograd(grad):
+    # found by exploration: ``x.detach().requires_grad_()`` was regenerated as a view of x, so gradients flowed
+    # into x (eager: none); without an input requiring grad the runtime raised; under no_grad it lost requires_grad
+    def fn(x, y):
+        return x.detach().requires_grad_(), y * 2
+
+    def run(f):
+        x, y = torch.ones(3, requires_grad=grad == "input_requires_grad"), torch.ones(3, requires_grad=True)
+        with torch.set_grad_enabled(grad != "no_grad"):
+            leaf, other = f(x, y)
+        assert leaf.requires_grad and leaf.is_leaf
+        if grad != "no_grad":
+            (leaf.sum() + other.sum()).backward()
+        return x.grad, leaf.grad
+
+    expected = run(fn)
+    with pytest.raises(CaptureError, match="flat output 0 is a leaf tensor that requires grad created inside"):
+        run(compile_fn(fn))
+    got = run(aot_function(fn, nop, cache=False))  # the default fallback: eager's autograd
+    assert [g is None for g in got] == [g is None for g in expected]
+    assert all(g is None or torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
@@ -385,3 +409,21 @@ def test_exports_refuse_object_outputs_naming_the_type():
 
     with pytest.raises(CaptureError, match="aot_export_joint_simple: the outputs hold .*Holder"):
         aot_export_joint_simple(lambda x: Holder(x), (torch.randn(2, 3),), trace_joint=False)
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.conj(), lambda x: x._neg_view(), lambda x: x[1:].conj()],
+                         ids=["conj", "neg_view", "conj_of_a_slice"])
+@pytest.mark.parametrize("input_conj", [False, True])
+def test_a_conjugate_view_of_an_input_keeps_its_values(fn, input_conj):
+    # found by exploration: x.conj() was regenerated as an as_strided view of x without the conj bit: the
+    # compiled function returned x itself, unconjugated
+    x = torch.randn(3, dtype=torch.cfloat)
+    x = x.conj() if input_conj else x
+    got, expected = compile_fn(fn)(x), fn(x)
+    assert torch.equal(got.resolve_conj().resolve_neg(), expected.resolve_conj().resolve_neg())
+    leaf = torch.randn(3, dtype=torch.cfloat, requires_grad=True)
+    weights = torch.arange(3.0) + 1
+    (compile_fn(fn)(leaf).abs() * weights[:len(fn(leaf))]).sum().backward()
+    grad, leaf.grad = leaf.grad, None
+    (fn(leaf).abs() * weights[:len(fn(leaf))]).sum().backward()
+    torch.testing.assert_close(grad, leaf.grad)

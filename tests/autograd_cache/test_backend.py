@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -90,6 +91,27 @@ def test_sizes_dynamo_compiles_symbolically_are_not_specialized(dynamic):
             torch.testing.assert_close(compiled_param.grad, eager_param.grad)
     # one symbolic graph serves every later size (automatic dynamic: one static graph first)
     assert cache.stats()["compile"] == (1 if dynamic else 2)
+
+
+def test_dynamic_true_with_batchnorm_specializes_its_float_attributes_and_sees_their_changes():
+    """NOTE [Dynamo's float inputs]: with dynamic=True Dynamo passes BatchNorm's eps / momentum as 0-d tensors read
+    with .item(); found by exploration: every such model failed with a data-dependent CaptureError."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(6))
+    compiled_model = copy.deepcopy(eager_model)
+    compiled = torch.compile(compiled_model, backend=functools.partial(aotcache_backend, compiler="nop", cache=False),
+                             dynamic=True)
+    for batch, (eps, momentum) in zip((2, 3, 4), [(1e-5, 0.1), (0.5, 0.1), (0.5, 0.7)]):
+        for model in (eager_model, compiled_model):  # a changed value is guarded: never a stale constant
+            model[1].eps, model[1].momentum = eps, momentum
+        x = torch.randn(batch, 3, 8, 8)
+        got, expected = compiled(x), eager_model(x)
+        torch.testing.assert_close(got, expected)
+        got.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(compiled_model[1].running_var, eager_model[1].running_var)
+        torch.testing.assert_close(compiled_model[0].weight.grad, eager_model[0].weight.grad)
 
 
 def _specializing_compiler(gm, example_inputs):
