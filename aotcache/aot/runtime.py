@@ -16,6 +16,7 @@ Per call:
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -230,9 +231,21 @@ def _regenerate_output_view(base: torch.Tensor, computed: torch.Tensor, info: Ou
     return computed
 
 
+_STORAGE = operator.methodcaller("untyped_storage")
+_DATA_PTR = operator.methodcaller("data_ptr")
+
+
 def _protect_from_epilogue(saved: list, mutated_inputs: list) -> list:
     """Clone saved tensors that share memory with a mutated input: the backward needs the value from before
     the mutation epilogue overwrites the input."""
+    if not mutated_inputs:
+        return saved
+    try:  # the usual case, in C-level loops: all tensors, no saved value sharing memory with a mutated input
+        pointers = set(map(_DATA_PTR, map(_STORAGE, mutated_inputs)))
+        if pointers.isdisjoint(map(_DATA_PTR, map(_STORAGE, saved))):
+            return saved
+    except (AttributeError, RuntimeError, TypeError):  # a non-tensor, a storage without data pointer
+        pass
     pointers = {storage_pointer(t) for t in mutated_inputs if isinstance(t, torch.Tensor)}
     if not pointers:
         return saved
@@ -314,9 +327,12 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                 "or torch.autograd.grad of a gradient) is not supported. Call the original function eagerly "
                 "for higher-order gradients.")
         runtime: CompiledRuntime = ctx.runtime
-        tensors = iter(ctx.saved_tensors)
-        scalars = iter(ctx.saved_scalars)
-        saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+        if ctx.saved_scalars:
+            tensors = iter(ctx.saved_tensors)
+            scalars = iter(ctx.saved_scalars)
+            saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+        else:
+            saved = ctx.saved_tensors
         # NOTE [Tangent strides]
         # The backward is traced ahead of time, before any real gradient exists, so the strides of its tangents
         # are a guess, and compiled code (and ATen kernels whose fake and real output strides differ, such as
