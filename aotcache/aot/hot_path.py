@@ -355,7 +355,6 @@ def _observed(module: nn.Module, getter: Any) -> tuple:
             len(module._backward_pre_hooks))
 
 
-
 # NOTE [Dict versions]
 # CPython gives every dict a version tag that changes whenever the dict is written (an entry set to another
 # object, added or deleted; Dynamo's DICT_VERSION guards read it through ``torch._C._dynamo.guards.dict_version``).
