@@ -218,6 +218,9 @@ _CHEAP_OPS = {
     "aten::permute_copy", "aten::unsqueeze_copy", "aten::transpose_copy", "aten::t_copy", "aten::copy",
     "prims::convert_element_type", "prims::broadcast_in_dim", "prims::squeeze", "prims::view_of",
     "prims::collapse_view", "prims::iota", "prims::full", "prims::sum", "prims::var", "prims::amax",
+    # Inductor's max-pool decomposition: int8 window offsets -> int64 indices; recomputing the indices in the
+    # backward saves the offsets (1/8 of the bytes) and spares the forward a write of the indices
+    "prims::_low_memory_max_pool_offsets_to_indices",
 }
 # Never computed twice even if a rule above would allow it: the cost is the point of saving them.
 _EXPENSIVE_OPS = {

@@ -16,6 +16,7 @@ Per call:
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,6 +112,10 @@ class CompiledRuntime:
         self._metadata_mutations = [(index, info.metadata_mutation) for index, info in enumerate(metadata.inputs)
                                     if info.metadata_mutation]
         self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
+        # the metadata's derived counts, read several times per call (its properties rebuild a list each time)
+        self._num_mutation_outputs = len(self._mutated)
+        self._first_extra_output = self._num_mutation_outputs + metadata.num_graph_user_outputs
+        self._num_fwd_outputs = self._first_extra_output + metadata.num_extra_outputs
         self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
 
     def __call__(self, *flat_args: Any) -> Any:
@@ -188,8 +193,8 @@ class CompiledRuntime:
 
     def _build_outputs(self, graph_args: list, fw_outs: list) -> list:
         meta = self.metadata
-        first_user = meta.num_mutation_outputs
-        extras = fw_outs[meta.first_extra_output:meta.num_fwd_outputs]
+        first_user = self._num_mutation_outputs
+        extras = fw_outs[self._first_extra_output:self._num_fwd_outputs]
         flat: list = [None] * len(meta.outputs)
         for k, info in enumerate(meta.outputs):
             if info.kind == "graph":
@@ -226,9 +231,21 @@ def _regenerate_output_view(base: torch.Tensor, computed: torch.Tensor, info: Ou
     return computed
 
 
+_STORAGE = operator.methodcaller("untyped_storage")
+_DATA_PTR = operator.methodcaller("data_ptr")
+
+
 def _protect_from_epilogue(saved: list, mutated_inputs: list) -> list:
     """Clone saved tensors that share memory with a mutated input: the backward needs the value from before
     the mutation epilogue overwrites the input."""
+    if not mutated_inputs:
+        return saved
+    try:  # the usual case, in C-level loops: all tensors, no saved value sharing memory with a mutated input
+        pointers = set(map(_DATA_PTR, map(_STORAGE, mutated_inputs)))
+        if pointers.isdisjoint(map(_DATA_PTR, map(_STORAGE, saved))):
+            return saved
+    except (AttributeError, RuntimeError, TypeError):  # a non-tensor, a storage without data pointer
+        pass
     pointers = {storage_pointer(t) for t in mutated_inputs if isinstance(t, torch.Tensor)}
     if not pointers:
         return saved
@@ -284,7 +301,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
             with torch.enable_grad():
                 outs = list(runtime.forward(*detached))
-        num_fwd = meta.num_fwd_outputs
+        num_fwd = runtime._num_fwd_outputs
         if len(outs) != num_fwd + meta.num_saved:
             raise RuntimeError(f"aotcache: compiled forward returned {len(outs)} values, expected "
                                f"{num_fwd} outputs + {meta.num_saved} saved values")
@@ -294,7 +311,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
         ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
         ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
-        _unview_user_outputs(fw_outs, meta.num_mutation_outputs, meta.first_extra_output, saved, graph_args)
+        _unview_user_outputs(fw_outs, runtime._num_mutation_outputs, runtime._first_extra_output, saved, graph_args)
         differentiable = set(runtime._tangent_indices)
         non_differentiable = [out for index, out in enumerate(fw_outs)
                               if isinstance(out, torch.Tensor) and index not in differentiable]
@@ -310,9 +327,12 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                 "or torch.autograd.grad of a gradient) is not supported. Call the original function eagerly "
                 "for higher-order gradients.")
         runtime: CompiledRuntime = ctx.runtime
-        tensors = iter(ctx.saved_tensors)
-        scalars = iter(ctx.saved_scalars)
-        saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+        if ctx.saved_scalars:
+            tensors = iter(ctx.saved_tensors)
+            scalars = iter(ctx.saved_scalars)
+            saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+        else:
+            saved = ctx.saved_tensors
         # NOTE [Tangent strides]
         # The backward is traced ahead of time, before any real gradient exists, so the strides of its tangents
         # are a guess, and compiled code (and ATen kernels whose fake and real output strides differ, such as

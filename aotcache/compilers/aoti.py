@@ -25,7 +25,7 @@ import torch.fx
 from aotcache.compilers import aoti_lib
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
-from aotcache.compilers.input_layout import conform_inputs, expected_layouts
+from aotcache.compilers.input_layout import InputLayouts, expected_layouts
 
 __all__ = ["AOTICompiledGraph", "aoti_compiler", "decompositions", "load"]
 
@@ -74,6 +74,7 @@ class AOTICompiledGraph:
         # per tensor input; NOTE [compiled code assumes input strides]. Static builds: the example strides.
         self._layouts = meta.get("input_layouts") or [
             {"stride": spec["stride"]} if self._static else None for spec in self._specs]
+        self._conform = InputLayouts(self._layouts).conform
 
     def _check(self, args: Sequence[Any]) -> None:
         if len(args) != len(self._tensor_indices) + len(self._int_inputs):
@@ -97,7 +98,7 @@ class AOTICompiledGraph:
         self._check(args)
         # the library reads its inputs with the strides it was built for and checks none: arguments with other
         # strides are copied into those first (NOTE [compiled code assumes input strides])
-        tensors = conform_inputs([args[index] for index in self._tensor_indices], self._layouts)
+        tensors = self._conform([args[index] for index in self._tensor_indices])
         results = iter(self._runner.run(tensors))
         return tuple(next(results) if entry == "tensor" else entry["const"] for entry in self._template)
 

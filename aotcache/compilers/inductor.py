@@ -49,7 +49,7 @@ import torch.fx
 from aotcache.compilers import aoti_lib, triton_kernels
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
-from aotcache.compilers.input_layout import conform_inputs, expected_layouts
+from aotcache.compilers.input_layout import InputLayouts, expected_layouts
 from aotcache.logs import log_once
 
 __all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
@@ -114,13 +114,14 @@ class InductorCompiledGraph:
         self._inputs_to_check = list(inputs_to_check)
         self._identity = identity
         self._input_layouts = list(input_layouts)
+        self._conform = InputLayouts(self._input_layouts).conform
         # strides of each output as compiled (None: unknown); set by a compile, not kept in the artifact
         self.output_strides: list[tuple[int, ...] | None] | None = None
 
     def __call__(self, *args: Any) -> Sequence[Any]:
         # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
-        # early), so it always gets a fresh list here (conform_inputs returns one).
-        boxed = conform_inputs(args, self._input_layouts)  # NOTE [compiled code assumes input strides]
+        # early), so it always gets a fresh list here (conform returns one).
+        boxed = self._conform(args)  # NOTE [compiled code assumes input strides]
         for index in self._inputs_to_check:
             value = boxed[index]
             if isinstance(value, torch.Tensor) and value.data_ptr() % _ALIGNMENT:

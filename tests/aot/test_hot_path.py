@@ -7,12 +7,13 @@ Each test changes one thing between calls that the signature covers and checks t
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from aotcache.aot import aot_function, aot_module
+from aotcache.aot import aot_function, aot_module, hot_path
 from aotcache.aot.hot_path import HotSignature, ModuleState
 
 
@@ -284,3 +285,51 @@ def test_config_attributes_set_in_place_are_settings():
     config.use_bias, config.scale = True, 2.0
     torch.testing.assert_close(compiled(x), model(x))
     assert compiled.compiled.num_compiles == 3  # the first runtime again
+
+
+# -- the bulk checks (NOTE [Static signatures in bulk], NOTE [Dict versions]) -------------------------------
+
+
+def test_hot_signature_bulk_check_sees_leafness_and_sharing():
+    leaf = torch.randn(2, 3, requires_grad=True)
+    hot = HotSignature([leaf, torch.randn(4)], dynamic=False, runtime=None)
+    assert hot.matches([torch.randn(2, 3, requires_grad=True), torch.randn(4)])
+    assert not hot.matches([leaf * 1, torch.randn(4)])  # requires grad, not a leaf
+    two = torch.randn(8)
+    distinct = HotSignature([two[:4], torch.randn(4)], dynamic=False, runtime=None)
+    assert not distinct.matches([two[:4], two[4:]])  # same storage now: another signature
+    sharing = HotSignature([two[:4], two[4:]], dynamic=False, runtime=None)
+    assert sharing.matches([two[:4], two[4:]]) and not sharing.matches([two[:4], torch.randn(8)[4:]])
+    empty = HotSignature([torch.empty(0), torch.empty(0)], dynamic=False, runtime=None)
+    assert empty.matches([torch.empty(0), torch.empty(0)])  # 0-pointers never share
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="dict version tags are probed; checked on 3.10-3.11")
+def test_dict_version_fast_path_is_in_use_here():
+    assert hot_path._dict_version is not None
+    model = Net()
+    state = ModuleState(model)
+    state.current()
+    assert state._versions is not None and state._versions.hold()
+
+
+def test_module_state_after_a_write_that_changes_nothing():
+    """A write that leaves the tree as it was (the method router pops and restores ``forward``) keeps the values;
+    any real change after it is still seen."""
+    model = Net()
+    state = ModuleState(model)
+    first = state.current()
+    model.__dict__["forward"] = model.forward
+    del model.__dict__["forward"]
+    assert state.current() is first
+    model.bn.momentum = 0.5
+    assert state.current()[3] != first[3]
+    model.bn.momentum = 0.1
+    assert state.current()[3] == first[3]
+    model.fc.weight = nn.Parameter(torch.randn(3, 4))
+    assert state.current()[0]["fc.weight"] is model.fc.weight
+    handle = model.fc.register_forward_pre_hook(lambda module, args: None)
+    with_hook = state.current()[3]
+    assert with_hook != first[3]
+    handle.remove()
+    assert state.current()[3] == first[3]

@@ -226,3 +226,29 @@ def test_contract_violations_are_named():
     joint, _, num_fwd = make_joint(pointwise_chain, chain_args())
     with pytest.raises(PartitionError, match="num_fwd_outputs"):
         min_cut_rematerialization_partition(joint, [], num_fwd_outputs=99)
+
+
+def test_min_cut_saves_max_pool_offsets_not_indices():
+    """Inductor's max-pool decomposition computes int64 indices from int8 window offsets: min-cut recomputes
+    the indices in the backward and saves the offsets (an eighth of the bytes), as PyTorch's partitioner does."""
+    from aotcache.aot import aot_function
+    from aotcache.compilers.inductor_decomp import inductor_decompositions
+
+    saved_dtypes = []
+
+    def record_backward(gm, example_inputs):
+        saved_dtypes.extend(node.meta["val"].dtype for node in gm.graph.nodes
+                            if node.op == "placeholder" and not node.name.startswith("tangents"))
+        return gm
+
+    def fn(x):
+        return torch.nn.functional.max_pool2d(x.relu(), 2)
+
+    compiled = aot_function(fn, lambda gm, _: gm, record_backward, partition_fn=min_cut_rematerialization_partition,
+                            decompositions=inductor_decompositions(), cache=False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    compiled(x).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    fn(reference).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    assert torch.int8 in saved_dtypes and torch.int64 not in saved_dtypes

@@ -52,3 +52,20 @@ def test_symbolic_inputs_that_are_not_dense_are_unchecked() -> None:
     assert expected_layout(sliced) is None
     value = torch.randn(3, 2)
     assert conform_inputs([value], [None])[0] is value
+
+
+def test_prepared_layouts_conform_as_conform_inputs_does() -> None:
+    """InputLayouts compares all static strides at once; any difference takes conform_inputs' per-input path."""
+    from aotcache.compilers.input_layout import InputLayouts
+
+    example = torch.randn(4, 3)
+    prepared = InputLayouts(expected_layouts([example, 7]))
+    contiguous, transposed = torch.randn(4, 3), torch.randn(3, 4).t()
+    kept = prepared.conform([contiguous, 7])
+    assert kept[0] is contiguous and kept[1] == 7
+    conformed = prepared.conform([transposed, 7])
+    assert conformed[0].stride() == (3, 1) and torch.equal(conformed[0], transposed)
+    odd = torch.empty_strided((1, 5), (1, 1)).copy_(torch.randn(1, 5))  # a size-1 dimension's stride never counts
+    single = InputLayouts(expected_layouts([torch.randn(1, 5)]))
+    assert single.conform([odd])[0] is odd
+    assert prepared.conform([3, 7]) == [3, 7]  # not a tensor: passed on for the graph to name
