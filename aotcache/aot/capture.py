@@ -44,6 +44,7 @@ from aotcache.aot.metadata import (
     encode_output_structure,
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
+from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
            "is_graph_input", "mutating_nodes"]
@@ -218,6 +219,9 @@ class Analysis:
     needs_autograd: bool
     # effect types (torch EffectType) of side-effectful ops the function calls: see NOTE [Effect tokens]
     effects: list = dataclasses.field(default_factory=list)
+    # the function resized a tensor or changed an input's metadata: what it saw on static probes may not hold
+    # for symbolic ones (NOTE [Analysis without symbols])
+    shape_sensitive: bool = False
 
 
 def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
@@ -236,8 +240,12 @@ def _is_differentiable(value: Any) -> bool:
 
 
 def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
-            static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True) -> Analysis:
+            static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True,
+            traced_args: Sequence[Any] | None = None) -> Analysis:
     """Pass 1: run ``flat_fn`` eagerly on fake probes; classify mutations and outputs.
+
+    ``traced_args``: the fake inputs the trace will use, when they differ from ``fake_args`` (symbolic ones,
+    NOTE [Analysis without symbols]); the check that mutated inputs do not overlap looks at those.
 
     :raises CaptureError: metadata mutation of an input, mutation of a leaf that requires grad during
         training, mutation of an input that shares memory with another input, or a data-dependent op.
@@ -293,7 +301,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                              mutation_requires_grad=mutated and probe.requires_grad, metadata_mutation=new_layout)
             inputs.append(info)
 
-    check_mutated_inputs_do_not_alias(fake_args, positions, inputs)
+    check_mutated_inputs_do_not_alias(fake_args if traced_args is None else traced_args, positions, inputs)
 
     probe_storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None
                       for p in probes]
@@ -325,9 +333,10 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
                     f"function, or call the compiled function under torch.no_grad().")
     _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
+    shape_sensitive = resize_check.called or any(info.metadata_mutation is not None for info in inputs)
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
-                    needs_autograd=needs_autograd, effects=effects)
+                    needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive)
 
 
 def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
@@ -476,11 +485,13 @@ class _ForwardBody:
     """Calls the user function on functional primals and returns the forward outputs of NOTE [Forward output
     layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
 
-    def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool):
+    def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool,
+                 verify: bool = False):
         self.flat_fn = flat_fn
         self.constants = list(fake_args)
         self.analysis = analysis
         self.clone_mutated = clone_mutated
+        self.verify = verify  # the analysis ran without symbols: check it (NOTE [Analysis without symbols])
         self.num_extra_outputs = 0
 
     def __call__(self, functional_primals: list) -> list:
@@ -493,6 +504,8 @@ class _ForwardBody:
                 primal = primal.clone()
             call_args[pos] = primal
         flat_outs = object_output_leaves(self.flat_fn(*call_args))
+        if self.verify:
+            _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
                            if info.mutates_data]
         graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)
@@ -512,6 +525,32 @@ class _ForwardBody:
                 info.storage_offset = entry(out.storage_offset())
         self.num_extra_outputs = len(extras)
         return [*mutation_values, *graph_outs, *extras]
+
+
+class _AnalysisMismatch(Exception):
+    """The traced function behaved otherwise than on the static probes (NOTE [Analysis without symbols])."""
+
+
+def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list) -> None:
+    """:raises _AnalysisMismatch: an input's mutations or an output's kind differ from what the analysis saw."""
+    if len(flat_outs) != len(analysis.outputs):
+        raise _AnalysisMismatch("number of outputs")
+    for index, (primal, info) in enumerate(zip(primals, analysis.inputs)):
+        if not isinstance(primal, torch.Tensor):
+            continue
+        torch._sync(primal)
+        if (bool(torch._functionalize_has_data_mutation(primal.elem)) != info.mutates_data
+                or torch._functionalize_has_metadata_mutation(primal.elem)):
+            raise _AnalysisMismatch(f"mutation of input {index}")
+    storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None for p in primals]
+    for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
+        if info.kind == "constant":
+            if isinstance(out, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)) or out != info.value:
+                raise _AnalysisMismatch(f"output {k}")
+            continue
+        again = _classify_output(k, out, flat_outs, primals, storages, static_views=False)
+        if (again.kind, again.input_index) != (info.kind, info.input_index):
+            raise _AnalysisMismatch(f"output {k}")
 
 
 def _check_traced_outputs_require_grad(fw_outs: list, tangent_indices: Sequence[int]) -> None:
@@ -583,12 +622,15 @@ def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list,
 
 
 def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
-          decompositions: Mapping | None = None, joint: bool) -> CapturedGraph:
-    """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph."""
+          decompositions: Mapping | None = None, joint: bool, verify: bool = False) -> CapturedGraph:
+    """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph.
+
+    ``verify``: the analysis ran on static probes; :raises _AnalysisMismatch: if the trace disagrees with it.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     primals = [fake_args[pos] for pos in analysis.positions]
-    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint)
+    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify)
     tangent_indices, tangents, tangent_layouts = _make_tangents(analysis, fake_mode) if joint else ([], [], [])
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
@@ -659,14 +701,31 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     static_views = fake_mode.shape_env is None
     from torch._dispatch.python import enable_python_dispatcher
 
+    def symbolic_analysis() -> Analysis:
+        return analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
+                       static_views=static_views, force_autograd=bool(trace_joint),
+                       regenerate_aliases=regenerate_aliases)
+
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with dispatcher, _compiling(), _quiet_fake_tensor_failures():
-        analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
-                           static_views=static_views, force_autograd=bool(trace_joint),
-                           regenerate_aliases=regenerate_aliases)
-        joint = analysis.needs_autograd if trace_joint is None else trace_joint
-        captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
-                         joint=joint)
+    with _compiling(), _quiet_fake_tensor_failures():
+        analysis = None
+        if not static_views and _inference_for_sure(flat_args, trace_joint):  # NOTE [Analysis without symbols]
+            analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
+                                                regenerate_aliases=regenerate_aliases)
+        with dispatcher:
+            verify = analysis is not None
+            if analysis is None:
+                analysis = symbolic_analysis()
+            joint = analysis.needs_autograd if trace_joint is None else trace_joint
+            try:
+                captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                                 joint=joint, verify=verify)
+            except _AnalysisMismatch as exc:
+                logger.debug("aotcache: the analysis on static probes does not hold for symbolic sizes (%s); "
+                             "analyzing again with symbols", exc)
+                analysis = symbolic_analysis()
+                captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                                 joint=joint)
     if torch.is_grad_enabled():
         _refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not any(
@@ -674,6 +733,45 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+# NOTE [Analysis without symbols]
+# With symbolic sizes every tensor op also does symbolic arithmetic (sizes, strides, contiguity, each traced),
+# so the analysis pass cost as much as the trace itself: a third of a dynamic inference capture. Nothing an
+# inference trace takes from the analysis needs symbols (input mutations, output kinds, effects, the output
+# structure; view sizes are read in the trace), so a capture that is surely inference (trace_joint=False, or
+# grad mode off or no input requiring grad) analyzes on static probes of the real inputs, whose sizes are the
+# symbols' hints, so that size-dependent branches go the same way. The trace checks what it relies on -- each
+# input's mutations, each output's kind (input, view of an input, graph output, constant) -- and a mismatch
+# (an op that makes a view on static sizes but a copy on symbolic ones, say) or anything whose handling
+# depends on symbols (a resize_, an input's metadata mutation, a failure) analyzes again with symbols, as
+# before. A training capture needs symbolic examples of its outputs for the tangents, so it always analyzes
+# with symbols.
+
+
+def _inference_for_sure(flat_args: Sequence[Any], trace_joint: bool | None) -> bool:
+    """Whether the capture traces a forward graph whatever the analysis finds."""
+    if trace_joint is not None:
+        return not trace_joint
+    return not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                                 for a in flat_args)
+
+
+def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_args: Sequence[Any], *,
+                             input_is_leaf: Sequence[bool], regenerate_aliases: bool) -> Analysis | None:
+    """The analysis on static probes of the real ``flat_args``, or None where it must run with symbols
+    (NOTE [Analysis without symbols])."""
+    if any(isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
+        return None
+    static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
+    try:
+        analysis = analyze(flat_fn, static_args, fake_mode=static_mode, input_is_leaf=input_is_leaf,
+                           static_views=False, regenerate_aliases=regenerate_aliases, traced_args=fake_args)
+    except Exception as exc:  # noqa: BLE001 - the analysis with symbols raises the error meant for this capture
+        logger.debug("aotcache: analysis on static probes failed (%s: %s); analyzing with symbols",
+                     type(exc).__name__, exc)
+        return None
+    return None if analysis.shape_sensitive or analysis.needs_autograd else analysis
 
 
 class _DropFakeMetaFailures(logging.Filter):

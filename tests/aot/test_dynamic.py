@@ -221,3 +221,62 @@ def test_dynamic_module_keeps_parameters_static():
         for clause in re.findall(rf"L\['t{position}'\]\.size\(\)\[\d\] == ([^ ]+)", guards):
             assert clause.isdigit(), guards
     assert re.search(r"L\['t4'\]\.size\(\)\[0\]", guards) is None or "L['t4'].size()[0] ==" not in guards
+
+
+# --------------------------------------------------------------------------------------------------------
+# NOTE [Analysis without symbols]: an inference capture analyzes on static probes; the trace checks it
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """Records, per analysis pass, whether it ran with symbolic sizes."""
+    import sys
+
+    module = sys.modules["aotcache.aot.capture"]
+    seen: list[bool] = []
+    original = module.analyze
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fake_mode"].shape_env is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "analyze", spy)
+    return seen
+
+
+def test_inference_capture_analyzes_without_symbols_and_serves_other_sizes(analyses):
+    def fn(x, y):
+        y.mul_(2)
+        return x.t(), (x @ y).relu()
+
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False)
+    for rows, inner in ((4, 3), (6, 5)):
+        x, y = torch.randn(rows, inner), torch.randn(inner, 2)
+        y_ref = y.clone()
+        view, out = compiled(x, y)
+        expected = fn(x, y_ref)
+        assert view._base is x
+        torch.testing.assert_close(out, expected[1])
+        torch.testing.assert_close(y, y_ref)
+    assert compiled.num_compiles == 1
+    assert analyses == [False]
+
+
+def test_training_capture_analyzes_with_symbols(analyses):
+    compiled = aot_function(matmul, graph_compiler, dynamic=True, cache=False)
+    assert_matches_eager(compiled, matmul, [(5, 3), (3, 4)])
+    assert analyses == [True]
+
+
+def test_a_size_output_is_not_taken_for_a_constant(analyses):
+    # on static probes x.shape[0] is the constant 4; traced with symbols it is a SymInt: the trace sees the
+    # mismatch and analyzes again with symbols, so a call with 6 rows returns 6, not a stale 4
+    compiled = aot_function(lambda x: (x * 2, x.shape[0]), graph_compiler, dynamic=True, cache=False)
+    for rows in (4, 6):
+        x = torch.randn(rows, 3)
+        doubled, size = compiled(x)
+        torch.testing.assert_close(doubled, x * 2)
+        assert size == rows
+    assert compiled.num_compiles == 1
+    assert analyses == [False, True]
