@@ -621,6 +621,54 @@ def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list,
     return indices, tangents, layouts
 
 
+# NOTE [Tangents made in the trace]
+# A joint trace takes fake tangents shaped like the forward outputs. With symbolic sizes their shapes are
+# expressions of the input symbols, known only once the forward ran on symbolic inputs; an analysis on static
+# probes (NOTE [Analysis without symbols]) does not give them. Then the trace makes each tangent itself, right
+# after the forward, from the output's symbolic shape and layout (``empty_strided`` / ``empty``), and turns
+# those nodes into the ``tangents_*`` placeholders afterwards: the same graph as with tangents given as inputs.
+
+
+def _tangents_in_trace(fw_outs: list, indices: Sequence[int], layouts: list, nodes: list) -> list:
+    """Fake tangents for ``fw_outs[indices]`` made inside the trace; their graph nodes go to ``nodes``."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    graph = get_proxy_mode().tracer.graph
+    start = len(graph.nodes)
+    tangents = []
+    for index in indices:
+        example = fw_outs[index]
+        layout = tangent_layout(example)
+        if "stride" in layout:
+            tangent = torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
+                                          device=example.device)
+        else:
+            tangent = torch.empty(example.shape, dtype=example.dtype, device=example.device,
+                                  memory_format=getattr(torch, layout["memory_format"]))
+        layouts.append(layout)
+        tangents.append(tangent)
+    made = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
+    nodes.extend(node for node in list(graph.nodes)[start:] if node.op == "call_function" and node.target in made)
+    if len(nodes) != len(indices):
+        raise _AnalysisMismatch("tangents")
+    return tangents
+
+
+def _tangent_placeholders(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> list:
+    """Replace the tangents made in the trace by ``tangents_*`` placeholders after the primals; their fakes."""
+    graph = gm.graph
+    first = next(node for node in graph.nodes if node.op != "placeholder")
+    fakes = []
+    for number, node in enumerate(nodes, start=1):
+        with graph.inserting_before(first):
+            placeholder = graph.placeholder(f"tangents_{number}")
+        placeholder.meta = dict(node.meta)
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        fakes.append(placeholder.meta["val"])
+    return fakes
+
+
 def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
           decompositions: Mapping | None = None, joint: bool, verify: bool = False) -> CapturedGraph:
     """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph.
@@ -631,7 +679,14 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
     primals = [fake_args[pos] for pos in analysis.positions]
     body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify)
-    tangent_indices, tangents, tangent_layouts = _make_tangents(analysis, fake_mode) if joint else ([], [], [])
+    own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
+    if own_tangents:
+        tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
+                           if _is_differentiable(example)]
+        tangents, tangent_layouts, tangent_nodes = [], [], []
+    else:
+        tangent_indices, tangents, tangent_layouts = (_make_tangents(analysis, fake_mode) if joint
+                                                      else ([], [], []))
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
 
@@ -642,14 +697,16 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             outs += _final_effect_tokens(mode, analysis.effects)
         return tuple(_from_functional(out) for out in outs)
 
-    def joint_graph(primals: list, tangents: list) -> tuple:
+    def joint_graph(primals: list, tangents: list | None) -> tuple:
         with torch.enable_grad(), _functionalization() as mode:
             _seed_effect_tokens(mode, analysis.effects)
             functional_primals = [_to_functional(p) for p in primals]
-            functional_tangents = [_to_functional(t) for t in tangents]
+            functional_tangents = [_to_functional(t) for t in tangents] if tangents is not None else []
             fw_outs = body(functional_primals)
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            if tangents is None:
+                functional_tangents = _tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
             pairs = [(fw_outs[i], t) for i, t in zip(tangent_indices, functional_tangents)]
             _seed_effect_tokens(mode, _all_effect_types())  # for the backward; unused ones are dead code
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
@@ -661,11 +718,16 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                     grads[i] = grad
         return tuple(_from_functional(v) for v in (*fw_outs, *grads))
 
+    def joint_graph_own_tangents(primals: list) -> tuple:
+        return joint_graph(primals, None)
+
+    traced = (joint_graph_own_tangents if own_tangents else joint_graph) if joint else inference_graph
     tracing_mode = "symbolic" if fake_mode.shape_env is not None else "fake"
-    tracer = make_fx(joint_graph if joint else inference_graph, decomposition_table=decompositions,
-                     tracing_mode=tracing_mode)
+    tracer = make_fx(traced, decomposition_table=decompositions, tracing_mode=tracing_mode)
     with explain_data_dependent_ops():
-        gm = tracer(primals, tangents) if joint else tracer(primals)
+        gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
+    if own_tangents:
+        tangents = _tangent_placeholders(gm, tangent_nodes)
     gm = _finish_graph(gm)
 
     metadata = RuntimeMetadata(
@@ -709,7 +771,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
     with _compiling(), _quiet_fake_tensor_failures():
         analysis = None
-        if not static_views and _inference_for_sure(flat_args, trace_joint):  # NOTE [Analysis without symbols]
+        if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
                                                 regenerate_aliases=regenerate_aliases)
         with dispatcher:
@@ -771,7 +833,9 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
         logger.debug("aotcache: analysis on static probes failed (%s: %s); analyzing with symbols",
                      type(exc).__name__, exc)
         return None
-    return None if analysis.shape_sensitive or analysis.needs_autograd else analysis
+    if analysis.shape_sensitive or (analysis.needs_autograd and any(info.mutates_data for info in analysis.inputs)):
+        return None
+    return analysis
 
 
 class _DropFakeMetaFailures(logging.Filter):

@@ -263,10 +263,63 @@ def test_inference_capture_analyzes_without_symbols_and_serves_other_sizes(analy
     assert analyses == [False]
 
 
-def test_training_capture_analyzes_with_symbols(analyses):
+def test_training_capture_analyzes_without_symbols_and_makes_its_tangents(analyses):
     compiled = aot_function(matmul, graph_compiler, dynamic=True, cache=False)
-    assert_matches_eager(compiled, matmul, [(5, 3), (3, 4)])
-    assert analyses == [True]
+    for shapes in ([(5, 3), (3, 4)], [(7, 6), (6, 2)]):
+        assert_matches_eager(compiled, matmul, shapes)
+    assert compiled.num_compiles == 1
+    assert analyses == [False]
+
+
+def layer_norm_two_outputs(x, w, b):
+    h = torch.nn.functional.layer_norm(x @ w + b, (w.shape[1],))
+    return h.relu().sum(1), h.t()
+
+
+def test_tangents_made_in_the_trace_give_the_graph_of_a_symbolic_analysis(monkeypatch):
+    # NOTE [Tangents made in the trace]: the same joint graph, tangents and guards as with tangents as inputs
+    import sys
+
+    def structure(captured):
+        return [(node.op, str(node.target), len(node.args)) for node in captured.graph.graph.nodes]
+
+    shapes = [(5, 3), (3, 4), (4,)]
+    made = capture(layer_norm_two_outputs, make_inputs(shapes), dynamic=True)
+    monkeypatch.setattr(sys.modules["aotcache.aot.capture"], "_analyze_without_symbols", lambda *a, **k: None)
+    given = capture(layer_norm_two_outputs, make_inputs(shapes), dynamic=True)
+    assert structure(made) == structure(given)
+    assert [n.name for n in made.graph.graph.nodes if n.op == "placeholder"] == [
+        "primals_1", "primals_2", "primals_3", "tangents_1", "tangents_2"]
+    assert [str(t.shape) for t in made.tangents] == [str(t.shape) for t in given.tangents]
+    assert made.metadata.guards == given.metadata.guards
+
+
+class Normalized(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.norm(self.linear(x)).relu()
+
+
+def test_training_capture_that_mutates_a_buffer_analyzes_with_symbols(analyses):
+    from aotcache.aot import aot_module
+
+    torch.manual_seed(0)
+    model, reference = Normalized(), Normalized()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    for rows in (5, 8):
+        x = torch.randn(rows, 3)
+        out, expected = compiled(x), reference(x)
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(model.linear.weight.grad, reference.linear.weight.grad)
+        torch.testing.assert_close(model.norm.running_mean, reference.norm.running_mean)
+    assert analyses == [False, True]  # the buffer mutation sends the analysis back to symbols
 
 
 def test_a_size_output_is_not_taken_for_a_constant(analyses):
