@@ -808,32 +808,26 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 
 
 # NOTE [Analysis without symbols]
-# With symbolic sizes every tensor op also does symbolic arithmetic (sizes, strides, contiguity, each traced),
-# so the analysis pass cost as much as the trace itself: a third of a dynamic inference capture. Nothing an
-# inference trace takes from the analysis needs symbols (input mutations, output kinds, effects, the output
-# structure; view sizes are read in the trace), so a capture that is surely inference (trace_joint=False, or
-# grad mode off or no input requiring grad) analyzes on static probes of the real inputs, whose sizes are the
-# symbols' hints, so that size-dependent branches go the same way. The trace checks what it relies on -- each
-# input's mutations, each output's kind (input, view of an input, graph output, constant) -- and a mismatch
-# (an op that makes a view on static sizes but a copy on symbolic ones, say) or anything whose handling
-# depends on symbols (a resize_, an input's metadata mutation, a failure) analyzes again with symbols, as
-# before. A training capture needs symbolic examples of its outputs for the tangents, so it always analyzes
-# with symbols.
-
-
-def _inference_for_sure(flat_args: Sequence[Any], trace_joint: bool | None) -> bool:
-    """Whether the capture traces a forward graph whatever the analysis finds."""
-    if trace_joint is not None:
-        return not trace_joint
-    return not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad
-                                                 for a in flat_args)
+# With symbolic sizes every tensor op also does symbolic arithmetic (sizes, strides, contiguity), so an
+# analysis pass on symbolic probes cost as much as the trace itself (a third of a dynamic inference capture,
+# a fifth of a training one). Nothing the trace takes from the analysis needs symbols (input mutations, output
+# kinds, requires_grad, effects, the output structure; view sizes are read in the trace, and a training trace
+# makes its tangents itself: NOTE [Tangents made in the trace]), so a capture of real inputs with symbolic
+# sizes analyzes on static probes of those inputs, whose sizes are the symbols' hints, so that size-dependent
+# branches go the same way. The trace checks what it relies on -- each input's mutations, each output's kind
+# (input, view of an input, graph output, constant) -- and on a mismatch (a size returned as an output is a
+# constant on static probes, an op may make a view on static sizes but a copy on symbolic ones) it analyzes
+# again with symbols and traces again, as before. So does anything whose handling depends on symbols: a
+# resize_, an input's metadata mutation, a failure of the static analysis, a training capture that mutates
+# an input (BatchNorm's running stats), inputs that carry a caller's symbols (Dynamo).
 
 
 def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_args: Sequence[Any], *,
                              input_is_leaf: Sequence[bool], regenerate_aliases: bool) -> Analysis | None:
     """The analysis on static probes of the real ``flat_args``, or None where it must run with symbols
     (NOTE [Analysis without symbols])."""
-    if any(isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
+    if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
+           for a in flat_args):  # symbols of a caller's ShapeEnv (Dynamo): analyzed with them
         return None
     static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
     try:
