@@ -14,6 +14,7 @@ steadier on a shared machine). One intra-op thread. Results go to bench/results/
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -66,6 +67,7 @@ def first_capture(name: str, rounds: int) -> dict[str, float]:
         """Wall-clock and CPU seconds of the first call of a fresh wrapper."""
         torch.manual_seed(0)
         wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
+        gc.collect()  # the garbage of the previous capture is not this one's cost (it was up to 2x a static one)
         started, cpu = time.perf_counter(), time.process_time()
         if train:
             wrapped(ids)[0].float().sum().backward()
