@@ -545,7 +545,7 @@ def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list) -> None
     storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None for p in primals]
     for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
         if info.kind == "constant":
-            if isinstance(out, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)) or out != info.value:
+            if type(out) is not type(info.value) or out != info.value:  # a SymInt where the probes gave an int
                 raise _AnalysisMismatch(f"output {k}")
             continue
         again = _classify_output(k, out, flat_outs, primals, storages, static_views=False)
@@ -783,6 +783,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
+                                                force_autograd=bool(trace_joint),
                                                 regenerate_aliases=regenerate_aliases)
         with dispatcher:
             verify = analysis is not None
@@ -823,7 +824,8 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 
 
 def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_args: Sequence[Any], *,
-                             input_is_leaf: Sequence[bool], regenerate_aliases: bool) -> Analysis | None:
+                             input_is_leaf: Sequence[bool], force_autograd: bool,
+                             regenerate_aliases: bool) -> Analysis | None:
     """The analysis on static probes of the real ``flat_args``, or None where it must run with symbols
     (NOTE [Analysis without symbols])."""
     if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
@@ -832,7 +834,8 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
     try:
         analysis = analyze(flat_fn, static_args, fake_mode=static_mode, input_is_leaf=input_is_leaf,
-                           static_views=False, regenerate_aliases=regenerate_aliases, traced_args=fake_args)
+                           static_views=False, force_autograd=force_autograd,
+                           regenerate_aliases=regenerate_aliases, traced_args=fake_args)
     except Exception as exc:  # noqa: BLE001 - the analysis with symbols raises the error meant for this capture
         logger.debug("aotcache: analysis on static probes failed (%s: %s); analyzing with symbols",
                      type(exc).__name__, exc)
