@@ -7,12 +7,14 @@ Per call: the median time of a warm call (sequence length 16, inference) of the 
 ways -- dynamic=False, dynamic=True, dynamic=None (automatic, after lengths 16 and 20 were seen) -- and of
 eager, interleaved so that background load hits all alike. First capture: the first call (capture + nop
 compile, cache off) of a fresh wrapper, static before and after the dynamic one (their mean is the
-reference). One intra-op thread. Results go to bench/results/dynamic.json.
+reference); the median over --rounds rounds of the wall-clock ratio and of the CPU-time ratio (process time,
+steadier on a shared machine). One intra-op thread. Results go to bench/results/dynamic.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -56,30 +58,40 @@ def per_call(name: str, calls: int) -> dict[str, float]:
             "auto_over_static": round(medians["auto"] / medians["static"], 2)}
 
 
-def first_capture(name: str) -> dict[str, float]:
+def first_capture(name: str, rounds: int) -> dict[str, float]:
     from aotcache import aot_module
 
     ids = torch.randint(0, 1000, (2, 16))
 
-    def first_call(dynamic: bool, train: bool) -> float:
+    def first_call(dynamic: bool, train: bool) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of the first call of a fresh wrapper."""
         torch.manual_seed(0)
         wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
-        started = time.perf_counter()
+        gc.collect()  # the garbage of the previous capture is not this one's cost (it was up to 2x a static one)
+        started, cpu = time.perf_counter(), time.process_time()
         if train:
             wrapped(ids)[0].float().sum().backward()
         else:
             with torch.no_grad():
                 wrapped(ids)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
 
-    first_call(False, False)  # imports and one-time setup out of the way
+    first_call(False, False)  # imports and one-time setup out of the way (the ShapeEnv's: in per_call)
     result = {}
     for train in (False, True):
         kind = "train" if train else "infer"
-        before, dynamic, after = first_call(False, train), first_call(True, train), first_call(False, train)
-        static = (before + after) / 2
-        result.update({f"{kind}_static_s": round(static, 2), f"{kind}_dynamic_s": round(dynamic, 2),
-                       f"{kind}_ratio": round(dynamic / static, 2)})
+        statics, dynamics, ratios, cpu_ratios = [], [], [], []
+        for _ in range(rounds):  # static before and after each dynamic one, so that load changes hit both
+            before, dynamic, after = first_call(False, train), first_call(True, train), first_call(False, train)
+            static = [(b + a) / 2 for b, a in zip(before, after)]
+            statics.append(static[0])
+            dynamics.append(dynamic[0])
+            ratios.append(dynamic[0] / static[0])
+            cpu_ratios.append(dynamic[1] / static[1])
+        result.update({f"{kind}_static_s": round(statistics.median(statics), 2),
+                       f"{kind}_dynamic_s": round(statistics.median(dynamics), 2),
+                       f"{kind}_ratio": round(statistics.median(ratios), 2),
+                       f"{kind}_ratio_cpu": round(statistics.median(cpu_ratios), 2)})
     return result
 
 
@@ -87,11 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bert,gpt2")
     parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="first captures: rounds of static, dynamic, static")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {}
     for name in args.models.split(","):
-        results[name] = {"per_call": per_call(name, args.calls), "first_capture": first_capture(name)}
+        results[name] = {"per_call": per_call(name, args.calls), "first_capture": first_capture(name, args.rounds)}
         print(name, json.dumps(results[name]))
     out = Path(__file__).parent / "results" / "dynamic.json"
     out.parent.mkdir(exist_ok=True)

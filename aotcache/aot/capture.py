@@ -46,6 +46,7 @@ from aotcache.aot.metadata import (
     encode_output_structure,
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
+from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
            "is_graph_input", "mutating_nodes"]
@@ -275,6 +276,9 @@ class Analysis:
     needs_autograd: bool
     # effect types (torch EffectType) of side-effectful ops the function calls: see NOTE [Effect tokens]
     effects: list = dataclasses.field(default_factory=list)
+    # the function resized a tensor or changed an input's metadata: what it saw on static probes may not hold
+    # for symbolic ones (NOTE [Analysis without symbols])
+    shape_sensitive: bool = False
 
 
 def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
@@ -293,8 +297,12 @@ def _is_differentiable(value: Any) -> bool:
 
 
 def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
-            static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True) -> Analysis:
+            static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True,
+            traced_args: Sequence[Any] | None = None) -> Analysis:
     """Pass 1: run ``flat_fn`` eagerly on fake probes; classify mutations and outputs.
+
+    ``traced_args``: the fake inputs the trace will use, when they differ from ``fake_args`` (symbolic ones,
+    NOTE [Analysis without symbols]); the check that mutated inputs do not overlap looks at those.
 
     :raises CaptureError: metadata mutation of an input, mutation of a leaf that requires grad during
         training, mutation of an input that shares memory with another input, or a data-dependent op.
@@ -352,7 +360,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                              mutation_requires_grad=mutated and probe.requires_grad, metadata_mutation=new_layout)
             inputs.append(info)
 
-    check_mutated_inputs_do_not_alias(fake_args, positions, inputs)
+    check_mutated_inputs_do_not_alias(fake_args if traced_args is None else traced_args, positions, inputs)
 
     probe_storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None
                       for p in probes]
@@ -384,9 +392,10 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
                     f"function, or call the compiled function under torch.no_grad().")
     _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
+    shape_sensitive = resize_check.called or any(info.metadata_mutation is not None for info in inputs)
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
-                    needs_autograd=needs_autograd, effects=effects)
+                    needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive)
 
 
 def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
@@ -547,11 +556,13 @@ class _ForwardBody:
     """Calls the user function on functional primals and returns the forward outputs of NOTE [Forward output
     layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
 
-    def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool):
+    def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool,
+                 verify: bool = False):
         self.flat_fn = flat_fn
         self.constants = list(fake_args)
         self.analysis = analysis
         self.clone_mutated = clone_mutated
+        self.verify = verify  # the analysis ran without symbols: check it (NOTE [Analysis without symbols])
         self.num_extra_outputs = 0
 
     def __call__(self, functional_primals: list) -> list:
@@ -564,6 +575,8 @@ class _ForwardBody:
                 primal = primal.clone()
             call_args[pos] = primal
         flat_outs = object_output_leaves(self.flat_fn(*call_args))
+        if self.verify:
+            _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
                            if info.mutates_data]
         graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)
@@ -583,6 +596,32 @@ class _ForwardBody:
                 info.storage_offset = entry(out.storage_offset())
         self.num_extra_outputs = len(extras)
         return [*mutation_values, *graph_outs, *extras]
+
+
+class _AnalysisMismatch(Exception):
+    """The traced function behaved otherwise than on the static probes (NOTE [Analysis without symbols])."""
+
+
+def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list) -> None:
+    """:raises _AnalysisMismatch: an input's mutations or an output's kind differ from what the analysis saw."""
+    if len(flat_outs) != len(analysis.outputs):
+        raise _AnalysisMismatch("number of outputs")
+    for index, (primal, info) in enumerate(zip(primals, analysis.inputs)):
+        if not isinstance(primal, torch.Tensor):
+            continue
+        torch._sync(primal)
+        if (bool(torch._functionalize_has_data_mutation(primal.elem)) != info.mutates_data
+                or torch._functionalize_has_metadata_mutation(primal.elem)):
+            raise _AnalysisMismatch(f"mutation of input {index}")
+    storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None for p in primals]
+    for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
+        if info.kind == "constant":
+            if type(out) is not type(info.value) or out != info.value:  # a SymInt where the probes gave an int
+                raise _AnalysisMismatch(f"output {k}")
+            continue
+        again = _classify_output(k, out, flat_outs, primals, storages, static_views=False)
+        if (again.kind, again.input_index) != (info.kind, info.input_index):
+            raise _AnalysisMismatch(f"output {k}")
 
 
 def _check_traced_outputs_require_grad(fw_outs: list, tangent_indices: Sequence[int]) -> None:
@@ -653,32 +692,102 @@ def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list,
     return indices, tangents, layouts
 
 
+# NOTE [Lazy symbolic arithmetic]
+# With symbolic sizes, every size computation made while tracing (contiguity checks when a functional or fake
+# tensor is made, decompositions, autograd formulas: ~5,700 for a 2-layer BERT training step) was recorded as a
+# graph node, and all but a few were then removed as dead code. The trace runs under torch's
+# ``maybe_enable_thunkify`` (as torch's own AOT Autograd does): a size computation enters the graph only when
+# a traced op uses its result. (-10% of a dynamic capture.)
+
+
+# NOTE [Tangents made in the trace]
+# A joint trace takes fake tangents shaped like the forward outputs. With symbolic sizes their shapes are
+# expressions of the input symbols, known only once the forward ran on symbolic inputs; an analysis on static
+# probes (NOTE [Analysis without symbols]) does not give them. Then the trace makes each tangent itself, right
+# after the forward, from the output's symbolic shape and layout (``empty_strided`` / ``empty``), and turns
+# those nodes into the ``tangents_*`` placeholders afterwards: the same graph as with tangents given as inputs.
+
+
+def _tangents_in_trace(fw_outs: list, indices: Sequence[int], layouts: list, nodes: list) -> list:
+    """Fake tangents for ``fw_outs[indices]`` made inside the trace; their graph nodes go to ``nodes``."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    graph = get_proxy_mode().tracer.graph
+    start = len(graph.nodes)
+    tangents = []
+    for index in indices:
+        example = fw_outs[index]
+        layout = tangent_layout(example)
+        if "stride" in layout:
+            tangent = torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
+                                          device=example.device)
+        else:
+            tangent = torch.empty(example.shape, dtype=example.dtype, device=example.device,
+                                  memory_format=getattr(torch, layout["memory_format"]))
+        layouts.append(layout)
+        tangents.append(tangent)
+    made = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
+    nodes.extend(node for node in list(graph.nodes)[start:] if node.op == "call_function" and node.target in made)
+    if len(nodes) != len(indices):
+        raise _AnalysisMismatch("tangents")
+    return tangents
+
+
+def _tangent_placeholders(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> list:
+    """Replace the tangents made in the trace by ``tangents_*`` placeholders after the primals; their fakes."""
+    graph = gm.graph
+    first = next(node for node in graph.nodes if node.op != "placeholder")
+    fakes = []
+    for number, node in enumerate(nodes, start=1):
+        with graph.inserting_before(first):
+            placeholder = graph.placeholder(f"tangents_{number}")
+        placeholder.meta = dict(node.meta)
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+        fakes.append(placeholder.meta["val"])
+    return fakes
+
+
 def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
-          decompositions: Mapping | None = None, joint: bool) -> CapturedGraph:
-    """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph."""
+          decompositions: Mapping | None = None, joint: bool, verify: bool = False) -> CapturedGraph:
+    """Pass 2: trace the functionalized forward (``joint=False``) or joint forward+backward graph.
+
+    ``verify``: the analysis ran on static probes; :raises _AnalysisMismatch: if the trace disagrees with it.
+    """
     from torch.fx.experimental.proxy_tensor import make_fx
 
     primals = [fake_args[pos] for pos in analysis.positions]
-    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint)
-    tangent_indices, tangents, tangent_layouts = _make_tangents(analysis, fake_mode) if joint else ([], [], [])
+    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify)
+    own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
+    if own_tangents:
+        tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
+                           if _is_differentiable(example)]
+        tangents, tangent_layouts, tangent_nodes = [], [], []
+    else:
+        tangent_indices, tangents, tangent_layouts = (_make_tangents(analysis, fake_mode) if joint
+                                                      else ([], [], []))
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
 
+    from torch.fx.experimental.proxy_tensor import maybe_enable_thunkify
+
     def inference_graph(primals: list) -> tuple:
-        with _functionalization() as mode:
+        with maybe_enable_thunkify(), _functionalization() as mode:  # NOTE [Lazy symbolic arithmetic]
             _seed_effect_tokens(mode, analysis.effects)
             outs = body([_to_functional(p) for p in primals])
             outs += _final_effect_tokens(mode, analysis.effects)
         return tuple(_from_functional(out) for out in outs)
 
-    def joint_graph(primals: list, tangents: list) -> tuple:
-        with torch.enable_grad(), _functionalization() as mode:
+    def joint_graph(primals: list, tangents: list | None) -> tuple:
+        with maybe_enable_thunkify(), torch.enable_grad(), _functionalization() as mode:
             _seed_effect_tokens(mode, analysis.effects)
             functional_primals = [_to_functional(p) for p in primals]
-            functional_tangents = [_to_functional(t) for t in tangents]
+            functional_tangents = [_to_functional(t) for t in tangents] if tangents is not None else []
             fw_outs = body(functional_primals)
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            if tangents is None:
+                functional_tangents = _tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
             pairs = [(fw_outs[i], t) for i, t in zip(tangent_indices, functional_tangents)]
             _seed_effect_tokens(mode, _all_effect_types())  # for the backward; unused ones are dead code
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
@@ -690,11 +799,16 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                     grads[i] = grad
         return tuple(_from_functional(v) for v in (*fw_outs, *grads))
 
+    def joint_graph_own_tangents(primals: list) -> tuple:
+        return joint_graph(primals, None)
+
+    traced = (joint_graph_own_tangents if own_tangents else joint_graph) if joint else inference_graph
     tracing_mode = "symbolic" if fake_mode.shape_env is not None else "fake"
-    tracer = make_fx(joint_graph if joint else inference_graph, decomposition_table=decompositions,
-                     tracing_mode=tracing_mode)
+    tracer = make_fx(traced, decomposition_table=decompositions, tracing_mode=tracing_mode)
     with explain_data_dependent_ops():
-        gm = tracer(primals, tangents) if joint else tracer(primals)
+        gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
+    if own_tangents:
+        tangents = _tangent_placeholders(gm, tangent_nodes)
     gm = _finish_graph(gm)
 
     metadata = RuntimeMetadata(
@@ -730,14 +844,32 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     static_views = fake_mode.shape_env is None
     from torch._dispatch.python import enable_python_dispatcher
 
+    def symbolic_analysis() -> Analysis:
+        return analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
+                       static_views=static_views, force_autograd=bool(trace_joint),
+                       regenerate_aliases=regenerate_aliases)
+
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with dispatcher, _compiling(), _quiet_fake_tensor_failures():
-        analysis = analyze(flat_fn, fake_args, fake_mode=fake_mode, input_is_leaf=input_is_leaf,
-                           static_views=static_views, force_autograd=bool(trace_joint),
-                           regenerate_aliases=regenerate_aliases)
-        joint = analysis.needs_autograd if trace_joint is None else trace_joint
-        captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
-                         joint=joint)
+    with _compiling(), _quiet_fake_tensor_failures():
+        analysis = None
+        if not static_views:  # NOTE [Analysis without symbols]
+            analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
+                                                force_autograd=bool(trace_joint),
+                                                regenerate_aliases=regenerate_aliases)
+        with dispatcher:
+            verify = analysis is not None
+            if analysis is None:
+                analysis = symbolic_analysis()
+            joint = analysis.needs_autograd if trace_joint is None else trace_joint
+            try:
+                captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                                 joint=joint, verify=verify)
+            except _AnalysisMismatch as exc:
+                logger.debug("aotcache: the analysis on static probes does not hold for symbolic sizes (%s); "
+                             "analyzing again with symbols", exc)
+                analysis = symbolic_analysis()
+                captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                                 joint=joint)
     if torch.is_grad_enabled():
         _refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not any(
@@ -745,6 +877,43 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+# NOTE [Analysis without symbols]
+# With symbolic sizes every tensor op also does symbolic arithmetic (sizes, strides, contiguity), so an
+# analysis pass on symbolic probes cost as much as the trace itself (a third of a dynamic inference capture,
+# a fifth of a training one). Nothing the trace takes from the analysis needs symbols (input mutations, output
+# kinds, requires_grad, effects, the output structure; view sizes are read in the trace, and a training trace
+# makes its tangents itself: NOTE [Tangents made in the trace]), so a capture of real inputs with symbolic
+# sizes analyzes on static probes of those inputs, whose sizes are the symbols' hints, so that size-dependent
+# branches go the same way. The trace checks what it relies on -- each input's mutations, each output's kind
+# (input, view of an input, graph output, constant) -- and on a mismatch (a size returned as an output is a
+# constant on static probes, an op may make a view on static sizes but a copy on symbolic ones) it analyzes
+# again with symbols and traces again, as before. So does anything whose handling depends on symbols: a
+# resize_, an input's metadata mutation, a failure of the static analysis, a training capture that mutates
+# an input (BatchNorm's running stats), inputs that carry a caller's symbols (Dynamo).
+
+
+def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_args: Sequence[Any], *,
+                             input_is_leaf: Sequence[bool], force_autograd: bool,
+                             regenerate_aliases: bool) -> Analysis | None:
+    """The analysis on static probes of the real ``flat_args``, or None where it must run with symbols
+    (NOTE [Analysis without symbols])."""
+    if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
+           for a in flat_args):  # symbols of a caller's ShapeEnv (Dynamo): analyzed with them
+        return None
+    static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
+    try:
+        analysis = analyze(flat_fn, static_args, fake_mode=static_mode, input_is_leaf=input_is_leaf,
+                           static_views=False, force_autograd=force_autograd,
+                           regenerate_aliases=regenerate_aliases, traced_args=fake_args)
+    except Exception as exc:  # noqa: BLE001 - the analysis with symbols raises the error meant for this capture
+        logger.debug("aotcache: analysis on static probes failed (%s: %s); analyzing with symbols",
+                     type(exc).__name__, exc)
+        return None
+    if analysis.shape_sensitive or (analysis.needs_autograd and any(info.mutates_data for info in analysis.inputs)):
+        return None
+    return analysis
 
 
 class _DropFakeMetaFailures(logging.Filter):

@@ -120,9 +120,11 @@ class RejectInputResize(torch.overrides.TorchFunctionMode):
         self.probes = list(probes)
         self.positions = list(positions)
         self.symbolic = symbolic
+        self.called = False  # whether the function resized any tensor (NOTE [Analysis without symbols])
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         if func in self._RESIZE_METHODS and args:
+            self.called = True
             for index, probe in enumerate(self.probes):
                 if args[0] is probe:
                     raise _metadata_mutation_error(index, self.positions[index])

@@ -221,3 +221,116 @@ def test_dynamic_module_keeps_parameters_static():
         for clause in re.findall(rf"L\['t{position}'\]\.size\(\)\[\d\] == ([^ ]+)", guards):
             assert clause.isdigit(), guards
     assert re.search(r"L\['t4'\]\.size\(\)\[0\]", guards) is None or "L['t4'].size()[0] ==" not in guards
+
+
+# --------------------------------------------------------------------------------------------------------
+# NOTE [Analysis without symbols]: an inference capture analyzes on static probes; the trace checks it
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def analyses(monkeypatch):
+    """Records, per analysis pass, whether it ran with symbolic sizes."""
+    import sys
+
+    module = sys.modules["aotcache.aot.capture"]
+    seen: list[bool] = []
+    original = module.analyze
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fake_mode"].shape_env is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "analyze", spy)
+    return seen
+
+
+def test_inference_capture_analyzes_without_symbols_and_serves_other_sizes(analyses):
+    def fn(x, y):
+        y.mul_(2)
+        return x.t(), (x @ y).relu()
+
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False)
+    for rows, inner in ((4, 3), (6, 5)):
+        x, y = torch.randn(rows, inner), torch.randn(inner, 2)
+        y_ref = y.clone()
+        view, out = compiled(x, y)
+        expected = fn(x, y_ref)
+        assert view._base is x
+        torch.testing.assert_close(out, expected[1])
+        torch.testing.assert_close(y, y_ref)
+    assert compiled.num_compiles == 1
+    assert analyses == [False]
+
+
+def test_training_capture_analyzes_without_symbols_and_makes_its_tangents(analyses):
+    compiled = aot_function(matmul, graph_compiler, dynamic=True, cache=False)
+    for shapes in ([(5, 3), (3, 4)], [(7, 6), (6, 2)]):
+        assert_matches_eager(compiled, matmul, shapes)
+    assert compiled.num_compiles == 1
+    assert analyses == [False]
+
+
+def layer_norm_two_outputs(x, w, b):
+    h = torch.nn.functional.layer_norm(x @ w + b, (w.shape[1],))
+    return h.relu().sum(1), h.t()
+
+
+def test_tangents_made_in_the_trace_give_the_graph_of_a_symbolic_analysis(monkeypatch):
+    # NOTE [Tangents made in the trace]: the same joint graph, tangents and guards as with tangents as inputs
+    import sys
+
+    def structure(captured):  # the nodes in order; a size read (sym_size) may sit elsewhere, its uses do not
+        nodes = [(node.op, str(node.target), len(node.args)) for node in captured.graph.graph.nodes]
+        return sorted(nodes), [node for node in nodes if "sym_size" not in node[1]]
+
+    shapes = [(5, 3), (3, 4), (4,)]
+    made = capture(layer_norm_two_outputs, make_inputs(shapes), dynamic=True)
+    monkeypatch.setattr(sys.modules["aotcache.aot.capture"], "_analyze_without_symbols", lambda *a, **k: None)
+    given = capture(layer_norm_two_outputs, make_inputs(shapes), dynamic=True)
+    assert structure(made) == structure(given)
+    assert [n.name for n in made.graph.graph.nodes if n.op == "placeholder"] == [
+        "primals_1", "primals_2", "primals_3", "tangents_1", "tangents_2"]
+    assert [str(t.shape) for t in made.tangents] == [str(t.shape) for t in given.tangents]
+    assert made.metadata.guards == given.metadata.guards
+
+
+class Normalized(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.norm(self.linear(x)).relu()
+
+
+def test_training_capture_that_mutates_a_buffer_analyzes_with_symbols(analyses):
+    from aotcache.aot import aot_module
+
+    torch.manual_seed(0)
+    model, reference = Normalized(), Normalized()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    for rows in (5, 8):
+        x = torch.randn(rows, 3)
+        out, expected = compiled(x), reference(x)
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        expected.sum().backward()
+        torch.testing.assert_close(model.linear.weight.grad, reference.linear.weight.grad)
+        torch.testing.assert_close(model.norm.running_mean, reference.norm.running_mean)
+    assert analyses == [False, True]  # the buffer mutation sends the analysis back to symbols
+
+
+def test_a_size_output_is_not_taken_for_a_constant(analyses):
+    # on static probes x.shape[0] is the constant 4; traced with symbols it is a SymInt: the trace sees the
+    # mismatch and analyzes again with symbols, so a call with 6 rows returns 6, not a stale 4
+    compiled = aot_function(lambda x: (x * 2, x.shape[0]), graph_compiler, dynamic=True, cache=False)
+    for rows in (4, 6):
+        x = torch.randn(rows, 3)
+        doubled, size = compiled(x)
+        torch.testing.assert_close(doubled, x * 2)
+        assert size == rows
+    assert compiled.num_compiles == 1
+    assert analyses == [False, True]
