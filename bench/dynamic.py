@@ -8,7 +8,8 @@ ways -- dynamic=False, dynamic=True, dynamic=None (automatic, after lengths 16 a
 eager, interleaved so that background load hits all alike. First capture: the first call (capture + nop
 compile, cache off) of a fresh wrapper, static before and after the dynamic one (their mean is the
 reference); the median over --rounds rounds of the wall-clock ratio and of the CPU-time ratio (process time,
-steadier on a shared machine). One intra-op thread. Results go to bench/results/dynamic.json.
+steadier on a shared machine). ``auto``: the same for the default dynamic=None, whose first dynamic capture is
+the call with a new sequence length (only that dimension symbolic). One intra-op thread. Results go to bench/results/dynamic.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+from typing import Any
 
 import torch
 
@@ -63,35 +66,48 @@ def first_capture(name: str, rounds: int) -> dict[str, float]:
 
     ids = torch.randint(0, 1000, (2, 16))
 
-    def first_call(dynamic: bool, train: bool) -> tuple[float, float]:
-        """Wall-clock and CPU seconds of the first call of a fresh wrapper."""
-        torch.manual_seed(0)
-        wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
-        gc.collect()  # the garbage of the previous capture is not this one's cost (it was up to 2x a static one)
-        started, cpu = time.perf_counter(), time.process_time()
+    def call(wrapped: Any, inputs: torch.Tensor, train: bool) -> None:
         if train:
-            wrapped(ids)[0].float().sum().backward()
+            wrapped(inputs)[0].float().sum().backward()
         else:
             with torch.no_grad():
-                wrapped(ids)
+                wrapped(inputs)
+
+    def first_call(dynamic: bool | None, train: bool) -> tuple[float, float]:
+        """Wall-clock and CPU seconds of the first call of a fresh wrapper; with ``dynamic=None`` (automatic),
+        of the call whose new sequence length makes that dimension dynamic (the first dynamic capture)."""
+        torch.manual_seed(0)
+        wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
+        inputs = ids
+        if dynamic is None:
+            call(wrapped, ids, train)  # static, as the default does first
+            inputs = torch.randint(0, 1000, (2, 20))
+        gc.collect()  # the garbage of the previous capture is not this one's cost (it was up to 2x a static one)
+        started, cpu = time.perf_counter(), time.process_time()
+        call(wrapped, inputs, train)
         return time.perf_counter() - started, time.process_time() - cpu
 
     first_call(False, False)  # imports and one-time setup out of the way (the ShapeEnv's: in per_call)
     result = {}
     for train in (False, True):
         kind = "train" if train else "infer"
-        statics, dynamics, ratios, cpu_ratios = [], [], [], []
+        statics, dynamics, ratios, cpu_ratios, autos, auto_ratios = [], [], [], [], [], []
         for _ in range(rounds):  # static before and after each dynamic one, so that load changes hit both
-            before, dynamic, after = first_call(False, train), first_call(True, train), first_call(False, train)
+            before, dynamic, auto = first_call(False, train), first_call(True, train), first_call(None, train)
+            after = first_call(False, train)
             static = [(b + a) / 2 for b, a in zip(before, after)]
             statics.append(static[0])
             dynamics.append(dynamic[0])
+            autos.append(auto[0])
             ratios.append(dynamic[0] / static[0])
             cpu_ratios.append(dynamic[1] / static[1])
+            auto_ratios.append(auto[0] / static[0])
         result.update({f"{kind}_static_s": round(statistics.median(statics), 2),
                        f"{kind}_dynamic_s": round(statistics.median(dynamics), 2),
                        f"{kind}_ratio": round(statistics.median(ratios), 2),
-                       f"{kind}_ratio_cpu": round(statistics.median(cpu_ratios), 2)})
+                       f"{kind}_ratio_cpu": round(statistics.median(cpu_ratios), 2),
+                       f"{kind}_auto_dynamic_s": round(statistics.median(autos), 2),
+                       f"{kind}_auto_ratio": round(statistics.median(auto_ratios), 2)})
     return result
 
 
