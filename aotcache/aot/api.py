@@ -330,6 +330,8 @@ class AOTFunction:
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # NOTE [Nested compiled functions] in module.py
+            return self.fn(*args, **kwargs)
         return self.call_structured(simple_structure(args, kwargs), args, args, kwargs)
 
     def call_structured(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict,

@@ -437,6 +437,14 @@ def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:
     return isinstance(grad_fn, torch.autograd.function.BackwardCFunction) or type(grad_fn).__name__ == "CppFunction"
 
 
+def _new_leaf_error(k: int) -> CaptureError:
+    """NOTE [Leaf outputs made inside]: an output that is (a view of) a new autograd leaf made by the function."""
+    return CaptureError(
+        f"aotcache: flat output {k} is a leaf tensor that requires grad created inside the function (e.g. "
+        f"x.detach().requires_grad_() or torch.ones(n, requires_grad=True)), or a view of one; a compiled graph "
+        f"cannot return a new autograd leaf. Create it outside and pass it as an argument.")
+
+
 def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_storages: list,
                      static_views: bool) -> OutputInfo:
     if isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -458,15 +466,15 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
         # .requires_grad_(), torch.ones(3, requires_grad=True)) is its own autograd root in eager: no gradient
         # reaches the inputs through it, and it requires grad even under no_grad. A graph output or a view
         # regenerated from the input has neither property (the view sent gradients into x).
-        raise CaptureError(
-            f"aotcache: flat output {k} is a leaf tensor that requires grad created inside the function (e.g. "
-            f"x.detach().requires_grad_() or torch.ones(n, requires_grad=True)); a compiled graph cannot return "
-            f"a new autograd leaf. Create it outside and pass it as an argument.")
+        raise _new_leaf_error(k)
     storage = StorageWeakRef(out.untyped_storage())
     for index, probe in enumerate(probes):
         if (probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype
                 and out.is_conj() == probe.is_conj() and out.is_neg() == probe.is_neg()):
             # (a conj / neg view, x.conj(), is not an as_strided of x: a graph output, as other dtype views)
+            base = out._base
+            if requires_grad and base is not None and base is not probe and _grad_fn(base) is None:
+                raise _new_leaf_error(k)  # a view of a new leaf (x.detach().requires_grad_()[1:])
             return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad)
     if static_views and out._base is not None:
         for j, other in enumerate(flat_outs):

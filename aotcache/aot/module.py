@@ -35,6 +35,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
@@ -90,6 +91,11 @@ class AOTModule(nn.Module):
         return forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # NOTE [Nested compiled functions]: called while an enclosing function is captured (aotcache's capture or
+        # Dynamo's trace: torch.compiler.is_compiling()), a compiled module or function is inlined, as
+        # torch.compile inlines a compiled region: its own signature, guards and cache would meet trace tensors
+        if torch.compiler.is_compiling():
+            return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
                 return self.orig_module(*args, **kwargs)

@@ -311,3 +311,28 @@ def test_module_backward_hooks_run_at_every_backward_as_in_eager():
         torch.testing.assert_close(p.grad, p_eager.grad)
     with torch.no_grad():  # no backward, nothing refused: captured
         torch.testing.assert_close(aot_module(model, Counting(), cache=False, on_capture_error="raise")(x), eager(x))
+
+
+def test_compiled_modules_and_functions_nested_in_a_captured_one_are_inlined():
+    # found by exploration: aotcache.compile(aotcache.compile(m)) and aot_function(aot_function(f)) failed with
+    # "Attempting to use FunctionalTensor on its own": the inner one ran its own machinery on trace tensors
+    import aotcache
+
+    torch.manual_seed(0)
+    inner_eager = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    eager = nn.Sequential(inner_eager, nn.Linear(4, 2))
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    model = nn.Sequential(aot_module(inner, Counting(), cache=False), nn.Linear(4, 2))
+    wrapped = aot_module(model, Counting(), cache=False, on_capture_error="raise")
+    x = torch.randn(5, 3)
+    wrapped(x).pow(2).sum().backward()
+    eager(x).pow(2).sum().backward()
+    for p_eager, p in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad)
+    twice = aotcache.compile(aotcache.compile(inner_eager, compiler="nop", cache=False), compiler="nop",
+                             cache=False, fullgraph=True)
+    torch.testing.assert_close(twice(x), inner_eager(x))
+    sine = aotcache.aot_function(aotcache.aot_function(torch.sin, Counting(), cache=False), Counting(),
+                                 cache=False, on_capture_error="raise")
+    torch.testing.assert_close(sine(x), x.sin())
