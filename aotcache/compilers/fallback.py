@@ -27,8 +27,8 @@ from aotcache import config
 from aotcache.compilers.base import COMPILER_NAMES, CompiledGraph, get_compiler
 from aotcache.logs import log_once
 
-__all__ = ["FALLBACK_CHAIN", "COUNTER_SECTION", "REASON_SECTION", "FallbackCompiler", "fallback_reason",
-           "fell_back"]
+__all__ = ["FALLBACK_CHAIN", "COUNTER_SECTION", "REASON_SECTION", "FallbackCompiler", "check_inductor_options",
+           "fallback_reason", "fell_back"]
 
 FALLBACK_CHAIN = ("aoti", "inductor", "nop")  # each compiler falls back to the ones after it
 COUNTER_SECTION = "autograd"  # stats journal section of the total (the compiled-graph cache's counters)
@@ -62,6 +62,30 @@ def _record(failed: str, used: str, exc: BaseException) -> str:
              "counted in `aotcache stats`, not logged; AOTCACHE_STRICT=1 raises)", failed, type(exc).__name__,
              message, used)
     return reason
+
+
+def check_inductor_options(options: Mapping[str, Any]) -> None:
+    """Refuse option names ``torch._inductor.config`` does not have (dotted names reach its sub-configs).
+
+    Checked when a graph is compiled, where Inductor is imported anyway; importing its config to check at
+    ``aotcache.compile`` would cost every warm start about a second.
+
+    :raises ValueError: naming the unknown options.
+    """
+    from torch._inductor import config as inductor_config
+
+    unknown = []
+    for name in options:
+        target: Any = inductor_config
+        try:
+            for part in str(name).split("."):
+                target = getattr(target, part)
+        except AttributeError:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"aotcache: unknown Inductor option(s) {sorted(map(str, unknown))} in the compiler "
+                         f"options (options= of aotcache.compile / the backend, compiler_options=); the names are "
+                         f"those of torch._inductor.config, e.g. 'max_autotune' or 'triton.cudagraphs'")
 
 
 class FallbackCompiler:
@@ -98,8 +122,12 @@ class FallbackCompiler:
     def __call__(self, gm: Any, example_inputs: Sequence[Any]) -> CompiledGraph:
         """Compile with the first compiler of the chain that succeeds.
 
+        :raises ValueError: ``options`` names a setting Inductor does not have (the user's error, not a
+            toolchain's: never a fallback).
         :raises Exception: the last compiler's error; in strict mode (``AOTCACHE_STRICT=1``) the first one.
         """
+        if self.options and self.name in ("inductor", "aoti"):
+            check_inductor_options(self.options)
         reason = None
         for index, current in enumerate(self.chain):
             compiler = get_compiler(current)

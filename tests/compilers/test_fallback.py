@@ -134,3 +134,18 @@ print(json.dumps(default_journal().read().get(fallback.REASON_SECTION, {{}})))
     assert sum(count for name, count in reasons.items() if name.startswith("aoti->inductor")) == 2, reasons
     assert sum(count for name, count in reasons.items() if name.startswith("inductor->nop")) == 2, reasons
     assert "the aoti compiler failed" in proc.stderr
+
+
+def test_a_misspelled_inductor_option_is_an_error_naming_it_not_a_fallback(monkeypatch):
+    """A bad option is the user's error: compiling with it raises at the first call, naming the option, and
+    nothing falls back to nop (which would hide the typo behind a slower model)."""
+    reached = []
+    monkeypatch.setattr(inductor, "inductor_compiler", lambda *args, **kwargs: reached.append(1))
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(ValueError, match=r"unknown Inductor option\(s\) \['max_autotunee'\]"):
+        FallbackCompiler("inductor", {"max_autotunee": True, "triton.cudagraphs": False})(gm, [torch.ones(2)])
+    assert reached == [] and default_journal().read().get("autograd", {}).get("compiler_fallback", 0) == 0
+    model = torch.nn.Linear(2, 2)
+    compiled = aotcache.compile(model, compiler="inductor", options={"max_autotunee": True}, cache=False)
+    with pytest.raises(ValueError, match="max_autotunee"):
+        compiled(torch.ones(1, 2))
