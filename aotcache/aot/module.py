@@ -165,6 +165,26 @@ class AOTModule(nn.Module):
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
 
+    # NOTE [Container protocol] Python looks special methods up on the type, not through ``__getattr__``, so a
+    # wrapped nn.Sequential / ModuleList needs these to index, slice, iterate and measure as the module does.
+    # They hand out the wrapped module's own submodules (not compiled: as ``model[0]`` of the eager model).
+    # ``__bool__`` keeps truth as the wrapped module's (a module without ``__len__`` is always true).
+
+    def __len__(self) -> int:
+        return len(self.orig_module)  # TypeError for a module that has no length, as eager
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.orig_module[index]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.orig_module)
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self.orig_module
+
+    def __bool__(self) -> bool:
+        return bool(self.orig_module)
+
     # -- names: those of the wrapped module -------------------------------------------------------------------
 
     def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True) -> Iterator:

@@ -336,3 +336,21 @@ def test_compiled_modules_and_functions_nested_in_a_captured_one_are_inlined():
     sine = aotcache.aot_function(aotcache.aot_function(torch.sin, Counting(), cache=False), Counting(),
                                  cache=False, on_capture_error="raise")
     torch.testing.assert_close(sine(x), x.sin())
+
+
+def test_a_wrapped_sequential_indexes_slices_iterates_and_measures_as_the_module():
+    """NOTE [Container protocol]: special methods are looked up on the type, so the wrapper forwards them."""
+    from aotcache import aot_module
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    wrapped = aot_module(model, cache=False)
+    assert len(wrapped) == 3 and wrapped[0] is model[0] and wrapped[-1] is model[2]
+    assert list(wrapped) == list(model) and model[1] in wrapped and isinstance(wrapped[1:], nn.Sequential)
+    assert bool(wrapped) and not bool(aot_module(nn.Sequential(), cache=False))
+    torch.testing.assert_close(wrapped(torch.ones(1, 4)), model(torch.ones(1, 4)))
+    linear = aot_module(nn.Linear(2, 2), cache=False)
+    assert bool(linear)  # a module without a length is true, as in eager
+    with pytest.raises(TypeError):
+        len(linear)
+    with pytest.raises(TypeError):
+        linear[0]
