@@ -249,17 +249,10 @@ def _run_fresh(side: str, model: str, root: Path, timeout: float, threads: int, 
     env.pop("PYTHONPYCACHEPREFIX", None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--model", model]
-    started = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["failed"]
-        errors = [line for line in lines if "Error" in line or "Exception" in line]
-        return {"error": (errors or lines)[-1][:300], "wall_s": wall}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = wall
-    return result
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from warmstart import run_json_child
+
+    return run_json_child(Path(__file__), ["--child", side, "--model", model], env, timeout)
 
 
 def _fmt(value: float | None) -> str:

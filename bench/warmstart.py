@@ -230,6 +230,22 @@ def snapshot_sources(target: Path) -> Path:
     return target
 
 
+def run_json_child(script: Path, arguments: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run ``script`` with ``arguments`` in a fresh process; its last stdout line (JSON) plus ``wall_s``, or
+    ``{"error": <the last error line>, "wall_s": ...}`` when it fails. Shared by the fresh-process benches."""
+    command = [sys.executable, str(Path(script).resolve()), *arguments]
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["failed"]
+        errors = [line for line in lines if "Error" in line or "Exception" in line]
+        return {"error": (errors or lines)[-1][:300], "wall_s": wall}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = wall
+    return result
+
+
 def _run_fresh(mode: str, model: str, dirs: dict[str, Path], timeout: float, threads: int,
                backend_compiler: str, device: str = "cpu") -> dict[str, Any]:
     env = dict(os.environ)
@@ -257,16 +273,9 @@ def _run_fresh(mode: str, model: str, dirs: dict[str, Path], timeout: float, thr
     # bytecode of every torch module it imports lazily (Dynamo, Inductor: seconds), charged to tc_cold, the
     # first compiling row (an earlier version did that).
     env.pop("PYTHONPYCACHEPREFIX", None)
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", model]
-    started = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["failed"]
-        errors = [line for line in lines if "Error" in line or "Exception" in line]
-        return {"error": (errors or lines)[-1][:300], "wall_s": wall}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = wall
+    result = run_json_child(Path(__file__), ["--child", mode, "--model", model], env, timeout)
+    if "error" in result:
+        return result
     if fresh_triton is not None:
         result["triton_cache_dirs"] = len([p for p in fresh_triton.iterdir() if p.is_dir()]) \
             if fresh_triton.is_dir() else 0

@@ -687,17 +687,21 @@ def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list,
     with fake_mode:
         for index, example in enumerate(analysis.graph_output_examples):
             if _is_differentiable(example):
-                layout = tangent_layout(example)
-                if "stride" in layout:
-                    tangent = torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
-                                                  device=example.device)
-                else:
-                    tangent = torch.empty(example.shape, dtype=example.dtype, device=example.device,
-                                          memory_format=getattr(torch, layout["memory_format"]))
+                tangent, layout = _empty_tangent(example)
                 indices.append(index)
                 tangents.append(tangent)
                 layouts.append(layout)
     return indices, tangents, layouts
+
+
+def _empty_tangent(example: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """An uninitialized tangent for the forward output ``example``, in its :func:`tangent_layout`, and the layout."""
+    layout = tangent_layout(example)
+    if "stride" in layout:
+        return torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
+                                   device=example.device), layout
+    return torch.empty(example.shape, dtype=example.dtype, device=example.device,
+                       memory_format=getattr(torch, layout["memory_format"])), layout
 
 
 # NOTE [Lazy symbolic arithmetic]
@@ -724,14 +728,7 @@ def _tangents_in_trace(fw_outs: list, indices: Sequence[int], layouts: list, nod
     start = len(graph.nodes)
     tangents = []
     for index in indices:
-        example = fw_outs[index]
-        layout = tangent_layout(example)
-        if "stride" in layout:
-            tangent = torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
-                                          device=example.device)
-        else:
-            tangent = torch.empty(example.shape, dtype=example.dtype, device=example.device,
-                                  memory_format=getattr(torch, layout["memory_format"]))
+        tangent, layout = _empty_tangent(fw_outs[index])
         layouts.append(layout)
         tangents.append(tangent)
     made = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
