@@ -29,9 +29,11 @@ class ExportSignature:
     buffers and user inputs (``buffers_to_mutate`` / ``user_inputs_to_mutate``), then the user outputs, then
     (``trace_joint``) the gradients of the loss output (``gradients_to_parameters`` /
     ``gradients_to_user_inputs``; parameters with no gradient are left out).
-    ``in_spec`` is ``treespec_dumps`` of ``(args, kwargs)``; ``out_spec`` is the JSON text of the user output
-    structure in aotcache's form (NOTE [Output structure] in :mod:`aotcache.aot.metadata`; rebuild outputs with
-    ``OutputStructure(json.loads(out_spec)).unflatten(flat_outputs)``), which also covers ``torch.return_types``.
+    ``in_spec`` is the pytree ``TreeSpec`` of ``(args, kwargs)`` and ``out_spec`` that of the user outputs, as in
+    PyTorch's ``GraphSignature`` (``pytree.tree_unflatten(flat_user_outputs, out_spec)``); ``out_structure`` is
+    the same output structure as JSON text in aotcache's form (NOTE [Output structure] in
+    :mod:`aotcache.aot.metadata`; ``OutputStructure(json.loads(out_structure)).unflatten(flat_outputs)``), which
+    can be stored and read back without the output types being importable.
     """
 
     parameters: list[str]
@@ -45,8 +47,9 @@ class ExportSignature:
     loss_output: str | None = None
     gradients_to_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
     gradients_to_user_inputs: dict[str, str] = dataclasses.field(default_factory=dict)
-    in_spec: str = ""
-    out_spec: str = ""
+    in_spec: Any = None
+    out_spec: Any = None
+    out_structure: str = ""
     # PyTorch's GraphSignature has these too; aotcache exports never mutate parameters and use no effect tokens
     parameters_to_mutate: dict[str, str] = dataclasses.field(default_factory=dict)
     input_tokens: list[str] = dataclasses.field(default_factory=list)
@@ -140,7 +143,9 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
         swapped = dict(zip([*params, *buffers], flat[:num_lifted]))
         call_args, call_kwargs = pytree.tree_unflatten(list(flat[num_lifted:]), in_spec)
         if not trace_joint:
-            return torch.func.functional_call(module, swapped, call_args, call_kwargs, strict=False)
+            result = torch.func.functional_call(module, swapped, call_args, call_kwargs, strict=False)
+            user_out_spec[:] = [pytree.tree_flatten(result)[1]]
+            return result
         with torch.enable_grad():
             outs, spec = pytree.tree_flatten(torch.func.functional_call(module, swapped, call_args, call_kwargs,
                                                                         strict=False))
@@ -177,8 +182,8 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
         parameters=list(params), buffers=list(buffers), user_inputs=placeholders[num_lifted:],
         user_outputs=[], inputs_to_parameters=dict(zip(placeholders[:num_params], params)),
         inputs_to_buffers=dict(zip(placeholders[num_params:num_lifted], buffers)), buffers_to_mutate={},
-        user_inputs_to_mutate={}, in_spec=pytree.treespec_dumps(in_spec),
-        out_spec=json.dumps(_user_output_structure(user_out_spec[0]) if trace_joint else meta.out_spec))
+        user_inputs_to_mutate={}, in_spec=in_spec, out_spec=user_out_spec[0],
+        out_structure=json.dumps(_user_output_structure(user_out_spec[0]) if trace_joint else meta.out_spec))
     for out_index, input_index in enumerate(meta.mutated_inputs):
         name = outputs[out_index].name
         if input_index < num_lifted:

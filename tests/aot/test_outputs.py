@@ -160,8 +160,33 @@ def test_aot_export_module_out_spec_rebuilds_a_structseq():
             return torch.sort(x)
 
     _, signature = aot_export_module(Sorter(), [torch.randn(4)], trace_joint=False)
-    rebuilt = OutputStructure(json.loads(signature.out_spec)).unflatten([torch.zeros(4), torch.zeros(4)])
+    rebuilt = OutputStructure(json.loads(signature.out_structure)).unflatten([torch.zeros(4), torch.zeros(4)])
     assert type(rebuilt) is torch.return_types.sort
+
+
+@pytest.mark.parametrize("trace_joint", [False, True])
+def test_aot_export_module_specs_are_pytree_specs_as_in_pytorch(trace_joint):
+    """``in_spec`` / ``out_spec`` are TreeSpecs (PyTorch's GraphSignature), usable with tree_unflatten."""
+    from torch.utils import _pytree as pytree
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x, scale):
+            y = self.fc(x) * scale
+            return {"loss": y.sum(), "parts": (y.detach(), y.detach() * 2)} if trace_joint else {"y": y, "n": y.sum()}
+
+    x, scale = torch.randn(2, 3), torch.tensor(2.0)
+    _, signature = aot_export_module(Net(), [x, scale], trace_joint=trace_joint,
+                                     output_loss_index=0 if trace_joint else None)
+    args, kwargs = pytree.tree_unflatten([x, scale], signature.in_spec)
+    assert args[0] is x and args[1] is scale and kwargs == {}
+    flat_user = list(range(signature.out_spec.num_leaves))
+    rebuilt = pytree.tree_unflatten(flat_user, signature.out_spec)
+    assert set(rebuilt) == ({"loss", "parts"} if trace_joint else {"y", "n"})
+    assert json.loads(signature.out_structure)  # aotcache's own, storable form of the same structure
 
 
 # ----------------------------------------------------------------------------------------------------------
