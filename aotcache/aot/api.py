@@ -580,9 +580,11 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
             names.append(name)
     if not names:
         return
-    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
-    from torch._dynamo.symbolic_convert import TensorifyState
-
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # a torch without them (private API): the capture refuses the .item() (a fallback)
+        return
     if all(TensorifyState.should_specialize(name) for name in names):
         return  # already asked once: the capture below refuses the .item() clearly rather than loop
     for name in names:

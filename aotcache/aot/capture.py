@@ -774,7 +774,10 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
 
-    from torch.fx.experimental.proxy_tensor import maybe_enable_thunkify
+    try:
+        from torch.fx.experimental.proxy_tensor import maybe_enable_thunkify
+    except ImportError:  # a torch without it (private API): size arithmetic is recorded eagerly, as before
+        maybe_enable_thunkify = contextlib.nullcontext
 
     def inference_graph(primals: list) -> tuple:
         with maybe_enable_thunkify(), _functionalization() as mode:  # NOTE [Lazy symbolic arithmetic]
