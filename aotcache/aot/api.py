@@ -479,14 +479,44 @@ def _function_name(fn: Any) -> str:
 
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
+    paths: dict[tuple, dict[str, str] | None] = {}
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        tensors = {**params, **buffers}
+        names = tuple(tensors)
+        if names not in paths:
+            paths[names] = _paths_through_wrappers(module, names)
+        renamed = paths[names]
+        if renamed is not None:  # NOTE [Wrappers inside a captured module]
+            tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
         with _rnn_weight_lists_kept(module):
-            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True,
-                                              strict=False)
+            return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
     return call
+
+
+def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str, str] | None:
+    """NOTE [Wrappers inside a captured module]
+    A compiled wrapper (``AOTModule``: ``aot_module`` / ``aotcache.compile``) used as a submodule names its
+    tensors as the wrapped module does (``inner.weight``, no ``orig_module.``), but ``functional_call`` swaps
+    tensors on the module it reaches by that path: the wrapper, which holds no ``weight`` of its own. The swap
+    then failed, or wrote beside the real parameter. So each name is mapped to the path that reaches the tensor's
+    owner (``inner.orig_module.weight``); None when no name passes through a wrapper (the usual case).
+    """
+    renamed: dict[str, str] = {}
+    changed = False
+    for name in names:
+        parts, owner, real = name.split("."), module, []
+        for part in parts[:-1]:
+            owner = getattr(owner, part, None)
+            real.append(part)
+            while getattr(type(owner), "wraps_orig_module", False):
+                owner = owner.orig_module
+                real.append("orig_module")
+                changed = True
+        renamed[name] = ".".join([*real, parts[-1]])
+    return renamed if changed else None
 
 
 @contextlib.contextmanager

@@ -59,6 +59,8 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
+    wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in api.py: paths pass through orig_module
+
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         super().__init__()

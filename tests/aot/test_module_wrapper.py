@@ -354,3 +354,34 @@ def test_a_wrapped_sequential_indexes_slices_iterates_and_measures_as_the_module
         len(linear)
     with pytest.raises(TypeError):
         linear[0]
+
+
+def test_a_wrapped_leaf_module_inside_a_captured_model_gets_its_swapped_tensors():
+    """NOTE [Wrappers inside a captured module]: ``inner.weight`` of a wrapped nn.Linear submodule is swapped on
+    the Linear (through ``orig_module``), not on the wrapper (functional_call failed with a TypeError)."""
+    import copy
+
+    class Outer(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x)).relu()
+
+    torch.manual_seed(0)
+    eager = Outer(nn.Linear(4, 4))
+    model = copy.deepcopy(eager)
+    model.inner = aot_module(model.inner, cache=False)
+    wrapped = aot_module(model, cache=False, on_capture_error="raise")
+    x = torch.randn(2, 4)
+    wrapped(x).sum().backward()
+    eager(x).sum().backward()
+    assert list(dict(model.named_parameters())) == list(dict(eager.named_parameters()))
+    for (name, p), p_eager in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, p_eager.grad, msg=name)
+    with torch.no_grad():
+        model.inner.orig_module.weight.mul_(2)  # an update is seen: the weights are graph inputs
+        eager.inner.weight.mul_(2)
+    torch.testing.assert_close(wrapped(x), eager(x))
