@@ -60,6 +60,9 @@ class AOTModule(nn.Module):
     """
 
     wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in api.py: paths pass through orig_module
+    # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
+    fingerprint_skips = frozenset({"compiled", "_state", "_lazy", "_routing_lock", "_routing_count", "forward",
+                                   "router", "_backend"})
 
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:

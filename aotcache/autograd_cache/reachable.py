@@ -650,6 +650,12 @@ class Reachable:
                 entries.append(f"{name}={self.ref(value)}")
         return f"module:{module.__name__}{{{','.join(entries)}}}"
 
+    # NOTE [Compiled wrappers in a walked program]
+    # A compiled wrapper (aotcache's AOTModule) inside a walked model runs its wrapped module inline while the
+    # enclosing call is captured (NOTE [Nested compiled functions] in aot/module.py), so what it contributes to
+    # the graph is that module (in its ``_modules``), its hooks and its class's code. Its compile machinery (the
+    # AOTFunction and its compiled graphs, locks, counters) is not program: the class names those attributes in
+    # ``fingerprint_skips`` and the walk leaves them out, instead of calling the whole program untrusted.
     def _module_token(self, module: nn.Module) -> str:
         cls = type(module)
         if _type_name(cls).startswith("torch._dynamo"):
@@ -662,8 +668,9 @@ class Reachable:
         if guards is not None and not managed:
             guards.attributes(module, ("__class__",))
             guards.length(module.__dict__)
+        machinery = getattr(cls, "fingerprint_skips", ())  # NOTE [Compiled wrappers in a walked program]
         for name, value in module.__dict__.items():
-            if name in _IGNORED_MODULE_ENTRIES:
+            if name in _IGNORED_MODULE_ENTRIES or name in machinery:
                 continue
             if guards is not None and not managed and not isinstance(value, (list, set)):
                 guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents

@@ -385,3 +385,39 @@ def test_a_wrapped_leaf_module_inside_a_captured_model_gets_its_swapped_tensors(
         model.inner.orig_module.weight.mul_(2)  # an update is seen: the weights are graph inputs
         eager.inner.weight.mul_(2)
     torch.testing.assert_close(wrapped(x), eager(x))
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.factor = 2.0
+
+    def forward(self, x):
+        return self.fc(x) * self.factor
+
+
+def test_a_wrapped_submodule_keeps_the_fingerprint_trusted_and_its_changes_are_seen(tmp_path):
+    """NOTE [Compiled wrappers in a walked program]: the wrapper's compile machinery is not program (a warm
+    start of the enclosing model hits through its fingerprint), but its wrapped module is: a changed
+    attribute of it is a new program, in-process and in the fingerprint."""
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store import InMemoryCache, TieredCache
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(aot_module(_Scaled(), cache=cache), nn.ReLU())
+    x = torch.randn(2, 4)
+    expected = torch.relu(model[0].orig_module(x))
+    torch.testing.assert_close(aot_module(model, cache=cache)(x), expected)
+    warm = aot_module(model, cache=cache)
+    torch.testing.assert_close(warm(x), expected)
+    assert cache.counters["fingerprint_hit"] == 1 and cache.counters.get("fingerprint_fallback", 0) == 0
+    model[0].orig_module.factor = 3.0  # changes the result: never the old graph
+    torch.testing.assert_close(warm(x), torch.relu(model[0].orig_module(x)))
+    fresh = aot_module(model, cache=cache)
+    torch.testing.assert_close(fresh(x), torch.relu(model[0].orig_module(x)))
+    model[0].orig_module.factor = 2.0  # back to the first program: its entry again, through the fingerprint
+    hits = cache.counters["fingerprint_hit"]
+    torch.testing.assert_close(aot_module(model, cache=cache)(x), expected)
+    assert cache.counters["fingerprint_hit"] == hits + 1
