@@ -198,6 +198,10 @@ class CompiledFunction:
     def route(self) -> str | None:
         return self.router.route
 
+    def fingerprint_program(self) -> Callable:
+        """The function, as an enclosing capture runs it (NOTE [Compiled wrappers in a walked program])."""
+        return self.fn
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs))

@@ -329,6 +329,11 @@ class AOTFunction:
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
 
+    def fingerprint_program(self) -> Callable:
+        """What runs when this function is called inside an enclosing capture (inlined): its function (NOTE
+        [Compiled wrappers in a walked program] in the fingerprint's walker)."""
+        return self.fn
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # NOTE [Nested compiled functions] in module.py
             return self.fn(*args, **kwargs)

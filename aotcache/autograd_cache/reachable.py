@@ -407,6 +407,9 @@ class Reachable:
             return f"{type(value).__module__}:{value!r}"
         if _CUSTOM_OP_DEF is not None and isinstance(value, _CUSTOM_OP_DEF):
             return self._op_token(value._opoverload)  # a torch.library.custom_op: by its registrations
+        program_of = getattr(type(value), "fingerprint_program", None)
+        if program_of is not None:  # NOTE [Compiled wrappers in a walked program]: a compiled function, by its code
+            return f"compiled:{self.type_ref(type(value))}({self.ref(program_of(value))})"
         if _is_plain_object(value):
             return self._node(value)
         raise Untrusted(f"opaque object: {_type_name(type(value))}")
@@ -655,7 +658,9 @@ class Reachable:
     # enclosing call is captured (NOTE [Nested compiled functions] in aot/module.py), so what it contributes to
     # the graph is that module (in its ``_modules``), its hooks and its class's code. Its compile machinery (the
     # AOTFunction and its compiled graphs, locks, counters) is not program: the class names those attributes in
-    # ``fingerprint_skips`` and the walk leaves them out, instead of calling the whole program untrusted.
+    # ``fingerprint_skips`` and the walk leaves them out, instead of calling the whole program untrusted. A
+    # compiled function (AOTFunction, aotcache.compile's) likewise runs its function inline: its class's
+    # ``fingerprint_program(obj)`` returns that function, which the walk sees in its place.
     def _module_token(self, module: nn.Module) -> str:
         cls = type(module)
         if _type_name(cls).startswith("torch._dynamo"):

@@ -421,3 +421,36 @@ def test_a_wrapped_submodule_keeps_the_fingerprint_trusted_and_its_changes_are_s
     hits = cache.counters["fingerprint_hit"]
     torch.testing.assert_close(aot_module(model, cache=cache)(x), expected)
     assert cache.counters["fingerprint_hit"] == hits + 1
+
+
+_OFFSET = 1.0
+
+
+def _shifted(x):
+    return x.sin() + _OFFSET
+
+
+def test_a_compiled_function_called_by_a_compiled_one_is_walked_as_its_function():
+    """NOTE [Compiled wrappers in a walked program]: the inner compiled function is seen as the function it
+    runs inline: the outer fingerprint is trusted (warm hit), and a change the inner function reads is seen."""
+    global _OFFSET
+    import aotcache
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store import InMemoryCache, TieredCache
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    inner = aotcache.aot_function(_shifted, cache=cache)
+    routed = aotcache.compile(_shifted, compiler="nop", cache=cache)
+    x = torch.randn(3)
+    for wrapped in (inner, routed):
+        outer = aotcache.aot_function(lambda x: wrapped(x) * 2, cache=cache)
+        torch.testing.assert_close(outer(x), (x.sin() + 1.0) * 2)
+        again = aotcache.aot_function(lambda x: wrapped(x) * 2, cache=cache)
+        hits = cache.counters["fingerprint_hit"]
+        torch.testing.assert_close(again(x), (x.sin() + 1.0) * 2)
+        assert cache.counters["fingerprint_hit"] == hits + 1 and cache.counters.get("fingerprint_fallback", 0) == 0
+        _OFFSET = 5.0  # read by the inner function: the outer graph must not be reused
+        try:
+            torch.testing.assert_close(again(x), (x.sin() + 5.0) * 2)
+        finally:
+            _OFFSET = 1.0
