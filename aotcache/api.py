@@ -26,12 +26,13 @@ from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_ex
 from aotcache.aot.fallback import check_on_capture_error
 from aotcache.aot.module import AOTModule
 from aotcache.aot.runtime import CompiledRuntime
+from aotcache.aot.services import CompileServices
 
 __all__ = ["CachedCompileServices", "SERVICES", "aot_function", "aot_module", "aot_module_simplified",
            "aot_export_module", "aot_export_joint_simple", "ExportSignature"]
 
 
-class CachedCompileServices:
+class CachedCompileServices(CompileServices):
     """The :class:`~aotcache.aot.services.CompileServices` of the public entry points: program guards from the
     fingerprint's walker, the restricted guard evaluator, and compiles through the fingerprint and the cache.
 

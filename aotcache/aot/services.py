@@ -12,30 +12,34 @@ builds on ``aot/``). The public entry points that combine both (``aotcache.api``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 __all__ = ["CompileServices", "WatchedProgram"]
 
 
-class WatchedProgram(Protocol):
-    """The program a function's graphs came from, as watched for in-process reuse (NOTE [Program guards])."""
+class WatchedProgram:
+    """The program a function's graphs came from, as watched for in-process reuse (NOTE [Program guards]); an
+    interface (plain classes, not ``typing.Protocol``: their creation cost ~2 ms of every warm start)."""
 
     digest: str  # part of every in-process signature: a changed program selects other graphs
     untrusted: str | None  # why part of the program is guarded by identity only (None: seen whole)
 
     def holds(self) -> bool:
         """Whether nothing watched changed since the walk (cheap; checked on every call)."""
+        raise NotImplementedError
 
 
-class CompileServices(Protocol):
+class CompileServices:
     """The services an :class:`~aotcache.aot.api.AOTFunction` and the Dynamo-graph form call (NOTE [Compile
     services]); ``cache`` is the user's ``cache=`` argument, opaque to ``aot/``."""
 
     def watch_program(self, target: Callable, module: Any) -> WatchedProgram:
         """Walk ``target`` (or ``module``, for an ``aot_module``) and return what guards its in-process reuse."""
+        raise NotImplementedError
 
     def guards_hold(self, runtime: Any, graph_args: Sequence[Any]) -> bool:
         """Whether the symbolic-shape guards of ``runtime`` (a dynamic graph) admit ``graph_args``."""
+        raise NotImplementedError
 
     def compile_call(self, function: Any, flat_fn: Callable, flat_args: list, in_spec: Any, options: Any) -> Any:
         """The runtime of one new call signature of ``function`` (an ``AOTFunction``): loaded from its cache,
@@ -43,7 +47,9 @@ class CompileServices(Protocol):
 
         :raises CaptureError: the call cannot be captured.
         """
+        raise NotImplementedError
 
     def compile_graph(self, cache: Any, gm: Any, example_inputs: Sequence[Any], flat_fn: Callable,
                       flat_example: Sequence[Any], options: Any, lifted_attributes: Sequence[str]) -> Any:
         """The runtime of a Dynamo graph ``gm`` (``aot_module_simplified``), loaded or compiled and stored."""
+        raise NotImplementedError
