@@ -35,15 +35,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
-from aotcache.aot.capture import capture, refuse_module_backward_hooks
+from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
-from aotcache.aot.fallback import (
-    check_on_capture_error,
-    compile_or_fall_back,
-    eager_for_unkeyable_call,
-    has_uninitialized_parameters,
-)
+from aotcache.aot.fallback import check_on_capture_error, compile_or_fall_back, eager_for_unkeyable_call
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -55,6 +50,7 @@ from aotcache.aot.hot_path import (
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import resolve_partition
+from aotcache.aot.refusals import functorch_transform_error, refuse_module_backward_hooks, unsupported_layout_error
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -280,13 +276,9 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     for index, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
             if arg.layout != torch.strided or arg.is_nested or arg.is_quantized:
-                from aotcache.aot.capture import unsupported_layout_error
-
                 kind = "nested" if arg.is_nested else "quantized" if arg.is_quantized else arg.layout
                 raise unsupported_layout_error(f"flat argument {index}", kind)
             if torch._C._functorch.is_functorch_wrapped_tensor(arg):
-                from aotcache.aot.capture import functorch_transform_error
-
                 raise functorch_transform_error(f"flat argument {index}")
             if not arg.is_meta:
                 tensors.append(arg)

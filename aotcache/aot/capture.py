@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +26,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.refusals import (
+    ExplainUnsupportedOps,
+    explain_data_dependent_ops,
+    quiet_fake_tensor_failures,
+    refuse_constants_requiring_grad,
+    unsupported_layout_error,
+)
 from aotcache.aot.input_mutations import (
     RejectInputResize,
     check_mutated_inputs_do_not_alias,
@@ -109,7 +114,7 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
         return existing, fakes
     if not dynamic:
-        # real tensors read from closures / globals become graph constants (NOTE [closed-over tensors])
+        # real tensors read from closures / globals become graph constants (NOTE [closed-over tensors] in refusals.py)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
                       for a in flat_args]
@@ -133,128 +138,6 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
                                    symbolic_context=context)
         fakes.append(arg)
     return mode, fakes
-
-
-def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
-    """Refuse a training capture of a module tree with module backward hooks (NOTE [Module backward hooks]).
-
-    NOTE [Module backward hooks]
-    ``register_full_backward_hook`` / ``register_full_backward_pre_hook`` hooks (on a submodule, or global) are
-    Python run at every eager backward. A capture runs them once, on traced tensors: what they compute on the
-    gradients is in the graph, but their side effects (a log, a counter, a list of gradient norms) happen only
-    then, and a value they keep is a trace tensor. Such a module goes to the fallback (torch.compile runs the
-    hooks at every backward). Under no_grad no backward runs, so nothing is refused there.
-    """
-    if not torch.is_grad_enabled():
-        return
-    from torch.nn.modules import module as module_mod
-
-    hooked = [name or type(module).__name__ for name, sub in module.named_modules()
-              if sub._backward_hooks or sub._backward_pre_hooks]
-    if module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks:
-        hooked.append("(global module hooks)")
-    if hooked:
-        raise CaptureError(
-            f"aotcache: module backward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} run "
-            f"Python at every backward, which a compiled backward would run only while capturing (a hook's "
-            f"log or counter would miss every later backward). To capture the module whole, remove the hooks "
-            f"(read gradients from the parameters' .grad after backward instead).")
-
-
-def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
-    """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
-    have no support for them, and a graph traced without it would silently drop their gradients."""
-    return CaptureError(f"aotcache: {what} is a tensor with layout {layout}; only strided (dense) tensors are "
-                        f"supported in a compiled function. Convert it to a dense tensor outside the compiled "
-                        f"function (.to_dense(), .dequantize(), .to_padded_tensor(0)), or move the computation on "
-                        f"it out of the function.", reason="unsupported_layout")
-
-
-def functorch_transform_error(what: str) -> CaptureError:
-    """The error for a tensor wrapped by a torch.func transform: a compiled function called under ``vmap``,
-    ``grad``, ``jacrev`` or ``jvp`` (the transforms wrap its arguments; a compiled graph runs on plain tensors, and
-    the transform cannot see through its autograd.Function). The call runs eagerly, as the fallback does."""
-    return CaptureError(f"aotcache: {what} is a tensor of a torch.func transform (the compiled function is called "
-                        f"under vmap, grad, jacrev or jvp), which a compiled graph cannot take. Apply the transform "
-                        f"inside the compiled function instead.", reason="unsupported_construct")
-
-
-_DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "
-                       "the compiled function, or make it shape-static (e.g. torch.where instead of boolean "
-                       "indexing).")
-
-
-class _ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
-    """Names the torch function behind two failures that the dispatcher cannot attribute (analysis pass).
-
-    * an op whose result has a non-strided layout (``to_sparse``, ``to_mkldnn``): functionalization drops
-      autograd through it, so gradients would silently vanish (NOTE [Output requires_grad] in runtime);
-    * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
-      indices): fake tensors have no data, and torch only says "data is not allocated yet".
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
-        if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
-            # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
-            # eager backward, which a compiled backward would run only while capturing
-            raise CaptureError("aotcache: the function registers a tensor hook (Tensor.register_hook), which is "
-                               "Python run at every backward; a compiled backward would run it only while "
-                               "capturing (a hook's log or counter would miss every later backward). Register "
-                               "it on the compiled function's output instead.")
-        try:
-            result = func(*args, **(kwargs or {}))
-        except RuntimeError as exc:
-            if "data is not allocated yet" not in str(exc):
-                raise
-            raise CaptureError(f"aotcache: {_function_name(func)} reads tensor data inside its kernel (a "
-                               f"data-dependent op, e.g. split indices or sizes given as a tensor), which cannot "
-                               f"be captured; pass them as Python ints instead. {_DATA_DEPENDENT_FIX}",
-                               reason="data_dependent") from exc
-        for value in pytree.tree_leaves(result):
-            if isinstance(value, torch.Tensor) and value.layout != torch.strided:
-                raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
-        return result
-
-
-def _function_name(func: Any) -> str:
-    try:
-        return torch.overrides.resolve_name(func) or repr(func)
-    except (AttributeError, TypeError):
-        return repr(func)
-
-
-@contextlib.contextmanager
-def explain_data_dependent_ops() -> Iterator[None]:
-    """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    fix = _DATA_DEPENDENT_FIX
-    try:
-        yield
-    except DynamicOutputShapeException as exc:
-        raise CaptureError(f"aotcache: operator {exc.func} has an output shape that depends on tensor data "
-                           f"(e.g. nonzero, masked_select, boolean indexing), which cannot be captured. {fix}",
-                           reason="data_dependent") from exc
-    except DataDependentOutputException as exc:
-        raise CaptureError(f"aotcache: operator {exc.func} returns a value that depends on tensor data (e.g. "
-                           f".item(), .tolist(), Python control flow on a tensor), which cannot be captured. "
-                           f"{fix}", reason="data_dependent") from exc
-    except GuardOnDataDependentSymNode as exc:
-        raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
-                           f"({exc}). {fix}", reason="data_dependent") from exc
-    except RuntimeError as exc:
-        if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
-            raise
-        raise CaptureError(f"aotcache: the function reads a tensor's memory directly (.numpy(), numpy.asarray, "
-                           f".data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). {fix}",
-                           reason="data_dependent") from exc
-
-
-# torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
-# CaptureErrors (the fallback runs the call), not crashes
-_DATA_ACCESS_ERRORS = ("Cannot access data pointer of Tensor", ".numpy() is not supported for tensor subclasses",
-                       "Attempted to access the data pointer on an invalid python storage")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,7 +208,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
-        with explain_data_dependent_ops(), resize_check, _ExplainUnsupportedOps():
+        with explain_data_dependent_ops(), resize_check, ExplainUnsupportedOps():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -858,7 +741,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
                        regenerate_aliases=regenerate_aliases)
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with _compiling(), _quiet_fake_tensor_failures():
+    with _compiling(), quiet_fake_tensor_failures():
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -879,7 +762,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
                 captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
                                  joint=joint)
     if torch.is_grad_enabled():
-        _refuse_constants_requiring_grad(captured.graph)
+        refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not any(
             isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
@@ -924,37 +807,6 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     return analysis
 
 
-class _DropFakeMetaFailures(logging.Filter):
-    """Drops the fake-tensor mode's own log of an op that failed (the same error is raised to the caller)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("failed while attempting to run meta")
-
-
-_FAKE_TENSOR_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
-_DROP_FAKE_META_FAILURES = _DropFakeMetaFailures()
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_failures() -> Iterator[None]:
-    """NOTE [fake-tensor failure logs]: when an op fails on fake tensors during capture (a wrong input shape,
-    say), torch's fake-tensor mode logs the whole traceback at ERROR (~20 lines) before raising it; the error
-    itself still reaches the caller, so those lines only bury it. They are filtered out while capturing."""
-    global _quiet_depth
-    with _quiet_lock:
-        _quiet_depth += 1
-        _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added again
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
-                _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
-
-
 @contextlib.contextmanager
 def _compiling() -> Iterator[None]:
     """NOTE [is_compiling during capture]: ``torch.compiler.is_compiling()`` is True while the function is
@@ -971,31 +823,6 @@ def _compiling() -> Iterator[None]:
         yield
     finally:
         compiler._is_compiling_flag = previous
-
-
-def _refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
-    """NOTE [closed-over tensors] A tensor the function reads from a closure or a global (not an argument)
-    becomes a constant of the graph, read by reference at run time. One that requires grad would get no
-    gradient from the compiled backward while eager gives it one: refuse it rather than drop the gradient.
-    """
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        value = getattr(gm, node.target, None)
-        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-            raise CaptureError(
-                f"aotcache: the function reads a parameter of shape {tuple(value.shape)} that is not one of its "
-                f"inputs; its gradient would be lost. Either a function reads a module's parameters from a "
-                f"closure or global (compile the module instead: aot_module / aotcache.compile(module) make its "
-                f"parameters inputs), or activation checkpointing recomputes the forward while the backward is "
-                f"traced, after the module call (torch.utils.checkpoint, transformers' "
-                f"gradient_checkpointing_enable()): such a model cannot be captured whole, and aotcache.compile "
-                f"runs it through torch.compile(backend='aotcache').")
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            raise CaptureError(
-                f"aotcache: the function reads a tensor of shape {tuple(value.shape)} that requires grad from a "
-                f"closure or global instead of taking it as an argument; its gradient would be lost. Pass it "
-                f"as an argument, or wrap the code in an nn.Module and use aot_module (parameters are inputs).")
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
