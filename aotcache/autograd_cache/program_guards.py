@@ -180,8 +180,9 @@ class WatchedProgram:
     untrusted: str | None
     env: dict[str, str | None]
 
-    def holds(self) -> bool:
-        return self.guards.holds()
+    def __post_init__(self) -> None:
+        # checked on every call (NOTE [Hot path]): the guards' own method, without a frame of this class around it
+        self.holds = self.guards.holds
 
 
 def watch_program(root: Any, module: nn.Module | None = None) -> WatchedProgram:
