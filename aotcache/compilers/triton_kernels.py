@@ -65,6 +65,17 @@ def _inductor_bundles_itself() -> bool:
     return bool(getattr(functorch_config, "bundled_autograd_cache", False))
 
 
+def _keep_every_config(bundler: Any) -> None:
+    """NOTE [every autotuning config is carried]: from torch 2.13 ``collect`` keeps only the kernels marked as
+    autotuning winners (``_winners``) whenever any kernel was, dropping every other kernel of the graph too; a
+    kernel benchmarked during the compile (``benchmark_fusion``, ...) would thus leave the rest to be compiled
+    at load. The wrapper autotunes at its first call and needs every config's binary, so the marks are
+    dropped: ``collect`` then keeps everything, as torch 2.11 and 2.12 do."""
+    winners = getattr(bundler, "_winners", None)
+    if winners:
+        winners.clear()
+
+
 @contextlib.contextmanager
 def collecting(enabled: bool = True) -> Iterator[TritonKernels]:
     """Record the Triton kernels compiled inside the block into the yielded :class:`TritonKernels`.
@@ -83,6 +94,7 @@ def collecting(enabled: bool = True) -> Iterator[TritonKernels]:
         bundler.begin_compile()
         try:
             yield result
+            _keep_every_config(bundler)
             bundle, _ = bundler.collect()
             for kernel in bundle.kernel_artifacts:
                 result.kernels.append((str(kernel.kernel_hash), int(kernel.device),

@@ -110,3 +110,23 @@ def test_collecting_around_a_real_inductor_compile(monkeypatch):
     with functorch_config.patch(bundled_autograd_cache=True), real(enabled=True) as found:
         assert TritonBundler._entries is None  # Inductor's own bundle would begin here
     assert not found
+
+
+def test_collecting_keeps_every_config_when_some_were_marked_winners(tmp_path, monkeypatch):
+    """NOTE [every autotuning config is carried]: a kernel marked as an autotuning winner during the compile
+    (torch >= 2.13 bundles only winners then) does not drop the graph's other kernels from the entry."""
+    from torch._inductor.triton_bundler import TritonBundler
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for kernel_hash in ("WINNER", "OTHER"):
+        (tmp_path / kernel_hash).mkdir()
+        (tmp_path / kernel_hash / "k.cubin").write_bytes(kernel_hash.encode())
+    with triton_kernels.collecting(enabled=True) as found:
+        TritonBundler.put("WINNER", 0)
+        TritonBundler.put("OTHER", 0)
+        marked = getattr(TritonBundler, "put_winner", None)
+        if marked is not None:
+            marked("WINNER")
+    assert sorted(kernel_hash for kernel_hash, _, _ in found.kernels) == ["OTHER", "WINNER"]
+    assert dict(found.kernels[0][2]) in ({"k.cubin": b"WINNER"}, {"k.cubin": b"OTHER"})
+    assert TritonBundler._entries is None
