@@ -296,3 +296,15 @@ def test_cache_dir_falls_back_to_runtime_utils(monkeypatch):
         importlib.import_module("torch._inductor.runtime.cache_dir_utils")
     assert callable(runtime_utils.cache_dir)
     assert inductor._inductor_cache_dir() == expected
+
+
+def test_no_triton_bundler(monkeypatch):
+    from aotcache.compilers import ArtifactError, triton_kernels
+
+    monkeypatch.setitem(sys.modules, "torch._inductor.triton_bundler", None)  # import raises
+    with triton_kernels.collecting(enabled=True) as found:
+        pass
+    assert not found  # nothing collected: loading compiles the kernels as before
+    carried = triton_kernels.TritonKernels([("H" * 32, 0, {"k.cubin": b"\x7fELF"})])
+    with pytest.raises(ArtifactError, match="no TritonBundler"):  # the artifact is refused (a miss), no crash
+        triton_kernels.restore(carried)
