@@ -7,7 +7,7 @@
 #   2. bench/warmstart.py --device cuda on DEVICE_CHECK_MODELS (default llama_tiny)      ~4.5 min
 #   3. (optional, DEVICE_CHECK_COLD_S > 0) bench/cold_profile.py --device cuda on DEVICE_CHECK_COLD_MODELS
 #      (default llama_tiny): where the cold compile time goes, ours vs torch.compile      ~2 min per model
-# Results (at most 8 files, as the device tool returns): $OUT/env.txt, cuda_tests.log, warmstart.log,
+# Results (at most 8 files, as the device tool returns): $OUT/env.txt, compat_tests.log, cuda_tests.log, warmstart.log,
 # warmstart_cuda.json. Copy warmstart_cuda.json to bench/results/ afterwards.
 #
 # The machine has no zstandard and no redis-py and cannot reach a registry: they travel as wheels.
@@ -69,6 +69,13 @@ if torch.cuda.is_available():
 print('aotcache', aotcache.__file__)" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
+
+# 0b. every private torch name aotcache uses resolves in this torch (docs/compat.md): seconds, and it names a
+#     missing one before a long compile would trip over it
+if (( TEST_S > 0 )); then
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_torch_compat.py 2>&1 | tail -25 \
+        | tee "$OUT/compat_tests.log"
+fi
 
 # 1. the cuda tests (each compiles for real: Inductor, AOTInductor, Triton)
 if (( TEST_S > 0 )); then
