@@ -273,6 +273,8 @@ def _compile_fx(graph_module: torch.fx.GraphModule, fake_inputs: list, fake_mode
             TracingContext.report_output_strides() as reported_strides, \
             triton_kernels.collecting(enabled=on_gpu) as triton:
         compiled = compile_fx_inner(graph_module, fake_inputs)
+    if on_gpu and not triton:  # Inductor bundled the kernels itself (its FX graph cache on, ...)
+        triton = triton_kernels.from_compiled(compiled)
     return compiled, reported_strides, triton
 
 

@@ -30,7 +30,8 @@ from typing import Any
 from aotcache.compilers.base import ArtifactError
 from aotcache.logs import log_once
 
-__all__ = ["TRITON_PREFIX", "TritonKernels", "collecting", "to_artifact", "from_artifact", "restore"]
+__all__ = ["TRITON_PREFIX", "TritonKernels", "collecting", "from_compiled", "to_artifact", "from_artifact",
+           "restore"]
 
 TRITON_PREFIX = "triton:"  # blob name: "triton:<kernel hash>/<file name>"
 
@@ -56,13 +57,35 @@ def _bundler() -> Any | None:
 
 
 def _inductor_bundles_itself() -> bool:
-    """``compile_fx_inner`` begins its own bundle under ``bundled_autograd_cache`` (torch's precompile flow);
-    a second ``begin_compile`` would fail its assertion, so we collect nothing then."""
+    """True when ``compile_fx_inner`` opens a bundle of its own: under ``bundled_autograd_cache`` (torch's
+    precompile flow) or with Inductor's FX graph cache on (a user's ``fx_graph_cache=True``). A second
+    ``begin_compile`` would fail its assertion, so we collect nothing then and take the kernels Inductor
+    bundled into the compiled graph (:func:`from_compiled`)."""
     try:
         from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
     except ImportError:
         return False
-    return bool(getattr(functorch_config, "bundled_autograd_cache", False))
+    if getattr(functorch_config, "bundled_autograd_cache", False):
+        return True
+    fx_cache = getattr(inductor_config, "fx_graph_cache", False) or getattr(inductor_config,
+                                                                            "fx_graph_remote_cache", False)
+    return bool(fx_cache) and not getattr(inductor_config, "force_disable_caches", False)
+
+
+def _add_bundle(result: TritonKernels, bundle: Any) -> None:
+    """Append the kernel directories of a ``TritonBundle`` (``kernel_artifacts``) to ``result``."""
+    for kernel in getattr(bundle, "kernel_artifacts", None) or ():
+        result.kernels.append((str(kernel.kernel_hash), int(kernel.device),
+                               {str(item.filename): bytes(item.payload) for item in kernel.artifacts}))
+
+
+def from_compiled(compiled: Any) -> TritonKernels:
+    """The kernels Inductor bundled itself into a compiled graph (``_triton_bundle``, set when its FX graph
+    cache or ``bundled_autograd_cache`` is on, also on an FX-cache hit); empty when it did not."""
+    result = TritonKernels()
+    _add_bundle(result, getattr(compiled, "_triton_bundle", None))
+    return result
 
 
 def _keep_every_config(bundler: Any) -> None:
@@ -96,9 +119,7 @@ def collecting(enabled: bool = True) -> Iterator[TritonKernels]:
             yield result
             _keep_every_config(bundler)
             bundle, _ = bundler.collect()
-            for kernel in bundle.kernel_artifacts:
-                result.kernels.append((str(kernel.kernel_hash), int(kernel.device),
-                                       {str(item.filename): bytes(item.payload) for item in kernel.artifacts}))
+            _add_bundle(result, bundle)
         finally:
             bundler.end_compile()
 

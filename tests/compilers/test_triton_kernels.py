@@ -121,7 +121,10 @@ def test_collecting_keeps_every_config_when_some_were_marked_winners(tmp_path, m
     for kernel_hash in ("WINNER", "OTHER"):
         (tmp_path / kernel_hash).mkdir()
         (tmp_path / kernel_hash / "k.cubin").write_bytes(kernel_hash.encode())
-    with triton_kernels.collecting(enabled=True) as found:
+    from torch._inductor import config as inductor_config
+
+    # as inside our compile, which turns Inductor's own FX graph cache off (else Inductor bundles itself)
+    with inductor_config.patch(fx_graph_cache=False), triton_kernels.collecting(enabled=True) as found:
         TritonBundler.put("WINNER", 0)
         TritonBundler.put("OTHER", 0)
         marked = getattr(TritonBundler, "put_winner", None)
@@ -130,3 +133,38 @@ def test_collecting_keeps_every_config_when_some_were_marked_winners(tmp_path, m
     assert sorted(kernel_hash for kernel_hash, _, _ in found.kernels) == ["OTHER", "WINNER"]
     assert dict(found.kernels[0][2]) in ({"k.cubin": b"WINNER"}, {"k.cubin": b"OTHER"})
     assert TritonBundler._entries is None
+
+
+def test_collecting_steps_aside_for_inductors_fx_graph_cache(monkeypatch):
+    """A user's ``fx_graph_cache=True`` makes ``compile_fx_inner`` open its own bundle on a cache miss: ours
+    stays closed (no assertion, no fallback), and the kernels come from the compiled graph's own bundle."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.triton_bundler import TritonBundler
+
+    from aotcache.compilers import inductor
+    from tests.compilers.graphs import example_args, traced, with_constant
+
+    real = triton_kernels.collecting
+    monkeypatch.setattr(triton_kernels, "collecting", lambda enabled=True: real(enabled=True))
+    args = example_args()
+    gm = traced(with_constant, args, decompositions=inductor.decompositions())
+    compiled = inductor.inductor_compiler(gm, args, options={"fx_graph_cache": True})
+    assert type(compiled).__name__ == "InductorCompiledGraph"  # compiled by Inductor, not a nop fallback
+    assert TritonBundler._entries is None
+    for got, want in zip(compiled(*args), with_constant(*args)):
+        torch.testing.assert_close(got, want)
+    with inductor_config.patch(fx_graph_cache=True, force_disable_caches=False), real(enabled=True) as found:
+        assert TritonBundler._entries is None
+    assert not found
+
+
+def test_kernels_inductor_bundled_itself_are_taken_from_the_compiled_graph():
+    from torch._inductor.triton_bundler import TritonBundle, TritonKernelArtifact, TritonKernelArtifacts
+
+    bundle = TritonBundle([TritonKernelArtifacts(HASH, 0, [TritonKernelArtifact("k.cubin", b"bin")])], [])
+
+    class Compiled:
+        _triton_bundle = bundle
+
+    assert triton_kernels.from_compiled(Compiled()).kernels == [(HASH, 0, {"k.cubin": b"bin"})]
+    assert not triton_kernels.from_compiled(object())
