@@ -34,3 +34,13 @@ def tiny_roberta_classifier(seed: int = 0, num_labels: int = 3):
                                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0, num_labels=num_labels, pad_token_id=1)
     return transformers.RobertaForSequenceClassification(config)
+
+
+def tiny_roberta_model(seed: int = 0):
+    """A 2-layer RobertaModel with its pooler (hidden 32, vocab 64), dropout off."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, pad_token_id=1)
+    return transformers.RobertaModel(config)
