@@ -85,7 +85,8 @@ class CachedCompileServices(CompileServices):
             return compile_function_cached(target_cache, flat_fn, flat_args, options, name=function.name,
                                            memo=function.key_memo, on_key=on_key)
 
-        return compile_with_fingerprint(cache, fingerprint, flat_args, full_path)
+        return compile_with_fingerprint(cache, fingerprint, flat_args, full_path,
+                                        lambda: fingerprint_of(function, flat_args, in_spec, options))
 
     def before_capture(self, function: AOTFunction, cache: Any, fingerprint: Any) -> None:
         """Called when a call of ``function`` must be captured (no entry found through ``fingerprint``)."""

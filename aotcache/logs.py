@@ -58,6 +58,8 @@ _FIXES = (
     ("module overrides __call__", "override forward instead of __call__"),
     ("import inside function", "move the import to the top of its module"),
     ("C-extension callable", "call torch operators, or wrap the extension as a torch custom op"),
+    ("call changes program state", "set that state before the first call (for a transformers sequence "
+                                   "classifier: config.problem_type), or compute it outside forward"),
 )
 
 

@@ -540,6 +540,31 @@ def _finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def grad_tangent_dependencies(gm: fx.GraphModule, num_inputs: int) -> list[list[int]]:
+    """Per graph input of a joint graph: the tangents (positions among the ``tangents_*`` placeholders) its
+    gradient reads, directly or not (NOTE [Gradients of unused outputs] in runtime)."""
+    masks: dict[fx.Node, int] = {}
+    tangent = 0
+    output = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name.startswith("tangents"):
+                masks[node] = 1 << tangent
+                tangent += 1
+        elif node.op == "output":
+            output = node
+        else:
+            mask = 0
+            for arg in node.all_input_nodes:
+                mask |= masks.get(arg, 0)
+            if mask:
+                masks[node] = mask
+    flat = list(output.args[0]) if output is not None else []
+    grads = flat[len(flat) - num_inputs:] if num_inputs else []
+    return [[bit for bit in range(tangent) if masks.get(grad, 0) >> bit & 1] if isinstance(grad, fx.Node) else []
+            for grad in grads]
+
+
 def _dense_non_overlapping(shape: Sequence[int], stride: Sequence[int]) -> bool:
     """Whether static ``shape``/``stride`` cover their storage exactly once (a permutation of contiguous)."""
     expected = 1
@@ -713,6 +738,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
         tangent_indices=tangent_indices,
         tangent_layouts=tangent_layouts,
         grad_inputs=grad_inputs,
+        grad_tangents=grad_tangent_dependencies(gm, len(primals)) if joint else [],
     )
     return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)
 

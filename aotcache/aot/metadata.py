@@ -44,7 +44,8 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
 
 # 2: out_spec is aotcache's output-structure JSON (NOTE [Output structure]), no longer treespec_dumps
 # 3: InputInfo.metadata_mutation
-METADATA_VERSION = 4
+# 5: RuntimeMetadata.grad_tangents
+METADATA_VERSION = 5
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
 # SymInt output of the forward graph" (symbolic shapes).
@@ -113,6 +114,9 @@ class RuntimeMetadata:
     tangent_layouts: list = dataclasses.field(default_factory=list)
     # per graph input: whether the backward produces a gradient for it
     grad_inputs: list = dataclasses.field(default_factory=list)
+    # per graph input: the tangents (positions in tangent_indices) its gradient reads; with none of them
+    # computed by autograd it gets None, as in eager (NOTE [Gradients of unused outputs] in runtime)
+    grad_tangents: list = dataclasses.field(default_factory=list)
     num_saved: int = 0
     # symbolic-shape guard expression over the graph inputs (None: static shapes or no guards)
     guards: str | None = None

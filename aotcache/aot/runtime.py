@@ -117,6 +117,11 @@ class CompiledRuntime:
         self._first_extra_output = self._num_mutation_outputs + metadata.num_graph_user_outputs
         self._num_fwd_outputs = self._first_extra_output + metadata.num_extra_outputs
         self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
+        # NOTE [Gradients of unused outputs]: with two or more tangents, an input whose gradient reads only some
+        # of them gets None when autograd computed none of those (eager leaves its .grad None, not zeros)
+        self._grad_tangents = [frozenset(dependencies) for dependencies in metadata.grad_tangents]
+        self._unused_outputs_matter = (len(self._tangent_indices) > 1 and
+                                       len(self._grad_tangents) == len(metadata.grad_inputs))
 
     def __call__(self, *flat_args: Any) -> Any:
         meta = self.metadata
@@ -317,6 +322,10 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                               if isinstance(out, torch.Tensor) and index not in differentiable]
         if non_differentiable:
             ctx.mark_non_differentiable(*non_differentiable)
+        if runtime._unused_outputs_matter:  # NOTE [Gradients of unused outputs]
+            ctx.set_materialize_grads(False)
+            ctx.tangent_specs = [(out.shape, out.dtype, out.device) for out in
+                                 (fw_outs[index] for index in runtime._tangent_indices)]
         return tuple(fw_outs)
 
     @staticmethod
@@ -340,10 +349,17 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         # when it is static, dense and non-overlapping (what autograd usually delivers, and what PyTorch's AOT
         # Autograd assumes), else its memory format (contiguous, channels_last). Incoming gradients, possibly
         # expanded or transposed, are copied into that layout when they differ. Gradients autograd did not
-        # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape.
+        # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape, or as None
+        # (NOTE [Gradients of unused outputs]), then made zeros here.
         tangents = []
-        for index, (stride, memory_format) in zip(runtime._tangent_indices, runtime._tangent_layouts):
+        missing: set[int] = set()
+        for position, (index, (stride, memory_format)) in enumerate(zip(runtime._tangent_indices,
+                                                                        runtime._tangent_layouts)):
             grad = grad_outputs[index]
+            if grad is None and runtime._unused_outputs_matter:
+                missing.add(position)
+                shape, dtype, device = ctx.tangent_specs[position]
+                grad = torch.zeros(shape, dtype=dtype, device=device)
             if grad is not None:
                 if stride is None or len(stride) != grad.dim():
                     # (a rank mismatch: meta kernels may report a stride per dimension the real output lacks,
@@ -355,4 +371,18 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         with DisableAutocast():
             grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
+        if missing:  # NOTE [Gradients of unused outputs]
+            return (None, *[grad if needed and not dependencies <= missing else None
+                            for grad, needed, dependencies in zip(grads, grad_inputs, runtime._grad_tangents)])
         return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])
+
+
+# NOTE [Gradients of unused outputs]
+# In eager, a parameter that only outputs left out of the loss depend on (a pooler when the loss reads
+# last_hidden_state, a box head when it reads logits) keeps ``.grad`` None, and an optimizer skips it (AdamW
+# applies no weight decay). The compiled backward is one graph over all tangents, and autograd materializes the
+# tangents of unused outputs as zeros, so it used to return zero gradients there (as torch.compile does), and
+# AdamW then decayed weights eager leaves alone. With two or more tangents the forward turns materialization
+# off: the backward makes the zeros itself, knows which tangents were missing, and returns None for an input
+# whose gradient reads only missing tangents (``RuntimeMetadata.grad_tangents``, from the joint graph). With
+# one tangent nothing changes: autograd does not call a backward whose only output is unused.

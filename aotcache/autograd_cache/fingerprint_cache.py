@@ -143,12 +143,15 @@ def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any, option
 
 
 def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, flat_args: Sequence[Any],
-                             full_path: Callable[..., Any]) -> Any:
+                             full_path: Callable[..., Any],
+                             refingerprint: Callable[[], Fingerprint] | None = None) -> Any:
     """The runtime for a call: through the alias of ``fingerprint`` when it loads, else the full pipeline.
 
     ``full_path(cache, on_key=callback)`` runs the full cached pipeline (e.g.
     :func:`~aotcache.autograd_cache.pipeline.compile_function_cached`), calling ``callback(key)`` with the key
-    it computes; that key is recorded under the fingerprint once the runtime is built.
+    it computes; that key is recorded under the fingerprint once the runtime is built, unless
+    ``refingerprint()`` (the fingerprint again, after the capture) shows that the capture changed the program
+    state the fingerprint covers (NOTE [State changed by the call]).
     """
     if not cache.enabled:
         return full_path(cache, on_key=None)
@@ -166,6 +169,39 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
     cache.count(fingerprint_miss=1)
     computed: list[CacheKey] = []
     runtime = full_path(cache, on_key=computed.append)
-    if computed:
+    if computed and not _state_changed(cache, fingerprint, refingerprint):
         record_alias(cache, fingerprint, computed[-1])
     return runtime
+
+
+# NOTE [State changed by the call]
+# The capture runs the function's Python once. When that Python assigns program state the fingerprint covers
+# (transformers' sequence classifiers set ``config.problem_type`` on the first call with labels; a module that
+# counts its calls in an attribute), eager makes the change at every first call, but a warm start served
+# through the alias runs only the graph: the change would never happen (a saved config would differ from
+# eager's), and a later call would keep finding the graph traced for the old state. So the fingerprint is
+# computed again after a capture; if its code or ambient part differs, no alias is recorded: a warm start of
+# this call traces (running the Python, making the change) and loads the entry by its full key, and the next
+# call, seeing the new state, goes through that state's own alias.
+_STATE_PARTS = ("code", "ambient")
+
+
+def _state_changed(cache: AOTAutogradCache, before: Fingerprint,
+                   refingerprint: Callable[[], Fingerprint] | None) -> bool:
+    """True (counted, warned once) when the fingerprint after the capture differs in code or ambient state."""
+    if refingerprint is None:
+        return False
+    after = refingerprint()
+    changed = [part for part in _STATE_PARTS if after.parts.get(part) != before.parts.get(part)]
+    if after.trusted and not changed:
+        return False
+    reason = "call changes program state"
+    cache.count(fingerprint_state_changed=1)
+    journal = getattr(cache, "journal", None)
+    if journal is not None:
+        journal.add(FALLBACK_SECTION, {reason: 1})
+    event(logging.INFO, "aotcache: the call changed the %s state its fingerprint covers; no warm-start alias "
+          "recorded", " and ".join(changed) or "program")
+    warn_not_cached(f"fingerprint:{reason}", "a warm start of this call must trace it again, because the call "
+                    "changes Python state it reads (an attribute of the model or its config)", reason)
+    return True

@@ -24,3 +24,23 @@ def tiny_t5(seed: int = 0):
     config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
                                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return transformers.T5ForConditionalGeneration(config)
+
+
+def tiny_roberta_classifier(seed: int = 0, num_labels: int = 3):
+    """A 2-layer RobertaForSequenceClassification (hidden 32, vocab 64), dropout off, ``problem_type`` unset."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, num_labels=num_labels, pad_token_id=1)
+    return transformers.RobertaForSequenceClassification(config)
+
+
+def tiny_roberta_model(seed: int = 0):
+    """A 2-layer RobertaModel with its pooler (hidden 32, vocab 64), dropout off."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, pad_token_id=1)
+    return transformers.RobertaModel(config)

@@ -1,0 +1,73 @@
+"""Real transformers models (tiny random configs) through aotcache's public entry points, as a new user runs them:
+each test is a bug found that way, kept in the shape it was found (nop compiler, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aotcache
+from aotcache.autograd_cache.cache import resolve_cache
+from tests.aot.tiny_transformers import tiny_roberta_classifier, tiny_roberta_model
+
+
+def test_a_warm_start_makes_the_config_change_eager_makes_on_the_first_call_with_labels():
+    # NOTE [State changed by the call]: transformers' sequence classifiers set config.problem_type on the first
+    # call with labels; a warm start through the fingerprint alias used to skip that, leaving it None for good
+    ids, labels = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2])
+    cold = aotcache.compile(tiny_roberta_classifier(), compiler="nop")
+    cold(input_ids=ids, labels=labels).loss.backward()
+    assert cold.config.problem_type == "single_label_classification"
+    counters = resolve_cache(True).counters
+    assert counters["fingerprint_state_changed"] == 1
+    cold(input_ids=ids, labels=labels)  # the new state: traced again (same graph: a hit), its alias recorded
+    assert counters["fingerprint_state_changed"] == 1 and counters["compile"] == 1
+
+    eager, fresh = tiny_roberta_classifier(), tiny_roberta_classifier()  # as in a new process: config unset
+    warm = aotcache.compile(fresh, compiler="nop")
+    hits = counters["hit"]
+    loss = warm(input_ids=ids, labels=labels).loss
+    expected = eager(input_ids=ids, labels=labels).loss
+    assert fresh.config.problem_type == eager.config.problem_type == "single_label_classification"
+    assert torch.allclose(loss, expected) and warm.route == "aot"
+    assert counters["hit"] == hits + 1 and counters["compile"] == 1  # loaded by its full key, not compiled
+    warm(input_ids=ids, labels=labels)  # the new state's own alias, recorded by the cold model's second call
+    assert counters["fingerprint_hit"] == 1 and counters["compile"] == 1
+
+
+def _adamw_steps(model, forward, steps: int = 2) -> list:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for step in range(steps):
+        ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss = forward(input_ids=ids).last_hidden_state.pow(2).mean()  # the pooler output is left out
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("route", ["compile", "torch.compile", "cache hit"])
+def test_parameters_only_an_unused_output_reads_keep_no_gradient_as_in_eager(route):
+    # NOTE [Gradients of unused outputs]: the pooler's gradients came back as zeros, so AdamW decayed its weights
+    eager = tiny_roberta_model()
+    expected = _adamw_steps(eager, eager)
+    assert eager.pooler.dense.weight.grad is None
+    if route == "cache hit":  # the runtime rebuilt from a stored entry (metadata through JSON) behaves the same
+        first = tiny_roberta_model()
+        aotcache.compile(first, compiler="nop")(input_ids=torch.ones(2, 8, dtype=torch.long)).last_hidden_state.sum()
+    model = tiny_roberta_model()
+    if route == "torch.compile":
+        compiled = torch.compile(model, backend="aotcache", options={"compiler": "nop"})
+    else:
+        compiled = aotcache.compile(model, compiler="nop")
+    losses = _adamw_steps(model, compiled)
+    if route == "cache hit":
+        assert resolve_cache(True).counters["compile"] == 1 and resolve_cache(True).counters["hit"] >= 1
+    assert model.pooler.dense.weight.grad is None and model.pooler.dense.bias.grad is None
+    assert model.embeddings.word_embeddings.weight.grad is not None
+    assert torch.allclose(torch.stack(losses), torch.stack(expected), atol=1e-5)
+    for (name, want), (_, got) in zip(eager.named_parameters(), model.named_parameters()):
+        assert torch.allclose(want, got, atol=1e-5), name
+    assert torch.equal(model.pooler.dense.weight, tiny_roberta_model().pooler.dense.weight)  # never decayed
