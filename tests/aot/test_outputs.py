@@ -258,6 +258,34 @@ def test_a_new_leaf_returned_by_the_function_keeps_eager_autograd(grad, view):
     assert all(g is None or torch.equal(g, e) for g, e in zip(got, expected))
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_a_view_of_an_input_made_a_leaf_requiring_grad_is_one(grad_mode):
+    # PyTorch's test_aotdispatch (test_some_output_requires_grad_input_doesnt): the view was regenerated from
+    # the input, which does not require grad, and the runtime's requires_grad check raised (NOTE [Leaf views
+    # of inputs] in runtime.py)
+    def fn(a, b):
+        view = a.view(-1)
+        view.requires_grad_(True)
+        return view, b * 2
+
+    def run(f):
+        a, b = torch.randn(2, 3), torch.randn(2, 3, requires_grad=True)
+        with torch.set_grad_enabled(grad_mode):
+            view, other = f(a, b)
+        assert view.requires_grad and view.is_leaf and view._base is a
+        a.add_(1)  # still a view of the real input
+        assert torch.equal(view, a.view(-1))
+        if grad_mode:
+            (view.sum() + other.sum()).backward()
+            assert torch.equal(view.grad, torch.ones(6)) and a.grad is None
+        return view
+
+    run(fn)
+    compiled = compile_fn(fn)
+    run(compiled)
+    run(compiled)  # the second call, on the graph compiled by the first
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
