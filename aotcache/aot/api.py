@@ -49,7 +49,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
-from aotcache.aot.partition import resolve_partition
+from aotcache.aot.partition import align_saved_to_backward, resolve_partition
 from aotcache.aot.refusals import functorch_transform_error, refuse_module_backward_hooks, unsupported_layout_error
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
@@ -191,6 +191,7 @@ def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     partition = _resolve_partition(options.partition_fn)
     with stage("partition"):
         fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+        align_saved_to_backward(fw_gm, bw_gm, captured.num_fwd_outputs)  # NOTE [Foreign partitioners]
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
     mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
