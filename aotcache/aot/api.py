@@ -441,7 +441,8 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
                     decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
                     dynamic: bool | None = None, num_params_buffers: int = 0,
                     keep_inference_input_mutations: bool = False,
-                    compiler_options: Mapping | None = None) -> AOTOptions:
+                    compiler_options: Mapping | None = None, enable_log: bool = True,
+                    disable_functionalization: bool = False) -> AOTOptions:
     """The :class:`AOTOptions` of one entry point's arguments, checked (``api`` names the entry point in errors).
 
     NOTE [PyTorch-compatible arguments]
@@ -449,15 +450,19 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
     CUDA graphs); aotcache reads parameters and buffers from the module itself, so the number changes nothing.
     ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
     aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
-    gives the caller the same result, so the flag changes nothing either.
+    gives the caller the same result, so the flag changes nothing either. ``enable_log`` (PyTorch's own logging)
+    and ``disable_functionalization`` are accepted for the same reason: aotcache logs through its own logger
+    (docs/logging.md) and always hands the compilers a functionalized graph; the input mutations such a graph
+    leaves out are applied by the runtime, so the caller sees eager's results either way.
 
     :raises TypeError, ValueError: a bad argument (the message names it and what is accepted).
     """
     if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
         raise TypeError(f"aotcache.{api}: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
-    if not isinstance(keep_inference_input_mutations, bool):
-        raise TypeError(f"aotcache.{api}: keep_inference_input_mutations must be a bool, got "
-                        f"{keep_inference_input_mutations!r}")
+    for name, flag in (("keep_inference_input_mutations", keep_inference_input_mutations),
+                       ("enable_log", enable_log), ("disable_functionalization", disable_functionalization)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"aotcache.{api}: {name} must be a bool, got {flag!r}")
     check_dynamic(dynamic, api)
     return AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                       partition_fn=resolve_partition(partition_fn, api), decompositions=decompositions,
