@@ -198,7 +198,10 @@ class CompiledRuntime:
         flat: list = [None] * len(meta.outputs)
         for k, info in enumerate(meta.outputs):
             if info.kind == "graph":
-                flat[k] = fw_outs[first_user + info.index]
+                out = fw_outs[first_user + info.index]
+                if info.grad_free_leaf and not out.requires_grad:
+                    out = out.requires_grad_(True)  # NOTE [Views made under no_grad] in capture.py
+                flat[k] = out
             elif info.kind == "input":
                 flat[k] = graph_args[info.input_index]
             elif info.kind == "alias_of_input":
