@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, checked_options, compile_dynamo_graph, compile_function
@@ -112,7 +113,8 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
                  partition_fn: Callable | str | None = None, decompositions: Mapping | None = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
                  inference_compiler: Callable | str | None = None, *, dynamic: bool | None = None,
-                 cache: Any = True, on_capture_error: str = "fallback") -> AOTFunction:
+                 cache: Any = True, on_capture_error: str = "fallback", enable_log: bool = True,
+                 disable_functionalization: bool = False, _disable_torch_fn_metadata_mode: bool = False) -> AOTFunction:
     """Compile ``fn`` ahead of time with AOT Autograd: forward and backward are traced as ATen graphs.
 
     ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``compiler(gm, example_inputs)`` callables or
@@ -128,14 +130,16 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
-    ``num_params_buffers`` and ``keep_inference_input_mutations`` are accepted for that reason (NOTE
-    [PyTorch-compatible arguments]).
+    ``num_params_buffers``, ``keep_inference_input_mutations``, ``enable_log``, ``disable_functionalization``
+    and the private ``_disable_torch_fn_metadata_mode`` are accepted for that reason (NOTE [PyTorch-compatible
+    arguments]).
     """
     options = checked_options("aot_function", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                               partition_fn=partition_fn, decompositions=decompositions,
                               inference_compiler=inference_compiler, dynamic=dynamic,
                               num_params_buffers=num_params_buffers,
-                              keep_inference_input_mutations=keep_inference_input_mutations)
+                              keep_inference_input_mutations=keep_inference_input_mutations,
+                              enable_log=enable_log, disable_functionalization=disable_functionalization)
     compiled = AOTFunction(fn, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
     try:
         compiled.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -149,9 +153,11 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
                keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
-               dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback") -> AOTModule:
+               dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback",
+               enable_log: bool = True, disable_functionalization: bool = False,
+               _disable_torch_fn_metadata_mode: bool = False) -> AOTModule:
     """Compile ``module`` with AOT Autograd into a drop-in wrapper (:class:`~aotcache.aot.module.AOTModule`);
-    same options (``cache``, ``on_capture_error``) as :func:`aot_function`."""
+    same options (``cache``, ``on_capture_error``, PyTorch's keywords) as :func:`aot_function`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
                         f"use aot_function for plain functions")
@@ -159,7 +165,8 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                               partition_fn=partition_fn, decompositions=decompositions,
                               inference_compiler=inference_compiler, dynamic=dynamic,
                               num_params_buffers=num_params_buffers,
-                              keep_inference_input_mutations=keep_inference_input_mutations)
+                              keep_inference_input_mutations=keep_inference_input_mutations,
+                              enable_log=enable_log, disable_functionalization=disable_functionalization)
     check_on_capture_error(on_capture_error, "aot_module")
     return AOTModule(module, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
 
@@ -167,7 +174,9 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
 def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
                           bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
                           decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
-                          inference_compiler: Callable | str | None = None, *,
+                          inference_compiler: Callable | str | None = None, compiler_config_extra: Any = None,
+                          ignore_shape_env: bool = False, disable_functionalization: bool = False,
+                          pre_grad_passes: Callable | None = None, compile_region_name: str | None = None, *,
                           dynamic: bool = False, cache: Any = True,
                           compiler_options: Mapping | None = None) -> Callable:
     """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
@@ -177,11 +186,24 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
     signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
     [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
     ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
-    PyTorch's (NOTE [PyTorch-compatible arguments]).
+    PyTorch's (NOTE [PyTorch-compatible arguments]): ``pre_grad_passes(gm, example_inputs) -> gm`` rewrites a
+    GraphModule before anything is keyed or traced (as PyTorch runs it); ``compiler_config_extra``,
+    ``ignore_shape_env``, ``disable_functionalization`` and ``compile_region_name`` are accepted and change nothing.
     """
     options = checked_options("aot_module_simplified", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                               partition_fn=partition_fn, decompositions=decompositions,
                               inference_compiler=inference_compiler, dynamic=dynamic,
                               keep_inference_input_mutations=keep_inference_input_mutations,
-                              compiler_options=compiler_options)
+                              compiler_options=compiler_options, disable_functionalization=disable_functionalization)
+    if not isinstance(ignore_shape_env, bool):
+        raise TypeError(f"aotcache.aot_module_simplified: ignore_shape_env must be a bool, got {ignore_shape_env!r}")
+    if compile_region_name is not None and not isinstance(compile_region_name, str):
+        raise TypeError(f"aotcache.aot_module_simplified: compile_region_name must be a str or None, got "
+                        f"{compile_region_name!r}")
+    if pre_grad_passes is not None:
+        if not callable(pre_grad_passes):
+            raise TypeError(f"aotcache.aot_module_simplified: pre_grad_passes must be callable as "
+                            f"pre_grad_passes(gm, example_inputs) -> gm, got {type(pre_grad_passes).__name__}")
+        if isinstance(gm, torch.fx.GraphModule):
+            gm = pre_grad_passes(gm, example_inputs)
     return compile_dynamo_graph(gm, example_inputs, options, services=SERVICES, cache=cache)

@@ -49,7 +49,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
-from aotcache.aot.partition import resolve_partition
+from aotcache.aot.partition import align_saved_to_backward, resolve_partition
 from aotcache.aot.refusals import functorch_transform_error, refuse_module_backward_hooks, unsupported_layout_error
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
@@ -191,6 +191,7 @@ def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     partition = _resolve_partition(options.partition_fn)
     with stage("partition"):
         fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+        align_saved_to_backward(fw_gm, bw_gm, captured.num_fwd_outputs)  # NOTE [Foreign partitioners]
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
     metadata.num_saved = len(saved)
     mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
@@ -440,7 +441,8 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
                     decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
                     dynamic: bool | None = None, num_params_buffers: int = 0,
                     keep_inference_input_mutations: bool = False,
-                    compiler_options: Mapping | None = None) -> AOTOptions:
+                    compiler_options: Mapping | None = None, enable_log: bool = True,
+                    disable_functionalization: bool = False) -> AOTOptions:
     """The :class:`AOTOptions` of one entry point's arguments, checked (``api`` names the entry point in errors).
 
     NOTE [PyTorch-compatible arguments]
@@ -448,15 +450,19 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
     CUDA graphs); aotcache reads parameters and buffers from the module itself, so the number changes nothing.
     ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
     aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
-    gives the caller the same result, so the flag changes nothing either.
+    gives the caller the same result, so the flag changes nothing either. ``enable_log`` (PyTorch's own logging)
+    and ``disable_functionalization`` are accepted for the same reason: aotcache logs through its own logger
+    (docs/logging.md) and always hands the compilers a functionalized graph; the input mutations such a graph
+    leaves out are applied by the runtime, so the caller sees eager's results either way.
 
     :raises TypeError, ValueError: a bad argument (the message names it and what is accepted).
     """
     if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
         raise TypeError(f"aotcache.{api}: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
-    if not isinstance(keep_inference_input_mutations, bool):
-        raise TypeError(f"aotcache.{api}: keep_inference_input_mutations must be a bool, got "
-                        f"{keep_inference_input_mutations!r}")
+    for name, flag in (("keep_inference_input_mutations", keep_inference_input_mutations),
+                       ("enable_log", enable_log), ("disable_functionalization", disable_functionalization)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"aotcache.{api}: {name} must be a bool, got {flag!r}")
     check_dynamic(dynamic, api)
     return AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                       partition_fn=resolve_partition(partition_fn, api), decompositions=decompositions,

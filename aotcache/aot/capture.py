@@ -176,7 +176,15 @@ def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
 
 def _is_differentiable(value: Any) -> bool:
     return (isinstance(value, torch.Tensor) and value.requires_grad
-            and (value.is_floating_point() or value.is_complex()))
+            and (value.is_floating_point() or value.is_complex()) and not _is_grad_free_view(value))
+
+
+def _is_grad_free_view(value: torch.Tensor) -> bool:
+    """NOTE [Views made under no_grad]: ``with torch.no_grad(): v = out.view(-1)`` of an intermediate that
+    requires grad is, in eager, a leaf that requires grad but has no history: no gradient flows back through
+    it. Such an output gets no tangent (autograd.grad would refuse it); the runtime returns it as a leaf that
+    requires grad (``CompiledRuntime._build_outputs``)."""
+    return value.requires_grad and value._is_view() and value.grad_fn is None
 
 
 def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
@@ -249,7 +257,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                       for p in probes]
     outputs = [_classify_output(k, out, flat_outs, probes, probe_storages, static_views)
                if regenerate_aliases or not isinstance(out, torch.Tensor)
-               else OutputInfo(kind="graph", requires_grad=out.requires_grad)
+               else OutputInfo(kind="graph", requires_grad=out.requires_grad,
+                               grad_free_leaf=out.requires_grad and _is_grad_free_view(out))
                for k, out in enumerate(flat_outs)]
     graph_user_outputs = [(k, out) for k, out in enumerate(flat_outs) if outputs[k].kind in ("graph",
                                                                                              "alias_of_output")]
@@ -368,7 +377,8 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
                                   size=list(out.shape), stride=list(out.stride()),
                                   storage_offset=out.storage_offset(), base_size=list(other.shape),
                                   base_stride=list(other.stride()))
-    return OutputInfo(kind="graph", requires_grad=requires_grad)
+    return OutputInfo(kind="graph", requires_grad=requires_grad,
+                      grad_free_leaf=requires_grad and _is_grad_free_view(out))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
 # 2: out_spec is aotcache's output-structure JSON (NOTE [Output structure]), no longer treespec_dumps
 # 3: InputInfo.metadata_mutation
 # 5: RuntimeMetadata.grad_tangents
-METADATA_VERSION = 5
+# 6: OutputInfo.grad_free_leaf
+METADATA_VERSION = 6
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
 # SymInt output of the forward graph" (symbolic shapes).
@@ -93,6 +94,9 @@ class OutputInfo:
     base_stride: list = dataclasses.field(default_factory=list)
     requires_grad: bool = False
     value: Any = None
+    # a ``graph`` output that requires grad without history (a view made under no_grad), returned as its own
+    # autograd leaf: NOTE [Views made under no_grad] in capture.py
+    grad_free_leaf: bool = False
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ __all__ = [
     "saved_value_bytes",
     "PARTITIONER_NAMES",
     "resolve_partition",
+    "align_saved_to_backward",
 ]
 
 
@@ -346,6 +347,31 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
              if f"{node.name}__in" in source_side and f"{node.name}__out" not in source_side]
     return _build(joint, _order_saved(joint, saved))
 
+
+
+def align_saved_to_backward(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int) -> None:
+    """Reorder ``fw_gm``'s saved outputs to the order of ``bw_gm``'s leading placeholders, in place.
+
+    NOTE [Foreign partitioners]
+    Our partitioners hand the saved values to the backward in the forward's output order. PyTorch's
+    (``functorch.compile.default_partition`` / ``min_cut_rematerialization_partition``, accepted as
+    ``partition_fn``) return them as ``(*tensors, *symints)`` from the forward but take ``(*symints, *tensors)``
+    in the backward; the runtime passes them positionally, so a saved SymInt would reach a tensor argument.
+    Both graphs keep the joint graph's node names, which gives the permutation; a partition whose names do not
+    match is left as it is.
+    """
+    output = next(node for node in reversed(fw_gm.graph.nodes) if node.op == "output")
+    outs = list(output.args[0])
+    saved = outs[num_fwd_outputs:]
+    placeholders = [node.name for node in bw_gm.graph.nodes if node.op == "placeholder"][:len(saved)]
+    if not all(isinstance(node, fx.Node) for node in saved):
+        return
+    names = [node.name for node in saved]
+    if names == placeholders or sorted(names) != sorted(placeholders) or len(set(names)) != len(names):
+        return
+    by_name = {node.name: node for node in saved}
+    output.args = (tuple(outs[:num_fwd_outputs]) + tuple(by_name[name] for name in placeholders),)
+    fw_gm.recompile()
 
 #: Partitioners by the names ``aot_function`` / ``aot_module`` / the backend accept for ``partition_fn``.
 PARTITIONER_NAMES = ("default", "min_cut")

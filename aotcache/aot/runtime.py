@@ -203,13 +203,22 @@ class CompiledRuntime:
         flat: list = [None] * len(meta.outputs)
         for k, info in enumerate(meta.outputs):
             if info.kind == "graph":
-                flat[k] = fw_outs[first_user + info.index]
+                out = fw_outs[first_user + info.index]
+                if info.grad_free_leaf and not out.requires_grad:
+                    out = out.requires_grad_(True)  # NOTE [Views made under no_grad] in capture.py
+                flat[k] = out
             elif info.kind == "input":
                 flat[k] = graph_args[info.input_index]
             elif info.kind == "alias_of_input":
                 view = _regenerate_view(graph_args[info.input_index], info, extras)
                 # an alias that does not require grad (``x.detach()``) must not carry the input's history
-                flat[k] = view.detach() if view.requires_grad and not info.requires_grad else view
+                if view.requires_grad and not info.requires_grad:
+                    view = view.detach()
+                elif info.requires_grad and not view.requires_grad:
+                    # NOTE [Leaf views of inputs]: ``x.view(-1).requires_grad_()`` of an input that does not
+                    # require grad is, in eager, a view of ``x`` and its own autograd leaf; so is this one
+                    view.requires_grad_(True)
+                flat[k] = view
             elif info.kind == "constant":
                 flat[k] = info.value
         for k, info in enumerate(meta.outputs):

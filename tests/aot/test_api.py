@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -344,6 +345,61 @@ def test_pytorch_argument_order_and_compatibility_flags():
         aot_module(SmallNet(), graph_compiler, keep_inference_input_mutations="yes")
     with pytest.raises(TypeError, match="num_params_buffers must be an int >= 0"):
         aot_export_joint_simple(lambda x: x.sin(), (torch.randn(2),), trace_joint=False, num_params_buffers=1.5)
+
+
+
+def test_every_keyword_of_pytorchs_entry_points_is_accepted():
+    # PyTorch's test_aotdispatch passes disable_functionalization= (and Dynamo's backends ignore_shape_env=,
+    # compile_region_name=, ...); a keyword we did not know was a TypeError before anything ran
+    import inspect
+
+    import torch._functorch.aot_autograd as pytorch_aot
+
+    for name in ("aot_function", "aot_module_simplified", "aot_export_module", "aot_export_joint_simple"):
+        theirs = list(inspect.signature(getattr(pytorch_aot, name)).parameters)[2:]  # the first two are positional
+        ours = inspect.signature(getattr(aotcache, name)).parameters
+        assert [p for p in theirs if p not in ours] == [], name
+    ours = inspect.signature(aotcache.aot_module).parameters
+    assert [p for p in inspect.signature(pytorch_aot.aot_function).parameters if p not in ours] == ["fn"]
+
+
+def test_pytorch_only_flags_give_eager_results():
+    def bump(x, y):
+        x.mul_(2)  # an input mutation, which disable_functionalization=True would keep in PyTorch's graph
+        return x + y
+
+    compiled = aot_function(bump, graph_compiler, enable_log=False, disable_functionalization=True,
+                            _disable_torch_fn_metadata_mode=True, cache=False)
+    x, x_ref, y = torch.ones(3), torch.ones(3), torch.randn(3)
+    torch.testing.assert_close(compiled(x, y), bump(x_ref, y))
+    torch.testing.assert_close(x, x_ref)
+    for flag in ("enable_log", "disable_functionalization"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            aot_function(bump, graph_compiler, **{flag: "no"})
+    with pytest.raises(TypeError, match="ignore_shape_env must be a bool"):
+        aot_module_simplified(torch.nn.Linear(2, 2), [torch.randn(2)], graph_compiler, ignore_shape_env=1)
+
+
+def test_aot_module_simplified_runs_pre_grad_passes_on_the_graph_module():
+    gm = torch.fx.symbolic_trace(lambda x: x * 2)
+    seen = []
+
+    def mul_to_add(graph_module, example_inputs):
+        seen.append(len(example_inputs))
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and node.target is operator.mul:
+                node.target = operator.add
+        graph_module.recompile()
+        return graph_module
+
+    x = torch.randn(3)
+    run = aot_module_simplified(gm, [x], graph_compiler, graph_compiler, None, None, False, None, None, False,
+                                False, mul_to_add, "region", cache=False)
+    (out,) = run(x) if isinstance(run(x), (tuple, list)) else (run(x),)
+    torch.testing.assert_close(out, x + 2)  # the pass ran before the capture
+    assert seen == [1]
+    with pytest.raises(TypeError, match="pre_grad_passes must be callable"):
+        aot_module_simplified(gm, [x], graph_compiler, pre_grad_passes="fuse")
 
 
 def test_custom_backend_calling_aot_module_simplified_like_pytorch():

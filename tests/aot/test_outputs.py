@@ -258,6 +258,59 @@ def test_a_new_leaf_returned_by_the_function_keeps_eager_autograd(grad, view):
     assert all(g is None or torch.equal(g, e) for g, e in zip(got, expected))
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_a_view_of_an_input_made_a_leaf_requiring_grad_is_one(grad_mode):
+    # PyTorch's test_aotdispatch (test_some_output_requires_grad_input_doesnt): the view was regenerated from
+    # the input, which does not require grad, and the runtime's requires_grad check raised (NOTE [Leaf views
+    # of inputs] in runtime.py)
+    def fn(a, b):
+        view = a.view(-1)
+        view.requires_grad_(True)
+        return view, b * 2
+
+    def run(f):
+        a, b = torch.randn(2, 3), torch.randn(2, 3, requires_grad=True)
+        with torch.set_grad_enabled(grad_mode):
+            view, other = f(a, b)
+        assert view.requires_grad and view.is_leaf and view._base is a
+        a.add_(1)  # still a view of the real input
+        assert torch.equal(view, a.view(-1))
+        if grad_mode:
+            (view.sum() + other.sum()).backward()
+            assert torch.equal(view.grad, torch.ones(6)) and a.grad is None
+        return view
+
+    run(fn)
+    compiled = compile_fn(fn)
+    run(compiled)
+    run(compiled)  # the second call, on the graph compiled by the first
+
+
+
+def test_a_view_made_under_no_grad_is_returned_as_a_leaf_requiring_grad():
+    # PyTorch's test_aotdispatch (test_output_aliases_intermediate_no_grad_view): the view requires grad but
+    # has no history, and the joint trace asked autograd for its gradient: "element 1 of tensors does not
+    # require grad" escaped the capture (NOTE [Views made under no_grad] in capture.py)
+    def fn(a):
+        out = a * 3
+        with torch.no_grad():
+            view = out.view(-1)
+        return out.sum(), view
+
+    def run(f):
+        a = torch.ones(3, 3, requires_grad=True)
+        loss, view = f(a)
+        assert view.requires_grad and view.is_leaf and view.grad_fn is None
+        assert torch.equal(view, torch.full((9,), 3.0))
+        loss.backward()
+        return a.grad
+
+    expected = run(fn)
+    compiled = compile_fn(fn)
+    assert torch.equal(run(compiled), expected)
+    assert torch.equal(run(compiled), expected)
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])

@@ -252,3 +252,45 @@ def test_min_cut_saves_max_pool_offsets_not_indices():
     fn(reference).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad)
     assert torch.int8 in saved_dtypes and torch.int64 not in saved_dtypes
+
+
+@pytest.mark.parametrize("torch_partition", ["default_partition", "min_cut_rematerialization_partition"])
+def test_pytorch_partitioners_as_partition_fn_save_symints_in_their_order(torch_partition):
+    # PyTorch's test_aotdispatch (test_min_cut_partitioner_output_tensor_shape_tensor): torch's partitioners
+    # return saved SymInts after the tensors but take them first in the backward; a SymInt reached aten.mm
+    # (NOTE [Foreign partitioners])
+    import functorch.compile
+
+    from aotcache.aot import aot_function
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return gm
+        return compiler
+
+    def fn(a, b, c):
+        rows = b.size(0) + c.size(0)
+        stacked = torch.cat([a.expand(rows, a.size(0)), b, c])
+        return stacked, torch.mm(torch.mm(stacked, c.t()), a.view(c.size(0), -1))
+
+    def run(f):
+        args = [torch.randn(6, requires_grad=True), torch.randn(3, 6, requires_grad=True),
+                torch.randn(2, 6, requires_grad=True)]
+        stacked, product = f(*args)
+        (stacked.sum() + product.sum()).backward()
+        return [stacked, product, *[arg.grad for arg in args]]
+
+    compiled = aot_function(fn, keep("fw"), keep("bw"), partition_fn=getattr(functorch.compile, torch_partition),
+                            dynamic=True, cache=False, on_capture_error="raise")
+    torch.manual_seed(0)
+    expected = run(fn)
+    torch.manual_seed(0)
+    got = run(compiled)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    saved = [node.name for node in graphs["bw"].graph.nodes if node.op == "placeholder"]
+    if torch_partition == "min_cut_rematerialization_partition":
+        assert saved[0].startswith("sym_size"), saved  # the case that broke: a SymInt saved first
