@@ -72,16 +72,30 @@ _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. M
                        "indexing).")
 
 
+# Python-level calls whose result depends on an input's storage offset (absolute offsets, storage reads)
+_OFFSET_READERS = frozenset({torch.Tensor.storage_offset, torch.Tensor.as_strided, torch.as_strided,
+                             torch.Tensor.as_strided_, torch.Tensor.as_strided_scatter, torch.as_strided_scatter,
+                             torch.Tensor.set_, torch.Tensor.untyped_storage, torch.Tensor.storage,
+                             torch.Tensor.data_ptr})
+
+
 class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     """Names the torch function behind two failures that the dispatcher cannot attribute (analysis pass).
 
     * an op whose result has a non-strided layout (``to_sparse``, ``to_mkldnn``): functionalization drops
       autograd through it, so gradients would silently vanish (NOTE [Output requires_grad] in runtime);
+    * (not a failure) whether the function reads storage offsets in Python (``reads_offsets``);
     * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
       indices): fake tensors have no data, and torch only says "data is not allocated yet".
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/api.py
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func in _OFFSET_READERS:
+            self.reads_offsets = True
         if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
             # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
             # eager backward, which a compiled backward would run only while capturing
