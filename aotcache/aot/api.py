@@ -50,7 +50,12 @@ from aotcache.aot.hot_path import (
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import resolve_partition
-from aotcache.aot.refusals import functorch_transform_error, refuse_module_backward_hooks, unsupported_layout_error
+from aotcache.aot.refusals import (
+    functorch_transform_error,
+    refuse_data_parallel_wrappers,
+    refuse_module_backward_hooks,
+    unsupported_layout_error,
+)
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -525,6 +530,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
         if renamed is not None:  # NOTE [Wrappers inside a captured module]
             tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
+        refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
         with _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 

@@ -20,6 +20,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_module_backward_hooks",
+           "refuse_data_parallel_wrappers",
            "unsupported_layout_error"]
 
 
@@ -47,6 +48,32 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
             f"Python at every backward, which a compiled backward would run only while capturing (a hook's "
             f"log or counter would miss every later backward). To capture the module whole, remove the hooks "
             f"(read gradients from the parameters' .grad after backward instead).")
+
+
+# NOTE [Data-parallel wrappers]
+# DistributedDataParallel's forward is Python that must run at every call: it broadcasts rank 0's buffers
+# (BatchNorm statistics), and under grad mode it prepares its reducer for the backward that all-reduces the
+# gradients. A capture of DDP(model) ran that Python once, on fake tensors: later calls ran the graph alone, and
+# the ranks trained apart (no error; each rank's own gradients). FSDP and DataParallel are the same kind of
+# wrapper. A module tree holding one is refused, so it goes to the fallback (aotcache.compile: torch.compile
+# with the aotcache backend, whose Dynamo handles DDP); DDP(aotcache.compile(model)) is captured and correct.
+_DATA_PARALLEL_CLASSES = frozenset({"torch.nn.parallel.distributed.DistributedDataParallel",
+                                    "torch.nn.parallel.data_parallel.DataParallel",
+                                    "torch.distributed.fsdp.fully_sharded_data_parallel.FullyShardedDataParallel",
+                                    "torch.distributed.fsdp.FSDPModule",
+                                    "torch.distributed.fsdp._fully_shard._fully_shard.FSDPModule"})
+
+
+def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
+    """Refuse a capture of a module tree holding a data-parallel wrapper (NOTE [Data-parallel wrappers])."""
+    for name, sub in module.named_modules():
+        for cls in type(sub).__mro__:
+            if f"{cls.__module__}.{cls.__qualname__}" in _DATA_PARALLEL_CLASSES:
+                raise CaptureError(
+                    f"aotcache: {name or 'the module'} is a {cls.__name__}, whose forward runs Python at every call "
+                    f"(buffer broadcast, gradient all-reduce setup) that a captured graph would run only once. "
+                    f"Compile the model inside it instead: {cls.__name__}(aotcache.compile(model)), or "
+                    f"torch.compile({cls.__name__}(model), backend='aotcache').", reason="unsupported_construct")
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:

@@ -155,3 +155,60 @@ def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     assert len(losses) == 3 and losses == pytest.approx(eager_losses, abs=1e-5)
     assert eval_loss is not None and eval_loss == pytest.approx(eager_eval, abs=1e-5)
     torch.testing.assert_close(model.state_dict(), eager.state_dict())
+
+
+_DDP_RANK = r'''
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+import aotcache
+rank, order = int(os.environ["RANK"]), os.environ["ORDER"]
+dist.init_process_group("gloo", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+net = DDP(aotcache.compile(model, compiler="nop")) if order == "inner" else aotcache.compile(DDP(model), compiler="nop")
+opt = torch.optim.SGD(model.parameters(), lr=0.5)
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(2, 3, 4, 6, generator=g), torch.randint(0, 3, (2, 3, 4), generator=g)
+for step in range(3):
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(x[rank, step]), y[rank, step]).backward()
+    opt.step()
+route = net.module.route if order == "inner" else net.route
+print("RESULT", route, repr([round(v, 6) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("order", ["inner", "outer"])
+def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_path):
+    """Found: ``aotcache.compile(DDP(model))`` captured DDP's forward, whose reducer setup and buffer broadcast
+    then ran only during the capture: each rank trained on its own gradients, silently (NOTE [Data-parallel
+    wrappers]). Now it goes to torch.compile(backend="aotcache"); ``DDP(aotcache.compile(model))`` is captured."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ORDER": order, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _DDP_RANK], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs
+    results = [line.split(" ", 2)[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2 and results[0] == results[1]  # the ranks agree
+    assert results[0][0] == ("aot" if order == "inner" else "dynamo")
+    # single-process eager: the mean of the two ranks' losses (DDP averages the gradients)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 4, 6, generator=g), torch.randint(0, 3, (2, 3, 4), generator=g)
+    for step in range(3):
+        opt.zero_grad()
+        sum(nn.functional.cross_entropy(model(x[rank, step]), y[rank, step]) for rank in range(2)).div(2).backward()
+        opt.step()
+    expected = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(torch.tensor(eval(results[0][1])), expected, atol=1e-5, rtol=1e-4)
