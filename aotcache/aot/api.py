@@ -11,10 +11,10 @@ services that watch the program and use the cache (NOTE [Compile services] in ``
 NOTE [Signature]
 An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
 per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
-strides and the alignment of its storage offset (only the rank with ``dynamic=True``, where symbolic-shape
-guards decide reuse; the offset itself: NOTE [Storage offsets are not part of the signature]); per non-tensor argument its type and value (constants are baked into the graph); which tensor
-arguments share memory; plus grad mode and autocast state. The pytree structure of (args, kwargs) is part
-of it too.
+strides and whether its storage offset is 16-byte aligned (only the rank with ``dynamic=True``, where
+symbolic-shape guards decide reuse; NOTE [Storage offsets are not part of the signature]); per non-tensor
+argument its type and value (constants are baked into the graph); which tensor arguments share memory; plus
+grad mode and autocast state. The pytree structure of (args, kwargs) is part of it too.
 """
 
 from __future__ import annotations
@@ -241,16 +241,16 @@ class _RefusedConstant(TypeError):
 # NOTE [Storage offsets are not part of the signature]
 # A training loop that slices its batches from one tensor (``X[i:i + batch]``) calls with the same sizes and
 # strides at a new storage offset every step. A compiled graph reads its inputs through their data pointers, so
-# the offset changes nothing, and keying on it traced (and stored) a new graph at every step, where torch.compile
-# compiles once. The static signature therefore keeps only the offset's 16-byte alignment (compiled kernels may
-# assume aligned inputs), and a graph that may depend on the offset itself (``RuntimeMetadata.offsets_matter``:
-# an output that is a view of an input, a replayed metadata mutation, an as_strided-like op, an offset read in
-# Python) is reused only at the offsets it was traced with (``CompiledRuntime.input_offsets``, checked with its
-# guards). Arguments that share memory keep their offsets in the signature (synthetic bases, NOTE [Synthetic
-# bases], depend on them).
-def offset_alignment(tensor: torch.Tensor) -> int:
-    """The storage offset's byte alignment class (what the static signature keeps of the offset)."""
-    return tensor.storage_offset() * tensor.element_size() % 16
+# the offset changes nothing, and keying on it traced (and stored) a new graph at every step, where
+# torch.compile compiles once. The static signature therefore keeps only whether the offset is 16-byte aligned
+# (compiled kernels may assume aligned inputs), and a graph that may depend on the offset itself
+# (``RuntimeMetadata.offsets_matter``: an output that is a view of an input, a replayed metadata mutation, an
+# as_strided-like op, an offset read in Python) is reused only at the offsets it was traced with
+# (``CompiledRuntime.input_offsets``, checked with its guards). Arguments that share memory keep their offsets
+# in the signature (synthetic bases, NOTE [Synthetic bases], depend on them).
+def offset_aligned(tensor: torch.Tensor) -> bool:
+    """Whether the storage offset is a multiple of 16 bytes (what the static signature keeps of the offset)."""
+    return tensor.storage_offset() * tensor.element_size() % 16 == 0
 
 
 def input_offsets(flat_args: Sequence[Any], dynamic: bool | DimSpec) -> tuple:
@@ -270,7 +270,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
     if isinstance(arg, torch.Tensor):
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
                     else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
-                          else ("aligned", offset_alignment(arg))))  # NOTE [Dynamic dimensions]
+                          else ("aligned", offset_aligned(arg))))  # NOTE [Dynamic dimensions]
         return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                 arg.requires_grad and arg.is_leaf, geometry)
     if isinstance(arg, torch.SymInt):

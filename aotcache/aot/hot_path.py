@@ -142,7 +142,7 @@ class HotSignature:
                 return False
             offsets = list(map(_OFFSET, flat_args))
             if offsets != self._offsets and (self._exact_offsets or not all(
-                    (now - then) * arg.element_size() % 16 == 0
+                    (now * arg.element_size() % 16 == 0) is (then * arg.element_size() % 16 == 0)
                     for now, then, arg in zip(offsets, self._offsets, flat_args))):
                 return False
             if autocast_state() != self.autocast or numerics_signature() != self.numerics:
@@ -157,8 +157,9 @@ class HotSignature:
             if stride is not None:
                 if arg.shape != shape or arg.stride() != stride:
                     return False
-                moved = arg.storage_offset() - offset
-                if moved and (self._exact_offsets or moved * arg.element_size() % 16):
+                now = arg.storage_offset()
+                if now != offset and (self._exact_offsets or (now * arg.element_size() % 16 == 0)
+                                      is not (offset * arg.element_size() % 16 == 0)):
                     return False
             elif offset is True:
                 if arg.dim() != shape:

@@ -175,7 +175,8 @@ for step in range(3):
     nn.functional.cross_entropy(net(x[rank, step]), y[rank, step]).backward()
     opt.step()
 route = net.module.route if order == "inner" else net.route
-print("RESULT", route, repr([round(v, 6) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]))
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+print("RESULT", route, repr([round(v, 6) for v in flat.tolist()]))
 dist.destroy_process_group()
 '''
 
