@@ -11,10 +11,10 @@ services that watch the program and use the cache (NOTE [Compile services] in ``
 NOTE [Signature]
 An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
 per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
-strides and storage offset (only the rank with ``dynamic=True``, where symbolic-shape guards decide
-reuse); per non-tensor argument its type and value (constants are baked into the graph); which tensor
-arguments share memory; plus grad mode and autocast state. The pytree structure of (args, kwargs) is part
-of it too.
+strides and whether its storage offset is 16-byte aligned (only the rank with ``dynamic=True``, where
+symbolic-shape guards decide reuse; NOTE [Storage offsets are not part of the signature]); per non-tensor
+argument its type and value (constants are baked into the graph); which tensor arguments share memory; plus
+grad mode and autocast state. The pytree structure of (args, kwargs) is part of it too.
 """
 
 from __future__ import annotations
@@ -50,7 +50,12 @@ from aotcache.aot.hot_path import (
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import align_saved_to_backward, resolve_partition
-from aotcache.aot.refusals import functorch_transform_error, refuse_module_backward_hooks, unsupported_layout_error
+from aotcache.aot.refusals import (
+    functorch_transform_error,
+    refuse_data_parallel_wrappers,
+    refuse_module_backward_hooks,
+    unsupported_layout_error,
+)
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -234,10 +239,39 @@ class _RefusedConstant(TypeError):
     """A non-tensor argument that cannot be part of the reuse key; see NOTE [Constant arguments]."""
 
 
-def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
+# NOTE [Storage offsets are not part of the signature]
+# A training loop that slices its batches from one tensor (``X[i:i + batch]``) calls with the same sizes and
+# strides at a new storage offset every step. A compiled graph reads its inputs through their data pointers, so
+# the offset changes nothing, and keying on it traced (and stored) a new graph at every step, where
+# torch.compile compiles once. The static signature therefore keeps only whether the offset is 16-byte aligned
+# (compiled kernels may assume aligned inputs), and a graph that may depend on the offset itself
+# (``RuntimeMetadata.offsets_matter``: an output that is a view of an input, a replayed metadata mutation, an
+# as_strided-like op, an offset read in Python) is reused only at the offsets it was traced with
+# (``CompiledRuntime.input_offsets``, checked with its guards). Arguments that share memory keep their offsets
+# in the signature (synthetic bases, NOTE [Synthetic bases], depend on them).
+def offset_aligned(tensor: torch.Tensor) -> bool:
+    """Whether the storage offset is a multiple of 16 bytes (what the static signature keeps of the offset)."""
+    return tensor.storage_offset() * tensor.element_size() % 16 == 0
+
+
+def input_offsets(flat_args: Sequence[Any], dynamic: bool | DimSpec) -> tuple:
+    """Per flat argument, its storage offset; None for a non-tensor and for a tensor with dynamic dimensions
+    (its guards check its offset)."""
+    spec = dynamic if isinstance(dynamic, tuple) else (dynamic,) * len(flat_args)
+    return tuple(arg.storage_offset() if isinstance(arg, torch.Tensor) and not dims else None
+                 for arg, dims in zip(flat_args, spec))
+
+
+def offsets_hold(expected: tuple, flat_args: Sequence[Any]) -> bool:
+    """Whether the arguments have the storage offsets ``expected`` holds (None: any)."""
+    return all(offset is None or arg.storage_offset() == offset for offset, arg in zip(expected, flat_args))
+
+
+def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset: bool = False) -> tuple:
     if isinstance(arg, torch.Tensor):
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
-                    else (tuple(arg.shape), arg.stride(), arg.storage_offset()))  # NOTE [Dynamic dimensions]
+                    else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
+                          else ("aligned", offset_aligned(arg))))  # NOTE [Dynamic dimensions]
         return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                 arg.requires_grad and arg.is_leaf, geometry)
     if isinstance(arg, torch.SymInt):
@@ -289,10 +323,12 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec) -> tuple:
     """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec."""
     sharing = _memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
+    exact_offsets = sharing != tuple(range(len(sharing)))  # NOTE [Storage offsets are not part of the signature]
     arguments = []
     for index, arg in enumerate(flat_args):
         try:
-            arguments.append(_argument_signature(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic))
+            arguments.append(_argument_signature(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic,
+                                                 exact_offsets))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
     return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
@@ -404,6 +440,10 @@ class AOTFunction:
                     with compile_progress(self.name):  # NOTE [Compile progress]
                         runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
+                    # NOTE [Storage offsets are not part of the signature]
+                    runtime.input_offsets = (input_offsets(flat_args, options.dynamic)  # type: ignore[attr-defined]
+                                             if getattr(getattr(runtime, "metadata", None), "offsets_matter", True)
+                                             else None)
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 
@@ -417,6 +457,9 @@ class AOTFunction:
 
     def _lookup(self, key: tuple, flat_args: list) -> CompiledRuntime | None:
         for runtime in self._entries.get(key, ()):
+            offsets = getattr(runtime, "input_offsets", None)  # NOTE [Storage offsets are not part of the signature]
+            if offsets is not None and not offsets_hold(offsets, flat_args):
+                continue
             if runtime.metadata.guards is None or self._guards_hold(runtime, flat_args):
                 return runtime
         return None
@@ -493,6 +536,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
         if renamed is not None:  # NOTE [Wrappers inside a captured module]
             tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
+        refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
         with _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 

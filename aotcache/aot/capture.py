@@ -162,6 +162,8 @@ class Analysis:
     # the function resized a tensor or changed an input's metadata: what it saw on static probes may not hold
     # for symbolic ones (NOTE [Analysis without symbols])
     shape_sensitive: bool = False
+    # the function read a storage offset in Python, or built an as_strided view (absolute offsets)
+    reads_offsets: bool = False
 
 
 def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
@@ -216,7 +218,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
-        with explain_data_dependent_ops(), resize_check, ExplainUnsupportedOps():
+        explain = ExplainUnsupportedOps()
+        with explain_data_dependent_ops(), resize_check, explain:
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -287,7 +290,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     shape_sensitive = resize_check.called or any(info.metadata_mutation is not None for info in inputs)
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
-                    needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive)
+                    needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
+                    reads_offsets=explain.reads_offsets)
 
 
 def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
@@ -749,8 +753,29 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
         tangent_layouts=tangent_layouts,
         grad_inputs=grad_inputs,
         grad_tangents=grad_tangent_dependencies(gm, len(primals)) if joint else [],
+        offsets_matter=_offsets_matter(analysis, gm),
     )
     return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)
+
+
+_OFFSET_OPS = frozenset({"as_strided", "as_strided_", "as_strided_scatter", "as_strided_copy", "set_",
+                         "sym_storage_offset"})
+
+
+def _offsets_matter(analysis: Analysis, gm: torch.fx.GraphModule) -> bool:
+    """Whether the compiled graph may depend on its inputs' storage offsets (NOTE [Storage offsets are not part of
+    the signature] in api.py): an output regenerated as a view of an input or a replayed metadata mutation (both
+    absolute geometry), an offset read in Python, or an as_strided-like op in the graph."""
+    if analysis.reads_offsets or any(info.kind == "alias_of_input" for info in analysis.outputs):
+        return True
+    if any(getattr(info, "metadata_mutation", None) is not None for info in analysis.inputs):
+        return True
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            packet = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", "")
+            if packet.split(".")[0] in _OFFSET_OPS:
+                return True
+    return False
 
 
 def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None = None,

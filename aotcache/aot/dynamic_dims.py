@@ -17,6 +17,13 @@ static argument or a non-tensor). The spec takes the place of the flag in the op
 
 A masked signature leaves out the marked sizes only: every other size, and the strides and storage offsets
 of tensors with marked dimensions, are checked by the graph's guards (produced with ``ignore_static=False``).
+
+NOTE [The first shape keeps its graph]
+A call whose sizes equal the first call's takes the static spec even after dimensions were marked, so it
+reuses the static graph compiled for it. Otherwise a DataLoader epoch whose last batch has one sample
+compiled three graphs per mode: the static batch, the "dynamic" one for the last batch (sizes 0 and 1 are
+specialized, so it holds only that size), and a third, dynamic one for the full batch of the next epoch
+(torch.compile compiles two there as well).
 """
 
 from __future__ import annotations
@@ -107,7 +114,7 @@ class DynamicDims:
             logger.info("aotcache: %s: input dimension(s) %s changed size since the first call; compiling them "
                         "as dynamic (automatic dynamic shapes, dynamic=None)", name,
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
-        if not marked:
+        if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
         return tuple(tuple(sorted(dim for position, dim in marked if position == index))
                      for index in range(len(flat_args)))

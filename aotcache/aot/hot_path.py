@@ -97,7 +97,7 @@ class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
-                 "_static", "_strides", "_offsets", "_distinct")
+                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -114,6 +114,9 @@ class HotSignature:
         self._strides = list(map(_STRIDE, flat_args)) if static else None
         self._offsets = list(map(_OFFSET, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
+        # NOTE [Storage offsets are not part of the signature] (api.py): another offset of the same alignment
+        # selects the same runtime, unless its graph depends on offsets or arguments share memory
+        self._exact_offsets = not self._distinct or getattr(runtime, "input_offsets", ()) is not None
 
     @staticmethod
     def _fields(arg: torch.Tensor, dynamic: bool | tuple[int, ...]) -> tuple:
@@ -135,8 +138,12 @@ class HotSignature:
         if torch.is_grad_enabled() is not self.grad_enabled or len(flat_args) != len(self.fields):
             return False
         if self._static is not None:  # NOTE [Static signatures in bulk]
-            if (list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides
-                    or list(map(_OFFSET, flat_args)) != self._offsets):
+            if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
+                return False
+            offsets = list(map(_OFFSET, flat_args))
+            if offsets != self._offsets and (self._exact_offsets or not all(
+                    (now * arg.element_size() % 16 == 0) is (then * arg.element_size() % 16 == 0)
+                    for now, then, arg in zip(offsets, self._offsets, flat_args))):
                 return False
             if autocast_state() != self.autocast or numerics_signature() != self.numerics:
                 return False
@@ -148,7 +155,11 @@ class HotSignature:
             if requires_grad and arg.is_leaf is not leaf:
                 return False
             if stride is not None:
-                if arg.shape != shape or arg.stride() != stride or arg.storage_offset() != offset:
+                if arg.shape != shape or arg.stride() != stride:
+                    return False
+                now = arg.storage_offset()
+                if now != offset and (self._exact_offsets or (now * arg.element_size() % 16 == 0)
+                                      is not (offset * arg.element_size() % 16 == 0)):
                     return False
             elif offset is True:
                 if arg.dim() != shape:

@@ -124,6 +124,8 @@ class RuntimeMetadata:
     num_saved: int = 0
     # symbolic-shape guard expression over the graph inputs (None: static shapes or no guards)
     guards: str | None = None
+    # whether the graph may depend on the inputs' storage offsets (entries written before the flag: True)
+    offsets_matter: bool = True
     version: int = METADATA_VERSION
 
     @property

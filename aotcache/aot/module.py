@@ -82,14 +82,17 @@ class AOTModule(nn.Module):
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
+        self.__class__ = _class_standing_for(type(self), type(module))  # NOTE [The wrapper's class]
         self.__dict__["forward"] = self._signed_forward(module)
 
     def _signed_forward(self, module: nn.Module) -> Callable:
         """The wrapper's forward with the wrapped module's signature (``inspect.signature(wrapped.forward)``, as
         transformers' Trainer reads it to choose dataset columns); it calls the class's ``forward``."""
 
+        run = _static_class(type(self)).forward  # NOTE [The wrapper's class]: not the signed class's
+
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return type(self).forward(self, *args, **kwargs)
+            return run(self, *args, **kwargs)
 
         with contextlib.suppress(AttributeError, TypeError):
             functools.update_wrapper(forward, module.forward)
@@ -147,7 +150,7 @@ class AOTModule(nn.Module):
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
         reference model), with the same options and cache. Nothing compiled is copied: the copy's first call
         finds the graphs in the cache (or compiles them), since its parameters are graph inputs."""
-        clone = type(self)(copy.deepcopy(self.orig_module, memo), **self._wrapper_arguments())
+        clone = _static_class(type(self))(copy.deepcopy(self.orig_module, memo), **self._wrapper_arguments())
         clone.training = self.training
         memo[id(self)] = clone
         return clone
@@ -159,7 +162,7 @@ class AOTModule(nn.Module):
             raise TypeError(f"cannot pickle this {type(self).__name__}: it was built with cache=<an "
                             f"AOTAutogradCache instance>; save model.state_dict() (or the wrapped module, "
                             f".orig_module) and wrap it again after loading")
-        return (_unpickle_wrapper, (type(self), self.orig_module, arguments, self.training))
+        return (_unpickle_wrapper, (_static_class(type(self)), self.orig_module, arguments, self.training))
 
     def _wrapper_arguments(self) -> dict[str, Any]:
         """The constructor's arguments after the module, by name (subclasses with more arguments extend it)."""
@@ -266,6 +269,44 @@ class AOTModule(nn.Module):
 
         router._aotcache_router = True  # type: ignore[attr-defined]
         return router
+
+
+# NOTE [The wrapper's class]
+# Code that inspects a model's *class* rather than the instance sees the wrapper's: transformers' Trainer finds
+# the label arguments with ``inspect.signature(type(model).forward)`` and the model kind by
+# ``type(model).__name__``, so with ``AOTModule.forward(*args, **kwargs)`` it found no labels and ``evaluate()``
+# reported no ``eval_loss``. Each wrapper is therefore an instance of a subclass made once per (wrapper class,
+# wrapped class): its name is the wrapped class's, its ``forward`` carries the wrapped class's ``forward`` as
+# ``__wrapped__`` (so its signature) and runs the wrapper's. ``isinstance(wrapped, AOTModule)`` holds; a copy, a
+# pickle and ``type(wrapped)(module, ...)`` build from the wrapper class itself (``_static_class``).
+_CLASSES: dict[tuple[type, type], type] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
+def _static_class(cls: type) -> type:
+    """The wrapper class a signed class of NOTE [The wrapper's class] stands on (``cls`` itself otherwise)."""
+    return cls.__dict__.get("_aotcache_wrapper_class", cls)
+
+
+def _class_standing_for(cls: type, module_cls: type) -> type:
+    """The subclass of wrapper class ``cls`` named and signed as ``module_cls`` (NOTE [The wrapper's class])."""
+    static = _static_class(cls)
+    key = (static, module_cls)
+    found = _CLASSES.get(key)
+    if found is not None:
+        return found
+    run = static.forward
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, *args, **kwargs)
+
+    with contextlib.suppress(AttributeError, TypeError):
+        functools.update_wrapper(forward, module_cls.forward)
+    signed = type(module_cls.__name__, (static,), {
+        "forward": forward, "_aotcache_wrapper_class": static, "__module__": static.__module__,
+        "__qualname__": f"{static.__qualname__}[{module_cls.__qualname__}]", "__doc__": static.__doc__})
+    with _CLASSES_LOCK:
+        return _CLASSES.setdefault(key, signed)
 
 
 def _unpickle_wrapper(cls: type, module: nn.Module, arguments: dict, training: bool) -> AOTModule:

@@ -20,6 +20,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_module_backward_hooks",
+           "refuse_data_parallel_wrappers",
            "unsupported_layout_error"]
 
 
@@ -49,6 +50,32 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
             f"(read gradients from the parameters' .grad after backward instead).")
 
 
+# NOTE [Data-parallel wrappers]
+# DistributedDataParallel's forward is Python that must run at every call: it broadcasts rank 0's buffers
+# (BatchNorm statistics), and under grad mode it prepares its reducer for the backward that all-reduces the
+# gradients. A capture of DDP(model) ran that Python once, on fake tensors: later calls ran the graph alone, and
+# the ranks trained apart (no error; each rank's own gradients). FSDP and DataParallel are the same kind of
+# wrapper. A module tree holding one is refused, so it goes to the fallback (aotcache.compile: torch.compile
+# with the aotcache backend, whose Dynamo handles DDP); DDP(aotcache.compile(model)) is captured and correct.
+_DATA_PARALLEL_CLASSES = frozenset({"torch.nn.parallel.distributed.DistributedDataParallel",
+                                    "torch.nn.parallel.data_parallel.DataParallel",
+                                    "torch.distributed.fsdp.fully_sharded_data_parallel.FullyShardedDataParallel",
+                                    "torch.distributed.fsdp.FSDPModule",
+                                    "torch.distributed.fsdp._fully_shard._fully_shard.FSDPModule"})
+
+
+def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
+    """Refuse a capture of a module tree holding a data-parallel wrapper (NOTE [Data-parallel wrappers])."""
+    for name, sub in module.named_modules():
+        for cls in type(sub).__mro__:
+            if f"{cls.__module__}.{cls.__qualname__}" in _DATA_PARALLEL_CLASSES:
+                raise CaptureError(
+                    f"aotcache: {name or 'the module'} is a {cls.__name__}, whose forward runs Python at every call "
+                    f"(buffer broadcast, gradient all-reduce setup) that a captured graph would run only once. "
+                    f"Compile the model inside it instead: {cls.__name__}(aotcache.compile(model)), or "
+                    f"torch.compile({cls.__name__}(model), backend='aotcache').", reason="unsupported_construct")
+
+
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
     have no support for them, and a graph traced without it would silently drop their gradients."""
@@ -72,16 +99,30 @@ _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. M
                        "indexing).")
 
 
+# Python-level calls whose result depends on an input's storage offset (absolute offsets, storage reads)
+_OFFSET_READERS = frozenset({torch.Tensor.storage_offset, torch.Tensor.as_strided, torch.as_strided,
+                             torch.Tensor.as_strided_, torch.Tensor.as_strided_scatter, torch.as_strided_scatter,
+                             torch.Tensor.set_, torch.Tensor.untyped_storage, torch.Tensor.storage,
+                             torch.Tensor.data_ptr})
+
+
 class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     """Names the torch function behind two failures that the dispatcher cannot attribute (analysis pass).
 
     * an op whose result has a non-strided layout (``to_sparse``, ``to_mkldnn``): functionalization drops
       autograd through it, so gradients would silently vanish (NOTE [Output requires_grad] in runtime);
+    * (not a failure) whether the function reads storage offsets in Python (``reads_offsets``);
     * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
       indices): fake tensors have no data, and torch only says "data is not allocated yet".
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/api.py
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        if func in _OFFSET_READERS:
+            self.reads_offsets = True
         if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
             # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
             # eager backward, which a compiled backward would run only while capturing

@@ -55,8 +55,8 @@ def test_each_signature_field_change_leaves_the_hot_path(change):
         x, y = torch.randn(5, 8), torch.randn(5, 8)
     elif change == "stride":
         x = torch.randn(8, 4).t()
-    elif change == "offset":
-        x = torch.randn(40)[8:].view(4, 8)
+    elif change == "offset":  # another alignment (an aligned offset reuses: test below)
+        x = torch.randn(40)[1:33].view(4, 8)
     elif change == "requires_grad":
         x = x.clone().requires_grad_()
     elif change == "grad_mode":
@@ -80,6 +80,43 @@ def test_each_signature_field_change_leaves_the_hot_path(change):
             want = fn(x, y)
     assert compiled.num_compiles == before + 1, f"{change}: the changed call reused a runtime"
     torch.testing.assert_close(got, want)
+
+
+def test_another_aligned_storage_offset_reuses_the_runtime_on_the_hot_path():
+    """NOTE [Storage offsets are not part of the signature]: batches sliced from one tensor (X[i:i + 4]) traced
+    a new graph at every step."""
+    compiled = counted(lambda x, y: x.sin() * y)
+    data, y = torch.randn(64, 8), torch.randn(4, 8)
+    for start in range(0, 64, 4):
+        torch.testing.assert_close(compiled(data[start:start + 4], y), data[start:start + 4].sin() * y)
+        assert compiled.num_compiles == 1
+    hot = compiled._hot.find(2, (data[8:12], y))
+    assert hot is not None and hot.runtime.input_offsets is None
+
+
+def test_a_graph_that_depends_on_the_offset_is_reused_only_at_its_offsets():
+    """An output that is a view of an input is regenerated with its absolute storage offset, and an
+    as_strided call or a Python read of the offset bakes it in: such graphs keep their exact offsets."""
+    def view_out(x):
+        return x[1:], x.sum()
+
+    def reads(x):
+        return x * x.storage_offset()
+
+    def strided(x):
+        return x.as_strided((2, 2), (1, 2)) * 2
+
+    data = torch.randn(64)
+    for fn in (view_out, reads, strided):
+        compiled = counted(fn)
+        for start in (0, 8, 16, 8):
+            x = data[start:start + 8]
+            got, want = compiled(x), fn(x)
+            torch.testing.assert_close(got, want)
+        assert compiled.num_compiles == 3, fn.__name__
+        out = compiled(data[16:24])
+        if fn is view_out:
+            assert out[0].data_ptr() == data[17:].data_ptr()
 
 
 def test_alternating_signatures_stay_correct():
