@@ -4,6 +4,7 @@ so that a fresh process takes it directly (real processes, the disk tier of the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -228,3 +229,12 @@ def test_torch_compile_modes_are_accepted_by_compile_and_the_backend(mode):
     assert options_with_mode("inductor", mode, None, "test") == expected
     assert options_with_mode("inductor", mode, {"max_autotune": False}, "test") == {
         **(expected or {}), "max_autotune": False}
+
+
+def test_a_misnamed_cache_dir_variable_is_warned_about_not_ignored_silently(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("AOTCACHE_DIR", str(tmp_path / "meant"))
+    monkeypatch.setenv("AOTCACHE_CACHE_DIR", str(tmp_path / "used"))  # a fresh default cache for this test
+    caplog.set_level(logging.WARNING, logger="aotcache")
+    model = nn.Linear(3, 3)
+    aotcache.compile(model, compiler="nop")(torch.randn(2, 3))
+    assert "AOTCACHE_DIR is not an aotcache option (did you mean AOTCACHE_CACHE_DIR?)" in caplog.text

@@ -112,3 +112,12 @@ def test_describe_hides_secret(monkeypatch):
     assert rows["secret"]["value"] == "<set>"
     assert rows["secret"]["source"] == "env"
     assert rows["cache_dir"]["source"] == "env"
+
+
+def test_an_unknown_variable_names_the_option_meant(monkeypatch):
+    """A guessed name (the cache dir as AOTCACHE_DIR) was ignored silently; it is named, with the option."""
+    monkeypatch.setenv("AOTCACHE_DIR", "/tmp/somewhere")
+    monkeypatch.setenv("AOTCACHE_REDIS", "redis://x")
+    problems = config.unknown_env_vars()
+    assert "AOTCACHE_DIR is not an aotcache option (did you mean AOTCACHE_CACHE_DIR?)" in problems
+    assert any("AOTCACHE_REDIS is not" in p and "AOTCACHE_REDIS_URL" in p for p in problems)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
+from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
@@ -276,6 +277,8 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
                 arg.requires_grad and arg.is_leaf, geometry)
     if isinstance(arg, torch.SymInt):
         return ("symint",)
+    if dynamic and type(arg) is CacheInt:  # NOTE [Cache integers]: a symbol; 0 and 1 are specialized
+        return ("cacheint", arg if arg in (0, 1) else None)
     try:
         hash(arg)
     except TypeError:

@@ -15,6 +15,9 @@ is part of the signature (compared by value) and of the stored output structure:
 * anything else (an offloading stream, an unknown object) is refused with an error naming the attribute,
   rather than dropped: an unseen attribute could change what the model computes.
 
+Integers (a sliding-window layer's ``cumulative_length_int``, which grows by one at every decoding step) are
+children too, as :class:`CacheInt`, so that they can become symbols (NOTE [Cache integers]).
+
 Unflattening builds fresh objects (``cls.__new__`` and the recorded ``__dict__``), never running
 constructors, and resolves classes only from modules that are already imported. The JSON form of the
 context (for the stored output structure and the call fingerprint) names classes as ``module:qualname``.
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["register_transformers_caches", "is_cache_object", "find_cache_arguments", "write_back_caches"]
+__all__ = ["CacheInt", "register_transformers_caches", "is_cache_object", "find_cache_arguments", "write_back_caches"]
 
 _CACHE_MODULE = "transformers.cache_utils"
 _registered: set[type] = set()
@@ -76,10 +79,32 @@ def _resolve_class(name: str) -> type:
 _VALUE_TYPES = (type(None), bool, int, float, str)
 
 
+# NOTE [Cache integers]
+# A sliding-window cache layer counts the tokens it has seen in a Python int that the model branches on
+# (is the window full? where does it start?), so each decoding step changed the cache's context, and so the
+# signature: one graph per generated token (Mistral, Gemma 2/3: 12 captures for 12 tokens, torch.compile 3).
+# Integers of cache objects are therefore flattened as leaves, marked as ``CacheInt`` so that only they (not
+# a user's plain int arguments, which stay constants) take part in dynamic shapes: compared by value like
+# any constant while static; under automatic dynamic shapes (``dynamic=None``) one that changed is marked
+# dynamic like a tensor dimension and traced as a symbol (a graph input), its branches becoming guards;
+# with ``dynamic=True`` from the start. Values 0 and 1 stay in the signature (torch specializes them).
+# Unflattening hands the function plain ints (or the symbols), never ``CacheInt``.
+class CacheInt(int):
+    """An int leaf of a flattened cache object (NOTE [Cache integers])."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"CacheInt({int(self)})"
+
+
 def _encode(value: Any, leaves: list, where: str) -> tuple:
     """The hashable context node of ``value``; tensors and SymInts are appended to ``leaves``."""
     if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
         leaves.append(value)
+        return ("leaf",)
+    if type(value) is int or type(value) is CacheInt:  # NOTE [Cache integers]
+        leaves.append(CacheInt(value))
         return ("leaf",)
     if type(value) in _VALUE_TYPES:
         return ("value", value)
@@ -105,7 +130,8 @@ def _encode(value: Any, leaves: list, where: str) -> tuple:
 def _decode(node: tuple, leaves: Any) -> Any:
     kind = node[0]
     if kind == "leaf":
-        return next(leaves)
+        value = next(leaves)
+        return int(value) if type(value) is CacheInt else value
     if kind == "value":
         return node[1]
     if kind == "dtype":

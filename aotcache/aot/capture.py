@@ -25,6 +25,7 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
@@ -127,6 +128,9 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=True)
     fakes = []
     for position, arg in enumerate(flat_args):
+        if type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True):
+            fakes.append(_symbolic_int(shape_env, int(arg), f"aot_input_{position}"))  # NOTE [Cache integers]
+            continue
         if isinstance(arg, torch.Tensor):
             dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
             if isinstance(dynamic, tuple) and not dims:  # a static argument of a spec (a module's weights):
@@ -138,6 +142,19 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
                                    symbolic_context=context)
         fakes.append(arg)
     return mode, fakes
+
+
+def _symbolic_int(shape_env: Any, value: int, name: str) -> Any:
+    """A SymInt input of ``value`` (its own symbol); 0 and 1 stay ints, as torch specializes them (the
+    signature keeps those values: NOTE [Cache integers])."""
+    if value in (0, 1):
+        return value
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    source = ConstantSource(name)
+    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    return shape_env.create_symintnode(symbol, hint=value, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -853,6 +870,8 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     (NOTE [Analysis without symbols])."""
     if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
            for a in flat_args):  # symbols of a caller's ShapeEnv (Dynamo): analyzed with them
+        return None
+    if any(isinstance(a, torch.SymInt) for a in fake_args):  # integer inputs traced as symbols: NOTE [Cache integers]
         return None
     static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
     try:

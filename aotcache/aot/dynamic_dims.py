@@ -3,7 +3,8 @@
 NOTE [Dynamic dimensions]
 ``dynamic`` of ``aot_function`` / ``aot_module`` is True, False or None (the default), and is resolved per
 call into a *dimension spec*: per flat argument, the tuple of its dimensions traced as symbols (``()`` for a
-static argument or a non-tensor). The spec takes the place of the flag in the options a compile sees
+static argument or a non-tensor; ``(0,)`` for an integer of a KV-cache object traced as a symbol, NOTE [Cache
+integers] in cache_objects.py). The spec takes the place of the flag in the options a compile sees
 (``AOTOptions.dynamic``), in the in-memory signature (masked sizes) and in the call fingerprint:
 
 - False: no spec; every size is part of the signature (one graph per shape).
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from aotcache.aot.cache_objects import CacheInt
 from aotcache.logs import log_once, logger
 
 __all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
@@ -57,8 +59,18 @@ def masked_shape(tensor: torch.Tensor, dims: Sequence[int]) -> tuple:
     return tuple(None if dim in dims else size for dim, size in enumerate(tensor.shape))
 
 
+def _sizes(arg: Any) -> tuple | None:
+    """What automatic dynamic shapes compare: a tensor's sizes, a cache integer's value as its one "dimension"
+    (NOTE [Cache integers] in cache_objects.py), None for anything else."""
+    if isinstance(arg, torch.Tensor):
+        return tuple(arg.shape)
+    if type(arg) is CacheInt:
+        return (int(arg),)
+    return None
+
+
 def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
-    spec = tuple(tuple(range(arg.dim())) if position >= num_state and isinstance(arg, torch.Tensor) else ()
+    spec = tuple(tuple(range(len(sizes))) if position >= num_state and (sizes := _sizes(arg)) is not None else ()
                  for position, arg in enumerate(flat_args))
     return spec if any(spec) else False
 
@@ -99,7 +111,7 @@ class DynamicDims:
             return _all_dims(flat_args, num_state)
         if self._abandoned:
             return False
-        shapes = tuple(tuple(arg.shape) if isinstance(arg, torch.Tensor) else None for arg in flat_args)
+        shapes = tuple(_sizes(arg) for arg in flat_args)
         with self._lock:
             first = self._first.setdefault(rank_key, shapes)
             marked = self._marked.get(rank_key, frozenset())

@@ -679,6 +679,8 @@ def default_cache() -> AOTAutogradCache:
     with _DEFAULT_LOCK:
         cache = _DEFAULT_CACHES.get(fingerprint)
         if cache is None:
+            for problem in config.unknown_env_vars():  # a misnamed cache dir would be ignored silently
+                log_once(logging.WARNING, f"unknown-env:{problem}", "aotcache: %s; it is ignored", problem)
             cache = _DEFAULT_CACHES[fingerprint] = AOTAutogradCache()
         return cache
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from aotcache.aot.ambient import numerics_flags
+from aotcache.aot.cache_objects import CacheInt
 from aotcache.autograd_cache import key as cache_key
 from aotcache.autograd_cache.reachable import Reachable, Untrusted, check_plain_tensor, sha256_text
 
@@ -109,6 +110,8 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
                               arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry])
         elif isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             raise Untrusted("symbolic input")
+        elif type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else dynamic):
+            described.append(["cacheint", int(arg) if arg in (0, 1) else None])  # NOTE [Cache integers]
         elif arg is None or isinstance(arg, (bool, int, float, str)):
             described.append(["constant", type(arg).__name__, repr(arg)])
         elif isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):

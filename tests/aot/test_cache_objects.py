@@ -108,3 +108,29 @@ def test_kv_cache_decoding_with_automatic_dynamic_shapes_compiles_the_length_onc
     wrapped = aot_module(model, cache=memory_cache())  # dynamic=None: the cache length becomes dynamic
     assert torch.equal(wrapped.generate(prompt(), max_new_tokens=5, do_sample=False), expected)
     assert wrapped.compiled.num_compiles <= 3  # prefill, first step, then one graph for every later length
+
+
+def test_sliding_window_decoding_traces_the_token_count_as_a_symbol_not_a_graph_per_token():
+    """NOTE [Cache integers]: a sliding-window layer counts its tokens in a Python int; each step used to be
+    another signature (one capture per generated token)."""
+    model = tiny_llama(sliding_window=3, layer_types=["sliding_attention"] * 2)
+    for ids, steps in ((prompt(), 8), (prompt()[:, :2], 6)):  # window already full / filling up during decoding
+        expected = model.generate(ids, max_new_tokens=steps, do_sample=False)
+        wrapped = aot_module(model, cache=memory_cache())  # dynamic=None
+        assert torch.equal(wrapped.generate(ids, max_new_tokens=steps, do_sample=False), expected)
+        assert wrapped.compiled.num_compiles <= 4  # was one per token (8, 6)
+
+
+def test_cache_integers_are_leaves_and_come_back_as_plain_ints():
+    from aotcache.aot.cache_objects import CacheInt
+
+    model = tiny_llama(sliding_window=3, layer_types=["sliding_attention"] * 2)
+    register_transformers_caches()
+    kv = transformers.DynamicCache(config=model.config)
+    kv.update(torch.zeros(1, 2, 5, 4), torch.ones(1, 2, 5, 4), 0)
+    leaves, spec = pytree.tree_flatten(kv)
+    counts = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+    assert 5 in counts and all(type(leaf) is CacheInt for leaf in counts)
+    rebuilt = pytree.tree_unflatten(leaves, spec)
+    assert type(rebuilt.layers[0].cumulative_length) is int and rebuilt.get_seq_length() == 5
+    assert pytree.tree_flatten(rebuilt)[1] == spec  # the count is a leaf, not part of the structure
