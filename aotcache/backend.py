@@ -79,7 +79,15 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     from aotcache.api import aot_module_simplified
     from aotcache.compilers.base import options_with_mode
 
+    from aotcache.aot.errors import CaptureError
+
     compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
-    return aot_module_simplified(gm, example_inputs, fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
-                                 dynamic=bool(settings["dynamic"]), cache=settings["cache"],
-                                 compiler_options=compiler_options)
+    try:
+        return aot_module_simplified(gm, example_inputs, fw_compiler=chosen,
+                                     partition_fn=_partition_fn(settings["partition"]),
+                                     dynamic=bool(settings["dynamic"]), cache=settings["cache"],
+                                     compiler_options=compiler_options)
+    except CaptureError as exc:  # NOTE [Dynamo graphs aotcache cannot capture] in aot/fallback.py
+        from aotcache.aot.fallback import eager_dynamo_graph
+
+        return eager_dynamo_graph(gm, exc)

@@ -208,10 +208,13 @@ class CompiledFunction:
 
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
-    """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here)."""
+    """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here), with
+    numpy's random numbers as eager draws them (NOTE [numpy random under Dynamo] in aot/fallback.py)."""
     import torch
 
-    return torch.compile(target, backend=backend, dynamic=options.dynamic)
+    from aotcache.aot.fallback import numpy_random_as_eager
+
+    return numpy_random_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
 
 
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,

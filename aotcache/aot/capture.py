@@ -31,6 +31,7 @@ from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
     quiet_fake_tensor_failures,
+    refuse_host_random,
     refuse_constants_requiring_grad,
     unsupported_layout_error,
 )
@@ -819,7 +820,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
                        regenerate_aliases=regenerate_aliases)
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
-    with _compiling(), quiet_fake_tensor_failures():
+    with _compiling(), quiet_fake_tensor_failures(), refuse_host_random():  # NOTE [Host random numbers]
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,

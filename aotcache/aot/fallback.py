@@ -27,6 +27,7 @@ the stats journal section ``fallback`` shown by ``aotcache stats``) and logged o
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import types
 from collections import Counter
@@ -38,10 +39,11 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.errors import CaptureError
-from aotcache.logs import logger
+from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call",
+           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_dynamo_graph",
+           "numpy_random_as_eager",
            "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
@@ -182,6 +184,24 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
         return gm.forward
 
 
+def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
+    """What the ``torch.compile`` backend returns for a Dynamo graph it cannot capture: the graph as Python
+    (eager's results), counted as ``region`` and logged once per reason. NOTE [Dynamo graphs aotcache cannot
+    capture]: Dynamo keeps ops such as ``index_put`` with a boolean mask (Wav2Vec2's time masking) inside
+    its graph, which a static fake-tensor capture refuses as data-dependent; failing the user's
+    ``torch.compile`` there would fail a call eager runs.
+
+    :raises CaptureError: ``exc`` itself in strict mode (``AOTCACHE_STRICT=1``).
+    """
+    if config.get("strict"):
+        raise exc
+    _count("region")
+    log_once(logging.WARNING, f"backend-region:{exc.reason}",
+             "aotcache backend: a torch.compile graph cannot be captured (%s); it runs eagerly (eager's results)",
+             _first_line(exc))
+    return gm.forward
+
+
 def _target(owner: Any) -> tuple[Callable, int]:
     """What a fallback runs, and how many leading arguments it drops: an ``aot_module``'s module itself (its
     function is ``functional_call(module, params, buffers, ...)`` of the module's own current parameters, see
@@ -205,7 +225,30 @@ def _dynamo_entry(owner: Any) -> Callable:
     entry = types.FunctionType(aotcache_partial.__code__.replace(), aotcache_partial.__globals__,
                                "aotcache_partial", None, aotcache_partial.__closure__)
     backend = functools.partial(_region_backend, owner=owner)
-    return torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic))
+    return numpy_random_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
+
+
+def numpy_random_as_eager(dynamo_fn: Callable) -> Callable:
+    """``dynamo_fn`` (a ``torch.compile``-d callable) with numpy's own random numbers, as eager draws them.
+
+    NOTE [numpy random under Dynamo]
+    By default Dynamo traces ``np.random`` calls into the graph, drawing from torch's generator: the same
+    distribution, other values (Wav2Vec2's training masks differ from eager's under the same seeds). aotcache's
+    own routes to Dynamo (the capture fallback, ``aotcache.compile``'s Dynamo way) promise eager's results, so
+    they call it with ``torch._dynamo.config.use_numpy_random_stream`` on: Dynamo breaks the graph at such a
+    draw and numpy makes it. A direct ``torch.compile(backend="aotcache")`` keeps Dynamo's setting.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        previous = dynamo_config.use_numpy_random_stream
+        dynamo_config.use_numpy_random_stream = True
+        try:
+            return dynamo_fn(*args, **kwargs)
+        finally:
+            dynamo_config.use_numpy_random_stream = previous
+
+    return call
 
 
 def _dynamo_usable() -> bool:

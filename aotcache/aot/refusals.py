@@ -19,8 +19,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
-           "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_module_backward_hooks",
-           "refuse_data_parallel_wrappers",
+           "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
+           "refuse_host_random", "refuse_module_backward_hooks",
            "unsupported_layout_error"]
 
 
@@ -215,6 +215,60 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
             _quiet_depth -= 1
             if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
                 _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
+
+
+# NOTE [Host random numbers]
+# Python's ``random`` and numpy's global generator are not ATen ops: a draw made while capturing (Wav2Vec2's
+# ``_compute_mask_indices`` and adapter layerdrop draw from ``np.random``; older layerdrop code from
+# ``random.uniform``) becomes a constant of the graph, so every later call would reuse the first call's mask or
+# layer choice while eager draws anew. A capture that moved either generator is refused (then the call goes to
+# torch.compile, which runs such draws per call), and both generators are put back where they were, so the
+# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops) and is not
+# checked here; neither are generators the function makes itself (``np.random.default_rng()``).
+def _host_random_states() -> tuple:
+    import random
+    import sys
+
+    numpy = sys.modules.get("numpy")  # not imported: nothing can have drawn from it
+    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+
+
+def _same_numpy_state(before: Any, after: Any) -> bool:
+    if before is None or after is None:
+        return before is after
+    return before[0] == after[0] and before[2:] == after[2:] and bool((before[1] == after[1]).all())
+
+
+def _restore_host_random(python_state: Any, numpy_state: Any) -> None:
+    import random
+    import sys
+
+    random.setstate(python_state)
+    if numpy_state is not None:
+        sys.modules["numpy"].random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def refuse_host_random() -> Iterator[None]:
+    """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator
+    (NOTE [Host random numbers]), after putting both back."""
+    python_before, numpy_before = _host_random_states()
+    try:
+        yield
+    except CaptureError:  # the fallback runs the call again: it draws what eager would
+        _restore_host_random(python_before, numpy_before)
+        raise
+    python_after, numpy_after = _host_random_states()
+    drew = [name for name, same in (("random", python_before == python_after),
+                                    ("numpy.random", _same_numpy_state(numpy_before, numpy_after))) if not same]
+    if not drew:
+        return
+    _restore_host_random(python_before, numpy_before)
+    raise CaptureError(f"aotcache: the function draws from {' and '.join(drew)} (Python's random numbers, not "
+                       f"torch's): a graph would keep the values drawn while capturing and reuse them at every "
+                       f"call. Use torch's random functions (torch.rand, torch.randint, torch.bernoulli), which "
+                       f"are traced, or draw outside the compiled function and pass the result as an argument.",
+                       reason="unsupported_construct")
 
 
 def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

@@ -75,3 +75,45 @@ def test_inductor_random_ops_match_eager_values_and_generator_state():
     assert torch.equal(torch.get_rng_state(), expected_state)
     got.sum().backward()  # the backward (masks saved from the forward) compiles and runs
     assert x.grad is not None
+
+
+class _HostRandomMask(torch.nn.Module):
+    """Draws its mask from numpy's or Python's global generator, as Wav2Vec2's ``_compute_mask_indices`` does."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.source = source
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        if self.source == "numpy":
+            mask = torch.tensor(np.random.rand(*x.shape) < 0.5)
+        else:
+            mask = torch.tensor([[random.random() < 0.5 for _ in range(x.shape[1])] for _ in range(x.shape[0])])
+        return self.fc(x) * mask
+
+
+@pytest.mark.parametrize("source", ["numpy", "python"])
+@pytest.mark.parametrize("api", ["compile", "aot_module"])
+def test_host_random_draws_are_made_at_every_call_as_in_eager(api, source):
+    # NOTE [Host random numbers]: such a draw used to be baked into the graph: every call reused one mask
+    import random
+
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    model = _HostRandomMask(source)
+    compiled = aotcache.compile(model, compiler="nop") if api == "compile" else aotcache.aot_module(model, "nop")
+    x = torch.randn(3, 4)
+    for seed in range(3):
+        np.random.seed(seed), random.seed(seed)
+        expected = model(x)
+        after_eager = (np.random.get_state()[1].copy(), random.getstate())
+        np.random.seed(seed), random.seed(seed)
+        got = compiled(x)
+        assert torch.equal(got, expected), seed  # numpy's own draws, not Dynamo's torch-stream stand-ins
+        assert (np.random.get_state()[1] == after_eager[0]).all() and random.getstate() == after_eager[1]
+    assert api != "compile" or compiled.route == "dynamo"

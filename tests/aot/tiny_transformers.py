@@ -44,3 +44,17 @@ def tiny_roberta_model(seed: int = 0):
                                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0, pad_token_id=1)
     return transformers.RobertaModel(config)
+
+
+def tiny_wav2vec2_ctc(seed: int = 0):
+    """A 2-layer Wav2Vec2ForCTC (hidden 32, 2 conv layers) with SpecAugment time masking on (``mask_time_prob``
+    0.3: data-dependent spans from numpy's generator in train mode), dropout and layerdrop off."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.Wav2Vec2Config(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.3, mask_time_length=2,
+        pad_token_id=0, ctc_loss_reduction="mean")
+    return transformers.Wav2Vec2ForCTC(config).train()
