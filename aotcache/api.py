@@ -149,17 +149,17 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     return compiled
 
 
-def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
+def aot_module(mod: nn.Module, fw_compiler: Callable | str | None = None,
                bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
                decompositions: Mapping | None = None, num_params_buffers: int = 0,
                keep_inference_input_mutations: bool = False, inference_compiler: Callable | str | None = None, *,
                dynamic: bool | None = None, cache: Any = True, on_capture_error: str = "fallback",
                enable_log: bool = True, disable_functionalization: bool = False,
                _disable_torch_fn_metadata_mode: bool = False) -> AOTModule:
-    """Compile ``module`` with AOT Autograd into a drop-in wrapper (:class:`~aotcache.aot.module.AOTModule`);
+    """Compile ``mod`` with AOT Autograd into a drop-in wrapper (:class:`~aotcache.aot.module.AOTModule`);
     same options (``cache``, ``on_capture_error``, PyTorch's keywords) as :func:`aot_function`."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(module).__name__}; "
+    if not isinstance(mod, nn.Module):
+        raise TypeError(f"aotcache.aot_module expects an nn.Module, got {type(mod).__name__}; "
                         f"use aot_function for plain functions")
     options = checked_options("aot_module", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                               partition_fn=partition_fn, decompositions=decompositions,
@@ -168,10 +168,10 @@ def aot_module(module: nn.Module, fw_compiler: Callable | str | None = None,
                               keep_inference_input_mutations=keep_inference_input_mutations,
                               enable_log=enable_log, disable_functionalization=disable_functionalization)
     check_on_capture_error(on_capture_error, "aot_module")
-    return AOTModule(module, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
+    return AOTModule(mod, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
 
 
-def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compiler: Callable | str | None = None,
+def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Callable | str | None = None,
                           bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
                           decompositions: Mapping | None = None, keep_inference_input_mutations: bool = False,
                           inference_compiler: Callable | str | None = None, compiler_config_extra: Any = None,
@@ -179,14 +179,14 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
                           pre_grad_passes: Callable | None = None, compile_region_name: str | None = None, *,
                           dynamic: bool = False, cache: Any = True,
                           compiler_options: Mapping | None = None) -> Callable:
-    """The ``torch.compile`` backend form: compile Dynamo's graph now for its (possibly fake, symbolic)
-    ``example_inputs`` and return ``run(*flat_args)``.
+    """The ``torch.compile`` backend form: compile Dynamo's graph ``mod`` now for its (possibly fake,
+    symbolic) example inputs ``args`` and return ``run(*flat_args)``.
 
-    Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
+    Parameters and buffers still on ``mod`` are lifted to graph inputs and read at every call. Reuse across
     signatures is Dynamo's job (its guards), so exactly one graph is compiled. With ``cache`` (see NOTE
-    [Compiled-graph cache]) the key is ``gm`` itself: on a hit nothing is captured or compiled.
+    [Compiled-graph cache]) the key is ``mod`` itself: on a hit nothing is captured or compiled.
     ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
-    PyTorch's (NOTE [PyTorch-compatible arguments]): ``pre_grad_passes(gm, example_inputs) -> gm`` rewrites a
+    PyTorch's (NOTE [PyTorch-compatible arguments]): ``pre_grad_passes(mod, args) -> mod`` rewrites a
     GraphModule before anything is keyed or traced (as PyTorch runs it); ``compiler_config_extra``,
     ``ignore_shape_env``, ``disable_functionalization`` and ``compile_region_name`` are accepted and change nothing.
     """
@@ -204,6 +204,6 @@ def aot_module_simplified(gm: nn.Module, example_inputs: Sequence[Any], fw_compi
         if not callable(pre_grad_passes):
             raise TypeError(f"aotcache.aot_module_simplified: pre_grad_passes must be callable as "
                             f"pre_grad_passes(gm, example_inputs) -> gm, got {type(pre_grad_passes).__name__}")
-        if isinstance(gm, torch.fx.GraphModule):
-            gm = pre_grad_passes(gm, example_inputs)
-    return compile_dynamo_graph(gm, example_inputs, options, services=SERVICES, cache=cache)
+        if isinstance(mod, torch.fx.GraphModule):
+            mod = pre_grad_passes(mod, args)
+    return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)

@@ -190,7 +190,8 @@ def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
     if fake.requires_grad:
         probe.requires_grad_(True)
         if not is_leaf:
-            probe = probe.clone()
+            with torch.enable_grad():  # under a no_grad call too: views of it then require grad, as in eager
+                probe = probe.clone()
     return probe
 
 
@@ -305,6 +306,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
                     f"function, or call the compiled function under torch.no_grad().")
     _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
+    if not grad_mode and not needs_autograd:
+        _refuse_history_under_no_grad(flat_outs, outputs)
     shape_sensitive = resize_check.called or any(info.metadata_mutation is not None for info in inputs)
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
@@ -326,6 +329,19 @@ def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_
                 f"aotcache: flat output {k} requires grad, but no graph input requires grad (e.g. a tensor created "
                 f"inside the function with requires_grad=True): the compiled "
                 f"function would return it without grad. Create that tensor outside and pass it as an argument.")
+
+
+def _refuse_history_under_no_grad(flat_outs: list, outputs: list) -> None:
+    """NOTE [Grad enabled inside a no_grad call]: a call under no_grad compiles an inference graph, whose outputs
+    carry no autograd history; an output with history here was made where the function enabled grad itself
+    (``torch.enable_grad()``), and returning it without grad would drop its gradients."""
+    for k, (out, info) in enumerate(zip(flat_outs, outputs)):
+        if (info.kind in ("graph", "alias_of_output") and isinstance(out, torch.Tensor) and out.requires_grad
+                and _has_autograd_history(out)):
+            raise CaptureError(
+                f"aotcache: flat output {k} requires grad although the call runs under torch.no_grad (the "
+                f"function enables grad inside it, e.g. with torch.enable_grad()); an inference graph would "
+                f"return it without grad. Call the function with grad enabled, or detach that output.")
 
 
 def _grad_fn(tensor: torch.Tensor) -> Any:

@@ -6,6 +6,7 @@ applies input mutations and interprets outputs using the returned :class:`Export
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,8 @@ class ExportSignature:
     """Names the exported graph's inputs and outputs (placeholder / output node names).
 
     Graph inputs are parameters, then buffers, then user inputs. Graph outputs are the new values of mutated
-    buffers and user inputs (``buffers_to_mutate`` / ``user_inputs_to_mutate``), then the user outputs, then
+    parameters (a forward export only), buffers and user inputs (``parameters_to_mutate`` / ``buffers_to_mutate`` /
+    ``user_inputs_to_mutate``), then the user outputs, then
     (``trace_joint``) the gradients of the loss output (``gradients_to_parameters`` /
     ``gradients_to_user_inputs``; parameters with no gradient are left out).
     ``in_spec`` is the pytree ``TreeSpec`` of ``(args, kwargs)`` and ``out_spec`` that of the user outputs, as in
@@ -50,7 +52,7 @@ class ExportSignature:
     in_spec: Any = None
     out_spec: Any = None
     out_structure: str = ""
-    # PyTorch's GraphSignature has these too; aotcache exports never mutate parameters and use no effect tokens
+    # PyTorch's GraphSignature has these too (aotcache exports use no effect tokens)
     parameters_to_mutate: dict[str, str] = dataclasses.field(default_factory=dict)
     input_tokens: list[str] = dataclasses.field(default_factory=list)
     output_tokens: list[str] = dataclasses.field(default_factory=list)
@@ -103,15 +105,16 @@ def _reject_metadata_mutations(api: str, meta: Any) -> None:
                            "use the out-of-place op and return the result")
 
 
-def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
+def aot_export_module(mod: nn.Module, args: Sequence[Any], trace_joint: bool,
                       output_loss_index: int | None = None, decompositions: Mapping | None = None,
                       kwargs: dict | None = None, *, pre_dispatch: bool = False,
                       dynamic_shapes: bool | None = None) -> tuple[fx.GraphModule, ExportSignature]:
-    """Export ``module(*args, **kwargs)`` as one functionalized ATen graph and its :class:`ExportSignature`.
+    """Export ``mod(*args, **kwargs)`` as one functionalized ATen graph and its :class:`ExportSignature`.
 
     With ``trace_joint=True`` the graph also computes the gradients of the scalar output
     ``output_loss_index`` (flat index into the module's outputs) with respect to every parameter and user
-    input that requires grad.
+    input that requires grad. With ``trace_joint=False`` the module runs under ``torch.no_grad`` (an inference
+    graph, as PyTorch exports it), so it may mutate parameters and inputs that require grad.
 
     ``pre_dispatch`` and ``dynamic_shapes`` are PyTorch's keywords: only their defaults (a post-dispatch,
     functionalized ATen graph with static shapes) are supported.
@@ -130,8 +133,8 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
     if trace_joint and output_loss_index is None:
         raise ValueError("aot_export_module(trace_joint=True) needs output_loss_index: the flat index of the "
                          "scalar loss among the module's outputs")
-    params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
+    params = dict(mod.named_parameters())
+    buffers = dict(mod.named_buffers())
     flat_user, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
     num_params, num_lifted = len(params), len(params) + len(buffers)
     flat_args = [*params.values(), *buffers.values(), *flat_user]
@@ -143,11 +146,11 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
         swapped = dict(zip([*params, *buffers], flat[:num_lifted]))
         call_args, call_kwargs = pytree.tree_unflatten(list(flat[num_lifted:]), in_spec)
         if not trace_joint:
-            result = torch.func.functional_call(module, swapped, call_args, call_kwargs, strict=False)
+            result = torch.func.functional_call(mod, swapped, call_args, call_kwargs, strict=False)
             user_out_spec[:] = [pytree.tree_flatten(result)[1]]
             return result
         with torch.enable_grad():
-            outs, spec = pytree.tree_flatten(torch.func.functional_call(module, swapped, call_args, call_kwargs,
+            outs, spec = pytree.tree_flatten(torch.func.functional_call(mod, swapped, call_args, call_kwargs,
                                                                         strict=False))
             loss = outs[output_loss_index]
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
@@ -169,8 +172,9 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
         user_out_spec[:] = [spec]
         return (*outs, *grads)
 
-    captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=False,
-                       regenerate_aliases=False)
+    with contextlib.nullcontext() if trace_joint else torch.no_grad():
+        captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=False,
+                           regenerate_aliases=False)
     gm, meta = captured.graph, captured.metadata
     _reject_object_outputs("aot_export_module", meta.out_spec)
     _reject_metadata_mutations("aot_export_module", meta)
@@ -186,7 +190,9 @@ def aot_export_module(module: nn.Module, args: Sequence[Any], trace_joint: bool,
         out_structure=json.dumps(_user_output_structure(user_out_spec[0]) if trace_joint else meta.out_spec))
     for out_index, input_index in enumerate(meta.mutated_inputs):
         name = outputs[out_index].name
-        if input_index < num_lifted:
+        if input_index < num_params:  # (only a forward export, traced under no_grad, can mutate one)
+            signature.parameters_to_mutate[name] = names[input_index]
+        elif input_index < num_lifted:
             signature.buffers_to_mutate[name] = names[input_index]
         else:
             signature.user_inputs_to_mutate[name] = placeholders[input_index]
@@ -232,32 +238,35 @@ def _user_output_structure(spec: Any) -> dict:
         raise CaptureError(str(exc)) from None
 
 
-def aot_export_joint_simple(fn: Callable, args: Sequence[Any], trace_joint: bool,
+def aot_export_joint_simple(func: Callable, args: Sequence[Any], trace_joint: bool,
                             decompositions: Mapping | None = None, *, num_params_buffers: int = 0) -> fx.GraphModule:
-    """One bare functionalized graph of ``fn(*args)``: the joint graph of the contract (``trace_joint``) or
-    the forward graph.
+    """One bare functionalized graph of ``func(*args)``: the joint graph of the contract (``trace_joint``) or
+    the forward graph (traced under ``torch.no_grad``, as PyTorch does).
 
-    A bare graph cannot express input mutations or outputs that alias inputs or each other, so those are
+    The graph takes ``args`` as they are, so each must be a tensor or a constant, not a list or dict of them. A
+    bare graph cannot express input mutations or outputs that alias inputs or each other, so those are
     rejected. ``num_params_buffers`` is accepted for PyTorch compatibility and changes nothing (NOTE
     [PyTorch-compatible arguments] in :mod:`aotcache.aot.api`).
 
-    :raises CaptureError: ``fn`` mutates an input, returns an alias or a non-tensor constant, or uses an
-        unsupported construct.
+    :raises CaptureError: an argument is a pytree; ``func`` mutates an input, returns an alias or a non-tensor
+        constant, or uses an unsupported construct.
     """
     if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
         raise TypeError(f"aot_export_joint_simple: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
-    flat_args, in_spec = pytree.tree_flatten(tuple(args))
-
-    def flat_fn(*flat: Any) -> Any:
-        return fn(*pytree.tree_unflatten(list(flat), in_spec))
-
-    captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=trace_joint)
+    for index, arg in enumerate(args):
+        if not pytree.tree_is_leaf(arg):
+            raise CaptureError(f"aot_export_joint_simple requires individual inputs not to be pytrees: argument "
+                               f"{index} is a {type(arg).__name__}; pass its tensors as separate arguments (the "
+                               f"graph takes them flat)")
+    flat_args = list(args)
+    with contextlib.nullcontext() if trace_joint else torch.no_grad():
+        captured = capture(func, flat_args, decompositions=decompositions, trace_joint=trace_joint)
     meta = captured.metadata
     _reject_object_outputs("aot_export_joint_simple", meta.out_spec)
     _reject_metadata_mutations("aot_export_joint_simple", meta)
     if meta.mutated_inputs:
-        raise CaptureError(f"aot_export_joint_simple: the function mutates graph inputs {meta.mutated_inputs} in "
-                           "place, which a bare graph cannot express; return the new value instead, or use "
+        raise CaptureError(f"aot_export_joint_simple does not support input mutations: the function mutates graph "
+                           f"inputs {meta.mutated_inputs} in place, which a bare graph cannot express; return the new value instead, or use "
                            "aot_function / aot_export_module")
     for k, info in enumerate(meta.outputs):
         if info.kind in ("input", "alias_of_input", "alias_of_output"):

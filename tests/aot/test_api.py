@@ -303,6 +303,37 @@ def test_aot_export_joint_simple_rejects_what_a_bare_graph_cannot_express(fn, ma
         aot_export_joint_simple(fn, (torch.randn(2, 2),), trace_joint=False)
 
 
+
+def test_forward_exports_trace_under_no_grad_and_take_flat_arguments():
+    # PyTorch's test_aotdispatch TestAOTExport: a forward export (trace_joint=False) is an inference graph, so it
+    # may mutate a parameter or an input that requires grad (it raised "Found a graph input that requires
+    # gradients"); aot_export_joint_simple takes its arguments flat and refuses a list argument up front
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            self.p.mul_(2)
+            x.add_(1)
+            return (self.p + x,)
+
+    x = torch.randn(2, requires_grad=True)
+    gm, sig = aot_export_module(mod=Scale(), args=[x], trace_joint=False)
+    new_p, new_x, out = gm(torch.ones(2), x.detach())
+    torch.testing.assert_close(new_p, torch.full((2,), 2.0))
+    torch.testing.assert_close(out, new_p + x.detach() + 1)
+    assert list(sig.user_inputs_to_mutate.values()) == sig.user_inputs
+    assert list(sig.parameters_to_mutate.values()) == ["p"] and sig.buffers_to_mutate == {}
+    with pytest.raises(CaptureError, match="does not support input mutations"):
+        aot_export_joint_simple(lambda p, a: (p.mul_(2) + a,), [torch.nn.Parameter(torch.ones(2)), x],
+                                trace_joint=False)
+    with pytest.raises(CaptureError, match="not to be pytrees: argument 0 is a list"):
+        aot_export_joint_simple(lambda pair: (pair[0] + pair[1],), [[x, x]], trace_joint=False)
+    (result,) = aot_export_joint_simple(func=lambda a, b: (a * b,), args=[x, x], trace_joint=False)(x, x)
+    torch.testing.assert_close(result, x * x)
+
+
 # -- code written for PyTorch's AOT Autograd (NOTE [boxed compilers], NOTE [PyTorch-compatible arguments]) ---
 
 
@@ -356,10 +387,11 @@ def test_every_keyword_of_pytorchs_entry_points_is_accepted():
     import torch._functorch.aot_autograd as pytorch_aot
 
     for name in ("aot_function", "aot_module_simplified", "aot_export_module", "aot_export_joint_simple"):
-        theirs = list(inspect.signature(getattr(pytorch_aot, name)).parameters)[2:]  # the first two are positional
+        theirs = inspect.signature(getattr(pytorch_aot, name)).parameters
         ours = inspect.signature(getattr(aotcache, name)).parameters
-        assert [p for p in theirs if p not in ours] == [], name
-    ours = inspect.signature(aotcache.aot_module).parameters
+        assert [p for p in theirs if p not in ours] == [], name  # names too: aot_export_module(mod=..., args=...)
+    ours = inspect.signature(aotcache.aot_module).parameters  # PyTorch's is aot_module(mod, *args, **kwargs)
+    assert "mod" in ours
     assert [p for p in inspect.signature(pytorch_aot.aot_function).parameters if p not in ours] == ["fn"]
 
 

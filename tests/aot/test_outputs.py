@@ -311,6 +311,37 @@ def test_a_view_made_under_no_grad_is_returned_as_a_leaf_requiring_grad():
     assert torch.equal(run(compiled), expected)
 
 
+
+def test_under_no_grad_outputs_keep_eager_requires_grad():
+    # PyTorch's test_aotdispatch (TestAOTDispatch test_aot_dispatch_output_requires_grad_in_no_grad{,_views}):
+    # under no_grad, an output made inside torch.enable_grad() came back without grad (its gradient silently
+    # lost), and a view of a non-leaf input lost requires_grad (the analysis probe was cloned under no_grad)
+    def grad_inside(x):
+        out = x.sin()
+        with torch.enable_grad():
+            return out, x.cos()
+
+    with pytest.raises(CaptureError, match="flat output 1 requires grad although the call runs under torch.no_grad"):
+        with torch.no_grad():
+            compile_fn(grad_inside)(torch.ones(3, requires_grad=True))
+    x = torch.ones(3, requires_grad=True)
+    with torch.no_grad():
+        plain, tracked = aot_function(grad_inside, nop, cache=False)(x)  # the default fallback: eager's
+    assert not plain.requires_grad and tracked.requires_grad
+    tracked.sum().backward()
+    assert torch.equal(x.grad, -torch.sin(torch.ones(3)))
+
+    def views(x):
+        return x.view(-1), x.sin()
+
+    base = torch.ones(2, 3, requires_grad=True)
+    expected, got_input = base.clone(), base.clone()
+    with torch.no_grad():
+        want = [t.requires_grad for t in views(expected)]
+        got = [t.requires_grad for t in compile_fn(views)(got_input)]
+    assert got == want == [True, False]
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
