@@ -213,3 +213,53 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
         opt.step()
     expected = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(torch.tensor(eval(results[0][1])), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("entry", ["compile", "aot_function"])
+def test_a_whole_training_step_compiled_as_a_function_matches_eager(entry):
+    """Found: ``aotcache.compile(step)`` with zero_grad / forward / backward / optimizer step inside (the model and
+    optimizer from its closure) crashed with torch's internal functionalization assertion, and BatchNorm's
+    ``num_batches_tracked.add_(1)`` ran for real during the failed capture (NOTE [Backward inside a compiled
+    function], NOTE [Writes outside the trace]). Now the step runs through torch.compile / the fallback, as eager."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    results = []
+    for compiled in (False, True):
+        model = small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step(xb, yb):
+            opt.zero_grad(set_to_none=False)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            return loss
+
+        if compiled:
+            step = (aotcache.compile(step, compiler="nop") if entry == "compile"
+                    else aotcache.aot_function(step, "nop"))
+        losses = torch.stack([step(x, y).detach() for _ in range(3)])
+        results.append((model, step, losses))
+    (eager, _, eager_losses), (model, step, losses) = results
+    torch.testing.assert_close(losses, eager_losses)
+    assert_same_state(model, eager)  # num_batches_tracked == 3 included
+    if entry == "compile":
+        assert step.route == "dynamo"
+
+
+def test_a_function_writing_into_a_closure_tensor_is_refused_before_the_write():
+    """NOTE [Writes outside the trace]: the write must not happen during the capture (the fallback runs it)."""
+    counter = torch.zeros(())
+    calls = []
+
+    def count(x):
+        counter.add_(1)
+        calls.append(1)
+        return x * 2
+
+    compiled = aotcache.aot_function(count, "nop", on_capture_error="eager")
+    for _ in range(3):
+        torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    assert counter.item() == 3  # once per call, as eager; not once more in the capture
+    with pytest.raises(aotcache.aot.CaptureError, match="writes in place into a tensor that is not one of its"):
+        aotcache.aot_function(count, "nop", on_capture_error="raise")(torch.ones(2))
