@@ -117,9 +117,15 @@ def test_the_wrappers_class_has_the_wrapped_models_name_and_forward_signature():
 
     from transformers.utils.generic import find_labels
 
+    from transformers import PreTrainedModel
+
     model = tiny_bert_classifier()
     wrapped = aotcache.compile(model, compiler="nop")
     assert find_labels(type(wrapped)) == find_labels(type(model)) == ["labels"]
+    # the Trainer saves a PreTrainedModel with save_pretrained (config.json included), anything else as a bare
+    # state dict; a torch building block is not made to look like its class (model.apply would count it twice)
+    assert isinstance(wrapped, PreTrainedModel) and wrapped.__class__ is type(model)
+    assert not isinstance(aotcache.compile(nn.Linear(2, 2), compiler="nop"), nn.Linear)
     assert type(wrapped).__name__ == "BertForSequenceClassification"
     assert isinstance(wrapped, aotcache.aot.module.AOTModule)
     assert inspect.signature(type(wrapped).forward) == inspect.signature(type(model).forward)
@@ -139,12 +145,14 @@ def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
+    from transformers import BertForSequenceClassification
+
     results = []
     for compiled in (False, True):
         model = tiny_bert_classifier()
         args = TrainingArguments(output_dir=str(tmp_path / str(compiled)), max_steps=3, per_device_train_batch_size=4,
-                                 use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
-                                 disable_tqdm=True)
+                                 use_cpu=True, report_to=[], logging_steps=1, save_strategy="steps", save_steps=3,
+                                 seed=0, disable_tqdm=True)
         trainer = Trainer(model=aotcache.compile(model, compiler="nop") if compiled else model, args=args,
                           train_dataset=_Rows(16), eval_dataset=_Rows(8))
         trainer.train()
@@ -155,6 +163,9 @@ def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     assert len(losses) == 3 and losses == pytest.approx(eager_losses, abs=1e-5)
     assert eval_loss is not None and eval_loss == pytest.approx(eager_eval, abs=1e-5)
     torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    # the checkpoint is a full one (config.json: it used to be a bare state dict) and loads as eager's does
+    reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "True" / "checkpoint-3"))
+    torch.testing.assert_close(reloaded.state_dict(), eager.state_dict())
 
 
 _DDP_RANK = r'''
