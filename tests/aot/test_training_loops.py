@@ -274,3 +274,21 @@ def test_a_function_writing_into_a_closure_tensor_is_refused_before_the_write():
     assert counter.item() == 3  # once per call, as eager; not once more in the capture
     with pytest.raises(aotcache.aot.CaptureError, match="writes in place into a tensor that is not one of its"):
         aotcache.aot_function(count, "nop", on_capture_error="raise")(torch.ones(2))
+
+
+def test_a_last_batch_that_eager_refuses_raises_as_eager_and_keeps_dynamic_shapes(caplog):
+    """Found: BatchNorm1d refuses a training batch of one sample (ValueError). The automatic dynamic compile took
+    that for a failure of dynamic shapes, warned so, and compiled one graph per batch size from then on."""
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    compiled = aotcache.compile(model, compiler="nop")
+    compiled(torch.randn(8, 4))
+    with caplog.at_level(logging.WARNING, logger="aotcache"), pytest.raises(ValueError, match="more than 1 value"):
+        compiled(torch.randn(1, 4))
+    before = compiled.compiled.num_compiles
+    for rows in (5, 6, 7):
+        compiled(torch.randn(rows, 4))
+    assert compiled.compiled.num_compiles == before + 1  # one dynamic graph for every other size
+    assert "compiling with dynamic dimensions failed" not in caplog.text
