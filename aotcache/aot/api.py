@@ -424,10 +424,15 @@ class AOTFunction:
         except CacheFault:
             raise  # strict mode's cache fault is not a failure of dynamic shapes
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
-            if not self._dims.abandon(options.dynamic, exc, self.name):
+            if not self._dims.automatic(options.dynamic):
                 raise
-        return self._runtime_with(flat_args, in_spec, extra, program,
-                                  self._resolve_dynamic(flat_args, in_spec, extra))
+            failure = exc
+        # NOTE [Dynamic dimensions]: the same call compiled statically decides. If it fails too, the error is the
+        # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
+        # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
+        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False))
+        self._dims.abandon(options.dynamic, failure, self.name)
+        return runtime
 
     def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,
                       options: AOTOptions) -> CompiledRuntime:

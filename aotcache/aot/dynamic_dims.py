@@ -86,6 +86,10 @@ class DynamicDims:
         self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
         self._lock = threading.Lock()
 
+    def automatic(self, spec: DimSpec | bool) -> bool:
+        """Whether ``spec`` came from automatic dynamic shapes (``dynamic=None``) and marks dimensions."""
+        return self.dynamic is None and isinstance(spec, tuple)
+
     def abandon(self, spec: DimSpec | bool, exc: BaseException, name: str) -> bool:
         """After a failed compile under ``spec``: True if it was an automatic dynamic one, now given up (the
         caller compiles statically instead); False if the error is the caller's to raise."""

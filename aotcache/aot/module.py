@@ -279,6 +279,12 @@ class AOTModule(nn.Module):
 # wrapped class): its name is the wrapped class's, its ``forward`` carries the wrapped class's ``forward`` as
 # ``__wrapped__`` (so its signature) and runs the wrapper's. ``isinstance(wrapped, AOTModule)`` holds; a copy, a
 # pickle and ``type(wrapped)(module, ...)`` build from the wrapper class itself (``_static_class``).
+# A transformers ``PreTrainedModel`` is also identified by ``isinstance``: the Trainer saved a checkpoint of a
+# wrapper as a bare state dict, without ``config.json`` (``from_pretrained`` of it then failed). For such a model
+# the signed class's ``__class__`` is the wrapped model's class, which ``isinstance`` consults after the type, so
+# ``isinstance(wrapped, PreTrainedModel)`` holds and the Trainer calls ``wrapped.save_pretrained`` (the wrapped
+# model's). Only for these: for a torch building block (``isinstance(m, nn.Linear)`` in an init function run by
+# ``model.apply``) it would make the wrapper count twice.
 _CLASSES: dict[tuple[type, type], type] = {}
 _CLASSES_LOCK = threading.Lock()
 
@@ -302,11 +308,19 @@ def _class_standing_for(cls: type, module_cls: type) -> type:
 
     with contextlib.suppress(AttributeError, TypeError):
         functools.update_wrapper(forward, module_cls.forward)
-    signed = type(module_cls.__name__, (static,), {
-        "forward": forward, "_aotcache_wrapper_class": static, "__module__": static.__module__,
-        "__qualname__": f"{static.__qualname__}[{module_cls.__qualname__}]", "__doc__": static.__doc__})
+    namespace = {"forward": forward, "_aotcache_wrapper_class": static, "__module__": static.__module__,
+                 "__qualname__": f"{static.__qualname__}[{module_cls.__qualname__}]", "__doc__": static.__doc__}
+    if _is_pretrained_model(module_cls):  # NOTE [The wrapper's class]: isinstance(wrapped, PreTrainedModel)
+        namespace["__class__"] = property(lambda self: type(self.orig_module))
+    signed = type(module_cls.__name__, (static,), namespace)
     with _CLASSES_LOCK:
         return _CLASSES.setdefault(key, signed)
+
+
+def _is_pretrained_model(cls: type) -> bool:
+    """Whether ``cls`` is a transformers ``PreTrainedModel`` (by name: transformers is never imported here)."""
+    return any(f"{base.__module__}.{base.__qualname__}" == "transformers.modeling_utils.PreTrainedModel"
+               for base in cls.__mro__)
 
 
 def _unpickle_wrapper(cls: type, module: nn.Module, arguments: dict, training: bool) -> AOTModule:

@@ -123,6 +123,10 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         if func in _OFFSET_READERS:
             self.reads_offsets = True
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            raise _backward_inside_error()
+        if args and _writes_outside_the_trace(func, args[0]):
+            raise outside_mutation_error()
         if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
             # NOTE [Module backward hooks] applies to a hook registered in the function too: Python run at every
             # eager backward, which a compiled backward would run only while capturing
@@ -143,6 +147,46 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
+
+
+# NOTE [Backward inside a compiled function]
+# A whole training step compiled as one function (``step(x, y)``: zero_grad, forward, ``loss.backward()``,
+# ``opt.step()``, the model and optimizer from its closure) is a common torch.compile pattern. ``backward()``
+# accumulates gradients into the ``.grad`` of tensors that are not the function's arguments, and the optimizer
+# then updates them in place: state outside the graph, which a capture on fake tensors cannot write (it failed
+# with torch's internal "mutating a non-functional tensor with a functional tensor" assertion). The call is a
+# CaptureError instead, so aotcache.compile runs the step through torch.compile(backend="aotcache"), whose Dynamo
+# breaks the graph around the backward and the optimizer step, and aot_function takes its fallback.
+def _backward_inside_error() -> CaptureError:
+    return CaptureError("aotcache: the function calls .backward() (a training step compiled whole), which writes "
+                        "gradients into the .grad of tensors that are not its arguments and cannot be captured as "
+                        "one graph. Compile the model instead (aotcache.compile(model)) and call backward() and the "
+                        "optimizer outside it; aotcache.compile(step) runs such a step through "
+                        "torch.compile(backend='aotcache').", reason="unsupported_construct")
+
+
+# NOTE [Writes outside the trace]
+# While a function is captured, its arguments and every tensor it makes are functional (fake) tensors; a plain
+# tensor it reaches is a global, a closure tensor or a module's buffer or parameter not passed in (a module run
+# by an aot_function, an optimizer). Reading one is fine (a constant, NOTE [Program guards]); an in-place op on
+# one would change real state during the capture itself: BatchNorm's ``num_batches_tracked.add_(1)`` ran for
+# real, then the capture failed and the fallback ran the step again (one batch counted twice). Such a write is
+# refused before it runs (then the fallback runs the call once, as eager).
+def _writes_outside_the_trace(func: Any, target: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if not name.endswith("_") or name.endswith("__"):
+        return False
+    targets = target if isinstance(target, (list, tuple)) else (target,)
+    return any(type(value) is torch.Tensor or type(value) is torch.nn.Parameter for value in targets)
+
+
+def outside_mutation_error() -> CaptureError:
+    """The error of NOTE [Writes outside the trace]."""
+    return CaptureError("aotcache: the function writes in place into a tensor that is not one of its arguments (a "
+                        "global or closure tensor, or a module's buffer or parameter reached other than as an "
+                        "input: an optimizer step, a BatchNorm run inside a function), which cannot be captured. "
+                        "Pass the tensor as an argument, or compile the module itself (aotcache.compile(model)).",
+                        reason="unsupported_construct")
 
 
 def _function_name(func: Any) -> str:
@@ -173,12 +217,17 @@ def explain_data_dependent_ops() -> Iterator[None]:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
                            f"({exc}). {fix}", reason="data_dependent") from exc
     except RuntimeError as exc:
+        if _OUTSIDE_MUTATION_ERROR in str(exc):
+            raise outside_mutation_error() from exc
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
         raise CaptureError(f"aotcache: the function reads a tensor's memory directly (.numpy(), numpy.asarray, "
                            f".data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). {fix}",
                            reason="data_dependent") from exc
 
+
+# torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
+_OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional tensor is not allowed"
 
 # torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
 # CaptureErrors (the fallback runs the call), not crashes

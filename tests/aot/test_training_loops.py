@@ -117,9 +117,15 @@ def test_the_wrappers_class_has_the_wrapped_models_name_and_forward_signature():
 
     from transformers.utils.generic import find_labels
 
+    from transformers import PreTrainedModel
+
     model = tiny_bert_classifier()
     wrapped = aotcache.compile(model, compiler="nop")
     assert find_labels(type(wrapped)) == find_labels(type(model)) == ["labels"]
+    # the Trainer saves a PreTrainedModel with save_pretrained (config.json included), anything else as a bare
+    # state dict; a torch building block is not made to look like its class (model.apply would count it twice)
+    assert isinstance(wrapped, PreTrainedModel) and wrapped.__class__ is type(model)
+    assert not isinstance(aotcache.compile(nn.Linear(2, 2), compiler="nop"), nn.Linear)
     assert type(wrapped).__name__ == "BertForSequenceClassification"
     assert isinstance(wrapped, aotcache.aot.module.AOTModule)
     assert inspect.signature(type(wrapped).forward) == inspect.signature(type(model).forward)
@@ -139,12 +145,14 @@ def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
+    from transformers import BertForSequenceClassification
+
     results = []
     for compiled in (False, True):
         model = tiny_bert_classifier()
         args = TrainingArguments(output_dir=str(tmp_path / str(compiled)), max_steps=3, per_device_train_batch_size=4,
-                                 use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
-                                 disable_tqdm=True)
+                                 use_cpu=True, report_to=[], logging_steps=1, save_strategy="steps", save_steps=3,
+                                 seed=0, disable_tqdm=True)
         trainer = Trainer(model=aotcache.compile(model, compiler="nop") if compiled else model, args=args,
                           train_dataset=_Rows(16), eval_dataset=_Rows(8))
         trainer.train()
@@ -155,6 +163,9 @@ def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     assert len(losses) == 3 and losses == pytest.approx(eager_losses, abs=1e-5)
     assert eval_loss is not None and eval_loss == pytest.approx(eager_eval, abs=1e-5)
     torch.testing.assert_close(model.state_dict(), eager.state_dict())
+    # the checkpoint is a full one (config.json: it used to be a bare state dict) and loads as eager's does
+    reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "True" / "checkpoint-3"))
+    torch.testing.assert_close(reloaded.state_dict(), eager.state_dict())
 
 
 _DDP_RANK = r'''
@@ -213,3 +224,71 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
         opt.step()
     expected = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(torch.tensor(eval(results[0][1])), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("entry", ["compile", "aot_function"])
+def test_a_whole_training_step_compiled_as_a_function_matches_eager(entry):
+    """Found: ``aotcache.compile(step)`` with zero_grad / forward / backward / optimizer step inside (the model and
+    optimizer from its closure) crashed with torch's internal functionalization assertion, and BatchNorm's
+    ``num_batches_tracked.add_(1)`` ran for real during the failed capture (NOTE [Backward inside a compiled
+    function], NOTE [Writes outside the trace]). Now the step runs through torch.compile / the fallback, as eager."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    results = []
+    for compiled in (False, True):
+        model = small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step(xb, yb):
+            opt.zero_grad(set_to_none=False)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            return loss
+
+        if compiled:
+            step = (aotcache.compile(step, compiler="nop") if entry == "compile"
+                    else aotcache.aot_function(step, "nop"))
+        losses = torch.stack([step(x, y).detach() for _ in range(3)])
+        results.append((model, step, losses))
+    (eager, _, eager_losses), (model, step, losses) = results
+    torch.testing.assert_close(losses, eager_losses)
+    assert_same_state(model, eager)  # num_batches_tracked == 3 included
+    if entry == "compile":
+        assert step.route == "dynamo"
+
+
+def test_a_function_writing_into_a_closure_tensor_is_refused_before_the_write():
+    """NOTE [Writes outside the trace]: the write must not happen during the capture (the fallback runs it)."""
+    counter = torch.zeros(())
+    calls = []
+
+    def count(x):
+        counter.add_(1)
+        calls.append(1)
+        return x * 2
+
+    compiled = aotcache.aot_function(count, "nop", on_capture_error="eager")
+    for _ in range(3):
+        torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    assert counter.item() == 3  # once per call, as eager; not once more in the capture
+    with pytest.raises(aotcache.aot.CaptureError, match="writes in place into a tensor that is not one of its"):
+        aotcache.aot_function(count, "nop", on_capture_error="raise")(torch.ones(2))
+
+
+def test_a_last_batch_that_eager_refuses_raises_as_eager_and_keeps_dynamic_shapes(caplog):
+    """Found: BatchNorm1d refuses a training batch of one sample (ValueError). The automatic dynamic compile took
+    that for a failure of dynamic shapes, warned so, and compiled one graph per batch size from then on."""
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    compiled = aotcache.compile(model, compiler="nop")
+    compiled(torch.randn(8, 4))
+    with caplog.at_level(logging.WARNING, logger="aotcache"), pytest.raises(ValueError, match="more than 1 value"):
+        compiled(torch.randn(1, 4))
+    before = compiled.compiled.num_compiles
+    for rows in (5, 6, 7):
+        compiled(torch.randn(rows, 4))
+    assert compiled.compiled.num_compiles == before + 1  # one dynamic graph for every other size
+    assert "compiling with dynamic dimensions failed" not in caplog.text
