@@ -9,7 +9,9 @@ else behaves as the wrapped module does, so ``aot_module(model)`` can replace ``
   ``named_modules`` use the wrapped module's names (no ``orig_module.`` prefix), also when the wrapper is a
   submodule of a larger model, so checkpoints move both ways between the eager and the wrapped model;
 * ``train()``, ``eval()``, ``to()``, ``zero_grad()`` reach the wrapped module (it is the wrapper's child), and
-  the compiled call sees the change (its settings and tensors are read at every call).
+  the compiled call sees the change (its settings and tensors are read at every call);
+* ``wrapped.__class__`` is the wrapped module's class (NOTE [The wrapper's __class__]): ``isinstance`` checks
+  such as transformers' ``isinstance(model, PreTrainedModel)`` hold.
 
 NOTE [Methods run the compiled forward]
 A method of the wrapped module, such as transformers' ``generate``, calls ``self(...)`` or ``self.forward``
@@ -169,6 +171,21 @@ class AOTModule(nn.Module):
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
+
+    # NOTE [The wrapper's __class__]
+    # Libraries decide what a model is from ``model.__class__``: transformers' Trainer takes the label names
+    # from ``find_labels(model.__class__)`` (the class's forward signature and name: with the wrapper's it found
+    # none, so evaluation lost ``eval_loss`` and returned the loss as predictions) and saves a checkpoint with
+    # ``save_pretrained`` only when ``isinstance(model, PreTrainedModel)`` (else weights without config.json).
+    # So ``__class__`` is the wrapped module's class, as ``unittest.mock`` does for a spec: ``isinstance(wrapped,
+    # type(model))`` holds, and so does ``isinstance(wrapped, AOTModule)`` (Python checks ``type()`` first).
+    # ``type(wrapped)`` is still the wrapper's; copying and pickling go through ``__deepcopy__`` /
+    # ``__reduce__`` above, never ``__class__``.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        modules = self.__dict__.get("_modules")
+        orig = None if modules is None else modules.get(_ORIG)
+        return type(self) if orig is None else type(orig)
 
     # NOTE [Container protocol] Python looks special methods up on the type, not through ``__getattr__``, so a
     # wrapped nn.Sequential / ModuleList needs these to index, slice, iterate and measure as the module does.

@@ -110,3 +110,34 @@ def test_wav2vec2_training_with_time_masks_runs_through_the_torch_compile_backen
     from aotcache.aot.fallback import fallback_counts
 
     assert fallback_counts().get("region", 0) >= 1
+
+
+def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the_eager_one(tmp_path):
+    # NOTE [The wrapper's __class__]: Trainer found no label names on the wrapper's class (evaluation had no
+    # eval_loss and returned the loss as predictions) and saved weights without config.json
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 64, (8,), generator=generator), "labels": torch.tensor(i % 3)}
+            for i in range(8)]
+    results = {}
+    for kind in ("eager", "compiled"):
+        model = tiny_roberta_classifier()
+        if kind == "compiled":
+            model = aotcache.compile(model, compiler="nop")
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / kind), max_steps=2, per_device_train_batch_size=4,
+                                              per_device_eval_batch_size=4, report_to=[], use_cpu=True, seed=0,
+                                              save_strategy="no", learning_rate=1e-3, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        trainer.train()
+        metrics = trainer.evaluate()
+        predictions = trainer.predict(data[:4])
+        trainer.save_model(str(tmp_path / kind))
+        results[kind] = (metrics, predictions, sorted(p.name for p in (tmp_path / kind).iterdir()))
+    (eager_metrics, eager_predictions, eager_files), (metrics, predictions, files) = results["eager"], results["compiled"]
+    assert "eval_loss" in metrics and abs(metrics["eval_loss"] - eager_metrics["eval_loss"]) < 1e-5
+    assert predictions.predictions.shape == eager_predictions.predictions.shape == (4, 3)
+    assert (predictions.label_ids == eager_predictions.label_ids).all()
+    assert "config.json" in files and files == eager_files
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "compiled"))
+    assert isinstance(reloaded, type(model.orig_module))
