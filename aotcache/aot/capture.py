@@ -26,6 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
@@ -209,7 +210,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
-        with explain_data_dependent_ops(), resize_check, ExplainUnsupportedOps():
+        with explain_data_dependent_ops(), resize_check, ExplainUnsupportedOps(), MaskedAssignAsWhere():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -466,7 +467,8 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        flat_outs = object_output_leaves(self.flat_fn(*call_args))
+        with MaskedAssignAsWhere():  # NOTE [Masked assignment as where]
+            flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
