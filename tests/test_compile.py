@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -100,6 +101,16 @@ def test_fullgraph_makes_a_graph_break_an_error():
     compiled = aotcache.compile(Breaks(), compiler="nop", fullgraph=True, cache=False)
     with pytest.raises(CaptureError, match="depends on tensor data"):
         compiled(torch.randn(2, 4))
+
+
+def test_a_graph_break_names_where_the_model_makes_it(caplog):
+    # found with DETR: the warning named aten._local_scalar_dense but not the model's line (its
+    # `if not torch.isfinite(hidden_states).all():`), so a user could not find the break to remove
+    compiled = aotcache.compile(Breaks(), compiler="nop", cache=False)
+    with caplog.at_level("WARNING", logger="aotcache"):
+        compiled(torch.randn(2, 4))
+    assert compiled.route == "dynamo"
+    assert re.search(r"at .*test_compile\.py:\d+ in forward: `return y \* 2 if y\.sum\(\)\.item\(\) > 0", caplog.text)
 
 
 def test_a_train_step_taking_the_model_and_optimizer_goes_the_dynamo_way():

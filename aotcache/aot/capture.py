@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
@@ -238,7 +239,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
-        with explain_data_dependent_ops(), resize_check, explain:
+        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -513,7 +514,8 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        flat_outs = object_output_leaves(self.flat_fn(*call_args))
+        with MaskedAssignAsWhere():  # NOTE [Masked assignment as where]
+            flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)

@@ -187,9 +187,10 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
 def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
     """What the ``torch.compile`` backend returns for a Dynamo graph it cannot capture: the graph as Python
     (eager's results), counted as ``region`` and logged once per reason. NOTE [Dynamo graphs aotcache cannot
-    capture]: Dynamo keeps ops such as ``index_put`` with a boolean mask (Wav2Vec2's time masking) inside
-    its graph, which a static fake-tensor capture refuses as data-dependent; failing the user's
-    ``torch.compile`` there would fail a call eager runs.
+    capture]: Dynamo keeps ops such as ``index_put`` with a boolean mask inside its graph (Wav2Vec2's time
+    masking failed so before NOTE [Masked assignment as where]; a value with a row per selected element still
+    does in training), which the capture refuses as data-dependent; failing the user's ``torch.compile`` there
+    would fail a call eager runs.
 
     :raises CaptureError: ``exc`` itself in strict mode (``AOTCACHE_STRICT=1``).
     """

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -196,9 +198,31 @@ def _function_name(func: Any) -> str:
         return repr(func)
 
 
+_OWN_DIRECTORIES = (os.path.dirname(torch.__file__) + os.sep,
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+
+
+def _call_site(exc: BaseException) -> str:
+    """`` at <file>:<line> in <function>: `<source>` ``: the innermost frame of the model's code (not torch's,
+    not aotcache's) in ``exc``'s traceback, so that a data-dependent op's error says where the model does it
+    (DETR's ``if not torch.isfinite(hidden_states).all():``); empty if there is none."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith(_OWN_DIRECTORIES) and not frame.filename.startswith("<")]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    where = frame.filename
+    marker = where.rfind("site-packages" + os.sep)
+    if marker >= 0:
+        where = where[marker + len("site-packages" + os.sep):]
+    source = f": `{frame.line.strip()}`" if frame.line else ""
+    return f" (at {where}:{frame.lineno} in {frame.name}{source})"
+
+
 @contextlib.contextmanager
 def explain_data_dependent_ops() -> Iterator[None]:
-    """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op."""
+    """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op and where the
+    model calls it."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
@@ -206,24 +230,24 @@ def explain_data_dependent_ops() -> Iterator[None]:
     try:
         yield
     except DynamicOutputShapeException as exc:
-        raise CaptureError(f"aotcache: operator {exc.func} has an output shape that depends on tensor data "
-                           f"(e.g. nonzero, masked_select, boolean indexing), which cannot be captured. {fix}",
-                           reason="data_dependent") from exc
-    except DataDependentOutputException as exc:
-        raise CaptureError(f"aotcache: operator {exc.func} returns a value that depends on tensor data (e.g. "
-                           f".item(), .tolist(), Python control flow on a tensor), which cannot be captured. "
+        raise CaptureError(f"aotcache: operator {exc.func}{_call_site(exc)} has an output shape that depends on "
+                           f"tensor data (e.g. nonzero, masked_select, boolean indexing), which cannot be captured. "
                            f"{fix}", reason="data_dependent") from exc
+    except DataDependentOutputException as exc:
+        raise CaptureError(f"aotcache: operator {exc.func}{_call_site(exc)} returns a value that depends on tensor "
+                           f"data (e.g. .item(), .tolist(), Python control flow on a tensor), which cannot be "
+                           f"captured. {fix}", reason="data_dependent") from exc
     except GuardOnDataDependentSymNode as exc:
-        raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value "
+        raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value{_call_site(exc)} "
                            f"({exc}). {fix}", reason="data_dependent") from exc
     except RuntimeError as exc:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
-        raise CaptureError(f"aotcache: the function reads a tensor's memory directly (.numpy(), numpy.asarray, "
-                           f".data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). {fix}",
-                           reason="data_dependent") from exc
+        raise CaptureError(f"aotcache: the function reads a tensor's memory directly{_call_site(exc)} (.numpy(), "
+                           f"numpy.asarray, .data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). "
+                           f"{fix}", reason="data_dependent") from exc
 
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs

@@ -402,3 +402,67 @@ def test_a_tensor_hook_registered_inside_the_function_runs_at_every_backward():
         torch.testing.assert_close(got, expected)
     with pytest.raises(CaptureError, match="registers a tensor hook"):
         aotcache.aot_function(make([]), Recorder(), cache=False, on_capture_error="raise")(x)
+
+
+class _PerElementAssign(nn.Module):
+    """``x[mask] = rows`` with one row per selected element: Dynamo keeps it in its graph, and its size depends
+    on the mask's data, so aotcache cannot capture that graph (not even as a where)."""
+
+    def forward(self, x, mask, rows):
+        x = x * 2
+        x[mask] = rows
+        return x.sum(-1)
+
+
+def test_the_torch_compile_backend_runs_a_graph_it_cannot_capture_eagerly_instead_of_failing(monkeypatch):
+    # NOTE [Dynamo graphs aotcache cannot capture]: this was BackendCompilerFailed (torch.compile's own backends
+    # run it); AOTCACHE_STRICT=1 still raises the CaptureError
+    x, mask = torch.randn(4, 3, requires_grad=True), torch.tensor([True, False, True, False])
+    rows = torch.randn(2, 3, requires_grad=True)  # training: the joint trace meets nonzero's data-dependent size
+    expected = _PerElementAssign()(x, mask, rows)
+    want = torch.autograd.grad(expected.sum(), (x, rows))
+    before = fallback_counts().get("region", 0)
+    compiled = torch.compile(_PerElementAssign(), backend="aotcache", options={"compiler": "nop"})
+    got = compiled(x, mask, rows)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.sum(), (x, rows)), want))
+    assert fallback_counts().get("region", 0) == before + 1
+    from torch import _dynamo
+
+    _dynamo.reset()
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
+    with pytest.raises(Exception, match="depends on tensor data"):
+        torch.compile(_PerElementAssign(), backend="aotcache", options={"compiler": "nop"})(x, mask, rows)
+
+
+@pytest.mark.parametrize("value", ["scalar", "row", "broadcast row"])
+def test_a_boolean_mask_assignment_is_captured_whole_as_a_where(value):
+    # NOTE [Masked assignment as where]: it used to be a data-dependent CaptureError (nonzero), then the fallback
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.embed = nn.Parameter(torch.randn(3 if value == "row" else 1))
+
+        def forward(self, x, mask):
+            h = self.fc(x)
+            h[mask] = -5.0 if value == "scalar" else self.embed
+            return h.tanh()
+
+    torch.manual_seed(0)
+    model = Masked()
+    compiled = aotcache.compile(model, compiler="nop", fullgraph=True)
+    x = torch.randn(2, 4, 3)
+    for seed in range(2):  # another mask: the same graph
+        mask = torch.rand(2, 4, generator=torch.Generator().manual_seed(seed)) > 0.5
+        expected = model(x, mask)
+        expected.sum().backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        got = compiled(x, mask)
+        got.sum().backward()
+        assert torch.allclose(got, expected, atol=1e-6)
+        for want, p in zip(grads, model.parameters()):
+            assert (want is None and p.grad is None) or torch.allclose(p.grad, want, atol=1e-6)
+        model.zero_grad()
+    assert compiled.route == "aot" and compiled.compiled.num_compiles == 1

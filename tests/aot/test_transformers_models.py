@@ -87,26 +87,60 @@ def _wav2vec2_losses(forward, steps: int) -> list:
 
 
 def test_wav2vec2_training_with_time_masks_through_compile_gives_eager_losses():
-    # the masks are numpy draws (NOTE [numpy random under Dynamo]) applied by boolean indexing, which Dynamo keeps
-    # in its graph: that graph runs eagerly (NOTE [Dynamo graphs aotcache cannot capture]) instead of failing
+    # the masks are numpy draws (NOTE [numpy random under Dynamo]) applied by a boolean-mask assignment, which
+    # Dynamo keeps in its graph and aotcache captures as a where (NOTE [Masked assignment as where])
+    from aotcache.aot.fallback import fallback_counts
+
     eager, model = tiny_wav2vec2_ctc(), tiny_wav2vec2_ctc()
     compiled = aotcache.compile(model, compiler="nop")
     assert torch.equal(torch.stack(_wav2vec2_losses(compiled, 2)), torch.stack(_wav2vec2_losses(eager, 2)))
-    assert compiled.route == "dynamo"
+    assert compiled.route == "dynamo" and fallback_counts().get("region", 0) == 0  # every graph compiled
     for (name, want), (_, got) in zip(eager.named_parameters(), model.named_parameters()):
         assert (want.grad is None) == (got.grad is None) and (want.grad is None or torch.allclose(want.grad, got.grad,
                                                                                                  atol=1e-6)), name
 
 
 def test_wav2vec2_training_with_time_masks_runs_through_the_torch_compile_backend():
-    # it failed with BackendCompilerFailed (CaptureError: aten.nonzero) where torch.compile's own backends run
+    # it failed with BackendCompilerFailed (CaptureError: aten.nonzero) where torch.compile's own backends run;
+    # the masked assignment is captured now (NOTE [Masked assignment as where])
     import torch._dynamo
 
     eager, model = tiny_wav2vec2_ctc(), tiny_wav2vec2_ctc()
     compiled = torch.compile(model, backend="aotcache", options={"compiler": "nop"})
     with torch._dynamo.config.patch(use_numpy_random_stream=True):  # numpy's draws, to compare with eager's
         losses = _wav2vec2_losses(compiled, 1)
-    assert torch.equal(losses[0], _wav2vec2_losses(eager, 1)[0])
+    assert torch.allclose(losses[0], _wav2vec2_losses(eager, 1)[0], rtol=1e-6)
     from aotcache.aot.fallback import fallback_counts
 
-    assert fallback_counts().get("region", 0) >= 1
+    assert fallback_counts().get("region", 0) == 0
+
+
+def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the_eager_one(tmp_path):
+    # NOTE [The wrapper's __class__]: Trainer found no label names on the wrapper's class (evaluation had no
+    # eval_loss and returned the loss as predictions) and saved weights without config.json
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 64, (8,), generator=generator), "labels": torch.tensor(i % 3)}
+            for i in range(8)]
+    results = {}
+    for kind in ("eager", "compiled"):
+        model = tiny_roberta_classifier()
+        if kind == "compiled":
+            model = aotcache.compile(model, compiler="nop")
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / kind), max_steps=2, per_device_train_batch_size=4,
+                                              per_device_eval_batch_size=4, report_to=[], use_cpu=True, seed=0,
+                                              save_strategy="no", learning_rate=1e-3, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        trainer.train()
+        metrics = trainer.evaluate()
+        predictions = trainer.predict(data[:4])
+        trainer.save_model(str(tmp_path / kind))
+        results[kind] = (metrics, predictions, sorted(p.name for p in (tmp_path / kind).iterdir()))
+    (eager_metrics, eager_predictions, eager_files), (metrics, predictions, files) = results["eager"], results["compiled"]
+    assert "eval_loss" in metrics and abs(metrics["eval_loss"] - eager_metrics["eval_loss"]) < 1e-5
+    assert predictions.predictions.shape == eager_predictions.predictions.shape == (4, 3)
+    assert (predictions.label_ids == eager_predictions.label_ids).all()
+    assert "config.json" in files and files == eager_files
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "compiled"))
+    assert isinstance(reloaded, type(model.orig_module))
