@@ -116,7 +116,7 @@ def test_wav2vec2_training_with_time_masks_runs_through_the_torch_compile_backen
 
 
 def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the_eager_one(tmp_path):
-    # NOTE [The wrapper's __class__]: Trainer found no label names on the wrapper's class (evaluation had no
+    # NOTE [The wrapper's class]: Trainer found no label names on the wrapper's class (evaluation had no
     # eval_loss and returned the loss as predictions) and saved weights without config.json
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
