@@ -31,6 +31,7 @@ from aotcache.aot.refusals import (
     explain_data_dependent_ops,
     quiet_fake_tensor_failures,
     refuse_constants_requiring_grad,
+    tensor_subclass_error,
     unsupported_layout_error,
 )
 from aotcache.aot.input_mutations import (
@@ -106,9 +107,13 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
             raise unsupported_layout_error(f"flat argument {position}", arg.layout)
+        if is_traceable_wrapper_subclass(arg):  # NOTE [Tensor subclass arguments]
+            raise tensor_subclass_error(f"flat argument {position}", type(arg))
     existing = detect_fake_mode(list(flat_args))
     if existing is not None:
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]

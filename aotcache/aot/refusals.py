@@ -20,7 +20,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_module_backward_hooks",
-           "unsupported_layout_error"]
+           "unsupported_layout_error", "tensor_subclass_error"]
 
 
 def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
@@ -56,6 +56,16 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
                         f"supported in a compiled function. Convert it to a dense tensor outside the compiled "
                         f"function (.to_dense(), .dequantize(), .to_padded_tensor(0)), or move the computation on "
                         f"it out of the function.", reason="unsupported_layout")
+
+
+def tensor_subclass_error(what: str, kind: type) -> CaptureError:
+    """NOTE [Tensor subclass arguments]: the error for a tensor subclass that wraps other tensors
+    (``__tensor_flatten__``: DTensor, TwoTensor, float8 tensors). Capture has no subclass desugaring: the graph
+    would be traced on a plain fake counterpart and return plain gradients where eager returns the subclass. With
+    the default fallback such a call runs eagerly."""
+    return CaptureError(f"aotcache: {what} is a {kind.__name__}, a tensor subclass that wraps other tensors; a "
+                        f"compiled graph takes plain tensors only and would return plain gradients for it. Pass its "
+                        f"inner tensors instead, or call the function eagerly.", reason="unsupported_layout")
 
 
 def functorch_transform_error(what: str) -> CaptureError:

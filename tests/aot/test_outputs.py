@@ -342,6 +342,30 @@ def test_under_no_grad_outputs_keep_eager_requires_grad():
     assert got == want == [True, False]
 
 
+
+def test_a_tensor_subclass_argument_runs_eagerly_with_subclass_gradients():
+    # PyTorch's test_aotdispatch (TestAOTDispatch, TwoTensor arguments): the capture traced the subclass as a
+    # plain tensor and the gradients came back plain where eager gives TwoTensors (NOTE [Tensor subclass
+    # arguments] in refusals.py)
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def fn(a, b):
+        return a * 6 + b / 2
+
+    def run(f):
+        a = TwoTensor(torch.ones(2, 2, requires_grad=True), torch.ones(2, 2, requires_grad=True))
+        b = torch.ones(2, 2, requires_grad=True)
+        f(a, b).sum().backward()
+        return a.grad, b.grad
+
+    with pytest.raises(CaptureError, match="flat argument 0 is a TwoTensor, a tensor subclass"):
+        run(compile_fn(fn))
+    expected = run(fn)
+    got = run(aot_function(fn, nop, cache=False))  # the default fallback
+    assert [type(g) for g in got] == [type(e) for e in expected] == [TwoTensor, TwoTensor]
+    assert all(torch.equal(g.a, e.a) and torch.equal(g.b, e.b) for g, e in zip(got, expected))
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
