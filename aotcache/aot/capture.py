@@ -407,6 +407,27 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _mutation_counts(functional: Sequence[Any]) -> list:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return [torch._functionalize_mutation_counter(value.elem) if isinstance(value, FunctionalTensor) else None
+            for value in functional]
+
+
+def _refuse_backward_mutations(functional: Sequence[Any], before: list, positions: Sequence[int]) -> None:
+    """NOTE [Backward mutations of inputs]: a backward that writes into a forward input (a custom autograd
+    function whose backward does ``ctx.saved_input.zero_()``) mutates it in eager when ``backward()`` runs; the
+    compiled backward returns gradients only, so the write would be lost. Refused, so the call takes the
+    fallback (eager autograd)."""
+    for index, (count, after) in enumerate(zip(before, _mutation_counts(functional))):
+        if count is not None and after != count:
+            raise CaptureError(
+                f"aotcache: the backward mutates graph input {index} (flat argument {positions[index]}) in place "
+                f"(e.g. a custom autograd function's backward writes into a tensor saved from the forward); a "
+                f"compiled backward cannot apply that mutation. Mutate it outside the backward, or call the "
+                f"function eagerly.")
+
+
 def _to_functional(value: Any) -> Any:
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -715,8 +736,10 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
+                before = _mutation_counts(functional_primals)
                 computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                allow_unused=True)
+                _refuse_backward_mutations(functional_primals, before, analysis.positions)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
         return tuple(_from_functional(v) for v in (*fw_outs, *grads))

@@ -195,6 +195,13 @@ def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
         if node.op != "get_attr":
             continue
         value = getattr(gm, node.target, None)
+        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+            # a fake tensor has no data: the graph would fail at its first real call with FakeTensorMode's
+            # "Please convert all Tensors to FakeTensors"; say what it is now
+            raise CaptureError(
+                f"aotcache: the function reads a FakeTensor of shape {tuple(value.shape)} from a closure, a global "
+                f"or a module attribute (an unexpected fake constant); a compiled graph needs its real value. Pass "
+                f"a real tensor, or take it as an argument.")
         if isinstance(value, torch.nn.Parameter) and value.requires_grad:
             raise CaptureError(
                 f"aotcache: the function reads a parameter of shape {tuple(value.shape)} that is not one of its "

@@ -221,6 +221,24 @@ def test_aot_module_simplified_with_parameters_on_the_graph_module():
     assert model.weight.grad is not None
 
 
+
+def test_aot_module_simplified_names_a_fake_tensor_read_from_a_closure():
+    # PyTorch's test_aotdispatch (test_aot_module_simplified_fake_tensor_gm_raises): the fake constant was baked
+    # into the graph and the first real call failed inside FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_z = mode.from_tensor(torch.randn(4))
+
+    class ReadsFake(torch.nn.Module):
+        def forward(self, x):
+            return (x + fake_z,)
+
+    with pytest.raises(CaptureError, match="reads a FakeTensor of shape \\(4,\\)"):
+        aot_module_simplified(ReadsFake(), (mode.from_tensor(torch.randn(4, requires_grad=True)),), graph_compiler,
+                              cache=False)
+
+
 class SmallNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -366,6 +366,40 @@ def test_a_tensor_subclass_argument_runs_eagerly_with_subclass_gradients():
     assert all(torch.equal(g.a, e.a) and torch.equal(g.b, e.b) for g, e in zip(got, expected))
 
 
+
+def test_a_backward_that_mutates_a_forward_input_runs_eagerly():
+    # PyTorch's test_aotdispatch (test_backward_mutation_forward_inputs): a custom op's backward zeroes an input
+    # saved on ctx; the compiled backward dropped that write (NOTE [Backward mutations of inputs] in capture.py)
+    @torch.library.custom_op("aotcache_test::clone_then_zero_in_backward", mutates_args=())
+    def clone_op(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    clone_op.register_fake(lambda x, scratch: torch.empty_like(x))
+
+    def backward(ctx, grad):
+        with torch.no_grad():
+            ctx.scratch.zero_()
+        return grad * 2, None
+
+    def setup_context(ctx, inputs, output):
+        ctx.scratch = inputs[1]
+
+    clone_op.register_autograd(backward, setup_context=setup_context)
+
+    def fn(x, scratch):
+        return torch.ops.aotcache_test.clone_then_zero_in_backward(x, scratch) * 3
+
+    def run(f):
+        x, scratch = torch.ones(3, requires_grad=True), torch.ones(3)
+        f(x, scratch).sum().backward()
+        return x.grad, scratch
+
+    with pytest.raises(CaptureError, match="the backward mutates graph input 1"):
+        run(compile_fn(fn))
+    grad, scratch = run(aot_function(fn, nop, cache=False))  # the default fallback: eager autograd
+    assert torch.equal(grad, torch.full((3,), 6.0)) and torch.equal(scratch, torch.zeros(3))
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
