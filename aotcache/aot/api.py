@@ -27,6 +27,7 @@ import logging
 import struct
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -677,6 +678,37 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     raise TensorifyScalarRestartAnalysis
 
 
+def _keeps_source_locations(gm: nn.Module) -> bool:
+    return (isinstance(gm, torch.fx.GraphModule) and type(gm.graph._codegen) is torch.fx.graph.CodeGen
+            and any(node.stack_trace for node in gm.graph.nodes))
+
+
+def _run_keeping_source_locations(gm: nn.Module, args: Sequence[Any]) -> Any:
+    """Run ``gm`` node by node (``fx.Interpreter``) so that, under :func:`_source_locations`, each node's meta is
+    the current one while its ops are traced (NOTE [Source stack traces])."""
+    if not _keeps_source_locations(gm):
+        return gm(*args)
+    return torch.fx.Interpreter(gm).run(*args)
+
+
+@contextlib.contextmanager
+def _source_locations(gm: nn.Module) -> Iterator[None]:
+    """NOTE [Source stack traces]: the nodes of a GraphModule that Dynamo (or an ``fx.Tracer`` with
+    ``record_stack_traces``) made carry the user's source line as ``stack_trace``; compilers show it (Inductor's
+    generated code, error messages, profiles). While it is captured, ``preserve_node_meta`` makes every ATen node
+    traced from one inherit its ``stack_trace``, and anomaly mode records the forward op's line for the
+    backward's nodes (the joint trace hands it on: ``capture.joint_graph``), as PyTorch's AOT Autograd does."""
+    if not _keeps_source_locations(gm):
+        yield
+        return
+    from torch.fx import traceback as fx_traceback
+
+    with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled.")
+        with torch.autograd.detect_anomaly(check_nan=False):
+            yield
+
+
 def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
                          services: CompileServices, cache: Any = True) -> Callable:
     """Compile Dynamo's graph ``gm`` now for its (possibly fake, symbolic) ``example_inputs`` and return
@@ -700,15 +732,19 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return gm(*flat)
+            return _run_keeping_source_locations(gm, flat)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
-        return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
+        if not _keeps_source_locations(gm):
+            return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
+        with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
+            return _run_keeping_source_locations(gm, flat[num_lifted:])
 
     _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
-    with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"):
+    with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"), \
+            _source_locations(gm):
         runtime = services.compile_graph(cache, gm, example_inputs, flat_fn, example, options,
                                          [*param_names, *buffer_names])
 

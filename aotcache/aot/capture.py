@@ -34,6 +34,7 @@ from aotcache.aot.refusals import (
     quiet_fake_tensor_failures,
     refuse_host_random,
     refuse_constants_requiring_grad,
+    tensor_subclass_error,
     unsupported_layout_error,
 )
 from aotcache.aot.input_mutations import (
@@ -109,9 +110,13 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
             raise unsupported_layout_error(f"flat argument {position}", arg.layout)
+        if is_traceable_wrapper_subclass(arg):  # NOTE [Tensor subclass arguments]
+            raise tensor_subclass_error(f"flat argument {position}", type(arg))
     existing = detect_fake_mode(list(flat_args))
     if existing is not None:
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
@@ -423,6 +428,40 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
 # ----------------------------------------------------------------------------------------------------------
 # Pass 2: functionalized trace
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _hand_on_source_locations(outs: Sequence[Any]) -> None:
+    """Give the backward's nodes the source line of the forward op they differentiate, when the caller keeps
+    source locations (NOTE [Source stack traces] in api.py)."""
+    from torch.fx import traceback as fx_traceback
+
+    if not fx_traceback.has_preserved_node_meta():
+        return
+    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+
+    setup_stacktrace_preservation_hooks([out.grad_fn for out in outs
+                                         if isinstance(out, torch.Tensor) and out.grad_fn is not None])
+
+
+def _mutation_counts(functional: Sequence[Any]) -> list:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return [torch._functionalize_mutation_counter(value.elem) if isinstance(value, FunctionalTensor) else None
+            for value in functional]
+
+
+def _refuse_backward_mutations(functional: Sequence[Any], before: list, positions: Sequence[int]) -> None:
+    """NOTE [Backward mutations of inputs]: a backward that writes into a forward input (a custom autograd
+    function whose backward does ``ctx.saved_input.zero_()``) mutates it in eager when ``backward()`` runs; the
+    compiled backward returns gradients only, so the write would be lost. Refused, so the call takes the
+    fallback (eager autograd)."""
+    for index, (count, after) in enumerate(zip(before, _mutation_counts(functional))):
+        if count is not None and after != count:
+            raise CaptureError(
+                f"aotcache: the backward mutates graph input {index} (flat argument {positions[index]}) in place "
+                f"(e.g. a custom autograd function's backward writes into a tensor saved from the forward); a "
+                f"compiled backward cannot apply that mutation. Mutate it outside the backward, or call the "
+                f"function eagerly.")
 
 
 def _to_functional(value: Any) -> Any:
@@ -759,8 +798,11 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
+                _hand_on_source_locations([out for out, _ in pairs])
+                before = _mutation_counts(functional_primals)
                 computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                allow_unused=True)
+                _refuse_backward_mutations(functional_primals, before, analysis.positions)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
         return tuple(_from_functional(v) for v in (*fw_outs, *grads))

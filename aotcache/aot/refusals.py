@@ -22,7 +22,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
-           "refuse_host_random", "refuse_module_backward_hooks",
+           "refuse_host_random", "refuse_module_backward_hooks", "tensor_subclass_error",
            "unsupported_layout_error"]
 
 
@@ -85,6 +85,16 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
                         f"supported in a compiled function. Convert it to a dense tensor outside the compiled "
                         f"function (.to_dense(), .dequantize(), .to_padded_tensor(0)), or move the computation on "
                         f"it out of the function.", reason="unsupported_layout")
+
+
+def tensor_subclass_error(what: str, kind: type) -> CaptureError:
+    """NOTE [Tensor subclass arguments]: the error for a tensor subclass that wraps other tensors
+    (``__tensor_flatten__``: DTensor, TwoTensor, float8 tensors). Capture has no subclass desugaring: the graph
+    would be traced on a plain fake counterpart and return plain gradients where eager returns the subclass. With
+    the default fallback such a call runs eagerly."""
+    return CaptureError(f"aotcache: {what} is a {kind.__name__}, a tensor subclass that wraps other tensors; a "
+                        f"compiled graph takes plain tensors only and would return plain gradients for it. Pass its "
+                        f"inner tensors instead, or call the function eagerly.", reason="unsupported_layout")
 
 
 def functorch_transform_error(what: str) -> CaptureError:
@@ -353,6 +363,13 @@ def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
         if node.op != "get_attr":
             continue
         value = getattr(gm, node.target, None)
+        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+            # a fake tensor has no data: the graph would fail at its first real call with FakeTensorMode's
+            # "Please convert all Tensors to FakeTensors"; say what it is now
+            raise CaptureError(
+                f"aotcache: the function reads a FakeTensor of shape {tuple(value.shape)} from a closure, a global "
+                f"or a module attribute (an unexpected fake constant); a compiled graph needs its real value. Pass "
+                f"a real tensor, or take it as an argument.")
         if isinstance(value, torch.nn.Parameter) and value.requires_grad:
             raise CaptureError(
                 f"aotcache: the function reads a parameter of shape {tuple(value.shape)} that is not one of its "

@@ -221,6 +221,55 @@ def test_aot_module_simplified_with_parameters_on_the_graph_module():
     assert model.weight.grad is not None
 
 
+
+def test_aot_module_simplified_names_a_fake_tensor_read_from_a_closure():
+    # PyTorch's test_aotdispatch (test_aot_module_simplified_fake_tensor_gm_raises): the fake constant was baked
+    # into the graph and the first real call failed inside FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_z = mode.from_tensor(torch.randn(4))
+
+    class ReadsFake(torch.nn.Module):
+        def forward(self, x):
+            return (x + fake_z,)
+
+    with pytest.raises(CaptureError, match="reads a FakeTensor of shape \\(4,\\)"):
+        aot_module_simplified(ReadsFake(), (mode.from_tensor(torch.randn(4, requires_grad=True)),), graph_compiler,
+                              cache=False)
+
+
+
+def test_aot_module_simplified_keeps_the_source_line_of_every_node():
+    # PyTorch's test_aotdispatch (test_aot_module_simplified_preserves_stack_trace): the forward and backward
+    # graphs had no stack_trace, so Inductor's code and errors could not point at the user's line
+    # (NOTE [Source stack traces] in aot/api.py)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            return ((self.linear(x) + y).relu(),)
+
+    tracer = torch.fx.Tracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(Block())
+    gm = torch.fx.GraphModule(tracer.root, graph)
+    missing = []
+
+    def compiler(graph_module, example_inputs):
+        missing.extend(node.name for node in graph_module.graph.nodes if node.op not in ("placeholder", "output")
+                       and "test_api.py" not in (node.stack_trace or ""))
+        return graph_module
+
+    x, y = torch.randn(2, 4, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+    (out,) = aot_module_simplified(gm, [x, y], compiler, compiler, cache=False)(x, y)
+    out.sum().backward()
+    torch.testing.assert_close(out, gm(x, y)[0])
+    assert x.grad is not None and missing == []
+
+
 class SmallNet(torch.nn.Module):
     def __init__(self):
         super().__init__()

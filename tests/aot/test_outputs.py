@@ -342,6 +342,64 @@ def test_under_no_grad_outputs_keep_eager_requires_grad():
     assert got == want == [True, False]
 
 
+
+def test_a_tensor_subclass_argument_runs_eagerly_with_subclass_gradients():
+    # PyTorch's test_aotdispatch (TestAOTDispatch, TwoTensor arguments): the capture traced the subclass as a
+    # plain tensor and the gradients came back plain where eager gives TwoTensors (NOTE [Tensor subclass
+    # arguments] in refusals.py)
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def fn(a, b):
+        return a * 6 + b / 2
+
+    def run(f):
+        a = TwoTensor(torch.ones(2, 2, requires_grad=True), torch.ones(2, 2, requires_grad=True))
+        b = torch.ones(2, 2, requires_grad=True)
+        f(a, b).sum().backward()
+        return a.grad, b.grad
+
+    with pytest.raises(CaptureError, match="flat argument 0 is a TwoTensor, a tensor subclass"):
+        run(compile_fn(fn))
+    expected = run(fn)
+    got = run(aot_function(fn, nop, cache=False))  # the default fallback
+    assert [type(g) for g in got] == [type(e) for e in expected] == [TwoTensor, TwoTensor]
+    assert all(torch.equal(g.a, e.a) and torch.equal(g.b, e.b) for g, e in zip(got, expected))
+
+
+
+def test_a_backward_that_mutates_a_forward_input_runs_eagerly():
+    # PyTorch's test_aotdispatch (test_backward_mutation_forward_inputs): a custom op's backward zeroes an input
+    # saved on ctx; the compiled backward dropped that write (NOTE [Backward mutations of inputs] in capture.py)
+    @torch.library.custom_op("aotcache_test::clone_then_zero_in_backward", mutates_args=())
+    def clone_op(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    clone_op.register_fake(lambda x, scratch: torch.empty_like(x))
+
+    def backward(ctx, grad):
+        with torch.no_grad():
+            ctx.scratch.zero_()
+        return grad * 2, None
+
+    def setup_context(ctx, inputs, output):
+        ctx.scratch = inputs[1]
+
+    clone_op.register_autograd(backward, setup_context=setup_context)
+
+    def fn(x, scratch):
+        return torch.ops.aotcache_test.clone_then_zero_in_backward(x, scratch) * 3
+
+    def run(f):
+        x, scratch = torch.ones(3, requires_grad=True), torch.ones(3)
+        f(x, scratch).sum().backward()
+        return x.grad, scratch
+
+    with pytest.raises(CaptureError, match="the backward mutates graph input 1"):
+        run(compile_fn(fn))
+    grad, scratch = run(aot_function(fn, nop, cache=False))  # the default fallback: eager autograd
+    assert torch.equal(grad, torch.full((3,), 6.0)) and torch.equal(scratch, torch.zeros(3))
+
+
 def test_runtime_refuses_an_output_that_lost_requires_grad():
     # fault injection: metadata that says the output requires grad, a forward that returns a plain tensor
     captured = capture(lambda x: x * 2, [torch.randn(3)])
