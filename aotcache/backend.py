@@ -76,10 +76,9 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
         if chosen not in COMPILER_NAMES:
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
+    from aotcache.aot.errors import CaptureError
     from aotcache.api import aot_module_simplified
     from aotcache.compilers.base import options_with_mode
-
-    from aotcache.aot.errors import CaptureError
 
     compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
     try:

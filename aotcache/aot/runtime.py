@@ -381,7 +381,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
         if missing:  # NOTE [Gradients of unused outputs]
-            return (None, *[grad if needed and not dependencies <= missing else None
+            return (None, *[grad if needed and not (dependencies and dependencies <= missing) else None
                             for grad, needed, dependencies in zip(grads, grad_inputs, runtime._grad_tangents)])
         return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])
 

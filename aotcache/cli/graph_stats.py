@@ -38,6 +38,7 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("fingerprint hits (no capture)", "fingerprint_hit", "count"),
     ("fingerprint misses", "fingerprint_miss", "count"),
     ("fingerprint fallbacks", "fingerprint_fallback", "count"),
+    ("calls that change their own state (no alias)", "fingerprint_state_changed", "count"),
     ("compiler fallbacks (compiled by the next compiler)", "compiler_fallback", "count"),
     ("hits from a remote tier (Redis)", "remote_hit", "count"),
     ("bytes fetched from a remote tier", "bytes_fetched", "bytes"),

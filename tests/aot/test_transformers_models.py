@@ -128,16 +128,18 @@ def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the
         model = tiny_roberta_classifier()
         if kind == "compiled":
             model = aotcache.compile(model, compiler="nop")
-        args = transformers.TrainingArguments(output_dir=str(tmp_path / kind), max_steps=2, per_device_train_batch_size=4,
-                                              per_device_eval_batch_size=4, report_to=[], use_cpu=True, seed=0,
-                                              save_strategy="no", learning_rate=1e-3, disable_tqdm=True)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / kind), max_steps=2, seed=0,
+                                              per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                                              report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3,
+                                              disable_tqdm=True)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
         trainer.train()
         metrics = trainer.evaluate()
         predictions = trainer.predict(data[:4])
         trainer.save_model(str(tmp_path / kind))
         results[kind] = (metrics, predictions, sorted(p.name for p in (tmp_path / kind).iterdir()))
-    (eager_metrics, eager_predictions, eager_files), (metrics, predictions, files) = results["eager"], results["compiled"]
+    eager_metrics, eager_predictions, eager_files = results["eager"]
+    metrics, predictions, files = results["compiled"]
     assert "eval_loss" in metrics and abs(metrics["eval_loss"] - eager_metrics["eval_loss"]) < 1e-5
     assert predictions.predictions.shape == eager_predictions.predictions.shape == (4, 3)
     assert (predictions.label_ids == eager_predictions.label_ids).all()
