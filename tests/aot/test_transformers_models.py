@@ -93,8 +93,9 @@ def test_wav2vec2_training_with_time_masks_through_compile_gives_eager_losses():
 
     eager, model = tiny_wav2vec2_ctc(), tiny_wav2vec2_ctc()
     compiled = aotcache.compile(model, compiler="nop")
+    regions_before = fallback_counts().get("region", 0)  # process-wide counts: earlier tests add to them
     assert torch.equal(torch.stack(_wav2vec2_losses(compiled, 2)), torch.stack(_wav2vec2_losses(eager, 2)))
-    assert compiled.route == "dynamo" and fallback_counts().get("region", 0) == 0  # every graph compiled
+    assert compiled.route == "dynamo" and fallback_counts().get("region", 0) == regions_before  # all compiled
     for (name, want), (_, got) in zip(eager.named_parameters(), model.named_parameters()):
         assert (want.grad is None) == (got.grad is None) and (want.grad is None or torch.allclose(want.grad, got.grad,
                                                                                                  atol=1e-6)), name
@@ -105,14 +106,15 @@ def test_wav2vec2_training_with_time_masks_runs_through_the_torch_compile_backen
     # the masked assignment is captured now (NOTE [Masked assignment as where])
     import torch._dynamo
 
+    from aotcache.aot.fallback import fallback_counts
+
     eager, model = tiny_wav2vec2_ctc(), tiny_wav2vec2_ctc()
     compiled = torch.compile(model, backend="aotcache", options={"compiler": "nop"})
+    regions_before = fallback_counts().get("region", 0)  # process-wide counts: earlier tests add to them
     with torch._dynamo.config.patch(use_numpy_random_stream=True):  # numpy's draws, to compare with eager's
         losses = _wav2vec2_losses(compiled, 1)
     assert torch.allclose(losses[0], _wav2vec2_losses(eager, 1)[0], rtol=1e-6)
-    from aotcache.aot.fallback import fallback_counts
-
-    assert fallback_counts().get("region", 0) == 0
+    assert fallback_counts().get("region", 0) == regions_before
 
 
 def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the_eager_one(tmp_path):
