@@ -37,7 +37,9 @@ def _shape_static_mask_assignment(target: Any, index: Any, value: Any) -> tuple[
         return None  # eager raises its own shape error
     trailing = tuple(target.shape[index.dim():])
     if isinstance(value, (bool, int, float)) and not isinstance(value, torch.SymInt):
-        return index, value
+        # as index_put_, the number is cast to x's dtype first: where() with a float number and an integer x
+        # would compute in float32 and round x's other (large) elements on the way back
+        return index, torch.full((), value, dtype=target.dtype, device=target.device)
     if not isinstance(value, torch.Tensor) or value.dtype != target.dtype or value.device != target.device:
         return None
     if value.dim() > len(trailing):

@@ -466,3 +466,17 @@ def test_a_boolean_mask_assignment_is_captured_whole_as_a_where(value):
             assert (want is None and p.grad is None) or torch.allclose(p.grad, want, atol=1e-6)
         model.zero_grad()
     assert compiled.route == "aot" and compiled.compiled.num_compiles == 1
+
+
+def test_a_masked_assignment_of_a_float_into_an_integer_tensor_keeps_its_other_elements_exact():
+    # NOTE [Masked assignment as where]: where(mask, -2.7, x) of an int64 x computes in float32, which rounds
+    # 123456789 to 123456792; eager casts the number to x's dtype first
+    def assign(x, mask):
+        y = x.clone()
+        y[mask] = -2.7
+        return y
+
+    x, mask = torch.tensor([123456789, 5, -7]), torch.tensor([False, True, True])
+    compiled = aotcache.compile(assign, compiler="nop", fullgraph=True)
+    assert torch.equal(compiled(x, mask), assign(x, mask))
+    assert compiled.route == "aot"
