@@ -20,7 +20,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
     # The Debian package starts a system-wide server; the tests start their own on a free port.
 fi
 
-if ! "$PY" -c "import aotcache, hypothesis, pytest_timeout, xdist, diskcache, transformers" >/dev/null 2>&1 \
+if ! "$PY" -c "import aotcache, hypothesis, pytest_timeout, xdist, diskcache, transformers, accelerate" >/dev/null 2>&1 \
    || [ pyproject.toml -nt "$(ls -d *.egg-info 2>/dev/null | head -n1 || echo pyproject.toml)" ]; then
     echo "setup: installing aotcache with its test and bench extras"
     "$PY" -m pip install --quiet -e ".[test,bench]"

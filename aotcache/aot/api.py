@@ -40,7 +40,13 @@ from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
-from aotcache.aot.fallback import check_on_capture_error, compile_or_fall_back, eager_for_unkeyable_call
+from aotcache.aot.fallback import (
+    EagerRuntime,
+    PartialRuntime,
+    check_on_capture_error,
+    compile_or_fall_back,
+    eager_for_unkeyable_call,
+)
 from aotcache.aot.hot_path import (
     HotSignature,
     HotSignatures,
@@ -349,6 +355,7 @@ class AOTFunction:
         self.cache = cache  # the user's cache= argument, passed to the services as is
         self.on_capture_error = check_on_capture_error(on_capture_error, "aot_function")  # NOTE [Capture fallback]
         self._entries: dict[tuple, list[CompiledRuntime]] = {}
+        self._fallbacks: dict[tuple, Any] = {}  # NOTE [Fallbacks outlive program changes]: (extra, signature)
         # NOTE [Program guards] (the services' watch_program): per ``extra``, the program last watched and the
         # hot signatures (NOTE [Hot path]) of its digest; the digest is part of every entry's key
         self._programs: dict[Any, tuple[WatchedProgram, HotSignatures]] = {}
@@ -442,6 +449,9 @@ class AOTFunction:
         if runtime is None:
             with self._lock:
                 runtime = self._lookup(key, flat_args)
+                if runtime is None and (extra, key[2]) in self._fallbacks:
+                    runtime = self._fallbacks[(extra, key[2])]
+                    self._entries.setdefault(key, []).append(runtime)
                 if runtime is None:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
@@ -453,6 +463,16 @@ class AOTFunction:
                     runtime.input_offsets = (input_offsets(flat_args, options.dynamic)  # type: ignore[attr-defined]
                                              if getattr(getattr(runtime, "metadata", None), "offsets_matter", True)
                                              else None)
+                    if isinstance(runtime, (EagerRuntime, PartialRuntime)):
+                        # NOTE [Fallbacks outlive program changes]
+                        # A fallback runs the function's current Python (eagerly, or through Dynamo with its own
+                        # guards), so it stays right when the program digest changes. A function closing over
+                        # tensors that change every step (a model whose parameters the optimizer updates, a
+                        # training step with backward inside) had its program guards fail at every call, and
+                        # tried the capture again each time before falling back (one trace per step).
+                        if len(self._fallbacks) >= 64:
+                            self._fallbacks.clear()
+                        self._fallbacks[(extra, key[2])] = runtime
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 

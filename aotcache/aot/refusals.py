@@ -184,9 +184,14 @@ def _backward_inside_error() -> CaptureError:
 # one would change real state during the capture itself: BatchNorm's ``num_batches_tracked.add_(1)`` ran for
 # real, then the capture failed and the fallback ran the step again (one batch counted twice). Such a write is
 # refused before it runs (then the fallback runs the call once, as eager).
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                              "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                              "__irshift__", "__imatmul__"})
+
+
 def _writes_outside_the_trace(func: Any, target: Any) -> bool:
     name = getattr(func, "__name__", "")
-    if not name.endswith("_") or name.endswith("__"):
+    if not (name.endswith("_") and not name.endswith("__")) and name not in _INPLACE_DUNDERS:
         return False
     targets = target if isinstance(target, (list, tuple)) else (target,)
     return any(type(value) is torch.Tensor or type(value) is torch.nn.Parameter for value in targets)

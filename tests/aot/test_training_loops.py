@@ -256,6 +256,37 @@ def test_a_whole_training_step_compiled_as_a_function_matches_eager(entry):
     assert_same_state(model, eager)  # num_batches_tracked == 3 included
     if entry == "compile":
         assert step.route == "dynamo"
+    else:  # NOTE [Fallbacks outlive program changes]: the optimizer changes the closure's tensors every step
+        assert step.num_compiles == 1
+
+
+def test_a_loss_function_closing_over_a_trained_model_is_not_captured_again_every_step():
+    """Found: ``aot_function(lambda x, y: loss(model(x), y))``: the optimizer changes the closure's parameters in
+    place, the program guards failed at every step, and the capture was tried again each time (NOTE [Fallbacks
+    outlive program changes])."""
+    results = []
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    for compiled in (False, True):
+        model = small_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def loss_fn(xb, yb):
+            return nn.functional.cross_entropy(model(xb), yb)
+
+        run = aotcache.aot_function(loss_fn, "nop") if compiled else loss_fn
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = run(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        results.append((model, run, torch.stack(losses)))
+    (eager, _, eager_losses), (model, run, losses) = results
+    torch.testing.assert_close(losses, eager_losses)
+    assert_same_state(model, eager)
+    assert run.num_compiles == 1
 
 
 def test_a_function_writing_into_a_closure_tensor_is_refused_before_the_write():
