@@ -55,6 +55,14 @@ from aotcache.aot.metadata import (
     encode_output_structure,
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
+from aotcache.aot.tangents import (
+    grad_tangent_dependencies,
+    is_differentiable,
+    is_grad_free_view,
+    make_tangents,
+    tangent_placeholders,
+    tangents_in_trace,
+)
 from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
@@ -201,19 +209,6 @@ def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
     return probe
 
 
-def _is_differentiable(value: Any) -> bool:
-    return (isinstance(value, torch.Tensor) and value.requires_grad
-            and (value.is_floating_point() or value.is_complex()) and not _is_grad_free_view(value))
-
-
-def _is_grad_free_view(value: torch.Tensor) -> bool:
-    """NOTE [Views made under no_grad]: ``with torch.no_grad(): v = out.view(-1)`` of an intermediate that
-    requires grad is, in eager, a leaf that requires grad but has no history: no gradient flows back through
-    it. Such an output gets no tangent (autograd.grad would refuse it); the runtime returns it as a leaf that
-    requires grad (``CompiledRuntime._build_outputs``)."""
-    return value.requires_grad and value._is_view() and value.grad_fn is None
-
-
 def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
             static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True,
             traced_args: Sequence[Any] | None = None) -> Analysis:
@@ -286,7 +281,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     outputs = [_classify_output(k, out, flat_outs, probes, probe_storages, static_views)
                if regenerate_aliases or not isinstance(out, torch.Tensor)
                else OutputInfo(kind="graph", requires_grad=out.requires_grad,
-                               grad_free_leaf=out.requires_grad and _is_grad_free_view(out))
+                               grad_free_leaf=out.requires_grad and is_grad_free_view(out))
                for k, out in enumerate(flat_outs)]
     graph_user_outputs = [(k, out) for k, out in enumerate(flat_outs) if outputs[k].kind in ("graph",
                                                                                              "alias_of_output")]
@@ -295,7 +290,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
 
     fw_examples = [probes[i] for i, info in enumerate(inputs) if info.mutates_data]
     fw_examples += [out for _, out in graph_user_outputs]
-    needs_autograd = force_autograd or (grad_mode and any(_is_differentiable(t) for t in fw_examples)
+    needs_autograd = force_autograd or (grad_mode and any(is_differentiable(t) for t in fw_examples)
                                         and any(info.requires_grad for info in inputs))
     if needs_autograd and grad_mode:
         for index, info in enumerate(inputs):
@@ -422,7 +417,7 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
                                   storage_offset=out.storage_offset(), base_size=list(other.shape),
                                   base_stride=list(other.stride()))
     return OutputInfo(kind="graph", requires_grad=requires_grad,
-                      grad_free_leaf=requires_grad and _is_grad_free_view(out))
+                      grad_free_leaf=requires_grad and is_grad_free_view(out))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,125 +624,12 @@ def _finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def grad_tangent_dependencies(gm: fx.GraphModule, num_inputs: int) -> list[list[int]]:
-    """Per graph input of a joint graph: the tangents (positions among the ``tangents_*`` placeholders) its
-    gradient reads, directly or not (NOTE [Gradients of unused outputs] in runtime)."""
-    masks: dict[fx.Node, int] = {}
-    tangent = 0
-    output = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if node.name.startswith("tangents"):
-                masks[node] = 1 << tangent
-                tangent += 1
-        elif node.op == "output":
-            output = node
-        else:
-            mask = 0
-            for arg in node.all_input_nodes:
-                mask |= masks.get(arg, 0)
-            if mask:
-                masks[node] = mask
-    flat = list(output.args[0]) if output is not None else []
-    grads = flat[len(flat) - num_inputs:] if num_inputs else []
-    return [[bit for bit in range(tangent) if masks.get(grad, 0) >> bit & 1] if isinstance(grad, fx.Node) else []
-            for grad in grads]
-
-
-def _dense_non_overlapping(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    """Whether static ``shape``/``stride`` cover their storage exactly once (a permutation of contiguous)."""
-    expected = 1
-    for size, step in sorted(zip(shape, stride), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if step != expected:
-            return False
-        expected *= size
-    return True
-
-
-def tangent_layout(example: torch.Tensor) -> dict:
-    """The layout the tangent of forward output ``example`` is traced with (NOTE [Tangent strides] in runtime):
-    ``{"stride": [...]}`` for a static, dense, non-overlapping output, else ``{"memory_format": name}``."""
-    from torch._prims_common import suggest_memory_format
-
-    static = not any(isinstance(v, torch.SymInt) for v in (*example.shape, *example.stride()))
-    if static and example.layout == torch.strided and _dense_non_overlapping(example.shape, example.stride()):
-        return {"stride": [int(v) for v in example.stride()]}
-    memory_format = suggest_memory_format(example) if example.layout == torch.strided else torch.contiguous_format
-    return {"memory_format": str(memory_format).removeprefix("torch.")}
-
-
-def _make_tangents(analysis: Analysis, fake_mode: Any) -> tuple[list[int], list, list[dict]]:
-    """Indices of the forward outputs that get a tangent, fake tangents for them, and their layouts."""
-    indices, tangents, layouts = [], [], []
-    with fake_mode:
-        for index, example in enumerate(analysis.graph_output_examples):
-            if _is_differentiable(example):
-                tangent, layout = _empty_tangent(example)
-                indices.append(index)
-                tangents.append(tangent)
-                layouts.append(layout)
-    return indices, tangents, layouts
-
-
-def _empty_tangent(example: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """An uninitialized tangent for the forward output ``example``, in its :func:`tangent_layout`, and the layout."""
-    layout = tangent_layout(example)
-    if "stride" in layout:
-        return torch.empty_strided(example.shape, layout["stride"], dtype=example.dtype,
-                                   device=example.device), layout
-    return torch.empty(example.shape, dtype=example.dtype, device=example.device,
-                       memory_format=getattr(torch, layout["memory_format"])), layout
-
-
 # NOTE [Lazy symbolic arithmetic]
 # With symbolic sizes, every size computation made while tracing (contiguity checks when a functional or fake
 # tensor is made, decompositions, autograd formulas: ~5,700 for a 2-layer BERT training step) was recorded as a
 # graph node, and all but a few were then removed as dead code. The trace runs under torch's
 # ``maybe_enable_thunkify`` (as torch's own AOT Autograd does): a size computation enters the graph only when
 # a traced op uses its result. (-10% of a dynamic capture.)
-
-
-# NOTE [Tangents made in the trace]
-# A joint trace takes fake tangents shaped like the forward outputs. With symbolic sizes their shapes are
-# expressions of the input symbols, known only once the forward ran on symbolic inputs; an analysis on static
-# probes (NOTE [Analysis without symbols]) does not give them. Then the trace makes each tangent itself, right
-# after the forward, from the output's symbolic shape and layout (``empty_strided`` / ``empty``), and turns
-# those nodes into the ``tangents_*`` placeholders afterwards: the same graph as with tangents given as inputs.
-
-
-def _tangents_in_trace(fw_outs: list, indices: Sequence[int], layouts: list, nodes: list) -> list:
-    """Fake tangents for ``fw_outs[indices]`` made inside the trace; their graph nodes go to ``nodes``."""
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    graph = get_proxy_mode().tracer.graph
-    start = len(graph.nodes)
-    tangents = []
-    for index in indices:
-        tangent, layout = _empty_tangent(fw_outs[index])
-        layouts.append(layout)
-        tangents.append(tangent)
-    made = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
-    nodes.extend(node for node in list(graph.nodes)[start:] if node.op == "call_function" and node.target in made)
-    if len(nodes) != len(indices):
-        raise _AnalysisMismatch("tangents")
-    return tangents
-
-
-def _tangent_placeholders(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> list:
-    """Replace the tangents made in the trace by ``tangents_*`` placeholders after the primals; their fakes."""
-    graph = gm.graph
-    first = next(node for node in graph.nodes if node.op != "placeholder")
-    fakes = []
-    for number, node in enumerate(nodes, start=1):
-        with graph.inserting_before(first):
-            placeholder = graph.placeholder(f"tangents_{number}")
-        placeholder.meta = dict(node.meta)
-        node.replace_all_uses_with(placeholder)
-        graph.erase_node(node)
-        fakes.append(placeholder.meta["val"])
-    return fakes
 
 
 def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
@@ -763,11 +645,11 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
     if own_tangents:
         tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
-                           if _is_differentiable(example)]
+                           if is_differentiable(example)]
         tangents, tangent_layouts, tangent_nodes = [], [], []
     else:
-        tangent_indices, tangents, tangent_layouts = (_make_tangents(analysis, fake_mode) if joint
-                                                      else ([], [], []))
+        tangent_indices, tangents, tangent_layouts = (
+            make_tangents(analysis.graph_output_examples, fake_mode) if joint else ([], [], []))
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
 
@@ -792,7 +674,9 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
             if tangents is None:
-                functional_tangents = _tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
+                functional_tangents = tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
+                if len(tangent_nodes) != len(tangent_indices):
+                    raise _AnalysisMismatch("tangents")
             pairs = [(fw_outs[i], t) for i, t in zip(tangent_indices, functional_tangents)]
             _seed_effect_tokens(mode, _all_effect_types())  # for the backward; unused ones are dead code
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
@@ -816,7 +700,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     with explain_data_dependent_ops():
         gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
     if own_tangents:
-        tangents = _tangent_placeholders(gm, tangent_nodes)
+        tangents = tangent_placeholders(gm, tangent_nodes)
     gm = _finish_graph(gm)
 
     metadata = RuntimeMetadata(
