@@ -698,9 +698,21 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     raise TensorifyScalarRestartAnalysis
 
 
+_CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _keeps_source_locations(gm: nn.Module) -> bool:
-    return (isinstance(gm, torch.fx.GraphModule) and type(gm.graph._codegen) is torch.fx.graph.CodeGen
-            and any(node.stack_trace for node in gm.graph.nodes))
+    """Whether ``gm`` is run node by node (NOTE [Source stack traces]): only a GraphModule whose call runs its graph
+    and nothing else; a forward hook, a pre-hook or a replaced ``forward`` (which ``fx.Interpreter`` would skip:
+    the graph computed without them) makes it run through ``gm(*args)``."""
+    if not (isinstance(gm, torch.fx.GraphModule) and type(gm.graph._codegen) is torch.fx.graph.CodeGen
+            and any(node.stack_trace for node in gm.graph.nodes)):
+        return False
+    if "forward" in gm.__dict__ or any(getattr(gm, name, None) for name in _CALL_HOOK_DICTS):
+        return False
+    hooks = torch.nn.modules.module
+    return not any(getattr(hooks, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks",
+                                                            "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _run_keeping_source_locations(gm: nn.Module, args: Sequence[Any]) -> Any:

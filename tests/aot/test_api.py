@@ -270,6 +270,42 @@ def test_aot_module_simplified_keeps_the_source_line_of_every_node():
     assert x.grad is not None and missing == []
 
 
+@pytest.mark.parametrize("extra", ["forward_hook", "forward_pre_hook", "instance_forward", "global_hook"])
+def test_aot_module_simplified_with_source_lines_still_runs_the_hooks_of_the_graph_module(extra):
+    """NOTE [Source stack traces]: a GraphModule with stack traces is run node by node (fx.Interpreter), which skips
+    what its call adds to the graph (hooks, a replaced forward): the compiled graph computed without them."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            return ((self.linear(x) + y).relu(),)
+
+    tracer = torch.fx.Tracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(Block())
+    gm = torch.fx.GraphModule(tracer.root, graph)
+    handle = None
+    if extra == "forward_hook":
+        gm.register_forward_hook(lambda module, args, out: (out[0] * 10,))
+    elif extra == "forward_pre_hook":
+        gm.register_forward_pre_hook(lambda module, args: (args[0] * 0, args[1]))
+    elif extra == "instance_forward":
+        graph_forward = gm.forward
+        gm.forward = lambda x, y: (graph_forward(x, y)[0] - 5,)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: (out[0] + 3,) if module is gm else out)
+    try:
+        x, y = torch.randn(2, 4, requires_grad=True), torch.randn(2, 3)
+        (out,) = aot_module_simplified(gm, [x, y], "nop", "nop", cache=False)(x, y)
+        torch.testing.assert_close(out, gm(x, y)[0])
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 class SmallNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
