@@ -134,3 +134,63 @@ def test_cache_integers_are_leaves_and_come_back_as_plain_ints():
     rebuilt = pytree.tree_unflatten(leaves, spec)
     assert type(rebuilt.layers[0].cumulative_length) is int and rebuilt.get_seq_length() == 5
     assert pytree.tree_flatten(rebuilt)[1] == spec  # the count is a leaf, not part of the structure
+
+
+CACHE_INT_BRANCHES = {
+    "window_full": lambda x, n: x * 2 if n >= 4 else x[:, n:] * 3,
+    "equal": lambda x, n: x * 2 if n == 7 else x - 1,
+    "modulo": lambda x, n: x + 1 if n % 3 == 0 else x - 1,
+    "slice": lambda x, n: x[:, -n:].sum(1) if n else x.sum(1),
+    "window_mask": lambda x, n: torch.where(torch.arange(16) >= max(0, n - 3), x, 0.0),
+    "half": lambda x, n: x[:, n // 2],
+    "scaled": lambda x, n: x * float(n),
+}
+
+
+@pytest.mark.parametrize("dynamic", [False, True, None])
+@pytest.mark.parametrize("name", sorted(CACHE_INT_BRANCHES))
+def test_a_cache_integer_that_decides_the_result_gives_eager_results_for_every_value(name, dynamic):
+    """NOTE [Cache integers]: a cache integer traced as a symbol turns the branches on it into guards (a window
+    position choosing the mask); dynamic=False compares it by value. Every value gives eager's result."""
+    from aotcache.aot import aot_function
+    from aotcache.aot.cache_objects import CacheInt
+
+    fn = CACHE_INT_BRANCHES[name]
+    compiled = aot_function(fn, lambda gm, example_inputs: gm, cache=False, dynamic=dynamic)
+    x = torch.randn(4, 16)
+    values = [5, 2, 7, 9, 0, 1, 3, 12, 6, 5, 2]
+    for value in values:
+        torch.testing.assert_close(compiled(x, CacheInt(value)), fn(x, value))
+    if dynamic is False:
+        assert compiled.num_compiles == len(set(values))
+
+
+CACHE_INT_SCRIPT = """
+import json, sys, torch
+import aotcache
+from aotcache.aot.cache_objects import CacheInt
+from aotcache.autograd_cache.cache import default_cache
+
+n = int(open(sys.argv[1] + '/n').read())
+
+def window(x, n):
+    return x * 2 if n >= 4 else x[:, n:] * 3
+
+out = aotcache.aot_function(window, "nop", dynamic=True)(torch.ones(2, 6), CacheInt(n))
+print(json.dumps({"out": out.tolist(), **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_a_stored_graph_of_a_cache_integer_symbol_is_loaded_only_where_its_guards_hold(tmp_path):
+    """The call fingerprint leaves a symbolic cache integer's value out; a warm start must still check the
+    stored graph's guards (n >= 4 or not) before using it."""
+    from tests.aot.test_stale import _run
+
+    outs = {}
+    for n in (5, 2, 6, 3, 5):
+        (tmp_path / "n").write_text(str(n))
+        out = _run(tmp_path, CACHE_INT_SCRIPT)
+        x = torch.ones(2, 6)
+        assert out["out"] == (x * 2 if n >= 4 else x[:, n:] * 3).tolist(), n
+        outs.setdefault(n, out)
+    assert outs[5]["compile"] == outs[2]["compile"] == 1 and outs[6]["compile"] == outs[3]["compile"] == 0
