@@ -604,3 +604,101 @@ def test_inductor_global_and_class_attribute_changes_retrace(monkeypatch):
 
 if sys.platform == "win32":  # pragma: no cover
     pytestmark = pytest.mark.skip("fresh-process tests use POSIX paths")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The wrapper's class and source lines across processes
+# ----------------------------------------------------------------------------------------------------
+
+MODEL_MODULE = """
+import torch
+from torch import nn
+
+class Model(nn.Module):
+    FACTOR = {factor}
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def helper(self, x):
+        return x {op} self.FACTOR
+
+    def forward(self, x):
+        return self.helper(x * self.scale)
+"""
+
+OTHER_MODEL_MODULE = """
+import torch
+from torch import nn
+
+class Model(nn.Module):  # the same class name, another forward
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale - 1
+"""
+
+TWO_MODELS = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+import stale_model, other_model
+
+outs = []
+for cls in (stale_model.Model, other_model.Model):
+    with torch.no_grad():
+        outs.append(aotcache.aot_module(cls(), "nop")(torch.ones(3)).tolist())
+print(json.dumps({"outs": outs, **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_model_class_attribute_and_method_edits_miss_and_two_classes_of_one_name_do_not_share(tmp_path):
+    """NOTE [The wrapper's class]: wrappers are signed as their model's class; two model classes of one name in
+    one process keep their own graphs, and an edit of the class attribute or a method misses in the next
+    process, while an unchanged file (or a change back) hits."""
+    (tmp_path / "other_model.py").write_text(OTHER_MODEL_MODULE)
+    compiles = []
+    for factor, op, want in ((2.0, "*", 2.0), (2.0, "*", 2.0), (3.0, "*", 3.0), (3.0, "+", 4.0), (3.0, "*", 3.0)):
+        (tmp_path / "stale_model.py").write_text(MODEL_MODULE.format(factor=factor, op=op))
+        out = _run(tmp_path, TWO_MODELS)
+        assert out["outs"] == [[want] * 3, [0.0] * 3], (factor, op)
+        compiles.append(out["compile"])
+    assert compiles == [2, 0, 1, 1, 0]
+
+
+MOVED_USER = """import torch
+{pad}
+def body(x, w):
+    y = x @ w
+    return (y {op} 1).relu().sum()
+"""
+
+MOVED_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+import moved_user
+
+w = torch.ones(3, 3, requires_grad=True)
+out = torch.compile(moved_user.body, backend="aotcache")(torch.ones(2, 3), w)
+out.backward()
+print(json.dumps({"out": out.item(), "grad": w.grad.sum().item(), **default_cache().stats(),
+                  **default_cache().counters}))
+"""
+
+
+def test_a_source_edit_that_only_moves_lines_hits_and_a_real_edit_misses(tmp_path):
+    """NOTE [Source stack traces] in aot/api.py: the graphs keep the source lines of their nodes, but the cache
+    key does not (comments added above the function hit); an edit of the computation misses."""
+    results = []
+    for pad, op in (("", "+"), ("# a comment\n# another comment\n", "+"), ("", "-")):
+        (tmp_path / "moved_user.py").write_text(MOVED_USER.format(pad=pad, op=op))
+        results.append(_run(tmp_path, MOVED_SCRIPT, {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}))
+    assert [result["out"] for result in results] == [24.0, 24.0, 12.0]
+    assert [result["grad"] for result in results] == [18.0] * 3
+    assert [result["compile"] for result in results] == [1, 0, 1] and results[1]["hit"] == 1
