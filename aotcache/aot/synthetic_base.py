@@ -65,7 +65,9 @@ class SyntheticBasePlan:
         flat: list[Any] = [None] * self.num_flat
         for base, group in zip(inner, self.groups):
             for member in group.members:
-                flat[member.position] = base.as_strided(member.size, member.stride, member.offset)
+                # as_strided takes an offset in the storage, and the base starts at group.start in it
+                flat[member.position] = base.as_strided(member.size, member.stride,
+                                                        base.storage_offset() + member.offset)
         for value, position in zip(inner[len(self.groups):], self.others):
             flat[position] = value
         return flat

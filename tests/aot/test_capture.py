@@ -185,6 +185,24 @@ def test_static_metadata_mutation_of_an_input_is_replayed(fn, grad):
         torch.testing.assert_close(y.grad, y_ref.grad)
 
 
+@pytest.mark.parametrize("fn", [lambda x: x.t_(), lambda x: (x.unsqueeze_(0), x.sum())[1],
+                                lambda x: x.t_().add_(1), lambda x: x.as_strided_((2, 2), (1, 2), 3),
+                                lambda x: x.as_strided_((2, 2), (1, 2), x.storage_offset() + 1)],
+                         ids=["t_", "unsqueeze_", "t_add_", "as_strided_absolute", "as_strided_relative"])
+def test_metadata_mutation_of_an_input_at_a_storage_offset_keeps_eagers_offset(fn):
+    """NOTE [Metadata mutations]: the analysis probe started at offset 0, so x.t_() of a slice at offset 8 was
+    replayed as as_strided_(..., 0): the input moved to the storage's first elements."""
+    import aotcache
+
+    compiled = aotcache.aot_function(fn, lambda gm, example_inputs: gm, cache=False)
+    for start in (8, 0, 16, 8):
+        x, ref = torch.arange(64.0)[start:start + 16].view(4, 4), torch.arange(64.0)[start:start + 16].view(4, 4)
+        got, expected = compiled(x), fn(ref)
+        assert (x.shape, x.stride(), x.storage_offset()) == (ref.shape, ref.stride(), ref.storage_offset())
+        assert torch.equal(got, expected) and got.storage_offset() == expected.storage_offset()
+        assert torch.equal(x._base, ref._base)
+
+
 @pytest.mark.parametrize("fn, inputs, match", [
     (lambda x: x.t_(), lambda: [torch.randn(3, 4).requires_grad_().clone()], "while it requires grad"),
 ])

@@ -257,6 +257,19 @@ def test_aliased_mutated_inputs_are_compiled_over_a_synthetic_base(fn, views, ca
     assert recorder.graphs and fallback_counts() == before  # compiled whole: no fallback counted
 
 
+@pytest.mark.parametrize("start", [8, 0, 16, 8])
+def test_aliased_mutated_views_at_a_storage_offset_read_their_own_memory(start):
+    """NOTE [Synthetic bases]: a base starting at storage offset ``start`` regenerated its members at offsets
+    relative to the storage's beginning, so views sliced at 8 computed on (and wrote) the elements at 0."""
+    compiled = aotcache.aot_function(mutate_both, "nop", cache=False)
+    for _ in range(2):
+        mine, theirs = torch.arange(32.0), torch.arange(32.0)
+        out = compiled(mine[start:start + 8], mine[start + 4:start + 12])
+        expected = mutate_both(theirs[start:start + 8], theirs[start + 4:start + 12])
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(mine, theirs)
+
+
 def test_aliased_mutated_views_requiring_grad_fall_back_with_eager_values_and_grads():
     def run(call):
         w = torch.arange(6.0, requires_grad=True)
