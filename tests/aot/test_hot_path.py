@@ -430,3 +430,20 @@ def test_views_of_inputs_at_other_offsets_equal_eager_with_gradients(dynamic):
             torch.testing.assert_close(x.grad, ref.grad)
         if not views and not dynamic:
             assert compiled.num_compiles == 1, name
+
+
+@pytest.mark.slow
+def test_inductor_graph_reading_views_of_its_input_is_right_at_other_aligned_offsets():
+    """Inductor addresses a view of a graph input (``reinterpret_tensor`` for the extern mm of ``x[1:]``)
+    relative to the input, so the graph reused at another aligned offset reads the new slice."""
+    def fn(x, w):
+        return x[1:] @ w, (x[1:] * 2).sum(0), x.t().contiguous()
+
+    compiled = aot_function(fn, "inductor", cache=False)
+    data, w = torch.randn(512), torch.randn(8, 8)
+    with torch.no_grad():
+        for start in (0, 64, 128, 64):
+            x = data[start:start + 64].view(8, 8)
+            for got, want in zip(compiled(x, w), fn(x, w)):
+                torch.testing.assert_close(got, want)
+    assert compiled.num_compiles == 1
