@@ -186,6 +186,59 @@ def test_forward_hook_of_a_module_called_by_an_aot_function_is_guarded():
     torch.testing.assert_close(compiled(X), inner(X))
 
 
+def _make_helper_model_class():
+    class HelperModel(nn.Module):
+        FACTOR = 2.0
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def helper(self, y):
+            return y * self.FACTOR
+
+        def forward(self, x):
+            return self.helper(self.linear(x))
+
+    return HelperModel
+
+
+def _replace_class_forward(cls, model):
+    cls.forward = lambda self, x: self.linear(x) - 1
+
+
+def _replace_method(cls, model):
+    cls.helper = lambda self, y: y + 100
+
+
+def _replace_instance_forward(cls, model):
+    model.forward = lambda x: model.linear(x) + 7
+
+
+def _swap_instance_class(cls, model):
+    model.__class__ = type("Swapped", (cls,), {"forward": lambda self, x: self.linear(x) * 0})
+
+
+@pytest.mark.parametrize("change", [_replace_class_forward, _replace_method, _replace_instance_forward,
+                                    _swap_instance_class], ids=lambda fn: fn.__name__.lstrip("_"))
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_wrapped_model_class_or_method_changed_after_compile_retraces(change, cache):
+    """NOTE [The wrapper's class]: the wrapper is an instance of a class signed as the model's; a change of the
+    model's class, of one of its methods or of the instance's forward after the first call still re-traces
+    (with the persistent cache too: the fingerprint of the new program differs)."""
+    cls = _make_helper_model_class()
+    model = cls()
+    compiled = aotcache.aot_module(model, "nop", cache=cache)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), model(X))
+        before = model(X)
+        change(cls, model)
+        after = model(X)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(compiled(X), after)
+        torch.testing.assert_close(aotcache.aot_module(model, "nop", cache=cache)(X), after)
+
+
 class ReadsList(nn.Module):
     def __init__(self):
         super().__init__()
