@@ -201,18 +201,19 @@ class Analysis:
 def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
     """A fresh fake with the input's size/stride/dtype and autograd status (non-leaf if the real one is)."""
     probe = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=fake.device)
-    offset = fake.storage_offset()
-    if type(offset) is int and offset and probe.numel():
-        # at the input's storage offset: a metadata mutation (x.t_() keeps it, as_strided_ sets it) is recorded
-        # with the offset it gives the input (NOTE [Metadata mutations])
-        extent = 1 + sum((size - 1) * stride for size, stride in zip(fake.shape, fake.stride()))
-        storage = torch.empty(offset + extent, dtype=fake.dtype, device=fake.device).untyped_storage()
-        probe = torch.empty(0, dtype=fake.dtype, device=fake.device).set_(storage, offset, fake.shape, fake.stride())
     if fake.requires_grad:
         probe.requires_grad_(True)
         if not is_leaf:
             with torch.enable_grad():  # under a no_grad call too: views of it then require grad, as in eager
                 probe = probe.clone()
+    offset = fake.storage_offset()
+    if type(offset) is int and offset and probe.numel():
+        # at the input's storage offset: a metadata mutation (x.t_() keeps it, as_strided_ sets it) is recorded
+        # with the offset it gives the input (NOTE [Metadata mutations]); autograd status is kept
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(fake.shape, fake.stride()))
+        storage = torch.empty(offset + extent, dtype=fake.dtype, device=fake.device).untyped_storage()
+        with torch.no_grad():
+            probe.set_(storage, offset, fake.shape, fake.stride())
     return probe
 
 

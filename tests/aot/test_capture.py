@@ -203,6 +203,21 @@ def test_metadata_mutation_of_an_input_at_a_storage_offset_keeps_eagers_offset(f
         assert torch.equal(x._base, ref._base)
 
 
+def test_metadata_mutation_of_a_non_leaf_input_at_a_storage_offset_under_no_grad_keeps_eagers_offset():
+    """The probe of a non-leaf input that requires grad is a clone (so that views of it require grad): it too
+    starts at the input's storage offset."""
+    import aotcache
+
+    compiled = aotcache.aot_function(lambda x: x.t_(), lambda gm, example_inputs: gm, cache=False)
+    leaf = torch.arange(64.0).requires_grad_()
+    for start in (8, 0, 16):
+        x, ref = (leaf * 1)[start:start + 16].view(4, 4), (leaf * 1)[start:start + 16].view(4, 4)
+        with torch.no_grad():
+            got, expected = compiled(x), ref.t_()
+        assert (x.shape, x.stride(), x.storage_offset()) == (ref.shape, ref.stride(), ref.storage_offset())
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("fn, inputs, match", [
     (lambda x: x.t_(), lambda: [torch.randn(3, 4).requires_grad_().clone()], "while it requires grad"),
 ])
