@@ -258,6 +258,12 @@ def explain_data_dependent_ops() -> Iterator[None]:
     except RuntimeError as exc:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc
+        if _CHECKPOINT_MUTATION_ERROR in str(exc):  # NOTE [In-place ops in a checkpointed region]
+            raise CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
+                               f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a "
+                               f"tensor it computed{_call_site(exc)}, which aotcache cannot capture yet (the region "
+                               f"runs eagerly). Fix: write that line out of place (x = x + y rather than x += y), or "
+                               f"turn activation checkpointing off.", reason="unsupported_construct") from exc
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
         raise CaptureError(f"aotcache: the function reads a tensor's memory directly{_call_site(exc)} (.numpy(), "
@@ -267,6 +273,15 @@ def explain_data_dependent_ops() -> Iterator[None]:
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
 _OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional tensor is not allowed"
+
+# NOTE [In-place ops in a checkpointed region]
+# Dynamo hands a checkpointed region over as a tag_activation_checkpoint call; under a tracer, torch's checkpoint
+# caches every op's output of the forward for the backward's recomputation and refuses a cached tensor whose version
+# changed. aotcache's functionalization sits below that caching, so an in-place op on a value of the region (T5's
+# relative-position buckets, `buckets += ...`) bumps the cached tensor's version and the trace raised this
+# RuntimeError, failing the job where eager runs. Until the region's body is functionalized before the trace, it is a
+# CaptureError: the Dynamo graph runs eagerly (counted as a capture fallback).
+_CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoint has been mutated"
 
 # torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
 # CaptureErrors (the fallback runs the call), not crashes

@@ -11,6 +11,13 @@ An AOTInductor library takes only tensors and returns only tensors. Around it, t
 - returns ``None`` and int outputs from a template recorded at compile time.
 A graph with only tensor inputs whose placeholders carry symbolic fake values is compiled with dynamic
 shapes ("dynamic"), and only dtype, device and rank are checked per call.
+
+NOTE [size inputs read from tensor sizes]
+Dynamo passes the sizes a graph reads (a sequence length) as SymInt inputs beside the tensors that have them.
+Specialized, such a library ran only for its first length (GPT-2's next decode step raised). A SymInt input
+equal to a dimension of a symbolic tensor input is therefore replaced in the graph by ``sym_size`` of that
+dimension before the build; when no other int input remains, the build is dynamic. The call still passes the
+int: it is checked against that dimension and not given to the library.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class AOTICompiledGraph:
         self._meta = meta
         self._tensor_indices = [int(i) for i in meta["tensor_inputs"]]
         self._int_inputs = {int(i): int(v) for i, v in meta["int_inputs"].items()}
+        self._size_inputs = {int(i): (int(t), int(d)) for i, (t, d) in meta.get("size_inputs", {}).items()}
         self._specs = meta["input_specs"]
         self._static = bool(meta["static"])
         self._template = meta["outputs"]
@@ -77,9 +85,14 @@ class AOTICompiledGraph:
         self._conform = InputLayouts(self._layouts).conform
 
     def _check(self, args: Sequence[Any]) -> None:
-        if len(args) != len(self._tensor_indices) + len(self._int_inputs):
-            raise TypeError(f"aoti compiled graph takes {len(self._tensor_indices) + len(self._int_inputs)} "
-                            f"inputs, got {len(args)}")
+        count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs)
+        if len(args) != count:
+            raise TypeError(f"aoti compiled graph takes {count} inputs, got {len(args)}")
+        for index, (tensor_index, dim) in self._size_inputs.items():  # NOTE [size inputs read from tensor sizes]
+            tensor = args[tensor_index]
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or int(args[index]) != tensor.shape[dim]:
+                raise ValueError(f"aoti compiled graph input {index} must equal dimension {dim} of input "
+                                 f"{tensor_index}, got {args[index]}")
         for index, expected in self._int_inputs.items():
             if int(args[index]) != expected:
                 raise ValueError(f"aoti compiled graph was specialized to input {index} == {expected}, got "
@@ -158,6 +171,43 @@ def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return int_inputs, tensor_inputs, template
 
 
+def _read_sizes_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, tuple[int, int]]:
+    """Replace SymInt inputs equal to a symbolic tensor input's dimension by ``sym_size`` of it (in place).
+
+    Returns {int input position: (tensor input position, dim)}; nothing when some other int input remains (the
+    build is then static anyway). NOTE [size inputs read from tensor sizes]
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return {}
+    dims: dict[Any, tuple[int, int]] = {}
+    for index, value in enumerate(example_inputs):
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt):
+                    dims.setdefault(size.node.expr, (index, dim))
+    found: dict[int, tuple[int, int]] = {}
+    for index, value in enumerate(example_inputs):
+        if isinstance(value, torch.Tensor):
+            continue
+        source = dims.get(value.node.expr) if isinstance(value, torch.SymInt) else None
+        if source is None:
+            return {}
+        found[index] = source
+    if not found:
+        return {}
+    first_op = next(node for node in gm.graph.nodes if node.op != "placeholder")
+    for index, (tensor_index, dim) in found.items():
+        node = placeholders[index]
+        with gm.graph.inserting_before(first_op):
+            size = gm.graph.call_function(torch.ops.aten.sym_size.int, (placeholders[tensor_index], dim))
+        size.meta["val"] = example_inputs[tensor_index].shape[dim]
+        node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return found
+
+
 def _runner_device(tensors: Sequence[torch.Tensor]) -> str:
     """The device the library runs on: the first CUDA input's, with its index, else ``"cpu"``.
 
@@ -187,8 +237,12 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     check_supported_ops(gm, COMPILER_NAME)
     graph_module = aoti_lib.copy_graph_module(gm)
     placeholder_values = [node.meta.get("val") for node in graph_module.graph.nodes if node.op == "placeholder"]
-    has_ints = any(not isinstance(value, torch.Tensor) for value in example_inputs)
-    int_inputs, tensor_inputs, template = _specialize(graph_module, example_inputs)
+    size_inputs = _read_sizes_from_tensors(graph_module, example_inputs)
+    kept = [index for index in range(len(example_inputs)) if index not in size_inputs]
+    has_ints = any(not isinstance(example_inputs[index], torch.Tensor) for index in kept)
+    int_inputs, tensor_inputs, template = _specialize(graph_module, [example_inputs[index] for index in kept])
+    int_inputs = {str(kept[int(index)]): value for index, value in int_inputs.items()}
+    tensor_inputs = [kept[index] for index in tensor_inputs]
     tensors = [example_inputs[index] for index in tensor_inputs]
     dynamic = not has_ints and any(_is_symbolic(value) for value in placeholder_values)
     if not dynamic:
@@ -205,6 +259,8 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     meta = {"identity": aoti_lib.build_identity(device), "device": device, "static": not dynamic,
             "int_inputs": int_inputs, "tensor_inputs": tensor_inputs, "outputs": template,
             "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}
+    if size_inputs:
+        meta["size_inputs"] = {str(index): list(source) for index, source in size_inputs.items()}
     if build.files:
         meta["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(build.files.items())}
         meta["library_name"] = build.library_name

@@ -161,3 +161,18 @@ def test_compile_library_rejects_non_tensor_io():
     gm = traced(with_int_input, [torch.randn(3, 2), 4])
     with pytest.raises(ValueError, match="only tensors"):
         aoti_lib.compile_library(gm, [torch.randn(3, 2), 4])
+
+
+def test_size_inputs_of_a_dynamic_graph_are_read_from_tensor_sizes(tmp_path):
+    # found with GPT-2 generating under torch.compile's route (gradient checkpointing on): Dynamo passes a
+    # sequence length as a SymInt graph input; the library was specialized to its first value and the next decode
+    # step raised ValueError where eager runs. A size input equal to a tensor input's size is now read from that
+    # tensor (a dynamic build), so other sizes run.
+    def fn(x):
+        return (x * torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1)).sum(0) + x.shape[0]
+
+    with config.patch(cache_dir=tmp_path, strict=True):  # strict: a fallback to another compiler raises
+        compiled = torch.compile(fn, backend="aotcache", options={"compiler": "aoti"}, dynamic=True)
+        for rows in (4, 5, 7):
+            x = torch.randn(rows, 3)
+            torch.testing.assert_close(compiled(x), fn(x))
