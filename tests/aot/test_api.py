@@ -240,22 +240,28 @@ def test_aot_module_simplified_names_a_fake_tensor_read_from_a_closure():
 
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        return ((self.linear(x) + y).relu(),)
+
+
+def _graph_module_with_stack_traces() -> torch.fx.GraphModule:
+    """A GraphModule whose nodes carry the source line (``stack_trace``), as Dynamo's do."""
+    tracer = torch.fx.Tracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(_Block())
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
 def test_aot_module_simplified_keeps_the_source_line_of_every_node():
     # PyTorch's test_aotdispatch (test_aot_module_simplified_preserves_stack_trace): the forward and backward
     # graphs had no stack_trace, so Inductor's code and errors could not point at the user's line
     # (NOTE [Source stack traces] in aot/api.py)
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 3)
-
-        def forward(self, x, y):
-            return ((self.linear(x) + y).relu(),)
-
-    tracer = torch.fx.Tracer()
-    tracer.record_stack_traces = True
-    graph = tracer.trace(Block())
-    gm = torch.fx.GraphModule(tracer.root, graph)
+    gm = _graph_module_with_stack_traces()
     missing = []
 
     def compiler(graph_module, example_inputs):
@@ -274,18 +280,7 @@ def test_aot_module_simplified_keeps_the_source_line_of_every_node():
 def test_aot_module_simplified_with_source_lines_still_runs_the_hooks_of_the_graph_module(extra):
     """NOTE [Source stack traces]: a GraphModule with stack traces is run node by node (fx.Interpreter), which skips
     what its call adds to the graph (hooks, a replaced forward): the compiled graph computed without them."""
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(4, 3)
-
-        def forward(self, x, y):
-            return ((self.linear(x) + y).relu(),)
-
-    tracer = torch.fx.Tracer()
-    tracer.record_stack_traces = True
-    graph = tracer.trace(Block())
-    gm = torch.fx.GraphModule(tracer.root, graph)
+    gm = _graph_module_with_stack_traces()
     handle = None
     if extra == "forward_hook":
         gm.register_forward_hook(lambda module, args, out: (out[0] * 10,))
