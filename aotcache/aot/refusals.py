@@ -267,7 +267,8 @@ def explain_data_dependent_ops() -> Iterator[None]:
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
         raise CaptureError(f"aotcache: the function reads a tensor's memory directly{_call_site(exc)} (.numpy(), "
-                           f"numpy.asarray, .data_ptr(), a storage's data_ptr()), which cannot be captured ({exc}). "
+                           f"numpy.asarray, .data_ptr(), a storage's data_ptr(), set_ onto a storage), which "
+                           f"cannot be captured ({exc}). "
                            f"{fix}", reason="data_dependent") from exc
 
 
@@ -286,7 +287,9 @@ _CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoi
 # torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
 # CaptureErrors (the fallback runs the call), not crashes
 _DATA_ACCESS_ERRORS = ("Cannot access data pointer of Tensor", ".numpy() is not supported for tensor subclasses",
-                       "Attempted to access the data pointer on an invalid python storage")
+                       "Attempted to access the data pointer on an invalid python storage",
+                       # y.set_(x.untyped_storage(), ...): the capture's fake y cannot take x's real storage
+                       "Attempted to set the storage of a tensor on device")
 
 
 class _DropFakeMetaFailures(logging.Filter):

@@ -85,7 +85,15 @@ def _reads_storage_pointer(x):
     return x * (2 if x.untyped_storage().data_ptr() else 3)
 
 
-@pytest.mark.parametrize("fn", [_reads_data_ptr, _reads_numpy, _reads_storage_pointer])
+def _sets_storage(x):
+    # found by the review: the fake y could not take x's storage ("Attempted to set the storage of a tensor on
+    # device meta to a storage on different device cpu"), a crash where eager runs
+    y = torch.zeros(3)
+    y.set_(x.untyped_storage(), 0, (2,), (1,))
+    return y * 2
+
+
+@pytest.mark.parametrize("fn", [_reads_data_ptr, _reads_numpy, _reads_storage_pointer, _sets_storage])
 def test_a_function_reading_tensor_memory_falls_back_instead_of_crashing(fn):
     # found by exploration: a RuntimeError from the fake tensor ("Cannot access data pointer of Tensor",
     # ".numpy() is not supported for tensor subclasses") failed the call where eager runs
