@@ -266,8 +266,8 @@ def aot_export_joint_simple(func: Callable, args: Sequence[Any], trace_joint: bo
     _reject_metadata_mutations("aot_export_joint_simple", meta)
     if meta.mutated_inputs:
         raise CaptureError(f"aot_export_joint_simple does not support input mutations: the function mutates graph "
-                           f"inputs {meta.mutated_inputs} in place, which a bare graph cannot express; return the new value instead, or use "
-                           "aot_function / aot_export_module")
+                           f"inputs {meta.mutated_inputs} in place, which a bare graph cannot express; return the new "
+                           "value instead, or use aot_function / aot_export_module")
     for k, info in enumerate(meta.outputs):
         if info.kind in ("input", "alias_of_input", "alias_of_output"):
             raise CaptureError(f"aot_export_joint_simple: output {k} is an alias ({info.kind}) of an input or of "
