@@ -27,7 +27,6 @@ import logging
 import struct
 import threading
 import types
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +66,7 @@ from aotcache.aot.refusals import (
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
+from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
 from aotcache.logs import CacheFault, event, log_once
 from aotcache.progress import compile_progress, stage
 
@@ -698,49 +698,6 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     raise TensorifyScalarRestartAnalysis
 
 
-_CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _keeps_source_locations(gm: nn.Module) -> bool:
-    """Whether ``gm`` is run node by node (NOTE [Source stack traces]): only a GraphModule whose call runs its graph
-    and nothing else; a forward hook, a pre-hook or a replaced ``forward`` (which ``fx.Interpreter`` would skip:
-    the graph computed without them) makes it run through ``gm(*args)``."""
-    if not (isinstance(gm, torch.fx.GraphModule) and type(gm.graph._codegen) is torch.fx.graph.CodeGen
-            and any(node.stack_trace for node in gm.graph.nodes)):
-        return False
-    if "forward" in gm.__dict__ or any(getattr(gm, name, None) for name in _CALL_HOOK_DICTS):
-        return False
-    hooks = torch.nn.modules.module
-    return not any(getattr(hooks, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks",
-                                                            "_global_backward_hooks", "_global_backward_pre_hooks"))
-
-
-def _run_keeping_source_locations(gm: nn.Module, args: Sequence[Any]) -> Any:
-    """Run ``gm`` node by node (``fx.Interpreter``) so that, under :func:`_source_locations`, each node's meta is
-    the current one while its ops are traced (NOTE [Source stack traces])."""
-    if not _keeps_source_locations(gm):
-        return gm(*args)
-    return torch.fx.Interpreter(gm).run(*args)
-
-
-@contextlib.contextmanager
-def _source_locations(gm: nn.Module) -> Iterator[None]:
-    """NOTE [Source stack traces]: the nodes of a GraphModule that Dynamo (or an ``fx.Tracer`` with
-    ``record_stack_traces``) made carry the user's source line as ``stack_trace``; compilers show it (Inductor's
-    generated code, error messages, profiles). While it is captured, ``preserve_node_meta`` makes every ATen node
-    traced from one inherit its ``stack_trace``, and anomaly mode records the forward op's line for the
-    backward's nodes (the joint trace hands it on: ``capture.joint_graph``), as PyTorch's AOT Autograd does."""
-    if not _keeps_source_locations(gm):
-        yield
-        return
-    from torch.fx import traceback as fx_traceback
-
-    with fx_traceback.preserve_node_meta(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled.")
-        with torch.autograd.detect_anomaly(check_nan=False):
-            yield
-
-
 def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
                          services: CompileServices, cache: Any = True) -> Callable:
     """Compile Dynamo's graph ``gm`` now for its (possibly fake, symbolic) ``example_inputs`` and return
@@ -762,21 +719,23 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
         params, buffers, _, _ = state.current()
         return [*params.values(), *buffers.values()]
 
+    keep_lines = keeps_source_locations(gm)  # NOTE [Source stack traces]
+
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return _run_keeping_source_locations(gm, flat)
+            return run_graph(gm, flat, keep_lines)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
-        if not _keeps_source_locations(gm):
+        if not keep_lines:
             return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
         with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
-            return _run_keeping_source_locations(gm, flat[num_lifted:])
+            return run_graph(gm, flat[num_lifted:], keep_lines)
 
     _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)
     example = [*lifted(), *example_inputs]
     with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"), \
-            _source_locations(gm):
+            capturing_source_locations(keep_lines):
         runtime = services.compile_graph(cache, gm, example_inputs, flat_fn, example, options,
                                          [*param_names, *buffer_names])
 

@@ -55,6 +55,7 @@ from aotcache.aot.metadata import (
     encode_output_structure,
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
+from aotcache.aot.source_locations import hand_on_source_locations
 from aotcache.aot.tangents import (
     grad_tangent_dependencies,
     is_differentiable,
@@ -433,19 +434,6 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _hand_on_source_locations(outs: Sequence[Any]) -> None:
-    """Give the backward's nodes the source line of the forward op they differentiate, when the caller keeps
-    source locations (NOTE [Source stack traces] in api.py)."""
-    from torch.fx import traceback as fx_traceback
-
-    if not fx_traceback.has_preserved_node_meta():
-        return
-    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-
-    setup_stacktrace_preservation_hooks([out.grad_fn for out in outs
-                                         if isinstance(out, torch.Tensor) and out.grad_fn is not None])
-
-
 def _mutation_counts(functional: Sequence[Any]) -> list:
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -690,7 +678,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
-                _hand_on_source_locations([out for out, _ in pairs])
+                hand_on_source_locations([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
                 computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                allow_unused=True)

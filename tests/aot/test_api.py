@@ -260,7 +260,7 @@ def _graph_module_with_stack_traces() -> torch.fx.GraphModule:
 def test_aot_module_simplified_keeps_the_source_line_of_every_node():
     # PyTorch's test_aotdispatch (test_aot_module_simplified_preserves_stack_trace): the forward and backward
     # graphs had no stack_trace, so Inductor's code and errors could not point at the user's line
-    # (NOTE [Source stack traces] in aot/api.py)
+    # (NOTE [Source stack traces] in aot/source_locations.py)
     gm = _graph_module_with_stack_traces()
     missing = []
 

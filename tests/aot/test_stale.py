@@ -766,7 +766,7 @@ print(json.dumps({"out": out.item(), "grad": w.grad.sum().item(), **default_cach
 
 
 def test_a_source_edit_that_only_moves_lines_hits_and_a_real_edit_misses(tmp_path):
-    """NOTE [Source stack traces] in aot/api.py: the graphs keep the source lines of their nodes, but the cache
+    """NOTE [Source stack traces] in aot/source_locations.py: the graphs keep the source lines of their nodes, but the cache
     key does not (comments added above the function hit); an edit of the computation misses."""
     results = []
     for pad, op in (("", "+"), ("# a comment\n# another comment\n", "+"), ("", "-")):
