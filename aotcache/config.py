@@ -365,18 +365,20 @@ def validate_environment() -> None:
 def unknown_env_vars() -> list[str]:
     """One message per set ``AOTCACHE_*`` variable that is no option (a guess such as ``AOTCACHE_DIR`` would
     otherwise be ignored silently), naming the closest option's variable."""
+    unknown = [var for var in sorted(os.environ) if var.startswith("AOTCACHE_") and var not in _env_names()]
+    if not unknown:  # the usual case, on every first call of a process: no difflib import
+        return []
     import difflib
 
+    names = {name.removeprefix("AOTCACHE_"): name for name in sorted(_env_names())}
     problems = []
-    for var in sorted(os.environ):
-        if var.startswith("AOTCACHE_") and var not in _env_names():
-            word = var.removeprefix("AOTCACHE_")  # AOTCACHE_DIR -> AOTCACHE_CACHE_DIR: a word of a name first
-            names = {name.removeprefix("AOTCACHE_"): name for name in sorted(_env_names())}
-            close = ([name for short, name in names.items() if word in short.split("_")]
-                     or [names[short] for short in difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)])
-            hint = (f"did you mean {' or '.join(close)}?" if close
-                    else f"known: {', '.join(sorted(_env_names()))}")
-            problems.append(f"{var} is not an aotcache option ({hint})")
+    for var in unknown:
+        word = var.removeprefix("AOTCACHE_")  # AOTCACHE_DIR -> AOTCACHE_CACHE_DIR: a word of a name first
+        close = ([name for short, name in names.items() if word in short.split("_")]
+                 or [names[short] for short in difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)])
+        hint = (f"did you mean {' or '.join(close)}?" if close
+                else f"known: {', '.join(sorted(_env_names()))}")
+        problems.append(f"{var} is not an aotcache option ({hint})")
     return problems
 
 
