@@ -334,3 +334,81 @@ def test_a_size_output_is_not_taken_for_a_constant(analyses):
         assert size == rows
     assert compiled.num_compiles == 1
     assert analyses == [False, True]
+
+
+# --------------------------------------------------------------------------------------------------------
+# NOTE [Symbolic fake-tensor cache]: the symbolic trace runs with FakeTensorMode's cache off
+# --------------------------------------------------------------------------------------------------------
+
+
+def two_blocks(x, w1, w2):
+    """The same block twice (the second repeats the first's ops: fake-tensor cache hits when it is on)."""
+    for w in (w1, w2):
+        x = torch.nn.functional.layer_norm(torch.relu(x @ w), (w.shape[1],)) + x
+    return x.sum(-1)
+
+
+@pytest.fixture
+def symbolic_cache_lookups(monkeypatch):
+    """Counts fake-tensor cache lookups of modes that have a ShapeEnv (symbolic traces)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    counts = [0]
+    original = FakeTensorMode._cached_dispatch_impl
+
+    def spy(self, *args, **kwargs):
+        counts[0] += self.shape_env is not None
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeTensorMode, "_cached_dispatch_impl", spy)
+    return counts
+
+
+def _cache_left_on(monkeypatch):
+    import contextlib
+    import sys
+
+    monkeypatch.setattr(sys.modules["aotcache.aot.capture"], "_symbolic_fake_cache_off",
+                        lambda mode: contextlib.nullcontext())
+
+
+def test_symbolic_trace_does_not_use_the_fake_tensor_cache(symbolic_cache_lookups, monkeypatch):
+    shapes = [(2, 5, 4), (4, 4), (4, 4)]
+    capture(two_blocks, make_inputs(shapes), dynamic=True)
+    assert symbolic_cache_lookups[0] == 0
+    _cache_left_on(monkeypatch)  # the spy sees lookups where the cache is on
+    capture(two_blocks, make_inputs(shapes), dynamic=True)
+    assert symbolic_cache_lookups[0] > 0
+
+
+@pytest.mark.parametrize("name", ["two_blocks", *sorted(CASES)])
+def test_the_fake_tensor_cache_changes_neither_graph_nor_guards(name, monkeypatch):
+    fn, shapes = (two_blocks, [(2, 5, 4), (4, 4), (4, 4)]) if name == "two_blocks" else CASES[name][:2]
+    torch.manual_seed(0)
+    without = capture(fn, make_inputs(shapes), dynamic=True)
+    _cache_left_on(monkeypatch)
+    torch.manual_seed(0)
+    with_cache = capture(fn, make_inputs(shapes), dynamic=True)
+    assert without.graph.code == with_cache.graph.code
+    assert without.metadata.guards == with_cache.metadata.guards
+    assert [str(t.shape) for t in without.tangents] == [str(t.shape) for t in with_cache.tangents]
+
+
+def test_a_callers_fake_mode_keeps_its_cache_setting():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False)
+    fakes = [mode.from_tensor(t) for t in make_inputs([(5, 3), (3, 4)])]
+    assert mode.cache_enabled
+    captured = capture(matmul, fakes, dynamic=True)
+    assert captured.fake_mode is mode and mode.cache_enabled
+
+
+def test_two_blocks_serve_other_sizes_and_retrace_on_a_violated_guard():
+    compiled = aot_function(two_blocks, graph_compiler, dynamic=True, cache=False)
+    for shapes in ([(2, 5, 4), (4, 4), (4, 4)], [(3, 7, 4), (4, 4), (4, 4)]):
+        assert_matches_eager(compiled, two_blocks, shapes)
+    assert compiled.num_compiles == 1
+    assert_matches_eager(compiled, two_blocks, [(3, 1, 4), (4, 4), (4, 4)])  # size 1: specialized, a retrace
+    assert compiled.num_compiles == 2
