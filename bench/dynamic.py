@@ -9,7 +9,11 @@ eager, interleaved so that background load hits all alike. First capture: the fi
 compile, cache off) of a fresh wrapper, static before and after the dynamic one (their mean is the
 reference); the median over --rounds rounds of the wall-clock ratio and of the CPU-time ratio (process time,
 steadier on a shared machine). ``auto``: the same for the default dynamic=None, whose first dynamic capture is
-the call with a new sequence length (only that dimension symbolic). One intra-op thread. Results go to bench/results/dynamic.json.
+the call with a new sequence length (only that dimension symbolic). ``cold``: static and dynamic (CPU-time ratio)
+with torch's process-wide fake-tensor cache emptied before the call, as for shapes a process has not captured
+before; the other static figures find every op of their earlier rounds in it (a symbolic trace never does:
+NOTE [Symbolic fake-tensor cache] in aotcache/aot/capture.py). One intra-op thread. Results go to
+bench/results/dynamic.json.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def per_call(name: str, calls: int) -> dict[str, float]:
 
 
 def first_capture(name: str, rounds: int) -> dict[str, float]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from aotcache import aot_module
 
     ids = torch.randint(0, 1000, (2, 16))
@@ -73,15 +79,19 @@ def first_capture(name: str, rounds: int) -> dict[str, float]:
             with torch.no_grad():
                 wrapped(inputs)
 
-    def first_call(dynamic: bool | None, train: bool) -> tuple[float, float]:
+    def first_call(dynamic: bool | None, train: bool, cold: bool = False) -> tuple[float, float]:
         """Wall-clock and CPU seconds of the first call of a fresh wrapper; with ``dynamic=None`` (automatic),
-        of the call whose new sequence length makes that dimension dynamic (the first dynamic capture)."""
+        of the call whose new sequence length makes that dimension dynamic (the first dynamic capture).
+        ``cold``: torch's process-wide fake-tensor cache emptied first, as in a process that has not captured
+        these shapes before (otherwise a static capture finds every op of its earlier rounds there)."""
         torch.manual_seed(0)
         wrapped = aot_module(make_model(name).train(train), "nop", dynamic=dynamic, cache=False)
         inputs = ids
         if dynamic is None:
             call(wrapped, ids, train)  # static, as the default does first
             inputs = torch.randint(0, 1000, (2, 20))
+        if cold:
+            FakeTensorMode.cache.clear()
         gc.collect()  # the garbage of the previous capture is not this one's cost (it was up to 2x a static one)
         started, cpu = time.perf_counter(), time.process_time()
         call(wrapped, inputs, train)
@@ -92,9 +102,11 @@ def first_capture(name: str, rounds: int) -> dict[str, float]:
     for train in (False, True):
         kind = "train" if train else "infer"
         statics, dynamics, ratios, cpu_ratios, autos, auto_ratios = [], [], [], [], [], []
+        cold_statics, cold_ratios = [], []
         for _ in range(rounds):  # static before and after each dynamic one, so that load changes hit both
             before, dynamic, auto = first_call(False, train), first_call(True, train), first_call(None, train)
             after = first_call(False, train)
+            cold_static, cold_dynamic = first_call(False, train, cold=True), first_call(True, train, cold=True)
             static = [(b + a) / 2 for b, a in zip(before, after)]
             statics.append(static[0])
             dynamics.append(dynamic[0])
@@ -102,12 +114,16 @@ def first_capture(name: str, rounds: int) -> dict[str, float]:
             ratios.append(dynamic[0] / static[0])
             cpu_ratios.append(dynamic[1] / static[1])
             auto_ratios.append(auto[0] / static[0])
+            cold_statics.append(cold_static[0])
+            cold_ratios.append(cold_dynamic[1] / cold_static[1])
         result.update({f"{kind}_static_s": round(statistics.median(statics), 2),
                        f"{kind}_dynamic_s": round(statistics.median(dynamics), 2),
                        f"{kind}_ratio": round(statistics.median(ratios), 2),
                        f"{kind}_ratio_cpu": round(statistics.median(cpu_ratios), 2),
                        f"{kind}_auto_dynamic_s": round(statistics.median(autos), 2),
-                       f"{kind}_auto_ratio": round(statistics.median(auto_ratios), 2)})
+                       f"{kind}_auto_ratio": round(statistics.median(auto_ratios), 2),
+                       f"{kind}_cold_static_s": round(statistics.median(cold_statics), 2),
+                       f"{kind}_cold_ratio_cpu": round(statistics.median(cold_ratios), 2)})
     return result
 
 
