@@ -752,6 +752,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
     fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)
     static_views = fake_mode.shape_env is None
+    callers_mode = any(isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args)  # Dynamo's
     from torch._dispatch.python import enable_python_dispatcher
 
     def symbolic_analysis() -> Analysis:
@@ -760,8 +761,9 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
                        regenerate_aliases=regenerate_aliases)
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
+    # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     with _compiling(), quiet_fake_tensor_failures(), refuse_host_random(), \
-            _symbolic_fake_cache_off(fake_mode):  # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
+            _symbolic_fake_cache_off(fake_mode, callers_mode):
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -783,8 +785,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
                                  joint=joint)
     if torch.is_grad_enabled():
         refuse_constants_requiring_grad(captured.graph)
-    if dynamic and fake_mode.shape_env is not None and not any(
-            isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args):
+    if dynamic and fake_mode.shape_env is not None and not callers_mode:
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
@@ -836,12 +837,14 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
 # check it (each new fake tensor redoes the symbolic contiguity arithmetic), a hit a synthesized output. The
 # symbolic trace therefore runs with the cache off (torch's ``disable_fake_tensor_cache``): every op runs its
 # fake kernel once. A first dynamic training capture went from ~4.2x to ~3.1x a static one (bench/dynamic.py,
-# side by side; inference unchanged). Static captures keep the cache, which is process-wide for them.
+# side by side; inference unchanged). Static captures keep the cache, which is process-wide for them, and so
+# does a caller's ShapeEnv (Dynamo's, which holds the ops Dynamo traced).
 
 
-def _symbolic_fake_cache_off(fake_mode: Any) -> contextlib.AbstractContextManager:
-    """NOTE [Symbolic fake-tensor cache]: the fake-tensor cache off while ``fake_mode`` traces with symbols."""
-    if fake_mode.shape_env is None:
+def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.AbstractContextManager:
+    """NOTE [Symbolic fake-tensor cache]: the fake-tensor cache off while ``fake_mode``, made by this capture,
+    traces with symbols (a caller's mode keeps it: its ShapeEnv's cache holds the ops the caller traced)."""
+    if fake_mode.shape_env is None or callers_mode:
         return contextlib.nullcontext()
     try:
         from torch._subclasses.fake_tensor import disable_fake_tensor_cache
