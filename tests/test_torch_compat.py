@@ -79,6 +79,7 @@ OPTIONAL = [
     ("torch._inductor.async_compile", "maybe_warm_pool", "AsyncCompile.warm_pool() + wakeup() by hand"),
     ("torch._inductor.runtime.cache_dir_utils", "cache_dir", "torch._inductor.runtime.runtime_utils.cache_dir"),
     ("torch.fx.experimental.proxy_tensor", "maybe_enable_thunkify", "size arithmetic recorded eagerly"),
+    ("torch._subclasses.fake_tensor", "disable_fake_tensor_cache", "symbolic traces keep the fake-tensor cache"),
     ("torch._dynamo.symbolic_convert", "TensorifyState.specialize", "the capture refuses .item() (fallback)"),
     ("torch._dynamo.exc", "TensorifyScalarRestartAnalysis", "the capture refuses .item() (fallback)"),
     ("torch._library.effects", "EffectType", "torch._higher_order_ops.effects._EffectType, else no tokens"),
@@ -169,6 +170,18 @@ def test_capture_without_thunkify(monkeypatch):
     compiled = aotcache.aot_function(_dynamic_fn, "nop", dynamic=True, cache=False, on_capture_error="raise")
     _check_captured(compiled, torch.randn(4, 3), torch.randn(3, 5))
     _check_captured(compiled, torch.randn(6, 3), torch.randn(3, 5))  # the symbolic graph, reused
+
+
+def test_capture_without_disable_fake_tensor_cache(monkeypatch):
+    import torch._subclasses.fake_tensor as fake_tensor
+
+    import aotcache
+
+    monkeypatch.delattr(fake_tensor, "disable_fake_tensor_cache")
+    compiled = aotcache.aot_function(_dynamic_fn, "nop", dynamic=True, cache=False, on_capture_error="raise")
+    _check_captured(compiled, torch.randn(4, 3), torch.randn(3, 5))
+    _check_captured(compiled, torch.randn(6, 3), torch.randn(3, 5))  # the symbolic graph, reused
+    assert compiled.num_compiles == 1
 
 
 def test_capture_without_is_compiling_flag(monkeypatch):
