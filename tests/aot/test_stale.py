@@ -249,9 +249,6 @@ class SetsModeOnFirstCall(nn.Module):
         return x * 2
 
 
-@pytest.mark.xfail(strict=True, reason="known: a capture runs the Python twice (analysis on probes, then the "
-                                       "trace), so a forward that changes state it branches on is traced after "
-                                       "the first change; the first call differs from eager's")
 def test_forward_that_changes_state_it_reads_gives_eagers_first_result():
     model, reference = SetsModeOnFirstCall(), SetsModeOnFirstCall()
     compiled = aotcache.aot_module(model, "nop", cache=False)
