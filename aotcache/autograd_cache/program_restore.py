@@ -9,9 +9,7 @@ starts from the state of the call (NOTE [State changed by a capture] in ``aot/ca
 
 from __future__ import annotations
 
-import collections
 import os
-from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -20,12 +18,12 @@ from aotcache.autograd_cache.program_guards import ProgramGuards
 __all__ = ["SavedProgramState"]
 
 _MISSING = object()
-# containers restored in place, with their saved members (an unknown type cannot be restored: see ``restore``)
-_RESTORABLE = (dict, collections.OrderedDict, list, set, MappingProxyType)
+# containers restored in place, subclasses included, with their saved members (others: see ``restore``)
+_RESTORABLE = (dict, list, set, MappingProxyType)
 
 
 def _saved_copy(container: Any) -> Any:
-    if isinstance(container, (Mapping, MappingProxyType)):
+    if isinstance(container, (dict, MappingProxyType)):
         return dict(container)
     if isinstance(container, list):
         return list(container)
@@ -40,7 +38,7 @@ class SavedProgramState:
     def __init__(self, guards: ProgramGuards) -> None:
         self._guards = guards
         self._containers = [(container, _saved_copy(container)) for container in guards.sized
-                            if type(container) in _RESTORABLE]
+                            if isinstance(container, _RESTORABLE)]
         self._environment = dict(zip(guards.env_names, guards.env_values))
 
     def restore(self) -> str | None:
@@ -50,9 +48,15 @@ class SavedProgramState:
         if guards.holds():
             return None
         for container, saved in self._containers:
-            self._restore_container(container, saved)
+            try:
+                self._restore_container(container, saved)
+            except (AttributeError, TypeError, KeyError) as exc:  # a subclass refusing the write
+                return f"a {type(container).__name__} ({exc})"
         for holder, key, value in zip(guards.holders, guards.keys, guards.values):
-            self._set_entry(holder, key, value)
+            try:
+                self._set_entry(holder, key, value)
+            except (AttributeError, TypeError) as exc:
+                return f"entry {key!r} of a {type(holder).__name__} ({exc})"
         for obj, name, value in zip(guards.objects, guards.names, guards.attribute_values):
             try:
                 if getattr(obj, name) is value:
@@ -61,8 +65,11 @@ class SavedProgramState:
                 pass
             try:
                 setattr(obj, name, value)
-            except (AttributeError, TypeError) as exc:
-                return f"attribute {name} of a {type(obj).__name__} ({exc})"
+            except (AttributeError, TypeError):
+                try:  # a class whose __setattr__ refuses (a read-only config): its slot or attribute directly
+                    object.__setattr__(obj, name, value)
+                except (AttributeError, TypeError) as exc:
+                    return f"attribute {name} of a {type(obj).__name__} ({exc})"
         for name, value in self._environment.items():
             if os.environ.get(name) != value:
                 if value is None:
@@ -73,7 +80,7 @@ class SavedProgramState:
             return None
         if guards.tensors and [tensor._version for tensor in guards.tensors] != guards.versions:
             return "a tensor constant changed in place"
-        unknown = [type(c).__name__ for c in guards.sized if type(c) not in _RESTORABLE]
+        unknown = [type(c).__name__ for c in guards.sized if not isinstance(c, _RESTORABLE)]
         return f"a container of type {unknown[0]}" if unknown else "state read by the program"
 
     def _restore_container(self, container: Any, saved: Any) -> None:
