@@ -18,10 +18,12 @@ it again; the last run's changes stay, as one eager call's do. What is saved and
   reached (config objects), closure cells, the members of lists, dicts and sets reached, and the environment
   variables the code reads by name.
 
-What a capture cannot run twice unseen: state the walk does not reach (the insides of C-extension objects,
-a global the function creates that it did not read before, files, the clock, prints and logs), which
-changes twice as before; and state it cannot put back (a container of another type), for which the call is
-refused (``unsupported_construct``: its fallback runs the Python eagerly).
+What is not put back: state the walk does not reach (the insides of C-extension objects, a global the
+function creates that it did not read before, files, the clock, prints and logs), which changes once per run
+as before; and state it reaches but cannot write back (a container subclass refusing the write), for which
+the call is refused before the next run (``unsupported_construct``): that change stays, and the fallback
+runs the Python from it (once per call from then on). An object whose ``__setattr__`` refuses is written
+back with ``object.__setattr__``.
 
 A graph whose capture changed the program state is used for that call only (``single_use``; not remembered
 under its signature): reusing it later, when the state came back to the one it was traced in (a flag toggled
