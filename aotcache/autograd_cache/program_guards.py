@@ -76,11 +76,11 @@ class GuardRecorder:
         self._contents: dict[int, Any] = {}
         self._env: dict[str, str | None] = {}
         self._tensors: dict[int, tuple[Any, int]] = {}
-        self._owners: dict[int, type] = {}
+        self._owners: dict[int, tuple[Any, type]] = {}
 
     def owner(self, namespace: Any, cls: type) -> None:
         """``namespace`` (a read-only ``vars(cls)``) belongs to ``cls``: a restore writes through the class."""
-        self._owners.setdefault(id(namespace), cls)
+        self._owners.setdefault(id(namespace), (namespace, cls))  # the view kept alive: its id stays its own
 
     def slot(self, holder: Mapping, key: Any, value: Any) -> None:
         self._slots.setdefault((id(holder), key), (holder, key, value))
@@ -153,7 +153,12 @@ class ProgramGuards:
     env_values: list
     tensors: list
     versions: list
-    owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> cls (recorded views are kept alive)
+    owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> (that view, cls)
+
+    def owner_of(self, namespace: Any) -> type | None:
+        """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
+        entry = self.owners.get(id(namespace))
+        return entry[1] if entry is not None and entry[0] is namespace else None
 
     def holds(self) -> bool:
         """Whether every recorded read gives the recorded object again (identity; env values by equality)."""

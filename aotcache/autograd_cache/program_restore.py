@@ -85,7 +85,7 @@ class SavedProgramState:
 
     def _restore_container(self, container: Any, saved: Any) -> None:
         if isinstance(container, MappingProxyType):  # a class's namespace: through the class
-            owner = self._guards.owners.get(id(container))
+            owner = self._guards.owner_of(container)
             if owner is None or (len(container) == len(saved) and all(
                     container.get(key, _MISSING) is value for key, value in saved.items())):
                 return
@@ -117,7 +117,7 @@ class SavedProgramState:
         if holder.get(key, _MISSING) is value:
             return
         if isinstance(holder, MappingProxyType):
-            owner = self._guards.owners.get(id(holder))
+            owner = self._guards.owner_of(holder)
             if owner is not None:
                 setattr(owner, key, value)
         else:
