@@ -249,11 +249,12 @@ class SetsModeOnFirstCall(nn.Module):
         return x * 2
 
 
-def test_forward_that_changes_state_it_reads_gives_eagers_first_result():
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_forward_that_changes_state_it_reads_gives_eagers_first_result(dynamic):
     """NOTE [State changed by a capture]: the capture's analysis pass set ``mode`` and the trace then took the
     other branch (6 where eager gives 4)."""
     model, reference = SetsModeOnFirstCall(), SetsModeOnFirstCall()
-    compiled = aotcache.aot_module(model, "nop", cache=False)
+    compiled = aotcache.aot_module(model, "nop", cache=False, dynamic=dynamic)
     x = torch.full((2,), 3.0)
     torch.testing.assert_close(compiled(x), reference(x))
     assert model.mode == reference.mode == "set"
