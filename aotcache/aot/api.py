@@ -345,6 +345,9 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
     return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
 
 
+_SINGLE_USE_WARNING = 3  # single-use graphs (NOTE [State changed by a capture]) before a warning, once per function
+
+
 class AOTFunction:
     """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
 
@@ -370,6 +373,7 @@ class AOTFunction:
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
         self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
+        self.num_single_use = 0  # graphs used for their call only (NOTE [State changed by a capture]; tests)
 
     def fingerprint_program(self) -> Callable:
         """What runs when this function is called inside an enclosing capture (inlined): its function (NOTE
@@ -483,6 +487,14 @@ class AOTFunction:
                         self._fallbacks[(extra, key[2])] = runtime
                     elif self._changed_by_call(saved, extra):  # NOTE [State changed by a capture]: this call only
                         runtime.single_use = True  # type: ignore[attr-defined]
+                        self.num_single_use += 1
+                        if self.num_single_use == _SINGLE_USE_WARNING:
+                            log_once(logging.WARNING, f"single-use:{id(self)}",
+                                     "aotcache: %s changed Python state it reads in each of its last %d compiled "
+                                     "calls (a counter or a flag in forward?); a graph runs no Python, so each such "
+                                     "call is traced again to keep eager's results and state (NOTE [State changed "
+                                     "by a capture]). Keep that state outside the compiled function to reuse "
+                                     "its graph.", self.name, _SINGLE_USE_WARNING)
                         return runtime
                     self._entries.setdefault(key, []).append(runtime)
         return runtime

@@ -260,7 +260,7 @@ def test_forward_that_changes_state_it_reads_gives_eagers_first_result(dynamic):
     assert model.mode == reference.mode == "set"
     for _ in range(2):  # the new state: another graph, traced once and reused
         torch.testing.assert_close(compiled(x), reference(x))
-    assert compiled.compiled.num_compiles == 2
+    assert compiled.compiled.num_compiles == 2 and compiled.compiled.num_single_use == 1
 
 
 class CountsCalls(nn.Module):
@@ -276,15 +276,18 @@ class CountsCalls(nn.Module):
         return self.linear(x)
 
 
-def test_forward_that_counts_its_calls_advances_once_per_call_as_eager():
+def test_forward_that_counts_its_calls_advances_once_per_call_as_eager(caplog):
     """A counter the forward does not branch on: eager counts every call; the capture's runs count once, and a
-    graph whose capture changed the state is not reused (it would skip the count), so each call is traced."""
+    graph whose capture changed the state is not reused (it would skip the count), so each call is traced (with
+    one warning saying so)."""
     model = CountsCalls()
     compiled = compiled_module(model)
-    for call in range(1, 4):
-        torch.testing.assert_close(compiled(X), model.linear(X))
-        assert model.calls == call and model.seen == list(range(1, call + 1))
-    assert compiled.compiled.num_compiles == 3
+    with caplog.at_level("WARNING", logger="aotcache"):
+        for call in range(1, 5):
+            torch.testing.assert_close(compiled(X), model.linear(X))
+            assert model.calls == call and model.seen == list(range(1, call + 1))
+    assert compiled.compiled.num_compiles == compiled.compiled.num_single_use == 4
+    assert len([r for r in caplog.records if "changed Python state it reads" in r.getMessage()]) == 1
 
 
 class Toggles(nn.Module):
@@ -394,6 +397,7 @@ def test_forward_that_changes_nothing_keeps_one_graph():
     for _ in range(3):
         torch.testing.assert_close(compiled(X), model.linear(X) * 2.0)
     assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+    assert compiled.compiled.num_single_use == 0
 
 
 class ReadsList(nn.Module):
