@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
@@ -67,7 +68,7 @@ from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
-from aotcache.logs import CacheFault, event, log_once
+from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress, stage
 
 __all__ = [
@@ -344,6 +345,9 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
     return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
 
 
+_SINGLE_USE_WARNING = 3  # single-use graphs (NOTE [State changed by a capture]) before a warning, once per function
+
+
 class AOTFunction:
     """The callable returned by :func:`aot_function`: traces and compiles per signature, then reuses."""
 
@@ -368,6 +372,8 @@ class AOTFunction:
         self._dims = DynamicDims(options.dynamic)  # NOTE [Dynamic dimensions]
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
+        self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
+        self.num_single_use = 0  # graphs used for their call only (NOTE [State changed by a capture]; tests)
 
     def fingerprint_program(self) -> Callable:
         """What runs when this function is called inside an enclosing capture (inlined): its function (NOTE
@@ -400,7 +406,8 @@ class AOTFunction:
         except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
             return eager_for_unkeyable_call(self, exc, flat_args, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
-                and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)):
+                and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
+                and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
         return runtime(*flat_args)
 
@@ -456,8 +463,13 @@ class AOTFunction:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
                               describe_new_signature(list(self._entries), key))
-                    with compile_progress(self.name):  # NOTE [Compile progress]
-                        runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
+                    # NOTE [State changed by a capture]: each run of the Python starts from the call's state
+                    saved = self._saved_state = self._save_call_state(extra)
+                    try:
+                        with compile_progress(self.name):  # NOTE [Compile progress]
+                            runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
+                    finally:
+                        self._saved_state = None
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
                     # NOTE [Storage offsets are not part of the signature]
                     runtime.input_offsets = (input_offsets(flat_args, options.dynamic)  # type: ignore[attr-defined]
@@ -473,8 +485,35 @@ class AOTFunction:
                         if len(self._fallbacks) >= 64:
                             self._fallbacks.clear()
                         self._fallbacks[(extra, key[2])] = runtime
+                    elif self._changed_by_call(saved, extra):  # NOTE [State changed by a capture]: this call only
+                        runtime.single_use = True  # type: ignore[attr-defined]
+                        self.num_single_use += 1
+                        if self.num_single_use == _SINGLE_USE_WARNING:
+                            log_once(logging.WARNING, f"single-use:{id(self)}",
+                                     "aotcache: %s changed Python state it reads in each of its last %d compiled "
+                                     "calls (a counter or a flag in forward?); a graph runs no Python, so each such "
+                                     "call is traced again to keep eager's results and state (NOTE [State changed "
+                                     "by a capture]). Keep that state outside the compiled function to reuse "
+                                     "its graph.", self.name, _SINGLE_USE_WARNING)
+                        return runtime
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
+
+    def _save_call_state(self, extra: Any) -> SavedCallState:
+        """The state this call's Python may change, before its capture (NOTE [State changed by a capture])."""
+        watched = self._programs.get(extra)
+        return SavedCallState(getattr(self, "fingerprint_module", None), watched[0] if watched else None)
+
+    def _changed_by_call(self, saved: SavedCallState, extra: Any) -> bool:
+        """Whether the capture just made changed what selects this function's graphs: the module's settings, or
+        the program (its guards fail and a new walk finds another digest)."""
+        if saved.settings_changed():
+            return True
+        watched = self._programs.get(extra)
+        if watched is None or watched[0].holds():
+            return False
+        module = getattr(self, "fingerprint_module", None)
+        return self.services.watch_program(self.fn if module is None else module, module).digest != watched[0].digest
 
     def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any) -> AOTOptions:
         """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
@@ -499,13 +538,27 @@ class AOTFunction:
 
     def _compile(self, flat_args: list, in_spec: Any, options: AOTOptions | None = None) -> CompiledRuntime:
         options = self.options if options is None else options
+        saved = self._saved_state
+        runs = 0
 
         def flat_fn(*flat: Any) -> Any:
+            nonlocal runs
+            if runs and saved is not None:  # NOTE [State changed by a capture]
+                saved.restore()
+            runs += 1
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             return self.fn(*call_args, **call_kwargs)
 
         self.num_compiles += 1
-        return self.services.compile_call(self, flat_fn, flat_args, in_spec, options)
+        try:
+            return self.services.compile_call(self, flat_fn, flat_args, in_spec, options)
+        except BaseException:
+            if runs and saved is not None:  # the retry, the fallback or the error starts from the call's state
+                try:
+                    saved.restore()
+                except CaptureError as exc:
+                    logger.debug("aotcache: %s: %s", self.name, exc)
+            raise
 
 
 def checked_options(api: str, *, fw_compiler: Callable | str | None = None,

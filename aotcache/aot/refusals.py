@@ -116,6 +116,7 @@ _OFFSET_READERS = frozenset({torch.Tensor.storage_offset, torch.Tensor.as_stride
                              torch.Tensor.as_strided_, torch.Tensor.as_strided_scatter, torch.as_strided_scatter,
                              torch.Tensor.set_, torch.Tensor.untyped_storage, torch.Tensor.storage,
                              torch.Tensor.data_ptr})
+_STORAGE_GETTERS = frozenset({torch.Tensor.untyped_storage, torch.Tensor.storage})
 
 
 class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
@@ -124,6 +125,7 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     * an op whose result has a non-strided layout (``to_sparse``, ``to_mkldnn``): functionalization drops
       autograd through it, so gradients would silently vanish (NOTE [Output requires_grad] in runtime);
     * (not a failure) whether the function reads storage offsets in Python (``reads_offsets``);
+    * a Python read of a traced tensor's storage (NOTE [Storages seen in Python]);
     * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
       indices): fake tensors have no data, and torch only says "data is not allocated yet".
     """
@@ -135,6 +137,8 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         if func in _OFFSET_READERS:
             self.reads_offsets = True
+            if func in _STORAGE_GETTERS and args and _is_traced(args[0]):
+                raise _storage_read_error()
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             raise _backward_inside_error()
         if args and _writes_outside_the_trace(func, args[0]):
@@ -159,6 +163,30 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
+
+
+# NOTE [Storages seen in Python]
+# ``x.untyped_storage()`` (or ``x.storage()``) inside a captured function returns the storage of a capture
+# tensor, not of the caller's: the analysis's probe has a storage just large enough for the input's view, so
+# ``x.untyped_storage().nbytes()`` of a view into a larger tensor gave 16 where eager gives 40, and a graph
+# returning or branching on it was wrong for the first call and for every later one (the storage's size is
+# part of neither the signature, nor the call fingerprint, nor the cache key). Its memory (``data_ptr``) and
+# ``set_`` onto it fail anyway. So a storage read from a traced tensor is refused before it returns
+# (``data_dependent``, with the model's source line): the fallback runs the call, where Dynamo breaks the graph
+# at the read and runs it eagerly. A real tensor the function closes over (a constant) keeps its own storage
+# and is not refused.
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter
+
+
+def _storage_read_error() -> CaptureError:
+    site = _site_of(traceback.extract_stack()[:-1])
+    return CaptureError(f"aotcache: the function reads a tensor's memory directly through its storage "
+                        f"(x.untyped_storage() or x.storage(), for its nbytes(), size or data_ptr()){site}, which "
+                        f"cannot be captured: the capture's tensors have storages of their own, whose sizes are not "
+                        f"the caller's (a view of a larger tensor), and a compiled graph would keep what it read. "
+                        f"Read the storage outside the compiled function and pass what it needs as an argument.",
+                        reason="data_dependent")
 
 
 # NOTE [Backward inside a compiled function]
@@ -221,7 +249,12 @@ def _call_site(exc: BaseException) -> str:
     """`` at <file>:<line> in <function>: `<source>` ``: the innermost frame of the model's code (not torch's,
     not aotcache's) in ``exc``'s traceback, so that a data-dependent op's error says where the model does it
     (DETR's ``if not torch.isfinite(hidden_states).all():``); empty if there is none."""
-    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+    return _site_of(traceback.extract_tb(exc.__traceback__))
+
+
+def _site_of(stack: Any) -> str:
+    """`` at <file>:<line> in <function>: `<source>` `` of the innermost frame of ``stack`` in the model's code."""
+    frames = [frame for frame in stack
               if not frame.filename.startswith(_OWN_DIRECTORIES) and not frame.filename.startswith("<")]
     if not frames:
         return ""

@@ -28,6 +28,11 @@ class WatchedProgram:
         """Whether nothing watched changed since the walk (cheap; checked on every call)."""
         raise NotImplementedError
 
+    def saved_state(self) -> Any:
+        """What the program reads now, as an object whose ``restore()`` writes back what changed since and returns
+        None, or names what it could not put back (NOTE [State changed by a capture] in ``call_state.py``)."""
+        raise NotImplementedError
+
 
 class CompileServices:
     """The services an :class:`~aotcache.aot.api.AOTFunction` and the Dynamo-graph form call (NOTE [Compile

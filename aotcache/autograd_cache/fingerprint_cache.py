@@ -175,7 +175,8 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
 
 
 # NOTE [State changed by the call]
-# The capture runs the function's Python once. When that Python assigns program state the fingerprint covers
+# The capture leaves the state as one run of the function's Python does (NOTE [State changed by a capture] in
+# aot/call_state.py). When that Python assigns program state the fingerprint covers
 # (transformers' sequence classifiers set ``config.problem_type`` on the first call with labels; a module that
 # counts its calls in an attribute), eager makes the change at every first call, but a warm start served
 # through the alias runs only the graph: the change would never happen (a saved config would differ from

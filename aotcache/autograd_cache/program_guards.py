@@ -46,12 +46,15 @@ import operator
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.reachable import Reachable, canonical_json, sha256_text
+
+if TYPE_CHECKING:
+    from aotcache.autograd_cache.program_restore import SavedProgramState
 
 __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 
@@ -73,6 +76,11 @@ class GuardRecorder:
         self._contents: dict[int, Any] = {}
         self._env: dict[str, str | None] = {}
         self._tensors: dict[int, tuple[Any, int]] = {}
+        self._owners: dict[int, tuple[Any, type]] = {}
+
+    def owner(self, namespace: Any, cls: type) -> None:
+        """``namespace`` (a read-only ``vars(cls)``) belongs to ``cls``: a restore writes through the class."""
+        self._owners.setdefault(id(namespace), (namespace, cls))  # the view kept alive: its id stays its own
 
     def slot(self, holder: Mapping, key: Any, value: Any) -> None:
         self._slots.setdefault((id(holder), key), (holder, key, value))
@@ -120,7 +128,8 @@ class GuardRecorder:
             iterables=iterables, members=list(_chain(iterables)),
             mappings=mappings, mapping_values=list(_chain(map(_values, mappings))),
             env_names=list(self._env), env_values=list(self._env.values()),
-            tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()])
+            tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()],
+            owners=dict(self._owners))
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,6 +153,12 @@ class ProgramGuards:
     env_values: list
     tensors: list
     versions: list
+    owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> (that view, cls)
+
+    def owner_of(self, namespace: Any) -> type | None:
+        """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
+        entry = self.owners.get(id(namespace))
+        return entry[1] if entry is not None and entry[0] is namespace else None
 
     def holds(self) -> bool:
         """Whether every recorded read gives the recorded object again (identity; env values by equality)."""
@@ -183,6 +198,13 @@ class WatchedProgram:
     def __post_init__(self) -> None:
         # checked on every call (NOTE [Hot path]): the guards' own method, without a frame of this class around it
         self.holds = self.guards.holds
+
+    def saved_state(self) -> SavedProgramState:
+        """What the program reads now, to be put back between the runs of one capture (NOTE [State changed by a
+        capture] in aot/call_state.py)."""
+        from aotcache.autograd_cache.program_restore import SavedProgramState
+
+        return SavedProgramState(self.guards)
 
 
 def watch_program(root: Any, module: nn.Module | None = None) -> WatchedProgram:

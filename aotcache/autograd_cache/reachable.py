@@ -791,6 +791,7 @@ class Reachable:
         body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)
         if self._guards is not None:
             namespace = vars(cls)
+            self._guards.owner(namespace, cls)  # a read-only view: written back through the class
             if not _is_library(cls.__module__):
                 self._guards.length(namespace)  # an attribute added here may shadow one of a base class
             for name in self._names.intersection(namespace).union(members):

@@ -104,6 +104,47 @@ def test_a_function_reading_tensor_memory_falls_back_instead_of_crashing(fn):
     torch.testing.assert_close(aotcache.aot_function(fn, Recorder(), cache=False)(x), fn(x))
 
 
+def _storage_size(x):
+    return x * 2, x.untyped_storage().nbytes()
+
+
+def _branches_on_storage_size(x):
+    if x.storage().size() > 4:  # the typed storage: elements of the whole base, not of the view
+        return x * 2
+    return x + 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("fn", [_storage_size, _branches_on_storage_size])
+def test_a_storage_size_read_is_refused_with_its_line_and_the_fallback_gives_eagers_value(fn, dynamic):
+    """NOTE [Storages seen in Python]: found by a review: x.untyped_storage().nbytes() of a view into a larger
+    tensor gave the capture's storage size (16 bytes where eager gives 40), returned and branched on."""
+    base = torch.arange(10.0)
+    with pytest.raises(CaptureError, match=r"through its storage .*test_fallback.py:\d+ in " + fn.__name__) as info:
+        aotcache.aot_function(fn, "nop", cache=False, on_capture_error="raise", dynamic=dynamic)(base[2:4])
+    assert info.value.reason == "data_dependent"
+    with config.patch(strict=True), pytest.raises(CaptureError, match="through its storage"):
+        aotcache.aot_function(fn, "nop", cache=False, dynamic=dynamic)(base[2:4])
+    compiled = aotcache.aot_function(fn, "nop", cache=False, dynamic=dynamic)
+    before = fallback_counts()
+    for x in (base[2:4], base[2:4].clone(), base[4:6]):  # storages of 40, 8 and 40 bytes
+        torch.testing.assert_close(compiled(x), fn(x))
+    assert set(_delta(before, fallback_counts())) == {"partial:data_dependent"}
+
+
+def test_a_storage_read_of_a_closed_over_constant_is_captured():
+    """The other direction: a real tensor the function closes over keeps its own storage (a constant)."""
+    table = torch.arange(10.0)
+
+    def scaled(x):
+        return x * table.untyped_storage().nbytes()
+
+    compiled = aotcache.aot_function(scaled, "nop", cache=False, on_capture_error="raise")
+    x = torch.ones(2)
+    torch.testing.assert_close(compiled(x), x * 40)
+    assert compiled.num_compiles == 1
+
+
 def test_raise_mode_and_strict_mode_raise_the_capture_error():
     x, w = torch.randn(3, 5), torch.randn(5, 4)
     with pytest.raises(CaptureError, match="depends on tensor data"):

@@ -249,14 +249,155 @@ class SetsModeOnFirstCall(nn.Module):
         return x * 2
 
 
-@pytest.mark.xfail(strict=True, reason="known: a capture runs the Python twice (analysis on probes, then the "
-                                       "trace), so a forward that changes state it branches on is traced after "
-                                       "the first change; the first call differs from eager's")
-def test_forward_that_changes_state_it_reads_gives_eagers_first_result():
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_forward_that_changes_state_it_reads_gives_eagers_first_result(dynamic):
+    """NOTE [State changed by a capture]: the capture's analysis pass set ``mode`` and the trace then took the
+    other branch (6 where eager gives 4)."""
     model, reference = SetsModeOnFirstCall(), SetsModeOnFirstCall()
-    compiled = aotcache.aot_module(model, "nop", cache=False)
+    compiled = aotcache.aot_module(model, "nop", cache=False, dynamic=dynamic)
     x = torch.full((2,), 3.0)
     torch.testing.assert_close(compiled(x), reference(x))
+    assert model.mode == reference.mode == "set"
+    for _ in range(2):  # the new state: another graph, traced once and reused
+        torch.testing.assert_close(compiled(x), reference(x))
+    assert compiled.compiled.num_compiles == 2 and compiled.compiled.num_single_use == 1
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.seen = []
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen.append(self.calls)
+        return self.linear(x)
+
+
+def test_forward_that_counts_its_calls_advances_once_per_call_as_eager(caplog):
+    """A counter the forward does not branch on: eager counts every call; the capture's runs count once, and a
+    graph whose capture changed the state is not reused (it would skip the count), so each call is traced (with
+    one warning saying so)."""
+    model = CountsCalls()
+    compiled = compiled_module(model)
+    with caplog.at_level("WARNING", logger="aotcache"):
+        for call in range(1, 5):
+            torch.testing.assert_close(compiled(X), model.linear(X))
+            assert model.calls == call and model.seen == list(range(1, call + 1))
+    assert compiled.compiled.num_compiles == compiled.compiled.num_single_use == 4
+    assert len([r for r in caplog.records if "changed Python state it reads" in r.getMessage()]) == 1
+
+
+class Toggles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flag = False
+
+    def forward(self, x):
+        self.flag = not self.flag
+        return x + 1 if self.flag else x * 2
+
+
+def test_graph_traced_in_a_state_the_call_left_is_not_reused_when_that_state_comes_back():
+    """The state comes back to the first call's (a flag toggled per call): the first graph, reused, would skip
+    the toggle (a compiled graph runs no Python) and the results would stop alternating."""
+    model, reference = Toggles(), Toggles()
+    compiled = compiled_module(model)
+    for _ in range(4):
+        torch.testing.assert_close(compiled(X), reference(X))
+        assert model.flag is reference.flag
+
+
+class ReadsConfig(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = Settings()
+
+    def forward(self, x):
+        self.config.attention.scale += 1.0
+        self.config.attention.flags["negate"] = not self.config.attention.flags["negate"]
+        return x * self.config.attention.scale
+
+
+def test_nested_config_changed_by_forward_is_put_back_between_the_captures_runs():
+    model, reference = ReadsConfig(), ReadsConfig()
+    compiled = compiled_module(model)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(X), reference(X))
+        assert model.config.attention.scale == reference.config.attention.scale
+        assert model.config.attention.flags == reference.config.attention.flags
+
+
+CALLS = 0
+
+
+def counts_in_a_global(x):
+    global CALLS
+    CALLS += 1
+    return x * CALLS
+
+
+def test_aot_function_global_and_closure_counters_advance_once_per_call(monkeypatch):
+    monkeypatch.setitem(globals(), "CALLS", 0)
+    compiled = compiled_function(counts_in_a_global)
+    for call in range(1, 4):
+        torch.testing.assert_close(compiled(X), X * call)
+        assert CALLS == call
+
+    def make():
+        count = 0
+
+        def step(x):
+            nonlocal count
+            count += 1
+            return x * count
+
+        return step
+
+    step = make()
+    compiled = compiled_function(step)
+    for call in range(1, 4):
+        torch.testing.assert_close(compiled(X), X * call)
+        assert step.__closure__[0].cell_contents == call
+
+
+class ClassCounter(nn.Module):
+    instances_called = 0
+
+    def forward(self, x):
+        type(self).instances_called += 1
+        return x * type(self).instances_called
+
+
+def test_class_attribute_written_by_forward_is_put_back_through_the_class(monkeypatch):
+    monkeypatch.setattr(ClassCounter, "instances_called", 0)
+    compiled = compiled_module(ClassCounter())
+    for call in range(1, 3):
+        torch.testing.assert_close(compiled(X), X * call)
+        assert ClassCounter.instances_called == call
+
+
+class ReadsOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = 2.0
+        self.history = [1.0]
+
+    def forward(self, x):
+        return self.linear(x) * self.scale * sum(self.history)
+
+
+def test_forward_that_changes_nothing_keeps_one_graph():
+    """The other direction: a forward that only reads its state is traced once and its graph reused."""
+    model = ReadsOnly()
+    compiled = compiled_module(model)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(X), model.linear(X) * 2.0)
+    assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+    assert compiled.compiled.num_single_use == 0
 
 
 class ReadsList(nn.Module):
@@ -775,3 +916,97 @@ def test_a_source_edit_that_only_moves_lines_hits_and_a_real_edit_misses(tmp_pat
     assert [result["out"] for result in results] == [24.0, 24.0, 12.0]
     assert [result["grad"] for result in results] == [18.0] * 3
     assert [result["compile"] for result in results] == [1, 0, 1] and results[1]["hit"] == 1
+
+
+STATEFUL_SCRIPT = """
+import json, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+class Counts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.mode = None
+
+    def forward(self, x):
+        self.calls += 1
+        if self.mode is None:
+            self.mode = "set"
+            return x + 1
+        return x * 2
+
+model = Counts()
+compiled = aotcache.aot_module(model, "nop")
+outs = [compiled(torch.full((2,), 3.0)).tolist() for _ in range(3)]
+print(json.dumps({"outs": outs, "calls": model.calls, **default_cache().stats(), **default_cache().counters}))
+"""
+
+
+def test_forward_that_changes_its_state_gives_eagers_results_and_counts_on_a_warm_start(tmp_path):
+    """NOTE [State changed by a capture] with the persistent cache: no alias is recorded for a call that changes
+    its state (NOTE [State changed by the call]), so a warm start runs the Python once per call (the count and
+    the first call's branch as eager) and loads the graphs by their full keys instead of compiling."""
+    cold = _run(tmp_path, STATEFUL_SCRIPT)
+    warm = _run(tmp_path, STATEFUL_SCRIPT)
+    for run in (cold, warm):
+        assert run["outs"] == [[4.0, 4.0], [6.0, 6.0], [6.0, 6.0]] and run["calls"] == 3
+        assert run["fingerprint_state_changed"] == 3
+    assert cold["compile"] >= 1 and warm.get("compile", 0) == 0
+
+
+class AppendOnly(list):
+    """A container that refuses to be written back (its items cannot be replaced)."""
+
+    def __setitem__(self, index, value):
+        raise TypeError("append-only")
+
+
+LOG = AppendOnly()
+
+
+def logs_its_calls(x):
+    LOG.append(len(LOG))
+    return x * len(LOG)
+
+
+class ReadOnlySetting:
+    __slots__ = ("value",)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("read-only")
+
+
+SETTING = ReadOnlySetting()
+object.__setattr__(SETTING, "value", 1)
+
+
+def bumps_a_read_only_setting(x):
+    object.__setattr__(SETTING, "value", SETTING.value + 1)
+    return x * SETTING.value
+
+
+def test_state_that_cannot_be_put_back_is_refused_and_a_read_only_object_is_put_back(monkeypatch):
+    """NOTE [State changed by a capture]: a change the capture cannot undo between its runs is a CaptureError
+    (raised in strict mode, else the fallback runs the call); an object whose __setattr__ refuses is written
+    back directly, and its graph gives eager's result."""
+    from aotcache import config
+    from aotcache.aot.errors import CaptureError
+
+    with pytest.raises(CaptureError, match=r"could not put that state back .*AppendOnly") as info:
+        aotcache.aot_function(logs_its_calls, "nop", cache=False, on_capture_error="raise")(X)
+    assert info.value.reason == "unsupported_construct"
+    with config.patch(strict=True), pytest.raises(CaptureError, match="could not put that state back"):
+        aotcache.aot_function(logs_its_calls, "nop", cache=False)(X)
+    monkeypatch.setattr(sys.modules[__name__], "LOG", AppendOnly())
+    compiled = compiled_function(logs_its_calls)
+    # the documented limit: the capture's first run changed it for good, and the fallback runs the Python again
+    torch.testing.assert_close(compiled(X), X * 2)
+    torch.testing.assert_close(compiled(X), X * 3)  # later calls: the fallback runs the Python once per call
+    assert LOG == [0, 1, 2]
+
+    object.__setattr__(SETTING, "value", 1)
+    compiled = compiled_function(bumps_a_read_only_setting)
+    for call in range(2, 4):
+        torch.testing.assert_close(compiled(X), X * call)
+        assert SETTING.value == call

@@ -1,0 +1,116 @@
+"""The Python state one call of a compiled function changes: put back between the runs of its capture.
+
+NOTE [State changed by a capture]
+A capture runs the function's Python more than once: the analysis on static probes, then the trace (NOTE
+[Analysis without symbols] in capture.py), and again on a mismatch, a failed automatic dynamic compile, or a
+fallback after a refusal. A forward that changes state it reads (``if self.mode is None: self.mode = "set"``,
+a counter ``self.calls += 1``, a ``global`` or ``nonlocal`` it reassigns, a list it appends to) made the change
+in the analysis, and the trace then saw the changed state: the first call returned what eager returns on the
+second, and the state had advanced twice. So when a call is captured, :class:`SavedCallState` saves the state
+its Python can read, and each later run of the Python (and the fallback's, after a failed capture) starts from
+it again; the last run's changes stay, as one eager call's do. What is saved and put back:
+
+* an ``aot_module``'s module tree: each submodule's ``__dict__`` (attributes set, added or deleted, by
+  identity) and the containers held directly in it (``_parameters``, ``_buffers``, ``_modules``, hook
+  registries, a list or dict attribute changed in place);
+* everything the program guards recorded (NOTE [Program guards]): globals and module attributes the code
+  names, class attributes (written back through the class), attributes of plain objects at any depth the walk
+  reached (config objects), closure cells, the members of lists, dicts and sets reached, and the environment
+  variables the code reads by name.
+
+What is not put back: state the walk does not reach (the insides of C-extension objects, a global the
+function creates that it did not read before, files, the clock, prints and logs), which changes once per run
+as before; and state it reaches but cannot write back (a container subclass refusing the write), for which
+the call is refused before the next run (``unsupported_construct``): that change stays, and the fallback
+runs the Python from it (once per call from then on). An object whose ``__setattr__`` refuses is written
+back with ``object.__setattr__``.
+
+A graph whose capture changed the program state is used for that call only (``single_use``; not remembered
+under its signature): reusing it later, when the state came back to the one it was traced in (a flag toggled
+by each call), would skip the change its Python makes, because a compiled graph runs no Python. Each such
+call is traced again; a forward that changes its own state on every call (a counter) is therefore traced on
+every call, and its state advances once per call, as in eager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.hot_path import ModuleState
+
+__all__ = ["SavedCallState"]
+
+_MISSING = object()
+
+
+def _restore_dict(current: dict, saved: dict) -> None:
+    if len(current) == len(saved) and all(current.get(key, _MISSING) is value for key, value in saved.items()):
+        return
+    for key in [key for key in current if key not in saved]:
+        del current[key]
+    for key, value in saved.items():
+        if current.get(key, _MISSING) is not value:
+            current[key] = value
+
+
+def _restore_list(current: list, saved: list) -> None:
+    if len(current) != len(saved) or any(a is not b for a, b in zip(current, saved)):
+        current[:] = saved
+
+
+class SavedCallState:
+    """The state a call's Python may change, saved before its capture (NOTE [State changed by a capture]).
+
+    ``module``: an ``aot_module``'s module (its tree is saved); ``program``: the call's watched program (its
+    ``saved_state()`` saves what the program guards recorded), or None.
+    """
+
+    def __init__(self, module: nn.Module | None, program: Any) -> None:
+        self._dicts: list[tuple[dict, dict]] = []
+        self._lists: list[tuple[list, list]] = []
+        self._sets: list[tuple[set, set]] = []
+        self._settings: ModuleState | None = None
+        if module is not None:
+            for submodule in module.modules():
+                attributes = submodule.__dict__
+                self._dicts.append((attributes, dict(attributes)))
+                for value in attributes.values():
+                    if isinstance(value, dict):
+                        self._dicts.append((value, dict(value)))
+                    elif isinstance(value, list):
+                        self._lists.append((value, list(value)))
+                    elif isinstance(value, set):
+                        self._sets.append((value, set(value)))
+            self._settings = ModuleState(module)
+            self._settings_id = self._settings.current()[3]
+        saved = getattr(program, "saved_state", None)
+        self._program = saved() if saved is not None else None
+
+    def restore(self) -> None:
+        """Put the saved state back (the module tree first, then what the program reads).
+
+        :raises CaptureError: something the program reads could not be put back.
+        """
+        for current, saved in self._dicts:
+            _restore_dict(current, saved)
+        for current, saved in self._lists:
+            _restore_list(current, saved)
+        for current, saved in self._sets:
+            if current != saved:
+                current.clear()
+                current.update(saved)
+        if self._program is not None:
+            failure = self._program.restore()
+            if failure is not None:
+                raise CaptureError(
+                    f"aotcache: the function changes Python state it reads, and a capture runs the function more "
+                    f"than once (NOTE [State changed by a capture]); aotcache could not put that state back "
+                    f"between the runs ({failure}), so the traced graph would not be the one eager runs. Change "
+                    f"that state outside the compiled function.", reason="unsupported_construct")
+
+    def settings_changed(self) -> bool:
+        """Whether the module tree's settings (those an ``aot_module`` selects graphs by) differ from the saved."""
+        return self._settings is not None and self._settings.current()[3] != self._settings_id

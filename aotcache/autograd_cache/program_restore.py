@@ -1,0 +1,124 @@
+"""Put back what a program reads: the state a capture's earlier run of the function changed.
+
+:class:`SavedProgramState` saves, when a capture starts, everything the program guards of the call recorded
+(NOTE [Program guards]): the dict slots (globals, class and object attributes), the other attributes (closure
+cells, ``__class__``, ``__slots__``), the containers and attribute dicts whose entries they count, and the pinned
+environment. :meth:`SavedProgramState.restore` writes back what differs, so the next run of the function's Python
+starts from the state of the call (NOTE [State changed by a capture] in ``aot/call_state.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from types import MappingProxyType
+from typing import Any
+
+from aotcache.autograd_cache.program_guards import ProgramGuards
+
+__all__ = ["SavedProgramState"]
+
+_MISSING = object()
+# containers restored in place, subclasses included, with their saved members (others: see ``restore``)
+_RESTORABLE = (dict, list, set, MappingProxyType)
+
+
+def _saved_copy(container: Any) -> Any:
+    if isinstance(container, (dict, MappingProxyType)):
+        return dict(container)
+    if isinstance(container, list):
+        return list(container)
+    if isinstance(container, set):
+        return set(container)
+    return None
+
+
+class SavedProgramState:
+    """The values of a program's recorded reads at one moment (copies of containers, one level deep)."""
+
+    def __init__(self, guards: ProgramGuards) -> None:
+        self._guards = guards
+        self._containers = [(container, _saved_copy(container)) for container in guards.sized
+                            if isinstance(container, _RESTORABLE)]
+        self._environment = dict(zip(guards.env_names, guards.env_values))
+
+    def restore(self) -> str | None:
+        """Write back whatever differs from the saved state; None when the program reads the saved state again,
+        else what could not be put back (a tensor constant changed in place, a container of another type)."""
+        guards = self._guards
+        if guards.holds():
+            return None
+        for container, saved in self._containers:
+            try:
+                self._restore_container(container, saved)
+            except (AttributeError, TypeError, KeyError) as exc:  # a subclass refusing the write
+                return f"a {type(container).__name__} ({exc})"
+        for holder, key, value in zip(guards.holders, guards.keys, guards.values):
+            try:
+                self._set_entry(holder, key, value)
+            except (AttributeError, TypeError) as exc:
+                return f"entry {key!r} of a {type(holder).__name__} ({exc})"
+        for obj, name, value in zip(guards.objects, guards.names, guards.attribute_values):
+            try:
+                if getattr(obj, name) is value:
+                    continue
+            except (AttributeError, ValueError):  # deleted, or a closure cell emptied
+                pass
+            try:
+                setattr(obj, name, value)
+            except (AttributeError, TypeError):
+                try:  # a class whose __setattr__ refuses (a read-only config): its slot or attribute directly
+                    object.__setattr__(obj, name, value)
+                except (AttributeError, TypeError) as exc:
+                    return f"attribute {name} of a {type(obj).__name__} ({exc})"
+        for name, value in self._environment.items():
+            if os.environ.get(name) != value:
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        if guards.holds():
+            return None
+        if guards.tensors and [tensor._version for tensor in guards.tensors] != guards.versions:
+            return "a tensor constant changed in place"
+        unknown = [type(c).__name__ for c in guards.sized if not isinstance(c, _RESTORABLE)]
+        return f"a container of type {unknown[0]}" if unknown else "state read by the program"
+
+    def _restore_container(self, container: Any, saved: Any) -> None:
+        if isinstance(container, MappingProxyType):  # a class's namespace: through the class
+            owner = self._guards.owner_of(container)
+            if owner is None or (len(container) == len(saved) and all(
+                    container.get(key, _MISSING) is value for key, value in saved.items())):
+                return
+            for key in [key for key in container if key not in saved]:
+                delattr(owner, key)
+            for key, value in saved.items():
+                if container.get(key, _MISSING) is not value:
+                    setattr(owner, key, value)
+            return
+        if isinstance(container, dict):
+            if len(container) == len(saved) and all(container.get(key, _MISSING) is value
+                                                     for key, value in saved.items()):
+                return
+            for key in [key for key in container if key not in saved]:
+                del container[key]
+            for key, value in saved.items():
+                if container.get(key, _MISSING) is not value:
+                    container[key] = value
+            return
+        if isinstance(container, list):
+            if len(container) != len(saved) or not all(map(lambda a, b: a is b, container, saved)):
+                container[:] = saved
+            return
+        if container != saved:  # a set
+            container.clear()
+            container.update(saved)
+
+    def _set_entry(self, holder: Any, key: Any, value: Any) -> None:
+        if holder.get(key, _MISSING) is value:
+            return
+        if isinstance(holder, MappingProxyType):
+            owner = self._guards.owner_of(holder)
+            if owner is not None:
+                setattr(owner, key, value)
+        else:
+            holder[key] = value
