@@ -45,6 +45,7 @@ from aotcache.aot.fallback import (
     PartialRuntime,
     check_on_capture_error,
     compile_or_fall_back,
+    eager_after_state_changes,
     eager_for_unkeyable_call,
 )
 from aotcache.aot.hot_path import (
@@ -346,6 +347,8 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
 
 
 _SINGLE_USE_WARNING = 3  # single-use graphs (NOTE [State changed by a capture]) before a warning, once per function
+_SINGLE_USE_LIMIT = 8  # ... in a row before the signature runs eagerly (as torch.compile after its recompile limit)
+_ANY_SETTINGS = object()  # in a fallback's key: the signature runs eagerly whatever an aot_module's settings
 
 
 class AOTFunction:
@@ -374,6 +377,7 @@ class AOTFunction:
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
         self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
         self.num_single_use = 0  # graphs used for their call only (NOTE [State changed by a capture]; tests)
+        self._single_use_streak = 0  # single-use graphs in a row, since the last graph kept (_SINGLE_USE_LIMIT)
 
     def fingerprint_program(self) -> Callable:
         """What runs when this function is called inside an enclosing capture (inlined): its function (NOTE
@@ -456,9 +460,10 @@ class AOTFunction:
         if runtime is None:
             with self._lock:
                 runtime = self._lookup(key, flat_args)
-                if runtime is None and (extra, key[2]) in self._fallbacks:
-                    runtime = self._fallbacks[(extra, key[2])]
-                    self._entries.setdefault(key, []).append(runtime)
+                if runtime is None:  # NOTE [Fallbacks outlive program changes]; past _SINGLE_USE_LIMIT, any settings
+                    runtime = self._fallbacks.get((extra, key[2])) or self._fallbacks.get((_ANY_SETTINGS, key[2]))
+                    if runtime is not None:
+                        self._entries.setdefault(key, []).append(runtime)
                 if runtime is None:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
@@ -495,7 +500,13 @@ class AOTFunction:
                                      "call is traced again to keep eager's results and state (NOTE [State changed "
                                      "by a capture]). Keep that state outside the compiled function to reuse "
                                      "its graph.", self.name, _SINGLE_USE_WARNING)
+                        self._single_use_streak += 1
+                        if self._single_use_streak >= _SINGLE_USE_LIMIT:
+                            eager = eager_after_state_changes(self, in_spec, _SINGLE_USE_LIMIT)
+                            if eager is not None:  # the next calls of this signature run the Python as written,
+                                self._fallbacks[(_ANY_SETTINGS, key[2])] = eager  # whatever the settings it changes
                         return runtime
+                    self._single_use_streak = 0  # a graph to keep: the state changes only now and then
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
 

@@ -29,7 +29,10 @@ A graph whose capture changed the program state is used for that call only (``si
 under its signature): reusing it later, when the state came back to the one it was traced in (a flag toggled
 by each call), would skip the change its Python makes, because a compiled graph runs no Python. Each such
 call is traced again; a forward that changes its own state on every call (a counter) is therefore traced on
-every call, and its state advances once per call, as in eager.
+every call, and its state advances once per call, as in eager. After 8 such calls in a row (Dynamo's own
+recompile limit) that call signature runs eagerly, whatever the settings it changes (``eager:changes_own_state``,
+warned about once); a call whose graph is kept (the state settled) starts the count again. With
+``on_capture_error="raise"`` or strict mode it keeps being traced.
 """
 
 from __future__ import annotations

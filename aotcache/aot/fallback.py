@@ -42,7 +42,7 @@ from aotcache.aot.errors import CaptureError
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_dynamo_graph",
+           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes", "eager_dynamo_graph",
            "numpy_random_as_eager",
            "has_uninitialized_parameters"]
 
@@ -323,6 +323,28 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         runtime = _fallback_runtime(owner, in_spec, exc)
         _warn(owner, exc, runtime)
         return runtime
+
+
+def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRuntime | None:
+    """An eager runtime for a function whose last ``limit`` captures each changed the state it reads (NOTE [State
+    changed by a capture] in call_state.py), or None with ``on_capture_error="raise"`` / strict mode, which keep
+    tracing every call (eager's results either way, only slower).
+
+    A graph runs no Python, so such a function is traced at every call to keep eager's state; past ``limit``
+    (Dynamo's own recompile limit is 8) it runs as written, as torch.compile does after its limit. Counted as
+    ``eager:changes_own_state`` and warned about once.
+    """
+    if _raises(owner.on_capture_error):
+        return None
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, "changes_own_state", skip=skip)
+    _count("eager:changes_own_state")
+    _warn_once(owner, "eager:changes_own_state",
+               "aotcache: %s changed Python state it reads in each of its last %d compiled calls, so each was "
+               "traced again (a graph runs no Python); this call signature now runs eagerly (remembered). Keep "
+               "that state (a counter or a flag in forward) outside the compiled function to reuse one graph.",
+               owner.name, limit)
+    return runtime
 
 
 def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_spec: Any) -> Any:

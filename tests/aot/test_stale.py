@@ -290,6 +290,65 @@ def test_forward_that_counts_its_calls_advances_once_per_call_as_eager(caplog):
     assert len([r for r in caplog.records if "changed Python state it reads" in r.getMessage()]) == 1
 
 
+def test_forward_that_changes_its_state_at_every_call_runs_eagerly_after_eight_traces(caplog):
+    """Traced at every call to keep eager's state (above), a counter in forward stops being traced after 8 calls in
+    a row: the signature then runs eagerly (as torch.compile does past its recompile limit), counted and warned
+    about once; results and state stay eager's."""
+    from aotcache.aot.fallback import fallback_counts
+
+    model = CountsCalls()
+    compiled = compiled_module(model)
+    before = fallback_counts().get("eager:changes_own_state", 0)
+    with caplog.at_level("WARNING", logger="aotcache"):
+        for call in range(1, 13):
+            torch.testing.assert_close(compiled(X), model.linear(X))
+            assert model.calls == call and model.seen == list(range(1, call + 1))
+    assert compiled.compiled.num_compiles == 8
+    assert fallback_counts().get("eager:changes_own_state", 0) == before + 1
+    assert len([r for r in caplog.records if "now runs eagerly" in r.getMessage()]) == 1
+
+
+class WarmsUp(nn.Module):
+    """Counts its first five calls, then stays put (a warm-up schedule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x):
+        if self.steps < 5:
+            self.steps += 1
+        return x * self.steps
+
+
+def test_state_that_settles_keeps_its_graph_and_restarts_the_count():
+    """Single-use graphs count in a row only: a call whose graph is kept starts the count again, so a forward
+    whose state settles after a few calls, warmed up twice (10 state-changing calls in all), is never sent to
+    eager, and its settled graph is reused."""
+    from aotcache.aot.fallback import fallback_counts
+
+    model, reference = WarmsUp(), WarmsUp()
+    compiled = compiled_module(model)
+    before = fallback_counts().get("eager:changes_own_state", 0)
+    for _ in range(2):
+        model.steps = reference.steps = 0
+        for _ in range(8):
+            torch.testing.assert_close(compiled(X), reference(X))
+            assert model.steps == reference.steps
+    assert compiled.compiled.num_single_use == 10
+    assert compiled.compiled.num_compiles == 11  # the settled state's graph once, reused in the second round
+    assert fallback_counts().get("eager:changes_own_state", 0) == before
+
+
+def test_with_on_capture_error_raise_a_counter_keeps_being_traced():
+    model = CountsCalls()
+    compiled = aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")
+    for call in range(1, 11):
+        torch.testing.assert_close(compiled(X), model.linear(X))
+        assert model.calls == call
+    assert compiled.compiled.num_compiles == 10
+
+
 class Toggles(nn.Module):
     def __init__(self):
         super().__init__()
