@@ -23,7 +23,7 @@ from aotcache.autograd_cache.cache import AOTAutogradCache
 from aotcache.autograd_cache.entry import pack_entry, read_manifest, unpack_entry
 from aotcache.cli import cli
 from aotcache.cli.bundles import INDEX_NAME, write_bundle
-from aotcache.cli.graph_entries import GraphEntry, list_graph_entries, parse_manifest
+from aotcache.cli.graph_entries import GraphEntry, installed_torch_version, list_graph_entries, parse_manifest
 from aotcache.store.factory import open_tiers
 from aotcache.store.journal import default_journal
 from tests.conftest import REPO_ROOT, run_python
@@ -96,7 +96,16 @@ def test_graphs_lists_entries_with_name_kind_and_compiler(populated):
         assert row["tiers"] == ["disk"] and row["size"] > 0 and row["created"]
     table = invoke("graphs").stdout
     assert "nop" in table and "body" in table and populated["float32"].digest[:12] in table
+    assert "(torch " not in table  # built by this torch: not flagged as another torch's entry
     assert invoke("graphs", "-n", "other").stdout.startswith("No compiled-graph entries")
+
+
+def test_installed_torch_version_is_torch_dunder_version_without_importing_it():
+    # NOTE [torch's local version tag]: PyPI's CUDA wheels say 2.14.1 in their metadata, 2.14.1+cu130 in torch
+    assert installed_torch_version() == torch.__version__
+    proc = run_python("import sys\nfrom aotcache.cli.graph_entries import installed_torch_version\n"
+                      "print(installed_torch_version(), 'torch' in sys.modules)")
+    assert proc.stdout.split() == [torch.__version__, "False"]
 
 
 def test_listing_does_not_count_as_use(populated):

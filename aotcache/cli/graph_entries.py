@@ -476,14 +476,30 @@ def suggest_fix(key_a: Any, key_b: Any) -> str | None:
     return None
 
 
+_TORCH_VERSION_RE = re.compile(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", re.MULTILINE)
+
+
 def installed_torch_version() -> str | None:
-    """torch's version from package metadata (no import), to flag entries built by another torch."""
+    """The installed torch's ``torch.__version__`` without importing torch, to flag entries built by another
+    torch (entries record ``torch.__version__``).
+
+    NOTE [torch's local version tag]: the package metadata of PyPI's CUDA wheels has no local tag
+    (``2.14.1``) while ``torch.__version__`` has it (``2.14.1+cu130``); the download.pytorch.org CPU wheels
+    carry it in both (``2.13.0+cpu``). So the generated ``torch/version.py`` is read; the metadata version is
+    the answer only when that file is missing or unreadable.
+    """
     import importlib.metadata
 
     try:
-        return importlib.metadata.version("torch")
+        dist = importlib.metadata.distribution("torch")
     except importlib.metadata.PackageNotFoundError:
         return None
+    try:
+        text = Path(str(dist.locate_file("torch/version.py"))).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return dist.version
+    match = _TORCH_VERSION_RE.search(text)
+    return match.group(1) if match else dist.version
 
 
 # ----------------------------------------------------------------------------------------------------

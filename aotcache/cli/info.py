@@ -17,6 +17,7 @@ import click
 from aotcache import config
 from aotcache.cli import output
 from aotcache.cli.app import json_option, state
+from aotcache.cli.graph_entries import installed_torch_version
 
 __all__ = ["info", "collect_info", "package_versions", "options_markdown"]
 
@@ -32,6 +33,7 @@ def package_versions() -> dict[str, str | None]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    versions["torch"] = installed_torch_version()  # with its local tag (NOTE [torch's local version tag])
     return versions
 
 
