@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.call_state import SavedCallState
-from aotcache.aot.capture import capture
+from aotcache.aot.capture import capture, tracing_in_this_thread
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
@@ -69,6 +69,7 @@ from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
+from aotcache.aot.swap_gate import swap_gate
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress, stage
 
@@ -385,7 +386,7 @@ class AOTFunction:
         return self.fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # NOTE [Nested compiled functions] in module.py
+        if torch.compiler.is_compiling() and tracing_in_this_thread():  # NOTE [Nested compiled functions] (module.py)
             return self.fn(*args, **kwargs)
         return self.call_structured(simple_structure(args, kwargs), args, args, kwargs)
 
@@ -619,6 +620,7 @@ def _function_name(fn: Any) -> str:
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
     paths: dict[tuple, dict[str, str] | None] = {}
+    gate = swap_gate(module)
 
     def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
         tensors = {**params, **buffers}
@@ -630,7 +632,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
             tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
         refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
-        with _rnn_weight_lists_kept(module):
+        with gate.swapping(), _rnn_weight_lists_kept(module):  # NOTE [Calls during a capture's swap]
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
     return call

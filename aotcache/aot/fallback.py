@@ -257,7 +257,9 @@ def _dynamo_usable() -> bool:
         import torch._dynamo
     except ImportError:
         return False
-    return bool(torch._dynamo.is_dynamo_supported()) and not torch.compiler.is_compiling()
+    from aotcache.aot.capture import tracing_in_this_thread
+
+    return bool(torch._dynamo.is_dynamo_supported()) and not tracing_in_this_thread()
 
 
 def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:

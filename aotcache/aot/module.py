@@ -40,9 +40,11 @@ from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.capture import tracing_in_this_thread
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.services import CompileServices
+from aotcache.aot.swap_gate import swap_gate
 from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]
@@ -61,7 +63,7 @@ class AOTModule(nn.Module):
 
     wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in api.py: paths pass through orig_module
     # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
-    fingerprint_skips = frozenset({"compiled", "_state", "_lazy", "_routing_lock", "_routing_count", "forward",
+    fingerprint_skips = frozenset({"compiled", "_state", "_gate", "_lazy", "_routing_lock", "_routing_count", "forward",
                                    "router", "_backend"})
 
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
@@ -73,6 +75,7 @@ class AOTModule(nn.Module):
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
         self._state = ModuleState(module)  # NOTE [Hot path]
+        self._gate = swap_gate(module)  # NOTE [Calls during a capture's swap]
         # NOTE [Lazy modules]: uninitialized parameters (nn.LazyLinear, ...) have no shape to trace; the first
         # calls run eagerly (which materializes them), then the module is captured as any other
         self._lazy = has_uninitialized_parameters(module)
@@ -102,7 +105,7 @@ class AOTModule(nn.Module):
         # NOTE [Nested compiled functions]: called while an enclosing function is captured (aotcache's capture or
         # Dynamo's trace: torch.compiler.is_compiling()), a compiled module or function is inlined, as
         # torch.compile inlines a compiled region: its own signature, guards and cache would meet trace tensors
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and tracing_in_this_thread():
             return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
@@ -110,7 +113,11 @@ class AOTModule(nn.Module):
             self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
+        gate = self._gate  # NOTE [Calls during a capture's swap]
+        swaps = gate.swaps
         params, buffers, names, settings = self._state.current()
+        if gate.owner is not None or gate.swaps != swaps:  # another thread's capture swapped the tensors meanwhile
+            params, buffers, names, settings = gate.read(self._state.current)
         count = simple_structure(args, kwargs)
         self.compiled.num_state = len(params) + len(buffers)  # static under dynamic shapes
         if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
