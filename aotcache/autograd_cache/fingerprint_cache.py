@@ -31,7 +31,8 @@ each, in slots like an entry's (``aot/fp/<fp>`` is slot 0, the single record of 
 ``aot/fp/<fp>/<n>`` the others). Every store write stays insert-once (no record is rewritten, so two
 processes recording at once each take a slot). A warm call tries the slots' keys in order; each key's entry
 is used only if its guards hold for the call (``try_load``), so a key of the same fingerprint whose guards
-do not match is skipped, never run. Reading stops at the first empty slot. A slot whose key has no entry
+do not match is skipped, never run. Reading stops at the first empty slot (a slot evicted before later ones
+costs those graphs one trace, after which the hole names one of them). A slot whose key has no entry
 left (stale) is the one place a record is replaced: when all slots are taken, a new key goes into the first
 stale one (deleted, then inserted).
 

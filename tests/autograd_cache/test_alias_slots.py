@@ -138,3 +138,29 @@ def test_an_alias_slot_outside_the_bound_is_refused():
     assert fingerprint_cache.parse_alias_store_key(alias_store_key(fp)) == (fp.digest, 0)
     assert fingerprint_cache.parse_alias_store_key(alias_store_key(fp) + "/0") is None
     assert fingerprint_cache.parse_alias_store_key(alias_store_key(fp) + "/9") is None
+
+
+def test_a_bundle_carries_every_slot_and_import_puts_each_back_in_its_slot(tmp_path):
+    from aotcache.cli.bundles import import_aliases, read_bundle, write_bundle
+
+    cache = fresh_cache()
+    cold = compiled(cache)
+    for n in (1, 3):
+        cold(rows(n))
+    fp = fingerprint(cold, rows(1))
+    blobs = {name: bytes(cache.tiers.get(alias_store_key(fp, slot))) for slot, name in ((0, fp.digest),
+                                                                                         (1, f"{fp.digest}/1"))}
+    bundle = tmp_path / "aliases.tar"
+    index = write_bundle(bundle, "aot", [], blobs)
+    assert [(record["file"], record.get("slot")) for record in index["aliases"]] == [
+        (f"aliases/{fp.digest}.json", None), (f"aliases/{fp.digest}-1.json", 1)]
+    _, _, members = read_bundle(bundle)
+    other = fresh_cache()
+    other.tiers.clear()
+    keys = {read_alias(cache, fp, slot).digest for slot in (0, 1)}
+    assert import_aliases(other, members, keys) == (2, [])
+    assert [read_alias(other, fp, slot) for slot in (0, 1)] == [read_alias(cache, fp, slot) for slot in (0, 1)]
+    members[1].record["slot"] = 8  # outside the bound: refused, never stored under another key
+    other.tiers.clear()
+    stored, rejected = import_aliases(other, members, keys)
+    assert stored == 1 and rejected[0]["reason"].startswith("the fingerprint is not a hex digest, or the slot")
