@@ -8,7 +8,8 @@ import torch
 
 import aotcache
 from aotcache.autograd_cache.cache import resolve_cache
-from tests.aot.tiny_transformers import tiny_bart, tiny_roberta_classifier, tiny_roberta_model, tiny_t5, tiny_wav2vec2_ctc
+from tests.aot.tiny_transformers import (tiny_bart, tiny_roberta_classifier, tiny_roberta_model, tiny_t5,
+                                        tiny_wav2vec2_ctc)
 
 
 def test_a_warm_start_makes_the_config_change_eager_makes_on_the_first_call_with_labels():
