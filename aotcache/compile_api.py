@@ -26,6 +26,7 @@ from aotcache.aot.api import AOTFunction, AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule
+from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
 from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
 from aotcache.compilers.base import options_with_mode
@@ -86,8 +87,10 @@ class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
 
     def __init__(self, aot: AOTFunction, services: _RoutedServices, fullgraph: bool,
-                 make_dynamo: Callable[[], Callable]) -> None:
+                 make_dynamo: Callable[[], Callable], module: nn.Module | None = None) -> None:
         self.aot = aot
+        self.module = module  # checked for data-parallel wrappers before the first call (NOTE [Wrappers refused up
+        # front])
         self.fullgraph = fullgraph
         self.make_dynamo = make_dynamo
         self.route: str | None = None  # None until the first call decides
@@ -108,6 +111,8 @@ class _Router:
         """Run the call the chosen way; the first call (and a later capture failure) chooses."""
         route = self.route
         if route == DYNAMO:
+            return dynamo_call()
+        if route is None and self.module is not None and self._wrapper_refused():
             return dynamo_call()
         self.capturing.digest = None
         try:
@@ -151,6 +156,33 @@ class _Router:
                  "; recorded, so later runs go there directly" if recorded else "")
 
 
+    # NOTE [Wrappers refused up front]
+    # A data-parallel wrapper (DDP(model): NOTE [Data-parallel wrappers] in aot/refusals.py) is refused for the AOT
+    # way by what it is, not by what a capture finds. Found: aotcache.compile(DDP(model)) first computed the call
+    # fingerprint, which cannot see inside DDP's C++ logger, and warned that the fingerprint "cannot be trusted"
+    # (with advice about config objects that does not apply); then the capture was refused, and the route
+    # warning said "with graph breaks ... remove the graph break", which does not apply either. So the module
+    # tree is checked before the first call's fingerprint: one warning naming the wrapper and the fix, no
+    # fingerprint, no capture attempt (fullgraph=True: the refusal is raised).
+    def _wrapper_refused(self) -> bool:
+        """True (route set to Dynamo, warned once) when the module tree holds a data-parallel wrapper."""
+        found = data_parallel_wrapper(self.module)  # type: ignore[arg-type]
+        if found is None:
+            return False
+        if self.fullgraph:
+            refuse_data_parallel_wrappers(self.module)  # type: ignore[arg-type]
+        name, kind = found
+        with self._lock:
+            self.route, self.reason = DYNAMO, f"{name} is a {kind}"
+        log_once(logging.WARNING, f"compile-route:{id(self)}",
+                 "aotcache.compile: %s is a %s, whose forward runs Python at every call (buffer broadcast, gradient "
+                 "all-reduce setup) that a captured graph would run only once; compiling it with "
+                 "torch.compile(backend='aotcache'), which runs that Python at every call. For the faster AOT way "
+                 "(no Dynamo, warm starts without tracing), wrap the other way round: %s(aotcache.compile(model)).",
+                 name, kind, kind)
+        return True
+
+
 class CompiledModule(AOTModule):
     """What :func:`compile` returns for an ``nn.Module``: the drop-in :class:`~aotcache.aot.module.AOTModule`
     whose forward takes the route its :class:`_Router` chose (``route``: ``"aot"`` / ``"dynamo"`` / None)."""
@@ -165,7 +197,8 @@ class CompiledModule(AOTModule):
         services = _RoutedServices()
         super().__init__(module, options, services=services, cache=cache, on_capture_error="raise")
         self._backend = backend
-        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options))
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options),
+                              module)
 
     def _wrapper_arguments(self) -> dict[str, Any]:
         return {"options": self.compiled.options, "cache": self.compiled.cache, "fullgraph": self.router.fullgraph,

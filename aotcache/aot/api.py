@@ -347,6 +347,22 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
     return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
 
 
+def rank_signature_of(flat_args: Sequence[Any], in_spec: Any) -> tuple:
+    """The signature up to sizes that automatic dynamic shapes key their first sizes by (NOTE [Dynamic
+    dimensions]): tensors by rank, and cache integers without their value, not even 0 or 1.
+
+    NOTE [Cache integers compared like sizes]
+    ``signature_of(..., True)`` keeps a cache integer's 0 or 1 (torch specializes them, so they are separate
+    graphs). As the key of the sizes first seen, that made a batch of 1 (a static cache's ``batch_size`` 1) and
+    a batch of 2 two unrelated calls: the second call compiled statically, as a first call, and only the third
+    batch size became dynamic (static-cache ``generate`` with batches 1, 2, 3: one graph more than
+    torch.compile, which compares the integer like a size). A tensor dimension of size 1 never was in that key.
+    """
+    signature = signature_of(flat_args, in_spec, True)
+    return (*signature[:5], tuple(("cacheint",) if argument[0] == "cacheint" else argument
+                                  for argument in signature[5]))
+
+
 _SINGLE_USE_WARNING = 3  # single-use graphs (NOTE [State changed by a capture]) before a warning, once per function
 _SINGLE_USE_LIMIT = 8  # ... in a row before the signature runs eagerly (as torch.compile after its recompile limit)
 _ANY_SETTINGS = object()  # in a fallback's key: the signature runs eagerly whatever an aot_module's settings
@@ -531,7 +547,7 @@ class AOTFunction:
         """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
         if self.options.dynamic is False:
             return self.options
-        rank_key = (extra, signature_of(flat_args, in_spec, True)) if self.options.dynamic is None else None
+        rank_key = (extra, rank_signature_of(flat_args, in_spec)) if self.options.dynamic is None else None
         spec = self._dims.spec(flat_args, rank_key, self.num_state, self.name)
         return self._dims.options_for(self.options, spec)
 

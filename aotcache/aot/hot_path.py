@@ -16,6 +16,7 @@ the module tree changed. ``named_parameters()`` walks every submodule (~30 us); 
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -200,6 +201,26 @@ _SETTINGS_IGNORED = frozenset({"_parameters", "_buffers", "_modules", "_non_pers
                                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                                "_load_state_dict_post_hooks"})
 _PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+# NOTE [Generate memos]
+# transformers' ``generate`` (GenerationMixin._prepare_static_cache, transformers 5) writes
+# ``model._previous_max_cache_length``, the largest static-cache length asked for so far, so that its next static
+# cache is at least as long. Only ``generate`` reads it, never a forward. As a plain int setting it changed the
+# module settings, the program digest and the fingerprint whenever a longer prompt came: with
+# ``cache_implementation="static"`` every such ``generate`` started a new signature whose first calls compile
+# statically (prefill and decoding step: 2 graphs per call where torch.compile, which guards only what the
+# forward reads, made them dynamic once and then compiled none). The settings, the program walk and the
+# fingerprint leave such attributes out, on modules whose class has transformers' GenerationMixin in its bases.
+GENERATE_MEMOS = frozenset({"_previous_max_cache_length"})
+
+
+@functools.lru_cache(maxsize=256)
+def generate_memos(cls: type) -> frozenset[str]:
+    """The attributes of ``cls``'s instances that only transformers' ``generate`` reads (NOTE [Generate memos])."""
+    generation = any(base.__name__ == "GenerationMixin" and base.__module__.startswith("transformers.")
+                     for base in cls.__mro__)
+    return GENERATE_MEMOS if generation else frozenset()
 _PLAIN, _COUNTED, _IDENTITY, _UNTRACKED = 0, 1, 2, 3
 
 
@@ -225,8 +246,9 @@ def _settings(module: nn.Module) -> tuple:
     (NOTE [Program guards] in aotcache/autograd_cache/program_guards.py), not here.
     """
     settings = []
+    memos = generate_memos(type(module))  # NOTE [Generate memos]
     for name, value in module.__dict__.items():
-        kind = _UNTRACKED if name in _SETTINGS_IGNORED else _kind(value)
+        kind = _UNTRACKED if name in _SETTINGS_IGNORED or name in memos else _kind(value)
         if kind != _UNTRACKED:
             settings.append((name, kind, value if kind == _PLAIN else len(value) if kind == _COUNTED else id(value)))
     return tuple(settings)

@@ -22,6 +22,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
+           "data_parallel_wrapper",
            "refuse_host_random", "refuse_module_backward_hooks", "tensor_subclass_error",
            "unsupported_layout_error"]
 
@@ -66,16 +67,26 @@ _DATA_PARALLEL_CLASSES = frozenset({"torch.nn.parallel.distributed.DistributedDa
                                     "torch.distributed.fsdp._fully_shard._fully_shard.FSDPModule"})
 
 
-def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
-    """Refuse a capture of a module tree holding a data-parallel wrapper (NOTE [Data-parallel wrappers])."""
+def data_parallel_wrapper(module: torch.nn.Module) -> tuple[str, str] | None:
+    """``(path, class name)`` of the first data-parallel wrapper in the module tree (NOTE [Data-parallel
+    wrappers]; path ``"the module"`` for the root), or None."""
     for name, sub in module.named_modules():
         for cls in type(sub).__mro__:
             if f"{cls.__module__}.{cls.__qualname__}" in _DATA_PARALLEL_CLASSES:
-                raise CaptureError(
-                    f"aotcache: {name or 'the module'} is a {cls.__name__}, whose forward runs Python at every call "
-                    f"(buffer broadcast, gradient all-reduce setup) that a captured graph would run only once. "
-                    f"Compile the model inside it instead: {cls.__name__}(aotcache.compile(model)), or "
-                    f"torch.compile({cls.__name__}(model), backend='aotcache').", reason="unsupported_construct")
+                return name or "the module", cls.__name__
+    return None
+
+
+def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
+    """Refuse a capture of a module tree holding a data-parallel wrapper (NOTE [Data-parallel wrappers])."""
+    found = data_parallel_wrapper(module)
+    if found is not None:
+        name, kind = found
+        raise CaptureError(
+            f"aotcache: {name} is a {kind}, whose forward runs Python at every call (buffer broadcast, gradient "
+            f"all-reduce setup) that a captured graph would run only once. Compile the model inside it instead: "
+            f"{kind}(aotcache.compile(model)), or torch.compile({kind}(model), backend='aotcache').",
+            reason="unsupported_construct")
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:

@@ -4,11 +4,13 @@
 :func:`aotcache.autograd_cache.pipeline.compile_function_cached` when a cache is in use:
 
 1. compute the call's :class:`~aotcache.autograd_cache.fingerprint.Fingerprint` (no tracing);
-2. trusted: read the *alias record* ``aot/fp/<fingerprint>`` (a few hundred bytes of JSON naming the full
-   key's parts) and load the entry of that key (:meth:`AOTAutogradCache.try_load`); a hit runs with neither a
-   trace nor an Inductor import;
-3. otherwise (untrusted, no alias yet, or the aliased entry is gone / its guards fail): the full pipeline
-   (capture -> key -> load or compile + save); its key is recorded under the fingerprint for the next process.
+2. trusted: read the *alias records* ``aot/fp/<fingerprint>`` (slot 0), ``aot/fp/<fingerprint>/1``, ...
+   (each a few hundred bytes of JSON naming one full key's parts) and load the first of their keys whose
+   entry's guards hold for the call (:meth:`AOTAutogradCache.try_load`); a hit runs with neither a trace nor
+   an Inductor import;
+3. otherwise (untrusted, no alias yet, or the aliased entries are gone / their guards fail): the full pipeline
+   (capture -> key -> load or compile + save); its key is recorded under the fingerprint, in the next free
+   slot, for the next process.
 
 NOTE [Alias records are derived data]
 An alias maps a fingerprint to the key the full path computed for that very call. The fingerprint covers
@@ -17,6 +19,22 @@ it is never wrong, only possibly stale (its entry evicted), and a stale alias is
 through the same store tiers as entries (checksums, optional HMAC signatures); a record that does not
 parse is deleted and counted as a fault. Alias store keys never match ``aot/<64 hex>/<slot>``, so listings
 and ``explain`` ignore them.
+
+NOTE [Several graphs under one fingerprint]
+The mapping is a function of the call only up to the guards: with dynamic dimensions the fingerprint writes
+a dynamic size as "any" (as the in-process signature does), but the capture specializes some sizes and
+guards the rest. BART's beam search through ``aotcache.compile`` after a greedy ``generate``: the second
+decoding step has a KV length of 1 (torch specializes sizes 0 and 1: guard ``size == 1``) and the third a
+length of 2 (guard ``2 <= size``); one fingerprint, two graphs, and with one alias per fingerprint the
+second graph's warm start traced every time. So a fingerprint has up to ``MAX_ALIAS_SLOTS`` records, one key
+each, in slots like an entry's (``aot/fp/<fp>`` is slot 0, the single record of old caches, unchanged;
+``aot/fp/<fp>/<n>`` the others). Every store write stays insert-once (no record is rewritten, so two
+processes recording at once each take a slot). A warm call tries the slots' keys in order; each key's entry
+is used only if its guards hold for the call (``try_load``), so a key of the same fingerprint whose guards
+do not match is skipped, never run. Reading stops at the first empty slot (a slot evicted before later ones
+costs those graphs one trace, after which the hole names one of them). A slot whose key has no entry
+left (stale) is the one place a record is replaced: when all slots are taken, a new key goes into the first
+stale one (deleted, then inserted).
 
 Counters (``AOTAutogradCache.counters`` and the stats journal section ``autograd``): ``fingerprint_hit``
 (warm start served through an alias), ``fingerprint_miss`` (trusted, but no usable alias),
@@ -38,20 +56,23 @@ from aotcache.store.interface import LookupStatus
 if TYPE_CHECKING:
     from aotcache.autograd_cache.cache import AOTAutogradCache
 
-__all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "FALLBACK_SECTION", "alias_store_key", "read_alias", "record_alias",
-           "parse_alias_record", "alias_fingerprint",
+__all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "MAX_ALIAS_SLOTS", "FALLBACK_SECTION", "alias_store_key",
+           "read_alias", "record_alias", "parse_alias_record", "alias_fingerprint", "parse_alias_store_key",
            "fingerprint_of", "compile_with_fingerprint"]
 
 ALIAS_PREFIX = "aot/fp/"
 ALIAS_SCHEMA = 1
+MAX_ALIAS_SLOTS = 8  # NOTE [Several graphs under one fingerprint]
 FALLBACK_SECTION = "autograd:fingerprint_fallback"
 
 
-def alias_store_key(fingerprint: Fingerprint) -> str:
-    """The store key of the alias record of a trusted fingerprint."""
+def alias_store_key(fingerprint: Fingerprint, slot: int = 0) -> str:
+    """The store key of alias record ``slot`` of a trusted fingerprint (slot 0: ``aot/fp/<digest>``)."""
     if not fingerprint.trusted:
         raise ValueError(f"an untrusted fingerprint ({fingerprint.reason}) has no alias record")
-    return ALIAS_PREFIX + str(fingerprint.digest)
+    if not 0 <= slot < MAX_ALIAS_SLOTS:
+        raise ValueError(f"alias slot {slot} is outside 0..{MAX_ALIAS_SLOTS - 1}")
+    return ALIAS_PREFIX + str(fingerprint.digest) + (f"/{slot}" if slot else "")
 
 
 def _count_fallback(cache: AOTAutogradCache, reason: str) -> None:
@@ -65,10 +86,14 @@ def _count_fallback(cache: AOTAutogradCache, reason: str) -> None:
                     "cache entry, because its fingerprint cannot be trusted", reason)
 
 
+_ABSENT = object()  # read_record's answer for "no record" when asked to tell it from a fault
+
+
 def read_record(cache: AOTAutogradCache, store_key: str, parse: Callable[[Any], Any], fault_key: str,
-                what: str) -> Any:
-    """A small derived record (alias, route) parsed by ``parse``, or None: no record, a store fault (counted), or
-    a record ``parse`` refuses with ValueError (counted as ``load_error`` and deleted: it is derived data).
+                what: str, absent: Any = None) -> Any:
+    """A small derived record (alias, route) parsed by ``parse``, or None: a store fault (counted), a record
+    ``parse`` refuses with ValueError (counted as ``load_error`` and deleted: it is derived data), or no record
+    (``absent``, None unless given).
 
     :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
     """
@@ -77,7 +102,7 @@ def read_record(cache: AOTAutogradCache, store_key: str, parse: Callable[[Any], 
         cache.count(store_error=1)
         return None
     if not lookup.hit:
-        return None
+        return absent
     try:
         return parse(lookup.value)
     except ValueError as exc:
@@ -87,14 +112,21 @@ def read_record(cache: AOTAutogradCache, store_key: str, parse: Callable[[Any], 
         return None
 
 
-def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint) -> CacheKey | None:
-    """The full key recorded for ``fingerprint``, or None (no record, a store fault, or a bad record).
+def read_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, slot: int = 0) -> CacheKey | None:
+    """The full key recorded in alias ``slot`` of ``fingerprint``, or None (no record, a store fault, or a bad
+    record).
 
     :raises aotcache.logs.CacheFault: a bad record, in strict mode only.
     """
+    key = _read_slot(cache, fingerprint, slot)
+    return None if key is _ABSENT else key
+
+
+def _read_slot(cache: AOTAutogradCache, fingerprint: Fingerprint, slot: int) -> Any:
+    """Alias ``slot``'s key; None for a fault or a bad record (counted, deleted), ``_ABSENT`` when empty."""
     digest = str(fingerprint.digest)
-    return read_record(cache, alias_store_key(fingerprint), lambda value: parse_alias_record(value, digest),
-                       "autograd:alias", "fingerprint alias record")
+    return read_record(cache, alias_store_key(fingerprint, slot), lambda value: parse_alias_record(value, digest),
+                       "autograd:alias", "fingerprint alias record", absent=_ABSENT)
 
 
 def parse_alias_record(value: Any, fingerprint_digest: str) -> CacheKey:
@@ -114,20 +146,37 @@ def parse_alias_record(value: Any, fingerprint_digest: str) -> CacheKey:
     return key
 
 
-def alias_fingerprint(store_key: str) -> str | None:
-    """The fingerprint digest named by an alias store key (``aot/fp/<digest>``), None for any other key."""
+def parse_alias_store_key(store_key: str) -> tuple[str, int] | None:
+    """``(fingerprint digest, slot)`` of an alias store key (``aot/fp/<digest>`` or ``aot/fp/<digest>/<slot>``),
+    None for any other key."""
     if not store_key.startswith(ALIAS_PREFIX):
         return None
-    digest = store_key[len(ALIAS_PREFIX):]
-    return digest if digest and all(char in "0123456789abcdef" for char in digest) else None
+    digest, _, slot_text = store_key[len(ALIAS_PREFIX):].partition("/")
+    if not digest or any(char not in "0123456789abcdef" for char in digest):
+        return None
+    if not slot_text:
+        return digest, 0
+    if not slot_text.isdigit() or slot_text[0] == "0" or not 0 < int(slot_text) < MAX_ALIAS_SLOTS:
+        return None
+    return digest, int(slot_text)
 
 
-def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKey) -> bool:
-    """Record ``fingerprint -> key`` (never overwrites); True if stored now."""
+def alias_fingerprint(store_key: str) -> str | None:
+    """The fingerprint digest named by an alias store key (any slot), None for any other key."""
+    parsed = parse_alias_store_key(store_key)
+    return parsed[0] if parsed is not None else None
+
+
+def alias_record_bytes(fingerprint: Fingerprint, key: CacheKey) -> bytes:
+    """The JSON record of ``fingerprint -> key`` (the same in every slot)."""
     record = {"schema": ALIAS_SCHEMA, "fingerprint": fingerprint.digest, "key": key.digest,
               "parts": key.parts_digests()}
-    blob = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return bool(cache.tiers.insert(alias_store_key(fingerprint), blob))
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def record_alias(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKey, slot: int = 0) -> bool:
+    """Record ``fingerprint -> key`` in alias ``slot`` (never overwrites); True if stored now."""
+    return bool(cache.tiers.insert(alias_store_key(fingerprint, slot), alias_record_bytes(fingerprint, key)))
 
 
 def fingerprint_of(function: Any, flat_args: Sequence[Any], in_spec: Any, options: Any = None) -> Fingerprint:
@@ -158,20 +207,60 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
     if not fingerprint.trusted:
         _count_fallback(cache, str(fingerprint.reason))
         return full_path(cache, on_key=None)
-    key = read_alias(cache, fingerprint)
-    if key is not None:
-        result = cache.try_load(key, flat_args)
+    slots = _AliasSlots()
+    for slot in range(MAX_ALIAS_SLOTS):  # NOTE [Several graphs under one fingerprint]
+        key = _read_slot(cache, fingerprint, slot)
+        if key is None or key is _ABSENT:  # None: a store fault, or a bad record (deleted, so free now)
+            slots.first_empty = slot if slots.first_empty is None else slots.first_empty
+            if key is _ABSENT:
+                break
+            continue  # later slots may still be fine
+        slots.keys.add(key.digest)
+        result = cache.try_load(key, flat_args)  # used only where the entry's guards hold for this call
         if result.hit:
             cache.count(fingerprint_hit=1)
-            logger.debug("aotcache: warm start through fingerprint %s -> key %s", fingerprint.digest[:16],
-                         key.digest[:16])
+            logger.debug("aotcache: warm start through fingerprint %s (slot %d) -> key %s",
+                         fingerprint.digest[:16], slot, key.digest[:16])
             return cache.record_hit(result)
+        if result.status == "miss" and slots.stale is None:  # no entry of that key left
+            slots.stale = slot
     cache.count(fingerprint_miss=1)
     computed: list[CacheKey] = []
     runtime = full_path(cache, on_key=computed.append)
     if computed and not _state_changed(cache, fingerprint, refingerprint):
-        record_alias(cache, fingerprint, computed[-1])
+        _record_in_free_slot(cache, fingerprint, computed[-1], slots)
     return runtime
+
+
+class _AliasSlots:
+    """What a lookup saw of a fingerprint's alias slots: the keys named, the first empty (or unreadable) and the
+    first stale slot."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.first_empty: int | None = None
+        self.stale: int | None = None
+
+
+def _record_in_free_slot(cache: AOTAutogradCache, fingerprint: Fingerprint, key: CacheKey,
+                         slots: _AliasSlots) -> None:
+    """Record ``key`` under ``fingerprint`` unless a slot names it already: in the first empty slot (the next
+    one when another process just took it), else over the first stale one (NOTE [Several graphs under one
+    fingerprint]); with every slot naming a live entry, not at all (logged)."""
+    if key.digest in slots.keys:
+        return
+    if slots.first_empty is not None:
+        for slot in range(slots.first_empty, MAX_ALIAS_SLOTS):
+            if record_alias(cache, fingerprint, key, slot):
+                return
+            if read_alias(cache, fingerprint, slot) == key:  # a concurrent process recorded the same key
+                return
+    if slots.stale is not None:
+        cache.delete(alias_store_key(fingerprint, slots.stale))
+        if record_alias(cache, fingerprint, key, slots.stale):
+            return
+    event(logging.INFO, "aotcache: fingerprint %s already names %d graphs; the key %s is not recorded, so a warm "
+          "start of this call traces it", fingerprint.digest[:16], MAX_ALIAS_SLOTS, key.digest[:16])
 
 
 # NOTE [State changed by the call]

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from aotcache.aot.hot_path import generate_memos
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 
@@ -674,8 +675,9 @@ class Reachable:
             guards.attributes(module, ("__class__",))
             guards.length(module.__dict__)
         machinery = getattr(cls, "fingerprint_skips", ())  # NOTE [Compiled wrappers in a walked program]
+        memos = generate_memos(cls)  # NOTE [Generate memos] in aot/hot_path.py: only generate reads them
         for name, value in module.__dict__.items():
-            if name in _IGNORED_MODULE_ENTRIES or name in machinery:
+            if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos:
                 continue
             if guards is not None and not managed and not isinstance(value, (list, set)):
                 guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents

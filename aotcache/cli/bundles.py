@@ -8,7 +8,9 @@ A bundle is an uncompressed tar file (entries carry their own compression where 
     entries/<digest>-<slot>.aote  one entry container per file (aotcache/autograd_cache/entry.py)
     aliases/<fingerprint>.json    the fingerprint alias records naming the exported entries' keys (the warm
                                   start's first lookup, aotcache/autograd_cache/fingerprint_cache.py), listed
-                                  under "aliases" in the index with their size and sha256
+                                  under "aliases" in the index with their size and sha256;
+                                  ``<fingerprint>-<n>.json`` and ``"slot": n`` for a fingerprint's further
+                                  slots (NOTE [Several graphs under one fingerprint])
 
 Import never extracts files: members are read into memory and checked -- present, the recorded size and
 sha256, a valid container whose blobs match their own sha256, a key record that produces its digest,
@@ -111,8 +113,9 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes, mtime: float) 
 
 def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, bytes]],
                  aliases: dict[str, bytes] | None = None) -> dict[str, Any]:
-    """Write ``members`` (entry, container bytes) and the alias records ``aliases`` (fingerprint -> record
-    bytes) as a bundle at ``path`` (atomically); returns the index.
+    """Write ``members`` (entry, container bytes) and the alias records ``aliases`` (alias name -> record
+    bytes; the name is ``<fingerprint>`` for slot 0, ``<fingerprint>/<slot>`` for the others) as a bundle at
+    ``path`` (atomically); returns the index.
 
     :raises OSError: the file cannot be written.
     """
@@ -128,8 +131,15 @@ def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, byt
     index: dict[str, Any] = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "namespace": namespace,
                              "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                              "aotcache": aotcache.__version__, "entries": records}
-    alias_records = [{"file": f"aliases/{fingerprint}.json", "fingerprint": fingerprint, "bytes": len(blob),
-                      "sha256": hashlib.sha256(blob).hexdigest()} for fingerprint, blob in sorted((aliases or {}).items())]
+    alias_records, alias_blobs = [], []
+    for name, blob in sorted((aliases or {}).items()):
+        fingerprint, _, slot = name.partition("/")
+        record = {"file": f"aliases/{fingerprint}{'-' + slot if slot else ''}.json", "fingerprint": fingerprint,
+                  "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        if slot:
+            record["slot"] = int(slot)
+        alias_records.append(record)
+        alias_blobs.append(blob)
     if alias_records:
         index["aliases"] = alias_records
     secret = config.get("secret")
@@ -143,8 +153,8 @@ def write_bundle(path: Path, namespace: str, members: list[tuple[GraphEntry, byt
             _add_member(tar, INDEX_NAME, json.dumps(index, indent=1, sort_keys=True).encode("utf-8"), now)
             for record, (_, blob) in zip(records, members):
                 _add_member(tar, record["file"], blob, now)
-            for record in alias_records:
-                _add_member(tar, record["file"], (aliases or {})[record["fingerprint"]], now)
+            for record, blob in zip(alias_records, alias_blobs):
+                _add_member(tar, record["file"], blob, now)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -401,7 +411,7 @@ def _store(cache: Any, entry: Any, blob: bytes, same_versions: bool) -> str | No
 def import_aliases(cache: Any, alias_members: list[BundleMember], present: set[str]) -> tuple[int, list[dict]]:
     """Store the bundle's fingerprint alias records whose key has an entry in the cache now (``present``
     digests), never over an existing record; the number stored and the rejected ones with their reason."""
-    from aotcache.autograd_cache.fingerprint_cache import ALIAS_PREFIX, alias_fingerprint, parse_alias_record
+    from aotcache.autograd_cache.fingerprint_cache import ALIAS_PREFIX, parse_alias_record, parse_alias_store_key
 
     stored, rejected = 0, []
     for member in alias_members:
@@ -409,16 +419,19 @@ def import_aliases(cache: Any, alias_members: list[BundleMember], present: set[s
         if member.problem is not None or member.blob is None:
             rejected.append({"fingerprint": fingerprint, "reason": member.problem or "no data"})
             continue
+        slot = member.record.get("slot", 0)  # NOTE [Several graphs under one fingerprint]
+        store_key = ALIAS_PREFIX + fingerprint + (f"/{slot}" if slot else "")
         try:
-            if alias_fingerprint(ALIAS_PREFIX + fingerprint) != fingerprint:
-                raise ValueError("the fingerprint is not a hex digest")
+            if isinstance(slot, bool) or not isinstance(slot, int) or parse_alias_store_key(store_key) != (
+                    fingerprint, slot):
+                raise ValueError("the fingerprint is not a hex digest, or the slot is out of range")
             key = parse_alias_record(member.blob, fingerprint)
         except ValueError as exc:
             rejected.append({"fingerprint": fingerprint, "reason": str(exc)})
             continue
         if key.digest not in present:
             continue  # its entry was rejected: an alias to nothing would only cost a lookup
-        stored += bool(cache.tiers.insert(ALIAS_PREFIX + fingerprint, member.blob))
+        stored += bool(cache.tiers.insert(store_key, member.blob))
     return stored, rejected
 
 

@@ -80,7 +80,7 @@ class EntrySelectionError(ValueError):
 #: Store keys of fingerprint alias records (``fingerprint_cache.ALIAS_PREFIX`` + digest; repeated here, where
 #: nothing may import torch).
 ALIAS_KEY_PREFIX = "aot/fp/"
-_ALIAS_KEY_RE = re.compile(r"^aot/fp/([0-9a-f]{64})$")
+_ALIAS_KEY_RE = re.compile(r"^aot/fp/([0-9a-f]{64})(?:/([1-7]))?$")  # slot 0 has no suffix (MAX_ALIAS_SLOTS 8)
 
 
 def store_key(digest: str, slot: int) -> str:
@@ -211,9 +211,10 @@ def read_value_bytes(handle_cache: Any, tier: str, key: str) -> bytes | None:
 
 
 def read_alias_records(namespace: str, tier: str, digests: Iterable[str]) -> dict[str, bytes]:
-    """The fingerprint alias records of ``namespace`` (``aot/fp/<fingerprint>``, see
-    :mod:`aotcache.autograd_cache.fingerprint_cache`) that name one of the key ``digests``: fingerprint ->
-    record bytes. Records that do not parse are left out (a job's lookup deletes them).
+    """The fingerprint alias records of ``namespace`` (``aot/fp/<fingerprint>`` and its further slots
+    ``aot/fp/<fingerprint>/<n>``, see :mod:`aotcache.autograd_cache.fingerprint_cache`) that name one of the
+    key ``digests``: alias name (``<fingerprint>`` or ``<fingerprint>/<n>``, the store key after ``aot/fp/``)
+    -> record bytes. Records that do not parse are left out (a job's lookup deletes them).
 
     :raises CacheError: as :func:`list_graph_entries`.
     """
@@ -224,7 +225,7 @@ def read_alias_records(namespace: str, tier: str, digests: Iterable[str]) -> dic
         for handle in handles:
             for info in handle.cache.entries():
                 match = _ALIAS_KEY_RE.match(info.key)
-                if match is None or match.group(1) in found:
+                if match is None or info.key[len(ALIAS_KEY_PREFIX):] in found:
                     continue
                 blob = read_value_bytes(handle.cache, handle.tier, info.key)
                 try:  # the JSON fields only (torch-free); import checks the key parts
@@ -233,7 +234,7 @@ def read_alias_records(namespace: str, tier: str, digests: Iterable[str]) -> dic
                     continue
                 if (isinstance(record, dict) and record.get("fingerprint") == match.group(1)
                         and record.get("key") in wanted):
-                    found[match.group(1)] = blob  # type: ignore[assignment]
+                    found[info.key[len(ALIAS_KEY_PREFIX):]] = blob  # type: ignore[assignment]
     finally:
         _close(handles)
     return found

@@ -226,6 +226,58 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
     torch.testing.assert_close(torch.tensor(eval(results[0][1])), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture
+def gloo_group():
+    """A one-process gloo group on loopback (destroyed after the test)."""
+    import os
+
+    import torch.distributed as dist
+
+    from tests.conftest import free_port
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compile_of_ddp_warns_once_naming_the_wrapper_and_the_fix_not_an_untrusted_fingerprint(
+        gloo_group, caplog, monkeypatch):
+    """Found: ``aotcache.compile(DDP(model))`` warned that the call fingerprint cannot be trusted ("opaque object:
+    torch._C._distributed_c10d.Logger ... keep objects the model reads plain"), then that the model has graph
+    breaks to remove; neither applies (NOTE [Wrappers refused up front] in compile_api.py)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from aotcache import logs
+    from aotcache.aot.errors import CaptureError
+
+    monkeypatch.setattr(logs, "_seen", set())  # once-per-process warnings: earlier tests may have shown them
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    compiled = aotcache.compile(DDP(model), compiler="nop")
+    with caplog.at_level("INFO", logger="aotcache"):
+        compiled(x).sum().backward()
+        compiled(x).sum().backward()
+    eager(x).sum().mul(2).backward()  # the two steps' gradients accumulated
+    assert compiled.route == "dynamo" and compiled.compiled.num_compiles == 0  # no capture attempted
+    for want, got in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "the module is a DistributedDataParallel" in warnings[0]
+    assert "DistributedDataParallel(aotcache.compile(model))" in warnings[0]
+    assert "cannot be trusted" not in caplog.text and "graph break" not in caplog.text
+    with pytest.raises(CaptureError, match=r"DistributedDataParallel\(aotcache.compile\(model\)\)"):
+        aotcache.compile(DDP(model), compiler="nop", fullgraph=True)(x)
+
+
 @pytest.mark.parametrize("entry", ["compile", "aot_function"])
 def test_a_whole_training_step_compiled_as_a_function_matches_eager(entry):
     """Found: ``aotcache.compile(step)`` with zero_grad / forward / backward / optimizer step inside (the model and

@@ -8,7 +8,8 @@ import torch
 
 import aotcache
 from aotcache.autograd_cache.cache import resolve_cache
-from tests.aot.tiny_transformers import tiny_roberta_classifier, tiny_roberta_model, tiny_t5, tiny_wav2vec2_ctc
+from tests.aot.tiny_transformers import (tiny_bart, tiny_roberta_classifier, tiny_roberta_model, tiny_t5,
+                                        tiny_wav2vec2_ctc)
 
 
 def test_a_warm_start_makes_the_config_change_eager_makes_on_the_first_call_with_labels():
@@ -33,6 +34,29 @@ def test_a_warm_start_makes_the_config_change_eager_makes_on_the_first_call_with
     assert counters["hit"] == hits + 1 and counters["compile"] == 1  # loaded by its full key, not compiled
     warm(input_ids=ids, labels=labels)  # the new state's own alias, recorded by the cold model's second call
     assert counters["fingerprint_hit"] == 1 and counters["compile"] == 1
+
+
+def test_bart_greedy_then_beam_generate_starts_warm_without_tracing():
+    # NOTE [Several graphs under one fingerprint]: after greedy generate made the KV length and the batch dynamic,
+    # beam search's second step (KV length 1, specialized) and third (length 2, symbolic) were two graphs under
+    # one fingerprint; with one alias per fingerprint the third step traced on every warm start
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    settings = [dict(max_new_tokens=4, min_new_tokens=4, num_beams=1, do_sample=False),
+                dict(max_new_tokens=3, min_new_tokens=3, num_beams=3, do_sample=False)]
+    eager = tiny_bart()
+    expected = [eager.generate(input_ids=ids, attention_mask=mask, **kwargs) for kwargs in settings]
+    counters = resolve_cache(True).counters
+    for run in ("cold", "warm"):  # warm: a new wrapper of a fresh model, as in a new process
+        before = dict(counters)
+        model = aotcache.compile(tiny_bart(), compiler="nop")
+        for kwargs, want in zip(settings, expected):
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kwargs), want), (run, kwargs)
+        assert model.route == "aot"
+        delta = {name: counters[name] - before.get(name, 0) for name in ("compile", "fingerprint_miss",
+                                                                         "fingerprint_hit")}
+    assert delta == {"compile": 0, "fingerprint_miss": 0, "fingerprint_hit": 6}, delta
 
 
 def _adamw_steps(model, forward, steps: int = 2) -> list:

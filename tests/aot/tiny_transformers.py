@@ -58,3 +58,15 @@ def tiny_wav2vec2_ctc(seed: int = 0):
         feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.3, mask_time_length=2,
         pad_token_id=0, ctc_loss_reduction="mean")
     return transformers.Wav2Vec2ForCTC(config).train()
+
+
+def tiny_bart(seed: int = 0):
+    """A BartForConditionalGeneration (d_model 32, 2+2 layers, vocab 64), dropout off, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None)
+    return transformers.BartForConditionalGeneration(config).eval()
