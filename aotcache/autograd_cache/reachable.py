@@ -665,7 +665,12 @@ class Reachable:
         cls = type(module)
         if _type_name(cls).startswith("torch._dynamo"):
             raise Untrusted("torch.compile-d submodule")
-        if cls.__call__ is not nn.Module.__call__:
+        call = cls.__call__
+        if call is not nn.Module.__call__ and not (isinstance(call, types.FunctionType)
+                                                   and _is_library(_defining_module(call))):
+            # NOTE [Library __call__ overrides]: a user's __call__ is code the walk does not read; one defined
+            # by torch or an installed library is pinned by its version in the key, as library forwards are
+            # (torch's ParameterDict / ParameterList define a raising __call__, and peft's LoRA layers hold them)
             self._note(f"module overrides __call__: {_type_name(cls)}")
         entries = []
         guards = self._guards
