@@ -49,3 +49,42 @@ def test_group_norm_after_a_transposed_reshape_with_batch_one_runs_and_trains_as
     assert torch.allclose(out, expected, atol=1e-6)
     for (name, want), (_, got) in zip(eager.named_parameters(), model.named_parameters()):
         assert torch.allclose(want.grad, got.grad, atol=1e-6), name
+
+
+_CONFIG_MODEL_FINGERPRINT = """
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from aotcache.aot.api import AOTOptions
+from aotcache.autograd_cache.fingerprint import fingerprint_module_call
+
+class Tiny(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, width=4, depth=1, scale=1.0, act="silu", norm="layer", bias=True, eps=1e-5, groups=1):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.linear(x) * self.config.scale
+
+model = Tiny()
+assert len(model.config._use_default_values) > 4, model.config
+x = torch.ones(2, 4)
+flat, spec = pytree.tree_flatten(((dict(model.named_parameters()), {}, x), {}))
+fingerprint = fingerprint_module_call(model, flat, spec, AOTOptions())
+assert fingerprint.trusted, fingerprint.reason
+print("DIGEST", fingerprint.digest)
+"""
+
+
+def test_a_diffusers_config_model_has_the_same_fingerprint_in_every_process():
+    # NOTE [Set-ordered library metadata]: ConfigMixin's ``_use_default_values`` is ``list(set(...))``, ordered by
+    # string hashing: each process fingerprinted a diffusers model differently, so every warm start traced again
+    pytest.importorskip("diffusers")
+    from tests.conftest import run_python
+
+    digests = {run_python(_CONFIG_MODEL_FINGERPRINT, env={"PYTHONHASHSEED": str(seed)}).stdout.split("DIGEST ")[1]
+               for seed in (1, 2, 3)}
+    assert len(digests) == 1
