@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
+from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
@@ -144,7 +145,8 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=True)
     fakes = []
     for position, arg in enumerate(flat_args):
-        if type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True):
+        if (type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True)) or (
+                type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]):  # NOTE [Integer arguments]
             fakes.append(_symbolic_int(shape_env, int(arg), f"aot_input_{position}"))  # NOTE [Cache integers]
             continue
         if isinstance(arg, torch.Tensor):
@@ -248,7 +250,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
-        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere():
+        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), SymbolicScalarTensors():
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -544,7 +546,7 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        with MaskedAssignAsWhere():  # NOTE [Masked assignment as where]
+        with MaskedAssignAsWhere(), SymbolicScalarTensors():  # NOTE [Masked assignment as where], [Tensors made from symbolic scalars]
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)

@@ -88,3 +88,32 @@ def test_a_diffusers_config_model_has_the_same_fingerprint_in_every_process():
     digests = {run_python(_CONFIG_MODEL_FINGERPRINT, env={"PYTHONHASHSEED": str(seed)}).stdout.split("DIGEST ")[1]
                for seed in (1, 2, 3)}
     assert len(digests) == 1
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' UNet in small: a Python int timestep turned into a tensor with ``torch.tensor([t])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=sample.dtype, device=sample.device)
+        frequencies = torch.arange(4, dtype=sample.dtype) * timestep.expand(sample.shape[0])[:, None] / 100
+        return self.linear(sample) + torch.cat([frequencies.sin(), frequencies.cos()], dim=-1)
+
+
+def test_an_int_timestep_changing_every_step_compiles_one_dynamic_graph_and_matches_eager():
+    # NOTE [Integer arguments], [Tensors made from symbolic scalars]: a denoising loop passing the timestep as an
+    # int compiled a graph per step (an int was always a constant; traced as a symbol, torch.tensor([t]) still
+    # specialized on its value); torch.compile compiles two (static, then dynamic)
+    torch.manual_seed(0)
+    model = TimestepEmbedding()
+    compiled = aotcache.compile(model, compiler="nop")
+    sample = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (900, 700, 500, 300, 100):
+            assert torch.equal(compiled(sample, t), model(sample, t)), t
+    assert compiled.compiled.num_compiles == 2
+    assert resolve_cache(True).counters["compile"] == 2
