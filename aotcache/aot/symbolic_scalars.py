@@ -4,7 +4,7 @@ NOTE [Tensors made from symbolic scalars]
 An integer argument that changes between calls (a diffusion loop's ``timestep`` passed as a Python int) is
 traced as a symbol under automatic dynamic shapes (NOTE [Dynamic dimensions]), so that one graph serves every
 value. Code commonly turns it into a tensor with ``torch.tensor([t], dtype=..., device=...)`` (diffusers'
-UNet does, for its time embedding). ``torch.tensor`` reads the numbers out of its list: with a symbol there,
+UNet does, for its time embedding), or ``torch.tensor(t)``. ``torch.tensor`` reads the numbers out of its list: with a symbol there,
 the trace specializes on its value (a guard ``t == 7``), so the "dynamic" graph held one value only and every
 new timestep traced again. While a function is captured, :class:`SymbolicScalarTensors` builds such a tensor
 with ``torch.full`` per element (a graph op taking the symbol), same values, dtype and device as eager's;
@@ -50,7 +50,7 @@ def _inferred_dtype(values: list) -> torch.dtype:
 
 def _tensor_of_symbols(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
                        pin_memory: bool = False) -> torch.Tensor | None:
-    if pin_memory or not isinstance(data, (list, tuple)):
+    if pin_memory or not isinstance(data, (list, tuple, *_SYMBOLIC)):
         return None
     shape: list[int] = []
     values: list = []
