@@ -299,6 +299,35 @@ def case_unet_loop(scheduler_name: str, kind: str, steps: int = 5):
     return run
 
 
+def case_torch_compile_loop(kind: str, steps: int = 5):
+    """The same int-timestep loop under torch.compile with a counting backend (graphs Dynamo hands over)."""
+    def run():
+        import diffusers
+        import torch
+
+        _, context = _unet_inputs()
+        graphs = []
+
+        def counting(gm, example_inputs):
+            graphs.append(gm)
+            return gm
+
+        eager = tiny_unet().eval()
+        compiled = torch.compile(eager, backend=counting)
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
+        scheduler.set_timesteps(steps)
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        diff = 0.0
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                timestep = int(t) if kind == "int" else t
+                out = compiled(latents, timestep, encoder_hidden_states=context).sample
+                diff = max(diff, max_diff(out, eager(latents, timestep, encoder_hidden_states=context).sample))
+        return {"out_diff": diff, "steps": steps, "route": "torch.compile", "graphs": len(graphs), "ok": diff == 0.0}
+
+    return run
+
+
 def case_vae():
     import torch
 
@@ -331,6 +360,9 @@ CASES = {
     "diffusers DDPMScheduler loop, timestep int": case_unet_loop("DDPMScheduler", "int"),
     "diffusers DDIMScheduler loop, timestep int": case_unet_loop("DDIMScheduler", "int"),
     "diffusers AutoencoderKL (batch 1): eval and a backward": case_vae,
+    "reference: torch.compile (counting backend), DDPMScheduler loop, timestep int": case_torch_compile_loop("int"),
+    "reference: torch.compile (counting backend), DDPMScheduler loop, timestep 0-d tensor":
+        case_torch_compile_loop("tensor"),
 }
 
 
@@ -379,9 +411,10 @@ def main() -> None:
         print(f"{name}: cold ok={entry['cold'].get('ok')} route={entry['cold'].get('route')} "
               f"graphs={entry['cold'].get('graphs')} warm ok={entry['warm'].get('ok')} "
               f"warm counters={warm} {entry['cold'].get('error', '')}", flush=True)
-    if not args.only:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    if args.only and RESULTS.exists():  # a partial run updates its cases only
+        results = {**json.loads(RESULTS.read_text()), **results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
