@@ -145,9 +145,11 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     mode = FakeTensorMode(shape_env=shape_env, static_shapes=False, allow_non_fake_inputs=True)
     fakes = []
     for position, arg in enumerate(flat_args):
-        if (type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True)) or (
-                type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]):  # NOTE [Integer arguments]
+        if type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True):
             fakes.append(_symbolic_int(shape_env, int(arg), f"aot_input_{position}"))  # NOTE [Cache integers]
+            continue
+        if type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Integer arguments]
+            fakes.append(_symbolic_int(shape_env, arg, f"aot_input_{position}", plain=True))
             continue
         if isinstance(arg, torch.Tensor):
             dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
@@ -162,16 +164,18 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     return mode, fakes
 
 
-def _symbolic_int(shape_env: Any, value: int, name: str) -> Any:
-    """A SymInt input of ``value`` (its own symbol); 0 and 1 stay ints, as torch specializes them (the
-    signature keeps those values: NOTE [Cache integers])."""
-    if value in (0, 1):
+def _symbolic_int(shape_env: Any, value: int, name: str, plain: bool = False) -> Any:
+    """A SymInt input of ``value`` (its own symbol). For a cache integer 0 and 1 stay ints, as torch specializes
+    sizes (the signature keeps those values: NOTE [Cache integers]); a ``plain`` int argument is a symbol for
+    every value, of either sign, as torch.compile traces an int input (NOTE [Integer arguments])."""
+    if value in (0, 1) and not plain:
         return value
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
     source = ConstantSource(name)
-    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC,
+                                     positive=None if plain else True, do_not_specialize_zero_one=plain)
     return shape_env.create_symintnode(symbol, hint=value, source=source)
 
 
