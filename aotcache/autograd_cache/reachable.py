@@ -694,6 +694,9 @@ class Reachable:
                 continue
             if guards is not None and not managed and not isinstance(value, (list, set)):
                 guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents
+            elif guards is not None and isinstance(value, (list, set)) and not any(
+                    isinstance(member, torch.Tensor) for member in value):
+                guards.slot_members(module.__dict__, name, value)  # NOTE [Rebound list attributes]
             if name in _BACKWARD_HOOK_DICTS:
                 if value:
                     self._note("module backward hooks")

@@ -117,3 +117,40 @@ def test_an_int_timestep_changing_every_step_compiles_one_dynamic_graph_and_matc
             assert torch.equal(compiled(sample, t), model(sample, t)), t
     assert compiled.compiled.num_compiles == 2
     assert resolve_cache(True).counters["compile"] == 2
+
+
+class AdapterLayer(nn.Module):
+    """peft's LoRA layer in small: frozen adapters, the active ones named by a list attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.scales = nn.ParameterDict({"default": nn.Parameter(torch.ones(4)),
+                                        "second": nn.Parameter(torch.full((4,), 2.0))})
+        self._active_adapter = ["default"]
+        self.requires_grad_(False)  # inference: no requires_grad flip for the signature to see
+
+    def set_adapter(self, names: list[str]) -> None:
+        self._active_adapter = names  # rebound, as peft's BaseTunerLayer.set_adapter does
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for name in self._active_adapter:
+            out = out * self.scales[name]
+        return out
+
+
+def test_an_adapter_switch_that_rebinds_a_list_attribute_traces_again_instead_of_reusing_the_old_graph():
+    # NOTE [Rebound list attributes]: the graph of the previous adapter ran after set_adapter (a stale graph)
+    torch.manual_seed(0)
+    model = nn.Sequential(AdapterLayer(), nn.ReLU())
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(compiled(x), model(x))
+    model[0].set_adapter(["second"])
+    assert torch.equal(compiled(x), model(x))
+    model[0].set_adapter(["default"])  # a new list equal to the first: the first graph again
+    assert torch.equal(compiled(x), model(x))
+    model[0].set_adapter(["default", "second"])
+    assert torch.equal(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 3
