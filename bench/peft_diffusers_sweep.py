@@ -193,6 +193,34 @@ def case_lora_adapters():
             "graphs": compiled.compiled.num_compiles, "ok": distinct and not any(diffs.values())}
 
 
+def case_lora_frozen_layer_switch():
+    """Frozen adapters (inference), switched layer by layer (``BaseTunerLayer.set_adapter(..., inference_mode=True)``):
+    nothing the signature sees changes, only each layer's ``_active_adapter`` list."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def build():
+        model = lora("llama")
+        torch.manual_seed(2)
+        model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        return model.eval().requires_grad_(False)
+
+    eager, model = build(), build()
+    compiled = compile_model(model)
+    diffs = {}
+    with torch.no_grad():
+        for name in ("default", "second", "default"):
+            for layer in (*eager.modules(), *model.modules()):
+                if isinstance(layer, BaseTunerLayer):
+                    layer.set_adapter(name, inference_mode=True)
+            diffs[name] = max(diffs.get(name, 0.0), max_diff(compiled(input_ids=ids).logits, eager(input_ids=ids).logits))
+    return {"diffs": diffs, "route": compiled.route, "graphs": compiled.compiled.num_compiles,
+            "ok": not any(diffs.values())}
+
+
 def case_lora_print_and_save():
     import torch
     from safetensors.torch import load_file
@@ -353,6 +381,7 @@ CASES = {
     "peft LoRA Llama, lora_dropout=0.1, train mode": case_lora_train("llama", 0.1),
     "peft LoRA Llama: greedy generate": case_lora_generate,
     "peft LoRA Llama: add/set/disable adapter, merge_and_unload": case_lora_adapters,
+    "peft LoRA Llama: frozen adapters switched layer by layer": case_lora_frozen_layer_switch,
     "peft: print_trainable_parameters, save_pretrained": case_lora_print_and_save,
     "diffusers UNet2DConditionModel: eval": case_unet_eval,
     "diffusers UNet2DConditionModel: 3 AdamW steps (MSE on noise)": case_unet_train,
