@@ -254,7 +254,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
-        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), SymbolicScalarTensors():
+        scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
+        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -533,8 +534,9 @@ class _ForwardBody:
     layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
 
     def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool,
-                 verify: bool = False):
+                 verify: bool = False, symbolic: bool = False):
         self.flat_fn = flat_fn
+        self.symbolic = symbolic
         self.constants = list(fake_args)
         self.analysis = analysis
         self.clone_mutated = clone_mutated
@@ -550,7 +552,9 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        with MaskedAssignAsWhere(), SymbolicScalarTensors():  # NOTE [Masked assignment as where], [Tensors made from symbolic scalars]
+        # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] (symbolic traces only)
+        scalars = SymbolicScalarTensors() if self.symbolic else contextlib.nullcontext()
+        with MaskedAssignAsWhere(), scalars:
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
@@ -643,7 +647,8 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     from torch.fx.experimental.proxy_tensor import make_fx
 
     primals = [fake_args[pos] for pos in analysis.positions]
-    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify)
+    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify,
+                        symbolic=fake_mode.shape_env is not None)
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
     if own_tangents:
         tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
