@@ -25,10 +25,10 @@ dynamic shapes a later call whose int differs from the first call's marks it dyn
 (its value is its one "dimension" here), and the next compile traces it as a symbol (a graph input; branches
 on it become guards; 0, 1 and negative values included, as torch.compile traces an int input). A diffusion
 loop passing its timestep as an int compiled a graph per step; torch.compile compiles two (static, then
-dynamic), and so does aotcache now. ``torch.tensor([t])`` of such a
-symbol is built as graph ops (NOTE [Tensors made from symbolic scalars] in symbolic_scalars.py), or the trace
-would specialize on the value. ``dynamic=True`` leaves plain ints constants (only tensors and cache integers
-are dynamic from the start); ``bool`` is never a symbol.
+dynamic), and so does aotcache now. ``torch.tensor([t])`` of such a symbol is built as graph ops (NOTE
+[Tensors made from symbolic scalars] in symbolic_scalars.py), or the trace would specialize on the value.
+``dynamic=True`` leaves plain ints constants (only tensors and cache integers are dynamic from the start);
+``bool`` is never a symbol.
 
 NOTE [The first shape keeps its graph]
 A call whose sizes equal the first call's takes the static spec even after dimensions were marked, so it

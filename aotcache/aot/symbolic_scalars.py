@@ -4,11 +4,11 @@ NOTE [Tensors made from symbolic scalars]
 An integer argument that changes between calls (a diffusion loop's ``timestep`` passed as a Python int) is
 traced as a symbol under automatic dynamic shapes (NOTE [Dynamic dimensions]), so that one graph serves every
 value. Code commonly turns it into a tensor with ``torch.tensor([t], dtype=..., device=...)`` (diffusers'
-UNet does, for its time embedding), or ``torch.tensor(t)``. ``torch.tensor`` reads the numbers out of its list: with a symbol there,
-the trace specializes on its value (a guard ``t == 7``), so the "dynamic" graph held one value only and every
-new timestep traced again. While a function is captured, :class:`SymbolicScalarTensors` builds such a tensor
-with ``torch.full`` per element (a graph op taking the symbol), same values, dtype and device as eager's;
-data without symbols goes to ``torch.tensor`` untouched.
+UNet does, for its time embedding) or ``torch.tensor(t)``. ``torch.tensor`` reads the numbers out of its
+data: with a symbol there, the trace specializes on its value (a guard ``t == 7``), so the "dynamic" graph
+held one value only and every new timestep traced again. While a function is captured with symbols,
+:class:`SymbolicScalarTensors` builds such a tensor with ``torch.full`` per element (a graph op taking the
+symbol), same values, dtype and device as eager's; data without symbols goes to ``torch.tensor`` untouched.
 """
 
 from __future__ import annotations

@@ -193,8 +193,8 @@ class ProgramGuards:
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
 
     def __len__(self) -> int:
-        return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths) + len(self.members)
-                + len(self.mapping_values) + len(self.env_values) + len(self.versions))
+        return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
+                + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions))
 
 
 @dataclasses.dataclass(eq=False)
