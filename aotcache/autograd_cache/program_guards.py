@@ -61,8 +61,8 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # ``set_adapter`` *rebinds* its layers' ``_active_adapter`` to a new list (``["second"]``): the old list
 # unchanged, the guards held, and with frozen adapters (an inference-mode adapter switch: no ``requires_grad``
 # change for the signature to see) the graph of the previous adapter ran. So for a list or set attribute
-# without tensors (tensor lists, such as an LSTM's flat weights rebuilt per call, are the parameters' part), the
-# guard reads the attribute again and compares its members by identity; a rebuilt list with equal members
+# without tensors (not a list of tensors: an LSTM rebuilds its flat weight list on every call, which would walk
+# the program again per call), the guard reads the attribute again and compares its members by identity; a rebuilt list with equal members
 # fails the check, is walked again and keeps its graph (same digest).
 
 _values = operator.methodcaller("values")
