@@ -61,9 +61,9 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # ``set_adapter`` *rebinds* its layers' ``_active_adapter`` to a new list (``["second"]``): the old list
 # unchanged, the guards held, and with frozen adapters (an inference-mode adapter switch: no ``requires_grad``
 # change for the signature to see) the graph of the previous adapter ran. So for a list or set attribute
-# without tensors (not a list of tensors: an LSTM rebuilds its flat weight list on every call, which would walk
-# the program again per call), the guard reads the attribute again and compares its members by identity; a rebuilt list with equal members
-# fails the check, is walked again and keeps its graph (same digest).
+# without tensors, the guard reads the attribute again and compares its members by identity; a rebuilt list
+# with equal members fails the check, is walked again and keeps its graph (same digest). Not a list holding
+# tensors: an LSTM rebuilds its flat weight list on every call, which would walk the program again per call.
 
 _values = operator.methodcaller("values")
 _chain = itertools.chain.from_iterable
