@@ -289,6 +289,8 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
         return ("symint",)
     if dynamic and type(arg) is CacheInt:  # NOTE [Cache integers]: a symbol; 0 and 1 are specialized
         return ("cacheint", arg if arg in (0, 1) else None)
+    if dynamic and type(arg) is int:  # NOTE [Integer arguments]: the rank key (True) or marked in a spec
+        return ("int",)
     try:
         hash(arg)
     except TypeError:

@@ -83,11 +83,12 @@ _VALUE_TYPES = (type(None), bool, int, float, str)
 # A sliding-window cache layer counts the tokens it has seen in a Python int that the model branches on
 # (is the window full? where does it start?), so each decoding step changed the cache's context, and so the
 # signature: one graph per generated token (Mistral, Gemma 2/3: 12 captures for 12 tokens, torch.compile 3).
-# Integers of cache objects are therefore flattened as leaves, marked as ``CacheInt`` so that only they (not
-# a user's plain int arguments, which stay constants) take part in dynamic shapes: compared by value like
-# any constant while static; under automatic dynamic shapes (``dynamic=None``) one that changed is marked
-# dynamic like a tensor dimension and traced as a symbol (a graph input), its branches becoming guards;
-# with ``dynamic=True`` from the start. Values 0 and 1 stay in the signature (torch specializes them).
+# Integers of cache objects are therefore flattened as leaves, marked as ``CacheInt`` so that they take part in
+# dynamic shapes: compared by value like any constant while static; under automatic dynamic shapes
+# (``dynamic=None``) one that changed is marked dynamic like a tensor dimension and traced as a symbol (a graph
+# input), its branches becoming guards; with ``dynamic=True`` from the start. (A user's plain int argument
+# takes part under automatic dynamic shapes only: NOTE [Integer arguments] in dynamic_dims.py.) Values 0 and 1
+# stay in the signature (torch specializes them).
 # Unflattening hands the function plain ints (or the symbols), never ``CacheInt``.
 class CacheInt(int):
     """An int leaf of a flattened cache object (NOTE [Cache integers])."""

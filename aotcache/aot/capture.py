@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
+from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
@@ -148,6 +149,9 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
         if type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else True):
             fakes.append(_symbolic_int(shape_env, int(arg), f"aot_input_{position}"))  # NOTE [Cache integers]
             continue
+        if type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Integer arguments]
+            fakes.append(_symbolic_int(shape_env, arg, f"aot_input_{position}", plain=True))
+            continue
         if isinstance(arg, torch.Tensor):
             dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
             if isinstance(dynamic, tuple) and not dims:  # a static argument of a spec (a module's weights):
@@ -161,16 +165,18 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
     return mode, fakes
 
 
-def _symbolic_int(shape_env: Any, value: int, name: str) -> Any:
-    """A SymInt input of ``value`` (its own symbol); 0 and 1 stay ints, as torch specializes them (the
-    signature keeps those values: NOTE [Cache integers])."""
-    if value in (0, 1):
+def _symbolic_int(shape_env: Any, value: int, name: str, plain: bool = False) -> Any:
+    """A SymInt input of ``value`` (its own symbol). For a cache integer 0 and 1 stay ints, as torch specializes
+    sizes (the signature keeps those values: NOTE [Cache integers]); a ``plain`` int argument is a symbol for
+    every value, of either sign, as torch.compile traces an int input (NOTE [Integer arguments])."""
+    if value in (0, 1) and not plain:
         return value
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
     source = ConstantSource(name)
-    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC,
+                                     positive=None if plain else True, do_not_specialize_zero_one=plain)
     return shape_env.create_symintnode(symbol, hint=value, source=source)
 
 
@@ -249,7 +255,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
-        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere():
+        scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
+        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -528,8 +535,9 @@ class _ForwardBody:
     layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
 
     def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool,
-                 verify: bool = False):
+                 verify: bool = False, symbolic: bool = False):
         self.flat_fn = flat_fn
+        self.symbolic = symbolic
         self.constants = list(fake_args)
         self.analysis = analysis
         self.clone_mutated = clone_mutated
@@ -545,7 +553,9 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        with MaskedAssignAsWhere():  # NOTE [Masked assignment as where]
+        # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] (symbolic traces only)
+        scalars = SymbolicScalarTensors() if self.symbolic else contextlib.nullcontext()
+        with MaskedAssignAsWhere(), scalars:
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
@@ -638,7 +648,8 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     from torch.fx.experimental.proxy_tensor import make_fx
 
     primals = [fake_args[pos] for pos in analysis.positions]
-    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify)
+    body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify,
+                        symbolic=fake_mode.shape_env is not None)
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
     if own_tangents:
         tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)

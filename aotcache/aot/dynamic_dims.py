@@ -19,6 +19,17 @@ integers] in cache_objects.py). The spec takes the place of the flag in the opti
 A masked signature leaves out the marked sizes only: every other size, and the strides and storage offsets
 of tensors with marked dimensions, are checked by the graph's guards (produced with ``ignore_static=False``).
 
+NOTE [Integer arguments]
+A plain ``int`` argument is a constant of the graph, compared by value, until it changes: under automatic
+dynamic shapes a later call whose int differs from the first call's marks it dynamic like a tensor dimension
+(its value is its one "dimension" here), and the next compile traces it as a symbol (a graph input; branches
+on it become guards; 0, 1 and negative values included, as torch.compile traces an int input). A diffusion
+loop passing its timestep as an int compiled a graph per step; torch.compile compiles two (static, then
+dynamic), and so does aotcache now. ``torch.tensor([t])`` of such a symbol is built as graph ops (NOTE
+[Tensors made from symbolic scalars] in symbolic_scalars.py), or the trace would specialize on the value.
+``dynamic=True`` leaves plain ints constants (only tensors and cache integers are dynamic from the start);
+``bool`` is never a symbol.
+
 NOTE [The first shape keeps its graph]
 A call whose sizes equal the first call's takes the static spec even after dimensions were marked, so it
 reuses the static graph compiled for it. Otherwise a DataLoader epoch whose last batch has one sample
@@ -66,11 +77,14 @@ def _sizes(arg: Any) -> tuple | None:
         return tuple(arg.shape)
     if type(arg) is CacheInt:
         return (int(arg),)
+    if type(arg) is int:  # NOTE [Integer arguments]
+        return (arg,)
     return None
 
 
 def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
-    spec = tuple(tuple(range(len(sizes))) if position >= num_state and (sizes := _sizes(arg)) is not None else ()
+    spec = tuple(tuple(range(len(sizes))) if position >= num_state and type(arg) is not int
+                 and (sizes := _sizes(arg)) is not None else ()
                  for position, arg in enumerate(flat_args))
     return spec if any(spec) else False
 

@@ -112,6 +112,8 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
             raise Untrusted("symbolic input")
         elif type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else dynamic):
             described.append(["cacheint", int(arg) if arg in (0, 1) else None])  # NOTE [Cache integers]
+        elif type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Integer arguments]
+            described.append(["int"])
         elif arg is None or isinstance(arg, (bool, int, float, str)):
             described.append(["constant", type(arg).__name__, repr(arg)])
         elif isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):

@@ -58,6 +58,16 @@ if TYPE_CHECKING:
 
 __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 
+# NOTE [Rebound list attributes]
+# A module's list (or set) attributes are not part of aot_module's settings (ModuleState leaves them out: some
+# modules rebuild theirs on every call), and the walk guarded the members of the list object it saw. peft's
+# ``set_adapter`` *rebinds* its layers' ``_active_adapter`` to a new list (``["second"]``): the old list
+# unchanged, the guards held, and with frozen adapters (an inference-mode adapter switch: no ``requires_grad``
+# change for the signature to see) the graph of the previous adapter ran. So for a list or set attribute
+# without tensors, the guard reads the attribute again and compares its members by identity; a rebuilt list
+# with equal members fails the check, is walked again and keeps its graph (same digest). Not a list holding
+# tensors: an LSTM rebuilds its flat weight list on every call, which would walk the program again per call.
+
 _values = operator.methodcaller("values")
 _chain = itertools.chain.from_iterable
 _is = operator.is_
@@ -71,6 +81,7 @@ class GuardRecorder:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}
+        self._slot_members: dict[tuple[int, Any], tuple[Any, Any, tuple]] = {}
         self._attributes: dict[tuple[int, str], tuple[Any, str, Any]] = {}
         self._lengths: dict[int, Any] = {}
         self._contents: dict[int, Any] = {}
@@ -84,6 +95,10 @@ class GuardRecorder:
 
     def slot(self, holder: Mapping, key: Any, value: Any) -> None:
         self._slots.setdefault((id(holder), key), (holder, key, value))
+
+    def slot_members(self, holder: Mapping, key: Any, value: Any) -> None:
+        """NOTE [Rebound list attributes]: whatever ``holder[key]`` holds must have ``value``'s members."""
+        self._slot_members.setdefault((id(holder), key), (holder, key, tuple(value)))
 
     def cell(self, cell: Any) -> None:
         try:
@@ -120,8 +135,11 @@ class GuardRecorder:
         filled = [c for c in self._contents.values() if len(c)]  # an empty one: its length says it all
         mappings = [c for c in filled if isinstance(c, Mapping)]
         iterables = [c for c in filled if not isinstance(c, Mapping)] + mappings  # dict keys
+        rebound = list(self._slot_members.values())
         return ProgramGuards(
             holders=[h for h, _, _ in slots], keys=[k for _, k, _ in slots], values=[v for _, _, v in slots],
+            member_holders=[h for h, _, _ in rebound], member_keys=[k for _, k, _ in rebound],
+            member_lengths=[len(m) for _, _, m in rebound], slot_members=list(_chain(m for _, _, m in rebound)),
             objects=[o for o, _, _ in attributes], names=[n for _, n, _ in attributes],
             attribute_values=[v for _, _, v in attributes],
             sized=sized, lengths=[len(s) for s in sized],
@@ -140,6 +158,10 @@ class ProgramGuards:
     holders: list
     keys: list
     values: list
+    member_holders: list
+    member_keys: list
+    member_lengths: list
+    slot_members: list
     objects: list
     names: list
     attribute_values: list
@@ -165,6 +187,11 @@ class ProgramGuards:
         try:
             if self.values and not all(map(_is, map(operator.getitem, self.holders, self.keys), self.values)):
                 return False
+            if self.member_keys:  # NOTE [Rebound list attributes]
+                current = list(map(operator.getitem, self.member_holders, self.member_keys))
+                if list(map(len, current)) != self.member_lengths or not all(map(_is, _chain(current),
+                                                                                  self.slot_members)):
+                    return False
             if self.attribute_values and not all(map(_is, map(getattr, self.objects, self.names),
                                                      self.attribute_values)):
                 return False
@@ -181,8 +208,8 @@ class ProgramGuards:
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
 
     def __len__(self) -> int:
-        return (len(self.values) + len(self.attribute_values) + len(self.lengths) + len(self.members)
-                + len(self.mapping_values) + len(self.env_values) + len(self.versions))
+        return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
+                + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions))
 
 
 @dataclasses.dataclass(eq=False)

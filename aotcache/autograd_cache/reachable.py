@@ -473,7 +473,9 @@ class Reachable:
                 kind = self.type_ref(type(value))
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
-                items = [f"{self.ref(k)}={self.ref(v)}" for k, v in value.items()]
+                unordered = _SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
+                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
+                         for k, v in value.items()]
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
                 # order members by an index-free key first, so that node indices are assigned deterministically
@@ -485,6 +487,14 @@ class Reachable:
             return f"{kind}({','.join(self.ref(v) for v in value)})"
         finally:
             self._active_containers.pop()
+
+    def _set_ordered_token(self, value: Any) -> str:
+        """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
+        if not isinstance(value, list) or not all(type(item) is str for item in value):
+            return self.ref(value)
+        if self._guards is not None:
+            self._guards.contents(value)
+        return f"sorted({','.join(sorted(self.ref(item) for item in value))})"
 
     def _tensor_token(self, value: torch.Tensor) -> str:
         position = self._state_tensors.get(id(value))
@@ -666,7 +676,12 @@ class Reachable:
         cls = type(module)
         if _type_name(cls).startswith("torch._dynamo"):
             raise Untrusted("torch.compile-d submodule")
-        if cls.__call__ is not nn.Module.__call__:
+        call = cls.__call__
+        if call is not nn.Module.__call__ and not (isinstance(call, types.FunctionType)
+                                                   and _is_library(_defining_module(call))):
+            # NOTE [Library __call__ overrides]: a user's __call__ is code the walk does not read; one defined
+            # by torch or an installed library is pinned by its version in the key, as library forwards are
+            # (torch's ParameterDict / ParameterList define a raising __call__, and peft's LoRA layers hold them)
             self._note(f"module overrides __call__: {_type_name(cls)}")
         entries = []
         guards = self._guards
@@ -681,6 +696,9 @@ class Reachable:
                 continue
             if guards is not None and not managed and not isinstance(value, (list, set)):
                 guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents
+            elif guards is not None and isinstance(value, (list, set)) and not any(
+                    isinstance(member, torch.Tensor) for member in value):
+                guards.slot_members(module.__dict__, name, value)  # NOTE [Rebound list attributes]
             if name in _BACKWARD_HOOK_DICTS:
                 if value:
                     self._note("module backward hooks")
@@ -920,6 +938,18 @@ def _unloaded_module_token(name: str) -> str:
 def _defining_module(fn: types.FunctionType) -> str:
     """The module whose code defined ``fn`` (``functools.wraps`` copies ``__module__``, not the globals)."""
     return fn.__globals__.get("__name__") or fn.__module__ or ""
+
+
+# NOTE [Set-ordered library metadata]
+# diffusers' ``ConfigMixin`` keeps in every model's config (``_internal_dict``, a ``FrozenDict``) the names of the
+# arguments left at their defaults as ``list(set(...))``: its order follows string hashing, which differs per
+# process (PYTHONHASHSEED), so every diffusers model had another fingerprint in each process and a warm start
+# traced again to find its entry. The entry is provenance for saving and loading configs (no forward reads it,
+# and its order means nothing to any reader); it is fingerprinted by its sorted members. Keyed by the holding
+# class and entry name, so nothing else is reordered.
+_SET_ORDERED_ENTRIES: dict[str, frozenset[str]] = {
+    "diffusers.configuration_utils.FrozenDict": frozenset({"_use_default_values"}),
+}
 
 
 def _is_user_code(value: Any) -> bool:

@@ -299,6 +299,30 @@ class PassThroughMode(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class AdapterLinear(nn.Module):
+    """peft's LoRA layer in small: adapters in an nn.ParameterDict (whose class defines a raising __call__)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.scales = nn.ParameterDict({"a": nn.Parameter(torch.ones(4)), "b": nn.Parameter(torch.full((4,), 2.0))})
+        self.active = "a"
+
+    def forward(self, x):
+        return self.base(x) * self.scales[self.active]
+
+
+def test_a_parameter_dict_leaves_the_fingerprint_trusted_and_the_active_entry_is_part_of_it():
+    # NOTE [Library __call__ overrides]: every peft LoRA model was untrusted ("module overrides __call__:
+    # ParameterDict"), so each warm start traced again; torch's own __call__ is pinned by torch's version
+    torch.manual_seed(0)
+    model = AdapterLinear()
+    first = trusted(module_fingerprint(model, X))
+    model.active = "b"
+    assert trusted(module_fingerprint(model, X)) != first
+    assert module_fingerprint(nn.Sequential(WithCall()), X).reason.startswith("module overrides __call__")
+
+
 def test_untrusted_cases_name_their_reason():
     block = make_block()
     block.handle = threading.Event()  # a stdlib object with hidden state

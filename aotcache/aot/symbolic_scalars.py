@@ -1,0 +1,76 @@
+"""``torch.tensor([n])`` of a symbolic integer captured as a graph op, not as the value it was traced with.
+
+NOTE [Tensors made from symbolic scalars]
+An integer argument that changes between calls (a diffusion loop's ``timestep`` passed as a Python int) is
+traced as a symbol under automatic dynamic shapes (NOTE [Dynamic dimensions]), so that one graph serves every
+value. Code commonly turns it into a tensor with ``torch.tensor([t], dtype=..., device=...)`` (diffusers'
+UNet does, for its time embedding) or ``torch.tensor(t)``. ``torch.tensor`` reads the numbers out of its
+data: with a symbol there, the trace specializes on its value (a guard ``t == 7``), so the "dynamic" graph
+held one value only and every new timestep traced again. While a function is captured with symbols,
+:class:`SymbolicScalarTensors` builds such a tensor with ``torch.full`` per element (a graph op taking the
+symbol), same values, dtype and device as eager's; data without symbols goes to ``torch.tensor`` untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["SymbolicScalarTensors"]
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+_NUMBERS = (bool, int, float)
+
+
+def _flatten(data: Any, shape: list[int], depth: int, values: list) -> bool:
+    """Append the scalars of the nested lists ``data`` to ``values`` and its sizes to ``shape``; False where
+    ``data`` is not a rectangular nest of numbers and symbols (then ``torch.tensor`` decides)."""
+    if isinstance(data, (list, tuple)):
+        if len(shape) == depth:
+            shape.append(len(data))
+        elif shape[depth] != len(data):
+            return False
+        return all(_flatten(item, shape, depth + 1, values) for item in data)
+    if len(shape) != depth or not isinstance(data, (*_SYMBOLIC, *_NUMBERS)):
+        return False
+    values.append(data)
+    return True
+
+
+def _inferred_dtype(values: list) -> torch.dtype:
+    """The dtype ``torch.tensor`` infers from Python scalars: bool, int64, or the default float dtype."""
+    if all(isinstance(value, (bool, torch.SymBool)) for value in values):
+        return torch.bool
+    if any(isinstance(value, (float, torch.SymFloat)) for value in values):
+        return torch.get_default_dtype()
+    return torch.int64
+
+
+def _tensor_of_symbols(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+                       pin_memory: bool = False) -> torch.Tensor | None:
+    if pin_memory or not isinstance(data, (list, tuple, *_SYMBOLIC)):
+        return None
+    shape: list[int] = []
+    values: list = []
+    if not _flatten(data, shape, 0, values) or not values or not any(isinstance(v, _SYMBOLIC) for v in values):
+        return None
+    dtype = dtype if dtype is not None else _inferred_dtype(values)
+    elements = [torch.full((), value, dtype=dtype, device=device) for value in values]
+    result = torch.stack(elements).reshape(shape)
+    return result.requires_grad_() if requires_grad else result
+
+
+class SymbolicScalarTensors(torch.overrides.TorchFunctionMode):
+    """While capturing: ``torch.tensor(data)`` with symbolic scalars in ``data`` as graph ops (NOTE [Tensors made
+    from symbolic scalars])."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.tensor and len(args) == 1 and set(kwargs) <= {"dtype", "device", "requires_grad",
+                                                                         "pin_memory"}:
+            result = _tensor_of_symbols(args[0], **kwargs)
+            if result is not None:
+                return result
+        return func(*args, **kwargs)
