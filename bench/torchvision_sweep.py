@@ -141,13 +141,15 @@ def _raft():
 
         return raft_small(weights=None)
 
+    shape = (1, 3, 128, 128)  # the smallest its correlation pyramid takes
+
     def train_inputs(step):
-        return (_image(step), _image(step + 50)), {"num_flow_updates": 2}
+        return (_image(step, shape), _image(step + 50, shape)), {"num_flow_updates": 2}
 
     def loss(out, step):
         return sum(flow.abs().mean() for flow in out)
 
-    return build, train_inputs, loss, lambda: ((_image(9), _image(10)), {"num_flow_updates": 2})
+    return build, train_inputs, loss, lambda: ((_image(9, shape), _image(10, shape)), {"num_flow_updates": 2})
 
 
 def _video():
