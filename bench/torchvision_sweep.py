@@ -272,6 +272,7 @@ def run_model(name: str, phase: str, steps: int) -> dict:
             pdiff, gdiff, presence = _state_diff(eager, model)
             opt_e.step(), opt_c.step()
             losses.append(pair)
+            record.setdefault("compiles_after_step", []).append(counters.get("compile", 0))
             record.setdefault("grad_diff", []).append(gdiff)
             if presence:
                 record["grad_presence_differs"] = presence[:5]
@@ -299,6 +300,10 @@ def run_model(name: str, phase: str, steps: int) -> dict:
     record["counters"] = {k: v for k, v in dict(counters).items() if v}
     record["traces"] = compiled.compiled.num_compiles
     record["fallbacks"] = fallback_counts()
+    if phase == "warm" and counters.get("miss"):
+        from aotcache.autograd_cache.cache import explain_last_miss
+
+        record["last_miss"] = explain_last_miss()[:12]
     return record
 
 
