@@ -313,7 +313,8 @@ def run_model(name: str, phase: str, steps: int) -> dict:
 
 
 def _child(name: str, phase: str, steps: int, cache_dir: str, timeout: float) -> dict:
-    env = dict(os.environ, AOTCACHE_CACHE_DIR=cache_dir, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, AOTCACHE_CACHE_DIR=cache_dir,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--phase", phase, "--steps", str(steps)],
