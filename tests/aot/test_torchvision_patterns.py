@@ -5,12 +5,14 @@ found with a small hand-written module, since torchvision cannot be installed be
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from torch import nn
 
 import aotcache
 from aotcache.autograd_cache.cache import resolve_cache
+from tests.conftest import run_python
 
 
 class _CorrBlock(nn.Module):
@@ -94,3 +96,28 @@ def test_a_module_keeping_the_previous_calls_features_runs_as_eager():
         assert torch.allclose(compiled(x), eager(x), atol=1e-6), step
     assert type(compiled.prev) is torch.Tensor and torch.allclose(compiled.prev, eager.prev)
     assert resolve_cache(True).counters.get("route_recorded_dynamo", 0) == 0  # this process chose, none read
+
+
+_WARM_START = """
+import json, torch, aotcache
+from aotcache.autograd_cache.cache import resolve_cache
+from tests.aot.test_torchvision_patterns import _TinyRaft, _images
+torch.manual_seed(0)
+model = _TinyRaft()
+compiled = aotcache.compile(model, compiler="nop")
+compiled(*_images(0)).sum().backward()
+print(json.dumps({"route": compiled.route, "traces": compiled.compiled.num_compiles,
+                  "pyramid": [type(level).__name__ for level in model.corr_block.corr_pyramid],
+                  **{k: v for k, v in resolve_cache(True).counters.items() if isinstance(v, int)}}))
+"""
+
+
+def test_raft_pattern_warm_start_takes_the_recorded_way_without_a_trace():
+    # before NOTE [Tensors stored on modules] every warm start traced again (the call changed the state its
+    # fingerprint covers), and left FunctionalTensors on the model
+    cold = json.loads(run_python(_WARM_START).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(_WARM_START).stdout.strip().splitlines()[-1])
+    assert cold["route"] == warm["route"] == "dynamo" and cold["compile"] >= 1
+    assert warm["route_recorded_dynamo"] == 1 and warm["traces"] == 0
+    assert warm.get("compile", 0) == 0 and warm["hit"] == cold["compile"]
+    assert warm["pyramid"] == ["Tensor", "Tensor"]
