@@ -166,6 +166,7 @@ def _video():
 
 MODELS = {
     "resnet18": _classifier("resnet18"),
+    "resnet50": _classifier("resnet50"),
     "mobilenet_v2": _classifier("mobilenet_v2"),
     "mobilenet_v3_small": _classifier("mobilenet_v3_small"),
     "efficientnet_b0": _classifier("efficientnet_b0"),
@@ -179,6 +180,7 @@ MODELS = {
     "convnext_tiny": _classifier("convnext_tiny"),
     "vit_tiny": _classifier(_vit_tiny, size=32),
     "swin_tiny": _classifier(_swin_tiny),
+    "swin_t": _classifier("swin_t"),
     "maxvit_tiny": _classifier(_maxvit_tiny),
     "fcn_resnet50": _segmentation("fcn_resnet50"),
     "deeplabv3_mobilenet_v3_large": _segmentation("deeplabv3_mobilenet_v3_large"),
