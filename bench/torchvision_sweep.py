@@ -120,14 +120,26 @@ def _targets(step: int, n=2, size=64):
     return targets
 
 
-def _detection(factory, **kw):
+def _with_masks(targets, size=64):
+    import torch
+
+    for target in targets:
+        masks = torch.zeros(len(target["boxes"]), size, size, dtype=torch.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(target["boxes"].round().int().tolist()):
+            masks[i, y0:y1, x0:x1] = 1
+        target["masks"] = masks
+    return targets
+
+
+def _detection(factory, masks=False, **kw):
     def build():
         import torchvision.models.detection as det
 
         return getattr(det, factory)(weights=None, weights_backbone=None, num_classes=3, **kw)
 
     def train_inputs(step):
-        return ([_image(step, (3, 64, 64)), _image(step + 50, (3, 64, 64))], _targets(step)), {}
+        targets = _with_masks(_targets(step)) if masks else _targets(step)
+        return ([_image(step, (3, 64, 64)), _image(step + 50, (3, 64, 64))], targets), {}
 
     def loss(out, step):
         return sum(out.values())
@@ -187,6 +199,7 @@ MODELS = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": _detection("fasterrcnn_mobilenet_v3_large_320_fpn"),
     "ssdlite320_mobilenet_v3_large": _detection("ssdlite320_mobilenet_v3_large"),
     "retinanet_resnet50_fpn": _detection("retinanet_resnet50_fpn", min_size=64, max_size=64),
+    "maskrcnn_resnet50_fpn": _detection("maskrcnn_resnet50_fpn", masks=True, min_size=64, max_size=64),
     "raft_small": _raft(),
     "r3d_18": _video(),
 }
