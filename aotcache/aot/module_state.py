@@ -19,8 +19,8 @@ __all__ = ["refuse_tensors_stored_on_modules"]
 # (a list of tensors) and reads it later in the same call; a recurrent or streaming model keeps
 # ``self.prev = h.detach()`` and adds it at the next call; others keep ``self.attn_map`` to plot. The capture runs
 # that Python with trace tensors, so the attribute was left holding the capture's FunctionalTensors: the next
-# call that read it failed ("Attempting to use FunctionalTensor on its own") where eager runs, a deepcopy or a
-# read of the attribute met a dead trace tensor, and the fingerprint saw an untrusted tensor constant (a warm
+# call that read it failed ("Attempting to use FunctionalTensor on its own") where eager runs, a read of the
+# attribute after the call met a dead trace tensor, and the fingerprint saw an untrusted tensor constant (a warm
 # start traced every time). A graph cannot set a Python attribute at each call, so such a capture is refused
 # (``unsupported_construct``) and every attribute is put back as the capture found it; the call then runs the
 # fallback (``aotcache.compile``: the Dynamo way, which replays the assignment with real tensors at every call).
