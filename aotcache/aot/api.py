@@ -58,6 +58,7 @@ from aotcache.aot.hot_path import (
     storage_sharing,
 )
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.module_state import refuse_tensors_stored_on_modules
 from aotcache.aot.partition import align_saved_to_backward, resolve_partition
 from aotcache.aot.refusals import (
     functorch_transform_error,
@@ -650,7 +651,8 @@ def _functional_module_call(module: nn.Module) -> Callable:
             tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
         refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
-        with gate.swapping(), _rnn_weight_lists_kept(module):  # NOTE [Calls during a capture's swap]
+        # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
     return call

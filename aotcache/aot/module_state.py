@@ -1,0 +1,115 @@
+"""Tensors a module's forward keeps on the module (``self.prev = h``, ``self.corr_pyramid = [...]``): refused by a
+capture, which puts the attributes back as they were (NOTE [Tensors stored on modules])."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from aotcache.aot.errors import CaptureError
+
+__all__ = ["refuse_tensors_stored_on_modules"]
+
+# NOTE [Tensors stored on modules]
+# A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
+# (a list of tensors) and reads it later in the same call; a recurrent or streaming model keeps
+# ``self.prev = h.detach()`` and adds it at the next call; others keep ``self.attn_map`` to plot. The capture runs
+# that Python with trace tensors, so the attribute was left holding the capture's FunctionalTensors: the next
+# call that read it failed ("Attempting to use FunctionalTensor on its own") where eager runs, a read of the
+# attribute after the call met a dead trace tensor, and the fingerprint saw an untrusted tensor constant (a warm
+# start traced every time). A graph cannot set a Python attribute at each call, so such a capture is refused
+# (``unsupported_construct``) and every attribute is put back as the capture found it; the call then runs the
+# fallback (``aotcache.compile``: the Dynamo way, which replays the assignment with real tensors at every call).
+# Only attributes that end up holding a trace tensor count: state set to a plain value (a counter,
+# ``config.problem_type``) is NOTE [State changed by the call]; parameters and buffers are the graph's own
+# inputs. Attributes are compared by identity, and lists, tuples and dicts (to a small depth) are searched,
+# so ``self.pyramid.append(t)`` on an existing list is found and undone too.
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+_DEPTH = 4
+
+
+def _trace_tensor(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (a tensor, or lists / tuples / dicts of them) holds a tensor of a trace (fake or
+    functional), not a real one."""
+    if isinstance(value, torch.Tensor):
+        from torch._subclasses.fake_tensor import is_fake
+
+        return is_fake(value) or torch._is_functional_tensor(value)
+    if depth >= _DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_trace_tensor(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return any(_trace_tensor(item, depth + 1) for item in value.values())
+    return False
+
+
+def _contents(value: Any) -> Any:
+    """A shallow copy of a mutable container's contents (to undo ``append`` / item assignment), else None."""
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return None
+
+
+def _state_of(module: nn.Module) -> list[tuple[nn.Module, dict[str, tuple[Any, Any]]]]:
+    return [(sub, {name: (value, _contents(value)) for name, value in vars(sub).items()
+                   if name not in _MODULE_INTERNALS})
+            for sub in module.modules()]
+
+
+def _unchanged(value: Any, saved: tuple[Any, Any] | None) -> bool:
+    """Whether an attribute is the object it was before, with the same items (compared by identity)."""
+    if saved is None or saved[0] is not value:
+        return False
+    contents, before = _contents(value), saved[1]
+    if isinstance(value, list):
+        return len(contents) == len(before) and all(a is b for a, b in zip(contents, before))
+    if isinstance(value, dict):
+        return contents.keys() == before.keys() and all(contents[k] is before[k] for k in contents)
+    return True
+
+
+def _put_back(sub: nn.Module, name: str, saved: dict[str, tuple[Any, Any]]) -> None:
+    if name not in saved:
+        sub.__dict__.pop(name, None)
+        return
+    value, contents = saved[name]
+    sub.__dict__[name] = value
+    if isinstance(value, list):
+        value[:] = contents
+    elif isinstance(value, dict):
+        value.clear()
+        value.update(contents)
+
+
+@contextlib.contextmanager
+def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
+    """Raise a :class:`CaptureError` when the body left a trace tensor in an attribute of ``module`` or of one of
+    its submodules, after putting every such attribute back (NOTE [Tensors stored on modules])."""
+    before = _state_of(module)
+    try:
+        yield
+    finally:
+        stored = []
+        for sub, saved in before:
+            for name, value in list(vars(sub).items()):
+                if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not _trace_tensor(value):
+                    continue
+                stored.append((sub, name))
+                _put_back(sub, name, saved)
+    if stored:
+        paths = {id(sub): path for path, sub in module.named_modules(remove_duplicate=False)}
+        where = ", ".join(f"{paths.get(id(sub)) + '.' if paths.get(id(sub)) else ''}{name}"
+                          for sub, name in stored[:3])
+        raise CaptureError(
+            f"aotcache: the call keeps a tensor it computed on the model ({where} = ...): a graph cannot set a "
+            f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
+            f"the tensor from forward instead, or keep it in a registered buffer updated in place "
+            f"(self.buf.copy_(...)).", reason="unsupported_construct")
