@@ -37,6 +37,7 @@ warned about once); a call whose graph is kept (the state settled) starts the co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -44,24 +45,37 @@ from torch import nn
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState
 
-__all__ = ["SavedCallState"]
+__all__ = ["SavedCallState", "restore_mapping", "restore_list", "restore_set"]
 
 _MISSING = object()
 
 
-def _restore_dict(current: dict, saved: dict) -> None:
+def restore_mapping(current: Any, saved: dict, delete: Callable | None = None,
+                    assign: Callable | None = None) -> None:
+    """Make ``current`` hold exactly ``saved``'s entries (by identity), writing only what differs; ``delete`` and
+    ``assign`` write through an owner (a class, for its read-only ``vars()`` view)."""
     if len(current) == len(saved) and all(current.get(key, _MISSING) is value for key, value in saved.items()):
         return
+    delete = current.__delitem__ if delete is None else delete
+    assign = current.__setitem__ if assign is None else assign
     for key in [key for key in current if key not in saved]:
-        del current[key]
+        delete(key)
     for key, value in saved.items():
         if current.get(key, _MISSING) is not value:
-            current[key] = value
+            assign(key, value)
 
 
-def _restore_list(current: list, saved: list) -> None:
+def restore_list(current: list, saved: list) -> None:
+    """Make ``current`` hold ``saved``'s members (by identity), in place."""
     if len(current) != len(saved) or any(a is not b for a, b in zip(current, saved)):
         current[:] = saved
+
+
+def restore_set(current: set, saved: set) -> None:
+    """Make ``current`` hold ``saved``'s members, in place."""
+    if current != saved:
+        current.clear()
+        current.update(saved)
 
 
 class SavedCallState:
@@ -98,13 +112,11 @@ class SavedCallState:
         :raises CaptureError: something the program reads could not be put back.
         """
         for current, saved in self._dicts:
-            _restore_dict(current, saved)
+            restore_mapping(current, saved)
         for current, saved in self._lists:
-            _restore_list(current, saved)
+            restore_list(current, saved)
         for current, saved in self._sets:
-            if current != saved:
-                current.clear()
-                current.update(saved)
+            restore_set(current, saved)
         if self._program is not None:
             failure = self._program.restore()
             if failure is not None:

@@ -9,10 +9,12 @@ starts from the state of the call (NOTE [State changed by a capture] in ``aot/ca
 
 from __future__ import annotations
 
+import functools
 import os
 from types import MappingProxyType
 from typing import Any
 
+from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
 from aotcache.autograd_cache.program_guards import ProgramGuards
 
 __all__ = ["SavedProgramState"]
@@ -86,32 +88,14 @@ class SavedProgramState:
     def _restore_container(self, container: Any, saved: Any) -> None:
         if isinstance(container, MappingProxyType):  # a class's namespace: through the class
             owner = self._guards.owner_of(container)
-            if owner is None or (len(container) == len(saved) and all(
-                    container.get(key, _MISSING) is value for key, value in saved.items())):
-                return
-            for key in [key for key in container if key not in saved]:
-                delattr(owner, key)
-            for key, value in saved.items():
-                if container.get(key, _MISSING) is not value:
-                    setattr(owner, key, value)
-            return
-        if isinstance(container, dict):
-            if len(container) == len(saved) and all(container.get(key, _MISSING) is value
-                                                     for key, value in saved.items()):
-                return
-            for key in [key for key in container if key not in saved]:
-                del container[key]
-            for key, value in saved.items():
-                if container.get(key, _MISSING) is not value:
-                    container[key] = value
-            return
-        if isinstance(container, list):
-            if len(container) != len(saved) or not all(map(lambda a, b: a is b, container, saved)):
-                container[:] = saved
-            return
-        if container != saved:  # a set
-            container.clear()
-            container.update(saved)
+            if owner is not None:
+                restore_mapping(container, saved, functools.partial(delattr, owner), functools.partial(setattr, owner))
+        elif isinstance(container, dict):
+            restore_mapping(container, saved)
+        elif isinstance(container, list):
+            restore_list(container, saved)
+        else:  # a set
+            restore_set(container, saved)
 
     def _set_entry(self, holder: Any, key: Any, value: Any) -> None:
         if holder.get(key, _MISSING) is value:
