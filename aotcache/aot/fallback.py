@@ -42,9 +42,8 @@ from aotcache.aot.errors import CaptureError
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes", "eager_dynamo_graph",
-           "numpy_random_as_eager",
-           "has_uninitialized_parameters"]
+           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
+           "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
