@@ -222,6 +222,9 @@ def generate_memos(cls: type) -> frozenset[str]:
                      for base in cls.__mro__)
     return GENERATE_MEMOS if generation else frozenset()
 _PLAIN, _COUNTED, _IDENTITY, _UNTRACKED = 0, 1, 2, 3
+# settings interned per module before the table starts over: a module whose forward or loop rebinds an attribute
+# at every call (``self.prev = h``) kept every value alive (for its id) and grew the table without bound
+MAX_SETTINGS = 256
 
 
 def _kind(value: Any) -> int:
@@ -302,6 +305,7 @@ class ModuleState:
         self._snapshot: list[tuple] | None = None
         self._values: tuple[dict, dict, tuple, int] | None = None
         self._settings_ids: dict[tuple, int] = {}
+        self._next_settings_id = 0
         self._kept_alive: list[Any] = []  # objects whose id() is in an interned settings tuple
         self._watched: list[tuple[Any, tuple]] = []  # config-like objects and their attribute values
         self._versions: _DictVersions | None = None  # NOTE [Dict versions]
@@ -321,7 +325,11 @@ class ModuleState:
         key = (settings, tuple((id(obj), _object_settings(obj)) for obj in watched))
         settings_id = self._settings_ids.get(key)
         if settings_id is None:
-            settings_id = self._settings_ids[key] = len(self._settings_ids)
+            if len(self._settings_ids) >= MAX_SETTINGS:  # attributes rebound at every call: start over, never
+                self._settings_ids.clear()  # reusing a number (graphs keyed by old ones are just not found)
+                self._kept_alive.clear()
+            settings_id = self._settings_ids[key] = self._next_settings_id
+            self._next_settings_id += 1
             self._kept_alive.extend(submodule.__dict__[name] for (_, submodule), (_, _, entries) in
                                     zip(modules, settings) for name, kind, _ in entries if kind == _IDENTITY)
         self._values = (params, buffers, names, settings_id)

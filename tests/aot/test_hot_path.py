@@ -447,3 +447,34 @@ def test_inductor_graph_reading_views_of_its_input_is_right_at_other_aligned_off
             for got, want in zip(compiled(x, w), fn(x, w)):
                 torch.testing.assert_close(got, want)
     assert compiled.num_compiles == 1
+
+
+def test_settings_table_of_a_module_rebinding_an_attribute_at_every_call_stays_bounded(monkeypatch):
+    """A loop that rebinds a module attribute at every call (``model.tag = object()``) kept every value alive and
+    grew the interned settings without bound; past MAX_SETTINGS the table starts over, and a settings number is
+    never handed out twice (an old graph is never selected by a new object that reuses an old id)."""
+    monkeypatch.setattr(hot_path, "MAX_SETTINGS", 4)
+    model = nn.Linear(3, 3)
+    state = ModuleState(model)
+    ids = []
+    for _ in range(11):
+        model.tag = object()
+        ids.append(state.current()[3])
+        assert len(state._settings_ids) <= 4 and len(state._kept_alive) <= 4
+    assert len(set(ids)) == len(ids)
+    model.tag = None
+    first = state.current()[3]
+    assert state.current()[3] == first not in ids  # a plain value: one number while it holds
+
+
+def test_wrapper_of_a_module_whose_attribute_changes_every_call_gives_eagers_results(monkeypatch):
+    monkeypatch.setattr(hot_path, "MAX_SETTINGS", 3)
+    model = nn.Linear(3, 3)
+    wrapped = aot_module(model, "nop", cache=False)
+    x = torch.randn(2, 3)
+    for step in range(8):
+        model.tag = object()
+        with torch.no_grad():
+            model.weight.mul_(0.5)
+        torch.testing.assert_close(wrapped(x), model(x))
+    assert len(wrapped._state._kept_alive) <= 3
