@@ -208,7 +208,9 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
     ranks = [subprocess.Popen([sys.executable, "-c", _DDP_RANK], env={**env, "RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert all(rank.returncode == 0 for rank in ranks), outputs
+    assert all(rank.returncode == 0 for rank in ranks), [  # each rank's exit status, stdout and stderr's end
+        (number, rank.returncode, out[-500:], err[-3000:])
+        for number, (rank, (out, err)) in enumerate(zip(ranks, outputs))]
     results = [line.split(" ", 2)[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT")]
     assert len(results) == 2 and results[0] == results[1]  # the ranks agree
     assert results[0][0] == ("aot" if order == "inner" else "dynamo")
