@@ -509,7 +509,13 @@ class AOTFunction:
                         # tried the capture again each time before falling back (one trace per step).
                         if len(self._fallbacks) >= 64:
                             self._fallbacks.clear()
-                        self._fallbacks[(extra, key[2])] = runtime
+                        # NOTE [Refusals that hold for any settings]
+                        # A refusal of what the code does (it keeps a tensor it computed on the module: NOTE
+                        # [Tensors stored on modules]) holds whatever the module's settings. Its own attribute
+                        # changes the settings at every call, so a fallback kept under the call's settings was
+                        # never found again, and every call tried the capture once more before falling back.
+                        settings = _ANY_SETTINGS if getattr(runtime, "any_settings", False) else extra
+                        self._fallbacks[(settings, key[2])] = runtime
                     elif self._changed_by_call(saved, extra):  # NOTE [State changed by a capture]: this call only
                         runtime.single_use = True  # type: ignore[attr-defined]
                         self.num_single_use += 1

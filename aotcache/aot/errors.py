@@ -15,9 +15,11 @@ class CaptureError(RuntimeError):
     ``reason`` is a short category (one of :data:`CAPTURE_ERROR_REASONS`) for counters and warnings.
     """
 
-    def __init__(self, message: str = "", *, reason: str = "unsupported_construct") -> None:
+    def __init__(self, message: str = "", *, reason: str = "unsupported_construct", any_settings: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        # the refusal holds whatever an aot_module's settings (NOTE [Refusals that hold for any settings] in api.py)
+        self.any_settings = any_settings
 
 
 class RefusedArgumentError(TypeError):

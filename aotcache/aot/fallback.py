@@ -322,6 +322,7 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         if _raises(owner.on_capture_error):
             raise
         runtime = _fallback_runtime(owner, in_spec, exc)
+        runtime.any_settings = exc.any_settings  # NOTE [Refusals that hold for any settings] in api.py
         _warn(owner, exc, runtime)
         return runtime
 

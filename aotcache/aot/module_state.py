@@ -112,4 +112,4 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"aotcache: the call keeps a tensor it computed on the model ({where} = ...): a graph cannot set a "
             f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
-            f"(self.buf.copy_(...)).", reason="unsupported_construct")
+            f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True)

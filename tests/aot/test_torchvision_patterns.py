@@ -98,6 +98,20 @@ def test_a_module_keeping_the_previous_calls_features_runs_as_eager():
     assert resolve_cache(True).counters.get("route_recorded_dynamo", 0) == 0  # this process chose, none read
 
 
+def test_aot_module_of_a_module_keeping_a_tensor_tries_the_capture_once():
+    """Through ``aot_module`` itself (no recorded route): the stored tensor changes the module's settings at every
+    call, and the fallback kept under the call's settings was never found again, so each call tried the capture
+    before falling back (NOTE [Refusals that hold for any settings])."""
+    torch.manual_seed(0)
+    eager = _KeepsPrevious()
+    compiled = aotcache.aot_module(copy.deepcopy(eager), "nop", cache=False, on_capture_error="eager")
+    for step in range(5):
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+        assert torch.allclose(compiled(x), eager(x), atol=1e-6), step
+    assert compiled.compiled.num_compiles == 1
+    assert type(compiled.prev) is torch.Tensor and torch.allclose(compiled.prev, eager.prev)
+
+
 _WARM_START = """
 import json, torch, aotcache
 from aotcache.autograd_cache.cache import resolve_cache
