@@ -215,6 +215,12 @@ _PLAIN_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device, to
 GENERATE_MEMOS = frozenset({"_previous_max_cache_length"})
 
 
+def is_method_router(name: str, value: Any) -> bool:
+    """Whether ``name = value`` is the router a wrapper installs while a method of its module runs (NOTE [Methods
+    run the compiled forward] in module.py): compile machinery, not part of the module's settings or program."""
+    return name == "forward" and getattr(value, "_aotcache_router", False) is True
+
+
 @functools.lru_cache(maxsize=256)
 def generate_memos(cls: type) -> frozenset[str]:
     """The attributes of ``cls``'s instances that only transformers' ``generate`` reads (NOTE [Generate memos])."""
@@ -251,7 +257,8 @@ def _settings(module: nn.Module) -> tuple:
     settings = []
     memos = generate_memos(type(module))  # NOTE [Generate memos]
     for name, value in module.__dict__.items():
-        kind = _UNTRACKED if name in _SETTINGS_IGNORED or name in memos else _kind(value)
+        kind = (_UNTRACKED if name in _SETTINGS_IGNORED or name in memos or is_method_router(name, value)
+                else _kind(value))
         if kind != _UNTRACKED:
             settings.append((name, kind, value if kind == _PLAIN else len(value) if kind == _COUNTED else id(value)))
     return tuple(settings)

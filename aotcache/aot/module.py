@@ -16,10 +16,13 @@ A method of the wrapped module, such as transformers' ``generate``, calls ``self
 with ``self`` the *wrapped* module, and inspects ``self.forward``'s signature, ``type(self)`` and
 ``self.__class__.__name__``. Binding the method to the wrapper instead would break those, so it stays bound
 to the wrapped module, and for the duration of the call the wrapped module's instance attribute ``forward``
-is a router: the router removes itself, runs the wrapper's compiled forward (whose capture calls the
-module's own forward) and puts itself back. The compiled call therefore sees the module exactly as a direct
-call does (same settings, same fingerprint, same compiled graph). The router carries the original forward as
-``__wrapped__``, so ``inspect.signature(self.forward)`` is unchanged. Forward hooks registered on the wrapped
+is a router: it runs the wrapper's compiled forward, and within that call, in that thread, it hands the
+compiled call's own runs of the module (capture, fallback) to the module's forward. The module settings and
+the program walks leave the router out, so the compiled call sees the module exactly as a direct call does
+(same settings, same fingerprint, same compiled graph). It used to remove itself for the duration, and a
+method called meanwhile from another thread ran the module eagerly, beside a capture that had swapped its
+tensors. The router carries the original forward as ``__wrapped__``, so ``inspect.signature(self.forward)``
+is unchanged. Forward hooks registered on the wrapped
 module itself would run twice (once around the router, once inside the captured graph), so with such hooks,
 or when the module already has an instance ``forward``, the method runs eagerly (logged once).
 """
@@ -261,18 +264,20 @@ class AOTModule(nn.Module):
     def _make_router(self) -> Callable:
         orig = self.orig_module
         original = type(orig).forward.__get__(orig)
+        inside = threading.local()  # .depth: this thread is running the compiled call the router started
 
         @functools.wraps(original)
         def router(*args: Any, **kwargs: Any) -> Any:
-            # the compiled call sees the module as a direct call does; a call from another thread meanwhile
-            # finds no router and runs eagerly (correct, just not compiled)
-            orig.__dict__.pop("forward", None)
+            # the compiled call's own runs of the module (its capture, its fallback) reach the module's forward;
+            # the router stays installed, so another thread's method call meanwhile is routed too, never run
+            # eagerly beside a capture that has the module's tensors swapped (NOTE [Calls during a capture's swap])
+            if getattr(inside, "depth", 0):
+                return original(*args, **kwargs)
+            inside.depth = 1
             try:
                 return self.forward(*args, **kwargs)
             finally:
-                with self._routing_lock:
-                    if self._routing_count:
-                        orig.__dict__["forward"] = router
+                inside.depth = 0
 
         router._aotcache_router = True  # type: ignore[attr-defined]
         return router

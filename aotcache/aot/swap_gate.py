@@ -9,10 +9,10 @@ runs. Each module has one :class:`SwapGate`: the capture holds it while the tens
 the module's tensors, then checks that no swap by another thread began or was under way meanwhile, and if one
 was, waits for it and reads again. The check costs two attribute reads on the hot path. torch's process-wide
 is_compiling flag, which the capture sets, made such a call take the inlined path too; aotcache's own checks
-ask ``tracing_in_this_thread`` (NOTE [is_compiling during capture] in capture.py). Not covered: the module's
-Python run eagerly by another thread while a capture swaps: the eager fallback of a signature that cannot be
-captured, or a method (``generate``) whose routed forward another thread's compiled call has taken down for
-its duration (NOTE [Methods run the compiled forward] in module.py); an xfail in test_module_wrapper.py.
+ask ``tracing_in_this_thread`` (NOTE [is_compiling during capture] in capture.py), and a method's router stays
+installed for other threads (NOTE [Methods run the compiled forward] in module.py). Not covered: the module's
+Python run eagerly by another thread while a capture swaps, in the eager fallback of a signature that cannot
+be captured.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from aotcache.aot.hot_path import generate_memos
+from aotcache.aot.hot_path import generate_memos, is_method_router
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 
@@ -692,7 +692,7 @@ class Reachable:
         machinery = getattr(cls, "fingerprint_skips", ())  # NOTE [Compiled wrappers in a walked program]
         memos = generate_memos(cls)  # NOTE [Generate memos] in aot/hot_path.py: only generate reads them
         for name, value in module.__dict__.items():
-            if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos:
+            if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos or is_method_router(name, value):
                 continue
             if guards is not None and not managed and not isinstance(value, (list, set)):
                 guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents

@@ -163,7 +163,6 @@ def test_methods_called_from_several_threads_give_eager_results_and_leave_the_mo
     wrapped = aot_module(model, cache=False)
     x = torch.randn(3, 4)
     expected = model.twice(x)
-    wrapped.twice(x)  # captured first: see the xfail below for methods racing the first capture
     failures = []
 
     def worker():
@@ -182,11 +181,10 @@ def test_methods_called_from_several_threads_give_eager_results_and_leave_the_mo
     assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0
 
 
-@pytest.mark.xfail(reason="a method (generate, ...) called from several threads while its first forward is captured: "
-                          "a thread finding the router removed runs the module's forward eagerly, and may read the "
-                          "capture's swapped trace tensors (NOTE [Calls during a capture's swap]); passes by chance",
-                   strict=False)
 def test_methods_racing_their_first_capture_from_several_threads_give_eager_results():
+    """A method called from several threads while its first forward is captured: the router used to take itself
+    down for the compiled call, and another thread's call meanwhile ran the module eagerly beside the capture's
+    swapped trace tensors (NOTE [Methods run the compiled forward])."""
     import threading
 
     failures = []
