@@ -155,59 +155,48 @@ def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
     assert wrapped.compiled.num_compiles == 3  # static shapes: one per length
 
 
-def test_methods_called_from_several_threads_give_eager_results_and_leave_the_module_clean():
+def failures_in_threads(call, expected, *, threads: int, calls: int) -> list[str]:
+    """Run ``call()`` ``calls`` times in each of ``threads`` threads at once; what went wrong (a thread's
+    exception would otherwise go unseen)."""
     import threading
 
+    failures: list[str] = []
+
+    def worker():
+        for _ in range(calls):
+            try:
+                if not torch.allclose(call(), expected):
+                    failures.append("mismatch")
+            except Exception as exc:  # noqa: BLE001
+                failures.append(repr(exc))
+
+    started = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+    return failures
+
+
+def test_methods_called_from_several_threads_give_eager_results_and_leave_the_module_clean():
     torch.manual_seed(0)
     model = Net().eval()
     wrapped = aot_module(model, cache=False)
     x = torch.randn(3, 4)
     expected = model.twice(x)
-    failures = []
-
-    def worker():
-        for _ in range(20):
-            try:
-                if not torch.allclose(wrapped.twice(x), expected):
-                    failures.append("mismatch")
-            except Exception as exc:  # noqa: BLE001 - a thread's exception would otherwise go unseen
-                failures.append(repr(exc))
-
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures and "forward" not in model.__dict__ and wrapped._routing_count == 0
+    assert failures_in_threads(lambda: wrapped.twice(x), expected, threads=3, calls=20) == []
+    assert "forward" not in model.__dict__ and wrapped._routing_count == 0
 
 
 def test_methods_racing_their_first_capture_from_several_threads_give_eager_results():
     """A method called from several threads while its first forward is captured: the router used to take itself
     down for the compiled call, and another thread's call meanwhile ran the module eagerly beside the capture's
     swapped trace tensors (NOTE [Methods run the compiled forward])."""
-    import threading
-
-    failures = []
     for _ in range(4):
         model = Net().eval()
         wrapped = aot_module(model, cache=False)
         x = torch.randn(3, 4)
-        expected = model.twice(x)
-
-        def worker():
-            for _ in range(5):
-                try:
-                    if not torch.allclose(wrapped.twice(x), expected):
-                        failures.append("mismatch")
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(repr(exc))
-
-        threads = [threading.Thread(target=worker) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert failures == []
+        assert failures_in_threads(lambda: wrapped.twice(x), model.twice(x), threads=3, calls=5) == []
 
 
 class WaitsInCapture(nn.Module):
@@ -263,29 +252,11 @@ def test_a_call_from_another_thread_during_a_capture_waits_and_gives_eagers_resu
 
 
 def test_first_calls_from_several_threads_at_once_give_eagers_results():
-    import threading
-
-    failures = []
     for _ in range(6):
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
         wrapped = aot_module(model, "nop", cache=False)
         x = torch.randn(4, 8)
-        expected = model(x)
-
-        def worker():
-            for _ in range(5):
-                try:
-                    if not torch.allclose(wrapped(x), expected):
-                        failures.append("mismatch")
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(repr(exc))
-
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert failures == []
+        assert failures_in_threads(lambda: wrapped(x), model(x), threads=4, calls=5) == []
 
 
 @pytest.mark.parametrize("api", ["aot_module", "compile"])
