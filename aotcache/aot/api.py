@@ -37,7 +37,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.call_state import SavedCallState
-from aotcache.aot.capture import capture, tracing_in_this_thread
+from aotcache.aot.capture import capture
+from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.dynamic_dims import DimSpec, DynamicDims, check_dynamic, masked_shape
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
@@ -70,7 +71,6 @@ from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
-from aotcache.aot.swap_gate import swap_gate
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress, stage
 

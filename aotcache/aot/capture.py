@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.capture_threads import compiling
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
@@ -69,7 +69,7 @@ from aotcache.aot.tangents import (
 from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
-           "is_graph_input", "mutating_nodes", "tracing_in_this_thread"]
+           "is_graph_input", "mutating_nodes"]
 
 
 @dataclasses.dataclass
@@ -774,7 +774,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
-    with _compiling(), quiet_fake_tensor_failures(), refuse_host_random(), \
+    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode):
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
@@ -864,54 +864,6 @@ def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.A
     except ImportError:  # a torch without it (private API): the cache stays on, as before
         return contextlib.nullcontext()
     return disable_fake_tensor_cache(fake_mode)
-
-
-_this_thread = threading.local()  # .captures: how many captures this thread is running (nested)
-_captures_lock = threading.Lock()
-_captures_running = 0  # in all threads
-_flag_before = False  # torch's is_compiling flag before the first of the running captures
-
-
-@contextlib.contextmanager
-def _compiling() -> Iterator[None]:
-    """NOTE [is_compiling during capture]: ``torch.compiler.is_compiling()`` is True while the function is
-    captured, as under Dynamo and torch.export's non-strict trace. Libraries take their trace-friendly paths
-    then: transformers' attention masks, for one, read mask values (a data-dependent branch that cannot be
-    captured) unless they see tracing, and capture sees FunctionalTensors, not the FakeTensors they test for.
-
-    torch keeps that flag for the whole process, so other threads see it too while one captures; aotcache's
-    own decisions (inline a nested compiled function, use Dynamo for a fallback) ask
-    :func:`tracing_in_this_thread` instead, which knows which thread the capture runs in."""
-    global _captures_running, _flag_before
-    compiler = torch.compiler
-    has_flag = hasattr(compiler, "_is_compiling_flag")
-    with _captures_lock:  # the flag is set while any thread captures, and put back when the last one ends
-        if not _captures_running and has_flag:
-            _flag_before = compiler._is_compiling_flag
-            compiler._is_compiling_flag = True
-        _captures_running += 1
-    _this_thread.captures = getattr(_this_thread, "captures", 0) + 1
-    try:
-        yield
-    finally:
-        _this_thread.captures -= 1
-        with _captures_lock:
-            _captures_running -= 1
-            if not _captures_running and has_flag:
-                compiler._is_compiling_flag = _flag_before
-
-
-def tracing_in_this_thread() -> bool:
-    """Whether the calling thread is being traced: by an aotcache capture, by Dynamo, or by another tracer that
-    set torch's is_compiling flag while no aotcache capture runs (NOTE [is_compiling during capture]).
-
-    A thread that merely runs while another thread captures is not: it took the inlined path before and ran
-    the module with the capture's swapped trace tensors (NOTE [Calls during a capture's swap])."""
-    if not torch.compiler.is_compiling():
-        return False
-    if getattr(_this_thread, "captures", 0) or not _captures_running:
-        return True
-    return torch.compiler.is_dynamo_compiling()
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

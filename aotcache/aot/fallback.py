@@ -256,7 +256,7 @@ def _dynamo_usable() -> bool:
         import torch._dynamo
     except ImportError:
         return False
-    from aotcache.aot.capture import tracing_in_this_thread
+    from aotcache.aot.capture_threads import tracing_in_this_thread
 
     return bool(torch._dynamo.is_dynamo_supported()) and not tracing_in_this_thread()
 

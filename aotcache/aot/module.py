@@ -43,11 +43,10 @@ from torch import nn
 
 from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
-from aotcache.aot.capture import tracing_in_this_thread
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.services import CompileServices
-from aotcache.aot.swap_gate import swap_gate
+from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]

@@ -223,7 +223,7 @@ def test_a_call_from_another_thread_during_a_capture_waits_and_gives_eagers_resu
     with "Attempting to use FunctionalTensor on its own" (NOTE [Calls during a capture's swap])."""
     import threading
 
-    from aotcache.aot.capture import tracing_in_this_thread
+    from aotcache.aot.capture_threads import tracing_in_this_thread
 
     other_started, in_capture = threading.Event(), threading.Event()
     model = WaitsInCapture(other_started, in_capture)

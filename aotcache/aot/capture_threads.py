@@ -1,4 +1,4 @@
-"""A gate that keeps other threads from reading a module's tensors while a capture has swapped them.
+"""What other threads see while one thread captures: torch's is_compiling flag, and a module's swapped tensors.
 
 NOTE [Calls during a capture's swap]
 An ``aot_module`` capture runs the module with trace tensors swapped in for its parameters and buffers
@@ -9,7 +9,7 @@ runs. Each module has one :class:`SwapGate`: the capture holds it while the tens
 the module's tensors, then checks that no swap by another thread began or was under way meanwhile, and if one
 was, waits for it and reads again. The check costs two attribute reads on the hot path. torch's process-wide
 is_compiling flag, which the capture sets, made such a call take the inlined path too; aotcache's own checks
-ask ``tracing_in_this_thread`` (NOTE [is_compiling during capture] in capture.py), and a method's router stays
+ask ``tracing_in_this_thread`` (NOTE [is_compiling during capture], below), and a method's router stays
 installed for other threads (NOTE [Methods run the compiled forward] in module.py). Not covered: the module's
 Python run eagerly by another thread while a capture swaps, in the eager fallback of a signature that cannot
 be captured.
@@ -23,7 +23,9 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SwapGate", "swap_gate"]
+import torch
+
+__all__ = ["SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
 
 
 class SwapGate:
@@ -76,3 +78,51 @@ def swap_gate(module: Any) -> SwapGate:
             if gate is None:
                 gate = _gates[module] = SwapGate()
     return gate
+
+
+_this_thread = threading.local()  # .captures: how many captures this thread is running (nested)
+_captures_lock = threading.Lock()
+_captures_running = 0  # in all threads
+_flag_before = False  # torch's is_compiling flag before the first of the running captures
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """NOTE [is_compiling during capture]: ``torch.compiler.is_compiling()`` is True while the function is
+    captured, as under Dynamo and torch.export's non-strict trace. Libraries take their trace-friendly paths
+    then: transformers' attention masks, for one, read mask values (a data-dependent branch that cannot be
+    captured) unless they see tracing, and capture sees FunctionalTensors, not the FakeTensors they test for.
+
+    torch keeps that flag for the whole process, so other threads see it too while one captures; aotcache's
+    own decisions (inline a nested compiled function, use Dynamo for a fallback) ask
+    :func:`tracing_in_this_thread` instead, which knows which thread the capture runs in."""
+    global _captures_running, _flag_before
+    compiler = torch.compiler
+    has_flag = hasattr(compiler, "_is_compiling_flag")
+    with _captures_lock:  # the flag is set while any thread captures, and put back when the last one ends
+        if not _captures_running and has_flag:
+            _flag_before = compiler._is_compiling_flag
+            compiler._is_compiling_flag = True
+        _captures_running += 1
+    _this_thread.captures = getattr(_this_thread, "captures", 0) + 1
+    try:
+        yield
+    finally:
+        _this_thread.captures -= 1
+        with _captures_lock:
+            _captures_running -= 1
+            if not _captures_running and has_flag:
+                compiler._is_compiling_flag = _flag_before
+
+
+def tracing_in_this_thread() -> bool:
+    """Whether the calling thread is being traced: by an aotcache capture, by Dynamo, or by another tracer that
+    set torch's is_compiling flag while no aotcache capture runs (NOTE [is_compiling during capture]).
+
+    A thread that merely runs while another thread captures is not: it took the inlined path before and ran
+    the module with the capture's swapped trace tensors (NOTE [Calls during a capture's swap])."""
+    if not torch.compiler.is_compiling():
+        return False
+    if getattr(_this_thread, "captures", 0) or not _captures_running:
+        return True
+    return torch.compiler.is_dynamo_compiling()
