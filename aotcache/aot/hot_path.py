@@ -27,7 +27,8 @@ from torch import nn
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.runtime import storage_pointer
 
-__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object"]
+__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object",
+           "setting_by_value"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 
@@ -244,6 +245,12 @@ def _kind(value: Any) -> int:
         # functional_call swaps a parameter): tracked by identity they would force a retrace per call
         return _UNTRACKED
     return _IDENTITY
+
+
+def setting_by_value(value: Any) -> bool:
+    """Whether :class:`ModuleState` compares a module attribute holding ``value`` by value (plain values and
+    short tuples of them), so that nothing else need watch it."""
+    return _kind(value) == _PLAIN
 
 
 def _settings(module: nn.Module) -> tuple:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from aotcache.aot.hot_path import generate_memos, is_method_router
+from aotcache.aot.hot_path import generate_memos, is_method_router, setting_by_value
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 
@@ -511,7 +511,9 @@ class Reachable:
             digest = tensor_content_digest(value)
         except BypassAOTAutogradCache as exc:
             raise Untrusted(exc.reason) from None
-        return f"tensor:{digest}:{value.requires_grad}"
+        # NOTE [Tensor constants by identity in-process]: the lenient walk's digest names the object too
+        where = f"@{id(value)}" if self._lenient else ""
+        return f"tensor:{digest}:{value.requires_grad}{where}"
 
     def _library_function_token(self, fn: types.FunctionType) -> str:
         # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__
@@ -694,11 +696,8 @@ class Reachable:
         for name, value in module.__dict__.items():
             if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos or is_method_router(name, value):
                 continue
-            if guards is not None and not managed and not isinstance(value, (list, set)):
-                guards.slot(module.__dict__, name, value)  # lists are rebuilt by some modules: by contents
-            elif guards is not None and isinstance(value, (list, set)) and not any(
-                    isinstance(member, torch.Tensor) for member in value):
-                guards.slot_members(module.__dict__, name, value)  # NOTE [Rebound list attributes]
+            if guards is not None:
+                self._module_attribute_guard(module.__dict__, name, value, managed)
             if name in _BACKWARD_HOOK_DICTS:
                 if value:
                     self._note("module backward hooks")
@@ -722,6 +721,16 @@ class Reachable:
                 entries.append(f"{name}={self.ref(value)}")
         entries.sort()
         return f"module {self.type_ref(cls)} " + " ".join(entries)
+
+    def _module_attribute_guard(self, attributes: dict, name: str, value: Any, managed: bool) -> None:
+        """Guard ``attributes[name]`` of a walked module (NOTE [Rebound list attributes] in program_guards.py)."""
+        if name in _MODULE_CONTAINERS or name in _FORWARD_HOOK_DICTS or name in _BACKWARD_HOOK_DICTS:
+            if not managed:
+                self._guards.slot(attributes, name, value)
+        elif isinstance(value, (list, set)) or (isinstance(value, tuple) and not (managed and setting_by_value(value))):
+            self._guards.slot_members(attributes, name, value)  # rebuilt by some modules: read again, by members
+        elif not managed or isinstance(value, dict):
+            self._guards.slot(attributes, name, value)  # ModuleState counts a managed module's dicts only
 
     def _without_guards(self, value: Any) -> str:
         guards, self._guards = self._guards, None
