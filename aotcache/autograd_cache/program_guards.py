@@ -19,7 +19,10 @@ members                 the members of each mutable container reached (lists, di
                         the global module hook registries) by identity
 environment             each variable pinned by NOTE [Process state], by value
 tensor constants        the version counter of each tensor the graph bakes in (not the parameters and
-                        buffers of an ``aot_module``, which are inputs): Inductor copies constants
+                        buffers of an ``aot_module``, which are inputs): Inductor copies constants; its
+                        identity is in the digest (NOTE [Tensor constants by identity in-process])
+rebound attributes      each list / set / tuple attribute of a walked module, read again per call, its
+                        members by identity (NOTE [Rebound list attributes])
 ======================= =================================================================================
 
 :meth:`ProgramGuards.holds` checks them all with C-level iteration (``map(operator.is_, ...)`` over flat
@@ -59,14 +62,27 @@ if TYPE_CHECKING:
 __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 
 # NOTE [Rebound list attributes]
-# A module's list (or set) attributes are not part of aot_module's settings (ModuleState leaves them out: some
-# modules rebuild theirs on every call), and the walk guarded the members of the list object it saw. peft's
-# ``set_adapter`` *rebinds* its layers' ``_active_adapter`` to a new list (``["second"]``): the old list
-# unchanged, the guards held, and with frozen adapters (an inference-mode adapter switch: no ``requires_grad``
-# change for the signature to see) the graph of the previous adapter ran. So for a list or set attribute
-# without tensors, the guard reads the attribute again and compares its members by identity; a rebuilt list
-# with equal members fails the check, is walked again and keeps its graph (same digest). Not a list holding
-# tensors: an LSTM rebuilds its flat weight list on every call, which would walk the program again per call.
+# A module's list, set and tuple attributes are not all part of aot_module's settings (ModuleState leaves lists,
+# sets and tuples of objects out: some modules rebuild theirs, nn.LSTM its ``_flat_weights`` whenever a weight is
+# set or swapped), and the walk guarded only the members of the container object it saw. So a rebound attribute
+# went unseen: peft's ``set_adapter`` rebinding its layers' ``_active_adapter`` to a new list (the previous
+# adapter's graph ran), and ``self.masks = [t1, t2]`` or ``self.tup = (t,)`` rebound to other tensors (the graph
+# baked with the old tensors ran). The guard reads each such attribute of every walked module again per call and
+# compares its members by identity: a rebuilt container with the same members holds (an LSTM's rebuilt weight
+# list holds the same Parameters), one with other members is walked again (equal members of another identity keep
+# their graph: same digest). Tensors inside are constants guarded by identity and version (NOTE [Tensor constants
+# by identity in-process]); parameters and buffers of an aot_module are its inputs, named by position. A tuple of
+# plain values on an aot_module's module is compared by value in its settings and not guarded again. A dict
+# attribute is guarded by identity (ModuleState only counts the entries of an aot_module's dicts: its hook
+# registries); its entries are guarded as a container's members.
+
+# NOTE [Tensor constants by identity in-process]
+# The digest of a lenient walk names each tensor constant by content *and* identity. By content only, a constant
+# rebound to an equal copy (``self.masks = [m.clone()]``) kept the graph traced with the original, and a compiled
+# graph that reads the tensor object itself (the nop compiler's; a custom compiler's may) then followed later
+# in-place changes of the original, which the program no longer reads: a stale result. Another identity is another
+# digest: the graph of that tensor is traced again or found (a rebind back to the first tensor finds its graph),
+# and with a cache a trusted call fingerprint (by content) loads a saved graph instead of tracing.
 
 _values = operator.methodcaller("values")
 _chain = itertools.chain.from_iterable
@@ -81,7 +97,7 @@ class GuardRecorder:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[int, Any], tuple[Any, Any, Any]] = {}
-        self._slot_members: dict[tuple[int, Any], tuple[Any, Any, tuple]] = {}
+        self._slot_members: dict[tuple[int, Any], tuple[Any, Any, Any, tuple]] = {}
         self._attributes: dict[tuple[int, str], tuple[Any, str, Any]] = {}
         self._lengths: dict[int, Any] = {}
         self._contents: dict[int, Any] = {}
@@ -98,7 +114,7 @@ class GuardRecorder:
 
     def slot_members(self, holder: Mapping, key: Any, value: Any) -> None:
         """NOTE [Rebound list attributes]: whatever ``holder[key]`` holds must have ``value``'s members."""
-        self._slot_members.setdefault((id(holder), key), (holder, key, tuple(value)))
+        self._slot_members.setdefault((id(holder), key), (holder, key, value, tuple(value)))
 
     def cell(self, cell: Any) -> None:
         try:
@@ -138,8 +154,9 @@ class GuardRecorder:
         rebound = list(self._slot_members.values())
         return ProgramGuards(
             holders=[h for h, _, _ in slots], keys=[k for _, k, _ in slots], values=[v for _, _, v in slots],
-            member_holders=[h for h, _, _ in rebound], member_keys=[k for _, k, _ in rebound],
-            member_lengths=[len(m) for _, _, m in rebound], slot_members=list(_chain(m for _, _, m in rebound)),
+            member_holders=[h for h, _, _, _ in rebound], member_keys=[k for _, k, _, _ in rebound],
+            member_containers=[c for _, _, c, _ in rebound], member_lengths=[len(m) for _, _, _, m in rebound],
+            slot_members=list(_chain(m for _, _, _, m in rebound)),
             objects=[o for o, _, _ in attributes], names=[n for _, n, _ in attributes],
             attribute_values=[v for _, _, v in attributes],
             sized=sized, lengths=[len(s) for s in sized],
@@ -160,6 +177,7 @@ class ProgramGuards:
     values: list
     member_holders: list
     member_keys: list
+    member_containers: list  # the containers the walk saw there (put back between a capture's runs)
     member_lengths: list
     slot_members: list
     objects: list

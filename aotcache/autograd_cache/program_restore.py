@@ -54,7 +54,8 @@ class SavedProgramState:
                 self._restore_container(container, saved)
             except (AttributeError, TypeError, KeyError) as exc:  # a subclass refusing the write
                 return f"a {type(container).__name__} ({exc})"
-        for holder, key, value in zip(guards.holders, guards.keys, guards.values):
+        for holder, key, value in zip((*guards.holders, *guards.member_holders), (*guards.keys, *guards.member_keys),
+                                      (*guards.values, *guards.member_containers)):
             try:
                 self._set_entry(holder, key, value)
             except (AttributeError, TypeError) as exc:

@@ -511,7 +511,7 @@ class Reachable:
             digest = tensor_content_digest(value)
         except BypassAOTAutogradCache as exc:
             raise Untrusted(exc.reason) from None
-        # NOTE [Tensor constants by identity in-process]: the lenient walk's digest names the object too
+        # NOTE [Tensor constants by identity in-process] (program_guards.py): the in-process digest names it too
         where = f"@{id(value)}" if self._lenient else ""
         return f"tensor:{digest}:{value.requires_grad}{where}"
 
