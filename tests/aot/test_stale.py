@@ -1069,3 +1069,251 @@ def test_state_that_cannot_be_put_back_is_refused_and_a_read_only_object_is_put_
     for call in range(2, 4):
         torch.testing.assert_close(compiled(X), X * call)
         assert SETTING.value == call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensors held in containers: lists, tuples, dicts on modules, globals, class attributes (NOTE [Rebound list
+# attributes], NOTE [Tensor constants by identity in-process])
+# ----------------------------------------------------------------------------------------------------
+
+
+def _full(value: float) -> torch.Tensor:
+    return torch.full((4,), float(value))
+
+
+class HoldsMasks(nn.Module):
+    """Reads tensors from a list, a tuple, a dict, nested containers and a submodule's list (found: a rebound
+    list or tuple of tensors left the graph of the old tensors running)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.masks = [_full(1), _full(1)]
+        self.tup = (_full(1),)
+        self.table = {"a": _full(1)}
+        self.nested = {"l": [_full(1)]}
+        self.inner = InnerMasks()
+
+    def forward(self, x):
+        y = self.linear(x) * self.masks[0] + self.masks[1] + self.tup[0] + self.table["a"] + self.nested["l"][0]
+        return self.inner(y)
+
+
+class InnerMasks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.masks = [_full(1)]
+        self.tup = (_full(1),)
+
+    def forward(self, x):
+        return x * self.masks[0] + self.tup[0]
+
+
+CONTAINER_CHANGES = {
+    "list rebound": lambda m: setattr(m, "masks", [_full(2), _full(0)]),
+    "list item set": lambda m: m.masks.__setitem__(0, _full(3)),
+    "list member in place": lambda m: m.masks[0].mul_(2),
+    "tuple rebound": lambda m: setattr(m, "tup", (_full(9),)),
+    "tuple member in place": lambda m: m.tup[0].add_(1),
+    "dict rebound": lambda m: setattr(m, "table", {"a": _full(4)}),
+    "dict item set": lambda m: m.table.__setitem__("a", _full(6)),
+    "nested list rebound": lambda m: setattr(m, "nested", {"l": [_full(8)]}),
+    "nested list item set": lambda m: m.nested["l"].__setitem__(0, _full(7)),
+    "submodule list rebound": lambda m: setattr(m.inner, "masks", [_full(3)]),
+    "submodule tuple rebound": lambda m: setattr(m.inner, "tup", (_full(2),)),
+}
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+@pytest.mark.parametrize("change", list(CONTAINER_CHANGES))
+def test_tensor_in_a_container_attribute_changed_gives_eagers_result(change, wrap):
+    model = HoldsMasks()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    torch.testing.assert_close(compiled(X), model(X))
+    with torch.no_grad():
+        CONTAINER_CHANGES[change](model)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+def test_the_found_sequence_of_list_changes_gives_eagers_result_each_time():
+    """The repro as found: rebound, an item set, a member changed in place, one after the other."""
+    model = HoldsMasks()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks = [_full(2), _full(0)]
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks[0] = _full(3)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks[0].mul_(2)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 4
+
+
+def test_unchanged_or_rebuilt_tensor_list_keeps_its_graph_without_walking_again():
+    """The other direction: calls with the containers untouched check the guards only, and so do calls after a
+    list or tuple rebuilt with the same tensors (as nn.LSTM rebuilds its weight list): members by identity."""
+    model = HoldsMasks()
+    compiled = compiled_module(model)
+    for _ in range(4):
+        torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+    model.masks = list(model.masks)
+    model.tup = (*model.tup,)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+
+
+def test_tensor_rebound_to_an_equal_copy_does_not_keep_a_graph_reading_the_old_tensor():
+    """NOTE [Tensor constants by identity in-process]: by content alone the copy selected the first graph, which
+    (nop) reads the first tensor object; changing that one (no longer the model's) changed the result."""
+    model = HoldsMasks()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    old = model.masks
+    model.masks = [tensor.clone() for tensor in old]
+    torch.testing.assert_close(compiled(X), model(X))
+    with torch.no_grad():
+        old[0].mul_(5)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks = old  # back to the first tensors, as they are now: their graph (version changed: traced again)
+    torch.testing.assert_close(compiled(X), model(X))
+
+
+def test_tensor_rebound_to_an_equal_copy_loads_its_graph_from_the_cache():
+    """Another identity is another in-process digest, but the same call fingerprint (by content): the graph is
+    loaded, not compiled again, and it holds its own constants (the old tensor changed later is not read)."""
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store.factory import open_tiers
+
+    cache = AOTAutogradCache(open_tiers("memory", namespace="aot"), journal=False)
+    model = HoldsMasks()
+    compiled = aotcache.aot_module(model, "nop", cache=cache)
+    torch.testing.assert_close(compiled(X), model(X))
+    old = model.masks
+    model.masks = [tensor.clone() for tensor in old]
+    torch.testing.assert_close(compiled(X), model(X))
+    assert cache.counters["fingerprint_hit"] == 1
+    with torch.no_grad():
+        old[0].mul_(5)
+    torch.testing.assert_close(compiled(X), model(X))
+
+
+MASKS = [_full(1)]
+MASK_TUPLE = (_full(1),)
+
+
+class ReadsGlobalMasks(nn.Module):
+    CLASS_MASKS = [_full(1)]
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * MASKS[0] + MASK_TUPLE[0] + ReadsGlobalMasks.CLASS_MASKS[0]
+
+
+def _closure_masks():
+    masks = [_full(1)]
+
+    def masked_by_closure(x):
+        return x * masks[0]
+
+    return masked_by_closure, masks
+
+
+@pytest.mark.parametrize("change", ["global list rebound", "global list item set", "global tuple rebound",
+                                    "global tuple member in place", "class list rebound", "class list item set"])
+def test_tensor_in_a_global_or_class_container_changed_gives_eagers_result(change, monkeypatch):
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "MASKS", [_full(1)])
+    monkeypatch.setattr(module, "MASK_TUPLE", (_full(1),))
+    monkeypatch.setattr(ReadsGlobalMasks, "CLASS_MASKS", [_full(1)])
+    model = ReadsGlobalMasks()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), model(X))
+    with torch.no_grad():
+        if change == "global list rebound":
+            monkeypatch.setattr(module, "MASKS", [_full(3)])
+        elif change == "global list item set":
+            MASKS[0] = _full(4)
+        elif change == "global tuple rebound":
+            monkeypatch.setattr(module, "MASK_TUPLE", (_full(5),))
+        elif change == "global tuple member in place":
+            MASK_TUPLE[0].add_(1)
+        elif change == "class list rebound":
+            monkeypatch.setattr(ReadsGlobalMasks, "CLASS_MASKS", [_full(6)])
+        else:
+            ReadsGlobalMasks.CLASS_MASKS[0] = _full(7)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+def test_tensor_in_a_closure_list_changed_gives_eagers_result():
+    fn, masks = _closure_masks()
+    compiled = compiled_function(fn)
+    torch.testing.assert_close(compiled(X), fn(X))
+    masks[0] = _full(3)
+    torch.testing.assert_close(compiled(X), fn(X))
+    with torch.no_grad():
+        masks[0].mul_(2)
+    torch.testing.assert_close(compiled(X), fn(X))
+    assert compiled.num_compiles == 3
+
+
+def test_torch_compile_with_the_aotcache_backend_sees_container_changes():
+    """Dynamo guards the containers itself: each change gives eager's result through the backend too."""
+    model = HoldsMasks()
+    compiled = torch.compile(model, backend="aotcache")
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks = [_full(2), _full(0)]
+    torch.testing.assert_close(compiled(X), model(X))
+    model.masks[0] = _full(3)
+    torch.testing.assert_close(compiled(X), model(X))
+    with torch.no_grad():
+        model.masks[0].mul_(2)
+        model.tup[0].add_(1)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.tup = (_full(9),)
+    torch.testing.assert_close(compiled(X), model(X))
+
+
+LIST_VALUES_SCRIPT = """
+import json, sys, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+class HoldsMasks(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.masks = [torch.full((4,), value), torch.ones(4)]
+
+    def forward(self, x):
+        return self.linear(x) * self.masks[0] + self.masks[1]
+
+torch.manual_seed(0)
+model = HoldsMasks(float(sys.argv[2]))
+x = torch.ones(2, 4)
+with torch.no_grad():
+    out = aotcache.aot_module(model, "nop")(x)
+    print(json.dumps({"same": torch.equal(out, model(x)), **default_cache().counters}))
+"""
+
+
+def test_processes_with_other_list_tensor_values_each_get_their_eager_result(tmp_path):
+    """The call fingerprint hashes tensor constants in containers by content: a warm start with other list
+    values misses (and gives its eager result), the same values hit."""
+    def run(value):
+        path = tmp_path / "masks.py"
+        path.write_text(LIST_VALUES_SCRIPT)
+        code = f"import runpy, sys; sys.argv = ['masks', '', {value!r}]; runpy.run_path({str(path)!r})"
+        return json.loads(run_python(code, env={"PYTHONDONTWRITEBYTECODE": "1"}).stdout.strip().splitlines()[-1])
+
+    first, other, again = run("2.0"), run("3.0"), run("2.0")
+    assert first["same"] and other["same"] and again["same"]
+    assert other.get("fingerprint_hit", 0) == 0 and again["fingerprint_hit"] == 1
