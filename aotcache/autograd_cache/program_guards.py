@@ -69,9 +69,9 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # adapter's graph ran), and ``self.masks = [t1, t2]`` or ``self.tup = (t,)`` rebound to other tensors (the graph
 # baked with the old tensors ran). The guard reads each such attribute of every walked module again per call and
 # compares its members by identity: a rebuilt container with the same members holds (an LSTM's rebuilt weight
-# list holds the same Parameters), one with other members is walked again (equal members of another identity keep
-# their graph: same digest). Tensors inside are constants guarded by identity and version (NOTE [Tensor constants
-# by identity in-process]); parameters and buffers of an aot_module are its inputs, named by position. A tuple of
+# list holds the same Parameters), one with other members is walked again (equal plain values keep their graph:
+# same digest). Tensors inside are constants guarded by identity and version (NOTE [Tensor constants by identity
+# in-process]); parameters and buffers of an aot_module are its inputs, named by position. A tuple of
 # plain values on an aot_module's module is compared by value in its settings and not guarded again. A dict
 # attribute is guarded by identity (ModuleState only counts the entries of an aot_module's dicts: its hook
 # registries); its entries are guarded as a container's members.
