@@ -1092,11 +1092,19 @@ class HoldsMasks(nn.Module):
         self.tup = (_full(1),)
         self.table = {"a": _full(1)}
         self.nested = {"l": [_full(1)]}
+        self.holder = MaskHolder()
         self.inner = InnerMasks()
 
     def forward(self, x):
         y = self.linear(x) * self.masks[0] + self.masks[1] + self.tup[0] + self.table["a"] + self.nested["l"][0]
-        return self.inner(y)
+        return self.inner(y * self.holder.masks[0])
+
+
+class MaskHolder:
+    """A plain object holding a list of tensors (a config-like holder)."""
+
+    def __init__(self):
+        self.masks = [_full(1)]
 
 
 class InnerMasks(nn.Module):
@@ -1121,6 +1129,8 @@ CONTAINER_CHANGES = {
     "nested list item set": lambda m: m.nested["l"].__setitem__(0, _full(7)),
     "submodule list rebound": lambda m: setattr(m.inner, "masks", [_full(3)]),
     "submodule tuple rebound": lambda m: setattr(m.inner, "tup", (_full(2),)),
+    "plain object's list rebound": lambda m: setattr(m.holder, "masks", [_full(5)]),
+    "plain object's list member in place": lambda m: m.holder.masks[0].add_(2),
 }
 
 
