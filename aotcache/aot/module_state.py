@@ -3,6 +3,7 @@ capture, which puts the attributes back as they were (NOTE [Tensors stored on mo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -26,8 +27,8 @@ __all__ = ["refuse_tensors_stored_on_modules"]
 # fallback (``aotcache.compile``: the Dynamo way, which replays the assignment with real tensors at every call).
 # Only attributes that end up holding a trace tensor count: state set to a plain value (a counter,
 # ``config.problem_type``) is NOTE [State changed by the call]; parameters and buffers are the graph's own
-# inputs. Attributes are compared by identity, and lists, tuples and dicts (to a small depth) are searched,
-# so ``self.pyramid.append(t)`` on an existing list is found and undone too.
+# inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
+# so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
@@ -42,7 +43,7 @@ def _trace_tensor(value: Any, depth: int = 0) -> bool:
         return is_fake(value) or torch._is_functional_tensor(value)
     if depth >= _DEPTH:
         return False
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, collections.deque)):
         return any(_trace_tensor(item, depth + 1) for item in value)
     if isinstance(value, dict):
         return any(_trace_tensor(item, depth + 1) for item in value.values())
@@ -51,7 +52,7 @@ def _trace_tensor(value: Any, depth: int = 0) -> bool:
 
 def _contents(value: Any) -> Any:
     """A shallow copy of a mutable container's contents (to undo ``append`` / item assignment), else None."""
-    if isinstance(value, list):
+    if isinstance(value, (list, collections.deque)):
         return list(value)
     if isinstance(value, dict):
         return dict(value)
@@ -69,7 +70,7 @@ def _unchanged(value: Any, saved: tuple[Any, Any] | None) -> bool:
     if saved is None or saved[0] is not value:
         return False
     contents, before = _contents(value), saved[1]
-    if isinstance(value, list):
+    if isinstance(value, (list, collections.deque)):
         return len(contents) == len(before) and all(a is b for a, b in zip(contents, before))
     if isinstance(value, dict):
         return contents.keys() == before.keys() and all(contents[k] is before[k] for k in contents)
@@ -84,6 +85,9 @@ def _put_back(sub: nn.Module, name: str, saved: dict[str, tuple[Any, Any]]) -> N
     sub.__dict__[name] = value
     if isinstance(value, list):
         value[:] = contents
+    elif isinstance(value, collections.deque):
+        value.clear()
+        value.extend(contents)
     elif isinstance(value, dict):
         value.clear()
         value.update(contents)

@@ -9,6 +9,7 @@ starts from the state of the call (NOTE [State changed by a capture] in ``aot/ca
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from types import MappingProxyType
@@ -21,13 +22,13 @@ __all__ = ["SavedProgramState"]
 
 _MISSING = object()
 # containers restored in place, subclasses included, with their saved members (others: see ``restore``)
-_RESTORABLE = (dict, list, set, MappingProxyType)
+_RESTORABLE = (dict, list, set, MappingProxyType, collections.deque)
 
 
 def _saved_copy(container: Any) -> Any:
     if isinstance(container, (dict, MappingProxyType)):
         return dict(container)
-    if isinstance(container, list):
+    if isinstance(container, (list, collections.deque)):
         return list(container)
     if isinstance(container, set):
         return set(container)
@@ -95,6 +96,10 @@ class SavedProgramState:
             restore_mapping(container, saved)
         elif isinstance(container, list):
             restore_list(container, saved)
+        elif isinstance(container, collections.deque):
+            if len(container) != len(saved) or any(a is not b for a, b in zip(container, saved)):
+                container.clear()
+                container.extend(saved)
         else:  # a set
             restore_set(container, saved)
 

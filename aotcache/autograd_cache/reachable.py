@@ -342,7 +342,7 @@ class Reachable:
             return self._tensor_token(value)
         if isinstance(value, enum.Enum):
             return f"enum:{self.type_ref(type(value))}.{value.name}"
-        if isinstance(value, (tuple, list, dict, set, frozenset, slice)):
+        if isinstance(value, (tuple, list, dict, set, frozenset, slice, collections.deque)):
             return self._container_token(value)
         if isinstance(value, type):
             token = self.type_ref(value)
@@ -484,6 +484,8 @@ class Reachable:
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
                 return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
+            if isinstance(value, collections.deque):  # its bound decides what an append drops
+                kind = f"{kind}[maxlen={value.maxlen}]"
             return f"{kind}({','.join(self.ref(v) for v in value)})"
         finally:
             self._active_containers.pop()

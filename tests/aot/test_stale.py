@@ -9,6 +9,7 @@ the compiled graph. The nop compiler throughout, plus one Inductor case (slow).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -1093,11 +1094,12 @@ class HoldsMasks(nn.Module):
         self.table = {"a": _full(1)}
         self.nested = {"l": [_full(1)]}
         self.holder = MaskHolder()
+        self.frames = collections.deque([_full(1)], maxlen=4)
         self.inner = InnerMasks()
 
     def forward(self, x):
         y = self.linear(x) * self.masks[0] + self.masks[1] + self.tup[0] + self.table["a"] + self.nested["l"][0]
-        return self.inner(y * self.holder.masks[0])
+        return self.inner(y * self.holder.masks[0] - self.frames[0])
 
 
 class MaskHolder:
@@ -1131,6 +1133,9 @@ CONTAINER_CHANGES = {
     "submodule tuple rebound": lambda m: setattr(m.inner, "tup", (_full(2),)),
     "plain object's list rebound": lambda m: setattr(m.holder, "masks", [_full(5)]),
     "plain object's list member in place": lambda m: m.holder.masks[0].add_(2),
+    "deque item set": lambda m: m.frames.__setitem__(0, _full(2)),
+    "deque appendleft": lambda m: m.frames.appendleft(_full(3)),
+    "deque member in place": lambda m: m.frames[0].add_(4),
 }
 
 
@@ -1146,6 +1151,18 @@ def test_tensor_in_a_container_attribute_changed_gives_eagers_result(change, wra
     for _ in range(2):
         torch.testing.assert_close(compiled(X), model(X))
     assert compiled.compiled.num_compiles == 2
+
+
+def test_a_deque_of_tensors_is_fingerprinted_by_content_and_bound():
+    """A deque is a container like a list (was: an opaque object, guarded by identity only, so its items changed
+    in-process went unseen and the fingerprint was untrusted); its ``maxlen`` is part of the token."""
+    model = HoldsMasks()
+    first = code_fingerprint(model)
+    assert first.trusted
+    model.frames = collections.deque([_full(1)], maxlen=5)
+    assert code_fingerprint(model).digest != first.digest
+    model.frames = collections.deque([_full(1)], maxlen=4)
+    assert code_fingerprint(model).digest == first.digest
 
 
 def test_the_found_sequence_of_list_changes_gives_eagers_result_each_time():
