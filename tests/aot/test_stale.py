@@ -1280,6 +1280,28 @@ def test_tensor_in_a_global_or_class_container_changed_gives_eagers_result(chang
     assert compiled.compiled.num_compiles == 2
 
 
+MASKED_MODULE = InnerMasks()
+
+
+def calls_a_module_global(x):
+    return MASKED_MODULE(x) * 2
+
+
+def test_tensor_list_of_a_module_an_aot_function_calls_rebound_gives_eagers_result():
+    """A module outside aot_module's tree (a global the function calls): its list attribute of tensors rebound
+    was unseen (only lists without tensors were read again)."""
+    MASKED_MODULE.masks = [_full(1)]
+    compiled = compiled_function(calls_a_module_global)
+    torch.testing.assert_close(compiled(X), calls_a_module_global(X))
+    MASKED_MODULE.masks = [_full(3)]
+    torch.testing.assert_close(compiled(X), calls_a_module_global(X))
+    MASKED_MODULE.tup = (_full(4),)
+    torch.testing.assert_close(compiled(X), calls_a_module_global(X))
+    for _ in range(2):
+        compiled(X)
+    assert compiled.num_compiles == 3 and compiled.num_program_walks == 3
+
+
 def test_tensor_in_a_closure_list_changed_gives_eagers_result():
     fn, masks = _closure_masks()
     compiled = compiled_function(fn)
