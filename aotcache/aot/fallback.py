@@ -171,7 +171,7 @@ def _raises(on_capture_error: str) -> bool:
 
 def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, owner: Any) -> Callable:
     """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options, services and cache."""
-    from aotcache.aot.api import compile_dynamo_graph
+    from aotcache.aot.dynamo_graph import compile_dynamo_graph
 
     try:
         return compile_dynamo_graph(gm, example_inputs, owner.options, services=owner.services, cache=owner.cache)
