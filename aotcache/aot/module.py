@@ -178,7 +178,8 @@ class AOTModule(nn.Module):
             return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
-                return self.orig_module(*args, **kwargs)
+                with self._gate.running():  # NOTE [Eager runs beside a capture]
+                    return self.orig_module(*args, **kwargs)
             self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
@@ -291,7 +292,8 @@ class AOTModule(nn.Module):
 
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._forward_routed():
+            # the method's own code runs eagerly: held beside captures (NOTE [Eager runs beside a capture])
+            with self._forward_routed(), self._gate.running():
                 return method(*args, **kwargs)
 
         return call
@@ -341,7 +343,8 @@ class AOTModule(nn.Module):
                 return original(*args, **kwargs)
             inside.depth = 1
             try:
-                return self.forward(*args, **kwargs)
+                with self._gate.paused():  # the compiled call may capture: NOTE [Eager runs beside a capture]
+                    return self.forward(*args, **kwargs)
             finally:
                 inside.depth = 0
 
