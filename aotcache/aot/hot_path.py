@@ -2,7 +2,7 @@
 
 NOTE [Hot path]
 Every call of an ``aot_function`` must find the compiled runtime of its signature (NOTE [Signature] in
-``api.py``). Building that signature (a tuple per argument, a pytree spec, a storage-sharing map) and hashing
+``signature.py``). Building that signature (a tuple per argument, a pytree spec, a storage-sharing map) and hashing
 it costs ~100 us for a module with 20 tensors, about a tenth of a small training step. The hot path keeps,
 per argument structure, the signatures already seen as :class:`HotSignature` records and compares the
 arguments with them field by field: the same fields as the signature, so a match selects exactly the runtime

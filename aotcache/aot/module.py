@@ -1,4 +1,4 @@
-"""``AOTModule``: the drop-in ``nn.Module`` wrapper that :func:`~aotcache.aot.api.aot_module` returns.
+"""``AOTModule``: the drop-in ``nn.Module`` wrapper that :func:`~aotcache.api.aot_module` returns.
 
 The wrapper's forward runs the wrapped module through an :class:`~aotcache.aot.api.AOTFunction`; everything
 else behaves as the wrapped module does, so ``aot_module(model)`` can replace ``model`` in a real job:
@@ -35,24 +35,91 @@ import functools
 import logging
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
+from aotcache.aot.api import AOTFunction
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
+from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
+from aotcache.aot.module_state import refuse_tensors_stored_on_modules
+from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks
 from aotcache.aot.services import CompileServices
-from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]
 
 _ORIG = "orig_module"
 _PREFIX = _ORIG + "."
+
+
+def _functional_module_call(module: nn.Module) -> Callable:
+    """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
+    paths: dict[tuple, dict[str, str] | None] = {}
+    gate = swap_gate(module)
+
+    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        tensors = {**params, **buffers}
+        names = tuple(tensors)
+        if names not in paths:
+            paths[names] = _paths_through_wrappers(module, names)
+        renamed = paths[names]
+        if renamed is not None:  # NOTE [Wrappers inside a captured module]
+            tensors = {renamed[name]: value for name, value in tensors.items()}
+        refuse_module_backward_hooks(module)
+        refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
+        # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
+            return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+
+    return call
+
+
+def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str, str] | None:
+    """NOTE [Wrappers inside a captured module]
+    A compiled wrapper (``AOTModule``: ``aot_module`` / ``aotcache.compile``) used as a submodule names its
+    tensors as the wrapped module does (``inner.weight``, no ``orig_module.``), but ``functional_call`` swaps
+    tensors on the module it reaches by that path: the wrapper, which holds no ``weight`` of its own. The swap
+    then failed, or wrote beside the real parameter. So each name is mapped to the path that reaches the tensor's
+    owner (``inner.orig_module.weight``); None when no name passes through a wrapper (the usual case).
+    """
+    renamed: dict[str, str] = {}
+    changed = False
+    for name in names:
+        parts, owner, real = name.split("."), module, []
+        for part in parts[:-1]:
+            owner = getattr(owner, part, None)
+            real.append(part)
+            while getattr(type(owner), "wraps_orig_module", False):
+                owner = owner.orig_module
+                real.append("orig_module")
+                changed = True
+        renamed[name] = ".".join([*real, parts[-1]])
+    return renamed if changed else None
+
+
+@contextlib.contextmanager
+def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
+    """NOTE [RNN weight lists after a capture] ``nn.RNNBase`` (LSTM, GRU, RNN) keeps its weights in a second
+    place, the ``_flat_weights`` list (and weak references to them), which its forward rebuilds from the
+    attributes when they changed. Swapping traced tensors in for the capture therefore left the list holding
+    the capture's FunctionalTensors after the real parameters came back: dead trace tensors kept alive by the
+    user's model, and an untrusted fingerprint for every later call ("tensor constant subclass"). The capture
+    leaves the lists as it found them."""
+    saved = [(rnn, rnn.__dict__.get("_flat_weights"), rnn.__dict__.get("_flat_weight_refs"))
+             for rnn in module.modules() if isinstance(rnn, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for rnn, weights, refs in saved:
+            rnn.__dict__["_flat_weights"] = weights
+            rnn.__dict__["_flat_weight_refs"] = refs
+
 
 
 class AOTModule(nn.Module):
@@ -63,7 +130,7 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in api.py: paths pass through orig_module
+    wraps_orig_module = True  # NOTE [Wrappers inside a captured module]: paths pass through orig_module
     # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
     fingerprint_skips = frozenset({"compiled", "_state", "_gate", "_lazy", "_routing_lock", "_routing_count", "forward",
                                    "router", "_backend"})
@@ -111,7 +178,8 @@ class AOTModule(nn.Module):
             return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
-                return self.orig_module(*args, **kwargs)
+                with self._gate.running():  # NOTE [Eager runs beside a capture]
+                    return self.orig_module(*args, **kwargs)
             self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
@@ -224,7 +292,8 @@ class AOTModule(nn.Module):
 
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._forward_routed():
+            # the method's own code runs eagerly: held beside captures (NOTE [Eager runs beside a capture])
+            with self._forward_routed(), self._gate.running():
                 return method(*args, **kwargs)
 
         return call
@@ -274,7 +343,8 @@ class AOTModule(nn.Module):
                 return original(*args, **kwargs)
             inside.depth = 1
             try:
-                return self.forward(*args, **kwargs)
+                with self._gate.paused():  # the compiled call may capture: NOTE [Eager runs beside a capture]
+                    return self.forward(*args, **kwargs)
             finally:
                 inside.depth = 0
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from aotcache.aot.api import AOTOptions, compile_captured, compile_function
+from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function
 from aotcache.aot.capture import capture
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
@@ -150,7 +150,7 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                             options: AOTOptions, *, input_is_leaf: Sequence[bool] | None = None,
                             name: str = "function", memo: dict[str, Any] | None = None,
                             on_key: Callable[[CacheKey], None] | None = None) -> CompiledRuntime:
-    """:func:`~aotcache.aot.api.compile_function` through ``cache`` (see the module NOTEs).
+    """:func:`~aotcache.aot.compile_step.compile_function` through ``cache`` (see the module NOTEs).
 
     ``on_key(key)`` receives the full key once computed (see :meth:`AOTAutogradCache.load_or_compile`).
 
