@@ -169,6 +169,49 @@ def test_graph_specialized_while_compiling_is_stored_with_its_guards_over_input_
     assert not any("s7" in guard or "s2" in guard for guard in guards)
 
 
+# Trains RowSums through the backend with the specializing compiler at the batch sizes in argv[1]; outputs and
+# gradients are checked against eager inside; prints the cache counters and how many graphs Dynamo compiled.
+SPECIALIZED_IN_FRESH_PROCESS = """
+import json, sys, torch
+from aotcache.aot import aot_module_simplified
+from aotcache.autograd_cache.cache import default_cache
+from tests.autograd_cache.test_backend import RowSums, _train_rows, specializing_compiler
+
+frames = []
+
+def backend(gm, example_inputs):
+    frames.append(1)
+    return aot_module_simplified(gm, example_inputs, specializing_compiler)
+
+compiled_model, eager_model = RowSums(), RowSums()
+compiled = torch.compile(compiled_model, backend=backend, dynamic=True)
+_train_rows(compiled, compiled_model, eager_model, json.loads(sys.argv[1]))
+print(json.dumps({**default_cache().stats(), "frames": len(frames)}))
+"""
+
+
+def _specialized_run(sizes):
+    code = f"import sys; sys.argv = ['run', {json.dumps(sizes)!r}]\n" + SPECIALIZED_IN_FRESH_PROCESS
+    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
+
+
+def test_specialized_graphs_start_warm_and_their_guards_hold_dynamo_to_their_sizes():
+    """Shaped as found (docs/aot.md, maskrcnn): graphs whose compile specialized a symbolic size were compiled
+    again in every process. A warm process loads them where their guards hold, with no compile; on a hit the
+    guards go to Dynamo's ShapeEnv, so the next size is a new frame (without them Dynamo would run the graph
+    baked for 6 rows at 9: a shape error in the backward); a size no entry's guards admit compiles, equal to eager.
+    """
+    cold = _specialized_run([6, 9])
+    assert cold["compile"] == cold["saved"] == cold["frames"] == 2 and cold["bypass"] == 0
+    warm = _specialized_run([6, 9, 6, 13])
+    assert warm["frames"] == 3  # 6, 9, 13: Dynamo reused the frame of 6 for the second 6, no other
+    assert warm["hit"] == 2 and warm["guard_miss"] == 1 and warm["compile"] == 1 and warm["saved"] == 1
+    assert warm["load_error"] == 0 and warm["bypass"] == 0
+    again = _specialized_run([17, 13, 6])  # entries of 6, 9, 13 coexist under the one symbolic key
+    assert again["frames"] == 3 and again["guard_miss"] == 1 and again["compile"] == 1 and again["hit"] == 2
+    assert again["load_error"] == 0 and again["bypass"] == 0
+
+
 def test_options_are_validated():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown options"):
