@@ -300,18 +300,20 @@ def input_symbols(inputs: Sequence[Any]) -> set[Any]:
     return _symbols_of(inputs)
 
 
-def added_guards_expression(inputs: Sequence[Any], shape_env: Any, added: Sequence[Any],
-                            symbols: set[Any]) -> str | None:
-    """The guards ``added`` to ``shape_env`` while compiling a graph over ``inputs``, as an expression over
-    input positions (NOTE [Guards added while compiling a Dynamo graph] in pipeline.py); None when none were.
+def added_guards_expression(inputs: Sequence[Any], shape_env: Any, symbols: set[Any], since: int) -> str | None:
+    """The guards added to ``shape_env`` while compiling a graph over ``inputs`` (those from index ``since`` on),
+    as an expression over input positions (NOTE [Guards added while compiling a Dynamo graph] in pipeline.py);
+    None when none were added.
 
-    ``symbols`` are the inputs' free symbols read before the compile (:func:`input_symbols`). The expression
-    holds the added guards plus what the ShapeEnv knows of every symbolic input (its sizes, strides and
-    offset, specialized or related to other inputs, and their ranges), so it is never weaker than the guards.
+    ``symbols`` are the inputs' free symbols read before the compile (:func:`input_symbols`). As torch's FX graph
+    cache does, the expression also holds the guards the ShapeEnv had before over these symbols only (the
+    compile could rely on them), and what it knows of every symbolic input (sizes, strides and offset,
+    specialized or related to other inputs, their ranges): never weaker than the added guards.
 
-    :raises GuardExpressionError: a guard over a symbol that is no input's (it cannot be checked by position),
-        or torch's printer failed or printed something outside the grammar.
+    :raises GuardExpressionError: an added guard over a symbol that is no input's (it cannot be checked by
+        position), or torch's printer failed or printed something outside the grammar.
     """
+    added = list(shape_env.guards[since:])
     if not added:
         return None
     for guard in added:
@@ -319,9 +321,10 @@ def added_guards_expression(inputs: Sequence[Any], shape_env: Any, added: Sequen
         if foreign:
             raise GuardExpressionError(f"guard {guard.expr} is over {sorted(map(str, foreign))}, which no graph "
                                        "input holds")
+    prior = [guard for guard in shape_env.guards[:since] if set(guard.expr.free_symbols) <= symbols]
     placeholders = [value if _is_symbolic(value) else None for value in inputs]
     try:
-        expression = shape_env.produce_guards_expression(placeholders, guards=list(added), ignore_static=False)
+        expression = shape_env.produce_guards_expression(placeholders, guards=prior + added, ignore_static=False)
     except Exception as exc:  # torch's guard printer raises assorted errors; the caller bypasses the cache
         raise GuardExpressionError(f"cannot express the added shape guards: {type(exc).__name__}: {exc}") from exc
     if expression is None:  # guards were added, so an empty expression would lose them

@@ -283,7 +283,8 @@ def _added_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | 
     specializations among them (``Eq(s53, 12)``: Inductor lowering a transposed convolution). Dynamo installs
     them for this frame; the compiled code is valid only where they hold. The entry is stored under the
     symbolic graph's key with those guards written over input positions (``L['t3'].size()[0] == 12``, never
-    the ShapeEnv's symbol names, which differ between frames and processes: ``added_guards_expression``), and
+    the ShapeEnv's symbol names, which differ between frames and processes: ``added_guards_expression``; with
+    them, as torch's FX graph cache does, the guards the ShapeEnv already held over these inputs), and
     the key's slots hold one entry per guard set, as for ``aot_function`` (NOTE [slots] in cache.py). A
     lookup checks each entry's guards against the graph inputs' size hints (``hinted_inputs``: concrete values,
     so the check adds nothing to the ShapeEnv); an entry whose guards fail is never loaded (``guard_miss``:
@@ -297,14 +298,13 @@ def _added_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | 
     """
     if shape_env is None or len(shape_env.guards) <= guards_before:
         return None, None
-    added = shape_env.guards[guards_before:]
     if symbolic is None:
         return None, "compile added shape guards"
     try:
-        return added_guards_expression(symbolic, shape_env, added, symbols), None
+        return added_guards_expression(symbolic, shape_env, symbols, guards_before), None
     except GuardExpressionError as exc:
         logger.debug("aotcache: compiling a Dynamo graph added shape guards (first %s) that cannot be stored: %s",
-                     added[0].expr, exc)
+                     shape_env.guards[guards_before].expr, exc)
         return None, "compile added shape guards"
 
 

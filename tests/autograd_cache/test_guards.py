@@ -181,16 +181,20 @@ def _fake_inputs(*tensors):
 
 
 def test_added_guards_are_written_by_input_position_and_cover_a_specialization():
-    (x, y), shape_env = _fake_inputs(torch.randn(6, 4), torch.randn(10))
+    (x, y, other), shape_env = _fake_inputs(torch.randn(6, 4), torch.randn(10), torch.randn(3))
     symbols = input_symbols([x, y])
+    assert bool(x.shape[1] * 2 < y.shape[0])  # held before the compile, over the inputs: kept
+    assert bool(other.shape[0] < 5)  # held before, over a symbol no input has: left out
     before = len(shape_env.guards)
     assert int(x.shape[0]) == 6  # what Inductor does for some lowerings: Eq(s, 6), a replacement
-    expression = added_guards_expression([x, y], shape_env, shape_env.guards[before:], symbols)
+    expression = added_guards_expression([x, y], shape_env, symbols, before)
     assert "L['t0'].size()[0] == 6" in expression
     assert not re.search(r"\bs\d+", expression)  # no ShapeEnv symbol names: they differ between processes
-    assert evaluate_guards(expression, [torch.randn(6, 9), torch.randn(10)])
-    assert not evaluate_guards(expression, [torch.randn(7, 4), torch.randn(10)])
-    assert added_guards_expression([x, y], shape_env, [], symbols) is None
+    assert evaluate_guards(expression, [torch.randn(6, 4), torch.randn(10)])
+    assert evaluate_guards(expression, [torch.randn(6, 3), torch.randn(7)])
+    assert not evaluate_guards(expression, [torch.randn(7, 4), torch.randn(10)])  # the specialization
+    assert not evaluate_guards(expression, [torch.randn(6, 6), torch.randn(10)])  # the earlier guard
+    assert added_guards_expression([x, y], shape_env, symbols, len(shape_env.guards)) is None
 
 
 def test_a_guard_over_a_symbol_no_input_holds_cannot_be_written():
@@ -199,7 +203,7 @@ def test_a_guard_over_a_symbol_no_input_holds_cannot_be_written():
     before = len(shape_env.guards)
     assert bool(other.shape[0] > 3)  # a guard over another graph's symbol in the shared ShapeEnv
     with pytest.raises(GuardExpressionError, match="no graph input holds"):
-        added_guards_expression([x], shape_env, shape_env.guards[before:], symbols)
+        added_guards_expression([x], shape_env, symbols, before)
 
 
 def test_hinted_inputs_check_guards_without_adding_any_and_symbolic_inputs_add_them():
