@@ -482,7 +482,8 @@ class AOTAutogradCache:
             return self.record_hit(result)
 
         def saved_meanwhile() -> LoadResult | None:
-            found = self.try_load(key, flat_args, guard_inputs=guard_inputs, count_store_errors=False)  # the first try_load counted them
+            # count_store_errors=False: the first try_load counted them
+            found = self.try_load(key, flat_args, guard_inputs=guard_inputs, count_store_errors=False)
             return found if found.hit else None
 
         # NOTE [waiters probe, they do not queue] in singleflight.py: a waiter loads the entry as soon as the
