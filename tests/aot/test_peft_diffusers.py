@@ -119,6 +119,22 @@ def test_an_int_timestep_changing_every_step_compiles_one_dynamic_graph_and_matc
     assert resolve_cache(True).counters["compile"] == 2
 
 
+def test_a_tensor_timestep_taken_from_the_schedule_compiles_one_graph_and_matches_eager():
+    # NOTE [Storage offsets are not part of the signature], [Misaligned inputs]: ``scheduler.timesteps[i]`` (int64)
+    # is 16-byte aligned at every other step, and alignment in the signature made the loop use two graphs
+    # (torch.compile: one)
+    torch.manual_seed(0)
+    model = TimestepEmbedding()
+    compiled = aotcache.compile(model, compiler="nop")
+    sample = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.arange(900, -1, -200)  # as DDPMScheduler.set_timesteps(5) leaves them
+    with torch.no_grad():
+        for i in range(len(timesteps)):
+            assert torch.equal(compiled(sample, timesteps[i]), model(sample, timesteps[i])), i
+    assert compiled.compiled.num_compiles == 1
+    assert resolve_cache(True).counters["compile"] == 1
+
+
 class AdapterLayer(nn.Module):
     """peft's LoRA layer in small: frozen adapters, the active ones named by a list attribute."""
 
