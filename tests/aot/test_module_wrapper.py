@@ -131,7 +131,9 @@ def test_custom_methods_run_the_compiled_forward():
     assert counting.runs == 2  # the eager model itself is untouched
 
 
-def test_methods_of_a_module_with_its_own_hooks_run_eagerly_with_a_warning(caplog):
+def test_methods_of_a_module_with_its_own_hooks_run_its_forward_eagerly_with_a_warning(caplog):
+    """The hook runs once, around the module's own forward, which runs as written; the submodules it calls are
+    compiled units (NOTE [Methods that call a submodule's forward])."""
     counting = Counting()
     model = Net().eval()
     model.register_forward_hook(lambda module, args, out: out + 1)
@@ -139,7 +141,10 @@ def test_methods_of_a_module_with_its_own_hooks_run_eagerly_with_a_warning(caplo
     x = torch.randn(3, 4)
     with caplog.at_level(logging.WARNING, logger="aotcache"):
         torch.testing.assert_close(wrapped.twice(x), model.twice(x))
-    assert counting.runs == 0 and "register the hooks on the aot_module wrapper" in caplog.text
+    assert wrapped.compiled.num_compiles == 0 and "register the hooks on the aot_module wrapper" in caplog.text
+    assert sorted(type(unit.orig_module).__name__ for unit in wrapped._units.values()) == ["BatchNorm1d", "Linear"]
+    assert counting.runs == 4  # fc and bn, in each of the two forwards
+    assert all("forward" not in module.__dict__ for module in model.modules())
 
 
 def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
