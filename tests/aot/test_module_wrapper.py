@@ -3,6 +3,7 @@ train / eval / to, and methods such as transformers' generate running the compil
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
@@ -158,6 +159,50 @@ def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
     assert torch.equal(got, expected)
     assert counting.runs == 3  # one compiled forward per new token
     assert wrapped.compiled.num_compiles == 3  # static shapes: one per length
+
+
+class EncoderDecoder(nn.Module):
+    """A module whose methods call its submodules' forwards, not its own (NOTE [Methods that call a submodule's
+    forward])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.decoder = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+    def reconstruct(self, x):
+        return self.decoder(self.encoder(x) * 2)
+
+    def with_a_copy(self, x):
+        """A deep copy of a submodule made while the method runs runs its own forward, with its own weights."""
+        twin = copy.deepcopy(self.decoder)
+        with torch.no_grad():
+            twin.weight.mul_(-1)
+        return twin(self.encoder(x)) + self.decoder(self.encoder(x))
+
+
+def test_submodules_a_method_calls_run_as_compiled_units_with_eagers_values_and_gradients():
+    torch.manual_seed(0)
+    eager = EncoderDecoder()
+    model = copy.deepcopy(eager)
+    counting = Counting()
+    wrapped = aot_module(model, counting, cache=False)
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        got, want = wrapped.reconstruct(x), eager.reconstruct(x)
+        torch.testing.assert_close(got, want)
+        got.square().sum().backward()
+        want.square().sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    assert wrapped.compiled.num_compiles == 0  # the module's own forward was never called
+    units = {type(unit.orig_module).__name__: unit.compiled.num_compiles for unit in wrapped._units.values()}
+    assert units == {"Sequential": 1, "Linear": 1} and counting.runs == 8  # 2 calls x 2 units x (forward, backward)
+    torch.testing.assert_close(wrapped.with_a_copy(x), eager.with_a_copy(x))
+    assert all("forward" not in module.__dict__ for module in model.modules())
 
 
 def failures_in_threads(call, expected, *, threads: int, calls: int) -> list[str]:

@@ -269,3 +269,25 @@ def test_peft_generate_after_adapter_switches_disabling_and_merging_gives_eagers
     assert len({seen[0], seen[1], seen[2]}) == 3  # the adapters and the base model give different tokens
     assert [type(unit.orig_module).__name__ for unit in compiled._units.values()] == ["LlamaForCausalLM"]
     assert all("forward" not in module.__dict__ for module in model.modules())  # the routers are gone
+
+
+def test_peft_generate_with_an_adapter_per_sample_gives_eagers_tokens():
+    # peft's mixed-batch generate (``adapter_names=``) adds forward pre-hooks to the LoRA layers for the call: each
+    # assignment of adapters to samples gives its own tokens, and the unit's graphs follow them
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    eager, model = _lora_llama(), _lora_llama()
+    for peft_model in (eager, model):
+        torch.manual_seed(7)
+        peft_model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    compiled = aotcache.compile(model, compiler="nop")
+    seen = set()
+    for names in (["default", "second"], ["second", "default"], ["__base__", "second"], ["default", "second"]):
+        kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False, "adapter_names": names}
+        want = eager.generate(**kwargs)
+        assert torch.equal(compiled.generate(**kwargs), want), names
+        seen.add(tuple(want.flatten().tolist()))
+    assert len(seen) == 3
+    assert [type(unit.orig_module).__name__ for unit in compiled._units.values()] == ["LlamaForCausalLM"]
