@@ -44,7 +44,9 @@ graph as a direct call does; its fingerprint is its own, so a warm process loads
 All routers of one wrapper share one thread-local mark: while one compiled call runs in a thread, the forwards
 its capture or fallback runs (the module's and every submodule's) are the modules' own. Submodules with
 forward hooks or an instance ``forward`` of their own get no router (they run as written, their submodules
-still routed), and a compiled wrapper inside the tree is left alone with its subtree. A router is bound to its
+still routed), and a compiled wrapper inside the tree is left alone with its subtree. A unit shares the
+wrapped module's swap gate (``share_gate``), so a direct call of the wrapper from another thread waits while
+a unit's capture has its tensors swapped, and the other way round. A router is bound to its
 module as a method, so a ``copy.deepcopy`` of a module made while a method runs rebinds it to the copy, which
 then runs its own forward.
 """
@@ -68,7 +70,7 @@ from aotcache.aot.cache_objects import find_cache_arguments, register_transforme
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.services import CompileServices
-from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
+from aotcache.aot.capture_threads import share_gate, swap_gate, tracing_in_this_thread
 from aotcache.logs import event, log_once
 
 __all__ = ["AOTModule"]
@@ -322,6 +324,7 @@ class AOTModule(nn.Module):
             with self._routing_lock:
                 unit = self._units.get(module)
                 if unit is None:
+                    share_gate(module, self._gate)  # NOTE [Calls during a capture's swap]: one tree, one gate
                     unit = _static_class(type(self))(module, **self._wrapper_arguments())
                     self._units[module] = unit
                     path = next((name for name, sub in self.orig_module.named_modules() if sub is module), "?")

@@ -301,6 +301,74 @@ def test_a_call_from_another_thread_during_a_capture_waits_and_gives_eagers_resu
     assert type(model.linear.weight) is nn.Parameter
 
 
+class PausingInner(nn.Module):
+    """Once armed, holds its next capture run until another thread has started a call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        import threading
+
+        # in a dict: arming changes no setting the wrapper's own graph is selected by (an Event held as an
+        # attribute is a config-like object, its flag a setting), so the other thread's call needs no capture
+        self.sync = {name: threading.Event() for name in ("armed", "in_capture", "other_started")}
+
+    def forward(self, x):
+        sync = self.sync
+        if sync["armed"].is_set() and not sync["in_capture"].is_set():
+            sync["in_capture"].set()
+            sync["other_started"].wait(10)
+            import time
+
+            time.sleep(0.3)  # the other thread reads the wrapped module's parameters while these are swapped
+        return self.linear(x)
+
+
+class CallsInner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = PausingInner()
+
+    def forward(self, x):
+        return self.inner(x) * 2
+
+    def inner_only(self, x):
+        return self.inner(x)
+
+
+def test_a_direct_call_while_a_methods_unit_is_captured_waits_and_gives_eagers_result():
+    """A unit's capture swaps part of the wrapped module's tensors (NOTE [Methods that call a submodule's
+    forward]); a direct call of the wrapper from another thread meanwhile must wait for it (one shared gate)."""
+    import threading
+
+    model = CallsInner()
+    wrapped = aot_module(model, "nop", cache=False)
+    x = torch.randn(2, 4)
+    expected = model(x)
+    torch.testing.assert_close(wrapped(x), expected)  # the wrapper's own graph, before the unit exists
+    sync = model.inner.sync
+    sync["armed"].set()
+    seen = {}
+
+    def other():
+        sync["in_capture"].wait(10)
+        sync["other_started"].set()
+        try:
+            seen["out"] = wrapped(x)
+        except Exception as exc:  # noqa: BLE001
+            seen["error"] = exc
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    got = wrapped.inner_only(x)
+    thread.join(30)
+    assert sync["in_capture"].is_set() and seen.get("error") is None
+    torch.testing.assert_close(got, model.inner.linear(x))
+    torch.testing.assert_close(seen["out"], expected)
+    assert type(model.inner.linear.weight) is nn.Parameter
+    assert wrapped.compiled.num_compiles == 1  # the direct call reused the wrapper's graph
+
+
 def test_first_calls_from_several_threads_at_once_give_eagers_results():
     for _ in range(6):
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
