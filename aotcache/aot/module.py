@@ -46,7 +46,10 @@ its capture or fallback runs (the module's and every submodule's) are the module
 forward hooks or an instance ``forward`` of their own get no router (they run as written, their submodules
 still routed), and a compiled wrapper inside the tree is left alone with its subtree. A unit shares the
 wrapped module's swap gate (``share_gate``), so a direct call of the wrapper from another thread waits while
-a unit's capture has its tensors swapped, and the other way round. A router is bound to its
+a unit's capture has its tensors swapped, and the other way round. Not covered: the wrapper's own forward
+and a unit both *capturing* at once in two threads (each function serializes only its own captures; the one
+that waits on the gate mid-trace can break torch.fx's process-global patcher state); warm both up in one thread
+first. A router is bound to its
 module as a method, so a ``copy.deepcopy`` of a module made while a method runs rebinds it to the copy, which
 then runs its own forward.
 """
