@@ -49,7 +49,9 @@ wrapped module's swap gate (``share_gate``), so a direct call of the wrapper fro
 a unit's capture has its tensors swapped, and the other way round. Not covered: the wrapper's own forward
 and a unit both *capturing* at once in two threads (each function serializes only its own captures; the one
 that waits on the gate mid-trace can break torch.fx's process-global patcher state); warm both up in one thread
-first. A router is bound to its
+first. Dynamo tracing a fallback (the Dynamo way of ``aotcache.compile``) always gets the original forwards
+from the routers; it guards the submodules' instance attributes, so a model on that way traces its frames once
+more for the calls made inside methods. A router is bound to its
 module as a method, so a ``copy.deepcopy`` of a module made while a method runs rebinds it to the copy, which
 then runs its own forward.
 """
@@ -309,7 +311,8 @@ class AOTModule(nn.Module):
             # the compiled call's own runs of the modules (its capture, its fallback) reach their forwards; the
             # routers stay installed, so another thread's method call meanwhile is routed too, never run
             # eagerly beside a capture that has the module's tensors swapped (NOTE [Calls during a capture's swap])
-            if module is not target or getattr(inside, "depth", 0):
+            # (Dynamo tracing a fallback sees the first test as constant True and inlines the original forward)
+            if torch.compiler.is_dynamo_compiling() or module is not target or getattr(inside, "depth", 0):
                 return original(module, *args, **kwargs)
             inside.depth = 1
             try:
