@@ -7,8 +7,8 @@ it (constants by value, floats by bits, storage offsets by alignment) is where a
 NOTE [Signature]
 An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
 per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
-strides and whether its storage offset is 16-byte aligned (only the rank with ``dynamic=True``, where
-symbolic-shape guards decide reuse; NOTE [Storage offsets are not part of the signature]); per non-tensor
+strides (only the rank with ``dynamic=True``, where symbolic-shape guards decide reuse; the storage offset is
+not part of it: NOTE [Storage offsets are not part of the signature]); per non-tensor
 argument its type and value (constants are baked into the graph); which tensor arguments share memory; plus
 grad mode and autocast state. The pytree structure of (args, kwargs) is part of it too.
 """
@@ -33,7 +33,7 @@ from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.hot_path import autocast_state, storage_sharing
 from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
 
-__all__ = ["signature_of", "rank_signature_of", "float_bits", "offset_aligned", "input_offsets", "offsets_hold"]
+__all__ = ["signature_of", "rank_signature_of", "float_bits", "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
@@ -66,17 +66,15 @@ class _RefusedConstant(TypeError):
 # A training loop that slices its batches from one tensor (``X[i:i + batch]``) calls with the same sizes and
 # strides at a new storage offset every step. A compiled graph reads its inputs through their data pointers, so
 # the offset changes nothing, and keying on it traced (and stored) a new graph at every step, where
-# torch.compile compiles once. The static signature therefore keeps only whether the offset is 16-byte aligned
-# (compiled kernels may assume aligned inputs), and a graph that may depend on the offset itself
+# torch.compile compiles once. Neither the offset nor its alignment is part of the static signature (a 0-d
+# timestep taken from ``scheduler.timesteps[i]`` is 16-byte aligned at every other step, and keying on the
+# alignment made such a loop use two graphs where torch.compile uses one). Alignment is the compiled graph's
+# own business, as in Inductor (NOTE [Misaligned inputs] in ``compilers/input_layout.py``): code that assumes
+# aligned inputs copies a misaligned one first. A graph that may depend on the offset itself
 # (``RuntimeMetadata.offsets_matter``: an output that is a view of an input, a replayed metadata mutation, an
 # as_strided-like op, an offset read in Python) is reused only at the offsets it was traced with
 # (``CompiledRuntime.input_offsets``, checked with its guards). Arguments that share memory keep their offsets
 # in the signature (synthetic bases, NOTE [Synthetic bases], depend on them).
-def offset_aligned(tensor: torch.Tensor) -> bool:
-    """Whether the storage offset is a multiple of 16 bytes (what the static signature keeps of the offset)."""
-    return tensor.storage_offset() * tensor.element_size() % 16 == 0
-
-
 def input_offsets(flat_args: Sequence[Any], dynamic: bool | DimSpec) -> tuple:
     """Per flat argument, its storage offset; None for a non-tensor and for a tensor with dynamic dimensions
     (its guards check its offset)."""
@@ -94,7 +92,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
     if isinstance(arg, torch.Tensor):
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
                     else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
-                          else ("aligned", offset_aligned(arg))))  # NOTE [Dynamic dimensions]
+                          else None))  # NOTE [Dynamic dimensions]
         return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                 arg.requires_grad and arg.is_leaf, geometry)
     if isinstance(arg, torch.SymInt):
