@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from aotcache.aot.api import AOTFunction, AOTOptions, checked_options, compile_dynamo_graph, compile_function
+from aotcache.aot.api import AOTFunction
+from aotcache.aot.compile_step import AOTOptions, checked_options, compile_function
+from aotcache.aot.dynamo_graph import compile_dynamo_graph
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module
 from aotcache.aot.fallback import check_on_capture_error
 from aotcache.aot.module import AOTModule

@@ -1,6 +1,6 @@
 """``aotcache.compile``: one entry point shaped like ``torch.compile``, choosing the fastest way that works.
 
-A call is captured whole by AOT Autograd (:func:`~aotcache.aot.api.aot_module` / ``aot_function``: no
+A call is captured whole by AOT Autograd (:func:`~aotcache.api.aot_module` / ``aot_function``: no
 Dynamo, fingerprint warm starts that skip tracing) when it captures; when the capture fails (a graph break:
 ``.item()`` in a condition, data-dependent shapes, ...) the model goes to ``torch.compile(backend="aotcache")``
 instead, whose graphs between the breaks are compiled and cached by aotcache too. The choice is recorded in
@@ -22,7 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from aotcache.aot.api import AOTFunction, AOTOptions
+from aotcache.aot.api import AOTFunction
+from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule

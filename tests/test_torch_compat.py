@@ -239,7 +239,7 @@ def test_no_tensorify_state_refuses_instead(monkeypatch):
     import torch._subclasses.fake_tensor as fake_tensor
     from torch._dynamo.exc import TensorifyScalarRestartAnalysis
 
-    from aotcache.aot import api
+    from aotcache.aot import dynamo_graph
 
     class StandInSymFloat:  # Dynamo's unspecialized float: a SymFloat memo with a symbol name
         node = types.SimpleNamespace(_expr=types.SimpleNamespace(name="zf_aotcache_compat_test"))
@@ -255,11 +255,11 @@ def test_no_tensorify_state_refuses_instead(monkeypatch):
     state = symbolic_convert.TensorifyState
     try:
         with pytest.raises(TensorifyScalarRestartAnalysis):  # with the API: Dynamo is asked to restart
-            api._specialize_unspecialized_floats(gm)
+            dynamo_graph._specialize_unspecialized_floats(gm)
     finally:
         state.force_specializations.discard("zf_aotcache_compat_test")
     monkeypatch.delattr(symbolic_convert, "TensorifyState")
-    api._specialize_unspecialized_floats(gm)  # without it: returns, and the capture refuses the .item()
+    dynamo_graph._specialize_unspecialized_floats(gm)  # without it: returns, and the capture refuses the .item()
 
 
 def test_warm_up_without_maybe_warm_pool(monkeypatch):

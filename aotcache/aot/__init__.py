@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from aotcache.aot.api import AOTFunction, AOTModule, AOTOptions, compile_function
+from aotcache.aot.api import AOTFunction
+from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.capture import CaptureError, CapturedGraph, capture, mutating_nodes
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module
 from aotcache.aot.fallback import fallback_counts
 from aotcache.aot.metadata import InputInfo, OutputInfo, RuntimeMetadata
+from aotcache.aot.module import AOTModule
 from aotcache.aot.runtime import CompiledRuntime, DoubleBackwardError
 
 _PUBLIC_ENTRY_POINTS = ("aot_function", "aot_module", "aot_module_simplified")

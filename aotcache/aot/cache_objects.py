@@ -2,7 +2,7 @@
 
 NOTE [Cache objects as pytree nodes]
 A decoder takes its key/value cache as an argument and returns it updated. Unregistered, such an object is
-refused as an argument (NOTE [Constant arguments] in ``api.py``) and, as an output, kept as an in-process
+refused as an argument (NOTE [Constant arguments] in ``signature.py``) and, as an output, kept as an in-process
 template that the compiled-graph cache bypasses (NOTE [Object outputs]). Registered as a pytree node, its
 tensors become ordinary graph inputs and outputs and everything else goes into the node's *context*, which
 is part of the signature (compared by value) and of the stored output structure:

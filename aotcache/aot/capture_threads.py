@@ -10,9 +10,21 @@ the module's tensors, then checks that no swap by another thread began or was un
 was, waits for it and reads again. The check costs two attribute reads on the hot path. torch's process-wide
 is_compiling flag, which the capture sets, made such a call take the inlined path too; aotcache's own checks
 ask ``tracing_in_this_thread`` (NOTE [is_compiling during capture], below), and a method's router stays
-installed for other threads (NOTE [Methods run the compiled forward] in module.py). Not covered: the module's
-Python run eagerly by another thread while a capture swaps, in the eager fallback of a signature that cannot
-be captured.
+installed for other threads (NOTE [Methods run the compiled forward] in module.py).
+
+NOTE [Eager runs beside a capture]
+The module's own Python can also run eagerly in another thread while one thread captures: the fallback of a
+signature that cannot be captured (EagerRuntime, PartialRuntime: NOTE [Capture fallback]), and the code of a
+routed method (``generate``) around its compiled forward. Such a run reads the module's tensors at any point,
+not once at the start, so a swap beginning in the middle of it made it fail with "Attempting to use
+FunctionalTensor on its own". These runs hold the gate shared (:meth:`SwapGate.running`): a swap waits until
+the runs of other threads have ended (``pending`` counts the swaps waiting), and a run waits while a swap is
+under way or pending (so that a stream of runs cannot hold a capture back forever). A thread's own runs never
+block its own swap, and a routed method lets go of its hold while its compiled forward runs
+(:meth:`SwapGate.paused`): that call may capture, or wait for another thread's capture, which holds the
+function's lock while it waits for the runs to end. Compiled graphs take the tensors as inputs, read once
+(:meth:`SwapGate.read`), and need no hold. Still seen by such a run: torch's process-wide is_compiling flag,
+while another thread's capture is under way (NOTE [is_compiling during capture]).
 """
 
 from __future__ import annotations
@@ -25,33 +37,86 @@ from typing import Any
 
 import torch
 
-__all__ = ["SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
+__all__ = ["SwapGate", "swap_gate", "share_gate", "compiling", "tracing_in_this_thread"]
 
 
 class SwapGate:
-    """Held by the thread that swaps a module's tensors; ``swaps`` counts the swaps begun."""
+    """Held by the thread that swaps a module's tensors; ``swaps`` counts the swaps begun. Eager runs of the
+    module hold it shared (NOTE [Eager runs beside a capture])."""
 
-    __slots__ = ("_lock", "owner", "swaps", "__weakref__")
+    __slots__ = ("_lock", "_state", "owner", "swaps", "pending", "_runs", "__weakref__")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for a whole swap: :meth:`read` waits on it
+        self._state = threading.Condition(threading.Lock())  # guards owner / pending / _runs changes
         self.owner: int | None = None  # the thread swapping now
         self.swaps = 0
+        self.pending = 0  # swaps waiting for other threads' eager runs to end
+        self._runs: dict[int, int] = {}  # thread id -> eager runs under way in it (nested)
 
     @contextlib.contextmanager
     def swapping(self) -> Iterator[None]:
-        """Hold the gate while the module's tensors are swapped (re-entrant within the swapping thread)."""
+        """Hold the gate while the module's tensors are swapped (re-entrant within the swapping thread); waits
+        for the eager runs of other threads to end first."""
         me = threading.get_ident()
         if self.owner == me:
             yield
             return
         with self._lock:
-            self.owner = me
-            self.swaps += 1
+            with self._state:
+                self.pending += 1
+                try:
+                    while any(thread != me for thread in self._runs):
+                        self._state.wait()
+                finally:
+                    self.pending -= 1
+                self.owner = me
+                self.swaps += 1
             try:
                 yield
             finally:
-                self.owner = None
+                with self._state:
+                    self.owner = None
+                    self._state.notify_all()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the gate shared while this thread runs the module's Python eagerly: no other thread swaps the
+        module's tensors meanwhile (waits for a swap under way or pending; re-entrant)."""
+        me = threading.get_ident()
+        with self._state:
+            if me not in self._runs and self.owner != me:
+                while self.owner is not None or self.pending:
+                    self._state.wait()
+            self._runs[me] = self._runs.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._state:
+                left = self._runs.pop(me) - 1
+                if left:
+                    self._runs[me] = left
+                else:
+                    self._state.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Let go of this thread's eager runs for the duration (a routed method's compiled forward, which may
+        capture or wait for another thread's capture), and take them again after it."""
+        me = threading.get_ident()
+        if me not in self._runs:  # the usual case, without the lock: only this thread adds its own entry
+            yield
+            return
+        with self._state:
+            held = self._runs.pop(me)
+            self._state.notify_all()
+        try:
+            yield
+        finally:
+            with self._state:
+                while (self.owner is not None and self.owner != me) or self.pending:
+                    self._state.wait()
+                self._runs[me] = held
 
     def read(self, read: Any) -> Any:
         """``read()`` (the module's tensors), made when no other thread had them swapped."""
@@ -78,6 +143,16 @@ def swap_gate(module: Any) -> SwapGate:
             if gate is None:
                 gate = _gates[module] = SwapGate()
     return gate
+
+
+def share_gate(module: Any, gate: SwapGate) -> SwapGate:
+    """Make ``gate`` (an enclosing module's) the gate of ``module`` too, unless it has one already; its gate.
+
+    A submodule compiled as its own unit (NOTE [Methods that call a submodule's forward] in module.py) swaps
+    part of the enclosing module's tensors when it is captured, and the enclosing module's capture swaps the
+    submodule's: with one gate, a call of either waits for a capture of the other."""
+    with _gates_lock:
+        return _gates.setdefault(module, gate)
 
 
 _this_thread = threading.local()  # .captures: how many captures this thread is running (nested)

@@ -246,7 +246,7 @@ def aot_export_joint_simple(func: Callable, args: Sequence[Any], trace_joint: bo
     The graph takes ``args`` as they are, so each must be a tensor or a constant, not a list or dict of them. A
     bare graph cannot express input mutations or outputs that alias inputs or each other, so those are
     rejected. ``num_params_buffers`` is accepted for PyTorch compatibility and changes nothing (NOTE
-    [PyTorch-compatible arguments] in :mod:`aotcache.aot.api`).
+    [PyTorch-compatible arguments] in :mod:`aotcache.aot.compile_step`).
 
     :raises CaptureError: an argument is a pytree; ``func`` mutates an input, returns an alias or a non-tensor
         constant, or uses an unsupported construct.

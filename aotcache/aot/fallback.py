@@ -38,6 +38,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache import config
+from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError
 from aotcache.logs import log_once, logger
 
@@ -102,6 +103,8 @@ class EagerRuntime:
         self.in_spec = in_spec
         self.reason = reason
         self.skip = skip  # leading arguments ``fn`` does not take (an aot_module's parameters and buffers)
+        # a module's Python runs beside other threads' captures of it: NOTE [Eager runs beside a capture]
+        self.gate = swap_gate(fn) if isinstance(fn, torch.nn.Module) else None
 
     def arguments(self, flat_args: Sequence[Any]) -> tuple[tuple, dict]:
         args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
@@ -109,7 +112,10 @@ class EagerRuntime:
 
     def __call__(self, *flat_args: Any) -> Any:
         args, kwargs = self.arguments(flat_args)
-        return self.fn(*args, **kwargs)
+        if self.gate is None:
+            return self.fn(*args, **kwargs)
+        with self.gate.running():
+            return self.fn(*args, **kwargs)
 
 
 class PartialRuntime:
@@ -138,7 +144,10 @@ class PartialRuntime:
         from torch._dynamo.exc import TorchDynamoException
 
         try:
-            return self.dynamo_fn(args, kwargs)
+            if self.eager.gate is None:
+                return self.dynamo_fn(args, kwargs)
+            with self.eager.gate.running():  # NOTE [Eager runs beside a capture]: Dynamo reads the module too
+                return self.dynamo_fn(args, kwargs)
         except TorchDynamoException as exc:
             # NOTE: Dynamo failed (or wrapped an error of the user's code): run eagerly, which either works
             # (Dynamo's limitation) or raises the user's own error. Inputs mutated by regions that ran before
@@ -171,7 +180,7 @@ def _raises(on_capture_error: str) -> bool:
 
 def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, owner: Any) -> Callable:
     """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options, services and cache."""
-    from aotcache.aot.api import compile_dynamo_graph
+    from aotcache.aot.dynamo_graph import compile_dynamo_graph
 
     try:
         return compile_dynamo_graph(gm, example_inputs, owner.options, services=owner.services, cache=owner.cache)

@@ -2,7 +2,7 @@
 
 NOTE [Hot path]
 Every call of an ``aot_function`` must find the compiled runtime of its signature (NOTE [Signature] in
-``api.py``). Building that signature (a tuple per argument, a pytree spec, a storage-sharing map) and hashing
+``signature.py``). Building that signature (a tuple per argument, a pytree spec, a storage-sharing map) and hashing
 it costs ~100 us for a module with 20 tensors, about a tenth of a small training step. The hot path keeps,
 per argument structure, the signatures already seen as :class:`HotSignature` records and compares the
 arguments with them field by field: the same fields as the signature, so a match selects exactly the runtime
@@ -116,8 +116,7 @@ class HotSignature:
         self._strides = list(map(_STRIDE, flat_args)) if static else None
         self._offsets = list(map(_OFFSET, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
-        # NOTE [Storage offsets are not part of the signature] (api.py): another offset of the same alignment
-        # selects the same runtime, unless its graph depends on offsets or arguments share memory
+        # NOTE [Storage offsets are not part of the signature] (api.py): another offset selects the same runtime, unless its graph depends on offsets or arguments share memory
         self._exact_offsets = not self._distinct or getattr(runtime, "input_offsets", ()) is not None
 
     @staticmethod
@@ -142,10 +141,7 @@ class HotSignature:
         if self._static is not None:  # NOTE [Static signatures in bulk]
             if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
                 return False
-            offsets = list(map(_OFFSET, flat_args))
-            if offsets != self._offsets and (self._exact_offsets or not all(
-                    (now * arg.element_size() % 16 == 0) is (then * arg.element_size() % 16 == 0)
-                    for now, then, arg in zip(offsets, self._offsets, flat_args))):
+            if self._exact_offsets and list(map(_OFFSET, flat_args)) != self._offsets:
                 return False
             if autocast_state() != self.autocast or numerics_signature() != self.numerics:
                 return False
@@ -159,9 +155,7 @@ class HotSignature:
             if stride is not None:
                 if arg.shape != shape or arg.stride() != stride:
                     return False
-                now = arg.storage_offset()
-                if now != offset and (self._exact_offsets or (now * arg.element_size() % 16 == 0)
-                                      is not (offset * arg.element_size() % 16 == 0)):
+                if self._exact_offsets and arg.storage_offset() != offset:
                     return False
             elif offset is True:
                 if arg.dim() != shape:

@@ -1,4 +1,4 @@
-"""``AOTModule``: the drop-in ``nn.Module`` wrapper that :func:`~aotcache.aot.api.aot_module` returns.
+"""``AOTModule``: the drop-in ``nn.Module`` wrapper that :func:`~aotcache.api.aot_module` returns.
 
 The wrapper's forward runs the wrapped module through an :class:`~aotcache.aot.api.AOTFunction`; everything
 else behaves as the wrapped module does, so ``aot_module(model)`` can replace ``model`` in a real job:
@@ -24,7 +24,36 @@ method called meanwhile from another thread ran the module eagerly, beside a cap
 tensors. The router carries the original forward as ``__wrapped__``, so ``inspect.signature(self.forward)``
 is unchanged. Forward hooks registered on the wrapped
 module itself would run twice (once around the router, once inside the captured graph), so with such hooks,
-or when the module already has an instance ``forward``, the method runs eagerly (logged once).
+or when the module already has an instance ``forward``, the module's own forward runs eagerly (logged once).
+
+NOTE [Methods that call a submodule's forward]
+A method may call the forward of a submodule rather than of the module: peft's
+``PeftModelForCausalLM.generate`` calls ``self.base_model.generate``, which is the wrapped transformers
+model's ``generate`` (``LoraModel`` hands attributes it lacks to ``self.model``), and that calls the
+transformers model's forward; an encoder-decoder's ``generate`` calls its encoder. Those calls never reached
+the wrapper, so ``aotcache.compile(peft_model).generate(...)`` ran eagerly. So while a method runs, every
+submodule gets a router too, and a submodule's forward called from outside any compiled call (by the method's
+own Python) runs through a compiled unit of that submodule: a wrapper of the same class and options made on its
+first such call and kept (``_units``). The unit is the module whose forward the method calls (for peft, the
+transformers model with its LoRA layers inside), which is the graph a user would compile by hand
+(``aotcache.compile(peft_model.get_base_model())``). A unit is an ordinary compiled module: its signature
+includes its subtree's settings (peft's active adapter lists, ``disable_adapters`` and ``merged`` flags live on
+the LoRA layers inside it), its parameters are graph inputs read at every call, and ``merge_and_unload``
+changes its parameter names, so adapter switches, ``disable_adapter()`` and merges select or trace the right
+graph as a direct call does; its fingerprint is its own, so a warm process loads its graphs.
+All routers of one wrapper share one thread-local mark: while one compiled call runs in a thread, the forwards
+its capture or fallback runs (the module's and every submodule's) are the modules' own. Submodules with
+forward hooks or an instance ``forward`` of their own get no router (they run as written, their submodules
+still routed), and a compiled wrapper inside the tree is left alone with its subtree. A unit shares the
+wrapped module's swap gate (``share_gate``), so a direct call of the wrapper from another thread waits while
+a unit's capture has its tensors swapped, and the other way round. Not covered: the wrapper's own forward
+and a unit both *capturing* at once in two threads (each function serializes only its own captures; the one
+that waits on the gate mid-trace can break torch.fx's process-global patcher state); warm both up in one thread
+first. Dynamo tracing a fallback (the Dynamo way of ``aotcache.compile``) always gets the original forwards
+from the routers; it guards the submodules' instance attributes, so a model on that way traces its frames once
+more for the calls made inside methods. A router is bound to its
+module as a method, so a ``copy.deepcopy`` of a module made while a method runs rebinds it to the copy, which
+then runs its own forward.
 """
 
 from __future__ import annotations
@@ -35,24 +64,91 @@ import functools
 import logging
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from aotcache.aot.api import AOTFunction, AOTOptions, _functional_module_call
+from aotcache.aot.api import AOTFunction
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.capture_threads import share_gate, swap_gate, tracing_in_this_thread
+from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
+from aotcache.aot.module_state import refuse_tensors_stored_on_modules
+from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks
 from aotcache.aot.services import CompileServices
-from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
-from aotcache.logs import log_once
+from aotcache.logs import event, log_once
 
 __all__ = ["AOTModule"]
 
 _ORIG = "orig_module"
 _PREFIX = _ORIG + "."
+
+
+def _functional_module_call(module: nn.Module) -> Callable:
+    """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
+    paths: dict[tuple, dict[str, str] | None] = {}
+    gate = swap_gate(module)
+
+    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
+        tensors = {**params, **buffers}
+        names = tuple(tensors)
+        if names not in paths:
+            paths[names] = _paths_through_wrappers(module, names)
+        renamed = paths[names]
+        if renamed is not None:  # NOTE [Wrappers inside a captured module]
+            tensors = {renamed[name]: value for name, value in tensors.items()}
+        refuse_module_backward_hooks(module)
+        refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
+        # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
+            return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+
+    return call
+
+
+def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str, str] | None:
+    """NOTE [Wrappers inside a captured module]
+    A compiled wrapper (``AOTModule``: ``aot_module`` / ``aotcache.compile``) used as a submodule names its
+    tensors as the wrapped module does (``inner.weight``, no ``orig_module.``), but ``functional_call`` swaps
+    tensors on the module it reaches by that path: the wrapper, which holds no ``weight`` of its own. The swap
+    then failed, or wrote beside the real parameter. So each name is mapped to the path that reaches the tensor's
+    owner (``inner.orig_module.weight``); None when no name passes through a wrapper (the usual case).
+    """
+    renamed: dict[str, str] = {}
+    changed = False
+    for name in names:
+        parts, owner, real = name.split("."), module, []
+        for part in parts[:-1]:
+            owner = getattr(owner, part, None)
+            real.append(part)
+            while getattr(type(owner), "wraps_orig_module", False):
+                owner = owner.orig_module
+                real.append("orig_module")
+                changed = True
+        renamed[name] = ".".join([*real, parts[-1]])
+    return renamed if changed else None
+
+
+@contextlib.contextmanager
+def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
+    """NOTE [RNN weight lists after a capture] ``nn.RNNBase`` (LSTM, GRU, RNN) keeps its weights in a second
+    place, the ``_flat_weights`` list (and weak references to them), which its forward rebuilds from the
+    attributes when they changed. Swapping traced tensors in for the capture therefore left the list holding
+    the capture's FunctionalTensors after the real parameters came back: dead trace tensors kept alive by the
+    user's model, and an untrusted fingerprint for every later call ("tensor constant subclass"). The capture
+    leaves the lists as it found them."""
+    saved = [(rnn, rnn.__dict__.get("_flat_weights"), rnn.__dict__.get("_flat_weight_refs"))
+             for rnn in module.modules() if isinstance(rnn, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for rnn, weights, refs in saved:
+            rnn.__dict__["_flat_weights"] = weights
+            rnn.__dict__["_flat_weight_refs"] = refs
+
 
 
 class AOTModule(nn.Module):
@@ -63,10 +159,10 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in api.py: paths pass through orig_module
+    wraps_orig_module = True  # NOTE [Wrappers inside a captured module]: paths pass through orig_module
     # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
     fingerprint_skips = frozenset({"compiled", "_state", "_gate", "_lazy", "_routing_lock", "_routing_count", "forward",
-                                   "router", "_backend"})
+                                   "router", "_backend", "_routed_modules", "_units", "_inside"})
 
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
@@ -83,6 +179,9 @@ class AOTModule(nn.Module):
         self._lazy = has_uninitialized_parameters(module)
         self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
         self._routing_count = 0
+        self._routed_modules: list[nn.Module] = []  # the modules given a router while methods run
+        self._units: dict[nn.Module, AOTModule] = {}  # NOTE [Methods that call a submodule's forward]
+        self._inside = threading.local()  # .depth: this thread runs a compiled call a router started
         self.orig_module = module
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
@@ -111,7 +210,8 @@ class AOTModule(nn.Module):
             return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
-                return self.orig_module(*args, **kwargs)
+                with self._gate.running():  # NOTE [Eager runs beside a capture]
+                    return self.orig_module(*args, **kwargs)
             self._lazy = False
         # NOTE [module settings]: the signature includes an id of the module tree's settings (training flags,
         # hyperparameters, hooks), so model.eval() after a training call traces again instead of reusing it
@@ -224,62 +324,105 @@ class AOTModule(nn.Module):
 
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._forward_routed():
+            # the method's own code runs eagerly: held beside captures (NOTE [Eager runs beside a capture])
+            with self._forward_routed(), self._gate.running():
                 return method(*args, **kwargs)
 
         return call
 
     @contextlib.contextmanager
     def _forward_routed(self) -> Iterator[None]:
-        """Install the router of NOTE [Methods run the compiled forward] while any method call runs (counted
-        across threads and nested calls; the last one to finish removes it)."""
-        orig = self.orig_module
+        """Install the routers of NOTE [Methods run the compiled forward] and NOTE [Methods that call a
+        submodule's forward] while any method call runs (counted across threads and nested calls; the last one
+        to finish removes them)."""
         with self._routing_lock:
-            installed = orig.__dict__.get("forward")
             if self._routing_count == 0:
-                hooked = bool(orig._forward_hooks or orig._forward_pre_hooks)
-                if hooked or installed is not None:
-                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
-                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
-                             "aotcache: methods of the wrapped %s run its forward eagerly, because it has %s; "
-                             "register the hooks on the aot_module wrapper instead", type(orig).__qualname__, why)
-                    routed = False
-                else:
-                    orig.__dict__["forward"] = self._make_router()
-                    routed = True
-            else:
-                routed = True
-            if routed:
-                self._routing_count += 1
+                self._routed_modules = self._install_routers()
+            self._routing_count += 1
         try:
             yield
         finally:
-            if routed:
-                with self._routing_lock:
-                    self._routing_count -= 1
-                    if self._routing_count == 0 and getattr(orig.__dict__.get("forward"), "_aotcache_router", False):
-                        del orig.__dict__["forward"]
+            with self._routing_lock:
+                self._routing_count -= 1
+                if self._routing_count == 0:
+                    for module in self._routed_modules:
+                        if getattr(module.__dict__.get("forward"), "_aotcache_router", False):
+                            del module.__dict__["forward"]
+                    self._routed_modules = []
 
-    def _make_router(self) -> Callable:
+    def _install_routers(self) -> list[nn.Module]:
+        """A router on the wrapped module and on each submodule that can take one; the modules given one."""
         orig = self.orig_module
-        original = type(orig).forward.__get__(orig)
-        inside = threading.local()  # .depth: this thread is running the compiled call the router started
+        installed = []
+        for module in _tree_below_wrappers(orig):
+            hooked = bool(module._forward_hooks or module._forward_pre_hooks)
+            if hooked or "forward" in module.__dict__ or type(module).forward is nn.Module.forward:
+                if module is orig:
+                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
+                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
+                             "aotcache: methods of the wrapped %s run its own forward eagerly (the submodules it "
+                             "calls compiled), because it has %s; register the hooks on the aot_module wrapper "
+                             "instead", type(orig).__qualname__, why)
+                continue
+            module.__dict__["forward"] = self._make_router(module)
+            installed.append(module)
+        return installed
+
+    def _make_router(self, target: nn.Module) -> Callable:
+        """The router of ``target``: the wrapper's compiled forward for the wrapped module, a unit's for a
+        submodule; bound to ``target`` as a method (a deep copy of it rebinds to the copy)."""
+        original = type(target).forward
+        inside = self._inside
+        run = self.forward if target is self.orig_module else None
 
         @functools.wraps(original)
-        def router(*args: Any, **kwargs: Any) -> Any:
-            # the compiled call's own runs of the module (its capture, its fallback) reach the module's forward;
-            # the router stays installed, so another thread's method call meanwhile is routed too, never run
+        def router(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            # the compiled call's own runs of the modules (its capture, its fallback) reach their forwards; the
+            # routers stay installed, so another thread's method call meanwhile is routed too, never run
             # eagerly beside a capture that has the module's tensors swapped (NOTE [Calls during a capture's swap])
-            if getattr(inside, "depth", 0):
-                return original(*args, **kwargs)
+            # (Dynamo tracing a fallback sees the first test as constant True and inlines the original forward)
+            if torch.compiler.is_dynamo_compiling() or module is not target or getattr(inside, "depth", 0):
+                return original(module, *args, **kwargs)
             inside.depth = 1
             try:
-                return self.forward(*args, **kwargs)
+                with self._gate.paused():  # the compiled call may capture: NOTE [Eager runs beside a capture]
+                    return (run or self._unit(target).forward)(*args, **kwargs)
             finally:
                 inside.depth = 0
 
         router._aotcache_router = True  # type: ignore[attr-defined]
-        return router
+        return types.MethodType(router, target)
+
+    def _unit(self, module: nn.Module) -> AOTModule:
+        """The compiled unit of submodule ``module`` (NOTE [Methods that call a submodule's forward])."""
+        unit = self._units.get(module)
+        if unit is None:
+            with self._routing_lock:
+                unit = self._units.get(module)
+                if unit is None:
+                    share_gate(module, self._gate)  # NOTE [Calls during a capture's swap]: one tree, one gate
+                    unit = _static_class(type(self))(module, **self._wrapper_arguments())
+                    self._units[module] = unit
+                    path = next((name for name, sub in self.orig_module.named_modules() if sub is module), "?")
+                    event(logging.INFO, "aotcache: a method of %s calls the forward of its submodule %r (%s) "
+                          "directly: compiling that submodule as its own unit", self.compiled.name, path,
+                          type(module).__qualname__)
+        return unit
+
+
+def _tree_below_wrappers(root: nn.Module) -> Iterator[nn.Module]:
+    """``root`` and its submodules (each once), not entering a compiled wrapper inside the tree."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if module is not root and getattr(type(module), "wraps_orig_module", False):
+            continue
+        yield module
+        stack.extend(sub for sub in reversed(module._modules.values()) if sub is not None)
 
 
 # NOTE [The wrapper's class]

@@ -143,7 +143,7 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/api.py
+        self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/signature.py
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         if func in _OFFSET_READERS:

@@ -1,7 +1,7 @@
 """What changed when an ``aot_function`` traces again: the new signature against the closest one it has.
 
 Used for the INFO log of every re-trace (NOTE [Events at INFO] in docs/logging.md). Signatures are the
-in-memory reuse keys of NOTE [Signature] in ``api.py``: ``(extra, program digest, (in_spec, grad mode,
+in-memory reuse keys of NOTE [Signature] in ``signature.py``: ``(extra, program digest, (in_spec, grad mode,
 autocast, numerics flags, memory sharing, per-argument tuples))``.
 """
 

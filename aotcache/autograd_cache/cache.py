@@ -268,12 +268,14 @@ class AOTAutogradCache:
     # ------------------------------------------------------------------------------------------------
 
     def try_load(self, key: CacheKey, flat_args: Sequence[Any] | None = None, *,
-                 count_store_errors: bool = True) -> LoadResult:
+                 guard_inputs: Sequence[Any] | None = None, count_store_errors: bool = True) -> LoadResult:
         """Find an entry of ``key`` whose guards hold for ``flat_args`` and rebuild its runtime.
 
         ``flat_args`` are the runtime's flat arguments (graph inputs are picked by the entry's metadata);
-        None skips guard checks (only valid for entries without guards). Counts nothing but faults
-        (``count_store_errors=False``: not even tier faults, for a waiter that probes every 50 ms).
+        ``guard_inputs``, instead, are the values the guards index directly (``L['tN']`` is ``guard_inputs[N]``:
+        a Dynamo graph's inputs at their size hints). With neither, an entry with guards never fits (a
+        ``guard_miss``, not a fault). Counts nothing but faults (``count_store_errors=False``: not even tier
+        faults, for a waiter that probes every 50 ms).
 
         :raises aotcache.logs.CacheFault: a fault, in strict mode only.
         """
@@ -289,7 +291,7 @@ class AOTAutogradCache:
                 break
             try:
                 entry = self._decode(lookup.value, key)
-                if not self._guards_hold(entry, flat_args):
+                if not self._guards_hold(entry, flat_args, guard_inputs):
                     found_any = True
                     continue
                 runtime = self._rebuild(entry)
@@ -319,11 +321,14 @@ class AOTAutogradCache:
             raise EntryError("malformed", "graph_input_positions do not fit the arguments")
         return [flat_args[p] for p in positions]
 
-    def _guards_hold(self, entry: CacheEntry, flat_args: Sequence[Any] | None) -> bool:
+    def _guards_hold(self, entry: CacheEntry, flat_args: Sequence[Any] | None,
+                     guard_inputs: Sequence[Any] | None = None) -> bool:
         if not entry.guards:
             return True
-        if flat_args is None:
-            raise GuardExpressionError("the entry has guards but no arguments were given to check them")
+        if guard_inputs is not None:
+            return evaluate_guards(entry.guards, guard_inputs)
+        if flat_args is None:  # nothing to check the guards against: this entry cannot be used for this call
+            return False
         return evaluate_guards(entry.guards, self._graph_inputs(entry, flat_args))
 
     @staticmethod
@@ -449,11 +454,13 @@ class AOTAutogradCache:
 
     def load_or_compile(self, make_key: Callable[[], CacheKey], compile_fn: Callable[[], CompileResult],
                         flat_args: Sequence[Any] | None = None, *,
+                        guard_inputs: Sequence[Any] | None = None,
                         on_key: Callable[[CacheKey], None] | None = None,
                         name: str | None = None) -> CompiledRuntime:
         """The runtime for ``make_key()``: loaded from the cache, else compiled (once across processes) and saved.
 
         ``make_key`` may raise :class:`BypassAOTAutogradCache`: the graph is compiled and runs uncached.
+        ``flat_args`` / ``guard_inputs``: what entries' guards are checked against (see :meth:`try_load`).
         ``name`` (the function or model, as listings show it) goes into the last-miss record for ``explain``.
         ``on_key(key)`` is called with the computed key before the lookup (e.g. to record it under a call
         fingerprint); never for a bypass or a disabled cache. ``compile_fn`` and ``on_key`` errors propagate
@@ -470,11 +477,13 @@ class AOTAutogradCache:
         if on_key is not None:
             on_key(key)
         with stage("lookup"):
-            result = self.try_load(key, flat_args)
+            result = self.try_load(key, flat_args, guard_inputs=guard_inputs)
         if result.hit:
             return self.record_hit(result)
+
         def saved_meanwhile() -> LoadResult | None:
-            found = self.try_load(key, flat_args, count_store_errors=False)  # the first try_load counted them
+            # count_store_errors=False: the first try_load counted them
+            found = self.try_load(key, flat_args, guard_inputs=guard_inputs, count_store_errors=False)
             return found if found.hit else None
 
         # NOTE [waiters probe, they do not queue] in singleflight.py: a waiter loads the entry as soon as the
@@ -487,7 +496,7 @@ class AOTAutogradCache:
                 self.count(lock_timeout=1)
             if ticket.found is not None:
                 return self.record_hit(ticket.found)
-            result = self.try_load(key, flat_args)  # another process may have saved it while we waited
+            result = self.try_load(key, flat_args, guard_inputs=guard_inputs)  # saved while we waited?
             if result.hit:
                 return self.record_hit(result)
             self.count(**{result.status: 1})

@@ -44,7 +44,8 @@ from torch import nn
 from aotcache.aot.ambient import numerics_flags
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.autograd_cache import key as cache_key
-from aotcache.autograd_cache.reachable import Reachable, Untrusted, check_plain_tensor, sha256_text
+from aotcache.autograd_cache.digests import Untrusted, check_plain_tensor, sha256_text
+from aotcache.autograd_cache.reachable import Reachable
 
 __all__ = [
     "FINGERPRINT_SCHEMA_VERSION",

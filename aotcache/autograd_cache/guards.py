@@ -41,6 +41,9 @@ __all__ = [
     "find_shape_env",
     "describe_inputs",
     "produce_guards_expression",
+    "input_symbols",
+    "added_guards_expression",
+    "hinted_inputs",
     "validate_guards_expression",
     "evaluate_guards",
     "compile_guards",
@@ -290,6 +293,85 @@ def produce_guards_expression(inputs: Sequence[Any], shape_env: Any | None = Non
         return None
     validate_guards_expression(expression)
     return expression
+
+
+def input_symbols(inputs: Sequence[Any]) -> set[Any]:
+    """The free symbols of the symbolic ``inputs`` now (read before a compile: its specializations replace them)."""
+    return _symbols_of(inputs)
+
+
+def added_guards_expression(inputs: Sequence[Any], shape_env: Any, symbols: set[Any], since: int) -> str | None:
+    """The guards added to ``shape_env`` while compiling a graph over ``inputs`` (those from index ``since`` on),
+    as an expression over input positions (NOTE [Guards added while compiling a Dynamo graph] in pipeline.py);
+    None when none were added.
+
+    ``symbols`` are the inputs' free symbols read before the compile (:func:`input_symbols`). As torch's FX graph
+    cache does, the expression also holds the guards the ShapeEnv had before over these symbols only (the
+    compile could rely on them), and what it knows of every symbolic input (sizes, strides and offset,
+    specialized or related to other inputs, their ranges): never weaker than the added guards.
+
+    :raises GuardExpressionError: an added guard over a symbol that is no input's (it cannot be checked by
+        position), or torch's printer failed or printed something outside the grammar.
+    """
+    added = list(shape_env.guards[since:])
+    if not added:
+        return None
+    for guard in added:
+        foreign = set(guard.expr.free_symbols) - symbols
+        if foreign:
+            raise GuardExpressionError(f"guard {guard.expr} is over {sorted(map(str, foreign))}, which no graph "
+                                       "input holds")
+    prior = [guard for guard in shape_env.guards[:since] if set(guard.expr.free_symbols) <= symbols]
+    placeholders = [value if _is_symbolic(value) else None for value in inputs]
+    try:
+        expression = shape_env.produce_guards_expression(placeholders, guards=prior + added, ignore_static=False)
+    except Exception as exc:  # torch's guard printer raises assorted errors; the caller bypasses the cache
+        raise GuardExpressionError(f"cannot express the added shape guards: {type(exc).__name__}: {exc}") from exc
+    if expression is None:  # guards were added, so an empty expression would lose them
+        raise GuardExpressionError("torch printed no guards for the added ones")
+    validate_guards_expression(expression)
+    return expression
+
+
+def _hint(value: Any) -> Any:
+    """The concrete value a symbolic number has in this compile (its hint), or the plain number."""
+    if not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value
+    hint = getattr(value.node, "hint", None)
+    if hint is None and not isinstance(value, torch.SymFloat):
+        from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+        try:  # a derived value whose hint was not computed yet
+            hint = guarding_hint_or_throw(value)
+        except RuntimeError:  # no hint to compute from: an unbacked symbol
+            hint = None
+    if hint is None:
+        raise GuardExpressionError(f"symbolic value {value} has no hint (unbacked): its guards cannot be checked")
+    return hint
+
+
+def hinted_inputs(inputs: Sequence[Any]) -> list[Any]:
+    """``inputs`` with every symbolic number replaced by its hint, and every tensor of symbolic size, stride or
+    offset by a meta tensor of the hinted ones: what a guard expression is checked against at lookup, without
+    adding guards to the ShapeEnv.
+
+    :raises GuardExpressionError: a symbol without a hint (unbacked).
+    """
+    hinted = []
+    for value in inputs:
+        if isinstance(value, torch.Tensor) and _is_symbolic(value):
+            size = [_hint(item) for item in value.shape]
+            stride = [_hint(item) for item in _strides_or_empty(value)] or None
+            offset = _hint(_storage_offset_or_zero(value))
+            if stride is None:  # a non-strided layout: only its sizes can be guarded
+                hinted.append(torch.empty(size, dtype=value.dtype, device="meta"))
+            else:
+                span = 1 + sum((n - 1) * step for n, step in zip(size, stride)) if all(size) else 0
+                hinted.append(torch.empty(offset + span, dtype=value.dtype, device="meta").as_strided(
+                    size, stride, offset))
+        else:
+            hinted.append(_hint(value))
+    return hinted
 
 
 # ----------------------------------------------------------------------------------------------------

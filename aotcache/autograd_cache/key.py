@@ -54,8 +54,10 @@ import torch.fx
 
 from aotcache.aot.ambient import numerics_flags
 from aotcache.autograd_cache import guards, reachable, safety
-from aotcache.autograd_cache.reachable import canonical_json, custom_op_digest, tensor_content_digest
+from aotcache.autograd_cache.digests import Untrusted, canonical_json, tensor_content_digest
+from aotcache.autograd_cache.reachable import custom_op_digest
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+from aotcache.autograd_cache.value_kinds import is_core_library
 from aotcache.compilers import aoti_lib
 
 __all__ = [
@@ -153,7 +155,7 @@ class CacheKey:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _unhashable(what: str, exc: reachable.Untrusted) -> BypassAOTAutogradCache:
+def _unhashable(what: str, exc: Untrusted) -> BypassAOTAutogradCache:
     """The bypass for a ``what`` (e.g. "compiler") whose code or state the walker could not write down."""
     where = f" (in {exc.where})" if exc.where else ""
     return BypassAOTAutogradCache(f"unhashable {what}: {exc.reason}{where}")
@@ -167,7 +169,7 @@ def callable_digest(fn: Any, what: str = "callable") -> str:
     """
     try:
         return reachable.value_digest(fn)
-    except reachable.Untrusted as exc:
+    except Untrusted as exc:
         raise _unhashable(what, exc) from None
 
 
@@ -254,12 +256,12 @@ class _GraphCanonicalizer:
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             try:
                 digest = custom_op_digest(target)
-            except reachable.Untrusted as exc:
+            except Untrusted as exc:
                 raise _unhashable(f"custom op {name}", exc) from None
             if digest is not None:
                 self.result.custom_code[f"op:{name}"] = digest
             return name
-        if isinstance(target, types.FunctionType) and not reachable.is_core_library(target.__module__):
+        if isinstance(target, types.FunctionType) and not is_core_library(target.__module__):
             # user code, or an installed package's function (its digest names the package version)
             self.result.custom_code[f"fn:{name}"] = callable_digest(target, f"function {name}")
         return name

@@ -30,10 +30,12 @@ from typing import Any
 
 import torch
 
-from aotcache.aot.api import AOTOptions, compile_captured, compile_function
+from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function
 from aotcache.aot.capture import capture
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
+from aotcache.autograd_cache.guards import (GuardExpressionError, added_guards_expression, evaluate_guards,
+                                            hinted_inputs, input_symbols, symbolic_inputs)
 from aotcache.autograd_cache.key import CacheKey, callable_digest, compute_key
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, qualified_name
 from aotcache.logs import logger
@@ -150,7 +152,7 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                             options: AOTOptions, *, input_is_leaf: Sequence[bool] | None = None,
                             name: str = "function", memo: dict[str, Any] | None = None,
                             on_key: Callable[[CacheKey], None] | None = None) -> CompiledRuntime:
-    """:func:`~aotcache.aot.api.compile_function` through ``cache`` (see the module NOTEs).
+    """:func:`~aotcache.aot.compile_step.compile_function` through ``cache`` (see the module NOTEs).
 
     ``on_key(key)`` receives the full key once computed (see :meth:`AOTAutogradCache.load_or_compile`).
 
@@ -201,8 +203,11 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
                                 lifted_attributes: Sequence[str]) -> CompiledRuntime:
     """The ``aot_module_simplified`` step through ``cache``: the key is ``gm`` (Dynamo's graph) and its
     example inputs; ``flat_example`` (lifted parameters and buffers, then the inputs) is what a miss compiles.
+    Entries carry the shape guards their compile added (NOTE [Guards added while compiling a Dynamo graph]).
     """
     state: dict[str, Any] = {}
+    shape_env = _shape_env_of(example_inputs)
+    symbolic = _graph_inputs(gm, example_inputs) if shape_env is not None else None
 
     def make_key() -> CacheKey:
         if not isinstance(gm, torch.fx.GraphModule):
@@ -219,17 +224,24 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         return key
 
     def compile_fn() -> CompileResult:
-        shape_env = _shape_env_of(example_inputs)
         guards_before = len(shape_env.guards) if shape_env is not None else 0
+        symbols = input_symbols(symbolic) if symbolic is not None else set()  # before specializations replace them
         runtime = compile_function(flat_fn, flat_example, options)
-        runtime.metadata.guards = None  # Dynamo guards this graph; the entry carries none
+        runtime.metadata.guards = None  # Dynamo checks the frame's guards; the entry records the added ones
         kind = "inference" if runtime.metadata.is_inference else "training"
         summary = (_summary(state["key"], name=type(gm).__qualname__, source="torch.compile", kind=kind,
                             num_inputs=len(flat_example), dynamic=bool(options.dynamic)) if "key" in state else {})
-        return CompileResult(runtime, guards=None, summary=summary,
-                             uncacheable=_new_shape_guards(shape_env, guards_before))
+        guards, uncacheable = _added_guards(shape_env, guards_before, symbolic, symbols)
+        return CompileResult(runtime, guards=guards, summary=summary, uncacheable=uncacheable)
 
-    return cache.load_or_compile(make_key, compile_fn, None, name=type(gm).__qualname__)
+    runtime = cache.load_or_compile(make_key, compile_fn, None, guard_inputs=_hints_or_none(symbolic),
+                                    name=type(gm).__qualname__)
+    if getattr(runtime, "from_cache", False) and runtime.metadata.guards:
+        if not _install_guards(runtime.metadata.guards, symbolic):
+            cache.count_bypass("shape guards not installable")
+            return compile_fn().runtime
+        runtime.metadata.guards = None
+    return runtime
 
 
 def _shape_env_of(example_inputs: Sequence[Any]) -> Any:
@@ -243,16 +255,67 @@ def _shape_env_of(example_inputs: Sequence[Any]) -> Any:
     return getattr(mode, "shape_env", None)
 
 
-def _new_shape_guards(shape_env: Any, guards_before: int) -> str | None:
+def _graph_inputs(gm: torch.nn.Module, example_inputs: Sequence[Any]) -> list[Any] | None:
+    """The Dynamo graph's inputs as the key describes them (symbolic where Dynamo traced them so), or None."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return None
+    try:
+        return symbolic_inputs(gm, example_inputs)
+    except ValueError:  # placeholders and inputs disagree: make_key bypasses such a graph
+        return None
+
+
+def _hints_or_none(symbolic: Sequence[Any] | None) -> list[Any] | None:
+    """The graph inputs at their size hints, what stored guards are checked against; None: not checkable here."""
+    if symbolic is None:
+        return None
+    try:
+        return hinted_inputs(symbolic)
+    except GuardExpressionError as exc:
+        logger.debug("aotcache: the Dynamo graph's guards cannot be checked: %s", exc)
+        return None
+
+
+def _added_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | None,
+                  symbols: set[Any]) -> tuple[str | None, str | None]:
     """NOTE [Guards added while compiling a Dynamo graph]
     Capturing or compiling a graph Dynamo traced with symbolic sizes can add guards to Dynamo's ShapeEnv,
     specializations among them (``Eq(s53, 12)``: Inductor lowering a transposed convolution). Dynamo installs
-    them for this frame, but an entry stored under the key of the symbolic graph would be loaded for the next
-    frame Dynamo compiles with the same graph and no such guard, and run code specialized to other sizes. Such
-    a compile is used for this frame and not stored (bypass "compile added shape guards").
+    them for this frame; the compiled code is valid only where they hold. The entry is stored under the
+    symbolic graph's key with those guards written over input positions (``L['t3'].size()[0] == 12``, never
+    the ShapeEnv's symbol names, which differ between frames and processes: ``added_guards_expression``; with
+    them, as torch's FX graph cache does, the guards the ShapeEnv already held over these inputs), and
+    the key's slots hold one entry per guard set, as for ``aot_function`` (NOTE [slots] in cache.py). A
+    lookup checks each entry's guards against the graph inputs' size hints (``hinted_inputs``: concrete values,
+    so the check adds nothing to the ShapeEnv); an entry whose guards fail is never loaded (``guard_miss``:
+    compiled and saved in the next slot). On a hit the same guards are added to Dynamo's ShapeEnv by
+    evaluating the expression over the symbolic inputs (``_install_guards``), so Dynamo guards the frame
+    exactly as after a fresh compile and a later call at other sizes recompiles instead of running code
+    specialized to these. Guards that cannot be written by position (over a symbol no input holds, or outside
+    the guard grammar) keep the old answer: the compile is used for the frame and not stored.
+
+    Returns ``(guard expression or None, bypass reason or None)``.
     """
     if shape_env is None or len(shape_env.guards) <= guards_before:
-        return None
-    logger.debug("aotcache: compiling a Dynamo graph added shape guards, first %s", shape_env.guards[guards_before].expr)
-    return "compile added shape guards"
+        return None, None
+    if symbolic is None:
+        return None, "compile added shape guards"
+    try:
+        return added_guards_expression(symbolic, shape_env, symbols, guards_before), None
+    except GuardExpressionError as exc:
+        logger.debug("aotcache: compiling a Dynamo graph added shape guards (first %s) that cannot be stored: %s",
+                     shape_env.guards[guards_before].expr, exc)
+        return None, "compile added shape guards"
 
+
+def _install_guards(expression: str, symbolic: Sequence[Any] | None) -> bool:
+    """Add a loaded entry's guards to Dynamo's ShapeEnv: the expression evaluated over the symbolic inputs
+    makes each comparison a symbolic bool that the ShapeEnv guards on. False: they could not be added (the
+    entry must then not be used)."""
+    if symbolic is None:
+        return False
+    try:
+        return evaluate_guards(expression, symbolic)
+    except (GuardExpressionError, RuntimeError, TypeError, ValueError) as exc:
+        logger.debug("aotcache: could not add a loaded entry's shape guards to Dynamo's ShapeEnv: %s", exc)
+        return False

@@ -1,7 +1,7 @@
 """In-process reuse guards: a cheap check, on every call, that the program a compiled graph came from is unchanged.
 
 NOTE [Program guards]
-A graph compiled earlier in the process is reused by signature (NOTE [Signature] in aot/api.py), and the
+A graph compiled earlier in the process is reused by signature (NOTE [Signature] in aot/signature.py), and the
 signature sees the arguments, not the program: a module global read by ``forward`` reassigned, a class
 attribute (``M.SCALE = 3.0``), a closure cell, a forward hook swapped for another, a list attribute or a
 nested config object changed in place, or an environment variable the code reads by name all left the old
@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
-from aotcache.autograd_cache.reachable import Reachable, canonical_json, sha256_text
+from aotcache.autograd_cache.digests import canonical_json, sha256_text
+from aotcache.autograd_cache.reachable import Reachable
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState

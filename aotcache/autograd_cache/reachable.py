@@ -10,24 +10,18 @@ tables, ``@cacheable`` functions, custom ops: docs/cache_key.md).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextvars
 import dataclasses
-import dis
 import enum
 import functools
-import hashlib
 import importlib.metadata
-import importlib.util
-import json
 import logging
 import os
 import re
 import sys
 import threading
 import types
-import typing
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -38,17 +32,47 @@ from torch.utils.hooks import RemovableHandle
 
 from aotcache.aot.hot_path import generate_memos, is_method_router, setting_by_value
 from aotcache.autograd_cache import process_state, safety
+from aotcache.autograd_cache.code_reading import (
+    all_names,
+    cell_contents,
+    constant_token,
+    imported_modules,
+    string_constants,
+    unloaded_module_token,
+)
+from aotcache.autograd_cache.digests import (
+    Untrusted,
+    canonical_json,
+    check_plain_tensor,
+    sha256_text,
+    tensor_content_digest,
+)
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+from aotcache.autograd_cache.value_kinds import (
+    SET_ORDERED_ENTRIES,
+    VOLATILE_ATTRIBUTES,
+    defining_module,
+    describe,
+    is_core_library,
+    is_custom_op,
+    is_inert_stdlib_value,
+    is_library,
+    is_plain_object,
+    is_user_code,
+    library_version,
+    order_key,
+    slot_names,
+    type_name,
+)
 
+# Untrusted, check_plain_tensor, sha256_text, canonical_json, tensor_content_digest (digests.py) and
+# is_core_library (value_kinds.py) are still importable from here, where they were defined before the split
 __all__ = ["Reachable", "Untrusted", "check_plain_tensor", "sha256_text", "canonical_json",
            "value_digest", "custom_op_digest", "tensor_content_digest", "is_core_library"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
 _MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
 _MAX_CONSTANT_BYTES = 64 * 1024 * 1024  # tensor constants hashed by content, in total
-_LIBRARY_ROOTS = frozenset({"torch", "functorch", "numpy", "sympy", "triton", "aotcache", "typing_extensions"})
-_IMPORT_NAME = dis.opmap["IMPORT_NAME"]
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Class-dict entries that describe the class rather than behave (never read by tracing).
 _CLASS_METADATA = frozenset({
     "__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__", "__annotate__",
@@ -69,9 +93,6 @@ _FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "
 _BACKWARD_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks")
 _IGNORED_MODULE_ENTRIES = frozenset({"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                                      "_load_state_dict_post_hooks", "_is_full_backward_hook"})
-# Object attributes that hold a per-process hash()/id() of the object itself (they differ in every process and
-# are never read by a forward): transformers' GenerationConfig records one to notice later edits.
-_VOLATILE_ATTRIBUTES = frozenset({"_original_object_hash"})
 # C functions named, not read, by the fingerprint (no clocks or OS calls: their results could steer tracing)
 _SAFE_BUILTIN_ROOTS = frozenset({"builtins", "math", "operator", "_operator", "itertools", "functools",
                                  "_functools", "torch", "collections", "_collections", "numpy", "cmath",
@@ -98,27 +119,6 @@ def _custom_op_def_type() -> type | None:
 
 
 _CUSTOM_OP_DEF = _custom_op_def_type()
-# Standard-library attribute bags whose whole state is their ``__dict__`` (configs are often held in them)
-_NAMESPACE_TYPES = (types.SimpleNamespace, argparse.Namespace)
-
-
-class Untrusted(Exception):
-    """Raised when the cheap form cannot describe something; ``reason`` is short and categorical."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.where = ""  # the function, class or object being described (for the log, not for counting)
-
-
-def sha256_text(text: str) -> str:
-    """sha256 hex digest of a text (UTF-8)."""
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def canonical_json(value: Any) -> str:
-    """Deterministic JSON text (sorted keys, no whitespace, no NaN) used for every digest."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def value_digest(value: Any) -> str:
@@ -143,68 +143,6 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
     if safety.is_torch_internal_namespace(str(op).split(".")[0]) and safety.custom_op_implementations(op) is None:
         return None
     return value_digest(op)
-
-
-def tensor_content_digest(tensor: torch.Tensor) -> str:
-    """sha256 over dtype, shape and the bytes of a contiguous CPU copy.
-
-    :raises BypassAOTAutogradCache: a fake or meta tensor, or a dtype whose bytes cannot be read.
-    """
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(tensor, FakeTensor) or tensor.device.type == "meta":
-        raise BypassAOTAutogradCache("fake tensor constant")
-    data = tensor.detach()
-    if data.is_sparse or data.layout != torch.strided or data.is_quantized:
-        raise BypassAOTAutogradCache(f"unhashable tensor constant: {data.layout}")
-    data = data.resolve_conj().resolve_neg().to("cpu").contiguous()
-    try:
-        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    except (RuntimeError, TypeError) as exc:
-        raise BypassAOTAutogradCache(f"unhashable tensor constant: {data.dtype}") from exc
-    header = canonical_json([str(data.dtype), list(data.shape)])
-    return hashlib.sha256(header.encode() + b"\0" + raw).hexdigest()
-
-
-def _is_library(module_name: str | None) -> bool:
-    """Code named, not traversed: torch, the standard library, and installed third-party distributions."""
-    return is_core_library(module_name) or _installed_distribution((module_name or "").split(".")[0]) is not None
-
-
-def is_core_library(module_name: str | None) -> bool:
-    """torch (and its companions), aotcache and the standard library: pinned by the versions in the key."""
-    root = (module_name or "").split(".")[0]
-    # code without a module name (exec'd into a bare namespace) is user code: it is read, never just named
-    return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names or root == "builtins"
-
-
-def _library_version(module_name: str | None) -> str:
-    """``@<version>`` for code of an installed third-party distribution, "" for torch / stdlib / user code."""
-    version = _installed_distribution((module_name or "").split(".")[0])
-    return f"@{version}" if version else ""
-
-
-@functools.lru_cache(maxsize=None)
-def _installed_distribution(root: str) -> str | None:
-    """The version of the installed (non-editable) distribution that provides top-level module ``root``.
-
-    NOTE [Installed packages are pinned by version] Code of a package installed into site-packages (e.g.
-    transformers) is treated like torch's: named with its version, not traversed (traversing transformers'
-    registries reaches hundreds of functions and costs ~0.1 s). Memoized per process: where a top-level
-    module lives does not change under a running program. Editable installs and scripts are user code.
-    """
-    module = sys.modules.get(root)
-    path = getattr(module, "__file__", None) or ""
-    if not path or not any(part in ("site-packages", "dist-packages") for part in path.split(os.sep)):
-        return None
-    try:
-        return importlib.metadata.version(root)
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-
-
-def _type_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +222,7 @@ class Reachable:
                 try:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
-                    exc.where = exc.where or _describe(self._objects[index])
+                    exc.where = exc.where or describe(self._objects[index])
                     self._tokens[index] = self._lenient_token(exc, self._objects[index])
             if not self._include_new_class_members():
                 return
@@ -328,7 +266,7 @@ class Reachable:
         except Untrusted as exc:
             if not self._lenient:
                 raise
-            exc.where = exc.where or _describe(value)
+            exc.where = exc.where or describe(value)
             return self._lenient_token(exc, value)
 
     def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
@@ -350,7 +288,7 @@ class Reachable:
                 self._constructible.add(int(token[1:]))  # a class as a value: code may construct it
             return token
         if isinstance(value, (types.FunctionType, nn.Module)):
-            if isinstance(value, types.FunctionType) and _is_library(_defining_module(value)):
+            if isinstance(value, types.FunctionType) and is_library(defining_module(value)):
                 return self._library_function_token(value)
             return self._node(value)
         if isinstance(value, types.MethodType):
@@ -369,7 +307,7 @@ class Reachable:
                               types.MethodWrapperType, types.ClassMethodDescriptorType)):
             return self._builtin_token(value)
         if isinstance(value, types.ModuleType):
-            if _is_library(value.__name__):
+            if is_library(value.__name__):
                 return "module:" + value.__name__
             raise Untrusted(f"module object as a value: {value.__name__}")
         if isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
@@ -404,16 +342,16 @@ class Reachable:
             return "unset"
         if value is dataclasses.MISSING:
             return "dataclasses.MISSING"
-        if _is_inert_stdlib_value(value):
+        if is_inert_stdlib_value(value):
             return f"{type(value).__module__}:{value!r}"
         if _CUSTOM_OP_DEF is not None and isinstance(value, _CUSTOM_OP_DEF):
             return self._op_token(value._opoverload)  # a torch.library.custom_op: by its registrations
         program_of = getattr(type(value), "fingerprint_program", None)
         if program_of is not None:  # NOTE [Compiled wrappers in a walked program]: a compiled function, by its code
             return f"compiled:{self.type_ref(type(value))}({self.ref(program_of(value))})"
-        if _is_plain_object(value):
+        if is_plain_object(value):
             return self._node(value)
-        raise Untrusted(f"opaque object: {_type_name(type(value))}")
+        raise Untrusted(f"opaque object: {type_name(type(value))}")
 
     def type_ref(self, cls: type) -> str:
         """A token for a class seen as the type of a value (its constructor is not reachable through it)."""
@@ -425,11 +363,11 @@ class Reachable:
             return self._lenient_token(exc, cls)
 
     def _type_ref(self, cls: type) -> str:
-        if _is_library(cls.__module__) and not issubclass(cls, nn.Module):
+        if is_library(cls.__module__) and not issubclass(cls, nn.Module):
             reason = process_state.module_reason(cls.__module__) if self.process_state else None
             if reason:
                 raise Untrusted(reason)
-            return f"class:{_type_name(cls)}{_library_version(cls.__module__)}"
+            return f"class:{type_name(cls)}{library_version(cls.__module__)}"
         return self._node(cls)
 
     def _op_token(self, op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str:
@@ -466,21 +404,21 @@ class Reachable:
         if self._guards is not None and not isinstance(value, (tuple, frozenset)):
             self._guards.contents(value)  # mutable: its members by identity (the holder checks the container)
         try:
-            kind = _type_name(type(value))
+            kind = type_name(type(value))
             if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
                     isinstance(value, tuple) and hasattr(type(value), "_fields")):
                 # a user subclass of a container may change how it is read: its class is part of the token
                 kind = self.type_ref(type(value))
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
-                unordered = _SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
+                unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
                 items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
                          for k, v in value.items()]
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
                 # order members by an index-free key first, so that node indices are assigned deterministically
-                ordered = sorted(value, key=_order_key)
-                keys = [_order_key(v) for v in ordered]
+                ordered = sorted(value, key=order_key)
+                keys = [order_key(v) for v in ordered]
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
                 return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
@@ -519,22 +457,22 @@ class Reachable:
 
     def _library_function_token(self, fn: types.FunctionType) -> str:
         # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__
-        cells = [self._library_cell_token(_cell_contents(cell)) for cell in (fn.__closure__ or ())]
+        cells = [self._library_cell_token(cell_contents(cell)) for cell in (fn.__closure__ or ())]
         wrapped = fn.__dict__.get("__wrapped__")
         inner = self.ref(wrapped) if wrapped is not None else ""
-        module = _defining_module(fn)
+        module = defining_module(fn)
         reason = process_state.module_reason(module) if self.process_state else None
         if reason:
             raise Untrusted(reason)
-        return f"lib:{module}{_library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
+        return f"lib:{module}{library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
 
     def _library_cell_token(self, value: Any) -> str:
         # torch-owned helper objects in torch's closures (a dynamo DisableContext) are fixed by the version
-        if isinstance(value, types.MethodType) and _is_library(type(value.__self__).__module__) and not (
-                isinstance(value.__self__, _TRANSPARENT_TYPES) or _is_user_code(value.__func__)):
-            return f"libmethod:{_type_name(type(value.__self__))}.{value.__func__.__qualname__}"
-        if _is_library(type(value).__module__) and not isinstance(value, _TRANSPARENT_TYPES):
-            return "libopaque:" + _type_name(type(value))
+        if isinstance(value, types.MethodType) and is_library(type(value.__self__).__module__) and not (
+                isinstance(value.__self__, _TRANSPARENT_TYPES) or is_user_code(value.__func__)):
+            return f"libmethod:{type_name(type(value.__self__))}.{value.__func__.__qualname__}"
+        if is_library(type(value).__module__) and not isinstance(value, _TRANSPARENT_TYPES):
+            return "libopaque:" + type_name(type(value))
         return self.ref(value)
 
     def _builtin_token(self, fn: Any) -> str:
@@ -576,8 +514,8 @@ class Reachable:
 
     def _function_token(self, fn: types.FunctionType) -> str:
         code = fn.__code__
-        name_set = set(_all_names(code))
-        strings = set(_string_constants(code))
+        name_set = set(all_names(code))
+        strings = set(string_constants(code))
         fn_globals = fn.__globals__
         if "globals" in name_set and "globals" not in fn_globals:
             # ``globals()["NAME"]``: constant names the code may read through its module's dict
@@ -593,14 +531,14 @@ class Reachable:
                 if guards is not None:
                     guards.slot(fn_globals, name, value)
                 referenced.append(f"{name}={self._global_token(value, names)}")
-        for module_name in _imported_modules(fn):
+        for module_name in imported_modules(fn):
             module = sys.modules.get(module_name)
-            token = _unloaded_module_token(module_name) if module is None else self._global_token(module, names)
+            token = unloaded_module_token(module_name) if module is None else self._global_token(module, names)
             referenced.append(f"import {module_name}={token}")
         # a module in a closure cell is read like a module global: through the attribute names the code uses
         cells = []
         for cell in fn.__closure__ or ():
-            value = _cell_contents(cell)
+            value = cell_contents(cell)
             if guards is not None:
                 guards.cell(cell)
             cells.append(self._global_token(value, names))
@@ -643,7 +581,7 @@ class Reachable:
         if id(module) in seen:
             return f"module:{module.__name__}"
         seen.add(id(module))
-        library = _is_library(module.__name__)
+        library = is_library(module.__name__)
         entries = []
         namespace = vars(module)
         for name in names:
@@ -662,7 +600,7 @@ class Reachable:
                 self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
                 entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
-            elif not library or _is_user_code(value) or _is_custom_op(value):
+            elif not library or is_user_code(value) or is_custom_op(value):
                 # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
                 # are custom operators reached through ``torch.ops.<namespace>.<name>``
                 entries.append(f"{name}={self.ref(value)}")
@@ -678,15 +616,15 @@ class Reachable:
     # ``fingerprint_program(obj)`` returns that function, which the walk sees in its place.
     def _module_token(self, module: nn.Module) -> str:
         cls = type(module)
-        if _type_name(cls).startswith("torch._dynamo"):
+        if type_name(cls).startswith("torch._dynamo"):
             raise Untrusted("torch.compile-d submodule")
         call = cls.__call__
         if call is not nn.Module.__call__ and not (isinstance(call, types.FunctionType)
-                                                   and _is_library(_defining_module(call))):
+                                                   and is_library(defining_module(call))):
             # NOTE [Library __call__ overrides]: a user's __call__ is code the walk does not read; one defined
             # by torch or an installed library is pinned by its version in the key, as library forwards are
             # (torch's ParameterDict / ParameterList define a raising __call__, and peft's LoRA layers hold them)
-            self._note(f"module overrides __call__: {_type_name(cls)}")
+            self._note(f"module overrides __call__: {type_name(cls)}")
         entries = []
         guards = self._guards
         managed = id(module) in self._managed  # its attributes and entries: ModuleState checks them per call
@@ -743,22 +681,22 @@ class Reachable:
 
     def _object_token(self, value: Any) -> str:
         state = value.__dict__ if hasattr(value, "__dict__") else {}
-        slots = [(name, getattr(value, name)) for name in _slot_names(type(value)) if hasattr(value, name)]
+        slots = [(name, getattr(value, name)) for name in slot_names(type(value)) if hasattr(value, name)]
         if self._guards is not None:
             self._guards.attributes(value, ("__class__", *(name for name, _ in slots)))
             if hasattr(value, "__dict__"):
                 self._guards.length(state)
                 for name, item in state.items():
-                    if name not in _VOLATILE_ATTRIBUTES:
+                    if name not in VOLATILE_ATTRIBUTES:
                         self._guards.slot(state, name, item)
-        items = sorted(f"{k}={self.ref(v)}" for k, v in (*state.items(), *slots) if k not in _VOLATILE_ATTRIBUTES)
+        items = sorted(f"{k}={self.ref(v)}" for k, v in (*state.items(), *slots) if k not in VOLATILE_ATTRIBUTES)
         return f"object {self.type_ref(type(value))} " + " ".join(items)
 
     def _code_digest(self, code: types.CodeType) -> str:
         """Digest of a code object: bytecode, names, constants (nested code recursively); no file or line."""
         cached = self._code_digests.get(code)
         if cached is None:
-            consts = [self._code_digest(c) if isinstance(c, types.CodeType) else _constant_token(c)
+            consts = [self._code_digest(c) if isinstance(c, types.CodeType) else constant_token(c)
                       for c in code.co_consts]
             cached = sha256_text(canonical_json([
                 code.co_name, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
@@ -773,12 +711,12 @@ class Reachable:
         self._names.update(names)
 
     def _member_included(self, index: int, cls: type, name: str, value: Any) -> bool:
-        if name in _CONSTRUCTORS and index in self._constructible and not _is_library(cls.__module__):
+        if name in _CONSTRUCTORS and index in self._constructible and not is_library(cls.__module__):
             return True
         if name in _CLASS_METADATA:
             return False
-        if _is_library(cls.__module__):
-            return _is_user_code(value)  # torch's own members: only when monkeypatched with user code
+        if is_library(cls.__module__):
+            return is_user_code(value)  # torch's own members: only when monkeypatched with user code
         if name in _AUTOGRAD_FUNCTION_METHODS and issubclass(cls, torch.autograd.Function):
             return True  # autograd calls them by name: backward runs though no user code names it
         if name.startswith("__") and name.endswith("__"):
@@ -810,7 +748,7 @@ class Reachable:
                     try:
                         self.ref(value)
                     except Untrusted as exc:
-                        exc.where = exc.where or f"{_type_name(cls)}.{name}"
+                        exc.where = exc.where or f"{type_name(cls)}.{name}"
                         raise
                     added = True
         return added or bool(self._queue)
@@ -823,190 +761,11 @@ class Reachable:
         if self._guards is not None:
             namespace = vars(cls)
             self._guards.owner(namespace, cls)  # a read-only view: written back through the class
-            if not _is_library(cls.__module__):
+            if not is_library(cls.__module__):
                 self._guards.length(namespace)  # an attribute added here may shadow one of a base class
             for name in self._names.intersection(namespace).union(members):
                 self._guards.slot(namespace, name, namespace[name])
-        return (f"class {_type_name(cls)}{_library_version(cls.__module__)} bases=({bases}) "
+        return (f"class {type_name(cls)}{library_version(cls.__module__)} bases=({bases}) "
                 f"meta={self.type_ref(type(cls))} members={{{body}}}")
 
 
-def _order_key(value: Any) -> tuple[str, str]:
-    """A sort key for set members that does not depend on addresses or hash seeds."""
-    if isinstance(value, (types.FunctionType, type)):
-        return ("code", f"{value.__module__}.{value.__qualname__}")
-    if isinstance(value, tuple):
-        return ("tuple", repr([_order_key(item) for item in value]))
-    return (_type_name(type(value)), repr(value) if " at 0x" not in repr(value) else "")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (types.FunctionType, type)):
-        return f"{value.__module__}.{value.__qualname__}"
-    return f"a {_type_name(type(value))} object"
-
-
-def _constant_token(value: Any) -> str:
-    """A code object's constant: literals, tuples and frozensets of them (frozensets in sorted order)."""
-    if isinstance(value, frozenset):
-        return "set{" + ",".join(sorted(_constant_token(v) for v in value)) + "}"
-    if isinstance(value, tuple):
-        return "tuple(" + ",".join(_constant_token(v) for v in value) + ")"
-    if value is None or value is Ellipsis or isinstance(value, (int, float, complex, str, bytes)):
-        return f"{type(value).__name__}:{value!r}"
-    raise Untrusted(f"code constant: {_type_name(type(value))}")
-
-
-def _is_custom_op(value: Any) -> bool:
-    """An operator outside torch's own namespaces, or a custom_op (its registrations decide what it does)."""
-    return isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and not (
-        safety.is_torch_internal_namespace(str(value).split(".")[0])
-        and safety.custom_op_implementations(value) is None)
-
-
-def _cell_contents(cell: types.CellType) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell (variable not assigned yet)
-        return None
-
-
-def _all_names(code: types.CodeType) -> Iterable[str]:
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _all_names(const)
-
-
-def _string_constants(code: types.CodeType) -> Iterable[str]:
-    for const in code.co_consts:
-        if isinstance(const, str) and _IDENTIFIER.match(const):
-            yield const
-        elif isinstance(const, tuple):
-            yield from (item for item in const if isinstance(item, str) and _IDENTIFIER.match(item))
-        elif isinstance(const, types.CodeType):
-            yield from _string_constants(const)
-
-
-def _has_import(code: types.CodeType) -> bool:
-    raw = code.co_code
-    if any(raw[i] == _IMPORT_NAME for i in range(0, len(raw), 2)):
-        return True
-    return any(isinstance(c, types.CodeType) and _has_import(c) for c in code.co_consts)
-
-
-def _imported_modules(fn: types.FunctionType) -> list[str]:
-    """Absolute names of the modules a function imports in its body (``import x`` / ``from .y import z``)."""
-    if not _has_import(fn.__code__):
-        return []
-    found = []
-    codes = [fn.__code__]
-    while codes:
-        code = codes.pop()
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        level = 0
-        for instruction in dis.get_instructions(code):
-            if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, int):
-                level = instruction.argval
-            elif instruction.opname == "IMPORT_NAME":
-                name = "." * level + instruction.argval
-                try:
-                    found.append(importlib.util.resolve_name(name, fn.__globals__.get("__package__")))
-                except (ImportError, ValueError):
-                    raise Untrusted(f"import inside function: {name}") from None
-    return sorted(set(found))
-
-
-def _unloaded_module_token(name: str) -> str:
-    """A module a function would import when it runs, not imported yet: its source file and distribution.
-
-    NOTE [Unloaded imports] The import can only happen during the call (capture, on a cold start), so the
-    fingerprint pins the module's source bytes and its distribution's version; the code that module imports
-    in turn is pinned by that version only (documented in docs/warmstart.md).
-    """
-    top, parent = name.split(".")[0], name.rpartition(".")[0]
-    try:
-        if top not in sys.modules and importlib.util.find_spec(top) is None:
-            return f"absent:{name}"  # the import would fail, as it fails now
-        if parent and parent not in sys.modules:
-            raise Untrusted(f"import inside function: {name}")  # find_spec would import the parent
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        raise Untrusted(f"import inside function: {name}") from None
-    if spec is None:
-        return f"absent:{name}"
-    if not spec.origin or not os.path.isfile(spec.origin):
-        raise Untrusted(f"import inside function: {name}")
-    with open(spec.origin, "rb") as source:
-        digest = hashlib.sha256(source.read()).hexdigest()
-    try:
-        version = importlib.metadata.version(name.split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return f"unloaded:{name}:{digest}:{version}"
-
-
-def _defining_module(fn: types.FunctionType) -> str:
-    """The module whose code defined ``fn`` (``functools.wraps`` copies ``__module__``, not the globals)."""
-    return fn.__globals__.get("__name__") or fn.__module__ or ""
-
-
-# NOTE [Set-ordered library metadata]
-# diffusers' ``ConfigMixin`` keeps in every model's config (``_internal_dict``, a ``FrozenDict``) the names of the
-# arguments left at their defaults as ``list(set(...))``: its order follows string hashing, which differs per
-# process (PYTHONHASHSEED), so every diffusers model had another fingerprint in each process and a warm start
-# traced again to find its entry. The entry is provenance for saving and loading configs (no forward reads it,
-# and its order means nothing to any reader); it is fingerprinted by its sorted members. Keyed by the holding
-# class and entry name, so nothing else is reordered.
-_SET_ORDERED_ENTRIES: dict[str, frozenset[str]] = {
-    "diffusers.configuration_utils.FrozenDict": frozenset({"_use_default_values"}),
-}
-
-
-def _is_user_code(value: Any) -> bool:
-    """A Python function (or wrapper of one) defined outside torch and the standard library."""
-    for attribute in ("__func__", "fget", "func"):
-        value = getattr(value, attribute, value) if not isinstance(value, types.FunctionType) else value
-    return isinstance(value, types.FunctionType) and not _is_library(_defining_module(value))
-
-
-def _slot_names(cls: type) -> list[str]:
-    names = []
-    for klass in cls.__mro__:
-        slots = vars(klass).get("__slots__", ())
-        names.extend([slots] if isinstance(slots, str) else slots)
-    return [name for name in names if name not in ("__dict__", "__weakref__")]
-
-
-def _is_inert_stdlib_value(value: Any) -> bool:
-    """Type annotations and dataclasses sentinels: never read by tracing; their repr is address-free."""
-    module = type(value).__module__
-    annotation = module == "typing" or isinstance(value, (types.GenericAlias, types.UnionType))
-    if not (annotation or module == "dataclasses" or isinstance(value, typing.TypeVar)):
-        return False
-    return " at 0x" not in repr(value)
-
-
-def _is_plain_object(value: Any) -> bool:
-    """An instance of a Python class outside torch / stdlib whose state is its ``__dict__`` / slots."""
-    cls = type(value)
-    if cls is object or cls in _NAMESPACE_TYPES:
-        return True  # a bare sentinel (its identity is its node index), or attribute bags (config holders)
-    if is_core_library(cls.__module__) or not (hasattr(value, "__dict__") or _slot_names(cls)):
-        return False
-    # a C-extension base class keeps state where __dict__ cannot show it
-    return all(base is object or not _is_c_type(base) for base in cls.__mro__)
-
-
-def _is_c_type(cls: type) -> bool:
-    return (cls.__flags__ & (1 << 9)) == 0  # Py_TPFLAGS_HEAPTYPE: classes defined in Python are heap types
-
-
-def check_plain_tensor(value: torch.Tensor, what: str) -> None:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    allowed = (torch.Tensor, nn.Parameter, getattr(nn, "Buffer", torch.Tensor))
-    if isinstance(value, FakeTensor) or value.device.type == "meta":
-        raise Untrusted(f"fake or meta {what}")
-    if type(value) not in allowed:
-        raise Untrusted(f"{what} subclass: {type(value).__name__}")

@@ -32,7 +32,7 @@ import torch.fx
 from aotcache.compilers import aoti_lib
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
-from aotcache.compilers.input_layout import InputLayouts, expected_layouts
+from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expected_layouts
 
 __all__ = ["AOTICompiledGraph", "aoti_compiler", "decompositions", "load"]
 
@@ -83,6 +83,8 @@ class AOTICompiledGraph:
         self._layouts = meta.get("input_layouts") or [
             {"stride": spec["stride"]} if self._static else None for spec in self._specs]
         self._conform = InputLayouts(self._layouts).conform
+        # NOTE [Misaligned inputs]: a GPU library may assume aligned tensor inputs; the CPU one assumes nothing
+        self._aligned = list(range(len(self._tensor_indices))) if str(meta["device"]).startswith("cuda") else []
 
     def _check(self, args: Sequence[Any]) -> None:
         count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs)
@@ -112,6 +114,8 @@ class AOTICompiledGraph:
         # the library reads its inputs with the strides it was built for and checks none: arguments with other
         # strides are copied into those first (NOTE [compiled code assumes input strides])
         tensors = self._conform([args[index] for index in self._tensor_indices])
+        if self._aligned:
+            copy_misaligned(tensors, self._aligned)
         results = iter(self._runner.run(tensors))
         return tuple(next(results) if entry == "tensor" else entry["const"] for entry in self._template)
 

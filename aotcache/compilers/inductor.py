@@ -49,7 +49,7 @@ import torch.fx
 from aotcache.compilers import aoti_lib, triton_kernels
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
-from aotcache.compilers.input_layout import InputLayouts, expected_layouts
+from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expected_layouts
 from aotcache.logs import log_once
 
 __all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
@@ -59,7 +59,6 @@ COMPILER_NAME = "inductor"
 _WRAPPER_BLOB = "wrapper.py"
 _CONSTANTS_BLOB = "constants"
 _KERNEL_PREFIX = "kernel:"
-_ALIGNMENT = 16  # bytes; Inductor assumes inputs it was told to check are aligned like this
 
 
 def decompositions() -> dict:
@@ -122,11 +121,8 @@ class InductorCompiledGraph:
         # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
         # early), so it always gets a fresh list here (conform returns one).
         boxed = self._conform(args)  # NOTE [compiled code assumes input strides]
-        for index in self._inputs_to_check:
-            value = boxed[index]
-            if isinstance(value, torch.Tensor) and value.data_ptr() % _ALIGNMENT:
-                boxed[index] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                                   device=value.device).copy_(value)
+        if self._inputs_to_check:
+            copy_misaligned(boxed, self._inputs_to_check)  # NOTE [Misaligned inputs]
         return self._call(boxed)
 
     def run(self, args: Sequence[Any]) -> Sequence[Any]:

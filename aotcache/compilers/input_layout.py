@@ -18,6 +18,18 @@ a mismatch (they address no other element; Inductor's own assert ignores them to
 Expectations are JSON (stored in artifacts): ``{"stride": [...]}`` for static strides, ``{"order": [...]}``
 for a dense input with symbolic sizes (expected strides follow from the call's sizes and that dimension
 order, outermost first), ``None`` for inputs that are not tensors or not dense with symbolic sizes (unchecked).
+
+NOTE [Misaligned inputs]
+Inductor generates GPU code that assumes 16-byte aligned inputs when its example input was aligned (vectorized
+loads), and copies an input that arrives misaligned into aligned memory first; on the CPU it assumes nothing
+(unaligned loads). It never guards on alignment, so torch.compile reuses one graph at every offset. aotcache's
+signature leaves alignment out too (NOTE [Storage offsets are not part of the signature] in ``aot/api.py``):
+a 0-d timestep taken from ``scheduler.timesteps[i]`` alternates between aligned and misaligned offsets, and a
+graph per alignment doubled the compiles of a diffusion loop. So every compiled graph that may assume
+alignment makes it true at its entry with :func:`copy_misaligned`: the inductor compiler for the inputs
+Inductor lists as assumed aligned (``inputs_to_check``), the aoti compiler for every tensor input of a GPU
+library (its static build traces fresh, aligned tensors; newer AOTInductor also checks in C++). The nop
+compiler runs eager ATen ops, which take any offset.
 """
 
 from __future__ import annotations
@@ -27,7 +39,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["expected_layout", "expected_layouts", "conform_inputs", "dense_strides", "InputLayouts"]
+__all__ = ["expected_layout", "expected_layouts", "conform_inputs", "dense_strides", "InputLayouts", "ALIGNMENT",
+           "copy_misaligned"]
+
+ALIGNMENT = 16  # bytes: what compiled GPU code assumes of an input it treats as aligned (NOTE [Misaligned inputs])
 
 
 def _hint(value: Any) -> int:
@@ -131,3 +146,17 @@ class InputLayouts:
             except (AttributeError, IndexError, TypeError):  # not a tensor, fewer arguments: the careful path
                 pass
         return conform_inputs(args, self.layouts)
+
+
+def copy_misaligned(args: list[Any], indices: Sequence[int]) -> None:
+    """Replace (in ``args``) each tensor at ``indices`` whose data is not :data:`ALIGNMENT`-byte aligned by an
+    aligned copy with the same sizes and strides (NOTE [Misaligned inputs]); an aligned one costs one pointer
+    check. Expanded and overlapping inputs keep their strides: the storage they span is copied."""
+    for index in indices:
+        value = args[index]
+        if not isinstance(value, torch.Tensor) or value.data_ptr() % ALIGNMENT == 0 or value.numel() == 0:
+            continue
+        span = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+        storage = torch.empty(span, dtype=value.dtype, device=value.device)
+        storage.copy_(value.as_strided((span,), (1,)))
+        args[index] = storage.as_strided(value.shape, value.stride())

@@ -119,6 +119,22 @@ def test_an_int_timestep_changing_every_step_compiles_one_dynamic_graph_and_matc
     assert resolve_cache(True).counters["compile"] == 2
 
 
+def test_a_tensor_timestep_taken_from_the_schedule_compiles_one_graph_and_matches_eager():
+    # NOTE [Storage offsets are not part of the signature], [Misaligned inputs]: ``scheduler.timesteps[i]`` (int64)
+    # is 16-byte aligned at every other step, and alignment in the signature made the loop use two graphs
+    # (torch.compile: one)
+    torch.manual_seed(0)
+    model = TimestepEmbedding()
+    compiled = aotcache.compile(model, compiler="nop")
+    sample = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.arange(900, -1, -200)  # as DDPMScheduler.set_timesteps(5) leaves them
+    with torch.no_grad():
+        for i in range(len(timesteps)):
+            assert torch.equal(compiled(sample, timesteps[i]), model(sample, timesteps[i])), i
+    assert compiled.compiled.num_compiles == 1
+    assert resolve_cache(True).counters["compile"] == 1
+
+
 class AdapterLayer(nn.Module):
     """peft's LoRA layer in small: frozen adapters, the active ones named by a list attribute."""
 
@@ -154,3 +170,124 @@ def test_an_adapter_switch_that_rebinds_a_list_attribute_traces_again_instead_of
     model[0].set_adapter(["default", "second"])
     assert torch.equal(compiled(x), model(x))
     assert compiled.compiled.num_compiles == 3
+
+
+# -- peft generate through the wrapper: NOTE [Methods that call a submodule's forward] in aot/module.py ---------
+
+_LORA_LLAMA = """
+import torch, transformers
+from peft import LoraConfig, get_peft_model
+
+def lora_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(1)  # init_lora_weights=False: B is random too, so the adapter changes the tokens
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).eval()
+"""
+
+_GENERATE = _LORA_LLAMA + """
+import aotcache
+from aotcache.autograd_cache.cache import resolve_cache
+
+ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+kwargs = {"input_ids": ids, "max_new_tokens": 6, "do_sample": False}
+eager, model = lora_llama(), lora_llama()
+compiled = aotcache.compile(model, compiler="nop")
+assert torch.equal(compiled.generate(**kwargs), eager.generate(**kwargs))
+units = [type(unit.orig_module).__name__ for unit in compiled._units.values()]
+counters = resolve_cache(True).counters
+print("RESULT", units, compiled.compiled.num_compiles, counters["compile"], counters["fingerprint_hit"])
+"""
+
+
+def _lora_llama():
+    namespace: dict = {}
+    exec(_LORA_LLAMA, namespace)  # noqa: S102 - the same model code as the subprocesses'
+    return namespace["lora_llama"]()
+
+
+def test_peft_generate_through_the_wrapper_is_compiled_and_a_warm_process_loads_it():
+    # ``PeftModelForCausalLM.generate`` calls the base model's ``generate``, whose forward calls never reached the
+    # wrapper: generate ran eagerly (0 graphs). The transformers model inside is compiled as a unit now: prefill,
+    # the first decoding step, then dynamic decoding (3 graphs), and a fresh process loads them without tracing
+    pytest.importorskip("peft")
+    from tests.conftest import run_python
+
+    cold = run_python(_GENERATE).stdout.split("RESULT ")[1].split()
+    warm = run_python(_GENERATE).stdout.split("RESULT ")[1].split()
+    assert cold == ["['LlamaForCausalLM']", "0", "3", "0"]  # units, the wrapper's own graphs, compiles, loads
+    assert warm == ["['LlamaForCausalLM']", "0", "0", "3"]
+
+
+def test_peft_generate_after_adapter_switches_disabling_and_merging_gives_eagers_tokens():
+    """Each change that alters the tokens is followed by ``generate`` through the wrapper, compared with the eager
+    twin's: ``set_adapter``, ``with disable_adapter():``, back, ``merge_adapter``/``unmerge_adapter`` and
+    ``merge_and_unload`` (a stale graph would give the previous state's tokens)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False}
+    eager, model = _lora_llama(), _lora_llama()
+    compiled = aotcache.compile(model, compiler="nop")
+    for peft_model in (eager, model):
+        torch.manual_seed(7)
+        peft_model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    seen = []
+
+    def same_tokens(step: str) -> None:
+        want = eager.generate(**kwargs)
+        got = compiled.generate(**kwargs)
+        assert torch.equal(got, want), step
+        assert torch.equal(compiled(input_ids=ids).logits, eager(input_ids=ids).logits), step  # the wrapper's own
+        seen.append(tuple(want[0].tolist()))
+
+    same_tokens("default")
+    for peft_model in (eager, model):
+        peft_model.set_adapter("second")
+    same_tokens("set_adapter second")
+    with eager.disable_adapter(), model.disable_adapter():
+        same_tokens("disable_adapter")
+    same_tokens("second again")
+    for peft_model in (eager, model):
+        peft_model.set_adapter("default")
+    same_tokens("set_adapter default")
+    for peft_model in (eager, model):
+        peft_model.base_model.merge_adapter()
+    same_tokens("merge_adapter")
+    for peft_model in (eager, model):
+        peft_model.base_model.unmerge_adapter()
+    same_tokens("unmerge_adapter")
+    for peft_model in (eager, model):
+        peft_model.merge_and_unload()
+    same_tokens("merge_and_unload")
+    assert len({seen[0], seen[1], seen[2]}) == 3  # the adapters and the base model give different tokens
+    assert [type(unit.orig_module).__name__ for unit in compiled._units.values()] == ["LlamaForCausalLM"]
+    assert all("forward" not in module.__dict__ for module in model.modules())  # the routers are gone
+
+
+def test_peft_generate_with_an_adapter_per_sample_gives_eagers_tokens():
+    # peft's mixed-batch generate (``adapter_names=``) adds forward pre-hooks to the LoRA layers for the call: each
+    # assignment of adapters to samples gives its own tokens, and the unit's graphs follow them
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    eager, model = _lora_llama(), _lora_llama()
+    for peft_model in (eager, model):
+        torch.manual_seed(7)
+        peft_model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    compiled = aotcache.compile(model, compiler="nop")
+    seen = set()
+    for names in (["default", "second"], ["second", "default"], ["__base__", "second"], ["default", "second"]):
+        kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False, "adapter_names": names}
+        want = eager.generate(**kwargs)
+        assert torch.equal(compiled.generate(**kwargs), want), names
+        seen.add(tuple(want.flatten().tolist()))
+    assert len(seen) == 3
+    assert [type(unit.orig_module).__name__ for unit in compiled._units.values()] == ["LlamaForCausalLM"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from aotcache.autograd_cache.guards import (
     GuardExpressionError,
+    added_guards_expression,
+    hinted_inputs,
+    input_symbols,
     describe_inputs,
     evaluate_guards,
     find_shape_env,
@@ -164,3 +169,55 @@ def test_an_expression_is_parsed_once_then_runs_as_compiled_code(monkeypatch):
         assert evaluate_guards(expression, good) and not evaluate_guards(expression, bad)
     assert len(parses) == 1
     assert guards.compile_guards(expression) is guards.compile_guards(expression)
+
+
+def _fake_inputs(*tensors):
+    """Fake tensors with symbolic sizes and strides in one fresh ShapeEnv (as Dynamo makes them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [mode.from_tensor(tensor) for tensor in tensors], mode.shape_env
+
+
+def test_added_guards_are_written_by_input_position_and_cover_a_specialization():
+    (x, y, other), shape_env = _fake_inputs(torch.randn(6, 4), torch.randn(10), torch.randn(3))
+    symbols = input_symbols([x, y])
+    assert bool(x.shape[1] * 2 < y.shape[0])  # held before the compile, over the inputs: kept
+    assert bool(other.shape[0] < 5)  # held before, over a symbol no input has: left out
+    before = len(shape_env.guards)
+    assert int(x.shape[0]) == 6  # what Inductor does for some lowerings: Eq(s, 6), a replacement
+    expression = added_guards_expression([x, y], shape_env, symbols, before)
+    assert "L['t0'].size()[0] == 6" in expression
+    assert not re.search(r"\bs\d+", expression)  # no ShapeEnv symbol names: they differ between processes
+    assert evaluate_guards(expression, [torch.randn(6, 4), torch.randn(10)])
+    assert evaluate_guards(expression, [torch.randn(6, 3), torch.randn(7)])
+    assert not evaluate_guards(expression, [torch.randn(7, 4), torch.randn(10)])  # the specialization
+    assert not evaluate_guards(expression, [torch.randn(6, 6), torch.randn(10)])  # the earlier guard
+    assert added_guards_expression([x, y], shape_env, symbols, len(shape_env.guards)) is None
+
+
+def test_a_guard_over_a_symbol_no_input_holds_cannot_be_written():
+    (x, other), shape_env = _fake_inputs(torch.randn(6, 4), torch.randn(9))
+    symbols = input_symbols([x])
+    before = len(shape_env.guards)
+    assert bool(other.shape[0] > 3)  # a guard over another graph's symbol in the shared ShapeEnv
+    with pytest.raises(GuardExpressionError, match="no graph input holds"):
+        added_guards_expression([x], shape_env, symbols, before)
+
+
+def test_hinted_inputs_check_guards_without_adding_any_and_symbolic_inputs_add_them():
+    (x,), shape_env = _fake_inputs(torch.randn(5, 12)[1:, ::3])
+    size = x.shape[0]
+    hinted = hinted_inputs([x, size, 3])
+    assert hinted[0].device.type == "meta"
+    assert (tuple(hinted[0].shape), hinted[0].stride(), hinted[0].storage_offset()) == ((4, 4), (12, 3), 12)
+    assert hinted[1:] == [4, 3] and type(hinted[1]) is int
+    expression = "L['t0'].size()[0] == 4 and L['t1'] == 4 and L['t0'].storage_offset() == 12"
+    before = len(shape_env.guards)
+    assert evaluate_guards(expression, hinted) and len(shape_env.guards) == before
+    # over the symbolic inputs the same expression is what a loaded entry's guards do to Dynamo's ShapeEnv
+    assert evaluate_guards(expression, [x, size, 3])
+    added = [str(guard.expr) for guard in shape_env.guards[before:]]
+    assert any("Eq(" in guard and ", 4)" in guard for guard in added), added
+    assert not evaluate_guards(expression, hinted_inputs([*_fake_inputs(torch.randn(7, 12)[1:, ::3])[0], 6, 3]))

@@ -56,6 +56,19 @@ def test_arguments_with_other_strides_are_restrided(built):
     torch.testing.assert_close(built["dynamic"](x, y)[0], dynamic_fn(x, y)[0])
 
 
+def test_misaligned_arguments_give_eagers_result(built):
+    """NOTE [Misaligned inputs]: the signature no longer keys on alignment, so a library built on aligned
+    examples gets arguments at any offset (on the CPU read as they are; a GPU library's are copied first)."""
+    compiled, args = built["static"]
+    for offset in (1, 2, 3):
+        moved = [torch.cat([torch.zeros(offset), arg.flatten()])[offset:].view(arg.shape) for arg in args]
+        assert all(arg.data_ptr() % 16 for arg in moved)
+        for got, want in zip(compiled(*moved), with_constant(*args)):
+            torch.testing.assert_close(got, want)
+    x, y = torch.randn(16)[1:16].view(5, 3), torch.randn(5, 3)
+    torch.testing.assert_close(built["dynamic"](x, y)[0], dynamic_fn(x, y)[0])
+
+
 def test_int_inputs_are_specialized_and_checked(built):
     compiled, (x, n) = built["specialized"]
     got = compiled(x, n)

@@ -1,0 +1,189 @@
+"""The compile options of one ``aot_function`` (:class:`AOTOptions`, checked by :func:`checked_options`) and the
+step they configure: capture -> partition (training) -> compile -> :class:`~aotcache.aot.runtime.CompiledRuntime`.
+
+:func:`compile_function` is that whole step in one call, the seam where the compiled-graph cache looks up and
+stores entries (``autograd_cache/pipeline.py``); :class:`~aotcache.aot.api.AOTFunction` decides when to take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from aotcache.aot.capture import capture
+from aotcache.aot.dynamic_dims import check_dynamic
+from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
+from aotcache.aot.partition import align_saved_to_backward, resolve_partition
+from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
+from aotcache.progress import stage
+
+__all__ = ["AOTOptions", "checked_options", "compile_function", "compile_captured"]
+
+
+def _graph_module_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+    """Fallback compiler when ``aotcache.compilers.nop`` is not available: the GraphModule runs as Python."""
+    return gm
+
+
+def _default_compiler() -> Callable:
+    try:
+        from aotcache.compilers.nop import nop_compiler
+    except ImportError:
+        return _graph_module_compiler
+    return nop_compiler
+
+
+def _resolve_compiler(compiler: Callable | str | None, options: Mapping | None = None) -> Callable:
+    if compiler is None:
+        return _default_compiler()
+    if isinstance(compiler, str):
+        # a failing named compiler falls back to the next one (NOTE [compiler fallback] in compilers/fallback.py)
+        from aotcache.compilers.fallback import FallbackCompiler
+
+        return FallbackCompiler(compiler, options)
+    if not callable(compiler):
+        raise TypeError(f"aotcache: a compiler must be callable as compiler(gm, example_inputs) or a name "
+                        f"such as 'nop' or 'inductor'; got {type(compiler).__name__}")
+    return compiler
+
+
+def _resolve_partition(partition_fn: Callable | None) -> Callable:
+    if partition_fn is not None:
+        return partition_fn
+    from aotcache.aot.partition import default_partition
+
+    return default_partition
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTOptions:
+    """The compile options of one ``aot_function``; ``None`` compilers/partition mean the defaults."""
+
+    fw_compiler: Callable | str | None = None
+    bw_compiler: Callable | str | None = None
+    partition_fn: Callable | None = None
+    decompositions: Mapping | None = None
+    inference_compiler: Callable | str | None = None
+    dynamic: bool | None | tuple = False  # a DimSpec once resolved per call (NOTE [Dynamic dimensions])
+    # options of the compilers given by name (e.g. torch._inductor.config overrides for "inductor")
+    compiler_options: Mapping | None = None
+
+    def forward_compiler(self) -> Callable:
+        return _resolve_compiler(self.fw_compiler, self.compiler_options)
+
+    def backward_compiler(self) -> Callable:
+        return _resolve_compiler(self.bw_compiler if self.bw_compiler is not None else self.fw_compiler,
+                                 self.compiler_options)
+
+    def inference_compiler_fn(self) -> Callable:
+        chosen = self.inference_compiler if self.inference_compiler is not None else self.fw_compiler
+        return _resolve_compiler(chosen, self.compiler_options)
+
+    def warm_up_compilers(self, example_inputs: Sequence[Any]) -> None:
+        """Before a compile: let the compilers that have a ``warm_up`` start their background work (Inductor's
+        worker pool for GPU graphs, NOTE [warming the compile workers] in compilers/inductor.py)."""
+        for compiler in (self.forward_compiler(), self.backward_compiler(), self.inference_compiler_fn()):
+            hook = getattr(compiler, "warm_up", None)  # aotcache's compilers only: a user's may mean else
+            if callable(hook) and str(getattr(compiler, "__module__", "")).startswith("aotcache.compilers."):
+                hook(example_inputs)
+
+    def decomposition_table(self) -> Mapping | None:
+        """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""
+        if self.decompositions is not None:
+            return self.decompositions
+        compiler = self.forward_compiler()
+        while isinstance(compiler, functools.partial) and not hasattr(compiler, "decompositions"):
+            compiler = compiler.func  # partial(inductor_compiler, options=...) traces with Inductor's table
+        provider = getattr(compiler, "decompositions", None)
+        return provider() if callable(provider) else None
+
+
+def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
+                    bw_compiler: Callable | str | None = None, partition_fn: Callable | str | None = None,
+                    decompositions: Mapping | None = None, inference_compiler: Callable | str | None = None,
+                    dynamic: bool | None = None, num_params_buffers: int = 0,
+                    keep_inference_input_mutations: bool = False,
+                    compiler_options: Mapping | None = None, enable_log: bool = True,
+                    disable_functionalization: bool = False) -> AOTOptions:
+    """The :class:`AOTOptions` of one entry point's arguments, checked (``api`` names the entry point in errors).
+
+    NOTE [PyTorch-compatible arguments]
+    ``num_params_buffers`` tells PyTorch how many leading inputs are parameters or buffers (it uses that for
+    CUDA graphs); aotcache reads parameters and buffers from the module itself, so the number changes nothing.
+    ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
+    aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
+    gives the caller the same result, so the flag changes nothing either. ``enable_log`` (PyTorch's own logging)
+    and ``disable_functionalization`` are accepted for the same reason: aotcache logs through its own logger
+    (docs/logging.md) and always hands the compilers a functionalized graph; the input mutations such a graph
+    leaves out are applied by the runtime, so the caller sees eager's results either way.
+
+    :raises TypeError, ValueError: a bad argument (the message names it and what is accepted).
+    """
+    if isinstance(num_params_buffers, bool) or not isinstance(num_params_buffers, int) or num_params_buffers < 0:
+        raise TypeError(f"aotcache.{api}: num_params_buffers must be an int >= 0, got {num_params_buffers!r}")
+    for name, flag in (("keep_inference_input_mutations", keep_inference_input_mutations),
+                       ("enable_log", enable_log), ("disable_functionalization", disable_functionalization)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"aotcache.{api}: {name} must be a bool, got {flag!r}")
+    check_dynamic(dynamic, api)
+    return AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                      partition_fn=resolve_partition(partition_fn, api), decompositions=decompositions,
+                      inference_compiler=inference_compiler, dynamic=dynamic, compiler_options=compiler_options)
+
+
+def _graph_output_values(gm: torch.fx.GraphModule) -> list:
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    values = output.args[0]
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return [value.meta.get("val") if isinstance(value, torch.fx.Node) else value for value in values]
+
+
+def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOptions, *,
+                     input_is_leaf: Sequence[bool] | None = None) -> CompiledRuntime:
+    """Capture, partition and compile ``flat_fn`` for the signature of ``flat_args``.
+
+    This is the single step a compiled-graph cache wraps: its result depends only on ``flat_fn``, the
+    signature of ``flat_args`` (see NOTE [Signature]) and ``options``.
+
+    :raises CaptureError: the function cannot be captured (the message names the construct).
+    """
+    options.warm_up_compilers(flat_args)
+    with stage("capture"):
+        captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
+                           dynamic=options.dynamic, input_is_leaf=input_is_leaf)
+    return compile_captured(captured, options)
+
+
+def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
+    """Partition (training) and compile an already captured graph (:class:`~aotcache.aot.capture.CapturedGraph`).
+
+    Compilers run without autocast: the graph holds autocast's casts already, and a compiler that traces it
+    again (AOTInductor's export) would apply them twice (NOTE [Compiled graphs run without autocast]).
+    """
+    with DisableAutocast():
+        return _compile_captured(captured, options)
+
+
+def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
+    metadata = captured.metadata
+    if metadata.is_inference:
+        with stage("compile forward"):
+            forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
+        return CompiledRuntime(metadata, forward)
+    partition = _resolve_partition(options.partition_fn)
+    with stage("partition"):
+        fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+        align_saved_to_backward(fw_gm, bw_gm, captured.num_fwd_outputs)  # NOTE [Foreign partitioners]
+    saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]
+    metadata.num_saved = len(saved)
+    mark_layout_free_outputs(fw_gm, captured.primals, saved, captured.num_fwd_outputs)
+    with stage("compile forward"):
+        forward = unboxed(options.forward_compiler()(fw_gm, captured.primals))
+    examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
+    with stage("compile backward"):
+        backward = unboxed(options.backward_compiler()(bw_gm, examples))
+    return CompiledRuntime(metadata, forward, backward)

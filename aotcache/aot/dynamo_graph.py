@@ -1,0 +1,190 @@
+"""The Dynamo-graph form (``aotcache.aot_module_simplified``, the body of the ``torch.compile`` backend): one
+graph Dynamo hands over, compiled now for its (possibly fake, symbolic) example inputs.
+
+Reuse across signatures is Dynamo's job (its guards), so this form needs none of
+:class:`~aotcache.aot.api.AOTFunction`'s signatures; what it needs instead is to meet Dynamo's conventions
+(its tracing context, symbolic example inputs, unspecialized floats) and to keep the call contract a direct
+caller may break (NOTE [Call contract of aot_module_simplified]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from aotcache.aot.compile_step import AOTOptions, compile_function
+from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
+from aotcache.aot.services import CompileServices
+from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
+from aotcache.logs import log_once
+from aotcache.progress import compile_progress
+
+__all__ = ["compile_dynamo_graph"]
+
+
+@contextlib.contextmanager
+def _outside_dynamo_tracing_context() -> Iterator[None]:
+    """Run the capture and compilers of a Dynamo graph without Dynamo's ambient ``TracingContext``.
+
+    NOTE [Dynamo's tracing context and our compilers]
+    Dynamo calls its backend inside a ``TracingContext`` holding Dynamo's fake mode, and
+    ``torch._guards.detect_fake_mode`` prefers that mode over anything else. Our compilers run their own
+    fake-tensor passes (e.g. the ``aoti`` compiler's static build hands Inductor real example tensors), which
+    then meet Dynamo's fake mode and fail with "Please convert all Tensors to FakeTensors". The capture does
+    not need the context: Dynamo's fake example inputs carry their mode (and its ShapeEnv) themselves.
+    """
+    from torch._guards import tracing
+
+    with tracing(None):
+        yield
+
+
+def _is_symbolic(value: Any) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(v, torch.SymInt) for v in (*value.shape, *value.stride()))
+
+
+def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> list:
+    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes.
+
+    NOTE [Dynamo's symbolic example inputs]
+    Dynamo hands a backend *real* example tensors; when it compiles a graph with dynamic dimensions (``dynamic=True``
+    or automatic dynamic after a size changed) the symbolic sizes live only in its fake mode (the ambient
+    ``TracingContext``) and in the placeholders' ``example_value``, plus size symbols passed as SymInt inputs.
+    Tracing the real tensors would specialize the graph to their sizes while Dynamo's guards admit every size:
+    a later call with another size would run a graph traced for the first (a wrong result or a shape error).
+    So when anything is symbolic, the real tensors are swapped for Dynamo's own fakes (``from_tensor`` of its
+    mode returns the fake it made for that tensor, symbols included). Static graphs keep the real inputs.
+    """
+    placeholders = [node for node in getattr(getattr(gm, "graph", None), "nodes", []) if node.op == "placeholder"]
+    symbolic = any(_is_symbolic(value) for value in example_inputs) or any(
+        _is_symbolic(node.meta.get("example_value", node.meta.get("val"))) for node in placeholders)
+    if not symbolic:
+        return list(example_inputs)
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(list(example_inputs))
+    if fake_mode is None:
+        return list(example_inputs)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return [fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+            else value for value in example_inputs]
+
+
+def _specialize_unspecialized_floats(gm: nn.Module) -> None:
+    """Have Dynamo specialize the Python floats it passed as 0-d tensor inputs (NOTE [Dynamo's float inputs]).
+
+    NOTE [Dynamo's float inputs]
+    With ``dynamic=True`` Dynamo does not specialize float attributes (a BatchNorm's ``eps`` and ``momentum``): each
+    is a 0-d float64 tensor input that the graph reads with ``.item()``, and Dynamo does not guard its value. Our
+    capture cannot keep such a value symbolic (ATen's ``float`` arguments would bake it in, and nothing would
+    re-check it: a changed ``eps`` would reuse the graph), and without Dynamo's symbol ``.item()`` is data-dependent.
+    So, as torch's own pipeline does for a float it cannot turn into tensor ops, the floats are marked for
+    specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    names = []
+    for node in getattr(getattr(gm, "graph", None), "nodes", []):
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        memo = value.item_memo if isinstance(value, FakeTensor) else None
+        name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+        if isinstance(memo, torch.SymFloat) and name is not None:
+            names.append(name)
+    if not names:
+        return
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # a torch without them (private API): the capture refuses the .item() (a fallback)
+        return
+    if all(TensorifyState.should_specialize(name) for name in names):
+        return  # already asked once: the capture below refuses the .item() clearly rather than loop
+    for name in names:
+        TensorifyState.specialize(name)
+    raise TensorifyScalarRestartAnalysis
+
+
+def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
+                         services: CompileServices, cache: Any = True) -> Callable:
+    """Compile Dynamo's graph ``gm`` now for its (possibly fake, symbolic) ``example_inputs`` and return
+    ``run(*flat_args)`` (the body of ``aotcache.aot_module_simplified``, the ``torch.compile`` backend form).
+
+    Parameters and buffers still on ``gm`` are lifted to graph inputs and read at every call. Reuse across
+    signatures is Dynamo's job (its guards), so exactly one graph is compiled; ``services.compile_graph`` may
+    load it from ``cache`` instead (NOTE [Compile services]).
+    """
+    param_names = [name for name, _ in gm.named_parameters()]
+    buffer_names = [name for name, _ in gm.named_buffers()]
+    num_lifted = len(param_names) + len(buffer_names)
+
+    state = ModuleState(gm)  # NOTE [Hot path]
+
+    def lifted() -> list:
+        if not num_lifted:
+            return []
+        params, buffers, _, _ = state.current()
+        return [*params.values(), *buffers.values()]
+
+    keep_lines = keeps_source_locations(gm)  # NOTE [Source stack traces]
+
+    def flat_fn(*flat: Any) -> Any:
+        if not num_lifted:
+            return run_graph(gm, flat, keep_lines)
+        params = dict(zip(param_names, flat[:len(param_names)]))
+        buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
+        if not keep_lines:
+            return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
+        with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
+            return run_graph(gm, flat[num_lifted:], keep_lines)
+
+    _specialize_unspecialized_floats(gm)
+    example_inputs = _symbolic_example_inputs(gm, example_inputs)
+    example = [*lifted(), *example_inputs]
+    with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"), \
+            capturing_source_locations(keep_lines):
+        runtime = services.compile_graph(cache, gm, example_inputs, flat_fn, example, options,
+                                         [*param_names, *buffer_names])
+
+    # NOTE [Call contract of aot_module_simplified]
+    # The graph was captured for the example inputs' requires_grad (of every input, lifted parameters
+    # included) and for their aliasing (a duplicated input is one value in the graph). Dynamo guards on both,
+    # but a direct caller may break either: a call that does is compiled again for its own contract (from
+    # its real tensors, so statically), instead of dropping a gradient or reading one input for two.
+    compiled_for = {_call_contract([*example[:num_lifted], *example_inputs], num_lifted): runtime}
+    lock = threading.Lock()
+
+    def run(*args: Any) -> Any:
+        flat = [*lifted(), *args]
+        contract = _call_contract(flat, num_lifted)
+        chosen = compiled_for.get(contract)
+        if chosen is None:
+            with lock:
+                chosen = compiled_for.get(contract)
+                if chosen is None:
+                    log_once(logging.INFO, f"aot-simplified-contract:{id(compiled_for)}",
+                             "aot_module_simplified: a call broke the compiled graph's requires_grad or "
+                             "aliasing assumptions; compiling it again for this call's inputs")
+                    chosen = compiled_for[contract] = compile_function(flat_fn, flat, options)
+        return chosen(*flat)
+
+    run.runtime = runtime  # type: ignore[attr-defined]
+    return run
+
+
+def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
+    """requires_grad of every tensor, and which user inputs share a storage (NOTE [Call contract of ...]).
+
+    Storages are compared as objects (``_cdata``), which works alike for Dynamo's fake example inputs (whose
+    data pointers are all 0) and for the real tensors of a call."""
+    requires_grad = tuple(value.requires_grad for value in flat if isinstance(value, torch.Tensor))
+    user_tensors = [value for value in flat[num_lifted:] if isinstance(value, torch.Tensor)]
+    return requires_grad, storage_sharing(user_tensors, storage_object) if len(user_tensors) > 1 else ()

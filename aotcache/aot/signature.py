@@ -1,0 +1,175 @@
+"""The reuse key of an ``aot_function``: which calls may run the same compiled graph (NOTE [Signature]).
+
+In memory only, never persisted (the cache key is built elsewhere, from the captured graph). Kept apart from
+:class:`~aotcache.aot.api.AOTFunction`, which looks runtimes up by it, because what must and must not be in
+it (constants by value, floats by bits, storage offsets by alignment) is where a stale reuse would come from.
+
+NOTE [Signature]
+An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
+per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
+strides (only the rank with ``dynamic=True``, where symbolic-shape guards decide reuse; the storage offset is
+not part of it: NOTE [Storage offsets are not part of the signature]); per non-tensor
+argument its type and value (constants are baked into the graph); which tensor arguments share memory; plus
+grad mode and autocast state. The pytree structure of (args, kwargs) is part of it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import struct
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.ambient import numerics_signature
+from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.dynamic_dims import DimSpec, masked_shape
+from aotcache.aot.errors import RefusedArgumentError
+from aotcache.aot.hot_path import autocast_state, storage_sharing
+from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
+
+__all__ = ["signature_of", "rank_signature_of", "float_bits", "input_offsets", "offsets_hold"]
+
+
+# NOTE [Constant arguments]
+# A non-tensor argument is baked into the graph, and the reuse key holds it, so it must be compared by value:
+# an object compared by identity (a config object, an nn.Module, transformers' DynamicCache) can change
+# between calls without the key seeing it, and a stale graph would run. Such arguments are refused, except
+# types that cannot change: immutable singletons, enum members and code (functions, classes, operators).
+_IMMUTABLE_IDENTITY_TYPES = (type(None), type(...), type(NotImplemented), enum.Enum, torch.dtype, torch.layout,
+                             torch.memory_format, torch.qscheme, torch.Generator, type, types.FunctionType,
+                             types.BuiltinFunctionType, functools.partial, torch._ops.OpOverload,
+                             torch._ops.OpOverloadPacket)
+
+
+# NOTE [Floats by bits]
+# ``0.0 == -0.0`` and ``nan != nan``: compared by value, a graph traced with ``0.0`` baked in would be reused for
+# ``-0.0`` (``1 / x`` gives +inf where eager gives -inf), and a NaN argument would never match its own signature
+# (a re-trace on every call). Float and complex constants are compared by their IEEE-754 bits instead.
+def float_bits(value: float | complex) -> bytes:
+    """The IEEE-754 bits of a float or complex (sign of zero and NaN payloads included)."""
+    if isinstance(value, complex):
+        return struct.pack("<dd", value.real, value.imag)
+    return struct.pack("<d", value)
+
+
+class _RefusedConstant(TypeError):
+    """A non-tensor argument that cannot be part of the reuse key; see NOTE [Constant arguments]."""
+
+
+# NOTE [Storage offsets are not part of the signature]
+# A training loop that slices its batches from one tensor (``X[i:i + batch]``) calls with the same sizes and
+# strides at a new storage offset every step. A compiled graph reads its inputs through their data pointers, so
+# the offset changes nothing, and keying on it traced (and stored) a new graph at every step, where
+# torch.compile compiles once. Neither the offset nor its alignment is part of the static signature (a 0-d
+# timestep taken from ``scheduler.timesteps[i]`` is 16-byte aligned at every other step, and keying on the
+# alignment made such a loop use two graphs where torch.compile uses one). Alignment is the compiled graph's
+# own business, as in Inductor (NOTE [Misaligned inputs] in ``compilers/input_layout.py``): code that assumes
+# aligned inputs copies a misaligned one first. A graph that may depend on the offset itself
+# (``RuntimeMetadata.offsets_matter``: an output that is a view of an input, a replayed metadata mutation, an
+# as_strided-like op, an offset read in Python) is reused only at the offsets it was traced with
+# (``CompiledRuntime.input_offsets``, checked with its guards). Arguments that share memory keep their offsets
+# in the signature (synthetic bases, NOTE [Synthetic bases], depend on them).
+def input_offsets(flat_args: Sequence[Any], dynamic: bool | DimSpec) -> tuple:
+    """Per flat argument, its storage offset; None for a non-tensor and for a tensor with dynamic dimensions
+    (its guards check its offset)."""
+    spec = dynamic if isinstance(dynamic, tuple) else (dynamic,) * len(flat_args)
+    return tuple(arg.storage_offset() if isinstance(arg, torch.Tensor) and not dims else None
+                 for arg, dims in zip(flat_args, spec))
+
+
+def offsets_hold(expected: tuple, flat_args: Sequence[Any]) -> bool:
+    """Whether the arguments have the storage offsets ``expected`` holds (None: any)."""
+    return all(offset is None or arg.storage_offset() == offset for offset, arg in zip(expected, flat_args))
+
+
+def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset: bool = False) -> tuple:
+    if isinstance(arg, torch.Tensor):
+        geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
+                    else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
+                          else None))  # NOTE [Dynamic dimensions]
+        return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
+                arg.requires_grad and arg.is_leaf, geometry)
+    if isinstance(arg, torch.SymInt):
+        return ("symint",)
+    if dynamic and type(arg) is CacheInt:  # NOTE [Cache integers]: a symbol; 0 and 1 are specialized
+        return ("cacheint", arg if arg in (0, 1) else None)
+    if dynamic and type(arg) is int:  # NOTE [Integer arguments]: the rank key (True) or marked in a spec
+        return ("int",)
+    try:
+        hash(arg)
+    except TypeError:
+        raise _RefusedConstant("is neither a tensor nor a hashable constant") from None
+    if type(arg).__eq__ is object.__eq__ and not isinstance(arg, _IMMUTABLE_IDENTITY_TYPES):
+        raise _RefusedConstant("is compared by identity, so changes to it between calls would not be seen")
+    if isinstance(arg, (float, complex)):
+        return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
+    return ("constant", type(arg), arg)
+
+
+def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> RefusedArgumentError:
+    arg = flat_args[index]
+    where = f"flat argument {index}"
+    with contextlib.suppress(Exception):  # a path such as args[1] or kwargs['past_key_values']
+        (args, kwargs) = pytree.tree_unflatten(list(flat_args), in_spec)
+        path = [key for key, _ in pytree.tree_flatten_with_path((args, kwargs))[0]][index]
+        where = "argument " + ("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:])
+    return RefusedArgumentError(
+        f"aotcache: {where} is a {type(arg).__module__}.{type(arg).__qualname__} object, which {why}. A compiled "
+        f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
+        f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
+        f"compare by value, or register it with torch.utils._pytree.register_pytree_node.")
+
+
+def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
+    """Which tensor arguments share storage (:func:`~aotcache.aot.hot_path.storage_sharing` of the tensors).
+
+    :raises CaptureError: a sparse or mkldnn argument (no storage to compare), or a tensor of a torch.func
+        transform (vmap, grad, jvp) the compiled function is called under.
+    """
+    tensors = []
+    for index, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor):
+            if arg.layout != torch.strided or arg.is_nested or arg.is_quantized:
+                kind = "nested" if arg.is_nested else "quantized" if arg.is_quantized else arg.layout
+                raise unsupported_layout_error(f"flat argument {index}", kind)
+            if torch._C._functorch.is_functorch_wrapped_tensor(arg):
+                raise functorch_transform_error(f"flat argument {index}")
+            if not arg.is_meta:
+                tensors.append(arg)
+    return storage_sharing(tensors)
+
+
+def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec) -> tuple:
+    """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec."""
+    sharing = _memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
+    exact_offsets = sharing != tuple(range(len(sharing)))  # NOTE [Storage offsets are not part of the signature]
+    arguments = []
+    for index, arg in enumerate(flat_args):
+        try:
+            arguments.append(_argument_signature(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic,
+                                                 exact_offsets))
+        except _RefusedConstant as exc:
+            raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
+    return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
+
+
+def rank_signature_of(flat_args: Sequence[Any], in_spec: Any) -> tuple:
+    """The signature up to sizes that automatic dynamic shapes key their first sizes by (NOTE [Dynamic
+    dimensions]): tensors by rank, and cache integers without their value, not even 0 or 1.
+
+    NOTE [Cache integers compared like sizes]
+    ``signature_of(..., True)`` keeps a cache integer's 0 or 1 (torch specializes them, so they are separate
+    graphs). As the key of the sizes first seen, that made a batch of 1 (a static cache's ``batch_size`` 1) and
+    a batch of 2 two unrelated calls: the second call compiled statically, as a first call, and only the third
+    batch size became dynamic (static-cache ``generate`` with batches 1, 2, 3: one graph more than
+    torch.compile, which compares the integer like a size). A tensor dimension of size 1 never was in that key.
+    """
+    signature = signature_of(flat_args, in_spec, True)
+    return (*signature[:5], tuple(("cacheint",) if argument[0] == "cacheint" else argument
+                                  for argument in signature[5]))

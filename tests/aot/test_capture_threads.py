@@ -1,0 +1,238 @@
+"""Eager runs of a wrapped module beside another thread's capture of it (NOTE [Eager runs beside a capture] in
+aotcache/aot/capture_threads.py): a fallback signature's run (eager, or through torch.compile), and the code of
+a routed method around its compiled forward, must never read the trace tensors a capture swaps into the module,
+whichever thread started first; the capture must not read what they do either.
+
+Real threads; the interleaving is forced with events: the capture holds its swap until the other thread has
+read the module's tensors (or its call ended), and the other thread waits, before that read, until the swap
+began or the capture is waiting for its run to end (``SwapGate.pending``). Before the gate was shared by eager
+runs, each of these tests but the unheld race failed with "Attempting to use FunctionalTensor on its own"."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from aotcache.aot import aot_module
+from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
+from aotcache.aot.fallback import EagerRuntime, PartialRuntime, fallback_counts
+
+CAPTURE, OTHER = "capture-thread", "other-thread"
+WAIT = 60  # seconds: only ever reached when something is broken
+
+
+class Choreography:
+    """Holds two threads at the points that make them overlap: the capture (thread ``CAPTURE``, its tensors
+    swapped) until the other thread has read the module's tensors, and that read (thread ``OTHER``, not traced)
+    until the swap began or the capture waits for the other thread's run to end (``SwapGate.pending``)."""
+
+    def __init__(self) -> None:
+        self.swapped = threading.Event()
+        self.other_running = threading.Event()
+        self.other_read = threading.Event()  # also set when the other thread's call ends (an error included)
+        self.gate = None  # the module's SwapGate, set once the module exists
+
+    @torch.compiler.disable  # Python run for real between Dynamo's graphs (a partial fallback), not traced
+    def before_read(self) -> None:
+        name = threading.current_thread().name
+        if name == CAPTURE and not self.swapped.is_set():
+            self.swapped.set()
+            self.other_read.wait(WAIT)
+        elif name == OTHER and not tracing_in_this_thread() and not self.other_running.is_set():
+            self.other_running.set()
+            for _ in range(WAIT * 100):
+                if self.swapped.wait(0.01) or getattr(self.gate, "pending", 0):
+                    break
+
+    @torch.compiler.disable
+    def after_read(self) -> None:
+        if threading.current_thread().name == OTHER and not tracing_in_this_thread():
+            self.other_read.set()
+
+
+class Branches(nn.Module):
+    """``branch=True`` reads a value into Python control flow (the capture refuses it: a fallback signature)."""
+
+    def __init__(self, choreography: Choreography) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.choreography = choreography
+
+    def forward(self, x, branch=False):
+        self.choreography.before_read()
+        y = self.linear(x)
+        self.choreography.after_read()
+        if branch and y.sum() > 0:
+            y = y * 2
+        return y
+
+    def scaled(self, x):
+        """A method that reads a parameter itself, around the (routed, compiled) forward."""
+        self.choreography.before_read()
+        norm = self.linear.weight.norm()
+        self.choreography.after_read()
+        return self(x) * norm
+
+
+def _run(target, name: str, outcome: dict, done: threading.Event | None = None) -> threading.Thread:
+    def body():
+        try:
+            outcome[name] = target()
+        except Exception as exc:  # noqa: BLE001 - the assertion shows it
+            outcome[name] = exc
+        finally:
+            if done is not None:
+                done.set()
+
+    thread = threading.Thread(target=body, name=name)
+    thread.start()
+    return thread
+
+
+def _overlap(choreography: Choreography, other_call, capture_call) -> dict:
+    """``other_call()`` in thread OTHER and, once its eager run began, ``capture_call()`` in thread CAPTURE;
+    their outcomes by thread name."""
+    outcome: dict = {}
+    other = _run(other_call, OTHER, outcome, choreography.other_read)
+    assert choreography.other_running.wait(WAIT)
+    capture = _run(capture_call, CAPTURE, outcome)
+    other.join(WAIT)
+    capture.join(WAIT)
+    return outcome
+
+
+def _result(outcome: dict, name: str) -> torch.Tensor:
+    value = outcome[name]
+    assert not isinstance(value, Exception), f"{name}: {value!r}"
+    return value
+
+
+def _setup(on_capture_error: str = "eager"):
+    torch.manual_seed(0)
+    choreography = Choreography()
+    model = Branches(choreography).eval()
+    choreography.gate = swap_gate(model)
+    weight = model.linear.weight
+    wrapped = aot_module(model, "nop", cache=False, dynamic=False, on_capture_error=on_capture_error)
+    x = torch.randn(3, 4).abs()  # y.sum() > 0 is not the point; any value falls back
+    expected = {"plain": model(x).detach(), "branch": model(x, branch=True).detach(),
+                "scaled": model.scaled(x).detach()}
+    return choreography, model, weight, wrapped, x, expected
+
+
+def _assert_clean(model: nn.Module, weight: torch.Tensor, wrapped: nn.Module, x, expected) -> None:
+    assert model.linear.weight is weight and type(weight) is nn.Parameter
+    assert swap_gate(model).owner is None and "forward" not in model.__dict__
+    torch.testing.assert_close(wrapped(x), expected["plain"])
+    torch.testing.assert_close(wrapped(x, branch=True), expected["branch"])
+
+
+def _kinds(wrapped) -> set[str]:
+    """The kinds of runtime the wrapper keeps (a fallback counts as EagerRuntime, whether Dynamo runs it or not)."""
+    return {"EagerRuntime" if isinstance(runtime, (EagerRuntime, PartialRuntime)) else type(runtime).__name__
+            for runtimes in wrapped.compiled._entries.values() for runtime in runtimes}
+
+
+# "eager" runs the module as written; "fallback" runs it through torch.compile (Dynamo reads the module's
+# tensors as its graphs' inputs, and runs the choreography's Python between them)
+FALLBACKS = pytest.mark.parametrize("on_capture_error", ["eager", "fallback"])
+
+
+@FALLBACKS
+def test_a_fallback_running_eagerly_while_another_thread_captures_gives_eagers_result(on_capture_error):
+    """The fallback signature is known already (an earlier call); its eager run starts, then another thread
+    begins a capture of another signature of the same module and swaps its tensors."""
+    choreography, model, weight, wrapped, x, expected = _setup(on_capture_error)
+    torch.testing.assert_close(wrapped(x, branch=True), expected["branch"])  # the fallback, remembered
+    assert _kinds(wrapped) == {"EagerRuntime"}
+    outcome = _overlap(choreography, lambda: wrapped(x, branch=True), lambda: wrapped(x))
+    torch.testing.assert_close(_result(outcome, OTHER), expected["branch"])
+    torch.testing.assert_close(_result(outcome, CAPTURE), expected["plain"])
+    assert _kinds(wrapped) == {"EagerRuntime", "CompiledRuntime"} and wrapped.compiled.num_compiles == 2
+    _assert_clean(model, weight, wrapped, x, expected)
+
+
+@FALLBACKS
+def test_a_call_falling_back_in_one_thread_while_another_captures_gives_eagers_results(on_capture_error):
+    """The reverse order of events: the other thread's own call finds the signature cannot be captured and runs
+    it eagerly (no earlier call), while the capture thread captures another signature."""
+    choreography, model, weight, wrapped, x, expected = _setup(on_capture_error)
+    kind = "eager" if on_capture_error == "eager" else "partial"
+    before = fallback_counts().get(f"{kind}:data_dependent", 0)
+    # the other thread's capture fails first (under the function's lock), then its eager run begins
+    outcome = _overlap(choreography, lambda: wrapped(x, branch=True), lambda: wrapped(x))
+    torch.testing.assert_close(_result(outcome, OTHER), expected["branch"])
+    torch.testing.assert_close(_result(outcome, CAPTURE), expected["plain"])
+    assert fallback_counts().get(f"{kind}:data_dependent", 0) == before + 1
+    assert _kinds(wrapped) == {"EagerRuntime", "CompiledRuntime"}
+    _assert_clean(model, weight, wrapped, x, expected)
+
+
+def test_a_capture_beginning_while_another_thread_runs_a_fallback_waits_for_it_without_deadlock():
+    """Several threads run the fallback signature while the first capture of another signature happens: the
+    capture waits for the eager runs in progress, new eager runs wait for the swap, and all end."""
+    from tests.aot.test_module_wrapper import failures_in_threads
+
+    choreography, model, weight, wrapped, x, expected = _setup()
+    choreography.swapped.set()  # no holding: the threads only race
+    choreography.other_read.set()
+    wrapped(x, branch=True)
+    capture = _run(lambda: wrapped(x), CAPTURE, outcome := {})
+    failures = failures_in_threads(lambda: wrapped(x, branch=True), expected["branch"], threads=3, calls=10)
+    capture.join(WAIT)
+    assert failures == []
+    torch.testing.assert_close(_result(outcome, CAPTURE), expected["plain"])
+    _assert_clean(model, weight, wrapped, x, expected)
+
+
+def test_a_routed_method_reading_parameters_while_another_thread_captures_gives_eagers_result():
+    """A method of the wrapped module (as transformers' generate) reads the module outside its forward, which
+    runs compiled: that eager part must not meet the capture's swapped tensors either."""
+    choreography, model, weight, wrapped, x, expected = _setup()
+    outcome = _overlap(choreography, lambda: wrapped.scaled(x), lambda: wrapped(x))
+    torch.testing.assert_close(_result(outcome, OTHER), expected["scaled"])
+    torch.testing.assert_close(_result(outcome, CAPTURE), expected["plain"])
+    assert not any(isinstance(runtime, EagerRuntime)
+                   for runtimes in wrapped.compiled._entries.values() for runtime in runtimes)
+    _assert_clean(model, weight, wrapped, x, expected)
+
+
+def test_generate_called_while_another_thread_captures_gives_eager_tokens():
+    """transformers' generate (a routed method) started in one thread while another thread's capture of the same
+    model has its tensors swapped: generate's own code waits for the swap, its forwards run compiled."""
+    from tests.aot.tiny_transformers import tiny_llama
+
+    model = tiny_llama()
+    ids, other_ids = torch.tensor([[1, 5, 9, 3]]), torch.tensor([[1, 7, 4, 2, 8, 6]])
+    expected_tokens = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    expected_logits = model(other_ids).logits.detach()
+    weight = model.model.embed_tokens.weight
+    held, generate_started = threading.Event(), threading.Event()
+
+    def hold_the_swap(module, args):  # runs inside the capture, its tensors swapped
+        if threading.current_thread().name == CAPTURE and not held.is_set():
+            held.set()
+            assert generate_started.wait(WAIT)
+            time.sleep(1.0)  # a second for generate to reach the module meanwhile (no assertion on time)
+
+    model.model.embed_tokens.register_forward_pre_hook(hold_the_swap)
+    wrapped = aot_module(model, "nop", cache=False, dynamic=False)
+    outcome: dict = {}
+    capture = _run(lambda: wrapped(other_ids).logits, CAPTURE, outcome)
+    assert held.wait(WAIT)
+
+    def generate():
+        generate_started.set()
+        return wrapped.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+
+    other = _run(generate, OTHER, outcome)
+    capture.join(WAIT)
+    other.join(WAIT)
+    assert torch.equal(_result(outcome, OTHER), expected_tokens)
+    torch.testing.assert_close(_result(outcome, CAPTURE), expected_logits)
+    assert model.model.embed_tokens.weight is weight and type(weight) is nn.Parameter
+    assert swap_gate(model).owner is None and "forward" not in model.__dict__ and wrapped._routing_count == 0
