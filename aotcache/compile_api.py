@@ -29,7 +29,7 @@ from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
-from aotcache.compile_route import AOT, DYNAMO, read_route, record_route
+from aotcache.compile_route import AOT, DYNAMO, EAGER, read_route, record_route
 from aotcache.compilers.base import options_with_mode
 from aotcache.logs import log_once, logger
 
@@ -55,10 +55,12 @@ def _check_options(compiler: Any, dynamic: Any, partition_fn: Any, fullgraph: An
 
 
 class _RecordedRoute(Exception):
-    """Raised inside the first call's compile when a route record sends the model to Dynamo (no capture)."""
+    """Raised inside the first call's compile when a route record sends the model to Dynamo or eager (no
+    capture)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, route: str, reason: str) -> None:
         super().__init__(reason)
+        self.route = route
         self.reason = reason
 
 
@@ -79,17 +81,18 @@ class _RoutedServices(CachedCompileServices):
         router.capturing.digest = digest
         if router.route is None and digest is not None:
             recorded = read_route(cache, digest)
-            if recorded is not None and recorded[0] == DYNAMO:
-                cache.count(route_recorded_dynamo=1)
-                raise _RecordedRoute(recorded[1])
+            if recorded is not None and recorded[0] in (DYNAMO, EAGER):
+                cache.count(**{f"route_recorded_{recorded[0]}": 1})
+                raise _RecordedRoute(*recorded)
 
 
 class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
 
     def __init__(self, aot: AOTFunction, services: _RoutedServices, fullgraph: bool,
-                 make_dynamo: Callable[[], Callable], module: nn.Module | None = None) -> None:
+                 make_dynamo: Callable[[], Callable], eager: Callable, module: nn.Module | None = None) -> None:
         self.aot = aot
+        self.eager = eager  # the model itself, for the eager route (NOTE [Constructs Dynamo gets wrong])
         self.module = module  # checked for data-parallel wrappers before the first call (NOTE [Wrappers refused up
         # front])
         self.fullgraph = fullgraph
@@ -108,11 +111,13 @@ class _Router:
                     self._dynamo = self.make_dynamo()
         return self._dynamo
 
-    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any]) -> Any:
+    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
         """Run the call the chosen way; the first call (and a later capture failure) chooses."""
         route = self.route
         if route == DYNAMO:
             return dynamo_call()
+        if route == EAGER:
+            return eager_call()
         if route is None and self.module is not None and self._wrapper_refused():
             return dynamo_call()
         self.capturing.digest = None
@@ -121,15 +126,16 @@ class _Router:
         except _RecordedRoute as recorded:
             self.aot.num_compiles -= 1  # the compile step stopped before tracing anything
             with self._lock:
-                self.route, self.reason = DYNAMO, recorded.reason
-            logger.info("aotcache.compile: %s: torch.compile(backend='aotcache') as recorded (%s); no capture "
-                        "tried", self.aot.name, recorded.reason)
-            return dynamo_call()
+                self.route, self.reason = recorded.route, recorded.reason
+            logger.info("aotcache.compile: %s: %s as recorded (%s); no capture tried", self.aot.name,
+                        "torch.compile(backend='aotcache')" if recorded.route == DYNAMO else "eager",
+                        recorded.reason)
+            return dynamo_call() if recorded.route == DYNAMO else eager_call()
         except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
             self._choose_dynamo(exc, self.capturing.digest)
-            return dynamo_call()
+            return dynamo_call() if self.route == DYNAMO else eager_call()
         if route is None:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
@@ -142,18 +148,20 @@ class _Router:
     # and the optimizer step, so aotcache.compile takes such a call there, as it does a capture failure.
     def _choose_dynamo(self, exc: CaptureError | RefusedArgumentError, digest: str | None) -> None:
         reason = str(exc).removeprefix("aotcache: ").split("\n")[0]
+        route = DYNAMO if getattr(exc, "dynamo_safe", True) else EAGER
         with self._lock:
-            self.route, self.reason = DYNAMO, reason
+            self.route, self.reason = route, reason
         recorded = False
         if digest is not None:
             from aotcache.autograd_cache.cache import resolve_cache
 
             cache = resolve_cache(self.aot.cache)
-            recorded = cache is not None and record_route(cache, digest, DYNAMO, reason)
+            recorded = cache is not None and record_route(cache, digest, route, reason)
+        instead = ("compiling it with torch.compile(backend='aotcache') instead, with graph breaks" if route == DYNAMO
+                   else "it runs eagerly, uncompiled (torch.compile is known to give other results than eager for it)")
         log_once(logging.WARNING, f"compile-route:{id(self)}",
-                 "aotcache.compile: %s cannot be captured whole (%s); compiling it with "
-                 "torch.compile(backend='aotcache') instead, with graph breaks%s. To get the faster AOT way, "
-                 "remove the graph break; fullgraph=True makes it an error.", self.aot.name, reason,
+                 "aotcache.compile: %s cannot be captured whole (%s); %s%s. To get the faster AOT way, remove the "
+                 "graph break; fullgraph=True makes it an error.", self.aot.name, reason, instead,
                  "; recorded, so later runs go there directly" if recorded else "")
 
 
@@ -199,7 +207,7 @@ class CompiledModule(AOTModule):
         super().__init__(module, options, services=services, cache=cache, on_capture_error="raise")
         self._backend = backend
         self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options),
-                              module)
+                              module, module)
 
     def _wrapper_arguments(self) -> dict[str, Any]:
         return {"options": self.compiled.options, "cache": self.compiled.cache, "fullgraph": self.router.fullgraph,
@@ -207,13 +215,14 @@ class CompiledModule(AOTModule):
 
     @property
     def route(self) -> str | None:
-        """``"aot"`` (whole call captured), ``"dynamo"`` (graph breaks) or None (not called yet)."""
+        """``"aot"`` (whole call captured), ``"dynamo"`` (graph breaks), ``"eager"`` (NOTE [Constructs Dynamo gets
+        wrong]) or None (not called yet)."""
         return self.router.route
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs))
+                           lambda: router.dynamo()(*args, **kwargs), lambda: router.eager(*args, **kwargs))
 
 
 class CompiledFunction:
@@ -225,7 +234,7 @@ class CompiledFunction:
         services = _RoutedServices()
         self.compiled = AOTFunction(fn, options, services=services, cache=cache,
                                     on_capture_error="raise")  # the router falls back
-        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options))
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options), fn)
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -238,7 +247,8 @@ class CompiledFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
-        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs))
+        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
+                           lambda: router.eager(*args, **kwargs))
 
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:

@@ -19,12 +19,13 @@ from typing import Any
 
 from aotcache.autograd_cache.fingerprint_cache import read_record
 
-__all__ = ["ROUTE_PREFIX", "ROUTE_SCHEMA", "DYNAMO", "AOT", "route_store_key", "read_route", "record_route"]
+__all__ = ["ROUTE_PREFIX", "ROUTE_SCHEMA", "DYNAMO", "AOT", "EAGER", "route_store_key", "read_route", "record_route"]
 
 ROUTE_PREFIX = "aot/route/"
 ROUTE_SCHEMA = 1
 AOT = "aot"
 DYNAMO = "dynamo"
+EAGER = "eager"  # neither way gives eager's results: the call runs eagerly
 
 
 def route_store_key(digest: str) -> str:
@@ -38,7 +39,7 @@ def _parse_route(value: Any, digest: str) -> tuple[str, str]:
         record = json.loads(bytes(value).decode("utf-8"))
         if record.get("schema") != ROUTE_SCHEMA or record.get("fingerprint") != digest:
             raise ValueError("route record of another schema or fingerprint")
-        if record["route"] not in (AOT, DYNAMO):
+        if record["route"] not in (AOT, DYNAMO, EAGER):
             raise ValueError(f"unknown route {record['route']!r}")
         return str(record["route"]), str(record.get("reason", ""))
     except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:

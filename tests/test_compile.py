@@ -285,3 +285,92 @@ def test_a_misnamed_cache_dir_variable_is_warned_about_not_ignored_silently(monk
     model = nn.Linear(3, 3)
     aotcache.compile(model, compiler="nop")(torch.randn(2, 3))
     assert "AOTCACHE_DIR is not an aotcache option (did you mean AOTCACHE_CACHE_DIR?)" in caplog.text
+
+
+DEQUE_SCRIPT = textwrap.dedent("""
+    import collections, json, sys
+    import torch
+    from torch import nn
+    import aotcache
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    class History(nn.Module):
+        # a streaming model keeping its last outputs in a deque attribute, bounded or not
+        def __init__(self, maxlen):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.hist = collections.deque(maxlen=maxlen)
+
+        def forward(self, x):
+            h = self.fc(x)
+            self.hist.append(h.detach())
+            return h + sum(self.hist)
+
+    maxlen = None if sys.argv[1] == "none" else int(sys.argv[1])
+    torch.manual_seed(0)
+    model, twin = History(maxlen), History(maxlen)
+    twin.load_state_dict(model.state_dict())
+    compiled = aotcache.compile(twin, compiler="nop")
+    same = []
+    for _ in range(5):
+        x = torch.randn(2, 4)
+        same.append(bool(torch.equal(model(x), compiled(x))))
+    stats = dict(resolve_cache(True).counters)
+    print(json.dumps({"route": compiled.route, "same": same, "captures": compiled.compiled.num_compiles,
+                      "history": len(twin.hist) == len(model.hist),
+                      "recorded": {k: v for k, v in stats.items() if k.startswith("route_recorded")}}))
+""")
+
+
+@pytest.mark.parametrize("maxlen, route", [("2", "eager"), ("none", "dynamo")])
+def test_a_bounded_deque_kept_on_the_model_runs_eagerly_where_dynamo_would_differ(tmp_path, maxlen, route):
+    """NOTE [Constructs Dynamo gets wrong], as found: a forward appending to a ``deque(maxlen=2)`` attribute went
+    the Dynamo way, whose third call differed from eager's (torch 2.13's Dynamo, backend "eager" too). It now runs
+    eagerly, and a fresh process takes the recorded eager route without a capture; an unbounded deque, which Dynamo
+    gets right, still goes the Dynamo way."""
+    script = tmp_path / "deque_job.py"
+    script.write_text(DEQUE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+
+    def run() -> dict:
+        proc = subprocess.run([sys.executable, str(script), maxlen], capture_output=True, text=True, env=env,
+                              cwd=str(tmp_path), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cold = run()
+    assert cold == {**cold, "route": route, "same": [True] * 5, "history": True, "captures": 1}
+    warm = run()
+    assert warm == {**warm, "route": route, "same": [True] * 5, "history": True, "captures": 0,
+                    "recorded": {f"route_recorded_{route}": 1}}
+
+
+def test_aot_module_runs_a_bounded_deque_forward_eagerly():
+    """The same construct through ``aot_module``: its fallback is an eager runtime (``eager:<reason>``), not
+    torch.compile."""
+    import collections
+
+    from aotcache.aot.fallback import fallback_counts
+
+    class History(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.hist = collections.deque(maxlen=2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            self.hist.append(h.detach())
+            return h + sum(self.hist)
+
+    torch.manual_seed(0)
+    model, twin = History(), History()
+    twin.load_state_dict(model.state_dict())
+    wrapped = aotcache.aot_module(twin, "nop", cache=False)
+    before = dict(fallback_counts())
+    for _ in range(5):
+        x = torch.randn(2, 4)
+        assert torch.equal(model(x), wrapped(x))
+    after = fallback_counts()
+    assert after.get("eager:unsupported_construct", 0) - before.get("eager:unsupported_construct", 0) == 1
+    assert after.get("partial:unsupported_construct", 0) == before.get("partial:unsupported_construct", 0)

@@ -15,11 +15,15 @@ class CaptureError(RuntimeError):
     ``reason`` is a short category (one of :data:`CAPTURE_ERROR_REASONS`) for counters and warnings.
     """
 
-    def __init__(self, message: str = "", *, reason: str = "unsupported_construct", any_settings: bool = False) -> None:
+    def __init__(self, message: str = "", *, reason: str = "unsupported_construct", any_settings: bool = False,
+                 dynamo_safe: bool = True) -> None:
         super().__init__(message)
         self.reason = reason
         # the refusal holds whatever an aot_module's settings (NOTE [Refusals that hold for any settings] in api.py)
         self.any_settings = any_settings
+        # False: Dynamo is known to give other results than eager for this construct, so the fallback runs the
+        # call eagerly instead of through torch.compile (NOTE [Constructs Dynamo gets wrong] in module_state.py)
+        self.dynamo_safe = dynamo_safe
 
 
 class RefusedArgumentError(TypeError):

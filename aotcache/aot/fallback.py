@@ -273,7 +273,7 @@ def _dynamo_usable() -> bool:
 def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:
     target, skip = _target(owner)
     eager = EagerRuntime(target, in_spec, exc.reason, skip=skip)
-    if owner.on_capture_error == "eager" or not _dynamo_usable():
+    if owner.on_capture_error == "eager" or not exc.dynamo_safe or not _dynamo_usable():
         _count(f"eager:{exc.reason}")
         return eager
     dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock

@@ -30,6 +30,15 @@ __all__ = ["refuse_tensors_stored_on_modules"]
 # inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
 # so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
 
+# NOTE [Constructs Dynamo gets wrong]
+# The fallback of a refused capture is torch.compile, which runs the Python the graph cannot hold at every call.
+# For a few constructs torch's Dynamo itself gives other results than eager, even with backend="eager"; a
+# fallback that promises eager's results runs those calls eagerly instead (``CaptureError.dynamo_safe=False``:
+# ``aotcache.compile`` takes, and records, the route "eager"; ``aot_module`` an eager runtime). Found: a forward
+# appending a tensor to a bounded ``collections.deque`` attribute (``deque(maxlen=2)``, a streaming model's
+# history): under torch 2.13's Dynamo the third call's sum over the deque differed from eager's (the eviction
+# of the oldest item is not replayed as eager does it), while a plain deque or a list was right.
+
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
 
@@ -116,4 +125,19 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"aotcache: the call keeps a tensor it computed on the model ({where} = ...): a graph cannot set a "
             f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
-            f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True)
+            f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
+            dynamo_safe=not any(_bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+
+
+def _bounded_deque(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is, or holds (to a small depth), a deque with a ``maxlen`` (NOTE [Constructs Dynamo gets
+    wrong])."""
+    if isinstance(value, collections.deque):
+        return value.maxlen is not None
+    if depth >= _DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_bounded_deque(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return any(_bounded_deque(item, depth + 1) for item in value.values())
+    return False
