@@ -572,6 +572,9 @@ class Reachable:
         module = sys.modules.get(name)
         if is_library(name):
             patched = ""
+            reason = process_state.module_reason(name) if self.process_state and module is None else None
+            if reason:  # once loaded, the walk below notes what the code reads of it
+                self._note(reason)
             if module is not None and isinstance(module, types.ModuleType):
                 before = self._user_attributes
                 token = self._module_attributes_token(module, names, set())
