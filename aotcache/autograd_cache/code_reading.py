@@ -81,22 +81,24 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
     while codes:
         code = codes.pop()
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        level, fromlist = 0, ()
+        level, previous = 0, None
         for instruction in dis.get_instructions(code):
             if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, int):
                 level = instruction.argval
-            elif instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, tuple):
-                fromlist = instruction.argval
             elif instruction.opname == "IMPORT_NAME":
+                # the fromlist is the constant loaded right before (None for a plain ``import x``)
+                fromlist = previous.argval if previous is not None and previous.opname == "LOAD_CONST" else None
                 name = "." * level + instruction.argval
                 try:
                     module = importlib.util.resolve_name(name, fn.__globals__.get("__package__"))
                 except (ImportError, ValueError):
                     raise Untrusted(f"import inside function: {name}") from None
                 found.append(module)
-                found.extend(f"{module}.{item}" for item in fromlist
-                             if isinstance(item, str) and _IDENTIFIER.match(item))
-                level, fromlist = 0, ()
+                if isinstance(fromlist, tuple):
+                    found.extend(f"{module}.{item}" for item in fromlist
+                                 if isinstance(item, str) and _IDENTIFIER.match(item))
+            if instruction.opname not in ("CACHE", "EXTENDED_ARG"):
+                previous = instruction
     return sorted(set(found))
 
 

@@ -265,6 +265,18 @@ def test_a_compiler_importing_in_its_body_keeps_its_digest_and_sees_what_it_call
             sys.modules.pop(name, None)
 
 
+def test_body_imports_read_with_the_names_a_from_import_takes():
+    from aotcache.autograd_cache.code_reading import imported_modules
+
+    def body():
+        names = ("a", "b")  # a tuple constant that is no fromlist
+        import os
+        from aotcache.compilers import nop
+        return names, os, nop
+
+    assert imported_modules(body) == ["aotcache.compilers", "aotcache.compilers.nop", "os"]
+
+
 def test_a_body_import_of_a_missing_or_failing_project_module():
     namespace = {"__name__": "user_compilers", "__package__": None}
     exec("def absent(gm, example_inputs):\n    import aotk_no_such_module\n", namespace)
