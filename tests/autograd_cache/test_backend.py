@@ -324,6 +324,47 @@ def test_an_entry_compiled_under_a_prior_guard_loads_only_where_it_holds():
     assert stats["hit"] == 2 and stats["compile"] == 2 and stats["bypass"] == 0 and stats["load_error"] == 0
 
 
+# A compiler that imports the nop compiler in its body (its module, argv[1], imports nothing of aotcache); a model
+# compiled statically at each batch size of argv[2] (one graph each). Prints the cache counters.
+BODY_IMPORT_COMPILER = """
+def compiler(gm, example_inputs):
+    from aotcache.compilers.nop import nop_compiler
+    return nop_compiler(gm, example_inputs)
+"""
+
+STATIC_SIZES_BODY_IMPORT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from aotk_backend_body_import import compiler
+from aotcache.aot import aot_module_simplified
+from aotcache.autograd_cache.cache import default_cache
+
+assert "aotcache.compilers.nop" not in sys.modules
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+compiled = torch.compile(model, backend=lambda gm, inputs: aot_module_simplified(gm, inputs, compiler), dynamic=False)
+for rows in json.loads(sys.argv[2]):
+    compiled(torch.randn(rows, 4)).sum().backward()
+print(json.dumps(default_cache().stats()))
+"""
+
+
+def test_a_compiler_importing_in_its_body_starts_warm_whatever_ran_before(tmp_path):
+    """NOTE [Function-body imports]: the graph of 3 rows was keyed before the compiler had imported the nop
+    compiler and the graph of 5 rows after; a process that starts with 5 rows computed the other digest and
+    missed (compiled again)."""
+    (tmp_path / "aotk_backend_body_import.py").write_text(BODY_IMPORT_COMPILER)
+
+    def run(sizes):
+        code = f"import sys; sys.argv = ['run', {str(tmp_path)!r}, {json.dumps(sizes)!r}]\n" + STATIC_SIZES_BODY_IMPORT
+        return json.loads(run_python(code).stdout.strip().splitlines()[-1])
+
+    cold = run([3, 5])
+    assert cold["compile"] == cold["saved"] == 2 and cold["bypass"] == 0
+    warm = run([5, 3])
+    assert warm["hit"] == 2 and warm["compile"] == 0 and warm["miss"] == 0
+
+
 def test_options_are_validated():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown options"):
