@@ -113,7 +113,10 @@ def import_for_digest(name: str) -> types.ModuleType | None:
     distribution, aotcache) is named with its version and never imported here (``import torch._inductor``
     would cost a second); where it is loaded, user code monkeypatched into the attributes the function uses is
     added. A project module is imported now and read like any module global, so the digest follows the code
-    the function reaches through it; its import would run at the function's first call anyway.
+    the function reaches through it; its import would run at the function's first call anyway. A name that
+    ``from pkg import name`` takes is imported as ``pkg.name`` only where ``pkg`` has no such attribute, as
+    Python's import does (an attribute is read through ``pkg``'s token; importing a submodule of that name
+    would replace it).
 
     :raises Untrusted: the module exists but importing it failed.
     """

@@ -581,6 +581,12 @@ class Reachable:
                 patched = token if self._user_attributes != before else ""
             return f"library:{name}{library_version(name)}{patched}"
         if module is None:
+            parent, _, last = name.rpartition(".")
+            holder = sys.modules.get(parent)
+            if isinstance(holder, types.ModuleType) and last in vars(holder):
+                # ``from parent import last`` reads the attribute and imports nothing (as Python does); the
+                # parent's token covers it
+                return f"attribute:{name}"
             module = import_for_digest(name)
             if module is None:
                 return f"absent:{name}"

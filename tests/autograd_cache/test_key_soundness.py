@@ -277,6 +277,25 @@ def test_body_imports_read_with_the_names_a_from_import_takes():
     assert imported_modules(body) == ["aotcache.compilers", "aotcache.compilers.nop", "os"]
 
 
+def test_a_from_import_of_a_package_attribute_never_imports_a_submodule_of_that_name(tmp_path, monkeypatch):
+    """``from pkg import config`` reads ``pkg.config`` (an object) and imports nothing, even with ``pkg/config.py``
+    beside it: importing that for a digest would replace the object with the submodule."""
+    package = tmp_path / "aotk_body_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from types import SimpleNamespace\nconfig = SimpleNamespace(scale=1)\n")
+    (package / "config.py").write_text("scale = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace = {"__name__": "user_compilers", "__package__": None}
+    exec("def compiler(gm, example_inputs):\n    from aotk_body_pkg import config\n    return config.scale\n",
+         namespace)
+    try:
+        callable_digest(namespace["compiler"])
+        assert "aotk_body_pkg.config" not in sys.modules
+        assert type(sys.modules["aotk_body_pkg"].config).__name__ == "SimpleNamespace"
+    finally:
+        sys.modules.pop("aotk_body_pkg", None)
+
+
 def test_a_body_import_of_a_missing_or_failing_project_module():
     namespace = {"__name__": "user_compilers", "__package__": None}
     exec("def absent(gm, example_inputs):\n    import aotk_no_such_module\n", namespace)
