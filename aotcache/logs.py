@@ -49,6 +49,7 @@ _FIXES = (
     ("unhashable compiler", "use a named compiler ('nop', 'inductor', 'aoti') or a module-level function"),
     ("unhashable partitioner", "use partition_fn='default' / 'min_cut' or a module-level function"),
     ("compile added shape guards", "compile with dynamic=False, or mark the dimension static"),
+    ("shape guards not", "compile with dynamic=False, or mark the dimension static (docs/cache.md: Dynamo graphs)"),
     ("opaque", "keep objects the model reads plain (config objects, ints, strings) or pass them as arguments"),
     ("symbolic input", "call it with real tensors (the warm path then skips the trace)"),
     ("active mode", "call the compiled model outside the torch function / dispatch mode"),

@@ -8,12 +8,9 @@ modules a function can reach (NOTE [Reachable code]); reading bytecode is a conc
 from __future__ import annotations
 
 import dis
-import hashlib
-import importlib.metadata
+import importlib
 import importlib.util
-import os
 import re
-import sys
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +19,7 @@ from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
 __all__ = ["constant_token", "cell_contents", "all_names", "string_constants", "imported_modules",
-           "unloaded_module_token"]
+           "import_for_digest"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -75,7 +72,8 @@ def _has_import(code: types.CodeType) -> bool:
 
 
 def imported_modules(fn: types.FunctionType) -> list[str]:
-    """Absolute names of the modules a function imports in its body (``import x`` / ``from .y import z``)."""
+    """Absolute names of the modules a function imports in its body (``import x`` / ``from .y import z``), with
+    ``y.z`` for each name a ``from`` import takes (it may be a submodule, which the import loads)."""
     if not _has_import(fn.__code__):
         return []
     found = []
@@ -83,43 +81,50 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
     while codes:
         code = codes.pop()
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        level = 0
+        level, previous = 0, None
         for instruction in dis.get_instructions(code):
             if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, int):
                 level = instruction.argval
             elif instruction.opname == "IMPORT_NAME":
+                # the fromlist is the constant loaded right before (None for a plain ``import x``)
+                fromlist = previous.argval if previous is not None and previous.opname == "LOAD_CONST" else None
                 name = "." * level + instruction.argval
                 try:
-                    found.append(importlib.util.resolve_name(name, fn.__globals__.get("__package__")))
+                    module = importlib.util.resolve_name(name, fn.__globals__.get("__package__"))
                 except (ImportError, ValueError):
                     raise Untrusted(f"import inside function: {name}") from None
+                found.append(module)
+                if isinstance(fromlist, tuple):
+                    found.extend(f"{module}.{item}" for item in fromlist
+                                 if isinstance(item, str) and _IDENTIFIER.match(item))
+            if instruction.opname not in ("CACHE", "EXTENDED_ARG"):
+                previous = instruction
     return sorted(set(found))
 
 
-def unloaded_module_token(name: str) -> str:
-    """A module a function would import when it runs, not imported yet: its source file and distribution.
+def import_for_digest(name: str) -> types.ModuleType | None:
+    """A project module (not a library's) that a function imports in its body, imported now; None where it
+    cannot be found (the function's import fails as it would now).
 
-    NOTE [Unloaded imports] The import can only happen during the call (capture, on a cold start), so the
-    fingerprint pins the module's source bytes and its distribution's version; the code that module imports
-    in turn is pinned by that version only (documented in docs/warmstart.md).
+    NOTE [Function-body imports] A module imported inside a function is written down the same whether or not
+    something imported it already, so a digest never depends on what happened to run before (a compiler
+    importing ``aotcache.compilers.nop`` inside its body had one key before its first compile and another
+    after, a miss in every warm process). A library's module (torch, the standard library, an installed
+    distribution, aotcache) is named with its version and never imported here (``import torch._inductor``
+    would cost a second); where it is loaded, user code monkeypatched into the attributes the function uses is
+    added. A project module is imported now and read like any module global, so the digest follows the code
+    the function reaches through it; its import would run at the function's first call anyway. A name that
+    ``from pkg import name`` takes is imported as ``pkg.name`` only where ``pkg`` has no such attribute, as
+    Python's import does (an attribute is read through ``pkg``'s token; importing a submodule of that name
+    would replace it).
+
+    :raises Untrusted: the module exists but importing it failed.
     """
-    top, parent = name.split(".")[0], name.rpartition(".")[0]
     try:
-        if top not in sys.modules and importlib.util.find_spec(top) is None:
-            return f"absent:{name}"  # the import would fail, as it fails now
-        if parent and parent not in sys.modules:
-            raise Untrusted(f"import inside function: {name}")  # find_spec would import the parent
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        raise Untrusted(f"import inside function: {name}") from None
-    if spec is None:
-        return f"absent:{name}"
-    if not spec.origin or not os.path.isfile(spec.origin):
-        raise Untrusted(f"import inside function: {name}")
-    with open(spec.origin, "rb") as source:
-        digest = hashlib.sha256(source.read()).hexdigest()
-    try:
-        version = importlib.metadata.version(name.split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return f"unloaded:{name}:{digest}:{version}"
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            return None
+        raise Untrusted(f"import inside function: {name} (ModuleNotFoundError: {exc.name})") from None
+    except Exception as exc:  # user code runs on import: any failure means the import cannot be written down
+        raise Untrusted(f"import inside function: {name} (importing it raised {type(exc).__name__})") from None

@@ -42,7 +42,7 @@ __all__ = [
     "describe_inputs",
     "produce_guards_expression",
     "input_symbols",
-    "added_guards_expression",
+    "dynamo_guards_expression",
     "hinted_inputs",
     "validate_guards_expression",
     "evaluate_guards",
@@ -300,22 +300,19 @@ def input_symbols(inputs: Sequence[Any]) -> set[Any]:
     return _symbols_of(inputs)
 
 
-def added_guards_expression(inputs: Sequence[Any], shape_env: Any, symbols: set[Any], since: int) -> str | None:
-    """The guards added to ``shape_env`` while compiling a graph over ``inputs`` (those from index ``since`` on),
-    as an expression over input positions (NOTE [Guards added while compiling a Dynamo graph] in pipeline.py);
-    None when none were added.
+def dynamo_guards_expression(inputs: Sequence[Any], shape_env: Any, symbols: set[Any], since: int) -> str | None:
+    """The guards a Dynamo graph's entry is valid under, as an expression over input positions (NOTE [Guards added
+    while compiling a Dynamo graph] in pipeline.py): those the compile added to ``shape_env`` (from index
+    ``since`` on) and, as torch's FX graph cache does, those it held before over these inputs' symbols only (the
+    compile could rely on them), with what it knows of every symbolic input (sizes, strides and offset,
+    specialized or related to other inputs, their ranges). None: no symbolic input, nothing to check.
 
-    ``symbols`` are the inputs' free symbols read before the compile (:func:`input_symbols`). As torch's FX graph
-    cache does, the expression also holds the guards the ShapeEnv had before over these symbols only (the
-    compile could rely on them), and what it knows of every symbolic input (sizes, strides and offset,
-    specialized or related to other inputs, their ranges): never weaker than the added guards.
+    ``symbols`` are the inputs' free symbols read before the compile (:func:`input_symbols`).
 
     :raises GuardExpressionError: an added guard over a symbol that is no input's (it cannot be checked by
         position), or torch's printer failed or printed something outside the grammar.
     """
     added = list(shape_env.guards[since:])
-    if not added:
-        return None
     for guard in added:
         foreign = set(guard.expr.free_symbols) - symbols
         if foreign:
@@ -323,12 +320,18 @@ def added_guards_expression(inputs: Sequence[Any], shape_env: Any, symbols: set[
                                        "input holds")
     prior = [guard for guard in shape_env.guards[:since] if set(guard.expr.free_symbols) <= symbols]
     placeholders = [value if _is_symbolic(value) else None for value in inputs]
+    if not any(value is not None for value in placeholders):
+        if added:
+            raise GuardExpressionError("guards were added but no graph input is symbolic")
+        return None
     try:
         expression = shape_env.produce_guards_expression(placeholders, guards=prior + added, ignore_static=False)
     except Exception as exc:  # torch's guard printer raises assorted errors; the caller bypasses the cache
-        raise GuardExpressionError(f"cannot express the added shape guards: {type(exc).__name__}: {exc}") from exc
-    if expression is None:  # guards were added, so an empty expression would lose them
-        raise GuardExpressionError("torch printed no guards for the added ones")
+        raise GuardExpressionError(f"cannot express the shape guards: {type(exc).__name__}: {exc}") from exc
+    if expression is None:
+        if added:  # guards were added, so an empty expression would lose them
+            raise GuardExpressionError("torch printed no guards for the added ones")
+        return None
     validate_guards_expression(expression)
     return expression
 

@@ -34,7 +34,7 @@ from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_func
 from aotcache.aot.capture import capture
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
-from aotcache.autograd_cache.guards import (GuardExpressionError, added_guards_expression, evaluate_guards,
+from aotcache.autograd_cache.guards import (GuardExpressionError, dynamo_guards_expression, evaluate_guards,
                                             hinted_inputs, input_symbols, symbolic_inputs)
 from aotcache.autograd_cache.key import CacheKey, callable_digest, compute_key
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, qualified_name
@@ -203,11 +203,13 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
                                 lifted_attributes: Sequence[str]) -> CompiledRuntime:
     """The ``aot_module_simplified`` step through ``cache``: the key is ``gm`` (Dynamo's graph) and its
     example inputs; ``flat_example`` (lifted parameters and buffers, then the inputs) is what a miss compiles.
-    Entries carry the shape guards their compile added (NOTE [Guards added while compiling a Dynamo graph]).
+    Entries carry the shape guards their compile added and those it ran under (NOTE [Guards added while compiling
+    a Dynamo graph], NOTE [Prior guards of a Dynamo entry]).
     """
     state: dict[str, Any] = {}
     shape_env = _shape_env_of(example_inputs)
     symbolic = _graph_inputs(gm, example_inputs) if shape_env is not None else None
+    hints = _hints_or_none(symbolic)
 
     def make_key() -> CacheKey:
         if not isinstance(gm, torch.fx.GraphModule):
@@ -227,14 +229,15 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         guards_before = len(shape_env.guards) if shape_env is not None else 0
         symbols = input_symbols(symbolic) if symbolic is not None else set()  # before specializations replace them
         runtime = compile_function(flat_fn, flat_example, options)
-        runtime.metadata.guards = None  # Dynamo checks the frame's guards; the entry records the added ones
+        runtime.metadata.guards = None  # Dynamo checks the frame's guards; the entry records its own (the NOTE)
         kind = "inference" if runtime.metadata.is_inference else "training"
         summary = (_summary(state["key"], name=type(gm).__qualname__, source="torch.compile", kind=kind,
                             num_inputs=len(flat_example), dynamic=bool(options.dynamic)) if "key" in state else {})
-        guards, uncacheable = _added_guards(shape_env, guards_before, symbolic, symbols)
+        guards, uncacheable = _dynamo_entry_guards(shape_env, guards_before, symbolic, symbols,
+                                                   checkable=hints is not None)
         return CompileResult(runtime, guards=guards, summary=summary, uncacheable=uncacheable)
 
-    runtime = cache.load_or_compile(make_key, compile_fn, None, guard_inputs=_hints_or_none(symbolic),
+    runtime = cache.load_or_compile(make_key, compile_fn, None, guard_inputs=hints,
                                     name=type(gm).__qualname__)
     if getattr(runtime, "from_cache", False) and runtime.metadata.guards:
         if not _install_guards(runtime.metadata.guards, symbolic):
@@ -276,15 +279,14 @@ def _hints_or_none(symbolic: Sequence[Any] | None) -> list[Any] | None:
         return None
 
 
-def _added_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | None,
-                  symbols: set[Any]) -> tuple[str | None, str | None]:
+def _dynamo_entry_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | None,
+                         symbols: set[Any], checkable: bool) -> tuple[str | None, str | None]:
     """NOTE [Guards added while compiling a Dynamo graph]
     Capturing or compiling a graph Dynamo traced with symbolic sizes can add guards to Dynamo's ShapeEnv,
     specializations among them (``Eq(s53, 12)``: Inductor lowering a transposed convolution). Dynamo installs
     them for this frame; the compiled code is valid only where they hold. The entry is stored under the
     symbolic graph's key with those guards written over input positions (``L['t3'].size()[0] == 12``, never
-    the ShapeEnv's symbol names, which differ between frames and processes: ``added_guards_expression``; with
-    them, as torch's FX graph cache does, the guards the ShapeEnv already held over these inputs), and
+    the ShapeEnv's symbol names, which differ between frames and processes: ``dynamo_guards_expression``), and
     the key's slots hold one entry per guard set, as for ``aot_function`` (NOTE [slots] in cache.py). A
     lookup checks each entry's guards against the graph inputs' size hints (``hinted_inputs``: concrete values,
     so the check adds nothing to the ShapeEnv); an entry whose guards fail is never loaded (``guard_miss``:
@@ -294,18 +296,31 @@ def _added_guards(shape_env: Any, guards_before: int, symbolic: Sequence[Any] | 
     specialized to these. Guards that cannot be written by position (over a symbol no input holds, or outside
     the guard grammar) keep the old answer: the compile is used for the frame and not stored.
 
+    NOTE [Prior guards of a Dynamo entry]
+    Every entry with a symbolic input, guarded compile or not, also records the guards the ShapeEnv held before
+    the compile over its inputs' symbols only (as torch's FX graph cache does), with what the ShapeEnv knows of
+    those inputs (ranges, relations, strides): the compile may have relied on them and skipped a guard of its
+    own (an Inductor-like compiler reading ``statically_known_*``), so an entry compiled under ``s0 >= 16``
+    must not load for another frame of the same graph at 8. A guard over a symbol no input holds is left out:
+    it constrains the frame, not this graph's code. What this keeps is what Dynamo derived from the frame's
+    code over the same inputs; a frame producing the same graph typically derives the same guards, so warm
+    starts load the one entry (measured: the backend's warm tests, a transformers model over several sequence
+    lengths, docs/cache.md). Frames whose guards differ get one slot each, up to the key's slots.
+
     Returns ``(guard expression or None, bypass reason or None)``.
     """
-    if shape_env is None or len(shape_env.guards) <= guards_before:
-        return None, None
-    if symbolic is None:
-        return None, "compile added shape guards"
+    if shape_env is None or symbolic is None:
+        added = shape_env is not None and len(shape_env.guards) > guards_before
+        return None, "compile added shape guards" if added else None
     try:
-        return added_guards_expression(symbolic, shape_env, symbols, guards_before), None
+        expression = dynamo_guards_expression(symbolic, shape_env, symbols, guards_before)
     except GuardExpressionError as exc:
-        logger.debug("aotcache: compiling a Dynamo graph added shape guards (first %s) that cannot be stored: %s",
-                     shape_env.guards[guards_before].expr, exc)
-        return None, "compile added shape guards"
+        logger.debug("aotcache: the shape guards of a Dynamo graph cannot be stored: %s", exc)
+        added = len(shape_env.guards) > guards_before
+        return None, "compile added shape guards" if added else "shape guards not expressible"
+    if expression is not None and not checkable:
+        return None, "shape guards not checkable"  # no hints to check them against: a lookup never loads it
+    return expression, None
 
 
 def _install_guards(expression: str, symbolic: Sequence[Any] | None) -> bool:

@@ -36,9 +36,9 @@ from aotcache.autograd_cache.code_reading import (
     all_names,
     cell_contents,
     constant_token,
+    import_for_digest,
     imported_modules,
     string_constants,
-    unloaded_module_token,
 )
 from aotcache.autograd_cache.digests import (
     Untrusted,
@@ -159,8 +159,8 @@ class Reachable:
     and cycles are written down exactly and two different objects with the same name cannot be swapped
     unseen. A user function's token holds its bytecode digest (names, constants, nested code), defaults,
     closure cells and the globals its code names (module attributes resolved through the names the code
-    uses; imports inside the function through ``sys.modules``). A class's token holds its bases and the
-    members that tracing can reach: dunder protocol methods and every member whose name appears in some
+    uses; imports inside the function as NOTE [Function-body imports] says). A class's token holds its bases
+    and the members that tracing can reach: dunder protocol methods and every member whose name appears in some
     reachable user code (``co_names`` or an identifier-like string constant, for ``getattr(self, "x")``);
     torch's own classes contribute only members that were monkeypatched with non-torch code. Library code
     (torch, stdlib) is named, not traversed: its behaviour is fixed by the versions in the system part.
@@ -198,6 +198,7 @@ class Reachable:
         self._names: set[str] = {"forward"}  # attribute names reachable code may read (nn.Module calls forward)
         self._state_tensors = state_tensors or {}  # id(tensor) -> position among the module's parameters/buffers
         self._constant_bytes = 0
+        self._user_attributes = 0  # module attributes written down by their value (_imported_module_token)
         self._active_containers: list[int] = []
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
 
@@ -532,9 +533,7 @@ class Reachable:
                     guards.slot(fn_globals, name, value)
                 referenced.append(f"{name}={self._global_token(value, names)}")
         for module_name in imported_modules(fn):
-            module = sys.modules.get(module_name)
-            token = unloaded_module_token(module_name) if module is None else self._global_token(module, names)
-            referenced.append(f"import {module_name}={token}")
+            referenced.append(f"import {module_name}={self._imported_module_token(module_name, names)}")
         # a module in a closure cell is read like a module global: through the attribute names the code uses
         cells = []
         for cell in fn.__closure__ or ():
@@ -571,6 +570,32 @@ class Reachable:
             values.append(f"{variable}={'absent' if value is None else repr(value)}")
         return f" env[{';'.join(values)}]"
 
+    def _imported_module_token(self, name: str, names: Sequence[str]) -> str:
+        """A module a function imports in its body, the same before and after it is loaded (NOTE [Function-body
+        imports] in code_reading.py)."""
+        module = sys.modules.get(name)
+        if is_library(name):
+            patched = ""
+            reason = process_state.module_reason(name) if self.process_state and module is None else None
+            if reason:  # once loaded, the walk below notes what the code reads of it
+                self._note(reason)
+            if module is not None and isinstance(module, types.ModuleType):
+                before = self._user_attributes
+                token = self._module_attributes_token(module, names, set())
+                patched = token if self._user_attributes != before else ""
+            return f"library:{name}{library_version(name)}{patched}"
+        if module is None:
+            parent, _, last = name.rpartition(".")
+            holder = sys.modules.get(parent)
+            if isinstance(holder, types.ModuleType) and last in vars(holder):
+                # ``from parent import last`` reads the attribute and imports nothing (as Python does); the
+                # parent's token covers it
+                return f"attribute:{name}"
+            module = import_for_digest(name)
+            if module is None:
+                return f"absent:{name}"
+        return self._global_token(module, names)
+
     def _global_token(self, value: Any, names: Sequence[str]) -> str:
         if isinstance(value, types.ModuleType):
             return self._module_attributes_token(value, names, set())
@@ -603,6 +628,7 @@ class Reachable:
             elif not library or is_user_code(value) or is_custom_op(value):
                 # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
                 # are custom operators reached through ``torch.ops.<namespace>.<name>``
+                self._user_attributes += 1
                 entries.append(f"{name}={self.ref(value)}")
         return f"module:{module.__name__}{{{','.join(entries)}}}"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import types
@@ -78,13 +79,27 @@ def installed_distribution(root: str) -> str | None:
     module lives does not change under a running program. Editable installs and scripts are user code.
     """
     module = sys.modules.get(root)
-    path = getattr(module, "__file__", None) or ""
+    path = (getattr(module, "__file__", None) if module is not None else _unloaded_origin(root)) or ""
     if not path or not any(part in ("site-packages", "dist-packages") for part in path.split(os.sep)):
         return None
     try:
         return importlib.metadata.version(root)
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return None
+
+
+def _unloaded_origin(root: str) -> str | None:
+    """Where top-level module ``root`` would be imported from, found without importing it (a top-level spec
+    imports nothing): an unloaded distribution is recognised as one, as it is once loaded."""
+    try:
+        spec = importlib.util.find_spec(root) if root else None
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin and os.path.isabs(spec.origin):
+        return spec.origin
+    return next(iter(spec.submodule_search_locations or ()), None)
 
 
 def defining_module(fn: types.FunctionType) -> str:

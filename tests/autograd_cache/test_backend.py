@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import operator
 import re
 
 import pytest
@@ -265,6 +266,103 @@ def test_inductor_graph_whose_compile_added_guards_starts_warm_and_recompiles_wh
     warm = run([12, 16, 2100])
     assert warm["hit"] == 1 and warm["frames"] == 2 and warm["guard_miss"] == 1 and warm["compile"] == 1
     assert warm["load_error"] == 0 and warm["bypass"] == 0
+
+
+class BranchOnRows(RowSums):
+    """Both branches trace to the same graph: a frame of more than 8 rows runs under Dynamo's guard ``rows > 8``,
+    one of fewer under ``rows <= 8``, and neither frame's compile adds a guard."""
+
+    def forward(self, x):
+        if x.shape[0] > 8:
+            return self.linear(x).relu().sum(dim=1)
+        return self.linear(x).relu().sum(dim=1)
+
+
+def prior_guard_compiler(gm, example_inputs):
+    """Like Inductor choosing code from what the ShapeEnv already proves (``statically_known_true``, no guard
+    added): where the rows of an input are known to exceed 8, it emits code valid only then, which asserts it."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    for node in [node for node in gm.graph.nodes if node.op == "placeholder"]:
+        value = node.meta.get("val")
+        if (isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], torch.SymInt)
+                and statically_known_true(value.shape[0] > 8)):
+            with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+                rows = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, 0))
+                more = gm.graph.call_function(operator.gt, (rows, 8))
+                gm.graph.call_function(torch.ops.aten._assert_scalar.default, (more, "compiled for more than 8 rows"))
+    gm.recompile()
+    return nop_compiler(gm, example_inputs)
+
+
+def test_an_entry_compiled_under_a_prior_guard_loads_only_where_it_holds():
+    """NOTE [Prior guards of a Dynamo entry]: the frame of 12 rows compiles code that relies on Dynamo's ``rows > 8``
+    and adds no guard; the frame of 4 rows produces the same graph. Stored without guards, its entry loaded for
+    the 4-row frame ("compiled for more than 8 rows" in the forward); now that frame is a guard miss and gets its
+    own entry, and each frame's sizes load their own."""
+    from aotcache.aot import aot_module_simplified
+
+    torch._dynamo.reset()
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, prior_guard_compiler, cache=cache)
+
+    compiled_model, eager_model = BranchOnRows(), BranchOnRows()
+    compiled = torch.compile(compiled_model, backend=backend, dynamic=True)
+    _train_rows(compiled, compiled_model, eager_model, (12, 4))
+    stats = cache.stats()
+    assert stats["compile"] == stats["saved"] == 2 and stats["guard_miss"] == 1 and stats["hit"] == 0
+    guards = sorted(listing.manifest["guards"] for listing in cache.list_entries())
+    # each frame's rows guard, by input position (t0: the rows, t1: the input)
+    assert [guard.split(" and ")[-1] for guard in guards] == ["L['t0'] <= 8", "9 <= L['t0']"]
+    # another process's frames (Dynamo reset: fresh ShapeEnvs) load the entry whose prior guard they satisfy
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend=backend, dynamic=True)
+    _train_rows(compiled, compiled_model, eager_model, (5, 13))
+    stats = cache.stats()
+    assert stats["hit"] == 2 and stats["compile"] == 2 and stats["bypass"] == 0 and stats["load_error"] == 0
+
+
+# A compiler that imports the nop compiler in its body (its module, argv[1], imports nothing of aotcache); a model
+# compiled statically at each batch size of argv[2] (one graph each). Prints the cache counters.
+BODY_IMPORT_COMPILER = """
+def compiler(gm, example_inputs):
+    from aotcache.compilers.nop import nop_compiler
+    return nop_compiler(gm, example_inputs)
+"""
+
+STATIC_SIZES_BODY_IMPORT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from aotk_backend_body_import import compiler
+from aotcache.aot import aot_module_simplified
+from aotcache.autograd_cache.cache import default_cache
+
+assert "aotcache.compilers.nop" not in sys.modules
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+compiled = torch.compile(model, backend=lambda gm, inputs: aot_module_simplified(gm, inputs, compiler), dynamic=False)
+for rows in json.loads(sys.argv[2]):
+    compiled(torch.randn(rows, 4)).sum().backward()
+print(json.dumps(default_cache().stats()))
+"""
+
+
+def test_a_compiler_importing_in_its_body_starts_warm_whatever_ran_before(tmp_path):
+    """NOTE [Function-body imports]: the graph of 3 rows was keyed before the compiler had imported the nop
+    compiler and the graph of 5 rows after; a process that starts with 5 rows computed the other digest and
+    missed (compiled again)."""
+    (tmp_path / "aotk_backend_body_import.py").write_text(BODY_IMPORT_COMPILER)
+
+    def run(sizes):
+        code = f"import sys; sys.argv = ['run', {str(tmp_path)!r}, {json.dumps(sizes)!r}]\n" + STATIC_SIZES_BODY_IMPORT
+        return json.loads(run_python(code).stdout.strip().splitlines()[-1])
+
+    cold = run([3, 5])
+    assert cold["compile"] == cold["saved"] == 2 and cold["bypass"] == 0
+    warm = run([5, 3])
+    assert warm["hit"] == 2 and warm["compile"] == 0 and warm["miss"] == 0
 
 
 def test_options_are_validated():

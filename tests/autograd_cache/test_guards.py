@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from aotcache.autograd_cache.guards import (
     GuardExpressionError,
-    added_guards_expression,
+    dynamo_guards_expression,
     hinted_inputs,
     input_symbols,
     describe_inputs,
@@ -187,14 +187,18 @@ def test_added_guards_are_written_by_input_position_and_cover_a_specialization()
     assert bool(other.shape[0] < 5)  # held before, over a symbol no input has: left out
     before = len(shape_env.guards)
     assert int(x.shape[0]) == 6  # what Inductor does for some lowerings: Eq(s, 6), a replacement
-    expression = added_guards_expression([x, y], shape_env, symbols, before)
+    expression = dynamo_guards_expression([x, y], shape_env, symbols, before)
     assert "L['t0'].size()[0] == 6" in expression
     assert not re.search(r"\bs\d+", expression)  # no ShapeEnv symbol names: they differ between processes
     assert evaluate_guards(expression, [torch.randn(6, 4), torch.randn(10)])
     assert evaluate_guards(expression, [torch.randn(6, 3), torch.randn(7)])
     assert not evaluate_guards(expression, [torch.randn(7, 4), torch.randn(10)])  # the specialization
     assert not evaluate_guards(expression, [torch.randn(6, 6), torch.randn(10)])  # the earlier guard
-    assert added_guards_expression([x, y], shape_env, symbols, len(shape_env.guards)) is None
+    # nothing added: the guards held before still bound the entry (NOTE [Prior guards of a Dynamo entry])
+    unadded = dynamo_guards_expression([x, y], shape_env, symbols, len(shape_env.guards))
+    assert "2*L['t0'].size()[1] < L['t1'].size()[0]" in unadded
+    assert not evaluate_guards(unadded, [torch.randn(6, 6), torch.randn(10)])
+    assert dynamo_guards_expression([torch.randn(3), 4], shape_env, set(), len(shape_env.guards)) is None  # static
 
 
 def test_a_guard_over_a_symbol_no_input_holds_cannot_be_written():
@@ -203,7 +207,7 @@ def test_a_guard_over_a_symbol_no_input_holds_cannot_be_written():
     before = len(shape_env.guards)
     assert bool(other.shape[0] > 3)  # a guard over another graph's symbol in the shared ShapeEnv
     with pytest.raises(GuardExpressionError, match="no graph input holds"):
-        added_guards_expression([x], shape_env, symbols, before)
+        dynamo_guards_expression([x], shape_env, symbols, before)
 
 
 def test_hinted_inputs_check_guards_without_adding_any_and_symbolic_inputs_add_them():

@@ -204,6 +204,107 @@ def test_a_user_module_helper_change_is_seen(tmp_path, monkeypatch):
         sys.modules.pop("aotk_soundness_helpers", None)
 
 
+# NOTE [Function-body imports]: a compiler that imports inside its body, in a module of its own (argv[1]: its
+# directory). Prints its digest before and after ``aotcache.compilers.nop`` is imported, which the first compile
+# does: they differed, so the first graph of a process had another key than the later ones.
+BODY_IMPORT_DIGESTS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from aotcache.autograd_cache.key import callable_digest
+from aotk_body_import import compiler
+loaded_before = "aotcache.compilers.nop" in sys.modules
+before = callable_digest(compiler)
+import aotcache.compilers.nop
+print(json.dumps({"loaded_before": loaded_before, "before": before, "after": callable_digest(compiler)}))
+"""
+
+BODY_IMPORT_COMPILER = """
+def compiler(gm, example_inputs):
+    from aotcache.compilers.nop import nop_compiler
+    from aotk_body_helper import helper
+    return nop_compiler(helper(gm), example_inputs)
+"""
+
+BODY_IMPORT_HELPER = """
+from aotk_body_deep import scale
+
+def helper(gm):
+    return gm if scale() > 0 else None
+"""
+
+
+def test_a_compiler_importing_in_its_body_keeps_its_digest_and_sees_what_it_calls(tmp_path, monkeypatch):
+    (tmp_path / "aotk_body_import.py").write_text(BODY_IMPORT_COMPILER)
+    (tmp_path / "aotk_body_helper.py").write_text(BODY_IMPORT_HELPER)
+    (tmp_path / "aotk_body_deep.py").write_text("def scale():\n    return 1\n")
+    runs = [json.loads(run_python(BODY_IMPORT_DIGESTS.replace("sys.argv[1]", repr(str(tmp_path))),
+                                  env={"PYTHONDONTWRITEBYTECODE": "1"}).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    assert not runs[0]["loaded_before"]  # the import happened between the two digests
+    assert runs[0]["before"] == runs[0]["after"] == runs[1]["before"] == runs[1]["after"]  # and across processes
+
+    # in this process (nop loaded long ago): the same digest; the project modules it imports are read
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    names = ("aotk_body_import", "aotk_body_helper", "aotk_body_deep")
+    try:
+        compiler = importlib.import_module("aotk_body_import").compiler
+        assert "aotk_body_helper" not in sys.modules
+        assert callable_digest(compiler) == runs[0]["before"]
+        # what it calls through a body import changes: a new digest
+        (tmp_path / "aotk_body_deep.py").write_text("def scale():\n    return 2\n")
+        for name in names[:0:-1]:
+            importlib.reload(sys.modules[name])
+        assert callable_digest(compiler) != runs[0]["before"]
+        # its own code changes: a new digest
+        (tmp_path / "aotk_body_import.py").write_text(BODY_IMPORT_COMPILER.replace("helper(gm)", "helper(gm.eval())"))
+        changed = importlib.reload(sys.modules["aotk_body_import"]).compiler
+        assert callable_digest(changed) != callable_digest(compiler)
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def test_body_imports_read_with_the_names_a_from_import_takes():
+    from aotcache.autograd_cache.code_reading import imported_modules
+
+    def body():
+        names = ("a", "b")  # a tuple constant that is no fromlist
+        import os
+        from aotcache.compilers import nop
+        return names, os, nop
+
+    assert imported_modules(body) == ["aotcache.compilers", "aotcache.compilers.nop", "os"]
+
+
+def test_a_from_import_of_a_package_attribute_never_imports_a_submodule_of_that_name(tmp_path, monkeypatch):
+    """``from pkg import config`` reads ``pkg.config`` (an object) and imports nothing, even with ``pkg/config.py``
+    beside it: importing that for a digest would replace the object with the submodule."""
+    package = tmp_path / "aotk_body_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from types import SimpleNamespace\nconfig = SimpleNamespace(scale=1)\n")
+    (package / "config.py").write_text("scale = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace = {"__name__": "user_compilers", "__package__": None}
+    exec("def compiler(gm, example_inputs):\n    from aotk_body_pkg import config\n    return config.scale\n",
+         namespace)
+    try:
+        callable_digest(namespace["compiler"])
+        assert "aotk_body_pkg.config" not in sys.modules
+        assert type(sys.modules["aotk_body_pkg"].config).__name__ == "SimpleNamespace"
+    finally:
+        sys.modules.pop("aotk_body_pkg", None)
+
+
+def test_a_body_import_of_a_missing_or_failing_project_module():
+    namespace = {"__name__": "user_compilers", "__package__": None}
+    exec("def absent(gm, example_inputs):\n    import aotk_no_such_module\n", namespace)
+    assert callable_digest(namespace["absent"]) == callable_digest(namespace["absent"])  # the import would fail
+    exec("def relative(gm, example_inputs):\n    from . import sibling\n", namespace)
+    with pytest.raises(BypassAOTAutogradCache, match="import inside function"):
+        callable_digest(namespace["relative"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # What cannot be written down bypasses, with a reason; limits are never truncation
 # ----------------------------------------------------------------------------------------------------
