@@ -146,17 +146,6 @@ def case_lora_train(base: str, dropout: float = 0.0):
     return run
 
 
-def graphs_compiled(compiled) -> int:
-    """Graphs of the wrapper and of the submodule units its methods compiled (NOTE [Methods that call a
-    submodule's forward])."""
-    return compiled.compiled.num_compiles + sum(unit.compiled.num_compiles for unit in compiled._units.values())
-
-
-def route_taken(compiled) -> str | None:
-    """The wrapper's route, or its first unit's when only units ran (generate of a peft model)."""
-    return compiled.route or next((unit.route for unit in compiled._units.values()), None)
-
-
 def case_lora_generate():
     import torch
 
@@ -165,49 +154,8 @@ def case_lora_generate():
     compiled = compile_model(model)
     kwargs = {"input_ids": ids, "max_new_tokens": 6, "do_sample": False}
     expected, tokens = eager.generate(**kwargs), compiled.generate(**kwargs)
-    return {"tokens_equal": torch.equal(expected, tokens), "route": route_taken(compiled),
-            "units": [type(unit.orig_module).__name__ for unit in compiled._units.values()],
-            "graphs": graphs_compiled(compiled), "ok": torch.equal(expected, tokens)}
-
-
-def case_lora_generate_adapters():
-    """Greedy generate through the wrapper after add_adapter / set_adapter / disable_adapter() / merge_adapter /
-    unmerge_adapter / merge_and_unload, against the eager twin's tokens."""
-    import torch
-    from peft import LoraConfig
-
-    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
-    kwargs = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False}
-
-    def run(model, generate):
-        out = {"default": generate(**kwargs)}
-        torch.manual_seed(7)
-        model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        model.set_adapter("second")
-        out["set_adapter second"] = generate(**kwargs)
-        with model.disable_adapter():
-            out["disable_adapter"] = generate(**kwargs)
-        out["second again"] = generate(**kwargs)
-        model.set_adapter("default")
-        out["set_adapter default"] = generate(**kwargs)
-        model.base_model.merge_adapter()
-        out["merge_adapter"] = generate(**kwargs)
-        model.base_model.unmerge_adapter()
-        out["unmerge_adapter"] = generate(**kwargs)
-        model.merge_and_unload()
-        out["merge_and_unload"] = generate(**kwargs)
-        return out
-
-    eager, model = lora("llama").eval(), lora("llama").eval()
-    expected = run(eager, eager.generate)
-    compiled = compile_model(model)
-    got = run(model, compiled.generate)
-    equal = {key: torch.equal(got[key], expected[key]) for key in expected}
-    distinct = len({tuple(expected[key][0].tolist()) for key in ("default", "set_adapter second",
-                                                                 "disable_adapter")}) == 3
-    return {"tokens_equal": equal, "adapters_differ": distinct, "route": route_taken(compiled),
-            "units": [type(unit.orig_module).__name__ for unit in compiled._units.values()],
-            "graphs": graphs_compiled(compiled), "ok": distinct and all(equal.values())}
+    return {"tokens_equal": torch.equal(expected, tokens), "route": compiled.route,
+            "graphs": compiled.compiled.num_compiles, "ok": torch.equal(expected, tokens)}
 
 
 def case_lora_adapters():
@@ -433,7 +381,6 @@ CASES = {
     "peft LoRA GPT-2 (Conv1D, fan_in_fan_out): 3 AdamW steps": case_lora_train("gpt2"),
     "peft LoRA Llama, lora_dropout=0.1, train mode": case_lora_train("llama", 0.1),
     "peft LoRA Llama: greedy generate": case_lora_generate,
-    "peft LoRA Llama: greedy generate after set/disable adapter, merge, merge_and_unload": case_lora_generate_adapters,
     "peft LoRA Llama: add/set/disable adapter, merge_and_unload": case_lora_adapters,
     "peft LoRA Llama: frozen adapters switched layer by layer": case_lora_frozen_layer_switch,
     "peft: print_trainable_parameters, save_pretrained": case_lora_print_and_save,

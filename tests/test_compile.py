@@ -165,42 +165,6 @@ def test_the_compiled_module_is_a_drop_in():
     torch.testing.assert_close(compiled(torch.ones(1, 4)), model(torch.ones(1, 4)))
 
 
-class BlocksThenBreak(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = torch.relu(block(x))
-        if x.sum().item() > 1e9:  # a graph break: the Dynamo way
-            x = x * 2
-        return x + 1
-
-    def run(self, x):
-        return self(x)
-
-
-def test_a_method_of_a_model_on_the_dynamo_way_runs_it_there_with_eagers_result():
-    """The submodule routers a method installs (NOTE [Methods that call a submodule's forward]) hand Dynamo's
-    trace the original forwards: the method's calls give eager's result through the Dynamo way, make no units,
-    and a second method call compiles nothing new."""
-    import torch._dynamo.utils as dynamo_utils
-
-    torch.manual_seed(0)
-    model = BlocksThenBreak()
-    compiled = aotcache.compile(model, compiler="nop")
-    x = torch.randn(2, 4)
-    torch.testing.assert_close(compiled(x), model(x))
-    assert compiled.route == "dynamo"
-    torch.testing.assert_close(compiled.run(x), model.run(x))
-    dynamo_utils.counters.clear()
-    torch.testing.assert_close(compiled.run(x), model.run(x))
-    torch.testing.assert_close(compiled(x), model(x))
-    assert not dynamo_utils.counters["stats"]["unique_graphs"] and not compiled._units
-    assert all("forward" not in module.__dict__ for module in model.modules())
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"dynamic": "true"}, "dynamic must be True, False or None"),
     ({"compiler": "nope"}, "unknown compiler 'nope'"),

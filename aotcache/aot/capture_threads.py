@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SwapGate", "swap_gate", "share_gate", "compiling", "tracing_in_this_thread"]
+__all__ = ["SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
 
 
 class SwapGate:
@@ -143,16 +143,6 @@ def swap_gate(module: Any) -> SwapGate:
             if gate is None:
                 gate = _gates[module] = SwapGate()
     return gate
-
-
-def share_gate(module: Any, gate: SwapGate) -> SwapGate:
-    """Make ``gate`` (an enclosing module's) the gate of ``module`` too, unless it has one already; its gate.
-
-    A submodule compiled as its own unit (NOTE [Methods that call a submodule's forward] in module.py) swaps
-    part of the enclosing module's tensors when it is captured, and the enclosing module's capture swaps the
-    submodule's: with one gate, a call of either waits for a capture of the other."""
-    with _gates_lock:
-        return _gates.setdefault(module, gate)
 
 
 _this_thread = threading.local()  # .captures: how many captures this thread is running (nested)

@@ -24,36 +24,7 @@ method called meanwhile from another thread ran the module eagerly, beside a cap
 tensors. The router carries the original forward as ``__wrapped__``, so ``inspect.signature(self.forward)``
 is unchanged. Forward hooks registered on the wrapped
 module itself would run twice (once around the router, once inside the captured graph), so with such hooks,
-or when the module already has an instance ``forward``, the module's own forward runs eagerly (logged once).
-
-NOTE [Methods that call a submodule's forward]
-A method may call the forward of a submodule rather than of the module: peft's
-``PeftModelForCausalLM.generate`` calls ``self.base_model.generate``, which is the wrapped transformers
-model's ``generate`` (``LoraModel`` hands attributes it lacks to ``self.model``), and that calls the
-transformers model's forward; an encoder-decoder's ``generate`` calls its encoder. Those calls never reached
-the wrapper, so ``aotcache.compile(peft_model).generate(...)`` ran eagerly. So while a method runs, every
-submodule gets a router too, and a submodule's forward called from outside any compiled call (by the method's
-own Python) runs through a compiled unit of that submodule: a wrapper of the same class and options made on its
-first such call and kept (``_units``). The unit is the module whose forward the method calls (for peft, the
-transformers model with its LoRA layers inside), which is the graph a user would compile by hand
-(``aotcache.compile(peft_model.get_base_model())``). A unit is an ordinary compiled module: its signature
-includes its subtree's settings (peft's active adapter lists, ``disable_adapters`` and ``merged`` flags live on
-the LoRA layers inside it), its parameters are graph inputs read at every call, and ``merge_and_unload``
-changes its parameter names, so adapter switches, ``disable_adapter()`` and merges select or trace the right
-graph as a direct call does; its fingerprint is its own, so a warm process loads its graphs.
-All routers of one wrapper share one thread-local mark: while one compiled call runs in a thread, the forwards
-its capture or fallback runs (the module's and every submodule's) are the modules' own. Submodules with
-forward hooks or an instance ``forward`` of their own get no router (they run as written, their submodules
-still routed), and a compiled wrapper inside the tree is left alone with its subtree. A unit shares the
-wrapped module's swap gate (``share_gate``), so a direct call of the wrapper from another thread waits while
-a unit's capture has its tensors swapped, and the other way round. Not covered: the wrapper's own forward
-and a unit both *capturing* at once in two threads (each function serializes only its own captures; the one
-that waits on the gate mid-trace can break torch.fx's process-global patcher state); warm both up in one thread
-first. Dynamo tracing a fallback (the Dynamo way of ``aotcache.compile``) always gets the original forwards
-from the routers; it guards the submodules' instance attributes, so a model on that way traces its frames once
-more for the calls made inside methods. A router is bound to its
-module as a method, so a ``copy.deepcopy`` of a module made while a method runs rebinds it to the copy, which
-then runs its own forward.
+or when the module already has an instance ``forward``, the method runs eagerly (logged once).
 """
 
 from __future__ import annotations
@@ -72,14 +43,14 @@ from torch import nn
 
 from aotcache.aot.api import AOTFunction
 from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
-from aotcache.aot.capture_threads import share_gate, swap_gate, tracing_in_this_thread
+from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.module_state import refuse_tensors_stored_on_modules
 from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks
 from aotcache.aot.services import CompileServices
-from aotcache.logs import event, log_once
+from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]
 
@@ -162,7 +133,7 @@ class AOTModule(nn.Module):
     wraps_orig_module = True  # NOTE [Wrappers inside a captured module]: paths pass through orig_module
     # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
     fingerprint_skips = frozenset({"compiled", "_state", "_gate", "_lazy", "_routing_lock", "_routing_count", "forward",
-                                   "router", "_backend", "_routed_modules", "_units", "_inside"})
+                                   "router", "_backend"})
 
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
@@ -179,9 +150,6 @@ class AOTModule(nn.Module):
         self._lazy = has_uninitialized_parameters(module)
         self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
         self._routing_count = 0
-        self._routed_modules: list[nn.Module] = []  # the modules given a router while methods run
-        self._units: dict[nn.Module, AOTModule] = {}  # NOTE [Methods that call a submodule's forward]
-        self._inside = threading.local()  # .depth: this thread runs a compiled call a router started
         self.orig_module = module
         self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
         self.training = module.training
@@ -332,97 +300,56 @@ class AOTModule(nn.Module):
 
     @contextlib.contextmanager
     def _forward_routed(self) -> Iterator[None]:
-        """Install the routers of NOTE [Methods run the compiled forward] and NOTE [Methods that call a
-        submodule's forward] while any method call runs (counted across threads and nested calls; the last one
-        to finish removes them)."""
+        """Install the router of NOTE [Methods run the compiled forward] while any method call runs (counted
+        across threads and nested calls; the last one to finish removes it)."""
+        orig = self.orig_module
         with self._routing_lock:
+            installed = orig.__dict__.get("forward")
             if self._routing_count == 0:
-                self._routed_modules = self._install_routers()
-            self._routing_count += 1
+                hooked = bool(orig._forward_hooks or orig._forward_pre_hooks)
+                if hooked or installed is not None:
+                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
+                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
+                             "aotcache: methods of the wrapped %s run its forward eagerly, because it has %s; "
+                             "register the hooks on the aot_module wrapper instead", type(orig).__qualname__, why)
+                    routed = False
+                else:
+                    orig.__dict__["forward"] = self._make_router()
+                    routed = True
+            else:
+                routed = True
+            if routed:
+                self._routing_count += 1
         try:
             yield
         finally:
-            with self._routing_lock:
-                self._routing_count -= 1
-                if self._routing_count == 0:
-                    for module in self._routed_modules:
-                        if getattr(module.__dict__.get("forward"), "_aotcache_router", False):
-                            del module.__dict__["forward"]
-                    self._routed_modules = []
+            if routed:
+                with self._routing_lock:
+                    self._routing_count -= 1
+                    if self._routing_count == 0 and getattr(orig.__dict__.get("forward"), "_aotcache_router", False):
+                        del orig.__dict__["forward"]
 
-    def _install_routers(self) -> list[nn.Module]:
-        """A router on the wrapped module and on each submodule that can take one; the modules given one."""
+    def _make_router(self) -> Callable:
         orig = self.orig_module
-        installed = []
-        for module in _tree_below_wrappers(orig):
-            hooked = bool(module._forward_hooks or module._forward_pre_hooks)
-            if hooked or "forward" in module.__dict__ or type(module).forward is nn.Module.forward:
-                if module is orig:
-                    why = "forward hooks registered on it" if hooked else "its own instance attribute 'forward'"
-                    log_once(logging.WARNING, f"aot-module-route:{id(self)}",
-                             "aotcache: methods of the wrapped %s run its own forward eagerly (the submodules it "
-                             "calls compiled), because it has %s; register the hooks on the aot_module wrapper "
-                             "instead", type(orig).__qualname__, why)
-                continue
-            module.__dict__["forward"] = self._make_router(module)
-            installed.append(module)
-        return installed
-
-    def _make_router(self, target: nn.Module) -> Callable:
-        """The router of ``target``: the wrapper's compiled forward for the wrapped module, a unit's for a
-        submodule; bound to ``target`` as a method (a deep copy of it rebinds to the copy)."""
-        original = type(target).forward
-        inside = self._inside
-        run = self.forward if target is self.orig_module else None
+        original = type(orig).forward.__get__(orig)
+        inside = threading.local()  # .depth: this thread is running the compiled call the router started
 
         @functools.wraps(original)
-        def router(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            # the compiled call's own runs of the modules (its capture, its fallback) reach their forwards; the
-            # routers stay installed, so another thread's method call meanwhile is routed too, never run
+        def router(*args: Any, **kwargs: Any) -> Any:
+            # the compiled call's own runs of the module (its capture, its fallback) reach the module's forward;
+            # the router stays installed, so another thread's method call meanwhile is routed too, never run
             # eagerly beside a capture that has the module's tensors swapped (NOTE [Calls during a capture's swap])
-            # (Dynamo tracing a fallback sees the first test as constant True and inlines the original forward)
-            if torch.compiler.is_dynamo_compiling() or module is not target or getattr(inside, "depth", 0):
-                return original(module, *args, **kwargs)
+            if getattr(inside, "depth", 0):
+                return original(*args, **kwargs)
             inside.depth = 1
             try:
                 with self._gate.paused():  # the compiled call may capture: NOTE [Eager runs beside a capture]
-                    return (run or self._unit(target).forward)(*args, **kwargs)
+                    return self.forward(*args, **kwargs)
             finally:
                 inside.depth = 0
 
         router._aotcache_router = True  # type: ignore[attr-defined]
-        return types.MethodType(router, target)
-
-    def _unit(self, module: nn.Module) -> AOTModule:
-        """The compiled unit of submodule ``module`` (NOTE [Methods that call a submodule's forward])."""
-        unit = self._units.get(module)
-        if unit is None:
-            with self._routing_lock:
-                unit = self._units.get(module)
-                if unit is None:
-                    share_gate(module, self._gate)  # NOTE [Calls during a capture's swap]: one tree, one gate
-                    unit = _static_class(type(self))(module, **self._wrapper_arguments())
-                    self._units[module] = unit
-                    path = next((name for name, sub in self.orig_module.named_modules() if sub is module), "?")
-                    event(logging.INFO, "aotcache: a method of %s calls the forward of its submodule %r (%s) "
-                          "directly: compiling that submodule as its own unit", self.compiled.name, path,
-                          type(module).__qualname__)
-        return unit
-
-
-def _tree_below_wrappers(root: nn.Module) -> Iterator[nn.Module]:
-    """``root`` and its submodules (each once), not entering a compiled wrapper inside the tree."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if module is not root and getattr(type(module), "wraps_orig_module", False):
-            continue
-        yield module
-        stack.extend(sub for sub in reversed(module._modules.values()) if sub is not None)
+        return router
 
 
 # NOTE [The wrapper's class]

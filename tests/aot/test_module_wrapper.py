@@ -3,7 +3,6 @@ train / eval / to, and methods such as transformers' generate running the compil
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 
@@ -132,9 +131,7 @@ def test_custom_methods_run_the_compiled_forward():
     assert counting.runs == 2  # the eager model itself is untouched
 
 
-def test_methods_of_a_module_with_its_own_hooks_run_its_forward_eagerly_with_a_warning(caplog):
-    """The hook runs once, around the module's own forward, which runs as written; the submodules it calls are
-    compiled units (NOTE [Methods that call a submodule's forward])."""
+def test_methods_of_a_module_with_its_own_hooks_run_eagerly_with_a_warning(caplog):
     counting = Counting()
     model = Net().eval()
     model.register_forward_hook(lambda module, args, out: out + 1)
@@ -142,10 +139,7 @@ def test_methods_of_a_module_with_its_own_hooks_run_its_forward_eagerly_with_a_w
     x = torch.randn(3, 4)
     with caplog.at_level(logging.WARNING, logger="aotcache"):
         torch.testing.assert_close(wrapped.twice(x), model.twice(x))
-    assert wrapped.compiled.num_compiles == 0 and "register the hooks on the aot_module wrapper" in caplog.text
-    assert sorted(type(unit.orig_module).__name__ for unit in wrapped._units.values()) == ["BatchNorm1d", "Linear"]
-    assert counting.runs == 4  # fc and bn, in each of the two forwards
-    assert all("forward" not in module.__dict__ for module in model.modules())
+    assert counting.runs == 0 and "register the hooks on the aot_module wrapper" in caplog.text
 
 
 def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
@@ -159,50 +153,6 @@ def test_generate_runs_the_compiled_forward_and_gives_eager_tokens():
     assert torch.equal(got, expected)
     assert counting.runs == 3  # one compiled forward per new token
     assert wrapped.compiled.num_compiles == 3  # static shapes: one per length
-
-
-class EncoderDecoder(nn.Module):
-    """A module whose methods call its submodules' forwards, not its own (NOTE [Methods that call a submodule's
-    forward])."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
-        self.decoder = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
-
-    def reconstruct(self, x):
-        return self.decoder(self.encoder(x) * 2)
-
-    def with_a_copy(self, x):
-        """A deep copy of a submodule made while the method runs runs its own forward, with its own weights."""
-        twin = copy.deepcopy(self.decoder)
-        with torch.no_grad():
-            twin.weight.mul_(-1)
-        return twin(self.encoder(x)) + self.decoder(self.encoder(x))
-
-
-def test_submodules_a_method_calls_run_as_compiled_units_with_eagers_values_and_gradients():
-    torch.manual_seed(0)
-    eager = EncoderDecoder()
-    model = copy.deepcopy(eager)
-    counting = Counting()
-    wrapped = aot_module(model, counting, cache=False)
-    x = torch.randn(3, 4)
-    for _ in range(2):
-        got, want = wrapped.reconstruct(x), eager.reconstruct(x)
-        torch.testing.assert_close(got, want)
-        got.square().sum().backward()
-        want.square().sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
-    assert wrapped.compiled.num_compiles == 0  # the module's own forward was never called
-    units = {type(unit.orig_module).__name__: unit.compiled.num_compiles for unit in wrapped._units.values()}
-    assert units == {"Sequential": 1, "Linear": 1} and counting.runs == 8  # 2 calls x 2 units x (forward, backward)
-    torch.testing.assert_close(wrapped.with_a_copy(x), eager.with_a_copy(x))
-    assert all("forward" not in module.__dict__ for module in model.modules())
 
 
 def failures_in_threads(call, expected, *, threads: int, calls: int) -> list[str]:
@@ -299,74 +249,6 @@ def test_a_call_from_another_thread_during_a_capture_waits_and_gives_eagers_resu
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(seen["out"], expected)
     assert type(model.linear.weight) is nn.Parameter
-
-
-class PausingInner(nn.Module):
-    """Once armed, holds its next capture run until another thread has started a call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 4)
-        import threading
-
-        # in a dict: arming changes no setting the wrapper's own graph is selected by (an Event held as an
-        # attribute is a config-like object, its flag a setting), so the other thread's call needs no capture
-        self.sync = {name: threading.Event() for name in ("armed", "in_capture", "other_started")}
-
-    def forward(self, x):
-        sync = self.sync
-        if sync["armed"].is_set() and not sync["in_capture"].is_set():
-            sync["in_capture"].set()
-            sync["other_started"].wait(10)
-            import time
-
-            time.sleep(0.3)  # the other thread reads the wrapped module's parameters while these are swapped
-        return self.linear(x)
-
-
-class CallsInner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = PausingInner()
-
-    def forward(self, x):
-        return self.inner(x) * 2
-
-    def inner_only(self, x):
-        return self.inner(x)
-
-
-def test_a_direct_call_while_a_methods_unit_is_captured_waits_and_gives_eagers_result():
-    """A unit's capture swaps part of the wrapped module's tensors (NOTE [Methods that call a submodule's
-    forward]); a direct call of the wrapper from another thread meanwhile must wait for it (one shared gate)."""
-    import threading
-
-    model = CallsInner()
-    wrapped = aot_module(model, "nop", cache=False)
-    x = torch.randn(2, 4)
-    expected = model(x)
-    torch.testing.assert_close(wrapped(x), expected)  # the wrapper's own graph, before the unit exists
-    sync = model.inner.sync
-    sync["armed"].set()
-    seen = {}
-
-    def other():
-        sync["in_capture"].wait(10)
-        sync["other_started"].set()
-        try:
-            seen["out"] = wrapped(x)
-        except Exception as exc:  # noqa: BLE001
-            seen["error"] = exc
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    got = wrapped.inner_only(x)
-    thread.join(30)
-    assert sync["in_capture"].is_set() and seen.get("error") is None
-    torch.testing.assert_close(got, model.inner.linear(x))
-    torch.testing.assert_close(seen["out"], expected)
-    assert type(model.inner.linear.weight) is nn.Parameter
-    assert wrapped.compiled.num_compiles == 1  # the direct call reused the wrapper's graph
 
 
 def test_first_calls_from_several_threads_at_once_give_eagers_results():
