@@ -25,6 +25,7 @@ from torch import nn
 from aotcache.aot.api import AOTFunction, AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
+from aotcache.aot.fallback import eager_for_backward_hooks
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
@@ -211,8 +212,14 @@ class CompiledModule(AOTModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
-        return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs))
+        return router.call(lambda: AOTModule.forward(self, *args, **kwargs), lambda: self._dynamo_call(args, kwargs))
+
+    def _dynamo_call(self, args: tuple, kwargs: dict) -> Any:
+        """The Dynamo way's call: eagerly while the module has backward hooks (NOTE [Backward hooks under
+        Dynamo] in aot/fallback.py), else through torch.compile."""
+        if eager_for_backward_hooks(self.orig_module, self.compiled):
+            return self.orig_module(*args, **kwargs)
+        return self.router.dynamo()(*args, **kwargs)
 
 
 class CompiledFunction:

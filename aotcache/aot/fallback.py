@@ -39,11 +39,13 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.refusals import modules_with_backward_hooks
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
-           "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters"]
+           "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters",
+           "eager_for_backward_hooks"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
@@ -132,7 +134,7 @@ class PartialRuntime:
         return "eager" if self.broken else "partial"
 
     def __call__(self, *flat_args: Any) -> Any:
-        if self.broken:
+        if self.broken or eager_for_backward_hooks(getattr(self.owner, "fingerprint_module", None), self.owner):
             return self.eager(*flat_args)
         args, kwargs = self.eager.arguments(flat_args)
         from torch._dynamo.exc import TorchDynamoException
@@ -149,6 +151,33 @@ class PartialRuntime:
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
             return self.eager(*flat_args)
+
+
+def eager_for_backward_hooks(module: torch.nn.Module | None, owner: Any) -> bool:
+    """Whether a call of ``module`` that would go to ``torch.compile`` must run eagerly instead: under grad mode
+    its tree has module backward hooks (NOTE [Backward hooks under Dynamo]). Counted and logged once per
+    ``owner`` (an AOTFunction).
+
+    NOTE [Backward hooks under Dynamo]
+    A module with backward hooks is refused by the capture (NOTE [Module backward hooks]) and went to
+    torch.compile, which runs the hooks present when Dynamo traced the frame; it does not guard on them, so a
+    hook registered later (a full backward pre-hook, a hook on another submodule) was never run: the frame
+    traced without it kept giving the gradients of an older program. So while such hooks exist (and grad is
+    on: under no_grad no backward runs) the call runs eagerly; once they are removed, torch.compile again (its
+    frames were all traced without hooks, so none holds a removed one).
+    """
+    if module is None or not torch.is_grad_enabled():
+        return False
+    hooked = modules_with_backward_hooks(module)
+    if not hooked:
+        return False
+    warned = owner.__dict__.setdefault("_fallback_warned", set())
+    if "backward hooks" not in warned:
+        _count("eager:module backward hooks")
+        _warn_once(owner, "backward hooks",
+                   "aotcache: %s has module backward hooks (on %s), which torch.compile does not guard: its "
+                   "calls under grad mode run eagerly while they are registered", owner.name, ", ".join(hooked[:3]))
+    return True
 
 
 def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:

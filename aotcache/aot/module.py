@@ -147,13 +147,36 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        modules = self.__dict__.get("_modules")
-        orig = None if modules is None else modules.get(_ORIG)
-        if (orig is not None and name not in self.__dict__ and not hasattr(type(self), name)
-                and not isinstance(value, nn.Module) and hasattr(orig, name)):
-            setattr(orig, name, value)  # e.g. wrapped.generation_config = ...: the wrapped module's attribute
+        orig = self._wrapped_owner_of(name)
+        if orig is not None and value is not self:
+            # e.g. wrapped.generation_config = ...: the wrapped module's attribute; also a submodule
+            # (NOTE [Submodules set through the wrapper])
+            setattr(orig, name, value)
             return
         super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        orig = self._wrapped_owner_of(name)
+        if orig is not None and name not in self._parameters and name not in self._buffers:
+            delattr(orig, name)  # ``del wrapped.dropout``: the wrapped module's, as eager
+            return
+        super().__delattr__(name)
+
+    # NOTE [Submodules set through the wrapper]
+    # ``model = aotcache.compile(model); model.act = nn.Identity()`` registered the new submodule on the
+    # wrapper, beside the wrapped module's own ``act``: the wrapped module (what is captured) kept its GELU and
+    # every later call gave the old program's result, and ``model.parameters()`` listed a replaced layer's new
+    # weights twice over. An attribute the wrapped module has is the wrapped module's, whatever its value.
+
+    def _wrapped_owner_of(self, name: str) -> nn.Module | None:
+        """The wrapped module when attribute ``name`` set on (or deleted from) the wrapper is its attribute: the
+        wrapped module has it and the wrapper does not (as its own attribute, submodule or class member)."""
+        modules = self.__dict__.get("_modules")
+        orig = None if modules is None else modules.get(_ORIG)
+        if (orig is None or name == _ORIG or name in self.__dict__ or name in modules or hasattr(type(self), name)
+                or not hasattr(orig, name)):
+            return None
+        return orig
 
     def __deepcopy__(self, memo: dict) -> AOTModule:
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
