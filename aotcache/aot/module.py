@@ -147,7 +147,7 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        orig = self._wrapped_owner_of(name)
+        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, nn.Parameter)))
         if orig is not None and value is not self:
             # e.g. wrapped.generation_config = ...: the wrapped module's attribute; also a submodule
             # (NOTE [Submodules set through the wrapper])
@@ -166,15 +166,18 @@ class AOTModule(nn.Module):
     # ``model = aotcache.compile(model); model.act = nn.Identity()`` registered the new submodule on the
     # wrapper, beside the wrapped module's own ``act``: the wrapped module (what is captured) kept its GELU and
     # every later call gave the old program's result, and ``model.parameters()`` listed a replaced layer's new
-    # weights twice over. An attribute the wrapped module has is the wrapped module's, whatever its value.
+    # weights twice over. An attribute the wrapped module has is the wrapped module's, whatever its value; so is
+    # a new submodule or parameter (the wrapper lists the wrapped module's tree: one registered on the wrapper
+    # was missing from ``model.parameters()``, so from the optimizer).
 
-    def _wrapped_owner_of(self, name: str) -> nn.Module | None:
+    def _wrapped_owner_of(self, name: str, registers: bool = False) -> nn.Module | None:
         """The wrapped module when attribute ``name`` set on (or deleted from) the wrapper is its attribute: the
-        wrapped module has it and the wrapper does not (as its own attribute, submodule or class member)."""
+        wrapper does not have it (as its own attribute, submodule or class member) and the wrapped module has
+        it, or the value ``registers`` (a submodule or parameter, NOTE [Submodules set through the wrapper])."""
         modules = self.__dict__.get("_modules")
         orig = None if modules is None else modules.get(_ORIG)
         if (orig is None or name == _ORIG or name in self.__dict__ or name in modules or hasattr(type(self), name)
-                or not hasattr(orig, name)):
+                or not (registers or hasattr(orig, name))):
             return None
         return orig
 
