@@ -160,3 +160,23 @@ def test_reentrant_checkpoint_without_inputs_requiring_grad_leaves_grads_none_as
     model(torch.randn(3, 8)).sum().backward()
     assert base.head.weight.grad is not None
     assert base.block.fc1.weight.grad is None  # eager: None
+
+
+def test_reentrant_checkpoint_with_an_input_requiring_grad_falls_back_instead_of_raising():
+    """NOTE [Reentrant checkpoints in the joint trace]: the capture's backward (``torch.autograd.grad``) made the
+    reentrant checkpoint raise "incompatible with .grad()", and aot_module raised where eager trains."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        base = ReentrantCheckpoint()
+        base.reentrant = True
+        model = aotcache.aot_module(base, "nop", cache=False) if compiled else base
+        x = torch.randn(3, 8, requires_grad=True)
+        before = fallback_counts()
+        model(x).sum().backward()
+        counted = sum(fallback_counts().values()) - sum(before.values())
+        results.append((grads(base), x.grad.clone(), counted))
+    (eager_grads, eager_xgrad, _), (got_grads, xgrad, counted) = results
+    assert_same_grads(got_grads, eager_grads)
+    torch.testing.assert_close(xgrad, eager_xgrad)
+    assert counted == 1  # the fallback, counted
