@@ -25,7 +25,6 @@ from torch import nn
 from aotcache.aot.api import AOTFunction, AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
-from aotcache.aot.fallback import eager_for_backward_hooks
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
@@ -212,14 +211,8 @@ class CompiledModule(AOTModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
-        return router.call(lambda: AOTModule.forward(self, *args, **kwargs), lambda: self._dynamo_call(args, kwargs))
-
-    def _dynamo_call(self, args: tuple, kwargs: dict) -> Any:
-        """The Dynamo way's call: eagerly while the module has backward hooks (NOTE [Backward hooks under
-        Dynamo] in aot/fallback.py), else through torch.compile."""
-        if eager_for_backward_hooks(self.orig_module, self.compiled):
-            return self.orig_module(*args, **kwargs)
-        return self.router.dynamo()(*args, **kwargs)
+        return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
+                           lambda: router.dynamo()(*args, **kwargs))
 
 
 class CompiledFunction:
@@ -249,12 +242,12 @@ class CompiledFunction:
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
     """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here), with
-    numpy's random numbers as eager draws them (NOTE [numpy random under Dynamo] in aot/fallback.py)."""
+    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py)."""
     import torch
 
-    from aotcache.aot.fallback import numpy_random_as_eager
+    from aotcache.aot.fallback import dynamo_as_eager
 
-    return numpy_random_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
+    return dynamo_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
 
 
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,

@@ -39,13 +39,11 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.errors import CaptureError
-from aotcache.aot.refusals import modules_with_backward_hooks
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
-           "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters",
-           "eager_for_backward_hooks"]
+           "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
@@ -134,7 +132,7 @@ class PartialRuntime:
         return "eager" if self.broken else "partial"
 
     def __call__(self, *flat_args: Any) -> Any:
-        if self.broken or eager_for_backward_hooks(getattr(self.owner, "fingerprint_module", None), self.owner):
+        if self.broken:
             return self.eager(*flat_args)
         args, kwargs = self.eager.arguments(flat_args)
         from torch._dynamo.exc import TorchDynamoException
@@ -151,33 +149,6 @@ class PartialRuntime:
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
             return self.eager(*flat_args)
-
-
-def eager_for_backward_hooks(module: torch.nn.Module | None, owner: Any) -> bool:
-    """Whether a call of ``module`` that would go to ``torch.compile`` must run eagerly instead: under grad mode
-    its tree has module backward hooks (NOTE [Backward hooks under Dynamo]). Counted and logged once per
-    ``owner`` (an AOTFunction).
-
-    NOTE [Backward hooks under Dynamo]
-    A module with backward hooks is refused by the capture (NOTE [Module backward hooks]) and went to
-    torch.compile, which runs the hooks present when Dynamo traced the frame; it does not guard on them, so a
-    hook registered later (a full backward pre-hook, a hook on another submodule) was never run: the frame
-    traced without it kept giving the gradients of an older program. So while such hooks exist (and grad is
-    on: under no_grad no backward runs) the call runs eagerly; once they are removed, torch.compile again (its
-    frames were all traced without hooks, so none holds a removed one).
-    """
-    if module is None or not torch.is_grad_enabled():
-        return False
-    hooked = modules_with_backward_hooks(module)
-    if not hooked:
-        return False
-    warned = owner.__dict__.setdefault("_fallback_warned", set())
-    if "backward hooks" not in warned:
-        _count("eager:module backward hooks")
-        _warn_once(owner, "backward hooks",
-                   "aotcache: %s has module backward hooks (on %s), which torch.compile does not guard: its "
-                   "calls under grad mode run eagerly while they are registered", owner.name, ", ".join(hooked[:3]))
-    return True
 
 
 def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
@@ -254,28 +225,37 @@ def _dynamo_entry(owner: Any) -> Callable:
     entry = types.FunctionType(aotcache_partial.__code__.replace(), aotcache_partial.__globals__,
                                "aotcache_partial", None, aotcache_partial.__closure__)
     backend = functools.partial(_region_backend, owner=owner)
-    return numpy_random_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
+    return dynamo_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
 
 
-def numpy_random_as_eager(dynamo_fn: Callable) -> Callable:
-    """``dynamo_fn`` (a ``torch.compile``-d callable) with numpy's own random numbers, as eager draws them.
+def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
+    """``dynamo_fn`` (a ``torch.compile``-d callable) with the Dynamo settings under which it computes what
+    eager does: numpy's own random numbers (NOTE [numpy random under Dynamo]) and guards on module hooks (NOTE
+    [Module hooks under Dynamo]).
 
     NOTE [numpy random under Dynamo]
     By default Dynamo traces ``np.random`` calls into the graph, drawing from torch's generator: the same
     distribution, other values (Wav2Vec2's training masks differ from eager's under the same seeds). aotcache's
     own routes to Dynamo (the capture fallback, ``aotcache.compile``'s Dynamo way) promise eager's results, so
     they call it with ``torch._dynamo.config.use_numpy_random_stream`` on: Dynamo breaks the graph at such a
-    draw and numpy makes it. A direct ``torch.compile(backend="aotcache")`` keeps Dynamo's setting.
+    draw and numpy makes it. A direct ``torch.compile(backend="aotcache")`` keeps Dynamo's settings.
+
+    NOTE [Module hooks under Dynamo]
+    Dynamo's default ``skip_nnmodule_hook_guards=True`` leaves a submodule's forward hooks and pre-hooks out of
+    its guards: a hook registered after a frame was traced was never run (``aotcache.compile`` of a model with a
+    graph break kept the results of the program without the hook). aotcache's routes call Dynamo with those
+    guards on, so a hook added or removed re-traces the frame.
     """
     import torch._dynamo.config as dynamo_config
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        previous = dynamo_config.use_numpy_random_stream
+        previous = dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards
         dynamo_config.use_numpy_random_stream = True
+        dynamo_config.skip_nnmodule_hook_guards = False
         try:
             return dynamo_fn(*args, **kwargs)
         finally:
-            dynamo_config.use_numpy_random_stream = previous
+            dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards = previous
 
     return call
 

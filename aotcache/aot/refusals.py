@@ -23,21 +23,9 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "modules_with_backward_hooks",
-           "refuse_reentrant_checkpoint", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "tensor_subclass_error",
            "unsupported_layout_error"]
-
-
-def modules_with_backward_hooks(module: torch.nn.Module) -> list[str]:
-    """Paths of the modules in ``module``'s tree with module backward hooks or backward pre-hooks (the root
-    by its class name), plus ``"(global module hooks)"`` when global ones are registered; empty when none."""
-    from torch.nn.modules import module as module_mod
-
-    hooked = [name or type(module).__name__ for name, sub in module.named_modules()
-              if sub._backward_hooks or sub._backward_pre_hooks]
-    if module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks:
-        hooked.append("(global module hooks)")
-    return hooked
 
 
 def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
@@ -52,7 +40,12 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
     """
     if not torch.is_grad_enabled():
         return
-    hooked = modules_with_backward_hooks(module)
+    from torch.nn.modules import module as module_mod
+
+    hooked = [name or type(module).__name__ for name, sub in module.named_modules()
+              if sub._backward_hooks or sub._backward_pre_hooks]
+    if module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks:
+        hooked.append("(global module hooks)")
     if hooked:
         raise CaptureError(
             f"aotcache: module backward hooks on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''} run "
