@@ -8,9 +8,11 @@ gradient, parameter after each optimizer step and module buffer, and runs once p
 - ``eager``: the model itself (the reference);
 - ``compile``: ``aotcache.compile(model, compiler="nop")``;
 - ``aot``: ``aotcache.aot_module(model, "nop")`` (scenarios marked ``aot``);
-- ``dynamo``: ``torch.compile(model, backend="aotcache")`` (scenarios marked ``dynamo``);
+- ``dynamo``: ``torch.compile(model, backend=aotcache_backend with compiler="nop")`` (scenarios marked
+  ``dynamo``);
 - ``warm``: ``aotcache.compile`` again in a fresh subprocess with the same ``AOTCACHE_CACHE_DIR`` (the
-  compiled graphs come from the cache written by ``compile``).
+  compiled graphs come from the cache written by ``compile``, which runs in a fresh subprocess too, so that
+  no state left by the other ways' runs changes its keys).
 
 A way passes a scenario when every record has eager's structure, dtype and values (tolerance: rtol 1e-4,
 atol 1e-5; bfloat16 / half 1e-2); ``exact`` says whether all were bit-identical. ``traces`` is the number of
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -66,8 +69,8 @@ class Ctx:
             out = aotcache.compile(module, compiler="nop")
         elif self.way == "aot":
             out = aotcache.aot_module(module, "nop")
-        elif self.way == "dynamo":
-            out = torch.compile(module, backend="aotcache")
+        elif self.way == "dynamo":  # the nop compiler: Inductor's bf16 reductions round otherwise than eager's
+            out = torch.compile(module, backend=functools.partial(aotcache.aotcache_backend, compiler="nop"))
         else:
             raise ValueError(self.way)
         self.wrapped.append(out)
@@ -855,6 +858,65 @@ def hf_train_config(ctx: Ctx) -> None:
             model.train()
 
 
+@scenario("aot")
+def batchnorm_modes(ctx: Ctx) -> None:
+    """BatchNorm: train-mode forwards under no_grad (running stats still update), momentum=None (cumulative
+    average) set mid-run, track_running_stats toggled, eval passes."""
+    torch.manual_seed(0)
+    base = ConvNet()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        g = gen(step)
+        x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+        if step == 1:
+            with torch.no_grad():
+                ctx.rec("s1.nograd_train", model(x))
+        if step == 2:
+            model.bn.momentum = None
+        if step == 3:
+            model.bn.track_running_stats = False
+        if step == 4:
+            model.bn.track_running_stats = True
+            model.bn.momentum = 0.5
+        train_step(ctx, model, opt, step, x=x, y=y, base=base)
+        if step == 5:
+            model.eval()
+            ctx.rec("eval", model(x))
+
+
+class Embeds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8, max_norm=1.0)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@scenario("aot")
+def embedding_max_norm(ctx: Ctx) -> None:
+    """nn.Embedding(max_norm=...) renormalizes its weight rows in place in forward; max_norm changed mid-run,
+    padding_idx set."""
+    torch.manual_seed(0)
+    base = Embeds()
+    with torch.no_grad():
+        base.emb.weight.mul_(3)
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(5):
+        g = gen(step)
+        ids, y = torch.randint(0, 16, (4, 5), generator=g), torch.randint(0, 4, (4,), generator=g)
+        if step == 2:
+            model.emb.max_norm = 0.5
+        if step == 3:
+            model.emb.max_norm = None
+        if step == 4:
+            model.emb.padding_idx = 0
+        train_step(ctx, model, opt, step, x=ids, y=y, base=base)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
@@ -891,6 +953,28 @@ def worker(names: list[str], way: str, out_path: str) -> None:
     torch.save(results, out_path)
 
 
+# Mismatches that are torch.compile's own behaviour, not aotcache's (each has a test: see docs/aot.md).
+KNOWN = {
+    ("hooks_forward", "dynamo"): "torch.compile's default skip_nnmodule_hook_guards: a submodule hook registered "
+                                 "after Dynamo traced is not run (aotcache's own Dynamo routes turn the guards on)",
+    ("checkpoint", "compile"): "reentrant checkpoint without inputs requiring grad: eager leaves the parameters' "
+                               ".grad None, torch.compile (the Dynamo way) computes them (xfail test)",
+    ("checkpoint", "warm"): "as checkpoint/compile",
+}
+
+
+def _in_subprocess(way: str, names: list[str], cache_dir: str) -> dict:
+    """Run ``names`` the ``way`` in a fresh process with this cache dir; its results."""
+    path = os.path.join(cache_dir, f"{way}_results.pt")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", ",".join(names),
+                           "--worker", way, path], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"the {way} worker failed")
+    return torch.load(path, weights_only=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated scenario names")
@@ -918,15 +1002,8 @@ def main() -> None:
         if way == "eager":
             continue
         todo = [n for n in names if way in ("compile", "warm") or way in SCENARIOS[n][1]]
-        if way == "warm":
-            path = os.path.join(cache_dir, "warm_results.pt")
-            env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", ",".join(todo),
-                                   "--worker", "warm", path], env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit("the warm worker failed")
-            results = torch.load(path, weights_only=False)
+        if way in ("compile", "warm"):  # fresh processes: cold (fills the cache dir), then warm
+            results = _in_subprocess(way, todo, cache_dir)
         else:
             results = {n: run_one(n, way) for n in todo}
         for name, got in results.items():
@@ -938,7 +1015,8 @@ def main() -> None:
                     problem = f"eager raised {ref['error']}; {way}: {got['error']}"
             else:
                 ok, exact, problem = compare(ref["records"], got["records"])
-            table[name][way] = {"ok": ok, "exact": exact, "problem": problem, "traces": got["traces"],
+            known = KNOWN.get((name, way)) if not ok else None
+            table[name][way] = {"ok": ok, "exact": exact, "problem": problem, "known": known, "traces": got["traces"],
                                 "fallbacks": got["fallbacks"], "hits": got["hits"], "compiles": got["compiles"],
                                 "seconds": round(got["seconds"], 2)}
     print_table(table, ways)
@@ -946,7 +1024,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "scenarios": table}, f, indent=1, sort_keys=True)
     print(f"wrote {args.out}")
-    if any(not cell.get("ok", True) for row in table.values() for w, cell in row.items() if w != "eager"):
+    if any(not cell.get("ok", True) and not cell.get("known") for row in table.values()
+           for w, cell in row.items() if w != "eager"):
         sys.exit(1)
 
 
@@ -962,7 +1041,7 @@ def print_table(table: dict, ways: list[str]) -> None:
             if cell is None:
                 cells.append(f"{'-':>22}")
                 continue
-            mark = ("exact" if cell["exact"] else "close") if cell["ok"] else "FAIL"
+            mark = ("exact" if cell["exact"] else "close") if cell["ok"] else ("known" if cell["known"] else "FAIL")
             extra = f"t{cell['traces']}" + (f" f{cell['fallbacks']}" if cell["fallbacks"] else "")
             if w == "warm":
                 extra += f" h{cell['hits']} c{cell['compiles']}"
@@ -971,7 +1050,7 @@ def print_table(table: dict, ways: list[str]) -> None:
     for name, row in table.items():
         for w, cell in row.items():
             if w != "eager" and not cell.get("ok", True):
-                print(f"  {name} [{w}]: {cell['problem']}")
+                print(f"  {name} [{w}]: {cell['problem']}" + (f" (known: {cell['known']})" if cell["known"] else ""))
 
 
 if __name__ == "__main__":
