@@ -917,6 +917,124 @@ def embedding_max_norm(ctx: Ctx) -> None:
         train_step(ctx, model, opt, step, x=ids, y=y, base=base)
 
 
+class WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("shift", torch.zeros(4))
+        self.register_buffer("gate", None)
+
+    def forward(self, x):
+        h = self.fc(x) + self.shift
+        if self.gate is not None:
+            h = h * self.gate
+        extra = getattr(self, "late", None)
+        return h if extra is None else h - extra
+
+
+@scenario("aot")
+def buffers(ctx: Ctx) -> None:
+    """Buffers changed in place by the user, re-assigned (new object, other shape via broadcasting), a None
+    buffer set, a non-persistent buffer registered mid-run and read with getattr, a buffer deleted."""
+    torch.manual_seed(0)
+    base = WithBuffers()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(7):
+        if step == 1:
+            base.shift.add_(0.5)
+        if step == 2:
+            base.shift = torch.full((4,), -1.0)
+        if step == 3:
+            base.gate = torch.tensor([1.0, 0.0, 2.0, 1.0])
+        if step == 4:
+            base.register_buffer("late", torch.ones(1, 4), persistent=False)
+        if step == 5:
+            base.shift = torch.full((1, 4), 3.0)
+        if step == 6:
+            del base.late
+            base.gate = None
+        train_step(ctx, model, opt, step, base=base)
+
+
+@scenario("aot")
+def frozen_model_input_grads(ctx: Ctx) -> None:
+    """model.requires_grad_(False) (a frozen model) with inputs requiring grad: saliency / adversarial steps
+    (gradients w.r.t. the input only), then unfrozen; a submodule in eval while the rest trains."""
+    base = mlp(p=0.2)
+    model = ctx.wrap(base)
+    model.requires_grad_(False)
+    x = batch(0)[0]
+    for step in range(3):
+        xa = x.clone().requires_grad_(True)
+        torch.manual_seed(step)
+        out = model(xa)
+        out.logsumexp(1).sum().backward()
+        ctx.rec(f"adv{step}.xgrad", xa.grad)
+        x = x + 0.1 * xa.grad.sign()
+    ctx.rec_grads("frozen", base)
+    model.requires_grad_(True)
+    model.drop.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        train_step(ctx, model, opt, step, base=base)
+    model.drop.train()
+    train_step(ctx, model, opt, 3, base=base)
+
+
+@scenario("aot")
+def double_backward(ctx: Ctx) -> None:
+    """A gradient penalty (WGAN-GP): torch.autograd.grad(..., create_graph=True) of the output w.r.t. the
+    input, its norm in the loss, backward through it; then a plain step; torch.autograd.functional.jacobian."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        x = batch(step)[0].requires_grad_(True)
+        out = model(x)
+        if step % 2 == 0:
+            (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+            penalty = ((g.norm(2, dim=1) - 1) ** 2).mean()
+            ctx.rec(f"s{step}.penalty", penalty)
+            loss = out.mean() + 10 * penalty
+        else:
+            loss = out.mean()
+        loss.backward()
+        ctx.rec_grads(f"s{step}", base)
+        opt.step()
+        opt.zero_grad()
+    ctx.rec("jacobian", torch.autograd.functional.jacobian(lambda t: model(t), batch(9)[0][:2]))
+
+
+class MutatesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, buf):
+        buf.add_(1)  # an in-place update of an input (a running count, a KV slot)
+        return self.fc(x) + buf.sum()
+
+
+@scenario("aot")
+def input_mutation_views(ctx: Ctx) -> None:
+    """forward updates an input in place; the input is a slice / a transposed view / a column of a larger
+    tensor, which eager updates through the view."""
+    torch.manual_seed(0)
+    base = MutatesInput()
+    model = ctx.wrap(base)
+    big = torch.zeros(6, 6)
+    x = batch(0)[0]
+    for step, view in enumerate([lambda: big[0], lambda: big[1:3, 2:4], lambda: big.t()[2],
+                                 lambda: big[:, 5], lambda: big[0]]):
+        out = model(x, view())
+        out.sum().backward()
+        ctx.rec(f"s{step}.out", out)
+        ctx.rec(f"s{step}.big", big)
+        ctx.rec_grads(f"s{step}", base)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
@@ -960,6 +1078,10 @@ KNOWN = {
     ("checkpoint", "compile"): "reentrant checkpoint without inputs requiring grad: eager leaves the parameters' "
                                ".grad None, torch.compile (the Dynamo way) computes them (xfail test)",
     ("checkpoint", "warm"): "as checkpoint/compile",
+    ("double_backward", "compile"): "the compiled backward is not differentiable: DoubleBackwardError (a documented "
+                                    "limitation, xfail test; torch.compile's AOT Autograd raises too)",
+    ("double_backward", "aot"): "as double_backward/compile",
+    ("double_backward", "warm"): "as double_backward/compile",
 }
 
 
