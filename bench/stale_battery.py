@@ -1131,10 +1131,6 @@ KNOWN = {
     ("checkpoint", "compile"): "reentrant checkpoint without inputs requiring grad: eager leaves the parameters' "
                                ".grad None, torch.compile (the Dynamo way) computes them (xfail test)",
     ("checkpoint", "warm"): "as checkpoint/compile",
-    ("double_backward", "compile"): "the compiled backward is not differentiable: DoubleBackwardError (a documented "
-                                    "limitation, xfail test; torch.compile's AOT Autograd raises too)",
-    ("double_backward", "aot"): "as double_backward/compile",
-    ("double_backward", "warm"): "as double_backward/compile",
 }
 
 
