@@ -1088,6 +1088,68 @@ def hf_generate(ctx: Ctx) -> None:
         ctx.rec("after_step", model.generate(prompt, max_new_tokens=4, do_sample=False))
 
 
+@scenario("aot", "dynamo")
+def prune(ctx: Ctx) -> None:
+    """torch.nn.utils.prune (a forward pre-hook that sets module.weight = weight_orig * mask at every call)
+    applied mid-run, a second pruning on another layer, then prune.remove."""
+    import torch.nn.utils.prune as P
+
+    base = mlp()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        if step == 1:
+            P.l1_unstructured(base.fc2, "weight", amount=0.5)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if step == 3:
+            torch.manual_seed(3)
+            P.random_unstructured(base.fc1, "weight", amount=0.3)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if step == 4:
+            P.remove(base.fc2, "weight")
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(ctx, model, opt, step, base=base)
+
+
+class HookObject:
+    """A forward hook with state of its own (a callable object), changed between calls."""
+
+    def __init__(self) -> None:
+        self.scale = 2.0
+        self.on = True
+
+    def __call__(self, module, inputs, output):
+        return output * self.scale if self.on else output
+
+
+def _shift(module, inputs, output, amount):
+    return output + amount
+
+
+@scenario("aot")
+def hook_state(ctx: Ctx) -> None:
+    """Hooks whose own state changes between steps: a callable object's attributes, a functools.partial's
+    keywords; a Python attribute of the model read by forward through a hook."""
+    base = mlp()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = HookObject()
+    base.fc2.register_forward_hook(hook)
+    partial = functools.partial(_shift, amount=1.0)
+    for step in range(6):
+        if step == 1:
+            hook.scale = 3.0
+        if step == 2:
+            hook.on = False
+        if step == 3:
+            base.fc1.register_forward_hook(partial)
+        if step == 4:
+            partial.keywords["amount"] = 5.0
+        if step == 5:
+            hook.on = True
+        train_step(ctx, model, opt, step, base=base)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
