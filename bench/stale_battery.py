@@ -217,11 +217,14 @@ def train_step(ctx: Ctx, model, opt, step: int, label: str = "", x=None, y=None,
 # ----------------------------------------------------------------------------------------------------
 
 SCENARIOS: dict[str, tuple[Callable[[Ctx], None], tuple[str, ...]]] = {}
+MAX_TRACES: dict[str, int] = {}  # scenarios whose traces per way are bounded: more is a perf cliff ("CLIFF")
 
 
-def scenario(*ways: str):
+def scenario(*ways: str, max_traces: int | None = None):
     def register(fn):
         SCENARIOS[fn.__name__] = (fn, ways)
+        if max_traces is not None:
+            MAX_TRACES[fn.__name__] = max_traces
         return fn
     return register
 
@@ -1150,6 +1153,24 @@ def hook_state(ctx: Ctx) -> None:
         train_step(ctx, model, opt, step, base=base)
 
 
+@scenario("aot", max_traces=3)
+def float_schedule(ctx: Ctx) -> None:
+    """A Python float argument annealed every step (a temperature): results are eager's, but each new value
+    traces a graph (a perf cliff, see docs/aot.md; the table says "cliff" past max_traces)."""
+    torch.manual_seed(0)
+    base = TakesAnything()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        x, y = batch(step)
+        out = model(x, scale=0.9 ** step)
+        ctx.rec(f"s{step}.out", out)
+        nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    ctx.rec_state("final", base)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
@@ -1193,6 +1214,9 @@ KNOWN = {
     ("checkpoint", "compile"): "reentrant checkpoint without inputs requiring grad: eager leaves the parameters' "
                                ".grad None, torch.compile (the Dynamo way) computes them (xfail test)",
     ("checkpoint", "warm"): "as checkpoint/compile",
+    ("float_schedule", "compile"): "a float argument is a graph constant: one trace per value (strict xfail)",
+    ("float_schedule", "aot"): "as float_schedule/compile",
+    ("float_schedule", "warm"): "as float_schedule/compile (each value loaded from the cache)",
 }
 
 
@@ -1248,6 +1272,9 @@ def main() -> None:
                     problem = f"eager raised {ref['error']}; {way}: {got['error']}"
             else:
                 ok, exact, problem = compare(ref["records"], got["records"])
+            limit = MAX_TRACES.get(name)
+            if ok and limit is not None and got["traces"] > limit:
+                ok, problem = False, f"perf cliff: {got['traces']} traces, at most {limit} expected"
             known = KNOWN.get((name, way)) if not ok else None
             table[name][way] = {"ok": ok, "exact": exact, "problem": problem, "known": known, "traces": got["traces"],
                                 "fallbacks": got["fallbacks"], "hits": got["hits"], "compiles": got["compiles"],
@@ -1275,6 +1302,8 @@ def print_table(table: dict, ways: list[str]) -> None:
                 cells.append(f"{'-':>22}")
                 continue
             mark = ("exact" if cell["exact"] else "close") if cell["ok"] else ("known" if cell["known"] else "FAIL")
+            if cell["problem"].startswith("perf cliff"):
+                mark = "cliff" if cell["known"] else "CLIFF"
             if row["eager"]["error"]:
                 mark = "EAGER-ERR"  # the scenario itself is broken
             extra = f"t{cell['traces']}" + (f" f{cell['fallbacks']}" if cell["fallbacks"] else "")
