@@ -154,6 +154,10 @@ class AOTModule(nn.Module):
             setattr(orig, name, value)
             return
         super().__setattr__(name, value)
+        if name == "training":  # ``wrapped.training = False`` sets the wrapped module's own flag too, as it does
+            wrapped = self.__dict__.get("_modules", {}).get(_ORIG)  # on the eager model (its forward reads it);
+            if wrapped is not None:  # train() / eval() set both anyway, through the children
+                wrapped.training = value
 
     def __delattr__(self, name: str) -> None:
         orig = self._wrapped_owner_of(name)

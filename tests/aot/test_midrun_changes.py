@@ -83,6 +83,31 @@ def test_a_new_submodule_set_through_the_wrapper_is_trained_and_the_wrappers_own
     assert model.training is False and base.training is False
 
 
+class ReadsTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if self.training else y
+
+
+def test_the_training_flag_set_directly_on_the_wrapper_is_the_wrapped_modules():
+    """``model.training = False`` (not ``eval()``) changed the wrapper's flag only: the captured module kept
+    training=True and its forward's branch gave the training result (stale)."""
+    torch.manual_seed(0)
+    base = ReadsTraining()
+    model = aotcache.compile(base, compiler="nop", cache=False)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model(x), base.fc(x) * 2)
+    model.training = False
+    assert base.training is False
+    torch.testing.assert_close(model(x), base.fc(x))
+    model.training = True
+    torch.testing.assert_close(model(x), base.fc(x) * 2)
+
+
 def _backward_hook_steps(wrap) -> list:
     """Steps that register module backward hooks one by one (after the first training step) and remove them."""
     base = mlp()
