@@ -185,6 +185,30 @@ class AOTModule(nn.Module):
             return None
         return orig
 
+    # Registration methods register on the wrapped module (NOTE [Submodules set through the wrapper]): a buffer
+    # registered on the wrapper was invisible to the wrapped module's forward and to ``named_buffers()``.
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None:
+            return super().register_buffer(name, tensor, persistent)
+        return orig.register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None:
+            return super().register_parameter(name, param)
+        return orig.register_parameter(name, param)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None or name == _ORIG:
+            return super().add_module(name, module)
+        return orig.add_module(name, module)
+
+    def register_module(self, name: str, module: nn.Module | None) -> None:
+        self.add_module(name, module)
+
     def __deepcopy__(self, memo: dict) -> AOTModule:
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
         reference model), with the same options and cache. Nothing compiled is copied: the copy's first call

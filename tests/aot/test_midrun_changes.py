@@ -108,6 +108,42 @@ def test_the_training_flag_set_directly_on_the_wrapper_is_the_wrapped_modules():
     torch.testing.assert_close(model(x), base.fc(x) * 2)
 
 
+class ReadsOptional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        for name in ("extra_bias", "extra_scale"):
+            value = getattr(self, name, None)
+            if value is not None:
+                y = y + value if name == "extra_bias" else y * value
+        head = getattr(self, "head", None)
+        return y if head is None else head(y)
+
+
+def test_buffers_parameters_and_modules_registered_through_the_wrapper_are_the_wrapped_modules():
+    """``model.register_buffer(...)`` on the compiled model registered on the wrapper: the wrapped forward never
+    saw it (stale), nor did ``named_buffers()``; the same for register_parameter / add_module."""
+    torch.manual_seed(0)
+    base = ReadsOptional()
+    model = aotcache.compile(base, compiler="nop", cache=False)
+    x = torch.randn(2, 4)
+    model(x)
+    model.register_buffer("extra_bias", torch.ones(4))
+    torch.testing.assert_close(model(x), base.fc(x) + 1)
+    model.register_parameter("extra_scale", nn.Parameter(torch.full((4,), 3.0)))
+    torch.testing.assert_close(model(x), (base.fc(x) + 1) * 3)
+    torch.manual_seed(1)
+    model.add_module("head", nn.Linear(4, 2))
+    torch.testing.assert_close(model(x), base.head((base.fc(x) + 1) * 3))
+    assert [n for n, _ in model.named_buffers()] == ["extra_bias"]
+    assert {n for n, _ in model.named_parameters()} == {"fc.weight", "fc.bias", "extra_scale", "head.weight",
+                                                        "head.bias"}
+    assert "extra_bias" in model.state_dict()
+
+
 def _backward_hook_steps(wrap) -> list:
     """Steps that register module backward hooks one by one (after the first training step) and remove them."""
     base = mlp()
