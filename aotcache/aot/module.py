@@ -263,6 +263,26 @@ class AOTModule(nn.Module):
         ``orig_module.``); the wrapper itself is not listed."""
         return self.orig_module.named_modules(memo, prefix, remove_duplicate)
 
+    def named_children(self) -> Iterator:
+        """The wrapped module's children (NOTE [Children of the wrapper])."""
+        return self.orig_module.named_children()
+
+    # NOTE [Children of the wrapper]
+    # ``list(model.children())`` of a compiled model gave ``[orig_module]``, so the common feature extractor
+    # ``nn.Sequential(*list(model.children())[:-1])`` was an empty Sequential (an identity: no error, other
+    # results). Children are the wrapped module's; what nn.Module walks through children (``_apply`` for
+    # ``to`` / ``half`` / ``cuda``, ``apply``) goes to the wrapped module itself, so its own parameters and
+    # buffers are converted and ``fn`` sees it; ``train()`` reaches its flag through ``training`` (__setattr__).
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> AOTModule:
+        self.orig_module._apply(fn, recurse)
+        return self
+
+    def apply(self, fn: Callable[[nn.Module], None]) -> AOTModule:
+        self.orig_module.apply(fn)
+        fn(self)
+        return self
+
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The wrapped module's ``state_dict`` (same keys, also when the wrapper is a submodule)."""
         return self.orig_module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)

@@ -144,6 +144,41 @@ def test_buffers_parameters_and_modules_registered_through_the_wrapper_are_the_w
     assert "extra_bias" in model.state_dict()
 
 
+class Top(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.ones(2))  # a parameter of the root itself
+
+    def forward(self, x):
+        return self.head(self.body(x)) * self.scale
+
+
+def test_children_of_the_compiled_model_are_the_wrapped_modules():
+    """NOTE [Children of the wrapper]: ``list(model.children())`` gave ``[orig_module]``, so the feature extractor
+    ``nn.Sequential(*list(model.children())[:-1])`` was an empty Sequential (an identity, no error)."""
+    torch.manual_seed(0)
+    base = Top()
+    model = aotcache.compile(base, compiler="nop", cache=False)
+    x = torch.randn(3, 4)
+    model(x)
+    assert [name for name, _ in model.named_children()] == ["body", "head"]
+    features = nn.Sequential(*list(model.children())[:-1])
+    torch.testing.assert_close(features(x), base.body(x))
+    model.half()  # through the children: the root's own parameter too
+    assert base.scale.dtype == base.head.weight.dtype == torch.float16
+    model.float()
+    seen = []
+    model.apply(lambda m: seen.append(m))
+    assert base in seen and base.body in seen and model in seen
+    model.eval()
+    assert not base.training and not base.body.training
+    model.train()
+    assert base.training and base.body.training
+    torch.testing.assert_close(model(x), base(x))
+
+
 def _backward_hook_steps(wrap) -> list:
     """Steps that register module backward hooks one by one (after the first training step) and remove them."""
     base = mlp()
