@@ -278,6 +278,15 @@ class AOTModule(nn.Module):
         self.orig_module._apply(fn, recurse)
         return self
 
+    def train(self, mode: bool = True) -> AOTModule:
+        """The wrapped module's ``train(mode)`` (its own override included: a model that keeps its BatchNorm
+        frozen in ``train()``), and the wrapper's flag."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.orig_module.train(mode)
+        self.__dict__["training"] = mode
+        return self
+
     def apply(self, fn: Callable[[nn.Module], None]) -> AOTModule:
         self.orig_module.apply(fn)
         fn(self)

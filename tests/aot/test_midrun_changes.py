@@ -179,6 +179,36 @@ def test_children_of_the_compiled_model_are_the_wrapped_modules():
     torch.testing.assert_close(model(x), base(x))
 
 
+class FrozenNorm(nn.Module):
+    """A model whose train() keeps its BatchNorm in eval mode (a common fine-tuning override)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+
+def test_train_on_the_compiled_model_runs_the_wrapped_models_own_train():
+    torch.manual_seed(0)
+    base = FrozenNorm()
+    model = aotcache.compile(base, compiler="nop", cache=False)
+    model.eval()
+    model.train()
+    assert model.training and base.training and not base.bn.training
+    x = torch.randn(6, 4)
+    before = base.bn.running_mean.clone()
+    torch.testing.assert_close(model(x), base(x))
+    assert torch.equal(base.bn.running_mean, before)  # eval-mode BatchNorm: statistics not updated
+
+
 def _backward_hook_steps(wrap) -> list:
     """Steps that register module backward hooks one by one (after the first training step) and remove them."""
     base = mlp()
