@@ -1171,6 +1171,54 @@ def float_schedule(ctx: Ctx) -> None:
     ctx.rec_state("final", base)
 
 
+class OptionalParts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        extra = getattr(self, "extra_shift", None)
+        if extra is not None:
+            h = h + extra
+        if not self.training:
+            h = h * 0.5
+        return self.head(h)
+
+
+@scenario("aot")
+def wrapper_api(ctx: Ctx) -> None:
+    """Module API used on the compiled model itself: a buffer registered and a head replaced with
+    register_buffer / add_module, ``model.training = False`` set directly, a feature extractor built from
+    ``list(model.children())[:-1]``, ``model.apply(init)`` re-initializing weights."""
+    torch.manual_seed(0)
+    base = OptionalParts()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        if step == 1:
+            model.register_buffer("extra_shift", torch.full((8,), 0.5))
+        if step == 2:
+            torch.manual_seed(2)
+            model.add_module("head", nn.Linear(8, 4))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if step == 3:
+            model.training = False
+        if step == 4:
+            model.training = True
+
+            def init(m):
+                if isinstance(m, nn.Linear):
+                    nn.init.constant_(m.bias, 0.1)
+
+            model.apply(init)
+        train_step(ctx, model, opt, step, base=base)
+    features = nn.Sequential(*list(model.children())[:-1])
+    ctx.rec("features", features(batch(9)[0]))
+    ctx.rec("children", [name for name, _ in model.named_children()])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
