@@ -253,12 +253,12 @@ class CompiledFunction:
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
     """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here), with
-    numpy's random numbers as eager draws them (NOTE [numpy random under Dynamo] in aot/fallback.py)."""
+    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py)."""
     import torch
 
-    from aotcache.aot.fallback import numpy_random_as_eager
+    from aotcache.aot.fallback import dynamo_as_eager
 
-    return numpy_random_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
+    return dynamo_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
 
 
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.capture_threads import tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions, checked_options, compile_captured, compile_function
+from aotcache.aot.double_backward import enter_eager_call, leave_eager_call
 from aotcache.aot.dynamic_dims import DynamicDims
 from aotcache.aot.dynamo_graph import compile_dynamo_graph
 from aotcache.aot.errors import CaptureError
@@ -114,7 +115,11 @@ class AOTFunction:
             hot = hot_signatures.find(structure, flat_if_simple)
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
-                return hot.runtime(*flat_if_simple)
+                previous = enter_eager_call(self.fn, args, kwargs)  # NOTE [Double backward by recompute]
+                try:
+                    return hot.runtime(*flat_if_simple)
+                finally:
+                    leave_eager_call(previous)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
         try:
             runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
@@ -124,7 +129,11 @@ class AOTFunction:
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
-        return runtime(*flat_args)
+        previous = enter_eager_call(self.fn, flat_args, in_spec)  # NOTE [Double backward by recompute]
+        try:
+            return runtime(*flat_args)
+        finally:
+            leave_eager_call(previous)
 
     def _watch(self, extra: Any) -> tuple[WatchedProgram, HotSignatures]:
         """Walk the program again (first call, or a program guard failed) and select its hot signatures."""

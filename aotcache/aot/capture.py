@@ -36,6 +36,7 @@ from aotcache.aot.refusals import (
     quiet_fake_tensor_failures,
     refuse_host_random,
     refuse_constants_requiring_grad,
+    refuse_reentrant_checkpoint,
     tensor_subclass_error,
     unsupported_layout_error,
 )
@@ -692,8 +693,12 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             if pairs and wrt:
                 hand_on_source_locations([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
-                computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
-                                               allow_unused=True)
+                try:
+                    computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
+                                                   allow_unused=True)
+                except RuntimeError as exc:
+                    refuse_reentrant_checkpoint(exc)
+                    raise
                 _refuse_backward_mutations(functional_primals, before, analysis.positions)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad

@@ -44,7 +44,7 @@ from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
-           "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters"]
+           "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
@@ -234,28 +234,37 @@ def _dynamo_entry(owner: Any) -> Callable:
     entry = types.FunctionType(aotcache_partial.__code__.replace(), aotcache_partial.__globals__,
                                "aotcache_partial", None, aotcache_partial.__closure__)
     backend = functools.partial(_region_backend, owner=owner)
-    return numpy_random_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
+    return dynamo_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
 
 
-def numpy_random_as_eager(dynamo_fn: Callable) -> Callable:
-    """``dynamo_fn`` (a ``torch.compile``-d callable) with numpy's own random numbers, as eager draws them.
+def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
+    """``dynamo_fn`` (a ``torch.compile``-d callable) with the Dynamo settings under which it computes what
+    eager does: numpy's own random numbers (NOTE [numpy random under Dynamo]) and guards on module hooks (NOTE
+    [Module hooks under Dynamo]).
 
     NOTE [numpy random under Dynamo]
     By default Dynamo traces ``np.random`` calls into the graph, drawing from torch's generator: the same
     distribution, other values (Wav2Vec2's training masks differ from eager's under the same seeds). aotcache's
     own routes to Dynamo (the capture fallback, ``aotcache.compile``'s Dynamo way) promise eager's results, so
     they call it with ``torch._dynamo.config.use_numpy_random_stream`` on: Dynamo breaks the graph at such a
-    draw and numpy makes it. A direct ``torch.compile(backend="aotcache")`` keeps Dynamo's setting.
+    draw and numpy makes it. A direct ``torch.compile(backend="aotcache")`` keeps Dynamo's settings.
+
+    NOTE [Module hooks under Dynamo]
+    Dynamo's default ``skip_nnmodule_hook_guards=True`` leaves a submodule's forward hooks and pre-hooks out of
+    its guards: a hook registered after a frame was traced was never run (``aotcache.compile`` of a model with a
+    graph break kept the results of the program without the hook). aotcache's routes call Dynamo with those
+    guards on, so a hook added or removed re-traces the frame.
     """
     import torch._dynamo.config as dynamo_config
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        previous = dynamo_config.use_numpy_random_stream
+        previous = dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards
         dynamo_config.use_numpy_random_stream = True
+        dynamo_config.skip_nnmodule_hook_guards = False
         try:
             return dynamo_fn(*args, **kwargs)
         finally:
-            dynamo_config.use_numpy_random_stream = previous
+            dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards = previous
 
     return call
 

@@ -215,13 +215,67 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        modules = self.__dict__.get("_modules")
-        orig = None if modules is None else modules.get(_ORIG)
-        if (orig is not None and name not in self.__dict__ and not hasattr(type(self), name)
-                and not isinstance(value, nn.Module) and hasattr(orig, name)):
-            setattr(orig, name, value)  # e.g. wrapped.generation_config = ...: the wrapped module's attribute
+        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, nn.Parameter)))
+        if orig is not None and value is not self:
+            # e.g. wrapped.generation_config = ...: the wrapped module's attribute; also a submodule
+            # (NOTE [Submodules set through the wrapper])
+            setattr(orig, name, value)
             return
         super().__setattr__(name, value)
+        if name == "training":  # ``wrapped.training = False`` sets the wrapped module's own flag too, as it does
+            wrapped = self.__dict__.get("_modules", {}).get(_ORIG)  # on the eager model (its forward reads it);
+            if wrapped is not None:  # train() / eval() set both anyway, through the children
+                wrapped.training = value
+
+    def __delattr__(self, name: str) -> None:
+        orig = self._wrapped_owner_of(name)
+        if orig is not None and name not in self._parameters and name not in self._buffers:
+            delattr(orig, name)  # ``del wrapped.dropout``: the wrapped module's, as eager
+            return
+        super().__delattr__(name)
+
+    # NOTE [Submodules set through the wrapper]
+    # ``model = aotcache.compile(model); model.act = nn.Identity()`` registered the new submodule on the
+    # wrapper, beside the wrapped module's own ``act``: the wrapped module (what is captured) kept its GELU and
+    # every later call gave the old program's result, and ``model.parameters()`` listed a replaced layer's new
+    # weights twice over. An attribute the wrapped module has is the wrapped module's, whatever its value; so is
+    # a new submodule or parameter (the wrapper lists the wrapped module's tree: one registered on the wrapper
+    # was missing from ``model.parameters()``, so from the optimizer).
+
+    def _wrapped_owner_of(self, name: str, registers: bool = False) -> nn.Module | None:
+        """The wrapped module when attribute ``name`` set on (or deleted from) the wrapper is its attribute: the
+        wrapper does not have it (as its own attribute, submodule or class member) and the wrapped module has
+        it, or the value ``registers`` (a submodule or parameter, NOTE [Submodules set through the wrapper])."""
+        modules = self.__dict__.get("_modules")
+        orig = None if modules is None else modules.get(_ORIG)
+        if (orig is None or name == _ORIG or name in self.__dict__ or name in modules or hasattr(type(self), name)
+                or not (registers or hasattr(orig, name))):
+            return None
+        return orig
+
+    # Registration methods register on the wrapped module (NOTE [Submodules set through the wrapper]): a buffer
+    # registered on the wrapper was invisible to the wrapped module's forward and to ``named_buffers()``.
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None:
+            return super().register_buffer(name, tensor, persistent)
+        return orig.register_buffer(name, tensor, persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None:
+            return super().register_parameter(name, param)
+        return orig.register_parameter(name, param)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        if orig is None or name == _ORIG:
+            return super().add_module(name, module)
+        return orig.add_module(name, module)
+
+    def register_module(self, name: str, module: nn.Module | None) -> None:
+        self.add_module(name, module)
 
     def __deepcopy__(self, memo: dict) -> AOTModule:
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
@@ -276,6 +330,35 @@ class AOTModule(nn.Module):
         """The wrapped module's tree under the wrapper's prefix (so parameter and buffer names carry no
         ``orig_module.``); the wrapper itself is not listed."""
         return self.orig_module.named_modules(memo, prefix, remove_duplicate)
+
+    def named_children(self) -> Iterator:
+        """The wrapped module's children (NOTE [Children of the wrapper])."""
+        return self.orig_module.named_children()
+
+    # NOTE [Children of the wrapper]
+    # ``list(model.children())`` of a compiled model gave ``[orig_module]``, so the common feature extractor
+    # ``nn.Sequential(*list(model.children())[:-1])`` was an empty Sequential (an identity: no error, other
+    # results). Children are the wrapped module's; what nn.Module walks through children (``_apply`` for
+    # ``to`` / ``half`` / ``cuda``, ``apply``) goes to the wrapped module itself, so its own parameters and
+    # buffers are converted and ``fn`` sees it; ``train()`` reaches its flag through ``training`` (__setattr__).
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> AOTModule:
+        self.orig_module._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> AOTModule:
+        """The wrapped module's ``train(mode)`` (its own override included: a model that keeps its BatchNorm
+        frozen in ``train()``), and the wrapper's flag."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.orig_module.train(mode)
+        self.__dict__["training"] = mode
+        return self
+
+    def apply(self, fn: Callable[[nn.Module], None]) -> AOTModule:
+        self.orig_module.apply(fn)
+        fn(self)
+        return self
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The wrapped module's ``state_dict`` (same keys, also when the wrapper is a submodule)."""

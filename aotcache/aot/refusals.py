@@ -23,7 +23,8 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "tensor_subclass_error",
            "unsupported_layout_error"]
 
 
@@ -51,6 +52,26 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
             f"Python at every backward, which a compiled backward would run only while capturing (a hook's "
             f"log or counter would miss every later backward). To capture the module whole, remove the hooks "
             f"(read gradients from the parameters' .grad after backward instead).")
+
+
+def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
+    """Raise a CaptureError for the error reentrant activation checkpointing raises in the traced backward.
+
+    NOTE [Reentrant checkpoints in the joint trace]
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` recomputes its forward in its backward with
+    ``.backward()``, which refuses to run under ``torch.autograd.grad`` (the joint trace's backward): with an
+    input requiring grad, ``aot_module`` of such a model raised that RuntimeError where eager trains. It is a
+    construct the capture cannot express, so the call falls back (NOTE [Capture fallback]); without an input
+    requiring grad the checkpoint has no backward node and the capture goes on (and is refused later).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+    if from_checkpoint or "use_reentrant=True" in str(exc):
+        raise CaptureError(
+            "aotcache: reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) runs "
+            "its backward with .backward(), which cannot be traced into a compiled backward. Pass "
+            "use_reentrant=False (transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False})); the call runs through the fallback meanwhile.") from exc
 
 
 # NOTE [Data-parallel wrappers]

@@ -22,13 +22,11 @@ from typing import Any
 
 import torch
 
+from aotcache.aot.double_backward import DoubleBackwardError, eager_call, recompute_gradients
 from aotcache.aot.metadata import OutputInfo, OutputStructure, RuntimeMetadata
 
 __all__ = ["CompiledRuntime", "DoubleBackwardError", "unboxed"]
 
-
-class DoubleBackwardError(RuntimeError):
-    """Raised when differentiating through the compiled backward (create_graph=True / double backward)."""
 
 class _BoxedCall:
     """Calls a boxed compiled function (``fn(list_of_args)``) with positional arguments.
@@ -322,6 +320,10 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         fw_outs, saved = outs[:num_fwd], outs[num_fwd:]
         saved = _protect_from_epilogue(saved, [graph_args[i] for i in runtime._mutated])
         ctx.runtime = runtime
+        call = eager_call()
+        if call is not None:  # NOTE [Double backward by recompute]: references only, used by a create_graph backward
+            ctx.eager_call = (*call, torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+            ctx.graph_args = graph_args
         ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
         ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
         ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
@@ -339,11 +341,23 @@ class _CompiledAutogradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> tuple:  # type: ignore[override]
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return _CompiledAutogradFunction._compiled_backward(ctx, grad_outputs)
+        # NOTE [Double backward by recompute]: create_graph=True; the compiled gradients check the recompute's
+        call = getattr(ctx, "eager_call", None)
+        if call is None:
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
-                "or torch.autograd.grad of a gradient) is not supported. Call the original function eagerly "
-                "for higher-order gradients.")
+                "or torch.autograd.grad of a gradient) is not supported for this call (it was not made through "
+                "aot_function / aot_module / aotcache.compile). Call the original function eagerly for "
+                "higher-order gradients.")
+        with torch.no_grad():
+            compiled = _CompiledAutogradFunction._compiled_backward(ctx, grad_outputs)
+        return (None, *recompute_gradients(call, ctx.runtime, ctx.graph_args, grad_outputs, compiled[1:]))
+
+    @staticmethod
+    def _compiled_backward(ctx: Any, grad_outputs: Sequence[Any]) -> tuple:
+        """The compiled backward's gradients: None for the runtime, then one per graph input."""
         runtime: CompiledRuntime = ctx.runtime
         if ctx.saved_scalars:
             tensors = iter(ctx.saved_tensors)

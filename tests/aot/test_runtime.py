@@ -250,10 +250,18 @@ def test_grads_through_layer_norm_of_a_transposed_view_match_eager(norm):
         torch.testing.assert_close(got.grad, ref.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_double_backward_raises_a_clear_error():
+def test_double_backward_recomputes_eagerly_and_a_bare_runtime_raises_a_clear_error():
     x = torch.randn(3, requires_grad=True)
-    y = compile_fn(lambda t: t.pow(3).sum())(x)
-    # the compiled backward is not differentiable: asking for a differentiable gradient fails right away
+    compiled = compile_fn(lambda t: t.pow(3).sum())
+    y = compiled(x)
+    # NOTE [Double backward by recompute]: a differentiable gradient of the call, as eager's
+    (first,) = torch.autograd.grad(y, x, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), x)
+    torch.testing.assert_close(first, 3 * x.detach() ** 2)
+    torch.testing.assert_close(second, 6 * x.detach())
+    # a runtime called directly (not through the compiled function) has no call to recompute
+    (runtime,) = [r for entries in compiled._entries.values() for r in entries]
+    y = runtime(x)
     with pytest.raises(DoubleBackwardError, match="double backward"):
         torch.autograd.grad(y, x, create_graph=True)
 
