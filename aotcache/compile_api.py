@@ -25,7 +25,9 @@ from torch import nn
 from aotcache.aot.api import AOTFunction
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
+from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
+from aotcache.aot.fallback import is_trace_failure, trace_failure_error
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
@@ -108,8 +110,10 @@ class _Router:
                     self._dynamo = self.make_dynamo()
         return self._dynamo
 
-    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any]) -> Any:
-        """Run the call the chosen way; the first call (and a later capture failure) chooses."""
+    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any],
+             eager_call: Callable[[], Any] | None = None) -> Any:
+        """Run the call the chosen way; the first call (and a later capture failure) chooses. ``eager_call`` runs
+        the call as written (NOTE [Captures that fail where eager may run])."""
         route = self.route
         if route == DYNAMO:
             return dynamo_call()
@@ -130,6 +134,14 @@ class _Router:
                 raise
             self._choose_dynamo(exc, self.capturing.digest)
             return dynamo_call()
+        except Exception as exc:
+            # NOTE [Captures that fail where eager may run] in aot/fallback.py: this call runs eagerly (an error is
+            # then eager's own, nothing decided); if it runs, the later calls take the Dynamo way
+            if self.fullgraph or not is_trace_failure(exc) or eager_call is None:
+                raise
+            result = eager_call()
+            self._choose_dynamo(trace_failure_error(exc), self.capturing.digest)
+            return result
         if route is None:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
@@ -213,7 +225,13 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs))
+                           lambda: router.dynamo()(*args, **kwargs), lambda: self._eager_call(args, kwargs))
+
+    def _eager_call(self, args: tuple, kwargs: dict) -> Any:
+        """The wrapped module called as written (its hooks included), beside other threads' captures of it."""
+        module = self.orig_module
+        with swap_gate(module).running():  # NOTE [Eager runs beside a capture]
+            return module(*args, **kwargs)
 
 
 class CompiledFunction:
@@ -238,7 +256,8 @@ class CompiledFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
-        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs))
+        return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
+                           lambda: self.fn(*args, **kwargs))
 
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:

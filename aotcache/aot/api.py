@@ -161,7 +161,8 @@ class AOTFunction:
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
         runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False))
-        self._dims.abandon(options.dynamic, failure, self.name)
+        if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
+            self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too
         return runtime
 
     def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,

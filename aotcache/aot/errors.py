@@ -6,7 +6,7 @@ __all__ = ["CaptureError", "CAPTURE_ERROR_REASONS", "RefusedArgumentError"]
 
 # The categories of CaptureError.reason: the eager fallback counts and warns per reason (aot/fallback.py).
 CAPTURE_ERROR_REASONS = ("data_dependent", "unsupported_layout", "aliased_mutation", "metadata_mutation",
-                         "uninitialized_parameter", "unsupported_construct")
+                         "uninitialized_parameter", "unsupported_construct", "trace_failed")
 
 
 class CaptureError(RuntimeError):

@@ -22,6 +22,17 @@ An error that eager raises too (wrong shapes, the user's own exceptions) is not 
 raises it as it is. Under partial compilation Dynamo may report it wrapped; the call then runs eagerly, which
 raises the user's error itself. Each fallback decision is counted per reason (:func:`fallback_counts`, and
 the stats journal section ``fallback`` shown by ``aotcache stats``) and logged once per function and reason.
+
+NOTE [Captures that fail where eager may run]
+A capture runs the user's Python on fake tensors through torch's tracing machinery, which fails on some code
+eager runs (a dynamically quantized ``Linear``: the fake-tensor cache cannot compare its packed weights, a
+``NotImplementedError``). Such an error is no ``CaptureError``, and it cannot be told apart from an error of the
+user's code that eager raises too (an ``assert`` on a shape) without running the call. So, unless the caller
+asked for errors, the call runs eagerly: an error is then eager's own, raised as eager raises it; if it runs, the
+signature keeps a fallback (reason ``trace_failed``, warned about once the eager call has run) and its later
+calls go through ``torch.compile`` (their own error, if any, also raised as eager's by :class:`PartialRuntime`).
+With ``on_capture_error="raise"`` the error is raised as it is, marked (:func:`is_trace_failure`) so that
+``aotcache.compile``'s router can decide the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from aotcache.aot.errors import CaptureError
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
+           "is_trace_failure", "trace_failure_error",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters"]
 
@@ -110,12 +122,20 @@ class EagerRuntime:
         args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
         return tuple(args[self.skip:]), kwargs
 
+    # NOTE [Captures that fail where eager may run]: said once the first (eager) call has run
+    pending_warning: Callable[[], None] | None = None
+
     def __call__(self, *flat_args: Any) -> Any:
         args, kwargs = self.arguments(flat_args)
+        pending, self.pending_warning = self.pending_warning, None
         if self.gate is None:
-            return self.fn(*args, **kwargs)
-        with self.gate.running():
-            return self.fn(*args, **kwargs)
+            result = self.fn(*args, **kwargs)
+        else:
+            with self.gate.running():
+                result = self.fn(*args, **kwargs)
+        if pending is not None:
+            pending()
+        return result
 
 
 class PartialRuntime:
@@ -138,7 +158,7 @@ class PartialRuntime:
         return "eager" if self.broken else "partial"
 
     def __call__(self, *flat_args: Any) -> Any:
-        if self.broken:
+        if self.broken or self.eager.pending_warning is not None:  # NOTE [Captures that fail where eager may run]
             return self.eager(*flat_args)
         args, kwargs = self.eager.arguments(flat_args)
         from torch._dynamo.exc import TorchDynamoException
@@ -314,15 +334,40 @@ def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
                owner.name, exc.reason, _first_line(exc), how)
 
 
+_TRACE_FAILURE = "_aotcache_trace_failure"
+
+
+def is_trace_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` escaped a capture without being a CaptureError (NOTE [Captures that fail where eager may
+    run]): eager may run the call."""
+    return bool(getattr(exc, _TRACE_FAILURE, False))
+
+
+def trace_failure_error(exc: BaseException) -> CaptureError:
+    """The CaptureError (reason ``trace_failed``) that stands for ``exc`` in warnings, counters and routes."""
+    return CaptureError(f"aotcache: the capture failed with {type(exc).__name__}: {_first_line(exc)}",
+                        reason="trace_failed")
+
+
+def _mark_trace_failure(exc: BaseException) -> None:
+    try:
+        setattr(exc, _TRACE_FAILURE, True)
+    except (AttributeError, TypeError):  # an exception type without a __dict__: left unmarked (raised as is)
+        pass
+
+
 def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any = None) -> Any:
     """``owner._compile(flat_args, in_spec, options)``, or a fallback runtime when capture fails (NOTE [Capture
-    fallback]); ``options``: the call's options with ``dynamic`` resolved (default: the owner's).
+    fallback], NOTE [Captures that fail where eager may run]); ``options``: the call's options with ``dynamic``
+    resolved (default: the owner's).
 
     Called with ``owner``'s lock held. :raises CaptureError: in strict mode or with
-    ``on_capture_error="raise"``.
+    ``on_capture_error="raise"``; another error of the capture: likewise, or where an automatic dynamic compile
+    failed (the caller compiles the call statically).
     """
+    options = owner.options if options is None else options
     try:
-        return owner._compile(flat_args, in_spec, owner.options if options is None else options)
+        return owner._compile(flat_args, in_spec, options)
     except CaptureError as exc:
         if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
             runtime = _synthetic_base_runtime(owner, flat_args, in_spec)
@@ -333,6 +378,21 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         runtime = _fallback_runtime(owner, in_spec, exc)
         runtime.any_settings = exc.any_settings  # NOTE [Refusals that hold for any settings] in api.py
         _warn(owner, exc, runtime)
+        return runtime
+    except Exception as exc:  # noqa: BLE001 - NOTE [Captures that fail where eager may run]
+        from aotcache.logs import CacheFault
+
+        dims = getattr(owner, "_dims", None)
+        if isinstance(exc, CacheFault) or (dims is not None and dims.automatic(options.dynamic)):
+            raise  # a strict cache fault; an automatic dynamic compile is retried statically by the caller
+        _mark_trace_failure(exc)
+        if _raises(owner.on_capture_error):
+            raise
+        failure = trace_failure_error(exc)
+        runtime = _fallback_runtime(owner, in_spec, failure)
+        eager = runtime if isinstance(runtime, EagerRuntime) else runtime.eager
+        eager.pending_warning = functools.partial(_warn, owner, failure, runtime)
+        runtime.trace_failed = True  # type: ignore[union-attr]  # automatic dynamic shapes are kept (api.py)
         return runtime
 
 

@@ -23,7 +23,7 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_script_modules", "tensor_subclass_error",
            "unsupported_layout_error"]
 
 
@@ -87,6 +87,22 @@ def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
             f"all-reduce setup) that a captured graph would run only once. Compile the model inside it instead: "
             f"{kind}(aotcache.compile(model)), or torch.compile({kind}(model), backend='aotcache').",
             reason="unsupported_construct")
+
+
+# NOTE [TorchScript submodules]
+# A ``torch.jit.script``-ed (or traced) submodule runs TorchScript: its code and its parameters live in a C++
+# module, which ``functional_call`` cannot swap for trace tensors, and its registries are C++-backed wrappers that
+# the walk and the module snapshot cannot iterate as dicts (a call of such a model failed with "contains():
+# incompatible function arguments" or ``KeyError: 0`` where eager runs). A module tree holding one is refused, so
+# it takes the fallback (Dynamo runs the scripted part eagerly between compiled regions).
+def refuse_script_modules(module: torch.nn.Module) -> None:
+    """Refuse a capture of a module tree holding a TorchScript module (NOTE [TorchScript submodules])."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            raise CaptureError(
+                f"aotcache: {name or 'the module'} is a TorchScript module ({type(sub).__name__}), whose code and "
+                f"parameters live in C++ where a capture cannot swap them; compile the Python module instead of "
+                f"its torch.jit.script / torch.jit.trace result.", reason="unsupported_construct")
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
