@@ -79,11 +79,11 @@ def case(name: str, group: str, **kwargs: Any) -> Callable:
 
 def rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32, grad: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + seed)
-    t = torch.randn(*shape, generator=g, dtype=torch.float32 if dtype in (torch.complex64, torch.complex128)
+    t = torch.randn(shape, generator=g, dtype=torch.float32 if dtype in (torch.complex64, torch.complex128)
                     else dtype) if dtype.is_floating_point or dtype.is_complex else \
         torch.randint(0, 5, shape, generator=g, dtype=dtype)
     if dtype.is_complex:
-        t = torch.complex(t, torch.randn(*shape, generator=g)).to(dtype)
+        t = torch.complex(t, torch.randn(shape, generator=g)).to(dtype)
     return t.requires_grad_(grad)
 
 
@@ -1019,7 +1019,8 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         meta = {"type": type(value).__name__, "dtype": str(value.dtype), "shape": tuple(value.shape),
                 "requires_grad": value.requires_grad, "layout": str(value.layout)}
-        if value.is_nested:
+        if value.is_nested:  # its ragged size is a nested int numbered per tensor: compare the components
+            meta["shape"] = tuple(tuple(t.shape) for t in value.unbind())
             return ("nested", meta, [t.detach().clone() for t in value.unbind()])
         if value.layout != torch.strided:
             return ("tensor", meta, value.detach().to_dense().clone())

@@ -36,6 +36,7 @@ from aotcache.aot.fallback import (
     eager_for_unkeyable_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
+from aotcache.aot.refusals import refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -119,11 +120,14 @@ class AOTFunction:
         try:
             runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
         except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
-            return eager_for_unkeyable_call(self, exc, flat_args, in_spec)
+            return eager_for_unkeyable_call(self, exc, args, kwargs, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
+        run_call = getattr(runtime, "run_call", None)  # a fallback: the caller's own containers (NOTE [Argument
+        if run_call is not None:  # containers changed in place] in refusals.py)
+            return run_call(args, kwargs)
         return runtime(*flat_args)
 
     def _watch(self, extra: Any) -> tuple[WatchedProgram, HotSignatures]:
@@ -276,7 +280,9 @@ class AOTFunction:
                 saved.restore()
             runs += 1
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
-            return self.fn(*call_args, **call_kwargs)
+            result = self.fn(*call_args, **call_kwargs)
+            refuse_changed_argument_containers((call_args, call_kwargs), flat, in_spec)
+            return result
 
         self.num_compiles += 1
         try:

@@ -126,7 +126,15 @@ class EagerRuntime:
     pending_warning: Callable[[], None] | None = None
 
     def __call__(self, *flat_args: Any) -> Any:
-        args, kwargs = self.arguments(flat_args)
+        return self.run(*self.arguments(flat_args))
+
+    def run_call(self, args: tuple, kwargs: dict) -> Any:
+        """Run with the caller's own ``(args, kwargs)`` (NOTE [Argument containers changed in place] in
+        refusals.py: a list the function appends to is the caller's, not a copy rebuilt from the flat
+        arguments)."""
+        return self.run(tuple(args[self.skip:]), kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
         pending, self.pending_warning = self.pending_warning, None
         if self.gate is None:
             result = self.fn(*args, **kwargs)
@@ -158,9 +166,15 @@ class PartialRuntime:
         return "eager" if self.broken else "partial"
 
     def __call__(self, *flat_args: Any) -> Any:
+        return self.run(*self.eager.arguments(flat_args))
+
+    def run_call(self, args: tuple, kwargs: dict) -> Any:
+        """Run with the caller's own ``(args, kwargs)`` (see :meth:`EagerRuntime.run_call`)."""
+        return self.run(tuple(args[self.eager.skip:]), kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
         if self.broken or self.eager.pending_warning is not None:  # NOTE [Captures that fail where eager may run]
-            return self.eager(*flat_args)
-        args, kwargs = self.eager.arguments(flat_args)
+            return self.eager.run(args, kwargs)
         from torch._dynamo.exc import TorchDynamoException
 
         try:
@@ -177,7 +191,7 @@ class PartialRuntime:
             _warn_once(self.owner, f"dynamo:{self.eager.reason}",
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
-            return self.eager(*flat_args)
+            return self.eager.run(args, kwargs)
 
 
 def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
@@ -418,7 +432,7 @@ def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRunt
     return runtime
 
 
-def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_spec: Any) -> Any:
+def eager_for_unkeyable_call(owner: Any, exc: CaptureError, args: tuple, kwargs: dict, in_spec: Any) -> Any:
     """Run a call whose signature cannot even be built (a sparse argument) eagerly; nothing is remembered,
     so each such call is counted.
 
@@ -430,7 +444,7 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_
     runtime = EagerRuntime(target, in_spec, exc.reason, skip=skip)
     _count(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
-    return runtime(*flat_args)
+    return runtime.run_call(args, kwargs)  # the caller's own containers (NOTE [Argument containers changed in place])
 
 
 def has_uninitialized_parameters(module: torch.nn.Module) -> bool:

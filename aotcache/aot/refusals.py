@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "refuse_script_modules", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_changed_argument_containers", "refuse_script_modules", "tensor_subclass_error",
            "unsupported_layout_error"]
 
 
@@ -103,6 +104,25 @@ def refuse_script_modules(module: torch.nn.Module) -> None:
                 f"aotcache: {name or 'the module'} is a TorchScript module ({type(sub).__name__}), whose code and "
                 f"parameters live in C++ where a capture cannot swap them; compile the Python module instead of "
                 f"its torch.jit.script / torch.jit.trace result.", reason="unsupported_construct")
+
+
+# NOTE [Argument containers changed in place]
+# A capture calls the function on containers rebuilt from the flattened arguments, so a list or dict the
+# caller passed and the function changes in place (``log.append(x.shape[0])``, ``cache["k"] = v``) was changed
+# only in the capture's copy: the caller's list stayed as it was, at the first call and every later one, where
+# eager appends each time (a silent difference). A graph cannot replay such a change, so a capture after which
+# the rebuilt containers no longer hold exactly the flat arguments (other structure, another object at a place)
+# is refused; the fallback (Dynamo) replays the change on the caller's own containers at every call.
+def refuse_changed_argument_containers(rebuilt: Any, flat_args: Sequence[Any], in_spec: Any) -> None:
+    """Refuse a capture whose function changed an argument container in place (NOTE [Argument containers changed
+    in place]); ``rebuilt``: the ``(args, kwargs)`` it was called with, made from ``flat_args`` by ``in_spec``."""
+    flat_now, spec_now = pytree.tree_flatten(rebuilt)
+    if spec_now == in_spec and len(flat_now) == len(flat_args) and all(map(operator.is_, flat_now, flat_args)):
+        return
+    raise CaptureError("aotcache: the function changes a list or dict it was passed in place (append, item "
+                       "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
+                       "instead, or keep the container outside the compiled function.",
+                       reason="unsupported_construct")
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
@@ -389,14 +409,24 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
 # ``random.uniform``) becomes a constant of the graph, so every later call would reuse the first call's mask or
 # layer choice while eager draws anew. A capture that moved either generator is refused (then the call goes to
 # torch.compile, which runs such draws per call), and both generators are put back where they were, so the
-# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops) and is not
-# checked here; neither are generators the function makes itself (``np.random.default_rng()``).
+# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops on fake
+# tensors leave the real generator alone), but *seeding* it inside the function (``torch.manual_seed``,
+# ``torch.set_rng_state``, ``torch.seed``) is Python a graph cannot replay: the compiled calls after the first
+# went on from the generator's state where eager started again from the seed (other values, silently). So a
+# capture that left torch's global CPU generator in another state (or with another initial seed) is refused the
+# same way, with the generator put back. A seed that puts the generator exactly where it already was is not
+# seen; generators the function makes itself (``np.random.default_rng()``, ``torch.Generator()``) are not checked.
 def _host_random_states() -> tuple:
     import random
     import sys
 
     numpy = sys.modules.get("numpy")  # not imported: nothing can have drawn from it
-    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+    return (random.getstate(), (numpy.random.get_state() if numpy is not None else None),
+            (torch.initial_seed(), torch.get_rng_state()))
+
+
+def _same_torch_state(before: tuple, after: tuple) -> bool:
+    return before[0] == after[0] and torch.equal(before[1], after[1])
 
 
 def _same_numpy_state(before: Any, after: Any) -> bool:
@@ -405,31 +435,42 @@ def _same_numpy_state(before: Any, after: Any) -> bool:
     return before[0] == after[0] and before[2:] == after[2:] and bool((before[1] == after[1]).all())
 
 
-def _restore_host_random(python_state: Any, numpy_state: Any) -> None:
+def _restore_host_random(python_state: Any, numpy_state: Any, torch_state: tuple) -> None:
     import random
     import sys
 
     random.setstate(python_state)
     if numpy_state is not None:
         sys.modules["numpy"].random.set_state(numpy_state)
+    if torch.initial_seed() != torch_state[0]:
+        torch.manual_seed(torch_state[0])  # the initial seed is only set by seeding; the state follows
+    torch.set_rng_state(torch_state[1])
 
 
 @contextlib.contextmanager
 def refuse_host_random() -> Iterator[None]:
     """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator
     (NOTE [Host random numbers]), after putting both back."""
-    python_before, numpy_before = _host_random_states()
+    before = _host_random_states()
     try:
         yield
-    except CaptureError:  # the fallback runs the call again: it draws what eager would
-        _restore_host_random(python_before, numpy_before)
+    except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
+        _restore_host_random(*before)  # again: it draws what eager would
         raise
-    python_after, numpy_after = _host_random_states()
+    python_after, numpy_after, torch_after = _host_random_states()
+    if not _same_torch_state(before[2], torch_after):
+        _restore_host_random(*before)
+        raise CaptureError("aotcache: the function seeds or sets torch's global random generator "
+                           "(torch.manual_seed, torch.set_rng_state, torch.seed): a graph cannot replay that, so "
+                           "its later calls would draw other numbers than eager's. Seed outside the compiled "
+                           "function, or pass a torch.Generator as an argument (random ops take generator=).",
+                           reason="unsupported_construct")
+    python_before, numpy_before = before[0], before[1]
     drew = [name for name, same in (("random", python_before == python_after),
                                     ("numpy.random", _same_numpy_state(numpy_before, numpy_after))) if not same]
     if not drew:
         return
-    _restore_host_random(python_before, numpy_before)
+    _restore_host_random(*before)
     raise CaptureError(f"aotcache: the function draws from {' and '.join(drew)} (Python's random numbers, not "
                        f"torch's): a graph would keep the values drawn while capturing and reuse them at every "
                        f"call. Use torch's random functions (torch.rand, torch.randint, torch.bernoulli), which "
