@@ -774,7 +774,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
-    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), \
+    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), _functorch_levels_kept(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode):
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
@@ -852,6 +852,23 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
 # static one, inference from 3.3x to 2.9x and 3.7x to 3.4x (bench/dynamic.py's models, side by side, CPU time).
 # Static captures keep the cache, which is process-wide for them, and so does a caller's ShapeEnv (Dynamo's,
 # which holds the ops Dynamo traced).
+
+
+@contextlib.contextmanager
+def _functorch_levels_kept() -> Iterator[None]:
+    """NOTE [torch.func levels of a failed capture]
+    A Dynamo graph of ``torch.func.grad`` / ``vmap`` inside a forward holds the transform's entry and exit as
+    separate calls (``_grad_increment_nesting`` ... ``_grad_decrement_nesting``), not a ``with`` block. A capture
+    that stopped between them (a refusal) left torch.func's level pushed: Dynamo's guards on the functorch state
+    then failed on the frame just compiled ("Guard failed on the same frame it was created", an AssertionError
+    where eager runs). On an error the levels are popped back to the depth the capture started at."""
+    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+    try:
+        yield
+    except BaseException:
+        if torch._C._functorch.get_dynamic_layer_stack_depth() > depth:
+            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+        raise
 
 
 def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.AbstractContextManager:
