@@ -286,7 +286,7 @@ def _():
     return M(), x_args(4)
 
 
-@case("torch_cond", "autograd", backward=False)
+@case("torch_cond", "autograd")
 def _():
     class M(nn.Module):
         def __init__(self):

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function
+from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function, keep_joint_for_double_backward
 from aotcache.aot.capture import capture
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
@@ -193,7 +193,10 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                    if "key" in state else {})
         return CompileResult(runtime, guards=runtime.metadata.guards, summary=summary)
 
-    return cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key, name=name)
+    runtime = cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key, name=name)
+    if getattr(runtime, "joint", False) is None:  # a loaded entry: this call's capture gives it its joint graph
+        keep_joint_for_double_backward(runtime, key_capture)  # (NOTE [Double backward through the joint graph])
+    return runtime
 
 
 def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, example_inputs: Sequence[Any],
