@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.capture_threads import compiling
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
@@ -758,8 +758,22 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     sizes are symbolic and ``metadata.guards`` holds the expression that later inputs must satisfy.
     ``regenerate_aliases=False`` (export) makes every tensor output a graph output, views included.
 
-    :raises CaptureError: an unsupported construct (see the message).
+    :raises CaptureError: an unsupported construct (see the message); any other error of the traced code or of
+        torch's tracing machinery is raised marked (NOTE [Captures that fail where eager may run] in fallback.py).
     """
+    try:
+        return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic, trace_joint=trace_joint,
+                        input_is_leaf=input_is_leaf, regenerate_aliases=regenerate_aliases)
+    except CaptureError:
+        raise
+    except Exception as exc:
+        mark_trace_failure(exc)
+        raise
+
+
+def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None,
+             dynamic: bool | tuple, trace_joint: bool | None, input_is_leaf: Sequence[bool] | None,
+             regenerate_aliases: bool) -> CapturedGraph:
     if input_is_leaf is None:
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
     fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)

@@ -31,8 +31,9 @@ user's code that eager raises too (an ``assert`` on a shape) without running the
 asked for errors, the call runs eagerly: an error is then eager's own, raised as eager raises it; if it runs, the
 signature keeps a fallback (reason ``trace_failed``, warned about once the eager call has run) and its later
 calls go through ``torch.compile`` (their own error, if any, also raised as eager's by :class:`PartialRuntime`).
-With ``on_capture_error="raise"`` the error is raised as it is, marked (:func:`is_trace_failure`) so that
-``aotcache.compile``'s router can decide the same way.
+Only errors raised while tracing count (``capture`` marks them: :func:`~aotcache.aot.errors.is_trace_failure`);
+a bad option or a compiler's failure is not the call's. With ``on_capture_error="raise"`` the error is raised as
+it is, still marked, so that ``aotcache.compile``'s router decides the same way.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
@@ -348,26 +349,10 @@ def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
                owner.name, exc.reason, _first_line(exc), how)
 
 
-_TRACE_FAILURE = "_aotcache_trace_failure"
-
-
-def is_trace_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` escaped a capture without being a CaptureError (NOTE [Captures that fail where eager may
-    run]): eager may run the call."""
-    return bool(getattr(exc, _TRACE_FAILURE, False))
-
-
 def trace_failure_error(exc: BaseException) -> CaptureError:
     """The CaptureError (reason ``trace_failed``) that stands for ``exc`` in warnings, counters and routes."""
     return CaptureError(f"aotcache: the capture failed with {type(exc).__name__}: {_first_line(exc)}",
                         reason="trace_failed")
-
-
-def _mark_trace_failure(exc: BaseException) -> None:
-    try:
-        setattr(exc, _TRACE_FAILURE, True)
-    except (AttributeError, TypeError):  # an exception type without a __dict__: left unmarked (raised as is)
-        pass
 
 
 def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any = None) -> Any:
@@ -394,14 +379,10 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         _warn(owner, exc, runtime)
         return runtime
     except Exception as exc:  # noqa: BLE001 - NOTE [Captures that fail where eager may run]
-        from aotcache.logs import CacheFault
-
         dims = getattr(owner, "_dims", None)
-        if isinstance(exc, CacheFault) or (dims is not None and dims.automatic(options.dynamic)):
-            raise  # a strict cache fault; an automatic dynamic compile is retried statically by the caller
-        _mark_trace_failure(exc)
-        if _raises(owner.on_capture_error):
-            raise
+        if not is_trace_failure(exc) or _raises(owner.on_capture_error) or (
+                dims is not None and dims.automatic(options.dynamic)):
+            raise  # (an automatic dynamic compile is retried statically by the caller)
         failure = trace_failure_error(exc)
         runtime = _fallback_runtime(owner, in_spec, failure)
         eager = runtime if isinstance(runtime, EagerRuntime) else runtime.eager
