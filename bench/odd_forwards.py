@@ -954,6 +954,154 @@ def fn_bool_mask(x):
 case("boolean_mask_indexing", "models")(lambda: (fn_bool_mask, x_args(3, 4)))
 
 
+# ---- more inputs and control flow ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    scale: float
+
+
+def fn_dataclass_input(batch):
+    return batch.x * batch.scale
+
+
+def _dataclass_input_args(call):
+    return (Batch(rand(3, 4, seed=call, grad=True), 2.0),), {}
+
+
+case("dataclass_input", "inputs")(lambda: (fn_dataclass_input, _dataclass_input_args))
+
+
+def fn_namedtuple_input(pair):
+    return pair.value * pair.count
+
+
+case("namedtuple_input", "inputs")(lambda: (fn_namedtuple_input,
+                                            lambda call: ((Pair(rand(3, 4, seed=call, grad=True), 3),), {})))
+
+
+@case("dict_in_dict_out", "inputs")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, batch):
+            return {"y": self.lin(batch["x"]), "mask": batch["mask"].sum(), "n": len(batch)}
+
+    def make(call):
+        return ({"x": rand(3, 4, seed=call, grad=True), "mask": rand(3, seed=call) > 0},), {}
+    return M(), make
+
+
+def fn_string_mode(x, mode):
+    return x.sin() if mode == "sin" else x.cos()
+
+
+case("string_arg_switch", "inputs", calls=4)(lambda: (fn_string_mode, lambda call: (
+    (rand(3, 4, seed=call, grad=True), "sin" if call % 2 == 0 else "cos"), {})))
+
+
+def fn_float_arg(x, alpha):
+    return x * alpha + alpha ** 2
+
+
+case("float_arg_changing", "inputs", calls=4)(lambda: (fn_float_arg, lambda call: (
+    (rand(3, 4, seed=call, grad=True), 0.5 + call), {})))
+
+
+def fn_shape_branch(x):
+    return x.sum(0) if x.shape[0] > 2 else x.prod(0)
+
+
+case("shape_branch", "inputs", calls=4)(lambda: (fn_shape_branch, lambda call: (
+    (rand(2 + call % 2, 4, seed=call, grad=True),), {})))
+
+
+def fn_item_out(x):
+    return x * 2, x.sum().item(), x.tolist()[0][0]
+
+
+case("item_and_tolist_out", "outputs")(lambda: (fn_item_out, x_args(3, 4)))
+
+
+@case("no_grad_decorated_forward", "side_effects")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.lin(x)
+    return M(), x_args(3, 4)
+
+
+@case("autocast_inside", "models")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.lin(x)
+            return y.float().sum(-1)
+    return M(), x_args(3, 4)
+
+
+@case("checkpoint_reentrant", "autograd")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=True)
+    return M(), x_args(3, 4)
+
+
+@case("lstm_state_in_out", "models")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 5, batch_first=True)
+
+        def forward(self, x, state=None):
+            out, (h, c) = self.rnn(x, state)
+            return out, (h, c)
+
+    def make(call):
+        state = (rand(1, 2, 5, seed=call), rand(1, 2, 5, seed=call + 1)) if call % 2 else None
+        return (rand(2, 3, 4, seed=call, grad=True), state), {}
+    return M(), make
+
+
+@case("clamp_param_in_forward", "side_effects")
+def _():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4) * 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.w.clamp_(-1, 1)
+            return x * self.w
+    return M(), x_args(3, 4)
+
+
+@case("inference_mode_call", "side_effects", grad_mode=False)
+def _():
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x_args(3, 4, grad=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Running one side and comparing.
 # ---------------------------------------------------------------------------------------------------------
@@ -1010,7 +1158,7 @@ def _route_taken(route: str, wrapped: Any) -> str:
     kinds = {"partial" if isinstance(rt, PartialRuntime) and not rt.broken else
              "eager" if isinstance(rt, (EagerRuntime, PartialRuntime)) else "whole" for rt in entries}
     if not kinds:
-        return "eager?"
+        return "unkeyed"  # ran without a signature (a sparse or refused argument): eager or Dynamo per call
     return "+".join(sorted(kinds))
 
 
@@ -1153,7 +1301,8 @@ def run_side(case: Case, route: str) -> dict[str, Any]:
         record: dict[str, Any] = {}
         before = _GRAPHS[0]
         stdout = io.StringIO()
-        grad_ctx = torch.enable_grad() if case.grad_mode and call != 3 else torch.no_grad()
+        grad_ctx = (torch.enable_grad() if call != 3 else torch.no_grad()) if case.grad_mode else \
+            torch.inference_mode()
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout), grad_ctx:
             warnings.simplefilter("always")
             try:

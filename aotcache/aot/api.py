@@ -26,7 +26,7 @@ from aotcache.aot.capture_threads import tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions, checked_options, compile_captured, compile_function
 from aotcache.aot.dynamic_dims import DynamicDims
 from aotcache.aot.dynamo_graph import compile_dynamo_graph
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
     EagerRuntime,
     PartialRuntime,
@@ -34,6 +34,7 @@ from aotcache.aot.fallback import (
     compile_or_fall_back,
     eager_after_state_changes,
     eager_for_unkeyable_call,
+    refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
 from aotcache.aot.refusals import refuse_changed_argument_containers
@@ -121,6 +122,8 @@ class AOTFunction:
             runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
         except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
             return eager_for_unkeyable_call(self, exc, args, kwargs, in_spec)
+        except RefusedArgumentError as exc:  # NOTE [Refused arguments take the fallback] in fallback.py
+            return refused_argument_call(self, exc, args, kwargs, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]

@@ -7,7 +7,7 @@ __all__ = ["CaptureError", "CAPTURE_ERROR_REASONS", "RefusedArgumentError", "is_
 
 # The categories of CaptureError.reason: the eager fallback counts and warns per reason (aot/fallback.py).
 CAPTURE_ERROR_REASONS = ("data_dependent", "unsupported_layout", "aliased_mutation", "metadata_mutation",
-                         "uninitialized_parameter", "unsupported_construct", "trace_failed")
+                         "uninitialized_parameter", "unsupported_construct", "trace_failed", "refused_argument")
 
 
 class CaptureError(RuntimeError):

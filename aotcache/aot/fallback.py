@@ -55,7 +55,7 @@ from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "is_trace_failure", "trace_failure_error",
+           "is_trace_failure", "trace_failure_error", "refused_argument_call",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_dynamo_graph", "numpy_random_as_eager", "has_uninitialized_parameters"]
 
@@ -426,6 +426,38 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, args: tuple, kwargs:
     _count(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
     return runtime.run_call(args, kwargs)  # the caller's own containers (NOTE [Argument containers changed in place])
+
+
+def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict, in_spec: Any) -> Any:
+    """Run a call with an argument the AOT way refuses (``RefusedArgumentError``: an object compared by identity,
+    a plain mutable object holding tensors) through ``torch.compile``, whose guards check such objects, or eagerly
+    where Dynamo is unavailable or fails; eager's results. Nothing is remembered (the call has no signature), so
+    each such call takes this way; counted and warned once per function.
+
+    NOTE [Refused arguments take the fallback]
+    Such an argument is no construct the capture cannot express but one the signature cannot compare; raising
+    the TypeError failed a call eager runs (``aot_function(f)(batch)`` with a dataclass batch). With
+    ``on_capture_error="raise"`` (and ``aotcache.compile``, whose router takes the call to Dynamo itself) it is
+    still raised.
+
+    :raises RefusedArgumentError: in strict mode or with ``on_capture_error="raise"``.
+    """
+    if _raises(owner.on_capture_error):
+        raise exc
+    target, skip = _target(owner)
+    eager = EagerRuntime(target, in_spec, "refused_argument", skip=skip)
+    runtime: EagerRuntime | PartialRuntime = eager
+    if owner.on_capture_error != "eager" and _dynamo_usable():
+        with owner._lock:
+            dynamo_fn = owner.__dict__.get("_partial_entry")
+            if dynamo_fn is None:
+                dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
+        runtime = PartialRuntime(dynamo_fn, eager, owner)
+    warned = owner.__dict__.setdefault("_fallback_warned", set())
+    if f"{runtime.kind}:refused_argument" not in warned:
+        _count(f"{runtime.kind}:refused_argument")
+        _warn(owner, CaptureError(str(exc), reason="refused_argument"), runtime)
+    return runtime.run_call(args, kwargs)
 
 
 def has_uninitialized_parameters(module: torch.nn.Module) -> bool:

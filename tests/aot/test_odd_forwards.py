@@ -208,3 +208,34 @@ def test_func_grad_inside_forward_runs_as_in_eager(route):
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(compiled(x), eager(x))
     assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
+
+
+# ---- NOTE [Refused arguments take the fallback] ---------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    scale: float
+
+
+def _scaled(batch):
+    return batch.x * batch.scale
+
+
+def test_an_argument_compared_by_identity_runs_through_the_fallback():
+    """aot_function raised RefusedArgumentError (a TypeError) for a plain dataclass batch, where eager runs."""
+    from aotcache.aot.errors import RefusedArgumentError
+
+    compiled = aotcache.aot_function(_scaled, "nop", cache=False)
+    for call in range(3):
+        x = torch.full((2, 3), float(call), requires_grad=True)
+        out = compiled(_Batch(x, 2.0))
+        torch.testing.assert_close(out, x.detach() * 2)
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full((2, 3), 2.0))
+    strict = aotcache.aot_function(_scaled, "nop", cache=False, on_capture_error="raise")
+    with pytest.raises(RefusedArgumentError, match="_Batch"):
+        strict(_Batch(torch.ones(2), 2.0))
