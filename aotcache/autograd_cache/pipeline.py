@@ -24,6 +24,7 @@ makes the key step raise ``BypassAOTAutogradCache("unhashable compiler: ...")``:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -232,7 +233,19 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         return CompileResult(runtime, guards=None, summary=summary,
                              uncacheable=_new_shape_guards(shape_env, guards_before))
 
-    return cache.load_or_compile(make_key, compile_fn, None, name=type(gm).__qualname__)
+    runtime = cache.load_or_compile(make_key, compile_fn, None, name=type(gm).__qualname__)
+    if getattr(runtime, "joint", False) is None and not runtime.metadata.is_inference:
+        runtime.joint_factory = functools.partial(_joint_captured_again, runtime, flat_fn, list(flat_example),
+                                                  options)  # NOTE [Double backward through the joint graph]
+    return runtime
+
+
+def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions) -> None:
+    """Capture a loaded Dynamo region again to give ``runtime`` its joint graph (for a double backward)."""
+    with torch.enable_grad():
+        captured = capture(flat_fn, flat_example, decompositions=options.decomposition_table(),
+                           dynamic=options.dynamic, trace_joint=True)
+    keep_joint_for_double_backward(runtime, captured)
 
 
 def _shape_env_of(example_inputs: Sequence[Any]) -> Any:

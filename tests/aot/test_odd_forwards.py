@@ -239,3 +239,43 @@ def test_an_argument_compared_by_identity_runs_through_the_fallback():
     strict = aotcache.aot_function(_scaled, "nop", cache=False, on_capture_error="raise")
     with pytest.raises(RefusedArgumentError, match="_Batch"):
         strict(_Batch(torch.ones(2), 2.0))
+
+
+# ---- NOTE [Double backward through the joint graph]: torch.compile regions ------------------------------
+
+class _Critic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)).sum()
+
+
+def _gradient_penalty(model, x):
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x), x, create_graph=True)
+    loss = (g.norm(dim=-1) - 1).pow(2).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_double_backward_through_a_cached_torch_compile_region():
+    """A region loaded from the cache had no joint graph: create_graph=True raised DoubleBackwardError. It is
+    captured again at its first double backward; a first compile (a miss) keeps the capture's."""
+    torch.manual_seed(0)
+    eager = _Critic()
+    x = torch.randn(3, 4)
+    want_loss, want_grads = _gradient_penalty(eager, x)
+    for attempt in ("miss", "hit"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(eager)
+        model.zero_grad(set_to_none=True)
+        compiled = torch.compile(model, backend="aotcache", options={"compiler": "nop"})
+        loss, grads = _gradient_penalty(compiled, x)
+        torch.testing.assert_close(loss, want_loss, msg=attempt)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, msg=attempt)
+    from aotcache.autograd_cache.cache import default_cache
+
+    assert default_cache().stats()["hit"] == 1  # the second attempt loaded the region
