@@ -37,7 +37,7 @@ from aotcache.aot.fallback import (
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
-from aotcache.aot.refusals import refuse_changed_argument_containers
+from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -283,8 +283,9 @@ class AOTFunction:
                 saved.restore()
             runs += 1
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
+            containers = argument_containers((call_args, call_kwargs))
             result = self.fn(*call_args, **call_kwargs)
-            refuse_changed_argument_containers((call_args, call_kwargs), flat, in_spec)
+            refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
             return result
 
         self.num_compiles += 1

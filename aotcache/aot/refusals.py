@@ -7,6 +7,7 @@ Split from ``capture.py`` (the two passes) so that each module does one thing; `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import operator
@@ -24,7 +25,7 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "refuse_changed_argument_containers", "refuse_script_modules", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules", "tensor_subclass_error",
            "unsupported_layout_error"]
 
 
@@ -111,18 +112,44 @@ def refuse_script_modules(module: torch.nn.Module) -> None:
 # caller passed and the function changes in place (``log.append(x.shape[0])``, ``cache["k"] = v``) was changed
 # only in the capture's copy: the caller's list stayed as it was, at the first call and every later one, where
 # eager appends each time (a silent difference). A graph cannot replay such a change, so a capture after which
-# the rebuilt containers no longer hold exactly the flat arguments (other structure, another object at a place)
-# is refused; the fallback (Dynamo) replays the change on the caller's own containers at every call.
-def refuse_changed_argument_containers(rebuilt: Any, flat_args: Sequence[Any], in_spec: Any) -> None:
-    """Refuse a capture whose function changed an argument container in place (NOTE [Argument containers changed
-    in place]); ``rebuilt``: the ``(args, kwargs)`` it was called with, made from ``flat_args`` by ``in_spec``."""
-    flat_now, spec_now = pytree.tree_flatten(rebuilt)
-    if spec_now == in_spec and len(flat_now) == len(flat_args) and all(map(operator.is_, flat_now, flat_args)):
-        return
-    raise CaptureError("aotcache: the function changes a list or dict it was passed in place (append, item "
-                       "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
-                       "instead, or keep the container outside the compiled function.",
-                       reason="unsupported_construct")
+# a list or dict of the arguments holds other keys or members than before the call is refused; the fallback
+# (Dynamo) replays the change on the caller's own containers at every call. Registered pytree nodes are not
+# checked: transformers' cache objects are updated in place by design and written back (NOTE [Cache arguments
+# are updated in place]).
+_MUTABLE_CONTAINERS = (list, dict, collections.OrderedDict)
+
+
+def argument_containers(rebuilt: Any) -> list[tuple[Any, tuple, tuple]]:
+    """The lists and dicts reachable from ``rebuilt`` through lists, tuples and dicts, each with its keys and
+    members now (NOTE [Argument containers changed in place]). Other pytree nodes (transformers' cache
+    objects, which the model updates in place and aot_module writes back) are not entered."""
+    found = []
+    stack = [rebuilt]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _MUTABLE_CONTAINERS:
+            keys = tuple(value) if kind is not list else ()
+            members = tuple(value.values()) if kind is not list else tuple(value)
+            found.append((value, keys, members))
+            stack.extend(members)
+        elif kind is tuple:
+            stack.extend(value)
+    return found
+
+
+def refuse_changed_argument_containers(containers: list[tuple[Any, tuple, tuple]]) -> None:
+    """Refuse a capture whose function changed one of the argument ``containers`` in place
+    (:func:`argument_containers`, taken before the call; NOTE [Argument containers changed in place])."""
+    for container, keys, members in containers:
+        now = tuple(container.values()) if type(container) is not list else tuple(container)
+        if len(now) == len(members) and all(map(operator.is_, now, members)) and (
+                type(container) is list or all(map(operator.is_, container, keys))):
+            continue
+        raise CaptureError("aotcache: the function changes a list or dict it was passed in place (append, item "
+                           "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
+                           "instead, or keep the container outside the compiled function.",
+                           reason="unsupported_construct")
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
