@@ -23,7 +23,14 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.capture_threads import tracing_in_this_thread
-from aotcache.aot.compile_step import AOTOptions, checked_options, compile_captured, compile_function
+from aotcache.aot.capture import capture, is_graph_input
+from aotcache.aot.compile_step import (
+    AOTOptions,
+    checked_options,
+    compile_captured,
+    compile_function,
+    keep_joint_for_double_backward,
+)
 from aotcache.aot.dynamic_dims import DynamicDims
 from aotcache.aot.dynamo_graph import compile_dynamo_graph
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
@@ -195,6 +202,9 @@ class AOTFunction:
                     finally:
                         self._saved_state = None
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
+                    if isinstance(runtime, CompiledRuntime) and runtime.joint is None and \
+                            runtime.joint_factory is None and not runtime.metadata.is_inference:
+                        runtime.joint_factory = self._joint_factory(runtime, flat_args, in_spec, options)
                     # NOTE [Storage offsets are not part of the signature]
                     runtime.input_offsets = (input_offsets(flat_args, options.dynamic)  # type: ignore[attr-defined]
                                              if getattr(getattr(runtime, "metadata", None), "offsets_matter", True)
@@ -234,6 +244,35 @@ class AOTFunction:
                     self._single_use_streak = 0  # a graph to keep: the state changes only now and then
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
+
+    def _joint_factory(self, runtime: CompiledRuntime, flat_args: list, in_spec: Any,
+                       options: AOTOptions) -> Callable[[Sequence[Any]], None]:
+        """For a training runtime without a joint graph (loaded by a fingerprint warm start: no capture here): a
+        capture of the call again at its first double backward, on that call's graph inputs (NOTE [Double
+        backward through the joint graph] in runtime.py). Keeps the call's constants, not its tensors."""
+        template = [None if is_graph_input(arg) else arg for arg in flat_args]
+        positions = list(runtime.metadata.graph_input_positions)
+        fn = self.fn
+
+        def make_joint(graph_args: Sequence[Any]) -> None:
+            flat = list(template)
+            for position, value in zip(positions, graph_args):
+                flat[position] = value
+
+            def flat_fn(*values: Any) -> Any:
+                call_args, call_kwargs = pytree.tree_unflatten(list(values), in_spec)
+                return fn(*call_args, **call_kwargs)
+
+            try:
+                with torch.enable_grad():
+                    captured = capture(flat_fn, flat, decompositions=options.decomposition_table(),
+                                       dynamic=options.dynamic, trace_joint=True)
+            except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
+                logger.debug("aotcache: %s: no joint graph for a double backward (%s)", self.name, exc)
+                return
+            keep_joint_for_double_backward(runtime, captured)
+
+        return make_joint
 
     def _save_call_state(self, extra: Any) -> SavedCallState:
         """The state this call's Python may change, before its capture (NOTE [State changed by a capture])."""

@@ -97,9 +97,9 @@ class CompiledRuntime:
     # the capture's joint graph as a flat callable, for double backward (NOTE [Double backward through the joint
     # graph]); None where there is none (inference, a warm start, an impure graph)
     joint: Callable | None = None
-    # makes ``joint`` on first use where the runtime was loaded without a capture but can capture again (a
-    # torch.compile region found in the cache); called once
-    joint_factory: Callable[[], None] | None = None
+    # makes ``joint`` (from the graph inputs of the call being differentiated) where the runtime was loaded
+    # without a capture: a torch.compile region found in the cache, a fingerprint warm start; called once
+    joint_factory: Callable[[Sequence[Any]], None] | None = None
 
     def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
         if not metadata.is_inference and backward is None:
@@ -312,10 +312,11 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # the context, so they carry their history) and the incoming gradients: the gradients it returns are built by
 # autograd from eager ops, as eager's double backward is, and the forward is computed once more. Only joint graphs
 # that are pure functions of their inputs qualify (no random ops, whose second run would draw other numbers; no
-# input mutations, whose inputs hold other values after the call; no effect tokens). A torch.compile region
-# found in the cache captures its Dynamo graph again at its first double backward (``joint_factory``); a runtime
-# loaded without a capture otherwise (a fingerprint warm start of ``aot_function`` / ``aot_module``, whose first
-# call's arguments are not kept) has no joint graph, and raises ``DoubleBackwardError`` as before. A first-order backward is unchanged (the compiled backward, saved values as partitioned).
+# input mutations, whose inputs hold other values after the call; no effect tokens). A runtime loaded without
+# a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
+# ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
+# the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
+# graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the compiled backward, saved values as partitioned).
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -397,7 +398,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         differentiable = torch.is_grad_enabled()  # create_graph=True: NOTE [Double backward through the joint graph]
         if differentiable and runtime.joint is None and runtime.joint_factory is not None:
             factory, runtime.joint_factory = runtime.joint_factory, None
-            factory()
+            factory(getattr(ctx, "graph_args", ()))
         if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "

@@ -240,11 +240,18 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
     return runtime
 
 
-def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions) -> None:
-    """Capture a loaded Dynamo region again to give ``runtime`` its joint graph (for a double backward)."""
-    with torch.enable_grad():
-        captured = capture(flat_fn, flat_example, decompositions=options.decomposition_table(),
-                           dynamic=options.dynamic, trace_joint=True)
+def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions,
+                          graph_args: Sequence[Any] = ()) -> None:
+    """Capture a loaded Dynamo region again (on Dynamo's example inputs) to give ``runtime`` its joint graph, for
+    a double backward."""
+    del graph_args
+    try:
+        with torch.enable_grad():
+            captured = capture(flat_fn, flat_example, decompositions=options.decomposition_table(),
+                               dynamic=options.dynamic, trace_joint=True)
+    except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
+        logger.debug("aotcache: no joint graph for a double backward of a loaded region (%s)", exc)
+        return
     keep_joint_for_double_backward(runtime, captured)
 
 

@@ -279,3 +279,24 @@ def test_double_backward_through_a_cached_torch_compile_region():
     from aotcache.autograd_cache.cache import default_cache
 
     assert default_cache().stats()["hit"] == 1  # the second attempt loaded the region
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_double_backward_after_a_fingerprint_warm_start(route):
+    """A second wrapper of the same model finds the entry by its fingerprint (no capture): it had no joint graph
+    and raised DoubleBackwardError; it captures the call again at its first double backward."""
+    from aotcache.autograd_cache.cache import default_cache
+
+    torch.manual_seed(0)
+    eager = _Critic()
+    x = torch.randn(3, 4)
+    want_loss, want_grads = _gradient_penalty(eager, x)
+    for attempt in ("cold", "warm"):
+        model = copy.deepcopy(eager)
+        model.zero_grad(set_to_none=True)
+        compiled = (aotcache.aot_module(model, "nop") if route == "aot" else aotcache.compile(model, compiler="nop"))
+        loss, grads = _gradient_penalty(compiled, x)
+        torch.testing.assert_close(loss, want_loss, msg=attempt)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, msg=attempt)
+    assert default_cache().counters.get("fingerprint_hit", 0) >= 1
