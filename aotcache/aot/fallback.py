@@ -28,8 +28,8 @@ A capture runs the user's Python on fake tensors through torch's tracing machine
 eager runs (a dynamically quantized ``Linear``: the fake-tensor cache cannot compare its packed weights, a
 ``NotImplementedError``). Such an error is no ``CaptureError``, and it cannot be told apart from an error of the
 user's code that eager raises too (an ``assert`` on a shape) without running the call. So, unless the caller
-asked for errors, the call runs eagerly: an error is then eager's own, raised as eager raises it; if it runs, the
-signature keeps a fallback (reason ``trace_failed``, warned about once the eager call has run) and its later
+asked for errors, the signature gets a fallback (reason ``trace_failed``) whose first call runs eagerly: an
+error is then eager's own, raised as eager raises it; if it runs, the fallback is warned about, and the later
 calls go through ``torch.compile`` (their own error, if any, also raised as eager's by :class:`PartialRuntime`).
 Only errors raised while tracing count (``capture`` marks them: :func:`~aotcache.aot.errors.is_trace_failure`);
 a bad option or a compiler's failure is not the call's. With ``on_capture_error="raise"`` the error is raised as
