@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import copy
 import dataclasses
 import io
 import json
@@ -568,7 +567,8 @@ def _():
             return out
 
     def make(call):
-        return (rand(3, 4, seed=call, grad=True), rand(3, 4, seed=call + 1)), {"b": rand(4, seed=call), "a": rand(3, 4, seed=call + 2)}
+        return ((rand(3, 4, seed=call, grad=True), rand(3, 4, seed=call + 1)),
+                {"b": rand(4, seed=call), "a": rand(3, 4, seed=call + 2)})
     return M(), make
 
 
@@ -1142,7 +1142,7 @@ def _wrap(route: str, obj: Any) -> Any:
 
 
 def _route_taken(route: str, wrapped: Any) -> str:
-    from aotcache.aot.fallback import EagerRuntime, PartialRuntime, fallback_counts
+    from aotcache.aot.fallback import EagerRuntime, PartialRuntime
 
     if route == "eager":
         return "eager"
@@ -1205,8 +1205,9 @@ def _compare(a: Any, b: Any, where: str, errors: list[str], rtol: float = 1e-4, 
             if x.shape != y.shape or not torch.allclose(x.to(torch.complex128) if x.is_complex() else x.double(),
                                                         y.to(torch.complex128) if y.is_complex() else y.double(),
                                                         rtol=rtol, atol=atol, equal_nan=True):
-                errors.append(f"{where}: values differ (max abs diff "
-                              f"{(x.double() - y.double()).abs().max().item() if x.shape == y.shape and not x.is_complex() else '?'})")
+                diff = ((x.double() - y.double()).abs().max().item() if x.shape == y.shape and not x.is_complex()
+                        else "?")
+                errors.append(f"{where}: values differ (max abs diff {diff})")
                 return
         return
     if isinstance(a, tuple) and a and a[0] == "generator":

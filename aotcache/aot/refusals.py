@@ -14,7 +14,7 @@ import operator
 import os
 import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
-           "refuse_host_random", "refuse_module_backward_hooks", "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules", "tensor_subclass_error",
+           "refuse_host_random", "refuse_module_backward_hooks", "refuse_changed_argument_containers",
+           "argument_containers", "refuse_script_modules", "tensor_subclass_error",
            "unsupported_layout_error"]
 
 

@@ -316,7 +316,8 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
 # ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
 # the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
-# graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the compiled backward, saved values as partitioned).
+# graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the
+# compiled backward, saved values as partitioned). The joint graph stays in memory with its runtime.
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")

@@ -5,6 +5,7 @@ and failed, or gave other results, through ``aot_function`` / ``aot_module``, ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -211,8 +212,6 @@ def test_func_grad_inside_forward_runs_as_in_eager(route):
 
 
 # ---- NOTE [Refused arguments take the fallback] ---------------------------------------------------------
-
-import dataclasses  # noqa: E402
 
 
 @dataclasses.dataclass
