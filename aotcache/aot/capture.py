@@ -264,6 +264,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         except ObjectOutputError as exc:
             raise CaptureError(str(exc)) from None
         flat_outs, out_spec = pytree.tree_flatten(result)
+        _refuse_retained_gradients(flat_outs)
         try:
             out_structure = encode_output_structure(out_spec)
         except UnsupportedOutputError as exc:
@@ -331,6 +332,19 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     out_structure=out_structure, graph_output_examples=fw_examples,
                     needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
                     reads_offsets=explain.reads_offsets)
+
+
+def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
+    """NOTE [Retained gradients of outputs]
+    ``h.retain_grad()`` inside the function on a tensor it returns makes eager fill ``h.grad`` at backward (a
+    debugging or saliency idiom). The call ran on trace tensors, so the compiled function's output did not
+    retain its gradient: ``.grad`` stayed None, silently. Such a capture is refused (the fallback runs the call
+    as written, at every call)."""
+    for k, out in enumerate(flat_outs):
+        if isinstance(out, torch.Tensor) and out.requires_grad and not out.is_leaf and out.retains_grad:
+            raise CaptureError(f"aotcache: output {k} was made to retain its gradient (retain_grad()) inside the "
+                               f"function; a compiled function's output would not. Call retain_grad() on the "
+                               f"output after the compiled call instead.", reason="unsupported_construct")
 
 
 def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:

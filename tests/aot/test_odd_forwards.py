@@ -299,3 +299,24 @@ def test_double_backward_after_a_fingerprint_warm_start(route):
         for got, want in zip(grads, want_grads):
             torch.testing.assert_close(got, want, msg=attempt)
     assert default_cache().counters.get("fingerprint_hit", 0) >= 1
+
+
+# ---- NOTE [Retained gradients of outputs] ---------------------------------------------------------------
+
+def _retains(x):
+    h = x * 2
+    h.retain_grad()
+    return h, h.sum()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_retain_grad_inside_on_a_returned_tensor_fills_its_grad(route):
+    """The compiled output did not retain its gradient: ``h.grad`` stayed None where eager fills it."""
+    compiled = _routes(_retains)[route]()
+    for _ in range(2):
+        x = torch.ones(3, requires_grad=True)
+        h, total = compiled(x)
+        (total * 3).backward()
+        assert h.grad is not None
+        torch.testing.assert_close(h.grad, torch.full((3,), 3.0))
+        torch.testing.assert_close(x.grad, torch.full((3,), 6.0))
