@@ -258,6 +258,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
         with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
+            explain.raise_caught()  # NOTE [Capture errors the function catches]
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
             result = lift_object_outputs(result)  # NOTE [Object outputs]

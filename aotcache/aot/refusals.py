@@ -208,8 +208,32 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/signature.py
+        self.raised: list[Exception] = []  # NOTE [Capture errors the function catches]
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        try:
+            return self._call(func, args, kwargs)
+        except Exception as exc:
+            self.raised.append(exc)
+            raise
+
+    def raise_caught(self) -> None:
+        """NOTE [Capture errors the function catches]
+        A data-dependent op raises while capturing (fake tensors have no data) where eager computes a value. A
+        function that catches it (``try: s = float(x.sum()) except Exception: s = 0.0``, a library's ``try`` around
+        ``.item()`` or ``.numpy()``) took its ``except`` branch in the trace only, and the graph returned that
+        branch's result at every call, silently (``x * 0`` where eager gives ``x * 3``). So once the function has
+        returned, a capture refusal or data-dependent error raised by a torch function it called (and caught) is
+        raised again, as the CaptureError it stands for; the fallback then runs the call as written. Errors that
+        do not depend on data (a shape check the function catches) are the trace's as they are eager's."""
+        for exc in self.raised:
+            if isinstance(exc, CaptureError):
+                raise exc
+            if _data_dependent_error(exc):
+                with explain_data_dependent_ops():
+                    raise exc
+
+    def _call(self, func: Any, args: tuple, kwargs: Mapping | None) -> Any:
         if func in _OFFSET_READERS:
             self.reads_offsets = True
             if func in _STORAGE_GETTERS and args and _is_traced(args[0]):
@@ -238,6 +262,16 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
+
+
+def _data_dependent_error(exc: Exception) -> bool:
+    """Whether ``exc`` is torch's error for a data-dependent op on fake tensors (see explain_data_dependent_ops)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS)
 
 
 # NOTE [Storages seen in Python]

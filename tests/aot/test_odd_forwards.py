@@ -320,3 +320,46 @@ def test_retain_grad_inside_on_a_returned_tensor_fills_its_grad(route):
         assert h.grad is not None
         torch.testing.assert_close(h.grad, torch.full((3,), 3.0))
         torch.testing.assert_close(x.grad, torch.full((3,), 6.0))
+
+
+# ---- NOTE [Capture errors the function catches] ---------------------------------------------------------
+
+def _catches_item(x):
+    try:
+        s = float(x.sum())
+    except Exception:  # noqa: BLE001 - the user's own fallback
+        s = 0.0
+    return x * s
+
+
+def _catches_branch(x):
+    try:
+        if x.sum() > 0:
+            return x * 2
+        return x
+    except Exception:  # noqa: BLE001
+        return x * -1
+
+
+@pytest.mark.parametrize("fn", [_catches_item, _catches_branch], ids=["item", "branch"])
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_a_data_dependent_error_the_function_catches_is_not_traced_as_its_except_branch(fn, route):
+    """The capture's data-dependent error took the function's except branch, and the graph returned that branch
+    at every call (x * 0 where eager gives x * 3), silently."""
+    compiled = _routes(fn)[route]()
+    for call in range(3):
+        x = torch.ones(3) * (call - 1 if fn is _catches_branch else call + 1)
+        torch.testing.assert_close(compiled(x), fn(x))
+
+
+def _catches_shape_error(x):
+    try:
+        return x.view(2, -1) * 2
+    except RuntimeError:
+        return x * 3
+
+
+def test_a_shape_error_the_function_catches_is_still_captured_whole():
+    compiled = aotcache.aot_function(_catches_shape_error, "nop", cache=False, on_capture_error="raise")
+    torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    torch.testing.assert_close(compiled(torch.ones(4)), torch.full((2, 2), 2.0))
