@@ -1102,6 +1102,17 @@ def _():
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x_args(3, 4, grad=False)
 
 
+def fn_try_except_item(x):
+    try:
+        s = float(x.sum())
+    except Exception:  # noqa: BLE001 - a forward's own fallback path
+        s = 0.0
+    return x * s
+
+
+case("try_except_around_item", "side_effects")(lambda: (fn_try_except_item, x_args(3, 4)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Running one side and comparing.
 # ---------------------------------------------------------------------------------------------------------
