@@ -25,7 +25,9 @@ from torch import nn
 from aotcache.aot.api import AOTFunction
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
+from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
+from aotcache.aot.fallback import is_trace_failure, trace_failure_error
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
@@ -90,9 +92,8 @@ class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
 
     def __init__(self, aot: AOTFunction, services: _RoutedServices, fullgraph: bool,
-                 make_dynamo: Callable[[], Callable], eager: Callable, module: nn.Module | None = None) -> None:
+                 make_dynamo: Callable[[], Callable], module: nn.Module | None = None) -> None:
         self.aot = aot
-        self.eager = eager  # the model itself, for the eager route (NOTE [Constructs Dynamo gets wrong])
         self.module = module  # checked for data-parallel wrappers before the first call (NOTE [Wrappers refused up
         # front])
         self.fullgraph = fullgraph
@@ -112,7 +113,8 @@ class _Router:
         return self._dynamo
 
     def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
-        """Run the call the chosen way; the first call (and a later capture failure) chooses."""
+        """Run the call the chosen way; the first call (and a later capture failure) chooses. ``eager_call`` runs
+        the call as written (the route "eager", NOTE [Captures that fail where eager may run])."""
         route = self.route
         if route == DYNAMO:
             return dynamo_call()
@@ -136,6 +138,14 @@ class _Router:
                 raise
             self._choose_dynamo(exc, self.capturing.digest)
             return dynamo_call() if self.route == DYNAMO else eager_call()
+        except Exception as exc:
+            # NOTE [Captures that fail where eager may run] in aot/fallback.py: this call runs eagerly (an error is
+            # then eager's own, nothing decided); if it runs, the later calls take the Dynamo way
+            if self.fullgraph or not is_trace_failure(exc):
+                raise
+            result = eager_call()
+            self._choose_dynamo(trace_failure_error(exc), self.capturing.digest)
+            return result
         if route is None:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
@@ -207,7 +217,7 @@ class CompiledModule(AOTModule):
         super().__init__(module, options, services=services, cache=cache, on_capture_error="raise")
         self._backend = backend
         self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options),
-                              module, module)
+                              module)
 
     def _wrapper_arguments(self) -> dict[str, Any]:
         return {"options": self.compiled.options, "cache": self.compiled.cache, "fullgraph": self.router.fullgraph,
@@ -222,7 +232,13 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs), lambda: router.eager(*args, **kwargs))
+                           lambda: router.dynamo()(*args, **kwargs), lambda: self._eager_call(args, kwargs))
+
+    def _eager_call(self, args: tuple, kwargs: dict) -> Any:
+        """The wrapped module called as written (its hooks included), beside other threads' captures of it."""
+        module = self.orig_module
+        with swap_gate(module).running():  # NOTE [Eager runs beside a capture]
+            return module(*args, **kwargs)
 
 
 class CompiledFunction:
@@ -234,7 +250,7 @@ class CompiledFunction:
         services = _RoutedServices()
         self.compiled = AOTFunction(fn, options, services=services, cache=cache,
                                     on_capture_error="raise")  # the router falls back
-        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options), fn)
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options))
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property
@@ -248,7 +264,7 @@ class CompiledFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
-                           lambda: router.eager(*args, **kwargs))
+                           lambda: self.fn(*args, **kwargs))
 
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:

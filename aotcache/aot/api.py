@@ -23,11 +23,17 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.capture_threads import tracing_in_this_thread
-from aotcache.aot.compile_step import AOTOptions, checked_options, compile_captured, compile_function
-from aotcache.aot.double_backward import enter_eager_call, leave_eager_call
+from aotcache.aot.capture import capture, is_graph_input
+from aotcache.aot.compile_step import (
+    AOTOptions,
+    checked_options,
+    compile_captured,
+    compile_function,
+    keep_joint_for_double_backward,
+)
 from aotcache.aot.dynamic_dims import DynamicDims
 from aotcache.aot.dynamo_graph import compile_dynamo_graph
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import (
     EagerRuntime,
     PartialRuntime,
@@ -35,8 +41,10 @@ from aotcache.aot.fallback import (
     compile_or_fall_back,
     eager_after_state_changes,
     eager_for_unkeyable_call,
+    refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
+from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
@@ -115,25 +123,22 @@ class AOTFunction:
             hot = hot_signatures.find(structure, flat_if_simple)
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
-                previous = enter_eager_call(self.fn, args, kwargs)  # NOTE [Double backward by recompute]
-                try:
-                    return hot.runtime(*flat_if_simple)
-                finally:
-                    leave_eager_call(previous)
+                return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
         try:
             runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
         except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
-            return eager_for_unkeyable_call(self, exc, flat_args, in_spec)
+            return eager_for_unkeyable_call(self, exc, args, kwargs, in_spec)
+        except RefusedArgumentError as exc:  # NOTE [Refused arguments take the fallback] in fallback.py
+            return refused_argument_call(self, exc, args, kwargs, in_spec)
         if (structure is not None and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
-        previous = enter_eager_call(self.fn, flat_args, in_spec)  # NOTE [Double backward by recompute]
-        try:
-            return runtime(*flat_args)
-        finally:
-            leave_eager_call(previous)
+        run_call = getattr(runtime, "run_call", None)  # a fallback: the caller's own containers (NOTE [Argument
+        if run_call is not None:  # containers changed in place] in refusals.py)
+            return run_call(args, kwargs)
+        return runtime(*flat_args)
 
     def _watch(self, extra: Any) -> tuple[WatchedProgram, HotSignatures]:
         """Walk the program again (first call, or a program guard failed) and select its hot signatures."""
@@ -170,7 +175,8 @@ class AOTFunction:
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
         runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False))
-        self._dims.abandon(options.dynamic, failure, self.name)
+        if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
+            self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too
         return runtime
 
     def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,
@@ -196,6 +202,9 @@ class AOTFunction:
                     finally:
                         self._saved_state = None
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
+                    if isinstance(runtime, CompiledRuntime) and runtime.joint is None and \
+                            runtime.joint_factory is None and not runtime.metadata.is_inference:
+                        runtime.joint_factory = self._joint_factory(runtime, flat_args, in_spec, options)
                     # NOTE [Storage offsets are not part of the signature]
                     runtime.input_offsets = (input_offsets(flat_args, options.dynamic)  # type: ignore[attr-defined]
                                              if getattr(getattr(runtime, "metadata", None), "offsets_matter", True)
@@ -235,6 +244,35 @@ class AOTFunction:
                     self._single_use_streak = 0  # a graph to keep: the state changes only now and then
                     self._entries.setdefault(key, []).append(runtime)
         return runtime
+
+    def _joint_factory(self, runtime: CompiledRuntime, flat_args: list, in_spec: Any,
+                       options: AOTOptions) -> Callable[[Sequence[Any]], None]:
+        """For a training runtime without a joint graph (loaded by a fingerprint warm start: no capture here): a
+        capture of the call again at its first double backward, on that call's graph inputs (NOTE [Double
+        backward through the joint graph] in runtime.py). Keeps the call's constants, not its tensors."""
+        template = [None if is_graph_input(arg) else arg for arg in flat_args]
+        positions = list(runtime.metadata.graph_input_positions)
+        fn = self.fn
+
+        def make_joint(graph_args: Sequence[Any]) -> None:
+            flat = list(template)
+            for position, value in zip(positions, graph_args):
+                flat[position] = value
+
+            def flat_fn(*values: Any) -> Any:
+                call_args, call_kwargs = pytree.tree_unflatten(list(values), in_spec)
+                return fn(*call_args, **call_kwargs)
+
+            try:
+                with torch.enable_grad():
+                    captured = capture(flat_fn, flat, decompositions=options.decomposition_table(),
+                                       dynamic=options.dynamic, trace_joint=True)
+            except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
+                logger.debug("aotcache: %s: no joint graph for a double backward (%s)", self.name, exc)
+                return
+            keep_joint_for_double_backward(runtime, captured)
+
+        return make_joint
 
     def _save_call_state(self, extra: Any) -> SavedCallState:
         """The state this call's Python may change, before its capture (NOTE [State changed by a capture])."""
@@ -284,7 +322,10 @@ class AOTFunction:
                 saved.restore()
             runs += 1
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
-            return self.fn(*call_args, **call_kwargs)
+            containers = argument_containers((call_args, call_kwargs))
+            result = self.fn(*call_args, **call_kwargs)
+            refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
+            return result
 
         self.num_compiles += 1
         try:

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.capture_threads import compiling
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
@@ -259,12 +259,14 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
         with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
+            explain.raise_caught()  # NOTE [Capture errors the function catches]
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
             result = lift_object_outputs(result)  # NOTE [Object outputs]
         except ObjectOutputError as exc:
             raise CaptureError(str(exc)) from None
         flat_outs, out_spec = pytree.tree_flatten(result)
+        _refuse_retained_gradients(flat_outs)
         try:
             out_structure = encode_output_structure(out_spec)
         except UnsupportedOutputError as exc:
@@ -332,6 +334,19 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     out_structure=out_structure, graph_output_examples=fw_examples,
                     needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
                     reads_offsets=explain.reads_offsets)
+
+
+def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
+    """NOTE [Retained gradients of outputs]
+    ``h.retain_grad()`` inside the function on a tensor it returns makes eager fill ``h.grad`` at backward (a
+    debugging or saliency idiom). The call ran on trace tensors, so the compiled function's output did not
+    retain its gradient: ``.grad`` stayed None, silently. Such a capture is refused (the fallback runs the call
+    as written, at every call)."""
+    for k, out in enumerate(flat_outs):
+        if isinstance(out, torch.Tensor) and out.requires_grad and not out.is_leaf and out.retains_grad:
+            raise CaptureError(f"aotcache: output {k} was made to retain its gradient (retain_grad()) inside the "
+                               f"function; a compiled function's output would not. Call retain_grad() on the "
+                               f"output after the compiled call instead.", reason="unsupported_construct")
 
 
 def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
@@ -763,8 +778,22 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     sizes are symbolic and ``metadata.guards`` holds the expression that later inputs must satisfy.
     ``regenerate_aliases=False`` (export) makes every tensor output a graph output, views included.
 
-    :raises CaptureError: an unsupported construct (see the message).
+    :raises CaptureError: an unsupported construct (see the message); any other error of the traced code or of
+        torch's tracing machinery is raised marked (NOTE [Captures that fail where eager may run] in fallback.py).
     """
+    try:
+        return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic, trace_joint=trace_joint,
+                        input_is_leaf=input_is_leaf, regenerate_aliases=regenerate_aliases)
+    except CaptureError:
+        raise
+    except Exception as exc:
+        mark_trace_failure(exc)
+        raise
+
+
+def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None,
+             dynamic: bool | tuple, trace_joint: bool | None, input_is_leaf: Sequence[bool] | None,
+             regenerate_aliases: bool) -> CapturedGraph:
     if input_is_leaf is None:
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
     fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)
@@ -779,7 +808,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
-    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), \
+    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), _functorch_levels_kept(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode):
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
@@ -857,6 +886,23 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
 # static one, inference from 3.3x to 2.9x and 3.7x to 3.4x (bench/dynamic.py's models, side by side, CPU time).
 # Static captures keep the cache, which is process-wide for them, and so does a caller's ShapeEnv (Dynamo's,
 # which holds the ops Dynamo traced).
+
+
+@contextlib.contextmanager
+def _functorch_levels_kept() -> Iterator[None]:
+    """NOTE [torch.func levels of a failed capture]
+    A Dynamo graph of ``torch.func.grad`` / ``vmap`` inside a forward holds the transform's entry and exit as
+    separate calls (``_grad_increment_nesting`` ... ``_grad_decrement_nesting``), not a ``with`` block. A capture
+    that stopped between them (a refusal) left torch.func's level pushed: Dynamo's guards on the functorch state
+    then failed on the frame just compiled ("Guard failed on the same frame it was created", an AssertionError
+    where eager runs). On an error the levels are popped back to the depth the capture started at."""
+    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+    try:
+        yield
+    except BaseException:
+        if torch._C._functorch.get_dynamic_layer_stack_depth() > depth:
+            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+        raise
 
 
 def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.AbstractContextManager:

@@ -21,7 +21,7 @@ from aotcache.aot.partition import align_saved_to_backward, resolve_partition
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
 from aotcache.progress import stage
 
-__all__ = ["AOTOptions", "checked_options", "compile_function", "compile_captured"]
+__all__ = ["AOTOptions", "checked_options", "compile_function", "compile_captured", "keep_joint_for_double_backward"]
 
 
 def _graph_module_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -186,4 +186,25 @@ def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     examples = backward_examples(fw_gm, bw_gm, forward, saved, captured.tangents, captured.num_fwd_outputs)
     with stage("compile backward"):
         backward = unboxed(options.backward_compiler()(bw_gm, examples))
-    return CompiledRuntime(metadata, forward, backward)
+    runtime = CompiledRuntime(metadata, forward, backward)
+    keep_joint_for_double_backward(runtime, captured)
+    return runtime
+
+
+def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> None:
+    """Give a training ``runtime`` the joint graph of ``captured`` (the same call's capture) when that graph is a
+    pure function of its inputs (NOTE [Double backward through the joint graph] in runtime.py)."""
+    metadata = captured.metadata
+    if metadata.is_inference or runtime.metadata.is_inference or metadata.mutated_inputs or any(
+            getattr(info, "metadata_mutation", None) is not None for info in metadata.inputs):
+        return
+    for node in captured.graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        tags = getattr(node.target, "tags", ())
+        if torch.Tag.nondeterministic_seeded in tags or getattr(node.target, "__name__", "") == "with_effects":
+            return
+        if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
+                getattr(node.target, "__module__", "") not in ("_operator", "operator", "math", "builtins"):
+            return  # (higher-order ops, Python callables: not plain ATen ops with derivative formulas)
+    runtime.joint = captured.graph  # called with the flat inputs, returns the flat (forward, gradient) outputs

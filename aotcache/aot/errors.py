@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["CaptureError", "CAPTURE_ERROR_REASONS", "RefusedArgumentError"]
+__all__ = ["CaptureError", "CAPTURE_ERROR_REASONS", "RefusedArgumentError", "is_trace_failure",
+           "mark_trace_failure"]
 
 # The categories of CaptureError.reason: the eager fallback counts and warns per reason (aot/fallback.py).
 CAPTURE_ERROR_REASONS = ("data_dependent", "unsupported_layout", "aliased_mutation", "metadata_mutation",
-                         "uninitialized_parameter", "unsupported_construct")
+                         "uninitialized_parameter", "unsupported_construct", "trace_failed", "refused_argument")
 
 
 class CaptureError(RuntimeError):
@@ -29,3 +30,20 @@ class CaptureError(RuntimeError):
 class RefusedArgumentError(TypeError):
     """An argument a compiled function cannot compare by value (NOTE [Constant arguments]): an ``nn.Module``, an
     optimizer, a plain mutable object. ``aotcache.compile`` takes such a call to ``torch.compile`` instead."""
+
+
+_TRACE_FAILURE = "_aotcache_trace_failure"
+
+
+def mark_trace_failure(exc: BaseException) -> None:
+    """Mark ``exc``, raised by the user's code or torch's machinery while a capture traced it (not a
+    CaptureError): eager may run that call (NOTE [Captures that fail where eager may run] in fallback.py)."""
+    try:
+        setattr(exc, _TRACE_FAILURE, True)
+    except (AttributeError, TypeError):  # an exception type without a __dict__: left unmarked (raised as is)
+        pass
+
+
+def is_trace_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` escaped a capture's trace without being a CaptureError (:func:`mark_trace_failure`)."""
+    return bool(getattr(exc, _TRACE_FAILURE, False))

@@ -22,6 +22,18 @@ An error that eager raises too (wrong shapes, the user's own exceptions) is not 
 raises it as it is. Under partial compilation Dynamo may report it wrapped; the call then runs eagerly, which
 raises the user's error itself. Each fallback decision is counted per reason (:func:`fallback_counts`, and
 the stats journal section ``fallback`` shown by ``aotcache stats``) and logged once per function and reason.
+
+NOTE [Captures that fail where eager may run]
+A capture runs the user's Python on fake tensors through torch's tracing machinery, which fails on some code
+eager runs (a dynamically quantized ``Linear``: the fake-tensor cache cannot compare its packed weights, a
+``NotImplementedError``). Such an error is no ``CaptureError``, and it cannot be told apart from an error of the
+user's code that eager raises too (an ``assert`` on a shape) without running the call. So, unless the caller
+asked for errors, the signature gets a fallback (reason ``trace_failed``) whose first call runs eagerly: an
+error is then eager's own, raised as eager raises it; if it runs, the fallback is warned about, and the later
+calls go through ``torch.compile`` (their own error, if any, also raised as eager's by :class:`PartialRuntime`).
+Only errors raised while tracing count (``capture`` marks them: :func:`~aotcache.aot.errors.is_trace_failure`);
+a bad option or a compiler's failure is not the call's. With ``on_capture_error="raise"`` the error is raised as
+it is, still marked, so that ``aotcache.compile``'s router decides the same way.
 """
 
 from __future__ import annotations
@@ -39,10 +51,11 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
+           "is_trace_failure", "trace_failure_error", "refused_argument_call",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
@@ -110,12 +123,28 @@ class EagerRuntime:
         args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
         return tuple(args[self.skip:]), kwargs
 
+    # NOTE [Captures that fail where eager may run]: said once the first (eager) call has run
+    pending_warning: Callable[[], None] | None = None
+
     def __call__(self, *flat_args: Any) -> Any:
-        args, kwargs = self.arguments(flat_args)
+        return self.run(*self.arguments(flat_args))
+
+    def run_call(self, args: tuple, kwargs: dict) -> Any:
+        """Run with the caller's own ``(args, kwargs)`` (NOTE [Argument containers changed in place] in
+        refusals.py: a list the function appends to is the caller's, not a copy rebuilt from the flat
+        arguments)."""
+        return self.run(tuple(args[self.skip:]), kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        pending, self.pending_warning = self.pending_warning, None
         if self.gate is None:
-            return self.fn(*args, **kwargs)
-        with self.gate.running():
-            return self.fn(*args, **kwargs)
+            result = self.fn(*args, **kwargs)
+        else:
+            with self.gate.running():
+                result = self.fn(*args, **kwargs)
+        if pending is not None:
+            pending()
+        return result
 
 
 class PartialRuntime:
@@ -138,9 +167,15 @@ class PartialRuntime:
         return "eager" if self.broken else "partial"
 
     def __call__(self, *flat_args: Any) -> Any:
-        if self.broken:
-            return self.eager(*flat_args)
-        args, kwargs = self.eager.arguments(flat_args)
+        return self.run(*self.eager.arguments(flat_args))
+
+    def run_call(self, args: tuple, kwargs: dict) -> Any:
+        """Run with the caller's own ``(args, kwargs)`` (see :meth:`EagerRuntime.run_call`)."""
+        return self.run(tuple(args[self.eager.skip:]), kwargs)
+
+    def run(self, args: tuple, kwargs: dict) -> Any:
+        if self.broken or self.eager.pending_warning is not None:  # NOTE [Captures that fail where eager may run]
+            return self.eager.run(args, kwargs)
         from torch._dynamo.exc import TorchDynamoException
 
         try:
@@ -157,7 +192,7 @@ class PartialRuntime:
             _warn_once(self.owner, f"dynamo:{self.eager.reason}",
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
-            return self.eager(*flat_args)
+            return self.eager.run(args, kwargs)
 
 
 def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
@@ -323,15 +358,24 @@ def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
                owner.name, exc.reason, _first_line(exc), how)
 
 
+def trace_failure_error(exc: BaseException) -> CaptureError:
+    """The CaptureError (reason ``trace_failed``) that stands for ``exc`` in warnings, counters and routes."""
+    return CaptureError(f"aotcache: the capture failed with {type(exc).__name__}: {_first_line(exc)}",
+                        reason="trace_failed")
+
+
 def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any = None) -> Any:
     """``owner._compile(flat_args, in_spec, options)``, or a fallback runtime when capture fails (NOTE [Capture
-    fallback]); ``options``: the call's options with ``dynamic`` resolved (default: the owner's).
+    fallback], NOTE [Captures that fail where eager may run]); ``options``: the call's options with ``dynamic``
+    resolved (default: the owner's).
 
     Called with ``owner``'s lock held. :raises CaptureError: in strict mode or with
-    ``on_capture_error="raise"``.
+    ``on_capture_error="raise"``; another error of the capture: likewise, or where an automatic dynamic compile
+    failed (the caller compiles the call statically).
     """
+    options = owner.options if options is None else options
     try:
-        return owner._compile(flat_args, in_spec, owner.options if options is None else options)
+        return owner._compile(flat_args, in_spec, options)
     except CaptureError as exc:
         if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
             runtime = _synthetic_base_runtime(owner, flat_args, in_spec)
@@ -342,6 +386,17 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         runtime = _fallback_runtime(owner, in_spec, exc)
         runtime.any_settings = exc.any_settings  # NOTE [Refusals that hold for any settings] in api.py
         _warn(owner, exc, runtime)
+        return runtime
+    except Exception as exc:  # noqa: BLE001 - NOTE [Captures that fail where eager may run]
+        dims = getattr(owner, "_dims", None)
+        if not is_trace_failure(exc) or _raises(owner.on_capture_error) or (
+                dims is not None and dims.automatic(options.dynamic)):
+            raise  # (an automatic dynamic compile is retried statically by the caller)
+        failure = trace_failure_error(exc)
+        runtime = _fallback_runtime(owner, in_spec, failure)
+        eager = runtime if isinstance(runtime, EagerRuntime) else runtime.eager
+        eager.pending_warning = functools.partial(_warn, owner, failure, runtime)
+        runtime.trace_failed = True  # type: ignore[union-attr]  # automatic dynamic shapes are kept (api.py)
         return runtime
 
 
@@ -367,7 +422,7 @@ def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRunt
     return runtime
 
 
-def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_spec: Any) -> Any:
+def eager_for_unkeyable_call(owner: Any, exc: CaptureError, args: tuple, kwargs: dict, in_spec: Any) -> Any:
     """Run a call whose signature cannot even be built (a sparse argument) eagerly; nothing is remembered,
     so each such call is counted.
 
@@ -379,7 +434,39 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_
     runtime = EagerRuntime(target, in_spec, exc.reason, skip=skip)
     _count(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
-    return runtime(*flat_args)
+    return runtime.run_call(args, kwargs)  # the caller's own containers (NOTE [Argument containers changed in place])
+
+
+def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict, in_spec: Any) -> Any:
+    """Run a call with an argument the AOT way refuses (``RefusedArgumentError``: an object compared by identity,
+    a plain mutable object holding tensors) through ``torch.compile``, whose guards check such objects, or eagerly
+    where Dynamo is unavailable or fails; eager's results. Nothing is remembered (the call has no signature), so
+    each such call takes this way; counted and warned once per function.
+
+    NOTE [Refused arguments take the fallback]
+    Such an argument is no construct the capture cannot express but one the signature cannot compare; raising
+    the TypeError failed a call eager runs (``aot_function(f)(batch)`` with a dataclass batch). With
+    ``on_capture_error="raise"`` (and ``aotcache.compile``, whose router takes the call to Dynamo itself) it is
+    still raised.
+
+    :raises RefusedArgumentError: in strict mode or with ``on_capture_error="raise"``.
+    """
+    if _raises(owner.on_capture_error):
+        raise exc
+    target, skip = _target(owner)
+    eager = EagerRuntime(target, in_spec, "refused_argument", skip=skip)
+    runtime: EagerRuntime | PartialRuntime = eager
+    if owner.on_capture_error != "eager" and _dynamo_usable():
+        with owner._lock:
+            dynamo_fn = owner.__dict__.get("_partial_entry")
+            if dynamo_fn is None:
+                dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
+        runtime = PartialRuntime(dynamo_fn, eager, owner)
+    warned = owner.__dict__.setdefault("_fallback_warned", set())
+    if f"{runtime.kind}:refused_argument" not in warned:
+        _count(f"{runtime.kind}:refused_argument")
+        _warn(owner, CaptureError(str(exc), reason="refused_argument"), runtime)
+    return runtime.run_call(args, kwargs)
 
 
 def has_uninitialized_parameters(module: torch.nn.Module) -> bool:

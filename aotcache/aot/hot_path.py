@@ -350,7 +350,7 @@ class ModuleState:
     def _take_snapshot(self, modules: list[nn.Module], settings: tuple) -> list[tuple] | None:
         snapshot = []
         for submodule, (_, _, entries) in zip(modules, settings):
-            if _overrides(submodule, self._TRAVERSAL):
+            if _overrides(submodule, self._TRAVERSAL) or not _plain_registries(submodule):
                 return None
             # the attributes the settings track (a new or deleted one changes the attribute count)
             getter = operator.itemgetter(*(name for name, _, _ in entries), "_parameters", "_buffers", "_modules")
@@ -390,6 +390,14 @@ class ModuleState:
             if len(current) != len(recorded) or not all(map(operator.is_, current, recorded)):
                 return False
         return True
+
+
+def _plain_registries(module: nn.Module) -> bool:
+    """Whether the module keeps its parameters, buffers and children in plain dicts. A ``torch.jit.script``-ed
+    module has C++-backed wrappers there, which iterate by integer index and fail (``contains(): incompatible
+    function arguments``); such a module is compared the slow way, at every call."""
+    return all(type(getattr(module, name, None)) in (dict, collections.OrderedDict)
+               for name in ("_parameters", "_buffers", "_modules"))
 
 
 def _observed(module: nn.Module, getter: Any) -> tuple:

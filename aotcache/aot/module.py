@@ -48,7 +48,7 @@ from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.module_state import refuse_tensors_stored_on_modules
-from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks
+from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks, refuse_script_modules
 from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
 
@@ -73,6 +73,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
             tensors = {renamed[name]: value for name, value in tensors.items()}
         refuse_module_backward_hooks(module)
         refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
+        refuse_script_modules(module)  # NOTE [TorchScript submodules]
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)

@@ -7,8 +7,10 @@ Split from ``capture.py`` (the two passes) so that each module does one thing; `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import operator
 import os
 import threading
 import traceback
@@ -24,6 +26,7 @@ __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_tra
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
            "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
            "unsupported_layout_error"]
 
@@ -110,6 +113,67 @@ def refuse_data_parallel_wrappers(module: torch.nn.Module) -> None:
             reason="unsupported_construct")
 
 
+# NOTE [TorchScript submodules]
+# A ``torch.jit.script``-ed (or traced) submodule runs TorchScript: its code and its parameters live in a C++
+# module, which ``functional_call`` cannot swap for trace tensors, and its registries are C++-backed wrappers that
+# the walk and the module snapshot cannot iterate as dicts (a call of such a model failed with "contains():
+# incompatible function arguments" or ``KeyError: 0`` where eager runs). A module tree holding one is refused, so
+# it takes the fallback (Dynamo runs the scripted part eagerly between compiled regions).
+def refuse_script_modules(module: torch.nn.Module) -> None:
+    """Refuse a capture of a module tree holding a TorchScript module (NOTE [TorchScript submodules])."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            raise CaptureError(
+                f"aotcache: {name or 'the module'} is a TorchScript module ({type(sub).__name__}), whose code and "
+                f"parameters live in C++ where a capture cannot swap them; compile the Python module instead of "
+                f"its torch.jit.script / torch.jit.trace result.", reason="unsupported_construct")
+
+
+# NOTE [Argument containers changed in place]
+# A capture calls the function on containers rebuilt from the flattened arguments, so a list or dict the
+# caller passed and the function changes in place (``log.append(x.shape[0])``, ``cache["k"] = v``) was changed
+# only in the capture's copy: the caller's list stayed as it was, at the first call and every later one, where
+# eager appends each time (a silent difference). A graph cannot replay such a change, so a capture after which
+# a list or dict of the arguments holds other keys or members than before the call is refused; the fallback
+# (Dynamo) replays the change on the caller's own containers at every call. Registered pytree nodes are not
+# checked: transformers' cache objects are updated in place by design and written back (NOTE [Cache arguments
+# are updated in place]).
+_MUTABLE_CONTAINERS = (list, dict, collections.OrderedDict)
+
+
+def argument_containers(rebuilt: Any) -> list[tuple[Any, tuple, tuple]]:
+    """The lists and dicts reachable from ``rebuilt`` through lists, tuples and dicts, each with its keys and
+    members now (NOTE [Argument containers changed in place]). Other pytree nodes (transformers' cache
+    objects, which the model updates in place and aot_module writes back) are not entered."""
+    found = []
+    stack = [rebuilt]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _MUTABLE_CONTAINERS:
+            keys = tuple(value) if kind is not list else ()
+            members = tuple(value.values()) if kind is not list else tuple(value)
+            found.append((value, keys, members))
+            stack.extend(members)
+        elif kind is tuple:
+            stack.extend(value)
+    return found
+
+
+def refuse_changed_argument_containers(containers: list[tuple[Any, tuple, tuple]]) -> None:
+    """Refuse a capture whose function changed one of the argument ``containers`` in place
+    (:func:`argument_containers`, taken before the call; NOTE [Argument containers changed in place])."""
+    for container, keys, members in containers:
+        now = tuple(container.values()) if type(container) is not list else tuple(container)
+        if len(now) == len(members) and all(map(operator.is_, now, members)) and (
+                type(container) is list or all(map(operator.is_, container, keys))):
+            continue
+        raise CaptureError("aotcache: the function changes a list or dict it was passed in place (append, item "
+                           "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
+                           "instead, or keep the container outside the compiled function.",
+                           reason="unsupported_construct")
+
+
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
     """The error for a tensor with a non-strided layout (sparse, mkldnn): fake tensors and functionalization
     have no support for them, and a graph traced without it would silently drop their gradients."""
@@ -165,8 +229,32 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/signature.py
+        self.raised: list[Exception] = []  # NOTE [Capture errors the function catches]
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        try:
+            return self._call(func, args, kwargs)
+        except Exception as exc:
+            self.raised.append(exc)
+            raise
+
+    def raise_caught(self) -> None:
+        """NOTE [Capture errors the function catches]
+        A data-dependent op raises while capturing (fake tensors have no data) where eager computes a value. A
+        function that catches it (``try: s = float(x.sum()) except Exception: s = 0.0``, a library's ``try`` around
+        ``.item()`` or ``.numpy()``) took its ``except`` branch in the trace only, and the graph returned that
+        branch's result at every call, silently (``x * 0`` where eager gives ``x * 3``). So once the function has
+        returned, a capture refusal or data-dependent error raised by a torch function it called (and caught) is
+        raised again, as the CaptureError it stands for; the fallback then runs the call as written. Errors that
+        do not depend on data (a shape check the function catches) are the trace's as they are eager's."""
+        for exc in self.raised:
+            if isinstance(exc, CaptureError):
+                raise exc
+            if _data_dependent_error(exc):
+                with explain_data_dependent_ops():
+                    raise exc
+
+    def _call(self, func: Any, args: tuple, kwargs: Mapping | None) -> Any:
         if func in _OFFSET_READERS:
             self.reads_offsets = True
             if func in _STORAGE_GETTERS and args and _is_traced(args[0]):
@@ -195,6 +283,16 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
+
+
+def _data_dependent_error(exc: Exception) -> bool:
+    """Whether ``exc`` is torch's error for a data-dependent op on fake tensors (see explain_data_dependent_ops)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS)
 
 
 # NOTE [Storages seen in Python]
@@ -394,14 +492,24 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
 # ``random.uniform``) becomes a constant of the graph, so every later call would reuse the first call's mask or
 # layer choice while eager draws anew. A capture that moved either generator is refused (then the call goes to
 # torch.compile, which runs such draws per call), and both generators are put back where they were, so the
-# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops) and is not
-# checked here; neither are generators the function makes itself (``np.random.default_rng()``).
+# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops on fake
+# tensors leave the real generator alone), but *seeding* it inside the function (``torch.manual_seed``,
+# ``torch.set_rng_state``, ``torch.seed``) is Python a graph cannot replay: the compiled calls after the first
+# went on from the generator's state where eager started again from the seed (other values, silently). So a
+# capture that left torch's global CPU generator in another state (or with another initial seed) is refused the
+# same way, with the generator put back. A seed that puts the generator exactly where it already was is not
+# seen; generators the function makes itself (``np.random.default_rng()``, ``torch.Generator()``) are not checked.
 def _host_random_states() -> tuple:
     import random
     import sys
 
     numpy = sys.modules.get("numpy")  # not imported: nothing can have drawn from it
-    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+    return (random.getstate(), (numpy.random.get_state() if numpy is not None else None),
+            (torch.initial_seed(), torch.get_rng_state()))
+
+
+def _same_torch_state(before: tuple, after: tuple) -> bool:
+    return before[0] == after[0] and torch.equal(before[1], after[1])
 
 
 def _same_numpy_state(before: Any, after: Any) -> bool:
@@ -410,31 +518,42 @@ def _same_numpy_state(before: Any, after: Any) -> bool:
     return before[0] == after[0] and before[2:] == after[2:] and bool((before[1] == after[1]).all())
 
 
-def _restore_host_random(python_state: Any, numpy_state: Any) -> None:
+def _restore_host_random(python_state: Any, numpy_state: Any, torch_state: tuple) -> None:
     import random
     import sys
 
     random.setstate(python_state)
     if numpy_state is not None:
         sys.modules["numpy"].random.set_state(numpy_state)
+    if torch.initial_seed() != torch_state[0]:
+        torch.manual_seed(torch_state[0])  # the initial seed is only set by seeding; the state follows
+    torch.set_rng_state(torch_state[1])
 
 
 @contextlib.contextmanager
 def refuse_host_random() -> Iterator[None]:
     """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator
     (NOTE [Host random numbers]), after putting both back."""
-    python_before, numpy_before = _host_random_states()
+    before = _host_random_states()
     try:
         yield
-    except CaptureError:  # the fallback runs the call again: it draws what eager would
-        _restore_host_random(python_before, numpy_before)
+    except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
+        _restore_host_random(*before)  # again: it draws what eager would
         raise
-    python_after, numpy_after = _host_random_states()
+    python_after, numpy_after, torch_after = _host_random_states()
+    if not _same_torch_state(before[2], torch_after):
+        _restore_host_random(*before)
+        raise CaptureError("aotcache: the function seeds or sets torch's global random generator "
+                           "(torch.manual_seed, torch.set_rng_state, torch.seed): a graph cannot replay that, so "
+                           "its later calls would draw other numbers than eager's. Seed outside the compiled "
+                           "function, or pass a torch.Generator as an argument (random ops take generator=).",
+                           reason="unsupported_construct")
+    python_before, numpy_before = before[0], before[1]
     drew = [name for name, same in (("random", python_before == python_after),
                                     ("numpy.random", _same_numpy_state(numpy_before, numpy_after))) if not same]
     if not drew:
         return
-    _restore_host_random(python_before, numpy_before)
+    _restore_host_random(*before)
     raise CaptureError(f"aotcache: the function draws from {' and '.join(drew)} (Python's random numbers, not "
                        f"torch's): a graph would keep the values drawn while capturing and reuse them at every "
                        f"call. Use torch's random functions (torch.rand, torch.randint, torch.bernoulli), which "

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
-from aotcache.aot.double_backward import DoubleBackwardError, eager_call, recompute_gradients
 from aotcache.aot.metadata import OutputInfo, OutputStructure, RuntimeMetadata
 
 __all__ = ["CompiledRuntime", "DoubleBackwardError", "unboxed"]
 
+
+class DoubleBackwardError(RuntimeError):
+    """Raised when differentiating through the compiled backward (create_graph=True / double backward)."""
 
 class _BoxedCall:
     """Calls a boxed compiled function (``fn(list_of_args)``) with positional arguments.
@@ -91,6 +93,13 @@ def _tangent_coercion(layout: dict) -> tuple[tuple[int, ...] | None, torch.memor
 
 class CompiledRuntime:
     """Runs one compiled signature: ``runtime(*flat_args)`` returns the user's output structure."""
+
+    # the capture's joint graph as a flat callable, for double backward (NOTE [Double backward through the joint
+    # graph]); None where there is none (inference, a warm start, an impure graph)
+    joint: Callable | None = None
+    # makes ``joint`` (from the graph inputs of the call being differentiated) where the runtime was loaded
+    # without a capture: a torch.compile region found in the cache, a fingerprint warm start; called once
+    joint_factory: Callable[[Sequence[Any]], None] | None = None
 
     def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
         if not metadata.is_inference and backward is None:
@@ -295,6 +304,53 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
                 storage, out.storage_offset(), out.size(), out.stride())
 
 
+# NOTE [Double backward through the joint graph]
+# The compiled backward is opaque to autograd: a gradient it returns has no history, so ``create_graph=True``
+# (a gradient penalty, Hessian-vector products, MAML) cannot differentiate it again. Where the runtime keeps the
+# joint graph of its capture (``CompiledRuntime.joint``: ATen ops of the forward and the backward, each with its
+# own derivative formula), a backward under grad mode runs that graph as Python on the call's inputs (kept on
+# the context, so they carry their history) and the incoming gradients: the gradients it returns are built by
+# autograd from eager ops, as eager's double backward is, and the forward is computed once more. Only joint graphs
+# that are pure functions of their inputs qualify (no random ops, whose second run would draw other numbers; no
+# input mutations, whose inputs hold other values after the call; no effect tokens). A runtime loaded without
+# a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
+# ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
+# the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
+# graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the
+# compiled backward, saved values as partitioned). The joint graph stays in memory with its runtime.
+def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
+    """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
+    forward = runtime.__dict__.get("_joint_forward")
+    if forward is None:
+        forward = runtime._joint_forward = _forward_part(runtime.joint, runtime._num_fwd_outputs)
+    with torch.enable_grad():
+        fw_outs = forward(*graph_args, *tangents)
+    pairs = [(fw_outs[index], tangent) for index, tangent in zip(runtime._tangent_indices, tangents)
+             if isinstance(fw_outs[index], torch.Tensor) and fw_outs[index].requires_grad]
+    needed = [position for position, (arg, wanted) in enumerate(zip(graph_args, runtime.metadata.grad_inputs))
+              if wanted and isinstance(arg, torch.Tensor) and arg.requires_grad]
+    grads: list = [None] * len(graph_args)
+    if pairs and needed:
+        computed = torch.autograd.grad([out for out, _ in pairs], [graph_args[p] for p in needed],
+                                       [tangent for _, tangent in pairs], create_graph=True, allow_unused=True)
+        for position, grad in zip(needed, computed):
+            grads[position] = grad
+    return grads
+
+
+def _forward_part(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> torch.fx.GraphModule:
+    """A copy of the joint graph returning only its forward outputs (the gradient part left out as dead code).
+
+    Its ops run as Python under grad mode, so autograd differentiates them with its own formulas: the joint's
+    backward part is not reused, since the trace put ``detach`` between the forward values autograd saved and the
+    backward ops reading them (a second derivative through them would be lost)."""
+    graph = torch.fx.Graph()
+    outputs = graph.graph_copy(joint.graph, {})  # the output node's value, without the node
+    graph.output(tuple(outputs[:num_fwd_outputs]))
+    graph.eliminate_dead_code()
+    return torch.fx.GraphModule(joint, graph)
+
+
 class _CompiledAutogradFunction(torch.autograd.Function):
     """Compiled forward in ``forward``, compiled backward in ``backward``; saved values per the partition."""
 
@@ -320,10 +376,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         fw_outs, saved = outs[:num_fwd], outs[num_fwd:]
         saved = _protect_from_epilogue(saved, [graph_args[i] for i in runtime._mutated])
         ctx.runtime = runtime
-        call = eager_call()
-        if call is not None:  # NOTE [Double backward by recompute]: references only, used by a create_graph backward
-            ctx.eager_call = (*call, torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
-            ctx.graph_args = graph_args
+        if runtime.joint is not None or runtime.joint_factory is not None:  # NOTE [Double backward through the
+            ctx.graph_args = graph_args  # joint graph]
         ctx.saved_is_tensor = [isinstance(value, torch.Tensor) for value in saved]
         ctx.saved_scalars = [value for value in saved if not isinstance(value, torch.Tensor)]
         ctx.save_for_backward(*[value for value in saved if isinstance(value, torch.Tensor)])
@@ -341,25 +395,20 @@ class _CompiledAutogradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> tuple:  # type: ignore[override]
-        if not torch.is_grad_enabled():
-            return _CompiledAutogradFunction._compiled_backward(ctx, grad_outputs)
-        # NOTE [Double backward by recompute]: create_graph=True; the compiled gradients check the recompute's
-        call = getattr(ctx, "eager_call", None)
-        if call is None:
+        runtime: CompiledRuntime = ctx.runtime
+        differentiable = torch.is_grad_enabled()  # create_graph=True: NOTE [Double backward through the joint graph]
+        if differentiable and runtime.joint is None and runtime.joint_factory is not None:
+            factory, runtime.joint_factory = runtime.joint_factory, None
+            factory(getattr(ctx, "graph_args", ()))
+        if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
-                "or torch.autograd.grad of a gradient) is not supported for this call (it was not made through "
-                "aot_function / aot_module / aotcache.compile). Call the original function eagerly for "
-                "higher-order gradients.")
-        with torch.no_grad():
-            compiled = _CompiledAutogradFunction._compiled_backward(ctx, grad_outputs)
-        return (None, *recompute_gradients(call, ctx.runtime, ctx.graph_args, grad_outputs, compiled[1:]))
-
-    @staticmethod
-    def _compiled_backward(ctx: Any, grad_outputs: Sequence[Any]) -> tuple:
-        """The compiled backward's gradients: None for the runtime, then one per graph input."""
-        runtime: CompiledRuntime = ctx.runtime
-        if ctx.saved_scalars:
+                "or torch.autograd.grad of a gradient) needs the joint graph, which this compiled function does "
+                "not have (loaded from the cache without a capture, or its graph mutates inputs or draws random "
+                "numbers). Call the original function eagerly for higher-order gradients.")
+        if differentiable:
+            saved: Sequence[Any] = ()
+        elif ctx.saved_scalars:
             tensors = iter(ctx.saved_tensors)
             scalars = iter(ctx.saved_scalars)
             saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
@@ -392,7 +441,10 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                     grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
             tangents.append(grad)
         with DisableAutocast():
-            grads = list(runtime.backward(*saved, *tangents))
+            if differentiable:
+                grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+            else:
+                grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
         if missing:  # NOTE [Gradients of unused outputs]
             return (None, *[grad if needed and not (dependencies and dependencies <= missing) else None

@@ -24,13 +24,14 @@ makes the key step raise ``BypassAOTAutogradCache("unhashable compiler: ...")``:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function
+from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function, keep_joint_for_double_backward
 from aotcache.aot.capture import capture
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
@@ -195,7 +196,10 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                    if "key" in state else {})
         return CompileResult(runtime, guards=runtime.metadata.guards, summary=summary)
 
-    return cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key, name=name)
+    runtime = cache.load_or_compile(make_key, compile_fn, flat_args, on_key=on_key, name=name)
+    if getattr(runtime, "joint", False) is None:  # a loaded entry: this call's capture gives it its joint graph
+        keep_joint_for_double_backward(runtime, key_capture)  # (NOTE [Double backward through the joint graph])
+    return runtime
 
 
 def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, example_inputs: Sequence[Any],
@@ -242,9 +246,28 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
     if getattr(runtime, "from_cache", False) and runtime.metadata.guards:
         if not _install_guards(runtime.metadata.guards, symbolic):
             cache.count_bypass("shape guards not installable")
-            return compile_fn().runtime
-        runtime.metadata.guards = None
+            runtime = compile_fn().runtime
+        else:
+            runtime.metadata.guards = None
+    if getattr(runtime, "joint", False) is None and not runtime.metadata.is_inference:
+        runtime.joint_factory = functools.partial(_joint_captured_again, runtime, flat_fn, list(flat_example),
+                                                  options)  # NOTE [Double backward through the joint graph]
     return runtime
+
+
+def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions,
+                          graph_args: Sequence[Any] = ()) -> None:
+    """Capture a loaded Dynamo region again (on Dynamo's example inputs) to give ``runtime`` its joint graph, for
+    a double backward."""
+    del graph_args
+    try:
+        with torch.enable_grad():
+            captured = capture(flat_fn, flat_example, decompositions=options.decomposition_table(),
+                               dynamic=options.dynamic, trace_joint=True)
+    except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
+        logger.debug("aotcache: no joint graph for a double backward of a loaded region (%s)", exc)
+        return
+    keep_joint_for_double_backward(runtime, captured)
 
 
 def _shape_env_of(example_inputs: Sequence[Any]) -> Any:

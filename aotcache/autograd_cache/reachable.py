@@ -644,6 +644,8 @@ class Reachable:
         cls = type(module)
         if type_name(cls).startswith("torch._dynamo"):
             raise Untrusted("torch.compile-d submodule")
+        if isinstance(module, torch.jit.ScriptModule):  # TorchScript: C++ code and C++-backed registries
+            raise Untrusted("torch.jit.script-ed submodule")
         call = cls.__call__
         if call is not nn.Module.__call__ and not (isinstance(call, types.FunctionType)
                                                    and is_library(defining_module(call))):

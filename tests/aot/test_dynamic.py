@@ -187,8 +187,12 @@ def test_automatic_dynamic_gives_up_when_the_dynamic_capture_fails(caplog):
             torch.testing.assert_close(compiled(x), static_only(x))
     assert compiled.num_compiles == 4  # static at 4 rows, the failed dynamic attempt, static at 5 and at 6
     assert caplog.text.count("compiling with dynamic dimensions failed") == 1
+    # dynamic=True: the capture's error is not eager's, so the call runs as eager does (NOTE [Captures that fail
+    # where eager may run]); on_capture_error="raise" raises it
+    x = torch.randn(3)
+    torch.testing.assert_close(aot_function(static_only, graph_compiler, dynamic=True, cache=False)(x), static_only(x))
     with pytest.raises(RuntimeError, match="needs concrete sizes"):
-        aot_function(static_only, graph_compiler, dynamic=True, cache=False)(torch.randn(3))
+        aot_function(static_only, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")(x)
 
 
 @pytest.mark.parametrize("value", ["true", 1, 0, "auto"])

@@ -250,18 +250,36 @@ def test_grads_through_layer_norm_of_a_transposed_view_match_eager(norm):
         torch.testing.assert_close(got.grad, ref.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_double_backward_recomputes_eagerly_and_a_bare_runtime_raises_a_clear_error():
+def test_double_backward_matches_eager():
+    """NOTE [Double backward through the joint graph]: create_graph=True through a compiled function (it raised
+    DoubleBackwardError) gives eager's first and second derivatives, also through a module's parameters whose
+    saved activations the trace detaches (tanh saves its output)."""
     x = torch.randn(3, requires_grad=True)
-    compiled = compile_fn(lambda t: t.pow(3).sum())
-    y = compiled(x)
-    # NOTE [Double backward by recompute]: a differentiable gradient of the call, as eager's
-    (first,) = torch.autograd.grad(y, x, create_graph=True)
-    (second,) = torch.autograd.grad(first.sum(), x)
-    torch.testing.assert_close(first, 3 * x.detach() ** 2)
-    torch.testing.assert_close(second, 6 * x.detach())
-    # a runtime called directly (not through the compiled function) has no call to recompute
-    (runtime,) = [r for entries in compiled._entries.values() for r in entries]
-    y = runtime(x)
+    y = compile_fn(lambda t: t.pow(3).sum())(x)
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    torch.testing.assert_close(g, 3 * x.detach() ** 2)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(h, 6 * x.detach())
+
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+    mine = copy.deepcopy(eager)
+    compiled = aot_module(mine, graph_compiler, cache=False)
+    for model, run in ((eager, eager), (mine, compiled)):
+        inp = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = run(inp).pow(2).sum()
+        grads = torch.autograd.grad(out, [inp, *model.parameters()], create_graph=True)
+        (out + sum(g.pow(2).sum() for g in grads)).backward()
+        model.input_grad = inp.grad
+    torch.testing.assert_close(mine.input_grad, eager.input_grad)
+    for (name, ref), (_, got) in zip(eager.named_parameters(), mine.named_parameters()):
+        torch.testing.assert_close(got.grad, ref.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_double_backward_without_a_pure_joint_graph_raises_a_clear_error():
+    """A graph with random ops has no joint graph to run again (a second run would draw other numbers)."""
+    x = torch.randn(3, requires_grad=True)
+    y = compile_fn(lambda t: (t * torch.rand_like(t)).pow(3).sum())(x)
     with pytest.raises(DoubleBackwardError, match="double backward"):
         torch.autograd.grad(y, x, create_graph=True)
 
