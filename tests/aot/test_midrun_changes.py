@@ -403,12 +403,13 @@ def _critic_with_batchnorm() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
 
 
-@pytest.mark.parametrize("make", [_critic, _critic_with_batchnorm])
+@pytest.mark.parametrize("make", [_critic, pytest.param(_critic_with_batchnorm, marks=pytest.mark.xfail(
+    strict=True, raises=aotcache.aot.DoubleBackwardError,
+    reason="a graph updating its inputs (BatchNorm's running statistics) keeps no joint graph to differentiate"))])
 @pytest.mark.parametrize("way", ["compile", "aot_module"])
 def test_a_gradient_penalty_through_the_compiled_model_trains_as_eager(way, make):
-    """NOTE [Double backward by recompute]: a gradient penalty (create_graph=True) raised DoubleBackwardError where
-    eager trains. BatchNorm's running statistics are updated once per call, as in eager (the recompute's update
-    is put back)."""
+    """NOTE [Double backward through the joint graph]: a gradient penalty (create_graph=True) raised
+    DoubleBackwardError where eager trains."""
     wrap = ((lambda m: aotcache.compile(m, compiler="nop", cache=False)) if way == "compile"
             else (lambda m: aotcache.aot_module(m, "nop", cache=False)))
     expected = _gradient_penalty_steps(lambda m: m, make)
@@ -444,11 +445,11 @@ def test_a_hessian_vector_product_through_the_compiled_model_matches_eager():
 
 
 def test_double_backward_of_a_call_drawing_random_numbers_still_raises_and_says_why():
-    """A recompute of dropout draws other numbers: its gradients differ from the compiled backward's, and the
-    error names that instead of returning gradients of another program."""
+    """A second run of dropout would draw other numbers: the error names that instead of returning gradients of
+    another program."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 1))
     model = aotcache.compile(base, compiler="nop", cache=False)
     x = torch.randn(4, 8, requires_grad=True)
-    with pytest.raises(aotcache.aot.DoubleBackwardError, match="random ops"):
+    with pytest.raises(aotcache.aot.DoubleBackwardError, match="random numbers"):
         torch.autograd.grad(model(x).sum(), x, create_graph=True)
