@@ -43,7 +43,7 @@ from aotcache.aot.errors import CaptureError
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
+           "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_for_busy_swap", "eager_after_state_changes",
            "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
@@ -380,6 +380,21 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, flat_args: list, in_
     _count(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
     return runtime(*flat_args)
+
+
+def eager_for_busy_swap(owner: Any, in_spec: Any, exc: BaseException) -> EagerRuntime:
+    """An eager runtime for one call whose capture could not swap the module's tensors in time, because another
+    thread's eager run held the module (NOTE [A swap waits a bounded time] in capture_threads.py): marked
+    ``single_use`` (this call only; a later call captures), counted as ``eager:swap_busy`` and logged once.
+    In every ``on_capture_error`` mode: the call itself is capturable, and waiting longer could hang for good."""
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, "swap_busy", skip=skip)
+    runtime.single_use = True  # type: ignore[attr-defined]
+    _count("eager:swap_busy")
+    _warn_once(owner, "eager:swap_busy",
+               "aotcache: %s: %s (a method waiting for worker threads that call the module?); this call runs "
+               "eagerly, and a later call captures once the module is free", owner.name, _first_line(exc))
+    return runtime
 
 
 def has_uninitialized_parameters(module: torch.nn.Module) -> bool:
