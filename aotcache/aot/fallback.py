@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
@@ -282,7 +283,9 @@ def _dynamo_usable() -> bool:
 def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:
     target, skip = _target(owner)
     eager = EagerRuntime(target, in_spec, exc.reason, skip=skip)
-    if owner.on_capture_error == "eager" or not exc.dynamo_safe or not _dynamo_usable():
+    # NOTE [Constructs Dynamo gets wrong] (module_state.py): the refusal, or the module tree itself
+    if (owner.on_capture_error == "eager" or not exc.dynamo_safe or not dynamo_safe_module(target)
+            or not _dynamo_usable()):
         _count(f"eager:{exc.reason}")
         return eager
     dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
