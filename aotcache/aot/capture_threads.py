@@ -18,8 +18,9 @@ signature that cannot be captured (EagerRuntime, PartialRuntime: NOTE [Capture f
 routed method (``generate``) around its compiled forward. Such a run reads the module's tensors at any point,
 not once at the start, so a swap beginning in the middle of it made it fail with "Attempting to use
 FunctionalTensor on its own". These runs hold the gate shared (:meth:`SwapGate.running`): a swap waits until
-the runs of other threads have ended (``pending`` counts the swaps waiting), and a run waits while a swap is
-under way or pending (so that a stream of runs cannot hold a capture back forever). A thread's own runs never
+the runs of other threads have ended (``pending`` counts the swaps waiting; a bounded time: NOTE [A swap waits
+a bounded time]), and a run waits while a swap is under way or pending (so that a stream of runs cannot hold a
+capture back forever). A thread's own runs never
 block its own swap, and a routed method lets go of its hold while its compiled forward runs
 (:meth:`SwapGate.paused`): that call may capture, or wait for another thread's capture, which holds the
 function's lock while it waits for the runs to end. Compiled graphs take the tensors as inputs, read once
