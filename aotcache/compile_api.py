@@ -28,6 +28,7 @@ from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import is_trace_failure, trace_failure_error
+from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.module import AOTModule
 from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
@@ -158,7 +159,8 @@ class _Router:
     # and the optimizer step, so aotcache.compile takes such a call there, as it does a capture failure.
     def _choose_dynamo(self, exc: CaptureError | RefusedArgumentError, digest: str | None) -> None:
         reason = str(exc).removeprefix("aotcache: ").split("\n")[0]
-        route = DYNAMO if getattr(exc, "dynamo_safe", True) else EAGER
+        # NOTE [Constructs Dynamo gets wrong]: the refusal may name another construct than the one Dynamo gets wrong
+        route = DYNAMO if getattr(exc, "dynamo_safe", True) and dynamo_safe_module(self.module) else EAGER
         with self._lock:
             self.route, self.reason = route, reason
         recorded = False

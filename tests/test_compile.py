@@ -338,3 +338,45 @@ def test_aot_module_runs_a_bounded_deque_forward_eagerly():
     after = fallback_counts()
     assert after.get("eager:unsupported_construct", 0) - before.get("eager:unsupported_construct", 0) == 1
     assert after.get("partial:unsupported_construct", 0) == before.get("partial:unsupported_construct", 0)
+
+
+@pytest.mark.parametrize("api", ["compile", "aot_module"])
+def test_a_bounded_deque_behind_another_refusal_still_runs_eagerly(api):
+    """NOTE [Constructs Dynamo gets wrong], as found by review: a data-dependent branch before the append refused
+    the capture first (a Dynamo-safe reason), so the model went the Dynamo way and calls 3-5 differed from eager.
+    The module tree itself (a bounded deque attribute) now sends the fallback to eager, in both APIs."""
+    import collections
+
+    from aotcache.aot.fallback import fallback_counts
+
+    class History(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.hist = collections.deque(maxlen=2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if h.sum().item() > 1e9:  # never taken; refuses the capture as data-dependent before the append
+                h = h * 2
+            self.hist.append(h.detach())
+            return h + sum(self.hist)
+
+    torch.manual_seed(0)
+    model, twin = History(), History()
+    twin.load_state_dict(model.state_dict())
+    before = dict(fallback_counts())
+    if api == "compile":
+        compiled = aotcache.compile(twin, compiler="nop", cache=False)
+    else:
+        compiled = aotcache.aot_module(twin, "nop", cache=False)
+    for _ in range(5):
+        x = torch.randn(2, 4)
+        assert torch.equal(model(x), compiled(x))
+    assert len(twin.hist) == len(model.hist) == 2
+    if api == "compile":
+        assert compiled.route == "eager"
+    else:
+        after = fallback_counts()
+        assert after.get("eager:data_dependent", 0) - before.get("eager:data_dependent", 0) == 1
+        assert after.get("partial:data_dependent", 0) == before.get("partial:data_dependent", 0)

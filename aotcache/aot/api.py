@@ -22,7 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.call_state import SavedCallState
-from aotcache.aot.capture_threads import tracing_in_this_thread
+from aotcache.aot.capture_threads import SwapBusy, tracing_in_this_thread
 from aotcache.aot.capture import capture, is_graph_input
 from aotcache.aot.compile_step import (
     AOTOptions,
@@ -40,6 +40,7 @@ from aotcache.aot.fallback import (
     check_on_capture_error,
     compile_or_fall_back,
     eager_after_state_changes,
+    eager_for_busy_swap,
     eager_for_unkeyable_call,
     refused_argument_call,
 )
@@ -199,6 +200,8 @@ class AOTFunction:
                     try:
                         with compile_progress(self.name):  # NOTE [Compile progress]
                             runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
+                    except SwapBusy as exc:  # NOTE [A swap waits a bounded time]: eager for this call only
+                        return eager_for_busy_swap(self, in_spec, exc)
                     finally:
                         self._saved_state = None
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry

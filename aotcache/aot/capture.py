@@ -26,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
-from aotcache.aot.capture_threads import compiling
+from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
@@ -867,6 +867,8 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
         analysis = analyze(flat_fn, static_args, fake_mode=static_mode, input_is_leaf=input_is_leaf,
                            static_views=False, force_autograd=force_autograd,
                            regenerate_aliases=regenerate_aliases, traced_args=fake_args)
+    except SwapBusy:  # no analysis with symbols would swap sooner: NOTE [A swap waits a bounded time]
+        raise
     except Exception as exc:  # noqa: BLE001 - the analysis with symbols raises the error meant for this capture
         logger.debug("aotcache: analysis on static probes failed (%s: %s); analyzing with symbols",
                      type(exc).__name__, exc)

@@ -18,33 +18,58 @@ signature that cannot be captured (EagerRuntime, PartialRuntime: NOTE [Capture f
 routed method (``generate``) around its compiled forward. Such a run reads the module's tensors at any point,
 not once at the start, so a swap beginning in the middle of it made it fail with "Attempting to use
 FunctionalTensor on its own". These runs hold the gate shared (:meth:`SwapGate.running`): a swap waits until
-the runs of other threads have ended (``pending`` counts the swaps waiting), and a run waits while a swap is
-under way or pending (so that a stream of runs cannot hold a capture back forever). A thread's own runs never
+the runs of other threads have ended (``pending`` counts the swaps waiting; a bounded time: NOTE [A swap waits
+a bounded time]), and a run waits while a swap is under way or pending (so that a stream of runs cannot hold a
+capture back forever). A thread's own runs never
 block its own swap, and a routed method lets go of its hold while its compiled forward runs
 (:meth:`SwapGate.paused`): that call may capture, or wait for another thread's capture, which holds the
 function's lock while it waits for the runs to end. Compiled graphs take the tensors as inputs, read once
 (:meth:`SwapGate.read`), and need no hold. Still seen by such a run: torch's process-wide is_compiling flag,
 while another thread's capture is under way (NOTE [is_compiling during capture]).
+
+NOTE [A swap waits a bounded time]
+A run holding the gate may itself wait for another thread that calls the module: a method mapping ``self`` over
+a ``ThreadPoolExecutor`` holds the gate (a routed method) while it waits for its workers, and a worker's first
+call captures, so its swap waited for that hold, which waited for the worker: the job hung for good. Nothing
+tells a thread blocked on its workers from one still running the module's Python, so a swap waits for the runs
+of other threads at most :data:`SWAP_WAIT_S` seconds; past that it raises :class:`SwapBusy`, and the call that
+was to be captured runs eagerly under a shared hold instead (``eager_for_busy_swap`` in fallback.py: counted as
+``eager:swap_busy``, logged once, not remembered, so a later call captures once the module is free). A swap
+finding only holds that a swap already gave up on (the same method call, its next worker call) gives up at
+once: one wait per hold, not one per call of a pool of workers. The protection stays whole: no swap ever
+begins while another thread's run holds the gate. A run waiting for a swap pending waits at most that swap's
+bounded wait. Workaround for the slow first calls: call the model once outside the method (it captures then).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
+__all__ = ["SWAP_WAIT_S", "SwapBusy", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
+
+
+SWAP_WAIT_S = 5.0  # the longest a swap waits for other threads' eager runs: NOTE [A swap waits a bounded time]
+
+
+class SwapBusy(RuntimeError):
+    """Another thread's eager run held the module for :data:`SWAP_WAIT_S` seconds while this thread was to
+    swap its tensors: this call runs eagerly (NOTE [A swap waits a bounded time]). Not a ``CaptureError``:
+    nothing about the call is refused for good."""
 
 
 class SwapGate:
     """Held by the thread that swaps a module's tensors; ``swaps`` counts the swaps begun. Eager runs of the
     module hold it shared (NOTE [Eager runs beside a capture])."""
 
-    __slots__ = ("_lock", "_state", "owner", "swaps", "pending", "_runs", "__weakref__")
+    __slots__ = ("_lock", "_state", "owner", "swaps", "pending", "_runs", "_holds", "_next_hold", "_given_up",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held for a whole swap: :meth:`read` waits on it
@@ -53,11 +78,17 @@ class SwapGate:
         self.swaps = 0
         self.pending = 0  # swaps waiting for other threads' eager runs to end
         self._runs: dict[int, int] = {}  # thread id -> eager runs under way in it (nested)
+        self._holds: dict[int, int] = {}  # thread id -> number of its hold (taken anew when its runs begin)
+        self._next_hold = 0
+        self._given_up: frozenset[int] = frozenset()  # the holds a swap last gave up waiting for
 
     @contextlib.contextmanager
     def swapping(self) -> Iterator[None]:
         """Hold the gate while the module's tensors are swapped (re-entrant within the swapping thread); waits
-        for the eager runs of other threads to end first."""
+        for the eager runs of other threads to end first, at most :data:`SWAP_WAIT_S` seconds.
+
+        :raises SwapBusy: they did not end in time (NOTE [A swap waits a bounded time]).
+        """
         me = threading.get_ident()
         if self.owner == me:
             yield
@@ -66,10 +97,21 @@ class SwapGate:
             with self._state:
                 self.pending += 1
                 try:
-                    while any(thread != me for thread in self._runs):
-                        self._state.wait()
+                    deadline = time.monotonic() + SWAP_WAIT_S
+                    while True:
+                        holds = frozenset(hold for thread, hold in self._holds.items() if thread != me)
+                        if not holds:
+                            break
+                        left = deadline - time.monotonic()
+                        if left <= 0 or holds <= self._given_up:  # a hold already waited for: not again
+                            self._given_up = holds
+                            raise SwapBusy(f"another thread held the module for its Python for {SWAP_WAIT_S:g} s "
+                                           "while this call was to capture it")
+                        self._state.wait(left)
                 finally:
                     self.pending -= 1
+                    if not self.pending:
+                        self._state.notify_all()  # runs waiting for this pending swap go on (it may give up)
                 self.owner = me
                 self.swaps += 1
             try:
@@ -85,9 +127,11 @@ class SwapGate:
         module's tensors meanwhile (waits for a swap under way or pending; re-entrant)."""
         me = threading.get_ident()
         with self._state:
-            if me not in self._runs and self.owner != me:
-                while self.owner is not None or self.pending:
-                    self._state.wait()
+            if me not in self._runs:
+                if self.owner != me:
+                    while self.owner is not None or self.pending:
+                        self._state.wait()
+                self._hold(me)
             self._runs[me] = self._runs.get(me, 0) + 1
         try:
             yield
@@ -97,6 +141,7 @@ class SwapGate:
                 if left:
                     self._runs[me] = left
                 else:
+                    del self._holds[me]
                     self._state.notify_all()
 
     @contextlib.contextmanager
@@ -109,6 +154,7 @@ class SwapGate:
             return
         with self._state:
             held = self._runs.pop(me)
+            del self._holds[me]
             self._state.notify_all()
         try:
             yield
@@ -116,7 +162,13 @@ class SwapGate:
             with self._state:
                 while (self.owner is not None and self.owner != me) or self.pending:
                     self._state.wait()
+                self._hold(me)
                 self._runs[me] = held
+
+    def _hold(self, me: int) -> None:
+        """Number this thread's hold anew (called under ``_state``, as its runs begin or resume)."""
+        self._next_hold += 1
+        self._holds[me] = self._next_hold
 
     def read(self, read: Any) -> Any:
         """``read()`` (the module's tensors), made when no other thread had them swapped."""

@@ -52,10 +52,11 @@ from torch.utils import _pytree as pytree
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError, is_trace_failure
+from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "is_trace_failure", "trace_failure_error", "refused_argument_call",
+           "is_trace_failure", "trace_failure_error", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
@@ -317,7 +318,9 @@ def _dynamo_usable() -> bool:
 def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRuntime | PartialRuntime:
     target, skip = _target(owner)
     eager = EagerRuntime(target, in_spec, exc.reason, skip=skip)
-    if owner.on_capture_error == "eager" or not exc.dynamo_safe or not _dynamo_usable():
+    # NOTE [Constructs Dynamo gets wrong] (module_state.py): the refusal, or the module tree itself
+    if (owner.on_capture_error == "eager" or not exc.dynamo_safe or not dynamo_safe_module(target)
+            or not _dynamo_usable()):
         _count(f"eager:{exc.reason}")
         return eager
     dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
@@ -467,6 +470,21 @@ def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict,
         _count(f"{runtime.kind}:refused_argument")
         _warn(owner, CaptureError(str(exc), reason="refused_argument"), runtime)
     return runtime.run_call(args, kwargs)
+
+
+def eager_for_busy_swap(owner: Any, in_spec: Any, exc: BaseException) -> EagerRuntime:
+    """An eager runtime for one call whose capture could not swap the module's tensors in time, because another
+    thread's eager run held the module (NOTE [A swap waits a bounded time] in capture_threads.py): marked
+    ``single_use`` (this call only; a later call captures), counted as ``eager:swap_busy`` and logged once.
+    In every ``on_capture_error`` mode: the call itself is capturable, and waiting longer could hang for good."""
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, "swap_busy", skip=skip)
+    runtime.single_use = True  # type: ignore[attr-defined]
+    _count("eager:swap_busy")
+    _warn_once(owner, "eager:swap_busy",
+               "aotcache: %s: %s (a method waiting for worker threads that call the module?); this call runs "
+               "eagerly, and a later call captures once the module is free", owner.name, _first_line(exc))
+    return runtime
 
 
 def has_uninitialized_parameters(module: torch.nn.Module) -> bool:

@@ -37,7 +37,13 @@ __all__ = ["refuse_tensors_stored_on_modules"]
 # ``aotcache.compile`` takes, and records, the route "eager"; ``aot_module`` an eager runtime). Found: a forward
 # appending a tensor to a bounded ``collections.deque`` attribute (``deque(maxlen=2)``, a streaming model's
 # history): under torch 2.13's Dynamo the third call's sum over the deque differed from eager's (the eviction
-# of the oldest item is not replayed as eager does it), while a plain deque or a list was right.
+# of the oldest item is not replayed as eager does it), while a plain deque or a list was right. The refusal
+# that reaches the fallback is the capture's first one, though: an ``.item()`` branch before the append refused
+# the capture as data-dependent (Dynamo-safe) and the call went to Dynamo, wrong from the third call. So the
+# fallback also asks the module tree itself (:func:`dynamo_safe_module`): a submodule attribute that is, or
+# holds, a bounded deque sends the fallback to eager whatever the refusal (``aotcache.compile``'s router and
+# ``aot_module``'s fallback runtime alike). Conservative: such a deque never appended to costs the compiled
+# regions of a fallback, never a result.
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
@@ -141,3 +147,12 @@ def _bounded_deque(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return any(_bounded_deque(item, depth + 1) for item in value.values())
     return False
+
+
+def dynamo_safe_module(module: Any) -> bool:
+    """Whether no attribute of ``module`` or of its submodules is, or holds, a bounded deque: a fallback of such a
+    module runs eagerly, not through Dynamo, whichever refusal came first (NOTE [Constructs Dynamo gets wrong])."""
+    if not isinstance(module, nn.Module):
+        return True
+    return not any(_bounded_deque(value) for sub in module.modules() for name, value in vars(sub).items()
+                   if name not in _MODULE_INTERNALS)

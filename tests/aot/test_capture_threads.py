@@ -236,3 +236,79 @@ def test_generate_called_while_another_thread_captures_gives_eager_tokens():
     torch.testing.assert_close(_result(outcome, CAPTURE), expected_logits)
     assert model.model.embed_tokens.weight is weight and type(weight) is nn.Parameter
     assert swap_gate(model).owner is None and "forward" not in model.__dict__ and wrapped._routing_count == 0
+
+
+# A method mapping ``self`` over a pool of worker threads: the method's thread holds the gate (a routed method)
+# while it waits for the workers, whose first calls capture. Run in a subprocess, so a regression (a hang: NOTE
+# [A swap waits a bounded time]) fails by the timeout instead of hanging the test session.
+_POOL_SCRIPT = r"""
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from torch import nn
+import aotcache
+from aotcache.aot import aot_module, capture_threads
+from aotcache.aot.fallback import fallback_counts
+
+capture_threads.SWAP_WAIT_S = 0.5  # the bound under test; the default is longer
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+    def forward(self, x):
+        return self.enc(x)
+    def encode_parallel(self, chunks):
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(self, chunks))
+
+torch.manual_seed(0)
+report = {}
+for api in ("aot_module", "aotcache.compile"):
+    model = M().eval()
+    chunks = [torch.randn(2, 4) for _ in range(4)]
+    expected = model.encode_parallel(chunks)
+    if api == "aot_module":
+        wrapped = aot_module(model, "nop", cache=False, dynamic=False)
+    else:
+        wrapped = aotcache.compile(model, compiler="nop", cache=False, dynamic=False)
+    before = fallback_counts().get("eager:swap_busy", 0)
+    first = wrapped.encode_parallel(chunks)  # the first calls: in the workers, under the method's hold
+    busy = fallback_counts().get("eager:swap_busy", 0) - before
+    direct = wrapped(chunks[0])  # no hold: captures
+    again = wrapped.encode_parallel(chunks)  # the graph now: no swap, nothing waits
+    report[api] = {
+        "first_equal": all(torch.equal(a, b) for a, b in zip(first, expected)),
+        "direct_equal": torch.allclose(direct, expected[0]),
+        "again_equal": all(torch.allclose(a, b) for a, b in zip(again, expected)),
+        "busy_first": busy,
+        "busy_again": fallback_counts().get("eager:swap_busy", 0) - before - busy,
+        "clean": capture_threads.swap_gate(model).owner is None and "forward" not in model.__dict__
+                 and model.enc.weight.__class__ is nn.Parameter,
+    }
+print(json.dumps(report))
+"""
+
+
+def test_a_method_mapping_self_over_worker_threads_runs_eagerly_at_first_instead_of_hanging():
+    """The workers' first calls cannot swap the module's tensors while the method's own thread holds the module
+    (it may read them): they wait a bounded time, run eagerly with eager's results (counted as ``swap_busy``), and
+    a later call outside the method captures; the method's calls then run compiled. Before the bound, the first
+    call hung for good."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, timeout=240,
+                              env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the method mapping self over worker threads hung: {exc.stderr}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for api, seen in report.items():
+        assert seen["first_equal"] and seen["direct_equal"] and seen["again_equal"], (api, seen)
+        assert seen["busy_first"] >= 1 and seen["busy_again"] == 0, (api, seen)  # eager at first only
+        assert seen["clean"], (api, seen)
