@@ -284,7 +284,10 @@ class AOTFunction:
                 saved.restore()
             runs += 1
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
-            return self.fn(*call_args, **call_kwargs)
+            out = self.fn(*call_args, **call_kwargs)
+            if saved is not None:  # NOTE [Tensors stored in program state]
+                saved.refuse_trace_tensors()
+            return out
 
         self.num_compiles += 1
         try:

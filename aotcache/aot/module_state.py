@@ -13,7 +13,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["refuse_tensors_stored_on_modules"]
+__all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modules"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -43,19 +43,19 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
 
 
-def _trace_tensor(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` (a tensor, or lists / tuples / dicts of them) holds a tensor of a trace (fake or
-    functional), not a real one."""
+def holds_trace_tensor(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (a tensor, or lists / tuples / deques / sets / dicts of them) holds a tensor of a trace
+    (fake or functional), not a real one."""
     if isinstance(value, torch.Tensor):
         from torch._subclasses.fake_tensor import is_fake
 
         return is_fake(value) or torch._is_functional_tensor(value)
     if depth >= _DEPTH:
         return False
-    if isinstance(value, (list, tuple, collections.deque)):
-        return any(_trace_tensor(item, depth + 1) for item in value)
+    if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+        return any(holds_trace_tensor(item, depth + 1) for item in value)
     if isinstance(value, dict):
-        return any(_trace_tensor(item, depth + 1) for item in value.values())
+        return any(holds_trace_tensor(item, depth + 1) for item in value.values())
     return False
 
 
@@ -113,7 +113,7 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
         stored = []
         for sub, saved in before:
             for name, value in list(vars(sub).items()):
-                if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not _trace_tensor(value):
+                if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not holds_trace_tensor(value):
                     continue
                 stored.append((sub, name))
                 _put_back(sub, name, saved)
@@ -126,10 +126,10 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
             f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
-            dynamo_safe=not any(_bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+            dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
 
 
-def _bounded_deque(value: Any, depth: int = 0) -> bool:
+def bounded_deque(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` is, or holds (to a small depth), a deque with a ``maxlen`` (NOTE [Constructs Dynamo gets
     wrong])."""
     if isinstance(value, collections.deque):
@@ -137,7 +137,7 @@ def _bounded_deque(value: Any, depth: int = 0) -> bool:
     if depth >= _DEPTH:
         return False
     if isinstance(value, (list, tuple)):
-        return any(_bounded_deque(item, depth + 1) for item in value)
+        return any(bounded_deque(item, depth + 1) for item in value)
     if isinstance(value, dict):
-        return any(_bounded_deque(item, depth + 1) for item in value.values())
+        return any(bounded_deque(item, depth + 1) for item in value.values())
     return False
