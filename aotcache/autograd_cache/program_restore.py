@@ -61,12 +61,15 @@ class SavedProgramState:
                 if id(value) not in seen and holds_trace_tensor(value):
                     seen.add(id(value))
                     found.append((f"{owner.__name__}.{key}" if owner is not None else str(key), value))
+        cells = {id(cell): name for obj in self._guards.objects  # a closure variable by its name
+                 for name, cell in zip(getattr(getattr(obj, "__code__", None), "co_freevars", ()),
+                                       getattr(obj, "__closure__", None) or ())}
         for obj, name in zip(self._guards.objects, self._guards.names):
             value = getattr(obj, name, None)
             if id(value) not in seen and holds_trace_tensor(value):
                 seen.add(id(value))
-                found.append(("a closure variable" if name == "cell_contents" else f"{type(obj).__name__}.{name}",
-                              value))
+                found.append((f"closure variable {cells.get(id(obj), '?')}" if name == "cell_contents"
+                              else f"{type(obj).__name__}.{name}", value))
         for container in self._guards.sized:
             if id(container) not in seen and holds_trace_tensor(container):
                 seen.add(id(container))
