@@ -30,6 +30,20 @@ __all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modu
 # inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
 # so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
 
+# NOTE [Tensors stored in program state]
+# The same construct on the program's own state: a forward appending what it computed to a module-level list
+# (``STORE.append(self.lin(x))``), a global ``deque``, a dict, a class attribute or a closure variable, or
+# rebinding a global to it (``global LAST; LAST = h``, a tuple rebuilt). The capture's last run of the Python
+# left that state holding its trace tensors: with the nop compiler the caller got a FakeTensor from the second
+# call on (the graph read the list's trace tensors) and the list filled with FunctionalTensors; with Inductor a
+# global deque crashed the process. So after each run of the Python in a capture (``AOTFunction._compile``), the
+# state the program guards recorded (NOTE [Program guards]: globals, class attributes, closure cells, the
+# containers reached, and any other entry of those namespaces, a global the function creates included) is
+# searched for a trace tensor (``SavedCallState.refuse_trace_tensors``); one found puts the state back as the
+# capture found it (NOTE [State changed by a capture]) and refuses the capture (``unsupported_construct``, naming
+# the global, for any settings), so the fallback runs the Python with real tensors and leaves eager's tensors in
+# that state. State the walk does not reach (the insides of opaque objects) is not searched.
+
 # NOTE [Constructs Dynamo gets wrong]
 # The fallback of a refused capture is torch.compile, which runs the Python the graph cannot hold at every call.
 # For a few constructs torch's Dynamo itself gives other results than eager, even with backend="eager"; a
