@@ -13,7 +13,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modules"]
+__all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -57,20 +57,36 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
 
 
-def holds_trace_tensor(value: Any, depth: int = 0) -> bool:
+def holds_trace_tensor(value: Any, depth: int = 0, known: frozenset[int] = frozenset()) -> bool:
     """Whether ``value`` (a tensor, or lists / tuples / deques / sets / dicts of them) holds a tensor of a trace
-    (fake or functional), not a real one."""
+    (fake or functional), not a real one; one whose ``id`` is in ``known`` (there before the capture) does not
+    count."""
     if isinstance(value, torch.Tensor):
         from torch._subclasses.fake_tensor import is_fake
 
-        return is_fake(value) or torch._is_functional_tensor(value)
+        return id(value) not in known and (is_fake(value) or torch._is_functional_tensor(value))
     if depth >= _DEPTH:
         return False
     if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
-        return any(holds_trace_tensor(item, depth + 1) for item in value)
+        return any(holds_trace_tensor(item, depth + 1, known) for item in value)
     if isinstance(value, dict):
-        return any(holds_trace_tensor(item, depth + 1) for item in value.values())
+        return any(holds_trace_tensor(item, depth + 1, known) for item in value.values())
     return False
+
+
+def trace_tensor_ids(values: Any, depth: int = 0) -> set[int]:
+    """The ids of the trace tensors ``values`` (an iterable of values, searched as :func:`holds_trace_tensor`
+    does) hold: those there before a capture, which its own check leaves alone."""
+    found: set[int] = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if holds_trace_tensor(value):
+                found.add(id(value))
+        elif depth < _DEPTH and isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+            found |= trace_tensor_ids(value, depth + 1)
+        elif depth < _DEPTH and isinstance(value, dict):
+            found |= trace_tensor_ids(value.values(), depth + 1)
+    return found
 
 
 def _contents(value: Any) -> Any:

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
-from aotcache.aot.module_state import holds_trace_tensor
+from aotcache.aot.module_state import holds_trace_tensor, trace_tensor_ids
 from aotcache.autograd_cache.program_guards import ProgramGuards
 
 __all__ = ["SavedProgramState"]
@@ -49,6 +49,9 @@ class SavedProgramState:
         namespaces = {id(holder): holder for holder in (*guards.holders, *guards.member_holders)
                       if isinstance(holder, (dict, MappingProxyType))}
         self._namespaces = [(holder, dict(holder)) for holder in namespaces.values()]
+        # trace tensors already there (another trace's, kept by the user) are not this capture's
+        self._known = frozenset(trace_tensor_ids([*(value for _, saved in self._namespaces for value in saved.values()),
+                                                  *guards.sized, *guards.attribute_values]))
 
     def trace_tensors(self) -> list[tuple[str, Any]]:
         """Where the program state now holds a tensor of a trace (NOTE [Tensors stored in program state] in
@@ -58,7 +61,7 @@ class SavedProgramState:
         for holder, saved in self._namespaces:
             owner = self._guards.owner_of(holder) if isinstance(holder, MappingProxyType) else None
             for key, value in list(holder.items()):
-                if id(value) not in seen and holds_trace_tensor(value):
+                if id(value) not in seen and holds_trace_tensor(value, known=self._known):
                     seen.add(id(value))
                     found.append((f"{owner.__name__}.{key}" if owner is not None else str(key), value))
         cells = {id(cell): name for obj in self._guards.objects  # a closure variable by its name
@@ -66,12 +69,12 @@ class SavedProgramState:
                                        getattr(obj, "__closure__", None) or ())}
         for obj, name in zip(self._guards.objects, self._guards.names):
             value = getattr(obj, name, None)
-            if id(value) not in seen and holds_trace_tensor(value):
+            if id(value) not in seen and holds_trace_tensor(value, known=self._known):
                 seen.add(id(value))
                 found.append((f"closure variable {cells.get(id(obj), '?')}" if name == "cell_contents"
                               else f"{type(obj).__name__}.{name}", value))
         for container in self._guards.sized:
-            if id(container) not in seen and holds_trace_tensor(container):
+            if id(container) not in seen and holds_trace_tensor(container, known=self._known):
                 seen.add(id(container))
                 found.append((f"a {type(container).__name__}", container))
         return found
@@ -82,7 +85,7 @@ class SavedProgramState:
         guards = self._guards
         for holder, saved in self._namespaces:  # entries the guards do not cover: only those left holding a trace
             for key in [key for key, value in holder.items()  # tensor (NOTE [Tensors stored in program state])
-                        if saved.get(key, _MISSING) is not value and holds_trace_tensor(value)]:
+                        if saved.get(key, _MISSING) is not value and holds_trace_tensor(value, known=self._known)]:
                 try:
                     self._put_entry(holder, key, saved.get(key, _MISSING))
                 except (AttributeError, TypeError, KeyError) as exc:

@@ -604,7 +604,8 @@ class _KeepsInGlobal(nn.Module):
 def _kept(kind: str, model: _KeepsInGlobal) -> list:
     """The tensors ``kind`` left in program state."""
     return {"list": lambda: list(STORE), "deque": lambda: list(HISTORY), "dict": lambda: list(BY_CALL.values()),
-            "rebound": lambda: [LAST], "created": lambda: [globals().get("CREATED")], "tuple": lambda: list(PAIR), "class": lambda: list(_KeepsInGlobal.KEPT),
+            "rebound": lambda: [LAST], "created": lambda: [globals().get("CREATED")], "tuple": lambda: list(PAIR),
+            "class": lambda: list(_KeepsInGlobal.KEPT),
             "closure": lambda: list(model.remember.__closure__[0].cell_contents)}[kind]()
 
 
@@ -659,5 +660,33 @@ def test_a_tensor_kept_in_a_global_list_is_refused_naming_the_global():
         with pytest.raises(CaptureError, match="closure variable kept"):
             aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")(torch.randn(2, 4))
         assert model.remember.__closure__[0].cell_contents == []
+    finally:
+        _clear_program_state()
+
+
+class _ReadsScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * len(STORE)
+
+
+def test_a_trace_tensor_the_program_state_held_before_the_capture_does_not_refuse_it():
+    """Only a trace tensor the capture left counts (NOTE [Tensors stored in program state]): a user's own fake
+    tensor, kept in a global the forward reads, leaves the capture whole."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        users_fake = torch.empty(3)
+    _clear_program_state()
+    STORE.append(users_fake)
+    try:
+        model = _ReadsScale()
+        compiled = aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")
+        x = torch.randn(2, 4)
+        assert torch.allclose(compiled(x), model(x))
+        assert STORE == [users_fake] and STORE[0] is users_fake
     finally:
         _clear_program_state()
