@@ -42,7 +42,8 @@ __all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modu
 # searched for a trace tensor (``SavedCallState.refuse_trace_tensors``); one found puts the state back as the
 # capture found it (NOTE [State changed by a capture]) and refuses the capture (``unsupported_construct``, naming
 # the global, for any settings), so the fallback runs the Python with real tensors and leaves eager's tensors in
-# that state. State the walk does not reach (the insides of opaque objects) is not searched.
+# that state. Only trace tensors the capture left count (one held there before, a user's own fake tensor, does
+# not). State the walk does not reach (the insides of opaque objects) is not searched.
 
 # NOTE [Constructs Dynamo gets wrong]
 # The fallback of a refused capture is torch.compile, which runs the Python the graph cannot hold at every call.
