@@ -328,6 +328,8 @@ class AOTFunction:
             containers = argument_containers((call_args, call_kwargs))
             result = self.fn(*call_args, **call_kwargs)
             refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
+            if saved is not None:  # NOTE [Tensors stored in program state]
+                saved.refuse_trace_tensors()
             return result
 
         self.num_compiles += 1

@@ -44,6 +44,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState
+from aotcache.aot.module_state import bounded_deque
 
 __all__ = ["SavedCallState", "restore_mapping", "restore_list", "restore_set"]
 
@@ -125,6 +126,30 @@ class SavedCallState:
                     f"than once (NOTE [State changed by a capture]); aotcache could not put that state back "
                     f"between the runs ({failure}), so the traced graph would not be the one eager runs. Change "
                     f"that state outside the compiled function.", reason="unsupported_construct")
+
+    def refuse_trace_tensors(self) -> None:
+        """After a run of the Python in a capture: when the program state it reads (globals, closure cells, class
+        attributes and the containers they hold) was left holding a trace tensor, put the state back and raise
+        (NOTE [Tensors stored in program state] in ``module_state.py``).
+
+        :raises CaptureError: ``unsupported_construct``, for any settings; the fallback runs the Python.
+        """
+        find = getattr(self._program, "trace_tensors", None)
+        found = find() if find is not None else []
+        if not found:
+            return
+        names = ", ".join(dict.fromkeys(name for name, _ in found[:3]))
+        dynamo_safe = not any(bounded_deque(value) for _, value in found)
+        try:
+            self.restore()
+        except CaptureError:
+            pass  # refused all the same; what could not be put back stays, as in NOTE [State changed by a capture]
+        raise CaptureError(
+            f"aotcache: the call keeps a tensor it computed in program state ({names}): a graph cannot store a "
+            f"tensor in a global, a closure variable or a class attribute at every call, and that state would hold "
+            f"the capture's trace tensors. Return the tensor from the function instead, or keep it in a registered "
+            f"buffer updated in place (self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
+            dynamo_safe=dynamo_safe)
 
     def settings_changed(self) -> bool:
         """Whether the module tree's settings (those an ``aot_module`` selects graphs by) differ from the saved."""

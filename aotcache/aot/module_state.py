@@ -13,7 +13,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["refuse_tensors_stored_on_modules"]
+__all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -29,6 +29,21 @@ __all__ = ["refuse_tensors_stored_on_modules"]
 # ``config.problem_type``) is NOTE [State changed by the call]; parameters and buffers are the graph's own
 # inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
 # so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
+
+# NOTE [Tensors stored in program state]
+# The same construct on the program's own state: a forward appending what it computed to a module-level list
+# (``STORE.append(self.lin(x))``), a global ``deque``, a dict, a class attribute or a closure variable, or
+# rebinding a global to it (``global LAST; LAST = h``, a tuple rebuilt). The capture's last run of the Python
+# left that state holding its trace tensors: with the nop compiler the caller got a FakeTensor from the second
+# call on (the graph read the list's trace tensors) and the list filled with FunctionalTensors; with Inductor a
+# global deque crashed the process. So after each run of the Python in a capture (``AOTFunction._compile``), the
+# state the program guards recorded (NOTE [Program guards]: globals, class attributes, closure cells, the
+# containers reached, and any other entry of those namespaces, a global the function creates included) is
+# searched for a trace tensor (``SavedCallState.refuse_trace_tensors``); one found puts the state back as the
+# capture found it (NOTE [State changed by a capture]) and refuses the capture (``unsupported_construct``, naming
+# the global, for any settings), so the fallback runs the Python with real tensors and leaves eager's tensors in
+# that state. Only trace tensors the capture left count (one held there before, a user's own fake tensor, does
+# not). State the walk does not reach (the insides of opaque objects) is not searched.
 
 # NOTE [Constructs Dynamo gets wrong]
 # The fallback of a refused capture is torch.compile, which runs the Python the graph cannot hold at every call.
@@ -49,20 +64,36 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
 
 
-def _trace_tensor(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` (a tensor, or lists / tuples / dicts of them) holds a tensor of a trace (fake or
-    functional), not a real one."""
+def holds_trace_tensor(value: Any, depth: int = 0, known: frozenset[int] = frozenset()) -> bool:
+    """Whether ``value`` (a tensor, or lists / tuples / deques / sets / dicts of them) holds a tensor of a trace
+    (fake or functional), not a real one; one whose ``id`` is in ``known`` (there before the capture) does not
+    count."""
     if isinstance(value, torch.Tensor):
         from torch._subclasses.fake_tensor import is_fake
 
-        return is_fake(value) or torch._is_functional_tensor(value)
+        return id(value) not in known and (is_fake(value) or torch._is_functional_tensor(value))
     if depth >= _DEPTH:
         return False
-    if isinstance(value, (list, tuple, collections.deque)):
-        return any(_trace_tensor(item, depth + 1) for item in value)
+    if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+        return any(holds_trace_tensor(item, depth + 1, known) for item in value)
     if isinstance(value, dict):
-        return any(_trace_tensor(item, depth + 1) for item in value.values())
+        return any(holds_trace_tensor(item, depth + 1, known) for item in value.values())
     return False
+
+
+def trace_tensor_ids(values: Any, depth: int = 0) -> set[int]:
+    """The ids of the trace tensors ``values`` (an iterable of values, searched as :func:`holds_trace_tensor`
+    does) hold: those there before a capture, which its own check leaves alone."""
+    found: set[int] = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if holds_trace_tensor(value):
+                found.add(id(value))
+        elif depth < _DEPTH and isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+            found |= trace_tensor_ids(value, depth + 1)
+        elif depth < _DEPTH and isinstance(value, dict):
+            found |= trace_tensor_ids(value.values(), depth + 1)
+    return found
 
 
 def _contents(value: Any) -> Any:
@@ -119,7 +150,7 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
         stored = []
         for sub, saved in before:
             for name, value in list(vars(sub).items()):
-                if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not _trace_tensor(value):
+                if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not holds_trace_tensor(value):
                     continue
                 stored.append((sub, name))
                 _put_back(sub, name, saved)
@@ -132,10 +163,10 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
             f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
-            dynamo_safe=not any(_bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+            dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
 
 
-def _bounded_deque(value: Any, depth: int = 0) -> bool:
+def bounded_deque(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` is, or holds (to a small depth), a deque with a ``maxlen`` (NOTE [Constructs Dynamo gets
     wrong])."""
     if isinstance(value, collections.deque):
@@ -143,9 +174,9 @@ def _bounded_deque(value: Any, depth: int = 0) -> bool:
     if depth >= _DEPTH:
         return False
     if isinstance(value, (list, tuple)):
-        return any(_bounded_deque(item, depth + 1) for item in value)
+        return any(bounded_deque(item, depth + 1) for item in value)
     if isinstance(value, dict):
-        return any(_bounded_deque(item, depth + 1) for item in value.values())
+        return any(bounded_deque(item, depth + 1) for item in value.values())
     return False
 
 

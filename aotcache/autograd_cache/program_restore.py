@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
+from aotcache.aot.module_state import holds_trace_tensor, trace_tensor_ids
 from aotcache.autograd_cache.program_guards import ProgramGuards
 
 __all__ = ["SavedProgramState"]
@@ -43,11 +44,52 @@ class SavedProgramState:
         self._containers = [(container, _saved_copy(container)) for container in guards.sized
                             if isinstance(container, _RESTORABLE)]
         self._environment = dict(zip(guards.env_names, guards.env_values))
+        # the namespaces holding the recorded slots (globals, class and object attributes), whole: a global the
+        # function creates or rebinds to a trace tensor is put back too (NOTE [Tensors stored in program state])
+        namespaces = {id(holder): holder for holder in (*guards.holders, *guards.member_holders)
+                      if isinstance(holder, (dict, MappingProxyType))}
+        self._namespaces = [(holder, dict(holder)) for holder in namespaces.values()]
+        # trace tensors already there (another trace's, kept by the user) are not this capture's
+        self._known = frozenset(trace_tensor_ids([*(value for _, saved in self._namespaces for value in saved.values()),
+                                                  *guards.sized, *guards.attribute_values]))
+
+    def trace_tensors(self) -> list[tuple[str, Any]]:
+        """Where the program state now holds a tensor of a trace (NOTE [Tensors stored in program state] in
+        ``aot/module_state.py``): ``(name, value)`` pairs, a global or attribute by its name, else by its type."""
+        found: list[tuple[str, Any]] = []
+        seen: set[int] = set()
+        for holder, saved in self._namespaces:
+            owner = self._guards.owner_of(holder) if isinstance(holder, MappingProxyType) else None
+            for key, value in list(holder.items()):
+                if id(value) not in seen and holds_trace_tensor(value, known=self._known):
+                    seen.add(id(value))
+                    found.append((f"{owner.__name__}.{key}" if owner is not None else str(key), value))
+        cells = {id(cell): name for obj in self._guards.objects  # a closure variable by its name
+                 for name, cell in zip(getattr(getattr(obj, "__code__", None), "co_freevars", ()),
+                                       getattr(obj, "__closure__", None) or ())}
+        for obj, name in zip(self._guards.objects, self._guards.names):
+            value = getattr(obj, name, None)
+            if id(value) not in seen and holds_trace_tensor(value, known=self._known):
+                seen.add(id(value))
+                found.append((f"closure variable {cells.get(id(obj), '?')}" if name == "cell_contents"
+                              else f"{type(obj).__name__}.{name}", value))
+        for container in self._guards.sized:
+            if id(container) not in seen and holds_trace_tensor(container, known=self._known):
+                seen.add(id(container))
+                found.append((f"a {type(container).__name__}", container))
+        return found
 
     def restore(self) -> str | None:
         """Write back whatever differs from the saved state; None when the program reads the saved state again,
         else what could not be put back (a tensor constant changed in place, a container of another type)."""
         guards = self._guards
+        for holder, saved in self._namespaces:  # entries the guards do not cover: only those left holding a trace
+            for key in [key for key, value in holder.items()  # tensor (NOTE [Tensors stored in program state])
+                        if saved.get(key, _MISSING) is not value and holds_trace_tensor(value, known=self._known)]:
+                try:
+                    self._put_entry(holder, key, saved.get(key, _MISSING))
+                except (AttributeError, TypeError, KeyError) as exc:
+                    return f"entry {key!r} of a {type(holder).__name__} ({exc})"
         if guards.holds():
             return None
         for container, saved in self._containers:
@@ -102,6 +144,19 @@ class SavedProgramState:
                 container.extend(saved)
         else:  # a set
             restore_set(container, saved)
+
+    def _put_entry(self, holder: Any, key: Any, value: Any) -> None:
+        """``holder[key] = value``, or the entry deleted where ``value`` is missing (through a class's view)."""
+        owner = self._guards.owner_of(holder) if isinstance(holder, MappingProxyType) else None
+        if value is _MISSING:
+            if owner is not None:
+                delattr(owner, key)
+            elif not isinstance(holder, MappingProxyType):
+                del holder[key]
+        elif owner is not None:
+            setattr(owner, key, value)
+        elif not isinstance(holder, MappingProxyType):
+            holder[key] = value
 
     def _set_entry(self, holder: Any, key: Any, value: Any) -> None:
         if holder.get(key, _MISSING) is value:

@@ -4,6 +4,7 @@ eager runs; strict mode and ``on_capture_error="raise"`` still raise; the user's
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 
@@ -542,3 +543,150 @@ def test_a_masked_assignment_of_a_float_into_an_integer_tensor_keeps_its_other_e
     compiled = aotcache.compile(assign, compiler="nop", fullgraph=True)
     assert torch.equal(compiled(x, mask), assign(x, mask))
     assert compiled.route == "aot"
+
+
+# NOTE [Tensors stored in program state] (aot/module_state.py): shaped as found (review r7 / r5): a forward keeping
+# a tensor it computed in a module-level list returned a FakeTensor from the second call on, and the list filled
+# with the capture's FunctionalTensors
+STORE: list = []
+HISTORY: collections.deque = collections.deque(maxlen=2)
+BY_CALL: dict = {}
+LAST = None
+PAIR: tuple = ()
+
+
+class _KeepsInGlobal(nn.Module):
+    """Keeps each call's features in program state the way ``kind`` says, and adds the previous ones."""
+
+    KEPT: list = []  # a class attribute
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.kind = kind
+        kept: list = []
+
+        def remember(h: torch.Tensor) -> torch.Tensor:  # a closure cell
+            kept.append(h)
+            return sum(kept[-2:])
+
+        self.remember = remember
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global LAST, PAIR
+        h = self.lin(x)
+        if self.kind == "list":
+            STORE.append(h)
+            return sum(STORE[-2:])
+        if self.kind == "deque":
+            HISTORY.append(h)
+            return sum(HISTORY)
+        if self.kind == "dict":
+            previous = BY_CALL.get(len(BY_CALL) - 1)
+            BY_CALL[len(BY_CALL)] = h
+            return h if previous is None else h + previous
+        if self.kind == "rebound":
+            out = h if LAST is None else h + LAST
+            LAST = h
+            return out
+        if self.kind == "created":  # a global the function creates (the walk did not see it)
+            globals()["CREATED"] = h
+            return h * 2
+        if self.kind == "tuple":
+            PAIR = (*PAIR[-1:], h)
+            return sum(PAIR)
+        if self.kind == "class":
+            type(self).KEPT.append(h)
+            return sum(type(self).KEPT[-2:])
+        return self.remember(h)
+
+
+def _kept(kind: str, model: _KeepsInGlobal) -> list:
+    """The tensors ``kind`` left in program state."""
+    return {"list": lambda: list(STORE), "deque": lambda: list(HISTORY), "dict": lambda: list(BY_CALL.values()),
+            "rebound": lambda: [LAST], "created": lambda: [globals().get("CREATED")], "tuple": lambda: list(PAIR),
+            "class": lambda: list(_KeepsInGlobal.KEPT),
+            "closure": lambda: list(model.remember.__closure__[0].cell_contents)}[kind]()
+
+
+def _clear_program_state() -> None:
+    global LAST, PAIR
+    STORE.clear()
+    HISTORY.clear()
+    BY_CALL.clear()
+    _KeepsInGlobal.KEPT.clear()
+    LAST, PAIR = None, ()
+    globals().pop("CREATED", None)
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+@pytest.mark.parametrize("kind", ["list", "deque", "dict", "rebound", "created", "tuple", "class", "closure"])
+def test_a_tensor_kept_in_program_state_gives_eagers_results_and_leaves_real_tensors(kind, wrap):
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 4) for _ in range(5)]
+    model = _KeepsInGlobal(kind)
+    _clear_program_state()
+    try:
+        with torch.no_grad():
+            want = [model(x) for x in xs]
+            want_kept = _kept(kind, model)
+            _clear_program_state()
+            model.remember.__closure__[0].cell_contents.clear()
+            compiled = (aotcache.aot_module(model, "nop", cache=False) if wrap == "aot_module"
+                        else aotcache.compile(model, compiler="nop", cache=False))
+            got = [compiled(x) for x in xs]
+            got_kept = _kept(kind, model)
+            if wrap == "compile":  # NOTE [Constructs Dynamo gets wrong]: a bounded deque runs eagerly
+                assert compiled.route == ("eager" if kind == "deque" else "dynamo")
+    finally:
+        _clear_program_state()
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert type(b) is torch.Tensor, (step, type(b))
+        assert torch.allclose(a, b, atol=1e-6), step
+    assert len(got_kept) == len(want_kept)
+    assert all(type(t) is torch.Tensor for t in got_kept), [type(t).__name__ for t in got_kept]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(want_kept, got_kept))
+
+
+def test_a_tensor_kept_in_a_global_list_is_refused_naming_the_global():
+    _clear_program_state()
+    try:
+        compiled = aotcache.aot_module(_KeepsInGlobal("list"), "nop", cache=False, on_capture_error="raise")
+        with pytest.raises(CaptureError, match=r"program state \(STORE\)") as raised:
+            compiled(torch.randn(2, 4))
+        assert raised.value.any_settings
+        assert STORE == []  # put back as the capture found it
+        model = _KeepsInGlobal("closure")
+        with pytest.raises(CaptureError, match="closure variable kept"):
+            aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")(torch.randn(2, 4))
+        assert model.remember.__closure__[0].cell_contents == []
+    finally:
+        _clear_program_state()
+
+
+class _ReadsScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * len(STORE)
+
+
+def test_a_trace_tensor_the_program_state_held_before_the_capture_does_not_refuse_it():
+    """Only a trace tensor the capture left counts (NOTE [Tensors stored in program state]): a user's own fake
+    tensor, kept in a global the forward reads, leaves the capture whole."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        users_fake = torch.empty(3)
+    _clear_program_state()
+    STORE.append(users_fake)
+    try:
+        model = _ReadsScale()
+        compiled = aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")
+        x = torch.randn(2, 4)
+        assert torch.allclose(compiled(x), model(x))
+        assert STORE == [users_fake] and STORE[0] is users_fake
+    finally:
+        _clear_program_state()
