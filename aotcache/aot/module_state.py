@@ -13,7 +13,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["bounded_deque", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
+__all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -185,5 +185,5 @@ def dynamo_safe_module(module: Any) -> bool:
     module runs eagerly, not through Dynamo, whichever refusal came first (NOTE [Constructs Dynamo gets wrong])."""
     if not isinstance(module, nn.Module):
         return True
-    return not any(_bounded_deque(value) for sub in module.modules() for name, value in vars(sub).items()
+    return not any(bounded_deque(value) for sub in module.modules() for name, value in vars(sub).items()
                    if name not in _MODULE_INTERNALS)
