@@ -784,7 +784,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
     try:
         return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic, trace_joint=trace_joint,
                         input_is_leaf=input_is_leaf, regenerate_aliases=regenerate_aliases)
-    except CaptureError:
+    except (CaptureError, SwapBusy):  # SwapBusy: not the code's failure (NOTE [A swap waits a bounded time])
         raise
     except Exception as exc:
         mark_trace_failure(exc)

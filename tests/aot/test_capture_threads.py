@@ -282,6 +282,7 @@ for api in ("aot_module", "aotcache.compile"):
         "direct_equal": torch.allclose(direct, expected[0]),
         "again_equal": all(torch.allclose(a, b) for a, b in zip(again, expected)),
         "busy_first": busy,
+        "partial": sum(n for reason, n in fallback_counts().items() if reason.startswith("partial:")),
         "busy_again": fallback_counts().get("eager:swap_busy", 0) - before - busy,
         "clean": capture_threads.swap_gate(model).owner is None and "forward" not in model.__dict__
                  and model.enc.weight.__class__ is nn.Parameter,
@@ -310,5 +311,6 @@ def test_a_method_mapping_self_over_worker_threads_runs_eagerly_at_first_instead
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for api, seen in report.items():
         assert seen["first_equal"] and seen["direct_equal"] and seen["again_equal"], (api, seen)
-        assert seen["busy_again"] == 0, (api, seen)  # once captured, the workers run the compiled graph
+        assert seen["busy_first"] >= 1 and seen["busy_again"] == 0, (api, seen)  # eager at first only
+        assert seen["partial"] == 0, (api, seen)  # a busy swap is not the code's failure: nothing remembered
         assert seen["clean"], (api, seen)
