@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -1192,6 +1193,59 @@ def test_unchanged_or_rebuilt_tensor_list_keeps_its_graph_without_walking_again(
     for _ in range(3):
         torch.testing.assert_close(compiled(X), model(X))
     assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+
+
+class RemembersSizes(nn.Module):
+    """Reads a list of tensors and remembers each new batch size (the capture of a new size changes state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = [torch.ones(4)]
+        self.memo = types.SimpleNamespace(seen=frozenset())
+
+    def forward(self, x):
+        if x.shape[0] not in self.memo.seen:
+            self.memo.seen = self.memo.seen | {x.shape[0]}
+        return x * self.masks[0]
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+def test_list_rebuilt_with_the_same_members_stays_the_users_after_a_capture_that_changes_state(wrap):
+    """NOTE [Rebound containers are put back as the call found them]: found as a restore between the capture's
+    runs writing back the list the first walk saw, so the module no longer held the user's list and a later
+    change to it gave the old result (compiled 1.0, eager 10.0)."""
+    model, eager = RemembersSizes(), RemembersSizes()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False, dynamic=False))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(torch.ones(2, 4)), eager(torch.ones(2, 4)))
+        users, eagers = list(model.masks), list(eager.masks)
+        model.masks, eager.masks = users, eagers
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), eager(torch.ones(3, 4)))  # a new size: a capture
+        assert model.masks is users and model.memo.seen == eager.memo.seen == {2, 3}
+        users[0], eagers[0] = torch.full((4,), 10.0), torch.full((4,), 10.0)
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), eager(torch.ones(3, 4)))
+
+
+MASKS_HOLDER = RemembersSizes()
+
+
+def reads_a_global_modules_masks(x):
+    return MASKS_HOLDER(x) + 1
+
+
+def test_aot_function_list_rebuilt_with_the_same_members_stays_the_users_after_a_capture():
+    """The same through a module an aot_function calls (no aot_module tree saving its lists)."""
+    MASKS_HOLDER.masks, MASKS_HOLDER.memo.seen = [torch.ones(4)], frozenset()
+    compiled = compiled_function(reads_a_global_modules_masks)
+    for _ in range(2):  # the first call's capture changed the memo: the second one's graph is kept
+        compiled(torch.ones(2, 4))
+    users = MASKS_HOLDER.masks = list(MASKS_HOLDER.masks)
+    compiled(torch.ones(3, 4))
+    assert MASKS_HOLDER.masks is users
+    users[0] = torch.full((4,), 10.0)
+    torch.testing.assert_close(compiled(torch.ones(3, 4)), reads_a_global_modules_masks(torch.ones(3, 4)))
 
 
 def test_tensor_rebound_to_an_equal_copy_does_not_keep_a_graph_reading_the_old_tensor():
