@@ -1195,6 +1195,59 @@ def test_unchanged_or_rebuilt_tensor_list_keeps_its_graph_without_walking_again(
     assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
 
 
+class PlainSettings(nn.Module):
+    """Plain values that decide the result's dtype or sign: an attribute, a tuple, a list, a dict, a config."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.ks, self.kl, self.kd = 1, (1,), [1], {"v": 1}
+        self.z = (0.0,)
+        self.config = types.SimpleNamespace(k=1, z=0.0)
+
+    def forward(self, x):
+        scaled = x * self.k + x * self.ks[0] + x * self.kl[0] + x * self.kd["v"] + x * self.config.k
+        return scaled, 1.0 / (torch.ones(3) * self.z[0] * self.config.z)
+
+
+PLAIN_CHANGES = {  # (a change of type or sign that eager sees, an equal value of the same type)
+    "attribute 1 -> 1.0": (lambda m: setattr(m, "k", 1.0), lambda m: setattr(m, "k", int("1"))),
+    "attribute 1 -> True": (lambda m: setattr(m, "k", True), lambda m: setattr(m, "k", int("1"))),
+    "tuple (1,) -> (1.0,)": (lambda m: setattr(m, "ks", (1.0,)), lambda m: setattr(m, "ks", (int("1"),))),
+    "tuple (0.0,) -> (-0.0,)": (lambda m: setattr(m, "z", (-0.0,)), lambda m: setattr(m, "z", (_equal_copy(0.0),))),
+    "list item 1 -> 1.0": (lambda m: m.kl.__setitem__(0, 1.0), lambda m: m.kl.__setitem__(0, int("1"))),
+    "dict item 1 -> 1.0": (lambda m: m.kd.__setitem__("v", 1.0), lambda m: m.kd.__setitem__("v", int("1"))),
+    "config 1 -> 1.0": (lambda m: setattr(m.config, "k", 1.0), lambda m: setattr(m.config, "k", int("1"))),
+    "config 0.0 -> -0.0": (lambda m: setattr(m.config, "z", -0.0), lambda m: setattr(m.config, "z", _equal_copy(0.0))),
+}
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+@pytest.mark.parametrize("change", list(PLAIN_CHANGES))
+def test_plain_setting_of_another_type_or_sign_gives_eagers_result_and_an_equal_one_keeps_the_graph(change, wrap):
+    """NOTE [Plain values by type]: found as settings compared with ``==`` (``1 == 1.0``, ``0.0 == -0.0``), the
+    graph of the old value ran: int64 where eager gives float32, ``inf`` where eager gives ``-inf``."""
+    model = PlainSettings()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.arange(3)  # an int64 input: a float setting promotes the result
+
+    def check():
+        (result, inverse), (expected, expected_inverse) = compiled(x), model(x)
+        assert result.dtype == expected.dtype
+        torch.testing.assert_close(result, expected)
+        torch.testing.assert_close(inverse, expected_inverse)  # +inf and -inf differ
+
+    check()
+    changed, equal = PLAIN_CHANGES[change]
+    equal(model)  # an equal value of the same type: the same graph
+    check()
+    assert compiled.compiled.num_compiles == 1
+    changed(model)
+    check()
+    check()
+    assert compiled.compiled.num_compiles == 2
+
+
 class RemembersSizes(nn.Module):
     """Reads a list of tensors and remembers each new batch size (the capture of a new size changes state)."""
 
