@@ -1248,6 +1248,35 @@ def test_plain_setting_of_another_type_or_sign_gives_eagers_result_and_an_equal_
     assert compiled.compiled.num_compiles == 2
 
 
+class SwapsSetMember(nn.Module):
+    """Replaces its set's member by an equal one of another type (``{1}`` -> ``{1.0}``) and multiplies by it."""
+
+    def __init__(self):
+        super().__init__()
+        self.factors = {1}
+
+    def forward(self, x):
+        factor = next(iter(self.factors))
+        self.factors.discard(factor)
+        self.factors.add(float(factor))
+        return x * factor
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+def test_set_member_swapped_for_an_equal_one_of_another_type_is_put_back_between_the_captures_runs(wrap):
+    """Found: sets were put back only when ``!=`` (``{1} == {1.0}``), so the capture's second run read ``1.0`` and
+    the first call gave float32 where eager gives int64."""
+    model, eager = SwapsSetMember(), SwapsSetMember()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.arange(3)
+    for _ in range(2):
+        result, expected = compiled(x), eager(x)
+        assert result.dtype == expected.dtype
+        torch.testing.assert_close(result, expected)
+        assert [type(f) for f in model.factors] == [type(f) for f in eager.factors] == [float]
+
+
 class RemembersSizes(nn.Module):
     """Reads a list of tensors and remembers each new batch size (the capture of a new size changes state)."""
 
