@@ -73,8 +73,8 @@ def restore_list(current: list, saved: list) -> None:
 
 
 def restore_set(current: set, saved: set) -> None:
-    """Make ``current`` hold ``saved``'s members, in place."""
-    if current != saved:
+    """Make ``current`` hold ``saved``'s members (by identity: ``{1} == {1.0}``), in place."""
+    if len(current) != len(saved) or set(map(id, current)) != set(map(id, saved)):
         current.clear()
         current.update(saved)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from aotcache.aot.ambient import numerics_signature
+from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object",
@@ -250,9 +251,9 @@ def setting_by_value(value: Any) -> bool:
 def _settings(module: nn.Module) -> tuple:
     """(name, kind, value) of each attribute of ``module`` that can change what its forward does.
 
-    Plain values (``training``, ``p``, ``eps``, dtypes, tuples of them) by value, dicts (the hook registries) by
-    length, lists and sets not at all (modules rebuild some per call), anything else by identity (``id``, kept
-    alive by the snapshot). Objects, lists and hook registries changed in place are seen by the program guards
+    Plain values (``training``, ``p``, ``eps``, dtypes, tuples of them) by type and value (floats by bits: NOTE
+    [Plain values by type]), dicts (the hook registries) by length, lists and sets not at all (modules rebuild
+    some per call), anything else by identity (``id``, kept alive by the snapshot). Objects, lists and hook registries changed in place are seen by the program guards
     (NOTE [Program guards] in aotcache/autograd_cache/program_guards.py), not here.
     """
     settings = []
@@ -261,7 +262,8 @@ def _settings(module: nn.Module) -> tuple:
         kind = (_UNTRACKED if name in _SETTINGS_IGNORED or name in memos or is_method_router(name, value)
                 else _kind(value))
         if kind != _UNTRACKED:
-            settings.append((name, kind, value if kind == _PLAIN else len(value) if kind == _COUNTED else id(value)))
+            settings.append((name, kind, exact_value(value) if kind == _PLAIN  # NOTE [Plain values by type]
+                             else len(value) if kind == _COUNTED else id(value)))
     return tuple(settings)
 
 
@@ -291,8 +293,8 @@ def _watched_objects(modules: Sequence[tuple[str, nn.Module]], settings: tuple) 
 
 
 def _object_settings(obj: Any) -> tuple:
-    """The plain attributes of a watched object, by value."""
-    return tuple((name, value) for name, value in obj.__dict__.items() if _kind(value) == _PLAIN)
+    """The plain attributes of a watched object, by type and value (NOTE [Plain values by type])."""
+    return tuple((name, exact_value(value)) for name, value in obj.__dict__.items() if _kind(value) == _PLAIN)
 
 
 class ModuleState:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import struct
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
+from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, storage_sharing
 from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
 
@@ -45,17 +45,6 @@ _IMMUTABLE_IDENTITY_TYPES = (type(None), type(...), type(NotImplemented), enum.E
                              torch.memory_format, torch.qscheme, torch.Generator, type, types.FunctionType,
                              types.BuiltinFunctionType, functools.partial, torch._ops.OpOverload,
                              torch._ops.OpOverloadPacket)
-
-
-# NOTE [Floats by bits]
-# ``0.0 == -0.0`` and ``nan != nan``: compared by value, a graph traced with ``0.0`` baked in would be reused for
-# ``-0.0`` (``1 / x`` gives +inf where eager gives -inf), and a NaN argument would never match its own signature
-# (a re-trace on every call). Float and complex constants are compared by their IEEE-754 bits instead.
-def float_bits(value: float | complex) -> bytes:
-    """The IEEE-754 bits of a float or complex (sign of zero and NaN payloads included)."""
-    if isinstance(value, complex):
-        return struct.pack("<dd", value.real, value.imag)
-    return struct.pack("<d", value)
 
 
 class _RefusedConstant(TypeError):

@@ -178,7 +178,7 @@ class ProgramGuards:
     values: list
     member_holders: list
     member_keys: list
-    member_containers: list  # the containers the walk saw there (put back between a capture's runs)
+    member_containers: list  # the containers the walk saw there (a later one with the same members holds too)
     member_lengths: list
     slot_members: list
     objects: list

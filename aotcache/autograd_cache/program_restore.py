@@ -44,6 +44,17 @@ class SavedProgramState:
         self._containers = [(container, _saved_copy(container)) for container in guards.sized
                             if isinstance(container, _RESTORABLE)]
         self._environment = dict(zip(guards.env_names, guards.env_values))
+        # NOTE [Rebound containers are put back as the call found them]
+        # A rebound list attribute's guard compares members, so it holds for the user's new list with the same
+        # members (``m.masks = list(m.masks)``) without a walk: the container the walk saw is an older one. A
+        # restore wrote that one back, so after the capture the module held the old list and the user's later
+        # changes to their list went unseen (a stale result). What each such slot holds when the capture starts
+        # is what is put back, and its members too where the walk never saw it.
+        self._member_entries = [holder.get(key, _MISSING) for holder, key in
+                                zip(guards.member_holders, guards.member_keys)]
+        seen = {id(container) for container, _ in self._containers}
+        self._containers.extend((entry, _saved_copy(entry)) for entry in self._member_entries
+                                if isinstance(entry, _RESTORABLE) and id(entry) not in seen)
         # the namespaces holding the recorded slots (globals, class and object attributes), whole: a global the
         # function creates or rebinds to a trace tensor is put back too (NOTE [Tensors stored in program state])
         namespaces = {id(holder): holder for holder in (*guards.holders, *guards.member_holders)
@@ -98,7 +109,9 @@ class SavedProgramState:
             except (AttributeError, TypeError, KeyError) as exc:  # a subclass refusing the write
                 return f"a {type(container).__name__} ({exc})"
         for holder, key, value in zip((*guards.holders, *guards.member_holders), (*guards.keys, *guards.member_keys),
-                                      (*guards.values, *guards.member_containers)):
+                                      (*guards.values, *self._member_entries)):
+            if value is _MISSING:  # not there when the capture started (the guards then failed): nothing to put
+                continue
             try:
                 self._set_entry(holder, key, value)
             except (AttributeError, TypeError) as exc:

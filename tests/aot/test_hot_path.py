@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from aotcache.aot import aot_function, aot_module, hot_path
+from aotcache.aot.exact_values import exact_value
 from aotcache.aot.hot_path import HotSignature, ModuleState
 
 
@@ -359,6 +360,28 @@ def test_config_attributes_set_in_place_are_settings():
     config.use_bias, config.scale = True, 2.0
     torch.testing.assert_close(compiled(x), model(x))
     assert compiled.compiled.num_compiles == 3  # the first runtime again
+
+
+def test_exact_value_tells_equal_values_of_other_types_or_bits_apart_at_every_depth():
+    """NOTE [Plain values by type]: ``1 == 1.0 == True`` and ``0.0 == -0.0``, yet each traces another graph."""
+    distinct = [1, 1.0, True, 0.0, -0.0, 1 + 0j, (1,), (1.0,), [1], [1.0], {"a": 1}, {"a": 1.0}, ((0.0,),),
+                ((-0.0,),), [{"a": (1,)}], [{"a": (True,)}], "1", None, torch.float32, torch.float64]
+    keys = [exact_value(value) for value in distinct]
+    assert len(set(keys)) == len(keys)
+    nan = float("nan")
+    assert exact_value(float(repr(2.5))) == exact_value(2.5) and exact_value(nan) == exact_value(float("nan"))
+    assert exact_value((int("7"), [float(repr(0.5))])) == exact_value((7, [0.5]))
+
+
+def test_module_setting_of_another_type_selects_another_graph_and_back_reuses_the_first():
+    model = Regularized()
+    compiled = aot_module(model, graph_compiler, cache=False)
+    x = torch.randn(8, 4)
+    compiled(x)
+    for scale in (2, 2.0, True, 2, True):  # int, float (the first), bool: three settings, each found again
+        model.scale = scale
+        torch.testing.assert_close(compiled(x), copy.deepcopy(model)(x))
+    assert compiled.compiled.num_compiles == 3
 
 
 # -- the bulk checks (NOTE [Static signatures in bulk], NOTE [Dict versions]) -------------------------------

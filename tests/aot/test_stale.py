@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -1192,6 +1193,141 @@ def test_unchanged_or_rebuilt_tensor_list_keeps_its_graph_without_walking_again(
     for _ in range(3):
         torch.testing.assert_close(compiled(X), model(X))
     assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+
+
+class PlainSettings(nn.Module):
+    """Plain values that decide the result's dtype or sign: an attribute, a tuple, a list, a dict, a config."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.ks, self.kl, self.kd = 1, (1,), [1], {"v": 1}
+        self.z = (0.0,)
+        self.config = types.SimpleNamespace(k=1, z=0.0)
+
+    def forward(self, x):
+        scaled = x * self.k + x * self.ks[0] + x * self.kl[0] + x * self.kd["v"] + x * self.config.k
+        return scaled, 1.0 / (torch.ones(3) * self.z[0] * self.config.z)
+
+
+PLAIN_CHANGES = {  # (a change of type or sign that eager sees, an equal value of the same type)
+    "attribute 1 -> 1.0": (lambda m: setattr(m, "k", 1.0), lambda m: setattr(m, "k", int("1"))),
+    "attribute 1 -> True": (lambda m: setattr(m, "k", True), lambda m: setattr(m, "k", int("1"))),
+    "tuple (1,) -> (1.0,)": (lambda m: setattr(m, "ks", (1.0,)), lambda m: setattr(m, "ks", (int("1"),))),
+    "tuple (0.0,) -> (-0.0,)": (lambda m: setattr(m, "z", (-0.0,)), lambda m: setattr(m, "z", (_equal_copy(0.0),))),
+    "list item 1 -> 1.0": (lambda m: m.kl.__setitem__(0, 1.0), lambda m: m.kl.__setitem__(0, int("1"))),
+    "dict item 1 -> 1.0": (lambda m: m.kd.__setitem__("v", 1.0), lambda m: m.kd.__setitem__("v", int("1"))),
+    "config 1 -> 1.0": (lambda m: setattr(m.config, "k", 1.0), lambda m: setattr(m.config, "k", int("1"))),
+    "config 0.0 -> -0.0": (lambda m: setattr(m.config, "z", -0.0), lambda m: setattr(m.config, "z", _equal_copy(0.0))),
+}
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+@pytest.mark.parametrize("change", list(PLAIN_CHANGES))
+def test_plain_setting_of_another_type_or_sign_gives_eagers_result_and_an_equal_one_keeps_the_graph(change, wrap):
+    """NOTE [Plain values by type]: found as settings compared with ``==`` (``1 == 1.0``, ``0.0 == -0.0``), the
+    graph of the old value ran: int64 where eager gives float32, ``inf`` where eager gives ``-inf``."""
+    model = PlainSettings()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.arange(3)  # an int64 input: a float setting promotes the result
+
+    def check():
+        (result, inverse), (expected, expected_inverse) = compiled(x), model(x)
+        assert result.dtype == expected.dtype
+        torch.testing.assert_close(result, expected)
+        torch.testing.assert_close(inverse, expected_inverse)  # +inf and -inf differ
+
+    check()
+    changed, equal = PLAIN_CHANGES[change]
+    equal(model)  # an equal value of the same type: the same graph
+    check()
+    assert compiled.compiled.num_compiles == 1
+    changed(model)
+    check()
+    check()
+    assert compiled.compiled.num_compiles == 2
+
+
+class SwapsSetMember(nn.Module):
+    """Replaces its set's member by an equal one of another type (``{1}`` -> ``{1.0}``) and multiplies by it."""
+
+    def __init__(self):
+        super().__init__()
+        self.factors = {1}
+
+    def forward(self, x):
+        factor = next(iter(self.factors))
+        self.factors.discard(factor)
+        self.factors.add(float(factor))
+        return x * factor
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+def test_set_member_swapped_for_an_equal_one_of_another_type_is_put_back_between_the_captures_runs(wrap):
+    """Found: sets were put back only when ``!=`` (``{1} == {1.0}``), so the capture's second run read ``1.0`` and
+    the first call gave float32 where eager gives int64."""
+    model, eager = SwapsSetMember(), SwapsSetMember()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    x = torch.arange(3)
+    for _ in range(2):
+        result, expected = compiled(x), eager(x)
+        assert result.dtype == expected.dtype
+        torch.testing.assert_close(result, expected)
+        assert [type(f) for f in model.factors] == [type(f) for f in eager.factors] == [float]
+
+
+class RemembersSizes(nn.Module):
+    """Reads a list of tensors and remembers each new batch size (the capture of a new size changes state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = [torch.ones(4)]
+        self.memo = types.SimpleNamespace(seen=frozenset())
+
+    def forward(self, x):
+        if x.shape[0] not in self.memo.seen:
+            self.memo.seen = self.memo.seen | {x.shape[0]}
+        return x * self.masks[0]
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+def test_list_rebuilt_with_the_same_members_stays_the_users_after_a_capture_that_changes_state(wrap):
+    """NOTE [Rebound containers are put back as the call found them]: found as a restore between the capture's
+    runs writing back the list the first walk saw, so the module no longer held the user's list and a later
+    change to it gave the old result (compiled 1.0, eager 10.0)."""
+    model, eager = RemembersSizes(), RemembersSizes()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False, dynamic=False))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(torch.ones(2, 4)), eager(torch.ones(2, 4)))
+        users, eagers = list(model.masks), list(eager.masks)
+        model.masks, eager.masks = users, eagers
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), eager(torch.ones(3, 4)))  # a new size: a capture
+        assert model.masks is users and model.memo.seen == eager.memo.seen == {2, 3}
+        users[0], eagers[0] = torch.full((4,), 10.0), torch.full((4,), 10.0)
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), eager(torch.ones(3, 4)))
+
+
+MASKS_HOLDER = RemembersSizes()
+
+
+def reads_a_global_modules_masks(x):
+    return MASKS_HOLDER(x) + 1
+
+
+def test_aot_function_list_rebuilt_with_the_same_members_stays_the_users_after_a_capture():
+    """The same through a module an aot_function calls (no aot_module tree saving its lists)."""
+    MASKS_HOLDER.masks, MASKS_HOLDER.memo.seen = [torch.ones(4)], frozenset()
+    compiled = compiled_function(reads_a_global_modules_masks)
+    for _ in range(2):  # the first call's capture changed the memo: the second one's graph is kept
+        compiled(torch.ones(2, 4))
+    users = MASKS_HOLDER.masks = list(MASKS_HOLDER.masks)
+    compiled(torch.ones(3, 4))
+    assert MASKS_HOLDER.masks is users
+    users[0] = torch.full((4,), 10.0)
+    torch.testing.assert_close(compiled(torch.ones(3, 4)), reads_a_global_modules_masks(torch.ones(3, 4)))
 
 
 def test_tensor_rebound_to_an_equal_copy_does_not_keep_a_graph_reading_the_old_tensor():

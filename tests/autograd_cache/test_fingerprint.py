@@ -113,6 +113,37 @@ def test_fingerprint_changes_with_what_decides_the_graph(change):
     assert trusted(module_fingerprint(block, x, **kwargs)) != base
 
 
+class HoldsSettings(nn.Module):
+    """Plain values in an attribute, a tuple, a list, a dict and a config object (NOTE [Plain values by type])."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.k, self.ks, self.kl, self.kd = value, (value,), [value], {"v": value}
+        self.config = _PlainConfig(value)
+
+    def forward(self, x):
+        return x * self.k + x * self.ks[0] + x * self.kl[0] + x * self.kd["v"] + x * self.config.v
+
+
+class _PlainConfig:
+    def __init__(self, value):
+        self.v = value
+
+
+@pytest.mark.parametrize("where", ["k", "ks", "kl", "kd", "config"])
+def test_fingerprint_tells_plain_values_of_another_type_or_sign_apart(where):
+    """``1 == 1.0 == True`` and ``0.0 == -0.0``, but each bakes another graph (dtype promotion, the sign of an
+    infinity): every place a plain value sits gives another fingerprint, and an equal value the same one."""
+    def digest(value):
+        module, source = HoldsSettings(1), HoldsSettings(value)  # only ``where`` holds ``value``
+        setattr(module, where, getattr(source, where))
+        return trusted(module_fingerprint(module, X))
+
+    digests = [digest(value) for value in (1, 1.0, True, 0.0, -0.0)]
+    assert len(set(digests)) == 5
+    assert digest(float("-0.0")) == digests[4] and digest(int("1")) == digests[0]
+
+
 def test_fingerprint_changes_with_grad_mode_autocast_options_and_default_dtype():
     block = make_block()
     base = trusted(module_fingerprint(block, X))

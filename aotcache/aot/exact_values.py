@@ -1,0 +1,45 @@
+"""Plain values compared exactly: by type, and floats by their bits, where ``==`` would call them equal.
+
+NOTE [Floats by bits]
+``0.0 == -0.0`` and ``nan != nan``: compared by value, a graph traced with ``0.0`` baked in would be reused for
+``-0.0`` (``1 / x`` gives +inf where eager gives -inf), and a NaN would never match itself (a re-trace on every
+call). Float and complex constants are compared by their IEEE-754 bits instead.
+
+NOTE [Plain values by type]
+``1 == 1.0 == True`` (and their hashes agree), but ``x * 1`` keeps an int tensor's dtype where ``x * 1.0``
+promotes it to float. A module setting compared with ``==`` (``self.k = 1`` then ``self.k = 1.0``) kept the
+graph traced with the int: an int64 result where eager gives float32. :func:`exact_value` is the key such values
+are compared by: the type, then the value (floats by bits), at every depth of tuples, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+__all__ = ["float_bits", "exact_value"]
+
+# types whose ``==`` is exact between two values of the type: the common settings, keyed without further checks
+_EXACT_BY_EQUALITY = frozenset({bool, int, str, bytes, type(None)})
+
+
+def float_bits(value: float | complex) -> bytes:
+    """The IEEE-754 bits of a float or complex (sign of zero and NaN payloads included)."""
+    if isinstance(value, complex):
+        return struct.pack("<dd", value.real, value.imag)
+    return struct.pack("<d", value)
+
+
+def exact_value(value: Any) -> Any:
+    """A hashable key of a plain value, equal for two values only when they have the same types and the same
+    values, floats bit for bit, at every depth of tuples, lists and dicts (NOTE [Plain values by type])."""
+    cls = type(value)
+    if cls in _EXACT_BY_EQUALITY:  # the usual settings (``training``, ``p`` as an int, names): no more to do
+        return (cls, value)
+    if isinstance(value, (float, complex)):
+        return (cls, float_bits(value))
+    if isinstance(value, (tuple, list)):
+        return (cls, tuple(map(exact_value, value)))
+    if isinstance(value, dict):
+        return (cls, tuple((exact_value(key), exact_value(item)) for key, item in value.items()))
+    return (cls, value)
