@@ -3,6 +3,7 @@ so that a fresh process takes it directly (real processes, the disk tier of the 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -309,26 +310,31 @@ def test_a_bounded_deque_kept_on_the_model_runs_eagerly_where_dynamo_would_diffe
                     "recorded": {f"route_recorded_{route}": 1}}
 
 
+class BoundedHistory(nn.Module):
+    """A streaming model keeping its last two outputs in a bounded deque attribute; ``item_first``: a
+    data-dependent branch (never taken) before the append, which refuses the capture first."""
+
+    def __init__(self, item_first: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.hist = collections.deque(maxlen=2)
+        self.item_first = item_first
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.item_first and h.sum().item() > 1e9:
+            h = h * 2
+        self.hist.append(h.detach())
+        return h + sum(self.hist)
+
+
 def test_aot_module_runs_a_bounded_deque_forward_eagerly():
     """The same construct through ``aot_module``: its fallback is an eager runtime (``eager:<reason>``), not
     torch.compile."""
-    import collections
-
     from aotcache.aot.fallback import fallback_counts
 
-    class History(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-            self.hist = collections.deque(maxlen=2)
-
-        def forward(self, x):
-            h = self.fc(x)
-            self.hist.append(h.detach())
-            return h + sum(self.hist)
-
     torch.manual_seed(0)
-    model, twin = History(), History()
+    model, twin = BoundedHistory(), BoundedHistory()
     twin.load_state_dict(model.state_dict())
     wrapped = aotcache.aot_module(twin, "nop", cache=False)
     before = dict(fallback_counts())
@@ -345,25 +351,10 @@ def test_a_bounded_deque_behind_another_refusal_still_runs_eagerly(api):
     """NOTE [Constructs Dynamo gets wrong], as found by review: a data-dependent branch before the append refused
     the capture first (a Dynamo-safe reason), so the model went the Dynamo way and calls 3-5 differed from eager.
     The module tree itself (a bounded deque attribute) now sends the fallback to eager, in both APIs."""
-    import collections
-
     from aotcache.aot.fallback import fallback_counts
 
-    class History(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-            self.hist = collections.deque(maxlen=2)
-
-        def forward(self, x):
-            h = self.fc(x)
-            if h.sum().item() > 1e9:  # never taken; refuses the capture as data-dependent before the append
-                h = h * 2
-            self.hist.append(h.detach())
-            return h + sum(self.hist)
-
     torch.manual_seed(0)
-    model, twin = History(), History()
+    model, twin = BoundedHistory(item_first=True), BoundedHistory(item_first=True)
     twin.load_state_dict(model.state_dict())
     before = dict(fallback_counts())
     if api == "compile":
