@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from types import MappingProxyType
+from types import FunctionType, MappingProxyType
 from typing import Any
 
 from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
@@ -76,8 +76,8 @@ class SavedProgramState:
                     seen.add(id(value))
                     found.append((f"{owner.__name__}.{key}" if owner is not None else str(key), value))
         cells = {id(cell): name for obj in self._guards.objects  # a closure variable by its name
-                 for name, cell in zip(getattr(getattr(obj, "__code__", None), "co_freevars", ()),
-                                       getattr(obj, "__closure__", None) or ())}
+                 if isinstance(obj, FunctionType)  # not getattr probes: some objects answer any name
+                 for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ())}
         for obj, name in zip(self._guards.objects, self._guards.names):
             value = getattr(obj, name, None)
             if id(value) not in seen and holds_trace_tensor(value, known=self._known):

@@ -690,3 +690,31 @@ def test_a_trace_tensor_the_program_state_held_before_the_capture_does_not_refus
         assert STORE == [users_fake] and STORE[0] is users_fake
     finally:
         _clear_program_state()
+
+
+class _AnswersEveryName:
+    """An object whose ``__getattr__`` answers any name with another such object (pytest-xdist's log
+    ``Producer``, mocks, lazy proxies): ``getattr(obj, "__closure__", None)`` is not None for it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def __getattr__(self, name: str) -> "_AnswersEveryName":
+        return type(self)(self.enabled)
+
+
+_LOGGER = _AnswersEveryName()
+
+
+def _scaled_if_enabled(x):
+    return x * 2 if _LOGGER.enabled else x
+
+
+def test_an_object_answering_every_attribute_name_in_program_state_does_not_break_the_capture():
+    """Found in a full test run: the capture's search of program state for kept trace tensors asked each guarded
+    object for ``__code__`` / ``__closure__``; xdist's ``Producer`` answered with itself ("'Producer' object is
+    not iterable"), and aotcache.compile took the Dynamo way for a function it captures whole."""
+    compiled = aotcache.compile(_scaled_if_enabled, compiler="nop", cache=False)
+    x = torch.randn(3)
+    torch.testing.assert_close(compiled(x), x * 2)
+    assert compiled.route == "aot", compiled.router.reason

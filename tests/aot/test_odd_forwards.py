@@ -61,7 +61,7 @@ def test_an_error_eager_raises_too_keeps_its_type_and_later_calls_compile(route)
     x = torch.randn(3, 4)
     torch.testing.assert_close(compiled(x), x * 2)
     if route == "compile":
-        assert compiled.route == "aot"  # the failing call decided nothing
+        assert compiled.route == "aot", compiled.router.reason  # the failing call decided nothing
 
 
 def test_strict_mode_raises_the_capture_failure_itself(monkeypatch):
