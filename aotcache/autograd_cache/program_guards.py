@@ -77,6 +77,15 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # attribute is guarded by identity (ModuleState only counts the entries of an aot_module's dicts: its hook
 # registries); its entries are guarded as a container's members.
 
+# NOTE [Libraries loaded after the walk]
+# A library a function imports in its body is written into the digest by name and version, plus any user code
+# patched into the attributes the code reads (NOTE [Function-body imports] in code_reading.py); those attributes
+# are guarded only if the library is loaded when the walk runs. One loaded by the first call itself (the
+# capture runs the import) had no guard, so a patch made afterwards (``mylib.f = ...``) kept the graph traced
+# with the old function: a stale result. Such a library is recorded as not loaded; once it is, the guards fail
+# once and the walk runs again, now guarding what the code reads of it (an unpatched library: the same digest,
+# the same graph).
+
 # NOTE [Tensor constants by identity in-process]
 # The digest of a lenient walk names each tensor constant by content *and* identity. By content only, a constant
 # rebound to an equal copy (``self.masks = [m.clone()]``) kept the graph traced with the original, and a compiled
@@ -105,6 +114,12 @@ class GuardRecorder:
         self._env: dict[str, str | None] = {}
         self._tensors: dict[int, tuple[Any, int]] = {}
         self._owners: dict[int, tuple[Any, type]] = {}
+        self._unloaded: dict[str, None] = {}
+
+    def unloaded_module(self, name: str) -> None:
+        """A library module the code imports in a function body, not loaded yet: the walk could not see what
+        the code reads of it (NOTE [Libraries loaded after the walk])."""
+        self._unloaded.setdefault(name, None)
 
     def owner(self, namespace: Any, cls: type) -> None:
         """``namespace`` (a read-only ``vars(cls)``) belongs to ``cls``: a restore writes through the class."""
@@ -165,7 +180,7 @@ class GuardRecorder:
             mappings=mappings, mapping_values=list(_chain(map(_values, mappings))),
             env_names=list(self._env), env_values=list(self._env.values()),
             tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()],
-            owners=dict(self._owners))
+            owners=dict(self._owners), unloaded_modules=list(self._unloaded))
 
 
 @dataclasses.dataclass(eq=False)
@@ -195,6 +210,7 @@ class ProgramGuards:
     tensors: list
     versions: list
     owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> (that view, cls)
+    unloaded_modules: list = dataclasses.field(default_factory=list)  # NOTE [Libraries loaded after the walk]
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -222,13 +238,16 @@ class ProgramGuards:
                 return False
             if self.tensors and list(map(_version_of, self.tensors)) != self.versions:
                 return False
+            if self.unloaded_modules and not all(name not in sys.modules for name in self.unloaded_modules):
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
 
     def __len__(self) -> int:
         return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
-                + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions))
+                + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions)
+                + len(self.unloaded_modules))
 
 
 @dataclasses.dataclass(eq=False)

@@ -579,6 +579,8 @@ class Reachable:
             reason = process_state.module_reason(name) if self.process_state and module is None else None
             if reason:  # once loaded, the walk below notes what the code reads of it
                 self._note(reason)
+            if module is None and self._guards is not None:  # NOTE [Libraries loaded after the walk]
+                self._guards.unloaded_module(name)
             if module is not None and isinstance(module, types.ModuleType):
                 before = self._user_attributes
                 token = self._module_attributes_token(module, names, set())

@@ -1502,3 +1502,44 @@ def test_processes_with_other_list_tensor_values_each_get_their_eager_result(tmp
     first, other, again = run("2.0"), run("3.0"), run("2.0")
     assert first["same"] and other["same"] and again["same"]
     assert other.get("fingerprint_hit", 0) == 0 and again["fingerprint_hit"] == 1
+
+
+@pytest.mark.parametrize("api", ["aot_module", "compile"])
+def test_a_library_first_imported_by_the_capture_and_patched_later_is_seen(tmp_path, monkeypatch, api):
+    """NOTE [Libraries loaded after the walk], as found by review: a forward importing an installed library in
+    its body, loaded by the first call's capture, then patched by user code (``lib.f = ...``), kept the graph
+    traced with the old function. Unpatched, the walk that runs once the library is loaded finds the same graph."""
+    import importlib
+    import sys
+
+    name = f"aotc_bodylib_{api}"
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / f"{name}.py").write_text("def f(t):\n    return t * 2\n")
+    info = site / f"{name}-1.0.dist-info"  # an installed distribution: named with its version, not walked
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text(f"{name}\n")
+    (info / "RECORD").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+    namespace: dict = {}
+    exec(f"def forward(self, x):\n    import {name}\n    return {name}.f(x) + 1\n", namespace)
+    model_type = type("BodyImport", (torch.nn.Module,), {"forward": namespace["forward"]})
+    model = model_type()
+    wrapped = (aotcache.aot_module(model, "nop", cache=False) if api == "aot_module"
+               else aotcache.compile(model, compiler="nop", cache=False))
+    function = wrapped.compiled
+    x = torch.ones(3)
+    from aotcache.autograd_cache.value_kinds import is_library
+
+    assert name not in sys.modules and is_library(name)
+    assert torch.equal(wrapped(x), torch.full((3,), 3.0))
+    assert torch.equal(wrapped(x), torch.full((3,), 3.0))  # loaded now, unpatched: the same graph
+    assert function.num_compiles == 1
+    library = sys.modules[name]
+    monkeypatch.setattr(library, "f", lambda t: t * 3)
+    assert torch.equal(wrapped(x), torch.full((3,), 4.0)) and torch.equal(model(x), torch.full((3,), 4.0))
+    sys.modules.pop(name, None)
