@@ -754,8 +754,8 @@ _OFFSET_OPS = frozenset({"as_strided", "as_strided_", "as_strided_scatter", "as_
 
 def _offsets_matter(analysis: Analysis, gm: torch.fx.GraphModule) -> bool:
     """Whether the compiled graph may depend on its inputs' storage offsets (NOTE [Storage offsets are not part of
-    the signature] in api.py): an output regenerated as a view of an input or a replayed metadata mutation (both
-    absolute geometry), an offset read in Python, or an as_strided-like op in the graph."""
+    the signature] in signature.py): an output regenerated as a view of an input or a replayed metadata mutation
+    (both absolute geometry), an offset read in Python, or an as_strided-like op in the graph."""
     if analysis.reads_offsets or any(info.kind == "alias_of_input" for info in analysis.outputs):
         return True
     if any(getattr(info, "metadata_mutation", None) is not None for info in analysis.inputs):

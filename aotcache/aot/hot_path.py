@@ -117,7 +117,8 @@ class HotSignature:
         self._strides = list(map(_STRIDE, flat_args)) if static else None
         self._offsets = list(map(_OFFSET, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
-        # NOTE [Storage offsets are not part of the signature] (api.py): another offset selects the same runtime, unless its graph depends on offsets or arguments share memory
+        # NOTE [Storage offsets are not part of the signature] (signature.py): another offset selects the same
+        # runtime, unless its graph depends on offsets or arguments share memory
         self._exact_offsets = not self._distinct or getattr(runtime, "input_offsets", ()) is not None
 
     @staticmethod
@@ -253,8 +254,9 @@ def _settings(module: nn.Module) -> tuple:
 
     Plain values (``training``, ``p``, ``eps``, dtypes, tuples of them) by type and value (floats by bits: NOTE
     [Plain values by type]), dicts (the hook registries) by length, lists and sets not at all (modules rebuild
-    some per call), anything else by identity (``id``, kept alive by the snapshot). Objects, lists and hook registries changed in place are seen by the program guards
-    (NOTE [Program guards] in aotcache/autograd_cache/program_guards.py), not here.
+    some per call), anything else by identity (``id``, kept alive by the snapshot). Objects, lists and hook
+    registries changed in place are seen by the program guards (NOTE [Program guards] in
+    aotcache/autograd_cache/program_guards.py), not here.
     """
     settings = []
     memos = generate_memos(type(module))  # NOTE [Generate memos]

@@ -23,7 +23,7 @@ NOTE [Misaligned inputs]
 Inductor generates GPU code that assumes 16-byte aligned inputs when its example input was aligned (vectorized
 loads), and copies an input that arrives misaligned into aligned memory first; on the CPU it assumes nothing
 (unaligned loads). It never guards on alignment, so torch.compile reuses one graph at every offset. aotcache's
-signature leaves alignment out too (NOTE [Storage offsets are not part of the signature] in ``aot/api.py``):
+signature leaves alignment out too (NOTE [Storage offsets are not part of the signature] in ``aot/signature.py``):
 a 0-d timestep taken from ``scheduler.timesteps[i]`` alternates between aligned and misaligned offsets, and a
 graph per alignment doubled the compiles of a diffusion loop. So every compiled graph that may assume
 alignment makes it true at its entry with :func:`copy_misaligned`: the inductor compiler for the inputs
