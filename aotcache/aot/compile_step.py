@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -195,8 +196,11 @@ def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> N
     """Give a training ``runtime`` the joint graph of ``captured`` (the same call's capture) when that graph is a
     pure function of its inputs (NOTE [Double backward through the joint graph] in runtime.py)."""
     metadata = captured.metadata
-    if metadata.is_inference or runtime.metadata.is_inference or metadata.mutated_inputs or any(
+    if metadata.is_inference or runtime.metadata.is_inference or any(
             getattr(info, "metadata_mutation", None) is not None for info in metadata.inputs):
+        return
+    if metadata.mutated_inputs and _differentiable_outputs_read(captured.graph.graph, metadata.mutated_inputs,
+                                                                 runtime._tangent_indices):
         return
     for node in captured.graph.graph.nodes:
         if node.op != "call_function":
@@ -208,3 +212,40 @@ def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> N
                 getattr(node.target, "__module__", "") not in ("_operator", "operator", "math", "builtins"):
             return  # (higher-order ops, Python callables: not plain ATen ops with derivative formulas)
     runtime.joint = captured.graph  # called with the flat inputs, returns the flat (forward, gradient) outputs
+
+
+# NOTE [Replaying a graph that updated its inputs]
+# A double backward runs the joint graph's forward part again, on the call's inputs as they are *then*: an input
+# the graph updated (BatchNorm's running statistics, a step counter) already holds its new value. That replay is
+# still the call's own forward where no differentiable output reads an updated input's value: the updates are
+# computed again and dropped, and the gradients come out as eager's. A training-mode batch norm reads its running
+# statistics only for their update (its output, mean and inverse std come from the batch), so its outputs 0-2 do
+# not count as reading them. Any other read (an input scaled in place and then used) keeps the graph out.
+_BATCH_NORM_TRAINING = "_native_batch_norm_legit_functional"
+
+
+def _differentiable_outputs_read(graph: torch.fx.Graph, mutated: Sequence[int], output_indices: Sequence[int]
+                                 ) -> bool:
+    """Whether a forward output at ``output_indices`` depends on the value of a mutated input (placeholder
+    positions ``mutated``): NOTE [Replaying a graph that updated its inputs]."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    updated = {placeholders[index] for index in mutated if index < len(placeholders)}
+    outputs = next(node for node in reversed(graph.nodes) if node.op == "output").args[0]
+    pending = [outputs[index] for index in output_indices if isinstance(outputs[index], torch.fx.Node)]
+    seen: set = set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in updated:
+            return True
+        sources = node.all_input_nodes
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            producer = node.args[0]
+            if getattr(producer.target, "__name__", "").startswith(_BATCH_NORM_TRAINING) and \
+                    len(producer.args) > 5 and producer.args[5] is True and node.args[1] in (0, 1, 2):
+                # running statistics (arguments 3 and 4) feed only outputs 3 and 4
+                sources = [arg for arg in producer.args[:3] if isinstance(arg, torch.fx.Node)]
+        pending.extend(sources)
+    return False
