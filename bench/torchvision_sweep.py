@@ -11,7 +11,8 @@ picks models). Each model runs in two fresh processes sharing one temporary cach
   (``compile`` = graphs compiled, ``fingerprint_hit`` = calls that skipped the trace, ``traces`` = the AOT
   function's trace count).
 
-Writes ``bench/results/torchvision_sweep.json`` (one record per model).
+Writes ``bench/results/torchvision_sweep.json`` (one record per model). ``--zoo timm`` runs 35 timm architectures
+the same way (timm installed with ``pip install --no-deps timm`` beside torchvision) into ``timm_sweep.json``.
 """
 
 from __future__ import annotations
@@ -205,6 +206,33 @@ MODELS = {
 }
 
 
+
+def _timm(name: str, size: int = 64):
+    """A timm classifier (random weights, 10 classes) at ``size`` pixels where the model takes an image size."""
+
+    def factory():
+        import timm
+
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=10, img_size=size)
+        except TypeError:  # a convolutional model: any size
+            return timm.create_model(name, pretrained=False, num_classes=10)
+
+    return _classifier(factory, size=size)
+
+
+#: ``--zoo timm``: timm architectures of many kinds (CNNs, ViTs, hybrids, MLP-mixers, RNN-based).
+TIMM_MODELS = {f"timm/{name}": _timm(name) for name in (
+    "resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224", "regnetx_002", "ghostnet_100", "levit_128s", "poolformer_s12", "xcit_nano_12_p16_224",
+    "edgenext_xx_small", "fastvit_t8", "efficientvit_b0", "repvit_m1", "mobilevit_xxs", "dla34", "hrnet_w18_small",
+    "lcnet_050", "mnasnet_small", "tinynet_e", "resnest14d", "cspresnet50", "rexnet_100", "mixnet_s",
+    "convmixer_768_32", "coatnet_nano_rw_224", "maxvit_nano_rw_256", "swin_tiny_patch4_window7_224",
+    "beit_base_patch16_224", "eva02_tiny_patch14_224", "nfnet_l0", "botnet26t_256", "sequencer2d_s",
+    "gcvit_xxtiny")}
+MODELS.update(TIMM_MODELS)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # One model in one process
 # ------------------------------------------------------------------------------------------------------------
@@ -348,10 +376,12 @@ def _child(name: str, phase: str, steps: int, cache_dir: str, timeout: float) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names (default: all)")
+    parser.add_argument("--models", help="comma-separated names (default: the whole zoo)")
+    parser.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision",
+                        help="timm: timm's architectures (needs timm; results to timm_sweep.json)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "torchvision_sweep.json"))
+    parser.add_argument("--out")
     parser.add_argument("--no-warm", action="store_true")
     parser.add_argument("--child")
     parser.add_argument("--phase", default="cold")
@@ -359,6 +389,9 @@ def main() -> None:
     if args.child:
         print(RESULT + json.dumps(run_model(args.child, args.phase, args.steps), default=str), flush=True)
         return
+    zoo = TIMM_MODELS if args.zoo == "timm" else {k: v for k, v in MODELS.items() if k not in TIMM_MODELS}
+    args.models = args.models or ",".join(zoo)
+    args.out = args.out or os.path.join(HERE, "results", f"{args.zoo}_sweep.json")
     results = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
