@@ -59,6 +59,19 @@ def _resolve_partition(partition_fn: Callable | None) -> Callable:
     return default_partition
 
 
+_NO_FLOAT_SYMBOLS = ("inductor", "aoti")  # compilers given by name that cannot take a SymFloat graph input
+
+
+def _takes_float_symbols(compiler: Callable | str | None) -> bool:
+    if compiler is None or isinstance(compiler, str):
+        return compiler not in _NO_FLOAT_SYMBOLS
+    while isinstance(compiler, functools.partial):
+        compiler = compiler.func
+    module = str(getattr(compiler, "__module__", None) or "")
+    return not (module.startswith("torch._inductor") or module.startswith("torch._export")
+                or (module.startswith("aotcache.compilers.") and module != "aotcache.compilers.nop"))
+
+
 @dataclasses.dataclass(frozen=True)
 class AOTOptions:
     """The compile options of one ``aot_function``; ``None`` compilers/partition mean the defaults."""
@@ -90,6 +103,12 @@ class AOTOptions:
             hook = getattr(compiler, "warm_up", None)  # aotcache's compilers only: a user's may mean else
             if callable(hook) and str(getattr(compiler, "__module__", "")).startswith("aotcache.compilers."):
                 hook(example_inputs)
+
+    def float_symbols(self) -> bool:
+        """Whether every compiler of these options takes a float graph input (a ``SymFloat`` placeholder): the
+        nop compiler and users' callables do; Inductor and AOTInductor cannot generate code for one, so their
+        graphs keep floats as constants (NOTE [Float arguments] in dynamic_dims.py)."""
+        return all(map(_takes_float_symbols, (self.fw_compiler, self.bw_compiler, self.inference_compiler)))
 
     def decomposition_table(self) -> Mapping | None:
         """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""
