@@ -192,7 +192,8 @@ def _symbolic_float(shape_env: Any, value: float, name: str) -> Any:
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
     source = ConstantSource(name)
-    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    # positive=None: either sign (the default, positive, let sympy decide ``s > 0`` without a guard)
+    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC, positive=None)
     return shape_env.create_symfloatnode(symbol, hint=value, source=source)
 
 

@@ -38,8 +38,10 @@ compile traces it as a float symbol (``ShapeEnv.create_symbol`` of the float, a 
 Later values reuse that graph while its guards hold: a branch on it (``if scale > 0``) becomes a guard, and
 ``float(scale)``, ``math.*`` of it or a size computed from it specialize the graph (a guard ``scale == 0.5``:
 correct, that graph then serves that value only). A loop passing a new float every call traced (and stored) a
-graph per value, forever; torch.compile compiles two. NaN and infinities stay constants (as torch.compile keeps
-them; guards cannot compare them), ``dynamic=True`` leaves floats constants as it leaves ints, and ``bool`` is
+graph per value, forever; torch.compile compiles two. NaN and the infinities stay constants (as torch.compile
+keeps them; guards cannot compare them), and so do 0.0 and -0.0: a guard ``scale == 0.0`` of a graph that
+specialized on a zero would admit the other zero, whose results differ (``1 / scale``: NOTE [Floats by bits]).
+``dynamic=True`` leaves floats constants as it leaves ints, and ``bool`` is
 never a symbol. Only compilers that take a float graph input get float symbols (``AOTOptions.float_symbols``:
 the nop compiler, a user's compiler callable); Inductor and AOTInductor cannot generate code for a float symbol
 (a C++ error, an undeclared ``zf0``), so with them a float stays a constant per value, bounded by the recompile
@@ -101,6 +103,12 @@ def _sizes(arg: Any, floats: bool = False) -> tuple | None:
     if floats and type(arg) is float:  # NOTE [Float arguments]
         return (float_bits(arg),)
     return None
+
+
+def _float_constant(value: float) -> bool:
+    """Whether a marked float argument still stays a constant: NaN, the infinities and the two zeros (NOTE [Float
+    arguments])."""
+    return not math.isfinite(value) or value == 0.0
 
 
 def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
@@ -168,7 +176,7 @@ class DynamicDims:
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
-        return tuple(() if type(flat_args[index]) is float and not math.isfinite(flat_args[index])  # a constant
+        return tuple(() if type(flat_args[index]) is float and _float_constant(flat_args[index])
                      else tuple(sorted(dim for position, dim in marked if position == index))
                      for index in range(len(flat_args)))
 

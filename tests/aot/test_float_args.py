@@ -1,0 +1,286 @@
+"""Python float arguments as symbols under automatic dynamic shapes (NOTE [Float arguments]) and the recompile limit
+(NOTE [Recompile limit]): eager's results bit for bit, a bounded number of traces, warm starts across processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache import config
+from aotcache.aot import aot_function, aot_module
+from aotcache.aot.fallback import fallback_counts
+from aotcache.aot.recompile_limit import RecompileLimitReached
+from tests.conftest import run_python
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x, scale):
+        return self.l(x) * scale
+
+
+def test_a_float_changing_every_call_compiles_two_graphs_and_gives_eagers_values():
+    torch.manual_seed(0)
+    model = Scaled()
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(4, 16)
+    for i in range(12):
+        scale = 0.1 * i + 0.05
+        got, want = compiled(x, scale), model(x, scale)
+        assert torch.equal(got, want), i
+        got.sum().backward()
+    assert compiled.compiled.num_compiles == 2  # the first value static, then the float as a symbol
+    assert compiled.compiled.traces.traces(model) == 2
+
+
+def test_the_first_value_keeps_its_static_graph_and_nan_inf_and_zeros_stay_constants():
+    def fn(x, s):
+        return x * s + 1
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(5)
+    for s in (0.5, 0.25, 0.5, 0.75):
+        assert torch.equal(compiled(x, s), fn(x, s))
+    assert compiled.num_compiles == 2
+    for s in (math.nan, math.inf, -math.inf, 1.5):  # non-finite values: a constant graph each (torch.compile too)
+        torch.testing.assert_close(compiled(x, s), fn(x, s), rtol=0, atol=0, equal_nan=True)
+    assert compiled.num_compiles == 5
+
+
+def test_a_graph_specialized_on_a_zero_never_serves_the_other_zero():
+    def fn(x, s):
+        return x / math.copysign(1.0, 1 / s if s else s)  # specializes on s; the sign of a zero matters
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.ones(3)
+    for s in (0.5, 0.0, -0.0, 0.0, -0.0, 2.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16,
+                                   torch.float64])
+def test_a_float_symbol_promotes_as_the_python_float_does(dtype):
+    # NOTE [Float arguments]: int_tensor * scale is float32 (the default dtype), half * scale stays half
+    def fn(x, s):
+        return x * s, x + s, x / s, torch.full((2,), s) * x[:2]
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.arange(1, 7).to(dtype)
+    for s in (0.3, 1.7, -2.9):
+        got, want = compiled(x, s), fn(x, s)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (dtype, s)
+    assert compiled.num_compiles == 2
+
+
+def test_a_branch_on_the_float_becomes_a_guard():
+    def fn(x, s):
+        return x * s if s > 0 else x.sin() * -s
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9, 3.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 2  # 0.5 static; one graph for every s > 0
+    for s in (-0.3, -2.0, 1.25):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 3  # a graph for s <= 0, then the s > 0 one again
+
+
+def test_math_of_the_float_specializes_and_never_serves_another_value():
+    def fn(x, s):
+        return x * math.sqrt(s)  # a float() of the symbol: the graph holds its value (a guard)
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9, 0.7, 2.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+
+
+def test_dynamic_true_leaves_floats_constants_and_bool_is_never_a_symbol():
+    def fn(x, s, flag):
+        return x * s if flag else x - s
+
+    compiled = aot_function(fn, "nop", dynamic=True, cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9):
+        assert torch.equal(compiled(x, s, True), fn(x, s, True))
+    assert compiled.num_compiles == 3  # as ints: dynamic=True makes tensors' sizes dynamic, not Python numbers
+    automatic = aot_function(fn, "nop", cache=False)
+    for flag in (True, False, True):
+        for s in (0.5, 0.7, 0.9):
+            assert torch.equal(automatic(x, s, flag), fn(x, s, flag))
+    assert automatic.num_compiles == 4  # per bool value: the first float static, then one with the symbol
+
+
+def test_inductor_keeps_floats_constants():
+    # NOTE [Float arguments]: Inductor cannot generate code for a float symbol; no capture is needed to decide
+    from aotcache.aot.compile_step import AOTOptions
+
+    assert AOTOptions(fw_compiler="nop").float_symbols() and AOTOptions().float_symbols()
+    assert not AOTOptions(fw_compiler="inductor").float_symbols()
+    assert not AOTOptions(fw_compiler="nop", bw_compiler="aoti").float_symbols()
+    assert AOTOptions(fw_compiler=lambda gm, example_inputs: gm).float_symbols()
+
+
+class TemperatureLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x, target, temperature, weight):
+        logits = self.l2(torch.relu(self.l1(x))) / temperature
+        return nn.functional.cross_entropy(logits, target) * weight + weight * temperature
+
+
+def test_float_arguments_of_a_training_step_give_eagers_gradients():
+    torch.manual_seed(0)
+    model, reference = TemperatureLoss(), TemperatureLoss()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, "nop", cache=False)
+    x, target = torch.randn(4, 8), torch.tensor([0, 2, 1, 2])
+    for step in range(6):
+        temperature, weight = 2.0 * 0.8 ** step, 0.1 + 0.05 * step
+        loss, want = compiled(x, target, temperature, weight), reference(x, target, temperature, weight)
+        assert torch.equal(loss, want), step
+        loss.backward()
+        want.backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), (step, name)
+    assert compiled.compiled.num_compiles == 2
+
+
+# Across processes: a float-dynamic entry loads for a new value without tracing; a value baked into a graph
+# (a constant, or a specialized symbol) never serves another value.
+WARM = """
+import json, math, sys, torch
+from aotcache.aot import aot_function
+from aotcache.autograd_cache.cache import default_cache
+
+def plain(x, s):
+    return torch.tanh(x * s) + s
+
+def specialized(x, s):
+    return x * math.sqrt(s)
+
+fn = {"plain": plain, "specialized": specialized}[sys.argv[1]]
+compiled = aot_function(fn, "nop")
+x = torch.linspace(-2, 2, 8)
+equal = [bool(torch.equal(compiled(x, float(v)), fn(x, float(v)))) for v in sys.argv[2:]]
+print(json.dumps({**default_cache().stats(), "traces": compiled.traces.traces(), "equal": equal}))
+"""
+
+
+def _run(tmp_path, *argv: str) -> dict:
+    script = tmp_path / "warm.py"
+    script.write_text(WARM)
+    proc = run_python(f"import runpy, sys; sys.argv = ['warm', *{list(argv)!r}]; runpy.run_path({str(script)!r})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_process_loads_the_float_graph_for_a_new_value_and_never_reuses_a_baked_value(tmp_path):
+    cold = _run(tmp_path, "plain", "0.5", "0.7")
+    assert cold["traces"] == 2 and all(cold["equal"])
+    warm = _run(tmp_path, "plain", "0.5", "0.9", "-1.3")  # 0.5 static, 0.9 through the symbol: both loaded
+    assert warm["traces"] == 0 and warm["hit"] == 2 and all(warm["equal"]), warm
+    other = _run(tmp_path, "plain", "0.6")  # a first value is a constant: 0.5's static graph must not serve it
+    assert other["traces"] == 1 and other["hit"] == 0 and all(other["equal"]), other
+    cold = _run(tmp_path, "specialized", "0.5", "0.7")  # the symbol's graph is guarded by s == 0.7
+    assert cold["traces"] == 2 and all(cold["equal"])
+    again = _run(tmp_path, "specialized", "0.5", "0.7")
+    assert again["traces"] == 0 and again["hit"] == 2, again
+    new = _run(tmp_path, "specialized", "0.5", "0.9")
+    assert new["traces"] == 1 and new["hit"] == 1 and all(new["equal"]), new  # 0.9 fails the guard s == 0.7
+
+
+# NOTE [Recompile limit]
+
+
+class Annealed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 4)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.l(x) * self.scale
+
+
+def test_a_setting_changing_every_call_stops_tracing_at_the_limit_and_runs_eagerly(caplog):
+    torch.manual_seed(0)
+    model = Annealed()
+    compiled = aot_module(model, "nop", cache=False)
+    x = torch.randn(3, 8)
+    before = fallback_counts().get("eager:recompile_limit", 0)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for step in range(12):
+            model.scale = 0.9 ** step
+            assert torch.equal(compiled(x), model(x)), step
+    assert compiled.compiled.num_compiles == 8
+    assert fallback_counts().get("eager:recompile_limit", 0) - before == 4
+    warnings = [r.getMessage() for r in caplog.records if "recompile limit" in r.getMessage()]
+    assert len(warnings) == 1 and "Annealed" in warnings[0] and "module settings changed" in warnings[0]
+    model.scale = 0.9 ** 3  # a value compiled before: its graph is still used
+    assert torch.equal(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 8 and fallback_counts()["eager:recompile_limit"] - before == 4
+    with torch.no_grad():  # another mode has its own count
+        model.scale = 5.0
+        assert torch.equal(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 9
+
+
+def test_the_limit_names_the_changing_argument_and_is_configurable(caplog):
+    def fn(x, s):
+        return x * s
+
+    compiled = aot_function(fn, "nop", dynamic=False, cache=False)  # floats constants: a trace per value
+    x = torch.randn(4)
+    with config.patch(recompile_limit=3), caplog.at_level(logging.WARNING, logger="aotcache"):
+        for step in range(6):
+            assert torch.equal(compiled(x, 0.5 + step), fn(x, 0.5 + step))
+    assert compiled.num_compiles == 3
+    assert "flat argument 1: value" in caplog.text and "-> 3.5" in caplog.text
+    with config.patch(recompile_limit=0):  # no limit
+        for step in range(6, 9):
+            assert torch.equal(compiled(x, 0.5 + step), fn(x, 0.5 + step))
+    assert compiled.num_compiles == 6
+
+
+def test_strict_mode_raises_at_the_limit():
+    def fn(x, s):
+        return x * s
+
+    compiled = aotcache.compile(fn, compiler="nop", dynamic=False)
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2, strict=True):
+        compiled(x, 1.0)
+        compiled(x, 2.0)
+        with pytest.raises(RecompileLimitReached, match="recompile limit"):
+            compiled(x, 3.0)
+        assert torch.equal(compiled(x, 2.0), fn(x, 2.0))  # compiled graphs still serve their calls
+    assert compiled.route == "aot"
+
+
+def test_loads_from_the_cache_do_not_count():
+    def fn(x, s):
+        return x - s
+
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2):
+        first = aot_function(fn, "nop", dynamic=False)
+        for s in (1.0, 2.0):
+            first(x, s)
+        again = aot_function(fn, "nop", dynamic=False)  # a new function: both values load from the cache
+        for s in (1.0, 2.0, 3.0, 4.0, 5.0):
+            assert torch.equal(again(x, s), fn(x, s))
+        assert again.num_compiles == 4 and again.traces.traces() == 2  # 2 loads, 2 traces, 5.0 eager
