@@ -207,6 +207,9 @@ class AOTFunction:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
                         self._last_change = describe_new_signature(list(self._entries), key)
                         event(logging.INFO, "aotcache: re-tracing %s: %s", self.name, self._last_change)
+                    past_limit = self.traces.exhausted(self.name, getattr(self, "fingerprint_module", None))
+                    if past_limit is not None:  # NOTE [Recompile limit]: no lookup either
+                        return eager_past_recompile_limit(self, in_spec, past_limit, self._last_change)
                     # NOTE [State changed by a capture]: each run of the Python starts from the call's state
                     saved = self._saved_state = self._save_call_state(extra)
                     try:

@@ -284,3 +284,21 @@ def test_loads_from_the_cache_do_not_count():
         for s in (1.0, 2.0, 3.0, 4.0, 5.0):
             assert torch.equal(again(x, s), fn(x, s))
         assert again.num_compiles == 4 and again.traces.traces() == 2  # 2 loads, 2 traces, 5.0 eager
+
+
+def test_past_the_limit_the_cache_is_looked_up_until_as_many_calls_found_nothing(monkeypatch):
+    torch.manual_seed(0)
+    model = Annealed()
+    compiled = aot_module(model, "nop")  # with the cache: a call past the limit may still load
+    lookups = []
+    services = compiled.compiled.services
+    original = type(services).compile_call
+    monkeypatch.setattr(type(services), "compile_call",
+                        lambda self, *args: lookups.append(1) or original(self, *args))
+    x = torch.randn(3, 8)
+    with config.patch(recompile_limit=2):
+        for step in range(10):
+            model.scale = 0.5 + step
+            assert torch.equal(compiled(x), model(x)), step
+    assert compiled.compiled.num_compiles == 2
+    assert len(lookups) == 4  # 2 traces, then 2 calls past the limit that looked in the cache; then none
