@@ -46,7 +46,10 @@ never a symbol. Only compilers that take a float graph input get float symbols (
 the nop compiler, a user's compiler callable); Inductor and AOTInductor cannot generate code for a float symbol
 (a C++ error, an undeclared ``zf0``), so with them a float stays a constant per value, bounded by the recompile
 limit (NOTE [Recompile limit] in recompile_limit.py). A float symbol takes eager's type promotion: ``int_tensor *
-scale`` is float32 (the default dtype), ``half_tensor * scale`` half, as with the Python float.
+scale`` is float32 (the default dtype), ``half_tensor * scale`` half, as with the Python float. Where torch
+cannot trace the symbol (``(1 - scale) ** 2``: a symbolic power needs a base it can prove >= 0), the compile
+with symbols fails and the function gives up automatic dynamic shapes, as for any failed dynamic compile
+(:meth:`DynamicDims.abandon`): a graph per value, bounded by the recompile limit, eager's results.
 
 NOTE [The first shape keeps its graph]
 A call whose sizes equal the first call's takes the static spec even after dimensions were marked, so it

@@ -71,7 +71,8 @@ def test_a_graph_specialized_on_a_zero_never_serves_the_other_zero():
 def test_a_float_symbol_promotes_as_the_python_float_does(dtype):
     # NOTE [Float arguments]: int_tensor * scale is float32 (the default dtype), half * scale stays half
     def fn(x, s):
-        return x * s, x + s, x / s, torch.full((2,), s) * x[:2]
+        return (x * s, x + s, x / s, torch.full((2,), s) * x[:2], torch.tensor(s) * x, torch.tensor([s, 2.0]),
+                x * (1 - s) * (s * s + 1) ** 0.5, torch.tensor(s, dtype=torch.float64) + x)
 
     compiled = aot_function(fn, "nop", cache=False)
     x = torch.arange(1, 7).to(dtype)
@@ -80,6 +81,19 @@ def test_a_float_symbol_promotes_as_the_python_float_does(dtype):
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b), (dtype, s)
     assert compiled.num_compiles == 2
+
+
+def test_a_float_symbol_torch_cannot_trace_falls_back_to_a_graph_per_value(caplog):
+    def fn(x, s):
+        return x * (1 - s) ** 2  # torch refuses a symbolic power of a base it cannot prove >= 0
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(4)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for s in (0.3, 1.7, -2.9, 1.7):
+            assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 4  # 0.3, the failed symbolic attempt, 1.7 and -2.9 as constants
+    assert "compiling with dynamic dimensions failed" in caplog.text
 
 
 def test_a_branch_on_the_float_becomes_a_guard():
