@@ -136,6 +136,21 @@ def test_dynamic_true_leaves_floats_constants_and_bool_is_never_a_symbol():
     assert automatic.num_compiles == 4  # per bool value: the first float static, then one with the symbol
 
 
+@pytest.mark.slow
+def test_inductor_compiles_the_float_as_a_constant_and_stops_at_the_limit():
+    # one real Inductor compile: the float is a constant of the graph (no float symbol reaches Inductor, which
+    # cannot generate code for one), and the next value, past a limit of 1, runs eagerly
+    def fn(x, s):
+        return (x * s).sin()
+
+    compiled = aot_function(fn, "inductor", cache=False)
+    x = torch.randn(8)
+    with config.patch(recompile_limit=1):
+        for s in (0.5, 0.7, 0.5):
+            torch.testing.assert_close(compiled(x, s), fn(x, s))
+    assert compiled.num_compiles == 1 and not compiled._dims.float_symbols
+
+
 def test_inductor_keeps_floats_constants():
     # NOTE [Float arguments]: Inductor cannot generate code for a float symbol; no capture is needed to decide
     from aotcache.aot.compile_step import AOTOptions
