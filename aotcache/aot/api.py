@@ -46,6 +46,7 @@ from aotcache.aot.fallback import (
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
+from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
@@ -177,9 +178,14 @@ class AOTFunction:
         lock)."""
         options = self._resolve_dynamic(flat_args, in_spec, extra)
         try:
-            return self._runtime_with(flat_args, in_spec, extra, program, options)
+            with caller_retries():  # NOTE [Float inputs for Inductor]: handled below
+                return self._runtime_with(flat_args, in_spec, extra, program, options)
         except (CacheFault, RecompileLimitReached):
             raise  # strict mode's cache fault or recompile limit is not a failure of dynamic shapes
+        except FloatInputsUnsupported as exc:  # NOTE [Float inputs for Inductor]: floats become constants again
+            if not self._dims.drop_float_symbols(exc, self.name):
+                raise
+            return self._runtime_for(flat_args, in_spec, extra, program)
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
             if not self._dims.automatic(options.dynamic):
                 raise

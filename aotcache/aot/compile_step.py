@@ -59,7 +59,9 @@ def _resolve_partition(partition_fn: Callable | None) -> Callable:
     return default_partition
 
 
-_NO_FLOAT_SYMBOLS = ("inductor", "aoti")  # compilers given by name that cannot take a SymFloat graph input
+# compilers given by name that cannot take a SymFloat graph input (Inductor takes it as a 0-d tensor: NOTE [Float
+# inputs for Inductor] in compilers/float_inputs.py; AOTInductor's runtime takes tensors and ints only)
+_NO_FLOAT_SYMBOLS = ("aoti",)
 
 
 def _takes_float_symbols(compiler: Callable | str | None) -> bool:
@@ -69,7 +71,8 @@ def _takes_float_symbols(compiler: Callable | str | None) -> bool:
         compiler = compiler.func
     module = str(getattr(compiler, "__module__", None) or "")
     return not (module.startswith("torch._inductor") or module.startswith("torch._export")
-                or (module.startswith("aotcache.compilers.") and module != "aotcache.compilers.nop"))
+                or (module.startswith("aotcache.compilers.")
+                    and module not in ("aotcache.compilers.nop", "aotcache.compilers.inductor")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +109,9 @@ class AOTOptions:
 
     def float_symbols(self) -> bool:
         """Whether every compiler of these options takes a float graph input (a ``SymFloat`` placeholder): the
-        nop compiler and users' callables do; Inductor and AOTInductor cannot generate code for one, so their
-        graphs keep floats as constants (NOTE [Float arguments] in dynamic_dims.py)."""
+        nop compiler and users' callables do, Inductor as a 0-d tensor (NOTE [Float inputs for Inductor]);
+        AOTInductor does not, so its graphs keep floats as constants (NOTE [Float arguments] in
+        dynamic_dims.py)."""
         return all(map(_takes_float_symbols, (self.fw_compiler, self.bw_compiler, self.inference_compiler)))
 
     def decomposition_table(self) -> Mapping | None:

@@ -149,6 +149,17 @@ class DynamicDims:
                  str(exc).splitlines()[0] if str(exc) else "")
         return True
 
+    def drop_float_symbols(self, exc: BaseException, name: str) -> bool:
+        """After a compile whose compiler could not take a float symbol (NOTE [Float inputs for Inductor]): True
+        if floats were symbols, now constants for good (the caller compiles the call again); else False."""
+        if not self.float_symbols:
+            return False
+        self.float_symbols = False
+        log_once(logging.INFO, f"dynamic:floats:{name}",
+                 "aotcache: %s: the compiler cannot take a float argument as a symbol here (%s); floats are "
+                 "constants of its graphs from now on (a graph per value, up to the recompile limit)", name, exc)
+        return True
+
     def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
              ) -> DimSpec | bool:
         """The spec of this call: False (static), or the dims to trace as symbols.
@@ -179,9 +190,11 @@ class DynamicDims:
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
-        return tuple(() if type(flat_args[index]) is float and _float_constant(flat_args[index])
+        spec = tuple(() if type(flat_args[index]) is float and (not self.float_symbols
+                                                                 or _float_constant(flat_args[index]))
                      else tuple(sorted(dim for position, dim in marked if position == index))
                      for index in range(len(flat_args)))
+        return spec if any(spec) else False  # (only floats marked, and each a constant now)
 
     def options_for(self, options: Any, spec: DimSpec | bool) -> Any:
         """``options`` with ``dynamic`` set to ``spec`` (memoized: the same object for the same spec)."""
