@@ -136,29 +136,40 @@ def test_dynamic_true_leaves_floats_constants_and_bool_is_never_a_symbol():
     assert automatic.num_compiles == 4  # per bool value: the first float static, then one with the symbol
 
 
-@pytest.mark.slow
-def test_inductor_compiles_the_float_as_a_constant_and_stops_at_the_limit():
-    # one real Inductor compile: the float is a constant of the graph (no float symbol reaches Inductor, which
-    # cannot generate code for one), and the next value, past a limit of 1, runs eagerly
-    def fn(x, s):
-        return (x * s).sin()
-
-    compiled = aot_function(fn, "inductor", cache=False)
-    x = torch.randn(8)
-    with config.patch(recompile_limit=1):
-        for s in (0.5, 0.7, 0.5):
-            torch.testing.assert_close(compiled(x, s), fn(x, s))
-    assert compiled.num_compiles == 1 and not compiled._dims.float_symbols
-
-
-def test_inductor_keeps_floats_constants():
-    # NOTE [Float arguments]: Inductor cannot generate code for a float symbol; no capture is needed to decide
+def test_which_compilers_take_float_symbols():
+    # NOTE [Float arguments]: AOTInductor's runtime takes tensors and ints only; Inductor takes a float as a 0-d
+    # tensor (NOTE [Float inputs for Inductor]); no capture is needed to decide
     from aotcache.aot.compile_step import AOTOptions
 
     assert AOTOptions(fw_compiler="nop").float_symbols() and AOTOptions().float_symbols()
-    assert not AOTOptions(fw_compiler="inductor").float_symbols()
+    assert AOTOptions(fw_compiler="inductor").float_symbols()
     assert not AOTOptions(fw_compiler="nop", bw_compiler="aoti").float_symbols()
     assert AOTOptions(fw_compiler=lambda gm, example_inputs: gm).float_symbols()
+    compiled = aot_function(lambda x, s: x * s, "aoti", cache=False)
+    assert not compiled._dims.float_symbols
+
+
+def test_a_compiler_refusing_a_float_symbol_gets_floats_as_constants_and_sizes_stay_dynamic():
+    from aotcache.compilers.float_inputs import FloatInputsUnsupported
+
+    def compiler(gm, example_inputs):  # as the inductor compiler refuses a float use it cannot rewrite
+        if any(isinstance(value, torch.SymFloat) for value in example_inputs):
+            raise FloatInputsUnsupported("no tensor form")
+        return gm
+
+    def fn(x, s):
+        return x * s
+
+    compiled = aot_function(fn, compiler, cache=False)
+    for s in (0.5, 0.7, 0.9, 0.7):
+        x = torch.randn(4)
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert not compiled._dims.float_symbols
+    assert compiled.num_compiles == 4  # 0.5; 0.7 with the symbol (refused), then as a constant; 0.9
+    for rows in (5, 6, 7):  # sizes still become dynamic: one more graph for every size at 0.9
+        x = torch.randn(rows)
+        assert torch.equal(compiled(x, 0.9), fn(x, 0.9))
+    assert compiled.num_compiles == 5
 
 
 class TemperatureLoss(nn.Module):
@@ -331,3 +342,77 @@ def test_past_the_limit_the_cache_is_looked_up_until_as_many_calls_found_nothing
             assert torch.equal(compiled(x), model(x)), step
     assert compiled.compiled.num_compiles == 2
     assert len(lookups) == 4  # 2 traces, then 2 calls past the limit that looked in the cache; then none
+
+
+# NOTE [Float inputs for Inductor]: the rewrite checked without Inductor (the rewritten graph runs as Python),
+# then one real Inductor compile
+
+
+def _captured(fn, args, spec, **kwargs):
+    from aotcache.aot.capture import capture
+    from aotcache.compilers.inductor import decompositions
+
+    return capture(fn, args, decompositions=decompositions(), dynamic=spec, **kwargs)
+
+
+def test_the_float_rewrite_of_a_training_forward_passes_the_float_through_to_the_backward():
+    from aotcache.aot.partition import default_partition
+    from aotcache.aot.runtime import unboxed
+    from aotcache.compilers import aoti_lib
+    from aotcache.compilers.float_inputs import tensorify_float_inputs
+
+    def fn(x, w, s):
+        return ((x @ w) / s).tanh().sum() * s
+
+    x, w = torch.randn(3, 4), torch.randn(4, 2, requires_grad=True)
+    captured = _captured(fn, [x, w, 0.7], ((), (), (0,)))
+    forward, _ = default_partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    rewritten = aoti_lib.copy_graph_module(forward)
+    plan = tensorify_float_inputs(rewritten, captured.fake_mode, on_gpu=False)
+    assert plan is not None and plan.inputs == (2,) and plan.passthrough  # the backward needs s: saved as is
+    assert not [n for n in rewritten.graph.nodes if isinstance(n.meta.get("val"), torch.SymFloat)]
+    for s in (0.7, 1.9, -0.4):
+        args = [x, w.detach(), s]
+        expected = unboxed(forward)(*args)
+        got = plan.outputs(unboxed(rewritten)(*plan.arguments(args)), args)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert type(a) is type(b), (a, b)  # the saved float stays a float
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_a_float_use_torch_cannot_rewrite_is_refused_not_specialized():
+    from aotcache.compilers import aoti_lib
+    from aotcache.compilers.float_inputs import FloatInputsUnsupported, tensorify_float_inputs
+
+    def fn(x, s):
+        return x * torch.full((4,), s)  # aten.full of the symbol: no tensor form in torch's pass
+
+    with torch.no_grad():
+        captured = _captured(fn, [torch.randn(4), 0.7], ((), (0,)))
+    with pytest.raises(FloatInputsUnsupported):
+        tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=False)
+    with pytest.raises(FloatInputsUnsupported, match="GPU"):
+        tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=True)
+    assert any(isinstance(n.meta.get("val"), torch.SymFloat) for n in captured.graph.graph.nodes)  # a copy was rewritten
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_float_input_once_for_every_value_and_its_artifact_loads():
+    # one real Inductor compile
+    from aotcache.compilers.base import load_artifact
+    from aotcache.compilers.inductor import InductorCompiledGraph, inductor_compiler
+
+    def fn(x, s):
+        return (x * s).sin() + s * 2.0
+
+    x = torch.randn(8)
+    with torch.no_grad():
+        captured = _captured(fn, [x, 0.7], ((), (0,)))
+    compiled = inductor_compiler(captured.graph, captured.primals)
+    assert isinstance(compiled, InductorCompiledGraph)
+    loaded = load_artifact(compiled.artifact())
+    for s in (0.7, 1.3, -2.5):
+        for graph in (compiled, loaded):
+            (got,) = graph(x, s)
+            torch.testing.assert_close(got, fn(x, s))
