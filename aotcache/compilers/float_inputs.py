@@ -112,6 +112,25 @@ def _float_symbols(value: Any) -> set:
     return found
 
 
+@contextlib.contextmanager
+def _dynamo_specializations_kept() -> Iterator[None]:
+    """Dynamo's process-wide set of float symbols to specialize at its next restart, as it was: torch's pass adds
+    the names of floats it could not rewrite there, for Dynamo's restart; ours is no Dynamo frame."""
+    try:
+        from torch._dynamo.symbolic_convert import TensorifyState
+
+        names = TensorifyState.force_specializations
+    except (ImportError, AttributeError):
+        yield
+        return
+    saved = set(names)
+    try:
+        yield
+    finally:
+        names.clear()
+        names.update(saved)
+
+
 def tensorify_float_inputs(gm: torch.fx.GraphModule, fake_mode: Any, on_gpu: bool) -> FloatInputs | None:
     """Rewrite ``gm`` (a copy the caller owns) so that its float placeholders are 0-d float64 tensors; the plan
     to call it with, or None when it has no float placeholder.
@@ -158,7 +177,8 @@ def tensorify_float_inputs(gm: torch.fx.GraphModule, fake_mode: Any, on_gpu: boo
         graph.erase_node(node)
     gm.recompile()
     try:
-        tensorify_python_scalars(gm, shape_env, fake_mode)
+        with _dynamo_specializations_kept():
+            tensorify_python_scalars(gm, shape_env, fake_mode)
     except Exception as exc:  # noqa: BLE001 - a private pass: any failure (or its restart request) refuses
         raise FloatInputsUnsupported(f"torch's tensorify pass failed: {type(exc).__name__}: {exc}") from None
     graph.eliminate_dead_code()

@@ -390,8 +390,11 @@ def test_a_float_use_torch_cannot_rewrite_is_refused_not_specialized():
 
     with torch.no_grad():
         captured = _captured(fn, [torch.randn(4), 0.7], ((), (0,)))
+    from torch._dynamo.symbolic_convert import TensorifyState
+
     with pytest.raises(FloatInputsUnsupported):
         tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=False)
+    assert TensorifyState.empty()  # torch's pass asked Dynamo to specialize; no Dynamo frame of ours to restart
     with pytest.raises(FloatInputsUnsupported, match="GPU"):
         tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=True)
     assert any(isinstance(n.meta.get("val"), torch.SymFloat) for n in captured.graph.graph.nodes)  # a copy was rewritten
