@@ -85,8 +85,8 @@ class CachedCompileServices(CompileServices):
         fingerprint = fingerprint_of(function, flat_args, in_spec, options)
 
         def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
-            function.begin_trace()  # NOTE [Recompile limit]: no entry loaded through the fingerprint
             self.before_capture(function, target_cache, fingerprint)
+            function.begin_trace()  # NOTE [Recompile limit]: no entry loaded through the fingerprint
             return compile_function_cached(target_cache, flat_fn, flat_args, options, name=function.name,
                                            memo=function.key_memo, on_key=on_key)
 

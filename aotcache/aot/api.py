@@ -46,13 +46,13 @@ from aotcache.aot.fallback import (
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
-from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.signature import input_offsets, offsets_hold, rank_signature_of, signature_of
+from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
 

@@ -41,13 +41,13 @@ correct, that graph then serves that value only). A loop passing a new float eve
 graph per value, forever; torch.compile compiles two. NaN and the infinities stay constants (as torch.compile
 keeps them; guards cannot compare them), and so do 0.0 and -0.0: a guard ``scale == 0.0`` of a graph that
 specialized on a zero would admit the other zero, whose results differ (``1 / scale``: NOTE [Floats by bits]).
-``dynamic=True`` leaves floats constants as it leaves ints, and ``bool`` is
-never a symbol. Only compilers that take a float graph input get float symbols (``AOTOptions.float_symbols``:
-the nop compiler, a user's compiler callable, and Inductor, as a 0-d float64 tensor: NOTE [Float inputs for
-Inductor] in compilers/float_inputs.py; where that rewrite is refused, :meth:`DynamicDims.drop_float_symbols`
-makes the function's floats constants for good). AOTInductor takes tensors and ints only, so with it a float
-stays a constant per value, bounded by the recompile limit (NOTE [Recompile limit] in recompile_limit.py). A float symbol takes eager's type promotion: ``int_tensor *
-scale`` is float32 (the default dtype), ``half_tensor * scale`` half, as with the Python float. Where torch
+``dynamic=True`` leaves floats constants as it leaves ints, and ``bool`` is never a symbol. Only compilers that
+take a float graph input get float symbols (``AOTOptions.float_symbols``: the nop compiler, a user's compiler
+callable, and Inductor, as a 0-d float64 tensor: NOTE [Float inputs for Inductor] in compilers/float_inputs.py;
+where that rewrite is refused, :meth:`DynamicDims.drop_float_symbols` makes the function's floats constants for
+good). AOTInductor takes tensors and ints only, so with it a float stays a constant per value, bounded by the
+recompile limit (NOTE [Recompile limit] in recompile_limit.py). A float symbol takes eager's type promotion:
+``int_tensor * scale`` is float32 (the default dtype), ``half_tensor * scale`` half, as with the Python float. Where torch
 cannot trace the symbol (``(1 - scale) ** 2``: a symbolic power needs a base it can prove >= 0), the compile
 with symbols fails and the function gives up automatic dynamic shapes, as for any failed dynamic compile
 (:meth:`DynamicDims.abandon`): a graph per value, bounded by the recompile limit, eager's results.
