@@ -76,6 +76,7 @@ class CachedCompileServices(CompileServices):
 
         cache = resolve_cache(function.cache)
         if cache is None:
+            function.begin_trace()  # NOTE [Recompile limit]: a trace, not a load
             return compile_function(flat_fn, flat_args, options)
         from aotcache.autograd_cache.fingerprint_cache import compile_with_fingerprint, fingerprint_of
         from aotcache.autograd_cache.pipeline import compile_function_cached
@@ -85,6 +86,7 @@ class CachedCompileServices(CompileServices):
 
         def full_path(target_cache: Any, on_key: Callable | None = None) -> CompiledRuntime:
             self.before_capture(function, target_cache, fingerprint)
+            function.begin_trace()  # NOTE [Recompile limit]: no entry loaded through the fingerprint
             return compile_function_cached(target_cache, flat_fn, flat_args, options, name=function.name,
                                            memo=function.key_memo, on_key=on_key)
 

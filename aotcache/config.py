@@ -79,6 +79,16 @@ def _parse_int(text: str) -> int:
         raise ValueError("an integer (e.g. 3600)") from None
 
 
+def _parse_count(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("a whole number >= 0 (e.g. 8)") from None
+    if value < 0:
+        raise ValueError("a whole number >= 0 (e.g. 8)")
+    return value
+
+
 def _parse_float(text: str) -> float:
     try:
         value = float(text.strip())
@@ -242,6 +252,11 @@ _register("job_id", _parse_job_id, None,
 _register("progress", parse_bool, True,
           "Show live progress (graph, stage, elapsed) of compiles longer than a second on stderr, when it is a "
           "terminal.", "a boolean")
+_register("recompile_limit", _parse_count, 8,
+          "New traces one compiled function (aot_function, aot_module, aotcache.compile) may make per grad mode in "
+          "a process; past it, a call that would trace runs eagerly (counted as eager:recompile_limit, warned "
+          "once), as torch.compile does past its recompile_limit. Loads from the cache do not count. 0 = no limit.",
+          "a whole number >= 0")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 

@@ -42,14 +42,17 @@ from aotcache.aot.fallback import (
     eager_after_state_changes,
     eager_for_busy_swap,
     eager_for_unkeyable_call,
+    eager_past_recompile_limit,
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
+from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.signature import input_offsets, offsets_hold, rank_signature_of, signature_of
+from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
 
@@ -93,12 +96,22 @@ class AOTFunction:
         self._lock = threading.Lock()
         self.key_memo: dict[str, Any] = {}  # per-function memo the cache keeps (its key's option identities)
         self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
-        self._dims = DynamicDims(options.dynamic)  # NOTE [Dynamic dimensions]
+        self._dims = DynamicDims(options.dynamic, options.float_symbols())  # NOTE [Dynamic dimensions]
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
         self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
         self.num_single_use = 0  # graphs used for their call only (NOTE [State changed by a capture]; tests)
         self._single_use_streak = 0  # single-use graphs in a row, since the last graph kept (_SINGLE_USE_LIMIT)
+        self.traces = TraceBudget()  # NOTE [Recompile limit]
+        self._last_change = ""  # what changed at the last re-trace (for the recompile-limit warning)
+
+    def begin_trace(self) -> None:
+        """Called by the compile services when a call is about to be traced (not loaded from the cache).
+
+        :raises RecompileLimitReached: this function made ``AOTCACHE_RECOMPILE_LIMIT`` traces in this mode
+            (NOTE [Recompile limit] in recompile_limit.py).
+        """
+        self.traces.take(self.name, getattr(self, "fingerprint_module", None))
 
     def fingerprint_program(self) -> Callable:
         """What runs when this function is called inside an enclosing capture (inlined): its function (NOTE
@@ -165,9 +178,14 @@ class AOTFunction:
         lock)."""
         options = self._resolve_dynamic(flat_args, in_spec, extra)
         try:
-            return self._runtime_with(flat_args, in_spec, extra, program, options)
-        except CacheFault:
-            raise  # strict mode's cache fault is not a failure of dynamic shapes
+            with caller_retries():  # NOTE [Float inputs for Inductor]: handled below
+                return self._runtime_with(flat_args, in_spec, extra, program, options)
+        except (CacheFault, RecompileLimitReached):
+            raise  # strict mode's cache fault or recompile limit is not a failure of dynamic shapes
+        except FloatInputsUnsupported as exc:  # NOTE [Float inputs for Inductor]: floats become constants again
+            if not self._dims.drop_float_symbols(exc, self.name):
+                raise
+            return self._runtime_for(flat_args, in_spec, extra, program)
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
             if not self._dims.automatic(options.dynamic):
                 raise
@@ -193,8 +211,11 @@ class AOTFunction:
                         self._entries.setdefault(key, []).append(runtime)
                 if runtime is None:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
-                        event(logging.INFO, "aotcache: re-tracing %s: %s", self.name,
-                              describe_new_signature(list(self._entries), key))
+                        self._last_change = describe_new_signature(list(self._entries), key)
+                        event(logging.INFO, "aotcache: re-tracing %s: %s", self.name, self._last_change)
+                    past_limit = self.traces.exhausted(self.name, getattr(self, "fingerprint_module", None))
+                    if past_limit is not None:  # NOTE [Recompile limit]: no lookup either
+                        return eager_past_recompile_limit(self, in_spec, past_limit, self._last_change)
                     # NOTE [State changed by a capture]: each run of the Python starts from the call's state
                     saved = self._saved_state = self._save_call_state(extra)
                     try:
@@ -202,6 +223,8 @@ class AOTFunction:
                             runtime = compile_or_fall_back(self, flat_args, in_spec, options)  # NOTE [Capture fallback]
                     except SwapBusy as exc:  # NOTE [A swap waits a bounded time]: eager for this call only
                         return eager_for_busy_swap(self, in_spec, exc)
+                    except RecompileLimitReached as exc:  # NOTE [Recompile limit]: eager for this call only
+                        return eager_past_recompile_limit(self, in_spec, exc, self._last_change)
                     finally:
                         self._saved_state = None
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
@@ -335,6 +358,9 @@ class AOTFunction:
         self.num_compiles += 1
         try:
             return self.services.compile_call(self, flat_fn, flat_args, in_spec, options)
+        except RecompileLimitReached:
+            self.num_compiles -= 1  # nothing traced (NOTE [Recompile limit])
+            raise
         except BaseException:
             if runs and saved is not None:  # the retry, the fallback or the error starts from the call's state
                 try:

@@ -93,8 +93,9 @@ class CapturedGraph:
 
 
 def is_graph_input(value: Any) -> bool:
-    """Tensors and SymInts are graph inputs; every other flat argument is a constant baked into the trace."""
-    return isinstance(value, (torch.Tensor, torch.SymInt))
+    """Tensors, SymInts and SymFloats are graph inputs; every other flat argument is a constant baked into the
+    trace."""
+    return isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat))
 
 
 def mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -153,6 +154,9 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
         if type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Integer arguments]
             fakes.append(_symbolic_int(shape_env, arg, f"aot_input_{position}", plain=True))
             continue
+        if type(arg) is float and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Float arguments]
+            fakes.append(_symbolic_float(shape_env, arg, f"aot_input_{position}"))
+            continue
         if isinstance(arg, torch.Tensor):
             dims = dynamic[position] if isinstance(dynamic, tuple) else range(arg.dim())
             if isinstance(dynamic, tuple) and not dims:  # a static argument of a spec (a module's weights):
@@ -179,6 +183,18 @@ def _symbolic_int(shape_env: Any, value: int, name: str, plain: bool = False) ->
     symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC,
                                      positive=None if plain else True, do_not_specialize_zero_one=plain)
     return shape_env.create_symintnode(symbol, hint=value, source=source)
+
+
+def _symbolic_float(shape_env: Any, value: float, name: str) -> Any:
+    """A SymFloat input of ``value`` (its own symbol), as torch.compile traces a float input (NOTE [Float
+    arguments] in dynamic_dims.py)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    source = ConstantSource(name)
+    # positive=None: either sign (the default, positive, let sympy decide ``s > 0`` without a guard)
+    symbol = shape_env.create_symbol(value, source=source, dynamic_dim=DimDynamic.DYNAMIC, positive=None)
+    return shape_env.create_symfloatnode(symbol, hint=value, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -860,7 +876,7 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
            for a in flat_args):  # symbols of a caller's ShapeEnv (Dynamo): analyzed with them
         return None
-    if any(isinstance(a, torch.SymInt) for a in fake_args):  # integer inputs traced as symbols: NOTE [Cache integers]
+    if any(isinstance(a, (torch.SymInt, torch.SymFloat)) for a in fake_args):  # scalar inputs traced as symbols
         return None
     static_mode, static_args = make_fake_inputs(flat_args, dynamic=False)
     try:

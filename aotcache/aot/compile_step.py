@@ -60,6 +60,22 @@ def _resolve_partition(partition_fn: Callable | None) -> Callable:
     return default_partition
 
 
+# compilers given by name that cannot take a SymFloat graph input (Inductor takes it as a 0-d tensor: NOTE [Float
+# inputs for Inductor] in compilers/float_inputs.py; AOTInductor's runtime takes tensors and ints only)
+_NO_FLOAT_SYMBOLS = ("aoti",)
+
+
+def _takes_float_symbols(compiler: Callable | str | None) -> bool:
+    if compiler is None or isinstance(compiler, str):
+        return compiler not in _NO_FLOAT_SYMBOLS
+    while isinstance(compiler, functools.partial):
+        compiler = compiler.func
+    module = str(getattr(compiler, "__module__", None) or "")
+    return not (module.startswith("torch._inductor") or module.startswith("torch._export")
+                or (module.startswith("aotcache.compilers.")
+                    and module not in ("aotcache.compilers.nop", "aotcache.compilers.inductor")))
+
+
 @dataclasses.dataclass(frozen=True)
 class AOTOptions:
     """The compile options of one ``aot_function``; ``None`` compilers/partition mean the defaults."""
@@ -91,6 +107,13 @@ class AOTOptions:
             hook = getattr(compiler, "warm_up", None)  # aotcache's compilers only: a user's may mean else
             if callable(hook) and str(getattr(compiler, "__module__", "")).startswith("aotcache.compilers."):
                 hook(example_inputs)
+
+    def float_symbols(self) -> bool:
+        """Whether every compiler of these options takes a float graph input (a ``SymFloat`` placeholder): the
+        nop compiler and users' callables do, Inductor as a 0-d tensor (NOTE [Float inputs for Inductor]);
+        AOTInductor does not, so its graphs keep floats as constants (NOTE [Float arguments] in
+        dynamic_dims.py)."""
+        return all(map(_takes_float_symbols, (self.fw_compiler, self.bw_compiler, self.inference_compiler)))
 
     def decomposition_table(self) -> Mapping | None:
         """The user's decompositions if given, else the forward compiler's ``decompositions()`` (if any)."""

@@ -30,6 +30,28 @@ dynamic), and so does aotcache now. ``torch.tensor([t])`` of such a symbol is bu
 ``dynamic=True`` leaves plain ints constants (only tensors and cache integers are dynamic from the start);
 ``bool`` is never a symbol.
 
+NOTE [Float arguments]
+A plain ``float`` argument (a temperature, a noise level, a loss weight, ``model(x, scale)``) is handled as an
+int is (NOTE [Integer arguments]): a constant, compared by its bits (NOTE [Floats by bits] in exact_values.py),
+until a later call passes another value; then, under automatic dynamic shapes, it is marked dynamic and the next
+compile traces it as a float symbol (``ShapeEnv.create_symbol`` of the float, a ``SymFloat`` graph input).
+Later values reuse that graph while its guards hold: a branch on it (``if scale > 0``) becomes a guard, and
+``float(scale)``, ``math.*`` of it or a size computed from it specialize the graph (a guard ``scale == 0.5``:
+correct, that graph then serves that value only). A loop passing a new float every call traced (and stored) a
+graph per value, forever; torch.compile compiles two. NaN and the infinities stay constants (as torch.compile
+keeps them; guards cannot compare them), and so do 0.0 and -0.0: a guard ``scale == 0.0`` of a graph that
+specialized on a zero would admit the other zero, whose results differ (``1 / scale``: NOTE [Floats by bits]).
+``dynamic=True`` leaves floats constants as it leaves ints, and ``bool`` is never a symbol. Only compilers that
+take a float graph input get float symbols (``AOTOptions.float_symbols``: the nop compiler, a user's compiler
+callable, and Inductor, as a 0-d float64 tensor: NOTE [Float inputs for Inductor] in compilers/float_inputs.py;
+where that rewrite is refused, :meth:`DynamicDims.drop_float_symbols` makes the function's floats constants for
+good). AOTInductor takes tensors and ints only, so with it a float stays a constant per value, bounded by the
+recompile limit (NOTE [Recompile limit] in recompile_limit.py). A float symbol takes eager's type promotion:
+``int_tensor * scale`` is float32 (the default dtype), ``half_tensor * scale`` half, as with the Python float. Where torch
+cannot trace the symbol (``(1 - scale) ** 2``: a symbolic power needs a base it can prove >= 0), the compile
+with symbols fails and the function gives up automatic dynamic shapes, as for any failed dynamic compile
+(:meth:`DynamicDims.abandon`): a graph per value, bounded by the recompile limit, eager's results.
+
 NOTE [The first shape keeps its graph]
 A call whose sizes equal the first call's takes the static spec even after dimensions were marked, so it
 reuses the static graph compiled for it. Otherwise a DataLoader epoch whose last batch has one sample
@@ -42,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +72,7 @@ from typing import Any
 import torch
 
 from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.exact_values import float_bits
 from aotcache.logs import log_once, logger
 
 __all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
@@ -70,21 +94,30 @@ def masked_shape(tensor: torch.Tensor, dims: Sequence[int]) -> tuple:
     return tuple(None if dim in dims else size for dim, size in enumerate(tensor.shape))
 
 
-def _sizes(arg: Any) -> tuple | None:
+def _sizes(arg: Any, floats: bool = False) -> tuple | None:
     """What automatic dynamic shapes compare: a tensor's sizes, a cache integer's value as its one "dimension"
-    (NOTE [Cache integers] in cache_objects.py), None for anything else."""
+    (NOTE [Cache integers] in cache_objects.py), a plain int's value, a plain float's bits where ``floats``
+    (NOTE [Float arguments]), None for anything else."""
     if isinstance(arg, torch.Tensor):
         return tuple(arg.shape)
     if type(arg) is CacheInt:
         return (int(arg),)
     if type(arg) is int:  # NOTE [Integer arguments]
         return (arg,)
+    if floats and type(arg) is float:  # NOTE [Float arguments]
+        return (float_bits(arg),)
     return None
+
+
+def _float_constant(value: float) -> bool:
+    """Whether a marked float argument still stays a constant: NaN, the infinities and the two zeros (NOTE [Float
+    arguments])."""
+    return not math.isfinite(value) or value == 0.0
 
 
 def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
     spec = tuple(tuple(range(len(sizes))) if position >= num_state and type(arg) is not int
-                 and (sizes := _sizes(arg)) is not None else ()
+                 and type(arg) is not float and (sizes := _sizes(arg)) is not None else ()
                  for position, arg in enumerate(flat_args))
     return spec if any(spec) else False
 
@@ -92,8 +125,9 @@ def _all_dims(flat_args: Sequence[Any], num_state: int) -> DimSpec | bool:
 class DynamicDims:
     """The dynamic-dimension policy of one compiled function (NOTE [Dynamic dimensions]); thread-safe."""
 
-    def __init__(self, dynamic: bool | None) -> None:
+    def __init__(self, dynamic: bool | None, float_symbols: bool = False) -> None:
         self.dynamic = dynamic
+        self.float_symbols = float_symbols  # NOTE [Float arguments]: the compilers take float symbols
         self._first: dict[Any, tuple] = {}  # automatic: per rank signature, the sizes of its first call
         self._marked: dict[Any, frozenset[tuple[int, int]]] = {}  # automatic: (position, dim) marked dynamic
         self._options: dict[tuple, Any] = {}
@@ -116,6 +150,17 @@ class DynamicDims:
                  str(exc).splitlines()[0] if str(exc) else "")
         return True
 
+    def drop_float_symbols(self, exc: BaseException, name: str) -> bool:
+        """After a compile whose compiler could not take a float symbol (NOTE [Float inputs for Inductor]): True
+        if floats were symbols, now constants for good (the caller compiles the call again); else False."""
+        if not self.float_symbols:
+            return False
+        self.float_symbols = False
+        log_once(logging.INFO, f"dynamic:floats:{name}",
+                 "aotcache: %s: the compiler cannot take a float argument as a symbol here (%s); floats are "
+                 "constants of its graphs from now on (a graph per value, up to the recompile limit)", name, exc)
+        return True
+
     def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
              ) -> DimSpec | bool:
         """The spec of this call: False (static), or the dims to trace as symbols.
@@ -129,7 +174,7 @@ class DynamicDims:
             return _all_dims(flat_args, num_state)
         if self._abandoned:
             return False
-        shapes = tuple(_sizes(arg) for arg in flat_args)
+        shapes = tuple(_sizes(arg, self.float_symbols) for arg in flat_args)
         with self._lock:
             first = self._first.setdefault(rank_key, shapes)
             marked = self._marked.get(rank_key, frozenset())
@@ -146,8 +191,11 @@ class DynamicDims:
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
-        return tuple(tuple(sorted(dim for position, dim in marked if position == index))
+        spec = tuple(() if type(flat_args[index]) is float and (not self.float_symbols
+                                                                 or _float_constant(flat_args[index]))
+                     else tuple(sorted(dim for position, dim in marked if position == index))
                      for index in range(len(flat_args)))
+        return spec if any(spec) else False  # (only floats marked, and each a constant now)
 
     def options_for(self, options: Any, spec: DimSpec | bool) -> Any:
         """``options`` with ``dynamic`` set to ``spec`` (memoized: the same object for the same spec)."""

@@ -58,6 +58,7 @@ from aotcache.logs import log_once, logger
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "is_trace_failure", "trace_failure_error", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
+           "eager_past_recompile_limit",
            "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
@@ -422,6 +423,29 @@ def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRunt
                "traced again (a graph runs no Python); this call signature now runs eagerly (remembered). Keep "
                "that state (a counter or a flag in forward) outside the compiled function to reuse one graph.",
                owner.name, limit)
+    return runtime
+
+
+def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, changed: str) -> EagerRuntime:
+    """An eager runtime for one call that would trace past ``owner``'s recompile limit (NOTE [Recompile limit] in
+    recompile_limit.py): marked ``single_use`` (not remembered), counted as ``eager:recompile_limit`` per call,
+    warned about once per function with ``changed`` (what changed at its last re-trace) and the fixes.
+
+    :raises RecompileLimitReached: ``exc`` itself in strict mode (``AOTCACHE_STRICT=1``).
+    """
+    if config.get("strict"):
+        raise exc
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, "recompile_limit", skip=skip)
+    runtime.single_use = True  # type: ignore[attr-defined]
+    _count("eager:recompile_limit")
+    _warn_once(owner, "eager:recompile_limit",
+               "aotcache: %s was traced %d times in this process (the recompile limit, AOTCACHE_RECOMPILE_LIMIT) "
+               "and a new call would trace again; calls matching the graphs compiled so far keep using them, the "
+               "others run eagerly. What kept changing (at the last new trace): %s. Fix: pass a value that "
+               "changes every call as a tensor (or, for a size, use dynamic=True), keep a module attribute that a "
+               "schedule changes out of forward, or raise AOTCACHE_RECOMPILE_LIMIT (0: no limit).",
+               owner.name, getattr(exc, "limit", 0), changed or "a new call signature")
     return runtime
 
 

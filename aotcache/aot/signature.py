@@ -90,6 +90,8 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
         return ("cacheint", arg if arg in (0, 1) else None)
     if dynamic and type(arg) is int:  # NOTE [Integer arguments]: the rank key (True) or marked in a spec
         return ("int",)
+    if dynamic and type(arg) is float:  # NOTE [Float arguments]: likewise (NaN and inf are never marked)
+        return ("float",)
     try:
         hash(arg)
     except TypeError:

@@ -115,6 +115,8 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
             described.append(["cacheint", int(arg) if arg in (0, 1) else None])  # NOTE [Cache integers]
         elif type(arg) is int and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Integer arguments]
             described.append(["int"])
+        elif type(arg) is float and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Float arguments]
+            described.append(["float"])
         elif arg is None or isinstance(arg, (bool, int, float, str)):
             described.append(["constant", type(arg).__name__, repr(arg)])
         elif isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):

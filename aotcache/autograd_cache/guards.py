@@ -432,6 +432,7 @@ _FUNCTIONS: dict[str, Any] = {
 _MATH_MEMBERS: dict[str, Any] = {
     "floor": math.floor, "ceil": math.ceil, "trunc": math.trunc, "sqrt": math.sqrt, "log2": math.log2,
     "inf": math.inf, "nan": math.nan,
+    "isnan": math.isnan, "isinf": math.isinf, "isfinite": math.isfinite,  # float inputs: NOTE [Float arguments]
 }
 _TORCH_MEMBERS: dict[str, Any] = {"sym_float": float, "sym_int": int, "_sym_sqrt": math.sqrt,
                                   "sym_max": max, "sym_min": min}

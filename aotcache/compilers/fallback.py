@@ -25,6 +25,7 @@ from typing import Any
 
 from aotcache import config
 from aotcache.compilers.base import COMPILER_NAMES, CompiledGraph, get_compiler
+from aotcache.compilers.float_inputs import FloatInputsUnsupported, retried_by_caller
 from aotcache.logs import log_once
 
 __all__ = ["FALLBACK_CHAIN", "COUNTER_SECTION", "REASON_SECTION", "FallbackCompiler", "check_inductor_options",
@@ -134,6 +135,8 @@ class FallbackCompiler:
             try:
                 compiled = compiler(gm, example_inputs, **({"options": self.options} if self.options else {}))
             except Exception as exc:  # NOTE [compiler fallback]: any compiler error falls back, counted and logged
+                if isinstance(exc, FloatInputsUnsupported) and retried_by_caller():  # the caller compiles the float
+                    raise  # as a constant instead (NOTE [Float inputs for Inductor]): no toolchain failure
                 if index + 1 == len(self.chain) or config.get("strict"):
                     raise
                 reason = _record(current, self.chain[index + 1], exc)

@@ -48,6 +48,7 @@ import torch.fx
 
 from aotcache.compilers import aoti_lib, triton_kernels
 from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
+from aotcache.compilers.float_inputs import FloatInputs, tensorify_float_inputs
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
 from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expected_layouts
 from aotcache.logs import log_once
@@ -104,8 +105,9 @@ class InductorCompiledGraph:
     def __init__(self, call: Callable[[list], Sequence[Any]], *, source: str, constants: dict[str, torch.Tensor],
                  kernels: dict[str, bytes], inputs_to_check: Sequence[int], identity: dict[str, Any],
                  input_layouts: Sequence[dict[str, list[int]] | None],
-                 triton: triton_kernels.TritonKernels | None = None) -> None:
+                 triton: triton_kernels.TritonKernels | None = None, floats: FloatInputs | None = None) -> None:
         self._call = call
+        self._floats = floats  # NOTE [Float inputs for Inductor]: floats passed as 0-d float64 tensors
         self._triton = triton or triton_kernels.TritonKernels()  # GPU kernels carried in the artifact
         self.source = source
         self._constants = constants
@@ -120,10 +122,11 @@ class InductorCompiledGraph:
     def __call__(self, *args: Any) -> Sequence[Any]:
         # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
         # early), so it always gets a fresh list here (conform returns one).
-        boxed = self._conform(args)  # NOTE [compiled code assumes input strides]
+        floats = self._floats
+        boxed = self._conform(floats.arguments(args) if floats else args)  # NOTE [compiled code assumes input strides]
         if self._inputs_to_check:
             copy_misaligned(boxed, self._inputs_to_check)  # NOTE [Misaligned inputs]
-        return self._call(boxed)
+        return floats.outputs(self._call(boxed), args) if floats else self._call(boxed)
 
     def run(self, args: Sequence[Any]) -> Sequence[Any]:
         """Call with the inputs as one sequence (the sequence is not modified)."""
@@ -141,6 +144,8 @@ class InductorCompiledGraph:
         meta = {"identity": self._identity, "inputs_to_check": self._inputs_to_check,
                 "constants": sorted(self._constants), "kernels": sorted(self._kernels),
                 "input_layouts": self._input_layouts}
+        if self._floats:
+            meta["float_inputs"] = self._floats.to_meta()
         if self._triton:
             meta["triton"], triton_blobs = triton_kernels.to_artifact(self._triton)
             blobs.update(triton_blobs)
@@ -285,8 +290,11 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     check_supported_ops(gm, COMPILER_NAME)
     graph_module = aoti_lib.copy_graph_module(gm)  # Inductor's passes mutate the graph
     _ensure_tuple_output(graph_module)
-    _keep_traced_output_strides(graph_module)
     fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
+    floats = tensorify_float_inputs(graph_module, fake_mode, runs_on_gpu(fake_inputs))  # NOTE [Float inputs for
+    if floats is not None:  # Inductor]: float placeholders become 0-d float64 tensors
+        fake_inputs = [node.meta["val"] for node in graph_module.graph.nodes if node.op == "placeholder"]
+    _keep_traced_output_strides(graph_module)
     # NOTE [Random ops run ATen's kernels]: Inductor lowers rand/randn only after its own replace_random pass
     # (part of compile_fx's joint-graph passes, which we bypass), else it fails ("should have been handled in
     # replace_random.py"). Such a graph is compiled again with fallback_random, which makes random ops call
@@ -308,6 +316,7 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
             raise
         graph_module = aoti_lib.copy_graph_module(gm)
         _ensure_tuple_output(graph_module)
+        tensorify_float_inputs(graph_module, fake_mode, on_gpu)
         _keep_traced_output_strides(graph_module)
         compiled, reported_strides, triton = _compile_fx(graph_module, fake_inputs, fake_mode,
                                                          {**patches, "fallback_random": True}, on_gpu)
@@ -325,8 +334,13 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     identity["vec_isa"] = aoti_lib.inductor_vec_isa()
     result = InductorCompiledGraph(call, source=source, constants=constants, kernels=_kernel_libraries(call),
                                    inputs_to_check=list(getattr(compiled, "inputs_to_check", ()) or ()),
-                                   identity=identity, input_layouts=expected_layouts(fake_inputs), triton=triton)
+                                   identity=identity, input_layouts=expected_layouts(fake_inputs), triton=triton,
+                                   floats=floats)
     result.output_strides = _int_strides(reported_strides)
+    if floats is not None and result.output_strides is not None:
+        for out, _ in floats.passthrough:  # the caller's float, not the tensor Inductor returned
+            if out < len(result.output_strides):
+                result.output_strides[out] = None
     return result
 
 
@@ -378,6 +392,10 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
     except (KeyError, UnicodeDecodeError, RuntimeError, EOFError) as exc:
         raise ArtifactError(f"inductor artifact is incomplete: {exc}") from exc
     triton = triton_kernels.from_artifact(meta.get("triton"), blobs)  # checked before anything is written
+    try:
+        floats = FloatInputs.from_meta(meta.get("float_inputs"))  # NOTE [Float inputs for Inductor]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"inductor artifact has malformed float inputs: {exc}") from exc
     from torch._inductor.codecache import PyCodeCache
 
     root = _inductor_cache_dir()
@@ -400,4 +418,5 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
     sys.modules.setdefault(module.__name__, module)
     return InductorCompiledGraph(module.call, source=source, constants=constants, kernels=kernels,
                                  inputs_to_check=[int(i) for i in meta.get("inputs_to_check", [])],
-                                 identity=identity, input_layouts=_layouts_from_meta(meta), triton=triton)
+                                 identity=identity, input_layouts=_layouts_from_meta(meta), triton=triton,
+                                 floats=floats)

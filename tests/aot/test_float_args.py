@@ -1,0 +1,421 @@
+"""Python float arguments as symbols under automatic dynamic shapes (NOTE [Float arguments]) and the recompile limit
+(NOTE [Recompile limit]): eager's results bit for bit, a bounded number of traces, warm starts across processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache import config
+from aotcache.aot import aot_function, aot_module
+from aotcache.aot.fallback import fallback_counts
+from aotcache.aot.recompile_limit import RecompileLimitReached
+from tests.conftest import run_python
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x, scale):
+        return self.l(x) * scale
+
+
+def test_a_float_changing_every_call_compiles_two_graphs_and_gives_eagers_values():
+    torch.manual_seed(0)
+    model = Scaled()
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(4, 16)
+    for i in range(12):
+        scale = 0.1 * i + 0.05
+        got, want = compiled(x, scale), model(x, scale)
+        assert torch.equal(got, want), i
+        got.sum().backward()
+    assert compiled.compiled.num_compiles == 2  # the first value static, then the float as a symbol
+    assert compiled.compiled.traces.traces(model) == 2
+
+
+def test_the_first_value_keeps_its_static_graph_and_nan_inf_and_zeros_stay_constants():
+    def fn(x, s):
+        return x * s + 1
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(5)
+    for s in (0.5, 0.25, 0.5, 0.75):
+        assert torch.equal(compiled(x, s), fn(x, s))
+    assert compiled.num_compiles == 2
+    for s in (math.nan, math.inf, -math.inf, 1.5):  # non-finite values: a constant graph each (torch.compile too)
+        torch.testing.assert_close(compiled(x, s), fn(x, s), rtol=0, atol=0, equal_nan=True)
+    assert compiled.num_compiles == 5
+
+
+def test_a_graph_specialized_on_a_zero_never_serves_the_other_zero():
+    def fn(x, s):
+        return x / math.copysign(1.0, 1 / s if s else s)  # specializes on s; the sign of a zero matters
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.ones(3)
+    for s in (0.5, 0.0, -0.0, 0.0, -0.0, 2.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16,
+                                   torch.float64])
+def test_a_float_symbol_promotes_as_the_python_float_does(dtype):
+    # NOTE [Float arguments]: int_tensor * scale is float32 (the default dtype), half * scale stays half
+    def fn(x, s):
+        return (x * s, x + s, x / s, torch.full((2,), s) * x[:2], torch.tensor(s) * x, torch.tensor([s, 2.0]),
+                x * (1 - s) * (s * s + 1) ** 0.5, torch.tensor(s, dtype=torch.float64) + x)
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.arange(1, 7).to(dtype)
+    for s in (0.3, 1.7, -2.9):
+        got, want = compiled(x, s), fn(x, s)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (dtype, s)
+    assert compiled.num_compiles == 2
+
+
+def test_a_float_symbol_torch_cannot_trace_falls_back_to_a_graph_per_value(caplog):
+    def fn(x, s):
+        return x * (1 - s) ** 2  # torch refuses a symbolic power of a base it cannot prove >= 0
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(4)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for s in (0.3, 1.7, -2.9, 1.7):
+            assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 4  # 0.3, the failed symbolic attempt, 1.7 and -2.9 as constants
+    assert "compiling with dynamic dimensions failed" in caplog.text
+
+
+def test_a_branch_on_the_float_becomes_a_guard():
+    def fn(x, s):
+        return x * s if s > 0 else x.sin() * -s
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9, 3.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 2  # 0.5 static; one graph for every s > 0
+    for s in (-0.3, -2.0, 1.25):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert compiled.num_compiles == 3  # a graph for s <= 0, then the s > 0 one again
+
+
+def test_math_of_the_float_specializes_and_never_serves_another_value():
+    def fn(x, s):
+        return x * math.sqrt(s)  # a float() of the symbol: the graph holds its value (a guard)
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9, 0.7, 2.0):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+
+
+def test_dynamic_true_leaves_floats_constants_and_bool_is_never_a_symbol():
+    def fn(x, s, flag):
+        return x * s if flag else x - s
+
+    compiled = aot_function(fn, "nop", dynamic=True, cache=False)
+    x = torch.randn(6)
+    for s in (0.5, 0.7, 0.9):
+        assert torch.equal(compiled(x, s, True), fn(x, s, True))
+    assert compiled.num_compiles == 3  # as ints: dynamic=True makes tensors' sizes dynamic, not Python numbers
+    automatic = aot_function(fn, "nop", cache=False)
+    for flag in (True, False, True):
+        for s in (0.5, 0.7, 0.9):
+            assert torch.equal(automatic(x, s, flag), fn(x, s, flag))
+    assert automatic.num_compiles == 4  # per bool value: the first float static, then one with the symbol
+
+
+def test_which_compilers_take_float_symbols():
+    # NOTE [Float arguments]: AOTInductor's runtime takes tensors and ints only; Inductor takes a float as a 0-d
+    # tensor (NOTE [Float inputs for Inductor]); no capture is needed to decide
+    from aotcache.aot.compile_step import AOTOptions
+
+    assert AOTOptions(fw_compiler="nop").float_symbols() and AOTOptions().float_symbols()
+    assert AOTOptions(fw_compiler="inductor").float_symbols()
+    assert not AOTOptions(fw_compiler="nop", bw_compiler="aoti").float_symbols()
+    assert AOTOptions(fw_compiler=lambda gm, example_inputs: gm).float_symbols()
+    compiled = aot_function(lambda x, s: x * s, "aoti", cache=False)
+    assert not compiled._dims.float_symbols
+
+
+def test_a_compiler_refusing_a_float_symbol_gets_floats_as_constants_and_sizes_stay_dynamic():
+    from aotcache.compilers.float_inputs import FloatInputsUnsupported
+
+    def compiler(gm, example_inputs):  # as the inductor compiler refuses a float use it cannot rewrite
+        if any(isinstance(value, torch.SymFloat) for value in example_inputs):
+            raise FloatInputsUnsupported("no tensor form")
+        return gm
+
+    def fn(x, s):
+        return x * s
+
+    compiled = aot_function(fn, compiler, cache=False)
+    for s in (0.5, 0.7, 0.9, 0.7):
+        x = torch.randn(4)
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert not compiled._dims.float_symbols
+    assert compiled.num_compiles == 4  # 0.5; 0.7 with the symbol (refused), then as a constant; 0.9
+    for rows in (5, 6, 7):  # sizes still become dynamic: one more graph for every size at 0.9
+        x = torch.randn(rows)
+        assert torch.equal(compiled(x, 0.9), fn(x, 0.9))
+    assert compiled.num_compiles == 5
+
+
+class TemperatureLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x, target, temperature, weight):
+        logits = self.l2(torch.relu(self.l1(x))) / temperature
+        return nn.functional.cross_entropy(logits, target) * weight + weight * temperature
+
+
+def test_float_arguments_of_a_training_step_give_eagers_gradients():
+    torch.manual_seed(0)
+    model, reference = TemperatureLoss(), TemperatureLoss()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, "nop", cache=False)
+    x, target = torch.randn(4, 8), torch.tensor([0, 2, 1, 2])
+    for step in range(6):
+        temperature, weight = 2.0 * 0.8 ** step, 0.1 + 0.05 * step
+        loss, want = compiled(x, target, temperature, weight), reference(x, target, temperature, weight)
+        assert torch.equal(loss, want), step
+        loss.backward()
+        want.backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), (step, name)
+    assert compiled.compiled.num_compiles == 2
+
+
+# Across processes: a float-dynamic entry loads for a new value without tracing; a value baked into a graph
+# (a constant, or a specialized symbol) never serves another value.
+WARM = """
+import json, math, sys, torch
+from aotcache.aot import aot_function
+from aotcache.autograd_cache.cache import default_cache
+
+def plain(x, s):
+    return torch.tanh(x * s) + s
+
+def specialized(x, s):
+    return x * math.sqrt(s)
+
+fn = {"plain": plain, "specialized": specialized}[sys.argv[1]]
+compiled = aot_function(fn, "nop")
+x = torch.linspace(-2, 2, 8)
+equal = [bool(torch.equal(compiled(x, float(v)), fn(x, float(v)))) for v in sys.argv[2:]]
+print(json.dumps({**default_cache().stats(), "traces": compiled.traces.traces(), "equal": equal}))
+"""
+
+
+def _run(tmp_path, *argv: str) -> dict:
+    script = tmp_path / "warm.py"
+    script.write_text(WARM)
+    proc = run_python(f"import runpy, sys; sys.argv = ['warm', *{list(argv)!r}]; runpy.run_path({str(script)!r})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_process_loads_the_float_graph_for_a_new_value_and_never_reuses_a_baked_value(tmp_path):
+    cold = _run(tmp_path, "plain", "0.5", "0.7")
+    assert cold["traces"] == 2 and all(cold["equal"])
+    warm = _run(tmp_path, "plain", "0.5", "0.9", "-1.3")  # 0.5 static, 0.9 through the symbol: both loaded
+    assert warm["traces"] == 0 and warm["hit"] == 2 and all(warm["equal"]), warm
+    other = _run(tmp_path, "plain", "0.6")  # a first value is a constant: 0.5's static graph must not serve it
+    assert other["traces"] == 1 and other["hit"] == 0 and all(other["equal"]), other
+    cold = _run(tmp_path, "specialized", "0.5", "0.7")  # the symbol's graph is guarded by s == 0.7
+    assert cold["traces"] == 2 and all(cold["equal"])
+    again = _run(tmp_path, "specialized", "0.5", "0.7")
+    assert again["traces"] == 0 and again["hit"] == 2, again
+    new = _run(tmp_path, "specialized", "0.5", "0.9")
+    assert new["traces"] == 1 and new["hit"] == 1 and all(new["equal"]), new  # 0.9 fails the guard s == 0.7
+
+
+# NOTE [Recompile limit]
+
+
+class Annealed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 4)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.l(x) * self.scale
+
+
+def test_a_setting_changing_every_call_stops_tracing_at_the_limit_and_runs_eagerly(caplog):
+    torch.manual_seed(0)
+    model = Annealed()
+    compiled = aot_module(model, "nop", cache=False)
+    x = torch.randn(3, 8)
+    before = fallback_counts().get("eager:recompile_limit", 0)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for step in range(12):
+            model.scale = 0.9 ** step
+            assert torch.equal(compiled(x), model(x)), step
+    assert compiled.compiled.num_compiles == 8
+    assert fallback_counts().get("eager:recompile_limit", 0) - before == 4
+    warnings = [r.getMessage() for r in caplog.records if "recompile limit" in r.getMessage()]
+    assert len(warnings) == 1 and "Annealed" in warnings[0] and "module settings changed" in warnings[0]
+    model.scale = 0.9 ** 3  # a value compiled before: its graph is still used
+    assert torch.equal(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 8 and fallback_counts()["eager:recompile_limit"] - before == 4
+    with torch.no_grad():  # another mode has its own count
+        model.scale = 5.0
+        assert torch.equal(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 9
+
+
+def test_the_limit_names_the_changing_argument_and_is_configurable(caplog):
+    def fn(x, s):
+        return x * s
+
+    compiled = aot_function(fn, "nop", dynamic=False, cache=False)  # floats constants: a trace per value
+    x = torch.randn(4)
+    with config.patch(recompile_limit=3), caplog.at_level(logging.WARNING, logger="aotcache"):
+        for step in range(6):
+            assert torch.equal(compiled(x, 0.5 + step), fn(x, 0.5 + step))
+    assert compiled.num_compiles == 3
+    assert "flat argument 1: value" in caplog.text and "-> 3.5" in caplog.text
+    with config.patch(recompile_limit=0):  # no limit
+        for step in range(6, 9):
+            assert torch.equal(compiled(x, 0.5 + step), fn(x, 0.5 + step))
+    assert compiled.num_compiles == 6
+
+
+def test_strict_mode_raises_at_the_limit():
+    def fn(x, s):
+        return x * s
+
+    compiled = aotcache.compile(fn, compiler="nop", dynamic=False)
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2, strict=True):
+        compiled(x, 1.0)
+        compiled(x, 2.0)
+        with pytest.raises(RecompileLimitReached, match="recompile limit"):
+            compiled(x, 3.0)
+        assert torch.equal(compiled(x, 2.0), fn(x, 2.0))  # compiled graphs still serve their calls
+    assert compiled.route == "aot"
+
+
+def test_loads_from_the_cache_do_not_count():
+    def fn(x, s):
+        return x - s
+
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2):
+        first = aot_function(fn, "nop", dynamic=False)
+        for s in (1.0, 2.0):
+            first(x, s)
+        again = aot_function(fn, "nop", dynamic=False)  # a new function: both values load from the cache
+        for s in (1.0, 2.0, 3.0, 4.0, 5.0):
+            assert torch.equal(again(x, s), fn(x, s))
+        assert again.num_compiles == 4 and again.traces.traces() == 2  # 2 loads, 2 traces, 5.0 eager
+
+
+def test_past_the_limit_the_cache_is_looked_up_until_as_many_calls_found_nothing(monkeypatch):
+    torch.manual_seed(0)
+    model = Annealed()
+    compiled = aot_module(model, "nop")  # with the cache: a call past the limit may still load
+    lookups = []
+    services = compiled.compiled.services
+    original = type(services).compile_call
+    monkeypatch.setattr(type(services), "compile_call",
+                        lambda self, *args: lookups.append(1) or original(self, *args))
+    x = torch.randn(3, 8)
+    with config.patch(recompile_limit=2):
+        for step in range(10):
+            model.scale = 0.5 + step
+            assert torch.equal(compiled(x), model(x)), step
+    assert compiled.compiled.num_compiles == 2
+    assert len(lookups) == 4  # 2 traces, then 2 calls past the limit that looked in the cache; then none
+
+
+# NOTE [Float inputs for Inductor]: the rewrite checked without Inductor (the rewritten graph runs as Python),
+# then one real Inductor compile
+
+
+def _captured(fn, args, spec, **kwargs):
+    from aotcache.aot.capture import capture
+    from aotcache.compilers.inductor import decompositions
+
+    return capture(fn, args, decompositions=decompositions(), dynamic=spec, **kwargs)
+
+
+def test_the_float_rewrite_of_a_training_forward_passes_the_float_through_to_the_backward():
+    from aotcache.aot.partition import default_partition
+    from aotcache.aot.runtime import unboxed
+    from aotcache.compilers import aoti_lib
+    from aotcache.compilers.float_inputs import tensorify_float_inputs
+
+    def fn(x, w, s):
+        return ((x @ w) / s).tanh().sum() * s
+
+    x, w = torch.randn(3, 4), torch.randn(4, 2, requires_grad=True)
+    captured = _captured(fn, [x, w, 0.7], ((), (), (0,)))
+    forward, _ = default_partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
+    rewritten = aoti_lib.copy_graph_module(forward)
+    plan = tensorify_float_inputs(rewritten, captured.fake_mode, on_gpu=False)
+    assert plan is not None and plan.inputs == (2,) and plan.passthrough  # the backward needs s: saved as is
+    assert not [n for n in rewritten.graph.nodes if isinstance(n.meta.get("val"), torch.SymFloat)]
+    for s in (0.7, 1.9, -0.4):
+        args = [x, w.detach(), s]
+        expected = unboxed(forward)(*args)
+        got = plan.outputs(unboxed(rewritten)(*plan.arguments(args)), args)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert type(a) is type(b), (a, b)  # the saved float stays a float
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_a_float_use_torch_cannot_rewrite_is_refused_not_specialized():
+    from aotcache.compilers import aoti_lib
+    from aotcache.compilers.float_inputs import FloatInputsUnsupported, tensorify_float_inputs
+
+    def fn(x, s):
+        return x * torch.full((4,), s)  # aten.full of the symbol: no tensor form in torch's pass
+
+    with torch.no_grad():
+        captured = _captured(fn, [torch.randn(4), 0.7], ((), (0,)))
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    with pytest.raises(FloatInputsUnsupported):
+        tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=False)
+    assert TensorifyState.empty()  # torch's pass asked Dynamo to specialize; no Dynamo frame of ours to restart
+    with pytest.raises(FloatInputsUnsupported, match="GPU"):
+        tensorify_float_inputs(aoti_lib.copy_graph_module(captured.graph), captured.fake_mode, on_gpu=True)
+    assert any(isinstance(n.meta.get("val"), torch.SymFloat) for n in captured.graph.graph.nodes)  # a copy was rewritten
+
+
+@pytest.mark.slow
+def test_inductor_compiles_a_float_input_once_for_every_value_and_its_artifact_loads():
+    # one real Inductor compile
+    from aotcache.compilers.base import load_artifact
+    from aotcache.compilers.inductor import InductorCompiledGraph, inductor_compiler
+
+    def fn(x, s):
+        return (x * s).sin() + s * 2.0
+
+    x = torch.randn(8)
+    with torch.no_grad():
+        captured = _captured(fn, [x, 0.7], ((), (0,)))
+    compiled = inductor_compiler(captured.graph, captured.primals)
+    assert isinstance(compiled, InductorCompiledGraph)
+    loaded = load_artifact(compiled.artifact())
+    for s in (0.7, 1.3, -2.5):
+        for graph in (compiled, loaded):
+            (got,) = graph(x, s)
+            torch.testing.assert_close(got, fn(x, s))
