@@ -327,6 +327,8 @@ def fake_quant_toggles(ctx: Ctx) -> None:
             model.apply(tq.disable_fake_quant)
         if step == 4:
             model.apply(tq.enable_fake_quant)
+        if step == 3:  # a float setting the fused kernel takes as an argument
+            base.quant.activation_post_process.activation_post_process.averaging_constant = 0.5
         step_(ctx, model, opt, f"s{step}", *img_batch(step), base=base)
 
 
@@ -368,6 +370,8 @@ def orthogonal_and_spectral(ctx: Ctx) -> None:
     model = ctx.wrap(base)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(4):
+        if step == 2:  # more power iterations per training forward
+            base.fc3.parametrizations.weight[0].n_power_iterations = 3
         step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
         model.eval()
         with torch.no_grad():
@@ -553,6 +557,16 @@ def accelerate_prepare_then_compile(ctx: Ctx) -> None:
     acc = _accelerator(gradient_accumulation_steps=2)
     prepared, opt, dl = acc.prepare(base, torch.optim.SGD(base.parameters(), lr=0.1), loader())
     model = ctx.wrap(prepared)
+    _accelerate_loop(ctx, acc, model, opt, dl, base)
+
+
+@case("aot", max_traces=4)
+def accelerate_bf16_mixed_precision(ctx: Ctx) -> None:
+    """Accelerator(cpu=True, mixed_precision="bf16").prepare(compiled, ...): accelerate sets an instance
+    ``forward`` on the prepared model (autocast around the model's forward, outputs cast to fp32)."""
+    base = seeded(BNNet)
+    acc = _accelerator(mixed_precision="bf16")
+    model, opt, dl = acc.prepare(ctx.wrap(base), torch.optim.SGD(base.parameters(), lr=0.1), loader())
     _accelerate_loop(ctx, acc, model, opt, dl, base)
 
 
