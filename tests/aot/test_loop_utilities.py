@@ -82,3 +82,25 @@ def test_evaluation_inside_parametrize_cached_gives_eager_results():
         assert parametrize._cache == {} and parametrize._cache_enabled == 0
     torch.testing.assert_close(compiled(x), eager(x))  # outside: a training capture
     assert compiled.route == "aot"
+
+
+def test_a_qat_model_has_a_trusted_fingerprint_that_sees_its_qconfig():
+    """Found: every call of a ``prepare_qat`` model warned that its fingerprint cannot be trusted (opaque object:
+    ``torch.ao.quantization.observer._PartialWrapper``, then ``torch.qscheme``), so each warm start traced it
+    again. The QConfig's observer constructors are read as their partial and callables (NOTE [QAT observer
+    constructors] in reachable.py), a qscheme by its name; another observer setting is another fingerprint."""
+    from torch.ao import quantization as tq
+
+    from aotcache.autograd_cache.fingerprint import code_fingerprint
+
+    def digest(quant_max: int) -> str:
+        model = _qat_linear()
+        model.qconfig = tq.QConfig(activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver,
+                                                                       quant_min=0, quant_max=quant_max),
+                                   weight=tq.default_weight_fake_quant)
+        fingerprint = code_fingerprint(model)
+        assert fingerprint.trusted, fingerprint.reason
+        return fingerprint.digest
+
+    assert digest(255) == digest(255)
+    assert digest(255) != digest(127)
