@@ -187,8 +187,6 @@ class CompiledRuntime:
         for new, input_index, may_record in zip(fw_outs, self._mutated, self._mutation_recordable):
             real = graph_args[input_index]
             if new is not real:
-                if real.shape != new.shape:
-                    _resize_as_the_kernel_did(real, new)
                 pairs.append((real, new))
                 recorded.append(grad_enabled and may_record and isinstance(new, torch.Tensor) and new.requires_grad)
         if not pairs:
@@ -234,28 +232,6 @@ class CompiledRuntime:
             if info.kind == "alias_of_output":
                 flat[k] = _regenerate_output_view(flat[info.base_output], fw_outs[first_user + info.index], info)
         return flat
-
-
-def _resize_as_the_kernel_did(real: torch.Tensor, new: torch.Tensor) -> None:
-    """Resize a mutated input in place to the sizes its new value has.
-
-    NOTE [Inputs resized by a kernel]
-    Some kernels resize a mutable argument themselves while their fake implementation keeps its sizes, so the
-    capture cannot see it: ``fused_moving_avg_obs_fake_quant`` (a per-channel ``FusedMovingAvgObsFakeQuantize``,
-    the default of eager-mode QAT's weight observers) grows its ``[1]`` scale / zero point and ``[0]`` running
-    min / max to one entry per channel on the first forward. The graph, run on real tensors, returns the new
-    values with the kernel's sizes; the epilogue's ``copy_`` into the input then raised ("output with shape [1]
-    doesn't match the broadcast shape [4]"), and a new value smaller than the input would have been broadcast
-    into it silently. Eager's kernel resizes the tensor object in place (same object, new storage when it
-    grows), so the epilogue does too; the next call has the new sizes in its signature and traces again (once).
-    """
-    if real.requires_grad:
-        raise RuntimeError(
-            f"aotcache: an operator resized a graph input that requires grad in place (sizes {tuple(real.shape)} "
-            f"-> {tuple(new.shape)}), which the compiled function cannot replay; call the function eagerly once "
-            f"before compiling so that the tensor has its final sizes.")
-    with torch.no_grad():
-        real.resize_(new.shape)
 
 
 def _resolve(entry: Any, extras: Sequence[Any]) -> int:

@@ -25,18 +25,9 @@ def _qat_linear() -> nn.Module:
         return tq.prepare_qat(model)
 
 
-@pytest.mark.parametrize("entry", ["compile", "aot_module"])
-def test_qat_per_channel_fake_quant_trains_as_eager(entry):
-    """Found: the first training step of a ``prepare_qat`` model raised "output with shape [1] doesn't match the
-    broadcast shape [4]": ``fused_moving_avg_obs_fake_quant`` resizes its scale / zero point / running min and
-    max to one entry per channel inside its kernel, which its fake implementation does not show, and the
-    mutation epilogue copied the new values into the old-sized buffers (a smaller value would have been
-    broadcast silently). The epilogue resizes the buffer as the kernel does (NOTE [Inputs resized by a kernel])."""
-    eager, model = _qat_linear(), _qat_linear()
-    compiled = (aotcache.compile(model, compiler="nop") if entry == "compile"
-                else aotcache.aot_module(model, "nop"))
+def _train_side_by_side(eager: nn.Module, model: nn.Module, compiled, steps: int = 3) -> None:
     g = torch.Generator().manual_seed(1)
-    for step in range(3):
+    for _ in range(steps):
         x, y = torch.randn(5, 3, generator=g), torch.randint(0, 4, (5,), generator=g)
         for net, params in ((eager, eager), (compiled, model)):
             nn.functional.cross_entropy(net(x), y).backward()
@@ -47,13 +38,35 @@ def test_qat_per_channel_fake_quant_trains_as_eager(entry):
         for (name, got), want in zip(model.state_dict().items(), eager.state_dict().values()):
             assert got.shape == want.shape, name  # scale [1] -> [4], min_val [0] -> [4], as in eager
             torch.testing.assert_close(got, want, msg=name)
+
+
+@pytest.mark.parametrize("entry", ["compile", "aot_module"])
+def test_qat_per_channel_fake_quant_trains_as_eager(entry):
+    """Found: the first training step of a ``prepare_qat`` model raised "output with shape [1] doesn't match the
+    broadcast shape [4]" (Inductor: its size assertion): ``fused_moving_avg_obs_fake_quant`` resizes its scale /
+    zero point / running min and max to one entry per channel inside its kernel, which its fake kernel does not
+    show. Such a call is refused and falls back (NOTE [Kernels that resize their arguments]); once resized, the
+    buffers keep their sizes and ``aot_module`` captures the next call."""
+    eager, model = _qat_linear(), _qat_linear()
+    compiled = (aotcache.compile(model, compiler="nop") if entry == "compile"
+                else aotcache.aot_module(model, "nop"))
+    _train_side_by_side(eager, model, compiled)
     if entry == "compile":
-        assert compiled.route == "aot"
-    # the first call's buffer sizes, then the resized ones: one more graph, not one per step
-    assert compiled.compiled.num_compiles == 2
-    scale = model[1].weight_fake_quant.scale
-    compiled(torch.randn(5, 3))
-    assert model[1].weight_fake_quant.scale is scale  # resized in place: the same tensor object, as in eager
+        assert compiled.route == "dynamo"  # the first call's way is kept
+    else:
+        # the first call's fallback, then one capture for all the calls with the per-channel sizes
+        assert compiled.compiled.num_compiles == 2
+
+
+def test_a_qat_model_run_once_eagerly_is_captured_whole():
+    """The workaround the refusal names: one eager forward of the prepared model (a calibration batch) before
+    compiling gives the buffers their per-channel sizes, and the model is captured whole."""
+    eager, model = _qat_linear(), _qat_linear()
+    calibration = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    eager(calibration), model(calibration)
+    compiled = aotcache.compile(model, compiler="nop")
+    _train_side_by_side(eager, model, compiled)
+    assert compiled.route == "aot" and compiled.compiled.num_compiles == 1
 
 
 def test_evaluation_inside_parametrize_cached_gives_eager_results():
