@@ -325,6 +325,17 @@ def qat_prepare_then_compile(ctx: Ctx) -> None:
         ctx.rec("eval_quantized", model(img_batch(10)[0]))
 
 
+@case("aot", max_traces=6)
+def qat_calibrated_then_compile(ctx: Ctx) -> None:
+    """prepare_qat, one eager calibration forward under no_grad (the observers take their per-channel sizes),
+    then compile and train: captured whole (NOTE [Kernels that resize their arguments])."""
+    base = _qat_prepare(seeded(QATNet))
+    with torch.no_grad():
+        ctx.rec("calibration", base(img_batch(20)[0]))
+    model = ctx.wrap(base)
+    _qat_loop(ctx, model, base)
+
+
 @case("aot", max_traces=8)
 def qat_compile_then_prepare(ctx: Ctx) -> None:
     """compile first (one float training step), then prepare_qat on the eager model mid-run (modules swapped
@@ -547,6 +558,58 @@ def anomaly_mode(ctx: Ctx) -> None:
         with torch.autograd.set_detect_anomaly(step in (1, 2)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+
+
+@case("aot")
+def saved_tensor_hooks(ctx: Ctx) -> None:
+    """Activation offloading: training steps under torch.autograd.graph.save_on_cpu() (lossless pack / unpack
+    hooks on every saved tensor), then without."""
+    base = seeded(BNNet)
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        with torch.autograd.graph.save_on_cpu() if step < 2 else contextlib.nullcontext():
+            step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+
+
+@case("aot")
+def lossy_saved_tensor_hooks(ctx: Ctx) -> None:
+    """Activation compression: saved_tensors_hooks that store saved tensors in bfloat16 (a lossy pack), as memory
+    saving recipes do; the gradients depend on which tensors autograd saves."""
+
+    def pack(t):
+        return (t.dtype, t.to(torch.bfloat16)) if t.is_floating_point() else (None, t)
+
+    def unpack(packed):
+        dtype, t = packed
+        return t if dtype is None else t.to(dtype)
+
+    base = seeded(MLP)
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+
+
+@case("aot")
+def ao_pruning_sparsifier(ctx: Ctx) -> None:
+    """torch.ao.pruning.WeightNormSparsifier: masks held by FakeSparsity parametrizations, recomputed in place by
+    sparsifier.step() between training steps, then squash_mask()."""
+    from torch.ao.pruning import WeightNormSparsifier
+
+    base = seeded(MLP)
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(base, [{"tensor_fqn": "fc1.weight"}, {"tensor_fqn": "fc2.weight"}])
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        if step in (1, 3):
+            sparsifier.step()
+        if step == 4:
+            sparsifier.squash_mask()
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
 
 
 # ----------------------------------------------------------------------------------------------------
