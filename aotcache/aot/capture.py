@@ -42,7 +42,6 @@ from aotcache.aot.refusals import (
     unsupported_layout_error,
 )
 from aotcache.aot.input_mutations import (
-    RefuseKernelResizes,
     RejectInputResize,
     check_mutated_inputs_do_not_alias,
     check_storage_kept,
@@ -259,8 +258,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
-        with explain_data_dependent_ops(), resize_check, RefuseKernelResizes(), explain, MaskedAssignAsWhere(), \
-                scalars:
+        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
         effects = list(getattr(functional_mode, "_tokens", {}))

@@ -11,7 +11,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize", "RefuseKernelResizes",
+__all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize", "refuse_kernel_resize",
            "check_mutated_inputs_do_not_alias"]
 
 
@@ -111,6 +111,7 @@ class RejectInputResize(torch.overrides.TorchFunctionMode):
     fails with an internal assert, or "tried to directly modify sizes"), so with ``dynamic`` a resize of an
     input is refused before it runs, with the same message as any other metadata mutation; a resize of an
     intermediate that torch refuses becomes a :class:`CaptureError` too (one with static sizes still works).
+    An operator whose kernel would resize its arguments is refused too (:func:`refuse_kernel_resize`).
     """
 
     _RESIZE_METHODS = (torch.Tensor.resize_, torch.Tensor.resize_as_)
@@ -137,11 +138,14 @@ class RejectInputResize(torch.overrides.TorchFunctionMode):
                     "aotcache: resize_() of a tensor with symbolic sizes is not supported with dynamic=True "
                     "(functionalization cannot resize to symbolic sizes). Use an out-of-place op (torch.empty, "
                     "narrow, torch.cat), or compile with dynamic=False.") from exc
+        if func is _FUSED_OBS_FAKE_QUANT:
+            refuse_kernel_resize(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
 
-class RefuseKernelResizes(torch.overrides.TorchFunctionMode):
-    """Raises a :class:`CaptureError` before an operator whose kernel would resize a mutable argument runs.
+def refuse_kernel_resize(func: Any, args: tuple, kwargs: Mapping) -> None:
+    """Raises a :class:`CaptureError` before an operator whose kernel would resize a mutable argument runs
+    (checked by :class:`RejectInputResize`, the capture's torch-function mode: no second mode on every call).
 
     NOTE [Kernels that resize their arguments]
     ``fused_moving_avg_obs_fake_quant`` (a per-channel ``FusedMovingAvgObsFakeQuantize``: the weight observers of
@@ -155,17 +159,13 @@ class RefuseKernelResizes(torch.overrides.TorchFunctionMode):
     keeps the Dynamo way it took (torch.compile runs the operator eagerly); one eager forward of a freshly
     prepared model before compiling it (a calibration batch) gives it the AOT way.
     """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _FUSED_OBS_FAKE_QUANT and _fake_quant_would_resize(*args, **kwargs):
-            raise CaptureError(
-                "aotcache: torch.fused_moving_avg_obs_fake_quant (a per-channel FusedMovingAvgObsFakeQuantize, "
-                "eager-mode QAT) resizes its scale, zero point and running min / max buffers to one entry per "
-                "channel on its first call, which a graph cannot replay; the call falls back. Run one "
-                "forward of the prepared model eagerly before compiling it to have it captured whole.",
-                reason="metadata_mutation")
-        return func(*args, **kwargs)
+    if func is _FUSED_OBS_FAKE_QUANT and _fake_quant_would_resize(*args, **kwargs):
+        raise CaptureError(
+            "aotcache: torch.fused_moving_avg_obs_fake_quant (a per-channel FusedMovingAvgObsFakeQuantize, "
+            "eager-mode QAT) resizes its scale, zero point and running min / max buffers to one entry per "
+            "channel on its first call, which a graph cannot replay; the call falls back. Run one "
+            "forward of the prepared model eagerly before compiling it to have it captured whole.",
+            reason="metadata_mutation")
 
 
 _FUSED_OBS_FAKE_QUANT = getattr(torch, "fused_moving_avg_obs_fake_quant", None)
