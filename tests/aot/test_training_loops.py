@@ -201,10 +201,10 @@ def _gloo_teardown_abort(codes: list[int], outputs: list[tuple[str, str]]) -> bo
     ``destroy_process_group``. gloo's TCP transport throws ``gloo::IoException`` ("Connection closed by peer",
     "Connection reset by peer") from its I/O thread when the other process closes its sockets first, and an
     exception there terminates the process (std::terminate: SIGABRT), a known gloo behaviour (pytorch/gloo#168,
-    pytorch/pytorch#50701). It was not reproduced here (40 runs, 20 per order, beside one or two busy-looping processes on
-    2 cores, 2026-12-05). Only that exact pattern is retried: every rank printed its RESULT line (the training and the
-    all-reduce finished), the failing ranks exited with SIGABRT, and their stderr names gloo's connection
-    error; any other failure, or a second one, fails the test."""
+    pytorch/pytorch#50701). It was not reproduced here (40 runs, 20 per order, beside one or two busy-looping
+    processes on 2 cores, 2026-12-05). Only that exact pattern is retried: every rank printed its RESULT line (the
+    training and the all-reduce finished), the failing ranks exited with SIGABRT, and their stderr names gloo's
+    connection error; any other failure, or a second one, fails the test."""
     if not all(any(line.startswith("RESULT") for line in out.splitlines()) for out, _ in outputs):
         return False
     failed = [err for code, (_, err) in zip(codes, outputs) if code != 0]
