@@ -9,14 +9,17 @@ parameters and buffers (the recording and comparison of ``bench/stale_battery.py
 
 - ``eager``: the model itself (the reference);
 - ``compile``: ``aotcache.compile(model, compiler="nop")``;
-- ``aot``: ``aotcache.aot_module(model, "nop")`` (cases marked ``aot``).
+- ``aot``: ``aotcache.aot_module(model, "nop")`` (cases marked ``aot``);
+- ``warm``: ``aotcache.compile`` in a fresh process on a cache dir that another fresh process filled running
+  the same cases (``hN`` cache hits, ``cN`` compiles there): a warm start must give the same results.
 
 A way passes a case when every record has eager's structure, dtype and values (rtol 1e-4 / atol 1e-5;
 bfloat16 / half 1e-2). The table also shows the route(s) taken (``aot`` / ``dynamo`` / ``eager``), ``tN`` the
 graphs captured (``num_compiles``) and ``fN`` the fallback decisions; a case with a bound on its traces fails
 ("CLIFF") when it traces more (a re-trace every step).
 
-    python bench/loop_utilities.py                     # all cases (about a minute on 2 loaded cores)
+    python bench/loop_utilities.py                     # all cases, eager / compile / aot (a few minutes)
+    python bench/loop_utilities.py --ways compile,aot,warm
     python bench/loop_utilities.py --only swa_ema,qat_prepare_then_compile --ways eager,compile
 
 Writes ``bench/results/loop_utilities.json`` and prints a table.
@@ -30,6 +33,7 @@ import copy
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -845,9 +849,12 @@ def run_one(name: str, way: str) -> dict:
     """Run case ``name`` the ``way``; the records, or the error, with routes, trace and fallback counts."""
     from aotcache.aot.fallback import fallback_counts
 
+    from aotcache.autograd_cache.cache import default_cache
+
     fn = CASES[name][0]
     ctx = Ctx(way)
     before_fb = sum(fallback_counts().values())
+    stats_before = default_cache().stats()
     torch.manual_seed(0)
     start = time.perf_counter()
     error = None
@@ -857,8 +864,23 @@ def run_one(name: str, way: str) -> dict:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         if os.environ.get("BATTERY_TRACEBACK"):
             traceback.print_exc()
+    stats = default_cache().stats()
     return {"records": ctx.records, "error": error, "traces": ctx.traces(), "routes": ctx.routes(),
-            "fallbacks": sum(fallback_counts().values()) - before_fb, "seconds": time.perf_counter() - start}
+            "fallbacks": sum(fallback_counts().values()) - before_fb, "seconds": time.perf_counter() - start,
+            "hits": stats["hit"] - stats_before["hit"], "compiles": stats["compile"] - stats_before["compile"]}
+
+
+def _in_subprocess(way: str, names: list[str], cache_dir: str) -> dict:
+    """Run ``names`` the ``way`` in a fresh process on this cache dir; its results."""
+    path = os.path.join(cache_dir, f"{way}_results.pt")
+    env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir,
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", ",".join(names),
+                           "--worker", way, path], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"the {way} worker failed")
+    return torch.load(path, weights_only=False)
 
 
 def main() -> None:
@@ -866,23 +888,34 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--ways", default="eager,compile,aot")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "loop_utilities.json"))
+    parser.add_argument("--worker", nargs=2, metavar=("WAY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    os.environ.setdefault("AOTCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="loop_utilities_"))
     os.environ.setdefault("AOTCACHE_PROGRESS", "0")
     os.environ.setdefault("AOTCACHE_TIERS", "memory,disk")
+    if args.worker:
+        way, path = args.worker
+        warnings.simplefilter("ignore")
+        torch.save({name: run_one(name, way) for name in names}, path)
+        return
+    os.environ.setdefault("AOTCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="loop_utilities_"))
     ways = [w for w in args.ways.split(",") if w and w != "eager"]
+    warm: dict[str, dict] = {}
+    if "warm" in ways:  # a cold process fills a cache dir of its own, a second fresh process starts warm on it
+        warm_dir = tempfile.mkdtemp(prefix="loop_utilities_warm_")
+        _in_subprocess("compile", names, warm_dir)
+        warm = _in_subprocess("warm", names, warm_dir)
     table: dict[str, dict] = {}
     for name in names:
         ref = run_one(name, "eager")
         row = table[name] = {"eager": {"error": ref["error"], "records": len(ref["records"])}}
         for way in ways:
-            if way != "compile" and way not in CASES[name][1]:
+            if way not in ("compile", "warm") and way not in CASES[name][1]:
                 continue
-            got = run_one(name, way)
+            got = warm[name] if way == "warm" else run_one(name, way)
             if got["error"] or ref["error"]:
                 ok = got["error"] == ref["error"]
                 exact, problem = ok, got["error"] or ""
@@ -897,7 +930,8 @@ def main() -> None:
             if ok and limit is not None and got["traces"] > limit:
                 ok, problem = False, f"perf cliff: {got['traces']} traces, at most {limit} expected"
             row[way] = {"ok": ok, "exact": exact, "problem": problem, "traces": got["traces"],
-                        "routes": got["routes"], "fallbacks": got["fallbacks"], "seconds": round(got["seconds"], 2)}
+                        "routes": got["routes"], "fallbacks": got["fallbacks"], "seconds": round(got["seconds"], 2),
+                        "hits": got["hits"], "compiles": got["compiles"]}
         print_row(name, row, ways)
     print_problems(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -931,6 +965,7 @@ def print_row(name: str, row: dict, ways: list[str]) -> None:
             mark = "EAGER-ERR"
         extra = "/".join(r for r in cell["routes"]) + f" t{cell['traces']}"
         extra += f" f{cell['fallbacks']}" if cell["fallbacks"] else ""
+        extra += f" h{cell['hits']} c{cell['compiles']}" if w == "warm" else ""
         cells.append(f"{mark + ' ' + extra:>30}")
     print(f"{name:<32}" + "".join(cells), flush=True)
 
