@@ -155,17 +155,17 @@ def refuse_kernel_resize(func: Any, args: tuple, kwargs: Mapping) -> None:
     raised ("output with shape [1] doesn't match the broadcast shape [4]"; a smaller value would have been
     broadcast silently), and Inductor's generated code failed its size assertion. Such a call is refused (the
     fallback runs it with eager's results); once the buffers have their per-channel sizes the kernel resizes
-    nothing, so ``aot_module`` captures the next call (its signature has the new sizes). ``aotcache.compile``
-    keeps the Dynamo way it took (torch.compile runs the operator eagerly); one eager forward of a freshly
-    prepared model before compiling it (a calibration batch) gives it the AOT way.
+    nothing, so the next call is captured (its signature has the new sizes): ``aot_module``'s fallback is per
+    signature, and ``aotcache.compile`` runs the refused call eagerly without choosing the Dynamo way
+    (``CaptureError.first_call_only``).
     """
     if func is _FUSED_OBS_FAKE_QUANT and _fake_quant_would_resize(*args, **kwargs):
         raise CaptureError(
             "aotcache: torch.fused_moving_avg_obs_fake_quant (a per-channel FusedMovingAvgObsFakeQuantize, "
             "eager-mode QAT) resizes its scale, zero point and running min / max buffers to one entry per "
-            "channel on its first call, which a graph cannot replay; the call falls back. Run one "
-            "forward of the prepared model eagerly before compiling it to have it captured whole.",
-            reason="metadata_mutation")
+            "channel on its first call, which a graph cannot replay; this call falls back, and the next one "
+            "(with the per-channel sizes) is captured.",
+            reason="metadata_mutation", first_call_only=True)
 
 
 _FUSED_OBS_FAKE_QUANT = getattr(torch, "fused_moving_avg_obs_fake_quant", None)
