@@ -266,6 +266,29 @@ def swa_of_dynamo_routed(ctx: Ctx) -> None:
 
 
 @case("aot")
+def ema_of_parametrized(ctx: Ctx) -> None:
+    """A GAN-style generator with spectral_norm (u / v buffers updated in train mode) and weight_norm, compiled,
+    with an EMA copy (AveragedModel(compiled, use_buffers=True), a deep copy of a parametrized model)."""
+    from torch.nn.utils import parametrizations
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    base = seeded(MLP)
+    parametrizations.spectral_norm(base.fc2)
+    parametrizations.weight_norm(base.fc3)
+    model = ctx.wrap(base)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.0, 0.99))
+    for step in range(4):
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+        ema.update_parameters(model)
+        ctx.rec_state(f"s{step}.ema", ema)
+        ema.eval()
+        with torch.no_grad():
+            ctx.rec(f"s{step}.ema_out", ema(batch(60)[0]))
+        ema.train()
+
+
+@case("aot")
 def swa_compiled_average(ctx: Ctx) -> None:
     """The averaged model itself compiled for evaluation (its parameters change by update_parameters, in place,
     between evaluations; update_bn resets and recomputes its BatchNorm statistics)."""
