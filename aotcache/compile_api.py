@@ -137,6 +137,11 @@ class _Router:
         except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
+            if getattr(exc, "first_call_only", False):  # NOTE [Kernels that resize their arguments]
+                log_once(logging.INFO, f"compile-first-call:{id(self)}",
+                         "aotcache.compile: %s: this call runs eagerly (%s); the next call is captured",
+                         self.aot.name, str(exc).removeprefix("aotcache: ").split("\n")[0])
+                return eager_call()
             self._choose_dynamo(exc, self.capturing.digest)
             return dynamo_call() if self.route == DYNAMO else eager_call()
         except Exception as exc:

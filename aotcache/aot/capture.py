@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -825,7 +826,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), _functorch_levels_kept(), \
-            _symbolic_fake_cache_off(fake_mode, callers_mode):
+            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off():
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -921,6 +922,28 @@ def _functorch_levels_kept() -> Iterator[None]:
         if torch._C._functorch.get_dynamic_layer_stack_depth() > depth:
             torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
         raise
+
+
+@contextlib.contextmanager
+def _parametrization_cache_off() -> Iterator[None]:
+    """NOTE [parametrize.cached() during a capture]
+    Inside ``torch.nn.utils.parametrize.cached()`` a parametrized tensor is computed once and kept in that
+    module's process-wide ``_cache`` dict until the context exits. A capture inside it (an evaluation under
+    ``cached()``, as its docs suggest) stored the weight computed from the analysis pass's fake tensors there;
+    the trace pass then read it back as a constant, and the compiled graph returned fake tensors (or, after the
+    context, the eager model read them). The capture runs with the caching off, so each pass computes the
+    parametrization from its own inputs; the context's value is put back afterwards and the cache is untouched
+    (``cached()`` only saves work: the values are the same)."""
+    parametrize = sys.modules.get("torch.nn.utils.parametrize")
+    enabled = getattr(parametrize, "_cache_enabled", 0) if parametrize is not None else 0
+    if not enabled:
+        yield
+        return
+    parametrize._cache_enabled = 0
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled = enabled
 
 
 def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.AbstractContextManager:

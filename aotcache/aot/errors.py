@@ -17,9 +17,13 @@ class CaptureError(RuntimeError):
     """
 
     def __init__(self, message: str = "", *, reason: str = "unsupported_construct", any_settings: bool = False,
-                 dynamo_safe: bool = True) -> None:
+                 dynamo_safe: bool = True, first_call_only: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        # True: the construct is gone once the call has run eagerly (a kernel that resizes its buffers on its first
+        # call: NOTE [Kernels that resize their arguments]); aotcache.compile runs this call eagerly and captures
+        # the next one, instead of taking the Dynamo way for good
+        self.first_call_only = first_call_only
         # the refusal holds whatever an aot_module's settings (NOTE [Refusals that hold for any settings] in api.py)
         self.any_settings = any_settings
         # False: Dynamo is known to give other results than eager for this construct, so the fallback runs the

@@ -11,7 +11,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize",
+__all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize", "refuse_kernel_resize",
            "check_mutated_inputs_do_not_alias"]
 
 
@@ -111,6 +111,7 @@ class RejectInputResize(torch.overrides.TorchFunctionMode):
     fails with an internal assert, or "tried to directly modify sizes"), so with ``dynamic`` a resize of an
     input is refused before it runs, with the same message as any other metadata mutation; a resize of an
     intermediate that torch refuses becomes a :class:`CaptureError` too (one with static sizes still works).
+    An operator whose kernel would resize its arguments is refused too (:func:`refuse_kernel_resize`).
     """
 
     _RESIZE_METHODS = (torch.Tensor.resize_, torch.Tensor.resize_as_)
@@ -137,7 +138,48 @@ class RejectInputResize(torch.overrides.TorchFunctionMode):
                     "aotcache: resize_() of a tensor with symbolic sizes is not supported with dynamic=True "
                     "(functionalization cannot resize to symbolic sizes). Use an out-of-place op (torch.empty, "
                     "narrow, torch.cat), or compile with dynamic=False.") from exc
+        if func is _FUSED_OBS_FAKE_QUANT:
+            refuse_kernel_resize(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+
+def refuse_kernel_resize(func: Any, args: tuple, kwargs: Mapping) -> None:
+    """Raises a :class:`CaptureError` before an operator whose kernel would resize a mutable argument runs
+    (checked by :class:`RejectInputResize`, the capture's torch-function mode: no second mode on every call).
+
+    NOTE [Kernels that resize their arguments]
+    ``fused_moving_avg_obs_fake_quant`` (a per-channel ``FusedMovingAvgObsFakeQuantize``: the weight observers of
+    eager-mode QAT's default qconfigs) resizes its scale / zero point (``[1]``) and running min / max (``[0]``)
+    to one entry per channel inside its kernel on the first forward, while its fake kernel keeps their sizes.
+    The captured graph then returned new values of sizes it did not know: the epilogue's copy into the buffers
+    raised ("output with shape [1] doesn't match the broadcast shape [4]"; a smaller value would have been
+    broadcast silently), and Inductor's generated code failed its size assertion. Such a call is refused (the
+    fallback runs it with eager's results); once the buffers have their per-channel sizes the kernel resizes
+    nothing, so the next call is captured (its signature has the new sizes): ``aot_module``'s fallback is per
+    signature, and ``aotcache.compile`` runs the refused call eagerly without choosing the Dynamo way
+    (``CaptureError.first_call_only``).
+    """
+    if func is _FUSED_OBS_FAKE_QUANT and _fake_quant_would_resize(*args, **kwargs):
+        raise CaptureError(
+            "aotcache: torch.fused_moving_avg_obs_fake_quant (a per-channel FusedMovingAvgObsFakeQuantize, "
+            "eager-mode QAT) resizes its scale, zero point and running min / max buffers to one entry per "
+            "channel on its first call, which a graph cannot replay; this call falls back, and the next one "
+            "(with the per-channel sizes) is captured.",
+            reason="metadata_mutation", first_call_only=True)
+
+
+_FUSED_OBS_FAKE_QUANT = getattr(torch, "fused_moving_avg_obs_fake_quant", None)
+
+
+def _fake_quant_would_resize(x: Any, observer_on: Any, fake_quant_on: Any, running_min: Any, running_max: Any,
+                             scale: Any, zero_point: Any, averaging_const: float, quant_min: int, quant_max: int,
+                             ch_axis: int, per_row_fake_quant: bool = False, symmetric_quant: bool = False) -> bool:
+    """Whether the kernel resizes a buffer: per channel, any of them without one entry per channel."""
+    if not per_row_fake_quant or not isinstance(x, torch.Tensor) or x.dim() <= ch_axis:
+        return False
+    channels = x.shape[ch_axis]
+    return any(isinstance(t, torch.Tensor) and t.numel() != channels
+               for t in (running_min, running_max, scale, zero_point))
 
 
 def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:

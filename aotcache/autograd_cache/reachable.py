@@ -121,6 +121,14 @@ def _custom_op_def_type() -> type | None:
 _CUSTOM_OP_DEF = _custom_op_def_type()
 
 
+def _is_observer_partial(value: Any) -> bool:
+    """torch.ao.quantization's ``_PartialWrapper`` (by name: importing torch.ao.quantization costs a warm start)."""
+    cls = type(value)
+    return (cls.__name__ == "_PartialWrapper" and cls.__module__ == "torch.ao.quantization.observer"
+            and isinstance(getattr(value, "p", None), functools.partial)
+            and isinstance(getattr(value, "callable_args", None), dict))
+
+
 def value_digest(value: Any) -> str:
     """Digest of ``value`` and everything reachable from it: code, closures, globals, object state.
 
@@ -273,7 +281,7 @@ class Reachable:
     def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
             return f"{type(value).__name__}:{value!r}"
-        if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)):
             return str(value)
         if isinstance(value, torch.Size):
             return f"Size{tuple(value)!r}"
@@ -352,6 +360,11 @@ class Reachable:
             return f"compiled:{self.type_ref(type(value))}({self.ref(program_of(value))})"
         if is_plain_object(value):
             return self._node(value)
+        if _is_observer_partial(value):
+            # NOTE [QAT observer constructors]: a QConfig's ``_PartialWrapper`` (eager-mode QAT keeps it on every
+            # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
+            # QAT model's fingerprint is trusted and its warm start skips the trace
+            return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
         raise Untrusted(f"opaque object: {type_name(type(value))}")
 
     def type_ref(self, cls: type) -> str:

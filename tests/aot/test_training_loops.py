@@ -193,6 +193,37 @@ dist.destroy_process_group()
 '''
 
 
+def _gloo_teardown_abort(codes: list[int], outputs: list[tuple[str, str]]) -> bool:
+    """Whether a failed run of the DDP ranks is gloo's own teardown race, not the test's subject.
+
+    NOTE [gloo teardown aborts]
+    A CI run under load saw a rank exit -6 (SIGABRT) after it had printed its result, also with a barrier before
+    ``destroy_process_group``. gloo's TCP transport throws ``gloo::IoException`` ("Connection closed by peer",
+    "Connection reset by peer") from its I/O thread when the other process closes its sockets first, and an
+    exception there terminates the process (std::terminate: SIGABRT), a known gloo behaviour (pytorch/gloo#168,
+    pytorch/pytorch#50701). It was not reproduced here (40 runs, 20 per order, beside one or two busy-looping
+    processes on 2 cores, 2026-12-05). Only that exact pattern is retried: every rank printed its RESULT line (the
+    training and the all-reduce finished), the failing ranks exited with SIGABRT, and their stderr names gloo's
+    connection error; any other failure, or a second one, fails the test."""
+    if not all(any(line.startswith("RESULT") for line in out.splitlines()) for out, _ in outputs):
+        return False
+    failed = [err for code, (_, err) in zip(codes, outputs) if code != 0]
+    return all(code in (0, -6) for code in codes) and all(
+        "gloo" in err and ("Connection closed by peer" in err or "Connection reset by peer" in err
+                           or "IoException" in err) for err in failed)
+
+
+def test_the_ddp_retry_is_only_for_gloos_teardown_abort():
+    """The retry of the DDP test (NOTE [gloo teardown aborts]) cannot hide a failure of the test's subject."""
+    abort = ("terminate called after throwing an instance of 'gloo::IoException'\n  what():  [third_party/gloo/gloo/"
+             "transport/tcp/pair.cc:589] Read error [127.0.0.1]:3977: Connection reset by peer\n")
+    done = "RESULT aot [0.1, 0.2]\n"
+    assert _gloo_teardown_abort([-6, 0], [(done, abort), (done, "")])
+    assert not _gloo_teardown_abort([-6, 0], [("", abort), (done, "")])  # before its result: a real failure
+    assert not _gloo_teardown_abort([1, 0], [(done, abort), (done, "")])  # not an abort
+    assert not _gloo_teardown_abort([-6, 0], [(done, "AssertionError"), (done, "")])  # not gloo's
+
+
 @pytest.mark.parametrize("order", ["inner", "outer"])
 def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_path):
     """Found: ``aotcache.compile(DDP(model))`` captured DDP's forward, whose reducer setup and buffer broadcast
@@ -204,15 +235,24 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
 
     from tests.conftest import REPO_ROOT, free_port
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ORDER": order, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", _DDP_RANK], env={**env, "RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    for number, (rank, (_, err)) in enumerate(zip(ranks, outputs)):
-        if rank.returncode != 0:  # shown whole under "Captured stdout" (an assertion message is cut short)
-            print(f"rank {number} exited with {rank.returncode}; its stderr ends:\n{err[-4000:]}")
-    assert [rank.returncode for rank in ranks] == [0, 0]
+    def run_ranks() -> tuple[list[int], list[tuple[str, str]]]:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ORDER": order, "OMP_NUM_THREADS": "1"}
+        ranks = [subprocess.Popen([sys.executable, "-c", _DDP_RANK], env={**env, "RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+        outputs = [rank.communicate(timeout=180) for rank in ranks]
+        for number, (rank, (_, err)) in enumerate(zip(ranks, outputs)):
+            if rank.returncode != 0:  # shown whole under "Captured stdout" (an assertion message is cut short)
+                print(f"rank {number} exited with {rank.returncode}; its stderr ends:\n{err[-4000:]}")
+        return [rank.returncode for rank in ranks], outputs
+
+    codes, outputs = run_ranks()
+    if codes != [0, 0] and _gloo_teardown_abort(codes, outputs):
+        # NOTE [gloo teardown aborts]: see _gloo_teardown_abort; retried once, and said so
+        print("RETRIED: a rank aborted in gloo's teardown after both printed their results (gloo's "
+              "'terminate called after throwing gloo::IoException' on a closed connection); running the ranks again")
+        codes, outputs = run_ranks()
+    assert codes == [0, 0]
     results = [line.split(" ", 2)[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT")]
     assert len(results) == 2 and results[0] == results[1]  # the ranks agree
     assert results[0][0] == ("aot" if order == "inner" else "dynamo")
