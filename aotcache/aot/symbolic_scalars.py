@@ -9,6 +9,8 @@ data: with a symbol there, the trace specializes on its value (a guard ``t == 7`
 held one value only and every new timestep traced again. While a function is captured with symbols,
 :class:`SymbolicScalarTensors` builds such a tensor with ``torch.full`` per element (a graph op taking the
 symbol), same values, dtype and device as eager's; data without symbols goes to ``torch.tensor`` untouched.
+A float symbol is made a float64 element first and then cast, as eager casts the Python float: ``torch.full``
+raises where the value overflows the dtype (``torch.tensor(1e308)`` is inf in float32).
 """
 
 from __future__ import annotations
@@ -57,9 +59,17 @@ def _tensor_of_symbols(data: Any, dtype: Any = None, device: Any = None, require
     if not _flatten(data, shape, 0, values) or not values or not any(isinstance(v, _SYMBOLIC) for v in values):
         return None
     dtype = dtype if dtype is not None else _inferred_dtype(values)
-    elements = [torch.full((), value, dtype=dtype, device=device) for value in values]
+    elements = [_element(value, dtype, device) for value in values]
     result = torch.stack(elements).reshape(shape)
     return result.requires_grad_() if requires_grad else result
+
+
+def _element(value: Any, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """One element as ``torch.tensor`` makes it: a float symbol is cast from float64, as eager casts the Python
+    float (``torch.full`` would raise where the value overflows ``dtype``; eager gives inf)."""
+    if isinstance(value, torch.SymFloat) and dtype != torch.float64:
+        return torch.full((), value, dtype=torch.float64, device=device).to(dtype)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 class SymbolicScalarTensors(torch.overrides.TorchFunctionMode):

@@ -419,3 +419,31 @@ def test_inductor_compiles_a_float_input_once_for_every_value_and_its_artifact_l
         for graph in (compiled, loaded):
             (got,) = graph(x, s)
             torch.testing.assert_close(got, fn(x, s))
+
+
+def test_torch_tensor_of_a_float_symbol_converts_as_eager_does_past_the_dtypes_range():
+    # torch.tensor(1e308) is inf in float32 (and 1e5 in half); the graph built it with torch.full, which raises
+    # "value cannot be converted to type float without overflow" (NOTE [Tensors made from symbolic scalars])
+    def fn(x, s):
+        return (torch.tensor(s), torch.tensor([s, 1.0]), torch.tensor(s, dtype=torch.half),
+                torch.tensor(s, dtype=torch.bfloat16) + x.bfloat16(), torch.tensor([[s]], dtype=torch.complex64))
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.ones(2)
+    for s in (0.5, 0.25, 1e308, -1e308, 1e5, 3.4028235677973366e38, 1e-46, -7.25):
+        got, want = compiled(x, s), fn(x, s)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (s, g, w)
+    assert compiled.num_compiles == 2
+
+
+def test_torch_tensor_of_a_float_symbol_with_an_integer_dtype_truncates_as_eager_does():
+    def fn(x, s):
+        return x * torch.tensor(s, dtype=torch.int64), torch.tensor([s], dtype=torch.bool)
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.ones(2, dtype=torch.int64)
+    for s in (0.5, 2.7, -2.7, 0.25, 9.99):
+        got, want = compiled(x, s), fn(x, s)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w), (s, g, w)
