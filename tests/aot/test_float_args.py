@@ -461,3 +461,17 @@ def test_a_type_check_on_a_float_argument_keeps_eagers_branch():
     x = torch.ones(3)
     for s in (0.5, 0.25, 0.75):
         assert torch.equal(compiled(x, s), fn(x, s)), s
+
+
+@pytest.mark.parametrize("value", ["float", "int"])
+def test_the_text_of_a_scalar_argument_traced_as_a_symbol_is_its_value(value):
+    # NOTE [Symbols printed as their values]: str(s) of a symbol was its name ("zf0"), baked into the graph
+    def fn(x, s):
+        return x * len(str(s)) + x * len(repr(s)) * 10 + len(f"{s}") * 100
+
+    compiled = aot_function(fn, "nop", cache=False)
+    x = torch.ones(3)
+    for s in ((0.5, 0.25, 0.75, 1.5, 0.125) if value == "float" else (1, 2, 3, 12, 123)):
+        assert torch.equal(compiled(x, s), fn(x, s)), s
+    assert repr(torch.SymFloat.__repr__) == repr(torch.SymFloat.__dict__["__repr__"])
+    assert "_value_repr" not in torch.SymFloat.__repr__.__qualname__  # restored after the capture
