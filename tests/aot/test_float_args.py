@@ -475,3 +475,14 @@ def test_the_text_of_a_scalar_argument_traced_as_a_symbol_is_its_value(value):
         assert torch.equal(compiled(x, s), fn(x, s)), s
     assert repr(torch.SymFloat.__repr__) == repr(torch.SymFloat.__dict__["__repr__"])
     assert "_value_repr" not in torch.SymFloat.__repr__.__qualname__  # restored after the capture
+
+
+def test_calls_past_the_limit_are_not_logged_as_re_traces(caplog):
+    # NOTE [Recompile limit]: each eager call past the limit logged "re-tracing" at INFO, though nothing traced
+    compiled = aot_function(lambda x, s: x * s, "nop", dynamic=False, cache=False)
+    x = torch.ones(2)
+    with config.patch(recompile_limit=2), caplog.at_level(logging.INFO, logger="aotcache"):
+        for step in range(6):
+            compiled(x, 0.5 + step)
+    assert compiled.num_compiles == 2
+    assert caplog.text.count("re-tracing") == compiled.num_compiles - 1
