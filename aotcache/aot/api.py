@@ -212,7 +212,8 @@ class AOTFunction:
                 if runtime is None:
                     if self._entries:  # NOTE [Events at INFO]: a re-trace, with what changed
                         self._last_change = describe_new_signature(list(self._entries), key)
-                        event(logging.INFO, "aotcache: re-tracing %s: %s", self.name, self._last_change)
+                        if not self.traces.spent(getattr(self, "fingerprint_module", None)):  # (else no trace:
+                            event(logging.INFO, "aotcache: re-tracing %s: %s", self.name, self._last_change)  # eager)
                     past_limit = self.traces.exhausted(self.name, getattr(self, "fingerprint_module", None))
                     if past_limit is not None:  # NOTE [Recompile limit]: no lookup either
                         return eager_past_recompile_limit(self, in_spec, past_limit, self._last_change)

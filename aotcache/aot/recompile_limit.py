@@ -69,6 +69,11 @@ class TraceBudget:
                 raise RecompileLimitReached(name, limit)
             self._traces[mode] += 1
 
+    def spent(self, module: Any = None) -> bool:
+        """Whether the current mode has made its ``AOTCACHE_RECOMPILE_LIMIT`` traces (a new call will not trace)."""
+        limit = config.get("recompile_limit")
+        return bool(limit) and self._traces[self.mode(module)] >= limit
+
     def exhausted(self, name: str, module: Any = None) -> RecompileLimitReached | None:
         """The error to act on, without a cache lookup, when the current mode is past its limit and that many
         calls past it found nothing in the cache (NOTE [Recompile limit]); None otherwise."""

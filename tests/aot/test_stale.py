@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import aotcache
+from aotcache import config
 from aotcache.autograd_cache.fingerprint import code_fingerprint
 from tests.conftest import run_python
 
@@ -332,11 +333,12 @@ def test_state_that_settles_keeps_its_graph_and_restarts_the_count():
     model, reference = WarmsUp(), WarmsUp()
     compiled = compiled_module(model)
     before = fallback_counts().get("eager:changes_own_state", 0)
-    for _ in range(2):
-        model.steps = reference.steps = 0
-        for _ in range(8):
-            torch.testing.assert_close(compiled(X), reference(X))
-            assert model.steps == reference.steps
+    with config.patch(recompile_limit=0):  # 11 traces: this counts single-use graphs (NOTE [Recompile limit])
+        for _ in range(2):
+            model.steps = reference.steps = 0
+            for _ in range(8):
+                torch.testing.assert_close(compiled(X), reference(X))
+                assert model.steps == reference.steps
     assert compiled.compiled.num_single_use == 10
     assert compiled.compiled.num_compiles == 11  # the settled state's graph once, reused in the second round
     assert fallback_counts().get("eager:changes_own_state", 0) == before
@@ -345,9 +347,10 @@ def test_state_that_settles_keeps_its_graph_and_restarts_the_count():
 def test_with_on_capture_error_raise_a_counter_keeps_being_traced():
     model = CountsCalls()
     compiled = aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")
-    for call in range(1, 11):
-        torch.testing.assert_close(compiled(X), model.linear(X))
-        assert model.calls == call
+    with config.patch(recompile_limit=0):  # 10 traces: past the limit a call runs eagerly (NOTE [Recompile limit])
+        for call in range(1, 11):
+            torch.testing.assert_close(compiled(X), model.linear(X))
+            assert model.calls == call
     assert compiled.compiled.num_compiles == 10
 
 
