@@ -50,6 +50,7 @@ from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
+from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.signature import input_offsets, offsets_hold, rank_signature_of, signature_of
 from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
@@ -184,6 +185,10 @@ class AOTFunction:
             raise  # strict mode's cache fault or recompile limit is not a failure of dynamic shapes
         except FloatInputsUnsupported as exc:  # NOTE [Float inputs for Inductor]: floats become constants again
             if not self._dims.drop_float_symbols(exc, self.name):
+                raise
+            return self._runtime_for(flat_args, in_spec, extra, program)
+        except ScalarTypeChecked as exc:  # NOTE [Type checks on scalar symbols]: that kind becomes constants
+            if not self._dims.drop_scalar_symbols(exc, self.name):
                 raise
             return self._runtime_for(flat_args, in_spec, extra, program)
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.capture_threads import SwapBusy, compiling
+from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
@@ -824,9 +825,14 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
                        regenerate_aliases=regenerate_aliases)
 
     dispatcher = enable_python_dispatcher() if not static_views else contextlib.nullcontext()
+    # NOTE [Type checks on scalar symbols]: which code runs, where an int or float argument is a symbol
+    scalar_kinds = frozenset(type(arg).__name__ for arg, fake in zip(flat_args, fake_args)
+                             if type(arg) in (int, float) and isinstance(fake, (torch.SymInt, torch.SymFloat)))
+    codes_run: set = set()
+    watch = watch_code(codes_run) if scalar_kinds else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), _functorch_levels_kept(), \
-            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off():
+            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), watch:
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -846,6 +852,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
                 analysis = symbolic_analysis()
                 captured = trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
                                  joint=joint)
+    if scalar_kinds and (checked := kinds_type_checked(codes_run, scalar_kinds)) is not None:
+        raise checked
     if torch.is_grad_enabled():
         refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not callers_mode:

@@ -73,6 +73,7 @@ import torch
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.exact_values import float_bits
+from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.logs import log_once, logger
 
 __all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
@@ -128,6 +129,7 @@ class DynamicDims:
     def __init__(self, dynamic: bool | None, float_symbols: bool = False) -> None:
         self.dynamic = dynamic
         self.float_symbols = float_symbols  # NOTE [Float arguments]: the compilers take float symbols
+        self.int_symbols = True  # NOTE [Integer arguments]; False once the code checks an int's type
         self._first: dict[Any, tuple] = {}  # automatic: per rank signature, the sizes of its first call
         self._marked: dict[Any, frozenset[tuple[int, int]]] = {}  # automatic: (position, dim) marked dynamic
         self._options: dict[tuple, Any] = {}
@@ -161,6 +163,21 @@ class DynamicDims:
                  "constants of its graphs from now on (a graph per value, up to the recompile limit)", name, exc)
         return True
 
+    def drop_scalar_symbols(self, exc: ScalarTypeChecked, name: str) -> bool:
+        """After a capture whose code may check the type of an int or float argument traced as a symbol (NOTE
+        [Type checks on scalar symbols]): True if that kind was traced as symbols, now constants for good (the
+        caller compiles the call again); else False."""
+        dropped = False
+        if "float" in exc.kinds and self.float_symbols:
+            self.float_symbols, dropped = False, True
+        if "int" in exc.kinds and self.int_symbols:
+            self.int_symbols, dropped = False, True
+        if dropped:
+            log_once(logging.INFO, f"dynamic:scalars:{name}",
+                     "aotcache: %s: %s; such arguments are constants of its graphs from now on (a graph per value, "
+                     "up to the recompile limit)", name, exc)
+        return dropped
+
     def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
              ) -> DimSpec | bool:
         """The spec of this call: False (static), or the dims to trace as symbols.
@@ -191,8 +208,9 @@ class DynamicDims:
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
-        spec = tuple(() if type(flat_args[index]) is float and (not self.float_symbols
-                                                                 or _float_constant(flat_args[index]))
+        spec = tuple(() if (type(flat_args[index]) is float and (not self.float_symbols
+                                                                  or _float_constant(flat_args[index])))
+                     or (type(flat_args[index]) is int and not self.int_symbols)
                      else tuple(sorted(dim for position, dim in marked if position == index))
                      for index in range(len(flat_args)))
         return spec if any(spec) else False  # (only floats marked, and each a constant now)

@@ -449,18 +449,45 @@ def test_torch_tensor_of_a_float_symbol_with_an_integer_dtype_truncates_as_eager
             assert g.dtype == w.dtype and torch.equal(g, w), (s, g, w)
 
 
-@pytest.mark.xfail(strict=True, reason="a float traced as a symbol is a torch.SymFloat while the function runs, so "
-                   "isinstance(s, float) / type(s) checks take the other branch, baked into the graph that every "
-                   "later float reuses (NOTE [Float arguments]; ints traced as symbols share it: NOTE [Integer "
-                   "arguments]). A trace cannot see a type check; not fixed.")
-def test_a_type_check_on_a_float_argument_keeps_eagers_branch():
-    def fn(x, s):
-        return x * s if isinstance(s, float) else x + s
+def _checks_float_type(x, s):
+    return x * s if isinstance(s, float) else x + s
 
+
+def _checks_int_type(x, n):
+    return x * n if isinstance(n, int) else x - n
+
+
+def _checks_type_name(x, s):
+    return x * s if type(s).__name__ == "float" else x + s
+
+
+def _checks_number_class(x, s):
+    import numbers
+
+    return x * s if isinstance(s, numbers.Real) else x + s
+
+
+def _calls_float_only(x, s):
+    return x * s + float(len(x.shape))  # a call of float(...), not a type check
+
+
+@pytest.mark.parametrize("fn, values, symbols_kept", [
+    (_checks_float_type, (0.5, 0.25, 0.75, 1.5), False),
+    (_checks_int_type, (2, 3, 5, 7), False),
+    (_checks_type_name, (0.5, 0.25, 0.75, 1.5), False),
+    (_checks_number_class, (0.5, 0.25, 0.75, 1.5), False),
+    (_calls_float_only, (0.5, 0.25, 0.75, 1.5), True),  # float(...) converts, checks nothing: symbols stay
+])
+def test_a_type_check_on_a_scalar_argument_keeps_eagers_branch(fn, values, symbols_kept):
+    """NOTE [Type checks on scalar symbols]: a changing float or int is traced as a SymFloat / SymInt, so
+    isinstance(s, float) took the other branch, baked into the graph every later value reused. Code that may
+    check the type makes that kind of argument a constant; code that only converts keeps the symbol."""
     compiled = aot_function(fn, "nop", cache=False)
     x = torch.ones(3)
-    for s in (0.5, 0.25, 0.75):
+    for s in values:
         assert torch.equal(compiled(x, s), fn(x, s)), s
+    graphs = compiled.num_compiles
+    assert (graphs <= 3) if symbols_kept else (graphs >= len(values)), graphs
 
 
 @pytest.mark.parametrize("value", ["float", "int"])
