@@ -141,6 +141,17 @@ def _per_token(model, inputs: dict, rounds: int) -> float:
     return statistics.median(slopes)
 
 
+def _build(arch: str, head: str):
+    """The tiny model in eval mode, with what ``generate`` needs that its config lacks (T5Config has no
+    ``decoder_start_token_id``: its generate starts from the pad token, as the pretrained T5s do)."""
+    from hf_tiny import build
+
+    model = build(arch, head).eval()
+    if model.config.is_encoder_decoder and getattr(model.generation_config, "decoder_start_token_id", None) is None:
+        model.generation_config.decoder_start_token_id = model.config.pad_token_id
+    return model
+
+
 def run_arch(arch: str, phase: str, modes: list[str], timing: bool) -> dict:
     """Every mode of ``arch`` in this process (its cache dir set by the caller)."""
     import torch
@@ -150,12 +161,11 @@ def run_arch(arch: str, phase: str, modes: list[str], timing: bool) -> dict:
 
     import aotcache
     from aotcache.autograd_cache.cache import resolve_cache
-    from hf_tiny import build
 
     transformers.logging.set_verbosity_error()
     head, kind = ARCHS[arch]
-    eager = build(arch, head).eval()
-    model = aotcache.compile(build(arch, head).eval(), compiler="nop")
+    eager = _build(arch, head)
+    model = aotcache.compile(_build(arch, head), compiler="nop")
     cache = resolve_cache(True)
     result: dict = {"arch": arch, "phase": phase, "modes": {}}
     for mode in modes:
