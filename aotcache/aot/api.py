@@ -49,7 +49,7 @@ from aotcache.aot.refusals import argument_containers, refuse_changed_argument_c
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices, WatchedProgram
-from aotcache.aot.signature import input_offsets, memory_sharing, offsets_hold, rank_signature_of, signature_of
+from aotcache.aot.signature import call_context, input_offsets, offsets_hold, rank_signature_of, signature_of
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
 
@@ -163,14 +163,15 @@ class AOTFunction:
     def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None, program: str = "") -> CompiledRuntime:
         """The runtime of this signature and program digest: reused, or traced and compiled now (once, under the
         lock)."""
-        # NOTE [One sharing map per call]
+        # NOTE [One context per call]
         # Under automatic dynamic shapes a call builds two signatures: the rank signature that keys its first
-        # sizes, and the signature that selects its runtime. Both hold the same map of which arguments share
-        # memory, a third of their cost; it is computed once here (a KV-cache decoding step passes 30-60 tensors).
-        sharing = memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
-        options = self._resolve_dynamic(flat_args, in_spec, extra, sharing)
+        # sizes, and the signature that selects its runtime. Both hold the same grad mode, autocast state,
+        # numerics flags and map of which arguments share memory (about a third of their cost); they are read
+        # once here (a KV-cache decoding step passes 30-60 tensors, and pays this at every generated token).
+        context = call_context(flat_args)  # raises CaptureError for an unsupported layout (sparse), naming it
+        options = self._resolve_dynamic(flat_args, in_spec, extra, context)
         try:
-            return self._runtime_with(flat_args, in_spec, extra, program, options, sharing)
+            return self._runtime_with(flat_args, in_spec, extra, program, options, context)
         except CacheFault:
             raise  # strict mode's cache fault is not a failure of dynamic shapes
         except Exception as exc:  # noqa: BLE001 - only an automatic dynamic compile is retried, then re-raised
@@ -181,14 +182,14 @@ class AOTFunction:
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
         runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False),
-                                     sharing)
+                                     context)
         if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
             self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too
         return runtime
 
     def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,
-                      options: AOTOptions, sharing: tuple | None = None) -> CompiledRuntime:
-        key = (extra, program, signature_of(flat_args, in_spec, options.dynamic, sharing))
+                      options: AOTOptions, context: tuple | None = None) -> CompiledRuntime:
+        key = (extra, program, signature_of(flat_args, in_spec, options.dynamic, context))
         runtime = self._lookup(key, flat_args)
         if runtime is None:
             with self._lock:
@@ -299,12 +300,12 @@ class AOTFunction:
         module = getattr(self, "fingerprint_module", None)
         return self.services.watch_program(self.fn if module is None else module, module).digest != watched[0].digest
 
-    def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any, sharing: tuple | None = None
+    def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any, context: tuple | None = None
                          ) -> AOTOptions:
         """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
         if self.options.dynamic is False:
             return self.options
-        rank_key = ((extra, rank_signature_of(flat_args, in_spec, sharing)) if self.options.dynamic is None
+        rank_key = ((extra, rank_signature_of(flat_args, in_spec, context)) if self.options.dynamic is None
                     else None)
         spec = self._dims.spec(flat_args, rank_key, self.num_state, self.name)
         return self._dims.options_for(self.options, spec)
