@@ -1,7 +1,8 @@
 """Hugging Face text generation (the serving path) through ``aotcache.compile``, many architectures, against eager.
 
 Per architecture, in its own fresh subprocess (timeout) with a fresh ``AOTCACHE_CACHE_DIR``: a tiny random-weight
-model from ``bench/hf_tiny.py`` in eval mode, an eager twin built from the same seed, and
+model from ``bench/hf_tiny.py`` in eval mode (weights redrawn with std ``WEIGHT_STD``, so that the tokens vary),
+an eager twin built from the same seeds, and
 ``aotcache.compile(model, compiler="nop")``. Each generate mode compares the generated tokens exactly:
 
 * ``greedy``: default DynamicCache, ``max_new_tokens=6``;  ``no_cache``: greedy with ``use_cache=False``;
@@ -53,6 +54,7 @@ ARCHS: dict[str, tuple[str, str]] = {
 
 MODES = ("greedy", "no_cache", "sample", "beam", "padded", "static", "pipeline")
 NEW = 6  # new tokens per generate
+WEIGHT_STD = 1.0  # the tiny models' weights (see _build)
 
 
 # -- one architecture, in this process -------------------------------------------------------------------------
@@ -144,9 +146,16 @@ def _per_token(model, inputs: dict, rounds: int) -> float:
 def _build(arch: str, head: str):
     """The tiny model in eval mode, with what ``generate`` needs that its config lacks (T5Config has no
     ``decoder_start_token_id``: its generate starts from the pad token, as the pretrained T5s do)."""
+    import torch
     from hf_tiny import build
 
     model = build(arch, head).eval()
+    # NOTE: weights drawn wider than the configs' init (std 0.02): logits far apart, so the generated tokens vary
+    # and a small numerical difference would change them (with the default init most models repeat one token)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * WEIGHT_STD)
     if model.config.is_encoder_decoder and getattr(model.generation_config, "decoder_start_token_id", None) is None:
         model.generation_config.decoder_start_token_id = model.config.pad_token_id
     return model
