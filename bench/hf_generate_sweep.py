@@ -5,7 +5,7 @@ model from ``bench/hf_tiny.py`` in eval mode (weights redrawn with std ``WEIGHT_
 an eager twin built from the same seeds, and
 ``aotcache.compile(model, compiler="nop")``. Each generate mode compares the generated tokens exactly:
 
-* ``greedy``: default DynamicCache, ``max_new_tokens=6``;  ``no_cache``: greedy with ``use_cache=False``;
+* ``greedy``: default DynamicCache, ``max_new_tokens=6`` (also each step's logits: ``max_logit_diff``);  ``no_cache``: greedy with ``use_cache=False``;
 * ``sample``: ``do_sample=True`` with the same ``torch.manual_seed`` before each;  ``beam``: ``num_beams=3``;
 * ``padded``: a left-padded batch of 2 with its ``attention_mask``;
 * ``static``: ``cache_implementation="static"`` (where eager supports it);
@@ -55,6 +55,7 @@ ARCHS: dict[str, tuple[str, str]] = {
 MODES = ("greedy", "no_cache", "sample", "beam", "padded", "static", "pipeline")
 NEW = 6  # new tokens per generate
 WEIGHT_STD = 1.0  # the tiny models' weights (see _build)
+LOGIT_MODES = ("greedy", "padded")  # modes whose every step's logits are compared too (max_logit_diff)
 
 
 # -- one architecture, in this process -------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _mode_kwargs(mode: str, kind: str, config) -> tuple[dict, dict] | None:
     """(inputs, generate kwargs) of ``mode``; None where the mode does not apply to ``kind``."""
     base = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     if mode == "greedy":
-        return _inputs(kind, config), base
+        return _inputs(kind, config), {**base, "output_logits": True, "return_dict_in_generate": True}
     if mode == "no_cache":
         return _inputs(kind, config), {**base, "use_cache": False}
     if mode == "sample":
@@ -87,9 +88,10 @@ def _mode_kwargs(mode: str, kind: str, config) -> tuple[dict, dict] | None:
     if mode == "beam":
         return _inputs(kind, config), {**base, "num_beams": 3}
     if mode == "padded":
+        logits = {**base, "output_logits": True, "return_dict_in_generate": True}
         if kind == "speech":
-            return _inputs(kind, config, batch=2), base
-        return _inputs(kind, config, batch=2, padded=True), base
+            return _inputs(kind, config, batch=2), logits
+        return _inputs(kind, config, batch=2, padded=True), logits
     if mode == "static":
         return _inputs(kind, config), {**base, "cache_implementation": "static"}
     return None
@@ -207,6 +209,10 @@ def run_arch(arch: str, phase: str, modes: list[str], timing: bool) -> dict:
                     torch.manual_seed(11)
                 with torch.no_grad():
                     got = model.generate(**inputs, **kwargs)
+                if mode in LOGIT_MODES:  # the raw logits of every step too: a stronger check than the tokens
+                    entry["max_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(got.logits, want.logits))
+                    entry["max_logit"] = max(float(b.abs().max()) for b in want.logits)
+                    got, want = got.sequences, want.sequences
                 entry["equal"] = bool(got.shape == want.shape and torch.equal(got, want))
                 entry["tokens"] = got.tolist()[0][-NEW:]
         except Exception as exc:  # noqa: BLE001 - a crash is a result of the sweep
@@ -261,6 +267,7 @@ def _summary(cold: dict, warm: dict) -> dict:
                       "cold_compiles": c.get("compiles"), "route": c.get("route"),
                       "fallbacks": c.get("fallbacks") or None, "warm_equal": w.get("equal"),
                       "warm_traces": w.get("traces"), "warm_compiles": w.get("compiles"),
+                      "max_logit_diff": c.get("max_logit_diff"),
                       "error": c.get("error") or w.get("error")}
     return rows
 
