@@ -5,7 +5,8 @@ model from ``bench/hf_tiny.py`` in eval mode (weights redrawn with std ``WEIGHT_
 an eager twin built from the same seeds, and
 ``aotcache.compile(model, compiler="nop")``. Each generate mode compares the generated tokens exactly:
 
-* ``greedy``: default DynamicCache, ``max_new_tokens=6`` (also each step's logits: ``max_logit_diff``);  ``no_cache``: greedy with ``use_cache=False``;
+* ``greedy``: default DynamicCache, ``max_new_tokens=6`` (also each step's logits: ``max_logit_diff``);
+* ``no_cache``: greedy with ``use_cache=False``;
 * ``sample``: ``do_sample=True`` with the same ``torch.manual_seed`` before each;  ``beam``: ``num_beams=3``;
 * ``padded``: a left-padded batch of 2 with its ``attention_mask``;
 * ``static``: ``cache_implementation="static"`` (where eager supports it);

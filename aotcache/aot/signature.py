@@ -33,7 +33,8 @@ from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, storage_sharing
 from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
 
-__all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
+__all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets",
+           "offsets_hold"]
 
 
 # NOTE [Constant arguments]
