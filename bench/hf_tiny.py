@@ -29,6 +29,8 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "CodeGen": dict(rotary_dim=4),
     "DebertaV2": dict(pooler_hidden_size=32),
     "Deberta": dict(pooler_hidden_size=32),
+    # generate sweep: 32 input frames of 8 mel bins (the defaults, 3000 x 80, make the eager encoder the cost)
+    "Whisper": dict(max_source_positions=16, num_mel_bins=8, max_target_positions=64),
 }
 
 

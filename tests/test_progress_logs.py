@@ -187,3 +187,32 @@ def test_a_miss_warms_the_compilers_up_and_a_hit_does_not(monkeypatch):
     assert calls == []
     aot_module(model, "nop", cache=False)(x)  # uncached: compile_function warms too
     assert calls
+
+
+class SequentialScan(nn.Module):
+    """A Python loop over the sequence length (Mamba's scan without a cache): each length is its own graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decay = nn.Parameter(torch.full((4,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = torch.zeros(x.shape[0], x.shape[2])
+        outputs = []
+        for step in range(x.shape[1]):
+            state = state * self.decay + x[:, step]
+            outputs.append(state)
+        return torch.stack(outputs, dim=1)
+
+
+def test_a_retrace_whose_signature_was_seen_says_its_shape_guards_failed(info_logs):
+    # Mamba's no-cache generate traced once per token and logged "re-tracing MambaForCausalLM: a new signature"
+    model = SequentialScan()
+    wrapped = aot_module(model, cache=False)  # dynamic=None: the length becomes dynamic, but the loop pins it
+    for length in (3, 4, 5, 6):
+        x = torch.randn(2, length, 4)
+        torch.testing.assert_close(wrapped(x), model(x))
+    retraces = [m for m in messages(info_logs, logging.INFO) if "re-tracing SequentialScan" in m]
+    assert len(retraces) == 3, retraces
+    assert "dimensions made dynamic" in retraces[0]
+    assert all("shape guards of every graph of this signature failed" in m for m in retraces[1:]), retraces

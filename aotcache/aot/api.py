@@ -52,7 +52,7 @@ from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.aot.services import CompileServices, WatchedProgram
-from aotcache.aot.signature import input_offsets, offsets_hold, rank_signature_of, signature_of
+from aotcache.aot.signature import call_context, input_offsets, offsets_hold, rank_signature_of, signature_of
 from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
@@ -177,10 +177,16 @@ class AOTFunction:
     def _runtime_for(self, flat_args: list, in_spec: Any, extra: Any = None, program: str = "") -> CompiledRuntime:
         """The runtime of this signature and program digest: reused, or traced and compiled now (once, under the
         lock)."""
-        options = self._resolve_dynamic(flat_args, in_spec, extra)
+        # NOTE [One context per call]
+        # Under automatic dynamic shapes a call builds two signatures: the rank signature that keys its first
+        # sizes, and the signature that selects its runtime. Both hold the same grad mode, autocast state,
+        # numerics flags and map of which arguments share memory (about a third of their cost); they are read
+        # once here (a KV-cache decoding step passes 30-60 tensors, and pays this at every generated token).
+        context = call_context(flat_args)  # raises CaptureError for an unsupported layout (sparse), naming it
+        options = self._resolve_dynamic(flat_args, in_spec, extra, context)
         try:
             with caller_retries():  # NOTE [Float inputs for Inductor]: handled below
-                return self._runtime_with(flat_args, in_spec, extra, program, options)
+                return self._runtime_with(flat_args, in_spec, extra, program, options, context)
         except (CacheFault, RecompileLimitReached):
             raise  # strict mode's cache fault or recompile limit is not a failure of dynamic shapes
         except FloatInputsUnsupported as exc:  # NOTE [Float inputs for Inductor]: floats become constants again
@@ -198,14 +204,15 @@ class AOTFunction:
         # NOTE [Dynamic dimensions]: the same call compiled statically decides. If it fails too, the error is the
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
-        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False))
+        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False),
+                                     context)
         if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
             self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too
         return runtime
 
     def _runtime_with(self, flat_args: list, in_spec: Any, extra: Any, program: str,
-                      options: AOTOptions) -> CompiledRuntime:
-        key = (extra, program, signature_of(flat_args, in_spec, options.dynamic))
+                      options: AOTOptions, context: tuple | None = None) -> CompiledRuntime:
+        key = (extra, program, signature_of(flat_args, in_spec, options.dynamic, context))
         runtime = self._lookup(key, flat_args)
         if runtime is None:
             with self._lock:
@@ -322,11 +329,13 @@ class AOTFunction:
         module = getattr(self, "fingerprint_module", None)
         return self.services.watch_program(self.fn if module is None else module, module).digest != watched[0].digest
 
-    def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any) -> AOTOptions:
+    def _resolve_dynamic(self, flat_args: list, in_spec: Any, extra: Any, context: tuple | None = None
+                         ) -> AOTOptions:
         """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
         if self.options.dynamic is False:
             return self.options
-        rank_key = (extra, rank_signature_of(flat_args, in_spec)) if self.options.dynamic is None else None
+        rank_key = ((extra, rank_signature_of(flat_args, in_spec, context)) if self.options.dynamic is None
+                    else None)
         spec = self._dims.spec(flat_args, rank_key, self.num_state, self.name)
         return self._dims.options_for(self.options, spec)
 

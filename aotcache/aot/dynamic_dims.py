@@ -133,6 +133,7 @@ class DynamicDims:
         self._first: dict[Any, tuple] = {}  # automatic: per rank signature, the sizes of its first call
         self._marked: dict[Any, frozenset[tuple[int, int]]] = {}  # automatic: (position, dim) marked dynamic
         self._options: dict[tuple, Any] = {}
+        self._specs: dict[tuple, DimSpec] = {}  # automatic: the spec of (marked dimensions, argument count)
         self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
         self._lock = threading.Lock()
 
@@ -191,12 +192,18 @@ class DynamicDims:
             return _all_dims(flat_args, num_state)
         if self._abandoned:
             return False
-        shapes = tuple(_sizes(arg, self.float_symbols) for arg in flat_args)
+        # NOTE [Per-call cost of automatic dynamic shapes]
+        # This runs at every call that misses the hot path (every KV-cache decoding step: keyword arguments and a
+        # cache object), so it reads the sizes of the arguments after the module's state only (parameters and
+        # buffers stay static: 20 of a tiny Llama's 32 flat arguments), and the spec of a set of marked
+        # dimensions is built once (it was a loop over every argument and every mark, at every call).
+        floats = self.float_symbols
+        shapes = tuple(_sizes(arg, floats) for arg in flat_args[num_state:])
         with self._lock:
             first = self._first.setdefault(rank_key, shapes)
             marked = self._marked.get(rank_key, frozenset())
-            changed = {(position, dim) for position, (now, then) in enumerate(zip(shapes, first))
-                       if position >= num_state and now is not None and then is not None
+            changed = {(num_state + position, dim) for position, (now, then) in enumerate(zip(shapes, first))
+                       if now is not None and then is not None
                        for dim, (size, first_size) in enumerate(zip(now, then)) if size != first_size}
             new = changed - marked
             if new:
@@ -208,12 +215,22 @@ class DynamicDims:
                         ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
-        spec = tuple(() if (type(flat_args[index]) is float and (not self.float_symbols
-                                                                  or _float_constant(flat_args[index])))
-                     or (type(flat_args[index]) is int and not self.int_symbols)
-                     else tuple(sorted(dim for position, dim in marked if position == index))
-                     for index in range(len(flat_args)))
-        return spec if any(spec) else False  # (only floats marked, and each a constant now)
+        found = self._specs.get((marked, len(flat_args)))
+        if found is None:
+            found = tuple(tuple(sorted(dim for position, dim in marked if position == index))
+                          for index in range(len(flat_args)))
+            with self._lock:
+                if len(self._specs) >= 256:
+                    self._specs.clear()
+                self._specs[(marked, len(flat_args))] = found
+        # NOTE [Float arguments], NOTE [Type checks on scalar symbols]: marked scalars that stay constants
+        constants = {position for position, _ in marked
+                     if (type(flat_args[position]) is float and (not floats or _float_constant(flat_args[position])))
+                     or (type(flat_args[position]) is int and not self.int_symbols)}
+        if constants:
+            spec = tuple(() if index in constants else dims for index, dims in enumerate(found))
+            return spec if any(spec) else False  # (only scalars marked, and each a constant now)
+        return found
 
     def options_for(self, options: Any, spec: DimSpec | bool) -> Any:
         """``options`` with ``dynamic`` set to ``spec`` (memoized: the same object for the same spec)."""

@@ -96,7 +96,10 @@ def _only_sizes(found: list[str]) -> bool:
 
 def describe_new_signature(seen: Sequence[tuple], new: tuple) -> str:
     """Why ``new`` is a new signature: its differences from the closest of ``seen`` (fewest differences),
-    with a hint when only sizes changed."""
+    with a hint when only sizes changed; or, where ``new`` was seen already, that its graphs' guards failed."""
+    if new in seen:  # the same signature: every graph traced for it has guards these arguments fail
+        return ("the shape guards of every graph of this signature failed (the program specializes a dynamic size: "
+                "a Python loop over a dimension, a size in a condition); each such size is a graph of its own")
     best: list[str] | None = None
     for old in seen:
         try:

@@ -33,7 +33,8 @@ from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, storage_sharing
 from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
 
-__all__ = ["signature_of", "rank_signature_of", "float_bits", "input_offsets", "offsets_hold"]
+__all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets",
+           "offsets_hold"]
 
 
 # NOTE [Constant arguments]
@@ -117,7 +118,7 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
         f"compare by value, or register it with torch.utils._pytree.register_pytree_node.")
 
 
-def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
+def memory_sharing(flat_args: Sequence[Any]) -> tuple:
     """Which tensor arguments share storage (:func:`~aotcache.aot.hot_path.storage_sharing` of the tensors).
 
     :raises CaptureError: a sparse or mkldnn argument (no storage to compare), or a tensor of a torch.func
@@ -136,9 +137,21 @@ def _memory_sharing(flat_args: Sequence[Any]) -> tuple:
     return storage_sharing(tensors)
 
 
-def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec) -> tuple:
-    """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec."""
-    sharing = _memory_sharing(flat_args)  # first: it names unsupported layouts (sparse) clearly
+def call_context(flat_args: Sequence[Any]) -> tuple:
+    """What every signature of one call shares (NOTE [One context per call]): grad mode, autocast state, numerics
+    flags and which arguments share memory (:func:`memory_sharing`, first: it names unsupported layouts clearly).
+
+    :raises CaptureError: as :func:`memory_sharing`.
+    """
+    sharing = memory_sharing(flat_args)
+    return (torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing)
+
+
+def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec, context: tuple | None = None
+                 ) -> tuple:
+    """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec;
+    ``context`` the call's :func:`call_context` where the caller has it already."""
+    grad_enabled, autocast, numerics, sharing = call_context(flat_args) if context is None else context
     exact_offsets = sharing != tuple(range(len(sharing)))  # NOTE [Storage offsets are not part of the signature]
     arguments = []
     for index, arg in enumerate(flat_args):
@@ -147,10 +160,10 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
                                                  exact_offsets))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
-    return (in_spec, torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing, tuple(arguments))
+    return (in_spec, grad_enabled, autocast, numerics, sharing, tuple(arguments))
 
 
-def rank_signature_of(flat_args: Sequence[Any], in_spec: Any) -> tuple:
+def rank_signature_of(flat_args: Sequence[Any], in_spec: Any, context: tuple | None = None) -> tuple:
     """The signature up to sizes that automatic dynamic shapes key their first sizes by (NOTE [Dynamic
     dimensions]): tensors by rank, and cache integers without their value, not even 0 or 1.
 
@@ -161,6 +174,6 @@ def rank_signature_of(flat_args: Sequence[Any], in_spec: Any) -> tuple:
     batch size became dynamic (static-cache ``generate`` with batches 1, 2, 3: one graph more than
     torch.compile, which compares the integer like a size). A tensor dimension of size 1 never was in that key.
     """
-    signature = signature_of(flat_args, in_spec, True)
+    signature = signature_of(flat_args, in_spec, True, context)
     return (*signature[:5], tuple(("cacheint",) if argument[0] == "cacheint" else argument
                                   for argument in signature[5]))

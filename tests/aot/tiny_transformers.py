@@ -70,3 +70,17 @@ def tiny_bart(seed: int = 0):
         attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         decoder_start_token_id=2, forced_eos_token_id=None)
     return transformers.BartForConditionalGeneration(config).eval()
+
+
+def word_level_tokenizer(vocab_size: int = 64):
+    """A ``PreTrainedTokenizerFast`` over the words ``w3 .. w<vocab-1>`` (0 pad, 1 bos, 2 eos), built in code from
+    a ``tokenizers`` WordLevel model: a pipeline's tokenizer without downloads."""
+    pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", bos_token="[BOS]",
+                                                eos_token="[EOS]", unk_token="[PAD]")
