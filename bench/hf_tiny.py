@@ -25,6 +25,10 @@ SHRINK: dict[str, Any] = dict(
     layerdrop=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 
+_AUDIO = dict(num_feat_extract_layers=2, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+              num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, feat_proj_dropout=0.0, final_dropout=0.0,
+              vocab_size=16, ctc_loss_reduction="mean")
+
 #: What one architecture needs beyond ``SHRINK`` (found by building it); set whether or not the config has the
 #: attribute already.
 ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -49,9 +53,11 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
                       decoder_hidden_size=32),
     "MobileViT": dict(image_size=64, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32]),
-    "Hubert": dict(num_feat_extract_layers=2, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
-                   num_conv_pos_embedding_groups=2, feat_proj_dropout=0.0, final_dropout=0.0, vocab_size=16,
-                   ctc_loss_reduction="mean"),
+    "Hubert": _AUDIO,
+    "Wav2Vec2": _AUDIO,
+    "WavLM": _AUDIO,
+    "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "GraniteMoe": dict(num_local_experts=4, intermediate_size=32),  # grouped_mm: strides multiple of 16 bytes
 }
 
 
