@@ -300,8 +300,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "transformers": transformers.__version__, "compiler": "nop",
-                       "device": "cpu", "attn": args.attn, "archs": [results[a] for a in ARCHS if a in results]}, f, indent=1,
-                      default=str)
+                       "device": "cpu", "attn": args.attn, "archs": [results[a] for a in ARCHS if a in results]},
+                      f, indent=1, default=str)
     print_table({a: results[a] for a in ARCHS if a in results})
 
 
