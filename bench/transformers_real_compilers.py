@@ -16,6 +16,9 @@ import aotcache
 from aotcache.autograd_cache.cache import resolve_cache
 from aotcache.aot.fallback import fallback_counts
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_tiny import adamw_steps, compare_steps  # noqa: E402
+
 name, compiler, phase = sys.argv[1:4]
 T = transformers
 torch.manual_seed(0)
@@ -66,12 +69,7 @@ def batch(step):
     return dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g(step)), labels=torch.tensor([0, 2]))
 
 def train(model, fwd):
-    model.train(); opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1); out = []
-    for s in range(2):
-        opt.zero_grad(); loss = fwd(**batch(s)).loss; loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        opt.step(); out.append((loss.detach(), grads))
-    return out
+    model.train(); return adamw_steps(model, fwd, [batch(s) for s in range(2)])
 
 def evalf(model, fwd):
     model.eval(); b = batch(5); b.pop("labels")
@@ -85,17 +83,11 @@ if os.environ.get("SWEEP_GC"):
 cache = resolve_cache(True)
 t0 = time.time()
 cm = aotcache.compile(model, compiler=compiler)
-want, got = train(eager, eager), train(model, cm)
-maxl = max((a[0] - b[0]).abs().item() for a, b in zip(want, got))
-maxg = 0.0; missing = []
-for (_, gw), (_, gg) in zip(want, got):
-    if set(gw) != set(gg): missing.append(sorted(set(gw) ^ set(gg)))
-    for n in gw:
-        if n in gg: maxg = max(maxg, ((gw[n] - gg[n]).abs().max() / (gw[n].abs().max() + 1e-6)).item())
-maxp = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), model.parameters()))
-res.update(train_loss_diff=maxl, train_grad_reldiff=maxg, grad_set_mismatch=missing, param_diff=maxp,
-           losses=[float(w[0]) for w in want], route=getattr(cm, "route", None))
-res["train_ok"] = maxl < 1e-4 and maxg < 1e-3 and not missing
+diffs = compare_steps(train(eager, eager), train(model, cm), eager, model)
+res.update(train_loss_diff=diffs["loss_diff"], train_grad_reldiff=diffs["grad_reldiff"],
+           grad_set_mismatch=diffs["grad_set_mismatch"], param_diff=diffs["param_diff"], losses=diffs["losses"],
+           route=getattr(cm, "route", None))
+res["train_ok"] = diffs["loss_diff"] < 1e-4 and diffs["grad_reldiff"] < 1e-3 and not diffs["grad_set_mismatch"]
 le, lc = evalf(eager, eager), evalf(model, cm)
 res["eval_diff"] = (le - lc).abs().max().item(); res["eval_ok"] = res["eval_diff"] < 1e-4
 if name in ("llama", "gpt2", "t5"):

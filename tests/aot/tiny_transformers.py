@@ -84,3 +84,16 @@ def word_level_tokenizer(vocab_size: int = 64):
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", bos_token="[BOS]",
                                                 eos_token="[EOS]", unk_token="[PAD]")
+
+
+def tiny_bigbird_mlm(seed: int = 0):
+    """A 2-layer BigBirdForMaskedLM (hidden 32, vocab 64) with its default block-sparse attention, dropout off: on
+    inputs shorter than its sparse pattern needs, its first call switches to full attention, replacing each
+    layer's attention submodule (``set_attention_type("original_full")``)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BigBirdConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, pad_token_id=0)
+    config._attn_implementation = "eager"
+    return transformers.BigBirdForMaskedLM(config).train()
