@@ -203,6 +203,15 @@ def _compiled_modules(inductor_dir: str) -> int:
     return found
 
 
+def _inductor_files() -> list[str]:
+    """The kernel libraries and C++ sources under this process's ``TORCHINDUCTOR_CACHE_DIR`` (relative paths)."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not root:
+        return []
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+                  if f.endswith((".so", ".cpp")))
+
+
 def run_model(name: str, phase: str) -> dict[str, Any]:
     import torch
 
@@ -241,6 +250,7 @@ def run_model(name: str, phase: str) -> dict[str, Any]:
         record["traceback"] = traceback.format_exc()[-3000:]
     record["diff"] = max((record.get(k) or 0.0) for k in ("loss_diff", "grad_diff", "eval_diff"))
     record["inductor_counters"] = _inductor_compiles()
+    record["inductor_files"] = _inductor_files()
     if phase != "tc":
         from aotcache.aot.fallback import fallback_counts
         from aotcache.autograd_cache.cache import resolve_cache
@@ -299,15 +309,28 @@ def _fmt(value: Any) -> str:
     return "ERR" if value is None else f"{value:.1e}"
 
 
+def warm_compiled(cold: dict, warm: dict) -> str:
+    """``"no"`` when the warm process compiled nothing: no aotcache compile, no Inductor compile in torch's
+    counters, no kernel library in its Inductor cache dir that the cold process did not build too (the artifacts
+    restore the cold process's libraries at the same paths)."""
+    graphs = (warm.get("counters") or {}).get("compile", 0)
+    inductor = {k: v for k, v in (warm.get("inductor_counters") or {}).items()
+                if k in ("fxgraph_cache_miss", "pattern_matcher_count")}
+    if "inductor_files" in warm and "inductor_files" in cold:
+        new = [f for f in warm["inductor_files"] if f.endswith(".so") and f not in set(cold["inductor_files"])]
+    else:
+        new = []
+    if not (graphs or inductor or new):
+        return "no"
+    return f"yes ({graphs} graphs, {inductor or ''} {len(new)} new .so)"
+
+
 def table(records: list[dict]) -> str:
     lines = ["| model | route | aotcache vs eager | torch.compile vs eager | fallbacks | cold s | warm s | "
              "warm compiled? | warm vs eager |", "| --- " * 9 + "|"]
     for r in records:
         cold, warm, tc = r.get("cold") or {}, r.get("warm") or {}, r.get("tc") or {}
-        compiled = "-" if not warm or "error" in warm else (
-            "no" if not (warm.get("counters", {}).get("compile") or warm.get("inductor_dir_modules")
-                         or warm.get("inductor_counters", {}).get("fxgraph_cache_miss")) else
-            f"yes ({warm.get('counters', {}).get('compile', 0)} graphs, {warm.get('inductor_dir_modules')} modules)")
+        compiled = "-" if not warm or "error" in warm else warm_compiled(cold, warm)
         fb = ", ".join(f"{k} x{v}" for k, v in (r.get("fallbacks") or {}).items()) or "none"
         lines.append(f"| {r['model']} | {cold.get('route')} | {_fmt(None if 'error' in cold else cold.get('diff'))} | "
                      f"{_fmt(None if 'error' in tc else tc.get('diff'))} | {fb} | {cold.get('wall_s')} | "
@@ -323,7 +346,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "inductor_sweep.json"))
     parser.add_argument("--child")
     parser.add_argument("--phase")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.out) as f:
+            print(table(json.load(f)["models"]))
+        return
     if args.child:
         print(RESULT + json.dumps(run_model(args.child, args.phase), default=str), flush=True)
         return
