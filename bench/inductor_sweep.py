@@ -326,14 +326,14 @@ def warm_compiled(cold: dict, warm: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | route | aotcache vs eager | torch.compile vs eager | fallbacks | cold s | warm s | "
-             "warm compiled? | warm vs eager |", "| --- " * 9 + "|"]
+    lines = ["| model | route | aotcache vs eager | torch.compile vs eager | fallbacks | cold s | torch.compile s | "
+             "warm s | warm compiled? | warm vs eager |", "| --- " * 10 + "|"]
     for r in records:
         cold, warm, tc = r.get("cold") or {}, r.get("warm") or {}, r.get("tc") or {}
         compiled = "-" if not warm or "error" in warm else warm_compiled(cold, warm)
         fb = ", ".join(f"{k} x{v}" for k, v in (r.get("fallbacks") or {}).items()) or "none"
         lines.append(f"| {r['model']} | {cold.get('route')} | {_fmt(None if 'error' in cold else cold.get('diff'))} | "
-                     f"{_fmt(None if 'error' in tc else tc.get('diff'))} | {fb} | {cold.get('wall_s')} | "
+                     f"{_fmt(None if 'error' in tc else tc.get('diff'))} | {fb} | {cold.get('wall_s')} | {tc.get('wall_s')} | "
                      f"{warm.get('wall_s')} | {compiled} | {_fmt(None if 'error' in warm else warm.get('diff'))} |")
     return "\n".join(lines)
 
