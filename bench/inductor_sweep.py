@@ -350,7 +350,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         with open(args.out) as f:
-            print(table(json.load(f)["models"]))
+            order = list(MODELS)
+            print(table(sorted(json.load(f)["models"], key=lambda r: order.index(r["model"]) if r["model"] in order
+                               else len(order))))
         return
     if args.child:
         print(RESULT + json.dumps(run_model(args.child, args.phase), default=str), flush=True)
