@@ -298,8 +298,11 @@ def _fallbacks(cache_dir: str) -> dict[str, int]:
     return dict(reasons) if isinstance(reasons, dict) else {str(r[0]): r[1] for r in reasons}
 
 
-def _fmt(value: Any) -> str:
-    return "ERR" if value is None else f"{value:.1e}"
+def _diff(record: dict) -> str:
+    """A phase's difference from eager for the table: ``-`` when not run, ``ERR`` when it failed."""
+    if not record:
+        return "-"
+    return "ERR" if "error" in record or record.get("diff") is None else f"{record['diff']:.1e}"
 
 
 def warm_compiled(cold: dict, warm: dict) -> str:
@@ -325,10 +328,10 @@ def table(records: list[dict]) -> str:
         cold, warm, tc = r.get("cold") or {}, r.get("warm") or {}, r.get("tc") or {}
         compiled = "-" if not warm or "error" in warm else warm_compiled(cold, warm)
         fb = ", ".join(f"{k} x{v}" for k, v in (r.get("fallbacks") or {}).items()) or "none"
-        lines.append(f"| {r['model']} | {cold.get('route')} | {_fmt(None if 'error' in cold else cold.get('diff'))} | "
-                     f"{_fmt(None if 'error' in tc else tc.get('diff'))} | {fb} | {cold.get('wall_s')} | "
+        lines.append(f"| {r['model']} | {cold.get('route')} | {_diff(cold)} | "
+                     f"{_diff(tc)} | {fb} | {cold.get('wall_s')} | "
                      f"{tc.get('wall_s')} | "
-                     f"{warm.get('wall_s')} | {compiled} | {_fmt(None if 'error' in warm else warm.get('diff'))} |")
+                     f"{warm.get('wall_s')} | {compiled} | {_diff(warm)} |")
     return "\n".join(lines)
 
 
