@@ -239,26 +239,12 @@ MODELS.update(TIMM_MODELS)
 
 
 def _max_diff(a: Any, b: Any) -> float:
-    """The largest absolute difference between two pytrees of tensors (inf where structure or shape differs)."""
-    import torch
-    import torch.utils._pytree as pytree
+    """The largest difference between two pytrees of tensors, relative to ``1 + |b|`` (inf where the structure, a
+    shape or a dtype differs): ``hf_tiny.max_diff``."""
+    sys.path.insert(0, HERE)
+    from hf_tiny import max_diff
 
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    if sa != sb or len(la) != len(lb):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor):
-            if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
-                return float("inf")
-            if x.numel():
-                d = (x.detach().double() - y.detach().double()).abs()
-                scale = 1.0 + y.detach().double().abs()
-                worst = max(worst, float((d / scale).max()))
-        elif x != y:
-            return float("inf")
-    return worst
+    return max_diff(a, b)
 
 
 def _state_diff(eager, model) -> tuple[float, float, list[str]]:

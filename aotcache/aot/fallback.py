@@ -426,6 +426,15 @@ def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRunt
     return runtime
 
 
+def _single_use_eager(owner: Any, in_spec: Any, reason: str) -> EagerRuntime:
+    """An eager runtime for this call only (``single_use``: not remembered), counted as ``eager:<reason>``."""
+    target, skip = _target(owner)
+    runtime = EagerRuntime(target, in_spec, reason, skip=skip)
+    runtime.single_use = True  # type: ignore[attr-defined]
+    _count(f"eager:{reason}")
+    return runtime
+
+
 def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, changed: str) -> EagerRuntime:
     """An eager runtime for one call that would trace past ``owner``'s recompile limit (NOTE [Recompile limit] in
     recompile_limit.py): marked ``single_use`` (not remembered), counted as ``eager:recompile_limit`` per call,
@@ -435,10 +444,7 @@ def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, cha
     """
     if config.get("strict"):
         raise exc
-    target, skip = _target(owner)
-    runtime = EagerRuntime(target, in_spec, "recompile_limit", skip=skip)
-    runtime.single_use = True  # type: ignore[attr-defined]
-    _count("eager:recompile_limit")
+    runtime = _single_use_eager(owner, in_spec, "recompile_limit")
     _warn_once(owner, "eager:recompile_limit",
                "aotcache: %s was traced %d times in this process (the recompile limit, AOTCACHE_RECOMPILE_LIMIT) "
                "and a new call would trace again; calls matching the graphs compiled so far keep using them, the "
@@ -501,10 +507,7 @@ def eager_for_busy_swap(owner: Any, in_spec: Any, exc: BaseException) -> EagerRu
     thread's eager run held the module (NOTE [A swap waits a bounded time] in capture_threads.py): marked
     ``single_use`` (this call only; a later call captures), counted as ``eager:swap_busy`` and logged once.
     In every ``on_capture_error`` mode: the call itself is capturable, and waiting longer could hang for good."""
-    target, skip = _target(owner)
-    runtime = EagerRuntime(target, in_spec, "swap_busy", skip=skip)
-    runtime.single_use = True  # type: ignore[attr-defined]
-    _count("eager:swap_busy")
+    runtime = _single_use_eager(owner, in_spec, "swap_busy")
     _warn_once(owner, "eager:swap_busy",
                "aotcache: %s: %s (a method waiting for worker threads that call the module?); this call runs "
                "eagerly, and a later call captures once the module is free", owner.name, _first_line(exc))
