@@ -68,7 +68,9 @@ if kind == "clip":
     model = transformers.CLIPModel(cfg).train()
 else:
     model = build(arch, head, **extra)
-cfg = model.config
+if arch == "T5":  # T5Config() has no decoder_start_token_id (transformers sets it from pad_token_id = 0)
+    model.config.decoder_start_token_id = 0
+    model.generation_config.decoder_start_token_id = 0
 
 def inputs(step):
     g = torch.Generator().manual_seed(100 + step)
