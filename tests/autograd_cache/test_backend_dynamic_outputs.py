@@ -57,3 +57,26 @@ def test_outputs_of_a_dynamic_graph_carry_their_symbolic_dimensions(backend, opt
     torch._dynamo.reset()
     assert getattr(doubled, "_dynamo_propagated_dynamic_indices", set()) == {0, 1}
     assert getattr(summed, "_dynamo_propagated_dynamic_indices", set()) == {0}
+
+
+def test_a_graph_calling_vmap_is_cached_and_loads_warm():
+    """Mamba's graphs call ``torch.vmap``, whose Dynamo graph holds ``lazy_load_decompositions`` (in
+    ``torch._functorch.predispatch`` from torch 2.12 on): it must not bypass the cache (bench/backend_sweep.py)."""
+    from aotcache.autograd_cache.cache import default_cache
+
+    def f(x, w):
+        return torch.vmap(lambda row: (row * w).sum())(x).tanh()
+
+    x, w = torch.randn(3, 4), torch.randn(4, requires_grad=True)
+    results = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="aotcache", options={"compiler": "nop"})(x, w)
+        results.append((out, torch.autograd.grad(out.sum(), w)[0]))
+    torch._dynamo.reset()
+    stats = default_cache().stats()
+    assert stats["bypass_reasons"] == {} and (stats["compile"], stats["hit"]) == (1, 1)
+    ref = f(x, w)
+    ref_grad = torch.autograd.grad(ref.sum(), w)[0]
+    for out, grad in results:
+        assert torch.allclose(out, ref) and torch.allclose(grad, ref_grad)
