@@ -176,8 +176,53 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
                     chosen = compiled_for[contract] = compile_function(flat_fn, flat, options)
         return chosen(*flat)
 
+    dynamic_dims = _dynamic_output_dims(gm)
+    if dynamic_dims is not None:
+        inner = run
+
+        def run(*args: Any) -> Any:  # type: ignore[no-redef]
+            outs = inner(*args)
+            if isinstance(outs, (tuple, list)) and len(outs) == len(dynamic_dims):
+                for value, dims in zip(outs, dynamic_dims):
+                    if dims and isinstance(value, torch.Tensor):
+                        _mark_propagated_dynamic(value, dims)
+            return outs
+
     run.runtime = runtime  # type: ignore[attr-defined]
     return run
+
+
+def _dynamic_output_dims(gm: nn.Module) -> list[set[int]] | None:
+    """Per output of Dynamo's graph, the dimensions whose size is symbolic; None when none is.
+
+    NOTE [Dynamic dimensions of a Dynamo graph's outputs]
+    Torch's AOT Autograd runtime stamps each output tensor with the dimensions that were symbolic in its trace
+    (``_dynamo_propagated_dynamic_indices``, an unguarded hint). Dynamo reads it when that tensor is an input of a
+    later frame (after a graph break, or a KV cache an earlier graph filled) and compiles that frame with those
+    dimensions dynamic from the start. Without the stamp the next frame is compiled static, then again as
+    dynamic when the size changes: one compile more than ``backend="aot_eager"`` (a decode step of
+    ``generate``). So our runtime stamps the same hint, read from the output node's example values.
+    """
+    output = next((node for node in reversed(list(getattr(getattr(gm, "graph", None), "nodes", [])))
+                   if node.op == "output"), None)
+    if output is None or not output.args or not isinstance(output.args[0], (tuple, list)):
+        return None
+    dims: list[set[int]] = []
+    for node in output.args[0]:
+        value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+        shape = value.shape if isinstance(value, torch.Tensor) else ()
+        dims.append({i for i, size in enumerate(shape) if isinstance(size, torch.SymInt)
+                     and size.node.maybe_as_int() is None})
+    return dims if any(dims) else None
+
+
+def _mark_propagated_dynamic(value: torch.Tensor, dims: set[int]) -> None:
+    """Add ``dims`` to ``value``'s unguarded dynamic-dimension hint (NOTE [Dynamic dimensions of ...])."""
+    current = getattr(value, "_dynamo_propagated_dynamic_indices", None)
+    try:
+        value._dynamo_propagated_dynamic_indices = (current | dims) if isinstance(current, set) else set(dims)
+    except (AttributeError, RuntimeError, TypeError):  # a tensor type that takes no attributes: only a hint
+        pass
 
 
 def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:

@@ -83,6 +83,11 @@ _SAFE_PRIVATE_TORCH_FUNCTIONS = frozenset({
     "torch.sym_ite",
 })
 
+# torch's private modules whose functions a Dynamo graph calls and that are safe to cache: the pre-dispatch
+# wrappers of functorch transforms (vmap / jvp in a graph: lazy_load_decompositions, _vmap_increment_nesting,
+# _add_batch_dim, ...), thin Python wrappers of the torch._C._functorch builtins the older graphs called.
+_SAFE_PRIVATE_TORCH_MODULES = frozenset({"torch._functorch.predispatch"})
+
 # Builtin (C-implemented) callables are safe when they come from these modules.
 _SAFE_BUILTIN_MODULE_PREFIXES = ("builtins", "_operator", "operator", "math", "torch", "_abc")
 # ... except these, which reach outside the graph (code execution, I/O, interpreter state).
@@ -222,7 +227,7 @@ def _is_safe_torch_python_function(target: Any, name: str) -> bool:
     module = getattr(target, "__module__", None) or ""
     if not (module == "torch" or module.startswith("torch.")):
         return False
-    if name in _SAFE_PRIVATE_TORCH_FUNCTIONS:
+    if name in _SAFE_PRIVATE_TORCH_FUNCTIONS or module in _SAFE_PRIVATE_TORCH_MODULES:
         return True
     if module == "torch._tensor" and target.__qualname__.startswith("Tensor."):
         return True  # Python-level torch.Tensor methods

@@ -1,0 +1,251 @@
+"""``torch.compile(model, backend="aotcache")`` on tiny Hugging Face models, against eager and ``aot_eager``.
+
+    python bench/backend_sweep.py                      # every model below, nop compiler
+    python bench/backend_sweep.py Llama GPT2           # some of them
+    python bench/backend_sweep.py --inductor Llama     # also the default compiler (Inductor) on one model
+
+Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
+(``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
+options={"compiler": "nop"}``) cold, then ``aotcache`` warm in another process on the same cache dir. Each runs
+three AdamW steps (the third on a longer sequence / larger batch: a recompile or a dynamic graph), an eval
+forward and, for decoders and T5, greedy ``generate(max_new_tokens=6)`` with the forward compiled
+(``model.forward = torch.compile(model.forward, ...)``: ``OptimizedModule.generate`` runs eagerly, see
+docs/aot.md). Compares losses, grads, params, outputs and tokens with eager's; counts Dynamo's frames,
+unique graphs and graph breaks and aotcache's counters. Writes bench/results/backend_sweep.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: arch -> (head, input kind, generate?)
+MODELS: dict[str, tuple[str, str, bool]] = {
+    "Llama": ("ForCausalLM", "causal", True), "GPT2": ("LMHeadModel", "causal", True),
+    "Mistral": ("ForCausalLM", "causal", True), "Qwen2": ("ForCausalLM", "causal", True),
+    "Phi3": ("ForCausalLM", "causal", True), "Gemma2": ("ForCausalLM", "causal", True),
+    "GPTNeoX": ("ForCausalLM", "causal", True), "OPT": ("ForCausalLM", "causal", True),
+    "Bloom": ("ForCausalLM", "causal", True), "Falcon": ("ForCausalLM", "causal", True),
+    "Bert": ("ForMaskedLM", "mlm", False), "DistilBert": ("ForMaskedLM", "mlm", False),
+    "DebertaV2": ("ForMaskedLM", "mlm", False), "T5": ("ForConditionalGeneration", "seq2seq", True),
+    "Bart": ("ForConditionalGeneration", "seq2seq", False), "ViT": ("ForImageClassification", "image", False),
+    "Swin": ("ForImageClassification", "image", False), "CLIP": ("Model", "clip", False),
+    "Whisper": ("ForConditionalGeneration", "whisper", False), "Wav2Vec2": ("ForCTC", "audio", False),
+    "Mamba": ("ForCausalLM", "causal", True),
+}
+WAYS = ("eager", "aot_eager", "aotcache", "aotcache_warm")
+
+CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[5])
+from bench.hf_tiny import build
+arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6] == "1"
+compiler = sys.argv[7]
+extra = {}
+if kind == "whisper":
+    extra = dict(num_mel_bins=8, max_source_positions=16, max_target_positions=32, d_model=32)
+if kind == "image" and arch == "Swin":
+    extra = dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=32, patch_size=4)
+if kind == "audio":
+    extra = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=4, vocab_size=32)
+if kind == "clip":
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=16)
+    cfg._attn_implementation = "eager"
+    model = transformers.CLIPModel(cfg).train()
+else:
+    model = build(arch, head, **extra)
+if arch == "T5":  # T5Config() has no decoder_start_token_id (transformers sets it from pad_token_id = 0)
+    model.config.decoder_start_token_id = 0
+    model.generation_config.decoder_start_token_id = 0
+
+def inputs(step):
+    g = torch.Generator().manual_seed(100 + step)
+    b, t = (2, 12) if step == 2 else (2, 8)
+    ri = lambda *s: torch.randint(3, 90, s, generator=g)
+    if kind in ("causal", "mlm"):
+        ids = ri(b, t)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    if kind == "seq2seq":
+        return dict(input_ids=ri(b, t), attention_mask=torch.ones(b, t, dtype=torch.long), labels=ri(b, t // 2 + 1))
+    if kind == "image":
+        b = 3 if step == 2 else 2
+        return dict(pixel_values=torch.randn(b, 3, 32, 32, generator=g), labels=torch.randint(0, 2, (b,), generator=g))
+    if kind == "clip":
+        ids = ri(b, t)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(b, 3, 32, 32, generator=g), return_loss=True)
+    if kind == "whisper":
+        b = 3 if step == 2 else 2
+        return dict(input_features=torch.randn(b, 8, 32, generator=g), labels=ri(b, 5 if step == 2 else 4))
+    if kind == "audio":
+        n = 1200 if step == 2 else 800
+        return dict(input_values=torch.randn(b, n, generator=g), labels=torch.randint(3, 30, (b, 4), generator=g))
+    raise ValueError(kind)
+
+def wrap(fn):
+    if way == "eager":
+        return fn
+    if way == "aot_eager":
+        return torch.compile(fn, backend="aot_eager")
+    opts = {} if compiler == "default" else {"compiler": compiler}
+    return torch.compile(fn, backend="aotcache", options=opts)
+
+out = {"losses": [], "step_s": [], "grads": [], "params": None, "eval": None, "tokens": None, "error": None}
+try:
+    compiled = wrap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(3):
+        t0 = time.perf_counter()
+        res = compiled(**inputs(step))
+        loss = res.loss
+        loss.backward()
+        out["step_s"].append(time.perf_counter() - t0)
+        out["losses"].append(loss.item())
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step(); opt.zero_grad()
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        ev = {k: v for k, v in inputs(0).items() if k not in ("labels",)}
+        if kind == "seq2seq":
+            ev["decoder_input_ids"] = inputs(0)["labels"]
+        if kind == "whisper":
+            ev["decoder_input_ids"] = inputs(0)["labels"]
+        r = compiled(**ev)
+        out["eval"] = (r.logits_per_image if kind == "clip" else r.logits).clone()
+    if gen:
+        model.forward = wrap(model.forward)
+        g = torch.Generator().manual_seed(7)
+        ids = torch.randint(3, 90, (2, 5), generator=g)
+        with torch.no_grad():
+            toks = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False, pad_token_id=0)
+        out["tokens"] = toks
+except Exception as exc:  # reported, compared by the parent
+    import traceback
+    out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    traceback.print_exc()
+from torch._dynamo.utils import counters
+stats = {"frames_ok": sum(counters["frames"].get(k, 0) for k in ("ok",)),
+         "frames_total": counters["frames"].get("total", 0),
+         "unique_graphs": counters["stats"].get("unique_graphs", 0),
+         "graph_breaks": sum(counters["graph_break"].values()),
+         "break_reasons": sorted(counters["graph_break"])[:5],
+         "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+if way.startswith("aotcache"):
+    from aotcache.autograd_cache.cache import default_cache
+    from aotcache.aot.fallback import fallback_counts
+    s = default_cache().stats()
+    stats.update({k: s[k] for k in ("hit", "miss", "guard_miss", "compile", "bypass", "load_error", "store_error")})
+    stats["bypass_reasons"] = s["bypass_reasons"]
+    stats["fallback"] = fallback_counts()
+out["stats"] = stats
+torch.save(out, sys.argv[8])
+"""
+
+
+def _cmp(a, b) -> float | None:
+    """Largest abs difference between two results (tensors / dicts / lists of them); None if not comparable."""
+    import torch
+
+    if a is None or b is None:
+        return None if (a is None) != (b is None) else 0.0
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape:
+            return float("inf")
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return float("inf")
+        return max([_cmp(a[k], b[k]) or 0.0 for k in a], default=0.0)
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return float("inf")
+        return max([_cmp(x, y) if not isinstance(x, float) else abs(x - y) for x, y in zip(a, b)], default=0.0)
+    raise TypeError(type(a))
+
+
+def run_model(arch: str, compiler: str) -> dict:
+    import torch
+
+    head, kind, gen = MODELS[arch]
+    row: dict = {"arch": arch, "compiler": compiler}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = os.path.join(tmp, "cache")
+        env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        results = {}
+        for way in WAYS:
+            path = os.path.join(tmp, f"{way}.pt")
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
+                                   str(REPO), "1" if gen else "0", compiler, path], env=env,
+                                  capture_output=True, text=True, timeout=900)
+            wall = time.perf_counter() - t0
+            if proc.returncode or not os.path.exists(path):
+                row[way] = {"error": f"process rc={proc.returncode}: {proc.stderr.strip()[-400:]}", "wall_s": wall}
+                continue
+            res = torch.load(path, weights_only=False)
+            results[way] = res
+            entry = {"error": res["error"], "wall_s": round(wall, 2), **res["stats"],
+                     "first_step_s": round(res["step_s"][0], 3) if res["step_s"] else None}
+            if res["error"]:
+                entry["stderr_tail"] = proc.stderr.strip()[-600:]
+            row[way] = entry
+        ref = results.get("eager")
+        for way in WAYS[1:]:
+            res = results.get(way)
+            if ref is None or res is None or res["error"]:
+                continue
+            diffs = {k: _cmp(ref[k], res[k]) for k in ("losses", "grads", "params", "eval")}
+            diffs["tokens_equal"] = (None if ref["tokens"] is None else
+                                     res["tokens"] is not None and bool(torch.equal(ref["tokens"], res["tokens"])))
+            row[way]["diff"] = diffs
+            row[way]["equal"] = (all(v is not None and v < 1e-4 for k, v in diffs.items() if k != "tokens_equal")
+                                 and diffs["tokens_equal"] is not False)
+    return row
+
+
+def _cell(entry: dict, keys: tuple[str, ...]) -> str:
+    if entry.get("error"):
+        return "ERROR " + entry["error"][:60]
+    parts = ["eq" if entry.get("equal") else f"DIFF {entry.get('diff')}"]
+    parts += [f"{k}={entry.get(k)}" for k in keys]
+    return " ".join(parts)
+
+
+def main(argv: list[str]) -> None:
+    inductor = "--inductor" in argv
+    archs = [a for a in argv if not a.startswith("--")] or list(MODELS)
+    out = REPO / "bench" / "results" / "backend_sweep.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for arch in archs:
+        for compiler in (["nop", "default"] if inductor else ["nop"]):
+            t0 = time.perf_counter()
+            row = run_model(arch, compiler)
+            key = arch if compiler == "nop" else f"{arch}+{compiler}"
+            results[key] = row
+            print(f"== {key} ({time.perf_counter() - t0:.0f} s)")
+            stat = ("unique_graphs", "graph_breaks", "recompiles", "first_step_s")
+            print("  aot_eager     ", _cell(row["aot_eager"], stat))
+            print("  aotcache cold ", _cell(row["aotcache"], stat + ("compile", "hit", "bypass", "fallback")))
+            print("  aotcache warm ", _cell(row["aotcache_warm"], stat + ("compile", "hit", "guard_miss", "fallback")))
+            out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
