@@ -363,6 +363,8 @@ def hinted_inputs(inputs: Sequence[Any]) -> list[Any]:
     hinted = []
     for value in inputs:
         if isinstance(value, torch.Tensor) and _is_symbolic(value):
+            if value.is_nested:  # a jagged layout's ragged size is a nested int, with no number to stand for it
+                raise GuardExpressionError("a nested tensor input: its ragged size has no hint to check guards on")
             size = [_hint(item) for item in value.shape]
             stride = [_hint(item) for item in _strides_or_empty(value)] or None
             offset = _hint(_storage_offset_or_zero(value))

@@ -379,3 +379,19 @@ def test_a_shape_error_the_function_catches_is_still_captured_whole():
     compiled = aotcache.aot_function(_catches_shape_error, "nop", cache=False, on_capture_error="raise")
     torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), 3.0))
     torch.testing.assert_close(compiled(torch.ones(4)), torch.full((2, 2), 2.0))
+
+
+@pytest.mark.parametrize("route", ("compile", "dynamo"))
+def test_a_jagged_nested_tensor_through_the_cached_dynamo_way_runs_as_eager(route):
+    """Found by bench/odd_forwards.py: the cache checked a Dynamo graph's guards on hinted copies of its inputs,
+    and a jagged tensor's ragged size (a nested int) has no hint: BackendCompilerFailed where eager runs."""
+    fn = lambda nt: (nt * 2).sin()  # noqa: E731
+    compiled = (aotcache.compile(fn, compiler="nop") if route == "compile"
+                else torch.compile(fn, backend="aotcache", options={"compiler": "nop"}))
+    for call in range(2):
+        g = torch.Generator().manual_seed(call)
+        nt = torch.nested.nested_tensor([torch.randn(2, 4, generator=g), torch.randn(3, 4, generator=g)],
+                                        layout=torch.jagged)
+        got, want = compiled(nt), fn(nt)
+        for a, b in zip(got.unbind(), want.unbind()):
+            torch.testing.assert_close(a, b)
