@@ -63,6 +63,7 @@ from aotcache.aot.tangents import (
     grad_tangent_dependencies,
     is_differentiable,
     is_grad_free_view,
+    is_multi_output_view,
     make_tangents,
     tangent_placeholders,
     tangents_in_trace,
@@ -371,7 +372,8 @@ def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_stor
             base = out._base
             if requires_grad and base is not None and base is not probe and _grad_fn(base) is None:
                 raise _new_leaf_error(k)  # a view of a new leaf (x.detach().requires_grad_()[1:])
-            return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad)
+            return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad,
+                              multi_output_view=requires_grad and is_multi_output_view(out))
     if static_views and out._base is not None:
         for j, other in enumerate(flat_outs):
             if (j != k and isinstance(other, torch.Tensor) and other._base is None and other.dtype == out.dtype

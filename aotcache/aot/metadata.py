@@ -97,6 +97,9 @@ class OutputInfo:
     # a ``graph`` output that requires grad without history (a view made under no_grad), returned as its own
     # autograd leaf: NOTE [Views made under no_grad] in capture.py
     grad_free_leaf: bool = False
+    # an ``alias_of_input`` that eager made with a multi-output view op (``unbind``, ``split``, ``chunk``): the
+    # regenerated view is marked as one, so that autograd refuses the same in-place changes eager refuses
+    multi_output_view: bool = False
 
 
 @dataclasses.dataclass

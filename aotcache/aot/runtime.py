@@ -225,6 +225,8 @@ class CompiledRuntime:
                     # NOTE [Leaf views of inputs]: ``x.view(-1).requires_grad_()`` of an input that does not
                     # require grad is, in eager, a view of ``x`` and its own autograd leaf; so is this one
                     view.requires_grad_(True)
+                elif info.multi_output_view and view.requires_grad:
+                    mark_multi_output_view(view)
                 flat[k] = view
             elif info.kind == "constant":
                 flat[k] = info.value
@@ -232,6 +234,13 @@ class CompiledRuntime:
             if info.kind == "alias_of_output":
                 flat[k] = _regenerate_output_view(flat[info.base_output], fw_outs[first_user + info.index], info)
         return flat
+
+
+def mark_multi_output_view(view: torch.Tensor) -> None:
+    """Mark a regenerated view as made by a multi-output view op, as eager's was (``OutputInfo.multi_output_view``)."""
+    from torch._C._autograd import CreationMeta, _set_creation_meta
+
+    _set_creation_meta(view, CreationMeta.MULTI_OUTPUT_NODE)
 
 
 def _resolve(entry: Any, extras: Sequence[Any]) -> int:

@@ -27,6 +27,17 @@ def is_grad_free_view(value: torch.Tensor) -> bool:
     return value.requires_grad and value._is_view() and value.grad_fn is None
 
 
+def is_multi_output_view(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a view made by a multi-output view op (``unbind``, ``split``): autograd refuses
+    in-place changes of such views (and of their base while they live), so the regenerated output is marked
+    as one (``OutputInfo.multi_output_view``)."""
+    if not value._is_view():
+        return False
+    from torch._C._autograd import CreationMeta, _get_creation_meta
+
+    return _get_creation_meta(value) == CreationMeta.MULTI_OUTPUT_NODE
+
+
 def grad_tangent_dependencies(gm: fx.GraphModule, num_inputs: int) -> list[list[int]]:
     """Per graph input of a joint graph: the tangents (positions among the ``tangents_*`` placeholders) its
     gradient reads, directly or not (NOTE [Gradients of unused outputs] in runtime)."""

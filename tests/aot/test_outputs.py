@@ -287,6 +287,63 @@ def test_a_view_of_an_input_made_a_leaf_requiring_grad_is_one(grad_mode):
 
 
 
+
+@pytest.mark.parametrize("split", ["unbind", "split", "chunk"])
+def test_views_of_an_input_from_a_multi_output_op_refuse_what_eager_refuses(split, tmp_path):
+    # PyTorch's test_aotdispatch (test_output_aliases_input_multi_output_view_should_raise_autograd_error): the
+    # views were regenerated with as_strided, single-output views, so an in-place change eager refuses ran
+    def fn(a):
+        if split == "unbind":
+            return list(a.unbind(0))
+        return list(getattr(a, split)(1, 0))
+
+    def refused(f, change):
+        a = torch.ones(3, 3, requires_grad=True).clone()
+        outs = f(a)
+        try:
+            change(a, outs)
+        except RuntimeError as exc:
+            return "multiple views" in str(exc)
+        return False
+
+    def in_place_on_view(a, outs):
+        outs[0].mul_(2)
+
+    def base_changed_then_view_used(a, outs):
+        a.mul_(2)
+        outs[0].grad_fn
+
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store.disk import OnDiskCache
+    from aotcache.store.tiered import TieredCache
+
+    def disk_cache():  # a new cache object each time: the second one loads the entry from disk
+        return AOTAutogradCache(TieredCache([OnDiskCache(base_dir=tmp_path)]), journal=False)
+
+    for change in (in_place_on_view, base_changed_then_view_used):
+        assert refused(fn, change)
+        compiled = compile_fn(fn)
+        assert refused(compiled, change) and refused(compiled, change)
+        stored = disk_cache()
+        assert refused(aot_function(fn, nop, cache=stored), change)
+        loading = disk_cache()
+        assert refused(aot_function(fn, nop, cache=loading), change)  # the flag survives the entry
+        assert loading.counters["hit"] >= 1
+
+    def allowed(f):  # the other direction: a single-output view of the input stays changeable, as in eager
+        a = torch.ones(3, 3, requires_grad=True).clone()
+        out = f(a)
+        out.mul_(2)
+        out.sum().backward()
+        return a
+
+    single = lambda a: a.select(0, 0)
+    assert torch.equal(allowed(single), allowed(compile_fn(single)))
+    with torch.no_grad():  # without autograd nothing is refused, in eager or compiled
+        a = torch.ones(3, 3)
+        compile_fn(fn)(a)[0].mul_(2)
+        assert a[0].eq(2).all()
+
 def test_a_view_made_under_no_grad_is_returned_as_a_leaf_requiring_grad():
     # PyTorch's test_aotdispatch (test_output_aliases_intermediate_no_grad_view): the view requires grad but
     # has no history, and the joint trace asked autograd for its gradient: "element 1 of tensors does not
