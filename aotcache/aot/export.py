@@ -116,20 +116,18 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], trace_joint: bool,
     input that requires grad. With ``trace_joint=False`` the module runs under ``torch.no_grad`` (an inference
     graph, as PyTorch exports it), so it may mutate parameters and inputs that require grad.
 
-    ``pre_dispatch`` and ``dynamic_shapes`` are PyTorch's keywords: only their defaults (a post-dispatch,
-    functionalized ATen graph with static shapes) are supported.
+    ``dynamic_shapes=True`` traces every dimension of every lifted and user input as a symbol (as PyTorch
+    does), so the graph runs for other sizes; a data-dependent value (``.item()``) is still a CaptureError.
+    ``pre_dispatch=True`` is not supported (a post-dispatch, functionalized ATen graph only).
 
     :raises ValueError: ``trace_joint`` without a valid scalar ``output_loss_index``.
-    :raises NotImplementedError: ``pre_dispatch=True`` or ``dynamic_shapes=True``.
+    :raises NotImplementedError: ``pre_dispatch=True``.
     :raises CaptureError: an unsupported construct in the module.
     """
     if pre_dispatch:
         raise NotImplementedError("aot_export_module(pre_dispatch=True) is not supported by aotcache: it exports "
                                   "post-dispatch functionalized ATen graphs only; use torch.export.export for a "
                                   "pre-dispatch graph")
-    if dynamic_shapes:
-        raise NotImplementedError("aot_export_module(dynamic_shapes=True) is not supported by aotcache: exports "
-                                  "are specialized to the example shapes")
     if trace_joint and output_loss_index is None:
         raise ValueError("aot_export_module(trace_joint=True) needs output_loss_index: the flat index of the "
                          "scalar loss among the module's outputs")
@@ -174,7 +172,7 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], trace_joint: bool,
 
     with contextlib.nullcontext() if trace_joint else torch.no_grad():
         captured = capture(flat_fn, flat_args, decompositions=decompositions, trace_joint=False,
-                           regenerate_aliases=False)
+                           regenerate_aliases=False, dynamic=bool(dynamic_shapes))
     gm, meta = captured.graph, captured.metadata
     _reject_object_outputs("aot_export_module", meta.out_spec)
     _reject_metadata_mutations("aot_export_module", meta)

@@ -576,6 +576,45 @@ def test_exports_refuse_in_place_metadata_changes_and_pre_dispatch():
     assert any(node.op == "call_function" for node in gm.graph.nodes)
 
 
+
+@pytest.mark.parametrize("trace_joint", [False, True], ids=["forward", "joint"])
+def test_aot_export_module_with_dynamic_shapes_runs_for_other_sizes(trace_joint):
+    # PyTorch's test_aotdispatch passes dynamic_shapes=True (test_aot_export_unbacked_arg): it was refused
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+
+        def forward(self, x):
+            out = self.net(x)
+            return (out.sum(),) if trace_joint else (out,)
+
+    torch.manual_seed(0)
+    mod = Loss()
+    params = list(mod.parameters())
+    for dynamic in (True, False):
+        gm, _ = aot_export_module(mod, [torch.randn(2, 4)], trace_joint=trace_joint,
+                                  output_loss_index=0 if trace_joint else None, dynamic_shapes=dynamic)
+        symbolic = [isinstance(size, torch.SymInt) for node in gm.graph.nodes if node.op == "placeholder"
+                    for size in node.meta["val"].shape]
+        assert all(symbolic) if dynamic else not any(symbolic)
+        if not dynamic:
+            continue
+        for batch in (2, 5):
+            x = torch.randn(batch, 4)
+            outs = gm(*params, x)
+            assert torch.allclose(outs[0], mod(x)[0])
+            if trace_joint:
+                grads = torch.autograd.grad(mod(x)[0], params)
+                assert all(torch.allclose(g, e) for g, e in zip(outs[1:], grads))
+
+    class ItemSize(torch.nn.Module):
+        def forward(self):
+            return (torch.full((int(torch.full((), 11).item()),), 0),)
+
+    with pytest.raises(CaptureError, match="depends on tensor data"):
+        aot_export_module(ItemSize(), [], trace_joint=False, dynamic_shapes=True)
+
 # --------------------------------------------------------------------------------------------------------
 # Issue 13 item 9: partition_fn by name, and a wrong input shape reported without fake-tensor log noise
 # --------------------------------------------------------------------------------------------------------
