@@ -38,7 +38,11 @@ stale one (deleted, then inserted).
 
 Counters (``AOTAutogradCache.counters`` and the stats journal section ``autograd``): ``fingerprint_hit``
 (warm start served through an alias), ``fingerprint_miss`` (trusted, but no usable alias),
-``fingerprint_fallback`` plus, in section ``autograd:fingerprint_fallback``, one counter per reason.
+``fingerprint_fallback`` plus, in section ``autograd:fingerprint_fallback``, one counter per reason;
+``fingerprint_state_recorded`` / ``fingerprint_state_changed`` (a capture changed the state its fingerprint
+covers: recorded with the alias to replay / not replayable, no alias), ``fingerprint_replay`` (a warm start
+made a recorded state change instead of tracing) and ``fingerprint_replay_refused`` (a recorded change did not
+check against the live state: undone, traced; NOTE [State changed by the call]).
 """
 
 from __future__ import annotations
@@ -357,9 +361,13 @@ def _replay(cache: AOTAutogradCache, record: AliasRecord, result: Any, root: Any
 # counts its calls in an attribute), eager makes the change at every first call, but a warm start served
 # through the alias runs only the graph: the change would never happen (a saved config would differ from
 # eager's), and a later call would keep finding the graph traced for the old state. So the fingerprint is
-# computed again after a capture; if its code or ambient part differs, no alias is recorded: a warm start of
-# this call traces (running the Python, making the change) and loads the entry by its full key, and the next
-# call, seeing the new state, goes through that state's own alias.
+# computed again after a capture; if its code or ambient part differs, the change is recorded with the alias
+# when it can be replayed exactly (plain values assigned to attributes of an ``aot_module``'s tree or its
+# config, a static call: NOTE [Replaying a call's state change] in state_delta.py; counted as
+# ``fingerprint_state_recorded``), and a warm start makes it, checked, instead of tracing. Otherwise (a
+# submodule swapped, a container changed in place, a dynamic call, an ``aot_function``) no alias is recorded
+# (``fingerprint_state_changed``): a warm start of this call traces (running the Python, making the change) and
+# loads the entry by its full key, and the next call, seeing the new state, goes through that state's own alias.
 _STATE_PARTS = ("code", "ambient")
 
 
