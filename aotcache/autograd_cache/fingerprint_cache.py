@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from aotcache.autograd_cache.fingerprint import Fingerprint, fingerprint_call, fingerprint_module_call
 from aotcache.autograd_cache.key import CacheKey, KeyPart
-from aotcache.autograd_cache.state_delta import StateDelta, StateSnapshot
+from aotcache.autograd_cache.state_delta import StateBeforeCall, StateDelta, StateSnapshot
 from aotcache.logs import event, handle_fault, logger, warn_not_cached
 from aotcache.store.interface import LookupStatus
 
@@ -342,6 +342,7 @@ def _replay(cache: AOTAutogradCache, record: AliasRecord, result: Any, root: Any
                 undo()
                 reason = "the state after the change is not the one recorded"
     if reason is None:
+        result.runtime.before_call_state = StateBeforeCall(record.delta, root)  # a capture again starts from it
         cache.count(fingerprint_replay=1)
         logger.debug("aotcache: warm start replays the call's state change (%s)", record.delta.describe())
         return True

@@ -38,15 +38,16 @@ the model's Python at the same moment races as it does with eager.
 from __future__ import annotations
 
 import collections
+import contextlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["StateDelta", "StateSnapshot", "Change", "encode_plain", "decode_plain"]
+__all__ = ["StateDelta", "StateSnapshot", "Change", "StateBeforeCall", "encode_plain", "decode_plain"]
 
 _MISSING = object()
 _MAX_DEPTH = 3  # plain objects followed below a module (config -> text_config -> ...)
@@ -237,6 +238,46 @@ class StateDelta:
                     attributes[name] = old
 
         return undo
+
+
+class StateBeforeCall:
+    """Kept on a runtime whose call's change was replayed (``before_call_state``): ``with it() as reset``, each
+    ``reset()`` puts the changed attributes back to their values before the call, and leaving the block restores
+    the values found at entry. A capture of that call again (the joint graph for a double backward, NOTE [Double
+    backward through the joint graph] in aot/runtime.py) runs the Python from the call's state, as the first
+    capture did, and leaves the state as it found it.
+
+    :raises ValueError: on entry, when an attribute's object is no longer where the change was recorded.
+    """
+
+    def __init__(self, delta: StateDelta, root: nn.Module) -> None:
+        self._delta = delta
+        self._root = root
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[Callable[[], None]]:
+        found = []
+        for change in self._delta.changes:
+            attributes = getattr(_resolve(self._root, change.steps), "__dict__", None)
+            if type(attributes) is not dict:
+                raise ValueError(f"{change.where()} is no longer an attribute of the model")
+            found.append((attributes, change.name, attributes.get(change.name, _MISSING), change.before))
+
+        def reset() -> None:
+            for attributes, name, _, before in found:
+                if before is None:
+                    attributes.pop(name, None)
+                else:
+                    attributes[name] = decode_plain(before)
+
+        try:
+            yield reset
+        finally:
+            for attributes, name, live, _ in found:
+                if live is _MISSING:
+                    attributes.pop(name, None)
+                else:
+                    attributes[name] = live
 
 
 class StateSnapshot:

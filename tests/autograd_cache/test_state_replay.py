@@ -291,3 +291,41 @@ def test_plain_values_round_trip_exactly_and_others_are_not_plain():
         decode_plain(["int", 3])
     with pytest.raises(ValueError):
         StateDelta.from_json([[[["q", "x"]], "mode", None, ["str", "x"]]])
+
+
+class BranchesOnce(torch.nn.Module):
+    """The first call takes another branch (a cube) than the later ones, and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 3)
+        self.mode = None
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.mode is None:
+            self.mode = "x"
+            return (self.lin(x) ** 3).sum()
+        return (self.lin(x) ** 2).sum()
+
+
+def test_a_double_backward_after_a_replay_captures_the_calls_own_graph():
+    # found in review: the joint graph of a warm-loaded runtime is captured again at its first double backward;
+    # after a replay that capture ran the Python from the changed state (the later calls' branch: wrong second
+    # derivatives) and advanced the counter twice more. It now starts from the call's state and leaves the state
+    def second_order(call, model, x):
+        loss = call(x)
+        grad, = torch.autograd.grad(loss, [model.lin.weight], create_graph=True)
+        grad.pow(2).sum().backward()
+        return loss.detach(), model.lin.weight.grad.clone(), model.mode, model.calls
+
+    cache, x = fresh_cache(), torch.randn(2, 3, generator=torch.Generator().manual_seed(3))
+    cold = BranchesOnce()
+    second_order(aotcache.aot_module(cold, "nop", cache=cache), cold, x)
+    eager, warm = BranchesOnce(), BranchesOnce()
+    want = second_order(eager, eager, x)
+    got = second_order(aotcache.aot_module(warm, "nop", cache=cache), warm, x)
+    assert cache.counters["fingerprint_replay"] == 1
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1]) and got[2:] == want[2:] == ("x", 1)
