@@ -62,9 +62,9 @@ from aotcache.store.interface import LookupStatus
 if TYPE_CHECKING:
     from aotcache.autograd_cache.cache import AOTAutogradCache
 
-__all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "MAX_ALIAS_SLOTS", "FALLBACK_SECTION", "alias_store_key",
-           "read_alias", "record_alias", "parse_alias_record", "parse_alias_entry", "AliasRecord", "alias_fingerprint", "parse_alias_store_key",
-           "fingerprint_of", "compile_with_fingerprint"]
+__all__ = ["ALIAS_PREFIX", "ALIAS_SCHEMA", "ALIAS_SCHEMA_REPLAY", "MAX_ALIAS_SLOTS", "FALLBACK_SECTION",
+           "AliasRecord", "alias_store_key", "read_alias", "record_alias", "parse_alias_record", "parse_alias_entry",
+           "alias_fingerprint", "parse_alias_store_key", "fingerprint_of", "compile_with_fingerprint"]
 
 ALIAS_PREFIX = "aot/fp/"
 ALIAS_SCHEMA = 1  # a key

@@ -336,7 +336,7 @@ class StateSnapshot:
             owner = _resolve(self.root, steps)
             if owner is not None and vars(owner).get(name) is container and not _same_contents(container, saved):
                 if name == "_modules" and isinstance(owner, nn.Module):
-                    return f"the call replaces a submodule of {_where(steps, '') [:-1] or 'the model'}"
+                    return f"the call replaces a submodule of {_where(steps, '')[:-1] or 'the model'}"
                 return f"the call changes {_where(steps, name)} in place"
         if len(changes) > _MAX_CHANGES:
             return f"the call changes {len(changes)} attributes"
