@@ -90,8 +90,10 @@ class CachedCompileServices(CompileServices):
             return compile_function_cached(target_cache, flat_fn, flat_args, options, name=function.name,
                                            memo=function.key_memo, on_key=on_key)
 
+        # NOTE [Replaying a call's state change] (autograd_cache/state_delta.py): a static module call only
+        replay_root = getattr(function, "fingerprint_module", None) if not options.dynamic else None
         return compile_with_fingerprint(cache, fingerprint, flat_args, full_path,
-                                        lambda: fingerprint_of(function, flat_args, in_spec, options))
+                                        lambda: fingerprint_of(function, flat_args, in_spec, options), replay_root)
 
     def before_capture(self, function: AOTFunction, cache: Any, fingerprint: Any) -> None:
         """Called when a call of ``function`` must be captured (no entry found through ``fingerprint``)."""

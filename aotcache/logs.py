@@ -59,8 +59,11 @@ _FIXES = (
     ("module overrides __call__", "override forward instead of __call__"),
     ("import inside function", "move the import to the top of its module"),
     ("C-extension callable", "call torch operators, or wrap the extension as a torch custom op"),
-    ("call changes program state", "set that state before the first call (for a transformers sequence "
-                                   "classifier: config.problem_type), or compute it outside forward"),
+    ("call changes program state", "set that state before the first call (for BigBird: "
+                                   "model.set_attention_type(...)), or compute it outside forward; a change of plain "
+                                   "values on the model or its config (config.problem_type) is replayed instead"),
+    ("recorded state change does not replay", "none needed: the state before the call was not the recorded one, so "
+                                              "the call was traced (eager's results and state)"),
 )
 
 

@@ -43,8 +43,8 @@ EXTRA_CAUSAL = "Qwen3Moe GraniteMoe SmolLM3 Exaone4 Glm Glm4 Nemotron Lfm2".spli
 EXTRA_ENCODERS = "Bert Roberta ModernBert".split()
 VISION = "ViT DeiT Beit Swin ConvNext ResNet Segformer MobileViT Dinov2".split()
 
-#: architecture -> (model class suffix, kind of inputs)
-ARCHS: dict[str, tuple[str, str]] = {
+#: architecture -> (model class suffix, kind of inputs[, transformers architecture when the name is not one])
+ARCHS: dict[str, tuple[str, ...]] = {
     **{arch: ("ForCausalLM", "causal") for arch in CAUSAL},
     **{arch: ("ForMaskedLM", "masked") for arch in ENCODERS},
     **{arch: ("ForConditionalGeneration", "seq2seq") for arch in SEQ2SEQ},
@@ -60,7 +60,16 @@ ARCHS: dict[str, tuple[str, str]] = {
     "Siglip": ("Model", "clip"),
     "Wav2Vec2": ("ForCTC", "ctc"),
     "WavLM": ("ForCTC", "ctc"),
+    # sequence classifiers (the usual fine-tuning setup: config.problem_type set on the first call with labels)
+    "BertForSequenceClassification": ("ForSequenceClassification", "classify", "Bert"),
+    "RobertaForSequenceClassification": ("ForSequenceClassification", "classify", "Roberta"),
 }
+
+
+def base_arch(arch: str) -> str:
+    """The transformers architecture of an ``ARCHS`` name (``BertForSequenceClassification`` -> ``Bert``)."""
+    entry = ARCHS[arch]
+    return entry[2] if len(entry) > 2 else arch
 
 
 def batch(kind: str, config: Any, step: int) -> dict:
@@ -73,6 +82,9 @@ def batch(kind: str, config: Any, step: int) -> dict:
     ids = torch.randint(3, vocab, (2, length), generator=g)
     if kind == "causal":
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    if kind == "classify":
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    labels=torch.randint(0, config.num_labels, (2,), generator=g))
     if kind == "masked":
         labels = ids.masked_fill(torch.rand(ids.shape, generator=g) < 0.5, -100)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
@@ -146,11 +158,12 @@ def run_arch(arch: str, phase: str, attn: str) -> dict:
     from aotcache.autograd_cache.cache import resolve_cache
     from hf_tiny import adamw_steps, build, compare_steps, max_diff
 
-    head, kind = ARCHS[arch]
-    record: dict[str, Any] = {"arch": arch, "model": arch + head, "phase": phase, "attn": attn}
+    head, kind = ARCHS[arch][:2]
+    record: dict[str, Any] = {"arch": arch, "model": base_arch(arch) + head, "phase": phase, "attn": attn}
     implementation = None if attn == "default" else attn
     try:
-        eager, model = build(arch, head, attn=implementation), build(arch, head, attn=implementation)
+        eager, model = (build(base_arch(arch), head, attn=implementation),
+                        build(base_arch(arch), head, attn=implementation))
     except Exception as exc:  # noqa: BLE001 - an architecture that does not build is a result
         record["build_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         return record
@@ -183,7 +196,7 @@ def run_arch(arch: str, phase: str, attn: str) -> dict:
     record["seconds"] = round(time.perf_counter() - started, 1)
     if phase == "cold" and "error" not in record and not (record["train_ok"] and record["eval_ok"]):
         try:
-            record["aot_eager"] = reference(arch, head, implementation, batches, inputs, (want, eager, expected),
+            record["aot_eager"] = reference(base_arch(arch), head, implementation, batches, inputs, (want, eager, expected),
                                             (got, model, actual))
         except Exception as exc:  # noqa: BLE001 - a reference that fails is recorded
             record["aot_eager"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}

@@ -13,6 +13,7 @@ form in ``dynamo_graph.py``; their public names stay importable from here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -297,13 +298,19 @@ class AOTFunction:
             flat = list(template)
             for position, value in zip(positions, graph_args):
                 flat[position] = value
+            # a call whose state change a warm start replayed: each run of the Python starts from the call's
+            # state, and the state is left as found (NOTE [Replaying a call's state change] in the cache)
+            before_call = getattr(runtime, "before_call_state", None)
 
             def flat_fn(*values: Any) -> Any:
+                if reset is not None:
+                    reset()
                 call_args, call_kwargs = pytree.tree_unflatten(list(values), in_spec)
                 return fn(*call_args, **call_kwargs)
 
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), (before_call() if before_call is not None
+                                           else contextlib.nullcontext()) as reset:
                     captured = capture(flat_fn, flat, decompositions=options.decomposition_table(),
                                        dynamic=options.dynamic, trace_joint=True)
             except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error

@@ -32,7 +32,9 @@ call is traced again; a forward that changes its own state on every call (a coun
 every call, and its state advances once per call, as in eager. After 8 such calls in a row (Dynamo's own
 recompile limit) that call signature runs eagerly, whatever the settings it changes (``eager:changes_own_state``,
 warned about once); a call whose graph is kept (the state settled) starts the count again. With
-``on_capture_error="raise"`` or strict mode it keeps being traced.
+``on_capture_error="raise"`` or strict mode it keeps being traced. Across processes, the cache records such a
+call's change with its warm-start alias when it is a plain value set on the model or its config, and a warm
+start replays it instead of tracing (NOTE [Replaying a call's state change] in autograd_cache/state_delta.py).
 """
 
 from __future__ import annotations
