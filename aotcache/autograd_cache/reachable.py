@@ -453,7 +453,7 @@ class Reachable:
     def _tensor_token(self, value: torch.Tensor) -> str:
         position = self._state_tensors.get(id(value))
         if position is not None:  # a parameter or buffer of the compiled module: a runtime input
-            return f"state#{position}"
+            return f"state#{position}{self._tensor_attributes(value)}"
         check_plain_tensor(value, "tensor constant")
         if self._guards is not None:
             self._guards.tensor(value)  # changed in place: compiled code may hold a copy (Inductor does)
@@ -467,7 +467,15 @@ class Reachable:
             raise Untrusted(exc.reason) from None
         # NOTE [Tensor constants by identity in-process] (program_guards.py): the in-process digest names it too
         where = f"@{id(value)}" if self._lenient else ""
-        return f"tensor:{digest}:{value.requires_grad}{where}"
+        return f"tensor:{digest}:{value.requires_grad}{where}{self._tensor_attributes(value)}"
+
+    def _tensor_attributes(self, tensor: torch.Tensor) -> str:
+        """The tensor's own Python attributes (NOTE [Python attributes of parameters] in aot/module.py: code may
+        read them, the capture does): empty for most tensors; guarded in-process, an added one included."""
+        attributes = tensor.__dict__
+        if self._guards is not None:
+            self._guards.contents(attributes)
+        return f"attrs{self._container_token(attributes)}" if attributes else ""
 
     def _library_function_token(self, fn: types.FunctionType) -> str:
         # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__

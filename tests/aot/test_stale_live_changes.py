@@ -1,0 +1,142 @@
+"""Zero stale results when a user changes a live program between calls (session 10's hunt, issue 13).
+
+Each case is shaped as it was found by an adversarial probe of things users toggle on a live model: the program
+changes between two calls in one process, or between a cold process and a warm one, and the compiled result
+must be eager's. The other direction too: an unchanged (or equal) program keeps its graph / hits its alias.
+The nop compiler throughout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import aotcache
+from tests.conftest import run_python
+
+X = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+
+
+def compiles(wrapped) -> int:
+    return wrapped.compiled.num_compiles
+
+
+# ----------------------------------------------------------------------------------------------------
+# Python attributes of parameters and buffers (NOTE [Python attributes of parameters] in aot/module.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+class QuantScaled(nn.Module):
+    """Reads a Python attribute a quantization tool may put on its weight, with a default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        w = self.fc.weight
+        return F.linear(x, w * getattr(w, "quant_scale", 1.0), self.fc.bias)
+
+
+class FlaggedBuffer(nn.Module):
+    """Reads a Python attribute of a buffer directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("shift", torch.ones(4))
+        self.shift.active = True
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + self.shift if self.shift.active else h
+
+
+def quant_scaled() -> QuantScaled:
+    torch.manual_seed(0)
+    return QuantScaled()
+
+
+def test_a_python_attribute_of_a_parameter_is_what_the_capture_reads():
+    # found: the capture's trace tensors had no attributes, so getattr(w, "quant_scale", 1.0) traced 1.0: a
+    # wrong result from the first call on, and a plain read sent the model to the Dynamo way
+    model = quant_scaled()
+    model.fc.weight.quant_scale = 0.5
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    flagged = FlaggedBuffer()
+    compiled = aotcache.compile(flagged, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), flagged(X))
+    assert compiled.compiled.num_compiles == 1  # captured whole, not through Dynamo
+
+
+def test_a_python_attribute_added_to_or_changed_on_a_parameter_between_calls_gives_eagers_result():
+    model = quant_scaled()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.fc.weight.quant_scale = 0.5  # added: was a stale result (the graph of the default ran)
+    torch.testing.assert_close(compiled(X), model(X))
+    model.fc.weight.quant_scale = 0.25  # changed
+    torch.testing.assert_close(compiled(X), model(X))
+    del model.fc.weight.quant_scale  # removed again: the first graph
+    torch.testing.assert_close(compiled(X), model(X))
+    flagged = FlaggedBuffer()
+    compiled = aotcache.compile(flagged, compiler="nop", cache=False)
+    compiled(X)
+    flagged.shift.active = False
+    torch.testing.assert_close(compiled(X), flagged(X))
+
+
+def test_an_equal_python_attribute_set_again_keeps_the_graph():
+    model = quant_scaled()
+    model.fc.weight.quant_scale = 0.5
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    compiled(X)
+    model.fc.weight.quant_scale = float("0.5")
+    model.fc.weight.quant_scale = 0.5
+    torch.testing.assert_close(compiled(X), model(X))
+    compiled(X)
+    assert compiles(compiled) == 1
+
+
+PARAMETER_ATTRIBUTE = """
+import json, sys, torch
+import torch.nn.functional as F
+from torch import nn
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+class QuantScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        w = self.fc.weight
+        return F.linear(x, w * getattr(w, "quant_scale", 1.0), self.fc.bias)
+
+torch.manual_seed(0)
+model = QuantScaled()
+if sys.argv[1] != "none":
+    model.fc.weight.quant_scale = float(sys.argv[1])
+x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+out = aotcache.compile(model, compiler="nop")(x)
+print(json.dumps({"same": torch.equal(out, model(x)), **default_cache().counters}))
+"""
+
+
+def _process(script: str, *argv: str) -> dict:
+    code = f"import sys; sys.argv = ['train', *{list(argv)!r}]; exec(compile({script!r}, 'train', 'exec'))"
+    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
+
+
+def test_a_python_attribute_added_to_a_parameter_misses_in_the_next_process_and_an_unchanged_one_hits():
+    cold = _process(PARAMETER_ATTRIBUTE, "none")
+    changed = _process(PARAMETER_ATTRIBUTE, "0.5")  # was a fingerprint hit on the first process's graph
+    unchanged = _process(PARAMETER_ATTRIBUTE, "0.5")
+    assert cold["same"] and changed["same"] and unchanged["same"]
+    assert changed.get("fingerprint_hit", 0) == 0 and changed["compile"] == 1
+    assert unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
