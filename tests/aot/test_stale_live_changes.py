@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,3 +141,76 @@ def test_a_python_attribute_added_to_a_parameter_misses_in_the_next_process_and_
     assert cold["same"] and changed["same"] and unchanged["same"]
     assert changed.get("fingerprint_hit", 0) == 0 and changed["compile"] == 1
     assert unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torch modes entered around a call (NOTE [Active torch modes] in aot/ambient.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+class DoublesLinear(torch.overrides.TorchFunctionMode):
+    """A function mode of the user's own that changes what an op returns."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is F.linear else out
+
+
+class DoublesAddmm(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is torch.ops.aten.addmm.default else out
+
+
+class MakesTensors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) + torch.ones(4)
+
+
+class OnlyFactories(nn.Module):
+    def forward(self, x):
+        return torch.ones(x.shape[-1]) * 2 + torch.arange(x.shape[-1])
+
+
+def _under(mode_factory, fn, *args):
+    with mode_factory():
+        return fn(*args)
+
+
+@pytest.mark.parametrize("mode", [DoublesLinear, DoublesAddmm], ids=["function_mode", "dispatch_mode"])
+@pytest.mark.parametrize("first", ["without", "under"])
+def test_a_torch_mode_entered_or_left_between_calls_gives_eagers_result(mode, first):
+    # found: the signature did not see active modes; a graph traced under the mode ran after it was left, and
+    # one traced without it ran inside it
+    torch.manual_seed(0)
+    model = MakesTensors()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    if first == "without":
+        torch.testing.assert_close(compiled(X), model(X))
+        torch.testing.assert_close(_under(mode, compiled, X), _under(mode, model, X))
+    else:
+        torch.testing.assert_close(_under(mode, compiled, X), _under(mode, model, X))
+        torch.testing.assert_close(compiled(X), model(X))
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == (2 if mode is DoublesLinear else 1)  # a dispatch mode: eager
+
+
+def test_the_default_device_set_between_calls_gives_eagers_device():
+    model = OnlyFactories()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    assert compiled(X).device.type == "cpu"
+    with torch.device("meta"):  # factory calls go to the default device (a function mode)
+        assert compiled(X).device.type == model(X).device.type == "meta"
+    with torch.device("meta"):  # entered again: the same graph
+        assert compiled(X).device.type == "meta"
+    torch.set_default_device("meta")
+    try:
+        assert compiled(X).device.type == "meta"
+    finally:
+        torch.set_default_device(None)
+    assert compiled(X).device.type == "cpu"
+    assert compiled.compiled.num_compiles == 2
