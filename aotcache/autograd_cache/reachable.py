@@ -303,6 +303,8 @@ class Reachable:
         if isinstance(value, types.MethodType):
             return f"method({self.ref(value.__self__)};{self.ref(value.__func__)})"
         if isinstance(value, functools.partial):
+            if self._guards is not None:  # ``__setstate__`` replaces all three in place
+                self._guards.attributes(value, ("func", "args", "keywords"))
             return f"partial({self.ref(value.func)};{self.ref(value.args)};{self.ref(value.keywords)})"
         if isinstance(value, (staticmethod, classmethod)):
             return f"{type(value).__name__}({self.ref(value.__func__)})"

@@ -8,6 +8,7 @@ The nop compiler throughout.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -214,3 +215,33 @@ def test_the_default_device_set_between_calls_gives_eagers_device():
         torch.set_default_device(None)
     assert compiled(X).device.type == "cpu"
     assert compiled.compiled.num_compiles == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# A functools.partial changed in place
+# ----------------------------------------------------------------------------------------------------
+
+
+class PartialActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.act = functools.partial(F.leaky_relu, negative_slope=0.1)
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def test_a_partial_changed_in_place_by_setstate_gives_eagers_result_and_an_unchanged_one_keeps_the_graph():
+    # found: the guards held the partial's old keywords dict (members unchanged) while __setstate__ had replaced
+    # func, args and keywords: the graph of negative_slope=0.1 ran
+    torch.manual_seed(0)
+    model = PartialActivation()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 1
+    model.act.__setstate__((F.leaky_relu, (), {"negative_slope": 0.6}, None))
+    torch.testing.assert_close(compiled(X), model(X))
+    model.act.keywords["negative_slope"] = 0.3  # the new keywords dict mutated in place
+    torch.testing.assert_close(compiled(X), model(X))
