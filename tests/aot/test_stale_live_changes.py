@@ -8,6 +8,7 @@ The nop compiler throughout.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -245,3 +246,38 @@ def test_a_partial_changed_in_place_by_setstate_gives_eagers_result_and_an_uncha
     torch.testing.assert_close(compiled(X), model(X))
     model.act.keywords["negative_slope"] = 0.3  # the new keywords dict mutated in place
     torch.testing.assert_close(compiled(X), model(X))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor constants given other data by ``.data =`` (NOTE [Tensor data swapped in place])
+# ----------------------------------------------------------------------------------------------------
+
+
+def freezing_compiler(gm, example_inputs):
+    """Copies the graph's tensor constants, as Inductor does (so a graph reused after the constant changed
+    computes with the old data)."""
+    return copy.deepcopy(gm)
+
+
+def test_a_closed_over_parameter_or_tensor_given_other_data_by_assignment_gives_eagers_result():
+    # found: ``t.data = other`` does not bump the version counter, the guard compared versions only, and a
+    # compiler that copies constants kept the old weight
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4).requires_grad_(False)
+    mask = torch.ones(4)
+
+    def fn(x):
+        return lin(x) * mask
+
+    compiled = aotcache.aot_function(fn, freezing_compiler, cache=False)
+    torch.testing.assert_close(compiled(X), fn(X))
+    torch.testing.assert_close(compiled(X), fn(X))
+    assert compiled.num_compiles == 1  # unchanged: the graph kept
+    lin.weight.data = torch.randn(4, 8)
+    torch.testing.assert_close(compiled(X), fn(X))
+    mask.data = torch.full((4,), 3.0)
+    torch.testing.assert_close(compiled(X), fn(X))
+    mask.data = torch.full((1,), 2.0)  # other shape, broadcast
+    torch.testing.assert_close(compiled(X), fn(X))
+    compiled(X)
+    assert compiled.num_compiles == 4
