@@ -322,3 +322,25 @@ def test_a_forward_reading_whether_a_parameter_has_a_gradient_gives_eagers_resul
     torch.testing.assert_close(compiled(X), model(X))
     model.fc.weight.grad = torch.zeros_like(model.fc.weight)
     torch.testing.assert_close(compiled(X), model(X))
+
+
+class ReadsInputAttribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) * getattr(x, "scale", 1.0)
+
+
+@pytest.mark.xfail(strict=True, reason="a Python attribute of a tensor argument (x.scale = 3.0, read with getattr and "
+                                       "a default): the capture's fake arguments do not carry it (the default is "
+                                       "traced) and the signature and hot path do not hold it; parameters and "
+                                       "buffers do (NOTE [Python attributes of parameters])")
+def test_a_python_attribute_of_a_tensor_argument_is_what_the_capture_reads():
+    torch.manual_seed(0)
+    model = ReadsInputAttribute()
+    x = X.clone()
+    x.scale = 3.0
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(x), model(x))
