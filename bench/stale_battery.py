@@ -2,7 +2,8 @@
 
 Each scenario trains or evaluates a small model for a few steps and changes the program between steps
 (freezing, hooks, parametrizations, swapped submodules, dtype / layout changes, autocast, backend flags,
-checkpointing, optimizer variants, input layouts, transformers config switches). It records every output,
+checkpointing, optimizer variants, input layouts, transformers config switches and live edits, Python attributes
+of parameters, torch modes around a step, function-level state). It records every output,
 gradient, parameter after each optimizer step and module buffer, and runs once per way:
 
 - ``eager``: the model itself (the reference);
@@ -1217,6 +1218,210 @@ def wrapper_api(ctx: Ctx) -> None:
     features = nn.Sequential(*list(model.children())[:-1])
     ctx.rec("features", features(batch(9)[0]))
     ctx.rec("children", [name for name, _ in model.named_children()])
+
+
+class QuantScaled(nn.Module):
+    """Reads Python attributes of its parameter and buffer (a quantization tool's scale, a flag)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+        self.register_buffer("shift", torch.full((4,), 0.25))
+        self.shift.active = True
+
+    def forward(self, x):
+        w = self.fc1.weight
+        h = torch.relu(nn.functional.linear(x, w * getattr(w, "quant_scale", 1.0), self.fc1.bias))
+        out = self.fc2(h)
+        return out + self.shift if getattr(self.shift, "active", True) else out
+
+
+@scenario("aot", "dynamo")
+def tensor_attributes(ctx: Ctx) -> None:
+    """Python attributes of a parameter and a buffer, read by forward, added / changed / removed between steps
+    (``getattr(w, "quant_scale", 1.0)``; ``self.shift.active``)."""
+    torch.manual_seed(0)
+    base = QuantScaled()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        if step == 1:
+            base.fc1.weight.quant_scale = 0.5
+        if step == 2:
+            base.shift.active = False
+        if step == 3:
+            base.fc1.weight.quant_scale = 0.25
+        if step == 4:
+            del base.fc1.weight.quant_scale
+            base.shift.active = True
+        train_step(ctx, model, opt, step, base=base)
+
+
+class DoublesLinear(torch.overrides.TorchFunctionMode):
+    """A torch function mode of the user's own that changes what F.linear returns."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is nn.functional.linear else out
+
+
+class HalvesAddmm(torch.utils._python_dispatch.TorchDispatchMode):
+    """A torch dispatch mode that changes what aten.addmm returns."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 0.5 if func is torch.ops.aten.addmm.default else out
+
+
+@scenario("aot")
+def torch_modes(ctx: Ctx) -> None:
+    """Torch modes entered around single steps: a function mode, a dispatch mode, a device context (factory calls
+    in forward), nothing; each step as eager under the same mode."""
+    torch.manual_seed(0)
+    base = MakesTensors()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    modes = [None, DoublesLinear, None, HalvesAddmm, lambda: torch.device("cpu"), DoublesLinear, None]
+    for step, mode in enumerate(modes):
+        x = torch.randn(3, 4, generator=gen(step))
+        with mode() if mode is not None else contextlib.nullcontext():
+            out = model(x)
+            ctx.rec(f"s{step}", out)
+            out.sum().backward()
+        ctx.rec_grads(f"s{step}", base)
+        opt.step()
+        opt.zero_grad()
+
+
+def _tiny_llama_classifier():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, num_labels=3)
+    config._attn_implementation = "eager"
+    return transformers.LlamaForSequenceClassification(config)
+
+
+@scenario("aot")
+def hf_live_edits(ctx: Ctx) -> None:
+    """A transformers Llama classifier edited between steps as users do on a live model: config.pad_token_id
+    (forward reads it to find the last token), a norm's variance_epsilon, an attention layer's scaling,
+    set_attn_implementation("sdpa"), an MLP's act_fn swapped, output_hidden_states through the config."""
+    import transformers.activations
+
+    base = _tiny_llama_classifier()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([[5, 6, 7, 9, 9, 9], [5, 9, 9, 9, 9, 9]])
+    labels = torch.tensor([0, 2])
+    for step in range(7):
+        if step == 1:
+            model.config.pad_token_id = 9
+        if step == 2:
+            base.model.norm.variance_epsilon = 0.5
+        if step == 3:
+            base.model.layers[0].self_attn.scaling = 0.1
+        if step == 4:
+            if hasattr(base, "set_attn_implementation"):
+                model.set_attn_implementation("sdpa")
+            else:
+                base.config._attn_implementation = "sdpa"
+        if step == 5:
+            base.model.layers[0].mlp.act_fn = transformers.activations.ACT2FN["gelu"]
+        if step == 6:
+            model.config.output_hidden_states = True
+        out = model(input_ids=ids, labels=labels)
+        ctx.rec(f"s{step}", out)
+        out.loss.backward()
+        ctx.rec_grads(f"s{step}", base)
+        opt.step()
+        opt.zero_grad()
+
+
+@scenario("aot")
+def hf_resize_untie(ctx: Ctx) -> None:
+    """A transformers Llama with tied embeddings: resize_token_embeddings (new, tied, larger modules) mid-run,
+    then the head untied (a new Parameter); eval passes."""
+    base = tiny_llama(tie_word_embeddings=True).eval()
+    model = ctx.wrap(base)
+    ids = torch.randint(3, 64, (2, 7), generator=gen(0))
+    with torch.no_grad():
+        ctx.rec("tied", model(input_ids=ids, use_cache=False).logits)
+        torch.manual_seed(1)
+        model.resize_token_embeddings(72)
+        ctx.rec("resized", model(input_ids=ids, use_cache=False).logits)
+        base.lm_head.weight = nn.Parameter(base.model.embed_tokens.weight.detach().clone() * 2)
+        ctx.rec("untied", model(input_ids=ids, use_cache=False).logits)
+        base.model.embed_tokens.weight.mul_(0.5)  # the untied embedding changes alone
+        ctx.rec("untied_changed", model(input_ids=ids, use_cache=False).logits)
+
+
+def _scale_by(x, k=[2.0]):  # noqa: B006 - a mutable default on purpose: it is mutated between steps
+    return x * k[0]
+
+
+def _scale_kw(x, *, k=2.0):
+    return x * k
+
+
+def _passthrough(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class FunctionStateBase(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.act = functools.partial(nn.functional.leaky_relu, negative_slope=0.1)
+
+    @_passthrough
+    def post(self, h):
+        return h * 2
+
+    def forward(self, x):
+        return self.post(_scale_kw(_scale_by(self.act(self.fc(x)))))
+
+
+class FunctionState(FunctionStateBase):
+    pass
+
+
+@scenario("aot")
+def function_state(ctx: Ctx) -> None:
+    """Function-level changes between steps: a mutable default argument mutated, a keyword-only default changed
+    in ``__kwdefaults__``, a decorator's closure cell swapped, a parent class method patched, a
+    ``functools.partial`` reset in place (``__setstate__``); each put back at the end."""
+    torch.manual_seed(0)
+    base = FunctionState()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cell = FunctionStateBase.__dict__["post"].__closure__[0]
+    original_post, original_fn = FunctionStateBase.__dict__["post"], cell.cell_contents
+    try:
+        for step in range(6):
+            if step == 1:
+                _scale_by.__defaults__[0][0] = 5.0
+            if step == 2:
+                _scale_kw.__kwdefaults__["k"] = 0.5
+            if step == 3:
+                cell.cell_contents = lambda self, h: h * -1
+            if step == 4:
+                FunctionStateBase.post = lambda self, h: h + 1
+            if step == 5:
+                base.act.__setstate__((nn.functional.leaky_relu, (), {"negative_slope": 0.7}, None))
+            train_step(ctx, model, opt, step, base=base)
+    finally:
+        _scale_by.__defaults__[0][0] = 2.0
+        _scale_kw.__kwdefaults__["k"] = 2.0
+        cell.cell_contents = original_fn
+        FunctionStateBase.post = original_post
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["numerics_flags", "numerics_signature"]
+__all__ = ["active_modes", "numerics_flags", "numerics_signature"]
 
 # Zero-argument getters of torch._C, by the name a user knows the flag under.
 _C_GETTERS = (
@@ -126,12 +126,64 @@ def _read(getter: Callable[[], Any]) -> Any:
 
 
 def numerics_signature() -> tuple:
-    """The current value of every flag, in a fixed order: cheap enough for every call's signature."""
+    """The current value of every flag, in a fixed order, then the active torch modes (:func:`active_modes`):
+    cheap enough for every call's signature."""
     getters = _getters()
     try:
-        return tuple([getter() for _, getter in getters])
+        flags = [getter() for _, getter in getters]
     except RuntimeError:
-        return tuple([_read(getter) for _, getter in getters])
+        flags = [_read(getter) for _, getter in getters]
+    flags.append(active_modes())
+    return tuple(flags)
+
+
+# NOTE [Active torch modes]
+# A torch function mode or dispatch mode the user enters around a call changes what every op does:
+# ``torch.set_default_device`` / ``with torch.device(...)`` (a function mode: factory calls go to that device), a
+# mode of the user's own that rewrites ops. A capture runs under the modes active at that call, so its graph holds
+# their effect. The signature did not see them: a graph traced under a mode ran after the mode was left, and one
+# traced without it ran inside it (eager's result differed both ways). The active modes are part of the per-call
+# signature: a device context by its device (entering ``torch.device("cuda")`` again is the same graph), any other
+# mode by identity (another mode object is another graph; a mode's own state changed in place is not seen, as for
+# any opaque object). The call fingerprint refuses active modes altogether ("active torch function or dispatch
+# mode"), so no graph is loaded by it across processes.
+_function_stack_length = getattr(torch._C, "_len_torch_function_stack", None)
+_dispatch_stack_length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+class _ByIdentity:
+    """A mode in a signature: equal only to itself (kept alive, so its ``id`` is never another mode's)."""
+
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: Any) -> None:
+        self.mode = mode
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.mode is self.mode
+
+    def __hash__(self) -> int:
+        return id(self.mode)
+
+
+def _mode_token(mode: Any) -> Any:
+    device = getattr(mode, "device", None) if type(mode).__name__ == "DeviceContext" else None
+    return ("device", str(device)) if device is not None else _ByIdentity(mode)
+
+
+def active_modes() -> tuple:
+    """NOTE [Active torch modes]: the torch function and dispatch modes active now, innermost last; ``()`` when
+    none (two C calls: the usual case)."""
+    if _function_stack_length is None or _dispatch_stack_length is None:
+        return ()
+    functions, dispatches = _function_stack_length(), _dispatch_stack_length()
+    if not functions and not dispatches:
+        return ()
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return (tuple(_mode_token(mode) for mode in _get_current_function_mode_stack()),
+            tuple(_mode_token(mode) for mode in _get_current_dispatch_mode_stack()))
 
 
 def numerics_flags() -> dict[str, Any]:

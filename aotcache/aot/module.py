@@ -75,10 +75,43 @@ def _functional_module_call(module: nn.Module) -> Callable:
         refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
         refuse_script_modules(module)  # NOTE [TorchScript submodules]
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
+        _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
         with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
     return call
+
+
+def _carry_python_attributes(module: nn.Module, tensors: dict[str, Any]) -> None:
+    """NOTE [Python attributes of parameters]
+    Code may keep Python attributes on a parameter or buffer and read them in ``forward``: a quantization scale
+    (``getattr(self.weight, "quant_scale", 1.0)``), a flag a library set (transformers marks its buffers
+    ``_is_buffer``). The capture swaps trace tensors in for the module's tensors, and those had no such
+    attributes: ``getattr`` with a default silently traced the default (a wrong result from the first call on),
+    and a plain read raised and sent the model to the Dynamo way. Each trace tensor gets the attributes of the
+    tensor it stands for (one it has itself is kept); the call fingerprint and the in-process guards see them
+    (``_tensor_token`` in reachable.py), so a changed or added attribute is another graph."""
+    for path, value in tensors.items():
+        original = _original_tensor(module, path)
+        if original is None or original is value or not isinstance(value, torch.Tensor):
+            continue
+        attributes = original.__dict__
+        if attributes:
+            target = value.__dict__
+            for name, attribute in attributes.items():
+                target.setdefault(name, attribute)
+
+
+def _original_tensor(module: nn.Module, path: str) -> torch.Tensor | None:
+    """The parameter or buffer of ``module`` at ``path`` (``layer.0.weight``), or None."""
+    *parents, leaf = path.split(".")
+    owner: Any = module
+    for part in parents:
+        owner = getattr(owner, part, None)
+        if not isinstance(owner, nn.Module):
+            return None
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers.get(leaf)
 
 
 def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str, str] | None:

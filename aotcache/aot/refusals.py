@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
+__all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper",
            "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
@@ -200,6 +200,18 @@ def functorch_transform_error(what: str) -> CaptureError:
     return CaptureError(f"aotcache: {what} is a tensor of a torch.func transform (the compiled function is called "
                         f"under vmap, grad, jacrev or jvp), which a compiled graph cannot take. Apply the transform "
                         f"inside the compiled function instead.", reason="unsupported_construct")
+
+
+def dispatch_mode_error(modes: tuple) -> CaptureError:
+    """NOTE [Active torch modes] (ambient.py): a torch dispatch mode the compiled function is called under
+    (``FlopCounterMode``, a debugging or op-rewriting mode) sees every ATen op eager runs, which a compiled graph
+    does not replay as eager does (its kernels bypass the mode, or a graph traced under the mode runs through it a
+    second time). The call runs eagerly, as torch.compile does under a dispatch mode; the next call without one is
+    compiled again (``first_call_only``: nothing is decided for later calls)."""
+    names = ", ".join(sorted({type(getattr(mode, "mode", mode)).__name__ for mode in modes}))
+    return CaptureError(f"aotcache: the call runs under a torch dispatch mode ({names}), which a compiled graph "
+                        f"cannot replay as eager does; it runs eagerly, as torch.compile does.",
+                        reason="unsupported_construct", first_call_only=True)
 
 
 _DATA_DEPENDENT_FIX = ("aotcache traces with fake tensors, which have no data. Move the data-dependent part out of "

@@ -31,7 +31,7 @@ from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, storage_sharing
-from aotcache.aot.refusals import functorch_transform_error, unsupported_layout_error
+from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
 
 __all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets",
            "offsets_hold"]
@@ -144,7 +144,10 @@ def call_context(flat_args: Sequence[Any]) -> tuple:
     :raises CaptureError: as :func:`memory_sharing`.
     """
     sharing = memory_sharing(flat_args)
-    return (torch.is_grad_enabled(), autocast_state(), numerics_signature(), sharing)
+    numerics = numerics_signature()
+    if numerics[-1] and numerics[-1][1]:  # NOTE [Active torch modes]: a dispatch mode is active
+        raise dispatch_mode_error(numerics[-1][1])
+    return (torch.is_grad_enabled(), autocast_state(), numerics, sharing)
 
 
 def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec, context: tuple | None = None

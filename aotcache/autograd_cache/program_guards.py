@@ -86,6 +86,13 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # once and the walk runs again, now guarding what the code reads of it (an unpatched library: the same digest,
 # the same graph).
 
+# NOTE [Tensor data swapped in place]
+# ``t.data = other`` (or ``param.data = ...`` on a parameter of a module an ``aot_function`` closes over: a graph
+# constant) gives the same tensor object other data without bumping its version counter. The guard compared
+# versions only, so a compiled graph holding a copy of the constant (Inductor's; any compiler that freezes
+# constants) kept computing with the old data: a stale result. Each tensor constant is also guarded by its data
+# pointer and shape; a change walks again, and the new content is another digest.
+
 # NOTE [Tensor constants by identity in-process]
 # The digest of a lenient walk names each tensor constant by content *and* identity. By content only, a constant
 # rebound to an equal copy (``self.masks = [m.clone()]``) kept the graph traced with the original, and a compiled
@@ -99,6 +106,8 @@ _chain = itertools.chain.from_iterable
 _is = operator.is_
 _env_get = os.environ.get
 _version_of = operator.attrgetter("_version")
+_pointer_of = operator.methodcaller("data_ptr")
+_shape_of = operator.attrgetter("shape")
 
 
 class GuardRecorder:
@@ -112,7 +121,7 @@ class GuardRecorder:
         self._lengths: dict[int, Any] = {}
         self._contents: dict[int, Any] = {}
         self._env: dict[str, str | None] = {}
-        self._tensors: dict[int, tuple[Any, int]] = {}
+        self._tensors: dict[int, tuple[Any, int, int, Any]] = {}
         self._owners: dict[int, tuple[Any, type]] = {}
         self._unloaded: dict[str, None] = {}
 
@@ -154,9 +163,10 @@ class GuardRecorder:
         self._env.setdefault(name, value)
 
     def tensor(self, tensor: Any) -> None:
-        """A tensor constant: its version counter (bumped by every in-place change)."""
+        """A tensor constant: its version counter (bumped by every in-place change), data pointer and shape
+        (NOTE [Tensor data swapped in place])."""
         try:
-            self._tensors.setdefault(id(tensor), (tensor, tensor._version))
+            self._tensors.setdefault(id(tensor), (tensor, tensor._version, tensor.data_ptr(), tensor.shape))
         except RuntimeError:  # an inference tensor has no version counter (and cannot change outside one)
             pass
 
@@ -179,7 +189,10 @@ class GuardRecorder:
             iterables=iterables, members=list(_chain(iterables)),
             mappings=mappings, mapping_values=list(_chain(map(_values, mappings))),
             env_names=list(self._env), env_values=list(self._env.values()),
-            tensors=[t for t, _ in self._tensors.values()], versions=[v for _, v in self._tensors.values()],
+            tensors=[entry[0] for entry in self._tensors.values()],
+            versions=[entry[1] for entry in self._tensors.values()],
+            pointers=[entry[2] for entry in self._tensors.values()],
+            shapes=[entry[3] for entry in self._tensors.values()],
             owners=dict(self._owners), unloaded_modules=list(self._unloaded))
 
 
@@ -209,6 +222,8 @@ class ProgramGuards:
     env_values: list
     tensors: list
     versions: list
+    pointers: list
+    shapes: list
     owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> (that view, cls)
     unloaded_modules: list = dataclasses.field(default_factory=list)  # NOTE [Libraries loaded after the walk]
 
@@ -236,7 +251,9 @@ class ProgramGuards:
                 return False
             if self.mapping_values and not all(map(_is, _chain(map(_values, self.mappings)), self.mapping_values)):
                 return False
-            if self.tensors and list(map(_version_of, self.tensors)) != self.versions:
+            if self.tensors and (list(map(_version_of, self.tensors)) != self.versions
+                                 or list(map(_pointer_of, self.tensors)) != self.pointers
+                                 or list(map(_shape_of, self.tensors)) != self.shapes):
                 return False
             if self.unloaded_modules and not all(name not in sys.modules for name in self.unloaded_modules):
                 return False

@@ -303,6 +303,8 @@ class Reachable:
         if isinstance(value, types.MethodType):
             return f"method({self.ref(value.__self__)};{self.ref(value.__func__)})"
         if isinstance(value, functools.partial):
+            if self._guards is not None:  # ``__setstate__`` replaces all three in place
+                self._guards.attributes(value, ("func", "args", "keywords"))
             return f"partial({self.ref(value.func)};{self.ref(value.args)};{self.ref(value.keywords)})"
         if isinstance(value, (staticmethod, classmethod)):
             return f"{type(value).__name__}({self.ref(value.__func__)})"
@@ -453,7 +455,7 @@ class Reachable:
     def _tensor_token(self, value: torch.Tensor) -> str:
         position = self._state_tensors.get(id(value))
         if position is not None:  # a parameter or buffer of the compiled module: a runtime input
-            return f"state#{position}"
+            return f"state#{position}{self._tensor_attributes(value)}"
         check_plain_tensor(value, "tensor constant")
         if self._guards is not None:
             self._guards.tensor(value)  # changed in place: compiled code may hold a copy (Inductor does)
@@ -467,7 +469,15 @@ class Reachable:
             raise Untrusted(exc.reason) from None
         # NOTE [Tensor constants by identity in-process] (program_guards.py): the in-process digest names it too
         where = f"@{id(value)}" if self._lenient else ""
-        return f"tensor:{digest}:{value.requires_grad}{where}"
+        return f"tensor:{digest}:{value.requires_grad}{where}{self._tensor_attributes(value)}"
+
+    def _tensor_attributes(self, tensor: torch.Tensor) -> str:
+        """The tensor's own Python attributes (NOTE [Python attributes of parameters] in aot/module.py: code may
+        read them, the capture does): empty for most tensors; guarded in-process, an added one included."""
+        attributes = tensor.__dict__
+        if self._guards is not None:
+            self._guards.contents(attributes)
+        return f"attrs{self._container_token(attributes)}" if attributes else ""
 
     def _library_function_token(self, fn: types.FunctionType) -> str:
         # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__
