@@ -53,7 +53,8 @@ from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.aot.services import CompileServices, WatchedProgram
-from aotcache.aot.signature import call_context, input_offsets, offsets_hold, rank_signature_of, signature_of
+from aotcache.aot.signature import (call_context, carry_tensor_attributes, input_offsets, offsets_hold, rank_signature_of,
+                                    signature_of, user_arguments_carry_attributes)
 from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
@@ -135,7 +136,8 @@ class AOTFunction:
         if watched is None or not watched[0].holds():
             watched = self._watch(extra)
         program, hot_signatures = watched
-        if structure is not None:
+        attributes = structure is not None and user_arguments_carry_attributes(flat_if_simple, self.num_state)
+        if structure is not None and not attributes:  # NOTE [Python attributes of tensor arguments]
             hot = hot_signatures.find(structure, flat_if_simple)
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
@@ -147,7 +149,7 @@ class AOTFunction:
             return eager_for_unkeyable_call(self, exc, args, kwargs, in_spec)
         except RefusedArgumentError as exc:  # NOTE [Refused arguments take the fallback] in fallback.py
             return refused_argument_call(self, exc, args, kwargs, in_spec)
-        if (structure is not None and len(flat_args) == len(flat_if_simple)
+        if (structure is not None and not attributes and len(flat_args) == len(flat_if_simple)
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
@@ -369,6 +371,7 @@ class AOTFunction:
             if runs and saved is not None:  # NOTE [State changed by a capture]
                 saved.restore()
             runs += 1
+            carry_tensor_attributes(flat, flat_args, self.num_state)  # NOTE [Python attributes of tensor arguments]
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             containers = argument_containers((call_args, call_kwargs))
             result = self.fn(*call_args, **call_kwargs)

@@ -83,8 +83,10 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
                     else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
                           else None))  # NOTE [Dynamic dimensions]
-        return ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
-                arg.requires_grad and arg.is_leaf, geometry)
+        signature = ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
+                     arg.requires_grad and arg.is_leaf, geometry)
+        attributes = arg.__dict__
+        return (*signature, tensor_attributes_signature(attributes)) if attributes else signature
     if isinstance(arg, torch.SymInt):
         return ("symint",)
     if dynamic and type(arg) is CacheInt:  # NOTE [Cache integers]: a symbol; 0 and 1 are specialized
@@ -102,6 +104,35 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     return ("constant", type(arg), arg)
+
+
+def tensor_attributes_signature(attributes: dict) -> tuple:
+    """NOTE [Python attributes of tensor arguments]
+    A tensor argument may carry Python attributes its forward reads (``x.scale = 3.0``, read as
+    ``getattr(x, "scale", 1.0)``). The capture gives the trace's tensors the real argument's attributes
+    (``carry_tensor_attributes``), the value read is traced into the graph, and so the attributes are part of the
+    call's signature: a value compared by value (a tensor by identity: one read by the forward is refused by the
+    capture, as a closed-over tensor is), and an added or changed one selects another graph. The hot path takes
+    no call whose arguments carry attributes; the fingerprint describes them (an object it cannot describe
+    makes it untrusted, so the full key, computed from the graph, decides)."""
+    return tuple(sorted((name, ("tensor", id(value)) if isinstance(value, torch.Tensor)
+                         else _argument_signature(value, False)) for name, value in attributes.items()))
+
+
+def carry_tensor_attributes(values: Sequence[Any], originals: Sequence[Any], start: int = 0) -> None:
+    """Give each trace tensor in ``values`` (from position ``start``) the Python attributes of the real argument at
+    its position (NOTE [Python attributes of tensor arguments]); an attribute it has itself is kept."""
+    for value, original in zip(values[start:], originals[start:]):
+        if (isinstance(original, torch.Tensor) and original.__dict__ and value is not original
+                and isinstance(value, torch.Tensor)):
+            target = value.__dict__
+            for name, attribute in original.__dict__.items():
+                target.setdefault(name, attribute)
+
+
+def user_arguments_carry_attributes(flat_args: Sequence[Any], start: int) -> bool:
+    """Whether a tensor argument from position ``start`` carries Python attributes (not for the hot path)."""
+    return any(isinstance(arg, torch.Tensor) and arg.__dict__ for arg in flat_args[start:])
 
 
 def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, why: str) -> RefusedArgumentError:

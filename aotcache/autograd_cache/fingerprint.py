@@ -43,6 +43,7 @@ from torch import nn
 
 from aotcache.aot.ambient import numerics_flags
 from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.exact_values import float_bits
 from aotcache.autograd_cache import key as cache_key
 from aotcache.autograd_cache.digests import Untrusted, check_plain_tensor, sha256_text
 from aotcache.autograd_cache.reachable import Reachable
@@ -91,6 +92,17 @@ class Fingerprint:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _tensor_attributes(attributes: dict) -> list:
+    """A tensor input's Python attributes, by value (NOTE [Python attributes of tensor arguments] in
+    aot/signature.py); any other value than None, a bool, int, float or str makes the fingerprint untrusted."""
+    described = []
+    for name, value in sorted(attributes.items()):
+        if value is not None and type(value) not in (bool, int, float, str):
+            raise Untrusted(f"tensor input attribute {name!r} of type {type(value).__name__}")
+        described.append([name, type(value).__name__, float_bits(value).hex() if type(value) is float else value])
+    return described
+
+
 def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) -> dict[str, Any]:
     from torch.utils import _pytree as pytree
 
@@ -108,7 +120,8 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
                         [[None if dim in dims else size for dim, size in enumerate(arg.shape)]] if dims else
                         [list(arg.shape), list(arg.stride()), arg.storage_offset()])
             described.append(["tensor", str(arg.dtype), str(arg.device), arg.requires_grad,
-                              arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry])
+                              arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry,
+                              *([_tensor_attributes(arg.__dict__)] if arg.__dict__ else [])])
         elif isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             raise Untrusted("symbolic input")
         elif type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else dynamic):
