@@ -100,6 +100,9 @@ class CompiledRuntime:
     # makes ``joint`` (from the graph inputs of the call being differentiated) where the runtime was loaded
     # without a capture: a torch.compile region found in the cache, a fingerprint warm start; called once
     joint_factory: Callable[[Sequence[Any]], None] | None = None
+    # whether ``joint`` draws random numbers: its replay then needs the generators' states at the forward (NOTE
+    # [Double backward through random ops])
+    joint_random: bool = False
 
     def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
         if not metadata.is_inference and backward is None:
@@ -124,6 +127,10 @@ class CompiledRuntime:
         self._first_extra_output = self._num_mutation_outputs + metadata.num_graph_user_outputs
         self._num_fwd_outputs = self._first_extra_output + metadata.num_extra_outputs
         self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
+        # the generators the forward draws from exactly as its graph's ATen ops would (NOTE [Double backward through
+        # random ops]); None: it draws nothing, or not replayably
+        draws = getattr(forward, "eager_random_draws", None)
+        self._random_draws = tuple(draws) if isinstance(draws, tuple) and draws else None
         # NOTE [Gradients of unused outputs]: with two or more tangents, an input whose gradient reads only some
         # of them gets None when autograd computed none of those (eager leaves its .grad None, not zeros)
         self._grad_tangents = [frozenset(dependencies) for dependencies in metadata.grad_tangents]
@@ -311,14 +318,53 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # own derivative formula), a backward under grad mode runs that graph as Python on the call's inputs (kept on
 # the context, so they carry their history) and the incoming gradients: the gradients it returns are built by
 # autograd from eager ops, as eager's double backward is, and the forward is computed once more. Only joint graphs
-# that are pure functions of their inputs qualify (no random ops, whose second run would draw other numbers; no
-# effect tokens; an input the call updated only where no differentiable output reads its value, since it holds
+# that are pure functions of their inputs qualify (random ops only where their draws can be replayed: NOTE [Double
+# backward through random ops]; no effect tokens; an input the call updated only where no differentiable output reads its value, since it holds
 # the new value by then: NOTE [Replaying a graph that updated its inputs] in compile_step.py). A runtime loaded without
 # a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
 # ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
 # the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
 # graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the
 # compiled backward, saved values as partitioned). The joint graph stays in memory with its runtime.
+#
+# NOTE [Double backward through random ops]
+# A joint graph with random ops (dropout in training: a gradient penalty through a critic with dropout) draws its
+# numbers again when it is replayed, and eager's double backward draws nothing: it differentiates the forward's
+# own masks. So where the compiled forward draws exactly as its graph's ATen ops run in order would (the nop
+# compiler: ``eager_random_draws``, the generators it draws from), the forward saves those generators' states on
+# the autograd context before it runs (the CPU default generator, and CUDA's where CUDA is initialized, for ops on
+# the default generator; a torch.Generator the graph names), and the replay runs from those states, then puts
+# each generator back where it was. The replay then draws the forward's very numbers, the gradients are eager's,
+# and the generators end where eager leaves them. Saving the states costs two small copies per training call, only
+# for runtimes whose forward draws random numbers. A compiled forward that draws its own way (Inductor lowering
+# dropout itself, AOTInductor's Philox, a user's compiler) cannot be replayed: ``DoubleBackwardError`` names the
+# fix (the nop compiler, or eager).
+def _generator_states(draws: Sequence[Any]) -> list:
+    """(generator, state) for each generator ``draws`` names (None: the default generators)."""
+    states = []
+    for generator in draws:
+        if generator is not None:
+            states.append((generator, generator.get_state()))
+            continue
+        states.append((torch.default_generator, torch.default_generator.get_state()))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states.extend((cuda, cuda.get_state()) for cuda in torch.cuda.default_generators)
+    return states
+
+
+@contextlib.contextmanager
+def _generators_at(states: Sequence[tuple]) -> Any:
+    """Run the block from the generator ``states``, then put each generator back where it was."""
+    now = [(generator, generator.get_state()) for generator, _ in states]
+    for generator, state in states:
+        generator.set_state(state)
+    try:
+        yield
+    finally:
+        for generator, state in now:
+            generator.set_state(state)
+
+
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -358,6 +404,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, runtime: CompiledRuntime, *graph_args: Any) -> tuple:  # type: ignore[override]
         meta = runtime.metadata
+        if runtime._random_draws is not None and (runtime.joint is not None or runtime.joint_factory is not None):
+            ctx.generator_states = _generator_states(runtime._random_draws)  # NOTE [Double backward through random ops]
         # NOTE [Forward under grad mode]
         # The joint graph was traced with grad mode on, and some kernels only produce what their backward
         # needs when it is (e.g. the mkldnn RNN workspace). Run the compiled forward the same way, on detached
@@ -405,8 +453,16 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
                 "or torch.autograd.grad of a gradient) needs the joint graph, which this compiled function does "
-                "not have (loaded from the cache without a capture, or its graph mutates inputs or draws random "
-                "numbers). Call the original function eagerly for higher-order gradients.")
+                "not have (loaded from the cache without a capture, or its graph mutates inputs it reads). Call the "
+                "original function eagerly for higher-order gradients.")
+        generator_states = getattr(ctx, "generator_states", None)
+        if differentiable and runtime.joint_random and generator_states is None:
+            raise DoubleBackwardError(  # NOTE [Double backward through random ops]
+                "aotcache: differentiating through the compiled backward (create_graph=True, double backward) of a "
+                "graph with random ops (dropout, ...) replays its forward with the same random numbers, which needs "
+                "a compiled forward that draws them as eager does; this one draws its own way (Inductor's or "
+                "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop' for this function, or "
+                "call it eagerly for higher-order gradients.")
         if differentiable:
             saved: Sequence[Any] = ()
         elif ctx.saved_scalars:
@@ -442,7 +498,10 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                     grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
             tangents.append(grad)
         with DisableAutocast():
-            if differentiable:
+            if differentiable and generator_states is not None and runtime.joint_random:
+                with _generators_at(generator_states):  # NOTE [Double backward through random ops]
+                    grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+            elif differentiable:
                 grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
             else:
                 grads = list(runtime.backward(*saved, *tangents))

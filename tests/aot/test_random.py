@@ -117,3 +117,95 @@ def test_host_random_draws_are_made_at_every_call_as_in_eager(api, source):
         assert torch.equal(got, expected), seed  # numpy's own draws, not Dynamo's torch-stream stand-ins
         assert (np.random.get_state()[1] == after_eager[0]).all() and random.getstate() == after_eager[1]
     assert api != "compile" or compiled.route == "dynamo"
+
+
+# ---- NOTE [Double backward through random ops] (aot/runtime.py) -------------------------------------------
+
+class _DropoutCritic(torch.nn.Module):
+    """A WGAN-GP critic with dropout in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 16)
+        self.b = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, training=self.training) + 0.1 * torch.randn_like(x).sum())
+
+
+def _penalty_steps(model, params, steps=2, draw_between=False):
+    """Gradient-penalty steps from seed 0: per step the output, the loss, the parameter gradients and the
+    generator's state after the step."""
+    torch.manual_seed(0)
+    results = []
+    for step in range(steps):
+        for p in params:
+            p.grad = None
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step)).requires_grad_(True)
+        out = model(x)
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        if draw_between:  # the generator moves on between the forward and the double backward
+            torch.rand(5)
+        loss = out.mean() + ((g.norm(2, dim=1) - 1) ** 2).mean()
+        loss.backward()
+        results.append((out.detach(), loss.detach(), [p.grad.clone() for p in params], torch.get_rng_state()))
+    return results
+
+
+def _assert_same_steps(got, expected):
+    for (out, loss, grads, state), (e_out, e_loss, e_grads, e_state) in zip(got, expected):
+        assert torch.equal(out, e_out)  # the forward's own draws
+        torch.testing.assert_close(loss, e_loss)
+        for grad, e_grad in zip(grads, e_grads):  # (another mask would differ by O(1), not by rounding)
+            torch.testing.assert_close(grad, e_grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(state, e_state)  # the generator where eager leaves it
+
+
+def _wrapped(api, model):
+    if api == "aot_module":
+        return aotcache.aot_module(model, "nop", cache=False)
+    if api == "aot_function":
+        params = dict(model.named_parameters())
+        compiled = aotcache.aot_function(lambda p, x: torch.func.functional_call(model, p, (x,)), "nop", cache=False)
+        return lambda x: compiled(params, x)
+    return aotcache.compile(model, compiler="nop", cache=False)
+
+
+@pytest.mark.parametrize("draw_between", [False, True], ids=["", "draw_between"])
+@pytest.mark.parametrize("api", ["aot_module", "aot_function", "compile"])
+def test_a_gradient_penalty_through_dropout_matches_eager(api, draw_between):
+    """It raised DoubleBackwardError: a replay of the forward drew other numbers. The replay now starts from the
+    generator's state at the forward, and the generator is put back after it."""
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    params = list(model.parameters())
+    expected = _penalty_steps(model, params, draw_between=draw_between)
+    got = _penalty_steps(_wrapped(api, model), params, draw_between=draw_between)
+    _assert_same_steps(got, expected)
+
+
+def test_a_gradient_penalty_through_dropout_after_a_fingerprint_warm_start_matches_eager():
+    """A second wrapper loads the graph by its fingerprint (no capture) and captures the joint graph again at the
+    first double backward; the forward saved the generator's state all the same."""
+    from aotcache.autograd_cache.cache import default_cache
+
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    params = list(model.parameters())
+    expected = _penalty_steps(model, params)
+    _assert_same_steps(_penalty_steps(aotcache.aot_module(model, "nop"), params), expected)
+    _assert_same_steps(_penalty_steps(aotcache.aot_module(model, "nop"), params), expected)
+    assert default_cache().counters.get("fingerprint_hit", 0) >= 1
+
+
+def test_a_gradient_penalty_through_dropout_with_a_compiler_drawing_its_own_way_raises():
+    """A compiled forward not known to draw as eager (here a user's compiler) cannot be replayed: the error says
+    so and names the fix; the first-order backward still trains."""
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    compiled = aotcache.aot_module(model, lambda gm, example_inputs: gm, cache=False)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(aotcache.aot.DoubleBackwardError, match="compiler='nop'"):
+        torch.autograd.grad(compiled(x).sum(), x, create_graph=True)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
