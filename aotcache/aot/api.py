@@ -46,7 +46,7 @@ from aotcache.aot.fallback import (
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
-from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
+from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
@@ -105,6 +105,24 @@ class AOTFunction:
         self._single_use_streak = 0  # single-use graphs in a row, since the last graph kept (_SINGLE_USE_LIMIT)
         self.traces = TraceBudget()  # NOTE [Recompile limit]
         self._last_change = ""  # what changed at the last re-trace (for the recompile-limit warning)
+        # NOTE [Recompile limit]: past the limit, raise instead of running eagerly (aotcache.compile: fullgraph)
+        self.raise_at_recompile_limit = self.on_capture_error == "raise"
+        LIVE_FUNCTIONS.add(self)  # NOTE [Resetting compiled functions] in recompile_limit.py
+
+    def reset(self) -> None:
+        """Forget this function's in-process graphs, fallbacks, automatic dynamic dimensions and recompile budget,
+        as if the process had just started (NOTE [Resetting compiled functions] in recompile_limit.py); the
+        store is untouched, so the next call of a signature loads its entry or traces."""
+        with self._lock:
+            self._entries = {}
+            self._fallbacks = {}
+            self._programs = {}
+            self._hot_by_digest = {}
+            self._hot = HotSignatures()
+            self._dims = DynamicDims(self.options.dynamic, self.options.float_symbols())
+            self.traces = TraceBudget()
+            self._last_change = ""
+            self._single_use_streak = 0
 
     def begin_trace(self) -> None:
         """Called by the compile services when a call is about to be traced (not loaded from the cache).

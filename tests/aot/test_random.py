@@ -168,11 +168,14 @@ def _wrapped(api, model):
         params = dict(model.named_parameters())
         compiled = aotcache.aot_function(lambda p, x: torch.func.functional_call(model, p, (x,)), "nop", cache=False)
         return lambda x: compiled(params, x)
+    if api == "backend":
+        torch._dynamo.reset()
+        return torch.compile(model, backend="aotcache", options={"compiler": "nop"})
     return aotcache.compile(model, compiler="nop", cache=False)
 
 
 @pytest.mark.parametrize("draw_between", [False, True], ids=["", "draw_between"])
-@pytest.mark.parametrize("api", ["aot_module", "aot_function", "compile"])
+@pytest.mark.parametrize("api", ["aot_module", "aot_function", "compile", "backend"])
 def test_a_gradient_penalty_through_dropout_matches_eager(api, draw_between):
     """It raised DoubleBackwardError: a replay of the forward drew other numbers. The replay now starts from the
     generator's state at the forward, and the generator is put back after it."""
