@@ -192,7 +192,19 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
         return _compile_captured(captured, options)
 
 
+def _graph_generators(gm: torch.fx.GraphModule) -> tuple:
+    """The ``torch.Generator`` objects ``gm`` holds (NOTE [Generator arguments] in generator_args.py)."""
+    held = [getattr(gm, str(node.target), None) for node in gm.graph.nodes if node.op == "get_attr"]
+    return tuple(value for value in held if isinstance(value, torch.Generator))
+
+
 def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
+    runtime = _compile_captured_graph(captured, options)
+    runtime.graph_generators = _graph_generators(captured.graph)
+    return runtime
+
+
+def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
         with stage("compile forward"):

@@ -103,6 +103,8 @@ class CompiledRuntime:
     # whether ``joint`` draws random numbers: its replay then needs the generators' states at the forward (NOTE
     # [Double backward through random ops])
     joint_random: bool = False
+    # the torch.Generator objects its graph holds (NOTE [Generator arguments] in generator_args.py)
+    graph_generators: tuple = ()
 
     def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
         if not metadata.is_inference and backward is None:

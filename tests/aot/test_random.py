@@ -212,3 +212,122 @@ def test_a_gradient_penalty_through_dropout_with_a_compiler_drawing_its_own_way_
         torch.autograd.grad(compiled(x).sum(), x, create_graph=True)
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- NOTE [Generator arguments] (aot/generator_args.py) ---------------------------------------------------
+
+class _Noisy(torch.nn.Module):
+    """Draws from the generator it is passed (a diffusion sampler's ``generator=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, generator=None):
+        noise = torch.randn(x.shape, generator=generator)
+        return self.lin(x + noise) * torch.bernoulli(torch.full_like(x, 0.5), generator=generator)
+
+
+def _generator_calls(call, seeds, train):
+    """Per seed: the output (and input gradient), and the passed generator's state after the call; the global
+    generator's state at the end."""
+    torch.manual_seed(0)
+    results = []
+    reused = torch.Generator().manual_seed(100)
+    for seed in seeds:
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)).requires_grad_(train)
+        g = reused if seed % 2 else torch.Generator().manual_seed(seed)
+        out = call(x, g)
+        grad = torch.autograd.grad(out.sum(), x)[0] if train else None
+        results.append((out.detach(), grad, g.get_state()))
+    return results, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("api", ["aot_function", "aot_module", "compile"])
+def test_a_new_generator_at_every_call_reuses_one_graph_and_draws_as_eager(api, train):
+    """A generator argument was keyed by identity: a graph per new generator (``generator_arg`` in
+    bench/odd_forwards.py), each keeping its generator alive."""
+    torch.manual_seed(0)
+    model = _Noisy()
+    if api == "aot_function":
+        compiled = aotcache.aot_function(lambda x, g: model(x, generator=g), "nop", cache=False)
+        counter = compiled
+    elif api == "aot_module":
+        compiled = aotcache.aot_module(model, "nop", cache=False)
+        counter = compiled.compiled
+    else:
+        compiled = aotcache.compile(model, compiler="nop", cache=False)
+        counter = compiled.compiled
+    seeds = range(6)
+    with torch.set_grad_enabled(train):
+        expected, expected_state = _generator_calls(lambda x, g: model(x, generator=g), seeds, train)
+        got, state = _generator_calls(lambda x, g: compiled(x, generator=g) if api != "aot_function"
+                                      else compiled(x, g), seeds, train)
+    for (out, grad, g_state), (e_out, e_grad, e_g_state) in zip(got, expected):
+        assert torch.equal(out, e_out)
+        assert grad is None and e_grad is None or torch.equal(grad, e_grad)
+        assert torch.equal(g_state, e_g_state)  # the caller's generator moved as in eager
+    assert torch.equal(state, expected_state)  # the global generator untouched, as in eager
+    assert counter.num_compiles == 1
+    assert api != "compile" or compiled.route == "aot"
+
+
+def test_a_gradient_penalty_drawing_from_a_generator_argument_matches_eager():
+    """The double backward replays the slot's draws from its state at the forward (NOTE [Double backward through
+    random ops]); the caller's generator ends where eager leaves it."""
+    torch.manual_seed(0)
+    model = _Noisy()
+    compiled = aotcache.aot_module(model, "nop", cache=False)
+    results = []
+    for run in (model, compiled, compiled):
+        model.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (grad,) = torch.autograd.grad(run(x, generator=g).sum(), x, create_graph=True)
+        torch.randn(2, generator=g)  # the generator moves on before the double backward
+        grad.pow(2).sum().backward()
+        results.append((grad.detach(), model.lin.weight.grad.clone(), g.get_state()))
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], results[0][0])
+        torch.testing.assert_close(got[1], results[0][1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[2], results[0][2])
+
+
+class _DrawsFromItsOwnToo(torch.nn.Module):
+    """Draws from the generator it is passed and from its own; a caller may pass its own one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(3)
+
+    def forward(self, x, generator):
+        return x + torch.rand(x.shape, generator=generator) * torch.rand(x.shape, generator=self.gen)
+
+
+def test_a_generator_passed_and_also_drawn_from_directly_is_not_substituted():
+    """A slot in place of the module's own generator would split its draws in two streams; such a function keys
+    its generators by identity again (one graph per generator, eager's draws)."""
+    eager, mine = _DrawsFromItsOwnToo(), _DrawsFromItsOwnToo()
+    compiled = aotcache.aot_module(mine, "nop", cache=False)
+    x = torch.zeros(4)
+    for step in range(3):
+        for module, run in ((eager, eager), (mine, compiled)):
+            module.out = run(x, module.gen if step != 1 else torch.Generator().manual_seed(step))
+        assert torch.equal(mine.out, eager.out), step
+        assert torch.equal(mine.gen.get_state(), eager.gen.get_state()), step
+
+
+def test_one_generator_at_two_positions_draws_in_sequence_as_eager():
+    def fn(x, a, b):
+        return x + torch.rand(x.shape, generator=a) - torch.rand(x.shape, generator=b)
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(4)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(compiled(x, gc, gc), fn(x, ge, ge))
+        assert torch.equal(gc.get_state(), ge.get_state())
+        other_e, other_c = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        assert torch.equal(compiled(x, gc, other_c), fn(x, ge, other_e))
+        assert torch.equal(gc.get_state(), ge.get_state()) and torch.equal(other_c.get_state(), other_e.get_state())
