@@ -349,7 +349,7 @@ def _generator_states(draws: Sequence[Any]) -> list:
             states.append((generator, generator.get_state()))
             continue
         states.append((torch.default_generator, torch.default_generator.get_state()))
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # (ops on CUDA tensors draw from these)
             states.extend((cuda, cuda.get_state()) for cuda in torch.cuda.default_generators)
     return states
 

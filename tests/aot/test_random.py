@@ -350,3 +350,32 @@ def test_a_function_seeding_the_generator_it_is_passed_runs_the_seeding_at_every
         ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         assert torch.equal(compiled(x, gc), _seeds_its_generator(x, ge)), seed
         assert torch.equal(gc.get_state(), ge.get_state()) and gc.initial_seed() == ge.initial_seed() == 11
+
+
+def test_threads_passing_their_own_generators_draw_as_eager():
+    """The slots are shared by the function's calls: a lock holds each graph run with them."""
+    import threading
+
+    def fn(x, generator):
+        return x + torch.rand(x.shape, generator=generator) * torch.randn(x.shape, generator=generator)
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(64)
+    compiled(x, torch.Generator())  # captured before the threads start
+    results: dict = {}
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        results[seed] = [compiled(x, g) for _ in range(30)], g.get_state()
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, (outs, state) in results.items():
+        g = torch.Generator().manual_seed(seed)
+        for out in outs:
+            assert torch.equal(out, fn(x, g)), seed
+        assert torch.equal(state, g.get_state())
+    assert compiled.num_compiles == 1
