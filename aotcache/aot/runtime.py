@@ -321,8 +321,9 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # the context, so they carry their history) and the incoming gradients: the gradients it returns are built by
 # autograd from eager ops, as eager's double backward is, and the forward is computed once more. Only joint graphs
 # that are pure functions of their inputs qualify (random ops only where their draws can be replayed: NOTE [Double
-# backward through random ops]; no effect tokens; an input the call updated only where no differentiable output reads its value, since it holds
-# the new value by then: NOTE [Replaying a graph that updated its inputs] in compile_step.py). A runtime loaded without
+# backward through random ops]; no effect tokens; an input the call updated only where no differentiable output
+# reads its value, since it holds the new value by then: NOTE [Replaying a graph that updated its inputs] in
+# compile_step.py). A runtime loaded without
 # a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
 # ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
 # the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
