@@ -333,15 +333,17 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # NOTE [Double backward through random ops]
 # A joint graph with random ops (dropout in training: a gradient penalty through a critic with dropout) draws its
 # numbers again when it is replayed, and eager's double backward draws nothing: it differentiates the forward's
-# own masks. So where the compiled forward draws exactly as its graph's ATen ops run in order would (the nop
-# compiler: ``eager_random_draws``, the generators it draws from), the forward saves those generators' states on
-# the autograd context before it runs (the CPU default generator, and CUDA's where CUDA is initialized, for ops on
-# the default generator; a torch.Generator the graph names), and the replay runs from those states, then puts
-# each generator back where it was. The replay then draws the forward's very numbers, the gradients are eager's,
-# and the generators end where eager leaves them. Saving the states costs two small copies per training call, only
-# for runtimes whose forward draws random numbers. A compiled forward that draws its own way (Inductor lowering
+# own masks. So where the compiled forward draws exactly as its graph's ATen ops run in order would
+# (``eager_random_draws``, the generators it draws from: the nop compiler; Inductor where it compiled with
+# ``fallback_random``, under which its random ops on the default generators run ATen's kernels), the forward
+# saves those generators' states on the autograd context before it runs (the CPU default generator, and CUDA's
+# where CUDA is initialized, for ops on the default generator; a torch.Generator the graph names), and the replay
+# runs from those states, then puts each generator back where it was. The replay then draws the forward's very
+# numbers, the gradients are eager's, and the generators end where eager leaves them. Saving the states costs a
+# small copy per generator per training call (about 1 us on CPU), only for runtimes whose forward draws random
+# numbers. A compiled forward that draws its own way (Inductor lowering
 # dropout itself, AOTInductor's Philox, a user's compiler) cannot be replayed: ``DoubleBackwardError`` names the
-# fix (the nop compiler, or eager).
+# fixes (the nop compiler, Inductor with ``fallback_random``, or eager).
 def _generator_states(draws: Sequence[Any]) -> list:
     """(generator, state) for each generator ``draws`` names (None: the default generators)."""
     states = []
@@ -464,7 +466,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward) of a "
                 "graph with random ops (dropout, ...) replays its forward with the same random numbers, which needs "
                 "a compiled forward that draws them as eager does; this one draws its own way (Inductor's or "
-                "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop' for this function, or "
+                "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop', or Inductor with "
+                "fallback_random (aotcache.compile(..., options={'fallback_random': True})), for this function, or "
                 "call it eagerly for higher-order gradients.")
         if differentiable:
             saved: Sequence[Any] = ()
