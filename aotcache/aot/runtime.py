@@ -339,8 +339,11 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # saves those generators' states on the autograd context before it runs (the CPU default generator, and CUDA's
 # where CUDA is initialized, for ops on the default generator; a torch.Generator the graph names), and the replay
 # runs from those states, then puts each generator back where it was. The replay then draws the forward's very
-# numbers, the gradients are eager's, and the generators end where eager leaves them. Saving the states costs a
-# small copy per generator per training call (about 1 us on CPU), only for runtimes whose forward draws random
+# numbers, the gradients are eager's, and the generators end where eager leaves them. As a check, the forward
+# also saves where its draws left the generators, and a replay that leaves them elsewhere (it drew another count
+# of numbers: a compiled forward that was not what its ``eager_random_draws`` claimed) raises
+# ``DoubleBackwardError`` rather than return another program's gradients. Saving the states costs two small
+# copies per generator per training call (about 1 us each on CPU), only for runtimes whose forward draws random
 # numbers. A compiled forward that draws its own way (Inductor lowering
 # dropout itself, AOTInductor's Philox, a user's compiler) cannot be replayed: ``DoubleBackwardError`` names the
 # fixes (the nop compiler, Inductor with ``fallback_random``, or eager).
@@ -423,6 +426,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
             with torch.enable_grad():
                 outs = list(runtime.forward(*detached))
+        if getattr(ctx, "generator_states", None) is not None:  # where the draws left them: checked by a replay
+            ctx.generator_ends = [generator.get_state() for generator, _ in ctx.generator_states]
         num_fwd = runtime._num_fwd_outputs
         if len(outs) != num_fwd + meta.num_saved:
             raise RuntimeError(f"aotcache: compiled forward returned {len(outs)} values, expected "
@@ -507,6 +512,13 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             if differentiable and generator_states is not None and runtime.joint_random:
                 with _generators_at(generator_states):  # NOTE [Double backward through random ops]
                     grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+                    ends = [generator.get_state() for generator, _ in generator_states]
+                if not all(torch.equal(end, expected) for end, expected in zip(ends, ctx.generator_ends)):
+                    raise DoubleBackwardError(
+                        "aotcache: the replay of a compiled forward's random ops for a double backward drew other "
+                        "numbers than the compiled forward did (its generators ended elsewhere), so its gradients "
+                        "would be another program's. Use compiler='nop' for this function, or call it eagerly for "
+                        "higher-order gradients.")
             elif differentiable:
                 grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
             else:

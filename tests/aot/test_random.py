@@ -411,3 +411,24 @@ def test_a_gradient_penalty_through_dropout_with_inductor(fallback_random):
     from aotcache.autograd_cache.cache import default_cache
 
     assert default_cache().counters.get("fingerprint_hit", 0) >= 1
+
+
+def test_a_replay_that_draws_otherwise_than_the_forward_raises():
+    """A compiled forward claiming ATen's draws (``eager_random_draws``) that drew another count of numbers: the
+    replay's generators end elsewhere than the forward's, and the double backward raises instead of returning
+    gradients of other masks."""
+    def draws_more(gm, example_inputs):  # draws once more than its graph
+        def run(*args):
+            torch.rand(3)
+            return gm(*args)
+
+        run.eager_random_draws = (None,)
+        return run
+
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    compiled = aotcache.aot_module(model, draws_more, cache=False)
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compiled(x).sum()
+    with pytest.raises(aotcache.aot.DoubleBackwardError, match="drew other numbers"):
+        torch.autograd.grad(out, x, create_graph=True)  # (the replay runs here)
