@@ -67,8 +67,11 @@ class GeneratorSlots:
     def draws_elsewhere(self, runtime: Any, swapped: Sequence[tuple[torch.Generator, torch.Generator]]) -> bool:
         """Whether ``runtime``'s graph draws from one of the caller's generators itself (not through its slot):
         then slots are off for this function from now on."""
-        held = {_identity(generator) for generator in getattr(runtime, "graph_generators", ())}
-        if any(_identity(caller) in held for caller, _ in swapped):
+        held = getattr(runtime, "graph_generators", ())
+        if not held:
+            return False
+        identities = {_identity(generator) for generator in held}
+        if any(_identity(caller) in identities for caller, _ in swapped):
             self.enabled = False
             return True
         return False
