@@ -344,7 +344,8 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # of numbers: a compiled forward that was not what its ``eager_random_draws`` claimed) raises
 # ``DoubleBackwardError`` rather than return another program's gradients. Saving the states costs two small
 # copies per generator per training call (about 1 us each on CPU), only for runtimes whose forward draws random
-# numbers. A compiled forward that draws its own way (Inductor lowering
+# numbers. Not covered: another thread drawing from the same generator while a replay runs (it would draw from the
+# forward's state, and the replay's restore would undo its draws); eager's double backward draws nothing. A compiled forward that draws its own way (Inductor lowering
 # dropout itself, AOTInductor's Philox, a user's compiler) cannot be replayed: ``DoubleBackwardError`` names the
 # fixes (the nop compiler, Inductor with ``fallback_random``, or eager).
 def _generator_states(draws: Sequence[Any]) -> list:
