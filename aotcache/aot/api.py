@@ -184,6 +184,7 @@ class AOTFunction:
         """A call with ``torch.Generator`` arguments: its graph takes this function's slots in their place, and
         runs at the callers' generators' states (NOTE [Generator arguments] in generator_args.py)."""
         flat_args, swapped = slotted
+        traces = self.num_compiles
         try:
             runtime = self._runtime_for(flat_args, in_spec, extra, program)
         except CaptureError as exc:  # as in call_structured: the caller's own generators
@@ -193,10 +194,13 @@ class AOTFunction:
         run_call = getattr(runtime, "run_call", None)  # a fallback runs the Python: the caller's own generators
         if run_call is not None:
             return run_call(args, kwargs)
-        if self._generator_slots.draws_elsewhere(runtime, swapped):  # slots off from now on: keyed by identity
+        slots = self._generator_slots
+        if slots.draws_elsewhere(runtime, swapped) or (  # slots off from now on: keyed by identity
+                self.num_compiles != traces and slots.kept_by_module(getattr(self, "fingerprint_module", None),
+                                                                     swapped)):
             log_once(logging.INFO, f"generator-slots:{id(self)}",
-                     "aotcache: %s draws from a generator it is also passed as an argument; such generators "
-                     "are part of its graphs' signature (one graph per generator)", self.name)
+                     "aotcache: %s draws from a generator it is passed another way too, or keeps it; such "
+                     "generators are part of its graphs' signature (one graph per generator)", self.name)
             return self.call_structured(structure, flat_if_simple, args, kwargs, extra)
         return self._generator_slots.run(lambda: runtime(*flat_args), swapped)
 

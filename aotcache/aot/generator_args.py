@@ -13,9 +13,13 @@ draws: NOTE [Double backward through random ops] in runtime.py). A slot's run is
 (two threads passing different generators would share the slot otherwise). A fallback that runs the Python
 (eager, Dynamo) gets the caller's own generators.
 Not substituted, the generators then keyed by identity as before (one graph per generator, exact): a call
-passing one generator at two positions (its draws must follow each other), and a function whose graph also
-draws from the caller's generator another way (an attribute of the module that is passed as well): the
-graph's own generators are checked before its first run with slots (``CompiledRuntime.graph_generators``).
+passing one generator at two positions (its draws must follow each other); a function whose graph also draws
+from the caller's generator another way (an attribute of the module that is passed as well): the graph's own
+generators are checked before its first run with slots (``CompiledRuntime.graph_generators``); and a module
+whose forward keeps the generator it is passed on an attribute (``self.generator = generator``), where the slot
+would stay in the caller's place: the module tree's attributes are checked after a capture with slots, before
+its graph runs, and the call is captured again with the caller's generator. Not seen: a slot kept elsewhere (a
+global, a container on the module).
 The states are copied per call (a CPU generator's state is about 5 KB): microseconds against a trace per call.
 """
 
@@ -72,6 +76,17 @@ class GeneratorSlots:
             return False
         identities = {_identity(generator) for generator in held}
         if any(_identity(caller) in identities for caller, _ in swapped):
+            self.enabled = False
+            return True
+        return False
+
+    def kept_by_module(self, module: Any, swapped: Sequence[tuple[torch.Generator, torch.Generator]]) -> bool:
+        """Whether a capture left a slot on an attribute of ``module`` or its submodules (``self.generator =
+        generator`` in forward): the caller's generator belongs there, so slots are off from now on."""
+        if not isinstance(module, torch.nn.Module):
+            return False
+        slots = {id(slot) for _, slot in swapped}
+        if any(id(value) in slots for submodule in module.modules() for value in vars(submodule).values()):
             self.enabled = False
             return True
         return False

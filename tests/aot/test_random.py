@@ -4,6 +4,8 @@ in eager's state (the compiled graphs run ATen's random ops in eager's order and
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -432,3 +434,27 @@ def test_a_replay_that_draws_otherwise_than_the_forward_raises():
     out = compiled(x).sum()
     with pytest.raises(aotcache.aot.DoubleBackwardError, match="drew other numbers"):
         torch.autograd.grad(out, x, create_graph=True)  # (the replay runs here)
+
+
+class _KeepsItsGenerator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, generator):
+        self.last_generator = generator
+        return self.lin(x) + torch.rand(x.shape, generator=generator)
+
+
+def test_a_module_keeping_the_generator_it_is_passed_keeps_the_callers():
+    """A slot left on the module by the capture would stand where eager keeps the caller's generator; such a
+    module keys its generators by identity again."""
+    torch.manual_seed(0)
+    eager = _KeepsItsGenerator()
+    mine = copy.deepcopy(eager)
+    compiled = aotcache.aot_module(mine, "nop", cache=False)
+    x = torch.randn(2, 4)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(compiled(x, gc), eager(x, ge))
+        assert mine.last_generator is gc and torch.equal(gc.get_state(), ge.get_state())
