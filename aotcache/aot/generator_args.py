@@ -19,7 +19,8 @@ generators are checked before its first run with slots (``CompiledRuntime.graph_
 whose forward keeps the generator it is passed on an attribute (``self.generator = generator``), where the slot
 would stay in the caller's place: the module tree's attributes are checked after a capture with slots, before
 its graph runs, and the call is captured again with the caller's generator. Not seen: a slot kept elsewhere (a
-global, a container on the module).
+global, a container on the module). A function returning a generator is refused by the capture (NOTE [Object
+outputs]: a graph would return a copy at the capture's state), so its fallback returns the caller's.
 The states are copied per call (a CPU generator's state is about 5 KB): microseconds against a trace per call.
 """
 
@@ -85,8 +86,9 @@ class GeneratorSlots:
         generator`` in forward): the caller's generator belongs there, so slots are off from now on."""
         if not isinstance(module, torch.nn.Module):
             return False
-        slots = {id(slot) for _, slot in swapped}
-        if any(id(value) in slots for submodule in module.modules() for value in vars(submodule).values()):
+        slots = {_identity(slot) for _, slot in swapped}
+        if any(type(value) is torch.Generator and _identity(value) in slots
+               for submodule in module.modules() for value in vars(submodule).values()):
             self.enabled = False
             return True
         return False
