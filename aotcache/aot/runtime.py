@@ -345,9 +345,10 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # ``DoubleBackwardError`` rather than return another program's gradients. Saving the states costs two small
 # copies per generator per training call (about 1 us each on CPU), only for runtimes whose forward draws random
 # numbers. Not covered: another thread drawing from the same generator while a replay runs (it would draw from the
-# forward's state, and the replay's restore would undo its draws); eager's double backward draws nothing. A compiled forward that draws its own way (Inductor lowering
-# dropout itself, AOTInductor's Philox, a user's compiler) cannot be replayed: ``DoubleBackwardError`` names the
-# fixes (the nop compiler, Inductor with ``fallback_random``, or eager).
+# forward's state, and the replay's restore would undo its draws); eager's double backward draws nothing. A
+# compiled forward that draws its own way (Inductor lowering dropout itself, AOTInductor's Philox, a user's
+# compiler) cannot be replayed: ``DoubleBackwardError`` names the fixes (the nop compiler, Inductor with
+# ``fallback_random``, or eager).
 def _generator_states(draws: Sequence[Any]) -> list:
     """(generator, state) for each generator ``draws`` names (None: the default generators)."""
     states = []
@@ -403,8 +404,15 @@ def _forward_part(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> torch.fx
     graph = torch.fx.Graph()
     outputs = graph.graph_copy(joint.graph, {})  # the output node's value, without the node
     graph.output(tuple(outputs[:num_fwd_outputs]))
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_kept_in_replay)
     return torch.fx.GraphModule(joint, graph)
+
+
+def _kept_in_replay(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination keeps ``node``: side effects, and random ops whose results nothing uses (the
+    compiled forward draws them: NOTE [Double backward through random ops])."""
+    return node.is_impure() or (node.op == "call_function" and
+                                torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()))
 
 
 class _CompiledAutogradFunction(torch.autograd.Function):

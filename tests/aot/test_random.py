@@ -472,3 +472,30 @@ def test_a_function_returning_the_generator_it_is_passed_returns_the_callers():
         ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         (out, extra), (e_out, _) = compiled(x, gc), fn(x, ge)
         assert extra["generator"] is gc and torch.equal(out, e_out) and torch.equal(gc.get_state(), ge.get_state())
+
+
+def _draws_unused(t):
+    torch.rand(3)  # moves the generator; nothing reads it
+    return F.dropout(torch.tanh(t), 0.5) * torch.randn_like(t)
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+def test_a_draw_nothing_uses_is_drawn_as_in_eager(train, partition):
+    """NOTE [Random draws nothing uses] in partition.py: the training forward left out ``torch.rand(3)``, so the
+    compiled call's dropout mask and noise, and the generator after it, differed from eager's."""
+    compiled = aotcache.aot_function(_draws_unused, "nop", partition_fn=partition, cache=False)
+    results = []
+    for call in (_draws_unused, compiled, compiled):
+        torch.manual_seed(4)
+        x = torch.randn(3, 4, requires_grad=train)
+        with torch.set_grad_enabled(train):
+            out = call(x)
+            if train:
+                (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+                grad.pow(2).sum().backward()  # and the double backward's replay (NOTE [Double backward through
+        results.append((out.detach(), x.grad, torch.get_rng_state()))  # random ops])
+    for out, grad, state in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert grad is None and results[0][1] is None or torch.allclose(grad, results[0][1])
+        assert torch.equal(state, results[0][2])
