@@ -19,6 +19,7 @@ _LAZY = {
     "aot_module_simplified": "aotcache.api",
     "aot_export_module": "aotcache.api",
     "aot_export_joint_simple": "aotcache.api",
+    "reset": "aotcache.api",
     "default_partition": "aotcache.aot.partition",
     "min_cut_rematerialization_partition": "aotcache.aot.partition",
     "AOTAutogradCache": "aotcache.autograd_cache.cache",

@@ -32,7 +32,7 @@ from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices
 
 __all__ = ["CachedCompileServices", "SERVICES", "aot_function", "aot_module", "aot_module_simplified",
-           "aot_export_module", "aot_export_joint_simple", "ExportSignature"]
+           "aot_export_module", "aot_export_joint_simple", "ExportSignature", "reset"]
 
 
 class CachedCompileServices(CompileServices):
@@ -113,6 +113,16 @@ class CachedCompileServices(CompileServices):
 
 
 SERVICES = CachedCompileServices()
+
+
+def reset() -> None:
+    """Make every compiled function of this process (``aot_function``, ``aot_module``, ``aotcache.compile``)
+    forget its in-process graphs and start its recompile limit over, as ``torch.compiler.reset()`` does for
+    torch.compile; the store is untouched, so the next calls load their entries (NOTE [Resetting compiled
+    functions] in ``aot/recompile_limit.py``)."""
+    from aotcache.aot.recompile_limit import reset_all
+
+    reset_all()
 
 
 def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_compiler: Callable | str | None = None,

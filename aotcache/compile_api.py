@@ -222,6 +222,7 @@ class CompiledModule(AOTModule):
         # the router handles a failed capture itself (and records the route): NOTE [Route records]
         services = _RoutedServices()
         super().__init__(module, options, services=services, cache=cache, on_capture_error="raise")
+        self.compiled.raise_at_recompile_limit = fullgraph  # NOTE [Recompile limit]: as torch.compile's fullgraph
         self._backend = backend
         self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(module, backend, options),
                               module)
@@ -257,6 +258,7 @@ class CompiledFunction:
         services = _RoutedServices()
         self.compiled = AOTFunction(fn, options, services=services, cache=cache,
                                     on_capture_error="raise")  # the router falls back
+        self.compiled.raise_at_recompile_limit = fullgraph  # NOTE [Recompile limit]: as torch.compile's fullgraph
         self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options))
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 

@@ -740,6 +740,19 @@ def _():
 case("rand_inside", "random")(lambda: (lambda x: x * torch.rand_like(x) + torch.randn(4), x_args(3, 4)))
 
 
+def fn_rand_unused(x):
+    torch.rand(3)  # moves the generator; nothing reads it (NOTE [Random draws nothing uses])
+    return x * torch.rand_like(x)
+
+
+case("rand_unused", "random")(lambda: (fn_rand_unused, x_args(3, 4)))
+
+
+@case("dropout_double_backward", "random", double_backward=True)
+def _():  # a gradient penalty through dropout (NOTE [Double backward through random ops])
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 4)), x_args(3, 4)
+
+
 def fn_manual_seed(x):
     torch.manual_seed(123)
     return x + torch.rand_like(x)

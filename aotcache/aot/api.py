@@ -47,7 +47,8 @@ from aotcache.aot.fallback import (
     refused_argument_call,
 )
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
-from aotcache.aot.recompile_limit import RecompileLimitReached, TraceBudget
+from aotcache.aot.generator_args import GeneratorSlots
+from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
@@ -107,6 +108,25 @@ class AOTFunction:
         self._single_use_streak = 0  # single-use graphs in a row, since the last graph kept (_SINGLE_USE_LIMIT)
         self.traces = TraceBudget()  # NOTE [Recompile limit]
         self._last_change = ""  # what changed at the last re-trace (for the recompile-limit warning)
+        # NOTE [Recompile limit]: past the limit, raise instead of running eagerly (aotcache.compile: fullgraph)
+        self.raise_at_recompile_limit = self.on_capture_error == "raise"
+        LIVE_FUNCTIONS.add(self)  # NOTE [Resetting compiled functions] in recompile_limit.py
+        self._generator_slots = GeneratorSlots()  # NOTE [Generator arguments]
+
+    def reset(self) -> None:
+        """Forget this function's in-process graphs, fallbacks, automatic dynamic dimensions and recompile budget,
+        as if the process had just started (NOTE [Resetting compiled functions] in recompile_limit.py); the
+        store is untouched, so the next call of a signature loads its entry or traces."""
+        with self._lock:
+            self._entries = {}
+            self._fallbacks = {}
+            self._programs = {}
+            self._hot_by_digest = {}
+            self._hot = HotSignatures()
+            self._dims = DynamicDims(self.options.dynamic, self.options.float_symbols())
+            self.traces = TraceBudget()
+            self._last_change = ""
+            self._single_use_streak = 0
 
     def begin_trace(self) -> None:
         """Called by the compile services when a call is about to be traced (not loaded from the cache).
@@ -143,6 +163,10 @@ class AOTFunction:
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+        slotted = self._generator_slots.substitute(flat_args)  # NOTE [Generator arguments]
+        if slotted is not None:
+            return self._call_with_slots(structure, flat_if_simple, args, kwargs, extra, slotted, in_spec,
+                                         program.digest)
         try:
             runtime = self._runtime_for(flat_args, in_spec, extra, program.digest)
         except CaptureError as exc:  # no signature (a sparse argument): NOTE [Capture fallback] in fallback.py
@@ -157,6 +181,31 @@ class AOTFunction:
         if run_call is not None:  # containers changed in place] in refusals.py)
             return run_call(args, kwargs)
         return runtime(*flat_args)
+
+    def _call_with_slots(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict, extra: Any,
+                         slotted: tuple, in_spec: Any, program: str) -> Any:
+        """A call with ``torch.Generator`` arguments: its graph takes this function's slots in their place, and
+        runs at the callers' generators' states (NOTE [Generator arguments] in generator_args.py)."""
+        flat_args, swapped = slotted
+        traces = self.num_compiles
+        try:
+            runtime = self._runtime_for(flat_args, in_spec, extra, program)
+        except CaptureError as exc:  # as in call_structured: the caller's own generators
+            return eager_for_unkeyable_call(self, exc, args, kwargs, in_spec)
+        except RefusedArgumentError as exc:
+            return refused_argument_call(self, exc, args, kwargs, in_spec)
+        run_call = getattr(runtime, "run_call", None)  # a fallback runs the Python: the caller's own generators
+        if run_call is not None:
+            return run_call(args, kwargs)
+        slots = self._generator_slots
+        if slots.draws_elsewhere(runtime, swapped) or (  # slots off from now on: keyed by identity
+                self.num_compiles != traces and slots.kept_by_module(getattr(self, "fingerprint_module", None),
+                                                                     swapped)):
+            log_once(logging.INFO, f"generator-slots:{id(self)}",
+                     "aotcache: %s draws from a generator it is passed another way too, or keeps it; such "
+                     "generators are part of its graphs' signature (one graph per generator)", self.name)
+            return self.call_structured(structure, flat_if_simple, args, kwargs, extra)
+        return self._generator_slots.run(lambda: runtime(*flat_args), swapped)
 
     def _watch(self, extra: Any) -> tuple[WatchedProgram, HotSignatures]:
         """Walk the program again (first call, or a program guard failed) and select its hot signatures."""

@@ -747,7 +747,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     codes_run: set = set()
     watch = watch_code(codes_run) if scalar_kinds else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
-    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(), _functorch_levels_kept(), \
+    generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
+    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators), _functorch_levels_kept(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), watch:
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]

@@ -192,7 +192,19 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
         return _compile_captured(captured, options)
 
 
+def _graph_generators(gm: torch.fx.GraphModule) -> tuple:
+    """The ``torch.Generator`` objects ``gm`` holds (NOTE [Generator arguments] in generator_args.py)."""
+    held = [getattr(gm, str(node.target), None) for node in gm.graph.nodes if node.op == "get_attr"]
+    return tuple(value for value in held if isinstance(value, torch.Generator))
+
+
 def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
+    runtime = _compile_captured_graph(captured, options)
+    runtime.graph_generators = _graph_generators(captured.graph)
+    return runtime
+
+
+def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
         with stage("compile forward"):
@@ -217,7 +229,8 @@ def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
 
 def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> None:
     """Give a training ``runtime`` the joint graph of ``captured`` (the same call's capture) when that graph is a
-    pure function of its inputs (NOTE [Double backward through the joint graph] in runtime.py)."""
+    pure function of its inputs and of the generators' states (NOTE [Double backward through the joint graph], NOTE
+    [Double backward through random ops] in runtime.py)."""
     metadata = captured.metadata
     if metadata.is_inference or runtime.metadata.is_inference or any(
             getattr(info, "metadata_mutation", None) is not None for info in metadata.inputs):
@@ -225,15 +238,19 @@ def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> N
     if metadata.mutated_inputs and _differentiable_outputs_read(captured.graph.graph, metadata.mutated_inputs,
                                                                  runtime._tangent_indices):
         return
+    random = False
     for node in captured.graph.graph.nodes:
         if node.op != "call_function":
             continue
-        tags = getattr(node.target, "tags", ())
-        if torch.Tag.nondeterministic_seeded in tags or getattr(node.target, "__name__", "") == "with_effects":
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+            random = True  # replayed from the forward's generator states (NOTE [Double backward through random ops])
+            continue
+        if getattr(node.target, "__name__", "") == "with_effects":
             return
         if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and \
                 getattr(node.target, "__module__", "") not in ("_operator", "operator", "math", "builtins"):
             return  # (higher-order ops, Python callables: not plain ATen ops with derivative formulas)
+    runtime.joint_random = random
     runtime.joint = captured.graph  # called with the flat inputs, returns the flat (forward, gradient) outputs
 
 

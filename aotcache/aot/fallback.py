@@ -53,6 +53,7 @@ from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.module_state import dynamo_safe_module
+from aotcache.aot.recompile_limit import RecompileLimitReached
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
@@ -342,6 +343,7 @@ def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
     inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, services=owner.services,
                         cache=owner.cache, on_capture_error="raise")
     inner.name = owner.name
+    inner.raise_at_recompile_limit = owner.raise_at_recompile_limit
     inner_args = plan.inner_arguments(flat_args)
     try:
         compiled = inner._runtime_for(inner_args, pytree.tree_flatten((tuple(inner_args), {}))[1])
@@ -440,9 +442,12 @@ def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, cha
     recompile_limit.py): marked ``single_use`` (not remembered), counted as ``eager:recompile_limit`` per call,
     warned about once per function with ``changed`` (what changed at its last re-trace) and the fixes.
 
-    :raises RecompileLimitReached: ``exc`` itself in strict mode (``AOTCACHE_STRICT=1``).
+    :raises RecompileLimitReached: in strict mode (``AOTCACHE_STRICT=1``), and where ``owner`` asked for errors
+        (``raise_at_recompile_limit``: ``on_capture_error="raise"``, ``aotcache.compile(fullgraph=True)``).
     """
-    if config.get("strict"):
+    if config.get("strict") or getattr(owner, "raise_at_recompile_limit", False):
+        if isinstance(exc, RecompileLimitReached) and not exc.changed and changed:
+            raise RecompileLimitReached(exc.name, exc.limit, changed) from None
         raise exc
     runtime = _single_use_eager(owner, in_spec, "recompile_limit")
     _warn_once(owner, "eager:recompile_limit",
@@ -450,7 +455,8 @@ def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, cha
                "and a new call would trace again; calls matching the graphs compiled so far keep using them, the "
                "others run eagerly. What kept changing (at the last new trace): %s. Fix: pass a value that "
                "changes every call as a tensor (or, for a size, use dynamic=True), keep a module attribute that a "
-               "schedule changes out of forward, or raise AOTCACHE_RECOMPILE_LIMIT (0: no limit).",
+               "schedule changes out of forward, raise AOTCACHE_RECOMPILE_LIMIT (0: no limit), or call "
+               "aotcache.reset() to start the count over.",
                owner.name, getattr(exc, "limit", 0), changed or "a new call signature")
     return runtime
 

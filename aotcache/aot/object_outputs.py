@@ -12,7 +12,8 @@ what ``copy.deepcopy`` would, so no tensor can hide in a part a hand-written wal
 Templates live in this process only (a registry keyed by a token): they name classes to import, which the
 compiled-graph cache never does when loading, so an entry whose outputs hold one is not stored (the cache
 bypasses it with a reason) and in-process reuse works as usual. An object that references an ``nn.Module``
-is refused (the template would copy the model), as is one that cannot be pickled.
+is refused (the template would copy the model), as is one that cannot be pickled, and a ``torch.Generator``
+(the template would give back a copy at the capture's state where eager returns the generator, advanced).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class _SlotPickler(pickle.Pickler):
         if isinstance(obj, torch.nn.Module):
             raise ObjectOutputError(f"aotcache: {self.where} references an nn.Module ({type(obj).__name__}); an "
                                     f"output object must not hold a module: return its tensors instead")
+        if isinstance(obj, torch.Generator):  # a template would return a copy at the capture's state, not the
+            raise ObjectOutputError(  # caller's generator (NOTE [Generator arguments] in generator_args.py)
+                f"aotcache: {self.where} is or holds a torch.Generator; a compiled graph would return a copy of it "
+                f"as it was when captured, not the generator itself: return it from outside the compiled function")
         return None
 
 

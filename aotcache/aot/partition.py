@@ -122,22 +122,36 @@ def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> f
 
 
 def _new_module(joint: _Joint, graph: fx.Graph) -> fx.GraphModule:
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_kept)
     graph.lint()
     gm = fx.GraphModule(joint.gm, graph)  # copies the get_attr constants that the graph still uses
     gm.meta.update({key: value for key, value in joint.gm.meta.items() if key != "val"})
     return gm
 
 
+# NOTE [Random draws nothing uses]
+# A random op whose result nothing uses (``torch.rand(3)`` on its own line, a draw whose use was optimized away)
+# still moves the generator in eager, so every later draw depends on it. The forward used to keep only what its
+# outputs and saved values need, and dead-code elimination dropped such ops: the compiled call drew fewer
+# numbers, and its values and the generator's state after it differed from eager's. Both partitions keep them
+# in the forward (in the joint graph's order), as the trace kept them in the joint graph.
+def _kept(node: fx.Node) -> bool:
+    """What dead-code elimination keeps: side effects, and random ops (NOTE [Random draws nothing uses])."""
+    return node.is_impure() or (node.op == "call_function" and _is_random(node.target))
+
+
 def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward GraphModules for a chosen list of saved values."""
     saved_set = set(saved)
-    # Forward: everything the forward outputs and the saved values need.
+    # Forward: everything the forward outputs and the saved values need, and draws nothing uses (NOTE [Random
+    # draws nothing uses]).
     fw_graph = fx.Graph()
     fw_env: dict[fx.Node, fx.Node] = {}
     for primal in joint.primals:
         _copy_into(fw_graph, primal, fw_env)
-    needed_fw = joint.ancestors([*joint.fw_outs, *saved])
+    unused_draws = [node for node in joint.nodes if node.op == "call_function" and not node.users
+                    and _is_random(node.target) and node not in joint.tangent_dependent]
+    needed_fw = joint.ancestors([*joint.fw_outs, *saved, *unused_draws])
     for node in joint.nodes:
         if node in needed_fw and node.op != "placeholder":
             if node in joint.tangent_dependent:

@@ -15,13 +15,27 @@ Python value, a higher limit). Such a call is not remembered (its value may neve
 each one grew a dict per call): the next new signature looks in the cache again (a warm start may hold it),
 until as many calls past the limit as the limit itself found nothing there; from then on a new signature in
 that mode runs eagerly without the lookup (the call fingerprint and the store reads cost ~11 ms per call for
-a one-layer module whose setting changed, where eager takes 0.2 ms). ``AOTCACHE_STRICT=1`` raises
-:class:`RecompileLimitReached` instead.
+a one-layer module whose setting changed, where eager takes 0.2 ms). ``AOTCACHE_STRICT=1``,
+``on_capture_error="raise"`` (``aot_function`` / ``aot_module``) and ``aotcache.compile(..., fullgraph=True)``
+(as torch.compile's ``fullgraph=True`` fails at its limit) raise :class:`RecompileLimitReached` instead, naming
+the function, the limit, ``AOTCACHE_RECOMPILE_LIMIT`` and what changed at the last new trace.
+
+NOTE [Resetting compiled functions]
+The count used to live as long as its function: a process that meant to start over (a notebook re-running a
+cell, a test, a sweep compiling the same model per trial) had nothing but a new wrapper. torch.compile counts
+its limit per code object and ``torch.compiler.reset()`` forgets the compiled code and the counts together.
+``aotcache.reset()`` does the same for every compiled function of the process (``aot_function``, ``aot_module``,
+``aotcache.compile``'s AOT way; ``LIVE_FUNCTIONS``, held weakly): their graphs, fallbacks, automatic dynamic
+dimensions and recompile budgets are forgotten, and the next call of a signature loads its entry from the store
+(a warm start, which counts against no limit) or traces. The store is untouched, and so are the Dynamo way's
+compiled frames (``torch.compiler.reset()`` forgets those, with Dynamo's own limit). Nothing else resets the
+count: dropping a graph is what would justify a new trace, and no graph is dropped otherwise.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -29,17 +43,25 @@ import torch
 
 from aotcache import config
 
-__all__ = ["RecompileLimitReached", "TraceBudget"]
+__all__ = ["LIVE_FUNCTIONS", "RecompileLimitReached", "TraceBudget", "reset_all"]
+
+LIVE_FUNCTIONS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every compiled function (NOTE [Resetting compiled
+# functions])
 
 
 class RecompileLimitReached(RuntimeError):
     """A call of a compiled function that would trace past its recompile limit (NOTE [Recompile limit])."""
 
-    def __init__(self, name: str, limit: int) -> None:
-        super().__init__(f"aotcache: {name} reached its recompile limit ({limit} new traces in this process; "
-                         f"AOTCACHE_RECOMPILE_LIMIT)")
+    def __init__(self, name: str, limit: int, changed: str = "") -> None:
+        super().__init__(
+            f"aotcache: {name} reached its recompile limit: {limit} new traces in this process "
+            f"(AOTCACHE_RECOMPILE_LIMIT={limit}), and this call would trace again"
+            + (f" ({changed})" if changed else "") + ". Fix: pass a value that changes every call as a tensor (or, "
+            "for a size, use dynamic=True), raise AOTCACHE_RECOMPILE_LIMIT (0: no limit), or call aotcache.reset() "
+            "to start the count over.")
         self.name = name
         self.limit = limit
+        self.changed = changed
 
 
 class TraceBudget:
@@ -87,3 +109,11 @@ class TraceBudget:
     def traces(self, module: Any = None) -> int:
         """The traces made in the current mode (tests, diagnostics)."""
         return self._traces[self.mode(module)]
+
+
+def reset_all() -> int:
+    """Reset every live compiled function (NOTE [Resetting compiled functions]); returns how many."""
+    functions = list(LIVE_FUNCTIONS)
+    for function in functions:
+        function.reset()
+    return len(functions)

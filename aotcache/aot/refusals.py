@@ -14,7 +14,7 @@ import operator
 import os
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -511,6 +511,8 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
 # capture that left torch's global CPU generator in another state (or with another initial seed) is refused the
 # same way, with the generator put back. A seed that puts the generator exactly where it already was is not
 # seen; generators the function makes itself (``np.random.default_rng()``, ``torch.Generator()``) are not checked.
+# A ``torch.Generator`` passed as an argument is checked too (a capture draws nothing from it, so any change is
+# Python seeding or setting it: ``generator.manual_seed(0)`` in forward), and put back likewise.
 def _host_random_states() -> tuple:
     import random
     import sys
@@ -542,16 +544,38 @@ def _restore_host_random(python_state: Any, numpy_state: Any, torch_state: tuple
     torch.set_rng_state(torch_state[1])
 
 
+def _generator_states(generators: Sequence[torch.Generator]) -> list:
+    return [(generator.initial_seed(), generator.get_state()) for generator in generators]
+
+
+def _restore_generators(generators: Sequence[torch.Generator], states: list) -> None:
+    for generator, (seed, state) in zip(generators, states):
+        if generator.initial_seed() != seed:
+            generator.manual_seed(seed)
+        generator.set_state(state)
+
+
 @contextlib.contextmanager
-def refuse_host_random() -> Iterator[None]:
-    """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator
-    (NOTE [Host random numbers]), after putting both back."""
+def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
+    """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator, or
+    seeded torch's or one of ``generators`` (the arguments'), after putting them back (NOTE [Host random
+    numbers])."""
     before = _host_random_states()
+    passed = _generator_states(generators)
     try:
         yield
     except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
         _restore_host_random(*before)  # again: it draws what eager would
+        _restore_generators(generators, passed)
         raise
+    after = _generator_states(generators)
+    if any(seed != seed_after or not torch.equal(state, state_after)
+           for (seed, state), (seed_after, state_after) in zip(passed, after)):
+        _restore_host_random(*before)
+        _restore_generators(generators, passed)
+        raise CaptureError("aotcache: the function seeds or sets a torch.Generator it is passed (manual_seed, "
+                           "set_state): a graph cannot replay that, so its later calls would draw other numbers "
+                           "than eager's. Seed the generator before the call.", reason="unsupported_construct")
     python_after, numpy_after, torch_after = _host_random_states()
     if not _same_torch_state(before[2], torch_after):
         _restore_host_random(*before)

@@ -100,6 +100,11 @@ class CompiledRuntime:
     # makes ``joint`` (from the graph inputs of the call being differentiated) where the runtime was loaded
     # without a capture: a torch.compile region found in the cache, a fingerprint warm start; called once
     joint_factory: Callable[[Sequence[Any]], None] | None = None
+    # whether ``joint`` draws random numbers: its replay then needs the generators' states at the forward (NOTE
+    # [Double backward through random ops])
+    joint_random: bool = False
+    # the torch.Generator objects its graph holds (NOTE [Generator arguments] in generator_args.py)
+    graph_generators: tuple = ()
 
     def __init__(self, metadata: RuntimeMetadata, forward: Callable, backward: Callable | None = None) -> None:
         if not metadata.is_inference and backward is None:
@@ -124,6 +129,10 @@ class CompiledRuntime:
         self._first_extra_output = self._num_mutation_outputs + metadata.num_graph_user_outputs
         self._num_fwd_outputs = self._first_extra_output + metadata.num_extra_outputs
         self._forward_grad_mode_independent = getattr(forward, "grad_mode_independent", False) is True
+        # the generators the forward draws from exactly as its graph's ATen ops would (NOTE [Double backward through
+        # random ops]); None: it draws nothing, or not replayably
+        draws = getattr(forward, "eager_random_draws", None)
+        self._random_draws = tuple(draws) if isinstance(draws, tuple) and draws else None
         # NOTE [Gradients of unused outputs]: with two or more tangents, an input whose gradient reads only some
         # of them gets None when autograd computed none of those (eager leaves its .grad None, not zeros)
         self._grad_tangents = [frozenset(dependencies) for dependencies in metadata.grad_tangents]
@@ -320,14 +329,61 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # own derivative formula), a backward under grad mode runs that graph as Python on the call's inputs (kept on
 # the context, so they carry their history) and the incoming gradients: the gradients it returns are built by
 # autograd from eager ops, as eager's double backward is, and the forward is computed once more. Only joint graphs
-# that are pure functions of their inputs qualify (no random ops, whose second run would draw other numbers; no
-# effect tokens; an input the call updated only where no differentiable output reads its value, since it holds
-# the new value by then: NOTE [Replaying a graph that updated its inputs] in compile_step.py). A runtime loaded without
+# that are pure functions of their inputs qualify (random ops only where their draws can be replayed: NOTE [Double
+# backward through random ops]; no effect tokens; an input the call updated only where no differentiable output
+# reads its value, since it holds the new value by then: NOTE [Replaying a graph that updated its inputs] in
+# compile_step.py). A runtime loaded without
 # a capture (a torch.compile region found in the cache, a fingerprint warm start of ``aot_function`` /
 # ``aot_module``) captures the call again at its first double backward (``joint_factory``: the Dynamo graph, or
 # the function on the differentiated call's graph inputs and the first call's constants). Where no pure joint
 # graph comes out, ``DoubleBackwardError`` is raised as before. A first-order backward is unchanged (the
 # compiled backward, saved values as partitioned). The joint graph stays in memory with its runtime.
+#
+# NOTE [Double backward through random ops]
+# A joint graph with random ops (dropout in training: a gradient penalty through a critic with dropout) draws its
+# numbers again when it is replayed, and eager's double backward draws nothing: it differentiates the forward's
+# own masks. So where the compiled forward draws exactly as its graph's ATen ops run in order would
+# (``eager_random_draws``, the generators it draws from: the nop compiler; Inductor where it compiled with
+# ``fallback_random``, under which its random ops on the default generators run ATen's kernels), the forward
+# saves those generators' states on the autograd context before it runs (the CPU default generator, and CUDA's
+# where CUDA is initialized, for ops on the default generator; a torch.Generator the graph names), and the replay
+# runs from those states, then puts each generator back where it was. The replay then draws the forward's very
+# numbers, the gradients are eager's, and the generators end where eager leaves them. As a check, the forward
+# also saves where its draws left the generators, and a replay that leaves them elsewhere (it drew another count
+# of numbers: a compiled forward that was not what its ``eager_random_draws`` claimed) raises
+# ``DoubleBackwardError`` rather than return another program's gradients. Saving the states costs two small
+# copies per generator per training call (about 1 us each on CPU), only for runtimes whose forward draws random
+# numbers. Not covered: another thread drawing from the same generator while a replay runs (it would draw from the
+# forward's state, and the replay's restore would undo its draws); eager's double backward draws nothing. A
+# compiled forward that draws its own way (Inductor lowering dropout itself, AOTInductor's Philox, a user's
+# compiler) cannot be replayed: ``DoubleBackwardError`` names the fixes (the nop compiler, Inductor with
+# ``fallback_random``, or eager).
+def _generator_states(draws: Sequence[Any]) -> list:
+    """(generator, state) for each generator ``draws`` names (None: the default generators)."""
+    states = []
+    for generator in draws:
+        if generator is not None:
+            states.append((generator, generator.get_state()))
+            continue
+        states.append((torch.default_generator, torch.default_generator.get_state()))
+        if torch.cuda.is_initialized():  # (ops on CUDA tensors draw from these)
+            states.extend((cuda, cuda.get_state()) for cuda in torch.cuda.default_generators)
+    return states
+
+
+@contextlib.contextmanager
+def _generators_at(states: Sequence[tuple]) -> Any:
+    """Run the block from the generator ``states``, then put each generator back where it was."""
+    now = [(generator, generator.get_state()) for generator, _ in states]
+    for generator, state in states:
+        generator.set_state(state)
+    try:
+        yield
+    finally:
+        for generator, state in now:
+            generator.set_state(state)
+
+
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -357,8 +413,15 @@ def _forward_part(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> torch.fx
     graph = torch.fx.Graph()
     outputs = graph.graph_copy(joint.graph, {})  # the output node's value, without the node
     graph.output(tuple(outputs[:num_fwd_outputs]))
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_kept_in_replay)
     return torch.fx.GraphModule(joint, graph)
+
+
+def _kept_in_replay(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination keeps ``node``: side effects, and random ops whose results nothing uses (the
+    compiled forward draws them: NOTE [Double backward through random ops])."""
+    return node.is_impure() or (node.op == "call_function" and
+                                torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()))
 
 
 class _CompiledAutogradFunction(torch.autograd.Function):
@@ -367,6 +430,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, runtime: CompiledRuntime, *graph_args: Any) -> tuple:  # type: ignore[override]
         meta = runtime.metadata
+        if runtime._random_draws is not None and (runtime.joint is not None or runtime.joint_factory is not None):
+            ctx.generator_states = _generator_states(runtime._random_draws)  # NOTE [Double backward through random ops]
         # NOTE [Forward under grad mode]
         # The joint graph was traced with grad mode on, and some kernels only produce what their backward
         # needs when it is (e.g. the mkldnn RNN workspace). Run the compiled forward the same way, on detached
@@ -379,6 +444,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             detached = [arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in graph_args]
             with torch.enable_grad():
                 outs = list(runtime.forward(*detached))
+        if getattr(ctx, "generator_states", None) is not None:  # where the draws left them: checked by a replay
+            ctx.generator_ends = [generator.get_state() for generator, _ in ctx.generator_states]
         num_fwd = runtime._num_fwd_outputs
         if len(outs) != num_fwd + meta.num_saved:
             raise RuntimeError(f"aotcache: compiled forward returned {len(outs)} values, expected "
@@ -414,8 +481,17 @@ class _CompiledAutogradFunction(torch.autograd.Function):
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
                 "or torch.autograd.grad of a gradient) needs the joint graph, which this compiled function does "
-                "not have (loaded from the cache without a capture, or its graph mutates inputs or draws random "
-                "numbers). Call the original function eagerly for higher-order gradients.")
+                "not have (loaded from the cache without a capture, or its graph mutates inputs it reads). Call the "
+                "original function eagerly for higher-order gradients.")
+        generator_states = getattr(ctx, "generator_states", None)
+        if differentiable and runtime.joint_random and generator_states is None:
+            raise DoubleBackwardError(  # NOTE [Double backward through random ops]
+                "aotcache: differentiating through the compiled backward (create_graph=True, double backward) of a "
+                "graph with random ops (dropout, ...) replays its forward with the same random numbers, which needs "
+                "a compiled forward that draws them as eager does; this one draws its own way (Inductor's or "
+                "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop', or Inductor with "
+                "fallback_random (aotcache.compile(..., options={'fallback_random': True})), for this function, or "
+                "call it eagerly for higher-order gradients.")
         if differentiable:
             saved: Sequence[Any] = ()
         elif ctx.saved_scalars:
@@ -451,7 +527,17 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                     grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
             tangents.append(grad)
         with DisableAutocast():
-            if differentiable:
+            if differentiable and generator_states is not None and runtime.joint_random:
+                with _generators_at(generator_states):  # NOTE [Double backward through random ops]
+                    grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+                    ends = [generator.get_state() for generator, _ in generator_states]
+                if not all(torch.equal(end, expected) for end, expected in zip(ends, ctx.generator_ends)):
+                    raise DoubleBackwardError(
+                        "aotcache: the replay of a compiled forward's random ops for a double backward drew other "
+                        "numbers than the compiled forward did (its generators ended elsewhere), so its gradients "
+                        "would be another program's. Use compiler='nop' for this function, or call it eagerly for "
+                        "higher-order gradients.")
+            elif differentiable:
                 grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
             else:
                 grads = list(runtime.backward(*saved, *tangents))

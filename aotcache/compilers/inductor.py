@@ -51,6 +51,7 @@ from aotcache.compilers.base import Artifact, ArtifactError, pack_artifact
 from aotcache.compilers.float_inputs import FloatInputs, tensorify_float_inputs
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
 from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expected_layouts
+from aotcache.compilers.nop import random_generators
 from aotcache.logs import log_once
 
 __all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
@@ -118,6 +119,9 @@ class InductorCompiledGraph:
         self._conform = InputLayouts(self._input_layouts).conform
         # strides of each output as compiled (None: unknown); set by a compile, not kept in the artifact
         self.output_strides: list[tuple[int, ...] | None] | None = None
+        # (None,) where compiled with fallback_random and drawing from the default generators only: ATen's kernels
+        # in the graph's order (NOTE [Double backward through random ops] in aotcache.aot.runtime); kept
+        self.eager_random_draws: tuple | None = None
 
     def __call__(self, *args: Any) -> Sequence[Any]:
         # NOTE [boxed calling convention]: Inductor's call(args) clears the list it is given (to free inputs
@@ -146,6 +150,8 @@ class InductorCompiledGraph:
                 "input_layouts": self._input_layouts}
         if self._floats:
             meta["float_inputs"] = self._floats.to_meta()
+        if self.eager_random_draws == (None,):
+            meta["eager_random"] = True
         if self._triton:
             meta["triton"], triton_blobs = triton_kernels.to_artifact(self._triton)
             blobs.update(triton_blobs)
@@ -309,11 +315,13 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         patches["fallback_random"] = True
     on_gpu = runs_on_gpu(fake_inputs)
     warm_up(fake_inputs)  # NOTE [warming the compile workers]; at once if the AOT pipeline did it already
+    fallback_random = bool(patches.get("fallback_random"))
     try:
         compiled, reported_strides, triton = _compile_fx(graph_module, fake_inputs, fake_mode, patches, on_gpu)
     except Exception as exc:  # noqa: BLE001 - only the unlowered-random failure is retried, anything else re-raised
         if "replace_random" not in str(exc) or "fallback_random" in patches:
             raise
+        fallback_random = True
         graph_module = aoti_lib.copy_graph_module(gm)
         _ensure_tuple_output(graph_module)
         tensorify_float_inputs(graph_module, fake_mode, on_gpu)
@@ -337,6 +345,8 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
                                    identity=identity, input_layouts=expected_layouts(fake_inputs), triton=triton,
                                    floats=floats)
     result.output_strides = _int_strides(reported_strides)
+    if fallback_random and random_generators(gm) == (None,):  # NOTE [Double backward through random ops]
+        result.eager_random_draws = (None,)
     if floats is not None and result.output_strides is not None:
         for out, _ in floats.passthrough:  # the caller's float, not the tensor Inductor returned
             if out < len(result.output_strides):
@@ -416,7 +426,9 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
         key, path = PyCodeCache.write(source)
         module = PyCodeCache.load_by_key_path(key, path, attrs=dict(constants))
     sys.modules.setdefault(module.__name__, module)
-    return InductorCompiledGraph(module.call, source=source, constants=constants, kernels=kernels,
-                                 inputs_to_check=[int(i) for i in meta.get("inputs_to_check", [])],
-                                 identity=identity, input_layouts=_layouts_from_meta(meta), triton=triton,
-                                 floats=floats)
+    loaded = InductorCompiledGraph(module.call, source=source, constants=constants, kernels=kernels,
+                                   inputs_to_check=[int(i) for i in meta.get("inputs_to_check", [])],
+                                   identity=identity, input_layouts=_layouts_from_meta(meta), triton=triton,
+                                   floats=floats)
+    loaded.eager_random_draws = (None,) if meta.get("eager_random") is True else None
+    return loaded

@@ -66,6 +66,25 @@ def _with_eager_group_norm_layouts(gm: torch.fx.GraphModule) -> torch.fx.GraphMo
     return torch.fx.GraphModule(gm, graph)
 
 
+def random_generators(gm: torch.fx.GraphModule) -> tuple | None:
+    """The generators the random ops of ``gm`` draw from, in no particular order: ``None`` for the default
+    generators, and the ``torch.Generator`` objects the graph holds; None when it draws nothing (or from a
+    generator it computes, not replayable). Run as Python, the graph draws with ATen's kernels in its own order,
+    as eager does (NOTE [Double backward through random ops] in aotcache/aot/runtime.py)."""
+    found: list = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+            continue
+        generator = node.kwargs.get("generator")
+        if isinstance(generator, torch.fx.Node) and generator.op == "get_attr":
+            generator = getattr(gm, str(generator.target), None)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            return None
+        if not any(generator is seen for seen in found):
+            found.append(generator)
+    return tuple(found) if found else None
+
+
 class NopCompiledGraph:
     """A GraphModule called with the flat graph inputs (tensors and ints); returns the flat outputs."""
 
@@ -74,6 +93,7 @@ class NopCompiledGraph:
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.graph_module = gm
         self._run = _with_eager_group_norm_layouts(gm)  # NOTE [Group norm inputs in eager's layout]
+        self.eager_random_draws = random_generators(gm)  # (the compiler contract, compilers/base.py)
 
     def __call__(self, *args: Any) -> Sequence[Any]:
         return _as_flat_outputs(self._run(*args))

@@ -311,6 +311,85 @@ def test_strict_mode_raises_at_the_limit():
     assert compiled.route == "aot"
 
 
+@pytest.mark.parametrize("api", ["aot_function", "aot_module", "compile_fullgraph"])
+def test_asking_for_errors_raises_at_the_limit_naming_it_and_the_variable(api):
+    """``on_capture_error="raise"`` (and ``aotcache.compile(fullgraph=True)``, as torch.compile's fullgraph) ran
+    eagerly past the limit, as the default does; it raises now, naming the limit, the variable and what changed."""
+    torch.manual_seed(0)
+    model = Annealed()
+    if api == "aot_module":
+        compiled = aot_module(model, "nop", cache=False, on_capture_error="raise")
+    elif api == "aot_function":
+        compiled = aot_function(lambda x, s: x * s, "nop", dynamic=False, cache=False, on_capture_error="raise")
+    else:
+        compiled = aotcache.compile(model, compiler="nop", cache=False, fullgraph=True)
+    x = torch.randn(3, 8)
+
+    def call(scale):
+        model.scale = scale
+        return compiled(x, scale) if api == "aot_function" else compiled(x)
+
+    with config.patch(recompile_limit=2):
+        call(1.0), call(2.0)
+        for _ in range(2):  # also once the lookups past the limit are spent
+            with pytest.raises(RecompileLimitReached, match=r"recompile limit: 2 new traces.*AOTCACHE_RECOMPILE_"
+                                                            r"LIMIT=2.*(changed|->).*aotcache.reset"):
+                call(3.0)
+        assert torch.equal(call(2.0), x * 2.0 if api == "aot_function" else model(x))  # graphs still serve
+
+
+@pytest.mark.parametrize("api", ["aot_function", "compile"])
+def test_the_default_and_fallback_modes_still_run_eagerly_at_the_limit(api):
+    def fn(x, s):
+        return x * s
+
+    compiled = (aot_function(fn, "nop", dynamic=False, cache=False, on_capture_error="fallback") if api ==
+                "aot_function" else aotcache.compile(fn, compiler="nop", dynamic=False, cache=False))
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2):
+        for step in range(4):
+            assert torch.equal(compiled(x, 1.0 + step), fn(x, 1.0 + step))
+    assert (compiled if api == "aot_function" else compiled.compiled).num_compiles == 2
+
+
+def test_reset_starts_the_count_over_and_forgets_the_graphs():
+    """NOTE [Resetting compiled functions]: the limit never reset; ``aotcache.reset()`` forgets every compiled
+    function's graphs and budget, as torch.compiler.reset() does, and the store still serves a warm start."""
+    def fn(x, s):
+        return x * s
+
+    compiled = aot_function(fn, "nop", dynamic=False, cache=False)
+    module = aot_module(Annealed(), "nop", cache=False)
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2):
+        for step in range(3):
+            compiled(x, 1.0 + step)
+        assert compiled.num_compiles == 2  # the third value ran eagerly
+        module(torch.randn(3, 8))
+        aotcache.reset()
+        assert compiled.traces.traces() == 0 and module.compiled.traces.traces() == 0
+        assert torch.equal(compiled(x, 3.0), fn(x, 3.0))
+        assert compiled.num_compiles == 3  # traced: the count started over
+        assert torch.equal(compiled(x, 1.0), fn(x, 1.0))
+        assert compiled.num_compiles == 4  # its graph was forgotten too (no cache here): traced again
+        with pytest.raises(RecompileLimitReached), config.patch(strict=True):
+            compiled(x, 4.0)
+
+
+def test_reset_keeps_the_store_a_warm_start_loads_without_counting():
+    def fn(x, s):
+        return x - s
+
+    x = torch.randn(4)
+    with config.patch(recompile_limit=2):
+        compiled = aot_function(fn, "nop", dynamic=False)
+        compiled(x, 1.0), compiled(x, 2.0)
+        aotcache.reset()
+        for s in (1.0, 2.0, 3.0):
+            assert torch.equal(compiled(x, s), fn(x, s))
+        assert compiled.traces.traces() == 1  # 1.0 and 2.0 loaded from the store, 3.0 traced
+
+
 def test_loads_from_the_cache_do_not_count():
     def fn(x, s):
         return x - s

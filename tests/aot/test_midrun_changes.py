@@ -439,15 +439,25 @@ def test_a_hessian_vector_product_through_the_compiled_model_matches_eager():
         torch.testing.assert_close(got, expected)
 
 
-def test_double_backward_of_a_call_drawing_random_numbers_still_raises_and_says_why():
-    """A second run of dropout would draw other numbers: the error names that instead of returning gradients of
-    another program."""
+def test_double_backward_of_a_call_drawing_random_numbers_replays_the_forwards_draws():
+    """A second run of dropout would draw other numbers; it raised DoubleBackwardError. The replay starts from the
+    generator's state at the forward (NOTE [Double backward through random ops] in runtime.py): eager's gradient."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 1))
     model = aotcache.compile(base, compiler="nop", cache=False)
-    x = torch.randn(4, 8, requires_grad=True)
-    with pytest.raises(aotcache.aot.DoubleBackwardError, match="random numbers"):
-        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    results = []
+    for run in (base, model):
+        base.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        (g,) = torch.autograd.grad(run(x).sum(), x, create_graph=True)
+        g.pow(2).sum().backward()
+        results.append((g.detach(), [p.grad for p in base.parameters()], torch.get_rng_state()))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert [p is None for p in results[1][1]] == [p is None for p in results[0][1]] == [False, True, False, True]
+    for got, expected in zip(results[1][1][::2], results[0][1][::2]):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(results[1][2], results[0][2])
 
 
 class _ReadsItsCounter(nn.Module):

@@ -4,6 +4,8 @@ in eager's state (the compiled graphs run ATen's random ops in eager's order and
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,383 @@ def test_host_random_draws_are_made_at_every_call_as_in_eager(api, source):
         assert torch.equal(got, expected), seed  # numpy's own draws, not Dynamo's torch-stream stand-ins
         assert (np.random.get_state()[1] == after_eager[0]).all() and random.getstate() == after_eager[1]
     assert api != "compile" or compiled.route == "dynamo"
+
+
+# ---- NOTE [Double backward through random ops] (aot/runtime.py) -------------------------------------------
+
+class _DropoutCritic(torch.nn.Module):
+    """A WGAN-GP critic with dropout in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 16)
+        self.b = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, training=self.training) + 0.1 * torch.randn_like(x).sum())
+
+
+def _penalty_steps(model, params, steps=2, draw_between=False):
+    """Gradient-penalty steps from seed 0: per step the output, the loss, the parameter gradients and the
+    generator's state after the step."""
+    torch.manual_seed(0)
+    results = []
+    for step in range(steps):
+        for p in params:
+            p.grad = None
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step)).requires_grad_(True)
+        out = model(x)
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        if draw_between:  # the generator moves on between the forward and the double backward
+            torch.rand(5)
+        loss = out.mean() + ((g.norm(2, dim=1) - 1) ** 2).mean()
+        loss.backward()
+        results.append((out.detach(), loss.detach(), [p.grad.clone() for p in params], torch.get_rng_state()))
+    return results
+
+
+def _assert_same_steps(got, expected, exact=True):
+    for (out, loss, grads, state), (e_out, e_loss, e_grads, e_state) in zip(got, expected):
+        if exact:
+            assert torch.equal(out, e_out)  # the forward's own draws
+        else:  # (Inductor's kernels round otherwise)
+            torch.testing.assert_close(out, e_out)
+        torch.testing.assert_close(loss, e_loss)
+        for grad, e_grad in zip(grads, e_grads):  # (another mask would differ by O(1), not by rounding)
+            torch.testing.assert_close(grad, e_grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(state, e_state)  # the generator where eager leaves it
+
+
+def _wrapped(api, model):
+    if api == "aot_module":
+        return aotcache.aot_module(model, "nop", cache=False)
+    if api == "aot_function":
+        params = dict(model.named_parameters())
+        compiled = aotcache.aot_function(lambda p, x: torch.func.functional_call(model, p, (x,)), "nop", cache=False)
+        return lambda x: compiled(params, x)
+    if api == "backend":
+        torch._dynamo.reset()
+        return torch.compile(model, backend="aotcache", options={"compiler": "nop"})
+    return aotcache.compile(model, compiler="nop", cache=False)
+
+
+@pytest.mark.parametrize("draw_between", [False, True], ids=["", "draw_between"])
+@pytest.mark.parametrize("api", ["aot_module", "aot_function", "compile", "backend"])
+def test_a_gradient_penalty_through_dropout_matches_eager(api, draw_between):
+    """It raised DoubleBackwardError: a replay of the forward drew other numbers. The replay now starts from the
+    generator's state at the forward, and the generator is put back after it."""
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    params = list(model.parameters())
+    expected = _penalty_steps(model, params, draw_between=draw_between)
+    got = _penalty_steps(_wrapped(api, model), params, draw_between=draw_between)
+    _assert_same_steps(got, expected)
+
+
+def test_a_gradient_penalty_through_dropout_after_a_fingerprint_warm_start_matches_eager():
+    """A second wrapper loads the graph by its fingerprint (no capture) and captures the joint graph again at the
+    first double backward; the forward saved the generator's state all the same."""
+    from aotcache.autograd_cache.cache import default_cache
+
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    params = list(model.parameters())
+    expected = _penalty_steps(model, params)
+    _assert_same_steps(_penalty_steps(aotcache.aot_module(model, "nop"), params), expected)
+    _assert_same_steps(_penalty_steps(aotcache.aot_module(model, "nop"), params), expected)
+    assert default_cache().counters.get("fingerprint_hit", 0) >= 1
+
+
+def test_a_gradient_penalty_through_dropout_with_a_compiler_drawing_its_own_way_raises():
+    """A compiled forward not known to draw as eager (here a user's compiler) cannot be replayed: the error says
+    so and names the fix; the first-order backward still trains."""
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    compiled = aotcache.aot_module(model, lambda gm, example_inputs: gm, cache=False)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(aotcache.aot.DoubleBackwardError, match="compiler='nop'"):
+        torch.autograd.grad(compiled(x).sum(), x, create_graph=True)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- NOTE [Generator arguments] (aot/generator_args.py) ---------------------------------------------------
+
+class _Noisy(torch.nn.Module):
+    """Draws from the generator it is passed (a diffusion sampler's ``generator=``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, generator=None):
+        noise = torch.randn(x.shape, generator=generator)
+        return self.lin(x + noise) * torch.bernoulli(torch.full_like(x, 0.5), generator=generator)
+
+
+def _generator_calls(call, seeds, train):
+    """Per seed: the output (and input gradient), and the passed generator's state after the call; the global
+    generator's state at the end."""
+    torch.manual_seed(0)
+    results = []
+    reused = torch.Generator().manual_seed(100)
+    for seed in seeds:
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)).requires_grad_(train)
+        g = reused if seed % 2 else torch.Generator().manual_seed(seed)
+        out = call(x, g)
+        grad = torch.autograd.grad(out.sum(), x)[0] if train else None
+        results.append((out.detach(), grad, g.get_state()))
+    return results, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("api", ["aot_function", "aot_module", "compile"])
+def test_a_new_generator_at_every_call_reuses_one_graph_and_draws_as_eager(api, train):
+    """A generator argument was keyed by identity: a graph per new generator (``generator_arg`` in
+    bench/odd_forwards.py), each keeping its generator alive."""
+    torch.manual_seed(0)
+    model = _Noisy()
+    if api == "aot_function":
+        compiled = aotcache.aot_function(lambda x, g: model(x, generator=g), "nop", cache=False)
+        counter = compiled
+    elif api == "aot_module":
+        compiled = aotcache.aot_module(model, "nop", cache=False)
+        counter = compiled.compiled
+    else:
+        compiled = aotcache.compile(model, compiler="nop", cache=False)
+        counter = compiled.compiled
+    seeds = range(6)
+    with torch.set_grad_enabled(train):
+        expected, expected_state = _generator_calls(lambda x, g: model(x, generator=g), seeds, train)
+        got, state = _generator_calls(lambda x, g: compiled(x, generator=g) if api != "aot_function"
+                                      else compiled(x, g), seeds, train)
+    for (out, grad, g_state), (e_out, e_grad, e_g_state) in zip(got, expected):
+        assert torch.equal(out, e_out)
+        assert grad is None and e_grad is None or torch.equal(grad, e_grad)
+        assert torch.equal(g_state, e_g_state)  # the caller's generator moved as in eager
+    assert torch.equal(state, expected_state)  # the global generator untouched, as in eager
+    assert counter.num_compiles == 1
+    assert api != "compile" or compiled.route == "aot"
+
+
+def test_a_gradient_penalty_drawing_from_a_generator_argument_matches_eager():
+    """The double backward replays the slot's draws from its state at the forward (NOTE [Double backward through
+    random ops]); the caller's generator ends where eager leaves it."""
+    torch.manual_seed(0)
+    model = _Noisy()
+    compiled = aotcache.aot_module(model, "nop", cache=False)
+    results = []
+    for run in (model, compiled, compiled):
+        model.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (grad,) = torch.autograd.grad(run(x, generator=g).sum(), x, create_graph=True)
+        torch.randn(2, generator=g)  # the generator moves on before the double backward
+        grad.pow(2).sum().backward()
+        results.append((grad.detach(), model.lin.weight.grad.clone(), g.get_state()))
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], results[0][0])
+        torch.testing.assert_close(got[1], results[0][1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[2], results[0][2])
+
+
+class _DrawsFromItsOwnToo(torch.nn.Module):
+    """Draws from the generator it is passed and from its own; a caller may pass its own one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(3)
+
+    def forward(self, x, generator):
+        return x + torch.rand(x.shape, generator=generator) * torch.rand(x.shape, generator=self.gen)
+
+
+def test_a_generator_passed_and_also_drawn_from_directly_is_not_substituted():
+    """A slot in place of the module's own generator would split its draws in two streams; such a function keys
+    its generators by identity again (one graph per generator, eager's draws)."""
+    eager, mine = _DrawsFromItsOwnToo(), _DrawsFromItsOwnToo()
+    compiled = aotcache.aot_module(mine, "nop", cache=False)
+    x = torch.zeros(4)
+    for step in range(3):
+        for module, run in ((eager, eager), (mine, compiled)):
+            module.out = run(x, module.gen if step != 1 else torch.Generator().manual_seed(step))
+        assert torch.equal(mine.out, eager.out), step
+        assert torch.equal(mine.gen.get_state(), eager.gen.get_state()), step
+
+
+def test_one_generator_at_two_positions_draws_in_sequence_as_eager():
+    def fn(x, a, b):
+        return x + torch.rand(x.shape, generator=a) - torch.rand(x.shape, generator=b)
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(4)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(compiled(x, gc, gc), fn(x, ge, ge))
+        assert torch.equal(gc.get_state(), ge.get_state())
+        other_e, other_c = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        assert torch.equal(compiled(x, gc, other_c), fn(x, ge, other_e))
+        assert torch.equal(gc.get_state(), ge.get_state()) and torch.equal(other_c.get_state(), other_e.get_state())
+
+
+def _seeds_its_generator(x, generator):
+    generator.manual_seed(11)
+    return x + torch.rand(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("api", ["aot_function", "compile"])
+def test_a_function_seeding_the_generator_it_is_passed_runs_the_seeding_at_every_call(api):
+    """NOTE [Host random numbers]: seeding an argument generator inside is Python a graph cannot replay; the
+    graph went on drawing from the caller's state where eager seeds anew. Such a capture is refused (the fallback
+    seeds at every call), with the generator put back."""
+    compiled = (aotcache.aot_function(_seeds_its_generator, "nop", cache=False) if api == "aot_function"
+                else aotcache.compile(_seeds_its_generator, compiler="nop", cache=False))
+    x = torch.zeros(4)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(compiled(x, gc), _seeds_its_generator(x, ge)), seed
+        assert torch.equal(gc.get_state(), ge.get_state()) and gc.initial_seed() == ge.initial_seed() == 11
+
+
+def test_threads_passing_their_own_generators_draw_as_eager():
+    """The slots are shared by the function's calls: a lock holds each graph run with them."""
+    import threading
+
+    def fn(x, generator):
+        return x + torch.rand(x.shape, generator=generator) * torch.randn(x.shape, generator=generator)
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(64)
+    compiled(x, torch.Generator())  # captured before the threads start
+    results: dict = {}
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        results[seed] = [compiled(x, g) for _ in range(30)], g.get_state()
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, (outs, state) in results.items():
+        g = torch.Generator().manual_seed(seed)
+        for out in outs:
+            assert torch.equal(out, fn(x, g)), seed
+        assert torch.equal(state, g.get_state())
+    assert compiled.num_compiles == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fallback_random", [True, False], ids=["fallback_random", "inductors_own"])
+def test_a_gradient_penalty_through_dropout_with_inductor(fallback_random):
+    """With fallback_random Inductor's random ops run ATen's kernels in the graph's order: the double backward
+    replays them (eager's gradients, also from the cache); with Inductor's own random numbers it raises, naming
+    fallback_random."""
+    torch.manual_seed(1)
+    if not fallback_random:  # dropout alone: Inductor lowers it with its own random numbers
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(8, 1))
+        compiled = aotcache.compile(model, compiler="inductor", cache=False)
+        x = torch.randn(3, 4, requires_grad=True)
+        with pytest.raises(aotcache.aot.DoubleBackwardError, match="fallback_random"):
+            torch.autograd.grad(compiled(x).sum(), x, create_graph=True)
+        compiled(x).sum().backward()  # the first-order backward trains
+        assert all(p.grad is not None for p in model.parameters())
+        return
+    model = _DropoutCritic()
+    params = list(model.parameters())
+    options = {"fallback_random": True}
+    expected = _penalty_steps(model, params)
+    for _ in ("cold", "warm"):  # warm: a fingerprint warm start, whose artifact says its draws are ATen's
+        _assert_same_steps(_penalty_steps(aotcache.compile(model, compiler="inductor", options=options), params),
+                           expected, exact=False)
+    from aotcache.autograd_cache.cache import default_cache
+
+    assert default_cache().counters.get("fingerprint_hit", 0) >= 1
+
+
+def test_a_replay_that_draws_otherwise_than_the_forward_raises():
+    """A compiled forward claiming ATen's draws (``eager_random_draws``) that drew another count of numbers: the
+    replay's generators end elsewhere than the forward's, and the double backward raises instead of returning
+    gradients of other masks."""
+    def draws_more(gm, example_inputs):  # draws once more than its graph
+        def run(*args):
+            torch.rand(3)
+            return gm(*args)
+
+        run.eager_random_draws = (None,)
+        return run
+
+    torch.manual_seed(1)
+    model = _DropoutCritic()
+    compiled = aotcache.aot_module(model, draws_more, cache=False)
+    x = torch.randn(3, 4, requires_grad=True)
+    out = compiled(x).sum()
+    with pytest.raises(aotcache.aot.DoubleBackwardError, match="drew other numbers"):
+        torch.autograd.grad(out, x, create_graph=True)  # (the replay runs here)
+
+
+class _KeepsItsGenerator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, generator):
+        self.last_generator = generator
+        return self.lin(x) + torch.rand(x.shape, generator=generator)
+
+
+def test_a_module_keeping_the_generator_it_is_passed_keeps_the_callers():
+    """A slot left on the module by the capture would stand where eager keeps the caller's generator; such a
+    module keys its generators by identity again."""
+    torch.manual_seed(0)
+    eager = _KeepsItsGenerator()
+    mine = copy.deepcopy(eager)
+    compiled = aotcache.aot_module(mine, "nop", cache=False)
+    x = torch.randn(2, 4)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(compiled(x, gc), eager(x, ge))
+        assert mine.last_generator is gc and torch.equal(gc.get_state(), ge.get_state())
+
+
+def test_a_function_returning_the_generator_it_is_passed_returns_the_callers():
+    """NOTE [Object outputs]: a returned generator came back as a copy at the capture's state (before slots too);
+    the capture refuses it, and the fallback returns the caller's."""
+    def fn(x, generator):
+        return x + torch.rand(x.shape, generator=generator), {"generator": generator}
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(3)
+    for seed in range(3):
+        ge, gc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        (out, extra), (e_out, _) = compiled(x, gc), fn(x, ge)
+        assert extra["generator"] is gc and torch.equal(out, e_out) and torch.equal(gc.get_state(), ge.get_state())
+
+
+def _draws_unused(t):
+    torch.rand(3)  # moves the generator; nothing reads it
+    return F.dropout(torch.tanh(t), 0.5) * torch.randn_like(t)
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+def test_a_draw_nothing_uses_is_drawn_as_in_eager(train, partition):
+    """NOTE [Random draws nothing uses] in partition.py: the training forward left out ``torch.rand(3)``, so the
+    compiled call's dropout mask and noise, and the generator after it, differed from eager's."""
+    compiled = aotcache.aot_function(_draws_unused, "nop", partition_fn=partition, cache=False)
+    results = []
+    for call in (_draws_unused, compiled, compiled):
+        torch.manual_seed(4)
+        x = torch.randn(3, 4, requires_grad=train)
+        with torch.set_grad_enabled(train):
+            out = call(x)
+            if train:
+                (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+                grad.pow(2).sum().backward()  # and the double backward's replay (NOTE [Double backward through
+        results.append((out.detach(), x.grad, torch.get_rng_state()))  # random ops])
+    for out, grad, state in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert grad is None and results[0][1] is None or torch.allclose(grad, results[0][1])
+        assert torch.equal(state, results[0][2])
