@@ -24,7 +24,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
-           "data_parallel_wrapper",
+           "data_parallel_wrapper", "checkpoint_mutation_error",
            "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
@@ -67,6 +67,8 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     construct the capture cannot express, so the call falls back (NOTE [Capture fallback]); without an input
     requiring grad the checkpoint has no backward node and the capture goes on (and is refused later).
     """
+    if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
+        raise checkpoint_mutation_error(exc) from exc
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
@@ -422,17 +424,25 @@ def explain_data_dependent_ops() -> Iterator[None]:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc
         if _CHECKPOINT_MUTATION_ERROR in str(exc):  # NOTE [In-place ops in a checkpointed region]
-            raise CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
-                               f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a "
-                               f"tensor it computed{_call_site(exc)}, which aotcache cannot capture yet (the region "
-                               f"runs eagerly). Fix: write that line out of place (x = x + y rather than x += y), or "
-                               f"turn activation checkpointing off.", reason="unsupported_construct") from exc
+            raise checkpoint_mutation_error(exc) from exc
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
         raise CaptureError(f"aotcache: the function reads a tensor's memory directly{_call_site(exc)} (.numpy(), "
                            f"numpy.asarray, .data_ptr(), a storage's data_ptr(), set_ onto a storage), which "
                            f"cannot be captured ({exc}). "
                            f"{fix}", reason="data_dependent") from exc
+
+
+def checkpoint_mutation_error(exc: RuntimeError) -> CaptureError:
+    """The CaptureError for torch's refusal of an in-place op in a checkpointed region (NOTE [In-place ops in a
+    checkpointed region]); raised by the joint trace's forward or, for the recomputation, its backward."""
+    return CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
+                        f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a tensor it "
+                        f"computed{_call_site(exc)} (dropout does, drawing its mask in place), which aotcache cannot "
+                        f"capture yet: the graph runs eagerly, each region as eager's torch.utils.checkpoint (NOTE "
+                        f"[Checkpointed regions run eagerly]). Fix: write that line out of place (x = x + y rather "
+                        f"than x += y), move dropout out of the region, or turn activation checkpointing off.",
+                        reason="unsupported_construct")
 
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
