@@ -943,12 +943,14 @@ def _rec_saved(ctx: Ctx, label: str, directory: str, cls) -> None:
     ctx.rec_state(f"{label}.reloaded", cls.from_pretrained(directory))
 
 
-@case("aot", max_traces=4)
+@case("aot", max_traces=12)
 def hf_trainer_compiled_model(ctx: Ctx) -> None:
     """transformers Trainer(model=compiled): 4 optimizer steps of 2 accumulated micro-batches, linear schedule
     with warmup, clipping, evaluation every 2 steps, a checkpoint every 2; then predict, save_model, the
     checkpoint and the saved model reloaded with from_pretrained, and training resumed from checkpoint-2 in a
-    second Trainer over a fresh compiled model."""
+    second Trainer over a fresh compiled model. Graphs: the classifier's first call sets config.problem_type
+    (2 train), eval and its smaller last batch (2), the first checkpoint sets config.dtype / architectures (1
+    train, 2 eval again), predict's batch of 1 (1); the resumed wrapper 4."""
     from transformers import BertForSequenceClassification
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -997,6 +999,158 @@ def hf_trainer_gradient_checkpointing(ctx: Ctx) -> None:
     """As hf_trainer_causal_lm with TrainingArguments(gradient_checkpointing=True) (transformers' default
     checkpoint settings) and foreach AdamW."""
     _trainer_causal_lm(ctx, optim="adamw_torch", gradient_checkpointing=True)
+
+
+class _ItemRows(torch.utils.data.Dataset):
+    def __init__(self, rows: int, seed: int = 0) -> None:
+        self.rows = TextRows(rows, seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+
+class BagClassifier(nn.Module):
+    """A plain nn.Module for the Trainer: embedding bag -> BatchNorm -> linear, a dict with the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.fc(self.bn(self.emb(input_ids).mean(1)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@case("aot", max_traces=8)
+def hf_trainer_custom_module(ctx: Ctx) -> None:
+    """Trainer over a plain nn.Module (no PreTrainedModel: saved as a bare state dict), BatchNorm buffers,
+    evaluation and a checkpoint every 2 steps, save_model, training resumed from checkpoint-2."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def trainer(model):
+            return Trainer(model=model, args=TrainingArguments(
+                output_dir=tmp, max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                logging_steps=1, save_strategy="steps", save_steps=2, seed=0, disable_tqdm=True,
+                eval_strategy="steps", eval_steps=2), train_dataset=_ItemRows(16), eval_dataset=_ItemRows(6, 1))
+
+        base = seeded(BagClassifier)
+        first = trainer(ctx.wrap(base))
+        first.train()
+        _rec_trainer(ctx, "train", first)
+        first.save_model(os.path.join(tmp, "saved"))
+        saved = load_file(os.path.join(tmp, "saved", "model.safetensors"))
+        ctx.rec("saved", dict(sorted(saved.items())))
+        ctx.rec_state("final", base)
+        resumed_base = seeded(BagClassifier)
+        resumed = trainer(ctx.wrap(resumed_base))
+        resumed.train(resume_from_checkpoint=os.path.join(tmp, "checkpoint-2"))
+        _rec_trainer(ctx, "resumed", resumed)
+        ctx.rec_state("resumed", resumed_base)
+
+
+@case("aot", max_traces=4)
+def hf_trainer_bf16_neftune(ctx: Ctx) -> None:
+    """Trainer over a Llama with bf16=True (accelerate's CPU autocast), NEFTune noise (a forward hook the
+    Trainer puts on the input embeddings for training and removes after) and label smoothing."""
+    _trainer_causal_lm(ctx, bf16=True, neftune_noise_alpha=5.0, label_smoothing_factor=0.1)
+
+
+@case("aot", max_traces=4)
+def checkpoint_with_dropout(ctx: Ctx) -> None:
+    """Dropout inside torch.utils.checkpoint (non-reentrant) regions: the recomputation in the backward must
+    use the forward's masks (eager's checkpoint replays the RNG state)."""
+    base = seeded(CkptNet, False)
+    for block in base.blocks:
+        block.insert(2, nn.Dropout(0.3))
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(3)
+    for step in range(3):
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+    model.eval()
+    with torch.no_grad():
+        ctx.rec("eval", model(batch(9)[0]))
+
+
+@case("aot")
+def fp16_grad_scaler(ctx: Ctx) -> None:
+    """fp16 autocast with torch.amp.GradScaler("cpu"): scale, unscale_, clip_grad_norm_, scaler.step (a step
+    skipped when the scale is too large), update."""
+    base = seeded(MLP)
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    for step in range(4):
+        x, y = batch(step)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        ctx.rec(f"s{step}.loss", loss)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        ctx.rec(f"s{step}.norm", torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        ctx.rec(f"s{step}.scale", torch.tensor(scaler.get_scale()))
+        ctx.rec_state(f"s{step}.state", base)
+
+
+@case("aot", max_traces=4)
+def frozen_backbone_partial_backward(ctx: Ctx) -> None:
+    """The compiled model frozen (requires_grad_(False)) as a feature extractor under an eager head, its last
+    layer unfrozen mid-run; then backward(inputs=[one weight]) through it."""
+    base = seeded(MLP)
+    model = ctx.wrap(base)
+    head = seeded(nn.Linear, 4, 3)
+    base.requires_grad_(False)
+    opt = torch.optim.SGD(list(head.parameters()) + list(base.fc3.parameters()), lr=0.1)
+    for step in range(4):
+        if step == 2:
+            base.fc3.requires_grad_(True)
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(head(model(x)), y % 3)
+        ctx.rec(f"s{step}.loss", loss)
+        loss.backward()
+        ctx.rec_grads(f"s{step}", base)
+        ctx.rec_grads(f"s{step}.head", head)
+        opt.step()
+        opt.zero_grad()
+    base.requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(batch(7)[0]), batch(7)[1])
+    loss.backward(inputs=[base.fc1.weight])
+    ctx.rec_grads("partial", base)
+
+
+@case("aot", max_traces=8)
+def varying_lengths_eval_toggles(ctx: Ctx) -> None:
+    """A Llama trained on sequence lengths that change every step (8, 12, 8, 16, 5, 12, 1), each step followed by
+    an evaluation of a shorter prefix under inference_mode or no_grad (automatic dynamic shapes in both modes;
+    length 1 gives a NaN loss, in eager too)."""
+    base = tiny_llama_lm()
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step, length in enumerate([8, 12, 8, 16, 5, 12, 1]):
+        ids = torch.randint(3, 64, (2, length), generator=gen(500 + step))
+        model.train()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        ctx.rec(f"s{step}.loss", out.loss)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.inference_mode() if step % 2 else torch.no_grad():
+            ctx.rec(f"s{step}.eval", model(input_ids=ids[:1, :max(1, length - 2)], use_cache=False).logits)
+    ctx.rec_state("final", base)
 
 
 def _llama_steps(ctx: Ctx, model, base, opt, label: str, steps: int, start: int = 0) -> None:
