@@ -263,6 +263,8 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
                 raise _storage_read_error()
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             raise _backward_inside_error()
+        if func is torch.Tensor.requires_grad_ and _turns_on_grad(args, kwargs):
+            raise _requires_grad_inside_error()
         if args and _writes_outside_the_trace(func, args[0]):
             raise outside_mutation_error()
         if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
@@ -285,6 +287,30 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
+
+
+def _turns_on_grad(args: tuple, kwargs: Mapping | None) -> bool:
+    """Whether a ``requires_grad_`` call turns on grad for a traced tensor that has none, in a training call."""
+    if not args or not _is_traced(args[0]) or args[0].requires_grad or not torch.is_grad_enabled():
+        return False
+    wanted = args[1] if len(args) > 1 else (kwargs or {}).get("requires_grad", True)
+    return bool(wanted)
+
+
+def _requires_grad_inside_error() -> CaptureError:
+    """NOTE [requires_grad_ inside a captured function]
+    transformers' ``enable_input_require_grads()`` (peft's LoRA recipe with gradient checkpointing) registers a
+    forward hook that makes the frozen embeddings' output require grad, so that a reentrant checkpoint after it has
+    an input requiring grad and computes the gradients of the adapters inside. The capture does not carry such a
+    flag turned on in the middle of the function into the autograd graph it traces: the reentrant checkpoints saw
+    no input requiring grad, the graph had no path to the adapters, and the compiled backward left their .grad
+    None where eager trains them (a LoRA model trained nothing, silently). A training call that turns grad on for a
+    tensor it computed is a CaptureError: the call takes the fallback (``aotcache.compile``: the Dynamo way)."""
+    return CaptureError("aotcache: the function turns on requires_grad for a tensor it computed (requires_grad_(True); "
+                        "transformers' enable_input_require_grads() does so for the input embeddings, for reentrant "
+                        "activation checkpointing), which the captured backward would not follow; the call runs "
+                        "through the fallback. With gradient checkpointing, pass use_reentrant=False and drop "
+                        "enable_input_require_grads().", reason="unsupported_construct")
 
 
 def _data_dependent_error(exc: Exception) -> bool:
