@@ -178,3 +178,39 @@ def test_aotcache_compile_of_a_checkpointing_model_takes_the_dynamo_way_and_reco
     _assert_equal(got, _train(reference, reference))
     assert compiled.route == "dynamo"
     assert recorder.saved and max(recorder.saved) <= 4 * 32 * 64 * 4
+
+
+class FrozenEmbeddingThenReentrant(nn.Module):
+    """transformers' LoRA recipe in small: a frozen embedding whose output a forward hook makes require grad
+    (``enable_input_require_grads()``), a trainable block under a reentrant checkpoint, a frozen head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 8).requires_grad_(False)
+        self.block = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2).requires_grad_(False)
+        self.emb.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+
+    def forward(self, ids):
+        hidden = torch.utils.checkpoint.checkpoint(self.block, self.emb(ids), use_reentrant=True)
+        return self.head(hidden).sum()
+
+
+def test_a_hook_that_makes_the_embeddings_require_grad_before_a_reentrant_checkpoint_trains_as_eager():
+    """Found (peft LoRA + gradient checkpointing through aotcache.compile): the capture did not carry the hook's
+    ``requires_grad_(True)`` into its autograd graph, the reentrant checkpoint saw no input requiring grad, and the
+    compiled backward left the block's .grad None where eager computes it: the adapters trained nothing, silently.
+    Such a call is refused now (NOTE [requires_grad_ inside a captured function]) and takes the Dynamo way."""
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    eager = FrozenEmbeddingThenReentrant()
+    eager(ids).backward()
+    model = FrozenEmbeddingThenReentrant()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    compiled(ids).backward()
+    assert eager.block.weight.grad is not None
+    assert model.block.weight.grad is not None and torch.equal(model.block.weight.grad, eager.block.weight.grad)
+    assert compiled.route == "dynamo"
+    strict = aotcache.aot_module(FrozenEmbeddingThenReentrant(), "nop", cache=False, on_capture_error="raise")
+    with pytest.raises(aotcache.aot.CaptureError, match="requires_grad"):
+        strict(ids)

@@ -254,6 +254,53 @@ def test_module_compile_in_place_with_the_aotcache_backend_trains_and_saves_as_e
         torch.testing.assert_close(loaded(input_ids=ids).logits, eager.eval()(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_trainer_with_a_compiled_peft_lora_model_trains_the_adapters_as_eager(tmp_path, checkpointing):
+    """Found: ``Trainer(model=aotcache.compile(get_peft_model(...)))`` raised "The batch received was empty": the
+    Trainer reads the dataset columns from the base model's ``forward`` only for ``isinstance(model, PeftModel)``,
+    and a ``PeftModel``'s own ``forward`` is ``(*args, **kwargs)``; the wrapper of a ``PeftModel`` is one now (NOTE
+    [The wrapper's class]). With ``gradient_checkpointing=True`` (reentrant, and ``enable_input_require_grads()``)
+    the adapters got no gradients (NOTE [requires_grad_ inside a captured function]): it takes the Dynamo way."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from tests.aot.tiny_transformers import tiny_llama
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows: int) -> None:
+            self.ids = torch.randint(3, 64, (rows, 8), generator=torch.Generator().manual_seed(rows))
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, index: int) -> dict:
+            return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+    results = []
+    for compiled in (False, True):
+        model = peft.get_peft_model(tiny_llama().train(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                         target_modules=["q_proj", "v_proj"]))
+        run = aotcache.compile(model, compiler="nop") if compiled else model
+        assert isinstance(run, peft.PeftModel)
+        args = TrainingArguments(output_dir=str(tmp_path / str(compiled)), max_steps=3, per_device_train_batch_size=4,
+                                 use_cpu=True, report_to=[], logging_steps=1, save_strategy="steps", save_steps=3,
+                                 seed=0, disable_tqdm=True, gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing else None)
+        trainer = Trainer(model=run, args=args, train_dataset=Rows(16), eval_dataset=Rows(4))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results.append((model, losses, trainer.evaluate()["eval_loss"], run))
+    (eager, eager_losses, eager_eval, _), (model, losses, eval_loss, run) = results
+    assert losses == eager_losses and eval_loss == eager_eval
+    adapters = {name: value for name, value in model.state_dict().items() if "lora_" in name}
+    assert adapters
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert (tmp_path / "True" / "checkpoint-3" / "adapter_model.safetensors").exists()
+    assert run.route == ("dynamo" if checkpointing else "aot")
+
+
 _DDP_RANK = r'''
 import os, sys, torch, torch.distributed as dist
 from torch import nn
