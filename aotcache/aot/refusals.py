@@ -26,6 +26,7 @@ __all__ = ["ExplainUnsupportedOps", "explain_data_dependent_ops", "functorch_tra
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper", "checkpoint_mutation_error",
            "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "refuse_reentrant_checkpoint_nodes",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
            "unsupported_layout_error"]
@@ -57,6 +58,39 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
             f"(read gradients from the parameters' .grad after backward instead).")
 
 
+_REENTRANT_MESSAGE = (
+    "aotcache: reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) runs its backward "
+    "with .backward(), which cannot be traced into a compiled backward. Pass use_reentrant=False (transformers: "
+    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})); the call runs through "
+    "the fallback meanwhile.")
+
+
+def refuse_reentrant_checkpoint_nodes(outputs: list) -> None:
+    """Raise a CaptureError if the traced outputs' autograd graph holds a reentrant checkpoint.
+
+    NOTE [Reentrant checkpoints the traced backward skips]
+    The joint trace differentiates the outputs with ``torch.autograd.grad`` *with respect to the graph's inputs*;
+    autograd then runs only the nodes on a path to them. A reentrant checkpoint's parameters are not inputs of its
+    node (its backward recomputes the region and accumulates their ``.grad`` with ``.backward()``), so when no graph
+    input flows into the region -- transformers' ``enable_input_require_grads()`` hook makes the frozen embeddings'
+    output require grad, peft's LoRA recipe with gradient checkpointing -- the traced backward skipped the node:
+    no error, and the compiled backward left the adapters' ``.grad`` None where eager trains them (a LoRA model
+    trained nothing, silently). Any ``CheckpointFunctionBackward`` in the traced graph is refused, whether or not
+    the backward would reach it. Without an input requiring grad a reentrant checkpoint adds no node, and eager
+    leaves its parameters' gradients None too.
+    """
+    seen: set[int] = set()
+    stack = [out.grad_fn for out in outputs if isinstance(out, torch.Tensor) and out.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            raise CaptureError(_REENTRANT_MESSAGE)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
 def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     """Raise a CaptureError for the error reentrant activation checkpointing raises in the traced backward.
 
@@ -72,11 +106,7 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
-        raise CaptureError(
-            "aotcache: reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) runs "
-            "its backward with .backward(), which cannot be traced into a compiled backward. Pass "
-            "use_reentrant=False (transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-            "{'use_reentrant': False})); the call runs through the fallback meanwhile.") from exc
+        raise CaptureError(_REENTRANT_MESSAGE) from exc
 
 
 # NOTE [Data-parallel wrappers]
@@ -263,8 +293,6 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
                 raise _storage_read_error()
         if func is torch.Tensor.backward or func is torch.autograd.backward:
             raise _backward_inside_error()
-        if func is torch.Tensor.requires_grad_ and _turns_on_grad(args, kwargs):
-            raise _requires_grad_inside_error()
         if args and _writes_outside_the_trace(func, args[0]):
             raise outside_mutation_error()
         if func is torch.Tensor.register_hook or func is torch.Tensor.register_post_accumulate_grad_hook:
@@ -287,30 +315,6 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the result of {_function_name(func)}", value.layout)
         return result
-
-
-def _turns_on_grad(args: tuple, kwargs: Mapping | None) -> bool:
-    """Whether a ``requires_grad_`` call turns on grad for a traced tensor that has none, in a training call."""
-    if not args or not _is_traced(args[0]) or args[0].requires_grad or not torch.is_grad_enabled():
-        return False
-    wanted = args[1] if len(args) > 1 else (kwargs or {}).get("requires_grad", True)
-    return bool(wanted)
-
-
-def _requires_grad_inside_error() -> CaptureError:
-    """NOTE [requires_grad_ inside a captured function]
-    transformers' ``enable_input_require_grads()`` (peft's LoRA recipe with gradient checkpointing) registers a
-    forward hook that makes the frozen embeddings' output require grad, so that a reentrant checkpoint after it has
-    an input requiring grad and computes the gradients of the adapters inside. The capture does not carry such a
-    flag turned on in the middle of the function into the autograd graph it traces: the reentrant checkpoints saw
-    no input requiring grad, the graph had no path to the adapters, and the compiled backward left their .grad
-    None where eager trains them (a LoRA model trained nothing, silently). A training call that turns grad on for a
-    tensor it computed is a CaptureError: the call takes the fallback (``aotcache.compile``: the Dynamo way)."""
-    return CaptureError("aotcache: the function turns on requires_grad for a tensor it computed (requires_grad_(True); "
-                        "transformers' enable_input_require_grads() does so for the input embeddings, for reentrant "
-                        "activation checkpointing), which the captured backward would not follow; the call runs "
-                        "through the fallback. With gradient checkpointing, pass use_reentrant=False and drop "
-                        "enable_input_require_grads().", reason="unsupported_construct")
 
 
 def _data_dependent_error(exc: Exception) -> bool:

@@ -198,10 +198,10 @@ class FrozenEmbeddingThenReentrant(nn.Module):
 
 
 def test_a_hook_that_makes_the_embeddings_require_grad_before_a_reentrant_checkpoint_trains_as_eager():
-    """Found (peft LoRA + gradient checkpointing through aotcache.compile): the capture did not carry the hook's
-    ``requires_grad_(True)`` into its autograd graph, the reentrant checkpoint saw no input requiring grad, and the
+    """Found (peft LoRA + gradient checkpointing through aotcache.compile): no graph input flows into the reentrant
+    checkpoint, so the traced backward (``autograd.grad`` with respect to the inputs) skipped its node, and the
     compiled backward left the block's .grad None where eager computes it: the adapters trained nothing, silently.
-    Such a call is refused now (NOTE [requires_grad_ inside a captured function]) and takes the Dynamo way."""
+    Such a call is refused now (NOTE [Reentrant checkpoints the traced backward skips]) and takes the Dynamo way."""
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     eager = FrozenEmbeddingThenReentrant()
     eager(ids).backward()
@@ -212,5 +212,5 @@ def test_a_hook_that_makes_the_embeddings_require_grad_before_a_reentrant_checkp
     assert model.block.weight.grad is not None and torch.equal(model.block.weight.grad, eager.block.weight.grad)
     assert compiled.route == "dynamo"
     strict = aotcache.aot_module(FrozenEmbeddingThenReentrant(), "nop", cache=False, on_capture_error="raise")
-    with pytest.raises(aotcache.aot.CaptureError, match="requires_grad"):
+    with pytest.raises(aotcache.aot.CaptureError, match="reentrant activation checkpointing"):
         strict(ids)

@@ -260,7 +260,7 @@ def test_hf_trainer_with_a_compiled_peft_lora_model_trains_the_adapters_as_eager
     Trainer reads the dataset columns from the base model's ``forward`` only for ``isinstance(model, PeftModel)``,
     and a ``PeftModel``'s own ``forward`` is ``(*args, **kwargs)``; the wrapper of a ``PeftModel`` is one now (NOTE
     [The wrapper's class]). With ``gradient_checkpointing=True`` (reentrant, and ``enable_input_require_grads()``)
-    the adapters got no gradients (NOTE [requires_grad_ inside a captured function]): it takes the Dynamo way."""
+    the adapters got no gradients (NOTE [Reentrant checkpoints the traced backward skips]): it takes the Dynamo way."""
     peft = pytest.importorskip("peft")
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
