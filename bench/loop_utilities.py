@@ -1065,6 +1065,29 @@ def hf_trainer_bf16_neftune(ctx: Ctx) -> None:
 
 
 @case("aot", max_traces=4)
+def hf_trainer_peft_lora(ctx: Ctx) -> None:
+    """Trainer over a peft LoRA Llama (q/v adapters) with gradient_checkpointing=True, use_reentrant=True (the
+    Trainer then calls enable_input_require_grads()); adapter checkpoints."""
+    import peft
+
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = peft.get_peft_model(tiny_llama_lm(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                    target_modules=["q_proj", "v_proj"]))
+        trainer = Trainer(model=ctx.wrap(base), args=TrainingArguments(
+            output_dir=tmp, max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to=[], logging_steps=1,
+            save_strategy="steps", save_steps=3, seed=0, disable_tqdm=True, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True}),
+            train_dataset=TextRows(16, lm=True), eval_dataset=TextRows(4, seed=1, lm=True))
+        trainer.train()
+        _rec_trainer(ctx, "train", trainer)
+        ctx.rec("eval", torch.tensor(trainer.evaluate()["eval_loss"], dtype=torch.float64))
+        ctx.rec("files", sorted(os.listdir(os.path.join(tmp, "checkpoint-3"))))
+        ctx.rec_state("final", base)
+
+
+@case("aot", max_traces=4)
 def checkpoint_with_dropout(ctx: Ctx) -> None:
     """Dropout inside torch.utils.checkpoint (non-reentrant) regions: the recomputation in the backward must
     use the forward's masks (eager's checkpoint replays the RNG state)."""
