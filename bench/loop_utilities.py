@@ -864,6 +864,503 @@ def dataloader_dict_batches(ctx: Ctx) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Real training loops of transformers models (Trainer, checkpointing, in-place compile, eval modes,
+# optimizer variants, checkpoints moved between eager and compiled)
+# ----------------------------------------------------------------------------------------------------
+
+
+def tiny_llama_lm() -> nn.Module:
+    """A 2-layer LlamaForCausalLM (hidden 32, vocab 64), eager attention, in train mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def tiny_bert_cls() -> nn.Module:
+    """A 1-layer BertForSequenceClassification (hidden 32, vocab 64, 2 labels), dropout off."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def lm_batch(step: int, n: int = 2, t: int = 8) -> torch.Tensor:
+    return torch.randint(3, 64, (n, t), generator=gen(300 + step))
+
+
+class TextRows(torch.utils.data.Dataset):
+    """Rows of ``input_ids`` / ``attention_mask`` / ``labels`` dicts, built in memory (no datasets library)."""
+
+    def __init__(self, rows: int, seed: int = 0, lm: bool = False) -> None:
+        g = gen(seed)
+        self.ids = torch.randint(3, 64, (rows, 8), generator=g)
+        if lm:  # causal LM labels: the input ids, a random tail of each row masked (-100) as padding would be
+            keep = torch.arange(8) < torch.randint(3, 9, (rows, 1), generator=g)
+            self.labels = torch.where(keep, self.ids, -100)
+        else:
+            self.labels = torch.randint(0, 2, (rows,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
+
+
+def _trainer(model, out_dir: str, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "use_cpu": True,
+                "report_to": [], "logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "seed": 0,
+                "disable_tqdm": True, "eval_strategy": "steps", "eval_steps": 2, "gradient_accumulation_steps": 2,
+                "lr_scheduler_type": "linear", "warmup_steps": 1, "max_grad_norm": 1.0, **kw}
+    args = TrainingArguments(output_dir=out_dir, **settings)
+    return Trainer(model=model, args=args, train_dataset=TextRows(24), eval_dataset=TextRows(6, seed=1))
+
+
+def _rec_trainer(ctx: Ctx, label: str, trainer) -> None:
+    for i, entry in enumerate(trainer.state.log_history):
+        for key in ("loss", "eval_loss", "grad_norm", "learning_rate"):
+            if key in entry:
+                ctx.rec(f"{label}.log{i}.{key}", torch.tensor(float(entry[key]), dtype=torch.float64))
+
+
+def _rec_saved(ctx: Ctx, label: str, directory: str, cls) -> None:
+    """The safetensors file's keys and tensors, and the model ``from_pretrained`` gives back from it."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(directory, "model.safetensors"))
+    ctx.rec(f"{label}.keys", sorted(saved))
+    ctx.rec(f"{label}.file", dict(sorted(saved.items())))
+    ctx.rec_state(f"{label}.reloaded", cls.from_pretrained(directory))
+
+
+@case("aot", max_traces=12)
+def hf_trainer_compiled_model(ctx: Ctx) -> None:
+    """transformers Trainer(model=compiled): 4 optimizer steps of 2 accumulated micro-batches, linear schedule
+    with warmup, clipping, evaluation every 2 steps, a checkpoint every 2; then predict, save_model, the
+    checkpoint and the saved model reloaded with from_pretrained, and training resumed from checkpoint-2 in a
+    second Trainer over a fresh compiled model. Graphs: the classifier's first call sets config.problem_type
+    (2 train), eval and its smaller last batch (2), the first checkpoint sets config.dtype / architectures (1
+    train, 2 eval again), predict's batch of 1 (1); the resumed wrapper 4."""
+    from transformers import BertForSequenceClassification
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = tiny_bert_cls()
+        trainer = _trainer(ctx.wrap(base), tmp)
+        trainer.train()
+        _rec_trainer(ctx, "train", trainer)
+        ctx.rec("eval", torch.tensor(trainer.evaluate()["eval_loss"], dtype=torch.float64))
+        ctx.rec("predict", torch.from_numpy(trainer.predict(TextRows(5, seed=2)).predictions))
+        ctx.rec_state("final", base)
+        trainer.save_model(os.path.join(tmp, "saved"))
+        _rec_saved(ctx, "saved", os.path.join(tmp, "saved"), BertForSequenceClassification)
+        _rec_saved(ctx, "ckpt2", os.path.join(tmp, "checkpoint-2"), BertForSequenceClassification)
+        resumed_base = tiny_bert_cls()
+        resumed = _trainer(ctx.wrap(resumed_base), tmp)
+        resumed.train(resume_from_checkpoint=os.path.join(tmp, "checkpoint-2"))
+        _rec_trainer(ctx, "resumed", resumed)
+        ctx.rec_state("resumed", resumed_base)
+
+
+def _trainer_causal_lm(ctx: Ctx, **args) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = tiny_llama_lm()
+        trainer = Trainer(model=ctx.wrap(base), args=TrainingArguments(
+            output_dir=tmp, max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to=[], logging_steps=1,
+            save_strategy="no", seed=0, disable_tqdm=True, gradient_accumulation_steps=2, **args),
+            train_dataset=TextRows(24, lm=True), eval_dataset=TextRows(4, seed=1, lm=True))
+        trainer.train()
+        _rec_trainer(ctx, "train", trainer)
+        ctx.rec("eval", torch.tensor(trainer.evaluate()["eval_loss"], dtype=torch.float64))
+        ctx.rec_state("final", base)
+
+
+@case("aot", max_traces=4)
+def hf_trainer_causal_lm(ctx: Ctx) -> None:
+    """Trainer over a Llama causal LM (labels: the input ids with a padded tail of -100, so the Trainer passes
+    a different ``num_items_in_batch`` tensor to forward at every step), fused AdamW ("adamw_torch_fused"), a
+    cosine schedule."""
+    _trainer_causal_lm(ctx, optim="adamw_torch_fused", lr_scheduler_type="cosine")
+
+
+@case("aot", max_traces=4)
+def hf_trainer_gradient_checkpointing(ctx: Ctx) -> None:
+    """As hf_trainer_causal_lm with TrainingArguments(gradient_checkpointing=True) (transformers' default
+    checkpoint settings) and foreach AdamW."""
+    _trainer_causal_lm(ctx, optim="adamw_torch", gradient_checkpointing=True)
+
+
+class _ItemRows(torch.utils.data.Dataset):
+    def __init__(self, rows: int, seed: int = 0) -> None:
+        self.rows = TextRows(rows, seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+
+class BagClassifier(nn.Module):
+    """A plain nn.Module for the Trainer: embedding bag -> BatchNorm -> linear, a dict with the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.fc(self.bn(self.emb(input_ids).mean(1)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@case("aot", max_traces=8)
+def hf_trainer_custom_module(ctx: Ctx) -> None:
+    """Trainer over a plain nn.Module (no PreTrainedModel: saved as a bare state dict), BatchNorm buffers,
+    evaluation and a checkpoint every 2 steps, save_model, training resumed from checkpoint-2."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def trainer(model):
+            return Trainer(model=model, args=TrainingArguments(
+                output_dir=tmp, max_steps=4, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                logging_steps=1, save_strategy="steps", save_steps=2, seed=0, disable_tqdm=True,
+                eval_strategy="steps", eval_steps=2), train_dataset=_ItemRows(16), eval_dataset=_ItemRows(6, 1))
+
+        base = seeded(BagClassifier)
+        first = trainer(ctx.wrap(base))
+        first.train()
+        _rec_trainer(ctx, "train", first)
+        first.save_model(os.path.join(tmp, "saved"))
+        saved = load_file(os.path.join(tmp, "saved", "model.safetensors"))
+        ctx.rec("saved", dict(sorted(saved.items())))
+        ctx.rec_state("final", base)
+        resumed_base = seeded(BagClassifier)
+        resumed = trainer(ctx.wrap(resumed_base))
+        resumed.train(resume_from_checkpoint=os.path.join(tmp, "checkpoint-2"))
+        _rec_trainer(ctx, "resumed", resumed)
+        ctx.rec_state("resumed", resumed_base)
+
+
+@case("aot", max_traces=4)
+def hf_trainer_bf16_neftune(ctx: Ctx) -> None:
+    """Trainer over a Llama with bf16=True (accelerate's CPU autocast), NEFTune noise (a forward hook the
+    Trainer puts on the input embeddings for training and removes after) and label smoothing."""
+    _trainer_causal_lm(ctx, bf16=True, neftune_noise_alpha=5.0, label_smoothing_factor=0.1)
+
+
+@case("aot", max_traces=4)
+def hf_trainer_peft_lora(ctx: Ctx) -> None:
+    """Trainer over a peft LoRA Llama (q/v adapters) with gradient_checkpointing=True, use_reentrant=True (the
+    Trainer then calls enable_input_require_grads()); adapter checkpoints."""
+    import peft
+
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = peft.get_peft_model(tiny_llama_lm(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                    target_modules=["q_proj", "v_proj"]))
+        trainer = Trainer(model=ctx.wrap(base), args=TrainingArguments(
+            output_dir=tmp, max_steps=3, per_device_train_batch_size=4, use_cpu=True, report_to=[], logging_steps=1,
+            save_strategy="steps", save_steps=3, seed=0, disable_tqdm=True, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True}),
+            train_dataset=TextRows(16, lm=True), eval_dataset=TextRows(4, seed=1, lm=True))
+        trainer.train()
+        _rec_trainer(ctx, "train", trainer)
+        ctx.rec("eval", torch.tensor(trainer.evaluate()["eval_loss"], dtype=torch.float64))
+        ctx.rec("files", sorted(os.listdir(os.path.join(tmp, "checkpoint-3"))))
+        ctx.rec_state("final", base)
+
+
+@case("aot", max_traces=4)
+def checkpoint_with_dropout(ctx: Ctx) -> None:
+    """Dropout inside torch.utils.checkpoint (non-reentrant) regions: the recomputation in the backward must
+    use the forward's masks (eager's checkpoint replays the RNG state)."""
+    base = seeded(CkptNet, False)
+    for block in base.blocks:
+        block.insert(2, nn.Dropout(0.3))
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(3)
+    for step in range(3):
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+    model.eval()
+    with torch.no_grad():
+        ctx.rec("eval", model(batch(9)[0]))
+
+
+@case("aot")
+def fp16_grad_scaler(ctx: Ctx) -> None:
+    """fp16 autocast with torch.amp.GradScaler("cpu"): scale, unscale_, clip_grad_norm_, scaler.step (a step
+    skipped when the scale is too large), update."""
+    base = seeded(MLP)
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    for step in range(4):
+        x, y = batch(step)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        ctx.rec(f"s{step}.loss", loss)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        ctx.rec(f"s{step}.norm", torch.nn.utils.clip_grad_norm_(base.parameters(), 1.0))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        ctx.rec(f"s{step}.scale", torch.tensor(scaler.get_scale()))
+        ctx.rec_state(f"s{step}.state", base)
+
+
+@case("aot", max_traces=4)
+def frozen_backbone_partial_backward(ctx: Ctx) -> None:
+    """The compiled model frozen (requires_grad_(False)) as a feature extractor under an eager head, its last
+    layer unfrozen mid-run; then backward(inputs=[one weight]) through it."""
+    base = seeded(MLP)
+    model = ctx.wrap(base)
+    head = seeded(nn.Linear, 4, 3)
+    base.requires_grad_(False)
+    opt = torch.optim.SGD(list(head.parameters()) + list(base.fc3.parameters()), lr=0.1)
+    for step in range(4):
+        if step == 2:
+            base.fc3.requires_grad_(True)
+        x, y = batch(step)
+        loss = nn.functional.cross_entropy(head(model(x)), y % 3)
+        ctx.rec(f"s{step}.loss", loss)
+        loss.backward()
+        ctx.rec_grads(f"s{step}", base)
+        ctx.rec_grads(f"s{step}.head", head)
+        opt.step()
+        opt.zero_grad()
+    base.requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(batch(7)[0]), batch(7)[1])
+    loss.backward(inputs=[base.fc1.weight])
+    ctx.rec_grads("partial", base)
+
+
+@case("aot", max_traces=8)
+def varying_lengths_eval_toggles(ctx: Ctx) -> None:
+    """A Llama trained on sequence lengths that change every step (8, 12, 8, 16, 5, 12, 1), each step followed by
+    an evaluation of a shorter prefix under inference_mode or no_grad (automatic dynamic shapes in both modes;
+    length 1 gives a NaN loss, in eager too)."""
+    base = tiny_llama_lm()
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step, length in enumerate([8, 12, 8, 16, 5, 12, 1]):
+        ids = torch.randint(3, 64, (2, length), generator=gen(500 + step))
+        model.train()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        ctx.rec(f"s{step}.loss", out.loss)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.inference_mode() if step % 2 else torch.no_grad():
+            ctx.rec(f"s{step}.eval", model(input_ids=ids[:1, :max(1, length - 2)], use_cache=False).logits)
+    ctx.rec_state("final", base)
+
+
+def _llama_steps(ctx: Ctx, model, base, opt, label: str, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
+        ids = lm_batch(step)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        ctx.rec(f"{label}{step}.loss", out.loss)
+        out.loss.backward()
+        ctx.rec_grads(f"{label}{step}", base)
+        opt.step()
+        opt.zero_grad()
+    ctx.rec_state(f"{label}.state", base)
+
+
+@case("aot", max_traces=6)
+def hf_gradient_checkpointing(ctx: Ctx) -> None:
+    """A Llama with gradient_checkpointing_enable() from the start: use_reentrant False for 2 steps, True for 2
+    (transformers then makes the embeddings' output require grad), then an eval under no_grad."""
+    base = tiny_llama_lm()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _llama_steps(ctx, model, base, opt, "nonre", 2)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _llama_steps(ctx, model, base, opt, "re", 2, start=2)
+    model.eval()
+    with torch.no_grad():
+        ctx.rec("eval", model(input_ids=lm_batch(9), use_cache=False).logits)
+
+
+class CkptNet(nn.Module):
+    """Two MLP blocks, each under torch.utils.checkpoint (``reentrant`` picks the implementation)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)) for _ in range(2))
+        self.out = nn.Linear(16, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = self.inp(x)  # requires grad: the reentrant checkpoint's parameters get their gradients
+        for block in self.blocks:
+            h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+@case("aot", max_traces=4)
+def checkpoint_non_reentrant(ctx: Ctx) -> None:
+    """torch.utils.checkpoint(use_reentrant=False) around two residual blocks: 3 steps, then eval."""
+    base = seeded(CkptNet, False)
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+    model.eval()
+    with torch.no_grad():
+        ctx.rec("eval", model(batch(9)[0]))
+
+
+@case("aot", max_traces=4)
+def checkpoint_reentrant(ctx: Ctx) -> None:
+    """torch.utils.checkpoint(use_reentrant=True) around two residual blocks (their input requires grad):
+    3 steps, then eval."""
+    base = seeded(CkptNet, True)
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        step_(ctx, model, opt, f"s{step}", *batch(step), base=base)
+    model.eval()
+    with torch.no_grad():
+        ctx.rec("eval", model(batch(9)[0]))
+
+
+@case(max_traces=4)
+def module_compile_in_place(ctx: Ctx) -> None:
+    """nn.Module.compile(backend="aotcache") in place (the ``compile`` way; ``eager`` leaves it), a Llama trained
+    3 steps; state_dict keys unchanged, save_pretrained / from_pretrained, torch.save of the whole model."""
+    import transformers
+
+    base = tiny_llama_lm()
+    if ctx.way != "eager":
+        base.compile(backend="aotcache", options={"compiler": "nop"})
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-3)
+    _llama_steps(ctx, base, base, opt, "s", 3)
+    ctx.rec("keys", list(base.state_dict()))
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(tmp)
+        ctx.rec_state("reloaded", transformers.LlamaForCausalLM.from_pretrained(tmp))
+        buf = io.BytesIO()
+        torch.save(base, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    loaded.eval()
+    with torch.no_grad():
+        ctx.rec("loaded_eval", loaded(input_ids=lm_batch(9), use_cache=False).logits)
+
+
+@case("aot", max_traces=6)
+def eval_modes_interleaved(ctx: Ctx) -> None:
+    """A Llama trained 4 steps with an evaluation after each: no_grad in train mode (dropout off anyway),
+    inference_mode in eval mode, eval()/train() toggled every step; the logits and the loss recorded."""
+    base = tiny_llama_lm()
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(4):
+        model.train()
+        _llama_steps(ctx, model, base, opt, f"t{step}.", 1, start=step)
+        ids = lm_batch(50 + step)
+        if step % 2 == 0:
+            model.eval()
+            with torch.inference_mode():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+        else:
+            with torch.no_grad():
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+        ctx.rec(f"e{step}.out", (out.loss, out.logits))
+
+
+@case("aot", max_traces=4)
+def accumulation_optimizer_variants(ctx: Ctx) -> None:
+    """A BERT classifier: 3 micro-batches per optimizer step, zero_grad(set_to_none=False), clip_grad_norm_,
+    a LambdaLR warmup, foreach AdamW for two steps, then the embeddings frozen (requires_grad False) and a fused
+    AdamW on the rest, then unfrozen with a new param group."""
+    base = tiny_bert_cls()
+    model = ctx.wrap(base)
+
+    def epoch(opt, sched, label: str, steps: int) -> None:
+        for step in range(steps):
+            for micro in range(3):
+                g = gen(400 + step * 3 + micro + 10 * len(label))
+                ids, y = torch.randint(3, 64, (4, 8), generator=g), torch.randint(0, 2, (4,), generator=g)
+                out = model(input_ids=ids, labels=y)
+                ctx.rec(f"{label}{step}.{micro}.loss", out.loss)
+                (out.loss / 3).backward()
+            ctx.rec(f"{label}{step}.norm", torch.nn.utils.clip_grad_norm_(base.parameters(), 0.5))
+            ctx.rec_grads(f"{label}{step}", base)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=False)
+            ctx.rec_state(f"{label}{step}.state", base)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    epoch(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2)), "a", 2)
+    base.bert.embeddings.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    epoch(opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), "b", 2)
+    base.bert.embeddings.requires_grad_(True)
+    opt.add_param_group({"params": list(base.bert.embeddings.parameters()), "lr": 1e-3})
+    epoch(opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), "c", 1)
+
+
+@case("aot", max_traces=4)
+def checkpoints_between_eager_and_compiled(ctx: Ctx) -> None:
+    """A Llama trained 2 steps compiled; torch.save(compiled.state_dict()) loaded into a fresh eager model that
+    trains a step; its state dict (and an optimizer state dict) loaded back into the compiled model; pickled and
+    deep-copied wrappers after compiling, each trained a step."""
+    base = tiny_llama_lm()
+    model = ctx.wrap(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _llama_steps(ctx, model, base, opt, "a", 2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    ctx.rec("keys", list(saved["model"]))
+    eager = tiny_llama_lm()
+    eager.load_state_dict(saved["model"])
+    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+    eager_opt.load_state_dict(saved["opt"])
+    _llama_steps(ctx, eager, eager, eager_opt, "eager", 1, start=2)
+    model.load_state_dict(eager.state_dict())
+    opt.load_state_dict(eager_opt.state_dict())
+    _llama_steps(ctx, model, base, opt, "b", 1, start=3)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    pickled = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(model)
+    for label, other in (("pickled", pickled), ("twin", twin)):
+        other_base = getattr(other, "orig_module", other)
+        other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+        _llama_steps(ctx, other, other_base, other_opt, label, 1, start=5)
+    ctx.rec_state("original", base)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------
 

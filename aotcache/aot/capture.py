@@ -39,6 +39,7 @@ from aotcache.aot.refusals import (
     refuse_host_random,
     refuse_constants_requiring_grad,
     refuse_reentrant_checkpoint,
+    refuse_reentrant_checkpoint_nodes,
 )
 from aotcache.aot.input_mutations import (
     RejectInputResize,
@@ -641,6 +642,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
             grads: list = [None] * len(primals)
             if pairs and wrt:
                 hand_on_source_locations([out for out, _ in pairs])
+                refuse_reentrant_checkpoint_nodes([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
                 try:
                     computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],

@@ -60,7 +60,7 @@ __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fal
            "is_trace_failure", "trace_failure_error", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_past_recompile_limit",
-           "eager_dynamo_graph", "dynamo_as_eager", "has_uninitialized_parameters"]
+           "eager_dynamo_graph", "graph_as_eager", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
@@ -227,7 +227,7 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
         _warn_once(owner, f"region:{exc.reason}",
                    "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
                    owner.name, _first_line(exc))
-        return gm.forward
+        return graph_as_eager(gm)
 
 
 def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
@@ -246,6 +246,50 @@ def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
     log_once(logging.WARNING, f"backend-region:{exc.reason}",
              "aotcache backend: a torch.compile graph cannot be captured (%s); it runs eagerly (eager's results)",
              _first_line(exc))
+    return graph_as_eager(gm)
+
+
+def _checkpoint_as_eager(body: Callable, *args: Any, **kwargs: Any) -> Any:
+    """A checkpointed region of a Dynamo graph run as eager's ``torch.utils.checkpoint`` runs it (NOTE
+    [Checkpointed regions run eagerly])."""
+    from torch.utils.checkpoint import checkpoint
+
+    options = {"preserve_rng_state": True, **kwargs, "use_reentrant": False}
+    context_fn = getattr(body, "meta", {}).get("_checkpoint_context_fn")
+    if context_fn is not None:
+        options["context_fn"] = context_fn
+    return checkpoint(body, *args, **options)
+
+
+def graph_as_eager(gm: torch.fx.GraphModule) -> Callable:
+    """``gm``'s forward, to run a Dynamo graph as Python with eager's results.
+
+    NOTE [Checkpointed regions run eagerly]
+    Dynamo hands a ``torch.utils.checkpoint`` region over as a ``tag_activation_checkpoint`` call, whose own eager
+    implementation checkpoints with ``preserve_rng_state=False`` (it expects a compiler to replay random ops), so
+    run as Python a region with dropout drew another mask when the backward recomputed it: other gradients than
+    eager's, silently (``torch.compile(backend="eager")`` does the same). Where aotcache runs such a graph as Python
+    (a graph it cannot capture: dropout inside a checkpointed region is one, NOTE [In-place ops in a checkpointed
+    region]), each region calls ``torch.utils.checkpoint`` as eager does: non-reentrant, the RNG state preserved
+    unless the model asked otherwise, a selective-checkpoint policy kept. Nested regions are rewritten too.
+    """
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if hop is None:
+        return gm.forward
+    changed = False
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        found = False
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is hop:
+                node.target = _checkpoint_as_eager
+                found = True
+        if found:
+            module.recompile()
+            changed = True
+    if changed:
+        logger.debug("aotcache: checkpointed regions of a Dynamo graph run through torch.utils.checkpoint")
     return gm.forward
 
 

@@ -481,8 +481,11 @@ class AOTModule(nn.Module):
 # wrapper as a bare state dict, without ``config.json`` (``from_pretrained`` of it then failed). For such a model
 # the signed class's ``__class__`` is the wrapped model's class, which ``isinstance`` consults after the type, so
 # ``isinstance(wrapped, PreTrainedModel)`` holds and the Trainer calls ``wrapped.save_pretrained`` (the wrapped
-# model's). Only for these: for a torch building block (``isinstance(m, nn.Linear)`` in an init function run by
-# ``model.apply``) it would make the wrapper count twice.
+# model's). The same for a peft ``PeftModel``: the Trainer reads the dataset columns from the *base* model's
+# ``forward`` when ``isinstance(model, PeftModel)`` (a ``PeftModel``'s own is ``forward(*args, **kwargs)``), so for a
+# wrapper it kept no column and raised "The batch received was empty" where eager trains; it also saves and loads
+# adapters by that test. Only for these: for a torch building block (``isinstance(m, nn.Linear)`` in an init
+# function run by ``model.apply``) it would make the wrapper count twice.
 _CLASSES: dict[tuple[type, type], type] = {}
 _CLASSES_LOCK = threading.Lock()
 
@@ -508,17 +511,21 @@ def _class_standing_for(cls: type, module_cls: type) -> type:
         functools.update_wrapper(forward, module_cls.forward)
     namespace = {"forward": forward, "_aotcache_wrapper_class": static, "__module__": static.__module__,
                  "__qualname__": f"{static.__qualname__}[{module_cls.__qualname__}]", "__doc__": static.__doc__}
-    if _is_pretrained_model(module_cls):  # NOTE [The wrapper's class]: isinstance(wrapped, PreTrainedModel)
+    if _is_model_class(module_cls):  # NOTE [The wrapper's class]: isinstance(wrapped, PreTrainedModel)
         namespace["__class__"] = property(lambda self: type(self.orig_module))
     signed = type(module_cls.__name__, (static,), namespace)
     with _CLASSES_LOCK:
         return _CLASSES.setdefault(key, signed)
 
 
-def _is_pretrained_model(cls: type) -> bool:
-    """Whether ``cls`` is a transformers ``PreTrainedModel`` (by name: transformers is never imported here)."""
-    return any(f"{base.__module__}.{base.__qualname__}" == "transformers.modeling_utils.PreTrainedModel"
-               for base in cls.__mro__)
+_MODEL_CLASSES = frozenset({"transformers.modeling_utils.PreTrainedModel", "peft.peft_model.PeftModel",
+                            "peft.mixed_model.PeftMixedModel"})
+
+
+def _is_model_class(cls: type) -> bool:
+    """Whether ``cls`` is a transformers ``PreTrainedModel`` or a peft ``PeftModel`` / ``PeftMixedModel`` (by name:
+    neither library is imported here)."""
+    return any(f"{base.__module__}.{base.__qualname__}" in _MODEL_CLASSES for base in cls.__mro__)
 
 
 def _unpickle_wrapper(cls: type, module: nn.Module, arguments: dict, training: bool) -> AOTModule:

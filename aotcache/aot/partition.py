@@ -9,6 +9,9 @@ recorded in ``fw_gm.meta["num_saved_tensors"]`` / ``["num_saved_symints"]``.
 - :func:`default_partition` saves every forward value that the backward reads.
 - :func:`min_cut_rematerialization_partition` chooses what to save by a minimum cut over saved bytes,
   recomputing cheap ops (pointwise, views, ...) in the backward; it never recomputes expensive or random ops.
+
+Both recompute the inside of activation-checkpointed regions in the backward (NOTE [Activation checkpoint
+regions]).
 """
 
 from __future__ import annotations
@@ -111,6 +114,62 @@ def _order_saved(joint: _Joint, saved: Iterable[fx.Node]) -> list[fx.Node]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Activation checkpoint regions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _recompute_tag(node: fx.Node) -> Any:
+    """The node's ``recompute`` tag if it asks to be recomputed (MUST_ / PREFER_RECOMPUTE), else None."""
+    tag = node.meta.get("recompute")
+    if tag is None:
+        return None
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return tag if tag in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE) else None
+
+
+def _checkpointed_internals(joint: _Joint, region: set[fx.Node]) -> set[fx.Node]:
+    """NOTE [Activation checkpoint regions]
+    ``torch.utils.checkpoint`` (transformers' ``gradient_checkpointing_enable()``) asks for the activations inside
+    a region to be recomputed in the backward instead of kept: the memory a model needs to train at all. Under
+    Dynamo the region is a higher-order op whose nodes reach the joint graph tagged ``meta["recompute"]`` (and
+    ``ac_graph_id``, one per region); a partitioner that ignores the tags saves every activation, as if there
+    were no checkpoint (same results, the memory of the unchecked model: the Dynamo way of ``aotcache.compile``
+    and ``torch.compile(backend="aotcache")`` did so until 2026-12-05). Both partitioners recompute a region's
+    *internal* values in the backward: forward nodes tagged to be recomputed whose forward users all belong to
+    the same region. A region's outputs (read outside it, or forward outputs) and its inputs are saved where the
+    backward needs them, as eager's checkpoint keeps its inputs and its caller keeps its outputs, so two regions
+    in a row never recompute each other. Random ops are saved (a second draw would differ; eager's checkpoint
+    replays the RNG state instead), and so is anything that is not a plain op (effectful higher-order ops), or
+    a tuple item whose op is not recomputed. Recomputing runs the same ops on the same values: bitwise eager's.
+    """
+    found: set[fx.Node] = set()
+    for node in joint.nodes:
+        if node not in region or node.op != "call_function" or _recompute_tag(node) is None:
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if _is_random(target):
+                continue
+        elif target is not operator.getitem and not _is_symint(node):
+            continue
+        if node in joint.fw_outs:
+            continue
+        graph_id = node.meta.get("ac_graph_id")
+        users = [user for user in node.users if user in region]
+        if all(_recompute_tag(user) is not None and user.meta.get("ac_graph_id") == graph_id for user in users):
+            found.add(node)
+    changed = True
+    while changed:  # a tuple item is recomputed only with its op (a tuple cannot be saved)
+        changed = False
+        for node in list(found):
+            if node.target is operator.getitem and node.args[0] not in found:
+                found.discard(node)
+                changed = True
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Building the two graphs
 # ----------------------------------------------------------------------------------------------------------
 
@@ -209,9 +268,10 @@ def default_partition(joint_gm: fx.GraphModule, joint_inputs: Sequence[Any] = ()
     del joint_inputs  # the fake values on the nodes carry all we need
     joint = _Joint(joint_gm, num_fwd_outputs)
     region = _forward_region(joint)
-    backward_nodes = joint.ancestors(joint.grads, stop=region) - region
-    saved = {arg for user in backward_nodes for arg in user.all_input_nodes if arg in region}
-    saved |= {grad for grad in joint.grads if isinstance(grad, fx.Node) and grad in region}
+    kept = region - _checkpointed_internals(joint, region)  # NOTE [Activation checkpoint regions]
+    backward_nodes = joint.ancestors(joint.grads, stop=kept) - kept
+    saved = {arg for user in backward_nodes for arg in user.all_input_nodes if arg in kept}
+    saved |= {grad for grad in joint.grads if isinstance(grad, fx.Node) and grad in kept}
     return _build(joint, _order_saved(joint, saved))
 
 
@@ -336,6 +396,9 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
     backward_roots |= {grad for grad in joint.grads if isinstance(grad, fx.Node)
                        and grad not in joint.tangent_dependent}
     relevant = joint.ancestors(backward_roots)  # tangent-independent values the backward may need
+    # NOTE [Activation checkpoint regions]: a region's internal values cannot be saved, and may be recomputed
+    # whatever they cost
+    checkpointed = _checkpointed_internals(joint, _forward_region(joint))
 
     flow = nx.DiGraph()
     flow.add_node("source")
@@ -344,13 +407,13 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
     for node in joint.sorted(relevant):
         node_in, node_out = f"{node.name}__in", f"{node.name}__out"
         cost = saved_value_bytes(node)
-        if math.isinf(cost):
+        if math.isinf(cost) or node in checkpointed:
             flow.add_edge(node_in, node_out)
         else:
             # NOTE [tie-break]: an intermediate costs one byte more than a primal of equal size, so between
             # saving an input and saving a view/copy of it the input wins.
             flow.add_edge(node_in, node_out, capacity=cost + (0.0 if node.op == "placeholder" else 1.0))
-        if node.op == "placeholder" or not is_recomputable(node):
+        if node.op == "placeholder" or (not is_recomputable(node) and node not in checkpointed):
             flow.add_edge("source", node_in)
         if node in backward_roots:
             flow.add_edge(node_out, "sink")

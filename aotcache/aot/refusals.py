@@ -24,8 +24,9 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
-           "data_parallel_wrapper",
+           "data_parallel_wrapper", "checkpoint_mutation_error",
            "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "refuse_reentrant_checkpoint_nodes",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
            "unsupported_layout_error"]
@@ -57,6 +58,39 @@ def refuse_module_backward_hooks(module: torch.nn.Module) -> None:
             f"(read gradients from the parameters' .grad after backward instead).")
 
 
+_REENTRANT_MESSAGE = (
+    "aotcache: reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) runs its backward "
+    "with .backward(), which cannot be traced into a compiled backward. Pass use_reentrant=False (transformers: "
+    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})); the call runs through "
+    "the fallback meanwhile.")
+
+
+def refuse_reentrant_checkpoint_nodes(outputs: list) -> None:
+    """Raise a CaptureError if the traced outputs' autograd graph holds a reentrant checkpoint.
+
+    NOTE [Reentrant checkpoints the traced backward skips]
+    The joint trace differentiates the outputs with ``torch.autograd.grad`` *with respect to the graph's inputs*;
+    autograd then runs only the nodes on a path to them. A reentrant checkpoint's parameters are not inputs of its
+    node (its backward recomputes the region and accumulates their ``.grad`` with ``.backward()``), so when no graph
+    input flows into the region -- transformers' ``enable_input_require_grads()`` hook makes the frozen embeddings'
+    output require grad, peft's LoRA recipe with gradient checkpointing -- the traced backward skipped the node:
+    no error, and the compiled backward left the adapters' ``.grad`` None where eager trains them (a LoRA model
+    trained nothing, silently). Any ``CheckpointFunctionBackward`` in the traced graph is refused, whether or not
+    the backward would reach it. Without an input requiring grad a reentrant checkpoint adds no node, and eager
+    leaves its parameters' gradients None too.
+    """
+    seen: set[int] = set()
+    stack = [out.grad_fn for out in outputs if isinstance(out, torch.Tensor) and out.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            raise CaptureError(_REENTRANT_MESSAGE)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
 def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     """Raise a CaptureError for the error reentrant activation checkpointing raises in the traced backward.
 
@@ -67,14 +101,12 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     construct the capture cannot express, so the call falls back (NOTE [Capture fallback]); without an input
     requiring grad the checkpoint has no backward node and the capture goes on (and is refused later).
     """
+    if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
+        raise checkpoint_mutation_error(exc) from exc
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
-        raise CaptureError(
-            "aotcache: reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True) runs "
-            "its backward with .backward(), which cannot be traced into a compiled backward. Pass "
-            "use_reentrant=False (transformers: gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-            "{'use_reentrant': False})); the call runs through the fallback meanwhile.") from exc
+        raise CaptureError(_REENTRANT_MESSAGE) from exc
 
 
 # NOTE [Data-parallel wrappers]
@@ -434,17 +466,25 @@ def explain_data_dependent_ops() -> Iterator[None]:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc
         if _CHECKPOINT_MUTATION_ERROR in str(exc):  # NOTE [In-place ops in a checkpointed region]
-            raise CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
-                               f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a "
-                               f"tensor it computed{_call_site(exc)}, which aotcache cannot capture yet (the region "
-                               f"runs eagerly). Fix: write that line out of place (x = x + y rather than x += y), or "
-                               f"turn activation checkpointing off.", reason="unsupported_construct") from exc
+            raise checkpoint_mutation_error(exc) from exc
         if not any(marker in str(exc) for marker in _DATA_ACCESS_ERRORS):
             raise
         raise CaptureError(f"aotcache: the function reads a tensor's memory directly{_call_site(exc)} (.numpy(), "
                            f"numpy.asarray, .data_ptr(), a storage's data_ptr(), set_ onto a storage), which "
                            f"cannot be captured ({exc}). "
                            f"{fix}", reason="data_dependent") from exc
+
+
+def checkpoint_mutation_error(exc: RuntimeError) -> CaptureError:
+    """The CaptureError for torch's refusal of an in-place op in a checkpointed region (NOTE [In-place ops in a
+    checkpointed region]); raised by the joint trace's forward or, for the recomputation, its backward."""
+    return CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
+                        f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a tensor it "
+                        f"computed{_call_site(exc)} (dropout does, drawing its mask in place), which aotcache cannot "
+                        f"capture yet: the graph runs eagerly, each region as eager's torch.utils.checkpoint (NOTE "
+                        f"[Checkpointed regions run eagerly]). Fix: write that line out of place (x = x + y rather "
+                        f"than x += y), move dropout out of the region, or turn activation checkpointing off.",
+                        reason="unsupported_construct")
 
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
