@@ -1,0 +1,82 @@
+"""Adversarial cases of a warm start replaying a call's state change (NOTE [Replaying a call's state change] in
+autograd_cache/state_delta.py), found in review: each runs a cold process, then a warm one, both against eager
+in the same process (results and final state)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_python
+
+# argv: kind, calls (how many calls each process makes)
+SCRIPT = r"""
+import json, sys, torch
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+kind, calls = sys.argv[1], int(sys.argv[2])
+SPACED = "x mode"  # a str constant that is not an identifier: not interned by the compiler
+NAMED = "x_mode"  # an identifier: interned
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.mode = None
+
+    def forward(self, x):
+        if kind in ("identity", "interned"):  # the state is a sentinel str tested by identity
+            sentinel = SPACED if kind == "identity" else NAMED
+            if self.mode is None:
+                self.mode = sentinel
+                return self.lin(x).sum()
+            return self.lin(x).sum() * (2.0 if self.mode is sentinel else 3.0)
+        raise ValueError(kind)
+
+
+def plain(model):
+    return {name: value for name, value in vars(model).items() if not name.startswith("_")}
+
+
+eager, model = Model(), Model()
+compiled = aotcache.aot_module(model, "nop")
+x = torch.ones(2, 4)
+got = [compiled(x).item() for _ in range(calls)]
+want = [eager(x).item() for _ in range(calls)]
+print(json.dumps({"got": got, "want": want, "state": repr(plain(model)), "eager_state": repr(plain(eager)),
+                  **{k: v for k, v in default_cache().counters.items() if k.startswith("fingerprint")}}))
+"""
+
+
+def _run(tmp_path, kind: str, calls: int) -> dict:
+    path = tmp_path / "review.py"
+    path.write_text(SCRIPT)
+    code = f"import runpy, sys; sys.argv = ['review', {kind!r}, '{calls}']; runpy.run_path({str(path)!r})"
+    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
+
+
+def _assert_eager(run: dict) -> None:
+    assert run["got"] == run["want"] and run["state"] == run["eager_state"], run
+
+
+def test_a_replayed_str_keeps_its_identity_for_a_later_is_test(tmp_path):
+    # found in review: the cold process recorded `self.mode = SPACED` (a str constant that is not interned); the
+    # warm replay wrote a new str object equal to it, so the next call, traced from that state, took the
+    # `is not SPACED` branch (3x the loss where eager gives 2x)
+    cold = _run(tmp_path, "identity", 1)  # the first call's change only
+    _assert_eager(cold)
+    assert cold["fingerprint_state_changed"] == 1 and "fingerprint_state_recorded" not in cold  # not replayable
+    warm = _run(tmp_path, "identity", 2)
+    _assert_eager(warm)
+    assert "fingerprint_replay" not in warm
+
+
+def test_a_replayed_interned_str_is_the_warm_processes_own_object(tmp_path):
+    cold = _run(tmp_path, "interned", 1)
+    _assert_eager(cold)
+    assert cold["fingerprint_state_recorded"] == 1
+    warm = _run(tmp_path, "interned", 2)
+    _assert_eager(warm)
+    assert warm["fingerprint_replay"] == 1, warm  # replayed, and the next call's `is` test holds
