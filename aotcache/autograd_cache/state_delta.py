@@ -86,8 +86,8 @@ def encode_plain(value: Any, depth: int = 0) -> list | None:
     return None
 
 
-def decode_plain(token: Any) -> Any:
-    """The value of a token written by :func:`encode_plain`.
+def decode_plain(token: Any, depth: int = 0) -> Any:
+    """The value of a token written by :func:`encode_plain` (tuples nested no deeper than it writes them).
 
     :raises ValueError: ``token`` is not such a token.
     """
@@ -105,8 +105,8 @@ def decode_plain(token: Any) -> Any:
             return float.fromhex(token[1])
         if tag == "str" and type(token[1]) is str:
             return sys.intern(token[1])  # the object an interned constant of this process is (NOTE above)
-        if tag == "tuple" and type(token[1]) is list:
-            return tuple(decode_plain(item) for item in token[1])
+        if tag == "tuple" and type(token[1]) is list and depth < _MAX_TUPLE_DEPTH and len(token[1]) <= _MAX_ITEMS:
+            return tuple(decode_plain(item, depth + 1) for item in token[1])
     except (TypeError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed plain-value token: {exc}") from None
     raise ValueError(f"unknown plain-value token {str(token)[:60]}")

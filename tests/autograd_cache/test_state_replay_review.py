@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
+import aotcache
+from aotcache.logs import CacheFault
+from tests.autograd_cache.test_state_replay import SetsMode, _recorded, fresh_cache
 from tests.conftest import run_python
 
 # argv: kind, calls (how many calls each process makes)
@@ -80,3 +86,38 @@ def test_a_replayed_interned_str_is_the_warm_processes_own_object(tmp_path):
     warm = _run(tmp_path, "interned", 2)
     _assert_eager(warm)
     assert warm["fingerprint_replay"] == 1, warm  # replayed, and the next call's `is` test holds
+
+
+@pytest.mark.parametrize("corruption", ["nested past the JSON parser's limit", "tuples nested past the encoder's",
+                                        "schema 1 with a change"])
+def test_a_corrupt_replay_record_is_a_counted_miss_not_a_crash(monkeypatch, corruption):
+    # found in review: a record nested deeper than json's recursion limit raised RecursionError out of the
+    # warm call; a schema-2 record relabelled schema 1 was served as a plain alias (no replay: mode stayed None)
+    cache = fresh_cache()
+    (store_key, _), = _recorded(monkeypatch, cache)
+    text = bytes(cache.tiers.get(store_key)).decode()
+    after = json.dumps(json.loads(text)["delta"][0][3], separators=(",", ":"))
+    if corruption == "nested past the JSON parser's limit":
+        text = text.replace(after, '["tuple",[' * 3000 + after + "]]" * 3000)
+    elif corruption == "tuples nested past the encoder's":
+        text = text.replace(after, '["tuple",[' * 8 + after + "]]" * 8)
+    else:
+        text = text.replace('"schema":2', '"schema":1')
+    cache.delete(store_key)
+    cache.tiers.insert(store_key, text.encode())
+    eager, model = SetsMode(), SetsMode()
+    out = aotcache.aot_module(model, "nop", cache=cache)(torch.ones(2, 4))
+    assert torch.equal(out, eager(torch.ones(2, 4))) and model.mode == eager.mode == "x"
+    assert cache.counters["load_error"] == 1 and cache.counters["fingerprint_miss"] == 2
+    assert cache.counters.get("fingerprint_hit", 0) == 0
+
+
+def test_a_corrupt_replay_record_raises_in_strict_mode(monkeypatch):
+    cache = fresh_cache()
+    (store_key, _), = _recorded(monkeypatch, cache)
+    text = bytes(cache.tiers.get(store_key)).decode().replace('"delta":[[', '"delta":[' + '[' * 3000, 1)
+    cache.delete(store_key)
+    cache.tiers.insert(store_key, text.encode())
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
+    with pytest.raises(CacheFault, match="unusable fingerprint alias record"):
+        aotcache.aot_module(SetsMode(), "nop", cache=cache)(torch.ones(2, 4))
