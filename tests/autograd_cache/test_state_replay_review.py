@@ -21,6 +21,8 @@ import aotcache
 from aotcache.autograd_cache.cache import default_cache
 
 kind, calls = sys.argv[1], int(sys.argv[2])
+if len(sys.argv) > 3:
+    torch.set_num_threads(int(sys.argv[3]))
 SPACED = "x mode"  # a str constant that is not an identifier: not interned by the compiler
 NAMED = "x_mode"  # an identifier: interned
 
@@ -39,6 +41,9 @@ class Model(torch.nn.Module):
                 self.mode = sentinel
                 return self.lin(x).sum()
             return self.lin(x).sum() * (2.0 if self.mode is sentinel else 3.0)
+        if kind == "threads":  # a per-process value read through torch
+            self.threads = torch.get_num_threads()
+            return self.lin(x).sum()
         raise ValueError(kind)
 
 
@@ -56,10 +61,11 @@ print(json.dumps({"got": got, "want": want, "state": repr(plain(model)), "eager_
 """
 
 
-def _run(tmp_path, kind: str, calls: int) -> dict:
+def _run(tmp_path, kind: str, calls: int, *extra: str) -> dict:
     path = tmp_path / "review.py"
     path.write_text(SCRIPT)
-    code = f"import runpy, sys; sys.argv = ['review', {kind!r}, '{calls}']; runpy.run_path({str(path)!r})"
+    argv = ["review", kind, str(calls), *extra]
+    code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path({str(path)!r})"
     return json.loads(run_python(code).stdout.strip().splitlines()[-1])
 
 
@@ -121,3 +127,13 @@ def test_a_corrupt_replay_record_raises_in_strict_mode(monkeypatch):
     monkeypatch.setenv("AOTCACHE_STRICT", "1")
     with pytest.raises(CacheFault, match="unusable fingerprint alias record"):
         aotcache.aot_module(SetsMode(), "nop", cache=cache)(torch.ones(2, 4))
+
+
+def test_a_value_torch_reads_from_the_process_is_not_replayed_into_another_process(tmp_path):
+    # found in review: `self.threads = torch.get_num_threads()` was recorded in a process with 2 threads and
+    # replayed as 2 in a process with 1; torch's per-process readers now make the fingerprint untrusted
+    cold = _run(tmp_path, "threads", 1, "2")
+    _assert_eager(cold)
+    warm = _run(tmp_path, "threads", 1, "1")
+    _assert_eager(warm)
+    assert "fingerprint_replay" not in warm and "fingerprint_hit" not in warm, warm
