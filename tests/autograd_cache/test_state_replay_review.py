@@ -16,13 +16,14 @@ from tests.conftest import run_python
 
 # argv: kind, calls (how many calls each process makes)
 SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
 import aotcache
 from aotcache.autograd_cache.cache import default_cache
 
 kind, calls = sys.argv[1], int(sys.argv[2])
-if len(sys.argv) > 3:
-    torch.set_num_threads(int(sys.argv[3]))
+value = sys.argv[3] if len(sys.argv) > 3 else ""  # threads: the thread count; tag: the call's keyword argument
+if kind == "threads":
+    torch.set_num_threads(int(value))
 SPACED = "x mode"  # a str constant that is not an identifier: not interned by the compiler
 NAMED = "x_mode"  # an identifier: interned
 
@@ -35,27 +36,39 @@ class Model(torch.nn.Module):
         self.mode = None
         self.tags = frozenset({"alpha", "beta", "gamma", "delta"})
 
-    def forward(self, x):
-        return step(self, x)
+    def forward(self, x, tag="-"):
+        return step(self, x, tag)
 
 
 # each kind's step defined alone: the fingerprint walks only the code the forward can reach
 if kind in ("identity", "interned"):  # the state is a sentinel str tested by identity
     SENTINEL = SPACED if kind == "identity" else NAMED
 
-    def step(self, x):
+    def step(self, x, tag):
         if self.mode is None:
             self.mode = SENTINEL
             return self.lin(x).sum()
         return self.lin(x).sum() * (2.0 if self.mode is SENTINEL else 3.0)
 elif kind == "threads":  # a per-process value read through torch
 
-    def step(self, x):
+    def step(self, x, tag):
         self.threads = torch.get_num_threads()
+        return self.lin(x).sum()
+elif kind == "env":  # a value the fingerprint pins: an environment variable read by a constant name
+
+    def step(self, x, tag):
+        if self.mode is None:
+            self.mode = os.environ.get("REVIEW_MODE", "unset")
+        return self.lin(x).sum()
+elif kind == "tag":  # a value the fingerprint pins: a str keyword argument of the call
+
+    def step(self, x, tag):
+        if self.mode is None:
+            self.mode = tag
         return self.lin(x).sum()
 elif kind == "set_order":  # a set of str iterates in an order that follows the process's str hashing
 
-    def step(self, x):
+    def step(self, x, tag):
         if self.mode is None:
             self.mode = next(iter(self.tags))
         return self.lin(x).sum()
@@ -68,8 +81,9 @@ def plain(model):
 eager, model = Model(), Model()
 compiled = aotcache.aot_module(model, "nop")
 x = torch.ones(2, 4)
-got = [compiled(x).item() for _ in range(calls)]
-want = [eager(x).item() for _ in range(calls)]
+kwargs = {"tag": value} if kind == "tag" else {}
+got = [compiled(x, **kwargs).item() for _ in range(calls)]
+want = [eager(x, **kwargs).item() for _ in range(calls)]
 print(json.dumps({"got": got, "want": want, "state": repr(plain(model)), "eager_state": repr(plain(eager)),
                   **{k: v for k, v in default_cache().counters.items() if k.startswith("fingerprint")}}))
 """
@@ -161,3 +175,16 @@ def test_a_value_picked_by_a_sets_iteration_order_is_the_warm_processes_own(tmp_
     _assert_eager(_run(tmp_path, "set_order", 1, env={"PYTHONHASHSEED": "1"}))
     warm = _run(tmp_path, "set_order", 1, env={"PYTHONHASHSEED": "2"})  # iterates the set in another order
     _assert_eager(warm)
+
+
+@pytest.mark.parametrize("kind", ["env", "tag"])
+def test_a_change_computed_from_a_pinned_value_replays_only_where_that_value_is_the_same(tmp_path, kind):
+    def run(value):
+        extra = (value,) if kind == "tag" else ()
+        return _run(tmp_path, kind, 1, *extra, env={"REVIEW_MODE": value})
+
+    first, other, again = run("a"), run("b"), run("a")
+    for result in (first, other, again):
+        _assert_eager(result)
+    assert "'mode': 'b'" in other["state"] and "fingerprint_replay" not in other  # another fingerprint: traced
+    assert again["fingerprint_replay"] == 1 and "'mode': 'a'" in again["state"]
