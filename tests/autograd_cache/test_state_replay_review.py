@@ -188,3 +188,17 @@ def test_a_change_computed_from_a_pinned_value_replays_only_where_that_value_is_
         _assert_eager(result)
     assert "'mode': 'b'" in other["state"] and "fingerprint_replay" not in other  # another fingerprint: traced
     assert again["fingerprint_replay"] == 1 and "'mode': 'a'" in again["state"]
+
+
+def test_the_snapshot_replays_interned_strs_only():
+    from aotcache.autograd_cache.state_delta import StateDelta, StateSnapshot, decode_plain, encode_plain
+
+    literal = "single_label_classification"  # an identifier: interned by the compiler
+    built = "".join(["single_label", "_classification"])  # equal to it, another object
+    for value, replayable in ((literal, True), (built, False), (("a", built), False),
+                              (("a", ("b", 1)), True), ("", True), ("x mode".upper(), False)):
+        model = SetsMode()
+        snapshot = StateSnapshot(model)
+        model.mode = value
+        assert isinstance(snapshot.delta(), StateDelta) == replayable, value
+    assert decode_plain(encode_plain(built)) is literal  # a replay writes this process's interned object
