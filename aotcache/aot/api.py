@@ -281,6 +281,7 @@ class AOTFunction:
                     past_limit = self.traces.exhausted(self.name, getattr(self, "fingerprint_module", None))
                     if past_limit is not None:  # NOTE [Recompile limit]: no lookup either
                         return eager_past_recompile_limit(self, in_spec, past_limit, self._last_change)
+                    stale = self._key_is_stale(extra, program)  # NOTE [A key read before another thread's change]
                     # NOTE [State changed by a capture]: each run of the Python starts from the call's state
                     saved = self._saved_state = self._save_call_state(extra)
                     try:
@@ -316,6 +317,9 @@ class AOTFunction:
                         # never found again, and every call tried the capture once more before falling back.
                         settings = _ANY_SETTINGS if getattr(runtime, "any_settings", False) else extra
                         self._fallbacks[(settings, key[2])] = runtime
+                    elif stale:  # traced from the state as it is now, which this call's key does not name
+                        runtime.single_use = True  # type: ignore[attr-defined]
+                        return runtime
                     elif self._changed_by_call(saved, extra):  # NOTE [State changed by a capture]: this call only
                         runtime.single_use = True  # type: ignore[attr-defined]
                         self.num_single_use += 1
@@ -370,6 +374,21 @@ class AOTFunction:
             keep_joint_for_double_backward(runtime, captured)
 
         return make_joint
+
+    # NOTE [A key read before another thread's change]
+    # A call reads its key (an aot_module's settings id, the program digest) before it takes the compile lock. A
+    # call of another thread may change the state in between (its first call sets ``self.mode``); this call then
+    # traces from the changed state, right for this call, but its key names the state before: kept under it, the
+    # graph served a later call from that state, which skipped the change and took the other branch (found while
+    # reviewing the replay of state changes). So under the lock the key is checked against the state as it is;
+    # a stale one keeps the graph for this call only.
+    def _key_is_stale(self, extra: Any, program: str) -> bool:
+        """Whether the module's settings or the program changed since this call read ``extra`` and ``program``."""
+        settings = getattr(self, "current_settings", None)
+        if settings is not None and settings()[3] != extra:
+            return True
+        watched = self._programs.get(extra)
+        return watched is not None and (watched[0].digest != program or not watched[0].holds())
 
     def _save_call_state(self, extra: Any) -> SavedCallState:
         """The state this call's Python may change, before its capture (NOTE [State changed by a capture])."""

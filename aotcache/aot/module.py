@@ -178,6 +178,7 @@ class AOTModule(nn.Module):
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
         self._state = ModuleState(module)  # NOTE [Hot path]
+        self.compiled.current_settings = self._state.current  # NOTE [A key read before another thread's change]
         self._gate = swap_gate(module)  # NOTE [Calls during a capture's swap]
         # NOTE [Lazy modules]: uninitialized parameters (nn.LazyLinear, ...) have no shape to trace; the first
         # calls run eagerly (which materializes them), then the module is captured as any other

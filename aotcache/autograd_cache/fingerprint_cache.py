@@ -171,12 +171,14 @@ def parse_alias_entry(value: Any, fingerprint_digest: str) -> AliasRecord:
         if key.digest != record["key"]:
             raise ValueError("alias record parts do not produce its key digest")
         if record["schema"] == ALIAS_SCHEMA:
+            if "delta" in record:  # served as a plain alias, the change would never be made
+                raise ValueError("alias record of schema 1 with a state change")
             return AliasRecord(key)
         after, guards = record["after"], record["guards"]
         if type(after) is not str or (guards is not None and type(guards) is not str):
             raise ValueError("alias record with a state change but no fingerprint after it")
         return AliasRecord(key, StateDelta.from_json(record["delta"]), after, guards)
-    except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+    except (TypeError, KeyError, AttributeError, UnicodeDecodeError, RecursionError) as exc:  # (json nested deep)
         raise ValueError(f"malformed alias record: {type(exc).__name__}: {exc}") from None
 
 

@@ -12,9 +12,9 @@ module about every user function and every library module attribute that user co
   in-process guards re-check it on every call;
 * any other use of ``os.environ`` / ``os.getenv`` (a computed name, iterating, copying, writing) and every
   read the walker cannot pin (``sys.argv``, ``open``/``input``, file-system queries of ``os`` / ``os.path``,
-  and the modules in :data:`PROCESS_STATE_MODULES`: clocks, random generators, files, sockets,
-  subprocesses) makes the result untrusted with the reason ``process state: <what>``, so the full key
-  (computed from the captured graph) decides.
+  torch's thread counts, random seeds and states, and the modules in :data:`PROCESS_STATE_MODULES`: clocks,
+  random generators, files, sockets, subprocesses) makes the result untrusted with the reason
+  ``process state: <what>``, so the full key (computed from the captured graph) decides.
 
 The checks read bytecode and module attribute names only; nothing is run. They only ever refuse more, never
 less: an attribute named ``environ`` on some other object is scanned as if it were ``os.environ``.
@@ -46,6 +46,12 @@ _UNPINNABLE_ATTRIBUTES: dict[str, frozenset[str]] = {
                      "getgid", "environb", "getenvb", "get_terminal_size", "statvfs", "getrandom"}),
     "sys": frozenset({"argv", "orig_argv", "stdin"}),
     "builtins": frozenset({"open", "input"}),
+    # torch's readers of per-process settings no part of the fingerprint holds (found in review: a forward's
+    # ``self.threads = torch.get_num_threads()`` was replayed into a process with another thread count, NOTE
+    # [Replaying a call's state change]); distinctive names only (``seed`` is too common an attribute name)
+    "torch": frozenset({"get_num_threads", "get_num_interop_threads", "initial_seed", "get_rng_state"}),
+    "torch.random": frozenset({"initial_seed", "get_rng_state"}),
+    "torch.cuda": frozenset({"initial_seed", "get_rng_state", "get_rng_state_all"}),
 }
 for _path_module in ("posixpath", "ntpath", "genericpath"):
     _UNPINNABLE_ATTRIBUTES[_path_module] = frozenset({

@@ -18,6 +18,12 @@ only when it is the whole change and can be written back exactly:
   deleted, a list, dict or set changed in place (BigBird's ``set_attention_type`` swapping attention submodules;
   a history list appended to) make the call not replayable, and it keeps today's behaviour (no alias, a warm
   start traces);
+* every str assigned (also in a tuple) is interned (a literal that is an identifier, such as
+  ``"single_label_classification"``, or ``sys.intern``-ed): the replay writes the warm process's interned str of
+  that text, the object its own literal is, so a later ``self.mode is MODE`` behaves as in eager. A str built at
+  run time or a literal with a space is another object than any copy a record could give back (found in review:
+  a replayed ``self.mode = "x mode"`` failed the next call's ``self.mode is MODE`` test, which took the other
+  branch); such a change is not replayed. The identity of an int, float or tuple is not kept (known limit);
 * the capture was static (no dynamic dimension: every size and Python scalar of the call is then part of the
   fingerprint, so the delta is a function of the fingerprint, as the graph is);
 * checked on the cold path with the fingerprint itself: the state with the delta undone must give the
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,8 +86,8 @@ def encode_plain(value: Any, depth: int = 0) -> list | None:
     return None
 
 
-def decode_plain(token: Any) -> Any:
-    """The value of a token written by :func:`encode_plain`.
+def decode_plain(token: Any, depth: int = 0) -> Any:
+    """The value of a token written by :func:`encode_plain` (tuples nested no deeper than it writes them).
 
     :raises ValueError: ``token`` is not such a token.
     """
@@ -97,12 +104,23 @@ def decode_plain(token: Any) -> Any:
         if tag == "float" and type(token[1]) is str:
             return float.fromhex(token[1])
         if tag == "str" and type(token[1]) is str:
-            return token[1]
-        if tag == "tuple" and type(token[1]) is list:
-            return tuple(decode_plain(item) for item in token[1])
+            return sys.intern(token[1])  # the object an interned constant of this process is (NOTE above)
+        if tag == "tuple" and type(token[1]) is list and depth < _MAX_TUPLE_DEPTH and len(token[1]) <= _MAX_ITEMS:
+            return tuple(decode_plain(item, depth + 1) for item in token[1])
     except (TypeError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed plain-value token: {exc}") from None
     raise ValueError(f"unknown plain-value token {str(token)[:60]}")
+
+
+def _same_object_when_replayed(value: Any) -> bool:
+    """Whether :func:`decode_plain` gives back ``value`` itself, not a copy, in any process: a str that is
+    interned (every str of a tuple too); None, bools, numbers and tuples are taken as values (a known limit)."""
+    if type(value) is tuple:
+        return all(_same_object_when_replayed(item) for item in value)
+    if type(value) is not str:
+        return True
+    probe = (value + "\0")[:-1]  # an equal str, another object (unless a shared one-character singleton)
+    return probe is value or sys.intern(probe) is value
 
 
 def _plain_object(value: Any) -> bool:
@@ -328,6 +346,9 @@ class StateSnapshot:
                 if after is None or (old is not _MISSING and before is None):
                     shown = value if after is None else old
                     return f"the call sets {_where(steps, name)} to a {type(shown).__name__}"
+                if before != after and not _same_object_when_replayed(value):
+                    return (f"the call sets {_where(steps, name)} to a str that is not interned (a replayed copy "
+                            "would fail an `is` test the original passes)")
                 if before != after:
                     change = Change(steps, name, before, after)
                     self._originals[id(change)] = old

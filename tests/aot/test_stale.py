@@ -710,6 +710,8 @@ def test_custom_op_autograd_registered_between_calls_retraces():
      "process state: os.environ read with a non-constant name"),
     ("import os\ndef f(x):\n    return x * len(os.environ)", "process state: os.environ"),
     ("import numpy as np\ndef f(x):\n    return x * np.random.rand()", "process state: numpy.random"),
+    ("import torch\ndef f(x):\n    return x * torch.get_num_threads()", "process state: torch.get_num_threads"),
+    ("import torch\ndef f(x):\n    return x * torch.random.initial_seed()", "process state: torch"),
 ])
 def test_process_state_the_walker_cannot_pin_makes_the_fingerprint_untrusted(source, reason):
     namespace: dict = {"__name__": "user_code"}
