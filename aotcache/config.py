@@ -255,7 +255,9 @@ _register("progress", parse_bool, True,
 _register("recompile_limit", _parse_count, 8,
           "New traces one compiled function (aot_function, aot_module, aotcache.compile) may make per grad mode in "
           "a process; past it, a call that would trace runs eagerly (counted as eager:recompile_limit, warned "
-          "once), as torch.compile does past its recompile_limit. Loads from the cache do not count. 0 = no limit.",
+          "once), as torch.compile does past its recompile_limit; on_capture_error=\"raise\", "
+          "aotcache.compile(fullgraph=True) and AOTCACHE_STRICT=1 raise RecompileLimitReached instead. Loads from "
+          "the cache do not count; aotcache.reset() starts the counts over. 0 = no limit.",
           "a whole number >= 0")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
