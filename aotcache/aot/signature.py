@@ -85,7 +85,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
                           else None))  # NOTE [Dynamic dimensions]
         signature = ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                      arg.requires_grad and arg.is_leaf, geometry)
-        attributes = arg.__dict__
+        attributes = python_attributes(arg)
         return (*signature, tensor_attributes_signature(attributes)) if attributes else signature
     if isinstance(arg, torch.SymInt):
         return ("symint",)
@@ -104,6 +104,16 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset:
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     return ("constant", type(arg), arg)
+
+
+def python_attributes(tensor: torch.Tensor) -> dict:
+    """The Python attributes a program may have put on ``tensor`` (its ``__dict__``), without torch.compile's own
+    bookkeeping (``_dynamo_static_input_type`` stamped on the parameters Dynamo saw, ``_dynamo_dynamic_indices``),
+    which a forward does not read: a fallback running through Dynamo must not make the next call another graph."""
+    attributes = tensor.__dict__
+    if attributes and any(name.startswith("_dynamo") for name in attributes):
+        return {name: value for name, value in attributes.items() if not name.startswith("_dynamo")}
+    return attributes
 
 
 def tensor_attributes_signature(attributes: dict) -> tuple:
@@ -126,7 +136,7 @@ def carry_tensor_attributes(values: Sequence[Any], originals: Sequence[Any], sta
         if (isinstance(original, torch.Tensor) and original.__dict__ and value is not original
                 and isinstance(value, torch.Tensor)):
             target = value.__dict__
-            for name, attribute in original.__dict__.items():
+            for name, attribute in python_attributes(original).items():
                 target.setdefault(name, attribute)
 
 
@@ -134,7 +144,7 @@ def user_arguments_carry_attributes(flat_args: Sequence[Any], start: int) -> boo
     """Whether a tensor argument from position ``start`` carries Python attributes (not for the hot path)."""
     for index in range(start, len(flat_args)):  # (a loop: cheaper than any() over a slice, on every call)
         arg = flat_args[index]
-        if isinstance(arg, torch.Tensor) and arg.__dict__:
+        if isinstance(arg, torch.Tensor) and arg.__dict__ and python_attributes(arg):
             return True
     return False
 

@@ -44,6 +44,7 @@ from torch import nn
 from aotcache.aot.ambient import numerics_flags
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.exact_values import float_bits
+from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import key as cache_key
 from aotcache.autograd_cache.digests import Untrusted, check_plain_tensor, sha256_text
 from aotcache.autograd_cache.reachable import Reachable
@@ -121,7 +122,7 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
                         [list(arg.shape), list(arg.stride()), arg.storage_offset()])
             described.append(["tensor", str(arg.dtype), str(arg.device), arg.requires_grad,
                               arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry,
-                              *([_tensor_attributes(arg.__dict__)] if arg.__dict__ else [])])
+                              *([_tensor_attributes(python_attributes(arg))] if python_attributes(arg) else [])])
         elif isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             raise Untrusted("symbolic input")
         elif type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else dynamic):

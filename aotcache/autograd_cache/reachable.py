@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from aotcache.aot.hot_path import generate_memos, is_method_router, setting_by_value
+from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.code_reading import (
     all_names,
@@ -474,9 +475,9 @@ class Reachable:
     def _tensor_attributes(self, tensor: torch.Tensor) -> str:
         """The tensor's own Python attributes (NOTE [Python attributes of parameters] in aot/module.py: code may
         read them, the capture does): empty for most tensors; guarded in-process, an added one included."""
-        attributes = tensor.__dict__
         if self._guards is not None:
-            self._guards.contents(attributes)
+            self._guards.contents(tensor.__dict__)
+        attributes = python_attributes(tensor)  # (torch.compile's own bookkeeping left out)
         return f"attrs{self._container_token(attributes)}" if attributes else ""
 
     def _library_function_token(self, fn: types.FunctionType) -> str:

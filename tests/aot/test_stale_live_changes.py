@@ -433,3 +433,20 @@ def test_a_python_attribute_of_a_tensor_argument_misses_in_the_next_process_and_
     assert changed.get("fingerprint_hit", 0) == 0 and changed["compile"] == 1
     assert unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
     assert plain.get("fingerprint_hit", 0) == 0 and plain["compile"] == 1
+
+
+def test_torch_compiles_own_marks_on_tensors_make_no_new_graph():
+    # the Dynamo route stamps the parameters it sees (_dynamo_static_input_type): with attributes in the signature
+    # that made the next call of another signature of the same module a graph more (test_capture_threads)
+    torch.manual_seed(0)
+    model = QuantScaled()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    x = X.clone()
+    torch.testing.assert_close(compiled(x), model(x))
+    model.fc.weight._dynamo_static_input_type = "unguarded"
+    x._dynamo_dynamic_indices = {0}
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiles(compiled) == 1
+    model.fc.weight.quant_scale = 0.5  # a program's own attribute still counts
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiles(compiled) == 2
