@@ -258,7 +258,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"input {index} (flat argument {positions[index]}) is a leaf tensor that "
                     f"requires grad and is mutated in place; this is not supported in a training graph (eager "
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
-                    f"function, or call the compiled function under torch.no_grad().")
+                    f"function, or call the compiled function under torch.no_grad().",
+                    # NOTE [Errors eager raises too]
+                    first_call_only=True, dynamo_safe=False)
     _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
     if not grad_mode and not needs_autograd:
         _refuse_history_under_no_grad(flat_outs, outputs)
@@ -267,6 +269,16 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     out_structure=out_structure, graph_output_examples=fw_examples,
                     needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
                     reads_offsets=explain.reads_offsets)
+
+
+# NOTE [Errors eager raises too]
+# A leaf that requires grad mutated in place under grad mode is refused by the capture, and eager refuses it too
+# ("a leaf Variable that requires grad is being used in an in-place operation"). Found (bench/odd_inputs.py):
+# aotcache.compile took the refusal for a graph break and sent the model to torch.compile for good, whose fake
+# propagation raised a TorchRuntimeError with another message ("RuntimeError when making fake tensor call") where
+# eager raises a plain RuntimeError. The refusal is now ``first_call_only`` (the call runs eagerly, so the user
+# gets eager's own error, and nothing is decided for later calls, which are captured) and not ``dynamo_safe``
+# (aot_function's per-signature fallback runs such calls eagerly too, not through Dynamo).
 
 
 def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
