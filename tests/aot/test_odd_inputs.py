@@ -5,6 +5,7 @@ autograd contexts): each ran in eager and raised another error, or gave other re
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -62,3 +63,135 @@ def test_leaf_requiring_grad_mutated_raises_eagers_error_and_later_calls_compile
     with torch.no_grad():
         compiled(torch.randn(3, requires_grad=True))
     assert (compiled.compiled.num_compiles if route == "compile" else compiled.num_compiles) == before + 1
+
+
+def _window_loss(x, y):
+    return (x.sin() * y).sum()
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_input_and_target_windows_of_one_tensor_compile_once(route):
+    """NOTE [Offsets of arguments that share memory]: two read-only views of one tensor at a new offset each step
+    (an input window and its target) traced a graph at every step, until the recompile limit ran the calls
+    eagerly; keyed by their offsets relative to each other, one graph serves every step."""
+    compiled = _routes(_window_loss)[route]()
+    function = compiled.compiled if route == "compile" else compiled
+    data = torch.randn(200, requires_grad=True)
+    expected_grad = torch.zeros(200)
+    for i in range(10):
+        x, y = data[i:i + 12].view(3, 4), data[i + 1:i + 13].view(3, 4)
+        out = compiled(x, y)
+        torch.testing.assert_close(out, _window_loss(x, y))
+        out.backward()
+        leaf = data.detach().requires_grad_()
+        _window_loss(leaf[i:i + 12].view(3, 4), leaf[i + 1:i + 13].view(3, 4)).backward()
+        expected_grad += leaf.grad
+    torch.testing.assert_close(data.grad, expected_grad)
+    assert function.num_compiles == 1
+    x, y = data[0:12].view(3, 4), data[2:14].view(3, 4)  # another overlap: another graph
+    torch.testing.assert_close(compiled(x, y), _window_loss(x, y))
+    assert function.num_compiles == 2
+
+
+def _add_into_first(a, b):
+    a.add_(1)
+    return a + b
+
+
+def test_overlapping_mutated_inputs_at_new_offsets_match_eager():
+    """A synthetic base (NOTE [Synthetic bases]) placed at each call's offsets, not the traced call's: the
+    signature keys relative offsets now, so an entry traced at one offset serves another."""
+    compiled = aotcache.aot_function(_add_into_first, "nop", cache=False)
+    for i in (0, 3, 1, 0, 5):
+        base = torch.randn(40)
+        expected_base = base.clone()
+        out = compiled(base[i:i + 12].view(3, 4), base[i + 2:i + 14].view(3, 4))
+        expected = _add_into_first(expected_base[i:i + 12].view(3, 4), expected_base[i + 2:i + 14].view(3, 4))
+        assert torch.equal(out, expected)
+        assert torch.equal(base, expected_base)
+
+
+def _view_and_sum(x, y):
+    return x.view(-1), x + y
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_view_output_of_windows_at_new_offsets_views_the_callers_window(route):
+    """A graph returning a view of an input depends on absolute offsets: it is still reused only where they
+    hold, so each window's view output is a view of that window (offset, values), as in eager."""
+    compiled = _routes(_view_and_sum)[route]()
+    data = torch.randn(100)
+    for i in (0, 4, 2, 4):
+        x, y = data[i:i + 12].view(3, 4), data[i + 1:i + 13].view(3, 4)
+        view, total = compiled(x, y)
+        eager_view, eager_total = _view_and_sum(x, y)
+        assert view.storage_offset() == eager_view.storage_offset() == i
+        assert view.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+        assert torch.equal(view, eager_view) and torch.equal(total, eager_total)
+
+
+# Odd inputs through aot_function in a fresh process, cache on: each result and gradient compared with eager in the
+# same process; prints the number of mismatches and the cache counters.
+ODD_INPUTS_PROCESS = """
+import json, torch
+from torch import nn
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+def f(x, y):
+    return (x * y).sin() + y.cos(), x.reshape(-1)[:3]
+
+def ints(x, b, u8, i64):
+    return x * b + u8.float() + i64, u8 + 1
+
+torch.manual_seed(0)
+conv = nn.Conv2d(3, 4, 3, padding=1)
+g = torch.Generator().manual_seed(1)
+data = torch.randn(100, generator=g)
+calls = [
+    ("zero_size", f, lambda: (torch.randn(0, 4, generator=g, requires_grad=True), torch.randn(0, 4, generator=g))),
+    ("nonzero", f, lambda: (torch.randn(3, 4, generator=g, requires_grad=True), torch.randn(3, 4, generator=g))),
+    ("transposed", f, lambda: (torch.randn(4, 3, generator=g).t().requires_grad_(), torch.randn(3, 4, generator=g))),
+    ("expanded", f, lambda: (torch.randn(3, 4, generator=g, requires_grad=True),
+                             torch.randn(1, 4, generator=g).expand(3, 4))),
+    ("windows", f, lambda: (data[5:17].view(3, 4), data[6:18].view(3, 4))),
+    ("same_twice", f, lambda: (lambda t: (t, t))(torch.randn(3, 4, generator=g, requires_grad=True))),
+    ("ints", ints, lambda: (torch.randn(3, 4, generator=g, requires_grad=True), torch.randn(3, 4, generator=g) > 0,
+                            torch.randint(250, 256, (3, 4), generator=g, dtype=torch.uint8),
+                            torch.randint(-5, 5, (4,), generator=g))),
+    ("channels_last", conv, lambda: (torch.randn(2, 3, 5, 5, generator=g).contiguous(
+        memory_format=torch.channels_last).requires_grad_(),)),
+]
+bad = []
+for name, fn, make in calls:
+    compiled = aotcache.aot_module(fn, "nop") if isinstance(fn, nn.Module) else aotcache.aot_function(fn, "nop")
+    args = make()
+    twin = [a.detach().clone().requires_grad_(a.requires_grad) if a.is_leaf else a for a in args]
+    if name == "same_twice":
+        twin = [twin[0], twin[0]]
+    outs, ref = compiled(*args), fn(*twin)
+    outs, ref = (outs, ref) if isinstance(outs, tuple) else ((outs,), (ref,))
+    for o, r in zip(outs, ref):
+        if o.dtype != r.dtype or o.shape != r.shape or o.stride() != r.stride() or not torch.allclose(o, r):
+            bad.append(name)
+    for side, o in (("c", outs[0]), ("e", ref[0])):
+        if o.requires_grad:
+            (o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum().backward()
+    for a, t in zip(args, twin):
+        if a.is_leaf and a.requires_grad and not torch.allclose(a.grad, t.grad):
+            bad.append(name + ".grad")
+print(json.dumps({"bad": bad, **default_cache().stats()}))
+"""
+
+
+def test_odd_inputs_cold_then_warm_process_match_eager(tmp_path):
+    """Cold then warm (fresh processes, one cache directory): every odd input equals eager's result and gradient
+    in both, and the warm process loads every graph (no compile)."""
+    from tests.conftest import run_python
+
+    env = {"AOTCACHE_CACHE_DIR": str(tmp_path / "cache"), "AOTCACHE_TIERS": "memory,disk"}
+    cold = json.loads(run_python(ODD_INPUTS_PROCESS, env=env).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(ODD_INPUTS_PROCESS, env=env).stdout.strip().splitlines()[-1])
+    assert cold["bad"] == [] and warm["bad"] == []
+    assert cold["compile"] >= 8
+    assert warm["compile"] == 0 and warm["hit"] == cold["compile"], (cold, warm)
