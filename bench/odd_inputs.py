@@ -427,6 +427,19 @@ def _(wrap):
     return rec
 
 
+@scenario("input_and_target_windows", "inputs")
+def _(wrap):
+    f = wrap(lambda x, y: ((x.sin() * y).sum(), x.view(-1)[:2] * 1))
+    data = rand(200, seed=3, grad=True)
+    rec = {}
+    for i in range(10):
+        out = f(data[i:i + 12].view(3, 4), data[i + 1:i + 13].view(3, 4))
+        out[0].backward()
+        rec[f"c{i}"] = out
+    rec["grad"] = data.grad
+    return rec
+
+
 # ---- contexts --------------------------------------------------------------------------------------------
 
 @scenario("grad_modes_alternating", "contexts")
