@@ -761,7 +761,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators), _functorch_levels_kept(), \
-            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), watch:
+            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
+            _callers_saved_tensor_hooks_off(), watch:
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -789,6 +790,29 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+# NOTE [Saved-tensor hooks during a capture]
+# A capture runs the function on fake tensors, under whatever saved-tensor hooks the caller has pushed
+# (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``, and non-reentrant activation checkpointing,
+# which counts the tensors packed in the forward and in its recomputation during backward). The traced ops
+# packed their fake tensors through those hooks. Found (bench/odd_inputs.py): ``checkpoint(compiled, x,
+# use_reentrant=False)`` failed at backward on the first call ("A different number of tensors was saved during
+# the original forward and recomputation": 15 against 9) in all three entry points, where eager runs: the
+# forward's count included the capture's packs, the recomputation (a graph hit) had the compiled graph's own.
+# The capture runs with the hooks set aside (torch's tracing flag for them, as Dynamo does while it traces); the
+# compiled graph's saved tensors go through the caller's hooks as eager's do.
+@contextlib.contextmanager
+def _callers_saved_tensor_hooks_off() -> Iterator[None]:
+    set_tracing = getattr(torch._C._autograd, "_saved_tensors_hooks_set_tracing", None)
+    if set_tracing is None:
+        yield
+        return
+    prior = set_tracing(True)
+    try:
+        yield
+    finally:
+        set_tracing(prior)
 
 
 # NOTE [Analysis without symbols]

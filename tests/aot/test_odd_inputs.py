@@ -195,3 +195,47 @@ def test_odd_inputs_cold_then_warm_process_match_eager(tmp_path):
     assert cold["bad"] == [] and warm["bad"] == []
     assert cold["compile"] >= 8
     assert warm["compile"] == 0 and warm["hit"] == cold["compile"], (cold, warm)
+
+
+@pytest.mark.parametrize("route", ("aot", "compile", "dynamo"))
+def test_non_reentrant_checkpoint_around_the_first_call_matches_eager(route):
+    """NOTE [Saved-tensor hooks during a capture]: the first call's capture packed its fake tensors through the
+    checkpoint's hooks, so the backward's recomputation counted fewer saved tensors and raised CheckpointError
+    where eager runs."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    compiled = _routes(model)[route]()
+    twin = compiled.orig_module if route != "dynamo" else compiled._orig_mod
+    for seed in range(3):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        for p in (*model.parameters(), *twin.parameters()):
+            p.grad = None
+        checkpoint(model, x, use_reentrant=False).pow(2).sum().backward()
+        checkpoint(compiled, x2, use_reentrant=False).pow(2).sum().backward()
+        torch.testing.assert_close(x2.grad, x.grad)
+        for p, q in zip(twin.parameters(), model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_saved_tensor_hooks_see_only_the_compiled_graphs_tensors_on_the_first_call():
+    """The capture's fake tensors are not packed through the caller's hooks: the first call packs as many
+    tensors as later calls, all real."""
+    compiled = aotcache.aot_function(lambda x, w: (x @ w).tanh() * x.sum(), "nop", cache=False)
+    counts = []
+    for _ in range(3):
+        packed = []
+
+        def pack(t):
+            packed.append(type(t).__name__)
+            return t
+
+        x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compiled(x, w)
+        out.sum().backward()
+        assert set(packed) == {"Tensor"}, packed
+        counts.append(len(packed))
+    assert counts[0] == counts[1] == counts[2] > 0
