@@ -1077,6 +1077,138 @@ def _(wrap):
     return rec
 
 
+# ---- calls from autograd utilities and module-level APIs ---------------------------------------------------
+
+@scenario("parameter_hooks_fire", "hooks")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    seen = []
+    m.lin.weight.register_hook(lambda g: (seen.append("w"), g * 2)[1])
+    m.lin.bias.register_post_accumulate_grad_hook(lambda p: seen.append("b-acc"))
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        weighted(f(x)).backward()
+        # the order of hooks on different leaves is the engine's (a compiled backward is one node): counts compared
+        rec[f"c{i}"] = (x.grad, m.lin.weight.grad.clone(), sorted(seen))
+    return rec
+
+
+@scenario("retain_grad_on_non_leaf_input", "hooks")
+def _(wrap):
+    f = wrap(fn_basic)
+    rec = {}
+    for i in range(3):
+        leaf = rand(3, 4, seed=i, grad=True)
+        x = leaf * 2
+        x.retain_grad()
+        weighted(f(x, rand(3, 4, seed=i + 1))).backward()
+        rec[f"c{i}"] = (x.grad, leaf.grad)
+    return rec
+
+
+@scenario("chained_calls_output_as_input", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        h = f(x)
+        out = f(h)
+        (gh,) = torch.autograd.grad(weighted(out), h, retain_graph=True)
+        weighted(out).backward()
+        rec[f"c{i}"] = (out, gh, x.grad)
+    return rec
+
+
+@scenario("grads_batched", "contexts")
+def _(wrap):
+    f = wrap(fn_one)
+    rec = {}
+    for i in range(3):
+        x = rand(4, seed=i, grad=True)
+        out = f(x)
+        rec[f"c{i}"] = attempt(lambda: torch.autograd.grad(out, x, grad_outputs=torch.eye(4), is_grads_batched=True))
+    return rec
+
+
+@scenario("autograd_functional_jacobian", "contexts")
+def _(wrap):
+    f = wrap(fn_one)
+    rec = {}
+    for i in range(2):
+        x = rand(4, seed=i)
+        rec[f"c{i}"] = attempt(lambda: torch.autograd.functional.jacobian(f, x))
+        rec[f"v{i}"] = attempt(lambda: torch.autograd.functional.jacobian(f, x, vectorize=True))
+        rec[f"h{i}"] = attempt(lambda: torch.autograd.functional.hessian(lambda t: f(t).sum(), x))
+    return rec
+
+
+@scenario("checkpoint_around_call", "contexts")
+def _(wrap):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(4):
+        x = rand(3, 4, seed=i, grad=True)
+        out = attempt(lambda: checkpoint(f, x, use_reentrant=i % 2 == 1))
+        if isinstance(out, torch.Tensor):
+            rec[f"b{i}"] = attempt(lambda: weighted(out).backward())
+        rec[f"c{i}"] = (out, x.grad, [None if p.grad is None else p.grad.clone() for p in m.parameters()])
+    return rec
+
+
+@scenario("functional_call_on_wrapper", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        params = {k: (v.detach() + i).requires_grad_() for k, v in m.named_parameters()}
+        x = rand(3, 4, seed=i)
+        out = attempt(lambda: torch.func.functional_call(f, params, (x,)))
+        if isinstance(out, torch.Tensor):
+            weighted(out).backward()
+        rec[f"c{i}"] = (out, [params[k].grad for k in sorted(params)], f(x))
+    return rec
+
+
+@scenario("autocast_around_call", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(4):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=i % 2 == 0):
+            out = f(x)
+        weighted(out.float()).backward()
+        rec[f"c{i}"] = (out, x.grad)
+    return rec
+
+
+@scenario("autograd_backward_several_with_none", "contexts")
+def _(wrap):
+    f = wrap(fn_two_outs)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        y = rand(3, 4, seed=i + 1, grad=True)
+        a, b, c = f(x, y)
+        torch.autograd.backward([a, b, c], [rand(3, 4, seed=7), None, rand(3, 4, seed=8)])
+        rec[f"c{i}"] = (x.grad, y.grad)
+    return rec
+
+
 # ---- running ---------------------------------------------------------------------------------------------
 
 def run_route(name: str, route: str) -> tuple[dict, list[int]]:
