@@ -1209,6 +1209,108 @@ def _(wrap):
     return rec
 
 
+@scenario("compiled_called_in_backward_hook", "contexts")
+def _(wrap):
+    f = wrap(fn_one)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        x.register_hook(lambda g: f(g))
+        y = (x * 3).sin()
+        weighted(y).backward()
+        rec[f"c{i}"] = x.grad
+    return rec
+
+
+def fn_makes_tensors(x):
+    return x + torch.ones(x.shape[-1]), torch.arange(3) * 0.5, torch.tensor(1.5)
+
+
+@scenario("default_dtype_changes", "contexts")
+def _(wrap):
+    f = wrap(fn_makes_tensors)
+    rec = {}
+    before = torch.get_default_dtype()
+    try:
+        for i, dt in enumerate((torch.float32, torch.float64, torch.float32, torch.float64)):
+            torch.set_default_dtype(dt)
+            rec[f"c{i}"] = f(rand(3, 4, seed=i, grad=True))
+    finally:
+        torch.set_default_dtype(before)
+    return rec
+
+
+class CountingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@scenario("torch_function_mode_around_call", "contexts")
+def _(wrap):
+    f = wrap(fn_basic)
+    rec = {}
+    for i in range(3):
+        x, y = rand(3, 4, seed=i, grad=True), rand(3, 4, seed=i + 1)
+        mode = CountingMode()
+        if i == 1:
+            out = f(x, y)
+        else:
+            with mode:
+                out = f(x, y)
+        weighted(out).backward()
+        rec[f"c{i}"] = (out, x.grad, mode.calls > 0)
+    return rec
+
+
+@scenario("allow_mutation_on_saved_tensors", "contexts")
+def _(wrap):
+    f = wrap(fn_basic)
+    rec = {}
+    for i in range(3):
+        x, y = rand(3, 4, seed=i, grad=True), rand(3, 4, seed=i + 1)
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            out = f(x, y)
+            y.mul_(2)
+            r = attempt(lambda: weighted(out).backward())
+        rec[f"c{i}"] = (out, r, x.grad, y)
+    return rec
+
+
+@scenario("module_own_parameter_as_argument", "inputs")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        m.lin.weight.grad = None
+        out = f(m.lin.weight if i != 1 else rand(4, 4, seed=i))
+        weighted(out).backward()
+        rec[f"c{i}"] = (out, m.lin.weight.grad)
+    return rec
+
+
+@scenario("no_grad_output_into_training_call", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.no_grad():
+            h = f(x)
+        out = f(h.requires_grad_() if i == 1 else h)
+        weighted(out).backward()
+        rec[f"c{i}"] = (h, out, h.grad, x.grad, m.lin.weight.grad.clone())
+    return rec
+
+
 # ---- running ---------------------------------------------------------------------------------------------
 
 def run_route(name: str, route: str) -> tuple[dict, list[int]]:
