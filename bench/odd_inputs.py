@@ -1311,6 +1311,44 @@ def _(wrap):
     return rec
 
 
+@scenario("saved_output_modified_in_place", "contexts")
+def _(wrap):
+    f = wrap(lambda x: x.exp())
+    rec = {}
+    for i in range(3):
+        x = rand(3, seed=i, grad=True)
+        out = f(x)
+        if i != 1:
+            out.mul_(2)
+        rec[f"c{i}"] = (attempt(lambda: out.sum().backward()), x.grad)
+    return rec
+
+
+@scenario("backward_inputs_subset", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        weighted(f(x)).backward(inputs=[x] if i != 1 else [m.lin.bias])
+        rec[f"c{i}"] = (x.grad, m.lin.weight.grad, m.lin.bias.grad)
+    return rec
+
+
+@scenario("grad_of_unused_and_other_dtype_gradient", "contexts")
+def _(wrap):
+    f = wrap(lambda x, unused: x * 2)
+    rec = {}
+    for i in range(3):
+        x, u = rand(3, seed=i, grad=True), rand(3, seed=i + 1, grad=True)
+        out = f(x, u)
+        rec[f"c{i}"] = (torch.autograd.grad(out, [x, u], torch.ones(3, dtype=torch.float64), allow_unused=True,
+                                            materialize_grads=i == 2))
+    return rec
+
+
 # ---- running ---------------------------------------------------------------------------------------------
 
 def run_route(name: str, route: str) -> tuple[dict, list[int]]:
