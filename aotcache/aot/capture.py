@@ -800,19 +800,30 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
 # use_reentrant=False)`` failed at backward on the first call ("A different number of tensors was saved during
 # the original forward and recomputation": 15 against 9) in all three entry points, where eager runs: the
 # forward's count included the capture's packs, the recomputation (a graph hit) had the compiled graph's own.
-# The capture runs with the hooks set aside (torch's tracing flag for them, as Dynamo does while it traces); the
-# compiled graph's saved tensors go through the caller's hooks as eager's do.
+# The caller's hooks are popped for the capture and pushed back after it (the compiled graph's saved tensors go
+# through them as eager's do). Not torch's tracing flag for the hooks, as Dynamo sets it: that also ignores hooks
+# pushed inside the function, so a forward with non-reentrant checkpointing in it (transformers'
+# gradient_checkpointing_enable) was captured without its recomputation, silently losing the memory saving it
+# exists for, instead of being refused (test_activation_checkpointing_is_refused_with_a_message_that_names_it).
 @contextlib.contextmanager
 def _callers_saved_tensor_hooks_off() -> Iterator[None]:
-    set_tracing = getattr(torch._C._autograd, "_saved_tensors_hooks_set_tracing", None)
-    if set_tracing is None:
+    autograd = torch._C._autograd
+    top, pop, push = (getattr(autograd, name, None) for name in (
+        "_top_saved_tensors_default_hooks", "_pop_saved_tensors_default_hooks", "_push_saved_tensors_default_hooks"))
+    if top is None or pop is None or push is None:
         yield
         return
-    prior = set_tracing(True)
+    stack = []
+    while (hooks := top(True)) is not None:
+        stack.append(hooks)
+        pop()
     try:
         yield
     finally:
-        set_tracing(prior)
+        while top(True) is not None:  # left by a function that raised inside its own hooks context
+            pop()
+        for pack, unpack in reversed(stack):
+            push(pack, unpack)
 
 
 # NOTE [Analysis without symbols]

@@ -4,6 +4,7 @@ autograd contexts): each ran in eager and raised another error, or gave other re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -266,3 +267,30 @@ def test_forward_hook_on_a_submodule_added_after_the_first_call_runs(route):
     torch.testing.assert_close(compiled(x), torch.full((3, 4), 5.0).tanh())
     handle.remove()
     torch.testing.assert_close(compiled(x), inner(x))
+
+
+def test_checkpointing_inside_the_function_is_not_hidden_by_setting_the_callers_hooks_aside():
+    """Only the caller's hooks are set aside for a capture (NOTE [Saved-tensor hooks during a capture]): a forward
+    that checkpoints inside is captured with its checkpoint's hooks active, as without hooks around the call (torch's
+    tracing flag for the hooks ignored both: the capture dropped the recomputation silently)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return checkpoint(lambda t: self.lin(t).tanh(), x, use_reentrant=False).sum()
+
+    x = torch.randn(3, 4, requires_grad=True)
+    outcomes = []
+    for around in (contextlib.nullcontext, lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        compiled = aotcache.aot_module(Checkpointed(), "nop", cache=False, on_capture_error="raise")
+        with around():
+            try:
+                compiled(x)
+                outcomes.append("captured")
+            except Exception as exc:  # noqa: BLE001 - compared across the two contexts
+                outcomes.append(type(exc).__name__)
+    assert outcomes == ["CaptureError", "CaptureError"], outcomes
