@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -655,8 +656,9 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                 hand_on_source_locations([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
                 try:
-                    computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
-                                                   allow_unused=True)
+                    with _no_nan_checks():  # NOTE [Anomaly mode during a capture]
+                        computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
+                                                       allow_unused=True)
                 except RuntimeError as exc:
                     refuse_reentrant_checkpoint(exc)
                     raise
@@ -790,6 +792,25 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+# NOTE [Anomaly mode during a capture]
+# Under ``torch.autograd.set_detect_anomaly(True)`` the engine checks every backward node's outputs for NaN
+# (``isnan().any()``, read on the host); in the traced backward of fake tensors that read is data-dependent, so the
+# capture failed. Found (bench/odd_inputs.py): aotcache.compile then took the Dynamo way for good and recorded it
+# in the store, so one debugging run under anomaly mode sent later runs without it to Dynamo; aot_module fell
+# back for the signature. The traced backward runs with the NaN checks off (anomaly mode itself stays on, as torch's
+# AOT Autograd does for its joint trace); the compiled backward is one node, whose outputs the engine still checks
+# for NaN at run time under anomaly mode, as it checks eager's nodes.
+@contextlib.contextmanager
+def _no_nan_checks() -> Iterator[None]:
+    if not torch.is_anomaly_enabled() or not torch.is_anomaly_check_nan_enabled():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
+        with torch.autograd.set_detect_anomaly(True, check_nan=False):
+            yield
 
 
 # NOTE [Saved-tensor hooks during a capture]

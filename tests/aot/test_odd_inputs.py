@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -294,3 +295,30 @@ def test_checkpointing_inside_the_function_is_not_hidden_by_setting_the_callers_
             except Exception as exc:  # noqa: BLE001 - compared across the two contexts
                 outcomes.append(type(exc).__name__)
     assert outcomes == ["CaptureError", "CaptureError"], outcomes
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_a_call_under_anomaly_mode_is_captured_and_nan_backward_still_detected(route):
+    """NOTE [Anomaly mode during a capture]: the traced backward's NaN checks read fake data, so a call under
+    set_detect_anomaly(True) was not captured; aotcache.compile then took the Dynamo way for good (and recorded
+    it). Now one graph serves calls with and without anomaly mode, and a NaN gradient still raises as in eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    compiled = _routes(model)[route]()
+    function = compiled.compiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(4):
+            x = torch.randn(3, 4, requires_grad=True)
+            with torch.autograd.set_detect_anomaly(i % 2 == 0):
+                compiled(x).sum().backward()
+            torch.testing.assert_close(x.grad, torch.autograd.grad(model(x).sum(), x)[0])
+        assert function.num_compiles == 1
+        if route == "compile":
+            assert compiled.route == "aot"
+        sqrt = _routes(lambda t: t.sqrt().sum())[route]()
+        for fn in (lambda t: t.sqrt().sum(), sqrt):
+            with torch.autograd.set_detect_anomaly(True):
+                out = fn(torch.tensor([0.0, 4.0], requires_grad=True) * -1)
+                with pytest.raises(RuntimeError, match="nan"):
+                    out.backward()
