@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import io
 import json
@@ -1346,6 +1347,99 @@ def _(wrap):
         out = f(x, u)
         rec[f"c{i}"] = (torch.autograd.grad(out, [x, u], torch.ones(3, dtype=torch.float64), allow_unused=True,
                                             materialize_grads=i == 2))
+    return rec
+
+
+@scenario("profiler_around_call", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i != 1 else \
+                contextlib.nullcontext():
+            with torch.autograd.profiler.record_function("user_region"):
+                out = f(x)
+                weighted(out).backward()
+        rec[f"c{i}"] = (out, x.grad)
+    return rec
+
+
+@scenario("disable_saved_tensors_hooks_around_call", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+            out = attempt(lambda: f(x))
+            if isinstance(out, torch.Tensor):
+                weighted(out).backward()
+        rec[f"c{i}"] = (out, x.grad)
+    return rec
+
+
+@scenario("dual_level_open_without_duals", "contexts")
+def _(wrap):
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with fwAD.dual_level():
+            out = f(x)
+        weighted(out).backward()
+        rec[f"c{i}"] = (out, x.grad)
+    return rec
+
+
+@scenario("enable_grad_inside_under_inference_mode", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = EnableGradInside()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i)
+        with torch.inference_mode(i != 1):
+            out = f(x)
+        rec[f"c{i}"] = (out, out.requires_grad, out.is_inference())
+    return rec
+
+
+@scenario("no_grad_call_mutates_leaf_requiring_grad", "contexts")
+def _(wrap):
+    def fn(x):
+        x.mul_(2)
+        return x + 1
+    f = wrap(fn)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.no_grad():
+            out = f(x)
+        rec[f"c{i}"] = (out, x, x._version > 0)
+    return rec
+
+
+@scenario("multithreading_disabled_backward", "contexts")
+def _(wrap):
+    torch.manual_seed(0)
+    m = Lin()
+    f = wrap(m)
+    rec = {}
+    for i in range(3):
+        x = rand(3, 4, seed=i, grad=True)
+        with torch.autograd.set_multithreading_enabled(i == 1):
+            weighted(f(x)).backward()
+        rec[f"c{i}"] = x.grad
     return rec
 
 
