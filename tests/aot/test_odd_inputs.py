@@ -322,3 +322,25 @@ def test_a_call_under_anomaly_mode_is_captured_and_nan_backward_still_detected(r
                 out = fn(torch.tensor([0.0, 4.0], requires_grad=True) * -1)
                 with pytest.raises(RuntimeError, match="nan"):
                     out.backward()
+
+
+@pytest.mark.parametrize("transform", ("vmap", "grad", "jvp"))
+def test_a_call_under_a_torch_func_transform_does_not_send_later_calls_to_dynamo(transform):
+    """NOTE [Transforms are the call's, not the function's]: one call under vmap / grad / jvp made
+    aotcache.compile take the Dynamo way for good (recorded in the store); now that call runs eagerly with eager's
+    result and later plain calls are captured whole."""
+    def f(x):
+        return x.sin() * 2
+
+    compiled = aotcache.compile(f, compiler="nop", cache=False)
+    x = torch.randn(5, 3)
+    run = {"vmap": lambda fn: torch.func.vmap(fn)(x),
+           "grad": lambda fn: torch.func.grad(lambda t: fn(t).sum())(x),
+           "jvp": lambda fn: torch.func.jvp(fn, (x,), (torch.ones_like(x),))}[transform]
+    torch.testing.assert_close(run(compiled), run(f))
+    for _ in range(3):
+        y = torch.randn(3, requires_grad=True)
+        torch.testing.assert_close(compiled(y), f(y))
+    assert compiled.route == "aot" and compiled.compiled.num_compiles == 1
+    torch.testing.assert_close(run(compiled), run(f))  # a later transformed call: eager's result again
+    assert compiled.route == "aot"
