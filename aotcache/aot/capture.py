@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -259,7 +260,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"input {index} (flat argument {positions[index]}) is a leaf tensor that "
                     f"requires grad and is mutated in place; this is not supported in a training graph (eager "
                     f"autograd refuses it too unless done under no_grad). Mutate it outside the compiled "
-                    f"function, or call the compiled function under torch.no_grad().")
+                    f"function, or call the compiled function under torch.no_grad().",
+                    # NOTE [Errors eager raises too]
+                    first_call_only=True, dynamo_safe=False)
     _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
     if not grad_mode and not needs_autograd:
         _refuse_history_under_no_grad(flat_outs, outputs)
@@ -268,6 +271,16 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     out_structure=out_structure, graph_output_examples=fw_examples,
                     needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
                     reads_offsets=explain.reads_offsets)
+
+
+# NOTE [Errors eager raises too]
+# A leaf that requires grad mutated in place under grad mode is refused by the capture, and eager refuses it too
+# ("a leaf Variable that requires grad is being used in an in-place operation"). Found (bench/odd_inputs.py):
+# aotcache.compile took the refusal for a graph break and sent the model to torch.compile for good, whose fake
+# propagation raised a TorchRuntimeError with another message ("RuntimeError when making fake tensor call") where
+# eager raises a plain RuntimeError. The refusal is now ``first_call_only`` (the call runs eagerly, so the user
+# gets eager's own error, and nothing is decided for later calls, which are captured) and not ``dynamo_safe``
+# (aot_function's per-signature fallback runs such calls eagerly too, not through Dynamo).
 
 
 def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
@@ -645,8 +658,9 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                 refuse_reentrant_checkpoint_nodes([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
                 try:
-                    computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
-                                                   allow_unused=True)
+                    with _no_nan_checks():  # NOTE [Anomaly mode during a capture]
+                        computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
+                                                       allow_unused=True)
                 except RuntimeError as exc:
                     refuse_reentrant_checkpoint(exc)
                     raise
@@ -751,7 +765,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators), _functorch_levels_kept(), \
-            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), watch:
+            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
+            _callers_saved_tensor_hooks_off(), watch:
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -779,6 +794,59 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
         captured.metadata.guards = fake_mode.shape_env.produce_guards_expression(captured.primals,
                                                                                  ignore_static=False)
     return captured
+
+
+# NOTE [Anomaly mode during a capture]
+# Under ``torch.autograd.set_detect_anomaly(True)`` the engine checks every backward node's outputs for NaN
+# (``isnan().any()``, read on the host); in the traced backward of fake tensors that read is data-dependent, so the
+# capture failed. Found (bench/odd_inputs.py): aotcache.compile then took the Dynamo way for good and recorded it
+# in the store, so one debugging run under anomaly mode sent later runs without it to Dynamo; aot_module fell
+# back for the signature. The traced backward runs with the NaN checks off (anomaly mode itself stays on, as torch's
+# AOT Autograd does for its joint trace); the compiled backward is one node, whose outputs the engine still checks
+# for NaN at run time under anomaly mode, as it checks eager's nodes.
+@contextlib.contextmanager
+def _no_nan_checks() -> Iterator[None]:
+    if not torch.is_anomaly_enabled() or not torch.is_anomaly_check_nan_enabled():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
+        with torch.autograd.set_detect_anomaly(True, check_nan=False):
+            yield
+
+
+# NOTE [Saved-tensor hooks during a capture]
+# A capture runs the function on fake tensors, under whatever saved-tensor hooks the caller has pushed
+# (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``, and non-reentrant activation checkpointing,
+# which counts the tensors packed in the forward and in its recomputation during backward). The traced ops
+# packed their fake tensors through those hooks. Found (bench/odd_inputs.py): ``checkpoint(compiled, x,
+# use_reentrant=False)`` failed at backward on the first call ("A different number of tensors was saved during
+# the original forward and recomputation": 15 against 9) in all three entry points, where eager runs: the
+# forward's count included the capture's packs, the recomputation (a graph hit) had the compiled graph's own.
+# The caller's hooks are popped for the capture and pushed back after it (the compiled graph's saved tensors go
+# through them as eager's do). Not torch's tracing flag for the hooks, as Dynamo sets it: that also ignores hooks
+# pushed inside the function, so a forward with non-reentrant checkpointing in it (transformers'
+# gradient_checkpointing_enable) was captured without its recomputation, silently losing the memory saving it
+# exists for, instead of being refused (test_activation_checkpointing_is_refused_with_a_message_that_names_it).
+@contextlib.contextmanager
+def _callers_saved_tensor_hooks_off() -> Iterator[None]:
+    autograd = torch._C._autograd
+    top, pop, push = (getattr(autograd, name, None) for name in (
+        "_top_saved_tensors_default_hooks", "_pop_saved_tensors_default_hooks", "_push_saved_tensors_default_hooks"))
+    if top is None or pop is None or push is None:
+        yield
+        return
+    stack = []
+    while (hooks := top(True)) is not None:
+        stack.append(hooks)
+        pop()
+    try:
+        yield
+    finally:
+        while top(True) is not None:  # left by a function that raised inside its own hooks context
+            pop()
+        for pack, unpack in reversed(stack):
+            push(pack, unpack)
 
 
 # NOTE [Analysis without symbols]

@@ -28,7 +28,7 @@ from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
-__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "storage_object",
+__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets", "storage_object",
            "setting_by_value"]
 
 _MAX_HOT_PER_STRUCTURE = 8
@@ -54,6 +54,17 @@ def storage_sharing(tensors: Sequence[torch.Tensor], identity: Any = storage_poi
         pointer = identity(tensor)
         sharing.append(first.setdefault(pointer, index) if pointer else index)
     return tuple(sharing)
+
+
+def relative_offsets(tensors: Sequence[torch.Tensor], sharing: Sequence[int]) -> list[int]:
+    """Per tensor, its storage offset less the smallest offset among the tensors sharing its storage
+    (``sharing`` as :func:`storage_sharing` gives it): NOTE [Offsets of arguments that share memory]."""
+    low: dict[int, int] = {}
+    for tensor, group in zip(tensors, sharing):
+        offset = tensor.storage_offset()
+        if group not in low or offset < low[group]:
+            low[group] = offset
+    return [tensor.storage_offset() - low[group] for tensor, group in zip(tensors, sharing)]
 
 
 def storage_object(tensor: torch.Tensor) -> int:
@@ -100,7 +111,7 @@ class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
-                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets")
+                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -115,11 +126,18 @@ class HotSignature:
         static = not dynamic or (isinstance(dynamic, tuple) and not any(dynamic))
         self._static = list(map(_STATIC_FIELDS, flat_args)) if static else None
         self._strides = list(map(_STRIDE, flat_args)) if static else None
-        self._offsets = list(map(_OFFSET, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
         # NOTE [Storage offsets are not part of the signature] (signature.py): another offset selects the same
-        # runtime, unless its graph depends on offsets or arguments share memory
-        self._exact_offsets = not self._distinct or getattr(runtime, "input_offsets", ()) is not None
+        # runtime, unless its graph depends on offsets (absolute offsets compared) or arguments share memory
+        # (offsets relative to the group's lowest compared: NOTE [Offsets of arguments that share memory])
+        self._absolute_offsets = getattr(runtime, "input_offsets", ()) is not None
+        self._exact_offsets = not self._distinct or self._absolute_offsets
+        self._offsets = self._offsets_of(flat_args) if static else None
+
+    def _offsets_of(self, flat_args: Sequence[torch.Tensor]) -> list[int]:
+        if self._absolute_offsets:
+            return list(map(_OFFSET, flat_args))
+        return relative_offsets(flat_args, self.sharing)
 
     @staticmethod
     def _fields(arg: torch.Tensor, dynamic: bool | tuple[int, ...]) -> tuple:
@@ -143,7 +161,8 @@ class HotSignature:
         if self._static is not None:  # NOTE [Static signatures in bulk]
             if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
                 return False
-            if self._exact_offsets and list(map(_OFFSET, flat_args)) != self._offsets:
+            if self._exact_offsets and (storage_sharing(flat_args) != self.sharing
+                                        or self._offsets_of(flat_args) != self._offsets):
                 return False
             if autocast_state() != self.autocast or numerics_signature() != self.numerics:
                 return False

@@ -228,10 +228,18 @@ def tensor_subclass_error(what: str, kind: type) -> CaptureError:
 def functorch_transform_error(what: str) -> CaptureError:
     """The error for a tensor wrapped by a torch.func transform: a compiled function called under ``vmap``,
     ``grad``, ``jacrev`` or ``jvp`` (the transforms wrap its arguments; a compiled graph runs on plain tensors, and
-    the transform cannot see through its autograd.Function). The call runs eagerly, as the fallback does."""
+    the transform cannot see through its autograd.Function). The call runs eagerly, as the fallback does.
+
+    NOTE [Transforms are the call's, not the function's]
+    Found (bench/odd_inputs.py): one call of an ``aotcache.compile`` function under ``torch.func.vmap`` (or jvp,
+    grad) sent it to the Dynamo way for good, recorded in the store, so every later plain call, in this process
+    and the next, ran through Dynamo instead of the captured graph. A transform is the context of one call:
+    ``first_call_only`` runs that call eagerly and decides nothing (the refusal comes from the signature, before
+    any trace, so a later call under a transform costs no capture attempt)."""
     return CaptureError(f"aotcache: {what} is a tensor of a torch.func transform (the compiled function is called "
                         f"under vmap, grad, jacrev or jvp), which a compiled graph cannot take. Apply the transform "
-                        f"inside the compiled function instead.", reason="unsupported_construct")
+                        f"inside the compiled function instead.", reason="unsupported_construct",
+                        first_call_only=True)  # NOTE [Transforms are the call's, not the function's]
 
 
 def dispatch_mode_error(modes: tuple) -> CaptureError:

@@ -30,7 +30,7 @@ from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.exact_values import float_bits
-from aotcache.aot.hot_path import autocast_state, storage_sharing
+from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
 from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
 
 __all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets",
@@ -78,11 +78,10 @@ def offsets_hold(expected: tuple, flat_args: Sequence[Any]) -> bool:
     return all(offset is None or arg.storage_offset() == offset for offset, arg in zip(expected, flat_args))
 
 
-def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], exact_offset: bool = False) -> tuple:
+def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int | None = None) -> tuple:
     if isinstance(arg, torch.Tensor):
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
-                    else (tuple(arg.shape), arg.stride(), arg.storage_offset() if exact_offset
-                          else None))  # NOTE [Dynamic dimensions]
+                    else (tuple(arg.shape), arg.stride(), offset))  # NOTE [Dynamic dimensions]
         signature = ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
                      arg.requires_grad and arg.is_leaf, geometry)
         attributes = python_attributes(arg)
@@ -200,15 +199,34 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
     """The reuse key of NOTE [Signature] (in-memory only; never persisted); ``dynamic`` a flag or a spec;
     ``context`` the call's :func:`call_context` where the caller has it already."""
     grad_enabled, autocast, numerics, sharing = call_context(flat_args) if context is None else context
-    exact_offsets = sharing != tuple(range(len(sharing)))  # NOTE [Storage offsets are not part of the signature]
+    offsets = _shared_memory_offsets(flat_args, sharing)  # NOTE [Storage offsets are not part of the signature]
     arguments = []
     for index, arg in enumerate(flat_args):
         try:
             arguments.append(_argument_signature(arg, dynamic[index] if isinstance(dynamic, tuple) else dynamic,
-                                                 exact_offsets))
+                                                 offsets.get(index)))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
     return (in_spec, grad_enabled, autocast, numerics, sharing, tuple(arguments))
+
+
+# NOTE [Offsets of arguments that share memory]
+# Tensor arguments that share a storage keep their storage offsets in the signature (synthetic bases and the
+# overlap check of mutated inputs depend on their geometry), but relative to the lowest offset of their group:
+# what decides how they overlap. Found (bench/odd_inputs.py): a language-model loop passing an input window and
+# its target window of one token tensor (``data[i:i + n]``, ``data[i + 1:i + n + 1]``) traced a new graph at
+# every step (absolute offsets keyed) until the recompile limit sent the calls to eager, where torch.compile
+# compiles once. A graph whose result depends on absolute offsets is still reused only at the offsets it was
+# traced with (``CompiledRuntime.input_offsets``), and a synthetic base is placed at each call's offsets.
+def _shared_memory_offsets(flat_args: Sequence[Any], sharing: tuple) -> dict[int, int]:
+    """Flat position -> storage offset relative to its sharing group's lowest, for tensors that share memory
+    (empty when none do); ``sharing`` as :func:`memory_sharing` gives it."""
+    if sharing == tuple(range(len(sharing))):
+        return {}
+    positions = [index for index, arg in enumerate(flat_args) if isinstance(arg, torch.Tensor) and not arg.is_meta]
+    relative = relative_offsets([flat_args[index] for index in positions], sharing)
+    return {index: offset for index, offset, group, own in zip(positions, relative, sharing, range(len(sharing)))
+            if group != own or sharing.count(own) > 1}
 
 
 def rank_signature_of(flat_args: Sequence[Any], in_spec: Any, context: tuple | None = None) -> tuple:

@@ -9,8 +9,8 @@ storage, one base tensor (a 1-D view over the bytes the group spans) is the grap
 function each member is regenerated as ``base.as_strided(size, stride, offset)``. Functionalization then sees
 the members as views of one tensor, so a write through one is read through the others, and the mutation
 epilogue writes the base's new value back into the caller's memory. The geometry of every member is part of
-the signature (sizes, strides, storage offsets and which inputs share memory), so the plan is fixed per
-signature. Not used with ``dynamic=True`` (geometry not in the signature), for members of different dtypes, or
+the signature (sizes, strides, storage offsets relative to the group and which inputs share memory), so the
+plan is fixed per signature. Not used with ``dynamic=True`` (geometry not in the signature), for members of different dtypes, or
 where a member requires grad under grad mode (its gradient would flow to the base, not to that member):
 those signatures take the other fallbacks (NOTE [Capture fallback]).
 """
@@ -39,7 +39,7 @@ class _Member:
 
 @dataclasses.dataclass(frozen=True)
 class _Group:
-    start: int  # storage offset (elements) of the base
+    start: int  # storage offset (elements) of the base in the traced call (each call places its own)
     length: int  # elements the base spans
     members: tuple[_Member, ...]
 
@@ -56,8 +56,10 @@ class SyntheticBasePlan:
         """``[base per group..., other flat arguments...]`` for one call's ``flat_args``."""
         bases = []
         for group in self.groups:
+            # the signature keys offsets relative to the group (NOTE [Offsets of arguments that share memory]):
+            # the base starts where this call's first member starts, less that member's offset in the group
             anchor = flat_args[group.members[0].position]
-            bases.append(anchor.as_strided((group.length,), (1,), group.start))
+            bases.append(anchor.as_strided((group.length,), (1,), anchor.storage_offset() - group.members[0].offset))
         return [*bases, *(flat_args[position] for position in self.others)]
 
     def outer_arguments(self, inner: Sequence[Any]) -> list:
