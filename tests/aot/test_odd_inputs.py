@@ -113,6 +113,28 @@ def test_overlapping_mutated_inputs_at_new_offsets_match_eager():
         assert torch.equal(base, expected_base)
 
 
+def _add_one_then_read_bytes(a, b):
+    a.add_(1)
+    return b.clone()
+
+
+def test_views_of_other_dtypes_keyed_by_byte_offsets():
+    """NOTE [Offsets of arguments that share memory]: a float32 view and a uint8 view of one storage count their
+    offsets in other units; keyed by element offsets, (0, 18) (disjoint bytes: the mutation traced as its own
+    tensor) and (10, 28) (b's bytes 28..43 overlap a's 40..55) had one key, and the second call reused the graph
+    traced for disjoint memory: b was read before a's write, unlike eager."""
+    compiled = aotcache.aot_function(_add_one_then_read_bytes, "nop", cache=False)
+    for a_offset, b_offset in ((0, 18), (10, 28), (10, 28), (20, 38)):
+        base = torch.zeros(32)
+        expected_base = base.clone()
+        out = compiled(base[a_offset:a_offset + 4], base.view(torch.uint8)[b_offset:b_offset + 16])
+        expected = _add_one_then_read_bytes(expected_base[a_offset:a_offset + 4],
+                                            expected_base.view(torch.uint8)[b_offset:b_offset + 16])
+        assert torch.equal(out, expected), (a_offset, b_offset)
+        assert torch.equal(base, expected_base)
+    assert compiled.num_compiles == 3  # (20, 38): disjoint again, at other byte offsets (b below a)
+
+
 def _view_and_sum(x, y):
     return x.view(-1), x + y
 
