@@ -113,6 +113,25 @@ def test_overlapping_mutated_inputs_at_new_offsets_match_eager():
         assert torch.equal(base, expected_base)
 
 
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_overlapping_mutated_windows_of_new_sizes_match_eager(route):
+    """NOTE [Synthetic bases] under ``dynamic=None``: the plan was made from the owner's ``dynamic`` (None), not
+    the call's resolved spec, so the call after a size change stored a fixed-geometry plan under a signature
+    with masked sizes, and the next size ran through it (an output of the old size, the new window half written)."""
+    compiled = _routes(_add_into_first)[route]()
+    for n, i, d in ((4, 0, 1), (6, 2, 1), (8, 1, 1), (8, 5, 3), (6, 3, 40), (5, 0, 5)):
+        base = torch.randn(80)
+        expected_base = base.clone()
+
+        def windows(t):
+            return t[i + 20:i + 20 + 2 * n].view(2, n), t[i + 20 + d:i + 20 + d + 2 * n].view(2, n)
+
+        out = compiled(*windows(base))
+        expected = _add_into_first(*windows(expected_base))
+        assert out.shape == expected.shape and torch.equal(out, expected), (n, i, d)
+        assert torch.equal(base, expected_base), (n, i, d)
+
+
 def _add_one_then_read_bytes(a, b):
     a.add_(1)
     return b.clone()
