@@ -199,6 +199,27 @@ def test_dynamo_route_view_output_at_new_offsets_views_the_callers_window(shared
         assert torch.equal(view, eager_view) and torch.equal(other, eager_other)
 
 
+_CLOSED_OVER = torch.zeros(40)
+
+
+def _mutate_then_read_closed_over(x):
+    x.add_(1)
+    return _CLOSED_OVER[10:14] * 1
+
+
+@pytest.mark.xfail(strict=True, reason="known: a mutated input sharing memory with a closed-over tensor (a graph "
+                   "constant) is traced as its own tensor; the graph reads the constant before the mutation is "
+                   "written back (wrong at the first call too; the signature does not see the sharing)")
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_mutated_input_overlapping_a_closed_over_tensor_matches_eager(route):
+    compiled = _routes(_mutate_then_read_closed_over)[route]()
+    for i in (0, 10, 8):
+        _CLOSED_OVER.zero_()
+        out = compiled(_CLOSED_OVER[i:i + 4])
+        _CLOSED_OVER.zero_()
+        assert torch.equal(out, _mutate_then_read_closed_over(_CLOSED_OVER[i:i + 4])), i
+
+
 # Odd inputs through aot_function in a fresh process, cache on: each result and gradient compared with eager in the
 # same process; prints the number of mismatches and the cache counters.
 ODD_INPUTS_PROCESS = """
