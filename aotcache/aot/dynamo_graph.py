@@ -159,20 +159,36 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     # included) and for their aliasing (a duplicated input is one value in the graph). Dynamo guards on both,
     # but a direct caller may break either: a call that does is compiled again for its own contract (from
     # its real tensors, so statically), instead of dropping a gradient or reading one input for two.
-    compiled_for = {_call_contract([*example[:num_lifted], *example_inputs], num_lifted): runtime}
+    # NOTE [Offsets in the call contract]
+    # Dynamo does not guard on storage offsets, and a graph whose result depends on them (an output that is a
+    # view of an input, regenerated at the traced absolute offset: ``RuntimeMetadata.offsets_matter``) returned,
+    # for ``x`` at another offset of its storage, a view at the first call's offset (another window's values).
+    # So for such a graph the static offsets are part of the contract; past a few offsets a call runs Dynamo's
+    # graph eagerly (a loop slicing a new window each step must not compile a graph per step).
+    example_flat = [*example[:num_lifted], *example_inputs]
+    offset_positions = ([index for index, value in enumerate(example_flat) if isinstance(value, torch.Tensor)
+                         and type(value.storage_offset()) is int]
+                        if getattr(getattr(runtime, "metadata", None), "offsets_matter", False) else [])
+
+    def contract_of(flat: Sequence[Any]) -> tuple:
+        return _call_contract(flat, num_lifted), tuple(flat[index].storage_offset() for index in offset_positions)
+
+    compiled_for = {contract_of(example_flat): runtime}
     lock = threading.Lock()
 
     def run(*args: Any) -> Any:
         flat = [*lifted(), *args]
-        contract = _call_contract(flat, num_lifted)
+        contract = contract_of(flat)
         chosen = compiled_for.get(contract)
         if chosen is None:
             with lock:
                 chosen = compiled_for.get(contract)
                 if chosen is None:
+                    if offset_positions and len(compiled_for) >= _MAX_OFFSET_VARIANTS:
+                        return flat_fn(*flat)  # NOTE [Offsets in the call contract]
                     log_once(logging.INFO, f"aot-simplified-contract:{id(compiled_for)}",
-                             "aot_module_simplified: a call broke the compiled graph's requires_grad or "
-                             "aliasing assumptions; compiling it again for this call's inputs")
+                             "aot_module_simplified: a call broke the compiled graph's requires_grad, "
+                             "aliasing or storage-offset assumptions; compiling it again for this call's inputs")
                     chosen = compiled_for[contract] = compile_function(flat_fn, flat, options)
         return chosen(*flat)
 
@@ -223,6 +239,9 @@ def _mark_propagated_dynamic(value: torch.Tensor, dims: set[int]) -> None:
         value._dynamo_propagated_dynamic_indices = (current | dims) if isinstance(current, set) else set(dims)
     except (AttributeError, RuntimeError, TypeError):  # a tensor type that takes no attributes: only a hint
         pass
+
+
+_MAX_OFFSET_VARIANTS = 8  # graphs per Dynamo graph for other storage offsets (NOTE [Offsets in the call contract])
 
 
 def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:

@@ -376,12 +376,13 @@ def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRunti
     return PartialRuntime(dynamo_fn, eager, owner)
 
 
-def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any) -> Any:
-    """A runtime over synthetic bases (NOTE [Synthetic bases]), or None where they do not apply or fail."""
+def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any, dynamic: Any) -> Any:
+    """A runtime over synthetic bases (NOTE [Synthetic bases]), or None where they do not apply or fail;
+    ``dynamic`` the call's resolved flag or spec (not the owner's: ``dynamic=None`` resolves per call)."""
     from aotcache.aot.api import AOTFunction
     from aotcache.aot.synthetic_base import SyntheticBaseRuntime, plan_synthetic_bases, synthetic_base_function
 
-    plan = plan_synthetic_bases(flat_args, owner.options.dynamic)
+    plan = plan_synthetic_bases(flat_args, dynamic)
     if plan is None:
         return None
     inner = AOTFunction(synthetic_base_function(owner.fn, plan, in_spec), owner.options, services=owner.services,
@@ -428,7 +429,7 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
         return owner._compile(flat_args, in_spec, options)
     except CaptureError as exc:
         if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
-            runtime = _synthetic_base_runtime(owner, flat_args, in_spec)
+            runtime = _synthetic_base_runtime(owner, flat_args, in_spec, options.dynamic)
             if runtime is not None:
                 return runtime
         if _raises(owner.on_capture_error):

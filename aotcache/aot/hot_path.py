@@ -57,14 +57,16 @@ def storage_sharing(tensors: Sequence[torch.Tensor], identity: Any = storage_poi
 
 
 def relative_offsets(tensors: Sequence[torch.Tensor], sharing: Sequence[int]) -> list[int]:
-    """Per tensor, its storage offset less the smallest offset among the tensors sharing its storage
-    (``sharing`` as :func:`storage_sharing` gives it): NOTE [Offsets of arguments that share memory]."""
+    """Per tensor, its storage offset *in bytes* less the smallest among the tensors sharing its storage
+    (``sharing`` as :func:`storage_sharing` gives it): NOTE [Offsets of arguments that share memory]. Bytes,
+    not elements: views of one storage as dtypes of other sizes count their offsets in other units, and element
+    differences that match can overlap at one call and not at another."""
+    offsets = [tensor.storage_offset() * tensor.element_size() for tensor in tensors]
     low: dict[int, int] = {}
-    for tensor, group in zip(tensors, sharing):
-        offset = tensor.storage_offset()
+    for offset, group in zip(offsets, sharing):
         if group not in low or offset < low[group]:
             low[group] = offset
-    return [tensor.storage_offset() - low[group] for tensor, group in zip(tensors, sharing)]
+    return [offset - low[group] for offset, group in zip(offsets, sharing)]
 
 
 def storage_object(tensor: torch.Tensor) -> int:

@@ -212,8 +212,9 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
 
 # NOTE [Offsets of arguments that share memory]
 # Tensor arguments that share a storage keep their storage offsets in the signature (synthetic bases and the
-# overlap check of mutated inputs depend on their geometry), but relative to the lowest offset of their group:
-# what decides how they overlap. Found (bench/odd_inputs.py): a language-model loop passing an input window and
+# overlap check of mutated inputs depend on their geometry), but relative to the lowest offset of their group,
+# in bytes (views of one storage as dtypes of other sizes count elements in other units): what decides how they
+# overlap. Found (bench/odd_inputs.py): a language-model loop passing an input window and
 # its target window of one token tensor (``data[i:i + n]``, ``data[i + 1:i + n + 1]``) traced a new graph at
 # every step (absolute offsets keyed) until the recompile limit sent the calls to eager, where torch.compile
 # compiles once. A graph whose result depends on absolute offsets is still reused only at the offsets it was

@@ -81,9 +81,11 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return first, first + sum((n - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride()))
 
 
-def plan_synthetic_bases(flat_args: Sequence[Any], dynamic: bool) -> SyntheticBasePlan | None:
-    """The plan for ``flat_args``, or None where NOTE [Synthetic bases] does not apply."""
-    if dynamic:
+def plan_synthetic_bases(flat_args: Sequence[Any], dynamic: Any) -> SyntheticBasePlan | None:
+    """The plan for ``flat_args``, or None where NOTE [Synthetic bases] does not apply; ``dynamic`` the call's
+    resolved flag or spec: a plan fixes every member's geometry, so any dynamic dimension rules it out (a plan
+    under a signature with masked sizes ran a later call of other sizes through the first call's geometry)."""
+    if dynamic is True or (isinstance(dynamic, tuple) and any(dynamic)):
         return None
     by_storage: dict[int, list[int]] = {}
     for position, arg in enumerate(flat_args):
