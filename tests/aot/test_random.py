@@ -499,3 +499,29 @@ def test_a_draw_nothing_uses_is_drawn_as_in_eager(train, partition):
         assert torch.equal(out, results[0][0])
         assert grad is None and results[0][1] is None or torch.allclose(grad, results[0][1])
         assert torch.equal(state, results[0][2])
+
+
+def _draws_from_its_argument_and_the_global_generator(x, generator):
+    return x + torch.rand(x.shape, generator=generator) * torch.rand(x.shape)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+def test_the_default_generator_passed_as_an_argument_draws_one_stream_as_eager(train):
+    """A slot in place of ``torch.default_generator`` drew the argument's numbers again from a copy of the global
+    state, then overwrote the global generator with the slot's: other values and global state than eager's."""
+    fn = _draws_from_its_argument_and_the_global_generator
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    results = []
+    for run in (fn, compiled):
+        torch.manual_seed(4)
+        steps = []
+        for _ in range(3):
+            x = torch.zeros(5, requires_grad=train)
+            with torch.set_grad_enabled(train):
+                out = run(x, torch.default_generator)
+            steps.append((out.detach(), torch.get_rng_state()))
+        results.append(steps)
+    for (out, state), (e_out, e_state) in zip(results[1], results[0]):
+        assert torch.equal(out, e_out)
+        assert torch.equal(state, e_state)
+    assert compiled.num_compiles == 1
