@@ -12,6 +12,7 @@ import contextlib
 import logging
 import operator
 import os
+import re
 import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -675,3 +676,48 @@ def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
                 f"aotcache: the function reads a tensor of shape {tuple(value.shape)} that requires grad from a "
                 f"closure or global instead of taking it as an argument; its gradient would be lost. Pass it "
                 f"as an argument, or wrap the code in an nn.Module and use aot_module (parameters are inputs).")
+
+
+# NOTE [Checkpointed regions without the RNG state]
+# ``torch.utils.checkpoint(..., preserve_rng_state=False)`` recomputes a region in the backward without putting
+# the generators back: eager's recomputation draws new numbers there (the gradients follow the new draws, and the
+# global generator moves in the backward). The partitioners save a region's random draws (NOTE [Activation
+# checkpoint regions] in partition.py), so a compiled graph gave the forward's draws' gradients and left the
+# generator where the forward did: other gradients and state than eager's. Such a graph is refused; its fallback
+# runs each region as eager's checkpoint with the model's own setting (NOTE [Checkpointed regions run eagerly]).
+_RANDOM_NAME = re.compile(r"(^|_)(rand\w*|dropout\w*|bernoulli_?|normal_?|multinomial|rrelu\w*|uniform_|"
+                          r"exponential_|geometric_|cauchy_|fractional_max_pool\w*|native_dropout)$")
+
+
+def refuse_unpreserved_random_regions(gm: torch.nn.Module) -> None:
+    """Refuse a Dynamo graph with a checkpointed region that draws random numbers and does not preserve the RNG
+    state (NOTE [Checkpointed regions without the RNG state])."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if hop is None:
+        return
+    for module in gm.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target is not hop or node.kwargs.get("preserve_rng_state", True):
+                continue
+            body = getattr(module, node.args[0].target, None) if node.args and hasattr(node.args[0], "target") \
+                else None
+            if body is None or _draws_random(body):
+                raise CaptureError("aotcache: an activation-checkpointed region with preserve_rng_state=False draws "
+                                   "random numbers (dropout): eager's backward recomputes it with new draws, which "
+                                   "a compiled backward does not repeat; the graph runs eagerly, each region as "
+                                   "eager's torch.utils.checkpoint. Fix: leave preserve_rng_state at True (the "
+                                   "compiled graph then saves the draws).", reason="unsupported_construct")
+
+
+def _draws_random(body: torch.nn.Module) -> bool:
+    for submodule in body.modules():
+        graph = getattr(submodule, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            if node.op in ("call_function", "call_method"):
+                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+                if _RANDOM_NAME.search(str(name).split(".")[-1]):
+                    return True
+    return False
