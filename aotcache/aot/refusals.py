@@ -13,6 +13,7 @@ import logging
 import operator
 import os
 import re
+import sys
 import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -604,19 +605,82 @@ def _restore_generators(generators: Sequence[torch.Generator], states: list) -> 
         generator.set_state(state)
 
 
+# NOTE [Generator states set back inside the function]
+# ``torch.random.fork_rng()`` around a draw (or ``torch.get_rng_state()`` ... ``torch.set_rng_state(state)``)
+# puts torch's global generator back where it was: eager's call leaves it unmoved by that draw. The capture saw no
+# change (NOTE [Host random numbers] compares states), but the graph cannot replay the Python setting the state
+# back, so each compiled call drew the numbers for real and moved the generator (other values and state than
+# eager's, silently). While a capture runs, ``torch.set_rng_state`` (``fork_rng`` calls it) records a call from
+# the capturing thread, which refuses the capture; calls from ``torch.utils.checkpoint`` (its RNG preservation
+# around a recomputation) are its own business and pass. ``Generator.set_state`` called directly on a generator
+# (a C method) is not seen.
+_RNG_SETTERS_LOCK = threading.Lock()
+_RNG_SETTERS: dict[str, Any] = {"users": 0, "original": None}
+_RNG_SET_IN = threading.local()
+
+
+def _recording_set_rng_state(new_state: torch.Tensor) -> None:
+    """``torch.set_rng_state`` while a capture runs: notes a call from a capturing thread, then sets the state."""
+    if getattr(_RNG_SET_IN, "watching", False) and not _called_from_checkpoint():
+        _RNG_SET_IN.seen = True
+    _RNG_SETTERS["original"](new_state)
+
+
+def _called_from_checkpoint() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(("torch/random.py",
+                                                                                    "contextlib.py")):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+
+
+@contextlib.contextmanager
+def _watching_rng_setters() -> Iterator[None]:
+    """Record ``torch.set_rng_state`` calls made by this thread in the body (NOTE [Generator states set back
+    inside the function])."""
+    import torch.random as torch_random
+
+    with _RNG_SETTERS_LOCK:
+        if _RNG_SETTERS["users"] == 0:
+            _RNG_SETTERS["original"] = torch_random.set_rng_state
+            torch.set_rng_state = torch_random.set_rng_state = _recording_set_rng_state
+        _RNG_SETTERS["users"] += 1
+    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "seen", False)
+    _RNG_SET_IN.watching, _RNG_SET_IN.seen = True, False
+    try:
+        yield
+    finally:
+        _RNG_SET_IN.watching = previous[0]
+        with _RNG_SETTERS_LOCK:
+            _RNG_SETTERS["users"] -= 1
+            if _RNG_SETTERS["users"] == 0:
+                torch.set_rng_state = torch_random.set_rng_state = _RNG_SETTERS["original"]
+
+
 @contextlib.contextmanager
 def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
     """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator, or
     seeded torch's or one of ``generators`` (the arguments'), after putting them back (NOTE [Host random
-    numbers])."""
+    numbers]), or set torch's global generator's state (NOTE [Generator states set back inside the
+    function])."""
     before = _host_random_states()
     passed = _generator_states(generators)
     try:
-        yield
+        with _watching_rng_setters():
+            yield
+            set_back = _RNG_SET_IN.seen
     except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
         _restore_host_random(*before)  # again: it draws what eager would
         _restore_generators(generators, passed)
         raise
+    if set_back:
+        _restore_host_random(*before)
+        _restore_generators(generators, passed)
+        raise CaptureError("aotcache: the function sets torch's global random generator's state "
+                           "(torch.set_rng_state, torch.random.fork_rng): a graph cannot replay that, so its calls "
+                           "would draw and move the generator where eager's puts it back. Draw outside the "
+                           "compiled function, or pass a torch.Generator as an argument (random ops take "
+                           "generator=).", reason="unsupported_construct")
     after = _generator_states(generators)
     if any(seed != seed_after or not torch.equal(state, state_after)
            for (seed, state), (seed_after, state_after) in zip(passed, after)):
