@@ -561,3 +561,29 @@ def test_a_draw_whose_generator_state_is_set_back_inside_is_not_drawn_for_good(f
         assert torch.equal(state, e_state)
     assert torch.set_rng_state is torch.random.set_rng_state  # torch's own function is back after the capture
     assert torch.set_rng_state.__module__ == "torch.random"
+
+
+def _noise_with_the_argument_generator_set_back(x, generator):
+    state = generator.get_state()
+    noise = torch.rand(x.shape, generator=generator)
+    generator.set_state(state)
+    return x + noise + torch.rand(x.shape, generator=generator)
+
+
+@pytest.mark.xfail(strict=True, reason="Generator.set_state is a C method the capture does not see, and it puts the "
+                   "generator back where it was, so the state comparison of NOTE [Host random numbers] sees no "
+                   "change: the graph draws both numbers for good (NOTE [Generator states set back inside the "
+                   "function])")
+def test_a_draw_whose_argument_generator_is_set_back_inside_is_not_drawn_for_good():
+    fn = _noise_with_the_argument_generator_set_back
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    results = []
+    for call in (fn, compiled):
+        steps = []
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            steps.append((call(torch.zeros(4), g), g.get_state()))
+        results.append(steps)
+    for (out, state), (e_out, e_state) in zip(results[1], results[0]):
+        assert torch.equal(out, e_out)
+        assert torch.equal(state, e_state)
