@@ -105,6 +105,13 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     """
     if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
         raise checkpoint_mutation_error(exc) from exc
+    if _CHECKPOINT_INPUT_VERSION_ERROR in str(exc):  # not reentrant: a region writes one of its inputs (a
+        raise CaptureError(  # BatchNorm's num_batches_tracked); NOTE [Buffers written in a checkpointed region]
+            f"aotcache: an activation-checkpointed region (torch.utils.checkpoint) writes in place into one of its "
+            f"inputs (a BatchNorm's num_batches_tracked, a buffer updated in forward), which its recomputation "
+            f"cannot replay in a compiled backward ({exc}); the graph runs eagerly, each region as eager's "
+            f"torch.utils.checkpoint. Fix: move the BatchNorm (or the buffer update) out of the checkpointed "
+            f"region.", reason="unsupported_construct") from exc
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
@@ -508,6 +515,7 @@ _OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional te
 # RuntimeError, failing the job where eager runs. Until the region's body is functionalized before the trace, it is a
 # CaptureError: the Dynamo graph runs eagerly (counted as a capture fallback).
 _CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoint has been mutated"
+_CHECKPOINT_INPUT_VERSION_ERROR = "has been modified by an inplace operation"
 
 # torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
 # CaptureErrors (the fallback runs the call), not crashes

@@ -322,3 +322,15 @@ def test_a_region_without_the_rng_state_draws_anew_in_the_backward_as_eager(entr
     got = steps(model, run)
     reference = _UnpreservedNoise()
     _assert_equal(got, steps(reference, reference))
+
+
+def test_the_refusal_of_a_batchnorm_in_a_region_names_the_write_not_reentrant_checkpointing(monkeypatch):
+    """The capture's refusal said "reentrant activation checkpointing ... pass use_reentrant=False" to a model
+    that passed it; it names the region's write into its input now."""
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
+    torch._dynamo.reset()
+    model = _NormalizedRegion()
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+    with pytest.raises(Exception, match="writes in place into one of its inputs.*BatchNorm") as info:
+        run(torch.randn(8, 16, requires_grad=True))
+    assert "use_reentrant=True" not in str(info.value)
