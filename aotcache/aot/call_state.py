@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from aotcache.aot.errors import CaptureError
@@ -81,6 +82,29 @@ def restore_set(current: set, saved: set) -> None:
         current.update(saved)
 
 
+_BUFFER_BYTES = 1 << 22  # a larger buffer is not copied (NOTE [Buffers written by a failed capture])
+
+
+def _buffer_values(module: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """``(buffer, version, copy)`` for ``module``'s plain buffers up to ``_BUFFER_BYTES``.
+
+    NOTE [Buffers written by a failed capture]
+    A capture sees a module's buffers as traced inputs, but Python that reads them after the module call (eager's
+    checkpoint recomputing a region with a BatchNorm in the traced backward) reaches the real ones: the write ran
+    for real, the capture then failed and the fallback ran the step again (``num_batches_tracked`` counted one
+    batch more than eager). A buffer whose version moved is put back from its copy before the next run of the
+    Python, as the module's attributes are. Buffers over 4 MiB are not copied (that write stays, as before).
+    """
+    values = []
+    for buffer in module.buffers():
+        try:
+            if type(buffer) is torch.Tensor and buffer.numel() * buffer.element_size() <= _BUFFER_BYTES:
+                values.append((buffer, buffer._version, buffer.detach().clone()))
+        except RuntimeError:  # an inference tensor has no version counter
+            continue
+    return values
+
+
 class SavedCallState:
     """The state a call's Python may change, saved before its capture (NOTE [State changed by a capture]).
 
@@ -93,6 +117,7 @@ class SavedCallState:
         self._lists: list[tuple[list, list]] = []
         self._sets: list[tuple[set, set]] = []
         self._settings: ModuleState | None = None
+        self._buffers: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         if module is not None:
             for submodule in module.modules():
                 attributes = submodule.__dict__
@@ -104,6 +129,7 @@ class SavedCallState:
                         self._lists.append((value, list(value)))
                     elif isinstance(value, set):
                         self._sets.append((value, set(value)))
+            self._buffers = _buffer_values(module)
             self._settings = ModuleState(module)
             self._settings_id = self._settings.current()[3]
         saved = getattr(program, "saved_state", None)
@@ -120,6 +146,14 @@ class SavedCallState:
             restore_list(current, saved)
         for current, saved in self._sets:
             restore_set(current, saved)
+        restored = []
+        for buffer, version, value in self._buffers:  # NOTE [Buffers written by a failed capture]
+            if buffer._version != version:
+                with torch.no_grad():
+                    buffer.copy_(value)
+                version = buffer._version
+            restored.append((buffer, version, value))
+        self._buffers = restored
         if self._program is not None:
             failure = self._program.restore()
             if failure is not None:

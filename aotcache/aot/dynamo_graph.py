@@ -20,6 +20,7 @@ from torch import nn
 
 from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
+from aotcache.aot.refusals import refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
 from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
 from aotcache.logs import log_once
@@ -122,6 +123,7 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     signatures is Dynamo's job (its guards), so exactly one graph is compiled; ``services.compile_graph`` may
     load it from ``cache`` instead (NOTE [Compile services]).
     """
+    refuse_unpreserved_random_regions(gm)  # NOTE [Checkpointed regions without the RNG state]
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)

@@ -258,7 +258,47 @@ def _checkpoint_as_eager(body: Callable, *args: Any, **kwargs: Any) -> Any:
     context_fn = getattr(body, "meta", {}).get("_checkpoint_context_fn")
     if context_fn is not None:
         options["context_fn"] = context_fn
-    return checkpoint(body, *args, **options)
+    mutated = _inputs_written_in_place(body)
+    if not mutated:
+        return checkpoint(body, *args, **options)
+    kept = [index for index in range(len(args)) if index not in mutated]
+
+    def region(*kept_args: Any) -> Any:  # the written inputs reached as eager's module attributes are
+        full = list(args)
+        for index, value in zip(kept, kept_args):
+            full[index] = value
+        return body(*full)
+
+    return checkpoint(region, *(args[index] for index in kept), **options)
+
+
+def _inputs_written_in_place(body: Any) -> frozenset[int]:
+    """The positions of ``body``'s inputs that it writes in place (a BatchNorm's ``num_batches_tracked.add_(1)``).
+
+    NOTE [Buffers written in a checkpointed region]
+    Dynamo lifts a region's module attributes into its inputs; eager's checkpoint saves its inputs with their
+    versions, so a buffer the region bumps in place failed the version check when the backward recomputed
+    (RuntimeError where eager trains: eager's region reads the buffer as an attribute, not an input). Such inputs
+    reach the region by closure, as attributes do in eager (the recomputation writes them again, as eager's does).
+    """
+    cached = getattr(body, "_aotcache_written_inputs", None)
+    if cached is not None:
+        return cached
+    written: set[int] = set()
+    graph = getattr(body, "graph", None)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"] if graph is not None else []
+    for index, placeholder in enumerate(placeholders):
+        for user in placeholder.users:
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if (user.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_")
+                    and not name.startswith("_") and user.args and user.args[0] is placeholder):
+                written.add(index)
+    result = frozenset(written)
+    try:
+        body._aotcache_written_inputs = result
+    except AttributeError:
+        pass
+    return result
 
 
 def graph_as_eager(gm: torch.fx.GraphModule) -> Callable:

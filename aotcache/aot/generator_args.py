@@ -13,7 +13,10 @@ draws: NOTE [Double backward through random ops] in runtime.py). A slot's run is
 (two threads passing different generators would share the slot otherwise). A fallback that runs the Python
 (eager, Dynamo) gets the caller's own generators.
 Not substituted, the generators then keyed by identity as before (one graph per generator, exact): a call
-passing one generator at two positions (its draws must follow each other); a function whose graph also draws
+passing one generator at two positions (its draws must follow each other); a device's default generator passed
+as an argument (``generator=torch.default_generator``) stays in place at its position: the graph's global draws
+(``torch.rand(n)``) come from it too, and a slot would draw them again from a copy, the default generator then
+overwritten with the slot's state (other numbers and state than eager's); a function whose graph also draws
 from the caller's generator another way (an attribute of the module that is passed as well): the graph's own
 generators are checked before its first run with slots (``CompiledRuntime.graph_generators``); and a module
 whose forward keeps the generator it is passed on an attribute (``self.generator = generator``), where the slot
@@ -41,6 +44,17 @@ def _identity(generator: torch.Generator) -> int:
     return getattr(generator, "_cdata", None) or id(generator)
 
 
+def _is_default(generator: torch.Generator) -> bool:
+    """Whether ``generator`` is its device's default generator (``torch.default_generator``, CUDA's per device):
+    the graph's global draws come from it too, so a slot in its place would split one stream in two."""
+    device = generator.device
+    if device.type == "cpu":
+        return _identity(generator) == _identity(torch.default_generator)
+    module = getattr(torch, device.type, None)
+    defaults = getattr(module, "default_generators", ()) if module is not None else ()
+    return any(_identity(generator) == _identity(default) for default in defaults)
+
+
 class GeneratorSlots:
     """The slots of one compiled function (NOTE [Generator arguments])."""
 
@@ -52,13 +66,13 @@ class GeneratorSlots:
     def substitute(self, flat_args: list) -> tuple[list, list[tuple[torch.Generator, torch.Generator]]] | None:
         """``(flat arguments with slots in place of generators, [(caller's generator, slot)])``, or None when no
         argument is a generator (or none is to be substituted)."""
-        if not self.enabled or not any(type(arg) is torch.Generator for arg in flat_args):
+        if not self.enabled or not any(type(arg) is torch.Generator and not _is_default(arg) for arg in flat_args):
             return None
         swapped: list[tuple[torch.Generator, torch.Generator]] = []
         substituted = list(flat_args)
         for position, arg in enumerate(flat_args):
-            if type(arg) is not torch.Generator:
-                continue
+            if type(arg) is not torch.Generator or _is_default(arg):
+                continue  # a default generator stays: the graph's global draws are its draws too
             if any(_identity(arg) == _identity(caller) for caller, _ in swapped):
                 return None  # one generator twice: its draws follow each other (keyed by identity instead)
             key = (position, arg.device)

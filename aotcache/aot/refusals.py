@@ -12,6 +12,8 @@ import contextlib
 import logging
 import operator
 import os
+import re
+import sys
 import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,6 +105,13 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     """
     if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
         raise checkpoint_mutation_error(exc) from exc
+    if _CHECKPOINT_INPUT_VERSION_ERROR in str(exc):  # not reentrant: a region writes one of its inputs (a
+        raise CaptureError(  # BatchNorm's num_batches_tracked); NOTE [Buffers written in a checkpointed region]
+            f"aotcache: an activation-checkpointed region (torch.utils.checkpoint) writes in place into one of its "
+            f"inputs (a BatchNorm's num_batches_tracked, a buffer updated in forward), which its recomputation "
+            f"cannot replay in a compiled backward ({exc}); the graph runs eagerly, each region as eager's "
+            f"torch.utils.checkpoint. Fix: move the BatchNorm (or the buffer update) out of the checkpointed "
+            f"region.", reason="unsupported_construct") from exc
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
@@ -506,6 +515,7 @@ _OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional te
 # RuntimeError, failing the job where eager runs. Until the region's body is functionalized before the trace, it is a
 # CaptureError: the Dynamo graph runs eagerly (counted as a capture fallback).
 _CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoint has been mutated"
+_CHECKPOINT_INPUT_VERSION_ERROR = "has been modified by an inplace operation"
 
 # torch's errors for reading the memory of a fake / functional tensor: eager runs such code, so they are
 # CaptureErrors (the fallback runs the call), not crashes
@@ -603,19 +613,82 @@ def _restore_generators(generators: Sequence[torch.Generator], states: list) -> 
         generator.set_state(state)
 
 
+# NOTE [Generator states set back inside the function]
+# ``torch.random.fork_rng()`` around a draw (or ``torch.get_rng_state()`` ... ``torch.set_rng_state(state)``)
+# puts torch's global generator back where it was: eager's call leaves it unmoved by that draw. The capture saw no
+# change (NOTE [Host random numbers] compares states), but the graph cannot replay the Python setting the state
+# back, so each compiled call drew the numbers for real and moved the generator (other values and state than
+# eager's, silently). While a capture runs, ``torch.set_rng_state`` (``fork_rng`` calls it) records a call from
+# the capturing thread, which refuses the capture; calls from ``torch.utils.checkpoint`` (its RNG preservation
+# around a recomputation) are its own business and pass. ``Generator.set_state`` called directly on a generator
+# (a C method) is not seen.
+_RNG_SETTERS_LOCK = threading.Lock()
+_RNG_SETTERS: dict[str, Any] = {"users": 0, "original": None}
+_RNG_SET_IN = threading.local()
+
+
+def _recording_set_rng_state(new_state: torch.Tensor) -> None:
+    """``torch.set_rng_state`` while a capture runs: notes a call from a capturing thread, then sets the state."""
+    if getattr(_RNG_SET_IN, "watching", False) and not _called_from_checkpoint():
+        _RNG_SET_IN.seen = True
+    _RNG_SETTERS["original"](new_state)
+
+
+def _called_from_checkpoint() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(("torch/random.py",
+                                                                                    "contextlib.py")):
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+
+
+@contextlib.contextmanager
+def _watching_rng_setters() -> Iterator[None]:
+    """Record ``torch.set_rng_state`` calls made by this thread in the body (NOTE [Generator states set back
+    inside the function])."""
+    import torch.random as torch_random
+
+    with _RNG_SETTERS_LOCK:
+        if _RNG_SETTERS["users"] == 0:
+            _RNG_SETTERS["original"] = torch_random.set_rng_state
+            torch.set_rng_state = torch_random.set_rng_state = _recording_set_rng_state
+        _RNG_SETTERS["users"] += 1
+    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "seen", False)
+    _RNG_SET_IN.watching, _RNG_SET_IN.seen = True, False
+    try:
+        yield
+    finally:
+        _RNG_SET_IN.watching = previous[0]
+        with _RNG_SETTERS_LOCK:
+            _RNG_SETTERS["users"] -= 1
+            if _RNG_SETTERS["users"] == 0:
+                torch.set_rng_state = torch_random.set_rng_state = _RNG_SETTERS["original"]
+
+
 @contextlib.contextmanager
 def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
     """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator, or
     seeded torch's or one of ``generators`` (the arguments'), after putting them back (NOTE [Host random
-    numbers])."""
+    numbers]), or set torch's global generator's state (NOTE [Generator states set back inside the
+    function])."""
     before = _host_random_states()
     passed = _generator_states(generators)
     try:
-        yield
+        with _watching_rng_setters():
+            yield
+            set_back = _RNG_SET_IN.seen
     except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
         _restore_host_random(*before)  # again: it draws what eager would
         _restore_generators(generators, passed)
         raise
+    if set_back:
+        _restore_host_random(*before)
+        _restore_generators(generators, passed)
+        raise CaptureError("aotcache: the function sets torch's global random generator's state "
+                           "(torch.set_rng_state, torch.random.fork_rng): a graph cannot replay that, so its calls "
+                           "would draw and move the generator where eager's puts it back. Draw outside the "
+                           "compiled function, or pass a torch.Generator as an argument (random ops take "
+                           "generator=).", reason="unsupported_construct")
     after = _generator_states(generators)
     if any(seed != seed_after or not torch.equal(state, state_after)
            for (seed, state), (seed_after, state_after) in zip(passed, after)):
@@ -675,3 +748,48 @@ def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
                 f"aotcache: the function reads a tensor of shape {tuple(value.shape)} that requires grad from a "
                 f"closure or global instead of taking it as an argument; its gradient would be lost. Pass it "
                 f"as an argument, or wrap the code in an nn.Module and use aot_module (parameters are inputs).")
+
+
+# NOTE [Checkpointed regions without the RNG state]
+# ``torch.utils.checkpoint(..., preserve_rng_state=False)`` recomputes a region in the backward without putting
+# the generators back: eager's recomputation draws new numbers there (the gradients follow the new draws, and the
+# global generator moves in the backward). The partitioners save a region's random draws (NOTE [Activation
+# checkpoint regions] in partition.py), so a compiled graph gave the forward's draws' gradients and left the
+# generator where the forward did: other gradients and state than eager's. Such a graph is refused; its fallback
+# runs each region as eager's checkpoint with the model's own setting (NOTE [Checkpointed regions run eagerly]).
+_RANDOM_NAME = re.compile(r"(^|_)(rand\w*|dropout\w*|bernoulli_?|normal_?|multinomial|rrelu\w*|uniform_|"
+                          r"exponential_|geometric_|cauchy_|fractional_max_pool\w*|native_dropout)$")
+
+
+def refuse_unpreserved_random_regions(gm: torch.nn.Module) -> None:
+    """Refuse a Dynamo graph with a checkpointed region that draws random numbers and does not preserve the RNG
+    state (NOTE [Checkpointed regions without the RNG state])."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if hop is None:
+        return
+    for module in gm.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target is not hop or node.kwargs.get("preserve_rng_state", True):
+                continue
+            body = getattr(module, node.args[0].target, None) if node.args and hasattr(node.args[0], "target") \
+                else None
+            if body is None or _draws_random(body):
+                raise CaptureError("aotcache: an activation-checkpointed region with preserve_rng_state=False draws "
+                                   "random numbers (dropout): eager's backward recomputes it with new draws, which "
+                                   "a compiled backward does not repeat; the graph runs eagerly, each region as "
+                                   "eager's torch.utils.checkpoint. Fix: leave preserve_rng_state at True (the "
+                                   "compiled graph then saves the draws).", reason="unsupported_construct")
+
+
+def _draws_random(body: torch.nn.Module) -> bool:
+    for submodule in body.modules():
+        graph = getattr(submodule, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            if node.op in ("call_function", "call_method"):
+                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+                if _RANDOM_NAME.search(str(name).split(".")[-1]):
+                    return True
+    return False

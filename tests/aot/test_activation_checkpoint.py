@@ -214,3 +214,123 @@ def test_a_hook_that_makes_the_embeddings_require_grad_before_a_reentrant_checkp
     strict = aotcache.aot_module(FrozenEmbeddingThenReentrant(), "nop", cache=False, on_capture_error="raise")
     with pytest.raises(aotcache.aot.CaptureError, match="reentrant activation checkpointing"):
         strict(ids)
+
+
+class _NormalizedRegion(nn.Module):
+    """A BatchNorm inside a checkpointed region: eager's recomputation updates its statistics a second time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.outer = nn.Linear(16, 16)
+
+    def region(self, x):
+        return self.outer(self.norm(self.inner(x)))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False) + 1
+
+
+def _train_recording_buffers(model: nn.Module, run, steps: int = 3) -> list[torch.Tensor]:
+    records = []
+    for step in range(steps):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step), requires_grad=True)
+        out = run(x)
+        records.append(model.norm.num_batches_tracked.clone())  # after the forward
+        out.sum().backward()
+        records += [out.detach(), x.grad, *(p.grad.clone() for p in model.parameters()),
+                    *(b.clone() for b in model.buffers())]
+        model.zero_grad()
+    return records
+
+
+@pytest.mark.parametrize("partition", [default_partition, min_cut_rematerialization_partition],
+                         ids=["default", "min_cut"])
+def test_a_batchnorm_inside_a_checkpointed_region_trains_as_eager(partition):
+    """Found: the region's graph took the BatchNorm's ``num_batches_tracked`` as an input and bumped it in place;
+    run as eager's checkpoint (the capture refuses the region), the backward's recomputation failed the saved
+    input's version check (RuntimeError where eager trains). NOTE [Buffers written in a checkpointed region]."""
+    torch._dynamo.reset()
+    model = _NormalizedRegion()
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop",
+                                                         partition=partition, cache=False))
+    got = _train_recording_buffers(model, run)
+    reference = _NormalizedRegion()
+    expected = _train_recording_buffers(reference, reference)
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, msg=str(index))
+    assert model.norm.num_batches_tracked.item() == 6  # forward and recomputation, three steps: eager's count
+
+
+def test_a_batchnorm_inside_a_checkpointed_region_under_aotcache_compile_counts_batches_as_eager():
+    """Found: the whole-model capture's traced backward recomputed the region on the real BatchNorm and bumped its
+    ``num_batches_tracked`` for real; the capture failed and the Dynamo way ran the step again (one batch counted
+    once more than eager). NOTE [Buffers written by a failed capture] in call_state.py."""
+    torch._dynamo.reset()
+    model = _NormalizedRegion()
+    run = aotcache.compile(model, compiler="nop", cache=False)
+    got = _train_recording_buffers(model, run)
+    reference = _NormalizedRegion()
+    expected = _train_recording_buffers(reference, reference)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, msg=str(index))
+    assert run.route == "dynamo" and model.norm.num_batches_tracked.item() == 6
+
+
+class _UnpreservedNoise(nn.Module):
+    """Noise inside a region checkpointed with ``preserve_rng_state=False``: eager's recomputation draws anew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Linear(16, 16)
+        self.outer = nn.Linear(16, 16)
+
+    def region(self, x):
+        hidden = self.inner(x)
+        return self.outer(hidden * torch.randn_like(hidden))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False, preserve_rng_state=False) + 1
+
+
+@pytest.mark.parametrize("entry", ["backend", "compile"])
+def test_a_region_without_the_rng_state_draws_anew_in_the_backward_as_eager(entry):
+    """Found: the partitioners saved the region's draw, so the compiled backward used the forward's noise and
+    left the global generator where the forward did; eager's recomputation draws new noise (other gradients) and
+    moves the generator in the backward. NOTE [Checkpointed regions without the RNG state] in refusals.py."""
+    torch._dynamo.reset()
+
+    def steps(model, run):
+        torch.manual_seed(5)
+        records = []
+        for step in range(3):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            out = run(x)
+            out.sum().backward()
+            records += [out.detach(), x.grad, *(p.grad.clone() for p in model.parameters()),
+                        torch.get_rng_state()]
+            model.zero_grad()
+        return records
+
+    model = _UnpreservedNoise()
+    run = (torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+           if entry == "backend" else aotcache.compile(model, compiler="nop", cache=False))
+    got = steps(model, run)
+    reference = _UnpreservedNoise()
+    _assert_equal(got, steps(reference, reference))
+
+
+def test_the_refusal_of_a_batchnorm_in_a_region_names_the_write_not_reentrant_checkpointing(monkeypatch):
+    """The capture's refusal said "reentrant activation checkpointing ... pass use_reentrant=False" to a model
+    that passed it; it names the region's write into its input now."""
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
+    torch._dynamo.reset()
+    model = _NormalizedRegion()
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+    with pytest.raises(Exception, match="writes in place into one of its inputs.*BatchNorm") as info:
+        run(torch.randn(8, 16, requires_grad=True))
+    assert "use_reentrant=True" not in str(info.value)

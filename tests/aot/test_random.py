@@ -499,3 +499,91 @@ def test_a_draw_nothing_uses_is_drawn_as_in_eager(train, partition):
         assert torch.equal(out, results[0][0])
         assert grad is None and results[0][1] is None or torch.allclose(grad, results[0][1])
         assert torch.equal(state, results[0][2])
+
+
+def _draws_from_its_argument_and_the_global_generator(x, generator):
+    return x + torch.rand(x.shape, generator=generator) * torch.rand(x.shape)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+def test_the_default_generator_passed_as_an_argument_draws_one_stream_as_eager(train):
+    """A slot in place of ``torch.default_generator`` drew the argument's numbers again from a copy of the global
+    state, then overwrote the global generator with the slot's: other values and global state than eager's."""
+    fn = _draws_from_its_argument_and_the_global_generator
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    results = []
+    for run in (fn, compiled):
+        torch.manual_seed(4)
+        steps = []
+        for _ in range(3):
+            x = torch.zeros(5, requires_grad=train)
+            with torch.set_grad_enabled(train):
+                out = run(x, torch.default_generator)
+            steps.append((out.detach(), torch.get_rng_state()))
+        results.append(steps)
+    for (out, state), (e_out, e_state) in zip(results[1], results[0]):
+        assert torch.equal(out, e_out)
+        assert torch.equal(state, e_state)
+    assert compiled.num_compiles == 1
+
+
+def _noise_under_fork_rng(x):
+    with torch.random.fork_rng():
+        noise = torch.rand(x.shape)
+    return x + noise + torch.rand(x.shape)
+
+
+def _noise_with_the_state_set_back(x):
+    state = torch.get_rng_state()
+    noise = torch.rand(x.shape)
+    torch.set_rng_state(state)
+    return x + noise + torch.rand(x.shape)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("fn", [_noise_under_fork_rng, _noise_with_the_state_set_back], ids=["fork_rng", "set_back"])
+def test_a_draw_whose_generator_state_is_set_back_inside_is_not_drawn_for_good(fn, train):
+    """Found: the capture compared the global generator's state before and after and saw no change, but the graph
+    could not replay the Python putting the state back: each compiled call drew for good (other values, and the
+    generator moved where eager's is put back). NOTE [Generator states set back inside the function]."""
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    results = []
+    for call in (fn, compiled):
+        torch.manual_seed(2)
+        steps = []
+        for _ in range(3):
+            with torch.set_grad_enabled(train):
+                out = call(torch.zeros(4, requires_grad=train))
+            steps.append((out.detach(), torch.get_rng_state()))
+        results.append(steps)
+    for (out, state), (e_out, e_state) in zip(results[1], results[0]):
+        assert torch.equal(out, e_out)
+        assert torch.equal(state, e_state)
+    assert torch.set_rng_state is torch.random.set_rng_state  # torch's own function is back after the capture
+    assert torch.set_rng_state.__module__ == "torch.random"
+
+
+def _noise_with_the_argument_generator_set_back(x, generator):
+    state = generator.get_state()
+    noise = torch.rand(x.shape, generator=generator)
+    generator.set_state(state)
+    return x + noise + torch.rand(x.shape, generator=generator)
+
+
+@pytest.mark.xfail(strict=True, reason="Generator.set_state is a C method the capture does not see, and it puts the "
+                   "generator back where it was, so the state comparison of NOTE [Host random numbers] sees no "
+                   "change: the graph draws both numbers for good (NOTE [Generator states set back inside the "
+                   "function])")
+def test_a_draw_whose_argument_generator_is_set_back_inside_is_not_drawn_for_good():
+    fn = _noise_with_the_argument_generator_set_back
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    results = []
+    for call in (fn, compiled):
+        steps = []
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            steps.append((call(torch.zeros(4), g), g.get_state()))
+        results.append(steps)
+    for (out, state), (e_out, e_state) in zip(results[1], results[0]):
+        assert torch.equal(out, e_out)
+        assert torch.equal(state, e_state)
