@@ -120,9 +120,10 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
             geometry = ([arg.dim()] if dims is True else
                         [[None if dim in dims else size for dim, size in enumerate(arg.shape)]] if dims else
                         [list(arg.shape), list(arg.stride()), arg.storage_offset()])
+            attributes = python_attributes(arg)  # NOTE [Python attributes of tensor arguments]
             described.append(["tensor", str(arg.dtype), str(arg.device), arg.requires_grad,
                               arg.requires_grad and arg.is_leaf, arg.is_contiguous(), sharing, geometry,
-                              *([_tensor_attributes(python_attributes(arg))] if python_attributes(arg) else [])])
+                              *([_tensor_attributes(attributes)] if attributes else [])])
         elif isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             raise Untrusted("symbolic input")
         elif type(arg) is CacheInt and (dynamic[position] if isinstance(dynamic, tuple) else dynamic):

@@ -57,6 +57,15 @@ from torch import nn
 __all__ = ["StateDelta", "StateSnapshot", "Change", "StateBeforeCall", "encode_plain", "decode_plain"]
 
 _MISSING = object()
+
+
+def _put(attributes: dict, name: str, value: Any) -> None:
+    """Set ``name`` in an object's ``__dict__`` to ``value``, or remove it where ``value`` is ``_MISSING``."""
+    if value is _MISSING:
+        attributes.pop(name, None)
+    else:
+        attributes[name] = value
+
 _MAX_DEPTH = 3  # plain objects followed below a module (config -> text_config -> ...)
 _MAX_TUPLE_DEPTH = 3
 _MAX_ITEMS = 64  # tuple items
@@ -250,10 +259,7 @@ class StateDelta:
 
         def undo() -> None:
             for attributes, name, old, _ in reversed(targets):
-                if old is _MISSING:
-                    attributes.pop(name, None)
-                else:
-                    attributes[name] = old
+                _put(attributes, name, old)
 
         return undo
 
@@ -283,19 +289,13 @@ class StateBeforeCall:
 
         def reset() -> None:
             for attributes, name, _, before in found:
-                if before is None:
-                    attributes.pop(name, None)
-                else:
-                    attributes[name] = decode_plain(before)
+                _put(attributes, name, _MISSING if before is None else decode_plain(before))
 
         try:
             yield reset
         finally:
             for attributes, name, live, _ in found:
-                if live is _MISSING:
-                    attributes.pop(name, None)
-                else:
-                    attributes[name] = live
+                _put(attributes, name, live)
 
 
 class StateSnapshot:
@@ -373,10 +373,7 @@ class StateSnapshot:
             found.append((attributes, change.name, attributes[change.name], self._originals[id(change)]))
         try:
             for attributes, name, _, old in found:
-                if old is _MISSING:
-                    attributes.pop(name, None)
-                else:
-                    attributes[name] = old
+                _put(attributes, name, old)
             undone = fingerprint()
             if not undone.trusted or undone.digest != before:
                 return "the fingerprint sees more changes than the attributes assigned"
