@@ -31,13 +31,13 @@ from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.fake_inputs import make_fake_inputs
+from aotcache.aot.host_random import refuse_host_random
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
     explain_data_dependent_ops,
     quiet_fake_tensor_failures,
-    refuse_host_random,
     refuse_constants_requiring_grad,
     refuse_reentrant_checkpoint,
     refuse_reentrant_checkpoint_nodes,

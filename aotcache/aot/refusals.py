@@ -13,10 +13,9 @@ import logging
 import operator
 import os
 import re
-import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper", "checkpoint_mutation_error",
-           "refuse_host_random", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
            "refuse_reentrant_checkpoint_nodes",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
@@ -554,168 +553,6 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
             _quiet_depth -= 1
             if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
                 _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
-
-
-# NOTE [Host random numbers]
-# Python's ``random`` and numpy's global generator are not ATen ops: a draw made while capturing (Wav2Vec2's
-# ``_compute_mask_indices`` and adapter layerdrop draw from ``np.random``; older layerdrop code from
-# ``random.uniform``) becomes a constant of the graph, so every later call would reuse the first call's mask or
-# layer choice while eager draws anew. A capture that moved either generator is refused (then the call goes to
-# torch.compile, which runs such draws per call), and both generators are put back where they were, so the
-# fallback's first call draws what eager's would. Torch's own generator is traced (random ATen ops on fake
-# tensors leave the real generator alone), but *seeding* it inside the function (``torch.manual_seed``,
-# ``torch.set_rng_state``, ``torch.seed``) is Python a graph cannot replay: the compiled calls after the first
-# went on from the generator's state where eager started again from the seed (other values, silently). So a
-# capture that left torch's global CPU generator in another state (or with another initial seed) is refused the
-# same way, with the generator put back. A seed that puts the generator exactly where it already was is not
-# seen; generators the function makes itself (``np.random.default_rng()``, ``torch.Generator()``) are not checked.
-# A ``torch.Generator`` passed as an argument is checked too (a capture draws nothing from it, so any change is
-# Python seeding or setting it: ``generator.manual_seed(0)`` in forward), and put back likewise.
-def _host_random_states() -> tuple:
-    import random
-    import sys
-
-    numpy = sys.modules.get("numpy")  # not imported: nothing can have drawn from it
-    return (random.getstate(), (numpy.random.get_state() if numpy is not None else None),
-            (torch.initial_seed(), torch.get_rng_state()))
-
-
-def _same_torch_state(before: tuple, after: tuple) -> bool:
-    return before[0] == after[0] and torch.equal(before[1], after[1])
-
-
-def _same_numpy_state(before: Any, after: Any) -> bool:
-    if before is None or after is None:
-        return before is after
-    return before[0] == after[0] and before[2:] == after[2:] and bool((before[1] == after[1]).all())
-
-
-def _restore_host_random(python_state: Any, numpy_state: Any, torch_state: tuple) -> None:
-    import random
-    import sys
-
-    random.setstate(python_state)
-    if numpy_state is not None:
-        sys.modules["numpy"].random.set_state(numpy_state)
-    if torch.initial_seed() != torch_state[0]:
-        torch.manual_seed(torch_state[0])  # the initial seed is only set by seeding; the state follows
-    torch.set_rng_state(torch_state[1])
-
-
-def _generator_states(generators: Sequence[torch.Generator]) -> list:
-    return [(generator.initial_seed(), generator.get_state()) for generator in generators]
-
-
-def _restore_generators(generators: Sequence[torch.Generator], states: list) -> None:
-    for generator, (seed, state) in zip(generators, states):
-        if generator.initial_seed() != seed:
-            generator.manual_seed(seed)
-        generator.set_state(state)
-
-
-# NOTE [Generator states set back inside the function]
-# ``torch.random.fork_rng()`` around a draw (or ``torch.get_rng_state()`` ... ``torch.set_rng_state(state)``)
-# puts torch's global generator back where it was: eager's call leaves it unmoved by that draw. The capture saw no
-# change (NOTE [Host random numbers] compares states), but the graph cannot replay the Python setting the state
-# back, so each compiled call drew the numbers for real and moved the generator (other values and state than
-# eager's, silently). While a capture runs, ``torch.set_rng_state`` (``fork_rng`` calls it) records a call from
-# the capturing thread, which refuses the capture; calls from ``torch.utils.checkpoint`` (its RNG preservation
-# around a recomputation) are its own business and pass. ``Generator.set_state`` called directly on a generator
-# (a C method) is not seen.
-_RNG_SETTERS_LOCK = threading.Lock()
-_RNG_SETTERS: dict[str, Any] = {"users": 0, "original": None}
-_RNG_SET_IN = threading.local()
-
-
-def _recording_set_rng_state(new_state: torch.Tensor) -> None:
-    """``torch.set_rng_state`` while a capture runs: notes a call from a capturing thread, then sets the state."""
-    if getattr(_RNG_SET_IN, "watching", False) and not _called_from_checkpoint():
-        _RNG_SET_IN.seen = True
-    _RNG_SETTERS["original"](new_state)
-
-
-def _called_from_checkpoint() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(("torch/random.py",
-                                                                                    "contextlib.py")):
-        frame = frame.f_back
-    return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
-
-
-@contextlib.contextmanager
-def _watching_rng_setters() -> Iterator[None]:
-    """Record ``torch.set_rng_state`` calls made by this thread in the body (NOTE [Generator states set back
-    inside the function])."""
-    import torch.random as torch_random
-
-    with _RNG_SETTERS_LOCK:
-        if _RNG_SETTERS["users"] == 0:
-            _RNG_SETTERS["original"] = torch_random.set_rng_state
-            torch.set_rng_state = torch_random.set_rng_state = _recording_set_rng_state
-        _RNG_SETTERS["users"] += 1
-    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "seen", False)
-    _RNG_SET_IN.watching, _RNG_SET_IN.seen = True, False
-    try:
-        yield
-    finally:
-        _RNG_SET_IN.watching = previous[0]
-        with _RNG_SETTERS_LOCK:
-            _RNG_SETTERS["users"] -= 1
-            if _RNG_SETTERS["users"] == 0:
-                torch.set_rng_state = torch_random.set_rng_state = _RNG_SETTERS["original"]
-
-
-@contextlib.contextmanager
-def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
-    """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator, or
-    seeded torch's or one of ``generators`` (the arguments'), after putting them back (NOTE [Host random
-    numbers]), or set torch's global generator's state (NOTE [Generator states set back inside the
-    function])."""
-    before = _host_random_states()
-    passed = _generator_states(generators)
-    try:
-        with _watching_rng_setters():
-            yield
-            set_back = _RNG_SET_IN.seen
-    except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
-        _restore_host_random(*before)  # again: it draws what eager would
-        _restore_generators(generators, passed)
-        raise
-    if set_back:
-        _restore_host_random(*before)
-        _restore_generators(generators, passed)
-        raise CaptureError("aotcache: the function sets torch's global random generator's state "
-                           "(torch.set_rng_state, torch.random.fork_rng): a graph cannot replay that, so its calls "
-                           "would draw and move the generator where eager's puts it back. Draw outside the "
-                           "compiled function, or pass a torch.Generator as an argument (random ops take "
-                           "generator=).", reason="unsupported_construct")
-    after = _generator_states(generators)
-    if any(seed != seed_after or not torch.equal(state, state_after)
-           for (seed, state), (seed_after, state_after) in zip(passed, after)):
-        _restore_host_random(*before)
-        _restore_generators(generators, passed)
-        raise CaptureError("aotcache: the function seeds or sets a torch.Generator it is passed (manual_seed, "
-                           "set_state): a graph cannot replay that, so its later calls would draw other numbers "
-                           "than eager's. Seed the generator before the call.", reason="unsupported_construct")
-    python_after, numpy_after, torch_after = _host_random_states()
-    if not _same_torch_state(before[2], torch_after):
-        _restore_host_random(*before)
-        raise CaptureError("aotcache: the function seeds or sets torch's global random generator "
-                           "(torch.manual_seed, torch.set_rng_state, torch.seed): a graph cannot replay that, so "
-                           "its later calls would draw other numbers than eager's. Seed outside the compiled "
-                           "function, or pass a torch.Generator as an argument (random ops take generator=).",
-                           reason="unsupported_construct")
-    python_before, numpy_before = before[0], before[1]
-    drew = [name for name, same in (("random", python_before == python_after),
-                                    ("numpy.random", _same_numpy_state(numpy_before, numpy_after))) if not same]
-    if not drew:
-        return
-    _restore_host_random(*before)
-    raise CaptureError(f"aotcache: the function draws from {' and '.join(drew)} (Python's random numbers, not "
-                       f"torch's): a graph would keep the values drawn while capturing and reuse them at every "
-                       f"call. Use torch's random functions (torch.rand, torch.randint, torch.bernoulli), which "
-                       f"are traced, or draw outside the compiled function and pass the result as an argument.",
-                       reason="unsupported_construct")
 
 
 def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

@@ -35,7 +35,7 @@ OPINFO_RTOL = 1e-4
 # so the compiled graph draws from whatever the global generator holds. Seeding the global generator with
 # the same 42 before each call, on both sides, makes eager and compiled draw the same numbers, which checks
 # that the graph runs the same random ops in the same order. Since the capture refuses a function that sets the
-# generator's state back (NOTE [Generator states set back inside the function] in aotcache/aot/refusals.py: eager
+# generator's state back (NOTE [Generator states set back inside the function] in aotcache/aot/host_random.py: eager
 # leaves the generator unmoved, a graph cannot), ``wrapper_set_seed`` is made a plain call while an op runs here.
 OPINFO_RNG_SEED = 42
 
