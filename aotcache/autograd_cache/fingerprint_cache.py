@@ -260,7 +260,7 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
             if record is _ABSENT:
                 break
             continue  # later slots may still be fine
-        slots.records.add(alias_record_bytes(fingerprint, record.key, record))
+        slots.records.append(record)  # compared as bytes only when a miss records its key (cold path)
         key = record.key
         result = cache.try_load(key, flat_args)  # used only where the entry's guards hold for this call
         if result.hit and (record.delta is None or _replay(cache, record, result, replay_root, refingerprint)):
@@ -282,11 +282,11 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
 
 
 class _AliasSlots:
-    """What a lookup saw of a fingerprint's alias slots: the records read (as bytes), the first empty (or
+    """What a lookup saw of a fingerprint's alias slots: the records read, the first empty (or
     unreadable) and the first stale slot."""
 
     def __init__(self) -> None:
-        self.records: set[bytes] = set()
+        self.records: list[AliasRecord] = []
         self.first_empty: int | None = None
         self.stale: int | None = None
 
@@ -298,7 +298,7 @@ def _record_in_free_slot(cache: AOTAutogradCache, fingerprint: Fingerprint, reco
     fingerprint]); with every slot naming a live entry, not at all (logged)."""
     key = record.key
     blob = alias_record_bytes(fingerprint, key, record)
-    if blob in slots.records:
+    if any(alias_record_bytes(fingerprint, seen.key, seen) == blob for seen in slots.records):
         return
     if slots.first_empty is not None:
         for slot in range(slots.first_empty, MAX_ALIAS_SLOTS):
