@@ -1162,6 +1162,10 @@ def _wrap(route: str, obj: Any) -> Any:
         return aotcache.aot_function(obj, "nop")
     if route == "dynamo":
         return torch.compile(obj, backend="aotcache", options={"compiler": "nop"})
+    if route == "aot_dynamic":  # not in the default routes: symbolic captures (--routes aot_dynamic)
+        if isinstance(obj, nn.Module):
+            return aotcache.aot_module(obj, "nop", dynamic=True)
+        return aotcache.aot_function(obj, "nop", dynamic=True)
     raise ValueError(route)
 
 
@@ -1172,7 +1176,7 @@ def _route_taken(route: str, wrapped: Any) -> str:
         return "eager"
     if route == "dynamo":
         return "dynamo"
-    function = getattr(wrapped, "compiled", wrapped)
+    function = getattr(wrapped, "compiled", wrapped)  # aot and aot_dynamic
     if route == "compile":
         r = getattr(wrapped, "route", None)
         if r == "dynamo":

@@ -33,6 +33,12 @@ from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.fake_inputs import make_fake_inputs
 from aotcache.aot.host_random import refuse_host_random
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
+from aotcache.aot.plain_trace import (
+    SpotInPlaceCalls,
+    StopAtUnfunctionalizableOps,
+    can_trace_without_functionalization,
+    check_graph,
+)
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
@@ -140,6 +146,9 @@ class Analysis:
     shape_sensitive: bool = False
     # the function read a storage offset in Python, or built an as_strided view (absolute offsets)
     reads_offsets: bool = False
+    # why its trace needs functionalization (None: no call of the forward on the probes looked in place), NOTE
+    # [Symbolic trace without functionalization] in plain_trace.py; "not spotted" where the analysis did not look
+    needs_functionalization: str | None = "not spotted"
 
 
 def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
@@ -163,11 +172,13 @@ def _make_probe(fake: torch.Tensor, is_leaf: bool) -> torch.Tensor:
 
 def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, input_is_leaf: Sequence[bool],
             static_views: bool, force_autograd: bool = False, regenerate_aliases: bool = True,
-            traced_args: Sequence[Any] | None = None) -> Analysis:
+            traced_args: Sequence[Any] | None = None, spot_functionalization: bool = False) -> Analysis:
     """Pass 1: run ``flat_fn`` eagerly on fake probes; classify mutations and outputs.
 
     ``traced_args``: the fake inputs the trace will use, when they differ from ``fake_args`` (symbolic ones,
     NOTE [Analysis without symbols]); the check that mutated inputs do not overlap looks at those.
+    ``spot_functionalization``: note in ``Analysis.needs_functionalization`` the first call of the function that
+    looks in place (NOTE [Symbolic trace without functionalization] in plain_trace.py).
 
     :raises CaptureError: metadata mutation of an input, mutation of a leaf that requires grad during
         training, mutation of an input that shares memory with another input, or a data-dependent op.
@@ -192,9 +203,11 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
-        with explain_data_dependent_ops(), resize_check, explain, MaskedAssignAsWhere(), scalars:
+        spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
+        with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars:
             result = flat_fn(*call_args)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
+        needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
             result = lift_object_outputs(result)  # NOTE [Object outputs]
@@ -270,7 +283,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
                     needs_autograd=needs_autograd, effects=effects, shape_sensitive=shape_sensitive,
-                    reads_offsets=explain.reads_offsets)
+                    reads_offsets=explain.reads_offsets, needs_functionalization=needs_functionalization)
 
 
 # NOTE [Errors eager raises too]
@@ -427,6 +440,10 @@ def _refuse_backward_mutations(functional: Sequence[Any], before: list, position
                 f"function eagerly.")
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _to_functional(value: Any) -> Any:
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -457,6 +474,14 @@ def _functionalization(discover_effects: bool = False) -> Iterator[Any]:
         yield mode
 
 
+@contextlib.contextmanager
+def _without_functionalization() -> Iterator[None]:
+    """Ops reach make_fx as they are; the first that would need functionalization stops the trace (NOTE
+    [Symbolic trace without functionalization] in plain_trace.py)."""
+    with StopAtUnfunctionalizableOps():
+        yield None
+
+
 # NOTE [Effect tokens]
 # Functionalization routes ops registered as side-effectful (recent torch registers aten._linalg_check_errors,
 # which raises eager's error for singular / non-positive-definite input in linalg.inv, cholesky, solve, ...)
@@ -473,6 +498,8 @@ def _functionalization(discover_effects: bool = False) -> Iterator[Any]:
 
 
 def _seed_effect_tokens(mode: Any, effects: Sequence[Any]) -> None:
+    if mode is None:  # traced without functionalization: it has no effects
+        return
     for effect in effects:
         if effect not in mode._tokens:
             mode._tokens[effect] = torch.empty(0)  # traced into the graph: see NOTE [Effect tokens]
@@ -491,6 +518,8 @@ def _all_effect_types() -> list:
 
 
 def _final_effect_tokens(mode: Any, effects: Sequence[Any]) -> list:
+    if mode is None:
+        return []
     return [mode._tokens[effect] for effect in effects]
 
 
@@ -499,8 +528,9 @@ class _ForwardBody:
     layout]; records view sizes of outputs that alias inputs into the analysis while tracing."""
 
     def __init__(self, flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, clone_mutated: bool,
-                 verify: bool = False, symbolic: bool = False):
+                 verify: bool = False, symbolic: bool = False, functional: bool = True):
         self.flat_fn = flat_fn
+        self.functional = functional
         self.symbolic = symbolic
         self.constants = list(fake_args)
         self.analysis = analysis
@@ -519,10 +549,13 @@ class _ForwardBody:
             call_args[pos] = primal
         # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] (symbolic traces only)
         scalars = SymbolicScalarTensors() if self.symbolic else contextlib.nullcontext()
+        primals = [call_args[pos] for pos in analysis.positions]
+        storages = _storages(primals) if self.verify and not self.functional else None
         with MaskedAssignAsWhere(), scalars:
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
-            _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs)
+            _verify_analysis(analysis, primals, flat_outs, functional=self.functional,
+                             storages_before=storages)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
                            if info.mutates_data]
         graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)
@@ -548,18 +581,31 @@ class _AnalysisMismatch(Exception):
     """The traced function behaved otherwise than on the static probes (NOTE [Analysis without symbols])."""
 
 
-def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list) -> None:
-    """:raises _AnalysisMismatch: an input's mutations or an output's kind differ from what the analysis saw."""
+def _storages(values: Sequence[Any]) -> list:
+    return [StorageWeakRef(v.untyped_storage()) if isinstance(v, torch.Tensor) else None for v in values]
+
+
+def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list, *, functional: bool = True,
+                     storages_before: list | None = None) -> None:
+    """:raises _AnalysisMismatch: an input's mutations or an output's kind differ from what the analysis saw.
+
+    Without functionalization no op mutated anything (it would have stopped the trace); an input whose storage
+    was swapped outside the dispatcher (``x.data = y``) is caught by its storage.
+    """
     if len(flat_outs) != len(analysis.outputs):
         raise _AnalysisMismatch("number of outputs")
+    storages = _storages(primals)
     for index, (primal, info) in enumerate(zip(primals, analysis.inputs)):
         if not isinstance(primal, torch.Tensor):
+            continue
+        if not functional:
+            if storages_before is not None and storages[index] != storages_before[index]:
+                raise _AnalysisMismatch(f"storage of input {index} replaced")
             continue
         torch._sync(primal)
         if (bool(torch._functionalize_has_data_mutation(primal.elem)) != info.mutates_data
                 or torch._functionalize_has_metadata_mutation(primal.elem)):
             raise _AnalysisMismatch(f"mutation of input {index}")
-    storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None for p in primals]
     for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
         if info.kind == "constant":
             if type(out) is not type(info.value) or out != info.value:  # a SymInt where the probes gave an int
@@ -609,11 +655,67 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
     ``verify``: the analysis ran on static probes; :raises _AnalysisMismatch: if the trace disagrees with it.
     """
+    if verify and _plain_trace_applies(analysis, fake_args, fake_mode):
+        before = _argument_states(fake_args)
+        try:
+            captured = _trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
+                              joint=joint, verify=verify, functional=False)
+        except (_AnalysisMismatch, SwapBusy):
+            raise
+        except Exception as exc:  # noqa: BLE001 - NeedsFunctionalization, or a failure the functional trace decides
+            if _argument_states(fake_args) != before:
+                raise
+            logger.debug("aotcache: tracing again with functionalization (%s: %s)", type(exc).__name__, exc)
+        else:
+            if _argument_states(fake_args) != before:
+                raise CaptureError(
+                    "aotcache: the function changed an argument's autograd status or storage outside torch's "
+                    "operators (requires_grad_(), x.data = y) only where it runs with symbolic sizes; this is not "
+                    "supported. Make that change before the compiled call.")
+            return captured
+    return _trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions, joint=joint,
+                  verify=verify)
+
+
+def _argument_states(fake_args: Sequence[Any]) -> list:
+    """What a trace without functionalization could change in its fake arguments other than through an op (NOTE
+    [Symbolic trace without functionalization]): the retrace with functionalization runs on the same ones."""
+    return [(a.requires_grad, StorageWeakRef(a.untyped_storage()), a._version, id(a.grad))
+            if isinstance(a, torch.Tensor) else None for a in fake_args]
+
+
+def _plain_trace_applies(analysis: Analysis, fake_args: Sequence[Any], fake_mode: Any) -> bool:
+    """Whether a capture may first trace without functionalization (NOTE [Symbolic trace without
+    functionalization] in plain_trace.py): symbolic, nothing in place seen by the analysis, plain fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if (fake_mode.shape_env is None or analysis.needs_functionalization is not None or analysis.effects
+            or analysis.shape_sensitive):
+        return False
+    if any(info.mutates_data or info.metadata_mutation is not None for info in analysis.inputs):
+        return False
+    tensors = [a for a in fake_args if isinstance(a, torch.Tensor)]
+    if any(type(a) is not FakeTensor or a.grad_fn is not None for a in tensors):
+        return False
+    # NOTE [Arguments that share memory, traced without functionalization]: functionalization wraps each argument
+    # slot in a tensor of its own, so autograd gives each slot its own gradient; one fake tensor in two slots (the
+    # same tensor passed twice, a module's parameter also passed as an argument) would get the sum in both, and
+    # views of one storage would be related. Such calls keep functionalization.
+    if len({StorageWeakRef(a.untyped_storage()) for a in tensors}) != len(tensors):
+        return False
+    return can_trace_without_functionalization()
+
+
+def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,
+           decompositions: Mapping | None, joint: bool, verify: bool, functional: bool = True) -> CapturedGraph:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     primals = [fake_args[pos] for pos in analysis.positions]
     body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify,
-                        symbolic=fake_mode.shape_env is not None)
+                        symbolic=fake_mode.shape_env is not None, functional=functional)
+    functionalization = _functionalization if functional else _without_functionalization
+    to_functional = _to_functional if functional else _identity
+    from_functional = _from_functional if functional else _identity
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
     if own_tangents:
         tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
@@ -631,17 +733,17 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
         maybe_enable_thunkify = contextlib.nullcontext
 
     def inference_graph(primals: list) -> tuple:
-        with maybe_enable_thunkify(), _functionalization() as mode:  # NOTE [Lazy symbolic arithmetic]
+        with maybe_enable_thunkify(), functionalization() as mode:  # NOTE [Lazy symbolic arithmetic]
             _seed_effect_tokens(mode, analysis.effects)
-            outs = body([_to_functional(p) for p in primals])
+            outs = body([to_functional(p) for p in primals])
             outs += _final_effect_tokens(mode, analysis.effects)
-        return tuple(_from_functional(out) for out in outs)
+        return tuple(from_functional(out) for out in outs)
 
     def joint_graph(primals: list, tangents: list | None) -> tuple:
-        with maybe_enable_thunkify(), torch.enable_grad(), _functionalization() as mode:
+        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode:
             _seed_effect_tokens(mode, analysis.effects)
-            functional_primals = [_to_functional(p) for p in primals]
-            functional_tangents = [_to_functional(t) for t in tangents] if tangents is not None else []
+            functional_primals = [to_functional(p) for p in primals]
+            functional_tangents = [to_functional(t) for t in tangents] if tangents is not None else []
             fw_outs = body(functional_primals)
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
@@ -667,7 +769,7 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                 _refuse_backward_mutations(functional_primals, before, analysis.positions)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
-        return tuple(_from_functional(v) for v in (*fw_outs, *grads))
+        return tuple(from_functional(v) for v in (*fw_outs, *grads))
 
     def joint_graph_own_tangents(primals: list) -> tuple:
         return joint_graph(primals, None)
@@ -677,6 +779,8 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
     tracer = make_fx(traced, decomposition_table=decompositions, tracing_mode=tracing_mode)
     with explain_data_dependent_ops():
         gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
+    if not functional:
+        check_graph(gm)
     if own_tangents:
         tangents = tangent_placeholders(gm, tangent_nodes)
     gm = _finish_graph(gm)
@@ -878,7 +982,8 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     try:
         analysis = analyze(flat_fn, static_args, fake_mode=static_mode, input_is_leaf=input_is_leaf,
                            static_views=False, force_autograd=force_autograd,
-                           regenerate_aliases=regenerate_aliases, traced_args=fake_args)
+                           regenerate_aliases=regenerate_aliases, traced_args=fake_args,
+                           spot_functionalization=can_trace_without_functionalization())
     except SwapBusy:  # no analysis with symbols would swap sooner: NOTE [A swap waits a bounded time]
         raise
     except Exception as exc:  # noqa: BLE001 - the analysis with symbols raises the error meant for this capture

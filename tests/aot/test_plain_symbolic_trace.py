@@ -1,0 +1,317 @@
+"""NOTE [Symbolic trace without functionalization]: a symbolic capture of a function that mutates nothing is traced
+without functionalization, and gives the graph, guards and results of the functionalized trace; anything that
+needs functionalization (in place in the forward or only in the backward, a higher-order op, a side-effectful op,
+an input mutation) is traced with it, and still gives eager's results."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from aotcache.aot import aot_function, aot_module, capture
+
+CAPTURE = sys.modules["aotcache.aot.capture"]
+
+
+def graph_compiler(gm, example_inputs):
+    return gm
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Records each trace as (functional, finished): whether it ran with functionalization, and whether it
+    returned a graph (False: it stopped, and the capture traced again)."""
+    seen: list[tuple[bool, bool]] = []
+    original = CAPTURE._trace
+
+    def spy(*args, **kwargs):
+        functional = kwargs.get("functional", True)
+        try:
+            result = original(*args, **kwargs)
+        except Exception:
+            seen.append((functional, False))
+            raise
+        seen.append((functional, True))
+        return result
+
+    monkeypatch.setattr(CAPTURE, "_trace", spy)
+    return seen
+
+
+def always_functional(monkeypatch):
+    monkeypatch.setattr(CAPTURE, "can_trace_without_functionalization", lambda: False)
+
+
+class Block(nn.Module):
+    """Attention-like block: embedding, layer norm, softmax, dropout, views, a reduction over symbolic sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        q, k, v = self.qkv(h).view(ids.shape[0], ids.shape[1], 3, 2, 8).unbind(2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
+        attn = self.drop(scores.softmax(-1))
+        mixed = torch.einsum("bhqk,bkhd->bqhd", attn, v).reshape(ids.shape[0], ids.shape[1], 16)
+        return (h + self.out(mixed)).mean(dim=(1, 2))
+
+
+def two_outputs(x, w, b):
+    h = torch.nn.functional.layer_norm(x @ w + b, (w.shape[1],))
+    return h.relu().sum(1), h.t()
+
+
+def make_inputs(shapes):
+    return [torch.randn(*shape, requires_grad=True) for shape in shapes]
+
+
+def structure(captured):
+    """The graph's code, tangents and guards."""
+    return (captured.graph.code, [str(t.shape) for t in captured.tangents], captured.metadata.guards)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_a_function_that_mutates_nothing_gets_the_functionalized_graph(train, traces, monkeypatch):
+    shapes = [(5, 3), (3, 4), (4,)]
+    torch.manual_seed(0)
+    inputs = make_inputs(shapes)
+    with torch.set_grad_enabled(train):
+        plain = capture(two_outputs, inputs, dynamic=True)
+        assert traces == [(False, True)]
+        always_functional(monkeypatch)
+        functional = capture(two_outputs, inputs, dynamic=True)
+    assert traces[1:] == [(True, True)]
+    assert structure(plain) == structure(functional)
+    assert plain.metadata.is_inference is not train
+
+
+def test_a_transformer_block_gets_the_functionalized_graph_and_eagers_gradients(traces, monkeypatch):
+    torch.manual_seed(0)
+    model = Block()
+    params = dict(model.named_parameters())
+
+    def step(ids, *weights):
+        return torch.func.functional_call(model, dict(zip(params, weights)), (ids,))
+
+    ids = torch.randint(0, 50, (2, 7))
+    plain = capture(step, [ids, *params.values()], dynamic=True)
+    always_functional(monkeypatch)
+    functional = capture(step, [ids, *params.values()], dynamic=True)
+    assert [functional for functional, _ in traces] == [False, True]
+    assert structure(plain) == structure(functional)
+
+    monkeypatch.undo()
+    reference = Block()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    for length in (7, 11):
+        ids = torch.randint(0, 50, (3, length))
+        out, want = compiled(ids), reference(ids)
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert compiled.compiled.num_compiles == 1
+
+
+def inplace_on_intermediate(x, w):
+    h = x @ w
+    h.mul_(2)  # seen by the analysis: traced with functionalization from the start
+    return h.relu()
+
+
+def inplace_activation(x, w):
+    return torch.nn.functional.relu(x @ w, inplace=True)
+
+
+def inplace_item_assignment(x, w):
+    h = (x @ w).clone()
+    h[:, 0] = 0
+    return h
+
+
+class DoubledInBackward(torch.autograd.Function):
+    """The backward mutates a fresh tensor in place: only the trace sees it, not the forward's analysis."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.clone()
+        out.mul_(2)
+        return out
+
+
+def inplace_in_backward(x, w):
+    return DoubledInBackward.apply(x @ w).sin()
+
+
+def higher_order_op(x):
+    return torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))
+
+
+def side_effect(x, w):
+    torch.ops.aten._print("side effect")
+    return x @ w
+
+
+def mutates_input(x, w):
+    w.add_(1)
+    return x @ w
+
+
+@pytest.mark.parametrize("fn, want", [
+    (inplace_on_intermediate, [(True, True)]),
+    (inplace_activation, [(True, True)]),
+    (inplace_item_assignment, [(True, True)]),
+    (inplace_in_backward, [(False, False), (True, True)]),  # the plain trace stops at the backward's mul_
+    (side_effect, [(True, True)]),
+], ids=lambda value: getattr(value, "__name__", ""))
+def test_what_needs_functionalization_is_traced_with_it_and_matches_eager(fn, want, traces):
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False)
+    for rows in (5, 8):
+        x, w = torch.randn(rows, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out, want_out = compiled(x, w), fn(x_ref, w_ref)
+        torch.testing.assert_close(out, want_out)
+        out.sum().backward()
+        want_out.sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(w.grad, w_ref.grad)
+    assert compiled.num_compiles == 1
+    assert traces == want
+
+
+def test_a_higher_order_op_is_traced_with_functionalization(traces):
+    compiled = aot_function(higher_order_op, graph_compiler, dynamic=True, cache=False)
+    for x in (torch.randn(4), -torch.ones(6), torch.ones(7)):
+        torch.testing.assert_close(compiled(x), higher_order_op(x))
+    assert traces and all(functional for functional, _ in traces), traces  # (torch.cond may then be refused)
+
+
+def test_an_input_mutation_is_traced_with_functionalization(traces):
+    compiled = aot_function(mutates_input, graph_compiler, dynamic=True, cache=False)
+    with torch.no_grad():
+        for rows in (5, 8):
+            x, w = torch.randn(rows, 3), torch.randn(3, 4)
+            w_ref = w.clone()
+            torch.testing.assert_close(compiled(x, w), mutates_input(x, w_ref))
+            torch.testing.assert_close(w, w_ref)
+    assert all(functional for functional, _ in traces), traces
+
+
+class _PassEverything(torch.utils._python_dispatch.TorchDispatchMode):
+    supports_higher_order_operators = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _SeesNothing(torch.overrides.TorchFunctionMode):
+    seen = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mutating_op_found_in_the_finished_graph_sends_the_capture_to_functionalization(traces, monkeypatch):
+    # the dispatch mode normally stops the trace first; the finished graph is checked once more
+    monkeypatch.setattr(CAPTURE, "StopAtUnfunctionalizableOps", _PassEverything)
+    monkeypatch.setattr(CAPTURE, "SpotInPlaceCalls", _SeesNothing)
+    captured = capture(inplace_on_intermediate, make_inputs([(5, 3), (3, 4)]), dynamic=True)
+    assert traces == [(False, False), (True, True)]
+    assert not CAPTURE.mutating_nodes(captured.graph)
+
+
+def test_check_graph_names_what_needs_functionalization():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from aotcache.aot.plain_trace import NeedsFunctionalization, check_graph
+
+    def fn(x):
+        y = x * 2
+        y.add_(1)
+        return y
+
+    check_graph(make_fx(lambda x: x * 2 + 1)(torch.randn(3)))
+    with pytest.raises(NeedsFunctionalization, match="add_"):
+        check_graph(make_fx(fn)(torch.randn(3)))
+
+
+def test_static_captures_keep_functionalization(traces):
+    capture(two_outputs, make_inputs([(5, 3), (3, 4), (4,)]))
+    assert traces == [(True, True)]
+
+
+# NOTE [Arguments that share memory, traced without functionalization]. Found (bench/odd_inputs.py with
+# dynamic=True): traced without functionalization, one fake tensor in two slots got the summed gradient in each,
+# so the tensor's gradient came out doubled.
+def scaled_by_sine(a, b):
+    return (a * b.sin()).sum(0)
+
+
+class WeightedByArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x, w):
+        return (x @ self.weight) * w.sum()
+
+
+def test_the_same_tensor_in_two_slots_gets_eagers_gradient(traces):
+    compiled = aot_function(scaled_by_sine, graph_compiler, dynamic=True, cache=False)
+    for rows in (5, 8):
+        x = torch.randn(rows, 3, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        compiled(x, x).sum().backward()
+        scaled_by_sine(x_ref, x_ref).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        y = torch.randn(rows, 3, requires_grad=True)  # a view of the other argument: memory shared too
+        y_ref = y.detach().clone().requires_grad_()
+        compiled(y, y[:, :].t().t()).sum().backward()
+        scaled_by_sine(y_ref, y_ref[:, :].t().t()).sum().backward()
+        torch.testing.assert_close(y.grad, y_ref.grad)
+    assert traces and all(functional for functional, _ in traces), traces
+
+
+def test_a_modules_own_parameter_passed_as_an_argument_gets_eagers_gradient(traces):
+    torch.manual_seed(0)
+    model, reference = WeightedByArgument(), WeightedByArgument()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    for rows in (5, 8):
+        x = torch.randn(rows, 3)
+        compiled(x, model.weight).sum().backward()
+        reference(x, reference.weight).sum().backward()
+        torch.testing.assert_close(model.weight.grad, reference.weight.grad)
+    assert traces and all(functional for functional, _ in traces), traces
+
+
+def sets_requires_grad(x, w):
+    w = w.detach()
+    w.requires_grad_(True)  # seen by the analysis: the trace without functionalization would change its argument
+    return x @ w
+
+
+def test_a_call_that_changes_autograd_status_keeps_functionalization(traces):
+    compiled = aot_function(sets_requires_grad, graph_compiler, dynamic=True, cache=False)
+    with torch.no_grad():
+        for rows in (5, 8):
+            x, w = torch.randn(rows, 3), torch.randn(3, 4)
+            out, want = compiled(x, w), sets_requires_grad(x, w)
+            torch.testing.assert_close(out, want)
+            assert out.requires_grad == want.requires_grad
+    assert traces and all(functional for functional, _ in traces), traces
