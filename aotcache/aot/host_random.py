@@ -82,8 +82,9 @@ def _restore_generators(generators: Sequence[torch.Generator], states: list) -> 
 # back, so each compiled call drew the numbers for real and moved the generator (other values and state than
 # eager's, silently). While a capture runs, ``torch.set_rng_state`` (``fork_rng`` calls it) records a call from
 # the capturing thread, which refuses the capture; calls from ``torch.utils.checkpoint`` (its RNG preservation
-# around a recomputation) are its own business and pass. ``Generator.set_state`` called directly on a generator
-# (a C method) is not seen.
+# around a recomputation) and from Dynamo (which puts the state back after compiling a frame: ``torch.cond``
+# compiles itself with Dynamo whenever it runs, so every capture of a function calling it was refused) are their
+# own business and pass. ``Generator.set_state`` called directly on a generator (a C method) is not seen.
 _RNG_SETTERS_LOCK = threading.Lock()
 _RNG_SETTERS: dict[str, Any] = {"users": 0, "original": None}
 _RNG_SET_IN = threading.local()
@@ -91,17 +92,22 @@ _RNG_SET_IN = threading.local()
 
 def _recording_set_rng_state(new_state: torch.Tensor) -> None:
     """``torch.set_rng_state`` while a capture runs: notes a call from a capturing thread, then sets the state."""
-    if getattr(_RNG_SET_IN, "watching", False) and not _called_from_checkpoint():
+    if getattr(_RNG_SET_IN, "watching", False) and not _called_by_torch_machinery():
         _RNG_SET_IN.seen = True
     _RNG_SETTERS["original"](new_state)
 
 
-def _called_from_checkpoint() -> bool:
+def _called_by_torch_machinery() -> bool:
+    """Whether ``torch.set_rng_state`` was called by torch's checkpoint or Dynamo (skipping torch.random and
+    contextlib frames, through which a user's ``fork_rng`` calls it)."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(("torch/random.py",
                                                                                     "contextlib.py")):
         frame = frame.f_back
-    return frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+    if frame is None:
+        return False
+    filename = frame.f_code.co_filename.replace("\\", "/")
+    return filename.endswith("torch/utils/checkpoint.py") or "/torch/_dynamo/" in filename
 
 
 @contextlib.contextmanager

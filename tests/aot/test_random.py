@@ -563,6 +563,38 @@ def test_a_draw_whose_generator_state_is_set_back_inside_is_not_drawn_for_good(f
     assert torch.set_rng_state.__module__ == "torch.random"
 
 
+def _branch_on_sign(x, w):
+    h = x @ w
+    return torch.cond(h.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (h,))
+
+
+class _CondModule(torch.nn.Module):
+    def forward(self, x):
+        return (torch.cond(x.sum() > 4, lambda t: t.cos(), lambda t: t.sin(), [x]) + 3,)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_cond_is_captured_whole(dynamic, monkeypatch):
+    """Found (torch's test_aotdispatch probe, test_aot_export_with_torch_cond): torch.cond compiles itself with
+    Dynamo whenever it runs, and Dynamo sets the global generator's state back after compiling a frame; the refusal
+    of NOTE [Generator states set back inside the function] took that for the function's own and refused every
+    capture calling torch.cond (export raised)."""
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")  # a refusal raises instead of falling back
+    compiled = aotcache.aot_function(_branch_on_sign, "nop", dynamic=dynamic, cache=False)
+    for rows in (5, 7):
+        x, w = torch.randn(rows, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out, want = compiled(x, w), _branch_on_sign(x_ref, w_ref)
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(w.grad, w_ref.grad)
+    inp = torch.randn(3, 4)
+    gm, _ = aotcache.aot_export_module(_CondModule(), (inp,), trace_joint=False)
+    torch.testing.assert_close(gm(inp)[0], _CondModule()(inp)[0])
+
+
 def _noise_with_the_argument_generator_set_back(x, generator):
     state = generator.get_state()
     noise = torch.rand(x.shape, generator=generator)
