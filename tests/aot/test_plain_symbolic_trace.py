@@ -315,3 +315,37 @@ def test_a_call_that_changes_autograd_status_keeps_functionalization(traces):
             torch.testing.assert_close(out, want)
             assert out.requires_grad == want.requires_grad
     assert traces and all(functional for functional, _ in traces), traces
+
+
+# Found (adversarial review): torch.cond on a symbolic size runs the higher-order op through torch.compile only in
+# the symbolic trace (on static probes the predicate is a bool). Under the trace's dispatch mode, which Dynamo took
+# for a user's mode, Dynamo skipped torch.cond's wrapper for good; the retrace with functionalization then failed
+# with a RuntimeError ("FunctionalTensor on its own") instead of the functional trace's own outcome, and so did
+# every later capture of torch.cond in the process.
+def cond_on_a_size(x, w):
+    return torch.cond(x.shape[0] > 4, lambda a: (a @ w).sin(), lambda a: (a @ w).cos(), (x,))
+
+
+def _outcome(fn, *args):
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")
+    try:
+        return "result", compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - compared with the functional trace's outcome
+        return type(exc).__name__, str(exc).split("\n")[0]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_a_higher_order_op_met_only_with_symbols_gets_the_functional_traces_outcome(train, traces, monkeypatch):
+    torch._dynamo.reset()  # no skip left by another test
+    x, w = torch.randn(5, 4, requires_grad=train), torch.randn(4, 3, requires_grad=train)
+    with monkeypatch.context() as patch:
+        always_functional(patch)
+        want = _outcome(cond_on_a_size, x, w)
+    assert [functional for functional, _ in traces] == [True]
+    got = _outcome(cond_on_a_size, x, w)
+    assert traces[1] == (False, False)  # the trace without functionalization stopped at torch.cond
+    if want[0] == "result":
+        assert got[0] == "result"
+        torch.testing.assert_close(got[1], want[1])
+    else:
+        assert got == want
