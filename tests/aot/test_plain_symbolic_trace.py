@@ -349,3 +349,85 @@ def test_a_higher_order_op_met_only_with_symbols_gets_the_functional_traces_outc
         torch.testing.assert_close(got[1], want[1])
     else:
         assert got == want
+
+
+# Programs tried in the adversarial review of the trace without functionalization that take it and must keep giving
+# eager's outputs, gradients and random-number state (two sizes, one graph).
+class ReturnsItsInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class PartlyNonDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        doubled, tripled = x * 2, x * 3
+        ctx.mark_non_differentiable(tripled)
+        ctx.save_for_backward(doubled)
+        return doubled, tripled
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (doubled,) = ctx.saved_tensors
+        return None if grad is None else grad * 2 + doubled * 0
+
+
+def custom_functions(x, w):
+    y = ReturnsItsInput.apply(x)
+    doubled, tripled = PartlyNonDifferentiable.apply(y @ w)
+    return doubled.sin(), tripled, y
+
+
+def grad_mode_regions(x, w):
+    with torch.no_grad():
+        a = x @ w
+    (g,) = torch.autograd.grad((x @ w).sin().sum(), x, create_graph=True)
+    return a, (x @ w) * a + (g ** 2).sum()
+
+
+def random_and_attention(x, w):
+    h = torch.nn.functional.dropout(x @ w, 0.5)
+    q = h.unsqueeze(0)
+    return torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3), torch.randn_like(h)
+
+
+def views_of_a_view_input(x, w):
+    return x[1:], x.t(), x @ w, x.reshape(-1)
+
+
+def offset_view(rows):
+    return torch.randn(rows + 3, 3)[rows % 2 + 1:][:rows]
+
+
+@pytest.mark.parametrize("fn", [custom_functions, grad_mode_regions, random_and_attention, views_of_a_view_input],
+                         ids=lambda fn: fn.__name__)
+def test_programs_traced_without_functionalization_match_eager(fn, traces):
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")
+    for rows in (5, 8):
+        x = offset_view(rows).requires_grad_()
+        w = torch.randn(3, 4, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        torch.manual_seed(rows)
+        outs = compiled(x, w)
+        state = torch.get_rng_state()
+        torch.manual_seed(rows)
+        want = fn(x_ref, w_ref)
+        assert torch.equal(state, torch.get_rng_state())
+        loss, want_loss = 0, 0
+        for k, (out, expected) in enumerate(zip(outs, want)):
+            torch.testing.assert_close(out, expected)
+            assert out.requires_grad == expected.requires_grad, k
+            if expected.requires_grad:
+                loss, want_loss = loss + out.sum() * (k + 1), want_loss + expected.sum() * (k + 1)
+        loss.backward()
+        want_loss.backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(w.grad, w_ref.grad)
+    assert compiled.num_compiles == 1
+    assert traces[0][0] is False, traces  # the first trace ran without functionalization
