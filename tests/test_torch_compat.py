@@ -92,6 +92,11 @@ OPTIONAL = [
     ("torch._C", "_get_fp32_precision_getter", "fp32-precision flags left out of the numerics signature"),
     ("torch._C", "_dispatch_get_computed_kernel_for_dispatch_key", "eager dispatch refuses with a clear error"),
     ("torch", "_functionalize_was_storage_changed", "storage replacement detected by storage identity"),
+    ("torch._higher_order_ops.effects", "has_effects", "symbolic captures always trace with functionalization"),
+    ("torch.utils._python_dispatch", "TorchDispatchMode.supports_higher_order_operators",
+     "symbolic captures always trace with functionalization"),
+    ("torch.utils._python_dispatch", "TorchDispatchMode.is_infra_mode",
+     "Dynamo may skip torch.cond's wrapper met by a symbolic capture (the capture then falls back)"),
 ]
 
 # torch._inductor.config keys aotcache sets or reads (patch() raises on an unknown key).

@@ -77,9 +77,18 @@ def _why_unfunctionalizable(func: Any) -> str | None:
 
 
 class StopAtUnfunctionalizableOps(TorchDispatchMode):
-    """Raises :class:`NeedsFunctionalization` at the first op that needs functionalization, before it runs."""
+    """Raises :class:`NeedsFunctionalization` at the first op that needs functionalization, before it runs.
+
+    A tracing mode like FunctionalTensorMode, so declared to Dynamo: torch.cond (and the other control-flow ops)
+    runs its op through torch.compile in eager, and Dynamo skips, for the rest of the process, a function called
+    under a user's dispatch mode; the retrace with functionalization then failed on that skipped wrapper (a
+    RuntimeError where the functional trace gives its own outcome), as did later captures of torch.cond."""
 
     supports_higher_order_operators = True
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        return True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         reason = unfunctionalizable_op(func)

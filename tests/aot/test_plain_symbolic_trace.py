@@ -316,3 +316,119 @@ def test_a_call_that_changes_autograd_status_keeps_functionalization(traces):
             torch.testing.assert_close(out, want)
             assert out.requires_grad == want.requires_grad
     assert traces and all(functional for functional, _ in traces), traces
+
+
+# Found (adversarial review): torch.cond on a symbolic size runs the higher-order op through torch.compile only in
+# the symbolic trace (on static probes the predicate is a bool). Under the trace's dispatch mode, which Dynamo took
+# for a user's mode, Dynamo skipped torch.cond's wrapper for good; the retrace with functionalization then failed
+# with a RuntimeError ("FunctionalTensor on its own") instead of the functional trace's own outcome, and so did
+# every later capture of torch.cond in the process.
+def cond_on_a_size(x, w):
+    return torch.cond(x.shape[0] > 4, lambda a: (a @ w).sin(), lambda a: (a @ w).cos(), (x,))
+
+
+def _outcome(fn, *args):
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")
+    try:
+        return "result", compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - compared with the functional trace's outcome
+        return type(exc).__name__, str(exc).split("\n")[0]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+def test_a_higher_order_op_met_only_with_symbols_gets_the_functional_traces_outcome(train, traces, monkeypatch):
+    torch._dynamo.reset()  # no skip left by another test
+    x, w = torch.randn(5, 4, requires_grad=train), torch.randn(4, 3, requires_grad=train)
+    with monkeypatch.context() as patch:
+        always_functional(patch)
+        want = _outcome(cond_on_a_size, x, w)
+    assert [functional for functional, _ in traces] == [True]
+    got = _outcome(cond_on_a_size, x, w)
+    assert traces[1] == (False, False)  # the trace without functionalization stopped at torch.cond
+    if want[0] == "result":
+        assert got[0] == "result"
+        torch.testing.assert_close(got[1], want[1])
+    else:
+        assert got == want
+
+
+# Programs tried in the adversarial review of the trace without functionalization that take it and must keep giving
+# eager's outputs, gradients and random-number state (two sizes, one graph).
+class ReturnsItsInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class PartlyNonDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        doubled, tripled = x * 2, x * 3
+        ctx.mark_non_differentiable(tripled)
+        ctx.save_for_backward(doubled)
+        return doubled, tripled
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (doubled,) = ctx.saved_tensors
+        return None if grad is None else grad * 2 + doubled * 0
+
+
+def custom_functions(x, w):
+    y = ReturnsItsInput.apply(x)
+    doubled, tripled = PartlyNonDifferentiable.apply(y @ w)
+    return doubled.sin(), tripled, y
+
+
+def grad_mode_regions(x, w):
+    with torch.no_grad():
+        a = x @ w
+    (g,) = torch.autograd.grad((x @ w).sin().sum(), x, create_graph=True)
+    return a, (x @ w) * a + (g ** 2).sum()
+
+
+def random_and_attention(x, w):
+    h = torch.nn.functional.dropout(x @ w, 0.5)
+    q = h.unsqueeze(0)
+    return torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3), torch.randn_like(h)
+
+
+def views_of_a_view_input(x, w):
+    return x[1:], x.t(), x @ w, x.reshape(-1)
+
+
+def offset_view(rows):
+    return torch.randn(rows + 3, 3)[rows % 2 + 1:][:rows]
+
+
+@pytest.mark.parametrize("fn", [custom_functions, grad_mode_regions, random_and_attention, views_of_a_view_input],
+                         ids=lambda fn: fn.__name__)
+def test_programs_traced_without_functionalization_match_eager(fn, traces):
+    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False, on_capture_error="raise")
+    for rows in (5, 8):
+        x = offset_view(rows).requires_grad_()
+        w = torch.randn(3, 4, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        torch.manual_seed(rows)
+        outs = compiled(x, w)
+        state = torch.get_rng_state()
+        torch.manual_seed(rows)
+        want = fn(x_ref, w_ref)
+        assert torch.equal(state, torch.get_rng_state())
+        loss, want_loss = 0, 0
+        for k, (out, expected) in enumerate(zip(outs, want)):
+            torch.testing.assert_close(out, expected)
+            assert out.requires_grad == expected.requires_grad, k
+            if expected.requires_grad:
+                loss, want_loss = loss + out.sum() * (k + 1), want_loss + expected.sum() * (k + 1)
+        loss.backward()
+        want_loss.backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(w.grad, w_ref.grad)
+    assert compiled.num_compiles == 1
+    assert traces[0][0] is False, traces  # the first trace ran without functionalization
