@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -475,10 +476,10 @@ def _functionalization(discover_effects: bool = False) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _without_functionalization() -> Iterator[None]:
+def _without_functionalization(mode: StopAtUnfunctionalizableOps) -> Iterator[None]:
     """Ops reach make_fx as they are; the first that would need functionalization stops the trace (NOTE
     [Symbolic trace without functionalization] in plain_trace.py)."""
-    with StopAtUnfunctionalizableOps():
+    with mode:
         yield None
 
 
@@ -713,7 +714,9 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
     primals = [fake_args[pos] for pos in analysis.positions]
     body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify,
                         symbolic=fake_mode.shape_env is not None, functional=functional)
-    functionalization = _functionalization if functional else _without_functionalization
+    plain_mode = None if functional else StopAtUnfunctionalizableOps()
+    functionalization = _functionalization if functional else functools.partial(_without_functionalization,
+                                                                              plain_mode)
     to_functional = _to_functional if functional else _identity
     from_functional = _from_functional if functional else _identity
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
@@ -759,6 +762,8 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
                 hand_on_source_locations([out for out, _ in pairs])
                 refuse_reentrant_checkpoint_nodes([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
+                if plain_mode is not None:
+                    plain_mode.backward_begins()
                 try:
                     with _no_nan_checks():  # NOTE [Anomaly mode during a capture]
                         computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
