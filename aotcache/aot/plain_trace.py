@@ -2,8 +2,10 @@
 
 NOTE [Symbolic trace without functionalization]
 Functionalization exists to turn mutations into functional ops; views stay views in the graph either way. A graph
-recorded without it that holds no mutating op is therefore the graph functionalization would record, op for op
-(checked on BERT and GPT-2 training steps: the same nodes and guards). With symbolic sizes it is also a fifth of a
+recorded without it that holds no mutating op computes what the functionalized one computes, and is mostly the same
+graph (BERT and GPT-2 training steps: the same nodes and guards; functionalization also decomposes a fused kernel
+that has a Python decomposition, such as binary_cross_entropy_with_logits, which is otherwise recorded as eager runs
+it). With symbolic sizes it is also a fifth of a
 capture's cost: every functional wrapper tensor computes its storage size and contiguity with symbols, and every op
 is dispatched twice (2-layer BERT training step, CPU s of the first dynamic call: 0.90 -> 0.68; GPT-2 0.94 ->
 0.71; a static capture takes 0.25).
@@ -12,9 +14,10 @@ So a symbolic capture first traces without functionalization when its static-pro
 without symbols] in capture.py) saw no input mutated, no metadata mutation, no side-effectful op and no in-place
 call (:class:`SpotInPlaceCalls`, a torch-function mode: a prediction only, which spares a trace that would stop).
 That trace runs under :class:`StopAtUnfunctionalizableOps`, a dispatch mode that stops it at the first op that
-would need functionalization -- one whose schema mutates an argument (in-place, out=, resize_, set_), a
-higher-order op (its subgraphs have functionalization rules of their own), a side-effectful op (an effect token
-keeps it alive) -- and the finished graph is checked for the same ops once more. Where it stops, or fails in any
+would need functionalization -- one whose schema mutates an argument (in-place, out=, resize_, set_; except a
+write into a temporary, NOTE [In-place ops on temporaries]), a higher-order op (its subgraphs have functionalization
+rules of their own), a side-effectful op (an effect token keeps it alive) -- and the finished graph is checked for
+the same ops once more. Where it stops, or fails in any
 other way, the capture traces again with functionalization, as before: the forward then runs once more, like any
 retrace. Static captures keep functionalization throughout (a static wrapper's arithmetic is cheap), and so do
 captures with a caller's symbols (Dynamo's) and the retrace after an analysis mismatch.
