@@ -265,6 +265,24 @@ def _child(arch: str, root: str, timeout: float, distinct_labels: bool, generate
     return {"arch": arch, "error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
 
 
+def interleaved(archs: list, root: str, versus: str, rounds: int, distinct_labels: bool, generate: bool,
+                timeout: float) -> dict:
+    """Per architecture, ``rounds`` child runs of ``root`` and of ``versus`` alternating (ABBA...): the median CPU
+    seconds of the first call of each and their ratio, side by side on the same machine load."""
+    out = {}
+    for arch in archs:
+        seconds: dict[str, list] = {root: [], versus: []}
+        for index in range(rounds):
+            for which in (root, versus) if index % 2 == 0 else (versus, root):
+                record = _child(arch, which, timeout, distinct_labels, generate)
+                seconds[which].append(record.get(_cpu_key(record)))
+        mine, theirs = (statistics.median(v) if None not in v else None for v in seconds.values())
+        out[arch] = {"cpu_s": seconds[root], "versus_cpu_s": seconds[versus], "median": mine, "versus_median": theirs,
+                     "ratio": round(mine / theirs, 3) if mine and theirs else None}
+        print(arch, out[arch], flush=True)
+    return out
+
+
 def capture_kind(record: dict) -> str:
     """``plain`` (traced without functionalization), ``retraced`` (a plain trace, then one with it),
     ``functional`` (with it only), or ``-``."""
@@ -365,6 +383,9 @@ def main() -> None:
                         "argument slots keeps functionalization)")
     parser.add_argument("--generate", action="store_true",
                         help="greedy generate at two prompt lengths (hf_generate_sweep's models) instead of training")
+    parser.add_argument("--versus", help="another checkout: --rounds alternating runs of both per architecture "
+                        "(CPU seconds of the first call side by side), stored under 'interleaved' in --out")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child")
     args = parser.parse_args()
     root = os.path.abspath(args.root)
@@ -382,11 +403,19 @@ def main() -> None:
     import torch
     import transformers
 
-    results = data["results"].setdefault(args.label, {})
-    data.setdefault("roots", {})[args.label] = root
     data.update(torch=torch.__version__, transformers=transformers.__version__, compiler="nop", device="cpu",
                 sizes=SIZES)
     archs = ",".join(CAUSAL + EXTRA_CAUSAL + ["GPT2"]) if args.archs == "causal" else args.archs
+    if args.versus:
+        versus = os.path.abspath(args.versus)
+        data.setdefault("interleaved", {}).update(interleaved(
+            archs.split(","), root, versus, args.rounds, args.distinct_labels, args.generate, args.timeout))
+        data["interleaved_roots"] = [root, versus]
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        return
+    results = data["results"].setdefault(args.label, {})
+    data.setdefault("roots", {})[args.label] = root
     for arch in archs.split(","):
         if arch not in ARCHS and not args.generate:
             raise SystemExit(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
