@@ -701,8 +701,13 @@ def _plain_trace_applies(analysis: Analysis, fake_args: Sequence[Any], fake_mode
     # NOTE [Arguments that share memory, traced without functionalization]: functionalization wraps each argument
     # slot in a tensor of its own, so autograd gives each slot its own gradient; one fake tensor in two slots (the
     # same tensor passed twice, a module's parameter also passed as an argument) would get the sum in both, and
-    # views of one storage would be related. Such calls keep functionalization.
-    if len({StorageWeakRef(a.untyped_storage()) for a in tensors}) != len(tensors):
+    # views of one storage would be related through autograd. Such calls keep functionalization where a tensor
+    # that shares memory with another requires grad; without gradients (``labels=input_ids``, the usual causal LM
+    # training call) nothing tells the slots apart, as nothing writes to them.
+    sharing: dict = {}
+    for a in tensors:
+        sharing.setdefault(StorageWeakRef(a.untyped_storage()), []).append(a)
+    if any(len(group) > 1 and any(a.requires_grad for a in group) for group in sharing.values()):
         return False
     return can_trace_without_functionalization()
 

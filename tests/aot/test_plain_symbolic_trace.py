@@ -538,3 +538,40 @@ def test_a_random_write_in_the_backward_stops_the_trace():
     assert functional_variant(torch.ops.aten.masked_fill_.Scalar) is torch.ops.aten.masked_fill.Scalar
     assert functional_variant(torch.ops.aten.t_.default) is None  # a metadata write
     assert functional_variant(torch.ops.aten.add.Tensor) is None
+
+
+class NextToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.embed(ids))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 20), labels[:, 1:].reshape(-1))
+
+
+def test_the_same_tensor_without_gradients_in_two_slots_is_traced_without_functionalization(traces):
+    # found by the session-11 sweep (bench/hf_sweep_dynamic.py): every causal LM called as transformers documents it,
+    # labels=input_ids, kept functionalization; nothing requires grad there, so nothing tells the slots apart
+    torch.manual_seed(0)
+    model, reference = NextToken(), NextToken()
+    reference.load_state_dict(model.state_dict())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+
+    def step(ids, labels):
+        loss, want = compiled(ids, labels), reference(ids, labels)
+        torch.testing.assert_close(loss, want)
+        loss.backward()
+        want.backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+            p.grad = q.grad = None
+
+    for rows, length in ((2, 6), (3, 9)):
+        ids = torch.randint(0, 20, (rows, length))
+        step(ids, ids)
+    assert compiled.compiled.num_compiles == 1 and traces == [(False, True)]
+    step(ids, torch.randint(0, 20, (3, 9)))  # other labels: not the shared-memory signature
+    step(ids, ids)
+    assert compiled.compiled.num_compiles == 2 and [functional for functional, _ in traces] == [False, False]
