@@ -115,17 +115,22 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
             return self._in_place_on_temporary(func, reason, args, kwargs)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            self._note(out)
+            self._note(out, args, kwargs)
         elif isinstance(out, (tuple, list)):
             for value in out:
                 if isinstance(value, torch.Tensor):
-                    self._note(value)
+                    self._note(value, args, kwargs)
         return out
 
-    def _note(self, tensor: torch.Tensor) -> None:
+    def _note(self, tensor: torch.Tensor, args: Any, kwargs: Mapping) -> None:
         key = StorageWeakRef(tensor.untyped_storage())
-        seen, first = self._storages.get(key, (0, self._ops))
-        self._storages[key] = (seen + 1, first)
+        entry = self._storages.get(key)
+        if entry is None:
+            # a storage first seen as an op's output is new, unless the op aliased an argument that no op of this
+            # trace made (an input, a tangent: ``saved_input.detach()`` in a backward); such a storage is never a
+            # temporary's
+            entry = (_EXTERNAL, 0) if key in _argument_storages(args, kwargs) else (0, self._ops)
+        self._storages[key] = (entry[0] + 1, entry[1])
 
     def _in_place_on_temporary(self, func: Any, reason: str, args: Any, kwargs: Mapping) -> Any:
         functional = functional_variant(func)
@@ -150,6 +155,14 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
         return seen == 1 and (self._backward_from is None or first > self._backward_from)
 
 
+_EXTERNAL = 2  # the count of tensors seen with a storage no op of the trace made: never a temporary's
+
+
+def _argument_storages(args: Any, kwargs: Mapping) -> set:
+    return {StorageWeakRef(value.untyped_storage()) for value in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(value, torch.Tensor)}
+
+
 # NOTE [In-place ops on temporaries]
 # Gradient formulas write into tensors they just made: clamp's backward combines its masks with logical_and_,
 # rms_norm's adds with add_, norm, std, maximum and normalize mask with masked_fill_, cosine_similarity clamps with
@@ -159,7 +172,8 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
 # the same overload and arguments) and the tensor's proxy in make_fx's tracer is pointed at the result, so later
 # ops read the new value -- what functionalization does, for the case where nothing else can see the old one: the
 # tensor was made by an op of this trace (not an input, tangent or constant), no other tensor was seen with its
-# storage (no view, no alias), it does not require grad (autograd recorded nothing on it), it has no fake constant
+# storage (no view, no alias) and the op that made it did not alias an argument (``saved_input.detach()`` in a
+# backward writes into an input), it does not require grad (autograd recorded nothing on it), it has no fake constant
 # (which the skipped write would leave stale), it was made in the backward if the backward has begun (the backward
 # may unpack saved forward tensors as new tensor objects without a dispatched op), and the functional form gives
 # the same dtype, sizes and strides. Anything else still stops the trace; random in-place ops (bernoulli_) and
