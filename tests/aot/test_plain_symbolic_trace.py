@@ -548,6 +548,18 @@ def _saved_input_written_through_detach(ctx, grad):
     return grad * x
 
 
+def _saved_input_written_through_data(ctx, grad):
+    x, = ctx.saved_tensors
+    x.data.add_(1)
+    return grad * 2
+
+
+def _saved_input_written_through_unsafe_view(ctx, grad):
+    x, = ctx.saved_tensors
+    torch.ops.aten._unsafe_view(x, [-1]).zero_()  # an alias that is no view to autograd
+    return grad * x
+
+
 def _check_with_inputs_after(fn, compiled, shape=(4,)):
     for rows in (5, 8):
         x, w = torch.randn(rows, *shape, requires_grad=True), torch.randn(*shape, 4, requires_grad=True)
@@ -562,7 +574,9 @@ def _check_with_inputs_after(fn, compiled, shape=(4,)):
     assert compiled.num_compiles == 1
 
 
-@pytest.mark.parametrize("backward", [_saved_input_written_through_detach], ids=["saved_input_detach"])
+@pytest.mark.parametrize("backward", [
+    _saved_input_written_through_detach, _saved_input_written_through_data, _saved_input_written_through_unsafe_view,
+], ids=["detach", "data", "unsafe_view"])
 def test_a_backward_write_into_an_alias_of_an_input_stops_the_trace_and_matches_eager(backward, traces):
     class Function(torch.autograd.Function):
         @staticmethod
