@@ -145,8 +145,8 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
         return target
 
     def _is_temporary(self, tensor: Any) -> bool:
-        """A tensor an op of this trace made, of its own storage (no view, no other tensor seen with it), not
-        requiring grad, without a fake constant, and made in the backward if the backward has begun."""
+        """A tensor an op of this trace made, of its own storage (no view, no other tensor seen with it, not an
+        alias of an argument), without a fake constant, and made in the backward if the backward has begun."""
         if type(tensor) is not FakeTensor or tensor._is_view():
             return False
         if getattr(tensor, "constant", None) is not None:
@@ -173,11 +173,12 @@ def _argument_storages(args: Any, kwargs: Mapping) -> set:
 # ops read the new value -- what functionalization does, for the case where nothing else can see the old one: the
 # tensor was made by an op of this trace (not an input, tangent or constant), no other tensor was seen with its
 # storage (no view, no alias) and the op that made it did not alias an argument (``saved_input.detach()`` in a
-# backward writes into an input), it does not require grad (autograd recorded nothing on it), it has no fake constant
-# (which the skipped write would leave stale), it was made in the backward if the backward has begun (the backward
-# may unpack saved forward tensors as new tensor objects without a dispatched op), and the functional form gives
-# the same dtype, sizes and strides. Anything else still stops the trace; random in-place ops (bernoulli_) and
-# in-place ops without a functional overload of the same arguments too.
+# backward writes into an input), it has no fake constant (which the skipped write would leave stale), it was made
+# in the backward if the backward has begun (the backward may unpack saved forward tensors as new tensor objects
+# without a dispatched op), and the functional form gives the same dtype, sizes and strides. It may require grad: autograd's in-place kernel runs above this mode as in
+# eager (bumps the version counter, rebases the history, clones the old value where a formula needs it; F.rms_norm's
+# forward add_). Anything else still stops the trace; random in-place ops (bernoulli_) and in-place ops without a
+# functional overload of the same arguments too.
 _METADATA_WRITES = frozenset({"resize", "resize_as", "set", "as_strided", "t", "transpose", "squeeze", "unsqueeze",
                               "swapdims", "swapaxes", "detach", "requires_grad"})
 _VARIANTS: dict = {}
