@@ -114,6 +114,9 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
         if reason is not None:
             return self._in_place_on_temporary(func, reason, args, kwargs)
         out = func(*args, **kwargs)
+        if func is torch.ops.aten.lift_fresh.default and type(out) is FakeTensor and type(args[0]) is FakeTensor:
+            # eager returns its (traced) argument itself, make_fx records a copy (lift_fresh_copy): an alias of it
+            self._storages[StorageWeakRef(out.untyped_storage())] = (_EXTERNAL, 0)
         if isinstance(out, torch.Tensor):
             self._note(out, args, kwargs)
         elif isinstance(out, (tuple, list)):

@@ -560,6 +560,12 @@ def _saved_input_written_through_unsafe_view(ctx, grad):
     return grad * x
 
 
+def _saved_input_written_through_lift_fresh(ctx, grad):
+    x, = ctx.saved_tensors
+    torch.ops.aten.lift_fresh(x).mul_(2)  # x itself in eager; make_fx records a copy
+    return grad * x
+
+
 def _check_with_inputs_after(fn, compiled, shape=(4,)):
     for rows in (5, 8):
         x, w = torch.randn(rows, *shape, requires_grad=True), torch.randn(*shape, 4, requires_grad=True)
@@ -576,7 +582,8 @@ def _check_with_inputs_after(fn, compiled, shape=(4,)):
 
 @pytest.mark.parametrize("backward", [
     _saved_input_written_through_detach, _saved_input_written_through_data, _saved_input_written_through_unsafe_view,
-], ids=["detach", "data", "unsafe_view"])
+    _saved_input_written_through_lift_fresh,
+], ids=["detach", "data", "unsafe_view", "lift_fresh"])
 def test_a_backward_write_into_an_alias_of_an_input_stops_the_trace_and_matches_eager(backward, traces):
     class Function(torch.autograd.Function):
         @staticmethod
