@@ -132,7 +132,8 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
             # a storage first seen as an op's output is new, unless the op aliased an argument that no op of this
             # trace made (an input, a tangent: ``saved_input.detach()`` in a backward); such a storage is never a
             # temporary's
-            entry = (_EXTERNAL, 0) if key in _argument_storages(args, kwargs) else (0, self._ops)
+            arguments = _argument_storages(args, kwargs)
+            entry = (_EXTERNAL, 0) if arguments is None or key in arguments else (0, self._ops)
         self._storages[key] = (entry[0] + 1, entry[1])
 
     def _in_place_on_temporary(self, func: Any, reason: str, args: Any, kwargs: Mapping) -> Any:
@@ -161,9 +162,16 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
 _EXTERNAL = 2  # the count of tensors seen with a storage no op of the trace made: never a temporary's
 
 
-def _argument_storages(args: Any, kwargs: Mapping) -> set:
-    return {StorageWeakRef(value.untyped_storage()) for value in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(value, torch.Tensor)}
+def _argument_storages(args: Any, kwargs: Mapping) -> set | None:
+    """The storages of an op's tensor arguments; None where one has no storage to read (a wrapper subclass)."""
+    storages = set()
+    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor):
+            try:
+                storages.add(StorageWeakRef(value.untyped_storage()))
+            except (RuntimeError, NotImplementedError):
+                return None
+    return storages
 
 
 # NOTE [In-place ops on temporaries]
