@@ -186,10 +186,10 @@ def _argument_storages(args: Any, kwargs: Mapping) -> set | None:
 # storage (no view, no alias) and the op that made it did not alias an argument (``saved_input.detach()`` in a
 # backward writes into an input), it has no fake constant (which the skipped write would leave stale), it was made
 # in the backward if the backward has begun (the backward may unpack saved forward tensors as new tensor objects
-# without a dispatched op), and the functional form gives the same dtype, sizes and strides. It may require grad: autograd's in-place kernel runs above this mode as in
-# eager (bumps the version counter, rebases the history, clones the old value where a formula needs it; F.rms_norm's
-# forward add_). Anything else still stops the trace; random in-place ops (bernoulli_) and in-place ops without a
-# functional overload of the same arguments too.
+# without a dispatched op), and the functional form gives the same dtype, sizes and strides. It may require grad:
+# autograd's in-place kernel runs above this mode as in eager (bumps the version counter, rebases the history,
+# clones the old value where a formula needs it; F.rms_norm's forward add_). Anything else still stops the trace;
+# random in-place ops (bernoulli_) and in-place ops without a functional overload of the same arguments too.
 _METADATA_WRITES = frozenset({"resize", "resize_as", "set", "as_strided", "t", "transpose", "squeeze", "unsqueeze",
                               "swapdims", "swapaxes", "detach", "requires_grad"})
 _VARIANTS: dict = {}
