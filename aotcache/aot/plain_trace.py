@@ -114,18 +114,27 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
         if reason is not None:
             return self._in_place_on_temporary(func, reason, args, kwargs)
         out = func(*args, **kwargs)
+        if func is torch.ops.aten.lift_fresh.default and type(out) is FakeTensor and type(args[0]) is FakeTensor:
+            # eager returns its (traced) argument itself, make_fx records a copy (lift_fresh_copy): an alias of it
+            self._storages[StorageWeakRef(out.untyped_storage())] = (_EXTERNAL, 0)
         if isinstance(out, torch.Tensor):
-            self._note(out)
+            self._note(out, args, kwargs)
         elif isinstance(out, (tuple, list)):
             for value in out:
                 if isinstance(value, torch.Tensor):
-                    self._note(value)
+                    self._note(value, args, kwargs)
         return out
 
-    def _note(self, tensor: torch.Tensor) -> None:
+    def _note(self, tensor: torch.Tensor, args: Any, kwargs: Mapping) -> None:
         key = StorageWeakRef(tensor.untyped_storage())
-        seen, first = self._storages.get(key, (0, self._ops))
-        self._storages[key] = (seen + 1, first)
+        entry = self._storages.get(key)
+        if entry is None:
+            # a storage first seen as an op's output is new, unless the op aliased an argument that no op of this
+            # trace made (an input, a tangent: ``saved_input.detach()`` in a backward); such a storage is never a
+            # temporary's
+            arguments = _argument_storages(args, kwargs)
+            entry = (_EXTERNAL, 0) if arguments is None or key in arguments else (0, self._ops)
+        self._storages[key] = (entry[0] + 1, entry[1])
 
     def _in_place_on_temporary(self, func: Any, reason: str, args: Any, kwargs: Mapping) -> Any:
         functional = functional_variant(func)
@@ -140,14 +149,29 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
         return target
 
     def _is_temporary(self, tensor: Any) -> bool:
-        """A tensor an op of this trace made, of its own storage (no view, no other tensor seen with it), not
-        requiring grad, without a fake constant, and made in the backward if the backward has begun."""
+        """A tensor an op of this trace made, of its own storage (no view, no other tensor seen with it, not an
+        alias of an argument), without a fake constant, and made in the backward if the backward has begun."""
         if type(tensor) is not FakeTensor or tensor._is_view():
             return False
         if getattr(tensor, "constant", None) is not None:
             return False
         seen, first = self._storages.get(StorageWeakRef(tensor.untyped_storage()), (0, 0))
         return seen == 1 and (self._backward_from is None or first > self._backward_from)
+
+
+_EXTERNAL = 2  # the count of tensors seen with a storage no op of the trace made: never a temporary's
+
+
+def _argument_storages(args: Any, kwargs: Mapping) -> set | None:
+    """The storages of an op's tensor arguments; None where one has no storage to read (a wrapper subclass)."""
+    storages = set()
+    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+        if isinstance(value, torch.Tensor):
+            try:
+                storages.add(StorageWeakRef(value.untyped_storage()))
+            except (RuntimeError, NotImplementedError):
+                return None
+    return storages
 
 
 # NOTE [In-place ops on temporaries]
@@ -159,11 +183,13 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
 # the same overload and arguments) and the tensor's proxy in make_fx's tracer is pointed at the result, so later
 # ops read the new value -- what functionalization does, for the case where nothing else can see the old one: the
 # tensor was made by an op of this trace (not an input, tangent or constant), no other tensor was seen with its
-# storage (no view, no alias), it does not require grad (autograd recorded nothing on it), it has no fake constant
-# (which the skipped write would leave stale), it was made in the backward if the backward has begun (the backward
-# may unpack saved forward tensors as new tensor objects without a dispatched op), and the functional form gives
-# the same dtype, sizes and strides. Anything else still stops the trace; random in-place ops (bernoulli_) and
-# in-place ops without a functional overload of the same arguments too.
+# storage (no view, no alias) and the op that made it did not alias an argument (``saved_input.detach()`` in a
+# backward writes into an input), it has no fake constant (which the skipped write would leave stale), it was made
+# in the backward if the backward has begun (the backward may unpack saved forward tensors as new tensor objects
+# without a dispatched op), and the functional form gives the same dtype, sizes and strides. It may require grad:
+# autograd's in-place kernel runs above this mode as in eager (bumps the version counter, rebases the history,
+# clones the old value where a formula needs it; F.rms_norm's forward add_). Anything else still stops the trace;
+# random in-place ops (bernoulli_) and in-place ops without a functional overload of the same arguments too.
 _METADATA_WRITES = frozenset({"resize", "resize_as", "set", "as_strided", "t", "transpose", "squeeze", "unsqueeze",
                               "swapdims", "swapaxes", "detach", "requires_grad"})
 _VARIANTS: dict = {}

@@ -575,3 +575,64 @@ def test_the_same_tensor_without_gradients_in_two_slots_is_traced_without_functi
     step(ids, torch.randint(0, 20, (3, 9)))  # other labels: not the shared-memory signature
     step(ids, ids)
     assert compiled.compiled.num_compiles == 2 and [functional for functional, _ in traces] == [False, False]
+
+# Found by the second review of NOTE [In-place ops on temporaries]: writes the trace without functionalization must
+# not record as writes into temporaries; each stops that trace, and the capture gives eager's results.
+def _saved_input_written_through_detach(ctx, grad):
+    x, = ctx.saved_tensors
+    x.detach().mul_(2)  # detach() of an input, first seen in the backward: a write into the input
+    return grad * x
+
+
+def _saved_input_written_through_data(ctx, grad):
+    x, = ctx.saved_tensors
+    x.data.add_(1)
+    return grad * 2
+
+
+def _saved_input_written_through_unsafe_view(ctx, grad):
+    x, = ctx.saved_tensors
+    torch.ops.aten._unsafe_view(x, [-1]).zero_()  # an alias that is no view to autograd
+    return grad * x
+
+
+def _saved_input_written_through_lift_fresh(ctx, grad):
+    x, = ctx.saved_tensors
+    torch.ops.aten.lift_fresh(x).mul_(2)  # x itself in eager; make_fx records a copy
+    return grad * x
+
+
+def _check_with_inputs_after(fn, compiled, shape=(4,)):
+    for rows in (5, 8):
+        x, w = torch.randn(rows, *shape, requires_grad=True), torch.randn(*shape, 4, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out, want = compiled(x, w), fn(x_ref, w_ref)
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        for got, ref in ((x, x_ref), (w, w_ref)):
+            torch.testing.assert_close(got.grad, ref.grad)
+            torch.testing.assert_close(got.detach(), ref.detach())  # eager's backward wrote into an input
+    assert compiled.num_compiles == 1
+
+
+@pytest.mark.parametrize("backward", [
+    _saved_input_written_through_detach, _saved_input_written_through_data, _saved_input_written_through_unsafe_view,
+    _saved_input_written_through_lift_fresh,
+], ids=["detach", "data", "unsafe_view", "lift_fresh"])
+def test_a_backward_write_into_an_alias_of_an_input_stops_the_trace_and_matches_eager(backward, traces):
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 3
+
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(ctx, grad)
+
+    def fn(x, w):
+        return Function.apply(x) @ w
+
+    _check_with_inputs_after(fn, aot_function(fn, graph_compiler, dynamic=True, cache=False))
+    assert traces[0] == (False, False), traces
