@@ -681,8 +681,8 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 def _argument_states(fake_args: Sequence[Any]) -> list:
     """What a trace without functionalization could change in its fake arguments other than through an op (NOTE
     [Symbolic trace without functionalization]): the retrace with functionalization runs on the same ones."""
-    return [(a.requires_grad, StorageWeakRef(a.untyped_storage()), a._version, id(a.grad))
-            if isinstance(a, torch.Tensor) else None for a in fake_args]
+    return [(a.requires_grad, StorageWeakRef(a.untyped_storage()), None if a.is_inference() else a._version,
+             id(a.grad)) if isinstance(a, torch.Tensor) else None for a in fake_args]  # (inference: no version)
 
 
 def _plain_trace_applies(analysis: Analysis, fake_args: Sequence[Any], fake_mode: Any) -> bool:

@@ -636,3 +636,18 @@ def test_a_backward_write_into_an_alias_of_an_input_stops_the_trace_and_matches_
 
     _check_with_inputs_after(fn, aot_function(fn, graph_compiler, dynamic=True, cache=False))
     assert traces[0] == (False, False), traces
+
+
+def test_a_capture_under_inference_mode_is_traced_without_functionalization(traces, caplog):
+    # found by the session-11 stale battery: the trace read the version counter of its inference-mode arguments,
+    # which raised, so dynamic dimensions were given up for a graph per shape
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    compiled = aot_module(model, graph_compiler, dynamic=True, cache=False)
+    with torch.inference_mode():
+        for rows in (5, 8):
+            x = torch.randn(rows, 3)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.compiled.num_compiles == 1
+    assert traces == [(False, True)]
+    assert "per shape" not in caplog.text
