@@ -181,17 +181,7 @@ def mutates_input(x, w):
     (side_effect, [(True, True)]),
 ], ids=lambda value: getattr(value, "__name__", ""))
 def test_what_needs_functionalization_is_traced_with_it_and_matches_eager(fn, want, traces):
-    compiled = aot_function(fn, graph_compiler, dynamic=True, cache=False)
-    for rows in (5, 8):
-        x, w = torch.randn(rows, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)
-        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        out, want_out = compiled(x, w), fn(x_ref, w_ref)
-        torch.testing.assert_close(out, want_out)
-        out.sum().backward()
-        want_out.sum().backward()
-        torch.testing.assert_close(x.grad, x_ref.grad)
-        torch.testing.assert_close(w.grad, w_ref.grad)
-    assert compiled.num_compiles == 1
+    _check_two_sizes(fn, aot_function(fn, graph_compiler, dynamic=True, cache=False))
     assert traces == want
 
 
