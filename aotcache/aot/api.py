@@ -242,9 +242,13 @@ class AOTFunction:
         except (CacheFault, RecompileLimitReached):
             raise  # strict mode's cache fault or recompile limit is not a failure of dynamic shapes
         except FloatInputsUnsupported as exc:  # NOTE [Float inputs for Inductor]: floats become constants again
-            if not self._dims.drop_float_symbols(exc, self.name):
-                raise
-            return self._runtime_for(flat_args, in_spec, extra, program)
+            if self._dims.drop_float_symbols(exc, self.name):
+                return self._runtime_for(flat_args, in_spec, extra, program)
+            # NOTE [Floats made from sizes]: no float argument to make a constant (a float computed from symbolic
+            # sizes and saved for the backward: cross_entropy's label smoothing divides by the class count). Found
+            # (session-11 review): the error reached the user where eager runs. The compiler chain now falls back
+            # for that graph as for any compiler failure (counted, logged once; strict mode raises).
+            return self._runtime_with(flat_args, in_spec, extra, program, options, context)
         except ScalarTypeChecked as exc:  # NOTE [Type checks on scalar symbols]: that kind becomes constants
             if not self._dims.drop_scalar_symbols(exc, self.name):
                 raise

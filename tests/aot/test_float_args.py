@@ -172,6 +172,28 @@ def test_a_compiler_refusing_a_float_symbol_gets_floats_as_constants_and_sizes_s
     assert compiled.num_compiles == 5
 
 
+def test_a_float_made_from_sizes_that_inductor_cannot_take_falls_back_for_that_graph(caplog):
+    # NOTE [Floats made from sizes] in aot/api.py. Found by the session-11 review: label smoothing divides by the
+    # symbolic class count and the backward takes that float; Inductor's float rewrite refused it and, with no
+    # float argument to make a constant, FloatInputsUnsupported reached the user where eager runs
+    def loss(x, w, y):
+        return nn.functional.cross_entropy(x @ w, y, label_smoothing=0.1)
+
+    compiled = aot_function(loss, "inductor", dynamic=True, cache=False)
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for rows in (5, 8):
+            x, w = torch.randn(rows, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+            y = torch.randint(0, 4, (rows,))
+            x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+            out, want = compiled(x, w, y), loss(x_ref, w_ref, y)
+            torch.testing.assert_close(out, want)
+            out.backward()
+            want.backward()
+            torch.testing.assert_close(w.grad, w_ref.grad)
+            torch.testing.assert_close(x.grad, x_ref.grad)
+    assert "inductor compiler failed (FloatInputsUnsupported" in caplog.text
+
+
 class TemperatureLoss(nn.Module):
     def __init__(self) -> None:
         super().__init__()
