@@ -131,6 +131,12 @@ def inplace_on_intermediate(x, w):
     return h.relu()
 
 
+def inplace_into_a_view(x, w):
+    h = x @ w
+    h[:, 0].mul_(2)
+    return h.relu()
+
+
 def inplace_activation(x, w):
     return torch.nn.functional.relu(x @ w, inplace=True)
 
@@ -175,6 +181,7 @@ def mutates_input(x, w):
 
 @pytest.mark.parametrize("fn, want", [
     (inplace_on_intermediate, [(True, True)]),
+    (inplace_into_a_view, [(True, True)]),
     (inplace_activation, [(True, True)]),
     (inplace_item_assignment, [(True, True)]),
     (inplace_in_backward, [(False, True)]),  # the backward's mul_ on its own clone: recorded as mul
