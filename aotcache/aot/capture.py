@@ -37,8 +37,10 @@ from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.plain_trace import (
     SpotInPlaceCalls,
     StopAtUnfunctionalizableOps,
+    argument_states,
     can_trace_without_functionalization,
     check_graph,
+    plain_trace_applies,
 )
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
@@ -550,13 +552,11 @@ class _ForwardBody:
             call_args[pos] = primal
         # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] (symbolic traces only)
         scalars = SymbolicScalarTensors() if self.symbolic else contextlib.nullcontext()
-        primals = [call_args[pos] for pos in analysis.positions]
-        storages = _storages(primals) if self.verify and not self.functional else None
         with MaskedAssignAsWhere(), scalars:
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
-            _verify_analysis(analysis, primals, flat_outs, functional=self.functional,
-                             storages_before=storages)
+            _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs,
+                             functional=self.functional)
         mutation_values = [call_args[analysis.positions[i]] for i, info in enumerate(analysis.inputs)
                            if info.mutates_data]
         graph_outs = [out for out, info in zip(flat_outs, analysis.outputs)
@@ -582,26 +582,17 @@ class _AnalysisMismatch(Exception):
     """The traced function behaved otherwise than on the static probes (NOTE [Analysis without symbols])."""
 
 
-def _storages(values: Sequence[Any]) -> list:
-    return [StorageWeakRef(v.untyped_storage()) if isinstance(v, torch.Tensor) else None for v in values]
-
-
-def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list, *, functional: bool = True,
-                     storages_before: list | None = None) -> None:
+def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list, *, functional: bool = True) -> None:
     """:raises _AnalysisMismatch: an input's mutations or an output's kind differ from what the analysis saw.
 
-    Without functionalization no op mutated anything (it would have stopped the trace); an input whose storage
-    was swapped outside the dispatcher (``x.data = y``) is caught by its storage.
+    Without functionalization no op mutated anything (it would have stopped the trace); what changes an input
+    outside the dispatcher (``x.data = y``) is caught by :func:`trace` (``argument_states``).
     """
     if len(flat_outs) != len(analysis.outputs):
         raise _AnalysisMismatch("number of outputs")
-    storages = _storages(primals)
+    storages = [storage_of(p) for p in primals]
     for index, (primal, info) in enumerate(zip(primals, analysis.inputs)):
-        if not isinstance(primal, torch.Tensor):
-            continue
-        if not functional:
-            if storages_before is not None and storages[index] != storages_before[index]:
-                raise _AnalysisMismatch(f"storage of input {index} replaced")
+        if not isinstance(primal, torch.Tensor) or not functional:
             continue
         torch._sync(primal)
         if (bool(torch._functionalize_has_data_mutation(primal.elem)) != info.mutates_data
@@ -656,60 +647,33 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
 
     ``verify``: the analysis ran on static probes; :raises _AnalysisMismatch: if the trace disagrees with it.
     """
-    if verify and _plain_trace_applies(analysis, fake_args, fake_mode):
-        before = _argument_states(fake_args)
+    if verify and plain_trace_applies(analysis, fake_args, fake_mode):
+        before = argument_states(fake_args)
         try:
             captured = _trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions,
                               joint=joint, verify=verify, functional=False)
-        except (_AnalysisMismatch, SwapBusy):
+        except SwapBusy:
             raise
         except Exception as exc:  # noqa: BLE001 - NeedsFunctionalization, or a failure the functional trace decides
-            if _argument_states(fake_args) != before:
+            if argument_states(fake_args) != before:  # a retrace (also after a mismatch) needs them unchanged
+                if isinstance(exc, _AnalysisMismatch):
+                    raise _changed_arguments() from exc
+                raise
+            if isinstance(exc, _AnalysisMismatch):
                 raise
             logger.debug("aotcache: tracing again with functionalization (%s: %s)", type(exc).__name__, exc)
         else:
-            if _argument_states(fake_args) != before:
-                raise CaptureError(
-                    "aotcache: the function changed an argument's autograd status or storage outside torch's "
-                    "operators (requires_grad_(), x.data = y) only where it runs with symbolic sizes; this is not "
-                    "supported. Make that change before the compiled call.")
+            if argument_states(fake_args) != before:
+                raise _changed_arguments()
             return captured
     return _trace(flat_fn, fake_args, analysis, fake_mode=fake_mode, decompositions=decompositions, joint=joint,
                   verify=verify)
 
 
-def _argument_states(fake_args: Sequence[Any]) -> list:
-    """What a trace without functionalization could change in its fake arguments other than through an op (NOTE
-    [Symbolic trace without functionalization]): the retrace with functionalization runs on the same ones."""
-    return [(a.requires_grad, StorageWeakRef(a.untyped_storage()), None if a.is_inference() else a._version,
-             id(a.grad)) if isinstance(a, torch.Tensor) else None for a in fake_args]  # (inference: no version)
-
-
-def _plain_trace_applies(analysis: Analysis, fake_args: Sequence[Any], fake_mode: Any) -> bool:
-    """Whether a capture may first trace without functionalization (NOTE [Symbolic trace without
-    functionalization] in plain_trace.py): symbolic, nothing in place seen by the analysis, plain fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if (fake_mode.shape_env is None or analysis.needs_functionalization is not None or analysis.effects
-            or analysis.shape_sensitive):
-        return False
-    if any(info.mutates_data or info.metadata_mutation is not None for info in analysis.inputs):
-        return False
-    tensors = [a for a in fake_args if isinstance(a, torch.Tensor)]
-    if any(type(a) is not FakeTensor or a.grad_fn is not None for a in tensors):
-        return False
-    # NOTE [Arguments that share memory, traced without functionalization]: functionalization wraps each argument
-    # slot in a tensor of its own, so autograd gives each slot its own gradient; one fake tensor in two slots (the
-    # same tensor passed twice, a module's parameter also passed as an argument) would get the sum in both, and
-    # views of one storage would be related through autograd. Such calls keep functionalization where a tensor
-    # that shares memory with another requires grad; without gradients (``labels=input_ids``, the usual causal LM
-    # training call) nothing tells the slots apart, as nothing writes to them.
-    sharing: dict = {}
-    for a in tensors:
-        sharing.setdefault(StorageWeakRef(a.untyped_storage()), []).append(a)
-    if any(len(group) > 1 and any(a.requires_grad for a in group) for group in sharing.values()):
-        return False
-    return can_trace_without_functionalization()
+def _changed_arguments() -> CaptureError:
+    return CaptureError("aotcache: the function changed an argument's autograd status or storage outside torch's "
+                        "operators (requires_grad_(), x.data = y) only where it runs with symbolic sizes; this is "
+                        "not supported. Make that change before the compiled call.")
 
 
 def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fake_mode: Any,

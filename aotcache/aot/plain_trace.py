@@ -26,7 +26,7 @@ captures with a caller's symbols (Dynamo's) and the retrace after an analysis mi
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,22 +50,11 @@ def can_trace_without_functionalization() -> bool:
     return hasattr(TorchDispatchMode, "supports_higher_order_operators")
 
 
-_REASONS: dict = {}  # op -> why it needs functionalization, or None
-
-
+@functools.lru_cache(maxsize=None)
 def unfunctionalizable_op(func: Any) -> str | None:
     """Why ``func`` needs functionalization: it mutates an argument, is a higher-order op or is registered as
     side-effectful; None if it needs none. Cached per op (an op's effect is registered when the op is defined)."""
-    try:
-        return _REASONS[func]
-    except (KeyError, TypeError):
-        pass
-    reason = _why_unfunctionalizable(func)
-    try:
-        _REASONS[func] = reason
-    except TypeError:
-        pass
-    return reason
+    return _why_unfunctionalizable(func)
 
 
 def _why_unfunctionalizable(func: Any) -> str | None:
@@ -79,6 +68,38 @@ def _why_unfunctionalizable(func: Any) -> str | None:
     if has_effects(func):
         return f"op {func} is side-effectful"
     return None
+
+
+def plain_trace_applies(analysis: Any, fake_args: Sequence[Any], fake_mode: Any) -> bool:
+    """Whether a capture may first trace without functionalization: symbolic, nothing in place seen by its
+    analysis (capture.py's ``Analysis``), plain fake tensors that do not share memory with gradients."""
+    if (fake_mode.shape_env is None or analysis.needs_functionalization is not None or analysis.effects
+            or analysis.shape_sensitive):
+        return False
+    if any(info.mutates_data or info.metadata_mutation is not None for info in analysis.inputs):
+        return False
+    tensors = [a for a in fake_args if isinstance(a, torch.Tensor)]
+    if any(type(a) is not FakeTensor or a.grad_fn is not None for a in tensors):
+        return False
+    # NOTE [Arguments that share memory, traced without functionalization]: functionalization wraps each argument
+    # slot in a tensor of its own, so autograd gives each slot its own gradient; one fake tensor in two slots (the
+    # same tensor passed twice, a module's parameter also passed as an argument) would get the sum in both, and
+    # views of one storage would be related through autograd. Such calls keep functionalization where a tensor
+    # that shares memory with another requires grad; without gradients (``labels=input_ids``, the usual causal LM
+    # training call) nothing tells the slots apart, as nothing writes to them.
+    sharing: dict = {}
+    for a in tensors:
+        sharing.setdefault(StorageWeakRef(a.untyped_storage()), []).append(a)
+    if any(len(group) > 1 and any(a.requires_grad for a in group) for group in sharing.values()):
+        return False
+    return can_trace_without_functionalization()
+
+
+def argument_states(fake_args: Sequence[Any]) -> list:
+    """What a trace without functionalization could change in its fake arguments other than through an op: the
+    retrace with functionalization runs on the same ones (inference tensors have no version counter)."""
+    return [(a.requires_grad, StorageWeakRef(a.untyped_storage()), None if a.is_inference() else a._version,
+             id(a.grad)) if isinstance(a, torch.Tensor) else None for a in fake_args]
 
 
 class StopAtUnfunctionalizableOps(TorchDispatchMode):
@@ -192,19 +213,13 @@ def _argument_storages(args: Any, kwargs: Mapping) -> set | None:
 # random in-place ops (bernoulli_) and in-place ops without a functional overload of the same arguments too.
 _METADATA_WRITES = frozenset({"resize", "resize_as", "set", "as_strided", "t", "transpose", "squeeze", "unsqueeze",
                               "swapdims", "swapaxes", "detach", "requires_grad"})
-_VARIANTS: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
 def functional_variant(func: Any) -> Any:
     """The functional overload recording what the in-place ``func`` does to its first argument (``aten.add.Tensor``
     for ``aten.add_.Tensor``), or None where there is none to use (NOTE [In-place ops on temporaries])."""
-    try:
-        return _VARIANTS[func]
-    except (KeyError, TypeError):
-        pass
-    variant = _find_functional_variant(func) if isinstance(func, torch._ops.OpOverload) else None
-    _VARIANTS[func] = variant
-    return variant
+    return _find_functional_variant(func) if isinstance(func, torch._ops.OpOverload) else None
 
 
 def _find_functional_variant(func: Any) -> Any:
