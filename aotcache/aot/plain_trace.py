@@ -53,7 +53,8 @@ def can_trace_without_functionalization() -> bool:
 @functools.lru_cache(maxsize=None)
 def unfunctionalizable_op(func: Any) -> str | None:
     """Why ``func`` needs functionalization: it mutates an argument, is a higher-order op or is registered as
-    side-effectful; None if it needs none. Cached per op (an op's effect is registered when the op is defined)."""
+    side-effectful; None if it needs none. Cached per op for one trace: each plain trace starts with an empty
+    cache, so an effect registered after an op was first traced is seen by the next trace."""
     return _why_unfunctionalizable(func)
 
 
@@ -115,6 +116,7 @@ class StopAtUnfunctionalizableOps(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        unfunctionalizable_op.cache_clear()
         self._ops = 0
         self._backward_from: int | None = None
         # storage of each op output -> (tensors seen with it, op count when it was first seen)

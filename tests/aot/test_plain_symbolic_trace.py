@@ -649,3 +649,29 @@ def test_a_capture_under_inference_mode_is_traced_without_functionalization(trac
     assert compiled.compiled.num_compiles == 1
     assert traces == [(False, True)]
     assert "per shape" not in caplog.text
+
+
+def test_an_effect_registered_after_an_ops_first_trace_is_seen_by_the_next_trace():
+    from torch._higher_order_ops import effects
+
+    from aotcache.aot.plain_trace import StopAtUnfunctionalizableOps, unfunctionalizable_op
+
+    if not hasattr(getattr(effects, "_register_effectful_op", None), "__call__"):
+        pytest.skip("this torch registers effects differently (no effects._register_effectful_op)")
+
+    @torch.library.custom_op("aotcache_test::late_effect", mutates_args=())
+    def late_effect(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    late_effect.register_fake(lambda x: torch.empty_like(x))
+    op = torch.ops.aotcache_test.late_effect.default
+    StopAtUnfunctionalizableOps()
+    assert unfunctionalizable_op(op) is None
+    handle = effects._register_effectful_op(op, effects._EffectType.ORDERED)
+    try:
+        assert unfunctionalizable_op(op) is None  # cached within the trace that first met it
+        StopAtUnfunctionalizableOps()  # the next trace
+        assert "side-effectful" in unfunctionalizable_op(op)
+    finally:
+        handle.destroy()
+        StopAtUnfunctionalizableOps()
