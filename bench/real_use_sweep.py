@@ -1,0 +1,678 @@
+"""Real-world uses not covered by the other sweeps, each checked against eager: diffusers transformers (DiT, SD3,
+Flux) and UNet timestep kinds through both routes, the transformers ``Trainer`` (``torch_compile_backend`` and a
+compiled model passed in), ``accelerate`` bf16, generation variants through ``torch.compile(backend="aotcache")``,
+eval/train alternation, bf16 autocast training.
+
+Every case runs in a fresh subprocess with its own cache dir (nop compiler unless the case name says Inductor)
+and compares with an eager twin built from the same seed: outputs, losses, parameters, token ids. Status:
+``equal``, ``mismatch``, ``error`` (raised where eager does not) or ``fallback`` (equal, but some call ran a
+fallback: ``aotcache.aot.fallback.fallback_counts()``).
+
+    PYTHONPATH=$PWD python bench/real_use_sweep.py [--only SUBSTRING ...] [--no-inductor]
+
+writes bench/results/real_use_sweep.json (bench/README.md, "real_use_sweep").
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "real_use_sweep.json"
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference over (nested) tensors; inf on a shape or None mismatch."""
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return float("inf")
+        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if a is None or b is None:
+        return 0.0 if a is b else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def param_diff(eager, model) -> float:
+    return max_diff([p.detach() for p in eager.parameters()], [p.detach() for p in model.parameters()])
+
+
+def wrap(model, route: str, compiler: str = "nop"):
+    """``route``: "compile" (aotcache.compile) or "backend" (torch.compile(backend="aotcache"))."""
+    import torch
+
+    import aotcache
+
+    if route == "compile":
+        return aotcache.compile(model, compiler=compiler)
+    return torch.compile(model, backend="aotcache", options={"compiler": compiler})
+
+
+def register_nop_backend() -> str:
+    """A Dynamo backend name for aotcache with the nop compiler (the Trainer passes a name, no options)."""
+    import torch
+
+    from aotcache.backend import aotcache_backend
+
+    name = "aotcache_nop"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(functools.partial(aotcache_backend, compiler="nop"), name=name)
+    return name
+
+
+def route_of(compiled, route: str) -> str:
+    return getattr(compiled, "route", None) or route
+
+
+# -- models (tiny configs, random weights, no download) ---------------------------------------------------------------
+
+def tiny_unet():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def tiny_vae():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+
+
+def tiny_dit():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                           sample_size=8, patch_size=2, num_embeds_ada_norm=100, norm_num_groups=4)
+
+
+def tiny_sd3():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                           pos_embed_max_size=16)
+
+
+def tiny_flux():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+
+
+def tiny_gpt2(dropout: float = 0.0):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "eager"
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_bert(dropout: float = 0.1):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config._attn_implementation = "eager"
+    return transformers.BertForSequenceClassification(config)
+
+
+def tiny_llama():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights: tokens that differ step to step, a sharper check
+        for p in model.parameters():
+            p.normal_(0, 1.0 if p.dim() > 1 else 0.1)
+    return model
+
+
+def tiny_t5():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def tiny_bart():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                                     forced_eos_token_id=None)
+    return transformers.BartForConditionalGeneration(config)
+
+
+# -- diffusers cases ------------------------------------------------------------------------------------------------
+
+def case_unet_timesteps(route: str):
+    """UNet eval with the timestep as a Python int, a Python float, a 0-d tensor and a per-sample tensor."""
+    def run():
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 16, generator=g)
+        eager, model = tiny_unet().eval(), tiny_unet().eval()
+        compiled = wrap(model, route)
+        diffs = {}
+        with torch.no_grad():
+            for kind, t in (("int", 10), ("int2", 20), ("float", 10.5), ("float2", 3.25), ("tensor0d", torch.tensor(7)),
+                            ("tensor_batch", torch.tensor([3, 50])), ("tensor_float", torch.tensor(12.5))):
+                diffs[kind] = max_diff(compiled(sample, t, encoder_hidden_states=context).sample,
+                                       eager(sample, t, encoder_hidden_states=context).sample)
+        return {"route": route_of(compiled, route), "diffs": diffs, "equal": not any(diffs.values())}
+
+    return run
+
+
+def _noise_steps(forward, model, make_inputs, steps: int = 3, autocast: bool = False):
+    import torch
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(steps):
+        inputs, noise = make_inputs(step)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            prediction = forward(**inputs).sample
+            loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def case_diffusers_train(build, make_inputs, route: str, compiler: str = "nop"):
+    """Three AdamW steps of a noise-prediction MSE loss; losses and parameters against eager."""
+    def run():
+        eager, model = build().train(), build().train()
+        expected = _noise_steps(eager, eager, make_inputs)
+        compiled = wrap(model, route, compiler)
+        losses = _noise_steps(compiled, model, make_inputs)
+        result = {"route": route_of(compiled, route), "loss_diff": max_diff(losses, expected),
+                  "param_diff": param_diff(eager, model)}
+        tolerance = 0.0 if compiler == "nop" else 1e-4
+        result["equal"] = result["loss_diff"] <= tolerance and result["param_diff"] <= tolerance
+        return result
+
+    return run
+
+
+def _unet_train_inputs(step):
+    import diffusers
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.randint(0, 100, (2,), generator=g)
+    noisy = diffusers.DDPMScheduler(num_train_timesteps=100).add_noise(latents, noise, timesteps)
+    return {"sample": noisy, "timestep": timesteps, "encoder_hidden_states": torch.randn(2, 3, 16, generator=g)}, noise
+
+
+def _dit_inputs(step):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    return {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.randint(0, 100, (2,), generator=g),
+            "class_labels": torch.randint(0, 10, (2,), generator=g)}, noise
+
+
+def _sd3_inputs(step):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    return {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+            "pooled_projections": torch.randn(2, 8, generator=g),
+            "timestep": torch.rand(2, generator=g) * 1000}, noise
+
+
+def _flux_inputs(step):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    tokens, text = 16, 5  # a 4x4 latent of 4 channels, packed (patch 1)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(tokens, 3)
+    noise = torch.randn(2, tokens, 4, generator=g)
+    return {"hidden_states": torch.randn(2, tokens, 4, generator=g),
+            "encoder_hidden_states": torch.randn(2, text, 16, generator=g),
+            "pooled_projections": torch.randn(2, 8, generator=g), "timestep": torch.rand(2, generator=g),
+            "img_ids": img_ids, "txt_ids": torch.zeros(text, 3)}, noise
+
+
+def case_diffusers_eval(build, make_inputs, route: str):
+    """Eval forwards of two input draws (the second must reuse or retrace correctly)."""
+    def run():
+        import torch
+
+        eager, model = build().eval(), build().eval()
+        compiled = wrap(model, route)
+        diffs = []
+        with torch.no_grad():
+            for step in range(2):
+                inputs, _ = make_inputs(step)
+                diffs.append(max_diff(compiled(**inputs).sample, eager(**inputs).sample))
+        return {"route": route_of(compiled, route), "diffs": diffs, "equal": not any(diffs)}
+
+    return run
+
+
+def case_vae_encode_decode(route: str):
+    """``encode(x).latent_dist.sample(generator)`` then ``decode(z)`` through the compiled wrapper's methods."""
+    def run():
+        import torch
+
+        image = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        eager, model = tiny_vae().eval(), tiny_vae().eval()
+        compiled = wrap(model, route)
+
+        def go(target):
+            with torch.no_grad():
+                dist = target.encode(image).latent_dist
+                z = dist.sample(generator=torch.Generator().manual_seed(1)) * 0.18215
+                return [dist.mean, z, target.decode(z / 0.18215).sample, target(image).sample]
+
+        expected = go(eager)
+        if route == "backend":  # diffusers' documented way: vae.decode = torch.compile(vae.decode), same for encode
+            model.encode, model.decode = wrap(model.encode, route), wrap(model.decode, route)
+            got = go(model)
+            with torch.no_grad():
+                got[-1] = compiled(image).sample
+        else:
+            got = go(compiled)
+        diff = max_diff(got, expected)
+        return {"route": route_of(compiled, route), "diff": diff, "equal": diff == 0.0}
+
+    return run
+
+
+# -- transformers Trainer -------------------------------------------------------------------------------------------
+
+def _trainer_run(build, how: str, steps: int = 3, accumulate: int = 2, backend: str | None = None,
+                 compiler: str = "nop"):
+    """A ``Trainer`` run: ``how`` is "eager", "backend" (torch_compile=True), "compiled" (aotcache.compile'd
+    model passed in) or "backend_model" (torch.compile(model, backend="aotcache") passed in). Returns (losses
+    logged, model, trainer)."""
+    import torch
+    import transformers
+
+    import aotcache
+
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(0)
+    kind = type(model).__name__
+    data = []
+    for _ in range(16):
+        ids = torch.randint(3, 64, (8,), generator=g)
+        labels = torch.randint(0, 3, ()) if "Classification" in kind else ids.clone()
+        data.append({"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": labels})
+    folder = tempfile.mkdtemp()
+    kwargs = {"output_dir": folder, "max_steps": steps, "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": accumulate, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0,
+              "report_to": [], "save_strategy": "no", "use_cpu": True, "dataloader_num_workers": 0,
+              "disable_tqdm": True}
+    if how == "backend":
+        kwargs.update(torch_compile=True, torch_compile_backend=backend or register_nop_backend())
+    args = transformers.TrainingArguments(**kwargs)
+    passed = model
+    if how == "compiled":
+        passed = aotcache.compile(model, compiler="nop")
+    elif how == "backend_model":  # an OptimizedModule passed in (the way around accelerate's backend enum)
+        passed = torch.compile(model, backend="aotcache", options={"compiler": compiler})
+    trainer = transformers.Trainer(model=passed, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, model, trainer
+
+
+def case_trainer(build, how: str, backend: str | None = None, compiler: str = "nop"):
+    def run():
+        expected, eager, _ = _trainer_run(build, "eager")
+        losses, model, trainer = _trainer_run(build, how, backend=backend, compiler=compiler)
+        tolerance = 0.0 if compiler == "nop" else 1e-4
+        result = {"route": how if how != "backend" else f"Trainer torch_compile ({backend or 'aotcache_nop'})",
+                  "losses": losses, "eager_losses": expected,
+                  "loss_diff": max(abs(a - b) for a, b in zip(losses, expected)) if len(losses) == len(expected)
+                  else float("inf"), "param_diff": param_diff(eager, model)}
+        result["equal"] = result["loss_diff"] <= tolerance and result["param_diff"] <= tolerance
+        return result
+
+    return run
+
+
+def case_trainer_eval_predict():
+    """``trainer.evaluate()`` and ``trainer.predict()`` after training with a compiled model passed in."""
+    def run():
+        import torch
+
+        _, eager, eager_trainer = _trainer_run(tiny_bert, "eager")
+        _, model, trainer = _trainer_run(tiny_bert, "compiled")
+        data = eager_trainer.train_dataset[:6]
+        m_eager, m_ours = eager_trainer.evaluate(data), trainer.evaluate(data)
+        p_eager, p_ours = eager_trainer.predict(data), trainer.predict(data)
+        diff = max_diff(torch.as_tensor(p_ours.predictions), torch.as_tensor(p_eager.predictions))
+        loss_diff = abs(m_eager["eval_loss"] - m_ours["eval_loss"])
+        return {"route": "compiled", "pred_diff": diff, "eval_loss_diff": loss_diff,
+                "equal": diff == 0.0 and loss_diff == 0.0}
+
+    return run
+
+
+# -- accelerate ----------------------------------------------------------------------------------------------------
+
+def case_accelerate_bf16(route: str):
+    """``Accelerator(mixed_precision="bf16", cpu=True)``: prepare the compiled model, 3 steps with
+    ``accelerator.backward``, accumulation 2; losses and parameters against the eager twin."""
+    def run():
+        import accelerate
+        import torch
+
+        def steps(wrap_model: bool):
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=2)
+            model = tiny_gpt2().train()
+            forward = wrap(model, route) if wrap_model else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            forward, optimizer = accelerator.prepare(forward, optimizer)
+            losses = []
+            for step in range(4):
+                ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+                with accelerator.accumulate(forward):
+                    loss = forward(input_ids=ids, labels=ids).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                losses.append(loss.detach().float())
+            return losses, model, forward
+
+        expected, eager, _ = steps(False)
+        losses, model, forward = steps(True)
+        result = {"route": route_of(forward, route), "loss_diff": max_diff(losses, expected),
+                  "param_diff": param_diff(eager, model), "loss_dtype_ok": True}
+        result["equal"] = result["loss_diff"] == 0.0 and result["param_diff"] == 0.0
+        return result
+
+    return run
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+
+def case_generate(build, route: str, encoder_decoder: bool = False, **gen):
+    def run():
+        import torch
+
+        eager, model = build().eval(), build().eval()
+        compiled = wrap(model, route)
+        ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 6, **gen}
+        torch.manual_seed(11)
+        expected = eager.generate(**kwargs)
+        # torch.compile returns an OptimizedModule whose forward is compiled; generate is the module's, calling
+        # self(...), i.e. eager. The documented way is model.forward = torch.compile(model.forward).
+        target = compiled
+        if route == "backend":
+            model.forward = compiled
+            target = model
+        torch.manual_seed(11)
+        tokens = target.generate(**kwargs)
+        equal = tokens.shape == expected.shape and torch.equal(tokens, expected)
+        return {"route": route_of(compiled, route), "tokens": tokens.tolist()[0], "equal": equal,
+                "distinct_tokens": len(set(expected.flatten().tolist()))}
+
+    return run
+
+
+# -- loops --------------------------------------------------------------------------------------------------------
+
+def case_eval_train_alternation(route: str, dropout: float = 0.1):
+    """Each step: eval forward under no_grad, then train mode and an SGD step (dropout on)."""
+    def run():
+        import torch
+
+        def loop(model, forward):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            evals, losses = [], []
+            for step in range(3):
+                ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+                model.eval()
+                with torch.no_grad():
+                    evals.append(forward(input_ids=ids).logits)
+                model.train()
+                torch.manual_seed(50 + step)
+                loss = forward(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach())
+            return evals, losses
+
+        eager, model = tiny_gpt2(dropout), tiny_gpt2(dropout)
+        expected = loop(eager, eager)
+        compiled = wrap(model, route)
+        got = loop(model, compiled)
+        result = {"route": route_of(compiled, route), "eval_diff": max_diff(got[0], expected[0]),
+                  "loss_diff": max_diff(got[1], expected[1]), "param_diff": param_diff(eager, model)}
+        result["equal"] = result["eval_diff"] == result["loss_diff"] == result["param_diff"] == 0.0
+        return result
+
+    return run
+
+
+def case_autocast_train(build, route: str, compiler: str = "nop"):
+    """Three AdamW steps with the forward and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+    def run():
+        import torch
+
+        def loop(model, forward):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            losses = []
+            for step in range(3):
+                ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = forward(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.detach().float())
+            return losses
+
+        eager, model = build().train(), build().train()
+        expected = loop(eager, eager)
+        compiled = wrap(model, route, compiler)
+        losses = loop(model, compiled)
+        result = {"route": route_of(compiled, route), "loss_diff": max_diff(losses, expected),
+                  "param_diff": param_diff(eager, model)}
+        tolerance = 0.0 if compiler == "nop" else 1e-2  # Inductor may fuse bf16 casts away
+        result["equal"] = result["loss_diff"] <= tolerance and result["param_diff"] <= tolerance
+        return result
+
+    return run
+
+
+def case_unet_autocast_train(route: str):
+    def run():
+        eager, model = tiny_unet().train(), tiny_unet().train()
+        expected = _noise_steps(eager, eager, _unet_train_inputs, autocast=True)
+        compiled = wrap(model, route)
+        losses = _noise_steps(compiled, model, _unet_train_inputs, autocast=True)
+        result = {"route": route_of(compiled, route), "loss_diff": max_diff(losses, expected),
+                  "param_diff": param_diff(eager, model)}
+        result["equal"] = result["loss_diff"] == result["param_diff"] == 0.0
+        return result
+
+    return run
+
+
+CASES = {}
+for _route in ("compile", "backend"):
+    CASES[f"diffusers UNet eval, timestep int/float/tensor [{_route}]"] = case_unet_timesteps(_route)
+    CASES[f"diffusers UNet 3 AdamW steps, noise MSE [{_route}]"] = case_diffusers_train(
+        tiny_unet, _unet_train_inputs, _route) if _route == "backend" else None
+    CASES[f"diffusers UNet bf16 autocast 3 steps [{_route}]"] = case_unet_autocast_train(_route)
+    CASES[f"diffusers DiTTransformer2DModel eval [{_route}]"] = case_diffusers_eval(tiny_dit, _dit_inputs, _route)
+    CASES[f"diffusers DiTTransformer2DModel 3 steps [{_route}]"] = case_diffusers_train(tiny_dit, _dit_inputs, _route)
+    CASES[f"diffusers SD3Transformer2DModel eval [{_route}]"] = case_diffusers_eval(tiny_sd3, _sd3_inputs, _route)
+    CASES[f"diffusers SD3Transformer2DModel 3 steps [{_route}]"] = case_diffusers_train(tiny_sd3, _sd3_inputs, _route)
+    CASES[f"diffusers FluxTransformer2DModel eval [{_route}]"] = case_diffusers_eval(tiny_flux, _flux_inputs, _route)
+    CASES[f"diffusers FluxTransformer2DModel 3 steps [{_route}]"] = case_diffusers_train(tiny_flux, _flux_inputs,
+                                                                                         _route)
+    CASES[f"diffusers AutoencoderKL encode/sample/decode [{_route}]"] = case_vae_encode_decode(_route)
+CASES = {name: case for name, case in CASES.items() if case is not None}
+CASES.update({
+    "Trainer GPT-2, torch_compile_backend=aotcache_nop, grad accum 2": case_trainer(tiny_gpt2, "backend"),
+    "Trainer BERT cls (dropout 0.1), torch_compile_backend=aotcache_nop, grad accum 2": case_trainer(tiny_bert,
+                                                                                                     "backend"),
+    "Trainer GPT-2, torch_compile_backend=aotcache (accelerate's enum)": case_trainer(tiny_gpt2, "backend",
+                                                                                      backend="aotcache"),
+    "Trainer GPT-2, torch.compile(model, backend=aotcache) passed in, grad accum 2": case_trainer(
+        tiny_gpt2, "backend_model"),
+    "Trainer GPT-2, aotcache.compile(model) passed in, grad accum 2": case_trainer(tiny_gpt2, "compiled"),
+    "Trainer BERT cls (dropout 0.1), aotcache.compile(model) passed in, grad accum 2": case_trainer(tiny_bert,
+                                                                                                   "compiled"),
+    "Trainer BERT cls, compiled model: evaluate() and predict()": case_trainer_eval_predict(),
+    "accelerate bf16 (cpu), GPT-2, accumulate 2 [compile]": case_accelerate_bf16("compile"),
+    "accelerate bf16 (cpu), GPT-2, accumulate 2 [backend]": case_accelerate_bf16("backend"),
+    "generate Llama static cache [compile]": case_generate(tiny_llama, "compile", cache_implementation="static"),
+    "generate Llama static cache [backend]": case_generate(tiny_llama, "backend", cache_implementation="static"),
+    "generate Llama num_beams=2 [backend]": case_generate(tiny_llama, "backend", num_beams=2, do_sample=False),
+    "generate Llama do_sample seed [backend]": case_generate(tiny_llama, "backend", do_sample=True, top_k=0),
+    "generate GPT-2 greedy [backend]": case_generate(tiny_gpt2, "backend", do_sample=False),
+    "generate T5 greedy [compile]": case_generate(tiny_t5, "compile", do_sample=False),
+    "generate T5 greedy [backend]": case_generate(tiny_t5, "backend", do_sample=False),
+    "generate BART num_beams=2 [compile]": case_generate(tiny_bart, "compile", num_beams=2, do_sample=False),
+    "generate BART num_beams=2 [backend]": case_generate(tiny_bart, "backend", num_beams=2, do_sample=False),
+    "eval/train alternation GPT-2 dropout 0.1 [compile]": case_eval_train_alternation("compile"),
+    "eval/train alternation GPT-2 dropout 0.1 [backend]": case_eval_train_alternation("backend"),
+    "bf16 autocast 3 AdamW steps GPT-2 [compile]": case_autocast_train(tiny_gpt2, "compile"),
+    "bf16 autocast 3 AdamW steps Llama [backend]": case_autocast_train(tiny_llama, "backend"),
+    # Inductor (slow here: two cases only)
+    "Inductor: Trainer GPT-2, torch.compile(model, backend=aotcache) passed in": case_trainer(
+        tiny_gpt2, "backend_model", compiler="inductor"),
+    "Inductor: diffusers DiTTransformer2DModel 3 steps [compile]": case_diffusers_train(tiny_dit, _dit_inputs,
+                                                                                          "compile", "inductor"),
+})
+
+
+def run_case(name: str) -> dict:
+    """One case in this process; its verdict, time and this process's fallback decisions."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        result = CASES[name]()
+    except Exception as exc:  # noqa: BLE001 - a crash is a result of the sweep
+        text = str(exc).strip().splitlines()
+        result = {"error": f"{type(exc).__name__}: {text[0][:300] if text else ''}",
+                  "traceback": traceback.format_exc()[-3000:]}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    from aotcache.aot.fallback import fallback_counts
+
+    result["fallbacks"] = fallback_counts()
+    if "error" in result:
+        result["status"] = "error"
+    elif not result.get("equal"):
+        result["status"] = "mismatch"
+    elif result["fallbacks"]:
+        result["status"] = "fallback"
+    else:
+        result["status"] = "equal"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help="run one case in this process and print its JSON (internal)")
+    parser.add_argument("--only", nargs="*", help="substrings of the case names to run")
+    parser.add_argument("--no-inductor", action="store_true", help="skip the Inductor cases")
+    args = parser.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case), default=str))
+        return
+    results = {}
+    for name in CASES:
+        if args.only and not any(part in name for part in args.only):
+            continue
+        if args.no_inductor and name.startswith("Inductor"):
+            continue
+        with tempfile.TemporaryDirectory() as cache_dir:
+            env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1",
+                   "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor"), "TOKENIZERS_PARALLELISM": "false"}
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--case", name], env=env, capture_output=True,
+                                      text=True, timeout=600)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                entry = json.loads(lines[-1][7:]) if lines else {
+                    "status": "error", "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-3:]}"}
+            except subprocess.TimeoutExpired:
+                entry = {"status": "error", "error": "timeout (600 s)"}
+            entry["process_seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = entry
+        detail = entry.get("error", "")
+        print(f"{name:<88} {str(entry.get('route', '')):<40} {entry['status']:<9} {entry['process_seconds']:>6.1f}s "
+              f"{detail}", flush=True)
+    if args.only and RESULTS.exists():  # a partial run updates its cases only
+        results = {**json.loads(RESULTS.read_text()), **results}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
