@@ -5,8 +5,9 @@ eval/train alternation, bf16 autocast training.
 
 Every case runs in a fresh subprocess with its own cache dir (nop compiler unless the case name says Inductor)
 and compares with an eager twin built from the same seed: outputs, losses, parameters, token ids. Status:
-``equal``, ``mismatch``, ``error`` (raised where eager does not) or ``fallback`` (equal, but some call ran a
-fallback: ``aotcache.aot.fallback.fallback_counts()``).
+``equal``, ``mismatch``, ``error`` (raised where eager does not), ``fallback`` (equal, but some call ran a
+fallback: ``aotcache.aot.fallback.fallback_counts()``) or ``as-ref`` (differs from eager exactly as
+``torch.compile(backend="eager")`` does: the model's own compile-aware code path, not aotcache).
 
     PYTHONPATH=$PWD python bench/real_use_sweep.py [--only SUBSTRING ...] [--no-inductor]
 
@@ -40,7 +41,15 @@ def max_diff(a, b) -> float:
         return 0.0 if a is b else float("inf")
     if a.shape != b.shape:
         return float("inf")
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if torch_equal(a, b):  # also where both hold the same infinities (masked scores)
+        return 0.0
+    return (a.double() - b.double()).abs().nan_to_num(nan=float("inf")).max().item()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
 
 
 def param_diff(eager, model) -> float:
@@ -323,13 +332,12 @@ def case_vae_encode_decode(route: str):
                 return [dist.mean, z, target.decode(z / 0.18215).sample, target(image).sample]
 
         expected = go(eager)
-        if route == "backend":  # diffusers' documented way: vae.decode = torch.compile(vae.decode), same for encode
-            model.encode, model.decode = wrap(model.encode, route), wrap(model.decode, route)
-            got = go(model)
-            with torch.no_grad():
-                got[-1] = compiled(image).sample
-        else:
-            got = go(compiled)
+        # diffusers' documented way, vae.decode = torch.compile(vae.decode): the bound methods compiled as
+        # functions (the wrapper's own encode / decode would run the module's methods eagerly)
+        model.encode, model.decode = wrap(model.encode, route), wrap(model.decode, route)
+        got = go(model)
+        with torch.no_grad():
+            got[-1] = compiled(image).sample
         diff = max_diff(got, expected)
         return {"route": route_of(compiled, route), "diff": diff, "equal": diff == 0.0}
 
@@ -339,7 +347,7 @@ def case_vae_encode_decode(route: str):
 # -- transformers Trainer -------------------------------------------------------------------------------------------
 
 def _trainer_run(build, how: str, steps: int = 3, accumulate: int = 2, backend: str | None = None,
-                 compiler: str = "nop"):
+                 compiler: str = "nop", **extra):
     """A ``Trainer`` run: ``how`` is "eager", "backend" (torch_compile=True), "compiled" (aotcache.compile'd
     model passed in) or "backend_model" (torch.compile(model, backend="aotcache") passed in). Returns (losses
     logged, model, trainer)."""
@@ -361,7 +369,9 @@ def _trainer_run(build, how: str, steps: int = 3, accumulate: int = 2, backend: 
     kwargs = {"output_dir": folder, "max_steps": steps, "per_device_train_batch_size": 2,
               "gradient_accumulation_steps": accumulate, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0,
               "report_to": [], "save_strategy": "no", "use_cpu": True, "dataloader_num_workers": 0,
-              "disable_tqdm": True}
+              "disable_tqdm": True, **extra}
+    if how in ("backend_model", "reference"):  # OptimizedModule.forward is (*args, **kwargs): the Trainer would drop every column
+        kwargs["remove_unused_columns"] = False
     if how == "backend":
         kwargs.update(torch_compile=True, torch_compile_backend=backend or register_nop_backend())
     args = transformers.TrainingArguments(**kwargs)
@@ -370,22 +380,36 @@ def _trainer_run(build, how: str, steps: int = 3, accumulate: int = 2, backend: 
         passed = aotcache.compile(model, compiler="nop")
     elif how == "backend_model":  # an OptimizedModule passed in (the way around accelerate's backend enum)
         passed = torch.compile(model, backend="aotcache", options={"compiler": compiler})
-    trainer = transformers.Trainer(model=passed, args=args, train_dataset=data)
+    elif how == "reference":  # Dynamo alone, no aotcache: what the model's compile-aware code paths give
+        passed = torch.compile(model, backend="eager")
+    trainer = transformers.Trainer(model=passed, args=args, train_dataset=data,
+                                   eval_dataset=data[:4] if extra.get("eval_strategy") else None)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses, model, trainer
 
 
-def case_trainer(build, how: str, backend: str | None = None, compiler: str = "nop"):
+def case_trainer(build, how: str, backend: str | None = None, compiler: str = "nop", reference: bool = False,
+                 **extra):
+    """A Trainer run against the eager Trainer's; with ``reference``, also against
+    ``torch.compile(model, backend="eager")`` passed in (a difference both show is the model's compile path)."""
     def run():
-        expected, eager, _ = _trainer_run(build, "eager")
-        losses, model, trainer = _trainer_run(build, how, backend=backend, compiler=compiler)
+        expected, eager, eager_trainer = _trainer_run(build, "eager", **extra)
+        losses, model, trainer = _trainer_run(build, how, backend=backend, compiler=compiler, **extra)
+        if extra.get("eval_strategy"):  # the eval losses logged between steps too
+            expected = expected + [e["eval_loss"] for e in eager_trainer.state.log_history if "eval_loss" in e]
+            losses = losses + [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
         tolerance = 0.0 if compiler == "nop" else 1e-4
         result = {"route": how if how != "backend" else f"Trainer torch_compile ({backend or 'aotcache_nop'})",
                   "losses": losses, "eager_losses": expected,
                   "loss_diff": max(abs(a - b) for a, b in zip(losses, expected)) if len(losses) == len(expected)
                   else float("inf"), "param_diff": param_diff(eager, model)}
         result["equal"] = result["loss_diff"] <= tolerance and result["param_diff"] <= tolerance
+        if reference and not result["equal"]:
+            ref_losses, ref_model, _ = _trainer_run(build, "reference", **extra)
+            result["reference_loss_diff"] = max(abs(a - b) for a, b in zip(losses, ref_losses))
+            result["reference_param_diff"] = param_diff(ref_model, model)
+            result["as_reference"] = result["reference_loss_diff"] == result["reference_param_diff"] == 0.0
         return result
 
     return run
@@ -405,6 +429,31 @@ def case_trainer_eval_predict():
         loss_diff = abs(m_eager["eval_loss"] - m_ours["eval_loss"])
         return {"route": "compiled", "pred_diff": diff, "eval_loss_diff": loss_diff,
                 "equal": diff == 0.0 and loss_diff == 0.0}
+
+    return run
+
+
+def case_trainer_save_reload():
+    """``trainer.save_model()`` of a compiled model: the files and tensors equal the eager run's, and
+    ``from_pretrained`` of them loads without missing or unexpected keys."""
+    def run():
+        import torch
+        import transformers
+        from safetensors.torch import load_file
+
+        _, _, eager_trainer = _trainer_run(tiny_gpt2, "eager")
+        _, _, trainer = _trainer_run(tiny_gpt2, "compiled")
+        saved = []
+        for t in (eager_trainer, trainer):
+            folder = tempfile.mkdtemp()
+            t.save_model(folder)
+            saved.append((sorted(os.listdir(folder)), load_file(os.path.join(folder, "model.safetensors")), folder))
+        same = saved[0][0] == saved[1][0] and saved[0][1].keys() == saved[1][1].keys() and all(
+            torch.equal(saved[0][1][k], saved[1][1][k]) for k in saved[0][1])
+        _, info = transformers.GPT2LMHeadModel.from_pretrained(saved[1][2], output_loading_info=True)
+        clean = not info["missing_keys"] and not info["unexpected_keys"]
+        return {"route": "compiled", "files": saved[1][0], "same_files_and_tensors": same, "load_info": info,
+                "equal": same and clean}
 
     return run
 
@@ -472,6 +521,230 @@ def case_generate(build, route: str, encoder_decoder: bool = False, **gen):
         equal = tokens.shape == expected.shape and torch.equal(tokens, expected)
         return {"route": route_of(compiled, route), "tokens": tokens.tolist()[0], "equal": equal,
                 "distinct_tokens": len(set(expected.flatten().tolist()))}
+
+    return run
+
+
+def case_generate_assisted(route: str):
+    """Assisted decoding: a compiled main model with a compiled smaller assistant (greedy)."""
+    def run():
+        import torch
+        import transformers
+
+        def assistant():
+            torch.manual_seed(5)
+            config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            return transformers.LlamaForCausalLM(config).eval()
+
+        eager, model = tiny_llama().eval(), tiny_llama().eval()
+        ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+        kwargs = {"input_ids": ids, "max_new_tokens": 8, "do_sample": False}
+        expected = eager.generate(**kwargs, assistant_model=assistant())
+        compiled, helper = wrap(model, route), wrap(assistant(), route)
+        tokens = compiled.generate(**kwargs, assistant_model=helper)
+        equal = tokens.shape == expected.shape and torch.equal(tokens, expected)
+        return {"route": route_of(compiled, route), "equal": equal}
+
+    return run
+
+
+def case_generate_scores(route: str):
+    """Sampling with ``num_return_sequences=2``, ``output_scores`` and ``return_dict_in_generate``."""
+    def run():
+        import torch
+
+        eager, model = tiny_llama().eval(), tiny_llama().eval()
+        compiled = wrap(model, route)
+        ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+        kwargs = {"input_ids": ids, "max_new_tokens": 6, "do_sample": True, "num_return_sequences": 2,
+                  "output_scores": True, "output_logits": True, "return_dict_in_generate": True}
+        torch.manual_seed(4)
+        expected = eager.generate(**kwargs)
+        torch.manual_seed(4)
+        got = compiled.generate(**kwargs)
+        diff = max(max_diff(list(got.scores), list(expected.scores)), max_diff(list(got.logits), list(expected.logits)))
+        equal = torch.equal(got.sequences, expected.sequences) and diff == 0.0
+        return {"route": route_of(compiled, route), "score_diff": diff, "equal": equal}
+
+    return run
+
+
+# -- diffusers: changes after compile (must never run a stale graph) ------------------------------------------------
+
+def case_unet_changes_after_compile(route: str):
+    """After the first call: ``set_attn_processor(AttnProcessor())``, ``fuse_qkv_projections()``, then a LoRA
+    adapter added with ``add_adapter``, ``set_adapters(weights=0.5)``, ``disable_adapters()``; each output
+    against the eager twin that made the same change."""
+    def run():
+        import torch
+        from diffusers.models.attention_processor import AttnProcessor
+        from peft import LoraConfig
+
+        g = torch.Generator().manual_seed(0)
+        sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 16, generator=g)
+        eager, model = tiny_unet().eval(), tiny_unet().eval()
+        compiled = wrap(model, route)
+
+        def change(target, step):
+            if step == "attn processor":
+                target.set_attn_processor(AttnProcessor())
+            elif step == "fuse qkv":
+                target.fuse_qkv_projections()
+            elif step == "unfuse qkv":
+                target.unfuse_qkv_projections()
+            elif step == "lora added":
+                torch.manual_seed(9)
+                target.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False), "a")
+            elif step == "lora weight 0.5":
+                target.set_adapters(["a"], weights=[0.5])
+            elif step == "lora weight 2.0":
+                target.set_adapters(["a"], weights=[2.0])
+            elif step == "lora disabled":
+                target.disable_adapters()
+            elif step == "lora enabled":
+                target.enable_adapters()
+
+        diffs, outputs = {}, []
+        for step in ("first", "attn processor", "fuse qkv", "unfuse qkv", "lora added", "lora weight 0.5",
+                     "lora weight 2.0", "lora disabled", "lora enabled"):
+            change(eager, step)
+            change(model, step)
+            with torch.no_grad():
+                want = eager(sample, 10, encoder_hidden_states=context).sample
+                diffs[step] = max_diff(compiled(sample, 10, encoder_hidden_states=context).sample, want)
+            outputs.append(want)
+        distinct = not torch.equal(outputs[5], outputs[6])  # the weights change the output
+        return {"route": route_of(compiled, route), "diffs": diffs, "weights_change_output": distinct,
+                "equal": distinct and not any(diffs.values())}
+
+    return run
+
+
+def case_unet_lora_scale_kwarg(route: str):
+    """A LoRA adapter on the UNet, scaled per call through ``cross_attention_kwargs={"scale": s}``."""
+    def run():
+        import torch
+        from peft import LoraConfig
+
+        g = torch.Generator().manual_seed(0)
+        sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 16, generator=g)
+        eager, model = tiny_unet().eval(), tiny_unet().eval()
+        for target in (eager, model):
+            torch.manual_seed(9)
+            target.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False), "a")
+        compiled = wrap(model, route)
+        diffs, outs = {}, {}
+        with torch.no_grad():
+            for scale in (1.0, 0.5, 0.0, 0.5, 2.0):
+                want = eager(sample, 10, encoder_hidden_states=context, cross_attention_kwargs={"scale": scale}).sample
+                got = compiled(sample, 10, encoder_hidden_states=context, cross_attention_kwargs={"scale": scale}).sample
+                diffs[str(scale)] = max(diffs.get(str(scale), 0.0), max_diff(got, want))
+                outs[scale] = want
+        distinct = not torch.equal(outs[0.5], outs[2.0])
+        return {"route": route_of(compiled, route), "diffs": diffs, "scale_changes_output": distinct,
+                "equal": distinct and not any(diffs.values())}
+
+    return run
+
+
+def tiny_unet_sdxl():
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        transformer_layers_per_block=(1, 1), use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def _sdxl_inputs(step):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    return {"sample": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.randint(0, 100, (2,), generator=g),
+            "encoder_hidden_states": torch.randn(2, 3, 16, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 8, generator=g),
+                                  "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]] * 2)}}, noise
+
+
+def case_vae_slicing_tiling(route: str):
+    """``enable_slicing()`` then ``enable_tiling()`` (small tiles) after the first compiled encode/decode: each
+    output against the eager twin in the same state (tiled output differs from untiled: a stale graph shows)."""
+    def run():
+        import torch
+
+        image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        eager, model = tiny_vae().eval(), tiny_vae().eval()
+        compiled = model  # the bound methods compiled as functions (vae.decode = torch.compile(vae.decode))
+        model.encode, model.decode = wrap(model.encode, route), wrap(model.decode, route)
+
+        def go(target):
+            with torch.no_grad():
+                z = target.encode(image).latent_dist.mode()
+                return [z, target.decode(z).sample]
+
+        diffs, outs = {}, {}
+        for state in ("plain", "slicing", "tiling", "tiling off"):
+            for target in (eager, model):
+                if state == "slicing":
+                    target.enable_slicing()
+                elif state == "tiling":
+                    target.enable_tiling()  # tiles of the config's sample_size (16): a 32x32 image is tiled
+                elif state == "tiling off":
+                    target.disable_tiling()
+            outs[state] = go(eager)
+            diffs[state] = max_diff(go(compiled), outs[state])
+        tiled_differs = max_diff(outs["tiling"], outs["plain"]) > 0
+        return {"route": route_of(compiled, route), "diffs": diffs, "tiling_changes_output": tiled_differs,
+                "equal": tiled_differs and not any(diffs.values())}
+
+    return run
+
+
+def case_unet_gradient_checkpointing(route: str):
+    def run():
+        def build():
+            model = tiny_unet()
+            model.enable_gradient_checkpointing()
+            return model
+
+        return case_diffusers_train(build, _unet_train_inputs, route)()
+
+    return run
+
+
+def case_ddpm_pipeline(route: str):
+    """``DDPMPipeline(unet=compiled, scheduler)``: 3 denoising steps, the images against eager's."""
+    def run():
+        import diffusers
+        import numpy as np
+        import torch
+
+        def unet():
+            torch.manual_seed(0)
+            return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                         layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+                                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                         up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+
+        def images(model):
+            pipe = diffusers.DDPMPipeline(unet=model, scheduler=diffusers.DDPMScheduler(num_train_timesteps=50))
+            pipe.set_progress_bar_config(disable=True)
+            return pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                        output_type="np").images
+
+        expected = images(unet())
+        model = unet()
+        compiled = wrap(model, route)
+        got = images(compiled)
+        diff = float(np.abs(got - expected).max())
+        return {"route": route_of(compiled, route), "diff": diff, "equal": diff == 0.0}
 
     return run
 
@@ -599,6 +872,35 @@ CASES.update({
     "eval/train alternation GPT-2 dropout 0.1 [backend]": case_eval_train_alternation("backend"),
     "bf16 autocast 3 AdamW steps GPT-2 [compile]": case_autocast_train(tiny_gpt2, "compile"),
     "bf16 autocast 3 AdamW steps Llama [backend]": case_autocast_train(tiny_llama, "backend"),
+    "Trainer GPT-2, compiled model, gradient_checkpointing=True": case_trainer(
+        tiny_gpt2, "compiled", gradient_checkpointing=True),
+    "Trainer BERT cls, compiled model, bf16=True": case_trainer(tiny_bert, "compiled", bf16=True,
+                                                                             reference=True),
+    "Trainer GPT-2, compiled model, eval_strategy=steps (eval every step)": case_trainer(
+        tiny_gpt2, "compiled", eval_strategy="steps", eval_steps=1),
+    "Trainer GPT-2, compiled model, label_smoothing 0.1, max_grad_norm 0.5": case_trainer(
+        tiny_gpt2, "compiled", label_smoothing_factor=0.1, max_grad_norm=0.5),
+    "Trainer GPT-2, compiled model: save_model, from_pretrained": case_trainer_save_reload(),
+    "generate Llama assisted (assistant_model) [compile]": case_generate_assisted("compile"),
+    "generate Llama sampling, 2 return sequences, scores [compile]": case_generate_scores("compile"),
+    "generate Llama sampling, 2 return sequences, scores [backend]": case_generate_scores("backend"),
+    "diffusers UNet: attn processor, fuse qkv, LoRA adapters after compile [compile]":
+        case_unet_changes_after_compile("compile"),
+    "diffusers UNet: attn processor, fuse qkv, LoRA adapters after compile [backend]":
+        case_unet_changes_after_compile("backend"),
+    "diffusers UNet + LoRA, cross_attention_kwargs scale per call [compile]": case_unet_lora_scale_kwarg("compile"),
+    "diffusers UNet + LoRA, cross_attention_kwargs scale per call [backend]": case_unet_lora_scale_kwarg("backend"),
+    "diffusers SDXL-style UNet (added_cond_kwargs) eval [compile]": case_diffusers_eval(tiny_unet_sdxl, _sdxl_inputs,
+                                                                                        "compile"),
+    "diffusers SDXL-style UNet (added_cond_kwargs) 3 steps [compile]": case_diffusers_train(
+        tiny_unet_sdxl, _sdxl_inputs, "compile"),
+    "diffusers SDXL-style UNet (added_cond_kwargs) 3 steps [backend]": case_diffusers_train(
+        tiny_unet_sdxl, _sdxl_inputs, "backend"),
+    "diffusers AutoencoderKL slicing then tiling after compile [compile]": case_vae_slicing_tiling("compile"),
+    "diffusers AutoencoderKL slicing then tiling after compile [backend]": case_vae_slicing_tiling("backend"),
+    "diffusers UNet gradient checkpointing, 3 steps [compile]": case_unet_gradient_checkpointing("compile"),
+    "diffusers DDPMPipeline(unet=compiled UNet2DModel) [compile]": case_ddpm_pipeline("compile"),
+    "diffusers DDPMPipeline(unet=compiled UNet2DModel) [backend]": case_ddpm_pipeline("backend"),
     # Inductor (slow here: two cases only)
     "Inductor: Trainer GPT-2, torch.compile(model, backend=aotcache) passed in": case_trainer(
         tiny_gpt2, "backend_model", compiler="inductor"),
@@ -628,7 +930,8 @@ def run_case(name: str) -> dict:
     if "error" in result:
         result["status"] = "error"
     elif not result.get("equal"):
-        result["status"] = "mismatch"
+        # as_reference: torch.compile(backend="eager") differs from eager exactly as aotcache does
+        result["status"] = "as-ref" if result.get("as_reference") else "mismatch"
     elif result["fallbacks"]:
         result["status"] = "fallback"
     else:
