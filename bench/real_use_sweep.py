@@ -701,7 +701,7 @@ def case_vae_slicing_tiling(route: str):
             outs[state] = go(eager)
             diffs[state] = max_diff(go(compiled), outs[state])
         tiled_differs = max_diff(outs["tiling"], outs["plain"]) > 0
-        return {"route": route_of(compiled, route), "diffs": diffs, "tiling_changes_output": tiled_differs,
+        return {"route": route_of(model.encode, route), "diffs": diffs, "tiling_changes_output": tiled_differs,
                 "equal": tiled_differs and not any(diffs.values())}
 
     return run
