@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.checkpoint_regions import has_checkpoint_regions
 from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.refusals import refuse_unpreserved_random_regions
@@ -137,16 +138,17 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
         return [*params.values(), *buffers.values()]
 
     keep_lines = keeps_source_locations(gm)  # NOTE [Source stack traces]
+    regions = has_checkpoint_regions(gm)  # NOTE [Checkpointed regions traced in line]
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return run_graph(gm, flat, keep_lines)
+            return run_graph(gm, flat, keep_lines, regions)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
-        if not keep_lines:
+        if not keep_lines and not regions:
             return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
         with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
-            return run_graph(gm, flat[num_lifted:], keep_lines)
+            return run_graph(gm, flat[num_lifted:], keep_lines, regions)
 
     _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)

@@ -46,9 +46,18 @@ def _capturing() -> bool:
     return fx_traceback.has_preserved_node_meta()
 
 
-def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool) -> Any:
+def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = False) -> Any:
     """``gm(*args)``; node by node while ``keep`` (:func:`keeps_source_locations`) and a capture preserves node
-    metadata, so each node's ``stack_trace`` is current while its ops are traced."""
+    metadata, so each node's ``stack_trace`` is current while its ops are traced. ``regions``: ``gm`` has
+    activation-checkpointed regions, traced in line while this thread captures (NOTE [Checkpointed regions
+    traced in line] in checkpoint_regions.py)."""
+    if regions:
+        from aotcache.aot.capture_threads import capturing_in_this_thread
+
+        if capturing_in_this_thread():
+            from aotcache.aot.checkpoint_regions import run_with_regions_in_line
+
+            return run_with_regions_in_line(gm, args)
     if keep and _capturing():
         return torch.fx.Interpreter(gm).run(*args)
     return gm(*args)
