@@ -19,7 +19,9 @@ node the body adds to the traced graph is tagged ``PREFER_RECOMPUTE`` with one `
 torch's mode tags them. The partitioners then recompute the region's internals in the backward and save its
 random draws (NOTE [Activation checkpoint regions] in partition.py), which is what eager's checkpoint with
 ``preserve_rng_state=True`` computes: the same masks, and the generator left where the forward left it.
-``preserve_rng_state=False`` with random ops stays refused (NOTE [Checkpointed regions without the RNG state]).
+``preserve_rng_state=False`` with random ops stays refused (NOTE [Checkpointed regions without the RNG state]),
+and so does a region that writes into one of its inputs (a BatchNorm's statistics: eager's recomputation writes
+them a second time, NOTE [Buffers written in a checkpointed region]).
 
 A selective-checkpoint region (``context_fn=create_selective_checkpoint_contexts(policy)``) still goes through
 torch's implementation, whose mode asks the policy per op: captured where it writes nothing in place, else refused
@@ -34,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from aotcache.aot.refusals import checkpoint_input_write_error
 
 __all__ = ["has_checkpoint_regions", "run_with_regions_in_line"]
 
@@ -82,7 +86,11 @@ def _region_in_line(body: fx.GraphModule, args: Sequence[Any]) -> Any:
     proxy_mode = get_proxy_mode()
     graph = proxy_mode.tracer.graph if proxy_mode is not None else None
     last = graph._root.prev if graph is not None else None  # the node before the region's first
+    versions = [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]
     out = _RegionsInLine(body).run(*args)
+    for index, (arg, version) in enumerate(zip(args, versions)):
+        if version is not None and arg._version != version:  # NOTE [Buffers written in a checkpointed region]
+            raise checkpoint_input_write_error(f"the region's input {index} of shape {tuple(arg.shape)}")
     if graph is None:  # the capture's analysis pass: nothing is traced
         return out
     region_id = next(_region_ids)
