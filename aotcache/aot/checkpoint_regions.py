@@ -80,24 +80,26 @@ class _RegionsInLine(fx.Interpreter):
 
 
 def _region_in_line(body: fx.GraphModule, args: Sequence[Any]) -> Any:
+    """``body(*args)`` traced as part of the enclosing graph, its new nodes tagged to be recomputed.
+
+    :raises CaptureError: the body wrote into one of its inputs (NOTE [Buffers written in a checkpointed region]).
+    """
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
     from torch.utils.checkpoint import CheckpointPolicy
 
     proxy_mode = get_proxy_mode()
-    graph = proxy_mode.tracer.graph if proxy_mode is not None else None
-    last = graph._root.prev if graph is not None else None  # the node before the region's first
+    graph = proxy_mode.tracer.graph if proxy_mode is not None else None  # None: the analysis pass traces nothing
+    nodes_before = len(graph.nodes) if graph is not None else 0
     versions = [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]
     out = _RegionsInLine(body).run(*args)
     for index, (arg, version) in enumerate(zip(args, versions)):
-        if version is not None and arg._version != version:  # NOTE [Buffers written in a checkpointed region]
+        if version is not None and arg._version != version:
             raise checkpoint_input_write_error(f"the region's input {index} of shape {tuple(arg.shape)}")
-    if graph is None:  # the capture's analysis pass: nothing is traced
+    if graph is None:
         return out
     region_id = next(_region_ids)
-    node = last.next
-    while node is not graph._root:
+    for node in itertools.islice(reversed(graph.nodes), len(graph.nodes) - nodes_before):  # the trace appends
         if node.op == "call_function" and "recompute" not in node.meta:  # a nested region tagged its own
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             node.meta["ac_graph_id"] = region_id
-        node = node.next
     return out
