@@ -279,3 +279,24 @@ def test_a_region_without_the_rng_state_and_dropout_stays_refused(monkeypatch):
     model = Unpreserved()
     with pytest.raises(Exception, match="preserve_rng_state=False"):
         torch.compile(model, backend=_backend())(_dense_batch(0)[0])
+
+
+def test_a_captured_region_graph_is_stored_and_a_warm_start_loads_it_with_eagers_gradients(monkeypatch):
+    """The captured graph goes to the compiled-graph cache like any other; a later compile of the same model loads
+    it (a hit, nothing traced) and trains as eager."""
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store.memory import InMemoryCache
+    from aotcache.store.tiered import TieredCache
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    reference = DropoutRegions()
+    expected = _steps(reference, reference, _dense_batch, _dense_loss)
+    for start in ("cold", "warm"):
+        before = _no_fallback(monkeypatch)  # resets Dynamo: the warm start compiles its graph again
+        counters = dict(cache.counters)
+        model = DropoutRegions()
+        backend = functools.partial(aotcache.aotcache_backend, compiler="nop", cache=cache)
+        _assert_equal(_steps(model, torch.compile(model, backend=backend), _dense_batch, _dense_loss), expected)
+        _assert_no_new_fallback(before)
+        kind = "saved" if start == "cold" else "hit"
+        assert cache.counters.get(kind, 0) == counters.get(kind, 0) + 1, (start, dict(cache.counters))
