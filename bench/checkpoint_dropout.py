@@ -13,6 +13,8 @@ and whether losses and parameters equal eager's bit for bit.
 
     python bench/checkpoint_dropout.py                    # nop compiler
     python bench/checkpoint_dropout.py --compiler inductor --steps 20
+
+Writes ``bench/results/checkpoint_dropout_<compiler>.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
+import pathlib
 import statistics
 import time
 
@@ -68,6 +72,7 @@ def main() -> None:
     print(f"GPT-2 {args.layers} layers x {args.width}, batch 4 x {args.seq}, gradient checkpointing, dropout 0.1, "
           f"compiler {args.compiler}, torch {torch.__version__}, 1 thread; {args.steps} steps after the first")
     print(f"{'way':8} {'first step s':>13} {'median step ms':>15} {'vs eager':>9}  {'same as eager':>13}  fallbacks")
+    rows = []
     for compiled_way in ("before", "after"):  # Dynamo's frames are per code object: a phase each, reset between
         torch._dynamo.reset()
         ways = {}
@@ -106,6 +111,12 @@ def main() -> None:
             median = statistics.median(times[name])
             print(f"{name:8} {first[name]:13.2f} {1000 * median:15.1f} {median / eager_median:9.2f}  "
                   f"{str(same):>13}  {counts[name] or '-'}")
+            rows.append({"phase": compiled_way, "way": name, "first_step_s": first[name], "median_step_ms":
+                         1000 * median, "vs_eager": median / eager_median, "same_as_eager": same,
+                         "fallbacks": counts[name]})
+    out = pathlib.Path(__file__).parent / "results" / f"checkpoint_dropout_{args.compiler}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
