@@ -93,6 +93,8 @@ OPTIONAL = [
     ("torch._C", "_dispatch_get_computed_kernel_for_dispatch_key", "eager dispatch refuses with a clear error"),
     ("torch", "_functionalize_was_storage_changed", "storage replacement detected by storage identity"),
     ("torch._higher_order_ops.effects", "has_effects", "symbolic captures always trace with functionalization"),
+    ("torch._higher_order_ops.wrap", "TagActivationCheckpoint.divide_kwargs",
+     "checkpointed regions go through torch's implementation (regions writing in place run eagerly)"),
     ("torch.utils._python_dispatch", "TorchDispatchMode.supports_higher_order_operators",
      "symbolic captures always trace with functionalization"),
     ("torch.utils._python_dispatch", "TorchDispatchMode.is_infra_mode",

@@ -72,8 +72,8 @@ class _RegionsInLine(fx.Interpreter):
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         if target is _hop() and args and isinstance(args[0], fx.GraphModule) \
-                and "_checkpoint_context_fn" not in args[0].meta:
-            _, body_kwargs = target.divide_kwargs(kwargs)
+                and "_checkpoint_context_fn" not in args[0].meta and hasattr(target, "divide_kwargs"):
+            _, body_kwargs = target.divide_kwargs(kwargs)  # a torch without it: torch's own implementation
             if not body_kwargs:  # Dynamo passes the body's arguments positionally
                 return _region_in_line(args[0], args[1:])
         return super().call_function(target, args, kwargs)
