@@ -168,6 +168,48 @@ def test_the_other_routes_capture_the_regions_with_eagers_gradients(entry, monke
         assert not any(after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("eager:"))
 
 
+# -- selective checkpointing: the policy's choices kept ------------------------------------------------------------
+
+
+class SelectiveDropoutRegions(DropoutRegions):
+    """``DropoutRegions`` under ``context_fn=create_selective_checkpoint_contexts(policy)``: the matmuls saved."""
+
+    def forward(self, x):
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.addmm.default \
+                else CheckpointPolicy.PREFER_RECOMPUTE
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=context_fn)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("partition", [default_partition, min_cut_rematerialization_partition],
+                         ids=["default", "min_cut"])
+def test_a_selective_region_with_dropout_is_captured_with_its_policy(partition, monkeypatch):
+    """The policy is asked about each op (above the functionalization, as torch's mode does, caching nothing):
+    the forward saves the matmuls it asks to save (more than plain checkpointing) and recomputes the rest (less
+    than without checkpointing, with the default partitioner)."""
+    before = _no_fallback(monkeypatch)
+    saved = {}
+    for name, cls, kwargs in (("selective", SelectiveDropoutRegions, {}), ("plain", DropoutRegions, {}),
+                              ("none", DropoutRegions, {"checkpointed": False})):
+        torch._dynamo.reset()
+        recorder = _Recorder(partition)
+        model = cls(**kwargs)
+        got = _steps(model, torch.compile(model, backend=_backend(recorder)), _dense_batch, _dense_loss)
+        reference = cls(**kwargs)
+        _assert_equal(got, _steps(reference, reference, _dense_batch, _dense_loss))
+        saved[name] = sum(recorder.saved)
+    _assert_no_new_fallback(before)
+    assert saved["plain"] < saved["selective"] <= saved["none"], saved
+    if partition is default_partition:  # min-cut without checkpointing recomputes what the policy recomputes
+        assert saved["selective"] < saved["none"], saved
+
+
 # -- T5-style `+=` on a value computed inside the region --------------------------------------------------------
 
 

@@ -23,19 +23,25 @@ random draws (NOTE [Activation checkpoint regions] in partition.py), which is wh
 and so does a region that writes into one of its inputs (a BatchNorm's statistics: eager's recomputation writes
 them a second time, NOTE [Buffers written in a checkpointed region]).
 
-A selective-checkpoint region (``context_fn=create_selective_checkpoint_contexts(policy)``) still goes through
-torch's implementation, whose mode asks the policy per op: captured where it writes nothing in place, else refused
-(its graph runs eagerly, each region as eager's checkpoint, NOTE [Checkpointed regions run eagerly]).
+A selective-checkpoint region (``context_fn=create_selective_checkpoint_contexts(policy)``) runs in line too, under
+a dispatch mode in the place of torch's caching one (above the functionalization, so that the policy sees the ops
+the model calls, in-place ones included) that asks the policy about each op and tags that op's nodes with its
+answer, caching nothing; the partitioners save what it saves (MUST_SAVE / PREFER_SAVE) and recompute the rest of
+the region. A ``context_fn`` making other dispatch modes (or a body taking keyword arguments) still goes through
+torch's implementation: captured where it writes nothing in place, else refused (its graph runs eagerly, each
+region as eager's checkpoint, NOTE [Checkpointed regions run eagerly]).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aotcache.aot.refusals import checkpoint_input_write_error
 
@@ -68,19 +74,32 @@ def run_with_regions_in_line(gm: torch.nn.Module, args: Sequence[Any]) -> Any:
 
 
 class _RegionsInLine(fx.Interpreter):
-    """Runs a graph; a ``tag_activation_checkpoint`` call without a ``context_fn`` runs its body in line."""
+    """Runs a graph; a ``tag_activation_checkpoint`` call runs its body in line, unless its ``context_fn`` is not
+    torch's selective-checkpoint contexts."""
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if target is _hop() and args and isinstance(args[0], fx.GraphModule) \
-                and "_checkpoint_context_fn" not in args[0].meta and hasattr(target, "divide_kwargs"):
+        if target is _hop() and args and isinstance(args[0], fx.GraphModule) and hasattr(target, "divide_kwargs"):
             _, body_kwargs = target.divide_kwargs(kwargs)  # a torch without it: torch's own implementation
-            if not body_kwargs:  # Dynamo passes the body's arguments positionally
-                return _region_in_line(args[0], args[1:])
+            context_fn = args[0].meta.get("_checkpoint_context_fn")
+            policy = _selective_policy(context_fn) if context_fn is not None else None
+            if not body_kwargs and (context_fn is None or policy is not None):  # Dynamo passes them positionally
+                return _region_in_line(args[0], args[1:], policy)
         return super().call_function(target, args, kwargs)
 
 
-def _region_in_line(body: fx.GraphModule, args: Sequence[Any]) -> Any:
-    """``body(*args)`` traced as part of the enclosing graph, its new nodes tagged to be recomputed.
+def _selective_policy(context_fn: Callable) -> Callable | None:
+    """The policy of ``create_selective_checkpoint_contexts(policy)``'s contexts; None for other contexts (their
+    own dispatch modes may do more than choose what to save: torch's implementation runs them)."""
+    from torch.utils.checkpoint import _CachingTorchDispatchMode
+
+    contexts = context_fn()
+    forward = contexts[0] if isinstance(contexts, tuple) and len(contexts) == 2 else None
+    return getattr(forward, "policy_fn", None) if type(forward) is _CachingTorchDispatchMode else None
+
+
+def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable | None) -> Any:
+    """``body(*args)`` traced as part of the enclosing graph, its new nodes tagged to be recomputed (or as
+    ``policy``, a selective-checkpoint policy, says per op).
 
     :raises CaptureError: the body wrote into one of its inputs (NOTE [Buffers written in a checkpointed region]).
     """
@@ -90,16 +109,58 @@ def _region_in_line(body: fx.GraphModule, args: Sequence[Any]) -> Any:
     proxy_mode = get_proxy_mode()
     graph = proxy_mode.tracer.graph if proxy_mode is not None else None  # None: the analysis pass traces nothing
     nodes_before = len(graph.nodes) if graph is not None else 0
+    region_id = next(_region_ids)
     versions = [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]
-    out = _RegionsInLine(body).run(*args)
+    tags = _PolicyTags(policy, graph, region_id) if policy is not None and graph is not None \
+        else contextlib.nullcontext()
+    with tags:
+        out = _RegionsInLine(body).run(*args)
     for index, (arg, version) in enumerate(zip(args, versions)):
         if version is not None and arg._version != version:
             raise checkpoint_input_write_error(f"the region's input {index} of shape {tuple(arg.shape)}")
     if graph is None:
         return out
-    region_id = next(_region_ids)
     for node in itertools.islice(reversed(graph.nodes), len(graph.nodes) - nodes_before):  # the trace appends
         if node.op == "call_function" and "recompute" not in node.meta:  # a nested region tagged its own
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             node.meta["ac_graph_id"] = region_id
     return out
+
+
+class _PolicyTags(TorchDispatchMode):
+    """Above the capture's functionalization, as torch's selective-checkpoint mode: asks ``policy`` about each op
+    and tags the nodes it traced with the answer; caches nothing (NOTE [Checkpointed regions traced in line])."""
+
+    def __init__(self, policy: Callable, graph: fx.Graph, region_id: int) -> None:
+        super().__init__()
+        self.policy = policy
+        self.graph = graph
+        self.region_id = region_id
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
+
+        kwargs = kwargs or {}
+        before = len(self.graph.nodes)
+        out = func(*args, **kwargs)
+        if func in _ignored_ops():
+            return out
+        choice = self.policy(SelectiveCheckpointContext(is_recompute=False), func, *args, **kwargs)
+        if isinstance(choice, bool):
+            choice = CheckpointPolicy.MUST_SAVE if choice else CheckpointPolicy.PREFER_RECOMPUTE
+        for node in itertools.islice(reversed(self.graph.nodes), len(self.graph.nodes) - before):
+            if node.op == "call_function" and "recompute" not in node.meta:
+                node.meta["recompute"] = choice
+                node.meta["ac_graph_id"] = self.region_id
+        return out
+
+
+def _ignored_ops() -> Any:
+    """The ops torch's selective checkpointing asks no policy about (detach, tensor metadata)."""
+    from torch.utils import checkpoint
+
+    return getattr(checkpoint, "SAC_IGNORED_OPS", ())

@@ -499,16 +499,17 @@ def checkpoint_input_write_error(detail: str) -> CaptureError:
 
 
 def checkpoint_mutation_error(exc: RuntimeError) -> CaptureError:
-    """The CaptureError for torch's refusal of an in-place op in a selectively checkpointed region (NOTE [In-place
-    ops in a checkpointed region]); raised by the joint trace's forward or, for the recomputation, its backward."""
-    return CaptureError(f"aotcache: an activation-checkpointed region with a selective-checkpoint policy "
-                        f"(torch.utils.checkpoint(..., context_fn=create_selective_checkpoint_contexts(...))) of a "
+    """The CaptureError for torch's refusal of an in-place op in a checkpointed region that its own implementation
+    runs (NOTE [In-place ops in a checkpointed region]); raised by the joint trace's forward or, for the
+    recomputation, its backward."""
+    return CaptureError(f"aotcache: an activation-checkpointed region with its own context_fn (dispatch modes "
+                        f"other than torch.utils.checkpoint.create_selective_checkpoint_contexts') of a "
                         f"torch.compile graph writes in place into a tensor it computed{_call_site(exc)} (dropout "
-                        f"does, drawing its mask in place), which aotcache cannot capture yet: the graph runs "
+                        f"does, drawing its mask in place), which aotcache cannot capture there: the graph runs "
                         f"eagerly, each region as eager's torch.utils.checkpoint (NOTE [Checkpointed regions run "
                         f"eagerly]). Fix: write that line out of place (x = x + y rather than x += y), move dropout "
-                        f"out of the region, or checkpoint the region without a context_fn (plain regions are "
-                        f"captured).", reason="unsupported_construct")
+                        f"out of the region, or use create_selective_checkpoint_contexts (or no context_fn): "
+                        f"such regions are captured.", reason="unsupported_construct")
 
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
@@ -519,11 +520,11 @@ _OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional te
 # caches every op's output of the forward for the backward's recomputation and refuses a cached tensor whose version
 # changed. aotcache's functionalization sits below that caching, so an in-place op on a value of the region (T5's
 # relative-position buckets, `buckets += ...`; dropout's mask, drawn with bernoulli_ then scaled with div_) bumped
-# the cached tensor's version and the trace raised this RuntimeError, failing the job where eager runs. A plain
-# region (no context_fn) is traced in line now, functionalized before anything caches (NOTE [Checkpointed regions
-# traced in line] in checkpoint_regions.py). A selective-checkpoint region still goes through torch's caching,
-# whose policy must see every op: there the error is a CaptureError, and the Dynamo graph runs eagerly (counted
-# as a capture fallback).
+# the cached tensor's version and the trace raised this RuntimeError, failing the job where eager runs. Regions
+# without a context_fn or with torch's selective-checkpoint contexts are traced in line now, functionalized before
+# anything caches (NOTE [Checkpointed regions traced in line] in checkpoint_regions.py). A region with other
+# contexts (its own dispatch modes) still goes through torch's implementation: there the error is a CaptureError,
+# and the Dynamo graph runs eagerly (counted as a capture fallback).
 _CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoint has been mutated"
 _CHECKPOINT_INPUT_VERSION_ERROR = "has been modified by an inplace operation"
 

@@ -169,24 +169,56 @@ class SelectiveBlocks(Blocks):
         return self.head(x)
 
 
-def test_the_refusal_of_dropout_in_a_selective_region_names_it_not_reentrant_checkpointing(monkeypatch):
+class _OwnCaching(torch.utils.checkpoint._CachingTorchDispatchMode):
+    """A context_fn's own dispatch mode (here torch's caching one, subclassed): aotcache does not know what it
+    does, so the region goes through torch's implementation."""
+
+
+def _own_contexts():
+    from torch.utils.checkpoint import CheckpointPolicy, _CachedTorchDispatchMode
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    storage: dict = __import__("collections").defaultdict(dict)
+    return _OwnCaching(policy, storage), _CachedTorchDispatchMode(policy, storage)
+
+
+class OwnContextBlocks(Blocks):
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=_own_contexts)
+        return self.head(x)
+
+
+def test_the_refusal_of_dropout_in_a_region_with_its_own_contexts_names_it_not_reentrant_checkpointing(monkeypatch):
     """The refusal said "reentrant activation checkpointing ... pass use_reentrant=False" to a model that
-    passed it already; it names the in-place write (dropout's mask) and the fixes now. Plain regions with dropout
-    are captured (tests/test_checkpoint_inplace.py); a selective-checkpoint region still goes through torch's
-    caching, which refuses the in-place draw (NOTE [In-place ops in a checkpointed region])."""
+    passed it already; it names the in-place write (dropout's mask) and the fixes now. Plain and selective regions
+    with dropout are captured (tests/test_checkpoint_inplace.py); a region whose context_fn makes its own dispatch
+    modes still goes through torch's caching, which refuses the in-place draw (NOTE [In-place ops in a checkpointed
+    region]), and trains as eager without strict mode."""
     monkeypatch.setenv("AOTCACHE_STRICT", "1")
     torch._dynamo.reset()
-    model = SelectiveBlocks(True, dropout=0.3)
+    model = OwnContextBlocks(True, dropout=0.3)
     run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
-    with pytest.raises(Exception, match="selective-checkpoint policy.*writes in place.*dropout") as info:
+    with pytest.raises(Exception, match="its own context_fn.*writes in place.*dropout") as info:
         run(_batch(0)[0])
     assert "use_reentrant=True" not in str(info.value)
+
+    monkeypatch.setenv("AOTCACHE_STRICT", "0")
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+    torch.manual_seed(5)
+    got = _train(model, run, steps=2) + [torch.get_rng_state()]
+    reference = OwnContextBlocks(True, dropout=0.3)
+    torch.manual_seed(5)
+    _assert_equal(got, _train(reference, reference, steps=2) + [torch.get_rng_state()])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_a_selective_region_trains_as_eager(dropout):
-    """Selective checkpointing stays right: captured through torch's policy without dropout, run eagerly (each
-    region as eager's checkpoint with its policy) with it."""
+    """Selective checkpointing stays right, captured with or without dropout (the policy asked per op, NOTE
+    [Checkpointed regions traced in line])."""
     torch._dynamo.reset()
     model = SelectiveBlocks(True, dropout=dropout)
     run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
