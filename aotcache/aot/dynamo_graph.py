@@ -23,7 +23,12 @@ from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.refusals import refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
-from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
+from aotcache.aot.source_locations import (
+    capturing_source_locations,
+    keeps_source_locations,
+    run_graph,
+    runs_its_graph_only,
+)
 from aotcache.logs import log_once
 from aotcache.progress import compile_progress
 
@@ -138,7 +143,8 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
         return [*params.values(), *buffers.values()]
 
     keep_lines = keeps_source_locations(gm)  # NOTE [Source stack traces]
-    regions = has_checkpoint_regions(gm)  # NOTE [Checkpointed regions traced in line]
+    # NOTE [Checkpointed regions traced in line]; run node by node, so only where the call adds nothing (hooks)
+    regions = has_checkpoint_regions(gm) and runs_its_graph_only(gm)
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
