@@ -342,3 +342,57 @@ def test_a_captured_region_graph_is_stored_and_a_warm_start_loads_it_with_eagers
         _assert_no_new_fallback(before)
         kind = "saved" if start == "cold" else "hit"
         assert cache.counters.get(kind, 0) == counters.get(kind, 0) + 1, (start, dict(cache.counters))
+
+
+# -- review findings (s12-review-ck) ---------------------------------------------------------------------------
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) \
+        else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_everything(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+class _PolicyRegion(nn.Module):
+    """One region checkpoint(dropout MLP) with the given selective-checkpoint policy (None: no context_fn)."""
+
+    def __init__(self, policy=None, p: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Dropout(p), nn.Linear(128, 32))
+        self.policy = policy
+
+    def forward(self, x):
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs = {} if self.policy is None else {
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, self.policy)}
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, **kwargs)
+
+
+def test_a_changed_selective_checkpoint_policy_is_a_cache_miss(monkeypatch):
+    """Found in review: the policy lives in the region body's meta, not in its graph text, so a model whose policy
+    changed was served the entry captured for another one (other saved values than asked). Now the context_fn's
+    digest is in the key: a new policy misses, the same one hits (NOTE [A checkpoint's context_fn in the key])."""
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store.memory import InMemoryCache
+    from aotcache.store.tiered import TieredCache
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    outcomes = []
+    for policy in (None, _save_matmuls, _save_matmuls, _recompute_everything, None):
+        before = _no_fallback(monkeypatch)
+        counters = dict(cache.counters)
+        model = _PolicyRegion(policy)
+        backend = functools.partial(aotcache.aotcache_backend, compiler="nop", cache=cache)
+        _steps(model, torch.compile(model, backend=backend), _dense_batch, _dense_loss, steps=1)
+        _assert_no_new_fallback(before)
+        outcomes.append("hit" if cache.counters.get("hit", 0) > counters.get("hit", 0) else "miss")
+    assert outcomes == ["miss", "miss", "hit", "miss", "hit"], outcomes
