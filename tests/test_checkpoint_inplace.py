@@ -396,3 +396,39 @@ def test_a_changed_selective_checkpoint_policy_is_a_cache_miss(monkeypatch):
         _assert_no_new_fallback(before)
         outcomes.append("hit" if cache.counters.get("hit", 0) > counters.get("hit", 0) else "miss")
     assert outcomes == ["miss", "miss", "hit", "miss", "hit"], outcomes
+
+
+class _RandRegion(nn.Module):
+    """A region drawing with torch.rand directly (no dropout module): under a whole capture its recomputation
+    would draw anew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def region(self, x):
+        return self.linear(x) * torch.rand(x.shape) + torch.randn_like(x)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("entry", ["aotcache.compile", "aot_module"])
+def test_a_region_drawing_with_torch_rand_captured_whole_trains_as_eager(entry):
+    """Found in review (also on main): aotcache.compile's AOT way captured the model whole, and the traced
+    recomputation drew fresh numbers (other gradients and generator state than eager's, no fallback counted).
+    Such a capture is refused now (NOTE [Checkpoint recomputations replaying draws]): aotcache.compile takes its
+    Dynamo way, aot_module runs eagerly; both give eager's bits."""
+    torch._dynamo.reset()
+    model = _RandRegion()
+    if entry == "aotcache.compile":
+        run = aotcache.compile(model, compiler="nop", cache=False)
+    else:
+        run = aotcache.aot_module(model, fw_compiler="nop", cache=False)
+    got = _steps(model, run, _dense_batch, _dense_loss)
+    reference = _RandRegion()
+    _assert_equal(got, _steps(reference, reference, _dense_batch, _dense_loss))
+    if entry == "aotcache.compile":
+        assert run.route == "dynamo", run.route
