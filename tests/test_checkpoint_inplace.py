@@ -432,3 +432,21 @@ def test_a_region_drawing_with_torch_rand_captured_whole_trains_as_eager(entry):
     _assert_equal(got, _steps(reference, reference, _dense_batch, _dense_loss))
     if entry == "aotcache.compile":
         assert run.route == "dynamo", run.route
+
+
+def test_dropout_in_a_region_with_dynamic_shapes_is_captured_and_a_changed_p_recompiles(monkeypatch):
+    """Found in review: with ``dynamic=True`` Dynamo passes a Dropout's ``p`` as a float input read in the region's
+    body, which its restart does not specialize: every such graph ran eagerly (a 'region' fallback). Now the float
+    is specialized and guarded (NOTE [Float inputs read in a checkpointed region]): captured, eager's bits, and a
+    changed ``p`` compiles again rather than reusing the old one."""
+    before = _no_fallback(monkeypatch)
+    model = _PolicyRegion(p=0.3)
+    run = torch.compile(model, backend=_backend(), dynamic=True)
+    reference = _PolicyRegion(p=0.3)
+    _assert_equal(_steps(model, run, _dense_batch, _dense_loss), _steps(reference, reference, _dense_batch,
+                                                                        _dense_loss))
+    for module in (model, reference):
+        module.block[2].p = 0.6
+    _assert_equal(_steps(model, run, _dense_batch, _dense_loss), _steps(reference, reference, _dense_batch,
+                                                                        _dense_loss))
+    _assert_no_new_fallback(before)

@@ -98,6 +98,7 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
     """
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
 
     names = []
     for node in getattr(getattr(gm, "graph", None), "nodes", []):
@@ -105,7 +106,10 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
         if isinstance(memo, torch.SymFloat) and name is not None:
-            names.append(name)
+            if _read_in_regions(gm, node):  # NOTE [Float inputs read in a checkpointed region]
+                _specialize_in_regions(gm, node, float(guard_scalar(memo)))
+            else:
+                names.append(name)
     if not names:
         return
     try:
@@ -118,6 +122,56 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     for name in names:
         TensorifyState.specialize(name)
     raise TensorifyScalarRestartAnalysis
+
+
+# NOTE [Float inputs read in a checkpointed region]
+# Dynamo's restart specializes a float input only where the graph's every use of it is its ``.item()``; a float
+# attribute read inside an activation-checkpointed region (a Dropout's ``p`` under ``dynamic=True``) is passed to
+# the ``tag_activation_checkpoint`` call and read with ``.item()`` in the region's body, so the restarted graph
+# held it as before and the capture refused the ``.item()``: every such graph ran eagerly. Such a float is
+# specialized here instead, as Dynamo's restart does: its value guarded in Dynamo's shape environment (a changed
+# ``p`` compiles again) and each ``.item()`` of it, in the graph and in the regions' bodies (nested ones too),
+# replaced by that constant, which the cache key then sees in the body's graph.
+def _read_in_regions(gm: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether the float input ``node`` is read only by ``.item()`` and by checkpointed regions, at least one."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    users = list(node.users)
+    return hop is not None and any(user.target is hop for user in users) and all(
+        user.target == "item" or (user.target is hop and node not in user.args[:1]
+                                  and node not in user.kwargs.values() and _region_reads_as_item(gm, user, node))
+        for user in users)
+
+
+def _region_body_inputs(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node) -> tuple[Any, list]:
+    """The body of the region ``call`` and its placeholders that receive ``node``."""
+    body = getattr(gm, str(call.args[0].target), None) if isinstance(call.args[0], torch.fx.Node) else None
+    if not isinstance(body, torch.fx.GraphModule):
+        return None, []
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    return body, [placeholders[index] for index, arg in enumerate(call.args[1:])
+                  if arg is node and index < len(placeholders)]
+
+
+def _region_reads_as_item(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node) -> bool:
+    body, inputs = _region_body_inputs(gm, call, node)
+    return body is not None and bool(inputs) and all(
+        user.target == "item" or (user.target is call.target and _region_reads_as_item(body, user, inner))
+        for inner in inputs for user in inner.users)
+
+
+def _specialize_in_regions(gm: nn.Module, node: torch.fx.Node, value: float) -> None:
+    """Replace each ``.item()`` of ``node`` (in ``gm`` and in the bodies of the regions it is passed to) by
+    ``value`` (NOTE [Float inputs read in a checkpointed region])."""
+    for user in list(node.users):
+        if user.target == "item":
+            user.replace_all_uses_with(value)
+            user.graph.erase_node(user)
+        else:
+            body, inputs = _region_body_inputs(gm, user, node)
+            for inner in inputs:
+                _specialize_in_regions(body, inner, value)
+    if isinstance(gm, torch.fx.GraphModule):
+        gm.recompile()
 
 
 def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
