@@ -450,3 +450,58 @@ def test_dropout_in_a_region_with_dynamic_shapes_is_captured_and_a_changed_p_rec
     _assert_equal(_steps(model, run, _dense_batch, _dense_loss), _steps(reference, reference, _dense_batch,
                                                                         _dense_loss))
     _assert_no_new_fallback(before)
+
+
+def test_eager_checkpoints_in_another_thread_during_a_capture_stay_eager():
+    """Review check: while one thread is inside a capture, in the middle of a region traced in line (its policy
+    blocks there), another thread's eager checkpoint sees no capture (capturing_in_this_thread is per thread),
+    no dispatch mode of the capture, and trains with eager's bits; after the capture nothing is left installed."""
+    import threading
+
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from aotcache.aot.capture_threads import capturing_in_this_thread
+
+    inside, release = threading.Event(), threading.Event()
+    blocked_in_capture = []
+
+    def blocking_policy(ctx, op, *args, **kwargs):
+        if not inside.is_set():
+            blocked_in_capture.append(capturing_in_this_thread())
+            inside.set()
+            assert release.wait(120)
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def eager_records():
+        model = DropoutRegions()
+        return _steps(model, model, _dense_batch, _dense_loss, steps=2)
+
+    expected = eager_records()
+    torch._dynamo.reset()
+    compiled_model = _PolicyRegion(blocking_policy)
+    failures = []
+
+    def compile_in_thread():
+        try:
+            run = torch.compile(compiled_model, backend=_backend())
+            _steps(compiled_model, run, _dense_batch, _dense_loss, steps=1)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+            inside.set()
+
+    thread = threading.Thread(target=compile_in_thread)
+    thread.start()
+    assert inside.wait(120)
+    try:
+        assert not failures, failures
+        assert blocked_in_capture == [True]  # the other thread waits inside its capture
+        assert not capturing_in_this_thread()
+        assert not _get_current_dispatch_mode_stack()
+        _assert_equal(eager_records(), expected)
+    finally:
+        release.set()
+        thread.join(300)
+    assert not failures, failures
+    assert not _get_current_dispatch_mode_stack() and not capturing_in_this_thread()
+    _assert_equal(eager_records(), expected)
