@@ -505,3 +505,41 @@ def test_eager_checkpoints_in_another_thread_during_a_capture_stay_eager():
     assert not failures, failures
     assert not _get_current_dispatch_mode_stack() and not capturing_in_this_thread()
     _assert_equal(eager_records(), expected)
+
+
+class _SelectiveNormRegion(nn.Module):
+    """A selective-checkpoint region with a BatchNorm in train mode and dropout: refused (its statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Dropout(0.2), nn.Linear(32, 4))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, context_fn=functools.partial(
+            create_selective_checkpoint_contexts, _save_matmuls))
+
+
+def test_a_capture_refused_inside_a_selective_region_leaves_nothing_behind():
+    """Review check: the refusal of a region writing into its inputs comes while the capture traces the region in
+    line under the policy's dispatch mode; the graph then runs eagerly with eager's bits (statistics included),
+    and no mode or capture state is left for later eager checkpoints."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from aotcache.aot.capture_threads import capturing_in_this_thread
+
+    torch._dynamo.reset()
+    before = dict(fallback_counts())
+    model = _SelectiveNormRegion()
+    got = _steps(model, torch.compile(model, backend=_backend()), _dense_batch, _dense_loss)
+    got += [buffer.clone() for buffer in model.buffers()]
+    assert fallback_counts().get("region", 0) == before.get("region", 0) + 1, dict(fallback_counts())
+    assert not _get_current_dispatch_mode_stack() and not capturing_in_this_thread()
+    reference = _SelectiveNormRegion()
+    expected = _steps(reference, reference, _dense_batch, _dense_loss)
+    _assert_equal(got, expected + [buffer.clone() for buffer in reference.buffers()])
+    later = DropoutRegions()
+    again = DropoutRegions()
+    _assert_equal(_steps(later, later, _dense_batch, _dense_loss), _steps(again, again, _dense_batch, _dense_loss))
