@@ -543,3 +543,43 @@ def test_a_capture_refused_inside_a_selective_region_leaves_nothing_behind():
     later = DropoutRegions()
     again = DropoutRegions()
     _assert_equal(_steps(later, later, _dense_batch, _dense_loss), _steps(again, again, _dense_batch, _dense_loss))
+
+
+class _NestedRegions(nn.Module):
+    """Three checkpointed dropout blocks, inside one outer checkpoint when ``outer``."""
+
+    def __init__(self, outer: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Dropout(0.1),
+                                                  nn.Linear(128, 32)) for _ in range(3))
+        self.head = nn.Linear(32, 4)
+        self.outer = outer
+
+    def body(self, x):
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def forward(self, x):
+        x = torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False) if self.outer else self.body(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("partition", [default_partition, min_cut_rematerialization_partition],
+                         ids=["default", "min_cut"])
+def test_nested_regions_recompute_the_outer_region_as_eager(partition, monkeypatch):
+    """Found in review: an inner region traced in line had its own ac_graph_id, so its inputs and outputs were
+    internal to neither region and saved: the outer checkpoint saved nothing more than the inner ones alone. Now
+    the inner region takes the outer one's id (NOTE [Nested regions traced in line]): less saved, eager's bits."""
+    saved = {}
+    for outer in (False, True):
+        before = _no_fallback(monkeypatch)
+        recorder = _Recorder(partition)
+        model = _NestedRegions(outer)
+        got = _steps(model, torch.compile(model, backend=_backend(recorder)), _dense_batch, _dense_loss)
+        _assert_no_new_fallback(before)
+        reference = _NestedRegions(outer)
+        _assert_equal(got, _steps(reference, reference, _dense_batch, _dense_loss))
+        saved[outer] = recorder.saved[0]
+    assert saved[True] < saved[False], saved
