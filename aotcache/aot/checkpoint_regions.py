@@ -101,11 +101,14 @@ class _RegionsInLine(fx.Interpreter):
 def _selective_policy(context_fn: Callable) -> Callable | None:
     """The policy of ``create_selective_checkpoint_contexts(policy)``'s contexts; None for other contexts (their
     own dispatch modes may do more than choose what to save: torch's implementation runs them)."""
-    from torch.utils.checkpoint import _CachingTorchDispatchMode
+    from torch.utils import checkpoint
 
+    caching_mode = getattr(checkpoint, "_CachingTorchDispatchMode", None)  # private: a torch without it (or
+    if caching_mode is None or not hasattr(checkpoint, "SelectiveCheckpointContext"):  # renamed) -> torch's own
+        return None
     contexts = context_fn()
     forward = contexts[0] if isinstance(contexts, tuple) and len(contexts) == 2 else None
-    return getattr(forward, "policy_fn", None) if type(forward) is _CachingTorchDispatchMode else None
+    return getattr(forward, "policy_fn", None) if type(forward) is caching_mode else None
 
 
 def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable | None) -> Any:

@@ -98,15 +98,17 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
     """
     from torch._subclasses.fake_tensor import FakeTensor
-    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    from torch.fx.experimental import symbolic_shapes
 
+    guard_scalar = getattr(symbolic_shapes, "guard_scalar", None)  # without it: refused as before (a fallback)
     names = []
     for node in getattr(getattr(gm, "graph", None), "nodes", []):
         value = node.meta.get("example_value") if node.op == "placeholder" else None
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
         if isinstance(memo, torch.SymFloat) and name is not None:
-            if _read_in_regions(gm, node):  # NOTE [Float inputs read in a checkpointed region]
+            # NOTE [Float inputs read in a checkpointed region]
+            if guard_scalar is not None and _read_in_regions(gm, node):
                 _specialize_in_regions(gm, node, float(guard_scalar(memo)))
             else:
                 names.append(name)
