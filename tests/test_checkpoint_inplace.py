@@ -583,3 +583,16 @@ def test_nested_regions_recompute_the_outer_region_as_eager(partition, monkeypat
         _assert_equal(got, _steps(reference, reference, _dense_batch, _dense_loss))
         saved[outer] = recorder.saved[0]
     assert saved[True] < saved[False], saved
+
+
+def test_regions_traced_in_line_share_torchs_region_ids(monkeypatch):
+    """Found in review: regions traced in line counted their ac_graph_id from 1 on their own, torch's implementation
+    (regions with a context_fn of their own modes) from 0 on its own, so one graph could hold two regions with one
+    id, which the partitioners take for one region. Both now draw from torch's counter."""
+    from torch._higher_order_ops import wrap
+
+    from aotcache.aot import checkpoint_regions
+
+    monkeypatch.setattr(wrap, "uid", __import__("itertools").count(5))
+    ids = [checkpoint_regions._new_region_id(), next(wrap.uid), checkpoint_regions._new_region_id()]
+    assert ids == [5, 6, 7]

@@ -48,7 +48,18 @@ from aotcache.aot.refusals import checkpoint_input_write_error
 
 __all__ = ["has_checkpoint_regions", "run_with_regions_in_line"]
 
-_region_ids = itertools.count(1)  # ac_graph_id of each region traced in line (only compared for equality)
+_own_region_ids = itertools.count(1)  # used where torch's counter is missing
+
+
+def _new_region_id() -> int:
+    """A fresh ``ac_graph_id`` (only compared for equality), from the counter torch's own implementation of
+    ``tag_activation_checkpoint`` draws from: a graph mixing regions traced in line with regions that go through
+    torch's implementation (a ``context_fn`` with its own modes) must not give two regions one id, or the
+    partitioners would take them for one region (found in review: both counters started at 0 / 1)."""
+    from torch._higher_order_ops import wrap
+
+    shared = getattr(wrap, "uid", None)
+    return next(shared if isinstance(shared, itertools.count) else _own_region_ids)
 _open = threading.local()  # .region_id: the ac_graph_id of the region this thread traces in line, if any
 
 # NOTE [Nested regions traced in line]
@@ -124,7 +135,7 @@ def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable 
     graph = proxy_mode.tracer.graph if proxy_mode is not None else None  # None: the analysis pass traces nothing
     nodes_before = len(graph.nodes) if graph is not None else 0
     enclosing = getattr(_open, "region_id", None)
-    region_id = enclosing if enclosing is not None and policy is None else next(_region_ids)  # NOTE [Nested
+    region_id = enclosing if enclosing is not None and policy is None else _new_region_id()  # NOTE [Nested
     versions = [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]  # regions traced in line]
     tags = _PolicyTags(policy, graph, region_id) if policy is not None and graph is not None \
         else contextlib.nullcontext()
