@@ -60,6 +60,8 @@ def _new_region_id() -> int:
 
     shared = getattr(wrap, "uid", None)
     return next(shared if isinstance(shared, itertools.count) else _own_region_ids)
+
+
 _open = threading.local()  # .region_id: the ac_graph_id of the region this thread traces in line, if any
 
 # NOTE [Nested regions traced in line]
@@ -67,9 +69,9 @@ _open = threading.local()  # .region_id: the ac_graph_id of the region this thre
 # are values of the outer region, recomputed with it. Tagged with an ac_graph_id of its own, an inner region's
 # boundary values were not internal to either region (their users belong to the other), so the partitioners saved
 # them: the memory of the inner checkpoints alone (found in review: three dropout blocks of 256 x 16 checkpointed
-# inside an outer checkpoint saved 80 KiB, as without the outer one; 48 KiB now, the outer input and the draws). A plain
-# region traced inside another one takes the enclosing region's ac_graph_id, so the whole outer region is
-# recomputed; a selective-checkpoint region keeps its own (its policy decides what it saves).
+# inside an outer checkpoint saved 80 KiB, as without the outer one; 48 KiB now). A plain region traced inside
+# another one takes the enclosing region's ac_graph_id, so the whole outer region is recomputed; a
+# selective-checkpoint region keeps its own (its policy decides what it saves).
 
 
 def _hop() -> Any:

@@ -155,6 +155,7 @@ def _region_body_inputs(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node)
 
 
 def _region_reads_as_item(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether the region ``call`` reads ``node`` only with ``.item()`` (in its body or nested regions')."""
     body, inputs = _region_body_inputs(gm, call, node)
     return body is not None and bool(inputs) and all(
         user.target == "item" or (user.target is call.target and _region_reads_as_item(body, user, inner))
