@@ -32,7 +32,7 @@ from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.fake_inputs import make_fake_inputs
-from aotcache.aot.host_random import refuse_host_random
+from aotcache.aot.host_random import refuse_host_random, refuse_replayed_checkpoint_draws
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.plain_trace import (
     SpotInPlaceCalls,
@@ -842,7 +842,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     watch = watch_code(codes_run) if scalar_kinds else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
-    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators), _functorch_levels_kept(), \
+    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators) as rng_watch, \
+            _functorch_levels_kept(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
             _callers_saved_tensor_hooks_off(), watch:
         analysis = None
@@ -866,6 +867,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
                                  joint=joint)
     if scalar_kinds and (checked := kinds_type_checked(codes_run, scalar_kinds)) is not None:
         raise checked
+    refuse_replayed_checkpoint_draws(rng_watch, captured.graph)
     if torch.is_grad_enabled():
         refuse_constants_requiring_grad(captured.graph)
     if dynamic and fake_mode.shape_env is not None and not callers_mode:

@@ -52,7 +52,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SWAP_WAIT_S", "SwapBusy", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread"]
+__all__ = ["SWAP_WAIT_S", "SwapBusy", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread",
+           "capturing_in_this_thread"]
 
 
 SWAP_WAIT_S = 5.0  # the longest a swap waits for other threads' eager runs: NOTE [A swap waits a bounded time]
@@ -230,6 +231,11 @@ def compiling() -> Iterator[None]:
             _captures_running -= 1
             if not _captures_running and has_flag:
                 compiler._is_compiling_flag = _flag_before
+
+
+def capturing_in_this_thread() -> bool:
+    """Whether the calling thread runs an aotcache capture (not merely Dynamo or another tracer)."""
+    return bool(getattr(_this_thread, "captures", 0))
 
 
 def tracing_in_this_thread() -> bool:

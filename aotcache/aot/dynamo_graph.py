@@ -18,11 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.checkpoint_regions import has_checkpoint_regions
 from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.refusals import refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
-from aotcache.aot.source_locations import capturing_source_locations, keeps_source_locations, run_graph
+from aotcache.aot.source_locations import (
+    capturing_source_locations,
+    keeps_source_locations,
+    run_graph,
+    runs_its_graph_only,
+)
 from aotcache.logs import log_once
 from aotcache.progress import compile_progress
 
@@ -92,14 +98,20 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
     """
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental import symbolic_shapes
 
+    guard_scalar = getattr(symbolic_shapes, "guard_scalar", None)  # without it: refused as before (a fallback)
     names = []
     for node in getattr(getattr(gm, "graph", None), "nodes", []):
         value = node.meta.get("example_value") if node.op == "placeholder" else None
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
         if isinstance(memo, torch.SymFloat) and name is not None:
-            names.append(name)
+            # NOTE [Float inputs read in a checkpointed region]
+            if guard_scalar is not None and _read_in_regions(gm, node):
+                _specialize_in_regions(gm, node, float(guard_scalar(memo)))
+            else:
+                names.append(name)
     if not names:
         return
     try:
@@ -112,6 +124,57 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     for name in names:
         TensorifyState.specialize(name)
     raise TensorifyScalarRestartAnalysis
+
+
+# NOTE [Float inputs read in a checkpointed region]
+# Dynamo's restart specializes a float input only where the graph's every use of it is its ``.item()``; a float
+# attribute read inside an activation-checkpointed region (a Dropout's ``p`` under ``dynamic=True``) is passed to
+# the ``tag_activation_checkpoint`` call and read with ``.item()`` in the region's body, so the restarted graph
+# held it as before and the capture refused the ``.item()``: every such graph ran eagerly. Such a float is
+# specialized here instead, as Dynamo's restart does: its value guarded in Dynamo's shape environment (a changed
+# ``p`` compiles again) and each ``.item()`` of it, in the graph and in the regions' bodies (nested ones too),
+# replaced by that constant, which the cache key then sees in the body's graph.
+def _read_in_regions(gm: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether the float input ``node`` is read only by ``.item()`` and by checkpointed regions, at least one."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    users = list(node.users)
+    return hop is not None and any(user.target is hop for user in users) and all(
+        user.target == "item" or (user.target is hop and node not in user.args[:1]
+                                  and node not in user.kwargs.values() and _region_reads_as_item(gm, user, node))
+        for user in users)
+
+
+def _region_body_inputs(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node) -> tuple[Any, list]:
+    """The body of the region ``call`` and its placeholders that receive ``node``."""
+    body = getattr(gm, str(call.args[0].target), None) if isinstance(call.args[0], torch.fx.Node) else None
+    if not isinstance(body, torch.fx.GraphModule):
+        return None, []
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    return body, [placeholders[index] for index, arg in enumerate(call.args[1:])
+                  if arg is node and index < len(placeholders)]
+
+
+def _region_reads_as_item(gm: nn.Module, call: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether the region ``call`` reads ``node`` only with ``.item()`` (in its body or nested regions')."""
+    body, inputs = _region_body_inputs(gm, call, node)
+    return body is not None and bool(inputs) and all(
+        user.target == "item" or (user.target is call.target and _region_reads_as_item(body, user, inner))
+        for inner in inputs for user in inner.users)
+
+
+def _specialize_in_regions(gm: nn.Module, node: torch.fx.Node, value: float) -> None:
+    """Replace each ``.item()`` of ``node`` (in ``gm`` and in the bodies of the regions it is passed to) by
+    ``value`` (NOTE [Float inputs read in a checkpointed region])."""
+    for user in list(node.users):
+        if user.target == "item":
+            user.replace_all_uses_with(value)
+            user.graph.erase_node(user)
+        else:
+            body, inputs = _region_body_inputs(gm, user, node)
+            for inner in inputs:
+                _specialize_in_regions(body, inner, value)
+    if isinstance(gm, torch.fx.GraphModule):
+        gm.recompile()
 
 
 def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: AOTOptions, *,
@@ -137,16 +200,18 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
         return [*params.values(), *buffers.values()]
 
     keep_lines = keeps_source_locations(gm)  # NOTE [Source stack traces]
+    # NOTE [Checkpointed regions traced in line]; run node by node, so only where the call adds nothing (hooks)
+    regions = has_checkpoint_regions(gm) and runs_its_graph_only(gm)
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return run_graph(gm, flat, keep_lines)
+            return run_graph(gm, flat, keep_lines, regions)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
-        if not keep_lines:
+        if not keep_lines and not regions:
             return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
         with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
-            return run_graph(gm, flat[num_lifted:], keep_lines)
+            return run_graph(gm, flat[num_lifted:], keep_lines, regions)
 
     _specialize_unspecialized_floats(gm)
     example_inputs = _symbolic_example_inputs(gm, example_inputs)

@@ -309,8 +309,8 @@ def graph_as_eager(gm: torch.fx.GraphModule) -> Callable:
     implementation checkpoints with ``preserve_rng_state=False`` (it expects a compiler to replay random ops), so
     run as Python a region with dropout drew another mask when the backward recomputed it: other gradients than
     eager's, silently (``torch.compile(backend="eager")`` does the same). Where aotcache runs such a graph as Python
-    (a graph it cannot capture: dropout inside a checkpointed region is one, NOTE [In-place ops in a checkpointed
-    region]), each region calls ``torch.utils.checkpoint`` as eager does: non-reentrant, the RNG state preserved
+    (a graph it cannot capture: dropout inside a selective-checkpoint region is one, NOTE [In-place ops in a
+    checkpointed region]), each region calls ``torch.utils.checkpoint`` as eager does: non-reentrant, the RNG state preserved
     unless the model asked otherwise, a selective-checkpoint policy kept. Nested regions are rewritten too.
     """
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)

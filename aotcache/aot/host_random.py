@@ -15,7 +15,7 @@ import torch
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["refuse_host_random"]
+__all__ = ["refuse_host_random", "refuse_replayed_checkpoint_draws"]
 
 
 # NOTE [Host random numbers]
@@ -92,22 +92,24 @@ _RNG_SET_IN = threading.local()
 
 def _recording_set_rng_state(new_state: torch.Tensor) -> None:
     """``torch.set_rng_state`` while a capture runs: notes a call from a capturing thread, then sets the state."""
-    if getattr(_RNG_SET_IN, "watching", False) and not _called_by_torch_machinery():
-        _RNG_SET_IN.seen = True
+    if getattr(_RNG_SET_IN, "watching", False):
+        caller = _rng_setter_file()
+        if caller.endswith("torch/utils/checkpoint.py"):  # NOTE [Checkpoint recomputations replaying draws]
+            _RNG_SET_IN.checkpoint_replay = True
+        elif "/torch/_dynamo/" not in caller:
+            _RNG_SET_IN.seen = True
     _RNG_SETTERS["original"](new_state)
 
 
-def _called_by_torch_machinery() -> bool:
-    """Whether ``torch.set_rng_state`` was called by torch's checkpoint or Dynamo (skipping torch.random and
-    contextlib frames, through which a user's ``fork_rng`` calls it)."""
+def _rng_setter_file() -> str:
+    """The file whose code called ``torch.set_rng_state`` (skipping torch.random and contextlib frames, through
+    which a ``fork_rng`` calls it); torch's checkpoint (its RNG preservation around a recomputation) and Dynamo
+    are torch's machinery, anything else the function's own code."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.replace("\\", "/").endswith(("torch/random.py",
                                                                                     "contextlib.py")):
         frame = frame.f_back
-    if frame is None:
-        return False
-    filename = frame.f_code.co_filename.replace("\\", "/")
-    return filename.endswith("torch/utils/checkpoint.py") or "/torch/_dynamo/" in filename
+    return "" if frame is None else frame.f_code.co_filename.replace("\\", "/")
 
 
 @contextlib.contextmanager
@@ -121,30 +123,64 @@ def _watching_rng_setters() -> Iterator[None]:
             _RNG_SETTERS["original"] = torch_random.set_rng_state
             torch.set_rng_state = torch_random.set_rng_state = _recording_set_rng_state
         _RNG_SETTERS["users"] += 1
-    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "seen", False)
-    _RNG_SET_IN.watching, _RNG_SET_IN.seen = True, False
+    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "checkpoint_replay", False)
+    _RNG_SET_IN.watching, _RNG_SET_IN.seen, _RNG_SET_IN.checkpoint_replay = True, False, False
     try:
         yield
     finally:
-        _RNG_SET_IN.watching = previous[0]
+        _RNG_SET_IN.watching, _RNG_SET_IN.checkpoint_replay = previous
         with _RNG_SETTERS_LOCK:
             _RNG_SETTERS["users"] -= 1
             if _RNG_SETTERS["users"] == 0:
                 torch.set_rng_state = torch_random.set_rng_state = _RNG_SETTERS["original"]
 
 
+class HostRandomWatch:
+    """What a captured body did with torch's global generator that the trace does not show."""
+
+    checkpoint_replay = False  # torch's checkpoint put the state back for a recomputation (RNG preservation)
+
+
+# NOTE [Checkpoint recomputations replaying draws]
+# Where a whole function is captured (aot_function, aot_module, aotcache.compile's AOT way), a non-reentrant
+# ``torch.utils.checkpoint`` in it runs for real: the backward's trace unpacks the region's saved values and
+# recomputes its forward there, after putting torch's generator back to the forward's state so that eager's
+# recomputation draws the forward's numbers again. The trace cannot replay that setting: each random op of the
+# recomputation became a fresh draw of the graph (``torch.rand`` in a region: other values in the backward than in
+# the forward, gradients unlike eager's and the generator moved twice, silently; found in review of session 12).
+# Such a capture, with a random op anywhere in its graph, is refused: the call goes through torch.compile(backend=
+# "aotcache") (aotcache.compile's Dynamo way, aot_module's fallback), where each region is traced in line and its
+# draws saved (NOTE [Checkpointed regions traced in line]).
+def refuse_replayed_checkpoint_draws(watch: HostRandomWatch, gm: torch.fx.GraphModule) -> None:
+    """Raise a :class:`CaptureError` when torch's checkpoint recomputed a region in the trace (``watch``) and the
+    traced graph ``gm`` draws random numbers (NOTE [Checkpoint recomputations replaying draws])."""
+    if not watch.checkpoint_replay:
+        return
+    if any(node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+           for node in gm.graph.nodes):
+        raise CaptureError("aotcache: an activation-checkpointed region (torch.utils.checkpoint) of a function "
+                           "captured whole draws random numbers, and its recomputation in the backward replays "
+                           "them by setting torch's generator back, which a traced graph cannot do (it would draw "
+                           "other numbers than the forward's). The call goes through "
+                           "torch.compile(backend='aotcache') instead, which captures such regions. Fix: compile "
+                           "the model with torch.compile(backend='aotcache') directly to skip this attempt.",
+                           reason="unsupported_construct")
+
+
 @contextlib.contextmanager
-def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
+def refuse_host_random(generators: Sequence[torch.Generator] = ()) -> Iterator[HostRandomWatch]:
     """Raise a :class:`CaptureError` when the body drew from Python's or numpy's global random generator, or
     seeded torch's or one of ``generators`` (the arguments'), after putting them back (NOTE [Host random
     numbers]), or set torch's global generator's state (NOTE [Generator states set back inside the
-    function])."""
+    function]). Yields a :class:`HostRandomWatch`, filled in when the body returns."""
     before = _host_random_states()
     passed = _generator_states(generators)
+    watch = HostRandomWatch()
     try:
         with _watching_rng_setters():
-            yield
+            yield watch
             set_back = _RNG_SET_IN.seen
+            watch.checkpoint_replay = _RNG_SET_IN.checkpoint_replay
     except Exception:  # the fallback (or eager, NOTE [Captures that fail where eager may run]) runs the call
         _restore_host_random(*before)  # again: it draws what eager would
         _restore_generators(generators, passed)

@@ -133,11 +133,13 @@ def _checkpointed_internals(joint: _Joint, region: set[fx.Node]) -> set[fx.Node]
     ``torch.utils.checkpoint`` (transformers' ``gradient_checkpointing_enable()``) asks for the activations inside
     a region to be recomputed in the backward instead of kept: the memory a model needs to train at all. Under
     Dynamo the region is a higher-order op whose nodes reach the joint graph tagged ``meta["recompute"]`` (and
-    ``ac_graph_id``, one per region); a partitioner that ignores the tags saves every activation, as if there
-    were no checkpoint (same results, the memory of the unchecked model: the Dynamo way of ``aotcache.compile``
-    and ``torch.compile(backend="aotcache")`` did so until 2026-12-05). Both partitioners recompute a region's
+    ``ac_graph_id``, one per region; NOTE [Checkpointed regions traced in line] in checkpoint_regions.py); a
+    partitioner that ignores the tags saves every activation, as if there were no checkpoint (same results, the
+    memory of the unchecked model: the Dynamo way of ``aotcache.compile`` and ``torch.compile(backend="aotcache")``
+    did so until 2026-12-05). Both partitioners recompute a region's
     *internal* values in the backward: forward nodes tagged to be recomputed whose forward users all belong to
-    the same region. A region's outputs (read outside it, or forward outputs) and its inputs are saved where the
+    the same region (tagged with its ``ac_graph_id``, whatever a selective-checkpoint policy chose for them: a
+    matmul the policy saves does not make its recomputable input saved too, as torch's partitioner does). A region's outputs (read outside it, or forward outputs) and its inputs are saved where the
     backward needs them, as eager's checkpoint keeps its inputs and its caller keeps its outputs, so two regions
     in a row never recompute each other. Random ops are saved (a second draw would differ; eager's checkpoint
     replays the RNG state instead), and so is anything that is not a plain op (effectful higher-order ops), or
@@ -157,7 +159,8 @@ def _checkpointed_internals(joint: _Joint, region: set[fx.Node]) -> set[fx.Node]
             continue
         graph_id = node.meta.get("ac_graph_id")
         users = [user for user in node.users if user in region]
-        if all(_recompute_tag(user) is not None and user.meta.get("ac_graph_id") == graph_id for user in users):
+        # a user the region's selective-checkpoint policy saves (MUST_SAVE) is still inside the region
+        if all("recompute" in user.meta and user.meta.get("ac_graph_id") == graph_id for user in users):
             found.add(node)
     changed = True
     while changed:  # a tuple item is recomputed only with its op (a tuple cannot be saved)

@@ -25,7 +25,7 @@ from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
-           "data_parallel_wrapper", "checkpoint_mutation_error",
+           "data_parallel_wrapper", "checkpoint_mutation_error", "checkpoint_input_write_error",
            "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
            "refuse_reentrant_checkpoint_nodes",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
@@ -105,12 +105,7 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
         raise checkpoint_mutation_error(exc) from exc
     if _CHECKPOINT_INPUT_VERSION_ERROR in str(exc):  # not reentrant: a region writes one of its inputs (a
-        raise CaptureError(  # BatchNorm's num_batches_tracked); NOTE [Buffers written in a checkpointed region]
-            f"aotcache: an activation-checkpointed region (torch.utils.checkpoint) writes in place into one of its "
-            f"inputs (a BatchNorm's num_batches_tracked, a buffer updated in forward), which its recomputation "
-            f"cannot replay in a compiled backward ({exc}); the graph runs eagerly, each region as eager's "
-            f"torch.utils.checkpoint. Fix: move the BatchNorm (or the buffer update) out of the checkpointed "
-            f"region.", reason="unsupported_construct") from exc
+        raise checkpoint_input_write_error(str(exc)) from exc  # BatchNorm's num_batches_tracked)
     frames = traceback.extract_tb(exc.__traceback__)
     from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
     if from_checkpoint or "use_reentrant=True" in str(exc):
@@ -491,16 +486,30 @@ def explain_data_dependent_ops() -> Iterator[None]:
                            f"{fix}", reason="data_dependent") from exc
 
 
+def checkpoint_input_write_error(detail: str) -> CaptureError:
+    """The CaptureError for a checkpointed region that writes in place into one of its inputs (NOTE [Buffers
+    written in a checkpointed region]): eager's recomputation writes it a second time, which a compiled backward
+    does not."""
+    return CaptureError(
+        f"aotcache: an activation-checkpointed region (torch.utils.checkpoint) writes in place into one of its "
+        f"inputs (a BatchNorm's num_batches_tracked, a buffer updated in forward), which its recomputation "
+        f"cannot replay in a compiled backward ({detail}); the graph runs eagerly, each region as eager's "
+        f"torch.utils.checkpoint. Fix: move the BatchNorm (or the buffer update) out of the checkpointed "
+        f"region.", reason="unsupported_construct")
+
+
 def checkpoint_mutation_error(exc: RuntimeError) -> CaptureError:
-    """The CaptureError for torch's refusal of an in-place op in a checkpointed region (NOTE [In-place ops in a
-    checkpointed region]); raised by the joint trace's forward or, for the recomputation, its backward."""
-    return CaptureError(f"aotcache: an activation-checkpointed region (torch.utils.checkpoint, transformers' "
-                        f"gradient_checkpointing_enable()) of a torch.compile graph writes in place into a tensor it "
-                        f"computed{_call_site(exc)} (dropout does, drawing its mask in place), which aotcache cannot "
-                        f"capture yet: the graph runs eagerly, each region as eager's torch.utils.checkpoint (NOTE "
-                        f"[Checkpointed regions run eagerly]). Fix: write that line out of place (x = x + y rather "
-                        f"than x += y), move dropout out of the region, or turn activation checkpointing off.",
-                        reason="unsupported_construct")
+    """The CaptureError for torch's refusal of an in-place op in a checkpointed region that its own implementation
+    runs (NOTE [In-place ops in a checkpointed region]); raised by the joint trace's forward or, for the
+    recomputation, its backward."""
+    return CaptureError(f"aotcache: an activation-checkpointed region with its own context_fn (dispatch modes "
+                        f"other than torch.utils.checkpoint.create_selective_checkpoint_contexts') of a "
+                        f"torch.compile graph writes in place into a tensor it computed{_call_site(exc)} (dropout "
+                        f"does, drawing its mask in place), which aotcache cannot capture there: the graph runs "
+                        f"eagerly, each region as eager's torch.utils.checkpoint (NOTE [Checkpointed regions run "
+                        f"eagerly]). Fix: write that line out of place (x = x + y rather than x += y), move dropout "
+                        f"out of the region, or use create_selective_checkpoint_contexts (or no context_fn): "
+                        f"such regions are captured.", reason="unsupported_construct")
 
 
 # torch's internal assertion when the traced function mutates a tensor outside the functionalized inputs
@@ -510,9 +519,12 @@ _OUTSIDE_MUTATION_ERROR = "mutating a non-functional tensor with a functional te
 # Dynamo hands a checkpointed region over as a tag_activation_checkpoint call; under a tracer, torch's checkpoint
 # caches every op's output of the forward for the backward's recomputation and refuses a cached tensor whose version
 # changed. aotcache's functionalization sits below that caching, so an in-place op on a value of the region (T5's
-# relative-position buckets, `buckets += ...`) bumps the cached tensor's version and the trace raised this
-# RuntimeError, failing the job where eager runs. Until the region's body is functionalized before the trace, it is a
-# CaptureError: the Dynamo graph runs eagerly (counted as a capture fallback).
+# relative-position buckets, `buckets += ...`; dropout's mask, drawn with bernoulli_ then scaled with div_) bumped
+# the cached tensor's version and the trace raised this RuntimeError, failing the job where eager runs. Regions
+# without a context_fn or with torch's selective-checkpoint contexts are traced in line now, functionalized before
+# anything caches (NOTE [Checkpointed regions traced in line] in checkpoint_regions.py). A region with other
+# contexts (its own dispatch modes) still goes through torch's implementation: there the error is a CaptureError,
+# and the Dynamo graph runs eagerly (counted as a capture fallback).
 _CHECKPOINT_MUTATION_ERROR = "Tensor cached during selective activation checkpoint has been mutated"
 _CHECKPOINT_INPUT_VERSION_ERROR = "has been modified by an inplace operation"
 

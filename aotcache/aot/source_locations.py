@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["capturing_source_locations", "hand_on_source_locations", "keeps_source_locations", "run_graph"]
+__all__ = ["capturing_source_locations", "hand_on_source_locations", "keeps_source_locations", "run_graph",
+           "runs_its_graph_only"]
 
 _CALL_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
@@ -34,6 +35,12 @@ def keeps_source_locations(gm: nn.Module) -> bool:
     if not (isinstance(gm, torch.fx.GraphModule) and type(gm.graph._codegen) is torch.fx.graph.CodeGen
             and any(node.stack_trace for node in gm.graph.nodes)):
         return False
+    return runs_its_graph_only(gm)
+
+
+def runs_its_graph_only(gm: nn.Module) -> bool:
+    """Whether calling ``gm`` runs its graph and nothing else (no hooks, its own or global; no replaced
+    ``forward``), so that running it node by node (``fx.Interpreter``) computes what its call does."""
     if "forward" in gm.__dict__ or any(getattr(gm, name, None) for name in _CALL_HOOK_DICTS):
         return False
     hooks = torch.nn.modules.module
@@ -46,9 +53,18 @@ def _capturing() -> bool:
     return fx_traceback.has_preserved_node_meta()
 
 
-def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool) -> Any:
+def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = False) -> Any:
     """``gm(*args)``; node by node while ``keep`` (:func:`keeps_source_locations`) and a capture preserves node
-    metadata, so each node's ``stack_trace`` is current while its ops are traced."""
+    metadata, so each node's ``stack_trace`` is current while its ops are traced. ``regions``: ``gm`` has
+    activation-checkpointed regions, traced in line while this thread captures (NOTE [Checkpointed regions
+    traced in line] in checkpoint_regions.py)."""
+    if regions:
+        from aotcache.aot.capture_threads import capturing_in_this_thread
+
+        if capturing_in_this_thread():
+            from aotcache.aot.checkpoint_regions import run_with_regions_in_line
+
+            return run_with_regions_in_line(gm, args)
     if keep and _capturing():
         return torch.fx.Interpreter(gm).run(*args)
     return gm(*args)

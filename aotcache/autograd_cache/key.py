@@ -183,6 +183,15 @@ def _type_name(cls: type) -> str:
 
 _KEYED_NODE_META = ("recompute", "ac_graph_id", "partitioner_tag")
 
+# NOTE [A checkpoint's context_fn in the key]
+# Dynamo keeps a checkpointed region's ``context_fn`` (``create_selective_checkpoint_contexts(policy)``) on the
+# region's body as ``meta["_checkpoint_context_fn"]``, not in any node: the graph text of a region is the same
+# whatever its policy. The capture asks that policy what to save (NOTE [Checkpointed regions traced in line]), so
+# a model whose policy changed (MUST_SAVE matmuls, then MUST_RECOMPUTE everything), or that gained one, was served
+# the entry captured for the other policy: other saved values than asked (the memory checkpointing exists for),
+# and a context_fn with its own dispatch modes could compute other values. Its digest (code, closure, partial
+# arguments: the policy) is a custom_code part of the key; one that cannot be written down bypasses the cache.
+
 
 def normalize_placeholder_names(gm: torch.fx.GraphModule) -> dict[str, str]:
     """``{placeholder name: "arg<position>"}``: the names the canonical graph uses, so renaming inputs hits.
@@ -273,6 +282,10 @@ class _GraphCanonicalizer:
         if isinstance(value, torch.fx.GraphModule):
             self.subgraph_count += 1
             sub_prefix = f"{prefix}sub{self.subgraph_count}/"
+            context_fn = value.meta.get("_checkpoint_context_fn")  # NOTE [A checkpoint's context_fn in the key]
+            if context_fn is not None:
+                self.result.custom_code[f"checkpoint_context_fn:{sub_prefix}"] = callable_digest(
+                    context_fn, f"activation checkpoint context_fn {getattr(context_fn, '__name__', context_fn)!r}")
             self.run(value, sub_prefix)
             return f"subgraph:{sub_prefix}"
         if isinstance(value, torch.Tensor):

@@ -138,7 +138,8 @@ def test_dropout_inside_a_checkpointed_region_gives_eagers_gradients(entry):
     mask in place, which torch's checkpoint refuses under a tracer), reported as *reentrant* checkpointing, and
     the graph ran as Python: ``tag_activation_checkpoint``'s own eager code does not preserve the RNG state, so
     the backward's recomputation drew another mask and the gradients differed from eager's (the loss did not).
-    Each region now runs as eager's ``torch.utils.checkpoint`` (NOTE [Checkpointed regions run eagerly])."""
+    Each region then ran as eager's ``torch.utils.checkpoint`` (NOTE [Checkpointed regions run eagerly]); the
+    graph is captured now (NOTE [Checkpointed regions traced in line])."""
     torch._dynamo.reset()
     model = Blocks(True, dropout=0.3)
     if entry == "backend":
@@ -152,16 +153,80 @@ def test_dropout_inside_a_checkpointed_region_gives_eagers_gradients(entry):
     _assert_equal(got, _train(reference, reference, steps=3))
 
 
-def test_the_refusal_of_dropout_in_a_region_names_it_not_reentrant_checkpointing(monkeypatch):
+class SelectiveBlocks(Blocks):
+    """Blocks checkpointed with a selective-checkpoint policy (saves the matmuls, recomputes the rest)."""
+
+    def forward(self, x):
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.addmm.default \
+                else CheckpointPolicy.PREFER_RECOMPUTE
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=context_fn)
+        return self.head(x)
+
+
+class _OwnCaching(torch.utils.checkpoint._CachingTorchDispatchMode):
+    """A context_fn's own dispatch mode (here torch's caching one, subclassed): aotcache does not know what it
+    does, so the region goes through torch's implementation."""
+
+
+def _own_contexts():
+    from torch.utils.checkpoint import CheckpointPolicy, _CachedTorchDispatchMode
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    storage: dict = __import__("collections").defaultdict(dict)
+    return _OwnCaching(policy, storage), _CachedTorchDispatchMode(policy, storage)
+
+
+class OwnContextBlocks(Blocks):
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=_own_contexts)
+        return self.head(x)
+
+
+def test_the_refusal_of_dropout_in_a_region_with_its_own_contexts_names_it_not_reentrant_checkpointing(monkeypatch):
     """The refusal said "reentrant activation checkpointing ... pass use_reentrant=False" to a model that
-    passed it already; it names the in-place write (dropout's mask) and the fixes now."""
+    passed it already; it names the in-place write (dropout's mask) and the fixes now. Plain and selective regions
+    with dropout are captured (tests/test_checkpoint_inplace.py); a region whose context_fn makes its own dispatch
+    modes still goes through torch's caching, which refuses the in-place draw (NOTE [In-place ops in a checkpointed
+    region]), and trains as eager without strict mode."""
     monkeypatch.setenv("AOTCACHE_STRICT", "1")
     torch._dynamo.reset()
-    model = Blocks(True, dropout=0.3)
+    model = OwnContextBlocks(True, dropout=0.3)
     run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
-    with pytest.raises(Exception, match="writes in place.*dropout") as info:
+    with pytest.raises(Exception, match="its own context_fn.*writes in place.*dropout") as info:
         run(_batch(0)[0])
     assert "use_reentrant=True" not in str(info.value)
+
+    monkeypatch.setenv("AOTCACHE_STRICT", "0")
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+    torch.manual_seed(5)
+    got = _train(model, run, steps=2) + [torch.get_rng_state()]
+    reference = OwnContextBlocks(True, dropout=0.3)
+    torch.manual_seed(5)
+    _assert_equal(got, _train(reference, reference, steps=2) + [torch.get_rng_state()])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_selective_region_trains_as_eager(dropout):
+    """Selective checkpointing stays right, captured with or without dropout (the policy asked per op, NOTE
+    [Checkpointed regions traced in line])."""
+    torch._dynamo.reset()
+    model = SelectiveBlocks(True, dropout=dropout)
+    run = torch.compile(model, backend=functools.partial(aotcache.aotcache_backend, compiler="nop", cache=False))
+    torch.manual_seed(5)
+    got = _train(model, run, steps=2) + [torch.get_rng_state()]
+    reference = SelectiveBlocks(True, dropout=dropout)
+    torch.manual_seed(5)
+    _assert_equal(got, _train(reference, reference, steps=2) + [torch.get_rng_state()])
 
 
 def test_aotcache_compile_of_a_checkpointing_model_takes_the_dynamo_way_and_recomputes(tmp_path, monkeypatch):

@@ -175,11 +175,14 @@ def test_transformers_trainer_trains_evaluates_and_saves_a_compiled_model_as_the
     assert isinstance(reloaded, type(model.orig_module))
 
 
-def test_t5_with_gradient_checkpointing_trains_as_eager():
+def test_t5_with_gradient_checkpointing_trains_as_eager(monkeypatch):
     # NOTE [In-place ops in a checkpointed region]: T5's `relative_buckets += ...` inside a checkpointed layer made
     # the capture of the Dynamo graph raise (torch's checkpoint cache saw its tensor mutated): the job failed where
-    # eager runs. The region now runs eagerly, counted as a capture fallback.
+    # eager runs. The region then ran eagerly, counted as a capture fallback; it is captured now (NOTE
+    # [Checkpointed regions traced in line]): no fallback at all, in strict mode too.
     from aotcache.aot.fallback import fallback_counts
+
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
 
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -191,7 +194,7 @@ def test_t5_with_gradient_checkpointing_trains_as_eager():
     expected.backward()
     loss = aotcache.compile(model, compiler="nop")(input_ids=ids, labels=labels).loss
     loss.backward()
-    assert sum(fallback_counts().values()) > before
+    assert sum(fallback_counts().values()) == before
     assert torch.allclose(loss, expected, atol=1e-6)
     for (name, want), (_, got) in zip(eager.named_parameters(), model.named_parameters()):
         assert (want.grad is None) == (got.grad is None), name
