@@ -42,6 +42,7 @@ from aotcache.aot.plain_trace import (
     check_graph,
     plain_trace_applies,
 )
+from aotcache.aot.symbolic_draws import GeneratorDrawsWithSymbolicSizes
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
@@ -207,8 +208,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
         explain = ExplainUnsupportedOps()
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
+        draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
-        with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars:
+        with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws:
             result = flat_fn(*call_args)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
         needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
@@ -568,9 +570,11 @@ class _ForwardBody:
             if self.clone_mutated and analysis.inputs[index].mutates_data and primal.requires_grad:
                 primal = primal.clone()
             call_args[pos] = primal
-        # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] (symbolic traces only)
+        # NOTE [Masked assignment as where]; NOTE [Tensors made from symbolic scalars] and NOTE [Generator draws
+        # with symbolic sizes] (symbolic traces only)
         scalars = SymbolicScalarTensors() if self.symbolic else contextlib.nullcontext()
-        with MaskedAssignAsWhere(), scalars:
+        draws = GeneratorDrawsWithSymbolicSizes() if self.symbolic else contextlib.nullcontext()
+        with MaskedAssignAsWhere(), scalars, draws:
             flat_outs = object_output_leaves(self.flat_fn(*call_args))
         if self.verify:
             _verify_analysis(analysis, [call_args[pos] for pos in analysis.positions], flat_outs,
