@@ -28,6 +28,7 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.aliased_writes import RefuseAliasedWrites, in_custom_backwards
 from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
@@ -463,6 +464,22 @@ def _refuse_backward_mutations(functional: Sequence[Any], before: list, position
                 f"function eagerly.")
 
 
+def _refuse_tangent_mutations(functional_tangents: Sequence[Any], before: list) -> None:
+    """NOTE [Backward writes into its gradients]: a custom autograd.Function's backward that writes into the
+    gradient it is given (``grad.mul_(2)``, ``grad.data.mul_(2)``), for an output the function returns as it is,
+    writes in eager into the caller's gradient tensor (``out.backward(g)`` leaves ``g`` doubled; an
+    expanded ``sum()`` gradient makes eager raise). The compiled backward gets its own copy of the tangent, so
+    the caller's tensor stayed as it was: refused, and the fallback runs the call eagerly."""
+    for index, (count, after) in enumerate(zip(before, _mutation_counts(functional_tangents))):
+        if count is not None and after != count:
+            raise CaptureError(
+                f"aotcache: the backward writes in place into the gradient of output {index} it is given (e.g. a "
+                f"custom autograd function's backward doing grad.mul_(2) or grad.data.mul_(2) on a returned "
+                f"output's gradient), which eager applies to the caller's gradient tensor and a compiled backward "
+                f"cannot. Compute a new tensor in the backward instead (grad = grad * 2).",
+                reason="unsupported_construct", dynamo_safe=False)
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -727,14 +744,15 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
         maybe_enable_thunkify = contextlib.nullcontext
 
     def inference_graph(primals: list) -> tuple:
-        with maybe_enable_thunkify(), functionalization() as mode:  # NOTE [Lazy symbolic arithmetic]
+        # NOTE [Lazy symbolic arithmetic]; NOTE [In-place ops reading their target] in aliased_writes.py
+        with maybe_enable_thunkify(), functionalization() as mode, RefuseAliasedWrites():
             _seed_effect_tokens(mode, analysis.effects)
             outs = body([to_functional(p) for p in primals])
             outs += _final_effect_tokens(mode, analysis.effects)
         return tuple(from_functional(out) for out in outs)
 
     def joint_graph(primals: list, tangents: list | None) -> tuple:
-        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode:
+        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, RefuseAliasedWrites():
             _seed_effect_tokens(mode, analysis.effects)
             functional_primals = [to_functional(p) for p in primals]
             functional_tangents = [to_functional(t) for t in tangents] if tangents is not None else []
@@ -753,16 +771,19 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
                 hand_on_source_locations([out for out, _ in pairs])
                 refuse_reentrant_checkpoint_nodes([out for out, _ in pairs])
                 before = _mutation_counts(functional_primals)
+                tangents_before = _mutation_counts([t for _, t in pairs])
                 if plain_mode is not None:
                     plain_mode.backward_begins()
                 try:
-                    with _no_nan_checks():  # NOTE [Anomaly mode during a capture]
+                    # NOTE [Anomaly mode during a capture]; NOTE [Checks inside custom backwards]
+                    with _no_nan_checks(), in_custom_backwards([out for out, _ in pairs]):
                         computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                        allow_unused=True)
                 except RuntimeError as exc:
                     refuse_reentrant_checkpoint(exc)
                     raise
                 _refuse_backward_mutations(functional_primals, before, analysis.positions)
+                _refuse_tangent_mutations([t for _, t in pairs], tangents_before)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
         return tuple(from_functional(v) for v in (*fw_outs, *grads))
