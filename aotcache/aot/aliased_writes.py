@@ -9,13 +9,16 @@ already written (other values than the functional form, silently: a custom backw
 gradients), ``t.index_copy_(0, idx, t)`` and partial overlaps (``t[1:].copy_(t[:-1])``) raise in eager ("some
 elements of the input tensor and the written-to tensor refer to a single memory location") where the graph
 computed a value. While a function is traced (forward, and the backward with its custom ``autograd.Function``
-backwards), :class:`RefuseAliasedWrites` looks at each in-place call (a name ending in ``_``, or ``out=``) whose
-other tensor argument shares memory with the written tensor: allowed where the functional form gives eager's
+backwards), :class:`RefuseAliasedWrites` looks at each in-place call (a name ending in ``_``) whose other
+tensor argument shares memory with the written tensor: allowed where the functional form gives eager's
 result -- a pointwise op (or ``copy_``) whose other argument has exactly the written tensor's layout
 (``t.add_(t)``, ``t.mul_(t.view_as(t))``, ``t.copy_(t)``: each element reads only itself), or memory ranges that
 are known not to overlap (``buf[0].copy_(buf[1])``) -- and refused otherwise (``unsupported_construct``), so the
 fallback runs the call as eager does, with eager's values or error. Not seen: ``t[idx] = t...`` (``__setitem__``,
-whose written region is only ``t[idx]``) and in-place ops called from inside torch's own Python functions.
+whose written region is only ``t[idx]``), ``out=`` arguments (``torch.addmm(c, a, b, out=c)`` accumulates as
+the functional form computes; torch's chunked ``linear_cross_entropy`` backward does it), and in-place ops
+called from inside torch's own Python functions. Custom Functions torch defines are checked as the user's are
+(Dynamo's graph of a user's Function, which the fallback runs, holds its backward in one of them).
 
 NOTE [.data assignments in a trace]
 ``h.data = y`` swaps the tensor under ``h`` without autograd seeing it (``h`` keeps its history). On a trace
@@ -118,16 +121,14 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         kwargs = kwargs or {}
         if _is_data_setter(func) and args and _traced(args[0]):
+            # not Dynamo-safe: torch.compile gets it wrong too (NOTE [.data assignments in a trace])
             raise CaptureError("aotcache: the function assigns to a tensor's .data (h.data = y) inside the "
                                "compiled function (its forward, or a custom autograd.Function's backward); a "
                                "captured graph would go on reading the old value. Write h = y (or "
                                "h.copy_(y) under torch.no_grad()) instead.", reason="unsupported_construct",
-                               dynamo_safe=False)  # torch.compile gets it wrong too (NOTE [.data assignments in a trace])
+                               dynamo_safe=False)
         name = getattr(func, "__name__", "")
-        out = kwargs.get("out")
-        if isinstance(out, torch.Tensor):
-            self._check(name, out, (args, {k: v for k, v in kwargs.items() if k != "out"}))
-        elif name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
+        if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
             self._check(name, args[0], (args[1:], kwargs))
         return func(*args, **kwargs)
 
