@@ -230,7 +230,9 @@ class CompiledRuntime:
             elif info.kind == "alias_of_input" and info.no_grad_view:
                 with torch.no_grad():  # NOTE [Views of inputs made under no_grad]
                     view = _regenerate_view(graph_args[info.input_index], info, extras)
-                if info.requires_grad and not meta.inputs[info.input_index].requires_grad:
+                if view.requires_grad and not info.requires_grad:
+                    view = view.detach()  # of a detached alias (``x.detach()[0]``)
+                elif info.requires_grad and not meta.inputs[info.input_index].requires_grad:
                     view.requires_grad_(True)  # made a leaf by the function (NOTE [Leaf views of inputs])
                 flat[k] = view
             elif info.kind == "alias_of_input":
@@ -257,7 +259,10 @@ class CompiledRuntime:
                     view = _regenerate_output_view(flat[info.base_output], computed, info)
                 if view is computed and isinstance(view, torch.Tensor):  # not a view: a leaf with eager's status
                     view = computed.detach().requires_grad_(bool(flat[info.base_output].requires_grad))
-                if info.requires_grad and not view.requires_grad and not meta.outputs[info.base_output].requires_grad:
+                if view.requires_grad and not info.requires_grad:
+                    view = view.detach()  # of a detached alias
+                elif (info.requires_grad and not view.requires_grad
+                      and not meta.outputs[info.base_output].requires_grad):
                     view.requires_grad_(True)  # made a leaf by the function
                 flat[k] = view
         return flat

@@ -333,6 +333,16 @@ def _detached(x):
     return x.detach(), x * 2
 
 
+def _detached_view(x):
+    return x.detach()[0], x * 2
+
+
+def _detached_view_under_no_grad(x):
+    with torch.no_grad():
+        y = x.detach()[0]
+    return y, x * 2
+
+
 _INPUTS = {
     "leaf": lambda: torch.ones(2, 3, requires_grad=True),
     "view_leaf": lambda: torch.arange(1.0, 7.0).reshape(2, 3).requires_grad_(),  # a leaf viewing a grad-free base
@@ -348,15 +358,19 @@ def _status(outs):
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("inputs", list(_INPUTS))
 @pytest.mark.parametrize("fn", [_view_under_no_grad, _view_under_no_grad_and_result,
-                                _view_of_intermediate_under_no_grad, _product_under_no_grad, _detached],
-                         ids=["view", "view_and_result", "view_of_intermediate", "product", "detach"])
-def test_outputs_made_under_no_grad_have_eagers_autograd_status(fn, inputs, api):
+                                _view_of_intermediate_under_no_grad, _product_under_no_grad, _detached,
+                                _detached_view, _detached_view_under_no_grad],
+                         ids=["view", "view_and_result", "view_of_intermediate", "product", "detach", "detach_view",
+                              "detach_view_under_no_grad"])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "call_under_no_grad"])
+def test_outputs_made_under_no_grad_have_eagers_autograd_status(grad_mode, fn, inputs, api):
     """A view made under no_grad was regenerated with grad: an AsStridedBackward node, and gradients into the
     input where eager has none (NOTE [Views of inputs made under no_grad])."""
     compiled = _compiled(fn, api)
     for _ in range(2):
         x_eager, x_compiled = _INPUTS[inputs](), _INPUTS[inputs]()
-        expected, got = fn(x_eager), compiled(x_compiled)
+        with torch.set_grad_enabled(grad_mode):
+            expected, got = fn(x_eager), compiled(x_compiled)
         assert _status(got) == _status(expected)
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = got if isinstance(got, tuple) else (got,)
