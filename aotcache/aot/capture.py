@@ -43,7 +43,7 @@ from aotcache.aot.plain_trace import (
     check_graph,
     plain_trace_applies,
 )
-from aotcache.aot.symbolic_draws import GeneratorDrawsWithSymbolicSizes
+from aotcache.aot.symbolic_draws import GeneratorDrawsWithSymbolicSizes, keep_generator_draws
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.refusals import (
     ExplainUnsupportedOps,
@@ -793,6 +793,8 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
 
     traced = (joint_graph_own_tangents if own_tangents else joint_graph) if joint else inference_graph
     tracing_mode = "symbolic" if fake_mode.shape_env is not None else "fake"
+    if fake_mode.shape_env is not None:  # NOTE [Generator draws with symbolic sizes]
+        decompositions = keep_generator_draws(decompositions)
     tracer = make_fx(traced, decomposition_table=decompositions, tracing_mode=tracing_mode)
     with explain_data_dependent_ops():
         gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)

@@ -14,19 +14,47 @@ captured with symbols, :class:`GeneratorDrawsWithSymbolicSizes` makes such a cal
 draws the same numbers and moves the generator as eager's call does (the generator's slot is then handled as
 any generator argument: NOTE [Generator arguments] in generator_args.py). Calls without a generator, with
 concrete sizes, or with ``out=`` / ``names=`` go to torch untouched. ``normal``, ``*_like`` and in-place draws
-trace as they are.
+trace as they are. A compiler's decomposition table (Inductor's) turns ``rand_like(t, generator=g)`` back into
+``rand(t.shape, generator=g)``, which fails the same way, so a symbolic capture traces without the decompositions
+of the ``*_like`` overloads that take a generator (:func:`keep_generator_draws`): the graph holds the ``*_like``
+op, which the compiler runs as ATen's kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["GeneratorDrawsWithSymbolicSizes"]
+__all__ = ["GeneratorDrawsWithSymbolicSizes", "keep_generator_draws"]
 
 _FACTORY_KEYWORDS = frozenset({"dtype", "layout", "device", "pin_memory"})
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_like_overloads() -> frozenset:
+    """The ``*_like`` draw overloads that take a generator (those present in this torch)."""
+    found = set()
+    for name in ("rand_like", "randn_like", "randint_like"):
+        packet = getattr(torch.ops.aten, name, None)
+        for overload in packet.overloads() if packet is not None else ():
+            op = getattr(packet, overload)
+            if any(argument.name == "generator" for argument in op._schema.arguments):
+                found.add(op)
+    return frozenset(found)
+
+
+def keep_generator_draws(decompositions: Mapping | None) -> Mapping | None:
+    """``decompositions`` without the ``*_like`` draw overloads that take a generator (NOTE [Generator draws with
+    symbolic sizes]); the table itself where it has none of them."""
+    if not decompositions:
+        return decompositions
+    kept = _generator_like_overloads()
+    if not any(op in decompositions for op in kept):
+        return decompositions
+    return {op: fn for op, fn in decompositions.items() if op not in kept}
 
 
 def _size(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:

@@ -398,3 +398,21 @@ def test_a_view_with_grad_of_a_view_made_under_no_grad_runs_eagerly(api):
     compiled = _compiled(_view_with_grad_of_a_no_grad_view, api)
     x_eager, x_compiled = torch.ones(2, 3, requires_grad=True) * 1, torch.ones(2, 3, requires_grad=True) * 1
     assert _status(compiled(x_compiled)) == _status(_view_with_grad_of_a_no_grad_view(x_eager))
+
+
+@pytest.mark.parametrize("name", ["rand", "randn", "randint"])
+def test_a_generator_draw_with_dynamic_shapes_is_captured_under_inductors_decompositions(name):
+    """Inductor's table turns ``rand_like(t, generator=g)`` back into ``rand(t.shape, generator=g)``, which failed
+    the symbolic trace the same way (aotcache.compile(compiler="inductor") fell back to torch.compile); the graph
+    runs with the nop compiler here, traced with Inductor's decompositions."""
+    from aotcache.compilers.inductor_decomp import inductor_decompositions
+
+    fn = _DRAWS[name]
+    before = fallback_counts()
+    compiled = aotcache.aot_function(fn, "nop", cache=False, dynamic=True, decompositions=inductor_decompositions())
+    for rows in (3, 5):
+        x = torch.ones(rows, 2)
+        g_eager, g_compiled = torch.Generator().manual_seed(rows), torch.Generator().manual_seed(rows)
+        assert torch.equal(compiled(x, g_compiled), fn(x, g_eager))
+        assert torch.equal(g_compiled.get_state(), g_eager.get_state())
+    assert _counts_since(before) == {} and compiled.num_compiles == 1
