@@ -12,8 +12,11 @@ computed a value. While a function is traced (forward, and the backward with its
 backwards), :class:`RefuseAliasedWrites` looks at each in-place call (a name ending in ``_``) whose other
 tensor argument shares memory with the written tensor: allowed where the functional form gives eager's
 result -- a pointwise op (or ``copy_``) whose other argument has exactly the written tensor's layout
-(``t.add_(t)``, ``t.mul_(t.view_as(t))``, ``t.copy_(t)``: each element reads only itself), or memory ranges that
-are known not to overlap (``buf[0].copy_(buf[1])``) -- and refused otherwise (``unsupported_construct``), so the
+(``t.add_(t)``, ``t.mul_(t.view_as(t))``, ``t.copy_(t)``: each element reads only itself), blocks known to share
+no byte (``buf[0].copy_(buf[1])``; interleaved ones too, whose byte ranges meet: a fused tensor's halves
+``t[..., :k].sub_(t[..., k:])``, ``t[:, 0::2].copy_(t[:, 1::2])``, told apart modulo a stride, symbolic sizes
+included), or the 0-dim value of a fill (``t.masked_fill_(m, t[0, 0])``: the value's element is written with
+itself at most) -- and refused otherwise (``unsupported_construct``), so the
 fallback runs the call as eager does, with eager's values or error. Not seen: ``t[idx] = t...`` (``__setitem__``,
 whose written region is only ``t[idx]``), ``out=`` arguments (``torch.addmm(c, a, b, out=c)`` accumulates as
 the functional form computes; torch's chunked ``linear_cross_entropy`` backward does it), and in-place ops
@@ -84,25 +87,75 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                  (*b.shape, *b.stride(), b.storage_offset())))
 
 
-def _extent(tensor: torch.Tensor) -> tuple[Any, Any] | None:
-    """``[first, last]`` element offsets ``tensor`` reaches in its storage (None for negative strides)."""
-    if any(_known(stride < 0) or not _known(stride >= 0) for stride in tensor.stride()):
-        return None
-    last = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return tensor.storage_offset(), last
+def _geometry(tensor: torch.Tensor) -> tuple[Any, list[tuple[Any, Any]], Any]:
+    """``tensor``'s bytes in its storage as ``(first byte, [(size, stride in bytes)], element size)`` with every
+    stride made non-negative (a dimension walked backwards starts at its last element) and dimensions known to
+    add no bytes (size 1, stride 0) left out."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    dims = []
+    for n, stride in zip(tensor.shape, tensor.stride()):
+        if _known(n == 1) or _known(stride == 0):
+            continue
+        if _known(stride < 0):
+            start += (n - 1) * stride * size
+            stride = -stride
+        dims.append((n, stride * size))
+    return start, dims, size
+
+
+def _known_ge(a: Any, b: Any) -> bool | None:
+    """``a >= b`` where known, else None."""
+    if _known(a >= b):
+        return True
+    if _known(a < b):
+        return False
+    return None
+
+
+def _disjoint_modulo(a: tuple, b: tuple, period: Any) -> bool:
+    """Whether every byte of ``a`` and of ``b`` (:func:`_geometry`) is known to fall, modulo ``period``, into two
+    separate ranges: the strides at least ``period`` are its multiples, the others span less than it (column
+    blocks ``t[:, :k]`` / ``t[:, k:]``, even and odd elements ``t[0::2]`` / ``t[1::2]``)."""
+    spans = []
+    for start, dims, size in (a, b):
+        span = size
+        for n, stride in dims:
+            outer = _known_ge(stride, period)
+            if outer is None:
+                return False
+            if outer:
+                if not _known(stride % period == 0):
+                    return False
+            else:
+                span = span + (n - 1) * stride
+        spans.append(span)
+    gap = _modulo(b[0] - a[0], period)  # where b's range begins, a's beginning at 0
+    return _known(spans[0] <= gap) and _known(gap + spans[1] <= period)
+
+
+def _modulo(value: Any, period: Any) -> Any:
+    """``value % period``, without a symbolic ``Mod`` where ``value`` is known to lie within one period of 0
+    (sympy keeps ``Mod(-12, 8*s0)`` unevaluated, so that nothing about it would be known)."""
+    if _known(value >= 0) and _known(value < period):
+        return value
+    if _known(value < 0) and _known(value + period >= 0):
+        return value + period
+    return value % period
 
 
 def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` (of one storage) are known to reach no common byte."""
+    """Whether ``a`` and ``b`` (of one storage) are known to reach no common byte: their byte ranges do not meet
+    (``buf[0]`` / ``buf[1]``), or their blocks interleave without meeting (:func:`_disjoint_modulo`, trying each
+    stride as the period)."""
     if _known(a.numel() == 0) or _known(b.numel() == 0):
         return True
-    ea, eb = _extent(a), _extent(b)
-    if ea is None or eb is None:
-        return False
-    size_a, size_b = a.element_size(), b.element_size()
-    # byte ranges [first * size, (last + 1) * size)
-    return (_known((ea[1] + 1) * size_a <= eb[0] * size_b)
-            or _known((eb[1] + 1) * size_b <= ea[0] * size_a))
+    ga, gb = _geometry(a), _geometry(b)
+    ends = [start + size + sum((n - 1) * stride for n, stride in dims) for start, dims, size in (ga, gb)]
+    if _known(ends[0] <= gb[0]) or _known(ends[1] <= ga[0]):
+        return True
+    periods = [stride for _, dims, _ in (ga, gb) for _, stride in dims]
+    return any(_disjoint_modulo(ga, gb, period) for period in periods if _known(period > 0))
 
 
 def _is_data_setter(func: Any) -> bool:
@@ -111,6 +164,21 @@ def _is_data_setter(func: Any) -> bool:
 
 def _traced(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter
+
+
+# the in-place fills taking their value as a 0-dim tensor, and that value's position in the arguments
+_FILL_VALUE_POSITION = {"fill_": 1, "masked_fill_": 2, "index_fill_": 3}
+
+
+def _fill_value(name: str, args: tuple, kwargs: Mapping) -> Any:
+    """The 0-dim ``value`` tensor of an in-place fill (``t.masked_fill_(m, t[0, 0])``), which may alias the target:
+    the fill writes that one value everywhere it writes (the value's own element, if written, is written with
+    itself), so whenever eager's kernel reads it, it reads what the functional form reads."""
+    position = _FILL_VALUE_POSITION.get(name)
+    if position is None:
+        return None
+    value = args[position] if len(args) > position else kwargs.get("value")
+    return value if isinstance(value, torch.Tensor) and value.dim() == 0 else None
 
 
 class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
@@ -129,18 +197,18 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
                                dynamo_safe=False)
         name = getattr(func, "__name__", "")
         if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
-            self._check(name, args[0], (args[1:], kwargs))
+            self._check(name, args[0], (args[1:], kwargs), _fill_value(name, args, kwargs))
         return func(*args, **kwargs)
 
     @staticmethod
-    def _check(name: str, target: torch.Tensor, others: Any) -> None:
+    def _check(name: str, target: torch.Tensor, others: Any, fill_value: Any = None) -> None:
         if not _traced(target):
             return
         storage = _storage(target)
         if storage is None:
             return
         for other in pytree.tree_leaves(others):
-            if not isinstance(other, torch.Tensor) or _storage(other) != storage:
+            if not isinstance(other, torch.Tensor) or other is fill_value or _storage(other) != storage:
                 continue
             if _reads_only_its_own_element(name) and _same_layout(other, target):
                 continue

@@ -416,3 +416,61 @@ def test_a_generator_draw_with_dynamic_shapes_is_captured_under_inductors_decomp
         assert torch.equal(compiled(x, g_compiled), fn(x, g_eager))
         assert torch.equal(g_compiled.get_state(), g_eager.get_state())
     assert _counts_since(before) == {} and compiled.num_compiles == 1
+
+
+# --- 6. in-place calls on disjoint blocks of one tensor (review of session 12) ----------------------------
+
+
+def _halves_subtracted(x):
+    t = torch.cat([x, x * 2], -1)
+    t[..., :3].sub_(t[..., 3:])  # a fused tensor's halves: interleaved rows, no common element
+    return t
+
+
+def _column_copied(x):
+    t = x * 1
+    t[:, :1].copy_(t[:, 2:3])
+    return t
+
+
+def _even_from_odd(x):
+    t = torch.cat([x, x], -1)
+    t[:, 0::2].copy_(t[:, 1::2])
+    return t
+
+
+def _filled_with_own_element(x):
+    t = x * 1
+    t.masked_fill_(t > 3, t[0, 0])  # the 0-dim value aliases the target: written with itself at most
+    return t
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("fn", [_halves_subtracted, _column_copied, _even_from_odd, _filled_with_own_element],
+                         ids=["halves", "column", "even_odd", "fill_value"])
+def test_an_in_place_call_on_a_disjoint_block_of_its_target_stays_captured(fn, dynamic):
+    """The first check took any two blocks of one tensor whose byte ranges met for an overlap, and refused
+    ``t[..., :k].sub_(t[..., k:])`` (eager computes it: no element is shared) and a fill whose 0-dim value is an
+    element of the target; both ran through torch.compile where main captured them."""
+    before = fallback_counts()
+    compiled = aotcache.compile(fn, compiler="nop", cache=False, dynamic=dynamic)
+    for rows in (2, 5):
+        x_eager = torch.arange(1.0, 3 * rows + 1).reshape(rows, 3).requires_grad_()
+        x_compiled = x_eager.detach().clone().requires_grad_()
+        expected, got = fn(x_eager), compiled(x_compiled)
+        assert torch.equal(got, expected)
+        expected.sum().backward()
+        got.sum().backward()
+        assert torch.equal(x_compiled.grad, x_eager.grad)
+    assert compiled.route == "aot" and _counts_since(before) == {}
+
+
+def test_blocks_of_one_storage_are_told_apart_exactly():
+    """Blocks that share no byte are disjoint; blocks that share one (shifted by less than a row) are not."""
+    from aotcache.aot.aliased_writes import _disjoint
+
+    t = torch.zeros(4, 6)
+    assert _disjoint(t[:, :3], t[:, 3:]) and _disjoint(t[:, 0::2], t[:, 1::2]) and _disjoint(t[0], t[1])
+    assert not _disjoint(t[:, 1:], t[:, :-1]) and not _disjoint(t[:, :4], t[:, 3:])
+    assert not _disjoint(t[:, 0::2], t[:, 2::2]) and not _disjoint(t.t(), t)
+    assert _disjoint(t.view(torch.int16)[:, 1::2], t.view(torch.int16)[:, 0::2])  # other element sizes
