@@ -474,3 +474,31 @@ def test_blocks_of_one_storage_are_told_apart_exactly():
     assert not _disjoint(t[:, 1:], t[:, :-1]) and not _disjoint(t[:, :4], t[:, 3:])
     assert not _disjoint(t[:, 0::2], t[:, 2::2]) and not _disjoint(t.t(), t)
     assert _disjoint(t.view(torch.int16)[:, 1::2], t.view(torch.int16)[:, 0::2])  # other element sizes
+
+
+_DRAW_KINDS = {
+    "rand_half": lambda x, g: torch.rand(x.shape, generator=g, dtype=torch.float16),
+    "rand_bfloat16": lambda x, g: torch.rand(x.shape, generator=g, dtype=torch.bfloat16),
+    "randn_complex64": lambda x, g: torch.randn(x.shape, generator=g, dtype=torch.complex64),
+    "randn_size_keyword": lambda x, g: torch.randn(size=x.shape, generator=g, dtype=torch.float64),
+    "randint_keywords": lambda x, g: torch.randint(low=-5, high=5, size=x.shape, generator=g),
+    "randint_int8": lambda x, g: torch.randint(-3, 3, x.shape, generator=g, dtype=torch.int8),
+    "randint_wide": lambda x, g: torch.randint(0, 2**40, x.shape, generator=g),  # 64-bit draws
+    "device_layout": lambda x, g: torch.rand(x.shape, generator=g, device="cpu", layout=torch.strided),
+}
+
+
+@pytest.mark.parametrize("name", list(_DRAW_KINDS))
+def test_a_symbolic_draw_of_each_dtype_and_bound_gives_eagers_numbers(name):
+    """The ``*_like`` draw of an empty tensor (NOTE [Generator draws with symbolic sizes]) against eager's factory
+    for other dtypes (half, bfloat16, complex: ``randn`` draws each part), keyword bounds and 64-bit ranges."""
+    fn = _DRAW_KINDS[name]
+    before = fallback_counts()
+    compiled = aotcache.aot_function(fn, "nop", cache=False, dynamic=True)
+    for rows in (3, 5):
+        x = torch.ones(rows, 2)
+        g_eager, g_compiled = torch.Generator().manual_seed(rows), torch.Generator().manual_seed(rows)
+        expected, got = fn(x, g_eager), compiled(x, g_compiled)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+        assert torch.equal(g_compiled.get_state(), g_eager.get_state())
+    assert _counts_since(before) == {} and compiled.num_compiles == 1
