@@ -502,3 +502,33 @@ def test_a_symbolic_draw_of_each_dtype_and_bound_gives_eagers_numbers(name):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
         assert torch.equal(g_compiled.get_state(), g_eager.get_state())
     assert _counts_since(before) == {} and compiled.num_compiles == 1
+
+
+class _RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("the backward fails")
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("case", ["refused", "raises"])
+def test_a_custom_backward_refused_or_raising_leaves_no_mode_behind(case, api):
+    """NOTE [Checks inside custom backwards]: the mode a node's pre-hook pushes is gone after a refusal raised
+    inside the custom backward (masked_scatter_ on its target) and after the backward's own exception; the next
+    capture of the thread is checked and captured as usual."""
+    depth = torch._C._len_torch_function_stack()
+    if case == "refused":
+        _compare(_custom_backward_doing(_REFUSED["masked_scatter_"]), lambda: (_leaf(),), api)
+    else:
+        compiled = _compiled(lambda x: _RaisesInBackward.apply(x).sum(), api)
+        with pytest.raises(ValueError, match="the backward fails"):
+            compiled(_leaf()).backward()
+    assert torch._C._len_torch_function_stack() == depth
+    before = fallback_counts()
+    _compare(_halves_subtracted, lambda: (_leaf(),), api)
+    _compare(_custom_backward_doing(_CAPTURED["add_"]), lambda: (_leaf(),), api)
+    assert _counts_since(before) == {} and torch._C._len_torch_function_stack() == depth
