@@ -17,8 +17,8 @@ no byte (``buf[0].copy_(buf[1])``; interleaved ones too, whose byte ranges meet:
 ``t[..., :k].sub_(t[..., k:])``, ``t[:, 0::2].copy_(t[:, 1::2])``, told apart modulo a stride, symbolic sizes
 included), or the 0-dim value of a fill (``t.masked_fill_(m, t[0, 0])``: the value's element is written with
 itself at most) -- and refused otherwise (``unsupported_construct``), so the
-fallback runs the call as eager does, with eager's values or error. Not seen: ``t[idx] = t...`` (``__setitem__``,
-whose written region is only ``t[idx]``), ``out=`` arguments (``torch.addmm(c, a, b, out=c)`` accumulates as
+fallback runs the call as eager does, with eager's values or error. ``t[idx] = u`` with basic indices and ``t += u``
+are checked as the copy / op they run (NOTE [Augmented and indexed assignments]). Not seen: ``out=`` arguments (``torch.addmm(c, a, b, out=c)`` accumulates as
 the functional form computes; torch's chunked ``linear_cross_entropy`` backward does it), and in-place ops
 called from inside torch's own Python functions. Custom Functions torch defines are checked as the user's are
 (Dynamo's graph of a user's Function, which the fallback runs, holds its backward in one of them).
@@ -166,19 +166,126 @@ def _traced(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter
 
 
+# NOTE [Augmented and indexed assignments]
+# ``t += u`` (``__iadd__`` and the other augmented operators) is the in-place op under another name, whose kernel
+# runs inside the C++ method where no mode sees it, so it is checked as that op (``t[:, 1:] += t[:, :-1]``).
+# ``t[idx] = u`` with basic indices (ints, slices with a positive step, None, Ellipsis) writes the region
+# ``t[idx]``, computed here from sizes and strides (no view traced), and is checked as ``region.copy_(u)``:
+# ``t[:, 1:] = t[:, :-1]`` gave the functional form's ``[[2, 2, 4], ...]`` where eager's copy reads what it has
+# already written (``[[2, 2, 2], ...]``), silently. Advanced indices (tensors, masks) are not checked: their value
+# ``t[mask]`` is a copy.
+_AUGMENTED = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
+              "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
+              "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
+              "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_", "__imatmul__": "matmul_"}
+
+
+class _Region:
+    """The sizes, strides and offset of ``t[idx]`` for basic indices, read as a tensor's by the checks here."""
+
+    def __init__(self, base: torch.Tensor, shape: list, stride: list, offset: Any) -> None:
+        self.shape, self._stride, self._offset = tuple(shape), tuple(stride), offset
+        self.dtype, self._element_size = base.dtype, base.element_size()
+
+    def stride(self) -> tuple:
+        return self._stride
+
+    def storage_offset(self) -> Any:
+        return self._offset
+
+    def element_size(self) -> int:
+        return self._element_size
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> Any:
+        count = 1
+        for n in self.shape:
+            count = count * n
+        return count
+
+
+def _basic_index_region(base: torch.Tensor, index: Any) -> _Region | None:
+    """The region ``base[index]`` writes, or None where ``index`` is not basic or a bound is not known."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(not (item is None or item is Ellipsis or isinstance(item, (slice, int, torch.SymInt))) or isinstance(item, bool)
+           for item in items):
+        return None
+    used = sum(1 for item in items if item is not None and item is not Ellipsis)
+    if items.count(Ellipsis) > 1 or used > base.dim():
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (base.dim() - used)
+    items += [slice(None)] * (base.dim() - sum(1 for item in items if item is not None))
+    shape, stride, offset, dim = [], [], base.storage_offset(), 0
+    for item in items:
+        if item is None:
+            shape.append(1)
+            stride.append(1)
+            continue
+        size, step_stride = base.shape[dim], base.stride()[dim]
+        dim += 1
+        if isinstance(item, slice):
+            bounds = _slice_bounds(item, size)
+            if bounds is None:
+                return None
+            start, length, step = bounds
+            offset = offset + start * step_stride
+            shape.append(length)
+            stride.append(step * step_stride)
+        else:
+            position = item + size if _known(item < 0) else item
+            if not _known(position >= 0):
+                return None
+            offset = offset + position * step_stride
+    return _Region(base, shape, stride, offset)
+
+
+def _slice_bounds(item: slice, size: Any) -> tuple[Any, Any, int] | None:
+    """``(start, length, step)`` of ``item`` over ``size`` elements, where known (positive steps only)."""
+    step = 1 if item.step is None else item.step
+    if not isinstance(step, int) or step <= 0:
+        return None
+    bounds = []
+    for value, default in ((item.start, 0), (item.stop, size)):
+        if value is None:
+            value = default
+        elif _known(value < 0):
+            value = value + size
+        for low, high in ((0, size),):
+            if _known(value <= low):
+                value = low
+            elif _known(value >= high):
+                value = high
+            elif not (_known(value >= low) and _known(value <= high)):
+                return None
+        bounds.append(value)
+    start, stop = bounds
+    if _known(stop <= start):
+        return start, 0, step
+    if not _known(stop >= start):
+        return None
+    return start, (stop - start + step - 1) // step, step
+
+
 # the in-place fills taking their value as a 0-dim tensor, and that value's position in the arguments
-_FILL_VALUE_POSITION = {"fill_": 1, "masked_fill_": 2, "index_fill_": 3}
+_FILL_VALUE_POSITION = {"fill_": 1, "masked_fill_": 2, "index_fill_": 3, "copy_": 1}
 
 
 def _fill_value(name: str, args: tuple, kwargs: Mapping) -> Any:
-    """The 0-dim ``value`` tensor of an in-place fill (``t.masked_fill_(m, t[0, 0])``), which may alias the target:
+    """The 0-dim ``value`` tensor of an in-place fill (``t.masked_fill_(m, t[0, 0])``, ``t.copy_(t[0, 0])``, ``t[:] =
+    t[0, 0]``) of the target's dtype, which may alias the target:
     the fill writes that one value everywhere it writes (the value's own element, if written, is written with
     itself), so whenever eager's kernel reads it, it reads what the functional form reads."""
     position = _FILL_VALUE_POSITION.get(name)
     if position is None:
         return None
-    value = args[position] if len(args) > position else kwargs.get("value")
-    return value if isinstance(value, torch.Tensor) and value.dim() == 0 else None
+    value = args[position] if len(args) > position else kwargs.get("src" if name == "copy_" else "value")
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == args[0].dtype:
+        return value
+    return None
 
 
 class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
@@ -196,15 +303,23 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
                                "h.copy_(y) under torch.no_grad()) instead.", reason="unsupported_construct",
                                dynamo_safe=False)
         name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
+        if name.endswith("__"):
+            name = _AUGMENTED.get(name, name)  # NOTE [Augmented and indexed assignments]
+        if name == "__setitem__" and len(args) == 3 and isinstance(args[2], torch.Tensor) and _traced(args[0]):
+            region = _basic_index_region(args[0], args[1])
+            if region is not None:
+                fill_value = _fill_value("copy_", (args[0], args[2]), {})
+                self._check("copy_", region, ((args[2],), {}), fill_value, storage=_storage(args[0]))
+        elif name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
             self._check(name, args[0], (args[1:], kwargs), _fill_value(name, args, kwargs))
         return func(*args, **kwargs)
 
     @staticmethod
-    def _check(name: str, target: torch.Tensor, others: Any, fill_value: Any = None) -> None:
-        if not _traced(target):
-            return
-        storage = _storage(target)
+    def _check(name: str, target: Any, others: Any, fill_value: Any = None, storage: Any = None) -> None:
+        if storage is None:
+            if not _traced(target):
+                return
+            storage = _storage(target)
         if storage is None:
             return
         for other in pytree.tree_leaves(others):

@@ -532,3 +532,64 @@ def test_a_custom_backward_refused_or_raising_leaves_no_mode_behind(case, api):
     _compare(_halves_subtracted, lambda: (_leaf(),), api)
     _compare(_custom_backward_doing(_CAPTURED["add_"]), lambda: (_leaf(),), api)
     assert _counts_since(before) == {} and torch._C._len_torch_function_stack() == depth
+
+
+# --- 7. augmented and indexed assignments reading their target (review of session 12) --------------------
+
+
+def _rows_shifted_by_setitem(x):
+    t = x * 2
+    t[:, 1:] = t[:, :-1]  # eager's copy reads what it has written: [[2, 2, 2], [8, 8, 8]]
+    return t
+
+
+def _rows_shifted_by_iadd(x):
+    t = x * 2
+    t[:, 1:] += t[:, :-1]  # eager's add_ reads what it has written
+    return t
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("fn", [_rows_shifted_by_setitem, _rows_shifted_by_iadd], ids=["setitem", "iadd"])
+def test_an_indexed_or_augmented_assignment_reading_its_target_gives_eagers_values(fn, api):
+    """NOTE [Augmented and indexed assignments]: ``t[:, 1:] = t[:, :-1]`` and ``t[:, 1:] += t[:, :-1]`` were
+    captured with the functional form's values (``[[2, 2, 4], [8, 8, 10]]`` for the first), silently."""
+    _compare(fn, lambda: (_leaf(),), api)
+
+
+def _assignments_eager_computes_as_the_graph(x):
+    t = torch.cat([x, x * 2], 1)
+    t[:, :3] = t[:, 3:]  # halves
+    t[:, 3:] += t[:, :3]
+    t[1] = t[1]  # itself
+    t[..., 0] = t[:, 0]
+    t[-1, -2:] = t[0, :2]  # other rows
+    t[None, 0, 1:] = t[1, :5]
+    t[:, 1:] = t[0, 0]  # a 0-dim value: written with itself at most
+    t[:, :2] = t[:, :2] * 2  # a new tensor
+    t += t
+    return t * 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_assignments_of_disjoint_or_own_elements_stay_captured(dynamic):
+    before = fallback_counts()
+    compiled = aotcache.compile(_assignments_eager_computes_as_the_graph, compiler="nop", cache=False,
+                                dynamic=dynamic)
+    for rows in (2, 4):
+        x = torch.arange(1.0, 3 * rows + 1).reshape(rows, 3)
+        assert torch.equal(compiled(x), _assignments_eager_computes_as_the_graph(x))
+    assert compiled.route == "aot" and _counts_since(before) == {}
+
+
+@pytest.mark.parametrize("index", [(slice(1, None), 0), (Ellipsis, 1), (None, -1, slice(None, None, 2)),
+                                   (slice(-7, 7), slice(2, 1)), 1, (0, Ellipsis, None, slice(1, -1))],
+                         ids=["slice_int", "ellipsis", "newaxis_step", "clamped_empty", "int", "mixed"])
+def test_the_region_of_a_basic_index_is_the_view_torch_makes(index):
+    from aotcache.aot.aliased_writes import _basic_index_region, _geometry
+
+    t = torch.zeros(4, 5, 3).transpose(0, 1)
+    view, region = t[index], _basic_index_region(t, index)
+    assert tuple(region.shape) == tuple(view.shape)
+    assert view.numel() == 0 or _geometry(region) == _geometry(view)
+    assert _basic_index_region(t, torch.tensor([0, 1])) is None and _basic_index_region(t, (True,)) is None
