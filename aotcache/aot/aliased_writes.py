@@ -254,13 +254,12 @@ def _slice_bounds(item: slice, size: Any) -> tuple[Any, Any, int] | None:
             value = default
         elif _known(value < 0):
             value = value + size
-        for low, high in ((0, size),):
-            if _known(value <= low):
-                value = low
-            elif _known(value >= high):
-                value = high
-            elif not (_known(value >= low) and _known(value <= high)):
-                return None
+        if _known(value <= 0):  # clamped to [0, size], as slicing does
+            value = 0
+        elif _known(value >= size):
+            value = size
+        elif not (_known(value >= 0) and _known(value <= size)):
+            return None
         bounds.append(value)
     start, stop = bounds
     if _known(stop <= start):
