@@ -209,9 +209,11 @@ class _Region:
 def _basic_index_region(base: torch.Tensor, index: Any) -> _Region | None:
     """The region ``base[index]`` writes, or None where ``index`` is not basic or a bound is not known."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(not (item is None or item is Ellipsis or isinstance(item, (slice, int, torch.SymInt))) or isinstance(item, bool)
-           for item in items):
-        return None
+    if not all(item is None or item is Ellipsis or _integer(item)
+               or (isinstance(item, slice) and all(part is None or _integer(part)
+                                                   for part in (item.start, item.stop, item.step)))
+               for item in items):
+        return None  # advanced indices, or a bound given as a tensor
     used = sum(1 for item in items if item is not None and item is not Ellipsis)
     if items.count(Ellipsis) > 1 or used > base.dim():
         return None
@@ -241,6 +243,10 @@ def _basic_index_region(base: torch.Tensor, index: Any) -> _Region | None:
                 return None
             offset = offset + position * step_stride
     return _Region(base, shape, stride, offset)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
 def _slice_bounds(item: slice, size: Any) -> tuple[Any, Any, int] | None:

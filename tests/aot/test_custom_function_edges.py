@@ -593,3 +593,19 @@ def test_the_region_of_a_basic_index_is_the_view_torch_makes(index):
     assert tuple(region.shape) == tuple(view.shape)
     assert view.numel() == 0 or _geometry(region) == _geometry(view)
     assert _basic_index_region(t, torch.tensor([0, 1])) is None and _basic_index_region(t, (True,)) is None
+
+
+def _indexed_by_tensors(x):
+    t = x * 2
+    t[:, :torch.tensor(2)] = t[:, 1:3] * 1  # a slice bound given as a tensor: not read as a number
+    t[torch.tensor(0)] = t[1] * 1  # an advanced index
+    return t
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_an_assignment_indexed_by_tensors_is_captured_without_reading_them(api):
+    """The region check reads only int / SymInt bounds: a tensor bound would have been a data-dependent read of a
+    fake tensor (a capture failure)."""
+    before = fallback_counts()
+    _compare(_indexed_by_tensors, lambda: (_leaf(),), api)
+    assert _counts_since(before) == {}
