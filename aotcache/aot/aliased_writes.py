@@ -16,12 +16,13 @@ result -- a pointwise op (or ``copy_``) whose other argument has exactly the wri
 no byte (``buf[0].copy_(buf[1])``; interleaved ones too, whose byte ranges meet: a fused tensor's halves
 ``t[..., :k].sub_(t[..., k:])``, ``t[:, 0::2].copy_(t[:, 1::2])``, told apart modulo a stride, symbolic sizes
 included), or the 0-dim value of a fill (``t.masked_fill_(m, t[0, 0])``: the value's element is written with
-itself at most) -- and refused otherwise (``unsupported_construct``), so the
-fallback runs the call as eager does, with eager's values or error. ``t[idx] = u`` with basic indices and ``t += u``
-are checked as the copy / op they run (NOTE [Augmented and indexed assignments]). Not seen: ``out=`` arguments (``torch.addmm(c, a, b, out=c)`` accumulates as
-the functional form computes; torch's chunked ``linear_cross_entropy`` backward does it), and in-place ops
-called from inside torch's own Python functions. Custom Functions torch defines are checked as the user's are
-(Dynamo's graph of a user's Function, which the fallback runs, holds its backward in one of them).
+itself at most) -- and refused otherwise (``unsupported_construct``), so the fallback runs the call as eager
+does, with eager's values or error. ``t[idx] = u`` with basic indices and ``t += u`` are checked as the copy / op
+they run (NOTE [Augmented and indexed assignments]). Not seen: ``out=`` arguments (``torch.addmm(c, a, b,
+out=c)`` accumulates as the functional form computes; torch's chunked ``linear_cross_entropy`` backward does
+it), and in-place ops called from inside torch's own Python functions. Custom Functions torch defines are
+checked as the user's are (Dynamo's graph of a user's Function, which the fallback runs, holds its backward in one
+of them).
 
 NOTE [.data assignments in a trace]
 ``h.data = y`` swaps the tensor under ``h`` without autograd seeing it (``h`` keeps its history). On a trace
