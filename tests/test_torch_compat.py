@@ -71,6 +71,12 @@ REQUIRED = [
     ("torch._C", "_functorch.is_functorch_wrapped_tensor"),
     ("torch._C", "_aoti.AOTIModelContainerRunnerCpu"),
     ("torch._C", "_aoti.AOTIModelContainerRunnerCuda"),
+    ("torch._C", "_push_on_torch_function_stack"),
+    ("torch._C", "_pop_torch_function_stack"),
+    ("torch._C", "_get_function_stack_at"),
+    ("torch._C", "_autograd._get_creation_meta"),
+    ("torch._C", "_autograd.CreationMeta.NO_GRAD_MODE"),
+    ("torch.autograd.function", "BackwardCFunction"),
 ]
 
 # (module, attribute path, what aotcache does without it): each use is feature-detected.

@@ -46,7 +46,8 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
 # 3: InputInfo.metadata_mutation
 # 5: RuntimeMetadata.grad_tangents
 # 6: OutputInfo.grad_free_leaf
-METADATA_VERSION = 6
+# 7: OutputInfo.no_grad_view
+METADATA_VERSION = 7
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
 # SymInt output of the forward graph" (symbolic shapes).
@@ -100,6 +101,9 @@ class OutputInfo:
     # an ``alias_of_input`` that eager made with a multi-output view op (``unbind``, ``split``, ``chunk``): the
     # regenerated view is marked as one, so that autograd refuses the same in-place changes eager refuses
     multi_output_view: bool = False
+    # an ``alias_of_input`` / ``alias_of_output`` that eager made under no_grad: regenerated under no_grad, so
+    # that its autograd status is eager's (NOTE [Views of inputs made under no_grad] in runtime.py)
+    no_grad_view: bool = False
 
 
 @dataclasses.dataclass

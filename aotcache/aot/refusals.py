@@ -104,12 +104,42 @@ def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:
     """
     if _CHECKPOINT_MUTATION_ERROR in str(exc):  # not reentrant: an in-place op in a non-reentrant region
         raise checkpoint_mutation_error(exc) from exc
+    frames = traceback.extract_tb(exc.__traceback__)
+    in_checkpoint = any(_is_checkpoint_file(frame.filename) for frame in frames)
+    if _CHECKPOINT_INPUT_VERSION_ERROR in str(exc) and not in_checkpoint:
+        raise saved_tensor_modified_error(exc) from exc  # NOTE [Saved tensors modified in place]
     if _CHECKPOINT_INPUT_VERSION_ERROR in str(exc):  # not reentrant: a region writes one of its inputs (a
         raise checkpoint_input_write_error(str(exc)) from exc  # BatchNorm's num_batches_tracked)
-    frames = traceback.extract_tb(exc.__traceback__)
-    from_checkpoint = bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+    from_checkpoint = bool(frames) and _is_checkpoint_file(frames[-1].filename)
     if from_checkpoint or "use_reentrant=True" in str(exc):
         raise CaptureError(_REENTRANT_MESSAGE) from exc
+
+
+def _is_checkpoint_file(filename: str) -> bool:
+    return filename.replace("\\", "/").endswith("torch/utils/checkpoint.py")
+
+
+def saved_tensor_modified_error(exc: RuntimeError) -> CaptureError:
+    """NOTE [Saved tensors modified in place]
+    A tensor autograd saved for the backward, written in place afterwards (a custom autograd.Function that saves
+    its output with ``ctx.save_for_backward(out)``, then ``out.add_(1)`` by the caller; ``y = x.exp();
+    y.add_(1)``), makes eager's backward raise autograd's version-counter error: a user error, raised when
+    ``backward()`` runs. The joint trace meets it while tracing the backward. It was taken for an
+    activation-checkpointed region's write (that message, and the fallback through torch.compile), whose Dynamo
+    graph then computed gradients silently. It is a refusal now that is not Dynamo-safe (the fallback runs the
+    call eagerly, so eager's own error comes at ``backward()``); a checkpointed region's writes keep their own
+    refusal (torch.utils.checkpoint's frames in the error's traceback)."""
+    return CaptureError(f"aotcache: a tensor saved for the backward is modified in place after it was saved "
+                        f"(e.g. the output of a custom autograd.Function that saves it with "
+                        f"ctx.save_for_backward(out), then written with out.add_(...)); eager's backward raises "
+                        f"for it too ({_first_line(exc)}). The call runs eagerly, so backward() raises eager's "
+                        f"error. Fix: write out of place (out = out + 1), or save a clone.",
+                        reason="unsupported_construct", dynamo_safe=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # NOTE [Data-parallel wrappers]

@@ -123,7 +123,9 @@ class CompiledRuntime:
         self._mutation_recordable = [metadata.inputs[index].mutation_requires_grad for index in self._mutated]
         self._metadata_mutations = [(index, info.metadata_mutation) for index, info in enumerate(metadata.inputs)
                                     if info.metadata_mutation]
-        self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs) if info.requires_grad]
+        # (a view made under no_grad takes its status from the real input: NOTE [Views of inputs made under no_grad])
+        self._outputs_requiring_grad = [k for k, info in enumerate(metadata.outputs)
+                                        if info.requires_grad and not info.no_grad_view]
         # the metadata's derived counts, read several times per call (its properties rebuild a list each time)
         self._num_mutation_outputs = len(self._mutated)
         self._first_extra_output = self._num_mutation_outputs + metadata.num_graph_user_outputs
@@ -225,6 +227,14 @@ class CompiledRuntime:
                 flat[k] = out
             elif info.kind == "input":
                 flat[k] = graph_args[info.input_index]
+            elif info.kind == "alias_of_input" and info.no_grad_view:
+                with torch.no_grad():  # NOTE [Views of inputs made under no_grad]
+                    view = _regenerate_view(graph_args[info.input_index], info, extras)
+                if view.requires_grad and not info.requires_grad:
+                    view = view.detach()  # of a detached alias (``x.detach()[0]``)
+                elif info.requires_grad and not meta.inputs[info.input_index].requires_grad:
+                    view.requires_grad_(True)  # made a leaf by the function (NOTE [Leaf views of inputs])
+                flat[k] = view
             elif info.kind == "alias_of_input":
                 view = _regenerate_view(graph_args[info.input_index], info, extras)
                 # an alias that does not require grad (``x.detach()``) must not carry the input's history
@@ -241,7 +251,20 @@ class CompiledRuntime:
                 flat[k] = info.value
         for k, info in enumerate(meta.outputs):
             if info.kind == "alias_of_output":
-                flat[k] = _regenerate_output_view(flat[info.base_output], fw_outs[first_user + info.index], info)
+                computed = fw_outs[first_user + info.index]
+                if not info.no_grad_view:
+                    flat[k] = _regenerate_output_view(flat[info.base_output], computed, info)
+                    continue
+                with torch.no_grad():  # NOTE [Views of inputs made under no_grad]
+                    view = _regenerate_output_view(flat[info.base_output], computed, info)
+                if view is computed and isinstance(view, torch.Tensor):  # not a view: a leaf with eager's status
+                    view = computed.detach().requires_grad_(bool(flat[info.base_output].requires_grad))
+                if view.requires_grad and not info.requires_grad:
+                    view = view.detach()  # of a detached alias
+                elif (info.requires_grad and not view.requires_grad
+                      and not meta.outputs[info.base_output].requires_grad):
+                    view.requires_grad_(True)  # made a leaf by the function
+                flat[k] = view
         return flat
 
 
@@ -256,6 +279,15 @@ def _resolve(entry: Any, extras: Sequence[Any]) -> int:
     return int(extras[entry["extra"]]) if isinstance(entry, dict) else entry
 
 
+# NOTE [Views of inputs made under no_grad]
+# ``with torch.no_grad(): return x.view(-1)`` (or ``y = h[1:]`` of an intermediate ``h`` also returned) gives, in
+# eager, a view with its base's requires_grad and no autograd history: no gradient flows back through it, and
+# whether it requires grad depends on the real input (a leaf that requires grad gives a view that requires grad;
+# a leaf that is itself a view of a tensor without grad gives one that does not). The runtime regenerated such
+# an output with grad enabled: it came back with an AsStridedBackward node and its gradient reached ``x``. The
+# capture records the view as ``no_grad_view`` (autograd's creation meta of the traced output), and the runtime
+# regenerates it under no_grad from the real base, so torch itself gives it eager's status. A view of such a view
+# made with grad has a node that leads nowhere in eager, which nothing regenerated can have: it is refused.
 def _regenerate_view(base: torch.Tensor, info: OutputInfo, extras: Sequence[Any]) -> torch.Tensor:
     """A real view of the real input, with the geometry the traced output had (absolute storage offset)."""
     size = [_resolve(e, extras) for e in info.size]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["grad_tangent_dependencies", "is_differentiable", "is_grad_free_view", "make_tangents",
+__all__ = ["grad_tangent_dependencies", "is_differentiable", "is_grad_free_view", "made_under_no_grad", "make_tangents",
            "tangent_layout", "tangent_placeholders", "tangents_in_trace"]
 
 
@@ -25,6 +25,16 @@ def is_grad_free_view(value: torch.Tensor) -> bool:
     it. Such an output gets no tangent (autograd.grad would refuse it); the runtime returns it as a leaf that
     requires grad (``CompiledRuntime._build_outputs``)."""
     return value.requires_grad and value._is_view() and value.grad_fn is None
+
+
+def made_under_no_grad(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a view that a view op made under no_grad (or a view of such a view): eager gives it
+    its base's requires_grad and no history (NOTE [Views of inputs made under no_grad] in runtime.py)."""
+    if not value._is_view():
+        return False
+    from torch._C._autograd import CreationMeta, _get_creation_meta
+
+    return _get_creation_meta(value) == CreationMeta.NO_GRAD_MODE
 
 
 def is_multi_output_view(value: torch.Tensor) -> bool:
