@@ -47,7 +47,7 @@ from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
-from aotcache.aot.module_state import refuse_tensors_stored_on_modules
+from aotcache.aot.module_state import refuse_rebound_module_tensors, refuse_tensors_stored_on_modules
 from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks, refuse_script_modules
 from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
@@ -76,7 +76,8 @@ def _functional_module_call(module: nn.Module) -> Callable:
         refuse_script_modules(module)  # NOTE [TorchScript submodules]
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
-        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module), \
+                refuse_rebound_module_tensors(module, tensors):  # NOTE [Buffers and parameters rebound by forward]
             return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
     return call

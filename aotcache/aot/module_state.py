@@ -13,7 +13,8 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
+__all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_rebound_module_tensors",
+           "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -29,6 +30,27 @@ __all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_
 # ``config.problem_type``) is NOTE [State changed by the call]; parameters and buffers are the graph's own
 # inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
 # so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
+
+# NOTE [Buffers and parameters rebound by forward]
+# A forward may rebind one of its module's registered tensors instead of writing into it: ``self.buf = self.buf +
+# 1`` (nn.Module's ``__setattr__`` puts the new tensor in ``_buffers``), ``self.register_buffer("inv_freq", t)``
+# (transformers' dynamic RoPE, when the sequence grows past the cached length and again when it shrinks back),
+# ``self.w = nn.Parameter(...)``, a new buffer registered or ``del self.buf``. The capture swaps trace tensors in for
+# the module's registered tensors (``functional_call``) and swaps the originals back after the trace, which undid
+# the rebinding: the graph read the original tensor at every call and the module kept it, so ``aot_module`` and
+# ``aotcache.compile`` returned the first call's result at every call and the buffer never changed (eager: a new
+# tensor each call, results 1, 2, 3), silently. A graph cannot rebind a module attribute at each call, so such a
+# capture is refused (``unsupported_construct``, naming the tensor): after the trace, a registered tensor the
+# forward replaced (``functional_call`` writes the module's tensor at the swap-back into the dict it was given:
+# one that is not the tensor swapped in was rebound), and any name registered or deleted in a submodule's
+# ``_parameters`` / ``_buffers``, count; every registry is put back as the capture found it (a deleted tensor the
+# swap-back left as a plain attribute is removed again). The fallback then runs the module itself (the Dynamo way
+# of ``aotcache.compile`` and ``aot_module``'s partial fallback, which replay the assignment with real tensors, or
+# eagerly), so results and the module's tensors are eager's at every call. Only what the Python rebinds counts:
+# an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics) keeps the tensor and is a graph input
+# mutation, written back as before. A forward that rebinds only now and then (dynamic RoPE) is refused on the
+# calls that rebind; a graph traced on a call that did not is selected by what decided it (the module's settings,
+# such as ``max_seq_len_cached``, and the shape guards), never reused for a call whose Python would rebind.
 
 # NOTE [Tensors stored in program state]
 # The same construct on the program's own state: a forward appending what it computed to a module-level list
@@ -164,6 +186,45 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
             f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
             dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+
+
+def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozenset[str]]]:
+    """Per submodule: copies of its ``_parameters`` and ``_buffers`` and its attribute names."""
+    return [(sub, dict(sub._parameters), dict(sub._buffers), frozenset(sub.__dict__)) for sub in module.modules()]
+
+
+@contextlib.contextmanager
+def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any]) -> Iterator[None]:
+    """Around ``functional_call(module, swapped, ...)``: raise a :class:`CaptureError` when the forward rebound,
+    registered or deleted a parameter or buffer, after putting every registry back as it was (NOTE [Buffers and
+    parameters rebound by forward]). ``swapped``: the dict given to ``functional_call`` (it writes back into it)."""
+    before = _registries(module)
+    passed = dict(swapped)
+    try:
+        yield
+    finally:
+        changed = [name for name, value in swapped.items() if passed.get(name, value) is not value]
+        paths = None
+        for sub, params, buffers, attributes in before:
+            for current, saved in ((sub._parameters, params), (sub._buffers, buffers)):
+                if current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved):
+                    continue
+                if paths is None:
+                    paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
+                prefix = paths.get(id(sub)) + "." if paths.get(id(sub)) else ""
+                changed.extend(prefix + name for name in current.keys() ^ saved.keys())
+                current.clear()
+                current.update(saved)
+            for name in set(params) | set(buffers):  # a deleted tensor the swap-back set as a plain attribute
+                if name not in attributes:
+                    sub.__dict__.pop(name, None)
+    if changed:
+        where = ", ".join(dict.fromkeys(changed[:3]))
+        raise CaptureError(
+            f"aotcache: the call rebinds a parameter or buffer of the model ({where}): a graph reads the module's "
+            f"registered tensors as inputs and cannot replace them at every call (NOTE [Buffers and parameters "
+            f"rebound by forward]). Write into the tensor in place instead (self.buf.copy_(new), with the same "
+            f"shape and dtype), or keep the value outside the model.", reason="unsupported_construct")
 
 
 def bounded_deque(value: Any, depth: int = 0) -> bool:
