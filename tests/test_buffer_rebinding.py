@@ -1,0 +1,297 @@
+"""A forward that rebinds, registers or deletes one of its module's parameters or buffers (NOTE [Buffers and
+parameters rebound by forward] in aot/module_state.py): every route gives eager's results and leaves the module's
+tensors as eager does, at every call and in a fresh process; a forward that writes in place is still one graph."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.fallback import fallback_counts
+from tests.conftest import run_python
+
+
+class _Rebinds(nn.Module):
+    """``self.buf = self.buf + 1``: eager returns 1, 2, 3, ... and the buffer counts the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("buf", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.buf = self.buf + 1
+        return self.lin(x) + self.buf
+
+
+class _RebindsWithGrad(nn.Module):
+    """The new buffer value carries a gradient to a parameter (detached from the last call's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("buf", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.buf = self.buf.detach() * 0.5 + self.lin.bias
+        return self.lin(x) * self.buf
+
+
+class _RegistersAgain(nn.Module):
+    """``self.register_buffer(name, new)`` inside forward (transformers' dynamic RoPE does this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.register_buffer("scale", self.scale * 2, persistent=False)
+        return self.lin(x) * self.scale
+
+
+class _RegistersNew(nn.Module):
+    """The first call registers a buffer the later calls update in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "seen" not in self._buffers:
+            self.register_buffer("seen", torch.ones(3))
+        else:
+            self.seen.add_(1)
+        return self.lin(x) * self.seen
+
+
+class _Deletes(nn.Module):
+    """``del self.buf`` in the first call; the later calls take the other branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("buf", torch.full((3,), 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "buf" in self._buffers:
+            out = self.lin(x) * self.buf
+            del self.buf
+            return out
+        return self.lin(x)
+
+
+class _NewParameter(nn.Module):
+    """``self.w = nn.Parameter(...)`` in forward (rare: an optimizer holding the old one no longer updates it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * self.w
+        self.w = nn.Parameter(self.w.detach() * 2)
+        return out
+
+
+class _GrowsBuffer(nn.Module):
+    """The rebound buffer changes shape at every call (a history)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("history", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.history = torch.cat([self.history, x.detach().sum().reshape(1)])
+        return x * self.history.sum()
+
+
+class _WritesInPlace(nn.Module):
+    """The supported way: the buffer keeps its tensor (an input mutation of the graph, written back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("buf", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.buf.add_(1)
+        return self.lin(x) + self.buf
+
+
+def _wrap(route: str, module: nn.Module) -> nn.Module:
+    if route == "compile":
+        return aotcache.compile(module, compiler="nop")
+    if route == "aot_module":
+        return aotcache.aot_module(module, "nop")
+    if route == "aot_module_dynamic":
+        return aotcache.aot_module(module, "nop", dynamic=True)
+    if route == "backend":
+        return torch.compile(module, backend="aotcache")
+    assert route == "aot_function"
+    return aotcache.aot_function(lambda x: module(x), "nop")
+
+
+def _registered(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _check_as_eager(cls: type, route: str, train: bool, calls: int = 4) -> nn.Module:
+    """Run ``cls`` eagerly and through ``route`` side by side; outputs, input gradients and the module's registered
+    tensors (names, types, values) must be eager's after every call. Returns the compiled model's module."""
+    torch.manual_seed(0)
+    eager = cls().train(train)
+    module = copy.deepcopy(eager)
+    compiled = _wrap(route, module)
+    for step in range(calls):
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(step), requires_grad=train)
+        x2 = x.detach().clone().requires_grad_(train)
+        want, got = eager(x), compiled(x2)
+        assert torch.allclose(want, got, atol=1e-6), (route, step, want, got)
+        if train:
+            want.sum().backward()
+            got.sum().backward()
+            assert torch.allclose(x.grad, x2.grad, atol=1e-6), (route, step)
+        expected, found = _registered(eager), _registered(module)
+        assert list(expected) == list(found), (route, step)
+        for name, tensor in found.items():
+            assert type(tensor) is type(expected[name]), (route, step, name, type(tensor))  # no trace tensor left
+            assert torch.allclose(tensor, expected[name], atol=1e-6), (route, step, name)
+        assert "buf" not in vars(module) or "buf" in vars(eager)  # a deleted buffer is not back as an attribute
+    return module
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_module", "aot_module_dynamic", "backend", "aot_function"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_rebound_buffer_gives_eager_results_at_every_call(route, train):
+    # before NOTE [Buffers and parameters rebound by forward]: aot_module / aotcache.compile returned 1, 1, 1 and the
+    # buffer stayed 0 (the graph read the tensor the capture had swapped back), silently
+    _check_as_eager(_Rebinds, route, train)
+
+
+@pytest.mark.parametrize("cls", [_RegistersAgain, _RegistersNew, _Deletes, _NewParameter, _GrowsBuffer])
+@pytest.mark.parametrize("route", ["compile", "aot_module"])
+def test_registering_deleting_and_replacing_tensors_in_forward_as_eager(cls, route):
+    _check_as_eager(cls, route, train=True)
+
+
+@pytest.mark.parametrize("route", ["aot_module", "aot_module_dynamic"])
+def test_a_rebound_buffer_with_a_gradient_as_eager(route):
+    _check_as_eager(_RebindsWithGrad, route, train=False)
+    module = _check_as_eager(_RebindsWithGrad, route, train=True, calls=1)
+    assert module.buf.requires_grad  # the new value's history is eager's
+
+
+def test_the_refusal_names_the_tensor_and_puts_the_registries_back_as_found():
+    module = _Deletes()
+    module.register_buffer("rebound", torch.zeros(1))
+    buffers, params, attributes = dict(module._buffers), dict(module._parameters), set(vars(module))
+    compiled = aotcache.aot_module(module, "nop", cache=False, on_capture_error="raise")
+    with pytest.raises(CaptureError, match=r"rebinds a parameter or buffer of the model \(buf\)") as caught:
+        compiled(torch.ones(2, 3))
+    assert caught.value.reason == "unsupported_construct"
+    assert module._buffers.keys() == buffers.keys() and all(module._buffers[k] is v for k, v in buffers.items())
+    assert module._parameters.keys() == params.keys() and all(module._parameters[k] is v for k, v in params.items())
+    assert set(vars(module)) == attributes  # the swap-back of the deleted buffer left no plain attribute
+    assert torch.equal(module.buf, torch.full((3,), 3.0))
+
+
+def test_a_forward_writing_its_buffer_in_place_is_still_one_graph_and_hits():
+    before = fallback_counts()
+    eager = _WritesInPlace()
+    module = copy.deepcopy(eager)
+    compiled = aotcache.aot_module(module, "nop")
+    buffer = module.buf
+    for step in range(3):
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(step))
+        assert torch.allclose(compiled(x), eager(x), atol=1e-6)
+    assert module.buf is buffer and torch.equal(module.buf, eager.buf)  # written back into the same tensor
+    assert compiled.compiled.num_compiles == 1 and fallback_counts() == before
+
+
+_WARM_START = """
+import json, sys, torch, aotcache
+from aotcache.autograd_cache.cache import resolve_cache
+from tests.test_buffer_rebinding import _Rebinds, _WritesInPlace
+results = {}
+for name, cls in (("rebinds", _Rebinds), ("in_place", _WritesInPlace)):
+    torch.manual_seed(0)
+    module = cls()
+    compiled = aotcache.compile(module, compiler="nop")
+    x = torch.ones(2, 3)
+    outs = [compiled(x) for _ in range(3)]
+    results[name] = {"route": compiled.route, "traces": compiled.compiled.traces.traces(module),
+                     "steps": [(out - outs[0]).mean().item() for out in outs], "buf": module.buf.tolist()}
+print(json.dumps({**results, **{k: v for k, v in resolve_cache(True).counters.items() if isinstance(v, int)}}))
+"""
+
+
+def test_a_warm_start_in_a_fresh_process_gives_eager_results_and_still_hits_the_plain_model():
+    cold = json.loads(run_python(_WARM_START).stdout.strip().splitlines()[-1])
+    warm = json.loads(run_python(_WARM_START).stdout.strip().splitlines()[-1])
+    for run in (cold, warm):
+        assert run["rebinds"]["route"] == "dynamo"
+        assert run["rebinds"]["steps"] == [0.0, 1.0, 2.0] and run["rebinds"]["buf"] == [3.0] * 3
+        assert run["in_place"]["route"] == "aot"
+        assert run["in_place"]["steps"] == [0.0, 1.0, 2.0] and run["in_place"]["buf"] == [3.0] * 3
+    assert warm["route_recorded_dynamo"] == 1 and warm["rebinds"]["traces"] == 0  # the recorded way, no capture
+    assert cold["in_place"]["traces"] == 1 and warm["in_place"]["traces"] == 0  # the plain model loads its graph
+    assert warm["fingerprint_hit"] >= 1 and warm.get("compile", 0) == 0
+
+
+class _RebindsPastALimit(nn.Module):
+    """Rebinds only for inputs longer than ``limit`` (a shape decides it: the graphs of short inputs stay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("buf", torch.zeros(1))
+        self.limit = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            self.buf = self.buf + 1
+        return x * 2 + self.buf
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_rebinding_decided_by_the_shape_never_reuses_the_graph_of_a_short_input(dynamic):
+    eager, module = _RebindsPastALimit(), _RebindsPastALimit()
+    compiled = aotcache.aot_module(module, "nop", dynamic=dynamic)
+    for n in (2, 3, 6, 2, 7, 3, 8, 2, 6):
+        x = torch.ones(n, 1)
+        assert torch.equal(compiled(x), eager(x)), n
+        assert torch.equal(module.buf, eager.buf), n
+    assert module.buf.item() == 4.0
+
+
+def _dynamic_rope_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_module"])
+def test_dynamic_rope_growing_and_shrinking_past_max_positions_as_eager(route):
+    # its rotary embedding registers a new inv_freq when the sequence grows past the cached length, and the
+    # original again when it comes back under max_position_embeddings
+    eager = _dynamic_rope_llama()
+    model = copy.deepcopy(eager)
+    compiled = _wrap(route, model)
+    for step, length in enumerate((4, 12, 5, 16, 6, 12, 4)):
+        ids = torch.randint(3, 64, (1, length), generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            want, got = eager(ids, use_cache=False).logits, compiled(ids, use_cache=False).logits
+        assert torch.allclose(want, got, atol=1e-5), length
+        assert torch.equal(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq), length
+        assert type(model.model.rotary_emb.inv_freq) is torch.Tensor
