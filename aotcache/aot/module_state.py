@@ -49,8 +49,9 @@ __all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_
 # eagerly), so results and the module's tensors are eager's at every call. Only what the Python rebinds counts:
 # an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics) keeps the tensor and is a graph input
 # mutation, written back as before. A forward that rebinds only now and then (dynamic RoPE) is refused on the
-# calls that rebind; a graph traced on a call that did not is selected by what decided it (the module's settings,
-# such as ``max_seq_len_cached``, and the shape guards), never reused for a call whose Python would rebind.
+# calls that rebind; a graph traced on a call that did not is selected by what decided it, as any graph is (the
+# module's settings such as ``max_seq_len_cached``, the program guards, the shape guards), so a call whose Python
+# would rebind does not reuse it (tests/test_buffer_rebinding.py: a shape test, static and dynamic, and RoPE).
 
 # NOTE [Tensors stored in program state]
 # The same construct on the program's own state: a forward appending what it computed to a module-level list
