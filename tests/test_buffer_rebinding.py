@@ -185,6 +185,20 @@ def test_registering_deleting_and_replacing_tensors_in_forward_as_eager(cls, rou
     _check_as_eager(cls, route, train=True)
 
 
+@pytest.mark.parametrize("cls", [_RegistersNew, _Deletes])
+def test_a_name_registered_or_deleted_by_the_first_call_only_lets_the_next_call_be_captured(cls):
+    """``first_call_only``: ``aotcache.compile`` runs the first call eagerly, then captures the model whole."""
+    torch.manual_seed(0)
+    eager = cls()
+    model = copy.deepcopy(eager)
+    compiled = aotcache.compile(model, compiler="nop")
+    for step in range(3):
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(step))
+        assert torch.allclose(compiled(x), eager(x), atol=1e-6), step
+    assert compiled.route == "aot" and compiled.compiled.num_compiles == 2  # the refused first call, then one
+    assert list(_registered(model)) == list(_registered(eager))
+
+
 @pytest.mark.parametrize("route", ["compile", "aot_module", "aot_module_dynamic", "backend"])
 def test_a_rebound_buffer_with_a_gradient_as_eager(route):
     # the second backward failed ("backward through the graph a second time") on the Dynamo way: the buffer fed to
@@ -220,13 +234,19 @@ def test_the_refusal_names_the_tensor_and_puts_the_registries_back_as_found():
     module.register_buffer("rebound", torch.zeros(1))
     buffers, params, attributes = dict(module._buffers), dict(module._parameters), set(vars(module))
     compiled = aotcache.aot_module(module, "nop", cache=False, on_capture_error="raise")
-    with pytest.raises(CaptureError, match=r"rebinds a parameter or buffer of the model \(buf\)") as caught:
+    with pytest.raises(CaptureError, match=r"deletes a parameter or buffer of the model \(buf\)") as caught:
         compiled(torch.ones(2, 3))
     assert caught.value.reason == "unsupported_construct"
+    assert caught.value.first_call_only  # a name deleted, no tensor replaced: the next call may be captured
     assert module._buffers.keys() == buffers.keys() and all(module._buffers[k] is v for k, v in buffers.items())
     assert module._parameters.keys() == params.keys() and all(module._parameters[k] is v for k, v in params.items())
     assert set(vars(module)) == attributes  # the swap-back of the deleted buffer left no plain attribute
     assert torch.equal(module.buf, torch.full((3,), 3.0))
+    rebinds = _Rebinds()
+    buffer = rebinds.buf
+    with pytest.raises(CaptureError, match=r"rebinds a parameter or buffer of the model \(buf\)") as caught:
+        aotcache.aot_module(rebinds, "nop", cache=False, on_capture_error="raise")(torch.ones(2, 3))
+    assert not caught.value.first_call_only and rebinds.buf is buffer and set(vars(rebinds)) == set(vars(_Rebinds()))
 
 
 def test_a_forward_writing_its_buffer_in_place_is_still_one_graph_and_hits():

@@ -48,7 +48,10 @@ __all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_
 # of ``aotcache.compile`` and ``aot_module``'s partial fallback, which replay the assignment with real tensors, or
 # eagerly), so results and the module's tensors are eager's at every call. Only what the Python rebinds counts:
 # an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics) keeps the tensor and is a graph input
-# mutation, written back as before. A forward that rebinds only now and then (dynamic RoPE) is refused on the
+# mutation, written back as before. A refusal for names registered or deleted only (no tensor replaced: a buffer
+# registered lazily by the first call) is ``first_call_only``: ``aotcache.compile`` runs that call eagerly and
+# captures the next one (whose signature has the new names) instead of taking the Dynamo way for good. A forward
+# that rebinds only now and then (dynamic RoPE) is refused on the
 # calls that rebind; a graph traced on a call that did not is selected by what decided it, as any graph is (the
 # module's settings such as ``max_seq_len_cached``, the program guards, the shape guards), so a call whose Python
 # would rebind does not reuse it (tests/test_buffer_rebinding.py: a shape test, static and dynamic, and RoPE).
@@ -205,6 +208,7 @@ def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any]) ->
         yield
     finally:
         changed = [name for name, value in swapped.items() if passed.get(name, value) is not value]
+        rebound = any(isinstance(swapped[name], torch.Tensor) for name in changed)  # (not deleted, not None)
         paths = None
         for sub, params, buffers, attributes in before:
             for current, saved in ((sub._parameters, params), (sub._buffers, buffers)):
@@ -213,6 +217,7 @@ def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any]) ->
                 if paths is None:
                     paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
                 prefix = paths.get(id(sub)) + "." if paths.get(id(sub)) else ""
+                rebound = rebound or any(current[k] is not saved[k] for k in current.keys() & saved.keys())
                 changed.extend(prefix + name for name in current.keys() ^ saved.keys())
                 current.clear()
                 current.update(saved)
@@ -222,10 +227,11 @@ def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any]) ->
     if changed:
         where = ", ".join(dict.fromkeys(changed[:3]))
         raise CaptureError(
-            f"aotcache: the call rebinds a parameter or buffer of the model ({where}): a graph reads the module's "
-            f"registered tensors as inputs and cannot replace them at every call (NOTE [Buffers and parameters "
-            f"rebound by forward]). Write into the tensor in place instead (self.buf.copy_(new), with the same "
-            f"shape and dtype), or keep the value outside the model.", reason="unsupported_construct")
+            f"aotcache: the call {'rebinds' if rebound else 'registers or deletes'} a parameter or buffer of the "
+            f"model ({where}): a graph reads the module's registered tensors as inputs and cannot replace them at "
+            f"every call (NOTE [Buffers and parameters rebound by forward]). Write into the tensor in place instead "
+            f"(self.buf.copy_(new), with the same shape and dtype), or keep the value outside the model.",
+            reason="unsupported_construct", first_call_only=not rebound)
 
 
 def bounded_deque(value: Any, depth: int = 0) -> bool:
