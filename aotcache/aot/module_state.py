@@ -51,10 +51,10 @@ __all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_
 # mutation, written back as before. A refusal for names registered or deleted only (no tensor replaced: a buffer
 # registered lazily by the first call) is ``first_call_only``: ``aotcache.compile`` runs that call eagerly and
 # captures the next one (whose signature has the new names) instead of taking the Dynamo way for good. A forward
-# that rebinds only now and then (dynamic RoPE) is refused on the
-# calls that rebind; a graph traced on a call that did not is selected by what decided it, as any graph is (the
-# module's settings such as ``max_seq_len_cached``, the program guards, the shape guards), so a call whose Python
-# would rebind does not reuse it (tests/test_buffer_rebinding.py: a shape test, static and dynamic, and RoPE).
+# that rebinds only now and then (dynamic RoPE) is refused on the calls that rebind; a graph traced on a call that
+# did not is selected by what decided it, as any graph is (the module's settings such as ``max_seq_len_cached``,
+# the program guards, the shape guards), so a call whose Python would rebind does not reuse it
+# (tests/test_buffer_rebinding.py: a shape test, static and dynamic, and RoPE).
 
 # NOTE [Tensors stored in program state]
 # The same construct on the program's own state: a forward appending what it computed to a module-level list

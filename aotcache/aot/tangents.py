@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["grad_tangent_dependencies", "inputs_without_gradient", "is_differentiable", "is_grad_free_view", "make_tangents",
-           "tangent_layout", "tangent_placeholders", "tangents_in_trace"]
+__all__ = ["grad_tangent_dependencies", "inputs_without_gradient", "is_differentiable", "is_grad_free_view",
+           "make_tangents", "tangent_layout", "tangent_placeholders", "tangents_in_trace"]
 
 
 def is_differentiable(value: Any) -> bool:
