@@ -342,3 +342,18 @@ def test_dynamic_rope_growing_and_shrinking_past_max_positions_as_eager(route):
         assert torch.allclose(want, got, atol=1e-5), length
         assert torch.equal(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq), length
         assert type(model.model.rotary_emb.inv_freq) is torch.Tensor
+
+
+def test_aot_export_module_refuses_a_rebinding_and_still_exports_an_in_place_write():
+    # the export used to list no buffer mutation for ``self.buf = self.buf + 1``: a graph without the update, silently
+    from aotcache.aot.api import aot_export_module
+
+    module = _Rebinds()
+    buffer = module.buf
+    for trace_joint in (False, True):
+        with pytest.raises(CaptureError, match=r"rebinds a parameter or buffer of the model \(buf\)"):
+            aot_export_module(module, [torch.ones(2, 3)], trace_joint=trace_joint,
+                              output_loss_index=0 if trace_joint else None)
+        assert module.buf is buffer and list(module._buffers) == ["buf"]
+    _, signature = aot_export_module(_WritesInPlace(), [torch.ones(2, 3)], trace_joint=False)
+    assert list(signature.buffers_to_mutate.values()) == ["buf"]
