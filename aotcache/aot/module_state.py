@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_rebound_module_tensors",
-           "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
+__all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds_trace_tensor",
+           "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -192,46 +193,94 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
 
 
-def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozenset[str]]]:
-    """Per submodule: copies of its ``_parameters`` and ``_buffers`` and its attribute names."""
-    return [(sub, dict(sub._parameters), dict(sub._buffers), frozenset(sub.__dict__)) for sub in module.modules()]
+def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozenset[str], frozenset[str]]]:
+    """Per submodule: copies of its ``_parameters`` and ``_buffers``, its attribute names, its non-persistent
+    buffer names."""
+    return [(sub, dict(sub._parameters), dict(sub._buffers), frozenset(sub.__dict__),
+             frozenset(sub.__dict__.get("_non_persistent_buffers_set", ()))) for sub in module.modules()]
+
+
+def _returnable(value: Any, name: str, swapped: dict[str, Any], buffers: frozenset[str], taken: set[int]) -> bool:
+    """Whether a buffer's new value can be a graph output the runtime binds after each call (NOTE [Buffers and
+    parameters rebound by forward]): a tensor the trace computed (not a real constant, a view, another swapped
+    tensor, an argument of the call (``taken``), nor the value of another rebound buffer)."""
+    if name not in buffers or not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter):
+        return False
+    if id(value) in taken or any(value is other for other in swapped.values()) or not holds_trace_tensor(value):
+        return False
+    try:
+        return not value._is_view()
+    except RuntimeError:
+        return False
 
 
 @contextlib.contextmanager
-def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any]) -> Iterator[None]:
+def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any],
+                                  rebound: dict[str, torch.Tensor] | None = None,
+                                  buffer_names: frozenset[str] = frozenset(), arguments: Any = ()) -> Iterator[None]:
     """Around ``functional_call(module, swapped, ...)``: raise a :class:`CaptureError` when the forward rebound,
     registered or deleted a parameter or buffer, after putting every registry back as it was (NOTE [Buffers and
-    parameters rebound by forward]). ``swapped``: the dict given to ``functional_call`` (it writes back into it)."""
+    parameters rebound by forward]). ``swapped``: the dict given to ``functional_call`` (it writes back into it).
+
+    With a ``rebound`` dict, buffers (of ``buffer_names``, keys of ``swapped``) rebound to a tensor the trace
+    computed (not one of the call's ``arguments``) are not refused: their new values are put in it by name (the
+    caller returns them from the graph and binds them after each call)."""
     before = _registries(module)
     passed = dict(swapped)
     try:
         yield
     finally:
         changed = [name for name, value in swapped.items() if passed.get(name, value) is not value]
-        rebound = any(isinstance(swapped[name], torch.Tensor) for name in changed)  # (not deleted, not None)
+        rebound_any = any(isinstance(swapped[name], torch.Tensor) for name in changed)  # (not deleted, not None)
+        registry_changed = False
         paths = None
-        for sub, params, buffers, attributes in before:
+        for sub, params, buffers, attributes, non_persistent in before:
             for current, saved in ((sub._parameters, params), (sub._buffers, buffers)):
                 if current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved):
                     continue
                 if paths is None:
                     paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
                 prefix = paths.get(id(sub)) + "." if paths.get(id(sub)) else ""
-                rebound = rebound or any(current[k] is not saved[k] for k in current.keys() & saved.keys())
+                rebound_any = rebound_any or any(current[k] is not saved[k] for k in current.keys() & saved.keys())
                 changed.extend(prefix + name for name in current.keys() ^ saved.keys())
+                registry_changed = True
                 current.clear()
                 current.update(saved)
             for name in set(params) | set(buffers):  # a deleted tensor the swap-back set as a plain attribute
                 if name not in attributes:
                     sub.__dict__.pop(name, None)
+            now = sub.__dict__.get("_non_persistent_buffers_set")
+            if now is not None and frozenset(now) != non_persistent:  # register_buffer(persistent=...) changed it
+                registry_changed = True
+                changed.append(next(iter(frozenset(now) ^ non_persistent)))
+                now.clear()
+                now.update(non_persistent)
+    if changed and rebound is not None and not registry_changed:
+        taken = {id(leaf) for leaf in pytree.tree_leaves(arguments) if isinstance(leaf, torch.Tensor)}
+        for name in changed:
+            value = swapped[name]
+            if not _returnable(value, name, passed, buffer_names, taken):
+                break
+            taken.add(id(value))
+        else:
+            rebound.update((name, swapped[name]) for name in changed)
+            return
     if changed:
         where = ", ".join(dict.fromkeys(changed[:3]))
         raise CaptureError(
-            f"aotcache: the call {'rebinds' if rebound else 'registers or deletes'} a parameter or buffer of the "
+            f"aotcache: the call {'rebinds' if rebound_any else 'registers or deletes'} a parameter or buffer of the "
             f"model ({where}): a graph reads the module's registered tensors as inputs and cannot replace them at "
             f"every call (NOTE [Buffers and parameters rebound by forward]). Write into the tensor in place instead "
             f"(self.buf.copy_(new), with the same shape and dtype), or keep the value outside the model.",
-            reason="unsupported_construct", first_call_only=not rebound)
+            reason="unsupported_construct", first_call_only=not rebound_any)
+
+
+def bind_rebound_buffers(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Bind each buffer of ``module`` at path ``name`` to the new tensor a compiled call returned for it (NOTE
+    [Buffers and parameters rebound by forward]), as the forward's ``self.buf = ...`` does in eager."""
+    for path, value in values.items():
+        owner, _, leaf = path.rpartition(".")
+        module.get_submodule(owner)._buffers[leaf] = value
 
 
 def bounded_deque(value: Any, depth: int = 0) -> bool:
