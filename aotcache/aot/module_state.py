@@ -40,22 +40,35 @@ __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds
 # the module's registered tensors (``functional_call``) and swaps the originals back after the trace, which undid
 # the rebinding: the graph read the original tensor at every call and the module kept it, so ``aot_module`` and
 # ``aotcache.compile`` returned the first call's result at every call and the buffer never changed (eager: a new
-# tensor each call, results 1, 2, 3), silently. A graph cannot rebind a module attribute at each call, so such a
-# capture is refused (``unsupported_construct``, naming the tensor): after the trace, a registered tensor the
-# forward replaced (``functional_call`` writes the module's tensor at the swap-back into the dict it was given:
-# one that is not the tensor swapped in was rebound), and any name registered or deleted in a submodule's
-# ``_parameters`` / ``_buffers``, count; every registry is put back as the capture found it (a deleted tensor the
-# swap-back left as a plain attribute is removed again). The fallback then runs the module itself (the Dynamo way
-# of ``aotcache.compile`` and ``aot_module``'s partial fallback, which replay the assignment with real tensors, or
-# eagerly), so results and the module's tensors are eager's at every call. Only what the Python rebinds counts:
-# an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics) keeps the tensor and is a graph input
-# mutation, written back as before. A refusal for names registered or deleted only (no tensor replaced: a buffer
-# registered lazily by the first call) is ``first_call_only``: ``aotcache.compile`` runs that call eagerly and
-# captures the next one (whose signature has the new names) instead of taking the Dynamo way for good. A forward
-# that rebinds only now and then (dynamic RoPE) is refused on the calls that rebind; a graph traced on a call that
-# did not is selected by what decided it, as any graph is (the module's settings such as ``max_seq_len_cached``,
-# the program guards, the shape guards), so a call whose Python would rebind does not reuse it
-# (tests/test_buffer_rebinding.py: a shape test, static and dynamic, and RoPE).
+# tensor each call, results 1, 2, 3), silently. After the trace, a registered tensor the forward replaced
+# (``functional_call`` writes the module's tensor at the swap-back into the dict it was given: one that is not the
+# tensor swapped in was rebound), and any name registered or deleted in a submodule's ``_parameters`` /
+# ``_buffers`` (or moved in or out of ``_non_persistent_buffers_set``), are found, and every registry is put back as
+# the capture found it (a deleted tensor the swap-back left as a plain attribute is removed again). Then:
+#
+# * a *buffer* rebound to a tensor the trace computed is supported: the captured call returns
+#   ``ReboundBuffers(output, {path: new value})`` (module.py), so the new values are outputs of the graph, and
+#   ``AOTModule.forward`` binds them into ``_buffers`` after each call and returns the output. As in eager, each call
+#   leaves a new tensor (a reference to the old one keeps its value, an in-place write into it before the rebinding
+#   included), with the new value's autograd history; a new shape or dtype is a new signature at the next call. The
+#   namedtuple is defined at module level, so a cached graph's output structure names it and a warm start rebuilds
+#   it. One graph serves every call (hot path, fingerprint warm starts).
+# * anything else is refused (``unsupported_construct``, naming the tensor), and the fallback runs the module itself
+#   (the Dynamo way of ``aotcache.compile``, ``aot_module``'s partial fallback: both replay the Python with real
+#   tensors), so results and tensors are eager's: a parameter (``nn.Parameter`` made in the trace; an optimizer
+#   would hold the old one anyway), a registration or deletion (``first_call_only`` when no tensor was replaced:
+#   ``aotcache.compile`` runs a lazily registering first call eagerly and captures the next), a persistence change,
+#   and a new value the graph cannot return as its own tensor: a view, one of the call's arguments, another swapped
+#   tensor (two buffers swapped), a real constant (dynamic RoPE's reset to ``original_inv_freq``, a plain
+#   attribute), or the value of two buffers. ``aot_export_module`` refuses every rebinding (its signature has no
+#   place for it).
+#
+# Only what the Python rebinds counts: an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics)
+# keeps the tensor and is a graph input mutation, as before. A forward that rebinds only now and then is refused or
+# returns the new values on those calls only; a graph traced on a call that did not rebind is selected by what
+# decided it, as any graph is (the module's settings such as ``max_seq_len_cached``, the program guards, the shape
+# guards), so a call whose Python would rebind does not reuse it (tests/test_buffer_rebinding.py: a shape test,
+# static and dynamic, and dynamic RoPE, whose growth test on a tensor is a data-dependent refusal of its own).
 
 # NOTE [Tensors stored in program state]
 # The same construct on the program's own state: a forward appending what it computed to a module-level list
@@ -269,9 +282,13 @@ def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any],
         where = ", ".join(dict.fromkeys(changed[:3]))
         raise CaptureError(
             f"aotcache: the call {'rebinds' if rebound_any else 'registers or deletes'} a parameter or buffer of the "
-            f"model ({where}): a graph reads the module's registered tensors as inputs and cannot replace them at "
-            f"every call (NOTE [Buffers and parameters rebound by forward]). Write into the tensor in place instead "
-            f"(self.buf.copy_(new), with the same shape and dtype), or keep the value outside the model.",
+            f"model ({where}) in a way a compiled graph cannot replay: "
+            + ("an exported graph's signature has no place for it" if rebound is None else
+               "only a buffer set to a new tensor the call computes is returned by the graph and bound after each "
+               "call, not a parameter, a view, an argument, a constant, a swap, a registration, deletion or "
+               "persistence change")
+            + " (NOTE [Buffers and parameters rebound by forward]). Write into the tensor in place instead "
+            "(self.buf.copy_(new)).",
             reason="unsupported_construct", first_call_only=not rebound_any)
 
 
