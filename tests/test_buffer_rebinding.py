@@ -112,6 +112,18 @@ class _GrowsBuffer(nn.Module):
         return x * self.history.sum()
 
 
+class _ChangesDtype(nn.Module):
+    """The rebound buffer becomes float64 at the first call (a new signature at the second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("buf", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.buf = (self.buf + 1).to(torch.float64)
+        return x * self.buf
+
+
 class _WritesInPlace(nn.Module):
     """The supported way: the buffer keeps its tensor (an input mutation of the graph, written back)."""
 
@@ -166,6 +178,7 @@ def _check_as_eager(cls: type, route: str, train: bool, calls: int = 4) -> nn.Mo
         assert list(expected) == list(found), (route, step)
         for name, tensor in found.items():
             assert type(tensor) is type(expected[name]), (route, step, name, type(tensor))  # no trace tensor left
+            assert tensor.dtype == expected[name].dtype and tensor.shape == expected[name].shape, (route, step, name)
             assert torch.allclose(tensor, expected[name], atol=1e-6), (route, step, name)
         assert "buf" not in vars(module) or "buf" in vars(eager)  # a deleted buffer is not back as an attribute
     return module
@@ -179,7 +192,7 @@ def test_a_rebound_buffer_gives_eager_results_at_every_call(route, train):
     _check_as_eager(_Rebinds, route, train)
 
 
-@pytest.mark.parametrize("cls", [_RegistersAgain, _RegistersNew, _Deletes, _NewParameter, _GrowsBuffer])
+@pytest.mark.parametrize("cls", [_RegistersAgain, _RegistersNew, _Deletes, _NewParameter, _GrowsBuffer, _ChangesDtype])
 @pytest.mark.parametrize("route", ["compile", "aot_module"])
 def test_registering_deleting_and_replacing_tensors_in_forward_as_eager(cls, route):
     _check_as_eager(cls, route, train=True)
