@@ -408,3 +408,52 @@ def test_aot_export_module_refuses_a_rebinding_and_still_exports_an_in_place_wri
         assert module.buf is buffer and list(module._buffers) == ["buf"]
     _, signature = aot_export_module(_WritesInPlace(), [torch.ones(2, 3)], trace_joint=False)
     assert list(signature.buffers_to_mutate.values()) == ["buf"]
+
+
+class _RebindsTiedBuffer(nn.Module):
+    """``b.buf`` is ``a.buf`` (one tensor, two names); forward rebinds the second name only: eager unties them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.register_buffer("buf", torch.zeros(3))
+        self.b.register_buffer("buf", self.a.buf)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.b.buf = self.b.buf + 1
+        return self.lin(x) + self.b.buf + self.a.buf
+
+
+class _RebindsTiedParameter(nn.Module):
+    """A tied weight (``head.weight`` is ``embed.weight``) rebound under its second name: refused, eager's results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.embed(x))
+        self.head.weight = nn.Parameter(self.head.weight.detach() * 2)
+        return out
+
+
+@pytest.mark.parametrize("cls", [_RebindsTiedBuffer, _RebindsTiedParameter])
+@pytest.mark.parametrize("route", ["compile", "aot_module"])
+def test_a_tensor_tied_under_two_names_rebound_under_the_second_as_eager(cls, route):
+    # NOTE [Tied tensors rebound by forward]: functional_call writes back only the deduplicated name and swaps the
+    # original back under both, so the rebinding of b.buf was lost: b.buf stayed 0 and every call returned the
+    # first call's result, silently
+    module = _check_as_eager(cls, route, train=True)
+    names = dict(module.named_buffers(remove_duplicate=False)) if cls is _RebindsTiedBuffer else {}
+    if names:
+        assert names["b.buf"] is not names["a.buf"] and torch.equal(names["a.buf"], torch.zeros(3))
+
+
+def test_a_tied_buffer_rebound_under_the_second_name_is_returned_by_the_graph():
+    module = _RebindsTiedBuffer()
+    compiled = aotcache.aot_module(module, "nop", cache=False, on_capture_error="raise")
+    for call in range(1, 4):
+        compiled(torch.ones(2, 3))
+        assert torch.equal(module.b.buf, torch.full((3,), float(call))) and torch.equal(module.a.buf, torch.zeros(3))

@@ -227,6 +227,26 @@ def _returnable(value: Any, name: str, swapped: dict[str, Any], buffers: frozens
         return False
 
 
+def _add_tied_names(module: nn.Module, swapped: dict[str, Any], buffer_names: frozenset[str]) -> frozenset[str]:
+    """NOTE [Tied tensors rebound by forward]
+    ``functional_call(tie_weights=True)`` swaps a tensor registered under two names (``b.buf`` is ``a.buf``, a
+    tied embedding) in under both, but writes back into the given dict only the names it was given (the
+    deduplicated ones), and its swap-back puts the original under every name. A forward that rebinds the other
+    name (``self.b.buf = self.b.buf + 1``) therefore left no trace at all: the graph never returned the new value
+    and the module kept the old tensor, so every call gave the first call's result, silently. The tied names are
+    added to ``swapped`` (the same tensor, so ``functional_call`` accepts them) before the call, so a rebinding
+    under any name is found like any other. Returns the added names that are buffers."""
+    originals = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    first = {}
+    for name, tensor in originals:
+        first.setdefault(id(tensor), name)
+    tied = [(name, first[id(tensor)]) for name, tensor in originals
+            if name not in swapped and first[id(tensor)] != name and first[id(tensor)] in swapped]
+    for name, primary in tied:
+        swapped[name] = swapped[primary]
+    return frozenset(name for name, primary in tied if primary in buffer_names)
+
+
 @contextlib.contextmanager
 def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any],
                                   rebound: dict[str, torch.Tensor] | None = None,
@@ -239,6 +259,7 @@ def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any],
     computed (not one of the call's ``arguments``) are not refused: their new values are put in it by name (the
     caller returns them from the graph and binds them after each call)."""
     before = _registries(module)
+    buffer_names = buffer_names | _add_tied_names(module, swapped, buffer_names)
     passed = dict(swapped)
     try:
         yield
