@@ -14,6 +14,7 @@ from torch import nn
 import aotcache
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.fallback import fallback_counts
+from aotcache.aot.module_state import holds_trace_tensor
 from tests.conftest import run_python
 
 
@@ -457,3 +458,23 @@ def test_a_tied_buffer_rebound_under_the_second_name_is_returned_by_the_graph():
     for call in range(1, 4):
         compiled(torch.ones(2, 3))
         assert torch.equal(module.b.buf, torch.full((3,), float(call))) and torch.equal(module.a.buf, torch.zeros(3))
+
+
+class _SharesSubmodule(nn.Module):
+    """One submodule under two paths (``a`` is ``b``): one slot per tensor, not a tie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.b = _WritesInPlace()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_submodule_shared_under_two_paths_is_still_one_graph_without_fallback():
+    # the names of a shared submodule are one slot: adding them as ties (NOTE [Tied tensors rebound by forward])
+    # made functional_call's swap-back write the original into the second name, which read as a rebinding
+    before = fallback_counts()
+    module = _check_as_eager(_SharesSubmodule, "aot_module", train=True, calls=3)
+    assert fallback_counts() == before
+    assert all(type(tensor) is not torch.Tensor or not holds_trace_tensor(tensor) for tensor in module.buffers())

@@ -236,12 +236,21 @@ def _add_tied_names(module: nn.Module, swapped: dict[str, Any], buffer_names: fr
     and the module kept the old tensor, so every call gave the first call's result, silently. The tied names are
     added to ``swapped`` (the same tensor, so ``functional_call`` accepts them) before the call, so a rebinding
     under any name is found like any other. Returns the added names that are buffers."""
-    originals = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    first = {}
-    for name, tensor in originals:
-        first.setdefault(id(tensor), name)
-    tied = [(name, first[id(tensor)]) for name, tensor in originals
-            if name not in swapped and first[id(tensor)] != name and first[id(tensor)] in swapped]
+    first: dict[int, tuple[str, tuple[int, str]]] = {}  # per tensor: its first name and slot (owner, attribute)
+    slots: set[tuple[int, str]] = set()
+    tied = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for registry in (sub._parameters, sub._buffers):
+            for leaf, tensor in registry.items():
+                if tensor is None:
+                    continue
+                name, slot = (f"{path}.{leaf}" if path else leaf), (id(sub), leaf)
+                primary, primary_slot = first.setdefault(id(tensor), (name, slot))
+                # a submodule shared under two paths is one slot (its swap-back is right already): only a second
+                # slot holding the tensor is a tie functional_call does not write back
+                if slot != primary_slot and slot not in slots and primary in swapped and name not in swapped:
+                    tied.append((name, primary))
+                slots.add(slot)
     for name, primary in tied:
         swapped[name] = swapped[primary]
     return frozenset(name for name, primary in tied if primary in buffer_names)
