@@ -235,22 +235,22 @@ def _add_tied_names(module: nn.Module, swapped: dict[str, Any], buffer_names: fr
     name (``self.b.buf = self.b.buf + 1``) therefore left no trace at all: the graph never returned the new value
     and the module kept the old tensor, so every call gave the first call's result, silently. The tied names are
     added to ``swapped`` (the same tensor, so ``functional_call`` accepts them) before the call, so a rebinding
-    under any name is found like any other. Returns the added names that are buffers."""
-    first: dict[int, tuple[str, tuple[int, str]]] = {}  # per tensor: its first name and slot (owner, attribute)
-    slots: set[tuple[int, str]] = set()
-    tied = []
+    under any name is found like any other (a tensor in a submodule shared under two paths, one slot under two
+    names, is left out: functional_call needs all or none of a tie's names). Returns the added buffer names."""
+    groups: dict[int, list[tuple[str, tuple[int, str]]]] = {}  # per tensor: its names and slots (owner, attribute)
     for path, sub in module.named_modules(remove_duplicate=False):
         for registry in (sub._parameters, sub._buffers):
             for leaf, tensor in registry.items():
-                if tensor is None:
-                    continue
-                name, slot = (f"{path}.{leaf}" if path else leaf), (id(sub), leaf)
-                primary, primary_slot = first.setdefault(id(tensor), (name, slot))
-                # a submodule shared under two paths is one slot (its swap-back is right already): only a second
-                # slot holding the tensor is a tie functional_call does not write back
-                if slot != primary_slot and slot not in slots and primary in swapped and name not in swapped:
-                    tied.append((name, primary))
-                slots.add(slot)
+                if tensor is not None:
+                    groups.setdefault(id(tensor), []).append((f"{path}.{leaf}" if path else leaf, (id(sub), leaf)))
+    tied = []
+    for names in groups.values():
+        primary = names[0][0]
+        # a submodule shared under two paths is one slot under two names: its swap-back is right for the first
+        # name only, and functional_call needs all or none of a tie's names, so such a tensor is left as it was
+        if len(names) < 2 or primary not in swapped or len({slot for _, slot in names}) != len(names):
+            continue
+        tied.extend((name, primary) for name, _ in names[1:] if name not in swapped)
     for name, primary in tied:
         swapped[name] = swapped[primary]
     return frozenset(name for name, primary in tied if primary in buffer_names)
