@@ -499,3 +499,73 @@ def test_a_weight_tied_into_a_shared_submodule_is_still_one_graph_without_fallba
     before = fallback_counts()
     _check_as_eager(_TiesIntoASharedSubmodule, "aot_module", train=True, calls=3)
     assert fallback_counts() == before
+
+
+class _NoGradForY(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):  # noqa: ANN001, ANN205
+        return x * 2 + y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad * 2, None
+
+
+def _zero_then_use(x, y):
+    x.zero_()
+    return x + y
+
+
+def _copy_into(x, y):
+    x.copy_(y * 3)
+    return y * 2
+
+
+def _scale_in_place(x, y):
+    x.mul_(2)
+    return y * 2
+
+
+def _mutate_detached_return_view(x, y):
+    x.detach().add_(1)
+    return x[:2] * 1, y * 2
+
+
+_NO_GRADIENT_CASES = {
+    "zero_but_connected": lambda x, y: x * 0 + y,
+    "detached": lambda x, y: x.detach() * 2 + y,
+    "unused": lambda x, y: y * 2,
+    "zeroed_in_place": _zero_then_use,
+    "copied_into": _copy_into,  # the caller's loss reads x after the call
+    "scaled_in_place": _scale_in_place,
+    "view_of_input": lambda x, y: (x.view(-1)[:2], y * 2),
+    "input_itself": lambda x, y: (x, y * 2),
+    "detached_mutation_and_view": _mutate_detached_return_view,
+    "custom_function_none": lambda x, y: _NoGradForY.apply(x, y),
+    "non_differentiable_output": lambda x, y: ((x > 0).sum(), y * 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NO_GRADIENT_CASES))
+def test_inputs_without_gradient_as_eager(case):
+    """NOTE [Inputs the backward does not reach]: the inputs passed detached are exactly those eager's backward does
+    not reach (review): gradients, grad_fn of outputs aliasing an input, and torch.autograd.grad's "not used in
+    the graph" error without allow_unused, are eager's."""
+    fn = _NO_GRADIENT_CASES[case]
+    compiled = aotcache.aot_function(fn, "nop")
+    seen = {}
+    for way, function in (("eager", fn), ("compiled", compiled)):
+        leaves = [torch.randn(3, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
+        args = [leaf * 1 for leaf in leaves]
+        outs = function(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = sum(out.sum() for out in outs if out.requires_grad) + args[0].sum()
+        try:
+            unused = [g is None for g in torch.autograd.grad(loss, args, retain_graph=True)]
+        except RuntimeError as error:
+            assert "not have been used in the graph" in str(error)
+            unused = "error"
+        loss.backward()
+        seen[way] = ([None if leaf.grad is None else leaf.grad.tolist() for leaf in leaves],
+                     [out.grad_fn is not None for out in outs], unused)
+    assert seen["compiled"] == seen["eager"]
