@@ -569,3 +569,41 @@ def test_inputs_without_gradient_as_eager(case):
         seen[way] = ([None if leaf.grad is None else leaf.grad.tolist() for leaf in leaves],
                      [out.grad_fn is not None for out in outs], unused)
     assert seen["compiled"] == seen["eager"]
+
+
+class _RebindsInABlock(nn.Module):
+    """Rebinding in nested submodules (paths ``block.0.buf``, ``block.1.buf``), the second called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(_Rebinds(), _Rebinds())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block[1](self.block(x))
+
+
+class _ReturnsItsBuffer(nn.Module):
+    """The new buffer value is also the output: eager returns the buffer's tensor itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.register_buffer("buf", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.buf = self.buf + x.detach().sum(0)
+        return x * self.w, self.buf
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_module"])
+def test_nested_rebinding_and_a_rebound_buffer_returned_as_output_as_eager(route):
+    module = _check_as_eager(_RebindsInABlock, route, train=True)
+    assert torch.equal(module.block[1].buf, torch.full((3,), 8.0)) and torch.equal(module.block[0].buf,
+                                                                                 torch.full((3,), 4.0))
+    assert list(module.state_dict()) == list(_RebindsInABlock().state_dict())
+    model = _ReturnsItsBuffer()
+    compiled = _wrap(route, model)
+    for call in range(3):
+        out, buf = compiled(torch.ones(2, 3, requires_grad=True))
+        assert buf is model.buf and torch.equal(buf, torch.full((3,), 2.0 * (call + 1)))  # the same tensor, as eager
+        out.sum().backward()
