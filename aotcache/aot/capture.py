@@ -74,6 +74,7 @@ from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, 
 from aotcache.aot.source_locations import hand_on_source_locations
 from aotcache.aot.tangents import (
     grad_tangent_dependencies,
+    inputs_without_gradient,
     is_differentiable,
     is_grad_free_view,
     is_multi_output_view,
@@ -816,6 +817,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
         tangent_layouts=tangent_layouts,
         grad_inputs=grad_inputs,
         grad_tangents=grad_tangent_dependencies(gm, len(primals)) if joint else [],
+        inputs_without_gradient=inputs_without_gradient(gm, grad_inputs) if joint else [],
         offsets_matter=_offsets_matter(analysis, gm),
     )
     return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)

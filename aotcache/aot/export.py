@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import CaptureError, capture
 from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure, object_output_types
+from aotcache.aot.module_state import refuse_rebound_module_tensors
 
 __all__ = ["BackwardSignature", "ExportSignature", "aot_export_module", "aot_export_joint_simple"]
 
@@ -144,12 +145,14 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], trace_joint: bool,
         swapped = dict(zip([*params, *buffers], flat[:num_lifted]))
         call_args, call_kwargs = pytree.tree_unflatten(list(flat[num_lifted:]), in_spec)
         if not trace_joint:
-            result = torch.func.functional_call(mod, swapped, call_args, call_kwargs, strict=False)
+            with refuse_rebound_module_tensors(mod, swapped):  # NOTE [Buffers and parameters rebound by forward]
+                result = torch.func.functional_call(mod, swapped, call_args, call_kwargs, strict=False)
             user_out_spec[:] = [pytree.tree_flatten(result)[1]]
             return result
         with torch.enable_grad():
-            outs, spec = pytree.tree_flatten(torch.func.functional_call(mod, swapped, call_args, call_kwargs,
-                                                                        strict=False))
+            with refuse_rebound_module_tensors(mod, swapped):  # the graph could not express the rebinding
+                result = torch.func.functional_call(mod, swapped, call_args, call_kwargs, strict=False)
+            outs, spec = pytree.tree_flatten(result)
             loss = outs[output_loss_index]
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
                 got = (f"a tensor of shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}"

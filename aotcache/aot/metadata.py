@@ -46,7 +46,7 @@ __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "Si
 # 3: InputInfo.metadata_mutation
 # 5: RuntimeMetadata.grad_tangents
 # 6: OutputInfo.grad_free_leaf
-# 7: OutputInfo.no_grad_view
+# 7: OutputInfo.no_grad_view, RuntimeMetadata.inputs_without_gradient
 METADATA_VERSION = 7
 
 # A size/stride/offset entry of a regenerated view: a constant int, or {"extra": j} meaning "the j-th extra
@@ -128,6 +128,9 @@ class RuntimeMetadata:
     # per graph input: the tangents (positions in tangent_indices) its gradient reads; with none of them
     # computed by autograd it gets None, as in eager (NOTE [Gradients of unused outputs] in runtime)
     grad_tangents: list = dataclasses.field(default_factory=list)
+    # graph inputs that require grad but get no gradient (the function detached them): passed to the autograd
+    # function detached (NOTE [Inputs the backward does not reach] in runtime)
+    inputs_without_gradient: list = dataclasses.field(default_factory=list)
     num_saved: int = 0
     # symbolic-shape guard expression over the graph inputs (None: static shapes or no guards)
     guards: str | None = None

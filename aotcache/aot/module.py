@@ -36,7 +36,7 @@ import logging
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -47,7 +47,11 @@ from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
-from aotcache.aot.module_state import refuse_tensors_stored_on_modules
+from aotcache.aot.module_state import (
+    bind_rebound_buffers,
+    refuse_rebound_module_tensors,
+    refuse_tensors_stored_on_modules,
+)
 from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks, refuse_script_modules
 from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
@@ -69,17 +73,32 @@ def _functional_module_call(module: nn.Module) -> Callable:
         if names not in paths:
             paths[names] = _paths_through_wrappers(module, names)
         renamed = paths[names]
+        buffer_names = frozenset(buffers)
         if renamed is not None:  # NOTE [Wrappers inside a captured module]
             tensors = {renamed[name]: value for name, value in tensors.items()}
+            buffer_names = frozenset(renamed[name] for name in buffers)
         refuse_module_backward_hooks(module)
         refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
         refuse_script_modules(module)  # NOTE [TorchScript submodules]
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
-        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module):
-            return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+        rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module), \
+                refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
+            result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+        return ReboundBuffers(result, rebound) if rebound else result
 
     return call
+
+
+class ReboundBuffers(NamedTuple):
+    """What a captured module call returns when its forward rebound buffers (``self.buf = self.buf + 1``): the
+    forward's output and the buffers' new values by path, which ``AOTModule.forward`` binds after each call (NOTE
+    [Buffers and parameters rebound by forward]). A module-level namedtuple, so a cached graph's output structure
+    names it and a warm start rebuilds it."""
+
+    output: Any
+    buffers: dict
 
 
 def _carry_python_attributes(module: nn.Module, tensors: dict[str, Any]) -> None:
@@ -229,10 +248,19 @@ class AOTModule(nn.Module):
             register_transformers_caches()
             passed = find_cache_arguments(args, kwargs)
             result = self.compiled.call_structured(None, (), (params, buffers, *args), kwargs, extra=settings)
+            if type(result) is ReboundBuffers:  # NOTE [Buffers and parameters rebound by forward]
+                result = self._bind(result)
             return write_back_caches(passed, result) if passed else result
         structure = (names, count, settings)
         flat = [*params.values(), *buffers.values(), *args]
-        return self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
+        result = self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
+        return self._bind(result) if type(result) is ReboundBuffers else result
+
+    def _bind(self, result: ReboundBuffers) -> Any:
+        """The forward's output, after binding the buffers the compiled call rebound (NOTE [Buffers and parameters
+        rebound by forward])."""
+        bind_rebound_buffers(self.orig_module, result.buffers)
+        return result.output
 
     # -- attributes ---------------------------------------------------------------------------------------
 

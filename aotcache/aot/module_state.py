@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
+__all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds_trace_tensor",
+           "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -29,6 +31,44 @@ __all__ = ["bounded_deque", "dynamo_safe_module", "holds_trace_tensor", "refuse_
 # ``config.problem_type``) is NOTE [State changed by the call]; parameters and buffers are the graph's own
 # inputs. Attributes are compared by identity, and lists, deques, tuples and dicts (to a small depth) are searched,
 # so ``self.pyramid.append(t)`` on an existing list (or ``self.frames.append(h)`` on a deque) is found and undone.
+
+# NOTE [Buffers and parameters rebound by forward]
+# A forward may rebind one of its module's registered tensors instead of writing into it: ``self.buf = self.buf +
+# 1`` (nn.Module's ``__setattr__`` puts the new tensor in ``_buffers``), ``self.register_buffer("inv_freq", t)``
+# (transformers' dynamic RoPE, when the sequence grows past the cached length and again when it shrinks back),
+# ``self.w = nn.Parameter(...)``, a new buffer registered or ``del self.buf``. The capture swaps trace tensors in for
+# the module's registered tensors (``functional_call``) and swaps the originals back after the trace, which undid
+# the rebinding: the graph read the original tensor at every call and the module kept it, so ``aot_module`` and
+# ``aotcache.compile`` returned the first call's result at every call and the buffer never changed (eager: a new
+# tensor each call, results 1, 2, 3), silently. After the trace, a registered tensor the forward replaced
+# (``functional_call`` writes the module's tensor at the swap-back into the dict it was given: one that is not the
+# tensor swapped in was rebound), and any name registered or deleted in a submodule's ``_parameters`` /
+# ``_buffers`` (or moved in or out of ``_non_persistent_buffers_set``), are found, and every registry is put back as
+# the capture found it (a deleted tensor the swap-back left as a plain attribute is removed again). Then:
+#
+# * a *buffer* rebound to a tensor the trace computed is supported: the captured call returns
+#   ``ReboundBuffers(output, {path: new value})`` (module.py), so the new values are outputs of the graph, and
+#   ``AOTModule.forward`` binds them into ``_buffers`` after each call and returns the output. As in eager, each call
+#   leaves a new tensor (a reference to the old one keeps its value, an in-place write into it before the rebinding
+#   included), with the new value's autograd history; a new shape or dtype is a new signature at the next call. The
+#   namedtuple is defined at module level, so a cached graph's output structure names it and a warm start rebuilds
+#   it. One graph serves every call (hot path, fingerprint warm starts).
+# * anything else is refused (``unsupported_construct``, naming the tensor), and the fallback runs the module itself
+#   (the Dynamo way of ``aotcache.compile``, ``aot_module``'s partial fallback: both replay the Python with real
+#   tensors), so results and tensors are eager's: a parameter (``nn.Parameter`` made in the trace; an optimizer
+#   would hold the old one anyway), a registration or deletion (``first_call_only`` when no tensor was replaced:
+#   ``aotcache.compile`` runs a lazily registering first call eagerly and captures the next), a persistence change,
+#   and a new value the graph cannot return as its own tensor: a view, one of the call's arguments, another swapped
+#   tensor (two buffers swapped), a real constant (dynamic RoPE's reset to ``original_inv_freq``, a plain
+#   attribute), or the value of two buffers. ``aot_export_module`` refuses every rebinding (its signature has no
+#   place for it).
+#
+# Only what the Python rebinds counts: an in-place write (``self.running_mean.mul_(m)``, BatchNorm's statistics)
+# keeps the tensor and is a graph input mutation, as before. A forward that rebinds only now and then is refused or
+# returns the new values on those calls only; a graph traced on a call that did not rebind is selected by what
+# decided it, as any graph is (the module's settings such as ``max_seq_len_cached``, the program guards, the shape
+# guards), so a call whose Python would rebind does not reuse it (tests/test_buffer_rebinding.py: a shape test,
+# static and dynamic, and dynamic RoPE, whose growth test on a tensor is a data-dependent refusal of its own).
 
 # NOTE [Tensors stored in program state]
 # The same construct on the program's own state: a forward appending what it computed to a module-level list
@@ -164,6 +204,130 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
             f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
             dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+
+
+def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozenset[str], frozenset[str]]]:
+    """Per submodule: copies of its ``_parameters`` and ``_buffers``, its attribute names, its non-persistent
+    buffer names."""
+    return [(sub, dict(sub._parameters), dict(sub._buffers), frozenset(sub.__dict__),
+             frozenset(sub.__dict__.get("_non_persistent_buffers_set", ()))) for sub in module.modules()]
+
+
+def _returnable(value: Any, name: str, swapped: dict[str, Any], buffers: frozenset[str], taken: set[int]) -> bool:
+    """Whether a buffer's new value can be a graph output the runtime binds after each call (NOTE [Buffers and
+    parameters rebound by forward]): a tensor the trace computed (not a real constant, a view, another swapped
+    tensor, an argument of the call (``taken``), nor the value of another rebound buffer)."""
+    if name not in buffers or not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter):
+        return False
+    if id(value) in taken or any(value is other for other in swapped.values()) or not holds_trace_tensor(value):
+        return False
+    try:
+        return not value._is_view()
+    except RuntimeError:
+        return False
+
+
+def _add_tied_names(module: nn.Module, swapped: dict[str, Any], buffer_names: frozenset[str]) -> frozenset[str]:
+    """NOTE [Tied tensors rebound by forward]
+    ``functional_call(tie_weights=True)`` swaps a tensor registered under two names (``b.buf`` is ``a.buf``, a
+    tied embedding) in under both, but writes back into the given dict only the names it was given (the
+    deduplicated ones), and its swap-back puts the original under every name. A forward that rebinds the other
+    name (``self.b.buf = self.b.buf + 1``) therefore left no trace at all: the graph never returned the new value
+    and the module kept the old tensor, so every call gave the first call's result, silently. The tied names are
+    added to ``swapped`` (the same tensor, so ``functional_call`` accepts them) before the call, so a rebinding
+    under any name is found like any other (a tensor in a submodule shared under two paths, one slot under two
+    names, is left out: functional_call needs all or none of a tie's names). Returns the added buffer names."""
+    groups: dict[int, list[tuple[str, tuple[int, str]]]] = {}  # per tensor: its names and slots (owner, attribute)
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for registry in (sub._parameters, sub._buffers):
+            for leaf, tensor in registry.items():
+                if tensor is not None:
+                    groups.setdefault(id(tensor), []).append((f"{path}.{leaf}" if path else leaf, (id(sub), leaf)))
+    tied = []
+    for names in groups.values():
+        primary = names[0][0]
+        # a submodule shared under two paths is one slot under two names: its swap-back is right for the first
+        # name only, and functional_call needs all or none of a tie's names, so such a tensor is left as it was
+        if len(names) < 2 or primary not in swapped or len({slot for _, slot in names}) != len(names):
+            continue
+        tied.extend((name, primary) for name, _ in names[1:] if name not in swapped)
+    for name, primary in tied:
+        swapped[name] = swapped[primary]
+    return frozenset(name for name, primary in tied if primary in buffer_names)
+
+
+@contextlib.contextmanager
+def refuse_rebound_module_tensors(module: nn.Module, swapped: dict[str, Any],
+                                  rebound: dict[str, torch.Tensor] | None = None,
+                                  buffer_names: frozenset[str] = frozenset(), arguments: Any = ()) -> Iterator[None]:
+    """Around ``functional_call(module, swapped, ...)``: raise a :class:`CaptureError` when the forward rebound,
+    registered or deleted a parameter or buffer, after putting every registry back as it was (NOTE [Buffers and
+    parameters rebound by forward]). ``swapped``: the dict given to ``functional_call`` (it writes back into it).
+
+    With a ``rebound`` dict, buffers (of ``buffer_names``, keys of ``swapped``) rebound to a tensor the trace
+    computed (not one of the call's ``arguments``) are not refused: their new values are put in it by name (the
+    caller returns them from the graph and binds them after each call)."""
+    before = _registries(module)
+    buffer_names = buffer_names | _add_tied_names(module, swapped, buffer_names)
+    passed = dict(swapped)
+    try:
+        yield
+    finally:
+        changed = [name for name, value in swapped.items() if passed.get(name, value) is not value]
+        rebound_any = any(isinstance(swapped[name], torch.Tensor) for name in changed)  # (not deleted, not None)
+        registry_changed = False
+        paths = None
+        for sub, params, buffers, attributes, non_persistent in before:
+            for current, saved in ((sub._parameters, params), (sub._buffers, buffers)):
+                if current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved):
+                    continue
+                if paths is None:
+                    paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
+                prefix = paths.get(id(sub)) + "." if paths.get(id(sub)) else ""
+                rebound_any = rebound_any or any(current[k] is not saved[k] for k in current.keys() & saved.keys())
+                changed.extend(prefix + name for name in current.keys() ^ saved.keys())
+                registry_changed = True
+                current.clear()
+                current.update(saved)
+            for name in set(params) | set(buffers):  # a deleted tensor the swap-back set as a plain attribute
+                if name not in attributes:
+                    sub.__dict__.pop(name, None)
+            now = sub.__dict__.get("_non_persistent_buffers_set")
+            if now is not None and frozenset(now) != non_persistent:  # register_buffer(persistent=...) changed it
+                registry_changed = True
+                changed.append(next(iter(frozenset(now) ^ non_persistent)))
+                now.clear()
+                now.update(non_persistent)
+    if changed and rebound is not None and not registry_changed:
+        taken = {id(leaf) for leaf in pytree.tree_leaves(arguments) if isinstance(leaf, torch.Tensor)}
+        for name in changed:
+            value = swapped[name]
+            if not _returnable(value, name, passed, buffer_names, taken):
+                break
+            taken.add(id(value))
+        else:
+            rebound.update((name, swapped[name]) for name in changed)
+            return
+    if changed:
+        where = ", ".join(dict.fromkeys(changed[:3]))
+        raise CaptureError(
+            f"aotcache: the call {'rebinds' if rebound_any else 'registers or deletes'} a parameter or buffer of the "
+            f"model ({where}) in a way a compiled graph cannot replay: "
+            + ("an exported graph's signature has no place for it" if rebound is None else
+               "only a buffer set to a new tensor the call computes is returned by the graph and bound after each "
+               "call, not a parameter, a view, an argument, a constant, a swap, a registration, deletion or "
+               "persistence change")
+            + " (NOTE [Buffers and parameters rebound by forward]). Write into the tensor in place instead "
+            "(self.buf.copy_(new)).",
+            reason="unsupported_construct", first_call_only=not rebound_any)
+
+
+def bind_rebound_buffers(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Bind each buffer of ``module`` at path ``name`` to the new tensor a compiled call returned for it (NOTE
+    [Buffers and parameters rebound by forward]), as the forward's ``self.buf = ...`` does in eager."""
+    for path, value in values.items():
+        owner, _, leaf = path.rpartition(".")
+        module.get_submodule(owner)._buffers[leaf] = value
 
 
 def bounded_deque(value: Any, depth: int = 0) -> bool:

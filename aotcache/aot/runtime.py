@@ -140,6 +140,7 @@ class CompiledRuntime:
         self._grad_tangents = [frozenset(dependencies) for dependencies in metadata.grad_tangents]
         self._unused_outputs_matter = (len(self._tangent_indices) > 1 and
                                        len(self._grad_tangents) == len(metadata.grad_inputs))
+        self._detached_inputs = tuple(metadata.inputs_without_gradient)  # NOTE [Inputs the backward does not reach]
 
     def __call__(self, *flat_args: Any) -> Any:
         meta = self.metadata
@@ -152,8 +153,14 @@ class CompiledRuntime:
             with torch.no_grad(), DisableAutocast():
                 fw_outs = list(self.forward(*graph_args))
         else:
+            function_args = graph_args
+            if self._detached_inputs:  # NOTE [Inputs the backward does not reach]
+                function_args = list(graph_args)
+                for index in self._detached_inputs:
+                    if isinstance(function_args[index], torch.Tensor):
+                        function_args[index] = function_args[index].detach()
             with DisableAutocast():
-                fw_outs = list(_CompiledAutogradFunction.apply(self, *graph_args))
+                fw_outs = list(_CompiledAutogradFunction.apply(self, *function_args))
         self._apply_mutations(real_args, fw_outs)  # new values have the final geometry
         flat_outs = self._build_outputs(real_args, fw_outs)
         if torch.is_grad_enabled():
@@ -579,6 +586,16 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                             for grad, needed, dependencies in zip(grads, grad_inputs, runtime._grad_tangents)])
         return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])
 
+
+# NOTE [Inputs the backward does not reach]
+# A graph input may require grad while the function detaches it before any use (``self.buf = self.buf.detach() *
+# 0.5 + self.bias``, where the buffer is the last call's result, through the Dynamo way). Eager's autograd graph
+# then has no edge to the input's history; the compiled autograd function took the input as it was, so autograd
+# saw an edge to the last call's backward node and ran it again at this call's backward, which failed ("Trying to
+# backward through the graph a second time"). The capture records the inputs that require grad but get no
+# gradient from the joint graph (``RuntimeMetadata.inputs_without_gradient``); they are passed to the autograd
+# function detached (the same storage and version counter), so autograd reaches no further than eager does. Input
+# mutations and outputs regenerated as views are applied to the inputs themselves, as before.
 
 # NOTE [Gradients of unused outputs]
 # In eager, a parameter that only outputs left out of the loss depend on (a pooler when the loss reads

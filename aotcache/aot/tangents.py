@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["grad_tangent_dependencies", "is_differentiable", "is_grad_free_view", "made_under_no_grad", "make_tangents",
-           "tangent_layout", "tangent_placeholders", "tangents_in_trace"]
+__all__ = ["grad_tangent_dependencies", "inputs_without_gradient", "is_differentiable", "is_grad_free_view",
+           "made_under_no_grad", "make_tangents", "tangent_layout", "tangent_placeholders", "tangents_in_trace"]
 
 
 def is_differentiable(value: Any) -> bool:
@@ -71,6 +71,15 @@ def grad_tangent_dependencies(gm: fx.GraphModule, num_inputs: int) -> list[list[
     grads = flat[len(flat) - num_inputs:] if num_inputs else []
     return [[bit for bit in range(tangent) if masks.get(grad, 0) >> bit & 1] if isinstance(grad, fx.Node) else []
             for grad in grads]
+
+
+def inputs_without_gradient(gm: fx.GraphModule, grad_inputs: Sequence[bool]) -> list[int]:
+    """The graph inputs that require grad (``grad_inputs``) but get no gradient from the joint graph: the traced
+    function detached them (NOTE [Inputs the backward does not reach] in runtime)."""
+    output = next((node for node in reversed(gm.graph.nodes) if node.op == "output"), None)
+    flat = list(output.args[0]) if output is not None else []
+    grads = flat[len(flat) - len(grad_inputs):] if grad_inputs else []
+    return [index for index, (needed, grad) in enumerate(zip(grad_inputs, grads)) if needed and grad is None]
 
 
 def _dense_non_overlapping(shape: Sequence[int], stride: Sequence[int]) -> bool:
