@@ -25,6 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.peft_diffusers_sweep import tiny_unet, tiny_vae  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "real_use_sweep.json"
 
 
@@ -71,28 +77,6 @@ def route_of(compiled, route: str) -> str:
 
 
 # -- models (tiny configs, random weights, no download) ---------------------------------------------------------------
-
-def tiny_unet():
-    import diffusers
-    import torch
-
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-
-
-def tiny_vae():
-    import diffusers
-    import torch
-
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-
 
 def tiny_dit():
     import diffusers

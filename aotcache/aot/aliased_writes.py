@@ -47,6 +47,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.autograd_nodes import autograd_nodes
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["RefuseAliasedWrites", "in_custom_backwards"]
@@ -357,18 +358,12 @@ def in_custom_backwards(outputs: Sequence[Any]) -> Iterator[None]:
     """
     mode = RefuseAliasedWrites()
     depth = torch._C._len_torch_function_stack()
-    handles, nodes, seen = [], [], set()
-    stack = [out.grad_fn for out in outputs if isinstance(out, torch.Tensor) and out.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)  # alive while the ids in ``seen`` are
+    handles = []
+    nodes = autograd_nodes(outputs)  # alive through the block
+    for node in nodes:
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             handles.append(node.register_prehook(functools.partial(_push, mode)))
             handles.append(node.register_hook(functools.partial(_pop_after, mode)))
-        stack.extend(next_node for next_node, _ in node.next_functions)
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.autograd_nodes import autograd_nodes
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
@@ -80,16 +81,8 @@ def refuse_reentrant_checkpoint_nodes(outputs: list) -> None:
     the backward would reach it. Without an input requiring grad a reentrant checkpoint adds no node, and eager
     leaves its parameters' gradients None too.
     """
-    seen: set[int] = set()
-    stack = [out.grad_fn for out in outputs if isinstance(out, torch.Tensor) and out.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            raise CaptureError(_REENTRANT_MESSAGE)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in autograd_nodes(outputs)):
+        raise CaptureError(_REENTRANT_MESSAGE)
 
 
 def refuse_reentrant_checkpoint(exc: RuntimeError) -> None:

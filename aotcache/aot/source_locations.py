@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.autograd_nodes import autograd_nodes
+
 __all__ = ["capturing_source_locations", "hand_on_source_locations", "keeps_source_locations", "run_graph",
            "runs_its_graph_only"]
 
@@ -92,14 +94,7 @@ def hand_on_source_locations(outs: Sequence[Any]) -> None:
     from torch.fx import traceback as fx_traceback
 
     before = fx_traceback.format_stack()
-    pending = [out.grad_fn for out in outs if isinstance(out, torch.Tensor) and out.grad_fn is not None]
-    seen: set = set()
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        pending.extend(fn for fn, _ in node.next_functions)
+    for node in autograd_nodes(outs):
         forward_line = node.metadata.get("traceback_", [])
         node.register_prehook(lambda grad_outputs, line=forward_line: fx_traceback.set_stack_trace(line))
         node.register_hook(lambda grad_inputs, grad_outputs: fx_traceback.set_stack_trace(before))
