@@ -24,9 +24,10 @@ __all__ = ["constant_token", "cell_contents", "all_names", "global_names", "stri
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The instructions that read a name from the function's globals (then builtins): ``LOAD_NAME`` in a class
-# body or module code falls back to them, as ``LOAD_FROM_DICT_OR_GLOBALS`` (3.12+, annotation scopes) does.
-_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+# The instructions that use a name of the function's globals: the loads (``LOAD_NAME`` in a class body or
+# module code falls back to the globals, as ``LOAD_FROM_DICT_OR_GLOBALS`` does, 3.12+ annotation scopes) and
+# the writes under a ``global`` declaration (a forward writing a global changes state the guards must see).
+_GLOBAL_USES = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS", "STORE_GLOBAL", "DELETE_GLOBAL"})
 
 
 def constant_token(value: Any) -> str:
@@ -60,13 +61,13 @@ def all_names(code: types.CodeType) -> Iterable[str]:
 @functools.lru_cache(maxsize=4096)
 def global_names(code: types.CodeType) -> frozenset[str]:
     """The names a code object and the code nested in it (functions, lambdas, comprehensions, class bodies)
-    read from its globals.
+    read from its globals, or write there under a ``global`` declaration.
 
     NOTE [Global reads are loads, not co_names] ``co_names`` holds attribute names too: ``self.a`` puts ``a``
     there, and treating it as a global read guarded the function's module global ``a`` as well, so a script
     with a top-level loop variable ``a`` re-traced its module on every call (the program "changed"), and
-    its value entered the fingerprint. Only the loads above read a global; the other uses of a name
-    (attributes, methods, imports, stores) are not reads of the module's dict.
+    its value entered the fingerprint. Only the global loads (and ``global`` writes, which the guards must
+    see change) use the module's dict; attribute and method names, imports and local stores do not.
     """
     found = set()
     codes = [code]
@@ -74,7 +75,7 @@ def global_names(code: types.CodeType) -> frozenset[str]:
         current = codes.pop()
         codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
         found.update(instruction.argval for instruction in dis.get_instructions(current)
-                     if instruction.opname in _GLOBAL_LOADS)
+                     if instruction.opname in _GLOBAL_USES)
     return frozenset(found)
 
 

@@ -9,8 +9,8 @@ graph running. :func:`watch_program` walks the program with the fingerprint's wa
 code]) in its lenient form (NOTE [Lenient walks]) and records, for everything each token read:
 
 ======================= =================================================================================
-slots                   a dict entry by identity: each global a function reads (its global loads; a name
-                        used only as an attribute, ``self.a``, is no read of a global ``a``: NOTE [Global
+slots                   a dict entry by identity: each global a function reads or writes (not a name
+                        used only as an attribute: ``self.a`` is no read of a global ``a``, NOTE [Global
                         reads are loads, not co_names]), each attribute of a user module it reaches,
                         each class member reachable code can read, each attribute of a plain object
                         (config objects, at every depth the walk reaches)

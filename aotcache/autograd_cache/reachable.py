@@ -168,7 +168,7 @@ class Reachable:
     first, in a deterministic order) and a token that names the nodes it references by index, so sharing
     and cycles are written down exactly and two different objects with the same name cannot be swapped
     unseen. A user function's token holds its bytecode digest (names, constants, nested code), defaults,
-    closure cells and the globals its code reads: its global loads only (NOTE [Global reads are loads, not
+    closure cells and the globals its code reads: its global loads and writes only (NOTE [Global reads are loads, not
     co_names]), each module among them resolved through every name the code uses, attribute names included;
     imports inside the function as NOTE [Function-body imports] says. A class's token holds its bases
     and the members that tracing can reach: dunder protocol methods and every member whose name appears in some

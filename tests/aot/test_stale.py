@@ -290,6 +290,20 @@ def test_aot_function_attributes_named_like_globals_keep_the_graph_and_the_objec
     assert compiled.num_compiles == 2
 
 
+def records_its_width(x):
+    global last_width
+    last_width = x.shape[-1] * 2  # written under ``global``, never read: still guarded
+    return x + 1
+
+
+def test_a_global_the_code_only_writes_is_written_at_every_call_as_in_eager(monkeypatch):
+    compiled = compiled_function(records_its_width)
+    for _ in range(3):
+        monkeypatch.setitem(globals(), "last_width", None)
+        torch.testing.assert_close(compiled(X), X + 1)
+        assert globals()["last_width"] == 8
+
+
 def test_the_fingerprint_holds_globals_read_not_globals_named_like_attributes(monkeypatch):
     from aotcache.autograd_cache.code_reading import global_names
 
