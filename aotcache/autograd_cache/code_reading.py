@@ -8,6 +8,7 @@ modules a function can reach (NOTE [Reachable code]); reading bytecode is a conc
 from __future__ import annotations
 
 import dis
+import functools
 import importlib
 import importlib.util
 import re
@@ -18,11 +19,15 @@ from typing import Any
 from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
-__all__ = ["constant_token", "cell_contents", "all_names", "string_constants", "imported_modules",
+__all__ = ["constant_token", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
            "import_for_digest"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The instructions that use a name of the function's globals: the loads (``LOAD_NAME`` in a class body or
+# module code falls back to the globals, as ``LOAD_FROM_DICT_OR_GLOBALS`` does, 3.12+ annotation scopes) and
+# the writes under a ``global`` declaration (a forward writing a global changes state the guards must see).
+_GLOBAL_USES = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS", "STORE_GLOBAL", "DELETE_GLOBAL"})
 
 
 def constant_token(value: Any) -> str:
@@ -45,11 +50,33 @@ def cell_contents(cell: types.CellType) -> Any:
 
 
 def all_names(code: types.CodeType) -> Iterable[str]:
-    """The global and attribute names of a code object and the code nested in it."""
+    """The global and attribute names of a code object and the code nested in it (``co_names`` mixes the two:
+    the attributes a class or module may be read through; :func:`global_names` for the globals alone)."""
     yield from code.co_names
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             yield from all_names(const)
+
+
+@functools.lru_cache(maxsize=4096)
+def global_names(code: types.CodeType) -> frozenset[str]:
+    """The names a code object and the code nested in it (functions, lambdas, comprehensions, class bodies)
+    read from its globals, or write there under a ``global`` declaration.
+
+    NOTE [Global reads are loads, not co_names] ``co_names`` holds attribute names too: ``self.a`` puts ``a``
+    there, and treating it as a global read guarded the function's module global ``a`` as well, so a script
+    with a top-level loop variable ``a`` re-traced its module on every call (the program "changed"), and
+    its value entered the fingerprint. Only the global loads (and ``global`` writes, which the guards must
+    see change) use the module's dict; attribute and method names, imports and local stores do not.
+    """
+    found = set()
+    codes = [code]
+    while codes:
+        current = codes.pop()
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+        found.update(instruction.argval for instruction in dis.get_instructions(current)
+                     if instruction.opname in _GLOBAL_USES)
+    return frozenset(found)
 
 
 def string_constants(code: types.CodeType) -> Iterable[str]:

@@ -27,6 +27,8 @@ import functools
 import types
 from collections.abc import Iterable
 
+from aotcache.autograd_cache.code_reading import global_names
+
 __all__ = ["PROCESS_STATE_MODULES", "ENV_ACCESSORS", "env_reads", "module_attribute_reason", "module_reason",
            "builtin_reads_reason"]
 
@@ -94,15 +96,9 @@ def _instructions(code: types.CodeType) -> Iterable[list[dis.Instruction]]:
 def builtin_reads_reason(code: types.CodeType, names: set[str], globals_: dict) -> str | None:
     """``process state: open`` when the code calls the builtin ``open`` / ``input`` (not shadowed by a global)."""
     candidates = (names & _UNPINNABLE_BUILTINS) - globals_.keys()
-    for name in sorted(candidates & _global_loads(code)):
+    for name in sorted(candidates & global_names(code)):
         return f"process state: {name}"
     return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _global_loads(code: types.CodeType) -> frozenset[str]:
-    return frozenset(instruction.argval for instructions in _instructions(code) for instruction in instructions
-                     if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
 
 
 def _is_string_constant(instruction: dis.Instruction | None) -> bool:

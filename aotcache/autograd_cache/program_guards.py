@@ -9,9 +9,11 @@ graph running. :func:`watch_program` walks the program with the fingerprint's wa
 code]) in its lenient form (NOTE [Lenient walks]) and records, for everything each token read:
 
 ======================= =================================================================================
-slots                   a dict entry by identity: each global a function names, each attribute of a user
-                        module it reaches, each class member reachable code can read, each attribute of a
-                        plain object (config objects, at every depth the walk reaches)
+slots                   a dict entry by identity: each global a function reads or writes (not a name
+                        used only as an attribute: ``self.a`` is no read of a global ``a``, NOTE [Global
+                        reads are loads, not co_names]), each attribute of a user module it reaches,
+                        each class member reachable code can read, each attribute of a plain object
+                        (config objects, at every depth the walk reaches)
 attributes              ``cell_contents`` of each closure cell; a function's ``__code__`` / ``__defaults__``
                         / ``__kwdefaults__``; an object's ``__class__`` and ``__slots__``
 lengths                 dicts of objects and classes (an added attribute may shadow another), containers

@@ -37,6 +37,7 @@ from aotcache.autograd_cache.code_reading import (
     all_names,
     cell_contents,
     constant_token,
+    global_names,
     import_for_digest,
     imported_modules,
     string_constants,
@@ -167,8 +168,9 @@ class Reachable:
     first, in a deterministic order) and a token that names the nodes it references by index, so sharing
     and cycles are written down exactly and two different objects with the same name cannot be swapped
     unseen. A user function's token holds its bytecode digest (names, constants, nested code), defaults,
-    closure cells and the globals its code names (module attributes resolved through the names the code
-    uses; imports inside the function as NOTE [Function-body imports] says). A class's token holds its bases
+    closure cells and the globals its code reads: its global loads and writes only (NOTE [Global reads are loads, not
+    co_names]), each module among them resolved through every name the code uses, attribute names included;
+    imports inside the function as NOTE [Function-body imports] says. A class's token holds its bases
     and the members that tracing can reach: dunder protocol methods and every member whose name appears in some
     reachable user code (``co_names`` or an identifier-like string constant, for ``getattr(self, "x")``);
     torch's own classes contribute only members that were monkeypatched with non-torch code. Library code
@@ -542,15 +544,20 @@ class Reachable:
         name_set = set(all_names(code))
         strings = set(string_constants(code))
         fn_globals = fn.__globals__
-        if "globals" in name_set and "globals" not in fn_globals:
+        # the globals the code reads are its global loads, not every name in co_names (an attribute ``self.a``
+        # is no read of a global ``a``: NOTE [Global reads are loads, not co_names] in code_reading.py)
+        global_set = set(global_names(code))
+        if "globals" in global_set and "globals" not in fn_globals:
             # ``globals()["NAME"]``: constant names the code may read through its module's dict
-            name_set |= {name for name in strings if name in fn_globals}
+            read_by_name = {name for name in strings if name in fn_globals}
+            name_set |= read_by_name
+            global_set |= read_by_name
         names = sorted(name_set)
         self._add_names(names)
         self._add_names(strings)
         guards = self._guards
         referenced = []
-        for name in names:
+        for name in sorted(global_set):
             if name in fn_globals:
                 value = fn_globals[name]
                 if guards is not None:

@@ -168,6 +168,160 @@ def test_global_read_through_globals_with_a_constant_name_retraces(monkeypatch):
     torch.testing.assert_close(compiled(X), X * 8)
 
 
+# NOTE [Global reads are loads, not co_names]: ``self.proj`` names ``proj`` in co_names, but reads no global
+# ``proj``; a script whose top level rebinds ``proj`` / ``norm`` / ``gain`` at every step (a loop variable, an
+# ``out = compiled(x)``) re-traced at every call while the guards took them for globals the forward reads.
+
+
+class ReadsAttributesNamedLikeGlobals(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.gain = 2.0
+
+    def forward(self, x):
+        return self.norm(self.proj(x)) * self.gain
+
+
+def _rebind_script_globals(monkeypatch, step):
+    """What ``for proj in range(5): norm = torch.randn(2); gain = float(proj); out = compiled(x)`` does."""
+    monkeypatch.setitem(globals(), "proj", step)
+    monkeypatch.setitem(globals(), "norm", torch.randn(2))
+    monkeypatch.setitem(globals(), "gain", float(step))
+    monkeypatch.setitem(globals(), "out", object())
+
+
+@pytest.mark.parametrize("wrap", ["aot_module", "compile"])
+def test_globals_named_like_attributes_the_forward_reads_keep_the_graph(wrap, monkeypatch):
+    _rebind_script_globals(monkeypatch, -1)  # they exist when the program is first walked
+    model = ReadsAttributesNamedLikeGlobals()
+    compiled = (compiled_module(model) if wrap == "aot_module"
+                else aotcache.compile(model, compiler="nop", cache=False))
+    for step in range(5):
+        _rebind_script_globals(monkeypatch, step)
+        torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 1 and compiled.compiled.num_program_walks == 1
+    model.gain = 3.0  # the attribute itself is read and guarded
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+class ReadsGainAsAttributeAndGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = 2.0
+
+    def forward(self, x):
+        return x * self.gain + gain  # noqa: F821 - the module global set by the test
+
+
+def test_a_name_read_both_as_attribute_and_as_global_guards_both(monkeypatch):
+    monkeypatch.setitem(globals(), "gain", 1.0)
+    model = ReadsGainAsAttributeAndGlobal()
+    compiled = compiled_module(model)
+    torch.testing.assert_close(compiled(X), X * 2 + 1)
+    monkeypatch.setitem(globals(), "gain", 5.0)  # the global changed: traced again, eager's result
+    torch.testing.assert_close(compiled(X), X * 2 + 5)
+    assert compiled.compiled.num_compiles == 2
+    monkeypatch.setitem(globals(), "gain", _equal_copy(5.0))  # an equal value: walked, the same program
+    torch.testing.assert_close(compiled(X), X * 2 + 5)
+    assert compiled.compiled.num_compiles == 2 and compiled.compiled.num_program_walks == 3
+    model.gain = 4.0  # the attribute changed
+    torch.testing.assert_close(compiled(X), X * 4 + 5)
+    assert compiled.compiled.num_compiles == 3
+
+
+def _shifted(t):
+    return t + shift  # noqa: F821 - a global read in a function the forward calls
+
+
+class ReadsGlobalsInNestedCode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift = 0.5  # also an attribute name: both are read
+        self.factor = 3.0  # an attribute named like a global read only by the lambda
+
+    def forward(self, x):
+        scaled = (lambda t: t * factor)(x)  # noqa: F821 - lambda
+        parts = torch.stack([row * offset for row in scaled.unbind(0)])  # noqa: F821 - comprehension
+
+        def debiased(t):
+            return t - bias  # noqa: F821 - nested function
+
+        return _shifted(debiased(parts)) * self.shift + self.factor
+
+
+NESTED_GLOBALS = {"factor": 2.0, "offset": 3.0, "bias": 0.25, "shift": 1.0}
+
+
+@pytest.mark.parametrize("name", sorted(NESTED_GLOBALS))
+def test_a_global_read_in_nested_code_or_a_called_function_is_guarded(name, monkeypatch):
+    for global_name, value in NESTED_GLOBALS.items():
+        monkeypatch.setitem(globals(), global_name, value)
+    model = ReadsGlobalsInNestedCode()
+    compiled = compiled_module(model)
+    first = model(X)
+    torch.testing.assert_close(compiled(X), first)
+    monkeypatch.setitem(globals(), name, NESTED_GLOBALS[name] + 7.0)
+    assert not torch.allclose(model(X), first)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiled.compiled.num_compiles == 2
+
+
+HOLDER = types.SimpleNamespace(width=2.0, depth=1.0)
+
+
+def reads_holder_attributes(x):
+    return x * HOLDER.width + HOLDER.depth
+
+
+def test_aot_function_attributes_named_like_globals_keep_the_graph_and_the_object_stays_guarded(monkeypatch):
+    monkeypatch.setitem(globals(), "width", 0)
+    monkeypatch.setitem(globals(), "depth", 0)
+    compiled = compiled_function(reads_holder_attributes)
+    for step in range(4):
+        monkeypatch.setitem(globals(), "width", step)
+        monkeypatch.setitem(globals(), "depth", -step)
+        torch.testing.assert_close(compiled(X), X * 2 + 1)
+    assert compiled.num_compiles == 1 and compiled.num_program_walks == 1
+    monkeypatch.setattr(HOLDER, "width", 4.0)  # the attribute read: traced again
+    torch.testing.assert_close(compiled(X), X * 4 + 1)
+    assert compiled.num_compiles == 2
+
+
+def records_its_width(x):
+    global last_width
+    last_width = x.shape[-1] * 2  # written under ``global``, never read: still guarded
+    return x + 1
+
+
+def test_a_global_the_code_only_writes_is_written_at_every_call_as_in_eager(monkeypatch):
+    compiled = compiled_function(records_its_width)
+    for _ in range(3):
+        monkeypatch.setitem(globals(), "last_width", None)
+        torch.testing.assert_close(compiled(X), X + 1)
+        assert globals()["last_width"] == 8
+
+
+def test_the_fingerprint_holds_globals_read_not_globals_named_like_attributes(monkeypatch):
+    from aotcache.autograd_cache.code_reading import global_names
+
+    assert global_names(ReadsGainAsAttributeAndGlobal.forward.__code__) == {"gain"}
+    assert global_names(ReadsGlobalsInNestedCode.forward.__code__) >= {"factor", "offset", "bias", "_shifted"}
+    assert "shift" not in global_names(ReadsGlobalsInNestedCode.forward.__code__)  # only ``self.shift`` here
+    _rebind_script_globals(monkeypatch, 0)
+    model = ReadsAttributesNamedLikeGlobals()
+    base = code_fingerprint(model).digest
+    assert base is not None
+    _rebind_script_globals(monkeypatch, 1)
+    assert code_fingerprint(model).digest == base
+    both = ReadsGainAsAttributeAndGlobal()
+    before = code_fingerprint(both).digest
+    monkeypatch.setitem(globals(), "gain", 9.0)
+    assert code_fingerprint(both).digest != before
+
+
 def test_forward_hook_swapped_for_another_with_the_same_count_retraces():
     model = nn.Linear(4, 4)
     compiled = compiled_module(model)
