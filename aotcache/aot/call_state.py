@@ -47,7 +47,7 @@ from torch import nn
 
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState
-from aotcache.aot.module_state import bounded_deque
+from aotcache.aot.module_state import bounded_deque, holds_trace_tensor, symbolic_size_stored_error
 
 __all__ = ["SavedCallState", "restore_mapping", "restore_list", "restore_set"]
 
@@ -176,10 +176,13 @@ class SavedCallState:
             return
         names = ", ".join(dict.fromkeys(name for name, _ in found[:3]))
         dynamo_safe = not any(bounded_deque(value) for _, value in found)
+        sizes_only = not any(holds_trace_tensor(value, sizes=False) for _, value in found)
         try:
             self.restore()
         except CaptureError:
             pass  # refused all the same; what could not be put back stays, as in NOTE [State changed by a capture]
+        if sizes_only:
+            raise symbolic_size_stored_error(f"in program state ({names})")
         raise CaptureError(
             f"aotcache: the call keeps a tensor it computed in program state ({names}): a graph cannot store a "
             f"tensor in a global, a closure variable or a class attribute at every call, and that state would hold "

@@ -15,7 +15,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds_trace_tensor",
-           "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "trace_tensor_ids"]
+           "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "symbolic_size_stored_error",
+           "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -100,24 +101,34 @@ __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds
 # ``aot_module``'s fallback runtime alike). Conservative: such a deque never appended to costs the compiled
 # regions of a fallback, never a result.
 
+# NOTE [Symbolic sizes stored in program state]
+# A dynamic capture runs the Python with symbolic sizes, so ``LAST = x.shape[0] * 2`` (a global, a closure
+# variable, ``self.seq_len = ...``) left the program holding a ``torch.SymInt`` such as ``2*s57`` where eager
+# holds 8: every later reader met the trace's symbol, and the call traced again at every call. A SymInt, SymFloat or
+# SymBool exists only inside a trace, so it counts as a trace tensor does in the two NOTEs above: the state is put
+# back and the capture refused; the fallback runs the Python with real sizes (static captures store plain ints).
+_SYMBOLIC_SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _DEPTH = 4
 
 
-def holds_trace_tensor(value: Any, depth: int = 0, known: frozenset[int] = frozenset()) -> bool:
+def holds_trace_tensor(value: Any, depth: int = 0, known: frozenset[int] = frozenset(), sizes: bool = True) -> bool:
     """Whether ``value`` (a tensor, or lists / tuples / deques / sets / dicts of them) holds a tensor of a trace
-    (fake or functional), not a real one; one whose ``id`` is in ``known`` (there before the capture) does not
-    count."""
+    (fake or functional) or, with ``sizes``, a symbolic scalar, not a real one; one whose ``id`` is in ``known``
+    (there before the capture) does not count."""
     if isinstance(value, torch.Tensor):
         from torch._subclasses.fake_tensor import is_fake
 
         return id(value) not in known and (is_fake(value) or torch._is_functional_tensor(value))
+    if isinstance(value, _SYMBOLIC_SCALARS):  # NOTE [Symbolic sizes stored in program state]
+        return sizes and id(value) not in known
     if depth >= _DEPTH:
         return False
     if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
-        return any(holds_trace_tensor(item, depth + 1, known) for item in value)
+        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in value)
     if isinstance(value, dict):
-        return any(holds_trace_tensor(item, depth + 1, known) for item in value.values())
+        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in value.values())
     return False
 
 
@@ -126,7 +137,7 @@ def trace_tensor_ids(values: Any, depth: int = 0) -> set[int]:
     does) hold: those there before a capture, which its own check leaves alone."""
     found: set[int] = set()
     for value in values:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, *_SYMBOLIC_SCALARS)):
             if holds_trace_tensor(value):
                 found.add(id(value))
         elif depth < _DEPTH and isinstance(value, (list, tuple, collections.deque, set, frozenset)):
@@ -192,18 +203,31 @@ def refuse_tensors_stored_on_modules(module: nn.Module) -> Iterator[None]:
             for name, value in list(vars(sub).items()):
                 if name in _MODULE_INTERNALS or _unchanged(value, saved.get(name)) or not holds_trace_tensor(value):
                     continue
-                stored.append((sub, name))
+                stored.append((sub, name, value))
                 _put_back(sub, name, saved)
     if stored:
         paths = {id(sub): path for path, sub in module.named_modules(remove_duplicate=False)}
         where = ", ".join(f"{paths.get(id(sub)) + '.' if paths.get(id(sub)) else ''}{name}"
-                          for sub, name in stored[:3])
+                          for sub, name, _ in stored[:3])
+        values = [value for _, _, value in stored]
+        if not any(holds_trace_tensor(value, sizes=False) for value in values):
+            raise symbolic_size_stored_error(f"on the model ({where} = ...)")
         raise CaptureError(
             f"aotcache: the call keeps a tensor it computed on the model ({where} = ...): a graph cannot set a "
             f"Python attribute at every call, and the attribute would hold the capture's trace tensors. Return "
             f"the tensor from forward instead, or keep it in a registered buffer updated in place "
             f"(self.buf.copy_(...)).", reason="unsupported_construct", any_settings=True,
-            dynamo_safe=not any(bounded_deque(getattr(sub, name, None)) for sub, name in stored))
+            dynamo_safe=not any(bounded_deque(value) for value in values))
+
+
+def symbolic_size_stored_error(where: str) -> CaptureError:
+    """The refusal of a dynamic capture that left a symbolic size in Python state (NOTE [Symbolic sizes stored in
+    program state]); a static capture of the call stores plain ints."""
+    return CaptureError(
+        f"aotcache: the call keeps a size it computed {where}; traced with dynamic shapes, it would hold a "
+        f"symbolic size of the trace (a torch.SymInt) instead of eager's int. The call is compiled per shape "
+        f"(or runs in a fallback); pass dynamic=False to skip the attempt, or keep such sizes out of the compiled "
+        f"code.", reason="unsupported_construct")
 
 
 def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozenset[str], frozenset[str]]]:

@@ -718,3 +718,63 @@ def test_an_object_answering_every_attribute_name_in_program_state_does_not_brea
     x = torch.randn(3)
     torch.testing.assert_close(compiled(x), x * 2)
     assert compiled.route == "aot", compiled.router.reason
+
+
+LAST_SIZE = None
+
+
+def _keeps_size_in_global(x: torch.Tensor) -> torch.Tensor:
+    global LAST_SIZE
+    LAST_SIZE = x.shape[0] * 2
+    return x * 2
+
+
+class _KeepsSizeOnItself(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.rows = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows = x.shape[0]
+        return self.lin(x).sum(0) * self.rows
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_a_size_kept_in_a_global_holds_eagers_int_after_every_call(dynamic):
+    """NOTE [Symbolic sizes stored in program state]: a dynamic capture left ``2*s57`` (a torch.SymInt) in the
+    global, for every later call; the global holds eager's int after each call."""
+    global LAST_SIZE
+    LAST_SIZE = None
+    compiled = aotcache.aot_function(_keeps_size_in_global, "nop", cache=False, dynamic=dynamic)
+    for rows in (3, 4, 5):
+        torch.testing.assert_close(compiled(torch.ones(rows)), torch.full((rows,), 2.0))
+        assert type(LAST_SIZE) is int and LAST_SIZE == rows * 2, (rows, LAST_SIZE)
+
+
+def test_a_size_kept_on_the_module_holds_eagers_int_and_the_refusal_says_why():
+    model = _KeepsSizeOnItself()
+    reference = _KeepsSizeOnItself()
+    reference.load_state_dict(model.state_dict())
+    compiled = aotcache.aot_module(model, "nop", cache=False, dynamic=True)
+    for rows in (3, 4, 5):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(compiled(x), reference(x))
+        assert type(model.rows) is int and model.rows == rows
+    strict = aotcache.aot_module(_KeepsSizeOnItself(), "nop", cache=False, dynamic=True, on_capture_error="raise")
+    with pytest.raises(CaptureError, match=r"keeps a size it computed on the model \(rows = \.\.\.\)") as raised:
+        strict(torch.randn(3, 4))
+    assert not raised.value.any_settings  # a static capture stores plain ints
+
+
+def test_a_size_kept_in_a_closure_variable_is_put_back_and_eagers_int_kept():
+    seen = {"rows": None}
+
+    def remember(x: torch.Tensor) -> torch.Tensor:
+        seen["rows"] = x.shape[0] + 1
+        return x.sin()
+
+    compiled = aotcache.aot_function(remember, "nop", cache=False, dynamic=True)
+    for rows in (2, 6):
+        torch.testing.assert_close(compiled(torch.ones(rows)), torch.ones(rows).sin())
+        assert type(seen["rows"]) is int and seen["rows"] == rows + 1
