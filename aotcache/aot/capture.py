@@ -744,16 +744,22 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
     except ImportError:  # a torch without it (private API): size arithmetic is recorded eagerly, as before
         maybe_enable_thunkify = contextlib.nullcontext
 
+    # NOTE [In-place ops reading their target] in aliased_writes.py: only where the analysis saw a call that
+    # looks in place (or did not look): an active torch-function mode made a dynamic BERT training capture ~8%
+    # slower even where it checked nothing (bench/dynamic.py, 2026-12-05)
+    refuse_aliased_writes = (RefuseAliasedWrites if analysis.needs_functionalization is not None
+                             else contextlib.nullcontext)
+
     def inference_graph(primals: list) -> tuple:
-        # NOTE [Lazy symbolic arithmetic]; NOTE [In-place ops reading their target] in aliased_writes.py
-        with maybe_enable_thunkify(), functionalization() as mode, RefuseAliasedWrites():
+        # NOTE [Lazy symbolic arithmetic]
+        with maybe_enable_thunkify(), functionalization() as mode, refuse_aliased_writes():
             _seed_effect_tokens(mode, analysis.effects)
             outs = body([to_functional(p) for p in primals])
             outs += _final_effect_tokens(mode, analysis.effects)
         return tuple(from_functional(out) for out in outs)
 
     def joint_graph(primals: list, tangents: list | None) -> tuple:
-        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, RefuseAliasedWrites():
+        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, refuse_aliased_writes():
             _seed_effect_tokens(mode, analysis.effects)
             functional_primals = [to_functional(p) for p in primals]
             functional_tangents = [to_functional(t) for t in tangents] if tangents is not None else []
