@@ -47,7 +47,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from aotcache.aot.autograd_nodes import autograd_nodes
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["RefuseAliasedWrites", "in_custom_backwards"]
@@ -345,9 +344,10 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def in_custom_backwards(outputs: Sequence[Any]) -> Iterator[None]:
-    """:class:`RefuseAliasedWrites` on while each custom ``autograd.Function`` backward reached from ``outputs``
-    runs (the joint trace's ``torch.autograd.grad`` in this block).
+def in_custom_backwards(nodes: Sequence[Any]) -> Iterator[None]:
+    """:class:`RefuseAliasedWrites` on while each custom ``autograd.Function`` backward among the traced outputs'
+    autograd ``nodes`` (:func:`autograd_nodes`, kept alive by the caller) runs (the joint trace's
+    ``torch.autograd.grad`` in this block).
 
     NOTE [Checks inside custom backwards]
     A torch-function mode is off while it handles a call, so a mode around ``torch.autograd.grad`` is off for the
@@ -359,7 +359,6 @@ def in_custom_backwards(outputs: Sequence[Any]) -> Iterator[None]:
     mode = RefuseAliasedWrites()
     depth = torch._C._len_torch_function_stack()
     handles = []
-    nodes = autograd_nodes(outputs)  # alive through the block
     for node in nodes:
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             handles.append(node.register_prehook(functools.partial(_push, mode)))

@@ -29,6 +29,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.aliased_writes import RefuseAliasedWrites, in_custom_backwards
+from aotcache.aot.autograd_nodes import autograd_nodes
 from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
@@ -775,15 +776,16 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
-                hand_on_source_locations([out for out, _ in pairs])
-                refuse_reentrant_checkpoint_nodes([out for out, _ in pairs])
+                nodes = autograd_nodes([out for out, _ in pairs])  # one walk for the three uses below
+                hand_on_source_locations(nodes)
+                refuse_reentrant_checkpoint_nodes(nodes)
                 before = _mutation_counts(functional_primals)
                 tangents_before = _mutation_counts([t for _, t in pairs])
                 if plain_mode is not None:
                     plain_mode.backward_begins()
                 try:
                     # NOTE [Anomaly mode during a capture]; NOTE [Checks inside custom backwards]
-                    with _no_nan_checks(), in_custom_backwards([out for out, _ in pairs]):
+                    with _no_nan_checks(), in_custom_backwards(nodes):
                         computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                        allow_unused=True)
                 except RuntimeError as exc:

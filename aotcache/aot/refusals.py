@@ -15,13 +15,12 @@ import os
 import re
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-from aotcache.aot.autograd_nodes import autograd_nodes
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
@@ -67,8 +66,9 @@ _REENTRANT_MESSAGE = (
     "the fallback meanwhile.")
 
 
-def refuse_reentrant_checkpoint_nodes(outputs: list) -> None:
-    """Raise a CaptureError if the traced outputs' autograd graph holds a reentrant checkpoint.
+def refuse_reentrant_checkpoint_nodes(nodes: Sequence[Any]) -> None:
+    """Raise a CaptureError if the traced outputs' autograd ``nodes`` (:func:`autograd_nodes`) hold a reentrant
+    checkpoint.
 
     NOTE [Reentrant checkpoints the traced backward skips]
     The joint trace differentiates the outputs with ``torch.autograd.grad`` *with respect to the graph's inputs*;
@@ -81,7 +81,7 @@ def refuse_reentrant_checkpoint_nodes(outputs: list) -> None:
     the backward would reach it. Without an input requiring grad a reentrant checkpoint adds no node, and eager
     leaves its parameters' gradients None too.
     """
-    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in autograd_nodes(outputs)):
+    if any(type(node).__name__ == "CheckpointFunctionBackward" for node in nodes):
         raise CaptureError(_REENTRANT_MESSAGE)
 
 

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from aotcache.aot.autograd_nodes import autograd_nodes
-
 __all__ = ["capturing_source_locations", "hand_on_source_locations", "keeps_source_locations", "run_graph",
            "runs_its_graph_only"]
 
@@ -86,15 +84,15 @@ def capturing_source_locations(keep: bool) -> Iterator[None]:
             yield
 
 
-def hand_on_source_locations(outs: Sequence[Any]) -> None:
-    """Before the joint trace's backward: each autograd node of ``outs``' history sets, while it runs, the source
-    line anomaly mode recorded for it, and puts back the line in effect before."""
+def hand_on_source_locations(nodes: Sequence[Any]) -> None:
+    """Before the joint trace's backward: each of the outputs' autograd ``nodes`` (:func:`autograd_nodes`) sets,
+    while it runs, the source line anomaly mode recorded for it, and puts back the line in effect before."""
     if not _capturing():
         return
     from torch.fx import traceback as fx_traceback
 
     before = fx_traceback.format_stack()
-    for node in autograd_nodes(outs):
+    for node in nodes:
         forward_line = node.metadata.get("traceback_", [])
         node.register_prehook(lambda grad_outputs, line=forward_line: fx_traceback.set_stack_trace(line))
         node.register_hook(lambda grad_inputs, grad_outputs: fx_traceback.set_stack_trace(before))
