@@ -262,7 +262,8 @@ class AOTFunction:
         # NOTE [Dynamic dimensions]: the same call compiled statically decides. If it fails too, the error is the
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
-        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False),
+        retry = self._dims.retry_spec(options.dynamic)  # static; dynamic=True: with static buffers
+        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, retry),
                                      context)
         if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
             self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too

@@ -165,22 +165,32 @@ class DynamicDims:
         self._options: dict[tuple, Any] = {}
         self._specs: dict[tuple, DimSpec] = {}  # automatic: the spec of (marked dimensions, argument count)
         self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
+        # dynamic=True: per spec that marks buffers, the same spec without those marks (NOTE [Buffers that change
+        # size]), for the retry of a failed compile
+        self._without_buffer_marks: dict[DimSpec, DimSpec | bool] = {}
         self._lock = threading.Lock()
 
     def automatic(self, spec: DimSpec | bool) -> bool:
-        """Whether ``spec`` came from automatic dynamic shapes (``dynamic=None``) and marks dimensions."""
-        return self.dynamic is None and isinstance(spec, tuple)
+        """Whether ``spec`` came from automatic dynamic shapes and marks dimensions (``dynamic=None``; with
+        ``dynamic=True``, a spec that marks buffers: NOTE [Buffers that change size])."""
+        return isinstance(spec, tuple) and (self.dynamic is None or spec in self._without_buffer_marks)
+
+    def retry_spec(self, spec: DimSpec | bool) -> DimSpec | bool:
+        """The spec a call compiles with after its automatic dynamic compile under ``spec`` failed: static
+        (``dynamic=None``), or ``dynamic=True``'s own spec without the buffers' marks."""
+        return self._without_buffer_marks.get(spec, False) if self.dynamic is True else False  # type: ignore[arg-type]
 
     def abandon(self, spec: DimSpec | bool, exc: BaseException, name: str) -> bool:
         """After a failed compile under ``spec``: True if it was an automatic dynamic one, now given up (the
-        caller compiles statically instead); False if the error is the caller's to raise."""
-        if self.dynamic is not None or not isinstance(spec, tuple):
+        caller compiles statically instead, or with ``dynamic=True`` with static buffers); False if the error is
+        the caller's to raise."""
+        if not self.automatic(spec):
             return False
         self._abandoned = True
         log_once(logging.WARNING, f"dynamic:abandoned:{name}",
-                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per shape "
+                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per %s "
                  "instead. Pass dynamic=False to skip the attempt.", name, type(exc).__name__,
-                 str(exc).splitlines()[0] if str(exc) else "")
+                 str(exc).splitlines()[0] if str(exc) else "", "buffer shape" if self.dynamic else "shape")
         return True
 
     def drop_float_symbols(self, exc: BaseException, name: str) -> bool:
@@ -228,9 +238,13 @@ class DynamicDims:
             buffers = self._automatic(flat_args, rank_key, num_params, num_state, num_state, name, buffer_names)
             if not buffers:
                 return spec
-            if not spec:
-                return buffers
-            return tuple(dims or marked for dims, marked in zip(spec, buffers))  # type: ignore[arg-type]
+            merged = buffers if not spec else tuple(dims or marked for dims, marked in zip(spec, buffers))  # type: ignore[arg-type]
+            if merged not in self._without_buffer_marks:
+                with self._lock:
+                    if len(self._without_buffer_marks) >= 256:
+                        self._without_buffer_marks.clear()
+                    self._without_buffer_marks[merged] = spec  # type: ignore[index]
+            return merged
         if self._abandoned:
             return False
         return self._automatic(flat_args, rank_key, num_params, len(flat_args), num_state, name, buffer_names)
