@@ -72,8 +72,8 @@ class _ReadsBufferAndWeight(nn.Module):
         self.register_buffer("buf", torch.arange(2.0))
         self.w = nn.Parameter(torch.ones(2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.buf.sum() + self.w.sum() * self.buf.shape[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the slice clamps at len(x): a guard on the buffer's size
+        return x * self.buf.sum() + self.w.sum() * self.buf.shape[0] + x[: self.buf.shape[0]].sum()
 
 
 def _wrap(route: str, module: nn.Module, dynamic: bool | None) -> nn.Module:
@@ -184,12 +184,13 @@ def test_buffers_become_dynamic_and_parameters_stay_static(dynamic):
         _assert_same_buffers(eager, module, 0)
 
     check("first")
-    for size in (3, 5, 0, 1, 7, 2):  # sizes 0 and 1 are specialized by the symbolic graph's guards: eager's too
+    for size in (3, 5, 0, 1, 7, 2, 4):  # 0 and 1 are specialized by the symbolic graph's guards: eager's too
         eager.buf, module.buf = torch.arange(float(size)), torch.arange(float(size))
         check(("buffer", size))
-    # the first size (2) reused the static graph; 0, 1 and every other size one graph each at most
+    # the static graph (size 2, reused at 2); symbolic graphs for 2..3 and for >= 4 (the slice's guards: 5 traced,
+    # 7 and 4 reuse it); 0 and 1 each their own
     buffer_compiles = compiled.compiled.num_compiles
-    assert buffer_compiles <= 4, buffer_compiles
+    assert buffer_compiles == 5, buffer_compiles
     for size in (3, 4, 5):  # parameters are never marked: a graph per size
         eager.w, module.w = nn.Parameter(torch.ones(size)), nn.Parameter(torch.ones(size))
         check(("parameter", size))
