@@ -238,7 +238,8 @@ class DynamicDims:
             buffers = self._automatic(flat_args, rank_key, num_params, num_state, num_state, name, buffer_names)
             if not buffers:
                 return spec
-            merged = buffers if not spec else tuple(dims or marked for dims, marked in zip(spec, buffers))  # type: ignore[arg-type]
+            merged = (buffers if not spec else  # type: ignore[arg-type]
+                      tuple(dims or marked for dims, marked in zip(spec, buffers)))
             if merged not in self._without_buffer_marks:
                 with self._lock:
                     if len(self._without_buffer_marks) >= 256:
