@@ -213,9 +213,15 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
         draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
+        grad_mode_before = torch.is_grad_enabled()
         with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws:
-            result = flat_fn(*call_args)
+            try:
+                result = flat_fn(*call_args)
+            finally:
+                grad_mode_after = torch.is_grad_enabled()
+                torch._C._set_grad_enabled(grad_mode_before)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
+        _refuse_grad_mode_change(grad_mode_before, grad_mode_after)
         needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -303,6 +309,24 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
 # eager raises a plain RuntimeError. The refusal is now ``first_call_only`` (the call runs eagerly, so the user
 # gets eager's own error, and nothing is decided for later calls, which are captured) and not ``dynamo_safe``
 # (aot_function's per-signature fallback runs such calls eagerly too, not through Dynamo).
+
+
+def _refuse_grad_mode_change(before: bool, after: bool) -> None:
+    """NOTE [Grad mode left switched by the function]
+    ``torch.set_grad_enabled(False)`` called inside the function (not as a ``with`` block) leaves the caller's
+    grad mode switched: Dynamo keeps that call in its graph (``torch._C._set_grad_enabled``) and eager runs it,
+    but a trace runs it once at capture time and records no op, so the compiled function left the caller's grad
+    mode as it was (``torch.is_grad_enabled()`` true after the call where eager leaves it false), and judged the
+    call's outputs by the mode the function left (an output made before the switch lost its autograd history, or
+    a training graph was refused). Found by PyTorch's test_aot_autograd.py (test_aot_grad_mode_mutation). The
+    analysis puts the mode back and refuses the capture: the call runs as written (eager's results, eager's
+    mode after it)."""
+    if before != after:
+        raise CaptureError(
+            f"aotcache: the function leaves grad mode switched {'on' if after else 'off'} "
+            f"(torch.set_grad_enabled({after}) outside a with block); a compiled graph cannot replay that change "
+            f"of the caller's state. Use `with torch.no_grad():` / `with torch.enable_grad():` inside the "
+            f"function, or switch grad mode around the call.")
 
 
 def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
