@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -423,6 +424,18 @@ def _generators_at(states: Sequence[tuple]) -> Any:
             generator.set_state(state)
 
 
+def _outside_dynamo(fn: Callable) -> Callable:
+    """NOTE [Double backward inside a torch.compile'd function]
+    ``torch.autograd.grad(y, x, create_graph=True)`` called inside a ``torch.compile``'d function (after a graph
+    break) runs the compiled backward while Dynamo's frame hook is on, so Dynamo traced this runtime's own replay of
+    the joint graph as user code and handed it to the backend again: under ``dynamic=True`` the region it compiled
+    had no joint graph and the double backward raised ``DoubleBackwardError`` where ``aot_eager`` runs (PyTorch's
+    test_aot_autograd.py, test_eager_sequence_nr with dynamic shapes). The replay and the recapture run with Dynamo
+    off; torch._dynamo is only looked up when it is loaded (it cannot be on otherwise)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return fn if dynamo is None else dynamo.disable(fn, recursive=True)
+
+
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -515,7 +528,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         differentiable = torch.is_grad_enabled()  # create_graph=True: NOTE [Double backward through the joint graph]
         if differentiable and runtime.joint is None and runtime.joint_factory is not None:
             factory, runtime.joint_factory = runtime.joint_factory, None
-            factory(getattr(ctx, "graph_args", ()))
+            _outside_dynamo(factory)(getattr(ctx, "graph_args", ()))
         if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
             raise DoubleBackwardError(
                 "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
@@ -568,7 +581,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         with DisableAutocast():
             if differentiable and generator_states is not None and runtime.joint_random:
                 with _generators_at(generator_states):  # NOTE [Double backward through random ops]
-                    grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+                    grads = _outside_dynamo(_differentiable_gradients)(runtime, ctx.graph_args, tangents)
                     ends = [generator.get_state() for generator, _ in generator_states]
                 if not all(torch.equal(end, expected) for end, expected in zip(ends, ctx.generator_ends)):
                     raise DoubleBackwardError(
@@ -577,7 +590,7 @@ class _CompiledAutogradFunction(torch.autograd.Function):
                         "would be another program's. Use compiler='nop' for this function, or call it eagerly for "
                         "higher-order gradients.")
             elif differentiable:
-                grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+                grads = _outside_dynamo(_differentiable_gradients)(runtime, ctx.graph_args, tangents)
             else:
                 grads = list(runtime.backward(*saved, *tangents))
         grad_inputs = runtime.metadata.grad_inputs
