@@ -310,7 +310,7 @@ def _input_gradient_with_graph(model, x):
 def test_double_backward_inside_the_compiled_function(dynamic):
     """``autograd.grad(create_graph=True)`` inside the torch.compile'd function: Dynamo traced the runtime's own
     replay of the joint graph as user code, and under dynamic=True the double backward raised DoubleBackwardError
-    (NOTE [Double backward inside a torch.compile'd function]; PyTorch's test_eager_sequence_nr)."""
+    (NOTE [The compiled backward runs outside Dynamo]; PyTorch's test_eager_sequence_nr)."""
     torch._dynamo.reset()  # (what Dynamo made of the runtime's frames in an earlier test hid the failure)
     torch.manual_seed(0)
     eager = _ConvBatchNorm()
