@@ -294,3 +294,45 @@ def test_pytorch_partitioners_as_partition_fn_save_symints_in_their_order(torch_
     saved = [node.name for node in graphs["bw"].graph.nodes if node.op == "placeholder"]
     if torch_partition == "min_cut_rematerialization_partition":
         assert saved[0].startswith("sym_size"), saved  # the case that broke: a SymInt saved first
+
+
+@pytest.mark.parametrize("torch_partition", ["default_partition", "min_cut_rematerialization_partition"])
+def test_pytorch_partitioners_with_random_ops_in_a_selective_checkpoint(torch_partition):
+    # PyTorch's test_activation_checkpointing (test_compile_selective_checkpoint_random_op): torch's partitioners
+    # ask detect_fake_mode() for the fake mode when they move a checkpointed dropout into the backward, and
+    # raised "fake_mode must not be None" outside Dynamo's TracingContext (NOTE [Partitioners that look for the
+    # fake mode] in compile_step.py)
+    import functools
+
+    import functorch.compile
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from aotcache.api import aot_module_simplified
+
+    def save_sigmoid(ctx, func, *args, **kwargs):
+        if func == torch.ops.aten.sigmoid.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x):
+        return torch.sigmoid(torch.dropout(torch.sigmoid(x), p=0.5, train=True))
+
+    def fn(x):
+        return checkpoint(block, x, use_reentrant=False, preserve_rng_state=True,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, save_sigmoid))
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler="nop",
+                                     partition_fn=getattr(functorch.compile, torch_partition), cache=False)
+
+    torch._dynamo.reset()
+    x = torch.randn(16, 16, requires_grad=True)
+    x_compiled = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    expected = fn(x)
+    expected.sum().backward()
+    torch.manual_seed(0)
+    got = torch.compile(fn, backend=backend, fullgraph=True)(x_compiled)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x_compiled.grad, x.grad)
