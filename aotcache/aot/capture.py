@@ -311,6 +311,26 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
 # (aot_function's per-signature fallback runs such calls eagerly too, not through Dynamo).
 
 
+def _tag_traced_nodes(tag: str) -> None:
+    """NOTE [Forward and backward tags of the joint graph]
+    PyTorch's AOT Autograd marks every node of its joint graph ``meta["partitioner_tag"]`` ``"is_forward"`` (traced
+    before the backward began; tangent placeholders ``"is_backward"``) or ``"is_backward"``, and its
+    ``default_partition`` places nodes by that mark: without it (aotcache's joint graphs until 2026-12-05) only the
+    primal placeholders counted as forward, so torch's ``default_partition`` passed as ``partition_fn`` saved the
+    inputs alone and recomputed the whole forward in the backward (PyTorch's test_activation_checkpointing.py:
+    a selective checkpoint's MUST_SAVE matmuls recomputed). The joint trace marks its nodes the same way: the
+    nodes traced so far that have no mark get ``tag`` (aotcache's own partitioners do not read it)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    proxy_mode = get_proxy_mode()
+    if proxy_mode is None:
+        return
+    for node in proxy_mode.tracer.graph.nodes:
+        if "partitioner_tag" not in node.meta:
+            is_tangent = node.op == "placeholder" and "tangents" in str(node.target)
+            node.meta["partitioner_tag"] = "is_backward" if is_tangent else tag
+
+
 def _refuse_grad_mode_change(before: bool, after: bool) -> None:
     """NOTE [Grad mode left switched by the function]
     ``torch.set_grad_enabled(False)`` called inside the function (not as a ``with`` block) leaves the caller's
@@ -791,6 +811,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
             fw_outs = body(functional_primals)
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            _tag_traced_nodes("is_forward")  # NOTE [Forward and backward tags of the joint graph]
             if tangents is None:
                 functional_tangents = tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
                 if len(tangent_nodes) != len(tangent_indices):
@@ -819,7 +840,9 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
                 _refuse_tangent_mutations([t for _, t in pairs], tangents_before)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
-        return tuple(from_functional(v) for v in (*fw_outs, *grads))
+            outs = tuple(from_functional(v) for v in (*fw_outs, *grads))
+            _tag_traced_nodes("is_backward")
+        return outs
 
     def joint_graph_own_tangents(primals: list) -> tuple:
         return joint_graph(primals, None)

@@ -336,3 +336,55 @@ def test_pytorch_partitioners_with_random_ops_in_a_selective_checkpoint(torch_pa
     got.sum().backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(x_compiled.grad, x.grad)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "selective_checkpoint"])
+def test_pytorch_default_partition_saves_the_forward_it_places_by_tags(checkpointed):
+    # PyTorch's test_activation_checkpointing (test_compile_selective_checkpoint_must_not_recompute_gemm with
+    # default_partition): torch's default_partition places nodes by meta["partitioner_tag"]; without the tags only
+    # the inputs were saved and the backward recomputed the whole forward (6 mm instead of 4), with or without a
+    # checkpoint (NOTE [Forward and backward tags of the joint graph] in capture.py)
+    import functools
+
+    import functorch.compile
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from aotcache.api import aot_module_simplified
+
+    mm_counts = {}
+
+    def counting(name):
+        def compiler(gm, example_inputs):
+            mm_counts[name] = sum(1 for node in gm.graph.nodes if node.target == torch.ops.aten.mm.default)
+            return gm
+        return compiler
+
+    def save_mm(ctx, func, *args, **kwargs):
+        if func == torch.ops.aten.mm.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x, y):
+        return torch.sigmoid(torch.matmul(torch.matmul(x, y), y)) * y
+
+    def fn(x, y):
+        if not checkpointed:
+            return block(x, y)
+        return checkpoint(block, x, y, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, save_mm))
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=counting("fw"), bw_compiler=counting("bw"),
+                                     partition_fn=functorch.compile.default_partition, cache=False)
+
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    xc, yc = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    expected = fn(x, y)
+    expected.sum().backward()
+    got = torch.compile(fn, backend=backend, fullgraph=True)(xc, yc)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(xc.grad, x.grad)
+    torch.testing.assert_close(yc.grad, y.grad)
+    assert mm_counts == {"fw": 2, "bw": 4}  # two matmuls, two gradient matmuls each, none recomputed
