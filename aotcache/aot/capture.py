@@ -213,9 +213,15 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
         draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
+        grad_mode_before = torch.is_grad_enabled()
         with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws:
-            result = flat_fn(*call_args)
+            try:
+                result = flat_fn(*call_args)
+            finally:
+                grad_mode_after = torch.is_grad_enabled()
+                torch._C._set_grad_enabled(grad_mode_before)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
+        _refuse_grad_mode_change(grad_mode_before, grad_mode_after)
         needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -303,6 +309,44 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
 # eager raises a plain RuntimeError. The refusal is now ``first_call_only`` (the call runs eagerly, so the user
 # gets eager's own error, and nothing is decided for later calls, which are captured) and not ``dynamo_safe``
 # (aot_function's per-signature fallback runs such calls eagerly too, not through Dynamo).
+
+
+def _tag_traced_nodes(tag: str) -> None:
+    """NOTE [Forward and backward tags of the joint graph]
+    PyTorch's AOT Autograd marks every node of its joint graph ``meta["partitioner_tag"]`` ``"is_forward"`` (traced
+    before the backward began; tangent placeholders ``"is_backward"``) or ``"is_backward"``, and its
+    ``default_partition`` places nodes by that mark: without it (aotcache's joint graphs until 2026-12-05) only the
+    primal placeholders counted as forward, so torch's ``default_partition`` passed as ``partition_fn`` saved the
+    inputs alone and recomputed the whole forward in the backward (PyTorch's test_activation_checkpointing.py:
+    a selective checkpoint's MUST_SAVE matmuls recomputed). The joint trace marks its nodes the same way: the
+    nodes traced so far that have no mark get ``tag`` (aotcache's own partitioners do not read it)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    proxy_mode = get_proxy_mode()
+    if proxy_mode is None:
+        return
+    for node in proxy_mode.tracer.graph.nodes:
+        if "partitioner_tag" not in node.meta:
+            is_tangent = node.op == "placeholder" and "tangents" in str(node.target)
+            node.meta["partitioner_tag"] = "is_backward" if is_tangent else tag
+
+
+def _refuse_grad_mode_change(before: bool, after: bool) -> None:
+    """NOTE [Grad mode left switched by the function]
+    ``torch.set_grad_enabled(False)`` called inside the function (not as a ``with`` block) leaves the caller's
+    grad mode switched: Dynamo keeps that call in its graph (``torch._C._set_grad_enabled``) and eager runs it,
+    but a trace runs it once at capture time and records no op, so the compiled function left the caller's grad
+    mode as it was (``torch.is_grad_enabled()`` true after the call where eager leaves it false), and judged the
+    call's outputs by the mode the function left (an output made before the switch lost its autograd history, or
+    a training graph was refused). Found by PyTorch's test_aot_autograd.py (test_aot_grad_mode_mutation). The
+    analysis puts the mode back and refuses the capture: the call runs as written (eager's results, eager's
+    mode after it)."""
+    if before != after:
+        raise CaptureError(
+            f"aotcache: the function leaves grad mode switched {'on' if after else 'off'} "
+            f"(torch.set_grad_enabled({after}) outside a with block); a compiled graph cannot replay that change "
+            f"of the caller's state. Use `with torch.no_grad():` / `with torch.enable_grad():` inside the "
+            f"function, or switch grad mode around the call.")
 
 
 def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
@@ -767,6 +811,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
             fw_outs = body(functional_primals)
             fw_outs += _final_effect_tokens(mode, analysis.effects)
             _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            _tag_traced_nodes("is_forward")  # NOTE [Forward and backward tags of the joint graph]
             if tangents is None:
                 functional_tangents = tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
                 if len(tangent_nodes) != len(tangent_indices):
@@ -795,7 +840,9 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
                 _refuse_tangent_mutations([t for _, t in pairs], tangents_before)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
-        return tuple(from_functional(v) for v in (*fw_outs, *grads))
+            outs = tuple(from_functional(v) for v in (*fw_outs, *grads))
+            _tag_traced_nodes("is_backward")
+        return outs
 
     def joint_graph_own_tangents(primals: list) -> tuple:
         return joint_graph(primals, None)

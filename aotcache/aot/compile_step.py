@@ -7,6 +7,7 @@ stores entries (``autograd_cache/pipeline.py``); :class:`~aotcache.aot.api.AOTFu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import operator
@@ -204,6 +205,21 @@ def _compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
     return runtime
 
 
+def _tracing_context_of(captured: Any) -> Any:
+    """NOTE [Partitioners that look for the fake mode]
+    PyTorch's ``min_cut_rematerialization_partition`` (accepted as ``partition_fn``, NOTE [Foreign partitioners])
+    asks ``detect_fake_mode()`` for the fake mode when it moves a checkpointed region's random ops into the
+    backward (selective checkpointing around dropout), and torch's AOT Autograd partitions inside Dynamo's
+    ``TracingContext``. aotcache compiles outside it (NOTE in aot/dynamo_graph.py), so the partitioner raised
+    "fake_mode must not be None" where torch's pipeline runs (found by PyTorch's test_activation_checkpointing.py,
+    test_compile_selective_checkpoint_random_op). The partition runs in a ``TracingContext`` of the capture's own
+    fake mode."""
+    from torch._guards import TracingContext, tracing
+
+    fake_mode = getattr(captured, "fake_mode", None)
+    return contextlib.nullcontext() if fake_mode is None else tracing(TracingContext(fake_mode))
+
+
 def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRuntime:
     metadata = captured.metadata
     if metadata.is_inference:
@@ -211,7 +227,7 @@ def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRunti
             forward = unboxed(options.inference_compiler_fn()(captured.graph, captured.primals))
         return CompiledRuntime(metadata, forward)
     partition = _resolve_partition(options.partition_fn)
-    with stage("partition"):
+    with stage("partition"), _tracing_context_of(captured):
         fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
         align_saved_to_backward(fw_gm, bw_gm, captured.num_fwd_outputs)  # NOTE [Foreign partitioners]
     saved = _graph_output_values(fw_gm)[captured.num_fwd_outputs:]

@@ -16,7 +16,9 @@ Per call:
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -423,6 +425,13 @@ def _generators_at(states: Sequence[tuple]) -> Any:
             generator.set_state(state)
 
 
+@functools.lru_cache(maxsize=1)
+def _backward_without_dynamo() -> Callable:
+    """``_backward`` wrapped so that Dynamo neither traces it nor anything it calls (NOTE [The compiled backward
+    runs outside Dynamo]); made once, when torch._dynamo is first seen loaded."""
+    return sys.modules["torch._dynamo"].disable(_backward, recursive=True)
+
+
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -511,80 +520,99 @@ class _CompiledAutogradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> tuple:  # type: ignore[override]
-        runtime: CompiledRuntime = ctx.runtime
-        differentiable = torch.is_grad_enabled()  # create_graph=True: NOTE [Double backward through the joint graph]
-        if differentiable and runtime.joint is None and runtime.joint_factory is not None:
-            factory, runtime.joint_factory = runtime.joint_factory, None
-            factory(getattr(ctx, "graph_args", ()))
-        if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
-            raise DoubleBackwardError(
-                "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
-                "or torch.autograd.grad of a gradient) needs the joint graph, which this compiled function does "
-                "not have (loaded from the cache without a capture, or its graph mutates inputs it reads). Call the "
-                "original function eagerly for higher-order gradients.")
-        generator_states = getattr(ctx, "generator_states", None)
-        if differentiable and runtime.joint_random and generator_states is None:
-            raise DoubleBackwardError(  # NOTE [Double backward through random ops]
-                "aotcache: differentiating through the compiled backward (create_graph=True, double backward) of a "
-                "graph with random ops (dropout, ...) replays its forward with the same random numbers, which needs "
-                "a compiled forward that draws them as eager does; this one draws its own way (Inductor's or "
-                "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop', or Inductor with "
-                "fallback_random (aotcache.compile(..., options={'fallback_random': True})), for this function, or "
-                "call it eagerly for higher-order gradients.")
-        if differentiable:
-            saved: Sequence[Any] = ()
-        elif ctx.saved_scalars:
-            tensors = iter(ctx.saved_tensors)
-            scalars = iter(ctx.saved_scalars)
-            saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
-        else:
-            saved = ctx.saved_tensors
-        # NOTE [Tangent strides]
-        # The backward is traced ahead of time, before any real gradient exists, so the strides of its tangents
-        # are a guess, and compiled code (and ATen kernels whose fake and real output strides differ, such as
-        # native_layer_norm_backward on CPU) may depend on them. The guess is the forward output's own strides
-        # when it is static, dense and non-overlapping (what autograd usually delivers, and what PyTorch's AOT
-        # Autograd assumes), else its memory format (contiguous, channels_last). Incoming gradients, possibly
-        # expanded or transposed, are copied into that layout when they differ. Gradients autograd did not
-        # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape, or as None
-        # (NOTE [Gradients of unused outputs]), then made zeros here.
-        tangents = []
-        missing: set[int] = set()
-        for position, (index, (stride, memory_format)) in enumerate(zip(runtime._tangent_indices,
-                                                                        runtime._tangent_layouts)):
-            grad = grad_outputs[index]
-            if grad is None and runtime._unused_outputs_matter:
-                missing.add(position)
-                shape, dtype, device = ctx.tangent_specs[position]
-                grad = torch.zeros(shape, dtype=dtype, device=device)
-            if grad is not None:
-                if stride is None or len(stride) != grad.dim():
-                    # (a rank mismatch: meta kernels may report a stride per dimension the real output lacks,
-                    # e.g. multilabel_margin_loss(reduction="none") of a 1-D input: strides (1,) for a 0-dim)
-                    grad = grad.contiguous(memory_format=memory_format)
-                elif grad.stride() != stride:
-                    grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-            tangents.append(grad)
-        with DisableAutocast():
-            if differentiable and generator_states is not None and runtime.joint_random:
-                with _generators_at(generator_states):  # NOTE [Double backward through random ops]
-                    grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
-                    ends = [generator.get_state() for generator, _ in generator_states]
-                if not all(torch.equal(end, expected) for end, expected in zip(ends, ctx.generator_ends)):
-                    raise DoubleBackwardError(
-                        "aotcache: the replay of a compiled forward's random ops for a double backward drew other "
-                        "numbers than the compiled forward did (its generators ended elsewhere), so its gradients "
-                        "would be another program's. Use compiler='nop' for this function, or call it eagerly for "
-                        "higher-order gradients.")
-            elif differentiable:
+        # NOTE [The compiled backward runs outside Dynamo]
+        # ``loss.backward()`` or ``torch.autograd.grad`` called inside a ``torch.compile``'d function (after its
+        # graph break: a training step compiled whole) runs this backward while Dynamo's frame hook is on. Dynamo
+        # then traced the compiled backward (the nop compiler's graph, Inductor's wrapper) as user code and handed
+        # it to the backend as one more graph, which aotcache compiled again as an inference graph: every backward
+        # compiled twice (a third graph where aot_eager makes two), and a double backward's replay of the joint
+        # graph compiled as a region without one, which raised ``DoubleBackwardError`` under ``dynamic=True`` where
+        # aot_eager runs (found by PyTorch's test_aot_autograd.py, test_eager_sequence_nr with dynamic shapes).
+        # torch's own compiled backward is torch code, which Dynamo skips. So the backward runs with Dynamo off,
+        # wherever torch._dynamo is loaded (it cannot be on otherwise). Compiled autograd, which traces a custom
+        # Function's backward, breaks its graph here (it already did at ``DisableAutocast``; docs/aot.md). The
+        # wrapper costs about 0.3 us of CPU per backward call here.
+        if "torch._dynamo" in sys.modules:
+            return _backward_without_dynamo()(ctx, *grad_outputs)
+        return _backward(ctx, *grad_outputs)
+
+
+def _backward(ctx: Any, *grad_outputs: Any) -> tuple:
+    """The backward of :class:`_CompiledAutogradFunction` (NOTE [The compiled backward runs outside Dynamo])."""
+    runtime: CompiledRuntime = ctx.runtime
+    differentiable = torch.is_grad_enabled()  # create_graph=True: NOTE [Double backward through the joint graph]
+    if differentiable and runtime.joint is None and runtime.joint_factory is not None:
+        factory, runtime.joint_factory = runtime.joint_factory, None
+        factory(getattr(ctx, "graph_args", ()))
+    if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
+        raise DoubleBackwardError(
+            "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
+            "or torch.autograd.grad of a gradient) needs the joint graph, which this compiled function does "
+            "not have (loaded from the cache without a capture, or its graph mutates inputs it reads). Call the "
+            "original function eagerly for higher-order gradients.")
+    generator_states = getattr(ctx, "generator_states", None)
+    if differentiable and runtime.joint_random and generator_states is None:
+        raise DoubleBackwardError(  # NOTE [Double backward through random ops]
+            "aotcache: differentiating through the compiled backward (create_graph=True, double backward) of a "
+            "graph with random ops (dropout, ...) replays its forward with the same random numbers, which needs "
+            "a compiled forward that draws them as eager does; this one draws its own way (Inductor's or "
+            "AOTInductor's own random numbers, or a user's compiler). Use compiler='nop', or Inductor with "
+            "fallback_random (aotcache.compile(..., options={'fallback_random': True})), for this function, or "
+            "call it eagerly for higher-order gradients.")
+    if differentiable:
+        saved: Sequence[Any] = ()
+    elif ctx.saved_scalars:
+        tensors = iter(ctx.saved_tensors)
+        scalars = iter(ctx.saved_scalars)
+        saved = [next(tensors) if is_tensor else next(scalars) for is_tensor in ctx.saved_is_tensor]
+    else:
+        saved = ctx.saved_tensors
+    # NOTE [Tangent strides]
+    # The backward is traced ahead of time, before any real gradient exists, so the strides of its tangents
+    # are a guess, and compiled code (and ATen kernels whose fake and real output strides differ, such as
+    # native_layer_norm_backward on CPU) may depend on them. The guess is the forward output's own strides
+    # when it is static, dense and non-overlapping (what autograd usually delivers, and what PyTorch's AOT
+    # Autograd assumes), else its memory format (contiguous, channels_last). Incoming gradients, possibly
+    # expanded or transposed, are copied into that layout when they differ. Gradients autograd did not
+    # compute (outputs unused in the loss) arrive as materialized zeros of the output's shape, or as None
+    # (NOTE [Gradients of unused outputs]), then made zeros here.
+    tangents = []
+    missing: set[int] = set()
+    for position, (index, (stride, memory_format)) in enumerate(zip(runtime._tangent_indices,
+                                                                    runtime._tangent_layouts)):
+        grad = grad_outputs[index]
+        if grad is None and runtime._unused_outputs_matter:
+            missing.add(position)
+            shape, dtype, device = ctx.tangent_specs[position]
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        if grad is not None:
+            if stride is None or len(stride) != grad.dim():
+                # (a rank mismatch: meta kernels may report a stride per dimension the real output lacks,
+                # e.g. multilabel_margin_loss(reduction="none") of a 1-D input: strides (1,) for a 0-dim)
+                grad = grad.contiguous(memory_format=memory_format)
+            elif grad.stride() != stride:
+                grad = torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        tangents.append(grad)
+    with DisableAutocast():
+        if differentiable and generator_states is not None and runtime.joint_random:
+            with _generators_at(generator_states):  # NOTE [Double backward through random ops]
                 grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
-            else:
-                grads = list(runtime.backward(*saved, *tangents))
-        grad_inputs = runtime.metadata.grad_inputs
-        if missing:  # NOTE [Gradients of unused outputs]
-            return (None, *[grad if needed and not (dependencies and dependencies <= missing) else None
-                            for grad, needed, dependencies in zip(grads, grad_inputs, runtime._grad_tangents)])
-        return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])
+                ends = [generator.get_state() for generator, _ in generator_states]
+            if not all(torch.equal(end, expected) for end, expected in zip(ends, ctx.generator_ends)):
+                raise DoubleBackwardError(
+                    "aotcache: the replay of a compiled forward's random ops for a double backward drew other "
+                    "numbers than the compiled forward did (its generators ended elsewhere), so its gradients "
+                    "would be another program's. Use compiler='nop' for this function, or call it eagerly for "
+                    "higher-order gradients.")
+        elif differentiable:
+            grads = _differentiable_gradients(runtime, ctx.graph_args, tangents)
+        else:
+            grads = list(runtime.backward(*saved, *tangents))
+    grad_inputs = runtime.metadata.grad_inputs
+    if missing:  # NOTE [Gradients of unused outputs]
+        return (None, *[grad if needed and not (dependencies and dependencies <= missing) else None
+                        for grad, needed, dependencies in zip(grads, grad_inputs, runtime._grad_tangents)])
+    return (None, *[grad if needed else None for grad, needed in zip(grads, grad_inputs)])
 
 
 # NOTE [Inputs the backward does not reach]

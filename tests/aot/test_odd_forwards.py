@@ -291,6 +291,42 @@ def test_double_backward_through_a_cached_torch_compile_region():
     assert default_cache().stats()["hit"] == 1  # the second attempt loaded the region
 
 
+class _ConvBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return (self.bn(self.conv(x)) + x).abs().mean()
+
+
+def _input_gradient_with_graph(model, x):
+    (gx,) = torch.autograd.grad(model(x), x, create_graph=True)
+    return gx
+
+
+@pytest.mark.parametrize("dynamic", (False, True), ids=("static", "dynamic"))
+def test_double_backward_inside_the_compiled_function(dynamic):
+    """``autograd.grad(create_graph=True)`` inside the torch.compile'd function: Dynamo traced the runtime's own
+    replay of the joint graph as user code, and under dynamic=True the double backward raised DoubleBackwardError
+    (NOTE [The compiled backward runs outside Dynamo]; PyTorch's test_eager_sequence_nr)."""
+    torch._dynamo.reset()  # (what Dynamo made of the runtime's frames in an earlier test hid the failure)
+    torch.manual_seed(0)
+    eager = _ConvBatchNorm()
+    model = copy.deepcopy(eager)
+    x = torch.rand(3, 4, 5, 5, requires_grad=True)
+    want = _input_gradient_with_graph(eager, x)
+    compiled = torch.compile(_input_gradient_with_graph, backend="aotcache", dynamic=dynamic,
+                             options={"compiler": "nop"})
+    got = compiled(model, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean)
+    (second,) = torch.autograd.grad((got * got).sum(), x)
+    (want_second,) = torch.autograd.grad((want * want).sum(), x)
+    torch.testing.assert_close(second, want_second)
+
+
 @pytest.mark.parametrize("critic", (_Critic, _BatchNormCritic))
 @pytest.mark.parametrize("route", ("aot", "compile"))
 def test_double_backward_after_a_fingerprint_warm_start(route, critic):

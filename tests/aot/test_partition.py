@@ -294,3 +294,97 @@ def test_pytorch_partitioners_as_partition_fn_save_symints_in_their_order(torch_
     saved = [node.name for node in graphs["bw"].graph.nodes if node.op == "placeholder"]
     if torch_partition == "min_cut_rematerialization_partition":
         assert saved[0].startswith("sym_size"), saved  # the case that broke: a SymInt saved first
+
+
+@pytest.mark.parametrize("torch_partition", ["default_partition", "min_cut_rematerialization_partition"])
+def test_pytorch_partitioners_with_random_ops_in_a_selective_checkpoint(torch_partition):
+    # PyTorch's test_activation_checkpointing (test_compile_selective_checkpoint_random_op): torch's partitioners
+    # ask detect_fake_mode() for the fake mode when they move a checkpointed dropout into the backward, and
+    # raised "fake_mode must not be None" outside Dynamo's TracingContext (NOTE [Partitioners that look for the
+    # fake mode] in compile_step.py)
+    import functools
+
+    import functorch.compile
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from aotcache.api import aot_module_simplified
+
+    def save_sigmoid(ctx, func, *args, **kwargs):
+        if func == torch.ops.aten.sigmoid.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x):
+        return torch.sigmoid(torch.dropout(torch.sigmoid(x), p=0.5, train=True))
+
+    def fn(x):
+        return checkpoint(block, x, use_reentrant=False, preserve_rng_state=True,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, save_sigmoid))
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler="nop",
+                                     partition_fn=getattr(functorch.compile, torch_partition), cache=False)
+
+    torch._dynamo.reset()
+    x = torch.randn(16, 16, requires_grad=True)
+    x_compiled = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    expected = fn(x)
+    expected.sum().backward()
+    torch.manual_seed(0)
+    got = torch.compile(fn, backend=backend, fullgraph=True)(x_compiled)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x_compiled.grad, x.grad)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "selective_checkpoint"])
+def test_pytorch_default_partition_saves_the_forward_it_places_by_tags(checkpointed):
+    # PyTorch's test_activation_checkpointing (test_compile_selective_checkpoint_must_not_recompute_gemm with
+    # default_partition): torch's default_partition places nodes by meta["partitioner_tag"]; without the tags only
+    # the inputs were saved and the backward recomputed the whole forward (6 mm instead of 4), with or without a
+    # checkpoint (NOTE [Forward and backward tags of the joint graph] in capture.py)
+    import functools
+
+    import functorch.compile
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from aotcache.api import aot_module_simplified
+
+    mm_counts = {}
+
+    def counting(name):
+        def compiler(gm, example_inputs):
+            mm_counts[name] = sum(1 for node in gm.graph.nodes if node.target == torch.ops.aten.mm.default)
+            return gm
+        return compiler
+
+    def save_mm(ctx, func, *args, **kwargs):
+        if func == torch.ops.aten.mm.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def block(x, y):
+        return torch.sigmoid(torch.matmul(torch.matmul(x, y), y)) * y
+
+    def fn(x, y):
+        if not checkpointed:
+            return block(x, y)
+        return checkpoint(block, x, y, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, save_mm))
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=counting("fw"), bw_compiler=counting("bw"),
+                                     partition_fn=functorch.compile.default_partition, cache=False)
+
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    xc, yc = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    expected = fn(x, y)
+    expected.sum().backward()
+    got = torch.compile(fn, backend=backend, fullgraph=True)(xc, yc)
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(xc.grad, x.grad)
+    torch.testing.assert_close(yc.grad, y.grad)
+    assert mm_counts == {"fw": 2, "bw": 4}  # two matmuls, two gradient matmuls each, none recomputed

@@ -464,3 +464,34 @@ def test_aoti_backend_warm_start_loads_without_importing_inductor(aoti_backend_r
     assert warm["hit"] == 1 and warm["compile"] == 0 and warm["load_error"] == 0
     assert warm["out"] == cold["out"] and warm["grads"] == cold["grads"]
     assert warm["inductor_modules_added"] == [], "aotcache imported Inductor beyond what Dynamo imports itself"
+
+
+def test_backward_called_inside_the_compiled_step_is_not_compiled_again():
+    """``loss.backward()`` inside the torch.compile'd step runs the compiled backward while Dynamo's frame hook is
+    on: Dynamo traced it as user code and the backend compiled the backward graph a second time (a third Dynamo
+    graph, threshold_backward in it, where aot_eager makes two). NOTE [The compiled backward runs outside
+    Dynamo] in aot/runtime.py."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    eager_model = copy.deepcopy(model)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return aotcache_backend(gm, example_inputs, compiler="nop")
+
+    def step(net, x):
+        loss = net(x).sum()
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend=counting_backend)
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        torch.testing.assert_close(compiled(model, x), step(eager_model, x))
+    for got, want in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
+    backward_ops = [str(gm.graph) for gm in graphs if "threshold_backward" in str(gm.graph)]
+    assert backward_ops == [], "the compiled backward was traced by Dynamo and compiled again"
+    assert len(graphs) == 2  # the forward, and the step's tail after its graph break (as with aot_eager)
