@@ -286,6 +286,30 @@ def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> 
     return dynamo_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
 
 
+# NOTE [torch.compile's backend names]
+# Code written for torch.compile passes ``backend=``, often without choosing it: transformers' ``generate`` compiles
+# the forward with ``torch.compile(model.__call__, **CompileConfig().to_dict())``, which always says
+# ``backend="inductor"``. Refusing the keyword broke such code redirected to aotcache.compile, where torch.compile
+# works. The names that have an aotcache counterpart choose that compiler; ``compiler=``, aotcache's own and more
+# specific choice, wins when both are given. Others (a backend callable, "cudagraphs", "tvm", ...) are refused with
+# a message naming ``compiler=``: aotcache cannot run another backend's compiler on its graphs.
+_BACKEND_COMPILERS: dict[str, str | None] = {"inductor": "inductor", "aot_eager": "nop", "eager": "nop",
+                                             "aotcache": None}
+
+
+def _compiler_for_backend(backend: Any, compiler: str | Callable | None) -> str | Callable | None:
+    """The compiler that torch.compile's ``backend`` name stands for, unless ``compiler`` is given (NOTE
+    [torch.compile's backend names]).
+
+    :raises TypeError: a backend aotcache has no counterpart for.
+    """
+    if not isinstance(backend, str) or backend not in _BACKEND_COMPILERS:
+        raise TypeError(f"aotcache.compile: backend={backend!r} has no aotcache counterpart (accepted: "
+                        f"{', '.join(repr(name) for name in _BACKEND_COMPILERS)}); choose the compiler with "
+                        f"compiler='inductor', 'aoti' or 'nop', or use torch.compile(model, backend='aotcache')")
+    return compiler if compiler is not None else _BACKEND_COMPILERS[backend]
+
+
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,
             partition_fn: str | Callable = "default", cache: Any = True, fullgraph: bool = False,
             mode: str | None = None, options: Mapping[str, Any] | None = None, disable: bool = False,
@@ -303,14 +327,14 @@ def compile(model: Any = None, *, compiler: str | Callable | None = None, dynami
     tiers), False, or an ``AOTAutogradCache``; ``fullgraph=True``: a capture failure is an error instead of
     a fallback; ``mode``: torch.compile's mode names (``"max-autotune"``, ...), as Inductor settings (NOTE
     [torch.compile modes]); ``options``: settings of the named compiler (e.g. Inductor config, over the mode's);
-    ``disable=True`` returns ``model`` unchanged. With ``model`` omitted, returns a decorator. ``backend`` is
-    torch.compile's and refused with a message: the compiler is chosen with ``compiler=``.
+    ``disable=True`` returns ``model`` unchanged. With ``model`` omitted, returns a decorator. ``backend``:
+    torch.compile's names ``"inductor"``, ``"aot_eager"`` / ``"eager"`` (the nop compiler) and ``"aotcache"`` choose
+    the compiler when ``compiler`` is not given (NOTE [torch.compile's backend names]); others are refused.
 
     :raises TypeError, ValueError: a bad option (the message names it and the accepted values).
     """
     if backend is not None:
-        raise TypeError(f"aotcache.compile has no backend= (got {backend!r}): choose the compiler with "
-                        f"compiler='inductor', 'aoti' or 'nop', or use torch.compile(model, backend='aotcache')")
+        compiler = _compiler_for_backend(backend, compiler)
     _check_options(compiler, dynamic, partition_fn, fullgraph, options)
     if model is None:
         return functools.partial(compile, compiler=compiler, dynamic=dynamic, partition_fn=partition_fn,

@@ -173,11 +173,35 @@ def test_the_compiled_module_is_a_drop_in():
     ({"partition_fn": "fast"}, "aotcache.compile: unknown partition_fn 'fast'"),
     ({"fullgraph": 1}, "fullgraph must be a bool"),
     ({"mode": "fastest"}, "aotcache.compile: unknown mode 'fastest'; use one of default, reduce-overhead"),
-    ({"backend": "inductor"}, "aotcache.compile has no backend=.*compiler='inductor'"),
+    ({"backend": "cudagraphs"}, "backend='cudagraphs' has no aotcache counterpart.*compiler='inductor'"),
+    ({"backend": lambda gm, inputs: gm}, "backend=<function .* has no aotcache counterpart.*compiler='inductor'"),
 ])
 def test_bad_options_are_refused_naming_the_option(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         aotcache.compile(nn.Linear(2, 2), **kwargs)
+
+
+@pytest.mark.parametrize("backend, compiler, chosen", [
+    ("inductor", None, "inductor"), ("aot_eager", None, "nop"), ("eager", None, "nop"),
+    ("inductor", "nop", "nop"),  # compiler= wins: transformers' CompileConfig always says backend="inductor"
+])
+def test_torch_compile_backend_names_choose_the_compiler(backend, compiler, chosen):
+    """NOTE [torch.compile's backend names]: code ported from torch.compile keeps its backend= name."""
+    model = nn.Linear(4, 4)
+    compiled = aotcache.compile(model, backend=backend, compiler=compiler, cache=False)
+    assert compiled.compiled.options.fw_compiler == chosen
+    function = aotcache.compile(backend=backend, compiler=compiler, cache=False)(torch.sin)  # the decorator form
+    assert function.compiled.options.fw_compiler == chosen
+    if chosen == "nop":
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_the_backend_name_aotcache_keeps_the_default_compiler():
+    from aotcache.backend import default_compiler_name
+
+    compiled = aotcache.compile(nn.Linear(4, 4), backend="aotcache", cache=False)
+    assert compiled.compiled.options.fw_compiler == default_compiler_name()
 
 
 def test_the_first_call_computes_the_call_fingerprint_once(monkeypatch):
