@@ -278,12 +278,12 @@ class CompiledFunction:
 
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
     """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here), with
-    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py)."""
-    import torch
-
+    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py);
+    torch's own torch.compile, also where a program redirected it here (NOTE [A redirected torch.compile])."""
+    from aotcache.aot.dynamo_compile import torch_compile
     from aotcache.aot.fallback import dynamo_as_eager
 
-    return dynamo_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
+    return dynamo_as_eager(torch_compile(target, backend=backend, dynamic=options.dynamic))
 
 
 # NOTE [torch.compile's backend names]

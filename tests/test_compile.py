@@ -114,6 +114,44 @@ def test_a_graph_break_names_where_the_model_makes_it(caplog):
     assert re.search(r"at .*test_compile\.py:\d+ in forward: `return y \* 2 if y\.sum\(\)\.item\(\) > 0", caplog.text)
 
 
+def _redirect_torch_compile_to_aotcache(monkeypatch):
+    """What a test suite does to run its torch.compile tests on aotcache (NOTE [A redirected torch.compile])."""
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kwargs: aotcache.compile(model, compiler="nop",
+                                                                                        **kwargs))
+
+
+@pytest.mark.parametrize("seen_at_import", [True, False])
+def test_a_graph_break_takes_the_dynamo_way_where_torch_compile_is_redirected_to_aotcache(monkeypatch,
+                                                                                           seen_at_import):
+    # found running transformers' test_sdpa_can_compile_dynamic with torch.compile redirected to aotcache.compile:
+    # the Dynamo way called the redirect with aotcache's own backend (T5's unique_consecutive check: a TypeError)
+    from aotcache.aot import dynamo_compile
+
+    if not seen_at_import:  # a redirect installed before aotcache was imported: torch._dynamo.optimize
+        monkeypatch.setattr(dynamo_compile, "_SEEN_AT_IMPORT", None)
+    _redirect_torch_compile_to_aotcache(monkeypatch)
+    model = Breaks()
+    compiled = torch.compile(model, dynamic=True)
+    for x in (torch.randn(2, 4), -torch.ones(3, 4)):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.route == "dynamo"
+
+
+def test_the_capture_fallback_of_aot_module_runs_where_torch_compile_is_redirected_to_aotcache(monkeypatch):
+    from aotcache.aot.fallback import fallback_counts
+    from aotcache.api import aot_module
+
+    _redirect_torch_compile_to_aotcache(monkeypatch)
+    model = Breaks()
+    compiled = aot_module(model, fw_compiler="nop", cache=False)  # on_capture_error="fallback": graph breaks
+    before = fallback_counts()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    added = {kind: count - before.get(kind, 0) for kind, count in fallback_counts().items()
+             if count != before.get(kind, 0)}
+    assert added == {"partial:data_dependent": 1}  # through Dynamo's graph breaks, not eagerly
+
+
 def test_a_train_step_taking_the_model_and_optimizer_goes_the_dynamo_way():
     # found by the sweep: aotcache.compile(step)(model, opt, x) raised the AOT way's TypeError (a module argument
     # is compared by identity); torch.compile runs it, so the router takes it there (NOTE [Arguments Dynamo guards])

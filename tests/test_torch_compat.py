@@ -42,6 +42,7 @@ REQUIRED = [
     ("torch._dynamo.source", "ConstantSource"),
     ("torch._dynamo.exc", "TorchDynamoException"),
     ("torch._dynamo", "is_dynamo_supported"),
+    ("torch._dynamo", "optimize"),
     ("torch._prims_common", "suggest_memory_format"),
     ("torch._dispatch.python", "enable_python_dispatcher"),
     ("torch._library", "custom_ops"),
