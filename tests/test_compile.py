@@ -152,6 +152,52 @@ def test_the_capture_fallback_of_aot_module_runs_where_torch_compile_is_redirect
     assert added == {"partial:data_dependent": 1}  # through Dynamo's graph breaks, not eagerly
 
 
+def test_a_compiled_bound_method_of_a_module_takes_its_parameters_as_inputs():
+    # NOTE [Bound methods of modules]: model.forward = aotcache.compile(model.forward, fullgraph=True) raised in grad
+    # mode (the parameters were closed-over constants, no output could require grad), and each weight update under
+    # no_grad was another graph
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    eager = nn.Sequential(*model)  # the same layers, run eagerly
+    names = list(model.state_dict())
+    model.forward = aotcache.compile(model.forward, compiler="nop", fullgraph=True)
+    assert list(model.state_dict()) == names and model.forward.__name__ == "forward"  # no submodule registered
+    x = torch.randn(3, 4)
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager(x).square().sum().backward()
+    for got, want in zip(expected, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want)
+    assert model.forward.route == "aot"
+    with torch.no_grad():
+        for _ in range(2):  # weights updated in place: one inference graph for all of them
+            model[0].weight.add_(0.5)
+            torch.testing.assert_close(model(x), eager(x))
+    assert resolve_cache(True).counters["compile"] == 2  # the training graph and the inference graph
+
+
+@pytest.mark.parametrize("form", ["module", "function", "method"])
+def test_set_stance_force_eager_runs_compiled_models_as_written(form):
+    # NOTE [torch.compiler.set_stance]: torch.compile-d callables run uncompiled under "force_eager" (transformers'
+    # generate tests take their eager references so); aotcache.compile captured and compiled there
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    model = nn.Linear(4, 4)
+    target = {"module": model, "function": lambda x: x.sin() * 2, "method": model.forward}[form]
+    compiled = aotcache.compile(target, compiler="nop", dynamic=False)
+    counters = resolve_cache(True).counters
+    for rows in (2, 3):
+        x = torch.randn(rows, 4)
+        with torch.compiler.set_stance("force_eager"):
+            torch.testing.assert_close(compiled(x), target(x))
+    assert counters["compile"] == 0 and compiled.route is None
+    torch.testing.assert_close(compiled(x), target(x))  # outside the stance: compiled
+    assert counters["compile"] == 1 and compiled.route == "aot"
+
+
 def test_a_train_step_taking_the_model_and_optimizer_goes_the_dynamo_way():
     # found by the sweep: aotcache.compile(step)(model, opt, x) raised the AOT way's TypeError (a module argument
     # is compared by identity); torch.compile runs it, so the router takes it there (NOTE [Arguments Dynamo guards])

@@ -15,12 +15,13 @@ imported.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["torch_compile"]
+__all__ = ["stance_forces_eager", "torch_compile"]
 
 
 def _is_torch_own(function: Any) -> bool:
@@ -43,3 +44,17 @@ def torch_compile(target: Callable, backend: Callable, dynamic: bool | None) -> 
     if _SEEN_AT_IMPORT is not None:
         return _SEEN_AT_IMPORT(target, backend=backend, dynamic=dynamic)
     return torch._dynamo.optimize(backend=backend, dynamic=dynamic)(target)
+
+
+# NOTE [torch.compiler.set_stance]
+# ``with torch.compiler.set_stance("force_eager"):`` runs every torch.compile-d callable as written, uncompiled
+# (transformers' generate tests take eager references so, around models whose generate compiles their forward).
+# aotcache.compile, shaped like torch.compile, ignored it: its AOT way captured and compiled there. It now runs such
+# calls eagerly too. The stance lives in Dynamo's module; when Dynamo is not imported no stance can have been set,
+# so the check costs a dictionary lookup and never imports Dynamo (a warm start of the AOT way does not).
+# The other stances ("eager_on_recompile", "fail_on_recompile") are Dynamo's recompile policy and not followed.
+def stance_forces_eager() -> bool:
+    """Whether ``torch.compiler.set_stance("force_eager")`` is in effect (NOTE [torch.compiler.set_stance])."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    stance = getattr(eval_frame, "_stance", None)
+    return getattr(stance, "stance", None) == "force_eager"

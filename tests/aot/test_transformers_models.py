@@ -263,3 +263,21 @@ def test_gradients_read_through_orig_mod_after_compile_equal_eager():
     assert compiled._orig_mod is model and compiled.route == "aot"
     for name, param in compiled._orig_mod.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_t5_encoder_with_its_forward_compiled_fullgraph_gives_eager_outputs():
+    # transformers' T5 test_compile_static_cache_encoder: model.forward = compile(model.forward, mode="reduce-overhead",
+    # fullgraph=True) in grad mode raised a CaptureError (NOTE [Bound methods of modules])
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0)
+    model = transformers.T5EncoderModel(config).eval()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    expected = model(input_ids=ids, attention_mask=mask)[0]
+    model.forward = aotcache.compile(model.forward, mode="reduce-overhead", fullgraph=True, compiler="nop")
+    got = model(input_ids=ids, attention_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.requires_grad and model.forward.route == "aot"
