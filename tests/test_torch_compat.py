@@ -92,6 +92,7 @@ OPTIONAL = [
     ("torch._library.effects", "EffectType", "torch._higher_order_ops.effects._EffectType, else no tokens"),
     ("torch._library.custom_ops", "CustomOpDef", "custom ops are not hashed by definition"),
     ("torch.compiler", "_is_compiling_flag", "is_compiling() stays False during capture"),
+    ("torch._dynamo.eval_frame", "_stance.stance", "aotcache.compile ignores torch.compiler.set_stance"),
     ("torch.library", "_defs", "ops of low-level Libraries bypass the cache"),
     ("torch._C", "_dynamo.guards.dict_version", "the exact module-state comparison on every call"),
     ("torch._C", "_len_torch_function_stack", "fingerprint warm starts are declined (Untrusted)"),
