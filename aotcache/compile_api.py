@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from aotcache.aot.api import AOTFunction
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.capture_threads import swap_gate
+from aotcache.aot.dynamo_compile import stance_forces_eager
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import is_trace_failure, trace_failure_error
 from aotcache.aot.module_state import dynamo_safe_module
@@ -36,7 +38,7 @@ from aotcache.compile_route import AOT, DYNAMO, EAGER, read_route, record_route
 from aotcache.compilers.base import options_with_mode
 from aotcache.logs import log_once, logger
 
-__all__ = ["compile", "CompiledModule", "CompiledFunction"]
+__all__ = ["compile", "CompiledModule", "CompiledFunction", "CompiledMethod"]
 
 
 def _check_options(compiler: Any, dynamic: Any, partition_fn: Any, fullgraph: Any, options: Any) -> None:
@@ -116,6 +118,8 @@ class _Router:
     def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
         """Run the call the chosen way; the first call (and a later capture failure) chooses. ``eager_call`` runs
         the call as written (the route "eager", NOTE [Captures that fail where eager may run])."""
+        if stance_forces_eager():  # NOTE [torch.compiler.set_stance]
+            return eager_call()
         route = self.route
         if route == DYNAMO:
             return dynamo_call()
@@ -276,14 +280,86 @@ class CompiledFunction:
                            lambda: self.fn(*args, **kwargs))
 
 
+# NOTE [Bound methods of modules]
+# ``model.forward = aotcache.compile(model.forward)`` (transformers' docs and integration tests compile so) handed
+# the bound method to the function form, where the module's parameters are tensors the function closes over:
+# graph constants. In grad mode no output could require grad, so the capture was refused (fullgraph=True raised
+# where torch.compile works; otherwise every call went the Dynamo way); under no_grad each new set of weights was
+# another graph (NOTE [Closed-over parameters in the key]). A bound method of an nn.Module is compiled as a module
+# instead (:class:`_MethodModule`: its forward calls the method's function on the module), so its parameters and
+# buffers are graph inputs read at every call, gradients reach them, and one graph serves every weight update.
+# The result stays a plain callable (not an nn.Module): assigned to ``model.forward`` it registers no submodule.
+class _MethodModule(nn.Module):
+    """The module of a compiled bound method, whose forward is that method (NOTE [Bound methods of modules])."""
+
+    def __init__(self, method: Any) -> None:
+        super().__init__()
+        self.owner = method.__self__
+        self.method_function = method.__func__
+        self.training = self.owner.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method_function(self.owner, *args, **kwargs)
+
+
+class CompiledMethod:
+    """What :func:`compile` returns for a bound method of an ``nn.Module`` (NOTE [Bound methods of modules]): a
+    callable with the method's name, signature and ``route``, running the method compiled as a module's forward."""
+
+    def __init__(self, method: Any, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
+        self.method = method
+        self.compiled_module = CompiledModule(_MethodModule(method), options, cache, fullgraph, backend)
+        functools.update_wrapper(self, method)  # type: ignore[arg-type]
+
+    @property
+    def route(self) -> str | None:
+        return self.compiled_module.route
+
+    @property
+    def compiled(self) -> AOTFunction:
+        """The AOT function of the method's module (as ``CompiledFunction.compiled``)."""
+        return self.compiled_module.compiled
+
+    def fingerprint_program(self) -> Callable:
+        """The method, as an enclosing capture runs it (NOTE [Compiled wrappers in a walked program])."""
+        return self.method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled_module(*args, **kwargs)
+
+
 def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> Callable:
     """``torch.compile(target, backend=<aotcache backend with these options>)`` (imports Dynamo: only here), with
-    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py)."""
-    import torch
-
+    numpy's random numbers as eager draws them and guards on module hooks (``dynamo_as_eager``, aot/fallback.py);
+    torch's own torch.compile, also where a program redirected it here (NOTE [A redirected torch.compile])."""
+    from aotcache.aot.dynamo_compile import torch_compile
     from aotcache.aot.fallback import dynamo_as_eager
 
-    return dynamo_as_eager(torch.compile(target, backend=backend, dynamic=options.dynamic))
+    return dynamo_as_eager(torch_compile(target, backend=backend, dynamic=options.dynamic))
+
+
+# NOTE [torch.compile's backend names]
+# Code written for torch.compile passes ``backend=``, often without choosing it: transformers' ``generate`` compiles
+# the forward with ``torch.compile(model.__call__, **CompileConfig().to_dict())``, which always says
+# ``backend="inductor"``. Refusing the keyword broke such code redirected to aotcache.compile, where torch.compile
+# works. The names that have an aotcache counterpart choose that compiler; ``compiler=``, aotcache's own and more
+# specific choice, wins when both are given. Others (a backend callable, "cudagraphs", "tvm", ...) are refused with
+# a message naming ``compiler=``: aotcache cannot run another backend's compiler on its graphs.
+_BACKEND_COMPILERS: dict[str, str | None] = {"inductor": "inductor", "aot_eager": "nop", "eager": "nop",
+                                             "aotcache": None}
+
+
+def _compiler_for_backend(backend: Any, compiler: str | Callable | None) -> str | Callable | None:
+    """The compiler that torch.compile's ``backend`` name stands for, unless ``compiler`` is given (NOTE
+    [torch.compile's backend names]).
+
+    :raises TypeError: a backend aotcache has no counterpart for.
+    """
+    if not isinstance(backend, str) or backend not in _BACKEND_COMPILERS:
+        raise TypeError(f"aotcache.compile: backend={backend!r} has no aotcache counterpart (accepted: "
+                        f"{', '.join(repr(name) for name in _BACKEND_COMPILERS)}); choose the compiler with "
+                        f"compiler='inductor', 'aoti' or 'nop', or use torch.compile(model, backend='aotcache')")
+    return compiler if compiler is not None else _BACKEND_COMPILERS[backend]
 
 
 def compile(model: Any = None, *, compiler: str | Callable | None = None, dynamic: bool | None = None,
@@ -303,14 +379,14 @@ def compile(model: Any = None, *, compiler: str | Callable | None = None, dynami
     tiers), False, or an ``AOTAutogradCache``; ``fullgraph=True``: a capture failure is an error instead of
     a fallback; ``mode``: torch.compile's mode names (``"max-autotune"``, ...), as Inductor settings (NOTE
     [torch.compile modes]); ``options``: settings of the named compiler (e.g. Inductor config, over the mode's);
-    ``disable=True`` returns ``model`` unchanged. With ``model`` omitted, returns a decorator. ``backend`` is
-    torch.compile's and refused with a message: the compiler is chosen with ``compiler=``.
+    ``disable=True`` returns ``model`` unchanged. With ``model`` omitted, returns a decorator. ``backend``:
+    torch.compile's names ``"inductor"``, ``"aot_eager"`` / ``"eager"`` (the nop compiler) and ``"aotcache"`` choose
+    the compiler when ``compiler`` is not given (NOTE [torch.compile's backend names]); others are refused.
 
     :raises TypeError, ValueError: a bad option (the message names it and the accepted values).
     """
     if backend is not None:
-        raise TypeError(f"aotcache.compile has no backend= (got {backend!r}): choose the compiler with "
-                        f"compiler='inductor', 'aoti' or 'nop', or use torch.compile(model, backend='aotcache')")
+        compiler = _compiler_for_backend(backend, compiler)
     _check_options(compiler, dynamic, partition_fn, fullgraph, options)
     if model is None:
         return functools.partial(compile, compiler=compiler, dynamic=dynamic, partition_fn=partition_fn,
@@ -329,6 +405,8 @@ def compile(model: Any = None, *, compiler: str | Callable | None = None, dynami
                                 partition=partition, compiler_options=compiler_options)
     if isinstance(model, nn.Module):
         return CompiledModule(model, aot_options, cache, fullgraph, backend)
+    if isinstance(model, types.MethodType) and isinstance(model.__self__, nn.Module):
+        return CompiledMethod(model, aot_options, cache, fullgraph, backend)
     if callable(model):
         return CompiledFunction(model, aot_options, cache, fullgraph, backend)
     raise TypeError(f"aotcache.compile expects an nn.Module or a function, got {type(model).__name__}")

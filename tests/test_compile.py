@@ -114,6 +114,90 @@ def test_a_graph_break_names_where_the_model_makes_it(caplog):
     assert re.search(r"at .*test_compile\.py:\d+ in forward: `return y \* 2 if y\.sum\(\)\.item\(\) > 0", caplog.text)
 
 
+def _redirect_torch_compile_to_aotcache(monkeypatch):
+    """What a test suite does to run its torch.compile tests on aotcache (NOTE [A redirected torch.compile])."""
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kwargs: aotcache.compile(model, compiler="nop",
+                                                                                        **kwargs))
+
+
+@pytest.mark.parametrize("seen_at_import", [True, False])
+def test_a_graph_break_takes_the_dynamo_way_where_torch_compile_is_redirected_to_aotcache(monkeypatch,
+                                                                                           seen_at_import):
+    # found running transformers' test_sdpa_can_compile_dynamic with torch.compile redirected to aotcache.compile:
+    # the Dynamo way called the redirect with aotcache's own backend (T5's unique_consecutive check: a TypeError)
+    from aotcache.aot import dynamo_compile
+
+    if not seen_at_import:  # a redirect installed before aotcache was imported: torch._dynamo.optimize
+        monkeypatch.setattr(dynamo_compile, "_SEEN_AT_IMPORT", None)
+    _redirect_torch_compile_to_aotcache(monkeypatch)
+    model = Breaks()
+    compiled = torch.compile(model, dynamic=True)
+    for x in (torch.randn(2, 4), -torch.ones(3, 4)):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.route == "dynamo"
+
+
+def test_the_capture_fallback_of_aot_module_runs_where_torch_compile_is_redirected_to_aotcache(monkeypatch):
+    from aotcache.aot.fallback import fallback_counts
+    from aotcache.api import aot_module
+
+    _redirect_torch_compile_to_aotcache(monkeypatch)
+    model = Breaks()
+    compiled = aot_module(model, fw_compiler="nop", cache=False)  # on_capture_error="fallback": graph breaks
+    before = fallback_counts()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    added = {kind: count - before.get(kind, 0) for kind, count in fallback_counts().items()
+             if count != before.get(kind, 0)}
+    assert added == {"partial:data_dependent": 1}  # through Dynamo's graph breaks, not eagerly
+
+
+def test_a_compiled_bound_method_of_a_module_takes_its_parameters_as_inputs():
+    # NOTE [Bound methods of modules]: model.forward = aotcache.compile(model.forward, fullgraph=True) raised in grad
+    # mode (the parameters were closed-over constants, no output could require grad), and each weight update under
+    # no_grad was another graph
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    eager = nn.Sequential(*model)  # the same layers, run eagerly
+    names = list(model.state_dict())
+    model.forward = aotcache.compile(model.forward, compiler="nop", fullgraph=True)
+    assert list(model.state_dict()) == names and model.forward.__name__ == "forward"  # no submodule registered
+    x = torch.randn(3, 4)
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager(x).square().sum().backward()
+    for got, want in zip(expected, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want)
+    assert model.forward.route == "aot"
+    with torch.no_grad():
+        for _ in range(2):  # weights updated in place: one inference graph for all of them
+            model[0].weight.add_(0.5)
+            torch.testing.assert_close(model(x), eager(x))
+    assert resolve_cache(True).counters["compile"] == 2  # the training graph and the inference graph
+
+
+@pytest.mark.parametrize("form", ["module", "function", "method"])
+def test_set_stance_force_eager_runs_compiled_models_as_written(form):
+    # NOTE [torch.compiler.set_stance]: torch.compile-d callables run uncompiled under "force_eager" (transformers'
+    # generate tests take their eager references so); aotcache.compile captured and compiled there
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    model = nn.Linear(4, 4)
+    target = {"module": model, "function": lambda x: x.sin() * 2, "method": model.forward}[form]
+    compiled = aotcache.compile(target, compiler="nop", dynamic=False)
+    counters = resolve_cache(True).counters
+    for rows in (2, 3):
+        x = torch.randn(rows, 4)
+        with torch.compiler.set_stance("force_eager"):
+            torch.testing.assert_close(compiled(x), target(x))
+    assert counters["compile"] == 0 and compiled.route is None
+    torch.testing.assert_close(compiled(x), target(x))  # outside the stance: compiled
+    assert counters["compile"] == 1 and compiled.route == "aot"
+
+
 def test_a_train_step_taking_the_model_and_optimizer_goes_the_dynamo_way():
     # found by the sweep: aotcache.compile(step)(model, opt, x) raised the AOT way's TypeError (a module argument
     # is compared by identity); torch.compile runs it, so the router takes it there (NOTE [Arguments Dynamo guards])
@@ -173,11 +257,35 @@ def test_the_compiled_module_is_a_drop_in():
     ({"partition_fn": "fast"}, "aotcache.compile: unknown partition_fn 'fast'"),
     ({"fullgraph": 1}, "fullgraph must be a bool"),
     ({"mode": "fastest"}, "aotcache.compile: unknown mode 'fastest'; use one of default, reduce-overhead"),
-    ({"backend": "inductor"}, "aotcache.compile has no backend=.*compiler='inductor'"),
+    ({"backend": "cudagraphs"}, "backend='cudagraphs' has no aotcache counterpart.*compiler='inductor'"),
+    ({"backend": lambda gm, inputs: gm}, "backend=<function .* has no aotcache counterpart.*compiler='inductor'"),
 ])
 def test_bad_options_are_refused_naming_the_option(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         aotcache.compile(nn.Linear(2, 2), **kwargs)
+
+
+@pytest.mark.parametrize("backend, compiler, chosen", [
+    ("inductor", None, "inductor"), ("aot_eager", None, "nop"), ("eager", None, "nop"),
+    ("inductor", "nop", "nop"),  # compiler= wins: transformers' CompileConfig always says backend="inductor"
+])
+def test_torch_compile_backend_names_choose_the_compiler(backend, compiler, chosen):
+    """NOTE [torch.compile's backend names]: code ported from torch.compile keeps its backend= name."""
+    model = nn.Linear(4, 4)
+    compiled = aotcache.compile(model, backend=backend, compiler=compiler, cache=False)
+    assert compiled.compiled.options.fw_compiler == chosen
+    function = aotcache.compile(backend=backend, compiler=compiler, cache=False)(torch.sin)  # the decorator form
+    assert function.compiled.options.fw_compiler == chosen
+    if chosen == "nop":
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_the_backend_name_aotcache_keeps_the_default_compiler():
+    from aotcache.backend import default_compiler_name
+
+    compiled = aotcache.compile(nn.Linear(4, 4), backend="aotcache", cache=False)
+    assert compiled.compiled.options.fw_compiler == default_compiler_name()
 
 
 def test_the_first_call_computes_the_call_fingerprint_once(monkeypatch):

@@ -51,6 +51,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
+from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
@@ -356,7 +357,8 @@ def _dynamo_entry(owner: Any) -> Callable:
     entry = types.FunctionType(aotcache_partial.__code__.replace(), aotcache_partial.__globals__,
                                "aotcache_partial", None, aotcache_partial.__closure__)
     backend = functools.partial(_region_backend, owner=owner)
-    return dynamo_as_eager(torch.compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
+    # NOTE [A redirected torch.compile]: torch's own, also where a program sent torch.compile to aotcache
+    return dynamo_as_eager(torch_compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
 
 
 def dynamo_as_eager(dynamo_fn: Callable) -> Callable:

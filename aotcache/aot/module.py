@@ -370,6 +370,13 @@ class AOTModule(nn.Module):
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self.orig_module)))
 
+    @property
+    def _orig_mod(self) -> nn.Module:
+        """The wrapped module under the name torch.compile's ``OptimizedModule`` gives it: code written for
+        torch.compile unwraps with ``model._orig_mod`` (transformers' tests read gradients through it, and
+        ``getattr(model, "_orig_mod", model)`` is the common unwrap before saving); it raised AttributeError."""
+        return self.orig_module
+
     # NOTE [Container protocol] Python looks special methods up on the type, not through ``__getattr__``, so a
     # wrapped nn.Sequential / ModuleList needs these to index, slice, iterate and measure as the module does.
     # They hand out the wrapped module's own submodules (not compiled: as ``model[0]`` of the eager model).

@@ -226,8 +226,10 @@ class _GraphCanonicalizer:
     def run(self, gm: torch.fx.GraphModule, prefix: str) -> None:
         names: dict[torch.fx.Node, str] = {}
         placeholder_names = normalize_placeholder_names(gm)
-        if self.lifted is not None and not prefix:
-            state = set(self.lifted)
+        if self.lifted is not None and (not prefix or not self.lifted):
+            # nothing lifted (aot_function: NOTE [Closed-over parameters in the key]): subgraphs' tensors are
+            # constants as well
+            state = set(self.lifted) if not prefix else set()
         else:
             state = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
         for index, node in enumerate(gm.graph.nodes):

@@ -149,6 +149,16 @@ def _entry_guards(captured: Any) -> str | None:
     return shape_env.produce_guards_expression(captured.primals, ignore_static=False)
 
 
+# NOTE [Closed-over parameters in the key]
+# aot_function's captured graph takes every tensor it is given as a placeholder; a tensor it reads otherwise (a
+# closure, a global, the parameters of a module it closes over: ``aotcache.compile(lambda x: model(x))``,
+# ``aotcache.compile(model.forward)``) is a get_attr constant that the compiled artifact carries. The key took
+# get_attr *parameters* for lifted runtime inputs (true of Dynamo's graphs only) and left their values out: the
+# same function over a model with other weights (another checkpoint, another seed, a weight changed in place)
+# found the first model's entry and computed with its weights, across processes and in-process after the program
+# guards saw the change. Nothing is lifted here: every get_attr tensor is keyed by content.
+
+
 def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_args: Sequence[Any],
                             options: AOTOptions, *, input_is_leaf: Sequence[bool] | None = None,
                             name: str = "function", memo: dict[str, Any] | None = None,
@@ -176,7 +186,8 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
                           partitioner_name=partitioner_identity(options.partition_fn),
                           decomposition_id=decomposition_id, compiler_options=compiler_options,
                           config_parts={"pipeline": "aot_function", "dynamic": bool(options.dynamic),
-                                        "runtime_metadata": metadata})
+                                        "runtime_metadata": metadata},
+                          lifted_attributes=())  # NOTE [Closed-over parameters in the key]
         state["key"] = key
         return key
 

@@ -8,8 +8,8 @@ import torch
 
 import aotcache
 from aotcache.autograd_cache.cache import resolve_cache
-from tests.aot.tiny_transformers import (tiny_bart, tiny_bigbird_mlm, tiny_roberta_classifier, tiny_roberta_model,
-                                        tiny_t5, tiny_wav2vec2_ctc)
+from tests.aot.tiny_transformers import (tiny_bart, tiny_bigbird_mlm, tiny_llama, tiny_roberta_classifier,
+                                        tiny_roberta_model, tiny_t5, tiny_wav2vec2_ctc)
 
 
 def test_a_warm_start_makes_the_config_change_eager_makes_on_the_first_call_with_labels():
@@ -228,3 +228,56 @@ def test_a_forward_that_replaces_its_attention_submodules_on_the_first_call_matc
                  for name in ("fingerprint_hit", "fingerprint_state_changed")}
         assert delta["fingerprint_state_changed"] == 1, (run, delta)
     assert delta["fingerprint_hit"] == 1 and counters["compile"] == 2, (dict(counters))
+
+
+def test_the_compile_call_transformers_generate_makes_works_through_aotcache_compile():
+    # NOTE [torch.compile's backend names]: generate compiles the forward with
+    # torch.compile(model.__call__, **CompileConfig().to_dict()), which always passes backend="inductor" (and mode,
+    # options=None); the same call through aotcache.compile raised TypeError where torch.compile works
+    from transformers import CompileConfig
+
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    for config in (CompileConfig(), CompileConfig(fullgraph=True, dynamic=False)):
+        assert config.to_dict()["backend"] == "inductor"
+        compiled = aotcache.compile(model.__call__, compiler="nop", **config.to_dict())
+        assert compiled.compiled.options.fw_compiler == "nop"  # compiler= wins over the backend's name
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert compiled.route == "aot"
+
+
+def test_gradients_read_through_orig_mod_after_compile_equal_eager():
+    # transformers' test_torch_compile_for_training compiles with fullgraph=True, mode="reduce-overhead" and reads
+    # the gradients through model._orig_mod (torch's OptimizedModule's name): an AttributeError on aotcache's wrapper
+    model = tiny_llama().train()
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 5 + [0] * 5, [1] * 10])
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+    model(**inputs).loss.backward()
+    expected = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+
+    compiled = aotcache.compile(model, fullgraph=True, mode="reduce-overhead", compiler="nop")
+    compiled(**inputs).loss.backward()
+    assert compiled._orig_mod is model and compiled.route == "aot"
+    for name, param in compiled._orig_mod.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_t5_encoder_with_its_forward_compiled_fullgraph_gives_eager_outputs():
+    # transformers' T5 test_compile_static_cache_encoder: model.forward = compile(model.forward, mode="reduce-overhead",
+    # fullgraph=True) in grad mode raised a CaptureError (NOTE [Bound methods of modules])
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                   dropout_rate=0.0)
+    model = transformers.T5EncoderModel(config).eval()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    expected = model(input_ids=ids, attention_mask=mask)[0]
+    model.forward = aotcache.compile(model.forward, mode="reduce-overhead", fullgraph=True, compiler="nop")
+    got = model(input_ids=ids, attention_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.requires_grad and model.forward.route == "aot"

@@ -466,3 +466,46 @@ def test_recorder_wrapping_a_different_compiler_is_not_served_the_first_entry():
     again = recorded_run(2)  # the same wrapper state in a fresh process: a real hit on its own entry
     assert again["hit"] == 1 and again["compiled"] == 0
     assert again["ratio"] == pytest.approx([2.0, 2.0, 2.0])
+
+
+_CLOSED_OVER_MODEL = textwrap.dedent("""
+    import json, sys, torch, aotcache
+    from aotcache.autograd_cache.cache import resolve_cache
+    torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else {seed})
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.ones(2, 8)
+    compiled = aotcache.compile({target}, compiler="nop")
+    with torch.no_grad():
+        same = torch.equal(compiled(x), model(x))
+    counters = resolve_cache(True).counters
+    print(json.dumps({{"same": same, "hit": counters["hit"], "miss": counters["miss"]}}))
+""")
+
+
+@pytest.mark.parametrize("target", ["lambda x: model(x)", "model.forward"])
+def test_a_function_closing_over_a_model_with_other_weights_never_loads_the_first_models_entry(target):
+    # NOTE [Closed-over parameters in the key]: the key left the closed-over parameters' values out, so a
+    # process with other weights (another seed here; another checkpoint in real use) loaded the first entry and
+    # computed with the first model's weights
+    runs = [json.loads(run_python(_CLOSED_OVER_MODEL.format(seed=seed, target=target)).stdout.strip().splitlines()[-1])
+            for seed in (0, 1, 0)]
+    assert runs[0] == {"same": True, "hit": 0, "miss": 1}
+    assert runs[1] == {"same": True, "hit": 0, "miss": 1}  # before the fix: a hit, the seed-0 weights' results
+    assert runs[2] == {"same": True, "hit": 1, "miss": 0}  # the same weights again: their own entry
+
+
+def test_a_closed_over_weight_changed_in_place_is_computed_with_in_process():
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    compiled = aotcache.compile(lambda x: model(x), compiler="nop")
+    x = torch.randn(2, 8)
+    first = model.weight.detach().clone()
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+        model.weight.add_(1.0)  # the program guards see it and trace again; the key must see it too
+        assert torch.equal(compiled(x), model(x))
+        model.weight.copy_(first)  # back to the first values: the first entry is the right one
+        assert torch.equal(compiled(x), model(x))
+    assert resolve_cache(True).counters["miss"] == 2  # the first weights' graph is reused in-process
