@@ -222,41 +222,34 @@ def _whole_symbol(value: Any) -> Any:
     return None
 
 
-def _symbols_of(value: Any) -> set:
-    """The free symbols of a tensor's sizes, strides and offset, or of a SymInt."""
+def _geometry(value: Any) -> list:
+    """A tensor's sizes, strides and storage offset (sizes only for a layout without strides); a SymInt itself."""
     if isinstance(value, torch.SymInt):
-        return set(value.node.expr.free_symbols)
+        return [value]
     if not isinstance(value, torch.Tensor):
-        return set()
-    found: set = set()
+        return []
     try:
-        parts = [*value.shape, *value.stride(), value.storage_offset()]
+        return [*value.shape, *value.stride(), value.storage_offset()]
     except RuntimeError:  # a layout without strides
-        parts = list(value.shape)
-    for part in parts:
-        if isinstance(part, torch.SymInt):
-            found |= part.node.expr.free_symbols
-    return found
+        return list(value.shape)
+
+
+def _symbols_of(value: Any) -> set:
+    """The free symbols of a tensor's geometry, or of a SymInt."""
+    return {symbol for part in _geometry(value) if isinstance(part, torch.SymInt)
+            for symbol in part.node.expr.free_symbols}
 
 
 def _bound_symbols(value: Any) -> set:
-    """The symbols an input of this value binds: its whole sizes, strides and offset, or itself."""
-    if isinstance(value, torch.SymInt):
-        symbol = _whole_symbol(value)
-        return {symbol} if symbol is not None else set()
-    if not isinstance(value, torch.Tensor):
-        return set()
-    try:
-        parts = [*value.shape, *value.stride(), value.storage_offset()]
-    except RuntimeError:
-        parts = list(value.shape)
-    return {symbol for part in parts if (symbol := _whole_symbol(part)) is not None}
+    """The symbols a backward input holding ``value`` binds: the parts of its geometry that are one symbol."""
+    return {symbol for part in _geometry(value) if (symbol := _whole_symbol(part)) is not None}
 
 
 def _symbol_bindings(joint: _Joint, saved: Sequence[fx.Node], fw_graph: fx.Graph,
                      fw_env: dict[fx.Node, fx.Node]) -> list[fx.Node]:
-    """SymInt nodes, added to the forward, for the symbols the backward's inputs use but do not bind (NOTE [Sizes
-    the backward must bind]); each is also a joint-graph-free node whose ``meta["val"]`` is the symbol."""
+    """Forward nodes (a primal, or a ``sym_size`` / ``sym_stride`` / ``sym_storage_offset`` of one, added to
+    ``fw_graph``) for the symbols the backward's inputs use but do not bind, to be saved after the other values
+    (NOTE [Sizes the backward must bind])."""
     inputs = [_val(node) for node in [*saved, *joint.tangents]]
     used = set().union(*map(_symbols_of, inputs)) if inputs else set()
     missing = used - set().union(*map(_bound_symbols, inputs)) if used else set()
