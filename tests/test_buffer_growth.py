@@ -355,3 +355,31 @@ def test_a_warm_start_keeps_the_guards_of_a_branch_on_a_buffers_size():
         assert all(run["same"]) and run["route"] == "aot", run
     assert cold["traces"] == 3
     assert warm["traces"] == 0 and warm.get("compile", 0) == 0, warm
+
+
+def test_a_growing_buffer_trained_with_inductor_compiles_its_backward():
+    """NOTE [Sizes the backward must bind] (aot/partition.py), found in the session-13 review: the symbolic graph
+    saves ``cat([cache, x])`` (``s0 + 1`` rows) for the weight gradient, and its backward had no input binding
+    ``s0``: Inductor failed it ("expected [s0] to have been codegen-ed"), so the graph ran uncompiled (nop) and was
+    never cached. Now ``s0`` is saved as a SymInt; results, gradients and buffers stay eager's."""
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    counters = resolve_cache(True).counters
+    bypassed = counters.get("bypass", 0)
+    torch.manual_seed(0)
+    eager = _GrowingCache().train()
+    module = copy.deepcopy(eager)
+    compiled = aotcache.aot_module(module, "inductor")
+    for step in range(4):
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(step), requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        want, got = eager(x), compiled(x2)
+        assert torch.allclose(want, got, atol=1e-5), step
+        want.sum().backward()
+        got.sum().backward()
+        assert torch.allclose(x.grad, x2.grad, atol=1e-5), step
+        for (name, a), (_, b) in zip(eager.named_parameters(), module.named_parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), (step, name)
+        _assert_same_buffers(eager, module, step)
+    assert compiled.compiled.num_compiles == 2
+    assert counters.get("bypass", 0) == bypassed  # both graphs compiled by Inductor and stored (no nop fallback)

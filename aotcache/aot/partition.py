@@ -202,6 +202,99 @@ def _kept(node: fx.Node) -> bool:
     return node.is_impure() or (node.op == "call_function" and _is_random(node.target))
 
 
+# NOTE [Sizes the backward must bind]
+# A backward graph's sizes are bound from its inputs: a symbol is known to the compiled backward where some input
+# has it as a whole size, stride or offset, or is a SymInt equal to it. A saved value whose size is only an
+# expression of a symbol (``cat([cache, x])`` of a cache with ``s0`` rows saved for the matmul's weight gradient:
+# ``s0 + 1`` rows) leaves ``s0`` unbound; Inductor then failed the backward ("For s0 + 1, expected [s0] to have been
+# codegen-ed"), and the graph ran uncompiled and uncached (found in the session-13 review of growing buffers, where
+# the cache is a symbolic buffer; a caller's tensor had it too). Such a symbol is saved as one more SymInt (after
+# the others), read in the forward from the primal that has it as a whole size, stride or offset, as torch's
+# partitioner saves the symbols of the saved values' sizes.
+
+
+def _whole_symbol(value: Any) -> Any:
+    """The sympy symbol ``value`` is (a SymInt that is one symbol), else None."""
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        if getattr(expr, "is_Symbol", False):
+            return expr
+    return None
+
+
+def _geometry(value: Any) -> list:
+    """A tensor's sizes, strides and storage offset (sizes only for a layout without strides); a SymInt itself."""
+    if isinstance(value, torch.SymInt):
+        return [value]
+    if not isinstance(value, torch.Tensor):
+        return []
+    try:
+        return [*value.shape, *value.stride(), value.storage_offset()]
+    except RuntimeError:  # a layout without strides
+        return list(value.shape)
+
+
+def _symbols_of(value: Any) -> set:
+    """The free symbols of a tensor's geometry, or of a SymInt."""
+    return {symbol for part in _geometry(value) if isinstance(part, torch.SymInt)
+            for symbol in part.node.expr.free_symbols}
+
+
+def _bound_symbols(value: Any) -> set:
+    """The symbols a backward input holding ``value`` binds: the parts of its geometry that are one symbol."""
+    return {symbol for part in _geometry(value) if (symbol := _whole_symbol(part)) is not None}
+
+
+def _symbol_bindings(joint: _Joint, saved: Sequence[fx.Node], fw_graph: fx.Graph,
+                     fw_env: dict[fx.Node, fx.Node]) -> list[fx.Node]:
+    """Forward nodes (a primal, or a ``sym_size`` / ``sym_stride`` / ``sym_storage_offset`` of one, added to
+    ``fw_graph``) for the symbols the backward's inputs use but do not bind, to be saved after the other values
+    (NOTE [Sizes the backward must bind])."""
+    inputs = [_val(node) for node in [*saved, *joint.tangents]]
+    used = set().union(*map(_symbols_of, inputs)) if inputs else set()
+    missing = used - set().union(*map(_bound_symbols, inputs)) if used else set()
+    bindings: list[fx.Node] = []
+    for symbol in sorted(missing, key=str):
+        source = _primal_with(joint, symbol)
+        if source is None:  # not a primal's whole size (an unbacked symbol): left to the compiler, as before
+            continue
+        primal, kind, dim, value = source
+        if kind == "symint":
+            node = fw_env[primal]
+        else:
+            op = {"size": torch.ops.aten.sym_size.int, "stride": torch.ops.aten.sym_stride.int,
+                  "offset": torch.ops.aten.sym_storage_offset.default}[kind]
+            node = fw_graph.call_function(op, (fw_env[primal], dim) if kind != "offset" else (fw_env[primal],))
+            node.meta["val"] = value
+        bindings.append(node)
+    return bindings
+
+
+def _primal_with(joint: _Joint, symbol: Any) -> tuple[fx.Node, str, int, Any] | None:
+    """A primal that has ``symbol`` as a whole size, stride or offset (or is it), with where."""
+    for primal in joint.primals:
+        value = _val(primal)
+        if isinstance(value, torch.SymInt):
+            if _whole_symbol(value) == symbol:
+                return primal, "symint", 0, value
+            continue
+        if not isinstance(value, torch.Tensor):
+            continue
+        for dim, size in enumerate(value.shape):
+            if _whole_symbol(size) == symbol:
+                return primal, "size", dim, size
+        try:
+            strides, offset = value.stride(), value.storage_offset()
+        except RuntimeError:
+            continue
+        for dim, stride in enumerate(strides):
+            if _whole_symbol(stride) == symbol:
+                return primal, "stride", dim, stride
+        if _whole_symbol(offset) == symbol:
+            return primal, "offset", 0, offset
+    return None
+
+
 def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward GraphModules for a chosen list of saved values."""
     saved_set = set(saved)
@@ -221,15 +314,16 @@ def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.
             _copy_into(fw_graph, node, fw_env)
         elif node in needed_fw and node not in fw_env:
             raise PartitionError(f"forward needs placeholder {node.name}, which is not a primal")
-    fw_graph.output(tuple(fw_env[v] if isinstance(v, fx.Node) else v for v in [*joint.fw_outs, *saved]))
+    bindings = _symbol_bindings(joint, saved, fw_graph, fw_env)  # NOTE [Sizes the backward must bind]
+    fw_graph.output((*(fw_env[v] if isinstance(v, fx.Node) else v for v in [*joint.fw_outs, *saved]), *bindings))
     fw_gm = _new_module(joint, fw_graph)
     fw_gm.meta["num_saved_tensors"] = sum(1 for node in saved if not _is_symint(node))
-    fw_gm.meta["num_saved_symints"] = sum(1 for node in saved if _is_symint(node))
+    fw_gm.meta["num_saved_symints"] = sum(1 for node in saved if _is_symint(node)) + len(bindings)
 
     # Backward: saved values and tangents as inputs, then what the gradients need beyond them.
     bw_graph = fx.Graph()
     bw_env: dict[fx.Node, fx.Node] = {}
-    for node in [*saved, *joint.tangents]:
+    for node in [*saved, *bindings, *joint.tangents]:
         placeholder = bw_graph.placeholder(node.name)
         placeholder.meta = dict(node.meta)
         bw_env[node] = placeholder

@@ -388,3 +388,37 @@ def test_pytorch_default_partition_saves_the_forward_it_places_by_tags(checkpoin
     torch.testing.assert_close(xc.grad, x.grad)
     torch.testing.assert_close(yc.grad, y.grad)
     assert mm_counts == {"fw": 2, "bw": 4}  # two matmuls, two gradient matmuls each, none recomputed
+
+
+class _SavesOnesOfIntPlusOne(torch.nn.Module):
+    """Saves ``ones(n + 1, 4)`` for the weight's gradient, ``n`` an int argument traced as a symbol."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return (torch.ones(n + 1, 4) * 2 * self.w).sum(0) + x
+
+
+def test_a_symbol_used_only_inside_a_saved_size_is_saved_for_the_backward():
+    """NOTE [Sizes the backward must bind]: the backward's only input with the int's symbol ``s0`` has ``s0 + 1``
+    rows; Inductor failed that backward (the graph ran with nop, uncached) until ``s0`` was saved as a SymInt."""
+    import copy
+
+    import aotcache
+    from aotcache.autograd_cache.cache import resolve_cache
+
+    counters = resolve_cache(True).counters
+    bypassed = counters.get("bypass", 0)
+    eager = _SavesOnesOfIntPlusOne()
+    module = copy.deepcopy(eager)
+    compiled = aotcache.aot_module(module, "inductor")
+    for n in (2, 3, 5):
+        x = torch.linspace(0.0, 1.0, 4)
+        want, got = eager(x, n), compiled(x, n)
+        want.sum().backward()
+        got.sum().backward()
+        assert torch.allclose(want, got) and torch.allclose(eager.w.grad, module.w.grad), n
+    assert compiled.compiled.num_compiles == 2  # the first int, then the int as a symbol
+    assert counters.get("bypass", 0) == bypassed  # both compiled by Inductor (no nop fallback) and stored
