@@ -29,7 +29,7 @@ from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets", "storage_object",
-           "setting_by_value"]
+           "setting_by_value", "taker"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 
@@ -113,7 +113,7 @@ class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
-                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets")
+                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets", "_mixed")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -129,6 +129,10 @@ class HotSignature:
         self._static = list(map(_STATIC_FIELDS, flat_args)) if static else None
         self._strides = list(map(_STRIDE, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
+        # NOTE [Mixed signatures]: with some dimensions dynamic, the static arguments in bulk, the others one by one
+        self._mixed: _MixedSignature | None = None
+        if not static and isinstance(dynamic, tuple) and len(dynamic) == len(flat_args):
+            self._mixed = _MixedSignature(flat_args, dynamic, self.fields)
         # NOTE [Storage offsets are not part of the signature] (signature.py): another offset selects the same
         # runtime, unless its graph depends on offsets (absolute offsets compared) or arguments share memory
         # (offsets relative to the group's lowest compared: NOTE [Offsets of arguments that share memory])
@@ -170,6 +174,14 @@ class HotSignature:
                 return False
             distinct = _all_distinct(flat_args) if self._distinct else None
             return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
+        mixed = self._mixed
+        if mixed is not None:  # NOTE [Mixed signatures]
+            if not mixed.matches(flat_args, self._exact_offsets):
+                return False
+            if autocast_state() != self.autocast or numerics_signature() != self.numerics:
+                return False
+            distinct = _all_distinct(flat_args) if self._distinct else None
+            return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
         for arg, (dtype, device, requires_grad, leaf, shape, stride, offset) in zip(flat_args, self.fields):
             if arg.dtype is not dtype or arg.requires_grad is not requires_grad or arg.device != device:
                 return False
@@ -188,6 +200,63 @@ class HotSignature:
                 return False
         return (autocast_state() == self.autocast and numerics_signature() == self.numerics
                 and storage_sharing(flat_args) == self.sharing)
+
+
+# NOTE [Mixed signatures]
+# A KV-cache decoding step under automatic dynamic shapes has a few arguments with a dynamic dimension (the cache's
+# keys and values) among many static ones (the module's parameters and buffers, the step's ids). Its signature was
+# checked by the loop of :meth:`HotSignature.matches`, a Python frame of comparisons per tensor; the static ones
+# are now checked in bulk as NOTE [Static signatures in bulk] does (their dtype, device, requires_grad, leafness,
+# sizes, strides, and storage offsets where the signature compares them), and only the dynamic ones one by one
+# (dtype, device, requires_grad, leafness, the sizes outside their dynamic dimensions): the same fields as the loop.
+class _MixedSignature:
+    """The static and the dynamic arguments of a signature with some dynamic dimensions, checked apart."""
+
+    __slots__ = ("_take_static", "_static", "_strides", "_offsets", "_take_dynamic", "_dynamic")
+
+    def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: tuple, fields: list[tuple]) -> None:
+        static = [index for index, dims in enumerate(dynamic) if not dims]
+        moving = [index for index, dims in enumerate(dynamic) if dims]
+        self._take_static = taker(static)
+        self._take_dynamic = taker(moving)
+        static_args = self._take_static(flat_args)
+        self._static = list(map(_STATIC_FIELDS, static_args))
+        self._strides = list(map(_STRIDE, static_args))
+        self._offsets = list(map(_OFFSET, static_args))
+        # per dynamic argument: dtype, device, requires_grad, leafness, rank, and the (dim, size) pairs kept
+        self._dynamic = [(dtype, device, requires_grad, leaf, len(shape),
+                          tuple((dim, size) for dim, size in enumerate(shape) if size is not None))
+                         for dtype, device, requires_grad, leaf, shape, _, _ in map(fields.__getitem__, moving)]
+
+    def matches(self, flat_args: Sequence[torch.Tensor], exact_offsets: bool) -> bool:
+        static_args = self._take_static(flat_args)
+        if list(map(_STATIC_FIELDS, static_args)) != self._static or list(map(_STRIDE, static_args)) != self._strides:
+            return False
+        if exact_offsets and list(map(_OFFSET, static_args)) != self._offsets:
+            return False
+        for arg, (dtype, device, requires_grad, leaf, rank, sizes) in zip(self._take_dynamic(flat_args),
+                                                                         self._dynamic):
+            if arg.dtype is not dtype or arg.requires_grad is not requires_grad or arg.device != device:
+                return False
+            if requires_grad and arg.is_leaf is not leaf:
+                return False
+            shape = arg.shape
+            if len(shape) != rank:
+                return False
+            for dim, size in sizes:
+                if shape[dim] != size:
+                    return False
+        return True
+
+
+def taker(positions: list[int]) -> Any:
+    """``flat -> [flat[i] for i in positions]`` in C (``itemgetter``; a tuple, or a list for 0 or 1 positions)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        only = positions[0]
+        return lambda flat: [flat[only]]
+    return lambda flat: []
 
 
 class HotSignatures:
