@@ -167,11 +167,10 @@ class AOTFunction:
                 return hot.runtime(*flat_if_simple)
         calls = self._calls_by_digest.get(program.digest) if structure is None else None
         if calls is not None:  # NOTE [Call hot path] in call_hot_path.py: keyword arguments, containers
-            found = calls.find(call_key(extra, args, kwargs), (args, kwargs))
+            found = calls.find(call_key(extra, args, kwargs), (args, kwargs), self._guards_hold)
             if found is not None:
                 record, flat = found
-                if record.runtime.metadata.guards is None or self._guards_hold(record.runtime, flat):
-                    return record.runtime(*flat)
+                return record.runtime(*flat)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
         slotted = self._generator_slots.substitute(flat_args)  # NOTE [Generator arguments]
         if slotted is not None:
@@ -188,7 +187,7 @@ class AOTFunction:
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
         elif calls is not None and not user_arguments_carry_attributes(flat_args, self.num_state):
-            calls.remember(call_key(extra, args, kwargs), in_spec, flat_args, runtime, self.num_state)
+            calls.remember(call_key(extra, args, kwargs), in_spec, flat_args, runtime, self.num_state, self.services)
         run_call = getattr(runtime, "run_call", None)  # a fallback: the caller's own containers (NOTE [Argument
         if run_call is not None:  # containers changed in place] in refusals.py)
             return run_call(args, kwargs)

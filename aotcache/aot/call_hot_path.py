@@ -54,6 +54,7 @@ _NONE = type(None)
 _UNSEEN = object()
 _LAYOUT = operator.attrgetter("layout")
 _NESTED = operator.attrgetter("is_nested")
+_OFFSET = operator.methodcaller("storage_offset")
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # one ``step(value, out) -> bool`` per node of a TreeSpec: checks the node, appends its leaves to ``out``
@@ -150,9 +151,10 @@ class CallSignature:
     """One seen call of some structure and the runtime the full path selected for it (NOTE [Call hot path])."""
 
     __slots__ = ("plan", "runtime", "_types", "_nodes", "_constants", "_constant_signatures", "_take_tensors",
-                 "_tensor_count", "_hot", "_num_state")
+                 "_tensor_count", "_hot", "_num_state", "_take_graph_args", "_guards", "_full_guards",
+                 "_take_pinned", "_pinned_offsets")
 
-    def __init__(self, plan: FlatPlan, flat_args: list, runtime: Any, num_state: int) -> None:
+    def __init__(self, plan: FlatPlan, flat_args: list, runtime: Any, num_state: int, services: Any) -> None:
         dynamic = getattr(runtime, "dynamic_spec", False)
         self.plan = plan
         self.runtime = runtime
@@ -167,6 +169,42 @@ class CallSignature:
         tensor_dynamic = tuple(map(dynamic.__getitem__, tensors)) if isinstance(dynamic, tuple) else dynamic
         self._hot = HotSignature(list(self._take_tensors(flat_args)), tensor_dynamic, runtime)
         self._num_state = num_state
+        self._guards_for(flat_args, dynamic, services)
+
+    def _guards_for(self, flat_args: list, dynamic: Any, services: Any) -> None:
+        """The runtime's guards as this record checks them: only the conjuncts that read an input whose reads
+        :meth:`matches` does not pin (NOTE [Guards left to check when inputs are pinned] in
+        autograd_cache/guards.py), else the whole guards."""
+        runtime = self.runtime
+        positions = list(runtime.metadata.graph_input_positions)
+        self._take_graph_args = taker(positions)
+        self._guards: Callable[[Sequence[Any]], bool] | None = None
+        self._full_guards = runtime.metadata.guards is not None
+        self._take_pinned, self._pinned_offsets = None, None
+        if not self._full_guards:
+            return
+        # static graph inputs: a tensor's sizes and strides are compared by its HotSignature, its storage offset
+        # here; a constant's value by its signature
+        pinned = [graph_index for graph_index, position in enumerate(positions) if not _dims(dynamic, position)
+                  and type(flat_args[position]) in (*_TENSOR_TYPES, *_CONSTANT_TYPES)]
+        pinned_tensors = [positions[graph_index] for graph_index in pinned
+                          if type(flat_args[positions[graph_index]]) in _TENSOR_TYPES]
+        pinned_guards = getattr(services, "pinned_guards", None)  # (services of an older interface: none)
+        check = pinned_guards(runtime, frozenset(pinned)) if pinned_guards is not None else None
+        # the residual is sound only where the recorded call itself passed the whole guards
+        if check is None or not services.guards_hold(runtime, self._take_graph_args(flat_args)):
+            return
+        self._guards, self._full_guards = check, False
+        if pinned_tensors:
+            self._take_pinned = taker(pinned_tensors)
+            self._pinned_offsets = list(map(_OFFSET, self._take_pinned(flat_args)))
+
+    def guards_hold(self, flat_args: list, full_check: Callable[[Any, list], bool]) -> bool:
+        """Whether the runtime's guards admit the call (its ``flat_args`` matched this record):
+        ``full_check(runtime, flat_args)`` where the record checks the whole guards."""
+        if self._guards is not None:
+            return self._guards(self._take_graph_args(flat_args))
+        return not self._full_guards or full_check(self.runtime, flat_args)
 
     @staticmethod
     def recordable(flat_args: list, runtime: Any) -> bool:
@@ -194,6 +232,8 @@ class CallSignature:
         if user_arguments_carry_attributes(flat_args, self._num_state):  # NOTE [Python attributes of tensor
             return False  # arguments]: the full path keys them
         tensors = self._take_tensors(flat_args)
+        if self._take_pinned is not None and list(map(_OFFSET, self._take_pinned(flat_args))) != self._pinned_offsets:
+            return False  # a storage offset the pinned guards read (NOTE [Guards left to check when inputs are pinned])
         try:
             if (list(map(_LAYOUT, tensors)).count(torch.strided) != self._tensor_count or any(map(_NESTED, tensors))
                     or any(map(_wrapped, tensors))):  # what the full path refuses (NOTE [Call hot path])
@@ -214,8 +254,9 @@ class CallSignatures:
         self._by_key: dict[tuple, list[CallSignature]] = {}
         self._plans: dict[Any, FlatPlan | None] = {}  # per TreeSpec (None: a structure the plan cannot follow)
 
-    def find(self, key: tuple, tree: Any) -> tuple[CallSignature, list] | None:
-        """The record the call ``tree`` (``(args, kwargs)``) matches and its flat arguments, or None."""
+    def find(self, key: tuple, tree: Any, full_check: Callable[[Any, list], bool]) -> tuple[CallSignature, list] | None:
+        """The first record (newest first) the call ``tree`` (``(args, kwargs)``) matches and whose runtime's guards
+        admit it (``full_check``: as :meth:`CallSignature.guards_hold`), and the call's flat arguments; or None."""
         records = self._by_key.get(key)
         if not records:
             return None
@@ -224,11 +265,14 @@ class CallSignatures:
             if record.plan is not plan:
                 plan = record.plan
                 flat = plan(tree)
-            if flat is not None and record.matches(flat):
+            # a graph with dynamic dimensions whose guards refuse the call (a size 1 specialized) is not the end:
+            # an older record (the static graph of that size) may serve it
+            if flat is not None and record.matches(flat) and record.guards_hold(flat, full_check):
                 return record, flat
         return None
 
-    def remember(self, key: tuple, in_spec: Any, flat_args: list, runtime: Any, num_state: int) -> None:
+    def remember(self, key: tuple, in_spec: Any, flat_args: list, runtime: Any, num_state: int, services: Any
+                 ) -> None:
         """Record a call the full path served with ``runtime`` (a call of a structure the plan cannot follow, or
         with leaves it does not take, is not recorded)."""
         if not CallSignature.recordable(flat_args, runtime):
@@ -240,8 +284,9 @@ class CallSignatures:
             plan = self._plans[in_spec] = FlatPlan.of(in_spec)
         if plan is None:
             return
-        record = CallSignature(plan, flat_args, runtime, num_state)
-        seen = [old for old in self._by_key.get(key, ()) if old.plan is not plan or not old.matches(flat_args)]
+        record = CallSignature(plan, flat_args, runtime, num_state, services)
+        seen = [old for old in self._by_key.get(key, ())  # the same call and graph recorded before: replaced
+                if old.runtime is not runtime or old.plan is not plan or not old.matches(flat_args)]
         seen.insert(0, record)
         if len(self._by_key) >= 64 and key not in self._by_key:
             self._by_key.clear()
