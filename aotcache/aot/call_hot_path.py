@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.cache_objects import CacheInt, flattened_here, structure_step
 from aotcache.aot.hot_path import HotSignature, taker
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.signature import argument_signature, user_arguments_carry_attributes
@@ -100,7 +100,10 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
         def sequence(value: Any, out: list) -> bool:
             if type(value) is not node_type or len(value) != count:
                 return False
-            return all(child(item, out) for child, item in zip(children, value))
+            for child, item in zip(children, value):
+                if not child(item, out):
+                    return False
+            return True
         return sequence
     if node_type is dict:
         keys = list(context)
@@ -111,19 +114,27 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
             if leaves_only:
                 out.extend(value.values())
                 return True
-            return all(child(item, out) for child, item in zip(children, value.values()))
+            for child, item in zip(children, value.values()):
+                if not child(item, out):
+                    return False
+            return True
         return mapping
     if not isinstance(node_type, type) or node_type not in pytree.SUPPORTED_NODES:
         return None  # namedtuple / structseq nodes (by kind, not by type): the full path
+    if flattened_here(node_type) and leaves_only:  # NOTE [Checking a cache object against a recorded structure]
+        return structure_step(context)
     flatten = pytree.SUPPORTED_NODES[node_type].flatten_fn
 
-    def registered(value: Any, out: list) -> bool:  # a cache object, a ModelOutput: its own flatten function
+    def registered(value: Any, out: list) -> bool:  # a ModelOutput: its own flatten function, its context compared
         if type(value) is not node_type:
             return False
         items, found = flatten(value)
         if len(items) != count or found != context:
             return False
-        return all(child(item, out) for child, item in zip(children, items))
+        for child, item in zip(children, items):
+            if not child(item, out):
+                return False
+        return True
     return registered
 
 
