@@ -206,7 +206,7 @@ class CallSignature:
         if check is None or not services.guards_hold(runtime, self._take_graph_args(flat_args)):
             return
         self._guards, self._full_guards = check, False
-        if pinned_tensors:
+        if pinned_tensors and not self._hot.pin_offsets():  # (the HotSignature compares them, or this record)
             self._take_pinned = taker(pinned_tensors)
             self._pinned_offsets = list(map(_OFFSET, self._take_pinned(flat_args)))
 

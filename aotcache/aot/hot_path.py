@@ -29,7 +29,7 @@ from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets", "storage_object",
-           "setting_by_value", "taker"]
+           "setting_by_value", "taker", "dict_version_tag"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 
@@ -140,6 +140,14 @@ class HotSignature:
         self._exact_offsets = not self._distinct or self._absolute_offsets
         self._offsets = self._offsets_of(flat_args) if static else None
 
+    def pin_offsets(self) -> bool:
+        """Make :meth:`matches` compare the storage offsets of the arguments without dynamic dimensions too, where
+        this signature checks those apart (NOTE [Mixed signatures]); False where it does not (the caller checks)."""
+        if self._mixed is None:
+            return False
+        self._mixed.pin_offsets = True
+        return True
+
     def _offsets_of(self, flat_args: Sequence[torch.Tensor]) -> list[int]:
         if self._absolute_offsets:
             return list(map(_OFFSET, flat_args))
@@ -212,7 +220,7 @@ class HotSignature:
 class _MixedSignature:
     """The static and the dynamic arguments of a signature with some dynamic dimensions, checked apart."""
 
-    __slots__ = ("_take_static", "_static", "_strides", "_offsets", "_take_dynamic", "_dynamic")
+    __slots__ = ("_take_static", "_static", "_strides", "_offsets", "_take_dynamic", "_dynamic", "pin_offsets")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: tuple, fields: list[tuple]) -> None:
         static = [index for index, dims in enumerate(dynamic) if not dims]
@@ -223,6 +231,7 @@ class _MixedSignature:
         self._static = list(map(_STATIC_FIELDS, static_args))
         self._strides = list(map(_STRIDE, static_args))
         self._offsets = list(map(_OFFSET, static_args))
+        self.pin_offsets = False  # compare the static arguments' storage offsets at every call (see pin_offsets)
         # per dynamic argument: dtype, device, requires_grad, leafness, rank, and the (dim, size) pairs kept
         self._dynamic = [(dtype, device, requires_grad, leaf, len(shape),
                           tuple((dim, size) for dim, size in enumerate(shape) if size is not None))
@@ -232,7 +241,7 @@ class _MixedSignature:
         static_args = self._take_static(flat_args)
         if list(map(_STATIC_FIELDS, static_args)) != self._static or list(map(_STRIDE, static_args)) != self._strides:
             return False
-        if exact_offsets and list(map(_OFFSET, static_args)) != self._offsets:
+        if (exact_offsets or self.pin_offsets) and list(map(_OFFSET, static_args)) != self._offsets:
             return False
         for arg, (dtype, device, requires_grad, leaf, rank, sizes) in zip(self._take_dynamic(flat_args),
                                                                          self._dynamic):
@@ -556,6 +565,9 @@ def _probe_dict_version() -> Any:
 
 
 _dict_version = _probe_dict_version()
+#: ``dict_version`` where it changes on every kind of write (NOTE [Dict versions]), else None; the program guards
+#: use it too (NOTE [Program guards of unwritten dicts] in autograd_cache/program_guards.py)
+dict_version_tag = _dict_version
 
 
 class _DictVersions:
