@@ -193,8 +193,8 @@ class DynamicDims:
         if self._abandoned:
             return False
         # NOTE [Per-call cost of automatic dynamic shapes]
-        # This runs at every call that misses the hot path (every KV-cache decoding step: keyword arguments and a
-        # cache object), so it reads the sizes of the arguments after the module's state only (parameters and
+        # This runs at every call that misses the hot paths (a KV-cache decoding step did, until the call hot path
+        # took keyword arguments and cache objects: NOTE [Call hot path]), so it reads the sizes of the arguments after the module's state only (parameters and
         # buffers stay static: 20 of a tiny Llama's 32 flat arguments), and the spec of a set of marked
         # dimensions is built once (it was a loop over every argument and every mark, at every call).
         floats = self.float_symbols

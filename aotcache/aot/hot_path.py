@@ -6,7 +6,8 @@ Every call of an ``aot_function`` must find the compiled runtime of its signatur
 it costs ~100 us for a module with 20 tensors, about a tenth of a small training step. The hot path keeps,
 per argument structure, the signatures already seen as :class:`HotSignature` records and compares the
 arguments with them field by field: the same fields as the signature, so a match selects exactly the runtime
-the slow path would select. Anything unusual (kwargs, containers, non-tensor arguments) takes the slow path.
+the slow path would select. Anything unusual (kwargs, containers, non-tensor arguments) takes the slow path, or
+the call hot path of those calls (NOTE [Call hot path] in ``call_hot_path.py``).
 
 :class:`ModuleState` serves ``aot_module``: the module's parameters and buffers by name, re-read only when
 the module tree changed. ``named_parameters()`` walks every submodule (~30 us); checking that each
