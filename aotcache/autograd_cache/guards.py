@@ -733,7 +733,7 @@ def evaluate_guards(expression: str | None, real_inputs: Sequence[Any]) -> bool:
 # held, a conjunct of the top-level ``and`` that reads only those inputs held then and holds now (guards are
 # pure functions of what they read), so only the conjuncts that read another input are left to evaluate.
 # :func:`residual_guards_expression` gives them, as an expression of the same grammar and input names.
-@functools.lru_cache(maxsize=256)  # parsing a guard of ~150 comparisons takes ~30 ms: once per graph and pinning
+@functools.lru_cache(maxsize=64)  # parsing a guard of ~150 comparisons takes ~30 ms: once per graph and pinning
 def residual_guards_expression(expression: str, pinned: frozenset[int]) -> str:
     """The conjuncts of ``expression`` that read an input not in ``pinned`` (graph input positions), joined with
     ``and``; ``""`` when none does. Only sound where the pinned inputs read as at a call the whole expression
