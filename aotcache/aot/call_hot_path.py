@@ -12,9 +12,10 @@ as :class:`CallSignature` records, each with the runtime the full path selected 
 record when
 
 * its arguments have exactly the record's pytree structure: :class:`FlatPlan` walks them along the recorded
-  ``TreeSpec`` (the same node types, the same contexts by ``==``, as ``TreeSpec`` equality compares them; a
-  registered node such as a cache object is flattened by its own registered function, so its context is built
-  and compared as the full path builds it), and no pytree node type was registered or removed since;
+  ``TreeSpec`` (the same node types, the same contexts by ``==``, as ``TreeSpec`` equality compares them: another
+  registered node such as a ``ModelOutput`` is flattened by its own registered function, so its context is built
+  and compared as the full path builds it; a cache object is walked along its recorded context, NOTE [Checking a
+  cache object against a recorded structure] in cache_objects.py), and no pytree node type was registered since;
 * every leaf has the recorded type, and the non-tensor leaves (ints, bools, floats, strings, cache integers) the
   recorded signature (``argument_signature`` of the full path, under the record's dimension spec);
 * the tensors pass the record's :class:`~aotcache.aot.hot_path.HotSignature`, built with the record's dimension
