@@ -103,7 +103,9 @@ class AOTFunction:
         self.key_memo: dict[str, Any] = {}  # per-function memo the cache keeps (its key's option identities)
         self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
         self._dims = DynamicDims(options.dynamic, options.float_symbols())  # NOTE [Dynamic dimensions]
-        self.num_state = 0  # leading flat arguments that are a module's parameters and buffers (kept static)
+        self.num_state = 0  # leading flat arguments that are a module's parameters and buffers
+        self.num_params = 0  # ... of which the first are parameters (kept static: NOTE [Buffers that change size])
+        self.buffer_names: tuple[str, ...] = ()  # the buffers' names (the log of automatic dynamic shapes)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
         self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
         self.num_single_use = 0  # graphs used for their call only (NOTE [State changed by a capture]; tests)
@@ -274,7 +276,8 @@ class AOTFunction:
         # NOTE [Dynamic dimensions]: the same call compiled statically decides. If it fails too, the error is the
         # call's own (BatchNorm's "Expected more than 1 value per channel" for a last batch of one, a wrong
         # shape): raised as eager raises it, and automatic dynamic shapes stay on for the next sizes
-        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, False),
+        retry = self._dims.retry_spec(options.dynamic)  # static; dynamic=True: with static buffers
+        runtime = self._runtime_with(flat_args, in_spec, extra, program, self._dims.options_for(self.options, retry),
                                      context)
         if not getattr(runtime, "trace_failed", False):  # NOTE [Captures that fail where eager may run]: the
             self._dims.abandon(options.dynamic, failure, self.name)  # call's own error, if eager raises it too
@@ -429,9 +432,15 @@ class AOTFunction:
         """The options of this call with ``dynamic`` resolved to a spec (NOTE [Dynamic dimensions])."""
         if self.options.dynamic is False:
             return self.options
-        rank_key = ((extra, rank_signature_of(flat_args, in_spec, context)) if self.options.dynamic is None
-                    else None)
-        spec = self._dims.spec(flat_args, rank_key, self.num_state, self.name)
+        num_state, num_params = self.num_state, min(self.num_params, self.num_state)
+        if self.options.dynamic is None:
+            rank_key = (extra, rank_signature_of(flat_args, in_spec, context))
+        elif num_params < num_state:  # dynamic=True: only buffers are automatic (NOTE [Buffers that change size])
+            rank_key = (extra, num_params, tuple((arg.dtype, arg.dim()) if isinstance(arg, torch.Tensor) else None
+                                                 for arg in flat_args[num_params:num_state]))
+        else:
+            rank_key = None
+        spec = self._dims.spec(flat_args, rank_key, num_state, self.name, num_params, self.buffer_names)
         return self._dims.options_for(self.options, spec)
 
     def _lookup(self, key: tuple, flat_args: list) -> CompiledRuntime | None:

@@ -8,16 +8,37 @@ integers] in cache_objects.py). The spec takes the place of the flag in the opti
 (``AOTOptions.dynamic``), in the in-memory signature (masked sizes) and in the call fingerprint:
 
 - False: no spec; every size is part of the signature (one graph per shape).
-- True: every dimension of every tensor argument, except an ``aot_module``'s parameters and buffers, which
-  stay static as in ``torch.compile`` (weights do not change size between calls; symbolic weights made
-  captures many times slower and guard expressions ten times longer).
+- True: every dimension of every tensor argument, except an ``aot_module``'s parameters, which stay static as
+  in ``torch.compile`` (weights do not change size between calls; symbolic weights made captures many times
+  slower and guard expressions ten times longer), and its buffers, which are automatic as under None (NOTE
+  [Buffers that change size]).
 - None, automatic as in ``torch.compile``: static first. A later call with the same structure, dtypes and
   ranks whose sizes differ from the first call's marks the differing dimensions dynamic (for good, logged at
   INFO); the next compile traces them as symbols, and calls that differ only in marked dimensions reuse that
-  graph while its guards hold. The graphs compiled before stay in use for their own shapes.
+  graph while its guards hold. The graphs compiled before stay in use for their own shapes. An
+  ``aot_module``'s buffers take part (NOTE [Buffers that change size]), its parameters do not.
 
 A masked signature leaves out the marked sizes only: every other size, and the strides and storage offsets
 of tensors with marked dimensions, are checked by the graph's guards (produced with ``ignore_static=False``).
+
+NOTE [Buffers that change size]
+A forward may rebind a buffer to a tensor of another size at every call (a growing history, ``self.cache =
+torch.cat([self.cache, x])``, a KV cache kept on the module by custom decoding code: NOTE [Buffers and parameters
+rebound by forward] in module_state.py), or the caller may replace a buffer between calls. Buffers used to stay
+static like parameters, so such a module traced a graph per call until the recompile limit sent it to eager.
+Under automatic dynamic shapes a buffer is compared with its first call's sizes like a caller's tensor, and its
+changed dimensions are marked dynamic: the loop compiles two graphs (the first size, then the symbolic one).
+Parameters stay static (an optimizer holds them; a size change is a replaced layer, one graph per shape). The
+marked buffer is a symbolic input as any other: a branch on its size is a guard of the graph (another size
+that takes the other branch traces again), its sizes are masked in the signature and the call fingerprint, and
+its strides and storage offset are checked by the guards. Under ``dynamic=True`` buffers are automatic too
+(static at first, marked once they change), where torch.compile keeps them static in both modes: torch 2.13's
+Dynamo reads a buffer through the module's ``_buffers`` and ``force_parameter_static_shapes`` (default True)
+makes every tensor read that way static, buffers and parameters alike, so the loop above compiles 8 graphs
+there and then runs eagerly at its recompile limit (with ``force_parameter_static_shapes=False`` it compiles 2,
+parameters made automatic as well). ``dynamic=True`` must not be less dynamic than the default, and marking
+only what changed costs nothing for the usual buffer that keeps its size (a BatchNorm's statistics, RoPE's
+``inv_freq``).
 
 NOTE [Integer arguments]
 A plain ``int`` argument is a constant of the graph, compared by value, until it changes: under automatic
@@ -110,6 +131,15 @@ def _sizes(arg: Any, floats: bool = False) -> tuple | None:
     return None
 
 
+def _label(position: int, dim: int, num_state: int, num_params: int, buffer_names: Sequence[str]) -> str:
+    """How the log names a marked dimension: ``argument:dim`` counted from the caller's first argument, or
+    ``buffer <name>:dim`` for a module's buffer (NOTE [Buffers that change size])."""
+    if position >= num_state:
+        return f"{position - num_state}:{dim}"
+    index = position - num_params
+    return f"buffer {buffer_names[index] if 0 <= index < len(buffer_names) else index}:{dim}"
+
+
 def _float_constant(value: float) -> bool:
     """Whether a marked float argument still stays a constant: NaN, the infinities and the two zeros (NOTE [Float
     arguments])."""
@@ -135,22 +165,32 @@ class DynamicDims:
         self._options: dict[tuple, Any] = {}
         self._specs: dict[tuple, DimSpec] = {}  # automatic: the spec of (marked dimensions, argument count)
         self._abandoned = False  # automatic: a dynamic compile failed once, so every compile is static now
+        # dynamic=True: per spec that marks buffers, the same spec without those marks (NOTE [Buffers that change
+        # size]), for the retry of a failed compile
+        self._without_buffer_marks: dict[DimSpec, DimSpec | bool] = {}
         self._lock = threading.Lock()
 
     def automatic(self, spec: DimSpec | bool) -> bool:
-        """Whether ``spec`` came from automatic dynamic shapes (``dynamic=None``) and marks dimensions."""
-        return self.dynamic is None and isinstance(spec, tuple)
+        """Whether ``spec`` came from automatic dynamic shapes and marks dimensions (``dynamic=None``; with
+        ``dynamic=True``, a spec that marks buffers: NOTE [Buffers that change size])."""
+        return isinstance(spec, tuple) and (self.dynamic is None or spec in self._without_buffer_marks)
+
+    def retry_spec(self, spec: DimSpec | bool) -> DimSpec | bool:
+        """The spec a call compiles with after its automatic dynamic compile under ``spec`` failed: static
+        (``dynamic=None``), or ``dynamic=True``'s own spec without the buffers' marks."""
+        return self._without_buffer_marks.get(spec, False) if self.dynamic is True else False  # type: ignore[arg-type]
 
     def abandon(self, spec: DimSpec | bool, exc: BaseException, name: str) -> bool:
         """After a failed compile under ``spec``: True if it was an automatic dynamic one, now given up (the
-        caller compiles statically instead); False if the error is the caller's to raise."""
-        if self.dynamic is not None or not isinstance(spec, tuple):
+        caller compiles statically instead, or with ``dynamic=True`` with static buffers); False if the error is
+        the caller's to raise."""
+        if not self.automatic(spec):
             return False
         self._abandoned = True
         log_once(logging.WARNING, f"dynamic:abandoned:{name}",
-                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per shape "
+                 "aotcache: %s: compiling with dynamic dimensions failed (%s: %s); compiling a graph per %s "
                  "instead. Pass dynamic=False to skip the attempt.", name, type(exc).__name__,
-                 str(exc).splitlines()[0] if str(exc) else "")
+                 str(exc).splitlines()[0] if str(exc) else "", "buffer shape" if self.dynamic else "shape")
         return True
 
     def drop_float_symbols(self, exc: BaseException, name: str) -> bool:
@@ -179,30 +219,54 @@ class DynamicDims:
                      "up to the recompile limit)", name, exc)
         return dropped
 
-    def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function"
-             ) -> DimSpec | bool:
+    def spec(self, flat_args: Sequence[Any], rank_key: Any, num_state: int = 0, name: str = "function",
+             num_params: int | None = None, buffer_names: Sequence[str] = ()) -> DimSpec | bool:
         """The spec of this call: False (static), or the dims to trace as symbols.
 
-        ``rank_key`` identifies the call up to sizes (its signature with ranks only); ``num_state`` leading
-        arguments (a module's parameters and buffers) stay static.
+        ``rank_key`` identifies the call up to sizes (its signature with ranks only; under ``dynamic=True``, the
+        buffers' ranks); ``num_state`` leading arguments are a module's parameters and buffers, of which the first
+        ``num_params`` (all by default) are parameters, always static; buffers are automatic under ``dynamic=None``
+        and ``dynamic=True`` alike (NOTE [Buffers that change size]); ``buffer_names`` label them in the log.
         """
         if self.dynamic is False:
             return False
+        num_params = num_state if num_params is None else num_params
         if self.dynamic is True:
-            return _all_dims(flat_args, num_state)
+            spec = _all_dims(flat_args, num_state)
+            if num_params == num_state or self._abandoned:
+                return spec
+            buffers = self._automatic(flat_args, rank_key, num_params, num_state, num_state, name, buffer_names)
+            if not buffers:
+                return spec
+            merged = (buffers if not spec else  # type: ignore[arg-type]
+                      tuple(dims or marked for dims, marked in zip(spec, buffers)))
+            if merged not in self._without_buffer_marks:
+                with self._lock:
+                    if len(self._without_buffer_marks) >= 256:
+                        self._without_buffer_marks.clear()
+                    self._without_buffer_marks[merged] = spec  # type: ignore[index]
+            return merged
         if self._abandoned:
             return False
+        return self._automatic(flat_args, rank_key, num_params, len(flat_args), num_state, name, buffer_names)
+
+    def _automatic(self, flat_args: Sequence[Any], rank_key: Any, start: int, stop: int, num_state: int, name: str,
+                   buffer_names: Sequence[str]) -> DimSpec | bool:
+        """Automatic dynamic shapes over the arguments ``start:stop`` (NOTE [Dynamic dimensions]): marks what
+        changed since the first call of ``rank_key``, and returns the spec of the marked dimensions (False while
+        nothing is marked or the call has its first sizes)."""
         # NOTE [Per-call cost of automatic dynamic shapes]
         # This runs at every call that misses the hot paths (a KV-cache decoding step did, until the call hot path
-        # took keyword arguments and cache objects: NOTE [Call hot path]), so it reads the sizes of the arguments after the module's state only (parameters and
-        # buffers stay static: 20 of a tiny Llama's 32 flat arguments), and the spec of a set of marked
-        # dimensions is built once (it was a loop over every argument and every mark, at every call).
+        # took keyword arguments and cache objects: NOTE [Call hot path]), so it reads the sizes of the arguments
+        # after the module's parameters only (they stay static: a tiny Llama's 21, beside its 2 buffers, which are
+        # compared: NOTE [Buffers that change size]), and the spec of a set of marked dimensions is built once (it
+        # was a loop over every argument and every mark, at every call).
         floats = self.float_symbols
-        shapes = tuple(_sizes(arg, floats) for arg in flat_args[num_state:])
+        shapes = tuple(_sizes(arg, floats) for arg in flat_args[start:stop])
         with self._lock:
             first = self._first.setdefault(rank_key, shapes)
             marked = self._marked.get(rank_key, frozenset())
-            changed = {(num_state + position, dim) for position, (now, then) in enumerate(zip(shapes, first))
+            changed = {(start + position, dim) for position, (now, then) in enumerate(zip(shapes, first))
                        if now is not None and then is not None
                        for dim, (size, first_size) in enumerate(zip(now, then)) if size != first_size}
             new = changed - marked
@@ -211,8 +275,9 @@ class DynamicDims:
                 self._marked[rank_key] = marked
         if new:
             logger.info("aotcache: %s: input dimension(s) %s changed size since the first call; compiling them "
-                        "as dynamic (automatic dynamic shapes, dynamic=None)", name,
-                        ", ".join(f"{position - num_state}:{dim}" for position, dim in sorted(new)))
+                        "as dynamic (automatic dynamic shapes, dynamic=%s)", name,
+                        ", ".join(_label(position, dim, num_state, start, buffer_names)
+                                  for position, dim in sorted(new)), self.dynamic)
         if not marked or not changed:  # NOTE [The first shape keeps its graph]
             return False
         found = self._specs.get((marked, len(flat_args)))

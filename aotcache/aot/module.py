@@ -248,7 +248,10 @@ class AOTModule(nn.Module):
         if gate.owner is not None or gate.swaps != swaps:  # another thread's capture swapped the tensors meanwhile
             params, buffers, names, settings = gate.read(self._state.current)
         count = simple_structure(args, kwargs)
-        self.compiled.num_state = len(params) + len(buffers)  # static under dynamic shapes
+        compiled = self.compiled
+        compiled.num_state = len(params) + len(buffers)
+        compiled.num_params = len(params)  # static; buffers are automatic (NOTE [Buffers that change size])
+        compiled.buffer_names = names[1]
         if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
             register_caches_for(args, kwargs)
             passed = find_cache_arguments(args, kwargs)

@@ -51,9 +51,11 @@ __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds
 #   ``ReboundBuffers(output, {path: new value})`` (module.py), so the new values are outputs of the graph, and
 #   ``AOTModule.forward`` binds them into ``_buffers`` after each call and returns the output. As in eager, each call
 #   leaves a new tensor (a reference to the old one keeps its value, an in-place write into it before the rebinding
-#   included), with the new value's autograd history; a new shape or dtype is a new signature at the next call. The
-#   namedtuple is defined at module level, so a cached graph's output structure names it and a warm start rebuilds
-#   it. One graph serves every call (hot path, fingerprint warm starts).
+#   included), with the new value's autograd history; a new dtype is a new signature at the next call, and so is a
+#   new shape until automatic dynamic shapes mark the buffer's changed dimensions (NOTE [Buffers that change size]
+#   in dynamic_dims.py: a buffer grown at every call is two graphs). The namedtuple is defined at module level, so a
+#   cached graph's output structure names it and a warm start rebuilds it. One graph serves every call (hot path,
+#   fingerprint warm starts).
 # * anything else is refused (``unsupported_construct``, naming the tensor), and the fallback runs the module itself
 #   (the Dynamo way of ``aotcache.compile``, ``aot_module``'s partial fallback: both replay the Python with real
 #   tensors), so results and tensors are eager's: a parameter (``nn.Parameter`` made in the trace; an optimizer
