@@ -70,6 +70,26 @@ class CachedCompileServices(CompileServices):
             self._guard_env = ShapeEnv()
         return bool(self._guard_env.evaluate_guards_expression(runtime.metadata.guards, list(graph_args)))
 
+    def pinned_guards(self, runtime: CompiledRuntime, pinned: frozenset[int]) -> Callable[[Sequence[Any]], bool] | None:
+        # NOTE [Guards left to check when inputs are pinned]: the conjuncts that read an input not pinned
+        from aotcache.autograd_cache.guards import GuardExpressionError, compile_guards, residual_guards_expression
+
+        try:
+            residual = residual_guards_expression(runtime.metadata.guards, pinned)
+            compiled = compile_guards(residual) if residual else None
+        except GuardExpressionError:
+            return None  # outside the restricted grammar: guards_hold decides, as on the full path
+
+        def check(graph_args: Sequence[Any]) -> bool:
+            if compiled is None:
+                return True
+            try:
+                return compiled(graph_args)
+            except GuardExpressionError:  # inputs the expression does not fit: the full check decides
+                return self.guards_hold(runtime, graph_args)
+
+        return check
+
     def compile_call(self, function: AOTFunction, flat_fn: Callable, flat_args: list, in_spec: Any,
                      options: AOTOptions) -> CompiledRuntime:
         from aotcache.autograd_cache.cache import resolve_cache

@@ -46,6 +46,7 @@ from aotcache.aot.fallback import (
     eager_past_recompile_limit,
     refused_argument_call,
 )
+from aotcache.aot.call_hot_path import CallSignatures, call_key
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
 from aotcache.aot.generator_args import GeneratorSlots
 from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
@@ -96,6 +97,7 @@ class AOTFunction:
         self._programs: dict[Any, tuple[WatchedProgram, HotSignatures]] = {}
         self._hot_by_digest: dict[str, HotSignatures] = {}
         self._hot = HotSignatures()  # those of the program watched last (tests, diagnostics)
+        self._calls_by_digest: dict[str, CallSignatures] = {}  # NOTE [Call hot path] in call_hot_path.py
         self.num_program_walks = 0  # walks of the program (first call, failed guards; tests, diagnostics)
         self._lock = threading.Lock()
         self.key_memo: dict[str, Any] = {}  # per-function memo the cache keeps (its key's option identities)
@@ -125,6 +127,7 @@ class AOTFunction:
             self._programs = {}
             self._hot_by_digest = {}
             self._hot = HotSignatures()
+            self._calls_by_digest = {}
             self._dims = DynamicDims(self.options.dynamic, self.options.float_symbols())
             self.traces = TraceBudget()
             self._last_change = ""
@@ -164,6 +167,12 @@ class AOTFunction:
             if hot is not None and (hot.runtime.metadata.guards is None or
                                     self._guards_hold(hot.runtime, flat_if_simple)):
                 return hot.runtime(*flat_if_simple)
+        calls = self._calls_by_digest.get(program.digest) if structure is None else None
+        if calls is not None:  # NOTE [Call hot path] in call_hot_path.py: keyword arguments, containers
+            found = calls.find(call_key(extra, args, kwargs), (args, kwargs), self._guards_hold)
+            if found is not None:
+                record, flat = found
+                return record.runtime(*flat)
         flat_args, in_spec = pytree.tree_flatten((args, kwargs))
         slotted = self._generator_slots.substitute(flat_args)  # NOTE [Generator arguments]
         if slotted is not None:
@@ -179,6 +188,8 @@ class AOTFunction:
                 and all(a is b for a, b in zip(flat_args, flat_if_simple)) and HotSignature.eligible(flat_args)
                 and not getattr(runtime, "single_use", False)):  # NOTE [State changed by a capture]
             hot_signatures.remember(structure, flat_args, getattr(runtime, "dynamic_spec", False), runtime)
+        elif calls is not None and not user_arguments_carry_attributes(flat_args, self.num_state):
+            calls.remember(call_key(extra, args, kwargs), in_spec, flat_args, runtime, self.num_state, self.services)
         run_call = getattr(runtime, "run_call", None)  # a fallback: the caller's own containers (NOTE [Argument
         if run_call is not None:  # containers changed in place] in refusals.py)
             return run_call(args, kwargs)
@@ -222,6 +233,9 @@ class AOTFunction:
             if len(self._hot_by_digest) >= 64:
                 self._hot_by_digest.clear()
             hot_signatures = self._hot_by_digest.setdefault(program.digest, HotSignatures())
+            if len(self._calls_by_digest) >= 64:
+                self._calls_by_digest.clear()
+            self._calls_by_digest.setdefault(program.digest, CallSignatures())
             if len(self._programs) >= 64:
                 self._programs.clear()
             watched = self._programs[extra] = (program, hot_signatures)

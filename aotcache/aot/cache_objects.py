@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["CacheInt", "register_transformers_caches", "is_cache_object", "find_cache_arguments", "write_back_caches"]
+__all__ = ["CacheInt", "register_transformers_caches", "register_caches_for", "is_cache_object", "find_cache_arguments",
+           "write_back_caches", "structure_step", "flattened_here"]
 
 _CACHE_MODULE = "transformers.cache_utils"
 _registered: set[type] = set()
@@ -172,6 +173,90 @@ def _unflatten(values: Any, context: tuple) -> Any:
     return obj
 
 
+# NOTE [Checking a cache object against a recorded structure]
+# The call hot path (NOTE [Call hot path] in call_hot_path.py) must know that a cache argument has the structure
+# recorded (its context) and must collect its leaves. Flattening it builds the whole context (a tuple per node,
+# a CacheInt per integer) to compare it with ``==``: ~10 us per decoding step for two layers. A step built from the
+# recorded context walks the object along it instead and stops at the first difference. It accepts exactly the
+# objects whose context equals the recorded one (a plain value compared with its type too: stricter than the
+# context's ``==``, which finds ``True`` equal to ``1.0``), and collects the leaves :func:`_flatten` gives.
+def structure_step(context: tuple) -> Callable[[Any, list], bool]:
+    """``step(value, out) -> bool``: whether ``value`` flattens to ``context``; appends its leaves to ``out``."""
+    kind = context[0]
+    if kind == "leaf":
+        return _leaf_step
+    if kind == "value":
+        expected, expected_type = context[1], type(context[1])
+        return lambda value, out: type(value) is expected_type and value == expected
+    if kind == "dtype":
+        dtype = getattr(torch, context[1])
+        return lambda value, out: value is dtype
+    if kind == "device":
+        device = context[1]
+        return lambda value, out: type(value) is torch.device and str(value) == device
+    if kind == "class":
+        cls = context[1]
+        return lambda value, out: value is cls
+    if kind in ("list", "tuple"):
+        sequence_type, items = (list if kind == "list" else tuple), [structure_step(item) for item in context[1]]
+        count = len(items)
+
+        def sequence(value: Any, out: list) -> bool:
+            if type(value) is not sequence_type or len(value) != count:
+                return False
+            for step, item in zip(items, value):
+                if not step(item, out):
+                    return False
+            return True
+        return sequence
+    if kind == "dict":
+        keys = [key for key, _ in context[1]]
+        key_types = list(map(type, keys))
+        entries = [structure_step(item) for _, item in context[1]]
+
+        def mapping(value: Any, out: list) -> bool:
+            if type(value) is not dict or list(value) != keys or list(map(type, value)) != key_types:
+                return False
+            for step, item in zip(entries, value.values()):
+                if not step(item, out):
+                    return False
+            return True
+        return mapping
+    if kind == "object":
+        cls, names = context[1], [name for name, _ in context[2]]
+        fields = [structure_step(item) for _, item in context[2]]
+
+        def obj(value: Any, out: list) -> bool:
+            if type(value) is not cls:
+                return False
+            attributes = getattr(value, "__dict__", None)
+            if attributes is None or list(attributes) != names:
+                return False
+            for step, item in zip(fields, attributes.values()):
+                if not step(item, out):
+                    return False
+            return True
+        return obj
+    raise ValueError(f"aotcache: malformed cache context node {context!r}")
+
+
+def _leaf_step(value: Any, out: list) -> bool:
+    """A leaf of :func:`_encode`: a tensor or symbol as is, an int as a :class:`CacheInt`."""
+    if type(value) is int or type(value) is CacheInt:
+        out.append(CacheInt(value))
+        return True
+    if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        out.append(value)
+        return True
+    return False
+
+
+def flattened_here(cls: type) -> bool:
+    """Whether ``cls``'s pytree node is this module's (so :func:`structure_step` checks its contexts)."""
+    node = pytree.SUPPORTED_NODES.get(cls)
+    return node is not None and node.flatten_fn is _flatten
+
+
 def _to_dumpable(node: Any) -> Any:
     """The JSON form of a context node: tuples as lists, classes as ``module:qualname``."""
     if isinstance(node, type):
@@ -216,6 +301,14 @@ def register_transformers_caches() -> list[type]:
             _registered.add(cls)
             done.append(cls)
     return done
+
+
+def register_caches_for(args: tuple, kwargs: Mapping) -> None:
+    """:func:`register_transformers_caches` where it may register something: none registered yet, or an argument of
+    a transformers cache class not registered (its walk of the cache classes took ~3 us of every decoding step)."""
+    if not _registered or any(type(value) not in _registered and _object_class(type(value))
+                              for value in (*args, *kwargs.values())):
+        register_transformers_caches()
 
 
 def is_cache_object(value: Any) -> bool:

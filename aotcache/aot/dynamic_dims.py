@@ -256,11 +256,11 @@ class DynamicDims:
         changed since the first call of ``rank_key``, and returns the spec of the marked dimensions (False while
         nothing is marked or the call has its first sizes)."""
         # NOTE [Per-call cost of automatic dynamic shapes]
-        # This runs at every call that misses the hot path (every KV-cache decoding step: keyword arguments and a
-        # cache object), so it reads the sizes of the arguments after the module's parameters only (they stay
-        # static: a tiny Llama's 21, beside its 2 buffers, which are compared: NOTE [Buffers that change size]),
-        # and the spec of a set of marked dimensions is built once (it was a loop over every argument and every
-        # mark, at every call).
+        # This runs at every call that misses the hot paths (a KV-cache decoding step did, until the call hot path
+        # took keyword arguments and cache objects: NOTE [Call hot path]), so it reads the sizes of the arguments
+        # after the module's parameters only (they stay static: a tiny Llama's 21, beside its 2 buffers, which are
+        # compared: NOTE [Buffers that change size]), and the spec of a set of marked dimensions is built once (it
+        # was a loop over every argument and every mark, at every call).
         floats = self.float_symbols
         shapes = tuple(_sizes(arg, floats) for arg in flat_args[start:stop])
         with self._lock:

@@ -6,7 +6,8 @@ Every call of an ``aot_function`` must find the compiled runtime of its signatur
 it costs ~100 us for a module with 20 tensors, about a tenth of a small training step. The hot path keeps,
 per argument structure, the signatures already seen as :class:`HotSignature` records and compares the
 arguments with them field by field: the same fields as the signature, so a match selects exactly the runtime
-the slow path would select. Anything unusual (kwargs, containers, non-tensor arguments) takes the slow path.
+the slow path would select. Anything unusual (kwargs, containers, non-tensor arguments) takes the slow path, or
+the call hot path of those calls (NOTE [Call hot path] in ``call_hot_path.py``).
 
 :class:`ModuleState` serves ``aot_module``: the module's parameters and buffers by name, re-read only when
 the module tree changed. ``named_parameters()`` walks every submodule (~30 us); checking that each
@@ -29,7 +30,7 @@ from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets", "storage_object",
-           "setting_by_value"]
+           "setting_by_value", "taker", "dict_version_tag"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 
@@ -113,7 +114,7 @@ class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
-                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets")
+                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets", "_mixed")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -129,12 +130,24 @@ class HotSignature:
         self._static = list(map(_STATIC_FIELDS, flat_args)) if static else None
         self._strides = list(map(_STRIDE, flat_args)) if static else None
         self._distinct = self.sharing == tuple(range(len(flat_args)))
+        # NOTE [Mixed signatures]: with some dimensions dynamic, the static arguments in bulk, the others one by one
+        self._mixed: _MixedSignature | None = None
+        if not static and isinstance(dynamic, tuple) and len(dynamic) == len(flat_args):
+            self._mixed = _MixedSignature(flat_args, dynamic, self.fields)
         # NOTE [Storage offsets are not part of the signature] (signature.py): another offset selects the same
         # runtime, unless its graph depends on offsets (absolute offsets compared) or arguments share memory
         # (offsets relative to the group's lowest compared: NOTE [Offsets of arguments that share memory])
         self._absolute_offsets = getattr(runtime, "input_offsets", ()) is not None
         self._exact_offsets = not self._distinct or self._absolute_offsets
         self._offsets = self._offsets_of(flat_args) if static else None
+
+    def pin_offsets(self) -> bool:
+        """Make :meth:`matches` compare the storage offsets of the arguments without dynamic dimensions too, where
+        this signature checks those apart (NOTE [Mixed signatures]); False where it does not (the caller checks)."""
+        if self._mixed is None:
+            return False
+        self._mixed.pin_offsets = True
+        return True
 
     def _offsets_of(self, flat_args: Sequence[torch.Tensor]) -> list[int]:
         if self._absolute_offsets:
@@ -170,6 +183,14 @@ class HotSignature:
                 return False
             distinct = _all_distinct(flat_args) if self._distinct else None
             return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
+        mixed = self._mixed
+        if mixed is not None:  # NOTE [Mixed signatures]
+            if not mixed.matches(flat_args, self._exact_offsets):
+                return False
+            if autocast_state() != self.autocast or numerics_signature() != self.numerics:
+                return False
+            distinct = _all_distinct(flat_args) if self._distinct else None
+            return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
         for arg, (dtype, device, requires_grad, leaf, shape, stride, offset) in zip(flat_args, self.fields):
             if arg.dtype is not dtype or arg.requires_grad is not requires_grad or arg.device != device:
                 return False
@@ -188,6 +209,64 @@ class HotSignature:
                 return False
         return (autocast_state() == self.autocast and numerics_signature() == self.numerics
                 and storage_sharing(flat_args) == self.sharing)
+
+
+# NOTE [Mixed signatures]
+# A KV-cache decoding step under automatic dynamic shapes has a few arguments with a dynamic dimension (the cache's
+# keys and values) among many static ones (the module's parameters and buffers, the step's ids). Its signature was
+# checked by the loop of :meth:`HotSignature.matches`, a Python frame of comparisons per tensor; the static ones
+# are now checked in bulk as NOTE [Static signatures in bulk] does (their dtype, device, requires_grad, leafness,
+# sizes, strides, and storage offsets where the signature compares them), and only the dynamic ones one by one
+# (dtype, device, requires_grad, leafness, the sizes outside their dynamic dimensions): the same fields as the loop.
+class _MixedSignature:
+    """The static and the dynamic arguments of a signature with some dynamic dimensions, checked apart."""
+
+    __slots__ = ("_take_static", "_static", "_strides", "_offsets", "_take_dynamic", "_dynamic", "pin_offsets")
+
+    def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: tuple, fields: list[tuple]) -> None:
+        static = [index for index, dims in enumerate(dynamic) if not dims]
+        moving = [index for index, dims in enumerate(dynamic) if dims]
+        self._take_static = taker(static)
+        self._take_dynamic = taker(moving)
+        static_args = self._take_static(flat_args)
+        self._static = list(map(_STATIC_FIELDS, static_args))
+        self._strides = list(map(_STRIDE, static_args))
+        self._offsets = list(map(_OFFSET, static_args))
+        self.pin_offsets = False  # compare the static arguments' storage offsets at every call (see pin_offsets)
+        # per dynamic argument: dtype, device, requires_grad, leafness, rank, and the (dim, size) pairs kept
+        self._dynamic = [(dtype, device, requires_grad, leaf, len(shape),
+                          tuple((dim, size) for dim, size in enumerate(shape) if size is not None))
+                         for dtype, device, requires_grad, leaf, shape, _, _ in map(fields.__getitem__, moving)]
+
+    def matches(self, flat_args: Sequence[torch.Tensor], exact_offsets: bool) -> bool:
+        static_args = self._take_static(flat_args)
+        if list(map(_STATIC_FIELDS, static_args)) != self._static or list(map(_STRIDE, static_args)) != self._strides:
+            return False
+        if (exact_offsets or self.pin_offsets) and list(map(_OFFSET, static_args)) != self._offsets:
+            return False
+        for arg, (dtype, device, requires_grad, leaf, rank, sizes) in zip(self._take_dynamic(flat_args),
+                                                                         self._dynamic):
+            if arg.dtype is not dtype or arg.requires_grad is not requires_grad or arg.device != device:
+                return False
+            if requires_grad and arg.is_leaf is not leaf:
+                return False
+            shape = arg.shape
+            if len(shape) != rank:
+                return False
+            for dim, size in sizes:
+                if shape[dim] != size:
+                    return False
+        return True
+
+
+def taker(positions: list[int]) -> Any:
+    """``flat -> [flat[i] for i in positions]`` in C (``itemgetter``; a tuple, or a list for 0 or 1 positions)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if positions:
+        only = positions[0]
+        return lambda flat: [flat[only]]
+    return lambda flat: []
 
 
 class HotSignatures:
@@ -487,6 +566,9 @@ def _probe_dict_version() -> Any:
 
 
 _dict_version = _probe_dict_version()
+#: ``dict_version`` where it changes on every kind of write (NOTE [Dict versions]), else None; the program guards
+#: use it too (NOTE [Program guards of unwritten dicts] in autograd_cache/program_guards.py)
+dict_version_tag = _dict_version
 
 
 class _DictVersions:

@@ -42,7 +42,12 @@ import torch
 from torch import nn
 
 from aotcache.aot.api import AOTFunction
-from aotcache.aot.cache_objects import find_cache_arguments, register_transformers_caches, write_back_caches
+from aotcache.aot.cache_objects import (
+    find_cache_arguments,
+    register_caches_for,
+    register_transformers_caches,
+    write_back_caches,
+)
 from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
@@ -248,7 +253,7 @@ class AOTModule(nn.Module):
         compiled.num_params = len(params)  # static; buffers are automatic (NOTE [Buffers that change size])
         compiled.buffer_names = names[1]
         if count is None:  # NOTE [Cache objects as pytree nodes]: a cache argument is a pytree node
-            register_transformers_caches()
+            register_caches_for(args, kwargs)
             passed = find_cache_arguments(args, kwargs)
             result = self.compiled.call_structured(None, (), (params, buffers, *args), kwargs, extra=settings)
             if type(result) is ReboundBuffers:  # NOTE [Buffers and parameters rebound by forward]

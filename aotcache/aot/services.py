@@ -48,6 +48,12 @@ class CompileServices:
         """Whether the symbolic-shape guards of ``runtime`` (a dynamic graph) admit ``graph_args``."""
         raise NotImplementedError
 
+    def pinned_guards(self, runtime: Any, pinned: frozenset[int]) -> Callable[[Sequence[Any]], bool] | None:
+        """A check that answers as :meth:`guards_hold` does for graph arguments whose inputs at the positions
+        ``pinned`` read as at a call the guards admitted (the call hot path: NOTE [Call hot path]); None where
+        there is none cheaper (the caller then uses :meth:`guards_hold`)."""
+        return None
+
     def compile_call(self, function: Any, flat_fn: Callable, flat_args: list, in_spec: Any, options: Any) -> Any:
         """The runtime of one new call signature of ``function`` (an ``AOTFunction``): loaded from its cache,
         or captured, partitioned and compiled (and stored).

@@ -33,8 +33,8 @@ from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
 from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
 
-__all__ = ["signature_of", "rank_signature_of", "call_context", "memory_sharing", "float_bits", "input_offsets",
-           "offsets_hold"]
+__all__ = ["signature_of", "rank_signature_of", "argument_signature", "call_context", "memory_sharing", "float_bits",
+           "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
@@ -103,6 +103,16 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     return ("constant", type(arg), arg)
+
+
+def argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
+    """The signature part of one flat argument (NOTE [Signature]) under its dimension spec ``dynamic``, as
+    :func:`signature_of` builds it for arguments that share no memory (the call hot path compares its constants by
+    it: NOTE [Call hot path] in call_hot_path.py).
+
+    :raises TypeError: an argument that cannot be part of a signature (NOTE [Constant arguments]).
+    """
+    return _argument_signature(arg, dynamic)
 
 
 def python_attributes(tensor: torch.Tensor) -> dict:

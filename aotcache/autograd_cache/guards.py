@@ -25,6 +25,7 @@ code object: a few microseconds for a BERT-sized expression instead of a tree wa
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 import threading
@@ -48,6 +49,7 @@ __all__ = [
     "evaluate_guards",
     "compile_guards",
     "CompiledGuards",
+    "residual_guards_expression",
 ]
 
 
@@ -720,3 +722,31 @@ def evaluate_guards(expression: str | None, real_inputs: Sequence[Any]) -> bool:
     if expression is None or not expression.strip():
         return True
     return compile_guards(expression)(real_inputs)
+
+
+# NOTE [Guards left to check when inputs are pinned]
+# A dynamic graph's guards (produced with ``ignore_static=False``) state every size, stride and storage offset of
+# its static inputs too: for a tiny Llama's decoding step, ~150 comparisons over 29 inputs, of which only the 4
+# cache tensors have a dynamic dimension (~30 us per call). The call hot path (NOTE [Call hot path] in
+# aot/call_hot_path.py) compares the static inputs' sizes, strides and offsets with a recorded call's anyway,
+# and that call passed the guards. When every read of some inputs gives what it gave at a call where the guards
+# held, a conjunct of the top-level ``and`` that reads only those inputs held then and holds now (guards are
+# pure functions of what they read), so only the conjuncts that read another input are left to evaluate.
+# :func:`residual_guards_expression` gives them, as an expression of the same grammar and input names.
+@functools.lru_cache(maxsize=64)  # parsing a guard of ~150 comparisons takes ~30 ms: once per graph and pinning
+def residual_guards_expression(expression: str, pinned: frozenset[int]) -> str:
+    """The conjuncts of ``expression`` that read an input not in ``pinned`` (graph input positions), joined with
+    ``and``; ``""`` when none does. Only sound where the pinned inputs read as at a call the whole expression
+    admitted (NOTE [Guards left to check when inputs are pinned]).
+
+    :raises GuardExpressionError: the expression is outside the grammar.
+    """
+    tree = _parse(expression)  # NOTE [Guards are evaluated, never eval'ed]: the whitelist check first
+    body = tree.body
+    conjuncts = body.values if isinstance(body, ast.BoolOp) and isinstance(body.op, ast.And) else [body]
+    kept = [conjunct for conjunct in conjuncts
+            if any(_input_position(node) not in pinned for node in ast.walk(conjunct)
+                   if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "L")]
+    if not kept:
+        return ""
+    return ast.unparse(kept[0] if len(kept) == 1 else ast.BoolOp(op=ast.And(), values=kept))

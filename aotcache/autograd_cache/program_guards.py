@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
 from aotcache.autograd_cache.reachable import Reachable
@@ -234,8 +235,79 @@ class ProgramGuards:
         entry = self.owners.get(id(namespace))
         return entry[1] if entry is not None and entry[0] is namespace else None
 
+    def __post_init__(self) -> None:
+        # NOTE [Program guards of unwritten dicts]
+        # Most recorded reads are entries of plain dicts (module globals, objects' ``__dict__``), their lengths and
+        # contents: ~300 comparisons for a tiny Llama, a tenth of what aotcache added to a decoding step. A dict
+        # whose version tag (NOTE [Dict versions] in aot/hot_path.py) is unchanged was not written, so each of
+        # its entries, its length and its keys are what they were. Once the whole check has passed, the tags read
+        # just before it are kept; while they are unchanged only the reads outside those dicts are compared.
+        # Any write falls back to the whole check, which decides as before.
+        self._tagged: list = []
+        self._tags: list | None = None
+        self._rest: tuple | None = None
+        if dict_version_tag is None:
+            return
+        tagged: dict[int, dict] = {}
+        for container in (*self.holders, *self.sized, *self.mappings):
+            if type(container) is dict:
+                tagged.setdefault(id(container), container)
+        if not tagged:
+            return
+        self._tagged = list(tagged.values())
+        slots = [(h, k, v) for h, k, v in zip(self.holders, self.keys, self.values) if id(h) not in tagged]
+        sized = [(c, n) for c, n in zip(self.sized, self.lengths) if id(c) not in tagged]
+        iterables = [c for c in self.iterables if id(c) not in tagged]
+        mappings = [c for c in self.mappings if id(c) not in tagged]
+        self._rest = ([h for h, _, _ in slots], [k for _, k, _ in slots], [v for _, _, v in slots],
+                      [c for c, _ in sized], [n for _, n in sized], iterables, list(_chain(iterables)), mappings,
+                      list(_chain(map(_values, mappings))))
+
     def holds(self) -> bool:
         """Whether every recorded read gives the recorded object again (identity; env values by equality)."""
+        tagged = self._tagged
+        if tagged:  # NOTE [Program guards of unwritten dicts]
+            tags = list(map(dict_version_tag, tagged))
+            if tags == self._tags:
+                return self._rest_holds()
+            holds = self._holds()
+            if holds:
+                self._tags = tags
+            return holds
+        return self._holds()
+
+    def _rest_holds(self) -> bool:
+        """:meth:`_holds` for the reads outside the dicts whose version tags are unchanged."""
+        holders, keys, values, sized, lengths, iterables, members, mappings, mapping_values = self._rest
+        try:
+            if values and not all(map(_is, map(operator.getitem, holders, keys), values)):
+                return False
+            if self.member_keys:  # NOTE [Rebound list attributes]
+                current = list(map(operator.getitem, self.member_holders, self.member_keys))
+                if list(map(len, current)) != self.member_lengths or not all(map(_is, _chain(current),
+                                                                                  self.slot_members)):
+                    return False
+            if self.attribute_values and not all(map(_is, map(getattr, self.objects, self.names),
+                                                     self.attribute_values)):
+                return False
+            if list(map(len, sized)) != lengths:
+                return False
+            if members and not all(map(_is, _chain(iterables), members)):
+                return False
+            if mapping_values and not all(map(_is, _chain(map(_values, mappings)), mapping_values)):
+                return False
+            if self.tensors and (list(map(_version_of, self.tensors)) != self.versions
+                                 or list(map(_pointer_of, self.tensors)) != self.pointers
+                                 or list(map(_shape_of, self.tensors)) != self.shapes):
+                return False
+            if self.unloaded_modules and not all(name not in sys.modules for name in self.unloaded_modules):
+                return False
+            return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
+        except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
+            return False
+
+    def _holds(self) -> bool:
+        """Every recorded read compared (see :meth:`holds`)."""
         try:
             if self.values and not all(map(_is, map(operator.getitem, self.holders, self.keys), self.values)):
                 return False

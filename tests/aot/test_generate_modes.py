@@ -11,6 +11,7 @@ from torch import nn
 
 import aotcache
 import aotcache.aot.signature as signature
+from aotcache.aot.api import AOTFunction
 from aotcache.autograd_cache.cache import AOTAutogradCache
 from aotcache.store.memory import InMemoryCache
 from aotcache.store.tiered import TieredCache
@@ -60,18 +61,26 @@ def test_a_decoding_step_builds_one_memory_sharing_map(monkeypatch):
     model = aotcache.compile(tiny_llama(), compiler="nop", cache=False)
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(0))
     model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # every graph exists
-    calls = []
-    original = signature.memory_sharing
+    calls, full_path = [], []
+    original, runtime_for = signature.memory_sharing, AOTFunction._runtime_for
 
     def counting(flat_args):
         calls.append(len(flat_args))
         return original(flat_args)
 
+    def counting_runtime_for(self, *args, **kwargs):
+        full_path.append(1)
+        return runtime_for(self, *args, **kwargs)
+
     monkeypatch.setattr(signature, "memory_sharing", counting)
+    monkeypatch.setattr(AOTFunction, "_runtime_for", counting_runtime_for)
     eager = tiny_llama()
-    want = eager.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
-    assert len(calls) == 6, calls  # one per forward call (prefill + 5 steps)
+    longer = torch.randint(3, 64, (1, 7), generator=torch.Generator().manual_seed(1))  # a new prefill signature
+    want = eager.generate(input_ids=longer, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(input_ids=longer, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
+    assert full_path and len(calls) == len(full_path), calls  # one per call that builds the signature
+    # NOTE [Call hot path]: the decoding steps (keyword arguments, a DynamicCache) reuse the recorded calls
+    assert len(full_path) <= 2, full_path
 
 
 class MaskPerLayerType(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import types
 
 import pytest
 import torch
@@ -538,3 +539,60 @@ def test_wrapper_of_a_module_whose_attribute_changes_every_call_gives_eagers_res
             model.weight.mul_(0.5)
         torch.testing.assert_close(wrapped(x), model(x))
     assert len(wrapped._state._kept_alive) <= 3
+
+
+def test_mixed_signature_checks_static_and_dynamic_arguments_apart():
+    # NOTE [Mixed signatures]: the static arguments in bulk (exact sizes and strides), the dynamic ones outside
+    # their dynamic dimensions only
+    weight, cache = torch.randn(4, 8), torch.randn(1, 2, 5, 8)
+    graph = types.SimpleNamespace(input_offsets=None)  # a graph whose result does not depend on offsets
+    hot = HotSignature([weight, cache], dynamic=((), (2,)), runtime=graph)
+    assert hot._mixed is not None
+    assert hot.matches([torch.randn(4, 8), torch.randn(1, 2, 9, 8)])  # the dynamic dimension grew
+    assert not hot.matches([torch.randn(4, 9), torch.randn(1, 2, 9, 8)])  # a static size
+    assert not hot.matches([torch.randn(8, 4).t(), torch.randn(1, 2, 9, 8)])  # a static stride
+    assert not hot.matches([torch.randn(4, 8), torch.randn(1, 3, 9, 8)])  # a size outside the dynamic dimension
+    assert not hot.matches([torch.randn(4, 8), torch.randn(2, 9, 8)])  # a rank
+    assert not hot.matches([torch.randn(4, 8).double(), torch.randn(1, 2, 9, 8)])
+    assert not hot.matches([torch.randn(4, 8), torch.randn(1, 2, 9, 8).double()])
+    assert not hot.matches([torch.randn(4, 8), torch.randn(1, 2, 9, 8, requires_grad=True)])
+    shared = torch.randn(4, 8)
+    assert not hot.matches([shared, shared.view(1, 2, 2, 8)])  # memory sharing
+    offset = torch.randn(40)[8:].view(4, 8)
+    assert hot.matches([offset, torch.randn(1, 2, 9, 8)])  # an offset: not part of the signature ...
+    assert hot.pin_offsets()
+    assert not hot.matches([offset, torch.randn(1, 2, 9, 8)])  # ... unless pinned for a call record's guards
+
+
+GAIN = 2.0
+TABLE = {"shift": 1.0}
+
+
+class ReadsGlobals(nn.Module):
+    def forward(self, x):
+        return x * GAIN + TABLE["shift"]
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="dict version tags are probed; checked on 3.10-3.11")
+def test_program_guards_see_writes_after_keeping_the_dict_tags():
+    # NOTE [Program guards of unwritten dicts]: a global rebound, a dict entry set in place, after the tags were kept
+    global GAIN
+    compiled = aot_module(ReadsGlobals(), graph_compiler, cache=False)
+    x = torch.randn(3)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), x * GAIN + TABLE["shift"])
+    (program, _), = compiled.compiled._programs.values()
+    assert program.guards._tags is not None and program.guards._tagged
+    try:
+        GAIN = 3.0
+        torch.testing.assert_close(compiled(x), x * 3.0 + TABLE["shift"])
+        torch.testing.assert_close(compiled(x), x * 3.0 + TABLE["shift"])
+        TABLE["shift"] = 5.0
+        torch.testing.assert_close(compiled(x), x * 3.0 + 5.0)
+        TABLE["extra"] = 0.0  # a new entry: the dict's length and keys
+        torch.testing.assert_close(compiled(x), x * 3.0 + 5.0)
+    finally:
+        GAIN, TABLE["shift"] = 2.0, 1.0
+        TABLE.pop("extra", None)
+    torch.testing.assert_close(compiled(x), x * 2.0 + 1.0)
+    assert compiled.compiled.num_program_walks >= 4

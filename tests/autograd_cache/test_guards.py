@@ -225,3 +225,21 @@ def test_hinted_inputs_check_guards_without_adding_any_and_symbolic_inputs_add_t
     added = [str(guard.expr) for guard in shape_env.guards[before:]]
     assert any("Eq(" in guard and ", 4)" in guard for guard in added), added
     assert not evaluate_guards(expression, hinted_inputs([*_fake_inputs(torch.randn(7, 12)[1:, ::3])[0], 6, 3]))
+
+
+def test_residual_guards_keep_the_conjuncts_that_read_an_input_not_pinned():
+    # NOTE [Guards left to check when inputs are pinned]
+    from aotcache.autograd_cache.guards import residual_guards_expression
+
+    expression = ("L['t0'].size()[0] == 4 and L['t0'].stride()[0] == 8 and L['t1'].size()[2] == L['t0'].size()[0] "
+                  "and L['t1'].storage_offset() == 0 and 2 <= L['t1'].size()[2]")
+    residual = residual_guards_expression(expression, frozenset({0}))
+    assert "L['t0'].stride()" not in residual and "L['t0'].size()[0] == 4" not in residual
+    assert residual.count("L['t1']") == 3  # the mixed conjunct kept whole
+    x, cache = torch.randn(4, 8), torch.randn(1, 2, 4, 8)
+    assert evaluate_guards(residual, [x, cache]) and evaluate_guards(expression, [x, cache])
+    assert not evaluate_guards(residual, [x, torch.randn(1, 2, 5, 8)])  # t1's size no longer t0's
+    assert residual_guards_expression(expression, frozenset({0, 1})) == ""
+    assert residual_guards_expression(expression, frozenset()) .count(" and ") == 4
+    with pytest.raises(GuardExpressionError):
+        residual_guards_expression("__import__('os')", frozenset())
