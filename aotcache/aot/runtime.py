@@ -16,7 +16,6 @@ Per call:
 from __future__ import annotations
 
 import contextlib
-import functools
 import operator
 import sys
 from collections.abc import Callable, Sequence
@@ -113,6 +112,7 @@ class CompiledRuntime:
             raise ValueError("a training CompiledRuntime needs a compiled backward")
         self.metadata = metadata
         self.forward = forward
+        skip_backward_in_dynamo()  # NOTE [The compiled backward runs outside Dynamo]
         self.backward = backward
         self.out_structure = OutputStructure(metadata.out_spec)  # ValueError: unresolvable type (a cache miss)
         self._positions = list(metadata.graph_input_positions)
@@ -425,11 +425,17 @@ def _generators_at(states: Sequence[tuple]) -> Any:
             generator.set_state(state)
 
 
-@functools.lru_cache(maxsize=1)
+_BACKWARD_WITHOUT_DYNAMO: list[Callable] = []
+
+
 def _backward_without_dynamo() -> Callable:
     """``_backward`` wrapped so that Dynamo neither traces it nor anything it calls (NOTE [The compiled backward
-    runs outside Dynamo]); made once, when torch._dynamo is first seen loaded."""
-    return sys.modules["torch._dynamo"].disable(_backward, recursive=True)
+    runs outside Dynamo]); made once, when torch._dynamo is first seen loaded. Kept in a module list, not behind
+    ``functools.lru_cache``: Dynamo traces the ``backward`` frame that calls this, and warned (a UserWarning in
+    every training script that calls ``loss.backward()`` inside a compiled step) at each lru_cache-wrapped call."""
+    if not _BACKWARD_WITHOUT_DYNAMO:
+        _BACKWARD_WITHOUT_DYNAMO.append(sys.modules["torch._dynamo"].disable(_backward, recursive=True))
+    return _BACKWARD_WITHOUT_DYNAMO[0]
 
 
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
@@ -532,9 +538,26 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         # wherever torch._dynamo is loaded (it cannot be on otherwise). Compiled autograd, which traces a custom
         # Function's backward, breaks its graph here (it already did at ``DisableAutocast``; docs/aot.md). The
         # wrapper costs about 0.3 us of CPU per backward call here.
+        # Once Dynamo is loaded the class's ``backward`` becomes the Dynamo-disabled one itself (``skip_backward_in_
+        # dynamo``): with only the call below disabled, Dynamo still traced this frame, graph-broke at the call, and
+        # compiled its resume function with guards on ``ctx.saved_tensors`` (a recompile per new saved layout,
+        # every training graph's backward sharing one recompile limit).
         if "torch._dynamo" in sys.modules:
+            skip_backward_in_dynamo()
             return _backward_without_dynamo()(ctx, *grad_outputs)
         return _backward(ctx, *grad_outputs)
+
+
+def skip_backward_in_dynamo() -> None:
+    """Make :class:`_CompiledAutogradFunction`'s ``backward`` the Dynamo-disabled ``_backward``, so Dynamo never sees
+    a frame of it (NOTE [The compiled backward runs outside Dynamo]); a no-op until torch._dynamo is loaded, and
+    after the first time. Called where a compiled runtime is made and at a backward."""
+    if "torch._dynamo" in sys.modules and not _BACKWARD_WITHOUT_DYNAMO_INSTALLED:
+        _BACKWARD_WITHOUT_DYNAMO_INSTALLED.append(True)
+        _CompiledAutogradFunction.backward = staticmethod(_backward_without_dynamo())  # type: ignore[method-assign]
+
+
+_BACKWARD_WITHOUT_DYNAMO_INSTALLED: list[bool] = []
 
 
 def _backward(ctx: Any, *grad_outputs: Any) -> tuple:

@@ -495,3 +495,37 @@ def test_backward_called_inside_the_compiled_step_is_not_compiled_again():
     backward_ops = [str(gm.graph) for gm in graphs if "threshold_backward" in str(gm.graph)]
     assert backward_ops == [], "the compiled backward was traced by Dynamo and compiled again"
     assert len(graphs) == 2  # the forward, and the step's tail after its graph break (as with aot_eager)
+
+
+def test_dynamo_never_traces_a_frame_of_the_compiled_backward():
+    """Was: ``loss.backward()`` inside the compiled step ran the runtime's ``backward`` frame under Dynamo, which
+    traced it up to the Dynamo-disabled call, warned about an lru_cache-wrapped function, and compiled a resume
+    function guarded on ``ctx.saved_tensors``: a recompile for each new saved layout, the training graphs of every
+    model sharing one recompile limit. NOTE [The compiled backward runs outside Dynamo] in aot/runtime.py."""
+    import warnings
+
+    from torch._dynamo.convert_frame import input_codes, output_codes
+
+    from aotcache.aot import runtime
+
+    torch._dynamo.reset()
+
+    def step(net, x):
+        loss = net(x).sum()
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend=functools.partial(aotcache_backend, compiler="nop"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for width in (8, 9, 10):  # a new saved layout each
+            net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+            eager = copy.deepcopy(net)
+            x = torch.randn(4, 8)
+            torch.testing.assert_close(compiled(net, x), step(eager, x))
+            for got, want in zip(net.parameters(), eager.parameters()):
+                torch.testing.assert_close(got.grad, want.grad)
+    traced_in_runtime = [code().co_name for code in (*input_codes.seen, *output_codes.seen)
+                         if code() is not None and code().co_filename == runtime.__file__]
+    assert traced_in_runtime == [], "Dynamo traced frames of the compiled backward"
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
