@@ -314,7 +314,7 @@ class CompiledMethod:
     def __init__(self, method: Any, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
         self.method = method
         self._wrapper_arguments = (options, cache, fullgraph, backend)
-        self._compiled_module: CompiledModule | None = CompiledModule(_MethodModule(method), *self._wrapper_arguments)
+        self._compiled_module: CompiledModule | None = self._build()
         functools.update_wrapper(self, method)  # type: ignore[arg-type]
 
     @property
@@ -325,8 +325,14 @@ class CompiledMethod:
         if compiled_module is None:
             with _COPY_BUILD_LOCK:
                 if self._compiled_module is None:
-                    self._compiled_module = CompiledModule(_MethodModule(self.method), *self._wrapper_arguments)
+                    self._compiled_module = self._build()
                 compiled_module = self._compiled_module
+        return compiled_module
+
+    def _build(self) -> CompiledModule:
+        """The method compiled as its module's forward, named as the method in messages and ``aotcache ls``."""
+        compiled_module = CompiledModule(_MethodModule(self.method), *self._wrapper_arguments)
+        compiled_module.compiled.name = self.method.__qualname__  # not "_MethodModule"; never part of a key
         return compiled_module
 
     # NOTE [Deep copies of compiled methods]

@@ -197,6 +197,7 @@ def test_a_model_with_a_compiled_forward_method_deep_copies_with_its_own_weights
     torch.testing.assert_close(clone(x), nn.Sequential.forward(clone, x))
     torch.testing.assert_close(model(x), nn.Sequential.forward(model, x))
     assert clone.forward.route == "aot" and clone.forward is not model.forward
+    assert clone.forward.compiled.name == "Sequential.forward"  # messages name the method, not its module
 
 
 @pytest.mark.parametrize("form", ["module", "function", "method"])
