@@ -329,6 +329,15 @@ class CompiledMethod:
                 compiled_module = self._compiled_module
         return compiled_module
 
+    def __reduce__(self) -> tuple:
+        """Refused with a message: pickling a model whose forward this is (``torch.save(model)``) failed with an
+        AttributeError from inside the half-rebuilt model (torch.compile's compiled forward does not pickle either).
+
+        :raises TypeError: always.
+        """
+        raise TypeError(f"aotcache.compile({self.method.__qualname__}) (a compiled bound method) cannot be pickled: "
+                        f"save the model's state_dict(), or pickle the model before compiling its method")
+
     def _build(self) -> CompiledModule:
         """The method compiled as its module's forward, named as the method in messages and ``aotcache ls``."""
         compiled_module = CompiledModule(_MethodModule(self.method), *self._wrapper_arguments)
@@ -341,6 +350,12 @@ class CompiledMethod:
     # compiled module then read the copy's parameters before they existed (AttributeError where eager copies). As
     # Python deep-copies a bound method, the copy runs the method on the model's copy (its own weights); its
     # compiled module is built at its first call, with the same options and cache (its graphs are cache hits).
+    def __copy__(self) -> CompiledMethod:
+        """A shallow copy shares the method and its compiled module (as ``copy.copy`` of a bound method)."""
+        clone = object.__new__(type(self))  # not the default: __reduce__ refuses
+        clone.__dict__.update(self.__dict__)
+        return clone
+
     def __deepcopy__(self, memo: dict) -> CompiledMethod:
         clone = copy.copy(self)
         clone.method = types.MethodType(self.method.__func__, copy.deepcopy(self.method.__self__, memo))

@@ -200,6 +200,17 @@ def test_a_model_with_a_compiled_forward_method_deep_copies_with_its_own_weights
     assert clone.forward.compiled.name == "Sequential.forward"  # messages name the method, not its module
 
 
+def test_pickling_a_model_with_a_compiled_forward_method_is_a_clear_error():
+    # torch.save(model) raised AttributeError from inside the half-rebuilt model; torch.compile's forward does not
+    # pickle either, so the error names the method and the fix
+    import io
+
+    model = nn.Linear(4, 4)
+    model.forward = aotcache.compile(model.forward, compiler="nop")
+    with pytest.raises(TypeError, match=r"Linear\.forward.*cannot be pickled.*state_dict"):
+        torch.save(model, io.BytesIO())
+
+
 @pytest.mark.parametrize("form", ["module", "function", "method"])
 def test_set_stance_force_eager_runs_compiled_models_as_written(form):
     # NOTE [torch.compiler.set_stance]: torch.compile-d callables run uncompiled under "force_eager" (transformers'
