@@ -14,6 +14,7 @@ computes anyway: a warm start of a model without graph breaks costs what ``aot_m
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
@@ -302,14 +303,66 @@ class _MethodModule(nn.Module):
         return self.method_function(self.owner, *args, **kwargs)
 
 
+# builds a deep-copied CompiledMethod's module once (NOTE [Deep copies of compiled methods])
+_COPY_BUILD_LOCK = threading.Lock()
+
+
 class CompiledMethod:
     """What :func:`compile` returns for a bound method of an ``nn.Module`` (NOTE [Bound methods of modules]): a
     callable with the method's name, signature and ``route``, running the method compiled as a module's forward."""
 
     def __init__(self, method: Any, options: AOTOptions, cache: Any, fullgraph: bool, backend: Callable) -> None:
         self.method = method
-        self.compiled_module = CompiledModule(_MethodModule(method), options, cache, fullgraph, backend)
+        self._wrapper_arguments = (options, cache, fullgraph, backend)
+        self._compiled_module: CompiledModule | None = self._build()
         functools.update_wrapper(self, method)  # type: ignore[arg-type]
+
+    @property
+    def compiled_module(self) -> CompiledModule:
+        """The method compiled as its module's forward; a deep copy builds its own at first use (NOTE [Deep
+        copies of compiled methods])."""
+        compiled_module = self._compiled_module
+        if compiled_module is None:
+            with _COPY_BUILD_LOCK:
+                if self._compiled_module is None:
+                    self._compiled_module = self._build()
+                compiled_module = self._compiled_module
+        return compiled_module
+
+    def __reduce__(self) -> tuple:
+        """Refused with a message: pickling a model whose forward this is (``torch.save(model)``) failed with an
+        AttributeError from inside the half-rebuilt model (torch.compile's compiled forward does not pickle either).
+
+        :raises TypeError: always.
+        """
+        raise TypeError(f"aotcache.compile({self.method.__qualname__}) (a compiled bound method) cannot be pickled: "
+                        f"save the model's state_dict(), or pickle the model before compiling its method")
+
+    def _build(self) -> CompiledModule:
+        """The method compiled as its module's forward, named as the method in messages and ``aotcache ls``."""
+        compiled_module = CompiledModule(_MethodModule(self.method), *self._wrapper_arguments)
+        compiled_module.compiled.name = self.method.__qualname__  # not "_MethodModule"; never part of a key
+        return compiled_module
+
+    # NOTE [Deep copies of compiled methods]
+    # ``copy.deepcopy(model)`` after ``model.forward = aotcache.compile(model.forward)`` (an EMA or a frozen
+    # reference model) reaches this wrapper while the model's copy is still being filled in: building the copy's
+    # compiled module then read the copy's parameters before they existed (AttributeError where eager copies). As
+    # Python deep-copies a bound method, the copy runs the method on the model's copy (its own weights); its
+    # compiled module is built at its first call, with the same options and cache (its graphs are cache hits).
+    def __copy__(self) -> CompiledMethod:
+        """A shallow copy shares the method and its compiled module (as ``copy.copy`` of a bound method)."""
+        clone = object.__new__(type(self))  # not the default: __reduce__ refuses
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> CompiledMethod:
+        clone = copy.copy(self)
+        clone.method = types.MethodType(self.method.__func__, copy.deepcopy(self.method.__self__, memo))
+        clone.__wrapped__ = clone.method
+        clone._compiled_module = None
+        memo[id(self)] = clone
+        return clone
 
     @property
     def route(self) -> str | None:

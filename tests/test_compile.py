@@ -179,6 +179,38 @@ def test_a_compiled_bound_method_of_a_module_takes_its_parameters_as_inputs():
     assert resolve_cache(True).counters["compile"] == 2  # the training graph and the inference graph
 
 
+@pytest.mark.parametrize("called_first", [False, True])
+def test_a_model_with_a_compiled_forward_method_deep_copies_with_its_own_weights(called_first):
+    # NOTE [Deep copies of compiled methods]: copy.deepcopy(model) after model.forward = aotcache.compile(
+    # model.forward) raised AttributeError (the copy's compiled module was built from the half-copied model)
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model.forward = aotcache.compile(model.forward, compiler="nop")
+    x = torch.randn(3, 4)
+    if called_first:
+        model(x)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone[0].weight.add_(1.0)  # the copy's weights, not the original's
+    torch.testing.assert_close(clone(x), nn.Sequential.forward(clone, x))
+    torch.testing.assert_close(model(x), nn.Sequential.forward(model, x))
+    assert clone.forward.route == "aot" and clone.forward is not model.forward
+    assert clone.forward.compiled.name == "Sequential.forward"  # messages name the method, not its module
+
+
+def test_pickling_a_model_with_a_compiled_forward_method_is_a_clear_error():
+    # torch.save(model) raised AttributeError from inside the half-rebuilt model; torch.compile's forward does not
+    # pickle either, so the error names the method and the fix
+    import io
+
+    model = nn.Linear(4, 4)
+    model.forward = aotcache.compile(model.forward, compiler="nop")
+    with pytest.raises(TypeError, match=r"Linear\.forward.*cannot be pickled.*state_dict"):
+        torch.save(model, io.BytesIO())
+
+
 @pytest.mark.parametrize("form", ["module", "function", "method"])
 def test_set_stance_force_eager_runs_compiled_models_as_written(form):
     # NOTE [torch.compiler.set_stance]: torch.compile-d callables run uncompiled under "force_eager" (transformers'

@@ -469,7 +469,7 @@ def test_recorder_wrapping_a_different_compiler_is_not_served_the_first_entry():
 
 
 _CLOSED_OVER_MODEL = textwrap.dedent("""
-    import json, sys, torch, aotcache
+    import functools, json, sys, torch, aotcache
     from aotcache.autograd_cache.cache import resolve_cache
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else {seed})
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -482,7 +482,7 @@ _CLOSED_OVER_MODEL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("target", ["lambda x: model(x)", "model.forward"])
+@pytest.mark.parametrize("target", ["lambda x: model(x)", "functools.partial(model.forward)"])
 def test_a_function_closing_over_a_model_with_other_weights_never_loads_the_first_models_entry(target):
     # NOTE [Closed-over parameters in the key]: the key left the closed-over parameters' values out, so a
     # process with other weights (another seed here; another checkpoint in real use) loaded the first entry and
@@ -496,6 +496,14 @@ def test_a_function_closing_over_a_model_with_other_weights_never_loads_the_firs
         return
     assert runs[1] == {"same": True, "hit": 0, "miss": 1}  # before the fix: a hit, the seed-0 weights' results
     assert runs[2] == {"same": True, "hit": 1, "miss": 0}  # the same weights again: their own entry
+
+
+def test_a_compiled_bound_method_serves_other_weights_from_one_entry():
+    # NOTE [Bound methods of modules]: model.forward is compiled as the module's forward, its parameters graph
+    # inputs, so a process with other weights rightly finds the first entry and computes with its own weights
+    runs = [json.loads(run_python(_CLOSED_OVER_MODEL.format(seed=seed, target="model.forward"))
+                       .stdout.strip().splitlines()[-1]) for seed in (0, 1)]
+    assert runs == [{"same": True, "hit": 0, "miss": 1}, {"same": True, "hit": 1, "miss": 0}]
 
 
 def test_a_closed_over_weight_changed_in_place_is_computed_with_in_process():
