@@ -19,6 +19,14 @@ steady per-token decode time of eager and compiled greedy (the slope between two
 warm-up, median of rounds): the wrapper's per-call overhead is what a server pays per token. Then a second
 process on the same cache dir ("warm") runs the same modes: it must trace nothing and give the same tokens.
 
+NOTE [The sweep's recompile limit]: all modes run on one compiled model in one process, so its traces add up across
+modes (Llama: 3 greedy + 2 no cache + 2 beam + 3 padded + 2 static + 1 pipeline = 13), each a distinct call form
+that a server using one mode would trace once. Past aotcache's default recompile limit (8 per function, as
+torch.compile's) the later modes' new forms ran eagerly ("F") and the warm process traced what the cold one never
+stored ("/wN"). The children run with ``AOTCACHE_RECOMPILE_LIMIT`` set to ``--recompile-limit`` (default 32), so
+each mode is checked as if it had the model to itself; ``--recompile-limit 8`` shows what the default does to a
+process that serves all seven modes.
+
     PYTHONPATH=$PWD python bench/hf_generate_sweep.py [--archs Llama GPT2 ...] [--out PATH] [--no-timing]
 
 writes bench/results/hf_generate_sweep.json and prints a table (docs/aot.md, "Text generation").
@@ -307,6 +315,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS), help="results JSON (a partial run updates its archs)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per process")
     parser.add_argument("--no-timing", action="store_true", help="skip the per-token decode timing")
+    parser.add_argument("--recompile-limit", type=int, default=32,
+                        help="AOTCACHE_RECOMPILE_LIMIT of the children (NOTE [The sweep's recompile limit]; 0: none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--phase", default="cold", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -320,10 +330,12 @@ def main() -> None:
     results = {}
     for arch in args.archs:
         with tempfile.TemporaryDirectory() as cache_dir:
-            env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+            env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1",
+                   "AOTCACHE_RECOMPILE_LIMIT": str(args.recompile_limit)}
             cold = _child(arch, "cold", args.modes, not args.no_timing, env, args.timeout)
             warm = _child(arch, "warm", args.modes, False, env, args.timeout)
-        results[arch] = {"cold": cold, "warm": warm, "summary": _summary(cold, warm)}
+        results[arch] = {"cold": cold, "warm": warm, "summary": _summary(cold, warm),
+                         "recompile_limit": args.recompile_limit}
         print(f"{arch}: cold {cold.get('seconds')} s, warm {warm.get('seconds')} s "
               f"{json.dumps(results[arch]['summary'])}", flush=True)
     if out.exists():  # a partial run updates its architectures only

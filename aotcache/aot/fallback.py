@@ -542,8 +542,10 @@ def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, cha
                "and a new call would trace again; calls matching the graphs compiled so far keep using them, the "
                "others run eagerly. What kept changing (at the last new trace): %s. Fix: pass a value that "
                "changes every call as a tensor (or, for a size, use dynamic=True), keep a module attribute that a "
-               "schedule changes out of forward, raise AOTCACHE_RECOMPILE_LIMIT (0: no limit), or call "
-               "aotcache.reset() to start the count over.",
+               "schedule changes out of forward, or call aotcache.reset() to start the count over. Where each "
+               "trace is a distinct call form that repeats (one model serving several generate modes: greedy, "
+               "beam search, a padded batch, a static cache), the traces add up and are needed: raise "
+               "AOTCACHE_RECOMPILE_LIMIT above their number (0: no limit).",
                owner.name, getattr(exc, "limit", 0), changed or "a new call signature")
     return runtime
 

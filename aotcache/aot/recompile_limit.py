@@ -57,8 +57,9 @@ class RecompileLimitReached(RuntimeError):
             f"aotcache: {name} reached its recompile limit: {limit} new traces in this process "
             f"(AOTCACHE_RECOMPILE_LIMIT={limit}), and this call would trace again"
             + (f" ({changed})" if changed else "") + ". Fix: pass a value that changes every call as a tensor (or, "
-            "for a size, use dynamic=True), raise AOTCACHE_RECOMPILE_LIMIT (0: no limit), or call aotcache.reset() "
-            "to start the count over.")
+            "for a size, use dynamic=True), raise AOTCACHE_RECOMPILE_LIMIT (0: no limit; the fix where the traces "
+            "are distinct call forms that each repeat, such as several generate modes on one model), or call "
+            "aotcache.reset() to start the count over.")
         self.name = name
         self.limit = limit
         self.changed = changed

@@ -109,3 +109,40 @@ def test_a_dict_argument_in_another_key_order_is_another_signature_never_a_false
                   {"sliding_attention": sliding, "full_attention": full}):
         torch.testing.assert_close(wrapped(x, masks), model(x, masks))
     assert cache.counters["compile"] == 2
+
+
+def test_generate_modes_on_one_model_add_up_to_the_recompile_limit_and_the_warning_says_what_to_raise(caplog):
+    """Each generate mode is a few distinct call forms (found by bench/hf_generate_sweep.py, NOTE [The sweep's
+    recompile limit]): on one model they add up past the default limit of 8, whose later forms then run eagerly
+    (eager's tokens, counted, warned once naming the limit to raise); above their number nothing falls back."""
+    import logging
+
+    from aotcache import config
+    from aotcache.aot.fallback import fallback_counts
+
+    eager = tiny_llama()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # left padding
+    modes = [({"input_ids": ids[:1]}, {}), ({"input_ids": ids[:1]}, {"use_cache": False}),
+             ({"input_ids": ids[:1]}, {"num_beams": 3}), ({"input_ids": ids, "attention_mask": mask}, {}),
+             ({"input_ids": ids[:1]}, {"cache_implementation": "static"})]
+
+    def serve_all_modes(limit: int) -> tuple[int, int, list[str]]:
+        """Compiled graphs, calls run eagerly at the limit, and the limit's warnings."""
+        cache = memory_cache()
+        model = aotcache.compile(tiny_llama(), compiler="nop", cache=cache)
+        before = fallback_counts().get("eager:recompile_limit", 0)
+        caplog.clear()
+        with config.patch(recompile_limit=limit), caplog.at_level(logging.WARNING, logger="aotcache"):
+            for inputs, kwargs in modes:
+                settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False) | kwargs
+                assert torch.equal(model.generate(**inputs, **settings), eager.generate(**inputs, **settings)), kwargs
+        warned = [r.getMessage() for r in caplog.records if "recompile limit" in r.getMessage()]
+        return cache.counters["compile"], fallback_counts().get("eager:recompile_limit", 0) - before, warned
+
+    all_compiles, fallbacks, warned = serve_all_modes(32)
+    assert 8 < all_compiles <= 3 * len(modes) and fallbacks == 0 and not warned  # not a graph per token
+    limited_compiles, fallbacks, warned = serve_all_modes(8)
+    assert limited_compiles == 8 and fallbacks > 0
+    assert len(warned) == 1 and "distinct call form" in warned[0] and "raise AOTCACHE_RECOMPILE_LIMIT" in warned[0]
