@@ -17,7 +17,8 @@ record when
   and compared as the full path builds it; a cache object is walked along its recorded context, NOTE [Checking a
   cache object against a recorded structure] in cache_objects.py), and no pytree node type was registered since;
 * every leaf has the recorded type, and the non-tensor leaves (ints, bools, floats, strings, cache integers) the
-  recorded signature (``argument_signature`` of the full path, under the record's dimension spec);
+  recorded signature (``argument_signature`` of the full path, under the record's dimension spec); a float the
+  graph takes as a symbol is not NaN, infinite or zero (the full path keeps those constants);
 * the tensors pass the record's :class:`~aotcache.aot.hot_path.HotSignature`, built with the record's dimension
   spec: grad mode, autocast, numerics flags and active modes, dtype, device, requires_grad, leafness, sizes
   outside the dynamic dimensions, strides and storage offsets where the signature compares them, memory sharing;
@@ -42,6 +43,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import CacheInt, flattened_here, structure_step
+from aotcache.aot.dynamic_dims import float_stays_constant
 from aotcache.aot.hot_path import HotSignature, taker
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.signature import argument_signature, user_arguments_carry_attributes
@@ -164,7 +166,7 @@ class CallSignature:
 
     __slots__ = ("plan", "runtime", "_types", "_nodes", "_constants", "_constant_signatures", "_take_tensors",
                  "_tensor_count", "_hot", "_num_state", "_take_graph_args", "_guards", "_full_guards",
-                 "_take_pinned", "_pinned_offsets")
+                 "_take_pinned", "_pinned_offsets", "_symbolic_floats")
 
     def __init__(self, plan: FlatPlan, flat_args: list, runtime: Any, num_state: int, services: Any) -> None:
         dynamic = getattr(runtime, "dynamic_spec", False)
@@ -176,6 +178,10 @@ class CallSignature:
         self._constants = [index for index, kind in enumerate(self._types) if kind not in _TENSOR_TYPES]
         self._constant_signatures = [argument_signature(flat_args[index], _dims(dynamic, index))
                                      for index in self._constants]
+        # floats the graph takes as symbols: NaN, the infinities and the zeros never reach such a graph on the full
+        # path (NOTE [Float arguments]: they stay constants, a graph each), so they leave this record too
+        self._symbolic_floats = [index for index in self._constants
+                                 if self._types[index] is float and _dims(dynamic, index)]
         self._take_tensors = taker(tensors)
         self._tensor_count = len(tensors)
         tensor_dynamic = tuple(map(dynamic.__getitem__, tensors)) if isinstance(dynamic, tuple) else dynamic
@@ -240,6 +246,9 @@ class CallSignature:
         dynamic = getattr(self.runtime, "dynamic_spec", False)
         for index, expected in zip(self._constants, self._constant_signatures):
             if argument_signature(flat_args[index], _dims(dynamic, index)) != expected:
+                return False
+        for index in self._symbolic_floats:
+            if float_stays_constant(flat_args[index]):
                 return False
         if user_arguments_carry_attributes(flat_args, self._num_state):  # NOTE [Python attributes of tensor
             return False  # arguments]: the full path keys them

@@ -97,7 +97,7 @@ from aotcache.aot.exact_values import float_bits
 from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.logs import log_once, logger
 
-__all__ = ["DimSpec", "check_dynamic", "masked_shape", "DynamicDims"]
+__all__ = ["DimSpec", "check_dynamic", "float_stays_constant", "masked_shape", "DynamicDims"]
 
 #: Per flat argument, the dimensions traced as symbols.
 DimSpec = tuple[tuple[int, ...], ...]
@@ -140,7 +140,7 @@ def _label(position: int, dim: int, num_state: int, num_params: int, buffer_name
     return f"buffer {buffer_names[index] if 0 <= index < len(buffer_names) else index}:{dim}"
 
 
-def _float_constant(value: float) -> bool:
+def float_stays_constant(value: float) -> bool:
     """Whether a marked float argument still stays a constant: NaN, the infinities and the two zeros (NOTE [Float
     arguments])."""
     return not math.isfinite(value) or value == 0.0
@@ -290,7 +290,7 @@ class DynamicDims:
                 self._specs[(marked, len(flat_args))] = found
         # NOTE [Float arguments], NOTE [Type checks on scalar symbols]: marked scalars that stay constants
         constants = {position for position, _ in marked
-                     if (type(flat_args[position]) is float and (not floats or _float_constant(flat_args[position])))
+                     if (type(flat_args[position]) is float and (not floats or float_stays_constant(flat_args[position])))
                      or (type(flat_args[position]) is int and not self.int_symbols)}
         if constants:
             spec = tuple(() if index in constants else dims for index, dims in enumerate(found))
