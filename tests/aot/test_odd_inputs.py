@@ -443,7 +443,10 @@ def _mutates_one_view_and_reads_another(x, k):
                    "mutated, that overlap at a call after calls where they did not (dynamic=None; the capture of the "
                    "dynamic signature refuses aliased mutated inputs and takes the Dynamo route): the fifth call's "
                    "result misses the mutation seen through the overlapping view (37 where eager and torch.compile "
-                   "give 39). Not the call hot path: plain positional tensors, and main before s13-decode alike")
+                   "give 39; the same length of view at the second call, disjoint, went right). The call is served by the "
+                   "PartialRuntime (Dynamo route) of spec ((), (0,)) on the full path and the hot path alike: the "
+                   "error is inside that route. Not the call hot path: plain positional tensors, and main before "
+                   "s13-decode alike")
 def test_overlapping_views_of_a_mutated_input_after_disjoint_ones_give_eagers_result():
     from aotcache.aot import aot_function
 
