@@ -46,7 +46,8 @@ from aotcache.aot.cache_objects import CacheInt, flattened_here, structure_step
 from aotcache.aot.dynamic_dims import float_stays_constant
 from aotcache.aot.hot_path import HotSignature, taker
 from aotcache.aot.runtime import CompiledRuntime
-from aotcache.aot.signature import argument_signature, user_arguments_carry_attributes
+from aotcache.aot.signature import (argument_signature, dict_context_keys, dict_key_types,
+                                    user_arguments_carry_attributes)
 
 __all__ = ["CallSignature", "CallSignatures", "FlatPlan", "call_key"]
 
@@ -108,11 +109,16 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
                     return False
             return True
         return sequence
+    # NOTE [Dict keys equal across types] (signature.py): keys compared with their types where one is not a str
+    keys = dict_context_keys(node_type, context)
+    key_types = list(map(type, keys)) if keys and any(type(key) is not str for key in keys) else None
     if node_type is dict:
         keys = list(context)
 
         def mapping(value: Any, out: list) -> bool:
             if type(value) is not dict or list(value) != keys:  # keys in order, as the dict spec's context
+                return False
+            if key_types is not None and list(map(type, value)) != key_types:
                 return False
             if leaves_only:
                 out.extend(value.values())
@@ -133,6 +139,8 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
             return False
         items, found = flatten(value)
         if len(items) != count or found != context:
+            return False
+        if key_types is not None and list(map(type, value)) != key_types:
             return False
         for child, item in zip(children, items):
             if not child(item, out):
@@ -298,11 +306,12 @@ class CallSignatures:
         with leaves it does not take, is not recorded)."""
         if not CallSignature.recordable(flat_args, runtime):
             return
-        plan = self._plans.get(in_spec, _UNSEEN)
+        plan_key = (in_spec, dict_key_types(in_spec))  # equal specs may differ in their keys' types
+        plan = self._plans.get(plan_key, _UNSEEN)
         if plan is _UNSEEN:
             if len(self._plans) >= 64:
                 self._plans.clear()
-            plan = self._plans[in_spec] = FlatPlan.of(in_spec)
+            plan = self._plans[plan_key] = FlatPlan.of(in_spec)
         if plan is None:
             return
         record = CallSignature(plan, flat_args, runtime, num_state, services)

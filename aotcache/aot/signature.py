@@ -15,6 +15,7 @@ grad mode and autocast state. The pytree structure of (args, kwargs) is part of 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import functools
@@ -33,8 +34,8 @@ from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
 from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
 
-__all__ = ["signature_of", "rank_signature_of", "argument_signature", "call_context", "memory_sharing", "float_bits",
-           "input_offsets", "offsets_hold"]
+__all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
+           "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
@@ -217,7 +218,45 @@ def signature_of(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | DimSpec
                                                  offsets.get(index)))
         except _RefusedConstant as exc:
             raise _refused_argument_error(flat_args, in_spec, index, str(exc)) from None
-    return (in_spec, grad_enabled, autocast, numerics, sharing, tuple(arguments))
+    key_types = dict_key_types(in_spec)  # NOTE [Dict keys equal across types]
+    return (in_spec if not key_types else (in_spec, key_types), grad_enabled, autocast, numerics, sharing,
+            tuple(arguments))
+
+
+# NOTE [Dict keys equal across types]
+# A ``TreeSpec`` keeps a dict's keys as its context and compares contexts with ``==``, and ``1 == True == 1.0``
+# (with equal hashes): a call with ``{True: x}`` or ``{1.0: x}`` had the signature of one with ``{1: x}`` and ran its
+# graph, whose trace had rebuilt the dict with the key ``1`` (a forward branching on the key's type, or formatting
+# it, gave another result than eager). A spec's dict nodes with a key that is not a ``str`` add the types of their
+# keys to the signature; specs of ``str`` keys only (keyword arguments, most dicts) are keyed as before.
+_DICT_NODES = (dict, collections.OrderedDict, collections.defaultdict)
+
+
+def dict_context_keys(node_type: Any, context: Any) -> list | None:
+    """The keys of a dict-like pytree node (its context; a defaultdict's holds its factory first), else None."""
+    if node_type is dict or node_type is collections.OrderedDict:
+        return context
+    if node_type is collections.defaultdict:
+        return context[1]
+    return None
+
+
+def dict_key_types(spec: pytree.TreeSpec) -> tuple:
+    """Per dict node of ``spec`` (in pre-order) with a key that is not a ``str``, its position and its keys' types
+    (NOTE [Dict keys equal across types]); ``()`` where every key is a ``str``."""
+    found = []
+    stack = [spec]
+    position = 0
+    while stack:
+        node = stack.pop()
+        if not node.num_children:
+            continue
+        position += 1
+        keys = dict_context_keys(node.type, node.context)
+        if keys and any(type(key) is not str for key in keys):
+            found.append((position, tuple(map(type, keys))))
+        stack.extend(reversed(node.children()))
+    return tuple(found)
 
 
 # NOTE [Offsets of arguments that share memory]

@@ -744,7 +744,10 @@ class Reachable:
         state = value.__dict__ if hasattr(value, "__dict__") else {}
         slots = [(name, getattr(value, name)) for name in slot_names(type(value)) if hasattr(value, name)]
         if self._guards is not None:
-            self._guards.attributes(value, ("__class__", *(name for name, _ in slots)))
+            # NOTE [An object's __dict__ replaced]: its entries are read from the dict the walk saw, so that dict is
+            # guarded by identity too (``obj.__dict__ = {...}`` rebinds every attribute and writes no recorded dict)
+            dict_attribute = ("__dict__",) if hasattr(value, "__dict__") else ()
+            self._guards.attributes(value, ("__class__", *dict_attribute, *(name for name, _ in slots)))
             if hasattr(value, "__dict__"):
                 self._guards.length(state)
                 for name, item in state.items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from aotcache.aot import aot_module
+from aotcache.aot import aot_function, aot_module
 from aotcache.aot.api import AOTFunction
 from aotcache.aot.cache_objects import _flatten, register_transformers_caches, structure_step
 
@@ -319,3 +319,36 @@ def test_structure_step_accepts_exactly_what_flattens_to_the_context():
     leaves, context = _flatten(counted)
     out = []
     assert structure_step(context)(counted, out) and [type(v) for v in out] == [type(v) for v in leaves]
+
+
+def _weighs_keys_by_type(x, d):
+    """Adds each value of ``d`` weighted by its key's type (eager tells ``{1: v}``, ``{True: v}`` and ``{1.0: v}``
+    apart, though the three dicts are equal)."""
+    out = x
+    for key, value in d.items():
+        out = out + value * (2.0 if type(key) is bool else 3.0 if type(key) is float else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("container", [dict, __import__("collections").OrderedDict])
+@pytest.mark.parametrize("as_keyword", [True, False])
+def test_dict_keys_equal_across_types_select_their_own_graph(container, as_keyword):
+    # NOTE [Dict keys equal across types]: ``{True: v} == {1: v}`` with equal hashes, so their TreeSpecs were equal
+    # and a call with one ran the graph traced for the other (on the full path and on the call hot path)
+    compiled = aot_function(lambda x, d: _weighs_keys_by_type(x, d), graph_compiler, cache=False)
+    x = torch.ones(2)
+    for key in (1, 1, True, 1.0, True, 1, "a", 1.0):
+        d = container([(key, torch.ones(2)), ("b", torch.ones(2))])
+        got = compiled(x, d=d) if as_keyword else compiled(x, d)
+        torch.testing.assert_close(got, _weighs_keys_by_type(x, d), msg=f"key {key!r}")
+    assert compiled.num_compiles == 4  # int, bool, float and str keys: a graph each; the repeats reuse theirs
+
+
+def test_dicts_of_str_keys_keep_the_signature_they_had():
+    from torch.utils import _pytree as pytree
+
+    from aotcache.aot.signature import dict_key_types
+
+    assert dict_key_types(pytree.tree_flatten(((torch.ones(1),), {"a": 1, "b": {"c": torch.ones(1)}}))[1]) == ()
+    spec = pytree.tree_flatten(((torch.ones(1),), {"a": {True: torch.ones(1), 2: 3}}))[1]
+    assert dict_key_types(spec) == ((4, (bool, int)),)  # (root, args, kwargs, then the dict)

@@ -450,3 +450,32 @@ def test_torch_compiles_own_marks_on_tensors_make_no_new_graph():
     model.fc.weight.quant_scale = 0.5  # a program's own attribute still counts
     torch.testing.assert_close(compiled(x), model(x))
     assert compiles(compiled) == 2
+
+
+class _Settings:
+    """A plain object whose attributes a forward reads (a config)."""
+
+
+_SETTINGS = _Settings()
+
+
+def _reads_settings(x):
+    return x * _SETTINGS.scale + _SETTINGS.table["shift"]
+
+
+def test_an_objects_dict_replaced_between_calls_gives_eagers_result_and_an_equal_one_keeps_the_graph():
+    # NOTE [An object's __dict__ replaced] (reachable.py): the program guards read the entries of the dict the walk
+    # saw; ``obj.__dict__ = {...}`` wrote no recorded dict, so the graph of the old values ran
+    from aotcache.aot import aot_function
+
+    _SETTINGS.__dict__ = {"scale": 2.0, "table": {"shift": 1.0}}
+    compiled = aot_function(_reads_settings, lambda gm, example_inputs: gm, cache=False)
+    x = torch.ones(3)
+    torch.testing.assert_close(compiled(x), _reads_settings(x))
+    _SETTINGS.__dict__ = {"scale": 5.0, "table": {"shift": -1.0}}
+    torch.testing.assert_close(compiled(x), _reads_settings(x))
+    assert compiled.num_compiles == 2
+    table = _SETTINGS.table
+    _SETTINGS.__dict__ = {"scale": 5.0, "table": table}  # the same values in another dict: the same program
+    torch.testing.assert_close(compiled(x), _reads_settings(x))
+    assert compiled.num_compiles == 2
