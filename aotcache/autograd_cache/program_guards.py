@@ -278,7 +278,17 @@ class ProgramGuards:
 
     def _rest_holds(self) -> bool:
         """:meth:`_holds` for the reads outside the dicts whose version tags are unchanged."""
-        holders, keys, values, sized, lengths, iterables, members, mappings, mapping_values = self._rest
+        return self._compare(*self._rest)
+
+    def _holds(self) -> bool:
+        """Every recorded read compared (see :meth:`holds`)."""
+        return self._compare(self.holders, self.keys, self.values, self.sized, self.lengths, self.iterables,
+                             self.members, self.mappings, self.mapping_values)
+
+    def _compare(self, holders: list, keys: list, values: list, sized: list, lengths: list, iterables: list,
+                 members: list, mappings: list, mapping_values: list) -> bool:
+        """The recorded reads compared: the slot and container reads given (all, or those outside unchanged
+        dicts), and every other kind of read."""
         try:
             if values and not all(map(_is, map(operator.getitem, holders, keys), values)):
                 return False
@@ -295,35 +305,6 @@ class ProgramGuards:
             if members and not all(map(_is, _chain(iterables), members)):
                 return False
             if mapping_values and not all(map(_is, _chain(map(_values, mappings)), mapping_values)):
-                return False
-            if self.tensors and (list(map(_version_of, self.tensors)) != self.versions
-                                 or list(map(_pointer_of, self.tensors)) != self.pointers
-                                 or list(map(_shape_of, self.tensors)) != self.shapes):
-                return False
-            if self.unloaded_modules and not all(name not in sys.modules for name in self.unloaded_modules):
-                return False
-            return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
-        except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
-            return False
-
-    def _holds(self) -> bool:
-        """Every recorded read compared (see :meth:`holds`)."""
-        try:
-            if self.values and not all(map(_is, map(operator.getitem, self.holders, self.keys), self.values)):
-                return False
-            if self.member_keys:  # NOTE [Rebound list attributes]
-                current = list(map(operator.getitem, self.member_holders, self.member_keys))
-                if list(map(len, current)) != self.member_lengths or not all(map(_is, _chain(current),
-                                                                                  self.slot_members)):
-                    return False
-            if self.attribute_values and not all(map(_is, map(getattr, self.objects, self.names),
-                                                     self.attribute_values)):
-                return False
-            if list(map(len, self.sized)) != self.lengths:
-                return False
-            if self.members and not all(map(_is, _chain(self.iterables), self.members)):
-                return False
-            if self.mapping_values and not all(map(_is, _chain(map(_values, self.mappings)), self.mapping_values)):
                 return False
             if self.tensors and (list(map(_version_of, self.tensors)) != self.versions
                                  or list(map(_pointer_of, self.tensors)) != self.pointers
