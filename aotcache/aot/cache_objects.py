@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 __all__ = ["CacheInt", "register_transformers_caches", "register_caches_for", "is_cache_object", "find_cache_arguments",
-           "write_back_caches", "structure_step", "flattened_here"]
+           "write_back_caches", "structure_step", "steps_hold", "flattened_here"]
 
 _CACHE_MODULE = "transformers.cache_utils"
 _registered: set[type] = set()
@@ -173,6 +173,14 @@ def _unflatten(values: Any, context: tuple) -> Any:
     return obj
 
 
+def steps_hold(steps: Sequence[Any], items: Any, out: list) -> bool:
+    """Whether each of ``items`` passes its step of ``steps`` (each step appends the item's leaves to ``out``)."""
+    for step, item in zip(steps, items):
+        if not step(item, out):
+            return False
+    return True
+
+
 # NOTE [Checking a cache object against a recorded structure]
 # The call hot path (NOTE [Call hot path] in call_hot_path.py) must know that a cache argument has the structure
 # recorded (its context) and must collect its leaves. Flattening it builds the whole context (a tuple per node,
@@ -204,10 +212,7 @@ def structure_step(context: tuple) -> Callable[[Any, list], bool]:
         def sequence(value: Any, out: list) -> bool:
             if type(value) is not sequence_type or len(value) != count:
                 return False
-            for step, item in zip(items, value):
-                if not step(item, out):
-                    return False
-            return True
+            return steps_hold(items, value, out)
         return sequence
     if kind == "dict":
         keys = [key for key, _ in context[1]]
@@ -217,10 +222,7 @@ def structure_step(context: tuple) -> Callable[[Any, list], bool]:
         def mapping(value: Any, out: list) -> bool:
             if type(value) is not dict or list(value) != keys or list(map(type, value)) != key_types:
                 return False
-            for step, item in zip(entries, value.values()):
-                if not step(item, out):
-                    return False
-            return True
+            return steps_hold(entries, value.values(), out)
         return mapping
     if kind == "object":
         cls, names = context[1], [name for name, _ in context[2]]
@@ -232,10 +234,7 @@ def structure_step(context: tuple) -> Callable[[Any, list], bool]:
             attributes = getattr(value, "__dict__", None)
             if attributes is None or list(attributes) != names:
                 return False
-            for step, item in zip(fields, attributes.values()):
-                if not step(item, out):
-                    return False
-            return True
+            return steps_hold(fields, attributes.values(), out)
         return obj
     raise ValueError(f"aotcache: malformed cache context node {context!r}")
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from aotcache.aot.cache_objects import CacheInt, flattened_here, structure_step
+from aotcache.aot.cache_objects import CacheInt, flattened_here, steps_hold, structure_step
 from aotcache.aot.dynamic_dims import float_stays_constant
 from aotcache.aot.hot_path import HotSignature, taker
 from aotcache.aot.runtime import CompiledRuntime
@@ -104,10 +104,7 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
         def sequence(value: Any, out: list) -> bool:
             if type(value) is not node_type or len(value) != count:
                 return False
-            for child, item in zip(children, value):
-                if not child(item, out):
-                    return False
-            return True
+            return steps_hold(children, value, out)
         return sequence
     # NOTE [Dict keys equal across types] (signature.py): keys compared with their types where one is not a str
     keys = dict_context_keys(node_type, context)
@@ -123,10 +120,7 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
             if leaves_only:
                 out.extend(value.values())
                 return True
-            for child, item in zip(children, value.values()):
-                if not child(item, out):
-                    return False
-            return True
+            return steps_hold(children, value.values(), out)
         return mapping
     if not isinstance(node_type, type) or node_type not in pytree.SUPPORTED_NODES:
         return None  # namedtuple / structseq nodes (by kind, not by type): the full path
@@ -142,10 +136,7 @@ def _compile(spec: pytree.TreeSpec) -> Step | None:
             return False
         if key_types is not None and list(map(type, value)) != key_types:
             return False
-        for child, item in zip(children, items):
-            if not child(item, out):
-                return False
-        return True
+        return steps_hold(children, items, out)
     return registered
 
 
