@@ -20,7 +20,9 @@ from torch import nn
 
 from aotcache.aot.checkpoint_regions import has_checkpoint_regions
 from aotcache.aot.compile_step import AOTOptions, compile_function
+from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
+from aotcache.aot.input_mutations import mutated_input_overlaps
 from aotcache.aot.refusals import refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
 from aotcache.aot.source_locations import (
@@ -237,8 +239,19 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
                          and type(value.storage_offset()) is int]
                         if getattr(getattr(runtime, "metadata", None), "offsets_matter", False) else [])
 
+    # NOTE [Overlap in the call contract]
+    # The capture accepts a mutated input that shares a storage with another input where their bytes are
+    # disjoint (check_mutated_inputs_do_not_alias): each is traced as its own tensor, and aotcache's own signature
+    # keys their relative offsets, so overlapping views trace again (and are refused). Dynamo's guards hold
+    # sizes and strides but no offsets: a frame compiled for ``x = base[0:4]``, ``k = base[20:26]`` was reused
+    # for ``k = base[2:8]`` and read ``k`` before ``x.add_(1)`` reached it (37 where eager gives 39). So where the
+    # graph mutates an input, whether each such pair of inputs overlaps is part of the contract; a call that
+    # differs is compiled again for its own inputs (and, overlapping, is refused and runs as Dynamo's graph).
+    mutated_user_tensors = _mutated_user_tensors(runtime, example_flat, num_lifted)
+
     def contract_of(flat: Sequence[Any]) -> tuple:
-        return _call_contract(flat, num_lifted), tuple(flat[index].storage_offset() for index in offset_positions)
+        return (_call_contract(flat, num_lifted, mutated_user_tensors),
+                tuple(flat[index].storage_offset() for index in offset_positions))
 
     compiled_for = {contract_of(example_flat): runtime}
     lock = threading.Lock()
@@ -256,7 +269,14 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
                     log_once(logging.INFO, f"aot-simplified-contract:{id(compiled_for)}",
                              "aot_module_simplified: a call broke the compiled graph's requires_grad, "
                              "aliasing or storage-offset assumptions; compiling it again for this call's inputs")
-                    chosen = compiled_for[contract] = compile_function(flat_fn, flat, options)
+                    try:
+                        chosen = compile_function(flat_fn, flat, options)
+                    except CaptureError as exc:  # (overlapping views of a mutated input: NOTE [Overlap in ...])
+                        from aotcache.aot.fallback import eager_dynamo_graph
+
+                        eager_dynamo_graph(gm, exc)  # raises in strict mode; else counted, logged once
+                        chosen = flat_fn  # Dynamo's graph as Python: eager's results
+                    compiled_for[contract] = chosen
         return chosen(*flat)
 
     dynamic_dims = _dynamic_output_dims(gm)
@@ -311,11 +331,31 @@ def _mark_propagated_dynamic(value: torch.Tensor, dims: set[int]) -> None:
 _MAX_OFFSET_VARIANTS = 8  # graphs per Dynamo graph for other storage offsets (NOTE [Offsets in the call contract])
 
 
-def _call_contract(flat: Sequence[Any], num_lifted: int) -> tuple:
-    """requires_grad of every tensor, and which user inputs share a storage (NOTE [Call contract of ...]).
+def _mutated_user_tensors(runtime: Any, example_flat: Sequence[Any], num_lifted: int) -> frozenset[int]:
+    """The positions among the user's tensor inputs (as :func:`_call_contract` counts them) that ``runtime``'s
+    graph mutates; every one where the runtime does not say (NOTE [Overlap in the call contract])."""
+    user_positions = [index for index in range(num_lifted, len(example_flat))
+                      if isinstance(example_flat[index], torch.Tensor)]
+    metadata = getattr(runtime, "metadata", None)
+    inputs, positions = getattr(metadata, "inputs", None), getattr(metadata, "graph_input_positions", None)
+    if inputs is None or positions is None:
+        return frozenset(range(len(user_positions)))
+    mutated_flat = {positions[index] for index, info in enumerate(inputs) if getattr(info, "mutates_data", False)}
+    return frozenset(k for k, index in enumerate(user_positions) if index in mutated_flat)
+
+
+def _call_contract(flat: Sequence[Any], num_lifted: int, mutated: frozenset[int] = frozenset()) -> tuple:
+    """requires_grad of every tensor, which user inputs share a storage (NOTE [Call contract of ...]) and, for
+    those the graph mutates (``mutated``: positions among the user's tensors), which overlap the inputs sharing
+    their storage (NOTE [Overlap in the call contract]).
 
     Storages are compared as objects (``_cdata``), which works alike for Dynamo's fake example inputs (whose
     data pointers are all 0) and for the real tensors of a call."""
     requires_grad = tuple(value.requires_grad for value in flat if isinstance(value, torch.Tensor))
     user_tensors = [value for value in flat[num_lifted:] if isinstance(value, torch.Tensor)]
-    return requires_grad, storage_sharing(user_tensors, storage_object) if len(user_tensors) > 1 else ()
+    if len(user_tensors) < 2:
+        return requires_grad, (), ()
+    sharing = storage_sharing(user_tensors, storage_object)
+    overlaps = (mutated_input_overlaps(user_tensors, sharing, mutated)
+                if mutated and sharing != tuple(range(len(sharing))) else ())
+    return requires_grad, sharing, overlaps

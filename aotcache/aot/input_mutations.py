@@ -12,7 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize", "refuse_kernel_resize",
-           "check_mutated_inputs_do_not_alias"]
+           "check_mutated_inputs_do_not_alias", "mutated_input_overlaps"]
 
 
 def layout_of(tensor: torch.Tensor) -> tuple:
@@ -191,6 +191,23 @@ def _byte_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     first = tensor.storage_offset() * size
     last = first + sum((n - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride())) * size + size - 1
     return first, last
+
+
+def mutated_input_overlaps(tensors: Sequence[torch.Tensor], sharing: Sequence[int], mutated: Sequence[int]) -> tuple:
+    """Per pair of ``tensors`` that share a storage (``sharing`` as ``storage_sharing`` gives it), one of them at a
+    position in ``mutated``: ``(i, j, overlap)``, ``overlap`` whether their byte spans meet (None: not known, a
+    symbolic or empty tensor). What :func:`check_mutated_inputs_do_not_alias` decided a graph on, for guards that
+    do not hold the inputs' offsets (NOTE [Overlap in the call contract] in dynamo_graph.py)."""
+    relation = []
+    for j, group in enumerate(sharing):
+        for i in range(group, j):
+            if sharing[i] != group or (i not in mutated and j not in mutated):
+                continue
+            first, second = _byte_span(tensors[i]), _byte_span(tensors[j])
+            overlap = (None if first is None or second is None
+                       else not (first[1] < second[0] or second[1] < first[0]))
+            relation.append((i, j, overlap))
+    return tuple(relation)
 
 
 def check_mutated_inputs_do_not_alias(fake_args: Sequence[Any], positions: list, inputs: list) -> None:
