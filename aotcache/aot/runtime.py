@@ -425,19 +425,6 @@ def _generators_at(states: Sequence[tuple]) -> Any:
             generator.set_state(state)
 
 
-_BACKWARD_WITHOUT_DYNAMO: list[Callable] = []
-
-
-def _backward_without_dynamo() -> Callable:
-    """``_backward`` wrapped so that Dynamo neither traces it nor anything it calls (NOTE [The compiled backward
-    runs outside Dynamo]); made once, when torch._dynamo is first seen loaded. Kept in a module list, not behind
-    ``functools.lru_cache``: Dynamo traces the ``backward`` frame that calls this, and warned (a UserWarning in
-    every training script that calls ``loss.backward()`` inside a compiled step) at each lru_cache-wrapped call."""
-    if not _BACKWARD_WITHOUT_DYNAMO:
-        _BACKWARD_WITHOUT_DYNAMO.append(sys.modules["torch._dynamo"].disable(_backward, recursive=True))
-    return _BACKWARD_WITHOUT_DYNAMO[0]
-
-
 def _differentiable_gradients(runtime: CompiledRuntime, graph_args: Sequence[Any], tangents: list) -> list:
     """The gradients of the graph inputs with autograd history (NOTE [Double backward through the joint graph])."""
     forward = runtime.__dict__.get("_joint_forward")
@@ -542,22 +529,25 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         # dynamo``): with only the call below disabled, Dynamo still traced this frame, graph-broke at the call, and
         # compiled its resume function with guards on ``ctx.saved_tensors`` (a recompile per new saved layout,
         # every training graph's backward sharing one recompile limit).
-        if "torch._dynamo" in sys.modules:
-            skip_backward_in_dynamo()
-            return _backward_without_dynamo()(ctx, *grad_outputs)
-        return _backward(ctx, *grad_outputs)
+        backward = skip_backward_in_dynamo()
+        return (backward or _backward)(ctx, *grad_outputs)
 
 
-def skip_backward_in_dynamo() -> None:
+_BACKWARD_WITHOUT_DYNAMO: list[Callable] = []  # the Dynamo-disabled ``_backward``, once made
+
+
+def skip_backward_in_dynamo() -> Callable | None:
     """Make :class:`_CompiledAutogradFunction`'s ``backward`` the Dynamo-disabled ``_backward``, so Dynamo never sees
-    a frame of it (NOTE [The compiled backward runs outside Dynamo]); a no-op until torch._dynamo is loaded, and
-    after the first time. Called where a compiled runtime is made and at a backward."""
-    if "torch._dynamo" in sys.modules and not _BACKWARD_WITHOUT_DYNAMO_INSTALLED:
-        _BACKWARD_WITHOUT_DYNAMO_INSTALLED.append(True)
-        _CompiledAutogradFunction.backward = staticmethod(_backward_without_dynamo())  # type: ignore[method-assign]
-
-
-_BACKWARD_WITHOUT_DYNAMO_INSTALLED: list[bool] = []
+    a frame of it (NOTE [The compiled backward runs outside Dynamo]), and return it; None until torch._dynamo is
+    loaded. Made once (kept in a module list, not behind ``functools.lru_cache``: Dynamo warned at every
+    lru_cache-wrapped call it traced). Called where a compiled runtime is made and at a backward."""
+    if not _BACKWARD_WITHOUT_DYNAMO:
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return None
+        _BACKWARD_WITHOUT_DYNAMO.append(dynamo.disable(_backward, recursive=True))
+        _CompiledAutogradFunction.backward = staticmethod(_BACKWARD_WITHOUT_DYNAMO[0])  # type: ignore[method-assign]
+    return _BACKWARD_WITHOUT_DYNAMO[0]
 
 
 def _backward(ctx: Any, *grad_outputs: Any) -> tuple:
