@@ -311,8 +311,8 @@ def graph_as_eager(gm: torch.fx.GraphModule) -> Callable:
     run as Python a region with dropout drew another mask when the backward recomputed it: other gradients than
     eager's, silently (``torch.compile(backend="eager")`` does the same). Where aotcache runs such a graph as Python
     (a graph it cannot capture: dropout inside a selective-checkpoint region is one, NOTE [In-place ops in a
-    checkpointed region]), each region calls ``torch.utils.checkpoint`` as eager does: non-reentrant, the RNG state preserved
-    unless the model asked otherwise, a selective-checkpoint policy kept. Nested regions are rewritten too.
+    checkpointed region]), each region calls ``torch.utils.checkpoint`` as eager does: non-reentrant, the RNG state
+    preserved unless the model asked otherwise, a selective-checkpoint policy kept. Nested regions are rewritten too.
     """
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     if hop is None:
@@ -540,12 +540,12 @@ def eager_past_recompile_limit(owner: Any, in_spec: Any, exc: BaseException, cha
     _warn_once(owner, "eager:recompile_limit",
                "aotcache: %s was traced %d times in this process (the recompile limit, AOTCACHE_RECOMPILE_LIMIT) "
                "and a new call would trace again; calls matching the graphs compiled so far keep using them, the "
-               "others run eagerly. What kept changing (at the last new trace): %s. Fix: pass a value that "
-               "changes every call as a tensor (or, for a size, use dynamic=True), keep a module attribute that a "
-               "schedule changes out of forward, or call aotcache.reset() to start the count over. Where each "
-               "trace is a distinct call form that repeats (one model serving several generate modes: greedy, "
-               "beam search, a padded batch, a static cache), the traces add up and are needed: raise "
-               "AOTCACHE_RECOMPILE_LIMIT above their number (0: no limit).",
+               "others run eagerly. The last new trace differed from the closest call already compiled in: %s. "
+               "Where a value changes every call, pass it as a tensor (or, for a size, use dynamic=True), keep a "
+               "module attribute that a schedule changes out of forward, or call aotcache.reset() to start the "
+               "count over. Where each trace is a distinct call form that repeats (one model serving several "
+               "generate modes: greedy, beam search, a padded batch, a static cache), the traces add up and are "
+               "needed: raise AOTCACHE_RECOMPILE_LIMIT above their number (0: no limit).",
                owner.name, getattr(exc, "limit", 0), changed or "a new call signature")
     return runtime
 
