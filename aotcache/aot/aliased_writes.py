@@ -17,12 +17,11 @@ no byte (``buf[0].copy_(buf[1])``; interleaved ones too, whose byte ranges meet:
 ``t[..., :k].sub_(t[..., k:])``, ``t[:, 0::2].copy_(t[:, 1::2])``, told apart modulo a stride, symbolic sizes
 included), or the 0-dim value of a fill (``t.masked_fill_(m, t[0, 0])``: the value's element is written with
 itself at most) -- and refused otherwise (``unsupported_construct``), so the fallback runs the call as eager
-does, with eager's values or error. ``t[idx] = u`` with basic indices and ``t += u`` are checked as the copy / op
-they run (NOTE [Augmented and indexed assignments]). Not seen: ``out=`` arguments (``torch.addmm(c, a, b,
-out=c)`` accumulates as the functional form computes; torch's chunked ``linear_cross_entropy`` backward does
-it), and in-place ops called from inside torch's own Python functions. Custom Functions torch defines are
-checked as the user's are (Dynamo's graph of a user's Function, which the fallback runs, holds its backward in one
-of them).
+does, with eager's values or error. ``t[idx] = u`` and ``t += u`` are checked as the copy / op they run
+(NOTE [Augmented and indexed assignments]), ``out=`` arguments as the write they are (NOTE [out= arguments reading
+their target]). Not seen: in-place ops called from inside torch's own Python functions. Custom Functions torch
+defines are checked as the user's are (Dynamo's graph of a user's Function, which the fallback runs, holds its
+backward in one of them).
 
 NOTE [.data assignments in a trace]
 ``h.data = y`` swaps the tensor under ``h`` without autograd seeing it (``h`` keeps its history). On a trace
@@ -173,8 +172,16 @@ def _traced(value: Any) -> bool:
 # ``t[idx] = u`` with basic indices (ints, slices with a positive step, None, Ellipsis) writes the region
 # ``t[idx]``, computed here from sizes and strides (no view traced), and is checked as ``region.copy_(u)``:
 # ``t[:, 1:] = t[:, :-1]`` gave the functional form's ``[[2, 2, 4], ...]`` where eager's copy reads what it has
-# already written (``[[2, 2, 2], ...]``), silently. Advanced indices (tensors, masks) are not checked: their value
-# ``t[mask]`` is a copy.
+# already written (``[[2, 2, 2], ...]``), silently. With advanced indices (tensors, masks) or bounds not known,
+# the write is ``index_put_`` anywhere in ``t``: a value sharing ``t``'s memory is refused unless known disjoint
+# from all of ``t`` or a 0-dim element (``t[[1, 2]] = t[0]`` raises in eager, where the graph computed a value).
+#
+# NOTE [out= arguments reading their target]
+# ``torch.add(t[:3], 1, out=t[1:4])`` raises in eager (its kernels refuse an output partially overlapping an
+# input); the graph computed a value, or none at all (the write was lost). An argument laid out exactly as the
+# output is allowed for any op (``torch.addmm(c, a, b, out=c)``, ``torch.mm(a, b, out=a)``: eager's kernels
+# compute such calls as the functional form does), as is one known disjoint from it; any other overlap is
+# refused, so the fallback runs the call with eager's values or error.
 _AUGMENTED = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
               "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
               "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
@@ -312,16 +319,24 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
         if name.endswith("__"):
             name = _AUGMENTED.get(name, name)  # NOTE [Augmented and indexed assignments]
         if name == "__setitem__" and len(args) == 3 and isinstance(args[2], torch.Tensor) and _traced(args[0]):
+            fill_value = _fill_value("copy_", (args[0], args[2]), {})
             region = _basic_index_region(args[0], args[1])
             if region is not None:
-                fill_value = _fill_value("copy_", (args[0], args[2]), {})
                 self._check("copy_", region, ((args[2],), {}), fill_value, storage=_storage(args[0]))
+            else:  # advanced indices (or bounds not known): index_put_ anywhere in the target
+                self._check("index_put_", args[0], ((args[2],), {}), fill_value)
         elif name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
             self._check(name, args[0], (args[1:], kwargs), _fill_value(name, args, kwargs))
+        elif kwargs.get("out") is not None:  # NOTE [out= arguments reading their target]
+            others = (args, {key: value for key, value in kwargs.items() if key != "out"})
+            for out in pytree.tree_leaves(kwargs["out"]):
+                if isinstance(out, torch.Tensor):
+                    self._check(name, out, others, same_layout_reads_itself=True)
         return func(*args, **kwargs)
 
     @staticmethod
-    def _check(name: str, target: Any, others: Any, fill_value: Any = None, storage: Any = None) -> None:
+    def _check(name: str, target: Any, others: Any, fill_value: Any = None, storage: Any = None,
+               same_layout_reads_itself: bool = False) -> None:
         if storage is None:
             if not _traced(target):
                 return
@@ -331,16 +346,16 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
         for other in pytree.tree_leaves(others):
             if not isinstance(other, torch.Tensor) or other is fill_value or _storage(other) != storage:
                 continue
-            if _reads_only_its_own_element(name) and _same_layout(other, target):
+            if (same_layout_reads_itself or _reads_only_its_own_element(name)) and _same_layout(other, target):
                 continue
             if _disjoint(other, target):
                 continue
-            raise CaptureError(f"aotcache: the in-place call {name} reads the tensor it writes through another "
-                               f"argument sharing its memory (e.g. t.masked_scatter_(m, t), t.index_copy_(0, i, t), "
-                               f"t[1:].copy_(t[:-1])), inside the compiled function or a custom autograd.Function's "
-                               f"backward; eager's kernel then reads elements it has already written (or raises), "
-                               f"which a captured graph does not reproduce. Pass a clone (t.op_(..., t.clone())).",
-                               reason="unsupported_construct")
+            raise CaptureError(f"aotcache: the call {name} writes a tensor that another of its arguments overlaps "
+                               f"(e.g. t.masked_scatter_(m, t), t.index_copy_(0, i, t), t[1:].copy_(t[:-1]), "
+                               f"t[idx] = t[0], torch.add(t[:3], 1, out=t[1:4])), inside the compiled function or a "
+                               f"custom autograd.Function's backward; eager's kernel then reads elements it has "
+                               f"already written (or raises), which a captured graph does not reproduce. Pass a "
+                               f"clone (t.op_(..., t.clone())).", reason="unsupported_construct")
 
 
 @contextlib.contextmanager

@@ -611,6 +611,55 @@ def test_an_assignment_indexed_by_tensors_is_captured_without_reading_them(api):
     assert _counts_since(before) == {}
 
 
+def _rows_swapped_by_advanced_index(x):
+    t = x * 2
+    t[[1, 0]] = t[0:2]  # eager: "some elements ... refer to a single memory location"; the graph swapped the rows
+    return t
+
+
+def _masked_assignment_of_own_elements(x):
+    t = (x * 2).flatten()
+    t[t > 4] = t[:4]
+    return t
+
+
+def _out_partially_overlapping_an_input(x):
+    t = (x * 2).flatten()
+    torch.add(t[:3], 1, out=t[1:4])  # eager raises; the graph lost the write
+    return t
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("fn", [_rows_swapped_by_advanced_index, _masked_assignment_of_own_elements,
+                                _out_partially_overlapping_an_input], ids=["advanced_index", "mask", "out"])
+def test_an_advanced_index_or_out_write_overlapping_its_value_gives_eagers_error(fn, api):
+    """NOTE [Augmented and indexed assignments], NOTE [out= arguments reading their target]: eager raises where the
+    graph computed a value (or dropped the write) silently; inputs without grad (with grad, ``out=`` raises for
+    autograd's sake anyway)."""
+    _compare(fn, lambda: (_leaf().detach(),), api)
+
+
+def _writes_eager_computes_as_the_graph(x):
+    t = torch.cat([x, x * 2], 1)  # (2, 6)
+    torch.addmm(t[:, :2], t[:, :2], torch.ones(2, 2), out=t[:, :2])  # output laid out as an input
+    torch.mul(t[:, 2:4], 2, out=t[:, 4:])  # disjoint
+    torch.add(t[0], 1, out=t[0])
+    t[torch.tensor([1])] = t[0] * 1  # a new tensor
+    t[t > 20] = t[0, 0]  # a 0-dim element: written with itself at most
+    t[torch.tensor([0])] = x[:, :1].sum(0) * 0 + 7  # another tensor
+    return t * 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_out_and_advanced_index_writes_eager_computes_as_the_graph_stay_captured(dynamic):
+    before = fallback_counts()
+    compiled = aotcache.compile(_writes_eager_computes_as_the_graph, compiler="nop", cache=False, dynamic=dynamic)
+    for scale in (1.0, 3.0):
+        x = torch.arange(1.0, 7.0).reshape(2, 3) * scale
+        assert torch.equal(compiled(x), _writes_eager_computes_as_the_graph(x))
+    assert compiled.route == "aot" and _counts_since(before) == {}
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_the_aliased_write_check_is_entered_only_where_the_analysis_saw_an_in_place_call(dynamic, monkeypatch):
     """An active torch-function mode costs a dynamic capture even where it checks nothing (~8% of a BERT training
