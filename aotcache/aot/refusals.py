@@ -475,12 +475,18 @@ def _site_of(stack: Any) -> str:
     return f" (at {where}:{frame.lineno} in {frame.name}{source})"
 
 
+# NOTE [Data-dependent sizes made inside control flow]
+# A ``torch.cond`` whose branches make a data-dependent size (``nonzero`` checked with ``torch._check``, PyTorch's
+# test_misc ``test_cond_runtime_assert_generation`` under ``dynamic=True``) binds an unbacked symbol that the
+# trace of the operator's outputs never returns; ``make_fx`` then raises ``PendingUnbackedSymbolNotFound``, which
+# failed the user's torch.compile (``BackendCompilerFailed``) where ``aot_eager`` compiles. It is refused here like
+# the other data-dependent ops: the Dynamo graph runs eagerly (eager's results, eager's ``torch._check`` errors).
 @contextlib.contextmanager
 def explain_data_dependent_ops() -> Iterator[None]:
     """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op and where the
     model calls it."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
 
     fix = _DATA_DEPENDENT_FIX
     try:
@@ -496,6 +502,10 @@ def explain_data_dependent_ops() -> Iterator[None]:
     except GuardOnDataDependentSymNode as exc:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value{_call_site(exc)} "
                            f"({exc}). {fix}", reason="data_dependent") from exc
+    except PendingUnbackedSymbolNotFound as exc:  # NOTE [Data-dependent sizes made inside control flow]
+        raise CaptureError(f"aotcache: a data-dependent size is made inside a control-flow operator (torch.cond, "
+                           f"while_loop){_call_site(exc)} and does not reach its outputs, which cannot be captured "
+                           f"({_first_line(exc)}). {fix}", reason="data_dependent") from exc
     except RuntimeError as exc:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc
