@@ -97,13 +97,15 @@ def flatten_container_inputs(gm: Any, example_inputs: Sequence[Any]) -> FlatInpu
         if not all(user.op == "call_function" and user.target is operator.getitem and user.args[0] is node
                    and len(user.args) == 2 and not user.kwargs and user.args[1] in keys for user in users):
             raise _refuse(f"'{node.name}' is read other than by indexing with a constant")
+        # the indexing nodes carry Dynamo's fake (symbolic) values; the container's own meta holds the real ones
+        traced = {user.args[1]: user.meta["example_value"] for user in users if "example_value" in user.meta}
         with flat_gm.graph.inserting_before(node):
             element_nodes = {}
             for key, element in zip(keys, elements):
                 element_node = flat_gm.graph.placeholder(f"{node.name}_{key}")
                 element_node.meta = {name: meta for name, meta in node.meta.items()
                                      if name not in ("example_value", "val", "grapharg", "steal_arg")}
-                element_node.meta["example_value"] = element
+                element_node.meta["example_value"] = traced.get(key, element)
                 element_nodes[key] = element_node
         for user in users:
             user.replace_all_uses_with(element_nodes[user.args[1]])

@@ -110,3 +110,33 @@ def test_container_of_other_values_is_refused(bad):
     element = [torch.randn(3)] if bad == "nested" else object()
     with pytest.raises(CaptureError, match="not a tensor or a number"):
         flatten_container_inputs(_list_input_graph(), [[torch.randn(3), element], torch.randn(3)])
+
+
+def _dynamic_compiled_autograd_steps(backend):
+    """Compiled autograd with ``dynamic=True`` over several sizes: each step's leaf and gradient."""
+    from torch._dynamo import compiled_autograd
+
+    def hook(leaf):
+        leaf.mul_(leaf.grad)
+
+    def fn(x, y):
+        x.register_post_accumulate_grad_hook(hook)
+        return (x * y).sin()
+
+    torch._dynamo.reset()
+    results = []
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True, dynamic=True)):
+        for size in (3, 5, 7, 4):
+            torch.manual_seed(size)
+            x, y = torch.randn(size, requires_grad=True), torch.randn(size)
+            torch.compile(fn, backend="eager", dynamic=True)(x, y).sum().backward()
+            results.append((x.detach().clone(), x.grad.clone()))
+    return results
+
+
+def test_symbolic_boxed_inputs_give_eagers_values_at_every_size():
+    expected = _dynamic_compiled_autograd_steps("eager")
+    actual = _dynamic_compiled_autograd_steps(functools.partial(aotcache_backend, compiler="nop"))
+    for (x, grad), (eager_x, eager_grad) in zip(actual, expected):
+        torch.testing.assert_close(x, eager_x)
+        torch.testing.assert_close(grad, eager_grad)
