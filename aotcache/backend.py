@@ -76,16 +76,19 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
         if chosen not in COMPILER_NAMES:
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
+    from aotcache.aot.container_inputs import flatten_container_inputs, with_flat_inputs
     from aotcache.aot.errors import CaptureError
     from aotcache.api import aot_module_simplified
     from aotcache.compilers.base import options_with_mode
 
     compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
     try:
-        return aot_module_simplified(gm, example_inputs, fw_compiler=chosen,
-                                     partition_fn=_partition_fn(settings["partition"]),
-                                     dynamic=bool(settings["dynamic"]), cache=settings["cache"],
-                                     compiler_options=compiler_options)
+        flat = flatten_container_inputs(gm, example_inputs)  # NOTE [Container inputs of a Dynamo graph]
+        compiled = aot_module_simplified(flat.gm if flat else gm, flat.example_inputs if flat else example_inputs,
+                                         fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
+                                         dynamic=bool(settings["dynamic"]), cache=settings["cache"],
+                                         compiler_options=compiler_options)
+        return with_flat_inputs(flat, compiled) if flat else compiled
     except CaptureError as exc:  # NOTE [Dynamo graphs aotcache cannot capture] in aot/fallback.py
         from aotcache.aot.fallback import eager_dynamo_graph
 

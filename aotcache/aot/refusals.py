@@ -475,12 +475,21 @@ def _site_of(stack: Any) -> str:
     return f" (at {where}:{frame.lineno} in {frame.name}{source})"
 
 
+# NOTE [Data-dependent sizes in a symbolic trace]
+# With symbolic sizes (``dynamic=True``, or Dynamo's automatic dynamic), an op whose output size depends on data
+# (``nonzero`` returned as it is, ``x.split(t.tolist())``, a ``torch.cond`` whose branches make such a size: PyTorch's
+# test_misc ``test_aot_autograd_propagate_unbacked_symints_shape``, ``test_validate_outputs_unbacked``,
+# ``test_cond_runtime_assert_generation``) binds an unbacked symbol that the capture's trace does not return as
+# ``make_fx`` expects, which raises ``PendingUnbackedSymbolNotFound``: the user's torch.compile failed
+# (``BackendCompilerFailed``) where ``aot_eager`` compiles. With static sizes the same ops are refused as
+# data-dependent (``DynamicOutputShapeException`` above); so they are here: the Dynamo graph runs eagerly (eager's
+# results, eager's ``torch._check`` errors).
 @contextlib.contextmanager
 def explain_data_dependent_ops() -> Iterator[None]:
     """Turn fake-tensor errors about data-dependent ops into a :class:`CaptureError` naming the op and where the
     model calls it."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
 
     fix = _DATA_DEPENDENT_FIX
     try:
@@ -496,6 +505,10 @@ def explain_data_dependent_ops() -> Iterator[None]:
     except GuardOnDataDependentSymNode as exc:
         raise CaptureError(f"aotcache: the function branches on or sizes by a data-dependent value{_call_site(exc)} "
                            f"({exc}). {fix}", reason="data_dependent") from exc
+    except PendingUnbackedSymbolNotFound as exc:  # NOTE [Data-dependent sizes in a symbolic trace]
+        raise CaptureError(f"aotcache: an operator makes a size that depends on tensor data{_call_site(exc)} (e.g. "
+                           f"nonzero, tolist() sizes, such an op inside torch.cond), which cannot be captured with "
+                           f"symbolic sizes ({_first_line(exc)}). {fix}", reason="data_dependent") from exc
     except RuntimeError as exc:
         if _OUTSIDE_MUTATION_ERROR in str(exc):
             raise outside_mutation_error() from exc

@@ -778,3 +778,52 @@ def test_a_size_kept_in_a_closure_variable_is_put_back_and_eagers_int_kept():
     for rows in (2, 6):
         torch.testing.assert_close(compiled(torch.ones(rows)), torch.ones(rows).sin())
         assert type(seen["rows"]) is int and seen["rows"] == rows + 1
+
+
+def test_cond_making_a_data_dependent_size_runs_eagerly_through_the_backend(monkeypatch):
+    """NOTE [Data-dependent sizes in a symbolic trace]: was BackendCompilerFailed (PendingUnbackedSymbolNotFound)."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+
+    def branch(x):
+        nonzero = x.nonzero()
+        torch._check(nonzero.shape[0] % 4 == 0)
+        return torch.ones(nonzero.shape[0]) * x.sum()
+
+    def fn(x):
+        return torch.cond(x.shape[0] % 4 == 0, lambda: branch(x), lambda: branch(x))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=True, backend=functools.partial(aotcache_backend, compiler="nop"))
+    before = fallback_counts().get("region", 0)
+    x = torch.randn(4, 4) + 10  # no zeros: 16 nonzero elements
+    torch.testing.assert_close(compiled(x), fn(x))
+    assert fallback_counts().get("region", 0) == before + 1
+    with pytest.raises(RuntimeError):  # 25 nonzero elements: the check fails as eager's does
+        compiled(torch.randn(5, 5) + 10)
+
+
+def test_data_dependent_output_size_with_symbolic_sizes_runs_eagerly_through_the_backend(monkeypatch):
+    """NOTE [Data-dependent sizes in a symbolic trace]: refused as with static sizes, not BackendCompilerFailed."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+
+    def fn(x, sizes):
+        first, second = x.split(sizes.tolist())
+        return first.sum() * second, torch.nonzero(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=True, backend=functools.partial(aotcache_backend, compiler="nop"))
+    before = fallback_counts().get("region", 0)
+    for length, sizes in ((9, [3, 6]), (7, [5, 2])):
+        x = torch.arange(length, dtype=torch.float32)
+        torch.testing.assert_close(compiled(x, torch.tensor(sizes)), fn(x, torch.tensor(sizes)))
+    assert fallback_counts().get("region", 0) > before
