@@ -17,7 +17,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.refusals import unsupported_layout_error
 
-__all__ = ["refuse_subclass_outputs", "refuse_nested_int_inputs", "refuse_non_strided_graph_values"]
+__all__ = ["refuse_subclass_outputs", "refuse_nested_int_inputs", "refuse_non_strided_graph_values",
+           "behaviour_overriding_class", "overriding_subclass_error"]
 
 
 def refuse_subclass_outputs(flat_outs: Sequence[Any]) -> None:
@@ -81,3 +82,62 @@ def refuse_non_strided_graph_values(gm: torch.nn.Module) -> None:
         for value in pytree.tree_leaves(node.meta.get("example_value", node.meta.get("val"))):
             if isinstance(value, torch.Tensor) and value.layout != torch.strided:
                 raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", value.layout)
+
+
+# class members of a tensor subclass that leave the tensor's ops as they are (construction, copying, printing)
+_HARMLESS_MEMBERS = frozenset((
+    "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__slots__",
+    "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__abstractmethods__",
+    "_abc_impl", "__new__", "__init__", "__init_subclass__", "__class_getitem__", "__deepcopy__", "__reduce_ex__",
+    "__repr__", "__str__", "__format__"))
+
+
+def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
+    """NOTE [Tensor subclasses that change what ops do]
+    A tensor argument of a subclass that defines ``__torch_function__`` or ``__torch_dispatch__``, or a member of
+    ``torch.Tensor`` (``def sigmoid(self)``, a property ``shape``), changes what the function computes: eager runs the
+    override at every call. aotcache's own trace (``aot_function``, ``aot_module``, ``aotcache.compile``) fakes its
+    arguments as plain tensors, so the override was not traced: a ``__torch_function__`` that turns ``sigmoid`` into
+    ``exp`` gave ``sigmoid``'s values, silently (PyTorch's test_subclasses.py ``SigmoidToExpSubclass``), and such an
+    argument had the signature of a plain tensor, so it also reused a plain tensor's graph. Such an argument is
+    refused (the fallback runs the call through torch.compile, whose Dynamo traces the override, or eagerly).
+    ``torch.compile``'s graphs are unaffected: Dynamo has traced the override into them. Subclasses that only add
+    attributes or construction (``class T(torch.Tensor): pass``, an ``nn.Parameter`` subclass with its own
+    ``__new__``) compute as plain tensors do and are still captured.
+
+    :returns: the first class (from ``type(arg)`` down to ``torch.Tensor`` / ``nn.Parameter``) with such a member,
+        or None.
+    """
+    kind = type(arg)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return None
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(arg):
+        return None  # refused with its own message (NOTE [Tensor subclass arguments])
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    if issubclass(kind, (FakeTensor, FunctionalTensor, UninitializedTensorMixin)):
+        return None  # torch's own tracing tensors; lazy parameters are refused as uninitialized
+    for cls in kind.__mro__:
+        if cls is torch.Tensor or cls is torch.nn.Parameter or not issubclass(cls, torch.Tensor):
+            return None
+        for name in vars(cls):
+            if name in ("__torch_function__", "__torch_dispatch__") or (
+                    name not in _HARMLESS_MEMBERS and hasattr(torch.Tensor, name)):
+                return cls
+    return None
+
+
+def overriding_subclass_error(what: str, arg: torch.Tensor) -> CaptureError:
+    """The error for an argument of a subclass that changes what ops do (NOTE [Tensor subclasses that change what
+    ops do])."""
+    cls = behaviour_overriding_class(arg)
+    return CaptureError(f"aotcache: {what} is a {type(arg).__name__}, a tensor subclass whose class "
+                        f"{getattr(cls, '__name__', cls)} overrides tensor behaviour (__torch_function__, "
+                        f"__torch_dispatch__ or a torch.Tensor member), which a compiled graph of plain tensors would "
+                        f"not run. Pass a plain tensor (x.as_subclass(torch.Tensor)), or compile with "
+                        f"torch.compile(backend='aotcache'), whose Dynamo traces the override.",
+                        reason="unsupported_layout")

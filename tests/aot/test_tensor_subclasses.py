@@ -113,3 +113,80 @@ def test_the_offsets_of_an_eager_nested_tensor_as_an_input_are_a_named_refusal()
     torch.testing.assert_close(got, _scale_by_offsets(values, offsets))
     # a copy carries no ragged size: captured
     torch.testing.assert_close(strict(values, offsets.clone()), _scale_by_offsets(values, offsets))
+
+
+class _SigmoidToExp(torch.Tensor):
+    """PyTorch's test_subclasses.py SigmoidToExpSubclass: __torch_function__ turns sigmoid into exp."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.sigmoid:
+            return super().__torch_function__(torch.Tensor.exp, types, args, kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _MethodOverride(torch.Tensor):
+    def sigmoid(self):
+        return torch.Tensor.exp(self)
+
+
+class _AddsNothing(torch.Tensor):
+    pass
+
+
+class _QuantParameter(torch.nn.Parameter):
+    def __new__(cls, data, quant_type=None):
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.quant_type = quant_type
+        return self
+
+
+def _sigmoid_twice(x):
+    return x.sigmoid() * 2
+
+
+def _plain(x):
+    return x.as_subclass(torch.Tensor)
+
+
+_OWN_TRACES = {"compile": lambda fn, **kw: aotcache.compile(fn, compiler="nop", **kw),
+               "aot_function": lambda fn, **kw: aotcache.aot_function(fn, "nop", cache=False, **kw)}
+
+
+@pytest.mark.parametrize("route", sorted(_OWN_TRACES))
+@pytest.mark.parametrize("cls", (_SigmoidToExp, _MethodOverride), ids=("torch_function", "method"))
+def test_a_subclass_that_changes_an_op_gets_eagers_values(route, cls):
+    # NOTE [Tensor subclasses that change what ops do]: the trace faked the argument as a plain tensor and
+    # returned sigmoid's values where eager computes exp, silently; also after plain calls, whose signature it had
+    compiled = _OWN_TRACES[route](_sigmoid_twice)
+    a = torch.randn(4)
+    torch.testing.assert_close(_plain(compiled(a.as_subclass(cls))), a.exp() * 2)
+    for _ in range(3):
+        torch.testing.assert_close(_plain(compiled(a)), a.sigmoid() * 2)
+    torch.testing.assert_close(_plain(compiled(a.as_subclass(cls))), a.exp() * 2)
+    torch.testing.assert_close(_plain(compiled(a)), a.sigmoid() * 2)
+
+
+def test_a_subclass_that_changes_an_op_is_a_capture_error_naming_it():
+    compiled = aotcache.aot_function(_sigmoid_twice, "nop", cache=False, on_capture_error="raise")
+    with pytest.raises(CaptureError, match="flat argument 0 is a _SigmoidToExp, a tensor subclass whose class"):
+        compiled(torch.randn(4).as_subclass(_SigmoidToExp))
+
+
+@pytest.mark.parametrize("make", (lambda a: a.as_subclass(_AddsNothing), lambda a: _QuantParameter(a, 4)),
+                         ids=("adds_nothing", "parameter_with_new"))
+def test_a_subclass_that_changes_no_op_is_still_captured(make):
+    compiled = aotcache.aot_function(_sigmoid_twice, "nop", cache=False, on_capture_error="raise")
+    a = torch.randn(4)
+    got = compiled(make(a))
+    assert type(got) is type(_sigmoid_twice(make(a)))
+    torch.testing.assert_close(_plain(got), a.sigmoid() * 2)
+
+
+def test_a_torch_compile_graph_of_a_subclass_that_changes_an_op_is_still_captured():
+    # Dynamo traces the override into its graph: nothing to refuse there
+    before = fallback_counts().get("region", 0)
+    a = torch.randn(4)
+    got = _backend()(_sigmoid_twice)(a.as_subclass(_SigmoidToExp))
+    torch.testing.assert_close(_plain(got), a.exp() * 2)
+    assert fallback_counts().get("region", 0) == before
