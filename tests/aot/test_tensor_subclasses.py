@@ -190,3 +190,28 @@ def test_a_torch_compile_graph_of_a_subclass_that_changes_an_op_is_still_capture
     got = _backend()(_sigmoid_twice)(a.as_subclass(_SigmoidToExp))
     torch.testing.assert_close(_plain(got), a.exp() * 2)
     assert fallback_counts().get("region", 0) == before
+
+
+class _ScaledLinearWeight(torch.nn.Parameter):
+    """A quantized-weight style parameter (diffusers' GGUFParameter pattern) whose __torch_function__ changes
+    what ``F.linear`` returns."""
+
+    def __new__(cls, data, quant_type=None):
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.quant_type = quant_type
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        return result * 10 if func is torch.nn.functional.linear else result
+
+
+@pytest.mark.parametrize("route", ("aot_module", "compile"))
+def test_a_parameter_subclass_that_changes_an_op_gets_eagers_values(route):
+    # NOTE [Tensor subclasses that change what ops do], for a module's parameter: the plain linear's values before
+    model = torch.nn.Linear(4, 4)
+    model.weight = _ScaledLinearWeight(model.weight.detach(), quant_type=3)
+    x = torch.randn(2, 4)
+    compiled = aotcache.aot_module(model, "nop") if route == "aot_module" else aotcache.compile(model, compiler="nop")
+    torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
