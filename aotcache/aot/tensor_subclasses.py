@@ -76,20 +76,26 @@ def refuse_non_strided_graph_values(gm: torch.nn.Module) -> None:
     graph = getattr(gm, "graph", None)
     if graph is None:
         return
+    strided = torch.strided
     for node in graph.nodes:
         if node.op == "placeholder":
             continue  # inputs are checked as arguments (make_fake_inputs)
-        for value in pytree.tree_leaves(node.meta.get("example_value", node.meta.get("val"))):
-            if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            if value.layout is not strided:
                 raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", value.layout)
+        elif isinstance(value, (tuple, list)):  # a multi-output op (a few levels at most: pytree is the rare case)
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor) and leaf.layout is not strided:
+                    raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", leaf.layout)
 
 
 # class members of a tensor subclass that leave the tensor's ops as they are (construction, copying, printing)
 _HARMLESS_MEMBERS = frozenset((
     "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__slots__",
     "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__abstractmethods__",
-    "_abc_impl", "__new__", "__init__", "__init_subclass__", "__class_getitem__", "__deepcopy__", "__reduce_ex__",
-    "__repr__", "__str__", "__format__"))
+    "_abc_impl", "__new__", "__init__", "__init_subclass__", "__class_getitem__", "__deepcopy__", "__copy__",
+    "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__repr__", "__str__", "__format__"))
 
 
 def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
