@@ -93,3 +93,7 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         from aotcache.aot.fallback import eager_dynamo_graph
 
         return eager_dynamo_graph(gm, exc)
+    except Exception as exc:
+        from aotcache.aot.fallback import eager_dynamo_graph_after_trace_failure
+
+        return eager_dynamo_graph_after_trace_failure(gm, exc)

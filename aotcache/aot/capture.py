@@ -73,6 +73,7 @@ from aotcache.aot.metadata import (
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
 from aotcache.aot.source_locations import hand_on_source_locations
+from aotcache.aot.tensor_subclasses import refuse_subclass_outputs
 from aotcache.aot.tangents import (
     grad_tangent_dependencies,
     inputs_without_gradient,
@@ -230,6 +231,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             raise CaptureError(str(exc)) from None
         flat_outs, out_spec = pytree.tree_flatten(result)
         _refuse_retained_gradients(flat_outs)
+        refuse_subclass_outputs(flat_outs)  # NOTE [Tensor subclass outputs]
         try:
             out_structure = encode_output_structure(out_spec)
         except UnsupportedOutputError as exc:

@@ -25,6 +25,7 @@ from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.input_mutations import mutated_input_overlaps
 from aotcache.aot.refusals import refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
+from aotcache.aot.tensor_subclasses import refuse_non_strided_graph_values
 from aotcache.aot.source_locations import (
     capturing_source_locations,
     keeps_source_locations,
@@ -189,6 +190,7 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     load it from ``cache`` instead (NOTE [Compile services]).
     """
     refuse_unpreserved_random_regions(gm)  # NOTE [Checkpointed regions without the RNG state]
+    refuse_non_strided_graph_values(gm)  # NOTE [Nested tensors built inside a Dynamo graph]
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)

@@ -14,6 +14,7 @@ import torch
 
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.refusals import tensor_subclass_error, unsupported_layout_error
+from aotcache.aot.tensor_subclasses import refuse_nested_int_inputs
 
 __all__ = ["make_fake_inputs"]
 
@@ -40,6 +41,7 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
         return existing, fakes
     if not dynamic:
+        refuse_nested_int_inputs(flat_args)  # NOTE [Offsets of nested tensors as inputs]
         # real tensors read from closures / globals become graph constants (NOTE [closed-over tensors] in refusals.py)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a

@@ -60,8 +60,8 @@ from aotcache.logs import log_once, logger
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
            "is_trace_failure", "trace_failure_error", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
-           "eager_past_recompile_limit",
-           "eager_dynamo_graph", "graph_as_eager", "dynamo_as_eager", "has_uninitialized_parameters"]
+           "eager_past_recompile_limit", "eager_dynamo_graph", "eager_dynamo_graph_after_trace_failure",
+           "graph_as_eager", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
 JOURNAL_SECTION = "fallback"
@@ -223,7 +223,11 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
 
     try:
         return compile_dynamo_graph(gm, example_inputs, owner.options, services=owner.services, cache=owner.cache)
-    except CaptureError as exc:
+    except Exception as exc:  # NOTE [Dynamo graphs whose capture fails]: a marked trace failure as a CaptureError
+        if not isinstance(exc, CaptureError):
+            if not is_trace_failure(exc) or config.get("strict"):
+                raise
+            exc = trace_failure_error(exc)
         _count("region")
         _warn_once(owner, f"region:{exc.reason}",
                    "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
@@ -248,6 +252,28 @@ def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
              "aotcache backend: a torch.compile graph cannot be captured (%s); it runs eagerly (eager's results)",
              _first_line(exc))
     return graph_as_eager(gm)
+
+
+def eager_dynamo_graph_after_trace_failure(gm: torch.fx.GraphModule, exc: Exception) -> Callable:
+    """What the ``torch.compile`` backend returns when the capture of a Dynamo graph fails with an error that is no
+    ``CaptureError`` (marked by ``capture``): the graph as Python, counted as ``region`` (reason ``trace_failed``).
+
+    NOTE [Dynamo graphs whose capture fails]
+    Dynamo has traced the graph already, on its own fake tensors, so an error that aotcache's capture of it meets is
+    torch's tracing machinery failing in aotcache's setting, not the user's code: ``torch.while_loop`` needs a
+    ShapeEnv that a static capture does not have ("'NoneType' object has no attribute
+    'ignore_fresh_unbacked_symbols'"), and with a stacked output its iteration count is an unbacked size the
+    symbolic capture does not return (``PendingUnbackedSymbolNotFound``). Both were ``BackendCompilerFailed``
+    where eager and ``aot_eager`` run (PyTorch's hop_db samples). Such a graph now runs as Python, as a graph the
+    capture refuses does (NOTE [Dynamo graphs aotcache cannot capture]); an error of the graph itself is then
+    raised as eager raises it.
+
+    :raises Exception: ``exc`` as it is when it is not a marked trace failure (a compiler's or an option's), or in
+        strict mode (``AOTCACHE_STRICT=1``).
+    """
+    if not is_trace_failure(exc) or config.get("strict"):
+        raise exc
+    return eager_dynamo_graph(gm, trace_failure_error(exc))
 
 
 def _checkpoint_as_eager(body: Callable, *args: Any, **kwargs: Any) -> Any:

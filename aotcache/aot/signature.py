@@ -33,6 +33,7 @@ from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
 from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
+from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
 __all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
            "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
@@ -187,6 +188,8 @@ def memory_sharing(flat_args: Sequence[Any]) -> tuple:
                 raise unsupported_layout_error(f"flat argument {index}", kind)
             if torch._C._functorch.is_functorch_wrapped_tensor(arg):
                 raise functorch_transform_error(f"flat argument {index}")
+            if type(arg) is not torch.Tensor and behaviour_overriding_class(arg) is not None:
+                raise overriding_subclass_error(f"flat argument {index}", arg)
             if not arg.is_meta:
                 tensors.append(arg)
     return storage_sharing(tensors)

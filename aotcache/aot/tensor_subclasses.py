@@ -1,0 +1,149 @@
+"""Refusals for tensor subclasses that wrap other tensors, and for the nested tensors built from plain ones.
+
+aotcache's capture has no subclass desugaring (NOTE [Tensor subclass arguments] in refusals.py): a graph takes
+and returns plain tensors. A subclass used only *inside* the function is traced through its
+``__torch_dispatch__`` into plain ops, as eager runs it; these refusals cover what a plain graph cannot stand
+for, so that the fallback runs such a call as eager does instead of failing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.errors import CaptureError
+from aotcache.aot.refusals import unsupported_layout_error
+
+__all__ = ["refuse_subclass_outputs", "refuse_nested_int_inputs", "refuse_non_strided_graph_values",
+           "behaviour_overriding_class", "overriding_subclass_error"]
+
+
+def refuse_subclass_outputs(flat_outs: Sequence[Any]) -> None:
+    """NOTE [Tensor subclass outputs]
+    A function that builds a tensor subclass from plain tensors and returns it (``return TwoTensor(x, x * 2)``,
+    a float8 or DTensor made inside) was traced into a graph whose output slot held the subclass of the trace's
+    own functional tensors: a graph constant (not cacheable, "tensor constant subclass") and, at the first call,
+    "Attempting to use FunctionalTensor on its own" where eager and torch's aot_eager return the subclass. The
+    graph has no way to rebuild the subclass around plain outputs, so the capture is refused (``unsupported_layout``)
+    and the fallback runs the call as eager does. A subclass used inside and not returned is still captured.
+
+    :raises CaptureError: naming the output and its class.
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for k, out in enumerate(flat_outs):
+        if isinstance(out, torch.Tensor) and is_traceable_wrapper_subclass(out):
+            raise CaptureError(f"aotcache: output {k} is a {type(out).__name__}, a tensor subclass that wraps other "
+                               f"tensors; a compiled graph returns plain tensors only. Return its inner tensors "
+                               f"instead, or build the subclass after the compiled call.",
+                               reason="unsupported_layout")
+
+
+def refuse_nested_int_inputs(flat_args: Sequence[Any]) -> None:
+    """NOTE [Offsets of nested tensors as inputs]
+    A plain tensor that is the offsets (or lengths) of a jagged nested tensor eager has made is registered with
+    a ragged size (a nested int); faking it makes that size a symbol, which needs a ShapeEnv. A static capture has
+    none, so such an input (``nested_tensor_from_jagged(values, offsets)`` run once eagerly, then ``offsets``
+    passed to a compiled function) failed with torch's "self.shape_env must not be None" where eager and aot_eager
+    run. It is refused (``unsupported_layout``); the fallback runs the call as eager does. Called for static
+    captures only (a symbolic one has its ShapeEnv).
+
+    :raises CaptureError: naming the argument.
+    """
+    from torch.nested._internal.nested_tensor import _tensor_symint_registry
+
+    for position, arg in enumerate(flat_args):
+        if isinstance(arg, torch.Tensor) and arg in _tensor_symint_registry:
+            raise CaptureError(f"aotcache: flat argument {position} is the offsets or lengths of a jagged nested "
+                               f"tensor (it carries a ragged size), which a static capture cannot stand for. Pass a "
+                               f"copy (offsets.clone()) or the nested tensor itself, or call the function eagerly.",
+                               reason="unsupported_layout")
+
+
+def refuse_non_strided_graph_values(gm: torch.nn.Module) -> None:
+    """NOTE [Nested tensors built inside a Dynamo graph]
+    Dynamo keeps ``nested_tensor_from_jagged(values, offsets)`` on plain inputs in its graph. A symbolic capture
+    refuses the jagged result when it meets it (``unsupported_layout``), but a static one failed earlier, inside the
+    op: the ragged size is a symbol and a static capture has no ShapeEnv ("self.shape_env must not be None", where
+    aot_eager runs). So a Dynamo graph that computes any value with a non-strided layout (jagged, sparse) is
+    refused before the capture, by the values Dynamo recorded: the outcome the symbolic capture already had.
+
+    :raises CaptureError: naming the first such value.
+    """
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    strided = torch.strided
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue  # inputs are checked as arguments (make_fake_inputs)
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            if value.layout is not strided:
+                raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", value.layout)
+        elif isinstance(value, (tuple, list)):  # a multi-output op (a few levels at most: pytree is the rare case)
+            for leaf in pytree.tree_leaves(value):
+                if isinstance(leaf, torch.Tensor) and leaf.layout is not strided:
+                    raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", leaf.layout)
+
+
+# class members of a tensor subclass that leave the tensor's ops as they are (construction, copying, printing)
+_HARMLESS_MEMBERS = frozenset((
+    "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__slots__",
+    "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__", "__abstractmethods__",
+    "_abc_impl", "__new__", "__init__", "__init_subclass__", "__class_getitem__", "__deepcopy__", "__copy__",
+    "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__repr__", "__str__", "__format__"))
+
+
+def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
+    """NOTE [Tensor subclasses that change what ops do]
+    A tensor argument of a subclass that defines ``__torch_function__`` or ``__torch_dispatch__``, or a member of
+    ``torch.Tensor`` (``def sigmoid(self)``, a property ``shape``), changes what the function computes: eager runs the
+    override at every call. aotcache's own trace (``aot_function``, ``aot_module``, ``aotcache.compile``) fakes its
+    arguments as plain tensors, so the override was not traced: a ``__torch_function__`` that turns ``sigmoid`` into
+    ``exp`` gave ``sigmoid``'s values, silently (PyTorch's test_subclasses.py ``SigmoidToExpSubclass``), and such an
+    argument had the signature of a plain tensor, so it also reused a plain tensor's graph. Such an argument is
+    refused (the fallback runs the call through torch.compile, whose Dynamo traces the override, or eagerly).
+    ``torch.compile``'s graphs are unaffected: Dynamo has traced the override into them. Subclasses that only add
+    attributes or construction (``class T(torch.Tensor): pass``, an ``nn.Parameter`` subclass with its own
+    ``__new__``) compute as plain tensors do and are still captured.
+
+    :returns: the first class (from ``type(arg)`` down to ``torch.Tensor`` / ``nn.Parameter``) with such a member,
+        or None.
+    """
+    kind = type(arg)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return None
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(arg):
+        return None  # refused with its own message (NOTE [Tensor subclass arguments])
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    if issubclass(kind, (FakeTensor, FunctionalTensor, UninitializedTensorMixin)):
+        return None  # torch's own tracing tensors; lazy parameters are refused as uninitialized
+    for cls in kind.__mro__:
+        if cls is torch.Tensor or cls is torch.nn.Parameter or not issubclass(cls, torch.Tensor):
+            return None
+        for name in vars(cls):
+            if name in ("__torch_function__", "__torch_dispatch__") or (
+                    name not in _HARMLESS_MEMBERS and hasattr(torch.Tensor, name)):
+                return cls
+    return None
+
+
+def overriding_subclass_error(what: str, arg: torch.Tensor) -> CaptureError:
+    """The error for an argument of a subclass that changes what ops do (NOTE [Tensor subclasses that change what
+    ops do])."""
+    cls = behaviour_overriding_class(arg)
+    return CaptureError(f"aotcache: {what} is a {type(arg).__name__}, a tensor subclass whose class "
+                        f"{getattr(cls, '__name__', cls)} overrides tensor behaviour (__torch_function__, "
+                        f"__torch_dispatch__ or a torch.Tensor member), which a compiled graph of plain tensors would "
+                        f"not run. Pass a plain tensor (x.as_subclass(torch.Tensor)), or compile with "
+                        f"torch.compile(backend='aotcache'), whose Dynamo traces the override.",
+                        reason="unsupported_layout")
