@@ -52,6 +52,7 @@ from aotcache.compilers.float_inputs import FloatInputs, tensorify_float_inputs
 from aotcache.compilers.inductor_decomp import check_supported_ops, inductor_decompositions
 from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expected_layouts
 from aotcache.compilers.nop import random_generators
+from aotcache.compilers.view_offsets import spell_storage_offsets
 from aotcache.logs import log_once
 
 __all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
@@ -296,6 +297,7 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
     check_supported_ops(gm, COMPILER_NAME)
     graph_module = aoti_lib.copy_graph_module(gm)  # Inductor's passes mutate the graph
     _ensure_tuple_output(graph_module)
+    spell_storage_offsets(graph_module)  # NOTE [Storage offsets of input views under Inductor]
     fake_inputs, fake_mode = _fake_inputs_and_mode(graph_module, example_inputs)
     floats = tensorify_float_inputs(graph_module, fake_mode, runs_on_gpu(fake_inputs))  # NOTE [Float inputs for
     if floats is not None:  # Inductor]: float placeholders become 0-d float64 tensors
@@ -324,6 +326,7 @@ def inductor_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *
         fallback_random = True
         graph_module = aoti_lib.copy_graph_module(gm)
         _ensure_tuple_output(graph_module)
+        spell_storage_offsets(graph_module)
         tensorify_float_inputs(graph_module, fake_mode, on_gpu)
         _keep_traced_output_strides(graph_module)
         compiled, reported_strides, triton = _compile_fx(graph_module, fake_inputs, fake_mode,
