@@ -23,7 +23,7 @@ from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.input_mutations import mutated_input_overlaps
-from aotcache.aot.refusals import refuse_unpreserved_random_regions
+from aotcache.aot.refusals import refuse_backward_state_inputs, refuse_unpreserved_random_regions
 from aotcache.aot.services import CompileServices
 from aotcache.aot.source_locations import (
     capturing_source_locations,
@@ -189,6 +189,7 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     load it from ``cache`` instead (NOTE [Compile services]).
     """
     refuse_unpreserved_random_regions(gm)  # NOTE [Checkpointed regions without the RNG state]
+    refuse_backward_state_inputs(example_inputs)  # NOTE [Hooks compiled autograd runs from a forward graph]
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)
