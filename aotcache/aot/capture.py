@@ -1095,10 +1095,13 @@ def _compiled_autograd_off() -> contextlib.AbstractContextManager:
     of the joint trace included: each forward compiled by ``backend="aotcache"`` made compiled autograd trace the
     capture's fake backward as one more backward graph, handed to its compiler inside the capture. The capture
     traces the backward ATen op by ATen op, so compiled autograd is off while it runs, as in torch's AOT Autograd;
-    the captured backward runs under the caller's compiled autograd at ``backward()`` time."""
+    the captured backward runs under the caller's compiled autograd at ``backward()`` time. torch keeps compiled
+    autograd's compiler for the whole process, not per thread: switching it off (and back on after) while another
+    thread enters or leaves ``_enable`` could undo that thread's change, so a capture touches it only where compiled
+    autograd is on when the capture begins."""
     from torch._dynamo import compiled_autograd
 
-    return compiled_autograd._disable()
+    return compiled_autograd._disable() if compiled_autograd.compiled_autograd_enabled else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
