@@ -947,7 +947,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators) as rng_watch, \
-            _functorch_levels_kept(), \
+            _functorch_levels_kept(), _compiled_autograd_off(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
             _callers_saved_tensor_hooks_off(), watch:
         analysis = None
@@ -1088,6 +1088,22 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
 # static one, inference from 3.3x to 2.9x and 3.7x to 3.4x (bench/dynamic.py's models, side by side, CPU time).
 # Static captures keep the cache, which is process-wide for them, and so does a caller's ShapeEnv (Dynamo's,
 # which holds the ops Dynamo traced).
+
+
+def _compiled_autograd_off() -> contextlib.AbstractContextManager:
+    """NOTE [Compiled autograd during a capture]
+    Under compiled autograd (``compiled_autograd._enable(...)``, ``torch._dynamo.config.compiled_autograd``) every
+    run of the autograd engine in this thread goes to compiled autograd, the capture's own ``torch.autograd.grad``
+    of the joint trace included: each forward compiled by ``backend="aotcache"`` made compiled autograd trace the
+    capture's fake backward as one more backward graph, handed to its compiler inside the capture. The capture
+    traces the backward ATen op by ATen op, so compiled autograd is off while it runs, as in torch's AOT Autograd;
+    the captured backward runs under the caller's compiled autograd at ``backward()`` time. torch keeps compiled
+    autograd's compiler for the whole process, not per thread: switching it off (and back on after) while another
+    thread enters or leaves ``_enable`` could undo that thread's change, so a capture touches it only where compiled
+    autograd is on when the capture begins."""
+    from torch._dynamo import compiled_autograd
+
+    return compiled_autograd._disable() if compiled_autograd.compiled_autograd_enabled else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ replaced by one placeholder per element (the indexing nodes by those placeholder
 graph of flat inputs, keyed and compiled as any other; the returned function flattens each call's containers the
 same way. A container read otherwise (passed whole to a call, indexed by a value) is refused: the graph runs
 eagerly. A list compiled autograd marks as stolen (``steal_arg``) is emptied once flattened, as its own
-backends do, so the gradients it boxes are freed when the graph no longer needs them.
+backends do, so that the list holds none of the gradients it boxes. The call's flat arguments still hold each one
+until the graph returns: aotcache's compiled functions take positional arguments, where torch's boxed runtime
+(``aot_eager``, Inductor) lets each input go at its last use, so a compiled-autograd backward can peak higher here
+by the gradients it reads.
 """
 
 from __future__ import annotations

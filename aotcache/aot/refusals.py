@@ -26,7 +26,7 @@ from aotcache.aot.errors import CaptureError
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper", "checkpoint_mutation_error", "checkpoint_input_write_error",
-           "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
+           "refuse_backward_state_inputs", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
            "refuse_reentrant_checkpoint_nodes",
            "refuse_changed_argument_containers", "argument_containers", "refuse_script_modules",
            "tensor_subclass_error",
@@ -644,6 +644,25 @@ def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:
 # runs each region as eager's checkpoint with the model's own setting (NOTE [Checkpointed regions run eagerly]).
 _RANDOM_NAME = re.compile(r"(^|_)(rand\w*|dropout\w*|bernoulli_?|normal_?|multinomial|rrelu\w*|uniform_|"
                           r"exponential_|geometric_|cauchy_|fractional_max_pool\w*|native_dropout)$")
+
+
+# NOTE [Hooks compiled autograd runs from a forward graph]
+# With compiled autograd on when the forward is compiled, Dynamo puts a module's full backward hooks (and hooks
+# registered inside the compiled function) into the forward graph as ``trace_wrapped`` calls that hand the hook to
+# compiled autograd through a ``BackwardState`` input. The capture has no such state to trace: the user's compile
+# failed (``AttributeError: 'BackwardState' object has no attribute 'proxy'``, ``BackendCompilerFailed``, where
+# ``aot_eager`` compiles). Such a graph is refused: it runs eagerly as Dynamo's graph, the hooks called as eager
+# calls them.
+def refuse_backward_state_inputs(example_inputs: Sequence[Any]) -> None:
+    """Refuse a Dynamo graph taking a ``BackwardState`` (NOTE [Hooks compiled autograd runs from a forward
+    graph])."""
+    from torch.fx.experimental._backward_state import BackwardState
+
+    if any(isinstance(value, BackwardState) for value in example_inputs):
+        raise CaptureError("aotcache: the graph hands a backward hook to compiled autograd (a BackwardState input: "
+                           "a module's full backward hook or a hook registered in the compiled function, compiled "
+                           "with compiled autograd on), which the capture cannot trace; the graph runs eagerly.",
+                           reason="unsupported_construct")
 
 
 def refuse_unpreserved_random_regions(gm: torch.nn.Module) -> None:
