@@ -98,6 +98,12 @@ _HARMLESS_MEMBERS = frozenset((
     "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__repr__", "__str__", "__format__"))
 
 
+# ``__torch_function__ = torch._C._disabled_torch_function_impl`` (as nn.Parameter has it): ops run as on a plain
+# tensor and return plain tensors, what a compiled graph returns
+_DISABLED_OVERRIDES = {"__torch_function__": torch._C._disabled_torch_function_impl,
+                       "__torch_dispatch__": torch._C._disabled_torch_dispatch_impl}
+
+
 def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     """NOTE [Tensor subclasses that change what ops do]
     A tensor argument of a subclass that defines ``__torch_function__`` or ``__torch_dispatch__``, or a member of
@@ -109,7 +115,12 @@ def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     refused (the fallback runs the call through torch.compile, whose Dynamo traces the override, or eagerly).
     ``torch.compile``'s graphs are unaffected: Dynamo has traced the override into them. Subclasses that only add
     attributes or construction (``class T(torch.Tensor): pass``, an ``nn.Parameter`` subclass with its own
-    ``__new__``) compute as plain tensors do and are still captured.
+    ``__new__``) or that disable ``__torch_function__`` (``torch._C._disabled_torch_function_impl``, as
+    ``nn.Parameter`` does) compute as plain tensors do and are still captured. Found (session-14 review): the
+    override of a mixin listed before ``torch.Tensor`` (``class T(SigmoidToExpMixin, torch.Tensor)``) was not
+    looked at (the walk stopped at the first class that is no tensor class), so it gave ``sigmoid``'s values; and a
+    disabled ``__torch_function__`` was refused. Every class before ``torch.Tensor`` in the MRO is now read, a
+    name by the class that eager's lookup finds.
 
     :returns: the first class (from ``type(arg)`` down to ``torch.Tensor`` / ``nn.Parameter``) with such a member,
         or None.
@@ -127,12 +138,18 @@ def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
 
     if issubclass(kind, (FakeTensor, FunctionalTensor, UninitializedTensorMixin)):
         return None  # torch's own tracing tensors; lazy parameters are refused as uninitialized
-    for cls in kind.__mro__:
-        if cls is torch.Tensor or cls is torch.nn.Parameter or not issubclass(cls, torch.Tensor):
+    shadowed = set()  # names a class nearer type(arg) defines: what eager runs
+    for cls in kind.__mro__:  # mixins too: a class listed before torch.Tensor overrides its members
+        if cls is torch.Tensor or cls is torch.nn.Parameter:
             return None
-        for name in vars(cls):
-            if name in ("__torch_function__", "__torch_dispatch__") or (
-                    name not in _HARMLESS_MEMBERS and hasattr(torch.Tensor, name)):
+        for name, member in vars(cls).items():
+            if name in shadowed or name in _HARMLESS_MEMBERS:
+                continue
+            shadowed.add(name)
+            if name in _DISABLED_OVERRIDES:
+                if member is not _DISABLED_OVERRIDES[name]:
+                    return cls
+            elif hasattr(torch.Tensor, name):
                 return cls
     return None
 
