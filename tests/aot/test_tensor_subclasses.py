@@ -238,3 +238,40 @@ def test_a_parameter_subclass_that_changes_an_op_gets_eagers_values(route):
     x = torch.randn(2, 4)
     compiled = aotcache.aot_module(model, "nop") if route == "aot_module" else aotcache.compile(model, compiler="nop")
     torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+
+
+def test_a_parameter_whose_class_is_assigned_after_plain_calls_gets_eagers_values():
+    # the hot path of aot_module compared the fields of a module's tensors, not their classes: a parameter whose
+    # __class__ became an overriding one kept the plain graph (the full path refuses it)
+    model = torch.nn.Linear(4, 4)
+    compiled = aotcache.aot_module(model, "nop")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), model(x))
+    model.weight.__class__ = _ScaledLinearWeight
+    for _ in range(2):
+        torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+
+
+class _GainsAnOverrideLater(torch.nn.Parameter):
+    pass
+
+
+def _linear_times_ten(cls, func, types, args=(), kwargs=None):
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*args, **(kwargs or {}))
+    return result * 10 if func is torch.nn.functional.linear else result
+
+
+@pytest.mark.xfail(reason="known gap: a class that gains __torch_function__ after its calls were captured keeps "
+                          "their graph on the hot path (the class is compared, not its members)",
+                   raises=AssertionError, strict=True)
+def test_a_parameter_class_that_gains_an_override_after_its_calls_gets_eagers_values(monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    model.weight = _GainsAnOverrideLater(model.weight.detach())
+    compiled = aotcache.aot_module(model, "nop")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+    monkeypatch.setattr(_GainsAnOverrideLater, "__torch_function__", classmethod(_linear_times_ten), raising=False)
+    torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
