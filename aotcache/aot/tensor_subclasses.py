@@ -12,7 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.refusals import unsupported_layout_error
@@ -32,8 +36,6 @@ def refuse_subclass_outputs(flat_outs: Sequence[Any]) -> None:
 
     :raises CaptureError: naming the output and its class.
     """
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     for k, out in enumerate(flat_outs):
         if isinstance(out, torch.Tensor) and is_traceable_wrapper_subclass(out):
             raise CaptureError(f"aotcache: output {k} is a {type(out).__name__}, a tensor subclass that wraps other "
@@ -128,14 +130,8 @@ def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     kind = type(arg)
     if kind is torch.Tensor or kind is torch.nn.Parameter:
         return None
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(arg):
         return None  # refused with its own message (NOTE [Tensor subclass arguments])
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    from torch.nn.parameter import UninitializedTensorMixin
-
     if issubclass(kind, (FakeTensor, FunctionalTensor, UninitializedTensorMixin)):
         return None  # torch's own tracing tensors; lazy parameters are refused as uninitialized
     shadowed = set()  # names a class nearer type(arg) defines: what eager runs
