@@ -114,7 +114,8 @@ class HotSignature:
     """One seen signature of plain tensor arguments and the runtime it selected (NOTE [Hot path])."""
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
-                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets", "_mixed")
+                 "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets", "_mixed",
+                 "_types")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -125,6 +126,7 @@ class HotSignature:
                        for index, arg in enumerate(flat_args)]
         self.sharing = storage_sharing(flat_args)
         self.runtime = runtime
+        self._types = list(map(type, flat_args))  # NOTE [Tensor subclasses that change what ops do]
         # NOTE [Static signatures in bulk]
         static = not dynamic or (isinstance(dynamic, tuple) and not any(dynamic))
         self._static = list(map(_STATIC_FIELDS, flat_args)) if static else None
@@ -171,8 +173,8 @@ class HotSignature:
 
     def matches(self, flat_args: Sequence[torch.Tensor]) -> bool:
         """Whether ``flat_args`` have this signature (the caller checked they are plain tensors)."""
-        if torch.is_grad_enabled() is not self.grad_enabled or len(flat_args) != len(self.fields):
-            return False
+        if torch.is_grad_enabled() is not self.grad_enabled or list(map(type, flat_args)) != self._types:
+            return False  # a class the full path refuses (a parameter's __class__ assigned since) takes that path
         if self._static is not None:  # NOTE [Static signatures in bulk]
             if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
                 return False

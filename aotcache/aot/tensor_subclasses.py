@@ -12,7 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.nn.parameter import UninitializedTensorMixin
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.refusals import unsupported_layout_error
@@ -32,8 +36,6 @@ def refuse_subclass_outputs(flat_outs: Sequence[Any]) -> None:
 
     :raises CaptureError: naming the output and its class.
     """
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     for k, out in enumerate(flat_outs):
         if isinstance(out, torch.Tensor) and is_traceable_wrapper_subclass(out):
             raise CaptureError(f"aotcache: output {k} is a {type(out).__name__}, a tensor subclass that wraps other "
@@ -98,6 +100,12 @@ _HARMLESS_MEMBERS = frozenset((
     "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__repr__", "__str__", "__format__"))
 
 
+# ``__torch_function__ = torch._C._disabled_torch_function_impl`` (as nn.Parameter has it): ops run as on a plain
+# tensor and return plain tensors, what a compiled graph returns
+_DISABLED_OVERRIDES = {"__torch_function__": torch._C._disabled_torch_function_impl,
+                       "__torch_dispatch__": torch._C._disabled_torch_dispatch_impl}
+
+
 def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     """NOTE [Tensor subclasses that change what ops do]
     A tensor argument of a subclass that defines ``__torch_function__`` or ``__torch_dispatch__``, or a member of
@@ -109,7 +117,14 @@ def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     refused (the fallback runs the call through torch.compile, whose Dynamo traces the override, or eagerly).
     ``torch.compile``'s graphs are unaffected: Dynamo has traced the override into them. Subclasses that only add
     attributes or construction (``class T(torch.Tensor): pass``, an ``nn.Parameter`` subclass with its own
-    ``__new__``) compute as plain tensors do and are still captured.
+    ``__new__``) or that disable ``__torch_function__`` (``torch._C._disabled_torch_function_impl``, as
+    ``nn.Parameter`` does) compute as plain tensors do and are still captured. Found (session-14 review): the
+    override of a mixin listed before ``torch.Tensor`` (``class T(SigmoidToExpMixin, torch.Tensor)``) was not
+    looked at (the walk stopped at the first class that is no tensor class), so it gave ``sigmoid``'s values; and a
+    disabled ``__torch_function__`` was refused. Every class before ``torch.Tensor`` in the MRO is now read, a
+    name by the class that eager's lookup finds. The hot paths compare the classes of the arguments (``aot_module``'s
+    compared a parameter's fields only: one whose ``__class__`` became an overriding class kept the plain graph);
+    a class that gains an override after its calls were captured is a known gap (an xfail).
 
     :returns: the first class (from ``type(arg)`` down to ``torch.Tensor`` / ``nn.Parameter``) with such a member,
         or None.
@@ -117,22 +132,22 @@ def behaviour_overriding_class(arg: torch.Tensor) -> type | None:
     kind = type(arg)
     if kind is torch.Tensor or kind is torch.nn.Parameter:
         return None
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(arg):
         return None  # refused with its own message (NOTE [Tensor subclass arguments])
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    from torch.nn.parameter import UninitializedTensorMixin
-
     if issubclass(kind, (FakeTensor, FunctionalTensor, UninitializedTensorMixin)):
         return None  # torch's own tracing tensors; lazy parameters are refused as uninitialized
-    for cls in kind.__mro__:
-        if cls is torch.Tensor or cls is torch.nn.Parameter or not issubclass(cls, torch.Tensor):
+    shadowed = set()  # names a class nearer type(arg) defines: what eager runs
+    for cls in kind.__mro__:  # mixins too: a class listed before torch.Tensor overrides its members
+        if cls is torch.Tensor or cls is torch.nn.Parameter:
             return None
-        for name in vars(cls):
-            if name in ("__torch_function__", "__torch_dispatch__") or (
-                    name not in _HARMLESS_MEMBERS and hasattr(torch.Tensor, name)):
+        for name, member in vars(cls).items():
+            if name in shadowed or name in _HARMLESS_MEMBERS:
+                continue
+            shadowed.add(name)
+            if name in _DISABLED_OVERRIDES:
+                if member is not _DISABLED_OVERRIDES[name]:
+                    return cls
+            elif hasattr(torch.Tensor, name):
                 return cls
     return None
 

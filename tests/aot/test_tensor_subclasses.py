@@ -130,8 +130,29 @@ class _MethodOverride(torch.Tensor):
         return torch.Tensor.exp(self)
 
 
+class _SigmoidToExpMixin:
+    """The override of _SigmoidToExp in a mixin that is no tensor class, listed before torch.Tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func == torch.Tensor.sigmoid:
+            func = torch.Tensor.exp
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+class _MixedInOverride(_SigmoidToExpMixin, torch.Tensor):
+    pass
+
+
 class _AddsNothing(torch.Tensor):
     pass
+
+
+class _TorchFunctionDisabled(torch.Tensor):
+    """Ops on it run as on a plain tensor and return plain tensors (as nn.Parameter does)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
 
 class _QuantParameter(torch.nn.Parameter):
@@ -154,7 +175,8 @@ _OWN_TRACES = {"compile": lambda fn, **kw: aotcache.compile(fn, compiler="nop", 
 
 
 @pytest.mark.parametrize("route", sorted(_OWN_TRACES))
-@pytest.mark.parametrize("cls", (_SigmoidToExp, _MethodOverride), ids=("torch_function", "method"))
+@pytest.mark.parametrize("cls", (_SigmoidToExp, _MethodOverride, _MixedInOverride),
+                         ids=("torch_function", "method", "mixin"))
 def test_a_subclass_that_changes_an_op_gets_eagers_values(route, cls):
     # NOTE [Tensor subclasses that change what ops do]: the trace faked the argument as a plain tensor and
     # returned sigmoid's values where eager computes exp, silently; also after plain calls, whose signature it had
@@ -173,8 +195,9 @@ def test_a_subclass_that_changes_an_op_is_a_capture_error_naming_it():
         compiled(torch.randn(4).as_subclass(_SigmoidToExp))
 
 
-@pytest.mark.parametrize("make", (lambda a: a.as_subclass(_AddsNothing), lambda a: _QuantParameter(a, 4)),
-                         ids=("adds_nothing", "parameter_with_new"))
+@pytest.mark.parametrize("make", (lambda a: a.as_subclass(_AddsNothing), lambda a: _QuantParameter(a, 4),
+                                  lambda a: a.as_subclass(_TorchFunctionDisabled)),
+                         ids=("adds_nothing", "parameter_with_new", "torch_function_disabled"))
 def test_a_subclass_that_changes_no_op_is_still_captured(make):
     compiled = aotcache.aot_function(_sigmoid_twice, "nop", cache=False, on_capture_error="raise")
     a = torch.randn(4)
@@ -214,4 +237,41 @@ def test_a_parameter_subclass_that_changes_an_op_gets_eagers_values(route):
     model.weight = _ScaledLinearWeight(model.weight.detach(), quant_type=3)
     x = torch.randn(2, 4)
     compiled = aotcache.aot_module(model, "nop") if route == "aot_module" else aotcache.compile(model, compiler="nop")
+    torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+
+
+def test_a_parameter_whose_class_is_assigned_after_plain_calls_gets_eagers_values():
+    # the hot path of aot_module compared the fields of a module's tensors, not their classes: a parameter whose
+    # __class__ became an overriding one kept the plain graph (the full path refuses it)
+    model = torch.nn.Linear(4, 4)
+    compiled = aotcache.aot_module(model, "nop")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), model(x))
+    model.weight.__class__ = _ScaledLinearWeight
+    for _ in range(2):
+        torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+
+
+class _GainsAnOverrideLater(torch.nn.Parameter):
+    pass
+
+
+def _linear_times_ten(cls, func, types, args=(), kwargs=None):
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*args, **(kwargs or {}))
+    return result * 10 if func is torch.nn.functional.linear else result
+
+
+@pytest.mark.xfail(reason="known gap: a class that gains __torch_function__ after its calls were captured keeps "
+                          "their graph on the hot path (the class is compared, not its members)",
+                   raises=AssertionError, strict=True)
+def test_a_parameter_class_that_gains_an_override_after_its_calls_gets_eagers_values(monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    model.weight = _GainsAnOverrideLater(model.weight.detach())
+    compiled = aotcache.aot_module(model, "nop")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
+    monkeypatch.setattr(_GainsAnOverrideLater, "__torch_function__", classmethod(_linear_times_ten), raising=False)
     torch.testing.assert_close(_plain(compiled(x)), _plain(model(x)))
