@@ -3,9 +3,9 @@
 NOTE [Tensor checks in a capture]
 ``torch._check_tensor_all(cond)`` reads ``cond.all()`` on the host (``.item()``) and raises when it is False.
 Libraries call it where they see tracing, as the trace-friendly form of ``if not cond: raise``: transformers'
-``torch_compilable_check`` (the placeholder-count check of its multimodal models, Gemma3, Llava, Qwen2-VL and
-others: 131 model files in 5.25.0) calls it whenever ``torch.compiler.is_compiling()``, which a capture sets (NOTE
-[is_compiling during capture]). On fake tensors that read has no value, so the capture failed: such a model took
+``torch_compilable_check`` (131 model files of 5.25.0 call it; the placeholder-count check of its multimodal
+models, Gemma3, Llava, Qwen2-VL and others, has a tensor condition) calls it whenever
+``torch.compiler.is_compiling()``, which a capture sets (NOTE [is_compiling during capture]). On fake tensors that read has no value, so the capture failed: such a model took
 the Dynamo way, and with ``fullgraph=True`` raised where ``torch.compile`` (whose Dynamo puts the check in its graph
 as a runtime assertion) runs. In a capture, the check is traced as ``torch._assert_async(cond.all(), message)``:
 the compiled graph checks the real values at every call and raises a RuntimeError when the condition is False, as
