@@ -85,6 +85,7 @@ from aotcache.aot.tangents import (
     tangent_placeholders,
     tangents_in_trace,
 )
+from aotcache.aot.tensor_checks import tensor_checks_in_graph
 from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
@@ -946,7 +947,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     watch = watch_code(codes_run) if scalar_kinds else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
-    with compiling(), quiet_fake_tensor_failures(), refuse_host_random(generators) as rng_watch, \
+    with compiling(), tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
+            refuse_host_random(generators) as rng_watch, \
             _functorch_levels_kept(), _compiled_autograd_off(), \
             _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
             _callers_saved_tensor_hooks_off(), watch:

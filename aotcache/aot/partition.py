@@ -197,6 +197,11 @@ def _new_module(joint: _Joint, graph: fx.Graph) -> fx.GraphModule:
 # outputs and saved values need, and dead-code elimination dropped such ops: the compiled call drew fewer
 # numbers, and its values and the generator's state after it differed from eager's. Both partitions keep them
 # in the forward (in the joint graph's order), as the trace kept them in the joint graph.
+#
+# So for side effects nothing uses: a runtime check (``torch._assert_async(cond)``; ``torch._check_tensor_all``
+# in a capture, NOTE [Tensor checks in a capture]) has no users, and the training forward dropped it, so a call
+# that eager (and an inference graph) refuses ran on with wrong inputs (found with transformers' multimodal
+# models, whose placeholder-count check is one). Forward side effects are kept as the unused draws are.
 def _kept(node: fx.Node) -> bool:
     """What dead-code elimination keeps: side effects, and random ops (NOTE [Random draws nothing uses])."""
     return node.is_impure() or (node.op == "call_function" and _is_random(node.target))
@@ -298,15 +303,15 @@ def _primal_with(joint: _Joint, symbol: Any) -> tuple[fx.Node, str, int, Any] | 
 def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward GraphModules for a chosen list of saved values."""
     saved_set = set(saved)
-    # Forward: everything the forward outputs and the saved values need, and draws nothing uses (NOTE [Random
-    # draws nothing uses]).
+    # Forward: everything the forward outputs and the saved values need, and draws and side effects nothing uses
+    # (NOTE [Random draws nothing uses]).
     fw_graph = fx.Graph()
     fw_env: dict[fx.Node, fx.Node] = {}
     for primal in joint.primals:
         _copy_into(fw_graph, primal, fw_env)
-    unused_draws = [node for node in joint.nodes if node.op == "call_function" and not node.users
-                    and _is_random(node.target) and node not in joint.tangent_dependent]
-    needed_fw = joint.ancestors([*joint.fw_outs, *saved, *unused_draws])
+    unused_effects = [node for node in joint.nodes if node.op == "call_function" and not node.users
+                      and _kept(node) and node not in joint.tangent_dependent]
+    needed_fw = joint.ancestors([*joint.fw_outs, *saved, *unused_effects])
     for node in joint.nodes:
         if node in needed_fw and node.op != "placeholder":
             if node in joint.tangent_dependent:
