@@ -29,8 +29,8 @@ from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
 
-__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets", "storage_object",
-           "setting_by_value", "taker", "dict_version_tag"]
+__all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets",
+           "storage_object", "setting_by_value", "taker", "dict_version_tag"]
 
 _MAX_HOT_PER_STRUCTURE = 8
 

@@ -139,9 +139,10 @@ def _checkpointed_internals(joint: _Joint, region: set[fx.Node]) -> set[fx.Node]
     did so until 2026-12-05). Both partitioners recompute a region's
     *internal* values in the backward: forward nodes tagged to be recomputed whose forward users all belong to
     the same region (tagged with its ``ac_graph_id``, whatever a selective-checkpoint policy chose for them: a
-    matmul the policy saves does not make its recomputable input saved too, as torch's partitioner does). A region's outputs (read outside it, or forward outputs) and its inputs are saved where the
-    backward needs them, as eager's checkpoint keeps its inputs and its caller keeps its outputs, so two regions
-    in a row never recompute each other. Random ops are saved (a second draw would differ; eager's checkpoint
+    matmul the policy saves does not make its recomputable input saved too, as torch's partitioner does). A
+    region's outputs (read outside it, or forward outputs) and its inputs are saved where the backward needs them,
+    as eager's checkpoint keeps its inputs and its caller keeps its outputs, so two regions in a row never
+    recompute each other. Random ops are saved (a second draw would differ; eager's checkpoint
     replays the RNG state instead), and so is anything that is not a plain op (effectful higher-order ops), or
     a tuple item whose op is not recomputed. Recomputing runs the same ops on the same values: bitwise eager's.
     """

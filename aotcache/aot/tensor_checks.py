@@ -5,12 +5,13 @@ NOTE [Tensor checks in a capture]
 Libraries call it where they see tracing, as the trace-friendly form of ``if not cond: raise``: transformers'
 ``torch_compilable_check`` (131 model files of 5.25.0 call it; the placeholder-count check of its multimodal
 models, Gemma3, Llava, Qwen2-VL and others, has a tensor condition) calls it whenever
-``torch.compiler.is_compiling()``, which a capture sets (NOTE [is_compiling during capture]). On fake tensors that read has no value, so the capture failed: such a model took
-the Dynamo way, and with ``fullgraph=True`` raised where ``torch.compile`` (whose Dynamo puts the check in its graph
-as a runtime assertion) runs. In a capture, the check is traced as ``torch._assert_async(cond.all(), message)``:
-the compiled graph checks the real values at every call and raises a RuntimeError when the condition is False, as
-torch.compile's graph does (eager raises the error type the call names, with the code's own message, which may
-format tensor values and so cannot be traced). Nothing uses the assertion's result, so the partitioners keep it
+``torch.compiler.is_compiling()``, which a capture sets (NOTE [is_compiling during capture]). On fake tensors
+that read has no value, so the capture failed: such a model took the Dynamo way, and with ``fullgraph=True``
+raised where ``torch.compile`` (whose Dynamo puts the check in its graph as a runtime assertion) runs. In a
+capture, the check is traced as ``torch._assert_async(cond.all(), message)``: the compiled graph checks the real
+values at every call and raises a RuntimeError when the condition is False, as torch.compile's graph does (eager
+raises the error type the call names, with the code's own message, which may format tensor values and so cannot
+be traced). Nothing uses the assertion's result, so the partitioners keep it
 in the training forward as a side effect (NOTE [Random draws nothing uses] in partition.py).
 
 ``torch._check_tensor_all`` calls ``torch._check_tensor_all_with``, which is what is replaced, only while some
