@@ -12,7 +12,7 @@ steadier on a shared machine). ``auto``: the same for the default dynamic=None, 
 the call with a new sequence length (only that dimension symbolic). ``cold``: static and dynamic (CPU-time ratio)
 with torch's process-wide fake-tensor cache emptied before the call, as for shapes a process has not captured
 before; the other static figures find every op of their earlier rounds in it (a symbolic trace never does:
-NOTE [Symbolic fake-tensor cache] in aotcache/aot/capture.py). One intra-op thread. Results go to
+NOTE [Symbolic fake-tensor cache] in aotcache/aot/trace_environment.py). One intra-op thread. Results go to
 bench/results/dynamic.json.
 """
 

@@ -124,7 +124,8 @@ def watch_traces(traces: list) -> _TraceLog:
         return inner(*args, **kwargs)
 
     setattr(capture, name, counted)
-    applies = getattr(capture, "_plain_trace_applies", None)
+    applies_name = "plain_trace_applies" if hasattr(capture, "plain_trace_applies") else "_plain_trace_applies"
+    applies = getattr(capture, applies_name, None)
     if applies is not None:  # why a capture kept functionalization from the start
         def noted(analysis: Any, *args: Any, **kwargs: Any) -> Any:
             result = applies(analysis, *args, **kwargs)
@@ -132,7 +133,7 @@ def watch_traces(traces: list) -> _TraceLog:
                 traces.append(f"not plain: {analysis.needs_functionalization or 'other condition'}")
             return result
 
-        capture._plain_trace_applies = noted
+        setattr(capture, applies_name, noted)
     handler = _TraceLog()
     logger = logging.getLogger("aotcache")
     logger.addHandler(handler)

@@ -224,13 +224,13 @@ def test_no_effect_types(monkeypatch):
     import torch._higher_order_ops.effects as hop_effects
     import torch._library.effects as library_effects
 
-    capture = importlib.import_module("aotcache.aot.capture")  # the package exports a function of that name
+    from aotcache.aot.functional_trace import all_effect_types
 
-    assert capture._all_effect_types()  # this torch has them
+    assert all_effect_types()  # this torch has them
     monkeypatch.delattr(library_effects, "EffectType")
-    assert capture._all_effect_types() == list(hop_effects._EffectType)  # the older home
+    assert all_effect_types() == list(hop_effects._EffectType)  # the older home
     monkeypatch.delattr(hop_effects, "_EffectType")
-    assert capture._all_effect_types() == []
+    assert all_effect_types() == []
 
 
 def test_no_dict_version(monkeypatch):

@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +32,37 @@ from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.fake_inputs import make_fake_inputs
+from aotcache.aot.output_checks import (
+    check_outputs_keep_requires_grad,
+    check_traced_outputs_require_grad,
+    classify_output,
+    has_autograd_history,
+    mutation_counts,
+    refuse_backward_mutations,
+    refuse_grad_mode_change,
+    refuse_history_under_no_grad,
+    refuse_retained_gradients,
+    refuse_tangent_mutations,
+)
+from aotcache.aot.functional_trace import (
+    all_effect_types,
+    final_effect_tokens,
+    from_functional_tensor,
+    functionalized,
+    identity,
+    seed_effect_tokens,
+    to_functional_tensor,
+    unfunctionalized,
+)
+from aotcache.aot.trace_environment import (
+    callers_saved_tensor_hooks_off,
+    compiled_autograd_off,
+    functorch_levels_kept,
+    is_fake,
+    no_nan_checks,
+    parametrization_cache_off,
+    symbolic_fake_cache_off,
+)
 from aotcache.aot.host_random import refuse_host_random, refuse_replayed_checkpoint_draws
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.plain_trace import (
@@ -68,7 +97,6 @@ from aotcache.aot.metadata import (
     OutputInfo,
     RuntimeMetadata,
     UnsupportedOutputError,
-    check_json_constant,
     encode_output_structure,
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
@@ -79,8 +107,6 @@ from aotcache.aot.tangents import (
     inputs_without_gradient,
     is_differentiable,
     is_grad_free_view,
-    is_multi_output_view,
-    made_under_no_grad,
     make_tangents,
     tangent_placeholders,
     tangents_in_trace,
@@ -203,9 +229,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     # The probes run under functionalization: version counters miss mutations of non-self arguments on fake
     # tensors (e.g. batch_norm's running stats), while the functional wrappers record every data and metadata
     # mutation, whichever argument slot it came through.
-    with fake_mode, _functionalization(discover_effects=True) as functional_mode:
+    with fake_mode, functionalized(discover_effects=True) as functional_mode:
         graph_positions = set(positions)
-        call_args = [_to_functional(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
+        call_args = [to_functional_tensor(arg) if pos in graph_positions else arg for pos, arg in enumerate(probe_args)]
         probes = [call_args[pos] for pos in positions]
         layouts = [layout_of(p) if isinstance(p, torch.Tensor) else None for p in probes]
         storages = [storage_of(p) for p in probes]
@@ -223,7 +249,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                 grad_mode_after = torch.is_grad_enabled()
                 torch._C._set_grad_enabled(grad_mode_before)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
-        _refuse_grad_mode_change(grad_mode_before, grad_mode_after)
+        refuse_grad_mode_change(grad_mode_before, grad_mode_after)
         needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -231,7 +257,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         except ObjectOutputError as exc:
             raise CaptureError(str(exc)) from None
         flat_outs, out_spec = pytree.tree_flatten(result)
-        _refuse_retained_gradients(flat_outs)
+        refuse_retained_gradients(flat_outs)
         refuse_subclass_outputs(flat_outs)  # NOTE [Tensor subclass outputs]
         try:
             out_structure = encode_output_structure(out_spec)
@@ -264,7 +290,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
 
     probe_storages = [StorageWeakRef(p.untyped_storage()) if isinstance(p, torch.Tensor) else None
                       for p in probes]
-    outputs = [_classify_output(k, out, flat_outs, probes, probe_storages, static_views)
+    outputs = [classify_output(k, out, flat_outs, probes, probe_storages, static_views)
                if regenerate_aliases or not isinstance(out, torch.Tensor)
                else OutputInfo(kind="graph", requires_grad=out.requires_grad,
                                grad_free_leaf=out.requires_grad and is_grad_free_view(out))
@@ -281,7 +307,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
     if needs_autograd and grad_mode:
         for index, info in enumerate(inputs):
             if info.mutates_data and info.requires_grad and input_is_leaf[positions[index]]:
-                if not _has_autograd_history(probes[index]):
+                if not has_autograd_history(probes[index]):
                     # mutated where autograd does not see it (through .detach(), .data or under no_grad): eager
                     # allows that, and the epilogue's copy must not be recorded either
                     info.mutation_requires_grad = False
@@ -294,9 +320,9 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                     f"function, or call the compiled function under torch.no_grad().",
                     # NOTE [Errors eager raises too]
                     first_call_only=True, dynamo_safe=False)
-    _check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
+    check_outputs_keep_requires_grad(outputs, needs_autograd, grad_mode)
     if not grad_mode and not needs_autograd:
-        _refuse_history_under_no_grad(flat_outs, outputs)
+        refuse_history_under_no_grad(flat_outs, outputs)
     shape_sensitive = resize_check.called or any(info.metadata_mutation is not None for info in inputs)
     return Analysis(positions=positions, inputs=inputs, outputs=outputs, out_spec=out_spec,
                     out_structure=out_structure, graph_output_examples=fw_examples,
@@ -334,282 +360,9 @@ def _tag_traced_nodes(tag: str) -> None:
             node.meta["partitioner_tag"] = "is_backward" if is_tangent else tag
 
 
-def _refuse_grad_mode_change(before: bool, after: bool) -> None:
-    """NOTE [Grad mode left switched by the function]
-    ``torch.set_grad_enabled(False)`` called inside the function (not as a ``with`` block) leaves the caller's
-    grad mode switched: Dynamo keeps that call in its graph (``torch._C._set_grad_enabled``) and eager runs it,
-    but a trace runs it once at capture time and records no op, so the compiled function left the caller's grad
-    mode as it was (``torch.is_grad_enabled()`` true after the call where eager leaves it false), and judged the
-    call's outputs by the mode the function left (an output made before the switch lost its autograd history, or
-    a training graph was refused). Found by PyTorch's test_aot_autograd.py (test_aot_grad_mode_mutation). The
-    analysis puts the mode back and refuses the capture: the call runs as written (eager's results, eager's
-    mode after it)."""
-    if before != after:
-        raise CaptureError(
-            f"aotcache: the function leaves grad mode switched {'on' if after else 'off'} "
-            f"(torch.set_grad_enabled({after}) outside a with block); a compiled graph cannot replay that change "
-            f"of the caller's state. Use `with torch.no_grad():` / `with torch.enable_grad():` inside the "
-            f"function, or switch grad mode around the call.")
-
-
-def _refuse_retained_gradients(flat_outs: Sequence[Any]) -> None:
-    """NOTE [Retained gradients of outputs]
-    ``h.retain_grad()`` inside the function on a tensor it returns makes eager fill ``h.grad`` at backward (a
-    debugging or saliency idiom). The call ran on trace tensors, so the compiled function's output did not
-    retain its gradient: ``.grad`` stayed None, silently. Such a capture is refused (the fallback runs the call
-    as written, at every call)."""
-    for k, out in enumerate(flat_outs):
-        if isinstance(out, torch.Tensor) and out.requires_grad and not out.is_leaf and out.retains_grad:
-            raise CaptureError(f"aotcache: output {k} was made to retain its gradient (retain_grad()) inside the "
-                               f"function; a compiled function's output would not. Call retain_grad() on the "
-                               f"output after the compiled call instead.", reason="unsupported_construct")
-
-
-def _check_outputs_keep_requires_grad(outputs: list, needs_autograd: bool, grad_mode: bool) -> None:
-    """Refuse outputs that require grad in eager but would come back without it (NOTE [Output requires_grad]).
-
-    Outputs returned as (views of) the real inputs keep the inputs' status; computed outputs require grad at
-    runtime only from a training graph, which is traced only when some graph input requires grad.
-    """
-    if needs_autograd or not grad_mode:
-        return
-    for k, info in enumerate(outputs):
-        if info.requires_grad and info.kind in ("graph", "alias_of_output"):
-            raise CaptureError(
-                f"aotcache: flat output {k} requires grad, but no graph input requires grad (e.g. a tensor created "
-                f"inside the function with requires_grad=True): the compiled "
-                f"function would return it without grad. Create that tensor outside and pass it as an argument.")
-
-
-def _refuse_history_under_no_grad(flat_outs: list, outputs: list) -> None:
-    """NOTE [Grad enabled inside a no_grad call]: a call under no_grad compiles an inference graph, whose outputs
-    carry no autograd history; an output with history here was made where the function enabled grad itself
-    (``torch.enable_grad()``), and returning it without grad would drop its gradients."""
-    for k, (out, info) in enumerate(zip(flat_outs, outputs)):
-        if (info.kind in ("graph", "alias_of_output") and isinstance(out, torch.Tensor) and out.requires_grad
-                and _has_autograd_history(out)):
-            raise CaptureError(
-                f"aotcache: flat output {k} requires grad although the call runs under torch.no_grad (the "
-                f"function enables grad inside it, e.g. with torch.enable_grad()); an inference graph would "
-                f"return it without grad. Call the function with grad enabled, or detach that output.")
-
-
-def _grad_fn(tensor: torch.Tensor) -> Any:
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    try:
-        with FunctionalTensorMode():  # reading grad_fn may rebase a view's history: that runs view ops
-            return tensor.grad_fn
-    except RuntimeError:
-        return None
-
-
-def _has_autograd_history(tensor: torch.Tensor) -> bool:
-    """Whether autograd recorded an op producing ``tensor`` (a leaf mutated in place where autograd saw it);
-    a mutation through ``.detach()`` leaves functionalization's ``Error`` node, which records nothing."""
-    grad_fn = _grad_fn(tensor)
-    return grad_fn is not None and type(grad_fn).__name__ != "Error"
-
-
-def _made_by_custom_autograd_function(out: torch.Tensor) -> bool:
-    """Whether ``out``'s grad_fn is a custom autograd.Function (Python, or C++ ``CppFunction``)."""
-    grad_fn = _grad_fn(out)
-    return isinstance(grad_fn, torch.autograd.function.BackwardCFunction) or type(grad_fn).__name__ == "CppFunction"
-
-
-def _new_leaf_error(k: int) -> CaptureError:
-    """NOTE [Leaf outputs made inside]: an output that is (a view of) a new autograd leaf made by the function."""
-    return CaptureError(
-        f"aotcache: flat output {k} is a leaf tensor that requires grad created inside the function (e.g. "
-        f"x.detach().requires_grad_() or torch.ones(n, requires_grad=True)), or a view of one; a compiled graph "
-        f"cannot return a new autograd leaf. Create it outside and pass it as an argument.")
-
-
-def _no_grad_view(k: int, out: torch.Tensor) -> bool:
-    """Whether output ``k``, an alias the runtime regenerates, is a view made under no_grad without history of
-    its own (NOTE [Views of inputs made under no_grad] in runtime.py). A view of such a view made with grad
-    (``with no_grad(): y = x[1:]`` then ``y.view(-1)``) has an autograd node leading nowhere in eager, which a
-    regenerated view cannot have: refused, and the fallback runs the call eagerly."""
-    if not made_under_no_grad(out):
-        return False
-    if _grad_fn(out) is not None:
-        raise CaptureError(f"aotcache: flat output {k} is a view, made with grad enabled, of a view made under "
-                           f"torch.no_grad(); its autograd history (which eager keeps, leading nowhere) cannot be "
-                           f"regenerated by a compiled function. Return the view made under no_grad itself, or "
-                           f"detach it.", reason="unsupported_construct", dynamo_safe=False)
-    return True
-
-
-def _classify_output(k: int, out: Any, flat_outs: list, probes: list, probe_storages: list,
-                     static_views: bool) -> OutputInfo:
-    if isinstance(out, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return OutputInfo(kind="graph")
-    if not isinstance(out, torch.Tensor):
-        return OutputInfo(kind="constant", value=check_json_constant(out, f"flat output {k}"))
-    requires_grad = out.requires_grad
-    if requires_grad and _made_by_custom_autograd_function(out):
-        # NOTE [Custom Function views]: an input (or a view of it) returned by a custom autograd.Function
-        # carries that Function's backward, which regenerating the view from the real input would skip;
-        # it is a plain graph output, and its gradient goes through the compiled backward (as in PyTorch).
-        return OutputInfo(kind="graph", requires_grad=requires_grad)
-    for index, probe in enumerate(probes):
-        if out is probe:
-            return OutputInfo(kind="input", input_index=index, requires_grad=requires_grad)
-    if requires_grad and _grad_fn(out) is None and not out._is_view():
-        # (a view of an input that requires grad, made under no_grad, is a leaf requiring grad in eager too)
-        # NOTE [Leaf outputs made inside]: a leaf that requires grad made by the function (x.detach()
-        # .requires_grad_(), torch.ones(3, requires_grad=True)) is its own autograd root in eager: no gradient
-        # reaches the inputs through it, and it requires grad even under no_grad. A graph output or a view
-        # regenerated from the input has neither property (the view sent gradients into x).
-        raise _new_leaf_error(k)
-    storage = StorageWeakRef(out.untyped_storage())
-    for index, probe in enumerate(probes):
-        if (probe_storages[index] is not None and probe_storages[index] == storage and probe.dtype == out.dtype
-                and out.is_conj() == probe.is_conj() and out.is_neg() == probe.is_neg()):
-            # (a conj / neg view, x.conj(), is not an as_strided of x: a graph output, as other dtype views)
-            no_grad_view = _no_grad_view(k, out)
-            base = out._base
-            if requires_grad and base is not None and base is not probe and _grad_fn(base) is None:
-                raise _new_leaf_error(k)  # a view of a new leaf (x.detach().requires_grad_()[1:])
-            return OutputInfo(kind="alias_of_input", input_index=index, requires_grad=requires_grad,
-                              multi_output_view=requires_grad and is_multi_output_view(out),
-                              no_grad_view=no_grad_view)
-    if static_views and out._base is not None:
-        for j, other in enumerate(flat_outs):
-            if (j != k and isinstance(other, torch.Tensor) and other._base is None and other.dtype == out.dtype
-                    and StorageWeakRef(other.untyped_storage()) == storage
-                    and not any(other is probe for probe in probes)):
-                return OutputInfo(kind="alias_of_output", base_output=j, requires_grad=requires_grad,
-                                  size=list(out.shape), stride=list(out.stride()),
-                                  storage_offset=out.storage_offset(), base_size=list(other.shape),
-                                  base_stride=list(other.stride()), no_grad_view=_no_grad_view(k, out))
-    return OutputInfo(kind="graph", requires_grad=requires_grad,
-                      grad_free_leaf=requires_grad and is_grad_free_view(out))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Pass 2: functionalized trace
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _mutation_counts(functional: Sequence[Any]) -> list:
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return [torch._functionalize_mutation_counter(value.elem) if isinstance(value, FunctionalTensor) else None
-            for value in functional]
-
-
-def _refuse_backward_mutations(functional: Sequence[Any], before: list, positions: Sequence[int]) -> None:
-    """NOTE [Backward mutations of inputs]: a backward that writes into a forward input (a custom autograd
-    function whose backward does ``ctx.saved_input.zero_()``) mutates it in eager when ``backward()`` runs; the
-    compiled backward returns gradients only, so the write would be lost. Refused, so the call takes the
-    fallback (eager autograd)."""
-    for index, (count, after) in enumerate(zip(before, _mutation_counts(functional))):
-        if count is not None and after != count:
-            raise CaptureError(
-                f"aotcache: the backward mutates graph input {index} (flat argument {positions[index]}) in place "
-                f"(e.g. a custom autograd function's backward writes into a tensor saved from the forward); a "
-                f"compiled backward cannot apply that mutation. Mutate it outside the backward, or call the "
-                f"function eagerly.")
-
-
-def _refuse_tangent_mutations(functional_tangents: Sequence[Any], before: list) -> None:
-    """NOTE [Backward writes into its gradients]: a custom autograd.Function's backward that writes into the
-    gradient it is given (``grad.mul_(2)``, ``grad.data.mul_(2)``), for an output the function returns as it is,
-    writes in eager into the caller's gradient tensor (``out.backward(g)`` leaves ``g`` doubled; an
-    expanded ``sum()`` gradient makes eager raise). The compiled backward gets its own copy of the tangent, so
-    the caller's tensor stayed as it was: refused, and the fallback runs the call eagerly."""
-    for index, (count, after) in enumerate(zip(before, _mutation_counts(functional_tangents))):
-        if count is not None and after != count:
-            raise CaptureError(
-                f"aotcache: the backward writes in place into the gradient of output {index} it is given (e.g. a "
-                f"custom autograd function's backward doing grad.mul_(2) or grad.data.mul_(2) on a returned "
-                f"output's gradient), which eager applies to the caller's gradient tensor and a compiled backward "
-                f"cannot. Compute a new tensor in the backward instead (grad = grad * 2).",
-                reason="unsupported_construct", dynamo_safe=False)
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
-def _to_functional(value: Any) -> Any:
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return FunctionalTensor.to_functional(value) if isinstance(value, torch.Tensor) else value
-
-
-def _from_functional(value: Any) -> Any:
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(value, FunctionalTensor):
-        torch._sync(value)
-        return torch._from_functional_tensor(value.elem)
-    return value
-
-
-@contextlib.contextmanager
-def _functionalization(discover_effects: bool = False) -> Iterator[Any]:
-    """Python functionalization below autograd and above make_fx's proxy mode (see NOTE [Functional trace]);
-    yields the FunctionalTensorMode. ``discover_effects`` lets it create effect tokens (analysis only)."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    # NOTE [Functional trace]
-    # The C++ Functionalize key must stay excluded: FunctionalTensorMode (a Python dispatch mode) does the
-    # functionalization, and make_fx's proxy mode, lower on the mode stack, records the functional ops it emits.
-    exclude = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
-    mode = FunctionalTensorMode(_allow_token_discovery=True) if discover_effects else FunctionalTensorMode()
-    with exclude, mode:
-        yield mode
-
-
-@contextlib.contextmanager
-def _without_functionalization(mode: StopAtUnfunctionalizableOps) -> Iterator[None]:
-    """Ops reach make_fx as they are; the first that would need functionalization stops the trace (NOTE
-    [Symbolic trace without functionalization] in plain_trace.py)."""
-    with mode:
-        yield None
-
-
-# NOTE [Effect tokens]
-# Functionalization routes ops registered as side-effectful (recent torch registers aten._linalg_check_errors,
-# which raises eager's error for singular / non-positive-definite input in linalg.inv, cholesky, solve, ...)
-# through the ``with_effects`` higher-order op, which takes and returns a *token*, so that the op is neither
-# reordered nor removed as dead code, and fails when no token exists. The analysis pass lets the mode create
-# tokens and records which effect types the function uses; the trace seeds one token per effect type as a
-# graph value (``aten.empty([0])``) and returns the last token of each as an extra forward output (after the
-# SymInt extras; the runtime ignores it). Being an output keeps the effectful op alive in the forward graph
-# through any partitioner, so the compiled forward raises eager's error. Effectful ops reached only by the
-# backward are not kept (partitioners keep what the gradients need); no gradient formula of the linalg ops
-# calls the check, whose forward already ran on the same input. Compilers must support ``with_effects``
-# (nop as an fx graph, Inductor lowers it); the nop artifact's JSON graph form cannot store it, so such
-# graphs are not stored in the compiled-graph cache.
-
-
-def _seed_effect_tokens(mode: Any, effects: Sequence[Any]) -> None:
-    if mode is None:  # traced without functionalization: it has no effects
-        return
-    for effect in effects:
-        if effect not in mode._tokens:
-            mode._tokens[effect] = torch.empty(0)  # traced into the graph: see NOTE [Effect tokens]
-
-
-def _all_effect_types() -> list:
-    """Every effect type torch knows (a backward may reach effectful ops that the forward analysis did not)."""
-    try:
-        from torch._library.effects import EffectType
-    except ImportError:
-        try:
-            from torch._higher_order_ops.effects import _EffectType as EffectType
-        except ImportError:  # a torch without effect tokens
-            return []
-    return list(EffectType)
-
-
-def _final_effect_tokens(mode: Any, effects: Sequence[Any]) -> list:
-    if mode is None:
-        return []
-    return [mode._tokens[effect] for effect in effects]
 
 
 class _ForwardBody:
@@ -691,22 +444,9 @@ def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list, *, func
             if type(out) is not type(info.value) or out != info.value:  # a SymInt where the probes gave an int
                 raise _AnalysisMismatch(f"output {k}")
             continue
-        again = _classify_output(k, out, flat_outs, primals, storages, static_views=False)
+        again = classify_output(k, out, flat_outs, primals, storages, static_views=False)
         if (again.kind, again.input_index) != (info.kind, info.input_index):
             raise _AnalysisMismatch(f"output {k}")
-
-
-def _check_traced_outputs_require_grad(fw_outs: list, tangent_indices: Sequence[int]) -> None:
-    """A forward output that required grad in the analysis must in the joint trace too: otherwise it would get
-    no gradient edge and its tangent would be silently ignored (NOTE [Output requires_grad] in runtime)."""
-    for index in tangent_indices:
-        value = fw_outs[index]
-        if not (isinstance(value, torch.Tensor) and value.requires_grad):
-            raise CaptureError(
-                f"aotcache: forward output {index} requires grad when the function runs eagerly, but not in the "
-                f"functionalized trace (an op on its path drops autograd under functionalization), so its "
-                f"gradients would be silently lost; this is not supported. Move that op out of the compiled "
-                f"function.")
 
 
 def _finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
@@ -772,10 +512,10 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
     body = _ForwardBody(flat_fn, fake_args, analysis, clone_mutated=joint, verify=verify,
                         symbolic=fake_mode.shape_env is not None, functional=functional)
     plain_mode = None if functional else StopAtUnfunctionalizableOps()
-    functionalization = _functionalization if functional else functools.partial(_without_functionalization,
+    functionalization = functionalized if functional else functools.partial(unfunctionalized,
                                                                               plain_mode)
-    to_functional = _to_functional if functional else _identity
-    from_functional = _from_functional if functional else _identity
+    to_functional = to_functional_tensor if functional else identity
+    from_functional = from_functional_tensor if functional else identity
     own_tangents = joint and verify  # the analysis's outputs are static: NOTE [Tangents made in the trace]
     if own_tangents:
         tangent_indices = [i for i, example in enumerate(analysis.graph_output_examples)
@@ -801,46 +541,46 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
     def inference_graph(primals: list) -> tuple:
         # NOTE [Lazy symbolic arithmetic]
         with maybe_enable_thunkify(), functionalization() as mode, refuse_aliased_writes():
-            _seed_effect_tokens(mode, analysis.effects)
+            seed_effect_tokens(mode, analysis.effects)
             outs = body([to_functional(p) for p in primals])
-            outs += _final_effect_tokens(mode, analysis.effects)
+            outs += final_effect_tokens(mode, analysis.effects)
         return tuple(from_functional(out) for out in outs)
 
     def joint_graph(primals: list, tangents: list | None) -> tuple:
         with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, refuse_aliased_writes():
-            _seed_effect_tokens(mode, analysis.effects)
+            seed_effect_tokens(mode, analysis.effects)
             functional_primals = [to_functional(p) for p in primals]
             functional_tangents = [to_functional(t) for t in tangents] if tangents is not None else []
             fw_outs = body(functional_primals)
-            fw_outs += _final_effect_tokens(mode, analysis.effects)
-            _check_traced_outputs_require_grad(fw_outs, tangent_indices)
+            fw_outs += final_effect_tokens(mode, analysis.effects)
+            check_traced_outputs_require_grad(fw_outs, tangent_indices)
             _tag_traced_nodes("is_forward")  # NOTE [Forward and backward tags of the joint graph]
             if tangents is None:
                 functional_tangents = tangents_in_trace(fw_outs, tangent_indices, tangent_layouts, tangent_nodes)
                 if len(tangent_nodes) != len(tangent_indices):
                     raise _AnalysisMismatch("tangents")
             pairs = [(fw_outs[i], t) for i, t in zip(tangent_indices, functional_tangents)]
-            _seed_effect_tokens(mode, _all_effect_types())  # for the backward; unused ones are dead code
+            seed_effect_tokens(mode, all_effect_types())  # for the backward; unused ones are dead code
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
                 nodes = autograd_nodes([out for out, _ in pairs])  # one walk for the three uses below
                 hand_on_source_locations(nodes)
                 refuse_reentrant_checkpoint_nodes(nodes)
-                before = _mutation_counts(functional_primals)
-                tangents_before = _mutation_counts([t for _, t in pairs])
+                before = mutation_counts(functional_primals)
+                tangents_before = mutation_counts([t for _, t in pairs])
                 if plain_mode is not None:
                     plain_mode.backward_begins()
                 try:
                     # NOTE [Anomaly mode during a capture]; NOTE [Checks inside custom backwards]
-                    with _no_nan_checks(), in_custom_backwards(nodes):
+                    with no_nan_checks(), in_custom_backwards(nodes):
                         computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                        allow_unused=True)
                 except RuntimeError as exc:
                     refuse_reentrant_checkpoint(exc)
                     raise
-                _refuse_backward_mutations(functional_primals, before, analysis.positions)
-                _refuse_tangent_mutations([t for _, t in pairs], tangents_before)
+                refuse_backward_mutations(functional_primals, before, analysis.positions)
+                refuse_tangent_mutations([t for _, t in pairs], tangents_before)
                 for i, grad in zip([i for i, needed in enumerate(grad_inputs) if needed], computed):
                     grads[i] = grad
             outs = tuple(from_functional(v) for v in (*fw_outs, *grads))
@@ -931,7 +671,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
     fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)
     static_views = fake_mode.shape_env is None
-    callers_mode = any(isinstance(a, torch.Tensor) and _is_fake(a) for a in flat_args)  # Dynamo's
+    callers_mode = any(isinstance(a, torch.Tensor) and is_fake(a) for a in flat_args)  # Dynamo's
     from torch._dispatch.python import enable_python_dispatcher
 
     def symbolic_analysis() -> Analysis:
@@ -949,9 +689,9 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
             refuse_host_random(generators) as rng_watch, \
-            _functorch_levels_kept(), _compiled_autograd_off(), \
-            _symbolic_fake_cache_off(fake_mode, callers_mode), _parametrization_cache_off(), \
-            _callers_saved_tensor_hooks_off(), watch:
+            functorch_levels_kept(), compiled_autograd_off(), \
+            symbolic_fake_cache_off(fake_mode, callers_mode), parametrization_cache_off(), \
+            callers_saved_tensor_hooks_off(), watch:
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,
@@ -982,59 +722,6 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     return captured
 
 
-# NOTE [Anomaly mode during a capture]
-# Under ``torch.autograd.set_detect_anomaly(True)`` the engine checks every backward node's outputs for NaN
-# (``isnan().any()``, read on the host); in the traced backward of fake tensors that read is data-dependent, so the
-# capture failed. Found (bench/odd_inputs.py): aotcache.compile then took the Dynamo way for good and recorded it
-# in the store, so one debugging run under anomaly mode sent later runs without it to Dynamo; aot_module fell
-# back for the signature. The traced backward runs with the NaN checks off (anomaly mode itself stays on, as torch's
-# AOT Autograd does for its joint trace); the compiled backward is one node, whose outputs the engine still checks
-# for NaN at run time under anomaly mode, as it checks eager's nodes.
-@contextlib.contextmanager
-def _no_nan_checks() -> Iterator[None]:
-    if not torch.is_anomaly_enabled() or not torch.is_anomaly_check_nan_enabled():
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
-        with torch.autograd.set_detect_anomaly(True, check_nan=False):
-            yield
-
-
-# NOTE [Saved-tensor hooks during a capture]
-# A capture runs the function on fake tensors, under whatever saved-tensor hooks the caller has pushed
-# (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``, and non-reentrant activation checkpointing,
-# which counts the tensors packed in the forward and in its recomputation during backward). The traced ops
-# packed their fake tensors through those hooks. Found (bench/odd_inputs.py): ``checkpoint(compiled, x,
-# use_reentrant=False)`` failed at backward on the first call ("A different number of tensors was saved during
-# the original forward and recomputation": 15 against 9) in all three entry points, where eager runs: the
-# forward's count included the capture's packs, the recomputation (a graph hit) had the compiled graph's own.
-# The caller's hooks are popped for the capture and pushed back after it (the compiled graph's saved tensors go
-# through them as eager's do). Not torch's tracing flag for the hooks, as Dynamo sets it: that also ignores hooks
-# pushed inside the function, so a forward with non-reentrant checkpointing in it (transformers'
-# gradient_checkpointing_enable) was captured without its recomputation, silently losing the memory saving it
-# exists for, instead of being refused (test_activation_checkpointing_is_refused_with_a_message_that_names_it).
-@contextlib.contextmanager
-def _callers_saved_tensor_hooks_off() -> Iterator[None]:
-    autograd = torch._C._autograd
-    top, pop, push = (getattr(autograd, name, None) for name in (
-        "_top_saved_tensors_default_hooks", "_pop_saved_tensors_default_hooks", "_push_saved_tensors_default_hooks"))
-    if top is None or pop is None or push is None:
-        yield
-        return
-    stack = []
-    while (hooks := top(True)) is not None:
-        stack.append(hooks)
-        pop()
-    try:
-        yield
-    finally:
-        while top(True) is not None:  # left by a function that raised inside its own hooks context
-            pop()
-        for pack, unpack in reversed(stack):
-            push(pack, unpack)
-
-
 # NOTE [Analysis without symbols]
 # With symbolic sizes every tensor op also does symbolic arithmetic (sizes, strides, contiguity), so an
 # analysis pass on symbolic probes cost as much as the trace itself (a third of a dynamic inference capture,
@@ -1058,7 +745,7 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
                              regenerate_aliases: bool) -> Analysis | None:
     """The analysis on static probes of the real ``flat_args``, or None where it must run with symbols
     (NOTE [Analysis without symbols])."""
-    if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and _is_fake(a))
+    if any(isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (isinstance(a, torch.Tensor) and is_fake(a))
            for a in flat_args):  # symbols of a caller's ShapeEnv (Dynamo): analyzed with them
         return None
     if any(isinstance(a, (torch.SymInt, torch.SymFloat)) for a in fake_args):  # scalar inputs traced as symbols
@@ -1080,86 +767,3 @@ def _analyze_without_symbols(flat_fn: Callable, flat_args: Sequence[Any], fake_a
     return analysis
 
 
-# NOTE [Symbolic fake-tensor cache]
-# FakeTensorMode caches op outputs by argument metadata. With symbolic sizes the cache lives on the ShapeEnv,
-# which is new for every capture, so it starts empty: about half the ops of a 2-layer BERT training trace are
-# misses, and a miss costs the op's fake kernel plus a second fake output synthesized from the new entry to
-# check it (each new fake tensor redoes the symbolic contiguity arithmetic), a hit a synthesized output. The
-# symbolic trace therefore runs with the cache off (torch's ``disable_fake_tensor_cache``): every op runs its
-# fake kernel once. First dynamic training captures went from 4.0x to 3.2x (BERT) and 4.7x to 3.6x (GPT-2) a
-# static one, inference from 3.3x to 2.9x and 3.7x to 3.4x (bench/dynamic.py's models, side by side, CPU time).
-# Static captures keep the cache, which is process-wide for them, and so does a caller's ShapeEnv (Dynamo's,
-# which holds the ops Dynamo traced).
-
-
-def _compiled_autograd_off() -> contextlib.AbstractContextManager:
-    """NOTE [Compiled autograd during a capture]
-    Under compiled autograd (``compiled_autograd._enable(...)``, ``torch._dynamo.config.compiled_autograd``) every
-    run of the autograd engine in this thread goes to compiled autograd, the capture's own ``torch.autograd.grad``
-    of the joint trace included: each forward compiled by ``backend="aotcache"`` made compiled autograd trace the
-    capture's fake backward as one more backward graph, handed to its compiler inside the capture. The capture
-    traces the backward ATen op by ATen op, so compiled autograd is off while it runs, as in torch's AOT Autograd;
-    the captured backward runs under the caller's compiled autograd at ``backward()`` time. torch keeps compiled
-    autograd's compiler for the whole process, not per thread: switching it off (and back on after) while another
-    thread enters or leaves ``_enable`` could undo that thread's change, so a capture touches it only where compiled
-    autograd is on when the capture begins."""
-    from torch._dynamo import compiled_autograd
-
-    return compiled_autograd._disable() if compiled_autograd.compiled_autograd_enabled else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _functorch_levels_kept() -> Iterator[None]:
-    """NOTE [torch.func levels of a failed capture]
-    A Dynamo graph of ``torch.func.grad`` / ``vmap`` inside a forward holds the transform's entry and exit as
-    separate calls (``_grad_increment_nesting`` ... ``_grad_decrement_nesting``), not a ``with`` block. A capture
-    that stopped between them (a refusal) left torch.func's level pushed: Dynamo's guards on the functorch state
-    then failed on the frame just compiled ("Guard failed on the same frame it was created", an AssertionError
-    where eager runs). On an error the levels are popped back to the depth the capture started at."""
-    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
-    try:
-        yield
-    except BaseException:
-        if torch._C._functorch.get_dynamic_layer_stack_depth() > depth:
-            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
-        raise
-
-
-@contextlib.contextmanager
-def _parametrization_cache_off() -> Iterator[None]:
-    """NOTE [parametrize.cached() during a capture]
-    Inside ``torch.nn.utils.parametrize.cached()`` a parametrized tensor is computed once and kept in that
-    module's process-wide ``_cache`` dict until the context exits. A capture inside it (an evaluation under
-    ``cached()``, as its docs suggest) stored the weight computed from the analysis pass's fake tensors there;
-    the trace pass then read it back as a constant, and the compiled graph returned fake tensors (or, after the
-    context, the eager model read them). The capture runs with the caching off, so each pass computes the
-    parametrization from its own inputs; the context's value is put back afterwards and the cache is untouched
-    (``cached()`` only saves work: the values are the same)."""
-    parametrize = sys.modules.get("torch.nn.utils.parametrize")
-    enabled = getattr(parametrize, "_cache_enabled", 0) if parametrize is not None else 0
-    if not enabled:
-        yield
-        return
-    parametrize._cache_enabled = 0
-    try:
-        yield
-    finally:
-        parametrize._cache_enabled = enabled
-
-
-def _symbolic_fake_cache_off(fake_mode: Any, callers_mode: bool) -> contextlib.AbstractContextManager:
-    """NOTE [Symbolic fake-tensor cache]: the fake-tensor cache off while ``fake_mode``, made by this capture,
-    traces with symbols (a caller's mode keeps it: its ShapeEnv's cache holds the ops the caller traced)."""
-    if fake_mode.shape_env is None or callers_mode:
-        return contextlib.nullcontext()
-    try:
-        from torch._subclasses.fake_tensor import disable_fake_tensor_cache
-    except ImportError:  # a torch without it (private API): the cache stays on, as before
-        return contextlib.nullcontext()
-    return disable_fake_tensor_cache(fake_mode)
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)

@@ -11,7 +11,7 @@ The compiled forward returns, in order:
      the runtime's mutation epilogue;
   2. the user outputs that the graph computes (``OutputInfo.kind == "graph"``), tensors or SymInts;
   3. extra SymInts the runtime needs to regenerate views of inputs (``ViewEntry`` references them);
-  4. the final effect tokens (see NOTE [Effect tokens] in :mod:`aotcache.aot.capture`), ignored by the runtime;
+  4. the final effect tokens (see NOTE [Effect tokens] in :mod:`aotcache.aot.functional_trace`), ignored by the runtime;
 then, for training graphs only, the values saved for backward (``num_saved``).
 
 NOTE [Output structure]

@@ -395,7 +395,7 @@ def _cache_left_on(monkeypatch):
     import contextlib
     import sys
 
-    monkeypatch.setattr(sys.modules["aotcache.aot.capture"], "_symbolic_fake_cache_off",
+    monkeypatch.setattr(sys.modules["aotcache.aot.capture"], "symbolic_fake_cache_off",
                         lambda mode, callers_mode: contextlib.nullcontext())
 
 

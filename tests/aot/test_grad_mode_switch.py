@@ -1,6 +1,6 @@
 """A function that leaves the caller's grad mode switched (``torch.set_grad_enabled(False)`` outside a ``with``
 block), through the three entry points: outputs, autograd history and the grad mode after the call as in eager.
-NOTE [Grad mode left switched by the function] in aot/capture.py; found by PyTorch's own
+NOTE [Grad mode left switched by the function] in aot/output_checks.py; found by PyTorch's own
 test/dynamo/test_aot_autograd.py (test_aot_grad_mode_mutation) run against the backend."""
 
 from __future__ import annotations

@@ -426,7 +426,7 @@ def test_a_tensor_subclass_argument_runs_eagerly_with_subclass_gradients():
 
 def test_a_backward_that_mutates_a_forward_input_runs_eagerly():
     # PyTorch's test_aotdispatch (test_backward_mutation_forward_inputs): a custom op's backward zeroes an input
-    # saved on ctx; the compiled backward dropped that write (NOTE [Backward mutations of inputs] in capture.py)
+    # saved on ctx; the compiled backward dropped that write (NOTE [Backward mutations of inputs] in output_checks.py)
     @torch.library.custom_op("aotcache_test::clone_then_zero_in_backward", mutates_args=())
     def clone_op(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
         return x.clone()
@@ -469,11 +469,11 @@ def test_runtime_refuses_an_output_that_lost_requires_grad():
 
 
 def test_trace_that_loses_requires_grad_is_a_capture_error():
-    from aotcache.aot.capture import _check_traced_outputs_require_grad
+    from aotcache.aot.output_checks import check_traced_outputs_require_grad
 
-    _check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0])
+    check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0])
     with pytest.raises(CaptureError, match="forward output 1 requires grad"):
-        _check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0, 1])
+        check_traced_outputs_require_grad([torch.zeros(2, requires_grad=True), torch.zeros(1)], [0, 1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The functionalization a capture traces under (or traces without), and the effect tokens that keep
+side-effectful ops in its graph."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from aotcache.aot.plain_trace import StopAtUnfunctionalizableOps
+
+__all__ = ["identity", "to_functional_tensor", "from_functional_tensor", "functionalized", "unfunctionalized",
+           "seed_effect_tokens", "all_effect_types", "final_effect_tokens"]
+
+
+def identity(value: Any) -> Any:
+    return value
+
+
+def to_functional_tensor(value: Any) -> Any:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return FunctionalTensor.to_functional(value) if isinstance(value, torch.Tensor) else value
+
+
+def from_functional_tensor(value: Any) -> Any:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(value, FunctionalTensor):
+        torch._sync(value)
+        return torch._from_functional_tensor(value.elem)
+    return value
+
+
+@contextlib.contextmanager
+def functionalized(discover_effects: bool = False) -> Iterator[Any]:
+    """Python functionalization below autograd and above make_fx's proxy mode (see NOTE [Functional trace]);
+    yields the FunctionalTensorMode. ``discover_effects`` lets it create effect tokens (analysis only)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    # NOTE [Functional trace]
+    # The C++ Functionalize key must stay excluded: FunctionalTensorMode (a Python dispatch mode) does the
+    # functionalization, and make_fx's proxy mode, lower on the mode stack, records the functional ops it emits.
+    exclude = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+    mode = FunctionalTensorMode(_allow_token_discovery=True) if discover_effects else FunctionalTensorMode()
+    with exclude, mode:
+        yield mode
+
+
+@contextlib.contextmanager
+def unfunctionalized(mode: StopAtUnfunctionalizableOps) -> Iterator[None]:
+    """Ops reach make_fx as they are; the first that would need functionalization stops the trace (NOTE
+    [Symbolic trace without functionalization] in plain_trace.py)."""
+    with mode:
+        yield None
+
+
+# NOTE [Effect tokens]
+# Functionalization routes ops registered as side-effectful (recent torch registers aten._linalg_check_errors,
+# which raises eager's error for singular / non-positive-definite input in linalg.inv, cholesky, solve, ...)
+# through the ``with_effects`` higher-order op, which takes and returns a *token*, so that the op is neither
+# reordered nor removed as dead code, and fails when no token exists. The analysis pass lets the mode create
+# tokens and records which effect types the function uses; the trace seeds one token per effect type as a
+# graph value (``aten.empty([0])``) and returns the last token of each as an extra forward output (after the
+# SymInt extras; the runtime ignores it). Being an output keeps the effectful op alive in the forward graph
+# through any partitioner, so the compiled forward raises eager's error. Effectful ops reached only by the
+# backward are not kept (partitioners keep what the gradients need); no gradient formula of the linalg ops
+# calls the check, whose forward already ran on the same input. Compilers must support ``with_effects``
+# (nop as an fx graph, Inductor lowers it); the nop artifact's JSON graph form cannot store it, so such
+# graphs are not stored in the compiled-graph cache.
+
+
+def seed_effect_tokens(mode: Any, effects: Sequence[Any]) -> None:
+    if mode is None:  # traced without functionalization: it has no effects
+        return
+    for effect in effects:
+        if effect not in mode._tokens:
+            mode._tokens[effect] = torch.empty(0)  # traced into the graph: see NOTE [Effect tokens]
+
+
+def all_effect_types() -> list:
+    """Every effect type torch knows (a backward may reach effectful ops that the forward analysis did not)."""
+    try:
+        from torch._library.effects import EffectType
+    except ImportError:
+        try:
+            from torch._higher_order_ops.effects import _EffectType as EffectType
+        except ImportError:  # a torch without effect tokens
+            return []
+    return list(EffectType)
+
+
+def final_effect_tokens(mode: Any, effects: Sequence[Any]) -> list:
+    if mode is None:
+        return []
+    return [mode._tokens[effect] for effect in effects]
