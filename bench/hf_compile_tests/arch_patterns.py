@@ -2,34 +2,20 @@
 compiled against eager -- two training steps (loss, every gradient, an SGD step between), greedy generate with the
 forward compiled (dynamic, static and no cache), encoder-decoder generate, seeded dropout in training.
 usage: python bench/hf_compile_tests/arch_patterns.py torch|backend|compile [name,name,...|dropout]"""
-import functools, os, sys, tempfile, traceback
+import functools
+import os
+import sys
+import tempfile
+
 import torch
 import transformers as tf
+
+from probe_common import check, close, compare_training, compiler_for
 
 VARIANT = sys.argv[1]
 ONLY = sys.argv[2].split(",") if len(sys.argv) > 2 else None
 os.environ.setdefault("AOTCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="s14_arch_"))
-_torch_compile = torch.compile
-
-
-def C(fn, **kw):
-    if VARIANT == "torch":
-        return _torch_compile(fn, backend="aot_eager", **{k: v for k, v in kw.items() if k != "mode"})
-    import aotcache
-    if VARIANT == "backend":
-        from aotcache.backend import aotcache_backend
-        return _torch_compile(fn, backend=functools.partial(aotcache_backend, compiler="nop"), **kw)
-    return aotcache.compile(fn, compiler="nop", **kw)
-
-
-def check(name, fn):
-    try:
-        ok = fn()
-        print(f"{name}: {'ok' if ok is True else 'WRONG ' + str(ok)}", flush=True)
-    except Exception as exc:  # noqa: BLE001
-        print(f"{name}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", flush=True)
-        if os.environ.get("TB"): traceback.print_exc()
-    torch._dynamo.reset()
+C = compiler_for(VARIANT)
 
 
 torch.manual_seed(0)
@@ -62,31 +48,12 @@ def make(name):
     return m
 
 
-def close(a, b, tol=1e-5):
-    return torch.allclose(a, b, atol=tol, rtol=tol)
-
 
 def train_step(name):
     def run():
         m = make(name).train()
         ref = make(name).train()
-        labels = ids.clone()
-        outs = []
-        cm = C(m)
-        for step in range(2):
-            got = cm(input_ids=ids, attention_mask=mask, labels=labels)
-            want = ref(input_ids=ids, attention_mask=mask, labels=labels)
-            got.loss.backward(); want.loss.backward()
-            if not close(got.loss, want.loss):
-                return f"step {step} loss {got.loss.item()} vs {want.loss.item()}"
-            for (n, p), q in zip(m.named_parameters(), ref.parameters()):
-                if (p.grad is None) != (q.grad is None) or (p.grad is not None and not close(p.grad, q.grad, 1e-4)):
-                    return f"step {step} grad of {n}"
-            with torch.no_grad():  # an SGD step on both: the next call sees new weights
-                for p, q in zip(m.parameters(), ref.parameters()):
-                    if p.grad is not None: p -= 0.1 * p.grad; q -= 0.1 * q.grad
-                    p.grad = None; q.grad = None
-        return True
+        return compare_training(m, ref, C(m), lambda: dict(input_ids=ids, attention_mask=mask, labels=ids))
     return run
 
 
@@ -166,26 +133,14 @@ def enc_dec_gen(name, cache, whole):
 
 def enc_dec_train(name):
     def run():
-        m = enc_dec(name).train(); ref = enc_dec(name).train()
-        cm = C(m)
+        m = enc_dec(name).train()
+        ref = enc_dec(name).train()
         if name == "bart":
             inputs = dict(input_ids=ids, attention_mask=mask, labels=ids)
         else:
             torch.manual_seed(1)
             inputs = dict(input_features=torch.randn(2, 8, 30), labels=ids)
-        for step in range(2):
-            got = cm(**inputs); want = ref(**inputs)
-            got.loss.backward(); want.loss.backward()
-            if not close(got.loss, want.loss):
-                return f"step {step} loss {got.loss.item()} vs {want.loss.item()}"
-            for (n, p), q in zip(m.named_parameters(), ref.parameters()):
-                if (p.grad is None) != (q.grad is None) or (p.grad is not None and not close(p.grad, q.grad, 1e-4)):
-                    return f"step {step} grad of {n}"
-            with torch.no_grad():
-                for p, q in zip(m.parameters(), ref.parameters()):
-                    if p.grad is not None: p -= 0.1 * p.grad; q -= 0.1 * q.grad
-                    p.grad = None; q.grad = None
-        return True
+        return compare_training(m, ref, C(m), lambda: inputs)
     return run
 
 
@@ -202,27 +157,15 @@ def vision(name):
 
 def vision_train(name):
     def run():
-        m = vision(name).train(); ref = vision(name).train()
-        cm = C(m)
+        m = vision(name).train()
+        ref = vision(name).train()
         torch.manual_seed(2)
         px = torch.randn(2, 3, 16, 16)
-        for step in range(2):
-            if name == "vit":
-                kw = dict(pixel_values=px, labels=torch.tensor([0, 2]))
-            else:
-                kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask, return_loss=True)
-            got = cm(**kw); want = ref(**kw)
-            got.loss.backward(); want.loss.backward()
-            if not close(got.loss, want.loss):
-                return f"step {step} loss {got.loss.item()} vs {want.loss.item()}"
-            for (n, p), q in zip(m.named_parameters(), ref.parameters()):
-                if (p.grad is None) != (q.grad is None) or (p.grad is not None and not close(p.grad, q.grad, 1e-4)):
-                    return f"step {step} grad of {n}"
-            with torch.no_grad():
-                for p, q in zip(m.parameters(), ref.parameters()):
-                    if p.grad is not None: p -= 0.1 * p.grad; q -= 0.1 * q.grad
-                    p.grad = None; q.grad = None
-        return True
+        if name == "vit":
+            inputs = dict(pixel_values=px, labels=torch.tensor([0, 2]))
+        else:
+            inputs = dict(pixel_values=px, input_ids=ids, attention_mask=mask, return_loss=True)
+        return compare_training(m, ref, C(m), lambda: inputs)
     return run
 
 

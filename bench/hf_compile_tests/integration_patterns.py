@@ -1,7 +1,6 @@
 """The compile patterns of transformers' integration tests (test_compile_static_cache of llama / t5 / mistral,
 test_compile_static_cache_encoder), on tiny random models (no downloads), per variant.
 usage: python bench/hf_compile_tests/integration_patterns.py torch|backend|compile"""
-import functools
 import os
 import sys
 import tempfile
@@ -9,31 +8,15 @@ import tempfile
 import torch
 import transformers as tf
 
+from probe_common import check, compiler_for
+
 VARIANT = sys.argv[1]
 os.environ.setdefault("AOTCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="s13_probe_"))
-_torch_compile = torch.compile
-
-
-def C(fn, **kw):
-    if VARIANT == "torch":
-        return _torch_compile(fn, backend="aot_eager", **{k: v for k, v in kw.items() if k != "mode"})
-    import aotcache
-    if VARIANT == "backend":
-        from aotcache.backend import aotcache_backend
-        return _torch_compile(fn, backend=functools.partial(aotcache_backend, compiler="nop"), **kw)
-    return aotcache.compile(fn, compiler="nop", **kw)
+C = compiler_for(VARIANT)
 
 
 def gen(model, ids, mask, **kw):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
-
-
-def check(name, fn):
-    try:
-        ok = fn()
-        print(f"{name}: {'ok' if ok else 'WRONG'}", flush=True)
-    except Exception as exc:  # noqa: BLE001
-        print(f"{name}: ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
 
 
 torch.manual_seed(0)

@@ -1,22 +1,19 @@
 """After compiling and calling, change something the forward reads (a config value, a module attribute, a
 submodule); the next call must give eager's new result (tiny random models of session 14's architectures).
 usage: python bench/hf_compile_tests/stale_patterns.py torch|backend|compile"""
-import functools, os, sys, tempfile, traceback
+import os
+import sys
+import tempfile
+import traceback
+
 import torch
 import transformers as tf
+
+from probe_common import compiler_for
+
 VARIANT = sys.argv[1]
 os.environ.setdefault("AOTCACHE_CACHE_DIR", tempfile.mkdtemp(prefix="s14_stale_"))
-_torch_compile = torch.compile
-
-
-def C(fn, **kw):
-    if VARIANT == "torch":
-        return _torch_compile(fn, backend="aot_eager", **kw)
-    import aotcache
-    if VARIANT == "backend":
-        from aotcache.backend import aotcache_backend
-        return _torch_compile(fn, backend=functools.partial(aotcache_backend, compiler="nop"), **kw)
-    return aotcache.compile(fn, compiler="nop", **kw)
+C = compiler_for(VARIANT)
 
 
 torch.manual_seed(0)
