@@ -18,6 +18,15 @@ Specialized, such a library ran only for its first length (GPT-2's next decode s
 equal to a dimension of a symbolic tensor input is therefore replaced in the graph by ``sym_size`` of that
 dimension before the build; when no other int input remains, the build is dynamic. The call still passes the
 int: it is checked against that dimension and not given to the library.
+
+NOTE [int outputs the template cannot hold]
+The template holds an int output at its traced value, which is right only while every symbol of it is pinned by
+what each call checks: an int input (specialized), or a tensor size of a static build. A dynamic build checks
+no size, and nothing checks a tensor's storage offset or strides, so an output built from those changed from
+call to call while the template returned the first: ``x[x.shape[0] // 2:]`` under ``dynamic=True`` returned the
+first call's half for every length, and ``x[16:32]`` of an input at another offset (``aotcache.compile(fn,
+dynamic=True)``) the first offset -- a wrong result, silently. Such a graph is refused
+(:class:`UnpinnedIntOutput`): the fallback chain compiles it with ``inductor``.
 """
 
 from __future__ import annotations
@@ -227,6 +236,34 @@ def _runner_device(tensors: Sequence[torch.Tensor]) -> str:
     return "cpu"
 
 
+class UnpinnedIntOutput(ValueError):
+    """An int output that calls may change but the library cannot return (NOTE [int outputs the template cannot
+    hold])."""
+
+
+def _refuse_unpinned_int_outputs(gm: torch.fx.GraphModule, inputs: Sequence[Any], dynamic: bool) -> None:
+    """:raises UnpinnedIntOutput: an int output with a symbol no call check pins (``inputs``: what the library is
+    built from, size inputs left out)."""
+    pinned: set = set()
+    for value in inputs:
+        if isinstance(value, torch.SymInt):
+            pinned.add(value.node.expr)
+        elif isinstance(value, torch.Tensor) and not dynamic:
+            pinned.update(size.node.expr for size in value.shape if isinstance(size, torch.SymInt))
+    (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
+    for value in torch.fx.node.map_aggregate(output_node.args[0], lambda n: n):
+        known = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+        if not isinstance(known, torch.SymInt) or known.node.expr.is_number:
+            continue
+        unpinned = known.node.expr.free_symbols - pinned
+        if unpinned:
+            raise UnpinnedIntOutput(
+                f"aoti_compiler: graph output {value} = {known.node.expr} changes with "
+                f"{', '.join(sorted(map(str, unpinned)))}, which no call check pins (a tensor's storage offset or "
+                f"stride, or a size of a dynamic build); the library cannot return it (NOTE [int outputs the "
+                f"template cannot hold])")
+
+
 def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape,
                                                                                          *value.stride()))
@@ -244,6 +281,8 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     size_inputs = _read_sizes_from_tensors(graph_module, example_inputs)
     kept = [index for index in range(len(example_inputs)) if index not in size_inputs]
     has_ints = any(not isinstance(example_inputs[index], torch.Tensor) for index in kept)
+    _refuse_unpinned_int_outputs(graph_module, [example_inputs[index] for index in kept],
+                                 dynamic=not has_ints and any(_is_symbolic(value) for value in placeholder_values))
     int_inputs, tensor_inputs, template = _specialize(graph_module, [example_inputs[index] for index in kept])
     int_inputs = {str(kept[int(index)]): value for index, value in int_inputs.items()}
     tensor_inputs = [kept[index] for index in tensor_inputs]
