@@ -242,8 +242,8 @@ class UnpinnedIntOutput(ValueError):
 
 
 def _refuse_unpinned_int_outputs(gm: torch.fx.GraphModule, inputs: Sequence[Any], dynamic: bool) -> None:
-    """:raises UnpinnedIntOutput: an int output with a symbol no call check pins (``inputs``: what the library is
-    built from, size inputs left out)."""
+    """:raises UnpinnedIntOutput: an int output with a symbol no call check pins (``inputs``: the example inputs and
+    placeholder values the library is built from, size inputs left out)."""
     pinned: set = set()
     for value in inputs:
         if isinstance(value, torch.SymInt):
@@ -281,7 +281,8 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     size_inputs = _read_sizes_from_tensors(graph_module, example_inputs)
     kept = [index for index in range(len(example_inputs)) if index not in size_inputs]
     has_ints = any(not isinstance(example_inputs[index], torch.Tensor) for index in kept)
-    _refuse_unpinned_int_outputs(graph_module, [example_inputs[index] for index in kept],
+    _refuse_unpinned_int_outputs(graph_module, [example_inputs[index] for index in kept]
+                                 + [placeholder_values[index] for index in kept if index < len(placeholder_values)],
                                  dynamic=not has_ints and any(_is_symbolic(value) for value in placeholder_values))
     int_inputs, tensor_inputs, template = _specialize(graph_module, [example_inputs[index] for index in kept])
     int_inputs = {str(kept[int(index)]): value for index, value in int_inputs.items()}
