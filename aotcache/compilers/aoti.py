@@ -19,6 +19,13 @@ equal to a dimension of a symbolic tensor input is therefore replaced in the gra
 dimension before the build; when no other int input remains, the build is dynamic. The call still passes the
 int: it is checked against that dimension and not given to the library.
 
+NOTE [int inputs the graph never reads]
+Once a call passes an input at another storage offset, Dynamo passes that offset as a SymInt input too, and
+most graphs never read it (``x + 1``). Specialized like any int input, it made the library static, and a third
+call at another size raised ``ValueError`` ("specialized to input 0") where eager runs. An int input without
+users in the graph is removed before the build and not checked: the call's value is ignored. An int output
+built from its symbol is not pinned by it (NOTE [int outputs the template cannot hold]).
+
 NOTE [int outputs the template cannot hold]
 The template holds an int output at its traced value, which is right only while every symbol of it is pinned by
 what each call checks: an int input (specialized), or a tensor size of a static build. A dynamic build checks
@@ -84,6 +91,7 @@ class AOTICompiledGraph:
         self._meta = meta
         self._tensor_indices = [int(i) for i in meta["tensor_inputs"]]
         self._int_inputs = {int(i): int(v) for i, v in meta["int_inputs"].items()}
+        self._unused_ints = len(meta.get("unused_int_inputs", ()))  # NOTE [int inputs the graph never reads]
         self._size_inputs = {int(i): (int(t), int(d)) for i, (t, d) in meta.get("size_inputs", {}).items()}
         self._specs = meta["input_specs"]
         self._static = bool(meta["static"])
@@ -96,7 +104,7 @@ class AOTICompiledGraph:
         self._aligned = list(range(len(self._tensor_indices))) if str(meta["device"]).startswith("cuda") else []
 
     def _check(self, args: Sequence[Any]) -> None:
-        count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs)
+        count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs) + self._unused_ints
         if len(args) != count:
             raise TypeError(f"aoti compiled graph takes {count} inputs, got {len(args)}")
         for index, (tensor_index, dim) in self._size_inputs.items():  # NOTE [size inputs read from tensor sizes]
@@ -182,6 +190,21 @@ def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return int_inputs, tensor_inputs, template
+
+
+def _drop_unused_int_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """Remove int placeholders nothing in the graph reads (in place); returns their positions.
+    NOTE [int inputs the graph never reads]"""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return []
+    unused = [index for index, (node, value) in enumerate(zip(placeholders, example_inputs))
+              if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) and not node.users]
+    for index in unused:
+        gm.graph.erase_node(placeholders[index])
+    if unused:
+        gm.recompile()
+    return unused
 
 
 def _read_sizes_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, tuple[int, int]]:
@@ -278,8 +301,11 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     check_supported_ops(gm, COMPILER_NAME)
     graph_module = aoti_lib.copy_graph_module(gm)
     placeholder_values = [node.meta.get("val") for node in graph_module.graph.nodes if node.op == "placeholder"]
-    size_inputs = _read_sizes_from_tensors(graph_module, example_inputs)
-    kept = [index for index in range(len(example_inputs)) if index not in size_inputs]
+    unused = _drop_unused_int_inputs(graph_module, example_inputs)  # NOTE [int inputs the graph never reads]
+    present = [index for index in range(len(example_inputs)) if index not in unused]
+    size_inputs = {present[index]: (present[tensor], dim) for index, (tensor, dim)
+                   in _read_sizes_from_tensors(graph_module, [example_inputs[i] for i in present]).items()}
+    kept = [index for index in present if index not in size_inputs]
     has_ints = any(not isinstance(example_inputs[index], torch.Tensor) for index in kept)
     _refuse_unpinned_int_outputs(graph_module, [example_inputs[index] for index in kept]
                                  + [placeholder_values[index] for index in kept if index < len(placeholder_values)],
@@ -305,6 +331,8 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
             "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}
     if size_inputs:
         meta["size_inputs"] = {str(index): list(source) for index, source in size_inputs.items()}
+    if unused:
+        meta["unused_int_inputs"] = unused
     if build.files:
         meta["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(build.files.items())}
         meta["library_name"] = build.library_name

@@ -52,3 +52,15 @@ def test_a_view_of_an_input_at_another_offset_without_dynamo(compiler):
         for start in (0, 128, 64):
             out = compiled(base[start:])
             assert out.storage_offset() == start + 16 and torch.equal(out, base[start + 16:start + 32])
+
+
+def test_an_offset_symbol_the_graph_never_reads_is_not_specialized():
+    """NOTE [int inputs the graph never reads]: Dynamo passes a changed input offset as an int input; specialized,
+    the third call at another size raised ValueError ("specialized to input 0")."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=functools.partial(aotcache_backend, compiler="aoti"),
+                             fullgraph=True)
+    base = torch.arange(1024.0)
+    with torch.no_grad():
+        for start in (0, 128, 64):
+            assert torch.equal(compiled(base[start:]), base[start:] * 2 + 1)
