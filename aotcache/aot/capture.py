@@ -36,7 +36,7 @@ from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.aot.fake_inputs import make_fake_inputs
 from aotcache.aot.host_random import refuse_host_random, refuse_replayed_checkpoint_draws
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
-from aotcache.aot.mutated_input_views import offset_in_mutated_input
+from aotcache.aot.mutated_input_views import view_in_mutated_input
 from aotcache.aot.plain_trace import (
     SpotInPlaceCalls,
     StopAtUnfunctionalizableOps,
@@ -659,13 +659,11 @@ class _ForwardBody:
 
         for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
             if info.kind == "alias_of_input":
-                offset = out.storage_offset()
                 if self.functional and analysis.inputs[info.input_index].mutates_data:  # NOTE [Views of mutated
-                    offset = offset_in_mutated_input(  # inputs]: placed in the new value, not in the input
-                        k, out, call_args[analysis.positions[info.input_index]], functional_primals[info.input_index])
+                    out = view_in_mutated_input(k, out, self.constants[analysis.positions[info.input_index]])  # inputs]
                 info.size = [entry(s) for s in out.shape]
                 info.stride = [entry(s) for s in out.stride()]
-                info.storage_offset = entry(offset)
+                info.storage_offset = entry(out.storage_offset())
         self.num_extra_outputs = len(extras)
         return [*mutation_values, *graph_outs, *extras]
 

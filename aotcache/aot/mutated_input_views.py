@@ -7,48 +7,38 @@ functionalized trace reported for it (absolute storage offset; NOTE [Views of in
 input's new value in a fresh tensor -- storage offset 0, and contiguous strides for an input that is not dense --
 and a view taken of the input reports its geometry in that tensor: ``x[2:6]`` of ``base[128:]`` said offset 2, so
 the runtime returned ``base[2:6]`` (elements the function never touched) where eager returns ``base[130:134]``,
-a wrong result with every compiler; ``x[1:3]`` of a non-dense ``x`` came back with contiguous strides. So for a
-mutated input the view's place is taken relative to the input's current functional value (after syncing the
-view, so a view taken before the write counts too) and moved onto the input's own offset. That is exact when the
-value's strides are the input's; when they are not (a non-dense input), the view cannot be placed and the capture
-is refused (the call runs eagerly) rather than returning another part of the input.
+a wrong result with every compiler; ``x[1:3]`` of a non-dense ``x`` came back with contiguous strides. Shifting the offset by the input's is not
+enough: a view made by ``as_strided`` (synthetic bases, NOTE [Synthetic bases]) is placed absolutely. So the
+view's own ops (functionalization's record of them) are replayed on the input's fake value, outside the trace,
+and the result's sizes, strides and offset are recorded: where eager's view lies. A view whose ops cannot be
+replayed is refused (the call runs eagerly).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import _disable_current_modes
 
-from aotcache.aot.aliased_writes import _known
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["offset_in_mutated_input"]
+__all__ = ["view_in_mutated_input"]
 
 
-def _functional_value(tensor: torch.Tensor) -> torch.Tensor:
-    elem = getattr(tensor, "elem", tensor)  # a FunctionalTensor wraps the C++ functional wrapper
-    torch._functionalize_sync(elem)
-    return torch._from_functional_tensor(elem)
+def view_in_mutated_input(k: int, view: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """Flat output ``k``, a view of an input the function mutates, replayed on ``example`` (the input's fake
+    value, with its geometry): its sizes, strides and offset are the real view's (module NOTE).
 
-
-def offset_in_mutated_input(k: int, view: torch.Tensor, mutated: torch.Tensor, primal: torch.Tensor) -> Any:
-    """The storage offset in the real input of flat output ``k``, a view of ``mutated`` (the tensor the function
-    wrote to: the functional input ``primal``, or its clone); an int or SymInt (module NOTE).
-
-    :raises CaptureError: the input's new value is laid out otherwise than the input (the view cannot be placed).
+    :raises CaptureError: the view's ops cannot be replayed on the input.
     """
-    value, inner_view = _functional_value(mutated), _functional_value(view)
-    same_layout = len(value.stride()) == len(primal.stride()) and all(
-        _known(a == b) for a, b in zip(value.stride(), primal.stride()))
-    if not same_layout or StorageWeakRef(inner_view.untyped_storage()) != StorageWeakRef(value.untyped_storage()):
-        raise CaptureError(
-            f"aotcache: flat output {k} is a view of an input the function mutates in place, and the input's new "
-            f"value is laid out otherwise than the input (strides {tuple(primal.stride())}, e.g. a non-dense "
-            f"input), so the view cannot be placed in the real input. Return a clone of the view, or pass a "
-            f"contiguous input.")
-    if any(not _known(a == b) for a, b in zip(inner_view.stride(), view.stride())):
-        raise CaptureError(f"aotcache: flat output {k}, a view of an input the function mutates in place, has "
-                           f"strides that differ from its functional value's; return a clone of the view.")
-    return primal.storage_offset() + (inner_view.storage_offset() - value.storage_offset())
+    try:
+        sequence = torch._C._functionalization.get_view_meta_sequence(getattr(view, "elem", view))
+        with _disable_current_modes():
+            replayed = torch._C._functionalization.apply_view_meta_sequence(example, sequence)
+    except Exception as exc:  # noqa: BLE001 - refused below, the call runs eagerly
+        raise CaptureError(f"aotcache: flat output {k} is a view of an input the function mutates in place, and "
+                           f"its view ops could not be replayed on the input ({type(exc).__name__}: {exc}); "
+                           f"return a clone of the view.") from exc
+    if tuple(replayed.shape) != tuple(view.shape):
+        raise CaptureError(f"aotcache: flat output {k}, a view of an input the function mutates in place, does "
+                           f"not replay to its own shape on the input; return a clone of the view.")
+    return replayed
