@@ -65,6 +65,7 @@ from aotcache.aot.trace_environment import (
 )
 from aotcache.aot.host_random import refuse_host_random, refuse_replayed_checkpoint_draws
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
+from aotcache.aot.mutated_input_views import view_in_mutated_input
 from aotcache.aot.plain_trace import (
     SpotInPlaceCalls,
     StopAtUnfunctionalizableOps,
@@ -410,8 +411,10 @@ class _ForwardBody:
                 return {"extra": len(extras) - 1}
             return int(value)
 
-        for out, info in zip(flat_outs, analysis.outputs):
+        for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
             if info.kind == "alias_of_input":
+                if self.functional and analysis.inputs[info.input_index].mutates_data:  # NOTE [Views of mutated
+                    out = view_in_mutated_input(k, out, self.constants[analysis.positions[info.input_index]])  # inputs]
                 info.size = [entry(s) for s in out.shape]
                 info.stride = [entry(s) for s in out.stride()]
                 info.storage_offset = entry(out.storage_offset())

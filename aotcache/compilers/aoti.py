@@ -18,6 +18,22 @@ Specialized, such a library ran only for its first length (GPT-2's next decode s
 equal to a dimension of a symbolic tensor input is therefore replaced in the graph by ``sym_size`` of that
 dimension before the build; when no other int input remains, the build is dynamic. The call still passes the
 int: it is checked against that dimension and not given to the library.
+
+NOTE [int inputs the graph never reads]
+Once a call passes an input at another storage offset, Dynamo passes that offset as a SymInt input too, and
+most graphs never read it (``x + 1``). Specialized like any int input, it made the library static, and a third
+call at another size raised ``ValueError`` ("specialized to input 0") where eager runs. An int input without
+users in the graph is removed before the build and not checked: the call's value is ignored. An int output
+built from its symbol is not pinned by it (NOTE [int outputs the template cannot hold]).
+
+NOTE [int outputs the template cannot hold]
+The template holds an int output at its traced value, which is right only while every symbol of it is pinned by
+what each call checks: an int input (specialized), or a tensor size of a static build. A dynamic build checks
+no size, and nothing checks a tensor's storage offset or strides, so an output built from those changed from
+call to call while the template returned the first: ``x[x.shape[0] // 2:]`` under ``dynamic=True`` returned the
+first call's half for every length, and ``x[16:32]`` of an input at another offset (``aotcache.compile(fn,
+dynamic=True)``) the first offset -- a wrong result, silently. Such a graph is refused
+(:class:`UnpinnedIntOutput`): the fallback chain compiles it with ``inductor``.
 """
 
 from __future__ import annotations
@@ -75,6 +91,7 @@ class AOTICompiledGraph:
         self._meta = meta
         self._tensor_indices = [int(i) for i in meta["tensor_inputs"]]
         self._int_inputs = {int(i): int(v) for i, v in meta["int_inputs"].items()}
+        self._unused_ints = len(meta.get("unused_int_inputs", ()))  # NOTE [int inputs the graph never reads]
         self._size_inputs = {int(i): (int(t), int(d)) for i, (t, d) in meta.get("size_inputs", {}).items()}
         self._specs = meta["input_specs"]
         self._static = bool(meta["static"])
@@ -87,7 +104,7 @@ class AOTICompiledGraph:
         self._aligned = list(range(len(self._tensor_indices))) if str(meta["device"]).startswith("cuda") else []
 
     def _check(self, args: Sequence[Any]) -> None:
-        count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs)
+        count = len(self._tensor_indices) + len(self._int_inputs) + len(self._size_inputs) + self._unused_ints
         if len(args) != count:
             raise TypeError(f"aoti compiled graph takes {count} inputs, got {len(args)}")
         for index, (tensor_index, dim) in self._size_inputs.items():  # NOTE [size inputs read from tensor sizes]
@@ -175,6 +192,21 @@ def _specialize(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return int_inputs, tensor_inputs, template
 
 
+def _drop_unused_int_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """Remove int placeholders nothing in the graph reads (in place); returns their positions.
+    NOTE [int inputs the graph never reads]"""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return []
+    unused = [index for index, (node, value) in enumerate(zip(placeholders, example_inputs))
+              if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) and not node.users]
+    for index in unused:
+        gm.graph.erase_node(placeholders[index])
+    if unused:
+        gm.recompile()
+    return unused
+
+
 def _read_sizes_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, tuple[int, int]]:
     """Replace SymInt inputs equal to a symbolic tensor input's dimension by ``sym_size`` of it (in place).
 
@@ -227,6 +259,34 @@ def _runner_device(tensors: Sequence[torch.Tensor]) -> str:
     return "cpu"
 
 
+class UnpinnedIntOutput(ValueError):
+    """An int output that calls may change but the library cannot return (NOTE [int outputs the template cannot
+    hold])."""
+
+
+def _refuse_unpinned_int_outputs(gm: torch.fx.GraphModule, inputs: Sequence[Any], dynamic: bool) -> None:
+    """:raises UnpinnedIntOutput: an int output with a symbol no call check pins (``inputs``: the example inputs and
+    placeholder values the library is built from, size inputs left out)."""
+    pinned: set = set()
+    for value in inputs:
+        if isinstance(value, torch.SymInt):
+            pinned.add(value.node.expr)
+        elif isinstance(value, torch.Tensor) and not dynamic:
+            pinned.update(size.node.expr for size in value.shape if isinstance(size, torch.SymInt))
+    (output_node,) = [node for node in gm.graph.nodes if node.op == "output"]
+    for value in torch.fx.node.map_aggregate(output_node.args[0], lambda n: n):
+        known = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+        if not isinstance(known, torch.SymInt) or known.node.expr.is_number:
+            continue
+        unpinned = known.node.expr.free_symbols - pinned
+        if unpinned:
+            raise UnpinnedIntOutput(
+                f"aoti_compiler: graph output {value} = {known.node.expr} changes with "
+                f"{', '.join(sorted(map(str, unpinned)))}, which no call check pins (a tensor's storage offset or "
+                f"stride, or a size of a dynamic build); the library cannot return it (NOTE [int outputs the "
+                f"template cannot hold])")
+
+
 def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in (*value.shape,
                                                                                          *value.stride()))
@@ -241,9 +301,15 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
     check_supported_ops(gm, COMPILER_NAME)
     graph_module = aoti_lib.copy_graph_module(gm)
     placeholder_values = [node.meta.get("val") for node in graph_module.graph.nodes if node.op == "placeholder"]
-    size_inputs = _read_sizes_from_tensors(graph_module, example_inputs)
-    kept = [index for index in range(len(example_inputs)) if index not in size_inputs]
+    unused = _drop_unused_int_inputs(graph_module, example_inputs)  # NOTE [int inputs the graph never reads]
+    present = [index for index in range(len(example_inputs)) if index not in unused]
+    size_inputs = {present[index]: (present[tensor], dim) for index, (tensor, dim)
+                   in _read_sizes_from_tensors(graph_module, [example_inputs[i] for i in present]).items()}
+    kept = [index for index in present if index not in size_inputs]
     has_ints = any(not isinstance(example_inputs[index], torch.Tensor) for index in kept)
+    _refuse_unpinned_int_outputs(graph_module, [example_inputs[index] for index in kept]
+                                 + [placeholder_values[index] for index in kept if index < len(placeholder_values)],
+                                 dynamic=not has_ints and any(_is_symbolic(value) for value in placeholder_values))
     int_inputs, tensor_inputs, template = _specialize(graph_module, [example_inputs[index] for index in kept])
     int_inputs = {str(kept[int(index)]): value for index, value in int_inputs.items()}
     tensor_inputs = [kept[index] for index in tensor_inputs]
@@ -265,6 +331,8 @@ def aoti_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
             "input_specs": [_tensor_spec(value) for value in tensors], "input_layouts": layouts}
     if size_inputs:
         meta["size_inputs"] = {str(index): list(source) for index, source in size_inputs.items()}
+    if unused:
+        meta["unused_int_inputs"] = unused
     if build.files:
         meta["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(build.files.items())}
         meta["library_name"] = build.library_name

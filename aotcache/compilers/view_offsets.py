@@ -12,9 +12,11 @@ the cache (found by PyTorch's own ``test_adding_tensor_offsets`` run through aot
 ``implicit_fallbacks=False``, as in that test file, the lowering failed and the graph fell back to ``nop``).
 So before compiling, each ``sym_storage_offset`` node becomes its traced value: an int, or the symbolic
 expression built with ``+``, ``*`` and ``//`` from the nodes that hold its symbols -- a SymInt input (Dynamo
-passes every symbol so), else an input tensor's size, stride or offset. An expression that cannot be written so
-(an unbacked symbol, another operator) raises :class:`UnsupportedViewOffset`, so the fallback chain compiles the
-graph with the next compiler rather than Inductor computing a wrong offset.
+passes every symbol so), else an input tensor's size or stride. An expression that cannot be written so (an
+unbacked symbol, another operator, or an input's own offset that no SymInt input holds: Inductor binds no symbol
+from an input's storage offset, and its code named an undefined one, a NameError at the call, as with
+``aotcache.compile(fn, dynamic=True)``) raises :class:`UnsupportedViewOffset`, so the fallback chain compiles
+the graph with the next compiler rather than Inductor computing a wrong offset.
 """
 
 from __future__ import annotations
@@ -41,26 +43,26 @@ def _new(graph: fx.Graph, target: Any, args: tuple, val: Any) -> fx.Node:
 
 
 class _SymbolSources:
-    """Nodes of the graph's inputs that hold each symbol whole: a SymInt input, or an input tensor's size, stride
-    or storage offset (read with ``sym_size`` / ``sym_stride`` / ``sym_storage_offset``, made when first asked,
-    at the graph's insertion point then)."""
+    """Nodes of the graph's inputs that hold each symbol whole: a SymInt input, or an input tensor's size or
+    stride (read with ``sym_size`` / ``sym_stride``, made when first asked, at the graph's insertion point then)."""
 
     def __init__(self, graph: fx.Graph, placeholders: list[fx.Node]) -> None:
         self._graph = graph
         self._where: dict[Any, tuple] = {}
         self._made: dict[Any, fx.Node] = {}
         for node in reversed(placeholders):  # the first input holding a symbol wins; a SymInt input over a tensor's
-            value = node.meta.get("val")  # geometry (Inductor lowers no sym_storage_offset without fallbacks)
+            value = node.meta.get("val")  # geometry
             if isinstance(value, torch.Tensor):
                 for dim, size in enumerate(value.shape):
                     self._add(size, (node, torch.ops.aten.sym_size.int, dim, size))
                 try:
-                    strides, offset = value.stride(), value.storage_offset()
+                    strides = value.stride()
                 except RuntimeError:  # a layout without strides
                     continue
                 for dim, stride in enumerate(strides):
                     self._add(stride, (node, torch.ops.aten.sym_stride.int, dim, stride))
-                self._add(offset, (node, _STORAGE_OFFSET, None, offset))
+                # not its storage offset: Inductor binds no symbol from an input's offset, so its code named an
+                # undefined one (NameError at the call: aotcache.compile(fn, dynamic=True) of ``x[16:32]``)
         for node in reversed(placeholders):
             value = node.meta.get("val")
             if isinstance(value, torch.SymInt):
@@ -72,8 +74,8 @@ class _SymbolSources:
 
     def node_for(self, symbol: Any) -> tuple[fx.Node, Any]:
         if symbol not in self._where:
-            raise UnsupportedViewOffset(f"symbol {symbol} of a view's storage offset is no input's size, stride, "
-                                        "offset or SymInt")
+            raise UnsupportedViewOffset(f"symbol {symbol} of a view's storage offset is no input's size, stride "
+                                        "or SymInt")
         if symbol not in self._made:
             node, target, dim, value = self._where[symbol]
             if target is not None:  # at the current insertion point: before the first offset that uses it
