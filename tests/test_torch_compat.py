@@ -109,6 +109,10 @@ OPTIONAL = [
      "selective-checkpoint regions go through torch's implementation (regions writing in place run eagerly)"),
     ("torch.utils._python_dispatch", "TorchDispatchMode.supports_higher_order_operators",
      "symbolic captures always trace with functionalization"),
+    ("torch._C._functionalization", "get_view_meta_sequence",
+     "a view of an input the function mutates is refused (the call runs eagerly)"),
+    ("torch._C._functionalization", "apply_view_meta_sequence",
+     "a view of an input the function mutates is refused (the call runs eagerly)"),
     ("torch.utils._python_dispatch", "TorchDispatchMode.is_infra_mode",
      "Dynamo may skip torch.cond's wrapper met by a symbolic capture (the capture then falls back)"),
 ]

@@ -7,11 +7,11 @@ functionalized trace reported for it (absolute storage offset; NOTE [Views of in
 input's new value in a fresh tensor -- storage offset 0, and contiguous strides for an input that is not dense --
 and a view taken of the input reports its geometry in that tensor: ``x[2:6]`` of ``base[128:]`` said offset 2, so
 the runtime returned ``base[2:6]`` (elements the function never touched) where eager returns ``base[130:134]``,
-a wrong result with every compiler; ``x[1:3]`` of a non-dense ``x`` came back with contiguous strides. Shifting the offset by the input's is not
-enough: a view made by ``as_strided`` (synthetic bases, NOTE [Synthetic bases]) is placed absolutely. So the
-view's own ops (functionalization's record of them) are replayed on the input's fake value, outside the trace,
-and the result's sizes, strides and offset are recorded: where eager's view lies. A view whose ops cannot be
-replayed is refused (the call runs eagerly).
+a wrong result with every compiler; ``x[1:3]`` of a non-dense ``x`` came back with contiguous strides. Shifting
+the offset by the input's is not enough: a view made by ``as_strided`` (synthetic bases, NOTE [Synthetic bases])
+is placed absolutely. So the view's own ops (functionalization's record of them) are replayed on the input's fake
+value, outside the trace, and the result's sizes, strides and offset are recorded: where eager's view lies. A
+view whose ops cannot be replayed is refused (the call runs eagerly).
 """
 
 from __future__ import annotations
