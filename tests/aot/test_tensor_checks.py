@@ -79,3 +79,71 @@ def test_an_assertion_nothing_uses_stays_in_the_training_forward(partition):
             assert torch.equal(compiled(x_in), _asserts_positive(x_in))
             with pytest.raises(RuntimeError, match="x must be positive"):
                 compiled(-x_in)
+
+
+class _ChecksInBackward(torch.autograd.Function):
+    """A custom backward that checks what it saved, and the gradient it is given."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        torch._assert_async((x < 10).all(), "saved x too large for the backward")
+        torch._assert_async((grad < 100).all(), "gradient too large")
+        return grad * 2
+
+
+def _with_checks_in_backward(x: torch.Tensor) -> torch.Tensor:
+    return _ChecksInBackward.apply(x).sin()
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_checks_of_a_custom_backward_run_in_the_backward(partition):
+    """NOTE [Checks of the backward] in partition.py: the custom backward's check on its saved input reads no
+    tangent, so it was kept in the training forward, which raised where eager's forward runs; its check on the
+    gradient was kept nowhere, so a backward eager refuses ran on."""
+    compiled = aotcache.aot_function(_with_checks_in_backward, "nop", partition_fn=partition, cache=False)
+    big = torch.full((3,), 20.0, requires_grad=True)
+    out = compiled(big)  # eager's forward runs too
+    assert torch.equal(out, _with_checks_in_backward(big))
+    with pytest.raises(RuntimeError, match="saved x too large"):
+        _with_checks_in_backward(big).sum().backward()
+    with pytest.raises(RuntimeError, match="saved x too large"):
+        out.sum().backward()
+    x = torch.rand(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(compiled(x).sum(), x)
+    assert torch.equal(grad, torch.autograd.grad(_with_checks_in_backward(x).sum(), x)[0])
+    with pytest.raises(RuntimeError, match="gradient too large"):
+        compiled(x).backward(torch.full((3,), 1000.0))
+
+
+def _checked_region(x: torch.Tensor) -> torch.Tensor:
+    torch._check_tensor_all(x > 0)
+    return x.sin().cos()
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_a_checkpointed_check_runs_once_in_the_forward(partition):
+    """The recomputation of a checkpointed region repeats its check in the backward, as eager's does; it was kept
+    in the forward too, which then checked twice."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def fn(x):
+        return torch.utils.checkpoint.checkpoint(_checked_region, x, use_reentrant=False).sum()
+
+    compiled = aotcache.aot_function(fn, recording, partition_fn=partition, cache=False)
+    x = torch.rand(3, requires_grad=True) + 0.1
+    compiled(x).backward()
+    fw, bw = graphs
+    checks = [sum(node.target is torch.ops.aten._assert_async.msg for node in gm.graph.nodes) for gm in (fw, bw)]
+    assert checks == [1, 1]
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled(-x.detach().requires_grad_())
