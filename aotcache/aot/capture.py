@@ -112,7 +112,7 @@ from aotcache.aot.tangents import (
     tangent_placeholders,
     tangents_in_trace,
 )
-from aotcache.aot.tensor_checks import tensor_checks_in_graph
+from aotcache.aot.tensor_checks import tensor_checks_in_backward, tensor_checks_in_graph
 from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
@@ -576,7 +576,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
                     plain_mode.backward_begins()
                 try:
                     # NOTE [Anomaly mode during a capture]; NOTE [Checks inside custom backwards]
-                    with no_nan_checks(), in_custom_backwards(nodes):
+                    with no_nan_checks(), in_custom_backwards(nodes), tensor_checks_in_backward(nodes):
                         computed = torch.autograd.grad([out for out, _ in pairs], wrt, [t for _, t in pairs],
                                                        allow_unused=True)
                 except RuntimeError as exc:

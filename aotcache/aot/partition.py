@@ -80,6 +80,13 @@ class _Joint:
             if isinstance(value, fx.Node) and value in self.tangent_dependent:
                 raise PartitionError(f"forward output {index} ({value.name}) depends on a tangent; "
                                      "check num_fwd_outputs")
+        # NOTE [Random draws nothing uses], NOTE [Checks of the backward]
+        unused = [node for node in self.nodes if node.op == "call_function" and not node.users and _kept(node)]
+        self.bw_effects = [node for node in unused if _in_backward(self, node) and not _is_random(node.target)]
+        self.fw_effects = [node for node in unused if node not in self.tangent_dependent
+                           and node not in self.bw_effects]
+        # what the backward computes: the gradients, and its own checks
+        self.bw_roots = [*self.grads, *self.bw_effects]
 
     def sorted(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
         """Nodes in joint-graph order (never set order)."""
@@ -203,6 +210,20 @@ def _new_module(joint: _Joint, graph: fx.Graph) -> fx.GraphModule:
 # in a capture, NOTE [Tensor checks in a capture]) has no users, and the training forward dropped it, so a call
 # that eager (and an inference graph) refuses ran on with wrong inputs (found with transformers' multimodal
 # models, whose placeholder-count check is one). Forward side effects are kept as the unused draws are.
+# NOTE [Checks of the backward]
+# A check traced in the backward (a custom autograd.Function's backward asserting on what it saved; the
+# recomputation of a checkpointed region, which repeats its forward's checks) is tagged ``is_backward`` (NOTE
+# [Forward and backward tags of the joint graph] in capture.py) and may read no tangent. Kept in the forward as
+# the forward's own side effects are, it raised in a forward that eager runs (a forward-only call under grad
+# mode, as an evaluation without no_grad) and ran once more per checkpointed region; kept nowhere (a check of a
+# gradient), a backward eager refuses ran on. Such checks are the backward's: it computes them with its
+# gradients, from saved or recomputed values. Random draws of the backward are left where they were (the
+# forward), as a checkpointed region's draws are refused by the capture.
+def _in_backward(joint: _Joint, node: fx.Node) -> bool:
+    """Whether ``node`` runs in eager's backward: it reads a tangent, or was traced after the backward began."""
+    return node in joint.tangent_dependent or node.meta.get("partitioner_tag") == "is_backward"
+
+
 def _kept(node: fx.Node) -> bool:
     """What dead-code elimination keeps: side effects, and random ops (NOTE [Random draws nothing uses])."""
     return node.is_impure() or (node.op == "call_function" and _is_random(node.target))
@@ -310,9 +331,7 @@ def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.
     fw_env: dict[fx.Node, fx.Node] = {}
     for primal in joint.primals:
         _copy_into(fw_graph, primal, fw_env)
-    unused_effects = [node for node in joint.nodes if node.op == "call_function" and not node.users
-                      and _kept(node) and node not in joint.tangent_dependent]
-    needed_fw = joint.ancestors([*joint.fw_outs, *saved, *unused_effects])
+    needed_fw = joint.ancestors([*joint.fw_outs, *saved, *joint.fw_effects])
     for node in joint.nodes:
         if node in needed_fw and node.op != "placeholder":
             if node in joint.tangent_dependent:
@@ -333,7 +352,7 @@ def _build(joint: _Joint, saved: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.
         placeholder = bw_graph.placeholder(node.name)
         placeholder.meta = dict(node.meta)
         bw_env[node] = placeholder
-    needed_bw = joint.ancestors(joint.grads, stop=saved_set | set(joint.tangents))
+    needed_bw = joint.ancestors(joint.bw_roots, stop=saved_set | set(joint.tangents))
     for node in joint.nodes:
         if node not in needed_bw or node in bw_env:
             continue
@@ -372,7 +391,7 @@ def default_partition(joint_gm: fx.GraphModule, joint_inputs: Sequence[Any] = ()
     joint = _Joint(joint_gm, num_fwd_outputs)
     region = _forward_region(joint)
     kept = region - _checkpointed_internals(joint, region)  # NOTE [Activation checkpoint regions]
-    backward_nodes = joint.ancestors(joint.grads, stop=kept) - kept
+    backward_nodes = joint.ancestors(joint.bw_roots, stop=kept) - kept
     saved = {arg for user in backward_nodes for arg in user.all_input_nodes if arg in kept}
     saved |= {grad for grad in joint.grads if isinstance(grad, fx.Node) and grad in kept}
     return _build(joint, _order_saved(joint, saved))
@@ -498,6 +517,8 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
                       if arg not in joint.tangent_dependent}
     backward_roots |= {grad for grad in joint.grads if isinstance(grad, fx.Node)
                        and grad not in joint.tangent_dependent}
+    backward_roots |= {arg for check in joint.bw_effects for arg in check.all_input_nodes  # NOTE [Checks of the
+                       if arg not in joint.tangent_dependent}                              # backward]
     relevant = joint.ancestors(backward_roots)  # tangent-independent values the backward may need
     # NOTE [Activation checkpoint regions]: a region's internal values cannot be saved, and may be recomputed
     # whatever they cost

@@ -10,60 +10,123 @@ that read has no value, so the capture failed: such a model took the Dynamo way,
 raised where ``torch.compile`` (whose Dynamo puts the check in its graph as a runtime assertion) runs. In a
 capture, the check is traced as ``torch._assert_async(cond.all(), message)``: the compiled graph checks the real
 values at every call and raises a RuntimeError when the condition is False, as torch.compile's graph does (eager
-raises the error type the call names, with the code's own message, which may format tensor values and so cannot
-be traced). Nothing uses the assertion's result, so the partitioners keep it
+raises with the code's own message, which may format tensor values and so cannot be traced; transformers' eager
+path raises a ValueError). Nothing uses the assertion's result, so the partitioners keep it
 in the training forward as a side effect (NOTE [Random draws nothing uses] in partition.py).
 
-``torch._check_tensor_all`` calls ``torch._check_tensor_all_with``, which is what is replaced, only while some
-thread captures (counted, as the is_compiling flag is); the replacement checks as torch does in every thread that
-is not capturing.
+The capture's thread runs under a torch-function mode (thread-local, like the capture) that answers the
+host read the check makes, ``cond._is_all_true()``, with the graph assertion and a value whose ``.item()`` is
+True: ``torch._check_tensor_all_with`` (which ``torch._check_tensor_all`` calls) passes on, and nothing of torch
+is replaced (so a direct ``torch._check_tensor_all_with`` is traced too, and ``torch.compile(backend="aotcache")``,
+whose Dynamo graph reads ``_is_all_true().item()``, captures it). A torch-function mode is off while it handles a
+call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node pushes the mode while it
+runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a checkpointed region's recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while any thread captured),
+which broke three ways (found in the session-14 review): the capture saves and puts back the Python state its
+function reads between its runs (NOTE [State changed by a capture]), and it read the replacement and the
+counter of captures, so a capture's second run found torch's function back and failed, and the counter went
+negative; Dynamo's handler of ``torch._check_tensor_all_with`` reads its arguments by comparing itself with
+torch's attribute, so a ``torch.compile`` in another thread tracing a call of it failed with fullgraph=True;
+and Dynamo's table of handlers, when first built during a capture, kept the replacement for good.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from aotcache.aot.capture_threads import capturing_in_this_thread
+__all__ = ["tensor_checks_in_graph", "tensor_checks_in_backward"]
 
-__all__ = ["tensor_checks_in_graph"]
-
-_lock = threading.Lock()
-_captures = 0
-_original: Callable[..., None] | None = None
+_MESSAGE = ("torch._check_tensor_all: a condition of the compiled code was False (eager raises here, with the "
+            "code's message)")
 
 
-def _check_tensor_all_with(error_type: Any, cond: Any, message: Any = None) -> None:
-    """``torch._check_tensor_all_with`` while captures run: a graph assertion in a capturing thread."""
-    original = _original if _original is not None else torch._check_tensor_all_with
-    if not capturing_in_this_thread() or not isinstance(cond, torch.Tensor) or cond.dtype != torch.bool:
-        return original(error_type, cond, message)  # torch's own check (and its TypeErrors for a bad cond)
-    name = getattr(error_type, "__name__", str(error_type))
-    torch._assert_async(cond.all(), f"torch._check_tensor_all: a condition of the compiled code was False (eager "
-                                    f"raises {name} here, with the code's message)")
-    return None
+class _Passed:
+    """What the host read of a check traced as a graph assertion gives: a condition that holds."""
+
+    __slots__ = ()
+
+    def item(self) -> bool:
+        return True
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_PASSED = _Passed()
+
+
+class _TensorChecksAsAssertions(TorchFunctionMode):
+    """``cond._is_all_true()`` (the host read of ``torch._check_tensor_all``) as a graph assertion."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if (func is torch.Tensor._is_all_true or func is torch._is_all_true) and len(args) == 1 and not kwargs \
+                and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bool:
+            torch._assert_async(args[0].all(), _MESSAGE)
+            return _PASSED
+        return func(*args, **(kwargs or {}))
+
+
+_this_thread = threading.local()
 
 
 @contextlib.contextmanager
 def tensor_checks_in_graph() -> Iterator[None]:
     """Trace ``torch._check_tensor_all`` in this thread's capture as a graph assertion (NOTE [Tensor checks in a
-    capture]); torch's function is put back when the last capture ends."""
-    global _captures, _original
-    with _lock:
-        if not _captures:
-            _original = torch._check_tensor_all_with
-            torch._check_tensor_all_with = _check_tensor_all_with
-        _captures += 1
+    capture])."""
+    depth = getattr(_this_thread, "depth", 0)
+    _this_thread.depth = depth + 1
+    try:
+        with _TensorChecksAsAssertions():
+            yield
+    finally:
+        _this_thread.depth = depth
+
+
+@contextlib.contextmanager
+def tensor_checks_in_backward(nodes: Sequence[Any]) -> Iterator[None]:
+    """The mode of :func:`tensor_checks_in_graph` on while each of the autograd ``nodes`` runs, in the joint
+    trace's ``torch.autograd.grad`` (NOTE [Tensor checks in a capture]; as NOTE [Checks inside custom backwards]
+    does for its own mode)."""
+    if not getattr(_this_thread, "depth", 0):
+        yield
+        return
+    mode = _TensorChecksAsAssertions()
+    handles = []
+
+    def push(grad_outputs: Any) -> None:
+        torch._C._push_on_torch_function_stack(mode)
+
+    def pop(grad_inputs: Any, grad_outputs: Any) -> None:
+        _remove(mode)
+
+    for node in nodes:
+        handles.append(node.register_prehook(push))
+        handles.append(node.register_hook(pop))
     try:
         yield
     finally:
-        with _lock:
-            _captures -= 1
-            if not _captures:
-                if torch._check_tensor_all_with is _check_tensor_all_with:  # not replaced again meanwhile
-                    torch._check_tensor_all_with = _original
-                _original = None
+        for handle in handles:
+            handle.remove()
+        while _remove(mode):  # pushed by a node that raised
+            pass
+
+
+def _remove(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off this thread's torch-function stack wherever it is (another mode's hooks may have pushed
+    theirs after it), keeping the order of the others; whether it was there."""
+    above = []
+    found = False
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            found = True
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+    return found

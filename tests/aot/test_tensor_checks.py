@@ -49,17 +49,16 @@ def test_a_tensor_check_is_captured_and_checked_at_every_call(train):
 
 
 def test_outside_a_capture_the_check_is_torchs_own():
-    """While captures run, only the capturing thread traces the check: any other call is torch's own check,
-    its errors included, and torch's function is back when the last capture ends."""
-    original = torch._check_tensor_all_with
-    with tensor_checks_in_graph(), tensor_checks_in_graph():
-        assert torch._check_tensor_all_with is not original
-        torch._check_tensor_all(torch.tensor([True, True]))
-        with pytest.raises(RuntimeError, match="Expected cond to be True"):
-            torch._check_tensor_all(torch.tensor([True, False]))
-        with pytest.raises(TypeError, match="dtype torch.bool"):
-            torch._check_tensor_all(torch.tensor([1]))
-    assert torch._check_tensor_all_with is original
+    """Only the capturing thread traces the check: torch's function is never replaced, and a call outside a
+    capture is torch's own check, its errors included."""
+    original = torch._check_tensor_all_with, torch._check_tensor_all
+    with tensor_checks_in_graph():
+        assert (torch._check_tensor_all_with, torch._check_tensor_all) == original
+    torch._check_tensor_all(torch.tensor([True, True]))
+    with pytest.raises(RuntimeError, match="Expected cond to be True"):
+        torch._check_tensor_all(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="dtype torch.bool"):
+        torch._check_tensor_all(torch.tensor([1]))
 
 
 def _asserts_positive(x: torch.Tensor) -> torch.Tensor:
@@ -79,3 +78,148 @@ def test_an_assertion_nothing_uses_stays_in_the_training_forward(partition):
             assert torch.equal(compiled(x_in), _asserts_positive(x_in))
             with pytest.raises(RuntimeError, match="x must be positive"):
                 compiled(-x_in)
+
+
+class _ChecksInBackward(torch.autograd.Function):
+    """A custom backward that checks what it saved, and the gradient it is given."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        torch._assert_async((x < 10).all(), "saved x too large for the backward")
+        torch._assert_async((grad < 100).all(), "gradient too large")
+        return grad * 2
+
+
+def _with_checks_in_backward(x: torch.Tensor) -> torch.Tensor:
+    return _ChecksInBackward.apply(x).sin()
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_checks_of_a_custom_backward_run_in_the_backward(partition):
+    """NOTE [Checks of the backward] in partition.py: the custom backward's check on its saved input reads no
+    tangent, so it was kept in the training forward, which raised where eager's forward runs; its check on the
+    gradient was kept nowhere, so a backward eager refuses ran on."""
+    compiled = aotcache.aot_function(_with_checks_in_backward, "nop", partition_fn=partition, cache=False)
+    big = torch.full((3,), 20.0, requires_grad=True)
+    out = compiled(big)  # eager's forward runs too
+    assert torch.equal(out, _with_checks_in_backward(big))
+    with pytest.raises(RuntimeError, match="saved x too large"):
+        _with_checks_in_backward(big).sum().backward()
+    with pytest.raises(RuntimeError, match="saved x too large"):
+        out.sum().backward()
+    x = torch.rand(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(compiled(x).sum(), x)
+    assert torch.equal(grad, torch.autograd.grad(_with_checks_in_backward(x).sum(), x)[0])
+    with pytest.raises(RuntimeError, match="gradient too large"):
+        compiled(x).backward(torch.full((3,), 1000.0))
+
+
+def _checked_region(x: torch.Tensor) -> torch.Tensor:
+    torch._assert_async((x > 0).all(), "x must be positive")
+    return x.sin().cos()
+
+
+@pytest.mark.parametrize("partition", ["default", "min_cut"])
+def test_a_checkpointed_check_runs_once_in_the_forward(partition):
+    """The recomputation of a checkpointed region repeats its check in the backward, as eager's does; it was kept
+    in the forward too, which then checked twice."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def fn(x):
+        return torch.utils.checkpoint.checkpoint(_checked_region, x, use_reentrant=False).sum()
+
+    compiled = aotcache.aot_function(fn, recording, partition_fn=partition, cache=False)
+    x = torch.rand(3, requires_grad=True) + 0.1
+    compiled(x).backward()
+    fw, bw = graphs
+    checks = [sum(node.target is torch.ops.aten._assert_async.msg for node in gm.graph.nodes) for gm in (fw, bw)]
+    assert checks == [1, 1]
+    with pytest.raises(RuntimeError, match="x must be positive"):
+        compiled(-x.detach().requires_grad_())
+
+
+def _tensor_checked_region(x: torch.Tensor) -> torch.Tensor:
+    torch._check_tensor_all(x > 0)
+    return x.sin().cos()
+
+
+def test_a_tensor_check_in_a_checkpointed_region():
+    def fn(x):
+        return torch.utils.checkpoint.checkpoint(_tensor_checked_region, x, use_reentrant=False).sum()
+
+    """The mode that traces ``torch._check_tensor_all`` is on in the joint trace's backward too, where a
+    checkpointed region's recomputation repeats the check (a torch-function mode is off during
+    ``torch.autograd.grad``, which it handles)."""
+    compiled = aotcache.aot_function(fn, "nop", cache=False, on_capture_error="raise")
+    x = torch.rand(3, requires_grad=True) + 0.1
+    compiled(x).backward()
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled(-x.detach().requires_grad_())
+
+
+class _TensorCheckInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch._check_tensor_all(grad < 100)
+        return grad * 2
+
+
+def test_a_tensor_check_in_a_custom_backward():
+    compiled = aotcache.aot_function(lambda x: _TensorCheckInBackward.apply(x), "nop", cache=False,
+                                     on_capture_error="raise")
+    x = torch.rand(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(compiled(x), x, torch.ones(3))
+    assert torch.equal(grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled(x).backward(torch.full((3,), 1000.0))
+
+
+def test_torch_compile_beside_a_capture_keeps_torchs_checks():
+    """While one thread captures, another thread's torch.compile of ``torch._check_tensor_all_with`` (Dynamo's
+    handler reads its arguments by comparing itself with torch's attribute, which the capture had replaced) failed
+    with fullgraph=True, and eager's ``torch._check_tensor_all`` must raise torch's error with its message."""
+    import threading
+
+    capturing, release = threading.Event(), threading.Event()
+
+    def waits_in_its_capture(x):
+        if torch.compiler.is_compiling():
+            capturing.set()
+            release.wait(60)
+        return x * 2
+
+    def checked(x):
+        torch._check_tensor_all_with(ValueError, x > 0, lambda: "x must be positive")
+        torch._check_tensor_all(x < 10)
+        return x.sin()
+
+    capture = threading.Thread(
+        target=lambda: aotcache.aot_function(waits_in_its_capture, "nop", cache=False)(torch.rand(3)))
+    capture.start()
+    try:
+        assert capturing.wait(60)
+        with pytest.raises(RuntimeError, match="eager message"):
+            torch._check_tensor_all(torch.tensor([True, False]), lambda: "eager message")
+        compiled = torch.compile(checked, backend="eager", fullgraph=True)
+        x = torch.rand(3) + 0.1
+        assert torch.equal(compiled(x), x.sin())
+        with pytest.raises(RuntimeError):
+            compiled(-x)
+    finally:
+        release.set()
+        capture.join(60)
+    assert torch.equal(torch.compile(checked, backend="eager", fullgraph=True)(x), x.sin())
