@@ -20,7 +20,8 @@ True: ``torch._check_tensor_all_with`` (which ``torch._check_tensor_all`` calls)
 is replaced (so a direct ``torch._check_tensor_all_with`` is traced too, and ``torch.compile(backend="aotcache")``,
 whose Dynamo graph reads ``_is_all_true().item()``, captures it). A torch-function mode is off while it handles a
 call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node pushes the mode while it
-runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a checkpointed region's recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while any thread captured),
+runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a checkpointed region's
+recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while any thread captured),
 which broke three ways (found in the session-14 review): the capture saves and puts back the Python state its
 function reads between its runs (NOTE [State changed by a capture]), and it read the replacement and the
 counter of captures, so a capture's second run found torch's function back and failed, and the counter went
