@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["autograd_nodes"]
+__all__ = ["autograd_nodes", "is_custom_function_node"]
 
 
 def autograd_nodes(outputs: Sequence[Any]) -> list:
@@ -24,3 +24,9 @@ def autograd_nodes(outputs: Sequence[Any]) -> list:
         nodes.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return nodes
+
+
+def is_custom_function_node(node: Any) -> bool:
+    """Whether the autograd ``node`` runs a custom autograd.Function's backward (Python, or C++ ``CppFunction``)
+    rather than one of autograd's derivative formulas."""
+    return isinstance(node, torch.autograd.function.BackwardCFunction) or type(node).__name__ == "CppFunction"

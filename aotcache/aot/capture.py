@@ -27,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.aliased_writes import RefuseAliasedWrites, in_custom_backwards
-from aotcache.aot.autograd_nodes import autograd_nodes
+from aotcache.aot.autograd_nodes import autograd_nodes, is_custom_function_node
 from aotcache.aot.capture_threads import SwapBusy, compiling
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
@@ -128,6 +128,8 @@ class CapturedGraph:
     primals: list  # fake (possibly symbolic) example graph inputs
     tangents: list  # fake example tangents (training only)
     fake_mode: Any
+    # the traced backward ran a custom autograd.Function's backward (NOTE [Custom backwards and double backward])
+    custom_backward: bool = False
 
     @property
     def num_fwd_outputs(self) -> int:
@@ -529,6 +531,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
             make_tangents(analysis.graph_output_examples, fake_mode) if joint else ([], [], []))
     grad_inputs = [joint and isinstance(p, torch.Tensor) and p.requires_grad
                    and (p.is_floating_point() or p.is_complex()) for p in primals]
+    custom_backward = [False]  # set by the joint trace (NOTE [Custom backwards and double backward])
 
     try:
         from torch.fx.experimental.proxy_tensor import maybe_enable_thunkify
@@ -567,7 +570,8 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
             wrt = [functional_primals[i] for i, needed in enumerate(grad_inputs) if needed]
             grads: list = [None] * len(primals)
             if pairs and wrt:
-                nodes = autograd_nodes([out for out, _ in pairs])  # one walk for the three uses below
+                nodes = autograd_nodes([out for out, _ in pairs])  # one walk for the uses below
+                custom_backward[0] = any(is_custom_function_node(node) for node in nodes)
                 hand_on_source_locations(nodes)
                 refuse_reentrant_checkpoint_nodes(nodes)
                 before = mutation_counts(functional_primals)
@@ -621,7 +625,8 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
         inputs_without_gradient=inputs_without_gradient(gm, grad_inputs) if joint else [],
         offsets_matter=_offsets_matter(analysis, gm),
     )
-    return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode)
+    return CapturedGraph(graph=gm, metadata=metadata, primals=primals, tangents=tangents, fake_mode=fake_mode,
+                         custom_backward=custom_backward[0])
 
 
 _OFFSET_OPS = frozenset({"as_strided", "as_strided_", "as_strided_scatter", "as_strided_copy", "set_",

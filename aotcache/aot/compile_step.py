@@ -20,7 +20,7 @@ from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import check_dynamic
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import align_saved_to_backward, resolve_partition
-from aotcache.aot.runtime import CompiledRuntime, DisableAutocast, unboxed
+from aotcache.aot.runtime import CUSTOM_BACKWARD_REFUSAL, CompiledRuntime, DisableAutocast, unboxed
 from aotcache.progress import stage
 
 __all__ = ["AOTOptions", "checked_options", "compile_function", "compile_captured", "keep_joint_for_double_backward"]
@@ -248,6 +248,9 @@ def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> N
     pure function of its inputs and of the generators' states (NOTE [Double backward through the joint graph], NOTE
     [Double backward through random ops] in runtime.py)."""
     metadata = captured.metadata
+    if getattr(captured, "custom_backward", False):
+        runtime.joint_refusal = CUSTOM_BACKWARD_REFUSAL  # NOTE [Custom backwards and double backward]
+        return
     if metadata.is_inference or runtime.metadata.is_inference or any(
             getattr(info, "metadata_mutation", None) is not None for info in metadata.inputs):
         return

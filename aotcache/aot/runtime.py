@@ -25,7 +25,7 @@ import torch
 
 from aotcache.aot.metadata import OutputInfo, OutputStructure, RuntimeMetadata
 
-__all__ = ["CompiledRuntime", "DoubleBackwardError", "unboxed"]
+__all__ = ["CUSTOM_BACKWARD_REFUSAL", "CompiledRuntime", "DoubleBackwardError", "unboxed"]
 
 
 class DoubleBackwardError(RuntimeError):
@@ -104,6 +104,9 @@ class CompiledRuntime:
     # whether ``joint`` draws random numbers: its replay then needs the generators' states at the forward (NOTE
     # [Double backward through random ops])
     joint_random: bool = False
+    # why ``joint`` cannot be replayed, for the DoubleBackwardError a double backward raises (None: no reason
+    # known); e.g. :data:`CUSTOM_BACKWARD_REFUSAL`
+    joint_refusal: str | None = None
     # the torch.Generator objects its graph holds (NOTE [Generator arguments] in generator_args.py)
     graph_generators: tuple = ()
 
@@ -399,6 +402,24 @@ def _unview_user_outputs(fw_outs: list, start: int, stop: int, saved: Sequence[A
 # compiled forward that draws its own way (Inductor lowering dropout itself, AOTInductor's Philox, a user's
 # compiler) cannot be replayed: ``DoubleBackwardError`` names the fixes (the nop compiler, Inductor with
 # ``fallback_random``, or eager).
+# NOTE [Custom backwards and double backward]
+# The replay of NOTE [Double backward through the joint graph] differentiates the joint graph's forward ops with
+# autograd's own formulas. A custom autograd.Function's backward is the user's, not the derivative of its forward
+# (a straight-through estimator, a clipped or rescaled gradient, an approximation, ``once_differentiable``), so for
+# a graph whose backward ran one, the replay returned autograd's derivative of the forward: with
+# ``create_graph=True`` the first-order gradients silently differed from eager's (``round(x) * x`` with a backward
+# of ``3 * x``: 1.0 where eager gives 3.9), and a ``once_differentiable`` backward was differentiated where eager
+# raises. Such a runtime keeps no joint graph: the capture notes that a custom Function's node (Python's
+# ``BackwardCFunction``, C++'s ``CppFunction``; Dynamo's ``autograd_function_apply`` runs as one) was among the
+# outputs' autograd nodes, and a double backward raises ``DoubleBackwardError`` naming the Function, as
+# torch.compile's own AOT Autograd raises for every double backward. First-order gradients are unchanged.
+CUSTOM_BACKWARD_REFUSAL = (
+    "aotcache: differentiating through the compiled backward (create_graph=True, double backward, or "
+    "torch.autograd.grad of a gradient) of a graph that contains a custom torch.autograd.Function is not "
+    "supported: its backward is user code, which the replay of the forward cannot differentiate as eager does. "
+    "Call the function eagerly (or the Function outside the compiled region) for higher-order gradients.")
+
+
 def _generator_states(draws: Sequence[Any]) -> list:
     """(generator, state) for each generator ``draws`` names (None: the default generators)."""
     states = []
@@ -557,6 +578,8 @@ def _backward(ctx: Any, *grad_outputs: Any) -> tuple:
     if differentiable and runtime.joint is None and runtime.joint_factory is not None:
         factory, runtime.joint_factory = runtime.joint_factory, None
         factory(getattr(ctx, "graph_args", ()))
+    if differentiable and runtime.joint is None and runtime.joint_refusal is not None:
+        raise DoubleBackwardError(runtime.joint_refusal)
     if differentiable and (getattr(ctx, "graph_args", None) is None or runtime.joint is None):
         raise DoubleBackwardError(
             "aotcache: differentiating through the compiled backward (create_graph=True, double backward, "
