@@ -1,15 +1,17 @@
 """Cold-capture cost of the torch-function mode that traces tensor checks (NOTE [Tensor checks in a capture]).
 
-    python bench/tensor_check_mode.py                       # bert, gpt2, llama, resnet; 5 rounds (~6 min here)
+    python bench/tensor_check_mode.py                       # bert, gpt2, llama, resnet; 6 rounds (~12 min here)
     python bench/tensor_check_mode.py --models bert --rounds 3
 
 The first call (capture + nop compile, cache off, torch's fake-tensor cache emptied) of a fresh
 ``aot_module`` wrapper, inference and training, static and dynamic, with the capture's tensor-check handling as
-it ships (``on``) and with it left out (``off``: the capture's two context managers replaced by empty ones, which
-no user can do; a model without tensor checks captures the same graph either way). The sides alternate
-on-off / off-on over ``--rounds`` rounds, so that background load hits both alike; the table gives the median CPU
-time (process time, steadier on a shared machine than wall-clock) of each side and the median of the per-round
-ratios on / off. One intra-op thread. Results go to bench/results/tensor_check_mode.json.
+it ships (``shipped``: NOTE [Cost of the tensor-check mode] in aotcache/aot/tensor_checks.py), as session 14
+shipped it (``whole``: the mode on for the whole capture, every backward node hooked) and left out (``off``: the
+capture's hooks replaced by empty ones, which no user can do; a model without tensor checks captures the same
+graph every way). The sides rotate over ``--rounds`` rounds (each first in turn), so that background load hits
+all alike; the table gives the median CPU time (process time, steadier on a shared machine than wall-clock) of
+each side and the medians of the per-round ratios to ``off``. One intra-op thread. Results go to
+bench/results/tensor_check_mode.json.
 """
 
 from __future__ import annotations
@@ -75,23 +77,41 @@ def make_model(name: str) -> tuple[nn.Module, torch.Tensor]:
     raise SystemExit(f"unknown model {name!r}: choose from bert, gpt2, llama, resnet")
 
 
+SIDES = ("shipped", "whole", "off")
+
+
 @contextlib.contextmanager
-def tensor_checks(on: bool):
-    """The capture's tensor-check handling as it ships, or left out (the ``off`` side)."""
+def tensor_checks(side: str):
+    """The capture's tensor-check handling as it ships (``shipped``: the mode on while the function and the
+    backward nodes that run its Python run), as session 14 shipped it (``whole``: the mode on for the whole
+    capture and every backward node), or left out (``off``)."""
     capture = importlib.import_module("aotcache.aot.capture")  # the package exports a function of that name
-    if on:
+    tensor_checks = importlib.import_module("aotcache.aot.tensor_checks")
+    if side == "shipped":
         yield
         return
-    saved = capture.tensor_checks_in_graph, capture.tensor_checks_in_backward
-    capture.tensor_checks_in_graph = contextlib.nullcontext
-    capture.tensor_checks_in_backward = lambda nodes: contextlib.nullcontext()
+    saved = (capture.tensor_checks_in_graph, capture.tensor_checks_in_backward, capture.checking_tensors,
+             tensor_checks._runs_python)
+    capture.checking_tensors = lambda fn: fn
+    if side == "whole":
+        @contextlib.contextmanager
+        def whole_capture():
+            with saved[0](), tensor_checks._TensorChecksAsAssertions():
+                yield
+
+        capture.tensor_checks_in_graph = whole_capture
+        tensor_checks._runs_python = lambda node: True
+    else:
+        capture.tensor_checks_in_graph = contextlib.nullcontext
+        capture.tensor_checks_in_backward = lambda nodes: contextlib.nullcontext()
     try:
         yield
     finally:
-        capture.tensor_checks_in_graph, capture.tensor_checks_in_backward = saved
+        (capture.tensor_checks_in_graph, capture.tensor_checks_in_backward, capture.checking_tensors,
+         tensor_checks._runs_python) = saved
 
 
-def first_call_cpu(name: str, train: bool, dynamic: bool, on: bool) -> float:
+def first_call_cpu(name: str, train: bool, dynamic: bool, side: str) -> float:
     """CPU seconds of the first call of a fresh wrapper (capture + nop compile), fake-tensor cache emptied."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -102,7 +122,7 @@ def first_call_cpu(name: str, train: bool, dynamic: bool, on: bool) -> float:
     wrapped = aot_module(model.train(train), "nop", dynamic=dynamic, cache=False)
     FakeTensorMode.cache.clear()
     gc.collect()
-    with tensor_checks(on), torch.set_grad_enabled(train):
+    with tensor_checks(side), torch.set_grad_enabled(train):
         cpu = time.process_time()
         out: Any = wrapped(inputs)
         if train:
@@ -113,31 +133,32 @@ def first_call_cpu(name: str, train: bool, dynamic: bool, on: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bert,gpt2,llama,resnet")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tensor_check_mode.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
-    print(f"{'case':28} {'on (s)':>8} {'off (s)':>8} {'on/off':>7}  per-round ratios")
+    print(f"{'case':24} {'shipped':>8} {'whole':>8} {'off':>8} {'shipped/off':>12} {'whole/off':>10}  (CPU s)")
     for name in args.models.split(","):
-        first_call_cpu(name, False, False, True)  # imports and one-time setup out of the way
+        first_call_cpu(name, False, False, "shipped")  # imports and one-time setup out of the way
         for train in (False, True):
             for dynamic in (False, True):
                 case = f"{name} {'train' if train else 'infer'} {'dynamic' if dynamic else 'static'}"
-                times: dict[bool, list[float]] = {True: [], False: []}
-                ratios = []
+                times: dict[str, list[float]] = {side: [] for side in SIDES}
+                ratios: dict[str, list[float]] = {side: [] for side in SIDES[:2]}
                 for r in range(args.rounds):
-                    order = (True, False) if r % 2 == 0 else (False, True)
-                    this_round = {on: first_call_cpu(name, train, dynamic, on) for on in order}
-                    for on, seconds in this_round.items():
-                        times[on].append(seconds)
-                    ratios.append(this_round[True] / this_round[False])
-                row = {"on_cpu_s": round(statistics.median(times[True]), 3),
-                       "off_cpu_s": round(statistics.median(times[False]), 3),
-                       "ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios]}
+                    order = SIDES[r % 3:] + SIDES[:r % 3]  # each side first in turn
+                    this_round = {side: first_call_cpu(name, train, dynamic, side) for side in order}
+                    for side, seconds in this_round.items():
+                        times[side].append(seconds)
+                    for side in ratios:
+                        ratios[side].append(this_round[side] / this_round["off"])
+                row = {**{f"{side}_cpu_s": round(statistics.median(times[side]), 3) for side in SIDES},
+                       **{f"{side}_over_off": round(statistics.median(ratios[side]), 3) for side in ratios},
+                       **{f"{side}_ratios": [round(x, 3) for x in ratios[side]] for side in ratios}}
                 results[case] = row
-                print(f"{case:28} {row['on_cpu_s']:8.3f} {row['off_cpu_s']:8.3f} {row['ratio']:7.3f}  "
-                      f"{row['ratios']}", flush=True)
+                print(f"{case:24} {row['shipped_cpu_s']:8.3f} {row['whole_cpu_s']:8.3f} {row['off_cpu_s']:8.3f} "
+                      f"{row['shipped_over_off']:12.3f} {row['whole_over_off']:10.3f}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

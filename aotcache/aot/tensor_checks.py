@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["tensor_checks_in_graph", "tensor_checks_in_backward"]
+__all__ = ["checking_tensors", "tensor_checks_in_graph", "tensor_checks_in_backward"]
 
 _MESSAGE = ("torch._check_tensor_all: a condition of the compiled code was False (eager raises here, with the "
             "code's message)")
@@ -78,21 +78,49 @@ _this_thread = threading.local()
 @contextlib.contextmanager
 def tensor_checks_in_graph() -> Iterator[None]:
     """Trace ``torch._check_tensor_all`` in this thread's capture as a graph assertion (NOTE [Tensor checks in a
-    capture])."""
+    capture]): the block is a capture, whose function runs under :func:`checking_tensors` and whose joint trace's
+    backward under :func:`tensor_checks_in_backward`. Pushes no mode itself (NOTE [Cost of the tensor-check
+    mode])."""
     depth = getattr(_this_thread, "depth", 0)
     _this_thread.depth = depth + 1
     try:
-        with _TensorChecksAsAssertions():
-            yield
+        yield
     finally:
         _this_thread.depth = depth
 
 
+def checking_tensors(fn: Callable) -> Callable:
+    """``fn`` with the mode that traces tensor checks on while it runs, inside a :func:`tensor_checks_in_graph`
+    block (elsewhere ``fn`` itself runs)."""
+
+    def run_checking_tensors(*args: Any) -> Any:
+        if not getattr(_this_thread, "depth", 0):
+            return fn(*args)
+        with _TensorChecksAsAssertions():
+            return fn(*args)
+
+    return run_checking_tensors
+
+
+def _runs_python(node: Any) -> bool:
+    """Whether running autograd ``node`` may run Python code of the program: a custom ``autograd.Function``'s
+    backward, or the unpack hook of a saved tensor (a non-reentrant checkpoint's recomputation of its region)."""
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return True
+    for name in dir(node):
+        if name.startswith("_raw_saved_"):
+            saved = getattr(node, name)
+            for one in saved if isinstance(saved, (list, tuple)) else (saved,):
+                if getattr(one, "unpack_hook", None) is not None:
+                    return True
+    return False
+
+
 @contextlib.contextmanager
 def tensor_checks_in_backward(nodes: Sequence[Any]) -> Iterator[None]:
-    """The mode of :func:`tensor_checks_in_graph` on while each of the autograd ``nodes`` runs, in the joint
-    trace's ``torch.autograd.grad`` (NOTE [Tensor checks in a capture]; as NOTE [Checks inside custom backwards]
-    does for its own mode)."""
+    """The mode of :func:`checking_tensors` on while each of the autograd ``nodes`` that may run the program's
+    Python runs, in the joint trace's ``torch.autograd.grad`` (NOTE [Tensor checks in a capture]; as NOTE [Checks
+    inside custom backwards] does for its own mode)."""
     if not getattr(_this_thread, "depth", 0):
         yield
         return
@@ -106,8 +134,9 @@ def tensor_checks_in_backward(nodes: Sequence[Any]) -> Iterator[None]:
         _remove(mode)
 
     for node in nodes:
-        handles.append(node.register_prehook(push))
-        handles.append(node.register_hook(pop))
+        if _runs_python(node):
+            handles.append(node.register_prehook(push))
+            handles.append(node.register_hook(pop))
     try:
         yield
     finally:
