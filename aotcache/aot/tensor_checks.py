@@ -14,20 +14,34 @@ raises with the code's own message, which may format tensor values and so cannot
 path raises a ValueError). Nothing uses the assertion's result, so the partitioners keep it
 in the training forward as a side effect (NOTE [Random draws nothing uses] in partition.py).
 
-The capture's thread runs under a torch-function mode (thread-local, like the capture) that answers the
+The capture's function runs under a torch-function mode (thread-local, like the capture) that answers the
 host read the check makes, ``cond._is_all_true()``, with the graph assertion and a value whose ``.item()`` is
 True: ``torch._check_tensor_all_with`` (which ``torch._check_tensor_all`` calls) passes on, and nothing of torch
 is replaced (so a direct ``torch._check_tensor_all_with`` is traced too, and ``torch.compile(backend="aotcache")``,
 whose Dynamo graph reads ``_is_all_true().item()``, captures it). A torch-function mode is off while it handles a
-call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node pushes the mode while it
-runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a checkpointed region's
-recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while any thread captured),
-which broke three ways (found in the session-14 review): the capture saves and puts back the Python state its
-function reads between its runs (NOTE [State changed by a capture]), and it read the replacement and the
-counter of captures, so a capture's second run found torch's function back and failed, and the counter went
-negative; Dynamo's handler of ``torch._check_tensor_all_with`` reads its arguments by comparing itself with
-torch's attribute, so a ``torch.compile`` in another thread tracing a call of it failed with fullgraph=True;
-and Dynamo's table of handlers, when first built during a capture, kept the replacement for good.
+call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node that may run the program's
+Python pushes the mode while it runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a
+checkpointed region's recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while
+any thread captured), which broke three ways (found in the session-14 review): the capture saves and puts back the
+Python state its function reads between its runs (NOTE [State changed by a capture]), and it read the replacement
+and the counter of captures, so a capture's second run found torch's function back and failed, and the counter went
+negative; Dynamo's handler of ``torch._check_tensor_all_with`` reads its arguments by comparing itself with torch's
+attribute, so a ``torch.compile`` in another thread tracing a call of it failed with fullgraph=True; and Dynamo's
+table of handlers, when first built during a capture, kept the replacement for good.
+
+NOTE [Cost of the tensor-check mode]
+A torch-function mode sends every torch call of its thread through its Python handler, torch's own tracing
+machinery included: describing a real tensor to make its fake one (``meta_utils``), the fake and proxy modes'
+property reads, the capture's own analysis. Session 14 pushed it around the whole capture and on every node of
+the traced backward: a 2-layer BERT's dynamic inference capture went 7843 times through the handler, 161 times
+with the mode on only while the model runs; cold captures took 2-10% more CPU time than without the mode
+(``bench/tensor_check_mode.py``, figures in docs/aot.md). The checks can only come from the program's Python,
+so the mode is on only while it runs: around the captured function (:func:`checking_tensors`, each of its runs)
+and around the backward nodes that run the program's Python (:func:`_runs_python`): a custom
+``autograd.Function``'s backward, and a node with a saved tensor whose unpack hook is Python (a non-reentrant
+checkpoint recomputing its region there, a ``saved_tensors_hooks`` of the function). Autograd's own formulas
+(C++) reach no check, and a tensor hook the function registers is refused (NOTE [Module backward
+hooks] in refusals.py).
 """
 
 from __future__ import annotations
