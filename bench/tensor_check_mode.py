@@ -10,8 +10,8 @@ shipped it (``whole``: the mode on for the whole capture, every backward node ho
 capture's hooks replaced by empty ones, which no user can do; a model without tensor checks captures the same
 graph every way). The sides rotate over ``--rounds`` rounds (each first in turn), so that background load hits
 all alike; the table gives the median CPU time (process time, steadier on a shared machine than wall-clock) of
-each side and the medians of the per-round ratios to ``off``. One intra-op thread. Results go to
-bench/results/tensor_check_mode.json.
+each side and the medians of the per-round ratios to ``off``, and their geometric mean over the cases. One
+intra-op thread. Results go to bench/results/tensor_check_mode.json.
 """
 
 from __future__ import annotations
@@ -159,6 +159,11 @@ def main() -> None:
                 results[case] = row
                 print(f"{case:24} {row['shipped_cpu_s']:8.3f} {row['whole_cpu_s']:8.3f} {row['off_cpu_s']:8.3f} "
                       f"{row['shipped_over_off']:12.3f} {row['whole_over_off']:10.3f}", flush=True)
+    for side in SIDES[:2]:  # one figure per side: the geometric mean over the cases of their median ratios
+        ratios_of_cases = [row[f"{side}_over_off"] for row in results.values()]
+        results[f"geomean_{side}_over_off"] = round(statistics.geometric_mean(ratios_of_cases), 3)
+    print(f"geometric mean over the cases: shipped/off {results['geomean_shipped_over_off']}, "
+          f"whole/off {results['geomean_whole_over_off']}")
     out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

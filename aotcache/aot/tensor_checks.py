@@ -47,6 +47,7 @@ hooks] in refusals.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -121,13 +122,18 @@ def _runs_python(node: Any) -> bool:
     backward, or the unpack hook of a saved tensor (a non-reentrant checkpoint's recomputation of its region)."""
     if isinstance(node, torch.autograd.function.BackwardCFunction):
         return True
-    for name in dir(node):
-        if name.startswith("_raw_saved_"):
-            saved = getattr(node, name)
-            for one in saved if isinstance(saved, (list, tuple)) else (saved,):
-                if getattr(one, "unpack_hook", None) is not None:
-                    return True
+    for name in _saved_tensor_attributes(type(node)):
+        saved = getattr(node, name, None)
+        for one in saved if isinstance(saved, (list, tuple)) else (saved,):
+            if getattr(one, "unpack_hook", None) is not None:
+                return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_tensor_attributes(node_type: type) -> tuple[str, ...]:
+    """The attributes of an autograd node type that hold its saved tensors unpacked (``_raw_saved_<name>``)."""
+    return tuple(name for name in dir(node_type) if name.startswith("_raw_saved_"))
 
 
 @contextlib.contextmanager
