@@ -34,9 +34,10 @@ A torch-function mode sends every torch call of its thread through its Python ha
 machinery included: describing a real tensor to make its fake one (``meta_utils``), the fake and proxy modes'
 property reads, the capture's own analysis. Session 14 pushed it around the whole capture and on every node of
 the traced backward: a 2-layer BERT's dynamic inference capture went 7843 times through the handler, 161 times
-with the mode on only while the model runs; cold captures took 2-10% more CPU time than without the mode
-(``bench/tensor_check_mode.py``, figures in docs/aot.md). The checks can only come from the program's Python,
-so the mode is on only while it runs: around the captured function (:func:`checking_tensors`, each of its runs)
+with the mode on only while the model runs; cold captures took 4.7% more CPU time than without the mode
+(geometric mean over tiny BERT, GPT-2, Llama and a conv net; ``bench/tensor_check_mode.py``, docs/aot.md), now
+not measurably more. The checks can only come from the program's Python, so the mode is on only while it runs:
+around the captured function (:func:`checking_tensors`, each of its runs)
 and around the backward nodes that run the program's Python (:func:`_runs_python`): a custom
 ``autograd.Function``'s backward, and a node with a saved tensor whose unpack hook is Python (a non-reentrant
 checkpoint recomputing its region there, a ``saved_tensors_hooks`` of the function). Autograd's own formulas
