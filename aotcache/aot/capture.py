@@ -112,7 +112,7 @@ from aotcache.aot.tangents import (
     tangent_placeholders,
     tangents_in_trace,
 )
-from aotcache.aot.tensor_checks import tensor_checks_in_backward, tensor_checks_in_graph
+from aotcache.aot.tensor_checks import checking_tensors, tensor_checks_in_backward, tensor_checks_in_graph
 from aotcache.logs import logger
 
 __all__ = ["CaptureError", "CapturedGraph", "Analysis", "make_fake_inputs", "analyze", "trace", "capture",
@@ -677,6 +677,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
              regenerate_aliases: bool) -> CapturedGraph:
     if input_is_leaf is None:
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
+    flat_fn = checking_tensors(flat_fn)  # NOTE [Cost of the tensor-check mode]
     fake_mode, fake_args = make_fake_inputs(flat_args, dynamic=dynamic)
     static_views = fake_mode.shape_env is None
     callers_mode = any(isinstance(a, torch.Tensor) and is_fake(a) for a in flat_args)  # Dynamo's

@@ -14,33 +14,49 @@ raises with the code's own message, which may format tensor values and so cannot
 path raises a ValueError). Nothing uses the assertion's result, so the partitioners keep it
 in the training forward as a side effect (NOTE [Random draws nothing uses] in partition.py).
 
-The capture's thread runs under a torch-function mode (thread-local, like the capture) that answers the
+The capture's function runs under a torch-function mode (thread-local, like the capture) that answers the
 host read the check makes, ``cond._is_all_true()``, with the graph assertion and a value whose ``.item()`` is
 True: ``torch._check_tensor_all_with`` (which ``torch._check_tensor_all`` calls) passes on, and nothing of torch
 is replaced (so a direct ``torch._check_tensor_all_with`` is traced too, and ``torch.compile(backend="aotcache")``,
 whose Dynamo graph reads ``_is_all_true().item()``, captures it). A torch-function mode is off while it handles a
-call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node pushes the mode while it
-runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a checkpointed region's
-recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while any thread captured),
-which broke three ways (found in the session-14 review): the capture saves and puts back the Python state its
-function reads between its runs (NOTE [State changed by a capture]), and it read the replacement and the
-counter of captures, so a capture's second run found torch's function back and failed, and the counter went
-negative; Dynamo's handler of ``torch._check_tensor_all_with`` reads its arguments by comparing itself with
-torch's attribute, so a ``torch.compile`` in another thread tracing a call of it failed with fullgraph=True;
-and Dynamo's table of handlers, when first built during a capture, kept the replacement for good.
+call, so for the whole ``torch.autograd.grad`` of the joint trace: each autograd node that may run the program's
+Python pushes the mode while it runs (:func:`tensor_checks_in_backward`), for a custom backward's check and a
+checkpointed region's recomputation. It was replaced before (``torch._check_tensor_all_with``, process-wide while
+any thread captured), which broke three ways (found in the session-14 review): the capture saves and puts back the
+Python state its function reads between its runs (NOTE [State changed by a capture]), and it read the replacement
+and the counter of captures, so a capture's second run found torch's function back and failed, and the counter went
+negative; Dynamo's handler of ``torch._check_tensor_all_with`` reads its arguments by comparing itself with torch's
+attribute, so a ``torch.compile`` in another thread tracing a call of it failed with fullgraph=True; and Dynamo's
+table of handlers, when first built during a capture, kept the replacement for good.
+
+NOTE [Cost of the tensor-check mode]
+A torch-function mode sends every torch call of its thread through its Python handler, torch's own tracing
+machinery included: describing a real tensor to make its fake one (``meta_utils``), the fake and proxy modes'
+property reads, the capture's own analysis. Session 14 pushed it around the whole capture and on every node of
+the traced backward: a 2-layer BERT's dynamic inference capture went 7843 times through the handler, 161 times
+with the mode on only while the model runs; cold captures took 4.7% more CPU time than without the mode
+(geometric mean over tiny BERT, GPT-2, Llama and a conv net; ``bench/tensor_check_mode.py``, docs/aot.md), now
+not measurably more. The checks can only come from the program's Python, so the mode is on only while it runs:
+around the captured function (:func:`checking_tensors`, each of its runs)
+and around the backward nodes that run the program's Python (:func:`_runs_python`): a custom
+``autograd.Function``'s backward, and a node with a saved tensor whose unpack hook is Python (a non-reentrant
+checkpoint recomputing its region there, a ``saved_tensors_hooks`` of the function). Autograd's own formulas
+(C++) reach no check, and a tensor hook the function registers is refused (NOTE [Module backward
+hooks] in refusals.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["tensor_checks_in_graph", "tensor_checks_in_backward"]
+__all__ = ["checking_tensors", "tensor_checks_in_graph", "tensor_checks_in_backward"]
 
 _MESSAGE = ("torch._check_tensor_all: a condition of the compiled code was False (eager raises here, with the "
             "code's message)")
@@ -78,21 +94,54 @@ _this_thread = threading.local()
 @contextlib.contextmanager
 def tensor_checks_in_graph() -> Iterator[None]:
     """Trace ``torch._check_tensor_all`` in this thread's capture as a graph assertion (NOTE [Tensor checks in a
-    capture])."""
+    capture]): the block is a capture, whose function runs under :func:`checking_tensors` and whose joint trace's
+    backward under :func:`tensor_checks_in_backward`. Pushes no mode itself (NOTE [Cost of the tensor-check
+    mode])."""
     depth = getattr(_this_thread, "depth", 0)
     _this_thread.depth = depth + 1
     try:
-        with _TensorChecksAsAssertions():
-            yield
+        yield
     finally:
         _this_thread.depth = depth
 
 
+def checking_tensors(fn: Callable) -> Callable:
+    """``fn`` with the mode that traces tensor checks on while it runs, inside a :func:`tensor_checks_in_graph`
+    block (elsewhere ``fn`` itself runs)."""
+
+    def run_checking_tensors(*args: Any) -> Any:
+        if not getattr(_this_thread, "depth", 0):
+            return fn(*args)
+        with _TensorChecksAsAssertions():
+            return fn(*args)
+
+    return run_checking_tensors
+
+
+def _runs_python(node: Any) -> bool:
+    """Whether running autograd ``node`` may run Python code of the program: a custom ``autograd.Function``'s
+    backward, or the unpack hook of a saved tensor (a non-reentrant checkpoint's recomputation of its region)."""
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return True
+    for name in _saved_tensor_attributes(type(node)):
+        saved = getattr(node, name, None)
+        for one in saved if isinstance(saved, (list, tuple)) else (saved,):
+            if getattr(one, "unpack_hook", None) is not None:
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_tensor_attributes(node_type: type) -> tuple[str, ...]:
+    """The attributes of an autograd node type that hold its saved tensors unpacked (``_raw_saved_<name>``)."""
+    return tuple(name for name in dir(node_type) if name.startswith("_raw_saved_"))
+
+
 @contextlib.contextmanager
 def tensor_checks_in_backward(nodes: Sequence[Any]) -> Iterator[None]:
-    """The mode of :func:`tensor_checks_in_graph` on while each of the autograd ``nodes`` runs, in the joint
-    trace's ``torch.autograd.grad`` (NOTE [Tensor checks in a capture]; as NOTE [Checks inside custom backwards]
-    does for its own mode)."""
+    """The mode of :func:`checking_tensors` on while each of the autograd ``nodes`` that may run the program's
+    Python runs, in the joint trace's ``torch.autograd.grad`` (NOTE [Tensor checks in a capture]; as NOTE [Checks
+    inside custom backwards] does for its own mode)."""
     if not getattr(_this_thread, "depth", 0):
         yield
         return
@@ -106,8 +155,9 @@ def tensor_checks_in_backward(nodes: Sequence[Any]) -> Iterator[None]:
         _remove(mode)
 
     for node in nodes:
-        handles.append(node.register_prehook(push))
-        handles.append(node.register_hook(pop))
+        if _runs_python(node):
+            handles.append(node.register_prehook(push))
+            handles.append(node.register_hook(pop))
     try:
         yield
     finally:

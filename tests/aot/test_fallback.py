@@ -827,3 +827,79 @@ def test_data_dependent_output_size_with_symbolic_sizes_runs_eagerly_through_the
         x = torch.arange(length, dtype=torch.float32)
         torch.testing.assert_close(compiled(x, torch.tensor(sizes)), fn(x, torch.tensor(sizes)))
     assert fallback_counts().get("region", 0) > before
+
+
+def _assign_rows_when_large(x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A graph break, then on one branch a region aotcache cannot capture (``x[mask] = rows`` with a row per
+    selected element, in training: nonzero's data-dependent size), which Dynamo compiles at the first call that
+    takes that branch."""
+    x = x * 2
+    if x.sum() > 1000:  # bool(tensor): a graph break
+        x[mask] = rows
+        return x.sum(-1)
+    return x.sin().sum(-1)
+
+
+def _region_inputs(large: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3) + (1000.0 if large else 0.0)).requires_grad_()
+    return x, torch.tensor([True, False, True, False]), torch.randn(2, 3, requires_grad=True)
+
+
+def _check_like_eager(compiled, inputs) -> None:
+    got = compiled(*inputs)
+    want = _assign_rows_when_large(*inputs)
+    assert torch.equal(got, want)
+    grads = torch.autograd.grad(got.sum(), (inputs[0], inputs[2]), allow_unused=True)
+    wanted = torch.autograd.grad(want.sum(), (inputs[0], inputs[2]), allow_unused=True)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, wanted))
+
+
+def test_a_region_that_cannot_be_captured_runs_eagerly_counted_and_logged_once(caplog):
+    """NOTE [Regions that cannot be captured under raise or strict]: by default such a region runs as Python."""
+    torch._dynamo.reset()
+    compiled = aotcache.aot_function(_assign_rows_when_large, "nop", cache=False)
+    before = fallback_counts()
+    with caplog.at_level(logging.WARNING, logger="aotcache"):
+        for large in (False, True, True, False):
+            _check_like_eager(compiled, _region_inputs(large))
+    assert _delta(before, fallback_counts()) == {"partial:data_dependent": 1, "region": 1}
+    region_logs = [r for r in caplog.records if "a region between graph breaks" in r.getMessage()]
+    assert len(region_logs) == 1 and "runs eagerly" in region_logs[0].getMessage()
+
+
+def test_raise_and_strict_raise_the_whole_functions_capture_error():
+    """With the error asked for from the first call, the function's own capture raises: no fallback, no region."""
+    for strict, on_capture_error in ((False, "raise"), (True, "fallback")):
+        torch._dynamo.reset()
+        before = fallback_counts()
+        with config.patch(strict=strict):
+            compiled = aotcache.aot_function(_assign_rows_when_large, "nop", cache=False,
+                                             on_capture_error=on_capture_error)
+            with pytest.raises(CaptureError, match="depends on tensor data"):
+                compiled(*_region_inputs(True))
+        assert _delta(before, fallback_counts()) == {}
+
+
+@pytest.mark.parametrize("asked", ["strict", "raise"])
+def test_a_region_compiled_once_errors_are_asked_for_raises_its_capture_error(asked):
+    """NOTE [Regions that cannot be captured under raise or strict]: the signature got its fallback before strict
+    mode was on (or before the function asked for errors); Dynamo compiles the region of the branch taken later,
+    which ran as Python (counted ``region``) where the caller asked for the error. It is now raised, naming the
+    function and why, and the region is not counted; once errors are no longer asked for it runs eagerly."""
+    torch._dynamo.reset()
+    compiled = aotcache.aot_function(_assign_rows_when_large, "nop", cache=False)
+    _check_like_eager(compiled, _region_inputs(False))  # the fallback, and the region of the branch taken
+    before = fallback_counts()
+    why = "strict mode" if asked == "strict" else "on_capture_error='raise'"
+    with config.patch(strict=asked == "strict"):
+        if asked == "raise":
+            compiled.on_capture_error = "raise"
+        with pytest.raises(CaptureError, match=rf"_assign_rows_when_large: a region between .*{why}.*"
+                                               r"depends on tensor data") as caught:
+            compiled(*_region_inputs(True))
+        assert caught.value.reason == "data_dependent"
+    compiled.on_capture_error = "fallback"
+    assert _delta(before, fallback_counts()) == {}
+    _check_like_eager(compiled, _region_inputs(True))
+    assert _delta(before, fallback_counts()) == {"region": 1}

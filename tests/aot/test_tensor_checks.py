@@ -223,3 +223,122 @@ def test_torch_compile_beside_a_capture_keeps_torchs_checks():
         release.set()
         capture.join(60)
     assert torch.equal(torch.compile(checked, backend="eager", fullgraph=True)(x), x.sin())
+
+
+# NOTE [Cost of the tensor-check mode]: the mode is on only while the function runs and while the backward nodes that
+# may run its Python run; each case below is one the narrowing could miss.
+
+
+class _ChecksItsGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.exp()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        torch._check_tensor_all(grad.abs() < 100)
+        return grad * x.exp()
+
+
+def _custom_backward_in_the_middle(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (_ChecksItsGradient.apply(x @ w).tanh() * 3).sum(-1)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_tensor_check_in_a_custom_backward_between_other_nodes(dynamic):
+    """The custom Function's node sits between autograd's own nodes (which are not hooked): its check still runs
+    in the compiled backward, and nowhere else."""
+    compiled = aotcache.aot_function(_custom_backward_in_the_middle, "nop", cache=False, dynamic=dynamic,
+                                     on_capture_error="raise")
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(3, 3, requires_grad=True)
+    out = compiled(x, w)
+    assert torch.allclose(out, _custom_backward_in_the_middle(x, w))
+    grads = torch.autograd.grad(out, (x, w), torch.ones(4))
+    want = torch.autograd.grad(_custom_backward_in_the_middle(x, w), (x, w), torch.ones(4))
+    assert all(torch.allclose(g, e) for g, e in zip(grads, want))
+    big = torch.full((4,), 1000.0)
+    with pytest.raises(RuntimeError, match="Expected cond to be True"):
+        _custom_backward_in_the_middle(x, w).backward(big)  # eager's check
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled(x, w).backward(big)
+
+
+def _checkpointed_then_more(x: torch.Tensor) -> torch.Tensor:
+    y = x * 2
+    y = torch.utils.checkpoint.checkpoint(_tensor_checked_region, y, use_reentrant=False)
+    return (y.exp() + 1).sum()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_tensor_check_in_a_checkpointed_region_between_other_nodes(dynamic):
+    """A checkpointed region in the middle of the graph: its recomputation runs in the backward of a node of
+    autograd's own (a saved tensor's unpack hook), which must have the mode on too."""
+    compiled = aotcache.aot_function(_checkpointed_then_more, "nop", cache=False, dynamic=dynamic,
+                                     on_capture_error="raise")
+    x = torch.rand(5, requires_grad=True) + 0.1
+    (grad,) = torch.autograd.grad(compiled(x), x)
+    assert torch.allclose(grad, torch.autograd.grad(_checkpointed_then_more(x), x)[0])
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled(-x.detach().requires_grad_())
+
+
+def _checked_when_long(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > 4:
+        torch._check_tensor_all(x > 0)
+    return x.sqrt()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+def test_a_tensor_check_reached_only_with_the_second_calls_shapes(dynamic, train):
+    """The first capture meets no check; the capture for the second call's shapes does, and checks it."""
+    compiled = aotcache.aot_function(_checked_when_long, "nop", cache=False, dynamic=dynamic,
+                                     on_capture_error="raise")
+    with torch.set_grad_enabled(train):
+        short = torch.rand(3, requires_grad=train) + 0.1
+        assert torch.equal(compiled(short), short.sqrt())
+        assert torch.isnan(compiled(-short)).all()  # no check for short inputs, eager's nan
+        long = torch.rand(8, requires_grad=train) + 0.1
+        assert torch.equal(compiled(long), long.sqrt())
+        with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+            compiled(-long)
+
+
+def _unpack_checks(x: torch.Tensor) -> torch.Tensor:
+    def unpack(saved: torch.Tensor) -> torch.Tensor:
+        torch._check_tensor_all(saved < 10)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        return x.sin().sum()
+
+
+def test_a_tensor_check_in_a_saved_tensor_unpack_hook():
+    """An unpack hook of the function's own runs in the backward of a node of autograd's own."""
+    compiled = aotcache.aot_function(_unpack_checks, "nop", cache=False, on_capture_error="raise")
+    x = torch.rand(3, requires_grad=True)
+    (grad,) = torch.autograd.grad(compiled(x), x)
+    assert torch.equal(grad, x.cos())
+    with pytest.raises(RuntimeError, match="Expected cond to be True"):
+        _unpack_checks(x + 20).backward()
+    with pytest.raises(RuntimeError, match=r"torch\._check_tensor_all"):
+        compiled((x + 20).detach().requires_grad_()).backward()
+
+
+def test_a_tensor_check_under_torch_compile_with_the_aotcache_backend():
+    """Dynamo's graph reads ``_is_all_true().item()``: the capture of that graph runs it under the mode too."""
+    torch._dynamo.reset()
+
+    def fn(x):
+        torch._check_tensor_all(x > 0)
+        return x.log()
+
+    compiled = torch.compile(fn, backend="aotcache", fullgraph=True)
+    x = torch.rand(3) + 0.1
+    assert torch.equal(compiled(x), x.log())
+    with pytest.raises(RuntimeError):
+        compiled(-x)
+    torch._dynamo.reset()
