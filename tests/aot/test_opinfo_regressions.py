@@ -31,12 +31,21 @@ def _check_like_eager(fn, *inputs, dynamic=False):
 # NOTE [Library functions that reach themselves] (autograd_cache/reachable.py)
 # ----------------------------------------------------------------------------------------------------
 
+# held as values (a global, or a closure cell as OpInfo's wrappers hold them), so that the walk reads them
+REFLECTED_SUB = torch.Tensor.__rsub__
+
+
 def reflected_sub(x):
-    return torch.Tensor.__rsub__(x, 1.5)
+    return REFLECTED_SUB(x, 1.5)
 
 
-def reflected_pow(x):
-    return torch.Tensor.__rpow__(x, 1.5)
+def calling(op):
+    def call(x):
+        return op(x, 1.5)
+    return call
+
+
+reflected_pow = calling(torch.Tensor.__rpow__)
 
 
 @pytest.mark.parametrize("fn", [reflected_sub, reflected_pow], ids=["rsub", "rpow"])
@@ -64,8 +73,9 @@ import torch
 from torch.utils import _pytree as pytree
 from aotcache.aot.api import AOTOptions
 from aotcache.autograd_cache.fingerprint import fingerprint_call
+REFLECTED_SUB = torch.Tensor.__rsub__
 def reflected_sub(x):
-    return torch.Tensor.__rsub__(x, 1.5)
+    return REFLECTED_SUB(x, 1.5)
 flat, spec = pytree.tree_flatten(((torch.randn(3, 4),), {}))
 print(fingerprint_call(reflected_sub, flat, spec, AOTOptions()).digest)
 """
