@@ -98,3 +98,52 @@ def test_reflected_operator_reuses_the_stored_graph():
     second = aot_function(reflected_sub, cache=cache, on_capture_error="raise")
     torch.testing.assert_close(second(x), reflected_sub(x))
     assert cache.counters["saved"] == 1 and cache.counters["hit"] == 1, dict(cache.counters)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NOTE [Constant objects in the joint graph] (aot/partition.py)
+# ----------------------------------------------------------------------------------------------------
+
+def quantized_region(x):
+    from torch._higher_order_ops import InvokeQuant
+
+    def body(a, b):
+        return (torch.sin(a) * b,)
+
+    return InvokeQuant()(body, x, x)[0] * 2.0
+
+
+@pytest.mark.parametrize("partition_fn", [
+    "torch_min_cut", None, "min_cut",
+    pytest.param("torch_default", marks=pytest.mark.xfail(
+        reason="PyTorch's default_partition saves every value the backward reads and takes tensors and SymInts "
+               "only (NOTE [Constant objects in the joint graph])", strict=True))])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_higher_order_op_options_object_partitions_like_eager(partition_fn, dynamic):
+    # the InvokeQuant options object is a node the forward and the backward both read; PyTorch's min-cut
+    # partitioner could neither save nor recompute it
+    import functorch.compile as torch_compile
+
+    partition = {"torch_min_cut": torch_compile.min_cut_rematerialization_partition,
+                 "torch_default": torch_compile.default_partition}.get(partition_fn, partition_fn)
+    compiled = aot_function(quantized_region, partition_fn=partition, dynamic=dynamic, on_capture_error="raise",
+                            cache=False)
+    x = torch.randn(2, 3, requires_grad=True)
+    torch.testing.assert_close(_values_and_grads(compiled, x), _values_and_grads(quantized_region, x))
+
+
+def test_only_inputless_object_constructions_are_marked():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from aotcache.aot.partition import mark_constant_objects_for_recompute
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    options = graph.call_function(torch.nn.Identity, ())  # a class called on constants: marked
+    built_from_input = graph.call_function(torch.Size, (x,))  # reads an input: left alone
+    op = graph.call_function(torch.ops.aten.sin.default, (x,))
+    graph.output((options, built_from_input, op))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert mark_constant_objects_for_recompute(gm) == 1
+    assert options.meta["recompute"] == CheckpointPolicy.MUST_RECOMPUTE
+    assert "recompute" not in built_from_input.meta and "recompute" not in op.meta
