@@ -147,3 +147,23 @@ def test_only_inputless_object_constructions_are_marked():
     assert mark_constant_objects_for_recompute(gm) == 1
     assert options.meta["recompute"] == CheckpointPolicy.MUST_RECOMPUTE
     assert "recompute" not in built_from_input.meta and "recompute" not in op.meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# NOTE [Inputs the backward does not reach] (aot/runtime.py)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_output_of_inputs_that_get_no_gradient_still_requires_grad(dynamic):
+    # an empty matrix: eager's output requires grad, and its inputs get no (or empty) gradients
+    compiled = aot_function(torch.linalg.householder_product, dynamic=dynamic, on_capture_error="raise", cache=False)
+    a = torch.randn(0, 0, requires_grad=True)
+    tau = torch.randn(0, requires_grad=True)
+    out = compiled(a, tau)
+    expected = torch.linalg.householder_product(a, tau)
+    assert out.requires_grad == expected.requires_grad
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.sum(), (a, tau), allow_unused=True)
+    expected_grads = torch.autograd.grad(expected.sum(), (a, tau), allow_unused=True)
+    for got, want in zip(grads, expected_grads):
+        assert (got is None or got.numel() == 0) and (want is None or want.numel() == 0)
