@@ -460,7 +460,7 @@ def is_recomputable(node: fx.Node) -> bool:
         return True
     if node.op != "call_function":
         return False
-    if node.target is operator.getitem:
+    if node.target is operator.getitem or is_constant_object(node):  # NOTE [Constant objects in the joint graph]
         return True
     if not isinstance(node.target, torch._ops.OpOverload):
         return _is_symint(node)  # SymInt arithmetic (operator.mul, sym_max, ...)
@@ -548,6 +548,42 @@ def min_cut_rematerialization_partition(joint_gm: fx.GraphModule, joint_inputs: 
              if f"{node.name}__in" in source_side and f"{node.name}__out" not in source_side]
     return _build(joint, _order_saved(joint, saved))
 
+
+
+def is_own_partitioner(partition_fn: Any) -> bool:
+    """Whether ``partition_fn`` is one of aotcache's partitioners (not a foreign one, NOTE [Foreign partitioners])."""
+    return partition_fn in (default_partition, min_cut_rematerialization_partition)
+
+
+def is_constant_object(node: fx.Node) -> bool:
+    """Whether ``node`` builds a Python object (not a tensor) by calling a class on constants alone."""
+    return node.op == "call_function" and isinstance(node.target, type) and not node.all_input_nodes \
+        and not isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def mark_constant_objects_for_recompute(joint_gm: fx.GraphModule) -> int:
+    """Mark the joint graph's nodes that build a Python object from constants as recomputed; returns how many.
+
+    NOTE [Constant objects in the joint graph]
+    FX writes a dataclass argument of a traced call as a node that constructs it from its fields (a higher-order
+    op's options: ``invoke_quant_packed(..., quant_options=InvokeQuant(codegen_low_precision=True))``, traced
+    because the capture sets ``is_compiling``, NOTE [is_compiling during capture]). The forward and the backward
+    both read it, so a partitioner must hand it over: PyTorch's ``min_cut_rematerialization_partition`` can
+    neither save it (not a tensor) nor recompute it (not on its allowlist) and raised "failed to partition the
+    joint forward-backward graph" (PyTorch's OpInfo test of ``invoke_quant``). Such a node has no inputs and
+    calls a class: building it again in the backward costs nothing and gives an equal object, so it is marked
+    as checkpointing marks what must be recomputed, which PyTorch's min-cut partitioner honours; aotcache's own
+    min-cut partitioner counts it as recomputable. PyTorch's ``default_partition`` reads no such mark and still
+    refuses the graph ("Expected invoke_quant to be a tensor"): a known gap (docs/aot.md, Limitations).
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    marked = 0
+    for node in joint_gm.graph.nodes:
+        if is_constant_object(node) and "recompute" not in node.meta:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            marked += 1
+    return marked
 
 
 def align_saved_to_backward(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int) -> None:

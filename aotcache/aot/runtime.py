@@ -159,8 +159,8 @@ class CompiledRuntime:
                 fw_outs = list(self.forward(*graph_args))
         else:
             function_args = graph_args
-            if self._detached_inputs:  # NOTE [Inputs the backward does not reach]
-                function_args = list(graph_args)
+            if self._detached_inputs and self._detaching_keeps_outputs_differentiable(graph_args):
+                function_args = list(graph_args)  # NOTE [Inputs the backward does not reach]
                 for index in self._detached_inputs:
                     if isinstance(function_args[index], torch.Tensor):
                         function_args[index] = function_args[index].detach()
@@ -173,6 +173,16 @@ class CompiledRuntime:
         return self.out_structure.unflatten(flat_outs)
 
     # -- steps -------------------------------------------------------------------------------------------
+
+    def _detaching_keeps_outputs_differentiable(self, graph_args: list) -> bool:
+        """Whether an input that requires grad is left undetached for the outputs that must require grad (NOTE
+        [Inputs the backward does not reach]): where every such input gets no gradient (an empty input of
+        ``linalg.householder_product``), eager's outputs still require grad, so nothing is detached."""
+        if not self._outputs_requiring_grad:
+            return True
+        detached = set(self._detached_inputs)
+        return any(isinstance(arg, torch.Tensor) and arg.requires_grad
+                   for index, arg in enumerate(graph_args) if index not in detached)
 
     def _check_requires_grad(self, flat_outs: list) -> None:
         # NOTE [Output requires_grad]: capture recorded which outputs require grad when the function ran on
@@ -659,7 +669,10 @@ def _backward(ctx: Any, *grad_outputs: Any) -> tuple:
 # backward through the graph a second time"). The capture records the inputs that require grad but get no
 # gradient from the joint graph (``RuntimeMetadata.inputs_without_gradient``); they are passed to the autograd
 # function detached (the same storage and version counter), so autograd reaches no further than eager does. Input
-# mutations and outputs regenerated as views are applied to the inputs themselves, as before.
+# mutations and outputs regenerated as views are applied to the inputs themselves, as before. Where *every* input
+# that requires grad gets no gradient while an output requires grad in eager (``linalg.householder_product`` of an
+# empty matrix: eager's autograd node links the inputs and gives them no gradient), detaching them all would return
+# that output without grad (the runtime's check raised, found by PyTorch's OpInfo tests); then nothing is detached.
 
 # NOTE [Gradients of unused outputs]
 # In eager, a parameter that only outputs left out of the loss depend on (a pooler when the loss reads

@@ -211,6 +211,7 @@ class Reachable:
         self._constant_bytes = 0
         self._user_attributes = 0  # module attributes written down by their value (_imported_module_token)
         self._active_containers: list[int] = []
+        self._active_library_functions: list[int] = []  # NOTE [Library functions that reach themselves]
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
 
     # -- driving ------------------------------------------------------------------------------------------
@@ -483,6 +484,22 @@ class Reachable:
         return f"attrs{self._container_token(attributes)}" if attributes else ""
 
     def _library_function_token(self, fn: types.FunctionType) -> str:
+        # NOTE [Library functions that reach themselves]
+        # A library wrapper may hold itself in its own closure (torch's ``Tensor.__rsub__`` and the other
+        # reflected operators: the wrapper passes itself to ``handle_torch_function``), directly or through the
+        # function it wraps. A library function is written down by its name and its library's version, not its
+        # identity, so a function already being written further up the walk is written as a back-reference by
+        # its distance up that chain: the same structure gives the same token in every process.
+        marker = id(fn)
+        if marker in self._active_library_functions:
+            return f"lib-back:{len(self._active_library_functions) - self._active_library_functions.index(marker)}"
+        self._active_library_functions.append(marker)
+        try:
+            return self._library_function_body_token(fn)
+        finally:
+            self._active_library_functions.pop()
+
+    def _library_function_body_token(self, fn: types.FunctionType) -> str:
         # torch's decorators (no_grad, wraps) keep the user's function in a closure cell or __wrapped__
         cells = [self._library_cell_token(cell_contents(cell)) for cell in (fn.__closure__ or ())]
         wrapped = fn.__dict__.get("__wrapped__")
