@@ -23,6 +23,7 @@ opaque object) is a bypass.
 from __future__ import annotations
 
 import operator
+import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -252,8 +253,6 @@ def _is_safe_torch_python_function(target: Any, name: str) -> bool:
 def _is_torch_compiled_autograd_op(target: Any) -> bool:
     """True for compiled autograd's op of one of torch's own autograd nodes (NOTE [Compiled autograd's ops in
     the key])."""
-    import sys
-
     compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
     op_type = getattr(compiled_autograd, "Op", None)
     if not isinstance(op_type, type) or not isinstance(target, op_type):

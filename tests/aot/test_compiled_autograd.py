@@ -102,7 +102,6 @@ print(json.dumps({"worst": worst, **counters}))
 
 def _run_backward_program(activation: str) -> dict:
     import json
-    import sys
 
     from tests.conftest import run_python
 
