@@ -258,7 +258,8 @@ def _is_torch_compiled_autograd_op(target: Any) -> bool:
     if not isinstance(op_type, type) or not isinstance(target, op_type):
         return False
     name = getattr(target, "__name__", "")
-    if getattr(target, "is_custom_function", True) or not isinstance(target.fn, types.BuiltinFunctionType):
+    if getattr(target, "is_custom_function", True) or not isinstance(getattr(target, "fn", None),
+                                                                        types.BuiltinFunctionType):
         return False
     if name != "validate_outputs" and not isinstance(getattr(torch._C._functions, name, None), type):
         return False
