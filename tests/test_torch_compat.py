@@ -115,6 +115,9 @@ OPTIONAL = [
      "a view of an input the function mutates is refused (the call runs eagerly)"),
     ("torch.utils._python_dispatch", "TorchDispatchMode.is_infra_mode",
      "Dynamo may skip torch.cond's wrapper met by a symbolic capture (the capture then falls back)"),
+    ("torch._dynamo.compiled_autograd", "Op", "compiled autograd's backward graphs bypass the cache"),
+    ("torch._dynamo.compiled_autograd", "ops", "compiled autograd's backward graphs bypass the cache"),
+    ("torch._C", "_functions.AccumulateGrad", "compiled autograd's backward graphs bypass the cache"),
 ]
 
 # torch._inductor.config keys aotcache sets or reads (patch() raises on an unknown key).

@@ -14,6 +14,7 @@ NOTE [What is safe]
   of the graph text, hence of the key; PyTorch bypasses autocast regions, issue 191106).
 - User functions only when marked with :func:`cacheable` (the key hashes their code).
 - Higher-order ops whose operands are graph nodes, constants and traced subgraphs (no Python closures).
+- Compiled autograd's ops for torch's own autograd nodes (NOTE [Compiled autograd's ops in the key]).
 Anything whose behaviour lives outside what the key sees (an unknown Python callable, a low-level
 ``torch.library.Library`` op whose Python kernels are hidden in the dispatcher, a tensor subclass or an
 opaque object) is a bypass.
@@ -22,6 +23,7 @@ opaque object) is a bypass.
 from __future__ import annotations
 
 import operator
+import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -236,9 +238,39 @@ def _is_safe_torch_python_function(target: Any, name: str) -> bool:
     return not private
 
 
+# NOTE [Compiled autograd's ops in the key]
+# A backward graph that compiled autograd hands to the backend calls its ``ops`` (``torch._dynamo.compiled_autograd.
+# ops.MulBackward0``, ``ops.AccumulateGrad``, ``ops.validate_outputs``): each wraps the C++ "functional" backward of
+# one autograd node type, bound under the node's name the first time a process meets it. For torch's own nodes
+# (the classes of ``torch._C._functions``) and ``validate_outputs`` the name fixes the C++ function, and the torch
+# build is in the key; the saved values, sizes, output metadata and needs-grad masks they read are graph inputs or
+# constants of the graph text, and the ops have no other state. So a graph of such ops is keyed by its text as
+# any other, and stored: a warm process loads compiled autograd's backward graphs instead of capturing them.
+# A custom C++ ``autograd::Function`` is bound as ``CppNode<name><n>``, numbered in the order a process meets such
+# functions and bound to the extension's code, which the key cannot see: a bypass, as any other unknown callable.
+
+
+def _is_torch_compiled_autograd_op(target: Any) -> bool:
+    """True for compiled autograd's op of one of torch's own autograd nodes (NOTE [Compiled autograd's ops in
+    the key])."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    op_type = getattr(compiled_autograd, "Op", None)
+    if not isinstance(op_type, type) or not isinstance(target, op_type):
+        return False
+    name = getattr(target, "__name__", "")
+    if getattr(target, "is_custom_function", True) or not isinstance(getattr(target, "fn", None),
+                                                                        types.BuiltinFunctionType):
+        return False
+    if name != "validate_outputs" and not isinstance(getattr(torch._C._functions, name, None), type):
+        return False
+    return getattr(compiled_autograd.ops, name, None) is target
+
+
 def _check_callable_target(target: Any) -> None:
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         check_operator_safe(target)
+        return
+    if _is_torch_compiled_autograd_op(target):
         return
     if isinstance(target, torch._ops.HigherOrderOperator):
         if target.name() not in _SAFE_HIGHER_ORDER_OPS:
