@@ -40,6 +40,7 @@ import builtins
 import io
 import math
 import operator
+import pickle
 from typing import Any
 
 import torch
@@ -318,13 +319,16 @@ def _deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes], con
                                 f"{GRAPH_FORMAT}; recompile")
         node_entries = list(description["nodes"])
         constant_names = list(description.get("constants", []))
+    except ArtifactError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"stored graph description is malformed: {exc}") from exc
     attributes: dict[str, Any] = {}
     if constant_names:
         try:
             loaded = torch.load(io.BytesIO(blobs[constants_blob]), weights_only=True)
-        except (KeyError, RuntimeError, EOFError, ValueError) as exc:
+        # (weights_only refuses bytes that are not a checkpoint with pickle.UnpicklingError, no RuntimeError)
+        except (KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise ArtifactError(f"stored graph constants cannot be read: {exc}") from exc
         if not isinstance(loaded, dict) or sorted(loaded) != sorted(constant_names):
             raise ArtifactError("stored graph constants do not match the graph's get_attr nodes")
@@ -357,6 +361,8 @@ def _deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes], con
             else:
                 raise ArtifactError(f"stored graph has a node of kind {op!r}")
             nodes[name] = node
+    except ArtifactError:
+        raise  # (a ValueError: said once, not wrapped again at each level of subgraphs)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"stored graph description is malformed: {exc}") from exc
     return torch.fx.GraphModule(attributes, graph)

@@ -6,6 +6,7 @@ aotcache/compilers/graph_serde.py)."""
 from __future__ import annotations
 
 import json
+import operator
 
 import pytest
 import torch
@@ -126,3 +127,64 @@ def test_a_stored_subgraph_names_no_more_than_a_stored_graph():
     entry.pop("subgraph")  # a get_attr of a module the description does not hold
     with pytest.raises(ArtifactError, match="does not hold"):
         deserialize_graph(description, blobs)
+
+
+def _cond_with_a_constant_in_its_branch():
+    """``cond(x.sum() > 0, x + C, x * 2)`` whose true branch holds its tensor constant ``C`` itself (a get_attr
+    of the branch), so that its constants go to a blob of the branch's own."""
+
+    def branch(body):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        graph.output((body(graph, x),))
+        return graph
+
+    root = torch.nn.Module()
+    root.bias = torch.arange(4.0)
+    true_graph = branch(lambda graph, x: graph.call_function(
+        torch.ops.aten.add.Tensor, (x, graph.get_attr("bias"))))
+    false_graph = branch(lambda graph, x: graph.call_function(torch.ops.aten.mul.Tensor, (x, 2)))
+    modules = {"true_graph_0": torch.fx.GraphModule(root, true_graph),
+               "false_graph_0": torch.fx.GraphModule(torch.nn.Module(), false_graph)}
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    pred = graph.call_function(torch.ops.aten.gt.Scalar, (graph.call_function(torch.ops.aten.sum.default, (x,)), 0))
+    cond = graph.call_function(torch.ops.higher_order.cond,
+                               (pred, graph.get_attr("true_graph_0"), graph.get_attr("false_graph_0"), (x,)))
+    graph.output((graph.call_function(operator.getitem, (cond, 0)),))
+    return torch.fx.GraphModule(modules, graph)
+
+
+def test_a_constant_of_a_subgraph_is_stored_in_a_blob_of_its_own():
+    graph = _cond_with_a_constant_in_its_branch()
+    description, blobs = serialize_graph(graph)
+    assert sorted(blobs) == ["constants/true_graph_0"]
+
+    loaded = deserialize_graph(json.loads(json.dumps(description)), blobs)
+    x = torch.ones(4)
+    torch.testing.assert_close(loaded(x), graph(x))
+    torch.testing.assert_close(loaded(x), (x + torch.arange(4.0),))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "one byte", "half", "missing"])
+def test_a_damaged_constants_blob_of_a_subgraph_is_an_artifact_error(damage):
+    """A blob that is not what was written is a load error (a miss, counted), never another exception that
+    escapes the cache (weights_only refuses non-checkpoint bytes with pickle.UnpicklingError)."""
+    description, blobs = serialize_graph(_cond_with_a_constant_in_its_branch())
+    name = "constants/true_graph_0"
+    data = blobs[name]
+    damaged = {"garbage": {name: b"not a checkpoint" * 4}, "one byte": {name: data[:1]},
+               "half": {name: data[:len(data) // 2]}, "missing": {}}[damage]
+    with pytest.raises(ArtifactError, match="constants cannot be read"):
+        deserialize_graph(description, damaged)
+
+
+def test_a_fault_deep_in_nested_subgraphs_is_reported_once():
+    """An error inside a subgraph keeps its own message (not wrapped again at each level of nesting)."""
+    description = {"format": 1, "nodes": [{"name": "o", "op": "output", "args": {"tuple": [{"tuple": []}]}}]}
+    for _ in range(40):
+        description = {"format": 1, "nodes": [{"name": "s", "op": "get_attr", "target": "s",
+                                               "subgraph": description},
+                                              {"name": "o", "op": "output", "args": {"tuple": [{"tuple": []}]}}]}
+    with pytest.raises(ArtifactError, match="^stored graph nests subgraphs deeper than 32 levels$"):
+        deserialize_graph(description, {})
