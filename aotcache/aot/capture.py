@@ -503,6 +503,27 @@ def trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, fa
                   verify=verify)
 
 
+def _subgraph_dedupe_context(fake_mode: Any) -> contextlib.AbstractContextManager:
+    """A fresh ``TracingContext`` of the capture's own fake mode for one trace, so that each region of
+    ``torch.compiler.nested_compile_region`` is traced once and its calls share it.
+
+    NOTE [Nested compile regions traced once]
+    ``invoke_subgraph`` (the op of ``nested_compile_region``) traces its region's forward and backward
+    once per identifier and reuses them for every further call, through a cache that lives on the ambient
+    ``TracingContext``. aotcache traces outside Dynamo's context (NOTE [Dynamo's tracing context and our
+    compilers]), so without one of its own every call was traced again into its own copy of the subgraph:
+    N calls of a layer gave N subgraphs in each graph (torch's ``test_dedupe``), the compile time and graph
+    size nested_compile_region exists to save. The context is the capture's (its fake mode, never Dynamo's),
+    made fresh for each trace, so nothing the analysis or an earlier trace cached is reused; an ambient
+    context (a caller already inside one) is left as it is.
+    """
+    from torch._guards import TracingContext, tracing
+
+    if TracingContext.try_get() is not None:
+        return contextlib.nullcontext()
+    return tracing(TracingContext(fake_mode))
+
+
 def _changed_arguments() -> CaptureError:
     return CaptureError("aotcache: the function changed an argument's autograd status or storage outside torch's "
                         "operators (requires_grad_(), x.data = y) only where it runs with symbolic sizes; this is "
@@ -602,7 +623,7 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
     if fake_mode.shape_env is not None:  # NOTE [Generator draws with symbolic sizes]
         decompositions = keep_generator_draws(decompositions)
     tracer = make_fx(traced, decomposition_table=decompositions, tracing_mode=tracing_mode)
-    with explain_data_dependent_ops():
+    with explain_data_dependent_ops(), _subgraph_dedupe_context(fake_mode):
         gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
     if not functional:
         check_graph(gm)

@@ -12,8 +12,19 @@ A higher-order operator takes callables or subgraphs as operands, so only an all
 ``with_effects(token, op, *args, **kwargs)``, which functionalization emits for ops with side effects (e.g.
 ``aten._linalg_check_errors`` under ``torch.linalg.inv``): its operands are an effect token (a plain tensor
 made in the graph), an ATen operator (stored as ``{"op": "aten::name.overload"}`` and resolved from
-``torch.ops`` like a target) and ordinary values. Operators that take subgraphs (``cond``, ``while_loop``,
-...) need ``get_attr`` modules, which this form does not hold: they stay refused.
+``torch.ops`` like a target) and ordinary values. The control-flow operators ``cond``, ``while_loop``,
+``scan``, ``map_impl``, ``associative_scan`` and ``invoke_subgraph`` (``nested_compile_region``) take their
+branches and bodies as ``get_attr`` nodes naming GraphModules: such a node stores its module as a nested
+description in this same form (NOTE [Subgraphs of control-flow operators]).
+
+NOTE [Subgraphs of control-flow operators]
+Before, a graph holding a subgraph was refused (GraphSerializationError), so every graph with ``torch.cond``,
+``scan``, ``map``, ``while_loop`` or a ``nested_compile_region`` was compiled again by each new process. A
+subgraph is an ATen graph like its parent (placeholders, call_function, get_attr, output), so it is written
+with the same rules, recursively: ``{"op": "get_attr", "target": name, "subgraph": description}``, its tensor
+constants in a blob of their own (``constants/<path>``). Loading resolves its targets by the same allowlist,
+so a stored subgraph can name no more than a stored graph can; an operator that takes a callable that is not
+a GraphModule (an opaque Python function) stays refused.
 
 Value encoding (args, kwargs): JSON scalars stand for themselves; everything else is a one-key object:
 ``{"node": name}``, ``{"tuple": [...]}``, ``{"list": [...]}``, ``{"dict": [[key, value], ...]}``,
@@ -29,6 +40,7 @@ import builtins
 import io
 import math
 import operator
+import pickle
 from typing import Any
 
 import torch
@@ -42,8 +54,10 @@ __all__ = ["GraphSerializationError", "SAFE_FUNCTIONS", "SAFE_HIGHER_ORDER_OPS",
 GRAPH_FORMAT = 1
 CONSTANTS_BLOB = "constants"
 HIGHER_ORDER_NAMESPACE = "higher_order"
-# Higher-order operators a stored graph may call (NOTE [higher-order operators]): none takes a subgraph.
-SAFE_HIGHER_ORDER_OPS = ("with_effects",)
+# Higher-order operators a stored graph may call (NOTE [higher-order operators]); all but with_effects take
+# their subgraphs as get_attr GraphModules (NOTE [Subgraphs of control-flow operators]).
+SAFE_HIGHER_ORDER_OPS = ("with_effects", "cond", "while_loop", "scan", "map_impl", "associative_scan",
+                         "invoke_subgraph")
 
 
 class GraphSerializationError(ArtifactError):
@@ -239,8 +253,16 @@ def _decode(value: Any, nodes: dict[str, torch.fx.Node]) -> Any:
 
 def serialize_graph(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str, bytes]]:
     """``gm`` as (JSON-able description, blobs). :raises GraphSerializationError: unsupported content."""
+    blobs: dict[str, bytes] = {}
+    return _serialize_graph(gm, CONSTANTS_BLOB, blobs), blobs
+
+
+def _serialize_graph(gm: torch.fx.GraphModule, constants_blob: str, blobs: dict[str, bytes]) -> dict[str, Any]:
+    """The description of ``gm``; its constants go to ``blobs[constants_blob]``, its subgraphs' to blobs of
+    their own (NOTE [Subgraphs of control-flow operators])."""
     nodes: list[dict[str, Any]] = []
     constants: dict[str, torch.Tensor] = {}
+    subgraphs: set[str] = set()  # written once; later get_attr nodes of the same module name it only
     for node in gm.graph.nodes:
         entry: dict[str, Any] = {"name": node.name, "op": node.op}
         if node.op == "placeholder":
@@ -249,11 +271,17 @@ def serialize_graph(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str,
                 entry["args"] = _encode(tuple(node.args))
         elif node.op == "get_attr":
             value = operator.attrgetter(node.target)(gm)
-            if not isinstance(value, torch.Tensor):
-                raise GraphSerializationError(f"graph attribute {node.target!r} is a {type(value).__name__}; "
-                                              "only tensor constants can be stored in the JSON graph form")
-            constants[node.target] = value.detach()
             entry["target"] = node.target
+            if isinstance(value, torch.fx.GraphModule):
+                if node.target not in subgraphs:
+                    subgraphs.add(node.target)
+                    entry["subgraph"] = _serialize_graph(value, f"{constants_blob}/{node.target}", blobs)
+            elif isinstance(value, torch.Tensor):
+                constants[node.target] = value.detach()
+            else:
+                raise GraphSerializationError(f"graph attribute {node.target!r} is a {type(value).__name__}; "
+                                              "only tensor constants and subgraphs can be stored in the JSON "
+                                              "graph form")
         elif node.op == "call_function":
             entry["target"] = target_name(node.target)
             entry["args"] = _encode(tuple(node.args))
@@ -264,35 +292,47 @@ def serialize_graph(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str,
             raise GraphSerializationError(f"graph node {node.name!r} is a {node.op!r}; the JSON graph form holds "
                                           "only placeholder, get_attr, call_function and output nodes")
         nodes.append(entry)
-    blobs: dict[str, bytes] = {}
     if constants:
         buffer = io.BytesIO()
         # NOTE [constants blob]: clone so that views of a bigger storage do not drag the whole storage along.
         torch.save({name: tensor.clone() for name, tensor in constants.items()}, buffer)
-        blobs[CONSTANTS_BLOB] = buffer.getvalue()
-    description = {"format": GRAPH_FORMAT, "nodes": nodes, "constants": sorted(constants)}
-    return description, blobs
+        blobs[constants_blob] = buffer.getvalue()
+    return {"format": GRAPH_FORMAT, "nodes": nodes, "constants": sorted(constants)}
 
 
 def deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes]) -> torch.fx.GraphModule:
     """Rebuild the GraphModule of :func:`serialize_graph`. :raises ArtifactError: malformed or unsafe content."""
+    return _deserialize_graph(description, blobs, CONSTANTS_BLOB, depth=0)
+
+
+# Subgraphs nest as deep as control flow does; a description deeper than this is not one aotcache wrote.
+_MAX_SUBGRAPH_DEPTH = 32
+
+
+def _deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes], constants_blob: str,
+                       depth: int) -> torch.fx.GraphModule:
+    if depth > _MAX_SUBGRAPH_DEPTH:
+        raise ArtifactError(f"stored graph nests subgraphs deeper than {_MAX_SUBGRAPH_DEPTH} levels")
     try:
         if int(description["format"]) != GRAPH_FORMAT:
             raise ArtifactError(f"stored graph has format {description['format']!r}, this aotcache reads "
                                 f"{GRAPH_FORMAT}; recompile")
         node_entries = list(description["nodes"])
         constant_names = list(description.get("constants", []))
+    except ArtifactError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"stored graph description is malformed: {exc}") from exc
-    constants: dict[str, torch.Tensor] = {}
+    attributes: dict[str, Any] = {}
     if constant_names:
         try:
-            loaded = torch.load(io.BytesIO(blobs[CONSTANTS_BLOB]), weights_only=True)
-        except (KeyError, RuntimeError, EOFError, ValueError) as exc:
+            loaded = torch.load(io.BytesIO(blobs[constants_blob]), weights_only=True)
+        # (weights_only refuses bytes that are not a checkpoint with pickle.UnpicklingError, no RuntimeError)
+        except (KeyError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise ArtifactError(f"stored graph constants cannot be read: {exc}") from exc
         if not isinstance(loaded, dict) or sorted(loaded) != sorted(constant_names):
             raise ArtifactError("stored graph constants do not match the graph's get_attr nodes")
-        constants = loaded
+        attributes.update(loaded)
     graph = torch.fx.Graph()
     nodes: dict[str, torch.fx.Node] = {}
     try:
@@ -302,7 +342,15 @@ def deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes]) -> t
                 default = _decode(entry["args"], nodes) if "args" in entry else ()
                 node = graph.create_node("placeholder", entry["target"], default, name=name)
             elif op == "get_attr":
-                node = graph.create_node("get_attr", entry["target"], name=name)
+                target = str(entry["target"])
+                if "subgraph" in entry:  # NOTE [Subgraphs of control-flow operators]
+                    if target in attributes:
+                        raise ArtifactError(f"stored graph defines attribute {target!r} twice")
+                    attributes[target] = _deserialize_graph(entry["subgraph"], blobs,
+                                                            f"{constants_blob}/{target}", depth + 1)
+                elif target not in attributes:
+                    raise ArtifactError(f"stored graph reads attribute {target!r}, which it does not hold")
+                node = graph.create_node("get_attr", target, name=name)
             elif op == "call_function":
                 node = graph.create_node("call_function", resolve_target(entry["target"]),
                                          _decode(entry["args"], nodes), _decode(entry["kwargs"], nodes), name=name)
@@ -313,7 +361,8 @@ def deserialize_graph(description: dict[str, Any], blobs: dict[str, bytes]) -> t
             else:
                 raise ArtifactError(f"stored graph has a node of kind {op!r}")
             nodes[name] = node
+    except ArtifactError:
+        raise  # (a ValueError: said once, not wrapped again at each level of subgraphs)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"stored graph description is malformed: {exc}") from exc
-    return torch.fx.GraphModule(constants, graph)
-
+    return torch.fx.GraphModule(attributes, graph)
