@@ -38,6 +38,7 @@ import contextlib
 import io
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -402,7 +403,7 @@ def load(artifact: Artifact) -> InductorCompiledGraph:
         constants: dict[str, torch.Tensor] = {}
         if meta.get("constants"):
             constants = torch.load(io.BytesIO(blobs[_CONSTANTS_BLOB]), weights_only=True)
-    except (KeyError, UnicodeDecodeError, RuntimeError, EOFError) as exc:
+    except (KeyError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise ArtifactError(f"inductor artifact is incomplete: {exc}") from exc
     triton = triton_kernels.from_artifact(meta.get("triton"), blobs)  # checked before anything is written
     try:

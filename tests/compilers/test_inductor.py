@@ -136,3 +136,17 @@ def test_warm_up_starts_no_worker_pool_for_cpu_graphs():
     with FakeTensorMode(allow_non_fake_inputs=True):
         on_gpu = torch.empty(2, device="cuda")
     assert runs_on_gpu([torch.randn(2), on_gpu]) and not runs_on_gpu([torch.randn(2)])
+
+
+@pytest.mark.parametrize("damage", [b"garbage" * 10, b"x"])
+def test_damaged_constants_blob_is_an_artifact_error(damage):
+    """A constants blob that is not a checkpoint (torch.load raises UnpicklingError) is a load error the cache
+    counts as a miss, not an escaping exception."""
+    from aotcache.compilers import ArtifactError, aoti_lib
+    from aotcache.compilers.base import Artifact
+    from aotcache.compilers.inductor import _CONSTANTS_BLOB, load
+
+    meta = {"identity": aoti_lib.host_identity("cpu"), "constants": True, "kernels": []}
+    artifact = Artifact("inductor", meta=meta, blobs={"wrapper.py": b"", _CONSTANTS_BLOB: damage})
+    with pytest.raises(ArtifactError, match="incomplete"):
+        load(artifact)
