@@ -175,3 +175,43 @@ def test_a_float_lr_changed_every_step_compiles_no_more_graphs_than_aot_eager():
         return counters["stats"]["unique_graphs"]
 
     assert graphs(functools.partial(aotcache_backend, compiler="nop")) <= graphs("aot_eager")
+
+
+@pytest.mark.parametrize("kind", ["adam_foreach", "sgd_momentum", "adamw_with_scheduler"])
+def test_aotcache_compile_of_an_optimizer_step_steps_as_eager(kind):
+    """NOTE [Optimizer steps] in compile_api.py: ``aotcache.compile(opt.step)`` goes the Dynamo way before any capture;
+    a capture attempt used to leave trace tensors in the optimizer's lazily created state, and the first step raised
+    ("'NoneType' object has no attribute 'export'") where eager steps."""
+    import aotcache
+
+    def train(compile):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        if kind == "adam_foreach":
+            opt, sched = torch.optim.Adam(model.parameters(), lr=0.01, foreach=True), None
+        elif kind == "sgd_momentum":
+            opt, sched = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), None
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, foreach=True)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        step = compile(opt.step)
+        sched_step = compile(sched.step) if sched is not None else None
+        for i in range(3):
+            opt.zero_grad()
+            model(torch.full((3, 4), float(i + 1))).pow(2).sum().backward()
+            step()
+            if sched_step is not None:
+                sched_step()
+        state = [v for s in opt.state_dict()["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [p.detach() for p in model.parameters()] + state, step
+
+    torch._dynamo.reset()
+    eager, _ = train(lambda f: f)
+    torch._dynamo.reset()
+    compiled, step = train(lambda f: aotcache.compile(f, compiler="nop"))
+    torch._dynamo.reset()
+    assert step.route == "dynamo"
+    assert len(compiled) == len(eager)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    assert all(type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter) for v in compiled)
