@@ -177,11 +177,12 @@ def test_a_float_lr_changed_every_step_compiles_no_more_graphs_than_aot_eager():
     assert graphs(functools.partial(aotcache_backend, compiler="nop")) <= graphs("aot_eager")
 
 
-@pytest.mark.parametrize("kind", ["adam_foreach", "sgd_momentum", "adamw_with_scheduler"])
+@pytest.mark.parametrize("kind", ["adam_foreach", "sgd_momentum", "adamw_with_scheduler", "function_calling_step"])
 def test_aotcache_compile_of_an_optimizer_step_steps_as_eager(kind):
     """NOTE [Optimizer steps] in compile_api.py: ``aotcache.compile(opt.step)`` goes the Dynamo way before any capture;
     a capture attempt used to leave trace tensors in the optimizer's lazily created state, and the first step raised
-    ("'NoneType' object has no attribute 'export'") where eager steps."""
+    ("'NoneType' object has no attribute 'export'") where eager steps. A function calling ``opt.step()`` and
+    ``sched.step()`` is refused before the step runs (NOTE [Optimizer steps inside a capture] in aot/refusals.py)."""
     import aotcache
 
     def train(compile):
@@ -194,8 +195,16 @@ def test_aotcache_compile_of_an_optimizer_step_steps_as_eager(kind):
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, foreach=True)
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        step = compile(opt.step)
-        sched_step = compile(sched.step) if sched is not None else None
+        if kind == "function_calling_step":
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+
+            def both() -> None:
+                opt.step()
+                sched.step()
+            step, sched_step = compile(both), None
+        else:
+            step = compile(opt.step)
+            sched_step = compile(sched.step) if sched is not None else None
         for i in range(3):
             opt.zero_grad()
             model(torch.full((3, 4), float(i + 1))).pow(2).sum().backward()
