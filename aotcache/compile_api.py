@@ -96,10 +96,12 @@ class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
 
     def __init__(self, aot: AOTFunction, services: _RoutedServices, fullgraph: bool,
-                 make_dynamo: Callable[[], Callable], module: nn.Module | None = None) -> None:
+                 make_dynamo: Callable[[], Callable], module: nn.Module | None = None,
+                 function: Callable | None = None) -> None:
         self.aot = aot
         self.module = module  # checked for data-parallel wrappers before the first call (NOTE [Wrappers refused up
         # front])
+        self.function = function  # checked for an optimizer's or scheduler's own method (NOTE [Optimizer steps])
         self.fullgraph = fullgraph
         self.make_dynamo = make_dynamo
         self.route: str | None = None  # None until the first call decides
@@ -127,6 +129,8 @@ class _Router:
         if route == EAGER:
             return eager_call()
         if route is None and self.module is not None and self._wrapper_refused():
+            return dynamo_call()
+        if route is None and self.function is not None and self._optimizer_method_refused():
             return dynamo_call()
         self.capturing.digest = None
         try:
@@ -214,6 +218,41 @@ class _Router:
         return True
 
 
+    # NOTE [Optimizer steps]
+    # ``aotcache.compile(opt.step)`` (or a scheduler's ``step``): the AOT way always refuses it (it writes the
+    # parameters and its state in place, tensors that are not its arguments), but only after the capture ran the
+    # step's Python on trace tensors, and the optimizer's lazily created state (``state[p]["step"]``,
+    # ``exp_avg``...) stayed behind holding them: the optimizer is an opaque object, outside what a capture puts
+    # back (NOTE [State changed by a capture] in aot/call_state.py). The Dynamo way then failed on the first call
+    # ("'NoneType' object has no attribute 'export'": a functional tensor in the state) where eager steps. So such
+    # a method goes the Dynamo way by what it is, before any capture (no fingerprint, no route record), as
+    # ``torch.compile(opt.step, backend="aotcache")`` would.
+    def _optimizer_method_refused(self) -> bool:
+        """True (route set to Dynamo, logged once) when the function is a method of an optimizer or LR scheduler."""
+        import torch.optim.lr_scheduler
+
+        owner = getattr(self.function, "__self__", None)
+        kinds = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                 torch.optim.lr_scheduler.ReduceLROnPlateau)
+        # an LR scheduler replaces ``opt.step`` by a plain function that calls it (marked ``_wrapped_by_lr_sched``)
+        wrapped_by_scheduler = getattr(self.function, "_wrapped_by_lr_sched", False) is True
+        if not isinstance(owner, kinds) and not wrapped_by_scheduler:
+            return False
+        name = (f"{type(owner).__name__}.{getattr(self.function, '__name__', 'step')}" if owner is not None
+                else getattr(self.function, "__qualname__", "step"))
+        if self.fullgraph:
+            raise CaptureError(f"aotcache: {name} is a method of an optimizer or LR scheduler, which updates tensors "
+                               "that are not its arguments in place and cannot be captured whole; compile it without "
+                               "fullgraph=True (it then goes through torch.compile(backend='aotcache')), or with "
+                               "torch.compile(..., backend='aotcache') directly.")
+        with self._lock:
+            self.route, self.reason = DYNAMO, f"{name} is an optimizer's or LR scheduler's method"
+        log_once(logging.INFO, f"compile-route:{id(self)}",
+                 "aotcache.compile: %s is an optimizer's or LR scheduler's method, which updates its state in place: "
+                 "compiling it with torch.compile(backend='aotcache') (no whole-call capture)", name)
+        return True
+
+
 class CompiledModule(AOTModule):
     """What :func:`compile` returns for an ``nn.Module``: the drop-in :class:`~aotcache.aot.module.AOTModule`
     whose forward takes the route its :class:`_Router` chose (``route``: ``"aot"`` / ``"dynamo"`` / None)."""
@@ -264,7 +303,8 @@ class CompiledFunction:
         self.compiled = AOTFunction(fn, options, services=services, cache=cache,
                                     on_capture_error="raise")  # the router falls back
         self.compiled.raise_at_recompile_limit = fullgraph  # NOTE [Recompile limit]: as torch.compile's fullgraph
-        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options))
+        self.router = _Router(self.compiled, services, fullgraph, lambda: _torch_compile(fn, backend, options),
+                              function=fn)
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @property

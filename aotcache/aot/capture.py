@@ -81,6 +81,7 @@ from aotcache.aot.refusals import (
     explain_data_dependent_ops,
     quiet_fake_tensor_failures,
     refuse_constants_requiring_grad,
+    refuse_optimizer_steps,
     refuse_reentrant_checkpoint,
     refuse_reentrant_checkpoint_nodes,
 )
@@ -245,7 +246,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
         grad_mode_before = torch.is_grad_enabled()
-        with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws:
+        with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws, \
+                refuse_optimizer_steps():  # NOTE [Optimizer steps inside a capture]
             try:
                 result = flat_fn(*call_args)
             finally:

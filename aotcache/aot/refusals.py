@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
+__all__ = ["ExplainUnsupportedOps", "refuse_optimizer_steps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
            "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
            "data_parallel_wrapper", "checkpoint_mutation_error", "checkpoint_input_write_error",
            "refuse_backward_state_inputs", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
@@ -411,6 +411,44 @@ def _backward_inside_error() -> CaptureError:
                         "one graph. Compile the model instead (aotcache.compile(model)) and call backward() and the "
                         "optimizer outside it; aotcache.compile(step) runs such a step through "
                         "torch.compile(backend='aotcache').", reason="unsupported_construct")
+
+
+# NOTE [Optimizer steps inside a capture]
+# A function that calls an optimizer's step (``def step(): opt.step(); sched.step()`` given to aotcache.compile or
+# aot_function) is refused anyway (the step updates parameters and state that are not its arguments: NOTE [Writes
+# outside the trace]), but only once the step has run part of its Python on trace tensors: its first step creates
+# the optimizer's state lazily (``state[p]["step"] = torch.tensor(0.0)``, ``exp_avg``...), and those entries stayed
+# behind holding functional tensors (the optimizer is opaque to NOTE [State changed by a capture]). Eager's first
+# step then found a state it did not create, and the Dynamo way failed ("'NoneType' object has no attribute
+# 'export'"). So while this thread captures, a global step pre-hook refuses any optimizer step before it runs.
+_optimizer_steps = threading.local()  # .refused: depth of refuse_optimizer_steps() in this thread
+
+
+def _refuse_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    if torch.compiler.is_dynamo_compiling() or not getattr(_optimizer_steps, "refused", 0):
+        return
+    raise CaptureError(f"aotcache: the function calls {type(optimizer).__name__}.step(), which updates parameters and "
+                       "optimizer state that are not its arguments in place and cannot be captured. Compile the "
+                       "model instead (aotcache.compile(model)) and step the optimizer outside it; aotcache.compile "
+                       "runs such a function through torch.compile(backend='aotcache').",
+                       reason="unsupported_construct")
+
+
+@contextlib.contextmanager
+def refuse_optimizer_steps() -> Iterator[None]:
+    """While the captured function's Python runs in this thread: an optimizer step it calls raises a CaptureError
+    before the step runs (NOTE [Optimizer steps inside a capture])."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = None
+    _optimizer_steps.refused = getattr(_optimizer_steps, "refused", 0) + 1
+    try:
+        handle = register_optimizer_step_pre_hook(_refuse_optimizer_step)
+        yield
+    finally:
+        _optimizer_steps.refused -= 1
+        if handle is not None:
+            handle.remove()
 
 
 # NOTE [Writes outside the trace]

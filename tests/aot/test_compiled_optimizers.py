@@ -1,0 +1,226 @@
+"""Optimizer steps and LR schedulers compiled with ``torch.compile(..., backend="aotcache")`` (docs/aot.md,
+"Compiled optimizer steps"): parameters and optimizer state equal eager's after several steps, in one process and
+in a second process on the same cache dir; a float LR that Dynamo bakes into a graph is part of the key (a changed
+LR misses, the same LR hits), a tensor LR is an input (a changed value hits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_python
+
+_PROGRAM = r"""
+import functools, json, sys
+import torch
+from aotcache.autograd_cache.cache import default_cache
+from aotcache.backend import aotcache_backend
+
+STEPS = 3
+
+
+def build(case, lr, weight_decay):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    if case == "sgd_float_lr":  # Dynamo keeps a float LR of SGD's foreach step as a constant of its graph
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=True)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    elif case == "adam_tensor_lr":  # a tensor LR is a graph input
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(lr), weight_decay=weight_decay, foreach=False)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    elif case == "adamw_fused_whole_step":  # zero_grad, forward, backward, clipping, fused step, scheduler
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    else:
+        raise SystemExit(f"unknown case {case}")
+    return model, opt, sched
+
+
+def batch(i):
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+
+def train(case, lr, weight_decay, compile):
+    model, opt, sched = build(case, lr, weight_decay)
+    if case == "adamw_fused_whole_step":
+        def step(x, y):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            sched.step()
+            return loss
+        step = compile(step)
+        for i in range(STEPS):
+            step(*batch(i))
+    else:
+        opt_step = compile(opt.step)
+        for i in range(STEPS):
+            opt.zero_grad()
+            x, y = batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt_step()
+            sched.step()
+    tensors = [p.detach() for p in model.parameters()]
+    for state in opt.state_dict()["state"].values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+report = {}
+for spec in sys.argv[1:]:  # "case:lr:weight_decay", each compared with eager, counters per spec
+    case, lr, weight_decay = spec.split(":")
+    lr, weight_decay = float(lr), float(weight_decay)
+    reference = train(case, lr, weight_decay, lambda f: f)
+    torch._dynamo.reset()
+    before = dict(default_cache().stats())
+    backend = functools.partial(aotcache_backend, compiler="nop")
+    compiled = train(case, lr, weight_decay, lambda f: torch.compile(f, backend=backend))
+    torch._dynamo.reset()
+    after = default_cache().stats()
+    worst = max((r.double() - c.double()).abs().max().item() for r, c in zip(reference, compiled))
+    report[spec] = {"worst": worst, "count": len(compiled) == len(reference),
+                    **{k: after[k] - before[k] for k in ("hit", "miss", "compile", "bypass")}}
+print(json.dumps(report))
+"""
+
+
+def _run(*specs: str) -> dict:
+    proc = run_python("import sys; sys.argv = ['-', *%r]\n" % (specs,) + _PROGRAM)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Eager's and Dynamo's Adam order a few float operations differently (aot_eager gives the same differences): a
+# bound for Adam; SGD's step is bitwise.
+_TOLERANCE = {"sgd_float_lr": 0.0, "adam_tensor_lr": 1e-5, "adamw_fused_whole_step": 1e-6}
+
+
+def test_compiled_steps_hit_and_miss_across_processes_as_their_lr_and_decay_say():
+    """Cold process: SGD's foreach step with a float LR (StepLR halving it: one Dynamo graph per value, each LR a
+    constant of its graph), Adam with a tensor LR (an input), a whole AdamW fused step with clipping and StepLR.
+    Warm process on the same cache dir: the same three load every graph and compile nothing; SGD with another
+    LR or another weight decay misses (a graph of the first LR would be a stale step); Adam with another tensor
+    LR value loads the same graphs. Every run equals eager."""
+    cold = _run("sgd_float_lr:0.1:0.0", "adam_tensor_lr:0.1:0.0", "adamw_fused_whole_step:0.1:0.0")
+    warm = _run("sgd_float_lr:0.1:0.0", "adam_tensor_lr:0.1:0.0", "adamw_fused_whole_step:0.1:0.0",
+                "sgd_float_lr:0.3:0.0", "sgd_float_lr:0.1:0.01", "adam_tensor_lr:0.02:0.0")
+    for spec, run in [*cold.items(), *warm.items()]:
+        case = spec.split(":")[0]
+        assert run["count"] and run["worst"] <= _TOLERANCE[case] and run["bypass"] == 0, (spec, cold, warm)
+    for spec, run in cold.items():
+        assert run["compile"] >= 1 and run["hit"] + run["miss"] >= run["compile"], (spec, cold)
+        assert warm[spec]["compile"] == 0 and warm[spec]["miss"] == 0 and warm[spec]["hit"] >= 1, (spec, warm)
+    sgd = cold["sgd_float_lr:0.1:0.0"]
+    assert sgd["compile"] >= 3, sgd  # one graph per LR value (0.1, 0.05, 0.025): Dynamo guards the float
+    for changed in ("sgd_float_lr:0.3:0.0", "sgd_float_lr:0.1:0.01"):
+        assert warm[changed]["compile"] == sgd["compile"] and warm[changed]["hit"] == 0, (changed, warm)
+    other_value = warm["adam_tensor_lr:0.02:0.0"]
+    assert other_value["compile"] == 0 and other_value["miss"] == 0 and other_value["hit"] >= 1, other_value
+
+
+def test_float_lr_changed_by_a_scheduler_in_one_process_gives_eager_steps():
+    """In one process: each new LR value is a new Dynamo graph (guarded); none is reused for another LR."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+
+    def train(compile):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: [1.0, 0.1, 1.0, 0.01][epoch % 4])
+        step = compile(opt.step)
+        for i in range(6):
+            opt.zero_grad()
+            model(torch.full((2, 4), float(i + 1))).sum().backward()
+            step()
+            sched.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compiled = train(lambda f: torch.compile(f, backend=functools.partial(aotcache_backend, compiler="nop")))
+    torch._dynamo.reset()
+    eager = train(lambda f: f)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c), (e, c)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (docs/aot.md, Compiled optimizer steps): a float LR that Dynamo "
+                   "passes unspecialized (single-tensor Adam's step size) is specialized by aotcache's backend "
+                   "(NOTE [Dynamo's float inputs]), so each LR value is a new graph where aot_eager tensorifies it")
+def test_a_float_lr_changed_every_step_compiles_no_more_graphs_than_aot_eager():
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from aotcache.backend import aotcache_backend
+
+    def graphs(backend) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1, foreach=False)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        step = torch.compile(opt.step, backend=backend)
+        for i in range(5):
+            opt.zero_grad()
+            model(torch.full((2, 4), float(i + 1))).sum().backward()
+            step()
+            sched.step()
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs(functools.partial(aotcache_backend, compiler="nop")) <= graphs("aot_eager")
+
+
+@pytest.mark.parametrize("kind", ["adam_foreach", "sgd_momentum", "adamw_with_scheduler", "function_calling_step"])
+def test_aotcache_compile_of_an_optimizer_step_steps_as_eager(kind):
+    """NOTE [Optimizer steps] in compile_api.py: ``aotcache.compile(opt.step)`` goes the Dynamo way before any capture;
+    a capture attempt used to leave trace tensors in the optimizer's lazily created state, and the first step raised
+    ("'NoneType' object has no attribute 'export'") where eager steps. A function calling ``opt.step()`` and
+    ``sched.step()`` is refused before the step runs (NOTE [Optimizer steps inside a capture] in aot/refusals.py)."""
+    import aotcache
+
+    def train(compile):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        if kind == "adam_foreach":
+            opt, sched = torch.optim.Adam(model.parameters(), lr=0.01, foreach=True), None
+        elif kind == "sgd_momentum":
+            opt, sched = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), None
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, foreach=True)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        if kind == "function_calling_step":
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+
+            def both() -> None:
+                opt.step()
+                sched.step()
+            step, sched_step = compile(both), None
+        else:
+            step = compile(opt.step)
+            sched_step = compile(sched.step) if sched is not None else None
+        for i in range(3):
+            opt.zero_grad()
+            model(torch.full((3, 4), float(i + 1))).pow(2).sum().backward()
+            step()
+            if sched_step is not None:
+                sched_step()
+        state = [v for s in opt.state_dict()["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [p.detach() for p in model.parameters()] + state, step
+
+    torch._dynamo.reset()
+    eager, _ = train(lambda f: f)
+    torch._dynamo.reset()
+    compiled, step = train(lambda f: aotcache.compile(f, compiler="nop"))
+    torch._dynamo.reset()
+    assert step.route == "dynamo"
+    assert len(compiled) == len(eager)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    assert all(type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter) for v in compiled)
