@@ -55,6 +55,7 @@ from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
+from aotcache.aot.refusals import nested_tensor_error, raised_in_nested_tensor_code
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
@@ -539,7 +540,12 @@ def compile_or_fall_back(owner: Any, flat_args: list, in_spec: Any, options: Any
     """
     options = owner.options if options is None else options
     try:
-        return owner._compile(flat_args, in_spec, options)
+        try:
+            return owner._compile(flat_args, in_spec, options)
+        except Exception as exc:
+            if not isinstance(exc, CaptureError) and raised_in_nested_tensor_code(exc):
+                raise nested_tensor_error("a tensor the function builds") from exc
+            raise
     except CaptureError as exc:
         if exc.reason == "aliased_mutation":  # not a limitation to fall back from: NOTE [Synthetic bases]
             runtime = _synthetic_base_runtime(owner, flat_args, in_spec, options.dynamic)

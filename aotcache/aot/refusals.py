@@ -241,6 +241,38 @@ def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
                         f"it out of the function.", reason="unsupported_layout")
 
 
+def nested_tensor_error(what: str) -> CaptureError:
+    """NOTE [Nested tensors in a capture]
+    A nested tensor (``torch.nested``; the jagged layout, NJT, is a tensor subclass whose ragged size is a nested
+    int tied to its offsets) has no place in aotcache's graphs: the capture has no subclass desugaring, a static
+    capture has no ShapeEnv to make the ragged size a symbol, and the cache key has nothing that stands for a
+    ragged structure. Such a call is refused (``unsupported_layout``) and runs as eager does (the fallback: eagerly,
+    or torch.compile's Dynamo with the graph run as Python); nothing of it is stored, so no ragged structure can
+    reuse another's graph. This covers a nested argument and a nested tensor built inside the function: the
+    latter failed with torch's "self.shape_env must not be None" (static) or was refused as a storage read or a
+    non-strided result (symbolic), messages that named no nested tensor (session 16).
+    """
+    return CaptureError(f"aotcache: {what} is a nested tensor (torch.nested), which aotcache does not capture: a "
+                        f"jagged tensor's ragged size has no place in a compiled graph or its cache key. The call "
+                        f"runs as eager does. To compile the dense part, compute on nt.values() in the compiled "
+                        f"function and rebuild outside it (torch.nested.nested_tensor_from_jagged(out, "
+                        f"nt.offsets())).", reason="unsupported_layout")
+
+
+def raised_in_nested_tensor_code(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch's nested-tensor package (a constructor run on the capture's fake
+    tensors: "self.shape_env must not be None", a strided nested tensor's unsupported fake op), NOTE [Nested
+    tensors in a capture]."""
+    return any(frame.filename.startswith(_NESTED_SOURCE) for frame in traceback.extract_tb(exc.__traceback__))
+
+
+# torch functions that build a nested tensor (NOTE [Nested tensors in a capture]); refused before they run
+_NESTED_CONSTRUCTORS = frozenset(getattr(torch, name) for name in (
+    "_nested_view_from_jagged", "_nested_view_from_buffer", "_nested_tensor_from_tensor_list",
+    "_nested_from_padded", "_nested_from_padded_and_nested_example", "_nested_tensor_from_mask")
+    if hasattr(torch, name))
+
+
 def tensor_subclass_error(what: str, kind: type) -> CaptureError:
     """NOTE [Tensor subclass arguments]: the error for a tensor subclass that wraps other tensors
     (``__tensor_flatten__``: DTensor, TwoTensor, float8 tensors). Capture has no subclass desugaring: the graph
@@ -291,6 +323,7 @@ _OFFSET_READERS = frozenset({torch.Tensor.storage_offset, torch.Tensor.as_stride
                              torch.Tensor.set_, torch.Tensor.untyped_storage, torch.Tensor.storage,
                              torch.Tensor.data_ptr})
 _STORAGE_GETTERS = frozenset({torch.Tensor.untyped_storage, torch.Tensor.storage})
+_NESTED_SOURCE = os.path.join(os.path.dirname(torch.nested.__file__), "")  # torch's nested-tensor package
 
 
 class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
@@ -333,6 +366,8 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
                     raise exc
 
     def _call(self, func: Any, args: tuple, kwargs: Mapping | None) -> Any:
+        if func in _NESTED_CONSTRUCTORS:
+            raise nested_tensor_error(f"the result of {_function_name(func)}")
         if func in _OFFSET_READERS:
             self.reads_offsets = True
             if func in _STORAGE_GETTERS and args and _is_traced(args[0]):
@@ -388,7 +423,10 @@ def _is_traced(value: Any) -> bool:
 
 
 def _storage_read_error() -> CaptureError:
-    site = _site_of(traceback.extract_stack()[:-1])
+    stack = traceback.extract_stack()[:-1]
+    if any(frame.filename.startswith(_NESTED_SOURCE) for frame in stack):  # a nested tensor's constructor
+        return nested_tensor_error("a tensor the function builds")
+    site = _site_of(stack)
     return CaptureError(f"aotcache: the function reads a tensor's memory directly through its storage "
                         f"(x.untyped_storage() or x.storage(), for its nbytes(), size or data_ptr()){site}, which "
                         f"cannot be captured: the capture's tensors have storages of their own, whose sizes are not "

@@ -32,7 +32,8 @@ from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
-from aotcache.aot.refusals import dispatch_mode_error, functorch_transform_error, unsupported_layout_error
+from aotcache.aot.refusals import (dispatch_mode_error, functorch_transform_error, nested_tensor_error,
+                                   unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
 __all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
@@ -183,9 +184,10 @@ def memory_sharing(flat_args: Sequence[Any]) -> tuple:
     tensors = []
     for index, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor):
-            if arg.layout != torch.strided or arg.is_nested or arg.is_quantized:
-                kind = "nested" if arg.is_nested else "quantized" if arg.is_quantized else arg.layout
-                raise unsupported_layout_error(f"flat argument {index}", kind)
+            if arg.is_nested:
+                raise nested_tensor_error(f"flat argument {index}")
+            if arg.layout != torch.strided or arg.is_quantized:
+                raise unsupported_layout_error(f"flat argument {index}", "quantized" if arg.is_quantized else arg.layout)
             if torch._C._functorch.is_functorch_wrapped_tensor(arg):
                 raise functorch_transform_error(f"flat argument {index}")
             if type(arg) is not torch.Tensor and behaviour_overriding_class(arg) is not None:

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aotcache.aot.errors import CaptureError
-from aotcache.aot.refusals import unsupported_layout_error
+from aotcache.aot.refusals import nested_tensor_error, unsupported_layout_error
 
 __all__ = ["refuse_subclass_outputs", "refuse_nested_int_inputs", "refuse_non_strided_graph_values",
            "behaviour_overriding_class", "overriding_subclass_error"]
@@ -83,13 +83,12 @@ def refuse_non_strided_graph_values(gm: torch.nn.Module) -> None:
         if node.op == "placeholder":
             continue  # inputs are checked as arguments (make_fake_inputs)
         value = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(value, torch.Tensor):
-            if value.layout is not strided:
-                raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", value.layout)
-        elif isinstance(value, (tuple, list)):  # a multi-output op (a few levels at most: pytree is the rare case)
-            for leaf in pytree.tree_leaves(value):
-                if isinstance(leaf, torch.Tensor) and leaf.layout is not strided:
-                    raise unsupported_layout_error(f"the value {node.name} of the torch.compile graph", leaf.layout)
+        leaves = (value,) if isinstance(value, torch.Tensor) else pytree.tree_leaves(value) if isinstance(
+            value, (tuple, list)) else ()  # a multi-output op (a few levels at most: pytree is the rare case)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.layout is not strided:
+                what = f"the value {node.name} of the torch.compile graph"
+                raise nested_tensor_error(what) if leaf.is_nested else unsupported_layout_error(what, leaf.layout)
 
 
 # class members of a tensor subclass that leave the tensor's ops as they are (construction, copying, printing)
