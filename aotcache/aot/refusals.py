@@ -24,7 +24,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["ExplainUnsupportedOps", "dispatch_mode_error", "explain_data_dependent_ops", "functorch_transform_error",
-           "refuse_optimizer_steps", "quiet_fake_tensor_failures", "refuse_constants_requiring_grad", "refuse_data_parallel_wrappers",
+           "refuse_optimizer_steps", "quiet_fake_tensor_failures", "refuse_constants_requiring_grad",
+           "refuse_data_parallel_wrappers",
            "data_parallel_wrapper", "checkpoint_mutation_error", "checkpoint_input_write_error",
            "refuse_backward_state_inputs", "refuse_module_backward_hooks", "refuse_reentrant_checkpoint",
            "refuse_reentrant_checkpoint_nodes",
