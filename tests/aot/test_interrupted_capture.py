@@ -16,6 +16,7 @@ from torch import nn
 
 import aotcache
 from aotcache.aot import capture_threads, refusals, tensor_checks
+from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.fallback import fallback_counts
 
 _LOAD_CONST, _PRECALL = dis.opmap["LOAD_CONST"], dis.opmap.get("PRECALL", dis.opmap.get("CALL"))
@@ -29,14 +30,17 @@ def _is_with_exit(frame) -> bool:
 
 
 class _InterruptAfter:
-    """Raise KeyboardInterrupt at the first line event after the line of ``function`` that contains ``text``."""
+    """Raise KeyboardInterrupt at the first line event after the line of ``function`` that contains ``text``
+    (``text=None``: at its first line event, before its first line runs)."""
 
-    def __init__(self, function, text: str) -> None:
-        source, first = inspect.getsourcelines(function)
-        lines = [first + i for i, line in enumerate(source) if text in line]
-        assert lines, f"{text!r} not in {function.__qualname__}: update the injection point"
-        self.code, self.line = function.__code__, lines[0]
-        self.seen = self.fired = False
+    def __init__(self, function, text: str | None) -> None:
+        self.code, self.line = function.__code__, None
+        if text is not None:
+            source, first = inspect.getsourcelines(function)
+            lines = [first + i for i, line in enumerate(source) if text in line]
+            assert lines, f"{text!r} not in {function.__qualname__}: update the injection point"
+            self.line = lines[0]
+        self.seen, self.fired = text is None, False
 
     def __enter__(self):
         sys.settrace(self._global)
@@ -63,6 +67,10 @@ POINTS = {
     "compiling, torch flag set": (lambda: capture_threads.compiling.__wrapped__, "_is_compiling_flag = True"),
     "tensor checks depth": (lambda: tensor_checks.tensor_checks_in_graph.__wrapped__, "depth + 1"),
     "fake-tensor log filter": (lambda: refusals.quiet_fake_tensor_failures.__wrapped__, "addFilter"),
+    # torch's own: a mode's exit interrupted before it pops the mode (NOTE [Modes left by an interrupted capture])
+    "torch pops a dispatch mode": (lambda: torch.utils._python_dispatch._pop_mode, None),
+    "torch exits a dispatch mode": (lambda: torch.utils._python_dispatch.TorchDispatchMode.__exit__, None),
+    "the call state put back between runs": (lambda: SavedCallState.restore, None),
 }
 
 
@@ -80,7 +88,9 @@ def _state_left() -> dict:
             "captures running": capture_threads._captures_running,
             "captures in this thread": getattr(capture_threads._this_thread, "captures", 0),
             "tensor-check depth": getattr(tensor_checks._this_thread, "depth", 0),
-            "fake-tensor log filters": refusals._quiet_depth}
+            "fake-tensor log filters": refusals._quiet_depth,
+            "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
+            "torch function modes": torch._C._len_torch_function_stack()}
 
 
 @pytest.mark.parametrize("point", list(POINTS))
@@ -88,7 +98,8 @@ def _state_left() -> dict:
 def test_interrupt_leaves_no_state_and_later_compiles_work(point, api):
     clean = _state_left()
     assert clean == {"is_compiling": False, "captures running": 0, "captures in this thread": 0,
-                     "tensor-check depth": 0, "fake-tensor log filters": 0}
+                     "tensor-check depth": 0, "fake-tensor log filters": 0, "torch dispatch modes": 0,
+                     "torch function modes": 0}
     torch.manual_seed(0)
     model = _MLP()
     x = torch.randn(4, 8, requires_grad=True)
