@@ -658,8 +658,9 @@ class Reachable:
     # capture]) wrote the count as it was before the capture (0) over the running capture's 1: at the end it went
     # to -1, and torch's is_compiling flag, put back only when the count returns to 0, stayed True for every
     # later eager call of the process (found as tests failing after other tests in the same pytest worker). Its
-    # data (counts, flags, locks, thread-locals) is aotcache's machinery, which changes during every capture, so
-    # the walk guards only what is code there (functions, classes, modules: a user's monkeypatch is still seen).
+    # private data (counts, flags, locks, thread-locals) is aotcache's machinery, which changes during every
+    # capture, so the walk leaves it out of the guards; its code (a user's monkeypatch is still seen) and public
+    # settings (``capture_threads.SWAP_WAIT_S``) stay guarded.
     def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int]) -> str:
         """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
         if id(module) in seen:
@@ -681,7 +682,7 @@ class Reachable:
             if reason:
                 self._note(reason)
                 continue
-            machinery = own and not callable(value) and not isinstance(value, types.ModuleType)
+            machinery = own and name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType)
             if self._guards is not None and not machinery:
                 self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
