@@ -102,6 +102,11 @@ def functorch_levels_kept() -> Iterator[None]:
         raise
 
 
+# torch.utils._python_dispatch's flags of being inside a dispatch mode (NOTE [Modes left by an interrupted capture])
+_DISPATCH_MODE_FLAGS = ("_is_in_torch_dispatch_mode", "_is_in_non_infra_torch_dispatch_mode",
+                        "_is_in_any_mode_without_ignore_compile_internals")
+
+
 @contextlib.contextmanager
 def torch_modes_kept() -> Iterator[None]:
     """NOTE [Modes left by an interrupted capture]
@@ -112,7 +117,10 @@ def torch_modes_kept() -> Iterator[None]:
     dispatch mode" and ran eagerly (found running PyTorch's OpInfo tests with pytest-timeout: after one test was
     interrupted, each later one fell back, ``eager:unsupported_construct``). When a capture ends in an exception,
     the dispatch modes it left (not on the stack when it began) and the torch-function modes above the depth it
-    began at are popped, innermost first, before the exception goes on. Modes the caller had entered stay."""
+    began at are popped, innermost first, before the exception goes on. Modes the caller had entered stay. torch's
+    flags of being inside a dispatch mode, set and put back by the same ``__enter__`` / ``__exit__``, are put back
+    as the capture found them when it left a mode (left True, Dynamo skips every frame where
+    ``inline_torch_dispatch_torch_compile`` is off)."""
     c = torch._C
     length, at, pop = (getattr(c, name, None) for name in (
         "_len_torch_dispatch_stack", "_get_dispatch_stack_at", "_pop_torch_dispatch_stack"))
@@ -121,14 +129,23 @@ def torch_modes_kept() -> Iterator[None]:
         return
     dispatch_before = [at(i) for i in range(length())]
     functions_before = c._len_torch_function_stack()
+    python_dispatch = sys.modules.get("torch.utils._python_dispatch")
+    flags_before = {name: getattr(python_dispatch, name) for name in _DISPATCH_MODE_FLAGS
+                    if python_dispatch is not None and hasattr(python_dispatch, name)}
     try:
         yield
     except BaseException:
+        def left() -> list:
+            return [mode for mode in (at(i) for i in range(length())) if all(mode is not b for b in dispatch_before)]
+
+        if left():  # only then: the flags are process-wide, and another thread's mode may have set them meanwhile
+            for name, value in flags_before.items():
+                setattr(python_dispatch, name, value)
         for _ in range(length()):  # bounded: each turn pops one mode
-            left = [mode for mode in (at(i) for i in range(length())) if all(mode is not b for b in dispatch_before)]
-            if not left:
+            modes = left()
+            if not modes:
                 break
-            pop(getattr(left[-1], "_mode_key", None))  # an infra mode (fake, proxy, functional) by its key
+            pop(getattr(modes[-1], "_mode_key", None))  # an infra mode (fake, proxy, functional) by its key
         while c._len_torch_function_stack() > functions_before:
             c._pop_torch_function_stack()
         raise

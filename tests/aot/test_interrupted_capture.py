@@ -90,7 +90,8 @@ def _state_left() -> dict:
             "tensor-check depth": getattr(tensor_checks._this_thread, "depth", 0),
             "fake-tensor log filters": refusals._quiet_depth,
             "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
-            "torch function modes": torch._C._len_torch_function_stack()}
+            "torch function modes": torch._C._len_torch_function_stack(),
+            "in a torch dispatch mode": torch.utils._python_dispatch.is_in_torch_dispatch_mode()}
 
 
 @pytest.mark.parametrize("point", list(POINTS))
@@ -99,7 +100,7 @@ def test_interrupt_leaves_no_state_and_later_compiles_work(point, api):
     clean = _state_left()
     assert clean == {"is_compiling": False, "captures running": 0, "captures in this thread": 0,
                      "tensor-check depth": 0, "fake-tensor log filters": 0, "torch dispatch modes": 0,
-                     "torch function modes": 0}
+                     "torch function modes": 0, "in a torch dispatch mode": False}
     torch.manual_seed(0)
     model = _MLP()
     x = torch.randn(4, 8, requires_grad=True)
