@@ -118,6 +118,13 @@ OPTIONAL = [
     ("torch._dynamo.compiled_autograd", "Op", "compiled autograd's backward graphs bypass the cache"),
     ("torch._dynamo.compiled_autograd", "ops", "compiled autograd's backward graphs bypass the cache"),
     ("torch._C", "_functions.AccumulateGrad", "compiled autograd's backward graphs bypass the cache"),
+    ("torch._C", "_get_dispatch_stack_at", "an interrupted capture leaves torch's modes as torch left them"),
+    ("torch._C", "_pop_torch_dispatch_stack", "an interrupted capture leaves torch's modes as torch left them"),
+    ("torch.utils._python_dispatch", "_is_in_torch_dispatch_mode", "an interrupted capture leaves the flag as is"),
+    ("torch.utils._python_dispatch", "_is_in_non_infra_torch_dispatch_mode",
+     "an interrupted capture leaves the flag as is"),
+    ("torch.utils._python_dispatch", "_is_in_any_mode_without_ignore_compile_internals",
+     "an interrupted capture leaves the flag as is"),
 ]
 
 # torch._inductor.config keys aotcache sets or reads (patch() raises on an unknown key).

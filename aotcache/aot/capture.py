@@ -62,6 +62,7 @@ from aotcache.aot.trace_environment import (
     no_nan_checks,
     parametrization_cache_off,
     symbolic_fake_cache_off,
+    torch_modes_kept,
 )
 from aotcache.aot.host_random import refuse_host_random, refuse_replayed_checkpoint_draws
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
@@ -686,8 +687,10 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         torch's tracing machinery is raised marked (NOTE [Captures that fail where eager may run] in fallback.py).
     """
     try:
-        return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic, trace_joint=trace_joint,
-                        input_is_leaf=input_is_leaf, regenerate_aliases=regenerate_aliases)
+        with torch_modes_kept():  # NOTE [Modes left by an interrupted capture]
+            return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic,
+                            trace_joint=trace_joint, input_is_leaf=input_is_leaf,
+                            regenerate_aliases=regenerate_aliases)
     except (CaptureError, SwapBusy):  # SwapBusy: not the code's failure (NOTE [A swap waits a bounded time])
         raise
     except Exception as exc:

@@ -27,6 +27,15 @@ function's lock while it waits for the runs to end. Compiled graphs take the ten
 (:meth:`SwapGate.read`), and need no hold. Still seen by such a run: torch's process-wide is_compiling flag,
 while another thread's capture is under way (NOTE [is_compiling during capture]).
 
+NOTE [Interrupted captures]
+An exception raised asynchronously (Ctrl-C in a notebook, pytest-timeout's signal, any signal handler) can land
+between any two lines of a capture. A process-wide change made before its ``try`` (torch's is_compiling flag set,
+the count of running captures not yet raised) then stayed for good: ``torch.compiler.is_compiling()`` answered
+True in every later eager call of the process, and libraries took their tracing paths there. :func:`compiling`
+makes each change inside its ``try`` together with the local that says it was made (one statement), and undoes
+only what was made, each undo in its own ``finally``. ``tests/aot/test_interrupted_capture.py`` raises at each
+line of the capture's process-wide bookkeeping.
+
 NOTE [A swap waits a bounded time]
 A run holding the gate may itself wait for another thread that calls the module: a method mapping ``self`` over
 a ``ThreadPoolExecutor`` holds the gate (a routed method) while it waits for its workers, and a worker's first
@@ -217,20 +226,26 @@ def compiling() -> Iterator[None]:
     global _captures_running, _flag_before
     compiler = torch.compiler
     has_flag = hasattr(compiler, "_is_compiling_flag")
-    with _captures_lock:  # the flag is set while any thread captures, and put back when the last one ends
-        if not _captures_running and has_flag:
-            _flag_before = compiler._is_compiling_flag
-            compiler._is_compiling_flag = True
-        _captures_running += 1
-    _this_thread.captures = getattr(_this_thread, "captures", 0) + 1
-    try:
+    counted = in_thread = False
+    try:  # NOTE [Interrupted captures]: every change is made inside the try, and undone only if made
+        with _captures_lock:  # the flag is set while any thread captures, and put back when the last one ends
+            if not _captures_running and has_flag:
+                _flag_before = compiler._is_compiling_flag
+            _captures_running, counted = _captures_running + 1, True  # one statement: no interrupt between
+            if has_flag:
+                compiler._is_compiling_flag = True
+        _this_thread.captures, in_thread = getattr(_this_thread, "captures", 0) + 1, True
         yield
     finally:
-        _this_thread.captures -= 1
-        with _captures_lock:
-            _captures_running -= 1
-            if not _captures_running and has_flag:
-                compiler._is_compiling_flag = _flag_before
+        try:
+            if in_thread:
+                _this_thread.captures -= 1
+        finally:
+            if counted:
+                with _captures_lock:
+                    _captures_running -= 1
+                    if not _captures_running and has_flag:
+                        compiler._is_compiling_flag = _flag_before
 
 
 def capturing_in_this_thread() -> bool:

@@ -668,16 +668,18 @@ def quiet_fake_tensor_failures() -> Iterator[None]:
     say), torch's fake-tensor mode logs the whole traceback at ERROR (~20 lines) before raising it; the error
     itself still reaches the caller, so those lines only bury it. They are filtered out while capturing."""
     global _quiet_depth
-    with _quiet_lock:
-        _quiet_depth += 1
-        _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added again
-    try:
+    counted = False
+    try:  # the count is raised inside the try, with the local saying so (NOTE [Interrupted captures])
+        with _quiet_lock:
+            _quiet_depth, counted = _quiet_depth + 1, True
+            _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added
         yield
     finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
-                _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
+        if counted:
+            with _quiet_lock:
+                _quiet_depth -= 1
+                if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
+                    _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)
 
 
 def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

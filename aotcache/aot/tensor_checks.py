@@ -98,8 +98,8 @@ def tensor_checks_in_graph() -> Iterator[None]:
     backward under :func:`tensor_checks_in_backward`. Pushes no mode itself (NOTE [Cost of the tensor-check
     mode])."""
     depth = getattr(_this_thread, "depth", 0)
-    _this_thread.depth = depth + 1
-    try:
+    try:  # set inside the try (NOTE [Interrupted captures] in capture_threads.py)
+        _this_thread.depth = depth + 1
         yield
     finally:
         _this_thread.depth = depth

@@ -651,12 +651,23 @@ class Reachable:
             return self._module_attributes_token(value, names, set())
         return self.ref(value)
 
+    # NOTE [aotcache's own state is not program state]
+    # Program code may name aotcache's module globals (a test or a monitor reading the count of running captures;
+    # pytest's assertion rewriting reaches every test module's code). The guards then recorded them as state the
+    # program reads, and the capture's restore between its runs of the function (NOTE [State changed by a
+    # capture]) wrote the count as it was before the capture (0) over the running capture's 1: at the end it went
+    # to -1, and torch's is_compiling flag, put back only when the count returns to 0, stayed True for every
+    # later eager call of the process (found as tests failing after other tests in the same pytest worker). Its
+    # private data (counts, flags, locks, thread-locals) is aotcache's machinery, which changes during every
+    # capture, so the walk leaves it out of the guards; its code (a user's monkeypatch is still seen) and public
+    # settings (``capture_threads.SWAP_WAIT_S``) stay guarded.
     def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int]) -> str:
         """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
         if id(module) in seen:
             return f"module:{module.__name__}"
         seen.add(id(module))
         library = is_library(module.__name__)
+        own = module.__name__.partition(".")[0] == "aotcache"  # NOTE [aotcache's own state is not program state]
         entries = []
         namespace = vars(module)
         for name in names:
@@ -671,7 +682,8 @@ class Reachable:
             if reason:
                 self._note(reason)
                 continue
-            if self._guards is not None:
+            machinery = own and name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType)
+            if self._guards is not None and not machinery:
                 self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
                 entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
