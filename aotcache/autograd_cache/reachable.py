@@ -61,6 +61,7 @@ from aotcache.autograd_cache.value_kinds import (
     is_library,
     is_plain_object,
     is_user_code,
+    library_callable_name,
     library_version,
     order_key,
     slot_names,
@@ -107,6 +108,7 @@ _TRANSPARENT_TYPES = (types.FunctionType, types.MethodType, functools.partial, t
                       tuple, list, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None),
                       enum.Enum, torch.dtype, torch.device)
 _UNSET = object()  # the value of a context variable that was never set
+UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
 # Methods of a torch.autograd.Function that autograd itself calls by name (user code names only ``apply``)
 _AUTOGRAD_FUNCTION_METHODS = frozenset({"forward", "backward", "setup_context", "jvp", "vjp", "vmap"})
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
@@ -213,6 +215,7 @@ class Reachable:
         self._active_containers: list[int] = []
         self._active_library_functions: list[int] = []  # NOTE [Library functions that reach themselves]
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
+        self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched]
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -226,7 +229,11 @@ class Reachable:
         self._drain()
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
-        return sha256_text("\n".join(self._tokens[i] for i in range(len(self._objects))))
+        lines = [self._tokens[i] for i in range(len(self._objects))]
+        if self._tensor_members:  # NOTE [Tensor methods patched]
+            lines.append("tensor-members{" + ",".join(f"{name}={token}" for name, token
+                                                       in sorted(self._tensor_members.items())) + "}")
+        return sha256_text("\n".join(lines))
 
     def _drain(self) -> None:
         while True:
@@ -237,8 +244,34 @@ class Reachable:
                 except Untrusted as exc:
                     exc.where = exc.where or describe(self._objects[index])
                     self._tokens[index] = self._lenient_token(exc, self._objects[index])
-            if not self._include_new_class_members():
+            added = self._include_new_class_members()
+            if not self._include_tensor_members() and not added:
                 return
+
+    # NOTE [Tensor methods patched]
+    # ``y.sigmoid()`` on a tensor reaches ``torch.Tensor``'s members through no object the walk sees (the type of
+    # ``y`` is known only when the code runs), so ``torch.Tensor.sigmoid = my_sigmoid`` (or ``= torch.Tensor.tanh``)
+    # changed neither the digest nor the guards: the graph traced with the old method kept running in-process
+    # and a warm process with the patch loaded it through the same fingerprint (found in session 16). Every name
+    # reachable code uses that ``torch.Tensor``'s own namespace holds is written down: user code by its code,
+    # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold those
+    # slots and the namespace's length (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method,
+    # which cannot be patched itself).
+    def _include_tensor_members(self) -> bool:
+        """Write down the ``torch.Tensor`` members reachable code may name; True when that queued new nodes."""
+        namespace = vars(torch.Tensor)
+        if self._guards is not None and not self._tensor_members:
+            self._guards.owner(namespace, torch.Tensor)
+            self._guards.length(namespace)
+        for name in sorted(self._names.intersection(namespace).difference(self._tensor_members)):
+            value = namespace[name]
+            if self._guards is not None:
+                self._guards.slot(namespace, name, value)
+            if is_user_code(value) or not is_library(getattr(value, "__module__", None) or "torch"):
+                self._tensor_members[name] = self.ref(value)
+            else:
+                self._tensor_members[name] = library_callable_name(value) or self.ref(value)
+        return bool(self._queue)
 
     def _node(self, value: Any) -> str:
         index = self._index.get(id(value))
@@ -346,7 +379,18 @@ class Reachable:
             referent = value()
             return "weakref:dead" if referent is None else f"weakref({self.ref(referent)})"
         if isinstance(value, contextvars.ContextVar):
-            return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
+            current = value.get(_UNSET)
+            if self._guards is not None:  # NOTE [Context variables in the guards]
+                self._guards.context_variable(value, current)
+            return f"contextvar:{value.name}={self.ref(current)}"
+        if isinstance(value, threading.local):
+            # NOTE [Thread-local objects]: read as the calling thread's attributes (its own ``__dict__``); the
+            # guards hold that dict's identity, so a call from another thread, whose attributes may differ, walks
+            # again (found in session 16: opaque, a changed attribute was a stale result in-process)
+            state = value.__dict__
+            if self._guards is not None:
+                self._guards.attributes(value, ("__dict__",))
+            return f"thread-local:{self.type_ref(type(value))}({self._container_token(state)})"
         if isinstance(value, _LOCK_TYPES):
             return "lock"  # synchronization only: nothing a trace reads
         if isinstance(value, RemovableHandle):
@@ -631,7 +675,7 @@ class Reachable:
                 self._guards.unloaded_module(name)
             if module is not None and isinstance(module, types.ModuleType):
                 before = self._user_attributes
-                token = self._module_attributes_token(module, names, set())
+                token = self._module_attributes_token(module, names, set(), library_members=False)
                 patched = token if self._user_attributes != before else ""
             return f"library:{name}{library_version(name)}{patched}"
         if module is None:
@@ -651,7 +695,18 @@ class Reachable:
             return self._module_attributes_token(value, names, set())
         return self.ref(value)
 
-    def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int]) -> str:
+    # NOTE [Library functions rebound in their module]
+    # A library module's attributes were written down only where they held user code (a monkeypatch with a
+    # function of the user's): ``torch.sigmoid = torch.tanh`` (or ``F.gelu = F.silu``, a library function put
+    # in another's place) left both the digest and, after its walk, the in-process identity unchanged, so the
+    # graph traced with sigmoid kept running in-process and a warm process with the patch loaded it through the
+    # same fingerprint: a stale result (found in session 16). Each library callable the code reaches through a
+    # module is now written down by the qualified name of what is there (``torch.sigmoid`` reads
+    # ``builtin:torch._VariableFunctionsClass.sigmoid``), which the torch version fixes in every process. Not for
+    # a module imported in a function body (``library_members=False``): its token must read the same before
+    # the module is loaded (NOTE [Function-body imports]), so only user code patched there is seen.
+    def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int], *,
+                                 library_members: bool = True) -> str:
         """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
         if id(module) in seen:
             return f"module:{module.__name__}"
@@ -674,12 +729,16 @@ class Reachable:
             if self._guards is not None:
                 self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
-                entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
+                entries.append(f"{name}={self._module_attributes_token(value, names, seen, library_members=library_members)}")
             elif not library or is_user_code(value) or is_custom_op(value):
                 # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
                 # are custom operators reached through ``torch.ops.<namespace>.<name>``
                 self._user_attributes += 1
                 entries.append(f"{name}={self.ref(value)}")
+            elif library_members:  # NOTE [Library functions rebound in their module]
+                named = library_callable_name(value)
+                if named is not None:
+                    entries.append(f"{name}={named}")
         return f"module:{module.__name__}{{{','.join(entries)}}}"
 
     # NOTE [Compiled wrappers in a walked program]
