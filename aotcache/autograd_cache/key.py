@@ -54,6 +54,7 @@ import torch.fx
 
 from aotcache.aot.ambient import numerics_flags
 from aotcache.autograd_cache import guards, reachable, safety
+from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, tensor_content_digest
 from aotcache.autograd_cache.reachable import custom_op_digest
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
@@ -507,6 +508,24 @@ def _extra_hashes(extra_hashes: Iterable[str | bytes]) -> list[str]:
     return result
 
 
+def _global_compiler_part() -> dict[str, Any]:
+    """The process-wide compiler settings (NOTE [Global compiler settings in the key]); nothing when all are at
+    their defaults, so such keys are what they were."""
+    try:
+        variables, inductor = global_compiler_settings()
+    except UnreadableCompilerSettings as exc:
+        raise BypassAOTAutogradCache(exc.reason) from None
+    part: dict[str, Any] = {}
+    if variables:
+        part["environment"] = variables
+    if inductor:
+        try:
+            part["inductor_config"] = _json_value(inductor, "inductor_config")
+        except ValueError as exc:  # a path: set by the process, not by this compile's options
+            raise BypassAOTAutogradCache(f"unhashable option: inductor_config: {exc}") from None
+    return part
+
+
 def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
                 compiler_name: str | BypassAOTAutogradCache,
                 partitioner_name: str | BypassAOTAutogradCache,
@@ -556,7 +575,8 @@ def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         KeyPart.of("autocast", ambient_autocast),
         KeyPart.of("numerics", _numerics_state()),
         KeyPart.of("compiler", {"name": compiler_name,
-                                "options": _json_value(dict(compiler_options or {}), "compiler_options")}),
+                                "options": _json_value(dict(compiler_options or {}), "compiler_options"),
+                                **_global_compiler_part()}),
         KeyPart.of("partitioner", partitioner_name),
         KeyPart.of("decompositions", decomposition_id),
         KeyPart.of("config", _json_value(dict(config_parts or {}), "config_parts")),
