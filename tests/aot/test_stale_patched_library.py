@@ -147,6 +147,30 @@ def test_a_tensor_method_the_forward_does_not_use_patched_keeps_the_graph_and_th
     assert fingerprint(model, X) != base
 
 
+class Doubles(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+def test_a_tensor_operator_patched_gives_eagers_result(monkeypatch):
+    # found: ``y * 2`` names no method; torch.Tensor.__mul__ set on the class kept the graph of TensorBase's
+    model = build(Doubles)
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    base = fingerprint(model, X)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__mul__", lambda self, other: torch.add(self, other), raising=False)
+        torch.testing.assert_close(compiled(X), model(X))
+        assert fingerprint(model, X) != base
+    torch.testing.assert_close(compiled(X), model(X))
+    assert fingerprint(model, X) == base
+    assert compiles(compiled) == 2
+
+
 # ----------------------------------------------------------------------------------------------------
 # Context variables and thread-local objects (NOTE [Context variables in the guards], [Thread-local objects])
 # ----------------------------------------------------------------------------------------------------
