@@ -508,13 +508,34 @@ def _extra_hashes(extra_hashes: Iterable[str | bytes]) -> list[str]:
     return result
 
 
-def _global_compiler_part() -> dict[str, Any]:
+# NOTE [Inductor settings and the nop compiler]
+# The nop compiler runs the traced graph as it is (no Inductor decompositions, no code generation), so Inductor's
+# settings cannot change what it produces. Writing them into its key made a warm process that only differed in
+# ``TORCHINDUCTOR_COMPILE_THREADS=1`` or ``TORCHINDUCTOR_FX_GRAPH_CACHE=0`` miss and compile again (found in the
+# session 16 review of the key change). Only ``TORCHINDUCTOR_*`` variables and ``torch._inductor.config`` are
+# left out, and only when every compiler of the call is the nop compiler; Dynamo's and the compile variables stay.
+_INDUCTOR_VARIABLE_PREFIX = "TORCHINDUCTOR_"
+
+
+def _only_nop_compilers(compiler_name: Any, compiler_options: Mapping[str, Any] | None) -> bool:
+    """Whether the forward, backward and inference compilers are all aotcache's nop compiler."""
+    if compiler_name != "nop":
+        return False
+    options = dict(compiler_options or {})
+    return all(options.get(which, "nop") == "nop" for which in ("forward", "backward", "inference"))
+
+
+def _global_compiler_part(reads_inductor: bool = True) -> dict[str, Any]:
     """The process-wide compiler settings (NOTE [Global compiler settings in the key]); nothing when all are at
-    their defaults, so such keys are what they were."""
+    their defaults, so such keys are what they were. Without Inductor's own settings when no compiler of the
+    call reads them (NOTE [Inductor settings and the nop compiler])."""
     try:
         variables, inductor = global_compiler_settings()
     except UnreadableCompilerSettings as exc:
         raise BypassAOTAutogradCache(exc.reason) from None
+    if not reads_inductor:
+        variables = [item for item in variables if not item.startswith(_INDUCTOR_VARIABLE_PREFIX)]
+        inductor = {}
     part: dict[str, Any] = {}
     if variables:
         part["environment"] = variables
@@ -576,7 +597,7 @@ def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         KeyPart.of("numerics", _numerics_state()),
         KeyPart.of("compiler", {"name": compiler_name,
                                 "options": _json_value(dict(compiler_options or {}), "compiler_options"),
-                                **_global_compiler_part()}),
+                                **_global_compiler_part(not _only_nop_compilers(compiler_name, compiler_options))}),
         KeyPart.of("partitioner", partitioner_name),
         KeyPart.of("decompositions", decomposition_id),
         KeyPart.of("config", _json_value(dict(config_parts or {}), "config_parts")),

@@ -73,3 +73,27 @@ def test_a_global_inductor_setting_misses_in_the_next_process_and_the_same_setti
     assert cold["same"] and changed["same"] and again["same"]
     assert changed.get("hit", 0) == 0 and changed["compile"] == 1, changed
     assert again["fingerprint_hit"] == 1 and again.get("compile", 0) == 0, again
+
+
+NOP_SETTINGS = dict(compiler_name="nop", partitioner_name="default_partition", decomposition_id="compiler:nop",
+                    compiler_options={"forward": "nop", "backward": "nop", "inference": "nop", "options": {}})
+
+
+def nop_key(**settings):
+    def body(x):
+        return (x * 2).sin()
+    x = torch.randn(4)
+    return compute_key(make_fx(body)(x), [x], **{**NOP_SETTINGS, **settings})
+
+
+def test_inductor_settings_leave_a_nop_compilers_key_alone_but_not_a_mixed_one(monkeypatch):
+    # found in review: TORCHINDUCTOR_COMPILE_THREADS=1 in a warm process made every nop-compiled graph miss
+    base = nop_key().digest
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    with inductor_config.patch({"fallback_random": not inductor_config.fallback_random}):
+        assert nop_key().digest == base
+        mixed = dict(NOP_SETTINGS["compiler_options"], backward="inductor")
+        with_inductor_backward = nop_key(compiler_options=mixed).digest
+    assert nop_key(compiler_options=mixed).digest != with_inductor_backward  # the backward reads Inductor's
+    monkeypatch.setenv("TORCHDYNAMO_CAPTURE_SCALAR_OUTPUTS", "1")  # not Inductor's: still in the key
+    assert nop_key().digest != base
