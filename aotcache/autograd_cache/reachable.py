@@ -273,7 +273,7 @@ class Reachable:
             if is_user_code(value) or not is_library(getattr(value, "__module__", None) or "torch"):
                 self._tensor_members[name] = self.ref(value)
             else:
-                self._tensor_members[name] = library_callable_name(value) or self.ref(value)
+                self._tensor_members[name] = self._library_member_token(value) or self.ref(value)
         return bool(self._queue)
 
     def _node(self, value: Any) -> str:
@@ -708,6 +708,20 @@ class Reachable:
     # ``builtin:torch._VariableFunctionsClass.sigmoid``), which the torch version fixes in every process. Not for
     # a module imported in a function body (``library_members=False``): its token must read the same before
     # the module is loaded (NOTE [Function-body imports]), so only user code patched there is seen.
+    # NOTE [Library functions made by a factory]
+    # A qualified name identifies a library function only when it is unique: ``boolean_dispatch`` makes
+    # ``F.adaptive_max_pool1d`` / ``2d`` / ``3d``, ``torch.unique`` and ``torch.lu`` all as
+    # ``boolean_dispatch.<locals>.fn``, so ``F.adaptive_max_pool2d = F.adaptive_max_pool1d`` (another result on a
+    # 3-d input) kept the fingerprint and a warm process loaded the 2-d graph (found in the session 16 review). A
+    # function defined in another function's body is written down with its closure (its library token), which
+    # tells those apart the same way in every process.
+    def _library_member_token(self, value: Any) -> str | None:
+        """A library callable found under a name: where it is defined, with its closure when that name is shared
+        by every function one factory makes; None for a value that is not a library callable."""
+        if isinstance(value, types.FunctionType) and "<locals>" in value.__qualname__:
+            return self.ref(value)
+        return library_callable_name(value)
+
     def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int], *,
                                  library_members: bool = True) -> str:
         """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
@@ -739,7 +753,7 @@ class Reachable:
                 self._user_attributes += 1
                 entries.append(f"{name}={self.ref(value)}")
             elif library_members:  # NOTE [Library functions rebound in their module]
-                named = library_callable_name(value)
+                named = self._library_member_token(value)
                 if named is not None:
                     entries.append(f"{name}={named}")
         return f"module:{module.__name__}{{{','.join(entries)}}}"

@@ -296,3 +296,59 @@ def test_a_torch_function_rebound_misses_in_the_next_process_and_an_unchanged_pr
         assert changed.get("fingerprint_hit", 0) == 0 and changed.get("compile", 0) == 1, (patch, changed)
     unchanged = _process(REBOUND, "none")
     assert unchanged["same"] and unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Library functions one factory makes (NOTE [Library functions made by a factory])
+# ----------------------------------------------------------------------------------------------------
+
+
+class AdaptivePool(nn.Module):
+    def forward(self, x):
+        return F.adaptive_max_pool2d(x, 2)
+
+
+POOL_INPUT = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(2))
+
+
+def test_a_factory_made_function_rebound_to_its_sibling_changes_the_fingerprint(monkeypatch):
+    # found in review: every boolean_dispatch function is ``boolean_dispatch.<locals>.fn``: rebinding one to
+    # another (another result on a 3-d input) kept the fingerprint, a false hit in the next process
+    model = AdaptivePool()
+    base = fingerprint(model, POOL_INPUT)
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "adaptive_max_pool2d", F.adaptive_max_pool1d)
+        assert fingerprint(model, POOL_INPUT) != base
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "adaptive_max_pool3d", F.adaptive_max_pool1d)  # not used: the same program
+        assert fingerprint(model, POOL_INPUT) == base
+    assert fingerprint(model, POOL_INPUT) == base
+
+
+POOLED = """
+import json, sys, torch
+import torch.nn.functional as F
+from torch import nn
+import aotcache
+from aotcache.autograd_cache.cache import default_cache
+
+class Model(nn.Module):
+    def forward(self, x):
+        return F.adaptive_max_pool2d(x, 2)
+
+if sys.argv[1] == "rebound":
+    F.adaptive_max_pool2d = F.adaptive_max_pool1d
+model = Model()
+x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(2))
+out = aotcache.compile(model, compiler="nop")(x)
+print(json.dumps({"same": out.shape == model(x).shape and torch.equal(out, model(x)), **default_cache().counters}))
+"""
+
+
+def test_a_factory_made_function_rebound_misses_in_the_next_process_and_the_same_program_hits():
+    cold = _process(POOLED, "none")
+    again = _process(POOLED, "none")
+    rebound = _process(POOLED, "rebound")
+    assert cold["same"] and again["same"] and rebound["same"], (cold, again, rebound)
+    assert again["fingerprint_hit"] == 1 and again.get("compile", 0) == 0, again
+    assert rebound.get("fingerprint_hit", 0) == 0 and rebound.get("hit", 0) == 0, rebound
