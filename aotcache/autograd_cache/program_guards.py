@@ -98,6 +98,13 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # session 16). Each variable's current value is guarded by identity; an equal value set again walks once and keeps
 # the graph (same digest).
 
+# NOTE [Whole namespaces in the guards]
+# ``torch.Tensor``'s own namespace is written down member by member (NOTE [Tensor methods patched] in
+# reachable.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
+# machine (a slot read of a ``mappingproxy`` is ~140 ns, and no version tag skips it); the names and the values
+# of the whole namespace listed and compared with the walk's lists cost ~1.5 us. List equality takes identical
+# objects as equal without calling ``__eq__``; any other difference walks again.
+
 # NOTE [Tensor data swapped in place]
 # ``t.data = other`` (or ``param.data = ...`` on a parameter of a module an ``aot_function`` closes over: a graph
 # constant) gives the same tensor object other data without bumping its version counter. The guard compared
@@ -142,6 +149,12 @@ class GuardRecorder:
         self._owners: dict[int, tuple[Any, type]] = {}
         self._unloaded: dict[str, None] = {}
         self._context: dict[int, tuple[Any, Any]] = {}
+        self._namespaces: dict[int, tuple[Mapping, list, list]] = {}
+
+    def namespace(self, mapping: Mapping) -> None:
+        """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
+        same objects."""
+        self._namespaces.setdefault(id(mapping), (mapping, list(mapping), list(mapping.values())))
 
     def context_variable(self, variable: Any, value: Any) -> None:
         """NOTE [Context variables in the guards]: ``variable.get()`` must give ``value`` again."""
@@ -217,7 +230,8 @@ class GuardRecorder:
             shapes=[entry[3] for entry in self._tensors.values()],
             owners=dict(self._owners), unloaded_modules=list(self._unloaded),
             context_variables=[v for v, _ in self._context.values()],
-            context_values=[value for _, value in self._context.values()])
+            context_values=[value for _, value in self._context.values()],
+            namespaces=list(self._namespaces.values()))
 
 
 @dataclasses.dataclass(eq=False)
@@ -252,6 +266,7 @@ class ProgramGuards:
     unloaded_modules: list = dataclasses.field(default_factory=list)  # NOTE [Libraries loaded after the walk]
     context_variables: list = dataclasses.field(default_factory=list)  # NOTE [Context variables in the guards]
     context_values: list = dataclasses.field(default_factory=list)
+    namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -338,6 +353,9 @@ class ProgramGuards:
             if self.context_values and not all(map(_is, map(_context_value, self.context_variables),
                                                     self.context_values)):
                 return False
+            if self.namespaces and not all(list(mapping) == names and list(mapping.values()) == values
+                                           for mapping, names, values in self.namespaces):
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
@@ -345,7 +363,7 @@ class ProgramGuards:
     def __len__(self) -> int:
         return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
                 + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions)
-                + len(self.unloaded_modules) + len(self.context_values))
+                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces))
 
 
 @dataclasses.dataclass(eq=False)

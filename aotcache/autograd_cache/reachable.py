@@ -162,6 +162,16 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
 # ----------------------------------------------------------------------------------------------------
 
 
+def _is_method_like(value: Any) -> bool:
+    """A class member code may call (NOTE [Tensor methods patched]): a function, builtin or class, also wrapped in
+    ``staticmethod`` / ``classmethod`` / ``property``."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return is_user_code(value) or library_callable_name(value) is not None
+
+
 class Reachable:
     """Canonical serialization of the objects reachable from some roots.
 
@@ -253,23 +263,21 @@ class Reachable:
     # ``y`` is known only when the code runs), so ``torch.Tensor.sigmoid = my_sigmoid`` (or ``= torch.Tensor.tanh``)
     # changed neither the digest nor the guards: the graph traced with the old method kept running in-process
     # and a warm process with the patch loaded it through the same fingerprint (found in session 16). Every name
-    # reachable code uses that ``torch.Tensor``'s own namespace holds, and every operator method there (``y * 2``
-    # names no ``__mul__``: ``torch.Tensor.__mul__ = f`` shadows TensorBase's), is written down: user code by its code,
-    # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold those
-    # slots and the namespace's length (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method,
-    # which cannot be patched itself).
+    # reachable code uses that ``torch.Tensor``'s own namespace holds, and every method there (``y * 2`` names no
+    # ``__mul__``: ``torch.Tensor.__mul__ = f`` shadows TensorBase's; ``F.normalize`` calls ``Tensor.norm`` from
+    # torch's code, which the walk does not read: found in the session 16 review), is written down: user code by its code,
+    # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold the
+    # whole namespace (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method, which cannot be
+    # patched itself; NOTE [Whole namespaces in the guards] in program_guards.py).
     def _include_tensor_members(self) -> bool:
         """Write down the ``torch.Tensor`` members reachable code may name; True when that queued new nodes."""
         namespace = vars(torch.Tensor)
         if self._guards is not None and not self._tensor_members:
             self._guards.owner(namespace, torch.Tensor)
-            self._guards.length(namespace)
-        operators = [name for name, value in namespace.items() if name[:2] == "__" == name[-2:]
-                     and (is_user_code(value) or library_callable_name(value) is not None)]
-        for name in sorted(self._names.intersection(namespace).union(operators).difference(self._tensor_members)):
+            self._guards.namespace(namespace)  # NOTE [Whole namespaces in the guards] in program_guards.py
+        methods = [name for name, value in namespace.items() if _is_method_like(value)]
+        for name in sorted(self._names.intersection(namespace).union(methods).difference(self._tensor_members)):
             value = namespace[name]
-            if self._guards is not None:
-                self._guards.slot(namespace, name, value)
             if is_user_code(value) or not is_library(getattr(value, "__module__", None) or "torch"):
                 self._tensor_members[name] = self.ref(value)
             else:
