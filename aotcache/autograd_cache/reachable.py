@@ -253,19 +253,21 @@ class Reachable:
     # ``y`` is known only when the code runs), so ``torch.Tensor.sigmoid = my_sigmoid`` (or ``= torch.Tensor.tanh``)
     # changed neither the digest nor the guards: the graph traced with the old method kept running in-process
     # and a warm process with the patch loaded it through the same fingerprint (found in session 16). Every name
-    # reachable code uses that ``torch.Tensor``'s own namespace holds, and every operator method there (``y * 2``
-    # names no ``__mul__``: ``torch.Tensor.__mul__ = f`` shadows TensorBase's), is written down: user code by its code,
-    # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold those
-    # slots and the namespace's length (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method,
-    # which cannot be patched itself).
+    # reachable code uses that ``torch.Tensor``'s own namespace holds, and every operator method there that is
+    # user code (``y * 2`` names no ``__mul__``: ``torch.Tensor.__mul__ = f`` shadows TensorBase's), is written
+    # down: user code by its code, library code by where it is defined (the torch version fixes the unpatched
+    # ones). An operator rebound to another library function (``torch.Tensor.__mul__ = torch.Tensor.add``) is not
+    # seen. The guards hold those slots and the namespace's length (a method set on ``torch.Tensor`` shadows
+    # ``TensorBase``'s C method, which cannot be patched itself).
     def _include_tensor_members(self) -> bool:
         """Write down the ``torch.Tensor`` members reachable code may name; True when that queued new nodes."""
         namespace = vars(torch.Tensor)
         if self._guards is not None and not self._tensor_members:
             self._guards.owner(namespace, torch.Tensor)
             self._guards.length(namespace)
-        operators = [name for name, value in namespace.items() if name[:2] == "__" == name[-2:]
-                     and (is_user_code(value) or library_callable_name(value) is not None)]
+        # operators by user code only: torch itself adds dunders to the class lazily (``copyreg`` caches
+        # ``__slotnames__`` there on the first deepcopy), which must not change a digest
+        operators = [name for name, value in namespace.items() if name[:2] == "__" == name[-2:] and is_user_code(value)]
         for name in sorted(self._names.intersection(namespace).union(operators).difference(self._tensor_members)):
             value = namespace[name]
             if self._guards is not None:
