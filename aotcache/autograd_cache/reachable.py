@@ -268,7 +268,8 @@ class Reachable:
     # torch's code, which the walk does not read: found in the session 16 review), is written down: user code by its code,
     # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold the
     # whole namespace (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method, which cannot be
-    # patched itself; NOTE [Whole namespaces in the guards] in program_guards.py).
+    # patched itself; NOTE [Whole namespaces in the guards] in program_guards.py). Only methods count: torch adds
+    # ``__slotnames__`` (a list) to the class on the first deepcopy, which must not change a digest.
     def _include_tensor_members(self) -> bool:
         """Write down the ``torch.Tensor`` members reachable code may name; True when that queued new nodes."""
         namespace = vars(torch.Tensor)
