@@ -102,8 +102,8 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # ``torch.Tensor``'s own namespace is written down member by member (NOTE [Tensor methods patched] in
 # reachable.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
 # machine (a slot read of a ``mappingproxy`` is ~140 ns, and no version tag skips it); the names and the values
-# of the whole namespace listed and compared with the walk's lists cost ~1.5 us. List equality takes identical
-# objects as equal without calling ``__eq__``; any other difference walks again.
+# of the whole namespace listed and compared with the walk's lists (the values by ``id``, never by ``__eq__``: a
+# user object's may raise or answer True for anything) cost ~2 us. Any difference walks again.
 
 # NOTE [Tensor data swapped in place]
 # ``t.data = other`` (or ``param.data = ...`` on a parameter of a module an ``aot_function`` closes over: a graph
@@ -129,6 +129,13 @@ _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")
 
 
+def _namespace_unchanged(entry: tuple[Mapping, list, list, list]) -> bool:
+    """NOTE [Whole namespaces in the guards]: the same names bound to the same objects (by ``id``: ``values``
+    keeps them alive, so no other object can have one of those ids, and no user ``__eq__`` is ever called)."""
+    mapping, names, _values, identities = entry
+    return list(mapping) == names and list(map(id, mapping.values())) == identities
+
+
 def _context_value(variable: Any) -> Any:
     """What ``variable`` holds now (the walk's marker when it was never set, as the walk records it)."""
     return variable.get(UNSET_CONTEXT_VALUE)
@@ -149,12 +156,13 @@ class GuardRecorder:
         self._owners: dict[int, tuple[Any, type]] = {}
         self._unloaded: dict[str, None] = {}
         self._context: dict[int, tuple[Any, Any]] = {}
-        self._namespaces: dict[int, tuple[Mapping, list, list]] = {}
+        self._namespaces: dict[int, tuple[Mapping, list, list, list]] = {}
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
         same objects."""
-        self._namespaces.setdefault(id(mapping), (mapping, list(mapping), list(mapping.values())))
+        values = list(mapping.values())
+        self._namespaces.setdefault(id(mapping), (mapping, list(mapping), values, list(map(id, values))))
 
     def context_variable(self, variable: Any, value: Any) -> None:
         """NOTE [Context variables in the guards]: ``variable.get()`` must give ``value`` again."""
@@ -353,8 +361,7 @@ class ProgramGuards:
             if self.context_values and not all(map(_is, map(_context_value, self.context_variables),
                                                     self.context_values)):
                 return False
-            if self.namespaces and not all(list(mapping) == names and list(mapping.values()) == values
-                                           for mapping, names, values in self.namespaces):
+            if self.namespaces and not all(map(_namespace_unchanged, self.namespaces)):
                 return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):

@@ -392,3 +392,38 @@ def test_a_tensor_method_set_to_itself_keeps_the_graph():
     torch.Tensor.norm = torch.Tensor.norm  # the same object: nothing changed
     torch.testing.assert_close(compiled(X), model(X))
     assert compiles(compiled) == 1
+
+
+class _RaisingEquality:
+    def __eq__(self, other):
+        raise Exception("no comparing me")  # noqa: TRY002 - any exception a user's __eq__ may raise
+
+    __hash__ = object.__hash__
+
+
+class _EqualToAnything:
+    def __init__(self, result):
+        self.result = result
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = object.__hash__
+
+    def __get__(self, tensor, owner=None):  # a method: bound to the tensor it is read from
+        return lambda: self.result(tensor)
+
+
+def test_odd_values_put_in_torch_tensors_namespace_never_fail_a_call_nor_pass_for_the_old_method(monkeypatch):
+    # found in review: the namespace guard compared values with ==: an __eq__ raising crashed the call, one
+    # answering True would have passed for the method it replaced
+    model = build(MethodSigmoid)
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    compiled(X)
+    monkeypatch.setattr(torch.Tensor, "__array_priority__", _RaisingEquality())
+    torch.testing.assert_close(compiled(X), model(X))
+    assert compiles(compiled) == 1  # not a method: walked again, the same graph
+    monkeypatch.setattr(torch.Tensor, "sigmoid", lambda tensor: tensor.tanh(), raising=False)
+    torch.testing.assert_close(compiled(X), model(X))
+    monkeypatch.setattr(torch.Tensor, "sigmoid", _EqualToAnything(torch.Tensor.relu), raising=False)
+    torch.testing.assert_close(compiled(X), model(X))
