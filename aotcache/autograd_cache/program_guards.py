@@ -48,6 +48,7 @@ compiler's does).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import operator
 import os
@@ -103,7 +104,10 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # reachable.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
 # machine (a slot read of a ``mappingproxy`` is ~140 ns, and no version tag skips it); the names and the values
 # of the whole namespace listed and compared with the walk's lists (the values by ``id``, never by ``__eq__``: a
-# user object's may raise or answer True for anything) cost ~2 us. Any difference walks again.
+# user object's may raise or answer True for anything) cost ~3.5 us, still a tenth of a small module's call; so
+# while the dict behind the view keeps the version tag it had when the namespace was last found unchanged, it
+# was not written and nothing is listed (that dict is only read, never written: writes go through the class).
+# Any difference walks again.
 
 # NOTE [Tensor data swapped in place]
 # ``t.data = other`` (or ``param.data = ...`` on a parameter of a module an ``aot_function`` closes over: a graph
@@ -129,11 +133,32 @@ _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")
 
 
-def _namespace_unchanged(entry: tuple[Mapping, list, list, list]) -> bool:
+_MISSING_NAME = object()
+
+
+def _namespace_unchanged(entry: tuple[Mapping, list, list, list, Any, list]) -> bool:
     """NOTE [Whole namespaces in the guards]: the same names bound to the same objects (by ``id``: ``values``
     keeps them alive, so no other object can have one of those ids, and no user ``__eq__`` is ever called)."""
-    mapping, names, _values, identities = entry
-    return list(mapping) == names and list(map(id, mapping.values())) == identities
+    mapping, names, _values, identities, backing, tag = entry
+    if backing is not None and dict_version_tag(backing) == tag[0]:
+        return True  # not written since it was last found unchanged
+    current = dict_version_tag(backing) if backing is not None else None
+    if list(mapping) == names and list(map(id, mapping.values())) == identities:
+        tag[0] = current
+        return True
+    return False
+
+
+def _backing_dict(mapping: Mapping) -> dict | None:
+    """The dict a class's read-only ``vars()`` view shows, read only for its version tag (NOTE [Dict versions] in
+    aot/hot_path.py); None where version tags are not trusted or the view is not over a plain dict."""
+    if dict_version_tag is None:
+        return None
+    backing = [item for item in gc.get_referents(mapping) if type(item) is dict]
+    if len(backing) != 1 or len(backing[0]) != len(mapping) or any(
+            backing[0].get(name, _MISSING_NAME) is not value for name, value in mapping.items()):
+        return None
+    return backing[0]
 
 
 def _context_value(variable: Any) -> Any:
@@ -156,13 +181,17 @@ class GuardRecorder:
         self._owners: dict[int, tuple[Any, type]] = {}
         self._unloaded: dict[str, None] = {}
         self._context: dict[int, tuple[Any, Any]] = {}
-        self._namespaces: dict[int, tuple[Mapping, list, list, list]] = {}
+        self._namespaces: dict[int, tuple] = {}
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
         same objects."""
+        if id(mapping) in self._namespaces:
+            return
         values = list(mapping.values())
-        self._namespaces.setdefault(id(mapping), (mapping, list(mapping), values, list(map(id, values))))
+        backing = _backing_dict(mapping)
+        tag = [dict_version_tag(backing) if backing is not None else None]
+        self._namespaces[id(mapping)] = (mapping, list(mapping), values, list(map(id, values)), backing, tag)
 
     def context_variable(self, variable: Any, value: Any) -> None:
         """NOTE [Context variables in the guards]: ``variable.get()`` must give ``value`` again."""
