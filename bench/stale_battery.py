@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -1423,6 +1425,64 @@ def function_state(ctx: Ctx) -> None:
         _scale_kw.__kwdefaults__["k"] = 2.0
         cell.cell_contents = original_fn
         FunctionStateBase.post = original_post
+
+
+_BATTERY_SCALE = contextvars.ContextVar("battery_scale", default=1.0)
+_BATTERY_LOCAL = threading.local()
+
+
+class LibraryReads(nn.Module):
+    """Reads torch functions through their modules, a tensor method, a context variable and a thread-local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = torch.sigmoid(h) + nn.functional.gelu(h) + h.sigmoid()
+        return self.fc2(h) * _BATTERY_SCALE.get() + getattr(_BATTERY_LOCAL, "shift", 0.0)
+
+
+def _unpatch_tensor_sigmoid() -> None:
+    if "sigmoid" in vars(torch.Tensor):  # set on torch.Tensor, it shadows TensorBase's C method
+        del torch.Tensor.sigmoid
+
+
+@scenario("aot")
+def library_rebinding(ctx: Ctx) -> None:
+    """torch's own functions rebound to other torch functions between steps (``torch.sigmoid = torch.tanh``,
+    ``F.gelu = F.silu``, ``torch.Tensor.sigmoid = torch.Tensor.tanh``), a context variable set and a thread-local
+    attribute changed; each put back (session 16: the first three and the context variable were stale results
+    in-process, the first three false cache hits in a warm process)."""
+    torch.manual_seed(0)
+    base = LibraryReads()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    originals = (torch.sigmoid, nn.functional.gelu)
+    token = _BATTERY_SCALE.set(1.0)
+    _BATTERY_LOCAL.shift = 0.0
+    try:
+        for step in range(7):
+            torch.sigmoid, nn.functional.gelu = originals
+            _unpatch_tensor_sigmoid()
+            if step == 1:
+                torch.sigmoid = torch.tanh
+            if step == 2:
+                torch.Tensor.sigmoid = torch.Tensor.tanh
+            if step == 3:
+                nn.functional.gelu = nn.functional.silu
+            if step == 4:
+                _BATTERY_SCALE.set(3.0)
+            if step == 5:
+                _BATTERY_LOCAL.shift = 0.5
+            train_step(ctx, model, opt, step, base=base)
+    finally:
+        torch.sigmoid, nn.functional.gelu = originals
+        _unpatch_tensor_sigmoid()
+        _BATTERY_SCALE.reset(token)
+        _BATTERY_LOCAL.shift = 0.0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ it returns an *untrusted* result with a short categorical reason, and the caller
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -46,6 +45,7 @@ from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.exact_values import float_bits
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import key as cache_key
+from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
 from aotcache.autograd_cache.digests import Untrusted, check_plain_tensor, sha256_text
 from aotcache.autograd_cache.reachable import Reachable
 
@@ -63,8 +63,6 @@ _GLOBAL_MODULE_HOOKS = ("_global_backward_pre_hooks", "_global_backward_hooks", 
                         "_global_forward_hooks_with_kwargs")
 # Fields of AOTOptions that do not change the compiled result (where results are stored, not what they are).
 _OPTIONS_NOT_IN_RESULT = frozenset({"cache"})
-_ENV_PREFIXES = ("TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCHDYNAMO_")
-_LOCATION_SUFFIXES = ("_DIR", "_DIRECTORY", "_PATH", "_LOGS", "_LOG_DIR")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,40 +156,19 @@ def _check_no_active_modes() -> None:
 
 
 def _inductor_config_part(reachable: Reachable) -> dict[str, Any]:
-    """Non-default ``torch._inductor.config`` values (when Inductor is loaded) and TORCHINDUCTOR_* variables.
+    """Non-default ``torch._inductor.config`` values (when Inductor is loaded) and TORCHINDUCTOR_* variables,
+    as the key's ``compiler`` part reads them (NOTE [Global compiler settings in the key]).
 
     Only non-default values count, so a process that never imported Inductor and one that did agree.
     """
-    # where caches and logs go (Inductor sets TORCHINDUCTOR_CACHE_DIR itself on import) never changes code
-    part: dict[str, Any] = {"env": sorted(f"{k}={v}" for k, v in os.environ.items()
-                                          if k.startswith(_ENV_PREFIXES) and not k.endswith(_LOCATION_SUFFIXES))}
-    config_module = sys.modules.get("torch._inductor.config")
-    if config_module is not None:
-        try:
-            names = [name for name in config_module._config if not config_module._is_default(name)
-                     and not _equals_default(config_module, name)]
-            if names:
-                part["inductor"] = {name: reachable.ref(getattr(config_module, name)) for name in sorted(names)}
-        except (AttributeError, TypeError) as exc:
-            raise Untrusted(f"unreadable inductor config: {type(exc).__name__}") from None
-    return part
-
-
-def _equals_default(config_module: Any, name: str) -> bool:
-    """NOTE [Inductor config left set to its default]
-    ``_is_default`` is False for an option that was ever set, even back to its default value (what
-    ``config.patch`` does on exit), and AOTInductor fills ``aot_inductor.metadata`` in place with facts about
-    this machine (``AOTI_*`` keys: platform, CPU ISA, which the ``system`` part already covers). Either made a
-    process that had compiled once fingerprint differently from a fresh one, so a warm start after an aoti
-    compile in the same process (the demo's decoding steps) never found its alias. Only a value that differs
-    from the default counts; an option whose comparison fails counts as changed."""
-    value = getattr(config_module, name)
-    if name == "aot_inductor.metadata" and isinstance(value, dict):
-        value = {key: item for key, item in value.items() if not str(key).startswith("AOTI_")}
     try:
-        return bool(value == config_module._config[name].default)
-    except (TypeError, ValueError, RuntimeError):  # a value whose comparison raises: conservatively a change
-        return False
+        variables, inductor = global_compiler_settings()
+    except UnreadableCompilerSettings as exc:
+        raise Untrusted(exc.reason) from None
+    part: dict[str, Any] = {"env": variables}
+    if inductor:
+        part["inductor"] = {name: reachable.ref(value) for name, value in inductor.items()}
+    return part
 
 
 def _options_part(options: Any, reachable: Reachable) -> dict[str, Any]:

@@ -54,6 +54,7 @@ import torch.fx
 
 from aotcache.aot.ambient import numerics_flags
 from aotcache.autograd_cache import guards, reachable, safety
+from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, tensor_content_digest
 from aotcache.autograd_cache.reachable import custom_op_digest
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
@@ -507,6 +508,45 @@ def _extra_hashes(extra_hashes: Iterable[str | bytes]) -> list[str]:
     return result
 
 
+# NOTE [Inductor settings and the nop compiler]
+# The nop compiler runs the traced graph as it is (no Inductor decompositions, no code generation), so Inductor's
+# settings cannot change what it produces. Writing them into its key made a warm process that only differed in
+# ``TORCHINDUCTOR_COMPILE_THREADS=1`` or ``TORCHINDUCTOR_FX_GRAPH_CACHE=0`` miss and compile again (found in the
+# session 16 review of the key change). Only ``TORCHINDUCTOR_*`` variables and ``torch._inductor.config`` are
+# left out, and only when every compiler of the call is the nop compiler; Dynamo's and the compile variables stay.
+_INDUCTOR_VARIABLE_PREFIX = "TORCHINDUCTOR_"
+
+
+def _only_nop_compilers(compiler_name: Any, compiler_options: Mapping[str, Any] | None) -> bool:
+    """Whether the forward, backward and inference compilers are all aotcache's nop compiler."""
+    if compiler_name != "nop":
+        return False
+    options = dict(compiler_options or {})
+    return all(options.get(which, "nop") == "nop" for which in ("forward", "backward", "inference"))
+
+
+def _global_compiler_part(reads_inductor: bool = True) -> dict[str, Any]:
+    """The process-wide compiler settings (NOTE [Global compiler settings in the key]); nothing when all are at
+    their defaults, so such keys are what they were. Without Inductor's own settings when no compiler of the
+    call reads them (NOTE [Inductor settings and the nop compiler])."""
+    try:
+        variables, inductor = global_compiler_settings()
+    except UnreadableCompilerSettings as exc:
+        raise BypassAOTAutogradCache(exc.reason) from None
+    if not reads_inductor:
+        variables = [item for item in variables if not item.startswith(_INDUCTOR_VARIABLE_PREFIX)]
+        inductor = {}
+    part: dict[str, Any] = {}
+    if variables:
+        part["environment"] = variables
+    if inductor:
+        try:
+            part["inductor_config"] = _json_value(inductor, "inductor_config")
+        except ValueError as exc:  # a path: set by the process, not by this compile's options
+            raise BypassAOTAutogradCache(f"unhashable option: inductor_config: {exc}") from None
+    return part
+
+
 def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
                 compiler_name: str | BypassAOTAutogradCache,
                 partitioner_name: str | BypassAOTAutogradCache,
@@ -556,7 +596,8 @@ def compute_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         KeyPart.of("autocast", ambient_autocast),
         KeyPart.of("numerics", _numerics_state()),
         KeyPart.of("compiler", {"name": compiler_name,
-                                "options": _json_value(dict(compiler_options or {}), "compiler_options")}),
+                                "options": _json_value(dict(compiler_options or {}), "compiler_options"),
+                                **_global_compiler_part(not _only_nop_compilers(compiler_name, compiler_options))}),
         KeyPart.of("partitioner", partitioner_name),
         KeyPart.of("decompositions", decomposition_id),
         KeyPart.of("config", _json_value(dict(config_parts or {}), "config_parts")),

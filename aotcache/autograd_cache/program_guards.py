@@ -20,6 +20,8 @@ lengths                 dicts of objects and classes (an added attribute may sha
 members                 the members of each mutable container reached (lists, dicts, sets, hook registries,
                         the global module hook registries) by identity
 environment             each variable pinned by NOTE [Process state], by value
+context variables       the value each ``contextvars.ContextVar`` the code reaches has now, by identity
+                        (NOTE [Context variables in the guards])
 tensor constants        the version counter of each tensor the graph bakes in (not the parameters and
                         buffers of an ``aot_module``, which are inputs): Inductor copies constants; its
                         identity is in the digest (NOTE [Tensor constants by identity in-process])
@@ -46,6 +48,7 @@ compiler's does).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import operator
 import os
@@ -58,7 +61,7 @@ from torch import nn
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.reachable import Reachable
+from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState
@@ -89,6 +92,23 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 # once and the walk runs again, now guarding what the code reads of it (an unpatched library: the same digest,
 # the same graph).
 
+# NOTE [Context variables in the guards]
+# The walk writes a ``contextvars.ContextVar`` down with the value it has when the program is walked (its
+# ``get()`` is what ``forward`` reads), but the guards recorded only the variable itself, a slot holding the same
+# object after ``cv.set(3.0)``. So a graph traced with the old value kept running: a stale result (found in
+# session 16). Each variable's current value is guarded by identity; an equal value set again walks once and keeps
+# the graph (same digest).
+
+# NOTE [Whole namespaces in the guards]
+# ``torch.Tensor``'s own namespace is written down member by member (NOTE [Tensor methods patched] in
+# reachable.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
+# machine (a slot read of a ``mappingproxy`` is ~140 ns, and no version tag skips it); the names and the values
+# of the whole namespace listed and compared with the walk's lists (the values by ``id``, never by ``__eq__``: a
+# user object's may raise or answer True for anything) cost ~3.5 us, still a tenth of a small module's call; so
+# while the dict behind the view keeps the version tag it had when the namespace was last found unchanged, it
+# was not written and nothing is listed (that dict is only read, never written: writes go through the class).
+# Any difference walks again.
+
 # NOTE [Tensor data swapped in place]
 # ``t.data = other`` (or ``param.data = ...`` on a parameter of a module an ``aot_function`` closes over: a graph
 # constant) gives the same tensor object other data without bumping its version counter. The guard compared
@@ -113,6 +133,39 @@ _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")
 
 
+_MISSING_NAME = object()
+
+
+def _namespace_unchanged(entry: tuple[Mapping, list, list, list, Any, list]) -> bool:
+    """NOTE [Whole namespaces in the guards]: the same names bound to the same objects (by ``id``: ``values``
+    keeps them alive, so no other object can have one of those ids, and no user ``__eq__`` is ever called)."""
+    mapping, names, _values, identities, backing, tag = entry
+    if backing is not None and dict_version_tag(backing) == tag[0]:
+        return True  # not written since it was last found unchanged
+    current = dict_version_tag(backing) if backing is not None else None
+    if list(mapping) == names and list(map(id, mapping.values())) == identities:
+        tag[0] = current
+        return True
+    return False
+
+
+def _backing_dict(mapping: Mapping) -> dict | None:
+    """The dict a class's read-only ``vars()`` view shows, read only for its version tag (NOTE [Dict versions] in
+    aot/hot_path.py); None where version tags are not trusted or the view is not over a plain dict."""
+    if dict_version_tag is None:
+        return None
+    backing = [item for item in gc.get_referents(mapping) if type(item) is dict]
+    if len(backing) != 1 or len(backing[0]) != len(mapping) or any(
+            backing[0].get(name, _MISSING_NAME) is not value for name, value in mapping.items()):
+        return None
+    return backing[0]
+
+
+def _context_value(variable: Any) -> Any:
+    """What ``variable`` holds now (the walk's marker when it was never set, as the walk records it)."""
+    return variable.get(UNSET_CONTEXT_VALUE)
+
+
 class GuardRecorder:
     """Collects what a walk read (the ``guards`` of :class:`~aotcache.autograd_cache.reachable.Reachable`),
     deduplicated by holder identity and key."""
@@ -127,6 +180,22 @@ class GuardRecorder:
         self._tensors: dict[int, tuple[Any, int, int, Any]] = {}
         self._owners: dict[int, tuple[Any, type]] = {}
         self._unloaded: dict[str, None] = {}
+        self._context: dict[int, tuple[Any, Any]] = {}
+        self._namespaces: dict[int, tuple] = {}
+
+    def namespace(self, mapping: Mapping) -> None:
+        """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
+        same objects."""
+        if id(mapping) in self._namespaces:
+            return
+        values = list(mapping.values())
+        backing = _backing_dict(mapping)
+        tag = [dict_version_tag(backing) if backing is not None else None]
+        self._namespaces[id(mapping)] = (mapping, list(mapping), values, list(map(id, values)), backing, tag)
+
+    def context_variable(self, variable: Any, value: Any) -> None:
+        """NOTE [Context variables in the guards]: ``variable.get()`` must give ``value`` again."""
+        self._context.setdefault(id(variable), (variable, value))
 
     def unloaded_module(self, name: str) -> None:
         """A library module the code imports in a function body, not loaded yet: the walk could not see what
@@ -196,7 +265,10 @@ class GuardRecorder:
             versions=[entry[1] for entry in self._tensors.values()],
             pointers=[entry[2] for entry in self._tensors.values()],
             shapes=[entry[3] for entry in self._tensors.values()],
-            owners=dict(self._owners), unloaded_modules=list(self._unloaded))
+            owners=dict(self._owners), unloaded_modules=list(self._unloaded),
+            context_variables=[v for v, _ in self._context.values()],
+            context_values=[value for _, value in self._context.values()],
+            namespaces=list(self._namespaces.values()))
 
 
 @dataclasses.dataclass(eq=False)
@@ -229,6 +301,9 @@ class ProgramGuards:
     shapes: list
     owners: dict = dataclasses.field(default_factory=dict)  # id(vars(cls)) -> (that view, cls)
     unloaded_modules: list = dataclasses.field(default_factory=list)  # NOTE [Libraries loaded after the walk]
+    context_variables: list = dataclasses.field(default_factory=list)  # NOTE [Context variables in the guards]
+    context_values: list = dataclasses.field(default_factory=list)
+    namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -312,6 +387,11 @@ class ProgramGuards:
                 return False
             if self.unloaded_modules and not all(name not in sys.modules for name in self.unloaded_modules):
                 return False
+            if self.context_values and not all(map(_is, map(_context_value, self.context_variables),
+                                                    self.context_values)):
+                return False
+            if self.namespaces and not all(map(_namespace_unchanged, self.namespaces)):
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
@@ -319,7 +399,7 @@ class ProgramGuards:
     def __len__(self) -> int:
         return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
                 + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions)
-                + len(self.unloaded_modules))
+                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces))
 
 
 @dataclasses.dataclass(eq=False)

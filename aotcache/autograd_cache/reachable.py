@@ -61,6 +61,7 @@ from aotcache.autograd_cache.value_kinds import (
     is_library,
     is_plain_object,
     is_user_code,
+    library_callable_name,
     library_version,
     order_key,
     slot_names,
@@ -107,6 +108,7 @@ _TRANSPARENT_TYPES = (types.FunctionType, types.MethodType, functools.partial, t
                       tuple, list, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None),
                       enum.Enum, torch.dtype, torch.device)
 _UNSET = object()  # the value of a context variable that was never set
+UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
 # Methods of a torch.autograd.Function that autograd itself calls by name (user code names only ``apply``)
 _AUTOGRAD_FUNCTION_METHODS = frozenset({"forward", "backward", "setup_context", "jvp", "vjp", "vmap"})
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
@@ -158,6 +160,16 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
 # ----------------------------------------------------------------------------------------------------
 # The reachable-code serializer
 # ----------------------------------------------------------------------------------------------------
+
+
+def _is_method_like(value: Any) -> bool:
+    """A class member code may call (NOTE [Tensor methods patched]): a function, builtin or class, also wrapped in
+    ``staticmethod`` / ``classmethod`` / ``property``."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return is_user_code(value) or library_callable_name(value) is not None
 
 
 class Reachable:
@@ -213,6 +225,7 @@ class Reachable:
         self._active_containers: list[int] = []
         self._active_library_functions: list[int] = []  # NOTE [Library functions that reach themselves]
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
+        self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched]
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -226,7 +239,11 @@ class Reachable:
         self._drain()
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
-        return sha256_text("\n".join(self._tokens[i] for i in range(len(self._objects))))
+        lines = [self._tokens[i] for i in range(len(self._objects))]
+        if self._tensor_members:  # NOTE [Tensor methods patched]
+            lines.append("tensor-members{" + ",".join(f"{name}={token}" for name, token
+                                                       in sorted(self._tensor_members.items())) + "}")
+        return sha256_text("\n".join(lines))
 
     def _drain(self) -> None:
         while True:
@@ -237,8 +254,36 @@ class Reachable:
                 except Untrusted as exc:
                     exc.where = exc.where or describe(self._objects[index])
                     self._tokens[index] = self._lenient_token(exc, self._objects[index])
-            if not self._include_new_class_members():
+            added = self._include_new_class_members()
+            if not self._include_tensor_members() and not added:
                 return
+
+    # NOTE [Tensor methods patched]
+    # ``y.sigmoid()`` on a tensor reaches ``torch.Tensor``'s members through no object the walk sees (the type of
+    # ``y`` is known only when the code runs), so ``torch.Tensor.sigmoid = my_sigmoid`` (or ``= torch.Tensor.tanh``)
+    # changed neither the digest nor the guards: the graph traced with the old method kept running in-process
+    # and a warm process with the patch loaded it through the same fingerprint (found in session 16). Every name
+    # reachable code uses that ``torch.Tensor``'s own namespace holds, and every method there (``y * 2`` names no
+    # ``__mul__``: ``torch.Tensor.__mul__ = f`` shadows TensorBase's; ``F.normalize`` calls ``Tensor.norm`` from
+    # torch's code, which the walk does not read: found in the session 16 review), is written down: user code by its code,
+    # library code by where it is defined (the torch version fixes the unpatched ones). The guards hold the
+    # whole namespace (a method set on ``torch.Tensor`` shadows ``TensorBase``'s C method, which cannot be
+    # patched itself; NOTE [Whole namespaces in the guards] in program_guards.py). Only methods count: torch adds
+    # ``__slotnames__`` (a list) to the class on the first deepcopy, which must not change a digest.
+    def _include_tensor_members(self) -> bool:
+        """Write down the ``torch.Tensor`` members reachable code may name; True when that queued new nodes."""
+        namespace = vars(torch.Tensor)
+        if self._guards is not None and not self._tensor_members:
+            self._guards.owner(namespace, torch.Tensor)
+            self._guards.namespace(namespace)  # NOTE [Whole namespaces in the guards] in program_guards.py
+        methods = [name for name, value in namespace.items() if _is_method_like(value)]
+        for name in sorted(self._names.intersection(namespace).union(methods).difference(self._tensor_members)):
+            value = namespace[name]
+            if is_user_code(value) or not is_library(getattr(value, "__module__", None) or "torch"):
+                self._tensor_members[name] = self.ref(value)
+            else:
+                self._tensor_members[name] = self._library_member_token(value) or self.ref(value)
+        return bool(self._queue)
 
     def _node(self, value: Any) -> str:
         index = self._index.get(id(value))
@@ -346,7 +391,18 @@ class Reachable:
             referent = value()
             return "weakref:dead" if referent is None else f"weakref({self.ref(referent)})"
         if isinstance(value, contextvars.ContextVar):
-            return f"contextvar:{value.name}={self.ref(value.get(_UNSET))}"
+            current = value.get(_UNSET)
+            if self._guards is not None:  # NOTE [Context variables in the guards]
+                self._guards.context_variable(value, current)
+            return f"contextvar:{value.name}={self.ref(current)}"
+        if isinstance(value, threading.local):
+            # NOTE [Thread-local objects]: read as the calling thread's attributes (its own ``__dict__``); the
+            # guards hold that dict's identity, so a call from another thread, whose attributes may differ, walks
+            # again (found in session 16: opaque, a changed attribute was a stale result in-process)
+            state = value.__dict__
+            if self._guards is not None:
+                self._guards.attributes(value, ("__dict__",))
+            return f"thread-local:{self.type_ref(type(value))}({self._container_token(state)})"
         if isinstance(value, _LOCK_TYPES):
             return "lock"  # synchronization only: nothing a trace reads
         if isinstance(value, RemovableHandle):
@@ -631,7 +687,7 @@ class Reachable:
                 self._guards.unloaded_module(name)
             if module is not None and isinstance(module, types.ModuleType):
                 before = self._user_attributes
-                token = self._module_attributes_token(module, names, set())
+                token = self._module_attributes_token(module, names, set(), library_members=False)
                 patched = token if self._user_attributes != before else ""
             return f"library:{name}{library_version(name)}{patched}"
         if module is None:
@@ -651,6 +707,30 @@ class Reachable:
             return self._module_attributes_token(value, names, set())
         return self.ref(value)
 
+    # NOTE [Library functions rebound in their module]
+    # A library module's attributes were written down only where they held user code (a monkeypatch with a
+    # function of the user's): ``torch.sigmoid = torch.tanh`` (or ``F.gelu = F.silu``, a library function put
+    # in another's place) left both the digest and, after its walk, the in-process identity unchanged, so the
+    # graph traced with sigmoid kept running in-process and a warm process with the patch loaded it through the
+    # same fingerprint: a stale result (found in session 16). Each library callable the code reaches through a
+    # module is now written down by the qualified name of what is there (``torch.sigmoid`` reads
+    # ``builtin:torch._VariableFunctionsClass.sigmoid``), which the torch version fixes in every process. Not for
+    # a module imported in a function body (``library_members=False``): its token must read the same before
+    # the module is loaded (NOTE [Function-body imports]), so only user code patched there is seen.
+    # NOTE [Library functions made by a factory]
+    # A qualified name identifies a library function only when it is unique: ``boolean_dispatch`` makes
+    # ``F.adaptive_max_pool1d`` / ``2d`` / ``3d``, ``torch.unique`` and ``torch.lu`` all as
+    # ``boolean_dispatch.<locals>.fn``, so ``F.adaptive_max_pool2d = F.adaptive_max_pool1d`` (another result on a
+    # 3-d input) kept the fingerprint and a warm process loaded the 2-d graph (found in the session 16 review). A
+    # function defined in another function's body is written down with its closure (its library token), which
+    # tells those apart the same way in every process.
+    def _library_member_token(self, value: Any) -> str | None:
+        """A library callable found under a name: where it is defined, with its closure when that name is shared
+        by every function one factory makes; None for a value that is not a library callable."""
+        if isinstance(value, types.FunctionType) and "<locals>" in value.__qualname__:
+            return self.ref(value)
+        return library_callable_name(value)
+
     # NOTE [aotcache's own state is not program state]
     # Program code may name aotcache's module globals (a test or a monitor reading the count of running captures;
     # pytest's assertion rewriting reaches every test module's code). The guards then recorded them as state the
@@ -661,7 +741,8 @@ class Reachable:
     # private data (counts, flags, locks, thread-locals) is aotcache's machinery, which changes during every
     # capture, so the walk leaves it out of the guards; its code (a user's monkeypatch is still seen) and public
     # settings (``capture_threads.SWAP_WAIT_S``) stay guarded.
-    def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int]) -> str:
+    def _module_attributes_token(self, module: types.ModuleType, names: Sequence[str], seen: set[int], *,
+                                 library_members: bool = True) -> str:
         """A Python module as seen by code using ``names``: the attributes it can reach by those names."""
         if id(module) in seen:
             return f"module:{module.__name__}"
@@ -682,16 +763,22 @@ class Reachable:
             if reason:
                 self._note(reason)
                 continue
-            machinery = own and name.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType)
+            machinery = (own and name.startswith("_") and not callable(value)
+                         and not isinstance(value, types.ModuleType))
             if self._guards is not None and not machinery:
                 self._guards.slot(namespace, name, value)
             if isinstance(value, types.ModuleType):
-                entries.append(f"{name}={self._module_attributes_token(value, names, seen)}")
+                token = self._module_attributes_token(value, names, seen, library_members=library_members)
+                entries.append(f"{name}={token}")
             elif not library or is_user_code(value) or is_custom_op(value):
                 # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
                 # are custom operators reached through ``torch.ops.<namespace>.<name>``
                 self._user_attributes += 1
                 entries.append(f"{name}={self.ref(value)}")
+            elif library_members:  # NOTE [Library functions rebound in their module]
+                named = self._library_member_token(value)
+                if named is not None:
+                    entries.append(f"{name}={named}")
         return f"module:{module.__name__}{{{','.join(entries)}}}"
 
     # NOTE [Compiled wrappers in a walked program]

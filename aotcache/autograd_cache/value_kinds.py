@@ -124,6 +124,28 @@ def is_custom_op(value: Any) -> bool:
 # -- names and order ---------------------------------------------------------------------------------------
 
 
+_BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+                      types.ClassMethodDescriptorType)
+
+
+def library_callable_name(value: Any) -> str | None:
+    """Where a library function, builtin or class is defined (``fn:torch.nn.functional.relu``,
+    ``builtin:torch._VariableFunctionsClass.sigmoid``, ``class:torch.nn.modules.linear.Linear``), or None for
+    any other value: what is found under a name, whichever module holds it (NOTE [Library functions rebound
+    in their module] in reachable.py)."""
+    if isinstance(value, type):
+        return f"class:{type_name(value)}"
+    if isinstance(value, types.FunctionType):
+        return f"fn:{defining_module(value)}.{value.__qualname__}"
+    if isinstance(value, _BUILTIN_CALLABLES):
+        owner = getattr(value, "__objclass__", None) or getattr(value, "__self__", None)
+        module = owner.__module__ if isinstance(owner, type) else getattr(value, "__module__", None)
+        if isinstance(owner, types.ModuleType):
+            module = owner.__name__
+        return f"builtin:{module}.{getattr(value, '__qualname__', None) or value.__name__}"
+    return None
+
+
 def type_name(cls: type) -> str:
     """``module.QualName`` of a class (never an address)."""
     return f"{cls.__module__}.{cls.__qualname__}"
