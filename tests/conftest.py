@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -147,6 +148,13 @@ def redis_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def run_script_json(script: str, *argv: str) -> dict:
+    """Run ``script`` in a fresh process with ``sys.argv[1:] = argv`` and return the JSON on its last stdout line
+    (two-process cache tests: the script prints its result and counters last)."""
+    code = f"import sys; sys.argv = ['train', *{list(argv)!r}]; exec(compile({script!r}, 'train', 'exec'))"
+    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
 
 
 def run_python(code: str, *, env: dict | None = None, timeout: float = 600, check: bool = True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aotcache
-from tests.conftest import run_python
+from tests.conftest import run_script_json
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
 
@@ -131,15 +130,10 @@ print(json.dumps({"same": torch.equal(out, model(x)), **default_cache().counters
 """
 
 
-def _process(script: str, *argv: str) -> dict:
-    code = f"import sys; sys.argv = ['train', *{list(argv)!r}]; exec(compile({script!r}, 'train', 'exec'))"
-    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
-
-
 def test_a_python_attribute_added_to_a_parameter_misses_in_the_next_process_and_an_unchanged_one_hits():
-    cold = _process(PARAMETER_ATTRIBUTE, "none")
-    changed = _process(PARAMETER_ATTRIBUTE, "0.5")  # was a fingerprint hit on the first process's graph
-    unchanged = _process(PARAMETER_ATTRIBUTE, "0.5")
+    cold = run_script_json(PARAMETER_ATTRIBUTE, "none")
+    changed = run_script_json(PARAMETER_ATTRIBUTE, "0.5")  # was a fingerprint hit on the first process's graph
+    unchanged = run_script_json(PARAMETER_ATTRIBUTE, "0.5")
     assert cold["same"] and changed["same"] and unchanged["same"]
     assert changed.get("fingerprint_hit", 0) == 0 and changed["compile"] == 1
     assert unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
@@ -425,10 +419,10 @@ print(json.dumps({"same": torch.equal(out, model(x)), **default_cache().counters
 
 
 def test_a_python_attribute_of_a_tensor_argument_misses_in_the_next_process_and_an_unchanged_one_hits():
-    cold = _process(INPUT_ATTRIBUTE, "3.0")
-    changed = _process(INPUT_ATTRIBUTE, "0.5")
-    unchanged = _process(INPUT_ATTRIBUTE, "0.5")
-    plain = _process(INPUT_ATTRIBUTE, "none")
+    cold = run_script_json(INPUT_ATTRIBUTE, "3.0")
+    changed = run_script_json(INPUT_ATTRIBUTE, "0.5")
+    unchanged = run_script_json(INPUT_ATTRIBUTE, "0.5")
+    plain = run_script_json(INPUT_ATTRIBUTE, "none")
     assert cold["same"] and changed["same"] and unchanged["same"] and plain["same"]
     assert changed.get("fingerprint_hit", 0) == 0 and changed["compile"] == 1
     assert unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0

@@ -9,7 +9,6 @@ hits its entry. The nop compiler throughout.
 from __future__ import annotations
 
 import contextvars
-import json
 import threading
 
 import torch
@@ -20,7 +19,7 @@ import aotcache
 from aotcache.autograd_cache.fingerprint import fingerprint_module_call
 from aotcache.aot.api import AOTOptions
 from torch.utils import _pytree as pytree
-from tests.conftest import run_python
+from tests.conftest import run_script_json
 
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
 
@@ -284,21 +283,16 @@ print(json.dumps({"same": torch.equal(out, model(x)), **default_cache().counters
 """
 
 
-def _process(script: str, *argv: str) -> dict:
-    code = f"import sys; sys.argv = ['train', *{list(argv)!r}]; exec(compile({script!r}, 'train', 'exec'))"
-    return json.loads(run_python(code).stdout.strip().splitlines()[-1])
-
-
 def test_a_torch_function_rebound_misses_in_the_next_process_and_an_unchanged_program_hits():
     # found: a warm process with torch.sigmoid = torch.tanh (or Tensor.sigmoid, F.gelu rebound) loaded the
     # cold process's graph through the same fingerprint: a false cache hit
-    cold = _process(REBOUND, "none")
+    cold = run_script_json(REBOUND, "none")
     assert cold["same"]
     for patch in ("torch", "method", "functional"):
-        changed = _process(REBOUND, patch)
+        changed = run_script_json(REBOUND, patch)
         assert changed["same"], patch
         assert changed.get("fingerprint_hit", 0) == 0 and changed.get("compile", 0) == 1, (patch, changed)
-    unchanged = _process(REBOUND, "none")
+    unchanged = run_script_json(REBOUND, "none")
     assert unchanged["same"] and unchanged["fingerprint_hit"] == 1 and unchanged.get("compile", 0) == 0
 
 
@@ -350,9 +344,9 @@ print(json.dumps({"same": out.shape == model(x).shape and torch.equal(out, model
 
 
 def test_a_factory_made_function_rebound_misses_in_the_next_process_and_the_same_program_hits():
-    cold = _process(POOLED, "none")
-    again = _process(POOLED, "none")
-    rebound = _process(POOLED, "rebound")
+    cold = run_script_json(POOLED, "none")
+    again = run_script_json(POOLED, "none")
+    rebound = run_script_json(POOLED, "rebound")
     assert cold["same"] and again["same"] and rebound["same"], (cold, again, rebound)
     assert again["fingerprint_hit"] == 1 and again.get("compile", 0) == 0, again
     assert rebound.get("fingerprint_hit", 0) == 0 and rebound.get("hit", 0) == 0, rebound
