@@ -64,7 +64,7 @@ def test_interrupted_compile_on_miss_leaves_the_dispatch_flags_and_no_entry():
     a, b = torch.randn(5, 2), torch.randn(5, 2)
     expected = a - b
     with eager.enabled([aten.sub.Tensor], compile_on_miss=True):
-        with _InterruptAfter(MODE_EXITS["torch pops a dispatch mode"](), None, inside=aoti_lib.build_library,
+        with _InterruptAfter(MODE_EXITS["torch exits a dispatch mode"](), None, inside=aoti_lib.build_library,
                              where=outside_torch_dispatch, threads=True) as injected:
             first = torch.sub(a, b)  # the interrupt ends the helper thread; this call ran the stock kernel
     assert injected.fired
