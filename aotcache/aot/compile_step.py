@@ -23,6 +23,7 @@ from aotcache.aot.partition import (align_saved_to_backward, is_own_partitioner,
                                     resolve_partition)
 from aotcache.aot.runtime import CUSTOM_BACKWARD_REFUSAL, CompiledRuntime, DisableAutocast, unboxed
 from aotcache.progress import stage
+from aotcache.torch_modes import torch_modes_kept
 
 __all__ = ["AOTOptions", "checked_options", "compile_function", "compile_captured", "keep_joint_for_double_backward"]
 
@@ -189,8 +190,10 @@ def compile_captured(captured: Any, options: AOTOptions) -> CompiledRuntime:
 
     Compilers run without autocast: the graph holds autocast's casts already, and a compiler that traces it
     again (AOTInductor's export) would apply them twice (NOTE [Compiled graphs run without autocast]).
+    An interrupt inside a partitioner's or compiler's trace leaves no torch mode pushed (NOTE [Modes left by an
+    interrupted capture]).
     """
-    with DisableAutocast():
+    with torch_modes_kept(), DisableAutocast():
         return _compile_captured(captured, options)
 
 

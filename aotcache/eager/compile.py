@@ -31,6 +31,7 @@ from aotcache.eager.meta import (
 )
 from aotcache.eager.versions import build_versions
 from aotcache.logs import logger
+from aotcache.torch_modes import torch_modes_kept
 
 __all__ = ["EagerCompileError", "PrecompileResult", "SUPPORTED_DEVICES", "precompile", "precompile_bound",
            "build_op_graph", "check_device"]
@@ -155,7 +156,10 @@ def precompile_bound(op: torch._ops.OpOverload, values: Sequence[Any], *, device
             num_outputs = _output_count(op, eager_result)
             graph_module = build_op_graph(op, example_values, num_outputs)
             try:
-                library = aoti_lib.compile_library(graph_module, flat_tensor_inputs(example_values))
+                # NOTE [Modes left by an interrupted capture]: Inductor's export and fake tensors, interrupted
+                # (Ctrl-C, pytest-timeout), leave no mode on this thread; the index is written only after.
+                with torch_modes_kept():
+                    library = aoti_lib.compile_library(graph_module, flat_tensor_inputs(example_values))
             except Exception as exc:  # Inductor / the C++ toolchain can fail in many ways; all are "compile failed"
                 STATS.add(compile_errors=1)
                 raise EagerCompileError(f"AOTInductor could not compile {op.name()} for this signature: "

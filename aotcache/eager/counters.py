@@ -60,8 +60,8 @@ _thread_state = threading.local()
 def compiling() -> Iterator[None]:
     """Mark this thread as compiling a kernel: dispatched calls on it use the stock kernels meanwhile."""
     previous = getattr(_thread_state, "compiling", False)
-    _thread_state.compiling = True
-    try:
+    try:  # set inside the try: an interrupt right after it still puts the flag back (NOTE [Interrupted captures])
+        _thread_state.compiling = True
         yield
     finally:
         _thread_state.compiling = previous

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dis
 import inspect
 import sys
+import threading
 
 import pytest
 import torch
@@ -31,9 +32,12 @@ def _is_with_exit(frame) -> bool:
 
 class _InterruptAfter:
     """Raise KeyboardInterrupt at the first line event after the line of ``function`` that contains ``text``
-    (``text=None``: at its first line event, before its first line runs)."""
+    (``text=None``: at its first line event, before its first line runs); with ``inside``, only once a call of
+    that function has begun (e.g. torch's ``_pop_mode`` during a compiler, not during the capture before it);
+    with ``where``, only in a call of ``function`` whose frame ``where(frame)`` accepts. ``threads=True`` also
+    traces threads started meanwhile (a compile on a helper thread)."""
 
-    def __init__(self, function, text: str | None) -> None:
+    def __init__(self, function, text: str | None, *, inside=None, where=None, threads: bool = False) -> None:
         self.code, self.line = function.__code__, None
         if text is not None:
             source, first = inspect.getsourcelines(function)
@@ -41,16 +45,30 @@ class _InterruptAfter:
             assert lines, f"{text!r} not in {function.__qualname__}: update the injection point"
             self.line = lines[0]
         self.seen, self.fired = text is None, False
+        self.inside, self.armed, self.threads = (inside.__code__ if inside is not None else None), inside is None, threads
+        self.where = where
 
     def __enter__(self):
         sys.settrace(self._global)
+        if self.threads:
+            threading.settrace(self._global)
         return self
 
     def __exit__(self, *exc):
         sys.settrace(None)
+        if self.threads:
+            threading.settrace(None)
 
     def _global(self, frame, event, arg):
-        return self._local if frame.f_code is self.code else None
+        if self.fired:
+            return None
+        if frame.f_code is self.inside:
+            self.armed = True
+        if not self.armed or frame.f_code is not self.code:
+            return None
+        if self.where is not None and not self.where(frame):
+            return None
+        return self._local
 
     def _local(self, frame, event, arg):
         if event == "line" and not self.fired:

@@ -953,7 +953,8 @@ def test_autograd_function_backward_edited_in_its_file_misses_in_the_next_proces
     (tmp_path / "stale_user_code.py").write_text(FUNCTION_MODULE.format(factor=2))
     cold = _run(tmp_path, TRAIN)
     warm = _run(tmp_path, TRAIN)
-    assert cold["grad"] == warm["grad"] == [2.0] * 3 and warm["fingerprint_hit"] == 1
+    assert cold["grad"] == warm["grad"] == [2.0] * 3
+    assert warm.get("fingerprint_hit", 0) == 1 and warm["compile"] == 0, (cold, warm)  # all counters if it fails
     (tmp_path / "stale_user_code.py").write_text(FUNCTION_MODULE.format(factor=5))
     edited = _run(tmp_path, TRAIN)
     assert edited["grad"] == [5.0] * 3
