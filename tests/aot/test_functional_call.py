@@ -138,14 +138,19 @@ def test_names_through_the_wrapped_module_and_the_stateless_api(api):
 
 
 @APIS
-def test_grad_and_vmap_over_functional_call_give_eagers_gradients(api):
-    """Under torch.func.grad the swapped-in parameters are transform tensors: the call runs eagerly (it raised
-    NotImplementedError from the hot path's storage check once a plain call had been compiled)."""
+@pytest.mark.parametrize("make_model", [TopLevelTensors, lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh())],
+                         ids=["top_level", "nested_names"])
+def test_grad_and_vmap_over_functional_call_give_eagers_gradients(api, make_model):
+    """Under torch.func.grad the swapped-in parameters are transform tensors: the call runs eagerly. Once a
+    functional_call with plain tensors had been compiled, they matched its hot signature's types and fields and
+    raised NotImplementedError from its storage check (also with nested names only, which swapped right)."""
     torch.manual_seed(0)
-    model = TopLevelTensors()
+    model = make_model()
     wrapped = wrap(api, model)
     x = torch.randn(3, 4)
-    wrapped(x)  # a compiled signature exists for these shapes
+    wrapped(x)
+    plain = {name: torch.randn_like(p).requires_grad_() for name, p in model.named_parameters()}
+    torch.testing.assert_close(functional_call(wrapped, plain, (x,)), functional_call(model, plain, (x,)))
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss(p, inputs, module):
