@@ -207,3 +207,21 @@ def test_a_plain_tensor_set_on_the_wrapper_is_used_by_the_next_call(api):
     torch.testing.assert_close(wrapped(x), model(x))
     with pytest.raises(TypeError):  # a non-tensor still gets eager's error
         wrapped.w = 3.0
+
+
+@APIS
+def test_a_wrapper_inside_an_eager_model_takes_the_passed_tensors(api):
+    """``functional_call(parent, {"head.weight": w})`` reaches the wrapper by its path and swaps ``weight`` on it."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    parent = nn.Sequential(eager[0], eager[1], wrap(api, eager[2]))
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        state = {"2.weight": torch.randn(2, 4, requires_grad=True), "2.bias": torch.randn(2)}
+        out = functional_call(parent, state, (x,))
+        expected = functional_call(eager, state, (x,))
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), state["2.weight"])[0],
+                                   torch.autograd.grad(expected.sum(), state["2.weight"])[0])
+    assert isinstance(eager[2].weight, nn.Parameter)
+    torch.testing.assert_close(parent(x), eager(x))
