@@ -278,10 +278,20 @@ class HotSignatures:
         self._by_structure: dict[Any, list[HotSignature]] = {}
 
     def find(self, structure: Any, flat_args: Sequence[torch.Tensor]) -> HotSignature | None:
-        for hot in self._by_structure.get(structure, ()):
-            if hot.matches(flat_args):
-                return hot
+        try:
+            for hot in self._by_structure.get(structure, ()):
+                if hot.matches(flat_args):
+                    return hot
+        except NotImplementedError:  # NOTE [Transform tensors on the hot path]
+            return None
         return None
+
+    # NOTE [Transform tensors on the hot path]
+    # A tensor of a torch.func transform (``torch.func.grad(lambda p: functional_call(compiled, p, x))``: the
+    # swapped-in parameters are grad-tracking wrappers) has the plain Tensor type and a plain tensor's fields, so
+    # it reached the storage comparison of a signature seen before, where reading its storage raised
+    # NotImplementedError out of the call. No signature matches it: the full path refuses it with its
+    # CaptureError, which the call's fallback runs eagerly (never a compiled graph over transform tensors).
 
     def remember(self, structure: Any, flat_args: Sequence[torch.Tensor], dynamic: bool, runtime: Any) -> None:
         seen = [hot for hot in self._by_structure.get(structure, ()) if not hot.matches(flat_args)]

@@ -287,6 +287,10 @@ class AOTModule(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, nn.Parameter)))
+        if (orig is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                and name in orig._parameters):  # NOTE [Tensors swapped in through the wrapper]
+            orig._parameters[name] = value
+            return
         if orig is not None and value is not self:
             # e.g. wrapped.generation_config = ...: the wrapped module's attribute; also a submodule
             # (NOTE [Submodules set through the wrapper])
@@ -304,6 +308,17 @@ class AOTModule(nn.Module):
             delattr(orig, name)  # ``del wrapped.dropout``: the wrapped module's, as eager
             return
         super().__delattr__(name)
+
+    # NOTE [Tensors swapped in through the wrapper]
+    # ``torch.func.functional_call(compiled, {"weight": w}, x)`` (also ``nn.utils.stateless``, ``torch.export``'s
+    # reparametrization) swaps a tensor in by name on the module it is given: into ``_parameters`` when the name
+    # is there, else by ``setattr``. The wrapper's own ``_parameters`` is empty, so a top-level parameter of the
+    # wrapped module came here and ``setattr(orig, "weight", w)`` refused the plain tensor with a TypeError
+    # (names below the top, ``0.weight``, reach the submodule and were swapped right). A plain tensor set under
+    # the name of one of the wrapped module's parameters goes into its parameter slot, as the swap does on an
+    # eager module; the compiled forward reads the slots at every call, so it uses the swapped tensors. The
+    # wrapper cannot tell the swap from a direct ``compiled.weight = tensor``, which eager refuses: that is
+    # accepted too (the one place the wrapper is more permissive than the module).
 
     # NOTE [Submodules set through the wrapper]
     # ``model = aotcache.compile(model); model.act = nn.Identity()`` registered the new submodule on the
