@@ -104,6 +104,13 @@ from aotcache.aot.metadata import (
 )
 from aotcache.aot.object_outputs import ObjectOutputError, lift_object_outputs, object_output_leaves
 from aotcache.aot.source_locations import hand_on_source_locations
+from aotcache.aot.switched_settings import (
+    refuse_active_transform,
+    refuse_switched_settings,
+    restore_thread_settings,
+    settings_kept,
+    thread_settings,
+)
 from aotcache.aot.tensor_subclasses import refuse_subclass_outputs
 from aotcache.aot.tangents import (
     grad_tangent_dependencies,
@@ -247,6 +254,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()
         grad_mode_before = torch.is_grad_enabled()
+        settings_before = thread_settings()  # NOTE [Settings left switched by the function]
         with explain_data_dependent_ops(), resize_check, explain, spotter, MaskedAssignAsWhere(), scalars, draws, \
                 refuse_optimizer_steps():  # NOTE [Optimizer steps inside a capture]
             try:
@@ -254,8 +262,11 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             finally:
                 grad_mode_after = torch.is_grad_enabled()
                 torch._C._set_grad_enabled(grad_mode_before)
+                settings_after = thread_settings()
+                restore_thread_settings(settings_before)
             explain.raise_caught()  # NOTE [Capture errors the function catches]
         refuse_grad_mode_change(grad_mode_before, grad_mode_after)
+        refuse_switched_settings(settings_before, settings_after)
         needs_functionalization = spotter.seen if spot_functionalization else "not spotted"
         effects = list(getattr(functional_mode, "_tokens", {}))
         try:
@@ -701,6 +712,7 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
 def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapping | None,
              dynamic: bool | tuple, trace_joint: bool | None, input_is_leaf: Sequence[bool] | None,
              regenerate_aliases: bool) -> CapturedGraph:
+    refuse_active_transform()  # NOTE [Captures inside a torch.func level]
     if input_is_leaf is None:
         input_is_leaf = [not isinstance(a, torch.Tensor) or a.is_leaf for a in flat_args]
     flat_fn = checking_tensors(flat_fn)  # NOTE [Cost of the tensor-check mode]
@@ -724,7 +736,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
             refuse_host_random(generators) as rng_watch, \
-            functorch_levels_kept(), compiled_autograd_off(), \
+            functorch_levels_kept(), settings_kept(), compiled_autograd_off(), \
             symbolic_fake_cache_off(fake_mode, callers_mode), parametrization_cache_off(), \
             callers_saved_tensor_hooks_off(), watch:
         analysis = None

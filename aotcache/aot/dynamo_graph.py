@@ -99,6 +99,11 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     re-check it: a changed ``eps`` would reuse the graph), and without Dynamo's symbol ``.item()`` is data-dependent.
     So, as torch's own pipeline does for a float it cannot turn into tensor ops, the floats are marked for
     specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
+    Only floats Dynamo made from a Python number are such inputs: their symbol is backed (it has the number as its
+    hint). A tensor argument the function calls ``.item()`` on (``capture_scalar_outputs``) carries an *unbacked*
+    symbol in the same place; marking it made Dynamo's restart guard on a value no one knows
+    (``GuardOnDataDependentSymNode``, an error where aot_eager runs: PyTorch's test_unspec.py,
+    test_symfloat_to_tensor). Such a ``.item()`` is left to the capture, which refuses it as data-dependent.
     """
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.experimental import symbolic_shapes
@@ -109,7 +114,7 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
         value = node.meta.get("example_value") if node.op == "placeholder" else None
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
-        if isinstance(memo, torch.SymFloat) and name is not None:
+        if isinstance(memo, torch.SymFloat) and name is not None and not symbolic_shapes.free_unbacked_symbols(memo):
             # NOTE [Float inputs read in a checkpointed region]
             if guard_scalar is not None and _read_in_regions(gm, node):
                 _specialize_in_regions(gm, node, float(guard_scalar(memo)))

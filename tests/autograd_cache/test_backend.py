@@ -119,6 +119,24 @@ def test_dynamic_true_with_batchnorm_specializes_its_float_attributes_and_sees_t
         torch.testing.assert_close(compiled_model[0].weight.grad, eager_model[0].weight.grad)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("build", [lambda v: torch.tensor([v.item()]), lambda v: torch.tensor([[v.item()], [2.0]]),
+                                   lambda v: torch.tensor(v.item())], ids=["list", "nested", "scalar"])
+def test_item_of_a_tensor_argument_is_not_taken_for_a_float_input(build, dynamic):
+    """NOTE [Dynamo's float inputs]: a tensor argument read with .item() under capture_scalar_outputs carries an
+    unbacked symbol where Dynamo's float inputs carry a backed one; it was marked for specialization and Dynamo's
+    restart raised GuardOnDataDependentSymNode where aot_eager runs (PyTorch's test_unspec.py,
+    test_symfloat_to_tensor). Now eager's values, call after call (a new value is never a stale constant)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, assume_static_by_default=not dynamic):
+        compiled = torch.compile(build, backend=functools.partial(aotcache_backend, compiler="nop", cache=False),
+                                 fullgraph=True)
+        for value in (0.25, -1.5, 3.0):
+            v = torch.tensor([value])
+            torch.testing.assert_close(compiled(v), build(v))
+    torch._dynamo.reset()
+
+
 def specializing_compiler(gm, example_inputs):
     """Like Inductor lowering some ops: reads each symbolic size the graph uses as an int (which adds ``Eq(s, n)``
     to Dynamo's ShapeEnv) and bakes it into the graph, so code loaded for another size fails or differs."""
