@@ -214,7 +214,8 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
                           ignore_shape_env: bool = False, disable_functionalization: bool = False,
                           pre_grad_passes: Callable | None = None, compile_region_name: str | None = None, *,
                           dynamic: bool = False, cache: Any = True,
-                          compiler_options: Mapping | None = None) -> Callable:
+                          compiler_options: Mapping | None = None, cudagraphs: Any = None,
+                          boxed_forward_device_index: Any = None) -> Callable:
     """The ``torch.compile`` backend form: compile Dynamo's graph ``mod`` now for its (possibly fake,
     symbolic) example inputs ``args`` and return ``run(*flat_args)``.
 
@@ -224,7 +225,9 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
     ``compiler_options`` are passed to compilers given by name (``options=``). The positional order is
     PyTorch's (NOTE [PyTorch-compatible arguments]): ``pre_grad_passes(mod, args) -> mod`` rewrites a
     GraphModule before anything is keyed or traced (as PyTorch runs it); ``compiler_config_extra``,
-    ``ignore_shape_env``, ``disable_functionalization`` and ``compile_region_name`` are accepted and change nothing.
+    ``ignore_shape_env``, ``disable_functionalization`` and ``compile_region_name`` are accepted and change nothing;
+    so are torch 2.11's ``cudagraphs`` and ``boxed_forward_device_index`` (Inductor's CUDA-graph plumbing, gone by
+    2.13; keyword-only here, as Dynamo's backends pass them).
     """
     options = checked_options("aot_module_simplified", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                               partition_fn=partition_fn, decompositions=decompositions,

@@ -53,6 +53,7 @@ from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.errors import CaptureError, is_trace_failure
+from aotcache.aot.generator_args import untraceable_generator_failure
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
 from aotcache.aot.refusals import nested_tensor_error, raised_in_nested_tensor_code
@@ -525,6 +526,12 @@ def _warn(owner: Any, exc: CaptureError, runtime: Any) -> None:
 
 def trace_failure_error(exc: BaseException) -> CaptureError:
     """The CaptureError (reason ``trace_failed``) that stands for ``exc`` in warnings, counters and routes."""
+    if untraceable_generator_failure(exc):  # NOTE [Generators in a traced graph, torch 2.11]
+        return CaptureError(f"aotcache: torch {torch.__version__} cannot put a torch.Generator into a traced graph "
+                            f"(torch 2.12 and later can), so a call passing generator= or drawing from a "
+                            f"generator it holds is not captured ({type(exc).__name__}: {_first_line(exc)}). "
+                            f"Upgrade torch, or draw without generator= inside the compiled function",
+                            reason="trace_failed")
     return CaptureError(f"aotcache: the capture failed with {type(exc).__name__}: {_first_line(exc)}",
                         reason="trace_failed")
 

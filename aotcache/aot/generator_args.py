@@ -25,6 +25,14 @@ its graph runs, and the call is captured again with the caller's generator. Not 
 global, a container on the module). A function returning a generator is refused by the capture (NOTE [Object
 outputs]: a graph would return a copy at the capture's state), so its fallback returns the caller's.
 The states are copied per call (a CPU generator's state is about 5 KB): microseconds against a trace per call.
+
+NOTE [Generators in a traced graph, torch 2.11]
+A graph holds a generator as a constant attribute, which ``make_fx`` can make only for types registered as
+opaque reference types; torch registers ``torch.Generator`` as one from 2.12 on. On torch 2.11 any call passing
+``generator=`` (or drawing from a generator it holds) fails its trace ("NotImplementedError: argument of type:
+<class 'torch._C.Generator'>") and runs through the fallback (torch.compile), with eager's numbers: the AOT way
+is lost, nothing is wrong. :func:`torch_traces_generators` detects the feature; the fallback's warning then
+names the cause (``fallback.trace_failure_error``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["GeneratorSlots"]
+__all__ = ["GeneratorSlots", "torch_traces_generators", "untraceable_generator_failure"]
+
+
+def torch_traces_generators() -> bool:
+    """Whether this torch can put a ``torch.Generator`` into a traced graph (NOTE [Generators in a traced
+    graph, torch 2.11])."""
+    try:
+        from torch._library.opaque_object import is_opaque_reference_type
+    except ImportError:
+        return False
+    try:
+        return bool(is_opaque_reference_type(torch.Generator))
+    except Exception:  # a private helper whose behaviour may change: assume no
+        return False
+
+
+def untraceable_generator_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a trace's refusal of a ``torch.Generator`` constant by a torch that cannot trace one."""
+    return (isinstance(exc, NotImplementedError) and "Generator" in str(exc)
+            and not torch_traces_generators())
 
 
 def _identity(generator: torch.Generator) -> int:

@@ -10,6 +10,7 @@ import torch
 
 import aotcache
 from aotcache.aot.fallback import fallback_counts
+from tests.aot.generator_tracing import needs_generator_tracing
 
 W = torch.arange(1.0, 7.0).reshape(2, 3)
 APIS = ["aot_function", "compile"]
@@ -271,6 +272,7 @@ _DRAWS = {
 }
 
 
+@needs_generator_tracing
 @pytest.mark.parametrize("train", [False, True], ids=["no_grad", "train"])
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("name", list(_DRAWS))
@@ -400,6 +402,7 @@ def test_a_view_with_grad_of_a_view_made_under_no_grad_runs_eagerly(api):
     assert _status(compiled(x_compiled)) == _status(_view_with_grad_of_a_no_grad_view(x_eager))
 
 
+@needs_generator_tracing
 @pytest.mark.parametrize("name", ["rand", "randn", "randint"])
 def test_a_generator_draw_with_dynamic_shapes_is_captured_under_inductors_decompositions(name):
     """Inductor's table turns ``rand_like(t, generator=g)`` back into ``rand(t.shape, generator=g)``, which failed
@@ -488,6 +491,7 @@ _DRAW_KINDS = {
 }
 
 
+@needs_generator_tracing
 @pytest.mark.parametrize("name", list(_DRAW_KINDS))
 def test_a_symbolic_draw_of_each_dtype_and_bound_gives_eagers_numbers(name):
     """The ``*_like`` draw of an empty tensor (NOTE [Generator draws with symbolic sizes]) against eager's factory

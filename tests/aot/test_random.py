@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import aotcache
+from aotcache.aot.generator_args import torch_traces_generators
+from tests.aot.generator_tracing import needs_generator_tracing
 from tests.aot.verify import verify
 
 X = torch.rand(4, 5, 6)
@@ -249,7 +251,8 @@ def _generator_calls(call, seeds, train):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
-@pytest.mark.parametrize("api", ["aot_function", "aot_module", "compile"])
+@pytest.mark.parametrize("api", ["aot_function", "aot_module",
+                                 pytest.param("compile", marks=needs_generator_tracing)])
 def test_a_new_generator_at_every_call_reuses_one_graph_and_draws_as_eager(api, train):
     """A generator argument was keyed by identity: a graph per new generator (``generator_arg`` in
     bench/odd_forwards.py), each keeping its generator alive."""
@@ -602,10 +605,10 @@ def _noise_with_the_argument_generator_set_back(x, generator):
     return x + noise + torch.rand(x.shape, generator=generator)
 
 
-@pytest.mark.xfail(strict=True, reason="Generator.set_state is a C method the capture does not see, and it puts the "
+@pytest.mark.xfail(torch_traces_generators(), strict=True, reason="Generator.set_state is a C method the capture does not see, and it puts the "
                    "generator back where it was, so the state comparison of NOTE [Host random numbers] sees no "
                    "change: the graph draws both numbers for good (NOTE [Generator states set back inside the "
-                   "function])")
+                   "function]). A torch that cannot trace a generator (2.11) falls back: eager's draws, a pass")
 def test_a_draw_whose_argument_generator_is_set_back_inside_is_not_drawn_for_good():
     fn = _noise_with_the_argument_generator_set_back
     compiled = aotcache.aot_function(fn, "nop", cache=False)
@@ -619,3 +622,42 @@ def test_a_draw_whose_argument_generator_is_set_back_inside_is_not_drawn_for_goo
     for (out, state), (e_out, e_state) in zip(results[1], results[0]):
         assert torch.equal(out, e_out)
         assert torch.equal(state, e_state)
+
+
+def test_torch_traces_generators_agrees_with_make_fx():
+    """NOTE [Generators in a traced graph, torch 2.11]: the feature test says what ``make_fx`` does with a
+    generator constant in this torch (traced from 2.12 on; NotImplementedError on 2.11)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    generator = torch.Generator().manual_seed(0)
+    try:
+        gm = make_fx(lambda x: torch.rand_like(x, generator=generator))(torch.ones(2))
+    except NotImplementedError as exc:
+        assert "Generator" in str(exc)
+        traced = False
+    else:
+        assert any(node.op == "get_attr" for node in gm.graph.nodes)  # the generator, held by the graph
+        traced = True
+    assert torch_traces_generators() is traced
+
+
+def test_a_generator_argument_is_captured_or_its_fallback_names_the_torch(caplog):
+    """A call passing ``generator=`` is captured whole where torch can trace a generator; elsewhere (2.11) it
+    falls back with eager's numbers, and the warning names the torch and the cause, not only the trace error."""
+    from aotcache.aot.fallback import fallback_counts
+
+    def fn(x, g):
+        return torch.rand(x.shape, generator=g) + x
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    before = fallback_counts()
+    with caplog.at_level("WARNING", logger="aotcache"):
+        got = compiled(torch.ones(3, 2), torch.Generator().manual_seed(1))
+    assert torch.equal(got, fn(torch.ones(3, 2), torch.Generator().manual_seed(1)))
+    after = fallback_counts()
+    new = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    if torch_traces_generators():
+        assert new == {} and "Generator" not in caplog.text
+    else:
+        assert new == {"partial:trace_failed": 1}
+        assert f"torch {torch.__version__} cannot put a torch.Generator into a traced graph" in caplog.text
