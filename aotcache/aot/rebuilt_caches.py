@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_caches_kept"]
+__all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuilt_caches_kept"]
 
 # NOTE [Caches a module rebuilds from its weights]
 # ``nn.RNNBase`` (RNN, GRU, LSTM) keeps its weights in a second place: the ``_flat_weights`` list, with weak
@@ -46,7 +46,8 @@ _REBUILT_BY_CLASS: tuple[tuple[type, tuple[str, ...]], ...] = (
 _MISSING = object()
 
 
-def _cache_names(module: Any) -> tuple[str, ...]:
+def rebuilt_cache_names(module: Any) -> tuple[str, ...]:
+    """The attributes of ``module`` that are caches its own code rebuilds from its weights before reading them."""
     for cls, names in _REBUILT_BY_CLASS:
         if isinstance(module, cls):
             return names
@@ -74,7 +75,7 @@ class SavedRebuiltCaches:
         seen: set[int] = set()
         for root in modules:
             for module in root.modules():
-                names = _cache_names(module)
+                names = rebuilt_cache_names(module)
                 if names and id(module) not in seen:
                     seen.add(id(module))
                     values = [(name, module.__dict__.get(name, _MISSING)) for name in names]
