@@ -1,6 +1,6 @@
-"""Caches a module keeps of its own weights and rebuilds itself when they change (``nn.LSTM``'s ``_flat_weights``):
-put back after each run of the Python in a capture instead of refusing it (NOTE [Caches a module rebuilds from
-its weights])."""
+"""Caches a module computes from its own weights before reading them (``nn.LSTM``'s ``_flat_weights``, an old-style
+weight-normed ``weight``): put back after each run of the Python in a capture instead of refusing it (NOTE [Caches
+a module rebuilds from its weights])."""
 
 from __future__ import annotations
 
@@ -10,48 +10,73 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuilt_caches_kept"]
+__all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuilt_caches_kept", "walk_skips"]
 
 # NOTE [Caches a module rebuilds from its weights]
-# ``nn.RNNBase`` (RNN, GRU, LSTM) keeps its weights in a second place: the ``_flat_weights`` list, with weak
-# references to them in ``_flat_weight_refs``. Its forward first compares those references with the module's
-# weight attributes and, when one differs, builds both lists anew from the attributes
-# (``_update_flat_weights``; ``__getstate__`` does the same), so the list is only read right after that check.
-# ``torch.func.functional_call`` swaps the passed tensors into ``_parameters`` directly, not through the RNN's
-# ``__setattr__``, so in eager the forward rebuilds the lists from the passed tensors and the swap-back leaves them
-# there: after an eager ``functional_call(lstm, weights, x)`` the list holds ``weights``' tensors (keeping them
-# alive) until the module's next forward rebuilds it from its own parameters.
+# Some modules keep a tensor computed from their weights in a plain attribute and compute it anew before they read
+# it, at every forward:
 #
-# In a capture the passed tensors are trace tensors, so the list was left holding the capture's FunctionalTensors:
-# inside an ``aot_module`` (an untrusted fingerprint at every later call, found earlier) and, under ``functional_call``
-# in an ``aot_function`` / ``aotcache.compile``, in the program state the guards watch, which NOTE [Tensors stored
-# in program state] then refused (every RNN under ``functional_call`` fell back). A graph cannot rebind an
-# attribute at each call, and it need not: the lists are a cache only the module's own forward reads, after
-# rebuilding it whenever its references do not match the weights. So after each run of the Python in a capture,
-# the two attributes are put back to the lists the module held when the capture started, the capture goes on, and
-# no trace tensor is left in the user's module. The module then holds what a compiled call that reuses the graph
-# leaves too (it runs no Python): its lists as before the call, those of its own parameters when it was last run
-# on them. That differs from eager in one way only, by design: eager keeps the passed tensors in the private list
-# until the next forward; a compiled call keeps no reference to them. Every result is the same: the graph reads
-# the passed weights (graph inputs), and the next eager forward, ``functional_call`` or ``state_dict`` /
-# ``all_weights`` read the weights, not the list (tests/aot/test_functional_call_caches.py).
+# * ``nn.RNNBase`` (RNN, GRU, LSTM) keeps its weights in a second place, the ``_flat_weights`` list, with weak
+#   references to them in ``_flat_weight_refs``. Its forward first compares those references with the weight
+#   attributes and, when one differs, builds both lists anew from the attributes (``_update_flat_weights``;
+#   ``__getstate__`` does the same), so the lists are read only right after that check.
+# * the old-style ``nn.utils.weight_norm`` / ``spectral_norm`` hooks (``WeightNorm``, ``SpectralNorm``, forward
+#   pre-hooks) set ``module.weight`` (a plain attribute) from ``weight_g`` / ``weight_v`` or ``weight_orig`` before
+#   each forward; only when no other pre-hook runs before them is the forward the attribute's first reader.
 #
-# Only attributes listed here count, by class: a cache is listed when the module's own code rebuilds it from its
-# weights before every read. Tensors a forward keeps for its own later use (``self.prev = h``) are still refused
-# (NOTE [Tensors stored on modules]); the old-style ``weight_norm`` / ``spectral_norm`` hooks' ``module.weight``,
-# set by a forward pre-hook at every call, is such a refused case (NOTE [Weights set by forward pre-hooks]).
-_REBUILT_BY_CLASS: tuple[tuple[type, tuple[str, ...]], ...] = (
-    (nn.RNNBase, ("_flat_weights", "_flat_weight_refs")),
-)
+# ``torch.func.functional_call`` swaps the passed tensors into ``_parameters`` directly (not through the module's
+# ``__setattr__``), so in eager the forward computes the cache from the passed tensors and the swap-back leaves it
+# so: after an eager ``functional_call(lstm, weights, x)`` the list holds ``weights``' tensors (keeping them alive),
+# and a weight-normed ``m.weight`` is the weight computed from the passed ``weight_g`` / ``weight_v`` (with their
+# autograd history), until the module's next forward computes them from its own weights.
+#
+# In a capture the passed tensors are trace tensors, so the attribute was left holding the capture's trace tensors,
+# and NOTE [Tensors stored in program state] refused the capture (RNNs and old-style normed layers under
+# ``functional_call`` in an ``aot_function`` / ``aotcache.compile`` all fell back). A graph cannot rebind an
+# attribute at each call, and for these it need not: the forward computes the value before reading it. So after
+# each run of the Python in a capture, the attributes are put back to what the module held when the capture
+# started, the capture goes on, and no trace tensor is left in the user's module. The module then holds what a
+# compiled call that reuses the graph (no Python) leaves too: the value as before the call. That differs from eager
+# in one way, by design: eager leaves the value computed from the passed weights until the module's next forward,
+# a compiled call leaves the module's earlier value and keeps no reference to the passed tensors. The results are
+# the same: the graph reads the passed weights (graph inputs), and the next forward computes the cache again.
+#
+# The RNN's lists are private and read only after their check, so the walk leaves them out too (``walk_skips``):
+# an eager ``functional_call`` between compiled calls rebuilds them and would otherwise fail the program guards
+# and trace again at every call. ``module.weight`` is public (code may read it before the call) and stays walked
+# and guarded by identity: an eager forward between compiled calls traces again, as any rebound attribute does.
+# Only what is listed here counts: tensors a forward keeps for its own later use (``self.prev = h``) are still
+# refused (NOTE [Tensors stored on modules]). Modules run through a parametrization (``nn.utils.parametrizations``,
+# ``parametrize.cached()``), BatchNorm with its statistics passed as buffers and ``nn.MultiheadAttention`` keep no
+# such attribute and were captured already (tests/aot/test_functional_call_caches.py).
+_RNN_CACHES = ("_flat_weights", "_flat_weight_refs")
 _MISSING = object()
 
 
+def _norm_hook_names(module: nn.Module) -> tuple[str, ...]:
+    """The attributes the old-style weight / spectral norm pre-hooks of ``module`` set, those that run first."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    names = []
+    for hook in module._forward_pre_hooks.values():
+        if not isinstance(hook, (WeightNorm, SpectralNorm)):
+            break  # another hook runs before the rest: it could read the attribute before it is computed
+        names.append(hook.name)
+    return tuple(names)
+
+
 def rebuilt_cache_names(module: Any) -> tuple[str, ...]:
-    """The attributes of ``module`` that are caches its own code rebuilds from its weights before reading them."""
-    for cls, names in _REBUILT_BY_CLASS:
-        if isinstance(module, cls):
-            return names
-    return ()
+    """The attributes of ``module`` that are caches its own code computes from its weights before reading them."""
+    if not isinstance(module, nn.Module):
+        return ()
+    names = _RNN_CACHES if isinstance(module, nn.RNNBase) else ()
+    return (*names, *_norm_hook_names(module)) if module._forward_pre_hooks else names
+
+
+def walk_skips(module: Any) -> tuple[str, ...]:
+    """The rebuilt caches of ``module`` that only its own code reads, after computing them: left out of the walk."""
+    return _RNN_CACHES if isinstance(module, nn.RNNBase) else ()
 
 
 def modules_among(values: Iterable[Any]) -> list[nn.Module]:
