@@ -16,67 +16,80 @@ __all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuil
 # Some modules keep a tensor computed from their weights in a plain attribute and compute it anew before they read
 # it, at every forward:
 #
-# * ``nn.RNNBase`` (RNN, GRU, LSTM) keeps its weights in a second place, the ``_flat_weights`` list, with weak
-#   references to them in ``_flat_weight_refs``. Its forward first compares those references with the weight
+# * ``nn.RNNBase`` (RNN, GRU, LSTM) keeps its weights in a second place, the private ``_flat_weights`` list, with
+#   weak references to them in ``_flat_weight_refs``. Its forward first compares those references with the weight
 #   attributes and, when one differs, builds both lists anew from the attributes (``_update_flat_weights``;
 #   ``__getstate__`` does the same), so the lists are read only right after that check.
-# * the old-style ``nn.utils.weight_norm`` / ``spectral_norm`` hooks (``WeightNorm``, ``SpectralNorm``, forward
-#   pre-hooks) set ``module.weight`` (a plain attribute) from ``weight_g`` / ``weight_v`` or ``weight_orig`` before
-#   each forward; only when no other pre-hook runs before them is the forward the attribute's first reader.
+# * the old-style forward pre-hooks of ``nn.utils.weight_norm``, ``spectral_norm`` and ``prune`` (``WeightNorm``,
+#   ``SpectralNorm``, ``BasePruningMethod``, their own ``__call__``) set ``module.weight``, a plain attribute, from
+#   ``weight_g`` / ``weight_v``, ``weight_orig`` (and ``weight_mask``) before each forward; only when no other
+#   pre-hook runs before them is the forward that attribute's first reader in the call.
 #
-# ``torch.func.functional_call`` swaps the passed tensors into ``_parameters`` directly (not through the module's
-# ``__setattr__``), so in eager the forward computes the cache from the passed tensors and the swap-back leaves it
-# so: after an eager ``functional_call(lstm, weights, x)`` the list holds ``weights``' tensors (keeping them alive),
-# and a weight-normed ``m.weight`` is the weight computed from the passed ``weight_g`` / ``weight_v`` (with their
-# autograd history), until the module's next forward computes them from its own weights.
+# ``torch.func.functional_call`` swaps the passed tensors into ``_parameters`` / ``_buffers`` directly (not through
+# the module's ``__setattr__``), so in eager the forward computes the cache from the passed tensors and the
+# swap-back leaves it so: after an eager ``functional_call(lstm, weights, x)`` the list holds ``weights``' tensors
+# (keeping them alive), and a weight-normed ``m.weight`` is the weight computed from the passed ``weight_g`` /
+# ``weight_v`` (with their autograd history), until the module's next forward computes them from its own weights.
 #
-# In a capture the passed tensors are trace tensors, so the attribute was left holding the capture's trace tensors,
-# and NOTE [Tensors stored in program state] refused the capture (RNNs and old-style normed layers under
-# ``functional_call`` in an ``aot_function`` / ``aotcache.compile`` all fell back). A graph cannot rebind an
+# In a capture the passed tensors are trace tensors, so the attribute was left holding the capture's trace tensors
+# and NOTE [Tensors stored in program state] refused the capture: RNNs and old-style normed or pruned layers under
+# ``functional_call`` in an ``aot_function`` / ``aotcache.compile`` all fell back. A graph cannot rebind an
 # attribute at each call, and for these it need not: the forward computes the value before reading it. So after
 # each run of the Python in a capture, the attributes are put back to what the module held when the capture
 # started, the capture goes on, and no trace tensor is left in the user's module. The module then holds what a
 # compiled call that reuses the graph (no Python) leaves too: the value as before the call. That differs from eager
-# in one way, by design: eager leaves the value computed from the passed weights until the module's next forward,
-# a compiled call leaves the module's earlier value and keeps no reference to the passed tensors. The results are
-# the same: the graph reads the passed weights (graph inputs), and the next forward computes the cache again.
+# in one way, by design: eager leaves the value computed from the passed weights until the module's next forward;
+# a compiled call leaves the module's earlier value and keeps no reference to the passed tensors. Results are
+# eager's: the graph reads the passed weights (graph inputs), and the next forward computes the value again.
 #
 # The RNN's lists are private and read only after their check, so the walk leaves them out too (``walk_skips``):
 # an eager ``functional_call`` between compiled calls rebuilds them and would otherwise fail the program guards
-# and trace again at every call. ``module.weight`` is public (code may read it before the call) and stays walked
-# and guarded by identity: an eager forward between compiled calls traces again, as any rebound attribute does.
-# Only what is listed here counts: tensors a forward keeps for its own later use (``self.prev = h``) are still
-# refused (NOTE [Tensors stored on modules]). Modules run through a parametrization (``nn.utils.parametrizations``,
-# ``parametrize.cached()``), BatchNorm with its statistics passed as buffers and ``nn.MultiheadAttention`` keep no
-# such attribute and were captured already (tests/aot/test_functional_call_caches.py).
+# and trace again at every call. ``module.weight`` is public: code may read it before the call (it stays walked and
+# guarded by identity: an eager forward between compiled calls traces again, as any rebound attribute does), and
+# after a plain forward of the module eager leaves it computed from the module's own, trained weights, which a
+# graph reused without Python would not update. So the capture of an ``aot_module`` puts back only the private
+# caches (``private_only``): an ``aot_module`` of a weight-normed or pruned layer is refused as before (NOTE
+# [Tensors stored on modules]) and its fallback leaves eager's ``module.weight``; under ``functional_call`` eager's
+# own value is the passed weights', which the module forgets at its next forward. Only what is listed here counts:
+# tensors a forward keeps for its own later use (``self.prev = h``) are refused as before. Parametrizations
+# (``nn.utils.parametrizations``, ``parametrize.cached()``), BatchNorm with its statistics passed as buffers and
+# ``nn.MultiheadAttention`` keep no such attribute and were captured already (tests/aot/test_functional_call_caches.py).
 _RNN_CACHES = ("_flat_weights", "_flat_weight_refs")
 _MISSING = object()
 
 
-def _norm_hook_names(module: nn.Module) -> tuple[str, ...]:
-    """The attributes the old-style weight / spectral norm pre-hooks of ``module`` set, those that run first."""
+def _hook_set_names(module: nn.Module) -> tuple[str, ...]:
+    """The attributes that the old-style weight-norm, spectral-norm and pruning pre-hooks of ``module`` set, those
+    that run before any other pre-hook."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     names = []
     for hook in module._forward_pre_hooks.values():
-        if not isinstance(hook, (WeightNorm, SpectralNorm)):
-            break  # another hook runs before the rest: it could read the attribute before it is computed
-        names.append(hook.name)
+        for kind, attribute in ((WeightNorm, "name"), (SpectralNorm, "name"), (BasePruningMethod, "_tensor_name")):
+            if isinstance(hook, kind) and type(hook).__call__ is kind.__call__:
+                names.append(getattr(hook, attribute))
+                break
+        else:  # another hook runs before the rest: it could read the attribute before it is computed
+            break
     return tuple(names)
 
 
-def rebuilt_cache_names(module: Any) -> tuple[str, ...]:
-    """The attributes of ``module`` that are caches its own code computes from its weights before reading them."""
+def rebuilt_cache_names(module: Any, private_only: bool = False) -> tuple[str, ...]:
+    """The attributes of ``module`` that are caches its own code computes from its weights before reading them;
+    with ``private_only``, those only the module's code reads (NOTE [Caches a module rebuilds from its weights])."""
     if not isinstance(module, nn.Module):
         return ()
     names = _RNN_CACHES if isinstance(module, nn.RNNBase) else ()
-    return (*names, *_norm_hook_names(module)) if module._forward_pre_hooks else names
+    if private_only or not module._forward_pre_hooks:
+        return names
+    return (*names, *_hook_set_names(module))
 
 
 def walk_skips(module: Any) -> tuple[str, ...]:
     """The rebuilt caches of ``module`` that only its own code reads, after computing them: left out of the walk."""
-    return _RNN_CACHES if isinstance(module, nn.RNNBase) else ()
+    return rebuilt_cache_names(module, private_only=True)
 
 
 def modules_among(values: Iterable[Any]) -> list[nn.Module]:
@@ -95,12 +108,12 @@ class SavedRebuiltCaches:
     """The rebuilt caches of ``modules`` and of their submodules, as they are now (NOTE [Caches a module rebuilds
     from its weights])."""
 
-    def __init__(self, modules: Iterable[nn.Module]) -> None:
+    def __init__(self, modules: Iterable[nn.Module], private_only: bool = False) -> None:
         self._saved: list[tuple[nn.Module, tuple[tuple[str, Any, list | None], ...]]] = []
         seen: set[int] = set()
         for root in modules:
             for module in root.modules():
-                names = rebuilt_cache_names(module)
+                names = rebuilt_cache_names(module, private_only)
                 if names and id(module) not in seen:
                     seen.add(id(module))
                     values = [(name, module.__dict__.get(name, _MISSING)) for name in names]
@@ -126,9 +139,9 @@ class SavedRebuiltCaches:
 
 
 @contextlib.contextmanager
-def rebuilt_caches_kept(modules: Iterable[nn.Module]) -> Iterator[None]:
+def rebuilt_caches_kept(modules: Iterable[nn.Module], private_only: bool = False) -> Iterator[None]:
     """Put the rebuilt caches of ``modules`` (and their submodules) back after the body, however it ends."""
-    saved = SavedRebuiltCaches(modules)
+    saved = SavedRebuiltCaches(modules, private_only)
     try:
         yield
     finally:

@@ -222,14 +222,17 @@ def _normed(kind: str) -> nn.Module:
         return nn.utils.weight_norm(linear)
     if kind == "spectral_norm_train":
         return nn.utils.spectral_norm(linear)
+    if kind == "pruned":
+        return nn.utils.prune.l1_unstructured(linear, "weight", amount=0.5)
     return nn.utils.spectral_norm(linear).eval()
 
 
 @pytest.mark.parametrize("api", ["aot_function", "compile"])
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm_train", "spectral_norm_eval"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm_train", "spectral_norm_eval", "pruned"])
 def test_an_old_style_normed_layer_under_functional_call_is_captured_whole(kind, api):
     """The pre-hook sets ``module.weight`` from the passed ``weight_g`` / ``weight_v`` (``weight_orig`` and the
-    power-iteration buffers, updated in place in training) before the forward reads it."""
+    power-iteration buffers, updated in place in training; ``weight_orig`` and the pruning mask) before the forward
+    reads it."""
     model = _normed(kind)
     kept = model.weight
 
@@ -289,6 +292,25 @@ def test_a_hook_running_before_the_weight_norm_hook_keeps_the_refusal():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     assert not torch.allclose(want[2], step_of(_hooked_then_normed())(_weights(model, 2), x))  # (it is stateful)
+
+
+def test_an_aot_module_of_a_weight_normed_layer_keeps_eagers_public_weight():
+    """The other direction: without ``functional_call``, eager leaves ``module.weight`` computed from the module's
+    own weights after each forward, which a reused graph would not update; the capture is refused as before and
+    the fallback leaves eager's weight after a training step."""
+    model, reference = _normed("weight_norm"), _normed("weight_norm")
+    with pytest.raises(CaptureError, match=r"on the model \(weight = "):
+        aotcache.aot_module(_normed("weight_norm"), "nop", cache=False, on_capture_error="raise")(torch.randn(2, 4))
+    compiled = aotcache.aot_module(model, "nop", cache=False)
+    x = torch.randn(2, 4)
+    for module, run in ((reference, reference), (model, compiled)):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        for _ in range(2):
+            run(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert type(model.weight) is torch.Tensor and not _is_trace_tensor(model.weight)
+    torch.testing.assert_close(model.weight, reference.weight)
 
 
 @pytest.mark.parametrize("kind", ["parametrized_weight_norm", "parametrized_spectral_norm", "batch_norm",
