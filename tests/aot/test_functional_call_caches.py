@@ -339,3 +339,31 @@ def test_modules_without_such_a_cache_were_and_are_captured_whole(kind):
         for name in buffers:
             torch.testing.assert_close(buffers[name], want_buffers[name])
     assert compiled.num_compiles == 1
+
+
+def test_a_double_backward_after_a_fingerprint_warm_start_leaves_the_rnns_list_as_found():
+    """A runtime loaded by its fingerprint captures the joint graph again at its first double backward (NOTE
+    [Double backward through the joint graph]); that run of the Python left the RNN's list holding its
+    FunctionalTensors."""
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.store import InMemoryCache, TieredCache
+
+    cache = AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+    torch.manual_seed(0)
+    model = nn.RNN(4, 5, batch_first=True)
+
+    def energy(weights, x):
+        return functional_call(model, weights, (x,))[0].pow(2).sum()
+
+    def penalty(fn, weights, x):
+        (grad,) = torch.autograd.grad(fn(weights, x), x, create_graph=True)
+        return torch.autograd.grad(grad.pow(2).sum(), weights["weight_ih_l0"])[0]
+
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weights = _weights(model, 1)
+    aotcache.aot_function(energy, "nop", cache=cache, on_capture_error="raise")(weights, x)
+    warm = aotcache.aot_function(energy, "nop", cache=cache, on_capture_error="raise")
+    got = penalty(warm, weights, x)
+    assert cache.counters["fingerprint_hit"] == 1
+    assert not any(_is_trace_tensor(w) for w in model._flat_weights)
+    torch.testing.assert_close(got, penalty(energy, weights, x))
