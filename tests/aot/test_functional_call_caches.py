@@ -367,3 +367,27 @@ def test_a_double_backward_after_a_fingerprint_warm_start_leaves_the_rnns_list_a
     assert cache.counters["fingerprint_hit"] == 1
     assert not any(_is_trace_tensor(w) for w in model._flat_weights)
     torch.testing.assert_close(got, penalty(energy, weights, x))
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm_train", "pruned"])
+def test_a_normed_layer_called_directly_in_a_compiled_function_keeps_eagers_public_weight(kind):
+    """The other direction, without ``functional_call``: the pre-hook computes ``module.weight`` from the module's
+    own weights, which eager leaves there after each call (the power iteration's too); a graph reused without
+    Python would leave the weight the capture found, stale once those weights change, and code reading it before
+    the forward (here the function itself) would get the stale value. Refused: the fallback is eager's."""
+    model, reference = _normed(kind), _normed(kind)
+
+    def reads_the_weight_first(module):
+        return lambda x: module.weight.sum() + module(x)
+
+    compiled = aotcache.aot_function(reads_the_weight_first(model), "nop", cache=False)
+    eager = reads_the_weight_first(reference)
+    x = torch.randn(2, 4)
+    with torch.no_grad():  # (inference: no closure tensor that requires grad is read)
+        for n in range(4):
+            torch.testing.assert_close(compiled(x), eager(x))
+            assert not _is_trace_tensor(model.weight)
+            torch.testing.assert_close(model.weight, reference.weight)
+            if n == 0:
+                for module in (model, reference):  # the module's own weights, changed in place
+                    getattr(module, "weight_g" if kind == "weight_norm" else "weight_orig").mul_(2)
