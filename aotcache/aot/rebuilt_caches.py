@@ -120,8 +120,46 @@ class SavedRebuiltCaches:
                     self._saved.append((module, tuple((name, value, list(value) if isinstance(value, list) else None)
                                                       for name, value in values)))
 
+        # NOTE [A public cache computed from the module's own weights]
+        # Put back, ``module.weight`` holds what the capture found, which is eager's only when the hook computed it
+        # from tensors ``functional_call`` swapped in (eager forgets those at the module's next forward). A hook
+        # that ran on the module's own weights leaves eager's current weight there, which a graph reused without
+        # Python would not update (stale once those weights change in place; read stale by code that reads it before
+        # the forward). So while the Python runs, a global pre-hook notes a normed module called with its own
+        # tensors, and such a capture is refused (``computed_from_own``).
+        self._own: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
+        if not private_only:
+            for module, entries in self._saved:
+                if any(name not in _RNN_CACHES for name, _, _ in entries):
+                    self._own[id(module)] = (module, {**module._parameters, **module._buffers})
+        self._from_own: list[str] = []
+
     def __bool__(self) -> bool:
         return bool(self._saved)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """While the body runs, note each module with a public cache that is called with its own tensors."""
+        if not self._own:
+            yield
+            return
+
+        def called(module: nn.Module, args: Any) -> None:
+            entry = self._own.get(id(module))
+            if entry is not None and entry[0] is module:
+                current = {**module._parameters, **module._buffers}
+                if current.keys() == entry[1].keys() and all(current[k] is v for k, v in entry[1].items()):
+                    self._from_own.append(type(module).__name__)
+
+        handle = nn.modules.module.register_module_forward_pre_hook(called)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def computed_from_own(self) -> list[str]:
+        """The modules (by type) whose public cache a run computed from their own weights: refused."""
+        return list(dict.fromkeys(self._from_own))
 
     def put_back(self) -> None:
         """Bind each cache attribute to the object it held when saved, with the items it held (the forward

@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.utils.prune  # (_normed builds pruned layers)
 from torch import nn
 from torch.func import functional_call
 
