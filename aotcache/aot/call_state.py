@@ -188,7 +188,7 @@ class SavedCallState:
             except CaptureError:
                 pass
             raise CaptureError(
-                f"aotcache: the call runs a {from_own[0]} whose old-style weight_norm / spectral_norm / prune hook "
+                f"aotcache: the call runs a {from_own[0]} whose old-style weight_norm / spectral_norm hook "
                 f"sets module.weight from the module's own weights at every forward, which a graph cannot do; "
                 f"module.weight would stay stale. Use torch.nn.utils.parametrizations (or parametrize), or "
                 f"functional_call with the weights passed.", reason="unsupported_construct", any_settings=True)

@@ -20,10 +20,12 @@ __all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuil
 #   weak references to them in ``_flat_weight_refs``. Its forward first compares those references with the weight
 #   attributes and, when one differs, builds both lists anew from the attributes (``_update_flat_weights``;
 #   ``__getstate__`` does the same), so the lists are read only right after that check.
-# * the old-style forward pre-hooks of ``nn.utils.weight_norm``, ``spectral_norm`` and ``prune`` (``WeightNorm``,
-#   ``SpectralNorm``, ``BasePruningMethod``, their own ``__call__``) set ``module.weight``, a plain attribute, from
-#   ``weight_g`` / ``weight_v``, ``weight_orig`` (and ``weight_mask``) before each forward; only when no other
-#   pre-hook runs before them is the forward that attribute's first reader in the call.
+# * the old-style forward pre-hooks of ``nn.utils.weight_norm`` and ``spectral_norm`` (``WeightNorm``,
+#   ``SpectralNorm``, their own ``__call__``) set ``module.weight``, a plain attribute, from
+#   ``weight_g`` / ``weight_v`` or ``weight_orig`` before each forward; only when no other pre-hook runs before
+#   them is the forward that attribute's first reader in the call. Not ``prune``'s hooks: pruning a pruned layer
+#   again (``l1_unstructured``, ``global_unstructured``) ranks ``module.weight`` itself, outside any forward, so
+#   what the module holds there after a call changes the mask; they stay refused (their fallback is eager's).
 #
 # ``torch.func.functional_call`` swaps the passed tensors into ``_parameters`` / ``_buffers`` directly (not through
 # the module's ``__setattr__``), so in eager the forward computes the cache from the passed tensors and the
@@ -32,7 +34,7 @@ __all__ = ["SavedRebuiltCaches", "modules_among", "rebuilt_cache_names", "rebuil
 # ``weight_v`` (with their autograd history), until the module's next forward computes them from its own weights.
 #
 # In a capture the passed tensors are trace tensors, so the attribute was left holding the capture's trace tensors
-# and NOTE [Tensors stored in program state] refused the capture: RNNs and old-style normed or pruned layers under
+# and NOTE [Tensors stored in program state] refused the capture: RNNs and old-style normed layers under
 # ``functional_call`` in an ``aot_function`` / ``aotcache.compile`` all fell back. A graph cannot rebind an
 # attribute at each call, and for these it need not: the forward computes the value before reading it. So after
 # each run of the Python in a capture, the attributes are put back to what the module held when the capture
@@ -61,13 +63,12 @@ _MISSING = object()
 def _hook_set_names(module: nn.Module) -> tuple[str, ...]:
     """The attributes that the old-style weight-norm, spectral-norm and pruning pre-hooks of ``module`` set, those
     that run before any other pre-hook."""
-    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     names = []
     for hook in module._forward_pre_hooks.values():
-        for kind, attribute in ((WeightNorm, "name"), (SpectralNorm, "name"), (BasePruningMethod, "_tensor_name")):
+        for kind, attribute in ((WeightNorm, "name"), (SpectralNorm, "name")):  # (not prune: below)
             if isinstance(hook, kind) and type(hook).__call__ is kind.__call__:
                 names.append(getattr(hook, attribute))
                 break

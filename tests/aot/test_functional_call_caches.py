@@ -229,7 +229,7 @@ def _normed(kind: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("api", ["aot_function", "compile"])
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm_train", "spectral_norm_eval", "pruned"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm_train", "spectral_norm_eval"])
 def test_an_old_style_normed_layer_under_functional_call_is_captured_whole(kind, api):
     """The pre-hook sets ``module.weight`` from the passed ``weight_g`` / ``weight_v`` (``weight_orig`` and the
     power-iteration buffers, updated in place in training; ``weight_orig`` and the pruning mask) before the forward
@@ -392,3 +392,22 @@ def test_a_normed_layer_called_directly_in_a_compiled_function_keeps_eagers_publ
             if n == 0:
                 for module in (model, reference):  # the module's own weights, changed in place
                     getattr(module, "weight_g" if kind == "weight_norm" else "weight_orig").mul_(2)
+
+
+def test_pruning_again_after_a_compiled_functional_call_ranks_the_weights_eager_does():
+    """``prune.l1_unstructured`` (and ``global_unstructured``) on an already pruned layer ranks ``module.weight``
+    itself, outside any forward: after ``functional_call`` eager leaves there the weight computed from the passed
+    ``weight_orig``, so a capture that put back the weight it found would prune by other weights than eager."""
+    model, reference = _normed("pruned"), _normed("pruned")
+
+    def step_of(module):
+        return lambda weights, x: functional_call(module, weights, (x,))
+
+    compiled = aotcache.aot_function(step_of(model), "nop", cache=False)
+    x = torch.randn(2, 4)
+    weights = {name: value.detach().flip(-1).requires_grad_() for name, value in model.named_parameters()}
+    torch.testing.assert_close(compiled(weights, x), step_of(reference)(weights, x))
+    assert compiled.num_compiles == 1 and not _is_trace_tensor(model.weight)  # refused: eager's fallback
+    for module in (model, reference):
+        torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.75)
+    torch.testing.assert_close(model.weight_mask, reference.weight_mask)
