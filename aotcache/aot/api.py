@@ -481,8 +481,7 @@ class AOTFunction:
             carry_tensor_attributes(flat, flat_args, self.num_state)  # NOTE [Python attributes of tensor arguments]
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             containers = argument_containers((call_args, call_kwargs))
-            with saved.running() if saved is not None else contextlib.nullcontext():
-                result = self.fn(*call_args, **call_kwargs)
+            result = self.fn(*call_args, **call_kwargs)
             refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
             if saved is not None:  # NOTE [Tensors stored in program state]
                 saved.refuse_trace_tensors()

@@ -39,7 +39,6 @@ start replays it instead of tracing (NOTE [Replaying a call's state change] in a
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -169,10 +168,6 @@ class SavedCallState:
                     f"between the runs ({failure}), so the traced graph would not be the one eager runs. Change "
                     f"that state outside the compiled function.", reason="unsupported_construct")
 
-    def running(self) -> contextlib.AbstractContextManager:
-        """Around a run of the Python in a capture: notes what ``refuse_trace_tensors`` checks after it."""
-        return self._rebuilt.watching()
-
     def refuse_trace_tensors(self) -> None:
         """After a run of the Python in a capture: when the program state it reads (globals, closure cells, class
         attributes and the containers they hold) was left holding a trace tensor, put the state back and raise
@@ -181,17 +176,6 @@ class SavedCallState:
         :raises CaptureError: ``unsupported_construct``, for any settings; the fallback runs the Python.
         """
         self._rebuilt.put_back()  # not refused: NOTE [Caches a module rebuilds from its weights]
-        from_own = self._rebuilt.computed_from_own()
-        if from_own:  # NOTE [A public cache computed from the module's own weights] in rebuilt_caches.py
-            try:
-                self.restore()
-            except CaptureError:
-                pass
-            raise CaptureError(
-                f"aotcache: the call runs a {from_own[0]} whose old-style weight_norm / spectral_norm hook "
-                f"sets module.weight from the module's own weights at every forward, which a graph cannot do; "
-                f"module.weight would stay stale. Use torch.nn.utils.parametrizations (or parametrize), or "
-                f"functional_call with the weights passed.", reason="unsupported_construct", any_settings=True)
         find = getattr(self._program, "trace_tensors", None)
         found = find() if find is not None else []
         if not found:

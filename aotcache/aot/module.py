@@ -89,8 +89,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
         rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
-        with gate.swapping(), refuse_tensors_stored_on_modules(module), \
-                rebuilt_caches_kept([module], private_only=True), \
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), rebuilt_caches_kept([module]), \
                 refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
             result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
         return ReboundBuffers(result, rebound) if rebound else result
