@@ -308,9 +308,9 @@ def test_a_hook_reading_the_weight_before_the_weight_norm_hook_gets_eagers_weigh
 
 
 def test_an_aot_module_of_a_weight_normed_layer_keeps_eagers_public_weight():
-    """The other direction: without ``functional_call``, eager leaves ``module.weight`` computed from the module's
-    own weights after each forward, which a reused graph would not update; the capture is refused as before and
-    the fallback leaves eager's weight after a training step."""
+    """Without ``functional_call``: eager leaves ``module.weight`` computed from the module's own weights after each
+    forward, which a reused graph would not update; the capture is refused and the fallback leaves eager's weight
+    after a training step."""
     model, reference = _normed("weight_norm"), _normed("weight_norm")
     with pytest.raises(CaptureError, match=r"on the model \(weight = "):
         aotcache.aot_module(_normed("weight_norm"), "nop", cache=False, on_capture_error="raise")(torch.randn(2, 4))
