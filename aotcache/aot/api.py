@@ -50,6 +50,7 @@ from aotcache.aot.call_hot_path import CallSignatures, call_key
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
 from aotcache.aot.generator_args import GeneratorSlots
 from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
+from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
 from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
@@ -384,9 +385,10 @@ class AOTFunction:
                 call_args, call_kwargs = pytree.tree_unflatten(list(values), in_spec)
                 return fn(*call_args, **call_kwargs)
 
-            try:
+            try:  # (an RNN's weight list: NOTE [Caches a module rebuilds from its weights])
                 with torch.enable_grad(), (before_call() if before_call is not None
-                                           else contextlib.nullcontext()) as reset:
+                                           else contextlib.nullcontext()) as reset, \
+                        rebuilt_caches_kept(self._program_modules()):
                     captured = capture(flat_fn, flat, decompositions=options.decomposition_table(),
                                        dynamic=options.dynamic, trace_joint=True)
             except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
@@ -395,6 +397,16 @@ class AOTFunction:
             keep_joint_for_double_backward(runtime, captured)
 
         return make_joint
+
+    def _program_modules(self) -> list:
+        """The modules the watched programs of this function reach, whose rebuilt caches a run of its Python
+        outside ``_compile`` leaves as found (NOTE [Caches a module rebuilds from its weights])."""
+        found = []
+        for watched, _ in list(self._programs.values()):
+            saved = getattr(watched, "saved_state", None)
+            reached = getattr(saved(), "modules", None) if saved is not None else None
+            found.extend(reached() if reached is not None else ())
+        return found
 
     # NOTE [A key read before another thread's change]
     # A call reads its key (an aot_module's settings id, the program digest) before it takes the compile lock. A

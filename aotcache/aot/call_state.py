@@ -48,6 +48,7 @@ from torch import nn
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState
 from aotcache.aot.module_state import bounded_deque, holds_trace_tensor, symbolic_size_stored_error
+from aotcache.aot.rebuilt_caches import SavedRebuiltCaches
 
 __all__ = ["SavedCallState", "restore_mapping", "restore_list", "restore_set"]
 
@@ -134,12 +135,16 @@ class SavedCallState:
             self._settings_id = self._settings.current()[3]
         saved = getattr(program, "saved_state", None)
         self._program = saved() if saved is not None else None
+        # NOTE [Caches a module rebuilds from its weights]: an RNN's weight lists, under functional_call
+        reached = getattr(self._program, "modules", None)
+        self._rebuilt = SavedRebuiltCaches(reached() if reached is not None else ())
 
     def restore(self) -> None:
         """Put the saved state back (the module tree first, then what the program reads).
 
         :raises CaptureError: something the program reads could not be put back.
         """
+        self._rebuilt.put_back()
         for current, saved in self._dicts:
             restore_mapping(current, saved)
         for current, saved in self._lists:
@@ -170,6 +175,7 @@ class SavedCallState:
 
         :raises CaptureError: ``unsupported_construct``, for any settings; the fallback runs the Python.
         """
+        self._rebuilt.put_back()  # not refused: NOTE [Caches a module rebuilds from its weights]
         find = getattr(self._program, "trace_tensors", None)
         found = find() if find is not None else []
         if not found:

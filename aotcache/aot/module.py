@@ -57,6 +57,7 @@ from aotcache.aot.module_state import (
     refuse_rebound_module_tensors,
     refuse_tensors_stored_on_modules,
 )
+from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
 from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks, refuse_script_modules
 from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
@@ -88,7 +89,7 @@ def _functional_module_call(module: nn.Module) -> Callable:
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
         rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
-        with gate.swapping(), refuse_tensors_stored_on_modules(module), _rnn_weight_lists_kept(module), \
+        with gate.swapping(), refuse_tensors_stored_on_modules(module), rebuilt_caches_kept([module]), \
                 refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
             result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
         return ReboundBuffers(result, rebound) if rebound else result
@@ -159,25 +160,6 @@ def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str
                 changed = True
         renamed[name] = ".".join([*real, parts[-1]])
     return renamed if changed else None
-
-
-@contextlib.contextmanager
-def _rnn_weight_lists_kept(module: nn.Module) -> Iterator[None]:
-    """NOTE [RNN weight lists after a capture] ``nn.RNNBase`` (LSTM, GRU, RNN) keeps its weights in a second
-    place, the ``_flat_weights`` list (and weak references to them), which its forward rebuilds from the
-    attributes when they changed. Swapping traced tensors in for the capture therefore left the list holding
-    the capture's FunctionalTensors after the real parameters came back: dead trace tensors kept alive by the
-    user's model, and an untrusted fingerprint for every later call ("tensor constant subclass"). The capture
-    leaves the lists as it found them."""
-    saved = [(rnn, rnn.__dict__.get("_flat_weights"), rnn.__dict__.get("_flat_weight_refs"))
-             for rnn in module.modules() if isinstance(rnn, nn.RNNBase)]
-    try:
-        yield
-    finally:
-        for rnn, weights, refs in saved:
-            rnn.__dict__["_flat_weights"] = weights
-            rnn.__dict__["_flat_weight_refs"] = refs
-
 
 
 class AOTModule(nn.Module):

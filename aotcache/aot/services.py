@@ -32,7 +32,8 @@ class WatchedProgram:
         """What the program reads now, as an object whose ``restore()`` writes back what changed since and returns
         None, or names what it could not put back (NOTE [State changed by a capture] in ``call_state.py``), and
         whose ``trace_tensors()`` lists, as ``(name, value)``, where that state holds a trace tensor now (NOTE
-        [Tensors stored in program state] in ``module_state.py``)."""
+        [Tensors stored in program state] in ``module_state.py``), and whose ``modules()`` lists the modules that
+        state reaches (NOTE [Caches a module rebuilds from its weights] in ``rebuilt_caches.py``)."""
         raise NotImplementedError
 
 

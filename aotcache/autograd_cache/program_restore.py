@@ -17,6 +17,7 @@ from typing import Any
 
 from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
 from aotcache.aot.module_state import holds_trace_tensor, trace_tensor_ids
+from aotcache.aot.rebuilt_caches import modules_among
 from aotcache.autograd_cache.program_guards import ProgramGuards
 
 __all__ = ["SavedProgramState"]
@@ -63,6 +64,14 @@ class SavedProgramState:
         # trace tensors already there (another trace's, kept by the user) are not this capture's
         self._known = frozenset(trace_tensor_ids([*(value for _, saved in self._namespaces for value in saved.values()),
                                                   *guards.sized, *guards.attribute_values]))
+
+    def modules(self) -> list:
+        """The modules the recorded reads reach (values of globals, closure cells, attributes, and the items of the
+        containers the walk saw), whose own caches a capture puts back (NOTE [Caches a module rebuilds from its
+        weights] in ``aot/rebuilt_caches.py``)."""
+        guards = self._guards
+        return modules_among([*guards.values, *guards.attribute_values, *self._member_entries,
+                              *(container for container in guards.sized if isinstance(container, (dict, list, tuple)))])
 
     def trace_tensors(self) -> list[tuple[str, Any]]:
         """Where the program state now holds a tensor of a trace (NOTE [Tensors stored in program state] in

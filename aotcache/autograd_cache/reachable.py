@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from aotcache.aot.hot_path import generate_memos, is_method_router, setting_by_value
+from aotcache.aot.rebuilt_caches import rebuilt_cache_names
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.code_reading import (
@@ -809,6 +810,7 @@ class Reachable:
             guards.attributes(module, ("__class__",))
             guards.length(module.__dict__)
         machinery = getattr(cls, "fingerprint_skips", ())  # NOTE [Compiled wrappers in a walked program]
+        machinery = (*machinery, *rebuilt_cache_names(module))  # NOTE [Caches a module rebuilds from its weights]
         memos = generate_memos(cls)  # NOTE [Generate memos] in aot/hot_path.py: only generate reads them
         for name, value in module.__dict__.items():
             if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos or is_method_router(name, value):

@@ -321,7 +321,7 @@ def test_torch_save_of_a_whole_wrapper_loads_a_working_wrapper(api):
 
 def test_an_lstm_keeps_its_own_weights_after_the_capture_and_its_fingerprint_stays_trusted():
     # found by the sweep: after the first call nn.LSTM's _flat_weights held the capture's FunctionalTensors
-    # (NOTE [RNN weight lists after a capture]), so every later fingerprint of the model was untrusted
+    # (NOTE [Caches a module rebuilds from its weights]), so every later fingerprint of the model was untrusted
     from torch.utils import _pytree as pytree
 
     from aotcache.autograd_cache.fingerprint import fingerprint_module_call
