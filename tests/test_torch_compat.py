@@ -259,7 +259,7 @@ def test_no_dict_version(monkeypatch):
 
 def test_no_mode_stack_lengths_declines_fingerprint(monkeypatch):
     from aotcache.autograd_cache import fingerprint
-    from aotcache.autograd_cache.reachable import Untrusted
+    from aotcache.autograd_cache.digests import Untrusted
 
     fingerprint._check_no_active_modes()
     monkeypatch.delattr(torch._C, "_len_torch_function_stack")

@@ -101,7 +101,7 @@ __all__ = ["GuardRecorder", "ProgramGuards", "WatchedProgram", "watch_program"]
 
 # NOTE [Whole namespaces in the guards]
 # ``torch.Tensor``'s own namespace is written down member by member (NOTE [Tensor methods patched] in
-# reachable.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
+# object_walk.py), ~65 methods. One slot guard each, through the class's read-only view, cost ~9 us a call on this
 # machine (a slot read of a ``mappingproxy`` is ~140 ns, and no version tag skips it); the names and the values
 # of the whole namespace listed and compared with the walk's lists (the values by ``id``, never by ``__eq__``: a
 # user object's may raise or answer True for anything) cost ~3.5 us, still a tenth of a small module's call; so

@@ -132,7 +132,7 @@ def library_callable_name(value: Any) -> str | None:
     """Where a library function, builtin or class is defined (``fn:torch.nn.functional.relu``,
     ``builtin:torch._VariableFunctionsClass.sigmoid``, ``class:torch.nn.modules.linear.Linear``), or None for
     any other value: what is found under a name, whichever module holds it (NOTE [Library functions rebound
-    in their module] in reachable.py)."""
+    in their module] in code_walk.py)."""
     if isinstance(value, type):
         return f"class:{type_name(value)}"
     if isinstance(value, types.FunctionType):

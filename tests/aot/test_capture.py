@@ -300,7 +300,7 @@ METADATA_MUTATIONS = [
 
 @pytest.mark.parametrize("fn", METADATA_MUTATIONS)
 def test_symbolic_layout_comparison_alone_detects_metadata_mutations(fn, monkeypatch):
-    # NOTE [Semantic layout comparison] in capture.py: the layout check must catch these by itself, so the
+    # NOTE [Semantic layout comparison] in input_mutations.py: the layout check must catch these by itself, so the
     # functional wrapper's own flag is switched off here
     monkeypatch.setattr(torch, "_functionalize_has_metadata_mutation", lambda tensor: False)
     with pytest.raises(CaptureError, match="metadata mutated"):

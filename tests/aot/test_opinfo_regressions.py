@@ -28,7 +28,7 @@ def _check_like_eager(fn, *inputs, dynamic=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# NOTE [Library functions that reach themselves] (autograd_cache/reachable.py)
+# NOTE [Library functions that reach themselves] (autograd_cache/code_walk.py)
 # ----------------------------------------------------------------------------------------------------
 
 # held as values (a global, or a closure cell as OpInfo's wrappers hold them), so that the walk reads them

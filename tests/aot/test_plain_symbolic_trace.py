@@ -229,7 +229,7 @@ class _SeesNothing(torch.overrides.TorchFunctionMode):
 def test_a_mutating_op_found_in_the_finished_graph_sends_the_capture_to_functionalization(traces, monkeypatch):
     # the dispatch mode normally stops the trace first; the finished graph is checked once more
     monkeypatch.setattr(CAPTURE, "StopAtUnfunctionalizableOps", _PassEverything)
-    monkeypatch.setattr(CAPTURE, "SpotInPlaceCalls", _SeesNothing)
+    monkeypatch.setattr(sys.modules["aotcache.aot.capture_analysis"], "SpotInPlaceCalls", _SeesNothing)
     captured = capture(inplace_on_intermediate, make_inputs([(5, 3), (3, 4)]), dynamic=True)
     assert traces == [(False, False), (True, True)]
     assert not CAPTURE.mutating_nodes(captured.graph)

@@ -458,7 +458,7 @@ def _reads_settings(x):
 
 
 def test_an_objects_dict_replaced_between_calls_gives_eagers_result_and_an_equal_one_keeps_the_graph():
-    # NOTE [An object's __dict__ replaced] (reachable.py): the program guards read the entries of the dict the walk
+    # NOTE [An object's __dict__ replaced] (object_walk.py): the program guards read the entries of the dict the walk
     # saw; ``obj.__dict__ = {...}`` wrote no recorded dict, so the graph of the old values ran
     from aotcache.aot import aot_function
 
