@@ -114,7 +114,7 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
         value = node.meta.get("example_value") if node.op == "placeholder" else None
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
-        if isinstance(memo, torch.SymFloat) and name is not None and not symbolic_shapes.free_unbacked_symbols(memo):
+        if isinstance(memo, torch.SymFloat) and name is not None and _backed(memo):
             # NOTE [Float inputs read in a checkpointed region]
             if guard_scalar is not None and _read_in_regions(gm, node):
                 _specialize_in_regions(gm, node, float(guard_scalar(memo)))
@@ -132,6 +132,12 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     for name in names:
         TensorifyState.specialize(name)
     raise TensorifyScalarRestartAnalysis
+
+
+def _backed(value: torch.SymFloat) -> bool:
+    """Whether a symbolic float has a hint (Dynamo's float made from a Python number), not an unbacked ``.item()``."""
+    has_hint = getattr(value.node, "has_hint", None)
+    return has_hint is None or bool(has_hint())
 
 
 # NOTE [Float inputs read in a checkpointed region]
