@@ -12,7 +12,7 @@ import torch
 from aotcache.aot.plain_trace import StopAtUnfunctionalizableOps
 
 __all__ = ["identity", "to_functional_tensor", "from_functional_tensor", "functionalized", "unfunctionalized",
-           "seed_effect_tokens", "all_effect_types", "final_effect_tokens"]
+           "seed_effect_tokens", "all_effect_types", "final_effect_tokens", "keep_linalg_checks_effectful"]
 
 
 def identity(value: Any) -> Any:
@@ -44,6 +44,7 @@ def functionalized(discover_effects: bool = False) -> Iterator[Any]:
     # The C++ Functionalize key must stay excluded: FunctionalTensorMode (a Python dispatch mode) does the
     # functionalization, and make_fx's proxy mode, lower on the mode stack, records the functional ops it emits.
     exclude = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+    keep_linalg_checks_effectful()
     mode = FunctionalTensorMode(_allow_token_discovery=True) if discover_effects else FunctionalTensorMode()
     with exclude, mode:
         yield mode
@@ -70,6 +71,34 @@ def unfunctionalized(mode: StopAtUnfunctionalizableOps) -> Iterator[None]:
 # calls the check, whose forward already ran on the same input. Compilers must support ``with_effects``
 # (nop as an fx graph, Inductor lowers it); the nop artifact's JSON graph form cannot store it, so such
 # graphs are not stored in the compiled-graph cache.
+#
+# NOTE [Linalg checks on torch 2.11]
+# torch registers aten._linalg_check_errors as side-effectful from 2.12 on. On 2.11 it is a plain op with no
+# output: the trace records it unused, dead-code elimination drops it, and a compiled linalg.inv of a singular
+# matrix returns garbage instead of raising eager's LinAlgError. Where torch has no effect registered for it,
+# the first capture registers the same effect torch 2.12 does (ORDERED), once and for the process, so the path
+# above applies: the registration must outlive the trace, since Inductor reads it again when it lowers the
+# ``with_effects`` node (possibly later, e.g. a recompile). It is feature-detected, never by version, and it
+# only adds what later torch has: other torch.compile users of the process get the 2.12 behaviour too.
+
+
+_linalg_checks_registered = False
+
+
+def keep_linalg_checks_effectful() -> None:
+    """Register aten._linalg_check_errors as side-effectful where torch does not (NOTE [Linalg checks on torch
+    2.11]); a no-op after the first call and on torch >= 2.12."""
+    global _linalg_checks_registered
+    if _linalg_checks_registered:
+        return
+    _linalg_checks_registered = True
+    try:
+        from torch._higher_order_ops.effects import _EffectType, _get_effect, _register_effectful_op
+        check = torch.ops.aten._linalg_check_errors.default
+    except (ImportError, AttributeError):  # a torch without effect tokens or without the check op
+        return
+    if _get_effect(check) is None:
+        _register_effectful_op(check, _EffectType.ORDERED)
 
 
 def seed_effect_tokens(mode: Any, effects: Sequence[Any]) -> None:

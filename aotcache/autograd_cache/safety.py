@@ -63,6 +63,7 @@ _TORCH_INTERNAL_NAMESPACES = frozenset({
     "mkldnn", "mkl", "onednn", "_nested_tensor", "fsdp", "streams", "_test", "_native", "sparse", "export",
     "inductor_prims", "mkldnn_prepacked", "quantization", "static_runtime", "symm_mem", "debug_mode_ops",
     "onnx", "onnx_symbolic", "flex_lib", "_inductor_test",
+    "prepacked",  # XNNPACK's op contexts, in builds with XNNPACK (torch 2.11.0+cu130; Inductor's table reaches them)
 })
 
 # Private torch functions that Dynamo puts into graphs and whose arguments fully describe their effect.

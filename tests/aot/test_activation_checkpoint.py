@@ -175,13 +175,15 @@ class _OwnCaching(torch.utils.checkpoint._CachingTorchDispatchMode):
 
 
 def _own_contexts():
-    from torch.utils.checkpoint import CheckpointPolicy, _CachedTorchDispatchMode
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    storage: dict = __import__("collections").defaultdict(dict)
-    return _OwnCaching(policy, storage), _CachedTorchDispatchMode(policy, storage)
+    # torch's own pair gives the storage (its layout and the cached mode's arguments differ between torch 2.11
+    # and 2.13); the caching half is replaced by the subclass
+    caching, cached = create_selective_checkpoint_contexts(policy)
+    return _OwnCaching(policy, caching.storage), cached
 
 
 class OwnContextBlocks(Blocks):

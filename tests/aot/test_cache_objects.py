@@ -4,6 +4,8 @@ training with its default config (an EncoderDecoderCache output) is cached."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
@@ -21,6 +23,16 @@ transformers = pytest.importorskip("transformers")
 
 def memory_cache() -> AOTAutogradCache:
     return AOTAutogradCache(TieredCache([InMemoryCache()]), journal=False)
+
+
+def cache_of(out):
+    """The KV cache of a model output: ``cache`` in transformers >= 5.25, ``past_key_values`` before (5.17)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def cache_keyword(model) -> str:
+    """The forward's KV-cache keyword: renamed from ``past_key_values`` to ``cache`` after transformers 5.17."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def prompt():
@@ -43,14 +55,15 @@ def test_a_cache_passed_back_in_is_updated_in_place_as_eagerly():
     model = tiny_llama()
     wrapped = aot_module(model, cache=False)
     ids = prompt()
+    keyword = cache_keyword(model)
 
     def decode(call):
         kv = transformers.DynamicCache(config=model.config)
-        out = call(input_ids=ids, cache=kv, use_cache=True)
-        assert out.cache is kv  # the object passed in comes back, updated
+        out = call(input_ids=ids, **{keyword: kv}, use_cache=True)
+        assert cache_of(out) is kv  # the object passed in comes back, updated
         tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
         for _ in range(3):  # the loop keeps passing the same object
-            out = call(input_ids=tokens[-1], cache=kv, use_cache=True)
+            out = call(input_ids=tokens[-1], **{keyword: kv}, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat(tokens, dim=1), kv.get_seq_length(), out.logits
 
@@ -68,13 +81,13 @@ def test_t5_training_with_its_default_config_is_cached():
     cache = memory_cache()
     out = aot_module(model, cache=cache)(input_ids=ids, labels=ids)
     ref = reference(input_ids=ids, labels=ids)
-    assert isinstance(out.cache, transformers.EncoderDecoderCache)
+    assert isinstance(cache_of(out), transformers.EncoderDecoderCache)
     out.loss.backward()
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(model.shared.weight.grad, reference.shared.weight.grad)
-    torch.testing.assert_close(out.cache.self_attention_cache.layers[1].keys,
-                               ref.cache.self_attention_cache.layers[1].keys)
+    torch.testing.assert_close(cache_of(out).self_attention_cache.layers[1].keys,
+                               cache_of(ref).self_attention_cache.layers[1].keys)
     assert cache.counters["saved"] == 1 and cache.counters["bypass"] == 0
 
 

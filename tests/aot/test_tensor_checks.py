@@ -188,6 +188,19 @@ def test_a_tensor_check_in_a_custom_backward():
         compiled(x).backward(torch.full((3,), 1000.0))
 
 
+def _xfail_where_dynamo_alone_cannot(fn, *args) -> None:
+    """Xfail the test where torch.compile(fn, backend="eager", fullgraph=True) -- Dynamo alone, no aotcache --
+    fails: torch 2.11.0 cannot trace ``_check_tensor_all_with(ValueError, ...)`` (no proxy for the exception
+    class) nor ``_check_tensor_all`` (``PendingUnbackedSymbolNotFound``); 2.13 traces both."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend="eager", fullgraph=True)(*args)
+    except Exception as error:  # noqa: BLE001 - any failure of Dynamo alone is upstream's
+        pytest.xfail(f"upstream: Dynamo alone (backend='eager', fullgraph=True) fails: {type(error).__name__}")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_compile_beside_a_capture_keeps_torchs_checks():
     """While one thread captures, another thread's torch.compile of ``torch._check_tensor_all_with`` (Dynamo's
     handler reads its arguments by comparing itself with torch's attribute, which the capture had replaced) failed
@@ -207,6 +220,7 @@ def test_torch_compile_beside_a_capture_keeps_torchs_checks():
         torch._check_tensor_all(x < 10)
         return x.sin()
 
+    _xfail_where_dynamo_alone_cannot(checked, torch.rand(3) + 0.1)
     capture = threading.Thread(
         target=lambda: aotcache.aot_function(waits_in_its_capture, "nop", cache=False)(torch.rand(3)))
     capture.start()
@@ -336,6 +350,7 @@ def test_a_tensor_check_under_torch_compile_with_the_aotcache_backend():
         torch._check_tensor_all(x > 0)
         return x.log()
 
+    _xfail_where_dynamo_alone_cannot(fn, torch.rand(3) + 0.1)
     compiled = torch.compile(fn, backend="aotcache", fullgraph=True)
     x = torch.rand(3) + 0.1
     assert torch.equal(compiled(x), x.log())

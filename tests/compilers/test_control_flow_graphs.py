@@ -66,9 +66,22 @@ def _run(kind, body):
     return json.loads(run_python(PROGRAM, env={"CF_KIND": kind, "CF_BODY": body}).stdout.strip().splitlines()[-1])
 
 
+def _xfail_where_torch_alone_fails(kind: str, body: str) -> None:
+    """Xfail where the same program under torch.compile(backend="aot_eager") -- torch alone -- fails too: torch
+    2.11.0's scan backward refuses its own body ("scan might be aliasing the input or the output!"); 2.13 runs it."""
+    program = PROGRAM.replace('backend="aotcache", options={"compiler": "nop"}', 'backend="aot_eager"')
+    assert program != PROGRAM
+    proc = run_python(program, env={"CF_KIND": kind, "CF_BODY": body}, check=False)
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "Error:" in line] or ["(no error line)"]
+        pytest.xfail(f"upstream: torch.compile(backend='aot_eager') fails on this {kind} program too: {errors[-1]}")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_control_flow_graph_is_stored_and_loaded_in_a_fresh_process(kind):
     cold = _run(kind, "sin")
+    if cold["saved"] == 0:
+        _xfail_where_torch_alone_fails(kind, "sin")
     warm = _run(kind, "sin")
     assert cold["saved"] == 1 and cold["bypass"] == 0, cold["bypass_reasons"]
     assert warm["hit"] == 1 and warm["compile"] == 0 and warm["load_error"] == 0
@@ -78,7 +91,10 @@ def test_a_control_flow_graph_is_stored_and_loaded_in_a_fresh_process(kind):
 def test_a_changed_subgraph_misses_and_computes_its_own_values(kind):
     """The other direction: a branch / body / region computing something else is a new graph (the program
     checks its values and gradients against eager in each process)."""
-    assert _run(kind, "sin")["saved"] == 1
+    first = _run(kind, "sin")
+    if first["saved"] == 0:
+        _xfail_where_torch_alone_fails(kind, "sin")
+    assert first["saved"] == 1
     changed = _run(kind, "cos")
     assert changed["hit"] == 0 and changed["saved"] == 1
 
