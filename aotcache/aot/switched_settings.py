@@ -93,7 +93,11 @@ def restore_thread_settings(saved: ThreadSettings) -> None:
         torch.autocast_decrement_nesting()
     functorch = torch._C._functorch
     if now.functorch_depth > saved.functorch_depth:
-        functorch.pop_dynamic_layer_stack_and_undo_to_depth(saved.functorch_depth)
+        try:
+            functorch.pop_dynamic_layer_stack_and_undo_to_depth(saved.functorch_depth)
+        except RuntimeError:  # torch 2.11 pops every level, then asserts on reaching an empty stack
+            if functorch.get_dynamic_layer_stack_depth() != saved.functorch_depth:
+                raise
     if functorch.get_inplace_requires_grad_allowed() != saved.inplace_requires_grad_allowed:
         functorch.set_inplace_requires_grad_allowed(saved.inplace_requires_grad_allowed)
     if now.dual_level > saved.dual_level:

@@ -37,10 +37,27 @@ def _enters_autocast_across_a_graph_break(x, y, z):
     return x
 
 
+def _dynamo_alone_traces_autocast_across_a_graph_break() -> bool:
+    """Whether torch.compile with the eager backend (no aotcache) runs the function: torch 2.11's Dynamo asserts that
+    no graph changes the global autocast state ("Global autocast(cpu)_enabled state changed while dynamo tracing")."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(_enters_autocast_across_a_graph_break, backend="eager")(*(torch.randn(3, 3) for _ in range(3)))
+    except AssertionError:
+        return False
+    finally:
+        torch._dynamo.reset()
+        torch.set_autocast_enabled("cpu", False)
+    return True
+
+
 def test_autocast_entered_before_a_graph_break_stays_on_for_the_next_graph():
     """Was: the first graph's capture ran ``_enter_autocast`` at trace time only, so the graph after the break ran
     without autocast: "expected m1 and m2 to have the same dtype" where eager returns bfloat16 (aot_eager fails
     the same way)."""
+    if not _dynamo_alone_traces_autocast_across_a_graph_break():
+        pytest.xfail("this torch's Dynamo itself refuses a graph that changes the global autocast state (torch 2.11: "
+                     "an AssertionError with backend='eager' too); docs/compat.md")
     x, y, z = (torch.randn(3, 3) for _ in range(3))
     expected = _enters_autocast_across_a_graph_break(x, y, z)
     compiled = _backend(_enters_autocast_across_a_graph_break)
