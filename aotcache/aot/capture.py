@@ -53,7 +53,6 @@ from aotcache.aot.functional_trace import (
 from aotcache.aot.trace_environment import (
     callers_saved_tensor_hooks_off,
     compiled_autograd_off,
-    functorch_levels_kept,
     is_fake,
     no_nan_checks,
     parametrization_cache_off,
@@ -509,7 +508,7 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
     with compiling(), tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
             refuse_host_random(generators) as rng_watch, \
-            functorch_levels_kept(), settings_kept(), compiled_autograd_off(), \
+            settings_kept(), compiled_autograd_off(), \
             symbolic_fake_cache_off(fake_mode, callers_mode), parametrization_cache_off(), \
             callers_saved_tensor_hooks_off(), watch:
         analysis = None

@@ -41,7 +41,14 @@ def _autocast_nesting() -> int:
 @contextlib.contextmanager
 def settings_kept() -> Iterator[None]:
     """The thread's settings as they were on entry, put back on exit, whether the body raised or not (NOTE
-    [Settings left switched by the function])."""
+    [Settings left switched by the function]).
+
+    NOTE [torch.func levels of a failed capture]
+    A Dynamo graph of ``torch.func.grad`` / ``vmap`` inside a forward holds the transform's entry and exit as
+    separate calls (``_grad_increment_nesting`` ... ``_grad_decrement_nesting``), not a ``with`` block. A capture
+    that stopped between them (a refusal) left torch.func's level pushed: Dynamo's guards on the functorch state
+    then failed on the frame just compiled ("Guard failed on the same frame it was created", an AssertionError
+    where eager runs). The levels are popped back to the depth the capture started at, here with the rest."""
     saved = thread_settings()
     try:
         yield
@@ -92,7 +99,7 @@ def restore_thread_settings(saved: ThreadSettings) -> None:
     for _ in range(saved.autocast_nesting, now.autocast_nesting):
         torch.autocast_decrement_nesting()
     functorch = torch._C._functorch
-    if now.functorch_depth > saved.functorch_depth:
+    if now.functorch_depth > saved.functorch_depth:  # NOTE [torch.func levels of a failed capture]
         try:
             functorch.pop_dynamic_layer_stack_and_undo_to_depth(saved.functorch_depth)
         except RuntimeError:  # torch 2.11 pops every level, then asserts on reaching an empty stack

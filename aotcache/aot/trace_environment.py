@@ -1,5 +1,5 @@
 """Process state a capture sets aside or restores while it runs the user's function on fake tensors:
-anomaly mode's NaN checks, the caller's saved-tensor hooks, torch.func levels, parametrization caching and
+anomaly mode's NaN checks, the caller's saved-tensor hooks, parametrization caching and
 the symbolic fake-tensor cache, and torch's mode stacks after an interrupted capture."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from aotcache.torch_modes import torch_modes_kept
 
-__all__ = ["no_nan_checks", "callers_saved_tensor_hooks_off", "functorch_levels_kept", "parametrization_cache_off",
+__all__ = ["no_nan_checks", "callers_saved_tensor_hooks_off", "parametrization_cache_off",
            "symbolic_fake_cache_off", "is_fake", "compiled_autograd_off", "torch_modes_kept"]
 
 
@@ -85,23 +85,6 @@ def compiled_autograd_off() -> contextlib.AbstractContextManager:
     from torch._dynamo import compiled_autograd
 
     return compiled_autograd._disable() if compiled_autograd.compiled_autograd_enabled else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def functorch_levels_kept() -> Iterator[None]:
-    """NOTE [torch.func levels of a failed capture]
-    A Dynamo graph of ``torch.func.grad`` / ``vmap`` inside a forward holds the transform's entry and exit as
-    separate calls (``_grad_increment_nesting`` ... ``_grad_decrement_nesting``), not a ``with`` block. A capture
-    that stopped between them (a refusal) left torch.func's level pushed: Dynamo's guards on the functorch state
-    then failed on the frame just compiled ("Guard failed on the same frame it was created", an AssertionError
-    where eager runs). On an error the levels are popped back to the depth the capture started at."""
-    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
-    try:
-        yield
-    except BaseException:
-        if torch._C._functorch.get_dynamic_layer_stack_depth() > depth:
-            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
-        raise
 
 
 @contextlib.contextmanager
