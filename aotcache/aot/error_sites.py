@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-
 __all__ = ["call_site", "site_of", "first_line"]
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none), for a CaptureError quoting it."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

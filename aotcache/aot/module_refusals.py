@@ -5,7 +5,6 @@ wrappers (DDP, FSDP, DataParallel) and TorchScript submodules, each with a ``Cap
 
 from __future__ import annotations
 
-
 import torch
 
 from aotcache.aot.errors import CaptureError
