@@ -25,7 +25,7 @@ from aotcache.aot.error_sites import call_site, first_line, site_of
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.unsupported_tensors import (
     NESTED_CONSTRUCTORS,
-    NESTED_SOURCE,
+    in_nested_tensor_code,
     nested_tensor_error,
     unsupported_layout_error,
 )
@@ -144,7 +144,7 @@ def _is_traced(value: Any) -> bool:
 
 def _storage_read_error() -> CaptureError:
     stack = traceback.extract_stack()[:-1]
-    if any(frame.filename.startswith(NESTED_SOURCE) for frame in stack):  # a nested tensor's constructor
+    if in_nested_tensor_code(stack):  # a nested tensor's constructor
         return nested_tensor_error("a tensor the function builds")
     site = site_of(stack)
     return CaptureError(f"aotcache: the function reads a tensor's memory directly through its storage "

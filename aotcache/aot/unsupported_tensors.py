@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["unsupported_layout_error", "nested_tensor_error", "raised_in_nested_tensor_code", "NESTED_CONSTRUCTORS",
-           "NESTED_SOURCE", "tensor_subclass_error", "functorch_transform_error", "dispatch_mode_error"]
+           "in_nested_tensor_code", "tensor_subclass_error", "functorch_transform_error", "dispatch_mode_error"]
 
 
 def unsupported_layout_error(what: str, layout: Any) -> CaptureError:
@@ -51,7 +52,12 @@ def raised_in_nested_tensor_code(exc: BaseException) -> bool:
     """Whether ``exc`` was raised inside torch's nested-tensor package (a constructor run on the capture's fake
     tensors: "self.shape_env must not be None", a strided nested tensor's unsupported fake op), NOTE [Nested
     tensors in a capture]."""
-    return any(frame.filename.startswith(NESTED_SOURCE) for frame in traceback.extract_tb(exc.__traceback__))
+    return in_nested_tensor_code(traceback.extract_tb(exc.__traceback__))
+
+
+def in_nested_tensor_code(frames: Iterable[traceback.FrameSummary]) -> bool:
+    """Whether one of ``frames`` (a traceback's or a stack's) runs in torch's nested-tensor package."""
+    return any(frame.filename.startswith(_NESTED_SOURCE) for frame in frames)
 
 
 # torch functions that build a nested tensor (NOTE [Nested tensors in a capture]); refused before they run
@@ -100,4 +106,4 @@ def dispatch_mode_error(modes: tuple) -> CaptureError:
                         reason="unsupported_construct", first_call_only=True)
 
 
-NESTED_SOURCE = os.path.join(os.path.dirname(torch.nested.__file__), "")  # torch's nested-tensor package
+_NESTED_SOURCE = os.path.join(os.path.dirname(torch.nested.__file__), "")  # torch's nested-tensor package
