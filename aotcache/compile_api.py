@@ -33,7 +33,7 @@ from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import is_trace_failure, trace_failure_error
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.module import AOTModule
-from aotcache.aot.refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
+from aotcache.aot.module_refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
 from aotcache.api import CachedCompileServices
 from aotcache.compile_route import AOT, DYNAMO, EAGER, read_route, record_route
 from aotcache.compilers.base import options_with_mode
@@ -192,8 +192,8 @@ class _Router:
 
 
     # NOTE [Wrappers refused up front]
-    # A data-parallel wrapper (DDP(model): NOTE [Data-parallel wrappers] in aot/refusals.py) is refused for the AOT
-    # way by what it is, not by what a capture finds. Found: aotcache.compile(DDP(model)) first computed the call
+    # A data-parallel wrapper (DDP(model): NOTE [Data-parallel wrappers] in aot/module_refusals.py) is refused for the
+    # AOT way by what it is, not by what a capture finds. Found: aotcache.compile(DDP(model)) first computed the call
     # fingerprint, which cannot see inside DDP's C++ logger, and warned that the fingerprint "cannot be trusted"
     # (with advice about config objects that does not apply); then the capture was refused, and the route
     # warning said "with graph breaks ... remove the graph break", which does not apply either. So the module

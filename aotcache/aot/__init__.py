@@ -23,7 +23,8 @@ from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_ex
 from aotcache.aot.fallback import fallback_counts
 from aotcache.aot.metadata import InputInfo, OutputInfo, RuntimeMetadata
 from aotcache.aot.module import AOTModule
-from aotcache.aot.runtime import CompiledRuntime, DoubleBackwardError
+from aotcache.aot.double_backward import DoubleBackwardError
+from aotcache.aot.runtime import CompiledRuntime
 
 _PUBLIC_ENTRY_POINTS = ("aot_function", "aot_module", "aot_module_simplified")
 

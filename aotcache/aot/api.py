@@ -366,7 +366,7 @@ class AOTFunction:
                        options: AOTOptions) -> Callable[[Sequence[Any]], None]:
         """For a training runtime without a joint graph (loaded by a fingerprint warm start: no capture here): a
         capture of the call again at its first double backward, on that call's graph inputs (NOTE [Double
-        backward through the joint graph] in runtime.py). Keeps the call's constants, not its tensors."""
+        backward through the joint graph] in double_backward.py). Keeps the call's constants, not its tensors."""
         template = [None if is_graph_input(arg) else arg for arg in flat_args]
         positions = list(runtime.metadata.graph_input_positions)
         fn = self.fn

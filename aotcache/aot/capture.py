@@ -56,6 +56,7 @@ from aotcache.aot.trace_environment import (
     is_fake,
     no_nan_checks,
     parametrization_cache_off,
+    quiet_fake_tensor_failures,
     symbolic_fake_cache_off,
     torch_modes_kept,
 )
@@ -71,13 +72,9 @@ from aotcache.aot.plain_trace import (
 )
 from aotcache.aot.symbolic_draws import GeneratorDrawsWithSymbolicSizes, keep_generator_draws
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
-from aotcache.aot.refusals import (
-    explain_data_dependent_ops,
-    quiet_fake_tensor_failures,
-    refuse_constants_requiring_grad,
-    refuse_reentrant_checkpoint,
-    refuse_reentrant_checkpoint_nodes,
-)
+from aotcache.aot.checkpoint_refusals import refuse_reentrant_checkpoint, refuse_reentrant_checkpoint_nodes
+from aotcache.aot.refusals import refuse_constants_requiring_grad
+from aotcache.aot.unsupported_ops import explain_data_dependent_ops
 from aotcache.aot.input_mutations import storage_of
 from aotcache.aot.metadata import RuntimeMetadata
 from aotcache.aot.object_outputs import object_output_leaves

@@ -46,7 +46,7 @@ from aotcache.aot.output_checks import (
     refuse_retained_gradients,
 )
 from aotcache.aot.plain_trace import SpotInPlaceCalls
-from aotcache.aot.refusals import ExplainUnsupportedOps, explain_data_dependent_ops, refuse_optimizer_steps
+from aotcache.aot.unsupported_ops import ExplainUnsupportedOps, explain_data_dependent_ops, refuse_optimizer_steps
 from aotcache.aot.switched_settings import refuse_switched_settings, restore_thread_settings, thread_settings
 from aotcache.aot.symbolic_draws import GeneratorDrawsWithSymbolicSizes
 from aotcache.aot.symbolic_scalars import SymbolicScalarTensors

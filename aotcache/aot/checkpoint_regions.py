@@ -44,7 +44,7 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aotcache.aot.refusals import checkpoint_input_write_error
+from aotcache.aot.checkpoint_refusals import checkpoint_input_write_error
 
 __all__ = ["has_checkpoint_regions", "run_with_regions_in_line"]
 

@@ -21,7 +21,9 @@ from aotcache.aot.dynamic_dims import check_dynamic
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import (align_saved_to_backward, is_own_partitioner, mark_constant_objects_for_recompute,
                                     resolve_partition)
-from aotcache.aot.runtime import CUSTOM_BACKWARD_REFUSAL, CompiledRuntime, DisableAutocast, unboxed
+from aotcache.aot.boxed_compilers import unboxed
+from aotcache.aot.double_backward import CUSTOM_BACKWARD_REFUSAL
+from aotcache.aot.runtime import CompiledRuntime, DisableAutocast
 from aotcache.progress import stage
 from aotcache.torch_modes import torch_modes_kept
 
@@ -252,7 +254,7 @@ def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRunti
 def keep_joint_for_double_backward(runtime: CompiledRuntime, captured: Any) -> None:
     """Give a training ``runtime`` the joint graph of ``captured`` (the same call's capture) when that graph is a
     pure function of its inputs and of the generators' states (NOTE [Double backward through the joint graph], NOTE
-    [Double backward through random ops] in runtime.py)."""
+    [Double backward through random ops] in double_backward.py)."""
     metadata = captured.metadata
     if getattr(captured, "custom_backward", False):
         runtime.joint_refusal = CUSTOM_BACKWARD_REFUSAL  # NOTE [Custom backwards and double backward]

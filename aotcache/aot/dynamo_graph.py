@@ -23,7 +23,8 @@ from aotcache.aot.compile_step import AOTOptions, compile_function
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.input_mutations import mutated_input_overlaps
-from aotcache.aot.refusals import refuse_backward_state_inputs, refuse_unpreserved_random_regions
+from aotcache.aot.checkpoint_refusals import refuse_unpreserved_random_regions
+from aotcache.aot.refusals import refuse_backward_state_inputs
 from aotcache.aot.services import CompileServices
 from aotcache.aot.tensor_subclasses import refuse_non_strided_graph_values
 from aotcache.aot.source_locations import (

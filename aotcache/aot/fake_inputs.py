@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from aotcache.aot.cache_objects import CacheInt
-from aotcache.aot.refusals import tensor_subclass_error, unsupported_layout_error
+from aotcache.aot.unsupported_tensors import tensor_subclass_error, unsupported_layout_error
 from aotcache.aot.tensor_subclasses import refuse_nested_int_inputs
 
 __all__ = ["make_fake_inputs"]

@@ -56,7 +56,7 @@ from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.generator_args import untraceable_generator_failure
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
-from aotcache.aot.refusals import nested_tensor_error, raised_in_nested_tensor_code
+from aotcache.aot.unsupported_tensors import nested_tensor_error, raised_in_nested_tensor_code
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",

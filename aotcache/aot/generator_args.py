@@ -9,7 +9,7 @@ generator of its own per argument position and device (a *slot*) in place of the
 the same slot at every call, so one graph serves every generator. Around a compiled graph's run the slot takes
 the caller's generator's state, and the caller's generator takes the slot's state after it, so the graph draws
 the caller's numbers and leaves the caller's generator where eager does (a double backward replays the slot's
-draws: NOTE [Double backward through random ops] in runtime.py). A slot's run is held under a lock per function
+draws: NOTE [Double backward through random ops] in double_backward.py). A slot's run is held under a lock per function
 (two threads passing different generators would share the slot otherwise). A fallback that runs the Python
 (eager, Dynamo) gets the caller's own generators.
 Not substituted, the generators then keyed by identity as before (one graph per generator, exact): a call

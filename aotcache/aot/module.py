@@ -58,7 +58,8 @@ from aotcache.aot.module_state import (
     refuse_tensors_stored_on_modules,
 )
 from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
-from aotcache.aot.refusals import refuse_data_parallel_wrappers, refuse_module_backward_hooks, refuse_script_modules
+from aotcache.aot.module_refusals import (refuse_data_parallel_wrappers, refuse_module_backward_hooks,
+                                          refuse_script_modules)
 from aotcache.aot.services import CompileServices
 from aotcache.logs import log_once
 

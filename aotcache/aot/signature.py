@@ -32,8 +32,8 @@ from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
 from aotcache.aot.exact_values import float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
-from aotcache.aot.refusals import (dispatch_mode_error, functorch_transform_error, nested_tensor_error,
-                                   unsupported_layout_error)
+from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_transform_error,
+                                              nested_tensor_error, unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
 __all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",

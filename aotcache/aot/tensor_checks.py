@@ -42,7 +42,7 @@ and around the backward nodes that run the program's Python (:func:`_runs_python
 ``autograd.Function``'s backward, and a node with a saved tensor whose unpack hook is Python (a non-reentrant
 checkpoint recomputing its region there, a ``saved_tensors_hooks`` of the function). Autograd's own formulas
 (C++) reach no check, and a tensor hook the function registers is refused (NOTE [Module backward
-hooks] in refusals.py).
+hooks] in module_refusals.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Refusals for tensor subclasses that wrap other tensors, and for the nested tensors built from plain ones.
 
-aotcache's capture has no subclass desugaring (NOTE [Tensor subclass arguments] in refusals.py): a graph takes
-and returns plain tensors. A subclass used only *inside* the function is traced through its
+aotcache's capture has no subclass desugaring (NOTE [Tensor subclass arguments] in unsupported_tensors.py): a graph
+takes and returns plain tensors. A subclass used only *inside* the function is traced through its
 ``__torch_dispatch__`` into plain ops, as eager runs it; these refusals cover what a plain graph cannot stand
 for, so that the fallback runs such a call as eager does instead of failing it.
 """
@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aotcache.aot.errors import CaptureError
-from aotcache.aot.refusals import nested_tensor_error, unsupported_layout_error
+from aotcache.aot.unsupported_tensors import nested_tensor_error, unsupported_layout_error
 
 __all__ = ["refuse_subclass_outputs", "refuse_nested_int_inputs", "refuse_non_strided_graph_values",
            "behaviour_overriding_class", "overriding_subclass_error"]

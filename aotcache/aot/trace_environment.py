@@ -1,11 +1,14 @@
 """Process state a capture sets aside or restores while it runs the user's function on fake tensors:
-anomaly mode's NaN checks, the caller's saved-tensor hooks, parametrization caching and
-the symbolic fake-tensor cache, and torch's mode stacks after an interrupted capture."""
+anomaly mode's NaN checks, the caller's saved-tensor hooks, parametrization caching,
+the symbolic fake-tensor cache and the fake-tensor mode's failure logs, and torch's mode stacks after an
+interrupted capture."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +18,8 @@ import torch
 from aotcache.torch_modes import torch_modes_kept
 
 __all__ = ["no_nan_checks", "callers_saved_tensor_hooks_off", "parametrization_cache_off",
-           "symbolic_fake_cache_off", "is_fake", "compiled_autograd_off", "torch_modes_kept"]
+           "symbolic_fake_cache_off", "is_fake", "compiled_autograd_off", "torch_modes_kept",
+           "quiet_fake_tensor_failures"]
 
 
 # NOTE [Anomaly mode during a capture]
@@ -135,3 +139,36 @@ def is_fake(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(tensor, FakeTensor)
+
+
+class _DropFakeMetaFailures(logging.Filter):
+    """Drops the fake-tensor mode's own log of an op that failed (the same error is raised to the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+
+_FAKE_TENSOR_LOGGER = logging.getLogger("torch._subclasses.fake_tensor")
+_DROP_FAKE_META_FAILURES = _DropFakeMetaFailures()
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_failures() -> Iterator[None]:
+    """NOTE [fake-tensor failure logs]: when an op fails on fake tensors during capture (a wrong input shape,
+    say), torch's fake-tensor mode logs the whole traceback at ERROR (~20 lines) before raising it; the error
+    itself still reaches the caller, so those lines only bury it. They are filtered out while capturing."""
+    global _quiet_depth
+    counted = False
+    try:  # the count is raised inside the try, with the local saying so (NOTE [Interrupted captures])
+        with _quiet_lock:
+            _quiet_depth, counted = _quiet_depth + 1, True
+            _FAKE_TENSOR_LOGGER.addFilter(_DROP_FAKE_META_FAILURES)  # once: a filter already there is not added
+        yield
+    finally:
+        if counted:
+            with _quiet_lock:
+                _quiet_depth -= 1
+                if not _quiet_depth:  # the last capture of any thread (captures nest, e.g. a recapture)
+                    _FAKE_TENSOR_LOGGER.removeFilter(_DROP_FAKE_META_FAILURES)

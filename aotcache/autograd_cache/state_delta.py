@@ -268,7 +268,7 @@ class StateBeforeCall:
     """Kept on a runtime whose call's change was replayed (``before_call_state``): ``with it() as reset``, each
     ``reset()`` puts the changed attributes back to their values before the call, and leaving the block restores
     the values found at entry. A capture of that call again (the joint graph for a double backward, NOTE [Double
-    backward through the joint graph] in aot/runtime.py) runs the Python from the call's state, as the first
+    backward through the joint graph] in aot/double_backward.py) runs the Python from the call's state, as the first
     capture did, and leaves the state as it found it.
 
     :raises ValueError: on entry, when an attribute's object is no longer where the change was recorded.

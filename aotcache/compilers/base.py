@@ -7,8 +7,9 @@ the AOT runtime reads: ``grad_mode_independent`` (True: its results do not depen
 [Forward under grad mode] in ``aotcache.aot.runtime``) and ``output_strides`` (NOTE [saved activations take
 the compiler's layout] in ``aotcache.aot.layouts``) and ``eager_random_draws`` (the generators it draws from,
 ``None`` standing for the default ones, where it draws exactly as the graph's ATen ops run in order would: NOTE
-[Double backward through random ops] in ``aotcache.aot.runtime``). Compilers written for PyTorch's AOT Autograd may
-instead return a *boxed* callable (``_boxed_call = True``, called with one list); ``aotcache.aot.runtime.unboxed`` adapts it.
+[Double backward through random ops] in ``aotcache.aot.double_backward``). Compilers written for PyTorch's AOT
+Autograd may instead return a *boxed* callable (``_boxed_call = True``, called with one list);
+``aotcache.aot.boxed_compilers.unboxed`` adapts it.
 
 Artifact container layout (little-endian):
 

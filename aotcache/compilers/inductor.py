@@ -122,7 +122,7 @@ class InductorCompiledGraph:
         # strides of each output as compiled (None: unknown); set by a compile, not kept in the artifact
         self.output_strides: list[tuple[int, ...] | None] | None = None
         # (None,) where compiled with fallback_random and drawing from the default generators only: ATen's kernels
-        # in the graph's order (NOTE [Double backward through random ops] in aotcache.aot.runtime); kept
+        # in the graph's order (NOTE [Double backward through random ops] in aotcache.aot.double_backward); kept
         self.eager_random_draws: tuple | None = None
 
     def __call__(self, *args: Any) -> Sequence[Any]:

@@ -70,7 +70,7 @@ def random_generators(gm: torch.fx.GraphModule) -> tuple | None:
     """The generators the random ops of ``gm`` draw from, in no particular order: ``None`` for the default
     generators, and the ``torch.Generator`` objects the graph holds; None when it draws nothing (or from a
     generator it computes, not replayable). Run as Python, the graph draws with ATen's kernels in its own order,
-    as eager does (NOTE [Double backward through random ops] in aotcache/aot/runtime.py)."""
+    as eager does (NOTE [Double backward through random ops] in aotcache/aot/double_backward.py)."""
     found: list = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):

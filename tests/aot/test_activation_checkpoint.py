@@ -368,7 +368,7 @@ class _UnpreservedNoise(nn.Module):
 def test_a_region_without_the_rng_state_draws_anew_in_the_backward_as_eager(entry):
     """Found: the partitioners saved the region's draw, so the compiled backward used the forward's noise and
     left the global generator where the forward did; eager's recomputation draws new noise (other gradients) and
-    moves the generator in the backward. NOTE [Checkpointed regions without the RNG state] in refusals.py."""
+    moves the generator in the backward. NOTE [Checkpointed regions without the RNG state] in checkpoint_refusals.py."""
     torch._dynamo.reset()
 
     def steps(model, run):

@@ -182,7 +182,8 @@ def test_aotcache_compile_of_an_optimizer_step_steps_as_eager(kind):
     """NOTE [Optimizer steps] in compile_api.py: ``aotcache.compile(opt.step)`` goes the Dynamo way before any capture;
     a capture attempt used to leave trace tensors in the optimizer's lazily created state, and the first step raised
     ("'NoneType' object has no attribute 'export'") where eager steps. A function calling ``opt.step()`` and
-    ``sched.step()`` is refused before the step runs (NOTE [Optimizer steps inside a capture] in aot/refusals.py)."""
+    ``sched.step()`` is refused before the step runs (NOTE [Optimizer steps inside a capture] in
+    aot/unsupported_ops.py)."""
     import aotcache
 
     def train(compile):

@@ -2,7 +2,7 @@
 replay of the joint graph differentiated the Function's forward with autograd's formulas instead of running its
 backward, so the first-order gradients silently differed from eager's. Such graphs now raise DoubleBackwardError
 (as torch.compile's AOT Autograd does); first-order gradients and plain graphs' double backward are unchanged
-(NOTE [Custom backwards and double backward] in aotcache/aot/runtime.py; found by session 15's run of PyTorch's
+(NOTE [Custom backwards and double backward] in aotcache/aot/double_backward.py; found by session 15's run of PyTorch's
 test_autograd_function.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import aotcache
-from aotcache.aot.runtime import DoubleBackwardError
+from aotcache.aot.double_backward import DoubleBackwardError
 
 
 class StraightThroughRound(torch.autograd.Function):

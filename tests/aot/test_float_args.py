@@ -458,7 +458,7 @@ def _captured(fn, args, spec, **kwargs):
 
 def test_the_float_rewrite_of_a_training_forward_passes_the_float_through_to_the_backward():
     from aotcache.aot.partition import default_partition
-    from aotcache.aot.runtime import unboxed
+    from aotcache.aot.boxed_compilers import unboxed
     from aotcache.compilers import aoti_lib
     from aotcache.compilers.float_inputs import tensorify_float_inputs
 

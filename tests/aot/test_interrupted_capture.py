@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import aotcache
-from aotcache.aot import capture_threads, refusals, tensor_checks
+from aotcache.aot import capture_threads, tensor_checks, trace_environment
 from aotcache.aot.call_state import SavedCallState
 from aotcache.aot.fallback import fallback_counts
 
@@ -84,7 +84,7 @@ POINTS = {
     "compiling, this thread's count": (lambda: capture_threads.compiling.__wrapped__, "_this_thread.captures"),
     "compiling, torch flag set": (lambda: capture_threads.compiling.__wrapped__, "_is_compiling_flag = True"),
     "tensor checks depth": (lambda: tensor_checks.tensor_checks_in_graph.__wrapped__, "depth + 1"),
-    "fake-tensor log filter": (lambda: refusals.quiet_fake_tensor_failures.__wrapped__, "addFilter"),
+    "fake-tensor log filter": (lambda: trace_environment.quiet_fake_tensor_failures.__wrapped__, "addFilter"),
     # torch's own: a mode's exit interrupted before it pops the mode (NOTE [Modes left by an interrupted capture])
     "torch pops a dispatch mode": (lambda: torch.utils._python_dispatch._pop_mode, None),
     "torch exits a dispatch mode": (lambda: torch.utils._python_dispatch.TorchDispatchMode.__exit__, None),
@@ -106,7 +106,7 @@ def _state_left() -> dict:
             "captures running": capture_threads._captures_running,
             "captures in this thread": getattr(capture_threads._this_thread, "captures", 0),
             "tensor-check depth": getattr(tensor_checks._this_thread, "depth", 0),
-            "fake-tensor log filters": refusals._quiet_depth,
+            "fake-tensor log filters": trace_environment._quiet_depth,
             "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
             "torch function modes": torch._C._len_torch_function_stack(),
             "in a torch dispatch mode": torch.utils._python_dispatch.is_in_torch_dispatch_mode()}
@@ -153,7 +153,7 @@ def test_interrupt_leaves_no_state_and_later_compiles_work(point, api):
 
 def _reads_aotcache_bookkeeping(x):
     """Program code that names aotcache's own counters (a test's or a monitor's): the walk reaches them."""
-    if capture_threads._captures_running < 0 or refusals._quiet_depth < 0:
+    if capture_threads._captures_running < 0 or trace_environment._quiet_depth < 0:
         raise AssertionError("negative count")
     return x * 2
 

@@ -441,7 +441,8 @@ def test_a_hessian_vector_product_through_the_compiled_model_matches_eager():
 
 def test_double_backward_of_a_call_drawing_random_numbers_replays_the_forwards_draws():
     """A second run of dropout would draw other numbers; it raised DoubleBackwardError. The replay starts from the
-    generator's state at the forward (NOTE [Double backward through random ops] in runtime.py): eager's gradient."""
+    generator's state at the forward (NOTE [Double backward through random ops] in double_backward.py): eager's
+    gradient."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 1))
     model = aotcache.compile(base, compiler="nop", cache=False)

@@ -1,5 +1,6 @@
 """Jagged nested tensors (NJT, ``torch.nested`` with ``layout=torch.jagged``) through aot_function, aot_module,
-aotcache.compile and the torch.compile backend (NOTE [Nested tensors in a capture] in aotcache/aot/refusals.py).
+aotcache.compile and the torch.compile backend (NOTE [Nested tensors in a capture] in
+aotcache/aot/unsupported_tensors.py).
 
 aotcache captures no nested tensor: each such call runs as eager does and nothing of it is stored. These tests
 check eager's values and gradients for calls whose ragged structure (offsets, lengths, batch count) changes

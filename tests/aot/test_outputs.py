@@ -403,7 +403,7 @@ def test_under_no_grad_outputs_keep_eager_requires_grad():
 def test_a_tensor_subclass_argument_runs_eagerly_with_subclass_gradients():
     # PyTorch's test_aotdispatch (TestAOTDispatch, TwoTensor arguments): the capture traced the subclass as a
     # plain tensor and the gradients came back plain where eager gives TwoTensors (NOTE [Tensor subclass
-    # arguments] in refusals.py)
+    # arguments] in unsupported_tensors.py)
     from torch.testing._internal.two_tensor import TwoTensor
 
     def fn(a, b):

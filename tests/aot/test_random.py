@@ -123,7 +123,7 @@ def test_host_random_draws_are_made_at_every_call_as_in_eager(api, source):
     assert api != "compile" or compiled.route == "dynamo"
 
 
-# ---- NOTE [Double backward through random ops] (aot/runtime.py) -------------------------------------------
+# ---- NOTE [Double backward through random ops] (aot/double_backward.py) -----------------------------------
 
 class _DropoutCritic(torch.nn.Module):
     """A WGAN-GP critic with dropout in training mode."""
