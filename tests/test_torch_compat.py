@@ -125,6 +125,9 @@ OPTIONAL = [
      "an interrupted capture leaves the flag as is"),
     ("torch.utils._python_dispatch", "_is_in_any_mode_without_ignore_compile_internals",
      "an interrupted capture leaves the flag as is"),
+    ("torch._C", "_ensureCUDADeviceGuardSet", "nothing installed early (FakeTensorMode would not call it either)"),
+    ("torch._functorch._aot_autograd.runtime_wrappers", "mark_dynamo_propagated_dynamic_indices",
+     "dynamic outputs stamped with _dynamo_weak_dynamic_indices, as torch 2.11's own runtime does"),
 ]
 
 # torch._inductor.config keys aotcache sets or reads (patch() raises on an unknown key).

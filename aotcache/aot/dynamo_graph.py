@@ -10,6 +10,7 @@ caller may break (NOTE [Call contract of aot_module_simplified]).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -319,7 +320,10 @@ def _dynamic_output_dims(gm: nn.Module) -> list[set[int]] | None:
     later frame (after a graph break, or a KV cache an earlier graph filled) and compiles that frame with those
     dimensions dynamic from the start. Without the stamp the next frame is compiled static, then again as
     dynamic when the size changes: one compile more than ``backend="aot_eager"`` (a decode step of
-    ``generate``). So our runtime stamps the same hint, read from the output node's example values.
+    ``generate``). So our runtime stamps the same hint, read from the output node's example values. torch 2.11
+    has no such attribute: its runtime stamps the outputs' ``_dynamo_weak_dynamic_indices`` (the mark of
+    ``torch._dynamo.maybe_mark_dynamic``) and its Dynamo reads that one, so ours stamps whichever attribute this
+    torch's runtime uses (:func:`propagated_dynamic_attribute`).
     """
     output = next((node for node in reversed(list(getattr(getattr(gm, "graph", None), "nodes", [])))
                    if node.op == "output"), None)
@@ -334,11 +338,27 @@ def _dynamic_output_dims(gm: nn.Module) -> list[set[int]] | None:
     return dims if any(dims) else None
 
 
+@functools.cache
+def propagated_dynamic_attribute() -> str:
+    """The tensor attribute through which this torch's AOT Autograd runtime hands Dynamo an output's dynamic
+    dimensions: ``_dynamo_propagated_dynamic_indices`` where the runtime has its own marker for it (torch 2.12
+    on), else ``_dynamo_weak_dynamic_indices`` (torch 2.11 marks outputs as ``maybe_mark_dynamic`` does).
+
+    The attribute torch 2.11's Dynamo reads is the second one: stamping the first left the next frame static there,
+    one compile more than ``aot_eager`` (NOTE [Dynamic dimensions of a Dynamo graph's outputs])."""
+    from torch._functorch._aot_autograd import runtime_wrappers
+
+    if hasattr(runtime_wrappers, "mark_dynamo_propagated_dynamic_indices"):
+        return "_dynamo_propagated_dynamic_indices"
+    return "_dynamo_weak_dynamic_indices"
+
+
 def _mark_propagated_dynamic(value: torch.Tensor, dims: set[int]) -> None:
     """Add ``dims`` to ``value``'s unguarded dynamic-dimension hint (NOTE [Dynamic dimensions of ...])."""
-    current = getattr(value, "_dynamo_propagated_dynamic_indices", None)
+    attribute = propagated_dynamic_attribute()
+    current = getattr(value, attribute, None)
     try:
-        value._dynamo_propagated_dynamic_indices = (current | dims) if isinstance(current, set) else set(dims)
+        setattr(value, attribute, (current | dims) if isinstance(current, set) else set(dims))
     except (AttributeError, RuntimeError, TypeError):  # a tensor type that takes no attributes: only a hint
         pass
 

@@ -15,6 +15,7 @@ import torch
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.unsupported_tensors import tensor_subclass_error, unsupported_layout_error
 from aotcache.aot.tensor_subclasses import refuse_nested_int_inputs
+from aotcache.fake_device_guard import keep_fake_cuda_guard_alive
 
 __all__ = ["make_fake_inputs"]
 
@@ -37,6 +38,7 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
         if is_traceable_wrapper_subclass(arg):  # NOTE [Tensor subclass arguments]
             raise tensor_subclass_error(f"flat argument {position}", type(arg))
     existing = detect_fake_mode(list(flat_args))
+    keep_fake_cuda_guard_alive()  # NOTE [A fake CUDA guard owned by a finished thread]
     if existing is not None:
         fakes = [existing.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat_args]
         return existing, fakes

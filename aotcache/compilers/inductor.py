@@ -55,6 +55,7 @@ from aotcache.compilers.input_layout import InputLayouts, copy_misaligned, expec
 from aotcache.compilers.nop import random_generators
 from aotcache.compilers.view_offsets import spell_storage_offsets
 from aotcache.logs import log_once
+from aotcache.fake_device_guard import keep_fake_cuda_guard_alive
 
 __all__ = ["InductorCompiledGraph", "inductor_compiler", "decompositions", "load", "warm_up", "runs_on_gpu",
            "unlowered_random_node"]
@@ -202,6 +203,7 @@ def _fake_inputs_and_mode(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         fake_mode = detect_fake_mode([*example_inputs, *values])
         if fake_mode is not None and all(value is not None for value in values):
             return values, fake_mode
+    keep_fake_cuda_guard_alive()  # NOTE [A fake CUDA guard owned by a finished thread]
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     concrete = aoti_lib.materialize_example_inputs(example_inputs)
     fakes = [fake_mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value

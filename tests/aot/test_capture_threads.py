@@ -314,3 +314,41 @@ def test_a_method_mapping_self_over_worker_threads_runs_eagerly_at_first_instead
         assert seen["busy_first"] >= 1 and seen["busy_again"] == 0, (api, seen)  # eager at first only
         assert seen["partial"] == 0, (api, seen)  # a busy swap is not the code's failure: nothing remembered
         assert seen["clean"], (api, seen)
+
+
+_FIRST_CAPTURE_IN_AN_ENDED_THREAD = r"""
+import json, threading
+import torch
+from aotcache.aot import aot_function
+
+def scale(x):
+    return x * 2 + 1
+
+def shift(x):
+    return x.sin() - 3
+
+x = torch.randn(3, 4)
+results = {}
+worker = threading.Thread(target=lambda: results.update(worker=aot_function(scale, "nop", cache=False)(x)))
+worker.start()
+worker.join()  # the thread that made the first FakeTensorMode has ended
+main = aot_function(shift, "nop", cache=False)(x)
+print(json.dumps({"worker_equal": torch.equal(results["worker"], scale(x)), "main_equal": torch.equal(main, shift(x))}))
+"""
+
+
+def test_a_capture_after_the_first_one_ran_in_an_ended_thread_does_not_crash():
+    """NOTE [A fake CUDA guard owned by a finished thread] (aotcache/fake_device_guard.py): on torch 2.11 without a
+    GPU, the fake CUDA guard of the first FakeTensorMode belonged to the thread that made it; once that thread
+    ended, the next capture in any thread crashed the process (SIGSEGV). A fresh process: the first capture in a
+    worker thread that then ends, a second one in the main thread; both give eager's results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _FIRST_CAPTURE_IN_AN_ENDED_THREAD], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"worker_equal": True, "main_equal": True}
