@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from aotcache.autograd_cache.numpy_calls import numpy_call_token
+
 __all__ = [
     "BypassAOTAutogradCache",
     "check_node_safe",
@@ -76,6 +78,7 @@ _SAFE_PRIVATE_TORCH_FUNCTIONS = frozenset({
     "torch._C._set_autocast_cache_enabled",
     "torch._functorch.vmap.lazy_load_decompositions",
     "torch._sym_sqrt",
+    "torch._dynamo.utils.numpy_attr_wrapper",  # NOTE [NumPy calls in a Dynamo graph]: the name is an argument
     "torch._check",
     "torch._check_is_size",
     "torch._assert",
@@ -272,6 +275,8 @@ def _check_callable_target(target: Any) -> None:
         check_operator_safe(target)
         return
     if _is_torch_compiled_autograd_op(target):
+        return
+    if numpy_call_token(target) is not None:  # NOTE [NumPy calls in a Dynamo graph]
         return
     if isinstance(target, torch._ops.HigherOrderOperator):
         if target.name() not in _SAFE_HIGHER_ORDER_OPS:

@@ -1,0 +1,112 @@
+"""Dynamo graphs with NumPy calls are stored and hit, and a different NumPy call misses (NOTE [NumPy calls in a
+Dynamo graph])."""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import numpy as np
+import pytest
+import torch
+
+from aotcache.autograd_cache.cache import AOTAutogradCache
+from aotcache.autograd_cache.numpy_calls import numpy_call_token
+from aotcache.autograd_cache.safety import BypassAOTAutogradCache, check_node_safe
+from aotcache.backend import aotcache_backend
+from aotcache.store.factory import open_tiers
+
+
+def _cache() -> AOTAutogradCache:
+    return AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+
+
+def _compile(fn, cache):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=functools.partial(aotcache_backend, compiler="nop", cache=cache))
+
+
+def every_wrapper(x):
+    a = x.numpy()
+    return np.round(a) + a.max() - a.T * 2
+
+
+def rounded(x):
+    return np.round(x.numpy() * 3)
+
+
+def floored(x):
+    return np.floor(x.numpy() * 3)
+
+
+def maxed(x):
+    return x.numpy().max(axis=0)
+
+
+def minned(x):
+    return x.numpy().min(axis=0)
+
+
+def added(x):
+    a = x.numpy()
+    return a + a
+
+
+def subtracted(x):
+    a = x.numpy()
+    return a - a
+
+
+def transposed(x):
+    return x.numpy().T + 1
+
+
+def real_part(x):
+    return x.numpy().real + 1
+
+
+def test_a_graph_of_numpy_calls_is_stored_and_hit_in_a_fresh_dynamo():
+    x = torch.randn(3, 3)
+    cache = _cache()
+    first = _compile(every_wrapper, cache)(x)
+    assert cache.stats()["bypass"] == 0 and cache.stats()["saved"] == 1
+    second = _compile(every_wrapper, _cache())(x)
+    np.testing.assert_allclose(first, every_wrapper(x))
+    np.testing.assert_allclose(second, every_wrapper(x))
+    fresh = _cache()
+    _compile(every_wrapper, fresh)(x)
+    assert (fresh.stats()["hit"], fresh.stats()["compile"]) == (1, 0)
+
+
+@pytest.mark.parametrize("first, second", [(rounded, floored), (maxed, minned), (added, subtracted),
+                                           (transposed, real_part)],
+                         ids=["function", "method", "operator", "attribute"])
+def test_a_different_numpy_call_misses(first, second):
+    x = torch.randn(3, 3)
+    _compile(first, _cache())(x)
+    cache = _cache()
+    result = _compile(second, cache)(x)
+    assert (cache.stats()["hit"], cache.stats()["compile"]) == (0, 1)
+    np.testing.assert_allclose(result, second(x))
+
+
+def test_wrappers_of_anything_but_torch_numpy_stay_refused():
+    from torch._dynamo.utils import numpy_method_wrapper, numpy_operator_wrapper, numpy_to_tensor_wrapper
+
+    def user_round(a):
+        return a
+
+    assert numpy_call_token(numpy_to_tensor_wrapper(user_round)) is None
+    assert numpy_call_token(numpy_to_tensor_wrapper(np.round)) is None  # real NumPy, not torch._numpy
+    assert numpy_call_token(numpy_operator_wrapper(lambda a, b: a)) is None
+    assert numpy_call_token(numpy_method_wrapper("not a name")) is None
+    graph = torch.fx.Graph()
+    node = graph.call_function(numpy_to_tensor_wrapper(user_round), (graph.placeholder("a"),))
+    with pytest.raises(BypassAOTAutogradCache, match="unsafe call"):
+        check_node_safe(node)
+    import torch._numpy as tnp
+
+    assert numpy_call_token(numpy_to_tensor_wrapper(tnp.round)) == \
+        "torch._dynamo.utils.numpy_to_tensor_wrapper(torch._numpy._funcs_impl.round)"
+    assert numpy_call_token(numpy_operator_wrapper(operator.add)) == \
+        "torch._dynamo.utils.numpy_operator_wrapper(operator.add)"
