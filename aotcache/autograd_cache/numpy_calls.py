@@ -17,6 +17,10 @@ from typing import Any
 # spells out: the wrapped function's module and name (only ``torch._numpy``'s module-level functions, or their
 # normalizing decoration, which ``functools.wraps`` names after them), the method name, or the ``operator``
 # function. A wrapper of anything else stays refused.
+# ``torch._numpy`` also reads its default dtypes (``torch._dynamo.config.numpy_default_float`` / ``_complex`` /
+# ``_int``, fixed per process at its first use): ``np.linspace(0, 1, 3)`` is float64 in one process and float32 in
+# another, in a graph whose text is the same. So every token carries the process's defaults: a process with other
+# defaults misses instead of running a graph traced for the old ones.
 _WRAPPER_ATTRIBUTE = {"numpy_to_tensor_wrapper": "f", "numpy_method_wrapper": "method",
                       "numpy_operator_wrapper": "op"}
 
@@ -25,17 +29,21 @@ def numpy_call_token(target: Any) -> str | None:
     """The key's name for ``target`` when it is one of Dynamo's NumPy call wrappers over something the torch build
     fixes; None for anything else (NOTE [NumPy calls in a Dynamo graph])."""
     utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return None
+    if target is getattr(utils, "numpy_attr_wrapper", None):  # the attribute's name is an argument of the call
+        return f"torch._dynamo.utils.numpy_attr_wrapper{_default_dtypes()}"
     kind = type(target).__name__
     attribute = _WRAPPER_ATTRIBUTE.get(kind)
-    if utils is None or attribute is None or getattr(utils, kind, None) is not type(target):
+    if attribute is None or getattr(utils, kind, None) is not type(target):
         return None
     wrapped = getattr(target, attribute, None)
     if kind == "numpy_method_wrapper":
-        return f"torch._dynamo.utils.{kind}({wrapped})" if isinstance(wrapped, str) and wrapped.isidentifier() \
-            else None
+        return f"torch._dynamo.utils.{kind}({wrapped}){_default_dtypes()}" \
+            if isinstance(wrapped, str) and wrapped.isidentifier() else None
     if kind == "numpy_operator_wrapper":
         name = getattr(wrapped, "__name__", None)
-        return f"torch._dynamo.utils.{kind}(operator.{name})" \
+        return f"torch._dynamo.utils.{kind}(operator.{name}){_default_dtypes()}" \
             if isinstance(name, str) and getattr(operator, name, None) is wrapped else None
     module = getattr(wrapped, "__module__", None) or ""
     name = getattr(wrapped, "__qualname__", None)
@@ -45,7 +53,15 @@ def numpy_call_token(target: Any) -> str | None:
     resolved = _resolve(module, name)  # the module-level function, or the one torch._numpy's decorator wraps
     if resolved is None or (resolved is not wrapped and resolved is not getattr(wrapped, "__wrapped__", None)):
         return None
-    return f"torch._dynamo.utils.{kind}({module}.{name})"
+    return f"torch._dynamo.utils.{kind}({module}.{name}){_default_dtypes()}"
+
+
+def _default_dtypes() -> str:
+    """``torch._numpy``'s default float / complex / int dtypes in this process, as the token's suffix."""
+    from torch._numpy import _dtypes_impl
+
+    defaults = _dtypes_impl.default_dtypes()
+    return f"[defaults {defaults.float_dtype}, {defaults.complex_dtype}, {defaults.int_dtype}]"
 
 
 def _resolve(module: str, qualname: str) -> Any:

@@ -78,7 +78,6 @@ _SAFE_PRIVATE_TORCH_FUNCTIONS = frozenset({
     "torch._C._set_autocast_cache_enabled",
     "torch._functorch.vmap.lazy_load_decompositions",
     "torch._sym_sqrt",
-    "torch._dynamo.utils.numpy_attr_wrapper",  # NOTE [NumPy calls in a Dynamo graph]: the name is an argument
     "torch._check",
     "torch._check_is_size",
     "torch._assert",

@@ -4,7 +4,9 @@ Dynamo graph])."""
 from __future__ import annotations
 
 import functools
+import json
 import operator
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from aotcache.autograd_cache.numpy_calls import numpy_call_token
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, check_node_safe
 from aotcache.backend import aotcache_backend
 from aotcache.store.factory import open_tiers
+from tests.conftest import run_python
 
 
 def _cache() -> AOTAutogradCache:
@@ -106,7 +109,40 @@ def test_wrappers_of_anything_but_torch_numpy_stay_refused():
         check_node_safe(node)
     import torch._numpy as tnp
 
-    assert numpy_call_token(numpy_to_tensor_wrapper(tnp.round)) == \
-        "torch._dynamo.utils.numpy_to_tensor_wrapper(torch._numpy._funcs_impl.round)"
-    assert numpy_call_token(numpy_operator_wrapper(operator.add)) == \
-        "torch._dynamo.utils.numpy_operator_wrapper(operator.add)"
+    assert numpy_call_token(numpy_to_tensor_wrapper(tnp.round)).startswith(
+        "torch._dynamo.utils.numpy_to_tensor_wrapper(torch._numpy._funcs_impl.round)[defaults torch.float64")
+    assert numpy_call_token(numpy_operator_wrapper(operator.add)).startswith(
+        "torch._dynamo.utils.numpy_operator_wrapper(operator.add)[defaults")
+
+
+_DEFAULT_DTYPE_RUN = textwrap.dedent("""
+    import functools, json, sys
+    import numpy as np
+    import torch
+    import torch._dynamo.config
+    torch._dynamo.config.numpy_default_float = sys.argv[1] if len(sys.argv) > 1 else "{flt}"
+    from aotcache.autograd_cache.cache import AOTAutogradCache
+    from aotcache.backend import aotcache_backend
+    from aotcache.store.factory import open_tiers
+
+    def fn(x):
+        return np.linspace(0, 1, 3) + x.numpy()
+
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+    out = torch.compile(fn, backend=functools.partial(aotcache_backend, compiler="nop", cache=cache))(torch.ones(3))
+    print(json.dumps({{"dtype": str(out.dtype), "hit": cache.stats()["hit"], "compile": cache.stats()["compile"]}}))
+""")
+
+
+def test_numpys_default_dtype_is_in_the_key_across_processes(tmp_path):
+    """np.linspace is float64 or float32 by torch._dynamo.config.numpy_default_float, fixed per process; a process
+    with the other default must not run the graph traced for the first (it did: float64 where eager gives float32)."""
+    env = {"AOTCACHE_CACHE_DIR": str(tmp_path)}
+
+    def run(flt):
+        return json.loads(run_python(_DEFAULT_DTYPE_RUN.format(flt=flt), env=env).stdout.strip().splitlines()[-1])
+
+    assert run("float64") == {"dtype": "float64", "hit": 0, "compile": 1}
+    assert run("float32") == {"dtype": "float32", "hit": 0, "compile": 1}  # a miss, eager's dtype
+    assert run("float32") == {"dtype": "float32", "hit": 1, "compile": 0}  # the same defaults hit
+    assert run("float64") == {"dtype": "float64", "hit": 1, "compile": 0}
