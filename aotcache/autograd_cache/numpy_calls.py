@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import sys
 from typing import Any
 
@@ -53,6 +54,8 @@ def numpy_call_token(target: Any) -> str | None:
     resolved = _resolve(module, name)  # the module-level function, or the one torch._numpy's decorator wraps
     if resolved is None or (resolved is not wrapped and resolved is not getattr(wrapped, "__wrapped__", None)):
         return None
+    if not _code_is_torch_numpys(wrapped):  # functools.wraps lends any function torch._numpy's name
+        return None
     return f"torch._dynamo.utils.{kind}({module}.{name}){_default_dtypes()}"
 
 
@@ -62,6 +65,18 @@ def _default_dtypes() -> str:
 
     defaults = _dtypes_impl.default_dtypes()
     return f"[defaults {defaults.float_dtype}, {defaults.complex_dtype}, {defaults.int_dtype}]"
+
+
+def _code_is_torch_numpys(fn: Any) -> bool:
+    """Whether ``fn``'s code is in ``torch._numpy``'s files: its module and name alone can be borrowed
+    (``functools.wraps(torch._numpy._funcs_impl.round)(my_round)`` says it is ``round``)."""
+    import torch._numpy
+
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    package = os.path.dirname(os.path.abspath(torch._numpy.__file__)) + os.sep
+    return os.path.abspath(code.co_filename).startswith(package)
 
 
 def _resolve(module: str, qualname: str) -> Any:

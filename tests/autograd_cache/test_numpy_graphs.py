@@ -146,3 +146,17 @@ def test_numpys_default_dtype_is_in_the_key_across_processes(tmp_path):
     assert run("float32") == {"dtype": "float32", "hit": 0, "compile": 1}  # a miss, eager's dtype
     assert run("float32") == {"dtype": "float32", "hit": 1, "compile": 0}  # the same defaults hit
     assert run("float64") == {"dtype": "float64", "hit": 1, "compile": 0}
+
+
+def test_a_function_dressed_as_a_torch_numpy_one_stays_refused():
+    """functools.wraps copies torch._numpy's module, name and __wrapped__ onto any function; its code is the user's,
+    so the token must not be the real function's (a graph calling it hit the real round's entry)."""
+    from torch._dynamo.utils import numpy_to_tensor_wrapper
+    from torch._numpy import _funcs_impl
+
+    dressed = functools.wraps(_funcs_impl.round)(lambda *args, **kwargs: 42)
+    assert numpy_call_token(numpy_to_tensor_wrapper(dressed)) is None
+    graph = torch.fx.Graph()
+    node = graph.call_function(numpy_to_tensor_wrapper(dressed), (graph.placeholder("a"),))
+    with pytest.raises(BypassAOTAutogradCache, match="unsafe call"):
+        check_node_safe(node)
