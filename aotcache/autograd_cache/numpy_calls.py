@@ -17,7 +17,9 @@ from typing import Any
 # process. What one computes is fixed by the torch build (in the key) and by what it wraps, which the token below
 # spells out: the wrapped function's module and name (only ``torch._numpy``'s module-level functions, or their
 # normalizing decoration, which ``functools.wraps`` names after them), the method name, or the ``operator``
-# function. A wrapper of anything else stays refused.
+# function. The wrapped function's code must also be in ``torch._numpy``'s files: ``functools.wraps`` lends any
+# function that module, name and ``__wrapped__`` (a program that patched ``torch._numpy.round`` with such a function
+# hit the real ``round``'s entry). A wrapper of anything else stays refused.
 # ``torch._numpy`` also reads its default dtypes (``torch._dynamo.config.numpy_default_float`` / ``_complex`` /
 # ``_int``, fixed per process at its first use): ``np.linspace(0, 1, 3)`` is float64 in one process and float32 in
 # another, in a graph whose text is the same. So every token carries the process's defaults: a process with other
