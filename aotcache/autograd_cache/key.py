@@ -57,6 +57,7 @@ from aotcache.autograd_cache import guards, reachable, safety
 from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, tensor_content_digest
 from aotcache.autograd_cache.reachable import custom_op_digest
+from aotcache.autograd_cache.numpy_calls import numpy_call_token
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.value_kinds import is_core_library
 from aotcache.compilers import aoti_lib
@@ -264,6 +265,9 @@ class _GraphCanonicalizer:
         raise BypassAOTAutogradCache(f"unsupported node op: {node.op}")
 
     def callable_name(self, target: Any) -> str:
+        numpy_token = numpy_call_token(target)  # NOTE [NumPy calls in a Dynamo graph]
+        if numpy_token is not None:
+            return numpy_token
         name = safety.qualified_name(target)
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             try:

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from aotcache.autograd_cache.numpy_calls import numpy_call_token
+
 __all__ = [
     "BypassAOTAutogradCache",
     "check_node_safe",
@@ -272,6 +274,8 @@ def _check_callable_target(target: Any) -> None:
         check_operator_safe(target)
         return
     if _is_torch_compiled_autograd_op(target):
+        return
+    if numpy_call_token(target) is not None:  # NOTE [NumPy calls in a Dynamo graph]
         return
     if isinstance(target, torch._ops.HigherOrderOperator):
         if target.name() not in _SAFE_HIGHER_ORDER_OPS:
