@@ -255,11 +255,11 @@ class CallSignature:
         if self._take_pinned is not None and list(map(_OFFSET, self._take_pinned(flat_args))) != self._pinned_offsets:
             return False  # a storage offset the pinned guards read (NOTE [Guards left to check when inputs are pinned])
         try:
-            # what the full path refuses (NOTE [Call hot path]); where the signature's C check refuses it itself
-            # (NOTE [Tensor metadata checked in C]), not twice
-            if not self._hot.checks_layouts() and (
+            # what the full path refuses (NOTE [Call hot path]); the layouts only where the signature's C check does
+            # not compare them itself (NOTE [Tensor metadata checked in C])
+            if any(map(_wrapped, tensors)) or not self._hot.checks_layouts() and (
                     list(map(_LAYOUT, tensors)).count(torch.strided) != self._tensor_count
-                    or any(map(_NESTED, tensors)) or any(map(_wrapped, tensors))):
+                    or any(map(_NESTED, tensors))):
                 return False
             return self._hot.matches(tensors)
         except RuntimeError:  # a tensor without sizes or strides: the full path names it

@@ -151,8 +151,8 @@ class HotSignature:
             self._metadata = TensorMetadata.of(flat_args, dims)
 
     def checks_layouts(self) -> bool:
-        """Whether :meth:`matches` itself refuses sparse, nested and torch.func transform tensors (NOTE [Tensor
-        metadata checked in C]: by their dispatch keys), so that a caller need not."""
+        """Whether :meth:`matches` itself refuses tensors of another layout and nested tensors (NOTE [Tensor
+        metadata checked in C]), so that a caller need not."""
         return self._metadata is not None
 
     def pin_offsets(self) -> bool:

@@ -7,8 +7,12 @@ Each signature test runs twice: with torch's C check (``c``) and with the Python
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from aotcache.aot import aot_function, hot_path
 from aotcache.aot.hot_path import HotSignature
 from aotcache.aot.tensor_metadata import TensorMetadata, _c_tensor_guards
 
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
 GRAPH = types.SimpleNamespace(input_offsets=None)  # a graph whose result does not depend on storage offsets
 
 
@@ -121,6 +126,13 @@ def test_transform_tensors_never_match(check):
     torch.vmap(inside)(torch.randn(4, 2, 3))
     if check == "c":  # (the Python comparison leaves them to its callers, which refuse them first)
         assert seen == [False, False]
+
+
+def test_the_probe_imports_no_dynamo():
+    # a warm start that loads its graphs never imports Dynamo (tests/test_compile.py); torch.func.grad would
+    code = ("import sys, torch\nfrom aotcache.aot.tensor_metadata import _c_tensor_guards\n"
+            "assert _c_tensor_guards() is not None\nassert 'torch._dynamo' not in sys.modules, 'Dynamo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
 
 
 def test_a_signature_recorded_outside_inference_mode_sends_calls_inside_it_to_the_full_path(check):
