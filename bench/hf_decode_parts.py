@@ -6,7 +6,7 @@ process: greedy ``generate`` through ``aotcache.compile`` (nop) warms the graphs
 its first outputs again. Calling the model with the recorded arguments then runs everything aotcache does around
 a graph (the checks, the call record, output rebuilding, the cache write-back) and nothing of the graph: the
 cache keeps one length, so every call is the same step. Each part is then timed alone (``timeit``, best of 15
-repeats): wall time per call in microseconds, in this process (a shared machine: compare sides of one run).
+repeats): this process's CPU time per call in microseconds (a shared machine: compare the sides of one run).
 
 ``step`` is the whole compiled call; the other rows are parts of it (``find`` holds ``find.*``, ``runtime`` holds
 ``runtime.rebuild``). ``--baseline PATH`` measures another source tree (``git archive <commit> aotcache | tar -x -C
@@ -31,7 +31,7 @@ ROWS = ("step", "module_state", "program_guards", "find", "find.structure", "fin
         "find.guards", "runtime", "runtime.rebuild", "write_back")
 
 MEASURE = r"""
-import copy, json, sys, timeit
+import copy, json, sys, time, timeit
 sys.path.insert(0, {source!r}); sys.path.insert(1, {bench!r})
 import torch, transformers
 torch.set_num_threads(1)
@@ -102,7 +102,7 @@ with torch.no_grad():
         "runtime.rebuild": lambda: runtime.out_structure.unflatten(rebuilt),
         "write_back": lambda: module.write_back_caches(passed, output),
     }}
-    result = {{name: min(timeit.repeat(part, number=200, repeat=15)) / 200 * 1e6 for name, part in parts.items()}}
+    result = {{name: min(timeit.repeat(part, number=200, repeat=15, timer=time.process_time)) / 200 * 1e6 for name, part in parts.items()}}
 result["tensors"] = len(list(record._take_tensors(flat)))
 print("RESULT " + json.dumps(result))
 """
