@@ -232,7 +232,8 @@ class CallSignature:
         for arg in flat_args:
             kind = type(arg)
             if kind in _TENSOR_TYPES:
-                if arg.layout != torch.strided or arg.is_meta or arg.is_nested or _wrapped(arg):
+                if (arg.layout != torch.strided or arg.is_meta or arg.is_nested or _wrapped(arg) or arg.is_conj()
+                        or arg.is_neg()):  # (conj / neg views: NOTE [View bits] in signature.py)
                     return False
             elif kind not in _CONSTANT_TYPES:
                 return False

@@ -97,6 +97,8 @@ _STRIDE = operator.methodcaller("stride")
 _OFFSET = operator.methodcaller("storage_offset")
 _STORAGE = operator.methodcaller("untyped_storage")
 _DATA_PTR = operator.methodcaller("data_ptr")
+_IS_CONJ = operator.methodcaller("is_conj")
+_IS_NEG = operator.methodcaller("is_neg")
 
 
 def _all_distinct(tensors: Sequence[torch.Tensor]) -> bool | None:
@@ -179,9 +181,10 @@ class HotSignature:
 
     @staticmethod
     def eligible(flat_args: Sequence[Any]) -> bool:
-        """Only plain strided, non-meta tensors (the other cases need the full signature's checks)."""
+        """Only plain strided, non-meta tensors without conj / neg bits (the other cases need the full signature's
+        checks: NOTE [View bits] in signature.py)."""
         return all(isinstance(arg, torch.Tensor) and arg.layout == torch.strided and not arg.is_meta
-                   for arg in flat_args)
+                   and not arg.is_conj() and not arg.is_neg() for arg in flat_args)
 
     def matches(self, flat_args: Sequence[torch.Tensor]) -> bool:
         """Whether ``flat_args`` have this signature (the caller checked they are plain tensors)."""
@@ -201,6 +204,8 @@ class HotSignature:
                 return False
             distinct = _all_distinct(flat_args) if self._distinct else None
             return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
+        if any(map(_IS_CONJ, flat_args)) or any(map(_IS_NEG, flat_args)):
+            return False  # never recorded (:meth:`eligible`): the full path keys them (NOTE [View bits])
         if self._static is not None:  # NOTE [Static signatures in bulk]
             if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
                 return False

@@ -169,3 +169,58 @@ def test_the_c_check_is_built_only_for_plain_strided_tensors():
     assert TensorMetadata.of([torch.randn(2), nested(2)], [False, False]) is None
     assert TensorMetadata.of([torch.randn(2).to_sparse()], [False]) is None
     assert TensorMetadata.of([], []) is None
+
+
+def conj_view(*shape):
+    return torch.randn(*shape, dtype=torch.complex64).conj()
+
+
+def neg_view(*shape):
+    return torch.randn(*shape, dtype=torch.complex64).conj().imag  # a float tensor with the negative bit
+
+
+def imag_view(*shape):
+    return torch.randn(*shape, dtype=torch.complex64).imag  # the same geometry as neg_view, no bit
+
+
+def complex_tensor(*shape):
+    return torch.randn(*shape, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize("make, plain", [(conj_view, complex_tensor), (neg_view, imag_view)], ids=["conj", "neg"])
+@pytest.mark.parametrize("order", ["plain_first", "view_first"])
+def test_conj_and_neg_bits_select_their_own_graph(check, make, plain, order):
+    # a conj / neg view reads through its bit: ``x.imag`` of a conj view traced into a graph for plain tensors
+    # raised (view_as_real on an unresolved conj tensor), and ``is_conj()`` read in Python was baked in: a graph
+    # traced for one must never serve the other (the full signature keys the bits; the hot paths refuse them)
+    def function(t):
+        marker = 1 if t.is_conj() or t.is_neg() else -1
+        return (t.imag if t.is_complex() else t) * 2 + marker
+
+    compiled = aot_function(function, graph_compiler, cache=False)
+    sequence = [plain, make] if order == "plain_first" else [make, plain]
+    for factory in sequence:
+        for _ in range(3):
+            x = factory(3)
+            torch.testing.assert_close(compiled(x), function(x))
+
+
+def test_the_hot_paths_never_record_conj_or_neg_views():
+    assert not HotSignature.eligible([conj_view(2)])
+    assert not HotSignature.eligible([neg_view(2)])
+    assert HotSignature.eligible([torch.randn(2, dtype=torch.complex64)])
+
+
+def test_conj_views_after_plain_calls_through_aotcache_compile():
+    import aotcache
+
+    class ImagPart(nn.Module):
+        def forward(self, x):
+            return x.imag * 2 + (1 if x.is_conj() else -1)
+
+    module = ImagPart()
+    compiled = aotcache.compile(module, compiler="nop", cache=False)
+    for make in (complex_tensor, conj_view, complex_tensor, conj_view):
+        for size in (3, 4):
+            x = make(size)
+            torch.testing.assert_close(compiled(x), module(x))
