@@ -95,6 +95,7 @@ OPTIONAL = [
     ("torch._dynamo.eval_frame", "_stance.stance", "aotcache.compile ignores torch.compiler.set_stance"),
     ("torch.library", "_defs", "ops of low-level Libraries bypass the cache"),
     ("torch._C", "_dynamo.guards.dict_version", "the exact module-state comparison on every call"),
+    ("torch._C", "_dynamo.guards.TensorGuards", "the hot paths compare tensor metadata in Python"),
     ("torch._C", "_len_torch_function_stack", "fingerprint warm starts are declined (Untrusted)"),
     ("torch._C", "_DisableAutocast", "contextlib.nullcontext"),
     ("torch._C", "_get_fp32_precision_getter", "fp32-precision flags left out of the numerics signature"),
@@ -258,6 +259,25 @@ def test_no_dict_version(monkeypatch):
     assert hot_path._probe_dict_version() is not None
     monkeypatch.delattr(guards, "dict_version")
     assert hot_path._probe_dict_version() is None  # every call compares exactly instead
+
+
+def test_no_tensor_guards(monkeypatch):
+    from torch._C._dynamo import guards
+
+    from aotcache.aot import tensor_metadata
+    from aotcache.aot.hot_path import HotSignature
+
+    tensor_metadata._c_tensor_guards.cache_clear()
+    try:
+        assert tensor_metadata._c_tensor_guards() is not None
+        monkeypatch.delattr(guards, "TensorGuards")
+        tensor_metadata._c_tensor_guards.cache_clear()
+        assert tensor_metadata._c_tensor_guards() is None
+        hot = HotSignature([torch.randn(2, 3)], dynamic=False, runtime=None)
+        assert hot._metadata is None  # the Python comparison: the same fields
+        assert hot.matches([torch.randn(2, 3)]) and not hot.matches([torch.randn(3, 2)])
+    finally:
+        tensor_metadata._c_tensor_guards.cache_clear()
 
 
 def test_no_mode_stack_lengths_declines_fingerprint(monkeypatch):

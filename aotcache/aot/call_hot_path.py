@@ -232,7 +232,8 @@ class CallSignature:
         for arg in flat_args:
             kind = type(arg)
             if kind in _TENSOR_TYPES:
-                if arg.layout != torch.strided or arg.is_meta or arg.is_nested or _wrapped(arg):
+                if (arg.layout != torch.strided or arg.is_meta or arg.is_nested or _wrapped(arg) or arg.is_conj()
+                        or arg.is_neg()):  # (conj / neg views: NOTE [View bits] in signature.py)
                     return False
             elif kind not in _CONSTANT_TYPES:
                 return False
@@ -255,8 +256,11 @@ class CallSignature:
         if self._take_pinned is not None and list(map(_OFFSET, self._take_pinned(flat_args))) != self._pinned_offsets:
             return False  # a storage offset the pinned guards read (NOTE [Guards left to check when inputs are pinned])
         try:
-            if (list(map(_LAYOUT, tensors)).count(torch.strided) != self._tensor_count or any(map(_NESTED, tensors))
-                    or any(map(_wrapped, tensors))):  # what the full path refuses (NOTE [Call hot path])
+            # what the full path refuses (NOTE [Call hot path]); the layouts only where the signature's C check does
+            # not compare them itself (NOTE [Tensor metadata checked in C])
+            if any(map(_wrapped, tensors)) or not self._hot.checks_layouts() and (
+                    list(map(_LAYOUT, tensors)).count(torch.strided) != self._tensor_count
+                    or any(map(_NESTED, tensors))):
                 return False
             return self._hot.matches(tensors)
         except RuntimeError:  # a tensor without sizes or strides: the full path names it

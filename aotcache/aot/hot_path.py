@@ -28,6 +28,7 @@ from torch import nn
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
+from aotcache.aot.tensor_metadata import TensorMetadata
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets",
            "storage_object", "setting_by_value", "taker", "dict_version_tag"]
@@ -96,6 +97,8 @@ _STRIDE = operator.methodcaller("stride")
 _OFFSET = operator.methodcaller("storage_offset")
 _STORAGE = operator.methodcaller("untyped_storage")
 _DATA_PTR = operator.methodcaller("data_ptr")
+_IS_CONJ = operator.methodcaller("is_conj")
+_IS_NEG = operator.methodcaller("is_neg")
 
 
 def _all_distinct(tensors: Sequence[torch.Tensor]) -> bool | None:
@@ -115,7 +118,7 @@ class HotSignature:
 
     __slots__ = ("grad_enabled", "autocast", "numerics", "fields", "sharing", "dynamic", "runtime",
                  "_static", "_strides", "_offsets", "_distinct", "_exact_offsets", "_absolute_offsets", "_mixed",
-                 "_types")
+                 "_types", "_metadata")
 
     def __init__(self, flat_args: Sequence[torch.Tensor], dynamic: bool | tuple, runtime: Any) -> None:
         self.grad_enabled = torch.is_grad_enabled()
@@ -142,6 +145,17 @@ class HotSignature:
         self._absolute_offsets = getattr(runtime, "input_offsets", ()) is not None
         self._exact_offsets = not self._distinct or self._absolute_offsets
         self._offsets = self._offsets_of(flat_args) if static else None
+        # NOTE [Tensor metadata checked in C]: the fields above in one C call, where torch has it (the Python
+        # comparison below otherwise); storage offsets and memory sharing stay here
+        self._metadata: TensorMetadata | None = None
+        dims = dynamic if isinstance(dynamic, tuple) else [dynamic is True] * len(flat_args)
+        if (static or self._mixed is not None or dynamic is True) and len(dims) == len(flat_args):
+            self._metadata = TensorMetadata.of(flat_args, dims)
+
+    def checks_layouts(self) -> bool:
+        """Whether :meth:`matches` itself refuses tensors of another layout and nested tensors (NOTE [Tensor
+        metadata checked in C]), so that a caller need not."""
+        return self._metadata is not None
 
     def pin_offsets(self) -> bool:
         """Make :meth:`matches` compare the storage offsets of the arguments without dynamic dimensions too, where
@@ -167,14 +181,31 @@ class HotSignature:
 
     @staticmethod
     def eligible(flat_args: Sequence[Any]) -> bool:
-        """Only plain strided, non-meta tensors (the other cases need the full signature's checks)."""
+        """Only plain strided, non-meta tensors without conj / neg bits (the other cases need the full signature's
+        checks: NOTE [View bits] in signature.py)."""
         return all(isinstance(arg, torch.Tensor) and arg.layout == torch.strided and not arg.is_meta
-                   for arg in flat_args)
+                   and not arg.is_conj() and not arg.is_neg() for arg in flat_args)
 
     def matches(self, flat_args: Sequence[torch.Tensor]) -> bool:
         """Whether ``flat_args`` have this signature (the caller checked they are plain tensors)."""
         if torch.is_grad_enabled() is not self.grad_enabled or list(map(type, flat_args)) != self._types:
             return False  # a class the full path refuses (a parameter's __class__ assigned since) takes that path
+        metadata = self._metadata
+        if metadata is not None:  # NOTE [Tensor metadata checked in C]
+            if not metadata(flat_args):
+                return False
+            if self._static is not None:
+                if self._exact_offsets and (storage_sharing(flat_args) != self.sharing
+                                            or self._offsets_of(flat_args) != self._offsets):
+                    return False
+            elif self._mixed is not None and not self._mixed.offsets_hold(flat_args, self._exact_offsets):
+                return False
+            if autocast_state() != self.autocast or numerics_signature() != self.numerics:
+                return False
+            distinct = _all_distinct(flat_args) if self._distinct else None
+            return distinct if distinct is not None else storage_sharing(flat_args) == self.sharing
+        if any(map(_IS_CONJ, flat_args)) or any(map(_IS_NEG, flat_args)):
+            return False  # never recorded (:meth:`eligible`): the full path keys them (NOTE [View bits])
         if self._static is not None:  # NOTE [Static signatures in bulk]
             if list(map(_STATIC_FIELDS, flat_args)) != self._static or list(map(_STRIDE, flat_args)) != self._strides:
                 return False
@@ -240,6 +271,12 @@ class _MixedSignature:
                           tuple((dim, size) for dim, size in enumerate(shape) if size is not None))
                          for dtype, device, requires_grad, leaf, shape, _, _ in map(fields.__getitem__, moving)]
 
+    def offsets_hold(self, flat_args: Sequence[torch.Tensor], exact_offsets: bool) -> bool:
+        """The storage offsets of the static arguments, where they are compared (the rest of :meth:`matches` is
+        checked apart: NOTE [Tensor metadata checked in C])."""
+        return not (exact_offsets or self.pin_offsets) or list(map(_OFFSET, self._take_static(flat_args))) == \
+            self._offsets
+
     def matches(self, flat_args: Sequence[torch.Tensor], exact_offsets: bool) -> bool:
         static_args = self._take_static(flat_args)
         if list(map(_STATIC_FIELDS, static_args)) != self._static or list(map(_STRIDE, static_args)) != self._strides:
@@ -283,6 +320,8 @@ class HotSignatures:
                 if hot.matches(flat_args):
                     return hot
         except NotImplementedError:  # NOTE [Transform tensors on the hot path]
+            return None
+        except RuntimeError:  # a tensor without sizes or strides (a nested one): the full path names or runs it
             return None
         return None
 

@@ -16,7 +16,7 @@ _MAX_LISTED = 3
 
 
 def _tensor_change(old: tuple, new: tuple) -> list[str]:
-    names = ("kind", "dtype", "device", "layout", "requires_grad", "leaf", "geometry")
+    names = ("kind", "dtype", "device", "layout", "requires_grad", "leaf", "geometry", "(conj, neg) bits")
     changes = []
     for name, before, after in zip(names, old, new):
         if before == after:

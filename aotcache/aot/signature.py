@@ -6,7 +6,8 @@ it (constants by value, floats by bits, storage offsets by alignment) is where a
 
 NOTE [Signature]
 An ``aot_function`` traces once per *signature* of its flat arguments and reuses the compiled result:
-per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), and its sizes,
+per tensor its dtype, device, layout, requires_grad, leafness (when it requires grad), conj / neg bits (NOTE
+[View bits]), and its sizes,
 strides (only the rank with ``dynamic=True``, where symbolic-shape guards decide reuse; the storage offset is
 not part of it: NOTE [Storage offsets are not part of the signature]); per non-tensor
 argument its type and value (constants are baked into the graph); which tensor arguments share memory; plus
@@ -86,7 +87,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
         geometry = ((arg.dim(),) if dynamic is True else (masked_shape(arg, dynamic),) if dynamic
                     else (tuple(arg.shape), arg.stride(), offset))  # NOTE [Dynamic dimensions]
         signature = ("tensor", arg.dtype, arg.device, arg.layout, arg.requires_grad,
-                     arg.requires_grad and arg.is_leaf, geometry)
+                     arg.requires_grad and arg.is_leaf, geometry, (arg.is_conj(), arg.is_neg()))  # NOTE [View bits]
         attributes = python_attributes(arg)
         return (*signature, tensor_attributes_signature(attributes)) if attributes else signature
     if isinstance(arg, torch.SymInt):
@@ -106,6 +107,15 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     return ("constant", type(arg), arg)
+
+
+# NOTE [View bits]
+# A conj or neg view (``z.conj()``, ``z.conj().imag``) has a plain tensor's dtype, sizes and strides; only its
+# conjugate / negative bit tells it apart, and a graph traced for one does not serve the other: ``x.imag`` of a conj
+# view traced for plain inputs raised at the next plain call (the graph's view_as_real refuses an unresolved conj
+# tensor), and ``x.is_conj()`` read in Python is baked into the graph. The bits are part of the signature (the
+# persistent key has them too: ``conj`` / ``neg`` in autograd_cache/guards.py); the hot paths never record such a
+# view, so it always takes this full path (NOTE [Hot path]).
 
 
 def argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
