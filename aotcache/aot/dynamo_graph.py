@@ -63,8 +63,9 @@ def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(v, torch.SymInt) for v in (*value.shape, *value.stride()))
 
 
-def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> list:
-    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes.
+def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any], static_where_traced: bool = False) -> list:
+    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes;
+    ``static_where_traced``: a tensor whose placeholder Dynamo traced with static sizes gets a static fake.
 
     NOTE [Dynamo's symbolic example inputs]
     Dynamo hands a backend *real* example tensors; when it compiles a graph with dynamic dimensions (``dynamic=True``
@@ -74,6 +75,10 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
     a later call with another size would run a graph traced for the first (a wrong result or a shape error).
     So when anything is symbolic, the real tensors are swapped for Dynamo's own fakes (``from_tensor`` of its
     mode returns the fake it made for that tensor, symbols included). Static graphs keep the real inputs.
+    A graph whose only symbols are the floats it keeps as inputs (NOTE [Dynamo's float inputs kept as graph inputs]
+    in dynamo_floats.py) gets static fakes where Dynamo traced static sizes, as do its lifted parameters and
+    buffers (:func:`_static_fakes`): the backend's mode made fresh size symbols for them (sources unknown), which
+    the capture then specialized, and guards no input holds kept the graph out of the cache.
     """
     placeholders = [node for node in getattr(getattr(gm, "graph", None), "nodes", []) if node.op == "placeholder"]
     symbolic = any(_is_symbolic(value) for value in example_inputs) or any(
@@ -87,8 +92,24 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
         return list(example_inputs)
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return [fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
-            else value for value in example_inputs]
+    static = [static_where_traced and isinstance(node.meta.get("example_value"), torch.Tensor)
+              and not _is_symbolic(node.meta.get("example_value")) for node in placeholders]
+    if len(static) != len(example_inputs):
+        static = [False] * len(example_inputs)
+    return [(fake_mode.from_tensor(value, static_shapes=True) if is_static else fake_mode.from_tensor(value))
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else value
+            for value, is_static in zip(example_inputs, static)]
+
+
+def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs: Sequence[Any]) -> list:
+    """``tensors`` (a graph's lifted parameters and buffers, which Dynamo holds static) as static fakes of the
+    example inputs' fake mode (NOTE [Dynamo's symbolic example inputs]); as they are where there is none."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(list(example_inputs)) if tensors else None
+    if fake_mode is None:
+        return list(tensors)
+    return [fake_mode.from_tensor(value, static_shapes=True) for value in tensors]
 
 
 def _specialize_unspecialized_floats(gm: nn.Module, kept: KeptFloats | None = None) -> None:
@@ -246,8 +267,8 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     if kept is not None:
         traced, example_inputs = kept.rewrite(gm, example_inputs)  # after the regions' floats were specialized
         kept.start()
-    example_inputs = _symbolic_example_inputs(traced, example_inputs)
-    example = [*lifted(), *example_inputs]
+    example_inputs = _symbolic_example_inputs(traced, example_inputs, static_where_traced=kept is not None)
+    example = [*(_static_fakes(lifted(), example_inputs) if kept is not None else lifted()), *example_inputs]
     with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"), \
             capturing_source_locations(keep_lines):
         try:

@@ -18,7 +18,7 @@ import torch
 from aotcache.autograd_cache.cache import default_cache
 from aotcache.backend import aotcache_backend
 
-STEPS = 3
+STEPS = int(__import__("os").environ.get("STEPS", "3"))
 
 
 def build(case, lr, weight_decay):
@@ -26,6 +26,15 @@ def build(case, lr, weight_decay):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     if case == "sgd_float_lr":  # Dynamo keeps a float LR of SGD's foreach step as a constant of its graph
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=True)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    elif case == "adam_single_float_lr":  # a float LR Dynamo passes unspecialized once it changed: a graph input
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    elif case == "adagrad_float_lr":  # the same, through Adagrad's clr = lr / (1 + (step - 1) * lr_decay)
+        opt = torch.optim.Adagrad(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    elif case == "sgd_single_float_lr":  # add_(grad, alpha=-lr): torch's tensorify pass cannot rewrite a Scalar alpha
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=False)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     elif case == "adam_tensor_lr":  # a tensor LR is a graph input
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(lr), weight_decay=weight_decay, foreach=False)
