@@ -162,6 +162,28 @@ def _memo_symbol(node: torch.fx.Node) -> tuple[Any, str | None]:
     return memo, getattr(getattr(memo.node, "_expr", None), "name", None)
 
 
+def _reaches_a_keyword(node: torch.fx.Node) -> bool:
+    """Whether the float read from ``node`` (or a number computed from it) is passed as a keyword argument
+    (``add_(buf, alpha=-lr)``, ``addcdiv_(..., value=-step_size)``): a Scalar that torch's tensorify pass, which
+    rewrites positional arguments only, leaves as it is. Such a float is specialized without trying the capture
+    first (it would be captured, checked and abandoned in every process, warm ones included)."""
+    numbers = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    pending, seen = list(node.users), set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            in_keywords: list = []
+            torch.fx.node.map_arg(user.kwargs, in_keywords.append)
+            if current in in_keywords:
+                return True
+            if isinstance(user.meta.get("example_value"), numbers):
+                pending.append(user)
+    return False
+
+
 def _graph_is_on_cpu(example_inputs: Sequence[Any]) -> bool:
     return all(value.device.type == "cpu" for value in example_inputs if isinstance(value, torch.Tensor))
 
@@ -185,7 +207,7 @@ def keep_float_inputs(gm: nn.Module, example_inputs: Sequence[Any], options: Any
         if memo is None or name is None or TensorifyState.should_specialize(name):
             continue
         if node.users and all(user.op == "call_method" and user.target == "item" and len(user.args) == 1
-                              and not user.kwargs for user in node.users):
+                              and not user.kwargs for user in node.users) and not _reaches_a_keyword(node):
             chosen.append((position, name, memo))
     if not chosen:
         return None
