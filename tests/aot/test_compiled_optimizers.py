@@ -237,6 +237,21 @@ def test_a_float_lr_is_a_graph_input_where_torch_tensorifies_it_and_a_constant_p
         torch.testing.assert_close(got, e, rtol=0 if kind == "sgd" else 1e-5, atol=0 if kind == "sgd" else 1e-5)
 
 
+def test_a_float_lr_kept_as_a_graph_input_under_inductor_steps_as_torchs_inductor():
+    """Under ``compiler="inductor"`` the kept float reaches Inductor as a 0-d float64 tensor (NOTE [Float inputs for
+    Inductor]): single-tensor Adam compiles 2 graphs in 12 steps, as torch's own Inductor backend, with its steps
+    bit for bit on this machine."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+
+    graphs, ours = _twelve_steps("adam", functools.partial(aotcache_backend, compiler="inductor", cache=False))
+    reference_graphs, reference = _twelve_steps("adam", "inductor")
+    assert graphs == reference_graphs == 2, (graphs, reference_graphs)
+    for ref, got in zip(reference, ours):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
 def test_without_torchs_tensorify_pass_a_float_lr_is_specialized_as_before(monkeypatch):
     """Where torch lacks the private tensorify pass (or disables it), aotcache's backend keeps specializing the
     float (a graph per value, up to the recompile limit): never a graph input whose uses nothing checked."""
