@@ -21,7 +21,8 @@ private), such a float is kept:
   (``tensorify_float_inputs``, the rewrite Inductor's graphs get) and requires that it rewrote every use, that
   the capture added no guard over the float's symbol and did not specialize it; otherwise the compile is
   abandoned (:class:`FloatsNotTensorified`) and the float is specialized as before (Dynamo restarts): never a
-  value baked into a graph that Dynamo does not guard.
+  value baked into a graph that Dynamo does not guard. A capture or compile that fails with the float as an input
+  is retried the same way, so a graph that cannot be captured for another reason ends as it did before.
 
 The cache key sees the float as a ``symfloat`` input (a position-normalized symbol, never its value) and the
 graph without a constant for it, so a new process loads the entry for any starting value; the check ran when

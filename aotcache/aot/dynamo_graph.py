@@ -275,10 +275,16 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
             runtime = services.compile_graph(cache, traced, example_inputs, flat_fn, example, options,
                                              [*param_names, *buffer_names],
                                              captured_check=kept.check if kept is not None else None)
-        except FloatsNotTensorified as exc:
-            log_once(logging.DEBUG, f"dynamo-float-specialized:{exc}",
-                     f"aotcache backend: a float Dynamo passed unspecialized is specialized ({exc})")
-            kept.specialize_and_restart()  # (kept is set: only its check raises this)
+        except Exception as exc:
+            if kept is None:
+                raise
+            # refused by the check, or a capture or compile that failed with the float as an input: specialized as
+            # before (Dynamo restarts), so a graph that fails for another reason fails as it did (NOTE [Dynamo's
+            # float inputs kept as graph inputs])
+            reason = str(exc) if isinstance(exc, FloatsNotTensorified) else f"{type(exc).__name__}: {exc}"
+            log_once(logging.DEBUG, f"dynamo-float-specialized:{reason}",
+                     f"aotcache backend: a float Dynamo passed unspecialized is specialized ({reason})")
+            kept.specialize_and_restart()
 
     # NOTE [Call contract of aot_module_simplified]
     # The graph was captured for the example inputs' requires_grad (of every input, lifted parameters
