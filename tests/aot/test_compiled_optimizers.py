@@ -335,8 +335,10 @@ def test_a_kept_float_lr_graph_loads_in_a_new_process_for_another_starting_lr():
     for spec in specs:
         assert cold[spec]["compile"] >= 2 and warm[spec]["compile"] == 0 and warm[spec]["hit"] >= 2, (spec, warm)
         assert warm[spec]["miss"] == 0, (spec, warm)
+    for spec in specs[:2]:  # a loaded entry's guards keep the float symbolic (NOTE [NaN checks of a symbolic float]):
+        assert cold[spec]["compile"] == 2 and warm[spec]["hit"] == 2, (spec, cold, warm)  # no frame per value
     for spec in ("adam_single_float_lr:0.03:0.0", "adagrad_float_lr:0.03:0.0"):
-        assert warm[spec]["compile"] == 1 and warm[spec]["hit"] >= 1, (spec, warm)
+        assert warm[spec]["compile"] == 1 and warm[spec]["hit"] == 1, (spec, warm)
     assert warm["sgd_single_float_lr:0.3:0.0"]["compile"] == cold["sgd_single_float_lr:0.1:0.0"]["compile"], warm
 
 
