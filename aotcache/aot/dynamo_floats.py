@@ -22,13 +22,14 @@ private), such a float is kept:
   the capture added no guard over the float's symbol and did not specialize it; otherwise the compile is
   abandoned (:class:`FloatsNotTensorified`) and the float is specialized as before (Dynamo restarts): never a
   value baked into a graph that Dynamo does not guard. A capture or compile that fails with the float as an input
-  is retried the same way, so a graph that cannot be captured for another reason ends as it did before.
+  is retried the same way, so a graph that cannot be captured for another reason ends as it did before. A float
+  passed as a keyword argument (``alpha=-lr``), which the pass never rewrites, is specialized without a capture.
 
 The cache key sees the float as a ``symfloat`` input (a position-normalized symbol, never its value) and the
 graph without a constant for it, so a new process loads the entry for any starting value; the check ran when
 the entry was stored, and the key holds the torch version the pass came from. The nop compiler runs the float's
-arithmetic as Python floats (eager's numbers); Inductor as float64 tensors (``aot_eager``'s and torch's
-Inductor's, to rounding). A float read inside a checkpointed region, an unbacked ``.item()`` of a tensor argument
+arithmetic on Python floats (single-tensor Adam and Adagrad: ``aot_eager``'s steps bit for bit); Inductor on
+float64 tensors (torch's Inductor's steps). A float read inside a checkpointed region, an unbacked ``.item()`` of a tensor argument
 (``capture_scalar_outputs``) and AOTInductor or GPU graphs keep their earlier handling.
 """
 
