@@ -120,16 +120,17 @@ class CachedCompileServices(CompileServices):
 
     def compile_graph(self, cache: Any, gm: nn.Module, example_inputs: Sequence[Any], flat_fn: Callable,
                       flat_example: Sequence[Any], options: AOTOptions,
-                      lifted_attributes: Sequence[str]) -> CompiledRuntime:
+                      lifted_attributes: Sequence[str], *,
+                      captured_check: Callable | None = None) -> CompiledRuntime:
         from aotcache.autograd_cache.cache import resolve_cache
 
         resolved = resolve_cache(cache)
         if resolved is None:
-            return compile_function(flat_fn, flat_example, options)
+            return compile_function(flat_fn, flat_example, options, captured_check=captured_check)
         from aotcache.autograd_cache.pipeline import compile_graph_module_cached
 
         return compile_graph_module_cached(resolved, gm, example_inputs, flat_fn, flat_example, options,
-                                           lifted_attributes=lifted_attributes)
+                                           lifted_attributes=lifted_attributes, captured_check=captured_check)
 
 
 SERVICES = CachedCompileServices()

@@ -172,8 +172,11 @@ def _graph_output_values(gm: torch.fx.GraphModule) -> list:
 
 
 def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOptions, *,
-                     input_is_leaf: Sequence[bool] | None = None) -> CompiledRuntime:
-    """Capture, partition and compile ``flat_fn`` for the signature of ``flat_args``.
+                     input_is_leaf: Sequence[bool] | None = None,
+                     captured_check: Callable | None = None) -> CompiledRuntime:
+    """Capture, partition and compile ``flat_fn`` for the signature of ``flat_args``; ``captured_check(captured)``
+    runs between the capture and the compile and may raise to abandon it (NOTE [Dynamo's float inputs kept as graph
+    inputs] in dynamo_floats.py).
 
     This is the single step a compiled-graph cache wraps: its result depends only on ``flat_fn``, the
     signature of ``flat_args`` (see NOTE [Signature]) and ``options``.
@@ -184,6 +187,8 @@ def compile_function(flat_fn: Callable, flat_args: Sequence[Any], options: AOTOp
     with stage("capture"):
         captured = capture(flat_fn, flat_args, decompositions=options.decomposition_table(),
                            dynamic=options.dynamic, input_is_leaf=input_is_leaf)
+    if captured_check is not None:
+        captured_check(captured)
     return compile_captured(captured, options)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from aotcache.aot.checkpoint_regions import has_checkpoint_regions
 from aotcache.aot.compile_step import AOTOptions, compile_function
+from aotcache.aot.dynamo_floats import FloatsNotTensorified, KeptFloats, keep_float_inputs
 from aotcache.aot.errors import CaptureError
 from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.input_mutations import mutated_input_overlaps
@@ -63,8 +64,9 @@ def _is_symbolic(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(v, torch.SymInt) for v in (*value.shape, *value.stride()))
 
 
-def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> list:
-    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes.
+def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any], static_where_traced: bool = False) -> list:
+    """Dynamo's example inputs, as the fake tensors of its fake mode when its graph has symbolic shapes;
+    ``static_where_traced``: a tensor whose placeholder Dynamo traced with static sizes gets a static fake.
 
     NOTE [Dynamo's symbolic example inputs]
     Dynamo hands a backend *real* example tensors; when it compiles a graph with dynamic dimensions (``dynamic=True``
@@ -74,6 +76,10 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
     a later call with another size would run a graph traced for the first (a wrong result or a shape error).
     So when anything is symbolic, the real tensors are swapped for Dynamo's own fakes (``from_tensor`` of its
     mode returns the fake it made for that tensor, symbols included). Static graphs keep the real inputs.
+    A graph whose only symbols are the floats it keeps as inputs (NOTE [Dynamo's float inputs kept as graph inputs]
+    in dynamo_floats.py) gets static fakes where Dynamo traced static sizes, as do its lifted parameters and
+    buffers (:func:`_static_fakes`): the backend's mode made fresh size symbols for them (sources unknown), which
+    the capture then specialized, and guards no input holds kept the graph out of the cache.
     """
     placeholders = [node for node in getattr(getattr(gm, "graph", None), "nodes", []) if node.op == "placeholder"]
     symbolic = any(_is_symbolic(value) for value in example_inputs) or any(
@@ -87,12 +93,29 @@ def _symbolic_example_inputs(gm: nn.Module, example_inputs: Sequence[Any]) -> li
         return list(example_inputs)
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return [fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
-            else value for value in example_inputs]
+    static = [static_where_traced and isinstance(node.meta.get("example_value"), torch.Tensor)
+              and not _is_symbolic(node.meta.get("example_value")) for node in placeholders]
+    if len(static) != len(example_inputs):
+        static = [False] * len(example_inputs)
+    return [(fake_mode.from_tensor(value, static_shapes=True) if is_static else fake_mode.from_tensor(value))
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) else value
+            for value, is_static in zip(example_inputs, static)]
 
 
-def _specialize_unspecialized_floats(gm: nn.Module) -> None:
-    """Have Dynamo specialize the Python floats it passed as 0-d tensor inputs (NOTE [Dynamo's float inputs]).
+def _static_fakes(tensors: Sequence[torch.Tensor], example_inputs: Sequence[Any]) -> list:
+    """``tensors`` (a graph's lifted parameters and buffers, which Dynamo holds static) as static fakes of the
+    example inputs' fake mode (NOTE [Dynamo's symbolic example inputs]); as they are where there is none."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(list(example_inputs)) if tensors else None
+    if fake_mode is None:
+        return list(tensors)
+    return [fake_mode.from_tensor(value, static_shapes=True) for value in tensors]
+
+
+def _specialize_unspecialized_floats(gm: nn.Module, kept: KeptFloats | None = None) -> None:
+    """Have Dynamo specialize the Python floats it passed as 0-d tensor inputs (NOTE [Dynamo's float inputs]),
+    but for those ``kept`` as graph inputs (NOTE [Dynamo's float inputs kept as graph inputs] in dynamo_floats.py).
 
     NOTE [Dynamo's float inputs]
     With ``dynamic=True`` Dynamo does not specialize float attributes (a BatchNorm's ``eps`` and ``momentum``): each
@@ -101,6 +124,8 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
     re-check it: a changed ``eps`` would reuse the graph), and without Dynamo's symbol ``.item()`` is data-dependent.
     So, as torch's own pipeline does for a float it cannot turn into tensor ops, the floats are marked for
     specialization and Dynamo restarts its analysis: the restarted graph holds them as constants, guarded by value.
+    Where torch's tensorify pass can turn every use of such a float into tensor arithmetic, it is kept as a graph
+    input instead, as torch's own backends keep it (NOTE [Dynamo's float inputs kept as graph inputs]).
     Only floats Dynamo made from a Python number are such inputs: their symbol is backed (it has the number as its
     hint). A tensor argument the function calls ``.item()`` on (``capture_scalar_outputs``) carries an *unbacked*
     symbol in the same place; marking it made Dynamo's restart guard on a value no one knows
@@ -112,8 +137,12 @@ def _specialize_unspecialized_floats(gm: nn.Module) -> None:
 
     guard_scalar = getattr(symbolic_shapes, "guard_scalar", None)  # without it: refused as before (a fallback)
     names = []
-    for node in getattr(getattr(gm, "graph", None), "nodes", []):
-        value = node.meta.get("example_value") if node.op == "placeholder" else None
+    kept_positions = set(kept.positions) if kept is not None else set()
+    placeholders = [node for node in getattr(getattr(gm, "graph", None), "nodes", []) if node.op == "placeholder"]
+    for position, node in enumerate(placeholders):
+        if position in kept_positions:
+            continue
+        value = node.meta.get("example_value")
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
         if isinstance(memo, torch.SymFloat) and name is not None and _backed(memo):
@@ -221,23 +250,42 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     # NOTE [Checkpointed regions traced in line]; run node by node, so only where the call adds nothing (hooks)
     regions = has_checkpoint_regions(gm) and runs_its_graph_only(gm)
 
+    # NOTE [Dynamo's float inputs kept as graph inputs]: ``traced`` reads those floats as float inputs
+    kept = keep_float_inputs(gm, example_inputs, options)
+    traced: Any = gm
+
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return run_graph(gm, flat, keep_lines, regions)
+            return run_graph(traced, flat, keep_lines, regions)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
         if not keep_lines and not regions:
-            return torch.func.functional_call(gm, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
-        with torch.nn.utils.stateless._reparametrize_module(gm, {**params, **buffers}):
-            return run_graph(gm, flat[num_lifted:], keep_lines, regions)
+            return torch.func.functional_call(traced, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
+        with torch.nn.utils.stateless._reparametrize_module(traced, {**params, **buffers}):
+            return run_graph(traced, flat[num_lifted:], keep_lines, regions)
 
-    _specialize_unspecialized_floats(gm)
-    example_inputs = _symbolic_example_inputs(gm, example_inputs)
-    example = [*lifted(), *example_inputs]
+    _specialize_unspecialized_floats(gm, kept)
+    if kept is not None:
+        traced, example_inputs = kept.rewrite(gm, example_inputs)  # after the regions' floats were specialized
+        kept.start()
+    example_inputs = _symbolic_example_inputs(traced, example_inputs, static_where_traced=kept is not None)
+    example = [*(_static_fakes(lifted(), example_inputs) if kept is not None else lifted()), *example_inputs]
     with _outside_dynamo_tracing_context(), compile_progress(f"{type(gm).__qualname__} (torch.compile graph)"), \
             capturing_source_locations(keep_lines):
-        runtime = services.compile_graph(cache, gm, example_inputs, flat_fn, example, options,
-                                         [*param_names, *buffer_names])
+        try:
+            runtime = services.compile_graph(cache, traced, example_inputs, flat_fn, example, options,
+                                             [*param_names, *buffer_names],
+                                             captured_check=kept.check if kept is not None else None)
+        except Exception as exc:
+            if kept is None:
+                raise
+            # refused by the check, or a capture or compile that failed with the float as an input: specialized as
+            # before (Dynamo restarts), so a graph that fails for another reason fails as it did (NOTE [Dynamo's
+            # float inputs kept as graph inputs])
+            reason = str(exc) if isinstance(exc, FloatsNotTensorified) else f"{type(exc).__name__}: {exc}"
+            log_once(logging.DEBUG, f"dynamo-float-specialized:{reason}",
+                     f"aotcache backend: a float Dynamo passed unspecialized is specialized ({reason})")
+            kept.specialize_and_restart()
 
     # NOTE [Call contract of aot_module_simplified]
     # The graph was captured for the example inputs' requires_grad (of every input, lifted parameters
@@ -273,6 +321,8 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     lock = threading.Lock()
 
     def run(*args: Any) -> Any:
+        if kept is not None:
+            args = kept.arguments(args)  # NOTE [Dynamo's float inputs kept as graph inputs]
         flat = [*lifted(), *args]
         contract = contract_of(flat)
         chosen = compiled_for.get(contract)
@@ -282,6 +332,12 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
                 if chosen is None:
                     if offset_positions and len(compiled_for) >= _MAX_OFFSET_VARIANTS:
                         return flat_fn(*flat)  # NOTE [Offsets in the call contract]
+                    if kept is not None:  # a capture of this call would make its floats constants for every value
+                        log_once(logging.INFO, f"aot-simplified-contract-floats:{id(compiled_for)}",
+                                 "aot_module_simplified: a call broke the compiled graph's requires_grad, aliasing "
+                                 "or storage-offset assumptions; it runs the graph as Python (float inputs)")
+                        compiled_for[contract] = flat_fn
+                        return flat_fn(*flat)
                     log_once(logging.INFO, f"aot-simplified-contract:{id(compiled_for)}",
                              "aot_module_simplified: a call broke the compiled graph's requires_grad, "
                              "aliasing or storage-offset assumptions; compiling it again for this call's inputs")

@@ -64,6 +64,8 @@ class CompileServices:
         raise NotImplementedError
 
     def compile_graph(self, cache: Any, gm: Any, example_inputs: Sequence[Any], flat_fn: Callable,
-                      flat_example: Sequence[Any], options: Any, lifted_attributes: Sequence[str]) -> Any:
-        """The runtime of a Dynamo graph ``gm`` (``aot_module_simplified``), loaded or compiled and stored."""
+                      flat_example: Sequence[Any], options: Any, lifted_attributes: Sequence[str], *,
+                      captured_check: Callable | None = None) -> Any:
+        """The runtime of a Dynamo graph ``gm`` (``aot_module_simplified``), loaded or compiled and stored;
+        ``captured_check(captured)`` runs after a capture, before the compile, and may raise to abandon it."""
         raise NotImplementedError

@@ -433,10 +433,32 @@ _FUNCTIONS: dict[str, Any] = {
     "Max": max, "Min": min, "Abs": abs, "Mod": _mod, "FloorDiv": _floordiv, "PythonMod": _mod,
     "Eq": lambda a, b: a == b, "Ne": lambda a, b: a != b,
 }
+
+
+# NOTE [NaN checks of a symbolic float]
+# torch prints a float input's guards with ``not math.isnan(L['tN'])``. Installed over a symbolic input (a loaded
+# Dynamo entry, NOTE [Guards added while compiling a Dynamo graph] in pipeline.py), ``math.isnan`` of a SymFloat
+# made it a Python float: a guard ``lr == 0.05`` that specialized the float Dynamo had kept as a graph input
+# (NOTE [Dynamo's float inputs kept as graph inputs] in aot/dynamo_floats.py), so a warm process compiled a frame
+# per LR value. On a SymFloat the checks stay symbolic (``x != x``: no symbol stands for a NaN, so it adds no
+# guard); on numbers they are math's.
+def _isnan(value: Any) -> Any:
+    return value != value if isinstance(value, torch.SymFloat) else math.isnan(value)
+
+
+def _isinf(value: Any) -> Any:
+    return abs(value) == math.inf if isinstance(value, torch.SymFloat) else math.isinf(value)
+
+
+def _isfinite(value: Any) -> Any:
+    return abs(value) != math.inf if isinstance(value, torch.SymFloat) else math.isfinite(value)
+
+
 _MATH_MEMBERS: dict[str, Any] = {
     "floor": math.floor, "ceil": math.ceil, "trunc": math.trunc, "sqrt": math.sqrt, "log2": math.log2,
     "inf": math.inf, "nan": math.nan,
-    "isnan": math.isnan, "isinf": math.isinf, "isfinite": math.isfinite,  # float inputs: NOTE [Float arguments]
+    # float inputs: NOTE [Float arguments] in aot/dynamic_dims.py, NOTE [NaN checks of a symbolic float]
+    "isnan": _isnan, "isinf": _isinf, "isfinite": _isfinite,
 }
 _TORCH_MEMBERS: dict[str, Any] = {"sym_float": float, "sym_int": int, "_sym_sqrt": math.sqrt,
                                   "sym_max": max, "sym_min": min}

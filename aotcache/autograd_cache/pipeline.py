@@ -215,11 +215,13 @@ def compile_function_cached(cache: AOTAutogradCache, flat_fn: Callable, flat_arg
 
 def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, example_inputs: Sequence[Any],
                                 flat_fn: Callable, flat_example: Sequence[Any], options: AOTOptions, *,
-                                lifted_attributes: Sequence[str]) -> CompiledRuntime:
+                                lifted_attributes: Sequence[str],
+                                captured_check: Callable | None = None) -> CompiledRuntime:
     """The ``aot_module_simplified`` step through ``cache``: the key is ``gm`` (Dynamo's graph) and its
     example inputs; ``flat_example`` (lifted parameters and buffers, then the inputs) is what a miss compiles.
     Entries carry the shape guards their compile added and those it ran under (NOTE [Guards added while compiling
-    a Dynamo graph], NOTE [Prior guards of a Dynamo entry]).
+    a Dynamo graph], NOTE [Prior guards of a Dynamo entry]). ``captured_check`` runs after a miss's capture
+    (:func:`~aotcache.aot.compile_step.compile_function`).
     """
     state: dict[str, Any] = {}
     shape_env = _shape_env_of(example_inputs)
@@ -243,7 +245,7 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
     def compile_fn() -> CompileResult:
         guards_before = len(shape_env.guards) if shape_env is not None else 0
         symbols = input_symbols(symbolic) if symbolic is not None else set()  # before specializations replace them
-        runtime = compile_function(flat_fn, flat_example, options)
+        runtime = compile_function(flat_fn, flat_example, options, captured_check=captured_check)
         runtime.metadata.guards = None  # Dynamo checks the frame's guards; the entry records its own (the NOTE)
         kind = "inference" if runtime.metadata.is_inference else "training"
         summary = (_summary(state["key"], name=type(gm).__qualname__, source="torch.compile", kind=kind,

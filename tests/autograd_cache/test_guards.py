@@ -243,3 +243,25 @@ def test_residual_guards_keep_the_conjuncts_that_read_an_input_not_pinned():
     assert residual_guards_expression(expression, frozenset()) .count(" and ") == 4
     with pytest.raises(GuardExpressionError):
         residual_guards_expression("__import__('os')", frozenset())
+
+
+def test_nan_checks_over_a_symbolic_float_add_no_guard_and_keep_it_symbolic():
+    """NOTE [NaN checks of a symbolic float]: installing a loaded Dynamo entry's ``not math.isnan(L['t0'])`` over
+    Dynamo's SymFloat made it a Python float (a guard ``lr == 0.05``: a warm process compiled a frame per LR value);
+    over a symbol the checks stay symbolic and add nothing, over numbers they are math's."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from aotcache.autograd_cache.guards import evaluate_guards
+
+    env = ShapeEnv()
+    source = ConstantSource("lr")
+    symbol = env.create_symbol(0.05, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+    lr = env.create_symfloatnode(symbol, hint=0.05, source=source)
+    guards_before = len(env.guards)
+    for expression in ("not math.isnan(L['t0'])", "math.isfinite(L['t0'])", "not math.isinf(L['t0'])"):
+        assert evaluate_guards(expression, [lr]) is True, expression
+    assert len(env.guards) == guards_before and symbol not in env.replacements
+    assert evaluate_guards("not math.isnan(L['t0'])", [0.3]) is True
+    assert evaluate_guards("not math.isnan(L['t0'])", [float("nan")]) is False
+    assert evaluate_guards("math.isfinite(L['t0'])", [float("inf")]) is False
