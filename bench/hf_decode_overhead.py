@@ -82,15 +82,20 @@ print("RESULT " + json.dumps(best))
 """
 
 
-def measure(source: str, arch: str) -> dict:
-    code = MEASURE.format(source=source, bench=str(REPO_ROOT / "bench"), arch=arch, head=HEADS.get(arch, "ForCausalLM"))
+def run_measurement(code: str, source: str, label: str, timeout: int = 600) -> dict:
+    """Run one measuring script in a fresh process on ``source`` (its own cache dir) and parse its RESULT line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": source,
-           "AOTCACHE_CACHE_DIR": tempfile.mkdtemp(prefix="hf_decode_overhead_")}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+           "AOTCACHE_CACHE_DIR": tempfile.mkdtemp(prefix="hf_decode_")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise RuntimeError(f"{arch} under {source}: {proc.stderr.strip().splitlines()[-3:]}")
+        raise RuntimeError(f"{label} under {source}: {proc.stderr.strip().splitlines()[-3:]}")
     return json.loads(lines[-1][7:])
+
+
+def measure(source: str, arch: str) -> dict:
+    code = MEASURE.format(source=source, bench=str(REPO_ROOT / "bench"), arch=arch, head=HEADS.get(arch, "ForCausalLM"))
+    return run_measurement(code, source, arch)
 
 
 def main() -> None:

@@ -18,15 +18,11 @@ PATH``) too, processes interleaved, the best of ``--rounds`` kept per row.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
+from hf_decode_overhead import HEADS, run_measurement
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HEADS = {"GPT2": "LMHeadModel", "Bart": "ForConditionalGeneration", "T5": "ForConditionalGeneration"}
 ROWS = ("step", "module_state", "program_guards", "find", "find.structure", "find.signature", "find.tensors",
         "find.guards", "runtime", "runtime.rebuild", "write_back")
 
@@ -111,13 +107,7 @@ print("RESULT " + json.dumps(result))
 def measure(source: str, arch: str, layers: int) -> dict:
     code = MEASURE.format(source=source, bench=str(REPO_ROOT / "bench"), arch=arch, head=HEADS.get(arch, "ForCausalLM"),
                           layers=layers)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": source,
-           "AOTCACHE_CACHE_DIR": tempfile.mkdtemp(prefix="hf_decode_parts_")}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"{arch} under {source}: {proc.stderr.strip().splitlines()[-3:]}")
-    return json.loads(lines[-1][7:])
+    return run_measurement(code, source, arch, timeout=900)
 
 
 def main() -> None:

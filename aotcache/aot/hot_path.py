@@ -28,7 +28,7 @@ from torch import nn
 from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.exact_values import exact_value
 from aotcache.aot.runtime import storage_pointer
-from aotcache.aot.tensor_metadata import TensorMetadata
+from aotcache.aot.tensor_metadata import TensorMetadata, taker
 
 __all__ = ["HotSignature", "ModuleState", "simple_structure", "autocast_state", "storage_sharing", "relative_offsets",
            "storage_object", "setting_by_value", "taker", "dict_version_tag"]
@@ -296,16 +296,6 @@ class _MixedSignature:
                 if shape[dim] != size:
                     return False
         return True
-
-
-def taker(positions: list[int]) -> Any:
-    """``flat -> [flat[i] for i in positions]`` in C (``itemgetter``; a tuple, or a list for 0 or 1 positions)."""
-    if len(positions) > 1:
-        return operator.itemgetter(*positions)
-    if positions:
-        only = positions[0]
-        return lambda flat: [flat[only]]
-    return lambda flat: []
 
 
 class HotSignatures:

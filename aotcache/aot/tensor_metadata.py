@@ -35,15 +35,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["TensorMetadata"]
+__all__ = ["TensorMetadata", "taker"]
 
 _LAYOUT = operator.attrgetter("layout")
 _NESTED = operator.attrgetter("is_nested")
 _IS_LEAF = operator.attrgetter("is_leaf")
 
 
-def _take(positions: list[int]) -> Any:
-    """``flat -> the items at positions`` in C (a tuple, or a list for 0 or 1 positions)."""
+def taker(positions: list[int]) -> Any:
+    """``flat -> [flat[i] for i in positions]`` in C (``itemgetter``; a tuple, or a list for 0 or 1 positions)."""
     if len(positions) > 1:
         return operator.itemgetter(*positions)
     if positions:
@@ -136,7 +136,7 @@ class TensorMetadata:
         self._check = check
         self._count = len(tensors)
         grad = [index for index, tensor in enumerate(tensors) if tensor.requires_grad]
-        self._take_grad = _take(grad) if grad else None
+        self._take_grad = taker(grad) if grad else None
         self._leaves = list(map(_IS_LEAF, self._take_grad(tensors))) if grad else []
 
     @classmethod
