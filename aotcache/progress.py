@@ -71,6 +71,32 @@ def _display_enabled() -> bool:
         return False
 
 
+# NOTE [Importing rich moves Python's random]
+# ``rich.style`` draws from Python's global generator when it is imported (``getrandbits`` seeds its style ids).
+# Imported by the display thread a second into a compile, that draw landed in the middle of a capture, which
+# took it for the function's own draw and refused the graph (NOTE [Host random numbers]): a slow capture on a
+# terminal fell back to torch.compile, and the user's seeded ``random`` sequence differed from eager's. So rich
+# is imported by the compiling thread before the compile starts, with Python's generator put back afterwards.
+def _import_rich() -> bool:
+    """Import the display's rich modules, leaving Python's global random state as it was; False if rich fails."""
+    if "rich.live" in sys.modules:
+        return True
+    import random
+
+    state = random.getstate()
+    try:
+        import rich.console  # noqa: F401 - imported here for the display thread
+        import rich.live  # noqa: F401
+        import rich.text  # noqa: F401
+    except Exception as exc:  # no display without rich; never a failed compile
+        log_once(logging.DEBUG, "progress:import", "aotcache: progress display unavailable: %s: %s",
+                 type(exc).__name__, exc)
+        return False
+    finally:
+        random.setstate(state)
+    return True
+
+
 def _show(task: _Task) -> None:
     """The display thread: wait, then draw a live line until the compile ends (NOTE [Compile progress])."""
     if task.done.wait(_SHOW_AFTER_S):
@@ -101,7 +127,7 @@ def compile_progress(name: str) -> Iterator[_Task]:
         return
     task = _Task(name)
     _local.task = task
-    if _display_enabled():
+    if _display_enabled() and _import_rich():
         task.thread = threading.Thread(target=_show, args=(task,), name="aotcache-progress", daemon=True)
         task.thread.start()
     failed = True
