@@ -75,8 +75,9 @@ def _display_enabled() -> bool:
 # ``rich.style`` draws from Python's global generator when it is imported (``getrandbits`` seeds its style ids).
 # Imported by the display thread a second into a compile, that draw landed in the middle of a capture, which
 # took it for the function's own draw and refused the graph (NOTE [Host random numbers]): a slow capture on a
-# terminal fell back to torch.compile, and the user's seeded ``random`` sequence differed from eager's. So rich
-# is imported by the compiling thread before the compile starts, with Python's generator put back afterwards.
+# terminal fell back to torch.compile, and the user's seeded ``random`` sequence differed from eager's. So where
+# the display is on, rich is imported by the compiling thread as a capture stage begins (a warm load that captures
+# nothing does not pay for the import), with Python's generator put back afterwards.
 def _import_rich() -> bool:
     """Import the display's rich modules, leaving Python's global random state as it was; False if rich fails."""
     if "rich.live" in sys.modules:
@@ -127,7 +128,7 @@ def compile_progress(name: str) -> Iterator[_Task]:
         return
     task = _Task(name)
     _local.task = task
-    if _display_enabled() and _import_rich():
+    if _display_enabled():
         task.thread = threading.Thread(target=_show, args=(task,), name="aotcache-progress", daemon=True)
         task.thread.start()
     failed = True
@@ -158,6 +159,8 @@ def stage(name: str) -> Iterator[None]:
         yield
         return
     task.stage = name  # kept after the step: a failure's log names the stage it stopped in
+    if task.thread is not None and "capture" in name:
+        _import_rich()  # NOTE [Importing rich moves Python's random]
     logger.debug("aotcache: %s: %s", task.name, name)
     started = time.perf_counter()
     try:
