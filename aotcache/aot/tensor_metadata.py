@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["TensorMetadata", "taker"]
 
@@ -75,13 +76,15 @@ def _build(tensor_guards: Any, tensors: Sequence[torch.Tensor], dims: Sequence[A
 @functools.cache
 def _c_tensor_guards() -> Any:
     """torch's ``TensorGuards`` where it behaves as NOTE [Tensor metadata checked in C] relies on, else None
-    (probed once, outside any mode, transform or inference mode the first caller may be in)."""
+    (probed once, outside any dispatch mode, transform or inference mode the first caller may be in)."""
     try:
         from torch._C._dynamo.guards import TensorGuards
     except ImportError:
         return None
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch._C.DisableTorchFunction():
+        # the first caller may be inside a FakeTensorMode (a capture): its tensors would be fake and fail the probe
+        with torch.inference_mode(False), torch.enable_grad(), torch._C.DisableTorchFunction(), \
+                _disable_current_modes():
             return TensorGuards if _probe(TensorGuards) else None
     except Exception:  # noqa: BLE001 - any surprise from a private API: the Python comparison only
         return None

@@ -135,6 +135,16 @@ def test_the_probe_imports_no_dynamo():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
 
 
+def test_a_probe_first_run_inside_a_fake_tensor_mode_still_finds_the_c_check():
+    # the first hot-path call of a process can come from inside a capture's FakeTensorMode: the probe's own
+    # tensors must be real, else the C check is off for the whole process (speed only, but every later call)
+    code = ("import torch\nfrom torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "from aotcache.aot.tensor_metadata import _c_tensor_guards\n"
+            "with FakeTensorMode():\n    found = _c_tensor_guards()\n"
+            "assert found is not None, 'probe failed under FakeTensorMode'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+
+
 def test_a_signature_recorded_outside_inference_mode_sends_calls_inside_it_to_the_full_path(check):
     hot = signature([torch.randn(2, 3)], False, check)
     with torch.inference_mode():
