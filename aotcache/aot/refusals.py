@@ -88,9 +88,13 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
     for container, keys, members in containers:
         kind = type(container)
         if kind not in _MUTABLE_CONTAINERS:
-            children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(container)
-            now = tuple(children)
-            if len(now) == len(members) and all(map(operator.is_, now, members)) and _same_context(keys, context):
+            try:
+                children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(container)
+            except Exception:  # left in a state its own flatten cannot read: changed
+                children, context = None, None
+            now = () if children is None else tuple(children)
+            if children is not None and len(now) == len(members) and all(map(operator.is_, now, members)) and \
+                    _same_context(keys, context):
                 continue
             raise CaptureError(
                 f"aotcache: the function changes a {kind.__qualname__} it was passed (an attribute or member "
