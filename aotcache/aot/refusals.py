@@ -1,7 +1,7 @@
-"""What a capture refuses of the values around its graph's tensor arguments: argument lists and dicts the function
-changes in place (NOTE [Argument containers changed in place]), tensors it reads from closures or globals that
-require grad or are fake (NOTE [closed-over tensors]), and a Dynamo graph that hands a backward hook to compiled
-autograd through a ``BackwardState`` input.
+"""What a capture refuses of the values around its graph's tensor arguments: argument lists, dicts and other pytree
+objects the function changes in place (NOTE [Argument containers changed in place], [Argument objects changed in
+place]), tensors it reads from closures or globals that require grad or are fake (NOTE [closed-over tensors]), and a
+Dynamo graph that hands a backward hook to compiled autograd through a ``BackwardState`` input.
 
 The other refusals have modules of their own: the module tree (module_refusals.py), activation checkpointing
 (checkpoint_refusals.py), the tensors a graph cannot take (unsupported_tensors.py), the calls and errors of the
@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
+from aotcache.aot.cache_objects import is_cache_object
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["argument_containers", "refuse_changed_argument_containers", "refuse_constants_requiring_grad",
@@ -29,16 +31,27 @@ __all__ = ["argument_containers", "refuse_changed_argument_containers", "refuse_
 # only in the capture's copy: the caller's list stayed as it was, at the first call and every later one, where
 # eager appends each time (a silent difference). A graph cannot replay such a change, so a capture after which
 # a list or dict of the arguments holds other keys or members than before the call is refused; the fallback
-# (Dynamo) replays the change on the caller's own containers at every call. Registered pytree nodes are not
-# checked: transformers' cache objects are updated in place by design and written back (NOTE [Cache arguments
-# are updated in place]).
+# (Dynamo) replays the change on the caller's own containers at every call. Other registered pytree nodes
+# are checked the same way (NOTE [Argument objects changed in place]), except transformers' cache objects,
+# which are updated in place by design and written back (NOTE [Cache arguments are updated in place]).
 _MUTABLE_CONTAINERS = (list, dict, collections.OrderedDict)
 
+# NOTE [Argument objects changed in place]
+# An object of a class registered as a pytree node (``register_pytree_node(Point, ...)``, a registered
+# dataclass, a deque) reaches the capture rebuilt from its flattened parts too, so a function that assigns to
+# it (``p.x = p.x + 1``, ``state.step += 1``, ``queue.append(t)``) changed the capture's copy only: the
+# compiled call returned eager's values while the caller's object kept its old attributes, at every call
+# (PyTorch's test_decorators ``nonstrict_trace`` side-effect tests through ``aotcache.compile``, session 19).
+# Such an object's parts are taken before the call (its flatten function's children and context); a capture
+# after which the children are other objects or the context compares unequal is refused, and the fallback
+# (Dynamo) replays the assignment on the caller's object. A context that cannot be compared counts as changed.
 
-def argument_containers(rebuilt: Any) -> list[tuple[Any, tuple, tuple]]:
-    """The lists and dicts reachable from ``rebuilt`` through lists, tuples and dicts, each with its keys and
-    members now (NOTE [Argument containers changed in place]). Other pytree nodes (transformers' cache
-    objects, which the model updates in place and aot_module writes back) are not entered."""
+
+def argument_containers(rebuilt: Any) -> list[tuple[Any, Any, tuple]]:
+    """The lists, dicts and other registered pytree nodes reachable from ``rebuilt``, each with its keys (a
+    node's flatten context) and members (its children) now (NOTE [Argument containers changed in place],
+    [Argument objects changed in place]). Tuples (namedtuples too) are entered, not recorded; transformers'
+    cache objects, which the model updates in place and aot_module writes back, are neither."""
     found = []
     stack = [rebuilt]
     while stack:
@@ -49,18 +62,48 @@ def argument_containers(rebuilt: Any) -> list[tuple[Any, tuple, tuple]]:
             members = tuple(value.values()) if kind is not list else tuple(value)
             found.append((value, keys, members))
             stack.extend(members)
-        elif kind is tuple:
+        elif isinstance(value, tuple):
             stack.extend(value)
+        elif kind in pytree.SUPPORTED_NODES and not is_cache_object(value):
+            children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(value)
+            found.append((value, context, tuple(children)))
+            stack.extend(children)
     return found
 
 
-def refuse_changed_argument_containers(containers: list[tuple[Any, tuple, tuple]]) -> None:
+def _same_context(before: Any, now: Any) -> bool:
+    """Whether a pytree node's flatten context is unchanged; one that cannot be compared counts as changed."""
+    if before is now:
+        return True
+    try:
+        return bool(before == now)
+    except Exception:  # tensors, objects whose __eq__ raises: NOTE [Argument objects changed in place]
+        return False
+
+
+def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]]) -> None:
     """Refuse a capture whose function changed one of the argument ``containers`` in place
-    (:func:`argument_containers`, taken before the call; NOTE [Argument containers changed in place])."""
+    (:func:`argument_containers`, taken before the call; NOTE [Argument containers changed in place],
+    [Argument objects changed in place])."""
     for container, keys, members in containers:
-        now = tuple(container.values()) if type(container) is not list else tuple(container)
+        kind = type(container)
+        if kind not in _MUTABLE_CONTAINERS:
+            try:
+                children, context = pytree.SUPPORTED_NODES[kind].flatten_fn(container)
+            except Exception:  # left in a state its own flatten cannot read: changed
+                children, context = None, None
+            now = () if children is None else tuple(children)
+            if children is not None and len(now) == len(members) and all(map(operator.is_, now, members)) and \
+                    _same_context(keys, context):
+                continue
+            raise CaptureError(
+                f"aotcache: the function changes a {kind.__qualname__} it was passed (an attribute or member "
+                f"assigned): the capture calls it on a copy rebuilt from the flattened arguments, so the caller's "
+                f"object would keep its old state at every call. Return the new values instead, or keep the "
+                f"object outside the compiled function.", reason="unsupported_construct")
+        now = tuple(container.values()) if kind is not list else tuple(container)
         if len(now) == len(members) and all(map(operator.is_, now, members)) and (
-                type(container) is list or all(map(operator.is_, container, keys))):
+                kind is list or all(map(operator.is_, container, keys))):
             continue
         raise CaptureError("aotcache: the function changes a list or dict it was passed in place (append, item "
                            "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
