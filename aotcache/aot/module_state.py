@@ -128,9 +128,9 @@ def holds_trace_tensor(value: Any, depth: int = 0, known: frozenset[int] = froze
     if depth >= _DEPTH:
         return False
     if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
-        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in value)
-    if isinstance(value, dict):
-        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in value.values())
+        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in tuple(value))
+    if isinstance(value, dict):  # members copied in one step: another thread may change the container meanwhile
+        return any(holds_trace_tensor(item, depth + 1, known, sizes) for item in tuple(value.values()))
     return False
 
 
@@ -138,14 +138,14 @@ def trace_tensor_ids(values: Any, depth: int = 0) -> set[int]:
     """The ids of the trace tensors ``values`` (an iterable of values, searched as :func:`holds_trace_tensor`
     does) hold: those there before a capture, which its own check leaves alone."""
     found: set[int] = set()
-    for value in values:
+    for value in tuple(values):  # one step (NOTE [Containers another thread changes] in autograd_cache)
         if isinstance(value, (torch.Tensor, *_SYMBOLIC_SCALARS)):
             if holds_trace_tensor(value):
                 found.add(id(value))
         elif depth < _DEPTH and isinstance(value, (list, tuple, collections.deque, set, frozenset)):
             found |= trace_tensor_ids(value, depth + 1)
         elif depth < _DEPTH and isinstance(value, dict):
-            found |= trace_tensor_ids(value.values(), depth + 1)
+            found |= trace_tensor_ids(tuple(value.values()), depth + 1)
     return found
 
 

@@ -61,7 +61,7 @@ def modules_among(values: Iterable[Any]) -> list[nn.Module]:
     found: dict[int, nn.Module] = {}
     for value in values:
         items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-        for item in items:
+        for item in tuple(items):  # one step: another thread may change the container meanwhile
             if isinstance(item, nn.Module):
                 found.setdefault(id(item), item)
     return list(found.values())

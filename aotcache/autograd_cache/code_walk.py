@@ -31,6 +31,7 @@ from aotcache.autograd_cache.code_reading import (
     string_constants,
 )
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, sha256_text
+from aotcache.autograd_cache.live_containers import entries_of
 from aotcache.autograd_cache.value_kinds import (
     defining_module,
     is_custom_op,
@@ -96,7 +97,7 @@ class CodeWalk:
         if guards is not None:
             guards.attributes(fn, ("__code__", "__defaults__", "__kwdefaults__"))
             guards.length(fn.__dict__)
-        attributes = {k: v for k, v in fn.__dict__.items() if not k.startswith("__aotcache")}
+        attributes = {k: v for k, v in entries_of(fn.__dict__) if not k.startswith("__aotcache")}
         return (f"fn {self._code_digest(code)} defaults={self.ref(fn.__defaults__ or ())} "
                 f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "
                 f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}"

@@ -19,6 +19,7 @@ from torch import nn
 from aotcache.aot.hot_path import generate_memos, is_method_router, setting_by_value
 from aotcache.aot.rebuilt_caches import rebuilt_cache_names
 from aotcache.autograd_cache.digests import Untrusted
+from aotcache.autograd_cache.live_containers import entries_of, members_of
 from aotcache.autograd_cache.value_kinds import (
     VOLATILE_ATTRIBUTES,
     defining_module,
@@ -103,7 +104,7 @@ class ObjectWalk:
         machinery = getattr(cls, "fingerprint_skips", ())  # NOTE [Compiled wrappers in a walked program]
         machinery = (*machinery, *rebuilt_cache_names(module))  # NOTE [Caches a module rebuilds from its weights]
         memos = generate_memos(cls)  # NOTE [Generate memos] in aot/hot_path.py: only generate reads them
-        for name, value in module.__dict__.items():
+        for name, value in entries_of(module.__dict__):  # NOTE [Containers another thread changes]
             if name in _IGNORED_MODULE_ENTRIES or name in machinery or name in memos or is_method_router(name, value):
                 continue
             if guards is not None:
@@ -113,18 +114,18 @@ class ObjectWalk:
                     self._note("module backward hooks")
                     if guards is not None:
                         guards.contents(value)
-                    entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
+                    entries.append(f"{name}=[{','.join(self.ref(hook) for hook in members_of(value.values()))}]")
                 continue
             if name in _FORWARD_HOOK_DICTS:
                 if guards is not None and (value or not managed):
                     guards.contents(value)  # hooks by identity (ModuleState counts them)
-                entries.append(f"{name}=[{','.join(self.ref(hook) for hook in value.values())}]")
+                entries.append(f"{name}=[{','.join(self.ref(hook) for hook in members_of(value.values()))}]")
             elif name in _MODULE_CONTAINERS:
                 # a managed module's children by identity too: ModuleState's settings may not tell a child
                 # swapped for another of the same type and settings (whose lists or hooks differ)
                 if guards is not None and (not managed or name == "_modules"):
                     guards.contents(value)
-                entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in value.items())}]")
+                entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in entries_of(value))}]")
             elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward
                 entries.append(f"{name}={self._without_guards(value)}")
             else:
@@ -151,6 +152,7 @@ class ObjectWalk:
 
     def _object_token(self, value: Any) -> str:
         state = value.__dict__ if hasattr(value, "__dict__") else {}
+        entries = entries_of(state)  # NOTE [Containers another thread changes]
         slots = [(name, getattr(value, name)) for name in slot_names(type(value)) if hasattr(value, name)]
         if self._guards is not None:
             # NOTE [An object's __dict__ replaced]: its entries are read from the dict the walk saw, so that dict is
@@ -159,10 +161,10 @@ class ObjectWalk:
             self._guards.attributes(value, ("__class__", *dict_attribute, *(name for name, _ in slots)))
             if hasattr(value, "__dict__"):
                 self._guards.length(state)
-                for name, item in state.items():
+                for name, item in entries:
                     if name not in VOLATILE_ATTRIBUTES:
                         self._guards.slot(state, name, item)
-        items = sorted(f"{k}={self.ref(v)}" for k, v in (*state.items(), *slots) if k not in VOLATILE_ATTRIBUTES)
+        items = sorted(f"{k}={self.ref(v)}" for k, v in (*entries, *slots) if k not in VOLATILE_ATTRIBUTES)
         return f"object {self.type_ref(type(value))} " + " ".join(items)
 
     # -- classes ------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from aotcache.autograd_cache.digests import (
     sha256_text,
     tensor_content_digest,
 )
+from aotcache.autograd_cache.live_containers import entries_of, members_of
 from aotcache.autograd_cache.object_walk import ObjectWalk
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.value_kinds import (
@@ -416,18 +417,18 @@ class Reachable(CodeWalk, ObjectWalk):
                 # insertion order is kept: iteration order can change what the code does
                 unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
                 items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
-                         for k, v in value.items()]
+                         for k, v in entries_of(value)]  # NOTE [Containers another thread changes]
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
                 # order members by an index-free key first, so that node indices are assigned deterministically
-                ordered = sorted(value, key=order_key)
+                ordered = sorted(members_of(value), key=order_key)
                 keys = [order_key(v) for v in ordered]
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
                 return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
             if isinstance(value, collections.deque):  # its bound decides what an append drops
                 kind = f"{kind}[maxlen={value.maxlen}]"
-            return f"{kind}({','.join(self.ref(v) for v in value)})"
+            return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
         finally:
             self._active_containers.pop()
 

@@ -10,6 +10,7 @@ runs, each of these tests but the unheld race failed with "Attempting to use Fun
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -352,3 +353,61 @@ def test_a_capture_after_the_first_one_ran_in_an_ended_thread_does_not_crash():
                           timeout=240, env=env)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"worker_equal": True, "main_equal": True}
+
+
+class _Registry:
+    """Reached by the compiled function: its ``seen`` dict is what another thread of the program adds to (like
+    pytest's import hook, which records every import in such a dict)."""
+
+    def __init__(self) -> None:
+        self.offset = 1.0
+        self.seen = {f"module{i}": bool(i % 2) for i in range(2000)}
+
+
+@pytest.mark.parametrize("entry", ["aot_function", "aot_module"])
+def test_a_call_whose_program_reaches_a_dict_another_thread_adds_to_gives_eagers_result(entry):
+    """NOTE [Containers another thread changes] (aotcache/autograd_cache/live_containers.py): the walk of the
+    program read a reached dict while another thread added to it, and the call raised "dictionary changed size
+    during iteration" where eager runs (seen on torch 2.11 in test_generate_called_while_another_thread_captures
+    above). The other thread adds and removes a key at every switch of the GIL (a 10 µs switch interval); each call
+    gives eager's result (a new offset at each call: each call walks the program again)."""
+    from aotcache.aot import aot_function
+
+    registry = _Registry()
+
+    def shifted(x):
+        return x * 2 + registry.offset
+
+    class Shifted(nn.Module):
+        def forward(self, x):
+            return x * 2 + registry.offset
+
+    compiled = (aot_function(shifted, "nop", cache=False) if entry == "aot_function"
+                else aot_module(Shifted(), "nop", cache=False))
+    x = torch.randn(3, 4)
+    stop, outcome = threading.Event(), {}
+
+    def keep_adding():  # one key in and out: the dict's size changes, its length stays bounded
+        while not stop.is_set():
+            registry.seen["added"] = True
+            time.sleep(0)  # lets the walk run while the dict holds the key
+            del registry.seen["added"]
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    adder = threading.Thread(target=keep_adding, name=OTHER)
+    adder.start()
+    try:
+        for call in range(20):
+            registry.offset = float(call)  # a changed program: the next call walks it again
+            try:
+                outcome[call] = compiled(x), shifted(x)
+            except RuntimeError as exc:
+                outcome[call] = exc, None
+    finally:
+        stop.set()
+        adder.join(WAIT)
+        sys.setswitchinterval(switch_interval)
+    for call, (result, expected) in outcome.items():
+        assert isinstance(result, torch.Tensor), (call, result)
+        torch.testing.assert_close(result, expected)
