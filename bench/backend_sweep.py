@@ -5,6 +5,7 @@
     python bench/backend_sweep.py --inductor Llama     # also the default compiler (Inductor) on one model
     python bench/backend_sweep.py --with-compile --out bench/results/hf_families_sweep.json Gemma3 Siglip
                                                        # also aotcache.compile(model), cold and warm
+    python bench/backend_sweep.py --table --out bench/results/hf_families_sweep.json   # its table
 
 Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
 (``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
@@ -62,7 +63,8 @@ WAYS = ("eager", "aot_eager", "aotcache", "aotcache_warm", "compile", "compile_w
 BACKEND_WAYS = WAYS[:4]
 
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, time, numpy, torch
+numpy.random.seed(0)  # Wav2Vec2's SpecAugment masks are numpy draws: the same in every way's process
 sys.path.insert(0, sys.argv[5])
 from bench.hf_tiny import build
 arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6] == "1"
@@ -301,7 +303,49 @@ def _cell(entry: dict, keys: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
+def _verdict(entry: dict | None) -> str:
+    """A way's outcome against eager: ``eq`` (bit-equal or within 1e-4), ``= aot_eager`` (differs from eager no more
+    than torch's own AOT Autograd does), else what differs."""
+    if not entry:
+        return "-"
+    if entry.get("error"):
+        return "ERROR"
+    if entry.get("equal"):
+        return "eq"
+    if entry.get("within_aot_eager"):
+        return "~aot_eager"
+    return "DIFF " + ",".join(k for k, v in (entry.get("diff") or {}).items() if v not in (0.0, True, None))
+
+
+def print_table(results: dict) -> None:
+    """One line per model of a ``--with-compile`` run: each way's outcome, tokens, warm compiles and fallbacks."""
+    print("| model | backend: train+eval | backend: generate (default / static) | backend warm: compiles, hits | "
+          "aotcache.compile: route, train+eval | compile: generate | compile warm: traces, compiles | fallbacks |")
+    print("|" + " --- |" * 8)
+    for name, row in results.items():
+        backend, warm = row.get("aotcache") or {}, row.get("aotcache_warm") or {}
+        comp, comp_warm = row.get("compile") or {}, row.get("compile_warm") or {}
+
+        def tokens(entry: dict) -> str:
+            diff = entry.get("diff") or {}
+            if diff.get("tokens_equal") is None:
+                return "-"
+            static = diff.get("static_tokens_equal")
+            return (("eq" if diff["tokens_equal"] else "DIFF") + " / "
+                    + ("-" if static is None else "eq" if static else "DIFF"))
+
+        fallbacks = {**(backend.get("fallback") or {}), **(comp.get("fallback") or {})}
+        bypass = backend.get("bypass_reasons") or {}
+        print(f"| {name} | {_verdict(backend)} | {tokens(backend)} | {warm.get('compile')}, {warm.get('hit')} | "
+              f"{comp.get('route')}, {_verdict(comp)} | {tokens(comp)} | {comp_warm.get('traces')}, "
+              f"{comp_warm.get('compile')} | {fallbacks or bypass or 'none'} |")
+
+
 def main(argv: list[str]) -> None:
+    if "--table" in argv:
+        path = Path(argv[argv.index("--out") + 1]) if "--out" in argv else REPO / "bench/results/backend_sweep.json"
+        print_table(json.loads(path.read_text()))
+        return
     inductor = "--inductor" in argv
     ways = WAYS if "--with-compile" in argv else BACKEND_WAYS
     out = REPO / "bench" / "results" / "backend_sweep.json"
