@@ -3,6 +3,9 @@
     python bench/backend_sweep.py                      # every model below, nop compiler
     python bench/backend_sweep.py Llama GPT2           # some of them
     python bench/backend_sweep.py --inductor Llama     # also the default compiler (Inductor) on one model
+    python bench/backend_sweep.py --with-compile --out bench/results/hf_families_sweep.json Gemma3 Siglip
+                                                       # also aotcache.compile(model), cold and warm
+    python bench/backend_sweep.py --table --out bench/results/hf_families_sweep.json   # its table
 
 Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
 (``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
@@ -11,7 +14,11 @@ three AdamW steps (the third on a longer sequence / larger batch: a recompile or
 forward and, for decoders and T5, greedy ``generate(max_new_tokens=6)`` with the forward compiled
 (``model.forward = torch.compile(model.forward, ...)``: ``OptimizedModule.generate`` runs eagerly, see
 docs/aot.md). Compares losses, grads, params, outputs and tokens with eager's; counts Dynamo's frames,
-unique graphs and graph breaks and aotcache's counters. Writes bench/results/backend_sweep.json.
+unique graphs and graph breaks and aotcache's counters. Writes bench/results/backend_sweep.json (``--out``).
+Decoders also generate with ``cache_implementation="static"`` and compare every step's logits of the default
+greedy run. ``--with-compile`` adds ``aotcache.compile(model, compiler="nop")`` cold and warm (generate through
+the wrapper's own ``generate``). Where a way differs from eager, ``within_aot_eager`` says whether it is no
+farther from eager than ``aot_eager`` (or equal to it).
 """
 
 from __future__ import annotations
@@ -39,11 +46,25 @@ MODELS: dict[str, tuple[str, str, bool]] = {
     "Swin": ("ForImageClassification", "image", False), "CLIP": ("Model", "clip", False),
     "Whisper": ("ForConditionalGeneration", "whisper", False), "Wav2Vec2": ("ForCTC", "audio", False),
     "Mamba": ("ForCausalLM", "causal", True),
+    # session 19: the families the first pass left out
+    "Gemma": ("ForCausalLM", "causal", True), "Gemma3": ("ForCausalLM", "causal", True),
+    "Phi": ("ForCausalLM", "causal", True), "Qwen3": ("ForCausalLM", "causal", True),
+    "Qwen2Moe": ("ForCausalLM", "causal", True), "Mixtral": ("ForCausalLM", "causal", True),
+    "Qwen3Moe": ("ForCausalLM", "causal", True), "StableLm": ("ForCausalLM", "causal", True),
+    "Starcoder2": ("ForCausalLM", "causal", True), "MBart": ("ForConditionalGeneration", "seq2seq", True),
+    "DeiT": ("ForImageClassification", "image", False), "ConvNext": ("ForImageClassification", "image", False),
+    "Siglip": ("Model", "clip", False), "Roberta": ("ForMaskedLM", "mlm", False),
+    "Electra": ("ForMaskedLM", "mlm", False), "ModernBert": ("ForMaskedLM", "mlm", False),
 }
-WAYS = ("eager", "aot_eager", "aotcache", "aotcache_warm")
+#: eager, torch's AOT Autograd, ``torch.compile(backend="aotcache")`` cold and warm, ``aotcache.compile`` cold and
+#: warm (each warm way a new process on its cold way's cache dir)
+WAYS = ("eager", "aot_eager", "aotcache", "aotcache_warm", "compile", "compile_warm")
+#: ``run_model``'s ways by default; ``--with-compile`` adds the ``aotcache.compile`` pair
+BACKEND_WAYS = WAYS[:4]
 
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, time, numpy, torch
+numpy.random.seed(0)  # Wav2Vec2's SpecAugment masks are numpy draws: the same in every way's process
 sys.path.insert(0, sys.argv[5])
 from bench.hf_tiny import build
 arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6] == "1"
@@ -56,7 +77,9 @@ if kind == "image" and arch == "Swin":
 if kind == "audio":
     extra = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
                  num_conv_pos_embedding_groups=4, vocab_size=32)
-if kind == "clip":
+if kind == "clip" and arch != "CLIP":
+    model = build(arch, head)
+elif kind == "clip":
     import transformers
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
@@ -100,10 +123,14 @@ def wrap(fn):
         return fn
     if way == "aot_eager":
         return torch.compile(fn, backend="aot_eager")
+    if way == "compile":  # the drop-in wrapper: no Dynamo
+        import aotcache
+        return aotcache.compile(fn, **({} if compiler == "default" else {"compiler": compiler}))
     opts = {} if compiler == "default" else {"compiler": compiler}
     return torch.compile(fn, backend="aotcache", options=opts)
 
-out = {"losses": [], "step_s": [], "grads": [], "params": None, "eval": None, "tokens": None, "error": None}
+out = {"losses": [], "step_s": [], "grads": [], "params": None, "eval": None, "tokens": None, "error": None,
+       "gen_logits": None, "static_tokens": None, "static_error": None}
 try:
     compiled = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -127,13 +154,28 @@ try:
         r = compiled(**ev)
         out["eval"] = (r.logits_per_image if kind == "clip" else r.logits).clone()
     if gen:
-        model.forward = wrap(model.forward)
+        # torch.compile: the forward compiled (OptimizedModule.generate runs eagerly); aotcache.compile: the
+        # wrapper's own generate, which compiles the forward it calls
+        if way == "compile":
+            generator_model = compiled
+        else:
+            model.forward = wrap(model.forward)
+            generator_model = model
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(3, 90, (2, 5), generator=g)
         with torch.no_grad():
-            toks = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                  do_sample=False, pad_token_id=0)
-        out["tokens"] = toks
+            res = generator_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                           do_sample=False, pad_token_id=0, output_logits=True,
+                                           return_dict_in_generate=True)
+        out["tokens"] = res.sequences
+        out["gen_logits"] = list(res.logits)
+        try:  # a static cache, where the model supports one (eager's failure is the model's)
+            with torch.no_grad():
+                out["static_tokens"] = generator_model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                    pad_token_id=0, cache_implementation="static")
+        except Exception as exc:
+            out["static_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
 except Exception as exc:  # reported, compared by the parent
     import traceback
     out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -145,13 +187,20 @@ stats = {"frames_ok": sum(counters["frames"].get(k, 0) for k in ("ok",)),
          "graph_breaks": sum(counters["graph_break"].values()),
          "break_reasons": sorted(counters["graph_break"])[:5],
          "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
-if way.startswith("aotcache"):
+if way in ("aotcache", "compile"):
     from aotcache.autograd_cache.cache import default_cache
     from aotcache.aot.fallback import fallback_counts
     s = default_cache().stats()
     stats.update({k: s[k] for k in ("hit", "miss", "guard_miss", "compile", "bypass", "load_error", "store_error")})
     stats["bypass_reasons"] = s["bypass_reasons"]
     stats["fallback"] = fallback_counts()
+    # the AOT way's captures: fingerprint misses and fallbacks trace; hits load without tracing
+    counted = default_cache().counters
+    stats["traces"] = counted.get("fingerprint_miss", 0) + counted.get("fingerprint_fallback", 0)
+    stats["fingerprint_hit"] = counted.get("fingerprint_hit", 0)
+    if way == "compile":
+        stats["route"] = compiled.route
+        stats["route_reason"] = (compiled.router.reason or "")[:300]
 out["stats"] = stats
 torch.save(out, sys.argv[8])
 """
@@ -178,7 +227,7 @@ def _cmp(a, b) -> float | None:
     raise TypeError(type(a))
 
 
-def run_model(arch: str, compiler: str) -> dict:
+def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) -> dict:
     import torch
 
     head, kind, gen = MODELS[arch]
@@ -188,7 +237,7 @@ def run_model(arch: str, compiler: str) -> dict:
         env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         results = {}
-        for way in WAYS:
+        for way in ways:
             path = os.path.join(tmp, f"{way}.pt")
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
@@ -205,18 +254,45 @@ def run_model(arch: str, compiler: str) -> dict:
             if res["error"]:
                 entry["stderr_tail"] = proc.stderr.strip()[-600:]
             row[way] = entry
-        ref = results.get("eager")
-        for way in WAYS[1:]:
+        ref, torch_own = results.get("eager"), results.get("aot_eager")
+        for way in ways[1:]:
             res = results.get(way)
             if ref is None or res is None or res["error"]:
                 continue
-            diffs = {k: _cmp(ref[k], res[k]) for k in ("losses", "grads", "params", "eval")}
-            diffs["tokens_equal"] = (None if ref["tokens"] is None else
-                                     res["tokens"] is not None and bool(torch.equal(ref["tokens"], res["tokens"])))
+            diffs = _diffs(ref, res)
             row[way]["diff"] = diffs
-            row[way]["equal"] = (all(v is not None and v < 1e-4 for k, v in diffs.items() if k != "tokens_equal")
-                                 and diffs["tokens_equal"] is not False)
+            row[way]["equal"] = _equal(diffs)
+            if way != "aot_eager" and torch_own is not None and not torch_own["error"]:
+                # where eager differs, torch's own AOT Autograd is the yardstick: its numbers, or no farther
+                # from eager than they are
+                row[way]["diff_vs_aot_eager"] = _diffs(torch_own, res)
+                own = row["aot_eager"].get("diff") or {}
+                row[way]["within_aot_eager"] = row[way]["equal"] or _equal(row[way]["diff_vs_aot_eager"]) or all(
+                    (diffs.get(k) or 0.0) <= (own.get(k) or 0.0) * 1.01 for k in _NUMERIC)
     return row
+
+
+_NUMERIC = ("losses", "grads", "params", "eval", "gen_logits")
+
+
+def _diffs(ref: dict, res: dict) -> dict:
+    """Largest differences of ``res`` from ``ref`` (two children's results), and whether their tokens agree."""
+    import torch
+
+    diffs: dict = {k: _cmp(ref[k], res[k]) for k in _NUMERIC if k in ref and k in res}
+    for name in ("tokens", "static_tokens"):
+        want, got = ref.get(name), res.get(name)
+        diffs[name + "_equal"] = (None if want is None else
+                                  got is not None and want.shape == got.shape and bool(torch.equal(want, got)))
+    if ref.get("static_error") != res.get("static_error"):
+        diffs["static_error"] = res.get("static_error")
+    return diffs
+
+
+def _equal(diffs: dict) -> bool:
+    return (all(v is not None and v < 1e-4 for k, v in diffs.items() if k in _NUMERIC)
+            and diffs.get("tokens_equal") is not False and diffs.get("static_tokens_equal") is not False
+            and "static_error" not in diffs)
 
 
 def _cell(entry: dict, keys: tuple[str, ...]) -> str:
@@ -227,15 +303,64 @@ def _cell(entry: dict, keys: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
+def _verdict(entry: dict | None) -> str:
+    """A way's outcome against eager: ``eq`` (bit-equal or within 1e-4), ``= aot_eager`` (differs from eager no more
+    than torch's own AOT Autograd does), else what differs."""
+    if not entry:
+        return "-"
+    if entry.get("error"):
+        return "ERROR"
+    if entry.get("equal"):
+        return "eq"
+    if entry.get("within_aot_eager"):
+        return "~aot_eager"
+    return "DIFF " + ",".join(k for k, v in (entry.get("diff") or {}).items() if v not in (0.0, True, None))
+
+
+def print_table(results: dict) -> None:
+    """One line per model of a ``--with-compile`` run: each way's outcome, tokens, warm compiles and fallbacks."""
+    print("| model | backend: train+eval | backend: generate (default / static) | backend warm: compiles, hits | "
+          "aotcache.compile: route, train+eval | compile: generate | compile warm: traces, compiles | fallbacks |")
+    print("|" + " --- |" * 8)
+    for name, row in results.items():
+        backend, warm = row.get("aotcache") or {}, row.get("aotcache_warm") or {}
+        comp, comp_warm = row.get("compile") or {}, row.get("compile_warm") or {}
+
+        def tokens(entry: dict) -> str:
+            diff = entry.get("diff") or {}
+            if diff.get("tokens_equal") is None:
+                return "-"
+            static = diff.get("static_tokens_equal")
+            return (("eq" if diff["tokens_equal"] else "DIFF") + " / "
+                    + ("-" if static is None else "eq" if static else "DIFF"))
+
+        fallbacks = {**(backend.get("fallback") or {}), **(comp.get("fallback") or {})}
+        bypass = backend.get("bypass_reasons") or {}
+        print(f"| {name} | {_verdict(backend)} | {tokens(backend)} | {warm.get('compile')}, {warm.get('hit')} | "
+              f"{comp.get('route')}, {_verdict(comp)} | {tokens(comp)} | {comp_warm.get('traces')}, "
+              f"{comp_warm.get('compile')} | {fallbacks or bypass or 'none'} |")
+
+
 def main(argv: list[str]) -> None:
+    if "--table" in argv:
+        path = Path(argv[argv.index("--out") + 1]) if "--out" in argv else REPO / "bench/results/backend_sweep.json"
+        print_table(json.loads(path.read_text()))
+        return
     inductor = "--inductor" in argv
-    archs = [a for a in argv if not a.startswith("--")] or list(MODELS)
+    ways = WAYS if "--with-compile" in argv else BACKEND_WAYS
     out = REPO / "bench" / "results" / "backend_sweep.json"
+    if "--out" in argv:
+        out = Path(argv[argv.index("--out") + 1])
+        argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    archs = [a for a in argv if not a.startswith("--")] or list(MODELS)
+    unknown = [a for a in archs if a not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     results = json.loads(out.read_text()) if out.exists() else {}
     for arch in archs:
         for compiler in (["nop", "default"] if inductor else ["nop"]):
             t0 = time.perf_counter()
-            row = run_model(arch, compiler)
+            row = run_model(arch, compiler, ways)
             key = arch if compiler == "nop" else f"{arch}+{compiler}"
             results[key] = row
             print(f"== {key} ({time.perf_counter() - t0:.0f} s)")
@@ -243,6 +368,10 @@ def main(argv: list[str]) -> None:
             print("  aot_eager     ", _cell(row["aot_eager"], stat))
             print("  aotcache cold ", _cell(row["aotcache"], stat + ("compile", "hit", "bypass", "fallback")))
             print("  aotcache warm ", _cell(row["aotcache_warm"], stat + ("compile", "hit", "guard_miss", "fallback")))
+            if "compile" in ways:
+                keys = ("route", "traces", "compile", "fingerprint_hit", "fallback", "first_step_s")
+                print("  compile cold  ", _cell(row["compile"], keys))
+                print("  compile warm  ", _cell(row["compile_warm"], keys))
             out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"wrote {out}")
 

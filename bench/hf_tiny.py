@@ -61,12 +61,20 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "GraniteMoe": dict(num_local_experts=4, intermediate_size=32),  # grouped_mm: strides multiple of 16 bytes
 }
 
+#: The config class of an architecture whose ``<arch>Config`` is another model's (``Gemma3Config`` is the
+#: vision-to-text model's; ``Gemma3ForCausalLM`` takes the text config).
+CONFIG_CLASS: dict[str, str] = {"Gemma3": "Gemma3TextConfig"}
+
+#: Overrides of a sub-config (after ``SHRINK``): SigLIP's text tower projects to 768 by default, which the shrunk
+#: vision tower's 32 does not match.
+SUB_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {"Siglip": {"text_config": dict(projection_size=32)}}
+
 
 def tiny_config(arch: str, **overrides: Any) -> Any:
     """``<arch>Config()`` with ``SHRINK``, the architecture's overrides and ``overrides`` applied."""
     import transformers
 
-    config = getattr(transformers, f"{arch}Config")()
+    config = getattr(transformers, CONFIG_CLASS.get(arch, f"{arch}Config"))()
     _shrink(config, SHRINK)
     for name, value in {**ARCH_OVERRIDES.get(arch, {}), **overrides}.items():  # set even where not an attribute
         setattr(config, name, value)
@@ -74,6 +82,8 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
         sub = getattr(config, name, None)
         if isinstance(sub, transformers.PretrainedConfig):
             _shrink(sub, SHRINK)
+            for attr, value in SUB_OVERRIDES.get(arch, {}).get(name, {}).items():
+                setattr(sub, attr, value)
     return config
 
 
