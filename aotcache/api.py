@@ -167,7 +167,8 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
     ``CaptureError`` (as does ``AOTCACHE_STRICT=1``); see NOTE [Capture fallback] in ``aotcache/aot/fallback.py``.
 
     The argument order is that of PyTorch's ``aot_function``, so code written for it runs unchanged;
-    ``num_params_buffers``, ``keep_inference_input_mutations``, ``enable_log``, ``disable_functionalization``
+    ``num_params_buffers`` leading flat arguments (weights) keep static sizes as in PyTorch (NOTE [Weights named
+    by num_params_buffers]); ``keep_inference_input_mutations``, ``enable_log``, ``disable_functionalization``
     and the private ``_disable_torch_fn_metadata_mode`` are accepted for that reason (NOTE [PyTorch-compatible
     arguments]).
     """
@@ -178,6 +179,7 @@ def aot_function(fn: Callable, fw_compiler: Callable | str | None = None, bw_com
                               keep_inference_input_mutations=keep_inference_input_mutations,
                               enable_log=enable_log, disable_functionalization=disable_functionalization)
     compiled = AOTFunction(fn, options, services=SERVICES, cache=cache, on_capture_error=on_capture_error)
+    compiled.num_weight_args = num_params_buffers  # NOTE [Weights named by num_params_buffers]
     try:
         compiled.__wrapped__ = fn  # type: ignore[attr-defined]
         compiled.__doc__ = getattr(fn, "__doc__", None)

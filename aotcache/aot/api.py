@@ -106,6 +106,9 @@ class AOTFunction:
         self._dims = DynamicDims(options.dynamic, options.float_symbols())  # NOTE [Dynamic dimensions]
         self.num_state = 0  # leading flat arguments that are a module's parameters and buffers
         self.num_params = 0  # ... of which the first are parameters (kept static: NOTE [Buffers that change size])
+        # aot_function's num_params_buffers: leading flat arguments the caller names as weights, kept static as
+        # PyTorch's aot_function keeps them (NOTE [Weights named by num_params_buffers] in dynamic_dims.py)
+        self.num_weight_args = 0
         self.buffer_names: tuple[str, ...] = ()  # the buffers' names (the log of automatic dynamic shapes)
         self.num_compiles = 0  # how many times this function was traced and compiled (tests, diagnostics)
         self._saved_state: SavedCallState | None = None  # of the call being compiled (under the lock)
@@ -445,6 +448,8 @@ class AOTFunction:
         if self.options.dynamic is False:
             return self.options
         num_state, num_params = self.num_state, min(self.num_params, self.num_state)
+        if not num_state and self.num_weight_args:  # NOTE [Weights named by num_params_buffers]
+            num_state = num_params = min(self.num_weight_args, len(flat_args))
         if self.options.dynamic is None:
             rank_key = (extra, rank_signature_of(flat_args, in_spec, context))
         elif num_params < num_state:  # dynamic=True: only buffers are automatic (NOTE [Buffers that change size])

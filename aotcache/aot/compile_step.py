@@ -141,8 +141,10 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
     """The :class:`AOTOptions` of one entry point's arguments, checked (``api`` names the entry point in errors).
 
     NOTE [PyTorch-compatible arguments]
-    ``num_params_buffers`` tells PyTorch how many leading inputs are parameters or buffers (it uses that for
-    CUDA graphs); aotcache reads parameters and buffers from the module itself, so the number changes nothing.
+    ``num_params_buffers`` tells PyTorch how many leading inputs are parameters or buffers (it keeps their sizes
+    static and uses the number for CUDA graphs); ``aot_function`` keeps them static too (NOTE [Weights named by
+    num_params_buffers] in dynamic_dims.py); ``aot_module`` reads its parameters and buffers from the module
+    itself, so there the number changes nothing.
     ``keep_inference_input_mutations=True`` asks PyTorch to leave input mutations inside the inference graph;
     aotcache always applies them after the compiled graph runs (NOTE [Mutation epilogue] in the runtime), which
     gives the caller the same result, so the flag changes nothing either. ``enable_log`` (PyTorch's own logging)

@@ -8,8 +8,9 @@ integers] in cache_objects.py). The spec takes the place of the flag in the opti
 (``AOTOptions.dynamic``), in the in-memory signature (masked sizes) and in the call fingerprint:
 
 - False: no spec; every size is part of the signature (one graph per shape).
-- True: every dimension of every tensor argument, except an ``aot_module``'s parameters, which stay static as
-  in ``torch.compile`` (weights do not change size between calls; symbolic weights made captures many times
+- True: every dimension of every tensor argument, except an ``aot_module``'s parameters (and the weights an
+  ``aot_function`` call names: NOTE [Weights named by num_params_buffers]), which stay static as in
+  ``torch.compile`` (weights do not change size between calls; symbolic weights made captures many times
   slower and guard expressions ten times longer), and its buffers, which are automatic as under None (NOTE
   [Buffers that change size]).
 - None, automatic as in ``torch.compile``: static first. A later call with the same structure, dtypes and
@@ -39,6 +40,19 @@ there and then runs eagerly at its recompile limit (with ``force_parameter_stati
 parameters made automatic as well). ``dynamic=True`` must not be less dynamic than the default, and marking
 only what changed costs nothing for the usual buffer that keeps its size (a BatchNorm's statistics, RoPE's
 ``inv_freq``).
+
+NOTE [Weights named by num_params_buffers]
+``aot_function(f, ..., num_params_buffers=n)`` says that the first ``n`` flat arguments are a model's parameters
+and buffers (PyTorch's ModuleInfo tests pass ``functional_call``'s weights so). PyTorch's ``aot_function`` keeps
+their sizes static under ``dynamic=True`` (``static_weight_shapes``); aotcache ignored the number and traced
+every dimension of every weight as its own symbol. Each size relation a layer needs (``in_proj_weight`` is
+three times ``d_model``, a view's product equals the numel) then became a guard for the ShapeEnv to prove or
+simplify: the symbolic TransformerDecoderLayer test's inputs without a batch dimension captured 3-4 times
+slower than PyTorch's (CPU time), the whole test ran past 25 minutes on a loaded machine, and a model's weights
+never change size between calls anyway. Those arguments are now static as an ``aot_module``'s parameters are
+(``num_state = num_params = n`` for :meth:`DynamicDims.spec`): never marked, under ``dynamic=True`` and
+``None`` alike, their sizes kept in the signature and checked by the guards, so a weight of another size
+traces a graph of its own. Only ``aot_function`` reads the number (an ``aot_module`` knows its weights).
 
 NOTE [Integer arguments]
 A plain ``int`` argument is a constant of the graph, compared by value, until it changes: under automatic
