@@ -12,6 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import aotcache
+from tests.aot.routes import ROUTES, compiled_by_route
 from aotcache.aot import CaptureError
 from aotcache.aot.fallback import fallback_counts
 
@@ -56,20 +57,9 @@ def _reads_point(p):
     return p.x * p.y + 1
 
 
-def _compiled(fn, route):
-    if route == "aot":
-        return aotcache.aot_function(fn, "nop", cache=False)
-    if route == "compile":
-        return aotcache.compile(fn, compiler="nop", cache=False)
-    return torch.compile(fn, backend="aotcache", options={"compiler": "nop", "cache": False})
-
-
-ROUTES = ("aot", "compile", "dynamo")
-
-
 @pytest.mark.parametrize("route", ROUTES)
 def test_attributes_assigned_on_a_pytree_argument_reach_the_callers_object(route):
-    compiled = _compiled(_moves_point, route)
+    compiled = compiled_by_route(_moves_point, route)
     for call in range(3):
         mine = _Point(torch.full((3,), float(call)), torch.ones(1))
         theirs = _Point(torch.full((3,), float(call)), torch.ones(1))
@@ -80,7 +70,7 @@ def test_attributes_assigned_on_a_pytree_argument_reach_the_callers_object(route
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_context_attribute_changed_on_a_pytree_argument_reaches_the_callers_object(route):
-    compiled = _compiled(_bumps_scale, route)
+    compiled = compiled_by_route(_bumps_scale, route)
     for call in range(3):
         mine, theirs = _Scaled(torch.ones(2), float(call)), _Scaled(torch.ones(2), float(call))
         torch.testing.assert_close(compiled(mine), _bumps_scale(theirs))
@@ -89,7 +79,7 @@ def test_a_context_attribute_changed_on_a_pytree_argument_reaches_the_callers_ob
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_deque_argument_appended_to_as_in_eager(route):
-    compiled = _compiled(_pushes, route)
+    compiled = compiled_by_route(_pushes, route)
     for call in range(3):
         x = torch.full((2,), float(call))
         mine, theirs = collections.deque([torch.zeros(2)]), collections.deque([torch.zeros(2)])

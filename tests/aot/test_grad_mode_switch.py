@@ -8,17 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import aotcache
-
-ROUTES = ("aot", "compile", "dynamo")
-
-
-def _compiled(fn, route):
-    if route == "aot":
-        return aotcache.aot_function(fn, "nop", cache=False)
-    if route == "compile":
-        return aotcache.compile(fn, compiler="nop", cache=False)
-    return torch.compile(fn, backend="aotcache", options={"compiler": "nop", "cache": False})
+from tests.aot.routes import ROUTES, compiled_by_route
 
 
 def _switches_grad_off(x):
@@ -50,7 +40,7 @@ def _grad_mode_put_back():
 def test_grad_switched_off_inside_stays_off_after_the_call(route, requires_grad):
     """Was: grad mode still on after the compiled call (eager leaves it off); in training the capture was
     refused for an output 'requiring grad under no_grad'."""
-    compiled = _compiled(_switches_grad_off, route)
+    compiled = compiled_by_route(_switches_grad_off, route)
     for _ in range(3):  # the first call captures; later calls take the compiled or remembered fallback way
         x = torch.full((3,), 3.0, requires_grad=requires_grad)
         expected, mode_after_eager = _eager(_switches_grad_off, x, True)
@@ -70,7 +60,7 @@ def test_grad_switched_off_inside_stays_off_after_the_call(route, requires_grad)
 def test_grad_switched_on_inside_a_no_grad_call_keeps_the_output_history(route):
     """Was: called under no_grad, the output came back without autograd history (its gradient silently lost)
     and grad mode stayed off after the call; eager returns an output with history and leaves grad on."""
-    compiled = _compiled(_switches_grad_on, route)
+    compiled = compiled_by_route(_switches_grad_on, route)
     for _ in range(3):
         x = torch.full((3,), 3.0, requires_grad=True)
         expected, mode_after_eager = _eager(_switches_grad_on, x, False)
@@ -94,7 +84,7 @@ def test_grad_mode_blocks_inside_the_function_still_capture_whole(route):
         return x * scale
 
     before = dict(fallback_counts())
-    compiled = _compiled(with_blocks, route)
+    compiled = compiled_by_route(with_blocks, route)
     x = torch.full((3,), 3.0, requires_grad=True)
     out = compiled(x)
     assert torch.is_grad_enabled()
