@@ -24,6 +24,7 @@ of the zero); it never makes a graph serve a call it was not traced for.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -128,16 +129,28 @@ def exact_float(value: Any, guard_scalar: Any) -> float:
 def _same_bits_guard(builder: Any, guard: Any) -> None:
     """A Dynamo guard builder function: where the value of ``guard``'s source holds a float zero, a guard that
     the value equals it by type and float bits (NOTE [Signed zeros in Dynamo's guards])."""
-    value = builder.get(guard)
+    try:
+        value = builder.get(guard)
+    except Exception:  # noqa: BLE001 - not readable here: Dynamo's own guard on the source decides
+        return
     if not holds_a_zero(value):
         return
-    expected = exact_value(value)
+    if type(value) is float:  # the usual case, checked per call: Dynamo's own guard holds the type and ``== 0``
+        sign = math.copysign(1.0, value)
 
-    def same_bits(current: Any) -> bool:
-        try:
-            return exact_value(current) == expected
-        except Exception:  # noqa: BLE001 - an unhashable or odd value: not the traced one, compile again
-            return False
+        def same_bits(current: Any) -> bool:
+            try:
+                return math.copysign(1.0, current) == sign
+            except TypeError:  # not a number: not the traced value
+                return False
+    else:
+        expected = exact_value(value)
+
+        def same_bits(current: Any) -> bool:
+            try:
+                return exact_value(current) == expected
+            except Exception:  # noqa: BLE001 - an unhashable or odd value: not the traced one, compile again
+                return False
 
     from torch._dynamo.guards import get_verbose_code_parts
 
