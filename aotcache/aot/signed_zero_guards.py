@@ -50,8 +50,32 @@ def holds_a_zero(value: Any, depth: int = 0) -> bool:
     if isinstance(value, (tuple, list)) and len(value) <= _MAX_ITEMS:
         return any(holds_a_zero(item, depth + 1) for item in value)
     if isinstance(value, dict) and len(value) <= _MAX_ITEMS:
-        return any(holds_a_zero(item, depth + 1) for item in value.values())
+        return any(holds_a_zero(item, depth + 1) for item in value.values()) or _keys_hold_a_zero(value, depth)
+    if isinstance(value, (set, frozenset)) and len(value) <= _MAX_ITEMS:
+        return any(holds_a_zero(item, depth + 1) for item in value)
     return False
+
+
+def _keys_hold_a_zero(value: dict, depth: int = 0) -> bool:
+    """Whether a key of the dict ``value`` holds a float zero (``{0.0: a}`` and ``{-0.0: a}`` have equal keys)."""
+    return len(value) <= _MAX_ITEMS and any(holds_a_zero(key, depth + 1) for key in value)
+
+
+def _bits_key(value: Any) -> Any:
+    """:func:`exact_value`, sets and dict keys included: two values get equal keys only when their floats, at
+    any depth, have the same bits (``{0.0} == {-0.0}`` and ``exact_value`` leaves a set to ``==``)."""
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(map(_bits_key, value)))
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(map(_bits_key, value)))
+    if isinstance(value, dict):
+        return (type(value), tuple((_bits_key(key), _bits_key(item)) for key, item in value.items()))
+    return exact_value(value)
+
+
+def _keys_bits(value: Any) -> Any:
+    """The keys of a dict, in order, by :func:`_bits_key` (NOTE [Signed zeros in Dynamo's guards])."""
+    return tuple(_bits_key(key) for key in value)
 
 
 # NOTE [Zero floats specialized in place]
@@ -144,19 +168,60 @@ def _same_bits_guard(builder: Any, guard: Any) -> None:
             except TypeError:  # not a number: not the traced value
                 return False
     else:
-        expected = exact_value(value)
+        expected = _bits_key(value)
 
         def same_bits(current: Any) -> bool:
             try:
-                return exact_value(current) == expected
+                return _bits_key(current) == expected
             except Exception:  # noqa: BLE001 - an unhashable or odd value: not the traced one, compile again
                 return False
 
-    from torch._dynamo.guards import get_verbose_code_parts
+    _add_lambda_guard(builder, guard, same_bits, f"__aotcache_same_float_bits({guard.name}, {value!r})")
 
-    code = f"__aotcache_same_float_bits({guard.name}, {value!r})"
-    builder.get_guard_manager(guard).add_lambda_guard(same_bits, get_verbose_code_parts(code, guard),
-                                                       guard.user_stack)
+
+def _same_key_bits_guard(builder: Any, guard: Any) -> None:
+    """A Dynamo guard builder function: where a key of the dict at ``guard``'s source is a float zero, a guard
+    that the keys equal the traced ones by type and float bits (Dynamo's ``DICT_KEYS_MATCH`` compares them with
+    ``==``; NOTE [Signed zeros in Dynamo's guards]). A dict whose key order Dynamo guards takes no leaf guard of
+    its own: there each zero key's own guard manager gets the same-bits guard."""
+    try:
+        value = builder.get(guard)
+    except Exception:  # noqa: BLE001 - not readable here: Dynamo's own guard on the source decides
+        return
+    if not isinstance(value, dict) or not _keys_hold_a_zero(value):
+        return
+    from torch._C._dynamo.guards import DictGuardManager
+
+    if not isinstance(builder.get_guard_manager(guard), DictGuardManager):
+        expected = _keys_bits(value)
+
+        def same_key_bits(current: Any) -> bool:
+            try:
+                return _keys_bits(current) == expected
+            except Exception:  # noqa: BLE001 - not a dict as traced: not the traced value, compile again
+                return False
+
+        _add_lambda_guard(builder, guard, same_key_bits, f"__aotcache_same_key_bits({guard.name}, {list(value)!r})")
+        return
+    from torch._dynamo.source import ConstDictKeySource
+
+    for index, key in enumerate(value):
+        if holds_a_zero(key):
+            key_guard = ConstDictKeySource(guard.originating_source, index).make_guard(_same_bits_guard)
+            _same_bits_guard(builder, key_guard)
+
+
+def _add_lambda_guard(builder: Any, guard: Any, check: Any, code: str) -> None:
+    """Add ``check`` as a leaf guard on ``guard``'s source; where Dynamo's guard manager refuses it, nothing is
+    added (logged once): a guard that cannot be added must not fail Dynamo's compile (eager would run)."""
+    try:
+        from torch._dynamo.guards import get_verbose_code_parts
+
+        builder.get_guard_manager(guard).add_lambda_guard(check, get_verbose_code_parts(code, guard),
+                                                           guard.user_stack)
+    except Exception as exc:  # noqa: BLE001 - private Dynamo API: Dynamo's own guard on the source stays
+        log_once(logging.DEBUG, "signed-zero-guard-add",
+                 f"aotcache backend: could not add a signed-zero guard on {guard.name} ({type(exc).__name__}: {exc})")
 
 
 def _value_guard_builders() -> tuple:
@@ -184,24 +249,31 @@ def guard_signed_zeros() -> None:
     on each specialized float symbol's source (NOTE [Signed zeros in Dynamo's guards]). Best effort: nothing is
     added where Dynamo's private guard machinery is not as expected."""
     try:
-        from torch._dynamo.guards import install_guard
+        from torch._dynamo.guards import GuardBuilder, install_guard
         from torch._guards import TracingContext
 
         context = TracingContext.try_get()
         if context is None:
             return
         builders = _value_guard_builders()
-        sources = [guard.originating_source for guard in context.guards_context.dynamo_guards
-                   if guard.inner_create_fn() in builders]
-        sources += _specialized_zero_float_sources(getattr(context.fake_mode, "shape_env", None))
+        keys_builder = getattr(GuardBuilder, "DICT_KEYS_MATCH", None)
+        sources = []
+        for guard in context.guards_context.dynamo_guards:
+            created_by = guard.inner_create_fn()
+            if created_by in builders:
+                sources.append((guard.originating_source, _same_bits_guard))
+            elif keys_builder is not None and created_by is keys_builder:
+                sources.append((guard.originating_source, _same_key_bits_guard))
+        sources += [(source, _same_bits_guard)
+                    for source in _specialized_zero_float_sources(getattr(context.fake_mode, "shape_env", None))]
         seen: set = set()
-        for source in sources:
+        for source, make_guard in sources:
             name = source.name if isinstance(source.name, str) else source.name()
-            if name in seen:
+            if (name, make_guard) in seen:
                 continue
-            seen.add(name)
+            seen.add((name, make_guard))
             try:
-                install_guard(source.make_guard(_same_bits_guard))
+                install_guard(source.make_guard(make_guard))
             except NotImplementedError:  # a constant source: nothing to guard
                 continue
     except Exception as exc:  # noqa: BLE001 - private Dynamo API changed: Dynamo's own guards stay as they are

@@ -71,6 +71,9 @@ SETTINGS = {  # name: make(value) -> a zero-argument call of the compiled form a
     "in a tuple": lambda: (lambda fn: lambda v: fn(X, (v,)), lambda x, t: x * t[0]),
     "in a dict": lambda: (lambda fn: lambda v: fn(X, {"a": v}), lambda x, d: x * d["a"]),
     "keyword": lambda: (lambda fn: lambda v: fn(X, s=v), lambda x, s=1.0: x * s),
+    # Dynamo guards a dict's keys with ``==`` (DICT_KEYS_MATCH) and a set of constants as a whole (EQUALS_MATCH)
+    "a dict key": lambda: (lambda fn: lambda v: fn(X, {v: 1}), lambda x, d: x * next(iter(d))),
+    "in a set": lambda: (lambda fn: lambda v: fn(X, {v}), lambda x, s: x * max(s)),
 }
 
 
@@ -145,7 +148,9 @@ def test_aotcache_compile_without_tensor_arguments_keeps_the_sign():
 
 def test_holds_a_zero():
     assert holds_a_zero(0.0) and holds_a_zero(-0.0) and holds_a_zero(complex(1, 0)) and holds_a_zero((1, [0.0]))
-    assert not any(holds_a_zero(value) for value in (0, False, 1.5, float("nan"), (1, 2.0), {"a": 1.0}, "0.0"))
+    assert holds_a_zero({-0.0: "a"}) and holds_a_zero(frozenset({0.0})) and holds_a_zero({"k": {0.0}})
+    assert not any(holds_a_zero(value) for value in (0, False, 1.5, float("nan"), (1, 2.0), {"a": 1.0}, "0.0",
+                                                     {1.5: 0}, {1.0, 2.0}))
 
 
 SCRIPT = """
