@@ -10,9 +10,11 @@ backend specialized by an ``==`` guard in its shape environment. ``0.0 == -0.0``
 ``inductor``) share this; aotcache's backend closes it for its graphs: while it compiles Dynamo's graph it adds,
 beside each of Dynamo's value guards (``CONSTANT_MATCH`` / ``EQUALS_MATCH``) and for each float symbol
 specialized in the shape environment, a guard on the same source that compares the value by type and float bits
-(:func:`~aotcache.aot.exact_values.exact_value`). The guard is added only where the traced value holds a float or
-complex zero (at any depth of a tuple, list or dict): other values keep Dynamo's C++ guard alone, with no Python
-call per frame. NaN needs nothing here (Dynamo guards it with ``isnan``), and ``1`` / ``1.0`` / ``True`` are told
+(:func:`~aotcache.aot.exact_values.exact_value`, sets included); beside each ``DICT_KEYS_MATCH`` (a dict's keys,
+compared with ``==`` too: ``{-0.0: a}`` passed for ``{0.0: a}``) one that compares the keys so. The guard is added
+only where the traced value holds a float or complex zero (at any depth of a tuple, list, set or dict, keys
+included): other values keep Dynamo's C++ guard alone, with no Python call per frame. A guard Dynamo's guard
+manager refuses is left out (logged once), never a failed compile. NaN needs nothing here (Dynamo guards it with ``isnan``), and ``1`` / ``1.0`` / ``True`` are told
 apart by Dynamo's type check. A float Dynamo passes unspecialized and aotcache keeps as a graph input reads its
 value at every call and needs no guard (NOTE [Dynamo's float inputs kept as graph inputs]).
 
