@@ -78,10 +78,12 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
     from aotcache.aot.container_inputs import flatten_container_inputs, with_flat_inputs
     from aotcache.aot.errors import CaptureError
+    from aotcache.aot.signed_zero_guards import guard_signed_zeros, retrace_baked_zero_floats
     from aotcache.api import aot_module_simplified
     from aotcache.compilers.base import options_with_mode
 
     compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
+    retrace_baked_zero_floats()  # NOTE [Zero floats Dynamo baked in]
     try:
         flat = flatten_container_inputs(gm, example_inputs)  # NOTE [Container inputs of a Dynamo graph]
         compiled = aot_module_simplified(flat.gm if flat else gm, flat.example_inputs if flat else example_inputs,
@@ -97,3 +99,5 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         from aotcache.aot.fallback import eager_dynamo_graph_after_trace_failure
 
         return eager_dynamo_graph_after_trace_failure(gm, exc)
+    finally:
+        guard_signed_zeros()  # NOTE [Signed zeros in Dynamo's guards]: after the floats specialized in the compile

@@ -1485,6 +1485,52 @@ def library_rebinding(ctx: Ctx) -> None:
         _BATTERY_LOCAL.shift = 0.0
 
 
+class SignedZeroScale(nn.Module):
+    """Scales its features by a float setting whose sign of zero shows in the result (``atan2`` picks +pi or -pi)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.k = 0.0
+
+    def forward(self, x, s=1.0):
+        h = self.lin(x)
+        zero = torch.zeros_like(h) * self.k * s  # the sign of k * s
+        return h + torch.atan2(zero, -torch.ones_like(h))
+
+
+@scenario("aot", "dynamo")
+def float_zero_sign(ctx: Ctx) -> None:
+    """A float attribute and a float argument flipped between 0.0 and -0.0 (equal by ``==``, another result):
+    session 19 found torch.compile's guards (``==``) reusing the other zero's graph through the backend."""
+    torch.manual_seed(0)
+    base = SignedZeroScale()
+    model = ctx.wrap(base)
+    for step, (k, s) in enumerate([(0.0, 1.0), (-0.0, 1.0), (0.0, 1.0), (1.0, 0.0), (1.0, -0.0), (-0.0, -0.0)]):
+        base.k = k
+        x, _ = batch(step)
+        ctx.rec(f"s{step}.out", model(x, s))
+
+
+@scenario("dynamo")
+def specialize_on(ctx: Ctx) -> None:
+    """A batch dimension marked dynamic with ``specialize_on=[size == 8]`` (Dynamo compiles the graph again for
+    size 8), called at 8 and other sizes; the result reads the size (session 19: such a compile could be stored
+    under the general graph's key)."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 4)
+    model = ctx.wrap(base)
+
+    def run(x):
+        return model(x) * x.shape[0]
+
+    for step, rows in enumerate([5, 8, 3, 8, 5]):
+        x = torch.randn(rows, 8)
+        if ctx.way == "dynamo":
+            torch._dynamo.mark_dynamic(x, 0, specialize_on=[lambda size: size == 8])
+        ctx.rec(f"s{step}.out", run(x))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------

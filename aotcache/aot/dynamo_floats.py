@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aotcache.aot.signed_zero_guards import is_zero_float
+
 __all__ = ["FloatsNotTensorified", "KeptFloats", "keep_float_inputs", "tensorify_available"]
 
 
@@ -206,8 +208,8 @@ def keep_float_inputs(gm: nn.Module, example_inputs: Sequence[Any], options: Any
     chosen = []
     for position, node in enumerate(placeholders):
         memo, name = _memo_symbol(node)
-        if memo is None or name is None or TensorifyState.should_specialize(name):
-            continue
+        if memo is None or name is None or TensorifyState.should_specialize(name) or is_zero_float(memo):
+            continue  # a zero is specialized in place, its sign kept (NOTE [Zero floats specialized in place])
         if node.users and all(user.op == "call_method" and user.target == "item" and len(user.args) == 1
                               and not user.kwargs for user in node.users) and not _reaches_a_keyword(node):
             chosen.append((position, name, memo))

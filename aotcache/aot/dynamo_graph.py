@@ -28,6 +28,7 @@ from aotcache.aot.input_mutations import mutated_input_overlaps
 from aotcache.aot.checkpoint_refusals import refuse_unpreserved_random_regions
 from aotcache.aot.refusals import refuse_backward_state_inputs
 from aotcache.aot.services import CompileServices
+from aotcache.aot.signed_zero_guards import exact_float, is_zero_float
 from aotcache.aot.tensor_subclasses import refuse_non_strided_graph_values
 from aotcache.aot.source_locations import (
     capturing_source_locations,
@@ -146,9 +147,9 @@ def _specialize_unspecialized_floats(gm: nn.Module, kept: KeptFloats | None = No
         memo = value.item_memo if isinstance(value, FakeTensor) else None
         name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
         if isinstance(memo, torch.SymFloat) and name is not None and _backed(memo):
-            # NOTE [Float inputs read in a checkpointed region]
-            if guard_scalar is not None and _read_in_regions(gm, node):
-                _specialize_in_regions(gm, node, float(guard_scalar(memo)))
+            # NOTE [Float inputs read in a checkpointed region]; NOTE [Zero floats specialized in place]
+            if guard_scalar is not None and (_read_in_regions(gm, node) or is_zero_float(memo)):
+                _specialize_in_regions(gm, node, exact_float(memo, guard_scalar))
             else:
                 names.append(name)
     if not names:

@@ -226,6 +226,7 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
     state: dict[str, Any] = {}
     shape_env = _shape_env_of(example_inputs)
     symbolic = _graph_inputs(gm, example_inputs) if shape_env is not None else None
+    specialization = _specialize_on_compile(gm)
     hints = _hints_or_none(symbolic)
 
     def make_key() -> CacheKey:
@@ -252,6 +253,8 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
                             num_inputs=len(flat_example), dynamic=bool(options.dynamic)) if "key" in state else {})
         guards, uncacheable = _dynamo_entry_guards(shape_env, guards_before, symbolic, symbols,
                                                    checkable=hints is not None)
+        if specialization is not None:  # NOTE [Compiles for a specialize_on specialization]
+            uncacheable = "compiled for a mark_dynamic(..., specialize_on=...) specialization"
         return CompileResult(runtime, guards=guards, summary=summary, uncacheable=uncacheable)
 
     runtime = cache.load_or_compile(make_key, compile_fn, None, guard_inputs=hints,
@@ -266,6 +269,21 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         runtime.joint_factory = functools.partial(_joint_captured_again, runtime, flat_fn, list(flat_example),
                                                   options)  # NOTE [Double backward through the joint graph]
     return runtime
+
+
+def _specialize_on_compile(gm: torch.nn.Module) -> Any:
+    """NOTE [Compiles for a specialize_on specialization]
+    For ``torch._dynamo.mark_dynamic(x, dim, specialize_on=[check, ...])`` Dynamo compiles its graph once for
+    any size, then, at the first call whose size passes a ``check``, hands the same graph module to the backend
+    again (``gm.meta["specialization"]`` set, the real tensors as example inputs) with its ShapeEnv patched to
+    assume the check (``s0 == 8`` as a replacement, not a guard). Such a compile may bake the assumed size in,
+    and the key (the graph and its symbolic inputs) and the entry's guards do not see the assumption: stored, it
+    would be loaded for the general graph in a later process (a graph for size 8 run at size 5). So such a
+    compile is never stored (a bypass counted with its reason); it may still load the general entry, which is
+    valid for every size, as it did before. Dynamo keeps the specialized compile for its own process.
+    """
+    meta = getattr(gm, "meta", None)
+    return meta.get("specialization") if isinstance(meta, dict) else None
 
 
 def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions,
