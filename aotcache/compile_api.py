@@ -85,7 +85,9 @@ class _RoutedServices(CachedCompileServices):
             return
         digest = fingerprint.digest if fingerprint.trusted and cache.enabled else None
         router.capturing.digest = digest
-        if router.route is None and digest is not None:
+        # fullgraph=True never follows a record: a capture that failed before must raise again, as it does on an
+        # empty cache (an earlier run without fullgraph recorded the Dynamo way)
+        if router.route is None and digest is not None and not router.fullgraph:
             recorded = read_route(cache, digest)
             if recorded is not None and recorded[0] in (DYNAMO, EAGER):
                 cache.count(**{f"route_recorded_{recorded[0]}": 1})

@@ -48,9 +48,13 @@ SCRIPT = textwrap.dedent("""
 
     torch.manual_seed(0)
     model = {"plain": Plain, "breaks": Breaks}[sys.argv[1]]()
-    compiled = aotcache.compile(model, compiler="nop")
+    compiled = aotcache.compile(model, compiler="nop", fullgraph=sys.argv[2:] == ["fullgraph"])
     x = torch.randn(3, 4, requires_grad=True)
-    out = compiled(x)
+    try:
+        out = compiled(x)
+    except aotcache.aot.CaptureError as exc:
+        print(json.dumps({"raised": str(exc)}))
+        sys.exit(0)
     out.sum().backward()
     eager = model(x)
     counters = compiled.compiled.cache.counters if hasattr(compiled.compiled.cache, "counters") else {}
@@ -63,11 +67,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_fresh(tmp_path, which: str) -> dict:
+def run_fresh(tmp_path, which: str, *flags: str) -> dict:
     script = tmp_path / "compile_job.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-    proc = subprocess.run([sys.executable, str(script), which], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, str(script), which, *flags], capture_output=True, text=True, env=env,
                           cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -102,6 +106,16 @@ def test_fullgraph_makes_a_graph_break_an_error():
     compiled = aotcache.compile(Breaks(), compiler="nop", fullgraph=True, cache=False)
     with pytest.raises(CaptureError, match="depends on tensor data"):
         compiled(torch.randn(2, 4))
+
+
+def test_fullgraph_raises_where_an_earlier_run_recorded_the_dynamo_way(tmp_path):
+    # a route record (NOTE [Route records]) sent a fullgraph=True compile in a later process to the Dynamo way
+    # without an error, where the same compile on an empty cache raises: fullgraph=True ignores the record
+    assert run_fresh(tmp_path, "breaks")["route"] == "dynamo"
+    strict = run_fresh(tmp_path, "breaks", "fullgraph")
+    assert "depends on tensor data" in strict.get("raised", ""), strict
+    again = run_fresh(tmp_path, "breaks")  # the record still serves the runs without fullgraph
+    assert again == {**again, "route": "dynamo", "same": True, "captures": 0, "recorded": 1}
 
 
 def test_a_graph_break_names_where_the_model_makes_it(caplog):
