@@ -1159,8 +1159,8 @@ def hook_state(ctx: Ctx) -> None:
 
 @scenario("aot", max_traces=3)
 def float_schedule(ctx: Ctx) -> None:
-    """A Python float argument annealed every step (a temperature): results are eager's, but each new value
-    traces a graph (a perf cliff, see docs/aot.md; the table says "cliff" past max_traces)."""
+    """A Python float argument annealed every step (a temperature): results are eager's, and the float is a
+    symbol from its second value (two traces; more is a perf cliff: the table says "CLIFF" past max_traces)."""
     torch.manual_seed(0)
     base = TakesAnything()
     model = ctx.wrap(base)
@@ -1574,9 +1574,6 @@ KNOWN = {
     ("checkpoint", "compile"): "reentrant checkpoint without inputs requiring grad: eager leaves the parameters' "
                                ".grad None, torch.compile (the Dynamo way) computes them (xfail test)",
     ("checkpoint", "warm"): "as checkpoint/compile",
-    ("float_schedule", "compile"): "a float argument is a graph constant: one trace per value (strict xfail)",
-    ("float_schedule", "aot"): "as float_schedule/compile",
-    ("float_schedule", "warm"): "as float_schedule/compile (each value loaded from the cache)",
 }
 
 
