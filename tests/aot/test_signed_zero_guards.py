@@ -79,12 +79,13 @@ SETTINGS = {  # name: make(value) -> a zero-argument call of the compiled form a
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 @pytest.mark.parametrize("backend", [NOP, "aotcache"], ids=["nop", "default"])
-def test_float_zero_argument_keeps_its_sign(name, backend):
+def test_float_zero_argument_keeps_its_sign(name, backend, request):
     """Before: ``-0.0`` after ``0.0`` reused the ``0.0`` graph (Dynamo's ``==`` guard): ``+0.0`` results."""
     call_with, fn = SETTINGS[name]()
     compiled = torch.compile(fn, backend=backend)
-    if name == "no tensor argument" and backend == "aotcache":
-        pytest.skip("Inductor folds torch.arange(4) * -0.0 to +0.0 itself (torch's inductor backend does too)")
+    if name == "no tensor argument" and backend == "aotcache":  # the default compiler: Inductor where C++ builds
+        request.applymarker(pytest.mark.xfail(strict=False, reason="Inductor folds torch.arange(4) * -0.0 to +0.0 "
+                                              "itself (torch's inductor backend does too); nop keeps the sign"))
     for value in (0.0, -0.0, 0.0, -0.0):
         assert _same(call_with(compiled)(value), call_with(fn)(value)), value
 
