@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -170,15 +171,23 @@ def _same_bits_guard(builder: Any, guard: Any) -> None:
             except TypeError:  # not a number: not the traced value
                 return False
     else:
-        expected = _bits_key(value)
-
-        def same_bits(current: Any) -> bool:
-            try:
-                return _bits_key(current) == expected
-            except Exception:  # noqa: BLE001 - an unhashable or odd value: not the traced one, compile again
-                return False
+        same_bits = _same_as_traced(_bits_key, value)
 
     _add_lambda_guard(builder, guard, same_bits, f"__aotcache_same_float_bits({guard.name}, {value!r})")
+
+
+def _same_as_traced(bits_of: Callable[[Any], Any], traced: Any) -> Callable[[Any], bool]:
+    """A guard check: whether a value's ``bits_of`` equals the traced value's; a value it cannot read (unhashable,
+    not a dict, odd) is not the traced one, so the frame compiles again."""
+    expected = bits_of(traced)
+
+    def same(current: Any) -> bool:
+        try:
+            return bits_of(current) == expected
+        except Exception:  # noqa: BLE001 - see the docstring
+            return False
+
+    return same
 
 
 def _same_key_bits_guard(builder: Any, guard: Any) -> None:
@@ -195,15 +204,7 @@ def _same_key_bits_guard(builder: Any, guard: Any) -> None:
     from torch._C._dynamo.guards import DictGuardManager
 
     if not isinstance(builder.get_guard_manager(guard), DictGuardManager):
-        expected = _keys_bits(value)
-
-        def same_key_bits(current: Any) -> bool:
-            try:
-                return _keys_bits(current) == expected
-            except Exception:  # noqa: BLE001 - not a dict as traced: not the traced value, compile again
-                return False
-
-        _add_lambda_guard(builder, guard, same_key_bits, f"__aotcache_same_key_bits({guard.name}, {list(value)!r})")
+        _add_lambda_guard(builder, guard, _same_as_traced(_keys_bits, value), f"__aotcache_same_key_bits({guard.name}, {list(value)!r})")
         return
     from torch._dynamo.source import ConstDictKeySource
 
