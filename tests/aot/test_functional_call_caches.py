@@ -433,7 +433,9 @@ def test_a_norm_hooks_setting_changed_after_compiling_gives_eagers_result(kind):
     guards (hooks by identity only); such a layer is refused and falls back, so a changed setting gives eager's
     result, never the old graph's."""
     model, reference = _normed(kind), _normed(kind)
-    setting, value = ("dim", 1) if kind == "weight_norm" else ("n_power_iterations", 5)
+    # (``dim=-1``: one norm over the whole weight. ``dim=1`` would not do: ``weight_g`` keeps its dim-0 shape and
+    # eager's fused kernel then reads past it, a different garbage result per process.)
+    setting, value = ("dim", -1) if kind == "weight_norm" else ("n_power_iterations", 5)
 
     def step_of(module):
         return lambda weights, x: functional_call(module, weights, (x,))
