@@ -594,7 +594,7 @@ def hold_constant_objects_as_attributes(joint_gm: fx.GraphModule) -> int:
     NOTE [Constant objects held as attributes]
     PyTorch's ``default_partition`` asserts that every ``call_function`` node of the forward is a tensor before it
     reads the recompute marks of NOTE [Constant objects in the joint graph], so the ``InvokeQuant`` options node
-    failed it (PyTorch's ``disable_functionalization`` OpInfo test of ``invoke_quant``; PyTorch's own
+    raised on it (PyTorch's ``disable_functionalization`` OpInfo test of ``invoke_quant``; PyTorch's own
     ``aot_function`` passes it because it does not set ``is_compiling`` and traces the body inline). A
     ``get_attr`` node is neither asserted on nor saved when marked recomputed: both partitions read the attribute.
     The object is built once here; it comes from constants alone, so it equals what each run would build.
