@@ -19,8 +19,8 @@ import torch
 from aotcache.aot.capture import capture
 from aotcache.aot.dynamic_dims import check_dynamic
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
-from aotcache.aot.partition import (align_saved_to_backward, is_own_partitioner, mark_constant_objects_for_recompute,
-                                    resolve_partition)
+from aotcache.aot.partition import (align_saved_to_backward, hold_constant_objects_as_attributes, is_own_partitioner,
+                                    mark_constant_objects_for_recompute, resolve_partition)
 from aotcache.aot.boxed_compilers import unboxed
 from aotcache.aot.double_backward import CUSTOM_BACKWARD_REFUSAL
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast
@@ -242,6 +242,7 @@ def _compile_captured_graph(captured: Any, options: AOTOptions) -> CompiledRunti
     partition = _resolve_partition(options.partition_fn)
     if not is_own_partitioner(partition):
         mark_constant_objects_for_recompute(captured.graph)  # NOTE [Constant objects in the joint graph]
+        hold_constant_objects_as_attributes(captured.graph)  # NOTE [Constant objects held as attributes]
     with stage("partition"), _tracing_context_of(captured):
         fw_gm, bw_gm = partition(captured.graph, captured.joint_inputs, num_fwd_outputs=captured.num_fwd_outputs)
         align_saved_to_backward(fw_gm, bw_gm, captured.num_fwd_outputs)  # NOTE [Foreign partitioners]

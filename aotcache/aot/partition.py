@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "PARTITIONER_NAMES",
     "resolve_partition",
     "align_saved_to_backward",
+    "hold_constant_objects_as_attributes",
 ]
 
 
@@ -574,7 +576,7 @@ def mark_constant_objects_for_recompute(joint_gm: fx.GraphModule) -> int:
     calls a class: building it again in the backward costs nothing and gives an equal object, so it is marked
     as checkpointing marks what must be recomputed, which PyTorch's min-cut partitioner honours; aotcache's own
     min-cut partitioner counts it as recomputable. PyTorch's ``default_partition`` reads no such mark and still
-    refuses the graph ("Expected invoke_quant to be a tensor"): a known gap (docs/aot.md, Limitations).
+    refuses the graph ("Expected invoke_quant to be a tensor"): see NOTE [Constant objects held as attributes].
     """
     from torch.utils.checkpoint import CheckpointPolicy
 
@@ -584,6 +586,36 @@ def mark_constant_objects_for_recompute(joint_gm: fx.GraphModule) -> int:
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             marked += 1
     return marked
+
+
+def hold_constant_objects_as_attributes(joint_gm: fx.GraphModule) -> int:
+    """Turn each node that builds a Python object from constants into a read of a module attribute holding it.
+
+    NOTE [Constant objects held as attributes]
+    PyTorch's ``default_partition`` asserts that every ``call_function`` node of the forward is a tensor before it
+    reads the recompute marks of NOTE [Constant objects in the joint graph], so the ``InvokeQuant`` options node
+    raised on it (PyTorch's ``disable_functionalization`` OpInfo test of ``invoke_quant``; PyTorch's own
+    ``aot_function`` passes it because it does not set ``is_compiling`` and traces the body inline). A
+    ``get_attr`` node is neither asserted on nor saved when marked recomputed: both partitions read the attribute.
+    The object is built once here; it comes from constants alone, so it equals what each run would build.
+    Only for foreign partitioners (aotcache's own recompute such nodes). Returns how many nodes were replaced.
+    """
+    replaced = 0
+    for node in list(joint_gm.graph.nodes):
+        if not is_constant_object(node):
+            continue
+        name = f"_aotcache_constant_object_{replaced}"
+        setattr(joint_gm, name, node.target(*node.args, **node.kwargs))
+        with joint_gm.graph.inserting_before(node), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")  # a plain attribute
+            attribute = joint_gm.graph.get_attr(name)
+        attribute.meta.update(node.meta)
+        node.replace_all_uses_with(attribute)
+        joint_gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        joint_gm.recompile()
+    return replaced
 
 
 def align_saved_to_backward(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int) -> None:

@@ -114,14 +114,11 @@ def quantized_region(x):
 
 
 @pytest.mark.parametrize("partition_fn", [
-    "torch_min_cut", None, "min_cut",
-    pytest.param("torch_default", marks=pytest.mark.xfail(
-        reason="PyTorch's default_partition saves every value the backward reads and takes tensors and SymInts "
-               "only (NOTE [Constant objects in the joint graph])", strict=True))])
+    "torch_min_cut", None, "min_cut", "torch_default"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_higher_order_op_options_object_partitions_like_eager(partition_fn, dynamic):
     # the InvokeQuant options object is a node the forward and the backward both read; PyTorch's min-cut
-    # partitioner could neither save nor recompute it
+    # partitioner could neither save nor recompute it, its default_partition asserted it was a tensor
     import functorch.compile as torch_compile
 
     partition = {"torch_min_cut": torch_compile.min_cut_rematerialization_partition,
@@ -147,6 +144,25 @@ def test_only_inputless_object_constructions_are_marked():
     assert mark_constant_objects_for_recompute(gm) == 1
     assert options.meta["recompute"] == CheckpointPolicy.MUST_RECOMPUTE
     assert "recompute" not in built_from_input.meta and "recompute" not in op.meta
+
+
+def test_constant_objects_become_attribute_reads_and_the_graph_still_runs():
+    # NOTE [Constant objects held as attributes]: PyTorch's default_partition asserts on a non-tensor call node
+    from torch._higher_order_ops import InvokeQuant
+
+    from aotcache.aot.partition import hold_constant_objects_as_attributes
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    options = graph.call_function(InvokeQuant, (), {"codegen_low_precision": False})
+    built_from_input = graph.call_function(torch.Size, (x,))  # reads an input: left alone
+    graph.output((options, built_from_input))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert hold_constant_objects_as_attributes(gm) == 1
+    assert [node.op for node in gm.graph.nodes].count("get_attr") == 1
+    assert built_from_input in gm.graph.nodes
+    held, size = gm([2, 3])
+    assert held == InvokeQuant(codegen_low_precision=False) and size == torch.Size([2, 3])
 
 
 # ----------------------------------------------------------------------------------------------------
