@@ -451,19 +451,72 @@ def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
     its guards: a hook registered after a frame was traced was never run (``aotcache.compile`` of a model with a
     graph break kept the results of the program without the hook). aotcache's routes call Dynamo with those
     guards on, so a hook added or removed re-traces the frame.
+
+    NOTE [Dynamo settings shared by threads]
+    torch 2.13 keeps a setting changed in code per thread (a context variable): each call sets its own thread's
+    and puts back what it found. torch 2.11 and older keep one value for the process: there calls of these routes
+    from several threads overlap, and each putting back what it found left them changed for good whenever two
+    calls ended in the order they began (the second had saved the first's values): every later
+    ``torch.compile`` of the process then guarded submodule hooks and drew numpy's random numbers itself. So
+    there the calls in flight are counted: the first sets the settings, the last puts back what the first found.
     """
-    import torch._dynamo.config as dynamo_config
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        previous = dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards
-        dynamo_config.use_numpy_random_stream = True
-        dynamo_config.skip_nnmodule_hook_guards = False
+        found = _enter_eager_dynamo_settings()
         try:
             return dynamo_fn(*args, **kwargs)
         finally:
-            dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards = previous
+            _leave_eager_dynamo_settings(found)
 
     return call
+
+
+_eager_dynamo_settings_lock = threading.Lock()
+_eager_dynamo_settings_calls = 0  # calls in flight in the process (settings kept per process only)
+_settings_before_eager_dynamo: tuple[bool, bool] | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamo_settings_are_per_thread() -> bool:
+    """Whether torch keeps a setting changed in code per thread (NOTE [Dynamo settings shared by threads])."""
+    import contextvars
+
+    import torch._dynamo.config as dynamo_config
+
+    entry = getattr(dynamo_config, "_config", {}).get("skip_nnmodule_hook_guards")
+    return isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+
+
+def _enter_eager_dynamo_settings() -> tuple[bool, bool]:
+    """Set the routes' Dynamo settings; returns what this thread saw (NOTE [Dynamo settings shared by threads])."""
+    global _eager_dynamo_settings_calls, _settings_before_eager_dynamo
+    import torch._dynamo.config as dynamo_config
+
+    with _eager_dynamo_settings_lock:
+        found = dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards
+        if _eager_dynamo_settings_calls == 0:
+            _settings_before_eager_dynamo = found
+        _eager_dynamo_settings_calls += 1
+        dynamo_config.use_numpy_random_stream = True
+        dynamo_config.skip_nnmodule_hook_guards = False
+    return found
+
+
+def _leave_eager_dynamo_settings(found: tuple[bool, bool]) -> None:
+    """Put back ``found`` (settings per thread), or, of the last call in flight, what the first found."""
+    global _eager_dynamo_settings_calls, _settings_before_eager_dynamo
+    import torch._dynamo.config as dynamo_config
+
+    with _eager_dynamo_settings_lock:
+        _eager_dynamo_settings_calls -= 1
+        if _dynamo_settings_are_per_thread():
+            put_back: tuple[bool, bool] | None = found
+        else:
+            put_back = _settings_before_eager_dynamo if _eager_dynamo_settings_calls == 0 else None
+        if _eager_dynamo_settings_calls == 0:
+            _settings_before_eager_dynamo = None
+        if put_back is not None:
+            dynamo_config.use_numpy_random_stream, dynamo_config.skip_nnmodule_hook_guards = put_back
 
 
 def _dynamo_usable() -> bool:

@@ -58,9 +58,12 @@ def test_a_specialized_compile_is_not_stored_for_the_general_graph(tmp_path):
 
 def test_the_general_entry_still_loads_in_a_later_process(tmp_path):
     cold = _run(tmp_path, "5", "8")
-    assert cold["ok"] == [True, True] and cold["compile"] == 1 and cold["saved"] == 1
+    assert cold["ok"] == [True, True] and cold["compile"] == 1 and cold["saved"] == 1, cold
     warm = _run(tmp_path, "5", "8", "16")
     assert warm["ok"] == [True, True, True]
-    assert warm["compile"] == 0 and warm["hit"] == 2, "the general entry serves the general and the specialized compile"
+    # (the key holds a digest of aotcache's sources: an edit of the checkout between the two processes, as in a
+    # worktree being worked on, misses here too; session 19's one failure, reproduced so)
+    assert warm["compile"] == 0 and warm["hit"] == 2, ("the general entry serves the general and the specialized "
+                                                       f"compile: {warm}")
 
 

@@ -192,11 +192,10 @@ def test_killed_lock_holder_does_not_block(cache):
     holder = _start_holder(cache.lock_dir, digest)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    started = time.monotonic()
     with config.patch(lock_timeout=120):
         stats = call(cache)
     assert stats["lock_timeout"] == 0 and stats["compile"] == 2 and stats["saved"] == 2
-    assert time.monotonic() - started < 60, "a dead holder's lock must not be waited for"
+    assert stats["lock_wait"] == 0, "a dead holder's lock must not be waited for"  # the kernel dropped its flock
 
 
 def test_live_lock_holder_times_out_then_compiles_anyway(cache):

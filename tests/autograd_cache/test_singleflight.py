@@ -14,10 +14,12 @@ import pytest
 from aotcache.autograd_cache.singleflight import SingleFlight
 from tests.conftest import REPO_ROOT
 
-# Each process waits for a common start time, then runs a cold aot_function whose compile takes a while
-# (a sleeping custom compiler), and writes its cache counters to a file.
+# Each process, once imported, says so and waits for the word to go (a file: no clock to guess how long four
+# imports take on a loaded machine), then runs a cold aot_function whose compile takes a while (a sleeping
+# custom compiler), and writes its cache counters to a file.
 COLD_START = """
 import json, sys, time
+from pathlib import Path
 import torch
 from aotcache.aot import aot_function
 from aotcache.autograd_cache.cache import default_cache
@@ -30,9 +32,10 @@ def slow_compiler(gm, example_inputs):
 def body(x, w):
     return (x @ w).relu().sum()
 
-start_at, out_path = float(sys.argv[1]), sys.argv[2]
+go, out_path = Path(sys.argv[1]), sys.argv[2]
 x, w = torch.ones(4, 3), torch.full((3, 2), 0.5, requires_grad=True)
-while time.time() < start_at:
+Path(out_path + ".ready").write_text("")
+while not go.exists():
     time.sleep(0.01)
 out = aot_function(body, slow_compiler)(x, w)
 out.backward()
@@ -42,10 +45,15 @@ json.dump({"out": out.item(), "grad": w.grad.sum().item(), **stats}, open(out_pa
 
 
 def test_four_cold_processes_compile_once(tmp_path):
-    start_at = time.time() + 12  # after every process has imported torch (about 1.5 s each, 2 cores shared)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", COLD_START, str(start_at), str(tmp_path / f"{i}.json")],
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", COLD_START, str(go), str(tmp_path / f"{i}.json")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"{i}.json.ready").exists() for i in range(4)):
+        assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), "a process never got ready"
+        time.sleep(0.05)
+    go.write_text("")  # every process has imported torch: they start together
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -59,8 +67,10 @@ def test_four_cold_processes_compile_once(tmp_path):
 def test_threads_take_turns(tmp_path):
     flight = SingleFlight(tmp_path / "locks")
     inside, overlaps, waited = [], [], []
+    start = threading.Barrier(4)
 
     def worker():
+        start.wait(60)  # all four try at once
         with flight.hold("k" * 64, 30) as ticket:
             waited.append(ticket.waited)
             if inside:
@@ -85,11 +95,11 @@ def test_timeout_lets_the_caller_go_ahead(tmp_path):
     def holder():
         with other.hold("name", 5):
             holding.set()
-            release.wait(10)
+            release.wait(300)  # set as soon as the other side timed out
 
     thread = threading.Thread(target=holder)
     thread.start()
-    holding.wait(10)
+    assert holding.wait(300)
     try:
         with flight.hold("name", 0.2) as ticket:
             assert ticket.timed_out and not ticket.held and ticket.waited
@@ -141,7 +151,8 @@ def test_redis_lock_across_machines_and_dead_holder_expires(redis_server):
 
 
 # A waiter on another "machine" (its own lock dir, one shared Redis): waits for the entry (a marker file here),
-# then "loads" it for 1 s outside every lock, and records when.
+# then "loads" it outside every lock until every other waiter is loading too (a file each; no clock), and records
+# how many it saw loading at once.
 PROBING_WAITER = """
 import json, sys, time
 from pathlib import Path
@@ -149,13 +160,23 @@ from aotcache.store.redis import RedisCache
 from aotcache.autograd_cache.singleflight import SingleFlight
 lock_dir, url, marker, out = sys.argv[1:5]
 flight = SingleFlight(lock_dir, RedisCache(url, prefix="aotcache:aot"))
+
+
+def probe():
+    Path(out + ".polling").touch()  # the lock was busy: this waiter probes for the entry from now on
+    return "entry" if Path(marker).exists() else None
+
+
 print("waiting", flush=True)
-with flight.hold("digest", 120, ready=lambda: "entry" if Path(marker).exists() else None) as ticket:
+with flight.hold("digest", 120, ready=probe) as ticket:
     pass
-start = time.time()
-time.sleep(1.0)
-json.dump({"found": ticket.found, "held": ticket.held, "waited": ticket.waited, "start": start,
-           "end": time.time()}, open(out, "w"))
+Path(out + ".loading").write_text("")
+loading = lambda: len(list(Path(out).parent.glob("*.json.loading")))
+deadline = time.monotonic() + 120
+while loading() < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+json.dump({"found": ticket.found, "held": ticket.held, "waited": ticket.waited, "together": loading()},
+          open(out, "w"))
 """
 
 
@@ -175,14 +196,17 @@ def test_waiters_load_at_once_not_one_at_a_time(tmp_path, redis_server):
                                   text=True) for i, lock_dir in enumerate(lock_dirs)]
         for proc in procs:
             assert proc.stdout.readline().strip() == "waiting"
-        time.sleep(1.0)  # every waiter is polling now
+        deadline = time.monotonic() + 300
+        while not all((tmp_path / f"{i}.json.polling").exists() for i in range(4)):  # every waiter is polling now
+            assert time.monotonic() < deadline and all(proc.poll() is None for proc in procs), "a waiter never polled"
+            time.sleep(0.05)
         marker.write_text("saved")  # the holder saves, then releases its locks
     for proc in procs:
         assert proc.wait(timeout=120) == 0
     results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(4)]
     assert all(r["found"] == "entry" and not r["held"] and r["waited"] for r in results), results
     # every load ran while every other one was running: none waited for another's load to finish
-    assert max(r["start"] for r in results) < min(r["end"] for r in results), results
+    assert all(r["together"] == 4 for r in results), results
 
 
 # A rank of a job on its own machine (own cache dir, one shared Redis): traces a function and compiles it with a
@@ -207,6 +231,8 @@ def body(x, w):
 
 x, w = torch.ones(4, 3), torch.full((3, 2), 0.25, requires_grad=True)
 print("ready", flush=True)
+while not os.path.exists(os.environ["RANK_GO"]):  # the survivors start together, however long imports took
+    time.sleep(0.01)
 out = aot_function(body, slow_compiler)(x, w)
 out.backward()
 json.dump({"out": out.item(), "grad": w.grad.sum().item(), "end": time.time(), **default_cache().stats()},
@@ -219,17 +245,19 @@ json.dump({"out": out.item(), "grad": w.grad.sum().item(), "end": time.time(), *
 def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once(tmp_path, store, request):
     """kill -9 of the compiling rank: one survivor compiles after the lease runs out (5 s), the others load.
 
-    The survivors' lock timeout (12 s) is shorter than their whole wait (the dead holder's 6+ s, its lease,
-    then the new holder's 8 s compile of forward and backward): it bounds the wait for one live holder
-    (NOTE [the timeout follows the holder]), so nobody gives up and compiles a second time.
+    The survivors' lock timeout (14 s) is shorter than their whole wait (the dead holder's 6 s, what is left of
+    its lease, 3.75 to 5 s, then the new holder's 6 s compile of forward and backward): it bounds the wait for one
+    live holder (NOTE [the timeout follows the holder]), so nobody gives up and compiles a second time. Each
+    holder is waited for 11 s at most (the dead one) or 6 s and the tracing (the new one): 3 s to spare at least.
     """
 
     redis_url = request.getfixturevalue(store).url  # one server, or a 3-node Redis Cluster
 
     def start(name: str, compile_s: float) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AOTCACHE_REDIS_URL": redis_url,
-               "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "12",
-               "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json")}
+               "AOTCACHE_CACHE_DIR": str(tmp_path / f"cache-{name}"), "AOTCACHE_LOCK_TIMEOUT": "14",
+               "RANK_COMPILE_S": str(compile_s), "RANK_OUT": str(tmp_path / f"{name}.json"),
+               "RANK_GO": str(tmp_path / ("go" if name != "holder" else ""))}
         return subprocess.Popen([sys.executable, "-c", RANK],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -241,9 +269,10 @@ def test_a_killed_holder_is_replaced_within_the_lease_and_survivors_compile_once
         while not (tmp_path / "holder.json.compiling").exists():
             assert time.monotonic() < deadline and holder.poll() is None
             time.sleep(0.1)
-        survivors = [start(f"s{i}", 4) for i in range(3)]
+        survivors = [start(f"s{i}", 3) for i in range(3)]
         for proc in survivors:
             assert proc.stdout.readline().strip() == "ready"
+        (tmp_path / "go").write_text("")
         time.sleep(6)  # longer than the lease: the live holder's heartbeat keeps it
         assert not any((tmp_path / f"s{i}.json.compiling").exists() for i in range(3)), "took a live lease"
         holder.kill()
