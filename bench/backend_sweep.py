@@ -18,7 +18,8 @@ unique graphs and graph breaks and aotcache's counters. Writes bench/results/bac
 Decoders also generate with ``cache_implementation="static"`` and compare every step's logits of the default
 greedy run. ``--with-compile`` adds ``aotcache.compile(model, compiler="nop")`` cold and warm (generate through
 the wrapper's own ``generate``). Where a way differs from eager, ``within_aot_eager`` says whether it is no
-farther from eager than ``aot_eager`` (or equal to it).
+farther from eager than ``aot_eager`` (or equal to it). ``MODELS`` names each row's head and inputs;
+``CONFIG_EXTRAS`` what its tiny config needs beyond bench/hf_tiny.py's (Cohere2's 4-token sliding window).
 """
 
 from __future__ import annotations
@@ -33,28 +34,48 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: a row of ``MODELS``: (head, input kind, generate?)
+CAUSAL_LM = ("ForCausalLM", "causal", True)
+MASKED_LM = ("ForMaskedLM", "mlm", False)
+SEQ2SEQ_LM = ("ForConditionalGeneration", "seq2seq", True)
+IMAGE_CLASSIFIER = ("ForImageClassification", "image", False)
+
+
+def _rows(row: tuple[str, str, bool], *archs: str) -> dict[str, tuple[str, str, bool]]:
+    """The same row for each of ``archs`` (most families share one of the rows above)."""
+    return dict.fromkeys(archs, row)
+
+
 #: arch -> (head, input kind, generate?)
 MODELS: dict[str, tuple[str, str, bool]] = {
-    "Llama": ("ForCausalLM", "causal", True), "GPT2": ("LMHeadModel", "causal", True),
-    "Mistral": ("ForCausalLM", "causal", True), "Qwen2": ("ForCausalLM", "causal", True),
-    "Phi3": ("ForCausalLM", "causal", True), "Gemma2": ("ForCausalLM", "causal", True),
-    "GPTNeoX": ("ForCausalLM", "causal", True), "OPT": ("ForCausalLM", "causal", True),
-    "Bloom": ("ForCausalLM", "causal", True), "Falcon": ("ForCausalLM", "causal", True),
-    "Bert": ("ForMaskedLM", "mlm", False), "DistilBert": ("ForMaskedLM", "mlm", False),
-    "DebertaV2": ("ForMaskedLM", "mlm", False), "T5": ("ForConditionalGeneration", "seq2seq", True),
-    "Bart": ("ForConditionalGeneration", "seq2seq", False), "ViT": ("ForImageClassification", "image", False),
-    "Swin": ("ForImageClassification", "image", False), "CLIP": ("Model", "clip", False),
-    "Whisper": ("ForConditionalGeneration", "whisper", False), "Wav2Vec2": ("ForCTC", "audio", False),
-    "Mamba": ("ForCausalLM", "causal", True),
+    **_rows(CAUSAL_LM, "Llama", "Mistral", "Qwen2", "Phi3", "Gemma2", "GPTNeoX", "OPT", "Bloom", "Falcon", "Mamba"),
+    "GPT2": ("LMHeadModel", "causal", True),
+    **_rows(MASKED_LM, "Bert", "DistilBert", "DebertaV2"),
+    "T5": SEQ2SEQ_LM, "Bart": ("ForConditionalGeneration", "seq2seq", False),
+    **_rows(IMAGE_CLASSIFIER, "ViT", "Swin"),
+    "CLIP": ("Model", "clip", False), "Whisper": ("ForConditionalGeneration", "whisper", False),
+    "Wav2Vec2": ("ForCTC", "audio", False),
     # session 19: the families the first pass left out
-    "Gemma": ("ForCausalLM", "causal", True), "Gemma3": ("ForCausalLM", "causal", True),
-    "Phi": ("ForCausalLM", "causal", True), "Qwen3": ("ForCausalLM", "causal", True),
-    "Qwen2Moe": ("ForCausalLM", "causal", True), "Mixtral": ("ForCausalLM", "causal", True),
-    "Qwen3Moe": ("ForCausalLM", "causal", True), "StableLm": ("ForCausalLM", "causal", True),
-    "Starcoder2": ("ForCausalLM", "causal", True), "MBart": ("ForConditionalGeneration", "seq2seq", True),
-    "DeiT": ("ForImageClassification", "image", False), "ConvNext": ("ForImageClassification", "image", False),
-    "Siglip": ("Model", "clip", False), "Roberta": ("ForMaskedLM", "mlm", False),
-    "Electra": ("ForMaskedLM", "mlm", False), "ModernBert": ("ForMaskedLM", "mlm", False),
+    **_rows(CAUSAL_LM, "Gemma", "Gemma3", "Phi", "Qwen3", "Qwen2Moe", "Mixtral", "Qwen3Moe", "StableLm",
+            "Starcoder2"),
+    "MBart": SEQ2SEQ_LM, **_rows(IMAGE_CLASSIFIER, "DeiT", "ConvNext"), "Siglip": ("Model", "clip", False),
+    **_rows(MASKED_LM, "Roberta", "Electra", "ModernBert"),
+    # session 20: families no earlier pass ran through either drop-in
+    **_rows(CAUSAL_LM, "Cohere2", "GraniteMoe", "Persimmon", "GPTBigCode", "Olmo2", "Granite", "Cohere"),
+    "Pegasus": SEQ2SEQ_LM, "ViTMAE": ("ForPreTraining", "mae", False),
+}
+#: What a row's tiny config needs beyond bench/hf_tiny.py's (set on the config after ``build``'s shrink).
+#: Cohere2: a window of 4 tokens, shorter than every sequence the sweep runs (8 and 12 in training, 5 + 6
+#: generated), with one sliding and one full layer, so the sliding-window mask and the hybrid cache's sliding
+#: layers do real work.
+CONFIG_EXTRAS: dict[str, dict] = {
+    "Whisper": dict(num_mel_bins=8, max_source_positions=16, max_target_positions=32, d_model=32),
+    "Swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=32, patch_size=4),
+    "Wav2Vec2": dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                     num_conv_pos_embedding_groups=4, vocab_size=32),
+    "Cohere2": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "ViTMAE": dict(decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+                   decoder_intermediate_size=37),
 }
 #: eager, torch's AOT Autograd, ``torch.compile(backend="aotcache")`` cold and warm, ``aotcache.compile`` cold and
 #: warm (each warm way a new process on its cold way's cache dir)
@@ -69,14 +90,7 @@ sys.path.insert(0, sys.argv[5])
 from bench.hf_tiny import build
 arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6] == "1"
 compiler = sys.argv[7]
-extra = {}
-if kind == "whisper":
-    extra = dict(num_mel_bins=8, max_source_positions=16, max_target_positions=32, d_model=32)
-if kind == "image" and arch == "Swin":
-    extra = dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=32, patch_size=4)
-if kind == "audio":
-    extra = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
-                 num_conv_pos_embedding_groups=4, vocab_size=32)
+extra = json.loads(sys.argv[9])
 if kind == "clip" and arch != "CLIP":
     model = build(arch, head)
 elif kind == "clip":
@@ -104,8 +118,10 @@ def inputs(step):
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     if kind == "seq2seq":
         return dict(input_ids=ri(b, t), attention_mask=torch.ones(b, t, dtype=torch.long), labels=ri(b, t // 2 + 1))
-    if kind == "image":
+    if kind in ("image", "mae"):
         b = 3 if step == 2 else 2
+        if kind == "mae":  # ViTMAE's pre-training loss: reconstruct the patches it masks (a torch.rand draw)
+            return dict(pixel_values=torch.randn(b, 3, 32, 32, generator=g))
         return dict(pixel_values=torch.randn(b, 3, 32, 32, generator=g), labels=torch.randint(0, 2, (b,), generator=g))
     if kind == "clip":
         ids = ri(b, t)
@@ -241,7 +257,8 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) ->
             path = os.path.join(tmp, f"{way}.pt")
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
-                                   str(REPO), "1" if gen else "0", compiler, path], env=env,
+                                   str(REPO), "1" if gen else "0", compiler, path,
+                                   json.dumps(CONFIG_EXTRAS.get(arch, {}))], env=env,
                                   capture_output=True, text=True, timeout=900)
             wall = time.perf_counter() - t0
             if proc.returncode or not os.path.exists(path):
