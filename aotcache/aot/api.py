@@ -51,7 +51,8 @@ from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
 from aotcache.aot.generator_args import GeneratorSlots
 from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
 from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
-from aotcache.aot.refusals import argument_containers, refuse_changed_argument_containers
+from aotcache.aot.refusals import (argument_containers, refuse_changed_argument_containers,
+                                    refuse_tensor_attribute_changes, tensor_attribute_state)
 from aotcache.aot.retrace import describe_new_signature
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.scalar_type_checks import ScalarTypeChecked
@@ -486,8 +487,11 @@ class AOTFunction:
             carry_tensor_attributes(flat, flat_args, self.num_state)  # NOTE [Python attributes of tensor arguments]
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             containers = argument_containers((call_args, call_kwargs))
+            attribute_state = tensor_attribute_state(flat)
             result = self.fn(*call_args, **call_kwargs)
             refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
+            refuse_tensor_attribute_changes(attribute_state, result)  # NOTE [Python attributes a function sets
+            # on tensors]
             if saved is not None:  # NOTE [Tensors stored in program state]
                 saved.refuse_trace_tensors()
             return result

@@ -25,6 +25,7 @@ from aotcache.aot.input_mutations import (
     check_mutated_inputs_do_not_alias,
     check_storage_kept,
     layout_of,
+    refuse_value_of_another_shape,
     replayable_metadata_mutation,
     same_layout,
     storage_of,
@@ -179,6 +180,8 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
                 continue
             check_storage_kept(index, positions[index], probe, storages[index])
             mutated = bool(torch._functionalize_has_data_mutation(probe.elem))
+            if mutated:
+                refuse_value_of_another_shape(index, positions[index], probe)  # NOTE [out= arguments an op resizes]
             requires_grad = fake_args[positions[index]].requires_grad
             new_layout = None
             if (not same_layout(layout, layout_of(probe))

@@ -12,7 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["layout_of", "same_layout", "replayable_metadata_mutation", "RejectInputResize", "refuse_kernel_resize",
-           "check_mutated_inputs_do_not_alias", "mutated_input_overlaps"]
+           "check_mutated_inputs_do_not_alias", "mutated_input_overlaps", "refuse_value_of_another_shape"]
 
 
 def layout_of(tensor: torch.Tensor) -> tuple:
@@ -102,6 +102,24 @@ def replayable_metadata_mutation(index: int, position: int, probe: torch.Tensor,
         raise _metadata_mutation_error(index, position, " to symbolic sizes (dynamic=True)")
     size, stride = list(probe.shape), list(probe.stride())
     return [[int(v) for v in size], [int(v) for v in stride], int(probe.storage_offset())]
+
+
+def refuse_value_of_another_shape(index: int, position: int, probe: torch.Tensor) -> None:
+    """Refuse an input whose new value has another shape than the input (NOTE [out= arguments an op resizes]).
+
+    NOTE [out= arguments an op resizes]
+    An op called with ``out=`` an input of another shape resizes it (``torch.cosh(x, out=y)`` with ``y`` of 4
+    elements and ``x`` of 2x3; ``torch.mv(a, b, out=torch.empty(0))``). Functionalization records that as a data
+    mutation whose new value has the op's shape, while the input keeps its old sizes and no metadata mutation is
+    recorded: the compiled call's epilogue then copied a 2x3 value into the 4-element tensor and raised ("The
+    size of tensor a (4) must match ...") where eager resizes it (PyTorch's test_misc
+    ``test_out_variants_with_resizing_on_graph_inputs*`` through ``aotcache.compile``, session 20). Such a capture
+    is refused; the fallback lets the op resize the caller's tensor.
+    """
+    value = torch._from_functional_tensor(probe.elem)
+    if tuple(value.shape) != tuple(probe.shape):
+        raise _metadata_mutation_error(index, position, " to another shape by an op writing into it (an out= "
+                                                        "argument of another shape, which the op resizes)")
 
 
 class RejectInputResize(torch.overrides.TorchFunctionMode):

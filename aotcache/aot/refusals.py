@@ -20,9 +20,10 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.cache_objects import is_cache_object
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.signature import python_attributes
 
 __all__ = ["argument_containers", "refuse_changed_argument_containers", "refuse_constants_requiring_grad",
-           "refuse_backward_state_inputs"]
+           "refuse_backward_state_inputs", "tensor_attribute_state", "refuse_tensor_attribute_changes"]
 
 
 # NOTE [Argument containers changed in place]
@@ -109,6 +110,70 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
                            "assignment, pop, ...): a graph cannot replay that at later calls. Return the new values "
                            "instead, or keep the container outside the compiled function.",
                            reason="unsupported_construct")
+
+
+# NOTE [Python attributes a function sets on tensors]
+# A graph holds tensor ops only: what a function does to a tensor's Python object is not in it. Assigning an
+# attribute to a tensor argument (``x.offloading_activation = flag``), its ``.grad`` (``x.grad = g``, or
+# ``x.grad.add_(g)`` on a grad it set), or an attribute to a tensor it returns (``y.foo = 42``, ``y.grad = x``)
+# changed only the capture's trace tensors: the compiled call returned eager's values while the caller's tensor
+# kept its old attributes and the returned one had none, at every call (PyTorch's test_misc
+# ``test_input_tensor_custom_attr_mutation`` and its neighbours through ``aotcache.compile``, session 20). So a
+# capture after which a tensor argument's attributes or ``.grad`` are other objects than before the call, or that
+# returns a tensor of its own with attributes or a ``.grad``, is refused; the fallback (Dynamo) replays such
+# assignments on the real tensors. Reading attributes is unaffected (NOTE [Python attributes of tensor arguments]
+# in signature.py); a returned argument is checked as an argument.
+
+
+def tensor_attribute_state(flat_args: Sequence[Any]) -> list[tuple[torch.Tensor, dict, Any]]:
+    """Each tensor argument with a copy of its Python attributes and its ``.grad``, taken before the call
+    (NOTE [Python attributes a function sets on tensors])."""
+    return [(arg, dict(python_attributes(arg)), _grad_of(arg)) for arg in flat_args if isinstance(arg, torch.Tensor)]
+
+
+def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, Any]], result: Any) -> None:
+    """Refuse a capture whose function assigned Python attributes or ``.grad`` to a tensor argument or to a tensor it
+    returns (:func:`tensor_attribute_state` taken before the call; NOTE [Python attributes a function sets on
+    tensors])."""
+    arguments = set()
+    for tensor, attributes, grad in before:
+        arguments.add(id(tensor))
+        now = python_attributes(tensor)
+        if _grad_of(tensor) is not grad or len(now) != len(attributes) or any(
+                attributes.get(name, _MISSING) is not value for name, value in now.items()):
+            raise CaptureError(
+                "aotcache: the function assigns a Python attribute or .grad to a tensor argument: a graph holds "
+                "tensor ops only, so the caller's tensor would keep its old attributes at every call. Set the "
+                "attribute outside the compiled function, or return the value instead.",
+                reason="unsupported_construct")
+    for out in pytree.tree_leaves(result):
+        if isinstance(out, torch.Tensor) and id(out) not in arguments and (_grad_of(out) is not None
+                                                                          or _user_attributes(out)):
+            raise CaptureError(
+                "aotcache: the function returns a tensor it gave a Python attribute or .grad: a graph's outputs are "
+                "new tensors at every call, without them. Set the attribute outside the compiled function.",
+                reason="unsupported_construct")
+
+
+_MISSING = object()
+# What the trace's own tensor classes keep in their ``__dict__`` (FunctionalTensor's ``elem``, FakeTensor's mode,
+# device and memos), not a program's attributes: a returned trace tensor has them and nothing else.
+_TRACE_TENSOR_FIELDS = frozenset({"elem", "constant", "dispatch_keys", "fake_mode", "pytype", "real_tensor"})
+
+
+def _user_attributes(tensor: torch.Tensor) -> list[str]:
+    """The names of the Python attributes a program gave ``tensor`` (the trace classes' own fields left out;
+    names with a leading underscore on a trace tensor are taken for the class's too)."""
+    names = list(python_attributes(tensor))
+    if type(tensor).__module__.startswith("torch._subclasses"):
+        names = [name for name in names if name not in _TRACE_TENSOR_FIELDS and not name.startswith("_")]
+    return names
+
+
+def _grad_of(tensor: torch.Tensor) -> Any:
+    """``tensor.grad`` of a leaf tensor; None for a non-leaf one (whose ``.grad`` autograd warns about reading,
+    and a program does not set)."""
+    return tensor._grad if tensor.is_leaf else None
 
 
 def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

@@ -130,12 +130,23 @@ def argument_signature(arg: Any, dynamic: bool | tuple[int, ...]) -> tuple:
 
 def python_attributes(tensor: torch.Tensor) -> dict:
     """The Python attributes a program may have put on ``tensor`` (its ``__dict__``), without torch.compile's own
-    bookkeeping (``_dynamo_static_input_type`` stamped on the parameters Dynamo saw, ``_dynamo_dynamic_indices``),
-    which a forward does not read: a fallback running through Dynamo must not make the next call another graph."""
+    bookkeeping (``_dynamo_static_input_type`` stamped on the parameters Dynamo saw; what ``mark_dynamic`` /
+    ``mark_static`` / ``mark_unbacked`` leave: ``_dynamo_dynamic_indices``, ``_specialize_on``,
+    ``_has_dynamo_dim_marking``), which a forward does not read: a fallback running through Dynamo must not make
+    the next call another graph, and a marked tensor is an ordinary argument (its ``_specialize_on`` dict made
+    ``aotcache.compile`` refuse it as "neither a tensor nor a hashable constant", found in session 20)."""
     attributes = tensor.__dict__
-    if attributes and any(name.startswith("_dynamo") for name in attributes):
-        return {name: value for name, value in attributes.items() if not name.startswith("_dynamo")}
+    if attributes and any(_is_compile_bookkeeping(name) for name in attributes):
+        return {name: value for name, value in attributes.items() if not _is_compile_bookkeeping(name)}
     return attributes
+
+
+_DIM_MARKING_ATTRIBUTES = frozenset({"_specialize_on", "_has_dynamo_dim_marking"})
+
+
+def _is_compile_bookkeeping(name: str) -> bool:
+    """Whether a tensor attribute named ``name`` is torch.compile's (Dynamo's stamps, the dimension marks)."""
+    return name.startswith("_dynamo") or name in _DIM_MARKING_ATTRIBUTES
 
 
 def tensor_attributes_signature(attributes: dict) -> tuple:

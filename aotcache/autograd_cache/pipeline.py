@@ -33,6 +33,7 @@ import torch
 
 from aotcache.aot.compile_step import AOTOptions, compile_captured, compile_function, keep_joint_for_double_backward
 from aotcache.aot.capture import capture
+from aotcache.aot.capture_analysis import is_graph_input
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.autograd_cache.cache import AOTAutogradCache, CompileResult
 from aotcache.autograd_cache.guards import (GuardExpressionError, dynamo_guards_expression, evaluate_guards,
@@ -266,8 +267,10 @@ def compile_graph_module_cached(cache: AOTAutogradCache, gm: torch.nn.Module, ex
         else:
             runtime.metadata.guards = None
     if getattr(runtime, "joint", False) is None and not runtime.metadata.is_inference:
-        runtime.joint_factory = functools.partial(_joint_captured_again, runtime, flat_fn, list(flat_example),
-                                                  options)  # NOTE [Double backward through the joint graph]
+        # NOTE [Double backward through the joint graph]; NOTE [A loaded region keeps no tensor of the call that
+        # loaded it]: the factory keeps the region's constants, never Dynamo's example tensors
+        constants = [None if is_graph_input(value) else value for value in flat_example]
+        runtime.joint_factory = functools.partial(_joint_captured_again, runtime, flat_fn, constants, options)
     return runtime
 
 
@@ -286,14 +289,29 @@ def _specialize_on_compile(gm: torch.nn.Module) -> Any:
     return meta.get("specialization") if isinstance(meta, dict) else None
 
 
-def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, flat_example: list, options: AOTOptions,
+def _joint_captured_again(runtime: CompiledRuntime, flat_fn: Callable, constants: list, options: AOTOptions,
                           graph_args: Sequence[Any] = ()) -> None:
-    """Capture a loaded Dynamo region again (on Dynamo's example inputs) to give ``runtime`` its joint graph, for
-    a double backward."""
-    del graph_args
+    """Capture a loaded Dynamo region again, on the differentiated call's graph inputs and the region's constants,
+    to give ``runtime`` its joint graph for a double backward.
+
+    NOTE [A loaded region keeps no tensor of the call that loaded it]
+    Dynamo hands the backend the first call's real tensors as example inputs (the user's input, the lifted
+    parameters and buffers). A runtime loaded from the cache has no joint graph, and its factory for one lives
+    as long as the runtime (Dynamo's cache entry); had it kept those tensors for the capture, every warm-loaded
+    training region would keep its first call's batch and, after the module was deleted, its weights alive
+    (``torch.compile``'s own backends and a cold compile keep neither). So the factory keeps the constants only,
+    and captures on the graph inputs of the call whose backward is differentiated (saved on its autograd context,
+    alive while that graph is), as ``aot_function``'s warm start does (``_joint_factory`` in ``aot/api.py``).
+    """
+    positions = list(runtime.metadata.graph_input_positions)
+    if len(graph_args) != len(positions):  # no inputs saved for this call: the double backward raises its error
+        return
+    flat = list(constants)
+    for position, value in zip(positions, graph_args):
+        flat[position] = value
     try:
         with torch.enable_grad():
-            captured = capture(flat_fn, flat_example, decompositions=options.decomposition_table(),
+            captured = capture(flat_fn, flat, decompositions=options.decomposition_table(),
                                dynamic=options.dynamic, trace_joint=True)
     except Exception as exc:  # noqa: BLE001 - no joint graph: the double backward raises its own error
         logger.debug("aotcache: no joint graph for a double backward of a loaded region (%s)", exc)

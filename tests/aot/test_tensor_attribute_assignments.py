@@ -1,0 +1,92 @@
+"""A function that assigns Python attributes or ``.grad`` to tensors is not captured whole (NOTE [Python attributes
+a function sets on tensors] in ``aot/refusals.py``): through ``aotcache.compile`` the caller's tensor lost the
+assignment and the returned tensor had no attribute (PyTorch's test_misc.py through ``aotcache.compile``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aotcache
+
+
+def _input_attribute(x, flag):
+    x.offloading_activation = flag
+    return x + 1
+
+
+def _output_attributes(x):
+    y = x + 10
+    y.grad = x
+    y.foo = 42
+    return y
+
+
+def _input_grad(x, y):
+    x.grad = torch.abs(y)
+    x.grad.add_(y)
+    return torch.abs(y)
+
+
+def _compiled(fn):
+    return aotcache.compile(fn, compiler="nop")
+
+
+def test_an_attribute_assigned_to_a_tensor_argument_reaches_the_callers_tensor():
+    compiled = _compiled(_input_attribute)
+    for flag in (True, False):
+        x = torch.ones(5)
+        torch.testing.assert_close(compiled(x, flag), torch.full((5,), 2.0))
+        assert x.offloading_activation is flag
+    assert compiled.route == "dynamo"
+
+
+def test_attributes_and_grad_assigned_to_a_returned_tensor_are_on_the_returned_tensor():
+    compiled = _compiled(_output_attributes)
+    for _ in range(2):
+        x = torch.ones(5)
+        out = compiled(x)
+        torch.testing.assert_close(out, x + 10)
+        assert out.foo == 42
+        torch.testing.assert_close(out.grad, x)
+
+
+def test_grad_assigned_to_a_tensor_argument_reaches_the_callers_tensor():
+    compiled = _compiled(_input_grad)
+    y = torch.arange(4.0).reshape(2, 2)
+    for _ in range(2):
+        x = torch.randn(2, 2)
+        torch.testing.assert_close(compiled(x, y), torch.abs(y))
+        torch.testing.assert_close(x.grad, torch.abs(y) + y)
+
+
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_reading_attributes_and_returning_plain_tensors_is_still_captured_whole(entry):
+    """The other direction: a function that reads a tensor argument's attribute, or returns an argument that
+    carries one, keeps the AOT capture (no refusal, no fallback)."""
+    def scaled(x):
+        return x * getattr(x, "scale", 1.0), x
+
+    x = torch.ones(3)
+    x.scale = 3.0
+    if entry == "compile":
+        compiled = _compiled(scaled)
+        out, same = compiled(x)
+        assert compiled.route == "aot"
+    else:
+        from aotcache.aot.fallback import fallback_counts
+
+        before = sum(fallback_counts().values())
+        out, same = aotcache.aot_function(scaled, "nop")(x)
+        assert sum(fallback_counts().values()) == before
+    torch.testing.assert_close(out, torch.full((3,), 3.0))
+    assert same.scale == 3.0
+
+
+def test_a_module_returning_new_tensors_is_still_captured_whole():
+    model = torch.nn.Linear(3, 3)
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(2, 3)
+    compiled(x).sum().backward()
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.route == "aot"
