@@ -125,22 +125,32 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
 # in signature.py); a returned argument is checked as an argument.
 
 
-def tensor_attribute_state(flat_args: Sequence[Any]) -> list[tuple[torch.Tensor, dict, Any]]:
-    """Each tensor argument with a copy of its Python attributes and its ``.grad``, taken before the call
-    (NOTE [Python attributes a function sets on tensors])."""
-    return [(arg, dict(python_attributes(arg)), _grad_of(arg)) for arg in flat_args if isinstance(arg, torch.Tensor)]
+def tensor_attribute_state(flat_args: Sequence[Any], originals: Sequence[Any]) -> list[tuple[torch.Tensor, dict,
+                                                                                                dict, Any]]:
+    """Each tensor argument with a copy of its Python attributes, those of the real tensor it stands for
+    (``originals``, position by position) and its ``.grad``, taken before the call (NOTE [Python attributes a
+    function sets on tensors])."""
+    state = []
+    for arg, original in zip(flat_args, originals):
+        if isinstance(arg, torch.Tensor):
+            carried = python_attributes(original) if isinstance(original, torch.Tensor) and original is not arg \
+                else {}
+            state.append((arg, dict(python_attributes(arg)), dict(carried), _grad_of(arg)))
+    return state
 
 
-def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, Any]], result: Any) -> None:
+def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, dict, Any]], result: Any) -> None:
     """Refuse a capture whose function assigned Python attributes or ``.grad`` to a tensor argument or to a tensor it
     returns (:func:`tensor_attribute_state` taken before the call; NOTE [Python attributes a function sets on
-    tensors])."""
+    tensors]). An attribute the capture itself gave a trace tensor from the real tensor it stands for (a
+    parameter's ``quant_scale``, ``nn.Buffer``'s ``persistent`` / ``_is_buffer``: NOTE [Python attributes of
+    parameters] in module.py) is not the function's doing."""
     arguments = set()
-    for tensor, attributes, grad in before:
+    for tensor, attributes, carried, grad in before:
         arguments.add(id(tensor))
         now = python_attributes(tensor)
-        if _grad_of(tensor) is not grad or len(now) != len(attributes) or any(
-                attributes.get(name, _MISSING) is not value for name, value in now.items()):
+        if _grad_of(tensor) is not grad or any(name not in now for name in attributes) or any(
+                attributes.get(name, carried.get(name, _MISSING)) is not value for name, value in now.items()):
             raise CaptureError(
                 "aotcache: the function assigns a Python attribute or .grad to a tensor argument: a graph holds "
                 "tensor ops only, so the caller's tensor would keep its old attributes at every call. Set the "

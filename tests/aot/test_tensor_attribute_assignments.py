@@ -90,3 +90,52 @@ def test_a_module_returning_new_tensors_is_still_captured_whole():
     compiled(x).sum().backward()
     torch.testing.assert_close(compiled(x), model(x))
     assert compiled.route == "aot"
+
+
+class _AttributedWeights(torch.nn.Module):
+    """A buffer registered as ``nn.Buffer`` (torch marks it ``persistent`` / ``_is_buffer``) and a parameter with
+    a library's attribute, read in forward: the capture gives its trace tensors those attributes itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.scale = torch.nn.Buffer(torch.full((3,), 2.0))
+        self.lin.weight.quant_scale = 0.5
+
+    def forward(self, x):
+        return self.lin(x) * self.scale * getattr(self.lin.weight, "quant_scale", 1.0)
+
+
+@pytest.mark.parametrize("entry", ("aot_module", "compile"))
+def test_a_module_whose_buffers_and_parameters_carry_attributes_is_still_captured_whole(entry):
+    """The attributes the capture copies onto its trace tensors from the module's own (NOTE [Python attributes of
+    parameters]) are not the function's assignments: such a module (any ``nn.Buffer``; transformers' rotary
+    ``inv_freq``) was refused and fell back."""
+    model, reference = _AttributedWeights(), _AttributedWeights()
+    reference.load_state_dict(model.state_dict())
+    if entry == "compile":
+        compiled = aotcache.compile(model, compiler="nop", cache=False, fullgraph=True)
+    else:
+        compiled = aotcache.aot_module(model, "nop", cache=False, on_capture_error="raise")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(compiled(x), reference(x))
+    assert not hasattr(x, "quant_scale")
+
+
+@pytest.mark.parametrize("entry", ("aot_module", "compile"))
+def test_a_forward_assigning_an_attribute_to_its_parameter_gives_eagers_parameter(entry):
+    """The other direction: a forward that sets an attribute on its own parameter changes the real parameter in
+    eager; the capture would set it on a trace tensor only, so it is refused and the fallback sets it."""
+    class Marks(torch.nn.Linear):
+        def forward(self, x):
+            self.weight.seen = True
+            return super().forward(x)
+
+    model = Marks(3, 3)
+    if entry == "compile":
+        compiled = aotcache.compile(model, compiler="nop", cache=False)
+    else:
+        compiled = aotcache.aot_module(model, "nop", cache=False)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, model.weight, model.bias))
+    assert getattr(model.weight, "seen", False) is True
