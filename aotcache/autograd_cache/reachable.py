@@ -21,6 +21,7 @@ import enum
 import functools
 import importlib.metadata
 import logging
+import os
 import re
 import threading
 import types
@@ -309,6 +310,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"pattern:{value.pattern!r}/{value.flags}"
         if isinstance(value, types.MappingProxyType):
             return "proxy" + self._container_token(dict(value))
+        if value is os.environ:
+            return self._environment_token()
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
@@ -356,6 +359,21 @@ class Reachable(CodeWalk, ObjectWalk):
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    # NOTE [The environment as a value]
+    # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
+    # environment reached as a value instead (``env = os.environ`` in a closure or a global, ``from os import
+    # environ as E``, an attribute holding it) was an opaque object: the lenient walk named it by its id, so no
+    # guard saw ``os.environ["X"] = ...`` and the graph traced with the old setting ran on (a stale result, found
+    # in session 20: ``"FLAG" in env``). It is written down by its whole contents and guarded by the entries of
+    # the dict behind it (every set or delete replaces one: a walk; an equal setting keeps its graph, another
+    # variable changed traces again, since the code may read any of them); across processes the whole environment cannot be pinned, so the fingerprint is untrusted and the full key decides.
+    def _environment_token(self) -> str:
+        self._note("process state: os.environ reached as a value")
+        backing = getattr(os.environ, "_data", None)
+        if self._guards is not None and isinstance(backing, dict):
+            self._guards.contents(backing)
+        return "environ:" + sha256_text(canonical_json(sorted(os.environ.items())))
 
     def type_ref(self, cls: type) -> str:
         """A token for a class seen as the type of a value (its constructor is not reachable through it)."""
