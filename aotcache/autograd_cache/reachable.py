@@ -69,6 +69,15 @@ _UNSET = object()  # the value of a context variable that was never set
 UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
 
 
+_MAX_GUARDED_ARRAY_BYTES = 1 << 16  # NOTE [numpy arrays by content]: compared at every call up to this size
+
+
+def _is_numpy_array(value: Any) -> bool:
+    """Whether ``value`` is a ``numpy.ndarray`` (by its type's name: numpy is not imported here)."""
+    cls = type(value)
+    return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
+
+
 def _custom_op_def_type() -> type | None:
     try:
         from torch._library.custom_ops import CustomOpDef
@@ -312,6 +321,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return "proxy" + self._container_token(dict(value))
         if value is os.environ:
             return self._environment_token()
+        if _is_numpy_array(value):
+            return self._numpy_array_token(value)
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
@@ -359,6 +370,21 @@ class Reachable(CodeWalk, ObjectWalk):
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    # NOTE [numpy arrays by content]
+    # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
+    # was an opaque object: named by its id in-process, so ``ANCHORS[0] = 7.0`` kept the graph traced with the
+    # old value (a stale result, found in session 20), and never trusted across processes. numpy keeps no version
+    # counter, so an array is written down by dtype, shape and content digest, and the guards compare its bytes
+    # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
+    # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
+    def _numpy_array_token(self, value: Any) -> str:
+        if type(value).__module__ != "numpy" or value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
+            raise Untrusted(f"opaque object: {type_name(type(value))}")
+        content = value.tobytes()
+        if self._guards is not None:
+            self._guards.array(value, content)
+        return f"ndarray:{value.dtype.str}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
 
     # NOTE [The environment as a value]
     # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
