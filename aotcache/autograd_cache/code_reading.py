@@ -139,7 +139,6 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
 # imports]); with a computed name the walk cannot know which module, and the program is untrusted.
 _LOOKUP_CALLS = frozenset({"import_module", "__import__"})
 _NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR", "LOAD_METHOD"})
-_CALLS = frozenset({"PRECALL", "CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_KW"})
 
 
 @functools.lru_cache(maxsize=4096)

@@ -27,8 +27,8 @@ from aotcache.autograd_cache.code_reading import (
     constant_token,
     global_names,
     import_for_digest,
-    modules_looked_up,
     imported_modules,
+    modules_looked_up,
     string_constants,
 )
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, sha256_text

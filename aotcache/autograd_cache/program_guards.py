@@ -316,7 +316,8 @@ class ProgramGuards:
     context_variables: list = dataclasses.field(default_factory=list)  # NOTE [Context variables in the guards]
     context_values: list = dataclasses.field(default_factory=list)
     namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
-    arrays: list = dataclasses.field(default_factory=list)  # (array, dtype, shape, bytes): NOTE [numpy arrays by content]
+    arrays: list = dataclasses.field(default_factory=list)  # (array, dtype, shape, bytes): NOTE [numpy arrays by
+    # content] in reachable.py
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""

@@ -379,7 +379,7 @@ class Reachable(CodeWalk, ObjectWalk):
     # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
     # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
     def _numpy_array_token(self, value: Any) -> str:
-        if type(value).__module__ != "numpy" or value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
+        if value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
             raise Untrusted(f"opaque object: {type_name(type(value))}")
         content = value.tobytes()
         if self._guards is not None:
@@ -393,7 +393,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # guard saw ``os.environ["X"] = ...`` and the graph traced with the old setting ran on (a stale result, found
     # in session 20: ``"FLAG" in env``). It is written down by its whole contents and guarded by the entries of
     # the dict behind it (every set or delete replaces one: a walk; an equal setting keeps its graph, another
-    # variable changed traces again, since the code may read any of them); across processes the whole environment cannot be pinned, so the fingerprint is untrusted and the full key decides.
+    # variable changed traces again, since the code may read any of them); across processes the whole environment
+    # cannot be pinned, so the fingerprint is untrusted and the full key decides.
     def _environment_token(self) -> str:
         self._note("process state: os.environ reached as a value")
         backing = getattr(os.environ, "_data", None)
