@@ -430,7 +430,10 @@ def _torch_compile(target: Callable, backend: Callable, options: AOTOptions) -> 
     from aotcache.aot.dynamo_compile import torch_compile
     from aotcache.aot.fallback import dynamo_as_eager
 
-    return dynamo_as_eager(torch_compile(target, backend=backend, dynamic=options.dynamic))
+    compiled = torch_compile(target, backend=backend, dynamic=options.dynamic)
+    if isinstance(compiled, nn.Module):  # NOTE [Global module hooks and the wrapper]: the OptimizedModule is ours
+        compiled = compiled.forward  # Dynamo's entry into target's own call, without another round of global hooks
+    return dynamo_as_eager(compiled)
 
 
 # NOTE [torch.compile's backend names]

@@ -1531,6 +1531,68 @@ def specialize_on(ctx: Ctx) -> None:
         ctx.rec(f"s{step}.out", run(x))
 
 
+_BATTERY_ENV = os.environ  # the environment as a value (NOTE [The environment as a value])
+
+
+class ProcessWideReads(MLP):
+    """An MLP whose forward reads a numpy array, the environment through an alias and a module looked up by
+    name (session 20)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import numpy as np
+
+        self.scales = np.array([1.0, 2.0])
+
+    def forward(self, x):
+        import importlib
+
+        shift = 0.5 if "AOTCACHE_BATTERY_SHIFT" in _BATTERY_ENV else 0.0
+        gain = importlib.import_module("aotcache_battery_settings").GAIN
+        return super().forward(x) * float(self.scales[0]) * gain + shift
+
+
+@scenario("aot")  # not "dynamo": torch.compile itself keeps its graph when a global hook is added (torch 2.13)
+def process_wide(ctx: Ctx) -> None:
+    """Process-wide state changed between training steps: a global module forward hook registered and removed,
+    a numpy array attribute changed in place, an environment variable read through an alias of ``os.environ``,
+    an attribute of a module the forward looks up with ``importlib.import_module`` (session 20: the hook ran
+    once more around the wrapper, the others were stale results)."""
+    import types
+
+    settings = types.ModuleType("aotcache_battery_settings")
+    settings.GAIN = 1.0
+    sys.modules[settings.__name__] = settings
+    os.environ.pop("AOTCACHE_BATTERY_SHIFT", None)
+    torch.manual_seed(0)
+    base = ProcessWideReads()
+    model = ctx.wrap(base)
+    opt = torch.optim.SGD(base.parameters(), lr=0.1)
+    handle = None
+    try:
+        for step in range(8):
+            if step == 1:
+                handle = torch.nn.modules.module.register_module_forward_hook(
+                    lambda module, inputs, output: output * 2 if isinstance(module, nn.Linear) else None)
+            elif step == 2:
+                handle.remove()
+                handle = None
+            elif step == 3:
+                base.scales[0] = 3.0
+            elif step == 4:
+                os.environ["AOTCACHE_BATTERY_SHIFT"] = "1"
+            elif step == 5:
+                settings.GAIN = 0.5
+            elif step == 6:
+                os.environ.pop("AOTCACHE_BATTERY_SHIFT")
+            train_step(ctx, model, opt, step, base=base)
+    finally:
+        if handle is not None:
+            handle.remove()
+        os.environ.pop("AOTCACHE_BATTERY_SHIFT", None)
+        sys.modules.pop(settings.__name__, None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------

@@ -247,6 +247,19 @@ class AOTModule(nn.Module):
         result = self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
         return self._bind(result) if type(result) is ReboundBuffers else result
 
+    # NOTE [Global module hooks and the wrapper]
+    # A global module hook (``register_module_forward_hook`` / ``_pre_hook``) runs at every module call. Eager
+    # runs it around the wrapped module and its submodules, and so does the captured graph (the capture traces
+    # them, and the program guards hold the hooks by identity). Run around the wrapper too, it ran once more:
+    # ``o * 3`` gave 9x the module's output where eager gives 3x. So the wrapper's call runs its forward alone
+    # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
+    # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or torch._C._get_tracing_state()):
+            return nn.Module._call_impl(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
+
     def _bind(self, result: ReboundBuffers) -> Any:
         """The forward's output, after binding the buffers the compiled call rebound (NOTE [Buffers and parameters
         rebound by forward])."""

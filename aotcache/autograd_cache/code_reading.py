@@ -20,7 +20,7 @@ from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
 __all__ = ["constant_token", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
-           "import_for_digest"]
+           "import_for_digest", "modules_looked_up"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -127,6 +127,65 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
             if instruction.opname not in ("CACHE", "EXTENDED_ARG"):
                 previous = instruction
     return sorted(set(found))
+
+
+# NOTE [Modules looked up by name]
+# A function can reach a module without an import statement: ``importlib.import_module("cfg")``,
+# ``__import__("cfg")``, ``sys.modules["cfg"]`` (or ``sys.modules[__name__]``, its own module). The walk saw only
+# ``importlib`` / ``sys``, library modules named by version, so what the code read of ``cfg`` (``cfg.K``) was in
+# neither the fingerprint nor the guards: ``cfg.K = 5`` kept the graph of ``K = 2`` in-process, and a process
+# with another ``cfg`` loaded the first one's graph through the same fingerprint (found in session 20). With a
+# constant name the module is read as a module imported in the function's body is (NOTE [Function-body
+# imports]); with a computed name the walk cannot know which module, and the program is untrusted.
+_LOOKUP_CALLS = frozenset({"import_module", "__import__"})
+_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR", "LOAD_METHOD"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _module_lookups(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
+    """The module names ``code`` (and code nested in it) looks up by a constant name (NOTE [Modules looked up by
+    name]); ``"__name__"`` stands for the function's own module. And whether some lookup has a computed name."""
+    found: set[str] = set()
+    computed = False
+    codes = [code]
+    while codes:
+        current = codes.pop()
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+        instructions = [i for i in dis.get_instructions(current) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+        for index, instruction in enumerate(instructions):
+            after = instructions[index + 1] if index + 1 < len(instructions) else None
+            later = instructions[index + 2] if index + 2 < len(instructions) else None
+            if instruction.opname in _NAME_LOADS and instruction.argval in _LOOKUP_CALLS:
+                if (after is not None and after.opname == "LOAD_CONST" and isinstance(after.argval, str)
+                        and not after.argval.startswith(".")):
+                    found.add(after.argval)
+                else:
+                    computed = True
+            elif (instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and instruction.argval == "modules"
+                  and index > 0 and instructions[index - 1].opname in _NAME_LOADS
+                  and instructions[index - 1].argval == "sys"):
+                if after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval == "get":
+                    after, later = later, instructions[index + 3] if index + 3 < len(instructions) else None
+                if after is not None and after.opname == "LOAD_CONST" and isinstance(after.argval, str):
+                    found.add(after.argval)
+                elif after is not None and after.opname in ("LOAD_GLOBAL", "LOAD_NAME") and after.argval == "__name__":
+                    found.add("__name__")
+                else:
+                    computed = True
+    return tuple(sorted(found)), computed
+
+
+def modules_looked_up(fn: types.FunctionType) -> tuple[list[str], bool]:
+    """The modules ``fn`` looks up by constant name (NOTE [Modules looked up by name]), and whether it also
+    looks one up by a computed name."""
+    code = fn.__code__
+    names = set(code.co_names)
+    if not (names & _LOOKUP_CALLS or "modules" in names
+            or any(isinstance(c, types.CodeType) for c in code.co_consts)):
+        return [], False
+    found, computed = _module_lookups(code)
+    own = fn.__globals__.get("__name__")
+    return sorted({own if name == "__name__" else name for name in found if name != "__name__" or own}), computed
 
 
 def import_for_digest(name: str) -> types.ModuleType | None:

@@ -28,6 +28,7 @@ from aotcache.autograd_cache.code_reading import (
     global_names,
     import_for_digest,
     imported_modules,
+    modules_looked_up,
     string_constants,
 )
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, sha256_text
@@ -87,6 +88,11 @@ class CodeWalk:
                 referenced.append(f"{name}={self._global_token(value, names)}")
         for module_name in imported_modules(fn):
             referenced.append(f"import {module_name}={self._imported_module_token(module_name, names)}")
+        looked_up, computed = modules_looked_up(fn)  # NOTE [Modules looked up by name] in code_reading.py
+        if computed:
+            self._note("module looked up by a computed name")
+        for module_name in looked_up:
+            referenced.append(f"lookup {module_name}={self._looked_up_module_token(module_name, names)}")
         # a module in a closure cell is read like a module global: through the attribute names the code uses
         cells = []
         for cell in fn.__closure__ or ():
@@ -150,6 +156,14 @@ class CodeWalk:
             if module is None:
                 return f"absent:{name}"
         return self._global_token(module, names)
+
+    def _looked_up_module_token(self, name: str, names: Sequence[str]) -> str:
+        """A module the code looks up by a constant name (NOTE [Modules looked up by name] in code_reading.py):
+        the module now in ``sys.modules`` under that name (guarded there: a module put in its place is another
+        program), read as a function-body import is."""
+        if self._guards is not None and name in sys.modules:
+            self._guards.slot(sys.modules, name, sys.modules[name])
+        return self._imported_module_token(name, names)
 
     def _global_token(self, value: Any, names: Sequence[str]) -> str:
         if isinstance(value, types.ModuleType):

@@ -128,6 +128,12 @@ _values = operator.methodcaller("values")
 _chain = itertools.chain.from_iterable
 _is = operator.is_
 _env_get = os.environ.get
+
+
+def _array_unchanged(entry: tuple) -> bool:
+    """Whether a numpy array has the dtype, shape and bytes the walk saw (NOTE [numpy arrays by content])."""
+    array, dtype, shape, content = entry
+    return array.dtype == dtype and array.shape == shape and array.tobytes() == content
 _version_of = operator.attrgetter("_version")
 _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")
@@ -182,6 +188,7 @@ class GuardRecorder:
         self._unloaded: dict[str, None] = {}
         self._context: dict[int, tuple[Any, Any]] = {}
         self._namespaces: dict[int, tuple] = {}
+        self._arrays: dict[int, tuple[Any, Any, tuple, bytes]] = {}
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
@@ -234,6 +241,11 @@ class GuardRecorder:
     def env(self, name: str, value: str | None) -> None:
         self._env.setdefault(name, value)
 
+    def array(self, array: Any, content: bytes) -> None:
+        """A numpy array read by the program: its dtype, shape and bytes (NOTE [numpy arrays by content] in
+        reachable.py)."""
+        self._arrays.setdefault(id(array), (array, array.dtype, array.shape, content))
+
     def tensor(self, tensor: Any) -> None:
         """A tensor constant: its version counter (bumped by every in-place change), data pointer and shape
         (NOTE [Tensor data swapped in place])."""
@@ -268,7 +280,7 @@ class GuardRecorder:
             owners=dict(self._owners), unloaded_modules=list(self._unloaded),
             context_variables=[v for v, _ in self._context.values()],
             context_values=[value for _, value in self._context.values()],
-            namespaces=list(self._namespaces.values()))
+            namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()))
 
 
 @dataclasses.dataclass(eq=False)
@@ -304,6 +316,8 @@ class ProgramGuards:
     context_variables: list = dataclasses.field(default_factory=list)  # NOTE [Context variables in the guards]
     context_values: list = dataclasses.field(default_factory=list)
     namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
+    arrays: list = dataclasses.field(default_factory=list)  # (array, dtype, shape, bytes): NOTE [numpy arrays by
+    # content] in reachable.py
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -392,6 +406,8 @@ class ProgramGuards:
                 return False
             if self.namespaces and not all(map(_namespace_unchanged, self.namespaces)):
                 return False
+            if self.arrays and not all(map(_array_unchanged, self.arrays)):
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
@@ -399,7 +415,7 @@ class ProgramGuards:
     def __len__(self) -> int:
         return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
                 + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions)
-                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces))
+                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces) + len(self.arrays))
 
 
 @dataclasses.dataclass(eq=False)

@@ -21,6 +21,7 @@ import enum
 import functools
 import importlib.metadata
 import logging
+import os
 import re
 import threading
 import types
@@ -66,6 +67,15 @@ _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 _LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
 _UNSET = object()  # the value of a context variable that was never set
 UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
+
+
+_MAX_GUARDED_ARRAY_BYTES = 1 << 16  # NOTE [numpy arrays by content]: compared at every call up to this size
+
+
+def _is_numpy_array(value: Any) -> bool:
+    """Whether ``value`` is a ``numpy.ndarray`` (by its type's name: numpy is not imported here)."""
+    cls = type(value)
+    return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
 
 
 def _custom_op_def_type() -> type | None:
@@ -309,6 +319,10 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"pattern:{value.pattern!r}/{value.flags}"
         if isinstance(value, types.MappingProxyType):
             return "proxy" + self._container_token(dict(value))
+        if value is os.environ:
+            return self._environment_token()
+        if _is_numpy_array(value):
+            return self._numpy_array_token(value)
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
@@ -356,6 +370,37 @@ class Reachable(CodeWalk, ObjectWalk):
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    # NOTE [numpy arrays by content]
+    # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
+    # was an opaque object: named by its id in-process, so ``ANCHORS[0] = 7.0`` kept the graph traced with the
+    # old value (a stale result, found in session 20), and never trusted across processes. numpy keeps no version
+    # counter, so an array is written down by dtype, shape and content digest, and the guards compare its bytes
+    # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
+    # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
+    def _numpy_array_token(self, value: Any) -> str:
+        if value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
+            raise Untrusted(f"opaque object: {type_name(type(value))}")
+        content = value.tobytes()
+        if self._guards is not None:
+            self._guards.array(value, content)
+        return f"ndarray:{value.dtype.str}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
+
+    # NOTE [The environment as a value]
+    # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
+    # environment reached as a value instead (``env = os.environ`` in a closure or a global, ``from os import
+    # environ as E``, an attribute holding it) was an opaque object: the lenient walk named it by its id, so no
+    # guard saw ``os.environ["X"] = ...`` and the graph traced with the old setting ran on (a stale result, found
+    # in session 20: ``"FLAG" in env``). It is written down by its whole contents and guarded by the entries of
+    # the dict behind it (every set or delete replaces one: a walk; an equal setting keeps its graph, another
+    # variable changed traces again, since the code may read any of them); across processes the whole environment
+    # cannot be pinned, so the fingerprint is untrusted and the full key decides.
+    def _environment_token(self) -> str:
+        self._note("process state: os.environ reached as a value")
+        backing = getattr(os.environ, "_data", None)
+        if self._guards is not None and isinstance(backing, dict):
+            self._guards.contents(backing)
+        return "environ:" + sha256_text(canonical_json(sorted(os.environ.items())))
 
     def type_ref(self, cls: type) -> str:
         """A token for a class seen as the type of a value (its constructor is not reachable through it)."""

@@ -96,7 +96,10 @@ class NopCompiledGraph:
         self.eager_random_draws = random_generators(gm)  # (the compiler contract, compilers/base.py)
 
     def __call__(self, *args: Any) -> Sequence[Any]:
-        return _as_flat_outputs(self._run(*args))
+        # NOTE [Compiled graphs run without module hooks] The graph is the compiled program, not a module of
+        # the user's: ``forward`` directly, so that a global module hook (``register_module_forward_hook``)
+        # runs on the user's modules only, as in eager, never on the graph's flat outputs.
+        return _as_flat_outputs(self._run.forward(*args))
 
     def run(self, args: Sequence[Any]) -> Sequence[Any]:
         """Call with the inputs as one sequence (the sequence is not modified)."""
