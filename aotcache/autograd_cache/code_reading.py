@@ -139,6 +139,9 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
 # with another ``cfg`` loaded the first one's graph through the same fingerprint (found in session 20). With a
 # constant name the module is read as a module imported in the function's body is (NOTE [Function-body
 # imports]); with a computed name the walk cannot know which module, and the program is untrusted.
+# The names are those of the function's globals and closure cells bound to ``sys``, ``sys.modules``,
+# ``importlib.import_module`` or ``__import__`` under any name (``import sys as _sys``, ``from sys import modules``,
+# ``from importlib import import_module as load``): under an alias the lookup was missed, a stale graph.
 _LOOKUP_CALLS = frozenset({"import_module", "__import__"})
 _NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR", "LOAD_METHOD"})
 _CALLS = frozenset({"PRECALL", "CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_KW"})

@@ -83,3 +83,24 @@ def test_global_hook_with_a_hook_on_the_wrapper_runs_once(global_hooks):
     reference.register_forward_hook(lambda module, inputs, output: output * 2)
     global_hooks(module_hooks.register_module_forward_hook(lambda module, inputs, output: output + 1))
     torch.testing.assert_close(compiled(X), reference(X))
+
+
+@pytest.mark.parametrize("with_parameters", [True, False], ids=["module", "function"])
+def test_backend_captures_dynamos_graph_without_running_global_hooks_on_it(with_parameters, global_hooks,
+                                                                          monkeypatch):
+    """Dynamo's graph holds the global hooks it traced; its capture ran them once more around the graph module
+    itself (an unconditional ``o * 3`` tripled the graph's output tuple: the capture failed and the graph ran
+    eagerly, found in session 20's review). Strict mode raises where the capture fails."""
+    import functools
+
+    from aotcache.backend import aotcache_backend
+
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")
+    global_hooks(module_hooks.register_module_forward_hook(lambda module, inputs, output: output * 3))
+    model = nn.Linear(4, 4)
+    target = model if with_parameters else (lambda x: torch.relu(x) * 2)
+    torch._dynamo.reset()
+    expected = torch.compile(target, backend="eager")(X)  # stock torch.compile: the hooks as Dynamo traced them
+    torch._dynamo.reset()
+    got = torch.compile(target, backend=functools.partial(aotcache_backend, compiler="nop"))(X)
+    torch.testing.assert_close(got, expected)
