@@ -260,9 +260,10 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
             return run_graph(traced, flat, keep_lines, regions)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
-        if not keep_lines and not regions:
-            return torch.func.functional_call(traced, {**params, **buffers}, tuple(flat[num_lifted:]), strict=False)
-        with torch.nn.utils.stateless._reparametrize_module(traced, {**params, **buffers}):
+        # functional_call's tie_weights, without its call of the module (NOTE [Dynamo's graph runs without global
+        # module hooks] in source_locations.py)
+        tie_weights = not keep_lines and not regions
+        with torch.nn.utils.stateless._reparametrize_module(traced, {**params, **buffers}, tie_weights=tie_weights):
             return run_graph(traced, flat[num_lifted:], keep_lines, regions)
 
     _specialize_unspecialized_floats(gm, kept)

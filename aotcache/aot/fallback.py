@@ -434,6 +434,31 @@ def _dynamo_entry(owner: Any) -> Callable:
     return dynamo_as_eager(torch_compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
 
 
+# NOTE [Global module hooks under Dynamo]
+# A frame Dynamo traced while no global module hook was registered calls its submodules' ``forward`` directly and
+# guards on no hook registry: a ``register_module_forward_hook`` made after the first call never ran on the Dynamo
+# way (``aotcache.compile`` of a model with a graph break gave the program without the hook, found in session 20;
+# stock torch.compile does the same). aotcache's routes to Dynamo promise eager's results, so before each call
+# they compare the registered global hooks (by their handles' ids) with those of the previous call, and where they
+# changed drop Dynamo's compiled frames (``reset_code_caches``: every frame traces again, its graphs hit the
+# aotcache cache). Global hooks rarely change; the comparison costs a few dict reads per call.
+_HOOK_REGISTRIES = vars(torch.nn.modules.module)  # the global hook dicts are read from torch's module at every call
+_global_hooks_seen: list[tuple | None] = [None]  # the registered global hooks at the last Dynamo-way call
+
+
+def _drop_frames_traced_under_other_global_hooks() -> None:
+    """NOTE [Global module hooks under Dynamo]: Dynamo's frames traced before the global module hooks changed."""
+    registries = _HOOK_REGISTRIES  # spelled out, not a loop: this runs at every call (~1 µs)
+    state = (tuple(registries["_global_forward_pre_hooks"]), tuple(registries["_global_forward_hooks"]),
+             tuple(registries["_global_backward_pre_hooks"]), tuple(registries["_global_backward_hooks"]))
+    if state == _global_hooks_seen[0]:
+        return
+    if _global_hooks_seen[0] is not None and not torch.compiler.is_compiling():
+        logger.debug("aotcache: the global module hooks changed; Dynamo's frames trace again")
+        torch._dynamo.reset_code_caches()
+    _global_hooks_seen[0] = state
+
+
 def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
     """``dynamo_fn`` (a ``torch.compile``-d callable) with the Dynamo settings under which it computes what
     eager does: numpy's own random numbers (NOTE [numpy random under Dynamo]) and guards on module hooks (NOTE
@@ -450,7 +475,8 @@ def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
     Dynamo's default ``skip_nnmodule_hook_guards=True`` leaves a submodule's forward hooks and pre-hooks out of
     its guards: a hook registered after a frame was traced was never run (``aotcache.compile`` of a model with a
     graph break kept the results of the program without the hook). aotcache's routes call Dynamo with those
-    guards on, so a hook added or removed re-traces the frame.
+    guards on, so a hook added or removed re-traces the frame. Global module hooks (``register_module_forward_hook``)
+    are in no guard of a frame traced without any: :func:`_drop_frames_traced_under_other_global_hooks`.
 
     NOTE [Dynamo settings shared by threads]
     torch 2.13 keeps a setting changed in code per thread (a context variable): each call sets its own thread's
@@ -462,6 +488,7 @@ def dynamo_as_eager(dynamo_fn: Callable) -> Callable:
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        _drop_frames_traced_under_other_global_hooks()
         found = _enter_eager_dynamo_settings()
         try:
             return dynamo_fn(*args, **kwargs)

@@ -67,7 +67,24 @@ def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = Fa
             return run_with_regions_in_line(gm, args)
     if keep and _capturing():
         return torch.fx.Interpreter(gm).run(*args)
+    if isinstance(gm, torch.fx.GraphModule) and not _own_hooks(gm):
+        # NOTE [Dynamo's graph runs without global module hooks]: ``forward``, not the call; a lazy graph module's
+        # first ``forward`` compiles its code and calls the module, so its code is compiled first
+        needs_recompile = getattr(gm, "_needs_recompile", None)
+        if needs_recompile is not None and needs_recompile():
+            gm.real_recompile()
+        return gm.forward(*args)
     return gm(*args)
+
+
+# NOTE [Dynamo's graph runs without global module hooks]
+# Dynamo traces the global module hooks (``register_module_forward_hook``) into its graph where the user's modules
+# are called. Called as a module, the graph module ran them once more around itself: an unconditional ``o * 3``
+# tripled the graph's output tuple, the capture failed and the graph ran eagerly (found in session 20's review).
+# Its ``forward`` runs the graph alone, as torch's own backends do (NOTE [Compiled graphs run without module hooks]
+# in compilers/nop.py).
+def _own_hooks(gm: nn.Module) -> bool:
+    return "forward" in gm.__dict__ or any(getattr(gm, name, None) for name in _CALL_HOOK_DICTS)
 
 
 @contextlib.contextmanager

@@ -7,11 +7,13 @@ modules a function can reach (NOTE [Reachable code]); reading bytecode is a conc
 
 from __future__ import annotations
 
+import builtins
 import dis
 import functools
 import importlib
 import importlib.util
 import re
+import sys
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -137,14 +139,23 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
 # with another ``cfg`` loaded the first one's graph through the same fingerprint (found in session 20). With a
 # constant name the module is read as a module imported in the function's body is (NOTE [Function-body
 # imports]); with a computed name the walk cannot know which module, and the program is untrusted.
+# The names are those of the function's globals and closure cells bound to ``sys``, ``sys.modules``,
+# ``importlib.import_module`` or ``__import__`` under any name (``import sys as _sys``, ``from sys import modules``,
+# ``from importlib import import_module as load``): under an alias the lookup was missed, a stale graph.
 _LOOKUP_CALLS = frozenset({"import_module", "__import__"})
 _NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_ATTR", "LOAD_METHOD"})
+_SYS_NAMES = frozenset({"sys"})
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 @functools.lru_cache(maxsize=4096)
-def _module_lookups(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
+def _module_lookups(code: types.CodeType, call_names: frozenset[str] = _LOOKUP_CALLS,
+                    sys_names: frozenset[str] = _SYS_NAMES,
+                    modules_names: frozenset[str] = _NO_NAMES) -> tuple[tuple[str, ...], bool]:
     """The module names ``code`` (and code nested in it) looks up by a constant name (NOTE [Modules looked up by
-    name]); ``"__name__"`` stands for the function's own module. And whether some lookup has a computed name."""
+    name]); ``"__name__"`` stands for the function's own module. And whether some lookup has a computed name.
+    ``call_names`` load a lookup function, ``sys_names`` the ``sys`` module, ``modules_names`` ``sys.modules``
+    itself (the function's aliases: ``import sys as _sys``, ``from sys import modules``, :func:`_lookup_aliases`)."""
     found: set[str] = set()
     computed = False
     codes = [code]
@@ -155,15 +166,19 @@ def _module_lookups(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
         for index, instruction in enumerate(instructions):
             after = instructions[index + 1] if index + 1 < len(instructions) else None
             later = instructions[index + 2] if index + 2 < len(instructions) else None
-            if instruction.opname in _NAME_LOADS and instruction.argval in _LOOKUP_CALLS:
+            if instruction.opname in _NAME_LOADS and instruction.argval in call_names:
                 if (after is not None and after.opname == "LOAD_CONST" and isinstance(after.argval, str)
                         and not after.argval.startswith(".")):
                     found.add(after.argval)
                 else:
                     computed = True
-            elif (instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and instruction.argval == "modules"
-                  and index > 0 and instructions[index - 1].opname in _NAME_LOADS
-                  and instructions[index - 1].argval == "sys"):
+                continue
+            through_sys = (instruction.opname in ("LOAD_ATTR", "LOAD_METHOD") and instruction.argval == "modules"
+                           and index > 0 and instructions[index - 1].opname in _NAME_LOADS
+                           and instructions[index - 1].argval in sys_names)
+            by_alias = (instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF")
+                        and instruction.argval in modules_names)
+            if through_sys or by_alias:
                 if after is not None and after.opname in ("LOAD_ATTR", "LOAD_METHOD") and after.argval == "get":
                     after, later = later, instructions[index + 3] if index + 3 < len(instructions) else None
                 if after is not None and after.opname == "LOAD_CONST" and isinstance(after.argval, str):
@@ -175,15 +190,34 @@ def _module_lookups(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
     return tuple(sorted(found)), computed
 
 
+def _lookup_aliases(fn: types.FunctionType) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The names ``fn`` reads (globals, closure cells) bound to a lookup function (``from importlib import
+    import_module as load``), to the ``sys`` module (``import sys as _sys``) or to ``sys.modules`` (``from sys
+    import modules``), added to the usual names (NOTE [Modules looked up by name])."""
+    calls, sys_names, modules_names = set(_LOOKUP_CALLS), set(_SYS_NAMES), set()
+    fn_globals = fn.__globals__
+    bound = [(name, fn_globals[name]) for name in global_names(fn.__code__) if name in fn_globals]
+    bound += [(name, cell_contents(cell)) for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())]
+    for name, value in bound:
+        if value is sys:
+            sys_names.add(name)
+        elif value is sys.modules:
+            modules_names.add(name)
+        elif value is importlib.import_module or value is builtins.__import__:
+            calls.add(name)
+    return frozenset(calls), frozenset(sys_names), frozenset(modules_names)
+
+
 def modules_looked_up(fn: types.FunctionType) -> tuple[list[str], bool]:
     """The modules ``fn`` looks up by constant name (NOTE [Modules looked up by name]), and whether it also
     looks one up by a computed name."""
     code = fn.__code__
-    names = set(code.co_names)
-    if not (names & _LOOKUP_CALLS or "modules" in names
+    calls, sys_names, modules_names = _lookup_aliases(fn)
+    names = set(code.co_names) | set(code.co_freevars)
+    if not (names & calls or names & modules_names or "modules" in names
             or any(isinstance(c, types.CodeType) for c in code.co_consts)):
         return [], False
-    found, computed = _module_lookups(code)
+    found, computed = _module_lookups(code, calls, sys_names, frozenset(modules_names))
     own = fn.__globals__.get("__name__")
     return sorted({own if name == "__name__" else name for name in found if name != "__name__" or own}), computed
 

@@ -384,7 +384,10 @@ class Reachable(CodeWalk, ObjectWalk):
         content = value.tobytes()
         if self._guards is not None:
             self._guards.array(value, content)
-        return f"ndarray:{value.dtype.str}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
+        # ``dtype.str`` names a structured dtype by its item size alone (``|V8``): its fields (names, types,
+        # offsets) are the descr, so two layouts of the same bytes get two tokens
+        dtype = value.dtype.str if value.dtype.fields is None else f"{value.dtype.str}{value.dtype.descr!r}"
+        return f"ndarray:{dtype}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
 
     # NOTE [The environment as a value]
     # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
