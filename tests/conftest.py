@@ -40,6 +40,16 @@ def torch_seeded():
         torch.manual_seed(0)
 
 
+@pytest.fixture
+def global_hooks():
+    """``global_hooks(handle)``: a global module hook's handle (``register_module_forward_hook``...) removed after
+    the test, also when it fails."""
+    handles = []
+    yield handles.append
+    for handle in handles:
+        handle.remove()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -36,14 +36,6 @@ def _triple_linear_outputs(module, inputs, output):
     return output * 3 if isinstance(module, nn.Linear) else None
 
 
-@pytest.fixture
-def global_hooks():
-    handles = []
-    yield handles.append
-    for handle in handles:
-        handle.remove()
-
-
 @pytest.mark.parametrize("register", [module_hooks.register_module_forward_hook,
                                       lambda hook: module_hooks.register_module_forward_hook(hook, always_call=True)],
                          ids=["forward", "always_call"])

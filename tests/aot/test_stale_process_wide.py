@@ -27,15 +27,6 @@ def _compiles(compiled) -> int:
     return compiled.compiled.num_compiles
 
 
-@pytest.fixture
-def global_hooks():
-    """Registers global module hooks for one test and removes them after it, also when it fails."""
-    handles = []
-    yield handles.append
-    for handle in handles:
-        handle.remove()
-
-
 @pytest.mark.parametrize("route", list(_ROUTES))
 @pytest.mark.parametrize("kind", ["forward", "forward_pre"])
 def test_global_forward_hook_registered_after_compiling_runs_once_as_in_eager(route, kind, global_hooks):
