@@ -122,13 +122,22 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
 # capture after which a tensor argument's attributes or ``.grad`` are other objects than before the call, or that
 # returns a tensor of its own with attributes or a ``.grad``, is refused; the fallback (Dynamo) replays such
 # assignments on the real tensors. Reading attributes is unaffected (NOTE [Python attributes of tensor arguments]
-# in signature.py); a returned argument is checked as an argument.
+# in signature.py); a returned argument is checked as an argument. ``x.retain_grad()`` on a non-leaf argument is
+# refused too (the caller's ``x.grad`` stayed None after backward; session 20's review). Not seen: ``x.grad = None``
+# on an argument that has a grad, since a trace tensor has no ``.grad`` to clear (an xfail in
+# tests/aot/test_tensor_attribute_assignments.py).
 
 
 def tensor_attribute_state(flat_args: Sequence[Any]) -> list[tuple[torch.Tensor, dict, Any]]:
     """Each tensor argument with a copy of its Python attributes and its ``.grad``, taken before the call
     (NOTE [Python attributes a function sets on tensors])."""
-    return [(arg, dict(python_attributes(arg)), _grad_of(arg)) for arg in flat_args if isinstance(arg, torch.Tensor)]
+    return [(arg, dict(python_attributes(arg)), (_grad_of(arg), _retains_grad(arg))) for arg in flat_args
+            if isinstance(arg, torch.Tensor)]
+
+
+def _retains_grad(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a non-leaf that retains its gradient (``retain_grad()``; a leaf always has one)."""
+    return not tensor.is_leaf and tensor.retains_grad
 
 
 def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, Any]], result: Any) -> None:
@@ -136,9 +145,14 @@ def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, Any]]
     returns (:func:`tensor_attribute_state` taken before the call; NOTE [Python attributes a function sets on
     tensors])."""
     arguments = set()
-    for tensor, attributes, grad in before:
+    for tensor, attributes, (grad, retains_grad) in before:
         arguments.add(id(tensor))
         now = python_attributes(tensor)
+        if _retains_grad(tensor) != retains_grad:  # x.retain_grad() on a non-leaf argument: eager fills its .grad
+            raise CaptureError(
+                "aotcache: the function makes a tensor argument retain its gradient (retain_grad()): the caller's "
+                "tensor would not get its .grad at backward. Call retain_grad() before the compiled call instead.",
+                reason="unsupported_construct")
         if _grad_of(tensor) is not grad or len(now) != len(attributes) or any(
                 attributes.get(name, _MISSING) is not value for name, value in now.items()):
             raise CaptureError(

@@ -90,3 +90,38 @@ def test_a_module_returning_new_tensors_is_still_captured_whole():
     compiled(x).sum().backward()
     torch.testing.assert_close(compiled(x), model(x))
     assert compiled.route == "aot"
+
+
+def _retain_argument_grad(x):
+    x.retain_grad()
+    return (x * 2).sum()
+
+
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_retain_grad_on_a_non_leaf_argument_fills_its_grad_as_in_eager(entry):
+    """``x.retain_grad()`` on a non-leaf tensor argument changed only the trace tensor: the caller's ``x.grad``
+    stayed None after backward and ``x.retains_grad`` False, silently. Such a capture is refused."""
+    compiled = _compiled(_retain_argument_grad) if entry == "compile" else aotcache.aot_function(
+        _retain_argument_grad, "nop")
+    for _ in range(2):
+        x = torch.randn(3, requires_grad=True) * 1
+        compiled(x).backward()
+        assert x.retains_grad
+        torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def _clear_argument_grad(x):
+    x.grad = None
+    return x * 2
+
+
+@pytest.mark.xfail(reason="a trace tensor has no .grad (the argument's is not carried onto it), so clearing a grad "
+                          "the argument has (x.grad = None) looks like no change: the caller's .grad stays", strict=True)
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_clearing_the_grad_of_a_tensor_argument_reaches_the_callers_tensor(entry):
+    compiled = _compiled(_clear_argument_grad) if entry == "compile" else aotcache.aot_function(
+        _clear_argument_grad, "nop")
+    x = torch.randn(3, requires_grad=True)
+    x.grad = torch.ones(3)
+    compiled(x)
+    assert x.grad is None
