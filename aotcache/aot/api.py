@@ -487,7 +487,7 @@ class AOTFunction:
             carry_tensor_attributes(flat, flat_args, self.num_state)  # NOTE [Python attributes of tensor arguments]
             call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
             containers = argument_containers((call_args, call_kwargs))
-            attribute_state = tensor_attribute_state(flat)
+            attribute_state = tensor_attribute_state(flat, flat_args)
             result = self.fn(*call_args, **call_kwargs)
             refuse_changed_argument_containers(containers)  # NOTE [Argument containers changed in place]
             refuse_tensor_attribute_changes(attribute_state, result)  # NOTE [Python attributes a function sets

@@ -128,11 +128,24 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
 # tests/aot/test_tensor_attribute_assignments.py).
 
 
-def tensor_attribute_state(flat_args: Sequence[Any]) -> list[tuple[torch.Tensor, dict, Any]]:
+def tensor_attribute_state(flat_args: Sequence[Any], originals: Sequence[Any] = ()) -> list[tuple[torch.Tensor, dict,
+                                                                                                   Any]]:
     """Each tensor argument with a copy of its Python attributes and its ``.grad``, taken before the call
-    (NOTE [Python attributes a function sets on tensors])."""
-    return [(arg, dict(python_attributes(arg)), (_grad_of(arg), _retains_grad(arg))) for arg in flat_args
-            if isinstance(arg, torch.Tensor)]
+    (NOTE [Python attributes a function sets on tensors]). ``originals``: the real arguments the trace tensors
+    stand for; their attributes count as there before the call, since the capture itself carries them onto the
+    trace tensors during it (a module's parameters and buffers, NOTE [Python attributes of parameters] in
+    module.py: transformers' ``_is_buffer`` on every buffer made each model look as if its forward set it)."""
+    state = []
+    for index, arg in enumerate(flat_args):
+        if not isinstance(arg, torch.Tensor):
+            continue
+        attributes = dict(python_attributes(arg))
+        original = originals[index] if index < len(originals) else None
+        if isinstance(original, torch.Tensor) and original is not arg and original.__dict__:
+            for name, value in python_attributes(original).items():
+                attributes.setdefault(name, value)
+        state.append((arg, attributes, (_grad_of(arg), _retains_grad(arg))))
+    return state
 
 
 def _retains_grad(tensor: torch.Tensor) -> bool:

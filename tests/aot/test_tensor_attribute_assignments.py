@@ -125,3 +125,65 @@ def test_clearing_the_grad_of_a_tensor_argument_reaches_the_callers_tensor(entry
     x.grad = torch.ones(3)
     compiled(x)
     assert x.grad is None
+
+
+class _Tagged(torch.nn.Module):
+    """Parameters and buffers carrying the attributes libraries set on them (transformers' ``_is_buffer`` and
+    ``_is_hf_initialized``, an optimizer recipe's ``_no_weight_decay``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.register_buffer("offset", torch.ones(3))
+        self.offset._is_buffer = True
+        self.lin.weight._no_weight_decay = True
+        self.lin.weight._is_hf_initialized = True
+
+    def forward(self, x):
+        return self.lin(x) + self.offset
+
+
+def test_a_module_whose_parameters_and_buffers_carry_attributes_is_still_captured_whole():
+    """The capture itself carries a module's tensor attributes onto its trace tensors during the call: taken for
+    the function's own assignments, every transformers model (``_is_buffer`` on its buffers) was refused."""
+    model = _Tagged()
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(2, 3)
+    compiled(x).sum().backward()
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.route == "aot"
+    assert model.offset._is_buffer and model.lin.weight._no_weight_decay
+
+
+def test_a_transformers_training_step_is_still_captured_whole():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertForSequenceClassification(config)
+    compiled = aotcache.compile(model, compiler="nop")
+    ids = torch.randint(0, 64, (2, 8))
+    compiled(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert compiled.route == "aot"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+class _TagsItsWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.lin.weight.seen = True
+        return self.lin(x)
+
+
+def test_an_attribute_a_forward_sets_on_its_parameter_reaches_the_parameter():
+    """The other direction: an assignment the forward makes to its own parameter is still refused (the real
+    parameter gets it through the fallback)."""
+    model = _TagsItsWeight()
+    compiled = aotcache.compile(model, compiler="nop")
+    compiled(torch.randn(2, 3))
+    assert model.lin.weight.seen is True
+    assert compiled.route == "dynamo"
