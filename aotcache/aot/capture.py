@@ -75,7 +75,7 @@ from aotcache.aot.symbolic_scalars import SymbolicScalarTensors
 from aotcache.aot.checkpoint_refusals import refuse_reentrant_checkpoint, refuse_reentrant_checkpoint_nodes
 from aotcache.aot.refusals import refuse_constants_requiring_grad
 from aotcache.aot.unsupported_ops import explain_data_dependent_ops
-from aotcache.aot.input_mutations import storage_of
+from aotcache.aot.input_mutations import refuse_value_of_another_shape, storage_of
 from aotcache.aot.metadata import RuntimeMetadata
 from aotcache.aot.object_outputs import object_output_leaves
 from aotcache.aot.source_locations import hand_on_source_locations
@@ -227,6 +227,8 @@ def _verify_analysis(analysis: Analysis, primals: list, flat_outs: list, *, func
         if (bool(torch._functionalize_has_data_mutation(primal.elem)) != info.mutates_data
                 or torch._functionalize_has_metadata_mutation(primal.elem)):
             raise _AnalysisMismatch(f"mutation of input {index}")
+        if info.mutates_data:  # the probes' sizes were equal; with symbols, guard that they stay so (NOTE [out=
+            refuse_value_of_another_shape(index, analysis.positions[index], primal)  # arguments an op resizes])
     for k, (out, info) in enumerate(zip(flat_outs, analysis.outputs)):
         if info.kind == "constant":
             if type(out) is not type(info.value) or out != info.value:  # a SymInt where the probes gave an int

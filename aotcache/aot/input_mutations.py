@@ -114,7 +114,9 @@ def refuse_value_of_another_shape(index: int, position: int, probe: torch.Tensor
     recorded: the compiled call's epilogue then copied a 2x3 value into the 4-element tensor and raised ("The
     size of tensor a (4) must match ...") where eager resizes it (PyTorch's test_misc
     ``test_out_variants_with_resizing_on_graph_inputs*`` through ``aotcache.compile``, session 20). Such a capture
-    is refused; the fallback lets the op resize the caller's tensor.
+    is refused; the fallback lets the op resize the caller's tensor. A symbolic trace checks it again on its own
+    sizes (``_verify_analysis`` in capture.py): the analysis ran on static probes, so the comparison there is what
+    makes "the value has the argument's sizes" a guard of a dynamic graph, which a call that resizes then misses.
     """
     value = torch._from_functional_tensor(probe.elem)
     if tuple(value.shape) != tuple(probe.shape):

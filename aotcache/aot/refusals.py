@@ -122,21 +122,29 @@ def refuse_changed_argument_containers(containers: list[tuple[Any, Any, tuple]])
 # capture after which a tensor argument's attributes or ``.grad`` are other objects than before the call, or that
 # returns a tensor of its own with attributes or a ``.grad``, is refused; the fallback (Dynamo) replays such
 # assignments on the real tensors. Reading attributes is unaffected (NOTE [Python attributes of tensor arguments]
-# in signature.py); a returned argument is checked as an argument.
+# in signature.py); a returned argument is checked as an argument. ``x.retain_grad()`` on a non-leaf argument is
+# refused too (the caller's ``x.grad`` stayed None after backward; session 20's review). Not seen: ``x.grad = None``
+# on an argument that has a grad, since a trace tensor has no ``.grad`` to clear (an xfail in
+# tests/aot/test_tensor_attribute_assignments.py).
 
 
 def tensor_attribute_state(flat_args: Sequence[Any], originals: Sequence[Any]) -> list[tuple[torch.Tensor, dict,
                                                                                                 dict, Any]]:
     """Each tensor argument with a copy of its Python attributes, those of the real tensor it stands for
-    (``originals``, position by position) and its ``.grad``, taken before the call (NOTE [Python attributes a
-    function sets on tensors])."""
+    (``originals``, position by position), its ``.grad`` and whether it retains its gradient, taken before the
+    call (NOTE [Python attributes a function sets on tensors])."""
     state = []
     for arg, original in zip(flat_args, originals):
         if isinstance(arg, torch.Tensor):
             carried = python_attributes(original) if isinstance(original, torch.Tensor) and original is not arg \
                 else {}
-            state.append((arg, dict(python_attributes(arg)), dict(carried), _grad_of(arg)))
+            state.append((arg, dict(python_attributes(arg)), dict(carried), (_grad_of(arg), _retains_grad(arg))))
     return state
+
+
+def _retains_grad(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a non-leaf that retains its gradient (``retain_grad()``; a leaf always has one)."""
+    return not tensor.is_leaf and tensor.retains_grad
 
 
 def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, dict, Any]], result: Any) -> None:
@@ -146,9 +154,14 @@ def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, dict,
     parameter's ``quant_scale``, ``nn.Buffer``'s ``persistent`` / ``_is_buffer``: NOTE [Python attributes of
     parameters] in module.py) is not the function's doing."""
     arguments = set()
-    for tensor, attributes, carried, grad in before:
+    for tensor, attributes, carried, (grad, retains_grad) in before:
         arguments.add(id(tensor))
         now = python_attributes(tensor)
+        if _retains_grad(tensor) != retains_grad:  # x.retain_grad() on a non-leaf argument: eager fills its .grad
+            raise CaptureError(
+                "aotcache: the function makes a tensor argument retain its gradient (retain_grad()): the caller's "
+                "tensor would not get its .grad at backward. Call retain_grad() before the compiled call instead.",
+                reason="unsupported_construct")
         if _grad_of(tensor) is not grad or any(name not in now for name in attributes) or any(
                 attributes.get(name, carried.get(name, _MISSING)) is not value for name, value in now.items()):
             raise CaptureError(

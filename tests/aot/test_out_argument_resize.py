@@ -55,3 +55,30 @@ def test_an_out_argument_of_the_right_shape_is_still_captured_whole():
     torch.testing.assert_close(compiled(x, out), torch.cosh(x) + 1)
     torch.testing.assert_close(out, torch.cosh(x))
     assert compiled.route == "aot"
+
+
+def _dynamic(fn, entry):
+    return (aotcache.compile(fn, compiler="nop", dynamic=True) if entry == "compile"
+            else aotcache.aot_function(fn, "nop", dynamic=True))
+
+
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_a_dynamic_graph_captured_with_an_out_argument_of_the_ops_shape_is_not_reused_when_it_would_resize(entry):
+    """The analysis ran on static probes whose sizes were equal, and the symbolic trace kept no guard that they
+    stay so: a call with an ``out=`` of another length reused the graph and raised where eager resizes. The
+    equality is now a guard (a miss, then the refusal), in this process and from the store in a new one."""
+    compiled = _dynamic(_cosh_into, entry)
+    x, out = torch.rand(3), torch.rand(3)
+    torch.testing.assert_close(compiled(x, out), torch.cosh(x) + 1)  # sizes equal: captured whole
+    for fn in (compiled, _dynamic(_cosh_into, entry)):  # this process; a fresh function on the stored graph
+        x, got_out, want_out = torch.rand(4), torch.rand(3), torch.rand(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation of resizing a non-empty out=
+            want = _cosh_into(x, want_out)
+            got = fn(x, got_out)
+        torch.testing.assert_close(got, want)
+        assert got_out.shape == (4,)
+        torch.testing.assert_close(got_out, want_out)
+    x, out = torch.rand(5), torch.rand(5)  # equal sizes again: still the captured graph
+    torch.testing.assert_close(compiled(x, out), torch.cosh(x) + 1)
+    torch.testing.assert_close(out, torch.cosh(x))

@@ -139,3 +139,80 @@ def test_a_forward_assigning_an_attribute_to_its_parameter_gives_eagers_paramete
     x = torch.randn(2, 3)
     torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, model.weight, model.bias))
     assert getattr(model.weight, "seen", False) is True
+
+
+def _retain_argument_grad(x):
+    x.retain_grad()
+    return (x * 2).sum()
+
+
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_retain_grad_on_a_non_leaf_argument_fills_its_grad_as_in_eager(entry):
+    """``x.retain_grad()`` on a non-leaf tensor argument changed only the trace tensor: the caller's ``x.grad``
+    stayed None after backward and ``x.retains_grad`` False, silently. Such a capture is refused."""
+    compiled = _compiled(_retain_argument_grad) if entry == "compile" else aotcache.aot_function(
+        _retain_argument_grad, "nop")
+    for _ in range(2):
+        x = torch.randn(3, requires_grad=True) * 1
+        compiled(x).backward()
+        assert x.retains_grad
+        torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
+def _clear_argument_grad(x):
+    x.grad = None
+    return x * 2
+
+
+@pytest.mark.xfail(reason="a trace tensor has no .grad (the argument's is not carried onto it), so clearing a grad "
+                          "the argument has (x.grad = None) looks like no change: the caller's .grad stays", strict=True)
+@pytest.mark.parametrize("entry", ("aot_function", "compile"))
+def test_clearing_the_grad_of_a_tensor_argument_reaches_the_callers_tensor(entry):
+    compiled = _compiled(_clear_argument_grad) if entry == "compile" else aotcache.aot_function(
+        _clear_argument_grad, "nop")
+    x = torch.randn(3, requires_grad=True)
+    x.grad = torch.ones(3)
+    compiled(x)
+    assert x.grad is None
+
+
+class _Tagged(torch.nn.Module):
+    """Parameters and buffers carrying the attributes libraries set on them (transformers' ``_is_buffer`` and
+    ``_is_hf_initialized``, an optimizer recipe's ``_no_weight_decay``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.register_buffer("offset", torch.ones(3))
+        self.offset._is_buffer = True
+        self.lin.weight._no_weight_decay = True
+        self.lin.weight._is_hf_initialized = True
+
+    def forward(self, x):
+        return self.lin(x) + self.offset
+
+
+def test_a_module_whose_parameters_and_buffers_carry_attributes_is_still_captured_whole():
+    """The capture itself carries a module's tensor attributes onto its trace tensors during the call: taken for
+    the function's own assignments, every transformers model (``_is_buffer`` on its buffers) was refused."""
+    model = _Tagged()
+    compiled = aotcache.compile(model, compiler="nop")
+    x = torch.randn(2, 3)
+    compiled(x).sum().backward()
+    torch.testing.assert_close(compiled(x), model(x))
+    assert compiled.route == "aot"
+    assert model.offset._is_buffer and model.lin.weight._no_weight_decay
+
+
+def test_a_transformers_training_step_is_still_captured_whole():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertForSequenceClassification(config)
+    compiled = aotcache.compile(model, compiler="nop")
+    ids = torch.randint(0, 64, (2, 8))
+    compiled(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert compiled.route == "aot"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
