@@ -243,6 +243,14 @@ def _cmp(a, b) -> float | None:
     raise TypeError(type(a))
 
 
+# NOTE [The sweep's hash seed]
+# transformers builds a static-cache generate's masks as a dict keyed by layer type, iterating
+# set(config.layer_types): with mixed layer types (Cohere2's sliding window here) the key order follows the
+# process's string hash, and the order is part of the call's signature and fingerprint. With Python's random
+# seed per process, one warm process in two re-traced those calls (docs/aot.md, Cohere2). The children share
+# one seed so that "warm: traces" measures the cache, not the draw; run with PYTHONHASHSEED set to choose another.
+
+
 def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) -> dict:
     import torch
 
@@ -252,6 +260,8 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) ->
         cache_dir = os.path.join(tmp, "cache")
         env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        # One string hash for every child (NOTE [The sweep's hash seed]), unless the caller chose one
+        env.setdefault("PYTHONHASHSEED", "0")
         results = {}
         for way in ways:
             path = os.path.join(tmp, f"{way}.pt")
