@@ -1,7 +1,8 @@
 """Random numbers drawn or seeded outside torch's traced ops while capturing: Python's and numpy's global
-generators, torch's global generator seeded or set back, and ``torch.Generator`` arguments seeded or set (NOTE [Host
-random numbers], NOTE [Generator states set back inside the function]); such a capture is refused with the
-generators put back, so the fallback draws what eager would."""
+generators, torch's global generator seeded or set back, any ``torch.Generator``'s state read or set by the
+function, and ``torch.Generator`` arguments seeded or set (NOTE [Host random numbers], NOTE [Generator states set
+back inside the function]); such a capture is refused with the generators put back, so the fallback draws what
+eager would."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 # ``torch.set_rng_state``, ``torch.seed``) is Python a graph cannot replay: the compiled calls after the first
 # went on from the generator's state where eager started again from the seed (other values, silently). So a
 # capture that left torch's global CPU generator in another state (or with another initial seed) is refused the
-# same way, with the generator put back. A seed that puts the generator exactly where it already was is not
-# seen; generators the function makes itself (``np.random.default_rng()``, ``torch.Generator()``) are not checked.
+# same way, with the generator put back (a seed that puts it exactly where it was is seen by the watch of NOTE
+# [Generator states set back inside the function]); generators the function makes itself (``np.random.default_rng()``) are not checked (a ``torch.Generator()``
+# it seeds or sets is: NOTE [Generator states set back inside the function]).
 # A ``torch.Generator`` passed as an argument is checked too (a capture draws nothing from it, so any change is
 # Python seeding or setting it: ``generator.manual_seed(0)`` in forward), and put back likewise.
 def _host_random_states() -> tuple:
@@ -183,12 +185,15 @@ def _watching_generator_states() -> Iterator[None]:
                 logger.debug("aotcache: torch.Generator's methods cannot be watched here; a function that sets a "
                              "generator back inside a capture is not seen")
         _WATCH["users"] += 1
-    previous = getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "checkpoint_replay", False)
+    previous = (getattr(_RNG_SET_IN, "watching", False), getattr(_RNG_SET_IN, "checkpoint_replay", False),
+                getattr(_RNG_SET_IN, "seen", None))
     _RNG_SET_IN.watching, _RNG_SET_IN.seen, _RNG_SET_IN.checkpoint_replay = True, None, False
     try:
         yield
-    finally:
-        _RNG_SET_IN.watching, _RNG_SET_IN.checkpoint_replay = previous
+    finally:  # a capture nested in another's body keeps what the outer one had seen, and adds its own
+        _RNG_SET_IN.watching, _RNG_SET_IN.checkpoint_replay = previous[:2]
+        if previous[0]:
+            _RNG_SET_IN.seen = previous[2] if previous[2] is not None else _RNG_SET_IN.seen
         with _WATCH_LOCK:
             _WATCH["users"] -= 1
             if _WATCH["users"] == 0 and _WATCH["originals"] is not None:
