@@ -562,8 +562,9 @@ def test_a_draw_whose_generator_state_is_set_back_inside_is_not_drawn_for_good(f
     for (out, state), (e_out, e_state) in zip(results[1], results[0]):
         assert torch.equal(out, e_out)
         assert torch.equal(state, e_state)
-    assert torch.set_rng_state is torch.random.set_rng_state  # torch's own function is back after the capture
-    assert torch.set_rng_state.__module__ == "torch.random"
+    assert torch.set_rng_state is torch.random.set_rng_state
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor"  # torch's own methods are back
+               for name in ("get_state", "set_state", "manual_seed", "seed", "initial_seed"))
 
 
 def _branch_on_sign(x, w):
@@ -605,10 +606,6 @@ def _noise_with_the_argument_generator_set_back(x, generator):
     return x + noise + torch.rand(x.shape, generator=generator)
 
 
-@pytest.mark.xfail(torch_traces_generators(), strict=True, reason="Generator.set_state is a C method the capture does not see, and it puts the "
-                   "generator back where it was, so the state comparison of NOTE [Host random numbers] sees no "
-                   "change: the graph draws both numbers for good (NOTE [Generator states set back inside the "
-                   "function]). A torch that cannot trace a generator (2.11) falls back: eager's draws, a pass")
 def test_a_draw_whose_argument_generator_is_set_back_inside_is_not_drawn_for_good():
     fn = _noise_with_the_argument_generator_set_back
     compiled = aotcache.aot_function(fn, "nop", cache=False)
@@ -661,3 +658,199 @@ def test_a_generator_argument_is_captured_or_its_fallback_names_the_torch(caplog
     else:
         assert new == {"partial:trace_failed": 1}
         assert f"torch {torch.__version__} cannot put a torch.Generator into a traced graph" in caplog.text
+
+
+# ---- NOTE [Generator states set back inside the function]: a generator's C methods ----------------------------
+
+def _default_state_set_back(x):
+    state = torch.default_generator.get_state()
+    noise = torch.rand(x.shape)
+    torch.default_generator.set_state(state)
+    return x + noise - torch.rand(x.shape)
+
+
+def _default_seeded(x):
+    torch.default_generator.manual_seed(7)
+    return x + torch.rand(x.shape)
+
+
+def _default_initial_seed_read(x):
+    return x + torch.default_generator.initial_seed() % 1000
+
+
+def _global_state_read(x):
+    return x + torch.get_rng_state()[:4].float()
+
+
+def _torch_manual_seed(x):
+    torch.manual_seed(5)
+    return x + torch.rand(x.shape)
+
+
+def _own_generator_seeded(x):
+    generator = torch.Generator()
+    generator.manual_seed(3)
+    return x + torch.rand(x.shape, generator=generator)
+
+
+def _own_generator_set_back(x):
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    noise = torch.rand(x.shape, generator=generator)
+    generator.set_state(state)
+    return x + noise - torch.rand(x.shape, generator=generator)
+
+
+def _argument_state_set_back(x, generator):
+    state = generator.get_state()
+    noise = torch.rand(x.shape, generator=generator)
+    generator.set_state(state)
+    return x + noise - torch.rand(x.shape, generator=generator)
+
+
+def _argument_seeded(x, generator):
+    generator.manual_seed(11)
+    return x + torch.rand(x.shape, generator=generator)
+
+
+def _argument_initial_seed_read(x, generator):
+    return x + generator.initial_seed() % 1000 + torch.rand(x.shape, generator=generator)
+
+
+def _forked(x):
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        noise = torch.rand(x.shape)
+    return x + noise + torch.rand(x.shape)
+
+
+_STATE_FUNCTIONS = [_default_state_set_back, _default_seeded, _default_initial_seed_read, _global_state_read,
+                    _torch_manual_seed, _own_generator_seeded, _own_generator_set_back, _argument_state_set_back,
+                    _argument_seeded, _argument_initial_seed_read, _forked]
+
+
+class _Calls(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _compiled_on(route, fn):
+    if route == "compile":
+        return aotcache.compile(fn, compiler="nop", cache=False)
+    if route == "aot_function":
+        return aotcache.aot_function(fn, "nop", cache=False)
+    return aotcache.aot_module(_Calls(fn), "nop", cache=False)
+
+
+def _calls_with_states(call, fn, seeds):
+    """Each call's output, the global generator's state and the argument generator's after it, under ``seeds``."""
+    takes_generator = fn.__code__.co_argcount == 2
+    steps = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # a reseed moves initial_seed as well
+        generator = torch.Generator().manual_seed(seed + 100)
+        args = (torch.zeros(4), generator) if takes_generator else (torch.zeros(4),)
+        out = call(*args)
+        steps.append((out, torch.get_rng_state(), generator.get_state()))
+    return steps
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_function", "aot_module"])
+@pytest.mark.parametrize("fn", _STATE_FUNCTIONS, ids=lambda fn: fn.__name__.strip("_"))
+def test_a_function_reading_or_setting_a_generator_state_gives_eagers_numbers(fn, route):
+    """Found running Dynamo's test_misc (test_torch_generator_set_state) through aotcache.compile: the capture
+    watched torch.set_rng_state only, so ``torch.default_generator.get_state()`` ... ``.set_state(state)`` (a
+    generator's C methods) slipped past and the graph drew both numbers for good; a state or seed read became a
+    constant. Such captures are refused and the fallback runs the Python (NOTE [Generator states set back inside
+    the function])."""
+    if fn.__code__.co_argcount == 2 and not torch_traces_generators():
+        pytest.skip("this torch cannot trace a generator argument (NOTE [Generators in a traced graph, torch 2.11])")
+    compiled = _compiled_on(route, fn)
+    seeds = [0, 1, 1, 2]
+    expected = _calls_with_states(fn, fn, seeds)
+    got = _calls_with_states(compiled, fn, seeds)
+    for step, ((out, state, gen_state), (e_out, e_state, e_gen_state)) in enumerate(zip(got, expected)):
+        assert torch.equal(out, e_out), step
+        assert torch.equal(state, e_state), step
+        assert torch.equal(gen_state, e_gen_state), step
+    if route == "compile":
+        assert compiled.route == "dynamo"
+
+
+def _reseeds_at_random(x):
+    torch.default_generator.seed()
+    return x + torch.rand(x.shape)
+
+
+def _reseeds_its_own_at_random(x):
+    generator = torch.Generator()
+    generator.seed()
+    return x + torch.rand(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_function", "aot_module"])
+@pytest.mark.parametrize("fn", _STATE_FUNCTIONS + [_reseeds_at_random, _reseeds_its_own_at_random],
+                         ids=lambda fn: fn.__name__.strip("_"))
+def test_a_function_reading_or_setting_a_generator_state_is_refused(fn, route, monkeypatch):
+    """``seed()`` draws a seed from the system (no two eager calls agree), so the refusal is what is checked."""
+    if route == "compile":
+        monkeypatch.setenv("AOTCACHE_STRICT", "1")
+        compiled = aotcache.compile(fn, compiler="nop", cache=False, fullgraph=True)
+    else:
+        monkeypatch.setenv("AOTCACHE_STRICT", "1")
+        compiled = _compiled_on(route, fn)
+    args = (torch.zeros(4), torch.Generator()) if fn.__code__.co_argcount == 2 else (torch.zeros(4),)
+    with pytest.raises(Exception, match="random generator's state|seeds or sets"):
+        compiled(*args)
+
+
+def test_the_generator_state_methods_watched_are_torchs():
+    """Every method the watch swaps exists on torch.Generator (a rename in torch would leave it unwatched), and
+    torch's own methods are back once the capture ends."""
+    from aotcache.aot.host_random import _STATE_METHODS
+
+    assert set(_STATE_METHODS) <= set(vars(torch._C.Generator))
+    aotcache.aot_function(_default_state_set_back, "nop", cache=False)(torch.zeros(4))
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor" for name in _STATE_METHODS)
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_function", "aot_module"])
+def test_a_function_that_only_draws_is_still_captured(route, monkeypatch):
+    """Dropout and ``torch.randn`` without a generator are traced ops, not state reads: still captured whole."""
+    monkeypatch.setenv("AOTCACHE_STRICT", "1")  # a refusal would raise
+
+    def draws(x):
+        return F.dropout(x, 0.5, training=True) + torch.randn(x.shape)
+
+    compiled = _compiled_on(route, draws)
+    x = torch.ones(8, 8)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        expected, e_state = draws(x), torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert torch.equal(compiled(x), expected)
+        assert torch.equal(torch.get_rng_state(), e_state)
+    if route == "compile":
+        assert compiled.route == "aot"
+
+
+def _draws_from_an_unseeded_generator_of_its_own(x):
+    return x + torch.rand(x.shape, generator=torch.Generator())
+
+
+@pytest.mark.xfail(torch_traces_generators(), strict=True,
+                   reason="a generator made inside the function and never seeded calls no state method: the graph "
+                          "keeps it and draws on from it, where eager starts each call at the default seed (NOTE "
+                          "[Generator states set back inside the function], not seen)")
+def test_an_unseeded_generator_made_inside_draws_as_eager():
+    fn = _draws_from_an_unseeded_generator_of_its_own
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    x = torch.zeros(4)
+    expected = fn(x)
+    for _ in range(2):
+        assert torch.equal(compiled(x), expected)
