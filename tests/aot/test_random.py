@@ -854,3 +854,29 @@ def test_an_unseeded_generator_made_inside_draws_as_eager():
     expected = fn(x)
     for _ in range(2):
         assert torch.equal(compiled(x), expected)
+
+
+def _raises_keyboard_interrupt(x):
+    torch.default_generator.get_state()
+    raise KeyboardInterrupt
+
+
+def _raises_value_error(x):
+    torch.default_generator.initial_seed()
+    raise ValueError("the function's own error")
+
+
+@pytest.mark.parametrize("fn, error", [(_raises_keyboard_interrupt, KeyboardInterrupt),
+                                       (_raises_value_error, ValueError)], ids=["keyboard_interrupt", "value_error"])
+def test_generator_methods_are_put_back_after_a_capture_that_raises(fn, error):
+    """A capture ended by the function's exception (a KeyboardInterrupt too, which no fallback catches) leaves
+    torch's own state methods on torch.Generator, and a nested refused capture leaves them after the outer one."""
+    from aotcache.aot.host_random import _STATE_METHODS
+
+    with pytest.raises(error):
+        aotcache.aot_function(fn, "nop", cache=False)(torch.zeros(4))
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor" for name in _STATE_METHODS)
+    inner = aotcache.aot_function(_default_state_set_back, "nop", cache=False)
+    outer = aotcache.aot_function(lambda x: inner(x) * 2, "nop", cache=False)
+    outer(torch.zeros(4))
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor" for name in _STATE_METHODS)
