@@ -793,9 +793,16 @@ def _reseeds_its_own_at_random(x):
     return x + torch.rand(x.shape, generator=generator)
 
 
+# Functions making or taking a torch.Generator: a torch that cannot trace one (2.11) fails the capture on the
+# generator first, so strict mode raises that, not the refusal (the fallback runs eager's numbers either way).
+_GENERATOR_FUNCTIONS = (_own_generator_seeded, _own_generator_set_back, _argument_state_set_back, _argument_seeded,
+                        _argument_initial_seed_read, _reseeds_its_own_at_random)
+
+
 @pytest.mark.parametrize("route", ["compile", "aot_function", "aot_module"])
-@pytest.mark.parametrize("fn", _STATE_FUNCTIONS + [_reseeds_at_random, _reseeds_its_own_at_random],
-                         ids=lambda fn: fn.__name__.strip("_"))
+@pytest.mark.parametrize("fn", [pytest.param(fn, id=fn.__name__.strip("_"), marks=[needs_generator_tracing]
+                                              if fn in _GENERATOR_FUNCTIONS else [])
+                                 for fn in _STATE_FUNCTIONS + [_reseeds_at_random, _reseeds_its_own_at_random]])
 def test_a_function_reading_or_setting_a_generator_state_is_refused(fn, route, monkeypatch):
     """``seed()`` draws a seed from the system (no two eager calls agree), so the refusal is what is checked."""
     if route == "compile":
@@ -854,3 +861,29 @@ def test_an_unseeded_generator_made_inside_draws_as_eager():
     expected = fn(x)
     for _ in range(2):
         assert torch.equal(compiled(x), expected)
+
+
+def _raises_keyboard_interrupt(x):
+    torch.default_generator.get_state()
+    raise KeyboardInterrupt
+
+
+def _raises_value_error(x):
+    torch.default_generator.initial_seed()
+    raise ValueError("the function's own error")
+
+
+@pytest.mark.parametrize("fn, error", [(_raises_keyboard_interrupt, KeyboardInterrupt),
+                                       (_raises_value_error, ValueError)], ids=["keyboard_interrupt", "value_error"])
+def test_generator_methods_are_put_back_after_a_capture_that_raises(fn, error):
+    """A capture ended by the function's exception (a KeyboardInterrupt too, which no fallback catches) leaves
+    torch's own state methods on torch.Generator, and a nested refused capture leaves them after the outer one."""
+    from aotcache.aot.host_random import _STATE_METHODS
+
+    with pytest.raises(error):
+        aotcache.aot_function(fn, "nop", cache=False)(torch.zeros(4))
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor" for name in _STATE_METHODS)
+    inner = aotcache.aot_function(_default_state_set_back, "nop", cache=False)
+    outer = aotcache.aot_function(lambda x: inner(x) * 2, "nop", cache=False)
+    outer(torch.zeros(4))
+    assert all(type(vars(torch._C.Generator)[name]).__name__ == "method_descriptor" for name in _STATE_METHODS)
