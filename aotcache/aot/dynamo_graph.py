@@ -238,6 +238,9 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)
+    # Dynamo compiles inside its TracingContext; a user's own call of aot_module_simplified has none
+    from_dynamo = torch._guards.TracingContext.try_get() is not None  # NOTE [Dynamo's graph runs without global
+    # module hooks]
 
     state = ModuleState(gm)  # NOTE [Hot path]
 
@@ -257,14 +260,14 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
 
     def flat_fn(*flat: Any) -> Any:
         if not num_lifted:
-            return run_graph(traced, flat, keep_lines, regions)
+            return run_graph(traced, flat, keep_lines, regions, dynamo_graph=from_dynamo)
         params = dict(zip(param_names, flat[:len(param_names)]))
         buffers = dict(zip(buffer_names, flat[len(param_names):num_lifted]))
         # functional_call's tie_weights, without its call of the module (NOTE [Dynamo's graph runs without global
         # module hooks] in source_locations.py)
         tie_weights = not keep_lines and not regions
         with torch.nn.utils.stateless._reparametrize_module(traced, {**params, **buffers}, tie_weights=tie_weights):
-            return run_graph(traced, flat[num_lifted:], keep_lines, regions)
+            return run_graph(traced, flat[num_lifted:], keep_lines, regions, dynamo_graph=from_dynamo)
 
     _specialize_unspecialized_floats(gm, kept)
     if kept is not None:

@@ -190,6 +190,12 @@ def _user_attributes(tensor: torch.Tensor) -> list[str]:
     names = list(python_attributes(tensor))
     if type(tensor).__module__.startswith("torch._subclasses"):
         names = [name for name in names if name not in _TRACE_TENSOR_FIELDS and not name.startswith("_")]
+    elif names and hasattr(tensor, "__tensor_flatten__"):  # a traceable subclass keeps its inner tensors there
+        try:
+            inner = set(tensor.__tensor_flatten__()[0])
+        except Exception:  # (the subclass's own check reports it)
+            inner = set()
+        names = [name for name in names if name not in inner]
     return names
 
 

@@ -53,11 +53,13 @@ def _capturing() -> bool:
     return fx_traceback.has_preserved_node_meta()
 
 
-def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = False) -> Any:
+def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = False, *,
+              dynamo_graph: bool = False) -> Any:
     """``gm(*args)``; node by node while ``keep`` (:func:`keeps_source_locations`) and a capture preserves node
     metadata, so each node's ``stack_trace`` is current while its ops are traced. ``regions``: ``gm`` has
     activation-checkpointed regions, traced in line while this thread captures (NOTE [Checkpointed regions
-    traced in line] in checkpoint_regions.py)."""
+    traced in line] in checkpoint_regions.py). ``dynamo_graph``: ``gm`` is Dynamo's, which holds the global module
+    hooks already (NOTE [Dynamo's graph runs without global module hooks])."""
     if regions:
         from aotcache.aot.capture_threads import capturing_in_this_thread
 
@@ -67,7 +69,7 @@ def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = Fa
             return run_with_regions_in_line(gm, args)
     if keep and _capturing():
         return torch.fx.Interpreter(gm).run(*args)
-    if isinstance(gm, torch.fx.GraphModule) and not _own_hooks(gm):
+    if dynamo_graph and isinstance(gm, torch.fx.GraphModule) and not _own_hooks(gm):
         # NOTE [Dynamo's graph runs without global module hooks]: ``forward``, not the call; a lazy graph module's
         # first ``forward`` compiles its code and calls the module, so its code is compiled first
         needs_recompile = getattr(gm, "_needs_recompile", None)
@@ -82,7 +84,8 @@ def run_graph(gm: nn.Module, args: Sequence[Any], keep: bool, regions: bool = Fa
 # are called. Called as a module, the graph module ran them once more around itself: an unconditional ``o * 3``
 # tripled the graph's output tuple, the capture failed and the graph ran eagerly (found in session 20's review).
 # Its ``forward`` runs the graph alone, as torch's own backends do (NOTE [Compiled graphs run without module hooks]
-# in compilers/nop.py).
+# in compilers/nop.py). A graph module a user hands ``aot_module_simplified`` outside Dynamo is called as a module:
+# eager's ``gm(x)`` runs the global hooks around it.
 def _own_hooks(gm: nn.Module) -> bool:
     return "forward" in gm.__dict__ or any(getattr(gm, name, None) for name in _CALL_HOOK_DICTS)
 

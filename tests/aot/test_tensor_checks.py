@@ -353,7 +353,7 @@ def test_a_tensor_check_under_torch_compile_with_the_aotcache_backend():
     _xfail_where_dynamo_alone_cannot(fn, torch.rand(3) + 0.1)
     compiled = torch.compile(fn, backend="aotcache", fullgraph=True)
     x = torch.rand(3) + 0.1
-    assert torch.equal(compiled(x), x.log())
+    torch.testing.assert_close(compiled(x), x.log())  # (Inductor's log may differ from ATen's in the last bit)
     with pytest.raises(RuntimeError):
         compiled(-x)
     torch._dynamo.reset()
