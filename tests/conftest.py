@@ -16,14 +16,25 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# NOTE [Redis timeouts under load]
+# aotcache's Redis commands time out after 0.25 s by default (config ``redis_timeout``), a fault that reads as a
+# miss. On a loaded 2-core machine a live redis-server (or the test's own process) is descheduled for longer than
+# that: a server stopped for 0.6 s made a default client's GET fail while a 5 s client got the value. Every test,
+# and every process it starts (they inherit the environment), therefore talks to Redis with a 5 s timeout; a test
+# about timeouts passes its own ``timeout`` (a black-hole server, a stopped one) and a dead server refuses at once.
+TEST_REDIS_TIMEOUT_S = "5"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache_dir(tmp_path, monkeypatch):
-    """Every test gets its own cache dir and a clean AOTCACHE_* environment."""
+    """Every test gets its own cache dir and a clean AOTCACHE_* environment (but for a load-proof Redis timeout,
+    NOTE [Redis timeouts under load])."""
     for var in list(os.environ):
         if var.startswith("AOTCACHE_"):
             monkeypatch.delenv(var)
     cache_dir = tmp_path / "aotcache"
     monkeypatch.setenv("AOTCACHE_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("AOTCACHE_REDIS_TIMEOUT", TEST_REDIS_TIMEOUT_S)
     return cache_dir
 
 
