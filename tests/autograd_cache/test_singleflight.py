@@ -15,29 +15,49 @@ from aotcache.autograd_cache.singleflight import SingleFlight
 from tests.conftest import REPO_ROOT
 
 # Each process, once imported, says so and waits for the word to go (a file: no clock to guess how long four
-# imports take on a loaded machine), then runs a cold aot_function whose compile takes a while (a sleeping
-# custom compiler), and writes its cache counters to a file.
+# imports take on a loaded machine), then runs a cold aot_function, and writes its cache counters to a file.
+# NOTE [The holder compiles once everyone waits] Whichever process takes the lock compiles with a compiler that
+# returns only once the three others are waiting on that lock (each touches a file the first time it probes for
+# the holder's entry). It slept 1.5 s instead: on a loaded machine a process could still be tracing when the
+# holder had saved, found the entry on its first lookup, never waited, and the overlap check failed.
 COLD_START = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import torch
 from aotcache.aot import aot_function
+from aotcache.autograd_cache import singleflight
 from aotcache.autograd_cache.cache import default_cache
 from aotcache.compilers.nop import nop_compiler
 
-def slow_compiler(gm, example_inputs):
-    time.sleep(1.5)
+go, out_path = Path(sys.argv[1]), sys.argv[2]
+plain_hold = singleflight.SingleFlight.hold
+
+
+def hold_marking_the_wait(self, name, timeout, *, ready=None, **kwargs):
+    def probe():  # called only while another process holds the lock
+        Path(out_path + ".waiting").touch()
+        return ready()
+    return plain_hold(self, name, timeout, ready=probe if ready is not None else None, **kwargs)
+
+
+singleflight.SingleFlight.hold = hold_marking_the_wait
+
+
+def compiler_waiting_for_the_others(gm, example_inputs):
+    run_dir = Path(os.environ["COLD_START_DIR"])  # env, not a global: one compiler identity for the four
+    deadline = time.monotonic() + 300
+    while len(list(run_dir.glob("*.json.waiting"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     return nop_compiler(gm, example_inputs)
 
 def body(x, w):
     return (x @ w).relu().sum()
 
-go, out_path = Path(sys.argv[1]), sys.argv[2]
 x, w = torch.ones(4, 3), torch.full((3, 2), 0.5, requires_grad=True)
 Path(out_path + ".ready").write_text("")
 while not go.exists():
     time.sleep(0.01)
-out = aot_function(body, slow_compiler)(x, w)
+out = aot_function(body, compiler_waiting_for_the_others)(x, w)
 out.backward()
 stats = default_cache().stats()
 json.dump({"out": out.item(), "grad": w.grad.sum().item(), **stats}, open(out_path, "w"))
@@ -45,7 +65,7 @@ json.dump({"out": out.item(), "grad": w.grad.sum().item(), **stats}, open(out_pa
 
 
 def test_four_cold_processes_compile_once(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLD_START_DIR": str(tmp_path)}
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", COLD_START, str(go), str(tmp_path / f"{i}.json")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
@@ -61,7 +81,8 @@ def test_four_cold_processes_compile_once(tmp_path):
     assert sum(r["compile"] for r in results) == 1, results
     assert sum(r["hit"] for r in results) == 3
     assert len({(r["out"], r["grad"]) for r in results}) == 1
-    assert sum(r["lock_wait"] for r in results) >= 1, "the processes must have overlapped"
+    assert sum(r["lock_wait"] for r in results) == 3, results  # NOTE [The holder compiles once everyone waits]
+    assert len(list(tmp_path.glob("*.json.waiting"))) == 3
 
 
 def test_threads_take_turns(tmp_path):
