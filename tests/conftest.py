@@ -230,9 +230,9 @@ def run_script_json(script: str, *argv: str) -> dict:
 # quiet machine, some of it in Inductor's C++ builds), legitimately runs for many minutes when the 2 cores are
 # shared with a dozen other processes; with CPU time unchanged, the wall time scales with the load. At a load of 13
 # to 15 (other sessions' runs beside this one), tests/aot/test_stale.py's model-class test and test_numpy_graphs.py's
-# default-dtype test ran about 300 s each, and test_backend.py's AOTInductor fixture about 680 s (its cold process
-# alone 578 s, of which 52 s CPU): past the 400 s and 600 s limits, the failures a reviewer saw once, with nothing
-# wrong in aotcache. Such tests carry ``FRESH_PROCESSES_TIMEOUT``; a hang in them is still caught, by the bound on
+# default-dtype test took 295 s together, and the cold process of test_backend.py's AOTInductor fixture alone 578 s
+# (52 s of CPU, Inductor's precompiled headers included): past the 400 s and 600 s limits, the failures a reviewer
+# saw once, with nothing wrong in aotcache. Such tests carry ``FRESH_PROCESSES_TIMEOUT``; a hang in them is still caught, by the bound on
 # each process.
 FRESH_PROCESSES_TIMEOUT = pytest.mark.timeout(2400)
 
