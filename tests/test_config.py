@@ -17,6 +17,16 @@ def test_defaults(monkeypatch, tmp_path):
     assert config.get("strict") is False
     assert config.get("redis_url") is None
     assert config.get("max_bytes") > 0
+    monkeypatch.delenv("AOTCACHE_REDIS_TIMEOUT")  # set for every test (NOTE [Redis timeouts under load])
+    assert config.get("redis_timeout") == 0.25
+
+
+def test_every_test_and_the_processes_it_starts_get_a_load_proof_redis_timeout():
+    """NOTE [Redis timeouts under load] in tests/conftest.py: set in the environment (inherited by subprocesses),
+    not by ``config.patch`` (which a fresh process never sees)."""
+    import os
+
+    assert os.environ["AOTCACHE_REDIS_TIMEOUT"] == "5" and config.get("redis_timeout") == 5.0
 
 
 def test_env_read_at_use(monkeypatch):

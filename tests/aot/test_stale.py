@@ -23,7 +23,7 @@ from torch import nn
 import aotcache
 from aotcache import config
 from aotcache.autograd_cache.fingerprint import code_fingerprint
-from tests.conftest import run_python
+from tests.conftest import FRESH_PROCESSES_TIMEOUT, run_python
 
 X = torch.randn(3, 4)
 
@@ -1091,6 +1091,7 @@ print(json.dumps({"outs": outs, **default_cache().stats(), **default_cache().cou
 """
 
 
+@FRESH_PROCESSES_TIMEOUT  # five fresh processes
 def test_model_class_attribute_and_method_edits_miss_and_two_classes_of_one_name_do_not_share(tmp_path):
     """NOTE [The wrapper's class]: wrappers are signed as their model's class; two model classes of one name in
     one process keep their own graphs, and an edit of the class attribute or a method misses in the next
@@ -1127,6 +1128,7 @@ print(json.dumps({"out": out.item(), "grad": w.grad.sum().item(), **default_cach
 """
 
 
+@FRESH_PROCESSES_TIMEOUT  # three fresh processes compiling with Inductor
 def test_a_source_edit_that_only_moves_lines_hits_and_a_real_edit_misses(tmp_path):
     """NOTE [Source stack traces] in aot/source_locations.py: the graphs keep the source lines of their nodes, but the cache
     key does not (comments added above the function hit); an edit of the computation misses."""

@@ -412,8 +412,9 @@ def test_ddp_on_gloo_with_two_processes_averages_gradients_as_eager(order, tmp_p
 
 
 @pytest.fixture
-def gloo_group():
-    """A one-process gloo group on loopback (destroyed after the test)."""
+def gloo_group(monkeypatch):
+    """A one-process gloo group on loopback (destroyed after the test; MASTER_ADDR put back, so the later tests of
+    the worker and the processes they start do not inherit it)."""
     import os
 
     import torch.distributed as dist
@@ -422,7 +423,7 @@ def gloo_group():
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         yield

@@ -17,7 +17,7 @@ from aotcache.autograd_cache.numpy_calls import numpy_call_token
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache, check_node_safe
 from aotcache.backend import aotcache_backend
 from aotcache.store.factory import open_tiers
-from tests.conftest import run_python
+from tests.conftest import FRESH_PROCESSES_TIMEOUT, run_python
 
 
 def _cache() -> AOTAutogradCache:
@@ -134,6 +134,7 @@ _DEFAULT_DTYPE_RUN = textwrap.dedent("""
 """)
 
 
+@FRESH_PROCESSES_TIMEOUT  # four fresh processes
 def test_numpys_default_dtype_is_in_the_key_across_processes(tmp_path):
     """np.linspace is float64 or float32 by torch._dynamo.config.numpy_default_float, fixed per process; a process
     with the other default must not run the graph traced for the first (it did: float64 where eager gives float32)."""

@@ -25,14 +25,6 @@ from tests.conftest import REPO_ROOT, free_port, run_python
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(autouse=True)
-def generous_redis_timeout():
-    """A live server on a loaded 2-core machine can stall past the 0.25 s default: no spurious faults here.
-    Tests about timeouts pass their own ``timeout``."""
-    with config.patch(redis_timeout=5.0):
-        yield
-
-
 @pytest.fixture
 def raw(redis_server):
     client = redis_py.Redis.from_url(redis_server.url)

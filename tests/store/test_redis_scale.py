@@ -113,7 +113,7 @@ def test_concurrent_readers_of_a_large_entry_leave_the_server_responsive(redis_s
     readers = [threading.Thread(target=big_reader) for _ in range(4)]
     for thread in readers:
         thread.start()
-    small = RedisCache(redis_server.url, prefix="busy")  # the default 0.25 s command timeout
+    small = RedisCache(redis_server.url, prefix="busy")  # the tests' timeout (NOTE [Redis timeouts under load])
     small_ok = 0
     try:
         while len(reads) < 8:

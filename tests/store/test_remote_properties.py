@@ -12,7 +12,6 @@ import redis as redis_py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aotcache import config
 from aotcache.store.disk import OnDiskCache
 from aotcache.store.interface import encode_key
 from aotcache.store.memory import InMemoryCache
@@ -21,13 +20,6 @@ from aotcache.store.tiered import TieredCache
 
 pytestmark = pytest.mark.redis
 
-
-@pytest.fixture(autouse=True)
-def generous_redis_timeout():
-    """A live server on a loaded 2-core machine can stall past the 0.25 s default: no spurious faults here.
-    Tests about timeouts pass their own ``timeout``."""
-    with config.patch(redis_timeout=5.0):
-        yield
 
 keys = st.one_of(
     st.text(max_size=4),

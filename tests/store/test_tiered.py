@@ -39,14 +39,6 @@ class FailingTier(Cache):
         raise OSError(errno.ENOSPC, "injected: no space left on device")
 
 
-@pytest.fixture(autouse=True)
-def generous_redis_timeout():
-    """A live server on a loaded 2-core machine can stall past the 0.25 s default: no spurious faults here.
-    Tests about timeouts pass their own ``timeout``."""
-    with config.patch(redis_timeout=5.0):
-        yield
-
-
 @pytest.fixture
 def memory():
     return InMemoryCache()
