@@ -63,17 +63,22 @@ MODELS: dict[str, tuple[str, str, bool]] = {
     # session 20: families no earlier pass ran through either drop-in
     **_rows(CAUSAL_LM, "Cohere2", "GraniteMoe", "Persimmon", "GPTBigCode", "Olmo2", "Granite", "Cohere"),
     "Pegasus": SEQ2SEQ_LM, "ViTMAE": ("ForPreTraining", "mae", False),
+    # session 21: families neither this sweep nor bench/hf_generate_sweep.py had run
+    **_rows(CAUSAL_LM, "DeepseekV3", "GptOss", "Olmoe", "Jamba", "GPTNeo", "Mpt", "SmolLM3", "Lfm2"),
+    "SwitchTransformers": SEQ2SEQ_LM, "Marian": ("MTModel", "seq2seq", True),
+    **_rows(MASKED_LM, "Albert", "Esm"), **_rows(IMAGE_CLASSIFIER, "Dinov2", "ResNet"),
 }
 #: What a row's tiny config needs beyond bench/hf_tiny.py's (set on the config after ``build``'s shrink).
 #: Cohere2: a window of 4 tokens, shorter than every sequence the sweep runs (8 and 12 in training, 5 + 6
 #: generated), with one sliding and one full layer, so the sliding-window mask and the hybrid cache's sliding
-#: layers do real work.
+#: layers do real work; GptOss the same window (its two layers' types are bench/hf_tiny.py's).
 CONFIG_EXTRAS: dict[str, dict] = {
     "Whisper": dict(num_mel_bins=8, max_source_positions=16, max_target_positions=32, d_model=32),
     "Swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, image_size=32, patch_size=4),
     "Wav2Vec2": dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
                      num_conv_pos_embedding_groups=4, vocab_size=32),
     "Cohere2": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "GptOss": dict(sliding_window=4),  # as Cohere2's: shorter than every sequence
     "ViTMAE": dict(decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
                    decoder_intermediate_size=37),
 }

@@ -27,6 +27,10 @@ stored ("/wN"). The children run with ``AOTCACHE_RECOMPILE_LIMIT`` set to ``--re
 each mode is checked as if it had the model to itself; ``--recompile-limit 8`` shows what the default does to a
 process that serves all seven modes.
 
+The children share ``PYTHONHASHSEED=0`` unless the caller set one: with mixed ``layer_types`` (Gemma 2) a static
+cache's masks come as a dict whose key order follows the string hash, and with a seed drawn per process one warm
+process in two traced those calls again (NOTE [The sweep's hash seed] in bench/backend_sweep.py, docs/aot.md).
+
     PYTHONPATH=$PWD python bench/hf_generate_sweep.py [--archs Llama GPT2 ...] [--out PATH] [--no-timing]
 
 writes bench/results/hf_generate_sweep.json and prints a table (docs/aot.md, "Text generation").
@@ -332,10 +336,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache_dir:
             env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1",
                    "AOTCACHE_RECOMPILE_LIMIT": str(args.recompile_limit)}
+            # One string hash for the cold and the warm child, unless the caller chose one: a static cache's
+            # mask dict follows it (NOTE [The sweep's hash seed] in bench/backend_sweep.py; docs/aot.md, Gemma 2)
+            env.setdefault("PYTHONHASHSEED", "0")
             cold = _child(arch, "cold", args.modes, not args.no_timing, env, args.timeout)
             warm = _child(arch, "warm", args.modes, False, env, args.timeout)
         results[arch] = {"cold": cold, "warm": warm, "summary": _summary(cold, warm),
-                         "recompile_limit": args.recompile_limit}
+                         "recompile_limit": args.recompile_limit, "hash_seed": env["PYTHONHASHSEED"]}
         print(f"{arch}: cold {cold.get('seconds')} s, warm {warm.get('seconds')} s "
               f"{json.dumps(results[arch]['summary'])}", flush=True)
     if out.exists():  # a partial run updates its architectures only

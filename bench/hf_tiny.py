@@ -59,6 +59,20 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "WavLM": _AUDIO,
     "Qwen3Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "GraniteMoe": dict(num_local_experts=4, intermediate_size=32),  # grouped_mm: strides multiple of 16 bytes
+    "GptOss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "Olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    # multi-head latent attention: low-rank q / kv, a rotary part and a plain part per head; layer 0 dense, 1 MoE
+    "DeepseekV3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+                       qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, num_key_value_heads=4),
+    # layer 0 Mamba with a dense MLP, layer 1 attention with MoE (the defaults put attention at layer 4 of 8)
+    "Jamba": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32, attn_layer_period=2,
+                  attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False,
+                  mamba_d_state=4, mamba_dt_rank=4),
+    "LongT5": dict(decoder_start_token_id=0),
+    "SwitchTransformers": dict(decoder_start_token_id=0, num_experts=4, expert_capacity=8,
+                               num_sparse_encoder_layers=1, num_sparse_decoder_layers=1),
 }
 
 #: The config class of an architecture whose ``<arch>Config`` is another model's (``Gemma3Config`` is the
