@@ -326,7 +326,22 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs), lambda: self._eager_call(args, kwargs))
+                           lambda: self._dynamo_call(args, kwargs), lambda: self._eager_call(args, kwargs))
+
+    def _dynamo_call(self, args: tuple, kwargs: dict) -> Any:
+        """The Dynamo way's call, beside other threads' captures of the module (NOTE [The Dynamo way beside a
+        capture])."""
+        with swap_gate(self.orig_module).running():
+            return self.router.dynamo()(*args, **kwargs)
+
+    # NOTE [The Dynamo way beside a capture]
+    # Dynamo reads the module's parameters and buffers at every call (its guards check their types; its graphs
+    # take them as inputs), so its way is one of the eager runs of NOTE [Eager runs beside a capture]: while one
+    # thread's first call went the Dynamo way after its capture was refused, another thread's first call of the
+    # same model captured again (the refusal was not remembered yet) and swapped trace tensors into the module, and
+    # the Dynamo call failed ("Guard failed on the same frame it was created ... expected type of
+    # 'self._modules['l']._parameters['bias']' to be a tensor type"). The call holds the module's gate shared, as
+    # the capture fallback's ``PartialRuntime`` does: a condition lock per call on the Dynamo way.
 
     def _eager_call(self, args: tuple, kwargs: dict) -> Any:
         """The wrapped module called as written (its hooks included), beside other threads' captures of it."""

@@ -532,3 +532,35 @@ def test_a_capture_waiting_for_a_worker_that_captures_runs_instead_of_hanging():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["first_equal"] and report["again_equal"] and report["helper_equal"], report
     assert report["busy"] >= 1, report  # the worker's call ran eagerly while the outer capture held the lock
+
+
+class _DataDependentBranch(nn.Module):
+    """Refused by the capture (a branch on a value): ``aotcache.compile`` takes the Dynamo way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.linear(x)
+        if y.sum() > 0:
+            y = y * 2
+        return y
+
+
+def test_aotcache_compile_first_calls_of_one_model_going_the_dynamo_way_from_three_threads():
+    """NOTE [The Dynamo way beside a capture] (compile_api.py): one thread's call went the Dynamo way while another
+    thread's first call captured the same module again (its tensors swapped for trace tensors), and Dynamo's guard
+    failed ("Guard failed on the same frame it was created"). Repeated: the overlap is likely, not forced."""
+    import aotcache
+
+    for round_ in range(12):
+        torch.manual_seed(round_)
+        model = _DataDependentBranch()
+        compiled = aotcache.compile(model, compiler="nop", cache=False)
+        inputs = [torch.randn(4, 8) for _ in range(3)]
+        results = _first_calls_at_once([lambda x: (compiled(x), compiled(x))] * 3, inputs)
+        for x, result in zip(inputs, results):
+            assert isinstance(result, tuple), result
+            torch.testing.assert_close(result[0], model(x))
+            torch.testing.assert_close(result[1], model(x))
