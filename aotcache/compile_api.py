@@ -24,13 +24,14 @@ from typing import Any
 
 from torch import nn
 
+from aotcache import config
 from aotcache.aot.api import AOTFunction
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.dynamo_compile import stance_forces_eager
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
-from aotcache.aot.fallback import is_trace_failure, trace_failure_error
+from aotcache.aot.fallback import count_fallback, is_trace_failure, raised_by_region, trace_failure_error
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.module import AOTModule
 from aotcache.aot.module_refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
@@ -127,13 +128,13 @@ class _Router:
             return eager_call()
         route = self.route
         if route == DYNAMO:
-            return dynamo_call()
+            return self._dynamo_or_eager(dynamo_call, eager_call)
         if route == EAGER:
             return eager_call()
         if route is None and self.module is not None and self._wrapper_refused():
-            return dynamo_call()
+            return self._dynamo_or_eager(dynamo_call, eager_call)
         if route is None and self.function is not None and self._optimizer_method_refused():
-            return dynamo_call()
+            return self._dynamo_or_eager(dynamo_call, eager_call)
         self.capturing.digest = None
         try:
             result = aot_call()
@@ -144,7 +145,7 @@ class _Router:
             logger.info("aotcache.compile: %s: %s as recorded (%s); no capture tried", self.aot.name,
                         "torch.compile(backend='aotcache')" if recorded.route == DYNAMO else "eager",
                         recorded.reason)
-            return dynamo_call() if recorded.route == DYNAMO else eager_call()
+            return self._dynamo_or_eager(dynamo_call, eager_call) if recorded.route == DYNAMO else eager_call()
         except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
@@ -154,7 +155,7 @@ class _Router:
                          self.aot.name, str(exc).removeprefix("aotcache: ").split("\n")[0])
                 return eager_call()
             self._choose_dynamo(exc, self.capturing.digest)
-            return dynamo_call() if self.route == DYNAMO else eager_call()
+            return self._dynamo_or_eager(dynamo_call, eager_call) if self.route == DYNAMO else eager_call()
         except Exception as exc:
             # NOTE [Captures that fail where eager may run] in aot/fallback.py: this call runs eagerly (an error is
             # then eager's own, nothing decided); if it runs, the later calls take the Dynamo way
@@ -166,6 +167,45 @@ class _Router:
         if route is None:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
+        return result
+
+    # NOTE [Dynamo failing where eager runs]
+    # The Dynamo way is torch.compile, whose own tracer fails on some code eager runs: writing a tensor's
+    # ``__dict__`` (``x.__dict__["tag"] = 1``, ``y.__dict__.update(...)``) raised Dynamo's internal error
+    # "'dict' object has no attribute 'node'" under torch 2.13, after the capture had refused the same code
+    # (an attribute given to a tensor argument or to a returned tensor: NOTE [Python attributes a function sets on
+    # tensors] in aot/refusals.py), so ``aotcache.compile`` failed where eager runs. A Dynamo error on the Dynamo
+    # way (a ``TorchDynamoException``: Dynamo's own failure, or a user's error it wrapped) now runs the call eagerly:
+    # if that runs, the route becomes "eager" for the later calls (counted ``eager:dynamo_failed``, warned once);
+    # if it raises, that is eager's own error, raised as eager raises it, and nothing is decided. As in the capture
+    # fallback's ``PartialRuntime``, what regions ran before a failure in a later frame did is not rolled back
+    # (once per model). Strict mode (``AOTCACHE_STRICT=1``) and ``fullgraph=True`` raise a CaptureError naming both
+    # failures instead. The hot path of the Dynamo way gains only a ``try``.
+    def _dynamo_or_eager(self, dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
+        """The Dynamo way's call, or eager's where torch.compile fails (NOTE [Dynamo failing where eager runs])."""
+        try:
+            return dynamo_call()
+        except Exception as exc:
+            from torch._dynamo.exc import TorchDynamoException  # Dynamo is imported once its way has run
+
+            if not isinstance(exc, TorchDynamoException) or raised_by_region(exc) is not None:
+                raise  # the user's own error, or a region's capture error asked for (raise / strict)
+            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if self.fullgraph or config.get("strict"):
+                asked = "fullgraph=True" if self.fullgraph else "strict mode (AOTCACHE_STRICT=1)"
+                raise CaptureError(
+                    f"aotcache.compile: {self.aot.name}: torch.compile could not run the call ({failure}) after the "
+                    f"whole-call capture was refused ({self.reason or 'no capture tried'}); {asked} asks for this "
+                    f"error instead of running the call eagerly", reason="dynamo_failed", dynamo_safe=False) from exc
+        result = eager_call()  # eager's own error, if any, is raised as it is and decides nothing
+        with self._lock:
+            first = self.route != EAGER
+            self.route, self.reason = EAGER, f"torch.compile failed: {failure}"
+        if first:
+            count_fallback("eager:dynamo_failed")
+            log_once(logging.WARNING, f"compile-dynamo-failed:{id(self)}",
+                     "aotcache.compile: %s: torch.compile could not run the call either (%s); it runs eagerly, "
+                     "uncompiled, from now on", self.aot.name, failure)
         return result
 
     # NOTE [Arguments Dynamo guards]
@@ -286,7 +326,22 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: router.dynamo()(*args, **kwargs), lambda: self._eager_call(args, kwargs))
+                           lambda: self._dynamo_call(args, kwargs), lambda: self._eager_call(args, kwargs))
+
+    def _dynamo_call(self, args: tuple, kwargs: dict) -> Any:
+        """The Dynamo way's call, beside other threads' captures of the module (NOTE [The Dynamo way beside a
+        capture])."""
+        with swap_gate(self.orig_module).running():
+            return self.router.dynamo()(*args, **kwargs)
+
+    # NOTE [The Dynamo way beside a capture]
+    # Dynamo reads the module's parameters and buffers at every call (its guards check their types; its graphs
+    # take them as inputs), so its way is one of the eager runs of NOTE [Eager runs beside a capture]: while one
+    # thread's first call went the Dynamo way after its capture was refused, another thread's first call of the
+    # same model captured again (the refusal was not remembered yet) and swapped trace tensors into the module, and
+    # the Dynamo call failed ("Guard failed on the same frame it was created ... expected type of
+    # 'self._modules['l']._parameters['bias']' to be a tensor type"). The call holds the module's gate shared, as
+    # the capture fallback's ``PartialRuntime`` does: a condition lock per call on the Dynamo way.
 
     def _eager_call(self, args: tuple, kwargs: dict) -> Any:
         """The wrapped module called as written (its hooks included), beside other threads' captures of it."""

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.aliased_writes import RefuseAliasedWrites, in_custom_backwards
 from aotcache.aot.autograd_nodes import autograd_nodes, is_custom_function_node
-from aotcache.aot.capture_threads import SwapBusy, compiling
+from aotcache.aot.capture_threads import SwapBusy, compiling, one_trace_at_a_time
 from aotcache.aot.capture_analysis import Analysis, analyze, is_graph_input
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
@@ -469,7 +469,8 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
         torch's tracing machinery is raised marked (NOTE [Captures that fail where eager may run] in fallback.py).
     """
     try:
-        with torch_modes_kept():  # NOTE [Modes left by an interrupted capture]
+        with one_trace_at_a_time(), torch_modes_kept():  # NOTE [One trace at a time], NOTE [Modes left by an
+            # interrupted capture]
             return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic,
                             trace_joint=trace_joint, input_is_leaf=input_is_leaf,
                             regenerate_aliases=regenerate_aliases)

@@ -48,6 +48,29 @@ finding only holds that a swap already gave up on (the same method call, its nex
 once: one wait per hold, not one per call of a pool of workers. The protection stays whole: no swap ever
 begins while another thread's run holds the gate. A run waiting for a swap pending waits at most that swap's
 bounded wait. Workaround for the slow first calls: call the model once outside the method (it captures then).
+
+NOTE [One trace at a time]
+torch's tracing machinery keeps process-wide state: ``torch.fx``'s tracer installs its patcher in a module global
+(``CURRENT_PATCHER``) for the length of a trace, and make_fx's decomposition table is a module global too. Two
+threads capturing at once (a server's first requests, three different models' first calls) overwrote each other's:
+a capture failed with "CURRENT_PATCHER is None in finally block", so a model that captures alone went the fallback
+way (``aotcache.compile`` even recorded the Dynamo route for it in the store for later processes). Captures are
+now serialized process-wide by :func:`one_trace_at_a_time` (re-entrant in the thread that traces: a capture
+nested in a capture runs); compiling the captured graphs stays concurrent. A trace can run the user's Python,
+which may wait for another thread that needs to trace (a forward handing work to a thread pool), so the wait is
+bounded as a swap's is (NOTE [A swap waits a bounded time]), though longer, since another thread's trace of a
+large model takes that long: past :data:`TRACE_WAIT_S` seconds, :class:`TraceBusy` (a :class:`SwapBusy`) runs
+this call eagerly and a later call captures; a thread finding the same trace it already gave up on gives up at once.
+
+NOTE [A trace lent while its swap waits]
+A capture's swap waits for the eager runs of other threads (NOTE [Eager runs beside a capture]), and such a run
+may itself capture: a fallback running through torch.compile compiles its regions with aotcache. Holding the trace
+lock through that wait, the capture waited for a run that waited for the lock, until the swap gave up (5 s, then
+the call ran eagerly). So a swap that must wait lends the trace lock meanwhile (:meth:`_TraceLock.lend`) and takes it
+back before it swaps (:meth:`_TraceLock.take_back`). torch.fx restores its patcher as a stack, so another thread's
+trace may run within the paused one but must end first: a turn is taken back only when no thread traces and no
+thread that lent later still waits to take its own back. Other waits of a thread that traces (a run waiting for
+another thread's swap) are bounded by :data:`TRACE_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -56,16 +79,17 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["SWAP_WAIT_S", "SwapBusy", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread",
+__all__ = ["SWAP_WAIT_S", "TRACE_WAIT_S", "SwapBusy", "TraceBusy", "one_trace_at_a_time", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread",
            "capturing_in_this_thread"]
 
 
 SWAP_WAIT_S = 5.0  # the longest a swap waits for other threads' eager runs: NOTE [A swap waits a bounded time]
+TRACE_WAIT_S = 60.0  # the longest a capture waits for another thread's trace: NOTE [One trace at a time]
 
 
 class SwapBusy(RuntimeError):
@@ -106,17 +130,28 @@ class SwapGate:
         with self._lock:
             with self._state:
                 self.pending += 1
+                lent = None  # this thread's trace, lent while it waits: NOTE [A trace lent while its swap waits]
                 try:
                     deadline = time.monotonic() + SWAP_WAIT_S
                     while True:
                         holds = frozenset(hold for thread, hold in self._holds.items() if thread != me)
-                        if not holds:
+                        if not holds and lent is None:
                             break
                         left = deadline - time.monotonic()
-                        if left <= 0 or holds <= self._given_up:  # a hold already waited for: not again
-                            self._given_up = holds
+                        if not holds or left <= 0 or holds <= self._given_up:
+                            if lent is not None:  # taken back first, outside the gate's state lock
+                                self._state.release()
+                                try:
+                                    _trace_lock.take_back(lent)
+                                finally:
+                                    lent = None
+                                    self._state.acquire()
+                                continue
+                            self._given_up = holds  # a hold already waited for: not again
                             raise SwapBusy(f"another thread held the module for its Python for {SWAP_WAIT_S:g} s "
                                            "while this call was to capture it")
+                        if lent is None:
+                            lent = _trace_lock.lend()
                         self._state.wait(left)
                 finally:
                     self.pending -= 1
@@ -205,6 +240,102 @@ def swap_gate(module: Any) -> SwapGate:
             if gate is None:
                 gate = _gates[module] = SwapGate()
     return gate
+
+
+class TraceBusy(SwapBusy):
+    """Another thread's trace held the process's trace lock for :data:`TRACE_WAIT_S` seconds: this call runs eagerly
+    (NOTE [One trace at a time])."""
+
+
+class _TraceLock:
+    """The process-wide lock of :func:`one_trace_at_a_time`: re-entrant, with a bounded wait, and lent by a thread
+    whose swap waits for other threads (NOTE [A trace lent while its swap waits])."""
+
+    __slots__ = ("_state", "owner", "depth", "turn", "given_up", "lenders")
+
+    def __init__(self) -> None:
+        self._state = threading.Condition(threading.Lock())
+        self.owner: int | None = None  # the thread tracing now
+        self.depth = 0  # its nested captures
+        self.turn = 0  # numbers each thread's turn, so that waiters give up on one turn only once
+        self.given_up = -1  # the turn a waiter last gave up on
+        self.lenders: list[int] = []  # threads whose traces are paused, lent; the last one takes its turn back first
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        me = threading.get_ident()
+        taken = False
+        try:  # NOTE [Interrupted captures]: taken in one statement, inside the try; released only if taken
+            with self._state:
+                if self.owner != me:
+                    self._wait_for_turn(lambda: self.owner is None)
+                    self.owner, self.turn, self.depth, taken = me, self.turn + 1, 1, True
+                else:
+                    self.depth, taken = self.depth + 1, True
+            yield
+        finally:
+            if taken:
+                with self._state:
+                    if self.owner == me:  # (not where taking a lent turn back failed)
+                        self.depth -= 1
+                        if not self.depth:
+                            self.owner = None
+                            self._state.notify_all()
+
+    def _wait_for_turn(self, ready: Callable[[], bool]) -> None:
+        """Wait (under ``_state``) until ``ready()``, at most :data:`TRACE_WAIT_S` seconds.
+
+        :raises TraceBusy: not in time, or the turn under way is one a waiter already gave up on.
+        """
+        deadline = time.monotonic() + TRACE_WAIT_S
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.turn == self.given_up:
+                self.given_up = self.turn
+                raise TraceBusy(f"another thread's capture held the trace lock for {TRACE_WAIT_S:g} s while this "
+                                "call was to capture")
+            self._state.wait(left)
+
+    def lend(self) -> int | None:
+        """Let other threads trace while this thread's trace waits; the depth to take back, or None where this
+        thread holds no turn."""
+        me = threading.get_ident()
+        with self._state:
+            if self.owner != me:
+                return None
+            depth = self.depth
+            self.lenders.append(me)
+            self.owner, self.depth = None, 0
+            self._state.notify_all()
+            return depth
+
+    def take_back(self, depth: int) -> None:
+        """Take back the turn :meth:`lend` gave away, once no other thread traces and no thread that lent after
+        this one waits to take its own back.
+
+        :raises TraceBusy: not within :data:`TRACE_WAIT_S` seconds (the lent turn is then given up).
+        """
+        me = threading.get_ident()
+        with self._state:
+            try:
+                self._wait_for_turn(lambda: self.owner is None and self.lenders[-1] == me)
+            except TraceBusy:
+                self.lenders.remove(me)
+                self._state.notify_all()
+                raise
+            self.lenders.pop()
+            self.owner, self.depth = me, depth
+
+
+_trace_lock = _TraceLock()
+
+
+def one_trace_at_a_time() -> contextlib.AbstractContextManager:
+    """Hold the process-wide trace lock for a capture (NOTE [One trace at a time]).
+
+    :raises TraceBusy: another thread's trace held it for :data:`TRACE_WAIT_S` seconds.
+    """
+    return _trace_lock.held()
 
 
 _this_thread = threading.local()  # .captures: how many captures this thread is running (nested)

@@ -61,7 +61,8 @@ from aotcache.aot.unsupported_tensors import nested_tensor_error, raised_in_nest
 from aotcache.logs import log_once, logger
 
 __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fallback_counts", "EagerRuntime",
-           "is_trace_failure", "trace_failure_error", "refused_argument_call", "eager_for_busy_swap",
+           "is_trace_failure", "trace_failure_error",
+           "count_fallback", "raised_by_region", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
            "eager_past_recompile_limit", "eager_dynamo_graph", "eager_dynamo_graph_after_trace_failure",
            "graph_as_eager", "dynamo_as_eager", "has_uninitialized_parameters"]
@@ -91,7 +92,8 @@ def fallback_counts() -> dict[str, int]:
         return dict(_counts)
 
 
-def _count(kind: str) -> None:
+def count_fallback(kind: str) -> None:
+    """Count one fallback decision of ``kind`` (``eager:<reason>``...) in :func:`fallback_counts` and the journal."""
     with _counts_lock:
         _counts[kind] += 1
     try:
@@ -191,14 +193,14 @@ class PartialRuntime:
             with self.eager.gate.running():  # NOTE [Eager runs beside a capture]: Dynamo reads the module too
                 return self.dynamo_fn(args, kwargs)
         except TorchDynamoException as exc:
-            region_error = _raised_by_region(exc)
+            region_error = raised_by_region(exc)
             if region_error is not None:  # NOTE [Regions that cannot be captured under raise or strict]
                 raise region_error  # its cause: the capture's own error
             # NOTE: Dynamo failed (or wrapped an error of the user's code): run eagerly, which either works
             # (Dynamo's limitation) or raises the user's own error. Inputs mutated by regions that ran before
             # the failure are not rolled back; this happens at most once per signature.
             self.broken = True
-            _count(f"eager:{self.eager.reason}")
+            count_fallback(f"eager:{self.eager.reason}")
             _warn_once(self.owner, f"dynamo:{self.eager.reason}",
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
@@ -246,7 +248,7 @@ def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
         failure = exc if isinstance(exc, CaptureError) else trace_failure_error(exc)
         if _raises(owner.on_capture_error):
             raise _region_error(owner, failure) from exc
-        _count("region")
+        count_fallback("region")
         _warn_once(owner, f"region:{failure.reason}",
                    "aotcache: %s: a region between graph breaks cannot be captured either (%s); it runs eagerly",
                    owner.name, _first_line(failure))
@@ -258,7 +260,7 @@ _RAISED_BY_REGION = "_aotcache_region_error"
 
 def _region_error(owner: Any, failure: CaptureError) -> CaptureError:
     """The error a region that cannot be captured raises where ``owner`` asks for errors (NOTE [Regions that cannot
-    be captured under raise or strict]), marked for :func:`_raised_by_region`."""
+    be captured under raise or strict]), marked for :func:`raised_by_region`."""
     asked = ("on_capture_error='raise'" if owner.on_capture_error == "raise"
              else "strict mode (AOTCACHE_STRICT=1)")
     error = CaptureError(f"aotcache: {owner.name}: a region between torch.compile's graph breaks cannot be captured, "
@@ -268,7 +270,7 @@ def _region_error(owner: Any, failure: CaptureError) -> CaptureError:
     return error
 
 
-def _raised_by_region(exc: BaseException) -> CaptureError | None:
+def raised_by_region(exc: BaseException) -> CaptureError | None:
     """The error of :func:`_region_error` inside ``exc`` (Dynamo's wrapper of a backend's error), or None."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -295,7 +297,7 @@ def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
     """
     if config.get("strict"):
         raise exc
-    _count("region")
+    count_fallback("region")
     log_once(logging.WARNING, f"backend-region:{exc.reason}",
              "aotcache backend: a torch.compile graph cannot be captured (%s); it runs eagerly (eager's results)",
              _first_line(exc))
@@ -451,12 +453,12 @@ def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRunti
     # NOTE [Constructs Dynamo gets wrong] (module_state.py): the refusal, or the module tree itself
     if (owner.on_capture_error == "eager" or not exc.dynamo_safe or not dynamo_safe_module(target)
             or not _dynamo_usable()):
-        _count(f"eager:{exc.reason}")
+        count_fallback(f"eager:{exc.reason}")
         return eager
     dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
     if dynamo_fn is None:
         dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
-    _count(f"partial:{exc.reason}")
+    count_fallback(f"partial:{exc.reason}")
     return PartialRuntime(dynamo_fn, eager, owner)
 
 
@@ -559,7 +561,7 @@ def eager_after_state_changes(owner: Any, in_spec: Any, limit: int) -> EagerRunt
         return None
     target, skip = _target(owner)
     runtime = EagerRuntime(target, in_spec, "changes_own_state", skip=skip)
-    _count("eager:changes_own_state")
+    count_fallback("eager:changes_own_state")
     _warn_once(owner, "eager:changes_own_state",
                "aotcache: %s changed Python state it reads in each of its last %d compiled calls, so each was "
                "traced again (a graph runs no Python); this call signature now runs eagerly (remembered). Keep "
@@ -573,7 +575,7 @@ def _single_use_eager(owner: Any, in_spec: Any, reason: str) -> EagerRuntime:
     target, skip = _target(owner)
     runtime = EagerRuntime(target, in_spec, reason, skip=skip)
     runtime.single_use = True  # type: ignore[attr-defined]
-    _count(f"eager:{reason}")
+    count_fallback(f"eager:{reason}")
     return runtime
 
 
@@ -613,7 +615,7 @@ def eager_for_unkeyable_call(owner: Any, exc: CaptureError, args: tuple, kwargs:
         raise exc
     target, skip = _target(owner)
     runtime = EagerRuntime(target, in_spec, exc.reason, skip=skip)
-    _count(f"eager:{exc.reason}")
+    count_fallback(f"eager:{exc.reason}")
     _warn(owner, exc, runtime)
     return runtime.run_call(args, kwargs)  # the caller's own containers (NOTE [Argument containers changed in place])
 
@@ -645,7 +647,7 @@ def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict,
         runtime = PartialRuntime(dynamo_fn, eager, owner)
     warned = owner.__dict__.setdefault("_fallback_warned", set())
     if f"{runtime.kind}:refused_argument" not in warned:
-        _count(f"{runtime.kind}:refused_argument")
+        count_fallback(f"{runtime.kind}:refused_argument")
         _warn(owner, CaptureError(str(exc), reason="refused_argument"), runtime)
     return runtime.run_call(args, kwargs)
 

@@ -83,6 +83,8 @@ class _InterruptAfter:
 POINTS = {
     "compiling, this thread's count": (lambda: capture_threads.compiling.__wrapped__, "_this_thread.captures"),
     "compiling, torch flag set": (lambda: capture_threads.compiling.__wrapped__, "_is_compiling_flag = True"),
+    # NOTE [One trace at a time]: an interrupt right after the process-wide trace lock is taken must release it
+    "trace lock taken": (lambda: capture_threads._TraceLock.held.__wrapped__, "self.owner, self.turn, self.depth"),
     "tensor checks depth": (lambda: tensor_checks.tensor_checks_in_graph.__wrapped__, "depth + 1"),
     "fake-tensor log filter": (lambda: trace_environment.quiet_fake_tensor_failures.__wrapped__, "addFilter"),
     # torch's own: a mode's exit interrupted before it pops the mode (NOTE [Modes left by an interrupted capture])
@@ -105,6 +107,7 @@ def _state_left() -> dict:
     return {"is_compiling": torch.compiler.is_compiling(),
             "captures running": capture_threads._captures_running,
             "captures in this thread": getattr(capture_threads._this_thread, "captures", 0),
+            "trace lock owner": capture_threads._trace_lock.owner,
             "tensor-check depth": getattr(tensor_checks._this_thread, "depth", 0),
             "fake-tensor log filters": trace_environment._quiet_depth,
             "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
@@ -117,8 +120,8 @@ def _state_left() -> dict:
 def test_interrupt_leaves_no_state_and_later_compiles_work(point, api):
     clean = _state_left()
     assert clean == {"is_compiling": False, "captures running": 0, "captures in this thread": 0,
-                     "tensor-check depth": 0, "fake-tensor log filters": 0, "torch dispatch modes": 0,
-                     "torch function modes": 0, "in a torch dispatch mode": False}
+                     "trace lock owner": None, "tensor-check depth": 0, "fake-tensor log filters": 0,
+                     "torch dispatch modes": 0, "torch function modes": 0, "in a torch dispatch mode": False}
     torch.manual_seed(0)
     model = _MLP()
     x = torch.randn(4, 8, requires_grad=True)

@@ -216,3 +216,89 @@ def test_a_transformers_training_step_is_still_captured_whole():
     compiled(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
     assert compiled.route == "aot"
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# NOTE [Dynamo failing where eager runs] in compile_api.py: writing a tensor's ``__dict__`` is refused by the capture
+# like an attribute assignment, and torch 2.13's Dynamo then failed on it with an internal error
+# ("'dict' object has no attribute 'node'"): aotcache.compile raised where eager runs.
+def _dict_item_on_argument(x):
+    x.__dict__["tag"] = 1
+    return x + 1
+
+
+def _dict_update_on_argument(x):
+    x.__dict__.update(a=2, b=3)
+    return x * 2
+
+
+def _dict_update_on_returned(x):
+    y = x + 1
+    y.__dict__.update(tag=5)
+    return y
+
+
+class _TaggingModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        x.__dict__["seen"] = True
+        return self.lin(x)
+
+
+def _eager_dict_result(fn, x):
+    out = fn(x)
+    return out, dict(x.__dict__), dict(out.__dict__)
+
+
+@pytest.mark.parametrize("fn", (_dict_item_on_argument, _dict_update_on_argument, _dict_update_on_returned))
+def test_a_tensor_dict_written_in_the_function_gives_eagers_result_and_side_effects(fn):
+    from aotcache.aot.fallback import fallback_counts
+
+    compiled = _compiled(fn)
+    before = fallback_counts().get("eager:dynamo_failed", 0)
+    for _ in range(3):
+        x, reference = torch.arange(3.0), torch.arange(3.0)
+        expected, expected_input, expected_output = _eager_dict_result(fn, reference)
+        out = compiled(x)
+        torch.testing.assert_close(out, expected)
+        assert x.__dict__ == expected_input
+        assert out.__dict__ == expected_output
+    assert compiled.route == "eager"
+    assert fallback_counts().get("eager:dynamo_failed", 0) - before == 1  # counted once, not per call
+
+
+def test_a_module_writing_its_arguments_dict_gives_eagers_result():
+    model = _TaggingModule()
+    compiled = aotcache.compile(model, compiler="nop")
+    for _ in range(2):
+        x = torch.randn(2, 3)
+        torch.testing.assert_close(compiled(x), model.lin(x))
+        assert x.__dict__ == {"seen": True}
+    assert compiled.route == "eager"
+
+
+def test_a_tensor_dict_written_in_the_function_raises_clearly_in_strict_mode():
+    from aotcache import config
+    from aotcache.aot.errors import CaptureError
+
+    compiled = _compiled(_dict_item_on_argument)
+    with config.patch(strict=True), pytest.raises(CaptureError, match="torch.compile could not run the call"):
+        compiled(torch.ones(3))
+
+
+def test_the_users_own_error_on_the_dynamo_way_is_raised_as_eager_raises_it():
+    """The other direction: an error the user's code raises on the Dynamo way is not taken for Dynamo's failure
+    (raised as it is, the route stays Dynamo's)."""
+    def checked(x):
+        x.offloading_activation = True  # refused by the capture; Dynamo runs it
+        if x.shape[0] != 3:
+            raise ValueError("needs three")
+        return x + 1
+
+    compiled = _compiled(checked)
+    torch.testing.assert_close(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="needs three"):
+        compiled(torch.ones(4))
+    assert compiled.route == "dynamo"
