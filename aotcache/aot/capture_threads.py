@@ -71,11 +71,20 @@ back before it swaps (:meth:`_TraceLock.take_back`). torch.fx restores its patch
 trace may run within the paused one but must end first: a turn is taken back only when no thread traces and no
 thread that lent later still waits to take its own back. Other waits of a thread that traces (a run waiting for
 another thread's swap) are bounded by :data:`TRACE_WAIT_S`.
+
+NOTE [A child forked while another thread captures]
+``fork`` copies only the forking thread, but every lock and count of this module as they were: a DataLoader worker
+(or any ``multiprocessing`` child) started while another thread captured inherited a trace lock owned by a thread
+that does not exist in the child, so its first capture waited :data:`TRACE_WAIT_S` seconds and every later one gave
+up at once (running eagerly for the life of the worker), and ``torch.compiler.is_compiling()`` stayed True in it for
+good. After a fork the child forgets what other threads held (:func:`_forget_other_threads_after_fork`) and keeps
+only the forking thread's own state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -210,6 +219,17 @@ class SwapGate:
                 self._hold(me)
                 self._runs[me] = held
 
+    def forget_other_threads(self, me: int) -> None:
+        """In a forked child: drop the swap and runs of threads that were not copied (NOTE [A child forked while
+        another thread captures]); new locks, but the swap lock the forking thread holds itself stays (its swap
+        releases that one)."""
+        self._state = threading.Condition(threading.Lock())
+        if self.owner != me:
+            self._lock, self.owner = threading.Lock(), None
+        self.pending, self._given_up = 0, frozenset()
+        self._runs = {thread: runs for thread, runs in self._runs.items() if thread == me}
+        self._holds = {thread: hold for thread, hold in self._holds.items() if thread == me}
+
     def _hold(self, me: int) -> None:
         """Number this thread's hold anew (called under ``_state``, as its runs begin or resume)."""
         self._next_hold += 1
@@ -296,6 +316,14 @@ class _TraceLock:
                                 "call was to capture")
             self._state.wait(left)
 
+    def forget_other_threads(self, me: int) -> None:
+        """In a forked child: drop the turns of threads that were not copied (NOTE [A child forked while another
+        thread captures]); new locks, since one may have been held at the fork."""
+        self._state = threading.Condition(threading.Lock())
+        if self.owner != me:
+            self.owner, self.depth = None, 0
+        self.lenders = [thread for thread in self.lenders if thread == me]
+
     def lend(self) -> int | None:
         """Let other threads trace while this thread's trace waits; the depth to take back, or None where this
         thread holds no turn."""
@@ -377,6 +405,26 @@ def compiling() -> Iterator[None]:
                     _captures_running -= 1
                     if not _captures_running and has_flag:
                         compiler._is_compiling_flag = _flag_before
+
+
+def _forget_other_threads_after_fork() -> None:
+    """NOTE [A child forked while another thread captures]: only the forking thread goes on in the child."""
+    global _gates_lock, _captures_lock, _captures_running
+    me = threading.get_ident()
+    _trace_lock.forget_other_threads(me)
+    _gates_lock = threading.Lock()
+    for gate in list(_gates.values()):
+        gate.forget_other_threads(me)
+    _captures_lock = threading.Lock()
+    mine = getattr(_this_thread, "captures", 0)
+    if _captures_running != mine:
+        _captures_running = mine
+        if not mine and hasattr(torch.compiler, "_is_compiling_flag"):
+            torch.compiler._is_compiling_flag = _flag_before
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_other_threads_after_fork)
 
 
 def capturing_in_this_thread() -> bool:
