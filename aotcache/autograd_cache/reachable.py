@@ -14,7 +14,9 @@ custom compilers, partitioners, decomposition tables, ``@cacheable`` functions, 
 
 from __future__ import annotations
 
+import array
 import collections
+import collections.abc
 import contextvars
 import dataclasses
 import enum
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from aotcache.aot.exact_values import exact_repr
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.code_walk import CodeWalk
@@ -58,7 +61,7 @@ from aotcache.autograd_cache.value_kinds import (
     type_name,
 )
 
-__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE"]
+__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE", "byte_buffer_state"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
 _MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
@@ -76,6 +79,16 @@ def _is_numpy_array(value: Any) -> bool:
     """Whether ``value`` is a ``numpy.ndarray`` (by its type's name: numpy is not imported here)."""
     cls = type(value)
     return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
+
+
+def byte_buffer_state(value: Any) -> tuple:
+    """What the program guards compare of a numpy array, ``bytearray`` or ``array.array`` at every call, its bytes
+    last (NOTE [numpy arrays by content], NOTE [Byte buffers by content])."""
+    if type(value) is bytearray:
+        return (bytes(value),)
+    if isinstance(value, array.array):
+        return (value.typecode, value.tobytes())
+    return (value.dtype, value.shape, value.flags.writeable, value.tobytes())
 
 
 def _custom_op_def_type() -> type | None:
@@ -266,6 +279,8 @@ class Reachable(CodeWalk, ObjectWalk):
 
     def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
+            if isinstance(value, (float, complex)):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+                return f"{type(value).__name__}:{exact_repr(value)}"
             return f"{type(value).__name__}:{value!r}"
         if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)):
             return str(value)
@@ -323,6 +338,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return self._environment_token()
         if _is_numpy_array(value):
             return self._numpy_array_token(value)
+        if isinstance(value, (bytearray, array.array)):
+            return self._byte_buffer_token(value)
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
@@ -369,7 +386,19 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
+        if self._guards is not None and isinstance(value, collections.abc.Iterator):
+            self._guards.iterator(value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    # NOTE [Iterators a program advances]
+    # An iterator the program reads (``next(COUNTER)`` on an ``itertools.count``, a generator, ``iter(list)``) holds
+    # hidden state that every ``next()`` advances. A capture runs the function's Python more than once and cannot
+    # put that state back, and a graph runs none: the counter advanced twice while capturing, and every call
+    # returned the value baked into the graph (1, 1, 1 where eager gives 0, 1, 2; found in session 21). Such an
+    # iterator stays opaque (untrusted across processes); the walk hands it to the guards, and a capture of a
+    # program that reads one is refused before the function runs (NOTE [State changed by a capture] in
+    # aot/call_state.py): the fallback runs the Python at every call. A plain object with ``__next__`` is walked
+    # by its ``__dict__`` like any other.
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
@@ -378,16 +407,35 @@ class Reachable(CodeWalk, ObjectWalk):
     # counter, so an array is written down by dtype, shape and content digest, and the guards compare its bytes
     # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
     # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
+    # Its ``flags.writeable`` is part of it (a program may branch on it; found in session 21: a flag cleared kept
+    # the graph of the writeable array).
     def _numpy_array_token(self, value: Any) -> str:
         if value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
             raise Untrusted(f"opaque object: {type_name(type(value))}")
-        content = value.tobytes()
+        state = byte_buffer_state(value)
         if self._guards is not None:
-            self._guards.array(value, content)
+            self._guards.array(value, state)
         # ``dtype.str`` names a structured dtype by its item size alone (``|V8``): its fields (names, types,
         # offsets) are the descr, so two layouts of the same bytes get two tokens
         dtype = value.dtype.str if value.dtype.fields is None else f"{value.dtype.str}{value.dtype.descr!r}"
-        return f"ndarray:{dtype}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
+        writeable = "" if value.flags.writeable else ":read-only"
+        return f"ndarray:{dtype}{tuple(value.shape)!r}{writeable}:{sha256_text(state[-1].hex())}"
+
+    # NOTE [Byte buffers by content]
+    # A ``bytearray`` or an ``array.array`` (a lookup table, a mask of flags) changes in place like a numpy array
+    # and keeps no version either: it was an opaque object, guarded by identity, so ``TABLE[0] = 5`` kept the graph
+    # traced with the old entry (a stale result, found in session 21), and never trusted across processes. Both are
+    # written down and guarded as numpy arrays are (NOTE [numpy arrays by content]): an ``array.array`` with its
+    # type code, each compared by its bytes at every call up to the same size; a larger one stays opaque.
+    def _byte_buffer_token(self, value: Any) -> str:
+        if type(value) not in (bytearray, array.array) or \
+                len(value) * getattr(value, "itemsize", 1) > _MAX_GUARDED_ARRAY_BYTES:  # (a subclass: attributes)
+            raise Untrusted(f"opaque object: {type_name(type(value))}")
+        state = byte_buffer_state(value)
+        if self._guards is not None:
+            self._guards.array(value, state)
+        kind = "bytearray" if type(value) is bytearray else f"array:{value.typecode}"
+        return f"{kind}:{sha256_text(state[-1].hex())}"
 
     # NOTE [The environment as a value]
     # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
@@ -460,7 +508,7 @@ class Reachable(CodeWalk, ObjectWalk):
             if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
                     isinstance(value, tuple) and hasattr(type(value), "_fields")):
                 # a user subclass of a container may change how it is read: its class is part of the token
-                kind = self.type_ref(type(value))
+                kind = self.type_ref(type(value)) + self._container_extras(value)
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
                 unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
@@ -479,6 +527,27 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
         finally:
             self._active_containers.pop()
+
+    # NOTE [Attributes of container subclasses]
+    # A container of a subclass (``class Config(dict)`` setting ``self.mode`` in ``__init__``, a
+    # ``defaultdict``) holds state beside its members: the instance ``__dict__`` and a ``defaultdict``'s
+    # ``default_factory``. Only the members were written down, so ``cfg.mode = "b"`` kept the graph traced with
+    # ``"a"`` and was the same fingerprint (found in session 21). Both are part of the token now, the attributes
+    # guarded like a plain object's (their dict's entries by identity); a dict that is its own ``__dict__`` (an
+    # ``AttrDict``) is written down once, by its members.
+    def _container_extras(self, value: Any) -> str:
+        """The state a container subclass holds beside its members (NOTE [Attributes of container subclasses])."""
+        extras = ""
+        if isinstance(value, collections.defaultdict):
+            if self._guards is not None:
+                self._guards.attributes(value, ("default_factory",))
+            extras += f"[default_factory={self.ref(value.default_factory)}]"
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict) and attributes is not value:
+            if self._guards is not None:
+                self._guards.attributes(value, ("__dict__",))
+            extras += f"[attrs={self.ref(attributes)}]"  # (a dict: its entries guarded as a container's)
+        return extras
 
     def _set_ordered_token(self, value: Any) -> str:
         """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
