@@ -47,6 +47,7 @@ compiler's does).
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import gc
 import itertools
@@ -134,7 +135,13 @@ def _array_unchanged(entry: tuple) -> bool:
     """Whether a numpy array, ``bytearray`` or ``array.array`` has the state the walk saw: dtype, shape, flags and
     bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in reachable.py)."""
     value, state = entry
-    return byte_buffer_state(value) == state
+    kind = type(value)
+    if kind is bytearray:
+        return value == state[0]  # (compared in place, no copy)
+    if kind is array.array:
+        return value.typecode == state[0] and value.tobytes() == state[1]
+    return (value.dtype == state[0] and value.shape == state[1] and value.flags.writeable is state[2]
+            and value.tobytes() == state[3])
 _version_of = operator.attrgetter("_version")
 _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")

@@ -7,6 +7,7 @@ change, the graph kept while nothing changes, and the fingerprint across process
 from __future__ import annotations
 
 import array
+import collections
 import itertools
 import json
 import math
@@ -334,3 +335,73 @@ def test_the_fingerprint_of_getattr_on_a_module(monkeypatch):
         return x * getattr(Layers, f"layer{0}")
 
     assert code_fingerprint(by_a_computed_attribute_of_an_object).trusted
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict subclasses (NOTE [Attributes of container subclasses])
+# ----------------------------------------------------------------------------------------------------
+
+
+class Config(dict):
+    """A config dict that also keeps a setting as an attribute."""
+
+    def __init__(self, **entries) -> None:
+        super().__init__(**entries)
+        self.mode = "double"
+
+
+class AttrDict(dict):
+    """Entries read as attributes: its own ``__dict__``."""
+
+    def __init__(self, **entries) -> None:
+        super().__init__(**entries)
+        self.__dict__ = self
+
+
+class ReadsDictConfigs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ordered = collections.OrderedDict(scale=2.0)
+        self.counts = collections.defaultdict(float, bias=1.0)
+        self.config = Config(shift=0.5)
+        self.attrs = AttrDict(gain=3.0)
+
+    def forward(self, x):
+        scale = self.ordered["scale"] * (2 if self.config.mode == "double" else 3)
+        return x * scale + self.counts["bias"] + self.config["shift"] + self.attrs.gain
+
+
+@pytest.mark.parametrize("route", list(_ROUTES))
+def test_dict_subclass_configs_changed_in_place_give_eagers_result_and_unchanged_keep_the_graph(route):
+    model = ReadsDictConfigs()
+    compiled = _ROUTES[route](model)
+    changes = [lambda: model.ordered.__setitem__("scale", 5.0), lambda: model.counts.__setitem__("bias", 2.0),
+               lambda: model.config.__setitem__("shift", 1.5), lambda: setattr(model.config, "mode", "triple"),
+               lambda: setattr(model.attrs, "gain", 4.0)]
+    torch.testing.assert_close(compiled(X), model(X))
+    for change in changes:
+        change()
+        torch.testing.assert_close(compiled(X), model(X))  # the config attribute: was the "double" graph
+    traces = compiled.compiled.num_compiles
+    compiled(X)
+    compiled(X)
+    assert compiled.compiled.num_compiles == traces == 1 + len(changes)
+
+
+def test_the_fingerprint_holds_a_dict_subclass_attributes_and_default_factory():
+    config = Config(shift=0.5)
+    counts = collections.defaultdict(float)
+
+    def reads(x):
+        return x * (2 if config.mode == "double" else 3) + counts["missing"]
+
+    first = code_fingerprint(reads)
+    config.mode = "triple"
+    second = code_fingerprint(reads)
+    config.mode = "double"
+    counts.default_factory = int
+    third = code_fingerprint(reads)
+    counts.default_factory = float
+    again = code_fingerprint(reads)
+    assert first.trusted, first.reason
+    assert len({first.digest, second.digest, third.digest}) == 3 and again.digest == first.digest
