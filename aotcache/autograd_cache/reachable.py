@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import functools
 import importlib.metadata
+import io
 import logging
 import os
 import re
@@ -386,8 +387,9 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
-        if self._guards is not None and isinstance(value, collections.abc.Iterator):
-            self._guards.iterator(value)  # NOTE [Iterators a program advances]
+        if self._guards is not None and isinstance(value, collections.abc.Iterator) and not isinstance(value,
+                                                                                                       io.IOBase):
+            self._guards.iterator(value)  # NOTE [Iterators a program advances] (a file handle held is not drawn)
         raise Untrusted(f"opaque object: {type_name(type(value))}")
 
     # NOTE [Iterators a program advances]
@@ -398,7 +400,9 @@ class Reachable(CodeWalk, ObjectWalk):
     # iterator stays opaque (untrusted across processes); the walk hands it to the guards, and a capture of a
     # program that reads one is refused before the function runs (NOTE [State changed by a capture] in
     # aot/call_state.py): the fallback runs the Python at every call. A plain object with ``__next__`` is walked
-    # by its ``__dict__`` like any other.
+    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one. Any such
+    # iterator the walk reaches counts, used by the function or not (an iterator held deep in an object the model
+    # keeps, unused in ``forward``, sends the call to the fallback too: conservative).
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
