@@ -550,7 +550,17 @@ class Reachable(CodeWalk, ObjectWalk):
         if isinstance(attributes, dict) and attributes is not value:
             if self._guards is not None:
                 self._guards.attributes(value, ("__dict__",))
-            extras += f"[attrs={self.ref(attributes)}]"  # (a dict: its entries guarded as a container's)
+                self._guards.contents(attributes)  # its entries by identity, as a container's
+            # an attribute that mirrors an entry (diffusers' FrozenDict sets one per key) is that entry's token
+            unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
+            items = []
+            for key, item in entries_of(attributes):
+                if isinstance(value, Mapping) and value.get(key, _UNSET) is item:
+                    token = "entry"
+                else:
+                    token = self._set_ordered_token(item) if key in unordered else self.ref(item)
+                items.append(f"{self.ref(key)}={token}")
+            extras += f"[attrs{{{','.join(items)}}}]"
         return extras
 
     def _set_ordered_token(self, value: Any) -> str:

@@ -411,3 +411,26 @@ def test_the_fingerprint_holds_a_dict_subclass_attributes_and_default_factory():
     again = code_fingerprint(reads)
     assert first.trusted, first.reason
     assert len({first.digest, second.digest, third.digest}) == 3 and again.digest == first.digest
+
+
+FROZEN_SCRIPT = """
+from diffusers.configuration_utils import FrozenDict
+from aotcache.autograd_cache.fingerprint import code_fingerprint
+
+config = FrozenDict(scale=2.0, _use_default_values=list({"a", "b", "c", "d", "e"}))
+
+def scaled(x):
+    return x * config["scale"]
+
+fingerprint = code_fingerprint(scaled)
+print(fingerprint.trusted, fingerprint.digest)
+"""
+
+
+def test_a_frozen_dicts_mirrored_attributes_keep_the_fingerprint_the_same_in_every_process():
+    """diffusers' FrozenDict mirrors each entry as an attribute, ``_use_default_values`` (a list made from a set)
+    included: written down as the entries are (NOTE [Set-ordered library metadata])."""
+    pytest.importorskip("diffusers")
+    outputs = {run_python(FROZEN_SCRIPT, env={"PYTHONHASHSEED": seed}).stdout.strip().splitlines()[-1]
+               for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and outputs.pop().startswith("True "), outputs
