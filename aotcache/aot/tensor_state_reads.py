@@ -13,7 +13,8 @@ first call). Such a read is refused before it returns (the analysis pass's torch
 tensor getter). ``.grad``, ``._version`` and ``.is_inference()`` go to the fallback's Dynamo way, which guards
 them; the leafness of an argument that requires grad runs eagerly (``dynamo_safe=False``: torch.compile reuses a
 leaf's graph for a non-leaf too). The leafness of an argument that does not require grad is always a leaf's, in
-the trace as in eager, and is not refused; neither are reads of tensors the function computes.
+the trace as in eager, and is not refused; neither are reads of tensors the function computes, nor torch's own
+reads (``torch.utils.checkpoint`` checks its saved tensors' versions).
 
 NOTE [Version counters in a Dynamo graph]
 Dynamo records ``x._version`` as a ``prims._tensor_version`` call in its graph (and guards nothing on it: the graph
@@ -25,6 +26,8 @@ as Python, the op reading the real counter at every call.
 
 from __future__ import annotations
 
+import os
+import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +38,19 @@ from aotcache.aot.error_sites import site_of
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["STATE_READERS", "refuse_autograd_state_read", "refuse_version_reads_in_graph"]
+
+_OWN_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_DIRECTORY = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _read_by_torch() -> bool:
+    """Whether the read comes from torch's own code (the checks of ``torch.utils.checkpoint`` read saved tensors'
+    versions): torch's machinery, not a branch of the program (NOTE [Autograd state read by the function])."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRECTORY):
+        frame = frame.f_back  # the capture's torch-function modes
+    return frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIRECTORY)
+
 
 # what each getter reads, for the message; the first group goes through Dynamo, the second runs eagerly
 _GUARDED_BY_DYNAMO = {
@@ -57,7 +73,7 @@ def refuse_autograd_state_read(func: Any, args: tuple, inputs: Iterable[int]) ->
     """Raise a :class:`CaptureError` when ``func`` (one of :data:`STATE_READERS`) reads the autograd state of a
     tensor standing for an argument (``inputs``: the ids of the analysis's probes; NOTE [Autograd state read by
     the function])."""
-    if not args or id(args[0]) not in inputs:
+    if not args or id(args[0]) not in inputs or _read_by_torch():
         return
     name = _GUARDED_BY_DYNAMO.get(func)
     if name is not None:

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import sys
 import threading
 import types
 import weakref
@@ -194,10 +195,12 @@ class Reachable(CodeWalk, ObjectWalk):
         self._active_library_functions: list[int] = []  # NOTE [Library functions that reach themselves] in code_walk.py
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
         self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched] in object_walk.py
+        self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
 
     # -- driving ------------------------------------------------------------------------------------------
 
     def add_root(self, value: Any) -> str:
+        self._walking = None
         token = self.ref(value)
         self._drain()
         return token
@@ -217,6 +220,7 @@ class Reachable(CodeWalk, ObjectWalk):
         while True:
             while self._queue:
                 index = self._queue.popleft()
+                self._walking = self._objects[index]  # NOTE [Iterators a program advances]: whose state this is
                 try:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
@@ -387,10 +391,24 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
-        if self._guards is not None and isinstance(value, collections.abc.Iterator) and not isinstance(value,
-                                                                                                       io.IOBase):
-            self._guards.iterator(value)  # NOTE [Iterators a program advances] (a file handle held is not drawn)
+        if self._guards is not None and isinstance(value, collections.abc.Iterator) and not isinstance(
+                value, io.IOBase) and not self._held_by_library_object():
+            self._guards.iterator(value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    def _held_by_library_object(self) -> bool:
+        """Whether the node being written is an object of a library's class (pytest's fixture requests, a
+        training framework's loop state), whose iterators are that library's (NOTE [Iterators a program
+        advances])."""
+        owner = self._walking
+        if owner is None or isinstance(owner, (types.FunctionType, type, types.ModuleType)):
+            return False
+        module_name = type(owner).__module__
+        if is_library(module_name):
+            return True
+        # (a package installed under another top-level name than its distribution's: pytest's ``_pytest``)
+        path = getattr(sys.modules.get(module_name), "__file__", None) or ""
+        return "site-packages" in path or "dist-packages" in path
 
     # NOTE [Iterators a program advances]
     # An iterator the program reads (``next(COUNTER)`` on an ``itertools.count``, a generator, ``iter(list)``) holds
@@ -400,9 +418,10 @@ class Reachable(CodeWalk, ObjectWalk):
     # iterator stays opaque (untrusted across processes); the walk hands it to the guards, and a capture of a
     # program that reads one is refused before the function runs (NOTE [State changed by a capture] in
     # aot/call_state.py): the fallback runs the Python at every call. A plain object with ``__next__`` is walked
-    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one. Any such
-    # iterator the walk reaches counts, used by the function or not (an iterator held deep in an object the model
-    # keeps, unused in ``forward``, sends the call to the fallback too: conservative).
+    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one, nor is an
+    # iterator held by an object of a library's class (pytest's fixture finalizers hold generators, and a test's
+    # function reached them through pytest's assertion rewriting: every such capture was refused). Any other such
+    # iterator the walk reaches counts, used by the function or not (conservative).
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
