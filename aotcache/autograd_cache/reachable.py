@@ -397,13 +397,18 @@ class Reachable(CodeWalk, ObjectWalk):
         raise Untrusted(f"opaque object: {type_name(type(value))}")
 
     def _held_by_library_object(self) -> bool:
-        """Whether the node being written is an object of a library's class (pytest's fixture requests, a
-        training framework's loop state), whose iterators are that library's (NOTE [Iterators a program
-        advances])."""
+        """Whether the node being written is a library's (an object of its class: pytest's fixture requests, a
+        training framework's loop state; or its module or function), whose iterators are that library's (NOTE
+        [Iterators a program advances])."""
         owner = self._walking
-        if owner is None or isinstance(owner, (types.FunctionType, type, types.ModuleType)):
+        if owner is None:
             return False
-        module_name = type(owner).__module__
+        if isinstance(owner, types.ModuleType):
+            module_name = owner.__name__
+        elif isinstance(owner, (types.FunctionType, type)):
+            module_name = getattr(owner, "__module__", None) or ""
+        else:
+            module_name = type(owner).__module__
         if is_library(module_name):
             return True
         # (a package installed under another top-level name than its distribution's: pytest's ``_pytest``)
