@@ -481,6 +481,8 @@ class AOTFunction:
 
         def flat_fn(*flat: Any) -> Any:
             nonlocal runs
+            if saved is not None:  # NOTE [Iterators a program advances] in autograd_cache/reachable.py
+                saved.refuse_advancing_iterators()
             if runs and saved is not None:  # NOTE [State changed by a capture]
                 saved.restore()
             runs += 1

@@ -135,6 +135,7 @@ class SavedCallState:
             self._settings_id = self._settings.current()[3]
         saved = getattr(program, "saved_state", None)
         self._program = saved() if saved is not None else None
+        self._iterators = list(getattr(getattr(program, "guards", None), "iterators", ()))
         # NOTE [Caches a module rebuilds from its weights]: an RNN's weight lists, under functional_call
         reached = getattr(self._program, "modules", None)
         self._rebuilt = SavedRebuiltCaches(reached() if reached is not None else ())
@@ -167,6 +168,20 @@ class SavedCallState:
                     f"than once (NOTE [State changed by a capture]); aotcache could not put that state back "
                     f"between the runs ({failure}), so the traced graph would not be the one eager runs. Change "
                     f"that state outside the compiled function.", reason="unsupported_construct")
+
+    def refuse_advancing_iterators(self) -> None:
+        """Before a run of the Python in a capture: refuse a program that reads an iterator each call advances
+        (NOTE [Iterators a program advances] in autograd_cache/reachable.py), before the run advances it.
+
+        :raises CaptureError: ``unsupported_construct``; the fallback runs the Python at every call.
+        """
+        if self._iterators:
+            raise CaptureError(
+                f"aotcache: the function reads an iterator ({type(self._iterators[0]).__qualname__}: "
+                f"itertools.count, a generator, iter(...)) whose next() advances at every call: a graph would "
+                f"return the value its capture drew at every call, and the capture would draw more than once. The "
+                f"call runs through the fallback, which runs that Python at every call.",
+                reason="unsupported_construct")
 
     def refuse_trace_tensors(self) -> None:
         """After a run of the Python in a capture: when the program state it reads (globals, closure cells, class

@@ -137,7 +137,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
         storages = [storage_of(p) for p in probes]
         # a resize_ of an input may reallocate its storage: never replayable (NOTE [Metadata mutations])
         resize_check = RejectInputResize(probes, positions, symbolic=fake_mode.shape_env is not None)
-        explain = ExplainUnsupportedOps()
+        explain = ExplainUnsupportedOps(probes)  # NOTE [Autograd state read by the function]
         scalars = SymbolicScalarTensors() if fake_mode.shape_env is not None else contextlib.nullcontext()
         draws = GeneratorDrawsWithSymbolicSizes() if fake_mode.shape_env is not None else contextlib.nullcontext()
         spotter = SpotInPlaceCalls() if spot_functionalization else contextlib.nullcontext()

@@ -27,6 +27,7 @@ from aotcache.aot.hot_path import ModuleState, storage_object, storage_sharing
 from aotcache.aot.input_mutations import mutated_input_overlaps
 from aotcache.aot.checkpoint_refusals import refuse_unpreserved_random_regions
 from aotcache.aot.refusals import refuse_backward_state_inputs
+from aotcache.aot.tensor_state_reads import refuse_version_reads_in_graph
 from aotcache.aot.services import CompileServices
 from aotcache.aot.signed_zero_guards import exact_float, is_zero_float
 from aotcache.aot.tensor_subclasses import refuse_non_strided_graph_values
@@ -235,6 +236,7 @@ def compile_dynamo_graph(gm: nn.Module, example_inputs: Sequence[Any], options: 
     refuse_unpreserved_random_regions(gm)  # NOTE [Checkpointed regions without the RNG state]
     refuse_non_strided_graph_values(gm)  # NOTE [Nested tensors built inside a Dynamo graph]
     refuse_backward_state_inputs(example_inputs)  # NOTE [Hooks compiled autograd runs from a forward graph]
+    refuse_version_reads_in_graph(gm)  # NOTE [Version counters in a Dynamo graph]
     param_names = [name for name, _ in gm.named_parameters()]
     buffer_names = [name for name, _ in gm.named_buffers()]
     num_lifted = len(param_names) + len(buffer_names)

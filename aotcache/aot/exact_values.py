@@ -10,6 +10,13 @@ NOTE [Plain values by type]
 promotes it to float. A module setting compared with ``==`` (``self.k = 1`` then ``self.k = 1.0``) kept the
 graph traced with the int: an int64 result where eager gives float32. :func:`exact_value` is the key such values
 are compared by: the type, then the value (floats by bits), at every depth of tuples, lists and dicts.
+
+NOTE [NaNs written down by bits]
+``repr(float("-nan"))`` is ``'nan'``, as is every NaN's, whatever its sign bit and payload. Written down by
+``repr``, a program global rebound from ``nan`` to ``-nan`` walked to the same digest (the graph traced with the
+old one kept: ``math.copysign(1.0, v)`` gave 1 where eager gives -1), and a NaN argument or graph constant was
+the same fingerprint and cache key either way (found in session 21). :func:`exact_repr` is ``repr`` except for a
+float or complex holding a NaN, which it writes with its bits: every other value keeps the token it had.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-__all__ = ["float_bits", "exact_value"]
+__all__ = ["float_bits", "exact_value", "exact_repr"]
 
 # types whose ``==`` is exact between two values of the type: the common settings, keyed without further checks
 _EXACT_BY_EQUALITY = frozenset({bool, int, str, bytes, type(None)})
@@ -43,3 +50,11 @@ def exact_value(value: Any) -> Any:
     if isinstance(value, dict):
         return (cls, tuple((exact_value(key), exact_value(item)) for key, item in value.items()))
     return (cls, value)
+
+
+def exact_repr(value: float | complex) -> str:
+    """``repr(value)``, except that a float or complex holding a NaN is written with its IEEE-754 bits (NOTE [NaNs
+    written down by bits])."""
+    if value != value:  # only a NaN (or a complex with one) is unequal to itself
+        return f"{type(value).__name__}-bits:{float_bits(value).hex()}"
+    return repr(value)

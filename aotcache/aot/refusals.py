@@ -144,7 +144,8 @@ def tensor_attribute_state(flat_args: Sequence[Any], originals: Sequence[Any]) -
 
 def _retains_grad(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a non-leaf that retains its gradient (``retain_grad()``; a leaf always has one)."""
-    return not tensor.is_leaf and tensor.retains_grad
+    with torch._C.DisableTorchFunction():  # aotcache's own read (NOTE [Autograd state read by the function])
+        return not tensor.is_leaf and tensor.retains_grad
 
 
 def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, dict, Any]], result: Any) -> None:
@@ -202,7 +203,8 @@ def _user_attributes(tensor: torch.Tensor) -> list[str]:
 def _grad_of(tensor: torch.Tensor) -> Any:
     """``tensor.grad`` of a leaf tensor; None for a non-leaf one (whose ``.grad`` autograd warns about reading,
     and a program does not set)."""
-    return tensor._grad if tensor.is_leaf else None
+    with torch._C.DisableTorchFunction():  # aotcache's own read (NOTE [Autograd state read by the function])
+        return tensor._grad if tensor.is_leaf else None
 
 
 def refuse_constants_requiring_grad(gm: torch.fx.GraphModule) -> None:

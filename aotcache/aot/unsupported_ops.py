@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.checkpoint_refusals import CHECKPOINT_MUTATION_ERROR, checkpoint_mutation_error
 from aotcache.aot.error_sites import call_site, first_line, site_of
 from aotcache.aot.errors import CaptureError
+from aotcache.aot.tensor_state_reads import STATE_READERS, refuse_autograd_state_read
 from aotcache.aot.unsupported_tensors import (
     NESTED_CONSTRUCTORS,
     in_nested_tensor_code,
@@ -54,11 +55,13 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     * (not a failure) whether the function reads storage offsets in Python (``reads_offsets``);
     * a Python read of a traced tensor's storage (NOTE [Storages seen in Python]);
     * a C++ kernel that reads tensor data directly, bypassing the dispatcher (``tensor_split`` with a tensor of
-      indices): fake tensors have no data, and torch only says "data is not allocated yet".
+      indices): fake tensors have no data, and torch only says "data is not allocated yet";
+    * a read of an argument's autograd state (``inputs``: the probes; NOTE [Autograd state read by the function]).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: Sequence[Any] = ()) -> None:
         super().__init__()
+        self.inputs = frozenset(id(value) for value in inputs if isinstance(value, torch.Tensor))
         self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/signature.py
         self.raised: list[Exception] = []  # NOTE [Capture errors the function catches]
 
@@ -86,6 +89,8 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
                     raise exc
 
     def _call(self, func: Any, args: tuple, kwargs: Mapping | None) -> Any:
+        if func in STATE_READERS:
+            refuse_autograd_state_read(func, args, self.inputs)
         if func in NESTED_CONSTRUCTORS:
             raise nested_tensor_error(f"the result of {_function_name(func)}")
         if func in _OFFSET_READERS:

@@ -21,7 +21,7 @@ from typing import Any
 from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
-__all__ = ["constant_token", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
+__all__ = ["computed_getattr", "constant_token", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
            "import_for_digest", "modules_looked_up"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
@@ -248,3 +248,71 @@ def import_for_digest(name: str) -> types.ModuleType | None:
         raise Untrusted(f"import inside function: {name} (ModuleNotFoundError: {exc.name})") from None
     except Exception as exc:  # user code runs on import: any failure means the import cannot be written down
         raise Untrusted(f"import inside function: {name} (importing it raised {type(exc).__name__})") from None
+
+
+# NOTE [Module attributes read by getattr]
+# ``getattr(sys.modules[__name__], "K")`` or ``getattr(cfg, "K")`` reads ``K`` without naming it in ``co_names``:
+# the walk read a module through the names the code uses, so ``K`` was in neither the guards nor the fingerprint
+# (``K = 5`` kept the graph of ``K = 2``, found in session 20 and 21). An identifier-like string constant of the
+# code counts as such a name now, as it does for class members. A *computed* name (``getattr(cfg, NAME)``) may be
+# any attribute: for the user modules such code reads, the in-process walk writes down every global by identity
+# and guards the whole namespace (NOTE [Whole namespaces in the guards] in program_guards.py), and the fingerprint
+# is untrusted (the full key decides). :func:`computed_getattr` finds such a call in the bytecode: the second
+# argument of a call of the builtin ``getattr`` that is not one string constant (anything it cannot follow,
+# a conditional expression in an argument, counts as computed).
+_JUMP_OPCODES = frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
+_CALL_OPS = frozenset({"CALL", "PRECALL", "CALL_FUNCTION", "CALL_FUNCTION_KW", "CALL_KW", "KW_NAMES"})
+
+
+@functools.lru_cache(maxsize=4096)
+def computed_getattr(code: types.CodeType) -> bool:
+    """Whether ``code`` (or code nested in it) calls ``getattr`` with a name that is not a string constant
+    (NOTE [Module attributes read by getattr])."""
+    if "getattr" in code.co_names:
+        instructions = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+        for index, instruction in enumerate(instructions):
+            if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and instruction.argval == "getattr" and \
+                    not _constant_second_argument(instructions, index + 1):
+                return True
+    return any(isinstance(c, types.CodeType) and computed_getattr(c) for c in code.co_consts)
+
+
+def _constant_second_argument(instructions: list, start: int) -> bool:
+    """Whether the call whose callable was loaded just before ``start`` gets a string constant as its second
+    argument: the stack depth is followed (relative to the callable) up to the call taking 2 or 3 arguments."""
+    depths = []  # the depth before each instruction
+    depth = 0
+    previous = None
+    for offset, instruction in enumerate(instructions[start:]):
+        if instruction.opcode in _JUMP_OPCODES:
+            return False  # a branch inside the arguments
+        if instruction.opname in _CALL_OPS and instruction.arg == depth and depth in (2, 3) and not (
+                previous == "PRECALL" and instruction.opname == "CALL"):  # (3.11: a PRECALL's CALL is its second half)
+            return _pushes_constant_second(instructions[start:start + offset], depths, depth)
+        try:
+            effect = dis.stack_effect(instruction.opcode, instruction.arg if instruction.opcode >= dis.HAVE_ARGUMENT
+                                      else None, jump=False)
+        except ValueError:
+            return False
+        depths.append(depth)
+        depth += effect
+        previous = instruction.opname
+        if depth < 0:
+            return False
+    return False
+
+
+def _pushes_constant_second(arguments: list, depths: list, count: int) -> bool:
+    """Whether the argument instructions push the second of ``count`` arguments with one ``LOAD_CONST`` of a
+    string: the last push from depth 1, with the stack above 1 from there on."""
+    pushes = [k for k, depth in enumerate(depths) if depth == 1 and (depths[k + 1] if k + 1 < len(depths) else count) > 1]
+    if not pushes:
+        return False
+    first = pushes[-1]
+    if any(depth < 2 for depth in depths[first + 1:]):
+        return False
+    constant = arguments[first]
+    if constant.opname != "LOAD_CONST" or not isinstance(constant.argval, str):
+        return False
+    rest = depths[first + 1:]  # the instructions after it: none (two arguments), or the third argument's
+    return not rest if count == 2 else bool(rest) and rest[0] == 2 and all(depth >= 3 for depth in rest[1:])

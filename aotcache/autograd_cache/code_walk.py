@@ -24,6 +24,7 @@ from aotcache.autograd_cache import process_state
 from aotcache.autograd_cache.code_reading import (
     all_names,
     cell_contents,
+    computed_getattr,
     constant_token,
     global_names,
     import_for_digest,
@@ -75,23 +76,30 @@ class CodeWalk:
             read_by_name = {name for name in strings if name in fn_globals}
             name_set |= read_by_name
             global_set |= read_by_name
-        names = sorted(name_set)
-        self._add_names(names)
+        self._add_names(name_set)
         self._add_names(strings)
+        # a module's attributes are read through the names the code uses and its string constants (NOTE [Module
+        # attributes read by getattr] in code_reading.py)
+        names = sorted(name_set | strings)
         guards = self._guards
         referenced = []
+        modules: list[types.ModuleType] = []  # the modules the code reads as values
         for name in sorted(global_set):
             if name in fn_globals:
                 value = fn_globals[name]
                 if guards is not None:
                     guards.slot(fn_globals, name, value)
+                if isinstance(value, types.ModuleType):
+                    modules.append(value)
                 referenced.append(f"{name}={self._global_token(value, names)}")
         for module_name in imported_modules(fn):
+            modules.append(sys.modules.get(module_name))
             referenced.append(f"import {module_name}={self._imported_module_token(module_name, names)}")
         looked_up, computed = modules_looked_up(fn)  # NOTE [Modules looked up by name] in code_reading.py
         if computed:
             self._note("module looked up by a computed name")
         for module_name in looked_up:
+            modules.append(sys.modules.get(module_name))
             referenced.append(f"lookup {module_name}={self._looked_up_module_token(module_name, names)}")
         # a module in a closure cell is read like a module global: through the attribute names the code uses
         cells = []
@@ -99,7 +107,11 @@ class CodeWalk:
             value = cell_contents(cell)
             if guards is not None:
                 guards.cell(cell)
+            if isinstance(value, types.ModuleType):
+                modules.append(value)
             cells.append(self._global_token(value, names))
+        if modules and "getattr" not in fn_globals and computed_getattr(code):
+            referenced.extend(self._whole_namespace_tokens(modules))
         if guards is not None:
             guards.attributes(fn, ("__code__", "__defaults__", "__kwdefaults__"))
             guards.length(fn.__dict__)
@@ -108,6 +120,22 @@ class CodeWalk:
                 f"kwdefaults={self.ref(fn.__kwdefaults__ or {})} closure=[{','.join(cells)}] "
                 f"globals=[{';'.join(referenced)}] attrs={self.ref(attributes)}"
                 f"{self._process_state_token(fn, name_set) if self.process_state else ''}")
+
+    def _whole_namespace_tokens(self, modules: Sequence[Any]) -> list[str]:
+        """The user modules among ``modules``, read by ``getattr`` with a computed name: every global by identity,
+        the namespace guarded whole (NOTE [Module attributes read by getattr] in code_reading.py)."""
+        tokens = []
+        for module in dict.fromkeys(m for m in modules if isinstance(m, types.ModuleType)):
+            if is_library(module.__name__):
+                continue
+            self._note(f"module attribute read by getattr with a computed name: {module.__name__}")
+            namespace = vars(module)
+            if self._guards is not None:
+                self._guards.namespace(namespace)
+            self._opaque.append(list(namespace.values()))  # (kept alive: their ids are in the token)
+            tokens.append(f"namespace {module.__name__}@" + ",".join(f"{name}:{id(value)}"
+                                                                      for name, value in namespace.items()))
+        return tokens
 
     def _process_state_token(self, fn: types.FunctionType, names: set[str]) -> str:
         """The environment variables ``fn`` reads by constant name, with their values (NOTE [Process state]);

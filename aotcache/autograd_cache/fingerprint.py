@@ -42,7 +42,7 @@ from torch import nn
 
 from aotcache.aot.ambient import numerics_flags
 from aotcache.aot.cache_objects import CacheInt
-from aotcache.aot.exact_values import float_bits
+from aotcache.aot.exact_values import exact_repr, float_bits
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import key as cache_key
 from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
@@ -131,7 +131,8 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
         elif type(arg) is float and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Float arguments]
             described.append(["float"])
         elif arg is None or isinstance(arg, (bool, int, float, str)):
-            described.append(["constant", type(arg).__name__, repr(arg)])
+            described.append(["constant", type(arg).__name__, exact_repr(arg) if isinstance(arg, float) else repr(arg)])
+            # NOTE [NaNs written down by bits]
         elif isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
             described.append(["constant", type(arg).__name__, str(arg)])
         else:

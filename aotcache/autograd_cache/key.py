@@ -53,6 +53,7 @@ import torch
 import torch.fx
 
 from aotcache.aot.ambient import numerics_flags
+from aotcache.aot.exact_values import exact_repr
 from aotcache.autograd_cache import guards, reachable, safety
 from aotcache.autograd_cache.compiler_settings import UnreadableCompilerSettings, global_compiler_settings
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, tensor_content_digest
@@ -302,7 +303,9 @@ class _GraphCanonicalizer:
             self.result.constants.append({"dtype": str(value.dtype).removeprefix("torch."),
                                           "shape": list(value.shape), "sha256": tensor_content_digest(value)})
             return f"const{len(self.result.constants) - 1}"
-        if isinstance(value, (int, float, bool, str, type(None))):
+        if isinstance(value, float):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+            return f"value:{exact_repr(value)}"
+        if isinstance(value, (int, bool, str, type(None))):
             return f"value:{value!r}"
         raise BypassAOTAutogradCache(f"opaque object: {type(value).__name__}")
 
@@ -310,7 +313,9 @@ class _GraphCanonicalizer:
         """A deterministic token for a node argument (nodes by normalized name)."""
         if isinstance(value, torch.fx.Node):
             return names[value]
-        if isinstance(value, (bool, int, float, complex, str, type(None))):
+        if isinstance(value, (float, complex)):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+            return exact_repr(value)
+        if isinstance(value, (bool, int, str, type(None))):
             return repr(value)
         if isinstance(value, torch.Size):
             return "Size(" + ", ".join(self.value(v, names) for v in value) + ")"
@@ -461,7 +466,7 @@ def _json_value(value: Any, where: str) -> Any:
     """A JSON-ready form of a caller-supplied option value; callables and objects by :func:`callable_digest`
     (code and state), never by address or type name."""
     if isinstance(value, float):
-        return {"float": repr(value)}
+        return {"float": exact_repr(value)}  # NOTE [NaNs written down by bits] in aot/exact_values.py
     if isinstance(value, (bool, int, str, type(None))):
         return value
     if isinstance(value, PurePath):

@@ -47,6 +47,7 @@ compiler's does).
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import gc
 import itertools
@@ -61,7 +62,7 @@ from torch import nn
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable
+from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable, byte_buffer_state
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState
@@ -131,9 +132,16 @@ _env_get = os.environ.get
 
 
 def _array_unchanged(entry: tuple) -> bool:
-    """Whether a numpy array has the dtype, shape and bytes the walk saw (NOTE [numpy arrays by content])."""
-    array, dtype, shape, content = entry
-    return array.dtype == dtype and array.shape == shape and array.tobytes() == content
+    """Whether a numpy array, ``bytearray`` or ``array.array`` has the state the walk saw: dtype, shape, flags and
+    bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in reachable.py)."""
+    value, state = entry
+    kind = type(value)
+    if kind is bytearray:
+        return value == state[0]  # (compared in place, no copy)
+    if kind is array.array:
+        return value.typecode == state[0] and value.tobytes() == state[1]
+    return (value.dtype == state[0] and value.shape == state[1] and value.flags.writeable is state[2]
+            and value.tobytes() == state[3])
 _version_of = operator.attrgetter("_version")
 _pointer_of = operator.methodcaller("data_ptr")
 _shape_of = operator.attrgetter("shape")
@@ -188,7 +196,8 @@ class GuardRecorder:
         self._unloaded: dict[str, None] = {}
         self._context: dict[int, tuple[Any, Any]] = {}
         self._namespaces: dict[int, tuple] = {}
-        self._arrays: dict[int, tuple[Any, Any, tuple, bytes]] = {}
+        self._arrays: dict[int, tuple[Any, tuple]] = {}
+        self._iterators: dict[int, Any] = {}
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
@@ -241,10 +250,15 @@ class GuardRecorder:
     def env(self, name: str, value: str | None) -> None:
         self._env.setdefault(name, value)
 
-    def array(self, array: Any, content: bytes) -> None:
-        """A numpy array read by the program: its dtype, shape and bytes (NOTE [numpy arrays by content] in
-        reachable.py)."""
-        self._arrays.setdefault(id(array), (array, array.dtype, array.shape, content))
+    def array(self, array: Any, state: tuple) -> None:
+        """A numpy array, ``bytearray`` or ``array.array`` read by the program, with its state (dtype, shape, flags
+        and bytes: :func:`byte_buffer_state`; NOTE [numpy arrays by content] in reachable.py)."""
+        self._arrays.setdefault(id(array), (array, state))
+
+    def iterator(self, iterator: Any) -> None:
+        """An iterator the program reads, whose state each ``next()`` advances (NOTE [Iterators a program
+        advances] in reachable.py)."""
+        self._iterators.setdefault(id(iterator), iterator)
 
     def tensor(self, tensor: Any) -> None:
         """A tensor constant: its version counter (bumped by every in-place change), data pointer and shape
@@ -280,7 +294,8 @@ class GuardRecorder:
             owners=dict(self._owners), unloaded_modules=list(self._unloaded),
             context_variables=[v for v, _ in self._context.values()],
             context_values=[value for _, value in self._context.values()],
-            namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()))
+            namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()),
+            iterators=list(self._iterators.values()))
 
 
 @dataclasses.dataclass(eq=False)
@@ -316,8 +331,10 @@ class ProgramGuards:
     context_variables: list = dataclasses.field(default_factory=list)  # NOTE [Context variables in the guards]
     context_values: list = dataclasses.field(default_factory=list)
     namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
-    arrays: list = dataclasses.field(default_factory=list)  # (array, dtype, shape, bytes): NOTE [numpy arrays by
+    arrays: list = dataclasses.field(default_factory=list)  # (array, its state): NOTE [numpy arrays by
     # content] in reachable.py
+    iterators: list = dataclasses.field(default_factory=list)  # NOTE [Iterators a program advances] in
+    # reachable.py: never compared (their identity is a slot's), a capture is refused
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""

@@ -14,15 +14,19 @@ custom compilers, partitioners, decomposition tables, ``@cacheable`` functions, 
 
 from __future__ import annotations
 
+import array
 import collections
+import collections.abc
 import contextvars
 import dataclasses
 import enum
 import functools
 import importlib.metadata
+import io
 import logging
 import os
 import re
+import sys
 import threading
 import types
 import weakref
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from aotcache.aot.exact_values import exact_repr
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import process_state, safety
 from aotcache.autograd_cache.code_walk import CodeWalk
@@ -58,7 +63,7 @@ from aotcache.autograd_cache.value_kinds import (
     type_name,
 )
 
-__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE"]
+__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE", "byte_buffer_state"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
 _MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
@@ -76,6 +81,16 @@ def _is_numpy_array(value: Any) -> bool:
     """Whether ``value`` is a ``numpy.ndarray`` (by its type's name: numpy is not imported here)."""
     cls = type(value)
     return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
+
+
+def byte_buffer_state(value: Any) -> tuple:
+    """What the program guards compare of a numpy array, ``bytearray`` or ``array.array`` at every call, its bytes
+    last (NOTE [numpy arrays by content], NOTE [Byte buffers by content])."""
+    if type(value) is bytearray:
+        return (bytes(value),)
+    if isinstance(value, array.array):
+        return (value.typecode, value.tobytes())
+    return (value.dtype, value.shape, value.flags.writeable, value.tobytes())
 
 
 def _custom_op_def_type() -> type | None:
@@ -180,10 +195,12 @@ class Reachable(CodeWalk, ObjectWalk):
         self._active_library_functions: list[int] = []  # NOTE [Library functions that reach themselves] in code_walk.py
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
         self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched] in object_walk.py
+        self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
 
     # -- driving ------------------------------------------------------------------------------------------
 
     def add_root(self, value: Any) -> str:
+        self._walking = None
         token = self.ref(value)
         self._drain()
         return token
@@ -203,6 +220,7 @@ class Reachable(CodeWalk, ObjectWalk):
         while True:
             while self._queue:
                 index = self._queue.popleft()
+                self._walking = self._objects[index]  # NOTE [Iterators a program advances]: whose state this is
                 try:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
@@ -266,6 +284,8 @@ class Reachable(CodeWalk, ObjectWalk):
 
     def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
+            if isinstance(value, (float, complex)):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+                return f"{type(value).__name__}:{exact_repr(value)}"
             return f"{type(value).__name__}:{value!r}"
         if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)):
             return str(value)
@@ -323,6 +343,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return self._environment_token()
         if _is_numpy_array(value):
             return self._numpy_array_token(value)
+        if isinstance(value, (bytearray, array.array)):
+            return self._byte_buffer_token(value)
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"
@@ -369,7 +391,42 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
+        if self._guards is not None and isinstance(value, collections.abc.Iterator) and not isinstance(
+                value, io.IOBase) and not self._held_by_library_object():
+            self._guards.iterator(value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    def _held_by_library_object(self) -> bool:
+        """Whether the node being written is a library's (an object of its class: pytest's fixture requests, a
+        training framework's loop state; or its module or function), whose iterators are that library's (NOTE
+        [Iterators a program advances])."""
+        owner = self._walking
+        if owner is None:
+            return False
+        if isinstance(owner, types.ModuleType):
+            module_name = owner.__name__
+        elif isinstance(owner, (types.FunctionType, type)):
+            module_name = getattr(owner, "__module__", None) or ""
+        else:
+            module_name = type(owner).__module__
+        if is_library(module_name):
+            return True
+        # (a package installed under another top-level name than its distribution's: pytest's ``_pytest``)
+        path = getattr(sys.modules.get(module_name), "__file__", None) or ""
+        return "site-packages" in path or "dist-packages" in path
+
+    # NOTE [Iterators a program advances]
+    # An iterator the program reads (``next(COUNTER)`` on an ``itertools.count``, a generator, ``iter(list)``) holds
+    # hidden state that every ``next()`` advances. A capture runs the function's Python more than once and cannot
+    # put that state back, and a graph runs none: the counter advanced twice while capturing, and every call
+    # returned the value baked into the graph (1, 1, 1 where eager gives 0, 1, 2; found in session 21). Such an
+    # iterator stays opaque (untrusted across processes); the walk hands it to the guards, and a capture of a
+    # program that reads one is refused before the function runs (NOTE [State changed by a capture] in
+    # aot/call_state.py): the fallback runs the Python at every call. A plain object with ``__next__`` is walked
+    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one, nor is an
+    # iterator held by an object of a library's class (pytest's fixture finalizers hold generators, and a test's
+    # function reached them through pytest's assertion rewriting: every such capture was refused). Any other such
+    # iterator the walk reaches counts, used by the function or not (conservative).
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
@@ -378,16 +435,35 @@ class Reachable(CodeWalk, ObjectWalk):
     # counter, so an array is written down by dtype, shape and content digest, and the guards compare its bytes
     # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
     # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
+    # Its ``flags.writeable`` is part of it (a program may branch on it; found in session 21: a flag cleared kept
+    # the graph of the writeable array).
     def _numpy_array_token(self, value: Any) -> str:
         if value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
             raise Untrusted(f"opaque object: {type_name(type(value))}")
-        content = value.tobytes()
+        state = byte_buffer_state(value)
         if self._guards is not None:
-            self._guards.array(value, content)
+            self._guards.array(value, state)
         # ``dtype.str`` names a structured dtype by its item size alone (``|V8``): its fields (names, types,
         # offsets) are the descr, so two layouts of the same bytes get two tokens
         dtype = value.dtype.str if value.dtype.fields is None else f"{value.dtype.str}{value.dtype.descr!r}"
-        return f"ndarray:{dtype}{tuple(value.shape)!r}:{sha256_text(content.hex())}"
+        writeable = "" if value.flags.writeable else ":read-only"
+        return f"ndarray:{dtype}{tuple(value.shape)!r}{writeable}:{sha256_text(state[-1].hex())}"
+
+    # NOTE [Byte buffers by content]
+    # A ``bytearray`` or an ``array.array`` (a lookup table, a mask of flags) changes in place like a numpy array
+    # and keeps no version either: it was an opaque object, guarded by identity, so ``TABLE[0] = 5`` kept the graph
+    # traced with the old entry (a stale result, found in session 21), and never trusted across processes. Both are
+    # written down and guarded as numpy arrays are (NOTE [numpy arrays by content]): an ``array.array`` with its
+    # type code, each compared by its bytes at every call up to the same size; a larger one stays opaque.
+    def _byte_buffer_token(self, value: Any) -> str:
+        if type(value) not in (bytearray, array.array) or \
+                len(value) * getattr(value, "itemsize", 1) > _MAX_GUARDED_ARRAY_BYTES:  # (a subclass: attributes)
+            raise Untrusted(f"opaque object: {type_name(type(value))}")
+        state = byte_buffer_state(value)
+        if self._guards is not None:
+            self._guards.array(value, state)
+        kind = "bytearray" if type(value) is bytearray else f"array:{value.typecode}"
+        return f"{kind}:{sha256_text(state[-1].hex())}"
 
     # NOTE [The environment as a value]
     # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
@@ -460,7 +536,7 @@ class Reachable(CodeWalk, ObjectWalk):
             if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
                     isinstance(value, tuple) and hasattr(type(value), "_fields")):
                 # a user subclass of a container may change how it is read: its class is part of the token
-                kind = self.type_ref(type(value))
+                kind = self.type_ref(type(value)) + self._container_extras(value)
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
                 unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
@@ -479,6 +555,37 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
         finally:
             self._active_containers.pop()
+
+    # NOTE [Attributes of container subclasses]
+    # A container of a subclass (``class Config(dict)`` setting ``self.mode`` in ``__init__``, a
+    # ``defaultdict``) holds state beside its members: the instance ``__dict__`` and a ``defaultdict``'s
+    # ``default_factory``. Only the members were written down, so ``cfg.mode = "b"`` kept the graph traced with
+    # ``"a"`` and was the same fingerprint (found in session 21). Both are part of the token now, the attributes
+    # guarded like a plain object's (their dict's entries by identity); a dict that is its own ``__dict__`` (an
+    # ``AttrDict``) is written down once, by its members.
+    def _container_extras(self, value: Any) -> str:
+        """The state a container subclass holds beside its members (NOTE [Attributes of container subclasses])."""
+        extras = ""
+        if isinstance(value, collections.defaultdict):
+            if self._guards is not None:
+                self._guards.attributes(value, ("default_factory",))
+            extras += f"[default_factory={self.ref(value.default_factory)}]"
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict) and attributes is not value:
+            if self._guards is not None:
+                self._guards.attributes(value, ("__dict__",))
+                self._guards.contents(attributes)  # its entries by identity, as a container's
+            # an attribute that mirrors an entry (diffusers' FrozenDict sets one per key) is that entry's token
+            unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
+            items = []
+            for key, item in entries_of(attributes):
+                if isinstance(value, Mapping) and value.get(key, _UNSET) is item:
+                    token = "entry"
+                else:
+                    token = self._set_ordered_token(item) if key in unordered else self.ref(item)
+                items.append(f"{self.ref(key)}={token}")
+            extras += f"[attrs{{{','.join(items)}}}]"
+        return extras
 
     def _set_ordered_token(self, value: Any) -> str:
         """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
