@@ -124,6 +124,13 @@ def _selective_policy(context_fn: Callable) -> Callable | None:
     return getattr(forward, "policy_fn", None) if type(forward) is caching_mode else None
 
 
+def _versions_of(args: Sequence[Any]) -> list[int | None]:
+    """The version counters of the tensors among ``args``: aotcache's own read, not the function's (NOTE [Autograd
+    state read by the function] in tensor_state_reads.py refuses the function's)."""
+    with torch._C.DisableTorchFunction():
+        return [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]
+
+
 def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable | None) -> Any:
     """``body(*args)`` traced as part of the enclosing graph, its new nodes tagged to be recomputed (or as
     ``policy``, a selective-checkpoint policy, says per op).
@@ -138,7 +145,7 @@ def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable 
     nodes_before = len(graph.nodes) if graph is not None else 0
     enclosing = getattr(_open, "region_id", None)
     region_id = enclosing if enclosing is not None and policy is None else _new_region_id()  # NOTE [Nested
-    versions = [arg._version if isinstance(arg, torch.Tensor) else None for arg in args]  # regions traced in line]
+    versions = _versions_of(args)  # regions traced in line]
     tags = _PolicyTags(policy, graph, region_id) if policy is not None and graph is not None \
         else contextlib.nullcontext()
     _open.region_id = region_id
@@ -147,8 +154,8 @@ def _region_in_line(body: fx.GraphModule, args: Sequence[Any], policy: Callable 
             out = _RegionsInLine(body).run(*args)
     finally:
         _open.region_id = enclosing
-    for index, (arg, version) in enumerate(zip(args, versions)):
-        if version is not None and arg._version != version:
+    for index, (arg, version, now) in enumerate(zip(args, versions, _versions_of(args))):
+        if version is not None and now != version:
             raise checkpoint_input_write_error(f"the region's input {index} of shape {tuple(arg.shape)}")
     if graph is None:
         return out

@@ -29,15 +29,16 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from aotcache.aot.error_sites import site_of
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["STATE_READERS", "refuse_autograd_state_read", "refuse_version_reads_in_graph"]
+__all__ = ["STATE_READERS", "input_storages", "refuse_autograd_state_read", "refuse_version_reads_in_graph"]
 
 _OWN_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _TORCH_DIRECTORY = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -58,6 +59,7 @@ _GUARDED_BY_DYNAMO = {
     torch.Tensor._grad.__get__: "._grad",
     torch.Tensor._version.__get__: "._version",
     torch.Tensor.is_inference: ".is_inference()",
+    torch.is_inference: "torch.is_inference()",
 }
 _LEAFNESS = {
     torch.Tensor.is_leaf.__get__: ".is_leaf",
@@ -69,26 +71,50 @@ _LEAFNESS = {
 STATE_READERS = frozenset(_GUARDED_BY_DYNAMO) | frozenset(_LEAFNESS)
 
 
-def refuse_autograd_state_read(func: Any, args: tuple, inputs: Iterable[int]) -> None:
+def refuse_autograd_state_read(func: Any, args: tuple, inputs: Iterable[int], storages: Container[Any] = ()) -> None:
     """Raise a :class:`CaptureError` when ``func`` (one of :data:`STATE_READERS`) reads the autograd state of a
-    tensor standing for an argument (``inputs``: the ids of the analysis's probes; NOTE [Autograd state read by
-    the function])."""
-    if not args or id(args[0]) not in inputs or _read_by_torch():
+    tensor standing for an argument (``inputs``: the ids of the analysis's probes; ``storages``: their storages, the
+    aliases' too), or the ``.grad`` / version / inference-ness of a real tensor the program holds (NOTE [Autograd
+    state read by the function])."""
+    if not args or not isinstance(args[0], torch.Tensor) or _read_by_torch():
         return
+    tensor = args[0]
     name = _GUARDED_BY_DYNAMO.get(func)
-    if name is not None:
+    if name is not None and (id(tensor) in inputs or _is_real(tensor) or _storage_of(tensor) in storages):
         site = site_of(traceback.extract_stack()[:-1])
         raise CaptureError(f"aotcache: the function reads {name} of a tensor argument, parameter or buffer"
                            f"{site}: a graph would keep what the trace read at every call (a capture's "
                            f"tensor has no .grad, a version counter of its own and is never an inference tensor); "
                            f"the call runs through the fallback, which checks it at every call.",
                            reason="unsupported_construct")
-    if args[0].requires_grad:
+    if id(tensor) in inputs and name is None and tensor.requires_grad:
         site = site_of(traceback.extract_stack()[:-1])
         raise CaptureError(f"aotcache: the function reads {_LEAFNESS[func]} of a tensor argument or parameter that "
                            f"requires grad{site}: a capture's tensor is never the caller's leaf, so the graph "
                            f"would take the other branch; the call runs eagerly.",
                            reason="unsupported_construct", dynamo_safe=False)
+
+
+def _is_real(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a real tensor the program holds, not one the trace made (fake or functional)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return not isinstance(tensor, (FakeTensor, FunctionalTensor)) and not torch._is_functional_tensor(tensor)
+
+
+def _storage_of(tensor: torch.Tensor) -> Any:
+    """The weak reference to ``tensor``'s storage (an alias has its base's), None where it has none."""
+    try:
+        return StorageWeakRef(tensor.untyped_storage())
+    except (RuntimeError, NotImplementedError):  # a sparse or nested tensor: no storage to compare
+        return None
+
+
+def input_storages(inputs: Iterable[Any]) -> list[Any]:
+    """The storages of the tensors among ``inputs``, for :func:`refuse_autograd_state_read`."""
+    return [storage for storage in map(_storage_of, (t for t in inputs if isinstance(t, torch.Tensor)))
+            if storage is not None]
 
 
 def refuse_version_reads_in_graph(gm: torch.nn.Module) -> None:

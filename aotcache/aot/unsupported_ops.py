@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.checkpoint_refusals import CHECKPOINT_MUTATION_ERROR, checkpoint_mutation_error
 from aotcache.aot.error_sites import call_site, first_line, site_of
 from aotcache.aot.errors import CaptureError
-from aotcache.aot.tensor_state_reads import STATE_READERS, refuse_autograd_state_read
+from aotcache.aot.tensor_state_reads import STATE_READERS, input_storages, refuse_autograd_state_read
 from aotcache.aot.unsupported_tensors import (
     NESTED_CONSTRUCTORS,
     in_nested_tensor_code,
@@ -62,6 +62,7 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
     def __init__(self, inputs: Sequence[Any] = ()) -> None:
         super().__init__()
         self.inputs = frozenset(id(value) for value in inputs if isinstance(value, torch.Tensor))
+        self.input_storages = frozenset(input_storages(inputs))  # their aliases share them
         self.reads_offsets = False  # NOTE [Storage offsets are not part of the signature] in aot/signature.py
         self.raised: list[Exception] = []  # NOTE [Capture errors the function catches]
 
@@ -90,7 +91,7 @@ class ExplainUnsupportedOps(torch.overrides.TorchFunctionMode):
 
     def _call(self, func: Any, args: tuple, kwargs: Mapping | None) -> Any:
         if func in STATE_READERS:
-            refuse_autograd_state_read(func, args, self.inputs)
+            refuse_autograd_state_read(func, args, self.inputs, self.input_storages)
         if func in NESTED_CONSTRUCTORS:
             raise nested_tensor_error(f"the result of {_function_name(func)}")
         if func in _OFFSET_READERS:

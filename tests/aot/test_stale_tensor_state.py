@@ -197,3 +197,85 @@ def test_a_warm_process_with_a_grad_set_gives_eagers_result():
     assert run("without_grad")["same"]
     assert run("with_grad")["same"]
     assert run("without_grad")["same"]
+
+
+class ScaledByAliasState(nn.Module):
+    """Branches on its buffer's version and inference-ness read through aliases (``detach()``, a view) and through
+    ``torch.is_inference``: an alias shares both with the buffer."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.read = read
+        self.register_buffer("shift", torch.ones(3))
+
+    def forward(self, x):
+        if self.read == "detach_version":
+            changed = self.shift.detach()._version != 0
+        elif self.read == "view_version":
+            changed = self.shift[:]._version != 0
+        elif self.read == "torch_is_inference":
+            changed = torch.is_inference(self.shift)
+        else:
+            changed = self.shift.view(-1).is_inference()
+        return (x + self.shift) * (3 if changed else 2)
+
+
+@pytest.mark.parametrize("route", list(_ROUTES))
+@pytest.mark.parametrize("read", ["detach_version", "view_version", "torch_is_inference", "view_is_inference"])
+def test_state_read_through_an_alias_or_torch_is_inference_gives_eagers_result(route, read):
+    """Found by the session-21 review: each kept the branch of the first call."""
+    model = ScaledByAliasState(read)
+    compiled = _ROUTES[route](model)
+    torch.testing.assert_close(compiled(X), model(X))
+    if read.endswith("version"):
+        model.shift.mul_(1)
+    else:
+        with torch.inference_mode():
+            model.shift = torch.ones(3)
+    torch.testing.assert_close(compiled(X), model(X))
+
+
+GLOBAL_WEIGHT = torch.ones(3, requires_grad=True)
+
+
+class ScaledByGlobalGrad(nn.Module):
+    """Branches on the ``.grad`` of a global tensor (a real tensor the program holds, not an input)."""
+
+    def forward(self, x):
+        return x * (2 if GLOBAL_WEIGHT.grad is None else 3)
+
+
+@pytest.mark.parametrize("route", list(_ROUTES))
+def test_the_grad_of_a_global_tensor_gives_eagers_result(route):
+    """Found by the session-21 review: a backward setting the global's grad kept the no-grad branch."""
+    GLOBAL_WEIGHT.grad = None
+    model = ScaledByGlobalGrad()
+    compiled = _ROUTES[route](model)
+    try:
+        torch.testing.assert_close(compiled(X), model(X))
+        GLOBAL_WEIGHT.grad = torch.zeros(3)
+        torch.testing.assert_close(compiled(X), model(X))
+    finally:
+        GLOBAL_WEIGHT.grad = None
+
+
+def test_a_checkpointed_region_is_still_compiled_through_the_backend():
+    """aotcache's own read of a checkpointed region's input versions is not the function's: found by the session-21
+    review, every torch.utils.checkpoint region ran eagerly through the backend."""
+    import torch.utils.checkpoint as checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return checkpoint.checkpoint(self.fc, x, use_reentrant=False)
+
+    model = _model(Checkpointed)
+    compiled = torch.compile(model, backend=aotcache_backend)
+    x = torch.ones(2, 3, requires_grad=True)
+    before = dict(fallback_counts())
+    torch.testing.assert_close(compiled(x), model(x))
+    assert dict(fallback_counts()) == before
+    torch._dynamo.reset()
