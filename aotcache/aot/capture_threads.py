@@ -369,7 +369,52 @@ def one_trace_at_a_time() -> contextlib.AbstractContextManager:
 _this_thread = threading.local()  # .captures: how many captures this thread is running (nested)
 _captures_lock = threading.Lock()
 _captures_running = 0  # in all threads
-_flag_before = False  # torch's is_compiling flag before the first of the running captures
+_flag_lock = threading.Lock()
+_flag_holders = 0  # aotcache captures and Dynamo compile sessions holding torch's is_compiling flag, all threads
+_flag_before = False  # torch's is_compiling flag before the first of the holders
+
+
+@contextlib.contextmanager
+def _flag_held() -> Iterator[None]:
+    """NOTE [is_compiling held by count]: torch's is_compiling flag is one value for the process. torch 2.13's
+    Dynamo sets it for a compile session by saving the value it finds and putting it back at the end, and so did
+    a capture. Overlapping in two threads (a capture beside another thread's torch.compile: aotcache.compile's
+    first calls from a thread pool), the one ending last put back the True the other had set, and the flag stayed
+    True for the rest of the process: every library then took its tracing paths in eager code (transformers'
+    generate skipped its own steps). The flag is now held by count: True while any capture or compile session
+    runs, put back to what the first holder found when the last one ends. Dynamo's session joins the count
+    (``torch.compiler._compile_session_context`` is replaced at import: torch looks it up per compile; a torch
+    without it keeps its own)."""
+    global _flag_holders, _flag_before
+    compiler = torch.compiler
+    if not hasattr(compiler, "_is_compiling_flag"):
+        yield
+        return
+    counted = False
+    try:  # NOTE [Interrupted captures]: every change is made inside the try, and undone only if made
+        with _flag_lock:
+            if not _flag_holders:
+                _flag_before = compiler._is_compiling_flag
+            holds = getattr(_this_thread, "flag_holds", 0) + 1  # this thread's, for a forked child
+            _flag_holders, _this_thread.flag_holds, counted = _flag_holders + 1, holds, True  # one statement
+            compiler._is_compiling_flag = True
+        yield
+    finally:
+        if counted:
+            with _flag_lock:
+                _flag_holders -= 1
+                _this_thread.flag_holds -= 1
+                if not _flag_holders:
+                    compiler._is_compiling_flag = _flag_before
+
+
+def _counted_compile_session() -> contextlib.AbstractContextManager:
+    """Dynamo's compile session, holding the is_compiling flag by count (NOTE [is_compiling held by count])."""
+    return _flag_held()
+
+
+if hasattr(torch.compiler, "_compile_session_context") and hasattr(torch.compiler, "_is_compiling_flag"):
+    torch.compiler._compile_session_context = _counted_compile_session
 
 
 @contextlib.contextmanager
@@ -382,19 +427,14 @@ def compiling() -> Iterator[None]:
     torch keeps that flag for the whole process, so other threads see it too while one captures; aotcache's
     own decisions (inline a nested compiled function, use Dynamo for a fallback) ask
     :func:`tracing_in_this_thread` instead, which knows which thread the capture runs in."""
-    global _captures_running, _flag_before
-    compiler = torch.compiler
-    has_flag = hasattr(compiler, "_is_compiling_flag")
+    global _captures_running
     counted = in_thread = False
     try:  # NOTE [Interrupted captures]: every change is made inside the try, and undone only if made
-        with _captures_lock:  # the flag is set while any thread captures, and put back when the last one ends
-            if not _captures_running and has_flag:
-                _flag_before = compiler._is_compiling_flag
+        with _captures_lock:
             _captures_running, counted = _captures_running + 1, True  # one statement: no interrupt between
-            if has_flag:
-                compiler._is_compiling_flag = True
         _this_thread.captures, in_thread = getattr(_this_thread, "captures", 0) + 1, True
-        yield
+        with _flag_held():
+            yield
     finally:
         try:
             if in_thread:
@@ -403,23 +443,23 @@ def compiling() -> Iterator[None]:
             if counted:
                 with _captures_lock:
                     _captures_running -= 1
-                    if not _captures_running and has_flag:
-                        compiler._is_compiling_flag = _flag_before
 
 
 def _forget_other_threads_after_fork() -> None:
     """NOTE [A child forked while another thread captures]: only the forking thread goes on in the child."""
-    global _gates_lock, _captures_lock, _captures_running
+    global _gates_lock, _captures_lock, _captures_running, _flag_lock, _flag_holders
     me = threading.get_ident()
     _trace_lock.forget_other_threads(me)
     _gates_lock = threading.Lock()
     for gate in list(_gates.values()):
         gate.forget_other_threads(me)
-    _captures_lock = threading.Lock()
+    _captures_lock, _flag_lock = threading.Lock(), threading.Lock()
     mine = getattr(_this_thread, "captures", 0)
-    if _captures_running != mine:
-        _captures_running = mine
-        if not mine and hasattr(torch.compiler, "_is_compiling_flag"):
+    _captures_running = mine
+    held = getattr(_this_thread, "flag_holds", 0)
+    if _flag_holders != held:
+        _flag_holders = held
+        if not held and hasattr(torch.compiler, "_is_compiling_flag"):
             torch.compiler._is_compiling_flag = _flag_before
 
 

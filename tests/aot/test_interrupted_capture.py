@@ -82,7 +82,7 @@ class _InterruptAfter:
 
 POINTS = {
     "compiling, this thread's count": (lambda: capture_threads.compiling.__wrapped__, "_this_thread.captures"),
-    "compiling, torch flag set": (lambda: capture_threads.compiling.__wrapped__, "_is_compiling_flag = True"),
+    "compiling, torch flag set": (lambda: capture_threads._flag_held.__wrapped__, "_is_compiling_flag = True"),
     # NOTE [One trace at a time]: an interrupt right after the process-wide trace lock is taken must release it
     "trace lock taken": (lambda: capture_threads._TraceLock.held.__wrapped__, "self.owner, self.turn, self.depth"),
     "tensor checks depth": (lambda: tensor_checks.tensor_checks_in_graph.__wrapped__, "depth + 1"),
@@ -106,6 +106,7 @@ class _MLP(nn.Module):
 def _state_left() -> dict:
     return {"is_compiling": torch.compiler.is_compiling(),
             "captures running": capture_threads._captures_running,
+            "is_compiling holders": capture_threads._flag_holders,
             "captures in this thread": getattr(capture_threads._this_thread, "captures", 0),
             "trace lock owner": capture_threads._trace_lock.owner,
             "tensor-check depth": getattr(tensor_checks._this_thread, "depth", 0),
@@ -119,7 +120,8 @@ def _state_left() -> dict:
 @pytest.mark.parametrize("api", ["aot_module", "aot_function"])
 def test_interrupt_leaves_no_state_and_later_compiles_work(point, api):
     clean = _state_left()
-    assert clean == {"is_compiling": False, "captures running": 0, "captures in this thread": 0,
+    assert clean == {"is_compiling": False, "captures running": 0, "is_compiling holders": 0,
+                     "captures in this thread": 0,
                      "trace lock owner": None, "tensor-check depth": 0, "fake-tensor log filters": 0,
                      "torch dispatch modes": 0, "torch function modes": 0, "in a torch dispatch mode": False}
     torch.manual_seed(0)
