@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,14 +59,34 @@ def tensorify_available() -> bool:
     try:
         from torch._dynamo.exc import TensorifyScalarRestartAnalysis  # noqa: F401
         from torch._dynamo.symbolic_convert import TensorifyState  # noqa: F401
-        from torch._dynamo.utils import _is_tensorify_enabled
         from torch.fx.passes._tensorify_python_scalars import tensorify_python_scalars  # noqa: F401
     except ImportError:
         return False
     try:
-        return bool(_is_tensorify_enabled())
+        return _tensorify_pass_enabled()
     except Exception:  # noqa: BLE001 - a private knob that could not be read: do not rely on the pass
         return False
+
+
+def _tensorify_pass_enabled() -> bool:
+    """Whether torch's tensorify pass runs (NOTE [The tensorify pass's switch])."""
+    try:
+        from torch._dynamo.utils import _is_tensorify_enabled
+    except ImportError:
+        pass
+    else:
+        return bool(_is_tensorify_enabled())
+    # NOTE [The tensorify pass's switch]
+    # Newer torch reads the pass's switch in one helper, ``_is_tensorify_enabled``. torch 2.11 has no such helper:
+    # the pass itself reads the same two things at its start, the ``TENSORIFY_PYTHON_SCALARS`` environment
+    # variable ("0" or "FALSE" turn it off) and otherwise the ``pytorch/compiler:tensorify_python_scalars``
+    # knob (always on outside Meta). Without this, every float was specialized on 2.11 (a graph per LR value).
+    from torch._utils_internal import justknobs_check
+
+    setting = os.getenv("TENSORIFY_PYTHON_SCALARS")
+    if setting is not None:
+        return setting not in ("0", "FALSE")
+    return bool(justknobs_check("pytorch/compiler:tensorify_python_scalars"))
 
 
 @dataclasses.dataclass

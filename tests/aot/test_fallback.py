@@ -781,14 +781,20 @@ def test_a_size_kept_in_a_closure_variable_is_put_back_and_eagers_int_kept():
         assert type(seen["rows"]) is int and seen["rows"] == rows + 1
 
 
-def test_cond_making_a_data_dependent_size_runs_eagerly_through_the_backend(monkeypatch):
+@pytest.fixture
+def dynamo_captures_data_dependent_sizes():
+    """Dynamo traces ``.item()`` / ``.tolist()`` and data-dependent output sizes, for the test only. Through the config
+    module's own ``patch``: pytest 9.2's ``monkeypatch.setattr`` restores a module attribute missing from its
+    ``__dict__`` with ``delattr``, which hides a torch config for good (every later read raised AttributeError)."""
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        yield
+
+
+def test_cond_making_a_data_dependent_size_runs_eagerly_through_the_backend(dynamo_captures_data_dependent_sizes):
     """NOTE [Data-dependent sizes in a symbolic trace]: was BackendCompilerFailed (PendingUnbackedSymbolNotFound)."""
     import functools
 
     from aotcache.backend import aotcache_backend
-
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
 
     def branch(x):
         nonzero = x.nonzero()
@@ -808,14 +814,12 @@ def test_cond_making_a_data_dependent_size_runs_eagerly_through_the_backend(monk
         compiled(torch.randn(5, 5) + 10)
 
 
-def test_data_dependent_output_size_with_symbolic_sizes_runs_eagerly_through_the_backend(monkeypatch):
+def test_data_dependent_output_size_with_symbolic_sizes_runs_eagerly_through_the_backend(
+        dynamo_captures_data_dependent_sizes):
     """NOTE [Data-dependent sizes in a symbolic trace]: refused as with static sizes, not BackendCompilerFailed."""
     import functools
 
     from aotcache.backend import aotcache_backend
-
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
 
     def fn(x, sizes):
         first, second = x.split(sizes.tolist())
