@@ -26,6 +26,23 @@ CAPTURE, OTHER = "capture-thread", "other-thread"
 WAIT = 60  # seconds: only ever reached when something is broken
 
 
+def _report_of_script(script: str, timeout: float, hang: str) -> dict:
+    """Run ``script`` in a fresh Python (this checkout first on its path) and return the JSON of its last line;
+    fail naming ``hang`` where it does not end within ``timeout`` seconds."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{hang} hung: {exc.stderr}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 class Choreography:
     """Holds two threads at the points that make them overlap: the capture (thread ``CAPTURE``, its tensors
     swapped) until the other thread has read the module's tensors, and that read (thread ``OTHER``, not traced)
@@ -499,18 +516,7 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def first_calls_at_once_report():
-    import json
-    import os
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    try:
-        done = subprocess.run([sys.executable, "-c", _FIRST_CALLS_AT_ONCE], capture_output=True, text=True,
-                              timeout=400, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"first calls from three threads at once hung: {exc.stderr}")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _report_of_script(_FIRST_CALLS_AT_ONCE, 400, "first calls from three threads at once")
 
 
 @pytest.mark.parametrize("scenario", ["different_models", "same_model"])
@@ -573,19 +579,7 @@ print(json.dumps({"first_equal": torch.allclose(first, eager(x)), "again_equal":
 
 
 def test_a_capture_waiting_for_a_worker_that_captures_runs_instead_of_hanging():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    try:
-        done = subprocess.run([sys.executable, "-c", _TRACE_WAITS_FOR_A_WORKER], capture_output=True, text=True,
-                              timeout=240, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"a capture waiting for a worker thread that captures hung: {exc.stderr}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _report_of_script(_TRACE_WAITS_FOR_A_WORKER, 240, "a capture waiting for a worker thread that captures")
     assert report["first_equal"] and report["again_equal"] and report["helper_equal"], report
     assert report["busy"] >= 1, report  # the worker's call ran eagerly while the outer capture held the lock
 
@@ -637,18 +631,7 @@ thread.join(120)
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
 def test_a_child_forked_while_another_thread_captures_captures_itself():
-    import json
-    import os
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    try:
-        done = subprocess.run([sys.executable, "-c", _FORK_WHILE_ANOTHER_THREAD_CAPTURES], capture_output=True,
-                              text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"a forked child's capture hung: {exc.stderr}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _report_of_script(_FORK_WHILE_ANOTHER_THREAD_CAPTURES, 300, "a forked child's capture")
     assert report == {"equal": True, "counts": {}, "is_compiling": False}, report
 
 
