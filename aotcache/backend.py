@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from aotcache.aot.dynamo_progress import marks_region_calls
 from aotcache.aot.partition import PARTITIONER_NAMES as PARTITIONERS
 from aotcache.logs import logger
 
@@ -49,6 +50,7 @@ def _partition_fn(partition: str | Callable) -> Callable:
     return resolve_partition(partition, "backend") if partition is not None else resolve_partition("default")
 
 
+@marks_region_calls  # NOTE [Dynamo failures after part of the call ran]
 def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compiler: str | Callable | None = None,
                      dynamic: bool | None = None, cache: Any = True, partition: str | Callable = "default",
                      compiler_options: Mapping[str, Any] | None = None, mode: str | None = None,

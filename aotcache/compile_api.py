@@ -30,6 +30,7 @@ from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.dynamo_compile import stance_forces_eager
+from aotcache.aot.dynamo_progress import DynamoProgress
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import count_fallback, is_trace_failure, raised_by_region, trace_failure_error
 from aotcache.aot.module_state import dynamo_safe_module
@@ -111,6 +112,7 @@ class _Router:
         self.reason = ""
         self.capturing = threading.local()  # .digest: the fingerprint of the call this thread last captured
         self._dynamo: Callable | None = None
+        self.dynamo_progress = DynamoProgress()  # NOTE [Dynamo failures after part of the call ran]
         self._lock = threading.Lock()
         services.router = self
 
@@ -175,16 +177,22 @@ class _Router:
     # "'dict' object has no attribute 'node'" under torch 2.13, after the capture had refused the same code
     # (an attribute given to a tensor argument or to a returned tensor: NOTE [Python attributes a function sets on
     # tensors] in aot/refusals.py), so ``aotcache.compile`` failed where eager runs. A Dynamo error on the Dynamo
-    # way (a ``TorchDynamoException``: Dynamo's own failure, or a user's error it wrapped) now runs the call eagerly:
-    # if that runs, the route becomes "eager" for the later calls (counted ``eager:dynamo_failed``, warned once);
-    # if it raises, that is eager's own error, raised as eager raises it, and nothing is decided. As in the capture
-    # fallback's ``PartialRuntime``, what regions ran before a failure in a later frame did is not rolled back
-    # (once per model). Strict mode (``AOTCACHE_STRICT=1``) and ``fullgraph=True`` raise a CaptureError naming both
-    # failures instead. The hot path of the Dynamo way gains only a ``try``.
+    # way (a ``TorchDynamoException``: Dynamo's own failure, or a user's error it wrapped) runs the call eagerly
+    # where nothing of the call can have run yet (NOTE [Dynamo failures after part of the call ran] in
+    # aot/dynamo_progress.py): if that runs, the route becomes "eager" for the later calls (counted
+    # ``eager:dynamo_failed``, warned once); if it raises, that is eager's own error, raised as eager raises it, and
+    # nothing is decided. Where part of the call may have run (a graph before a graph break wrote an input, Python
+    # side effects were replayed, or an earlier call of this way compiled frames), Dynamo's error is raised as it
+    # is, as torch.compile raises it: an eager rerun would apply those effects twice. Strict mode
+    # (``AOTCACHE_STRICT=1``) and ``fullgraph=True`` raise a CaptureError naming both failures instead. The hot path
+    # of the Dynamo way gains a ``try`` and one attribute read (and each region call one thread-local add).
     def _dynamo_or_eager(self, dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
-        """The Dynamo way's call, or eager's where torch.compile fails (NOTE [Dynamo failing where eager runs])."""
+        """The Dynamo way's call, or eager's where torch.compile fails before any of the call ran (NOTE [Dynamo
+        failing where eager runs])."""
+        progress = self.dynamo_progress
+        mark = None if progress.settled else progress.mark()
         try:
-            return dynamo_call()
+            result = dynamo_call()
         except Exception as exc:
             from torch._dynamo.exc import TorchDynamoException  # Dynamo is imported once its way has run
 
@@ -197,6 +205,14 @@ class _Router:
                     f"aotcache.compile: {self.aot.name}: torch.compile could not run the call ({failure}) after the "
                     f"whole-call capture was refused ({self.reason or 'no capture tried'}); {asked} asks for this "
                     f"error instead of running the call eagerly", reason="dynamo_failed", dynamo_safe=False) from exc
+            if mark is None or not progress.nothing_ran_since(mark):
+                exc.add_note(f"aotcache.compile: {self.aot.name}: not rerun eagerly: part of the call may have run "
+                             f"before torch.compile failed (NOTE [Dynamo failures after part of the call ran])")
+                raise
+        else:
+            if mark is not None:
+                progress.settled = True
+            return result
         result = eager_call()  # eager's own error, if any, is raised as it is and decides nothing
         with self._lock:
             first = self.route != EAGER

@@ -52,6 +52,7 @@ from torch.utils import _pytree as pytree
 from aotcache import config
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.dynamo_compile import torch_compile
+from aotcache.aot.dynamo_progress import DynamoProgress, marks_region_calls
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.generator_args import untraceable_generator_failure
 from aotcache.aot.dynamo_way import dynamo_as_eager
@@ -160,13 +161,15 @@ class PartialRuntime:
     """Runs the function through ``torch.compile`` with aotcache compiling each region (NOTE [Capture fallback]).
 
     The Dynamo-compiled callable is shared by all signatures of one ``AOTFunction`` (Dynamo guards select
-    among its compiled frames). If Dynamo fails, this signature switches to eager for good.
+    among its compiled frames). If Dynamo fails before any of the call ran, this signature switches to eager for
+    good; after, Dynamo's error is raised (NOTE [Dynamo failures after part of the call ran]).
     """
 
     metadata = _NO_GUARDS
 
-    def __init__(self, dynamo_fn: Callable, eager: EagerRuntime, owner: Any) -> None:
+    def __init__(self, dynamo_fn: Callable, eager: EagerRuntime, owner: Any, progress: DynamoProgress) -> None:
         self.dynamo_fn = dynamo_fn
+        self.progress = progress  # shared by the owner's signatures, as dynamo_fn's frames are
         self.eager = eager
         self.owner = owner
         self.broken = False
@@ -187,24 +190,35 @@ class PartialRuntime:
             return self.eager.run(args, kwargs)
         from torch._dynamo.exc import TorchDynamoException
 
+        progress = self.progress
+        mark = None if progress.settled else progress.mark()
         try:
             if self.eager.gate is None:
-                return self.dynamo_fn(args, kwargs)
-            with self.eager.gate.running():  # NOTE [Eager runs beside a capture]: Dynamo reads the module too
-                return self.dynamo_fn(args, kwargs)
+                result = self.dynamo_fn(args, kwargs)
+            else:
+                with self.eager.gate.running():  # NOTE [Eager runs beside a capture]: Dynamo reads the module too
+                    result = self.dynamo_fn(args, kwargs)
         except TorchDynamoException as exc:
             region_error = raised_by_region(exc)
             if region_error is not None:  # NOTE [Regions that cannot be captured under raise or strict]
                 raise region_error  # its cause: the capture's own error
-            # NOTE: Dynamo failed (or wrapped an error of the user's code): run eagerly, which either works
-            # (Dynamo's limitation) or raises the user's own error. Inputs mutated by regions that ran before
-            # the failure are not rolled back; this happens at most once per signature.
+            # NOTE: Dynamo failed (or wrapped an error of the user's code): where nothing of the call can have run
+            # yet, run eagerly, which either works (Dynamo's limitation) or raises the user's own error; else raise
+            # Dynamo's error, as an eager rerun would apply what ran a second time (NOTE [Dynamo failures after
+            # part of the call ran])
+            if mark is None or not progress.nothing_ran_since(mark):
+                exc.add_note(f"aotcache: {self.owner.name}: not rerun eagerly: part of the call may have run before "
+                             f"torch.compile failed (NOTE [Dynamo failures after part of the call ran])")
+                raise
             self.broken = True
             count_fallback(f"eager:{self.eager.reason}")
             _warn_once(self.owner, f"dynamo:{self.eager.reason}",
                        "aotcache: %s: torch.compile could not run the call either (%s: %s); it runs eagerly",
                        self.owner.name, type(exc).__name__, _first_line(exc))
             return self.eager.run(args, kwargs)
+        if mark is not None:
+            progress.settled = True
+        return result
 
 
 def _warn_once(owner: Any, topic: str, message: str, *args: Any) -> None:
@@ -225,6 +239,7 @@ def _raises(on_capture_error: str) -> bool:
     return on_capture_error == "raise" or bool(config.get("strict"))
 
 
+@marks_region_calls  # NOTE [Dynamo failures after part of the call ran]
 def _region_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, owner: Any) -> Callable:
     """A Dynamo backend compiling one region with ``owner``'s (an AOTFunction) options, services and cache.
 
@@ -418,8 +433,9 @@ def _target(owner: Any) -> tuple[Callable, int]:
     return (module, 2) if module is not None else (owner.fn, 0)
 
 
-def _dynamo_entry(owner: Any) -> Callable:
-    """``torch.compile`` of the fallback target (:func:`_target`) with the region backend, once per AOTFunction.
+def _dynamo_entry(owner: Any) -> tuple[Callable, types.CodeType]:
+    """``torch.compile`` of the fallback target (:func:`_target`) with the region backend, once per AOTFunction,
+    and the entry's own code (a trampoline: NOTE [Dynamo failures after part of the call ran]).
 
     NOTE [A code object per fallback]: Dynamo keeps its compiled frames (and its recompile limit) per code
     object, so each AOTFunction gets its own copy of the entry's code: functions that share source (a closure
@@ -434,7 +450,7 @@ def _dynamo_entry(owner: Any) -> Callable:
                                "aotcache_partial", None, aotcache_partial.__closure__)
     backend = functools.partial(_region_backend, owner=owner)
     # NOTE [A redirected torch.compile]: torch's own, also where a program sent torch.compile to aotcache
-    return dynamo_as_eager(torch_compile(entry, backend=backend, dynamic=bool(owner.options.dynamic)))
+    return dynamo_as_eager(torch_compile(entry, backend=backend, dynamic=bool(owner.options.dynamic))), entry.__code__
 
 
 def _dynamo_usable() -> bool:
@@ -455,11 +471,18 @@ def _fallback_runtime(owner: Any, in_spec: Any, exc: CaptureError) -> EagerRunti
             or not _dynamo_usable()):
         count_fallback(f"eager:{exc.reason}")
         return eager
-    dynamo_fn = owner.__dict__.get("_partial_entry")  # the caller holds owner's lock
-    if dynamo_fn is None:
-        dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
     count_fallback(f"partial:{exc.reason}")
-    return PartialRuntime(dynamo_fn, eager, owner)
+    return _partial_runtime(owner, eager)  # the caller holds owner's lock
+
+
+def _partial_runtime(owner: Any, eager: EagerRuntime) -> PartialRuntime:
+    """A PartialRuntime over ``owner``'s Dynamo entry, made at the first (the caller holds ``owner``'s lock)."""
+    entry = owner.__dict__.get("_partial_entry")
+    if entry is None:  # the entry and whether its frames may have run (NOTE [Dynamo failures after part of the
+        # call ran]), shared by the owner's signatures
+        dynamo_fn, trampoline = _dynamo_entry(owner)
+        entry = owner.__dict__["_partial_entry"] = (dynamo_fn, DynamoProgress(trampoline))
+    return PartialRuntime(entry[0], eager, owner, entry[1])
 
 
 def _synthetic_base_runtime(owner: Any, flat_args: list, in_spec: Any, dynamic: Any) -> Any:
@@ -641,10 +664,7 @@ def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict,
     runtime: EagerRuntime | PartialRuntime = eager
     if owner.on_capture_error != "eager" and _dynamo_usable():
         with owner._lock:
-            dynamo_fn = owner.__dict__.get("_partial_entry")
-            if dynamo_fn is None:
-                dynamo_fn = owner.__dict__["_partial_entry"] = _dynamo_entry(owner)
-        runtime = PartialRuntime(dynamo_fn, eager, owner)
+            runtime = _partial_runtime(owner, eager)
     warned = owner.__dict__.setdefault("_fallback_warned", set())
     if f"{runtime.kind}:refused_argument" not in warned:
         count_fallback(f"{runtime.kind}:refused_argument")
