@@ -181,8 +181,12 @@ def refuse_tensor_attribute_changes(before: list[tuple[torch.Tensor, dict, dict,
 
 _MISSING = object()
 # What the trace's own tensor classes keep in their ``__dict__`` (FunctionalTensor's ``elem``, FakeTensor's mode,
-# device and memos), not a program's attributes: a returned trace tensor has them and nothing else.
-_TRACE_TENSOR_FIELDS = frozenset({"elem", "constant", "dispatch_keys", "fake_mode", "pytype", "real_tensor"})
+# device and memos), not a program's attributes: a returned trace tensor has them and nothing else. FakeTensor's
+# device field is ``_fake_device`` in torch 2.13 but ``fake_device`` in 2.11: without the latter, on 2.11 every
+# function returning a fake tensor that no functional input feeds (one computed from a closed-over tensor only)
+# was refused as if it had set an attribute, and fell back to Dynamo (session 21).
+_TRACE_TENSOR_FIELDS = frozenset({"elem", "constant", "dispatch_keys", "fake_device", "fake_mode", "pytype",
+                                  "real_tensor"})
 
 
 def _user_attributes(tensor: torch.Tensor) -> list[str]:

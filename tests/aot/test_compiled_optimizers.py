@@ -347,6 +347,15 @@ def test_a_float_argument_of_a_compiled_function_never_reuses_a_graph_for_anothe
     assert set(checks) == expected and (len(checks) == 1 or not checks), checks
 
 
+# NOTE [A float capture abandoned in every process]
+# torch 2.11's Dynamo rewrites ``param.add_(grad, alpha=-lr)`` as ``param.add_(torch.mul(grad, -lr))`` (2.13 keeps
+# the keyword, which aotcache specializes without a capture: ``_reaches_a_keyword`` in aot/dynamo_floats.py), so
+# on 2.11 single-tensor SGD's unspecialized LR is kept, captured and looked up (a miss), then torch 2.11's tensorify
+# pass cannot rewrite it (TensorifyScalarRestartAnalysis) and the float is specialized; nothing is stored for that
+# capture. Each process repeats it: a deterministic miss, not a key that differs between processes (the graphs
+# that were stored all load). Session 21.
+
+
 def test_a_kept_float_lr_graph_loads_in_a_new_process_for_another_starting_lr():
     """Cold process: single-tensor Adam and Adagrad with a float LR changed every step (kept as a graph input after
     its first value), single-tensor SGD (specialized per value). Warm process on the same cache dir: the same runs
@@ -362,7 +371,9 @@ def test_a_kept_float_lr_graph_loads_in_a_new_process_for_another_starting_lr():
         assert run["count"] and run["worst"] <= tolerance[spec.split(":")[0]] and run["bypass"] == 0, (spec, run)
     for spec in specs:
         assert cold[spec]["compile"] >= 2 and warm[spec]["compile"] == 0 and warm[spec]["hit"] >= 2, (spec, warm)
-        assert warm[spec]["miss"] == 0, (spec, warm)
+        # Every stored graph loads; the only misses of a warm process are captures abandoned before storing, the
+        # same in every process (NOTE [A float capture abandoned in every process]): none on 2.13, one for SGD on 2.11.
+        assert warm[spec]["miss"] == cold[spec]["miss"] - cold[spec]["compile"], (spec, cold, warm)
     for spec in specs[:2]:  # a loaded entry's guards keep the float symbolic (NOTE [NaN checks of a symbolic float]):
         assert cold[spec]["compile"] == 2 and warm[spec]["hit"] == 2, (spec, cold, warm)  # no frame per value
     for spec in ("adam_single_float_lr:0.03:0.0", "adagrad_float_lr:0.03:0.0"):

@@ -430,3 +430,21 @@ def test_a_dynamo_failure_after_a_region_raises_clearly_in_strict_mode():
             compiled(x, torch.zeros(4))
         except CaptureError as exc:
             assert "torch.compile could not run the call" in str(exc)
+
+
+_CLOSED_OVER_TABLE = torch.arange(8.0)
+
+
+def _read_closed_over_only(x):
+    """Its output is computed from a closed-over tensor alone: the trace returns a bare fake tensor."""
+    return _CLOSED_OVER_TABLE[2:5] * 2
+
+
+def test_a_function_returning_a_tensor_from_a_closed_over_tensor_only_is_captured_whole():
+    """A returned fake tensor's own fields are not a program's attributes: torch 2.11's FakeTensor keeps its device
+    as ``fake_device`` (2.13: ``_fake_device``), and such a function was refused and fell back on 2.11."""
+    compiled = aotcache.aot_function(_read_closed_over_only, "nop", cache=False, on_capture_error="raise")
+    torch.testing.assert_close(compiled(torch.ones(3)), _read_closed_over_only(torch.ones(3)))
+    wrapped = aotcache.compile(_read_closed_over_only, compiler="nop", cache=False)
+    torch.testing.assert_close(wrapped(torch.ones(3)), torch.tensor([4.0, 6.0, 8.0]))
+    assert wrapped.route == "aot"
