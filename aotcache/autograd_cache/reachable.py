@@ -141,6 +141,14 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
 # ----------------------------------------------------------------------------------------------------
 
 
+
+# NOTE [Iterators a program advances], off for now: the refusal also fired on iterators a program only reaches
+# through a test runner's state (pytest-xdist's workers run execnet's code, whose objects and module are not seen as
+# a library's), sending captures to the fallback in the suite's own xdist runs (session 21). Off until the walk
+# tells a program's own iterators from those it merely reaches; the in-process staleness it fixed is a known gap
+# again (strict xfails in tests/aot/test_stale_program_values.py); across processes such iterators stay untrusted.
+_REFUSE_ITERATORS = False
+
 class Reachable(CodeWalk, ObjectWalk):
     """Canonical serialization of the objects reachable from some roots.
 
@@ -391,8 +399,8 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
-        if self._guards is not None and isinstance(value, collections.abc.Iterator) and not isinstance(
-                value, io.IOBase) and not self._held_by_library_object():
+        if (_REFUSE_ITERATORS and self._guards is not None and isinstance(value, collections.abc.Iterator)
+                and not isinstance(value, io.IOBase) and not self._held_by_library_object()):
             self._guards.iterator(value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
 
