@@ -52,9 +52,9 @@ def exact_value(value: Any) -> Any:
     return (cls, value)
 
 
-def exact_repr(value: float | complex) -> str:
-    """``repr(value)``, except that a float or complex holding a NaN is written with its IEEE-754 bits (NOTE [NaNs
-    written down by bits])."""
-    if value != value:  # only a NaN (or a complex with one) is unequal to itself
+def exact_repr(value: Any) -> str:
+    """``repr(value)`` of a plain value, except that a float or complex holding a NaN is written with its IEEE-754
+    bits (NOTE [NaNs written down by bits])."""
+    if isinstance(value, (float, complex)) and value != value:  # only a NaN (or a complex with one) is unequal
         return f"{type(value).__name__}-bits:{float_bits(value).hex()}"
     return repr(value)

@@ -131,8 +131,7 @@ def _inputs_part(flat_args: Sequence[Any], in_spec: Any, dynamic: bool | tuple) 
         elif type(arg) is float and isinstance(dynamic, tuple) and dynamic[position]:  # NOTE [Float arguments]
             described.append(["float"])
         elif arg is None or isinstance(arg, (bool, int, float, str)):
-            described.append(["constant", type(arg).__name__, exact_repr(arg) if isinstance(arg, float) else repr(arg)])
-            # NOTE [NaNs written down by bits]
+            described.append(["constant", type(arg).__name__, exact_repr(arg)])  # NOTE [NaNs written down by bits]
         elif isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
             described.append(["constant", type(arg).__name__, str(arg)])
         else:

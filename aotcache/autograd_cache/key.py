@@ -303,20 +303,18 @@ class _GraphCanonicalizer:
             self.result.constants.append({"dtype": str(value.dtype).removeprefix("torch."),
                                           "shape": list(value.shape), "sha256": tensor_content_digest(value)})
             return f"const{len(self.result.constants) - 1}"
-        if isinstance(value, float):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+        if isinstance(value, (int, float, bool, str, type(None))):  # NOTE [NaNs written down by bits] in
+            # aot/exact_values.py
             return f"value:{exact_repr(value)}"
-        if isinstance(value, (int, bool, str, type(None))):
-            return f"value:{value!r}"
         raise BypassAOTAutogradCache(f"opaque object: {type(value).__name__}")
 
     def value(self, value: Any, names: Mapping[torch.fx.Node, str]) -> str:
         """A deterministic token for a node argument (nodes by normalized name)."""
         if isinstance(value, torch.fx.Node):
             return names[value]
-        if isinstance(value, (float, complex)):  # NOTE [NaNs written down by bits] in aot/exact_values.py
+        if isinstance(value, (bool, int, float, complex, str, type(None))):  # NOTE [NaNs written down by bits] in
+            # aot/exact_values.py
             return exact_repr(value)
-        if isinstance(value, (bool, int, str, type(None))):
-            return repr(value)
         if isinstance(value, torch.Size):
             return "Size(" + ", ".join(self.value(v, names) for v in value) + ")"
         if isinstance(value, tuple):

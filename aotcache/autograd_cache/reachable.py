@@ -292,9 +292,7 @@ class Reachable(CodeWalk, ObjectWalk):
 
     def _ref(self, value: Any) -> str:  # noqa: C901 - one dispatch over value kinds, kept flat on purpose
         if value is None or isinstance(value, (bool, int, float, complex, str, bytes)) or value is Ellipsis:
-            if isinstance(value, (float, complex)):  # NOTE [NaNs written down by bits] in aot/exact_values.py
-                return f"{type(value).__name__}:{exact_repr(value)}"
-            return f"{type(value).__name__}:{value!r}"
+            return f"{type(value).__name__}:{exact_repr(value)}"  # NOTE [NaNs written down by bits] in exact_values.py
         if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)):
             return str(value)
         if isinstance(value, torch.Size):
