@@ -63,6 +63,10 @@ ARCHS: dict[str, tuple[str, ...]] = {
     # sequence classifiers (the usual fine-tuning setup: config.problem_type set on the first call with labels)
     "BertForSequenceClassification": ("ForSequenceClassification", "classify", "Bert"),
     "RobertaForSequenceClassification": ("ForSequenceClassification", "classify", "Roberta"),
+    # session 22: the families the earlier runs of this sweep had left out
+    "Mpt": ("ForCausalLM", "causal"),
+    "SwitchTransformers": ("ForConditionalGeneration", "seq2seq"),
+    "Esm": ("ForMaskedLM", "masked"),
 }
 
 

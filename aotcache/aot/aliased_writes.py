@@ -33,6 +33,16 @@ gradient's is refused too now, so the fallback runs the call as written. Reading
 is an alias like ``detach()``, which functionalization traces. The refusal is not Dynamo-safe: torch.compile's
 graph of ``h2 = h * h; h.data = zeros; return h2`` gave other gradients than eager's (eager's backward of ``h * h``
 reads the swapped ``h``), so the fallback runs the call eagerly.
+
+NOTE [A tensor's .data set to itself]
+``module.to(dtype)`` (or ``.float()``, ``.to(device)``) where nothing converts ends in ``Module._apply`` doing
+``param.data = param.to(...)``, and ``to()`` returns the tensor itself: ``param.data = param``, which swaps
+nothing and leaves the version counter alone. transformers' Switch Transformers router runs
+``self.classifier = self.classifier.to(self.dtype)`` in every forward; refused as a ``.data`` assignment, the whole
+model ran eagerly under ``aotcache.compile`` (``test_module_to_its_own_dtype_inside_forward_is_captured_whole``).
+So an assignment of a tensor's ``.data`` to that same tensor object is skipped (not run on the trace tensor, where it
+would replace the functional wrapper's storage) instead of refused; any other tensor, even a view or an alias of the
+same storage, is still refused.
 """
 
 from __future__ import annotations
@@ -309,6 +319,8 @@ class RefuseAliasedWrites(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Mapping | None = None) -> Any:
         kwargs = kwargs or {}
         if _is_data_setter(func) and args and _traced(args[0]):
+            if len(args) > 1 and args[1] is args[0]:
+                return None  # NOTE [A tensor's .data set to itself]: a no-op, as in eager
             # not Dynamo-safe: torch.compile gets it wrong too (NOTE [.data assignments in a trace])
             raise CaptureError("aotcache: the function assigns to a tensor's .data (h.data = y) inside the "
                                "compiled function (its forward, or a custom autograd.Function's backward); a "

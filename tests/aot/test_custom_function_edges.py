@@ -90,6 +90,41 @@ def _data_assigned_after_save(x):
     return h2 * W
 
 
+class _RouterMovedToItsOwnDtype(torch.nn.Module):
+    """Switch Transformers' router: ``self.classifier = self.classifier.to(self.dtype)`` on every call, which
+    ``Module._apply`` runs as ``param.data = param`` (nothing converts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(torch.float32)
+        return self.classifier(x).softmax(-1)
+
+
+def test_module_to_its_own_dtype_inside_forward_is_captured_whole():
+    """``param.data = param`` is a no-op, not a ``.data`` swap: the model was refused and ran eagerly for good
+    (route ``eager``); now captured whole, with eager's values and gradients (NOTE [A tensor's .data set to
+    itself])."""
+    eager = _RouterMovedToItsOwnDtype()
+    model = _RouterMovedToItsOwnDtype()
+    model.load_state_dict(eager.state_dict())
+    weight = model.classifier.weight
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    before = fallback_counts()
+    for step in range(2):
+        x = torch.arange(6.0).reshape(2, 3) / (step + 3)
+        want, got = eager(x), compiled(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (want * torch.arange(8.0).reshape(2, 4)).sum().backward()
+        (got * torch.arange(8.0).reshape(2, 4)).sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    assert compiled.route == "aot" and _counts_since(before) == {}
+    assert model.classifier.weight is weight and weight.grad is not None
+
+
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("fn", [_data_assigned, _data_assigned_after_save], ids=["forward", "saved"])
 def test_data_assigned_to_an_intermediate_gives_eager_values_and_gradients(fn, api):
