@@ -49,7 +49,12 @@ def test_dynamic_quantized_linear_runs_as_in_eager(route):
 
 
 def _shape_checked(x):
-    assert x.shape[-1] == 4, "last dimension must be 4"
+    # what a forward's ``assert`` does outside a test module. pytest rewrites an ``assert`` written in a test file
+    # into calls of its assertion helpers, whose module globals reach pytest's session state (the capture's log
+    # names its config's ExitStack); a failing one ran them, and in an xdist worker that had run other files first
+    # (torch 2.11 venv, pytest 9.2) the capture refused "changes Python state it reads" and took the Dynamo route
+    if x.shape[-1] != 4:
+        raise AssertionError("last dimension must be 4")
     return x * 2
 
 
