@@ -542,14 +542,14 @@ def test_aotcache_compile_first_calls_of_one_model_going_the_dynamo_way_from_thr
 # that waits there for a worker thread whose own first call must capture (another model) waited for good. Run in a
 # subprocess with a short bound, so a regression fails by the timeout instead of hanging the session.
 _TRACE_WAITS_FOR_A_WORKER = r"""
-import json
+import json, os
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 from aotcache.aot import aot_module, capture_threads
 from aotcache.aot.fallback import fallback_counts
 
-capture_threads.TRACE_WAIT_S = 0.5  # the bound under test; the default is longer
+os.environ["AOTCACHE_TRACE_WAIT_S"] = "0.5"  # the bound under test; the default is longer
 
 torch.manual_seed(0)
 helper = nn.Linear(4, 4)
@@ -588,7 +588,7 @@ def test_a_capture_waiting_for_a_worker_that_captures_runs_instead_of_hanging():
 # inherited the trace lock owned by a thread the child does not have: its capture gave up (ran eagerly), and
 # is_compiling() stayed True in it. Run in a subprocess (fork beside pytest's threads), bounded.
 _FORK_WHILE_ANOTHER_THREAD_CAPTURES = r"""
-import json, multiprocessing, threading
+import json, multiprocessing, os, threading
 import torch
 from torch import nn
 from aotcache.aot import aot_module, capture_threads
@@ -606,7 +606,7 @@ class Held(nn.Module):
         return self.lin(x)
 
 def child(queue):
-    capture_threads.TRACE_WAIT_S = 0.5  # the bug showed as this wait given up; the default is longer
+    os.environ["AOTCACHE_TRACE_WAIT_S"] = "0.5"  # the bug showed as this wait given up; the default is longer
     torch.manual_seed(1)
     model, x = nn.Linear(4, 4), torch.randn(2, 4)
     wrapped = aot_module(model, "nop", cache=False)
@@ -663,3 +663,165 @@ def test_a_capture_overlapping_a_dynamo_compile_session_in_another_thread_leaves
         assert not torch.compiler.is_compiling()
     finally:
         torch.compiler._is_compiling_flag = False
+
+
+# NOTE [A child forked while another thread captures the same model]: the child's first call of the model waited for
+# good on the compiled function's lock (held by the capturing thread, which the child does not have), and the module
+# held the capture's trace tensors in the child. Run in a subprocess (fork beside pytest's threads); the child is
+# bounded (killed where it does not answer), and so is the script.
+_FORK_WHILE_ANOTHER_THREAD_CAPTURES_THE_SAME_MODEL = r"""
+import json, multiprocessing, os, sys, tempfile, threading, traceback
+cache_dir = tempfile.TemporaryDirectory()
+os.environ["AOTCACHE_CACHE_DIR"] = cache_dir.name
+import torch
+from torch import nn
+import aotcache
+from aotcache.aot import aot_module
+from aotcache.aot.fallback import fallback_counts
+
+class Held(nn.Module):
+    '''Holds the first call of a thread other than the main one inside its capture until released.'''
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.inside, self.release = threading.Event(), threading.Event()
+    def forward(self, x):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(120)
+        return self.lin(x) * self.scale
+
+def eager(model, x):
+    with torch.no_grad():
+        return model.lin(x) * model.scale
+
+def child(queue, model, wrapped):
+    try:
+        x = torch.randn(2, 4)
+        first, again = wrapped(x), wrapped(x)
+        queue.put({"equal": torch.allclose(first, eager(model, x)) and torch.allclose(again, eager(model, x)),
+                   "own_tensors": type(model.lin.weight) is nn.Parameter and type(model.scale) is torch.Tensor,
+                   "counts": fallback_counts(), "is_compiling": torch.compiler.is_compiling()})
+    except BaseException:
+        queue.put({"error": traceback.format_exc()[-1500:]})
+
+def fork_during_capture(wrap):
+    torch.manual_seed(0)
+    model = Held()
+    wrapped = wrap(model)
+    x = torch.randn(2, 4)
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", wrapped(x)))
+    thread.start()
+    if not model.inside.wait(120):
+        raise RuntimeError("the capture never reached the forward")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue, model, wrapped))
+    process.start()
+    try:
+        report = queue.get(timeout=60)
+    except Exception:
+        report = {"error": "the forked child did not answer within 60 s (hung)"}
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+    model.release.set()
+    thread.join(120)
+    report["parent_equal"] = torch.allclose(out["result"], eager(model, x))
+    return report
+
+report = {"aot_module": fork_during_capture(lambda m: aot_module(m, "nop", cache=False)),
+          "compile_cached": fork_during_capture(lambda m: aotcache.compile(m, compiler="nop"))}
+cache_dir.cleanup()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
+def test_a_child_forked_while_another_thread_captures_the_same_model_captures_it_with_eagers_results():
+    report = _report_of_script(_FORK_WHILE_ANOTHER_THREAD_CAPTURES_THE_SAME_MODEL, 400,
+                               "a forked child calling the model another thread captures")
+    want = {"equal": True, "own_tensors": True, "counts": {}, "is_compiling": False, "parent_equal": True}
+    assert report == {"aot_module": want, "compile_cached": want}, report
+
+
+class _HoldsItsCapture(nn.Module):
+    """Its first call, in a thread, holds the process's trace lock (inside its capture) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(WAIT)
+        return self.lin(x)
+
+
+def test_a_call_run_eagerly_for_a_busy_trace_lock_captures_at_its_next_call_and_records_no_route(
+        monkeypatch, tmp_path):
+    """NOTE [One trace at a time]: a call that gave up waiting for another thread's trace runs eagerly for that call
+    only. The next call captures; ``aotcache.compile`` leaves its route undecided meanwhile (it said "the whole call
+    captured" and skipped the route record's reading at the next call) and records nothing in the store."""
+    import aotcache
+    from aotcache import compile_api
+
+    monkeypatch.setenv("AOTCACHE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", "0.5")  # the bound this test waits out, once
+    records = []
+    real_record = compile_api.record_route
+    monkeypatch.setattr(compile_api, "record_route", lambda *args: records.append(args) or real_record(*args))
+    torch.manual_seed(0)  # (before the other capture: a seed set during it is the captured function's)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(3, 4)
+    compiled = aotcache.compile(model, compiler="nop")
+    holder = _HoldsItsCapture()
+    held = aot_module(holder, "nop", cache=False, on_capture_error="raise")
+    thread = threading.Thread(target=held, args=(torch.randn(2, 4),))
+    thread.start()
+    try:
+        assert holder.inside.wait(WAIT)
+        busy_before = fallback_counts().get("eager:swap_busy", 0)
+        first = compiled(x)
+        assert fallback_counts().get("eager:swap_busy", 0) == busy_before + 1  # ran eagerly: the lock was busy
+        assert compiled.router.route is None
+        traces = compiled.compiled.num_compiles
+    finally:
+        holder.release.set()
+        thread.join(WAIT)
+    again = compiled(x)
+    assert compiled.compiled.num_compiles == traces + 1 and compiled.router.route == "aot"  # captured this time
+    assert fallback_counts().get("eager:swap_busy", 0) == busy_before + 1
+    assert torch.allclose(first, model(x)) and torch.allclose(again, model(x))
+    assert records == []
+
+
+@pytest.mark.parametrize("text, seconds", [("2.5", 2.5), ("0", 0.0), (" 600 ", 600.0), (None, 60.0)])
+def test_the_trace_wait_is_read_from_its_variable(monkeypatch, text, seconds):
+    """NOTE [How long a call waits for another thread's trace]: ``AOTCACHE_TRACE_WAIT_S``, 60 s when unset."""
+    from aotcache.aot.capture_threads import trace_wait_s
+
+    if text is None:
+        monkeypatch.delenv("AOTCACHE_TRACE_WAIT_S", raising=False)
+    else:
+        monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", text)
+    assert trace_wait_s() == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-1", "inf", "nan", ""])
+def test_a_bad_trace_wait_raises_a_config_error_at_the_first_capture(monkeypatch, text):
+    """Not a wait that never ends (inf), nor a capture failure that sends the model to the fallback: the capture
+    raises, naming the variable, whichever ``on_capture_error``."""
+    from aotcache.config import ConfigError
+
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", text)
+    wrapped = aot_module(nn.Linear(4, 4), "nop", cache=False)  # on_capture_error="fallback"
+    with pytest.raises(ConfigError, match="AOTCACHE_TRACE_WAIT_S"):
+        wrapped(torch.randn(2, 4))
+    assert wrapped.compiled._fallbacks == {}  # nothing remembered against the model
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", "60")
+    x = torch.ones(2, 4)
+    assert torch.allclose(wrapped(x), wrapped.orig_module(x)) and wrapped.compiled._fallbacks == {}
