@@ -64,13 +64,15 @@ this call eagerly and a later call captures; a thread finding the same trace it 
 
 NOTE [How long a call waits for another thread's trace]
 The wait is ``AOTCACHE_TRACE_WAIT_S`` seconds, 60 by default. No fixed wait covers every model: a capture's cost is
-its op count (trace tensors are fake), and a Llama of 8 layers (bench/hf_tiny.py's widths) took 27 s to capture
-for inference and 38 s for a training step on a 2-core CPU shared with a test run, so a 32- or 80-layer model
-takes minutes. Giving up is never wrong, only slower: the call runs eagerly (eager's result) and a later call
-captures, and the other calls of the same turn give up at once (one wait per turn of the lock, not per call). So
-the default stays what a small or mid-size model's capture fits in (the case of three first calls at once), and
-the variable lets a server lower it (0: never wait; its first answers come from eager runs while another model
-captures) or a job with large models raise it. It is read at every capture, before the lock (a
+its op count (trace tensors are fake), and on a 2-core CPU a Llama of bench/hf_tiny.py's widths took 20 s (16
+layers) and 37 s (32 layers, Llama-7B's depth) to capture for inference, 32 s and 84 s for a training step; an
+80-layer model takes minutes. Giving up is never wrong, only slower: the call runs eagerly (eager's result), a
+later call captures, and the other calls of the same turn give up at once (one wait per turn of the lock, not per
+call); a waiter even answers sooner by giving up than by waiting for another model's capture and then capturing
+its own. Waiting saves eager runs where the other capture is short. So the default stays what a small or mid-size
+model's capture fits in (three first calls at once all capture), and the variable lets a server lower it (0: never
+wait; its first answers come from eager runs while another model captures) or a job raise it to capture every
+model at its first call. It is read at every capture, before the lock (a
 microsecond's ``config.get`` per capture, none per warm call), so a bad value (not a finite, non-negative
 number) raises a ``ConfigError`` naming the variable at the first capture instead of at the first wait.
 
@@ -101,7 +103,10 @@ the capturing thread). Each such lock is a :class:`ForkSafeLock`, which knows it
 where a thread the fork did not copy held it. A swap saves how to put the module back (``SwapGate.swapping``'s
 ``put_back``, made once the gate is held, before the tensors are swapped; per capture, not per call), and a child
 whose module was swapped by another thread puts it back: its parameters, buffers and the attributes the trace set
-become the module's own again, and the child captures (or runs) the real module.
+become the module's own again, and the child captures (or runs) the real module. Not put back: the router a
+routed method (``generate``) running in another thread at the fork installed on the module (NOTE [Methods run the
+compiled forward] in module.py) stays installed in the child, counted for that thread; it routes the module's
+``forward`` to the compiled call there, as in the parent while the method runs.
 """
 
 from __future__ import annotations
@@ -118,8 +123,8 @@ import torch
 
 from aotcache import config
 
-__all__ = ["SWAP_WAIT_S", "trace_wait_s", "SwapBusy", "TraceBusy", "one_trace_at_a_time", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread",
-           "capturing_in_this_thread", "ForkSafeLock"]
+__all__ = ["SWAP_WAIT_S", "trace_wait_s", "SwapBusy", "TraceBusy", "one_trace_at_a_time", "SwapGate", "swap_gate",
+           "compiling", "tracing_in_this_thread", "capturing_in_this_thread", "ForkSafeLock"]
 
 
 SWAP_WAIT_S = 5.0  # the longest a swap waits for other threads' eager runs: NOTE [A swap waits a bounded time]
@@ -418,11 +423,10 @@ class _TraceLock:
         :raises TraceBusy: not within :func:`trace_wait_s` seconds (the lent turn is then given up).
         """
         me = threading.get_ident()
-        wait_s = trace_wait_s()
         with self._state:
             try:
-                self._wait_for_turn(lambda: self.owner is None and self.lenders[-1] == me, wait_s)
-            except TraceBusy:
+                self._wait_for_turn(lambda: self.owner is None and self.lenders[-1] == me, trace_wait_s())
+            except BaseException:  # TraceBusy, a ConfigError, an interrupt: the turn is no longer waited for
                 self.lenders.remove(me)
                 self._state.notify_all()
                 raise

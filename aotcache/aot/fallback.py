@@ -682,8 +682,8 @@ def eager_for_busy_swap(owner: Any, in_spec: Any, exc: BaseException) -> EagerRu
     services = getattr(owner, "services", None)
     if services is not None:  # aotcache.compile's route stays undecided (NOTE [Routes a busy capture leaves open])
         services.ran_eagerly_for_busy_capture(owner)
-    hint = ("a large model's capture in another thread? AOTCACHE_TRACE_WAIT_S sets this wait" if isinstance(exc, TraceBusy)
-            else "a method waiting for worker threads that call the module?")
+    hint = ("a large model's capture in another thread? AOTCACHE_TRACE_WAIT_S sets this wait"
+            if isinstance(exc, TraceBusy) else "a method waiting for worker threads that call the module?")
     _warn_once(owner, "eager:swap_busy",
                "aotcache: %s: %s (%s); this call runs eagerly, and a later call captures once the module is free",
                owner.name, _first_line(exc), hint)

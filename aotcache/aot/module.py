@@ -92,7 +92,8 @@ def _functional_module_call(module: nn.Module) -> Callable:
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
         rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
         # NOTE [A child forked while another thread captures the same model]: how to put it back, in such a child
-        with gate.swapping(lambda: module_put_back(module)), refuse_tensors_stored_on_modules(module), rebuilt_caches_kept([module]), \
+        with gate.swapping(lambda: module_put_back(module)), refuse_tensors_stored_on_modules(module), \
+                rebuilt_caches_kept([module]), \
                 refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
             result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
         return ReboundBuffers(result, rebound) if rebound else result

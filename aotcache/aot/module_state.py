@@ -15,8 +15,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds_trace_tensor",
-           "module_put_back", "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "symbolic_size_stored_error",
-           "trace_tensor_ids"]
+           "module_put_back", "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules",
+           "symbolic_size_stored_error", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
