@@ -825,3 +825,84 @@ def test_a_bad_trace_wait_raises_a_config_error_at_the_first_capture(monkeypatch
     monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", "60")
     x = torch.ones(2, 4)
     assert torch.allclose(wrapped(x), wrapped.orig_module(x)) and wrapped.compiled._fallbacks == {}
+
+
+# A known gap, on main too (not the fork's): what another thread changes on the model while a capture runs its Python
+# (model.eval(), a buffer it registers, a flag it sets: the usual steps before starting DataLoader workers) is undone
+# when the capture's next run of the Python starts from the call's state (NOTE [State changed by a capture] in
+# aot/api.py), so the parent ends in training mode (dropout on) without the buffer; a child forked meanwhile puts
+# back the swap-start state too (module_put_back), so it matches the parent and is as wrong.
+_FORK_AFTER_THE_FORKING_THREAD_CHANGED_THE_MODEL = r"""
+import json, multiprocessing, threading, traceback
+import torch
+from torch import nn
+from aotcache.aot import aot_module
+
+class Held(nn.Module):
+    '''Holds the first call of a thread other than the main one inside its capture until released.'''
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.inside, self.release = threading.Event(), threading.Event()
+    def forward(self, x):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(120)
+        return self.drop(self.lin(x)) * self.scale
+
+def state(model):
+    return {"training": model.training, "drop_training": model.drop.training,
+            "offset": type(model.__dict__["_buffers"].get("offset")).__name__, "note": getattr(model, "note", None),
+            "own_tensors": type(model.lin.weight) is nn.Parameter and type(model.scale) is torch.Tensor}
+
+def child(queue, model, wrapped):
+    try:
+        report = state(model)
+        x = torch.randn(2, 4)
+        with torch.no_grad():
+            want = model.lin(x) * model.scale
+        report["equal"] = torch.allclose(wrapped(x), want)
+        queue.put(report)
+    except BaseException:
+        queue.put({"error": traceback.format_exc()[-1500:]})
+
+torch.manual_seed(0)
+model = Held()
+wrapped = aot_module(model, "nop", cache=False)
+thread = threading.Thread(target=wrapped, args=(torch.randn(2, 4),))
+thread.start()
+if not model.inside.wait(120):
+    raise RuntimeError("the capture never reached the forward")
+model.eval()  # the forking thread's own changes, made while the other thread's swap is under way
+model.register_buffer("offset", torch.zeros(4))
+model.note = "set by the forking thread"
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue, model, wrapped))
+process.start()
+try:
+    report = {"child": queue.get(timeout=60)}
+except Exception:
+    report = {"child": {"error": "the forked child did not answer within 60 s (hung)"}}
+process.join(10)
+if process.is_alive():
+    process.kill()
+model.release.set()
+thread.join(120)
+report["parent"] = state(model)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
+@pytest.mark.xfail(strict=True, reason="a capture's restore of the call's state (NOTE [State changed by a capture]) "
+                   "undoes what another thread changed on the model during the capture, in the parent and in a "
+                   "child forked meanwhile")
+def test_a_child_forked_mid_capture_keeps_what_the_forking_thread_changed_on_the_model():
+    report = _report_of_script(_FORK_AFTER_THE_FORKING_THREAD_CHANGED_THE_MODEL, 400,
+                               "a forked child of a thread that changed the model another thread captures")
+    want = {"training": False, "drop_training": False, "offset": "Tensor", "note": "set by the forking thread",
+            "own_tensors": True}
+    assert report == {"child": {**want, "equal": True}, "parent": want}, report
