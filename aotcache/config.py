@@ -310,6 +310,14 @@ def _coerce(option: Option, value: Any) -> Any:
             raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not {exc}") from None
     if option.parse is _parse_path and value is not None:
         return Path(value).expanduser()
+    if option.parse is _parse_wait_seconds:  # a typed wait is checked as its text is: inf would overflow the lock's
+        # wait (a capture failure), nan never give up, None fail the deadline's sum
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not a number of seconds (e.g. 60)")
+        try:
+            return _parse_wait_seconds(repr(float(value)))
+        except ValueError as exc:
+            raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not {exc}") from None
     return value
 
 

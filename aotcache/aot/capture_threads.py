@@ -74,7 +74,9 @@ model's capture fits in (three first calls at once all capture), and the variabl
 wait; its first answers come from eager runs while another model captures) or a job raise it to capture every
 model at its first call. It is read at every capture, before the lock (a
 microsecond's ``config.get`` per capture, none per warm call), so a bad value (not a finite, non-negative
-number) raises a ``ConfigError`` naming the variable at the first capture instead of at the first wait.
+number) raises a ``ConfigError`` naming the variable at the first capture instead of at the first wait; a
+``config.patch(trace_wait_s=...)`` is checked the same way when patched (an ``inf`` there made the wait raise
+OverflowError, a trace failure that sent the model to the fallback; a ``nan`` never gave up).
 
 NOTE [A trace lent while its swap waits]
 A capture's swap waits for the eager runs of other threads (NOTE [Eager runs beside a capture]), and such a run
