@@ -906,3 +906,60 @@ def test_a_child_forked_mid_capture_keeps_what_the_forking_thread_changed_on_the
     want = {"training": False, "drop_training": False, "offset": "Tensor", "note": "set by the forking thread",
             "own_tensors": True}
     assert report == {"child": {**want, "equal": True}, "parent": want}, report
+
+
+class _HoldsItsFirstCapture(nn.Module):
+    """Its first call holds inside its capture (its tensors swapped) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(WAIT)
+        return self.lin(x)
+
+
+def _capture_beside(draw):
+    """Run ``draw()`` in this thread while another thread's capture of a fresh model is under way; return the
+    wrapped model once the capture ended, and ``draw``'s result."""
+    torch.manual_seed(0)  # (before the capture: a seed set during it is the captured function's)
+    holder = _HoldsItsFirstCapture()
+    wrapped = aot_module(holder, "nop", cache=False)
+    thread = threading.Thread(target=wrapped, args=(torch.randn(2, 4),))
+    thread.start()
+    try:
+        assert holder.inside.wait(WAIT)
+        drawn = draw()
+    finally:
+        holder.release.set()
+        thread.join(WAIT)
+    return wrapped, drawn
+
+
+# A known gap, on main too: NOTE [Host random numbers] (aot/host_random.py) compares the process's generator states
+# before and after a capture, so another thread's draws during it (data augmentation, a model's init in a thread
+# of a server) read as the captured function's own: the capture is refused ("seeds or sets torch's global random
+# generator") and the model goes to the fallback for good, and Python's and numpy's generators are put back, so the
+# other thread draws the same numbers again.
+@pytest.mark.xfail(strict=True, reason="host-random checks compare process-wide generator states: another thread's "
+                   "torch draws during a capture refuse it (NOTE [Host random numbers])")
+def test_another_threads_torch_draws_during_a_capture_do_not_refuse_it():
+    busy_before = dict(fallback_counts())
+    wrapped, _ = _capture_beside(lambda: torch.randn(3))
+    assert wrapped.compiled._fallbacks == {} and fallback_counts() == busy_before
+
+
+@pytest.mark.xfail(strict=True, reason="host-random checks put Python's generator back after a capture: another "
+                   "thread's draws during it are drawn again (NOTE [Host random numbers])")
+def test_another_threads_python_draws_during_a_capture_are_not_drawn_again():
+    import random
+
+    random.seed(5)
+    _, first = _capture_beside(random.random)
+    second = random.random()
+    random.seed(5)
+    assert (first, second) == (random.random(), random.random())
