@@ -105,7 +105,8 @@ the capturing thread). Each such lock is a :class:`ForkSafeLock`, which knows it
 where a thread the fork did not copy held it. A swap saves how to put the module back (``SwapGate.swapping``'s
 ``put_back``, made once the gate is held, before the tensors are swapped; per capture, not per call), and a child
 whose module was swapped by another thread puts it back: its parameters, buffers and the attributes the trace set
-become the module's own again, and the child captures (or runs) the real module. Not put back: the router a
+become the module's own again, and the child captures (or runs) the real module (a put-back that raises is
+logged, after the gate's lock is renewed, and the rest of the fork handler still runs). Not put back: the router a
 routed method (``generate``) running in another thread at the fork installed on the module (NOTE [Methods run the
 compiled forward] in module.py) stays installed in the child, counted for that thread; it routes the module's
 ``forward`` to the compiled call there, as in the parent while the method runs.
@@ -114,6 +115,7 @@ compiled forward] in module.py) stays installed in the child, counted for that t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -269,10 +271,15 @@ class SwapGate:
         releases that one)."""
         self._state = threading.Condition(threading.Lock())
         if self.owner != me:
-            put_back, self._put_back = self._put_back, None
-            if self.owner is not None and put_back is not None:  # NOTE [A child forked while another thread
-                put_back()  # captures the same model]: the trace tensors out, the module's own back
-            self._lock, self.owner = threading.Lock(), None
+            swapped_by_another, put_back = self.owner is not None, self._put_back
+            self._lock, self.owner, self._put_back = threading.Lock(), None, None
+            if swapped_by_another and put_back is not None:  # NOTE [A child forked while another thread captures
+                try:  # the same model]: the trace tensors out, the module's own back
+                    put_back()
+                except Exception as exc:  # noqa: BLE001 - the rest of the fork handler must run (the locks)
+                    logging.getLogger(__name__).warning(
+                        "aotcache: a child forked during another thread's capture could not put the module back "
+                        "(%s: %s); it may hold that capture's trace tensors", type(exc).__name__, exc)
         self.pending, self._given_up = 0, frozenset()
         self._runs = {thread: runs for thread, runs in self._runs.items() if thread == me}
         self._holds = {thread: hold for thread, hold in self._holds.items() if thread == me}
