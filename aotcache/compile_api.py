@@ -95,6 +95,11 @@ class _RoutedServices(CachedCompileServices):
                 cache.count(**{f"route_recorded_{recorded[0]}": 1})
                 raise _RecordedRoute(*recorded)
 
+    def ran_eagerly_for_busy_capture(self, function: AOTFunction) -> None:
+        router = self.router
+        if router is not None and function is router.aot:  # NOTE [Routes a busy capture leaves open]
+            router.capturing.busy = True
+
 
 class _Router:
     """The per-model choice between the AOT way and the Dynamo way (shared by module and function forms)."""
@@ -138,6 +143,8 @@ class _Router:
         if route is None and self.function is not None and self._optimizer_method_refused():
             return self._dynamo_or_eager(dynamo_call, eager_call)
         self.capturing.digest = None
+        if route is None:  # (read only then: the warm call of the AOT way pays nothing)
+            self.capturing.busy = False
         try:
             result = aot_call()
         except _RecordedRoute as recorded:
@@ -166,7 +173,12 @@ class _Router:
             result = eager_call()
             self._choose_dynamo(trace_failure_error(exc), self.capturing.digest)
             return result
-        if route is None:
+        # NOTE [Routes a busy capture leaves open]
+        # A first call that ran eagerly because another thread held the trace lock or the module (TraceBusy,
+        # SwapBusy: ``eager:swap_busy``) captured nothing: the route stays undecided, so that the next call still
+        # checks the up-front refusals and reads the route record before it captures. It was set to "aot" ("the
+        # whole call captured") by that call. Nothing is recorded in the store either way.
+        if route is None and not self.capturing.busy:
             self.route, self.reason = AOT, "the whole call captured"
             logger.info("aotcache.compile: %s: whole call captured by AOT Autograd", self.aot.name)
         return result

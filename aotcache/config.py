@@ -99,6 +99,17 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_wait_seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (a wait that must end: no ``inf``, no ``nan``)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("a number of seconds (e.g. 60)") from None
+    if not (0 <= value < float("inf")):  # (nan compares false)
+        raise ValueError("a finite, non-negative number of seconds (e.g. 60; 0: never wait)")
+    return value
+
+
 def _parse_optional_str(text: str) -> str | None:
     text = text.strip()
     return text or None
@@ -259,6 +270,12 @@ _register("recompile_limit", _parse_count, 8,
           "aotcache.compile(fullgraph=True) and AOTCACHE_STRICT=1 raise RecompileLimitReached instead. Loads from "
           "the cache do not count; aotcache.reset() starts the counts over. 0 = no limit.",
           "a whole number >= 0")
+_register("trace_wait_s", _parse_wait_seconds, 60.0,
+          "How long a call that is to capture waits for another thread's capture (captures run one at a time in "
+          "a process) before it runs eagerly instead, this once (counted as eager:swap_busy; a later call "
+          "captures). A large model's capture can take minutes on CPU: raise it to wait for such captures, "
+          "lower it (0: never wait) for quicker first answers from the other threads.",
+          "seconds, e.g. 60")
 _register("enabled", parse_bool, True,
           "Master switch: when false, nothing is read from or written to the cache.", "a boolean")
 
@@ -293,6 +310,14 @@ def _coerce(option: Option, value: Any) -> Any:
             raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not {exc}") from None
     if option.parse is _parse_path and value is not None:
         return Path(value).expanduser()
+    if option.parse is _parse_wait_seconds:  # a typed wait is checked as its text is: inf would overflow the lock's
+        # wait (a capture failure), nan never give up, None fail the deadline's sum
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not a number of seconds (e.g. 60)")
+        try:
+            return _parse_wait_seconds(repr(float(value)))
+        except ValueError as exc:
+            raise ConfigError(f"aotcache option {option.name!r}: {value!r} is not {exc}") from None
     return value
 
 

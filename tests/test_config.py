@@ -131,3 +131,19 @@ def test_an_unknown_variable_names_the_option_meant(monkeypatch):
     problems = config.unknown_env_vars()
     assert "AOTCACHE_DIR is not an aotcache option (did you mean AOTCACHE_CACHE_DIR?)" in problems
     assert any("AOTCACHE_REDIS is not" in p and "AOTCACHE_REDIS_URL" in p for p in problems)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1, -0.5, None, True, "inf", "soon"])
+def test_a_patched_trace_wait_is_checked_as_the_variable_is(value):
+    """NOTE [How long a call waits for another thread's trace]: a typed ``config.patch(trace_wait_s=...)`` passed
+    unchecked, so ``inf`` made the contended capture's wait raise OverflowError (``Condition.wait``), a trace failure
+    that sent the model to the fallback; ``nan`` never gave up (its deadline compares false) and spun; ``None`` raised
+    TypeError there. Each is a ConfigError when patched, as the variable's text is."""
+    with pytest.raises(config.ConfigError, match="trace_wait_s"):
+        config.patch(trace_wait_s=value)
+
+
+@pytest.mark.parametrize("value, seconds", [(0, 0.0), (2.5, 2.5), (60, 60.0), ("0.5", 0.5)])
+def test_a_patched_trace_wait_in_range_is_taken(value, seconds):
+    with config.patch(trace_wait_s=value):
+        assert config.get("trace_wait_s") == seconds and type(config.get("trace_wait_s")) is float

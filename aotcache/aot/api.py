@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.call_state import SavedCallState
-from aotcache.aot.capture_threads import SwapBusy, tracing_in_this_thread
+from aotcache.aot.capture_threads import ForkSafeLock, SwapBusy, tracing_in_this_thread
 from aotcache.aot.capture import capture, is_graph_input
 from aotcache.aot.compile_step import (
     AOTOptions,
@@ -101,7 +100,7 @@ class AOTFunction:
         self._hot = HotSignatures()  # those of the program watched last (tests, diagnostics)
         self._calls_by_digest: dict[str, CallSignatures] = {}  # NOTE [Call hot path] in call_hot_path.py
         self.num_program_walks = 0  # walks of the program (first call, failed guards; tests, diagnostics)
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()  # NOTE [A child forked while another thread captures the same model]
         self.key_memo: dict[str, Any] = {}  # per-function memo the cache keeps (its key's option identities)
         self.name = _function_name(fn)  # shown by `aotcache ls`; never part of a key
         self._dims = DynamicDims(options.dynamic, options.float_symbols())  # NOTE [Dynamic dimensions]

@@ -32,6 +32,7 @@ from aotcache.aot.capture_threads import SwapBusy, compiling, one_trace_at_a_tim
 from aotcache.aot.capture_analysis import Analysis, analyze, is_graph_input
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.errors import CaptureError, mark_trace_failure
+from aotcache.config import ConfigError
 from aotcache.aot.fake_inputs import make_fake_inputs
 from aotcache.aot.output_checks import (
     check_traced_outputs_require_grad,
@@ -474,8 +475,8 @@ def capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Mapp
             return _capture(flat_fn, flat_args, decompositions=decompositions, dynamic=dynamic,
                             trace_joint=trace_joint, input_is_leaf=input_is_leaf,
                             regenerate_aliases=regenerate_aliases)
-    except (CaptureError, SwapBusy):  # SwapBusy: not the code's failure (NOTE [A swap waits a bounded time])
-        raise
+    except (CaptureError, SwapBusy, ConfigError):  # SwapBusy: not the code's failure (NOTE [A swap waits a bounded
+        raise  # time]); ConfigError: AOTCACHE_TRACE_WAIT_S (NOTE [How long a call waits for another thread's trace])
     except Exception as exc:
         mark_trace_failure(exc)
         raise

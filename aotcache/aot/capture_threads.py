@@ -59,8 +59,24 @@ now serialized process-wide by :func:`one_trace_at_a_time` (re-entrant in the th
 nested in a capture runs); compiling the captured graphs stays concurrent. A trace can run the user's Python,
 which may wait for another thread that needs to trace (a forward handing work to a thread pool), so the wait is
 bounded as a swap's is (NOTE [A swap waits a bounded time]), though longer, since another thread's trace of a
-large model takes that long: past :data:`TRACE_WAIT_S` seconds, :class:`TraceBusy` (a :class:`SwapBusy`) runs
+large model takes that long: past :func:`trace_wait_s` seconds, :class:`TraceBusy` (a :class:`SwapBusy`) runs
 this call eagerly and a later call captures; a thread finding the same trace it already gave up on gives up at once.
+
+NOTE [How long a call waits for another thread's trace]
+The wait is ``AOTCACHE_TRACE_WAIT_S`` seconds, 60 by default. No fixed wait covers every model: a capture's cost is
+its op count (trace tensors are fake), and on a 2-core CPU a Llama of bench/hf_tiny.py's widths took 20 s (16
+layers) and 37 s (32 layers, Llama-7B's depth) to capture for inference, 32 s and 84 s for a training step; an
+80-layer model takes minutes. Giving up is never wrong, only slower: the call runs eagerly (eager's result), a
+later call captures, and the other calls of the same turn give up at once (one wait per turn of the lock, not per
+call); a waiter even answers sooner by giving up than by waiting for another model's capture and then capturing
+its own. Waiting saves eager runs where the other capture is short. So the default stays what a small or mid-size
+model's capture fits in (three first calls at once all capture), and the variable lets a server lower it (0: never
+wait; its first answers come from eager runs while another model captures) or a job raise it to capture every
+model at its first call. It is read at every capture, before the lock (a
+microsecond's ``config.get`` per capture, none per warm call), so a bad value (not a finite, non-negative
+number) raises a ``ConfigError`` naming the variable at the first capture instead of at the first wait; a
+``config.patch(trace_wait_s=...)`` is checked the same way when patched (an ``inf`` there made the wait raise
+OverflowError, a trace failure that sent the model to the fallback; a ``nan`` never gave up).
 
 NOTE [A trace lent while its swap waits]
 A capture's swap waits for the eager runs of other threads (NOTE [Eager runs beside a capture]), and such a run
@@ -70,20 +86,36 @@ the call ran eagerly). So a swap that must wait lends the trace lock meanwhile (
 back before it swaps (:meth:`_TraceLock.take_back`). torch.fx restores its patcher as a stack, so another thread's
 trace may run within the paused one but must end first: a turn is taken back only when no thread traces and no
 thread that lent later still waits to take its own back. Other waits of a thread that traces (a run waiting for
-another thread's swap) are bounded by :data:`TRACE_WAIT_S`.
+another thread's swap) are bounded by :func:`trace_wait_s`.
 
 NOTE [A child forked while another thread captures]
 ``fork`` copies only the forking thread, but every lock and count of this module as they were: a DataLoader worker
 (or any ``multiprocessing`` child) started while another thread captured inherited a trace lock owned by a thread
-that does not exist in the child, so its first capture waited :data:`TRACE_WAIT_S` seconds and every later one gave
+that does not exist in the child, so its first capture waited :func:`trace_wait_s` seconds and every later one gave
 up at once (running eagerly for the life of the worker), and ``torch.compiler.is_compiling()`` stayed True in it for
 good. After a fork the child forgets what other threads held (:func:`_forget_other_threads_after_fork`) and keeps
 only the forking thread's own state.
+
+NOTE [A child forked while another thread captures the same model]
+Forked while another thread captured the model the child then calls, the child inherited two things of that
+capture that no thread of its own would ever end: the compiled function's lock (``AOTFunction._lock``, held for the
+whole trace and compile), on which the child's first call of the model waited for good, and the module itself with
+the capture's trace tensors swapped in for its parameters and buffers (``functional_call``'s swap, put back only by
+the capturing thread). Each such lock is a :class:`ForkSafeLock`, which knows its holder: a forked child gets it anew
+where a thread the fork did not copy held it. A swap saves how to put the module back (``SwapGate.swapping``'s
+``put_back``, made once the gate is held, before the tensors are swapped; per capture, not per call), and a child
+whose module was swapped by another thread puts it back: its parameters, buffers and the attributes the trace set
+become the module's own again, and the child captures (or runs) the real module (a put-back that raises is
+logged, after the gate's lock is renewed, and the rest of the fork handler still runs). Not put back: the router a
+routed method (``generate``) running in another thread at the fork installed on the module (NOTE [Methods run the
+compiled forward] in module.py) stays installed in the child, counted for that thread; it routes the module's
+``forward`` to the compiled call there, as in the parent while the method runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -93,12 +125,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["SWAP_WAIT_S", "TRACE_WAIT_S", "SwapBusy", "TraceBusy", "one_trace_at_a_time", "SwapGate", "swap_gate", "compiling", "tracing_in_this_thread",
-           "capturing_in_this_thread"]
+from aotcache import config
+
+__all__ = ["SWAP_WAIT_S", "trace_wait_s", "SwapBusy", "TraceBusy", "one_trace_at_a_time", "SwapGate", "swap_gate",
+           "compiling", "tracing_in_this_thread", "capturing_in_this_thread", "ForkSafeLock"]
 
 
 SWAP_WAIT_S = 5.0  # the longest a swap waits for other threads' eager runs: NOTE [A swap waits a bounded time]
-TRACE_WAIT_S = 60.0  # the longest a capture waits for another thread's trace: NOTE [One trace at a time]
+
+
+def trace_wait_s() -> float:
+    """The longest a capture waits for another thread's trace: ``AOTCACHE_TRACE_WAIT_S`` (default 60 s; NOTE [How
+    long a call waits for another thread's trace]).
+
+    :raises ConfigError: the variable is no finite, non-negative number of seconds.
+    """
+    return config.get("trace_wait_s")
 
 
 class SwapBusy(RuntimeError):
@@ -112,7 +154,7 @@ class SwapGate:
     module hold it shared (NOTE [Eager runs beside a capture])."""
 
     __slots__ = ("_lock", "_state", "owner", "swaps", "pending", "_runs", "_holds", "_next_hold", "_given_up",
-                 "__weakref__")
+                 "_put_back", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held for a whole swap: :meth:`read` waits on it
@@ -124,11 +166,14 @@ class SwapGate:
         self._holds: dict[int, int] = {}  # thread id -> number of its hold (taken anew when its runs begin)
         self._next_hold = 0
         self._given_up: frozenset[int] = frozenset()  # the holds a swap last gave up waiting for
+        self._put_back: Callable[[], None] | None = None  # puts the module back, in a child forked mid-swap
 
     @contextlib.contextmanager
-    def swapping(self) -> Iterator[None]:
+    def swapping(self, put_back: Callable[[], Callable[[], None]] | None = None) -> Iterator[None]:
         """Hold the gate while the module's tensors are swapped (re-entrant within the swapping thread); waits
-        for the eager runs of other threads to end first, at most :data:`SWAP_WAIT_S` seconds.
+        for the eager runs of other threads to end first, at most :data:`SWAP_WAIT_S` seconds. ``put_back()``,
+        called once the gate is held, returns what puts the module back as it is then: a child forked during the
+        swap calls it (NOTE [A child forked while another thread captures the same model]).
 
         :raises SwapBusy: they did not end in time (NOTE [A swap waits a bounded time]).
         """
@@ -169,10 +214,11 @@ class SwapGate:
                 self.owner = me
                 self.swaps += 1
             try:
+                self._put_back = put_back() if put_back is not None else None
                 yield
             finally:
                 with self._state:
-                    self.owner = None
+                    self.owner, self._put_back = None, None
                     self._state.notify_all()
 
     @contextlib.contextmanager
@@ -225,7 +271,15 @@ class SwapGate:
         releases that one)."""
         self._state = threading.Condition(threading.Lock())
         if self.owner != me:
-            self._lock, self.owner = threading.Lock(), None
+            swapped_by_another, put_back = self.owner is not None, self._put_back
+            self._lock, self.owner, self._put_back = threading.Lock(), None, None
+            if swapped_by_another and put_back is not None:  # NOTE [A child forked while another thread captures
+                try:  # the same model]: the trace tensors out, the module's own back
+                    put_back()
+                except Exception as exc:  # noqa: BLE001 - the rest of the fork handler must run (the locks)
+                    logging.getLogger(__name__).warning(
+                        "aotcache: a child forked during another thread's capture could not put the module back "
+                        "(%s: %s); it may hold that capture's trace tensors", type(exc).__name__, exc)
         self.pending, self._given_up = 0, frozenset()
         self._runs = {thread: runs for thread, runs in self._runs.items() if thread == me}
         self._holds = {thread: hold for thread, hold in self._holds.items() if thread == me}
@@ -262,8 +316,40 @@ def swap_gate(module: Any) -> SwapGate:
     return gate
 
 
+class ForkSafeLock:
+    """A lock (``with lock:``) that knows its holder, so that a forked child gets it anew where a thread the fork
+    did not copy held it (NOTE [A child forked while another thread captures the same model])."""
+
+    __slots__ = ("_lock", "owner", "__weakref__")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+        _fork_safe_locks.add(self)
+
+    def __enter__(self) -> ForkSafeLock:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def forget_other_threads(self, me: int) -> None:
+        """In a forked child: a new lock where another thread held this one (or was taking it)."""
+        if self.owner != me and self._lock.locked():
+            self._lock, self.owner = threading.Lock(), None
+
+
+_fork_safe_locks: weakref.WeakSet = weakref.WeakSet()
+
+
 class TraceBusy(SwapBusy):
-    """Another thread's trace held the process's trace lock for :data:`TRACE_WAIT_S` seconds: this call runs eagerly
+    """Another thread's trace held the process's trace lock for :func:`trace_wait_s` seconds: this call runs eagerly
     (NOTE [One trace at a time])."""
 
 
@@ -282,13 +368,13 @@ class _TraceLock:
         self.lenders: list[int] = []  # threads whose traces are paused, lent; the last one takes its turn back first
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, wait_s: float) -> Iterator[None]:
         me = threading.get_ident()
         taken = False
         try:  # NOTE [Interrupted captures]: taken in one statement, inside the try; released only if taken
             with self._state:
                 if self.owner != me:
-                    self._wait_for_turn(lambda: self.owner is None)
+                    self._wait_for_turn(lambda: self.owner is None, wait_s)
                     self.owner, self.turn, self.depth, taken = me, self.turn + 1, 1, True
                 else:
                     self.depth, taken = self.depth + 1, True
@@ -302,18 +388,20 @@ class _TraceLock:
                             self.owner = None
                             self._state.notify_all()
 
-    def _wait_for_turn(self, ready: Callable[[], bool]) -> None:
-        """Wait (under ``_state``) until ``ready()``, at most :data:`TRACE_WAIT_S` seconds.
+    def _wait_for_turn(self, ready: Callable[[], bool], wait_s: float) -> None:
+        """Wait (under ``_state``) until ``ready()``, at most ``wait_s`` seconds.
 
         :raises TraceBusy: not in time, or the turn under way is one a waiter already gave up on.
         """
-        deadline = time.monotonic() + TRACE_WAIT_S
+        if ready():
+            return
+        deadline = time.monotonic() + wait_s
         while not ready():
             left = deadline - time.monotonic()
             if left <= 0 or self.turn == self.given_up:
                 self.given_up = self.turn
-                raise TraceBusy(f"another thread's capture held the trace lock for {TRACE_WAIT_S:g} s while this "
-                                "call was to capture")
+                raise TraceBusy(f"another thread's capture held the trace lock for {wait_s:g} s while this call "
+                                "was to capture")
             self._state.wait(left)
 
     def forget_other_threads(self, me: int) -> None:
@@ -341,13 +429,13 @@ class _TraceLock:
         """Take back the turn :meth:`lend` gave away, once no other thread traces and no thread that lent after
         this one waits to take its own back.
 
-        :raises TraceBusy: not within :data:`TRACE_WAIT_S` seconds (the lent turn is then given up).
+        :raises TraceBusy: not within :func:`trace_wait_s` seconds (the lent turn is then given up).
         """
         me = threading.get_ident()
         with self._state:
             try:
-                self._wait_for_turn(lambda: self.owner is None and self.lenders[-1] == me)
-            except TraceBusy:
+                self._wait_for_turn(lambda: self.owner is None and self.lenders[-1] == me, trace_wait_s())
+            except BaseException:  # TraceBusy, a ConfigError, an interrupt: the turn is no longer waited for
                 self.lenders.remove(me)
                 self._state.notify_all()
                 raise
@@ -361,9 +449,11 @@ _trace_lock = _TraceLock()
 def one_trace_at_a_time() -> contextlib.AbstractContextManager:
     """Hold the process-wide trace lock for a capture (NOTE [One trace at a time]).
 
-    :raises TraceBusy: another thread's trace held it for :data:`TRACE_WAIT_S` seconds.
+    :raises TraceBusy: another thread's trace held it for :func:`trace_wait_s` seconds.
+    :raises ConfigError: ``AOTCACHE_TRACE_WAIT_S`` does not parse (read at every capture, so a bad value shows at the
+        first one, not at the first wait).
     """
-    return _trace_lock.held()
+    return _trace_lock.held(trace_wait_s())
 
 
 _this_thread = threading.local()  # .captures: how many captures this thread is running (nested)
@@ -453,6 +543,8 @@ def _forget_other_threads_after_fork() -> None:
     _gates_lock = threading.Lock()
     for gate in list(_gates.values()):
         gate.forget_other_threads(me)
+    for lock in list(_fork_safe_locks):  # NOTE [A child forked while another thread captures the same model]
+        lock.forget_other_threads(me)
     _captures_lock, _flag_lock = threading.Lock(), threading.Lock()
     mine = getattr(_this_thread, "captures", 0)
     _captures_running = mine

@@ -50,7 +50,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache import config
-from aotcache.aot.capture_threads import swap_gate
+from aotcache.aot.capture_threads import TraceBusy, swap_gate
 from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.dynamo_progress import DynamoProgress, marks_region_calls
 from aotcache.aot.errors import CaptureError, is_trace_failure
@@ -674,13 +674,19 @@ def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict,
 
 def eager_for_busy_swap(owner: Any, in_spec: Any, exc: BaseException) -> EagerRuntime:
     """An eager runtime for one call whose capture could not swap the module's tensors in time, because another
-    thread's eager run held the module (NOTE [A swap waits a bounded time] in capture_threads.py): marked
+    thread's eager run held the module (NOTE [A swap waits a bounded time] in capture_threads.py), or another
+    thread's trace held the trace lock (TraceBusy: NOTE [One trace at a time]): marked
     ``single_use`` (this call only; a later call captures), counted as ``eager:swap_busy`` and logged once.
     In every ``on_capture_error`` mode: the call itself is capturable, and waiting longer could hang for good."""
     runtime = _single_use_eager(owner, in_spec, "swap_busy")
+    services = getattr(owner, "services", None)
+    if services is not None:  # aotcache.compile's route stays undecided (NOTE [Routes a busy capture leaves open])
+        services.ran_eagerly_for_busy_capture(owner)
+    hint = ("a large model's capture in another thread? AOTCACHE_TRACE_WAIT_S sets this wait"
+            if isinstance(exc, TraceBusy) else "a method waiting for worker threads that call the module?")
     _warn_once(owner, "eager:swap_busy",
-               "aotcache: %s: %s (a method waiting for worker threads that call the module?); this call runs "
-               "eagerly, and a later call captures once the module is free", owner.name, _first_line(exc))
+               "aotcache: %s: %s (%s); this call runs eagerly, and a later call captures once the module is free",
+               owner.name, _first_line(exc), hint)
     return runtime
 
 

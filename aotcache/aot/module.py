@@ -54,6 +54,7 @@ from aotcache.aot.fallback import has_uninitialized_parameters
 from aotcache.aot.hot_path import ModuleState, simple_structure
 from aotcache.aot.module_state import (
     bind_rebound_buffers,
+    module_put_back,
     refuse_rebound_module_tensors,
     refuse_tensors_stored_on_modules,
 )
@@ -90,7 +91,9 @@ def _functional_module_call(module: nn.Module) -> Callable:
         # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
         _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
         rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
-        with gate.swapping(), refuse_tensors_stored_on_modules(module), rebuilt_caches_kept([module]), \
+        # NOTE [A child forked while another thread captures the same model]: how to put it back, in such a child
+        with gate.swapping(lambda: module_put_back(module)), refuse_tensors_stored_on_modules(module), \
+                rebuilt_caches_kept([module]), \
                 refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
             result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
         return ReboundBuffers(result, rebound) if rebound else result

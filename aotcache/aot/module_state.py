@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -15,8 +15,8 @@ from torch.utils import _pytree as pytree
 from aotcache.aot.errors import CaptureError
 
 __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds_trace_tensor",
-           "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules", "symbolic_size_stored_error",
-           "trace_tensor_ids"]
+           "module_put_back", "refuse_rebound_module_tensors", "refuse_tensors_stored_on_modules",
+           "symbolic_size_stored_error", "trace_tensor_ids"]
 
 # NOTE [Tensors stored on modules]
 # A forward may keep a tensor it computed on a module: RAFT's correlation block builds ``self.corr_pyramid``
@@ -237,6 +237,32 @@ def _registries(module: nn.Module) -> list[tuple[nn.Module, dict, dict, frozense
     buffer names."""
     return [(sub, dict(sub._parameters), dict(sub._buffers), frozenset(sub.__dict__),
              frozenset(sub.__dict__.get("_non_persistent_buffers_set", ()))) for sub in module.modules()]
+
+
+def module_put_back(module: nn.Module) -> Callable[[], None]:
+    """What puts ``module`` back as it is now: each submodule's parameter and buffer registries and its attributes
+    (a child forked while another thread's capture had swapped trace tensors in: NOTE [A child forked while another
+    thread captures the same model] in capture_threads.py)."""
+    registries, attributes = _registries(module), _state_of(module)
+
+    def put_back() -> None:
+        for sub, params, buffers, names, non_persistent in registries:
+            for current, saved in ((sub._parameters, params), (sub._buffers, buffers)):
+                current.clear()
+                current.update(saved)
+            for name in set(params) | set(buffers):  # a tensor a swap set as a plain attribute
+                if name not in names:
+                    sub.__dict__.pop(name, None)
+            now = sub.__dict__.get("_non_persistent_buffers_set")
+            if now is not None:
+                now.clear()
+                now.update(non_persistent)
+        for sub, saved in attributes:
+            for name, value in list(vars(sub).items()):
+                if name not in _MODULE_INTERNALS and not _unchanged(value, saved.get(name)):
+                    _put_back(sub, name, saved)
+
+    return put_back
 
 
 def _returnable(value: Any, name: str, swapped: dict[str, Any], buffers: frozenset[str], taken: set[int]) -> bool:

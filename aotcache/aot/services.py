@@ -63,6 +63,10 @@ class CompileServices:
         """
         raise NotImplementedError
 
+    def ran_eagerly_for_busy_capture(self, function: Any) -> None:
+        """This thread's call of ``function`` runs eagerly, this once, because another thread held the module or the
+        trace lock (NOTE [A swap waits a bounded time] in capture_threads.py): nothing about the call is decided."""
+
     def compile_graph(self, cache: Any, gm: Any, example_inputs: Sequence[Any], flat_fn: Callable,
                       flat_example: Sequence[Any], options: Any, lifted_attributes: Sequence[str], *,
                       captured_check: Callable | None = None) -> Any:

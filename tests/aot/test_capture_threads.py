@@ -542,14 +542,14 @@ def test_aotcache_compile_first_calls_of_one_model_going_the_dynamo_way_from_thr
 # that waits there for a worker thread whose own first call must capture (another model) waited for good. Run in a
 # subprocess with a short bound, so a regression fails by the timeout instead of hanging the session.
 _TRACE_WAITS_FOR_A_WORKER = r"""
-import json
+import json, os
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 from aotcache.aot import aot_module, capture_threads
 from aotcache.aot.fallback import fallback_counts
 
-capture_threads.TRACE_WAIT_S = 0.5  # the bound under test; the default is longer
+os.environ["AOTCACHE_TRACE_WAIT_S"] = "0.5"  # the bound under test; the default is longer
 
 torch.manual_seed(0)
 helper = nn.Linear(4, 4)
@@ -588,7 +588,7 @@ def test_a_capture_waiting_for_a_worker_that_captures_runs_instead_of_hanging():
 # inherited the trace lock owned by a thread the child does not have: its capture gave up (ran eagerly), and
 # is_compiling() stayed True in it. Run in a subprocess (fork beside pytest's threads), bounded.
 _FORK_WHILE_ANOTHER_THREAD_CAPTURES = r"""
-import json, multiprocessing, threading
+import json, multiprocessing, os, threading
 import torch
 from torch import nn
 from aotcache.aot import aot_module, capture_threads
@@ -606,7 +606,7 @@ class Held(nn.Module):
         return self.lin(x)
 
 def child(queue):
-    capture_threads.TRACE_WAIT_S = 0.5  # the bug showed as this wait given up; the default is longer
+    os.environ["AOTCACHE_TRACE_WAIT_S"] = "0.5"  # the bug showed as this wait given up; the default is longer
     torch.manual_seed(1)
     model, x = nn.Linear(4, 4), torch.randn(2, 4)
     wrapped = aot_module(model, "nop", cache=False)
@@ -663,3 +663,361 @@ def test_a_capture_overlapping_a_dynamo_compile_session_in_another_thread_leaves
         assert not torch.compiler.is_compiling()
     finally:
         torch.compiler._is_compiling_flag = False
+
+
+# NOTE [A child forked while another thread captures the same model]: the child's first call of the model waited for
+# good on the compiled function's lock (held by the capturing thread, which the child does not have), and the module
+# held the capture's trace tensors in the child. Run in a subprocess (fork beside pytest's threads); the child is
+# bounded (killed where it does not answer), and so is the script.
+_FORK_WHILE_ANOTHER_THREAD_CAPTURES_THE_SAME_MODEL = r"""
+import json, multiprocessing, os, sys, tempfile, threading, traceback
+cache_dir = tempfile.TemporaryDirectory()
+os.environ["AOTCACHE_CACHE_DIR"] = cache_dir.name
+import torch
+from torch import nn
+import aotcache
+from aotcache.aot import aot_module
+from aotcache.aot.fallback import fallback_counts
+
+class Held(nn.Module):
+    '''Holds the first call of a thread other than the main one inside its capture until released.'''
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.inside, self.release = threading.Event(), threading.Event()
+    def forward(self, x):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(120)
+        return self.lin(x) * self.scale
+
+def eager(model, x):
+    with torch.no_grad():
+        return model.lin(x) * model.scale
+
+def child(queue, model, wrapped):
+    try:
+        x = torch.randn(2, 4)
+        first, again = wrapped(x), wrapped(x)
+        queue.put({"equal": torch.allclose(first, eager(model, x)) and torch.allclose(again, eager(model, x)),
+                   "own_tensors": type(model.lin.weight) is nn.Parameter and type(model.scale) is torch.Tensor,
+                   "counts": fallback_counts(), "is_compiling": torch.compiler.is_compiling()})
+    except BaseException:
+        queue.put({"error": traceback.format_exc()[-1500:]})
+
+def fork_during_capture(wrap):
+    torch.manual_seed(0)
+    model = Held()
+    wrapped = wrap(model)
+    x = torch.randn(2, 4)
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", wrapped(x)))
+    thread.start()
+    if not model.inside.wait(120):
+        raise RuntimeError("the capture never reached the forward")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue, model, wrapped))
+    process.start()
+    try:
+        report = queue.get(timeout=60)
+    except Exception:
+        report = {"error": "the forked child did not answer within 60 s (hung)"}
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+    model.release.set()
+    thread.join(120)
+    report["parent_equal"] = torch.allclose(out["result"], eager(model, x))
+    return report
+
+report = {"aot_module": fork_during_capture(lambda m: aot_module(m, "nop", cache=False)),
+          "compile_cached": fork_during_capture(lambda m: aotcache.compile(m, compiler="nop"))}
+cache_dir.cleanup()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
+def test_a_child_forked_while_another_thread_captures_the_same_model_captures_it_with_eagers_results():
+    report = _report_of_script(_FORK_WHILE_ANOTHER_THREAD_CAPTURES_THE_SAME_MODEL, 400,
+                               "a forked child calling the model another thread captures")
+    want = {"equal": True, "own_tensors": True, "counts": {}, "is_compiling": False, "parent_equal": True}
+    assert report == {"aot_module": want, "compile_cached": want}, report
+
+
+class _HoldsItsCapture(nn.Module):
+    """Its first call, in a thread, holds the process's trace lock (inside its capture) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(WAIT)
+        return self.lin(x)
+
+
+def test_a_call_run_eagerly_for_a_busy_trace_lock_captures_at_its_next_call_and_records_no_route(
+        monkeypatch, tmp_path):
+    """NOTE [One trace at a time]: a call that gave up waiting for another thread's trace runs eagerly for that call
+    only. The next call captures; ``aotcache.compile`` leaves its route undecided meanwhile (it said "the whole call
+    captured" and skipped the route record's reading at the next call) and records nothing in the store."""
+    import aotcache
+    from aotcache import compile_api
+
+    monkeypatch.setenv("AOTCACHE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", "0.5")  # the bound this test waits out, once
+    records = []
+    real_record = compile_api.record_route
+    monkeypatch.setattr(compile_api, "record_route", lambda *args: records.append(args) or real_record(*args))
+    torch.manual_seed(0)  # (before the other capture: a seed set during it is the captured function's)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(3, 4)
+    compiled = aotcache.compile(model, compiler="nop")
+    holder = _HoldsItsCapture()
+    held = aot_module(holder, "nop", cache=False, on_capture_error="raise")
+    thread = threading.Thread(target=held, args=(torch.randn(2, 4),))
+    thread.start()
+    try:
+        assert holder.inside.wait(WAIT)
+        busy_before = fallback_counts().get("eager:swap_busy", 0)
+        first = compiled(x)
+        assert fallback_counts().get("eager:swap_busy", 0) == busy_before + 1  # ran eagerly: the lock was busy
+        assert compiled.router.route is None
+        traces = compiled.compiled.num_compiles
+    finally:
+        holder.release.set()
+        thread.join(WAIT)
+    again = compiled(x)
+    assert compiled.compiled.num_compiles == traces + 1 and compiled.router.route == "aot"  # captured this time
+    assert fallback_counts().get("eager:swap_busy", 0) == busy_before + 1
+    assert torch.allclose(first, model(x)) and torch.allclose(again, model(x))
+    assert records == []
+
+
+@pytest.mark.parametrize("text, seconds", [("2.5", 2.5), ("0", 0.0), (" 600 ", 600.0), (None, 60.0)])
+def test_the_trace_wait_is_read_from_its_variable(monkeypatch, text, seconds):
+    """NOTE [How long a call waits for another thread's trace]: ``AOTCACHE_TRACE_WAIT_S``, 60 s when unset."""
+    from aotcache.aot.capture_threads import trace_wait_s
+
+    if text is None:
+        monkeypatch.delenv("AOTCACHE_TRACE_WAIT_S", raising=False)
+    else:
+        monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", text)
+    assert trace_wait_s() == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-1", "inf", "nan", ""])
+def test_a_bad_trace_wait_raises_a_config_error_at_the_first_capture(monkeypatch, text):
+    """Not a wait that never ends (inf), nor a capture failure that sends the model to the fallback: the capture
+    raises, naming the variable, whichever ``on_capture_error``."""
+    from aotcache.config import ConfigError
+
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", text)
+    wrapped = aot_module(nn.Linear(4, 4), "nop", cache=False)  # on_capture_error="fallback"
+    with pytest.raises(ConfigError, match="AOTCACHE_TRACE_WAIT_S"):
+        wrapped(torch.randn(2, 4))
+    assert wrapped.compiled._fallbacks == {}  # nothing remembered against the model
+    monkeypatch.setenv("AOTCACHE_TRACE_WAIT_S", "60")
+    x = torch.ones(2, 4)
+    assert torch.allclose(wrapped(x), wrapped.orig_module(x)) and wrapped.compiled._fallbacks == {}
+
+
+# A known gap, on main too (not the fork's): what another thread changes on the model while a capture runs its Python
+# (model.eval(), a buffer it registers, a flag it sets: the usual steps before starting DataLoader workers) is undone
+# when the capture's next run of the Python starts from the call's state (NOTE [State changed by a capture] in
+# aot/api.py), so the parent ends in training mode (dropout on) without the buffer; a child forked meanwhile puts
+# back the swap-start state too (module_put_back), so it matches the parent and is as wrong.
+_FORK_AFTER_THE_FORKING_THREAD_CHANGED_THE_MODEL = r"""
+import json, multiprocessing, threading, traceback
+import torch
+from torch import nn
+from aotcache.aot import aot_module
+
+class Held(nn.Module):
+    '''Holds the first call of a thread other than the main one inside its capture until released.'''
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+        self.inside, self.release = threading.Event(), threading.Event()
+    def forward(self, x):
+        if threading.current_thread() is not threading.main_thread() and not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(120)
+        return self.drop(self.lin(x)) * self.scale
+
+def state(model):
+    return {"training": model.training, "drop_training": model.drop.training,
+            "offset": type(model.__dict__["_buffers"].get("offset")).__name__, "note": getattr(model, "note", None),
+            "own_tensors": type(model.lin.weight) is nn.Parameter and type(model.scale) is torch.Tensor}
+
+def child(queue, model, wrapped):
+    try:
+        report = state(model)
+        x = torch.randn(2, 4)
+        with torch.no_grad():
+            want = model.lin(x) * model.scale
+        report["equal"] = torch.allclose(wrapped(x), want)
+        queue.put(report)
+    except BaseException:
+        queue.put({"error": traceback.format_exc()[-1500:]})
+
+torch.manual_seed(0)
+model = Held()
+wrapped = aot_module(model, "nop", cache=False)
+thread = threading.Thread(target=wrapped, args=(torch.randn(2, 4),))
+thread.start()
+if not model.inside.wait(120):
+    raise RuntimeError("the capture never reached the forward")
+model.eval()  # the forking thread's own changes, made while the other thread's swap is under way
+model.register_buffer("offset", torch.zeros(4))
+model.note = "set by the forking thread"
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue, model, wrapped))
+process.start()
+try:
+    report = {"child": queue.get(timeout=60)}
+except Exception:
+    report = {"child": {"error": "the forked child did not answer within 60 s (hung)"}}
+process.join(10)
+if process.is_alive():
+    process.kill()
+model.release.set()
+thread.join(120)
+report["parent"] = state(model)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
+@pytest.mark.xfail(strict=True, reason="a capture's restore of the call's state (NOTE [State changed by a capture]) "
+                   "undoes what another thread changed on the model during the capture, in the parent and in a "
+                   "child forked meanwhile")
+def test_a_child_forked_mid_capture_keeps_what_the_forking_thread_changed_on_the_model():
+    report = _report_of_script(_FORK_AFTER_THE_FORKING_THREAD_CHANGED_THE_MODEL, 400,
+                               "a forked child of a thread that changed the model another thread captures")
+    want = {"training": False, "drop_training": False, "offset": "Tensor", "note": "set by the forking thread",
+            "own_tensors": True}
+    assert report == {"child": {**want, "equal": True}, "parent": want}, report
+
+
+class _HoldsItsFirstCapture(nn.Module):
+    """Its first call holds inside its capture (its tensors swapped) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.inside.is_set():
+            self.inside.set()
+            self.release.wait(WAIT)
+        return self.lin(x)
+
+
+def _capture_beside(draw):
+    """Run ``draw()`` in this thread while another thread's capture of a fresh model is under way; return the
+    wrapped model once the capture ended, and ``draw``'s result."""
+    torch.manual_seed(0)  # (before the capture: a seed set during it is the captured function's)
+    holder = _HoldsItsFirstCapture()
+    wrapped = aot_module(holder, "nop", cache=False)
+    thread = threading.Thread(target=wrapped, args=(torch.randn(2, 4),))
+    thread.start()
+    try:
+        assert holder.inside.wait(WAIT)
+        drawn = draw()
+    finally:
+        holder.release.set()
+        thread.join(WAIT)
+    return wrapped, drawn
+
+
+# A known gap, on main too: NOTE [Host random numbers] (aot/host_random.py) compares the process's generator states
+# before and after a capture, so another thread's draws during it (data augmentation, a model's init in a thread
+# of a server) read as the captured function's own: the capture is refused ("seeds or sets torch's global random
+# generator") and the model goes to the fallback for good, and Python's and numpy's generators are put back, so the
+# other thread draws the same numbers again.
+@pytest.mark.xfail(strict=True, reason="host-random checks compare process-wide generator states: another thread's "
+                   "torch draws during a capture refuse it (NOTE [Host random numbers])")
+def test_another_threads_torch_draws_during_a_capture_do_not_refuse_it():
+    busy_before = dict(fallback_counts())
+    wrapped, _ = _capture_beside(lambda: torch.randn(3))
+    assert wrapped.compiled._fallbacks == {} and fallback_counts() == busy_before
+
+
+@pytest.mark.xfail(strict=True, reason="host-random checks put Python's generator back after a capture: another "
+                   "thread's draws during it are drawn again (NOTE [Host random numbers])")
+def test_another_threads_python_draws_during_a_capture_are_not_drawn_again():
+    import random
+
+    random.seed(5)
+    _, first = _capture_beside(random.random)
+    second = random.random()
+    random.seed(5)
+    assert (first, second) == (random.random(), random.random())
+
+
+# NOTE [A child forked while another thread captures the same model]: the child's put-back of a module runs in the
+# fork handler, before the rest of what the child forgets. One that raised (fault injected here: a put-back that
+# fails) ended the handler there: that gate stayed owned by the thread the child lacks (its next swap waited on the
+# old lock for good), and every compiled function's lock another thread held stayed held (the hang the put-back
+# came with, back).
+_FORK_WITH_A_FAILING_PUT_BACK = r"""
+import json, multiprocessing, threading, traceback
+import torch
+from torch import nn
+from aotcache.aot import capture_threads
+
+module = nn.Linear(4, 4)
+gate = capture_threads.swap_gate(module)
+lock = capture_threads.ForkSafeLock()
+inside, release = threading.Event(), threading.Event()
+
+def failing_put_back():
+    raise RuntimeError("injected: the put-back fails")
+
+def hold():  # another thread holds the function's lock and the module's swap, as a capture does
+    with lock, gate.swapping(lambda: failing_put_back):
+        inside.set()
+        release.wait(120)
+
+def child(queue):
+    try:
+        queue.put({"function_lock_free": not lock.locked(), "gate_owner": gate.owner,
+                   "gate_lock_free": not gate._lock.locked()})
+    except BaseException:
+        queue.put({"error": traceback.format_exc()[-1500:]})
+
+thread = threading.Thread(target=hold)
+thread.start()
+if not inside.wait(120):
+    raise RuntimeError("the holder never started")
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+try:
+    report = queue.get(timeout=60)
+except Exception:
+    report = {"error": "the forked child did not answer within 60 s"}
+process.join(10)
+if process.is_alive():
+    process.kill()
+release.set()
+thread.join(120)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork only")
+def test_a_failing_put_back_in_a_forked_child_still_frees_what_other_threads_held():
+    report = _report_of_script(_FORK_WITH_A_FAILING_PUT_BACK, 300, "a forked child whose put-back fails")
+    assert report == {"function_lock_free": True, "gate_owner": None, "gate_lock_free": True}, report
