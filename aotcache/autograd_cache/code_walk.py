@@ -285,7 +285,8 @@ class CodeWalk:
                 named = self._library_member_token(value)
                 if named is not None:
                     entries.append(f"{name}={named}")
-        return f"module:{module.__name__}{{{','.join(entries)}}}"
+        version = library_version(module.__name__) if library else ""  # NOTE [Library versions in every library token]
+        return f"module:{module.__name__}{version}{{{','.join(entries)}}}"
 
     # -- library callables --------------------------------------------------------------------------------
 

@@ -331,7 +331,7 @@ class Reachable(CodeWalk, ObjectWalk):
             return self._builtin_token(value)
         if isinstance(value, types.ModuleType):
             if is_library(value.__name__):
-                return "module:" + value.__name__
+                return "module:" + value.__name__ + library_version(value.__name__)
             raise Untrusted(f"module object as a value: {value.__name__}")
         if isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             return self._op_token(value)

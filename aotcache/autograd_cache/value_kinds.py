@@ -63,8 +63,16 @@ def is_core_library(module_name: str | None) -> bool:
     return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names or root == "builtins"
 
 
+# NOTE [Library versions in every library token]
+# Library code is named, not read, so the name must carry what pins its behaviour: the version of the
+# distribution that installed it. Classes and functions walked as values carried it, but a library function reached
+# through its module (``import einops`` then ``einops.rearrange(x, ...)``: the module global's token lists what the
+# code reads of it by qualified name) and a library module held as a value did not: after ``pip install -U`` of
+# that library, a warm process found the same fingerprint and loaded the graph traced with the old version's
+# code (session 22). Every library token now ends in the version (``@1.2``; "" where there is none: the standard
+# library, user code).
 def library_version(module_name: str | None) -> str:
-    """``@<version>`` for code of an installed third-party distribution, "" for torch / stdlib / user code."""
+    """``@<version>`` for code of an installed distribution (torch included), "" for the stdlib and user code."""
     version = installed_distribution((module_name or "").split(".")[0])
     return f"@{version}" if version else ""
 
@@ -85,7 +93,60 @@ def installed_distribution(root: str) -> str | None:
     try:
         return importlib.metadata.version(root)
     except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
+        pass
+    # NOTE [Import names that are not distribution names]
+    return _site_top_level_versions(_site_directory(path)).get(root)
+
+
+def _site_directory(path: str) -> str:
+    """The site-packages (or dist-packages) directory that ``path`` lies in."""
+    parts = path.split(os.sep)
+    last = max(i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages"))
+    return os.sep.join(parts[:last + 1])
+
+
+# NOTE [Import names that are not distribution names]
+# Many packages are imported under another name than the one they are installed as: ``_pytest`` (pytest),
+# ``yaml`` (PyYAML), ``PIL`` (pillow), ``sklearn`` (scikit-learn), ``attr`` (attrs). Looked up by their import
+# name they had no version, so their code was walked as the program's own: slowly, and a forward with an
+# ``assert`` in a pytest test module reached pytest's session state through the rewritten assert's helpers,
+# which the capture then refused as Python state the call changes (session 22, torch 2.11 run of
+# test_odd_forwards). Such a module is found among the distributions of the site directory it lies in, by their
+# top-level names (``top_level.txt``, else the first part of each path in ``RECORD``); a name several
+# distributions share (a namespace package like ``google``) is pinned by all their versions. Read once per site
+# directory and process (~0.1 s), only when a module under one is not a distribution's own name.
+@functools.lru_cache(maxsize=None)
+def _site_top_level_versions(site_dir: str) -> dict[str, str]:
+    """Top-level import name -> the version(s) of the distribution(s) in ``site_dir`` that provide it."""
+    providers: dict[str, set[str]] = {}
+    try:
+        distributions = list(importlib.metadata.distributions(path=[site_dir]))
+    except OSError:
+        return {}
+    for distribution in distributions:
+        try:
+            name, version = distribution.metadata["Name"], distribution.version
+            top_level = distribution.read_text("top_level.txt")
+            names = set(top_level.split()) if top_level else _recorded_top_level_names(distribution.read_text("RECORD"))
+        except (OSError, KeyError, ValueError):
+            continue
+        for top in names:
+            providers.setdefault(top, set()).add(f"{name}=={version}")
+    return {top: next(iter(pins)).split("==", 1)[1] if len(pins) == 1 else "+".join(sorted(pins))
+            for top, pins in providers.items()}
+
+
+def _recorded_top_level_names(record: str | None) -> set[str]:
+    """The top-level modules and packages a distribution's ``RECORD`` installs."""
+    names = set()
+    for line in (record or "").splitlines():
+        first, _, rest = line.split(",", 1)[0].partition("/")
+        if rest:  # a package directory
+            if not first.endswith((".dist-info", ".data")) and first not in ("__pycache__", "..", ""):
+                names.add(first)
+        elif first.endswith((".py", ".so", ".pyd")):  # a top-level module (an extension's name ends at its first dot)
+            names.add(first.split(".", 1)[0])
+    return names
 
 
 def _unloaded_origin(root: str) -> str | None:
@@ -133,16 +194,18 @@ def library_callable_name(value: Any) -> str | None:
     ``builtin:torch._VariableFunctionsClass.sigmoid``, ``class:torch.nn.modules.linear.Linear``), or None for
     any other value: what is found under a name, whichever module holds it (NOTE [Library functions rebound
     in their module] in code_walk.py)."""
+    # (with the version of the distribution that defines it: NOTE [Library versions in every library token])
     if isinstance(value, type):
-        return f"class:{type_name(value)}"
+        return f"class:{type_name(value)}{library_version(value.__module__)}"
     if isinstance(value, types.FunctionType):
-        return f"fn:{defining_module(value)}.{value.__qualname__}"
+        module = defining_module(value)
+        return f"fn:{module}.{value.__qualname__}{library_version(module)}"
     if isinstance(value, _BUILTIN_CALLABLES):
         owner = getattr(value, "__objclass__", None) or getattr(value, "__self__", None)
         module = owner.__module__ if isinstance(owner, type) else getattr(value, "__module__", None)
         if isinstance(owner, types.ModuleType):
             module = owner.__name__
-        return f"builtin:{module}.{getattr(value, '__qualname__', None) or value.__name__}"
+        return f"builtin:{module}.{getattr(value, '__qualname__', None) or value.__name__}{library_version(module)}"
     return None
 
 

@@ -1,0 +1,115 @@
+"""Installed packages imported under another name than their distribution's (``_pytest``, ``yaml``, ``PIL``) are
+library code, pinned by their distribution's version (NOTE [Import names that are not distribution names])."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import uuid
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from aotcache.aot.api import AOTOptions
+from aotcache.autograd_cache import value_kinds
+from aotcache.autograd_cache.fingerprint import fingerprint_call
+
+
+def _install(site, dist, version, *, top_level=None, record=None):
+    """A distribution's metadata in ``site`` (its top-level names in ``top_level.txt``, or only in ``RECORD``)."""
+    info = site / f"{dist}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    if top_level is not None:
+        (info / "top_level.txt").write_text("".join(f"{name}\n" for name in top_level))
+    (info / "RECORD").write_text("".join(f"{path},,\n" for path in record or ()))
+    return info
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A fresh site-packages directory on ``sys.path``, with the lookups' memos cleared before and after."""
+    directory = tmp_path / "lib" / "site-packages"
+    directory.mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(directory))
+    importlib.invalidate_caches()
+    value_kinds.installed_distribution.cache_clear()
+    value_kinds._site_top_level_versions.cache_clear()
+    yield directory
+    value_kinds.installed_distribution.cache_clear()
+    value_kinds._site_top_level_versions.cache_clear()
+
+
+def _names(*stems):
+    suffix = uuid.uuid4().hex[:8]
+    return [f"aotc_{stem}_{suffix}" for stem in stems]
+
+
+def test_import_names_other_than_the_distributions_are_library_code_with_its_version(site):
+    package, module, shared, local = _names("pkg", "mod", "ns", "local")
+    (site / package).mkdir()
+    (site / package / "__init__.py").write_text("def f(t):\n    return t * 2\n")
+    (site / f"{module}.py").write_text("def g(t):\n    return t + 1\n")
+    _install(site, "acme-dist", "1.2", top_level=[package, shared])  # names in top_level.txt
+    _install(site, "beta-dist", "3.0", record=[f"{module}.py", f"{shared}/b.py", "beta_dist-3.0.dist-info/RECORD"])
+    (site / shared).mkdir()
+    try:
+        importlib.import_module(package), importlib.import_module(module)
+        assert value_kinds.is_library(f"{package}.sub") and value_kinds.library_version(package) == "@1.2"
+        assert value_kinds.is_library(module) and value_kinds.library_version(module) == "@3.0"
+        # a namespace package two distributions share is pinned by both
+        assert value_kinds.library_version(shared) == "@acme-dist==1.2+beta-dist==3.0"
+        # a module in site-packages that no distribution names is still the program's (walked, not named)
+        (site / f"{local}.py").write_text("X = 1\n")
+        importlib.import_module(local)
+        assert not value_kinds.is_library(local)
+        assert value_kinds.is_library("_pytest") and value_kinds.library_version("_pytest").startswith("@")
+    finally:
+        for name in (package, module, local):
+            sys.modules.pop(name, None)
+
+
+def _fingerprint(fn):
+    flat, spec = pytree.tree_flatten(((torch.ones(3),), {}))
+    return fingerprint_call(fn, flat, spec, AOTOptions())
+
+
+@pytest.mark.parametrize("reached", ["module_global", "function_global", "body_import"])
+@pytest.mark.parametrize("naming", ["same_name", "other_name"])
+def test_a_library_is_fingerprinted_by_its_version(site, naming, reached):
+    """NOTE [Library versions in every library token], both directions: another version of the distribution
+    changes the fingerprint (a library function reached through its module did not carry it: a warm process
+    after an upgrade loaded the old version's graph), the same version leaves it (the library is not read)."""
+    (package,) = _names("versioned")
+    (site / package).mkdir()
+    (site / package / "__init__.py").write_text("def f(t):\n    return t * 2\n")
+    dist = package if naming == "same_name" else "acme-versioned"
+    info = _install(site, dist, "1.0", top_level=[package] if naming == "other_name" else None)
+    try:
+        library = importlib.import_module(package)
+        namespace: dict = {}
+        source = {"module_global": f"import {package}\ndef forward(x):\n    return {package}.f(x) + 1\n",
+                  "function_global": f"from {package} import f\ndef forward(x):\n    return f(x) + 1\n",
+                  "body_import": f"def forward(x):\n    import {package}\n    return {package}.f(x) + 1\n"}[reached]
+        exec(source, namespace)
+        forward = namespace["forward"]
+        first = _fingerprint(forward)
+        assert value_kinds.is_library(package)
+        assert _fingerprint(forward) == first
+
+        # the same version: the library's code is pinned by it, not read (a module-level helper it adds is unseen)
+        library.helper_added_later = lambda t: t
+        value_kinds.installed_distribution.cache_clear()
+        value_kinds._site_top_level_versions.cache_clear()
+        assert _fingerprint(forward) == first
+
+        # another version of the distribution: another fingerprint
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.1\n")
+        info.rename(site / f"{dist.replace('-', '_')}-1.1.dist-info")
+        value_kinds.installed_distribution.cache_clear()
+        value_kinds._site_top_level_versions.cache_clear()
+        assert value_kinds.library_version(package) == "@1.1"
+        assert _fingerprint(forward) != first
+    finally:
+        sys.modules.pop(package, None)
