@@ -10,6 +10,8 @@ import sys
 import types
 from typing import Any
 
+import torch
+
 from aotcache.autograd_cache.value_kinds import defining_module, is_library
 
 # Attribute bags of the standard library whose state is the program's data (config holders), as value_kinds
@@ -54,7 +56,8 @@ class ProgramOwnership:
 
     NOTE [Iterators a program advances] (the ownership half): a node's state belongs to the program when the
     node is the program's (a function, class or module of a program module, or an object of a program class or
-    of a standard attribute bag) and some path from a root reaches it without entering code that is not the
+    of a standard attribute bag, or any ``nn.Module``: a model's attributes are the program's whatever class built
+    it) and some path from a root reaches it without entering code that is not the
     program's (a library's function, class or module). Objects of a library's class on the way (an
     ``nn.Sequential`` holding the program's modules) do not cut the path: they hold what the program put there.
     """
@@ -97,6 +100,9 @@ class ProgramOwnership:
             module_name = _module_of(value)
             if module_name not in self._program_modules:
                 self._program_modules[module_name] = is_program_module(module_name)
-            known = type(value) in _PROGRAM_DATA_TYPES or self._program_modules[module_name]
+            # a module object's attributes are the program's to set, whoever's class it is (NOTE [Iterators a
+            # program advances]: ``seq.steps = itertools.count()`` on an ``nn.Sequential``, read by the program's hook)
+            known = (type(value) in _PROGRAM_DATA_TYPES or self._program_modules[module_name]
+                     or isinstance(value, torch.nn.Module))
             self._is_program[index] = known
         return known

@@ -415,7 +415,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # Only the program's own iterators count, by positive evidence (ProgramOwnership in program_ownership.py): the
     # node holding it (a function's globals, closure cells or defaults, a class's attributes, a module's globals,
     # an object's ``__dict__``) is code or an object of a class from a real source file outside site-packages /
-    # dist-packages, torch, aotcache and the standard library (or a SimpleNamespace / argparse.Namespace), and a
+    # dist-packages, torch, aotcache and the standard library (or a SimpleNamespace / argparse.Namespace, or any
+    # ``nn.Module``: the program sets a model's attributes whatever class built it), and a
     # path from the walk's roots reaches that node without entering code that is not the program's. Objects of a
     # library's class do not cut the path (an ``nn.Sequential`` holds the program's modules); a library's
     # function, class or module does. A denylist of libraries was not enough (session 21, then switched off):

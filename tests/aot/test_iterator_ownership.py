@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
 import aotcache
 from aotcache.aot.fallback import fallback_counts
@@ -134,3 +139,71 @@ def test_program_modules_are_real_files_outside_installed_packages(tmp_path, mon
     assert is_program_module("iter_user_c") and is_program_module(__name__)
     for name in ("iter_lib_c", "__channelexec__", "itertools", "torch.nn", "aotcache.api", "no_such_module", None):
         assert not is_program_module(name), name
+
+
+def _scaled_by_the_modules_steps(module, args, output):
+    return output * next(module.steps)
+
+
+def test_a_counter_set_on_a_library_classs_module_is_drawn_once_per_call():
+    """An iterator the program sets on an ``nn.Sequential`` (a library's class) and its own hook advances: the
+    module's attributes are the program's, so the capture is refused (it kept its capture's draw: 3, 3, 3)."""
+    sequential = nn.Sequential(nn.Identity())
+    sequential.steps = itertools.count()
+    sequential.register_forward_hook(_scaled_by_the_modules_steps)
+    compiled = aotcache.compile(sequential)
+    assert [compiled(X)[0].item() for _ in range(3)] == [0.0, 1.0, 2.0]
+
+    class HoldsAPlainModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Module()
+            self.inner.steps = itertools.count()
+
+        def forward(self, x):
+            return x * next(self.inner.steps)
+
+    compiled = aotcache.compile(HoldsAPlainModule())
+    assert [compiled(X)[0].item() for _ in range(3)] == [0.0, 1.0, 2.0]
+
+
+_TRAINING_SCRIPT = """
+    import sys, types
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    import aotcache
+    from aotcache.aot.fallback import fallback_counts
+
+    loader = DataLoader(TensorDataset(torch.arange(24.0).reshape(8, 3)), batch_size=2)
+    CFG = types.SimpleNamespace(scale=2.0)
+    if sys.argv[1] == "holds_iter":
+        CFG.train_iter = iter(loader)  # the loop draws batches; the forward reads only CFG.scale
+
+
+    def forward(x):
+        return x * CFG.scale
+
+
+    compiled = aotcache.aot_function(forward, "nop", cache=False)
+    for (x,) in loader:
+        torch.testing.assert_close(compiled(x), x * 2.0)
+    assert compiled.num_compiles == 1, compiled.num_compiles
+    assert fallback_counts().get("partial:unsupported_construct", 0) == 0, fallback_counts()
+"""
+
+
+@pytest.mark.parametrize("config", [
+    "plain",
+    pytest.param("holds_iter", marks=pytest.mark.xfail(strict=True, reason=(
+        "NOTE [Iterators a program advances]: every iterator a program object holds counts, read by the function "
+        "or not; a config object holding the training loop's DataLoader iterator sends a forward that reads only "
+        "its other fields to the fallback"))),
+])
+def test_a_training_scripts_config_holding_its_loader_iterator_keeps_the_graph(tmp_path, config):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(_TRAINING_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(aotcache.__file__).parent.parent),
+                                                                  os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(script), config], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
