@@ -190,6 +190,7 @@ class ObjectWalk:
         added = False
         for index, included in list(self._classes.items()):
             cls = self._objects[index]
+            self._walking, self._walking_index = cls, index  # NOTE [Iterators a program advances] in reachable.py
             if not included:  # first visit: the class's bases and metaclass
                 included.add("")
                 for base in cls.__bases__:
@@ -217,6 +218,7 @@ class ObjectWalk:
 
     def _class_token(self, index: int) -> str:
         cls = self._objects[index]
+        self._walking, self._walking_index = cls, index  # NOTE [Iterators a program advances] in reachable.py
         bases = ",".join(self.type_ref(base) for base in cls.__bases__)
         members = sorted(name for name in self._classes[index] if name)
         body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)

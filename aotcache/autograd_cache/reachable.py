@@ -26,7 +26,6 @@ import io
 import logging
 import os
 import re
-import sys
 import threading
 import types
 import weakref
@@ -50,6 +49,7 @@ from aotcache.autograd_cache.digests import (
 )
 from aotcache.autograd_cache.live_containers import entries_of, members_of
 from aotcache.autograd_cache.object_walk import ObjectWalk
+from aotcache.autograd_cache.program_ownership import ProgramOwnership
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.value_kinds import (
     SET_ORDERED_ENTRIES,
@@ -141,14 +141,6 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-
-# NOTE [Iterators a program advances], off for now: the refusal also fired on iterators a program only reaches
-# through a test runner's state (pytest-xdist's workers run execnet's code, whose objects and module are not seen as
-# a library's), sending captures to the fallback in the suite's own xdist runs (session 21). Off until the walk
-# tells a program's own iterators from those it merely reaches; the in-process staleness it fixed is a known gap
-# again (strict xfails in tests/aot/test_stale_program_values.py); across processes such iterators stay untrusted.
-_REFUSE_ITERATORS = False
-
 class Reachable(CodeWalk, ObjectWalk):
     """Canonical serialization of the objects reachable from some roots.
 
@@ -204,11 +196,14 @@ class Reachable(CodeWalk, ObjectWalk):
         self._versions: dict[str, str | None] = {}  # distribution versions looked up in this computation
         self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched] in object_walk.py
         self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
+        self._walking_index: int | None = None  # its index (None: a root's own value)
+        # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
+        self._ownership = ProgramOwnership() if guards is not None else None
 
     # -- driving ------------------------------------------------------------------------------------------
 
     def add_root(self, value: Any) -> str:
-        self._walking = None
+        self._walking, self._walking_index = None, None
         token = self.ref(value)
         self._drain()
         return token
@@ -218,6 +213,9 @@ class Reachable(CodeWalk, ObjectWalk):
         self._drain()
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
+        if self._ownership is not None:  # NOTE [Iterators a program advances]
+            for iterator in self._ownership.program_iterators(self._objects):
+                self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
             lines.append("tensor-members{" + ",".join(f"{name}={token}" for name, token
@@ -228,7 +226,8 @@ class Reachable(CodeWalk, ObjectWalk):
         while True:
             while self._queue:
                 index = self._queue.popleft()
-                self._walking = self._objects[index]  # NOTE [Iterators a program advances]: whose state this is
+                # NOTE [Iterators a program advances]: whose state this is
+                self._walking, self._walking_index = self._objects[index], index
                 try:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
@@ -251,6 +250,8 @@ class Reachable(CodeWalk, ObjectWalk):
                 self._tokens[index] = ""
             else:
                 self._queue.append(index)
+        if self._ownership is not None:
+            self._ownership.edge(self._walking_index, index)
         return f"#{index}"
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -397,29 +398,10 @@ class Reachable(CodeWalk, ObjectWalk):
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
             return f"observer-partial({self.ref(value.p)};{self.ref(value.callable_args)})"
-        if (_REFUSE_ITERATORS and self._guards is not None and isinstance(value, collections.abc.Iterator)
-                and not isinstance(value, io.IOBase) and not self._held_by_library_object()):
-            self._guards.iterator(value)  # NOTE [Iterators a program advances]
+        if (self._ownership is not None and isinstance(value, collections.abc.Iterator)
+                and not isinstance(value, io.IOBase)):
+            self._ownership.iterator(self._walking_index, value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
-
-    def _held_by_library_object(self) -> bool:
-        """Whether the node being written is a library's (an object of its class: pytest's fixture requests, a
-        training framework's loop state; or its module or function), whose iterators are that library's (NOTE
-        [Iterators a program advances])."""
-        owner = self._walking
-        if owner is None:
-            return False
-        if isinstance(owner, types.ModuleType):
-            module_name = owner.__name__
-        elif isinstance(owner, (types.FunctionType, type)):
-            module_name = getattr(owner, "__module__", None) or ""
-        else:
-            module_name = type(owner).__module__
-        if is_library(module_name):
-            return True
-        # (a package installed under another top-level name than its distribution's: pytest's ``_pytest``)
-        path = getattr(sys.modules.get(module_name), "__file__", None) or ""
-        return "site-packages" in path or "dist-packages" in path
 
     # NOTE [Iterators a program advances]
     # An iterator the program reads (``next(COUNTER)`` on an ``itertools.count``, a generator, ``iter(list)``) holds
@@ -429,10 +411,21 @@ class Reachable(CodeWalk, ObjectWalk):
     # iterator stays opaque (untrusted across processes); the walk hands it to the guards, and a capture of a
     # program that reads one is refused before the function runs (NOTE [State changed by a capture] in
     # aot/call_state.py): the fallback runs the Python at every call. A plain object with ``__next__`` is walked
-    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one, nor is an
-    # iterator held by an object of a library's class (pytest's fixture finalizers hold generators, and a test's
-    # function reached them through pytest's assertion rewriting: every such capture was refused). Any other such
-    # iterator the walk reaches counts, used by the function or not (conservative).
+    # by its ``__dict__`` like any other; an open file (an iterator over its lines) is not taken for one.
+    # Only the program's own iterators count, by positive evidence (ProgramOwnership in program_ownership.py): the
+    # node holding it (a function's globals, closure cells or defaults, a class's attributes, a module's globals,
+    # an object's ``__dict__``) is code or an object of a class from a real source file outside site-packages /
+    # dist-packages, torch, aotcache and the standard library (or a SimpleNamespace / argparse.Namespace, or any
+    # ``nn.Module``: the program sets a model's attributes whatever class built it), and a
+    # path from the walk's roots reaches that node without entering code that is not the program's. Objects of a
+    # library's class do not cut the path (an ``nn.Sequential`` holds the program's modules); a library's
+    # function, class or module does. A denylist of libraries was not enough (session 21, then switched off):
+    # pytest's ``_pytest`` has no distribution of that name, so a test's ``assert`` reached pytest's assertion
+    # helpers as program code, their state every collected test, and through those another test file's global
+    # ``itertools.count`` (tests/aot/test_stale_program_values.py); pytest-xdist's worker objects come from
+    # execnet's ``__channelexec__``, a module without a file. Any iterator the program's own code holds counts,
+    # used by the function or not (conservative). Not counted: code without a real source file (an interactive
+    # ``__main__``, ``exec``'d code), so a notebook's own counter keeps its capture's draw (a known gap).
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)

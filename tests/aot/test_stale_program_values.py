@@ -42,8 +42,6 @@ def scaled_by_the_next_count(x):
     return x * next(COUNTER)
 
 
-@pytest.mark.xfail(strict=True, reason="NOTE [Iterators a program advances]: the refusal is off (it fired on "
-                   "iterators reached through pytest-xdist's state); a graph keeps its capture's draw")
 def test_a_global_counter_advances_once_per_call_as_in_eager(monkeypatch):
     monkeypatch.setitem(globals(), "COUNTER", itertools.count())
     compiled = aotcache.aot_function(scaled_by_the_next_count, "nop", cache=False)
@@ -62,8 +60,6 @@ class CountsItsCalls(nn.Module):
         return self.fc(x) * next(self.steps)
 
 
-@pytest.mark.xfail(strict=True, reason="NOTE [Iterators a program advances]: the refusal is off (it fired on "
-                   "iterators reached through pytest-xdist's state); a graph keeps its capture's draw")
 @pytest.mark.parametrize("route", list(_ROUTES))
 def test_a_counter_attribute_advances_once_per_call_as_in_eager(route):
     torch.manual_seed(0)
@@ -75,8 +71,6 @@ def test_a_counter_attribute_advances_once_per_call_as_in_eager(route):
     assert next(model.steps) == next(twin.steps) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="NOTE [Iterators a program advances]: the refusal is off (it fired on "
-                   "iterators reached through pytest-xdist's state); a graph keeps its capture's draw")
 def test_a_generator_global_is_drawn_once_per_call(monkeypatch):
     monkeypatch.setitem(globals(), "SCALES", (float(k) for k in range(10)))
 

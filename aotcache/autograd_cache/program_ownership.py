@@ -1,0 +1,108 @@
+"""Which of the objects a walk reaches are the program's own, by positive evidence (NOTE [Iterators a program
+advances] in reachable.py): code from a real source file outside the installed packages, the standard library,
+torch and aotcache, reached from the walk's roots without passing through another's code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+from typing import Any
+
+import torch
+
+from aotcache.autograd_cache.value_kinds import defining_module, is_library
+
+# Attribute bags of the standard library whose state is the program's data (config holders), as value_kinds
+# reads them
+_PROGRAM_DATA_TYPES = (object, types.SimpleNamespace, argparse.Namespace)
+
+
+def is_program_module(module_name: str | None) -> bool:
+    """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not
+    under site-packages / dist-packages, and neither torch, aotcache, the standard library nor an installed
+    distribution. A module without a real file (``__channelexec__``, code exec'd from ``<string>``, an
+    interactive ``__main__``) is not counted: nothing shows whose it is."""
+    if not module_name or is_library(module_name):
+        return False
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return False
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return "site-packages" not in parts and "dist-packages" not in parts
+
+
+def _module_of(value: Any) -> str | None:
+    """The module whose source defines ``value``: a module itself, a function's, a class's, or an object's class."""
+    if isinstance(value, types.ModuleType):
+        return value.__name__
+    if isinstance(value, types.FunctionType):
+        return defining_module(value)
+    if isinstance(value, type):
+        return getattr(value, "__module__", None)
+    return type(value).__module__
+
+
+def is_code(value: Any) -> bool:
+    """A function, class or module: its state (globals, closure cells, class attributes) belongs to the code
+    that defines it."""
+    return isinstance(value, (types.FunctionType, type, types.ModuleType))
+
+
+class ProgramOwnership:
+    """The edges between a walk's nodes and the iterators each node holds; :meth:`program_iterators` keeps those
+    held by the program's own code, reached from the roots through the program's code only.
+
+    NOTE [Iterators a program advances] (the ownership half): a node's state belongs to the program when the
+    node is the program's (a function, class or module of a program module, or an object of a program class or
+    of a standard attribute bag, or any ``nn.Module``: a model's attributes are the program's whatever class built
+    it) and some path from a root reaches it without entering code that is not the
+    program's (a library's function, class or module). Objects of a library's class on the way (an
+    ``nn.Sequential`` holding the program's modules) do not cut the path: they hold what the program put there.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[int | None, set[int]] = {}  # node index (None: a root) -> nodes its token names
+        self._iterators: dict[int | None, list[Any]] = {}  # node index (None: a root) -> iterators it holds
+        self._is_program: dict[int, bool] = {}
+        self._program_modules: dict[str | None, bool] = {}
+
+    def edge(self, holder: int | None, index: int) -> None:
+        self._children.setdefault(holder, set()).add(index)
+
+    def iterator(self, holder: int | None, iterator: Any) -> None:
+        self._iterators.setdefault(holder, []).append(iterator)
+
+    def program_iterators(self, objects: list[Any]) -> list[Any]:
+        """The iterators held by nodes the program owns (a root's own iterators count: the program passed them)."""
+        if not self._iterators:
+            return []
+        owned: set[int] = set()
+        queue: list[int | None] = [None]
+        while queue:
+            holder = queue.pop()
+            for child in self._children.get(holder, ()):
+                # entering code that is not the program's (a library's function, class or module) cuts the path
+                if child not in owned and (not is_code(objects[child]) or self._program_node(objects, child)):
+                    owned.add(child)
+                    queue.append(child)
+        held = list(self._iterators.get(None, ()))
+        for index in owned:
+            if self._program_node(objects, index):
+                held.extend(self._iterators.get(index, ()))
+        return held
+
+    def _program_node(self, objects: list[Any], index: int) -> bool:
+        known = self._is_program.get(index)
+        if known is None:
+            value = objects[index]
+            module_name = _module_of(value)
+            if module_name not in self._program_modules:
+                self._program_modules[module_name] = is_program_module(module_name)
+            # a module object's attributes are the program's to set, whoever's class it is (NOTE [Iterators a
+            # program advances]: ``seq.steps = itertools.count()`` on an ``nn.Sequential``, read by the program's hook)
+            known = (type(value) in _PROGRAM_DATA_TYPES or self._program_modules[module_name]
+                     or isinstance(value, torch.nn.Module))
+            self._is_program[index] = known
+        return known
