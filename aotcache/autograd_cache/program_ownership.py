@@ -8,10 +8,12 @@ import argparse
 import os
 import sys
 import types
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
+from aotcache.autograd_cache.code_reading import computed_getattr
 from aotcache.autograd_cache.value_kinds import defining_module, is_library
 
 # Attribute bags of the standard library whose state is the program's data (config holders), as value_kinds
@@ -44,6 +46,34 @@ def _module_of(value: Any) -> str | None:
     return type(value).__module__
 
 
+# NOTE [Iterators held under names no code reads]
+# The walk writes down a program object whole (an ``nn.Module``'s or a config bag's every attribute), so an
+# iterator the training loop keeps there (``CFG.train_iter = iter(loader)``, ``self.loader_iter``) was counted
+# though the function never reads it, and its capture went to the fallback for nothing (found in the session 22
+# review). An object's iterator counts only when some name on its path in the object's ``__dict__`` (the
+# attribute, and a string key of a dict held there) is among the names the walked code reads (its attribute
+# names and string constants: ``next(self.steps)``, ``self.counters["a"]``). Where that cannot be told it counts:
+# an iterator held deeper or in a slot, or any walked function reading an attribute by a computed name
+# (``getattr(self, name)``). Code's own iterators (a module's or function's globals, cells, defaults) are read
+# through names the walk already follows, so they always count.
+def _held_under_a_read_name(holder: Any, iterator: Any, names: Collection[str]) -> bool:
+    """Whether ``holder`` keeps ``iterator`` under a name the code reads, or somewhere this cannot tell."""
+    attributes = getattr(holder, "__dict__", None)
+    if not isinstance(attributes, dict):
+        return True
+    paths = []
+    for name, value in list(attributes.items()):
+        if value is iterator:
+            paths.append((name,))
+        elif isinstance(value, dict):
+            paths.extend((name, key) for key, member in list(value.items()) if member is iterator)
+        elif isinstance(value, (list, tuple)) and any(member is iterator for member in value):
+            paths.append((name,))
+    if not paths:
+        return True
+    return any(all(part in names for part in path if isinstance(part, str)) for path in paths)
+
+
 def is_code(value: Any) -> bool:
     """A function, class or module: its state (globals, closure cells, class attributes) belongs to the code
     that defines it."""
@@ -74,8 +104,9 @@ class ProgramOwnership:
     def iterator(self, holder: int | None, iterator: Any) -> None:
         self._iterators.setdefault(holder, []).append(iterator)
 
-    def program_iterators(self, objects: list[Any]) -> list[Any]:
-        """The iterators held by nodes the program owns (a root's own iterators count: the program passed them)."""
+    def program_iterators(self, objects: list[Any], names: Collection[str] = ()) -> list[Any]:
+        """The iterators held by nodes the program owns (a root's own iterators count: the program passed them)
+        under a name the walked code reads (``names``; NOTE [Iterators held under names no code reads])."""
         if not self._iterators:
             return []
         owned: set[int] = set()
@@ -88,9 +119,16 @@ class ProgramOwnership:
                     owned.add(child)
                     queue.append(child)
         held = list(self._iterators.get(None, ()))
+        computed = None
         for index in owned:
             if self._program_node(objects, index):
-                held.extend(self._iterators.get(index, ()))
+                holder = objects[index]
+                for iterator in self._iterators.get(index, ()):
+                    if computed is None and not is_code(holder):
+                        computed = any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__)
+                                       for o in objects)
+                    if is_code(holder) or computed or _held_under_a_read_name(holder, iterator, names):
+                        held.append(iterator)
         return held
 
     def _program_node(self, objects: list[Any], index: int) -> bool:

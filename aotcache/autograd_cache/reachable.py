@@ -214,7 +214,7 @@ class Reachable(CodeWalk, ObjectWalk):
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
         if self._ownership is not None:  # NOTE [Iterators a program advances]
-            for iterator in self._ownership.program_iterators(self._objects):
+            for iterator in self._ownership.program_iterators(self._objects, self._names):
                 self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
@@ -423,8 +423,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # pytest's ``_pytest`` has no distribution of that name, so a test's ``assert`` reached pytest's assertion
     # helpers as program code, their state every collected test, and through those another test file's global
     # ``itertools.count`` (tests/aot/test_stale_program_values.py); pytest-xdist's worker objects come from
-    # execnet's ``__channelexec__``, a module without a file. Any iterator the program's own code holds counts,
-    # used by the function or not (conservative). Not counted: code without a real source file (an interactive
+    # execnet's ``__channelexec__``, a module without a file. An object's iterator counts only under a name the walked
+    # code reads (NOTE [Iterators held under names no code reads] in program_ownership.py). Not counted: code without a real source file (an interactive
     # ``__main__``, ``exec``'d code), so a notebook's own counter keeps its capture's draw (a known gap).
 
     # NOTE [numpy arrays by content]
