@@ -4,22 +4,15 @@ torch and aotcache, reached from the walk's roots without passing through anothe
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import types
 from collections.abc import Collection
 from typing import Any
 
-import torch
 
 from aotcache.autograd_cache.code_reading import computed_getattr
 from aotcache.autograd_cache.value_kinds import defining_module, is_library
-
-# Attribute bags of the standard library whose state is the program's data (config holders), as value_kinds
-# reads them
-_PROGRAM_DATA_TYPES = (object, types.SimpleNamespace, argparse.Namespace)
-
 
 def is_program_module(module_name: str | None) -> bool:
     """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not
@@ -84,12 +77,12 @@ class ProgramOwnership:
     """The edges between a walk's nodes and the iterators each node holds; :meth:`program_iterators` keeps those
     held by the program's own code, reached from the roots through the program's code only.
 
-    NOTE [Iterators a program advances] (the ownership half): a node's state belongs to the program when the
-    node is the program's (a function, class or module of a program module, or an object of a program class or
-    of a standard attribute bag, or any ``nn.Module``: a model's attributes are the program's whatever class built
-    it) and some path from a root reaches it without entering code that is not the
-    program's (a library's function, class or module). Objects of a library's class on the way (an
-    ``nn.Sequential`` holding the program's modules) do not cut the path: they hold what the program put there.
+    NOTE [Iterators a program advances] (the ownership half): a node's state belongs to the program when some
+    path from a root reaches it without entering code that is not the program's (a library's function, class or
+    module), and the node is the program's code (a function, class or module of a program module) or any object:
+    an object on such a path holds what the program put there, whoever's class it is (an ``nn.Sequential`` with
+    a counter the program's hook draws from, a transformers config the program keeps a counter on). An object's
+    iterator counts only under a name the walked code reads (NOTE [Iterators held under names no code reads]).
     """
 
     def __init__(self) -> None:
@@ -121,26 +114,26 @@ class ProgramOwnership:
         held = list(self._iterators.get(None, ()))
         computed = None
         for index in owned:
-            if self._program_node(objects, index):
-                holder = objects[index]
-                for iterator in self._iterators.get(index, ()):
-                    if computed is None and not is_code(holder):
-                        computed = any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__)
-                                       for o in objects)
-                    if is_code(holder) or computed or _held_under_a_read_name(holder, iterator, names):
-                        held.append(iterator)
+            holder = objects[index]
+            # an object on a path through the program's code holds what the program put there, whoever's class
+            # it is (a transformers config the program keeps counters on); code holds its own module's state
+            if is_code(holder) and not self._program_node(objects, index):
+                continue
+            for iterator in self._iterators.get(index, ()):
+                if computed is None and not is_code(holder):
+                    computed = any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__)
+                                   and self._program_node(objects, i) for i, o in enumerate(objects))
+                if is_code(holder) or computed or _held_under_a_read_name(holder, iterator, names):
+                    held.append(iterator)
         return held
 
     def _program_node(self, objects: list[Any], index: int) -> bool:
+        """Whether code node ``index`` (a function, class or module) is the program's own."""
         known = self._is_program.get(index)
         if known is None:
-            value = objects[index]
-            module_name = _module_of(value)
+            module_name = _module_of(objects[index])
             if module_name not in self._program_modules:
                 self._program_modules[module_name] = is_program_module(module_name)
-            # a module object's attributes are the program's to set, whoever's class it is (NOTE [Iterators a
-            # program advances]: ``seq.steps = itertools.count()`` on an ``nn.Sequential``, read by the program's hook)
-            known = (type(value) in _PROGRAM_DATA_TYPES or self._program_modules[module_name]
-                     or isinstance(value, torch.nn.Module))
+            known = self._program_modules[module_name]
             self._is_program[index] = known
         return known

@@ -206,11 +206,9 @@ def test_a_training_scripts_config_holding_its_loader_iterator_keeps_the_graph(t
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NOTE [Iterators a program advances]: an iterator held by an object of a library's class that is not an "
-    "nn.Module (a transformers PretrainedConfig the program keeps as its config bag) is taken for the library's; "
-    "the graph keeps its capture's draw (3, 3, 3)"))
 def test_a_counter_the_program_sets_on_a_library_config_object_is_drawn_once_per_call():
+    """An object of a library's class the program reaches through its own code holds what the program put there
+    (it was taken for the library's, and the graph kept its capture's draw: 3, 3, 3)."""
     transformers = pytest.importorskip("transformers")
 
     class KeepsItsConfig(nn.Module):
