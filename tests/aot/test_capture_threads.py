@@ -908,26 +908,11 @@ def test_a_child_forked_mid_capture_keeps_what_the_forking_thread_changed_on_the
     assert report == {"child": {**want, "equal": True}, "parent": want}, report
 
 
-class _HoldsItsFirstCapture(nn.Module):
-    """Its first call holds inside its capture (its tensors swapped) until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.inside, self.release = threading.Event(), threading.Event()
-
-    def forward(self, x):
-        if not self.inside.is_set():
-            self.inside.set()
-            self.release.wait(WAIT)
-        return self.lin(x)
-
-
 def _capture_beside(draw):
     """Run ``draw()`` in this thread while another thread's capture of a fresh model is under way; return the
     wrapped model once the capture ended, and ``draw``'s result."""
     torch.manual_seed(0)  # (before the capture: a seed set during it is the captured function's)
-    holder = _HoldsItsFirstCapture()
+    holder = _HoldsItsCapture()
     wrapped = aot_module(holder, "nop", cache=False)
     thread = threading.Thread(target=wrapped, args=(torch.randn(2, 4),))
     thread.start()
