@@ -4,12 +4,14 @@ torch and aotcache, reached from the walk's roots without passing through anothe
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import types
 from collections.abc import Collection
 from typing import Any
 
+import torch
 
 from aotcache.autograd_cache.code_reading import computed_getattr
 from aotcache.autograd_cache.value_kinds import defining_module, is_library
@@ -49,8 +51,28 @@ def _module_of(value: Any) -> str | None:
 # an iterator held deeper or in a slot, or any walked function reading an attribute by a computed name
 # (``getattr(self, name)``). Code's own iterators (a module's or function's globals, cells, defaults) are read
 # through names the walk already follows, so they always count.
+# NOTE [Iterators advanced by code the walk does not read]
+# The names are those of the program's code only. A library's method the forward calls reads its own object's
+# attributes unseen (``self.wrapper.next_batch()`` advancing ``wrapper._it``; a library ``nn.Module``'s forward
+# drawing from its own counter), and the program's code can read attributes without naming them (``vars(self)``,
+# ``self.__dict__.values()``, ``operator.attrgetter(name)``): the graph kept its capture's draw (1, 1, 1; session 22
+# review). So an iterator counts whatever its name when its holder's class has a library class other than
+# ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or when the code reads attributes that way.
+_UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers"})
+_METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
+
+
+def _library_code_reads_holder(holder: Any) -> bool:
+    """Whether a library class's methods may read ``holder``'s attributes (NOTE [Iterators advanced by code the
+    walk does not read])."""
+    return any(cls not in _METHODLESS_LIBRARY_CLASSES and is_library(getattr(cls, "__module__", None))
+               for cls in type(holder).__mro__)
+
+
 def _held_under_a_read_name(holder: Any, iterator: Any, names: Collection[str]) -> bool:
     """Whether ``holder`` keeps ``iterator`` under a name the code reads, or somewhere this cannot tell."""
+    if _library_code_reads_holder(holder) or not _UNNAMED_ATTRIBUTE_READS.isdisjoint(names):
+        return True
     attributes = getattr(holder, "__dict__", None)
     if not isinstance(attributes, dict):
         return True
