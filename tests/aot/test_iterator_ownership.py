@@ -271,6 +271,14 @@ _LIBRARY_SOURCE = """
             return next(self._iterator)
 
 
+    class SourceReader:
+        def __init__(self, source):
+            self._source = source
+
+        def next_value(self):
+            return next(self._source.draws)
+
+
     class CountingLayer(torch.nn.Module):
         def __init__(self, iterator):
             super().__init__()
@@ -318,7 +326,14 @@ class _DrawsThroughItsDictValues(_DrawsThroughVars):
         return x * next(next(v for v in self.__dict__.values() if isinstance(v, itertools.count)))
 
 
-@pytest.mark.parametrize("reach", ["vars", "dict_values", "library_method", "library_module"])
+class _HoldsDraws:
+    """A program object a library object reads an iterator from (``draws``: a name no program code reads)."""
+
+    def __init__(self):
+        self.draws = itertools.count()
+
+
+@pytest.mark.parametrize("reach", ["vars", "dict_values", "library_method", "library_module", "behind_library"])
 def test_an_iterator_advanced_without_the_program_naming_it_is_drawn_once_per_call(installed_library, reach):
     """NOTE [Iterators advanced by code the walk does not read]: the forward draws from an iterator whose name no
     program code reads (through ``vars(self)`` / ``self.__dict__``, or a library object's method or forward that
@@ -338,6 +353,16 @@ def test_an_iterator_advanced_without_the_program_naming_it_is_drawn_once_per_ca
                 return x * self.wrapper.next_value()
 
         model = CallsALibraryMethod()
+    elif reach == "behind_library":
+        class ReadsThroughALibraryObject(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.reader = installed_library.SourceReader(_HoldsDraws())
+
+            def forward(self, x):
+                return x * self.reader.next_value()
+
+        model = ReadsThroughALibraryObject()
     else:
         class HoldsALibraryLayer(nn.Module):
             def __init__(self):
