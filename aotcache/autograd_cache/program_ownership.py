@@ -4,12 +4,14 @@ torch and aotcache, reached from the walk's roots without passing through anothe
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import types
 from collections.abc import Collection
 from typing import Any
 
+import torch
 
 from aotcache.autograd_cache.code_reading import computed_getattr
 from aotcache.autograd_cache.value_kinds import defining_module, is_library
@@ -49,8 +51,29 @@ def _module_of(value: Any) -> str | None:
 # an iterator held deeper or in a slot, or any walked function reading an attribute by a computed name
 # (``getattr(self, name)``). Code's own iterators (a module's or function's globals, cells, defaults) are read
 # through names the walk already follows, so they always count.
+# NOTE [Iterators advanced by code the walk does not read]
+# The names are those of the program's code only. A library's method the forward calls reads its own object's
+# attributes unseen (``self.wrapper.next_batch()`` advancing ``wrapper._it``; a library ``nn.Module``'s forward
+# drawing from its own counter), and the program's code can read attributes without naming them (``vars(self)``,
+# ``self.__dict__.values()``, ``operator.attrgetter(name)``): the graph kept its capture's draw (1, 1, 1; session 22
+# review). So an iterator counts whatever its name when its holder's class has a library class other than
+# ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or is reached from such an object (a library
+# reader over the program's own source object), or when the code reads attributes that way.
+_UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers"})
+_METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
+
+
+def _library_code_reads_holder(holder: Any) -> bool:
+    """Whether a library class's methods may read ``holder``'s attributes (NOTE [Iterators advanced by code the
+    walk does not read])."""
+    return any(cls not in _METHODLESS_LIBRARY_CLASSES and is_library(getattr(cls, "__module__", None))
+               for cls in type(holder).__mro__)
+
+
 def _held_under_a_read_name(holder: Any, iterator: Any, names: Collection[str]) -> bool:
     """Whether ``holder`` keeps ``iterator`` under a name the code reads, or somewhere this cannot tell."""
+    if _library_code_reads_holder(holder) or not _UNNAMED_ATTRIBUTE_READS.isdisjoint(names):
+        return True
     attributes = getattr(holder, "__dict__", None)
     if not isinstance(attributes, dict):
         return True
@@ -111,6 +134,16 @@ class ProgramOwnership:
                 if child not in owned and (not is_code(objects[child]) or self._program_node(objects, child)):
                     owned.add(child)
                     queue.append(child)
+        # what a library object's methods may read, whatever its name: the object and all it reaches (NOTE
+        # [Iterators advanced by code the walk does not read])
+        library_read = {index for index in owned
+                        if not is_code(objects[index]) and _library_code_reads_holder(objects[index])}
+        queue = list(library_read)
+        while queue:
+            for child in self._children.get(queue.pop(), ()):
+                if child in owned and child not in library_read:
+                    library_read.add(child)
+                    queue.append(child)
         held = list(self._iterators.get(None, ()))
         computed = None
         for index in owned:
@@ -123,7 +156,8 @@ class ProgramOwnership:
                 if computed is None and not is_code(holder):
                     computed = any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__)
                                    and self._program_node(objects, i) for i, o in enumerate(objects))
-                if is_code(holder) or computed or _held_under_a_read_name(holder, iterator, names):
+                if is_code(holder) or computed or index in library_read or \
+                        _held_under_a_read_name(holder, iterator, names):
                     held.append(iterator)
         return held
 

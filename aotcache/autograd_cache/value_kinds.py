@@ -87,7 +87,10 @@ def installed_distribution(root: str) -> str | None:
     module lives does not change under a running program. Editable installs and scripts are user code.
     """
     module = sys.modules.get(root)
-    path = (getattr(module, "__file__", None) if module is not None else _unloaded_origin(root)) or ""
+    # a namespace package has no ``__file__``: its first search location, as the unloaded spec gives it (else it
+    # was library code before its import and the program's after, within one process)
+    path = ((getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or ()), None))
+            if module is not None else _unloaded_origin(root)) or ""
     if not path or not any(part in ("site-packages", "dist-packages") for part in path.split(os.sep)):
         return None
     try:

@@ -113,3 +113,22 @@ def test_a_library_is_fingerprinted_by_its_version(site, naming, reached):
         assert _fingerprint(forward) != first
     finally:
         sys.modules.pop(package, None)
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_a_namespace_package_in_site_packages_is_library_code_whether_imported_yet_or_not(site, imported_first):
+    """A namespace package (no ``__init__.py``: ``__file__`` is None) was library code while unloaded (found by its
+    spec's search locations) and program code once imported (only ``__file__`` was read): the same program's
+    fingerprint hung on which came first in the process, and its code was walked as the program's."""
+    namespace, = _names("nspkg")
+    (site / namespace).mkdir()
+    (site / namespace / "sub.py").write_text("def f(t):\n    return t * 2\n")
+    _install(site, "nsdist", "4.5", top_level=[namespace])
+    try:
+        if imported_first:
+            importlib.import_module(f"{namespace}.sub")
+            assert getattr(sys.modules[namespace], "__file__", None) is None
+        assert value_kinds.is_library(f"{namespace}.sub") and value_kinds.library_version(namespace) == "@4.5"
+    finally:
+        for name in (namespace, f"{namespace}.sub"):
+            sys.modules.pop(name, None)
