@@ -78,6 +78,7 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
         if chosen not in COMPILER_NAMES:
             raise ValueError(f"aotcache backend: unknown compiler {chosen!r}; use one of {', '.join(COMPILER_NAMES)}")
+    from aotcache.aot.aliased_writes import drop_dynamo_data_self_assignments
     from aotcache.aot.container_inputs import flatten_container_inputs, with_flat_inputs
     from aotcache.aot.errors import CaptureError
     from aotcache.aot.signed_zero_guards import guard_signed_zeros, retrace_baked_zero_floats
@@ -86,6 +87,7 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
 
     compiler_options = options_with_mode(chosen, mode, settings["compiler_options"], "aotcache backend")
     retrace_baked_zero_floats()  # NOTE [Zero floats Dynamo baked in]
+    drop_dynamo_data_self_assignments(gm)  # NOTE [A tensor's .data set to itself]
     try:
         flat = flatten_container_inputs(gm, example_inputs)  # NOTE [Container inputs of a Dynamo graph]
         compiled = aot_module_simplified(flat.gm if flat else gm, flat.example_inputs if flat else example_inputs,

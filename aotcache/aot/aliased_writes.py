@@ -42,13 +42,20 @@ nothing and leaves the version counter alone. transformers' Switch Transformers 
 model ran eagerly under ``aotcache.compile`` (``test_module_to_its_own_dtype_inside_forward_is_captured_whole``).
 So an assignment of a tensor's ``.data`` to that same tensor object is skipped (not run on the trace tensor, where it
 would replace the functional wrapper's storage) instead of refused; any other tensor, even a view or an alias of the
-same storage, is still refused.
+same storage, is still refused. Dynamo writes the same assignment into its graph as ``torch.Tensor.set_(p, p2)``
+followed by a helper of its own that lowers ``p``'s version counter by one (eager's ``.data =`` leaves it alone), and
+``p2`` is ``p.to(...)``, the very tensor where nothing converts (Dynamo's example values are one object, and its
+guards keep the dtype and device they were traced with). :func:`drop_dynamo_data_self_assignments` removes such a
+pair from Dynamo's graph before the capture; before, the region ran eagerly and, the helper being a closure the key
+cannot name, was never cached. A ``set_`` of another tensor, or one without Dynamo's helper after it (a ``p.set_(p)``
+the program wrote, which moves the version counter), stays and is refused as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +65,7 @@ from torch.utils import _pytree as pytree
 
 from aotcache.aot.errors import CaptureError
 
-__all__ = ["RefuseAliasedWrites", "in_custom_backwards"]
+__all__ = ["RefuseAliasedWrites", "drop_dynamo_data_self_assignments", "in_custom_backwards"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,6 +177,39 @@ def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _is_data_setter(func: Any) -> bool:
     return getattr(func, "__name__", "") == "__set__" and getattr(func, "__self__", None) is torch._C.TensorBase.data
+
+
+def _is_dynamo_version_lowering(target: Any) -> bool:
+    """Dynamo's helper that undoes the version bump of the ``set_`` it writes for ``t.data = u``."""
+    return (isinstance(target, types.FunctionType) and target.__module__ == "torch._dynamo.variables.builtin"
+            and target.__name__.startswith("_lower_version_count_by") and target.__closure__ is None)
+
+
+def drop_dynamo_data_self_assignments(gm: torch.fx.GraphModule) -> int:
+    """Remove from Dynamo's graph the ``.data`` assignments of a tensor to itself (NOTE [A tensor's .data set to
+    itself]); how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.Tensor.set_ or len(node.args) != 2 or node.kwargs:
+            continue
+        target, source = node.args
+        if not isinstance(target, torch.fx.Node) or not isinstance(source, torch.fx.Node):
+            continue
+        example = target.meta.get("example_value")
+        if source is not target and (example is None or source.meta.get("example_value") is not example):
+            continue
+        lowerings = list(node.users)
+        if not lowerings or not all(user.op == "call_function" and _is_dynamo_version_lowering(user.target)
+                                    for user in lowerings):
+            continue
+        for user in lowerings:  # each returns the tensor it was given: the target
+            user.replace_all_uses_with(target)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        removed += 1
+    if removed:
+        gm.recompile()
+    return removed
 
 
 def _traced(value: Any) -> bool:

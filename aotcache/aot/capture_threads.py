@@ -101,12 +101,13 @@ Forked while another thread captured the model the child then calls, the child i
 capture that no thread of its own would ever end: the compiled function's lock (``AOTFunction._lock``, held for the
 whole trace and compile), on which the child's first call of the model waited for good, and the module itself with
 the capture's trace tensors swapped in for its parameters and buffers (``functional_call``'s swap, put back only by
-the capturing thread). Each such lock is a :class:`ForkSafeLock`, which knows its holder: a forked child gets it anew
-where a thread the fork did not copy held it. A swap saves how to put the module back (``SwapGate.swapping``'s
-``put_back``, made once the gate is held, before the tensors are swapped; per capture, not per call), and a child
-whose module was swapped by another thread puts it back: its parameters, buffers and the attributes the trace set
-become the module's own again, and the child captures (or runs) the real module (a put-back that raises is
-logged, after the gate's lock is renewed, and the rest of the fork handler still runs). Not put back: the router a
+the capturing thread). Each such lock is a :class:`ForkSafeLock`, which knows its holder (a re-entrant lock records
+it): a forked child gets it anew where a thread the fork did not copy held it. A swap saves how to put the module
+back (``SwapGate.swapping``'s ``put_back``, made once the gate is held, before the tensors are swapped; per capture,
+not per call), and a child whose module was swapped by another thread puts it back: its parameters, buffers and
+the attributes the trace set become the module's own again, and the child captures (or runs) the real module (a
+put-back that raises is logged, after the gate's lock is renewed, and the rest of the fork handler still runs).
+Not put back: the router a
 routed method (``generate``) running in another thread at the fork installed on the module (NOTE [Methods run the
 compiled forward] in module.py) stays installed in the child, counted for that thread; it routes the module's
 ``forward`` to the compiled call there, as in the parent while the method runs.
@@ -317,32 +318,41 @@ def swap_gate(module: Any) -> SwapGate:
 
 
 class ForkSafeLock:
-    """A lock (``with lock:``) that knows its holder, so that a forked child gets it anew where a thread the fork
-    did not copy held it (NOTE [A child forked while another thread captures the same model])."""
+    """A lock (``with lock:``) that a forked child gets anew where a thread the fork did not copy held it (NOTE [A child
+    forked while another thread captures the same model]), and that an interrupt landing just after it was taken does
+    not leave held (NOTE [Interrupted captures])."""
 
-    __slots__ = ("_lock", "owner", "__weakref__")
+    __slots__ = ("_lock", "__weakref__")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.owner: int | None = None
+        # re-entrant only for what it records: its owner is set by the acquire itself (in C), so that an interrupt
+        # after the acquire can tell whether it was taken, and a forked child whether another thread holds it
+        self._lock = threading.RLock()
         _fork_safe_locks.add(self)
 
     def __enter__(self) -> ForkSafeLock:
-        self._lock.acquire()
-        self.owner = threading.get_ident()
-        return self
+        try:
+            self._lock.acquire()
+            return self
+        except BaseException:  # interrupted (Ctrl-C): as the acquire returned, or while it waited (nothing taken)
+            with contextlib.suppress(RuntimeError):  # RuntimeError: not taken
+                self._lock.release()
+            raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.owner = None
         self._lock.release()
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        """Held by a thread other than the caller (tests, diagnostics)."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            return False
+        return True
 
     def forget_other_threads(self, me: int) -> None:
-        """In a forked child: a new lock where another thread held this one (or was taking it)."""
-        if self.owner != me and self._lock.locked():
-            self._lock, self.owner = threading.Lock(), None
+        """In a forked child (``me``, the only thread): a new lock where another thread held this one."""
+        if self.locked():
+            self._lock = threading.RLock()
 
 
 _fork_safe_locks: weakref.WeakSet = weakref.WeakSet()

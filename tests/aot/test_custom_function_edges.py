@@ -5,11 +5,15 @@ case gave other results than eager (or fell back where it now captures) before s
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import aotcache
 from aotcache.aot.fallback import fallback_counts
+from aotcache.autograd_cache.cache import AOTAutogradCache
+from aotcache.store.factory import open_tiers
 from tests.aot.generator_tracing import needs_generator_tracing
 
 W = torch.arange(1.0, 7.0).reshape(2, 3)
@@ -123,6 +127,94 @@ def test_module_to_its_own_dtype_inside_forward_is_captured_whole():
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
     assert compiled.route == "aot" and _counts_since(before) == {}
     assert model.classifier.weight is weight and weight.grad is not None
+
+
+class _WeightDataSetToACopy(torch.nn.Module):
+    """``.data`` set to another tensor of the same dtype (a real swap, unlike ``.to(own dtype)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        self.classifier.weight.data = self.classifier.weight.detach() * 0.5
+        return self.classifier(x).softmax(-1)
+
+
+def _backend_steps(model_class, cache):
+    """Two training steps of ``model_class`` under ``torch.compile(backend=aotcache)`` beside eager's: the outputs,
+    gradients and how far each one's weight versions moved, and the eager regions the backend ran."""
+    from aotcache.backend import aotcache_backend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, model = model_class(), model_class()
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, backend=functools.partial(aotcache_backend, compiler="nop", cache=cache))
+    before = fallback_counts()
+    versions = [[p._version for p in m.parameters()] for m in (eager, model)]
+    for step in range(2):
+        x = torch.arange(6.0).reshape(2, 3) / (step + 3)
+        want, got = eager(x), compiled(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (want * torch.arange(8.0).reshape(2, 4)).sum().backward()
+        (got * torch.arange(8.0).reshape(2, 4)).sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    moved = [[p._version - v for p, v in zip(m.parameters(), seen)] for m, seen in zip((eager, model), versions)]
+    return moved, _counts_since(before)
+
+
+def test_module_to_its_own_dtype_under_the_backend_is_captured_and_cached():
+    """Dynamo's graph of ``param.data = param`` (``set_`` of the tensor to itself plus Dynamo's version helper) was
+    refused: the region ran eagerly in every process, and was never stored ("unsafe call" on the helper). Now the
+    pair is removed: captured, stored, loaded after a reset, eager's values, gradients and version counters (NOTE
+    [A tensor's .data set to itself])."""
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+    (eager_versions, versions), regions = _backend_steps(_RouterMovedToItsOwnDtype, cache)
+    assert regions == {} and versions == eager_versions
+    # two graphs, as under aot_eager: Dynamo compiles again once the weights have gradients (``_apply`` then sets
+    # each gradient's ``.data`` to itself too)
+    assert cache.stats()["bypass"] == 0 and cache.stats()["compile"] == 2
+    _backend_steps(_RouterMovedToItsOwnDtype, cache)
+    assert cache.stats()["hit"] == 2 and cache.stats()["compile"] == 2
+
+
+def test_data_set_to_another_tensor_under_the_backend_still_runs_eagerly():
+    """The other direction: ``.data`` set to another tensor keeps Dynamo's ``set_`` and is refused as before (the
+    region runs eagerly, with eager's values)."""
+    cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
+    _, regions = _backend_steps(_WeightDataSetToACopy, cache)
+    assert regions and cache.stats()["compile"] == 0
+
+
+def test_only_dynamos_data_assignment_of_a_tensor_to_itself_is_removed():
+    """Dynamo's ``set_`` pairs: removed where the source is the target (``.to`` of its own dtype), kept for another
+    tensor; a ``set_`` of a tensor to itself with no version helper after it (one the program wrote, which moves
+    the version counter) is kept."""
+    from aotcache.aot.aliased_writes import drop_dynamo_data_self_assignments
+
+    def set_calls(gm):
+        return sum(node.target is torch.Tensor.set_ for node in gm.graph.nodes)
+
+    seen = []
+
+    def count(gm, example_inputs):
+        before = set_calls(gm)
+        seen.append((before, drop_dynamo_data_self_assignments(gm), set_calls(gm)))
+        return gm
+
+    for module in (_RouterMovedToItsOwnDtype(), _WeightDataSetToACopy()):
+        torch._dynamo.reset()
+        torch.compile(module, backend=count)(torch.ones(2, 3))
+    graph = torch.fx.Graph()
+    weight = graph.placeholder("w")
+    weight.meta["example_value"] = torch.ones(3)
+    graph.output(graph.call_function(torch.Tensor.set_, (weight, weight)))
+    written = torch.fx.GraphModule(torch.nn.Module(), graph)
+    seen.append((set_calls(written), drop_dynamo_data_self_assignments(written), set_calls(written)))
+    assert seen == [(2, 2, 0), (1, 0, 1), (1, 0, 1)]
 
 
 @pytest.mark.parametrize("api", APIS)

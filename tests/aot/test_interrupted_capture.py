@@ -176,3 +176,25 @@ def test_a_capture_never_puts_back_aotcaches_own_counters(requires_grad):
         torch.testing.assert_close(compiled(x), x * 2)
         assert _state_left() == clean
     assert len(compiled._entries) == 1  # the counters changing during a capture did not fail the guards
+
+
+def test_an_interrupt_just_after_a_compiled_functions_lock_was_taken_leaves_it_free():
+    """Ctrl-C landing after ``ForkSafeLock``'s acquire returned, before the lock recorded its owner, left it held
+    for good: every later call of that function, in any thread, waited on it forever."""
+    lock = capture_threads.ForkSafeLock()
+    with pytest.raises(KeyboardInterrupt), _InterruptAfter(capture_threads.ForkSafeLock.__enter__,
+                                                           "self._lock.acquire()"):
+        with lock:
+            pass
+    taken = threading.Event()
+
+    def other_thread():
+        with lock:
+            taken.set()
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+    assert taken.wait(30), "another thread could not take the lock after the interrupt"
+    thread.join(30)
+    with lock:  # and this thread
+        assert not lock.locked()
