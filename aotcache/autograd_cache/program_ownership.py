@@ -19,15 +19,25 @@ from aotcache.autograd_cache.value_kinds import defining_module, is_library
 def is_program_module(module_name: str | None) -> bool:
     """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not
     under site-packages / dist-packages, and neither torch, aotcache, the standard library nor an installed
-    distribution. A module without a real file (``__channelexec__``, code exec'd from ``<string>``, an
-    interactive ``__main__``) is not counted: nothing shows whose it is."""
+    distribution; or the interpreter's ``__main__`` without a file (NOTE [The main module of a notebook]). Another
+    module without a real file (execnet's ``__channelexec__``, code exec'd from ``<string>``) is not counted:
+    nothing shows whose it is."""
     if not module_name or is_library(module_name):
         return False
-    path = getattr(sys.modules.get(module_name), "__file__", None)
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
     if not isinstance(path, str) or not os.path.isfile(path):
-        return False
+        return module_name == "__main__" and module is not None
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     return "site-packages" not in parts and "dist-packages" not in parts
+
+
+# NOTE [The main module of a notebook]
+# A notebook's cells (IPython, Jupyter), the interactive interpreter, ``python -c`` and a script read from stdin
+# (``python - <<EOF``, whose ``__file__`` is ``<stdin>``) run as ``__main__`` with no file: code that is the user's by construction, which a library
+# never is (a runner's main module has its file: ``python -m pytest`` runs ``pytest/__main__.py``, pytest-xdist's
+# workers run as ``__channelexec__``). It counts as the program's, so a notebook model's ``next(self.steps)`` is
+# refused as a script's is; before, it kept its capture's draw (1, 1, 1 where eager gives 0, 1, 2).
 
 
 def _module_of(value: Any) -> str | None:

@@ -424,8 +424,9 @@ class Reachable(CodeWalk, ObjectWalk):
     # helpers as program code, their state every collected test, and through those another test file's global
     # ``itertools.count`` (tests/aot/test_stale_program_values.py); pytest-xdist's worker objects come from
     # execnet's ``__channelexec__``, a module without a file. An object's iterator counts only under a name the walked
-    # code reads (NOTE [Iterators held under names no code reads] in program_ownership.py). Not counted: code without a real source file (an interactive
-    # ``__main__``, ``exec``'d code), so a notebook's own counter keeps its capture's draw (a known gap).
+    # code reads (NOTE [Iterators held under names no code reads] in program_ownership.py). Not counted: code without a
+    # real source file other than the interpreter's ``__main__`` (``exec``'d code: a known gap; a notebook's cells are
+    # counted, NOTE [The main module of a notebook] in program_ownership.py).
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)

@@ -395,3 +395,54 @@ def test_an_iterator_a_library_function_draws_from_a_program_object_is_drawn_onc
 
     compiled = aotcache.aot_module(PassesItsSource(), "nop", cache=False)
     assert [compiled(X)[0].item() for _ in range(3)] == [0.0, 1.0, 2.0]
+
+
+_MAIN_WITHOUT_A_FILE_SCRIPT = """
+import itertools, sys
+import torch
+from torch import nn
+import aotcache
+
+STEPS = itertools.count()
+
+
+class CountsItsCalls(nn.Module):  # defined in __main__, as in a notebook cell
+    def forward(self, x):
+        return x + shifted_by_the_next_step(x)
+
+
+def shifted_by_the_next_step(x):  # a helper of the same cell, reading the cell's global counter
+    return next(STEPS) * 10.0
+
+
+class KeepsItsLoader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.loader_iter = iter(range(100))
+
+    def forward(self, x):
+        return x * 2
+
+
+x = torch.ones(3)
+compiled = aotcache.compile(CountsItsCalls(), compiler="nop", cache=False)
+print([compiled(x)[0].item() for _ in range(3)], compiled.route)
+kept = aotcache.compile(KeepsItsLoader(), compiler="nop", cache=False)
+print([kept(x)[0].item() for _ in range(3)], kept.route)
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_an_iterator_of_a_main_module_without_a_file_is_drawn_once_per_call(how, tmp_path):
+    """A notebook's cells, ``python -c`` and a script on stdin run as ``__main__`` without a file: their counters
+    kept the capture's draw (11, 11, 11 where eager gives 1, 11, 21); an iterator held under a name the
+    forward never reads still keeps one graph (NOTE [The main module of a notebook])."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(aotcache.__file__).parent.parent),
+                                                                  os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", _MAIN_WITHOUT_A_FILE_SCRIPT]
+    result = subprocess.run(command, input=_MAIN_WITHOUT_A_FILE_SCRIPT if how == "stdin" else None,
+                            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counted, kept = result.stdout.strip().splitlines()[-2:]
+    assert counted == "[1.0, 11.0, 21.0] dynamo"
+    assert kept == "[2.0, 2.0, 2.0] aot"
