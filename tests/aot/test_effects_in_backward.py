@@ -66,10 +66,12 @@ def _inputs():
 def _compiled(route):
     if route == "aot_function":
         return aotcache.aot_function(_scaled_sum, "nop")
+    if route == "compile":
+        return aotcache.compile(_scaled_sum)
     return torch.compile(_scaled_sum, backend="aotcache", options={"compiler": "nop"})
 
 
-@pytest.mark.parametrize("route", ["aot_function", "backend"])
+@pytest.mark.parametrize("route", ["aot_function", "compile", "backend"])
 def test_an_effectful_op_of_a_custom_backward_runs_at_every_backward(logging_ops, route):
     compiled = _compiled(route)
     for step in range(3):
