@@ -30,7 +30,7 @@ from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.cache_objects import register_transformers_caches
 from aotcache.aot.capture_threads import swap_gate
 from aotcache.aot.dynamo_compile import stance_forces_eager
-from aotcache.aot.dynamo_progress import DynamoProgress
+from aotcache.aot.dynamo_progress import DynamoProgress, dynamo_failed
 from aotcache.aot.errors import CaptureError, RefusedArgumentError
 from aotcache.aot.fallback import count_fallback, is_trace_failure, raised_by_region, trace_failure_error
 from aotcache.aot.module_state import dynamo_safe_module
@@ -206,9 +206,8 @@ class _Router:
         try:
             result = dynamo_call()
         except Exception as exc:
-            from torch._dynamo.exc import TorchDynamoException  # Dynamo is imported once its way has run
-
-            if not isinstance(exc, TorchDynamoException) or raised_by_region(exc) is not None:
+            # NOTE [Dynamo errors that are not TorchDynamoException] in aot/dynamo_progress.py
+            if not dynamo_failed(exc) or raised_by_region(exc) is not None:
                 raise  # the user's own error, or a region's capture error asked for (raise / strict)
             failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if self.fullgraph or config.get("strict"):

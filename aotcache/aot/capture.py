@@ -47,6 +47,7 @@ from aotcache.aot.functional_trace import (
     from_functional_tensor,
     functionalized,
     identity,
+    refuse_backward_effects,
     seed_effect_tokens,
     to_functional_tensor,
     unfunctionalized,
@@ -413,6 +414,8 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
         gm = tracer(primals) if own_tangents or not joint else tracer(primals, tangents)
     if not functional:
         check_graph(gm)
+    elif joint:
+        refuse_backward_effects(gm)  # NOTE [Effectful ops in the backward]
     if own_tangents:
         tangents = tangent_placeholders(gm, tangent_nodes)
     gm = _finish_graph(gm)

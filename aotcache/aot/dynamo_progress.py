@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DynamoProgress", "marks_region_calls"]
+__all__ = ["DynamoProgress", "dynamo_failed", "marks_region_calls"]
 
 
 # NOTE [Dynamo failures after part of the call ran]
@@ -28,6 +28,23 @@ __all__ = ["DynamoProgress", "marks_region_calls"]
 # or calling a region (a frame whose only effects are replayed Python): once a call of the entry completed, or got
 # as far as (1) or (2), its later failures always raise. The first-frame failure that motivated the fallback (a
 # tensor ``__dict__`` write refused by the capture and failing Dynamo's first frame) still runs eagerly.
+# NOTE [Dynamo errors that are not TorchDynamoException]
+# The eager rerun above is for Dynamo's own failures, not for a user's error Dynamo let through (that one eager
+# raises again, so it is raised as it is). Dynamo's failures are mostly ``TorchDynamoException``s, but torch
+# 2.11 / 2.13 re-raise some errors of a frame's compile as they are: an ``AssertionError`` or ``IndexError`` out
+# of its own tracer or fake-tensor conversion (a ``TwoTensor`` argument whose ``.grad`` is a ``TwoTensor``, set
+# by an earlier backward: "Expected SubclassSymbolicContext or None, got StatefulSymbolicContext", met by
+# PyTorch's test_with_effects.py, where PyTorch's ``aot_function`` runs). Every error that fails a frame's
+# compile gets Dynamo's ``compile_id`` attribute (``convert_frame._compile``), one a user's code raises while a
+# compiled frame runs does not: :func:`dynamo_failed` takes either mark. A user's error raised while Dynamo
+# traced (and so marked) runs again eagerly only where nothing of the call ran, and eager raises it again.
+def dynamo_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is Dynamo's failure (NOTE [Dynamo errors that are not TorchDynamoException])."""
+    from torch._dynamo.exc import TorchDynamoException  # Dynamo is imported once its way has run
+
+    return isinstance(exc, TorchDynamoException) or getattr(exc, "compile_id", None) is not None
+
+
 class _RegionCalls(threading.local):
     count = 0  # the regions of aotcache's backends called in this thread (a class default: no per-thread setup)
 

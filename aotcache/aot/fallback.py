@@ -52,7 +52,7 @@ from torch.utils import _pytree as pytree
 from aotcache import config
 from aotcache.aot.capture_threads import TraceBusy, swap_gate
 from aotcache.aot.dynamo_compile import torch_compile
-from aotcache.aot.dynamo_progress import DynamoProgress, marks_region_calls
+from aotcache.aot.dynamo_progress import DynamoProgress, dynamo_failed, marks_region_calls
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.generator_args import untraceable_generator_failure
 from aotcache.aot.dynamo_way import dynamo_as_eager
@@ -188,8 +188,6 @@ class PartialRuntime:
     def run(self, args: tuple, kwargs: dict) -> Any:
         if self.broken or self.eager.pending_warning is not None:  # NOTE [Captures that fail where eager may run]
             return self.eager.run(args, kwargs)
-        from torch._dynamo.exc import TorchDynamoException
-
         progress = self.progress
         mark = None if progress.settled else progress.mark()
         try:
@@ -198,7 +196,9 @@ class PartialRuntime:
             else:
                 with self.eager.gate.running():  # NOTE [Eager runs beside a capture]: Dynamo reads the module too
                     result = self.dynamo_fn(args, kwargs)
-        except TorchDynamoException as exc:
+        except Exception as exc:
+            if not dynamo_failed(exc):  # NOTE [Dynamo errors that are not TorchDynamoException]
+                raise
             region_error = raised_by_region(exc)
             if region_error is not None:  # NOTE [Regions that cannot be captured under raise or strict]
                 raise region_error  # its cause: the capture's own error

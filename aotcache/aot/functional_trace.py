@@ -12,7 +12,8 @@ import torch
 from aotcache.aot.plain_trace import StopAtUnfunctionalizableOps
 
 __all__ = ["identity", "to_functional_tensor", "from_functional_tensor", "functionalized", "unfunctionalized",
-           "seed_effect_tokens", "all_effect_types", "final_effect_tokens", "keep_linalg_checks_effectful"]
+           "seed_effect_tokens", "all_effect_types", "final_effect_tokens", "keep_linalg_checks_effectful",
+           "refuse_backward_effects"]
 
 
 def identity(value: Any) -> Any:
@@ -125,3 +126,34 @@ def final_effect_tokens(mode: Any, effects: Sequence[Any]) -> list:
     if mode is None:
         return []
     return [mode._tokens[effect] for effect in effects]
+
+
+# NOTE [Effectful ops in the backward]
+# The backward's effect tokens are seeded (``all_effect_types``) but returned by no graph output, so every
+# ``with_effects`` call the backward traces is dead code that the partition drops. That is meant for
+# ``aten._linalg_check_errors`` (NOTE [Effect tokens]), but an op the user registers as side-effectful and calls
+# from a custom backward (``torch.library.register_autograd`` whose formula calls a logging op and drops its
+# result: PyTorch's test_with_effects.py) then never ran in the compiled backward, where eager and torch's
+# aot_eager run it at every backward. Such a joint graph is refused (its Dynamo graph or region runs as Python:
+# eager's effects) rather than compiled without the effect. Only the linalg check is exempt.
+_BACKWARD_EFFECTS_DROPPED = ("aten::_linalg_check_errors",)
+
+
+def refuse_backward_effects(gm: torch.fx.GraphModule) -> None:
+    """:raises CaptureError: the joint ``gm``'s backward calls a side-effectful op (NOTE [Effectful ops in the
+    backward])."""
+    with_effects = getattr(torch.ops.higher_order, "with_effects", None)
+    if with_effects is None:  # a torch without effect tokens
+        return
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target is with_effects
+                and node.meta.get("partitioner_tag") == "is_backward" and len(node.args) > 1):
+            op = node.args[1]
+            name = op.name() if callable(getattr(op, "name", None)) else str(op)
+            if name not in _BACKWARD_EFFECTS_DROPPED:
+                from aotcache.aot.errors import CaptureError
+
+                raise CaptureError(
+                    f"aotcache: the backward calls {name}, an op registered as side-effectful; a compiled backward "
+                    f"would leave it out (NOTE [Effectful ops in the backward]). It runs uncompiled instead.",
+                    reason="unsupported_construct")
