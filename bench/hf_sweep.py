@@ -67,6 +67,10 @@ ARCHS: dict[str, tuple[str, ...]] = {
     "Mpt": ("ForCausalLM", "causal"),
     "SwitchTransformers": ("ForConditionalGeneration", "seq2seq"),
     "Esm": ("ForMaskedLM", "masked"),
+    # session 23: recent LLM families (text models of Llama 4 and Qwen3.5; GLM-4.5 MoE, OLMo 3, Ministral,
+    # ERNIE 4.5) and one encoder (EuroBERT)
+    **{arch: ("ForCausalLM", "causal") for arch in "Llama4 Qwen3_5 Glm4Moe Olmo3 Ministral Ernie4_5".split()},
+    "EuroBert": ("ForMaskedLM", "masked"),
 }
 
 
