@@ -67,6 +67,8 @@ MODELS: dict[str, tuple[str, str, bool]] = {
     **_rows(CAUSAL_LM, "DeepseekV3", "GptOss", "Olmoe", "Jamba", "GPTNeo", "Mpt", "SmolLM3", "Lfm2"),
     "SwitchTransformers": SEQ2SEQ_LM, "Marian": ("MTModel", "seq2seq", True),
     **_rows(MASKED_LM, "Albert", "Esm"), **_rows(IMAGE_CLASSIFIER, "Dinov2", "ResNet"),
+    # session 23: recent LLM families (bench/hf_tiny.py's configs) and one encoder
+    **_rows(CAUSAL_LM, "Llama4", "Qwen3_5", "Glm4Moe", "Olmo3", "Ministral", "Ernie4_5"), "EuroBert": MASKED_LM,
 }
 #: What a row's tiny config needs beyond bench/hf_tiny.py's (set on the config after ``build``'s shrink).
 #: Cohere2: a window of 4 tokens, shorter than every sequence the sweep runs (8 and 12 in training, 5 + 6

@@ -70,6 +70,17 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "Jamba": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32, attn_layer_period=2,
                   attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, use_mamba_kernels=False,
                   mamba_d_state=4, mamba_dt_rank=4),
+    # session 23: Llama 4 text (MoE every layer, one routed expert plus a shared one; chunked attention with a
+    # 4-token chunk, shorter than the sequences; the second layer full attention without rope)
+    "Llama4": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=37,
+                   moe_layers=[0, 1], layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
+                   attention_chunk_size=4),
+    # Qwen3.5 text: a gated delta-net linear-attention layer, then a full-attention one
+    "Qwen3_5": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
+    # GLM-4.5 MoE: layer 0 dense, layer 1 MoE (4 routed experts, 2 per token, one shared)
+    "Glm4Moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1),
     "LongT5": dict(decoder_start_token_id=0),
     "SwitchTransformers": dict(decoder_start_token_id=0, num_experts=4, expert_capacity=8,
                                num_sparse_encoder_layers=1, num_sparse_decoder_layers=1),
@@ -77,7 +88,8 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
 
 #: The config class of an architecture whose ``<arch>Config`` is another model's (``Gemma3Config`` is the
 #: vision-to-text model's; ``Gemma3ForCausalLM`` takes the text config).
-CONFIG_CLASS: dict[str, str] = {"Gemma3": "Gemma3TextConfig"}
+CONFIG_CLASS: dict[str, str] = {"Gemma3": "Gemma3TextConfig", "Llama4": "Llama4TextConfig",
+                                 "Qwen3_5": "Qwen3_5TextConfig"}
 
 #: Overrides of a sub-config (after ``SHRINK``): SigLIP's text tower projects to 768 by default, which the shrunk
 #: vision tower's 32 does not match.
