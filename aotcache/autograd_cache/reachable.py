@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import sys
 import threading
 import types
 import weakref
@@ -302,6 +303,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return self._tensor_token(value)
         if isinstance(value, enum.Enum):
             return f"enum:{self.type_ref(type(value))}.{value.name}"
+        if value is sys.modules:  # NOTE [sys.modules as a value]
+            return "sys.modules"
         if isinstance(value, (tuple, list, dict, set, frozenset, slice, collections.deque)):
             return self._container_token(value)
         if isinstance(value, type):
@@ -520,6 +523,15 @@ class Reachable(CodeWalk, ObjectWalk):
         body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
         return f"op:{op}:{schema}{{{body}}}"
 
+    # NOTE [sys.modules as a value]
+    # A function holding the module table under a name (``from sys import modules``) reads modules from it by
+    # name, and those lookups are guarded and fingerprinted by name (NOTE [Modules looked up by name] in
+    # code_reading.py). Walked as a plain dict, its length and every member were guarded too: any import failed
+    # the guards (walk again), and a module first imported while a capture ran the function (torch 2.11's
+    # make_fx imports torch.distributed.tensor the first time it prints a graph) was deleted from sys.modules by
+    # the capture's put-back of the program's containers, so the next import ran the module again (torch's
+    # operator registrations then raise, the fallback's too). The table is written down as itself, as the
+    # ``sys`` module is: imports are the process's business, not the program's state.
     def _container_token(self, value: Any) -> str:
         if isinstance(value, slice):
             return f"slice({self.ref(value.start)},{self.ref(value.stop)},{self.ref(value.step)})"

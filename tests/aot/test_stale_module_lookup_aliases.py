@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import aotcache
+from aotcache.aot import fallback_counts
 from aotcache.autograd_cache.fingerprint import code_fingerprint
 
 X = torch.ones(3)
@@ -77,7 +78,7 @@ def test_attribute_of_a_module_looked_up_through_an_alias_changed_retraces(make,
     torch.testing.assert_close(compiled(X), X * 7)
 
 
-@pytest.mark.parametrize("make", [ALIASED[0], ALIASED[3], ALIASED[4]], ids=[IDS[0], IDS[3], IDS[4]])
+@pytest.mark.parametrize("make", [ALIASED[0], ALIASED[2], ALIASED[3], ALIASED[4]], ids=[IDS[0], IDS[2], IDS[3], IDS[4]])
 def test_the_fingerprint_holds_what_the_code_reads_of_a_module_looked_up_through_an_alias(make, config, monkeypatch):
     fn = make()
     first = code_fingerprint(fn)
@@ -118,3 +119,35 @@ def test_attribute_read_by_getattr_of_a_looked_up_module_changed_retraces(config
     compiled(X)
     monkeypatch.setattr(config, "K", 5.0)
     torch.testing.assert_close(compiled(X), X * 5)
+
+
+LAZY = "aotcache_test_module_imported_by_a_capture"
+IMPORT_RUNS = "aotcache_test_module_import_runs"
+
+
+def reads_sys_modules_and_imports_lazily(x):
+    import aotcache_test_module_imported_by_a_capture  # noqa: F401 - first imported inside the capture
+    return x * loaded_modules["aotcache_test_aliased_lookup_config"].K
+
+
+def test_a_module_imported_during_the_capture_of_a_function_holding_sys_modules_stays_imported(
+        config, monkeypatch, tmp_path):
+    # NOTE [sys.modules as a value]: the module table was walked as a plain dict, its length and members guarded,
+    # so a module imported while the capture ran (torch 2.11's make_fx imports torch.distributed.tensor the first
+    # time it prints a graph) failed the guards, and the capture's put-back deleted it from sys.modules: the next
+    # import ran the module again (torch's registrations raised "already registered"), eager's job with them
+    runs = types.ModuleType(IMPORT_RUNS)
+    runs.count = 0
+    monkeypatch.setitem(sys.modules, IMPORT_RUNS, runs)
+    (tmp_path / f"{LAZY}.py").write_text(f"import {IMPORT_RUNS}\n{IMPORT_RUNS}.count += 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, LAZY, raising=False)
+    compiled = aotcache.aot_function(reads_sys_modules_and_imports_lazily, "nop", cache=False)
+    fallbacks = sum(fallback_counts().values())
+    torch.testing.assert_close(compiled(X), X * 2)
+    torch.testing.assert_close(compiled(X), X * 2)
+    assert LAZY in sys.modules and runs.count == 1  # imported once, kept
+    assert compiled.num_compiles == 1 and sum(fallback_counts().values()) == fallbacks
+    monkeypatch.setattr(config, "K", 5.0)  # the lookup is still guarded by name
+    torch.testing.assert_close(compiled(X), X * 5)
+    monkeypatch.delitem(sys.modules, LAZY)

@@ -455,7 +455,10 @@ def test_compile_of_ddp_warns_once_naming_the_wrapper_and_the_fix_not_an_untrust
     assert compiled.route == "dynamo" and compiled.compiled.num_compiles == 0  # no capture attempted
     for want, got in zip(eager.parameters(), model.parameters()):
         torch.testing.assert_close(got.grad, want.grad)
-    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    # aotcache's own warnings: torch 2.11's Dynamo adds its own ("Profiler record function ... will be ignored",
+    # for the record_function in DDP's forward), which 2.13's does not show here
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelname == "WARNING" and record.name.split(".")[0] == "aotcache"]
     assert len(warnings) == 1, warnings
     assert "the module is a DistributedDataParallel" in warnings[0]
     assert "DistributedDataParallel(aotcache.compile(model))" in warnings[0]
