@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,6 +64,37 @@ def test_the_fingerprint_sees_a_sets_order_and_not_a_rebuilt_equal_set():
     _refill([0, 8])
     assert first.trusted, first.reason
     assert first.digest == same.digest != other.digest
+
+
+class ShiftedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.shifts = {0, 8}
+
+    def forward(self, x):
+        x = self.linear(x)
+        for shift in self.shifts:
+            x = x * 0.5 + shift
+        return x
+
+
+@pytest.mark.parametrize("route", ["compile", "aot_module"])
+def test_a_module_set_attribute_refilled_in_another_order_retraces(route):
+    model = ShiftedLinear()
+    compiled = (aotcache.compile(model, compiler="nop", cache=False) if route == "compile"
+                else aotcache.aot_module(model, "nop", cache=False))
+    inputs = torch.ones(2, 3)
+    assert torch.equal(compiled(inputs), model(inputs))
+    model.shifts.clear()
+    model.shifts.update([0, 8])
+    assert torch.equal(compiled(inputs), model(inputs))
+    assert compiled.compiled.num_compiles == 1  # the same order: the same graph
+    model.shifts.clear()
+    model.shifts.add(8)
+    model.shifts.add(0)
+    assert torch.equal(compiled(inputs), model(inputs))  # was the graph of the order 0, 8
+    assert compiled.compiled.num_compiles == 2
 
 
 def shift_through_the_argument(x, shifts):
