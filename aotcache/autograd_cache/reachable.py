@@ -346,6 +346,11 @@ class Reachable(CodeWalk, ObjectWalk):
         if isinstance(value, re.Pattern):
             return f"pattern:{value.pattern!r}/{value.flags}"
         if isinstance(value, types.MappingProxyType):
+            # NOTE [Mapping proxies guarded as the mapping they show]: the token is written from a copy, whose guards
+            # would never fail: a write to the dict behind the proxy (``vars(cls)``, a read-only config view) kept
+            # the old graph (found in session 23). The proxy itself is guarded: it reads through to that dict.
+            if self._guards is not None:
+                self._guards.contents(value)
             return "proxy" + self._container_token(dict(value))
         if value is os.environ:
             return self._environment_token()
