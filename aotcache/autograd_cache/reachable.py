@@ -345,6 +345,13 @@ class Reachable(CodeWalk, ObjectWalk):
             return "logging"  # logging never changes a traced graph
         if isinstance(value, re.Pattern):
             return f"pattern:{value.pattern!r}/{value.flags}"
+        if type(value) is collections.ChainMap:
+            # NOTE [ChainMaps by their maps]: a layered config (``ChainMap(overrides, defaults)``) was an opaque
+            # object, its dicts unguarded: a key set in ``overrides`` kept the old graph (found in session 23). It is
+            # its list of maps, each a dict guarded and written down as any other (``maps`` itself may be rebound).
+            if self._guards is not None:
+                self._guards.attributes(value, ("maps",))
+            return f"chainmap({self.ref(value.maps)})"
         if isinstance(value, types.MappingProxyType):
             # NOTE [Mapping proxies guarded as the mapping they show]: the token is written from a copy, whose guards
             # would never fail: a write to the dict behind the proxy (``vars(cls)``, a read-only config view) kept
