@@ -24,11 +24,13 @@ def _scaled(x):
     return x * KERNEL_SCALE
 
 
-_LIBRARY = torch.library.Library("aotcache_s23_kernels", "DEF")
-_LIBRARY.define("scaled(Tensor x) -> Tensor")
-_LIBRARY.define("doubled(Tensor x) -> Tensor")
-_LIBRARY.impl("scaled", _scaled, "CompositeImplicitAutograd")
-_LIBRARY.impl("doubled", lambda x: x * 2, "CompositeImplicitAutograd")
+def _library(name: str, kernel) -> torch.library.Library:
+    """A Library op ``aotcache_s23_kernels::<name>`` with ``kernel`` as its Python CompositeImplicitAutograd kernel;
+    destroyed by the test (a registered op would reach other tests' decomposition tables)."""
+    library = torch.library.Library("aotcache_s23_kernels", "FRAGMENT")
+    library.define(f"{name}(Tensor x) -> Tensor")
+    library.impl(name, kernel, "CompositeImplicitAutograd")
+    return library
 
 
 def through_scaled(x):
@@ -43,27 +45,31 @@ def through_doubled(x):
                                        "in-process: the kernel is in the dispatcher (torch.compile keeps it too)")
 def test_a_global_the_kernel_reads_changed_in_process():
     global KERNEL_SCALE
-    compiled = aotcache.aot_function(through_scaled, "nop", cache=False)
+    library = _library("scaled", _scaled)
     try:
+        compiled = aotcache.aot_function(through_scaled, "nop", cache=False)
         assert torch.equal(compiled(X), through_scaled(X))
         KERNEL_SCALE = 5.0
         assert torch.equal(compiled(X), through_scaled(X))
     finally:
         KERNEL_SCALE = 2.0
+        library._destroy()
 
 
 @pytest.mark.xfail(strict=True, reason="a Python CompositeImplicitAutograd kernel overridden in-process is not "
                                        "seen: the dispatcher holds it (torch.compile keeps the old one too)")
 def test_the_kernel_overridden_in_process():
-    compiled = aotcache.aot_function(through_doubled, "nop", cache=False)
+    library = _library("doubled", lambda x: x * 2)
     override = torch.library.Library("aotcache_s23_kernels", "IMPL")
     try:
+        compiled = aotcache.aot_function(through_doubled, "nop", cache=False)
         assert torch.equal(compiled(X), through_doubled(X))
         with pytest.warns(UserWarning):
             override.impl("doubled", lambda x: x * 3, "CompositeImplicitAutograd", allow_override=True)
         assert torch.equal(compiled(X), through_doubled(X))
     finally:
         override._destroy()
+        library._destroy()
 
 
 KERNEL_SCRIPT = """
