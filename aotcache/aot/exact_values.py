@@ -17,6 +17,14 @@ NOTE [NaNs written down by bits]
 old one kept: ``math.copysign(1.0, v)`` gave 1 where eager gives -1), and a NaN argument or graph constant was
 the same fingerprint and cache key either way (found in session 21). :func:`exact_repr` is ``repr`` except for a
 float or complex holding a NaN, which it writes with its bits: every other value keeps the token it had.
+
+NOTE [Sets and dataclasses compared exactly]
+A frozenset or a frozen dataclass passed as an argument is a constant compared by ``==``, which compares a set's
+members in no order and a dataclass's fields with ``==``: ``frozenset({0, 8})`` and one filled ``8`` first are equal
+but iterate ``0, 8`` and ``8, 0`` (a loop over it traces another graph), ``Cfg(k=1) == Cfg(k=1.0)`` although
+``x * cfg.k`` keeps an int dtype for one, and ``Cfg(k=0.0) == Cfg(k=-0.0)`` although ``1 / cfg.k`` differs in sign.
+The graph traced for the first was reused for the second (stale results, found in session 23). A set's members are
+compared in their iteration order, a dataclass's compared fields each exactly, beside the dataclass's own ``==``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ def exact_value(value: Any) -> Any:
         return (cls, tuple(map(exact_value, value)))
     if isinstance(value, dict):
         return (cls, tuple((exact_value(key), exact_value(item)) for key, item in value.items()))
+    if isinstance(value, (set, frozenset)):  # NOTE [Sets and dataclasses compared exactly]
+        return (cls, tuple(map(exact_value, value)))
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if fields is not None and not isinstance(value, type):
+        compared = tuple(exact_value(getattr(value, name)) for name, field in fields.items() if field.compare)
+        return (cls, value, compared)
     return (cls, value)
 
 

@@ -127,7 +127,7 @@ class ObjectWalk:
                     guards.contents(value)
                 entries.append(f"{name}=[{','.join(f'{k}:{self.ref(v)}' for k, v in entries_of(value))}]")
             elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward
-                entries.append(f"{name}={self._without_guards(value)}")
+                entries.append(f"{name}={self._bookkeeping_token(value)}")
             else:
                 entries.append(f"{name}={self.ref(value)}")
         entries.sort()
@@ -143,12 +143,14 @@ class ObjectWalk:
         elif not managed or isinstance(value, dict):
             self._guards.slot(attributes, name, value)  # ModuleState counts a managed module's dicts only
 
-    def _without_guards(self, value: Any) -> str:
-        guards, self._guards = self._guards, None
+    def _bookkeeping_token(self, value: Any) -> str:
+        """torch's bookkeeping no forward reads: not guarded, a set by its sorted members (NOTE [Sets in their
+        iteration order] in reachable.py)."""
+        guards, self._guards, self._sets_sorted = self._guards, None, True
         try:
             return self.ref(value)
         finally:
-            self._guards = guards
+            self._guards, self._sets_sorted = guards, False
 
     def _object_token(self, value: Any) -> str:
         state = value.__dict__ if hasattr(value, "__dict__") else {}

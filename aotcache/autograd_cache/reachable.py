@@ -198,6 +198,7 @@ class Reachable(CodeWalk, ObjectWalk):
         self._tensor_members: dict[str, str] = {}  # NOTE [Tensor methods patched] in object_walk.py
         self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
         self._walking_index: int | None = None  # its index (None: a root's own value)
+        self._sets_sorted = False  # torch's bookkeeping being written (NOTE [Sets in their iteration order])
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
 
@@ -347,7 +348,19 @@ class Reachable(CodeWalk, ObjectWalk):
             return "logging"  # logging never changes a traced graph
         if isinstance(value, re.Pattern):
             return f"pattern:{value.pattern!r}/{value.flags}"
+        if type(value) is collections.ChainMap:
+            # NOTE [ChainMaps by their maps]: a layered config (``ChainMap(overrides, defaults)``) was an opaque
+            # object, its dicts unguarded: a key set in ``overrides`` kept the old graph (found in session 23). It is
+            # its list of maps, each a dict guarded and written down as any other (``maps`` itself may be rebound).
+            if self._guards is not None:
+                self._guards.attributes(value, ("maps",))
+            return f"chainmap({self.ref(value.maps)})"
         if isinstance(value, types.MappingProxyType):
+            # NOTE [Mapping proxies guarded as the mapping they show]: the token is written from a copy, whose guards
+            # would never fail: a write to the dict behind the proxy (``vars(cls)``, a read-only config view) kept
+            # the old graph (found in session 23). The proxy itself is guarded: it reads through to that dict.
+            if self._guards is not None:
+                self._guards.contents(value)
             return "proxy" + self._container_token(dict(value))
         if value is os.environ:
             return self._environment_token()
@@ -557,11 +570,13 @@ class Reachable(CodeWalk, ObjectWalk):
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
                 # order members by an index-free key first, so that node indices are assigned deterministically
-                ordered = sorted(members_of(value), key=order_key)
+                members = members_of(value)
+                ordered = sorted(members, key=order_key)
                 keys = [order_key(v) for v in ordered]
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
-                return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
+                token = f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
+                return token + self._set_iteration_order(members, ordered)
             if isinstance(value, collections.deque):  # its bound decides what an append drops
                 kind = f"{kind}[maxlen={value.maxlen}]"
             return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
@@ -598,6 +613,36 @@ class Reachable(CodeWalk, ObjectWalk):
                 items.append(f"{self.ref(key)}={token}")
             extras += f"[attrs{{{','.join(items)}}}]"
         return extras
+
+    # NOTE [Sets in their iteration order]
+    # A set's members were written down sorted, so that the token is the same in every process. But code that
+    # iterates a set (``for name in self.names``) runs in the set's iteration order, which for strings depends on the
+    # hash seed (a new one per process) and for any members on the order they were added in where their hashes
+    # collide (``{0, 8}`` and ``{8, 0}`` iterate differently): a warm process with another seed loaded the graph
+    # traced in the first one's order (a false cache hit: another result than its eager run), and in-process a set
+    # refilled in another order passed the digest check after its guards failed (a stale graph; found in session 23).
+    # The program of a call (``process_state``: the fingerprint and the in-process guards) now writes the iteration
+    # order beside the sorted members. Left sorted: the key's digests of compilers and options (a key must not
+    # depend on the hash seed), and sets held by a library's objects and classes (transformers' ``_no_split_modules``,
+    # ``_keys_to_ignore_on_load_unexpected``, torch's ``_non_persistent_buffers_set``: names no forward iterates;
+    # written in their order, every HF model would miss its warm start in each new process). A user's set of strings
+    # is therefore another fingerprint in each process under a random hash seed: a miss, traced for the full key.
+    def _set_iteration_order(self, members: tuple, ordered: list) -> str:
+        """The iteration order of a set's members as positions among ``ordered`` (NOTE [Sets in their iteration
+        order]), or "" where it is the sorted order or the order is not written down here."""
+        if not self.process_state or len(members) < 2 or self._sets_sorted or self._library_owned(self._walking):
+            return ""
+        position = {id(member): index for index, member in enumerate(ordered)}
+        order = [position[id(member)] for member in members]
+        return "" if order == sorted(order) else f"order{order}"
+
+    @staticmethod
+    def _library_owned(holder: Any) -> bool:
+        """A module, object or class of a library's type (NOTE [Sets in their iteration order])."""
+        if holder is None or isinstance(holder, types.FunctionType):
+            return False
+        cls = holder if isinstance(holder, type) else type(holder)
+        return is_library(cls.__module__)
 
     def _set_ordered_token(self, value: Any) -> str:
         """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
