@@ -12,7 +12,11 @@ A higher-order operator takes callables or subgraphs as operands, so only an all
 ``with_effects(token, op, *args, **kwargs)``, which functionalization emits for ops with side effects (e.g.
 ``aten._linalg_check_errors`` under ``torch.linalg.inv``): its operands are an effect token (a plain tensor
 made in the graph), an ATen operator (stored as ``{"op": "aten::name.overload"}`` and resolved from
-``torch.ops`` like a target) and ordinary values. The control-flow operators ``cond``, ``while_loop``,
+``torch.ops`` like a target) and ordinary values. ``auto_functionalized`` / ``auto_functionalized_v2``,
+which functionalization emits for a custom op that mutates its inputs, take the same kind of operands: the
+mutating operator (``{"op": ...}``) and keyword values (graph nodes, ints, lists, None); before, such a
+graph was refused, so every graph with a mutating custom op was compiled again by each new process. The
+operator itself is checked and keyed by ``autograd_cache/safety.py`` like any operator the graph calls. The control-flow operators ``cond``, ``while_loop``,
 ``scan``, ``map_impl``, ``associative_scan`` and ``invoke_subgraph`` (``nested_compile_region``) take their
 branches and bodies as ``get_attr`` nodes naming GraphModules: such a node stores its module as a nested
 description in this same form (NOTE [Subgraphs of control-flow operators]).
@@ -57,7 +61,7 @@ HIGHER_ORDER_NAMESPACE = "higher_order"
 # Higher-order operators a stored graph may call (NOTE [higher-order operators]); all but with_effects take
 # their subgraphs as get_attr GraphModules (NOTE [Subgraphs of control-flow operators]).
 SAFE_HIGHER_ORDER_OPS = ("with_effects", "cond", "while_loop", "scan", "map_impl", "associative_scan",
-                         "invoke_subgraph")
+                         "invoke_subgraph", "auto_functionalized", "auto_functionalized_v2")
 
 
 class GraphSerializationError(ArtifactError):
