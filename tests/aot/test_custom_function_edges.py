@@ -107,6 +107,20 @@ class _RouterMovedToItsOwnDtype(torch.nn.Module):
         return self.classifier(x).softmax(-1)
 
 
+def _two_steps_beside_eager(eager, model, compiled):
+    """Two forward and backward steps of ``compiled`` (over ``model``) beside ``eager``: equal outputs, weights and
+    gradients."""
+    for step in range(2):
+        x = torch.arange(6.0).reshape(2, 3) / (step + 3)
+        want, got = eager(x), compiled(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (want * torch.arange(8.0).reshape(2, 4)).sum().backward()
+        (got * torch.arange(8.0).reshape(2, 4)).sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+
+
 def test_module_to_its_own_dtype_inside_forward_is_captured_whole():
     """``param.data = param`` is a no-op, not a ``.data`` swap: the model was refused and ran eagerly for good
     (route ``eager``); now captured whole, with eager's values and gradients (NOTE [A tensor's .data set to
@@ -117,14 +131,7 @@ def test_module_to_its_own_dtype_inside_forward_is_captured_whole():
     weight = model.classifier.weight
     compiled = aotcache.compile(model, compiler="nop", cache=False)
     before = fallback_counts()
-    for step in range(2):
-        x = torch.arange(6.0).reshape(2, 3) / (step + 3)
-        want, got = eager(x), compiled(x)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        (want * torch.arange(8.0).reshape(2, 4)).sum().backward()
-        (got * torch.arange(8.0).reshape(2, 4)).sum().backward()
-    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    _two_steps_beside_eager(eager, model, compiled)
     assert compiled.route == "aot" and _counts_since(before) == {}
     assert model.classifier.weight is weight and weight.grad is not None
 
@@ -153,15 +160,7 @@ def _backend_steps(model_class, cache):
     compiled = torch.compile(model, backend=functools.partial(aotcache_backend, compiler="nop", cache=cache))
     before = fallback_counts()
     versions = [[p._version for p in m.parameters()] for m in (eager, model)]
-    for step in range(2):
-        x = torch.arange(6.0).reshape(2, 3) / (step + 3)
-        want, got = eager(x), compiled(x)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-        (want * torch.arange(8.0).reshape(2, 4)).sum().backward()
-        (got * torch.arange(8.0).reshape(2, 4)).sum().backward()
-    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    _two_steps_beside_eager(eager, model, compiled)
     moved = [[p._version - v for p, v in zip(m.parameters(), seen)] for m, seen in zip((eager, model), versions)]
     return moved, _counts_since(before)
 
