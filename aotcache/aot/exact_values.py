@@ -35,7 +35,7 @@ from typing import Any
 __all__ = ["float_bits", "exact_value", "exact_repr"]
 
 # types whose ``==`` is exact between two values of the type: the common settings, keyed without further checks
-_EXACT_BY_EQUALITY = frozenset({bool, int, str, bytes, type(None)})
+EXACT_BY_EQUALITY = frozenset({bool, int, str, bytes, type(None)})  # types whose ``==`` is already exact
 
 
 def float_bits(value: float | complex) -> bytes:
@@ -49,7 +49,7 @@ def exact_value(value: Any) -> Any:
     """A hashable key of a plain value, equal for two values only when they have the same types and the same
     values, floats bit for bit, at every depth of tuples, lists and dicts (NOTE [Plain values by type])."""
     cls = type(value)
-    if cls in _EXACT_BY_EQUALITY:  # the usual settings (``training``, ``p`` as an int, names): no more to do
+    if cls in EXACT_BY_EQUALITY:  # the usual settings (``training``, ``p`` as an int, names): no more to do
         return (cls, value)
     if isinstance(value, (float, complex)):
         return (cls, float_bits(value))

@@ -31,7 +31,7 @@ from aotcache.aot.ambient import numerics_signature
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.dynamic_dims import DimSpec, masked_shape
 from aotcache.aot.errors import RefusedArgumentError
-from aotcache.aot.exact_values import exact_value, float_bits
+from aotcache.aot.exact_values import EXACT_BY_EQUALITY, exact_value, float_bits
 from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_sharing
 from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_transform_error,
                                               nested_tensor_error, unsupported_layout_error)
@@ -40,9 +40,6 @@ from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overridin
 __all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
            "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
 
-
-# constants whose ``==`` is exact: the common ones, keyed as they are (the call hot path compares them too)
-_COMPARED_BY_EQUALITY = frozenset({bool, int, str, bytes, type(None)})
 
 # NOTE [Constant arguments]
 # A non-tensor argument is baked into the graph, and the reuse key holds it, so it must be compared by value:
@@ -109,7 +106,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
         raise _RefusedConstant("is compared by identity, so changes to it between calls would not be seen")
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
-    if type(arg) in _COMPARED_BY_EQUALITY:
+    if type(arg) in EXACT_BY_EQUALITY:  # the common constants, keyed as they are (the call hot path compares them)
         return ("constant", type(arg), arg)
     return ("constant", type(arg), exact_value(arg))  # NOTE [Sets and dataclasses compared exactly]
 

@@ -34,9 +34,9 @@ def is_program_module(module_name: str | None) -> bool:
 
 # NOTE [The main module of a notebook]
 # A notebook's cells (IPython, Jupyter), the interactive interpreter, ``python -c`` and a script read from stdin
-# (``python - <<EOF``, whose ``__file__`` is ``<stdin>``) run as ``__main__`` with no file: code that is the user's by construction, which a library
-# never is (a runner's main module has its file: ``python -m pytest`` runs ``pytest/__main__.py``, pytest-xdist's
-# workers run as ``__channelexec__``). It counts as the program's, so a notebook model's ``next(self.steps)`` is
+# (``python - <<EOF``, whose ``__file__`` is ``<stdin>``) run as ``__main__`` with no file: code that is the user's
+# by construction, which a library never is (a runner's main module has its file: ``python -m pytest`` runs
+# ``pytest/__main__.py``, pytest-xdist's workers run as ``__channelexec__``). It counts as the program's, so a notebook model's ``next(self.steps)`` is
 # refused as a script's is; before, it kept its capture's draw (1, 1, 1 where eager gives 0, 1, 2).
 
 

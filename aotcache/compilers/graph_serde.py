@@ -16,10 +16,11 @@ made in the graph), an ATen operator (stored as ``{"op": "aten::name.overload"}`
 which functionalization emits for a custom op that mutates its inputs, take the same kind of operands: the
 mutating operator (``{"op": ...}``) and keyword values (graph nodes, ints, lists, None); before, such a
 graph was refused, so every graph with a mutating custom op was compiled again by each new process. The
-operator itself is checked and keyed by ``autograd_cache/safety.py`` like any operator the graph calls. The control-flow operators ``cond``, ``while_loop``,
-``scan``, ``map_impl``, ``associative_scan`` and ``invoke_subgraph`` (``nested_compile_region``) take their
-branches and bodies as ``get_attr`` nodes naming GraphModules: such a node stores its module as a nested
-description in this same form (NOTE [Subgraphs of control-flow operators]).
+operator itself is checked and keyed by ``autograd_cache/safety.py`` like any operator the graph calls. The
+control-flow operators ``cond``, ``while_loop``, ``scan``, ``map_impl``, ``associative_scan`` and
+``invoke_subgraph`` (``nested_compile_region``) take their branches and bodies as ``get_attr`` nodes naming
+GraphModules: such a node stores its module as a nested description in this same form (NOTE [Subgraphs of
+control-flow operators]).
 
 NOTE [Subgraphs of control-flow operators]
 Before, a graph holding a subgraph was refused (GraphSerializationError), so every graph with ``torch.cond``,
