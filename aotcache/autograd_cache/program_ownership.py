@@ -20,8 +20,8 @@ def is_program_module(module_name: str | None) -> bool:
     """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not
     under site-packages / dist-packages, and neither torch, aotcache, the standard library nor an installed
     distribution; or the interpreter's ``__main__`` without a file (NOTE [The main module of a notebook]). Another
-    module without a real file (execnet's ``__channelexec__``, code exec'd from ``<string>``) is not counted:
-    nothing shows whose it is."""
+    module without a real file (execnet's ``__channelexec__``, code exec'd from ``<string>``) is not counted here:
+    nothing shows whose it is (the module of the compiled code is: NOTE [The module of the compiled code])."""
     if not module_name or is_library(module_name):
         return False
     module = sys.modules.get(module_name)
@@ -30,6 +30,24 @@ def is_program_module(module_name: str | None) -> bool:
         return module_name == "__main__" and module is not None
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     return "site-packages" not in parts and "dist-packages" not in parts
+
+
+# NOTE [The module of the compiled code]
+# Code ``exec``'d into a module object of the program's making (``mod = types.ModuleType("cells"); exec(source,
+# mod.__dict__)``: a notebook extension, a config system compiling model code from a string, a test building a
+# model from source) has no file either, and nothing in general shows whose it is: its iterators were not counted, so
+# a model class defined there whose helper draws from the module's ``itertools.count`` kept its capture's draw (a
+# known gap until session 24). The code the user compiled is the program's by construction: the module defining a
+# root (the compiled function, the compiled module's class) counts as the program's, whatever its file, unless it
+# is a library's. Other fileless modules (execnet's ``__channelexec__``) still count only as ``__main__`` does.
+def root_module(value: Any) -> str | None:
+    """The module defining a walk's root, counted as the program's (NOTE [The module of the compiled code])."""
+    if isinstance(value, types.MethodType):
+        value = value.__func__
+    if isinstance(value, (types.FunctionType, torch.nn.Module)):
+        name = _module_of(value)
+        return name if name and not is_library(name) else None
+    return None
 
 
 # NOTE [The main module of a notebook]
@@ -123,6 +141,13 @@ class ProgramOwnership:
         self._iterators: dict[int | None, list[Any]] = {}  # node index (None: a root) -> iterators it holds
         self._is_program: dict[int, bool] = {}
         self._program_modules: dict[str | None, bool] = {}
+
+    def root(self, value: Any) -> None:
+        """A root of the walk: the module defining it is the program's (NOTE [The module of the compiled code])."""
+        name = root_module(value)
+        if name is not None:
+            self._program_modules[name] = True
+            self._is_program.clear()
 
     def edge(self, holder: int | None, index: int) -> None:
         self._children.setdefault(holder, set()).add(index)

@@ -228,6 +228,8 @@ class Reachable(CodeWalk, ObjectWalk):
 
     def add_root(self, value: Any) -> str:
         self._walking, self._walking_index = None, None
+        if self._ownership is not None:
+            self._ownership.root(value)  # NOTE [The module of the compiled code] in program_ownership.py
         token = self.ref(value)
         self._drain()
         return token
@@ -463,8 +465,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # ``itertools.count`` (tests/aot/test_stale_program_values.py); pytest-xdist's worker objects come from
     # execnet's ``__channelexec__``, a module without a file. An object's iterator counts only under a name the walked
     # code reads (NOTE [Iterators held under names no code reads] in program_ownership.py). Not counted: code without a
-    # real source file other than the interpreter's ``__main__`` (``exec``'d code: a known gap; a notebook's cells are
-    # counted, NOTE [The main module of a notebook] in program_ownership.py).
+    # real source file other than the interpreter's ``__main__`` and the module defining the compiled code (NOTE [The
+    # main module of a notebook], NOTE [The module of the compiled code] in program_ownership.py).
 
     # NOTE [Values an lru_cache holds]
     # A ``functools.lru_cache`` / ``functools.cache`` function returns what it computed at its first call with those

@@ -397,6 +397,61 @@ def test_an_iterator_a_library_function_draws_from_a_program_object_is_drawn_onc
     assert [compiled(X)[0].item() for _ in range(3)] == [0.0, 1.0, 2.0]
 
 
+_EXECD_MODEL_SOURCE = """
+import itertools
+from torch import nn
+
+STEPS = itertools.count()
+
+
+def shifted_by_the_next_step(x):
+    return next(STEPS) * 10.0
+
+
+def counted(x):
+    return x + shifted_by_the_next_step(x)
+
+
+class CountsItsCalls(nn.Module):
+    def forward(self, x):
+        return x + shifted_by_the_next_step(x)
+
+
+class KeepsItsLoader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.loader_iter = iter(range(100))
+
+    def forward(self, x):
+        return x * 2
+"""
+
+
+def _execd_module(monkeypatch, registered: bool, name: str) -> types.ModuleType:
+    """Model code ``exec``'d into a module object without a file (in ``sys.modules`` or not). Each under its own
+    name: Dynamo (the fallback) reads a module it inlines from through its first import of that name, so a module
+    replaced in ``sys.modules`` under the same name is read as the old one (torch's own, ``backend="eager"`` too)."""
+    cells = types.ModuleType(name)
+    if registered:
+        monkeypatch.setitem(sys.modules, cells.__name__, cells)
+    exec(compile(textwrap.dedent(_EXECD_MODEL_SOURCE), "<cells>", "exec"), cells.__dict__)
+    return cells
+
+
+@pytest.mark.parametrize("registered", [False, True])
+@pytest.mark.parametrize("root", ["module", "function"])
+def test_an_iterator_of_code_execd_into_a_module_without_a_file_is_drawn_once_per_call(monkeypatch, root, registered):
+    """NOTE [The module of the compiled code]: the compiled code's own module counts as the program's, file or
+    not (the counter was not counted: 1, 1, 1 where eager gives 1, 11, 21); an iterator held under a name the
+    forward never reads still keeps one graph."""
+    cells = _execd_module(monkeypatch, registered, f"aotc_execd_cells_{root}_{registered}")
+    compiled = (aotcache.aot_module(cells.CountsItsCalls(), "nop", cache=False) if root == "module"
+                else aotcache.aot_function(cells.counted, "nop", cache=False))
+    assert [compiled(X)[0].item() for _ in range(3)] == [1.0, 11.0, 21.0]
+    kept = aotcache.aot_module(cells.KeepsItsLoader(), "nop", cache=False)
+    assert [kept(X)[0].item() for _ in range(3)] == [2.0, 2.0, 2.0] and kept.compiled.num_compiles == 1
+
+
 _MAIN_WITHOUT_A_FILE_SCRIPT = """
 import itertools, sys
 import torch
