@@ -87,6 +87,16 @@ def _module_of(value: Any) -> str | None:
 # review). So an iterator counts whatever its name when its holder's class has a library class other than
 # ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or is reached from such an object (a library
 # reader over the program's own source object), or when the code reads attributes that way.
+# NOTE [Library functions handed the program's objects]
+# The program's code may pass one of its objects to a library's function, class or method (``lib.draw_from(
+# self.source)``, ``lib.Reader(self.source).next_value()``), whose code (named, not read) then reads the object's
+# attributes by names the program never uses: an iterator held there kept its capture's draw (1, 1, 1; a known gap
+# until session 24). Which objects a call hands over cannot be told without running the code, so when the walk
+# reaches any code of an installed distribution other than torch and the standard library (a function, a class, an
+# object of such a class), an object's iterator counts whatever its name. torch's and the standard library's code
+# is left out: it takes tensors and plain values, and reads iterators it is handed (``itertools.islice(self.it,
+# 2)``) under the program's own name for them. The cost: a program using such a library that keeps an iterator in a
+# reached object under a name no code reads (a training loop's) runs through the fallback.
 _UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers"})
 _METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
 
@@ -155,9 +165,11 @@ class ProgramOwnership:
     def iterator(self, holder: int | None, iterator: Any) -> None:
         self._iterators.setdefault(holder, []).append(iterator)
 
-    def program_iterators(self, objects: list[Any], names: Collection[str] = ()) -> list[Any]:
+    def program_iterators(self, objects: list[Any], names: Collection[str] = (), *, any_name: bool = False
+                          ) -> list[Any]:
         """The iterators held by nodes the program owns (a root's own iterators count: the program passed them)
-        under a name the walked code reads (``names``; NOTE [Iterators held under names no code reads])."""
+        under a name the walked code reads (``names``; NOTE [Iterators held under names no code reads]), or under
+        any name (``any_name``: NOTE [Library functions handed the program's objects])."""
         if not self._iterators:
             return []
         owned: set[int] = set()
@@ -180,7 +192,7 @@ class ProgramOwnership:
                     library_read.add(child)
                     queue.append(child)
         held = list(self._iterators.get(None, ()))
-        computed = None
+        computed = True if any_name else None
         for index in owned:
             holder = objects[index]
             # an object on a path through the program's code holds what the program put there, whoever's class

@@ -57,6 +57,7 @@ from aotcache.autograd_cache.value_kinds import (
     SET_ORDERED_ENTRIES,
     defining_module,
     describe,
+    is_core_library,
     is_inert_stdlib_value,
     is_library,
     is_plain_object,
@@ -223,6 +224,7 @@ class Reachable(CodeWalk, ObjectWalk):
         self._sets_sorted = False  # torch's bookkeeping being written (NOTE [Sets in their iteration order])
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
+        self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -240,7 +242,8 @@ class Reachable(CodeWalk, ObjectWalk):
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
         if self._ownership is not None:  # NOTE [Iterators a program advances]
-            for iterator in self._ownership.program_iterators(self._objects, self._names):
+            for iterator in self._ownership.program_iterators(self._objects, self._names,
+                                                              any_name=self._third_party_code):
                 self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
@@ -569,7 +572,14 @@ class Reachable(CodeWalk, ObjectWalk):
                 raise
             return self._lenient_token(exc, cls)
 
+    def _library_code_reached(self, module_name: str | None) -> None:
+        """Code of an installed distribution other than torch's and the standard library's is reachable: it may
+        be handed the program's objects (NOTE [Library functions handed the program's objects])."""
+        if not self._third_party_code and is_library(module_name) and not is_core_library(module_name):
+            self._third_party_code = True
+
     def _type_ref(self, cls: type) -> str:
+        self._library_code_reached(cls.__module__)
         if is_library(cls.__module__) and not issubclass(cls, nn.Module):
             reason = process_state.module_reason(cls.__module__) if self.process_state else None
             if reason:
