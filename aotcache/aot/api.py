@@ -318,6 +318,7 @@ class AOTFunction:
                         return eager_past_recompile_limit(self, in_spec, exc, self._last_change)
                     finally:
                         self._saved_state = None
+                    self._refresh_caches(extra)  # NOTE [Values an lru_cache holds] in autograd_cache/reachable.py
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
                     if isinstance(runtime, CompiledRuntime) and runtime.joint is None and \
                             runtime.joint_factory is None and not runtime.metadata.is_inference:
@@ -430,6 +431,13 @@ class AOTFunction:
         """The state this call's Python may change, before its capture (NOTE [State changed by a capture])."""
         watched = self._programs.get(extra)
         return SavedCallState(getattr(self, "fingerprint_module", None), watched[0] if watched else None)
+
+    def _refresh_caches(self, extra: Any) -> None:
+        """The lru_caches the program calls, taken as the capture's runs of the function filled them."""
+        watched = self._programs.get(extra)
+        refresh = getattr(getattr(watched[0], "guards", None), "refresh_caches", None) if watched else None
+        if refresh is not None:
+            refresh()
 
     def _changed_by_call(self, saved: SavedCallState, extra: Any) -> bool:
         """Whether the capture just made changed what selects this function's graphs: the module's settings, or

@@ -284,6 +284,7 @@ class CodeWalk:
             elif library_members:  # NOTE [Library functions rebound in their module]
                 named = self._library_member_token(value)
                 if named is not None:
+                    self._library_code_reached(getattr(value, "__module__", None) or module.__name__)
                     entries.append(f"{name}={named}")
         version = library_version(module.__name__) if library else ""  # NOTE [Library versions in every library token]
         return f"module:{module.__name__}{version}{{{','.join(entries)}}}"
@@ -315,6 +316,7 @@ class CodeWalk:
         reason = process_state.module_reason(module) if self.process_state else None
         if reason:
             raise Untrusted(reason)
+        self._library_code_reached(module)
         return f"lib:{module}{library_version(module)}.{fn.__qualname__}({','.join(cells)}){inner}"
 
     def _library_cell_token(self, value: Any) -> str:

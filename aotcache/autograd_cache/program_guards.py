@@ -175,6 +175,25 @@ def _backing_dict(mapping: Mapping) -> dict | None:
     return backing[0]
 
 
+def _cache_snapshot(cache: dict) -> list:
+    """A cache dict's version tag, keys and values, as the guards compare them (NOTE [Values an lru_cache holds] in
+    reachable.py)."""
+    return [dict_version_tag(cache) if dict_version_tag is not None else None, list(cache), list(cache.values())]
+
+
+def _cache_unchanged(entry: tuple[dict, list]) -> bool:
+    """Whether an lru_cache's dict holds the same keys bound to the same values (by identity; unwritten since: its
+    version tag) as the walk, or the capture after it, left."""
+    cache, state = entry
+    if state[0] is not None and dict_version_tag(cache) == state[0]:
+        return True
+    keys, values = state[1], state[2]
+    if len(cache) != len(keys) or not all(map(_is, cache, keys)) or not all(map(_is, cache.values(), values)):
+        return False
+    state[0] = dict_version_tag(cache) if dict_version_tag is not None else None
+    return True
+
+
 def _context_value(variable: Any) -> Any:
     """What ``variable`` holds now (the walk's marker when it was never set, as the walk records it)."""
     return variable.get(UNSET_CONTEXT_VALUE)
@@ -198,6 +217,7 @@ class GuardRecorder:
         self._namespaces: dict[int, tuple] = {}
         self._arrays: dict[int, tuple[Any, tuple]] = {}
         self._iterators: dict[int, Any] = {}
+        self._caches: dict[int, dict] = {}
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
@@ -260,6 +280,10 @@ class GuardRecorder:
         advances] in reachable.py)."""
         self._iterators.setdefault(id(iterator), iterator)
 
+    def cached_values(self, cache: dict) -> None:
+        """The dict of an lru_cache the program calls (NOTE [Values an lru_cache holds] in reachable.py)."""
+        self._caches.setdefault(id(cache), cache)
+
     def tensor(self, tensor: Any) -> None:
         """A tensor constant: its version counter (bumped by every in-place change), data pointer and shape
         (NOTE [Tensor data swapped in place])."""
@@ -295,7 +319,8 @@ class GuardRecorder:
             context_variables=[v for v, _ in self._context.values()],
             context_values=[value for _, value in self._context.values()],
             namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()),
-            iterators=list(self._iterators.values()))
+            iterators=list(self._iterators.values()),
+            caches=[(cache, _cache_snapshot(cache)) for cache in self._caches.values()])
 
 
 @dataclasses.dataclass(eq=False)
@@ -335,6 +360,8 @@ class ProgramGuards:
     # content] in reachable.py
     iterators: list = dataclasses.field(default_factory=list)  # NOTE [Iterators a program advances] in
     # reachable.py: never compared (their identity is a slot's), a capture is refused
+    caches: list = dataclasses.field(default_factory=list)  # (an lru_cache's dict, its snapshot): NOTE [Values an
+    # lru_cache holds] in reachable.py
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -425,6 +452,8 @@ class ProgramGuards:
                 return False
             if self.arrays and not all(map(_array_unchanged, self.arrays)):
                 return False
+            if self.caches and not all(map(_cache_unchanged, self.caches)):
+                return False
             return not self.env_names or all(map(operator.eq, map(_env_get, self.env_names), self.env_values))
         except (KeyError, ValueError, AttributeError, TypeError, RuntimeError):
             return False  # a slot deleted, a cell emptied, a container resized while iterated: walk again
@@ -432,7 +461,14 @@ class ProgramGuards:
     def __len__(self) -> int:
         return (len(self.values) + len(self.member_lengths) + len(self.attribute_values) + len(self.lengths)
                 + len(self.members) + len(self.mapping_values) + len(self.env_values) + len(self.versions)
-                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces) + len(self.arrays))
+                + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces) + len(self.arrays)
+                + len(self.caches))
+
+    def refresh_caches(self) -> None:
+        """Take the lru_caches the program calls as they are now: a capture's runs of the function filled them
+        (NOTE [Values an lru_cache holds] in reachable.py)."""
+        for cache, state in self.caches:
+            state[:] = _cache_snapshot(cache)  # in place: ``holds`` reads these lists
 
 
 @dataclasses.dataclass(eq=False)

@@ -20,8 +20,8 @@ def is_program_module(module_name: str | None) -> bool:
     """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not
     under site-packages / dist-packages, and neither torch, aotcache, the standard library nor an installed
     distribution; or the interpreter's ``__main__`` without a file (NOTE [The main module of a notebook]). Another
-    module without a real file (execnet's ``__channelexec__``, code exec'd from ``<string>``) is not counted:
-    nothing shows whose it is."""
+    module without a real file (execnet's ``__channelexec__``, code exec'd from ``<string>``) is not counted here:
+    nothing shows whose it is (the module of the compiled code is: NOTE [The module of the compiled code])."""
     if not module_name or is_library(module_name):
         return False
     module = sys.modules.get(module_name)
@@ -30,6 +30,24 @@ def is_program_module(module_name: str | None) -> bool:
         return module_name == "__main__" and module is not None
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
     return "site-packages" not in parts and "dist-packages" not in parts
+
+
+# NOTE [The module of the compiled code]
+# Code ``exec``'d into a module object of the program's making (``mod = types.ModuleType("cells"); exec(source,
+# mod.__dict__)``: a notebook extension, a config system compiling model code from a string, a test building a
+# model from source) has no file either, and nothing in general shows whose it is: its iterators were not counted, so
+# a model class defined there whose helper draws from the module's ``itertools.count`` kept its capture's draw (a
+# known gap until session 24). The code the user compiled is the program's by construction: the module defining a
+# root (the compiled function, the compiled module's class) counts as the program's, whatever its file, unless it
+# is a library's. Other fileless modules (execnet's ``__channelexec__``) still count only as ``__main__`` does.
+def root_module(value: Any) -> str | None:
+    """The module defining a walk's root, counted as the program's (NOTE [The module of the compiled code])."""
+    if isinstance(value, types.MethodType):
+        value = value.__func__
+    if isinstance(value, (types.FunctionType, torch.nn.Module)):
+        name = _module_of(value)
+        return name if name and not is_library(name) else None
+    return None
 
 
 # NOTE [The main module of a notebook]
@@ -69,6 +87,16 @@ def _module_of(value: Any) -> str | None:
 # review). So an iterator counts whatever its name when its holder's class has a library class other than
 # ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or is reached from such an object (a library
 # reader over the program's own source object), or when the code reads attributes that way.
+# NOTE [Library functions handed the program's objects]
+# The program's code may pass one of its objects to a library's function, class or method (``lib.draw_from(
+# self.source)``, ``lib.Reader(self.source).next_value()``), whose code (named, not read) then reads the object's
+# attributes by names the program never uses: an iterator held there kept its capture's draw (1, 1, 1; a known gap
+# until session 24). Which objects a call hands over cannot be told without running the code, so when the walk
+# reaches any code of an installed distribution other than torch and the standard library (a function, a class, an
+# object of such a class), an object's iterator counts whatever its name. torch's and the standard library's code
+# is left out: it takes tensors and plain values, and reads iterators it is handed (``itertools.islice(self.it,
+# 2)``) under the program's own name for them. The cost: a program using such a library that keeps an iterator in a
+# reached object under a name no code reads (a training loop's) runs through the fallback.
 _UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers"})
 _METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
 
@@ -124,15 +152,24 @@ class ProgramOwnership:
         self._is_program: dict[int, bool] = {}
         self._program_modules: dict[str | None, bool] = {}
 
+    def root(self, value: Any) -> None:
+        """A root of the walk: the module defining it is the program's (NOTE [The module of the compiled code])."""
+        name = root_module(value)
+        if name is not None:
+            self._program_modules[name] = True
+            self._is_program.clear()
+
     def edge(self, holder: int | None, index: int) -> None:
         self._children.setdefault(holder, set()).add(index)
 
     def iterator(self, holder: int | None, iterator: Any) -> None:
         self._iterators.setdefault(holder, []).append(iterator)
 
-    def program_iterators(self, objects: list[Any], names: Collection[str] = ()) -> list[Any]:
+    def program_iterators(self, objects: list[Any], names: Collection[str] = (), *, any_name: bool = False
+                          ) -> list[Any]:
         """The iterators held by nodes the program owns (a root's own iterators count: the program passed them)
-        under a name the walked code reads (``names``; NOTE [Iterators held under names no code reads])."""
+        under a name the walked code reads (``names``; NOTE [Iterators held under names no code reads]), or under
+        any name (``any_name``: NOTE [Library functions handed the program's objects])."""
         if not self._iterators:
             return []
         owned: set[int] = set()
@@ -155,7 +192,7 @@ class ProgramOwnership:
                     library_read.add(child)
                     queue.append(child)
         held = list(self._iterators.get(None, ()))
-        computed = None
+        computed = True if any_name else None
         for index in owned:
             holder = objects[index]
             # an object on a path through the program's code holds what the program put there, whoever's class

@@ -103,6 +103,7 @@ class SavedProgramState:
         """Write back whatever differs from the saved state; None when the program reads the saved state again,
         else what could not be put back (a tensor constant changed in place, a container of another type)."""
         guards = self._guards
+        guards.refresh_caches()  # an lru_cache's values are not put back: NOTE [Values an lru_cache holds]
         for holder, saved in self._namespaces:  # entries the guards do not cover: only those left holding a trace
             for key in [key for key, value in holder.items()  # tensor (NOTE [Tensors stored in program state])
                         if saved.get(key, _MISSING) is not value and holds_trace_tensor(value, known=self._known)]:

@@ -21,6 +21,7 @@ import contextvars
 import dataclasses
 import enum
 import functools
+import gc
 import importlib.metadata
 import io
 import logging
@@ -56,6 +57,7 @@ from aotcache.autograd_cache.value_kinds import (
     SET_ORDERED_ENTRIES,
     defining_module,
     describe,
+    is_core_library,
     is_inert_stdlib_value,
     is_library,
     is_plain_object,
@@ -64,7 +66,8 @@ from aotcache.autograd_cache.value_kinds import (
     type_name,
 )
 
-__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE", "byte_buffer_state"]
+__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE", "byte_buffer_state",
+           "lru_cache_dict"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
 _MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
@@ -73,6 +76,26 @@ _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 _LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
 _UNSET = object()  # the value of a context variable that was never set
 UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
+
+
+def lru_cache_dict(wrapper: Any) -> dict | None:
+    """The dict an ``functools.lru_cache`` wrapper keeps its values in (the C wrapper holds it as a GC referent
+    beside its own ``__dict__``), or None where it cannot be told (NOTE [Values an lru_cache holds])."""
+    own = getattr(wrapper, "__dict__", None)
+    found = [item for item in gc.get_referents(wrapper) if type(item) is dict and item is not own]
+    return found[0] if len(found) == 1 else None
+
+
+def _lru_keyword_marker() -> Any:
+    """The object the C ``lru_cache`` puts between positional and keyword arguments in its keys."""
+    probe = functools.lru_cache(maxsize=None)(lambda **keywords: None)
+    probe(k=0)
+    cache = lru_cache_dict(probe)
+    key = next(iter(cache)) if cache else None
+    return key[0] if isinstance(key, tuple) and len(key) == 3 else None
+
+
+_LRU_KEYWORD_MARKER = _lru_keyword_marker()
 
 
 _MAX_GUARDED_ARRAY_BYTES = 1 << 16  # NOTE [numpy arrays by content]: compared at every call up to this size
@@ -201,11 +224,14 @@ class Reachable(CodeWalk, ObjectWalk):
         self._sets_sorted = False  # torch's bookkeeping being written (NOTE [Sets in their iteration order])
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
+        self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
 
     # -- driving ------------------------------------------------------------------------------------------
 
     def add_root(self, value: Any) -> str:
         self._walking, self._walking_index = None, None
+        if self._ownership is not None:
+            self._ownership.root(value)  # NOTE [The module of the compiled code] in program_ownership.py
         token = self.ref(value)
         self._drain()
         return token
@@ -216,7 +242,8 @@ class Reachable(CodeWalk, ObjectWalk):
         for index in self._classes:
             self._tokens[index] = self._class_token(index)
         if self._ownership is not None:  # NOTE [Iterators a program advances]
-            for iterator in self._ownership.program_iterators(self._objects, self._names):
+            for iterator in self._ownership.program_iterators(self._objects, self._names,
+                                                              any_name=self._third_party_code):
                 self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
@@ -330,7 +357,7 @@ class Reachable(CodeWalk, ObjectWalk):
         if isinstance(value, functools.cached_property):
             return f"cached_property({self.ref(value.func)})"
         if isinstance(value, _LRU_CACHE_WRAPPER):
-            return f"lru_cache({self.ref(value.__wrapped__)})"
+            return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
                               types.MethodWrapperType, types.ClassMethodDescriptorType)):
             return self._builtin_token(value)
@@ -441,8 +468,47 @@ class Reachable(CodeWalk, ObjectWalk):
     # ``itertools.count`` (tests/aot/test_stale_program_values.py); pytest-xdist's worker objects come from
     # execnet's ``__channelexec__``, a module without a file. An object's iterator counts only under a name the walked
     # code reads (NOTE [Iterators held under names no code reads] in program_ownership.py). Not counted: code without a
-    # real source file other than the interpreter's ``__main__`` (``exec``'d code: a known gap; a notebook's cells are
-    # counted, NOTE [The main module of a notebook] in program_ownership.py).
+    # real source file other than the interpreter's ``__main__`` and the module defining the compiled code (NOTE [The
+    # main module of a notebook], NOTE [The module of the compiled code] in program_ownership.py).
+
+    # NOTE [Values an lru_cache holds]
+    # A ``functools.lru_cache`` / ``functools.cache`` function returns what it computed at its first call with those
+    # arguments, whatever the state it reads now, until ``cache_clear()`` (or an eviction) lets it compute again.
+    # The walk wrote down only the function, so a graph traced with the cached value kept running after
+    # ``cache_clear()`` (eager then computes from the state as it is: ``SETTINGS["scale"] = 5; scale.cache_clear()``
+    # gave the graph of 2 where eager gives 5; found in session 24). The in-process walk writes the cache's entries
+    # beside the function (keys and values; an empty cache as such), and the guards compare the dict behind it by
+    # identity of its keys and values (its version tag first): a miss, an eviction or a clear writes it, a hit does
+    # not. A bounded cache's values are C links: named by identity. The capture's own runs fill the cache, and it
+    # cannot be put back between them: the guards take it as the capture leaves it (``refresh_caches``), so the
+    # first graph is kept, under the digest written with the cache as the call found it (an empty cache's values
+    # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
+    # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
+    # the fingerprint after the capture (which fills the cache) differed from the one before, and every warm start
+    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a process that filled the cache under
+    # another state before its first compiled call may load a graph of the value computed from the state as it is
+    # (the full key sees only the graph). (2) A warm start that loads the graph never calls the function, so its
+    # cache stays empty, and a later change of the state it reads is computed afresh where eager keeps the first
+    # value.
+    def _lru_cache_values(self, wrapper: Any) -> str:
+        """The entries of ``wrapper``'s cache (NOTE [Values an lru_cache holds]); "" outside the in-process walk."""
+        if self._guards is None:
+            return ""
+        cache = lru_cache_dict(wrapper)
+        if cache is None:
+            raise Untrusted("lru_cache whose cache cannot be read")
+        if self._guards is not None:
+            self._guards.cached_values(cache)
+        entries = entries_of(cache)  # NOTE [Containers another thread changes]
+        if not entries:
+            return "[empty]"
+        return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
+
+    def _lru_key_token(self, key: Any) -> str:
+        if type(key) is not tuple:  # (a single int or str argument is its own key)
+            return self.ref(key)
+        return "key(" + ",".join("keywords" if part is _LRU_KEYWORD_MARKER is not None else self.ref(part)
+                                 for part in key) + ")"
 
     # NOTE [numpy arrays by content]
     # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
@@ -506,7 +572,14 @@ class Reachable(CodeWalk, ObjectWalk):
                 raise
             return self._lenient_token(exc, cls)
 
+    def _library_code_reached(self, module_name: str | None) -> None:
+        """Code of an installed distribution other than torch's and the standard library's is reachable: it may
+        be handed the program's objects (NOTE [Library functions handed the program's objects])."""
+        if not self._third_party_code and is_library(module_name) and not is_core_library(module_name):
+            self._third_party_code = True
+
     def _type_ref(self, cls: type) -> str:
+        self._library_code_reached(cls.__module__)
         if is_library(cls.__module__) and not issubclass(cls, nn.Module):
             reason = process_state.module_reason(cls.__module__) if self.process_state else None
             if reason:
