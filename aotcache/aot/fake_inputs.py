@@ -13,38 +13,12 @@ from typing import Any
 import torch
 
 from aotcache.aot.cache_objects import CacheInt
-from aotcache.aot.errors import CaptureError
+from aotcache.aot.script_objects import refuse_script_object_inputs
 from aotcache.aot.unsupported_tensors import tensor_subclass_error, unsupported_layout_error
 from aotcache.aot.tensor_subclasses import refuse_nested_int_inputs
 from aotcache.fake_device_guard import keep_fake_cuda_guard_alive
 
-__all__ = ["make_fake_inputs", "refuse_script_object_inputs"]
-
-# NOTE [TorchScript objects as inputs]
-# A torchbind object (``torch.ScriptObject``: a C++ class registered with TorchScript, e.g. a tensor queue) reaches a
-# capture as a graph input when Dynamo lifts one (an argument, a global or a module attribute whose methods the code
-# calls: ``call_torchbind`` nodes). The capture passed it on as it is, so its trace ran the object's methods on the
-# real object with fake tensors: a ``push`` left a fake tensor in the caller's queue and a ``pop`` took a real one
-# out during the trace, and a later compiled call popped that fake tensor and returned it (found with PyTorch's
-# test/export/test_torchbind.py, session 24: eager and ``aot_eager`` return real tensors). torch's own AOT Autograd
-# traces a fake copy of such an object (its registered fake class). aotcache refuses them instead (a CaptureError
-# before anything is traced: the backend runs the Dynamo graph as Python, ``aot_function`` falls back), so no trace
-# touches the object.
-
-
-def refuse_script_object_inputs(flat_args: Sequence[Any]) -> None:
-    """Refuse TorchScript (torchbind) objects among a capture's inputs (NOTE [TorchScript objects as inputs]).
-
-    :raises CaptureError: naming the argument position and the object's class.
-    """
-    from torch._library.fake_class_registry import FakeScriptObject
-
-    for position, arg in enumerate(flat_args):
-        if isinstance(arg, (torch.ScriptObject, FakeScriptObject)):
-            qualified = arg._type().qualified_name() if isinstance(arg, torch.ScriptObject) else arg.script_class_name
-            raise CaptureError(f"aotcache: flat argument {position} is a TorchScript object ({qualified}); a capture "
-                               f"would run its methods on the object itself while tracing, so it is not captured",
-                               reason="unsupported_construct")
+__all__ = ["make_fake_inputs"]
 
 
 def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tuple[Any, list]:

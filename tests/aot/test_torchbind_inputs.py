@@ -85,3 +85,24 @@ def test_a_queue_argument_pushed_and_popped_gives_eagers_results(tensor_queue_cl
         assert type(got) is torch.Tensor
         torch.testing.assert_close(got, want)
         _assert_real_queue(mine, theirs.clone_queue())
+
+
+def test_a_global_queue_read_by_a_whole_call_capture_keeps_real_tensors_and_eagers_pops(tensor_queue_class):
+    import aotcache
+
+    global _GLOBAL_QUEUE
+    _GLOBAL_QUEUE = tensor_queue_class()
+
+    def push_then_pop(x):
+        _GLOBAL_QUEUE.push(x.sin())
+        return _GLOBAL_QUEUE.pop()
+
+    compiled = aotcache.compile(push_then_pop, compiler="nop")
+    x = torch.randn(3)
+    torch.testing.assert_close(compiled(x), x.sin())
+    _assert_real_queue(_GLOBAL_QUEUE, [])
+    _GLOBAL_QUEUE.push(x.cos())
+    got = compiled(x)
+    assert type(got) is torch.Tensor
+    torch.testing.assert_close(got, x.cos())
+    _assert_real_queue(_GLOBAL_QUEUE, [x.sin()])
