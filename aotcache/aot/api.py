@@ -47,6 +47,7 @@ from aotcache.aot.fallback import (
 )
 from aotcache.aot.call_hot_path import CallSignatures, call_key
 from aotcache.aot.hot_path import HotSignature, HotSignatures, simple_structure
+from aotcache.aot.keyed_nodes import unflatten_arguments
 from aotcache.aot.generator_args import GeneratorSlots
 from aotcache.aot.recompile_limit import LIVE_FUNCTIONS, RecompileLimitReached, TraceBudget
 from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
@@ -386,7 +387,7 @@ class AOTFunction:
             def flat_fn(*values: Any) -> Any:
                 if reset is not None:
                     reset()
-                call_args, call_kwargs = pytree.tree_unflatten(list(values), in_spec)
+                call_args, call_kwargs = unflatten_arguments(values, in_spec)
                 return fn(*call_args, **call_kwargs)
 
             try:  # (an RNN's weight list: NOTE [Caches a module rebuilds from its weights])
@@ -494,7 +495,8 @@ class AOTFunction:
                 saved.restore()
             runs += 1
             carry_tensor_attributes(flat, flat_args, self.num_state)  # NOTE [Python attributes of tensor arguments]
-            call_args, call_kwargs = pytree.tree_unflatten(list(flat), in_spec)
+            call_args, call_kwargs = unflatten_arguments(flat, in_spec)  # NOTE [Keyed pytree nodes in their own key
+            # order]
             containers = argument_containers((call_args, call_kwargs))
             attribute_state = tensor_attribute_state(flat, flat_args)
             result = self.fn(*call_args, **call_kwargs)

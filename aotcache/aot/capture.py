@@ -31,6 +31,7 @@ from aotcache.aot.autograd_nodes import autograd_nodes, is_custom_function_node
 from aotcache.aot.capture_threads import SwapBusy, compiling, one_trace_at_a_time
 from aotcache.aot.capture_analysis import Analysis, analyze, is_graph_input
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
+from aotcache.aot.script_objects import refusing_script_object_calls
 from aotcache.aot.errors import CaptureError, mark_trace_failure
 from aotcache.config import ConfigError
 from aotcache.aot.fake_inputs import make_fake_inputs
@@ -514,7 +515,8 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
             refuse_host_random(generators) as rng_watch, \
             settings_kept(), compiled_autograd_off(), \
             symbolic_fake_cache_off(fake_mode, callers_mode), parametrization_cache_off(), \
-            callers_saved_tensor_hooks_off(), watch:
+            callers_saved_tensor_hooks_off(), watch, refusing_script_object_calls():  # NOTE [TorchScript objects as
+        # inputs]
         analysis = None
         if not static_views:  # NOTE [Analysis without symbols]
             analysis = _analyze_without_symbols(flat_fn, flat_args, fake_args, input_is_leaf=input_is_leaf,

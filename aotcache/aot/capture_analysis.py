@@ -30,6 +30,7 @@ from aotcache.aot.input_mutations import (
     same_layout,
     storage_of,
 )
+from aotcache.aot.keyed_nodes import refuse_outputs_rebuilt_otherwise
 from aotcache.aot.masked_assign import MaskedAssignAsWhere
 from aotcache.aot.metadata import (
     InputInfo,
@@ -168,6 +169,7 @@ def analyze(flat_fn: Callable, fake_args: Sequence[Any], *, fake_mode: Any, inpu
             out_structure = encode_output_structure(out_spec)
         except UnsupportedOutputError as exc:
             raise CaptureError(str(exc)) from None
+        refuse_outputs_rebuilt_otherwise(flat_outs, out_spec)  # NOTE [Keyed pytree nodes in their own key order]
         for probe in probes:
             if isinstance(probe, torch.Tensor):
                 torch._sync(probe)

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.capture import CaptureError, capture
+from aotcache.aot.keyed_nodes import unflatten_arguments
 from aotcache.aot.metadata import UnsupportedOutputError, encode_output_structure, object_output_types
 from aotcache.aot.module_state import refuse_rebound_module_tensors
 
@@ -143,7 +144,7 @@ def aot_export_module(mod: nn.Module, args: Sequence[Any], trace_joint: bool,
 
     def flat_fn(*flat: Any) -> Any:
         swapped = dict(zip([*params, *buffers], flat[:num_lifted]))
-        call_args, call_kwargs = pytree.tree_unflatten(list(flat[num_lifted:]), in_spec)
+        call_args, call_kwargs = unflatten_arguments(flat[num_lifted:], in_spec)
         if not trace_joint:
             with refuse_rebound_module_tensors(mod, swapped):  # NOTE [Buffers and parameters rebound by forward]
                 result = torch.func.functional_call(mod, swapped, call_args, call_kwargs, strict=False)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from aotcache.aot.cache_objects import CacheInt
+from aotcache.aot.script_objects import refuse_script_object_inputs
 from aotcache.aot.unsupported_tensors import tensor_subclass_error, unsupported_layout_error
 from aotcache.aot.tensor_subclasses import refuse_nested_int_inputs
 from aotcache.fake_device_guard import keep_fake_cuda_guard_alive
@@ -32,6 +33,7 @@ def make_fake_inputs(flat_args: Sequence[Any], *, dynamic: bool | tuple) -> tupl
 
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+    refuse_script_object_inputs(flat_args)  # NOTE [TorchScript objects as inputs]
     for position, arg in enumerate(flat_args):
         if isinstance(arg, torch.Tensor) and arg.layout != torch.strided:
             raise unsupported_layout_error(f"flat argument {position}", arg.layout)

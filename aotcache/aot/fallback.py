@@ -55,6 +55,7 @@ from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.dynamo_progress import DynamoProgress, dynamo_failed, marks_region_calls
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.generator_args import untraceable_generator_failure
+from aotcache.aot.keyed_nodes import unflatten_in_recorded_order
 from aotcache.aot.dynamo_way import dynamo_as_eager
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
@@ -130,7 +131,8 @@ class EagerRuntime:
         self.gate = swap_gate(fn) if isinstance(fn, torch.nn.Module) else None
 
     def arguments(self, flat_args: Sequence[Any]) -> tuple[tuple, dict]:
-        args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
+        args, kwargs = unflatten_in_recorded_order(flat_args, self.in_spec)  # NOTE [Keyed pytree nodes in their
+        # own key order]
         return tuple(args[self.skip:]), kwargs
 
     # NOTE [Captures that fail where eager may run]: said once the first (eager) call has run

@@ -37,6 +37,7 @@ from typing import Any, Union
 import torch
 from torch.utils import _pytree as pytree
 
+from aotcache.aot.keyed_nodes import in_recorded_key_order, keyed_node
 from aotcache.aot.object_outputs import ObjectOutput, rebuild_object, template_type_name
 
 __all__ = ["METADATA_VERSION", "InputInfo", "OutputInfo", "RuntimeMetadata", "SizeEntry", "OutputStructure",
@@ -412,4 +413,6 @@ class OutputStructure:
                              f"(it is never imported on load); import the library that registers it first")
         from_dumpable = getattr(pytree.SUPPORTED_SERIALIZED_TYPES.get(node_type), "from_dumpable_context", None)
         context = from_dumpable(node.get("context")) if from_dumpable is not None else node.get("context")
+        if keyed_node(node_type, context):  # NOTE [Keyed pytree nodes in their own key order]
+            return lambda leaves: in_recorded_key_order(node_def.unflatten_fn(items(leaves), context), context)
         return lambda leaves: node_def.unflatten_fn(items(leaves), context)

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from aotcache.aot.hot_path import storage_object
+from aotcache.aot.keyed_nodes import unflatten_arguments
 
 __all__ = ["SyntheticBasePlan", "plan_synthetic_bases", "SyntheticBaseRuntime"]
 
@@ -133,7 +133,7 @@ def synthetic_base_function(fn: Callable, plan: SyntheticBasePlan, in_spec: Any)
     """``fn`` as a function of ``plan.inner_arguments(...)``: members are regenerated from their base."""
 
     def over_bases(*inner: Any) -> Any:
-        args, kwargs = pytree.tree_unflatten(plan.outer_arguments(inner), in_spec)
+        args, kwargs = unflatten_arguments(plan.outer_arguments(inner), in_spec)
         return fn(*args, **kwargs)
 
     over_bases.__wrapped__ = fn  # type: ignore[attr-defined]
