@@ -47,10 +47,19 @@ def refuse_script_object_inputs(flat_args: Sequence[Any]) -> None:
                                reason="unsupported_construct")
 
 
+# NOTE [One refusing ScriptMethod call for every capture]: captures run in several threads at once and nest (a
+# capture inside a compiled call's capture), so the class attribute is replaced once, when the first capture of
+# the process starts, and put back when the last one ends (and only if it is still ours); each thread counts its own
+# depth, so one thread's capture never refuses another thread's calls, nor leaves the replacement behind.
+_install_lock = threading.Lock()
+_captures_running = 0
+_installed: tuple[Any, Any] | None = None  # (the replacement, what it replaced)
+
+
 def _script_object_call_refusal(previous: Any) -> Any:
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         owner = getattr(self, "raw_owner", None)
-        if getattr(_tracing, "active", False) and isinstance(owner, torch.ScriptObject):
+        if getattr(_tracing, "depth", 0) and isinstance(owner, torch.ScriptObject):
             raise CaptureError(f"aotcache: the function calls {self.name}() of a TorchScript object "
                                f"({owner._type().qualified_name()}); a capture would run it on the object itself "
                                f"while tracing, so it is not captured", reason="unsupported_construct")
@@ -62,12 +71,24 @@ def _script_object_call_refusal(previous: Any) -> Any:
 @contextlib.contextmanager
 def refusing_script_object_calls() -> Iterator[None]:
     """While a capture traces in this thread, a torchbind method call raises a CaptureError (NOTE [TorchScript
-    objects as inputs]); ``torch.ScriptMethod.__call__`` is put back after."""
-    previous = torch.ScriptMethod.__call__
-    torch.ScriptMethod.__call__ = _script_object_call_refusal(previous)  # type: ignore[method-assign]
-    _tracing.active = True
+    objects as inputs]); ``torch.ScriptMethod.__call__`` is put back when no capture runs."""
+    global _captures_running, _installed
+    with _install_lock:
+        if _captures_running == 0:
+            previous = torch.ScriptMethod.__call__
+            replacement = _script_object_call_refusal(previous)
+            torch.ScriptMethod.__call__ = replacement  # type: ignore[method-assign]
+            _installed = (replacement, previous)
+        _captures_running += 1
+    _tracing.depth = getattr(_tracing, "depth", 0) + 1
     try:
         yield
     finally:
-        _tracing.active = False
-        torch.ScriptMethod.__call__ = previous  # type: ignore[method-assign]
+        _tracing.depth -= 1
+        with _install_lock:
+            _captures_running -= 1
+            if _captures_running == 0 and _installed is not None:
+                replacement, previous = _installed
+                if torch.ScriptMethod.__call__ is replacement:  # someone else's later patch is left alone
+                    torch.ScriptMethod.__call__ = previous  # type: ignore[method-assign]
+                _installed = None

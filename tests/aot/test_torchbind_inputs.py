@@ -1,6 +1,6 @@
 """A torchbind object (``torch.ScriptObject``) a Dynamo graph takes as input is not traced through: the trace ran its
 methods on the caller's object with fake tensors, and a later call returned a fake tensor (NOTE [TorchScript objects
-as inputs] in aotcache/aot/fake_inputs.py)."""
+as inputs] in aotcache/aot/script_objects.py)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,40 @@ def test_a_global_queue_read_by_a_whole_call_capture_keeps_real_tensors_and_eage
     assert type(got) is torch.Tensor
     torch.testing.assert_close(got, x.cos())
     _assert_real_queue(_GLOBAL_QUEUE, [x.sin()])
+
+
+
+def test_captures_in_threads_and_nested_put_the_script_method_call_back():
+    """NOTE [One refusing ScriptMethod call for every capture]: two threads whose captures overlap (the first to
+    start ends first), one nesting a second capture, leave ``torch.ScriptMethod.__call__`` as it was."""
+    import threading
+
+    from aotcache.aot.script_objects import refusing_script_object_calls
+
+    original = torch.ScriptMethod.__call__
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with refusing_script_object_calls():
+            first_in.set()
+            second_in.wait(30)
+            with refusing_script_object_calls():  # nested
+                seen["nested_patched"] = torch.ScriptMethod.__call__ is not original
+            seen["after_nested_patched"] = torch.ScriptMethod.__call__ is not original
+        first_out.set()
+
+    def second():
+        first_in.wait(30)
+        with refusing_script_object_calls():
+            second_in.set()
+            first_out.wait(30)
+            seen["second_patched_after_first"] = torch.ScriptMethod.__call__ is not original
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert seen == {"nested_patched": True, "after_nested_patched": True, "second_patched_after_first": True}
+    assert torch.ScriptMethod.__call__ is original
