@@ -70,7 +70,7 @@ def _module_of(value: Any) -> str | None:
 # ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or is reached from such an object (a library
 # reader over the program's own source object), or when the code reads attributes that way.
 UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers", "asdict",
-                                     "astuple"})
+                                     "astuple", "getattr_static", "__getstate__"})
 _METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
 
 
