@@ -654,7 +654,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # reads by its own names (transformers' ``_no_split_modules``: library code is not walked; a library that
     # iterated a set of str to build a graph would give each process another eager result). Iterated constants of
     # the code itself (``for n in {"a", "b"}`` compiles to a frozenset constant) are written with their order in the
-    # code digest; one only tested with ``in`` is sorted.
+    # code digest; one only tested with ``in`` is sorted. Still written though order-free: a user dataclass's fields
+    # (its generated ``__eq__`` / ``__repr__``, walked as dunders, load each field into a tuple or a string).
     def _record_set_order(self, members: tuple, ordered: list) -> None:
         """Record a set's iteration order (positions among ``ordered``; "" where it is the sorted order) under the
         name it is held by (NOTE [Sets in their iteration order])."""

@@ -75,7 +75,7 @@ def read_comprehension(self, x):
 
 
 def read_by_computed_name(self, x):
-    name = "shif" + "ts"
+    name = "".join(("shif", "ts"))
     return read_loop_of(getattr(self, name), x)
 
 
@@ -85,6 +85,12 @@ def read_through_vars(self, x):
 
 def read_through_dict(self, x):
     return read_loop_of(self.__dict__["shifts"], x)
+
+
+def read_by_getattr_static(self, x):
+    import inspect
+
+    return read_loop_of(inspect.getattr_static(self, "".join(("shif", "ts"))), x)
 
 
 def read_loop_of(shifts, x):
@@ -113,7 +119,8 @@ def test_a_set_read_only_in_an_order_free_way_keeps_one_fingerprint(read):
 
 
 @pytest.mark.parametrize("read", [read_loop, read_list_to_torch, read_comprehension, read_by_computed_name,
-                                  read_through_vars, read_through_dict, read_iterated_elsewhere])
+                                  read_through_vars, read_through_dict, read_iterated_elsewhere,
+                                  read_by_getattr_static])
 def test_a_set_the_code_may_iterate_is_another_fingerprint_in_another_order(read):
     first, second = _digests(read)
     if read is read_through_dict:  # ``self.__dict__`` reads a class's descriptor: untrusted, the full key decides
@@ -254,7 +261,7 @@ class Settings:
 
 def test_a_dataclass_read_by_asdict_writes_its_sets_order():
     def by_asdict(self, x):
-        return read_loop_of(dataclasses.asdict(self.settings)["shif" + "ts"], x)
+        return read_loop_of(dataclasses.asdict(self.settings)["".join(("shif", "ts"))], x)
 
     def digest(shifts):
         model = Holder(set(), by_asdict)
