@@ -323,21 +323,30 @@ class Model(nn.Module):
         self.names = set(NAMES)
 
     def forward(self, x):
-        x = self.linear(x)
-        if read == "unread":
-            return x * 2.0 if "alpha" in self.skip and len(self.skip) == 4 and "k1" in self.KINDS else x
-        if read == "loop":
-            for name in self.names:
-                x = x * 0.5 + WEIGHTS[name]
-            return x
-        if read == "class-loop":
-            for kind in self.KINDS:
-                x = x * 0.5 + WEIGHTS[kind]
-            return x
-        if read == "display":
-            for name in {"alpha", "beta", "gamma", "delta", "eps", "zeta"}:
-                x = x * 0.5 + WEIGHTS[name]
-            return x
+        return step(self, self.linear(x))
+
+
+# each way of reading defined alone: the walk sees only the code the forward reaches
+if read == "unread":
+    def step(self, x):
+        return x * 2.0 if "alpha" in self.skip and len(self.skip) == 4 and "k1" in self.KINDS else x
+elif read == "loop":
+    def step(self, x):
+        for name in self.names:
+            x = x * 0.5 + WEIGHTS[name]
+        return x
+elif read == "class-loop":
+    def step(self, x):
+        for kind in self.KINDS:
+            x = x * 0.5 + WEIGHTS[kind]
+        return x
+elif read == "display":
+    def step(self, x):
+        for name in {"alpha", "beta", "gamma", "delta", "eps", "zeta"}:
+            x = x * 0.5 + WEIGHTS[name]
+        return x
+else:
+    def step(self, x):
         return torch.cat([x * WEIGHTS[name] for name in self.names], dim=-1)
 
 
