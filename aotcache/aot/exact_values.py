@@ -24,13 +24,27 @@ members in no order and a dataclass's fields with ``==``: ``frozenset({0, 8})`` 
 but iterate ``0, 8`` and ``8, 0`` (a loop over it traces another graph), ``Cfg(k=1) == Cfg(k=1.0)`` although
 ``x * cfg.k`` keeps an int dtype for one, and ``Cfg(k=0.0) == Cfg(k=-0.0)`` although ``1 / cfg.k`` differs in sign.
 The graph traced for the first was reused for the second (stale results, found in session 23). A set's members are
-compared in their iteration order, a dataclass's compared fields each exactly, beside the dataclass's own ``==``.
+compared in their iteration order (one of members all of one exactly-compared type, the usual set of names, by a
+C-level copy), a dataclass by its class and its whole instance state, each attribute exactly.
+NOTE [Dataclasses by their whole state] (session 24 review) The dataclass's fields with ``compare=True`` were compared
+beside its own ``==``, which left three holes and brought two crashes: a field declared ``compare=False``
+(``mode: str = field(compare=False)``) and an attribute ``__post_init__`` sets from an ``InitVar`` are not in
+``==``, so a forward reading either reused the graph of the other value (a false hit, found before session 23 too);
+an ``InitVar`` pseudo-field has no attribute to read (``AttributeError``: a job eager runs failed); a dataclass
+holding itself recursed without end. The key is the class and every instance attribute (``__dict__`` and slots,
+each exactly), so two instances get one key only when a forward can read nothing different from them. A tensor
+inside such a constant (``==`` is elementwise: ``Cfg(t1) == Cfg(t2)`` raised in the signature lookup) and a value
+nested deeper than ``_MAX_DEPTH`` cannot be compared so: :func:`exact_value` raises ``TypeError`` and the argument
+is refused (NOTE [Constant arguments] in signature.py: it takes the fallback).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
+
+import torch
 
 __all__ = ["float_bits", "exact_value", "exact_repr"]
 
@@ -45,25 +59,66 @@ def float_bits(value: float | complex) -> bytes:
     return struct.pack("<d", value)
 
 
+_MAX_DEPTH = 64  # NOTE [Dataclasses by their whole state]: deeper (or a value holding itself) is not compared
+
+
 def exact_value(value: Any) -> Any:
     """A hashable key of a plain value, equal for two values only when they have the same types and the same
-    values, floats bit for bit, at every depth of tuples, lists and dicts (NOTE [Plain values by type])."""
+    values, floats bit for bit, at every depth of tuples, lists, dicts, sets and dataclasses (NOTE [Plain values by
+    type], NOTE [Sets and dataclasses compared exactly]).
+
+    :raises TypeError: a value that cannot be compared so (a tensor inside it, nesting past ``_MAX_DEPTH``).
+    """
+    return _exact(value, 0)
+
+
+def _exact(value: Any, depth: int) -> Any:
     cls = type(value)
     if cls in EXACT_BY_EQUALITY:  # the usual settings (``training``, ``p`` as an int, names): no more to do
         return (cls, value)
     if isinstance(value, (float, complex)):
         return (cls, float_bits(value))
+    if depth >= _MAX_DEPTH:
+        raise TypeError("nested too deep to be compared exactly")
+    depth += 1
     if isinstance(value, (tuple, list)):
-        return (cls, tuple(map(exact_value, value)))
+        return (cls, tuple([_exact(item, depth) for item in value]))
     if isinstance(value, dict):
-        return (cls, tuple((exact_value(key), exact_value(item)) for key, item in value.items()))
-    if isinstance(value, (set, frozenset)):  # NOTE [Sets and dataclasses compared exactly]
-        return (cls, tuple(map(exact_value, value)))
-    fields = getattr(cls, "__dataclass_fields__", None)
-    if fields is not None and not isinstance(value, type):
-        compared = tuple(exact_value(getattr(value, name)) for name, field in fields.items() if field.compare)
-        return (cls, value, compared)
+        return (cls, tuple([(_exact(key, depth), _exact(item, depth)) for key, item in value.items()]))
+    if isinstance(value, (set, frozenset)):  # NOTE [Sets and dataclasses compared exactly]: in iteration order
+        kinds = set(map(type, value))
+        if len(kinds) == 1 and next(iter(kinds)) in EXACT_BY_EQUALITY:
+            return (cls, kinds.pop(), tuple(value))
+        return (cls, tuple([_exact(item, depth) for item in value]))
+    if isinstance(value, torch.Tensor):
+        raise TypeError("a tensor inside a constant compares elementwise")
+    if getattr(cls, "__dataclass_fields__", None) is not None and not isinstance(value, type):
+        return (cls, tuple([(name, _exact(item, depth)) for name, item in _instance_state(value)]))
     return (cls, value)
+
+
+def _instance_state(value: Any) -> list[tuple[str, Any]]:
+    """Every attribute of an instance: its ``__dict__`` and its slots (NOTE [Dataclasses by their whole state])."""
+    attributes = getattr(value, "__dict__", None)
+    state = list(attributes.items()) if isinstance(attributes, dict) else []
+    for name in _slot_names(type(value)):
+        if hasattr(value, name):
+            state.append((name, getattr(value, name)))
+    return state
+
+
+@functools.lru_cache(maxsize=1024)
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The slots of ``cls`` and its bases, private ones by their mangled names."""
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):  # stored under its mangled name
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            if name not in ("__dict__", "__weakref__"):
+                names.append(name)
+    return tuple(names)
 
 
 def exact_repr(value: Any) -> str:

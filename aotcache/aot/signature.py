@@ -108,7 +108,17 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     if type(arg) in EXACT_BY_EQUALITY:  # the common constants, keyed as they are (the call hot path compares them)
         return ("constant", type(arg), arg)
-    return ("constant", type(arg), exact_value(arg))  # NOTE [Sets and dataclasses compared exactly]
+    try:
+        return ("constant", type(arg), _hashable(exact_value(arg)))  # NOTE [Sets and dataclasses compared exactly]
+    except Exception as exc:  # noqa: BLE001 - NOTE [Dataclasses by their whole state] in exact_values.py: any
+        # value that cannot be read or compared exactly is refused (the fallback runs it), never a failed call
+        raise _RefusedConstant(f"cannot be compared exactly ({exc})") from None
+
+
+def _hashable(key: tuple) -> tuple:
+    """``key``, checked hashable (a member compared by ``==`` may not be: a numpy array in a dataclass field)."""
+    hash(key)
+    return key
 
 
 # NOTE [View bits]

@@ -66,7 +66,8 @@ def _keys_hold_a_zero(value: dict, depth: int = 0) -> bool:
 
 def _bits_key(value: Any) -> Any:
     """:func:`exact_value`, sets and dict keys included: two values get equal keys only when their floats, at
-    any depth, have the same bits (``{0.0} == {-0.0}`` and ``exact_value`` leaves a set to ``==``)."""
+    any depth, have the same bits (``{0.0} == {-0.0}``); a set by its members in no order (Dynamo's own guard
+    compares it with ``==``, so its order is not the traced value's business here)."""
     if isinstance(value, (set, frozenset)):
         return (type(value), frozenset(map(_bits_key, value)))
     if isinstance(value, (tuple, list)):

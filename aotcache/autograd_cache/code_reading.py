@@ -21,7 +21,7 @@ from typing import Any
 from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
-__all__ = ["computed_getattr", "constant_token", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
+__all__ = ["computed_getattr", "constant_token", "order_observed_names", "iterated_constant_sets", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
            "import_for_digest", "modules_looked_up"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
@@ -79,6 +79,83 @@ def global_names(code: types.CodeType) -> frozenset[str]:
         found.update(instruction.argval for instruction in dis.get_instructions(current)
                      if instruction.opname in _GLOBAL_USES)
     return frozenset(found)
+
+
+# NOTE [Names whose order the code can observe]
+# A set's iteration order matters only where code iterates it (NOTE [Sets in their iteration order] in
+# reachable.py). :func:`order_observed_names` reads the bytecode for the names whose value the code may iterate:
+# every name it loads, stores or imports, except a load whose value goes straight into an order-free use: the
+# container of an ``in`` test (``k in self.skip``), a comparison or identity test, a truth test
+# (``if self.skip:``, ``not self.skip``), or the one argument of the builtin ``sorted`` or ``len``
+# (``sorted(self.skip)``, through a chain of attribute loads). Anything else (a loop, a comprehension, a call
+# passing it on, a method of it, a local bound to it) counts, as does every identifier-like string constant
+# (``getattr(self, "skip")``). A positional class pattern (``case Cfg(a, b):``) reads attributes through
+# ``__match_args__`` without naming them: it adds the name ``__match_args__``, which the walk takes as reads it
+# cannot tell.
+_ORDER_FREE_CONSUMERS = frozenset({"CONTAINS_OP", "COMPARE_OP", "IS_OP", "UNARY_NOT", "TO_BOOL",
+                                   "POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
+                                   "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE",
+                                   "POP_JUMP_BACKWARD_IF_TRUE"})
+_ORDER_FREE_CALLS = frozenset({"sorted", "len"})
+_BASE_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_CLOSURE",
+                         "LOAD_CLASSDEREF"})
+_NAME_OPS = frozenset(dis.opname[op] for op in dis.hasname)
+
+
+@functools.lru_cache(maxsize=4096)
+def order_observed_names(code: types.CodeType) -> frozenset[str]:
+    """The names ``code`` (and code nested in it) uses in a way that may see a set's iteration order (NOTE [Names
+    whose order the code can observe])."""
+    found: set[str] = set(string_constants(code))
+    codes = [code]
+    while codes:
+        current = codes.pop()
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+        instructions = [i for i in dis.get_instructions(current) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+        for index, instruction in enumerate(instructions):
+            if instruction.opname == "MATCH_CLASS":
+                found.add("__match_args__")
+            if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str) and \
+                    not _order_free_load(instructions, index):
+                found.add(instruction.argval)
+    return frozenset(found)
+
+
+def _order_free_load(instructions: list, index: int) -> bool:
+    """Whether the name load at ``index`` goes straight into an order-free use (see the NOTE)."""
+    instruction = instructions[index]
+    if not instruction.opname.startswith("LOAD_") or "NULL" in (instruction.argrepr or "") or \
+            index + 1 >= len(instructions):
+        return False  # not a load, or a load of something called (a function, a method: ``self.skip.copy()``)
+    following = instructions[index + 1]
+    if following.opname in _ORDER_FREE_CONSUMERS:
+        return True
+    # the one argument of ``sorted(...)`` / ``len(...)``: [sorted] [base] [LOAD_ATTR]* [this] [PRECALL 1] CALL 1
+    if following.opname == "PRECALL":
+        following = instructions[index + 2] if index + 2 < len(instructions) else following
+    if following.opname != "CALL" or following.arg != 1:
+        return False
+    start = index
+    while start > 0 and instructions[start].opname == "LOAD_ATTR":
+        start -= 1
+    if instructions[start].opname not in _BASE_LOADS or start == 0:
+        return False
+    callable_load = instructions[start - 1]
+    return callable_load.opname in ("LOAD_GLOBAL", "LOAD_NAME") and callable_load.argval in _ORDER_FREE_CALLS
+
+
+@functools.lru_cache(maxsize=4096)
+def iterated_constant_sets(code: types.CodeType) -> frozenset[int]:
+    """The positions in ``code.co_consts`` of frozenset constants the code may iterate: a ``for`` loop or a
+    comprehension over a set display is compiled to one (``for n in {"a", "b"}``); one only tested with ``in``
+    is not iterated (NOTE [Sets in their iteration order] in reachable.py)."""
+    positions = set()
+    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+    for index, instruction in enumerate(instructions):
+        if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, frozenset) and (
+                index + 1 >= len(instructions) or instructions[index + 1].opname != "CONTAINS_OP"):
+            positions.add(instruction.arg)
+    return frozenset(positions)
 
 
 def string_constants(code: types.CodeType) -> Iterable[str]:

@@ -29,7 +29,9 @@ from aotcache.autograd_cache.code_reading import (
     global_names,
     import_for_digest,
     imported_modules,
+    iterated_constant_sets,
     modules_looked_up,
+    order_observed_names,
     string_constants,
 )
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, sha256_text
@@ -57,6 +59,17 @@ _TRANSPARENT_TYPES = (types.FunctionType, types.MethodType, functools.partial, t
                       enum.Enum, torch.dtype, torch.device)
 
 
+def _constant_order(constant: frozenset) -> str:
+    """The iteration order of a frozenset constant, as positions among its members' sorted tokens ("" where that
+    is the order it iterates in)."""
+    tokens = [constant_token(member) for member in constant]
+    order = sorted(range(len(tokens)), key=tokens.__getitem__)
+    ranks = [0] * len(order)
+    for rank, position in enumerate(order):
+        ranks[position] = rank
+    return "" if ranks == sorted(ranks) else f"order{ranks}"
+
+
 class CodeWalk:
     """The part of :class:`~aotcache.autograd_cache.reachable.Reachable` that writes down code: user functions,
     the Python modules they read, library functions and builtins (it uses the walker's state and ``ref``)."""
@@ -78,6 +91,9 @@ class CodeWalk:
             global_set |= read_by_name
         self._add_names(name_set)
         self._add_names(strings)
+        # NOTE [Names whose order the code can observe] in code_reading.py (``sorted`` / ``len`` shadowed: every name)
+        self._order_names.update(name_set | strings if "sorted" in fn_globals or "len" in fn_globals
+                                 else order_observed_names(code))
         # a module's attributes are read through the names the code uses and its string constants (NOTE [Module
         # attributes read by getattr] in code_reading.py)
         names = sorted(name_set | strings)
@@ -91,7 +107,11 @@ class CodeWalk:
                     guards.slot(fn_globals, name, value)
                 if isinstance(value, types.ModuleType):
                     modules.append(value)
-                referenced.append(f"{name}={self._global_token(value, names)}")
+                outer, self._entry_name = self._entry_name, name  # NOTE [Sets in their iteration order]
+                try:
+                    referenced.append(f"{name}={self._global_token(value, names)}")
+                finally:
+                    self._entry_name = outer
         for module_name in imported_modules(fn):
             modules.append(sys.modules.get(module_name))
             referenced.append(f"import {module_name}={self._imported_module_token(module_name, names)}")
@@ -204,6 +224,9 @@ class CodeWalk:
         if cached is None:
             consts = [self._code_digest(c) if isinstance(c, types.CodeType) else constant_token(c)
                       for c in code.co_consts]
+            if self.process_state:  # a loop over a set display: the constant's order (NOTE [Sets in their iteration
+                for position in iterated_constant_sets(code):  # order] in reachable.py)
+                    consts[position] += _constant_order(code.co_consts[position])
             cached = sha256_text(canonical_json([
                 code.co_name, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
                 code.co_code.hex(), list(code.co_names), list(code.co_varnames), list(code.co_freevars),
@@ -280,7 +303,7 @@ class CodeWalk:
                 # torch's own attributes are named by the version; monkeypatched user code is hashed, and so
                 # are custom operators reached through ``torch.ops.<namespace>.<name>``
                 self._user_attributes += 1
-                entries.append(f"{name}={self.ref(value)}")
+                entries.append(f"{name}={self._named_ref(name, value)}")  # NOTE [Sets in their iteration order]
             elif library_members:  # NOTE [Library functions rebound in their module]
                 named = self._library_member_token(value)
                 if named is not None:

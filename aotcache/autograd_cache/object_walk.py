@@ -129,7 +129,7 @@ class ObjectWalk:
             elif name == "_non_persistent_buffers_set":  # names state_dict leaves out: never read by forward
                 entries.append(f"{name}={self._bookkeeping_token(value)}")
             else:
-                entries.append(f"{name}={self.ref(value)}")
+                entries.append(f"{name}={self._named_ref(name, value)}")  # NOTE [Sets in their iteration order]
         entries.sort()
         return f"module {self.type_ref(cls)} " + " ".join(entries)
 
@@ -166,7 +166,7 @@ class ObjectWalk:
                 for name, item in entries:
                     if name not in VOLATILE_ATTRIBUTES:
                         self._guards.slot(state, name, item)
-        items = sorted(f"{k}={self.ref(v)}" for k, v in (*entries, *slots) if k not in VOLATILE_ATTRIBUTES)
+        items = sorted(f"{k}={self._named_ref(k, v)}" for k, v in (*entries, *slots) if k not in VOLATILE_ATTRIBUTES)
         return f"object {self.type_ref(type(value))} " + " ".join(items)
 
     # -- classes ------------------------------------------------------------------------------------------
@@ -193,6 +193,7 @@ class ObjectWalk:
         for index, included in list(self._classes.items()):
             cls = self._objects[index]
             self._walking, self._walking_index = cls, index  # NOTE [Iterators a program advances] in reachable.py
+            self._entry_name = None
             if not included:  # first visit: the class's bases and metaclass
                 included.add("")
                 for base in cls.__bases__:
@@ -211,7 +212,7 @@ class ObjectWalk:
                 if name not in included and self._member_included(index, cls, name, value):
                     included.add(name)
                     try:
-                        self.ref(value)
+                        self._named_ref(name, value)
                     except Untrusted as exc:
                         exc.where = exc.where or f"{type_name(cls)}.{name}"
                         raise
@@ -223,7 +224,8 @@ class ObjectWalk:
         self._walking, self._walking_index = cls, index  # NOTE [Iterators a program advances] in reachable.py
         bases = ",".join(self.type_ref(base) for base in cls.__bases__)
         members = sorted(name for name in self._classes[index] if name)
-        body = ";".join(f"{name}={self.ref(vars(cls)[name])}" for name in members)
+        self._entry_name = None
+        body = ";".join(f"{name}={self._named_ref(name, vars(cls)[name])}" for name in members)
         if self._guards is not None:
             namespace = vars(cls)
             self._guards.owner(namespace, cls)  # a read-only view: written back through the class

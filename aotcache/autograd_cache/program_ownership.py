@@ -83,7 +83,7 @@ def _module_of(value: Any) -> str | None:
 # The names are those of the program's code only. A library's method the forward calls reads its own object's
 # attributes unseen (``self.wrapper.next_batch()`` advancing ``wrapper._it``; a library ``nn.Module``'s forward
 # drawing from its own counter), and the program's code can read attributes without naming them (``vars(self)``,
-# ``self.__dict__.values()``, ``operator.attrgetter(name)``): the graph kept its capture's draw (1, 1, 1; session 22
+# ``self.__dict__.values()``, ``operator.attrgetter(name)``, ``dataclasses.asdict(self)``): the graph kept its capture's draw (1, 1, 1; session 22
 # review). So an iterator counts whatever its name when its holder's class has a library class other than
 # ``object``, ``nn.Module`` or a plain attribute bag in its MRO, or is reached from such an object (a library
 # reader over the program's own source object), or when the code reads attributes that way.
@@ -97,7 +97,8 @@ def _module_of(value: Any) -> str | None:
 # is left out: it takes tensors and plain values, and reads iterators it is handed (``itertools.islice(self.it,
 # 2)``) under the program's own name for them. The cost: a program using such a library that keeps an iterator in a
 # reached object under a name no code reads (a training loop's) runs through the fallback.
-_UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers"})
+UNNAMED_ATTRIBUTE_READS = frozenset({"__dict__", "vars", "__getattribute__", "attrgetter", "getmembers", "asdict",
+                                     "astuple", "getattr_static", "__getstate__"})
 _METHODLESS_LIBRARY_CLASSES = frozenset({object, torch.nn.Module, types.SimpleNamespace, argparse.Namespace})
 
 
@@ -110,7 +111,7 @@ def _library_code_reads_holder(holder: Any) -> bool:
 
 def _held_under_a_read_name(holder: Any, iterator: Any, names: Collection[str]) -> bool:
     """Whether ``holder`` keeps ``iterator`` under a name the code reads, or somewhere this cannot tell."""
-    if _library_code_reads_holder(holder) or not _UNNAMED_ATTRIBUTE_READS.isdisjoint(names):
+    if _library_code_reads_holder(holder) or not UNNAMED_ATTRIBUTE_READS.isdisjoint(names):
         return True
     attributes = getattr(holder, "__dict__", None)
     if not isinstance(attributes, dict):

@@ -51,7 +51,8 @@ from aotcache.autograd_cache.digests import (
 )
 from aotcache.autograd_cache.live_containers import entries_of, members_of
 from aotcache.autograd_cache.object_walk import ObjectWalk
-from aotcache.autograd_cache.program_ownership import ProgramOwnership
+from aotcache.autograd_cache.code_reading import computed_getattr
+from aotcache.autograd_cache.program_ownership import UNNAMED_ATTRIBUTE_READS, ProgramOwnership
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.value_kinds import (
     SET_ORDERED_ENTRIES,
@@ -222,6 +223,12 @@ class Reachable(CodeWalk, ObjectWalk):
         self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
         self._walking_index: int | None = None  # its index (None: a root's own value)
         self._sets_sorted = False  # torch's bookkeeping being written (NOTE [Sets in their iteration order])
+        # NOTE [Sets in their iteration order]: the name the value being written is held under (an attribute, a
+        # global, a class member; None: a closure cell, a default, a root), each set's (name, order) met so far, and
+        # the names reachable code uses in a way that may observe an order
+        self._entry_name: str | None = None
+        self._set_orders: list[tuple[str | None, str]] = []
+        self._order_names: set[str] = set()
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
@@ -229,7 +236,7 @@ class Reachable(CodeWalk, ObjectWalk):
     # -- driving ------------------------------------------------------------------------------------------
 
     def add_root(self, value: Any) -> str:
-        self._walking, self._walking_index = None, None
+        self._walking, self._walking_index, self._entry_name = None, None, None
         if self._ownership is not None:
             self._ownership.root(value)  # NOTE [The module of the compiled code] in program_ownership.py
         token = self.ref(value)
@@ -246,6 +253,9 @@ class Reachable(CodeWalk, ObjectWalk):
                                                               any_name=self._third_party_code):
                 self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
+        orders = self._observed_set_orders()
+        if orders:  # NOTE [Sets in their iteration order]
+            lines.append(f"set-orders{{{orders}}}")
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
             lines.append("tensor-members{" + ",".join(f"{name}={token}" for name, token
                                                        in sorted(self._tensor_members.items())) + "}")
@@ -257,6 +267,7 @@ class Reachable(CodeWalk, ObjectWalk):
                 index = self._queue.popleft()
                 # NOTE [Iterators a program advances]: whose state this is
                 self._walking, self._walking_index = self._objects[index], index
+                self._entry_name = None
                 try:
                     self._tokens[index] = self._node_token(self._objects[index])
                 except Untrusted as exc:
@@ -415,7 +426,7 @@ class Reachable(CodeWalk, ObjectWalk):
             state = value.__dict__
             if self._guards is not None:
                 self._guards.attributes(value, ("__dict__",))
-            return f"thread-local:{self.type_ref(type(value))}({self._container_token(state)})"
+            return f"thread-local:{self.type_ref(type(value))}({self._container_token(state, attributes=True)})"
         if isinstance(value, _LOCK_TYPES):
             return "lock"  # synchronization only: nothing a trace reads
         if isinstance(value, RemovableHandle):
@@ -618,7 +629,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # the capture's put-back of the program's containers, so the next import ran the module again (torch's
     # operator registrations then raise, the fallback's too). The table is written down as itself, as the
     # ``sys`` module is: imports are the process's business, not the program's state.
-    def _container_token(self, value: Any) -> str:
+    def _container_token(self, value: Any, attributes: bool = False) -> str:
+        """A container by its members (``attributes``: a dict of attribute names, each value held under its name)."""
         if isinstance(value, slice):
             return f"slice({self.ref(value.start)},{self.ref(value.stop)},{self.ref(value.step)})"
         marker = id(value)
@@ -638,7 +650,8 @@ class Reachable(CodeWalk, ObjectWalk):
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
                 unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
-                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
+                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self._named_ref(k, v)}"
+                         if attributes else f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
                          for k, v in entries_of(value)]  # NOTE [Containers another thread changes]
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
@@ -648,8 +661,8 @@ class Reachable(CodeWalk, ObjectWalk):
                 keys = [order_key(v) for v in ordered]
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
-                token = f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
-                return token + self._set_iteration_order(members, ordered)
+                self._record_set_order(members, ordered)  # NOTE [Sets in their iteration order]
+                return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
             if isinstance(value, collections.deque):  # its bound decides what an append drops
                 kind = f"{kind}[maxlen={value.maxlen}]"
             return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
@@ -682,40 +695,67 @@ class Reachable(CodeWalk, ObjectWalk):
                 if isinstance(value, Mapping) and value.get(key, _UNSET) is item:
                     token = "entry"
                 else:
-                    token = self._set_ordered_token(item) if key in unordered else self.ref(item)
+                    token = self._set_ordered_token(item) if key in unordered else self._named_ref(key, item)
                 items.append(f"{self.ref(key)}={token}")
             extras += f"[attrs{{{','.join(items)}}}]"
         return extras
 
     # NOTE [Sets in their iteration order]
-    # A set's members were written down sorted, so that the token is the same in every process. But code that
+    # A set's members are written down sorted, so that the token is the same in every process. But code that
     # iterates a set (``for name in self.names``) runs in the set's iteration order, which for strings depends on the
     # hash seed (a new one per process) and for any members on the order they were added in where their hashes
     # collide (``{0, 8}`` and ``{8, 0}`` iterate differently): a warm process with another seed loaded the graph
     # traced in the first one's order (a false cache hit: another result than its eager run), and in-process a set
     # refilled in another order passed the digest check after its guards failed (a stale graph; found in session 23).
-    # The program of a call (``process_state``: the fingerprint and the in-process guards) now writes the iteration
-    # order beside the sorted members. Left sorted: the key's digests of compilers and options (a key must not
-    # depend on the hash seed), and sets held by a library's objects and classes (transformers' ``_no_split_modules``,
-    # ``_keys_to_ignore_on_load_unexpected``, torch's ``_non_persistent_buffers_set``: names no forward iterates;
-    # written in their order, every HF model would miss its warm start in each new process). A user's set of strings
-    # is therefore another fingerprint in each process under a random hash seed: a miss, traced for the full key.
-    def _set_iteration_order(self, members: tuple, ordered: list) -> str:
-        """The iteration order of a set's members as positions among ``ordered`` (NOTE [Sets in their iteration
-        order]), or "" where it is the sorted order or the order is not written down here."""
-        if not self.process_state or len(members) < 2 or self._sets_sorted or self._library_owned(self._walking):
-            return ""
+    # So the program of a call (``process_state``: the fingerprint and the in-process guards) writes the iteration
+    # order of each set with 2+ members beside its sorted members, where code can observe it. Written everywhere (as
+    # session 23 did), a program object holding a set of strings no code reads (``self.skip = {"a", "b"}`` tested
+    # only with ``in``, an unused frozenset) was another fingerprint in every process under a random hash seed: a
+    # trace per process. Each set is recorded with the name it is held under (an object's or module's attribute, a
+    # tensor's Python attribute, a function's global, a user module's attribute, a class member; none for a closure
+    # cell, a default or a root, whose order is always written), and digest() writes the order of those whose name
+    # the walked code uses in a way that may see an order (NOTE [Names whose order the code can observe] in
+    # code_reading.py: a loop, a call passing it on, a method of it, a local bound to it, ``getattr(self, "x")``;
+    # not ``k in self.x``, ``sorted(self.x)``, ``len(self.x)``, a truth test or a comparison), by their position
+    # among all sets recorded (the same in every process). A set inside a list, tuple or dict counts under the name
+    # that holds the container (a dict's keys do not narrow it: ``.values()`` and ``.items()`` read entries unnamed).
+    # Every order is written where the code may read attributes without naming them: ``vars()``, ``__dict__``,
+    # ``getattr`` with a computed name, ``attrgetter``, ``inspect.getmembers``, ``dataclasses.asdict`` / ``astuple``,
+    # a positional class pattern (NOTE [Iterators held under names no code reads] in program_ownership.py reads
+    # iterators by the same names). Left sorted: the key's digests of compilers and options (a key must not depend
+    # on the hash seed), torch's ``_non_persistent_buffers_set`` (bookkeeping), and sets only a library's own code
+    # reads by its own names (transformers' ``_no_split_modules``: library code is not walked; a library that
+    # iterated a set of str to build a graph would give each process another eager result). Iterated constants of
+    # the code itself (``for n in {"a", "b"}`` compiles to a frozenset constant) are written with their order in the
+    # code digest; one only tested with ``in`` is sorted. Still written though order-free: a user dataclass's fields
+    # (its generated ``__eq__`` / ``__repr__``, walked as dunders, load each field into a tuple or a string).
+    def _record_set_order(self, members: tuple, ordered: list) -> None:
+        """Record a set's iteration order (positions among ``ordered``; "" where it is the sorted order) under the
+        name it is held by (NOTE [Sets in their iteration order])."""
+        if not self.process_state or len(members) < 2 or self._sets_sorted:
+            return
         position = {id(member): index for index, member in enumerate(ordered)}
         order = [position[id(member)] for member in members]
-        return "" if order == sorted(order) else f"order{order}"
+        self._set_orders.append((self._entry_name, "" if order == sorted(order) else f"{order}"))
 
-    @staticmethod
-    def _library_owned(holder: Any) -> bool:
-        """A module, object or class of a library's type (NOTE [Sets in their iteration order])."""
-        if holder is None or isinstance(holder, types.FunctionType):
-            return False
-        cls = holder if isinstance(holder, type) else type(holder)
-        return is_library(cls.__module__)
+    def _observed_set_orders(self) -> str:
+        """The iteration orders the walked code may observe, by the position of their set among those recorded
+        (NOTE [Sets in their iteration order])."""
+        if not any(order for _, order in self._set_orders):
+            return ""
+        unnamed = (not UNNAMED_ATTRIBUTE_READS.isdisjoint(self._names) or "__match_args__" in self._order_names
+                   or any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__) for o in self._objects))
+        return ",".join(f"{index}:{order}" for index, (name, order) in enumerate(self._set_orders)
+                        if order and (name is None or unnamed or name in self._order_names))
+
+    def _named_ref(self, name: Any, value: Any) -> str:
+        """:meth:`ref` of a value held under ``name`` (an attribute, global or member; NOTE [Sets in their
+        iteration order])."""
+        outer, self._entry_name = self._entry_name, name if isinstance(name, str) else None
+        try:
+            return self.ref(value)
+        finally:
+            self._entry_name = outer
 
     def _set_ordered_token(self, value: Any) -> str:
         """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
@@ -750,7 +790,7 @@ class Reachable(CodeWalk, ObjectWalk):
         if self._guards is not None:
             self._guards.contents(tensor.__dict__)
         attributes = python_attributes(tensor)  # (torch.compile's own bookkeeping left out)
-        return f"attrs{self._container_token(attributes)}" if attributes else ""
+        return f"attrs{self._container_token(attributes, attributes=True)}" if attributes else ""
 
     def _distribution_version(self, root: str) -> str | None:
         if root not in self._versions:

@@ -145,8 +145,67 @@ def test_a_frozen_dataclass_argument_with_a_zero_of_the_other_sign_is_another_gr
     assert torch.equal(compiled(X, Scale(0.0)), X / 0.0)
     assert torch.equal(compiled(X, Scale(-0.0)), X / -0.0)  # was +inf: the graph of 0.0
     assert compiled.num_compiles == 2
-    compiled(X, Scale(0.0, note="a field == leaves out"))
-    assert compiled.num_compiles == 2  # a field the dataclass does not compare keeps the graph, as before
+    compiled(X, Scale(0.0, note=""))
+    assert compiled.num_compiles == 2  # an equal dataclass: its graph again
+
+
+def test_a_dataclass_field_left_out_of_its_eq_is_still_part_of_the_argument():
+    # NOTE [Dataclasses by their whole state]: ``Scale(2.0, note="a") == Scale(2.0, note="b")``, so a forward
+    # reading ``note`` reused the graph of the other note (a false hit)
+    compiled = aotcache.aot_function(lambda x, cfg: x * cfg.k if cfg.note == "a" else x - cfg.k, "nop", cache=False)
+    assert torch.equal(compiled(X, Scale(2.0, note="a")), X * 2.0)
+    assert torch.equal(compiled(X, Scale(2.0, note="b")), X - 2.0)  # was X * 2.0
+    assert torch.equal(compiled(X, Scale(2.0, note="a")), X * 2.0)
+    assert compiled.num_compiles == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    k: float
+    boost: dataclasses.InitVar[float]
+
+    def __post_init__(self, boost):
+        object.__setattr__(self, "scale", self.k * boost)  # state beside the fields, set from an InitVar
+
+
+def test_a_dataclass_with_an_init_var_is_compared_by_the_state_it_sets():
+    compiled = aotcache.aot_function(lambda x, cfg: x * cfg.scale, "nop", cache=False)
+    assert torch.equal(compiled(X, Derived(2.0, 3.0)), X * 6.0)  # raised AttributeError (no attribute "boost")
+    assert torch.equal(compiled(X, Derived(2.0, 5.0)), X * 10.0)  # equal by ``==``: was the graph of 6.0
+    assert torch.equal(compiled(X, Derived(2.0, 3.0)), X * 6.0)
+    assert compiled.num_compiles == 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slotted:
+    k: float
+
+
+def test_a_slotted_dataclass_with_a_zero_of_the_other_sign_is_another_graph():
+    compiled = aotcache.aot_function(lambda x, cfg: x / cfg.k, "nop", cache=False)
+    assert torch.equal(compiled(X, Slotted(0.0)), X / 0.0)
+    assert torch.equal(compiled(X, Slotted(-0.0)), X / -0.0)
+    assert compiled.num_compiles == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Holding:
+    value: object = dataclasses.field(hash=False)
+
+
+def test_dataclass_arguments_that_cannot_be_compared_exactly_run_with_eagers_results():
+    import numpy as np
+
+    compiled = aotcache.aot_function(lambda x, cfg: x * cfg.value[0], "nop", cache=False)
+    # a tensor field: ``==`` is elementwise (the signature lookup raised); a numpy array: unhashable in the key
+    for make in (lambda fill: torch.full((3,), fill), lambda fill: np.full(3, fill)):
+        for fill in (2.0, 3.0, 2.0):
+            value = make(fill)
+            assert torch.equal(compiled(X, Holding(value)), X * fill)
+    looped = Holding([])
+    looped.value.append(looped)  # a dataclass that holds itself: exact_value recursed without end
+    recursive = aotcache.aot_function(lambda x, cfg: x * len(cfg.value), "nop", cache=False)
+    assert torch.equal(recursive(X, looped), X)
 
 
 # A user module iterating a set of names: its order is the hash seed's. Run with a cache directory shared by
