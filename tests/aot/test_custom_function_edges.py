@@ -173,11 +173,26 @@ def test_module_to_its_own_dtype_under_the_backend_is_captured_and_cached():
     cache = AOTAutogradCache(open_tiers("disk", namespace="aot"), journal=False)
     (eager_versions, versions), regions = _backend_steps(_RouterMovedToItsOwnDtype, cache)
     assert regions == {} and versions == eager_versions
-    # two graphs, as under aot_eager: Dynamo compiles again once the weights have gradients (``_apply`` then sets
-    # each gradient's ``.data`` to itself too)
-    assert cache.stats()["bypass"] == 0 and cache.stats()["compile"] == 2
+    # as many graphs as aot_eager gets (torch 2.13's Dynamo: two, it compiles again once the weights have gradients,
+    # as ``_apply`` then sets each gradient's ``.data`` to itself too; torch 2.11's Dynamo: one, with no ``set_``)
+    graphs = _dynamo_graphs_of_two_steps(_RouterMovedToItsOwnDtype)
+    assert cache.stats()["bypass"] == 0 and cache.stats()["compile"] == graphs
     _backend_steps(_RouterMovedToItsOwnDtype, cache)
-    assert cache.stats()["hit"] == 2 and cache.stats()["compile"] == 2
+    assert cache.stats()["hit"] == graphs and cache.stats()["compile"] == graphs
+
+
+def _dynamo_graphs_of_two_steps(model_class):
+    """How many graphs Dynamo hands ``aot_eager`` over the two training steps of :func:`_backend_steps`."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, model = model_class(), model_class()
+    model.load_state_dict(eager.state_dict())
+    counter = CompileCounterWithBackend("aot_eager")
+    _two_steps_beside_eager(eager, model, torch.compile(model, backend=counter))
+    torch._dynamo.reset()
+    return counter.frame_count
 
 
 def test_data_set_to_another_tensor_under_the_backend_still_runs_eagerly():
@@ -213,7 +228,10 @@ def test_only_dynamos_data_assignment_of_a_tensor_to_itself_is_removed():
     graph.output(graph.call_function(torch.Tensor.set_, (weight, weight)))
     written = torch.fx.GraphModule(torch.nn.Module(), graph)
     seen.append((set_calls(written), drop_dynamo_data_self_assignments(written), set_calls(written)))
-    assert seen == [(2, 2, 0), (1, 0, 1), (1, 0, 1)]
+    # torch 2.13's Dynamo writes ``.to(own dtype)`` as two ``set_`` pairs, all removed; torch 2.11's writes none
+    router = seen[0]
+    assert router[0] in (0, 2) and router == (router[0], router[0], 0), seen
+    assert seen[1:] == [(1, 0, 1), (1, 0, 1)], seen
 
 
 @pytest.mark.parametrize("api", APIS)
