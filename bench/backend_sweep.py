@@ -6,6 +6,9 @@
     python bench/backend_sweep.py --with-compile --out bench/results/hf_families_sweep.json Gemma3 Siglip
                                                        # also aotcache.compile(model), cold and warm
     python bench/backend_sweep.py --table --out bench/results/hf_families_sweep.json   # its table
+    python bench/backend_sweep.py --with-compile --attn sdpa --out bench/results/hf_attn_sweep.json Llama Bert
+                                                       # another attention implementation (row "Llama+sdpa")
+    python bench/backend_sweep.py --with-compile --no-aot-eager Llama   # without the aot_eager yardstick
 
 Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
 (``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
@@ -98,8 +101,15 @@ from bench.hf_tiny import build
 arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6] == "1"
 compiler = sys.argv[7]
 extra = json.loads(sys.argv[9])
+attn = sys.argv[10]
+# NOTE [Flex attention on CPU]: torch has no CPU backward for flex_attention, so its rows run the three steps as
+# no-grad forwards (losses compared, no optimizer); and run eagerly, transformers' CPU flex kernel gives other
+# numbers on every call (NaN on some), so the eager reference is the same model on eager attention
+train = attn != "flex_attention"
+if way == "eager" and not train:
+    attn = "eager"
 if kind == "clip" and arch != "CLIP":
-    model = build(arch, head)
+    model = build(arch, head, attn=attn)
 elif kind == "clip":
     import transformers
     torch.manual_seed(0)
@@ -108,10 +118,10 @@ elif kind == "clip":
                          num_attention_heads=4, max_position_embeddings=64),
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8), projection_dim=16)
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     model = transformers.CLIPModel(cfg).train()
 else:
-    model = build(arch, head, **extra)
+    model = build(arch, head, attn=attn, **extra)
 if arch == "T5":  # T5Config() has no decoder_start_token_id (transformers sets it from pad_token_id = 0)
     model.config.decoder_start_token_id = 0
     model.generation_config.decoder_start_token_id = 0
@@ -157,15 +167,20 @@ out = {"losses": [], "step_s": [], "grads": [], "params": None, "eval": None, "t
 try:
     compiled = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if not train:
+        model.eval()
     for step in range(3):
         t0 = time.perf_counter()
-        res = compiled(**inputs(step))
+        with torch.set_grad_enabled(train):
+            res = compiled(**inputs(step))
         loss = res.loss
-        loss.backward()
+        if train:
+            loss.backward()
         out["step_s"].append(time.perf_counter() - t0)
         out["losses"].append(loss.item())
         out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        opt.step(); opt.zero_grad()
+        if train:
+            opt.step(); opt.zero_grad()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.eval()
     with torch.no_grad():
@@ -258,11 +273,11 @@ def _cmp(a, b) -> float | None:
 # one seed so that "warm: traces" measures the cache, not the draw; run with PYTHONHASHSEED set to choose another.
 
 
-def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) -> dict:
+def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, attn: str = "eager") -> dict:
     import torch
 
     head, kind, gen = MODELS[arch]
-    row: dict = {"arch": arch, "compiler": compiler}
+    row: dict = {"arch": arch, "compiler": compiler, "attn": attn}
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = os.path.join(tmp, "cache")
         env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
@@ -275,9 +290,10 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS) ->
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
                                    str(REPO), "1" if gen else "0", compiler, path,
-                                   json.dumps(CONFIG_EXTRAS.get(arch, {}))], env=env,
+                                   json.dumps(CONFIG_EXTRAS.get(arch, {})), attn], env=env,
                                   capture_output=True, text=True, timeout=900)
             wall = time.perf_counter() - t0
+            print(f"  {arch} {way}: {wall:.0f} s, rc {proc.returncode}", flush=True)  # progress of a long row
             if proc.returncode or not os.path.exists(path):
                 row[way] = {"error": f"process rc={proc.returncode}: {proc.stderr.strip()[-400:]}", "wall_s": wall}
                 continue
@@ -381,7 +397,13 @@ def main(argv: list[str]) -> None:
         print_table(json.loads(path.read_text()))
         return
     inductor = "--inductor" in argv
+    attn = "eager"
+    if "--attn" in argv:  # an attention implementation: eager (default), sdpa, flex_attention
+        attn = argv[argv.index("--attn") + 1]
+        argv = argv[:argv.index("--attn")] + argv[argv.index("--attn") + 2:]
     ways = WAYS if "--with-compile" in argv else BACKEND_WAYS
+    if "--no-aot-eager" in argv:  # the yardstick only matters where a way differs from eager; it costs a Dynamo run
+        ways = tuple(way for way in ways if way != "aot_eager")
     out = REPO / "bench" / "results" / "backend_sweep.json"
     if "--out" in argv:
         out = Path(argv[argv.index("--out") + 1])
@@ -394,12 +416,14 @@ def main(argv: list[str]) -> None:
     for arch in archs:
         for compiler in (["nop", "default"] if inductor else ["nop"]):
             t0 = time.perf_counter()
-            row = run_model(arch, compiler, ways)
+            row = run_model(arch, compiler, ways, attn)
             key = arch if compiler == "nop" else f"{arch}+{compiler}"
+            key = key if attn == "eager" else f"{key}+{attn}"
             results[key] = row
             print(f"== {key} ({time.perf_counter() - t0:.0f} s)")
             stat = ("unique_graphs", "graph_breaks", "recompiles", "first_step_s")
-            print("  aot_eager     ", _cell(row["aot_eager"], stat))
+            if "aot_eager" in ways:
+                print("  aot_eager     ", _cell(row["aot_eager"], stat))
             print("  aotcache cold ", _cell(row["aotcache"], stat + ("compile", "hit", "bypass", "fallback")))
             print("  aotcache warm ", _cell(row["aotcache_warm"], stat + ("compile", "hit", "guard_miss", "fallback")))
             if "compile" in ways:

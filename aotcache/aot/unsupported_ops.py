@@ -222,6 +222,11 @@ def refuse_optimizer_steps() -> Iterator[None]:
 # one would change real state during the capture itself: BatchNorm's ``num_batches_tracked.add_(1)`` ran for
 # real, then the capture failed and the fallback ran the step again (one batch counted twice). Such a write is
 # refused before it runs (then the fallback runs the call once, as eager).
+# Inside ``torch.vmap`` (or a torch.func grad level) every tensor is a functorch wrapper whose Python type is plain
+# ``torch.Tensor``, the traced ones included: a tensor the vmapped code makes and then writes (flex attention's
+# ``create_block_mask`` fills ``dense_mask[rows, cols] = 1`` so) was refused as an outside one. The wrappers are
+# looked through, so the innermost tensor decides: functional (made or taken by the trace) or plain (real state,
+# such as a global tensor vmapped over, still refused).
 _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                               "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
                               "__irshift__", "__imatmul__"})
@@ -232,7 +237,16 @@ def _writes_outside_the_trace(func: Any, target: Any) -> bool:
     if not (name.endswith("_") and not name.endswith("__")) and name not in _INPLACE_DUNDERS:
         return False
     targets = target if isinstance(target, (list, tuple)) else (target,)
-    return any(type(value) is torch.Tensor or type(value) is torch.nn.Parameter for value in targets)
+    return any(type(value) is torch.Tensor or type(value) is torch.nn.Parameter
+               for value in map(_inside_functorch_wrappers, targets))
+
+
+def _inside_functorch_wrappers(value: Any) -> Any:
+    """The tensor under ``value``'s vmap / grad wrappers (``value`` itself when it has none)."""
+    functorch = torch._C._functorch
+    while isinstance(value, torch.Tensor) and functorch.is_functorch_wrapped_tensor(value):
+        value = functorch.get_unwrapped(value)
+    return value
 
 
 def outside_mutation_error() -> CaptureError:

@@ -20,7 +20,10 @@ operator itself is checked and keyed by ``autograd_cache/safety.py`` like any op
 control-flow operators ``cond``, ``while_loop``, ``scan``, ``map_impl``, ``associative_scan`` and
 ``invoke_subgraph`` (``nested_compile_region``) take their branches and bodies as ``get_attr`` nodes naming
 GraphModules: such a node stores its module as a nested description in this same form (NOTE [Subgraphs of
-control-flow operators]).
+control-flow operators]). So do ``flex_attention`` / ``flex_attention_backward``: the score_mod and the block
+mask's mask_mod (and their joint graphs) are ``get_attr`` subgraphs, the block mask's indices graph nodes, the
+block sizes ints, the kernel options a dict of scalars; before, every graph using flex attention (transformers'
+``attn_implementation="flex_attention"``) was compiled again by each new process.
 
 NOTE [Subgraphs of control-flow operators]
 Before, a graph holding a subgraph was refused (GraphSerializationError), so every graph with ``torch.cond``,
@@ -62,7 +65,8 @@ HIGHER_ORDER_NAMESPACE = "higher_order"
 # Higher-order operators a stored graph may call (NOTE [higher-order operators]); all but with_effects take
 # their subgraphs as get_attr GraphModules (NOTE [Subgraphs of control-flow operators]).
 SAFE_HIGHER_ORDER_OPS = ("with_effects", "cond", "while_loop", "scan", "map_impl", "associative_scan",
-                         "invoke_subgraph", "auto_functionalized", "auto_functionalized_v2")
+                         "invoke_subgraph", "auto_functionalized", "auto_functionalized_v2", "flex_attention",
+                         "flex_attention_backward")
 
 
 class GraphSerializationError(ArtifactError):
