@@ -15,7 +15,7 @@ import importlib.util
 import re
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from aotcache.autograd_cache.digests import Untrusted
@@ -60,6 +60,20 @@ def all_names(code: types.CodeType) -> Iterable[str]:
             yield from all_names(const)
 
 
+def _code_and_nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and the code nested in it (functions, lambdas, comprehensions, class bodies)."""
+    codes = [code]
+    while codes:
+        current = codes.pop()
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+        yield current
+
+
+def _instructions(code: types.CodeType) -> list[dis.Instruction]:
+    """``code``'s instructions without the inline caches and argument extensions, so neighbours are real ops."""
+    return [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+
+
 @functools.lru_cache(maxsize=4096)
 def global_names(code: types.CodeType) -> frozenset[str]:
     """The names a code object and the code nested in it (functions, lambdas, comprehensions, class bodies)
@@ -72,10 +86,7 @@ def global_names(code: types.CodeType) -> frozenset[str]:
     see change) use the module's dict; attribute and method names, imports and local stores do not.
     """
     found = set()
-    codes = [code]
-    while codes:
-        current = codes.pop()
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    for current in _code_and_nested(code):
         found.update(instruction.argval for instruction in dis.get_instructions(current)
                      if instruction.opname in _GLOBAL_USES)
     return frozenset(found)
@@ -107,11 +118,8 @@ def order_observed_names(code: types.CodeType) -> frozenset[str]:
     """The names ``code`` (and code nested in it) uses in a way that may see a set's iteration order (NOTE [Names
     whose order the code can observe])."""
     found: set[str] = set(string_constants(code))
-    codes = [code]
-    while codes:
-        current = codes.pop()
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-        instructions = [i for i in dis.get_instructions(current) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+    for current in _code_and_nested(code):
+        instructions = _instructions(current)
         for index, instruction in enumerate(instructions):
             if instruction.opname == "MATCH_CLASS":
                 found.add("__match_args__")
@@ -150,7 +158,7 @@ def iterated_constant_sets(code: types.CodeType) -> frozenset[int]:
     comprehension over a set display is compiled to one (``for n in {"a", "b"}``); one only tested with ``in``
     is not iterated (NOTE [Sets in their iteration order] in reachable.py)."""
     positions = set()
-    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+    instructions = _instructions(code)
     for index, instruction in enumerate(instructions):
         if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, frozenset) and (
                 index + 1 >= len(instructions) or instructions[index + 1].opname != "CONTAINS_OP"):
@@ -183,10 +191,7 @@ def imported_modules(fn: types.FunctionType) -> list[str]:
     if not _has_import(fn.__code__):
         return []
     found = []
-    codes = [fn.__code__]
-    while codes:
-        code = codes.pop()
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for code in _code_and_nested(fn.__code__):
         level, previous = 0, None
         for instruction in dis.get_instructions(code):
             if instruction.opname == "LOAD_CONST" and isinstance(instruction.argval, int):
@@ -235,11 +240,8 @@ def _module_lookups(code: types.CodeType, call_names: frozenset[str] = _LOOKUP_C
     itself (the function's aliases: ``import sys as _sys``, ``from sys import modules``, :func:`_lookup_aliases`)."""
     found: set[str] = set()
     computed = False
-    codes = [code]
-    while codes:
-        current = codes.pop()
-        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-        instructions = [i for i in dis.get_instructions(current) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+    for current in _code_and_nested(code):
+        instructions = _instructions(current)
         for index, instruction in enumerate(instructions):
             after = instructions[index + 1] if index + 1 < len(instructions) else None
             later = instructions[index + 2] if index + 2 < len(instructions) else None
@@ -346,7 +348,7 @@ def computed_getattr(code: types.CodeType) -> bool:
     """Whether ``code`` (or code nested in it) calls ``getattr`` with a name that is not a string constant
     (NOTE [Module attributes read by getattr])."""
     if "getattr" in code.co_names:
-        instructions = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "EXTENDED_ARG")]
+        instructions = _instructions(code)
         for index, instruction in enumerate(instructions):
             if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and instruction.argval == "getattr" and \
                     not _constant_second_argument(instructions, index + 1):
