@@ -55,7 +55,7 @@ from aotcache.aot.dynamo_compile import torch_compile
 from aotcache.aot.dynamo_progress import DynamoProgress, dynamo_failed, marks_region_calls
 from aotcache.aot.errors import CaptureError, is_trace_failure
 from aotcache.aot.generator_args import untraceable_generator_failure
-from aotcache.aot.keyed_nodes import unflatten_in_recorded_order
+from aotcache.aot.keyed_nodes import has_keyed_nodes, unflatten_in_recorded_order
 from aotcache.aot.dynamo_way import dynamo_as_eager
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.recompile_limit import RecompileLimitReached
@@ -125,14 +125,17 @@ class EagerRuntime:
     def __init__(self, fn: Callable, in_spec: Any, reason: str, skip: int = 0) -> None:
         self.fn = fn
         self.in_spec = in_spec
+        self._keyed = has_keyed_nodes(in_spec)  # looked for once, not at every eager call
         self.reason = reason
         self.skip = skip  # leading arguments ``fn`` does not take (an aot_module's parameters and buffers)
         # a module's Python runs beside other threads' captures of it: NOTE [Eager runs beside a capture]
         self.gate = swap_gate(fn) if isinstance(fn, torch.nn.Module) else None
 
     def arguments(self, flat_args: Sequence[Any]) -> tuple[tuple, dict]:
-        args, kwargs = unflatten_in_recorded_order(flat_args, self.in_spec)  # NOTE [Keyed pytree nodes in their
-        # own key order]
+        if self._keyed:  # NOTE [Keyed pytree nodes in their own key order]
+            args, kwargs = unflatten_in_recorded_order(flat_args, self.in_spec)
+        else:
+            args, kwargs = pytree.tree_unflatten(list(flat_args), self.in_spec)
         return tuple(args[self.skip:]), kwargs
 
     # NOTE [Captures that fail where eager may run]: said once the first (eager) call has run

@@ -508,8 +508,7 @@ class Reachable(CodeWalk, ObjectWalk):
         cache = lru_cache_dict(wrapper)
         if cache is None:
             raise Untrusted("lru_cache whose cache cannot be read")
-        if self._guards is not None:
-            self._guards.cached_values(cache)
+        self._guards.cached_values(cache)
         entries = entries_of(cache)  # NOTE [Containers another thread changes]
         if not entries:
             return "[empty]"
@@ -650,8 +649,8 @@ class Reachable(CodeWalk, ObjectWalk):
             if isinstance(value, Mapping):
                 # insertion order is kept: iteration order can change what the code does
                 unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
-                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self._named_ref(k, v)}"
-                         if attributes else f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else self.ref(v)}"
+                held = self._named_ref if attributes else lambda _name, item: self.ref(item)
+                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else held(k, v)}"
                          for k, v in entries_of(value)]  # NOTE [Containers another thread changes]
                 return f"{kind}{{{','.join(items)}}}"
             if isinstance(value, (set, frozenset)):
