@@ -26,7 +26,8 @@ from aotcache.aot.api import AOTFunction
 from aotcache.aot.compile_step import AOTOptions, checked_options, compile_function
 from aotcache.aot.dynamo_graph import compile_dynamo_graph
 from aotcache.aot.export import ExportSignature, aot_export_joint_simple, aot_export_module
-from aotcache.aot.fallback import check_on_capture_error
+from aotcache.aot.errors import CaptureError, is_trace_failure
+from aotcache.aot.fallback import check_on_capture_error, eager_module_simplified, trace_failure_error
 from aotcache.aot.module import AOTModule
 from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.services import CompileServices
@@ -218,7 +219,7 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
                           pre_grad_passes: Callable | None = None, compile_region_name: str | None = None, *,
                           dynamic: bool = False, cache: Any = True,
                           compiler_options: Mapping | None = None, cudagraphs: Any = None,
-                          boxed_forward_device_index: Any = None) -> Callable:
+                          boxed_forward_device_index: Any = None, on_capture_error: str = "fallback") -> Callable:
     """The ``torch.compile`` backend form: compile Dynamo's graph ``mod`` now for its (possibly fake,
     symbolic) example inputs ``args`` and return ``run(*flat_args)``.
 
@@ -230,8 +231,11 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
     GraphModule before anything is keyed or traced (as PyTorch runs it); ``compiler_config_extra``,
     ``ignore_shape_env``, ``disable_functionalization`` and ``compile_region_name`` are accepted and change nothing;
     so are torch 2.11's ``cudagraphs`` and ``boxed_forward_device_index`` (Inductor's CUDA-graph plumbing, gone by
-    2.13; keyword-only here, as Dynamo's backends pass them).
+    2.13; keyword-only here, as Dynamo's backends pass them). ``on_capture_error``: with ``"fallback"`` (default)
+    or ``"eager"`` a module that cannot be captured runs as Python, counted and logged once (NOTE [Modules
+    aot_module_simplified cannot capture] in ``aot/fallback.py``); ``"raise"`` raises the ``CaptureError``.
     """
+    check_on_capture_error(on_capture_error, "aot_module_simplified")
     options = checked_options("aot_module_simplified", fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                               partition_fn=partition_fn, decompositions=decompositions,
                               inference_compiler=inference_compiler, dynamic=dynamic,
@@ -248,4 +252,13 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
                             f"pre_grad_passes(gm, example_inputs) -> gm, got {type(pre_grad_passes).__name__}")
         if isinstance(mod, torch.fx.GraphModule):
             mod = pre_grad_passes(mod, args)
-    return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)
+    if on_capture_error == "raise":
+        return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)
+    try:
+        return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)
+    except CaptureError as exc:
+        return eager_module_simplified(mod, exc)
+    except Exception as exc:
+        if not is_trace_failure(exc):
+            raise
+        return eager_module_simplified(mod, trace_failure_error(exc))

@@ -93,7 +93,7 @@ def aotcache_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *,
         compiled = aot_module_simplified(flat.gm if flat else gm, flat.example_inputs if flat else example_inputs,
                                          fw_compiler=chosen, partition_fn=_partition_fn(settings["partition"]),
                                          dynamic=bool(settings["dynamic"]), cache=settings["cache"],
-                                         compiler_options=compiler_options)
+                                         compiler_options=compiler_options, on_capture_error="raise")
         return with_flat_inputs(flat, compiled) if flat else compiled
     except CaptureError as exc:  # NOTE [Dynamo graphs aotcache cannot capture] in aot/fallback.py
         from aotcache.aot.fallback import eager_dynamo_graph

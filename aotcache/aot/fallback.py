@@ -66,7 +66,7 @@ __all__ = ["ON_CAPTURE_ERROR", "JOURNAL_SECTION", "check_on_capture_error", "fal
            "is_trace_failure", "trace_failure_error",
            "count_fallback", "raised_by_region", "refused_argument_call", "eager_for_busy_swap",
            "PartialRuntime", "compile_or_fall_back", "eager_for_unkeyable_call", "eager_after_state_changes",
-           "eager_past_recompile_limit", "eager_dynamo_graph", "eager_dynamo_graph_after_trace_failure",
+           "eager_past_recompile_limit", "eager_dynamo_graph", "eager_module_simplified", "eager_dynamo_graph_after_trace_failure",
            "graph_as_eager", "dynamo_as_eager", "has_uninitialized_parameters"]
 
 ON_CAPTURE_ERROR = ("fallback", "eager", "raise")
@@ -322,6 +322,30 @@ def eager_dynamo_graph(gm: torch.fx.GraphModule, exc: CaptureError) -> Callable:
              "aotcache backend: a torch.compile graph cannot be captured (%s); it runs eagerly (eager's results)",
              _first_line(exc))
     return graph_as_eager(gm)
+
+
+def eager_module_simplified(mod: torch.nn.Module, exc: CaptureError) -> Callable:
+    """What ``aotcache.aot_module_simplified`` returns for a module it cannot capture: the module as Python,
+    counted as ``eager:<reason>`` and logged once per reason.
+
+    NOTE [Modules aot_module_simplified cannot capture]
+    ``aot_module_simplified`` is torch's drop-in, which a user's own backend calls with Dynamo's graph (or a
+    module); torch's traces some modules that aotcache refuses by design (a ``Tensor.register_hook`` inside the
+    module, which torch bakes into the backward graph and aotcache would run only while capturing, NOTE [Module
+    backward hooks] in docs/aot.md), so raising the ``CaptureError`` failed a backend that eager and torch's own
+    run (PyTorch's test_hooks.py, session 25). As the ``torch.compile`` backend does with a Dynamo graph (NOTE
+    [Dynamo graphs aotcache cannot capture]), the module now runs as Python: eager's results, and its hooks run
+    at every backward. ``on_capture_error="raise"`` (the backend's own call) and strict mode raise instead.
+
+    :raises CaptureError: ``exc`` itself in strict mode (``AOTCACHE_STRICT=1``).
+    """
+    if config.get("strict"):
+        raise exc
+    count_fallback(f"eager:{exc.reason}")
+    log_once(logging.WARNING, f"module-simplified:{exc.reason}",
+             "aotcache.aot_module_simplified: the module cannot be captured (%s); it runs eagerly (eager's results)",
+             _first_line(exc))
+    return graph_as_eager(mod)
 
 
 def eager_dynamo_graph_after_trace_failure(gm: torch.fx.GraphModule, exc: Exception) -> Callable:

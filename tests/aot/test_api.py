@@ -243,7 +243,52 @@ def test_aot_module_simplified_names_a_fake_tensor_read_from_a_closure():
 
     with pytest.raises(CaptureError, match="reads a FakeTensor of shape \\(4,\\)"):
         aot_module_simplified(ReadsFake(), (mode.from_tensor(torch.randn(4, requires_grad=True)),), graph_compiler,
+                              cache=False, on_capture_error="raise")
+
+
+class _HookedIntermediate(torch.nn.Module):
+    """PyTorch's test_hooks.py MyMod: hooks registered on an intermediate inside the module."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        y = x.mul(2)
+        y.register_hook(lambda grad: self.calls.append(1) or grad + 3)
+        return (y.mul(3),)
+
+
+def test_aot_module_simplified_runs_a_module_it_cannot_capture_eagerly():
+    # session 25 (PyTorch's test_hooks.py, test_intermediary_hooks_same_on_aot_eager): a hook registered inside the
+    # module is refused by design; aot_module_simplified raised the CaptureError where torch's compiles, failing a
+    # user's backend. Now the module runs as Python: eager's gradients, the hook at every backward, counted.
+    from aotcache.aot.fallback import fallback_counts
+
+    calls: list = []
+    mod = _HookedIntermediate(calls)
+    before = fallback_counts().get("eager:unsupported_construct", 0)
+    run = aot_module_simplified(mod, (torch.ones(4, requires_grad=True),), graph_compiler, cache=False)
+    assert fallback_counts().get("eager:unsupported_construct", 0) == before + 1
+    for step in range(2):
+        x = torch.ones(4, requires_grad=True)
+        out = run(x)
+        out[0].backward(torch.ones(4))
+        assert torch.equal(x.grad, torch.full((4,), 12.0))  # (3 + 3) * 2, as eager
+        assert len(calls) == step + 1
+
+
+def test_aot_module_simplified_raises_what_it_cannot_capture_when_asked():
+    from aotcache import config
+
+    with pytest.raises(CaptureError, match="register_hook"):
+        aot_module_simplified(_HookedIntermediate([]), (torch.ones(4, requires_grad=True),), graph_compiler,
+                              cache=False, on_capture_error="raise")
+    with config.patch(strict=True), pytest.raises(CaptureError, match="register_hook"):
+        aot_module_simplified(_HookedIntermediate([]), (torch.ones(4, requires_grad=True),), graph_compiler,
                               cache=False)
+    with pytest.raises(ValueError, match="on_capture_error"):
+        aot_module_simplified(_HookedIntermediate([]), (torch.ones(4),), graph_compiler, on_capture_error="ignore")
 
 
 
