@@ -541,9 +541,8 @@ class Reachable(CodeWalk, ObjectWalk):
     # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
     # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
     # the fingerprint after the capture (which fills the cache) differed from the one before, and every warm start
-    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a process that filled the cache under
-    # another state before its first compiled call may load a graph of the value computed from the state as it is
-    # (the full key sees only the graph). (2) A warm start that loads the graph never calls the function, so its
+    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a cache holding a value computed under
+    # another state makes the fingerprint untrusted instead (NOTE [Cached values a fingerprint vouches for]). (2) A warm start that loads the graph never calls the function, so its
     # cache stays empty, and a later change of the state it reads is computed afresh where eager keeps the first
     # value.
     def _lru_cache_values(self, wrapper: Any) -> str:
