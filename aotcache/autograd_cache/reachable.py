@@ -25,6 +25,7 @@ import gc
 import importlib.metadata
 import io
 import logging
+import operator
 import os
 import re
 import sys
@@ -412,6 +413,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"property({self.ref(value.fget)};{self.ref(value.fset)};{self.ref(value.fdel)})"
         if isinstance(value, functools.cached_property):
             return f"cached_property({self.ref(value.func)})"
+        if type(value) in (operator.attrgetter, operator.methodcaller):
+            return self._getter_token(value)
         if isinstance(value, _LRU_CACHE_WRAPPER):
             return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
@@ -559,6 +562,28 @@ class Reachable(CodeWalk, ObjectWalk):
         if not entries:
             return "[empty]"
         return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
+
+    # NOTE [Attribute getters as values] (session 25 review)
+    # ``operator.attrgetter("_it")`` / ``operator.methodcaller("pop")`` made outside the walked code (in an
+    # ``__init__``) and called by the forward (``next(self.take(self.source))``) reads an attribute by a name no
+    # walked code holds: the object was opaque (untrusted across processes, by identity in-process), and an
+    # iterator under that name was not the program's (NOTE [Iterators held under names no code reads] in
+    # program_ownership.py), so the capture drew from it twice and every call gave the capture's value (2, 2, 2
+    # where eager gives 1, 2, 3). Such a getter is written down by the names and arguments it holds, and those
+    # names count as names the code reads (and may see a set's order through).
+    def _getter_token(self, value: Any) -> str:
+        """An ``operator.attrgetter`` / ``methodcaller`` by what it reads (NOTE [Attribute getters as values])."""
+        maker, args = value.__reduce__()[:2]
+        if type(value) is operator.attrgetter:
+            names = [part for dotted in args for part in dotted.split(".")]
+            self._add_names(names)
+            self._order_names.update(names)
+            return f"attrgetter({','.join(map(repr, args))})"
+        keywords = maker.keywords if isinstance(maker, functools.partial) else {}
+        name, args = (maker.args[0], args) if isinstance(maker, functools.partial) else (args[0], args[1:])
+        self._add_names([name])
+        self._order_names.add(name)
+        return f"methodcaller({name!r};{self.ref(tuple(args))};{self.ref(dict(keywords))})"
 
     # NOTE [Cached values a fingerprint vouches for] (session 25 review)
     # The fingerprint writes an lru_cache function without its values (NOTE [Values an lru_cache holds], (1)), which

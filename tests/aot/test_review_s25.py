@@ -8,12 +8,16 @@
   the capture was left in the cache as a trace tensor (eager then raised).
 - NOTE [Cached values a fingerprint vouches for] (autograd_cache/reachable.py): a value an eager call cached
   under another setting was loaded through the fingerprint of the new one.
+- NOTE [Attribute getters as values] (autograd_cache/reachable.py): an iterator read through an
+  ``operator.attrgetter`` made in ``__init__`` kept the capture's draw.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import operator
 
 import pytest
 import torch
@@ -251,3 +255,42 @@ def test_a_value_an_eager_call_cached_is_not_served_by_another_process_graph(tmp
     # the cache holds 9.0 from an eager call, the setting is 2.0 again: the fingerprint of 2.0 must not load the
     # graph of 2.0 (run_python asserts compiled == eager, which gives 9.0)
     assert run("9.0", "eager-first")[1] == "0"
+
+
+# -- getters made outside the walked code ---------------------------------------------------------------------
+
+
+class Source:
+    def __init__(self) -> None:
+        self._draws = itertools.count(1)
+
+
+class DrawsThroughAGetter(nn.Module):
+    """Reads ``source._draws`` through an ``operator.attrgetter`` made in ``__init__`` (no walked code names it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = Source()
+        self.take = operator.attrgetter("_draws")
+
+    def forward(self, x):
+        return x * next(self.take(self.source))
+
+
+@pytest.mark.parametrize("route", list(_MODULE_ROUTES))
+def test_an_iterator_read_through_an_attrgetter_gives_eagers_draws(route):
+    compiled = _MODULE_ROUTES[route](DrawsThroughAGetter())
+    assert [float(compiled(X)[0, 0]) for _ in range(3)] == [1.0, 2.0, 3.0]  # was 2, 2, 2: drawn twice, baked
+
+
+def test_a_getter_is_written_down_by_what_it_reads():
+    from tests.autograd_cache.test_fingerprint import function_fingerprint
+
+    def read_with(getter):
+        return lambda x: x * getter(SETTINGS)
+
+    first = function_fingerprint(read_with(operator.itemgetter("scale")), X)
+    by_name = [function_fingerprint(read_with(operator.methodcaller("get", key)), X) for key in ("scale", "other")]
+    assert by_name[0].trusted and by_name[1].trusted, by_name[0].reason  # was untrusted: an opaque object
+    assert by_name[0].digest != by_name[1].digest
+    assert not first.trusted  # (an itemgetter stays opaque: the full key decides)
