@@ -109,10 +109,11 @@ def global_names(code: types.CodeType) -> frozenset[str]:
 # user's ``__eq__(other)``, which may iterate ``other``); ``sorted`` keeps the iteration order of members neither
 # less nor greater than each other (``{nan, 1.0}``: a NaN's hash is its address; frozensets by inclusion; user
 # objects by their ``__lt__``); and a subclass of ``set`` may define ``__contains__`` / ``__len__`` / ``__bool__``
-# that iterate it. So :func:`operator_read_names` lists the names loaded straight into a comparison or
-# ``sorted``, and the walk writes such a set's order where a user comparison method is walked or its members are
-# not all of one kind ``<`` orders totally (str, bytes, or numbers without NaN); a set of a subclass overriding
-# an operator is written wherever it is held.
+# that iterate it. So :func:`operator_read_names` lists the names loaded straight into a comparison and into
+# ``sorted``; the walk writes the order of a set under the first where a user class reached defines a comparison
+# method (a dataclass's generated ``__eq__`` included), under the second where its members are not all of one
+# kind ``<`` orders totally (str, bytes, or numbers without NaN), and of a set of a subclass overriding an
+# operator wherever it is held.
 _ORDER_FREE_CONSUMERS = frozenset({"CONTAINS_OP", "COMPARE_OP", "IS_OP", "UNARY_NOT", "TO_BOOL",
                                    "POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
                                    "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE",
@@ -140,30 +141,33 @@ def order_observed_names(code: types.CodeType) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def operator_read_names(code: types.CodeType) -> frozenset[str]:
-    """The names ``code`` (and code nested in it) loads straight into a comparison or ``sorted(...)``: order-free
-    for a set of plain members compared with a set, not where a user's comparison method or ties under ``<`` come
-    in (NOTE [Order-free reads that call back]); the rest of their uses are :func:`order_observed_names`'."""
-    found: set[str] = set()
+def operator_read_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
+    """The names ``code`` (and code nested in it) loads straight into a comparison, and into ``sorted(...)``:
+    order-free for a set compared with a set, or of members ``<`` orders totally, not where a user's comparison
+    method or ties come in (NOTE [Order-free reads that call back]); their other uses are
+    :func:`order_observed_names`'."""
+    compared: set[str] = set()
+    sorted_: set[str] = set()
     for current in _code_and_nested(code):
         instructions = _instructions(current)
         for index, instruction in enumerate(instructions):
-            if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str) and \
-                    _order_free_load(instructions, index, operators=True):
-                found.add(instruction.argval)
-    return frozenset(found)
+            if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str):
+                use = _order_free_load(instructions, index, operators=True)
+                if use:
+                    (compared if use == "compare" else sorted_).add(instruction.argval)
+    return frozenset(compared), frozenset(sorted_)
 
 
-def _order_free_load(instructions: list, index: int, operators: bool = False) -> bool:
+def _order_free_load(instructions: list, index: int, operators: bool = False) -> bool | str:
     """Whether the name load at ``index`` goes straight into an order-free use (see the NOTE); ``operators``: into
-    a comparison or ``sorted`` only (NOTE [Order-free reads that call back])."""
+    a comparison ("compare") or ``sorted`` ("sorted") only (NOTE [Order-free reads that call back])."""
     instruction = instructions[index]
     if not instruction.opname.startswith("LOAD_") or "NULL" in (instruction.argrepr or "") or \
             index + 1 >= len(instructions):
         return False  # not a load, or a load of something called (a function, a method: ``self.skip.copy()``)
     following = instructions[index + 1]
     if following.opname in _ORDER_FREE_CONSUMERS:
-        return following.opname == "COMPARE_OP" or not operators
+        return not operators or ("compare" if following.opname == "COMPARE_OP" else False)
     # the one argument of ``sorted(...)`` / ``len(...)``: [sorted] [base] [LOAD_ATTR]* [this] [PRECALL 1] CALL 1
     if following.opname == "PRECALL":
         following = instructions[index + 2] if index + 2 < len(instructions) else following
@@ -175,8 +179,11 @@ def _order_free_load(instructions: list, index: int, operators: bool = False) ->
     if instructions[start].opname not in _BASE_LOADS or start == 0:
         return False
     callable_load = instructions[start - 1]
-    return callable_load.opname in ("LOAD_GLOBAL", "LOAD_NAME") and (
-        callable_load.argval == "sorted" if operators else callable_load.argval in _ORDER_FREE_CALLS)
+    if callable_load.opname not in ("LOAD_GLOBAL", "LOAD_NAME"):
+        return False
+    if operators:
+        return "sorted" if callable_load.argval == "sorted" else False
+    return callable_load.argval in _ORDER_FREE_CALLS
 
 
 @functools.lru_cache(maxsize=4096)

@@ -272,7 +272,8 @@ class Reachable(CodeWalk, ObjectWalk):
         self._entry_name: str | None = None
         self._set_orders: list[tuple[str | None, str, bool]] = []  # (name, order, members ordered totally by <)
         self._order_names: set[str] = set()
-        self._operator_names: set[str] = set()  # NOTE [Order-free reads that call back] in code_reading.py
+        self._compared_names: set[str] = set()  # NOTE [Order-free reads that call back] in code_reading.py
+        self._sorted_names: set[str] = set()
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
@@ -845,10 +846,12 @@ class Reachable(CodeWalk, ObjectWalk):
         unnamed = (not UNNAMED_ATTRIBUTE_READS.isdisjoint(self._names) or "__match_args__" in self._order_names
                    or any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__) for o in self._objects))
         # NOTE [Order-free reads that call back] in code_reading.py: a comparison may run a user's method
-        compared = any(isinstance(o, types.FunctionType) and o.__name__ in _COMPARISON_METHODS for o in self._objects)
+        compared = any(not is_library(self._objects[index].__module__) and
+                       not _COMPARISON_METHODS.isdisjoint(vars(self._objects[index])) for index in self._classes)
         return ",".join(f"{index}:{order}" for index, (name, order, total) in enumerate(self._set_orders)
-                        if order and (name is None or unnamed or name in self._order_names or (
-                            name in self._operator_names and (compared or not total))))
+                        if order and (name is None or unnamed or name in self._order_names
+                                      or (compared and name in self._compared_names)
+                                      or (not total and name in self._sorted_names)))
 
     def _named_ref(self, name: Any, value: Any) -> str:
         """:meth:`ref` of a value held under ``name`` (an attribute, global or member; NOTE [Sets in their
