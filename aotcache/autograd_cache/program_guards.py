@@ -57,13 +57,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable, byte_buffer_state
+from aotcache.autograd_cache.reachable import (
+    UNSET_CONTEXT_VALUE,
+    Reachable,
+    byte_buffer_state,
+    immutable_cached_value,
+)
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState
@@ -202,23 +206,13 @@ def _cache_unchanged(entry: tuple[dict, list]) -> bool:
 # 2.0 where eager reads 7.0. The first graph is still kept under the walk's digest, but a value the capture put in
 # the cache that is not a plain immutable value (a number, string, bytes, None, dtype or device, tuples and
 # frozensets of them) leaves the guards failing once: the next call walks the program, now with that value, and
-# guards its state (a second trace, in this process only; the fingerprint never writes cache values). A bounded
-# cache's values are C links no walk can read: a value it holds stays unseen (a known gap).
-_IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
-
-
-def _immutable_cached_value(value: Any, depth: int = 0) -> bool:
-    """Whether an lru_cache's value is a plain immutable value (NOTE [Cached values the capture made])."""
-    if isinstance(value, _IMMUTABLE_CACHED_TYPES) or type(value).__name__ == "_lru_list_elem":
-        return True  # (a bounded cache's link: opaque either way)
-    return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
-            and all(_immutable_cached_value(item, depth + 1) for item in value))
-
-
+# guards its state (a second walk; the retrace loads the first graph by its fingerprint where the value is
+# unchanged: NOTE [Cached values a fingerprint vouches for] in reachable.py). A bounded cache's values are C links
+# no walk can read: a value it holds stays unseen (a known gap).
 def _holds_new_mutable_values(values: list, walked: Sequence[Any]) -> bool:
     """Whether ``values`` (a cache's, after a capture) hold a value the walk did not see that may change unseen."""
     seen = {id(value) for value in walked}
-    return any(id(value) not in seen and not _immutable_cached_value(value) for value in values)
+    return any(id(value) not in seen and not immutable_cached_value(value) for value in values)
 
 
 def _context_value(variable: Any) -> Any:

@@ -107,13 +107,39 @@ _VOUCHED_LOCK = threading.Lock()
 def vouch_cache_entries(caches: Any) -> None:
     """Vouch for the entries the lru_caches ``caches`` (their dicts, as a trusted fingerprint reached them) hold
     now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a fingerprint
-    vouches for])."""
+    vouches for]): each value by identity, and a mutable one by its contents too."""
     for cache in caches:
-        entries = dict(entries_of(cache))
+        entries = {key: (value, cached_value_state(value)) for key, value in entries_of(cache)}
         with _VOUCHED_LOCK:
             if len(_VOUCHED_CACHE_ENTRIES) >= 4096 and id(cache) not in _VOUCHED_CACHE_ENTRIES:
                 _VOUCHED_CACHE_ENTRIES.clear()  # (bounded: a dropped record costs a warm start, never a false hit)
             _VOUCHED_CACHE_ENTRIES[id(cache)] = (cache, entries)
+
+
+_IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+def immutable_cached_value(value: Any, depth: int = 0) -> bool:
+    """Whether an lru_cache's value is a plain immutable value (a number, string, bytes, None, dtype or device,
+    tuples and frozensets of them; a bounded cache's C link, opaque either way)."""
+    if isinstance(value, _IMMUTABLE_CACHED_TYPES) or type(value).__name__ == "_lru_list_elem":
+        return True
+    return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
+            and all(immutable_cached_value(item, depth + 1) for item in value))
+
+
+def cached_value_state(value: Any) -> str | None:
+    """"" for an immutable cached value; else a digest of a mutable one's contents (a walk of its own), None where
+    it cannot be told (NOTE [Cached values a fingerprint vouches for])."""
+    if immutable_cached_value(value):
+        return ""
+    try:
+        walk = Reachable(process_state=True)
+        root = walk.add_root(value)
+        return sha256_text(root + walk.digest())
+    except Untrusted:
+        return None
+
 
 # NOTE [Order-free reads that call back] in code_reading.py
 _COMPARISON_METHODS = frozenset({"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"})
@@ -594,8 +620,10 @@ class Reachable(CodeWalk, ObjectWalk):
     # now gives 5) loaded that graph through the same fingerprint (a false hit in one process, with the default
     # cache; across processes alike). So a fingerprint is trusted only while every entry of every cache it reaches
     # is vouched for: filled by a capture whose fingerprint was trusted (:func:`vouch_cache_entries`, after the
-    # capture; each entry by its key and the identity of its value). An empty cache, the common warm start, needs
-    # nothing; a cache an eager call filled first sends the call down the full key (a trace, its compile loaded).
+    # capture; each entry by its key and the identity of its value, a mutable value by its contents too: a list the
+    # program then changed in place is no longer the one the graph was traced with). An empty cache, the common warm
+    # start, needs nothing; a cache an eager call filled first sends the call down the full key (a trace, its
+    # compile loaded).
     def _vouched_cache_entries(self, wrapper: Any) -> None:
         """Note a cache holding an entry no trusted capture filled (NOTE [Cached values a fingerprint vouches
         for])."""
@@ -610,8 +638,11 @@ class Reachable(CodeWalk, ObjectWalk):
         with _VOUCHED_LOCK:
             vouched = _VOUCHED_CACHE_ENTRIES.get(id(cache))
         known = vouched[1] if vouched is not None and vouched[0] is cache else {}
-        if any(known.get(key, _UNSET) is not value for key, value in entries):
-            self._note("an lru_cache holding a value no compiled call computed")
+        for key, value in entries:
+            held, state = known.get(key, (_UNSET, None))
+            if held is not value or state is None or (state and cached_value_state(value) != state):
+                self._note("an lru_cache holding a value no compiled call computed, or changed since")
+                return
 
     def _lru_key_token(self, key: Any) -> str:
         if type(key) is not tuple:  # (a single int or str argument is its own key)

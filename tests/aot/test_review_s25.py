@@ -294,3 +294,12 @@ def test_a_getter_is_written_down_by_what_it_reads():
     assert by_name[0].trusted and by_name[1].trusted, by_name[0].reason  # was untrusted: an opaque object
     assert by_name[0].digest != by_name[1].digest
     assert not first.trusted  # (an itemgetter stays opaque: the full key decides)
+
+
+def test_a_mutable_value_the_capture_cached_changed_in_place_is_not_loaded_by_its_fingerprint():
+    model = Reads(read_table)
+    compiled = aotcache.compile(model, compiler="nop")  # the default cache: the retrace looks up the fingerprint
+    torch.testing.assert_close(compiled(X), model(X))
+    torch.testing.assert_close(compiled(X), model(X))
+    cached_table()[0] = 7.0
+    torch.testing.assert_close(compiled(X), model(X))  # was the graph of 2.0, through the vouched fingerprint
