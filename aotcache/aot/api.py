@@ -438,7 +438,7 @@ class AOTFunction:
         watched = self._programs.get(extra)
         refresh = getattr(getattr(watched[0], "guards", None), "refresh_caches", None) if watched else None
         if refresh is not None:
-            refresh()
+            refresh(captured=True)  # NOTE [Cached values the capture made] in autograd_cache/program_guards.py
 
     def _changed_by_call(self, saved: SavedCallState, extra: Any) -> bool:
         """Whether the capture just made changed what selects this function's graphs: the module's settings, or

@@ -191,6 +191,9 @@ class SavedCallState:
         :raises CaptureError: ``unsupported_construct``, for any settings; the fallback runs the Python.
         """
         self._rebuilt.put_back()  # not refused: NOTE [Caches a module rebuilds from its weights]
+        drop = getattr(self._program, "drop_traced_cache_entries", None)
+        if drop is not None:  # NOTE [Trace tensors an lru_cache keeps] in autograd_cache/program_restore.py
+            drop()
         find = getattr(self._program, "trace_tensors", None)
         found = find() if find is not None else []
         if not found:

@@ -36,12 +36,22 @@ each exactly), so two instances get one key only when a forward can read nothing
 inside such a constant (``==`` is elementwise: ``Cfg(t1) == Cfg(t2)`` raised in the signature lookup) and a value
 nested deeper than ``_MAX_DEPTH`` cannot be compared so: :func:`exact_value` raises ``TypeError`` and the argument
 is refused (NOTE [Constant arguments] in signature.py: it takes the fallback).
+
+NOTE [Objects compared by identity inside a constant] (session 25 review) An argument compared by identity is
+refused (its changes in place would not be seen), but one nested in a constant was keyed by itself: a frozen
+dataclass or a frozenset holding a plain object (``Cfg(opts)``, ``frozenset({opts})``) kept the graph traced with
+``opts.scale == 2.0`` after ``opts.scale = 3.0``, and an ``attrs`` class (``@attrs.frozen``) was compared by its
+own ``==`` (``ACfg(k=1) == ACfg(k=1.0)``: the int graph for a float setting). An ``attrs`` instance is keyed as a
+dataclass is, by its whole state; an object compared by identity by itself and its whole state (a tensor there is
+refused, as in a dataclass). Functions, modules, enums and partials keep their identity alone.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import struct
+import types
 from typing import Any
 
 import torch
@@ -60,19 +70,24 @@ def float_bits(value: float | complex) -> bytes:
 
 
 _MAX_DEPTH = 64  # NOTE [Dataclasses by their whole state]: deeper (or a value holding itself) is not compared
+# objects compared by identity whose own state no forward reads as a setting (functions, classes' members, enums)
+_STATELESS_IDENTITY_TYPES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
+                             types.ModuleType, enum.Enum, torch.Generator, torch._ops.OpOverload,
+                             torch._ops.OpOverloadPacket)
 
 
-def exact_value(value: Any) -> Any:
+def exact_value(value: Any, *, object_state: bool = False) -> Any:
     """A hashable key of a plain value, equal for two values only when they have the same types and the same
     values, floats bit for bit, at every depth of tuples, lists, dicts, sets and dataclasses (NOTE [Plain values by
-    type], NOTE [Sets and dataclasses compared exactly]).
+    type], NOTE [Sets and dataclasses compared exactly]); ``object_state``: an object compared by identity with its
+    whole state too (a constant argument: NOTE [Objects compared by identity inside a constant]).
 
     :raises TypeError: a value that cannot be compared so (a tensor inside it, nesting past ``_MAX_DEPTH``).
     """
-    return _exact(value, 0)
+    return _exact(value, 0, object_state)
 
 
-def _exact(value: Any, depth: int) -> Any:
+def _exact(value: Any, depth: int, object_state: bool = False) -> Any:
     cls = type(value)
     if cls in EXACT_BY_EQUALITY:  # the usual settings (``training``, ``p`` as an int, names): no more to do
         return (cls, value)
@@ -82,18 +97,25 @@ def _exact(value: Any, depth: int) -> Any:
         raise TypeError("nested too deep to be compared exactly")
     depth += 1
     if isinstance(value, (tuple, list)):
-        return (cls, tuple([_exact(item, depth) for item in value]))
+        return (cls, tuple([_exact(item, depth, object_state) for item in value]))
     if isinstance(value, dict):
-        return (cls, tuple([(_exact(key, depth), _exact(item, depth)) for key, item in value.items()]))
+        return (cls, tuple([(_exact(key, depth, object_state), _exact(item, depth, object_state))
+                            for key, item in value.items()]))
     if isinstance(value, (set, frozenset)):  # NOTE [Sets and dataclasses compared exactly]: in iteration order
         kinds = set(map(type, value))
         if len(kinds) == 1 and next(iter(kinds)) in EXACT_BY_EQUALITY:
             return (cls, kinds.pop(), tuple(value))
-        return (cls, tuple([_exact(item, depth) for item in value]))
+        return (cls, tuple([_exact(item, depth, object_state) for item in value]))
     if isinstance(value, torch.Tensor):
         raise TypeError("a tensor inside a constant compares elementwise")
-    if getattr(cls, "__dataclass_fields__", None) is not None and not isinstance(value, type):
-        return (cls, tuple([(name, _exact(item, depth)) for name, item in _instance_state(value)]))
+    if isinstance(value, type):
+        return (cls, value)
+    if getattr(cls, "__dataclass_fields__", None) is not None or getattr(cls, "__attrs_attrs__", None) is not None:
+        return (cls, tuple([(name, _exact(item, depth, object_state)) for name, item in _instance_state(value)]))
+    if object_state and cls.__eq__ is object.__eq__ and not isinstance(value, _STATELESS_IDENTITY_TYPES):
+        # NOTE [Objects compared by identity inside a constant]
+        state = _instance_state(value)
+        return (cls, value, tuple([(name, _exact(item, depth, object_state)) for name, item in state]))
     return (cls, value)
 
 

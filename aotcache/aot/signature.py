@@ -109,7 +109,7 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
     if type(arg) in EXACT_BY_EQUALITY:  # the common constants, keyed as they are (the call hot path compares them)
         return ("constant", type(arg), arg)
     try:
-        return ("constant", type(arg), _hashable(exact_value(arg)))  # NOTE [Sets and dataclasses compared exactly]
+        return ("constant", type(arg), _hashable(exact_value(arg, object_state=True)))  # NOTE [Sets and dataclasses compared exactly]
     except Exception as exc:  # noqa: BLE001 - NOTE [Dataclasses by their whole state] in exact_values.py: any
         # value that cannot be read or compared exactly is refused (the fallback runs it), never a failed call
         raise _RefusedConstant(f"cannot be compared exactly ({exc})") from None

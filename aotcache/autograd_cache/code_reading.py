@@ -21,7 +21,7 @@ from typing import Any
 from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.value_kinds import type_name
 
-__all__ = ["computed_getattr", "constant_token", "order_observed_names", "iterated_constant_sets", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
+__all__ = ["computed_getattr", "constant_token", "order_observed_names", "operator_read_names", "iterated_constant_sets", "cell_contents", "all_names", "global_names", "string_constants", "imported_modules",
            "import_for_digest", "modules_looked_up"]
 
 _IMPORT_NAME = dis.opmap["IMPORT_NAME"]
@@ -103,6 +103,17 @@ def global_names(code: types.CodeType) -> frozenset[str]:
 # (``getattr(self, "skip")``). A positional class pattern (``case Cfg(a, b):``) reads attributes through
 # ``__match_args__`` without naming them: it adds the name ``__match_args__``, which the walk takes as reads it
 # cannot tell.
+# NOTE [Order-free reads that call back] (session 25 review) Three of those uses run code that can see the order
+# after all, so a second process under another hash seed loaded the graph of another eager result (false hits):
+# a comparison hands the set to the other operand's ``__eq__`` / ``__lt__`` (``self.probe == self.skip`` calls a
+# user's ``__eq__(other)``, which may iterate ``other``); ``sorted`` keeps the iteration order of members neither
+# less nor greater than each other (``{nan, 1.0}``: a NaN's hash is its address; frozensets by inclusion; user
+# objects by their ``__lt__``); and a subclass of ``set`` may define ``__contains__`` / ``__len__`` / ``__bool__``
+# that iterate it. So :func:`operator_read_names` lists the names loaded straight into a comparison and into
+# ``sorted``; the walk writes the order of a set under the first where a user class reached defines a comparison
+# method (a dataclass's generated ``__eq__`` included), under the second where its members are not all of one
+# kind ``<`` orders totally (str, bytes, or numbers without NaN), and of a set of a subclass overriding an
+# operator wherever it is held.
 _ORDER_FREE_CONSUMERS = frozenset({"CONTAINS_OP", "COMPARE_OP", "IS_OP", "UNARY_NOT", "TO_BOOL",
                                    "POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
                                    "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_FALSE",
@@ -129,15 +140,34 @@ def order_observed_names(code: types.CodeType) -> frozenset[str]:
     return frozenset(found)
 
 
-def _order_free_load(instructions: list, index: int) -> bool:
-    """Whether the name load at ``index`` goes straight into an order-free use (see the NOTE)."""
+@functools.lru_cache(maxsize=4096)
+def operator_read_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
+    """The names ``code`` (and code nested in it) loads straight into a comparison, and into ``sorted(...)``:
+    order-free for a set compared with a set, or of members ``<`` orders totally, not where a user's comparison
+    method or ties come in (NOTE [Order-free reads that call back]); their other uses are
+    :func:`order_observed_names`'."""
+    compared: set[str] = set()
+    sorted_: set[str] = set()
+    for current in _code_and_nested(code):
+        instructions = _instructions(current)
+        for index, instruction in enumerate(instructions):
+            if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str):
+                use = _order_free_load(instructions, index, operators=True)
+                if use:
+                    (compared if use == "compare" else sorted_).add(instruction.argval)
+    return frozenset(compared), frozenset(sorted_)
+
+
+def _order_free_load(instructions: list, index: int, operators: bool = False) -> bool | str:
+    """Whether the name load at ``index`` goes straight into an order-free use (see the NOTE); ``operators``: into
+    a comparison ("compare") or ``sorted`` ("sorted") only (NOTE [Order-free reads that call back])."""
     instruction = instructions[index]
     if not instruction.opname.startswith("LOAD_") or "NULL" in (instruction.argrepr or "") or \
             index + 1 >= len(instructions):
         return False  # not a load, or a load of something called (a function, a method: ``self.skip.copy()``)
     following = instructions[index + 1]
     if following.opname in _ORDER_FREE_CONSUMERS:
-        return True
+        return not operators or ("compare" if following.opname == "COMPARE_OP" else False)
     # the one argument of ``sorted(...)`` / ``len(...)``: [sorted] [base] [LOAD_ATTR]* [this] [PRECALL 1] CALL 1
     if following.opname == "PRECALL":
         following = instructions[index + 2] if index + 2 < len(instructions) else following
@@ -149,7 +179,11 @@ def _order_free_load(instructions: list, index: int) -> bool:
     if instructions[start].opname not in _BASE_LOADS or start == 0:
         return False
     callable_load = instructions[start - 1]
-    return callable_load.opname in ("LOAD_GLOBAL", "LOAD_NAME") and callable_load.argval in _ORDER_FREE_CALLS
+    if callable_load.opname not in ("LOAD_GLOBAL", "LOAD_NAME"):
+        return False
+    if operators:
+        return "sorted" if callable_load.argval == "sorted" else False
+    return callable_load.argval in _ORDER_FREE_CALLS
 
 
 @functools.lru_cache(maxsize=4096)

@@ -31,6 +31,7 @@ from aotcache.autograd_cache.code_reading import (
     imported_modules,
     iterated_constant_sets,
     modules_looked_up,
+    operator_read_names,
     order_observed_names,
     string_constants,
 )
@@ -94,6 +95,9 @@ class CodeWalk:
         # NOTE [Names whose order the code can observe] in code_reading.py (``sorted`` / ``len`` shadowed: every name)
         self._order_names.update(name_set | strings if "sorted" in fn_globals or "len" in fn_globals
                                  else order_observed_names(code))
+        compared, sorted_ = operator_read_names(code)  # NOTE [Order-free reads that call back] in code_reading.py
+        self._compared_names.update(compared)
+        self._sorted_names.update(sorted_)
         # a module's attributes are read through the names the code uses and its string constants (NOTE [Module
         # attributes read by getattr] in code_reading.py)
         names = sorted(name_set | strings)

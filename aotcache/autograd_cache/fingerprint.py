@@ -76,6 +76,9 @@ class Fingerprint:
     parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
     reason: str | None = None
     where: str = ""  # for an untrusted result: the function, class or object that held the reason
+    # the lru_cache dicts the walk reached, whose entries a capture under this fingerprint vouches for (NOTE [Cached
+    # values a fingerprint vouches for] in reachable.py); not part of the fingerprint
+    lru_caches: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def trusted(self) -> bool:
@@ -224,7 +227,7 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
     }
     digests = {name: sha256_text(text) for name, text in parts.items()}
     body = cache_key.canonical_json({"schema": FINGERPRINT_SCHEMA_VERSION, "parts": sorted(digests.items())})
-    return Fingerprint(sha256_text(body), digests)
+    return Fingerprint(sha256_text(body), digests, lru_caches=tuple(reachable.lru_caches))
 
 
 def fingerprint_module_call(module: nn.Module, flat_args: Sequence[Any], in_spec: Any, options: Any) -> Fingerprint:

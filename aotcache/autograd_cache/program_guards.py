@@ -54,7 +54,7 @@ import itertools
 import operator
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -62,7 +62,12 @@ from torch import nn
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable, byte_buffer_state
+from aotcache.autograd_cache.reachable import (
+    UNSET_CONTEXT_VALUE,
+    Reachable,
+    byte_buffer_state,
+    immutable_cached_value,
+)
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState
@@ -194,6 +199,22 @@ def _cache_unchanged(entry: tuple[dict, list]) -> bool:
     return True
 
 
+# NOTE [Cached values the capture made] (session 25 review)
+# A value an lru_cache computes during the capture (the cache was empty when the walk wrote it) was taken by
+# ``refresh_caches`` without a walk, so nothing guarded its state: ``@functools.cache def table(): return [2.0, 1.0]``
+# (or a settings object, a tensor) changed in place by the program (``table()[0] = 7.0``) kept the graph traced with
+# 2.0 where eager reads 7.0. The first graph is still kept under the walk's digest, but a value the capture put in
+# the cache that is not a plain immutable value (a number, string, bytes, None, dtype or device, tuples and
+# frozensets of them) leaves the guards failing once: the next call walks the program, now with that value, and
+# guards its state (a second walk; the retrace loads the first graph by its fingerprint where the value is
+# unchanged: NOTE [Cached values a fingerprint vouches for] in reachable.py). A bounded cache's values are C links
+# no walk can read: a value it holds stays unseen (a known gap).
+def _holds_new_mutable_values(values: list, walked: Sequence[Any]) -> bool:
+    """Whether ``values`` (a cache's, after a capture) hold a value the walk did not see that may change unseen."""
+    seen = {id(value) for value in walked}
+    return any(id(value) not in seen and not immutable_cached_value(value) for value in values)
+
+
 def _context_value(variable: Any) -> Any:
     """What ``variable`` holds now (the walk's marker when it was never set, as the walk records it)."""
     return variable.get(UNSET_CONTEXT_VALUE)
@@ -320,7 +341,8 @@ class GuardRecorder:
             context_values=[value for _, value in self._context.values()],
             namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()),
             iterators=list(self._iterators.values()),
-            caches=[(cache, _cache_snapshot(cache)) for cache in self._caches.values()])
+            caches=[(cache, _cache_snapshot(cache)) for cache in self._caches.values()],
+            walked_cache_values=[list(cache.values()) for cache in self._caches.values()])
 
 
 @dataclasses.dataclass(eq=False)
@@ -362,6 +384,7 @@ class ProgramGuards:
     # reachable.py: never compared (their identity is a slot's), a capture is refused
     caches: list = dataclasses.field(default_factory=list)  # (an lru_cache's dict, its snapshot): NOTE [Values an
     # lru_cache holds] in reachable.py
+    walked_cache_values: list = dataclasses.field(default_factory=list)  # each cache's values as the walk saw them
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -464,11 +487,14 @@ class ProgramGuards:
                 + len(self.unloaded_modules) + len(self.context_values) + len(self.namespaces) + len(self.arrays)
                 + len(self.caches))
 
-    def refresh_caches(self) -> None:
+    def refresh_caches(self, *, captured: bool = False) -> None:
         """Take the lru_caches the program calls as they are now: a capture's runs of the function filled them
-        (NOTE [Values an lru_cache holds] in reachable.py)."""
-        for cache, state in self.caches:
+        (NOTE [Values an lru_cache holds] in reachable.py); ``captured``: the capture is over, and a value it put
+        there whose state can change unseen fails the guards once (NOTE [Cached values the capture made])."""
+        for (cache, state), walked in zip(self.caches, self.walked_cache_values or [()] * len(self.caches)):
             state[:] = _cache_snapshot(cache)  # in place: ``holds`` reads these lists
+            if captured and _holds_new_mutable_values(state[2], walked):
+                state[0], state[1] = None, []  # (the cache is not empty: its length differs, the next call walks)
 
 
 @dataclasses.dataclass(eq=False)

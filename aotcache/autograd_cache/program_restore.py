@@ -18,6 +18,7 @@ from typing import Any
 from aotcache.aot.call_state import restore_list, restore_mapping, restore_set
 from aotcache.aot.module_state import holds_trace_tensor, trace_tensor_ids
 from aotcache.aot.rebuilt_caches import modules_among
+from aotcache.autograd_cache.live_containers import entries_of
 from aotcache.autograd_cache.program_guards import ProgramGuards
 
 __all__ = ["SavedProgramState"]
@@ -64,6 +65,27 @@ class SavedProgramState:
         # trace tensors already there (another trace's, kept by the user) are not this capture's
         self._known = frozenset(trace_tensor_ids([*(value for _, saved in self._namespaces for value in saved.values()),
                                                   *guards.sized, *guards.attribute_values]))
+        self._cache_entries = [(cache, dict(entries_of(cache))) for cache, _ in guards.caches]
+
+    # NOTE [Trace tensors an lru_cache keeps] (session 25 review)
+    # A ``functools.cache`` function computing a tensor (``@functools.cache def positions(n): return
+    # torch.arange(float(n))``, a mask, a rotary table) called by the forward was first called by the capture: the
+    # cache kept the trace's fake tensor, the capture's next run read it as a constant and was refused, and the
+    # fallback left it there, so every later eager call of the model raised ("FunctionalTensor on its own"). After
+    # each run of the Python in a capture (and when it gives up), an entry the run added whose key or value holds a
+    # trace tensor is taken out of the cache again: the next run computes it anew, the graph holds those ops, and
+    # eager's first call fills the cache with real tensors (as under torch.compile, whose Dynamo ignores the cache
+    # wrapper). A bounded cache's values are C links no walk can read: such a value stays (a known gap).
+    def drop_traced_cache_entries(self) -> None:
+        """Take out the lru_cache entries a capture's run added that hold a trace tensor (NOTE [Trace tensors an
+        lru_cache keeps])."""
+        for cache, saved in self._cache_entries:
+            for key, value in entries_of(cache):
+                if saved.get(key, _MISSING) is value:
+                    continue
+                if holds_trace_tensor(key, known=self._known) or (
+                        type(value).__name__ != "_lru_list_elem" and holds_trace_tensor(value, known=self._known)):
+                    cache.pop(key, None)
 
     def modules(self) -> list:
         """The modules the recorded reads reach (values of globals, closure cells, attributes, and the items of the
@@ -103,6 +125,7 @@ class SavedProgramState:
         """Write back whatever differs from the saved state; None when the program reads the saved state again,
         else what could not be put back (a tensor constant changed in place, a container of another type)."""
         guards = self._guards
+        self.drop_traced_cache_entries()  # NOTE [Trace tensors an lru_cache keeps]
         guards.refresh_caches()  # an lru_cache's values are not put back: NOTE [Values an lru_cache holds]
         for holder, saved in self._namespaces:  # entries the guards do not cover: only those left holding a trace
             for key in [key for key, value in holder.items()  # tensor (NOTE [Tensors stored in program state])

@@ -25,6 +25,7 @@ import gc
 import importlib.metadata
 import io
 import logging
+import operator
 import os
 import re
 import sys
@@ -97,6 +98,74 @@ def _lru_keyword_marker() -> Any:
 
 
 _LRU_KEYWORD_MARKER = _lru_keyword_marker()
+
+# NOTE [Cached values a fingerprint vouches for]: id(an lru_cache's dict) -> (that dict, its entries vouched for)
+_VOUCHED_CACHE_ENTRIES: dict[int, tuple[dict, dict]] = {}
+_VOUCHED_LOCK = threading.Lock()
+
+
+def vouch_cache_entries(caches: Any) -> None:
+    """Vouch for the entries the lru_caches ``caches`` (their dicts, as a trusted fingerprint reached them) hold
+    now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a fingerprint
+    vouches for]): each value by identity, and a mutable one by its contents too."""
+    for cache in caches:
+        entries = {key: (value, cached_value_state(value)) for key, value in entries_of(cache)}
+        with _VOUCHED_LOCK:
+            if len(_VOUCHED_CACHE_ENTRIES) >= 4096 and id(cache) not in _VOUCHED_CACHE_ENTRIES:
+                _VOUCHED_CACHE_ENTRIES.clear()  # (bounded: a dropped record costs a warm start, never a false hit)
+            _VOUCHED_CACHE_ENTRIES[id(cache)] = (cache, entries)
+
+
+_IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+def immutable_cached_value(value: Any, depth: int = 0) -> bool:
+    """Whether an lru_cache's value is a plain immutable value (a number, string, bytes, None, dtype or device,
+    tuples and frozensets of them; a bounded cache's C link, opaque either way)."""
+    if isinstance(value, _IMMUTABLE_CACHED_TYPES) or type(value).__name__ == "_lru_list_elem":
+        return True
+    return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
+            and all(immutable_cached_value(item, depth + 1) for item in value))
+
+
+def cached_value_state(value: Any) -> str | None:
+    """"" for an immutable cached value; else a digest of a mutable one's contents (a walk of its own), None where
+    it cannot be told (NOTE [Cached values a fingerprint vouches for])."""
+    if immutable_cached_value(value):
+        return ""
+    try:
+        walk = Reachable(process_state=True)
+        root = walk.add_root(value)
+        return sha256_text(root + walk.digest())
+    except Untrusted:
+        return None
+
+
+# NOTE [Order-free reads that call back] in code_reading.py
+_COMPARISON_METHODS = frozenset({"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"})
+_SET_OPERATOR_METHODS = frozenset({"__contains__", "__len__", "__bool__", "__iter__", *_COMPARISON_METHODS})
+
+
+def _overrides_set_operators(cls: type) -> bool:
+    """Whether a set's class (a subclass of ``set`` / ``frozenset``) defines an operator ``in``, ``len``, a truth
+    test or a comparison calls, which may iterate the set."""
+    return cls not in (set, frozenset) and any(
+        not _SET_OPERATOR_METHODS.isdisjoint(vars(klass)) for klass in cls.__mro__
+        if klass not in (set, frozenset, object))
+
+
+def _totally_ordered(members: tuple) -> bool:
+    """Whether ``sorted`` puts ``members`` in one order whatever order they come in: all str, all bytes, or all
+    numbers without a NaN (no two of them neither less nor greater than each other)."""
+    kinds = set()
+    for member in members:
+        kind = type(member)
+        if kind is bool or kind is float and member == member:
+            kind = int
+        if kind not in (str, bytes, int):
+            return False
+        kinds.add(kind)
+    return len(kinds) == 1
 
 
 _MAX_GUARDED_ARRAY_BYTES = 1 << 16  # NOTE [numpy arrays by content]: compared at every call up to this size
@@ -227,11 +296,15 @@ class Reachable(CodeWalk, ObjectWalk):
         # global, a class member; None: a closure cell, a default, a root), each set's (name, order) met so far, and
         # the names reachable code uses in a way that may observe an order
         self._entry_name: str | None = None
-        self._set_orders: list[tuple[str | None, str]] = []
+        self._set_orders: list[tuple[str | None, str, bool]] = []  # (name, order, members ordered totally by <)
         self._order_names: set[str] = set()
+        self._compared_names: set[str] = set()  # NOTE [Order-free reads that call back] in code_reading.py
+        self._sorted_names: set[str] = set()
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
+        self.lru_caches: list[dict] = []  # the lru_cache dicts a fingerprint reached (NOTE [Cached values a
+        # fingerprint vouches for])
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -367,6 +440,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"property({self.ref(value.fget)};{self.ref(value.fset)};{self.ref(value.fdel)})"
         if isinstance(value, functools.cached_property):
             return f"cached_property({self.ref(value.func)})"
+        if type(value) in (operator.attrgetter, operator.methodcaller):
+            return self._getter_token(value)
         if isinstance(value, _LRU_CACHE_WRAPPER):
             return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
@@ -496,14 +571,15 @@ class Reachable(CodeWalk, ObjectWalk):
     # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
     # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
     # the fingerprint after the capture (which fills the cache) differed from the one before, and every warm start
-    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a process that filled the cache under
-    # another state before its first compiled call may load a graph of the value computed from the state as it is
-    # (the full key sees only the graph). (2) A warm start that loads the graph never calls the function, so its
+    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a cache holding a value computed under
+    # another state makes the fingerprint untrusted instead (NOTE [Cached values a fingerprint vouches for]). (2) A warm start that loads the graph never calls the function, so its
     # cache stays empty, and a later change of the state it reads is computed afresh where eager keeps the first
     # value.
     def _lru_cache_values(self, wrapper: Any) -> str:
         """The entries of ``wrapper``'s cache (NOTE [Values an lru_cache holds]); "" outside the in-process walk."""
         if self._guards is None:
+            if self.process_state:  # NOTE [Cached values a fingerprint vouches for]
+                self._vouched_cache_entries(wrapper)
             return ""
         cache = lru_cache_dict(wrapper)
         if cache is None:
@@ -513,6 +589,60 @@ class Reachable(CodeWalk, ObjectWalk):
         if not entries:
             return "[empty]"
         return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
+
+    # NOTE [Attribute getters as values] (session 25 review)
+    # ``operator.attrgetter("_it")`` / ``operator.methodcaller("pop")`` made outside the walked code (in an
+    # ``__init__``) and called by the forward (``next(self.take(self.source))``) reads an attribute by a name no
+    # walked code holds: the object was opaque (untrusted across processes, by identity in-process), and an
+    # iterator under that name was not the program's (NOTE [Iterators held under names no code reads] in
+    # program_ownership.py), so the capture drew from it twice and every call gave the capture's value (2, 2, 2
+    # where eager gives 1, 2, 3). Such a getter is written down by the names and arguments it holds, and those
+    # names count as names the code reads (and may see a set's order through).
+    def _getter_token(self, value: Any) -> str:
+        """An ``operator.attrgetter`` / ``methodcaller`` by what it reads (NOTE [Attribute getters as values])."""
+        maker, args = value.__reduce__()[:2]
+        if type(value) is operator.attrgetter:
+            names = [part for dotted in args for part in dotted.split(".")]
+            self._add_names(names)
+            self._order_names.update(names)
+            return f"attrgetter({','.join(map(repr, args))})"
+        keywords = maker.keywords if isinstance(maker, functools.partial) else {}
+        name, args = (maker.args[0], args) if isinstance(maker, functools.partial) else (args[0], args[1:])
+        self._add_names([name])
+        self._order_names.add(name)
+        return f"methodcaller({name!r};{self.ref(tuple(args))};{self.ref(dict(keywords))})"
+
+    # NOTE [Cached values a fingerprint vouches for] (session 25 review)
+    # The fingerprint writes an lru_cache function without its values (NOTE [Values an lru_cache holds], (1)), which
+    # holds only while the cache's values are those the function computes from the state the fingerprint names. A
+    # value cached before (an eager call under another setting) is not: ``SETTINGS["scale"] = 5`` with the cache
+    # holding 2 traced the graph of 2 under the fingerprint of 5, and after ``cache_clear()`` the retrace (eager
+    # now gives 5) loaded that graph through the same fingerprint (a false hit in one process, with the default
+    # cache; across processes alike). So a fingerprint is trusted only while every entry of every cache it reaches
+    # is vouched for: filled by a capture whose fingerprint was trusted (:func:`vouch_cache_entries`, after the
+    # capture; each entry by its key and the identity of its value, a mutable value by its contents too: a list the
+    # program then changed in place is no longer the one the graph was traced with). An empty cache, the common warm
+    # start, needs nothing; a cache an eager call filled first sends the call down the full key (a trace, its
+    # compile loaded).
+    def _vouched_cache_entries(self, wrapper: Any) -> None:
+        """Note a cache holding an entry no trusted capture filled (NOTE [Cached values a fingerprint vouches
+        for])."""
+        cache = lru_cache_dict(wrapper)
+        if cache is None:
+            self._note("lru_cache whose cache cannot be read")
+            return
+        self.lru_caches.append(cache)
+        entries = entries_of(cache)
+        if not entries:
+            return
+        with _VOUCHED_LOCK:
+            vouched = _VOUCHED_CACHE_ENTRIES.get(id(cache))
+        known = vouched[1] if vouched is not None and vouched[0] is cache else {}
+        for key, value in entries:
+            held, state = known.get(key, (_UNSET, None))
+            if held is not value or state is None or (state and cached_value_state(value) != state):
+                self._note("an lru_cache holding a value no compiled call computed, or changed since")
+                return
 
     def _lru_key_token(self, key: Any) -> str:
         if type(key) is not tuple:  # (a single int or str argument is its own key)
@@ -660,7 +790,7 @@ class Reachable(CodeWalk, ObjectWalk):
                 keys = [order_key(v) for v in ordered]
                 if len(set(keys)) != len(keys):
                     raise Untrusted("unordered set of indistinguishable objects")
-                self._record_set_order(members, ordered)  # NOTE [Sets in their iteration order]
+                self._record_set_order(value, members, ordered)  # NOTE [Sets in their iteration order]
                 return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
             if isinstance(value, collections.deque):  # its bound decides what an append drops
                 kind = f"{kind}[maxlen={value.maxlen}]"
@@ -728,24 +858,31 @@ class Reachable(CodeWalk, ObjectWalk):
     # the code itself (``for n in {"a", "b"}`` compiles to a frozenset constant) are written with their order in the
     # code digest; one only tested with ``in`` is sorted. Still written though order-free: a user dataclass's fields
     # (its generated ``__eq__`` / ``__repr__``, walked as dunders, load each field into a tuple or a string).
-    def _record_set_order(self, members: tuple, ordered: list) -> None:
+    def _record_set_order(self, value: Any, members: tuple, ordered: list) -> None:
         """Record a set's iteration order (positions among ``ordered``; "" where it is the sorted order) under the
-        name it is held by (NOTE [Sets in their iteration order])."""
+        name it is held by (NOTE [Sets in their iteration order]); a subclass overriding an operator under no name
+        (NOTE [Order-free reads that call back] in code_reading.py)."""
         if not self.process_state or len(members) < 2 or self._sets_sorted:
             return
         position = {id(member): index for index, member in enumerate(ordered)}
         order = [position[id(member)] for member in members]
-        self._set_orders.append((self._entry_name, "" if order == sorted(order) else f"{order}"))
+        name = None if _overrides_set_operators(type(value)) else self._entry_name
+        self._set_orders.append((name, "" if order == sorted(order) else f"{order}", _totally_ordered(members)))
 
     def _observed_set_orders(self) -> str:
         """The iteration orders the walked code may observe, by the position of their set among those recorded
         (NOTE [Sets in their iteration order])."""
-        if not any(order for _, order in self._set_orders):
+        if not any(order for _, order, _ in self._set_orders):
             return ""
         unnamed = (not UNNAMED_ATTRIBUTE_READS.isdisjoint(self._names) or "__match_args__" in self._order_names
                    or any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__) for o in self._objects))
-        return ",".join(f"{index}:{order}" for index, (name, order) in enumerate(self._set_orders)
-                        if order and (name is None or unnamed or name in self._order_names))
+        # NOTE [Order-free reads that call back] in code_reading.py: a comparison may run a user's method
+        compared = any(not is_library(self._objects[index].__module__) and
+                       not _COMPARISON_METHODS.isdisjoint(vars(self._objects[index])) for index in self._classes)
+        return ",".join(f"{index}:{order}" for index, (name, order, total) in enumerate(self._set_orders)
+                        if order and (name is None or unnamed or name in self._order_names
+                                      or (compared and name in self._compared_names)
+                                      or (not total and name in self._sorted_names)))
 
     def _named_ref(self, name: Any, value: Any) -> str:
         """:meth:`ref` of a value held under ``name`` (an attribute, global or member; NOTE [Sets in their
