@@ -221,6 +221,8 @@ class AOTModule(nn.Module):
         # torch.compile inlines a compiled region: its own signature, guards and cache would meet trace tensors
         if torch.compiler.is_compiling() and tracing_in_this_thread():
             return self.orig_module(*args, **kwargs)
+        if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace]
+            return self.orig_module(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
                 with self._gate.running():  # NOTE [Eager runs beside a capture]
@@ -249,6 +251,17 @@ class AOTModule(nn.Module):
         flat = [*params.values(), *buffers.values(), *args]
         result = self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
         return self._bind(result) if type(result) is ReboundBuffers else result
+
+    # NOTE [Calls under torch.jit.trace]
+    # ``torch.jit.trace`` of a module holding a compiled module (or of the wrapper itself) records the ATen ops
+    # eager runs. It failed with ``IndexError: unordered_map::at`` where eager's trace succeeds (session 25): the
+    # tracer names modules by walking ``named_children``, which lists the wrapped module's children (NOTE
+    # [Children of the wrapper]), not the wrapper's own, so the module the traced graph called was unknown to it;
+    # and a compiled call would have been one autograd.Function (or, after a capture fallback, Dynamo) that the
+    # tracer cannot record. While the tracer builds its module map, ``named_children`` is the wrapper's own; a call
+    # under the tracer runs the wrapped module (``aot_module``), the function (``aot_function``) or the eager call
+    # (``aotcache.compile``'s router) as written, like a call under a capture (NOTE [Nested compiled functions]):
+    # nothing is captured, decided or counted, and a later plain call runs its compiled graph as before.
 
     # NOTE [Global module hooks and the wrapper]
     # A global module hook (``register_module_forward_hook`` / ``_pre_hook``) runs at every module call. Eager
@@ -424,7 +437,10 @@ class AOTModule(nn.Module):
         return self.orig_module.named_modules(memo, prefix, remove_duplicate)
 
     def named_children(self) -> Iterator:
-        """The wrapped module's children (NOTE [Children of the wrapper])."""
+        """The wrapped module's children (NOTE [Children of the wrapper]); the wrapper's own while
+        ``torch.jit.trace`` maps modules to names (NOTE [Calls under torch.jit.trace])."""
+        if getattr(torch.jit._trace, "_trace_module_map", None) is not None:
+            return super().named_children()
         return self.orig_module.named_children()
 
     # NOTE [Children of the wrapper]

@@ -1,0 +1,127 @@
+"""Session 25's hunt for programs eager runs and aotcache failed or changed (``torch.func`` over compiled code,
+odd inputs and contexts, module lifecycle): each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import aotcache
+from aotcache.aot.fallback import fallback_counts
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _input(seed: int) -> torch.Tensor:
+    return torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+
+
+class _Holder(nn.Module):
+    """A module that holds a compiled one, as a model holding a compiled block does."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 1
+
+
+def _wrap_module(route: str, module: nn.Module, cache: bool = False) -> nn.Module:
+    if route == "aot":
+        return aotcache.aot_module(module, fw_compiler="nop", cache=cache)
+    return aotcache.compile(module, compiler="nop", cache=cache)
+
+
+def _wrap_function(route: str, fn):
+    if route == "aot":
+        return aotcache.aot_function(fn, "nop", cache=False)
+    return aotcache.compile(fn, compiler="nop", cache=False)
+
+
+@pytest.mark.parametrize("called_before", (False, True), ids=("first_call_traced", "called_before"))
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_jit_trace_of_a_module_holding_a_compiled_module(route, called_before):
+    """NOTE [Calls under torch.jit.trace]: ``torch.jit.trace`` of a module holding a compiled module raised
+    ``IndexError: unordered_map::at`` (the wrapper listed the wrapped module's children to the tracer's module
+    map, and the capture fallback's Dynamo ran inside the tracer); the trace now records eager's ops, and the
+    compiled module keeps its graph for plain calls."""
+    model = _mlp()
+    compiled = _wrap_module(route, model)
+    if called_before:
+        compiled(_input(0))
+    traced = torch.jit.trace(_Holder(compiled), (_input(1),))
+    for seed in (2, 3):
+        torch.testing.assert_close(traced(_input(seed)), model(_input(seed)) + 1)
+    assert "aten::linear" in str(traced.inlined_graph)
+    out = compiled(_input(4))
+    out.sum().backward()
+    torch.testing.assert_close(out, model(_input(4)))
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_jit_trace_of_the_compiled_module_itself(route):
+    """NOTE [Calls under torch.jit.trace]: tracing the wrapper itself failed as above."""
+    model = _mlp()
+    traced = torch.jit.trace(_wrap_module(route, model), (_input(1),))
+    torch.testing.assert_close(traced(_input(2)), model(_input(2)))
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_jit_trace_of_a_function_calling_a_compiled_function(route):
+    """NOTE [Calls under torch.jit.trace]: a compiled function called before the trace (its signature on the
+    hot path) runs eagerly under the tracer, so the trace holds its ops, not a call of a compiled graph the
+    traced function could not run; the call under the tracer decides nothing for later plain calls."""
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(7))
+
+    def fn(x):
+        return (x @ weight).tanh() * 2
+
+    compiled = _wrap_function(route, fn)
+    torch.testing.assert_close(compiled(_input(0)), fn(_input(0)))
+    traced = torch.jit.trace(lambda x: compiled(x) + 1, (_input(1),))
+    assert "aten::tanh" in str(traced.graph)
+    torch.testing.assert_close(traced(_input(2)), fn(_input(2)) + 1)
+    before = dict(fallback_counts())
+    torch.testing.assert_close(compiled(_input(3)), fn(_input(3)))
+    assert fallback_counts() == before  # the plain call ran the compiled graph
+
+
+def test_jit_trace_does_not_load_a_stored_graph_by_fingerprint():
+    """NOTE [Calls under torch.jit.trace]: a warm ``aotcache.compile`` whose first call runs under the tracer
+    neither loads a stored graph (the fingerprint refuses an active tracer) nor fails the trace."""
+    first = aotcache.compile(_mlp(), compiler="nop")
+    first(_input(0)).sum().backward()
+    aotcache.reset()
+    model = _mlp()
+    traced = torch.jit.trace(_Holder(aotcache.compile(model, compiler="nop")), (_input(1),))
+    torch.testing.assert_close(traced(_input(2)), model(_input(2)) + 1)
+
+
+class _GraphBreak(nn.Module):
+    """A model whose data-dependent branch sends ``aotcache.compile`` the Dynamo way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        return h * 2 if h.sum() > 0 else h - 1
+
+
+def test_jit_trace_of_a_compiled_model_on_the_dynamo_way():
+    """NOTE [Calls under torch.jit.trace]: an ``aotcache.compile`` model that took the Dynamo way (a graph break)
+    ran Dynamo inside the tracer, which refuses it; the traced call is eager's (the branch is frozen by the tracer,
+    as in eager's trace)."""
+    model = _GraphBreak()
+    compiled = aotcache.compile(model, compiler="nop", cache=False)
+    compiled(_input(0))
+    assert compiled.route == "dynamo"
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(compiled, (_input(1),))
+    torch.testing.assert_close(traced(_input(1)), model(_input(1)))
