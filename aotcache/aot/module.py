@@ -70,6 +70,64 @@ _ORIG = "orig_module"
 _PREFIX = _ORIG + "."
 
 
+# NOTE [Registries written through the wrapper]
+# Library code edits a module's registries directly: torch.ao.quantization's ``quantize_dynamic`` / ``prepare_qat``
+# walk ``named_children()`` and write each swapped child with ``module._modules[name] = new``; ``prune``,
+# ``weight_norm`` and ``spectral_norm`` move a parameter with ``del module._parameters[name]``. Given the wrapper,
+# whose children are the wrapped module's (NOTE [Children of the wrapper]), the writes landed in the wrapper's own
+# dicts, which no forward reads: ``quantize_dynamic(aotcache.compile(model), inplace=True)`` left every Linear in
+# float and later calls gave the float model's results, silently, and a write of ``compiled._parameters["bias"]``
+# was dropped; the deletes raised ``KeyError`` where eager runs (session 25). The wrapper's ``_modules``,
+# ``_parameters`` and ``_buffers`` are :class:`_ForwardedRegistry` dicts: an item written or deleted under any name
+# but ``orig_module`` is written to (deleted from) the wrapped module's registry, and a name read with ``[]`` that
+# the wrapper does not hold is read there. Membership (``in``, ``get``, iteration) stays the wrapper's own, so
+# nn.Module's lookups and a parent's ``state_dict`` walk see what they saw before. Plain tensors set on the wrapper
+# go to the wrapped module as submodules and parameters do (``prune`` sets ``module.weight = weight_orig * mask``
+# from a forward pre-hook: the wrapped forward reads it).
+class _ForwardedRegistry(dict):
+    """One of the wrapper's registries (``_modules``, ``_parameters``, ``_buffers``), whose writes, deletes and
+    missing reads go to the wrapped module's registry of that name (NOTE [Registries written through the
+    wrapper])."""
+
+    __slots__ = ("children", "attribute")
+
+    def __init__(self, attribute: str, children: dict | None = None) -> None:
+        super().__init__()
+        self.attribute = attribute
+        self.children = self if children is None else children  # the wrapper's ``_modules``, holding the wrapped
+
+    def _target(self, name: str) -> dict | None:
+        """The wrapped module's registry for ``name``, or None where ``name`` is the wrapper's own."""
+        wrapped = dict.get(self.children, _ORIG)
+        if wrapped is None or name == _ORIG or dict.__contains__(self, name):
+            return None
+        return getattr(wrapped, self.attribute)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        target = self._target(name)
+        if target is None:
+            dict.__setitem__(self, name, value)
+        else:
+            target[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        target = self._target(name)
+        if target is None:
+            dict.__delitem__(self, name)
+        else:
+            del target[name]
+
+    def __missing__(self, name: str) -> Any:
+        target = self._target(name)
+        if target is None:
+            raise KeyError(name)
+        return target[name]
+
+    def pop(self, name: str, *default: Any) -> Any:
+        target = self._target(name)
+        return dict.pop(self, name, *default) if target is None else target.pop(name, *default)
+
+
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
     paths: dict[tuple, dict[str, str] | None] = {}
@@ -182,6 +240,9 @@ class AOTModule(nn.Module):
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         super().__init__()
+        children = _ForwardedRegistry("_modules")  # NOTE [Registries written through the wrapper]
+        self.__dict__.update(_modules=children, _parameters=_ForwardedRegistry("_parameters", children),
+                             _buffers=_ForwardedRegistry("_buffers", children))
         # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
         self.compiled = AOTFunction(_functional_module_call(module), options, services=services, cache=cache,
                                     on_capture_error=on_capture_error)
@@ -298,7 +359,8 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, nn.Parameter)))
+        # NOTE [Registries written through the wrapper]: a plain tensor too (``prune``'s ``module.weight = ...``)
+        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, torch.Tensor)))
         if (orig is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
                 and name in orig._parameters):  # NOTE [Tensors swapped in through the wrapper]
             orig._parameters[name] = value

@@ -125,3 +125,95 @@ def test_jit_trace_of_a_compiled_model_on_the_dynamo_way():
     with pytest.warns(torch.jit.TracerWarning):
         traced = torch.jit.trace(compiled, (_input(1),))
     torch.testing.assert_close(traced(_input(1)), model(_input(1)))
+
+
+def _linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_quantize_dynamic_of_the_compiled_model_quantizes_the_model(route):
+    """NOTE [Registries written through the wrapper]: ``quantize_dynamic(compiled, inplace=True)`` wrote the
+    quantized children into the wrapper's own ``_modules``; the wrapped model kept its float Linears and every
+    later call gave the float model's results, silently."""
+    import torch.ao.quantization as quantization
+
+    eager = _mlp()
+    quantization.quantize_dynamic(eager, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    model = _mlp()
+    compiled = _wrap_module(route, model)
+    compiled(_input(0))
+    quantization.quantize_dynamic(compiled, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    assert type(model[0]) is type(eager[0]) is torch.ao.nn.quantized.dynamic.Linear
+    for seed in (1, 2):
+        torch.testing.assert_close(compiled(_input(seed)), eager(_input(seed)))
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_children_and_parameters_written_into_the_registries(route):
+    """NOTE [Registries written through the wrapper]: ``compiled._modules[name] = new`` (a layer swap written as
+    library code writes it) and ``compiled._parameters[name] = p`` were dropped, silently."""
+    model = _mlp()
+    compiled = _wrap_module(route, model)
+    compiled(_input(0))
+    for name, child in list(compiled.named_children()):
+        if isinstance(child, nn.Tanh):
+            compiled._modules[name] = nn.Sigmoid()
+    assert isinstance(model[1], nn.Sigmoid) and "1" not in dict.keys(compiled._modules)
+    torch.testing.assert_close(compiled(_input(1)), model(_input(1)))
+    linear = _linear()
+    compiled_linear = _wrap_module(route, linear)
+    compiled_linear(_input(0))
+    compiled_linear._parameters["bias"] = nn.Parameter(torch.ones(3))
+    assert linear.bias is compiled_linear._parameters["bias"]
+    torch.testing.assert_close(compiled_linear(_input(1)), _input(1) @ linear.weight.t() + 1)
+    del compiled_linear._parameters["bias"]
+    assert "bias" not in linear._parameters
+
+
+def _prune(module):
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(module, "weight", amount=0.5)
+
+
+def _weight_norm(module):
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(module)
+
+
+@pytest.mark.parametrize("apply", (_prune, _weight_norm, nn.utils.spectral_norm), ids=("prune", "weight_norm",
+                                                                                       "spectral_norm"))
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_parameter_utilities_applied_to_the_compiled_module(route, apply):
+    """NOTE [Registries written through the wrapper]: ``prune`` / ``weight_norm`` / ``spectral_norm`` applied to
+    a compiled Linear raised ``KeyError: 'weight'`` (``del module._parameters[name]`` on the wrapper's empty
+    registry); they now edit the wrapped module as on the eager one, with eager's outputs and gradients."""
+    eager, model = _linear(), _linear()
+    compiled = _wrap_module(route, model)
+    compiled(_input(0))
+    torch.manual_seed(3)
+    apply(eager)
+    torch.manual_seed(3)
+    apply(compiled)
+    assert sorted(name for name, _ in compiled.named_parameters()) == sorted(
+        name for name, _ in eager.named_parameters())
+    for seed in (1, 2):
+        expected, out = eager(_input(seed)), compiled(_input(seed))
+        torch.testing.assert_close(out, expected)
+        expected.pow(2).sum().backward()
+        out.pow(2).sum().backward()
+    for (name, expected), (_, param) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(param.grad, expected.grad, msg=name)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="torch.nn.utils.parametrize on the wrapper itself: it "
+                   "checks the wrapper's own registries and swaps the wrapper's class; parametrize the wrapped "
+                   "module (compiled.orig_module) or its submodules instead (NOTE [Registries written through the "
+                   "wrapper])")
+def test_parametrize_applied_to_the_compiled_module():
+    model = _linear()
+    compiled = _wrap_module("aot", model)
+    nn.utils.parametrizations.weight_norm(compiled)
+    compiled(_input(1))
