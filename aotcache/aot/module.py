@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx._symbolic_trace as _symbolic_trace
 from torch import nn
 
 from aotcache.aot.api import AOTFunction
@@ -284,6 +285,8 @@ class AOTModule(nn.Module):
             return self.orig_module(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace]
             return self.orig_module(*args, **kwargs)
+        if _symbolic_trace._is_fx_tracing_flag:  # NOTE [Calls under FX's symbolic trace]: the wrapper is FX's root
+            return self.orig_module.forward(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
                 with self._gate.running():  # NOTE [Eager runs beside a capture]
@@ -331,7 +334,20 @@ class AOTModule(nn.Module):
     # ``o * 3`` gave 9x the module's output where eager gives 3x. So the wrapper's call runs its forward alone
     # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
     # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
+    # NOTE [Calls under FX's symbolic trace]
+    # ``torch.fx.symbolic_trace`` of a model holding a wrapper raised "module is not installed as a submodule": the
+    # tracer patches ``nn.Module.__call__`` and first looks the called module up in the root's ``named_modules()``,
+    # which lists the wrapped module under the wrapper's name, not the wrapper (its names are the model's). Traced
+    # as the root itself (torchvision's ``create_feature_extractor``), the forward met proxies, and the capture
+    # fallback's Dynamo refused FX ("symbolically trace a dynamo-optimized function"), where eager's trace succeeds
+    # (session 25). The wrapper's class keeps nn.Module's own ``__call__`` (so FX's patch does not see the
+    # wrapper); under the tracer the call goes to the wrapped module through that patch, found under the wrapper's
+    # name, and the root's forward traces the wrapped module's forward: the graph is eager's.
+    __call__ = nn.Module.__call__
+
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        if _symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
+            return self.orig_module(*args, **kwargs)  # NOTE [Calls under FX's symbolic trace]
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
                 or torch._C._get_tracing_state()):
             return nn.Module._call_impl(self, *args, **kwargs)

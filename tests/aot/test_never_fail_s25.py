@@ -217,3 +217,24 @@ def test_parametrize_applied_to_the_compiled_module():
     compiled = _wrap_module("aot", model)
     nn.utils.parametrizations.weight_norm(compiled)
     compiled(_input(1))
+
+
+@pytest.mark.parametrize("as_root", (False, True), ids=("held", "root"))
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_fx_symbolic_trace_of_a_compiled_module(route, as_root):
+    """NOTE [Calls under FX's symbolic trace]: ``torch.fx.symbolic_trace`` of a model holding a compiled module
+    raised "module is not installed as a submodule", and of the compiled module itself (torchvision's
+    ``create_feature_extractor`` traces its root) Dynamo's "symbolically trace a dynamo-optimized function"; the
+    graph is now eager's, with the model's module names."""
+    eager = _Holder(_mlp()) if not as_root else _mlp()
+    model = _mlp()
+    compiled = _wrap_module(route, model)
+    compiled(_input(0))
+    traced = torch.fx.symbolic_trace(compiled if as_root else _Holder(compiled))
+    expected = torch.fx.symbolic_trace(eager)
+    assert ([node.target for node in traced.graph.nodes if node.op == "call_module"]
+            == [node.target for node in expected.graph.nodes if node.op == "call_module"])
+    torch.testing.assert_close(traced(_input(1)), eager(_input(1)))
+    out = compiled(_input(2))
+    out.sum().backward()
+    torch.testing.assert_close(out, model(_input(2)))
