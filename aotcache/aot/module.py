@@ -129,6 +129,20 @@ class _ForwardedRegistry(dict):
         return dict.pop(self, name, *default) if target is None else target.pop(name, *default)
 
 
+def _registered_on_wrapped(name: str) -> Callable:
+    """The wrapper's ``nn.Module`` hook registration ``name``, registering on the wrapped module once the wrapper
+    has one (NOTE [State-dict hooks registered on the wrapper])."""
+    own = getattr(nn.Module, name)
+
+    def register(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        wrapped = self.__dict__.get("_modules", {}).get(_ORIG)
+        return own(self, *args, **kwargs) if wrapped is None else getattr(wrapped, name)(*args, **kwargs)
+
+    register.__name__ = register.__qualname__ = name
+    register.__doc__ = own.__doc__
+    return register
+
+
 def _functional_module_call(module: nn.Module) -> Callable:
     """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
     paths: dict[tuple, dict[str, str] | None] = {}
@@ -258,7 +272,7 @@ class AOTModule(nn.Module):
         self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
         self._routing_count = 0
         self.orig_module = module
-        self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
+        nn.Module._register_load_state_dict_pre_hook(self, _add_prefix, with_module=True)  # the wrapper's own
         self.training = module.training
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
         self.__class__ = _class_standing_for(type(self), type(module))  # NOTE [The wrapper's class]
@@ -545,6 +559,21 @@ class AOTModule(nn.Module):
         self.orig_module.apply(fn)
         fn(self)
         return self
+
+    # NOTE [State-dict hooks registered on the wrapper]
+    # ``state_dict`` and ``load_state_dict`` are the wrapped module's (below), so hooks registered on the wrapper
+    # (``register_state_dict_pre_hook``, ``_register_state_dict_hook``, ``register_load_state_dict_pre_hook`` /
+    # ``_post_hook``, ...) never ran: a hook adding or renaming keys was skipped silently, and a load pre-hook
+    # that drops a stale key left ``load_state_dict`` raising where eager loads (session 25). They register on the
+    # wrapped module, which runs them (a hook's ``module`` argument is the wrapped module), and the handle removes
+    # them there. The wrapper's own key-mapping hook (``_add_prefix``) is registered with nn.Module's method, on
+    # the wrapper.
+    register_state_dict_pre_hook = _registered_on_wrapped("register_state_dict_pre_hook")
+    register_state_dict_post_hook = _registered_on_wrapped("register_state_dict_post_hook")
+    _register_state_dict_hook = _registered_on_wrapped("_register_state_dict_hook")
+    register_load_state_dict_pre_hook = _registered_on_wrapped("register_load_state_dict_pre_hook")
+    _register_load_state_dict_pre_hook = _registered_on_wrapped("_register_load_state_dict_pre_hook")
+    register_load_state_dict_post_hook = _registered_on_wrapped("register_load_state_dict_post_hook")
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The wrapped module's ``state_dict`` (same keys, also when the wrapper is a submodule)."""

@@ -238,3 +238,54 @@ def test_fx_symbolic_trace_of_a_compiled_module(route, as_root):
     out = compiled(_input(2))
     out.sum().backward()
     torch.testing.assert_close(out, model(_input(2)))
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_state_dict_hooks_registered_on_the_compiled_module_run(route):
+    """NOTE [State-dict hooks registered on the wrapper]: ``state_dict`` / ``load_state_dict`` are the wrapped
+    module's, so hooks registered on the wrapper never ran: a key added by a state-dict hook was missing, silently,
+    and a load pre-hook dropping a stale key left ``load_state_dict`` raising where eager loads."""
+    seen = []
+
+    def add_key(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "step"] = torch.tensor(7)
+
+    def drop_stale(module, state_dict, prefix, *args):
+        seen.append("pre")
+        state_dict.pop(prefix + "stale", None)
+
+    def after_load(module, incompatible_keys):
+        seen.append("post")
+
+    def hooked(module):
+        module._register_state_dict_hook(add_key)
+        module.register_state_dict_pre_hook(lambda module, prefix, keep_vars: seen.append("state_dict"))
+        module.register_load_state_dict_pre_hook(drop_stale)
+        return module.register_load_state_dict_post_hook(after_load)
+
+    eager, model = _mlp(), _mlp()
+    compiled = _wrap_module(route, model)
+    compiled(_input(0))
+    hooked(eager)
+    handle = hooked(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert seen == ["state_dict"] * 2
+    saved = {**_mlp(5).state_dict(), "stale": torch.ones(1)}
+    eager.load_state_dict(saved)
+    compiled.load_state_dict(saved)
+    assert seen[2:] == ["pre", "post"] * 2
+    torch.testing.assert_close(compiled(_input(1)), eager(_input(1)))
+    handle.remove()
+    compiled.load_state_dict(saved)
+    assert seen[-1] == "pre"
+
+
+def test_state_dict_of_a_model_holding_a_compiled_module_keeps_its_keys():
+    """The wrapper's own key-mapping load hook stays the wrapper's (NOTE [State-dict hooks registered on the
+    wrapper]): a parent's checkpoint loads into a parent holding a compiled module, both ways."""
+    eager = _Holder(_mlp(3))
+    holder = _Holder(aotcache.compile(_mlp(), compiler="nop", cache=False))
+    holder(_input(0))
+    assert list(holder.state_dict()) == list(eager.state_dict())
+    holder.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(holder(_input(1)), eager(_input(1)))
