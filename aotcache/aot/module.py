@@ -528,6 +528,15 @@ class AOTModule(nn.Module):
         ``orig_module.``); the wrapper itself is not listed."""
         return self.orig_module.named_modules(memo, prefix, remove_duplicate)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
+        """The wrapped module's parameters, also with ``recurse=False`` (its own: the wrapper's registry is empty,
+        and ``compiled.parameters(recurse=False)`` of a wrapped ``Linear`` listed none; session 25)."""
+        return self.orig_module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
+        """The wrapped module's buffers, also with ``recurse=False`` (as :meth:`named_parameters`)."""
+        return self.orig_module.named_buffers(prefix, recurse, remove_duplicate)
+
     def named_children(self) -> Iterator:
         """The wrapped module's children (NOTE [Children of the wrapper]); the wrapper's own while
         ``torch.jit.trace`` maps modules to names (NOTE [Calls under torch.jit.trace])."""

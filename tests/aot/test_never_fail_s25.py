@@ -289,3 +289,17 @@ def test_state_dict_of_a_model_holding_a_compiled_module_keeps_its_keys():
     assert list(holder.state_dict()) == list(eager.state_dict())
     holder.load_state_dict(eager.state_dict())
     torch.testing.assert_close(holder(_input(1)), eager(_input(1)))
+
+
+@pytest.mark.parametrize("route", ("aot", "compile"))
+def test_own_parameters_and_buffers_of_the_compiled_module(route):
+    """``compiled.named_parameters(recurse=False)`` / ``named_buffers(recurse=False)`` of a wrapped layer listed
+    nothing (the wrapper's own registries), where eager lists the layer's own tensors."""
+    eager, model = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    compiled = _wrap_module(route, model)
+    for recurse in (False, True):
+        assert ([name for name, _ in compiled.named_parameters(recurse=recurse)]
+                == [name for name, _ in eager.named_parameters(recurse=recurse)])
+        assert ([name for name, _ in compiled.named_buffers(recurse=recurse)]
+                == [name for name, _ in eager.named_buffers(recurse=recurse)])
+    assert all(a is b for a, b in zip(compiled.parameters(recurse=False), model.parameters(recurse=False)))
