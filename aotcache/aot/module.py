@@ -341,13 +341,6 @@ class AOTModule(nn.Module):
     # (``aotcache.compile``'s router) as written, like a call under a capture (NOTE [Nested compiled functions]):
     # nothing is captured, decided or counted, and a later plain call runs its compiled graph as before.
 
-    # NOTE [Global module hooks and the wrapper]
-    # A global module hook (``register_module_forward_hook`` / ``_pre_hook``) runs at every module call. Eager
-    # runs it around the wrapped module and its submodules, and so does the captured graph (the capture traces
-    # them, and the program guards hold the hooks by identity). Run around the wrapper too, it ran once more:
-    # ``o * 3`` gave 9x the module's output where eager gives 3x. So the wrapper's call runs its forward alone
-    # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
-    # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
     # NOTE [Calls under FX's symbolic trace]
     # ``torch.fx.symbolic_trace`` of a model holding a wrapper raised "module is not installed as a submodule": the
     # tracer patches ``nn.Module.__call__`` and first looks the called module up in the root's ``named_modules()``,
@@ -359,6 +352,13 @@ class AOTModule(nn.Module):
     # name, and the root's forward traces the wrapped module's forward: the graph is eager's.
     __call__ = nn.Module.__call__
 
+    # NOTE [Global module hooks and the wrapper]
+    # A global module hook (``register_module_forward_hook`` / ``_pre_hook``) runs at every module call. Eager
+    # runs it around the wrapped module and its submodules, and so does the captured graph (the capture traces
+    # them, and the program guards hold the hooks by identity). Run around the wrapper too, it ran once more:
+    # ``o * 3`` gave 9x the module's output where eager gives 3x. So the wrapper's call runs its forward alone
+    # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
+    # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
         if _symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
             return self.orig_module(*args, **kwargs)  # NOTE [Calls under FX's symbolic trace]
