@@ -22,6 +22,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from aotcache import config
@@ -132,6 +133,8 @@ class _Router:
         """Run the call the chosen way; the first call (and a later capture failure) chooses. ``eager_call`` runs
         the call as written (the route "eager", NOTE [Captures that fail where eager may run])."""
         if stance_forces_eager():  # NOTE [torch.compiler.set_stance]
+            return eager_call()
+        if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace] (aot/module.py)
             return eager_call()
         route = self.route
         if route == DYNAMO:

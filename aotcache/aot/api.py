@@ -154,6 +154,8 @@ class AOTFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() and tracing_in_this_thread():  # NOTE [Nested compiled functions] (module.py)
             return self.fn(*args, **kwargs)
+        if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace] (module.py)
+            return self.fn(*args, **kwargs)
         return self.call_structured(simple_structure(args, kwargs), args, args, kwargs)
 
     def call_structured(self, structure: Any, flat_if_simple: Sequence[Any], args: tuple, kwargs: dict,

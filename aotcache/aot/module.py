@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx._symbolic_trace as _symbolic_trace
 from torch import nn
 
 from aotcache.aot.api import AOTFunction
@@ -68,6 +69,78 @@ __all__ = ["AOTModule"]
 
 _ORIG = "orig_module"
 _PREFIX = _ORIG + "."
+
+
+# NOTE [Registries written through the wrapper]
+# Library code edits a module's registries directly: torch.ao.quantization's ``quantize_dynamic`` / ``prepare_qat``
+# walk ``named_children()`` and write each swapped child with ``module._modules[name] = new``; ``prune``,
+# ``weight_norm`` and ``spectral_norm`` move a parameter with ``del module._parameters[name]``. Given the wrapper,
+# whose children are the wrapped module's (NOTE [Children of the wrapper]), the writes landed in the wrapper's own
+# dicts, which no forward reads: ``quantize_dynamic(aotcache.compile(model), inplace=True)`` left every Linear in
+# float and later calls gave the float model's results, silently, and a write of ``compiled._parameters["bias"]``
+# was dropped; the deletes raised ``KeyError`` where eager runs (session 25). The wrapper's ``_modules``,
+# ``_parameters`` and ``_buffers`` are :class:`_ForwardedRegistry` dicts: an item written or deleted under any name
+# but ``orig_module`` is written to (deleted from) the wrapped module's registry, and a name read with ``[]`` that
+# the wrapper does not hold is read there. Membership (``in``, ``get``, iteration) stays the wrapper's own, so
+# nn.Module's lookups and a parent's ``state_dict`` walk see what they saw before. Plain tensors set on the wrapper
+# go to the wrapped module as submodules and parameters do (``prune`` sets ``module.weight = weight_orig * mask``
+# from a forward pre-hook: the wrapped forward reads it).
+class _ForwardedRegistry(dict):
+    """One of the wrapper's registries (``_modules``, ``_parameters``, ``_buffers``), whose writes, deletes and
+    missing reads go to the wrapped module's registry of that name (NOTE [Registries written through the
+    wrapper])."""
+
+    __slots__ = ("children", "attribute")
+
+    def __init__(self, attribute: str, children: dict | None = None) -> None:
+        super().__init__()
+        self.attribute = attribute
+        self.children = self if children is None else children  # the wrapper's ``_modules``, holding the wrapped
+
+    def _target(self, name: str) -> dict | None:
+        """The wrapped module's registry for ``name``, or None where ``name`` is the wrapper's own."""
+        wrapped = dict.get(self.children, _ORIG)
+        if wrapped is None or name == _ORIG or dict.__contains__(self, name):
+            return None
+        return getattr(wrapped, self.attribute)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        target = self._target(name)
+        if target is None:
+            dict.__setitem__(self, name, value)
+        else:
+            target[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        target = self._target(name)
+        if target is None:
+            dict.__delitem__(self, name)
+        else:
+            del target[name]
+
+    def __missing__(self, name: str) -> Any:
+        target = self._target(name)
+        if target is None:
+            raise KeyError(name)
+        return target[name]
+
+    def pop(self, name: str, *default: Any) -> Any:
+        target = self._target(name)
+        return dict.pop(self, name, *default) if target is None else target.pop(name, *default)
+
+
+def _registered_on_wrapped(name: str) -> Callable:
+    """The wrapper's ``nn.Module`` hook registration ``name``, registering on the wrapped module once the wrapper
+    has one (NOTE [State-dict hooks registered on the wrapper])."""
+    own = getattr(nn.Module, name)
+
+    def register(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        wrapped = self.__dict__.get("_modules", {}).get(_ORIG)
+        return own(self, *args, **kwargs) if wrapped is None else getattr(wrapped, name)(*args, **kwargs)
+
+    register.__name__ = register.__qualname__ = name
+    register.__doc__ = own.__doc__
+    return register
 
 
 def _functional_module_call(module: nn.Module) -> Callable:
@@ -182,6 +255,9 @@ class AOTModule(nn.Module):
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         super().__init__()
+        children = _ForwardedRegistry("_modules")  # NOTE [Registries written through the wrapper]
+        self.__dict__.update(_modules=children, _parameters=_ForwardedRegistry("_parameters", children),
+                             _buffers=_ForwardedRegistry("_buffers", children))
         # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
         self.compiled = AOTFunction(_functional_module_call(module), options, services=services, cache=cache,
                                     on_capture_error=on_capture_error)
@@ -196,7 +272,7 @@ class AOTModule(nn.Module):
         self._routing_lock = threading.RLock()  # NOTE [Methods run the compiled forward]
         self._routing_count = 0
         self.orig_module = module
-        self._register_load_state_dict_pre_hook(_add_prefix, with_module=True)
+        nn.Module._register_load_state_dict_pre_hook(self, _add_prefix, with_module=True)  # the wrapper's own
         self.training = module.training
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
         self.__class__ = _class_standing_for(type(self), type(module))  # NOTE [The wrapper's class]
@@ -221,6 +297,10 @@ class AOTModule(nn.Module):
         # torch.compile inlines a compiled region: its own signature, guards and cache would meet trace tensors
         if torch.compiler.is_compiling() and tracing_in_this_thread():
             return self.orig_module(*args, **kwargs)
+        if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace]
+            return self.orig_module(*args, **kwargs)
+        if _symbolic_trace._is_fx_tracing_flag:  # NOTE [Calls under FX's symbolic trace]: the wrapper is FX's root
+            return self.orig_module.forward(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
                 with self._gate.running():  # NOTE [Eager runs beside a capture]
@@ -250,6 +330,28 @@ class AOTModule(nn.Module):
         result = self.compiled.call_structured(structure, flat, (params, buffers, *args), kwargs, extra=settings)
         return self._bind(result) if type(result) is ReboundBuffers else result
 
+    # NOTE [Calls under torch.jit.trace]
+    # ``torch.jit.trace`` of a module holding a compiled module (or of the wrapper itself) records the ATen ops
+    # eager runs. It failed with ``IndexError: unordered_map::at`` where eager's trace succeeds (session 25): the
+    # tracer names modules by walking ``named_children``, which lists the wrapped module's children (NOTE
+    # [Children of the wrapper]), not the wrapper's own, so the module the traced graph called was unknown to it;
+    # and a compiled call would have been one autograd.Function (or, after a capture fallback, Dynamo) that the
+    # tracer cannot record. While the tracer builds its module map, ``named_children`` is the wrapper's own; a call
+    # under the tracer runs the wrapped module (``aot_module``), the function (``aot_function``) or the eager call
+    # (``aotcache.compile``'s router) as written, like a call under a capture (NOTE [Nested compiled functions]):
+    # nothing is captured, decided or counted, and a later plain call runs its compiled graph as before.
+
+    # NOTE [Calls under FX's symbolic trace]
+    # ``torch.fx.symbolic_trace`` of a model holding a wrapper raised "module is not installed as a submodule": the
+    # tracer patches ``nn.Module.__call__`` and first looks the called module up in the root's ``named_modules()``,
+    # which lists the wrapped module under the wrapper's name, not the wrapper (its names are the model's). Traced
+    # as the root itself (torchvision's ``create_feature_extractor``), the forward met proxies, and the capture
+    # fallback's Dynamo refused FX ("symbolically trace a dynamo-optimized function"), where eager's trace succeeds
+    # (session 25). The wrapper's class keeps nn.Module's own ``__call__`` (so FX's patch does not see the
+    # wrapper); under the tracer the call goes to the wrapped module through that patch, found under the wrapper's
+    # name, and the root's forward traces the wrapped module's forward: the graph is eager's.
+    __call__ = nn.Module.__call__
+
     # NOTE [Global module hooks and the wrapper]
     # A global module hook (``register_module_forward_hook`` / ``_pre_hook``) runs at every module call. Eager
     # runs it around the wrapped module and its submodules, and so does the captured graph (the capture traces
@@ -258,6 +360,8 @@ class AOTModule(nn.Module):
     # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
     # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        if _symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
+            return self.orig_module(*args, **kwargs)  # NOTE [Calls under FX's symbolic trace]
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
                 or torch._C._get_tracing_state()):
             return nn.Module._call_impl(self, *args, **kwargs)
@@ -285,7 +389,8 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, nn.Parameter)))
+        # NOTE [Registries written through the wrapper]: a plain tensor too (``prune``'s ``module.weight = ...``)
+        orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, torch.Tensor)))
         if (orig is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
                 and name in orig._parameters):  # NOTE [Tensors swapped in through the wrapper]
             orig._parameters[name] = value
@@ -423,8 +528,20 @@ class AOTModule(nn.Module):
         ``orig_module.``); the wrapper itself is not listed."""
         return self.orig_module.named_modules(memo, prefix, remove_duplicate)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
+        """The wrapped module's parameters, also with ``recurse=False`` (its own: the wrapper's registry is empty,
+        and ``compiled.parameters(recurse=False)`` of a wrapped ``Linear`` listed none; session 25)."""
+        return self.orig_module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator:
+        """The wrapped module's buffers, also with ``recurse=False`` (as :meth:`named_parameters`)."""
+        return self.orig_module.named_buffers(prefix, recurse, remove_duplicate)
+
     def named_children(self) -> Iterator:
-        """The wrapped module's children (NOTE [Children of the wrapper])."""
+        """The wrapped module's children (NOTE [Children of the wrapper]); the wrapper's own while
+        ``torch.jit.trace`` maps modules to names (NOTE [Calls under torch.jit.trace])."""
+        if getattr(torch.jit._trace, "_trace_module_map", None) is not None:
+            return super().named_children()
         return self.orig_module.named_children()
 
     # NOTE [Children of the wrapper]
@@ -451,6 +568,21 @@ class AOTModule(nn.Module):
         self.orig_module.apply(fn)
         fn(self)
         return self
+
+    # NOTE [State-dict hooks registered on the wrapper]
+    # ``state_dict`` and ``load_state_dict`` are the wrapped module's (below), so hooks registered on the wrapper
+    # (``register_state_dict_pre_hook``, ``_register_state_dict_hook``, ``register_load_state_dict_pre_hook`` /
+    # ``_post_hook``, ...) never ran: a hook adding or renaming keys was skipped silently, and a load pre-hook
+    # that drops a stale key left ``load_state_dict`` raising where eager loads (session 25). They register on the
+    # wrapped module, which runs them (a hook's ``module`` argument is the wrapped module), and the handle removes
+    # them there. The wrapper's own key-mapping hook (``_add_prefix``) is registered with nn.Module's method, on
+    # the wrapper.
+    register_state_dict_pre_hook = _registered_on_wrapped("register_state_dict_pre_hook")
+    register_state_dict_post_hook = _registered_on_wrapped("register_state_dict_post_hook")
+    _register_state_dict_hook = _registered_on_wrapped("_register_state_dict_hook")
+    register_load_state_dict_pre_hook = _registered_on_wrapped("register_load_state_dict_pre_hook")
+    _register_load_state_dict_pre_hook = _registered_on_wrapped("_register_load_state_dict_pre_hook")
+    register_load_state_dict_post_hook = _registered_on_wrapped("register_load_state_dict_post_hook")
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The wrapped module's ``state_dict`` (same keys, also when the wrapper is a submodule)."""
