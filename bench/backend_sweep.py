@@ -9,6 +9,8 @@
     python bench/backend_sweep.py --with-compile --attn sdpa --out bench/results/hf_attn_sweep.json Llama Bert
                                                        # another attention implementation (row "Llama+sdpa")
     python bench/backend_sweep.py --with-compile --no-aot-eager Llama   # without the aot_eager yardstick
+    python bench/backend_sweep.py --with-compile --no-aot-eager --steps 2 --no-generate --attn sdpa Bert
+                                                       # a quick row: two steps at one shape, no generate
 
 Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
 (``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
@@ -102,6 +104,8 @@ arch, head, kind, way, gen = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4],
 compiler = sys.argv[7]
 extra = json.loads(sys.argv[9])
 attn = sys.argv[10]
+steps = int(sys.argv[11])  # 3: the third on a longer sequence / larger batch; fewer: one shape only (--steps)
+gen = gen and sys.argv[12] == "1"  # --no-generate
 # NOTE [Flex attention on CPU]: torch has no CPU backward for flex_attention, so its rows run the three steps as
 # no-grad forwards (losses compared, no optimizer); and run eagerly, transformers' CPU flex kernel gives other
 # numbers on every call (NaN on some), so the eager reference is the same model on eager attention
@@ -169,7 +173,7 @@ try:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if not train:
         model.eval()
-    for step in range(3):
+    for step in range(steps):
         t0 = time.perf_counter()
         with torch.set_grad_enabled(train):
             res = compiled(**inputs(step))
@@ -273,11 +277,12 @@ def _cmp(a, b) -> float | None:
 # one seed so that "warm: traces" measures the cache, not the draw; run with PYTHONHASHSEED set to choose another.
 
 
-def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, attn: str = "eager") -> dict:
+def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, attn: str = "eager", steps: int = 3,
+              generate: bool = True) -> dict:
     import torch
 
     head, kind, gen = MODELS[arch]
-    row: dict = {"arch": arch, "compiler": compiler, "attn": attn}
+    row: dict = {"arch": arch, "compiler": compiler, "attn": attn, "steps": steps, "generate": generate and gen}
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = os.path.join(tmp, "cache")
         env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
@@ -290,7 +295,8 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, at
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
                                    str(REPO), "1" if gen else "0", compiler, path,
-                                   json.dumps(CONFIG_EXTRAS.get(arch, {})), attn], env=env,
+                                   json.dumps(CONFIG_EXTRAS.get(arch, {})), attn, str(steps),
+                                   "1" if generate else "0"], env=env,
                                   capture_output=True, text=True, timeout=900)
             wall = time.perf_counter() - t0
             print(f"  {arch} {way}: {wall:.0f} s, rc {proc.returncode}", flush=True)  # progress of a long row
@@ -401,6 +407,11 @@ def main(argv: list[str]) -> None:
     if "--attn" in argv:  # an attention implementation: eager (default), sdpa, flex_attention
         attn = argv[argv.index("--attn") + 1]
         argv = argv[:argv.index("--attn")] + argv[argv.index("--attn") + 2:]
+    steps = 3
+    if "--steps" in argv:  # fewer training steps, one shape (the third step is the dynamic recompile)
+        steps = int(argv[argv.index("--steps") + 1])
+        argv = argv[:argv.index("--steps")] + argv[argv.index("--steps") + 2:]
+    generate = "--no-generate" not in argv
     ways = WAYS if "--with-compile" in argv else BACKEND_WAYS
     if "--no-aot-eager" in argv:  # the yardstick only matters where a way differs from eager; it costs a Dynamo run
         ways = tuple(way for way in ways if way != "aot_eager")
@@ -416,7 +427,7 @@ def main(argv: list[str]) -> None:
     for arch in archs:
         for compiler in (["nop", "default"] if inductor else ["nop"]):
             t0 = time.perf_counter()
-            row = run_model(arch, compiler, ways, attn)
+            row = run_model(arch, compiler, ways, attn, steps, generate)
             key = arch if compiler == "nop" else f"{arch}+{compiler}"
             key = key if attn == "eager" else f"{key}+{attn}"
             results[key] = row
