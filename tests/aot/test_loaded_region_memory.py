@@ -8,10 +8,21 @@ import copy
 import gc
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
 from aotcache.autograd_cache.cache import default_cache
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Dynamo remembers, per code object, the shapes it saw (automatic dynamic): an ``nn.Linear`` called at other
+    batch sizes by earlier tests in the process made this file's first compile dynamic and the compile after
+    ``torch._dynamo.reset()`` static, two keys, no hit. Each test starts from a Dynamo that saw nothing."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _call_then_forget(model_factory):
