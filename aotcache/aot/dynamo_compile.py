@@ -14,16 +14,14 @@ imported.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["stance_forces_eager", "torch_compile", "torch_compiled_callables_as_python"]
+__all__ = ["stance_forces_eager", "torch_compile"]
 
 
 def _is_torch_own(function: Any) -> bool:
@@ -59,57 +57,4 @@ def stance_forces_eager() -> bool:
     """Whether ``torch.compiler.set_stance("force_eager")`` is in effect (NOTE [torch.compiler.set_stance])."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     stance = getattr(eval_frame, "_stance", None)
-    if _captures_forcing_eager:  # the stance is a capture's own (NOTE [torch.compile-d callables inside a capture])
-        stance = _stance_before_captures
     return getattr(stance, "stance", None) == "force_eager"
-
-
-# NOTE [torch.compile-d callables inside a capture]
-# A forward may call a torch.compile-d callable, compiled where it is called: transformers' flex_attention masks
-# call torch.compile(create_block_mask)(...) inside the model's forward. torch's own tracers run such a callable's
-# Python (make_fx and export skip Dynamo while they trace), but they recognise themselves through flags that
-# aotcache's capture cannot set alone: is_fx_symbolic_tracing() is False while torch.compiler.is_compiling() is
-# True (NOTE [is_compiling during capture]). So Dynamo compiled the callable on the capture's fake tensors (its
-# tensors came from a closure, not arguments) and ran the compiled code on them: Inductor's kernels read the
-# fake tensors' memory, and Llama with attn_implementation="flex_attention" under aotcache.compile ended the
-# process with a segmentation fault in its first generate; with other backends Dynamo traced aotcache's own
-# capture modes. A capture now runs with Dynamo's stance "force_eager", so a torch.compile-d callable runs its
-# Python and is captured as part of the call, as torch's tracers do (aotcache's own wrappers are inlined anyway:
-# NOTE [Nested compiled functions]). Dynamo's stance is one for the process: while a capture runs, other
-# threads' torch.compile-d callables run eagerly too (eager's results), and the first capture to start sets it
-# and the last to end restores the stance before them. aotcache.compile keeps following the caller's stance,
-# not this one (stance_forces_eager). Where Dynamo refuses the change (a capture started inside a running
-# Dynamo frame) the capture goes on as before.
-_stance_lock = threading.Lock()
-_captures_forcing_eager = 0
-_stance_before_captures: Any = None
-_stance_setter: Any = None
-
-
-@contextlib.contextmanager
-def torch_compiled_callables_as_python() -> Iterator[None]:
-    """Run torch.compile-d callables as their Python while a capture traces (NOTE [torch.compile-d callables
-    inside a capture])."""
-    global _captures_forcing_eager, _stance_before_captures, _stance_setter
-    entered = False
-    try:
-        with _stance_lock:
-            if _captures_forcing_eager == 0:
-                eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-                before = getattr(eval_frame, "_stance", None)
-                try:
-                    setter = torch.compiler.set_stance("force_eager")  # sets the stance as it is made
-                except RuntimeError:  # inside a running torch.compile region: Dynamo refuses a stance change
-                    setter = None
-                if setter is not None:
-                    _stance_before_captures, _stance_setter = before, setter
-            if _captures_forcing_eager or _stance_setter is not None:
-                _captures_forcing_eager, entered = _captures_forcing_eager + 1, True
-        yield
-    finally:
-        if entered:
-            with _stance_lock:
-                _captures_forcing_eager -= 1
-                if _captures_forcing_eager == 0:
-                    setter, _stance_setter, _stance_before_captures = _stance_setter, None, None
-                    setter.__exit__(None, None, None)  # the stance before the first capture

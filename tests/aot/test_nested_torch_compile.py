@@ -12,7 +12,16 @@ import pytest
 import torch
 
 import aotcache
-from aotcache.aot.dynamo_compile import stance_forces_eager, torch_compiled_callables_as_python
+from aotcache.aot.dynamo_compile import stance_forces_eager
+
+# NOTE: a capture used to set Dynamo's stance "force_eager" so these callables ran their Python; that broke
+# torch.cond inside a capture (torch's cond compiles its branches with Dynamo: under force_eager its eager
+# autograd path fails in torch, "object of type 'bool' has no len()") and changed other threads'
+# torch.compile (session 25, found by the final CI), so it was taken out: a known gap.
+_NESTED_GAP = pytest.mark.xfail(strict=True, reason=(
+    "known gap: a torch.compile-d callable inside a captured forward is compiled by Dynamo on the capture's "
+    "fake tensors (Llama + flex_attention generate through aotcache.compile segfaults); the stance-based fix "
+    "broke torch.cond inside a capture and was taken out"))
 
 
 def _scaled_rows(row_fn, n):
@@ -46,6 +55,7 @@ class CompilesInside(torch.nn.Module):
         return (rows * 2).sum()
 
 
+@_NESTED_GAP
 def test_a_torch_compiled_helper_inside_a_captured_forward_is_captured_not_compiled_on_fake_tensors():
     """Found: Dynamo compiled the helper during the capture, on the capture's FunctionalTensors (and Inductor's
     kernels then read the fake tensors' memory: Llama + flex_attention ended the process in a segmentation fault).
@@ -66,8 +76,7 @@ def test_a_torch_compiled_helper_inside_a_captured_forward_is_captured_not_compi
 
 
 def test_the_callers_stance_is_kept_and_restored_around_a_capture():
-    """A capture under the caller's own stance captures (its "force_eager" is not read as the caller's
-    ``set_stance("force_eager")``) and leaves the caller's stance as it was."""
+    """A capture under the caller's own stance captures and leaves the caller's stance as it was."""
     backend = RecordingBackend()
     with torch.compiler.set_stance("eager_on_recompile"):
         model = CompilesInside(backend)
@@ -77,22 +86,6 @@ def test_the_callers_stance_is_kept_and_restored_around_a_capture():
     assert torch._dynamo.eval_frame._stance.stance == "default"
     assert wrapped.route == "aot" and backend.calls == []
     assert torch.equal(out.detach(), model(torch.ones(3, 4)).detach())
-
-
-def test_overlapping_captures_restore_the_stance_before_the_first_when_the_last_ends():
-    """Two captures (two threads) overlap: the first to start sets "force_eager", the last to end restores the
-    stance from before the first, whatever order they end in; meanwhile aotcache.compile reads the caller's."""
-    stance = lambda: torch._dynamo.eval_frame._stance.stance  # noqa: E731
-    first, second = torch_compiled_callables_as_python(), torch_compiled_callables_as_python()
-    with torch.compiler.set_stance("eager_on_recompile"):
-        first.__enter__()
-        second.__enter__()
-        assert stance() == "force_eager" and not stance_forces_eager()
-        first.__exit__(None, None, None)
-        assert stance() == "force_eager"
-        second.__exit__(None, None, None)
-        assert stance() == "eager_on_recompile"
-    assert stance() == "default"
 
 
 def test_the_callers_force_eager_stance_still_runs_aotcache_compile_eagerly():
@@ -130,6 +123,9 @@ print("ok")
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "known gap (see _NESTED_GAP): Inductor's kernels read the capture's fake tensors; whether that ends in a "
+    "segmentation fault depends on the memory read, so not strict"))
 def test_llama_flex_attention_generate_through_aotcache_compile_equals_eager_attention(tmp_path):
     """The bug as found: Llama with ``attn_implementation="flex_attention"`` (its mask built by
     ``torch.compile(create_block_mask)`` inside the forward), greedy ``generate`` through ``aotcache.compile``
