@@ -33,6 +33,7 @@ import contextlib
 import copy
 import functools
 import logging
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -127,6 +128,16 @@ class _ForwardedRegistry(dict):
     def pop(self, name: str, *default: Any) -> Any:
         target = self._target(name)
         return dict.pop(self, name, *default) if target is None else target.pop(name, *default)
+
+
+def _fx_symbolic_trace_running() -> bool:
+    """Whether a user's ``torch.fx.symbolic_trace`` runs: FX's tracing flag is process-wide and make_fx (another
+    thread's capture) sets it too, so a make_fx trace in progress is not one (NOTE [Calls under FX's symbolic
+    trace])."""
+    if not _symbolic_trace._is_fx_tracing_flag:
+        return False
+    proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")
+    return getattr(proxy_tensor, "_CURRENT_MAKE_FX_TRACER", None) is None
 
 
 def _registered_on_wrapped(name: str) -> Callable:
@@ -299,7 +310,7 @@ class AOTModule(nn.Module):
             return self.orig_module(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace]
             return self.orig_module(*args, **kwargs)
-        if _symbolic_trace._is_fx_tracing_flag:  # NOTE [Calls under FX's symbolic trace]: the wrapper is FX's root
+        if _fx_symbolic_trace_running():  # NOTE [Calls under FX's symbolic trace]: the wrapper is FX's root
             return self.orig_module.forward(*args, **kwargs)
         if self._lazy:
             if has_uninitialized_parameters(self.orig_module):
@@ -360,7 +371,7 @@ class AOTModule(nn.Module):
     # unless the wrapper has hooks of its own (then nn.Module's call runs them, and the global hooks with them)
     # or TorchScript traces it. Global backward hooks send the module to the fallback (module_refusals.py).
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
-        if _symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
+        if _fx_symbolic_trace_running() and not torch.compiler.is_compiling():
             return self.orig_module(*args, **kwargs)  # NOTE [Calls under FX's symbolic trace]
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
                 or torch._C._get_tracing_state()):
