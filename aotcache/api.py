@@ -252,13 +252,9 @@ def aot_module_simplified(mod: nn.Module, args: Sequence[Any], fw_compiler: Call
                             f"pre_grad_passes(gm, example_inputs) -> gm, got {type(pre_grad_passes).__name__}")
         if isinstance(mod, torch.fx.GraphModule):
             mod = pre_grad_passes(mod, args)
-    if on_capture_error == "raise":
-        return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)
     try:
         return compile_dynamo_graph(mod, args, options, services=SERVICES, cache=cache)
-    except CaptureError as exc:
-        return eager_module_simplified(mod, exc)
-    except Exception as exc:
-        if not is_trace_failure(exc):
+    except Exception as exc:  # NOTE [Modules aot_module_simplified cannot capture] in aot/fallback.py
+        if on_capture_error == "raise" or not (isinstance(exc, CaptureError) or is_trace_failure(exc)):
             raise
-        return eager_module_simplified(mod, trace_failure_error(exc))
+        return eager_module_simplified(mod, exc if isinstance(exc, CaptureError) else trace_failure_error(exc))

@@ -124,66 +124,67 @@ _BASE_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_GLO
 _NAME_OPS = frozenset(dis.opname[op] for op in dis.hasname)
 
 
-@functools.lru_cache(maxsize=4096)
 def order_observed_names(code: types.CodeType) -> frozenset[str]:
     """The names ``code`` (and code nested in it) uses in a way that may see a set's iteration order (NOTE [Names
     whose order the code can observe])."""
-    found: set[str] = set(string_constants(code))
-    for current in _code_and_nested(code):
-        instructions = _instructions(current)
-        for index, instruction in enumerate(instructions):
-            if instruction.opname == "MATCH_CLASS":
-                found.add("__match_args__")
-            if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str) and \
-                    not _order_free_load(instructions, index):
-                found.add(instruction.argval)
-    return frozenset(found)
+    return _name_uses(code)[0]
 
 
-@functools.lru_cache(maxsize=4096)
 def operator_read_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
     """The names ``code`` (and code nested in it) loads straight into a comparison, and into ``sorted(...)``:
     order-free for a set compared with a set, or of members ``<`` orders totally, not where a user's comparison
     method or ties come in (NOTE [Order-free reads that call back]); their other uses are
     :func:`order_observed_names`'."""
+    return _name_uses(code)[1:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_uses(code: types.CodeType) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The names of :func:`order_observed_names`, and those of :func:`operator_read_names` (compared, sorted),
+    from one read of the bytecode (the walk asks for both of every code it meets)."""
+    observed: set[str] = set(string_constants(code))
     compared: set[str] = set()
     sorted_: set[str] = set()
     for current in _code_and_nested(code):
         instructions = _instructions(current)
         for index, instruction in enumerate(instructions):
+            if instruction.opname == "MATCH_CLASS":
+                observed.add("__match_args__")
             if instruction.opname in _NAME_OPS and isinstance(instruction.argval, str):
-                use = _order_free_load(instructions, index, operators=True)
-                if use:
-                    (compared if use == "compare" else sorted_).add(instruction.argval)
-    return frozenset(compared), frozenset(sorted_)
+                use = _order_free_use(instructions, index)
+                if use is None:
+                    observed.add(instruction.argval)
+                elif use == "compare":
+                    compared.add(instruction.argval)
+                elif use == "sorted":
+                    sorted_.add(instruction.argval)
+    return frozenset(observed), frozenset(compared), frozenset(sorted_)
 
 
-def _order_free_load(instructions: list, index: int, operators: bool = False) -> bool | str:
-    """Whether the name load at ``index`` goes straight into an order-free use (see the NOTE); ``operators``: into
-    a comparison ("compare") or ``sorted`` ("sorted") only (NOTE [Order-free reads that call back])."""
+def _order_free_use(instructions: list, index: int) -> str | None:
+    """The order-free use the name load at ``index`` goes straight into (see the NOTE): "compare", "sorted" (NOTE
+    [Order-free reads that call back]) or "free" (``in``, ``is``, a truth test, ``len``); None for any other use."""
     instruction = instructions[index]
     if not instruction.opname.startswith("LOAD_") or "NULL" in (instruction.argrepr or "") or \
             index + 1 >= len(instructions):
-        return False  # not a load, or a load of something called (a function, a method: ``self.skip.copy()``)
+        return None  # not a load, or a load of something called (a function, a method: ``self.skip.copy()``)
     following = instructions[index + 1]
     if following.opname in _ORDER_FREE_CONSUMERS:
-        return not operators or ("compare" if following.opname == "COMPARE_OP" else False)
+        return "compare" if following.opname == "COMPARE_OP" else "free"
     # the one argument of ``sorted(...)`` / ``len(...)``: [sorted] [base] [LOAD_ATTR]* [this] [PRECALL 1] CALL 1
     if following.opname == "PRECALL":
         following = instructions[index + 2] if index + 2 < len(instructions) else following
     if following.opname != "CALL" or following.arg != 1:
-        return False
+        return None
     start = index
     while start > 0 and instructions[start].opname == "LOAD_ATTR":
         start -= 1
     if instructions[start].opname not in _BASE_LOADS or start == 0:
-        return False
+        return None
     callable_load = instructions[start - 1]
-    if callable_load.opname not in ("LOAD_GLOBAL", "LOAD_NAME"):
-        return False
-    if operators:
-        return "sorted" if callable_load.argval == "sorted" else False
-    return callable_load.argval in _ORDER_FREE_CALLS
+    if callable_load.opname not in ("LOAD_GLOBAL", "LOAD_NAME") or callable_load.argval not in _ORDER_FREE_CALLS:
+        return None
+    return "sorted" if callable_load.argval == "sorted" else "free"
 
 
 @functools.lru_cache(maxsize=4096)
