@@ -35,6 +35,10 @@ class RefusedArgumentError(TypeError):
     """An argument a compiled function cannot compare by value (NOTE [Constant arguments]): an ``nn.Module``, an
     optimizer, a plain mutable object. ``aotcache.compile`` takes such a call to ``torch.compile`` instead."""
 
+    # False: Dynamo guards the argument without what eager reads of it, so the fallback runs the call eagerly
+    # (NOTE [Arguments Dynamo guards without their order] in signature.py)
+    dynamo_safe: bool = True
+
 
 _TRACE_FAILURE = "_aotcache_trace_failure"
 

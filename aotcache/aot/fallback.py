@@ -691,7 +691,8 @@ def refused_argument_call(owner: Any, exc: Exception, args: tuple, kwargs: dict,
     target, skip = _target(owner)
     eager = EagerRuntime(target, in_spec, "refused_argument", skip=skip)
     runtime: EagerRuntime | PartialRuntime = eager
-    if owner.on_capture_error != "eager" and _dynamo_usable():
+    # NOTE [Arguments Dynamo guards without their order] in signature.py: such an argument runs eagerly
+    if owner.on_capture_error != "eager" and getattr(exc, "dynamo_safe", True) and _dynamo_usable():
         with owner._lock:
             runtime = _partial_runtime(owner, eager)
     warned = owner.__dict__.setdefault("_fallback_warned", set())

@@ -1,0 +1,97 @@
+"""A ``set`` or ``dict_keys`` argument, which the AOT way refuses, must not take Dynamo's fallback: torch 2.13's
+Dynamo guards its members but not their iteration order, so equal sets iterating in another order reused the first
+call's graph (NOTE [Arguments Dynamo guards without their order] in aot/signature.py; found in session 26)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aotcache
+from aotcache.aot.fallback import fallback_counts
+
+
+def _weigh_in_order(x, keys):
+    """A result that depends on the order ``keys`` iterates in (as eager reads it)."""
+    y = x
+    for position, key in enumerate(keys):
+        y = y * (position + 1) + key
+    return y
+
+
+def _set_filled(order):
+    """A set of ``order``'s members; {0, 8} collide in a small set, so the filling order is the iteration order."""
+    members = set()
+    for member in order:
+        members.add(member)
+    return members
+
+
+def _entry(route):
+    if route == "aot_function":
+        return aotcache.aot_function(_weigh_in_order, "nop", cache=False)
+    return aotcache.compile(_weigh_in_order, compiler="nop", cache=False)
+
+
+ORDERS = {
+    "set": lambda: [_set_filled([0, 8]), _set_filled([8, 0]), _set_filled([0, 8])],
+    "dict_keys": lambda: [{1: "a", 2: "b"}.keys(), {2: "b", 1: "a"}.keys(), {1: "a", 2: "b"}.keys()],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ORDERS))
+@pytest.mark.parametrize("route", ["aot_function", "compile"])
+def test_an_argument_iterated_in_another_order_gives_eager_values(route, kind):
+    """The second call (equal members, other order) got the first call's graph through Dynamo: a wrong value."""
+    sequences = ORDERS[kind]()
+    assert list(sequences[0]) != list(sequences[1])  # the premise: equal members, another iteration order
+    compiled = _entry(route)
+    x = torch.arange(3.0)
+    for keys in sequences:
+        torch.testing.assert_close(compiled(x, keys), _weigh_in_order(x, keys), rtol=0, atol=0)
+
+
+def test_such_an_argument_runs_eagerly_and_is_counted_once():
+    """The fallback is an eager runtime (not Dynamo's partial one), counted once per function."""
+    before = fallback_counts()
+    compiled = aotcache.aot_function(_weigh_in_order, "nop", cache=False)
+    x = torch.arange(3.0)
+    for keys in ORDERS["set"]():
+        compiled(x, keys)
+    after = fallback_counts()
+    assert after.get("eager:refused_argument", 0) - before.get("eager:refused_argument", 0) == 1
+    assert after.get("partial:refused_argument", 0) == before.get("partial:refused_argument", 0)
+
+
+def test_a_frozenset_argument_still_takes_the_aot_way():
+    """A frozenset is keyed by its members in iteration order: captured, no fallback, and another order retraces."""
+    before = fallback_counts()
+    compiled = aotcache.aot_function(_weigh_in_order, "nop", cache=False)
+    x = torch.arange(3.0)
+    first, other = frozenset(_set_filled([0, 8])), frozenset(_set_filled([8, 0]))
+    for keys in (first, first, other, first):
+        torch.testing.assert_close(compiled(x, keys), _weigh_in_order(x, keys), rtol=0, atol=0)
+    assert compiled.num_compiles == 2  # one graph per order, the repeated order reused
+    assert fallback_counts() == before
+
+
+def test_a_set_subclass_keeps_the_dynamo_fallback():
+    """Dynamo guards a set subclass in order, so it keeps the fallback's compiled regions (eager's values)."""
+    class Members(set):
+        pass
+
+    before = fallback_counts()
+    compiled = aotcache.aot_function(_weigh_in_order, "nop", cache=False)
+    x = torch.arange(3.0)
+    for keys in (Members(_set_filled([0, 8])), Members(_set_filled([8, 0]))):
+        torch.testing.assert_close(compiled(x, keys), _weigh_in_order(x, keys), rtol=0, atol=0)
+    after = fallback_counts()
+    assert after.get("partial:refused_argument", 0) - before.get("partial:refused_argument", 0) == 1
+
+
+def test_strict_mode_raises_for_such_an_argument():
+    from aotcache.aot.errors import RefusedArgumentError
+
+    strict = aotcache.aot_function(_weigh_in_order, "nop", cache=False, on_capture_error="raise")
+    with pytest.raises(RefusedArgumentError, match="builtins.set"):
+        strict(torch.ones(2), {1, 2})
