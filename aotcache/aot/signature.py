@@ -206,7 +206,8 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
         f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
         f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
         f"compare by value, or register it with torch.utils._pytree.register_pytree_node.")
-    error.dynamo_safe = type(arg) not in _GUARDED_WITHOUT_ORDER
+    # any argument of the call, not only the refused one (a set after a refused module went to Dynamo)
+    error.dynamo_safe = not any(type(each) in _GUARDED_WITHOUT_ORDER for each in flat_args)
     return error
 
 
@@ -219,8 +220,10 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 # ``aot_function`` (which raises for such an argument) do not give one (found in session 26 probing PyTorch's
 # test_sets.py; ``torch.compile(backend="aot_eager")`` gives the same wrong value). A call with such an argument runs
 # eagerly (``dynamo_safe=False``: ``aot_function``'s fallback an eager runtime, ``aotcache.compile`` its recorded
-# route "eager"). A ``frozenset`` is keyed the AOT way, members in iteration order (NOTE [Sets and dataclasses
-# compared exactly]); a set subclass and ``dict_items`` / ``dict_values`` are guarded in order by Dynamo.
+# route "eager"), whichever argument the refusal names (a set after a refused module counts too). A ``frozenset``
+# is keyed the AOT way, members in iteration order (NOTE [Sets and dataclasses compared exactly]); a set subclass
+# and ``dict_items`` / ``dict_values`` are guarded in order by Dynamo. Not covered: a set held inside a refused
+# object (a mutable dataclass's field) is left to Dynamo's guards.
 _GUARDED_WITHOUT_ORDER = (set, type({}.keys()))
 
 

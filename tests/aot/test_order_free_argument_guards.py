@@ -95,3 +95,25 @@ def test_strict_mode_raises_for_such_an_argument():
     strict = aotcache.aot_function(_weigh_in_order, "nop", cache=False, on_capture_error="raise")
     with pytest.raises(RefusedArgumentError, match="builtins.set"):
         strict(torch.ones(2), {1, 2})
+
+
+class _Scale:
+    """A plain object compared by identity: refused by the AOT way on its own (Dynamo's fallback)."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+
+def _scaled_in_order(scale, x, keys):
+    return _weigh_in_order(x * scale.factor, keys)
+
+
+@pytest.mark.parametrize("route", ["aot_function", "compile"])
+def test_a_set_after_another_refused_argument_still_runs_eagerly(route):
+    """The refusal names the first refused argument (the plain object); the set after it must still keep the call
+    from Dynamo, whose graph would bake the first call's order in."""
+    entry = (aotcache.aot_function(_scaled_in_order, "nop", cache=False) if route == "aot_function"
+             else aotcache.compile(_scaled_in_order, compiler="nop", cache=False))
+    scale, x = _Scale(2.0), torch.arange(3.0)
+    for keys in ORDERS["set"]():
+        torch.testing.assert_close(entry(scale, x, keys), _scaled_in_order(scale, x, keys), rtol=0, atol=0)
