@@ -99,6 +99,63 @@ def _lru_keyword_marker() -> Any:
 
 _LRU_KEYWORD_MARKER = _lru_keyword_marker()
 
+
+# NOTE [Values a bounded lru_cache holds] (session 26 review)
+# A bounded ``lru_cache`` (``maxsize=n``) maps each key to a C link (``_lru_list_elem``: key, result, list
+# neighbours) that Python cannot read, so its values were named by the link's identity, and a mutable value
+# changed in place (``bounded_table()[0] = 7.0``) kept the graph traced with the old contents. The C wrapper's GC
+# traversal hands out each link's key and result, in list order, before the cache dict: ``gc.get_referents`` of
+# the wrapper reads them. The layout is checked twice: once per process on a probe cache (the triple ``key,
+# result, link type`` per link, right before the dict), and at every read against the dict itself (as many
+# triples as entries, each key the very object the dict holds, each once); a wrapper that fails either check is
+# read as before (links by identity: the known gap), never guessed. ``cache_info()`` gives counts only.
+def _bounded_lru_layout_ok() -> bool:
+    keys, results = (object(), object()), (object(), object())
+    probe = functools.lru_cache(maxsize=4)(lambda key: results[keys.index(key)])
+    for key in keys:
+        probe(key)
+    cache = lru_cache_dict(probe)
+    if cache is None or len(cache) != 2:
+        return False
+    return _bounded_lru_results(probe, cache, list(cache.items()), checked=False) == {
+        id(key): result for key, result in zip(cache, results)}
+
+
+def _bounded_lru_results(wrapper: Any, cache: dict, entries: list, *, checked: bool = True) -> dict | None:
+    """id(key) -> result of a bounded lru_cache's links (NOTE [Values a bounded lru_cache holds]); None when the
+    wrapper's referents do not have the layout checked for."""
+    if checked and not _BOUNDED_LRU_READABLE:
+        return None
+    referents = gc.get_referents(wrapper)
+    end = next((index for index, item in enumerate(referents) if item is cache), None)
+    if end is None or end != 1 + 3 * len(entries):
+        return None
+    link_type = type(entries[0][1]) if entries else None
+    results: dict[int, Any] = {}
+    for index in range(1, end, 3):
+        key, result, kind = referents[index:index + 3]
+        if kind is not link_type or id(key) in results:
+            return None
+        results[id(key)] = result
+    if any(id(key) not in results for key, _ in entries):
+        return None
+    return results
+
+
+_BOUNDED_LRU_READABLE = _bounded_lru_layout_ok()
+
+
+def lru_cache_entries(wrapper: Any, cache: dict) -> list[tuple[Any, Any]]:
+    """(key, cached value) pairs of ``wrapper``'s cache ``cache``: a bounded cache's values read from its links
+    (NOTE [Values a bounded lru_cache holds]), or the links themselves where they cannot be read."""
+    entries = entries_of(cache)  # NOTE [Containers another thread changes]
+    if not entries or type(entries[0][1]).__name__ != "_lru_list_elem":
+        return entries
+    results = _bounded_lru_results(wrapper, cache, entries)
+    if results is None or len(cache) != len(entries):
+        return entries
+    return [(key, results[id(key)]) for key, _ in entries]
+
 # NOTE [Cached values a fingerprint vouches for]: id(an lru_cache's dict) -> (that dict, its entries vouched for)
 _VOUCHED_CACHE_ENTRIES: dict[int, tuple[dict, dict]] = {}
 _VOUCHED_LOCK = threading.Lock()
@@ -565,8 +622,9 @@ class Reachable(CodeWalk, ObjectWalk):
     # gave the graph of 2 where eager gives 5; found in session 24). The in-process walk writes the cache's entries
     # beside the function (keys and values; an empty cache as such), and the guards compare the dict behind it by
     # identity of its keys and values (its version tag first): a miss, an eviction or a clear writes it, a hit does
-    # not. A bounded cache's values are C links: named by identity. The capture's own runs fill the cache, and it
-    # cannot be put back between them: the guards take it as the capture leaves it (``refresh_caches``), so the
+    # not. A bounded cache's values are read from its C links (NOTE [Values a bounded lru_cache holds]). The
+    # capture's own runs fill the cache, and it cannot be put back between them: the guards take it as the capture
+    # leaves it (``refresh_caches``), so the
     # first graph is kept, under the digest written with the cache as the call found it (an empty cache's values
     # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
     # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
@@ -584,8 +642,8 @@ class Reachable(CodeWalk, ObjectWalk):
         cache = lru_cache_dict(wrapper)
         if cache is None:
             raise Untrusted("lru_cache whose cache cannot be read")
-        self._guards.cached_values(cache)
-        entries = entries_of(cache)  # NOTE [Containers another thread changes]
+        self._guards.cached_values(cache, wrapper)
+        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
         if not entries:
             return "[empty]"
         return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
