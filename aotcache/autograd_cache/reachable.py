@@ -162,11 +162,12 @@ _VOUCHED_LOCK = threading.Lock()
 
 
 def vouch_cache_entries(caches: Any) -> None:
-    """Vouch for the entries the lru_caches ``caches`` (their dicts, as a trusted fingerprint reached them) hold
-    now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a fingerprint
-    vouches for]): each value by identity, and a mutable one by its contents too."""
-    for cache in caches:
-        entries = {key: (value, cached_value_state(value)) for key, value in entries_of(cache)}
+    """Vouch for the entries the lru_caches ``caches`` (``(dict, function)`` pairs, as a trusted fingerprint reached
+    them) hold now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a
+    fingerprint vouches for]): each value by identity, and a mutable one by its contents too (a bounded cache's
+    values read from its links: NOTE [Values a bounded lru_cache holds])."""
+    for cache, wrapper in caches:
+        entries = {key: (value, cached_value_state(value)) for key, value in lru_cache_entries(wrapper, cache)}
         with _VOUCHED_LOCK:
             if len(_VOUCHED_CACHE_ENTRIES) >= 4096 and id(cache) not in _VOUCHED_CACHE_ENTRIES:
                 _VOUCHED_CACHE_ENTRIES.clear()  # (bounded: a dropped record costs a warm start, never a false hit)
@@ -178,8 +179,9 @@ _IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), to
 
 def immutable_cached_value(value: Any, depth: int = 0) -> bool:
     """Whether an lru_cache's value is a plain immutable value (a number, string, bytes, None, dtype or device,
-    tuples and frozensets of them; a bounded cache's C link, opaque either way)."""
-    if isinstance(value, _IMMUTABLE_CACHED_TYPES) or type(value).__name__ == "_lru_list_elem":
+    tuples and frozensets of them). A bounded cache's C link that could not be read is not: it may hold anything
+    (NOTE [Values a bounded lru_cache holds])."""
+    if isinstance(value, _IMMUTABLE_CACHED_TYPES):
         return True
     return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
             and all(immutable_cached_value(item, depth + 1) for item in value))
@@ -360,8 +362,8 @@ class Reachable(CodeWalk, ObjectWalk):
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
-        self.lru_caches: list[dict] = []  # the lru_cache dicts a fingerprint reached (NOTE [Cached values a
-        # fingerprint vouches for])
+        # (dict, function) of the lru_caches a fingerprint reached (NOTE [Cached values a fingerprint vouches for])
+        self.lru_caches: list[tuple[dict, Any]] = []
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -689,8 +691,8 @@ class Reachable(CodeWalk, ObjectWalk):
         if cache is None:
             self._note("lru_cache whose cache cannot be read")
             return
-        self.lru_caches.append(cache)
-        entries = entries_of(cache)
+        self.lru_caches.append((cache, wrapper))
+        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
         if not entries:
             return
         with _VOUCHED_LOCK:

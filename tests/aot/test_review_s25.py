@@ -340,3 +340,16 @@ def test_a_mutable_value_the_capture_cached_changed_in_place_is_not_loaded_by_it
     torch.testing.assert_close(compiled(X), model(X))
     cached_table()[0] = 7.0
     torch.testing.assert_close(compiled(X), model(X))  # was the graph of 2.0, through the vouched fingerprint
+
+
+def test_a_bounded_cache_value_changed_in_place_is_not_loaded_through_the_fingerprint():
+    """The default cache (fingerprints): after the guards see the change, the retrace must not load the graph of the
+    old value through a fingerprint that vouched for the cache's C link by identity (NOTE [Values a bounded
+    lru_cache holds], NOTE [Cached values a fingerprint vouches for])."""
+    model = Reads(read_bounded_table)
+    compiled = aotcache.compile(model, compiler="nop")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(X), model(X))
+    bounded_table()[0] = 7.0
+    torch.testing.assert_close(compiled(X), model(X))
+    torch.testing.assert_close(compiled(X), model(X))
