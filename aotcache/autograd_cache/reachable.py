@@ -501,6 +501,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"cached_property({self.ref(value.func)})"
         if type(value) in (operator.attrgetter, operator.methodcaller):
             return self._getter_token(value)
+        if type(value) is operator.itemgetter:  # NOTE [Item getters as values]
+            return f"itemgetter({self.ref(value.__reduce__()[1])})"
         if isinstance(value, _LRU_CACHE_WRAPPER):
             return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
@@ -658,6 +660,12 @@ class Reachable(CodeWalk, ObjectWalk):
     # program_ownership.py), so the capture drew from it twice and every call gave the capture's value (2, 2, 2
     # where eager gives 1, 2, 3). Such a getter is written down by the names and arguments it holds, and those
     # names count as names the code reads (and may see a set's order through).
+    # NOTE [Item getters as values] (session 26 review)
+    # ``operator.itemgetter(1, "k")`` (a C object) was opaque: named by identity in-process and untrusted across
+    # processes, so a program holding one (``self.pick = itemgetter(0)``) traced at every warm start. It holds
+    # nothing but its items, fixed at construction (no ``__setstate__``), and reads ``container[item]`` of the
+    # containers it is handed (the call's values, or program state the walk writes whole): written down by its
+    # items, ``itemgetter(0)`` and ``itemgetter(1)`` differ, two made alike are equal in any process.
     def _getter_token(self, value: Any) -> str:
         """An ``operator.attrgetter`` / ``methodcaller`` by what it reads (NOTE [Attribute getters as values])."""
         maker, args = value.__reduce__()[:2]
