@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from aotcache.cli import cli
 from aotcache.eager import meta
 from aotcache.eager.index import OpIndex
+from aotcache.eager.versions import FORMAT_VERSION
 
 aten = torch.ops.aten
-FAKE_VERSIONS = {"format": 1, "aotcache": "test", "torch": torch.__version__}  # not loadable here (by design)
+FAKE_VERSIONS = {"format": FORMAT_VERSION, "aotcache": "test", "torch": torch.__version__}  # not loadable here (by design)
 
 
 def invoke(*args: str):

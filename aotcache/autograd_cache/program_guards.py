@@ -65,6 +65,7 @@ from aotcache.autograd_cache.digests import canonical_json, sha256_text
 from aotcache.autograd_cache.reachable import (
     UNSET_CONTEXT_VALUE,
     Reachable,
+    lru_cache_entries,
     byte_buffer_state,
     immutable_cached_value,
 )
@@ -207,8 +208,16 @@ def _cache_unchanged(entry: tuple[dict, list]) -> bool:
 # the cache that is not a plain immutable value (a number, string, bytes, None, dtype or device, tuples and
 # frozensets of them) leaves the guards failing once: the next call walks the program, now with that value, and
 # guards its state (a second walk; the retrace loads the first graph by its fingerprint where the value is
-# unchanged: NOTE [Cached values a fingerprint vouches for] in reachable.py). A bounded cache's values are C links
-# no walk can read: a value it holds stays unseen (a known gap).
+# unchanged: NOTE [Cached values a fingerprint vouches for] in reachable.py). A bounded cache's values are read from
+# its C links (NOTE [Values a bounded lru_cache holds] in reachable.py; a known gap until session 26).
+def _cached_values(cache: dict, wrapper: Any) -> list:
+    """The values ``cache`` (of the lru_cache function ``wrapper``, None if unknown) holds, a bounded cache's read
+    from its links (NOTE [Values a bounded lru_cache holds] in reachable.py)."""
+    if wrapper is None:
+        return list(cache.values())
+    return [value for _, value in lru_cache_entries(wrapper, cache)]
+
+
 def _holds_new_mutable_values(values: list, walked: Sequence[Any]) -> bool:
     """Whether ``values`` (a cache's, after a capture) hold a value the walk did not see that may change unseen."""
     seen = {id(value) for value in walked}
@@ -239,6 +248,7 @@ class GuardRecorder:
         self._arrays: dict[int, tuple[Any, tuple]] = {}
         self._iterators: dict[int, Any] = {}
         self._caches: dict[int, dict] = {}
+        self._cache_wrappers: dict[int, Any] = {}  # id(cache dict) -> its lru_cache function
 
     def namespace(self, mapping: Mapping) -> None:
         """NOTE [Whole namespaces in the guards]: ``mapping`` must hold the same names, in order, bound to the
@@ -301,9 +311,11 @@ class GuardRecorder:
         advances] in reachable.py)."""
         self._iterators.setdefault(id(iterator), iterator)
 
-    def cached_values(self, cache: dict) -> None:
-        """The dict of an lru_cache the program calls (NOTE [Values an lru_cache holds] in reachable.py)."""
+    def cached_values(self, cache: dict, wrapper: Any = None) -> None:
+        """The dict of an lru_cache the program calls, and the function (``wrapper``) holding it (NOTE [Values an
+        lru_cache holds], NOTE [Values a bounded lru_cache holds] in reachable.py)."""
         self._caches.setdefault(id(cache), cache)
+        self._cache_wrappers.setdefault(id(cache), wrapper)
 
     def tensor(self, tensor: Any) -> None:
         """A tensor constant: its version counter (bumped by every in-place change), data pointer and shape
@@ -342,7 +354,9 @@ class GuardRecorder:
             namespaces=list(self._namespaces.values()), arrays=list(self._arrays.values()),
             iterators=list(self._iterators.values()),
             caches=[(cache, _cache_snapshot(cache)) for cache in self._caches.values()],
-            walked_cache_values=[list(cache.values()) for cache in self._caches.values()])
+            cache_wrappers=[self._cache_wrappers.get(key) for key in self._caches],
+            walked_cache_values=[_cached_values(cache, self._cache_wrappers.get(key))
+                                 for key, cache in self._caches.items()])
 
 
 @dataclasses.dataclass(eq=False)
@@ -385,6 +399,7 @@ class ProgramGuards:
     caches: list = dataclasses.field(default_factory=list)  # (an lru_cache's dict, its snapshot): NOTE [Values an
     # lru_cache holds] in reachable.py
     walked_cache_values: list = dataclasses.field(default_factory=list)  # each cache's values as the walk saw them
+    cache_wrappers: list = dataclasses.field(default_factory=list)  # each cache's lru_cache function (or None)
 
     def owner_of(self, namespace: Any) -> type | None:
         """The class whose ``vars()`` view ``namespace`` is, if the walk recorded it."""
@@ -491,9 +506,12 @@ class ProgramGuards:
         """Take the lru_caches the program calls as they are now: a capture's runs of the function filled them
         (NOTE [Values an lru_cache holds] in reachable.py); ``captured``: the capture is over, and a value it put
         there whose state can change unseen fails the guards once (NOTE [Cached values the capture made])."""
-        for (cache, state), walked in zip(self.caches, self.walked_cache_values or [()] * len(self.caches)):
+        wrappers = self.cache_wrappers or [None] * len(self.caches)
+        for (cache, state), walked, wrapper in zip(self.caches, self.walked_cache_values or [()] * len(self.caches),
+                                                   wrappers):
             state[:] = _cache_snapshot(cache)  # in place: ``holds`` reads these lists
-            if captured and _holds_new_mutable_values(state[2], walked):
+            # a bounded cache's values read from its links: NOTE [Values a bounded lru_cache holds] in reachable.py
+            if captured and _holds_new_mutable_values(_cached_values(cache, wrapper), walked):
                 state[0], state[1] = None, []  # (the cache is not empty: its length differs, the next call walks)
 
 

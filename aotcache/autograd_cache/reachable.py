@@ -99,17 +99,75 @@ def _lru_keyword_marker() -> Any:
 
 _LRU_KEYWORD_MARKER = _lru_keyword_marker()
 
+
+# NOTE [Values a bounded lru_cache holds] (session 26 review)
+# A bounded ``lru_cache`` (``maxsize=n``) maps each key to a C link (``_lru_list_elem``: key, result, list
+# neighbours) that Python cannot read, so its values were named by the link's identity, and a mutable value
+# changed in place (``bounded_table()[0] = 7.0``) kept the graph traced with the old contents. The C wrapper's GC
+# traversal hands out each link's key and result, in list order, before the cache dict: ``gc.get_referents`` of
+# the wrapper reads them. The layout is checked twice: once per process on a probe cache (the triple ``key,
+# result, link type`` per link, right before the dict), and at every read against the dict itself (as many
+# triples as entries, each key the very object the dict holds, each once); a wrapper that fails either check is
+# read as before (links by identity: the known gap), never guessed. ``cache_info()`` gives counts only.
+def _bounded_lru_layout_ok() -> bool:
+    keys, results = (object(), object()), (object(), object())
+    probe = functools.lru_cache(maxsize=4)(lambda key: results[keys.index(key)])
+    for key in keys:
+        probe(key)
+    cache = lru_cache_dict(probe)
+    if cache is None or len(cache) != 2:
+        return False
+    return _bounded_lru_results(probe, cache, list(cache.items()), checked=False) == {
+        id(key): result for key, result in zip(cache, results)}
+
+
+def _bounded_lru_results(wrapper: Any, cache: dict, entries: list, *, checked: bool = True) -> dict | None:
+    """id(key) -> result of a bounded lru_cache's links (NOTE [Values a bounded lru_cache holds]); None when the
+    wrapper's referents do not have the layout checked for."""
+    if checked and not _BOUNDED_LRU_READABLE:
+        return None
+    referents = gc.get_referents(wrapper)
+    end = next((index for index, item in enumerate(referents) if item is cache), None)
+    if end is None or end != 1 + 3 * len(entries):
+        return None
+    link_type = type(entries[0][1]) if entries else None
+    results: dict[int, Any] = {}
+    for index in range(1, end, 3):
+        key, result, kind = referents[index:index + 3]
+        if kind is not link_type or id(key) in results:
+            return None
+        results[id(key)] = result
+    if any(id(key) not in results for key, _ in entries):
+        return None
+    return results
+
+
+_BOUNDED_LRU_READABLE = _bounded_lru_layout_ok()
+
+
+def lru_cache_entries(wrapper: Any, cache: dict) -> list[tuple[Any, Any]]:
+    """(key, cached value) pairs of ``wrapper``'s cache ``cache``: a bounded cache's values read from its links
+    (NOTE [Values a bounded lru_cache holds]), or the links themselves where they cannot be read."""
+    entries = entries_of(cache)  # NOTE [Containers another thread changes]
+    if not entries or type(entries[0][1]).__name__ != "_lru_list_elem":
+        return entries
+    results = _bounded_lru_results(wrapper, cache, entries)
+    if results is None or len(cache) != len(entries):
+        return entries
+    return [(key, results[id(key)]) for key, _ in entries]
+
 # NOTE [Cached values a fingerprint vouches for]: id(an lru_cache's dict) -> (that dict, its entries vouched for)
 _VOUCHED_CACHE_ENTRIES: dict[int, tuple[dict, dict]] = {}
 _VOUCHED_LOCK = threading.Lock()
 
 
 def vouch_cache_entries(caches: Any) -> None:
-    """Vouch for the entries the lru_caches ``caches`` (their dicts, as a trusted fingerprint reached them) hold
-    now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a fingerprint
-    vouches for]): each value by identity, and a mutable one by its contents too."""
-    for cache in caches:
-        entries = {key: (value, cached_value_state(value)) for key, value in entries_of(cache)}
+    """Vouch for the entries the lru_caches ``caches`` (``(dict, function)`` pairs, as a trusted fingerprint reached
+    them) hold now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a
+    fingerprint vouches for]): each value by identity, and a mutable one by its contents too (a bounded cache's
+    values read from its links: NOTE [Values a bounded lru_cache holds])."""
+    for cache, wrapper in caches:
+        entries = {key: (value, cached_value_state(value)) for key, value in lru_cache_entries(wrapper, cache)}
         with _VOUCHED_LOCK:
             if len(_VOUCHED_CACHE_ENTRIES) >= 4096 and id(cache) not in _VOUCHED_CACHE_ENTRIES:
                 _VOUCHED_CACHE_ENTRIES.clear()  # (bounded: a dropped record costs a warm start, never a false hit)
@@ -121,8 +179,9 @@ _IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), to
 
 def immutable_cached_value(value: Any, depth: int = 0) -> bool:
     """Whether an lru_cache's value is a plain immutable value (a number, string, bytes, None, dtype or device,
-    tuples and frozensets of them; a bounded cache's C link, opaque either way)."""
-    if isinstance(value, _IMMUTABLE_CACHED_TYPES) or type(value).__name__ == "_lru_list_elem":
+    tuples and frozensets of them). A bounded cache's C link that could not be read is not: it may hold anything
+    (NOTE [Values a bounded lru_cache holds])."""
+    if isinstance(value, _IMMUTABLE_CACHED_TYPES):
         return True
     return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
             and all(immutable_cached_value(item, depth + 1) for item in value))
@@ -303,8 +362,8 @@ class Reachable(CodeWalk, ObjectWalk):
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
-        self.lru_caches: list[dict] = []  # the lru_cache dicts a fingerprint reached (NOTE [Cached values a
-        # fingerprint vouches for])
+        # (dict, function) of the lru_caches a fingerprint reached (NOTE [Cached values a fingerprint vouches for])
+        self.lru_caches: list[tuple[dict, Any]] = []
 
     # -- driving ------------------------------------------------------------------------------------------
 
@@ -442,6 +501,8 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"cached_property({self.ref(value.func)})"
         if type(value) in (operator.attrgetter, operator.methodcaller):
             return self._getter_token(value)
+        if type(value) is operator.itemgetter:  # NOTE [Item getters as values]
+            return f"itemgetter({self.ref(value.__reduce__()[1])})"
         if isinstance(value, _LRU_CACHE_WRAPPER):
             return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
@@ -565,8 +626,9 @@ class Reachable(CodeWalk, ObjectWalk):
     # gave the graph of 2 where eager gives 5; found in session 24). The in-process walk writes the cache's entries
     # beside the function (keys and values; an empty cache as such), and the guards compare the dict behind it by
     # identity of its keys and values (its version tag first): a miss, an eviction or a clear writes it, a hit does
-    # not. A bounded cache's values are C links: named by identity. The capture's own runs fill the cache, and it
-    # cannot be put back between them: the guards take it as the capture leaves it (``refresh_caches``), so the
+    # not. A bounded cache's values are read from its C links (NOTE [Values a bounded lru_cache holds]). The
+    # capture's own runs fill the cache, and it cannot be put back between them: the guards take it as the capture
+    # leaves it (``refresh_caches``), so the
     # first graph is kept, under the digest written with the cache as the call found it (an empty cache's values
     # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
     # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
@@ -584,8 +646,8 @@ class Reachable(CodeWalk, ObjectWalk):
         cache = lru_cache_dict(wrapper)
         if cache is None:
             raise Untrusted("lru_cache whose cache cannot be read")
-        self._guards.cached_values(cache)
-        entries = entries_of(cache)  # NOTE [Containers another thread changes]
+        self._guards.cached_values(cache, wrapper)
+        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
         if not entries:
             return "[empty]"
         return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
@@ -598,6 +660,12 @@ class Reachable(CodeWalk, ObjectWalk):
     # program_ownership.py), so the capture drew from it twice and every call gave the capture's value (2, 2, 2
     # where eager gives 1, 2, 3). Such a getter is written down by the names and arguments it holds, and those
     # names count as names the code reads (and may see a set's order through).
+    # NOTE [Item getters as values] (session 26 review)
+    # ``operator.itemgetter(1, "k")`` (a C object) was opaque: named by identity in-process and untrusted across
+    # processes, so a program holding one (``self.pick = itemgetter(0)``) traced at every warm start. It holds
+    # nothing but its items, fixed at construction (no ``__setstate__``), and reads ``container[item]`` of the
+    # containers it is handed (the call's values, or program state the walk writes whole): written down by its
+    # items, ``itemgetter(0)`` and ``itemgetter(1)`` differ, two made alike are equal in any process.
     def _getter_token(self, value: Any) -> str:
         """An ``operator.attrgetter`` / ``methodcaller`` by what it reads (NOTE [Attribute getters as values])."""
         maker, args = value.__reduce__()[:2]
@@ -631,8 +699,8 @@ class Reachable(CodeWalk, ObjectWalk):
         if cache is None:
             self._note("lru_cache whose cache cannot be read")
             return
-        self.lru_caches.append(cache)
-        entries = entries_of(cache)
+        self.lru_caches.append((cache, wrapper))
+        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
         if not entries:
             return
         with _VOUCHED_LOCK:

@@ -25,6 +25,7 @@ from aotcache.eager.index import KernelEntry, OpIndex
 from aotcache.eager.meta import (
     binder_for,
     check_op_supported,
+    current_default_dtype,
     extract_call_metadata,
     flat_tensor_inputs,
     op_file_name,
@@ -120,6 +121,7 @@ def precompile_bound(op: torch._ops.OpOverload, values: Sequence[Any], *, device
     device_type = check_device(device)
     op = check_op_supported(op)
     meta_info = extract_call_metadata(op, values, dynamic=False, device_type=device_type)
+    default_dtype = current_default_dtype()  # baked into the kernel: NOTE [Default dtype of a kernel]
     _check_tensors_on(values, device_type, op.name())
     index = OpIndex(op.namespace, op_file_name(op), device_type, cache_dir=cache_dir)
     started = time.perf_counter()
@@ -131,7 +133,7 @@ def precompile_bound(op: torch._ops.OpOverload, values: Sequence[Any], *, device
     with compiling():
         versions = build_versions(device_type)
         # The entry's digest does not depend on the output count: compute it from a placeholder first.
-        probe = index.new_entry(meta_info, versions, num_outputs=0)
+        probe = index.new_entry(meta_info, versions, num_outputs=0, default_dtype=default_dtype)
         index.device_dir.mkdir(parents=True, exist_ok=True)
         index.lib_dir.mkdir(parents=True, exist_ok=True)
         # NOTE [single-flight compile]: processes compiling the same signature serialize on a per-digest lock;
@@ -164,7 +166,7 @@ def precompile_bound(op: torch._ops.OpOverload, values: Sequence[Any], *, device
                 STATS.add(compile_errors=1)
                 raise EagerCompileError(f"AOTInductor could not compile {op.name()} for this signature: "
                                         f"{type(exc).__name__}: {exc}") from exc
-            entry = index.new_entry(meta_info, versions, num_outputs)
+            entry = index.new_entry(meta_info, versions, num_outputs, default_dtype=default_dtype)
             index.add(entry, library)
             STATS.add(compiles=1)
         finally:

@@ -37,6 +37,7 @@ from aotcache.eager.meta import (
     UnsupportedArgumentError,
     binder_for,
     check_op_supported,
+    decode_dtype,
     decode_meta_info,
     flat_tensor_inputs,
     op_file_name,
@@ -208,7 +209,10 @@ class _OpTable:
                          "`aotcache eager clear` or a new precompile repairs it)")
             return False
         try:
-            signature = signature_of_meta(decode_meta_info(entry.meta_info))
+            if entry.default_dtype is None:  # written before entries recorded it (format 1)
+                raise ValueError("the entry records no default dtype")
+            default_dtype = decode_dtype(entry.default_dtype)
+            signature = signature_of_meta(decode_meta_info(entry.meta_info), default_dtype)
         except (ValueError, TypeError) as exc:
             STATS.add(load_errors=1)
             handle_fault(f"eager-meta:{entry.digest}", f"unreadable metadata in entry {entry.digest} of "
@@ -329,6 +333,7 @@ class _Dispatcher:
         call_stock = table.call_stock
         kernels = table.kernels
         bind = table.binder.bind
+        get_default_dtype = torch.get_default_dtype
 
         def precompiled_kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
             if in_compile():
@@ -336,7 +341,7 @@ class _Dispatcher:
                 return call_stock(keyset, args, kwargs)
             try:
                 values = bind(args, kwargs)
-                signature = signature_of_values(values)
+                signature = signature_of_values(values, get_default_dtype())
             except (UnsupportedArgumentError, TypeError):
                 STATS.add(unsupported_calls=1, fallbacks=1)
                 return call_stock(keyset, args, kwargs)

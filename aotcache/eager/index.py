@@ -30,7 +30,7 @@ from typing import Any
 import filelock
 
 from aotcache import config
-from aotcache.eager.meta import canonical_json, matching_meta
+from aotcache.eager.meta import canonical_json, current_default_dtype, matching_meta
 from aotcache.logs import handle_fault, logger
 
 __all__ = [
@@ -60,10 +60,12 @@ def eager_root(cache_dir: Path | str | None = None) -> Path:
 
 
 def entry_digest(namespace: str, op_name: str, device: str, meta_info: list[dict[str, Any]],
-                 versions: dict[str, Any]) -> str:
-    """Stable name of an entry: sha256 over the op, the matched metadata and every recorded version."""
+                 versions: dict[str, Any], default_dtype: str | None = None) -> str:
+    """Stable name of an entry: sha256 over the op, the matched metadata, the default dtype it was built under
+    and every recorded version."""
     payload = canonical_json({"namespace": namespace, "op": op_name, "device": device,
-                              "meta_info": matching_meta(meta_info), "versions": versions})
+                              "meta_info": matching_meta(meta_info), "versions": versions,
+                              "default_dtype": default_dtype})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -80,11 +82,15 @@ class KernelEntry:
     versions: dict[str, Any]
     num_outputs: int
     created: float = field(default=0.0, compare=False)
+    # torch.get_default_dtype() while it was built ("torch.float32"); None in entries of format 1, which did not
+    # record it (NOTE [Default dtype of a kernel] in aotcache/eager/meta.py).
+    default_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The entry as stored in the index list (and in its sidecar)."""
         return {"meta_info": self.meta_info, "kernel_path": self.kernel_path, "digest": self.digest,
-                "versions": self.versions, "num_outputs": self.num_outputs, "created": self.created}
+                "versions": self.versions, "num_outputs": self.num_outputs, "created": self.created,
+                "default_dtype": self.default_dtype}
 
     @classmethod
     def from_json(cls, item: Any, *, namespace: str, op_name: str, device: str) -> KernelEntry:
@@ -104,8 +110,11 @@ class KernelEntry:
             raise IndexCorruptError("index item has a field of the wrong type")
         if Path(kernel_path).is_absolute() or ".." in Path(kernel_path).parts:
             raise IndexCorruptError(f"kernel_path {kernel_path!r} must be relative and inside the cache folder")
+        default_dtype = item.get("default_dtype")
+        if default_dtype is not None and not isinstance(default_dtype, str):
+            raise IndexCorruptError("index item has a field of the wrong type")
         return cls(namespace, op_name, device, meta_info, kernel_path, digest, versions, num_outputs,
-                   float(item.get("created", 0.0)))
+                   float(item.get("created", 0.0)), default_dtype)
 
 
 class IndexStatus(enum.Enum):
@@ -277,12 +286,16 @@ class OpIndex:
         data = json.dumps([entry.to_json() for entry in entries], indent=2, sort_keys=True).encode("utf-8")
         _atomic_write(self.index_path, data)
 
-    def new_entry(self, meta_info: list[dict[str, Any]], versions: dict[str, Any], num_outputs: int
-                  ) -> KernelEntry:
-        """An entry (not yet stored) for a kernel built for ``meta_info`` under ``versions``."""
-        digest = entry_digest(self.namespace, self.op_name, self.device, meta_info, versions)
+    def new_entry(self, meta_info: list[dict[str, Any]], versions: dict[str, Any], num_outputs: int, *,
+                  default_dtype: str | None = None) -> KernelEntry:
+        """An entry (not yet stored) for a kernel built for ``meta_info`` under ``versions`` and
+        ``default_dtype`` (None: this process's current ``torch.get_default_dtype()``)."""
+        if default_dtype is None:
+            default_dtype = current_default_dtype()
+        digest = entry_digest(self.namespace, self.op_name, self.device, meta_info, versions, default_dtype)
         return KernelEntry(self.namespace, self.op_name, self.device, list(meta_info),
-                           self._relative_library_path(digest), digest, dict(versions), num_outputs, time.time())
+                           self._relative_library_path(digest), digest, dict(versions), num_outputs, time.time(),
+                           default_dtype)
 
     def store_library(self, entry: KernelEntry, library: bytes) -> None:
         """Write ``entry``'s library and sidecar (atomically; an existing library of that digest is kept)."""

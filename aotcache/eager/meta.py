@@ -13,6 +13,7 @@ is matched by one dict lookup.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ __all__ = [
     "signature_of_meta",
     "matching_meta",
     "flat_tensor_inputs",
+    "current_default_dtype",
+    "decode_dtype",
 ]
 
 
@@ -69,6 +72,31 @@ def _scalar_label(value: Any) -> str | None:
     if isinstance(value, float):
         return _SCALAR_DTYPE_LABELS[float]
     return None
+
+
+def _scalar_key(value: Any) -> Any:
+    """A scalar as matched: itself, but ``-0.0`` apart from ``0.0``.
+
+    NOTE [Signed zeros and NaNs as scalars]: a scalar is baked into the kernel, and ``0.0 == -0.0`` (equal
+    hashes too), so a kernel built for ``mul(x, 0.0)`` matched ``mul(x, -0.0)`` and returned ``+0.0`` where the
+    stock kernel gives ``-0.0`` (``1 / y``, ``signbit``, ``atan2`` tell them apart). A NaN never equals itself:
+    its entry could never match, and a NaN's sign and payload do not survive the JSON index; NaN scalars are
+    refused (precompile raises, a call takes the stock kernel).
+    """
+    if type(value) is float and not value:
+        return "-0.0" if math.copysign(1.0, value) < 0 else value
+    return value
+
+
+def _check_not_nan(value: Any) -> None:
+    if type(value) is float and value != value:
+        raise UnsupportedArgumentError("NaN scalars are not supported by the per-op kernel cache (a NaN never "
+                                       "matches itself, and its sign and payload are not recorded)")
+
+
+def current_default_dtype() -> str:
+    """``str(torch.get_default_dtype())``: recorded with each kernel (NOTE [Default dtype of a kernel])."""
+    return str(torch.get_default_dtype())
 
 
 def _device_index(device: torch.device) -> int:
@@ -120,6 +148,7 @@ def extract_scalar_metadata(device_type: str, value: bool | int | float) -> dict
     label = _scalar_label(value)
     if label is None:
         raise UnsupportedArgumentError(f"expected an int, float or bool scalar, got {type(value).__name__}")
+    _check_not_nan(value)
     return {
         "is_dynamic": False,
         "device_type": device_type,
@@ -371,6 +400,14 @@ def _torch_attr(text: str, kind: type) -> Any:
     return value
 
 
+def decode_dtype(text: str) -> torch.dtype:
+    """``"torch.float32"`` -> ``torch.float32``.
+
+    :raises ValueError: the text names no dtype.
+    """
+    return _torch_attr(text, torch.dtype)
+
+
 def decode_meta_info(meta_info: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """A copy of persisted ``meta_info`` with dtype / layout / memory-format strings as torch objects.
 
@@ -408,11 +445,24 @@ def _tensor_signature(tensor: torch.Tensor) -> tuple:
 
 
 def _scalar_signature(value: Any) -> tuple:
+    if type(value) is float and (not value or value != value):  # NOTE [Signed zeros and NaNs as scalars]
+        _check_not_nan(value)
+        return (_S, _scalar_label(value), _scalar_key(value))
     return (_S, _scalar_label(value), value)
 
 
-def signature_of_values(values: Sequence[Any]) -> tuple:
-    """Hashable signature of a bound call (live values); equals :func:`signature_of_meta` of its metadata.
+def signature_of_values(values: Sequence[Any], default_dtype: torch.dtype) -> tuple:
+    """Hashable signature of a bound call (live values) made under ``default_dtype``
+    (``torch.get_default_dtype()``); equals :func:`signature_of_meta` of its metadata.
+
+    NOTE [Default dtype of a kernel]: the default dtype decides the result dtype of many calls: an integer
+    tensor with a float scalar (``add(x_int, 2.5)``), true division and float functions of integer tensors
+    (``div(x_int, y_int)``, ``sigmoid(x_int)``), factories with ``dtype=None``. A kernel bakes the one its
+    precompile ran under, so it is part of the signature (the first element) and of the entry (format 2):
+    a kernel built under float32 matched a call made under ``set_default_dtype(torch.float64)`` and returned
+    float32 where the stock kernel returns float64. Other numerics flags (matmul precision, oneDNN / TF32)
+    are not matched: AOTInductor's library calls ATen for matmuls and convolutions, which reads them at run
+    time, and elsewhere they permit lower precision rather than define the result.
 
     NOTE [what matching ignores]: ``requires_grad`` and the dispatch key set are recorded but not matched:
     the override runs below autograd (the CPU key), where the kernel computes the same values either way,
@@ -421,7 +471,7 @@ def signature_of_values(values: Sequence[Any]) -> tuple:
 
     :raises UnsupportedArgumentError: a value no entry can describe.
     """
-    signature = []
+    signature: list[Any] = [default_dtype]
     for value in values:
         if isinstance(value, torch.Tensor):
             signature.append(_tensor_signature(value))
@@ -455,12 +505,19 @@ def _meta_tensor_signature(meta: dict[str, Any]) -> tuple:
     return (_T, meta["dtype"], tuple(meta["sizes"]), tuple(meta["strides"]))
 
 
-def signature_of_meta(decoded_meta_info: Sequence[dict[str, Any]]) -> tuple:
-    """Hashable signature of decoded ``meta_info`` (see :func:`decode_meta_info`), in ``arg_order`` order.
+def _meta_scalar_signature(label: Any, value: Any) -> tuple:
+    if type(value) is float and value != value:
+        raise ValueError("a NaN scalar (never matched: NOTE [Signed zeros and NaNs as scalars])")
+    return (_S, str(label), _scalar_key(value))
+
+
+def signature_of_meta(decoded_meta_info: Sequence[dict[str, Any]], default_dtype: torch.dtype) -> tuple:
+    """Hashable signature of decoded ``meta_info`` (see :func:`decode_meta_info`), in ``arg_order`` order, of
+    a kernel built under ``default_dtype`` (NOTE [Default dtype of a kernel]).
 
     :raises ValueError: an item of unknown kind, or one missing a field.
     """
-    signature = []
+    signature: list[Any] = [default_dtype]
     for meta in sorted(decoded_meta_info, key=lambda item: item["arg_order"]):
         try:
             if "tensor_list" in meta:
@@ -468,9 +525,9 @@ def signature_of_meta(decoded_meta_info: Sequence[dict[str, Any]]) -> tuple:
             elif "sizes" in meta:
                 signature.append(_meta_tensor_signature(meta))
             elif "scalar_value" in meta:
-                signature.append((_S, str(meta["dtype"]), meta["scalar_value"]))
+                signature.append(_meta_scalar_signature(meta["dtype"], meta["scalar_value"]))
             elif "scalar_list" in meta:
-                signature.append((_SL, tuple((_S, item["dtype"], item["scalar_value"])
+                signature.append((_SL, tuple(_meta_scalar_signature(item["dtype"], item["scalar_value"])
                                              for item in meta["scalar_list"])))
             elif meta.get("is_none"):
                 signature.append((_NONE,))

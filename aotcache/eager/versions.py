@@ -21,7 +21,9 @@ from aotcache.compilers.base import ArtifactError
 __all__ = ["FORMAT_VERSION", "runtime_versions", "build_versions", "incompatibility"]
 
 #: Version of the on-disk layout of the per-op kernel cache (index fields, sidecars, library naming).
-FORMAT_VERSION = 1
+#: 2: entries record the default dtype they were built under (NOTE [Default dtype of a kernel] in meta.py);
+#: entries of format 1 are skipped as stale, since the default dtype they baked in is unknown.
+FORMAT_VERSION = 2
 
 
 def _own_versions() -> dict[str, Any]:

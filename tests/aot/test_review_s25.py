@@ -174,14 +174,51 @@ def test_a_mutable_value_the_capture_cached_changed_in_place_gives_eagers_new_re
     assert _compiles(compiled) == traces  # the new state is guarded: no more traces
 
 
-@pytest.mark.xfail(strict=True, reason="a bounded lru_cache keeps its values in C links no walk can read "
-                                       "(NOTE [Cached values the capture made])")
 def test_a_mutable_value_of_a_bounded_cache_changed_in_place_gives_eagers_new_result():
+    """NOTE [Values a bounded lru_cache holds] (session 26): the value is read from the cache's C link."""
     model = Reads(read_bounded_table)
     compiled = _MODULE_ROUTES["compile"](model)
     torch.testing.assert_close(compiled(X), model(X))
     bounded_table()[0] = 7.0
     torch.testing.assert_close(compiled(X), model(X))
+
+
+@pytest.mark.parametrize("route", list(_MODULE_ROUTES))
+def test_a_bounded_cache_value_unchanged_keeps_the_graph_changed_retraces(route):
+    """Both ways (NOTE [Values a bounded lru_cache holds]): calls with the value as the capture cached it trace no
+    more after the guards took it; a change in place gives eager's result, then is guarded."""
+    model = Reads(read_bounded_table)
+    compiled = _MODULE_ROUTES[route](model)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(X), model(X))
+    traces = _compiles(compiled)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(X), model(X))
+    assert _compiles(compiled) == traces
+    bounded_table()[0] = 7.0
+    torch.testing.assert_close(compiled(X), model(X))
+    traces = _compiles(compiled)
+    torch.testing.assert_close(compiled(X), model(X))
+    assert _compiles(compiled) == traces
+
+
+def test_bounded_cache_values_are_read_from_their_links():
+    from aotcache.autograd_cache import reachable
+
+    @functools.lru_cache(maxsize=2)
+    def square(n):
+        return [n * n]
+
+    for n in (1, 2, 1, 3):  # a hit moves 1 to the newest end, 3 evicts 2
+        square(n)
+    cache = reachable.lru_cache_dict(square)
+    assert [(key, value) for key, value in reachable.lru_cache_entries(square, cache)] == [(1, [1]), (3, [9])]
+    assert reachable.lru_cache_entries(cached_table, reachable.lru_cache_dict(cached_table)) == \
+        list(reachable.lru_cache_dict(cached_table).items())  # an unbounded cache holds its values itself
+    # a dict that is not this wrapper's: the links cannot be matched, they are returned as they are (never guessed)
+    other = dict(cache)
+    other[object()] = next(iter(cache.values()))
+    assert [type(value).__name__ for _, value in reachable.lru_cache_entries(square, other)] == ["_lru_list_elem"] * 3
 
 
 @pytest.mark.parametrize("route", list(_MODULE_ROUTES))
@@ -303,3 +340,16 @@ def test_a_mutable_value_the_capture_cached_changed_in_place_is_not_loaded_by_it
     torch.testing.assert_close(compiled(X), model(X))
     cached_table()[0] = 7.0
     torch.testing.assert_close(compiled(X), model(X))  # was the graph of 2.0, through the vouched fingerprint
+
+
+def test_a_bounded_cache_value_changed_in_place_is_not_loaded_through_the_fingerprint():
+    """The default cache (fingerprints): after the guards see the change, the retrace must not load the graph of the
+    old value through a fingerprint that vouched for the cache's C link by identity (NOTE [Values a bounded
+    lru_cache holds], NOTE [Cached values a fingerprint vouches for])."""
+    model = Reads(read_bounded_table)
+    compiled = aotcache.compile(model, compiler="nop")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(X), model(X))
+    bounded_table()[0] = 7.0
+    torch.testing.assert_close(compiled(X), model(X))
+    torch.testing.assert_close(compiled(X), model(X))

@@ -15,6 +15,7 @@ from aotcache import config
 from aotcache.eager import meta
 from aotcache.eager.index import IndexStatus, KernelEntry, OpIndex, iter_op_indexes
 from aotcache.eager.manage import clear, list_entries
+from aotcache.eager.versions import FORMAT_VERSION
 from aotcache.logs import CacheFault
 
 try:  # tests/ is not a package: pytest puts it on sys.path and imports its conftest as `conftest`
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - if tests/ becomes a package
     from tests.conftest import REPO_ROOT
 
 aten = torch.ops.aten
-VERSIONS = {"format": 1, "aotcache": "test", "torch": torch.__version__}
+VERSIONS = {"format": FORMAT_VERSION, "aotcache": "test", "torch": torch.__version__}
 
 
 def add_meta(rows: int, alpha: int = 1) -> list[dict]:

@@ -110,13 +110,16 @@ def test_signature_of_values_equals_signature_of_persisted_meta(op, args, kwargs
     persisted = json.loads(json.dumps(meta_info))  # the JSON round trip of the index
     assert persisted == meta_info
     decoded = meta.decode_meta_info(persisted)
-    assert meta.signature_of_meta(decoded) == meta.signature_of_values(values)
-    hash(meta.signature_of_values(values))
+    assert meta.signature_of_meta(decoded, torch.float32) == meta.signature_of_values(values, torch.float32)
+    hash(meta.signature_of_values(values, torch.float32))
 
 
 def test_signatures_tell_close_calls_apart():
     x, y = torch.randn(3, 4), torch.randn(3, 4)
-    sig = meta.signature_of_values
+
+    def sig(values):
+        return meta.signature_of_values(values, torch.float32)
+
     assert sig([x, y, 1]) != sig([x, y, True])  # bool is not int
     assert sig([x, y, 1]) != sig([x, y, 1.0])  # int is not float
     assert sig([x, y, 1]) != sig([x.t().contiguous().t(), y, 1])  # strides
@@ -125,6 +128,49 @@ def test_signatures_tell_close_calls_apart():
     with torch.inference_mode():
         z = torch.randn(3, 4)
     assert sig([z, y, 1]) == sig([x, y, 1])  # nor the key set (inference tensors)
+
+
+def persisted_signature(op, args, kwargs=None, default_dtype=torch.float32):
+    values = meta.binder_for(op).bind(args, kwargs)
+    meta_info = json.loads(json.dumps(meta.extract_call_metadata(op, values, dynamic=False, device_type="cpu")))
+    return meta.signature_of_meta(meta.decode_meta_info(meta_info), default_dtype)
+
+
+def test_signatures_tell_signed_zero_scalars_apart():
+    """NOTE [Signed zeros and NaNs as scalars]: 0.0 == -0.0, but mul(x, -0.0) gives -0.0 where mul(x, 0.0)
+    gives 0.0; before, both calls had one signature (the -0.0 call ran the 0.0 kernel)."""
+    x = torch.randn(3, 4)
+    negative, positive = [x, -0.0], [x, 0.0]
+    assert meta.signature_of_values(negative, torch.float32) != meta.signature_of_values(positive, torch.float32)
+    assert persisted_signature(aten.mul.Tensor, (x, -0.0)) == meta.signature_of_values(negative, torch.float32)
+    assert persisted_signature(aten.mul.Tensor, (x, 0.0)) == meta.signature_of_values(positive, torch.float32)
+    assert persisted_signature(aten.mul.Tensor, (x, -0.0)) != persisted_signature(aten.mul.Tensor, (x, 0.0))
+    # in a scalar list too; and an equal value spelled otherwise still matches (a harmless change hits)
+    assert (meta.signature_of_values([x, [1.0, -0.0]], torch.float32)
+            != meta.signature_of_values([x, [1.0, 0.0]], torch.float32))
+    assert meta.signature_of_values([x, 0.5], torch.float32) == meta.signature_of_values([x, 1 / 2], torch.float32)
+
+
+def test_nan_scalars_are_refused():
+    x = torch.randn(3)
+    with pytest.raises(meta.UnsupportedArgumentError, match="NaN"):
+        meta.signature_of_values([x, float("nan")], torch.float32)
+    with pytest.raises(meta.UnsupportedArgumentError, match="NaN"):
+        meta.extract_call_metadata(aten.mul.Tensor, [x, float("nan")], dynamic=False, device_type="cpu")
+    with pytest.raises(ValueError, match="NaN"):
+        meta.signature_of_meta([{"arg_order": 0, "dtype": "torch.float32", "scalar_value": float("nan")}],
+                               torch.float32)
+
+
+def test_signatures_tell_default_dtypes_apart():
+    """NOTE [Default dtype of a kernel]: div(x_int, y_int) is float32 under the default dtype float32 and float64
+    under float64; the default dtype is part of both signatures."""
+    x, y = torch.arange(4), torch.arange(1, 5)
+    assert meta.signature_of_values([x, y], torch.float32) != meta.signature_of_values([x, y], torch.float64)
+    assert (persisted_signature(aten.div.Tensor, (x, y), default_dtype=torch.float64)
+            == meta.signature_of_values([x, y], torch.float64))
+    assert (persisted_signature(aten.div.Tensor, (x, y), default_dtype=torch.float64)
+            != meta.signature_of_values([x, y], torch.float32))
 
 
 def test_decode_meta_info_turns_strings_into_torch_objects():
