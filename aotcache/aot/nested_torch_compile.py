@@ -4,7 +4,6 @@ capture traces its ops (NOTE [torch.compile-d callables inside a capture])."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +34,7 @@ __all__ = ["torch_compiled_callables_as_python"]
 # before the capture is not run on its fake tensors either (no callback: no cache lookup).
 # Dynamo's wrapper with fullgraph=True (torch 2.13) raises when a call compiled no frame under the default stance
 # (any other stance excuses it); on the capturing thread one frame is counted instead (feature-detected).
-# Where a torch lacks the hook (the name is missing, or is not a function), captures go on as before.
+# Where a torch lacks either name (feature-detected), captures go on as before.
 _this_thread = threading.local()
 _install_lock = threading.Lock()
 _installed: list[Callable[..., Any]] = []
@@ -50,11 +49,14 @@ def _eval_frame_module() -> Any:
     return eval_frame
 
 
-def _in_hop_compile() -> bool:
-    """Whether torch is compiling a higher-order op's body on this thread (its eager path)."""
-    utils = sys.modules.get("torch._higher_order_ops.utils")
-    probe = getattr(utils, "_in_hop_compile", None)
-    return bool(probe()) if probe is not None else False
+def _hop_compile_probe() -> Callable[[], bool] | None:
+    """torch's test of whether it is compiling a higher-order op's body on this thread, or None where absent."""
+    try:
+        import torch._higher_order_ops.utils as hop_utils
+    except Exception:
+        return None
+    probe = getattr(hop_utils, "_in_hop_compile", None)
+    return probe if callable(probe) else None
 
 
 def _excuse_fullgraph_without_frames(eval_frame: Any) -> None:
@@ -67,9 +69,10 @@ def _excuse_fullgraph_without_frames(eval_frame: Any) -> None:
     set_count(count + 1 if count >= 0 else count)
 
 
-def _wrap(eval_frame: Any, decide: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _wrap(eval_frame: Any, decide: Callable[[Any], Any], in_hop_compile: Callable[[], bool]
+          ) -> Callable[[Any], Any]:
     def callback_for_this_thread(callback: Any) -> Any:
-        if getattr(_this_thread, "captures", 0) and not _in_hop_compile():
+        if getattr(_this_thread, "captures", 0) and not in_hop_compile():
             if callback not in (None, False):
                 _excuse_fullgraph_without_frames(eval_frame)
             return None
@@ -90,9 +93,10 @@ def _install() -> bool:
             return True
         eval_frame = _eval_frame_module()
         decide = getattr(eval_frame, "_callback_from_stance", None)
-        if decide is None or not callable(decide) or not hasattr(decide, "__code__"):
-            return False
-        wrapped = _wrap(eval_frame, decide)
+        in_hop_compile = _hop_compile_probe()
+        if decide is None or not callable(decide) or in_hop_compile is None:
+            return False  # without either, torch.compile inside a capture stays as it was
+        wrapped = _wrap(eval_frame, decide, in_hop_compile)
         eval_frame._callback_from_stance = wrapped
         _installed.append(wrapped)
         return True
