@@ -30,12 +30,21 @@ __all__ = ["torch_compiled_callables_as_python"]
 # callable runs its Python with Dynamo off and make_fx traces its ops into the capture's graph, as eager computes
 # them; anywhere else, and while torch compiles a higher-order op's body (torch._higher_order_ops.utils'
 # _in_hop_compile: cond, while_loop, flex_attention, invoke_subgraph), it answers what Dynamo would. A callback
-# Dynamo already chose keeps running (a frame inside a Dynamo region is not re-decided), and compiled code cached
-# before the capture is not run on its fake tensors either (no callback: no cache lookup).
+# installed before the capture began is left as it was (only the one a call installs is chosen here), and code
+# Dynamo compiled for the callable before the capture is not run on its fake tensors (no callback: no cache lookup).
+# Cost outside captures: one thread-local read per torch.compile-d call, once a capture has run in the process.
 # Dynamo's wrapper with fullgraph=True (torch 2.13) raises when a call compiled no frame under the default stance
 # (any other stance excuses it); on the capturing thread one frame is counted instead (feature-detected).
 # Where a torch lacks either name (feature-detected), captures go on as before.
-_this_thread = threading.local()
+
+
+class _ThreadCaptures(threading.local):
+    """How many captures this thread is inside (a class default: reading it costs no failed lookup)."""
+
+    captures = 0
+
+
+_this_thread = _ThreadCaptures()
 _install_lock = threading.Lock()
 _installed: list[Callable[..., Any]] = []
 
@@ -72,7 +81,7 @@ def _excuse_fullgraph_without_frames(eval_frame: Any) -> None:
 def _wrap(eval_frame: Any, decide: Callable[[Any], Any], in_hop_compile: Callable[[], bool]
           ) -> Callable[[Any], Any]:
     def callback_for_this_thread(callback: Any) -> Any:
-        if getattr(_this_thread, "captures", 0) and not in_hop_compile():
+        if _this_thread.captures and not in_hop_compile():
             if callback not in (None, False):
                 _excuse_fullgraph_without_frames(eval_frame)
             return None
@@ -111,7 +120,7 @@ def torch_compiled_callables_as_python() -> Iterator[None]:
         return
     counted = False
     try:
-        _this_thread.captures, counted = getattr(_this_thread, "captures", 0) + 1, True
+        _this_thread.captures, counted = _this_thread.captures + 1, True
         yield
     finally:
         if counted:
