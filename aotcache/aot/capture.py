@@ -30,6 +30,7 @@ from aotcache.aot.aliased_writes import RefuseAliasedWrites, in_custom_backwards
 from aotcache.aot.autograd_nodes import autograd_nodes, is_custom_function_node
 from aotcache.aot.capture_threads import SwapBusy, compiling, one_trace_at_a_time
 from aotcache.aot.capture_analysis import Analysis, analyze, is_graph_input
+from aotcache.aot.nested_torch_compile import torch_compiled_callables_as_python
 from aotcache.aot.scalar_type_checks import kinds_type_checked, watch_code
 from aotcache.aot.script_objects import refusing_script_object_calls
 from aotcache.aot.errors import CaptureError, mark_trace_failure
@@ -511,7 +512,9 @@ def _capture(flat_fn: Callable, flat_args: Sequence[Any], *, decompositions: Map
     watch = watch_code(codes_run) if scalar_kinds else contextlib.nullcontext()
     # NOTE [Host random numbers], NOTE [Symbolic fake-tensor cache]
     generators = [arg for arg in flat_args if isinstance(arg, torch.Generator)]  # NOTE [Generator arguments]
-    with compiling(), tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
+    # NOTE [torch.compile-d callables inside a capture]; a Dynamo graph (callers_mode) runs no Python of its own
+    nested_compiles = torch_compiled_callables_as_python() if not callers_mode else contextlib.nullcontext()
+    with compiling(), nested_compiles, tensor_checks_in_graph(), quiet_fake_tensor_failures(), \
             refuse_host_random(generators) as rng_watch, \
             settings_kept(), compiled_autograd_off(), \
             symbolic_fake_cache_off(fake_mode, callers_mode), parametrization_cache_off(), \
