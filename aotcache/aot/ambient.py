@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["active_modes", "numerics_flags", "numerics_signature"]
+__all__ = ["active_modes", "distributed_state", "numerics_flags", "numerics_signature"]
 
 # Zero-argument getters of torch._C, by the name a user knows the flag under.
 _C_GETTERS = (
@@ -193,3 +193,20 @@ def numerics_flags() -> dict[str, Any]:
         value = _read(getter)
         flags[name] = value if isinstance(value, (bool, int, str, type(None))) else str(value)
     return flags
+
+
+# NOTE [The process group in the fingerprint]
+# A forward may read its place in a distributed job: ``x * dist.get_rank()``, a slice by rank, a collective whose
+# output size is the world size, a DTensor mesh coordinate. The capture bakes those ints into the graph, so each
+# rank's full key differs, but the call fingerprint (no trace) saw only the code, equal on every rank: a warm rank
+# 1 loaded the alias rank 0 had recorded and ran rank 0's graph (wrong values, no error; found with 2 gloo ranks
+# sharing a cache dir). The default group's rank and world size are part of the fingerprint's ambient state:
+# each rank records and finds its own alias, while the full keys, computed from the graphs, still let every rank
+# of a job load the one compile of a rank-independent graph (one compile per job).
+def distributed_state() -> dict[str, int] | None:
+    """The default process group's rank and world size, or None outside a distributed job (NOTE [The process
+    group in the fingerprint])."""
+    distributed = sys.modules.get("torch.distributed")  # not imported: no group can exist
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return None
+    return {"rank": distributed.get_rank(), "world_size": distributed.get_world_size()}

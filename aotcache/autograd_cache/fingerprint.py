@@ -15,7 +15,7 @@ inputs     per flat argument: tensor dtype, device, layout, requires_grad, leafn
            pytree structure of (args, kwargs)
 ambient    grad mode, inference mode, autocast, default dtype, matmul precision, deterministic algorithms,
            backend flags (mkldnn, cudnn, tf32, SDPA backends, MHA fast path), non-default Inductor config and
-           ``TORCHINDUCTOR_*`` environment variables
+           ``TORCHINDUCTOR_*`` environment variables, the default process group's rank and world size
 options    compilers, partitioner, decompositions (user code hashed), dynamic
 system     :func:`aotcache.autograd_cache.key.system_parts` (versions, aotcache source, CPU ISA, GPU arch)
 ========== ==================================================================================================
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aotcache.aot.ambient import numerics_flags
+from aotcache.aot.ambient import distributed_state, numerics_flags
 from aotcache.aot.cache_objects import CacheInt
 from aotcache.aot.exact_values import exact_repr, float_bits
 from aotcache.aot.signature import python_attributes
@@ -217,6 +217,9 @@ def _fingerprint(roots: Sequence[Any], module: nn.Module | None, flat_args: Sequ
         "backends": numerics_flags(),
         "compile_config": inductor_part,
     }
+    distributed = distributed_state()
+    if distributed is not None:  # only then: fingerprints outside a distributed job stay what they were
+        ambient["distributed"] = distributed  # NOTE [The process group in the fingerprint]
     tensor_devices = {str(arg.device) for arg in flat_args if isinstance(arg, torch.Tensor)}
     parts = {
         "code": cache_key.canonical_json(code),
