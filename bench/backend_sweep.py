@@ -398,6 +398,9 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:  # the module docstring is the usage (a bare run sweeps every model)
+        print(__doc__)
+        return
     if "--table" in argv:
         path = Path(argv[argv.index("--out") + 1]) if "--out" in argv else REPO / "bench/results/backend_sweep.json"
         print_table(json.loads(path.read_text()))
