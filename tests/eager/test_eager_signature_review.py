@@ -18,15 +18,9 @@ from aotcache.eager import meta
 from aotcache.eager.index import OpIndex
 from aotcache.eager.versions import runtime_versions
 
+from tests.eager.test_eager_dispatch_faults import clean_dispatch  # noqa: F401 (autouse: dispatch off around each test)
+
 aten = torch.ops.aten
-
-
-@pytest.fixture(autouse=True)
-def clean_dispatch():
-    eager.disable()
-    eager.reset_stats()
-    yield
-    eager.disable()
 
 
 @pytest.fixture
