@@ -166,6 +166,8 @@ class _Router:
                          "aotcache.compile: %s: this call runs eagerly (%s); the next call is captured",
                          self.aot.name, str(exc).removeprefix("aotcache: ").split("\n")[0])
                 return eager_call()
+            if isinstance(exc, RefusedArgumentError) and not exc.dynamo_safe:  # NOTE [One call's set argument]
+                return self._eager_for_this_call(exc, eager_call)
             self._choose_dynamo(exc, self.capturing.digest)
             return self._dynamo_or_eager(dynamo_call, eager_call) if self.route == DYNAMO else eager_call()
         except Exception as exc:
@@ -237,6 +239,21 @@ class _Router:
                      "aotcache.compile: %s: torch.compile could not run the call either (%s); it runs eagerly, "
                      "uncompiled, from now on", self.aot.name, failure)
         return result
+
+    # NOTE [One call's set argument]
+    # A call with a plain ``set`` or ``dict_keys`` argument runs eagerly (NOTE [Arguments Dynamo guards without their
+    # order] in aot/signature.py: Dynamo would reuse a graph across iteration orders). The refusal is about the call's
+    # values, not the program: choosing the route "eager" for it made every later call of the function run uncompiled
+    # (and recorded that route for later processes), though a call without such an argument is captured as any other.
+    # So such a call runs eagerly by itself (counted ``eager:refused_argument`` and logged once); the route stays as
+    # it was, and nothing is recorded.
+    def _eager_for_this_call(self, exc: RefusedArgumentError, eager_call: Callable[[], Any]) -> Any:
+        """Run one call eagerly, the route left as it is (NOTE [One call's set argument])."""
+        if log_once(logging.WARNING, f"compile-set-argument:{id(self)}",
+                    "aotcache.compile: %s: a call with this argument runs eagerly (%s); calls without one are "
+                    "compiled", self.aot.name, str(exc).removeprefix("aotcache: ").split(". ")[0]):
+            count_fallback("eager:refused_argument")
+        return eager_call()
 
     # NOTE [Arguments Dynamo guards]
     # An argument the AOT way cannot compare by value (an nn.Module, an optimizer: a train-step function

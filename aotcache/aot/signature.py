@@ -219,11 +219,11 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 # after ``{1: .., 2: ..}.keys()``, reused the first call's graph, a wrong value where eager and torch's own
 # ``aot_function`` (which raises for such an argument) do not give one (found in session 26 probing PyTorch's
 # test_sets.py; ``torch.compile(backend="aot_eager")`` gives the same wrong value). A call with such an argument runs
-# eagerly (``dynamo_safe=False``: ``aot_function``'s fallback an eager runtime, ``aotcache.compile`` its recorded
-# route "eager"), whichever argument the refusal names (a set after a refused module counts too). A ``frozenset``
-# is keyed the AOT way, members in iteration order (NOTE [Sets and dataclasses compared exactly]); a set subclass
-# and ``dict_items`` / ``dict_values`` are guarded in order by Dynamo. Not covered: a set held inside a refused
-# object (a mutable dataclass's field) is left to Dynamo's guards.
+# eagerly (``dynamo_safe=False``: ``aot_function``'s fallback an eager runtime, ``aotcache.compile`` that call
+# alone: NOTE [One call's set argument] in compile_api.py), whichever argument the refusal names (a set after a
+# refused module counts too). A ``frozenset`` is keyed the AOT way, members in iteration order (NOTE [Sets and
+# dataclasses compared exactly]); a set subclass and ``dict_items`` / ``dict_values`` are guarded in order by
+# Dynamo. Not covered: a set held inside a refused object (a mutable dataclass's field) is left to Dynamo's guards.
 _GUARDED_WITHOUT_ORDER = (set, type({}.keys()))
 
 

@@ -117,3 +117,39 @@ def test_a_set_after_another_refused_argument_still_runs_eagerly(route):
     scale, x = _Scale(2.0), torch.arange(3.0)
     for keys in ORDERS["set"]():
         torch.testing.assert_close(entry(scale, x, keys), _scaled_in_order(scale, x, keys), rtol=0, atol=0)
+
+
+def _maybe_weighed(x, keys=None):
+    y = x * 2
+    return y if keys is None else _weigh_in_order(y, keys)
+
+
+def test_a_set_argument_runs_that_call_eagerly_and_leaves_aotcache_compile_on_the_aot_way():
+    """NOTE [One call's set argument]: one call with a set made every later call of the function eager (route
+    "eager", recorded for later processes); now that call alone runs eagerly, counted and warned once."""
+    before = fallback_counts()
+    compiled = aotcache.compile(_maybe_weighed, compiler="nop")  # the test's cache dir: routes are recorded
+    x = torch.arange(3.0)
+    torch.testing.assert_close(compiled(x), _maybe_weighed(x))
+    assert compiled.route == "aot"
+    for keys in ORDERS["set"]() + ORDERS["dict_keys"]():
+        torch.testing.assert_close(compiled(x, keys), _maybe_weighed(x, keys), rtol=0, atol=0)
+        assert compiled.route == "aot"
+    compiles = compiled.compiled.num_compiles
+    torch.testing.assert_close(compiled(x + 1), _maybe_weighed(x + 1))
+    assert compiled.compiled.num_compiles == compiles  # the first call's graph, still used
+    after = fallback_counts()
+    assert after.get("eager:refused_argument", 0) - before.get("eager:refused_argument", 0) == 1
+    fresh = aotcache.compile(_maybe_weighed, compiler="nop")
+    torch.testing.assert_close(fresh(x), _maybe_weighed(x))
+    assert fresh.route == "aot"  # no route "eager" was recorded for the function
+
+
+def test_a_set_argument_on_the_first_call_leaves_the_route_open():
+    """A first call with a set runs eagerly and decides nothing: the next call without one is captured."""
+    compiled = aotcache.compile(_maybe_weighed, compiler="nop", cache=False)
+    x = torch.arange(3.0)
+    keys = _set_filled([0, 8])
+    torch.testing.assert_close(compiled(x, keys), _maybe_weighed(x, keys), rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x), _maybe_weighed(x))
+    assert compiled.route == "aot" and compiled.compiled.num_compiles == 1
