@@ -232,6 +232,7 @@ def holds_order_free_argument(args: tuple, kwargs: dict) -> bool:
     way of ``aotcache.compile`` (NOTE [One call's set argument] in compile_api.py); a tensor argument costs one
     type check."""
     pending = [*args, *kwargs.values()] if kwargs else list(args)
+    opened: set[int] = set()  # a list holding itself is opened once (eager runs such a call)
     while pending:
         arg = pending.pop()
         kind = type(arg)
@@ -239,6 +240,9 @@ def holds_order_free_argument(args: tuple, kwargs: dict) -> bool:
             continue
         if kind in _GUARDED_WITHOUT_ORDER:
             return True
+        if id(arg) in opened:
+            continue
+        opened.add(id(arg))
         if kind is list or kind is tuple:
             pending.extend(arg)
         elif kind is dict:

@@ -202,3 +202,8 @@ def test_which_arguments_hold_a_set_for_the_dynamo_way():
                   OrderedDict(a={1})):
         assert holds_order_free_argument((x, found), {}), found
         assert holds_order_free_argument((x,), {"kw": found}), found
+    holding_itself = [x]
+    holding_itself.append(holding_itself)
+    assert not holds_order_free_argument((holding_itself,), {})  # opened once: no endless loop
+    holding_itself.append({1})
+    assert holds_order_free_argument((holding_itself,), {})
