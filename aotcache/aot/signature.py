@@ -240,13 +240,12 @@ def holds_order_free_argument(args: tuple, kwargs: dict) -> bool:
             continue
         if kind in _GUARDED_WITHOUT_ORDER:
             return True
-        if id(arg) in opened:
-            continue
-        opened.add(id(arg))
-        if kind is list or kind is tuple:
+        if kind is tuple:
             pending.extend(arg)
-        elif kind is dict:
-            pending.extend(arg.values())
+        elif kind is list or kind is dict:  # (a cycle runs through a mutable container)
+            if id(arg) not in opened:
+                opened.add(id(arg))
+                pending.extend(arg.values() if kind is dict else arg)
         elif kind in pytree.SUPPORTED_NODES or pytree.is_namedtuple_instance(arg):
             pending.extend(pytree.tree_leaves(arg))
     return False
