@@ -37,6 +37,7 @@ from aotcache.aot.fallback import count_fallback, is_trace_failure, raised_by_re
 from aotcache.aot.module_state import dynamo_safe_module
 from aotcache.aot.module import AOTModule
 from aotcache.aot.module_refusals import data_parallel_wrapper, refuse_data_parallel_wrappers
+from aotcache.aot.signature import holds_order_free_argument
 from aotcache.api import CachedCompileServices
 from aotcache.compile_route import AOT, DYNAMO, EAGER, read_route, record_route
 from aotcache.compilers.base import options_with_mode
@@ -129,22 +130,24 @@ class _Router:
                     self._dynamo = self.make_dynamo()
         return self._dynamo
 
-    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any], eager_call: Callable[[], Any]) -> Any:
+    def call(self, aot_call: Callable[[], Any], dynamo_call: Callable[[], Any], eager_call: Callable[[], Any],
+             args: tuple = (), kwargs: dict | None = None) -> Any:
         """Run the call the chosen way; the first call (and a later capture failure) chooses. ``eager_call`` runs
-        the call as written (the route "eager", NOTE [Captures that fail where eager may run])."""
+        the call as written (the route "eager", NOTE [Captures that fail where eager may run]); ``args`` and
+        ``kwargs`` are the call's, looked at only on the Dynamo way (NOTE [One call's set argument])."""
         if stance_forces_eager():  # NOTE [torch.compiler.set_stance]
             return eager_call()
         if torch._C._get_tracing_state() is not None:  # NOTE [Calls under torch.jit.trace] (aot/module.py)
             return eager_call()
         route = self.route
         if route == DYNAMO:
-            return self._dynamo_or_eager(dynamo_call, eager_call)
+            return self._dynamo_way(args, kwargs, dynamo_call, eager_call)
         if route == EAGER:
             return eager_call()
         if route is None and self.module is not None and self._wrapper_refused():
-            return self._dynamo_or_eager(dynamo_call, eager_call)
+            return self._dynamo_way(args, kwargs, dynamo_call, eager_call)
         if route is None and self.function is not None and self._optimizer_method_refused():
-            return self._dynamo_or_eager(dynamo_call, eager_call)
+            return self._dynamo_way(args, kwargs, dynamo_call, eager_call)
         self.capturing.digest = None
         if route is None:  # (read only then: the warm call of the AOT way pays nothing)
             self.capturing.busy = False
@@ -157,7 +160,8 @@ class _Router:
             logger.info("aotcache.compile: %s: %s as recorded (%s); no capture tried", self.aot.name,
                         "torch.compile(backend='aotcache')" if recorded.route == DYNAMO else "eager",
                         recorded.reason)
-            return self._dynamo_or_eager(dynamo_call, eager_call) if recorded.route == DYNAMO else eager_call()
+            return (self._dynamo_way(args, kwargs, dynamo_call, eager_call) if recorded.route == DYNAMO
+                    else eager_call())
         except (CaptureError, RefusedArgumentError) as exc:  # NOTE [Arguments Dynamo guards]
             if self.fullgraph:
                 raise
@@ -169,7 +173,7 @@ class _Router:
             if isinstance(exc, RefusedArgumentError) and not exc.dynamo_safe:  # NOTE [One call's set argument]
                 return self._eager_for_this_call(exc, eager_call)
             self._choose_dynamo(exc, self.capturing.digest)
-            return self._dynamo_or_eager(dynamo_call, eager_call) if self.route == DYNAMO else eager_call()
+            return self._dynamo_way(args, kwargs, dynamo_call, eager_call) if self.route == DYNAMO else eager_call()
         except Exception as exc:
             # NOTE [Captures that fail where eager may run] in aot/fallback.py: this call runs eagerly (an error is
             # then eager's own, nothing decided); if it runs, the later calls take the Dynamo way
@@ -247,13 +251,26 @@ class _Router:
     # (and recorded that route for later processes), though a call without such an argument is captured as any other.
     # So such a call runs eagerly by itself (counted ``eager:refused_argument`` and logged once); the route stays as
     # it was, and nothing is recorded.
-    def _eager_for_this_call(self, exc: RefusedArgumentError, eager_call: Callable[[], Any]) -> Any:
+    #
+    # On the Dynamo way (a route chosen for another reason: a graph break, a refused module, a recorded route) such
+    # an argument reached torch.compile, whose graph for ``{0, 8}`` answered the same set filled in the other order
+    # (a wrong value): there the call's arguments are looked at first (a tensor costs one type check).
+    def _eager_for_this_call(self, exc: RefusedArgumentError | str, eager_call: Callable[[], Any]) -> Any:
         """Run one call eagerly, the route left as it is (NOTE [One call's set argument])."""
         if log_once(logging.WARNING, f"compile-set-argument:{id(self)}",
                     "aotcache.compile: %s: a call with this argument runs eagerly (%s); calls without one are "
                     "compiled", self.aot.name, str(exc).removeprefix("aotcache: ").split(". ")[0]):
             count_fallback("eager:refused_argument")
         return eager_call()
+
+    def _dynamo_way(self, args: tuple, kwargs: dict | None, dynamo_call: Callable[[], Any],
+                    eager_call: Callable[[], Any]) -> Any:
+        """The Dynamo way's call, or eager's for a call with a set / dict_keys argument (NOTE [One call's set
+        argument])."""
+        if holds_order_free_argument(args, kwargs or {}):
+            return self._eager_for_this_call("a set or dict_keys argument, whose order Dynamo does not guard",
+                                             eager_call)
+        return self._dynamo_or_eager(dynamo_call, eager_call)
 
     # NOTE [Arguments Dynamo guards]
     # An argument the AOT way cannot compare by value (an nn.Module, an optimizer: a train-step function
@@ -373,7 +390,8 @@ class CompiledModule(AOTModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: AOTModule.forward(self, *args, **kwargs),
-                           lambda: self._dynamo_call(args, kwargs), lambda: self._eager_call(args, kwargs))
+                           lambda: self._dynamo_call(args, kwargs), lambda: self._eager_call(args, kwargs),
+                           args, kwargs)
 
     def _dynamo_call(self, args: tuple, kwargs: dict) -> Any:
         """The Dynamo way's call, beside other threads' captures of the module (NOTE [The Dynamo way beside a
@@ -422,7 +440,7 @@ class CompiledFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),
-                           lambda: self.fn(*args, **kwargs))
+                           lambda: self.fn(*args, **kwargs), args, kwargs)
 
 
 # NOTE [Bound methods of modules]

@@ -37,7 +37,7 @@ from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_tra
                                               nested_tensor_error, unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
-__all__ = ["signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
+__all__ = ["holds_order_free_argument", "signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
            "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
 
 
@@ -225,6 +225,30 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 # dataclasses compared exactly]); a set subclass and ``dict_items`` / ``dict_values`` are guarded in order by
 # Dynamo. Not covered: a set held inside a refused object (a mutable dataclass's field) is left to Dynamo's guards.
 _GUARDED_WITHOUT_ORDER = (set, type({}.keys()))
+
+
+def holds_order_free_argument(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments hold a plain ``set`` or ``dict_keys`` among their pytree leaves, for the Dynamo
+    way of ``aotcache.compile`` (NOTE [One call's set argument] in compile_api.py); a tensor argument costs one
+    type check."""
+    pending = [*args, *kwargs.values()] if kwargs else list(args)
+    opened: set[int] = set()  # a list holding itself is opened once (eager runs such a call)
+    while pending:
+        arg = pending.pop()
+        kind = type(arg)
+        if kind is torch.Tensor or kind is torch.nn.Parameter or kind in EXACT_BY_EQUALITY:
+            continue
+        if kind in _GUARDED_WITHOUT_ORDER:
+            return True
+        if kind is tuple:
+            pending.extend(arg)
+        elif kind is list or kind is dict:  # (a cycle runs through a mutable container)
+            if id(arg) not in opened:
+                opened.add(id(arg))
+                pending.extend(arg.values() if kind is dict else arg)
+        elif kind in pytree.SUPPORTED_NODES or pytree.is_namedtuple_instance(arg):
+            pending.extend(pytree.tree_leaves(arg))
+    return False
 
 
 def memory_sharing(flat_args: Sequence[Any]) -> tuple:

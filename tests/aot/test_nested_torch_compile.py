@@ -377,3 +377,79 @@ def test_llama_flex_attention_generate_through_aotcache_compile_equals_eager_att
                           timeout=550)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok" in done.stdout
+
+
+def test_a_capture_that_raises_leaves_the_thread_compiling_as_usual():
+    """A user's error inside the captured forward (after the helper ran) is raised as eager raises it, and the
+    thread's capture count is restored: the helper called eagerly next is compiled by Dynamo, with eager's values."""
+    from aotcache.aot.nested_torch_compile import _this_thread
+
+    backend = RecordingBackend()
+    helper = torch.compile(_cosh_rows, backend=backend)
+
+    def fn(x):
+        helper(x)
+        raise ValueError("the user's own error")
+
+    compiled = aotcache.aot_function(fn, "nop", cache=False)
+    with pytest.raises(ValueError, match="the user's own error"):
+        compiled(torch.ones(2, 3))
+    assert _this_thread.captures == 0
+    x = torch.randn(2, 3)
+    assert torch.equal(helper(x), _cosh_rows(x))
+    assert backend.calls == [["Tensor"]]
+
+
+class CountsCalls(torch.nn.Module):
+    """A submodule that writes a buffer in place, compiled by the user with torch.compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x).relu() + self.calls
+
+
+class HoldsACompiledSubmodule(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.compile(CountsCalls(), backend=backend)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_a_torch_compiled_submodule_is_captured_with_its_parameters_and_buffer():
+    """An OptimizedModule held as a submodule: captured whole (its parameters are the module's inputs, so a changed
+    weight is seen), values, gradients and the in-place buffer are eager's, and afterwards the submodule called by
+    itself is compiled by Dynamo as usual."""
+    backend = RecordingBackend()
+    model, reference = HoldsACompiledSubmodule(backend), HoldsACompiledSubmodule(RecordingBackend())
+    reference.load_state_dict(model.state_dict())
+    wrapped = aotcache.compile(model, compiler="nop")
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        out = wrapped(x)
+        with torch.compiler.set_stance("force_eager"):
+            want = reference(x)
+        assert torch.equal(out, want)
+    assert wrapped.route == "aot"
+    out.sum().backward()
+    want.sum().backward()
+    for (name, param), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(param.grad, expected.grad), name
+    assert torch.equal(model.inner.calls, reference.inner.calls)
+    with torch.no_grad():
+        model.inner.lin.weight.mul_(2)
+        reference.inner.lin.weight.mul_(2)
+    with torch.compiler.set_stance("force_eager"):
+        want = reference(x)
+    assert torch.equal(wrapped(x), want)
+    assert backend.calls == []
+    model.inner(x)
+    assert len(backend.calls) == 1  # Dynamo compiled it, outside any capture

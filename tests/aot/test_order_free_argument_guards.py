@@ -153,3 +153,57 @@ def test_a_set_argument_on_the_first_call_leaves_the_route_open():
     torch.testing.assert_close(compiled(x, keys), _maybe_weighed(x, keys), rtol=0, atol=0)
     torch.testing.assert_close(compiled(x), _maybe_weighed(x))
     assert compiled.route == "aot" and compiled.compiled.num_compiles == 1
+
+
+def _weighed_after_a_graph_break(x, keys=(), *, more=None):
+    """A data-dependent branch sends ``aotcache.compile`` to the Dynamo way; then a result in ``keys``' order."""
+    if x.sum() > 0:
+        x = x + 1
+    y = _weigh_in_order(x, [key for group in keys for key in group])
+    return y if more is None else _weigh_in_order(y, more["keys"])
+
+
+class _WeighsAfterAGraphBreak(torch.nn.Module):
+    def forward(self, x, keys=(), *, more=None):
+        return _weighed_after_a_graph_break(x, keys, more=more)
+
+
+@pytest.mark.parametrize("place", ["in_a_list", "in_a_tuple", "kwarg_in_a_dict"])
+@pytest.mark.parametrize("form", ["function", "module"])
+def test_a_set_argument_on_the_dynamo_way_runs_that_call_eagerly(form, place):
+    """NOTE [One call's set argument]: with the route "dynamo" chosen by a graph break, a set (or dict_keys) reached
+    torch.compile, which reused the graph of ``{0, 8}`` for the same set filled in the other order: a wrong value.
+    Such a call runs eagerly; a call without one still takes the Dynamo way."""
+    target = _weighed_after_a_graph_break if form == "function" else _WeighsAfterAGraphBreak()
+    compiled = aotcache.compile(target, compiler="nop", cache=False)
+    x = torch.arange(3.0)
+    torch.testing.assert_close(compiled(x, [[1, 2]]), _weighed_after_a_graph_break(x, [[1, 2]]))
+    assert compiled.route == "dynamo"
+    for keys in ORDERS["set"]() + ORDERS["dict_keys"]():
+        call = {"in_a_list": ((x, [keys]), {}), "in_a_tuple": ((x, (keys,)), {}),
+                "kwarg_in_a_dict": ((x,), {"more": {"keys": keys}})}[place]
+        torch.testing.assert_close(compiled(*call[0], **call[1]), _weighed_after_a_graph_break(*call[0], **call[1]),
+                                   rtol=0, atol=0)
+    assert compiled.route == "dynamo"
+    torch.testing.assert_close(compiled(x, [[3]]), _weighed_after_a_graph_break(x, [[3]]))
+
+
+def test_which_arguments_hold_a_set_for_the_dynamo_way():
+    """The check on the Dynamo way finds a set / dict_keys anywhere among the pytree leaves, and nothing else."""
+    from collections import OrderedDict, namedtuple
+
+    from aotcache.aot.signature import holds_order_free_argument
+
+    pair = namedtuple("pair", "a b")
+    x = torch.ones(2)
+    assert not holds_order_free_argument((x, 1, "s", None, frozenset({1}), [x, (2, 3)], {"k": [x]}), {"m": x})
+    assert not holds_order_free_argument((pair(x, {1: 2}.values()), OrderedDict(a=x)), {})
+    for found in ({1}, {1: 2}.keys(), [[{1}]], ({1: 2}.keys(),), {"k": {"j": {1}}}, pair(x, {1}),
+                  OrderedDict(a={1})):
+        assert holds_order_free_argument((x, found), {}), found
+        assert holds_order_free_argument((x,), {"kw": found}), found
+    holding_itself = [x]
+    holding_itself.append(holding_itself)
+    assert not holds_order_free_argument((holding_itself,), {})  # opened once: no endless loop
+    holding_itself.append({1})
+    assert holds_order_free_argument((holding_itself,), {})
