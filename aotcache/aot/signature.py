@@ -37,8 +37,8 @@ from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_tra
                                               nested_tensor_error, unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
-__all__ = ["holds_order_free_argument", "signature_of", "rank_signature_of", "argument_signature", "dict_key_types", "dict_context_keys",
-           "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
+__all__ = ["holds_order_free_argument", "signature_of", "rank_signature_of", "argument_signature", "dict_key_types",
+           "dict_context_keys", "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
