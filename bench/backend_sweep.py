@@ -18,8 +18,9 @@ options={"compiler": "nop"}``) cold, then ``aotcache`` warm in another process o
 three AdamW steps (the third on a longer sequence / larger batch: a recompile or a dynamic graph), an eval
 forward and, for decoders and T5, greedy ``generate(max_new_tokens=6)`` with the forward compiled
 (``model.forward = torch.compile(model.forward, ...)``: ``OptimizedModule.generate`` runs eagerly, see
-docs/aot.md). Compares losses, grads, params, outputs and tokens with eager's; counts Dynamo's frames,
-unique graphs and graph breaks and aotcache's counters. Writes bench/results/backend_sweep.json (``--out``).
+docs/compile.md, "Methods run the compiled forward"). Compares losses, grads, params, outputs and tokens with
+eager's; counts Dynamo's frames, unique graphs and graph breaks and aotcache's counters. Writes
+bench/results/backend_sweep.json (``--out``).
 Decoders also generate with ``cache_implementation="static"`` and compare every step's logits of the default
 greedy run. ``--with-compile`` adds ``aotcache.compile(model, compiler="nop")`` cold and warm (generate through
 the wrapper's own ``generate``). Where a way differs from eager, ``within_aot_eager`` says whether it is no
@@ -273,7 +274,7 @@ def _cmp(a, b) -> float | None:
 # transformers builds a static-cache generate's masks as a dict keyed by layer type, iterating
 # set(config.layer_types): with mixed layer types (Cohere2's sliding window here) the key order follows the
 # process's string hash, and the order is part of the call's signature and fingerprint. With Python's random
-# seed per process, one warm process in two re-traced those calls (docs/aot.md, Cohere2). The children share
+# seed per process, one warm process in two re-traced those calls (docs/models.md, Cohere2). The children share
 # one seed so that "warm: traces" measures the cache, not the draw; run with PYTHONHASHSEED set to choose another.
 
 

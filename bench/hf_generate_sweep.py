@@ -29,11 +29,11 @@ process that serves all seven modes.
 
 The children share ``PYTHONHASHSEED=0`` unless the caller set one: with mixed ``layer_types`` (Gemma 2) a static
 cache's masks come as a dict whose key order follows the string hash, and with a seed drawn per process one warm
-process in two traced those calls again (NOTE [The sweep's hash seed] in bench/backend_sweep.py, docs/aot.md).
+process in two traced those calls again (NOTE [The sweep's hash seed] in bench/backend_sweep.py, docs/models.md).
 
     PYTHONPATH=$PWD python bench/hf_generate_sweep.py [--archs Llama GPT2 ...] [--out PATH] [--no-timing]
 
-writes bench/results/hf_generate_sweep.json and prints a table (docs/aot.md, "Text generation").
+writes bench/results/hf_generate_sweep.json and prints a table (docs/models.md, "Text generation").
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def main() -> None:
             env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1",
                    "AOTCACHE_RECOMPILE_LIMIT": str(args.recompile_limit)}
             # One string hash for the cold and the warm child, unless the caller chose one: a static cache's
-            # mask dict follows it (NOTE [The sweep's hash seed] in bench/backend_sweep.py; docs/aot.md, Gemma 2)
+            # mask dict follows it (NOTE [The sweep's hash seed] in bench/backend_sweep.py; docs/models.md, Gemma 2)
             env.setdefault("PYTHONHASHSEED", "0")
             cold = _child(arch, "cold", args.modes, not args.no_timing, env, args.timeout)
             warm = _child(arch, "warm", args.modes, False, env, args.timeout)

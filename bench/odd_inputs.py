@@ -1452,7 +1452,7 @@ def _(wrap):
 # ---- running ---------------------------------------------------------------------------------------------
 
 # Case-routes that differed from eager and were fixed (each has a test in tests/aot/test_odd_inputs.py), and the
-# known differences outside aotcache's reach (docs/aot.md, "Unusual inputs and call contexts").
+# known differences outside aotcache's reach (docs/limitations.md, "Unusual inputs and call contexts").
 FIXED = {("checkpoint_around_call", route) for route in ROUTES} | {
     ("leaf_requiring_grad_mutated", "compile"),
     ("input_and_target_windows", "aot"), ("input_and_target_windows", "compile"),  # a graph per step (perf)

@@ -7,7 +7,7 @@ route (``aot``: whole capture; ``dynamo``), the graphs compiled and the cache co
 
     PYTHONPATH=$PWD python bench/peft_diffusers_sweep.py [--only NAME ...]
 
-writes bench/results/peft_diffusers_sweep.json (docs/aot.md, "peft and diffusers").
+writes bench/results/peft_diffusers_sweep.json (docs/models.md, "peft and diffusers").
 """
 
 from __future__ import annotations

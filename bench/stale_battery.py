@@ -1629,7 +1629,8 @@ def worker(names: list[str], way: str, out_path: str) -> None:
     torch.save(results, out_path)
 
 
-# Mismatches that are torch.compile's own behaviour, not aotcache's (each has a test: see docs/aot.md).
+# Mismatches that are torch.compile's own behaviour, not aotcache's (each has a test: see docs/models.md,
+# "Stale-result battery").
 KNOWN = {
     ("hooks_forward", "dynamo"): "torch.compile's default skip_nnmodule_hook_guards: a submodule hook registered "
                                  "after Dynamo traced is not run (aotcache's own Dynamo routes turn the guards on)",

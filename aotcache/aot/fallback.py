@@ -332,7 +332,7 @@ def eager_module_simplified(mod: torch.nn.Module, exc: CaptureError) -> Callable
     ``aot_module_simplified`` is torch's drop-in, which a user's own backend calls with Dynamo's graph (or a
     module); torch's traces some modules that aotcache refuses by design (a ``Tensor.register_hook`` inside the
     module, which torch bakes into the backward graph and aotcache would run only while capturing, NOTE [Module
-    backward hooks] in docs/aot.md), so raising the ``CaptureError`` failed a backend that eager and torch's own
+    backward hooks] in docs/limitations.md), so raising the ``CaptureError`` failed a backend that eager and torch's own
     run (PyTorch's test_hooks.py, session 25). As the ``torch.compile`` backend does with a Dynamo graph (NOTE
     [Dynamo graphs aotcache cannot capture]), the module now runs as Python: eager's results, and its hooks run
     at every backward. ``on_capture_error="raise"`` (the backend's own call) and strict mode raise instead.

@@ -408,8 +408,8 @@ class _CompiledAutogradFunction(torch.autograd.Function):
         # aot_eager runs (found by PyTorch's test_aot_autograd.py, test_eager_sequence_nr with dynamic shapes).
         # torch's own compiled backward is torch code, which Dynamo skips. So the backward runs with Dynamo off,
         # wherever torch._dynamo is loaded (it cannot be on otherwise). Compiled autograd, which traces a custom
-        # Function's backward, breaks its graph here (it already did at ``DisableAutocast``; docs/aot.md). The
-        # wrapper costs about 0.3 us of CPU per backward call here.
+        # Function's backward, breaks its graph here (it already did at ``DisableAutocast``; docs/limitations.md,
+        # "Compiled autograd"). The wrapper costs about 0.3 us of CPU per backward call here.
         # Once Dynamo is loaded the class's ``backward`` becomes the Dynamo-disabled one itself (``skip_backward_in_
         # dynamo``): with only the call below disabled, Dynamo still traced this frame, graph-broke at the call, and
         # compiled its resume function with guards on ``ctx.saved_tensors`` (a recompile per new saved layout,

@@ -1,7 +1,7 @@
-"""Optimizer steps and LR schedulers compiled with ``torch.compile(..., backend="aotcache")`` (docs/aot.md,
-"Compiled optimizer steps"): parameters and optimizer state equal eager's after several steps, in one process and
-in a second process on the same cache dir; a float LR that Dynamo bakes into a graph is part of the key (a changed
-LR misses, the same LR hits), a tensor LR is an input (a changed value hits)."""
+"""Optimizer steps and LR schedulers compiled with ``torch.compile(..., backend="aotcache")`` (docs/compile.md,
+"Compiled optimizer steps and LR schedulers"): parameters and optimizer state equal eager's after several steps, in
+one process and in a second process on the same cache dir; a float LR that Dynamo bakes into a graph is part of the
+key (a changed LR misses, the same LR hits), a tensor LR is an input (a changed value hits)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Session 25's hunt for programs eager runs and aotcache failed or changed (``torch.func`` over compiled code,
-odd inputs and contexts, module lifecycle): each test failed on the code before its fix."""
+odd inputs and contexts, module lifecycle; docs/limitations.md, "A hunt for programs eager runs"): each test
+failed on the code before its fix."""
 
 from __future__ import annotations
 

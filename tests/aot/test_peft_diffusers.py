@@ -1,5 +1,5 @@
 """Patterns of peft (LoRA) and diffusers models through ``aotcache.compile``, each a bug found by running them
-(docs/aot.md, "peft and diffusers"), kept as a small hand-written module in the shape it was found (nop, CPU)."""
+(docs/models.md, "peft and diffusers"), kept as a small hand-written module in the shape it was found (nop, CPU)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Random ops with the nop compiler draw eager's values under the same seed, and leave the global generator
-in eager's state (the compiled graphs run ATen's random ops in eager's order and count); see docs/aot.md,
+in eager's state (the compiled graphs run ATen's random ops in eager's order and count); see docs/limitations.md,
 "Random ops", for what holds with Inductor / AOTInductor."""
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_the_wrappers_class_has_the_wrapped_models_name_and_forward_signature():
 def test_hf_trainer_with_a_compiled_model_matches_the_eager_trainer(tmp_path):
     """HF Trainer, 3 steps and an evaluation, with ``aotcache.compile(model)`` as the model: the same losses,
     eval loss and weights as eager. (``TrainingArguments(torch_compile_backend="aotcache")`` is refused by
-    accelerate, whose backend names are a fixed enum: docs/aot.md.)"""
+    accelerate, whose backend names are a fixed enum: docs/compile.md, "The module wrapper is a drop-in".)"""
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 
@@ -175,7 +175,8 @@ def test_hf_trainer_checkpoints_resume_and_predict_as_the_eager_trainer(tmp_path
 
     The first checkpoint save sets ``config.dtype`` and ``config.architectures`` (transformers'
     ``save_pretrained``); the model's settings changed, so each mode (train / eval) is traced once more after it,
-    then never again: at most 8 graphs for 4 steps, 2 evaluations and a prediction (docs/aot.md)."""
+    then never again: at most 8 graphs for 4 steps, 2 evaluations and a prediction (docs/compile.md, "Utilities
+    around the model")."""
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
 

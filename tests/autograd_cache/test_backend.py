@@ -221,10 +221,10 @@ def _specialized_run(sizes):
 
 
 def test_specialized_graphs_start_warm_and_their_guards_hold_dynamo_to_their_sizes():
-    """Shaped as found (docs/aot.md, maskrcnn): graphs whose compile specialized a symbolic size were compiled
-    again in every process. A warm process loads them where their guards hold, with no compile; on a hit the
-    guards go to Dynamo's ShapeEnv, so the next size is a new frame (without them Dynamo would run the graph
-    baked for 6 rows at 9: a shape error in the backward); a size no entry's guards admit compiles, equal to eager.
+    """Shaped as found (docs/models.md, torchvision, maskrcnn): graphs whose compile specialized a symbolic size were
+    compiled again in every process. A warm process loads them where their guards hold, with no compile; on a hit the
+    guards go to Dynamo's ShapeEnv, so the next size is a new frame (without them Dynamo would run the graph baked
+    for 6 rows at 9: a shape error in the backward); a size no entry's guards admit compiles, equal to eager.
     """
     cold = _specialized_run([6, 9])
     assert cold["compile"] == cold["saved"] == cold["frames"] == 2 and cold["bypass"] == 0
