@@ -62,7 +62,6 @@ from torch import nn
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.byte_buffers import byte_buffer_state
 from aotcache.autograd_cache.lru_cache_values import immutable_cached_value, lru_cache_entries
 from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable
 
@@ -300,7 +299,8 @@ class GuardRecorder:
 
     def array(self, array: Any, state: tuple) -> None:
         """A numpy array, ``bytearray`` or ``array.array`` read by the program, with its state (dtype, shape, flags
-        and bytes: :func:`byte_buffer_state`; NOTE [numpy arrays by content] in byte_buffers.py)."""
+        and bytes: :func:`~aotcache.autograd_cache.byte_buffers.byte_buffer_state`; NOTE [numpy arrays by content] in
+        byte_buffers.py)."""
         self._arrays.setdefault(id(array), (array, state))
 
     def iterator(self, iterator: Any) -> None:
