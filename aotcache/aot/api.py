@@ -321,7 +321,8 @@ class AOTFunction:
                         return eager_past_recompile_limit(self, in_spec, exc, self._last_change)
                     finally:
                         self._saved_state = None
-                    self._refresh_caches(extra)  # NOTE [Values an lru_cache holds] in autograd_cache/reachable.py
+                    # NOTE [Values an lru_cache holds] in autograd_cache/lru_cache_values.py
+                    self._refresh_caches(extra)
                     runtime.dynamic_spec = options.dynamic  # type: ignore[attr-defined]  # the hot path's geometry
                     if isinstance(runtime, CompiledRuntime) and runtime.joint is None and \
                             runtime.joint_factory is None and not runtime.metadata.is_inference:

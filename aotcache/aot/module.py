@@ -11,6 +11,12 @@ else behaves as the wrapped module does, so ``aot_module(model)`` can replace ``
 * ``train()``, ``eval()``, ``to()``, ``zero_grad()`` reach the wrapped module (it is the wrapper's child), and
   the compiled call sees the change (its settings and tensors are read at every call).
 
+This module is the wrapper's ``nn.Module`` face: its forward, attributes, names, state dicts, methods routed
+through the compiled forward, copies and pickles. What the compiled call runs (the wrapped module called with its
+tensors swapped in) is :mod:`~aotcache.aot.module_call`; the class each wrapper takes on is
+:mod:`~aotcache.aot.wrapper_class`; its registries that write through to the wrapped module's are
+:mod:`~aotcache.aot.forwarded_registries`.
+
 NOTE [Methods run the compiled forward]
 A method of the wrapped module, such as transformers' ``generate``, calls ``self(...)`` or ``self.forward``
 with ``self`` the *wrapped* module, and inspects ``self.forward``'s signature, ``type(self)`` and
@@ -36,8 +42,8 @@ import logging
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.fx._symbolic_trace as _symbolic_trace
@@ -53,81 +59,17 @@ from aotcache.aot.cache_objects import (
 from aotcache.aot.capture_threads import swap_gate, tracing_in_this_thread
 from aotcache.aot.compile_step import AOTOptions
 from aotcache.aot.fallback import has_uninitialized_parameters
+from aotcache.aot.forwarded_registries import ORIG_MODULE, ForwardedRegistry
 from aotcache.aot.hot_path import ModuleState, simple_structure
-from aotcache.aot.module_state import (
-    bind_rebound_buffers,
-    module_put_back,
-    refuse_rebound_module_tensors,
-    refuse_tensors_stored_on_modules,
-)
-from aotcache.aot.rebuilt_caches import rebuilt_caches_kept
-from aotcache.aot.module_refusals import (refuse_data_parallel_wrappers, refuse_module_backward_hooks,
-                                          refuse_script_modules)
+from aotcache.aot.module_call import ReboundBuffers, functional_module_call
+from aotcache.aot.module_state import bind_rebound_buffers
 from aotcache.aot.services import CompileServices
+from aotcache.aot.wrapper_class import class_standing_for, static_class
 from aotcache.logs import log_once
 
 __all__ = ["AOTModule"]
 
-_ORIG = "orig_module"
-_PREFIX = _ORIG + "."
-
-
-# NOTE [Registries written through the wrapper]
-# Library code edits a module's registries directly: torch.ao.quantization's ``quantize_dynamic`` / ``prepare_qat``
-# walk ``named_children()`` and write each swapped child with ``module._modules[name] = new``; ``prune``,
-# ``weight_norm`` and ``spectral_norm`` move a parameter with ``del module._parameters[name]``. Given the wrapper,
-# whose children are the wrapped module's (NOTE [Children of the wrapper]), the writes landed in the wrapper's own
-# dicts, which no forward reads: ``quantize_dynamic(aotcache.compile(model), inplace=True)`` left every Linear in
-# float and later calls gave the float model's results, silently, and a write of ``compiled._parameters["bias"]``
-# was dropped; the deletes raised ``KeyError`` where eager runs (session 25). The wrapper's ``_modules``,
-# ``_parameters`` and ``_buffers`` are :class:`_ForwardedRegistry` dicts: an item written or deleted under any name
-# but ``orig_module`` is written to (deleted from) the wrapped module's registry, and a name read with ``[]`` that
-# the wrapper does not hold is read there. Membership (``in``, ``get``, iteration) stays the wrapper's own, so
-# nn.Module's lookups and a parent's ``state_dict`` walk see what they saw before. Plain tensors set on the wrapper
-# go to the wrapped module as submodules and parameters do (``prune`` sets ``module.weight = weight_orig * mask``
-# from a forward pre-hook: the wrapped forward reads it).
-class _ForwardedRegistry(dict):
-    """One of the wrapper's registries (``_modules``, ``_parameters``, ``_buffers``), whose writes, deletes and
-    missing reads go to the wrapped module's registry of that name (NOTE [Registries written through the
-    wrapper])."""
-
-    __slots__ = ("children", "attribute")
-
-    def __init__(self, attribute: str, children: dict | None = None) -> None:
-        super().__init__()
-        self.attribute = attribute
-        self.children = self if children is None else children  # the wrapper's ``_modules``, holding the wrapped
-
-    def _target(self, name: str) -> dict | None:
-        """The wrapped module's registry for ``name``, or None where ``name`` is the wrapper's own."""
-        wrapped = dict.get(self.children, _ORIG)
-        if wrapped is None or name == _ORIG or dict.__contains__(self, name):
-            return None
-        return getattr(wrapped, self.attribute)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        target = self._target(name)
-        if target is None:
-            dict.__setitem__(self, name, value)
-        else:
-            target[name] = value
-
-    def __delitem__(self, name: str) -> None:
-        target = self._target(name)
-        if target is None:
-            dict.__delitem__(self, name)
-        else:
-            del target[name]
-
-    def __missing__(self, name: str) -> Any:
-        target = self._target(name)
-        if target is None:
-            raise KeyError(name)
-        return target[name]
-
-    def pop(self, name: str, *default: Any) -> Any:
-        target = self._target(name)
-        return dict.pop(self, name, *default) if target is None else target.pop(name, *default)
+_PREFIX = ORIG_MODULE + "."
 
 
 def _fx_symbolic_trace_running() -> bool:
@@ -146,108 +88,12 @@ def _registered_on_wrapped(name: str) -> Callable:
     own = getattr(nn.Module, name)
 
     def register(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        wrapped = self.__dict__.get("_modules", {}).get(_ORIG)
+        wrapped = self.__dict__.get("_modules", {}).get(ORIG_MODULE)
         return own(self, *args, **kwargs) if wrapped is None else getattr(wrapped, name)(*args, **kwargs)
 
     register.__name__ = register.__qualname__ = name
     register.__doc__ = own.__doc__
     return register
-
-
-def _functional_module_call(module: nn.Module) -> Callable:
-    """``call(params, buffers, *args, **kwargs)``: the module run with the given tensors swapped in."""
-    paths: dict[tuple, dict[str, str] | None] = {}
-    gate = swap_gate(module)
-
-    def call(params: dict, buffers: dict, *args: Any, **kwargs: Any) -> Any:
-        tensors = {**params, **buffers}
-        names = tuple(tensors)
-        if names not in paths:
-            paths[names] = _paths_through_wrappers(module, names)
-        renamed = paths[names]
-        buffer_names = frozenset(buffers)
-        if renamed is not None:  # NOTE [Wrappers inside a captured module]
-            tensors = {renamed[name]: value for name, value in tensors.items()}
-            buffer_names = frozenset(renamed[name] for name in buffers)
-        refuse_module_backward_hooks(module)
-        refuse_data_parallel_wrappers(module)  # NOTE [Data-parallel wrappers]
-        refuse_script_modules(module)  # NOTE [TorchScript submodules]
-        # NOTE [Calls during a capture's swap]: other threads wait while the module holds trace tensors
-        _carry_python_attributes(module, tensors)  # NOTE [Python attributes of parameters]
-        rebound: dict[str, torch.Tensor] = {}  # NOTE [Buffers and parameters rebound by forward]
-        # NOTE [A child forked while another thread captures the same model]: how to put it back, in such a child
-        with gate.swapping(lambda: module_put_back(module)), refuse_tensors_stored_on_modules(module), \
-                rebuilt_caches_kept([module]), \
-                refuse_rebound_module_tensors(module, tensors, rebound, buffer_names, (args, kwargs)):
-            result = torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
-        return ReboundBuffers(result, rebound) if rebound else result
-
-    return call
-
-
-class ReboundBuffers(NamedTuple):
-    """What a captured module call returns when its forward rebound buffers (``self.buf = self.buf + 1``): the
-    forward's output and the buffers' new values by path, which ``AOTModule.forward`` binds after each call (NOTE
-    [Buffers and parameters rebound by forward]). A module-level namedtuple, so a cached graph's output structure
-    names it and a warm start rebuilds it."""
-
-    output: Any
-    buffers: dict
-
-
-def _carry_python_attributes(module: nn.Module, tensors: dict[str, Any]) -> None:
-    """NOTE [Python attributes of parameters]
-    Code may keep Python attributes on a parameter or buffer and read them in ``forward``: a quantization scale
-    (``getattr(self.weight, "quant_scale", 1.0)``), a flag a library set (transformers marks its buffers
-    ``_is_buffer``). The capture swaps trace tensors in for the module's tensors, and those had no such
-    attributes: ``getattr`` with a default silently traced the default (a wrong result from the first call on),
-    and a plain read raised and sent the model to the Dynamo way. Each trace tensor gets the attributes of the
-    tensor it stands for (one it has itself is kept); the call fingerprint and the in-process guards see them
-    (``_tensor_token`` in reachable.py), so a changed or added attribute is another graph."""
-    for path, value in tensors.items():
-        original = _original_tensor(module, path)
-        if original is None or original is value or not isinstance(value, torch.Tensor):
-            continue
-        attributes = original.__dict__
-        if attributes:
-            target = value.__dict__
-            for name, attribute in attributes.items():
-                target.setdefault(name, attribute)
-
-
-def _original_tensor(module: nn.Module, path: str) -> torch.Tensor | None:
-    """The parameter or buffer of ``module`` at ``path`` (``layer.0.weight``), or None."""
-    *parents, leaf = path.split(".")
-    owner: Any = module
-    for part in parents:
-        owner = getattr(owner, part, None)
-        if not isinstance(owner, nn.Module):
-            return None
-    found = owner._parameters.get(leaf)
-    return found if found is not None else owner._buffers.get(leaf)
-
-
-def _paths_through_wrappers(module: nn.Module, names: Sequence[str]) -> dict[str, str] | None:
-    """NOTE [Wrappers inside a captured module]
-    A compiled wrapper (``AOTModule``: ``aot_module`` / ``aotcache.compile``) used as a submodule names its
-    tensors as the wrapped module does (``inner.weight``, no ``orig_module.``), but ``functional_call`` swaps
-    tensors on the module it reaches by that path: the wrapper, which holds no ``weight`` of its own. The swap
-    then failed, or wrote beside the real parameter. So each name is mapped to the path that reaches the tensor's
-    owner (``inner.orig_module.weight``); None when no name passes through a wrapper (the usual case).
-    """
-    renamed: dict[str, str] = {}
-    changed = False
-    for name in names:
-        parts, owner, real = name.split("."), module, []
-        for part in parts[:-1]:
-            owner = getattr(owner, part, None)
-            real.append(part)
-            while getattr(type(owner), "wraps_orig_module", False):
-                owner = owner.orig_module
-                real.append("orig_module")
-                changed = True
-        renamed[name] = ".".join([*real, parts[-1]])
-    return renamed if changed else None
 
 
 class AOTModule(nn.Module):
@@ -258,7 +104,7 @@ class AOTModule(nn.Module):
     not depend on weight values, later updates are seen, and gradients land in the parameters' ``.grad``.
     """
 
-    wraps_orig_module = True  # NOTE [Wrappers inside a captured module]: paths pass through orig_module
+    wraps_orig_module = True  # NOTE [Wrappers inside a captured module] in module_call.py: via orig_module
     # compile machinery, not program: left out of fingerprints (NOTE [Compiled wrappers in a walked program])
     fingerprint_skips = frozenset({"compiled", "_state", "_gate", "_lazy", "_routing_lock", "_routing_count", "forward",
                                    "router", "_backend"})
@@ -266,11 +112,12 @@ class AOTModule(nn.Module):
     def __init__(self, module: nn.Module, options: AOTOptions, *, services: CompileServices, cache: Any = True,
                  on_capture_error: str = "fallback") -> None:
         super().__init__()
-        children = _ForwardedRegistry("_modules")  # NOTE [Registries written through the wrapper]
-        self.__dict__.update(_modules=children, _parameters=_ForwardedRegistry("_parameters", children),
-                             _buffers=_ForwardedRegistry("_buffers", children))
+        # NOTE [Registries written through the wrapper] in forwarded_registries.py
+        children = ForwardedRegistry("_modules")
+        self.__dict__.update(_modules=children, _parameters=ForwardedRegistry("_parameters", children),
+                             _buffers=ForwardedRegistry("_buffers", children))
         # own attributes first: once orig_module is set, attributes it has are assigned to it (__setattr__)
-        self.compiled = AOTFunction(_functional_module_call(module), options, services=services, cache=cache,
+        self.compiled = AOTFunction(functional_module_call(module), options, services=services, cache=cache,
                                     on_capture_error=on_capture_error)
         self.compiled.fingerprint_module = module  # its parameters/buffers are inputs: see fingerprint_cache
         self.compiled.name = type(module).__qualname__
@@ -286,14 +133,15 @@ class AOTModule(nn.Module):
         nn.Module._register_load_state_dict_pre_hook(self, _add_prefix, with_module=True)  # the wrapper's own
         self.training = module.training
         register_transformers_caches()  # NOTE [Cache objects as pytree nodes]
-        self.__class__ = _class_standing_for(type(self), type(module))  # NOTE [The wrapper's class]
+        # NOTE [The wrapper's class] in wrapper_class.py
+        self.__class__ = class_standing_for(type(self), type(module))
         self.__dict__["forward"] = self._signed_forward(module)
 
     def _signed_forward(self, module: nn.Module) -> Callable:
         """The wrapper's forward with the wrapped module's signature (``inspect.signature(wrapped.forward)``, as
         transformers' Trainer reads it to choose dataset columns); it calls the class's ``forward``."""
 
-        run = _static_class(type(self)).forward  # NOTE [The wrapper's class]: not the signed class's
+        run = static_class(type(self)).forward  # NOTE [The wrapper's class]: not the signed class's
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return run(self, *args, **kwargs)
@@ -391,7 +239,7 @@ class AOTModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules")
-            orig = None if modules is None else modules.get(_ORIG)
+            orig = None if modules is None else modules.get(ORIG_MODULE)
             if orig is None:  # during construction or unpickling
                 raise
         value = getattr(orig, name)  # AttributeError names the wrapped module's type
@@ -400,7 +248,8 @@ class AOTModule(nn.Module):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # NOTE [Registries written through the wrapper]: a plain tensor too (``prune``'s ``module.weight = ...``)
+        # NOTE [Registries written through the wrapper] in forwarded_registries.py: a plain tensor too (``prune``'s
+        # ``module.weight = ...``)
         orig = self._wrapped_owner_of(name, registers=isinstance(value, (nn.Module, torch.Tensor)))
         if (orig is not None and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
                 and name in orig._parameters):  # NOTE [Tensors swapped in through the wrapper]
@@ -413,7 +262,7 @@ class AOTModule(nn.Module):
             return
         super().__setattr__(name, value)
         if name == "training":  # ``wrapped.training = False`` sets the wrapped module's own flag too, as it does
-            wrapped = self.__dict__.get("_modules", {}).get(_ORIG)  # on the eager model (its forward reads it);
+            wrapped = self.__dict__.get("_modules", {}).get(ORIG_MODULE)  # on the eager model (its forward reads it);
             if wrapped is not None:  # train() / eval() set both anyway, through the children
                 wrapped.training = value
 
@@ -448,8 +297,8 @@ class AOTModule(nn.Module):
         wrapper does not have it (as its own attribute, submodule or class member) and the wrapped module has
         it, or the value ``registers`` (a submodule or parameter, NOTE [Submodules set through the wrapper])."""
         modules = self.__dict__.get("_modules")
-        orig = None if modules is None else modules.get(_ORIG)
-        if (orig is None or name == _ORIG or name in self.__dict__ or name in modules or hasattr(type(self), name)
+        orig = None if modules is None else modules.get(ORIG_MODULE)
+        if (orig is None or name == ORIG_MODULE or name in self.__dict__ or name in modules or hasattr(type(self), name)
                 or not (registers or hasattr(orig, name))):
             return None
         return orig
@@ -458,20 +307,20 @@ class AOTModule(nn.Module):
     # registered on the wrapper was invisible to the wrapped module's forward and to ``named_buffers()``.
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
-        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        orig = self.__dict__.get("_modules", {}).get(ORIG_MODULE)
         if orig is None:
             return super().register_buffer(name, tensor, persistent)
         return orig.register_buffer(name, tensor, persistent)
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        orig = self.__dict__.get("_modules", {}).get(_ORIG)
+        orig = self.__dict__.get("_modules", {}).get(ORIG_MODULE)
         if orig is None:
             return super().register_parameter(name, param)
         return orig.register_parameter(name, param)
 
     def add_module(self, name: str, module: nn.Module | None) -> None:
-        orig = self.__dict__.get("_modules", {}).get(_ORIG)
-        if orig is None or name == _ORIG:
+        orig = self.__dict__.get("_modules", {}).get(ORIG_MODULE)
+        if orig is None or name == ORIG_MODULE:
             return super().add_module(name, module)
         return orig.add_module(name, module)
 
@@ -482,7 +331,7 @@ class AOTModule(nn.Module):
         """A wrapper of a deep copy of the wrapped module (``copy.deepcopy(model)`` for an EMA or a frozen
         reference model), with the same options and cache. Nothing compiled is copied: the copy's first call
         finds the graphs in the cache (or compiles them), since its parameters are graph inputs."""
-        clone = _static_class(type(self))(copy.deepcopy(self.orig_module, memo), **self._wrapper_arguments())
+        clone = static_class(type(self))(copy.deepcopy(self.orig_module, memo), **self._wrapper_arguments())
         clone.training = self.training
         memo[id(self)] = clone
         return clone
@@ -494,7 +343,7 @@ class AOTModule(nn.Module):
             raise TypeError(f"cannot pickle this {type(self).__name__}: it was built with cache=<an "
                             f"AOTAutogradCache instance>; save model.state_dict() (or the wrapped module, "
                             f".orig_module) and wrap it again after loading")
-        return (_unpickle_wrapper, (_static_class(type(self)), self.orig_module, arguments, self.training))
+        return (_unpickle_wrapper, (static_class(type(self)), self.orig_module, arguments, self.training))
 
     def _wrapper_arguments(self) -> dict[str, Any]:
         """The constructor's arguments after the module, by name (subclasses with more arguments extend it)."""
@@ -670,63 +519,6 @@ class AOTModule(nn.Module):
         return router
 
 
-# NOTE [The wrapper's class]
-# Code that inspects a model's *class* rather than the instance sees the wrapper's: transformers' Trainer finds
-# the label arguments with ``inspect.signature(type(model).forward)`` and the model kind by
-# ``type(model).__name__``, so with ``AOTModule.forward(*args, **kwargs)`` it found no labels and ``evaluate()``
-# reported no ``eval_loss``. Each wrapper is therefore an instance of a subclass made once per (wrapper class,
-# wrapped class): its name is the wrapped class's, its ``forward`` carries the wrapped class's ``forward`` as
-# ``__wrapped__`` (so its signature) and runs the wrapper's. ``isinstance(wrapped, AOTModule)`` holds; a copy, a
-# pickle and ``type(wrapped)(module, ...)`` build from the wrapper class itself (``_static_class``).
-# A transformers ``PreTrainedModel`` is also identified by ``isinstance``: the Trainer saved a checkpoint of a
-# wrapper as a bare state dict, without ``config.json`` (``from_pretrained`` of it then failed). For such a model
-# the signed class's ``__class__`` is the wrapped model's class, which ``isinstance`` consults after the type, so
-# ``isinstance(wrapped, PreTrainedModel)`` holds and the Trainer calls ``wrapped.save_pretrained`` (the wrapped
-# model's). The same for a peft ``PeftModel``: the Trainer reads the dataset columns from the *base* model's
-# ``forward`` when ``isinstance(model, PeftModel)`` (a ``PeftModel``'s own is ``forward(*args, **kwargs)``), so for a
-# wrapper it kept no column and raised "The batch received was empty" where eager trains; it also saves and loads
-# adapters by that test. Only for these: for a torch building block (``isinstance(m, nn.Linear)`` in an init
-# function run by ``model.apply``) it would make the wrapper count twice.
-_CLASSES: dict[tuple[type, type], type] = {}
-_CLASSES_LOCK = threading.Lock()
-
-
-def _static_class(cls: type) -> type:
-    """The wrapper class a signed class of NOTE [The wrapper's class] stands on (``cls`` itself otherwise)."""
-    return cls.__dict__.get("_aotcache_wrapper_class", cls)
-
-
-def _class_standing_for(cls: type, module_cls: type) -> type:
-    """The subclass of wrapper class ``cls`` named and signed as ``module_cls`` (NOTE [The wrapper's class])."""
-    static = _static_class(cls)
-    key = (static, module_cls)
-    found = _CLASSES.get(key)
-    if found is not None:
-        return found
-    run = static.forward
-
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return run(self, *args, **kwargs)
-
-    with contextlib.suppress(AttributeError, TypeError):
-        functools.update_wrapper(forward, module_cls.forward)
-    namespace = {"forward": forward, "_aotcache_wrapper_class": static, "__module__": static.__module__,
-                 "__qualname__": f"{static.__qualname__}[{module_cls.__qualname__}]", "__doc__": static.__doc__}
-    if _is_model_class(module_cls):  # NOTE [The wrapper's class]: isinstance(wrapped, PreTrainedModel)
-        namespace["__class__"] = property(lambda self: type(self.orig_module))
-    signed = type(module_cls.__name__, (static,), namespace)
-    with _CLASSES_LOCK:
-        return _CLASSES.setdefault(key, signed)
-
-
-_MODEL_CLASSES = frozenset({"transformers.modeling_utils.PreTrainedModel", "peft.peft_model.PeftModel",
-                            "peft.mixed_model.PeftMixedModel"})
-
-
-def _is_model_class(cls: type) -> bool:
-    """Whether ``cls`` is a transformers ``PreTrainedModel`` or a peft ``PeftModel`` / ``PeftMixedModel`` (by name:
-    neither library is imported here)."""
-    return any(f"{base.__module__}.{base.__qualname__}" in _MODEL_CLASSES for base in cls.__mro__)
 
 
 def _unpickle_wrapper(cls: type, module: nn.Module, arguments: dict, training: bool) -> AOTModule:

@@ -48,7 +48,7 @@ __all__ = ["bounded_deque", "bind_rebound_buffers", "dynamo_safe_module", "holds
 # the capture found it (a deleted tensor the swap-back left as a plain attribute is removed again). Then:
 #
 # * a *buffer* rebound to a tensor the trace computed is supported: the captured call returns
-#   ``ReboundBuffers(output, {path: new value})`` (module.py), so the new values are outputs of the graph, and
+#   ``ReboundBuffers(output, {path: new value})`` (module_call.py), so the new values are outputs of the graph, and
 #   ``AOTModule.forward`` binds them into ``_buffers`` after each call and returns the output. As in eager, each call
 #   leaves a new tensor (a reference to the old one keeps its value, an in-place write into it before the rebinding
 #   included), with the new value's autograd history; a new dtype is a new signature at the next call, and so is a

@@ -94,7 +94,7 @@ def global_names(code: types.CodeType) -> frozenset[str]:
 
 # NOTE [Names whose order the code can observe]
 # A set's iteration order matters only where code iterates it (NOTE [Sets in their iteration order] in
-# reachable.py). :func:`order_observed_names` reads the bytecode for the names whose value the code may iterate:
+# set_orders.py). :func:`order_observed_names` reads the bytecode for the names whose value the code may iterate:
 # every name it loads, stores or imports, except a load whose value goes straight into an order-free use: the
 # container of an ``in`` test (``k in self.skip``), a comparison or identity test, a truth test
 # (``if self.skip:``, ``not self.skip``), or the one argument of the builtin ``sorted`` or ``len``
@@ -191,7 +191,7 @@ def _order_free_use(instructions: list, index: int) -> str | None:
 def iterated_constant_sets(code: types.CodeType) -> frozenset[int]:
     """The positions in ``code.co_consts`` of frozenset constants the code may iterate: a ``for`` loop or a
     comprehension over a set display is compiled to one (``for n in {"a", "b"}``); one only tested with ``in``
-    is not iterated (NOTE [Sets in their iteration order] in reachable.py)."""
+    is not iterated (NOTE [Sets in their iteration order] in set_orders.py)."""
     positions = set()
     instructions = _instructions(code)
     for index, instruction in enumerate(instructions):

@@ -229,7 +229,7 @@ class CodeWalk:
             consts = [self._code_digest(c) if isinstance(c, types.CodeType) else constant_token(c)
                       for c in code.co_consts]
             if self.process_state:  # a loop over a set display: the constant's order (NOTE [Sets in their iteration
-                for position in iterated_constant_sets(code):  # order] in reachable.py)
+                for position in iterated_constant_sets(code):  # order] in set_orders.py)
                     consts[position] += _constant_order(code.co_consts[position])
             cached = sha256_text(canonical_json([
                 code.co_name, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,

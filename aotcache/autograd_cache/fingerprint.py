@@ -77,7 +77,7 @@ class Fingerprint:
     reason: str | None = None
     where: str = ""  # for an untrusted result: the function, class or object that held the reason
     # the lru_cache dicts the walk reached, whose entries a capture under this fingerprint vouches for (NOTE [Cached
-    # values a fingerprint vouches for] in reachable.py); not part of the fingerprint
+    # values a fingerprint vouches for] in lru_cache_values.py); not part of the fingerprint
     lru_caches: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from aotcache.autograd_cache.fingerprint import Fingerprint, fingerprint_call, fingerprint_module_call
 from aotcache.autograd_cache.key import CacheKey, KeyPart
-from aotcache.autograd_cache.reachable import vouch_cache_entries
+from aotcache.autograd_cache.lru_cache_values import vouch_cache_entries
 from aotcache.autograd_cache.state_delta import StateBeforeCall, StateDelta, StateSnapshot
 from aotcache.logs import event, handle_fault, logger, warn_not_cached
 from aotcache.store.interface import LookupStatus
@@ -276,7 +276,8 @@ def compile_with_fingerprint(cache: AOTAutogradCache, fingerprint: Fingerprint, 
     snapshot = StateSnapshot(replay_root) if replay_root is not None and refingerprint is not None else None
     runtime = full_path(cache, on_key=computed.append)
     if computed:
-        vouch_cache_entries(fingerprint.lru_caches)  # NOTE [Cached values a fingerprint vouches for] in reachable.py
+        # NOTE [Cached values a fingerprint vouches for] in lru_cache_values.py
+        vouch_cache_entries(fingerprint.lru_caches)
         record = _after_capture(cache, fingerprint, computed[-1], runtime, refingerprint, snapshot)
         if record is not None:
             _record_in_free_slot(cache, fingerprint, record, slots)

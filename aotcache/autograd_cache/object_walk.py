@@ -145,7 +145,7 @@ class ObjectWalk:
 
     def _bookkeeping_token(self, value: Any) -> str:
         """torch's bookkeeping no forward reads: not guarded, a set by its sorted members (NOTE [Sets in their
-        iteration order] in reachable.py)."""
+        iteration order] in set_orders.py)."""
         guards, self._guards, self._sets_sorted = self._guards, None, True
         try:
             return self.ref(value)

@@ -62,13 +62,8 @@ from torch import nn
 from aotcache.aot.hot_path import dict_version_tag
 from aotcache.autograd_cache.fingerprint import _GLOBAL_MODULE_HOOKS, state_positions
 from aotcache.autograd_cache.digests import canonical_json, sha256_text
-from aotcache.autograd_cache.reachable import (
-    UNSET_CONTEXT_VALUE,
-    Reachable,
-    lru_cache_entries,
-    byte_buffer_state,
-    immutable_cached_value,
-)
+from aotcache.autograd_cache.lru_cache_values import immutable_cached_value, lru_cache_entries
+from aotcache.autograd_cache.reachable import UNSET_CONTEXT_VALUE, Reachable
 
 if TYPE_CHECKING:
     from aotcache.autograd_cache.program_restore import SavedProgramState
@@ -139,7 +134,7 @@ _env_get = os.environ.get
 
 def _array_unchanged(entry: tuple) -> bool:
     """Whether a numpy array, ``bytearray`` or ``array.array`` has the state the walk saw: dtype, shape, flags and
-    bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in reachable.py)."""
+    bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in byte_buffers.py)."""
     value, state = entry
     kind = type(value)
     if kind is bytearray:
@@ -183,7 +178,7 @@ def _backing_dict(mapping: Mapping) -> dict | None:
 
 def _cache_snapshot(cache: dict) -> list:
     """A cache dict's version tag, keys and values, as the guards compare them (NOTE [Values an lru_cache holds] in
-    reachable.py)."""
+    lru_cache_values.py)."""
     return [dict_version_tag(cache) if dict_version_tag is not None else None, list(cache), list(cache.values())]
 
 
@@ -208,11 +203,12 @@ def _cache_unchanged(entry: tuple[dict, list]) -> bool:
 # the cache that is not a plain immutable value (a number, string, bytes, None, dtype or device, tuples and
 # frozensets of them) leaves the guards failing once: the next call walks the program, now with that value, and
 # guards its state (a second walk; the retrace loads the first graph by its fingerprint where the value is
-# unchanged: NOTE [Cached values a fingerprint vouches for] in reachable.py). A bounded cache's values are read from
-# its C links (NOTE [Values a bounded lru_cache holds] in reachable.py; a known gap until session 26).
+# unchanged: NOTE [Cached values a fingerprint vouches for] in lru_cache_values.py). A bounded cache's values are
+# read from its C links (NOTE [Values a bounded lru_cache holds] in lru_cache_values.py; a known gap until session
+# 26).
 def _cached_values(cache: dict, wrapper: Any) -> list:
     """The values ``cache`` (of the lru_cache function ``wrapper``, None if unknown) holds, a bounded cache's read
-    from its links (NOTE [Values a bounded lru_cache holds] in reachable.py)."""
+    from its links (NOTE [Values a bounded lru_cache holds] in lru_cache_values.py)."""
     if wrapper is None:
         return list(cache.values())
     return [value for _, value in lru_cache_entries(wrapper, cache)]
@@ -303,7 +299,8 @@ class GuardRecorder:
 
     def array(self, array: Any, state: tuple) -> None:
         """A numpy array, ``bytearray`` or ``array.array`` read by the program, with its state (dtype, shape, flags
-        and bytes: :func:`byte_buffer_state`; NOTE [numpy arrays by content] in reachable.py)."""
+        and bytes: :func:`~aotcache.autograd_cache.byte_buffers.byte_buffer_state`; NOTE [numpy arrays by content] in
+        byte_buffers.py)."""
         self._arrays.setdefault(id(array), (array, state))
 
     def iterator(self, iterator: Any) -> None:
@@ -313,7 +310,7 @@ class GuardRecorder:
 
     def cached_values(self, cache: dict, wrapper: Any = None) -> None:
         """The dict of an lru_cache the program calls, and the function (``wrapper``) holding it (NOTE [Values an
-        lru_cache holds], NOTE [Values a bounded lru_cache holds] in reachable.py)."""
+        lru_cache holds], NOTE [Values a bounded lru_cache holds] in lru_cache_values.py)."""
         self._caches.setdefault(id(cache), cache)
         self._cache_wrappers.setdefault(id(cache), wrapper)
 
@@ -393,11 +390,11 @@ class ProgramGuards:
     context_values: list = dataclasses.field(default_factory=list)
     namespaces: list = dataclasses.field(default_factory=list)  # NOTE [Whole namespaces in the guards]
     arrays: list = dataclasses.field(default_factory=list)  # (array, its state): NOTE [numpy arrays by
-    # content] in reachable.py
+    # content] in byte_buffers.py
     iterators: list = dataclasses.field(default_factory=list)  # NOTE [Iterators a program advances] in
     # reachable.py: never compared (their identity is a slot's), a capture is refused
     caches: list = dataclasses.field(default_factory=list)  # (an lru_cache's dict, its snapshot): NOTE [Values an
-    # lru_cache holds] in reachable.py
+    # lru_cache holds] in lru_cache_values.py
     walked_cache_values: list = dataclasses.field(default_factory=list)  # each cache's values as the walk saw them
     cache_wrappers: list = dataclasses.field(default_factory=list)  # each cache's lru_cache function (or None)
 
@@ -504,13 +501,14 @@ class ProgramGuards:
 
     def refresh_caches(self, *, captured: bool = False) -> None:
         """Take the lru_caches the program calls as they are now: a capture's runs of the function filled them
-        (NOTE [Values an lru_cache holds] in reachable.py); ``captured``: the capture is over, and a value it put
+        (NOTE [Values an lru_cache holds] in lru_cache_values.py); ``captured``: the capture is over, and a value it put
         there whose state can change unseen fails the guards once (NOTE [Cached values the capture made])."""
         wrappers = self.cache_wrappers or [None] * len(self.caches)
         for (cache, state), walked, wrapper in zip(self.caches, self.walked_cache_values or [()] * len(self.caches),
                                                    wrappers):
             state[:] = _cache_snapshot(cache)  # in place: ``holds`` reads these lists
-            # a bounded cache's values read from its links: NOTE [Values a bounded lru_cache holds] in reachable.py
+            # a bounded cache's values read from its links: NOTE [Values a bounded lru_cache holds] in
+            # lru_cache_values.py
             if captured and _holds_new_mutable_values(_cached_values(cache, wrapper), walked):
                 state[0], state[1] = None, []  # (the cache is not empty: its length differs, the next call walks)
 

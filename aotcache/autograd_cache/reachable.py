@@ -3,13 +3,17 @@
 :class:`Reachable` walks user functions, classes, ``nn.Module`` trees and plain objects without running
 them and writes each down deterministically (NOTE [Reachable code]); anything it cannot write down raises
 :class:`Untrusted` with a short categorical reason. This module is the walk itself: its state, the order in
-which nodes are found and written, and the dispatch over value kinds (containers, tensors, operators, ...).
-Code (functions, the modules they read, library callables) is written down by
-:mod:`~aotcache.autograd_cache.code_walk`; modules, plain objects and classes by
-:mod:`~aotcache.autograd_cache.object_walk`: both are mixed into :class:`Reachable`. Both consumers build on
-it, so they see the same things: the call fingerprint (:mod:`aotcache.autograd_cache.fingerprint`,
-docs/warmstart.md) and the code digests of the cache key (:func:`value_digest`, :func:`custom_op_digest`;
-custom compilers, partitioners, decomposition tables, ``@cacheable`` functions, custom ops: docs/cache_key.md).
+which nodes are found and written, and the dispatch over value kinds (tensors, operators, getters, ...).
+The kinds with rules of their own are written down by mixins of :class:`Reachable`, each in its module: code
+(functions, the modules they read, library callables) by :mod:`~aotcache.autograd_cache.code_walk`; modules,
+plain objects and classes by :mod:`~aotcache.autograd_cache.object_walk`; containers by
+:mod:`~aotcache.autograd_cache.container_walk`, sets' iteration orders by
+:mod:`~aotcache.autograd_cache.set_orders`; ``lru_cache`` values by
+:mod:`~aotcache.autograd_cache.lru_cache_values`; numpy arrays and byte buffers by
+:mod:`~aotcache.autograd_cache.byte_buffers`. Both consumers build on it, so they see the same things: the call
+fingerprint (:mod:`aotcache.autograd_cache.fingerprint`, docs/warmstart.md) and the code digests of the cache key
+(:func:`value_digest`, :func:`custom_op_digest`; custom compilers, partitioners, decomposition tables,
+``@cacheable`` functions, custom ops: docs/cache_key.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import contextvars
 import dataclasses
 import enum
 import functools
-import gc
 import importlib.metadata
 import io
 import logging
@@ -42,7 +45,9 @@ from torch.utils.hooks import RemovableHandle
 from aotcache.aot.exact_values import exact_repr
 from aotcache.aot.signature import python_attributes
 from aotcache.autograd_cache import process_state, safety
+from aotcache.autograd_cache.byte_buffers import ByteBufferWalk, is_numpy_array
 from aotcache.autograd_cache.code_walk import CodeWalk
+from aotcache.autograd_cache.container_walk import ContainerWalk
 from aotcache.autograd_cache.digests import (
     Untrusted,
     canonical_json,
@@ -50,219 +55,31 @@ from aotcache.autograd_cache.digests import (
     sha256_text,
     tensor_content_digest,
 )
-from aotcache.autograd_cache.live_containers import entries_of, members_of
+from aotcache.autograd_cache.lru_cache_values import LRU_CACHE_WRAPPER, LruCacheWalk
 from aotcache.autograd_cache.object_walk import ObjectWalk
-from aotcache.autograd_cache.code_reading import computed_getattr
-from aotcache.autograd_cache.program_ownership import UNNAMED_ATTRIBUTE_READS, ProgramOwnership
+from aotcache.autograd_cache.program_ownership import ProgramOwnership
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
+from aotcache.autograd_cache.set_orders import SetOrderWalk
 from aotcache.autograd_cache.value_kinds import (
-    SET_ORDERED_ENTRIES,
     defining_module,
     describe,
     is_core_library,
+    is_custom_op_def,
     is_inert_stdlib_value,
     is_library,
+    is_observer_partial,
     is_plain_object,
     library_version,
-    order_key,
     type_name,
 )
 
-__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE", "byte_buffer_state",
-           "lru_cache_dict"]
+__all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE"]
 
 _MAX_NODES = 50_000  # reachable functions / classes / objects beyond this: too much to hash cheaply
-_MAX_NESTING = 100  # containers nested deeper than this: untrusted (never a truncated description)
 _MAX_CONSTANT_BYTES = 64 * 1024 * 1024  # tensor constants hashed by content, in total
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
-_LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
 _UNSET = object()  # the value of a context variable that was never set
 UNSET_CONTEXT_VALUE = _UNSET  # the program guards compare a context variable's value with the walk's
-
-
-def lru_cache_dict(wrapper: Any) -> dict | None:
-    """The dict an ``functools.lru_cache`` wrapper keeps its values in (the C wrapper holds it as a GC referent
-    beside its own ``__dict__``), or None where it cannot be told (NOTE [Values an lru_cache holds])."""
-    own = getattr(wrapper, "__dict__", None)
-    found = [item for item in gc.get_referents(wrapper) if type(item) is dict and item is not own]
-    return found[0] if len(found) == 1 else None
-
-
-def _lru_keyword_marker() -> Any:
-    """The object the C ``lru_cache`` puts between positional and keyword arguments in its keys."""
-    probe = functools.lru_cache(maxsize=None)(lambda **keywords: None)
-    probe(k=0)
-    cache = lru_cache_dict(probe)
-    key = next(iter(cache)) if cache else None
-    return key[0] if isinstance(key, tuple) and len(key) == 3 else None
-
-
-_LRU_KEYWORD_MARKER = _lru_keyword_marker()
-
-
-# NOTE [Values a bounded lru_cache holds] (session 26 review)
-# A bounded ``lru_cache`` (``maxsize=n``) maps each key to a C link (``_lru_list_elem``: key, result, list
-# neighbours) that Python cannot read, so its values were named by the link's identity, and a mutable value
-# changed in place (``bounded_table()[0] = 7.0``) kept the graph traced with the old contents. The C wrapper's GC
-# traversal hands out each link's key and result, in list order, before the cache dict: ``gc.get_referents`` of
-# the wrapper reads them. The layout is checked twice: once per process on a probe cache (the triple ``key,
-# result, link type`` per link, right before the dict), and at every read against the dict itself (as many
-# triples as entries, each key the very object the dict holds, each once); a wrapper that fails either check is
-# read as before (links by identity: the known gap), never guessed. ``cache_info()`` gives counts only.
-def _bounded_lru_layout_ok() -> bool:
-    keys, results = (object(), object()), (object(), object())
-    probe = functools.lru_cache(maxsize=4)(lambda key: results[keys.index(key)])
-    for key in keys:
-        probe(key)
-    cache = lru_cache_dict(probe)
-    if cache is None or len(cache) != 2:
-        return False
-    return _bounded_lru_results(probe, cache, list(cache.items()), checked=False) == {
-        id(key): result for key, result in zip(cache, results)}
-
-
-def _bounded_lru_results(wrapper: Any, cache: dict, entries: list, *, checked: bool = True) -> dict | None:
-    """id(key) -> result of a bounded lru_cache's links (NOTE [Values a bounded lru_cache holds]); None when the
-    wrapper's referents do not have the layout checked for."""
-    if checked and not _BOUNDED_LRU_READABLE:
-        return None
-    referents = gc.get_referents(wrapper)
-    end = next((index for index, item in enumerate(referents) if item is cache), None)
-    if end is None or end != 1 + 3 * len(entries):
-        return None
-    link_type = type(entries[0][1]) if entries else None
-    results: dict[int, Any] = {}
-    for index in range(1, end, 3):
-        key, result, kind = referents[index:index + 3]
-        if kind is not link_type or id(key) in results:
-            return None
-        results[id(key)] = result
-    if any(id(key) not in results for key, _ in entries):
-        return None
-    return results
-
-
-_BOUNDED_LRU_READABLE = _bounded_lru_layout_ok()
-
-
-def lru_cache_entries(wrapper: Any, cache: dict) -> list[tuple[Any, Any]]:
-    """(key, cached value) pairs of ``wrapper``'s cache ``cache``: a bounded cache's values read from its links
-    (NOTE [Values a bounded lru_cache holds]), or the links themselves where they cannot be read."""
-    entries = entries_of(cache)  # NOTE [Containers another thread changes]
-    if not entries or type(entries[0][1]).__name__ != "_lru_list_elem":
-        return entries
-    results = _bounded_lru_results(wrapper, cache, entries)
-    if results is None or len(cache) != len(entries):
-        return entries
-    return [(key, results[id(key)]) for key, _ in entries]
-
-# NOTE [Cached values a fingerprint vouches for]: id(an lru_cache's dict) -> (that dict, its entries vouched for)
-_VOUCHED_CACHE_ENTRIES: dict[int, tuple[dict, dict]] = {}
-_VOUCHED_LOCK = threading.Lock()
-
-
-def vouch_cache_entries(caches: Any) -> None:
-    """Vouch for the entries the lru_caches ``caches`` (``(dict, function)`` pairs, as a trusted fingerprint reached
-    them) hold now, after a capture filled them from the state that fingerprint names (NOTE [Cached values a
-    fingerprint vouches for]): each value by identity, and a mutable one by its contents too (a bounded cache's
-    values read from its links: NOTE [Values a bounded lru_cache holds])."""
-    for cache, wrapper in caches:
-        entries = {key: (value, cached_value_state(value)) for key, value in lru_cache_entries(wrapper, cache)}
-        with _VOUCHED_LOCK:
-            if len(_VOUCHED_CACHE_ENTRIES) >= 4096 and id(cache) not in _VOUCHED_CACHE_ENTRIES:
-                _VOUCHED_CACHE_ENTRIES.clear()  # (bounded: a dropped record costs a warm start, never a false hit)
-            _VOUCHED_CACHE_ENTRIES[id(cache)] = (cache, entries)
-
-
-_IMMUTABLE_CACHED_TYPES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
-
-
-def immutable_cached_value(value: Any, depth: int = 0) -> bool:
-    """Whether an lru_cache's value is a plain immutable value (a number, string, bytes, None, dtype or device,
-    tuples and frozensets of them). A bounded cache's C link that could not be read is not: it may hold anything
-    (NOTE [Values a bounded lru_cache holds])."""
-    if isinstance(value, _IMMUTABLE_CACHED_TYPES):
-        return True
-    return (type(value) in (tuple, frozenset) and depth < 4 and len(value) <= 64
-            and all(immutable_cached_value(item, depth + 1) for item in value))
-
-
-def cached_value_state(value: Any) -> str | None:
-    """"" for an immutable cached value; else a digest of a mutable one's contents (a walk of its own), None where
-    it cannot be told (NOTE [Cached values a fingerprint vouches for])."""
-    if immutable_cached_value(value):
-        return ""
-    try:
-        walk = Reachable(process_state=True)
-        root = walk.add_root(value)
-        return sha256_text(root + walk.digest())
-    except Untrusted:
-        return None
-
-
-# NOTE [Order-free reads that call back] in code_reading.py
-_COMPARISON_METHODS = frozenset({"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__"})
-_SET_OPERATOR_METHODS = frozenset({"__contains__", "__len__", "__bool__", "__iter__", *_COMPARISON_METHODS})
-
-
-def _overrides_set_operators(cls: type) -> bool:
-    """Whether a set's class (a subclass of ``set`` / ``frozenset``) defines an operator ``in``, ``len``, a truth
-    test or a comparison calls, which may iterate the set."""
-    return cls not in (set, frozenset) and any(
-        not _SET_OPERATOR_METHODS.isdisjoint(vars(klass)) for klass in cls.__mro__
-        if klass not in (set, frozenset, object))
-
-
-def _totally_ordered(members: tuple) -> bool:
-    """Whether ``sorted`` puts ``members`` in one order whatever order they come in: all str, all bytes, or all
-    numbers without a NaN (no two of them neither less nor greater than each other)."""
-    kinds = set()
-    for member in members:
-        kind = type(member)
-        if kind is bool or kind is float and member == member:
-            kind = int
-        if kind not in (str, bytes, int):
-            return False
-        kinds.add(kind)
-    return len(kinds) == 1
-
-
-_MAX_GUARDED_ARRAY_BYTES = 1 << 16  # NOTE [numpy arrays by content]: compared at every call up to this size
-
-
-def _is_numpy_array(value: Any) -> bool:
-    """Whether ``value`` is a ``numpy.ndarray`` (by its type's name: numpy is not imported here)."""
-    cls = type(value)
-    return cls.__name__ == "ndarray" and cls.__module__ == "numpy"
-
-
-def byte_buffer_state(value: Any) -> tuple:
-    """What the program guards compare of a numpy array, ``bytearray`` or ``array.array`` at every call, its bytes
-    last (NOTE [numpy arrays by content], NOTE [Byte buffers by content])."""
-    if type(value) is bytearray:
-        return (bytes(value),)
-    if isinstance(value, array.array):
-        return (value.typecode, value.tobytes())
-    return (value.dtype, value.shape, value.flags.writeable, value.tobytes())
-
-
-def _custom_op_def_type() -> type | None:
-    try:
-        from torch._library.custom_ops import CustomOpDef
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    return CustomOpDef
-
-
-_CUSTOM_OP_DEF = _custom_op_def_type()
-
-
-def _is_observer_partial(value: Any) -> bool:
-    """torch.ao.quantization's ``_PartialWrapper`` (by name: importing torch.ao.quantization costs a warm start)."""
-    cls = type(value)
-    return (cls.__name__ == "_PartialWrapper" and cls.__module__ == "torch.ao.quantization.observer"
-            and isinstance(getattr(value, "p", None), functools.partial)
-            and isinstance(getattr(value, "callable_args", None), dict))
 
 
 def value_digest(value: Any) -> str:
@@ -294,7 +111,7 @@ def custom_op_digest(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-class Reachable(CodeWalk, ObjectWalk):
+class Reachable(CodeWalk, ObjectWalk, ContainerWalk, SetOrderWalk, LruCacheWalk, ByteBufferWalk):
     """Canonical serialization of the objects reachable from some roots.
 
     NOTE [Reachable code]
@@ -351,9 +168,9 @@ class Reachable(CodeWalk, ObjectWalk):
         self._walking: Any = None  # the node whose token is being written (NOTE [Iterators a program advances])
         self._walking_index: int | None = None  # its index (None: a root's own value)
         self._sets_sorted = False  # torch's bookkeeping being written (NOTE [Sets in their iteration order])
-        # NOTE [Sets in their iteration order]: the name the value being written is held under (an attribute, a
-        # global, a class member; None: a closure cell, a default, a root), each set's (name, order) met so far, and
-        # the names reachable code uses in a way that may observe an order
+        # NOTE [Sets in their iteration order] in set_orders.py: the name the value being written is held under (an
+        # attribute, a global, a class member; None: a closure cell, a default, a root), each set's (name, order) met
+        # so far, and the names reachable code uses in a way that may observe an order
         self._entry_name: str | None = None
         self._set_orders: list[tuple[str | None, str, bool]] = []  # (name, order, members ordered totally by <)
         self._order_names: set[str] = set()
@@ -362,7 +179,8 @@ class Reachable(CodeWalk, ObjectWalk):
         # NOTE [Iterators a program advances]: who holds which iterator, resolved to the program's own in digest()
         self._ownership = ProgramOwnership() if guards is not None else None
         self._third_party_code = False  # NOTE [Library functions handed the program's objects] in program_ownership.py
-        # (dict, function) of the lru_caches a fingerprint reached (NOTE [Cached values a fingerprint vouches for])
+        # (dict, function) of the lru_caches a fingerprint reached (NOTE [Cached values a fingerprint vouches for] in
+        # lru_cache_values.py)
         self.lru_caches: list[tuple[dict, Any]] = []
 
     # -- driving ------------------------------------------------------------------------------------------
@@ -386,7 +204,7 @@ class Reachable(CodeWalk, ObjectWalk):
                 self._guards.iterator(iterator)
         lines = [self._tokens[i] for i in range(len(self._objects))]
         orders = self._observed_set_orders()
-        if orders:  # NOTE [Sets in their iteration order]
+        if orders:  # NOTE [Sets in their iteration order] in set_orders.py
             lines.append(f"set-orders{{{orders}}}")
         if self._tensor_members:  # NOTE [Tensor methods patched] in object_walk.py
             lines.append("tensor-members{" + ",".join(f"{name}={token}" for name, token
@@ -503,7 +321,7 @@ class Reachable(CodeWalk, ObjectWalk):
             return self._getter_token(value)
         if type(value) is operator.itemgetter:  # NOTE [Item getters as values]
             return f"itemgetter({self.ref(value.__reduce__()[1])})"
-        if isinstance(value, _LRU_CACHE_WRAPPER):
+        if isinstance(value, LRU_CACHE_WRAPPER):
             return f"lru_cache({self.ref(value.__wrapped__)}){self._lru_cache_values(value)}"
         if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
                               types.MethodWrapperType, types.ClassMethodDescriptorType)):
@@ -538,7 +356,7 @@ class Reachable(CodeWalk, ObjectWalk):
             return "proxy" + self._container_token(dict(value))
         if value is os.environ:
             return self._environment_token()
-        if _is_numpy_array(value):
+        if is_numpy_array(value):
             return self._numpy_array_token(value)
         if isinstance(value, (bytearray, array.array)):
             return self._byte_buffer_token(value)
@@ -575,7 +393,7 @@ class Reachable(CodeWalk, ObjectWalk):
             return "dataclasses.MISSING"
         if is_inert_stdlib_value(value):
             return f"{type(value).__module__}:{value!r}"
-        if _CUSTOM_OP_DEF is not None and isinstance(value, _CUSTOM_OP_DEF):
+        if is_custom_op_def(value):
             return self._op_token(value._opoverload)  # a torch.library.custom_op: by its registrations
         program_of = getattr(type(value), "fingerprint_program", None)
         if program_of is not None:  # a compiled function, by its code (NOTE [Compiled wrappers in a walked program]
@@ -583,7 +401,7 @@ class Reachable(CodeWalk, ObjectWalk):
             return f"compiled:{self.type_ref(type(value))}({self.ref(program_of(value))})"
         if is_plain_object(value):
             return self._node(value)
-        if _is_observer_partial(value):
+        if is_observer_partial(value):
             # NOTE [QAT observer constructors]: a QConfig's ``_PartialWrapper`` (eager-mode QAT keeps it on every
             # prepared module as ``qconfig``) is a functools.partial plus a dict of callables; read as those, a
             # QAT model's fingerprint is trusted and its warm start skips the trace
@@ -592,6 +410,16 @@ class Reachable(CodeWalk, ObjectWalk):
                 and not isinstance(value, io.IOBase)):
             self._ownership.iterator(self._walking_index, value)  # NOTE [Iterators a program advances]
         raise Untrusted(f"opaque object: {type_name(type(value))}")
+
+    # NOTE [sys.modules as a value]
+    # A function holding the module table under a name (``from sys import modules``) reads modules from it by
+    # name, and those lookups are guarded and fingerprinted by name (NOTE [Modules looked up by name] in
+    # code_reading.py). Walked as a plain dict, its length and every member were guarded too: any import failed
+    # the guards (walk again), and a module first imported while a capture ran the function (torch 2.11's
+    # make_fx imports torch.distributed.tensor the first time it prints a graph) was deleted from sys.modules by
+    # the capture's put-back of the program's containers, so the next import ran the module again (torch's
+    # operator registrations then raise, the fallback's too). The table is written down as itself, as the
+    # ``sys`` module is: imports are the process's business, not the program's state.
 
     # NOTE [Iterators a program advances]
     # An iterator the program reads (``next(COUNTER)`` on an ``itertools.count``, a generator, ``iter(list)``) holds
@@ -618,39 +446,6 @@ class Reachable(CodeWalk, ObjectWalk):
     # real source file other than the interpreter's ``__main__`` and the module defining the compiled code (NOTE [The
     # main module of a notebook], NOTE [The module of the compiled code] in program_ownership.py).
 
-    # NOTE [Values an lru_cache holds]
-    # A ``functools.lru_cache`` / ``functools.cache`` function returns what it computed at its first call with those
-    # arguments, whatever the state it reads now, until ``cache_clear()`` (or an eviction) lets it compute again.
-    # The walk wrote down only the function, so a graph traced with the cached value kept running after
-    # ``cache_clear()`` (eager then computes from the state as it is: ``SETTINGS["scale"] = 5; scale.cache_clear()``
-    # gave the graph of 2 where eager gives 5; found in session 24). The in-process walk writes the cache's entries
-    # beside the function (keys and values; an empty cache as such), and the guards compare the dict behind it by
-    # identity of its keys and values (its version tag first): a miss, an eviction or a clear writes it, a hit does
-    # not. A bounded cache's values are read from its C links (NOTE [Values a bounded lru_cache holds]). The
-    # capture's own runs fill the cache, and it cannot be put back between them: the guards take it as the capture
-    # leaves it (``refresh_caches``), so the
-    # first graph is kept, under the digest written with the cache as the call found it (an empty cache's values
-    # are computed from the state the digest names, so a later walk to that digest may reuse the graph).
-    # Not seen: (1) across processes the fingerprint writes the function only, as before: written with its values,
-    # the fingerprint after the capture (which fills the cache) differed from the one before, and every warm start
-    # traced (NOTE [State changed by the call] in fingerprint_cache.py); a cache holding a value computed under
-    # another state makes the fingerprint untrusted instead (NOTE [Cached values a fingerprint vouches for]). (2) A warm start that loads the graph never calls the function, so its
-    # cache stays empty, and a later change of the state it reads is computed afresh where eager keeps the first
-    # value.
-    def _lru_cache_values(self, wrapper: Any) -> str:
-        """The entries of ``wrapper``'s cache (NOTE [Values an lru_cache holds]); "" outside the in-process walk."""
-        if self._guards is None:
-            if self.process_state:  # NOTE [Cached values a fingerprint vouches for]
-                self._vouched_cache_entries(wrapper)
-            return ""
-        cache = lru_cache_dict(wrapper)
-        if cache is None:
-            raise Untrusted("lru_cache whose cache cannot be read")
-        self._guards.cached_values(cache, wrapper)
-        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
-        if not entries:
-            return "[empty]"
-        return "[cache{" + ",".join(f"{self._lru_key_token(key)}={self.ref(value)}" for key, value in entries) + "}]"
 
     # NOTE [Attribute getters as values] (session 25 review)
     # ``operator.attrgetter("_it")`` / ``operator.methodcaller("pop")`` made outside the walked code (in an
@@ -680,80 +475,6 @@ class Reachable(CodeWalk, ObjectWalk):
         self._order_names.add(name)
         return f"methodcaller({name!r};{self.ref(tuple(args))};{self.ref(dict(keywords))})"
 
-    # NOTE [Cached values a fingerprint vouches for] (session 25 review)
-    # The fingerprint writes an lru_cache function without its values (NOTE [Values an lru_cache holds], (1)), which
-    # holds only while the cache's values are those the function computes from the state the fingerprint names. A
-    # value cached before (an eager call under another setting) is not: ``SETTINGS["scale"] = 5`` with the cache
-    # holding 2 traced the graph of 2 under the fingerprint of 5, and after ``cache_clear()`` the retrace (eager
-    # now gives 5) loaded that graph through the same fingerprint (a false hit in one process, with the default
-    # cache; across processes alike). So a fingerprint is trusted only while every entry of every cache it reaches
-    # is vouched for: filled by a capture whose fingerprint was trusted (:func:`vouch_cache_entries`, after the
-    # capture; each entry by its key and the identity of its value, a mutable value by its contents too: a list the
-    # program then changed in place is no longer the one the graph was traced with). An empty cache, the common warm
-    # start, needs nothing; a cache an eager call filled first sends the call down the full key (a trace, its
-    # compile loaded).
-    def _vouched_cache_entries(self, wrapper: Any) -> None:
-        """Note a cache holding an entry no trusted capture filled (NOTE [Cached values a fingerprint vouches
-        for])."""
-        cache = lru_cache_dict(wrapper)
-        if cache is None:
-            self._note("lru_cache whose cache cannot be read")
-            return
-        self.lru_caches.append((cache, wrapper))
-        entries = lru_cache_entries(wrapper, cache)  # NOTE [Values a bounded lru_cache holds]
-        if not entries:
-            return
-        with _VOUCHED_LOCK:
-            vouched = _VOUCHED_CACHE_ENTRIES.get(id(cache))
-        known = vouched[1] if vouched is not None and vouched[0] is cache else {}
-        for key, value in entries:
-            held, state = known.get(key, (_UNSET, None))
-            if held is not value or state is None or (state and cached_value_state(value) != state):
-                self._note("an lru_cache holding a value no compiled call computed, or changed since")
-                return
-
-    def _lru_key_token(self, key: Any) -> str:
-        if type(key) is not tuple:  # (a single int or str argument is its own key)
-            return self.ref(key)
-        return "key(" + ",".join("keywords" if part is _LRU_KEYWORD_MARKER is not None else self.ref(part)
-                                 for part in key) + ")"
-
-    # NOTE [numpy arrays by content]
-    # A numpy array a program reads (``float(ANCHORS[0])``, ``torch.from_numpy(MEAN)``, a module's ``self.scales``)
-    # was an opaque object: named by its id in-process, so ``ANCHORS[0] = 7.0`` kept the graph traced with the
-    # old value (a stale result, found in session 20), and never trusted across processes. numpy keeps no version
-    # counter, so an array is written down by dtype, shape and content digest, and the guards compare its bytes
-    # at every call (a copy of its bytes: cheap for the small arrays programs keep as settings). An array of
-    # Python objects, or larger than _MAX_GUARDED_ARRAY_BYTES, stays untrusted and is guarded by identity only.
-    # Its ``flags.writeable`` is part of it (a program may branch on it; found in session 21: a flag cleared kept
-    # the graph of the writeable array).
-    def _numpy_array_token(self, value: Any) -> str:
-        if value.dtype.hasobject or value.nbytes > _MAX_GUARDED_ARRAY_BYTES:
-            raise Untrusted(f"opaque object: {type_name(type(value))}")
-        state = byte_buffer_state(value)
-        if self._guards is not None:
-            self._guards.array(value, state)
-        # ``dtype.str`` names a structured dtype by its item size alone (``|V8``): its fields (names, types,
-        # offsets) are the descr, so two layouts of the same bytes get two tokens
-        dtype = value.dtype.str if value.dtype.fields is None else f"{value.dtype.str}{value.dtype.descr!r}"
-        writeable = "" if value.flags.writeable else ":read-only"
-        return f"ndarray:{dtype}{tuple(value.shape)!r}{writeable}:{sha256_text(state[-1].hex())}"
-
-    # NOTE [Byte buffers by content]
-    # A ``bytearray`` or an ``array.array`` (a lookup table, a mask of flags) changes in place like a numpy array
-    # and keeps no version either: it was an opaque object, guarded by identity, so ``TABLE[0] = 5`` kept the graph
-    # traced with the old entry (a stale result, found in session 21), and never trusted across processes. Both are
-    # written down and guarded as numpy arrays are (NOTE [numpy arrays by content]): an ``array.array`` with its
-    # type code, each compared by its bytes at every call up to the same size; a larger one stays opaque.
-    def _byte_buffer_token(self, value: Any) -> str:
-        if type(value) not in (bytearray, array.array) or \
-                len(value) * getattr(value, "itemsize", 1) > _MAX_GUARDED_ARRAY_BYTES:  # (a subclass: attributes)
-            raise Untrusted(f"opaque object: {type_name(type(value))}")
-        state = byte_buffer_state(value)
-        if self._guards is not None:
-            self._guards.array(value, state)
-        kind = "bytearray" if type(value) is bytearray else f"array:{value.typecode}"
-        return f"{kind}:{sha256_text(state[-1].hex())}"
 
     # NOTE [The environment as a value]
     # NOTE [Process state] pins the variables code reads by constant name through ``os.environ`` / ``getenv``. The
@@ -817,157 +538,6 @@ class Reachable(CodeWalk, ObjectWalk):
         body = ",".join(f"{name}={self.ref(value)}" for name, value in registrations.items())
         return f"op:{op}:{schema}{{{body}}}"
 
-    # NOTE [sys.modules as a value]
-    # A function holding the module table under a name (``from sys import modules``) reads modules from it by
-    # name, and those lookups are guarded and fingerprinted by name (NOTE [Modules looked up by name] in
-    # code_reading.py). Walked as a plain dict, its length and every member were guarded too: any import failed
-    # the guards (walk again), and a module first imported while a capture ran the function (torch 2.11's
-    # make_fx imports torch.distributed.tensor the first time it prints a graph) was deleted from sys.modules by
-    # the capture's put-back of the program's containers, so the next import ran the module again (torch's
-    # operator registrations then raise, the fallback's too). The table is written down as itself, as the
-    # ``sys`` module is: imports are the process's business, not the program's state.
-    def _container_token(self, value: Any, attributes: bool = False) -> str:
-        """A container by its members (``attributes``: a dict of attribute names, each value held under its name)."""
-        if isinstance(value, slice):
-            return f"slice({self.ref(value.start)},{self.ref(value.stop)},{self.ref(value.step)})"
-        marker = id(value)
-        if marker in self._active_containers:
-            raise Untrusted("self-referencing container")
-        if len(self._active_containers) >= _MAX_NESTING:
-            raise Untrusted("nesting too deep")
-        self._active_containers.append(marker)
-        if self._guards is not None and not isinstance(value, (tuple, frozenset)):
-            self._guards.contents(value)  # mutable: its members by identity (the holder checks the container)
-        try:
-            kind = type_name(type(value))
-            if type(value) not in (tuple, list, dict, set, frozenset, collections.OrderedDict) and not (
-                    isinstance(value, tuple) and hasattr(type(value), "_fields")):
-                # a user subclass of a container may change how it is read: its class is part of the token
-                kind = self.type_ref(type(value)) + self._container_extras(value)
-            if isinstance(value, Mapping):
-                # insertion order is kept: iteration order can change what the code does
-                unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
-                held = self._named_ref if attributes else lambda _name, item: self.ref(item)
-                items = [f"{self.ref(k)}={self._set_ordered_token(v) if k in unordered else held(k, v)}"
-                         for k, v in entries_of(value)]  # NOTE [Containers another thread changes]
-                return f"{kind}{{{','.join(items)}}}"
-            if isinstance(value, (set, frozenset)):
-                # order members by an index-free key first, so that node indices are assigned deterministically
-                members = members_of(value)
-                ordered = sorted(members, key=order_key)
-                keys = [order_key(v) for v in ordered]
-                if len(set(keys)) != len(keys):
-                    raise Untrusted("unordered set of indistinguishable objects")
-                self._record_set_order(value, members, ordered)  # NOTE [Sets in their iteration order]
-                return f"{kind}{{{','.join(self.ref(v) for v in ordered)}}}"
-            if isinstance(value, collections.deque):  # its bound decides what an append drops
-                kind = f"{kind}[maxlen={value.maxlen}]"
-            return f"{kind}({','.join(self.ref(v) for v in members_of(value))})"
-        finally:
-            self._active_containers.pop()
-
-    # NOTE [Attributes of container subclasses]
-    # A container of a subclass (``class Config(dict)`` setting ``self.mode`` in ``__init__``, a
-    # ``defaultdict``) holds state beside its members: the instance ``__dict__`` and a ``defaultdict``'s
-    # ``default_factory``. Only the members were written down, so ``cfg.mode = "b"`` kept the graph traced with
-    # ``"a"`` and was the same fingerprint (found in session 21). Both are part of the token now, the attributes
-    # guarded like a plain object's (their dict's entries by identity); a dict that is its own ``__dict__`` (an
-    # ``AttrDict``) is written down once, by its members.
-    def _container_extras(self, value: Any) -> str:
-        """The state a container subclass holds beside its members (NOTE [Attributes of container subclasses])."""
-        extras = ""
-        if isinstance(value, collections.defaultdict):
-            if self._guards is not None:
-                self._guards.attributes(value, ("default_factory",))
-            extras += f"[default_factory={self.ref(value.default_factory)}]"
-        attributes = getattr(value, "__dict__", None)
-        if isinstance(attributes, dict) and attributes is not value:
-            if self._guards is not None:
-                self._guards.attributes(value, ("__dict__",))
-                self._guards.contents(attributes)  # its entries by identity, as a container's
-            # an attribute that mirrors an entry (diffusers' FrozenDict sets one per key) is that entry's token
-            unordered = SET_ORDERED_ENTRIES.get(f"{type(value).__module__}.{type(value).__qualname__}", ())
-            items = []
-            for key, item in entries_of(attributes):
-                if isinstance(value, Mapping) and value.get(key, _UNSET) is item:
-                    token = "entry"
-                else:
-                    token = self._set_ordered_token(item) if key in unordered else self._named_ref(key, item)
-                items.append(f"{self.ref(key)}={token}")
-            extras += f"[attrs{{{','.join(items)}}}]"
-        return extras
-
-    # NOTE [Sets in their iteration order]
-    # A set's members are written down sorted, so that the token is the same in every process. But code that
-    # iterates a set (``for name in self.names``) runs in the set's iteration order, which for strings depends on the
-    # hash seed (a new one per process) and for any members on the order they were added in where their hashes
-    # collide (``{0, 8}`` and ``{8, 0}`` iterate differently): a warm process with another seed loaded the graph
-    # traced in the first one's order (a false cache hit: another result than its eager run), and in-process a set
-    # refilled in another order passed the digest check after its guards failed (a stale graph; found in session 23).
-    # So the program of a call (``process_state``: the fingerprint and the in-process guards) writes the iteration
-    # order of each set with 2+ members beside its sorted members, where code can observe it. Written everywhere (as
-    # session 23 did), a program object holding a set of strings no code reads (``self.skip = {"a", "b"}`` tested
-    # only with ``in``, an unused frozenset) was another fingerprint in every process under a random hash seed: a
-    # trace per process. Each set is recorded with the name it is held under (an object's or module's attribute, a
-    # tensor's Python attribute, a function's global, a user module's attribute, a class member; none for a closure
-    # cell, a default or a root, whose order is always written), and digest() writes the order of those whose name
-    # the walked code uses in a way that may see an order (NOTE [Names whose order the code can observe] in
-    # code_reading.py: a loop, a call passing it on, a method of it, a local bound to it, ``getattr(self, "x")``;
-    # not ``k in self.x``, ``sorted(self.x)``, ``len(self.x)``, a truth test or a comparison), by their position
-    # among all sets recorded (the same in every process). A set inside a list, tuple or dict counts under the name
-    # that holds the container (a dict's keys do not narrow it: ``.values()`` and ``.items()`` read entries unnamed).
-    # Every order is written where the code may read attributes without naming them: ``vars()``, ``__dict__``,
-    # ``getattr`` with a computed name, ``attrgetter``, ``inspect.getmembers``, ``dataclasses.asdict`` / ``astuple``,
-    # a positional class pattern (NOTE [Iterators held under names no code reads] in program_ownership.py reads
-    # iterators by the same names). Left sorted: the key's digests of compilers and options (a key must not depend
-    # on the hash seed), torch's ``_non_persistent_buffers_set`` (bookkeeping), and sets only a library's own code
-    # reads by its own names (transformers' ``_no_split_modules``: library code is not walked; a library that
-    # iterated a set of str to build a graph would give each process another eager result). Iterated constants of
-    # the code itself (``for n in {"a", "b"}`` compiles to a frozenset constant) are written with their order in the
-    # code digest; one only tested with ``in`` is sorted. Still written though order-free: a user dataclass's fields
-    # (its generated ``__eq__`` / ``__repr__``, walked as dunders, load each field into a tuple or a string).
-    def _record_set_order(self, value: Any, members: tuple, ordered: list) -> None:
-        """Record a set's iteration order (positions among ``ordered``; "" where it is the sorted order) under the
-        name it is held by (NOTE [Sets in their iteration order]); a subclass overriding an operator under no name
-        (NOTE [Order-free reads that call back] in code_reading.py)."""
-        if not self.process_state or len(members) < 2 or self._sets_sorted:
-            return
-        position = {id(member): index for index, member in enumerate(ordered)}
-        order = [position[id(member)] for member in members]
-        name = None if _overrides_set_operators(type(value)) else self._entry_name
-        self._set_orders.append((name, "" if order == sorted(order) else f"{order}", _totally_ordered(members)))
-
-    def _observed_set_orders(self) -> str:
-        """The iteration orders the walked code may observe, by the position of their set among those recorded
-        (NOTE [Sets in their iteration order])."""
-        if not any(order for _, order, _ in self._set_orders):
-            return ""
-        unnamed = (not UNNAMED_ATTRIBUTE_READS.isdisjoint(self._names) or "__match_args__" in self._order_names
-                   or any(isinstance(o, types.FunctionType) and computed_getattr(o.__code__) for o in self._objects))
-        # NOTE [Order-free reads that call back] in code_reading.py: a comparison may run a user's method
-        compared = any(not is_library(self._objects[index].__module__) and
-                       not _COMPARISON_METHODS.isdisjoint(vars(self._objects[index])) for index in self._classes)
-        return ",".join(f"{index}:{order}" for index, (name, order, total) in enumerate(self._set_orders)
-                        if order and (name is None or unnamed or name in self._order_names
-                                      or (compared and name in self._compared_names)
-                                      or (not total and name in self._sorted_names)))
-
-    def _named_ref(self, name: Any, value: Any) -> str:
-        """:meth:`ref` of a value held under ``name`` (an attribute, global or member; NOTE [Sets in their
-        iteration order])."""
-        outer, self._entry_name = self._entry_name, name if isinstance(name, str) else None
-        try:
-            return self.ref(value)
-        finally:
-            self._entry_name = outer
-
-    def _set_ordered_token(self, value: Any) -> str:
-        """NOTE [Set-ordered library metadata]: a list of strings made from a set, by its sorted members."""
-        if not isinstance(value, list) or not all(type(item) is str for item in value):
-            return self.ref(value)
-        if self._guards is not None:
-            self._guards.contents(value)
-        return f"sorted({','.join(sorted(self.ref(item) for item in value))})"
 
     def _tensor_token(self, value: torch.Tensor) -> str:
         position = self._state_tensors.get(id(value))
@@ -989,7 +559,7 @@ class Reachable(CodeWalk, ObjectWalk):
         return f"tensor:{digest}:{value.requires_grad}{where}{self._tensor_attributes(value)}"
 
     def _tensor_attributes(self, tensor: torch.Tensor) -> str:
-        """The tensor's own Python attributes (NOTE [Python attributes of parameters] in aot/module.py: code may
+        """The tensor's own Python attributes (NOTE [Python attributes of parameters] in aot/module_call.py: code may
         read them, the capture does): empty for most tensors; guarded in-process, an added one included."""
         if self._guards is not None:
             self._guards.contents(tensor.__dict__)

@@ -1,6 +1,7 @@
 """What kind of value the walker meets: library code (named by its version) or user code (read), plain
-objects (their whole state), inert standard-library values, custom operators; and the few library config
-objects whose state needs special reading.
+objects (their whole state), inert standard-library values, custom operators (``custom_op`` objects
+included); and the few library objects whose state needs special reading (config objects, QAT observer
+constructors).
 
 Split out of :mod:`aotcache.autograd_cache.reachable` so that the walk reads as a dispatch over kinds, and the
 rules deciding each kind (which are what make a fingerprint sound, docs/warmstart.md) sit in one place.
@@ -23,8 +24,9 @@ import torch
 from aotcache.autograd_cache import safety
 
 __all__ = ["is_library", "is_core_library", "library_version", "installed_distribution", "type_name",
-           "order_key", "describe", "is_custom_op", "defining_module", "is_user_code", "slot_names",
-           "is_inert_stdlib_value", "is_plain_object", "VOLATILE_ATTRIBUTES", "SET_ORDERED_ENTRIES"]
+           "order_key", "describe", "is_custom_op", "is_custom_op_def", "is_observer_partial", "defining_module",
+           "is_user_code", "slot_names", "is_inert_stdlib_value", "is_plain_object", "VOLATILE_ATTRIBUTES",
+           "SET_ORDERED_ENTRIES"]
 
 _LIBRARY_ROOTS = frozenset({"torch", "functorch", "numpy", "sympy", "triton", "aotcache", "typing_extensions"})
 
@@ -183,6 +185,30 @@ def is_custom_op(value: Any) -> bool:
     return isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and not (
         safety.is_torch_internal_namespace(str(value).split(".")[0])
         and safety.custom_op_implementations(value) is None)
+
+
+def _custom_op_def_type() -> type | None:
+    try:
+        from torch._library.custom_ops import CustomOpDef
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return CustomOpDef
+
+
+_CUSTOM_OP_DEF = _custom_op_def_type()
+
+
+def is_custom_op_def(value: Any) -> bool:
+    """A ``torch.library.custom_op`` object (written down by its operator's registrations)."""
+    return _CUSTOM_OP_DEF is not None and isinstance(value, _CUSTOM_OP_DEF)
+
+
+def is_observer_partial(value: Any) -> bool:
+    """torch.ao.quantization's ``_PartialWrapper`` (by name: importing torch.ao.quantization costs a warm start)."""
+    cls = type(value)
+    return (cls.__name__ == "_PartialWrapper" and cls.__module__ == "torch.ao.quantization.observer"
+            and isinstance(getattr(value, "p", None), functools.partial)
+            and isinstance(getattr(value, "callable_args", None), dict))
 
 
 # -- names and order ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   function first computed during the capture, changed in place afterwards.
 - NOTE [Trace tensors an lru_cache keeps] (autograd_cache/program_restore.py): a cached tensor computed during
   the capture was left in the cache as a trace tensor (eager then raised).
-- NOTE [Cached values a fingerprint vouches for] (autograd_cache/reachable.py): a value an eager call cached
+- NOTE [Cached values a fingerprint vouches for] (autograd_cache/lru_cache_values.py): a value an eager call cached
   under another setting was loaded through the fingerprint of the new one.
 - NOTE [Attribute getters as values] (autograd_cache/reachable.py): an iterator read through an
   ``operator.attrgetter`` made in ``__init__`` kept the capture's draw.
@@ -203,7 +203,7 @@ def test_a_bounded_cache_value_unchanged_keeps_the_graph_changed_retraces(route)
 
 
 def test_bounded_cache_values_are_read_from_their_links():
-    from aotcache.autograd_cache import reachable
+    from aotcache.autograd_cache import lru_cache_values
 
     @functools.lru_cache(maxsize=2)
     def square(n):
@@ -211,14 +211,15 @@ def test_bounded_cache_values_are_read_from_their_links():
 
     for n in (1, 2, 1, 3):  # a hit moves 1 to the newest end, 3 evicts 2
         square(n)
-    cache = reachable.lru_cache_dict(square)
-    assert [(key, value) for key, value in reachable.lru_cache_entries(square, cache)] == [(1, [1]), (3, [9])]
-    assert reachable.lru_cache_entries(cached_table, reachable.lru_cache_dict(cached_table)) == \
-        list(reachable.lru_cache_dict(cached_table).items())  # an unbounded cache holds its values itself
+    cache = lru_cache_values.lru_cache_dict(square)
+    assert [(key, value) for key, value in lru_cache_values.lru_cache_entries(square, cache)] == [(1, [1]), (3, [9])]
+    assert lru_cache_values.lru_cache_entries(cached_table, lru_cache_values.lru_cache_dict(cached_table)) == \
+        list(lru_cache_values.lru_cache_dict(cached_table).items())  # an unbounded cache holds its values itself
     # a dict that is not this wrapper's: the links cannot be matched, they are returned as they are (never guessed)
     other = dict(cache)
     other[object()] = next(iter(cache.values()))
-    assert [type(value).__name__ for _, value in reachable.lru_cache_entries(square, other)] == ["_lru_list_elem"] * 3
+    assert [type(value).__name__ for _, value in lru_cache_values.lru_cache_entries(square, other)] == \
+        ["_lru_list_elem"] * 3
 
 
 @pytest.mark.parametrize("route", list(_MODULE_ROUTES))

@@ -1,6 +1,7 @@
 """Values a ``functools.lru_cache`` / ``functools.cache`` function returns from its cache (NOTE [Values an lru_cache
-holds] in autograd_cache/reachable.py): after ``cache_clear()`` eager computes from the state as it is, and so must
-a compiled call (it kept the graph traced with the cached value); a clear that changes nothing keeps the graph."""
+holds] in autograd_cache/lru_cache_values.py): after ``cache_clear()`` eager computes from the state as it is, and
+so must a compiled call (it kept the graph traced with the cached value); a clear that changes nothing keeps the
+graph."""
 
 from __future__ import annotations
 

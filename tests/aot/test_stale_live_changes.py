@@ -27,7 +27,7 @@ def compiles(wrapped) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Python attributes of parameters and buffers (NOTE [Python attributes of parameters] in aot/module.py)
+# Python attributes of parameters and buffers (NOTE [Python attributes of parameters] in aot/module_call.py)
 # ----------------------------------------------------------------------------------------------------
 
 

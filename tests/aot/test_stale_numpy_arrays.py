@@ -1,5 +1,5 @@
 """numpy arrays a program reads, changed in place or rebound between calls (NOTE [numpy arrays by content] in
-aotcache/autograd_cache/reachable.py; found in session 20): eager's result, and an unchanged or equal array
+aotcache/autograd_cache/byte_buffers.py; found in session 20): eager's result, and an unchanged or equal array
 keeps the graph. Across processes the fingerprint holds the array's content."""
 
 from __future__ import annotations

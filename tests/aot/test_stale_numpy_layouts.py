@@ -1,5 +1,5 @@
 """numpy arrays a program reads, beyond plain dtypes (NOTE [numpy arrays by content] in
-aotcache/autograd_cache/reachable.py). Found in session 20's review: a structured array was written down by
+aotcache/autograd_cache/byte_buffers.py). Found in session 20's review: a structured array was written down by
 ``dtype.str`` (``|V8``, its item size alone), so the same bytes under another field layout had the same
 fingerprint: a false hit across processes. And the arrays the guards do not compare by content, as known gaps."""
 

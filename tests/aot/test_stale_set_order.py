@@ -2,7 +2,7 @@
 
 Both directions each: a set that iterates in another order, a frozen dataclass whose field changed type or zero
 sign, give eager's result (another graph, or another cache entry); the same order, an equal dataclass, keep the
-graph (or hit the entry). NOTE [Sets in their iteration order] in autograd_cache/reachable.py, NOTE [Sets and
+graph (or hit the entry). NOTE [Sets in their iteration order] in autograd_cache/set_orders.py, NOTE [Sets and
 dataclasses compared exactly] in aot/exact_values.py.
 """
 

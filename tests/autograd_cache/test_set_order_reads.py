@@ -1,5 +1,5 @@
 """A set's iteration order is part of the program only where the walked code can observe it (NOTE [Sets in their
-iteration order] in autograd_cache/reachable.py, NOTE [Names whose order the code can observe] in code_reading.py).
+iteration order] in autograd_cache/set_orders.py, NOTE [Names whose order the code can observe] in code_reading.py).
 
 In-process, ``{0, 8}`` and ``{8, 0}`` (colliding hashes: they iterate in the order they were added) stand for two
 processes' orders of a set of str; the cross-process tests run real subprocesses under two hash seeds sharing a
