@@ -252,32 +252,47 @@ _GUARDED_WITHOUT_ORDER = (set, type({}.keys()))
 def holds_order_free_argument(args: Sequence[Any], kwargs: dict) -> bool:
     """Whether a call's arguments hold a plain ``set`` or ``dict_keys``, among their pytree leaves or inside a plain
     object's fields (NOTE [Arguments Dynamo guards without their order]), for the Dynamo way of ``aotcache.compile``
-    (NOTE [One call's set argument] in compile_api.py) and a refusal's ``dynamo_safe``; a tensor argument costs one
-    type check."""
-    pending = [*args, *kwargs.values()] if kwargs else list(args)
+    (NOTE [One call's set argument] in compile_api.py) and a refusal's ``dynamo_safe``. Each container's values are
+    sorted by their types at C speed: tensors and exact constants alone end the search there."""
+    pending: list = []
+    if _found_or_queued(args, pending) or (kwargs and _found_or_queued(kwargs.values(), pending)):
+        return True
     opened: set[int] = set()  # a container or object holding itself is opened once (eager runs such a call)
     while pending:
         arg = pending.pop()
         kind = type(arg)
-        if kind is torch.Tensor or kind is torch.nn.Parameter or kind in EXACT_BY_EQUALITY:
+        if kind in _NOT_CONTAINERS:
             continue
-        if kind in _GUARDED_WITHOUT_ORDER:
-            return True
-        if kind is tuple or pytree.is_namedtuple_instance(arg):
-            pending.extend(arg)
+        if isinstance(arg, tuple):  # a namedtuple or structseq too (immutable: holds itself only through a list)
+            children = arg
         elif id(arg) in opened:
             continue
-        elif kind is list or kind is dict:
-            opened.add(id(arg))
-            pending.extend(arg.values() if kind is dict else arg)
-        elif kind in pytree.SUPPORTED_NODES:  # one level (an OrderedDict may hold itself too)
-            opened.add(id(arg))
-            pending.extend(pytree.SUPPORTED_NODES[kind].flatten_fn(arg)[0])
         else:
-            fields = _plain_object_fields(arg)
-            if fields:
-                opened.add(id(arg))
-                pending.extend(fields)
+            opened.add(id(arg))
+            if kind is list:
+                children = arg
+            elif kind is dict:
+                children = arg.values()
+            elif kind in pytree.SUPPORTED_NODES:  # one level (an OrderedDict may hold itself too)
+                children = pytree.SUPPORTED_NODES[kind].flatten_fn(arg)[0]
+            else:
+                children = _plain_object_fields(arg)
+        if children and _found_or_queued(children, pending):
+            return True
+    return False
+
+
+_NOT_CONTAINERS = frozenset({torch.Tensor, torch.nn.Parameter, *EXACT_BY_EQUALITY})
+
+
+def _found_or_queued(values: Any, pending: list) -> bool:
+    """Whether ``values`` hold a set or dict_keys themselves; else those that may hold one are queued."""
+    kinds = set(map(type, values))
+    if kinds <= _NOT_CONTAINERS:
+        return False
+    if not kinds.isdisjoint(_GUARDED_WITHOUT_ORDER):
+        return True
+    pending.extend(values)
     return False
 
 
