@@ -263,7 +263,7 @@ def holds_order_free_argument(args: Sequence[Any], kwargs: dict) -> bool:
         kind = type(arg)
         if kind in _NOT_CONTAINERS:
             continue
-        if isinstance(arg, tuple):  # a namedtuple or structseq too (immutable: holds itself only through a list)
+        if issubclass(kind, tuple):  # a namedtuple or structseq too (immutable: holds itself only through a list)
             children = arg
         elif id(arg) in opened:
             continue
@@ -309,13 +309,16 @@ _NOT_OPENED = (torch.nn.Module, torch.optim.Optimizer, type, types.ModuleType, t
 
 def _plain_object_fields(value: Any) -> Sequence[Any] | None:
     """The field values of a plain object (NOTE [Sets inside plain objects]), else None."""
-    if isinstance(value, _NOT_OPENED):
+    if issubclass(type(value), _NOT_OPENED):  # (the real class: no attribute of the object is read)
         return None
-    fields = getattr(value, "__dict__", None)
-    if type(fields) is dict:
-        return list(fields.values())
-    slots = getattr(type(value), "__dataclass_fields__", None)  # a dataclass with slots=True
-    return [getattr(value, name, None) for name in slots] if slots else None
+    try:
+        fields = getattr(value, "__dict__", None)
+        if type(fields) is dict:
+            return list(fields.values())
+        slots = getattr(type(value), "__dataclass_fields__", None)  # a dataclass with slots=True
+        return [getattr(value, name, None) for name in slots] if slots else None
+    except Exception:  # an object whose attribute reads raise: not opened (its call goes on as before)
+        return None
 
 
 def memory_sharing(flat_args: Sequence[Any]) -> tuple:

@@ -270,6 +270,12 @@ def test_which_plain_objects_hold_a_set():
     module.keys = {1}  # not opened (NOTE [Sets inside plain objects])
     assert not holds_order_free_argument((module, torch.optim.SGD(module.parameters(), lr=0.1), types), {})
 
+    class Unreadable:
+        def __getattribute__(self, name):
+            raise RuntimeError("no attribute reads")
+
+    assert not holds_order_free_argument((Unreadable(),), {})  # not opened, and no error
+
 
 def test_a_refused_object_without_a_set_keeps_the_dynamo_fallback():
     """The other direction: an object holding a list keeps Dynamo's compiled regions, graph reused."""

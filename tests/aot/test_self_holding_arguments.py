@@ -72,8 +72,10 @@ class _Scaler(torch.nn.Module):
         return x * len(items)
 
 
-def test_aot_module_with_a_keyword_argument_holding_itself():
-    compiled = aotcache.aot_module(_Scaler(), "nop", cache=False)
+@pytest.mark.parametrize("entry", ["aot_module", "compile"])
+def test_a_module_with_a_keyword_argument_holding_itself(entry):
+    compiled = (aotcache.aot_module(_Scaler(), "nop", cache=False) if entry == "aot_module"
+                else aotcache.compile(_Scaler(), compiler="nop", cache=False))
     x = torch.ones(2)
     assert torch.equal(compiled(x, items=_holding_itself()), x * 2)
     assert torch.equal(compiled(x, items=[1, 2, 3]), x * 3)
