@@ -292,6 +292,9 @@ def test_a_refused_object_without_a_set_keeps_the_dynamo_fallback():
         torch.testing.assert_close(routed(x, _Members([0, 8])), _weigh_held_in_order(x, _Members([0, 8])))
     assert routed.route == "dynamo"
     assert fallback_counts().get("eager:refused_argument", 0) == before.get("eager:refused_argument", 0)
+    for keys in ORDERS["set"]():  # and on the Dynamo way, a held set runs that call eagerly
+        torch.testing.assert_close(routed(x, _Members(keys)), _weigh_held_in_order(x, _Members(keys)), rtol=0, atol=0)
+    assert routed.route == "dynamo"
 
 
 class _ShiftsInOrder(torch.nn.Module):
