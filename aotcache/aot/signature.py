@@ -38,7 +38,8 @@ from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_tra
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
 __all__ = ["holds_order_free_argument", "self_holding_argument_error", "signature_of", "rank_signature_of",
-           "argument_signature", "dict_key_types", "dict_context_keys", "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
+           "argument_signature", "dict_key_types", "dict_context_keys", "call_context", "memory_sharing", "float_bits",
+           "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
