@@ -58,7 +58,7 @@ from aotcache.aot.runtime import CompiledRuntime
 from aotcache.aot.scalar_type_checks import ScalarTypeChecked
 from aotcache.aot.services import CompileServices, WatchedProgram
 from aotcache.aot.signature import (call_context, carry_tensor_attributes, input_offsets, offsets_hold, rank_signature_of,
-                                    signature_of, user_arguments_carry_attributes)
+                                    self_holding_argument_error, signature_of, user_arguments_carry_attributes)
 from aotcache.compilers.float_inputs import FloatInputsUnsupported, caller_retries
 from aotcache.logs import CacheFault, event, log_once, logger
 from aotcache.progress import compile_progress
@@ -79,6 +79,7 @@ __all__ = [
 
 _SINGLE_USE_WARNING = 3  # single-use graphs (NOTE [State changed by a capture]) before a warning, once per function
 _SINGLE_USE_LIMIT = 8  # ... in a row before the signature runs eagerly (as torch.compile after its recompile limit)
+_NO_ARGUMENTS = pytree.tree_flatten(((), {}))[1]  # a call refused before it is flattened runs with its own arguments
 _ANY_SETTINGS = object()  # in a fallback's key: the signature runs eagerly whatever an aot_module's settings
 
 
@@ -180,7 +181,10 @@ class AOTFunction:
             if found is not None:
                 record, flat = found
                 return record.runtime(*flat)
-        flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+        try:
+            flat_args, in_spec = pytree.tree_flatten((args, kwargs))
+        except RecursionError:  # NOTE [Arguments that hold themselves] in signature.py
+            return refused_argument_call(self, self_holding_argument_error(), args, kwargs, _NO_ARGUMENTS)
         slotted = self._generator_slots.substitute(flat_args)  # NOTE [Generator arguments]
         if slotted is not None:
             return self._call_with_slots(structure, flat_if_simple, args, kwargs, extra, slotted, in_spec,

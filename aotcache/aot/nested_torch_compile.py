@@ -36,6 +36,11 @@ __all__ = ["torch_compiled_callables_as_python"]
 # Dynamo's wrapper with fullgraph=True (torch 2.13) raises when a call compiled no frame under the default stance
 # (any other stance excuses it); on the capturing thread one frame is counted instead (feature-detected).
 # Where a torch lacks either name (feature-detected), captures go on as before.
+# A thread the forward starts is not the capturing thread (checked in session 27): there Dynamo compiles the callable
+# as usual. Handed the capture's tensors, it fails as plain Python on them fails in that thread (a FunctionalTensor
+# outside its mode; with Inductor, Dynamo compiles a kernel for them and the kernel's data_ptr raises), so the capture
+# falls back with eager's values (aotcache.compile: the Dynamo way); handed a real tensor (a global), it is compiled
+# on it and the call is captured whole. Nothing of a capture reaches such a thread, so no kernel reads fake memory.
 
 
 class _ThreadCaptures(threading.local):

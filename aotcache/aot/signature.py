@@ -37,8 +37,9 @@ from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_tra
                                               nested_tensor_error, unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
 
-__all__ = ["holds_order_free_argument", "signature_of", "rank_signature_of", "argument_signature", "dict_key_types",
-           "dict_context_keys", "call_context", "memory_sharing", "float_bits", "input_offsets", "offsets_hold"]
+__all__ = ["holds_order_free_argument", "self_holding_argument_error", "signature_of", "rank_signature_of",
+           "argument_signature", "dict_key_types", "dict_context_keys", "call_context", "memory_sharing", "float_bits",
+           "input_offsets", "offsets_hold"]
 
 
 # NOTE [Constant arguments]
@@ -206,8 +207,29 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
         f"function takes tensors, values compared by value (int, float, str, enums, frozen dataclasses, ...) "
         f"and pytree containers of them. Pass the tensors and values it holds as arguments, make its type "
         f"compare by value, or register it with torch.utils._pytree.register_pytree_node.")
-    # any argument of the call, not only the refused one (a set after a refused module went to Dynamo)
-    error.dynamo_safe = not any(type(each) in _GUARDED_WITHOUT_ORDER for each in flat_args)
+    # any argument of the call, not only the refused one (a set after a refused module went to Dynamo), and a set
+    # held inside the refused object
+    error.dynamo_safe = not holds_order_free_argument(flat_args, {})
+    return error
+
+
+# NOTE [Arguments that hold themselves]
+# A list that holds itself (``items = [x]; items.append(items)``) is an argument eager PyTorch and torch.compile run
+# (Dynamo guards what the function reads of it), but torch's pytree flattens it without end: every entry point of
+# aotcache flattens its call's arguments, and raised a RecursionError (found in session 26's review). Flattening such
+# a call (or one nested deeper than Python's recursion limit) is refused, ``dynamo_safe=False``: ``aot_function``
+# runs the call eagerly (counted ``eager:refused_argument``, warned once; strict mode and
+# ``on_capture_error="raise"`` raise), ``aotcache.compile`` runs that call alone eagerly (NOTE [One call's set
+# argument] in compile_api.py). The RecursionError is caught around the flattening only where the hot paths have
+# already missed, so a plain call pays nothing; :func:`holds_order_free_argument` opens each container once.
+def self_holding_argument_error() -> RefusedArgumentError:
+    """The refusal of a call whose arguments pytree cannot flatten: one holds itself, or is nested deeper than the
+    recursion limit (NOTE [Arguments that hold themselves])."""
+    error = RefusedArgumentError(
+        "aotcache: an argument holds itself (a list appended to itself?) or is nested deeper than Python's recursion "
+        "limit, which torch's pytree cannot flatten. The call runs eagerly; pass the values the function reads "
+        "instead.")
+    error.dynamo_safe = False
     return error
 
 
@@ -223,32 +245,81 @@ def _refused_argument_error(flat_args: Sequence[Any], in_spec: Any, index: int, 
 # alone: NOTE [One call's set argument] in compile_api.py), whichever argument the refusal names (a set after a
 # refused module counts too). A ``frozenset`` is keyed the AOT way, members in iteration order (NOTE [Sets and
 # dataclasses compared exactly]); a set subclass and ``dict_items`` / ``dict_values`` are guarded in order by
-# Dynamo. Not covered: a set held inside a refused object (a mutable dataclass's field) is left to Dynamo's guards.
+# Dynamo. A set held inside a refused plain object (a mutable dataclass's field) counts too (NOTE [Sets inside plain
+# objects]).
 _GUARDED_WITHOUT_ORDER = (set, type({}.keys()))
 
 
-def holds_order_free_argument(args: tuple, kwargs: dict) -> bool:
-    """Whether a call's arguments hold a plain ``set`` or ``dict_keys`` among their pytree leaves, for the Dynamo
-    way of ``aotcache.compile`` (NOTE [One call's set argument] in compile_api.py); a tensor argument costs one
-    type check."""
-    pending = [*args, *kwargs.values()] if kwargs else list(args)
-    opened: set[int] = set()  # a list holding itself is opened once (eager runs such a call)
+def holds_order_free_argument(args: Sequence[Any], kwargs: dict) -> bool:
+    """Whether a call's arguments hold a plain ``set`` or ``dict_keys``, among their pytree leaves or inside a plain
+    object's fields (NOTE [Arguments Dynamo guards without their order]), for the Dynamo way of ``aotcache.compile``
+    (NOTE [One call's set argument] in compile_api.py) and a refusal's ``dynamo_safe``. Each container's values are
+    sorted by their types at C speed: tensors and exact constants alone end the search there."""
+    pending: list = []
+    if _found_or_queued(args, pending) or (kwargs and _found_or_queued(kwargs.values(), pending)):
+        return True
+    opened: set[int] = set()  # a container or object holding itself is opened once (eager runs such a call)
     while pending:
         arg = pending.pop()
         kind = type(arg)
-        if kind is torch.Tensor or kind is torch.nn.Parameter or kind in EXACT_BY_EQUALITY:
+        if kind in _NOT_CONTAINERS:
             continue
-        if kind in _GUARDED_WITHOUT_ORDER:
+        if issubclass(kind, tuple):  # a namedtuple or structseq too (immutable: holds itself only through a list)
+            children = arg
+        elif id(arg) in opened:
+            continue
+        else:
+            opened.add(id(arg))
+            if kind is list:
+                children = arg
+            elif kind is dict:
+                children = arg.values()
+            elif kind in pytree.SUPPORTED_NODES:  # one level (an OrderedDict may hold itself too)
+                children = pytree.SUPPORTED_NODES[kind].flatten_fn(arg)[0]
+            else:
+                children = _plain_object_fields(arg)
+        if children and _found_or_queued(children, pending):
             return True
-        if kind is tuple:
-            pending.extend(arg)
-        elif kind is list or kind is dict:  # (a cycle runs through a mutable container)
-            if id(arg) not in opened:
-                opened.add(id(arg))
-                pending.extend(arg.values() if kind is dict else arg)
-        elif kind in pytree.SUPPORTED_NODES or pytree.is_namedtuple_instance(arg):
-            pending.extend(pytree.tree_leaves(arg))
     return False
+
+
+_NOT_CONTAINERS = frozenset({torch.Tensor, torch.nn.Parameter, *EXACT_BY_EQUALITY})
+
+
+def _found_or_queued(values: Any, pending: list) -> bool:
+    """Whether ``values`` hold a set or dict_keys themselves; else those that may hold one are queued."""
+    kinds = set(map(type, values))
+    if kinds <= _NOT_CONTAINERS:
+        return False
+    if not kinds.isdisjoint(_GUARDED_WITHOUT_ORDER):
+        return True
+    pending.extend(values)
+    return False
+
+
+# NOTE [Sets inside plain objects]
+# A refused plain object (a mutable dataclass, a namespace) goes to Dynamo with whatever it holds, and Dynamo guards a
+# set field's members, not their order (NOTE [Arguments Dynamo guards without their order]): ``Holder({0, 8})``
+# filled in the other order reused the first graph, a wrong value (session 27). So the fields of such an object are
+# looked into, recursively (each object once). A module, an optimizer, a class, a Python module or a function is not
+# opened: their state is large and guarded by Dynamo by identity and by what the code reads (a set attribute of an
+# ``nn.Module`` argument is not covered).
+_NOT_OPENED = (torch.nn.Module, torch.optim.Optimizer, type, types.ModuleType, types.FunctionType,
+               types.BuiltinFunctionType, types.MethodType, functools.partial)
+
+
+def _plain_object_fields(value: Any) -> Sequence[Any] | None:
+    """The field values of a plain object (NOTE [Sets inside plain objects]), else None."""
+    if issubclass(type(value), _NOT_OPENED):  # (the real class: no attribute of the object is read)
+        return None
+    try:
+        fields = getattr(value, "__dict__", None)
+        if type(fields) is dict:
+            return list(fields.values())
+        slots = getattr(type(value), "__dataclass_fields__", None)  # a dataclass with slots=True
+        return [getattr(value, name, None) for name in slots] if slots else None
+    except Exception:  # an object whose attribute reads raise: not opened (its call goes on as before)
+        return None
 
 
 def memory_sharing(flat_args: Sequence[Any]) -> tuple:

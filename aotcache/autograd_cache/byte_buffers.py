@@ -1,4 +1,4 @@
-"""numpy arrays, ``bytearray`` and ``array.array`` values, written down and guarded by their bytes.
+"""numpy arrays, ``bytearray``, ``array.array`` and ``memoryview`` values, written down and guarded by their bytes.
 
 They change in place and keep no version counter, so :class:`ByteBufferWalk` writes each down by its layout and
 a digest of its content, and the program guards compare :func:`byte_buffer_state` at every call (NOTE [numpy
@@ -27,10 +27,12 @@ def is_numpy_array(value: Any) -> bool:
 
 
 def byte_buffer_state(value: Any) -> tuple:
-    """What the program guards compare of a numpy array, ``bytearray`` or ``array.array`` at every call, its bytes
-    last (NOTE [numpy arrays by content], NOTE [Byte buffers by content])."""
+    """What the program guards compare of a numpy array, ``bytearray``, ``array.array`` or ``memoryview`` at every
+    call, its bytes last (NOTE [numpy arrays by content], NOTE [Byte buffers by content])."""
     if type(value) is bytearray:
         return (bytes(value),)
+    if type(value) is memoryview:  # NOTE [memoryviews by content]
+        return (value.format, value.shape, value.readonly, value.tobytes())
     if isinstance(value, array.array):
         return (value.typecode, value.tobytes())
     return (value.dtype, value.shape, value.flags.writeable, value.tobytes())
@@ -76,3 +78,23 @@ class ByteBufferWalk:
             self._guards.array(value, state)
         kind = "bytearray" if type(value) is bytearray else f"array:{value.typecode}"
         return f"{kind}:{sha256_text(state[-1].hex())}"
+
+    # NOTE [memoryviews by content]
+    # A ``memoryview`` (``struct.unpack`` of a view over a shared buffer, a view a config reads) shows memory another
+    # object owns, so a write to that buffer changed what the traced code read while the view stayed the same
+    # object: it was opaque, guarded by identity (a stale result; a strict xfail since session 23). A plain view is
+    # written down and guarded as a byte buffer is (NOTE [Byte buffers by content]): its format, shape, read-only
+    # flag and bytes, compared at every call up to the same size; a released view, a subclass or a larger one stays
+    # opaque.
+    def _memoryview_token(self, value: memoryview) -> str:
+        try:
+            too_large = type(value) is not memoryview or value.nbytes > _MAX_GUARDED_ARRAY_BYTES
+            state = None if too_large else byte_buffer_state(value)
+        except ValueError:  # released
+            state = None
+        if state is None:
+            raise Untrusted(f"opaque object: {type_name(type(value))}")
+        if self._guards is not None:
+            self._guards.array(value, state)
+        readonly = ":read-only" if state[2] else ""
+        return f"memoryview:{state[0]}{state[1]!r}{readonly}:{sha256_text(state[-1].hex())}"

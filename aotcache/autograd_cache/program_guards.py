@@ -133,14 +133,19 @@ _env_get = os.environ.get
 
 
 def _array_unchanged(entry: tuple) -> bool:
-    """Whether a numpy array, ``bytearray`` or ``array.array`` has the state the walk saw: dtype, shape, flags and
-    bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in byte_buffers.py)."""
+    """Whether a numpy array, ``bytearray``, ``array.array`` or ``memoryview`` has the state the walk saw: dtype,
+    shape, flags and bytes (NOTE [numpy arrays by content], NOTE [Byte buffers by content] in byte_buffers.py)."""
     value, state = entry
     kind = type(value)
     if kind is bytearray:
         return value == state[0]  # (compared in place, no copy)
     if kind is array.array:
         return value.typecode == state[0] and value.tobytes() == state[1]
+    if kind is memoryview:  # NOTE [memoryviews by content] in byte_buffers.py: released since, changed
+        try:
+            return value.format == state[0] and value.shape == state[1] and value.tobytes() == state[3]
+        except ValueError:
+            return False
     return (value.dtype == state[0] and value.shape == state[1] and value.flags.writeable is state[2]
             and value.tobytes() == state[3])
 _version_of = operator.attrgetter("_version")

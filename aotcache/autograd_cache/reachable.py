@@ -360,6 +360,8 @@ class Reachable(CodeWalk, ObjectWalk, ContainerWalk, SetOrderWalk, LruCacheWalk,
             return self._numpy_array_token(value)
         if isinstance(value, (bytearray, array.array)):
             return self._byte_buffer_token(value)
+        if isinstance(value, memoryview):
+            return self._memoryview_token(value)
         if isinstance(value, dataclasses.Field):
             settings = (value.name, value.default, value.default_factory, value.init, value.metadata)
             return f"field{self.ref(settings)}"

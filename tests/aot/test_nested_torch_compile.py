@@ -453,3 +453,53 @@ def test_a_torch_compiled_submodule_is_captured_with_its_parameters_and_buffer()
     assert backend.calls == []
     model.inner(x)
     assert len(backend.calls) == 1  # Dynamo compiled it, outside any capture
+
+
+_PROBE = torch.arange(4.0)  # a global the forward reads: a real tensor inside a capture too
+
+
+def _doubled_sine(t):
+    return t.sin() * 2
+
+
+class CompilesInAWorker(torch.nn.Module):
+    """Hands a torch.compile-d helper to a thread it starts: on a tensor of the forward (a capture's trace tensor
+    while captured) or on a global (a real tensor always)."""
+
+    def __init__(self, backend, source):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+        self.backend, self.source = backend, source
+
+    def forward(self, x):
+        from concurrent.futures import ThreadPoolExecutor
+
+        y = self.lin(x)
+        helper = torch.compile(_doubled_sine, backend=self.backend)
+        with ThreadPoolExecutor(1) as pool:
+            z = pool.submit(helper, y if self.source == "forward" else _PROBE).result()
+        return (y + z).sum() if self.source == "forward" else (y * z.sum()).sum()
+
+
+@pytest.mark.parametrize("source", ["forward", "constant"])
+@pytest.mark.parametrize("entry", ["compile", "aot_module"])
+def test_a_worker_thread_of_the_forward_calling_a_compiled_helper(entry, source):
+    """Checked in session 27 (NOTE [torch.compile-d callables inside a capture]): the worker is not the capturing
+    thread, so Dynamo compiles the helper there. Handed the capture's tensors it fails as plain Python on them fails
+    (a FunctionalTensor outside its mode; with Inductor the compiled kernel's data_ptr raises): the capture falls
+    back, eager's values. Handed a real tensor it compiles as usual and the call is captured whole."""
+    model = CompilesInAWorker(RecordingBackend(), source)
+    wrapped = (aotcache.compile(model, compiler="nop", cache=False) if entry == "compile"
+               else aotcache.aot_module(model, "nop", cache=False))
+    x = torch.randn(3, 4)
+    for _ in range(2):
+        out = wrapped(x)
+        torch.testing.assert_close(out, model(x))
+    out.backward()
+    grad = model.lin.weight.grad.clone()
+    model.zero_grad()
+    model(x).backward()
+    torch.testing.assert_close(grad, model.lin.weight.grad)
+    if entry == "compile":
+        assert wrapped.route == ("dynamo" if source == "forward" else "aot")

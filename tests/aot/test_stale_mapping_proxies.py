@@ -1,7 +1,7 @@
 """A read-only mapping proxy (``types.MappingProxyType``, ``vars(cls)``) whose dict is written between calls (found in
 session 23): eager's result, another graph; an equal value written back keeps the graph. NOTE [Mapping proxies
 guarded as the mapping they show] in autograd_cache/reachable.py. Also a ``collections.ChainMap`` (NOTE [ChainMaps
-by their maps]) and a ``memoryview`` (a strict xfail).
+by their maps]) and a ``memoryview`` (NOTE [memoryviews by content]).
 """
 
 from __future__ import annotations
@@ -126,13 +126,50 @@ def scaled_through_the_memoryview(x):
     return x * struct.unpack("<d", BUFFER_VIEW)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a memoryview is an opaque object (identity only in-process, untrusted "
-                                       "across processes): a write to the buffer behind it is not seen")
-def test_a_write_to_the_buffer_behind_a_memoryview_retraces():
+def test_a_write_to_the_buffer_behind_a_memoryview_retraces_and_an_equal_write_keeps_the_graph():
+    """NOTE [memoryviews by content] in autograd_cache/byte_buffers.py (a strict xfail until session 27)."""
     compiled = aotcache.aot_function(scaled_through_the_memoryview, "nop", cache=False)
     try:
         assert torch.equal(compiled(X), X * 2.0)
+        BUFFER[:] = struct.pack("<d", 2.0)  # the same bytes written again: the same program
+        assert torch.equal(compiled(X), X * 2.0)
+        assert compiled.num_compiles == 1
         BUFFER[:] = struct.pack("<d", 4.0)
-        assert torch.equal(compiled(X), X * 4.0)
+        assert torch.equal(compiled(X), X * 4.0)  # was the graph of 2.0
+        assert compiled.num_compiles == 2
+        BUFFER[:] = struct.pack("<d", 2.0)
+        assert torch.equal(compiled(X), X * 2.0)
+        assert compiled.num_compiles == 2  # the first bytes' graph again
     finally:
         BUFFER[:] = struct.pack("<d", 2.0)
+
+
+def test_a_memoryviews_fingerprint_follows_its_bytes_and_a_released_view_is_opaque():
+    first = code_fingerprint(scaled_through_the_memoryview)
+    assert first.trusted, first.reason  # was untrusted: "opaque object: memoryview"
+    try:
+        BUFFER[:] = struct.pack("<d", 4.0)
+        assert code_fingerprint(scaled_through_the_memoryview).digest != first.digest
+    finally:
+        BUFFER[:] = struct.pack("<d", 2.0)
+    assert code_fingerprint(scaled_through_the_memoryview).digest == first.digest
+    global BUFFER_VIEW
+    kept, BUFFER_VIEW = BUFFER_VIEW, memoryview(bytearray(8))
+    try:
+        BUFFER_VIEW.release()
+        assert not code_fingerprint(scaled_through_the_memoryview).trusted
+    finally:
+        BUFFER_VIEW = kept
+
+
+def test_a_memoryview_released_after_the_call_is_a_changed_program_not_an_error():
+    global BUFFER_VIEW
+    kept, BUFFER_VIEW = BUFFER_VIEW, memoryview(bytearray(struct.pack("<d", 3.0)))
+    try:
+        compiled = aotcache.aot_function(lambda x: scaled_through_the_memoryview(x), "nop", cache=False)
+        assert torch.equal(compiled(X), X * 3.0)
+        BUFFER_VIEW.release()
+        with pytest.raises(ValueError, match="released"):  # eager's own error, as eager raises it
+            compiled(X)
+    finally:
+        BUFFER_VIEW = kept
