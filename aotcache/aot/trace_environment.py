@@ -89,6 +89,9 @@ def callers_saved_tensor_hooks_off() -> Iterator[None]:
 def fx_tracing_flag_off() -> Iterator[None]:
     from torch.fx import _symbolic_trace
 
+    if not hasattr(_symbolic_trace, "_is_fx_tracing_flag"):  # a torch keeping it elsewhere: nothing to set aside
+        yield
+        return
     before = _symbolic_trace._is_fx_tracing_flag
     _symbolic_trace._is_fx_tracing_flag = False
     try:
