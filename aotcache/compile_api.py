@@ -437,6 +437,15 @@ class CompiledFunction:
         """The function, as an enclosing capture runs it (NOTE [Compiled wrappers in a walked program])."""
         return self.fn
 
+    # NOTE [Compiled functions as methods]
+    # ``@aotcache.compile`` on a method in a class body (PyTorch's test_functions.py ``test_list_slice``) left a
+    # class attribute that was no descriptor: ``obj.run(x)`` called the function without ``obj`` (TypeError where
+    # eager and torch.compile, whose result is a plain function, run). Looked up on an instance, the wrapper binds
+    # as a function does; the instance is then the call's first argument, as under torch.compile (an object the
+    # AOT way refuses sends the call the Dynamo way; an nn.Module's parameters are read from it there).
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else types.MethodType(self, instance)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         router = self.router
         return router.call(lambda: self.compiled(*args, **kwargs), lambda: router.dynamo()(*args, **kwargs),

@@ -525,3 +525,49 @@ def test_a_bounded_deque_behind_another_refusal_still_runs_eagerly(api):
         after = fallback_counts()
         assert after.get("eager:data_dependent", 0) - before.get("eager:data_dependent", 0) == 1
         assert after.get("partial:data_dependent", 0) == before.get("partial:data_dependent", 0)
+
+
+class _History:
+    """A class whose method is compiled in the class body (PyTorch's test_functions.py ``test_list_slice``)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.kept: list = []
+
+    @aotcache.compile(compiler="nop")
+    def run(self, x):
+        self.kept = self.kept[-3:]
+        self.kept.append(x)
+        return torch.sin(x) * self.scale
+
+
+class _DecoratedForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    @aotcache.compile(compiler="nop")
+    def forward(self, x):
+        return self.linear(x).relu()
+
+
+def test_a_function_compiled_in_a_class_body_binds_as_a_method():
+    # NOTE [Compiled functions as methods]: obj.run(x) passes obj, as a plain function and torch.compile's result do
+    assert _History.__dict__["run"].__get__(None, _History) is _History.__dict__["run"]
+    for scale in (2.0, 3.0):
+        history = _History(scale)
+        for _ in range(5):
+            x = torch.randn(4)
+            torch.testing.assert_close(history.run(x), torch.sin(x) * scale)
+            assert history.kept[-1] is x
+        assert len(history.kept) == 4
+    module = _DecoratedForward()
+    x = torch.randn(2, 3)
+    expected = _DecoratedForward.forward.fn(module, x)
+    out = module(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert module.linear.weight.grad is not None
+    with torch.no_grad():
+        module.linear.weight.add_(1.0)  # read from the module at the next call
+    torch.testing.assert_close(module(x), _DecoratedForward.forward.fn(module, x))

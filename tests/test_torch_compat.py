@@ -92,6 +92,7 @@ OPTIONAL = [
     ("torch._library.effects", "EffectType", "torch._higher_order_ops.effects._EffectType, else no tokens"),
     ("torch._library.custom_ops", "CustomOpDef", "custom ops are not hashed by definition"),
     ("torch.compiler", "_is_compiling_flag", "is_compiling() stays False during capture"),
+    ("torch.fx._symbolic_trace", "_is_fx_tracing_flag", "is_fx_tracing() answers as torch's tracer set it"),
     ("torch._dynamo.eval_frame", "_stance.stance", "aotcache.compile ignores torch.compiler.set_stance"),
     ("torch._dynamo.eval_frame", "_callback_from_stance",
      "a torch.compile-d callable inside a capture is compiled by Dynamo on the capture's fake tensors"),
@@ -242,6 +243,18 @@ def test_capture_without_is_compiling_flag(monkeypatch):
     x = torch.randn(3)
     torch.testing.assert_close(compiled(x), x.sin() + 1)
     assert seen and not any(seen)  # nothing to set: the capture still ran, is_compiling() stayed False
+
+
+def test_no_fx_tracing_flag_sets_nothing_aside(monkeypatch):
+    # torch's own tracer reads the module global, so a capture cannot run with it deleted: the guard is checked alone
+    import torch.fx._symbolic_trace as symbolic_trace
+
+    from aotcache.aot.trace_environment import fx_tracing_flag_off
+
+    monkeypatch.delattr(symbolic_trace, "_is_fx_tracing_flag")
+    with fx_tracing_flag_off():
+        assert not hasattr(symbolic_trace, "_is_fx_tracing_flag")
+    assert not hasattr(symbolic_trace, "_is_fx_tracing_flag")
 
 
 def test_no_effect_types(monkeypatch):

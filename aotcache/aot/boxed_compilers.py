@@ -3,10 +3,11 @@ once, at compile time, to the positional calls of aotcache's runtime (NOTE [boxe
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["unboxed"]
+__all__ = ["unboxed", "torch_nop_by_name"]
 
 
 class _BoxedCall:
@@ -38,3 +39,17 @@ def unboxed(compiled: Callable) -> Callable:
     if getattr(compiled, "_boxed_call", False) is True:
         return _BoxedCall(compiled)
     return compiled
+
+
+def torch_nop_by_name(compiler: Any) -> Any:
+    """``"nop"`` for PyTorch's own ``functorch.compile.nop``, anything else unchanged.
+
+    NOTE [PyTorch's nop compiler by name]: code written for PyTorch's ``aot_function(f, nop)`` (its tests, tutorials)
+    passes ``functorch.compile.nop``, whose output is the graph itself, boxed: no ``artifact()``, so no graph it
+    compiled was ever stored ("compiler output not storable", found running PyTorch's test_aotdispatch.py in session
+    27) and every process compiled again. It runs the graph as aotcache's ``"nop"`` compiler does, which stores it;
+    recognised by identity (the module is imported whenever a caller holds its ``nop``)."""
+    module = sys.modules.get("torch._functorch.compilers")
+    if module is not None and compiler is getattr(module, "nop", None):
+        return "nop"
+    return compiler

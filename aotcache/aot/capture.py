@@ -57,6 +57,7 @@ from aotcache.aot.functional_trace import (
 from aotcache.aot.trace_environment import (
     callers_saved_tensor_hooks_off,
     compiled_autograd_off,
+    fx_tracing_flag_off,
     is_fake,
     no_nan_checks,
     parametrization_cache_off,
@@ -356,14 +357,16 @@ def _trace(flat_fn: Callable, fake_args: Sequence[Any], analysis: Analysis, *, f
 
     def inference_graph(primals: list) -> tuple:
         # NOTE [Lazy symbolic arithmetic]
-        with maybe_enable_thunkify(), functionalization() as mode, refuse_aliased_writes():
+        # NOTE [is_fx_tracing during a capture]
+        with maybe_enable_thunkify(), functionalization() as mode, refuse_aliased_writes(), fx_tracing_flag_off():
             seed_effect_tokens(mode, analysis.effects)
             outs = body([to_functional(p) for p in primals])
             outs += final_effect_tokens(mode, analysis.effects)
         return tuple(from_functional(out) for out in outs)
 
     def joint_graph(primals: list, tangents: list | None) -> tuple:
-        with maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, refuse_aliased_writes():
+        with (maybe_enable_thunkify(), torch.enable_grad(), functionalization() as mode, refuse_aliased_writes(),
+              fx_tracing_flag_off()):  # NOTE [is_fx_tracing during a capture]
             seed_effect_tokens(mode, analysis.effects)
             functional_primals = [to_functional(p) for p in primals]
             functional_tangents = [to_functional(t) for t in tangents] if tangents is not None else []

@@ -21,7 +21,7 @@ from aotcache.aot.dynamic_dims import check_dynamic
 from aotcache.aot.layouts import backward_examples, mark_layout_free_outputs
 from aotcache.aot.partition import (align_saved_to_backward, hold_constant_objects_as_attributes, is_own_partitioner,
                                     mark_constant_objects_for_recompute, resolve_partition)
-from aotcache.aot.boxed_compilers import unboxed
+from aotcache.aot.boxed_compilers import torch_nop_by_name, unboxed
 from aotcache.aot.double_backward import CUSTOM_BACKWARD_REFUSAL
 from aotcache.aot.runtime import CompiledRuntime, DisableAutocast
 from aotcache.progress import stage
@@ -161,6 +161,8 @@ def checked_options(api: str, *, fw_compiler: Callable | str | None = None,
         if not isinstance(flag, bool):
             raise TypeError(f"aotcache.{api}: {name} must be a bool, got {flag!r}")
     check_dynamic(dynamic, api)
+    # NOTE [PyTorch's nop compiler by name]
+    fw_compiler, bw_compiler, inference_compiler = map(torch_nop_by_name, (fw_compiler, bw_compiler, inference_compiler))
     return AOTOptions(fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                       partition_fn=resolve_partition(partition_fn, api), decompositions=decompositions,
                       inference_compiler=inference_compiler, dynamic=dynamic, compiler_options=compiler_options)

@@ -1,5 +1,5 @@
 """Process state a capture sets aside or restores while it runs the user's function on fake tensors:
-anomaly mode's NaN checks, the caller's saved-tensor hooks, parametrization caching,
+anomaly mode's NaN checks, the caller's saved-tensor hooks, parametrization caching, torch.fx's tracing flag,
 the symbolic fake-tensor cache and the fake-tensor mode's failure logs, and torch's mode stacks after an
 interrupted capture."""
 
@@ -17,7 +17,7 @@ import torch
 
 from aotcache.torch_modes import torch_modes_kept
 
-__all__ = ["no_nan_checks", "callers_saved_tensor_hooks_off", "parametrization_cache_off",
+__all__ = ["no_nan_checks", "callers_saved_tensor_hooks_off", "parametrization_cache_off", "fx_tracing_flag_off",
            "symbolic_fake_cache_off", "is_fake", "compiled_autograd_off", "torch_modes_kept",
            "quiet_fake_tensor_failures"]
 
@@ -73,6 +73,31 @@ def callers_saved_tensor_hooks_off() -> Iterator[None]:
             pop()
         for pack, unpack in reversed(stack):
             push(pack, unpack)
+
+
+# NOTE [is_fx_tracing during a capture]
+# make_fx records the capture through an fx ``Tracer``, whose ``trace`` sets torch.fx's process-wide
+# ``_is_fx_tracing_flag`` while the user's function runs, so ``torch.fx._symbolic_trace.is_fx_tracing()`` answered
+# True inside a capture, where eager answers False (found with PyTorch's test_functions.py ``test_is_fx_tracing``:
+# ``aotcache.compile`` and ``aot_function`` of ``if is_fx_tracing(): return x - 1`` took that branch, a wrong value;
+# ``torch.compile`` answers False, Dynamo folds the call to eager's constant). The analysis pass runs under no fx
+# tracer and saw False, so the two passes disagreed too; library code asks it (``nested_tensor_from_jagged`` raises
+# under it). The flag is set aside while the traced function runs (forward and backward, custom backwards included),
+# as torch's own higher-order-op compiles do (``_set_compilation_env``), and put back before make_fx's tracer ends.
+# ``is_fx_symbolic_tracing()`` already answered False (it also asks ``is_compiling()``, True in a capture).
+@contextlib.contextmanager
+def fx_tracing_flag_off() -> Iterator[None]:
+    from torch.fx import _symbolic_trace
+
+    if not hasattr(_symbolic_trace, "_is_fx_tracing_flag"):  # a torch keeping it elsewhere: nothing to set aside
+        yield
+        return
+    before = _symbolic_trace._is_fx_tracing_flag
+    _symbolic_trace._is_fx_tracing_flag = False
+    try:
+        yield
+    finally:
+        _symbolic_trace._is_fx_tracing_flag = before
 
 
 def compiled_autograd_off() -> contextlib.AbstractContextManager:

@@ -706,3 +706,28 @@ except RuntimeError as exc:
     # where eager may run]); the fake trace's message was "a and b must have same reduction dim"
     assert "raised: mat1 and mat2 shapes cannot be multiplied" in proc.stdout, proc.stdout
     assert "fake_tensor" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _scaled_sine(x, w):
+    return (x.sin() * w).sum(dim=0)
+
+
+def test_pytorchs_nop_compiler_is_stored_as_aotcaches_nop():
+    # NOTE [PyTorch's nop compiler by name]: functorch.compile.nop's graphs were compiled, never stored
+    from functorch.compile import nop
+
+    from aotcache.autograd_cache.cache import default_cache
+
+    cache = default_cache()
+    before = cache.stats()
+    x = torch.randn(4, 3)
+    w = torch.randn(3, requires_grad=True)
+    expected = _scaled_sine(x, w)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), w)
+    for _ in range(2):  # the second wrapper finds the first one's entry
+        out = aotcache.aot_function(_scaled_sine, nop)(x, w)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), w)[0], expected_grad)
+    after = cache.stats()
+    assert after["saved"] > before["saved"] and after["hit"] > before["hit"]
+    assert after["bypass"] == before["bypass"]
