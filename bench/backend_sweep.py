@@ -360,6 +360,7 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, at
             res = torch.load(path, weights_only=False)
             results[way] = res
             entry = {"error": res["error"], "static_error": res.get("static_error"), "wall_s": round(wall, 2),
+                     "losses_recorded": len(res["losses"]), "grad_steps_recorded": len(res["grads"]),
                      **res["stats"],
                      "first_step_s": round(res["step_s"][0], 3) if res["step_s"] else None}
             if res["error"]:
