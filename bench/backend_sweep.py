@@ -11,6 +11,8 @@
     python bench/backend_sweep.py --with-compile --no-aot-eager Llama   # without the aot_eager yardstick
     python bench/backend_sweep.py --with-compile --no-aot-eager --steps 2 --no-generate --attn sdpa Bert
                                                        # a quick row: two steps at one shape, no generate
+    python bench/backend_sweep.py --with-compile --in-place --checkpointing Bart   # row "Bart+ckpt+inplace"
+    python bench/backend_sweep.py --with-compile --in-place --trainer Gemma2       # the steps through the Trainer
 
 Per model, each way in a fresh process (fresh ``AOTCACHE_CACHE_DIR`` per model): ``eager``, ``aot_eager``
 (``torch.compile(model, backend="aot_eager")``), ``aotcache`` (``backend="aotcache",
@@ -26,6 +28,8 @@ greedy run. ``--with-compile`` adds ``aotcache.compile(model, compiler="nop")`` 
 the wrapper's own ``generate``). Where a way differs from eager, ``within_aot_eager`` says whether it is no
 farther from eager than ``aot_eager`` (or equal to it). ``MODELS`` names each row's head and inputs;
 ``CONFIG_EXTRAS`` what its tiny config needs beyond bench/hf_tiny.py's (Cohere2's 4-token sliding window).
+``--checkpointing``, ``--in-place`` (``model.compile(backend=...)``) and ``--trainer`` (transformers' Trainer runs
+the steps): NOTE [The sweep's loop flags].
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ MODELS: dict[str, tuple[str, str, bool]] = {
     **_rows(CAUSAL_LM, "Llama", "Mistral", "Qwen2", "Phi3", "Gemma2", "GPTNeoX", "OPT", "Bloom", "Falcon", "Mamba"),
     "GPT2": ("LMHeadModel", "causal", True),
     **_rows(MASKED_LM, "Bert", "DistilBert", "DebertaV2"),
-    "T5": SEQ2SEQ_LM, "Bart": ("ForConditionalGeneration", "seq2seq", False),
+    "T5": SEQ2SEQ_LM, "Bart": SEQ2SEQ_LM,  # Bart: generate since session 27
     **_rows(IMAGE_CLASSIFIER, "ViT", "Swin"),
-    "CLIP": ("Model", "clip", False), "Whisper": ("ForConditionalGeneration", "whisper", False),
+    "CLIP": ("Model", "clip", False), "Whisper": ("ForConditionalGeneration", "whisper", True),
     "Wav2Vec2": ("ForCTC", "audio", False),
     # session 19: the families the first pass left out
     **_rows(CAUSAL_LM, "Gemma", "Gemma3", "Phi", "Qwen3", "Qwen2Moe", "Mixtral", "Qwen3Moe", "StableLm",
@@ -87,6 +91,12 @@ CONFIG_EXTRAS: dict[str, dict] = {
                      num_conv_pos_embedding_groups=4, vocab_size=32),
     "Cohere2": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "GptOss": dict(sliding_window=4),  # as Cohere2's: shorter than every sequence
+    # session 27: the Gemmas with the same 4-token window on one of two layers (the hybrid cache in generate) and
+    # soft-capping small enough to bend the scores and logits (the defaults, 50 and 30, barely touch tiny ones)
+    "Gemma2": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   attn_logit_softcapping=1.0, final_logit_softcapping=0.5),
+    "Gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   attn_logit_softcapping=1.0, final_logit_softcapping=0.5),
     "ViTMAE": dict(decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
                    decoder_intermediate_size=37),
 }
@@ -107,6 +117,7 @@ extra = json.loads(sys.argv[9])
 attn = sys.argv[10]
 steps = int(sys.argv[11])  # 3: the third on a longer sequence / larger batch; fewer: one shape only (--steps)
 gen = gen and sys.argv[12] == "1"  # --no-generate
+flags = json.loads(sys.argv[13])  # --checkpointing, --in-place, --trainer (NOTE [The sweep's loop flags])
 # NOTE [Flex attention on CPU]: torch has no CPU backward for flex_attention, so its rows run the three steps as
 # no-grad forwards (losses compared, no optimizer); and run eagerly, transformers' CPU flex kernel gives other
 # numbers on every call (NaN on some), so the eager reference is the same model on eager attention
@@ -127,6 +138,8 @@ elif kind == "clip":
     model = transformers.CLIPModel(cfg).train()
 else:
     model = build(arch, head, attn=attn, **extra)
+if flags["checkpointing"]:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if arch == "T5":  # T5Config() has no decoder_start_token_id (transformers sets it from pad_token_id = 0)
     model.config.decoder_start_token_id = 0
     model.generation_config.decoder_start_token_id = 0
@@ -159,13 +172,38 @@ def inputs(step):
 def wrap(fn):
     if way == "eager":
         return fn
-    if way == "aot_eager":
-        return torch.compile(fn, backend="aot_eager")
     if way == "compile":  # the drop-in wrapper: no Dynamo
         import aotcache
         return aotcache.compile(fn, **({} if compiler == "default" else {"compiler": compiler}))
-    opts = {} if compiler == "default" else {"compiler": compiler}
-    return torch.compile(fn, backend="aotcache", options=opts)
+    backend = dict(backend="aot_eager") if way == "aot_eager" else dict(
+        backend="aotcache", options={} if compiler == "default" else {"compiler": compiler})
+    if flags["in_place"] and fn is model:  # nn.Module.compile: model(...) and model.generate run compiled
+        model.compile(**backend)
+        return model
+    return torch.compile(fn, **backend)
+
+def trainer_steps(compiled):
+    # --trainer: the steps through transformers' Trainer (the model compiled in place, or the aotcache.compile
+    # wrapper passed in); its logged losses, and each step's gradients recorded by a callback
+    import tempfile, transformers
+    rows = []
+    for step in range(steps):
+        batch = inputs(step if step < 2 else 0)  # one shape: the Trainer's collator stacks the rows
+        rows += [{k: v[i] for k, v in batch.items() if torch.is_tensor(v)} for i in range(len(batch["labels"]))]
+    grads = []
+    class Grads(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    args = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3,
+        logging_steps=1, seed=0, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True, lr_scheduler_type="constant", remove_unused_columns=False)  # rows: inputs only
+    trainer = transformers.Trainer(model=compiled, args=args, train_dataset=rows, callbacks=[Grads()])
+    t0 = time.perf_counter()
+    trainer.train()
+    out["step_s"].append(time.perf_counter() - t0)  # the whole train(): the first step's compile included
+    out["losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    out["grads"] = grads
 
 out = {"losses": [], "step_s": [], "grads": [], "params": None, "eval": None, "tokens": None, "error": None,
        "gen_logits": None, "static_tokens": None, "static_error": None}
@@ -174,7 +212,9 @@ try:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if not train:
         model.eval()
-    for step in range(steps):
+    if flags["trainer"]:
+        trainer_steps(compiled)
+    for step in range(0 if flags["trainer"] else steps):
         t0 = time.perf_counter()
         with torch.set_grad_enabled(train):
             res = compiled(**inputs(step))
@@ -199,24 +239,26 @@ try:
     if gen:
         # torch.compile: the forward compiled (OptimizedModule.generate runs eagerly); aotcache.compile: the
         # wrapper's own generate, which compiles the forward it calls
-        if way == "compile":
+        if way == "compile" or compiled is model:  # the wrapper, or the model compiled in place
             generator_model = compiled
         else:
             model.forward = wrap(model.forward)
             generator_model = model
         g = torch.Generator().manual_seed(7)
-        ids = torch.randint(3, 90, (2, 5), generator=g)
+        if kind == "whisper":  # audio features in, text out
+            prompt = dict(input_features=torch.randn(2, 8, 32, generator=g))
+        else:
+            ids = torch.randint(3, 90, (2, 5), generator=g)
+            prompt = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
         with torch.no_grad():
-            res = generator_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                           do_sample=False, pad_token_id=0, output_logits=True,
-                                           return_dict_in_generate=True)
+            res = generator_model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                           output_logits=True, return_dict_in_generate=True)
         out["tokens"] = res.sequences
         out["gen_logits"] = list(res.logits)
         try:  # a static cache, where the model supports one (eager's failure is the model's)
             with torch.no_grad():
                 out["static_tokens"] = generator_model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                    pad_token_id=0, cache_implementation="static")
+                    **prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
         except Exception as exc:
             out["static_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
 except Exception as exc:  # reported, compared by the parent
@@ -278,12 +320,24 @@ def _cmp(a, b) -> float | None:
 # one seed so that "warm: traces" measures the cache, not the draw; run with PYTHONHASHSEED set to choose another.
 
 
+# NOTE [The sweep's loop flags]
+# --checkpointing: gradient_checkpointing_enable() (non-reentrant) before anything is compiled; --in-place: the
+# Dynamo ways compile the model in place, model.compile(backend=...), so the loop, the eval forward and generate
+# call the model itself (no forward swapped in); --trainer: the training steps run through transformers' Trainer
+# (one shape, constant learning rate, losses as logged, gradients from a callback before each optimizer step),
+# the model compiled in place (accelerate refuses torch_compile_backend="aotcache": docs/aot.md) or the
+# aotcache.compile wrapper passed in. Each flag adds a suffix to the row's name (Bart+ckpt).
+LOOP_FLAGS = {"checkpointing": "ckpt", "in_place": "inplace", "trainer": "trainer"}
+
+
 def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, attn: str = "eager", steps: int = 3,
-              generate: bool = True) -> dict:
+              generate: bool = True, flags: dict | None = None) -> dict:
     import torch
 
+    flags = {name: bool((flags or {}).get(name)) for name in LOOP_FLAGS}
     head, kind, gen = MODELS[arch]
-    row: dict = {"arch": arch, "compiler": compiler, "attn": attn, "steps": steps, "generate": generate and gen}
+    row: dict = {"arch": arch, "compiler": compiler, "attn": attn, "steps": steps, "generate": generate and gen,
+                 **{k: v for k, v in flags.items() if v}}
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = os.path.join(tmp, "cache")
         env = {**os.environ, "AOTCACHE_CACHE_DIR": cache_dir, "TOKENIZERS_PARALLELISM": "false",
@@ -297,7 +351,7 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, at
             proc = subprocess.run([sys.executable, "-c", CHILD, arch, head, kind, way.replace("_warm", ""),
                                    str(REPO), "1" if gen else "0", compiler, path,
                                    json.dumps(CONFIG_EXTRAS.get(arch, {})), attn, str(steps),
-                                   "1" if generate else "0"], env=env,
+                                   "1" if generate else "0", json.dumps(flags)], env=env,
                                   capture_output=True, text=True, timeout=900)
             wall = time.perf_counter() - t0
             print(f"  {arch} {way}: {wall:.0f} s, rc {proc.returncode}", flush=True)  # progress of a long row
@@ -306,7 +360,9 @@ def run_model(arch: str, compiler: str, ways: tuple[str, ...] = BACKEND_WAYS, at
                 continue
             res = torch.load(path, weights_only=False)
             results[way] = res
-            entry = {"error": res["error"], "wall_s": round(wall, 2), **res["stats"],
+            entry = {"error": res["error"], "static_error": res.get("static_error"), "wall_s": round(wall, 2),
+                     "losses_recorded": len(res["losses"]), "grad_steps_recorded": len(res["grads"]),
+                     **res["stats"],
                      "first_step_s": round(res["step_s"][0], 3) if res["step_s"] else None}
             if res["error"]:
                 entry["stderr_tail"] = proc.stderr.strip()[-600:]
@@ -416,6 +472,7 @@ def main(argv: list[str]) -> None:
         steps = int(argv[argv.index("--steps") + 1])
         argv = argv[:argv.index("--steps")] + argv[argv.index("--steps") + 2:]
     generate = "--no-generate" not in argv
+    flags = {name: f"--{name.replace('_', '-')}" in argv for name in LOOP_FLAGS}  # NOTE [The sweep's loop flags]
     ways = WAYS if "--with-compile" in argv else BACKEND_WAYS
     if "--no-aot-eager" in argv:  # the yardstick only matters where a way differs from eager; it costs a Dynamo run
         ways = tuple(way for way in ways if way != "aot_eager")
@@ -431,9 +488,10 @@ def main(argv: list[str]) -> None:
     for arch in archs:
         for compiler in (["nop", "default"] if inductor else ["nop"]):
             t0 = time.perf_counter()
-            row = run_model(arch, compiler, ways, attn, steps, generate)
+            row = run_model(arch, compiler, ways, attn, steps, generate, flags)
             key = arch if compiler == "nop" else f"{arch}+{compiler}"
             key = key if attn == "eager" else f"{key}+{attn}"
+            key += "".join(f"+{suffix}" for name, suffix in LOOP_FLAGS.items() if flags[name])
             results[key] = row
             print(f"== {key} ({time.perf_counter() - t0:.0f} s)")
             stat = ("unique_graphs", "graph_breaks", "recompiles", "first_step_s")
