@@ -322,3 +322,19 @@ def test_a_set_attribute_of_a_module_argument_in_another_order(route):
     for keys in ORDERS["set"]():
         model = _ShiftsInOrder(keys)
         torch.testing.assert_close(entry(model, x), _run_model(model, x), rtol=0, atol=0)
+
+
+def test_scalars_held_by_a_plain_object_are_not_opened_one_by_one(monkeypatch):
+    """Review of session 27: the walk into a plain object opened each float of its list as an object (a list of
+    100k floats cost 30 ms on every Dynamo-way call); scalars are sorted out at C speed, as ints are."""
+    from aotcache.aot import signature
+
+    opened = []
+    real = signature._plain_object_fields
+    monkeypatch.setattr(signature, "_plain_object_fields", lambda value: opened.append(type(value)) or real(value))
+    history = types.SimpleNamespace(losses=[0.5 + i for i in range(1000)], scale=2.0 + 1j, dtype=torch.float32,
+                                    device=torch.device("cpu"))
+    assert not signature.holds_order_free_argument((torch.ones(2), history), {})
+    assert opened == [types.SimpleNamespace]
+    history.losses.append({1})  # the other direction: a set beside the floats is still found
+    assert signature.holds_order_free_argument((torch.ones(2), history), {})
