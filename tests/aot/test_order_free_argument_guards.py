@@ -4,7 +4,10 @@ call's graph (NOTE [Arguments Dynamo guards without their order] in aot/signatur
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
+import threading
 import types
 
 import pytest
@@ -338,3 +341,38 @@ def test_scalars_held_by_a_plain_object_are_not_opened_one_by_one(monkeypatch):
     assert opened == [types.SimpleNamespace]
     history.losses.append({1})  # the other direction: a set beside the floats is still found
     assert signature.holds_order_free_argument((torch.ones(2), history), {})
+
+
+class _Logged:
+    """A plain object holding a logger, as a pipeline or trainer-like object does."""
+
+    def __init__(self, gain, keys=None):
+        self.gain = gain
+        self.log = logging.getLogger("tests.order_free.logged")
+        self.keys = keys
+
+
+def _scale_logged(x, holder):
+    return (x * holder.gain).sin()
+
+
+def test_standard_library_objects_are_not_opened():
+    """Review of session 27: a logger reaches every logger of the process, one of torch's formatters holds a set, so
+    a plain object holding a logger counted as holding a set; a namespace is still opened."""
+    from aotcache.aot.signature import holds_order_free_argument
+
+    x = torch.ones(2)
+    assert not holds_order_free_argument((x, _Logged(2.0)), {})
+    assert not holds_order_free_argument((x, types.SimpleNamespace(lock=threading.Lock(), log=_Logged(1.0).log)), {})
+    assert holds_order_free_argument((x, _Logged(2.0, keys={1})), {})  # the other direction
+    assert holds_order_free_argument((x, argparse.Namespace(keys={1})), {})
+
+
+def test_a_plain_object_holding_a_logger_keeps_the_dynamo_way():
+    before = fallback_counts().get("eager:refused_argument", 0)
+    routed = aotcache.compile(_scale_logged, compiler="nop", cache=False)
+    x = torch.arange(3.0)
+    for gain in (2.0, 2.0, 3.0):
+        torch.testing.assert_close(routed(x, _Logged(gain)), _scale_logged(x, _Logged(gain)))
+    assert routed.route == "dynamo"
+    assert fallback_counts().get("eager:refused_argument", 0) == before
