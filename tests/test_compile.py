@@ -4,6 +4,7 @@ so that a fresh process takes it directly (real processes, the disk tier of the 
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import logging
 import os
@@ -571,3 +572,32 @@ def test_a_function_compiled_in_a_class_body_binds_as_a_method():
     with torch.no_grad():
         module.linear.weight.add_(1.0)  # read from the module at the next call
     torch.testing.assert_close(module(x), _DecoratedForward.forward.fn(module, x))
+
+
+class _Stacked:
+    scale = 2.0
+
+    @staticmethod
+    @aotcache.compile(compiler="nop")
+    def shifted(x):
+        return x + 1
+
+    @classmethod
+    @aotcache.compile(compiler="nop")
+    def scaled(cls, x):
+        return x * cls.scale
+
+
+def test_compiled_methods_see_instance_changes_and_stack_with_static_and_class_methods():
+    """Review of session 27: an attribute changed between calls of one instance gives eager's value; the wrapper
+    under staticmethod / classmethod runs as one; the bound method's signature drops ``self``."""
+    history = _History(2.0)
+    x = torch.randn(4)
+    torch.testing.assert_close(history.run(x), torch.sin(x) * 2.0)
+    history.scale = 5.0
+    torch.testing.assert_close(history.run(x), torch.sin(x) * 5.0)
+    assert list(inspect.signature(history.run).parameters) == ["x"]
+    assert list(inspect.signature(_History.run).parameters) == ["self", "x"]
+    torch.testing.assert_close(_Stacked().shifted(x), x + 1)
+    torch.testing.assert_close(_Stacked.shifted(x), x + 1)
+    torch.testing.assert_close(_Stacked().scaled(x), x * 2.0)

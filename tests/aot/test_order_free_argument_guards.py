@@ -4,7 +4,10 @@ call's graph (NOTE [Arguments Dynamo guards without their order] in aot/signatur
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
+import threading
 import types
 
 import pytest
@@ -322,3 +325,54 @@ def test_a_set_attribute_of_a_module_argument_in_another_order(route):
     for keys in ORDERS["set"]():
         model = _ShiftsInOrder(keys)
         torch.testing.assert_close(entry(model, x), _run_model(model, x), rtol=0, atol=0)
+
+
+def test_scalars_held_by_a_plain_object_are_not_opened_one_by_one(monkeypatch):
+    """Review of session 27: the walk into a plain object opened each float of its list as an object (a list of
+    100k floats cost 30 ms on every Dynamo-way call); scalars are sorted out at C speed, as ints are."""
+    from aotcache.aot import signature
+
+    opened = []
+    real = signature._plain_object_fields
+    monkeypatch.setattr(signature, "_plain_object_fields", lambda value: opened.append(type(value)) or real(value))
+    history = types.SimpleNamespace(losses=[0.5 + i for i in range(1000)], scale=2.0 + 1j, dtype=torch.float32,
+                                    device=torch.device("cpu"))
+    assert not signature.holds_order_free_argument((torch.ones(2), history), {})
+    assert opened == [types.SimpleNamespace]
+    history.losses.append({1})  # the other direction: a set beside the floats is still found
+    assert signature.holds_order_free_argument((torch.ones(2), history), {})
+
+
+class _Logged:
+    """A plain object holding a logger, as a pipeline or trainer-like object does."""
+
+    def __init__(self, gain, keys=None):
+        self.gain = gain
+        self.log = logging.getLogger("tests.order_free.logged")
+        self.keys = keys
+
+
+def _scale_logged(x, holder):
+    return (x * holder.gain).sin()
+
+
+def test_standard_library_objects_are_not_opened():
+    """Review of session 27: a logger reaches every logger of the process, one of torch's formatters holds a set, so
+    a plain object holding a logger counted as holding a set; a namespace is still opened."""
+    from aotcache.aot.signature import holds_order_free_argument
+
+    x = torch.ones(2)
+    assert not holds_order_free_argument((x, _Logged(2.0)), {})
+    assert not holds_order_free_argument((x, types.SimpleNamespace(lock=threading.Lock(), log=_Logged(1.0).log)), {})
+    assert holds_order_free_argument((x, _Logged(2.0, keys={1})), {})  # the other direction
+    assert holds_order_free_argument((x, argparse.Namespace(keys={1})), {})
+
+
+def test_a_plain_object_holding_a_logger_keeps_the_dynamo_way():
+    before = fallback_counts().get("eager:refused_argument", 0)
+    routed = aotcache.compile(_scale_logged, compiler="nop", cache=False)
+    x = torch.arange(3.0)
+    for gain in (2.0, 2.0, 3.0):
+        torch.testing.assert_close(routed(x, _Logged(gain)), _scale_logged(x, _Logged(gain)))
+    assert routed.route == "dynamo"
+    assert fallback_counts().get("eager:refused_argument", 0) == before
