@@ -106,6 +106,8 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
         raise _RefusedConstant("is neither a tensor nor a hashable constant") from None
     if type(arg).__eq__ is object.__eq__ and not isinstance(arg, _IMMUTABLE_IDENTITY_TYPES):
         raise _RefusedConstant("is compared by identity, so changes to it between calls would not be seen")
+    if isinstance(arg, _CODE_ARGUMENT_TYPES):  # NOTE [Code passed as an argument]
+        return _code_argument_signature(arg)
     if isinstance(arg, (float, complex)):
         return ("constant", type(arg), float_bits(arg))  # NOTE [Floats by bits]
     if type(arg) in EXACT_BY_EQUALITY:  # the common constants, keyed as they are (the call hot path compares them)
@@ -115,6 +117,47 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
     except Exception as exc:  # noqa: BLE001 - NOTE [Dataclasses by their whole state] in exact_values.py: any
         # value that cannot be read or compared exactly is refused (the fallback runs it), never a failed call
         raise _RefusedConstant(f"cannot be compared exactly ({exc})") from None
+
+
+# NOTE [Code passed as an argument]
+# A class, a function or a ``functools.partial`` argument was keyed by identity (NOTE [Constant arguments]), but
+# what it reads is not: a class attribute changed between calls (``@classmethod`` over ``@aotcache.compile``, whose
+# ``cls`` is the first argument), a global or a closure cell a function argument reads, a partial's keywords changed
+# in place, each kept the graph traced with the old value (found in session 27's review; the program guards watch the
+# compiled function's own code, not code handed to it). So code from the user's program (outside torch, the
+# standard library and installed packages, which a program does not edit between calls) is refused: the call takes
+# the fallback, whose Dynamo guards what such code reads. A partial is keyed by its function and by the values of
+# its arguments and keywords (plain constants only; a tensor or a user function in it is refused).
+_CODE_ARGUMENT_TYPES = (type, types.FunctionType, functools.partial)
+_CODE_REFUSAL = ("is code of the program (a class, function or partial) whose reads (class attributes, globals, "
+                 "closure cells, a partial's keywords) are not guarded between calls; pass the values it reads as "
+                 "arguments, or let the fallback (Dynamo) guard them")
+
+
+def _is_library_code(code: Any) -> bool:
+    """Whether a class or function is defined by torch, the standard library or an installed package."""
+    module_name = getattr(code, "__module__", None) or ""
+    root = module_name.partition(".")[0]
+    if root in ("torch", "builtins") or root in sys.stdlib_module_names:
+        return True
+    path = getattr(sys.modules.get(module_name), "__file__", None) or ""
+    return "site-packages" in path or "dist-packages" in path
+
+
+def _code_argument_signature(arg: Any) -> tuple:
+    """The signature of a class / function / partial argument (NOTE [Code passed as an argument])."""
+    if not isinstance(arg, functools.partial):
+        if isinstance(arg, enum.EnumMeta) or _is_library_code(arg):
+            return ("constant", type(arg), arg)
+        raise _RefusedConstant(_CODE_REFUSAL)
+    if type(arg) is not functools.partial or arg.__dict__:
+        raise _RefusedConstant(_CODE_REFUSAL)
+    parts = (arg.func, *arg.args, *arg.keywords.values())
+    if any(isinstance(part, torch.Tensor) for part in parts):
+        raise _RefusedConstant(_CODE_REFUSAL)
+    return ("partial", _argument_signature(arg.func, False, None),
+            tuple(_argument_signature(value, False, None) for value in arg.args),
+            tuple((name, _argument_signature(value, False, None)) for name, value in arg.keywords.items()))
 
 
 def _hashable(key: tuple) -> tuple:

@@ -1,8 +1,9 @@
-"""Code passed as an argument: a class, a function or a ``functools.partial`` is keyed by identity (NOTE [Constant
-arguments] in aot/signature.py), but what it reads is not guarded, as the program's own code is (NOTE [Program
-guards]). Found in session 27's review with ``@classmethod`` over ``@aotcache.compile`` (``cls`` is the call's first
-argument): a class attribute changed between calls kept the graph traced with the old value. Known gaps, pinned
-here as strict xfails; the other direction (the same code unchanged keeps its graph) passes."""
+"""Code passed as an argument (NOTE [Code passed as an argument] in aot/signature.py): a class, a function or a
+``functools.partial`` from the user's program was keyed by identity while what it reads was not guarded, so a class
+attribute, a global or a closure cell it reads, or a partial's keywords, changed between calls kept the graph traced
+with the old value (found in session 27's review with ``@classmethod`` over ``@aotcache.compile``). Such code is
+refused (the fallback's Dynamo guards its reads); a partial of library code is keyed by its values; library code
+(torch, the standard library) is still keyed by identity and compiled once."""
 
 from __future__ import annotations
 
@@ -54,9 +55,37 @@ def test_unchanged_code_arguments_keep_their_graph(route):
         torch.testing.assert_close(scale(_Scaled, X), X * _Scaled.k)
         torch.testing.assert_close(apply(_gain, X), X * GAIN)
         torch.testing.assert_close(apply(partial, X), X * 3.0)
+    if route == "aot_function":  # the user's class and function take the fallback; the partial of torch.mul is compiled
+        assert scale.num_compiles == 0
+        assert apply.num_compiles == 1
+
+
+@pytest.mark.parametrize("route", ["aot_function", "compile"])
+def test_library_code_and_equal_partials_reuse_one_graph(route):
+    """Library code is keyed by identity (compiled once); a new partial with equal values hits, another value misses."""
+    apply = _entries(_apply)[route]
+    for _ in range(2):
+        torch.testing.assert_close(apply(torch.sigmoid, X), torch.sigmoid(X))
+        torch.testing.assert_close(apply(functools.partial(torch.mul, other=3.0), X), X * 3.0)
+    torch.testing.assert_close(apply(functools.partial(torch.mul, other=4.0), X), X * 4.0)
     if route == "aot_function":
-        assert scale.num_compiles == 1
-        assert apply.num_compiles == 2
+        assert apply.num_compiles == 3
+    else:
+        assert apply.route == "aot"
+
+
+@pytest.mark.parametrize("route", ["aot_function", "compile"])
+def test_a_partial_holding_a_tensor_or_user_code_is_refused_with_eager_values(route):
+    """A tensor in a partial would be baked into the graph, a user function's reads are not guarded: both refused."""
+    apply = _entries(_apply)[route]
+    weight = torch.full((3,), 2.0)
+    holding_tensor = functools.partial(torch.mul, other=weight)
+    torch.testing.assert_close(apply(holding_tensor, X), X * 2.0)
+    weight.fill_(5.0)
+    torch.testing.assert_close(apply(holding_tensor, X), X * 5.0, rtol=0, atol=0)
+    torch.testing.assert_close(apply(functools.partial(_gain), X), X * GAIN)
+    if route == "aot_function":
+        assert apply.num_compiles == 0
 
 
 def _change_class_attribute():
@@ -106,8 +135,6 @@ CHANGES = {"class_attribute": _change_class_attribute, "global_read_by_a_functio
            "partial_keywords": _change_partial_keywords}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (session 27 review): a class, function or partial argument is keyed "
-                   "by identity and what it reads is not in the program guards; the graph of the old value runs")
 @pytest.mark.parametrize("change", sorted(CHANGES))
 @pytest.mark.parametrize("route", ["aot_function", "compile"])
 def test_code_argument_changed_between_calls_gives_eager_values(route, change, monkeypatch):
