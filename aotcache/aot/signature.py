@@ -37,6 +37,7 @@ from aotcache.aot.hot_path import autocast_state, relative_offsets, storage_shar
 from aotcache.aot.unsupported_tensors import (dispatch_mode_error, functorch_transform_error,
                                               nested_tensor_error, unsupported_layout_error)
 from aotcache.aot.tensor_subclasses import behaviour_overriding_class, overriding_subclass_error
+from aotcache.code_origin import defining_module, is_library
 
 __all__ = ["holds_order_free_argument", "self_holding_argument_error", "signature_of", "rank_signature_of",
            "argument_signature", "dict_key_types", "dict_context_keys", "call_context", "memory_sharing", "float_bits",
@@ -125,7 +126,8 @@ def _argument_signature(arg: Any, dynamic: bool | tuple[int, ...], offset: int |
 # ``cls`` is the first argument), a global or a closure cell a function argument reads, a partial's keywords changed
 # in place, each kept the graph traced with the old value (found in session 27's review; the program guards watch the
 # compiled function's own code, not code handed to it). So code from the user's program (outside torch, the
-# standard library and installed packages, which a program does not edit between calls) is refused: the call takes
+# standard library and installed packages: ``aotcache.code_origin``'s rule, which the fingerprint's walk follows too;
+# a program does not edit library code between calls) is refused: the call takes
 # the fallback, whose Dynamo guards what such code reads. A partial is keyed by its function and by the values of
 # its arguments and keywords (plain constants only; a tensor or a user function in it is refused).
 _CODE_ARGUMENT_TYPES = (type, types.FunctionType, functools.partial)
@@ -134,14 +136,9 @@ _CODE_REFUSAL = ("is code of the program (a class, function or partial) whose re
                  "arguments, or let the fallback (Dynamo) guard them")
 
 
-def _is_library_code(code: Any) -> bool:
-    """Whether a class or function is defined by torch, the standard library or an installed package."""
-    module_name = getattr(code, "__module__", None) or ""
-    root = module_name.partition(".")[0]
-    if root in ("torch", "builtins") or root in sys.stdlib_module_names:
-        return True
-    path = getattr(sys.modules.get(module_name), "__file__", None) or ""
-    return "site-packages" in path or "dist-packages" in path
+def _is_library_code(code: type | types.FunctionType) -> bool:
+    """Whether a class or function is library code, by the rule the fingerprint's walk uses (code_origin.py)."""
+    return is_library(defining_module(code) if isinstance(code, types.FunctionType) else getattr(code, "__module__", None))
 
 
 def _code_argument_signature(arg: Any) -> tuple:

@@ -38,14 +38,12 @@ from aotcache.autograd_cache.code_reading import (
 from aotcache.autograd_cache.digests import Untrusted, canonical_json, sha256_text
 from aotcache.autograd_cache.live_containers import entries_of
 from aotcache.autograd_cache.value_kinds import (
-    defining_module,
     is_custom_op,
-    is_library,
     is_user_code,
     library_callable_name,
-    library_version,
     type_name,
 )
+from aotcache.code_origin import defining_module, is_library, library_version
 
 __all__ = ["CodeWalk"]
 

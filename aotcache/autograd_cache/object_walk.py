@@ -22,14 +22,12 @@ from aotcache.autograd_cache.digests import Untrusted
 from aotcache.autograd_cache.live_containers import entries_of, members_of
 from aotcache.autograd_cache.value_kinds import (
     VOLATILE_ATTRIBUTES,
-    defining_module,
-    is_library,
     is_user_code,
     library_callable_name,
-    library_version,
     slot_names,
     type_name,
 )
+from aotcache.code_origin import defining_module, is_library, library_version
 
 __all__ = ["ObjectWalk"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from aotcache.autograd_cache.code_reading import computed_getattr
-from aotcache.autograd_cache.value_kinds import defining_module, is_library
+from aotcache.code_origin import defining_module, is_library
 
 def is_program_module(module_name: str | None) -> bool:
     """Whether ``module_name`` is a module of the program's own source: loaded from a real file that is not

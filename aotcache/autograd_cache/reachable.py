@@ -61,17 +61,14 @@ from aotcache.autograd_cache.program_ownership import ProgramOwnership
 from aotcache.autograd_cache.safety import BypassAOTAutogradCache
 from aotcache.autograd_cache.set_orders import SetOrderWalk
 from aotcache.autograd_cache.value_kinds import (
-    defining_module,
     describe,
-    is_core_library,
     is_custom_op_def,
     is_inert_stdlib_value,
-    is_library,
     is_observer_partial,
     is_plain_object,
-    library_version,
     type_name,
 )
+from aotcache.code_origin import defining_module, is_core_library, is_library, library_version
 
 __all__ = ["Reachable", "value_digest", "custom_op_digest", "UNSET_CONTEXT_VALUE"]
 
