@@ -300,7 +300,7 @@ _LIBRARY_SOURCE = """
 @pytest.fixture
 def installed_library(tmp_path, monkeypatch):
     """A module of an installed distribution (its code is named, not read), imported from a site-packages folder."""
-    from aotcache.autograd_cache import value_kinds
+    from aotcache import code_origin
 
     site = tmp_path / "lib" / "site-packages"
     info = site / "iterlib-1.0.dist-info"
@@ -308,13 +308,13 @@ def installed_library(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: iterlib\nVersion: 1.0\n")
     (info / "top_level.txt").write_text("aotc_iterlib\n")
     monkeypatch.syspath_prepend(str(site))
-    value_kinds.installed_distribution.cache_clear()
-    value_kinds._site_top_level_versions.cache_clear()
+    code_origin.installed_distribution.cache_clear()
+    code_origin._site_top_level_versions.cache_clear()
     library = _module_from_file(monkeypatch, site / "aotc_iterlib.py", "aotc_iterlib", _LIBRARY_SOURCE)
-    assert value_kinds.is_library("aotc_iterlib")
+    assert code_origin.is_library("aotc_iterlib")
     yield library
-    value_kinds.installed_distribution.cache_clear()
-    value_kinds._site_top_level_versions.cache_clear()
+    code_origin.installed_distribution.cache_clear()
+    code_origin._site_top_level_versions.cache_clear()
 
 
 class _DrawsThroughVars(nn.Module):

@@ -1696,7 +1696,7 @@ def test_a_library_first_imported_by_the_capture_and_patched_later_is_seen(tmp_p
                else aotcache.compile(model, compiler="nop", cache=False))
     function = wrapped.compiled
     x = torch.ones(3)
-    from aotcache.autograd_cache.value_kinds import is_library
+    from aotcache.code_origin import is_library
 
     assert name not in sys.modules and is_library(name)
     assert torch.equal(wrapped(x), torch.full((3,), 3.0))

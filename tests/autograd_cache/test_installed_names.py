@@ -12,7 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from aotcache.aot.api import AOTOptions
-from aotcache.autograd_cache import value_kinds
+from aotcache import code_origin
 from aotcache.autograd_cache.fingerprint import fingerprint_call
 
 
@@ -34,11 +34,11 @@ def site(tmp_path, monkeypatch):
     directory.mkdir(parents=True)
     monkeypatch.syspath_prepend(str(directory))
     importlib.invalidate_caches()
-    value_kinds.installed_distribution.cache_clear()
-    value_kinds._site_top_level_versions.cache_clear()
+    code_origin.installed_distribution.cache_clear()
+    code_origin._site_top_level_versions.cache_clear()
     yield directory
-    value_kinds.installed_distribution.cache_clear()
-    value_kinds._site_top_level_versions.cache_clear()
+    code_origin.installed_distribution.cache_clear()
+    code_origin._site_top_level_versions.cache_clear()
 
 
 def _names(*stems):
@@ -56,15 +56,15 @@ def test_import_names_other_than_the_distributions_are_library_code_with_its_ver
     (site / shared).mkdir()
     try:
         importlib.import_module(package), importlib.import_module(module)
-        assert value_kinds.is_library(f"{package}.sub") and value_kinds.library_version(package) == "@1.2"
-        assert value_kinds.is_library(module) and value_kinds.library_version(module) == "@3.0"
+        assert code_origin.is_library(f"{package}.sub") and code_origin.library_version(package) == "@1.2"
+        assert code_origin.is_library(module) and code_origin.library_version(module) == "@3.0"
         # a namespace package two distributions share is pinned by both
-        assert value_kinds.library_version(shared) == "@acme-dist==1.2+beta-dist==3.0"
+        assert code_origin.library_version(shared) == "@acme-dist==1.2+beta-dist==3.0"
         # a module in site-packages that no distribution names is still the program's (walked, not named)
         (site / f"{local}.py").write_text("X = 1\n")
         importlib.import_module(local)
-        assert not value_kinds.is_library(local)
-        assert value_kinds.is_library("_pytest") and value_kinds.library_version("_pytest").startswith("@")
+        assert not code_origin.is_library(local)
+        assert code_origin.is_library("_pytest") and code_origin.library_version("_pytest").startswith("@")
     finally:
         for name in (package, module, local):
             sys.modules.pop(name, None)
@@ -95,21 +95,21 @@ def test_a_library_is_fingerprinted_by_its_version(site, naming, reached):
         exec(source, namespace)
         forward = namespace["forward"]
         first = _fingerprint(forward)
-        assert value_kinds.is_library(package)
+        assert code_origin.is_library(package)
         assert _fingerprint(forward) == first
 
         # the same version: the library's code is pinned by it, not read (a module-level helper it adds is unseen)
         library.helper_added_later = lambda t: t
-        value_kinds.installed_distribution.cache_clear()
-        value_kinds._site_top_level_versions.cache_clear()
+        code_origin.installed_distribution.cache_clear()
+        code_origin._site_top_level_versions.cache_clear()
         assert _fingerprint(forward) == first
 
         # another version of the distribution: another fingerprint
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.1\n")
         info.rename(site / f"{dist.replace('-', '_')}-1.1.dist-info")
-        value_kinds.installed_distribution.cache_clear()
-        value_kinds._site_top_level_versions.cache_clear()
-        assert value_kinds.library_version(package) == "@1.1"
+        code_origin.installed_distribution.cache_clear()
+        code_origin._site_top_level_versions.cache_clear()
+        assert code_origin.library_version(package) == "@1.1"
         assert _fingerprint(forward) != first
     finally:
         sys.modules.pop(package, None)
@@ -128,7 +128,7 @@ def test_a_namespace_package_in_site_packages_is_library_code_whether_imported_y
         if imported_first:
             importlib.import_module(f"{namespace}.sub")
             assert getattr(sys.modules[namespace], "__file__", None) is None
-        assert value_kinds.is_library(f"{namespace}.sub") and value_kinds.library_version(namespace) == "@4.5"
+        assert code_origin.is_library(f"{namespace}.sub") and code_origin.library_version(namespace) == "@4.5"
     finally:
         for name in (namespace, f"{namespace}.sub"):
             sys.modules.pop(name, None)
